@@ -1,0 +1,35 @@
+//! Cairn's desired-state schema: the types of the config repository's TOML manifests (`[plan.NAME]`,
+//! `[runtime.NAME]`, `[node.NAME]`, `[app.NAME]` and the settings file `cairn.toml`), their parsing and
+//! validation with `path:line:col` diagnostics, age secrets, and the JSON Schema editors use.
+//!
+//! What it must not do: any IO. It takes `(path, bytes)` pairs from whatever source the caller has (a
+//! directory, a git tree, a pull request head) and returns values and diagnostics. It never logs and never
+//! puts a secret's plaintext into an error.
+
+pub mod diag;
+pub mod json_schema;
+pub mod model;
+pub mod parse;
+pub mod secret;
+pub mod source;
+pub mod units;
+pub mod validate;
+
+pub use diag::{Diagnostic, Diagnostics, Severity};
+pub use model::{App, Desired, Driver, EnvValue, Health, Kind, ManifestFile, Node, Placement, Plan, Runtime, Settings, Source};
+pub use parse::{ParsedFile, SETTINGS_FILE, is_manifest_path, parse_file};
+pub use secret::{Ciphertext, Identity, Recipient, Secret, SecretError};
+pub use source::GitUrl;
+pub use units::{ByteSize, Cpu, Domain, EnvName, Name, Price, Span};
+pub use validate::{Loaded, assemble, check_secrets};
+
+/// Parses and validates a whole repository given as `(path, bytes)` pairs.
+pub fn load<P: AsRef<str>, B: AsRef<[u8]>>(files: impl IntoIterator<Item = (P, B)>) -> (Vec<ParsedFile>, Loaded) {
+    let parsed: Vec<ParsedFile> = files
+        .into_iter()
+        .filter(|(p, _)| is_manifest_path(p.as_ref()))
+        .map(|(p, b)| parse_file(p.as_ref(), b.as_ref()))
+        .collect();
+    let loaded = assemble(&parsed);
+    (parsed, loaded)
+}

@@ -1,0 +1,329 @@
+//! The desired state: what the config repository declares, after parsing and validation.
+//!
+//! These types serialize back to the manifest format (`render` in the tests parses what they render), and
+//! the JSON Schema that editors use is generated from them.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use crate::secret::{Ciphertext, Recipient};
+use crate::source::GitUrl;
+use crate::units::{ByteSize, Cpu, Domain, EnvName, Name, Price, Span};
+
+/// The repository settings file, `cairn.toml` at the repository root.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "Cairn repository settings (cairn.toml)")]
+pub struct Settings {
+    /// Apps answer at `<app>.<base_domain>` unless they list their own domains too.
+    pub base_domain: Domain,
+    /// ISO 4217 code of the currency plan prices are in.
+    #[serde(default = "default_currency")]
+    #[schemars(regex(pattern = r"^[A-Z]{3}$"))]
+    pub currency: String,
+    #[serde(default)]
+    pub secrets: SecretSettings,
+}
+
+pub fn default_currency() -> String {
+    "USD".to_owned()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretSettings {
+    /// age X25519 public keys that can decrypt the repository's secrets (the control plane's among them).
+    #[serde(default)]
+    pub recipients: Vec<Recipient>,
+}
+
+/// A priced bundle of resources one replica gets.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub cpu: Cpu,
+    pub memory: ByteSize,
+    pub disk: ByteSize,
+    /// Monthly price of one replica.
+    pub price: Price,
+    /// The most replicas an app on this plan may ask for.
+    #[schemars(range(min = 1))]
+    pub max_replicas: u32,
+}
+
+/// How an app is run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Driver {
+    /// A container built and run by the node's Docker engine.
+    Docker,
+    /// A supervised child process on the node itself (hosts without Docker).
+    Process,
+}
+
+impl Driver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Driver::Docker => "docker",
+            Driver::Process => "process",
+        }
+    }
+}
+
+/// How apps of a language are built and started.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Runtime {
+    /// Drivers that can run this runtime; a node must offer one of them.
+    #[serde(default = "default_drivers", skip_serializing_if = "is_default_drivers")]
+    pub drivers: Vec<Driver>,
+    /// Build with the app's own `Dockerfile` instead of one made from this runtime.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dockerfile: bool,
+    /// Base image of the generated Dockerfile (required unless `dockerfile = true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Commands run in the source directory at build time, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub build: Vec<String>,
+    /// The command that starts the app (required unless `dockerfile = true`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    /// The port the app listens on; it is given to the app as `PORT`.
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: u16,
+}
+
+pub fn default_drivers() -> Vec<Driver> {
+    vec![Driver::Docker]
+}
+fn is_default_drivers(d: &[Driver]) -> bool {
+    d == [Driver::Docker]
+}
+
+/// A worker machine.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub cpu: Cpu,
+    pub memory: ByteSize,
+    pub disk: ByteSize,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Name>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<Name, String>,
+    /// A draining node keeps what runs until it is moved, and gets nothing new.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
+    /// Pins the age recipient the node must join with; without it the node's first join decides.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recipient: Option<Recipient>,
+}
+
+/// An application: where its code is, how it is built and run, and where.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct App {
+    pub plan: Name,
+    pub runtime: Name,
+    pub source: Source,
+    #[serde(default = "one")]
+    #[schemars(range(min = 0))]
+    pub replicas: u32,
+    /// Overrides the runtime's port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub domains: Vec<Domain>,
+    #[serde(default, skip_serializing_if = "Health::is_default")]
+    pub health: Health,
+    #[serde(default, skip_serializing_if = "Placement::is_empty")]
+    pub placement: Placement,
+    /// A suspended app keeps its configuration and releases but runs no replica.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub suspended: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<EnvName, EnvValue>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The git repository an app is built from.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    pub url: GitUrl,
+    /// The branch the app follows; every push to it deploys.
+    #[serde(default = "default_branch")]
+    pub branch: String,
+    /// Pins an exact commit or tag; the app then ignores pushes until the pin changes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rev: Option<String>,
+}
+
+pub fn default_branch() -> String {
+    "main".to_owned()
+}
+
+/// The HTTP check a replica must pass before it gets traffic.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Health {
+    #[serde(default = "default_health_path")]
+    pub path: String,
+    #[serde(default = "default_health_timeout")]
+    pub timeout: Span,
+}
+
+pub fn default_health_path() -> String {
+    "/".to_owned()
+}
+pub fn default_health_timeout() -> Span {
+    Span(std::time::Duration::from_secs(5))
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health { path: default_health_path(), timeout: default_health_timeout() }
+    }
+}
+impl Health {
+    fn is_default(&self) -> bool {
+        *self == Health::default()
+    }
+}
+
+/// Constraints on the nodes an app's replicas may run on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Placement {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<Name>,
+    /// Every label here must be on the node with the same value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<Name, String>,
+}
+impl Placement {
+    fn is_empty(&self) -> bool {
+        self.region.is_none() && self.labels.is_empty()
+    }
+}
+
+/// An environment variable's value: plain text, or an age ciphertext that only holders of the repository's
+/// identities (and, per task, the target node) can read.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[serde(untagged)]
+pub enum EnvValue {
+    Plain(String),
+    Secret {
+        secret: Ciphertext,
+    },
+}
+
+/// The four kinds of resource a manifest declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Plan,
+    Runtime,
+    Node,
+    App,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 4] = [Kind::Plan, Kind::Runtime, Kind::Node, Kind::App];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Plan => "plan",
+            Kind::Runtime => "runtime",
+            Kind::Node => "node",
+            Kind::App => "app",
+        }
+    }
+    pub fn plural(self) -> &'static str {
+        match self {
+            Kind::Plan => "plans",
+            Kind::Runtime => "runtimes",
+            Kind::Node => "nodes",
+            Kind::App => "apps",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// Where a resource is declared: file and 1-based line/column of its table header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Origin {
+    pub path: String,
+    pub line: usize,
+    pub col: usize,
+}
+
+/// One manifest file's resources, as the JSON Schema describes a file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "Cairn manifest")]
+pub struct ManifestFile {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plan: BTreeMap<Name, Plan>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub runtime: BTreeMap<Name, Runtime>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node: BTreeMap<Name, Node>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub app: BTreeMap<Name, App>,
+}
+
+/// The whole desired state of a repository at one commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub settings: Settings,
+    pub plans: BTreeMap<Name, Plan>,
+    pub runtimes: BTreeMap<Name, Runtime>,
+    pub nodes: BTreeMap<Name, Node>,
+    pub apps: BTreeMap<Name, App>,
+    /// Where each resource is declared, for plans and PR comments that link to the line.
+    pub origins: BTreeMap<(Kind, Name), Origin>,
+}
+
+impl Desired {
+    /// The generated default domain of an app: `<app>.<base_domain>`.
+    pub fn default_domain(&self, app: &Name) -> String {
+        format!("{app}.{}", self.settings.base_domain)
+    }
+
+    /// Every hostname an app answers to, the default domain first.
+    pub fn hostnames(&self, app: &Name) -> Vec<String> {
+        let mut v = vec![self.default_domain(app)];
+        if let Some(a) = self.apps.get(app) {
+            v.extend(a.domains.iter().map(|d| d.to_string()));
+        }
+        v
+    }
+
+    /// Counts per kind, for summaries.
+    pub fn counts(&self) -> [(Kind, usize); 4] {
+        [
+            (Kind::Plan, self.plans.len()),
+            (Kind::Runtime, self.runtimes.len()),
+            (Kind::Node, self.nodes.len()),
+            (Kind::App, self.apps.len()),
+        ]
+    }
+
+    /// The resources as one manifest file (for rendering).
+    pub fn to_manifest(&self) -> ManifestFile {
+        ManifestFile {
+            plan: self.plans.clone(),
+            runtime: self.runtimes.clone(),
+            node: self.nodes.clone(),
+            app: self.apps.clone(),
+        }
+    }
+}

@@ -1,0 +1,774 @@
+//! Per-file parsing: one manifest file's bytes to the resources it declares, with every error found in it.
+//!
+//! Each file is parsed on its own so callers can cache the result by blob id and re-parse only the files
+//! a commit changed; cross-file checks (duplicates, references) live in `validate`.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use serde::de::DeserializeOwned;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+
+use crate::diag::{Diagnostic, Severity, did_you_mean};
+use crate::model::{
+    App, Driver, EnvValue, Health, Kind, Node, Placement, Plan, Runtime, SecretSettings, Settings, Source,
+    default_branch, default_currency, default_drivers, default_health_path, default_health_timeout,
+};
+use crate::secret::Ciphertext;
+use crate::source::check_ref_name;
+use crate::units::{EnvName, Name};
+
+/// The repository settings file, at the repository root.
+pub const SETTINGS_FILE: &str = "cairn.toml";
+/// Files larger than this are refused before parsing.
+pub const MAX_FILE_BYTES: usize = 4 << 20;
+/// Deeper nesting of arrays, inline tables or dotted keys is refused before parsing.
+pub const MAX_DEPTH: usize = 32;
+
+/// Keys that would weaken isolation; a manifest can never ask for them.
+const FORBIDDEN_KEYS: [&str; 12] = [
+    "privileged",
+    "network_mode",
+    "host_network",
+    "network",
+    "pid",
+    "pid_mode",
+    "devices",
+    "volumes",
+    "mounts",
+    "binds",
+    "cap_add",
+    "security_opt",
+];
+
+/// One manifest file, parsed. Cheap to keep: callers cache it by blob id.
+#[derive(Debug, Clone)]
+pub struct ParsedFile {
+    pub path: String,
+    pub src: Arc<str>,
+    pub settings: Option<Located<Settings>>,
+    pub declared: Vec<Declared>,
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+/// A value and where it is.
+#[derive(Debug, Clone)]
+pub struct Located<T> {
+    pub value: T,
+    pub span: Range<usize>,
+}
+
+/// One `[kind.name]` table. `resource` is `None` when the table has errors (they are in the file's
+/// diagnostics); the name still counts as declared so references to it do not cascade into more errors.
+#[derive(Debug, Clone)]
+pub struct Declared {
+    pub kind: Kind,
+    pub name: Name,
+    pub span: Range<usize>,
+    pub resource: Option<Resource>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Resource {
+    Plan(Plan),
+    Runtime(Runtime),
+    Node(Node),
+    App(Box<App>, AppSpans),
+}
+
+/// Where an app's cross-referencing fields are, for errors found after all files are read.
+#[derive(Debug, Clone, Default)]
+pub struct AppSpans {
+    pub plan: Range<usize>,
+    pub runtime: Range<usize>,
+    pub replicas: Option<Range<usize>>,
+    pub region: Option<Range<usize>>,
+    pub labels: BTreeMap<Name, Range<usize>>,
+    pub domains: Vec<Range<usize>>,
+    pub secrets: BTreeMap<EnvName, Range<usize>>,
+}
+
+impl ParsedFile {
+    /// A diagnostic at a span of this file.
+    pub fn diag(&self, severity: Severity, span: Range<usize>, message: impl Into<String>) -> Diagnostic {
+        Diagnostic::at(severity, &self.path, &self.src, span, message)
+    }
+
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(Diagnostic::is_error)
+    }
+}
+
+/// Whether a repository path holds a manifest: a `.toml` file outside hidden directories.
+pub fn is_manifest_path(path: &str) -> bool {
+    path.ends_with(".toml") && !path.split('/').any(|c| c.starts_with('.') && c != "." && c != "..")
+}
+
+/// Parses one file. `path` is repository-relative with `/` separators; `cairn.toml` at the root is the
+/// settings file, any other `.toml` file holds resources.
+pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
+    let mut file = ParsedFile {
+        path: path.to_owned(),
+        src: Arc::from(""),
+        settings: None,
+        declared: Vec::new(),
+        diagnostics: Vec::new(),
+    };
+    if let Err(why) = check_path(path) {
+        file.diagnostics.push(Diagnostic::file(Severity::Error, path, why));
+        return file;
+    }
+    if bytes.len() > MAX_FILE_BYTES {
+        file.diagnostics.push(Diagnostic::file(
+            Severity::Error,
+            path,
+            format!("file is {} bytes; manifests may be at most {MAX_FILE_BYTES} bytes", bytes.len()),
+        ));
+        return file;
+    }
+    let src = match std::str::from_utf8(bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            let valid = &bytes[..e.valid_up_to()];
+            let prefix = std::str::from_utf8(valid).unwrap_or("");
+            file.src = Arc::from(prefix);
+            let at = prefix.len();
+            file.diagnostics.push(Diagnostic::error(path, prefix, at..at, "file is not valid UTF-8"));
+            return file;
+        }
+    };
+    file.src = Arc::from(src);
+    if let Some(at) = too_deep(src, MAX_DEPTH) {
+        file.diagnostics.push(
+            Diagnostic::error(path, src, at..at + 1, format!("nesting deeper than {MAX_DEPTH} levels"))
+                .with_hint("manifests never need this much nesting; is the file generated by mistake?"),
+        );
+        return file;
+    }
+    let src = file.src.clone();
+    let (root, syntax) = DeTable::parse_recoverable(&src);
+    let mut cx = Cx { path, src: &src, diags: Vec::new() };
+    for e in &syntax {
+        let span = e.span().unwrap_or(0..0);
+        cx.diags.push(Diagnostic::error(path, &src, span, format!("TOML syntax: {}", e.message().trim())));
+    }
+    let syntax_ok = syntax.is_empty();
+    if path == SETTINGS_FILE {
+        if syntax_ok {
+            file.settings = cx.settings(root.get_ref(), root.span());
+        }
+    } else {
+        file.declared = cx.resources(root.get_ref(), syntax_ok);
+    }
+    file.diagnostics = cx.diags;
+    file
+}
+
+fn check_path(path: &str) -> Result<(), String> {
+    if path.starts_with('/') || path.contains('\\') || path.contains('\0') {
+        return Err("path must be relative to the repository root, with `/` separators".into());
+    }
+    if path.split('/').any(|c| c == "..") {
+        return Err("path leaves the repository (`..`)".into());
+    }
+    Ok(())
+}
+
+/// The offset of the first place where arrays, inline tables or dotted keys nest deeper than `max`, found
+/// without recursion so no input can exhaust the stack here or in the parser after it.
+pub fn too_deep(src: &str, max: usize) -> Option<usize> {
+    let b = src.as_bytes();
+    let mut stack: Vec<u8> = Vec::new();
+    let mut i = 0;
+    let mut key_mode = true; // at the start of a line (outside brackets) we read a key
+    let mut in_header = false;
+    let mut dots = 0usize;
+    while i < b.len() {
+        let c = b[i];
+        match c {
+            b'#' => {
+                while i < b.len() && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'"' | b'\'' => {
+                let triple = b.len() >= i + 3 && b[i + 1] == c && b[i + 2] == c;
+                let close: &[u8] = if triple { &b[i..i + 3] } else { &b[i..i + 1] };
+                i += close.len();
+                while i < b.len() {
+                    if c == b'"' && b[i] == b'\\' {
+                        i += 2;
+                        continue;
+                    }
+                    if b[i..].starts_with(close) {
+                        i += close.len();
+                        break;
+                    }
+                    if !triple && b[i] == b'\n' {
+                        break;
+                    }
+                    i += 1;
+                }
+                continue;
+            }
+            b'\n' => {
+                if stack.is_empty() {
+                    key_mode = true;
+                    in_header = false;
+                    dots = 0;
+                }
+            }
+            b'[' | b'{' => {
+                if c == b'[' && stack.is_empty() && key_mode && !in_header {
+                    in_header = true;
+                    dots = 0;
+                } else {
+                    stack.push(c);
+                    if stack.len() > max {
+                        return Some(i);
+                    }
+                    key_mode = c == b'{';
+                    dots = 0;
+                }
+            }
+            b']' | b'}' => {
+                if in_header && stack.is_empty() {
+                    key_mode = false;
+                } else {
+                    stack.pop();
+                }
+            }
+            b',' => key_mode = stack.last() == Some(&b'{'),
+            b'=' => {
+                key_mode = false;
+                dots = 0;
+            }
+            b'.' if key_mode || in_header => {
+                dots += 1;
+                if dots + stack.len() > max {
+                    return Some(i);
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+struct Cx<'a> {
+    path: &'a str,
+    src: &'a str,
+    diags: Vec<Diagnostic>,
+}
+
+type Table<'i> = DeTable<'i>;
+type Val<'i> = Spanned<DeValue<'i>>;
+
+/// Reads one table's keys, remembering which it used so the rest can be reported as unknown.
+struct Fields<'t, 'i> {
+    table: &'t Table<'i>,
+    /// The table's header (or key) span: where "missing key" errors point.
+    at: Range<usize>,
+    what: String,
+    used: Vec<&'t str>,
+    ok: bool,
+}
+
+impl<'t, 'i> Fields<'t, 'i> {
+    fn new(table: &'t Table<'i>, at: Range<usize>, what: impl Into<String>) -> Self {
+        Fields { table, at, what: what.into(), used: Vec::new(), ok: true }
+    }
+
+    fn get(&mut self, key: &str) -> Option<&'t Val<'i>> {
+        let (k, v) = self.table.iter().find(|(k, _)| k.get_ref() == key)?;
+        self.used.push(k.get_ref().as_ref());
+        Some(v)
+    }
+}
+
+impl Cx<'_> {
+    fn error(&mut self, span: Range<usize>, message: impl Into<String>) -> &mut Diagnostic {
+        self.diags.push(Diagnostic::error(self.path, self.src, span, message));
+        self.diags.last_mut().expect("just pushed")
+    }
+
+    /// Deserializes one value with its span; wrong types and invalid values become errors at the value.
+    fn value<T: DeserializeOwned>(&mut self, key: &str, v: &Val<'_>) -> Option<T> {
+        match T::deserialize(ValueDeserializer::from(v.clone())) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                let span = e.span().unwrap_or_else(|| v.span());
+                let msg = e.message().trim().to_owned();
+                let msg = match msg.strip_prefix("invalid type: ") {
+                    Some(rest) => {
+                        let expected = rest.split_once(", expected ").map_or(rest, |(_, x)| x);
+                        format!("wrong type for `{key}`: expected {expected}, found {}", v.get_ref().type_str())
+                    }
+                    None if msg.starts_with("invalid value") || msg.starts_with("unknown variant") => {
+                        format!("invalid value for `{key}`: {msg}")
+                    }
+                    None => msg,
+                };
+                self.error(span, msg);
+                None
+            }
+        }
+    }
+
+    fn req<T: DeserializeOwned>(&mut self, f: &mut Fields<'_, '_>, key: &str) -> Option<Located<T>> {
+        let Some(v) = f.get(key) else {
+            let what = f.what.clone();
+            self.error(f.at.clone(), format!("{what} is missing `{key}`"));
+            f.ok = false;
+            return None;
+        };
+        let r = self.value(key, v).map(|value| Located { value, span: v.span() });
+        f.ok &= r.is_some();
+        r
+    }
+
+    fn opt<T: DeserializeOwned>(&mut self, f: &mut Fields<'_, '_>, key: &str) -> Option<Located<T>> {
+        let v = f.get(key)?;
+        let r = self.value(key, v).map(|value| Located { value, span: v.span() });
+        f.ok &= r.is_some();
+        r
+    }
+
+    fn opt_or<T: DeserializeOwned>(&mut self, f: &mut Fields<'_, '_>, key: &str, default: T) -> T {
+        self.opt(f, key).map_or(default, |l| l.value)
+    }
+
+    fn table<'t, 'i>(&mut self, f: &mut Fields<'t, 'i>, key: &str) -> Option<Fields<'t, 'i>> {
+        let v = f.get(key)?;
+        match v.get_ref() {
+            DeValue::Table(t) => Some(Fields::new(t, v.span(), format!("`{key}` of {}", f.what))),
+            other => {
+                self.error(v.span(), format!("wrong type for `{key}`: expected a table, found {}", other.type_str()));
+                f.ok = false;
+                None
+            }
+        }
+    }
+
+    /// Reports every key of the table that was not read.
+    fn finish(&mut self, f: &Fields<'_, '_>, known: &[&str]) -> bool {
+        let mut ok = f.ok;
+        for (k, _) in f.table.iter() {
+            let key: &str = k.get_ref();
+            if f.used.contains(&key) {
+                continue;
+            }
+            ok = false;
+            if FORBIDDEN_KEYS.contains(&key) {
+                self.error(k.span(), format!("`{key}` cannot be set in {}", f.what)).hint = Some(
+                    "Cairn never runs apps privileged, with host networking or PID, devices, or host mounts"
+                        .into(),
+                );
+                continue;
+            }
+            let msg = format!("unknown key `{key}` in {}", f.what);
+            let hint = match did_you_mean(key, known.iter().copied()) {
+                Some(s) => format!("did you mean `{s}`?"),
+                None => format!("known keys: {}", known.join(", ")),
+            };
+            self.error(k.span(), msg).hint = Some(hint);
+        }
+        ok
+    }
+
+    fn settings(&mut self, root: &Table<'_>, span: Range<usize>) -> Option<Located<Settings>> {
+        let at = 0..span.end.min(self.src.find('\n').unwrap_or(self.src.len()));
+        let mut f = Fields::new(root, at, "cairn.toml");
+        let base_domain = self.req(&mut f, "base_domain");
+        let currency = self.opt(&mut f, "currency").map_or_else(default_currency, |c: Located<String>| {
+            if c.value.len() == 3 && c.value.bytes().all(|b| b.is_ascii_uppercase()) {
+                c.value
+            } else {
+                self.error(c.span, format!("`{}` is not an ISO 4217 currency code", c.value)).hint =
+                    Some("write three capital letters, such as `EUR` or `USD`".into());
+                f.ok = false;
+                String::new()
+            }
+        });
+        let mut secrets = SecretSettings::default();
+        if let Some(mut s) = self.table(&mut f, "secrets") {
+            secrets.recipients = self.opt_or(&mut s, "recipients", Vec::new());
+            f.ok &= self.finish(&s, &["recipients"]);
+        }
+        let ok = self.finish(&f, &["base_domain", "currency", "secrets"]);
+        let settings = Settings { base_domain: base_domain?.value, currency, secrets };
+        ok.then_some(Located { value: settings, span: 0..0 })
+    }
+
+    fn resources(&mut self, root: &Table<'_>, syntax_ok: bool) -> Vec<Declared> {
+        let mut out = Vec::new();
+        for (kind_key, kind_val) in root.iter() {
+            let Some(kind) = Kind::parse(kind_key.get_ref()) else {
+                if !syntax_ok {
+                    continue;
+                }
+                let key: &str = kind_key.get_ref();
+                let hint = match did_you_mean(key, Kind::ALL.map(Kind::as_str)) {
+                    Some(s) => format!("did you mean `[{s}.NAME]`?"),
+                    None if key == "base_domain" || key == "secrets" || key == "currency" => {
+                        "repository settings belong in cairn.toml at the repository root".to_owned()
+                    }
+                    None => "a manifest declares `[plan.NAME]`, `[runtime.NAME]`, `[node.NAME]` or `[app.NAME]` tables"
+                        .to_owned(),
+                };
+                self.error(kind_key.span(), format!("unknown key `{key}`")).hint = Some(hint);
+                continue;
+            };
+            let DeValue::Table(items) = kind_val.get_ref() else {
+                if syntax_ok {
+                    self.error(
+                        kind_val.span(),
+                        format!("wrong type for `{kind}`: expected tables such as `[{kind}.NAME]`", kind = kind.as_str()),
+                    );
+                }
+                continue;
+            };
+            for (name_key, val) in items.iter() {
+                let name = match Name::new(name_key.get_ref()) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if syntax_ok {
+                            self.error(name_key.span(), e);
+                        }
+                        continue;
+                    }
+                };
+                let span = name_key.span();
+                let resource = if !syntax_ok {
+                    None
+                } else if let DeValue::Table(t) = val.get_ref() {
+                    let what = format!("{} `{name}`", kind.as_str());
+                    let f = Fields::new(t, span.clone(), what);
+                    match kind {
+                        Kind::Plan => self.plan(f).map(Resource::Plan),
+                        Kind::Runtime => self.runtime(f).map(Resource::Runtime),
+                        Kind::Node => self.node(f).map(Resource::Node),
+                        Kind::App => self.app(f).map(|(a, s)| Resource::App(Box::new(a), s)),
+                    }
+                } else {
+                    self.error(
+                        val.span(),
+                        format!("wrong type for {} `{name}`: expected a table, found {}", kind.as_str(), val.get_ref().type_str()),
+                    );
+                    None
+                };
+                out.push(Declared { kind, name, span, resource });
+            }
+        }
+        out
+    }
+
+    fn plan(&mut self, mut f: Fields<'_, '_>) -> Option<Plan> {
+        let cpu = self.req(&mut f, "cpu");
+        let memory = self.req(&mut f, "memory");
+        let disk = self.req(&mut f, "disk");
+        let price = self.req(&mut f, "price");
+        let max_replicas: Option<Located<u32>> = self.req(&mut f, "max_replicas");
+        if let Some(m) = &max_replicas
+            && m.value == 0
+        {
+            self.error(m.span.clone(), "`max_replicas` must be at least 1");
+            f.ok = false;
+        }
+        let ok = self.finish(&f, &["cpu", "memory", "disk", "price", "max_replicas"]);
+        let plan = Plan {
+            cpu: cpu?.value,
+            memory: memory?.value,
+            disk: disk?.value,
+            price: price?.value,
+            max_replicas: max_replicas?.value,
+        };
+        ok.then_some(plan)
+    }
+
+    fn runtime(&mut self, mut f: Fields<'_, '_>) -> Option<Runtime> {
+        let drivers: Vec<Driver> = self.opt(&mut f, "drivers").map_or_else(default_drivers, |d| d.value);
+        let dockerfile = self.opt(&mut f, "dockerfile");
+        let image: Option<Located<String>> = self.opt(&mut f, "image");
+        let build = self.opt_or(&mut f, "build", Vec::<String>::new());
+        let start: Option<Located<String>> = self.opt(&mut f, "start");
+        let port: Option<Located<u16>> = self.req(&mut f, "port");
+        let dockerfile_on = dockerfile.as_ref().is_some_and(|d: &Located<bool>| d.value);
+        if drivers.is_empty() {
+            self.error(f.at.clone(), format!("{} lists no `drivers`", f.what));
+            f.ok = false;
+        }
+        if dockerfile_on {
+            if let Some(i) = &image {
+                self.error(i.span.clone(), "`image` has no effect with `dockerfile = true`: the app's Dockerfile names its base image");
+                f.ok = false;
+            }
+            if drivers.contains(&Driver::Process) {
+                self.error(f.at.clone(), format!("{} uses the app's Dockerfile, which the `process` driver cannot run", f.what));
+                f.ok = false;
+            }
+        } else {
+            if image.is_none() && drivers.contains(&Driver::Docker) {
+                self.error(f.at.clone(), format!("{} is missing `image`", f.what)).hint =
+                    Some("name a base image, or set `dockerfile = true` to build with the app's own Dockerfile".into());
+                f.ok = false;
+            }
+            if start.is_none() {
+                self.error(f.at.clone(), format!("{} is missing `start`", f.what)).hint =
+                    Some("give the command that starts the app, or set `dockerfile = true`".into());
+                f.ok = false;
+            }
+        }
+        if let Some(p) = &port
+            && p.value == 0
+        {
+            self.error(p.span.clone(), "`port` must be between 1 and 65535");
+            f.ok = false;
+        }
+        let ok = self.finish(&f, &["drivers", "dockerfile", "image", "build", "start", "port"]);
+        let rt = Runtime {
+            drivers,
+            dockerfile: dockerfile_on,
+            image: image.map(|i| i.value),
+            build,
+            start: start.map(|s| s.value),
+            port: port?.value,
+        };
+        ok.then_some(rt)
+    }
+
+    fn node(&mut self, mut f: Fields<'_, '_>) -> Option<Node> {
+        let cpu = self.req(&mut f, "cpu");
+        let memory = self.req(&mut f, "memory");
+        let disk = self.req(&mut f, "disk");
+        let region = self.opt(&mut f, "region").map(|r| r.value);
+        let labels = self.labels(&mut f).into_iter().map(|(k, (v, _))| (k, v)).collect();
+        let drain = self.opt_or(&mut f, "drain", false);
+        let recipient = self.opt(&mut f, "recipient").map(|r| r.value);
+        let ok = self.finish(&f, &["cpu", "memory", "disk", "region", "labels", "drain", "recipient"]);
+        let node = Node {
+            cpu: cpu?.value,
+            memory: memory?.value,
+            disk: disk?.value,
+            region,
+            labels,
+            drain,
+            recipient,
+        };
+        ok.then_some(node)
+    }
+
+    fn labels(&mut self, f: &mut Fields<'_, '_>) -> BTreeMap<Name, (String, Range<usize>)> {
+        let mut out = BTreeMap::new();
+        let Some(mut t) = self.table(f, "labels") else { return out };
+        for (k, v) in t.table.iter() {
+            t.used.push(k.get_ref());
+            let name = match Name::new(k.get_ref()) {
+                Ok(n) => n,
+                Err(e) => {
+                    self.error(k.span(), format!("label {e}"));
+                    f.ok = false;
+                    continue;
+                }
+            };
+            match self.value::<String>(k.get_ref(), v) {
+                Some(s) => {
+                    out.insert(name, (s, k.span().start..v.span().end));
+                }
+                None => f.ok = false,
+            }
+        }
+        out
+    }
+
+    fn app(&mut self, mut f: Fields<'_, '_>) -> Option<(App, AppSpans)> {
+        let mut spans = AppSpans::default();
+        let plan: Option<Located<Name>> = self.req(&mut f, "plan");
+        let runtime: Option<Located<Name>> = self.req(&mut f, "runtime");
+        let replicas: Option<Located<u32>> = self.opt(&mut f, "replicas");
+        let port: Option<Located<u16>> = self.opt(&mut f, "port");
+        if let Some(p) = &port
+            && p.value == 0
+        {
+            self.error(p.span.clone(), "`port` must be between 1 and 65535");
+            f.ok = false;
+        }
+        let suspended = self.opt_or(&mut f, "suspended", false);
+        let domains = match f.get("domains") {
+            None => Vec::new(),
+            Some(v) => match v.get_ref() {
+                DeValue::Array(items) => {
+                    let mut out = Vec::new();
+                    for item in items.iter() {
+                        match self.value("domains", item) {
+                            Some(d) => {
+                                out.push(d);
+                                spans.domains.push(item.span());
+                            }
+                            None => f.ok = false,
+                        }
+                    }
+                    out
+                }
+                other => {
+                    self.error(v.span(), format!("wrong type for `domains`: expected an array of strings, found {}", other.type_str()));
+                    f.ok = false;
+                    Vec::new()
+                }
+            },
+        };
+        let source = match self.table(&mut f, "source") {
+            Some(mut s) => {
+                let url = self.req(&mut s, "url");
+                let branch = self.opt(&mut s, "branch").map_or_else(default_branch, |b: Located<String>| {
+                    if let Err(e) = check_ref_name(&b.value) {
+                        self.error(b.span.clone(), e);
+                        s.ok = false;
+                    }
+                    b.value
+                });
+                let rev = self.opt(&mut s, "rev").map(|r: Located<String>| {
+                    if let Err(e) = check_ref_name(&r.value) {
+                        self.error(r.span.clone(), e);
+                        s.ok = false;
+                    }
+                    r.value
+                });
+                f.ok &= self.finish(&s, &["url", "branch", "rev"]);
+                url.map(|u| Source { url: u.value, branch, rev })
+            }
+            None => {
+                if f.table.iter().all(|(k, _)| k.get_ref() != "source") {
+                    let what = f.what.clone();
+                    self.error(f.at.clone(), format!("{what} is missing `source`")).hint =
+                        Some(format!("add `[app.NAME.source]` with `url` and `branch`"));
+                }
+                f.ok = false;
+                None
+            }
+        };
+        let mut health = Health::default();
+        if let Some(mut h) = self.table(&mut f, "health") {
+            health.path = self.opt(&mut h, "path").map_or_else(default_health_path, |p: Located<String>| {
+                if !p.value.starts_with('/') || p.value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    self.error(p.span.clone(), format!("health path `{}` must start with `/` and hold no spaces", p.value));
+                    h.ok = false;
+                }
+                p.value
+            });
+            health.timeout = self.opt(&mut h, "timeout").map_or_else(default_health_timeout, |t| t.value);
+            f.ok &= self.finish(&h, &["path", "timeout"]);
+        }
+        let mut placement = Placement::default();
+        if let Some(mut p) = self.table(&mut f, "placement") {
+            if let Some(r) = self.opt(&mut p, "region") {
+                placement.region = Some(r.value);
+                spans.region = Some(r.span);
+            }
+            for (k, (v, span)) in self.labels(&mut p) {
+                spans.labels.insert(k.clone(), span);
+                placement.labels.insert(k, v);
+            }
+            f.ok &= self.finish(&p, &["region", "labels"]);
+        }
+        let mut env = BTreeMap::new();
+        if let Some(mut e) = self.table(&mut f, "env") {
+            for (k, v) in e.table.iter() {
+                e.used.push(k.get_ref());
+                let name = match EnvName::new(k.get_ref()) {
+                    Ok(n) => n,
+                    Err(msg) => {
+                        self.error(k.span(), msg);
+                        f.ok = false;
+                        continue;
+                    }
+                };
+                let value = match v.get_ref() {
+                    DeValue::String(s) => Some(EnvValue::Plain(s.to_string())),
+                    DeValue::Table(t) => {
+                        let mut st = Fields::new(t, v.span(), format!("env var `{name}`"));
+                        let ct: Option<Located<String>> = self.req(&mut st, "secret");
+                        let ok = self.finish(&st, &["secret"]);
+                        match ct.map(|c| (Ciphertext::new(&c.value), c.span)) {
+                            Some((Ok(c), span)) if ok => {
+                                spans.secrets.insert(name.clone(), span);
+                                Some(EnvValue::Secret { secret: c })
+                            }
+                            Some((Err(err), span)) => {
+                                self.error(span, format!("env var `{name}`: {err}")).hint =
+                                    Some("create it with `cairn secret set FILE APP KEY` or `cairn secret encrypt`".into());
+                                None
+                            }
+                            _ => None,
+                        }
+                    }
+                    other => {
+                        self.error(
+                            v.span(),
+                            format!(
+                                "wrong type for env var `{name}`: expected a string or `{{ secret = \"...\" }}`, found {}",
+                                other.type_str()
+                            ),
+                        )
+                        .hint = Some("quote numbers and booleans: env values are strings".into());
+                        None
+                    }
+                };
+                match value {
+                    Some(v) => {
+                        env.insert(name, v);
+                    }
+                    None => f.ok = false,
+                }
+            }
+        }
+        let ok = self.finish(
+            &f,
+            &["plan", "runtime", "source", "replicas", "port", "domains", "health", "placement", "suspended", "env"],
+        );
+        let (plan, runtime) = (plan?, runtime?);
+        spans.plan = plan.span;
+        spans.runtime = runtime.span;
+        spans.replicas = replicas.as_ref().map(|r| r.span.clone());
+        let app = App {
+            plan: plan.value,
+            runtime: runtime.value,
+            source: source?,
+            replicas: replicas.map_or(1, |r| r.value),
+            port: port.map(|p| p.value),
+            domains,
+            health,
+            placement,
+            suspended,
+            env,
+        };
+        ok.then_some((app, spans))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn depth_scan_ignores_strings_and_floats() {
+        assert_eq!(too_deep("a = \"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\"", 4), None);
+        assert_eq!(too_deep("a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]", 2), None);
+        assert!(too_deep("a = [[[[[1]]]]]", 4).is_some());
+        assert!(too_deep("[a.b.c.d.e.f]", 4).is_some());
+        assert!(too_deep("a.b.c.d.e.f = 1", 4).is_some());
+        assert!(too_deep("x = { a.b.c.d.e = 1 }", 4).is_some());
+        assert_eq!(too_deep("[app.web.env]\nA = \"1.2.3.4.5.6\"", 4), None);
+    }
+
+    #[test]
+    fn manifest_paths() {
+        assert!(is_manifest_path("apps/web.toml"));
+        assert!(!is_manifest_path(".github/x.toml"));
+        assert!(!is_manifest_path("README.md"));
+    }
+}

@@ -1,0 +1,234 @@
+//! Cross-file validation: assembles parsed files into one desired state, checking what no single file can
+//! (duplicate names, references between resources, replicas against plans, domains between apps).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::diag::{Diagnostic, Diagnostics, Severity, did_you_mean};
+use crate::model::{App, Desired, Kind, Origin, Settings};
+use crate::parse::{AppSpans, ParsedFile, Resource, SETTINGS_FILE};
+use crate::secret::Identity;
+use crate::units::{EnvName, Name};
+
+/// The outcome of loading a repository: the desired state when it is valid, and every finding.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub desired: Option<Desired>,
+    pub diagnostics: Diagnostics,
+    /// Where every secret is, so an identity check can point at it.
+    pub secrets: Vec<SecretSite>,
+}
+
+/// One secret env value and where it is declared.
+#[derive(Debug, Clone)]
+pub struct SecretSite {
+    pub app: Name,
+    pub key: EnvName,
+    pub file: usize,
+    pub span: std::ops::Range<usize>,
+}
+
+/// Assembles parsed files (in any order) into a desired state, collecting every error.
+pub fn assemble(files: &[ParsedFile]) -> Loaded {
+    assemble_refs(&files.iter().collect::<Vec<_>>())
+}
+
+/// As [`assemble`], over borrowed files (for callers that cache them).
+pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
+    let mut order: Vec<usize> = (0..files.len()).collect();
+    order.sort_by(|&a, &b| files[a].path.cmp(&files[b].path));
+    let mut diags: Vec<Diagnostic> = Vec::new();
+    let mut settings: Option<Settings> = None;
+    let mut settings_seen = false;
+    let mut declared: BTreeMap<(Kind, Name), (usize, std::ops::Range<usize>)> = BTreeMap::new();
+    let mut plans = BTreeMap::new();
+    let mut runtimes = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    let mut apps: BTreeMap<Name, (Box<App>, &AppSpans, usize)> = BTreeMap::new();
+    let mut origins = BTreeMap::new();
+
+    for &i in &order {
+        let f = files[i];
+        diags.extend(f.diagnostics.iter().cloned());
+        if f.path == SETTINGS_FILE {
+            settings_seen = true;
+            settings = f.settings.as_ref().map(|s| s.value.clone());
+        }
+        for d in &f.declared {
+            let key = (d.kind, d.name.clone());
+            if let Some((other, other_span)) = declared.get(&key) {
+                let first = files[*other].diag(Severity::Error, other_span.clone(), "");
+                diags.push(
+                    f.diag(Severity::Error, d.span.clone(), format!("duplicate {} `{}`", d.kind.as_str(), d.name))
+                        .with_hint(format!("it is already declared at {}", first.location())),
+                );
+                continue;
+            }
+            declared.insert(key.clone(), (i, d.span.clone()));
+            let at = f.diag(Severity::Error, d.span.clone(), "");
+            origins.insert(key, Origin { path: f.path.clone(), line: at.line, col: at.col });
+            match &d.resource {
+                Some(Resource::Plan(p)) => {
+                    plans.insert(d.name.clone(), p.clone());
+                }
+                Some(Resource::Runtime(r)) => {
+                    runtimes.insert(d.name.clone(), r.clone());
+                }
+                Some(Resource::Node(n)) => {
+                    nodes.insert(d.name.clone(), n.clone());
+                }
+                Some(Resource::App(a, s)) => {
+                    apps.insert(d.name.clone(), (a.clone(), s, i));
+                }
+                None => {}
+            }
+        }
+    }
+    if !settings_seen {
+        diags.push(
+            Diagnostic::file(Severity::Error, SETTINGS_FILE, "the repository has no cairn.toml")
+                .with_hint("create cairn.toml at the repository root with at least `base_domain = \"apps.example.com\"`"),
+        );
+    }
+
+    let declared_names = |kind: Kind| -> Vec<&str> {
+        declared.keys().filter(|(k, _)| *k == kind).map(|(_, n)| n.as_str()).collect()
+    };
+    let plan_names = declared_names(Kind::Plan);
+    let runtime_names = declared_names(Kind::Runtime);
+    let regions: BTreeSet<&Name> = nodes.values().filter_map(|n| n.region.as_ref()).collect();
+    let mut domain_owner: BTreeMap<String, (Name, usize, std::ops::Range<usize>)> = BTreeMap::new();
+    let mut secrets = Vec::new();
+
+    for (name, (app, spans, fi)) in &apps {
+        let f = files[*fi];
+        let plan_declared = declared.contains_key(&(Kind::Plan, app.plan.clone()));
+        if !plan_declared {
+            let mut d = f.diag(Severity::Error, spans.plan.clone(), format!("unknown plan `{}`", app.plan));
+            if let Some(s) = did_you_mean(app.plan.as_str(), plan_names.iter().copied()) {
+                d = d.with_hint(format!("did you mean `{s}`?"));
+            } else if !plan_names.is_empty() {
+                d = d.with_hint(format!("plans: {}", plan_names.join(", ")));
+            }
+            diags.push(d);
+        }
+        if !declared.contains_key(&(Kind::Runtime, app.runtime.clone())) {
+            let mut d = f.diag(Severity::Error, spans.runtime.clone(), format!("unknown runtime `{}`", app.runtime));
+            if let Some(s) = did_you_mean(app.runtime.as_str(), runtime_names.iter().copied()) {
+                d = d.with_hint(format!("did you mean `{s}`?"));
+            } else if !runtime_names.is_empty() {
+                d = d.with_hint(format!("runtimes: {}", runtime_names.join(", ")));
+            }
+            diags.push(d);
+        }
+        if let Some(plan) = plans.get(&app.plan)
+            && app.replicas > plan.max_replicas
+        {
+            let span = spans.replicas.clone().unwrap_or(spans.plan.clone());
+            diags.push(
+                f.diag(
+                    Severity::Error,
+                    span,
+                    format!("{} replicas exceed plan `{}`'s maximum of {}", app.replicas, app.plan, plan.max_replicas),
+                )
+                .with_hint("lower `replicas`, or choose a plan with a higher `max_replicas`"),
+            );
+        }
+        if let (Some(region), Some(span)) = (&app.placement.region, &spans.region)
+            && !regions.contains(region)
+        {
+            diags.push(
+                f.diag(Severity::Warning, span.clone(), format!("no node is in region `{region}`"))
+                    .with_hint("the plan will report this app's replicas as unplaceable until such a node exists"),
+            );
+        }
+        for (k, v) in &app.placement.labels {
+            if !nodes.values().any(|n| n.labels.get(k) == Some(v)) {
+                let span = spans.labels.get(k).cloned().unwrap_or(spans.plan.clone());
+                diags.push(
+                    f.diag(Severity::Warning, span, format!("no node has label `{k} = \"{v}\"`"))
+                        .with_hint("the plan will report this app's replicas as unplaceable until such a node exists"),
+                );
+            }
+        }
+        if let Some(s) = &settings {
+            let default = format!("{name}.{}", s.base_domain);
+            if default.len() > 253 {
+                diags.push(f.diag(
+                    Severity::Error,
+                    spans.plan.clone(),
+                    format!("app `{name}`'s default domain `{default}` is longer than 253 characters"),
+                ));
+            }
+        }
+        for (d, span) in app.domains.iter().zip(&spans.domains) {
+            let key = d.to_string();
+            if let Some((other, ofi, ospan)) = domain_owner.get(&key) {
+                let first = files[*ofi].diag(Severity::Error, ospan.clone(), "");
+                diags.push(
+                    f.diag(Severity::Error, span.clone(), format!("domain `{d}` is also used by app `{other}`"))
+                        .with_hint(format!("see {}", first.location())),
+                );
+            } else {
+                domain_owner.insert(key, (name.clone(), *fi, span.clone()));
+            }
+        }
+        for (key, span) in &spans.secrets {
+            secrets.push(SecretSite { app: name.clone(), key: key.clone(), file: *fi, span: span.clone() });
+        }
+    }
+    // A custom domain must not shadow another app's generated one.
+    if let Some(s) = &settings {
+        for (domain, (owner, fi, span)) in &domain_owner {
+            if let Some(app) = domain.strip_suffix(&format!(".{}", s.base_domain))
+                && app != owner.as_str()
+                && apps.keys().any(|a| a.as_str() == app)
+            {
+                diags.push(files[*fi].diag(
+                    Severity::Error,
+                    span.clone(),
+                    format!("domain `{domain}` is app `{app}`'s generated domain"),
+                ));
+            }
+        }
+    }
+
+    let mut diagnostics = Diagnostics(diags);
+    diagnostics.sort();
+    let desired = match settings {
+        Some(settings) if !diagnostics.has_errors() => Some(Desired {
+            settings,
+            plans,
+            runtimes,
+            nodes,
+            apps: apps.into_iter().map(|(k, (a, _, _))| (k, *a)).collect(),
+            origins,
+        }),
+        _ => None,
+    };
+    Loaded { desired, diagnostics, secrets }
+}
+
+/// Checks that every secret decrypts with `identity`, naming `path:line:col` of each that does not.
+/// Never puts a value into a diagnostic.
+pub fn check_secrets(loaded: &Loaded, files: &[ParsedFile], identity: &Identity) -> Vec<Diagnostic> {
+    let Some(desired) = &loaded.desired else { return Vec::new() };
+    let mut out = Vec::new();
+    for site in &loaded.secrets {
+        let Some(crate::model::EnvValue::Secret { secret }) =
+            desired.apps.get(&site.app).and_then(|a| a.env.get(&site.key))
+        else {
+            continue;
+        };
+        if let Err(e) = identity.decrypt(secret) {
+            out.push(
+                files[site.file]
+                    .diag(Severity::Error, site.span.clone(), format!("secret `{}` of app `{}` does not decrypt: {e}", site.key, site.app))
+                    .with_hint(format!(
+                        "re-encrypt it to the current recipients with `cairn secret rotate`, or check that {} is in cairn.toml",
+                        identity.recipient()
+                    )),
+            );
+        }
+    }
+    out
+}
