@@ -6,3 +6,5 @@
 //!
 //! What it must not do: talk to GitHub (that is `cairn-webhook`), talk to Docker (that is `cairn-agent`),
 //! or let the planner perform IO. Only its `store` module touches Postgres.
+
+pub mod source;

@@ -68,6 +68,9 @@ pub struct Declared {
     pub name: Name,
     pub span: Range<usize>,
     pub resource: Option<Resource>,
+    /// An app's references, read even when other fields of the app are broken, so that an unknown plan is
+    /// reported together with the app's other errors.
+    pub refs: Option<AppRefs>,
 }
 
 #[derive(Debug, Clone)]
@@ -75,15 +78,15 @@ pub enum Resource {
     Plan(Plan),
     Runtime(Runtime),
     Node(Node),
-    App(Box<App>, AppSpans),
+    App(Box<App>),
 }
 
-/// Where an app's cross-referencing fields are, for errors found after all files are read.
+/// An app's cross-referencing fields and where they are, for errors found after all files are read.
 #[derive(Debug, Clone, Default)]
-pub struct AppSpans {
-    pub plan: Range<usize>,
-    pub runtime: Range<usize>,
-    pub replicas: Option<Range<usize>>,
+pub struct AppRefs {
+    pub plan: Option<Located<Name>>,
+    pub runtime: Option<Located<Name>>,
+    pub replicas: Option<Located<u32>>,
     pub region: Option<Range<usize>>,
     pub labels: BTreeMap<Name, Range<usize>>,
     pub domains: Vec<Range<usize>>,
@@ -443,6 +446,7 @@ impl Cx<'_> {
                     }
                 };
                 let span = name_key.span();
+                let mut refs = None;
                 let resource = if !syntax_ok {
                     None
                 } else if let DeValue::Table(t) = val.get_ref() {
@@ -452,7 +456,11 @@ impl Cx<'_> {
                         Kind::Plan => self.plan(f).map(Resource::Plan),
                         Kind::Runtime => self.runtime(f).map(Resource::Runtime),
                         Kind::Node => self.node(f).map(Resource::Node),
-                        Kind::App => self.app(f).map(|(a, s)| Resource::App(Box::new(a), s)),
+                        Kind::App => {
+                            let (app, r) = self.app(f);
+                            refs = Some(r);
+                            app.map(|a| Resource::App(Box::new(a)))
+                        }
                     }
                 } else {
                     self.error(
@@ -461,7 +469,7 @@ impl Cx<'_> {
                     );
                     None
                 };
-                out.push(Declared { kind, name, span, resource });
+                out.push(Declared { kind, name, span, resource, refs });
             }
         }
         out
@@ -585,8 +593,8 @@ impl Cx<'_> {
         out
     }
 
-    fn app(&mut self, mut f: Fields<'_, '_>) -> Option<(App, AppSpans)> {
-        let mut spans = AppSpans::default();
+    fn app(&mut self, mut f: Fields<'_, '_>) -> (Option<App>, AppRefs) {
+        let mut spans = AppRefs::default();
         let plan: Option<Located<Name>> = self.req(&mut f, "plan");
         let runtime: Option<Located<Name>> = self.req(&mut f, "runtime");
         let replicas: Option<Located<u32>> = self.opt(&mut f, "replicas");
@@ -730,14 +738,16 @@ impl Cx<'_> {
             &f,
             &["plan", "runtime", "source", "replicas", "port", "domains", "health", "placement", "suspended", "env"],
         );
-        let (plan, runtime) = (plan?, runtime?);
-        spans.plan = plan.span;
-        spans.runtime = runtime.span;
-        spans.replicas = replicas.as_ref().map(|r| r.span.clone());
+        spans.plan = plan.clone();
+        spans.runtime = runtime.clone();
+        spans.replicas = replicas.clone();
+        let (Some(plan), Some(runtime), Some(source)) = (plan, runtime, source) else {
+            return (None, spans);
+        };
         let app = App {
             plan: plan.value,
             runtime: runtime.value,
-            source: source?,
+            source,
             replicas: replicas.map_or(1, |r| r.value),
             port: port.map(|p| p.value),
             domains,
@@ -746,7 +756,7 @@ impl Cx<'_> {
             suspended,
             env,
         };
-        ok.then_some((app, spans))
+        (ok.then_some(app), spans)
     }
 }
 

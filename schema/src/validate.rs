@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::diag::{Diagnostic, Diagnostics, Severity, did_you_mean};
 use crate::model::{App, Desired, Kind, Origin, Settings};
-use crate::parse::{AppSpans, ParsedFile, Resource, SETTINGS_FILE};
+use crate::parse::{AppRefs, ParsedFile, Resource, SETTINGS_FILE};
 use crate::secret::Identity;
 use crate::units::{EnvName, Name};
 
@@ -43,7 +43,8 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let mut plans = BTreeMap::new();
     let mut runtimes = BTreeMap::new();
     let mut nodes = BTreeMap::new();
-    let mut apps: BTreeMap<Name, (Box<App>, &AppSpans, usize)> = BTreeMap::new();
+    let mut apps: BTreeMap<Name, (Box<App>, usize, &AppRefs)> = BTreeMap::new();
+    let mut app_refs: Vec<(Name, &AppRefs, usize)> = Vec::new();
     let mut origins = BTreeMap::new();
 
     for &i in &order {
@@ -66,6 +67,9 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
             declared.insert(key.clone(), (i, d.span.clone()));
             let at = f.diag(Severity::Error, d.span.clone(), "");
             origins.insert(key, Origin { path: f.path.clone(), line: at.line, col: at.col });
+            if let Some(r) = &d.refs {
+                app_refs.push((d.name.clone(), r, i));
+            }
             match &d.resource {
                 Some(Resource::Plan(p)) => {
                     plans.insert(d.name.clone(), p.clone());
@@ -76,8 +80,9 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
                 Some(Resource::Node(n)) => {
                     nodes.insert(d.name.clone(), n.clone());
                 }
-                Some(Resource::App(a, s)) => {
-                    apps.insert(d.name.clone(), (a.clone(), s, i));
+                Some(Resource::App(a)) => {
+                    let refs = d.refs.as_ref().expect("a parsed app has refs");
+                    apps.insert(d.name.clone(), (a.clone(), i, refs));
                 }
                 None => {}
             }
@@ -99,40 +104,58 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let mut domain_owner: BTreeMap<String, (Name, usize, std::ops::Range<usize>)> = BTreeMap::new();
     let mut secrets = Vec::new();
 
-    for (name, (app, spans, fi)) in &apps {
+    for (name, refs, fi) in &app_refs {
         let f = files[*fi];
-        let plan_declared = declared.contains_key(&(Kind::Plan, app.plan.clone()));
-        if !plan_declared {
-            let mut d = f.diag(Severity::Error, spans.plan.clone(), format!("unknown plan `{}`", app.plan));
-            if let Some(s) = did_you_mean(app.plan.as_str(), plan_names.iter().copied()) {
+        if let Some(plan) = &refs.plan
+            && !declared.contains_key(&(Kind::Plan, plan.value.clone()))
+        {
+            let mut d = f.diag(Severity::Error, plan.span.clone(), format!("unknown plan `{}`", plan.value));
+            if let Some(s) = did_you_mean(plan.value.as_str(), plan_names.iter().copied()) {
                 d = d.with_hint(format!("did you mean `{s}`?"));
             } else if !plan_names.is_empty() {
                 d = d.with_hint(format!("plans: {}", plan_names.join(", ")));
             }
             diags.push(d);
         }
-        if !declared.contains_key(&(Kind::Runtime, app.runtime.clone())) {
-            let mut d = f.diag(Severity::Error, spans.runtime.clone(), format!("unknown runtime `{}`", app.runtime));
-            if let Some(s) = did_you_mean(app.runtime.as_str(), runtime_names.iter().copied()) {
+        if let Some(rt) = &refs.runtime
+            && !declared.contains_key(&(Kind::Runtime, rt.value.clone()))
+        {
+            let mut d = f.diag(Severity::Error, rt.span.clone(), format!("unknown runtime `{}`", rt.value));
+            if let Some(s) = did_you_mean(rt.value.as_str(), runtime_names.iter().copied()) {
                 d = d.with_hint(format!("did you mean `{s}`?"));
             } else if !runtime_names.is_empty() {
                 d = d.with_hint(format!("runtimes: {}", runtime_names.join(", ")));
             }
             diags.push(d);
         }
-        if let Some(plan) = plans.get(&app.plan)
-            && app.replicas > plan.max_replicas
+        let replicas = refs.replicas.as_ref().map_or(1, |r| r.value);
+        if let Some(plan) = refs.plan.as_ref().and_then(|p| plans.get(&p.value).map(|x| (p, x)))
+            && replicas > plan.1.max_replicas
         {
-            let span = spans.replicas.clone().unwrap_or(spans.plan.clone());
+            let span = refs.replicas.as_ref().map_or(plan.0.span.clone(), |r| r.span.clone());
             diags.push(
                 f.diag(
                     Severity::Error,
                     span,
-                    format!("{} replicas exceed plan `{}`'s maximum of {}", app.replicas, app.plan, plan.max_replicas),
+                    format!("{replicas} replicas exceed plan `{}`'s maximum of {}", plan.0.value, plan.1.max_replicas),
                 )
                 .with_hint("lower `replicas`, or choose a plan with a higher `max_replicas`"),
             );
         }
+        if let Some(s) = &settings {
+            let default = format!("{name}.{}", s.base_domain);
+            if default.len() > 253 {
+                diags.push(f.diag(
+                    Severity::Error,
+                    refs.plan.as_ref().map_or(0..0, |p| p.span.clone()),
+                    format!("app `{name}`'s default domain `{default}` is longer than 253 characters"),
+                ));
+            }
+        }
+    }
+
+    for (name, (app, fi, spans)) in &apps {
+        let f = files[*fi];
         if let (Some(region), Some(span)) = (&app.placement.region, &spans.region)
             && !regions.contains(region)
         {
@@ -143,21 +166,11 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         }
         for (k, v) in &app.placement.labels {
             if !nodes.values().any(|n| n.labels.get(k) == Some(v)) {
-                let span = spans.labels.get(k).cloned().unwrap_or(spans.plan.clone());
+                let span = spans.labels.get(k).cloned().unwrap_or(0..0);
                 diags.push(
                     f.diag(Severity::Warning, span, format!("no node has label `{k} = \"{v}\"`"))
                         .with_hint("the plan will report this app's replicas as unplaceable until such a node exists"),
                 );
-            }
-        }
-        if let Some(s) = &settings {
-            let default = format!("{name}.{}", s.base_domain);
-            if default.len() > 253 {
-                diags.push(f.diag(
-                    Severity::Error,
-                    spans.plan.clone(),
-                    format!("app `{name}`'s default domain `{default}` is longer than 253 characters"),
-                ));
             }
         }
         for (d, span) in app.domains.iter().zip(&spans.domains) {

@@ -1,0 +1,67 @@
+//! Command-line interface. Every command exits 0 on success, 1 on failure or an invalid repository,
+//! 2 where a command documents it (`plan --exit-code`: changes pending), and 64 on a usage error.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+mod repo;
+mod schema_cmd;
+mod validate;
+
+pub const EXIT_OK: u8 = 0;
+pub const EXIT_FAILURE: u8 = 1;
+/// `EX_USAGE` from sysexits.h.
+pub const EXIT_USAGE: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version, about = "GitOps control plane for a self-hosted PaaS")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a config repository and print a summary or every error
+    Validate(validate::Args),
+    /// Print the JSON Schema of the manifest format (or of cairn.toml)
+    Schema(schema_cmd::Args),
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Validate(a) => validate::run(a),
+        Command::Schema(a) => schema_cmd::run(a),
+    }
+}
+
+/// Prints a clap error; help and version are not errors, everything else is a usage error (64).
+pub fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    let _ = e.print();
+    match e.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => ExitCode::from(EXIT_OK),
+        _ => ExitCode::from(EXIT_USAGE),
+    }
+}
+
+/// Reads an age identity from `--identity FILE` or `CAIRN_IDENTITY`, which holds either a path to an
+/// identity file or the `AGE-SECRET-KEY-1...` line itself.
+pub fn read_identity(arg: Option<&PathBuf>) -> Result<Option<cairn_schema::Identity>> {
+    let text = match arg {
+        Some(p) => zeroize::Zeroizing::new(
+            std::fs::read_to_string(p).with_context(|| format!("cannot read identity file {}", p.display()))?,
+        ),
+        None => match std::env::var("CAIRN_IDENTITY") {
+            Ok(v) if v.trim_start().starts_with("AGE-SECRET-KEY-") => zeroize::Zeroizing::new(v),
+            Ok(v) if !v.is_empty() => zeroize::Zeroizing::new(
+                std::fs::read_to_string(&v).with_context(|| format!("cannot read identity file {v} (CAIRN_IDENTITY)"))?,
+            ),
+            _ => return Ok(None),
+        },
+    };
+    cairn_schema::Identity::parse(&text).map(Some).context("invalid identity")
+}

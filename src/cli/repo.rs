@@ -1,0 +1,32 @@
+//! Loading a config repository for the CLI: from a directory, or from a git remote at a ref.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use cairn_schema::validate::Loaded;
+use cairn_schema::{Diagnostic, ParsedFile};
+
+/// A loaded repository with the findings of reading it.
+pub struct Repo {
+    pub parsed: Vec<ParsedFile>,
+    pub loaded: Loaded,
+}
+
+/// Loads a directory, folding read problems (symlinks leaving the repo) into the diagnostics.
+pub fn load_dir(dir: &Path) -> Result<Repo> {
+    let snap = cairn_reconciler::source::dir::read_dir(dir)
+        .with_context(|| format!("cannot read config repository {}", dir.display()))?;
+    Ok(load_files(snap.files, snap.diagnostics))
+}
+
+pub fn load_files(files: Vec<(String, Vec<u8>)>, read_errors: Vec<Diagnostic>) -> Repo {
+    let (parsed, mut loaded) = cairn_schema::load(files);
+    if !read_errors.is_empty() {
+        loaded.diagnostics.0.extend(read_errors);
+        loaded.diagnostics.0.sort_by(|a, b| (&a.path, a.line, a.col).cmp(&(&b.path, b.line, b.col)));
+        if loaded.diagnostics.has_errors() {
+            loaded.desired = None;
+        }
+    }
+    Repo { parsed, loaded }
+}
