@@ -45,9 +45,19 @@ impl Diagnostic {
         message: impl Into<String>,
     ) -> Self {
         let pos = Position::of(src, span.start);
-        let line_text = src[pos.line_start..].lines().next().unwrap_or("").trim_end_matches('\r');
-        let end = span.end.min(pos.line_start + line_text.len()).max(span.start);
-        let width = src.get(span.start..end).map_or(1, |s| s.chars().count()).max(1);
+        let line_text = src[pos.line_start..]
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_end_matches('\r');
+        let end = span
+            .end
+            .min(pos.line_start + line_text.len())
+            .max(span.start);
+        let width = src
+            .get(span.start..end)
+            .map_or(1, |s| s.chars().count())
+            .max(1);
         Diagnostic {
             severity,
             path: path.to_owned(),
@@ -113,8 +123,23 @@ impl fmt::Display for Diagnostic {
         write!(f, "{}: {sev}: {}", self.location(), self.message)?;
         if let Some(line) = &self.source_line {
             // Tabs would misalign the caret; show them as one space each, as the column counts them.
-            let shown: String = line.chars().map(|c| if c == '\t' { ' ' } else { c }).collect();
-            write!(f, "\n    {shown}\n    {}{}", " ".repeat(self.col.saturating_sub(1)), "^".repeat(self.width))?;
+            // Very long lines (a one-line ciphertext) are cut so the caret stays readable.
+            let keep = self.col.saturating_sub(1) + MAX_SHOWN;
+            let mut shown: String = line
+                .chars()
+                .take(keep)
+                .map(|c| if c == '\t' { ' ' } else { c })
+                .collect();
+            if line.chars().count() > keep {
+                shown.push_str(" ...");
+            }
+            let width = self.width.min(MAX_SHOWN);
+            write!(
+                f,
+                "\n    {shown}\n    {}{}",
+                " ".repeat(self.col.saturating_sub(1)),
+                "^".repeat(width)
+            )?;
         }
         if let Some(hint) = &self.hint {
             write!(f, "\n  hint: {hint}")?;
@@ -122,6 +147,9 @@ impl fmt::Display for Diagnostic {
         Ok(())
     }
 }
+
+/// How many characters of a source line are shown after the column a diagnostic points at.
+const MAX_SHOWN: usize = 60;
 
 /// A resolved line/column position.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,7 +170,11 @@ impl Position {
         let line_start = before.rfind('\n').map_or(0, |i| i + 1);
         let line = before.bytes().filter(|&b| b == b'\n').count() + 1;
         let col = src[line_start..offset].chars().count() + 1;
-        Position { line, col, line_start }
+        Position {
+            line,
+            col,
+            line_start,
+        }
     }
 }
 
@@ -166,9 +198,8 @@ impl Diagnostics {
 
     pub(crate) fn sort(&mut self) {
         self.0.sort_by(|a, b| {
-            (&a.path, a.line, a.col, a.severity, &a.message).cmp(&(
-                &b.path, b.line, b.col, b.severity, &b.message,
-            ))
+            (&a.path, a.line, a.col, a.severity, &a.message)
+                .cmp(&(&b.path, b.line, b.col, b.severity, &b.message))
         });
         self.0.dedup();
     }
@@ -187,7 +218,10 @@ impl fmt::Display for Diagnostics {
 }
 
 /// The closest candidate to `word`, if one is close enough to be a plausible typo.
-pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(word, c), c))
@@ -212,8 +246,14 @@ mod tests {
 
     #[test]
     fn did_you_mean_finds_typos_only() {
-        assert_eq!(did_you_mean("smal", ["small", "medium", "large"]), Some("small"));
+        assert_eq!(
+            did_you_mean("smal", ["small", "medium", "large"]),
+            Some("small")
+        );
         assert_eq!(did_you_mean("xyz", ["small", "medium", "large"]), None);
-        assert_eq!(did_you_mean("replica", ["replicas", "plan"]), Some("replicas"));
+        assert_eq!(
+            did_you_mean("replica", ["replicas", "plan"]),
+            Some("replicas")
+        );
     }
 }

@@ -16,7 +16,10 @@ pub mod units;
 pub mod validate;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
-pub use model::{App, Desired, Driver, EnvValue, Health, Kind, ManifestFile, Node, Placement, Plan, Runtime, Settings, Source};
+pub use model::{
+    App, Desired, Driver, EnvValue, Health, Kind, ManifestFile, Node, Placement, Plan, Runtime,
+    Settings, Source,
+};
 pub use parse::{ParsedFile, SETTINGS_FILE, is_manifest_path, parse_file};
 pub use secret::{Ciphertext, Identity, Recipient, Secret, SecretError};
 pub use source::GitUrl;
@@ -24,7 +27,9 @@ pub use units::{ByteSize, Cpu, Domain, EnvName, Name, Price, Span};
 pub use validate::{Loaded, assemble, check_secrets};
 
 /// Parses and validates a whole repository given as `(path, bytes)` pairs.
-pub fn load<P: AsRef<str>, B: AsRef<[u8]>>(files: impl IntoIterator<Item = (P, B)>) -> (Vec<ParsedFile>, Loaded) {
+pub fn load<P: AsRef<str>, B: AsRef<[u8]>>(
+    files: impl IntoIterator<Item = (P, B)>,
+) -> (Vec<ParsedFile>, Loaded) {
     let parsed: Vec<ParsedFile> = files
         .into_iter()
         .filter(|(p, _)| is_manifest_path(p.as_ref()))

@@ -54,7 +54,19 @@ pub struct Plan {
 }
 
 /// How an app is run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize, JsonSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    Serialize,
+    serde::Deserialize,
+    JsonSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Driver {
     /// A container built and run by the node's Docker engine.
@@ -77,7 +89,10 @@ impl Driver {
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
     /// Drivers that can run this runtime; a node must offer one of them.
-    #[serde(default = "default_drivers", skip_serializing_if = "is_default_drivers")]
+    #[serde(
+        default = "default_drivers",
+        skip_serializing_if = "is_default_drivers"
+    )]
     pub drivers: Vec<Driver>,
     /// Build with the app's own `Dockerfile` instead of one made from this runtime.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
@@ -188,7 +203,10 @@ pub fn default_health_timeout() -> Span {
 
 impl Default for Health {
     fn default() -> Self {
-        Health { path: default_health_path(), timeout: default_health_timeout() }
+        Health {
+            path: default_health_path(),
+            timeout: default_health_timeout(),
+        }
     }
 }
 impl Health {
@@ -219,9 +237,7 @@ impl Placement {
 #[serde(untagged)]
 pub enum EnvValue {
     Plain(String),
-    Secret {
-        secret: Ciphertext,
-    },
+    Secret { secret: Ciphertext },
 }
 
 /// The four kinds of resource a manifest declares.

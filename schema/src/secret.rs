@@ -191,7 +191,9 @@ impl Identity {
             .map(str::trim)
             .find(|l| l.starts_with("AGE-SECRET-KEY-"))
             .ok_or(SecretError::NoIdentity)?;
-        age::x25519::Identity::from_str(line).map(Identity).map_err(|_| SecretError::BadIdentity)
+        age::x25519::Identity::from_str(line)
+            .map(Identity)
+            .map_err(|_| SecretError::BadIdentity)
     }
 
     pub fn recipient(&self) -> Recipient {
@@ -211,8 +213,11 @@ impl Identity {
         let reader = ArmoredReader::new(ct.as_str().as_bytes());
         let dec = age::Decryptor::new(reader).map_err(map_decrypt)?;
         let mut out = Zeroizing::new(Vec::new());
-        let mut r = dec.decrypt(std::iter::once(&self.0 as &dyn age::Identity)).map_err(map_decrypt)?;
-        r.read_to_end(&mut out).map_err(|e| SecretError::Damaged(e.kind().to_string()))?;
+        let mut r = dec
+            .decrypt(std::iter::once(&self.0 as &dyn age::Identity))
+            .map_err(map_decrypt)?;
+        r.read_to_end(&mut out)
+            .map_err(|e| SecretError::Damaged(e.kind().to_string()))?;
         Ok(Secret(out))
     }
 
@@ -273,18 +278,28 @@ mod tests {
         assert_eq!(s.expose(), b"hunter2");
         assert_eq!(format!("{s:?} {s}"), "Secret(<redacted>) <redacted>");
         assert!(!format!("{id:?}").contains("SECRET"));
-        assert!(matches!(other.decrypt(&ct), Err(SecretError::NotForThisIdentity)));
+        assert!(matches!(
+            other.decrypt(&ct),
+            Err(SecretError::NotForThisIdentity)
+        ));
     }
 
     #[test]
     fn fingerprint_ignores_recipients_and_needs_the_identity() {
         let id = Identity::generate();
         let other = Identity::generate();
-        let a = id.decrypt(&encrypt(b"v", &[id.recipient()]).unwrap()).unwrap();
-        let b = id.decrypt(&encrypt(b"v", &[id.recipient(), other.recipient()]).unwrap()).unwrap();
+        let a = id
+            .decrypt(&encrypt(b"v", &[id.recipient()]).unwrap())
+            .unwrap();
+        let b = id
+            .decrypt(&encrypt(b"v", &[id.recipient(), other.recipient()]).unwrap())
+            .unwrap();
         assert_eq!(id.fingerprint(&a), id.fingerprint(&b));
         assert_ne!(id.fingerprint(&a), other.fingerprint(&a));
-        assert_ne!(id.fingerprint(&a), id.fingerprint(&Secret::new(b"w".to_vec())));
+        assert_ne!(
+            id.fingerprint(&a),
+            id.fingerprint(&Secret::new(b"w".to_vec()))
+        );
     }
 
     #[test]
@@ -293,6 +308,9 @@ mod tests {
         let text = id.to_file_text("2026-01-01T00:00:00Z");
         let back = Identity::parse(&text).unwrap();
         assert_eq!(back.recipient(), id.recipient());
-        assert!(matches!(Identity::parse("# nothing\n"), Err(SecretError::NoIdentity)));
+        assert!(matches!(
+            Identity::parse("# nothing\n"),
+            Err(SecretError::NoIdentity)
+        ));
     }
 }

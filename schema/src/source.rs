@@ -80,11 +80,20 @@ pub fn split_git_url(s: &str) -> Result<UrlParts<'_>, String> {
     if s.is_empty() {
         return Err(refuse("it is empty"));
     }
+    if s.starts_with('-') {
+        return Err(refuse(
+            "it starts with `-`, which git would read as an option",
+        ));
+    }
+    if let Some((helper, _)) = s.split_once("::")
+        && !helper.contains(['/', '@', ':'])
+    {
+        return Err(refuse(&format!(
+            "the remote helper `{helper}::` is not supported; use https:// or ssh"
+        )));
+    }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(refuse("it contains whitespace or control characters"));
-    }
-    if s.starts_with('-') {
-        return Err(refuse("it starts with `-`, which git would read as an option"));
     }
     if let Some(idx) = s.find("://") {
         let scheme = &s[..idx];
@@ -102,27 +111,34 @@ pub fn split_git_url(s: &str) -> Result<UrlParts<'_>, String> {
         if path.len() <= 1 {
             return Err(refuse("it names no repository path"));
         }
-        return Ok(UrlParts { scheme: if lower == "https" { "https" } else { "ssh" }, host, port, path });
-    }
-    if s.contains("::") && !s.contains('@') {
-        return Err(refuse("remote helpers such as `ext::` are not supported; use https:// or ssh"));
+        return Ok(UrlParts {
+            scheme: if lower == "https" { "https" } else { "ssh" },
+            host,
+            port,
+            path,
+        });
     }
     if let Some((scheme, _)) = s.split_once(':')
         && scheme.eq_ignore_ascii_case("file")
     {
-        return Err(refuse("local `file:` paths are not supported; use https:// or ssh"));
+        return Err(refuse(
+            "local `file:` paths are not supported; use https:// or ssh",
+        ));
     }
     // scp-style: [user@]host:path, where the host part has no slash.
     if let Some(colon) = s.find(':') {
         let (authority, path) = (&s[..colon], &s[colon + 1..]);
         if !authority.contains('/') && !authority.is_empty() {
             let Some((user, host)) = authority.rsplit_once('@') else {
-                return Err(refuse("write scp-style remotes with a user, as `git@host:owner/repo.git`"));
+                return Err(refuse(
+                    "write scp-style remotes with a user, as `git@host:owner/repo.git`",
+                ));
             };
             if user.is_empty() {
                 return Err(refuse("the user before `@` is empty"));
             }
-            let host = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+            let host = if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']'))
+            {
                 format!("[{inner}]")
             } else {
                 host.to_owned()
@@ -131,7 +147,12 @@ pub fn split_git_url(s: &str) -> Result<UrlParts<'_>, String> {
                 return Err(refuse("it names no repository path"));
             }
             let (host, _) = split_host_port(&host).map_err(|w| refuse(&w))?;
-            return Ok(UrlParts { scheme: "scp", host, port: None, path });
+            return Ok(UrlParts {
+                scheme: "scp",
+                host,
+                port: None,
+                path,
+            });
         }
     }
     Err(refuse("local paths are not supported; use https:// or ssh"))
@@ -139,7 +160,9 @@ pub fn split_git_url(s: &str) -> Result<UrlParts<'_>, String> {
 
 fn split_host_port(hostport: &str) -> Result<(String, Option<u16>), String> {
     let (host, port) = if let Some(rest) = hostport.strip_prefix('[') {
-        let close = rest.find(']').ok_or("the IPv6 address has no closing `]`")?;
+        let close = rest
+            .find(']')
+            .ok_or("the IPv6 address has no closing `]`")?;
         let host = &hostport[..close + 2];
         let after = &rest[close + 1..];
         (host, after.strip_prefix(':'))
@@ -151,7 +174,10 @@ fn split_host_port(hostport: &str) -> Result<(String, Option<u16>), String> {
     };
     let port = match port {
         None => None,
-        Some(p) => Some(p.parse::<u16>().map_err(|_| format!("port `{p}` is not a number"))?),
+        Some(p) => Some(
+            p.parse::<u16>()
+                .map_err(|_| format!("port `{p}` is not a number"))?,
+        ),
     };
     if host.is_empty() {
         return Err("it names no host".into());
@@ -166,21 +192,31 @@ pub fn check_host(host: &str) -> Result<(), String> {
     }
     let host = host.trim_end_matches('.');
     if let Some(inner) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
-        let ip: Ipv6Addr = inner.parse().map_err(|_| format!("`{inner}` is not an IPv6 address"))?;
+        let ip: Ipv6Addr = inner
+            .parse()
+            .map_err(|_| format!("`{inner}` is not an IPv6 address"))?;
         return check_ipv6(ip);
     }
     if let Some(ip) = parse_ipv4_loose(host)? {
         return check_ipv4(ip);
     }
-    const METADATA_NAMES: [&str; 5] =
-        ["metadata", "metadata.google.internal", "instance-data", "instance-data.ec2.internal", "metadata.azure.com"];
+    const METADATA_NAMES: [&str; 5] = [
+        "metadata",
+        "metadata.google.internal",
+        "instance-data",
+        "instance-data.ec2.internal",
+        "metadata.azure.com",
+    ];
     if host == "localhost" || host.ends_with(".localhost") || host == "localhost.localdomain" {
         return Err(format!("`{host}` is a loopback name"));
     }
     if METADATA_NAMES.contains(&host) {
         return Err(format!("`{host}` is a cloud metadata service"));
     }
-    if !host.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_') {
+    if !host
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'.' || c == b'_')
+    {
         return Err(format!("`{host}` is not a valid host name"));
     }
     Ok(())
@@ -199,7 +235,9 @@ fn check_ipv4(ip: Ipv4Addr) -> Result<(), String> {
     if ip.is_loopback() {
         Err(format!("{ip} is a loopback address"))
     } else if ip.is_link_local() {
-        Err(format!("{ip} is a link-local address (cloud metadata lives there)"))
+        Err(format!(
+            "{ip} is a link-local address (cloud metadata lives there)"
+        ))
     } else if ip.is_unspecified() || o[0] == 0 {
         Err(format!("{ip} is an unspecified address"))
     } else if ip.is_broadcast() || ip.is_multicast() {
@@ -247,7 +285,9 @@ fn parse_ipv4_loose(host: &str) -> Result<Option<Ipv4Addr>, String> {
     let numeric = |p: &str| {
         !p.is_empty()
             && (p.bytes().all(|c| c.is_ascii_digit())
-                || (p.len() > 2 && p[..2].eq_ignore_ascii_case("0x") && p[2..].bytes().all(|c| c.is_ascii_hexdigit()))
+                || (p.len() > 2
+                    && p[..2].eq_ignore_ascii_case("0x")
+                    && p[2..].bytes().all(|c| c.is_ascii_hexdigit()))
                 || p.eq_ignore_ascii_case("0x"))
     };
     // A name whose last label is numeric (or hex) is read as an address by URL parsers; treat it as one.
@@ -261,7 +301,11 @@ fn parse_ipv4_loose(host: &str) -> Result<Option<Ipv4Addr>, String> {
     let mut values = Vec::with_capacity(parts.len());
     for p in &parts {
         let v = if p.len() >= 2 && p[..2].eq_ignore_ascii_case("0x") {
-            if p.len() == 2 { 0 } else { u64::from_str_radix(&p[2..], 16).map_err(|_| bad())? }
+            if p.len() == 2 {
+                0
+            } else {
+                u64::from_str_radix(&p[2..], 16).map_err(|_| bad())?
+            }
         } else if p.len() > 1 && p.starts_with('0') {
             u64::from_str_radix(&p[1..], 8).map_err(|_| bad())?
         } else {
@@ -301,12 +345,16 @@ pub fn check_ref_name(s: &str) -> Result<(), String> {
         return Err(bad("it contains `..`, `@{` or `//`"));
     }
     if s.starts_with('/') || s.ends_with('/') || s.ends_with('.') || s.ends_with(".lock") {
-        return Err(bad("it starts or ends with `/`, or ends with `.` or `.lock`"));
+        return Err(bad(
+            "it starts or ends with `/`, or ends with `.` or `.lock`",
+        ));
     }
     if s.split('/').any(|c| c.starts_with('.')) {
         return Err(bad("a component starts with `.`"));
     }
-    if s.chars().any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c)) {
+    if s.chars()
+        .any(|c| c.is_control() || c.is_whitespace() || "~^:?*[\\".contains(c))
+    {
         return Err(bad("it contains whitespace or one of ~ ^ : ? * [ \\"));
     }
     Ok(())
@@ -375,7 +423,18 @@ mod tests {
         for ok in ["main", "release/1.2", "v1.2.3", "feature-x"] {
             assert!(check_ref_name(ok).is_ok(), "{ok}");
         }
-        for bad in ["", "-x", "a..b", "a b", "a~1", "x.lock", ".hidden", "a/", "@", "--upload-pack=x"] {
+        for bad in [
+            "",
+            "-x",
+            "a..b",
+            "a b",
+            "a~1",
+            "x.lock",
+            ".hidden",
+            "a/",
+            "@",
+            "--upload-pack=x",
+        ] {
             assert!(check_ref_name(bad).is_err(), "{bad}");
         }
     }

@@ -95,14 +95,20 @@ string_newtype!(
 );
 
 fn check_name(s: &str) -> Result<(), String> {
-    let bad = || format!("`{s}` is not a valid name: use a DNS label (lowercase letters, digits and `-`, starting with a letter, at most 63 characters)");
+    let bad = || {
+        format!(
+            "`{s}` is not a valid name: use a DNS label (lowercase letters, digits and `-`, starting with a letter, at most 63 characters)"
+        )
+    };
     if s.is_empty() || s.len() > 63 {
         return Err(bad());
     }
     let b = s.as_bytes();
     if !b[0].is_ascii_lowercase()
         || b[b.len() - 1] == b'-'
-        || !b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        || !b
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
     {
         return Err(bad());
     }
@@ -139,7 +145,9 @@ fn check_domain(s: &str) -> Result<(), String> {
     }
     let labels: Vec<&str> = s.split('.').collect();
     if labels.len() < 2 {
-        return Err(bad("it needs at least two labels, such as `app.example.com`"));
+        return Err(bad(
+            "it needs at least two labels, such as `app.example.com`",
+        ));
     }
     for l in &labels {
         let lb = l.as_bytes();
@@ -152,11 +160,19 @@ fn check_domain(s: &str) -> Result<(), String> {
         if lb[0] == b'-' || lb[lb.len() - 1] == b'-' {
             return Err(bad("a label starts or ends with `-`"));
         }
-        if !lb.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-') {
-            return Err(bad("labels may hold only lowercase letters, digits and `-`"));
+        if !lb
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        {
+            return Err(bad(
+                "labels may hold only lowercase letters, digits and `-`",
+            ));
         }
     }
-    if labels.last().is_some_and(|l| l.bytes().all(|c| c.is_ascii_digit())) {
+    if labels
+        .last()
+        .is_some_and(|l| l.bytes().all(|c| c.is_ascii_digit()))
+    {
         return Err(bad("an IP address is not a domain"));
     }
     Ok(())
@@ -182,10 +198,16 @@ impl ByteSize {
 
     pub fn parse(s: &str) -> Result<Self, String> {
         let t = s.trim();
-        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
         let (num, unit) = (&t[..split], t[split..].trim());
         let Some(&(_, mult)) = UNITS.iter().find(|(u, _)| *u == unit) else {
-            let hint = match unit.to_ascii_lowercase().trim_end_matches('b').trim_end_matches('i') {
+            let hint = match unit
+                .to_ascii_lowercase()
+                .trim_end_matches('b')
+                .trim_end_matches('i')
+            {
                 "k" => Some("KiB"),
                 "m" => Some("MiB"),
                 "g" => Some("GiB"),
@@ -196,7 +218,9 @@ impl ByteSize {
                 Some(h) if !num.is_empty() => format!(
                     "`{s}` is not a valid size: use a binary unit such as `{num}{h}` (units: B, KiB, MiB, GiB, TiB)"
                 ),
-                _ => format!("`{s}` is not a valid size: write a number and a binary unit such as `512MiB` or `20GiB`"),
+                _ => format!(
+                    "`{s}` is not a valid size: write a number and a binary unit such as `512MiB` or `20GiB`"
+                ),
             });
         };
         let value = Decimal::from_str(num)
@@ -205,9 +229,13 @@ impl ByteSize {
             .checked_mul(Decimal::from(mult))
             .filter(|b| b.fract().is_zero())
             .and_then(|b| u64::try_from(b).ok())
-            .ok_or_else(|| format!("`{s}` is not a valid size: it is not a whole number of bytes or too large"))?;
+            .ok_or_else(|| {
+                format!("`{s}` is not a valid size: it is not a whole number of bytes or too large")
+            })?;
         if bytes == 0 {
-            return Err(format!("`{s}` is not a valid size: it must be more than zero"));
+            return Err(format!(
+                "`{s}` is not a valid size: it must be more than zero"
+            ));
         }
         Ok(ByteSize(bytes))
     }
@@ -219,7 +247,7 @@ impl fmt::Display for ByteSize {
         let (unit, mult) = UNITS
             .iter()
             .rev()
-            .find(|(_, m)| self.0 % m == 0)
+            .find(|(_, m)| self.0.is_multiple_of(*m))
             .copied()
             .unwrap_or(("B", 1));
         write!(f, "{}{unit}", self.0 / mult)
@@ -274,7 +302,10 @@ impl JsonSchema for ByteSize {
 
 /// A non-negative decimal read exactly: from a TOML integer, a float (its decimal text, not its binary
 /// value) or a string.
-fn decimal_from_any<'de, D: Deserializer<'de>>(d: D, what: &'static str) -> Result<Decimal, D::Error> {
+fn decimal_from_any<'de, D: Deserializer<'de>>(
+    d: D,
+    what: &'static str,
+) -> Result<Decimal, D::Error> {
     struct V(&'static str);
     impl Visitor<'_> for V {
         type Value = Decimal;
@@ -289,10 +320,12 @@ fn decimal_from_any<'de, D: Deserializer<'de>>(d: D, what: &'static str) -> Resu
         }
         fn visit_f64<E: de::Error>(self, v: f64) -> Result<Decimal, E> {
             // The shortest text that round-trips this float is the decimal the author wrote.
-            Decimal::from_str(&format!("{v}")).map_err(|_| E::custom(format!("`{v}` is out of range")))
+            Decimal::from_str(&format!("{v}"))
+                .map_err(|_| E::custom(format!("`{v}` is out of range")))
         }
         fn visit_str<E: de::Error>(self, v: &str) -> Result<Decimal, E> {
-            Decimal::from_str(v.trim()).map_err(|_| E::custom(format!("`{v}` is not a decimal number")))
+            Decimal::from_str(v.trim())
+                .map_err(|_| E::custom(format!("`{v}` is not a decimal number")))
         }
     }
     d.deserialize_any(V(what)).map(|v| v.normalize())
@@ -320,7 +353,9 @@ impl Cpu {
         if !m.fract().is_zero() {
             return Err(format!("cpu `{d}` is finer than a millicore (0.001)"));
         }
-        u32::try_from(m).map(Cpu).map_err(|_| format!("cpu `{d}` is too large"))
+        u32::try_from(m)
+            .map(Cpu)
+            .map_err(|_| format!("cpu `{d}` is too large"))
     }
 }
 
@@ -337,7 +372,7 @@ impl fmt::Debug for Cpu {
 
 impl Serialize for Cpu {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        if self.0 % 1000 == 0 {
+        if self.0.is_multiple_of(1000) {
             s.serialize_u32(self.0 / 1000)
         } else {
             s.serialize_f64(f64::from(self.0) / 1000.0)
@@ -471,7 +506,9 @@ impl<'de> Deserialize<'de> for Span {
                 Span::parse(v).map_err(E::custom)
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Span, E> {
-                Err(E::custom(format!("a duration needs a unit: write \"{v}s\" (a quoted string)")))
+                Err(E::custom(format!(
+                    "a duration needs a unit: write \"{v}s\" (a quoted string)"
+                )))
             }
         }
         d.deserialize_any(V)
@@ -516,7 +553,15 @@ mod tests {
         assert!(EnvName::new("1X").is_err());
         assert!(EnvName::new("A-B").is_err());
         assert!(Domain::new("www.example.com").is_ok());
-        for bad in ["localhost", "a..b", "-a.com", "*.a.com", "A.com", "1.2.3.4", "a_b.com"] {
+        for bad in [
+            "localhost",
+            "a..b",
+            "-a.com",
+            "*.a.com",
+            "A.com",
+            "1.2.3.4",
+            "a_b.com",
+        ] {
             assert!(Domain::new(bad).is_err(), "{bad}");
         }
     }

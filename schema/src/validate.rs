@@ -59,14 +59,25 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
             if let Some((other, other_span)) = declared.get(&key) {
                 let first = files[*other].diag(Severity::Error, other_span.clone(), "");
                 diags.push(
-                    f.diag(Severity::Error, d.span.clone(), format!("duplicate {} `{}`", d.kind.as_str(), d.name))
-                        .with_hint(format!("it is already declared at {}", first.location())),
+                    f.diag(
+                        Severity::Error,
+                        d.span.clone(),
+                        format!("duplicate {} `{}`", d.kind.as_str(), d.name),
+                    )
+                    .with_hint(format!("it is already declared at {}", first.location())),
                 );
                 continue;
             }
             declared.insert(key.clone(), (i, d.span.clone()));
             let at = f.diag(Severity::Error, d.span.clone(), "");
-            origins.insert(key, Origin { path: f.path.clone(), line: at.line, col: at.col });
+            origins.insert(
+                key,
+                Origin {
+                    path: f.path.clone(),
+                    line: at.line,
+                    col: at.col,
+                },
+            );
             if let Some(r) = &d.refs {
                 app_refs.push((d.name.clone(), r, i));
             }
@@ -96,7 +107,11 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     }
 
     let declared_names = |kind: Kind| -> Vec<&str> {
-        declared.keys().filter(|(k, _)| *k == kind).map(|(_, n)| n.as_str()).collect()
+        declared
+            .keys()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, n)| n.as_str())
+            .collect()
     };
     let plan_names = declared_names(Kind::Plan);
     let runtime_names = declared_names(Kind::Runtime);
@@ -109,7 +124,11 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         if let Some(plan) = &refs.plan
             && !declared.contains_key(&(Kind::Plan, plan.value.clone()))
         {
-            let mut d = f.diag(Severity::Error, plan.span.clone(), format!("unknown plan `{}`", plan.value));
+            let mut d = f.diag(
+                Severity::Error,
+                plan.span.clone(),
+                format!("unknown plan `{}`", plan.value),
+            );
             if let Some(s) = did_you_mean(plan.value.as_str(), plan_names.iter().copied()) {
                 d = d.with_hint(format!("did you mean `{s}`?"));
             } else if !plan_names.is_empty() {
@@ -120,7 +139,11 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         if let Some(rt) = &refs.runtime
             && !declared.contains_key(&(Kind::Runtime, rt.value.clone()))
         {
-            let mut d = f.diag(Severity::Error, rt.span.clone(), format!("unknown runtime `{}`", rt.value));
+            let mut d = f.diag(
+                Severity::Error,
+                rt.span.clone(),
+                format!("unknown runtime `{}`", rt.value),
+            );
             if let Some(s) = did_you_mean(rt.value.as_str(), runtime_names.iter().copied()) {
                 d = d.with_hint(format!("did you mean `{s}`?"));
             } else if !runtime_names.is_empty() {
@@ -129,15 +152,24 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
             diags.push(d);
         }
         let replicas = refs.replicas.as_ref().map_or(1, |r| r.value);
-        if let Some(plan) = refs.plan.as_ref().and_then(|p| plans.get(&p.value).map(|x| (p, x)))
+        if let Some(plan) = refs
+            .plan
+            .as_ref()
+            .and_then(|p| plans.get(&p.value).map(|x| (p, x)))
             && replicas > plan.1.max_replicas
         {
-            let span = refs.replicas.as_ref().map_or(plan.0.span.clone(), |r| r.span.clone());
+            let span = refs
+                .replicas
+                .as_ref()
+                .map_or(plan.0.span.clone(), |r| r.span.clone());
             diags.push(
                 f.diag(
                     Severity::Error,
                     span,
-                    format!("{replicas} replicas exceed plan `{}`'s maximum of {}", plan.0.value, plan.1.max_replicas),
+                    format!(
+                        "{replicas} replicas exceed plan `{}`'s maximum of {}",
+                        plan.0.value, plan.1.max_replicas
+                    ),
                 )
                 .with_hint("lower `replicas`, or choose a plan with a higher `max_replicas`"),
             );
@@ -148,7 +180,9 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
                 diags.push(f.diag(
                     Severity::Error,
                     refs.plan.as_ref().map_or(0..0, |p| p.span.clone()),
-                    format!("app `{name}`'s default domain `{default}` is longer than 253 characters"),
+                    format!(
+                        "app `{name}`'s default domain `{default}` is longer than 253 characters"
+                    ),
                 ));
             }
         }
@@ -178,15 +212,24 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
             if let Some((other, ofi, ospan)) = domain_owner.get(&key) {
                 let first = files[*ofi].diag(Severity::Error, ospan.clone(), "");
                 diags.push(
-                    f.diag(Severity::Error, span.clone(), format!("domain `{d}` is also used by app `{other}`"))
-                        .with_hint(format!("see {}", first.location())),
+                    f.diag(
+                        Severity::Error,
+                        span.clone(),
+                        format!("domain `{d}` is also used by app `{other}`"),
+                    )
+                    .with_hint(format!("see {}", first.location())),
                 );
             } else {
                 domain_owner.insert(key, (name.clone(), *fi, span.clone()));
             }
         }
         for (key, span) in &spans.secrets {
-            secrets.push(SecretSite { app: name.clone(), key: key.clone(), file: *fi, span: span.clone() });
+            secrets.push(SecretSite {
+                app: name.clone(),
+                key: key.clone(),
+                file: *fi,
+                span: span.clone(),
+            });
         }
     }
     // A custom domain must not shadow another app's generated one.
@@ -218,17 +261,29 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         }),
         _ => None,
     };
-    Loaded { desired, diagnostics, secrets }
+    Loaded {
+        desired,
+        diagnostics,
+        secrets,
+    }
 }
 
 /// Checks that every secret decrypts with `identity`, naming `path:line:col` of each that does not.
 /// Never puts a value into a diagnostic.
-pub fn check_secrets(loaded: &Loaded, files: &[ParsedFile], identity: &Identity) -> Vec<Diagnostic> {
-    let Some(desired) = &loaded.desired else { return Vec::new() };
+pub fn check_secrets(
+    loaded: &Loaded,
+    files: &[ParsedFile],
+    identity: &Identity,
+) -> Vec<Diagnostic> {
+    let Some(desired) = &loaded.desired else {
+        return Vec::new();
+    };
     let mut out = Vec::new();
     for site in &loaded.secrets {
-        let Some(crate::model::EnvValue::Secret { secret }) =
-            desired.apps.get(&site.app).and_then(|a| a.env.get(&site.key))
+        let Some(crate::model::EnvValue::Secret { secret }) = desired
+            .apps
+            .get(&site.app)
+            .and_then(|a| a.env.get(&site.key))
         else {
             continue;
         };

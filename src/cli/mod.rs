@@ -17,7 +17,11 @@ pub const EXIT_FAILURE: u8 = 1;
 pub const EXIT_USAGE: u8 = 64;
 
 #[derive(Debug, Parser)]
-#[command(name = "cairn", version, about = "GitOps control plane for a self-hosted PaaS")]
+#[command(
+    name = "cairn",
+    version,
+    about = "GitOps control plane for a self-hosted PaaS"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -53,15 +57,19 @@ pub fn usage_error(e: clap::Error) -> ExitCode {
 pub fn read_identity(arg: Option<&PathBuf>) -> Result<Option<cairn_schema::Identity>> {
     let text = match arg {
         Some(p) => zeroize::Zeroizing::new(
-            std::fs::read_to_string(p).with_context(|| format!("cannot read identity file {}", p.display()))?,
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read identity file {}", p.display()))?,
         ),
         None => match std::env::var("CAIRN_IDENTITY") {
             Ok(v) if v.trim_start().starts_with("AGE-SECRET-KEY-") => zeroize::Zeroizing::new(v),
             Ok(v) if !v.is_empty() => zeroize::Zeroizing::new(
-                std::fs::read_to_string(&v).with_context(|| format!("cannot read identity file {v} (CAIRN_IDENTITY)"))?,
+                std::fs::read_to_string(&v)
+                    .with_context(|| format!("cannot read identity file {v} (CAIRN_IDENTITY)"))?,
             ),
             _ => return Ok(None),
         },
     };
-    cairn_schema::Identity::parse(&text).map(Some).context("invalid identity")
+    cairn_schema::Identity::parse(&text)
+        .map(Some)
+        .context("invalid identity")
 }

@@ -23,7 +23,10 @@ pub fn load_files(files: Vec<(String, Vec<u8>)>, read_errors: Vec<Diagnostic>) -
     let (parsed, mut loaded) = cairn_schema::load(files);
     if !read_errors.is_empty() {
         loaded.diagnostics.0.extend(read_errors);
-        loaded.diagnostics.0.sort_by(|a, b| (&a.path, a.line, a.col).cmp(&(&b.path, b.line, b.col)));
+        loaded
+            .diagnostics
+            .0
+            .sort_by(|a, b| (&a.path, a.line, a.col).cmp(&(&b.path, b.line, b.col)));
         if loaded.diagnostics.has_errors() {
             loaded.desired = None;
         }

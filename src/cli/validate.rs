@@ -31,7 +31,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut repo = match (&args.dir, &args.repo) {
         (Some(d), _) => load_dir(d)?,
         (None, Some(r)) if std::path::Path::new(r).is_dir() => load_dir(std::path::Path::new(r))?,
-        (None, Some(r)) => bail!("`{r}` is not a directory (git remotes are read by `cairn validate --repo URL --ref REF` once a git source is configured)"),
+        (None, Some(r)) => bail!(
+            "`{r}` is not a directory (git remotes are read by `cairn validate --repo URL --ref REF` once a git source is configured)"
+        ),
         (None, None) => load_dir(std::path::Path::new("."))?,
     };
     if let Some(id) = &identity {
@@ -47,7 +49,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let warnings = loaded.diagnostics.warnings().count();
     if args.json {
         let counts = loaded.desired.as_ref().map(|d| {
-            d.counts().iter().map(|(k, n)| (k.plural().to_owned(), json!(n))).collect::<serde_json::Map<_, _>>()
+            d.counts()
+                .iter()
+                .map(|(k, n)| (k.plural().to_owned(), json!(n)))
+                .collect::<serde_json::Map<_, _>>()
         });
         let out = json!({
             "valid": valid,
@@ -68,9 +73,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         match &loaded.desired {
             Some(d) if valid => {
-                let counts: Vec<String> = d.counts().iter().map(|(k, n)| format!("{n} {}", plural(*n, k.as_str(), k.plural()))).collect();
-                let checked = if identity.is_some() { ", every secret decrypts" } else { "" };
-                println!("valid: {}{checked} ({warnings} {})", counts.join(", "), plural(warnings, "warning", "warnings"));
+                let counts: Vec<String> = d
+                    .counts()
+                    .iter()
+                    .map(|(k, n)| format!("{n} {}", plural(*n, k.as_str(), k.plural())))
+                    .collect();
+                let checked = if identity.is_some() {
+                    ", every secret decrypts"
+                } else {
+                    ""
+                };
+                println!(
+                    "valid: {}{checked} ({warnings} {})",
+                    counts.join(", "),
+                    plural(warnings, "warning", "warnings")
+                );
             }
             _ => eprintln!(
                 "invalid: {errors} {}, {warnings} {}",
@@ -79,7 +96,11 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ),
         }
     }
-    Ok(if valid { ExitCode::SUCCESS } else { ExitCode::from(EXIT_FAILURE) })
+    Ok(if valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(EXIT_FAILURE)
+    })
 }
 
 fn plural<'a>(n: usize, one: &'a str, many: &'a str) -> &'a str {

@@ -74,7 +74,9 @@ pub fn read_dir(root: &Path) -> std::io::Result<DirSnapshot> {
                     snap.diagnostics.push(Diagnostic::file(
                         Severity::Error,
                         &rel_path,
-                        format!("directories nest deeper than {MAX_DIR_DEPTH} levels (a symlink loop?)"),
+                        format!(
+                            "directories nest deeper than {MAX_DIR_DEPTH} levels (a symlink loop?)"
+                        ),
                     ));
                     continue;
                 }
