@@ -13,7 +13,7 @@ use crate::source::GitUrl;
 use crate::units::{ByteSize, Cpu, Domain, EnvName, Name, Price, Span};
 
 /// The repository settings file, `cairn.toml` at the repository root.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 #[schemars(title = "Cairn repository settings (cairn.toml)")]
 pub struct Settings {
@@ -31,7 +31,7 @@ pub fn default_currency() -> String {
     "USD".to_owned()
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SecretSettings {
     /// age X25519 public keys that can decrypt the repository's secrets (the control plane's among them).
@@ -40,7 +40,7 @@ pub struct SecretSettings {
 }
 
 /// A priced bundle of resources one replica gets.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Plan {
     pub cpu: Cpu,
@@ -85,7 +85,7 @@ impl Driver {
 }
 
 /// How apps of a language are built and started.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Runtime {
     /// Drivers that can run this runtime; a node must offer one of them.
@@ -119,7 +119,7 @@ fn is_default_drivers(d: &[Driver]) -> bool {
 }
 
 /// A worker machine.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Node {
     pub cpu: Cpu,
@@ -138,7 +138,7 @@ pub struct Node {
 }
 
 /// An application: where its code is, how it is built and run, and where.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct App {
     pub plan: Name,
@@ -168,7 +168,7 @@ fn one() -> u32 {
 }
 
 /// The git repository an app is built from.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Source {
     pub url: GitUrl,
@@ -185,7 +185,7 @@ pub fn default_branch() -> String {
 }
 
 /// The HTTP check a replica must pass before it gets traffic.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
     #[serde(default = "default_health_path")]
@@ -216,7 +216,7 @@ impl Health {
 }
 
 /// Constraints on the nodes an app's replicas may run on.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Placement {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -233,7 +233,7 @@ impl Placement {
 
 /// An environment variable's value: plain text, or an age ciphertext that only holders of the repository's
 /// identities (and, per task, the target node) can read.
-#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum EnvValue {
     Plain(String),
@@ -241,7 +241,7 @@ pub enum EnvValue {
 }
 
 /// The four kinds of resource a manifest declares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Plan,
@@ -274,7 +274,7 @@ impl Kind {
 }
 
 /// Where a resource is declared: file and 1-based line/column of its table header.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Origin {
     pub path: String,
     pub line: usize,
