@@ -846,17 +846,26 @@ impl Cx<'_> {
                     DeValue::String(s) => Some(EnvValue::Plain(s.to_string())),
                     DeValue::Table(t) => {
                         let mut st = Fields::new(t, v.span(), format!("env var `{name}`"));
+                        let before = self.diags.len();
                         let ct: Option<Located<String>> = self.req(&mut st, "secret");
+                        let result = ct.map(|c| (Ciphertext::new(&c.value), c.span));
+                        if let Some((Err(err), span)) = &result {
+                            self.error(span.clone(), format!("env var `{name}`: {err}")).hint = Some(
+                                "create it with `cairn secret set FILE APP KEY` or `cairn secret encrypt`; if the value \
+                                 was the plaintext, it is in the git history now: change it"
+                                    .into(),
+                            );
+                        }
                         let ok = self.finish(&st, &["secret"]);
-                        match ct.map(|c| (Ciphertext::new(&c.value), c.span)) {
+                        // A broken secret may hold the plaintext pasted by mistake, and diagnostics reach logs,
+                        // commit statuses and PR comments: never show its lines.
+                        for d in &mut self.diags[before..] {
+                            d.source_line = None;
+                        }
+                        match result {
                             Some((Ok(c), span)) if ok => {
                                 spans.secrets.insert(name.clone(), span);
                                 Some(EnvValue::Secret { secret: c })
-                            }
-                            Some((Err(err), span)) => {
-                                self.error(span, format!("env var `{name}`: {err}")).hint =
-                                    Some("create it with `cairn secret set FILE APP KEY` or `cairn secret encrypt`".into());
-                                None
                             }
                             _ => None,
                         }
