@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 
 mod repo;
 mod schema_cmd;
+mod secret;
 mod validate;
 
 pub const EXIT_OK: u8 = 0;
@@ -33,12 +34,15 @@ enum Command {
     Validate(validate::Args),
     /// Print the JSON Schema of the manifest format (or of cairn.toml)
     Schema(schema_cmd::Args),
+    /// Age keys and encrypted env values: keygen, encrypt, set, rotate
+    Secret(secret::Args),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Validate(a) => validate::run(a),
         Command::Schema(a) => schema_cmd::run(a),
+        Command::Secret(a) => secret::run(a),
     }
 }
 
