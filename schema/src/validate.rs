@@ -44,7 +44,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let mut runtimes = BTreeMap::new();
     let mut nodes = BTreeMap::new();
     let mut apps: BTreeMap<Name, (Box<App>, usize, &AppRefs)> = BTreeMap::new();
-    let mut app_refs: Vec<(Name, &AppRefs, usize)> = Vec::new();
+    let mut app_refs: Vec<(Name, &AppRefs, usize, std::ops::Range<usize>)> = Vec::new();
     let mut origins = BTreeMap::new();
 
     for &i in &order {
@@ -79,7 +79,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
                 },
             );
             if let Some(r) = &d.refs {
-                app_refs.push((d.name.clone(), r, i));
+                app_refs.push((d.name.clone(), r, i, d.span.clone()));
             }
             match &d.resource {
                 Some(Resource::Plan(p)) => {
@@ -119,7 +119,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let mut domain_owner: BTreeMap<String, (Name, usize, std::ops::Range<usize>)> = BTreeMap::new();
     let mut secrets = Vec::new();
 
-    for (name, refs, fi) in &app_refs {
+    for (name, refs, fi, name_span) in &app_refs {
         let f = files[*fi];
         if let Some(plan) = &refs.plan
             && !declared.contains_key(&(Kind::Plan, plan.value.clone()))
@@ -177,13 +177,14 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         if let Some(s) = &settings {
             let default = format!("{name}.{}", s.base_domain);
             if default.len() > 253 {
-                diags.push(f.diag(
-                    Severity::Error,
-                    refs.plan.as_ref().map_or(0..0, |p| p.span.clone()),
-                    format!(
-                        "app `{name}`'s default domain `{default}` is longer than 253 characters"
-                    ),
-                ));
+                diags.push(
+                    f.diag(
+                        Severity::Error,
+                        name_span.clone(),
+                        format!("app `{name}`'s default domain `{default}` is longer than 253 characters"),
+                    )
+                    .with_hint("shorten the app's name or cairn.toml's `base_domain`"),
+                );
             }
         }
     }
