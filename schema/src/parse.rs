@@ -151,12 +151,11 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
             let prefix = std::str::from_utf8(valid).unwrap_or("");
             file.src = Arc::from(prefix);
             let at = prefix.len();
-            file.diagnostics.push(Diagnostic::error(
-                path,
-                prefix,
-                at..at,
-                "file is not valid UTF-8",
-            ));
+            file.diagnostics.push(
+                Diagnostic::error(path, prefix, at..at, "file is not valid UTF-8").with_hint(
+                    "TOML files are UTF-8; re-save this one as UTF-8 (it may be Latin-1 or UTF-16)",
+                ),
+            );
             return file;
         }
     };
