@@ -149,6 +149,7 @@ pub struct App {
     pub replicas: u32,
     /// Overrides the runtime's port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 65535))]
     pub port: Option<u16>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub domains: Vec<Domain>,
@@ -234,7 +235,7 @@ impl Placement {
 /// An environment variable's value: plain text, or an age ciphertext that only holders of the repository's
 /// identities (and, per task, the target node) can read.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
-#[serde(untagged)]
+#[serde(untagged, deny_unknown_fields)]
 pub enum EnvValue {
     Plain(String),
     Secret { secret: Ciphertext },
