@@ -44,7 +44,25 @@ impl Diagnostic {
         span: Range<usize>,
         message: impl Into<String>,
     ) -> Self {
-        let pos = Position::of(src, span.start);
+        Self::at_position(
+            severity,
+            path,
+            src,
+            Position::of(src, span.start),
+            span,
+            message,
+        )
+    }
+
+    /// As [`Diagnostic::at`], with the position already resolved (through a [`LineIndex`]).
+    pub fn at_position(
+        severity: Severity,
+        path: &str,
+        src: &str,
+        pos: Position,
+        span: Range<usize>,
+        message: impl Into<String>,
+    ) -> Self {
         let line_text = src[pos.line_start..]
             .lines()
             .next()
@@ -178,6 +196,38 @@ impl Position {
     }
 }
 
+/// Line starts of a file, so positions resolve in O(log lines) instead of rescanning the file.
+#[derive(Debug, Clone, Default)]
+pub struct LineIndex(Vec<usize>);
+
+impl LineIndex {
+    pub fn new(src: &str) -> Self {
+        let mut starts = vec![0];
+        starts.extend(
+            src.bytes()
+                .enumerate()
+                .filter(|&(_, b)| b == b'\n')
+                .map(|(i, _)| i + 1),
+        );
+        LineIndex(starts)
+    }
+
+    pub fn position(&self, src: &str, offset: usize) -> Position {
+        let mut offset = offset.min(src.len());
+        while !src.is_char_boundary(offset) {
+            offset -= 1;
+        }
+        let line = self.0.partition_point(|&s| s <= offset).max(1);
+        let line_start = self.0[line - 1];
+        let col = src[line_start..offset].chars().count() + 1;
+        Position {
+            line,
+            col,
+            line_start,
+        }
+    }
+}
+
 /// Every finding of a load, errors first within each file, files in path order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
@@ -242,6 +292,21 @@ mod tests {
         let off = src.rfind('=').unwrap();
         let p = Position::of(src, off);
         assert_eq!((p.line, p.col), (2, 6));
+    }
+
+    #[test]
+    fn line_index_agrees_with_a_scan() {
+        let src = "a\nbé\n\nccc\n";
+        let idx = LineIndex::new(src);
+        for off in 0..=src.len() {
+            if src.is_char_boundary(off) {
+                assert_eq!(
+                    idx.position(src, off),
+                    Position::of(src, off),
+                    "offset {off}"
+                );
+            }
+        }
     }
 
     #[test]

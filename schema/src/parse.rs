@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
-use crate::diag::{Diagnostic, Severity, did_you_mean};
+use crate::diag::{Diagnostic, LineIndex, Position, Severity, did_you_mean};
 use crate::model::{
     App, Driver, EnvValue, Health, Kind, Node, Placement, Plan, Runtime, SecretSettings, Settings,
     Source, default_branch, default_currency, default_drivers, default_health_path,
@@ -49,6 +49,7 @@ const FORBIDDEN_KEYS: [&str; 12] = [
 pub struct ParsedFile {
     pub path: String,
     pub src: Arc<str>,
+    pub lines: LineIndex,
     pub settings: Option<Located<Settings>>,
     pub declared: Vec<Declared>,
     pub diagnostics: Vec<Diagnostic>,
@@ -102,7 +103,13 @@ impl ParsedFile {
         span: Range<usize>,
         message: impl Into<String>,
     ) -> Diagnostic {
-        Diagnostic::at(severity, &self.path, &self.src, span, message)
+        let pos = self.position(span.start);
+        Diagnostic::at_position(severity, &self.path, &self.src, pos, span, message)
+    }
+
+    /// Line and column of a byte offset.
+    pub fn position(&self, offset: usize) -> Position {
+        self.lines.position(&self.src, offset)
     }
 
     pub fn has_errors(&self) -> bool {
@@ -124,6 +131,7 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
     let mut file = ParsedFile {
         path: path.to_owned(),
         src: Arc::from(""),
+        lines: LineIndex::default(),
         settings: None,
         declared: Vec::new(),
         diagnostics: Vec::new(),
@@ -160,6 +168,7 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
         }
     };
     file.src = Arc::from(src);
+    file.lines = LineIndex::new(src);
     if let Some(at) = too_deep(src, MAX_DEPTH) {
         file.diagnostics.push(
             Diagnostic::error(

@@ -69,7 +69,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
                 continue;
             }
             declared.insert(key.clone(), (i, d.span.clone()));
-            let at = f.diag(Severity::Error, d.span.clone(), "");
+            let at = f.position(d.span.start);
             origins.insert(
                 key,
                 Origin {
