@@ -462,7 +462,16 @@ impl Cx<'_> {
     fn settings(&mut self, root: &Table<'_>, span: Range<usize>) -> Option<Located<Settings>> {
         let at = 0..span.end.min(self.src.find('\n').unwrap_or(self.src.len()));
         let mut f = Fields::new(root, at, "cairn.toml");
-        let base_domain = self.req(&mut f, "base_domain");
+        // A missing key is the whole file's problem: pointing at its first line (often a comment) would mislead.
+        let base_domain = if root.iter().any(|(k, _)| k.get_ref() == "base_domain") {
+            self.req(&mut f, "base_domain")
+        } else {
+            self.diags.push(
+                Diagnostic::file(Severity::Error, self.path, "cairn.toml is missing `base_domain`")
+                    .with_hint("add `base_domain = \"apps.example.com\"`: every app answers at `<app>.<base_domain>`"),
+            );
+            None
+        };
         let currency =
             self.opt(&mut f, "currency")
                 .map_or_else(default_currency, |c: Located<String>| {
