@@ -1,0 +1,9 @@
+//! Test support shared by Cairn's crates; a dev-dependency only, never linked into a shipped binary.
+//!
+//! - [`pg`]: a fresh PostgreSQL database per test, cloned from a template with every migration applied,
+//!   on a private cluster that one test process starts and every other process of the run shares.
+//!
+//! What it must not do: weaken what the tests measure (the private cluster keeps `fsync` on), or hide a
+//! missing prerequisite in CI (`CAIRN_TEST_REQUIRE_ALL` turns every skip into a failure).
+
+pub mod pg;
