@@ -334,11 +334,14 @@ async fn ensure_template(admin: &PgConnectOptions) -> String {
         .await
         .unwrap_or_default();
         for old in old {
-            let _ = sqlx::raw_sql(&format!(
-                r#"ALTER DATABASE "{old}" WITH IS_TEMPLATE false; DROP DATABASE "{old}""#
-            ))
-            .execute(&mut conn)
-            .await;
+            // Two round trips: DROP DATABASE refuses to run in the implicit transaction of a
+            // multi-statement query.
+            let unmark = format!(r#"ALTER DATABASE "{old}" WITH IS_TEMPLATE false"#);
+            if sqlx::raw_sql(&unmark).execute(&mut conn).await.is_ok() {
+                let _ = sqlx::raw_sql(&format!(r#"DROP DATABASE "{old}""#))
+                    .execute(&mut conn)
+                    .await;
+            }
         }
     }
     let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
