@@ -1,0 +1,4 @@
+//! The root package's integration tests, one binary (one link) for all of them; one module per area.
+
+mod examples;
+mod validate;
