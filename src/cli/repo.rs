@@ -33,3 +33,17 @@ pub fn load_files(files: Vec<(String, Vec<u8>)>, read_errors: Vec<Diagnostic>) -
     }
     Repo { parsed, loaded }
 }
+
+/// Fetches `refname` of a git remote into a throwaway cache and loads the commit it points at.
+pub fn load_git(url: &str, refname: &str) -> Result<Repo> {
+    let cache = tempfile::tempdir().context("cannot create a temporary git cache")?;
+    let mut source =
+        cairn_reconciler::source::git::GitSource::new(url, refname, cache.path().join("repo.git"));
+    let commit = source.fetch()?;
+    let snap = source.load(commit)?;
+    let parsed = snap.parsed();
+    Ok(Repo {
+        parsed,
+        loaded: snap.loaded,
+    })
+}

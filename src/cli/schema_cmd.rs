@@ -1,3 +1,4 @@
+use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -20,6 +21,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         Which::Manifest => cairn_schema::json_schema::manifest(),
         Which::Settings => cairn_schema::json_schema::settings(),
     };
-    println!("{}", serde_json::to_string_pretty(&schema)?);
-    Ok(ExitCode::SUCCESS)
+    let text = serde_json::to_string_pretty(&schema)?;
+    // `cairn schema | head` closes the pipe early; that is not an error worth a panic.
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(ExitCode::SUCCESS),
+    }
 }

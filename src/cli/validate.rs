@@ -1,10 +1,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use serde_json::json;
 
-use super::repo::{Repo, load_dir};
+use super::repo::{Repo, load_dir, load_git};
 use super::{EXIT_FAILURE, read_identity};
 
 #[derive(Debug, clap::Args)]
@@ -31,9 +31,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let mut repo = match (&args.dir, &args.repo) {
         (Some(d), _) => load_dir(d)?,
         (None, Some(r)) if std::path::Path::new(r).is_dir() => load_dir(std::path::Path::new(r))?,
-        (None, Some(r)) => bail!(
-            "`{r}` is not a directory (git remotes are read by `cairn validate --repo URL --ref REF` once a git source is configured)"
-        ),
+        (None, Some(url)) => load_git(url, args.git_ref.as_deref().unwrap_or("main"))?,
         (None, None) => load_dir(std::path::Path::new("."))?,
     };
     if let Some(id) = &identity {

@@ -48,11 +48,14 @@ pub fn read_dir(root: &Path) -> std::io::Result<DirSnapshot> {
                         path = target;
                     }
                     Ok(_) => {
-                        snap.diagnostics.push(Diagnostic::file(
-                            Severity::Error,
-                            &rel_path,
-                            "symlink points outside the repository",
-                        ));
+                        snap.diagnostics.push(
+                            Diagnostic::file(
+                                Severity::Error,
+                                &rel_path,
+                                "symlink points outside the repository",
+                            )
+                            .with_hint("copy the file into the repository instead of linking to it"),
+                        );
                         continue;
                     }
                     Err(e) => {

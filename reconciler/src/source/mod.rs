@@ -4,3 +4,51 @@
 //! Both hand `cairn-schema` `(path, bytes)` pairs; neither interprets manifests.
 
 pub mod dir;
+pub mod git;
+
+use std::sync::Arc;
+
+use cairn_schema::validate::{Loaded, assemble_refs};
+use cairn_schema::{Diagnostic, ParsedFile};
+
+/// The desired state read from a source at one point: a commit for git, a moment for a directory.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The commit id, for git sources.
+    pub commit: Option<String>,
+    pub files: Vec<Arc<ParsedFile>>,
+    /// Parsed, validated and assembled; `loaded.desired` is `Some` only when valid.
+    pub loaded: Loaded,
+}
+
+impl Snapshot {
+    /// Assembles parsed files, folding in findings from reading them (symlinks and the like).
+    pub fn new(
+        commit: Option<String>,
+        files: Vec<Arc<ParsedFile>>,
+        read_errors: Vec<Diagnostic>,
+    ) -> Self {
+        let refs: Vec<&ParsedFile> = files.iter().map(|f| f.as_ref()).collect();
+        let mut loaded = assemble_refs(&refs);
+        if !read_errors.is_empty() {
+            loaded.diagnostics.0.extend(read_errors);
+            loaded
+                .diagnostics
+                .0
+                .sort_by(|a, b| (&a.path, a.line, a.col).cmp(&(&b.path, b.line, b.col)));
+            if loaded.diagnostics.has_errors() {
+                loaded.desired = None;
+            }
+        }
+        Snapshot {
+            commit,
+            files,
+            loaded,
+        }
+    }
+
+    /// The files as a slice of plain references, as `cairn_schema::check_secrets` wants them.
+    pub fn parsed(&self) -> Vec<ParsedFile> {
+        self.files.iter().map(|f| (**f).clone()).collect()
+    }
+}

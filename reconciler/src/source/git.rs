@@ -1,0 +1,356 @@
+//! A config repository in a git remote: fetched with gix into a bare cache, read from a commit's tree
+//! without a checkout.
+//!
+//! Parsed files are cached by blob id and whole subtrees by tree id, so a new commit re-reads only the
+//! subtrees whose id changed and re-parses only the blobs that changed: a tree diff, done as a walk that
+//! stops wherever the ids match.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use cairn_schema::{Diagnostic, ParsedFile, Severity, is_manifest_path, parse_file};
+use gix::ObjectId;
+use gix::objs::tree::EntryKind;
+
+use super::Snapshot;
+
+/// What can go wrong reading a git source. The URL is shown as configured; it must not carry credentials
+/// (they come from the environment or a credential helper).
+#[derive(Debug, thiserror::Error)]
+pub enum GitError {
+    #[error("cannot open or create the git cache at {path}")]
+    Cache {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot fetch `{refname}` from {url}")]
+    Fetch {
+        url: String,
+        refname: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("`{refname}` does not exist in {url}")]
+    NoSuchRef { url: String, refname: String },
+    #[error("cannot read commit {commit}")]
+    Read {
+        commit: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn boxed<E: std::error::Error + Send + Sync + 'static>(
+    e: E,
+) -> Box<dyn std::error::Error + Send + Sync> {
+    Box::new(e)
+}
+
+/// One entry of a flattened tree: a manifest path and the blob it points at.
+#[derive(Debug, Clone)]
+struct Entry {
+    path: String,
+    id: ObjectId,
+    link: bool,
+}
+
+/// A git remote and branch (or full ref) to read desired state from.
+#[derive(Debug)]
+pub struct GitSource {
+    url: String,
+    refname: String,
+    cache: PathBuf,
+    repo: Option<gix::Repository>,
+    /// Flattened manifest entries of every subtree seen, keyed by (tree id, path prefix).
+    trees: HashMap<(ObjectId, String), Arc<Vec<Entry>>>,
+    /// Parsed manifests keyed by (blob id, path): a path is part of every diagnostic.
+    parsed: HashMap<(ObjectId, String), Arc<ParsedFile>>,
+    parses: u64,
+}
+
+impl GitSource {
+    /// `refname` is a branch name (`main`) or a full ref (`refs/pull/7/head`). `cache` is a directory this
+    /// source owns; it is created as a bare repository on first use.
+    pub fn new(
+        url: impl Into<String>,
+        refname: impl Into<String>,
+        cache: impl Into<PathBuf>,
+    ) -> Self {
+        GitSource {
+            url: url.into(),
+            refname: refname.into(),
+            cache: cache.into(),
+            repo: None,
+            trees: HashMap::new(),
+            parsed: HashMap::new(),
+            parses: 0,
+        }
+    }
+
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn refname(&self) -> &str {
+        &self.refname
+    }
+
+    /// How many files this source has parsed since it was created (for tests and metrics).
+    pub fn parse_count(&self) -> u64 {
+        self.parses
+    }
+
+    fn full_ref(&self) -> String {
+        if self.refname.starts_with("refs/") {
+            self.refname.clone()
+        } else {
+            format!("refs/heads/{}", self.refname)
+        }
+    }
+
+    fn tracking_ref(&self) -> String {
+        format!("refs/cairn/{}", self.full_ref().trim_start_matches("refs/"))
+    }
+
+    fn repo(&mut self) -> Result<&gix::Repository, GitError> {
+        if self.repo.is_none() {
+            let cache_err = |e| GitError::Cache {
+                path: self.cache.clone(),
+                source: e,
+            };
+            let repo = if self.cache.join("HEAD").exists() {
+                gix::open(&self.cache).map_err(|e| cache_err(boxed(e)))?
+            } else {
+                std::fs::create_dir_all(&self.cache).map_err(|e| cache_err(boxed(e)))?;
+                gix::init_bare(&self.cache).map_err(|e| cache_err(boxed(e)))?
+            };
+            self.repo = Some(repo);
+        }
+        Ok(self.repo.as_ref().expect("just set"))
+    }
+
+    /// Fetches the ref from the remote and returns the commit it points at.
+    pub fn fetch(&mut self) -> Result<ObjectId, GitError> {
+        let (url, full, tracking) = (self.url.clone(), self.full_ref(), self.tracking_ref());
+        let refname = self.refname.clone();
+        let fetch_err = |e| GitError::Fetch {
+            url: url.clone(),
+            refname: full.clone(),
+            source: e,
+        };
+        let repo = self.repo()?;
+        let spec = format!("+{full}:{tracking}");
+        let remote = repo
+            .remote_at(url.as_str())
+            .map_err(|e| fetch_err(boxed(e)))?
+            .with_refspecs([spec.as_str()], gix::remote::Direction::Fetch)
+            .map_err(|e| fetch_err(boxed(e)))?
+            .with_fetch_tags(gix::remote::fetch::Tags::None);
+        let connection = remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(|e| fetch_err(boxed(e)))?;
+        let outcome = connection
+            .prepare_fetch(gix::progress::Discard, Default::default())
+            .map_err(|e| fetch_err(boxed(e)))?
+            .receive(gix::progress::Discard, &AtomicBool::new(false))
+            .map_err(|e| match e {
+                gix::remote::fetch::Error::NoMapping { .. } => GitError::NoSuchRef {
+                    url: url.clone(),
+                    refname: refname.clone(),
+                },
+                e => fetch_err(boxed(e)),
+            })?;
+        let advertised = outcome
+            .ref_map
+            .mappings
+            .iter()
+            .any(|m| m.remote.as_name().is_some_and(|n| n == full.as_bytes()));
+        if !advertised {
+            return Err(GitError::NoSuchRef { url, refname });
+        }
+        self.resolve_cached()?.ok_or_else(|| GitError::NoSuchRef {
+            url: self.url.clone(),
+            refname: self.refname.clone(),
+        })
+    }
+
+    /// The commit the ref pointed at after the last fetch, if any.
+    pub fn resolve_cached(&mut self) -> Result<Option<ObjectId>, GitError> {
+        let tracking = self.tracking_ref();
+        let repo = self.repo()?;
+        match repo.try_find_reference(tracking.as_str()) {
+            Ok(Some(mut r)) => {
+                r.peel_to_id()
+                    .map(|id| Some(id.detach()))
+                    .map_err(|e| GitError::Read {
+                        commit: tracking.clone(),
+                        source: boxed(e),
+                    })
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(GitError::Read {
+                commit: tracking,
+                source: boxed(e),
+            }),
+        }
+    }
+
+    /// Reads and validates the manifests at `commit`, re-parsing only blobs not seen before.
+    pub fn load(&mut self, commit: ObjectId) -> Result<Snapshot, GitError> {
+        let read_err = |e| GitError::Read {
+            commit: commit.to_string(),
+            source: e,
+        };
+        let repo = self.repo()?.clone();
+        let tree_id = repo
+            .find_object(commit)
+            .map_err(|e| read_err(boxed(e)))?
+            .peel_to_commit()
+            .map_err(|e| read_err(boxed(e)))?
+            .tree_id()
+            .map_err(|e| read_err(boxed(e)))?
+            .detach();
+        let entries = self
+            .walk(&repo, tree_id, String::new(), 0)
+            .map_err(read_err)?;
+        let by_path: HashMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
+        let mut files = Vec::new();
+        let mut diagnostics = Vec::new();
+        for e in entries.iter() {
+            if !is_manifest_path(&e.path) {
+                continue;
+            }
+            let mut target = e;
+            if e.link {
+                match resolve_link(&repo, e, &by_path) {
+                    Ok(t) => target = t,
+                    Err(why) => {
+                        diagnostics.push(Diagnostic::file(Severity::Error, &e.path, why));
+                        continue;
+                    }
+                }
+            }
+            let key = (target.id, e.path.clone());
+            if let Some(p) = self.parsed.get(&key) {
+                files.push(p.clone());
+                continue;
+            }
+            let blob = repo
+                .find_object(target.id)
+                .map_err(|e| read_err(boxed(e)))?;
+            let parsed = Arc::new(parse_file(&e.path, &blob.data));
+            self.parses += 1;
+            self.parsed.insert(key, parsed.clone());
+            files.push(parsed);
+        }
+        // Keep the caches to what the latest commit uses, so they do not grow without bound.
+        let live: std::collections::HashSet<(ObjectId, String)> = files
+            .iter()
+            .zip(entries.iter().filter(|e| is_manifest_path(&e.path)))
+            .map(|(_, e)| (e.id, e.path.clone()))
+            .collect();
+        if self.parsed.len() > 2 * live.len() + 64 {
+            self.parsed.retain(|k, _| live.contains(k));
+            self.trees.clear();
+        }
+        Ok(Snapshot::new(Some(commit.to_string()), files, diagnostics))
+    }
+
+    /// Flattens a tree into manifest-relevant entries, reusing subtrees whose id did not change.
+    fn walk(
+        &mut self,
+        repo: &gix::Repository,
+        tree: ObjectId,
+        prefix: String,
+        depth: usize,
+    ) -> Result<Arc<Vec<Entry>>, Box<dyn std::error::Error + Send + Sync>> {
+        if let Some(hit) = self.trees.get(&(tree, prefix.clone())) {
+            return Ok(hit.clone());
+        }
+        if depth > 32 {
+            return Err(format!("directories under `{prefix}` nest deeper than 32 levels").into());
+        }
+        let obj = repo.find_object(tree)?.try_into_tree()?;
+        let mut out = Vec::new();
+        let mut subtrees = Vec::new();
+        for entry in obj.iter() {
+            let entry = entry?;
+            let Ok(name) = std::str::from_utf8(entry.filename()) else {
+                continue;
+            };
+            if name.starts_with('.') {
+                continue;
+            }
+            let path = format!("{prefix}{name}");
+            match entry.mode().kind() {
+                EntryKind::Tree => subtrees.push((entry.oid().to_owned(), format!("{path}/"))),
+                EntryKind::Blob | EntryKind::BlobExecutable => out.push(Entry {
+                    path,
+                    id: entry.oid().to_owned(),
+                    link: false,
+                }),
+                EntryKind::Link => out.push(Entry {
+                    path,
+                    id: entry.oid().to_owned(),
+                    link: true,
+                }),
+                EntryKind::Commit => {}
+            }
+        }
+        for (id, p) in subtrees {
+            let sub = self.walk(repo, id, p, depth + 1)?;
+            out.extend(sub.iter().cloned());
+        }
+        let out = Arc::new(out);
+        self.trees.insert((tree, prefix), out.clone());
+        Ok(out)
+    }
+}
+
+/// Follows a symlink inside the tree; refuses targets that leave the repository.
+fn resolve_link<'a>(
+    repo: &gix::Repository,
+    link: &Entry,
+    by_path: &HashMap<&str, &'a Entry>,
+) -> Result<&'a Entry, String> {
+    let blob = repo
+        .find_object(link.id)
+        .map_err(|e| format!("cannot read symlink: {e}"))?;
+    let target =
+        std::str::from_utf8(&blob.data).map_err(|_| "symlink target is not UTF-8".to_owned())?;
+    if target.starts_with('/') {
+        return Err("symlink points outside the repository".into());
+    }
+    let mut parts: Vec<&str> = link.path.split('/').collect();
+    parts.pop();
+    for comp in target.split('/') {
+        match comp {
+            "" | "." => {}
+            ".." => {
+                if parts.pop().is_none() {
+                    return Err("symlink points outside the repository".into());
+                }
+            }
+            c => parts.push(c),
+        }
+    }
+    let resolved = parts.join("/");
+    match by_path.get(resolved.as_str()) {
+        Some(e) if !e.link => Ok(e),
+        Some(_) => Err("symlink points at another symlink; not followed".into()),
+        None => Err(format!(
+            "symlink target `{resolved}` does not exist in this commit"
+        )),
+    }
+}
+
+/// The cache directory a source with this URL and ref uses under `root`.
+pub fn cache_dir(root: &Path, url: &str) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    url.hash(&mut h);
+    root.join(format!("{:016x}.git", h.finish()))
+}

@@ -1,0 +1,185 @@
+//! The git source against a real bare repository that the real `git` CLI commits and pushes to.
+
+use std::path::Path;
+use std::process::Command;
+
+use cairn_reconciler::source::git::{GitError, GitSource};
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Cairn Test",
+            "-c",
+            "user.email=test@cairn.invalid",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A bare "remote" and a work tree that pushes to it.
+struct Remote {
+    _tmp: tempfile::TempDir,
+    bare: std::path::PathBuf,
+    work: std::path::PathBuf,
+    cache: std::path::PathBuf,
+}
+
+impl Remote {
+    fn new() -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let bare = tmp.path().join("config.git");
+        let work = tmp.path().join("work");
+        std::fs::create_dir_all(&bare).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        git(&bare, &["init", "--bare", "-q"]);
+        git(&work, &["init", "-q"]);
+        git(&work, &["remote", "add", "origin", bare.to_str().unwrap()]);
+        let cache = tmp.path().join("cache");
+        Remote {
+            _tmp: tmp,
+            bare,
+            work,
+            cache,
+        }
+    }
+
+    fn write(&self, path: &str, text: &str) {
+        let p = self.work.join(path);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    fn commit(&self, msg: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", msg]);
+        git(&self.work, &["push", "-q", "origin", "HEAD:main"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    fn url(&self) -> String {
+        format!("file://{}", self.bare.display())
+    }
+}
+
+fn app(name: &str, replicas: u32) -> String {
+    format!(
+        "[app.{name}]\nplan = \"small\"\nruntime = \"node\"\nreplicas = {replicas}\n[app.{name}.source]\nurl = \"https://github.com/acme/{name}.git\"\n"
+    )
+}
+
+const INFRA: &str = "[plan.small]\ncpu = 0.5\nmemory = \"512MiB\"\ndisk = \"1GiB\"\nprice = 5\nmax_replicas = 3\n\n[runtime.node]\nimage = \"node:22\"\nstart = \"node .\"\nport = 3000\n";
+
+fn seeded() -> Remote {
+    let r = Remote::new();
+    r.write("cairn.toml", "base_domain = \"apps.example.com\"\n");
+    r.write("infra.toml", INFRA);
+    for i in 0..5 {
+        r.write(&format!("apps/app{i}.toml"), &app(&format!("app{i}"), 1));
+    }
+    r.write("README.md", "not a manifest\n");
+    r
+}
+
+#[test]
+fn a_new_commit_is_picked_up_and_one_changed_file_is_parsed_once() {
+    let r = seeded();
+    let first = r.commit("initial");
+    let mut src = GitSource::new(r.url(), "main", &r.cache);
+    let head = src.fetch().expect("fetch");
+    assert_eq!(head.to_string(), first);
+    let snap = src.load(head).unwrap();
+    assert_eq!(snap.commit.as_deref(), Some(first.as_str()));
+    let desired = snap
+        .loaded
+        .desired
+        .as_ref()
+        .unwrap_or_else(|| panic!("{}", snap.loaded.diagnostics));
+    assert_eq!(desired.apps.len(), 5);
+    assert_eq!(src.parse_count(), 7, "cairn.toml, infra.toml and five apps");
+
+    // Loading the same commit again parses nothing.
+    src.load(head).unwrap();
+    assert_eq!(src.parse_count(), 7);
+
+    r.write("apps/app3.toml", &app("app3", 3));
+    let second = r.commit("scale app3");
+    let head2 = src.fetch().unwrap();
+    assert_eq!(head2.to_string(), second);
+    let snap2 = src.load(head2).unwrap();
+    assert_eq!(src.parse_count(), 8, "only apps/app3.toml is parsed again");
+    let d2 = snap2.loaded.desired.unwrap();
+    assert_eq!(d2.apps["app3"].replicas, 3);
+    assert_eq!(d2.apps["app1"].replicas, 1);
+}
+
+#[test]
+fn an_invalid_commit_is_reported_with_locations() {
+    let r = seeded();
+    r.commit("initial");
+    r.write("apps/app1.toml", &app("app1", 1).replace("small", "smal"));
+    r.commit("typo");
+    let mut src = GitSource::new(r.url(), "main", &r.cache);
+    let head = src.fetch().unwrap();
+    let snap = src.load(head).unwrap();
+    assert!(snap.loaded.desired.is_none());
+    let text = snap.loaded.diagnostics.to_string();
+    assert!(
+        text.contains("apps/app1.toml:2:8: error: unknown plan `smal`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn symlinks_leaving_the_repository_are_refused() {
+    let r = seeded();
+    std::os::unix::fs::symlink("../../etc/passwd.toml", r.work.join("apps/escape.toml")).unwrap();
+    std::os::unix::fs::symlink("app1.toml", r.work.join("apps/alias.toml")).unwrap();
+    r.commit("links");
+    let mut src = GitSource::new(r.url(), "main", &r.cache);
+    let head = src.fetch().unwrap();
+    let text = src.load(head).unwrap().loaded.diagnostics.to_string();
+    assert!(
+        text.contains("apps/escape.toml: error: symlink points outside the repository"),
+        "{text}"
+    );
+    // A link inside the repository is followed: app1 is then declared twice.
+    assert!(
+        text.contains("apps/app1.toml:1:6: error: duplicate app `app1`")
+            || text.contains("apps/alias.toml:1:6: error: duplicate app `app1`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_missing_branch_is_a_clear_error() {
+    let r = seeded();
+    r.commit("initial");
+    let mut src = GitSource::new(r.url(), "does-not-exist", &r.cache);
+    match src.fetch() {
+        Err(GitError::NoSuchRef { refname, .. }) => assert_eq!(refname, "does-not-exist"),
+        other => panic!("expected NoSuchRef, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_cache_survives_a_restart() {
+    let r = seeded();
+    let first = r.commit("initial");
+    GitSource::new(r.url(), "main", &r.cache).fetch().unwrap();
+    let mut again = GitSource::new(r.url(), "main", &r.cache);
+    assert_eq!(
+        again.resolve_cached().unwrap().map(|c| c.to_string()),
+        Some(first)
+    );
+}
