@@ -1,0 +1,3 @@
+//! Integration tests of the reconciler, one binary with a module per area.
+
+mod git_source;
