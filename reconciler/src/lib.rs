@@ -7,4 +7,7 @@
 //! What it must not do: talk to GitHub (that is `cairn-webhook`), talk to Docker (that is `cairn-agent`),
 //! or let the planner perform IO. Only its `store` module touches Postgres.
 
+pub mod observed;
+pub mod plan;
+pub mod scheduler;
 pub mod source;

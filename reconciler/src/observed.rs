@@ -1,0 +1,381 @@
+//! The observed state: what Postgres says is applied and running, as plain data for the planner.
+//!
+//! The store loads one [`Observed`] per reconcile and hands it to [`crate::plan::plan`]; the executor
+//! writes what a plan decides, so that the next load reflects it (see [`crate::plan::next_observed`] for
+//! the exact state an applied plan must leave behind).
+//!
+//! What it must not do: hold a secret's plaintext or ciphertext. An applied env var is either its plain
+//! value or a secret's keyed fingerprint plus a digest of its ciphertext. Nothing here does IO, reads a
+//! clock or knows about SQL; every field says where the store gets it from.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use cairn_schema::{
+    App, Ciphertext, Domain, Driver, EnvName, EnvValue, Health, Name, Node, Placement, Plan,
+    Recipient, Runtime, Source,
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// The generation of the applied state. An empty database is generation 0; every applied plan writes
+/// `generation + 1`, and an executor applies a plan only if the stored generation is still the plan's
+/// `based_on` (checked under the apply lock), so a stale plan can never move state backwards.
+pub type Generation = u64;
+
+/// A release number, per app, starting at 1.
+pub type ReleaseNumber = u64;
+
+/// Keyed fingerprints of the desired secrets' plaintexts, computed by the caller with the control plane's
+/// identity (`Identity::fingerprint`), per `(app, env key)`.
+pub type Fingerprints = BTreeMap<(Name, EnvName), String>;
+
+/// A git commit id (or, for an app's pinned `rev`, the tag or commit the manifest names).
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct CommitId(String);
+
+impl CommitId {
+    pub fn new(s: impl Into<String>) -> Self {
+        CommitId(s.into())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The first 7 characters of a hex commit id, as git abbreviates it; other refs stay whole.
+    pub fn short(&self) -> &str {
+        let is_hex = self.0.len() >= 12 && self.0.bytes().all(|b| b.is_ascii_hexdigit());
+        if is_hex { &self.0[..7] } else { &self.0 }
+    }
+}
+
+impl fmt::Display for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl fmt::Debug for CommitId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Everything the planner needs to know about what is applied and running.
+///
+/// Filling it: one row set per field, all read in the same transaction (or behind the generation check),
+/// so the planner sees one consistent snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Observed {
+    /// The generation of the applied state (0 before the first apply).
+    pub generation: Generation,
+    /// The config commit the applied state came from; `None` before the first apply.
+    pub applied_commit: Option<CommitId>,
+    /// The applied settings' `currency` (ISO 4217); `None` before the first apply.
+    pub currency: Option<String>,
+    /// Applied plans, as their manifests declared them at `applied_commit`.
+    pub plans: BTreeMap<Name, Plan>,
+    /// Applied runtimes.
+    pub runtimes: BTreeMap<Name, Runtime>,
+    /// Applied node specs (capacity, region, labels, drain, pinned recipient). A node's liveness is in
+    /// [`Observed::node_status`], not here.
+    pub nodes: BTreeMap<Name, Node>,
+    /// Applied apps, with env reduced to plain values and secret fingerprints ([`AppliedApp`]).
+    pub apps: BTreeMap<Name, AppliedApp>,
+    /// What the agent side knows of each node: joined or not, heartbeats, drivers, recipient. A node that
+    /// is declared but has no entry here is treated as [`NodeState::Pending`].
+    pub node_status: BTreeMap<Name, NodeStatus>,
+    /// Every replica slot the applied state assigns to a node (running or stopped), one row each.
+    pub placements: Vec<ReplicaPlacement>,
+    /// The latest (highest-numbered) release of each app.
+    pub releases: BTreeMap<Name, ReleaseRecord>,
+    /// The commit each app's branch points at, as last recorded by polling or by a push webhook. Apps
+    /// whose head is not known yet are absent.
+    pub source_heads: BTreeMap<Name, CommitId>,
+    /// Apps an operator pinned to a release by rolling back: they stay on that release until unpinned.
+    pub rollback_pins: BTreeMap<Name, ReleaseNumber>,
+    /// Restart requests: per app, a counter `cairn restart APP` increments. A running replica whose
+    /// [`ReplicaPlacement::restart`] is lower gets a restart task. Absent means 0.
+    pub restart_requests: BTreeMap<Name, u64>,
+}
+
+/// An applied app: the manifest's [`App`] with its env reduced so that no secret material is stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppliedApp {
+    pub plan: Name,
+    pub runtime: Name,
+    pub source: Source,
+    pub replicas: u32,
+    pub port: Option<u16>,
+    #[serde(default)]
+    pub domains: Vec<Domain>,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub placement: Placement,
+    #[serde(default)]
+    pub suspended: bool,
+    #[serde(default)]
+    pub env: BTreeMap<EnvName, AppliedEnv>,
+}
+
+/// One applied env var.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum AppliedEnv {
+    Plain {
+        value: String,
+    },
+    /// A secret: the keyed fingerprint of its plaintext (from the control plane's identity) and the
+    /// SHA-256 of its ciphertext ([`ciphertext_sha256`]); the latter lets a plan without the identity
+    /// (a fork's pull request) still tell an untouched secret from a rewritten one.
+    Secret {
+        fingerprint: String,
+        ciphertext_sha256: String,
+    },
+}
+
+/// The hex SHA-256 of an armored ciphertext, as stored in [`AppliedEnv::Secret`].
+pub fn ciphertext_sha256(ct: &Ciphertext) -> String {
+    hex_sha256(ct.as_str().as_bytes())
+}
+
+pub(crate) fn hex_sha256(bytes: &[u8]) -> String {
+    let d = Sha256::digest(bytes);
+    let mut s = String::with_capacity(64);
+    for b in d {
+        use fmt::Write;
+        let _ = write!(s, "{b:02x}");
+    }
+    s
+}
+
+/// A secret env var of `app` has no fingerprint in the map the caller gave.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("secret `{key}` of app `{app}` has no fingerprint: plan with the control plane's identity")]
+pub struct MissingFingerprint {
+    pub app: Name,
+    pub key: EnvName,
+}
+
+impl AppliedApp {
+    /// The applied form of a desired app, as the executor stores it. Every secret needs its fingerprint.
+    pub fn from_desired(
+        name: &Name,
+        app: &App,
+        fingerprints: &Fingerprints,
+    ) -> Result<Self, MissingFingerprint> {
+        let mut env = BTreeMap::new();
+        for (k, v) in &app.env {
+            let e = match v {
+                EnvValue::Plain(value) => AppliedEnv::Plain {
+                    value: value.clone(),
+                },
+                EnvValue::Secret { secret } => {
+                    let fingerprint = fingerprints
+                        .get(&(name.clone(), k.clone()))
+                        .cloned()
+                        .ok_or_else(|| MissingFingerprint {
+                            app: name.clone(),
+                            key: k.clone(),
+                        })?;
+                    AppliedEnv::Secret {
+                        fingerprint,
+                        ciphertext_sha256: ciphertext_sha256(secret),
+                    }
+                }
+            };
+            env.insert(k.clone(), e);
+        }
+        Ok(Self::with_env(app, env))
+    }
+
+    pub(crate) fn with_env(app: &App, env: BTreeMap<EnvName, AppliedEnv>) -> Self {
+        AppliedApp {
+            plan: app.plan.clone(),
+            runtime: app.runtime.clone(),
+            source: app.source.clone(),
+            replicas: app.replicas,
+            port: app.port,
+            domains: app.domains.clone(),
+            health: app.health.clone(),
+            placement: app.placement.clone(),
+            suspended: app.suspended,
+            env,
+        }
+    }
+}
+
+/// Whether a node has joined, and whether it is still heard from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeState {
+    /// Declared in the repository, never joined. Schedulable: its tasks wait until it joins.
+    Pending,
+    /// Joined and heartbeating.
+    Online,
+    /// Joined, then missed heartbeats for longer than the offline threshold.
+    Offline,
+}
+
+impl NodeState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Pending => "pending",
+            NodeState::Online => "online",
+            NodeState::Offline => "offline",
+        }
+    }
+}
+
+/// The agent side of a node, as its join and heartbeats recorded it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// As the node-health monitor last recorded it. The planner also treats an `Online` node whose last
+    /// heartbeat is older than the offline threshold as offline, so a plan made before the monitor runs is
+    /// still right.
+    pub state: NodeState,
+    /// When the last heartbeat (or the join) arrived; `None` for a pending node.
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    /// Drivers the node reported in its last heartbeat. Empty for a node that never reported; a pending
+    /// node with none reported is assumed to offer `docker`.
+    #[serde(default)]
+    pub drivers: Vec<Driver>,
+    /// The age recipient the node joined with; `None` until it joins.
+    pub recipient: Option<Recipient>,
+}
+
+impl NodeStatus {
+    /// The status of a node that is declared but has not joined.
+    pub fn pending() -> Self {
+        NodeStatus {
+            state: NodeState::Pending,
+            last_heartbeat: None,
+            drivers: Vec::new(),
+            recipient: None,
+        }
+    }
+}
+
+/// Whether a replica slot should be running or is kept stopped (its app is suspended).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReplicaState {
+    Running,
+    Stopped,
+}
+
+/// One replica slot of an app assigned to a node. Slots are numbered from 1 to the app's `replicas`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaPlacement {
+    pub app: Name,
+    /// 1-based slot index; slot `n` is "replica n" in messages.
+    pub slot: u32,
+    pub node: Name,
+    /// The release this slot runs (or ran, when stopped).
+    pub release: ReleaseNumber,
+    pub state: ReplicaState,
+    /// The generation that last wrote this row. An agent that comes back from a partition compares it to
+    /// tell which of its replicas are stale.
+    pub generation: Generation,
+    /// The app's restart counter this replica last (re)started at (see [`Observed::restart_requests`]).
+    #[serde(default)]
+    pub restart: u64,
+}
+
+/// A release as recorded: what was built and deployed for one app.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRecord {
+    pub number: ReleaseNumber,
+    /// The config commit the release was planned from.
+    pub config_commit: CommitId,
+    /// The app source commit it builds.
+    pub source_commit: CommitId,
+    /// [`crate::plan::ReleaseSpec::hash`] of the spec it runs with; a different hash means a new release.
+    pub spec_hash: String,
+}
+
+/// A node's liveness as the planner sees it at `now`.
+pub(crate) fn effective_state(
+    status: Option<&NodeStatus>,
+    now: DateTime<Utc>,
+    offline_after: std::time::Duration,
+) -> NodeState {
+    match status {
+        None => NodeState::Pending,
+        Some(s) => match s.state {
+            NodeState::Online => match s.last_heartbeat {
+                Some(hb) => {
+                    let age = now.signed_duration_since(hb);
+                    let limit =
+                        chrono::Duration::from_std(offline_after).unwrap_or(chrono::Duration::MAX);
+                    if age > limit {
+                        NodeState::Offline
+                    } else {
+                        NodeState::Online
+                    }
+                }
+                None => NodeState::Online,
+            },
+            other => other,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_age_decides_liveness() {
+        let now = DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let st = |secs: i64| NodeStatus {
+            state: NodeState::Online,
+            last_heartbeat: Some(now - chrono::Duration::seconds(secs)),
+            drivers: vec![Driver::Docker],
+            recipient: None,
+        };
+        let limit = std::time::Duration::from_secs(90);
+        assert_eq!(
+            effective_state(Some(&st(89)), now, limit),
+            NodeState::Online
+        );
+        assert_eq!(
+            effective_state(Some(&st(90)), now, limit),
+            NodeState::Online
+        );
+        assert_eq!(
+            effective_state(Some(&st(91)), now, limit),
+            NodeState::Offline
+        );
+        assert_eq!(effective_state(None, now, limit), NodeState::Pending);
+    }
+
+    #[test]
+    fn commit_ids_abbreviate_only_hex() {
+        assert_eq!(CommitId::new("0123456789abcdef0123").short(), "0123456");
+        assert_eq!(CommitId::new("v2.4.1").short(), "v2.4.1");
+    }
+
+    #[test]
+    fn observed_round_trips_through_json() {
+        let mut o = Observed {
+            generation: 3,
+            applied_commit: Some(CommitId::new("abc")),
+            ..Default::default()
+        };
+        o.placements.push(ReplicaPlacement {
+            app: Name::new("web").unwrap(),
+            slot: 1,
+            node: Name::new("n1").unwrap(),
+            release: 2,
+            state: ReplicaState::Running,
+            generation: 3,
+            restart: 0,
+        });
+        let back: Observed = serde_json::from_str(&serde_json::to_string(&o).unwrap()).unwrap();
+        assert_eq!(back, o);
+    }
+}

@@ -1,0 +1,71 @@
+//! What applying a plan must leave behind, as data: the executor's contract, and the simulator tests use
+//! to check that a second plan after an apply is empty.
+
+use super::planner::Target;
+use super::{Plan, PlanInput};
+use crate::observed::{Observed, ReleaseRecord};
+
+/// Why a plan cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotApplicable {
+    #[error(
+        "the plan was made from generation {planned_from}, but the applied state is at generation {current}: plan again"
+    )]
+    Stale { planned_from: u64, current: u64 },
+    #[error(
+        "{count} secret(s) could not be verified without the control plane's identity: plan with it to apply"
+    )]
+    SecretsUnverified { count: usize },
+}
+
+/// The observed state after `plan` (made from `input`) is applied: what the executor's transaction must
+/// write, so that the store loads exactly this afterwards.
+///
+/// - an empty plan writes nothing (the generation stays);
+/// - otherwise: `generation` becomes `plan.generation`, `applied_commit` the target commit, the applied
+///   plans, runtimes, nodes, apps (env via [`crate::observed::AppliedApp::from_desired`]) and currency
+///   become the desired ones, placements become `plan.placements`, each new release is recorded as its
+///   app's latest, node status and rollback pins of removed nodes and apps are deleted; source heads and
+///   restart requests are left alone.
+pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, NotApplicable> {
+    let obs = input.observed;
+    if plan.based_on != obs.generation {
+        return Err(NotApplicable::Stale {
+            planned_from: plan.based_on,
+            current: obs.generation,
+        });
+    }
+    let target = Target::new(input);
+    if !target.unverified.is_empty() {
+        return Err(NotApplicable::SecretsUnverified {
+            count: target.unverified.len(),
+        });
+    }
+    if plan.is_empty() {
+        return Ok(obs.clone());
+    }
+    let mut next = obs.clone();
+    next.generation = plan.generation;
+    next.applied_commit = target.commit.clone();
+    next.currency = Some(target.currency.clone());
+    next.plans = target.plans.clone();
+    next.runtimes = target.runtimes.clone();
+    next.nodes = target.nodes.clone();
+    next.node_status.retain(|n, _| target.nodes.contains_key(n));
+    next.rollback_pins
+        .retain(|a, _| target.apps.contains_key(a));
+    next.apps = target.apps;
+    next.placements = plan.placements.clone();
+    for r in &plan.releases {
+        next.releases.insert(
+            r.app.clone(),
+            ReleaseRecord {
+                number: r.number,
+                config_commit: r.config_commit.clone(),
+                source_commit: r.source_commit.clone(),
+                spec_hash: r.spec_hash.clone(),
+            },
+        );
+    }
+    Ok(next)
+}

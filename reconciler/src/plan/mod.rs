@@ -1,0 +1,437 @@
+//! The planner: from desired state, observed state, a seed and the time, one [`Plan`] that says everything
+//! the executor will do, and that `cairn plan`, `cairn apply` and the pull-request comment all show.
+//!
+//! A plan leaves the executor no choices (the omicron reconfigurator's rule): it lists every resource
+//! create, change and delete with field-level differences, the releases that follow, the complete set of
+//! replica placements, every agent task, and what it could not do and why. It carries the generation it
+//! was planned from, so an executor holding a plan made from an older state refuses it.
+//!
+//! What it must not do: IO, clocks (time is [`PlanInput::now`]), randomness not derived from
+//! [`PlanInput::seed`], or show a secret: a plan holds neither plaintext nor ciphertext, only that a
+//! secret was added, removed or changed. It also never decides which config commit is newer; the caller
+//! must not plan a commit older than the applied one.
+
+mod apply;
+mod diff;
+mod planner;
+pub mod render;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cairn_schema::model::Origin;
+use cairn_schema::{Desired, Driver, EnvName, GitUrl, Health, Kind, Name, Price};
+use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+pub use apply::{NotApplicable, next_observed};
+pub use planner::plan;
+
+use crate::observed::{
+    CommitId, Fingerprints, Generation, NodeState, Observed, ReleaseNumber, ReplicaPlacement,
+};
+use crate::scheduler::{Condition, MoveReason, Resources};
+
+/// How long a node may go without a heartbeat before it counts as offline.
+pub const DEFAULT_OFFLINE_AFTER: Duration = Duration::from_secs(90);
+
+/// Everything the planner decides from.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanInput<'a> {
+    /// The desired state and the config commit it was read from. `None` plans from the applied
+    /// configuration alone: no resource changes, but node liveness, source heads, rollback pins and
+    /// restart requests still count (a node going offline wakes the reconciler without a new commit).
+    /// An invalid commit is the caller's business: it never reaches the planner.
+    pub desired: Option<DesiredAt<'a>>,
+    /// Keyed fingerprints of the desired secrets, from the control plane's identity. `None` (a fork's pull
+    /// request, or no identity at hand): secrets compare by ciphertext, a rewritten one shows as "changed
+    /// (unverified)", and the plan is not applicable ([`Plan::secrets_verified`] is false) if any is.
+    pub fingerprints: Option<&'a Fingerprints>,
+    pub observed: &'a Observed,
+    /// Tie-breaks between equally good nodes derive from it; the same seed gives the same plan.
+    pub seed: u64,
+    /// The time the plan is made at (node liveness, the plan's timestamp).
+    pub now: DateTime<Utc>,
+    /// A node heard from longer ago than this counts as offline ([`DEFAULT_OFFLINE_AFTER`]).
+    pub offline_after: Duration,
+}
+
+/// A desired state and the commit it comes from.
+#[derive(Debug, Clone, Copy)]
+pub struct DesiredAt<'a> {
+    pub commit: &'a CommitId,
+    pub state: &'a Desired,
+}
+
+/// The decision: what changes, what runs where, and the tasks the agents get.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Plan {
+    /// The generation this plan writes (`based_on + 1`).
+    pub generation: Generation,
+    /// The observed generation it was planned from; the executor applies it only if that is still current.
+    pub based_on: Generation,
+    /// The config commit applied now.
+    pub applied_commit: Option<CommitId>,
+    /// The config commit this plan applies (the applied one when planning without a desired state).
+    pub target_commit: Option<CommitId>,
+    pub planned_at: DateTime<Utc>,
+    pub seed: u64,
+    /// False when a secret could not be compared by fingerprint; such a plan can be shown, not applied.
+    pub secrets_verified: bool,
+    /// Resource creates, changes and deletes: plans, runtimes, nodes, apps, each by name.
+    pub changes: Vec<ResourceChange>,
+    /// Releases this plan creates.
+    pub releases: Vec<NewRelease>,
+    /// Apps held on a release by a rollback.
+    pub pins: Vec<Pin>,
+    /// Replica slots that appear, move or go away.
+    pub placement_changes: Vec<PlacementChange>,
+    /// Agent tasks, deploys first and removes last.
+    pub tasks: Vec<Task>,
+    pub warnings: Vec<Warning>,
+    /// Per node: capacity and use before and after.
+    pub nodes: Vec<NodeHeadroom>,
+    pub cost: Cost,
+    /// The complete set of replica placements after this plan (unchanged ones keep their generation).
+    pub placements: Vec<ReplicaPlacement>,
+}
+
+impl Plan {
+    /// Nothing to write at all: no resource, release, placement or task, and the same config commit. A
+    /// reconcile of the applied commit with nothing else changed gives an empty plan.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+            && self.releases.is_empty()
+            && self.placement_changes.is_empty()
+            && self.tasks.is_empty()
+            && self.target_commit == self.applied_commit
+    }
+
+    /// `(to add, to change, to destroy)` resources.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let n = |a: Action| self.changes.iter().filter(|c| c.action == a).count();
+        (n(Action::Create), n(Action::Update), n(Action::Delete))
+    }
+
+    /// `Plan: 2 to add, 1 to change, 0 to destroy.`
+    pub fn summary(&self) -> String {
+        let (a, c, d) = self.counts();
+        format!("Plan: {a} to add, {c} to change, {d} to destroy.")
+    }
+
+    /// How many tasks of each action, in task order.
+    pub fn task_counts(&self) -> Vec<(TaskAction, usize)> {
+        TaskAction::ALL
+            .into_iter()
+            .map(|a| (a, self.tasks.iter().filter(|t| t.action == a).count()))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+}
+
+/// What happens to a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    Create,
+    Update,
+    Delete,
+}
+
+/// One resource's create, change or delete.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ResourceChange {
+    pub kind: Kind,
+    pub name: Name,
+    pub action: Action,
+    /// Field differences (for a create: the fields it is created with; for a delete: none).
+    pub fields: Vec<FieldDiff>,
+    /// Where the desired resource is declared (none for a delete).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<Origin>,
+}
+
+/// One field's difference. A path is dotted: `source.branch`, `env.DB_URL`, `labels.disk`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FieldDiff {
+    pub path: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before: Option<Shown>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<Shown>,
+    /// A secret whose ciphertext changed but whose plaintext could not be compared: it may only have been
+    /// re-encrypted.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub unverified: bool,
+}
+
+/// A field's value as a plan may show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Shown {
+    /// A secret; serialized as `{"secret": true}`, never with its value.
+    Secret {
+        secret: bool,
+    },
+    Value(serde_json::Value),
+}
+
+impl Shown {
+    pub fn secret() -> Self {
+        Shown::Secret { secret: true }
+    }
+    pub fn is_secret(&self) -> bool {
+        matches!(self, Shown::Secret { .. })
+    }
+}
+
+impl std::fmt::Display for Shown {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Shown::Secret { .. } => f.write_str("(secret)"),
+            Shown::Value(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// A release this plan creates.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct NewRelease {
+    pub app: Name,
+    pub number: ReleaseNumber,
+    /// The app's latest release before this one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous: Option<ReleaseNumber>,
+    pub config_commit: CommitId,
+    pub source_commit: CommitId,
+    /// The previous release's source commit, when it differs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source_was: Option<CommitId>,
+    /// Whether the spec (env, runtime, plan limits, port, health, source url) differs from the previous
+    /// release's.
+    pub config_changed: bool,
+    /// [`ReleaseSpec::hash`] of `spec`.
+    pub spec_hash: String,
+    /// What the release runs with (no secret values: fingerprints only). Not serialized in plan output.
+    #[serde(skip)]
+    pub spec: ReleaseSpec,
+}
+
+/// Everything a release runs with besides its source commit. Its hash decides whether a config change
+/// needs a new release; changing this type's serialization makes every app redeploy once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseSpec {
+    pub app: Name,
+    pub source_url: GitUrl,
+    /// The port the app listens on (its own or its runtime's).
+    pub port: u16,
+    pub health: Health,
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub drivers: Vec<Driver>,
+    pub dockerfile: bool,
+    pub image: Option<String>,
+    pub build: Vec<String>,
+    pub start: Option<String>,
+    pub env: BTreeMap<EnvName, ReleaseEnv>,
+}
+
+/// An env var in a release spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ReleaseEnv {
+    Plain { value: String },
+    Secret { fingerprint: String },
+}
+
+impl ReleaseSpec {
+    /// `sha256:` and the hex SHA-256 of the spec's JSON.
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).expect("a release spec serializes");
+        format!("sha256:{}", crate::observed::hex_sha256(&json))
+    }
+}
+
+/// An app a rollback holds on a release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Pin {
+    pub app: Name,
+    pub release: ReleaseNumber,
+    /// Whether a newer source commit or config waits for the pin to be lifted.
+    pub holding_back: bool,
+}
+
+/// A replica slot that appears, moves or goes away.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlacementChange {
+    pub app: Name,
+    pub slot: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<Name>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<Name>,
+    pub reason: PlacementReason,
+}
+
+/// Why a slot appears, moves or goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PlacementReason {
+    /// A new app, more replicas, or an app that was unplaced so far.
+    NewReplica,
+    Moved {
+        why: MoveReason,
+    },
+    ScaledDown,
+    AppDeleted,
+    /// It left its node and no other can take it.
+    Unplaced {
+        why: Option<MoveReason>,
+    },
+    /// A stopped replica's node was removed.
+    NodeRemoved,
+}
+
+impl PlacementReason {
+    pub fn describe(&self) -> String {
+        match self {
+            PlacementReason::NewReplica => "new replica".into(),
+            PlacementReason::Moved { why } => format!("moved: {why}"),
+            PlacementReason::ScaledDown => "scaled down".into(),
+            PlacementReason::AppDeleted => "app deleted".into(),
+            PlacementReason::Unplaced { why: Some(w) } => format!("unplaced ({w})"),
+            PlacementReason::Unplaced { why: None } => "unplaced".into(),
+            PlacementReason::NodeRemoved => "node removed".into(),
+        }
+    }
+}
+
+/// What an agent is told to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskAction {
+    /// Build (or fetch) the release's image and run it in the slot, replacing what runs there.
+    Deploy,
+    /// Start the slot's stopped replica again (same release).
+    Start,
+    /// Restart the slot's running replica (same release).
+    Restart,
+    /// Stop the slot's replica, keeping it (the app is suspended).
+    Stop,
+    /// Stop and delete the slot's replica.
+    Remove,
+}
+
+impl TaskAction {
+    pub const ALL: [TaskAction; 5] = [
+        TaskAction::Deploy,
+        TaskAction::Start,
+        TaskAction::Restart,
+        TaskAction::Stop,
+        TaskAction::Remove,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskAction::Deploy => "deploy",
+            TaskAction::Start => "start",
+            TaskAction::Restart => "restart",
+            TaskAction::Stop => "stop",
+            TaskAction::Remove => "remove",
+        }
+    }
+}
+
+/// One agent task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Task {
+    pub node: Name,
+    pub action: TaskAction,
+    pub app: Name,
+    pub slot: u32,
+    pub release: ReleaseNumber,
+    /// Set when the node is pending or offline: the task waits until it joins or comes back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waits_for: Option<NodeState>,
+}
+
+/// Something the plan could not do, or that will take longer than it looks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    pub kind: WarningKind,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<Name>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WarningKind {
+    /// A replica no node can take.
+    Unplaced,
+    /// A replica that should move but stays on its node, as no other can take it.
+    Stranded,
+    /// A pending or offline node has tasks that wait for it.
+    NodeWaiting,
+    /// An app's branch head is not known yet, so it has no release to run.
+    NoSourceHead,
+    /// A node joined with another recipient than its manifest pins; it gets nothing.
+    RecipientMismatch,
+    /// An applied app refers to a plan or runtime that is not applied (only without a desired state).
+    MissingReference,
+    /// A secret could not be compared by fingerprint.
+    SecretsUnverified,
+}
+
+/// A node's capacity and use before and after the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeHeadroom {
+    pub node: Name,
+    /// Liveness at `now`.
+    pub state: NodeState,
+    /// How the scheduler treated it; `None` for a node the plan removes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub condition: Option<Condition>,
+    /// `None` for a node the plan creates.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before: Option<Usage>,
+    /// `None` for a node the plan removes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<Usage>,
+}
+
+/// A node's capacity and what running replicas reserve on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Usage {
+    pub capacity: Resources,
+    pub used: Resources,
+    pub replicas: u32,
+}
+
+impl Usage {
+    pub fn free(&self) -> Resources {
+        self.capacity.saturating_sub(&self.used)
+    }
+}
+
+/// Monthly cost: plan price × replicas of every app that is not suspended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cost {
+    pub currency: String,
+    pub before: Price,
+    pub after: Price,
+}
+
+impl Cost {
+    pub fn delta(&self) -> Decimal {
+        self.after.amount() - self.before.amount()
+    }
+}

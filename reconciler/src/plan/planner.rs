@@ -1,0 +1,834 @@
+//! [`plan`]: the pure function from (desired, observed, seed, now) to a [`Plan`].
+//!
+//! The steps, in order: settle the target configuration (desired, or the applied one), diff it against
+//! the applied resources, decide each app's release, schedule the replicas, derive the target placements
+//! and the tasks that turn the observed placements into them, then report headroom, cost and warnings.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use cairn_schema::model::Origin;
+use cairn_schema::{
+    App, Driver, EnvName, EnvValue, Kind, Name, Node, Plan as PlanSpec, Price, Runtime,
+};
+use rust_decimal::Decimal;
+
+use super::diff::{Flat, diff, flat_app, flat_node, flat_plan, flat_runtime};
+use super::{
+    Action, Cost, NewRelease, NodeHeadroom, Pin, PlacementChange, PlacementReason, Plan, PlanInput,
+    ReleaseEnv, ReleaseSpec, ResourceChange, Task, TaskAction, Usage, Warning, WarningKind,
+};
+use crate::observed::{
+    AppliedApp, AppliedEnv, CommitId, Fingerprints, NodeState, ReleaseNumber, ReplicaPlacement,
+    ReplicaState, ciphertext_sha256, effective_state,
+};
+use crate::scheduler::{AppDemand, Condition, How, NodeInfo, Outcome, Resources, schedule};
+
+/// The configuration a plan moves to: the desired one, or the applied one when there is none.
+pub(super) struct Target<'a> {
+    pub commit: Option<CommitId>,
+    pub plans: &'a BTreeMap<Name, PlanSpec>,
+    pub runtimes: &'a BTreeMap<Name, Runtime>,
+    pub nodes: &'a BTreeMap<Name, Node>,
+    /// Apps in applied form; a secret that could not be verified has a stand-in fingerprint.
+    pub apps: BTreeMap<Name, AppliedApp>,
+    /// Secrets whose fingerprint is a stand-in (their ciphertext changed and no fingerprint was given).
+    pub unverified: BTreeSet<(Name, EnvName)>,
+    pub currency: String,
+    pub origins: Option<&'a BTreeMap<(Kind, Name), Origin>>,
+}
+
+impl<'a> Target<'a> {
+    pub(super) fn new(input: &PlanInput<'a>) -> Self {
+        let obs = input.observed;
+        let Some(d) = input.desired else {
+            return Target {
+                commit: obs.applied_commit.clone(),
+                plans: &obs.plans,
+                runtimes: &obs.runtimes,
+                nodes: &obs.nodes,
+                apps: obs.apps.clone(),
+                unverified: BTreeSet::new(),
+                currency: obs
+                    .currency
+                    .clone()
+                    .unwrap_or_else(cairn_schema::model::default_currency),
+                origins: None,
+            };
+        };
+        let mut unverified = BTreeSet::new();
+        let apps = d
+            .state
+            .apps
+            .iter()
+            .map(|(name, app)| {
+                let env = applied_env(
+                    name,
+                    app,
+                    input.fingerprints,
+                    obs.apps.get(name),
+                    &mut unverified,
+                );
+                (name.clone(), AppliedApp::with_env(app, env))
+            })
+            .collect();
+        Target {
+            commit: Some(d.commit.clone()),
+            plans: &d.state.plans,
+            runtimes: &d.state.runtimes,
+            nodes: &d.state.nodes,
+            apps,
+            unverified,
+            currency: d.state.settings.currency.clone(),
+            origins: Some(&d.state.origins),
+        }
+    }
+}
+
+/// A desired app's env in applied form. A secret's fingerprint comes from the caller's map; without one,
+/// an unchanged ciphertext keeps the applied fingerprint, and a changed one gets a stand-in and is marked
+/// unverified.
+fn applied_env(
+    name: &Name,
+    app: &App,
+    fingerprints: Option<&Fingerprints>,
+    applied: Option<&AppliedApp>,
+    unverified: &mut BTreeSet<(Name, EnvName)>,
+) -> BTreeMap<EnvName, AppliedEnv> {
+    let mut env = BTreeMap::new();
+    for (k, v) in &app.env {
+        let e = match v {
+            EnvValue::Plain(value) => AppliedEnv::Plain {
+                value: value.clone(),
+            },
+            EnvValue::Secret { secret } => {
+                let ct = ciphertext_sha256(secret);
+                let given = fingerprints
+                    .and_then(|f| f.get(&(name.clone(), k.clone())))
+                    .cloned();
+                let kept = || match applied.and_then(|a| a.env.get(k)) {
+                    Some(AppliedEnv::Secret {
+                        fingerprint,
+                        ciphertext_sha256,
+                    }) if *ciphertext_sha256 == ct => Some(fingerprint.clone()),
+                    _ => None,
+                };
+                let fingerprint = given.or_else(kept).unwrap_or_else(|| {
+                    unverified.insert((name.clone(), k.clone()));
+                    format!("unverified:{ct}")
+                });
+                AppliedEnv::Secret {
+                    fingerprint,
+                    ciphertext_sha256: ct,
+                }
+            }
+        };
+        env.insert(k.clone(), e);
+    }
+    env
+}
+
+impl ReleaseSpec {
+    /// The spec an app runs with under `plan` and `runtime`.
+    pub fn new(name: &Name, app: &AppliedApp, plan: &PlanSpec, runtime: &Runtime) -> Self {
+        ReleaseSpec {
+            app: name.clone(),
+            source_url: app.source.url.clone(),
+            port: app.port.unwrap_or(runtime.port),
+            health: app.health.clone(),
+            cpu_millis: plan.cpu.millis(),
+            memory_bytes: plan.memory.bytes(),
+            disk_bytes: plan.disk.bytes(),
+            drivers: runtime.drivers.clone(),
+            dockerfile: runtime.dockerfile,
+            image: runtime.image.clone(),
+            build: runtime.build.clone(),
+            start: runtime.start.clone(),
+            env: app
+                .env
+                .iter()
+                .map(|(k, v)| {
+                    let e = match v {
+                        AppliedEnv::Plain { value } => ReleaseEnv::Plain {
+                            value: value.clone(),
+                        },
+                        AppliedEnv::Secret { fingerprint, .. } => ReleaseEnv::Secret {
+                            fingerprint: fingerprint.clone(),
+                        },
+                    };
+                    (k.clone(), e)
+                })
+                .collect(),
+        }
+    }
+}
+
+/// How the nodes look to this plan.
+struct NodeView {
+    state: NodeState,
+    condition: Condition,
+    drivers: Vec<Driver>,
+}
+
+/// What an app does in this plan.
+enum Run {
+    /// Its replicas run `release`.
+    Running { release: ReleaseNumber },
+    /// Its replicas are kept stopped.
+    Suspended,
+    /// It runs nothing (no replicas, no release to run, or a missing reference).
+    Idle { why: PlacementReason },
+}
+
+/// Plans the move from `input.observed` to `input.desired`. See the module docs of [`crate::plan`].
+pub fn plan(input: &PlanInput<'_>) -> Plan {
+    let obs = input.observed;
+    let target = Target::new(input);
+    let mut warnings = Vec::new();
+    let generation = obs.generation + 1;
+
+    // Resources.
+    let mut changes = Vec::new();
+    if input.desired.is_some() {
+        changes.extend(kind_changes(
+            Kind::Plan,
+            &obs.plans,
+            target.plans,
+            target.origins,
+            |_, p| flat_plan(p),
+        ));
+        changes.extend(kind_changes(
+            Kind::Runtime,
+            &obs.runtimes,
+            target.runtimes,
+            target.origins,
+            |_, r| flat_runtime(r),
+        ));
+        changes.extend(kind_changes(
+            Kind::Node,
+            &obs.nodes,
+            target.nodes,
+            target.origins,
+            |_, n| flat_node(n),
+        ));
+        let unverified = &target.unverified;
+        changes.extend(kind_changes(
+            Kind::App,
+            &obs.apps,
+            &target.apps,
+            target.origins,
+            |name, a| flat_app(a, |k| unverified.contains(&(name.clone(), k.clone()))),
+        ));
+    }
+    if !target.unverified.is_empty() {
+        let n = target.unverified.len();
+        warnings.push(Warning {
+            kind: WarningKind::SecretsUnverified,
+            message: format!(
+                "{n} secret{} could not be compared without the control plane's identity (shown as changed, unverified); this plan can be shown but not applied",
+                if n == 1 { "" } else { "s" }
+            ),
+            app: None,
+            slot: None,
+            node: None,
+        });
+    }
+
+    // Nodes as the scheduler sees them.
+    let mut views: BTreeMap<Name, NodeView> = BTreeMap::new();
+    for (name, spec) in target.nodes {
+        let status = obs.node_status.get(name);
+        let state = effective_state(status, input.now, input.offline_after);
+        let mismatch = match (
+            spec.recipient.as_ref(),
+            status.and_then(|s| s.recipient.as_ref()),
+        ) {
+            (Some(want), Some(got)) if want != got => {
+                warnings.push(Warning {
+                    kind: WarningKind::RecipientMismatch,
+                    message: format!(
+                        "node {name} joined with recipient {got} but its manifest pins {want}: it gets no new replicas until it joins again"
+                    ),
+                    app: None,
+                    slot: None,
+                    node: Some(name.clone()),
+                });
+                true
+            }
+            _ => false,
+        };
+        let condition = match state {
+            NodeState::Offline => Condition::Offline,
+            _ if mismatch => Condition::Unusable,
+            _ if spec.drain => Condition::Draining,
+            NodeState::Pending => Condition::Pending,
+            NodeState::Online => Condition::Ready,
+        };
+        let mut drivers = status.map(|s| s.drivers.clone()).unwrap_or_default();
+        if drivers.is_empty() && state == NodeState::Pending {
+            drivers.push(Driver::Docker);
+        }
+        views.insert(
+            name.clone(),
+            NodeView {
+                state,
+                condition,
+                drivers,
+            },
+        );
+    }
+
+    // Releases.
+    let mut runs: BTreeMap<&Name, Run> = BTreeMap::new();
+    let mut releases = Vec::new();
+    let mut pins = Vec::new();
+    for (name, app) in &target.apps {
+        let (Some(plan_spec), Some(runtime)) = (
+            target.plans.get(&app.plan),
+            target.runtimes.get(&app.runtime),
+        ) else {
+            warnings.push(Warning {
+                kind: WarningKind::MissingReference,
+                message: format!(
+                    "app {name}: plan `{}` or runtime `{}` is not applied; it runs nothing",
+                    app.plan, app.runtime
+                ),
+                app: Some(name.clone()),
+                slot: None,
+                node: None,
+            });
+            runs.insert(
+                name,
+                Run::Idle {
+                    why: PlacementReason::Unplaced { why: None },
+                },
+            );
+            continue;
+        };
+        if app.suspended {
+            runs.insert(name, Run::Suspended);
+            continue;
+        }
+        if app.replicas == 0 {
+            runs.insert(
+                name,
+                Run::Idle {
+                    why: PlacementReason::ScaledDown,
+                },
+            );
+            continue;
+        }
+        let latest = obs.releases.get(name);
+        let spec = ReleaseSpec::new(name, app, plan_spec, runtime);
+        let spec_hash = spec.hash();
+        let source = app
+            .source
+            .rev
+            .as_ref()
+            .map(|r| CommitId::new(r.clone()))
+            .or_else(|| obs.source_heads.get(name).cloned())
+            .or_else(|| latest.map(|l| l.source_commit.clone()));
+        let differs = |l: &crate::observed::ReleaseRecord, source: Option<&CommitId>| {
+            l.spec_hash != spec_hash || source.is_some_and(|s| *s != l.source_commit)
+        };
+        if let Some(&pinned) = obs.rollback_pins.get(name) {
+            pins.push(Pin {
+                app: name.clone(),
+                release: pinned,
+                holding_back: latest
+                    .is_none_or(|l| l.number != pinned || differs(l, source.as_ref())),
+            });
+            runs.insert(name, Run::Running { release: pinned });
+            continue;
+        }
+        let Some(source) = source else {
+            warnings.push(Warning {
+                kind: WarningKind::NoSourceHead,
+                message: format!(
+                    "app {name}: the head of branch `{}` of {} is not known yet; it deploys once the source is polled",
+                    app.source.branch, app.source.url
+                ),
+                app: Some(name.clone()),
+                slot: None,
+                node: None,
+            });
+            runs.insert(
+                name,
+                Run::Idle {
+                    why: PlacementReason::Unplaced { why: None },
+                },
+            );
+            continue;
+        };
+        let release = match latest {
+            Some(l) if !differs(l, Some(&source)) => l.number,
+            _ => {
+                let number = latest.map_or(1, |l| l.number + 1);
+                releases.push(NewRelease {
+                    app: name.clone(),
+                    number,
+                    previous: latest.map(|l| l.number),
+                    config_commit: target.commit.clone().unwrap_or_else(|| CommitId::new("")),
+                    source_was: latest
+                        .filter(|l| l.source_commit != source)
+                        .map(|l| l.source_commit.clone()),
+                    source_commit: source,
+                    config_changed: latest.is_some_and(|l| l.spec_hash != spec_hash),
+                    spec_hash,
+                    spec,
+                });
+                number
+            }
+        };
+        runs.insert(name, Run::Running { release });
+    }
+
+    // Scheduling.
+    let mut by_app: BTreeMap<&Name, Vec<&ReplicaPlacement>> = BTreeMap::new();
+    for p in &obs.placements {
+        by_app.entry(&p.app).or_default().push(p);
+    }
+    for v in by_app.values_mut() {
+        v.sort_by(|a, b| (a.slot, &a.node, a.generation).cmp(&(b.slot, &b.node, b.generation)));
+    }
+    let node_infos: Vec<NodeInfo> = target
+        .nodes
+        .iter()
+        .map(|(name, spec)| {
+            let v = &views[name];
+            NodeInfo {
+                name: name.clone(),
+                capacity: Resources::of_node(spec),
+                region: spec.region.clone(),
+                labels: spec.labels.clone(),
+                drivers: v.drivers.clone(),
+                condition: v.condition,
+            }
+        })
+        .collect();
+    let demands: Vec<AppDemand> = runs
+        .iter()
+        .filter(|(_, r)| matches!(r, Run::Running { .. }))
+        .map(|(name, _)| {
+            let app = &target.apps[*name];
+            let current = by_app
+                .get(name)
+                .into_iter()
+                .flatten()
+                .filter(|p| p.slot >= 1 && p.slot <= app.replicas)
+                .map(|p| (p.slot, p.node.clone()))
+                .collect();
+            AppDemand {
+                name: (*name).clone(),
+                replicas: app.replicas,
+                need: Resources::of_plan(&target.plans[&app.plan]),
+                region: app.placement.region.clone(),
+                labels: app.placement.labels.clone(),
+                drivers: target.runtimes[&app.runtime].drivers.clone(),
+                current,
+            }
+        })
+        .collect();
+    let sched = schedule(&node_infos, &demands, input.seed);
+
+    // Target placements and the tasks that get there.
+    let mut out = Effects {
+        generation,
+        views: &views,
+        placements: Vec::new(),
+        tasks: Vec::new(),
+        placement_changes: Vec::new(),
+    };
+    for (name, run) in &runs {
+        let app = &target.apps[*name];
+        let mut observed: BTreeMap<u32, &ReplicaPlacement> = BTreeMap::new();
+        for p in by_app.remove(*name).unwrap_or_default() {
+            if p.slot == 0 || observed.contains_key(&p.slot) {
+                // A duplicate or malformed row: whatever runs there goes.
+                out.remove(p, PlacementReason::ScaledDown);
+            } else {
+                observed.insert(p.slot, p);
+            }
+        }
+        match run {
+            Run::Running { release } => {
+                let restart = obs.restart_requests.get(*name).copied().unwrap_or(0);
+                for slot in 1..=app.replicas {
+                    let op = observed.remove(&slot);
+                    match sched.slots.get(&((*name).clone(), slot)) {
+                        Some(Outcome::Placed { node, how }) => {
+                            if let How::Stranded { why, reason } = how {
+                                warnings.push(Warning {
+                                    kind: WarningKind::Stranded,
+                                    message: format!("app {name} replica {slot}: stays on {node} ({why}): {reason}"),
+                                    app: Some((*name).clone()),
+                                    slot: Some(slot),
+                                    node: Some(node.clone()),
+                                });
+                            }
+                            let reason = match how {
+                                How::Moved { why, .. } => PlacementReason::Moved { why: *why },
+                                _ => PlacementReason::NewReplica,
+                            };
+                            out.run(name, slot, node, *release, restart, op, reason);
+                        }
+                        Some(Outcome::Unplaced {
+                            reason, why_left, ..
+                        }) => {
+                            warnings.push(Warning {
+                                kind: WarningKind::Unplaced,
+                                message: format!("app {name} replica {slot}: {reason}"),
+                                app: Some((*name).clone()),
+                                slot: Some(slot),
+                                node: None,
+                            });
+                            if let Some(op) = op {
+                                out.remove(op, PlacementReason::Unplaced { why: *why_left });
+                            }
+                        }
+                        None => {}
+                    }
+                }
+            }
+            Run::Suspended => {
+                for (&slot, &op) in &observed {
+                    if slot > app.replicas {
+                        continue;
+                    }
+                    if !target.nodes.contains_key(&op.node) {
+                        out.remove(op, PlacementReason::NodeRemoved);
+                    } else {
+                        out.stop(op);
+                    }
+                }
+                observed.retain(|&slot, _| slot > app.replicas);
+            }
+            Run::Idle { .. } => {}
+        }
+        let why = match run {
+            Run::Idle { why } => *why,
+            _ => PlacementReason::ScaledDown,
+        };
+        for op in observed.into_values() {
+            out.remove(op, why);
+        }
+    }
+    for ps in by_app.into_values() {
+        for p in ps {
+            out.remove(p, PlacementReason::AppDeleted);
+        }
+    }
+    let Effects {
+        mut placements,
+        mut tasks,
+        mut placement_changes,
+        ..
+    } = out;
+    placements.sort_by(|a, b| (&a.app, a.slot).cmp(&(&b.app, b.slot)));
+    tasks.sort_by(|a, b| {
+        (a.action, &a.app, a.slot, &a.node).cmp(&(b.action, &b.app, b.slot, &b.node))
+    });
+    placement_changes.sort_by(|a, b| (&a.app, a.slot, &a.from).cmp(&(&b.app, b.slot, &b.from)));
+
+    // Nodes whose tasks wait.
+    let mut waiting: BTreeMap<&Name, (NodeState, usize)> = BTreeMap::new();
+    for t in &tasks {
+        if let Some(w) = t.waits_for {
+            waiting.entry(&t.node).or_insert((w, 0)).1 += 1;
+        }
+    }
+    for (node, (state, n)) in waiting {
+        let tasks_wait = if n == 1 {
+            "1 task waits".to_owned()
+        } else {
+            format!("{n} tasks wait")
+        };
+        let message = match state {
+            NodeState::Pending => format!("node {node} has not joined yet: {tasks_wait} for it"),
+            _ => format!("node {node} is offline: {tasks_wait} for it to come back"),
+        };
+        warnings.push(Warning {
+            kind: WarningKind::NodeWaiting,
+            message,
+            app: None,
+            slot: None,
+            node: Some(node.clone()),
+        });
+    }
+
+    let nodes = headroom(input, &target, &views, &placements, &sched.used);
+    let cost = Cost {
+        currency: target.currency.clone(),
+        before: monthly(&obs.apps, &obs.plans),
+        after: monthly(&target.apps, target.plans),
+    };
+
+    Plan {
+        generation,
+        based_on: obs.generation,
+        applied_commit: obs.applied_commit.clone(),
+        target_commit: target.commit.clone(),
+        planned_at: input.now,
+        seed: input.seed,
+        secrets_verified: target.unverified.is_empty(),
+        changes,
+        releases,
+        pins,
+        placement_changes,
+        tasks,
+        warnings,
+        nodes,
+        cost,
+        placements,
+    }
+}
+
+/// Creates, changes and deletes of one kind, by name.
+fn kind_changes<T: PartialEq>(
+    kind: Kind,
+    before: &BTreeMap<Name, T>,
+    after: &BTreeMap<Name, T>,
+    origins: Option<&BTreeMap<(Kind, Name), Origin>>,
+    flat: impl Fn(&Name, &T) -> Flat,
+) -> Vec<ResourceChange> {
+    let origin = |name: &Name| origins.and_then(|o| o.get(&(kind, name.clone()))).cloned();
+    let mut out = Vec::new();
+    let names: BTreeSet<&Name> = before.keys().chain(after.keys()).collect();
+    for name in names {
+        let change = match (before.get(name), after.get(name)) {
+            (None, Some(a)) => ResourceChange {
+                kind,
+                name: name.clone(),
+                action: Action::Create,
+                fields: diff(None, Some(&flat(name, a))),
+                origin: origin(name),
+            },
+            (Some(_), None) => ResourceChange {
+                kind,
+                name: name.clone(),
+                action: Action::Delete,
+                fields: Vec::new(),
+                origin: None,
+            },
+            (Some(b), Some(a)) if b != a => {
+                let fields = diff(Some(&flat(name, b)), Some(&flat(name, a)));
+                if fields.is_empty() {
+                    continue;
+                }
+                ResourceChange {
+                    kind,
+                    name: name.clone(),
+                    action: Action::Update,
+                    fields,
+                    origin: origin(name),
+                }
+            }
+            _ => continue,
+        };
+        out.push(change);
+    }
+    out
+}
+
+/// Collects target placements, tasks and placement changes.
+struct Effects<'v> {
+    generation: u64,
+    views: &'v BTreeMap<Name, NodeView>,
+    placements: Vec<ReplicaPlacement>,
+    tasks: Vec<Task>,
+    placement_changes: Vec<PlacementChange>,
+}
+
+impl Effects<'_> {
+    fn task(
+        &mut self,
+        node: &Name,
+        action: TaskAction,
+        app: &Name,
+        slot: u32,
+        release: ReleaseNumber,
+    ) {
+        let waits_for = self.views.get(node).and_then(|v| match v.state {
+            NodeState::Online => None,
+            s => Some(s),
+        });
+        self.tasks.push(Task {
+            node: node.clone(),
+            action,
+            app: app.clone(),
+            slot,
+            release,
+            waits_for,
+        });
+    }
+
+    /// A slot that runs `release` on `node`; `op` is what the store says about it now.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        app: &Name,
+        slot: u32,
+        node: &Name,
+        release: ReleaseNumber,
+        restart: u64,
+        op: Option<&ReplicaPlacement>,
+        reason: PlacementReason,
+    ) {
+        let mut next = ReplicaPlacement {
+            app: app.clone(),
+            slot,
+            node: node.clone(),
+            release,
+            state: ReplicaState::Running,
+            generation: self.generation,
+            restart,
+        };
+        match op {
+            None => {
+                self.task(node, TaskAction::Deploy, app, slot, release);
+                self.placement_changes.push(PlacementChange {
+                    app: app.clone(),
+                    slot,
+                    from: None,
+                    to: Some(node.clone()),
+                    reason,
+                });
+            }
+            Some(op) if op.node != *node => {
+                self.task(node, TaskAction::Deploy, app, slot, release);
+                if self.views.contains_key(&op.node) {
+                    self.task(&op.node, TaskAction::Remove, app, slot, op.release);
+                }
+                self.placement_changes.push(PlacementChange {
+                    app: app.clone(),
+                    slot,
+                    from: Some(op.node.clone()),
+                    to: Some(node.clone()),
+                    reason,
+                });
+            }
+            Some(op) => {
+                let action = if op.release != release {
+                    Some(TaskAction::Deploy)
+                } else if op.state == ReplicaState::Stopped {
+                    Some(TaskAction::Start)
+                } else if op.restart < restart {
+                    Some(TaskAction::Restart)
+                } else {
+                    None
+                };
+                match action {
+                    Some(a) => self.task(node, a, app, slot, release),
+                    None => {
+                        next.restart = op.restart;
+                        next.generation = op.generation;
+                    }
+                }
+            }
+        }
+        self.placements.push(next);
+    }
+
+    /// A suspended app's slot: kept where it is, stopped.
+    fn stop(&mut self, op: &ReplicaPlacement) {
+        let mut next = op.clone();
+        if op.state == ReplicaState::Running {
+            self.task(&op.node, TaskAction::Stop, &op.app, op.slot, op.release);
+            next.state = ReplicaState::Stopped;
+            next.generation = self.generation;
+        }
+        self.placements.push(next);
+    }
+
+    /// A slot that goes away; its node removes the replica if the node is still declared.
+    fn remove(&mut self, op: &ReplicaPlacement, reason: PlacementReason) {
+        if self.views.contains_key(&op.node) {
+            self.task(&op.node, TaskAction::Remove, &op.app, op.slot, op.release);
+        }
+        self.placement_changes.push(PlacementChange {
+            app: op.app.clone(),
+            slot: op.slot,
+            from: Some(op.node.clone()),
+            to: None,
+            reason,
+        });
+    }
+}
+
+fn headroom(
+    input: &PlanInput<'_>,
+    target: &Target<'_>,
+    views: &BTreeMap<Name, NodeView>,
+    placements: &[ReplicaPlacement],
+    used_after: &BTreeMap<Name, Resources>,
+) -> Vec<NodeHeadroom> {
+    let obs = input.observed;
+    let mut before_used: BTreeMap<&Name, (Resources, u32)> = BTreeMap::new();
+    for p in obs
+        .placements
+        .iter()
+        .filter(|p| p.state == ReplicaState::Running)
+    {
+        let Some(need) = obs
+            .apps
+            .get(&p.app)
+            .and_then(|a| obs.plans.get(&a.plan))
+            .map(Resources::of_plan)
+        else {
+            continue;
+        };
+        let e = before_used.entry(&p.node).or_default();
+        e.0 = e.0.saturating_add(&need);
+        e.1 += 1;
+    }
+    let mut after_replicas: BTreeMap<&Name, u32> = BTreeMap::new();
+    for p in placements
+        .iter()
+        .filter(|p| p.state == ReplicaState::Running)
+    {
+        *after_replicas.entry(&p.node).or_default() += 1;
+    }
+    let names: BTreeSet<&Name> = obs.nodes.keys().chain(target.nodes.keys()).collect();
+    names
+        .into_iter()
+        .map(|name| {
+            let before = obs.nodes.get(name).map(|spec| {
+                let (used, replicas) = before_used.get(name).copied().unwrap_or_default();
+                Usage {
+                    capacity: Resources::of_node(spec),
+                    used,
+                    replicas,
+                }
+            });
+            let after = target.nodes.get(name).map(|spec| Usage {
+                capacity: Resources::of_node(spec),
+                used: used_after.get(name).copied().unwrap_or_default(),
+                replicas: after_replicas.get(name).copied().unwrap_or(0),
+            });
+            let state = views.get(name).map_or_else(
+                || effective_state(obs.node_status.get(name), input.now, input.offline_after),
+                |v| v.state,
+            );
+            NodeHeadroom {
+                node: name.clone(),
+                state,
+                condition: views.get(name).map(|v| v.condition),
+                before,
+                after,
+            }
+        })
+        .collect()
+}
+
+/// Plan price × replicas over the apps that are not suspended.
+fn monthly(apps: &BTreeMap<Name, AppliedApp>, plans: &BTreeMap<Name, PlanSpec>) -> Price {
+    let total: Decimal = apps
+        .values()
+        .filter(|a| !a.suspended)
+        .filter_map(|a| {
+            plans
+                .get(&a.plan)
+                .map(|p| p.price.amount() * Decimal::from(a.replicas))
+        })
+        .sum();
+    Price::new(total).unwrap_or_default()
+}
