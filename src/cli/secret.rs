@@ -385,8 +385,16 @@ fn set(a: SetArgs) -> Result<ExitCode> {
     drop(value);
     let src =
         std::str::from_utf8(repo.original(&rel)).with_context(|| format!("{rel} is not UTF-8"))?;
-    let (new_src, was) = set_in_source(src, a.app.as_str(), a.key.as_str(), &ct)
-        .with_context(|| format!("cannot edit {rel}"))?;
+    let (new_src, was) = match set_in_source(src, a.app.as_str(), a.key.as_str(), &ct) {
+        Ok(r) => r,
+        Err(e) => {
+            // The schema's diagnostics say what is wrong without quoting a value that may be a secret.
+            if let Some(f) = before.parsed.iter().find(|f| f.path == rel) {
+                print_errors(&f.diagnostics);
+            }
+            return Err(e.context(format!("cannot edit {rel}; nothing was written")));
+        }
+    };
 
     let changed = BTreeMap::from([(rel.clone(), new_src)]);
     let after = repo.load_with(&changed);
@@ -405,20 +413,25 @@ fn set(a: SetArgs) -> Result<ExitCode> {
         );
     }
     write_all_or_nothing(&repo, &changed)?;
-    let what = match was {
-        Previous::None => "added",
-        Previous::Secret => "replaced",
-        Previous::Plain => "replaced the plain value of",
-    };
-    println!(
-        "{rel}: {what} secret `{}` of app `{}`, encrypted to {}",
-        a.key,
-        a.app,
-        plural(recipients.len(), "recipient", "recipients")
+    let (app, key, to) = (
+        &a.app,
+        &a.key,
+        plural(recipients.len(), "recipient", "recipients"),
     );
+    match was {
+        Previous::None => println!("{rel}: added secret `{key}` to app `{app}`, encrypted to {to}"),
+        Previous::Secret => {
+            println!("{rel}: replaced secret `{key}` of app `{app}`, encrypted to {to}")
+        }
+        Previous::Plain => {
+            println!(
+                "{rel}: replaced plain `{key}` of app `{app}` with a secret, encrypted to {to}"
+            )
+        }
+    }
     if was == Previous::Plain {
         eprintln!(
-            "note: the old plain value is still in the repository's history; change it at its source if it mattered"
+            "note: the old plain value stays in the git history of any commit that held it; if it mattered, change the value itself"
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -505,7 +518,10 @@ enum Previous {
 /// `[app.<app>.env.<key>]` table, multi-line or escaped string); a plain value is replaced in place, keeping
 /// the comments around it.
 fn set_in_source(src: &str, app: &str, key: &str, ct: &Ciphertext) -> Result<(String, Previous)> {
-    let mut doc: DocumentMut = src.parse().context("TOML syntax")?;
+    // Only the message: toml_edit's full error quotes the source line, which may hold a pasted secret.
+    let mut doc: DocumentMut = src
+        .parse()
+        .map_err(|e: toml_edit::TomlError| anyhow!("TOML syntax: {}", e.message()))?;
     let app_item = doc
         .get_mut("app")
         .and_then(Item::as_table_like_mut)
@@ -526,9 +542,25 @@ fn set_in_source(src: &str, app: &str, key: &str, ct: &Ciphertext) -> Result<(St
         }
         _ => bail!("`app.{app}` is not a table"),
     };
-    let env = app_table
+    let env_item = app_table
         .get_mut("env")
-        .and_then(Item::as_table_like_mut)
+        .ok_or_else(|| anyhow!("no `env` in app `{app}`"))?;
+    if let Item::Value(Value::InlineTable(t)) = env_item
+        && !t.contains_key(key)
+        && let Some((_, last)) = t.iter_mut().last()
+    {
+        // `{ A = "x" }` keeps the space before `}` on "x"; without this the new entry would follow it as
+        // `{ A = "x" , KEY = ... }`.
+        let d = last.decor_mut();
+        if d.suffix()
+            .and_then(|s| s.as_str())
+            .is_some_and(|s| s.bytes().all(|b| b == b' ' || b == b'\t'))
+        {
+            d.set_suffix("");
+        }
+    }
+    let env = env_item
+        .as_table_like_mut()
         .ok_or_else(|| anyhow!("`env` of app `{app}` is not a table"))?;
     let Some(item) = env.get_mut(key) else {
         env.insert(key, Item::Value(secret_inline_table(ct)));

@@ -1,4 +1,5 @@
 //! The root package's integration tests, one binary (one link) for all of them; one module per area.
 
 mod examples;
+mod secret;
 mod validate;
