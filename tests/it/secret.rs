@@ -882,3 +882,72 @@ fn the_value_never_reaches_any_output() {
         1
     );
 }
+
+#[test]
+fn rotate_and_set_keep_each_secret_in_the_form_it_was_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (key, recipient) = keygen(dir.path(), "key.txt");
+    let repo = repo(&[&recipient]);
+    let web = repo.path().join("apps/web.toml");
+    // Four spellings of a secret, all encrypted by the age CLI: Cairn's own form, one escaped line, a
+    // sub-table holding a literal multi-line string, and a dotted key.
+    let ct = |n: u32| age_encrypt(&recipient, &format!("{CANARY}-{n}"));
+    let text = format!(
+        "{}A = {{ secret = \"\"\"\n{}\"\"\" }}\nB = {{ secret = \"{}\" }} # one line\nD.secret = \"{}\"\n\n[app.web.env.C]\nsecret = '''\n{}'''\n",
+        read(&web),
+        ct(1),
+        ct(2).replace('\n', "\\n"),
+        ct(4).replace('\n', "\\n"),
+        ct(3),
+    );
+    write(&web, &text);
+    ok(cairn(
+        repo.path(),
+        &["validate", "--identity", key.to_str().unwrap()],
+        b"",
+    ));
+
+    let out = ok(cairn(
+        repo.path(),
+        &["secret", "rotate", "--identity", key.to_str().unwrap()],
+        b"",
+    ));
+    assert!(
+        out.stdout.starts_with("re-encrypted 4 secrets in 1 file"),
+        "{}",
+        out.stdout
+    );
+    ok(cairn(
+        repo.path(),
+        &["secret", "set", "apps/web.toml", "web", "C"],
+        format!("{CANARY}-5").as_bytes(),
+    ));
+    let after = read(&web);
+    assert_eq!(redact(&after), redact(&text));
+    // (age's random grease stanza varies a ciphertext's length, so compare forms, not line counts.)
+    let b = after
+        .lines()
+        .find(|l| l.starts_with("B = { secret = \"-----BEGIN"))
+        .expect("B on one line");
+    assert!(
+        b.ends_with("-----END AGE ENCRYPTED FILE-----\\n\" } # one line"),
+        "{b}"
+    );
+    let d = after
+        .lines()
+        .find(|l| l.starts_with("D.secret = \"-----BEGIN"))
+        .expect("D on one line");
+    assert!(d.ends_with("-----END AGE ENCRYPTED FILE-----\\n\""), "{d}");
+    for (name, n) in [("A", 1), ("B", 2), ("C", 5), ("D", 4)] {
+        let ct = ciphertext_of(&web, "web", name);
+        assert!(
+            !text.contains(&ct) && !text.contains(&ct.replace('\n', "\\n")),
+            "{name} was re-encrypted"
+        );
+        assert_eq!(
+            age_decrypt(&key, &ct).unwrap(),
+            format!("{CANARY}-{n}"),
+            "{name}"
+        );
+    }
+}
