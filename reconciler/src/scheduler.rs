@@ -3,8 +3,8 @@
 //! It places replicas on nodes that are schedulable (online or pending, not offline, draining or otherwise
 //! unusable), that match the app's region and labels, offer one of its runtime's drivers and have the
 //! plan's cpu, memory and disk free. It spreads an app's replicas (softly: the node with the fewest replicas
-//! of the app first, then the one left with the most free resources, then a hash of the seed, app, slot and
-//! node), never moves a running replica without a reason, moves replicas off offline, draining and removed
+//! of the app first, then an online node before a pending one, then the one left with the most free
+//! resources, then a hash of the seed, app, slot and node; the largest replicas are placed first), never moves a running replica without a reason, moves replicas off offline, draining and removed
 //! nodes where it can, and explains every replica it cannot place.
 //!
 //! What it must not do: IO, clocks, or randomness that is not derived from the seed. The same input and
@@ -204,8 +204,9 @@ impl Schedule {
     }
 }
 
-/// How good a node is for a replica: fewer of the app's replicas, then more room left, then the hash.
-type Score = (u32, std::cmp::Reverse<u64>, u64);
+/// How good a node is for a replica: fewer of the app's replicas, then online before pending (a pending
+/// node may take long to join), then more room left, then the hash.
+type Score = (u32, bool, std::cmp::Reverse<u64>, u64);
 
 /// A slot still to place.
 struct Todo {
@@ -313,85 +314,115 @@ pub fn schedule(nodes: &[NodeInfo], apps: &[AppDemand], seed: u64) -> Schedule {
         }
     }
 
-    // Pass 2: place new and displaced slots, app by app, slot by slot; what finds no node stays where it
-    // holds room, or is reported.
-    for t in todo {
-        let app = apps[t.ai];
-        let key = (app.name.clone(), t.slot);
-        if let (true, Some((ni, _))) = (t.held, t.leaving) {
-            free[ni] = free[ni].saturating_add(&app.need);
-            if let Some(c) = counts[t.ai].get_mut(&ni) {
-                *c -= 1;
+    // Pass 2: move displaced slots, the largest first (they are the hardest to fit). A move frees room a
+    // replica held on a matching node, so the ones that found none try again until a round moves nothing;
+    // then they stay where they hold room, or are reported. Only then do new slots look, so a newcomer never
+    // takes room a moving replica needs, and the same state planned again moves nothing.
+    let by_size = |a: &Todo, b: &Todo| {
+        let (na, nb) = (&apps[a.ai].need, &apps[b.ai].need);
+        (nb.cpu, nb.memory, nb.disk, a.ai, a.slot).cmp(&(na.cpu, na.memory, na.disk, b.ai, b.slot))
+    };
+    let (mut moving, mut fresh): (Vec<Todo>, Vec<Todo>) = todo
+        .into_iter()
+        .partition(|t| t.leaving.is_some() || t.removed_from.is_some());
+    moving.sort_by(by_size);
+    fresh.sort_by(by_size);
+    let mut cx = Cx {
+        nodes: &nodes,
+        node_hash: &node_hash,
+        free,
+        counts,
+        seed,
+    };
+    loop {
+        let mut stuck = Vec::new();
+        let before = moving.len();
+        for t in moving {
+            let app = apps[t.ai];
+            if let (true, Some((ni, _))) = (t.held, t.leaving) {
+                cx.release(t.ai, ni, app);
             }
-        }
-        let app_hash = hash_str(app.name.as_str());
-        // (node index, (replicas of this app there, room left after, tie-break)); the least wins.
-        let mut best: Option<(usize, Score)> = None;
-        for (ni, n) in nodes.iter().enumerate() {
-            if !n.condition.schedulable()
-                || !offers_driver(n, app)
-                || !matches_constraints(n, app)
-                || !app.need.fits_in(&free[ni])
-            {
-                continue;
-            }
-            let count = counts[t.ai].get(&ni).copied().unwrap_or(0);
-            let room = free_ppm(&free[ni].saturating_sub(&app.need), &n.capacity);
-            let tie = mix(seed ^ mix(app_hash ^ mix(u64::from(t.slot) ^ mix(node_hash[ni]))));
-            let k = (count, std::cmp::Reverse(room), tie);
-            if best.as_ref().is_none_or(|(_, b)| k < *b) {
-                best = Some((ni, k));
-            }
-        }
-        let outcome = match best {
-            Some((ni, _)) => {
-                free[ni] = free[ni].saturating_sub(&app.need);
-                *counts[t.ai].entry(ni).or_default() += 1;
-                let how = match (&t.leaving, &t.removed_from) {
-                    (Some((from, why)), _) => How::Moved {
-                        from: nodes[*from].name.clone(),
-                        why: *why,
-                    },
-                    (None, Some(from)) => How::Moved {
-                        from: from.clone(),
-                        why: MoveReason::NodeRemoved,
-                    },
-                    (None, None) => How::New,
-                };
-                Outcome::Placed {
-                    node: nodes[ni].name.clone(),
-                    how,
-                }
-            }
-            None => {
-                let reason = explain(&nodes, &free, app);
-                match (t.held, t.leaving) {
-                    (true, Some((ni, why))) => {
-                        free[ni] = free[ni].saturating_sub(&app.need);
-                        *counts[t.ai].entry(ni).or_default() += 1;
+            match cx.best(t.ai, app, t.slot) {
+                Some(ni) => {
+                    cx.take(t.ai, ni, app);
+                    let how = match (&t.leaving, &t.removed_from) {
+                        (Some((from, why)), _) => How::Moved {
+                            from: nodes[*from].name.clone(),
+                            why: *why,
+                        },
+                        (None, Some(from)) => How::Moved {
+                            from: from.clone(),
+                            why: MoveReason::NodeRemoved,
+                        },
+                        (None, None) => How::New,
+                    };
+                    slots.insert(
+                        (app.name.clone(), t.slot),
                         Outcome::Placed {
                             node: nodes[ni].name.clone(),
-                            how: How::Stranded { why, reason },
-                        }
+                            how,
+                        },
+                    );
+                }
+                None => {
+                    if let (true, Some((ni, _))) = (t.held, t.leaving) {
+                        cx.take(t.ai, ni, app);
                     }
-                    (_, Some((ni, why))) => Outcome::Unplaced {
-                        reason,
-                        was_on: Some(nodes[ni].name.clone()),
-                        why_left: Some(why),
-                    },
-                    (_, None) => {
-                        let why_left = t.removed_from.as_ref().map(|_| MoveReason::NodeRemoved);
-                        Outcome::Unplaced {
-                            reason,
-                            was_on: t.removed_from,
-                            why_left,
-                        }
-                    }
+                    stuck.push(t);
+                }
+            }
+        }
+        let done = stuck.len() == before;
+        moving = stuck;
+        if done {
+            break;
+        }
+    }
+    for t in moving {
+        let app = apps[t.ai];
+        let reason = explain(&nodes, &cx.free, app);
+        let outcome = match (t.held, t.leaving) {
+            (true, Some((ni, why))) => Outcome::Placed {
+                node: nodes[ni].name.clone(),
+                how: How::Stranded { why, reason },
+            },
+            (_, Some((ni, why))) => Outcome::Unplaced {
+                reason,
+                was_on: Some(nodes[ni].name.clone()),
+                why_left: Some(why),
+            },
+            (_, None) => {
+                let why_left = t.removed_from.as_ref().map(|_| MoveReason::NodeRemoved);
+                Outcome::Unplaced {
+                    reason,
+                    was_on: t.removed_from,
+                    why_left,
                 }
             }
         };
-        slots.insert(key, outcome);
+        slots.insert((app.name.clone(), t.slot), outcome);
     }
+
+    // Pass 3: new slots.
+    for t in fresh {
+        let app = apps[t.ai];
+        let outcome = match cx.best(t.ai, app, t.slot) {
+            Some(ni) => {
+                cx.take(t.ai, ni, app);
+                Outcome::Placed {
+                    node: nodes[ni].name.clone(),
+                    how: How::New,
+                }
+            }
+            None => Outcome::Unplaced {
+                reason: explain(&nodes, &cx.free, app),
+                was_on: None,
+                why_left: None,
+            },
+        };
+        slots.insert((app.name.clone(), t.slot), outcome);
+    }
+    let free = cx.free;
 
     let used = nodes
         .iter()
@@ -399,6 +430,59 @@ pub fn schedule(nodes: &[NodeInfo], apps: &[AppDemand], seed: u64) -> Schedule {
         .map(|(n, f)| (n.name.clone(), n.capacity.saturating_sub(f)))
         .collect();
     Schedule { slots, used }
+}
+
+/// The scheduler's running state: what is free on each node and where each app's replicas are.
+struct Cx<'a> {
+    nodes: &'a [&'a NodeInfo],
+    node_hash: &'a [u64],
+    free: Vec<Resources>,
+    /// Per app, replicas per node index.
+    counts: Vec<HashMap<usize, u32>>,
+    seed: u64,
+}
+
+impl Cx<'_> {
+    fn take(&mut self, ai: usize, ni: usize, app: &AppDemand) {
+        self.free[ni] = self.free[ni].saturating_sub(&app.need);
+        *self.counts[ai].entry(ni).or_default() += 1;
+    }
+
+    fn release(&mut self, ai: usize, ni: usize, app: &AppDemand) {
+        self.free[ni] = self.free[ni].saturating_add(&app.need);
+        if let Some(c) = self.counts[ai].get_mut(&ni) {
+            *c = c.saturating_sub(1);
+        }
+    }
+
+    /// The best node for slot `slot` of `app` (the least [`Score`]), if any can take it.
+    fn best(&self, ai: usize, app: &AppDemand, slot: u32) -> Option<usize> {
+        let app_hash = hash_str(app.name.as_str());
+        let mut best: Option<(usize, Score)> = None;
+        for (ni, n) in self.nodes.iter().enumerate() {
+            if !n.condition.schedulable()
+                || !offers_driver(n, app)
+                || !matches_constraints(n, app)
+                || !app.need.fits_in(&self.free[ni])
+            {
+                continue;
+            }
+            let count = self.counts[ai].get(&ni).copied().unwrap_or(0);
+            let room = free_ppm(&self.free[ni].saturating_sub(&app.need), &n.capacity);
+            let tie =
+                mix(self.seed ^ mix(app_hash ^ mix(u64::from(slot) ^ mix(self.node_hash[ni]))));
+            let k = (
+                count,
+                n.condition == Condition::Pending,
+                std::cmp::Reverse(room),
+                tie,
+            );
+            if best.as_ref().is_none_or(|(_, b)| k < *b) {
+                best = Some((ni, k));
+            }
+        }
+        best.map(|(ni, _)| ni)
+    }
 }
 
 fn offers_driver(n: &NodeInfo, app: &AppDemand) -> bool {

@@ -128,8 +128,19 @@ fn shown(l: &Leaf) -> Shown {
     }
 }
 
+/// Fields a create does not list when they hold their default (the manifest most likely left them out).
+const CREATE_DEFAULTS: [(&str, &str); 2] = [("health.path", "/"), ("health.timeout", "5s")];
+
+fn is_create_default(path: &str, l: &Leaf) -> bool {
+    match l {
+        Leaf::Value(Value::Bool(false)) => true,
+        Leaf::Value(Value::String(s)) => CREATE_DEFAULTS.iter().any(|(p, d)| *p == path && d == s),
+        _ => false,
+    }
+}
+
 /// The differences from `before` to `after`. With no `before` (a create) every field is listed except
-/// `false` flags; with no `after` (a delete) nothing is.
+/// `false` flags and default health checks; with no `after` (a delete) nothing is.
 pub(crate) fn diff(before: Option<&Flat>, after: Option<&Flat>) -> Vec<FieldDiff> {
     let Some(after) = after else {
         return Vec::new();
@@ -137,7 +148,7 @@ pub(crate) fn diff(before: Option<&Flat>, after: Option<&Flat>) -> Vec<FieldDiff
     let Some(before) = before else {
         return after
             .iter()
-            .filter(|(_, _, l)| *l != Leaf::Value(Value::Bool(false)))
+            .filter(|(_, path, l)| !is_create_default(path, l))
             .map(|(_, path, l)| FieldDiff {
                 path: path.clone(),
                 before: None,

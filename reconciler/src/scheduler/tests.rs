@@ -360,10 +360,10 @@ proptest! {
         let first = schedule(&nodes, &apps, seed);
         let mut more = settled(&first, &apps);
         let before = schedule(&nodes, &more, seed);
-        // Once settled, planning again changes nothing.
+        // Once settled, planning again changes nothing: what was placed stays, what found no room finds none.
         for a in &apps {
             for slot in 1..=a.replicas {
-                prop_assert_eq!(first.node_of(&a.name, slot), before.node_of(&a.name, slot));
+                prop_assert_eq!(first.node_of(&a.name, slot), before.node_of(&a.name, slot), "{} replica {}", a.name, slot);
             }
         }
         more.extend(extra.into_iter().map(|mut e| {
@@ -405,4 +405,24 @@ proptest! {
             prop_assert!(hi - lo <= 1, "{}: {:?}", a.name, per);
         }
     }
+}
+
+/// Found by `adding_an_unrelated_app_moves_nothing`: a replica whose node no longer matched held its room
+/// while a newcomer looked for one, then moved away; the newcomer was reported unplaceable, and only the
+/// next plan placed it. Displaced replicas now move before new ones are placed.
+#[test]
+fn regression_a_leaving_replica_frees_its_room_before_newcomers_look() {
+    let mut n0 = node("n0", Some("us"), res(1000, 1536 * MIB, 3584 * MIB));
+    n0.labels.insert(name("disk"), "hdd".into());
+    let mut n1 = node("n1", None, res(500, 2816 * MIB, 2560 * MIB));
+    n1.labels.insert(name("disk"), "ssd".into());
+    let a0 = app("app0", 1, res(500, 1792 * MIB, 256 * MIB));
+    let mut a1 = app("app1", 2, res(250, 256 * MIB, 256 * MIB));
+    a1.labels.insert(name("disk"), "hdd".into());
+    a1.drivers.push(Driver::Process);
+    a1.current.insert(1, name("n1"));
+    let s = schedule(&[n0, n1], &[a0, a1], 0);
+    assert_eq!(placed(&s, "app0", 1).as_deref(), Some("n1"));
+    assert_eq!(placed(&s, "app1", 1).as_deref(), Some("n0"));
+    assert_eq!(placed(&s, "app1", 2).as_deref(), Some("n0"));
 }

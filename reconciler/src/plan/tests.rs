@@ -1,0 +1,827 @@
+//! Planner behaviour and rendered snapshots, over desired states loaded from inline TOML with
+//! `cairn_schema::load` and observed states produced by applying earlier plans ([`next_observed`]).
+
+use std::collections::BTreeMap;
+
+use cairn_schema::secret::encrypt;
+use cairn_schema::{Desired, EnvValue, Identity, Name};
+use chrono::{DateTime, Duration, Utc};
+
+use super::render::{MarkdownOptions, json, markdown, text};
+use super::*;
+use crate::observed::{NodeStatus, ReplicaState};
+
+const DEMO_IDENTITY: &str = include_str!("../../../examples/keys/demo-only-identity.txt");
+
+fn identity() -> Identity {
+    Identity::parse(DEMO_IDENTITY).unwrap()
+}
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+fn now() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-03-01T12:00:00Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+fn commit(c: &str) -> CommitId {
+    CommitId::new(c)
+}
+
+/// A secret env value encrypted to the demo identity (and `extra` recipients), as TOML.
+fn secret(plaintext: &str, extra: &[&Identity]) -> String {
+    let mut rcpts = vec![identity().recipient()];
+    rcpts.extend(extra.iter().map(|i| i.recipient()));
+    let ct = encrypt(plaintext.as_bytes(), &rcpts).unwrap();
+    format!("{{ secret = \"\"\"\n{}\"\"\" }}", ct.as_str())
+}
+
+const SETTINGS: &str = r#"
+base_domain = "apps.example.com"
+currency = "EUR"
+[secrets]
+recipients = ["age169yga2phn8fzeqx5t4cqqvlamskqa5qyprap3l80j6u2lpz90c4qaxv56m"]
+"#;
+
+const PLANS: &str = r#"
+[plan.small]
+cpu = 0.5
+memory = "512MiB"
+disk = "5GiB"
+price = "5.00"
+max_replicas = 4
+
+[plan.medium]
+cpu = 1
+memory = "1GiB"
+disk = "10GiB"
+price = "12.50"
+max_replicas = 6
+"#;
+
+const RUNTIMES: &str = r#"
+[runtime.node]
+drivers = ["docker", "process"]
+image = "node:22-slim"
+build = ["npm ci", "npm run build"]
+start = "npm start"
+port = 3000
+
+[runtime.static]
+dockerfile = true
+port = 8080
+"#;
+
+const NODES: &str = r#"
+[node.n1]
+cpu = 2
+memory = "4GiB"
+disk = "100GiB"
+region = "eu-west"
+
+[node.n2]
+cpu = 2
+memory = "4GiB"
+disk = "100GiB"
+region = "eu-west"
+
+[node.n3]
+cpu = 4
+memory = "8GiB"
+disk = "200GiB"
+region = "us-east"
+labels = { disk = "ssd" }
+"#;
+
+const APPS_A: &str = r#"
+[app.web]
+plan = "medium"
+runtime = "node"
+replicas = 2
+domains = ["www.example.com"]
+source = { url = "https://github.com/acme/web.git" }
+placement = { region = "eu-west" }
+
+[app.api]
+plan = "small"
+runtime = "node"
+replicas = 2
+source = { url = "https://github.com/acme/api.git", branch = "main" }
+
+[app.docs]
+plan = "small"
+runtime = "static"
+source = { url = "https://github.com/acme/docs.git" }
+
+[app.worker]
+plan = "small"
+runtime = "node"
+source = { url = "https://github.com/acme/worker.git" }
+placement = { labels = { disk = "ssd" } }
+"#;
+
+/// The apps of commit A; `db_url` is web's DB_URL secret as TOML. Env tables come last: age adds a
+/// random-length stanza to each ciphertext, and resources declared after one would move between runs.
+fn apps_a(db_url: &str) -> String {
+    format!("{APPS_A}\n[app.web.env]\nNODE_ENV = \"production\"\nDB_URL = {db_url}\n")
+}
+
+/// Commit B's apps: web scaled to 3, api follows `release`, docs deleted, worker suspended, shop added.
+const APPS_B: &str = r#"
+[app.web]
+plan = "medium"
+runtime = "node"
+replicas = 3
+domains = ["www.example.com"]
+source = { url = "https://github.com/acme/web.git" }
+placement = { region = "eu-west" }
+
+[app.api]
+plan = "small"
+runtime = "node"
+replicas = 2
+source = { url = "https://github.com/acme/api.git", branch = "release" }
+
+[app.worker]
+plan = "small"
+runtime = "node"
+suspended = true
+source = { url = "https://github.com/acme/worker.git" }
+placement = { labels = { disk = "ssd" } }
+
+[app.shop]
+plan = "small"
+runtime = "node"
+replicas = 2
+source = { url = "https://github.com/acme/shop.git" }
+placement = { region = "us-east" }
+"#;
+
+fn load(files: &[(&str, &str)]) -> Desired {
+    let (_, loaded) = cairn_schema::load(files.iter().copied());
+    assert!(!loaded.diagnostics.has_errors(), "{:?}", loaded.diagnostics);
+    loaded.desired.expect("valid")
+}
+
+fn repo(apps: &str) -> Desired {
+    load(&[
+        ("cairn.toml", SETTINGS),
+        ("plans/plans.toml", PLANS),
+        ("runtimes/runtimes.toml", RUNTIMES),
+        ("nodes/nodes.toml", NODES),
+        ("apps/apps.toml", apps),
+    ])
+}
+
+/// Fingerprints of every secret in `d`, as the control plane computes them with its identity.
+fn fingerprints(d: &Desired) -> Fingerprints {
+    let id = identity();
+    let mut out = BTreeMap::new();
+    for (app, a) in &d.apps {
+        for (k, v) in &a.env {
+            if let EnvValue::Secret { secret } = v {
+                out.insert(
+                    (app.clone(), k.clone()),
+                    id.fingerprint(&id.decrypt(secret).unwrap()),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn input<'a>(
+    desired: Option<(&'a CommitId, &'a Desired)>,
+    fps: Option<&'a Fingerprints>,
+    observed: &'a Observed,
+) -> PlanInput<'a> {
+    PlanInput {
+        desired: desired.map(|(commit, state)| DesiredAt { commit, state }),
+        fingerprints: fps,
+        observed,
+        seed: 42,
+        now: now(),
+        offline_after: DEFAULT_OFFLINE_AFTER,
+    }
+}
+
+/// Plans `d` at `c` against `o` (with fingerprints) and applies the plan.
+fn apply(o: &Observed, c: &CommitId, d: &Desired) -> (Plan, Observed) {
+    let fps = fingerprints(d);
+    let i = input(Some((c, d)), Some(&fps), o);
+    let p = plan(&i);
+    let next = next_observed(&i, &p).unwrap();
+    (p, next)
+}
+
+/// Every declared node online, heard from a second ago, offering docker.
+fn all_online(o: &mut Observed) {
+    for n in o.nodes.keys() {
+        o.node_status.insert(
+            n.clone(),
+            NodeStatus {
+                state: NodeState::Online,
+                last_heartbeat: Some(now() - Duration::seconds(1)),
+                drivers: vec![cairn_schema::Driver::Docker],
+                recipient: None,
+            },
+        );
+    }
+}
+
+fn heads(o: &mut Observed, apps: &[(&str, &str)]) {
+    for (a, c) in apps {
+        o.source_heads.insert(name(a), commit(c));
+    }
+}
+
+/// Commit A applied on an empty database, nodes online.
+fn world_a(db_url: &str) -> (Desired, Observed) {
+    let d = repo(&apps_a(db_url));
+    let mut o = Observed::default();
+    heads(
+        &mut o,
+        &[
+            ("web", "1a2b3c4d5e6f7a8b"),
+            ("api", "2b3c4d5e6f7a8b9c"),
+            ("docs", "3c4d5e6f7a8b9c0d"),
+            ("worker", "4d5e6f7a8b9c0d1e"),
+        ],
+    );
+    let (p, mut o) = apply(&o, &commit("a0a0a0a0a0a0a0a0"), &d);
+    assert!(
+        p.warnings
+            .iter()
+            .all(|w| w.kind == WarningKind::NodeWaiting),
+        "{:?}",
+        p.warnings
+    );
+    all_online(&mut o);
+    (d, o)
+}
+
+fn tasks_of(p: &Plan) -> Vec<(TaskAction, String, u32)> {
+    p.tasks
+        .iter()
+        .map(|t| (t.action, t.app.to_string(), t.slot))
+        .collect()
+}
+
+#[test]
+fn first_plan_creates_everything_and_tasks_wait_for_pending_nodes() {
+    let d = repo(&apps_a(&secret("postgres://a", &[])));
+    let mut o = Observed::default();
+    heads(
+        &mut o,
+        &[
+            ("web", "1a2b3c4d5e6f7a8b"),
+            ("api", "2b3c4d5e6f7a8b9c"),
+            ("docs", "3c4d5e6f7a8b9c0d"),
+            ("worker", "4d5e6f7a8b9c0d1e"),
+        ],
+    );
+    let fps = fingerprints(&d);
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    assert_eq!(p.summary(), "Plan: 11 to add, 0 to change, 0 to destroy.");
+    assert_eq!((p.generation, p.based_on), (1, 0));
+    assert_eq!(p.releases.len(), 4);
+    assert!(
+        p.releases
+            .iter()
+            .all(|r| r.number == 1 && r.previous.is_none())
+    );
+    assert_eq!(p.tasks.len(), 6);
+    assert!(
+        p.tasks
+            .iter()
+            .all(|t| t.action == TaskAction::Deploy && t.waits_for == Some(NodeState::Pending))
+    );
+    assert!(p.warnings.iter().any(|w| w.kind == WarningKind::NodeWaiting && w.message.contains("has not joined yet")));
+    // web spreads over both eu-west nodes; worker lands on the only ssd node.
+    let on = |a: &str| -> Vec<String> {
+        p.placements
+            .iter()
+            .filter(|x| x.app.as_str() == a)
+            .map(|x| x.node.to_string())
+            .collect()
+    };
+    let mut web = on("web");
+    web.sort();
+    assert_eq!(web, ["n1", "n2"]);
+    assert_eq!(on("worker"), ["n3"]);
+    assert_eq!(p.cost.before.to_string(), "0.00");
+    assert_eq!(p.cost.after.to_string(), "45.00");
+}
+
+#[test]
+fn same_commit_twice_is_an_empty_plan() {
+    let (d, o) = world_a(&secret("postgres://a", &[]));
+    let fps = fingerprints(&d);
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    assert!(p.is_empty(), "{}", text(&p, false));
+    assert!(p.tasks.is_empty() && p.releases.is_empty() && p.changes.is_empty());
+    assert_eq!(p.summary(), "Plan: 0 to add, 0 to change, 0 to destroy.");
+    assert_eq!(
+        next_observed(&input(Some((&c, &d)), Some(&fps), &o), &p).unwrap(),
+        o
+    );
+    // Planning from the applied configuration alone is empty too.
+    assert!(plan(&input(None, None, &o)).is_empty());
+}
+
+#[test]
+fn a_new_commit_without_resource_changes_only_moves_the_commit() {
+    let (d, o) = world_a(&secret("postgres://a", &[]));
+    let (p, o2) = apply(&o, &commit("b1b1b1b1b1b1b1b1"), &d);
+    assert!(!p.is_empty());
+    assert!(p.changes.is_empty() && p.tasks.is_empty() && p.releases.is_empty());
+    assert_eq!(o2.applied_commit, Some(commit("b1b1b1b1b1b1b1b1")));
+    assert_eq!(o2.generation, o.generation + 1);
+}
+
+#[test]
+fn changing_one_apps_env_deploys_exactly_its_replicas() {
+    let (_, o) = world_a(&secret("postgres://a", &[]));
+    let apps = apps_a(&secret("postgres://a", &[]))
+        .replace("NODE_ENV = \"production\"", "NODE_ENV = \"staging\"");
+    let d = repo(&apps);
+    let (p, o2) = apply(&o, &commit("b1b1b1b1b1b1b1b1"), &d);
+    assert_eq!(p.summary(), "Plan: 0 to add, 1 to change, 0 to destroy.");
+    assert_eq!(
+        tasks_of(&p),
+        [
+            (TaskAction::Deploy, "web".into(), 1),
+            (TaskAction::Deploy, "web".into(), 2)
+        ]
+    );
+    // Each deploy goes where the replica already runs.
+    for t in &p.tasks {
+        assert!(
+            o.placements
+                .iter()
+                .any(|x| x.app == t.app && x.slot == t.slot && x.node == t.node)
+        );
+    }
+    assert_eq!(p.releases.len(), 1);
+    let r = &p.releases[0];
+    assert_eq!(
+        (r.app.as_str(), r.number, r.previous, r.config_changed),
+        ("web", 2, Some(1), true)
+    );
+    assert_eq!(r.source_was, None);
+    let f = &p.changes[0].fields;
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].path, "env.NODE_ENV");
+    // Applying it, then planning again, gives nothing.
+    let fps = fingerprints(&d);
+    let c = commit("b1b1b1b1b1b1b1b1");
+    assert!(plan(&input(Some((&c, &d)), Some(&fps), &o2)).is_empty());
+}
+
+#[test]
+fn deleting_an_app_removes_its_replicas() {
+    let (_, o) = world_a(&secret("postgres://a", &[]));
+    let apps = apps_a(&secret("postgres://a", &[]));
+    let cut = apps.find("[app.api]").unwrap();
+    let end = apps.find("[app.docs]").unwrap();
+    let d = repo(&format!("{}{}", &apps[..cut], &apps[end..]));
+    let (p, o2) = apply(&o, &commit("b1b1b1b1b1b1b1b1"), &d);
+    assert_eq!(p.summary(), "Plan: 0 to add, 0 to change, 1 to destroy.");
+    assert_eq!(
+        tasks_of(&p),
+        [
+            (TaskAction::Remove, "api".into(), 1),
+            (TaskAction::Remove, "api".into(), 2)
+        ]
+    );
+    assert!(
+        p.placement_changes
+            .iter()
+            .all(|c| c.reason == PlacementReason::AppDeleted)
+    );
+    assert!(o2.placements.iter().all(|x| x.app.as_str() != "api"));
+    assert_eq!(
+        p.cost.after.amount(),
+        p.cost.before.amount() - rust_decimal::Decimal::from(10)
+    );
+}
+
+#[test]
+fn a_secret_re_encrypted_to_new_recipients_is_no_change() {
+    let (_, o) = world_a(&secret("postgres://a", &[]));
+    let admin = Identity::generate();
+    let d = repo(&apps_a(&secret("postgres://a", &[&admin])));
+    let fps = fingerprints(&d);
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    assert!(p.is_empty(), "{}", text(&p, false));
+
+    // Without the identity (a fork's pull request) it cannot be told from a rewrite.
+    let p = plan(&input(Some((&c, &d)), None, &o));
+    assert!(!p.secrets_verified);
+    let f = &p.changes[0].fields[0];
+    assert_eq!((f.path.as_str(), f.unverified), ("env.DB_URL", true));
+    assert!(text(&p, false).contains("~ env.DB_URL: (secret) changed (unverified)"));
+    assert!(matches!(
+        next_observed(&input(Some((&c, &d)), None, &o), &p),
+        Err(NotApplicable::SecretsUnverified { count: 1 })
+    ));
+    // An untouched ciphertext needs no identity.
+    let (d0, o0) = world_a(&secret("postgres://a", &[]));
+    assert!(plan(&input(Some((&c, &d0)), None, &o0)).is_empty());
+}
+
+#[test]
+fn a_changed_secret_is_shown_changed_never_its_value() {
+    let (_, o) = world_a(&secret("postgres://old-password", &[]));
+    let new_secret = secret("postgres://new-password", &[]);
+    let d = repo(&apps_a(&new_secret));
+    let fps = fingerprints(&d);
+    let c = commit("b1b1b1b1b1b1b1b1");
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    assert_eq!(p.changes.len(), 1);
+    let f = &p.changes[0].fields;
+    assert_eq!(f.len(), 1);
+    assert_eq!((f[0].path.as_str(), f[0].unverified), ("env.DB_URL", false));
+    assert_eq!(
+        tasks_of(&p),
+        [
+            (TaskAction::Deploy, "web".into(), 1),
+            (TaskAction::Deploy, "web".into(), 2)
+        ]
+    );
+    let out = [
+        text(&p, false),
+        text(&p, true),
+        json(&p),
+        markdown(&p, &MarkdownOptions::default()),
+    ];
+    let body = new_secret.lines().nth(2).unwrap();
+    for o in &out {
+        assert!(o.contains("env.DB_URL"), "{o}");
+        for leak in [
+            "new-password",
+            "old-password",
+            body,
+            "AGE ENCRYPTED",
+            fps.values().next().unwrap(),
+        ] {
+            assert!(!o.contains(leak), "{leak} leaked into\n{o}");
+        }
+    }
+    assert!(
+        out[0].contains("~ env.DB_URL: (secret) changed\n"),
+        "{}",
+        out[0]
+    );
+}
+
+#[test]
+fn a_push_makes_a_release_unless_pinned() {
+    let (d, mut o) = world_a(&secret("postgres://a", &[]));
+    let c = commit("a0a0a0a0a0a0a0a0");
+    heads(&mut o, &[("api", "9f8e7d6c5b4a3921")]);
+    let fps = fingerprints(&d);
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    assert_eq!(p.summary(), "Plan: 0 to add, 0 to change, 0 to destroy.");
+    assert_eq!(p.releases.len(), 1);
+    let r = &p.releases[0];
+    assert_eq!(
+        (r.app.as_str(), r.number, r.source_commit.as_str()),
+        ("api", 2, "9f8e7d6c5b4a3921")
+    );
+    assert_eq!(r.source_was, Some(commit("2b3c4d5e6f7a8b9c")));
+    assert!(!r.config_changed);
+    assert_eq!(
+        tasks_of(&p),
+        [
+            (TaskAction::Deploy, "api".into(), 1),
+            (TaskAction::Deploy, "api".into(), 2)
+        ]
+    );
+    assert!(text(&p, false).contains("1 new release, 2 tasks (2 deploy)."));
+
+    // A rollback pin holds the release.
+    let mut pinned = o.clone();
+    pinned.rollback_pins.insert(name("api"), 1);
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &pinned));
+    assert!(p.is_empty());
+    assert_eq!(
+        p.pins,
+        [Pin {
+            app: name("api"),
+            release: 1,
+            holding_back: true
+        }]
+    );
+    assert!(text(&p, false).contains("api stays on release #1"));
+
+    // A pinned rev wins over the branch head.
+    let apps = apps_a(&secret("postgres://a", &[])).replace(
+        "branch = \"main\" }",
+        "branch = \"main\", rev = \"v2.0.0\" }",
+    );
+    let d = repo(&apps);
+    let (p, _) = apply(&o, &commit("b1b1b1b1b1b1b1b1"), &d);
+    assert_eq!(p.releases[0].source_commit.as_str(), "v2.0.0");
+    assert_eq!(p.changes[0].fields[0].path, "source.rev");
+}
+
+#[test]
+fn a_rollback_pin_deploys_the_pinned_release() {
+    let (d, mut o) = world_a(&secret("postgres://a", &[]));
+    heads(&mut o, &[("api", "9f8e7d6c5b4a3921")]);
+    let (_, mut o) = apply(&o, &commit("a0a0a0a0a0a0a0a0"), &d);
+    assert_eq!(o.releases[&name("api")].number, 2);
+    o.rollback_pins.insert(name("api"), 1);
+    let (p, o) = apply(&o, &commit("a0a0a0a0a0a0a0a0"), &d);
+    assert!(p.releases.is_empty());
+    assert!(
+        p.tasks
+            .iter()
+            .all(|t| t.action == TaskAction::Deploy && t.release == 1 && t.app.as_str() == "api")
+    );
+    assert_eq!(p.tasks.len(), 2);
+    // Unpinned, it returns to the latest release without making a new one.
+    let mut o = o;
+    o.rollback_pins.clear();
+    let (p, _) = apply(&o, &commit("a0a0a0a0a0a0a0a0"), &d);
+    assert!(p.releases.is_empty());
+    assert!(p.tasks.iter().all(|t| t.release == 2));
+    assert_eq!(p.tasks.len(), 2);
+}
+
+#[test]
+fn suspending_stops_and_resuming_starts() {
+    let (_, o) = world_a(&secret("postgres://a", &[]));
+    let apps = apps_a(&secret("postgres://a", &[]));
+    let suspended = apps.replace(
+        "replicas = 2\ndomains",
+        "replicas = 2\nsuspended = true\ndomains",
+    );
+    let d = repo(&suspended);
+    let (p, o2) = apply(&o, &commit("b1b1b1b1b1b1b1b1"), &d);
+    assert_eq!(
+        tasks_of(&p),
+        [
+            (TaskAction::Stop, "web".into(), 1),
+            (TaskAction::Stop, "web".into(), 2)
+        ]
+    );
+    assert!(
+        o2.placements
+            .iter()
+            .filter(|x| x.app.as_str() == "web")
+            .all(|x| x.state == ReplicaState::Stopped)
+    );
+    assert_eq!(
+        p.cost.before.amount() - p.cost.after.amount(),
+        rust_decimal::Decimal::from(25)
+    );
+    let d = repo(&apps);
+    let (p, _) = apply(&o2, &commit("c2c2c2c2c2c2c2c2"), &d);
+    assert_eq!(
+        tasks_of(&p),
+        [
+            (TaskAction::Start, "web".into(), 1),
+            (TaskAction::Start, "web".into(), 2)
+        ]
+    );
+}
+
+#[test]
+fn an_offline_node_loses_its_replicas_and_gets_none_back() {
+    let (d, mut o) = world_a(&secret("postgres://a", &[]));
+    let on_n3: Vec<_> = o
+        .placements
+        .iter()
+        .filter(|x| x.node.as_str() == "n3")
+        .cloned()
+        .collect();
+    assert!(!on_n3.is_empty());
+    o.node_status.get_mut(&name("n3")).unwrap().last_heartbeat =
+        Some(now() - Duration::seconds(91));
+    // No new commit: the node's silence alone wakes the planner.
+    let p = plan(&input(None, None, &o));
+    assert!(p.changes.is_empty());
+    // worker needs an ssd node and n3 is the only one: it stays there and says so.
+    assert!(p.warnings.iter().any(|w| w.kind == WarningKind::Stranded
+        && w.app.as_ref().is_some_and(|a| a.as_str() == "worker")));
+    for x in on_n3.iter().filter(|x| x.app.as_str() != "worker") {
+        assert!(p.placement_changes.iter().any(|c| c.app == x.app
+            && c.slot == x.slot
+            && c.reason
+                == PlacementReason::Moved {
+                    why: crate::scheduler::MoveReason::NodeOffline
+                }));
+        assert!(p.tasks.iter().any(|t| t.action == TaskAction::Remove
+            && t.app == x.app
+            && t.node.as_str() == "n3"
+            && t.waits_for == Some(NodeState::Offline)));
+    }
+    let i = input(None, None, &o);
+    let mut o2 = next_observed(&i, &p).unwrap();
+    // The node comes back: nothing moves back.
+    o2.node_status.get_mut(&name("n3")).unwrap().last_heartbeat = Some(now());
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let fps = fingerprints(&d);
+    assert!(plan(&input(Some((&c, &d)), Some(&fps), &o2)).is_empty());
+}
+
+#[test]
+fn restart_requests_restart_running_replicas_once() {
+    let (d, mut o) = world_a(&secret("postgres://a", &[]));
+    o.restart_requests.insert(name("api"), 1);
+    let (p, o2) = apply(&o, &commit("a0a0a0a0a0a0a0a0"), &d);
+    assert_eq!(
+        tasks_of(&p),
+        [
+            (TaskAction::Restart, "api".into(), 1),
+            (TaskAction::Restart, "api".into(), 2)
+        ]
+    );
+    let (p, _) = apply(&o2, &commit("a0a0a0a0a0a0a0a0"), &d);
+    assert!(p.is_empty());
+}
+
+#[test]
+fn a_stale_plan_is_refused() {
+    let (d, o) = world_a(&secret("postgres://a", &[]));
+    let fps = fingerprints(&d);
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    let mut newer = o.clone();
+    newer.generation += 1;
+    assert_eq!(
+        next_observed(&input(Some((&c, &d)), Some(&fps), &newer), &p),
+        Err(NotApplicable::Stale {
+            planned_from: o.generation,
+            current: o.generation + 1
+        })
+    );
+}
+
+#[test]
+fn the_same_seed_gives_the_same_plan() {
+    let d = repo(&apps_a(&secret("postgres://a", &[])));
+    let o = Observed::default();
+    let fps = fingerprints(&d);
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let a = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    let b = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    assert_eq!(json(&a), json(&b));
+}
+
+/// Commit B against the applied commit A, with n2 gone silent: the realistic review scenario.
+fn scenario() -> Plan {
+    let (_, mut o) = world_a(&secret("postgres://old", &[]));
+    o.node_status.get_mut(&name("n2")).unwrap().last_heartbeat = Some(now() - Duration::minutes(5));
+    heads(
+        &mut o,
+        &[("api", "8e7d6c5b4a392110"), ("shop", "5e6f7a8b9c0d1e2f")],
+    );
+    let plans = PLANS.replace("price = \"12.50\"", "price = \"15.00\"");
+    let nodes = format!(
+        "{NODES}\n[node.n4]\ncpu = 4\nmemory = \"8GiB\"\ndisk = \"200GiB\"\nregion = \"us-east\"\nlabels = {{ disk = \"ssd\" }}\n"
+    );
+    let apps = format!(
+        "{APPS_B}\n[app.web.env]\nNODE_ENV = \"production\"\nDB_URL = {}\n\n[app.shop.env]\nSTRIPE_KEY = {}\n",
+        secret("postgres://new", &[]),
+        secret("sk_live_123", &[])
+    );
+    let d = load(&[
+        ("cairn.toml", SETTINGS),
+        ("plans/plans.toml", &plans),
+        ("runtimes/runtimes.toml", RUNTIMES),
+        ("nodes/nodes.toml", &nodes),
+        ("apps/apps.toml", &apps),
+    ]);
+    let fps = fingerprints(&d);
+    let c = commit("b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1b1");
+    plan(&input(Some((&c, &d)), Some(&fps), &o))
+}
+
+#[test]
+fn scenario_text() {
+    let p = scenario();
+    insta::assert_snapshot!("scenario_text", text(&p, false));
+}
+
+#[test]
+fn scenario_text_coloured() {
+    let p = scenario();
+    let t = text(&p, true);
+    assert!(t.contains("\x1b[32m+ app shop\x1b[0m"), "{t}");
+    assert_eq!(strip_ansi(&t), text(&p, false));
+}
+
+#[test]
+fn scenario_json() {
+    let p = scenario();
+    insta::assert_snapshot!("scenario_json", json(&p));
+}
+
+#[test]
+fn scenario_markdown() {
+    let p = scenario();
+    let opts = MarkdownOptions {
+        blob_url: Some("https://github.com/acme/config/blob/b1b1b1b/".into()),
+    };
+    insta::assert_snapshot!("scenario_markdown", markdown(&p, &opts));
+}
+
+#[test]
+fn scenario_facts() {
+    let p = scenario();
+    // web asks for 3 replicas in eu-west: n1 has room for 2 of the 1-cpu plan, n2 is offline.
+    let warn: Vec<&str> = p.warnings.iter().map(|w| w.message.as_str()).collect();
+    assert!(
+        warn.contains(&"node n4 has not joined yet: 2 tasks wait for it"),
+        "{warn:#?}"
+    );
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.kind == WarningKind::Unplaced || w.kind == WarningKind::Stranded),
+        "{warn:#?}"
+    );
+    assert_eq!(p.cost.currency, "EUR");
+    assert!(
+        p.tasks
+            .iter()
+            .any(|t| t.action == TaskAction::Stop && t.app.as_str() == "worker")
+    );
+    assert!(
+        p.tasks
+            .iter()
+            .any(|t| t.action == TaskAction::Remove && t.app.as_str() == "docs")
+    );
+    assert!(
+        !p.tasks
+            .iter()
+            .any(|t| t.action == TaskAction::Remove && t.app.as_str() == "worker")
+    );
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[test]
+fn the_example_repository_plans_from_scratch() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/config");
+    let mut files = Vec::new();
+    let mut stack = vec![std::path::PathBuf::from(root)];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p
+                    .strip_prefix(root)
+                    .unwrap()
+                    .to_string_lossy()
+                    .replace('\\', "/");
+                files.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let (_, loaded) = cairn_schema::load(files.iter().map(|(p, b)| (p.as_str(), b.as_slice())));
+    let d = loaded.desired.expect("examples/config is valid");
+    let fps = fingerprints(&d);
+    let mut o = Observed::default();
+    for app in d.apps.keys() {
+        o.source_heads.insert(
+            app.clone(),
+            commit("abcdefabcdefabcdefabcdefabcdefabcdefabcd"),
+        );
+    }
+    let c = commit("0123456789012345678901234567890123456789");
+    let i = input(Some((&c, &d)), Some(&fps), &o);
+    let p = plan(&i);
+    assert_eq!(
+        p.counts().0,
+        d.plans.len() + d.runtimes.len() + d.nodes.len() + d.apps.len()
+    );
+    let o2 = next_observed(&i, &p).unwrap();
+    assert!(plan(&input(Some((&c, &d)), Some(&fps), &o2)).is_empty());
+}
