@@ -1,6 +1,40 @@
 //! The node agent (`cairn-agent`): joins the control plane, heartbeats, leases tasks and runs them through a
 //! driver (Docker or supervised processes), and serves the node's HTTP proxy.
 //!
+//! This library is the node-side machinery that makes a replica run; the binary (join, heartbeat, lease)
+//! drives it:
+//!
+//! - [`spec`]: the deploy task's payload ([`ReplicaSpec`]) and the checks that refuse a task asking for
+//!   weaker isolation;
+//! - [`source`]: the app's source at an exact commit, fetched with gix into a per-repo cache;
+//! - [`driver`]: the [`Driver`] trait and its two implementations, [`DockerDriver`] and
+//!   [`ProcessDriver`];
+//! - [`health`]: the HTTP health check a new replica must pass;
+//! - [`proxy`]: the node's HTTP reverse proxy, routing by `Host` to healthy replicas;
+//! - [`deploy`]: the health-gated replace that ties them together ([`Deployer`]);
+//! - [`logs`]: log lines, sinks, and the log filter that keeps secrets out of dependency debug output.
+//!
 //! What it must not do: read the config repository or Postgres (it knows only the tasks it leases), or run
 //! anything a manifest could use to weaken isolation (privileged mode, host networking, host mounts).
 //! It is the only code in Cairn that talks to Docker.
+
+pub mod deploy;
+pub mod driver;
+pub mod health;
+pub mod logs;
+pub mod proxy;
+pub mod source;
+pub mod spec;
+
+pub use deploy::{
+    DeployError, DeployFailure, DeployReport, Deployer, DeployerConfig, Stage, Timings,
+};
+pub use driver::docker::{DockerConfig, DockerDriver};
+pub use driver::process::{ProcessConfig, ProcessDriver};
+pub use driver::{
+    Driver, DriverError, DriverKind, ImageId, Replica, ReplicaId, ReplicaState, ReplicaStatus,
+};
+pub use logs::{LogLine, LogSink, LogStream};
+pub use proxy::{Backend, Listener, Proxy};
+pub use source::{Resolve, Rewrite, Rewrites, SourceError, Sources};
+pub use spec::{BuildSpec, HealthSpec, ImageRef, Limits, ReplicaSpec, SourceSpec, SpecError};

@@ -1,0 +1,836 @@
+//! The Docker driver: builds a release's image with the engine's classic builder and runs replicas as
+//! containers, through bollard on the engine's unix socket.
+//!
+//! - Build: the source tree is streamed to the engine as a tar, with a Dockerfile generated from the
+//!   runtime (base image, build commands, start command, port) unless the runtime uses the app's own. No
+//!   base image is pulled unless the agent is told to; build output reaches a [`LogSink`] line by line
+//!   while the build runs. The image is tagged `cairn/<app>:<release>` and labelled (installation, app,
+//!   release, commits, recipe); builds of one tag are single-flight, and an image already built from the
+//!   same source and recipe is reused.
+//! - Run: containers named `cairn-<installation>-<app>-r<release>-s<slot>` and labelled (installation,
+//!   app, release, slot, commits, node, hostnames), with the plan's memory and CPU limits, restart policy
+//!   `unless-stopped`, a pid limit, `no-new-privileges`, bounded json-file logs, and the app port
+//!   published on 127.0.0.1 with a port the engine picks. Containers are created from the image id, not
+//!   the tag, so a retag never changes what a replica runs.
+//!
+//! What it must not do: create a container privileged, on the host's network, PID or IPC namespace, with
+//! devices, host bind mounts or the Docker socket (the create request is built here from scratch and has
+//! no field for any of them), publish a port beyond loopback, inspect containers (an inspect response
+//! holds the env, and bollard logs responses at debug level), or touch containers and images of another
+//! installation or node.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::errors::Error as BollardError;
+use bollard::models::{
+    ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, HostConfig,
+    HostConfigLogConfig, PortBinding, RestartPolicy, RestartPolicyNameEnum,
+};
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder, TagImageOptionsBuilder,
+};
+use bytes::Bytes;
+use cairn_schema::{Identity, Name};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
+
+use super::{
+    Driver, DriverError, DriverKind, ImageId, Replica, ReplicaId, ReplicaState, ReplicaStatus,
+    image_labels, label, replica_labels,
+};
+use crate::logs::{LineSplitter, LogLine, LogSink, LogStream};
+use crate::spec::{ReplicaSpec, SpecError};
+
+/// The name of the generated Dockerfile inside the build context.
+pub const GENERATED_DOCKERFILE: &str = "Dockerfile.cairn";
+
+/// How the Docker driver behaves on this node.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    pub installation: Name,
+    pub node: Name,
+    /// Pull a generated Dockerfile's base image when it is missing. Off by default: nodes without
+    /// registry access fail fast with [`DriverError::BaseImageMissing`] instead of waiting on a pull.
+    pub pull_base_images: bool,
+    pub build_timeout: Duration,
+    /// How long a container gets between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+    pub pids_limit: i64,
+}
+
+impl DockerConfig {
+    pub fn new(installation: Name, node: Name) -> Self {
+        DockerConfig {
+            installation,
+            node,
+            pull_base_images: false,
+            build_timeout: Duration::from_secs(20 * 60),
+            stop_grace: Duration::from_secs(10),
+            pids_limit: 4096,
+        }
+    }
+}
+
+/// Builds and runs replicas with the local Docker engine.
+#[derive(Debug)]
+pub struct DockerDriver {
+    docker: Docker,
+    cfg: DockerConfig,
+    builds: tokio::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    builds_run: AtomicU64,
+    /// Containers this process stopped on purpose (so they report `Stopped`, not `Exited`).
+    stopped: Mutex<HashSet<String>>,
+}
+
+impl DockerDriver {
+    /// Connects to the engine's unix socket (`DOCKER_HOST` if it names one) and negotiates the API version
+    /// (engines as old as API 1.41 work).
+    pub async fn connect(cfg: DockerConfig) -> Result<Self, DriverError> {
+        let docker = Docker::connect_with_socket_defaults()
+            .map_err(|e| DriverError::docker("connect", e))?
+            .negotiate_version()
+            .await
+            .map_err(|e| DriverError::docker("negotiate the API version", e))?;
+        Ok(DockerDriver::with_client(docker, cfg))
+    }
+
+    pub fn with_client(docker: Docker, cfg: DockerConfig) -> Self {
+        DockerDriver {
+            docker,
+            cfg,
+            builds: tokio::sync::Mutex::new(HashMap::new()),
+            builds_run: AtomicU64::new(0),
+            stopped: Mutex::new(HashSet::new()),
+        }
+    }
+
+    pub fn client(&self) -> &Docker {
+        &self.docker
+    }
+
+    pub fn config(&self) -> &DockerConfig {
+        &self.cfg
+    }
+
+    /// How many image builds this driver started (for tests asserting that a release is built once).
+    pub fn builds_run(&self) -> u64 {
+        self.builds_run.load(Ordering::Relaxed)
+    }
+
+    /// The Dockerfile generated for a runtime without its own. Every command is written in exec form with
+    /// JSON-quoted arguments, so no command can add instructions of its own.
+    pub fn generated_dockerfile(spec: &ReplicaSpec) -> Result<String, DriverError> {
+        let base = spec
+            .build
+            .base_image
+            .as_deref()
+            .ok_or_else(|| DriverError::Unsupported {
+                what: "docker",
+                needs: "a base image (`image` in the runtime) or `dockerfile = true`".into(),
+            })?;
+        let start = spec.build.start.as_deref().unwrap_or_default();
+        let q = |s: &str| serde_json::to_string(s).expect("strings serialize");
+        let mut df = format!(
+            "FROM {base}\n\
+             LABEL {}={} {}={}\n\
+             WORKDIR /app\n\
+             COPY . /app\n",
+            label::INSTALLATION,
+            q(spec.installation.as_str()),
+            label::APP,
+            q(spec.app.as_str()),
+        );
+        for cmd in &spec.build.commands {
+            df.push_str(&format!("RUN [\"/bin/sh\", \"-c\", {}]\n", q(cmd)));
+        }
+        df.push_str(&format!(
+            "ENV PORT={port}\nEXPOSE {port}\nCMD [\"/bin/sh\", \"-c\", {}]\n",
+            q(start),
+            port = spec.build.port
+        ));
+        Ok(df)
+    }
+
+    async fn image_matches(
+        &self,
+        reference: &str,
+        spec: &ReplicaSpec,
+    ) -> Result<Option<ImageId>, DriverError> {
+        match self.docker.inspect_image(reference).await {
+            Ok(img) => {
+                let labels = img.config.and_then(|c| c.labels).unwrap_or_default();
+                let want = image_labels(spec);
+                let same = [
+                    label::INSTALLATION,
+                    label::APP,
+                    label::RELEASE,
+                    label::SOURCE_COMMIT,
+                    label::RECIPE,
+                ]
+                .iter()
+                .all(|k| labels.get(*k) == want.get(*k));
+                Ok(same.then(|| img.id.map(ImageId)).flatten())
+            }
+            Err(e) if is_status(&e, 404) => Ok(None),
+            Err(e) => Err(DriverError::docker(format!("inspect image {reference}"), e)),
+        }
+    }
+
+    async fn build_locked(
+        &self,
+        spec: &ReplicaSpec,
+        context: &Path,
+        log: &dyn LogSink,
+    ) -> Result<ImageId, DriverError> {
+        let tag = spec.image_tag();
+        let dockerfile = if spec.build.dockerfile {
+            if !context.join("Dockerfile").is_file() {
+                return Err(DriverError::Build {
+                    app: spec.app.clone(),
+                    release: spec.release,
+                    reason: "the runtime builds with the app's own Dockerfile, and the source has no `Dockerfile` at its root".into(),
+                });
+            }
+            "Dockerfile"
+        } else {
+            let base = spec.build.base_image.as_deref().unwrap_or_default();
+            if !self.cfg.pull_base_images {
+                match self.docker.inspect_image(base).await {
+                    Ok(_) => {}
+                    Err(e) if is_status(&e, 404) => {
+                        return Err(DriverError::BaseImageMissing {
+                            image: base.to_owned(),
+                        });
+                    }
+                    Err(e) => return Err(DriverError::docker(format!("inspect image {base}"), e)),
+                }
+            }
+            let text = Self::generated_dockerfile(spec)?;
+            let path = context.join(GENERATED_DOCKERFILE);
+            // The source may hold a file (or symlink) of that name; ours replaces it.
+            let _ = std::fs::remove_file(&path);
+            std::fs::write(&path, text).map_err(|e| DriverError::io("write", &path, e))?;
+            GENERATED_DOCKERFILE
+        };
+        self.builds_run.fetch_add(1, Ordering::Relaxed);
+        log.line(LogLine::new(
+            LogStream::Agent,
+            format!(
+                "building {tag} from {} ({})",
+                spec.source.commit,
+                if spec.build.dockerfile {
+                    "the app's Dockerfile"
+                } else {
+                    "a generated Dockerfile"
+                }
+            ),
+        ));
+        let labels: HashMap<String, String> = image_labels(spec).into_iter().collect();
+        let opts = BuildImageOptionsBuilder::default()
+            .dockerfile(dockerfile)
+            .t(&tag)
+            .rm(true)
+            .forcerm(true)
+            .labels(&labels)
+            .build();
+        let body = bollard::body_try_stream(tar_stream(context.to_owned()));
+        let mut stream = self.docker.build_image(opts, None, Some(body));
+        let mut splitter = LineSplitter::default();
+        let mut image_id = None;
+        let mut failure = None;
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(s) = info.stream {
+                        splitter.push(s.as_bytes(), |l| {
+                            log.line(LogLine::new(LogStream::Build, l))
+                        });
+                    }
+                    if let Some(s) = info.status {
+                        log.line(LogLine::new(LogStream::Build, s));
+                    }
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        failure = Some(e);
+                    }
+                    if let Some(id) = info.aux.and_then(|a| a.id) {
+                        image_id = Some(id);
+                    }
+                }
+                Err(BollardError::DockerStreamError { error }) => failure = Some(error),
+                Err(e) => failure = Some(e.to_string()),
+            }
+        }
+        splitter.finish(|l| log.line(LogLine::new(LogStream::Build, l)));
+        if let Some(reason) = failure {
+            log.line(LogLine::new(
+                LogStream::Agent,
+                format!("build failed: {reason}"),
+            ));
+            return Err(DriverError::Build {
+                app: spec.app.clone(),
+                release: spec.release,
+                reason,
+            });
+        }
+        let id = match image_id {
+            Some(id) => id,
+            None => self
+                .docker
+                .inspect_image(&tag)
+                .await
+                .map_err(|e| DriverError::docker(format!("inspect image {tag}"), e))?
+                .id
+                .unwrap_or_default(),
+        };
+        log.line(LogLine::new(
+            LogStream::Agent,
+            format!("built {tag} as {id}"),
+        ));
+        Ok(ImageId(id))
+    }
+
+    fn label_filters(&self) -> HashMap<String, Vec<String>> {
+        HashMap::from([(
+            "label".to_owned(),
+            vec![
+                format!("{}={}", label::INSTALLATION, self.cfg.installation),
+                format!("{}={}", label::NODE, self.cfg.node),
+            ],
+        )])
+    }
+
+    async fn containers(
+        &self,
+        extra: Option<(&str, String)>,
+    ) -> Result<Vec<ContainerSummary>, DriverError> {
+        let mut filters = self.label_filters();
+        if let Some((k, v)) = extra {
+            filters.insert(k.to_owned(), vec![v]);
+        }
+        self.docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(|e| DriverError::docker("list containers", e))
+    }
+
+    fn status_of(&self, c: &ContainerSummary) -> Option<ReplicaStatus> {
+        let labels: BTreeMap<String, String> =
+            c.labels.clone().unwrap_or_default().into_iter().collect();
+        let id = c.id.clone()?;
+        let port: Option<u16> = labels.get(label::PORT).and_then(|p| p.parse().ok());
+        let addr = port.and_then(|p| published(c, p));
+        let stopped = self
+            .stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&id);
+        let state = match c.state {
+            Some(ContainerSummaryStateEnum::RUNNING) => ReplicaState::Running,
+            Some(ContainerSummaryStateEnum::RESTARTING) => ReplicaState::Restarting,
+            Some(ContainerSummaryStateEnum::CREATED) => ReplicaState::Created,
+            Some(ContainerSummaryStateEnum::EXITED) if stopped => ReplicaState::Stopped,
+            Some(ContainerSummaryStateEnum::EXITED) => ReplicaState::Exited {
+                code: c.status.as_deref().and_then(exit_code),
+            },
+            other => ReplicaState::Other {
+                what: other.map(|s| s.to_string()).unwrap_or_default(),
+            },
+        };
+        let name = c
+            .names
+            .as_ref()
+            .and_then(|n| n.first())
+            .map(|n| n.trim_start_matches('/').to_owned())
+            .unwrap_or_default();
+        ReplicaStatus::from_labels(
+            id,
+            name,
+            c.image_id.clone().unwrap_or_default(),
+            &labels,
+            state,
+            addr,
+            0,
+        )
+    }
+}
+
+fn published(c: &ContainerSummary, port: u16) -> Option<SocketAddr> {
+    c.ports.as_ref()?.iter().find_map(|p| {
+        (p.private_port == port && p.ip.as_deref() == Some("127.0.0.1"))
+            .then_some(p.public_port)
+            .flatten()
+            .map(|pp| SocketAddr::from((Ipv4Addr::LOCALHOST, pp)))
+    })
+}
+
+/// The exit code in a status such as `Exited (3) 2 seconds ago`.
+fn exit_code(status: &str) -> Option<i64> {
+    let rest = status.strip_prefix("Exited (")?;
+    rest.split(')').next()?.parse().ok()
+}
+
+fn is_status(e: &BollardError, code: u16) -> bool {
+    matches!(e, BollardError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// Streams `dir` as a tar (deterministic headers: no host uids, names or times), symlinks kept as links.
+fn tar_stream(
+    dir: std::path::PathBuf,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    let (tx, mut rx) = mpsc::channel::<std::io::Result<Bytes>>(8);
+    tokio::task::spawn_blocking(move || {
+        let mut w = ChannelWriter {
+            tx: tx.clone(),
+            buf: Vec::with_capacity(CHUNK),
+        };
+        let result = (|| {
+            let mut b = tar::Builder::new(&mut w);
+            b.mode(tar::HeaderMode::Deterministic);
+            b.follow_symlinks(false);
+            b.append_dir_all(".", &dir)?;
+            b.into_inner()?.flush()
+        })();
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+const CHUNK: usize = 256 * 1024;
+
+struct ChannelWriter {
+    tx: mpsc::Sender<std::io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChannelWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK)));
+        self.tx.blocking_send(Ok(chunk)).map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the engine stopped reading the build context",
+            )
+        })
+    }
+}
+
+#[async_trait]
+impl Driver for DockerDriver {
+    fn kind(&self) -> DriverKind {
+        DriverKind::Docker
+    }
+
+    fn installation(&self) -> &Name {
+        &self.cfg.installation
+    }
+
+    fn can_pull(&self) -> bool {
+        true
+    }
+
+    async fn pull_image(
+        &self,
+        spec: &ReplicaSpec,
+        log: &dyn LogSink,
+    ) -> Result<ImageId, DriverError> {
+        let image = spec
+            .image
+            .as_ref()
+            .ok_or_else(|| DriverError::Unsupported {
+                what: "pull",
+                needs: "an image reference and digest in the task".into(),
+            })?;
+        let pinned = image.pinned();
+        let opts = CreateImageOptionsBuilder::default()
+            .from_image(&pinned)
+            .build();
+        let mut stream = self.docker.create_image(Some(opts), None, None);
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(status) = info.status {
+                        log.line(LogLine::new(LogStream::Build, status));
+                    }
+                }
+                Err(e) => {
+                    return Err(DriverError::Pull {
+                        reference: pinned,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        let inspected = self
+            .docker
+            .inspect_image(&pinned)
+            .await
+            .map_err(|e| DriverError::docker(format!("inspect image {pinned}"), e))?;
+        let (repo, tag) = spec
+            .image_tag()
+            .rsplit_once(':')
+            .map(|(r, t)| (r.to_owned(), t.to_owned()))
+            .expect("tag has a colon");
+        self.docker
+            .tag_image(
+                &pinned,
+                Some(
+                    TagImageOptionsBuilder::default()
+                        .repo(&repo)
+                        .tag(&tag)
+                        .build(),
+                ),
+            )
+            .await
+            .map_err(|e| DriverError::docker(format!("tag {pinned}"), e))?;
+        inspected.id.map(ImageId).ok_or_else(|| DriverError::Pull {
+            reference: pinned,
+            reason: "the engine reports no image id".into(),
+        })
+    }
+
+    async fn find_image(&self, spec: &ReplicaSpec) -> Result<Option<ImageId>, DriverError> {
+        if let Some(found) = self.image_matches(&spec.image_tag(), spec).await? {
+            return Ok(Some(found));
+        }
+        if let Some(image) = &spec.image {
+            match self.docker.inspect_image(&image.pinned()).await {
+                Ok(img) => return Ok(img.id.map(ImageId)),
+                Err(e) if is_status(&e, 404) => {}
+                Err(e) => {
+                    return Err(DriverError::docker(
+                        format!("inspect image {}", image.pinned()),
+                        e,
+                    ));
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    async fn build_image(
+        &self,
+        spec: &ReplicaSpec,
+        context: &Path,
+        log: &dyn LogSink,
+    ) -> Result<ImageId, DriverError> {
+        spec.check_for(&self.cfg.installation)?;
+        let tag = spec.image_tag();
+        let lock = self
+            .builds
+            .lock()
+            .await
+            .entry(tag.clone())
+            .or_default()
+            .clone();
+        let _held = lock.lock().await;
+        // Someone else may have built it while this one waited.
+        if let Some(found) = self.image_matches(&tag, spec).await? {
+            return Ok(found);
+        }
+        match tokio::time::timeout(
+            self.cfg.build_timeout,
+            self.build_locked(spec, context, log),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(DriverError::BuildTimeout {
+                app: spec.app.clone(),
+                release: spec.release,
+                after: self.cfg.build_timeout,
+            }),
+        }
+    }
+
+    async fn start_replica(
+        &self,
+        spec: &ReplicaSpec,
+        image: &ImageId,
+        identity: &Identity,
+    ) -> Result<Replica, DriverError> {
+        spec.check_for(&self.cfg.installation)?;
+        let name = spec.replica_name();
+        let port = spec.build.port;
+        let replica = |id: String, addr| Replica {
+            id: ReplicaId(id),
+            name: name.clone(),
+            app: spec.app.clone(),
+            release: spec.release,
+            slot: spec.slot,
+            addr,
+        };
+        // A task delivered twice: the replica may run already.
+        for c in self
+            .containers(Some(("name", format!("^/{name}$"))))
+            .await?
+        {
+            let id = c.id.clone().unwrap_or_default();
+            if c.state == Some(ContainerSummaryStateEnum::RUNNING)
+                && c.image_id.as_deref() == Some(image.0.as_str())
+                && let Some(addr) = published(&c, port)
+            {
+                return Ok(replica(id, addr));
+            }
+            self.remove_replica(&ReplicaId(id)).await?;
+        }
+
+        let secrets = spec.open_secrets(identity)?;
+        let mut env: Vec<String> = spec
+            .env
+            .iter()
+            .filter(|(k, _)| k.as_str() != "PORT" && !secrets.contains(k.as_str()))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        for (k, v) in secrets.iter().filter(|(k, _)| *k != "PORT") {
+            let v = v.expose_str().map_err(|_| SpecError::SecretsShape)?;
+            env.push(format!("{k}={v}"));
+        }
+        env.push(format!("PORT={port}"));
+
+        let mut labels = replica_labels(spec, &self.cfg.node);
+        labels.insert(label::PORT.into(), port.to_string());
+        let port_key = format!("{port}/tcp");
+        let memory = i64::try_from(spec.limits.memory_bytes).unwrap_or(i64::MAX);
+        let host = HostConfig {
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            nano_cpus: Some(i64::from(spec.limits.cpu_millis) * 1_000_000),
+            pids_limit: Some(self.cfg.pids_limit),
+            port_bindings: Some(HashMap::from([(
+                port_key.clone(),
+                Some(vec![PortBinding {
+                    host_ip: Some("127.0.0.1".into()),
+                    host_port: Some(String::new()),
+                }]),
+            )])),
+            restart_policy: Some(RestartPolicy {
+                name: Some(RestartPolicyNameEnum::UNLESS_STOPPED),
+                maximum_retry_count: None,
+            }),
+            privileged: Some(false),
+            network_mode: Some("bridge".into()),
+            security_opt: Some(vec!["no-new-privileges:true".into()]),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    ("max-size".to_owned(), "10m".to_owned()),
+                    ("max-file".to_owned(), "3".to_owned()),
+                ])),
+            }),
+            ..Default::default()
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.0.clone()),
+            env: Some(env),
+            labels: Some(labels.into_iter().collect()),
+            exposed_ports: Some(vec![port_key]),
+            stop_timeout: Some(self.cfg.stop_grace.as_secs() as i64),
+            host_config: Some(host),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(
+                Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                body,
+            )
+            .await
+            .map_err(|e| DriverError::DockerMessage {
+                op: format!("create container {name}"),
+                message: secrets.redact(&e.to_string()),
+            })?;
+        drop(secrets);
+        let id = created.id;
+        self.docker
+            .start_container(
+                &id,
+                None::<bollard::query_parameters::StartContainerOptions>,
+            )
+            .await
+            .map_err(|e| DriverError::docker(format!("start container {name}"), e))?;
+        // The engine assigns the host port on start; it shows in the container list right after.
+        for _ in 0..50 {
+            if let Some(c) = self.containers(Some(("id", id.clone()))).await?.first()
+                && let Some(addr) = published(c, port)
+            {
+                return Ok(replica(id, addr));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(DriverError::NoAddress {
+            id: ReplicaId(id),
+            port,
+        })
+    }
+
+    async fn stop_replica(&self, id: &ReplicaId) -> Result<(), DriverError> {
+        // Only ever our own: the id must be one of this installation's and node's containers.
+        if self
+            .containers(Some(("id", id.0.clone())))
+            .await?
+            .is_empty()
+        {
+            return Ok(());
+        }
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.0.clone());
+        let t = i32::try_from(self.cfg.stop_grace.as_secs()).unwrap_or(i32::MAX);
+        match self
+            .docker
+            .stop_container(
+                &id.0,
+                Some(StopContainerOptionsBuilder::default().t(t).build()),
+            )
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, 304) || is_status(&e, 404) => Ok(()),
+            Err(e) => Err(DriverError::docker(format!("stop container {id}"), e)),
+        }
+    }
+
+    async fn remove_replica(&self, id: &ReplicaId) -> Result<(), DriverError> {
+        if self
+            .containers(Some(("id", id.0.clone())))
+            .await?
+            .is_empty()
+        {
+            return Ok(());
+        }
+        self.stop_replica(id).await?;
+        let result = self
+            .docker
+            .remove_container(
+                &id.0,
+                Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+            )
+            .await;
+        self.stopped
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id.0);
+        match result {
+            Ok(()) => Ok(()),
+            Err(e) if is_status(&e, 404) => Ok(()),
+            // 409: removal already in progress.
+            Err(e) if is_status(&e, 409) => Ok(()),
+            Err(e) => Err(DriverError::docker(format!("remove container {id}"), e)),
+        }
+    }
+
+    async fn list_replicas(&self) -> Result<Vec<ReplicaStatus>, DriverError> {
+        Ok(self
+            .containers(None)
+            .await?
+            .iter()
+            .filter_map(|c| self.status_of(c))
+            .collect())
+    }
+
+    async fn status(&self, id: &ReplicaId) -> Result<Option<ReplicaStatus>, DriverError> {
+        Ok(self
+            .containers(Some(("id", id.0.clone())))
+            .await?
+            .first()
+            .and_then(|c| self.status_of(c)))
+    }
+
+    async fn logs(&self, id: &ReplicaId, tail: usize) -> Result<Vec<LogLine>, DriverError> {
+        if self
+            .containers(Some(("id", id.0.clone())))
+            .await?
+            .is_empty()
+        {
+            return Err(DriverError::NotFound(id.clone()));
+        }
+        let opts = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .tail(&tail.to_string())
+            .build();
+        let mut stream = self.docker.logs(&id.0, Some(opts));
+        let (mut out, mut err) = (LineSplitter::default(), LineSplitter::default());
+        let mut lines = Vec::new();
+        while let Some(item) = stream.next().await {
+            match item.map_err(|e| DriverError::docker(format!("read logs of {id}"), e))? {
+                bollard::container::LogOutput::StdErr { message } => {
+                    err.push(&message, |l| lines.push(LogLine::new(LogStream::Stderr, l)))
+                }
+                bollard::container::LogOutput::StdOut { message }
+                | bollard::container::LogOutput::Console { message } => {
+                    out.push(&message, |l| lines.push(LogLine::new(LogStream::Stdout, l)))
+                }
+                bollard::container::LogOutput::StdIn { .. } => {}
+            }
+        }
+        out.finish(|l| lines.push(LogLine::new(LogStream::Stdout, l)));
+        err.finish(|l| lines.push(LogLine::new(LogStream::Stderr, l)));
+        Ok(lines)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_dockerfile_quotes_every_command() {
+        let spec: ReplicaSpec = serde_json::from_value(serde_json::json!({
+            "installation": "t", "app": "web", "release": 1, "slot": 0, "config_commit": "c1",
+            "source": {"url": "https://github.com/a/b.git", "commit": "0123456789abcdef0123456789abcdef01234567"},
+            "build": {"base_image": "busybox:1", "commands": ["echo a\nRUN evil", "make \"x\""], "start": "httpd -f -p $PORT", "port": 8080},
+            "limits": {"cpu_millis": 100, "memory_bytes": 67108864}
+        }))
+        .unwrap();
+        let df = DockerDriver::generated_dockerfile(&spec).unwrap();
+        assert_eq!(
+            df,
+            "FROM busybox:1\n\
+             LABEL cairn.installation=\"t\" cairn.app=\"web\"\n\
+             WORKDIR /app\n\
+             COPY . /app\n\
+             RUN [\"/bin/sh\", \"-c\", \"echo a\\nRUN evil\"]\n\
+             RUN [\"/bin/sh\", \"-c\", \"make \\\"x\\\"\"]\n\
+             ENV PORT=8080\n\
+             EXPOSE 8080\n\
+             CMD [\"/bin/sh\", \"-c\", \"httpd -f -p $PORT\"]\n"
+        );
+        assert_eq!(df.lines().filter(|l| l.starts_with("RUN")).count(), 2);
+    }
+
+    #[test]
+    fn exit_codes_from_status() {
+        assert_eq!(exit_code("Exited (3) 2 seconds ago"), Some(3));
+        assert_eq!(exit_code("Up 2 seconds"), None);
+    }
+}
