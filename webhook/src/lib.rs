@@ -3,3 +3,13 @@
 //!
 //! What it must not do: decide anything about desired state (it only records deliveries and wakes the
 //! reconciler), or be bypassed: it is the only code in Cairn that talks to GitHub.
+
+pub mod deliveries;
+pub mod events;
+pub mod github;
+pub mod outbox;
+pub mod receiver;
+pub mod signature;
+mod store;
+
+pub use store::StoreError;

@@ -1,0 +1,482 @@
+//! Every SQL statement of the GitHub integration: the `webhook_deliveries` record, the `github_outbox`
+//! and the `github_pr_comments` ids (migrations `…153000_webhook_deliveries.sql` and
+//! `…153001_github_outbox.sql`).
+//!
+//! What it must not do: decide anything (when to retry, what a delivery means, whether a call is
+//! permanent are the callers'), talk to GitHub, or take a transaction of its own where the caller's is
+//! the point (an enqueue joins the caller's transaction, a claim and its outcome commit together).
+//!
+//! The queries are checked at run time (`sqlx::query` with binds) and exercised by the integration
+//! tests against a real PostgreSQL; durations cross as seconds (`make_interval(secs => $n)`) so that
+//! every timestamp comes from the database's clock, never from two clocks compared.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::types::Json;
+use sqlx::{PgConnection, PgPool, Row as _};
+
+/// A database failure, with what was being done.
+#[derive(Debug, thiserror::Error)]
+#[error("database error while {op}")]
+pub struct StoreError {
+    op: &'static str,
+    #[source]
+    source: sqlx::Error,
+}
+
+impl StoreError {
+    pub(crate) fn from_sqlx(op: &'static str, source: sqlx::Error) -> StoreError {
+        StoreError { op, source }
+    }
+}
+
+fn err(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |source| StoreError { op, source }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Deliveries
+
+pub(crate) struct NewDelivery<'a> {
+    pub id: &'a str,
+    pub event: &'a str,
+    pub action: Option<&'a str>,
+    pub payload: &'a Value,
+    /// `received`, or `handled` for what needs no worker (a ping).
+    pub status: &'static str,
+    pub outcome: Option<&'a str>,
+}
+
+/// Records a delivery; `false` when its id was recorded before (a redelivery), which changes nothing.
+pub(crate) async fn insert_delivery(
+    pool: &PgPool,
+    d: &NewDelivery<'_>,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO webhook_deliveries (delivery_id, event, action, payload, status, outcome, handled_at)
+         VALUES ($1, $2, $3, $4, $5, $6, CASE WHEN $5 = 'received' THEN NULL ELSE now() END)
+         ON CONFLICT (delivery_id) DO NOTHING",
+    )
+    .bind(d.id)
+    .bind(d.event)
+    .bind(d.action)
+    .bind(Json(d.payload))
+    .bind(d.status)
+    .bind(d.outcome)
+    .execute(pool)
+    .await
+    .map_err(err("recording a webhook delivery"))?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+pub(crate) struct ClaimedDelivery {
+    pub id: String,
+    pub event: String,
+    pub payload: Value,
+    pub received_at: DateTime<Utc>,
+    pub attempts: i32,
+}
+
+/// Locks the oldest delivery waiting to be processed, skipping those other workers hold; the lock
+/// lasts until the caller's transaction ends.
+pub(crate) async fn claim_delivery(
+    conn: &mut PgConnection,
+) -> Result<Option<ClaimedDelivery>, StoreError> {
+    let row = sqlx::query(
+        "SELECT delivery_id, event, payload, received_at, attempts FROM webhook_deliveries
+         WHERE status = 'received' AND next_attempt_at <= now()
+         ORDER BY received_at, delivery_id
+         LIMIT 1
+         FOR UPDATE SKIP LOCKED",
+    )
+    .fetch_optional(conn)
+    .await
+    .map_err(err("claiming a webhook delivery"))?;
+    row.map(|row| {
+        Ok(ClaimedDelivery {
+            id: row.try_get("delivery_id")?,
+            event: row.try_get("event")?,
+            payload: row.try_get::<Json<Value>, _>("payload")?.0,
+            received_at: row.try_get("received_at")?,
+            attempts: row.try_get("attempts")?,
+        })
+    })
+    .transpose()
+    .map_err(err("reading a claimed webhook delivery"))
+}
+
+/// Marks a claimed delivery `handled`, `ignored` or `failed`, with what it caused or why.
+pub(crate) async fn finish_delivery(
+    conn: &mut PgConnection,
+    id: &str,
+    status: &'static str,
+    outcome: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE webhook_deliveries SET status = $2, outcome = $3, handled_at = now()
+         WHERE delivery_id = $1",
+    )
+    .bind(id)
+    .bind(status)
+    .bind(outcome)
+    .execute(conn)
+    .await
+    .map_err(err("finishing a webhook delivery"))?;
+    Ok(())
+}
+
+/// Leaves a claimed delivery for a later attempt, `retry_in_secs` from now, with the error.
+pub(crate) async fn retry_delivery(
+    conn: &mut PgConnection,
+    id: &str,
+    error: &str,
+    retry_in_secs: f64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE webhook_deliveries
+         SET attempts = attempts + 1, outcome = $2, next_attempt_at = now() + make_interval(secs => $3)
+         WHERE delivery_id = $1",
+    )
+    .bind(id)
+    .bind(error)
+    .bind(retry_in_secs)
+    .execute(conn)
+    .await
+    .map_err(err("scheduling a webhook delivery's retry"))?;
+    Ok(())
+}
+
+/// Deletes finished deliveries received more than `older_than_secs` ago.
+pub(crate) async fn prune_deliveries(
+    pool: &PgPool,
+    older_than_secs: f64,
+) -> Result<u64, StoreError> {
+    Ok(sqlx::query(
+        "DELETE FROM webhook_deliveries
+         WHERE status <> 'received' AND received_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than_secs)
+    .execute(pool)
+    .await
+    .map_err(err("pruning webhook deliveries"))?
+    .rows_affected())
+}
+
+pub(crate) struct DeliveryRow {
+    pub id: String,
+    pub event: String,
+    pub action: Option<String>,
+    pub received_at: DateTime<Utc>,
+    pub status: String,
+    pub outcome: Option<String>,
+    pub attempts: i32,
+    pub handled_at: Option<DateTime<Utc>>,
+}
+
+/// The most recent deliveries, newest first.
+pub(crate) async fn recent_deliveries(
+    pool: &PgPool,
+    limit: i64,
+) -> Result<Vec<DeliveryRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT delivery_id, event, action, received_at, status, outcome, attempts, handled_at
+         FROM webhook_deliveries ORDER BY received_at DESC, delivery_id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .map_err(err("listing webhook deliveries"))?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(DeliveryRow {
+                id: row.try_get("delivery_id")?,
+                event: row.try_get("event")?,
+                action: row.try_get("action")?,
+                received_at: row.try_get("received_at")?,
+                status: row.try_get("status")?,
+                outcome: row.try_get("outcome")?,
+                attempts: row.try_get("attempts")?,
+                handled_at: row.try_get("handled_at")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(err("reading webhook deliveries"))
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Outbox
+
+/// Adds a call to the outbox in the caller's transaction, or, when a pending call has the same
+/// coalesce key, replaces that call's payload (its `version` goes up, its schedule is kept so a call
+/// in flight stays leased). Returns the row's id.
+pub(crate) async fn outbox_insert(
+    conn: &mut PgConnection,
+    kind: &'static str,
+    repo: &str,
+    payload: &Value,
+    coalesce_key: Option<&str>,
+) -> Result<i64, StoreError> {
+    sqlx::query_scalar(
+        "INSERT INTO github_outbox (kind, repo, payload, coalesce_key) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (coalesce_key) WHERE status = 'pending' DO UPDATE
+         SET payload = EXCLUDED.payload, version = github_outbox.version + 1, attempts = 0,
+             last_error = NULL, updated_at = now()
+         RETURNING id",
+    )
+    .bind(kind)
+    .bind(repo)
+    .bind(Json(payload))
+    .bind(coalesce_key)
+    .fetch_one(conn)
+    .await
+    .map_err(err("enqueueing a GitHub call"))
+}
+
+pub(crate) struct ClaimedCall {
+    pub id: i64,
+    pub kind: String,
+    pub repo: String,
+    pub payload: Value,
+    pub version: i32,
+    /// Including this one.
+    pub attempts: i32,
+}
+
+/// Takes the next due call: counts the attempt and leases the row for `lease_secs` (its
+/// `next_attempt_at` becomes the lease expiry), committed before the caller makes the HTTP call.
+pub(crate) async fn outbox_claim(
+    pool: &PgPool,
+    lease_secs: f64,
+) -> Result<Option<ClaimedCall>, StoreError> {
+    let row = sqlx::query(
+        "UPDATE github_outbox
+         SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $1),
+             updated_at = now()
+         WHERE id = (
+             SELECT id FROM github_outbox
+             WHERE status = 'pending' AND next_attempt_at <= now()
+             ORDER BY next_attempt_at, id
+             LIMIT 1
+             FOR UPDATE SKIP LOCKED
+         )
+         RETURNING id, kind, repo, payload, version, attempts",
+    )
+    .bind(lease_secs)
+    .fetch_optional(pool)
+    .await
+    .map_err(err("claiming a GitHub call"))?;
+    row.map(|row| {
+        Ok(ClaimedCall {
+            id: row.try_get("id")?,
+            kind: row.try_get("kind")?,
+            repo: row.try_get("repo")?,
+            payload: row.try_get::<Json<Value>, _>("payload")?.0,
+            version: row.try_get("version")?,
+            attempts: row.try_get("attempts")?,
+        })
+    })
+    .transpose()
+    .map_err(err("reading a claimed GitHub call"))
+}
+
+/// What became of a claimed call whose payload may have been superseded meanwhile.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// The delivered (or failed) version was the current one.
+    AsIntended,
+    /// A newer payload arrived while the call was in flight: the row stays pending, due now, with its
+    /// attempts started afresh.
+    Superseded,
+    /// The row is gone or no longer pending (it cannot be, short of manual intervention).
+    Missing,
+}
+
+/// Marks a delivered call `done`, unless its payload was superseded while in flight.
+pub(crate) async fn outbox_done(
+    conn: &mut PgConnection,
+    id: i64,
+    version: i32,
+) -> Result<Settled, StoreError> {
+    let row: Option<bool> = sqlx::query_scalar(
+        "UPDATE github_outbox SET
+             status = CASE WHEN version = $2 THEN 'done' ELSE 'pending' END,
+             finished_at = CASE WHEN version = $2 THEN now() END,
+             next_attempt_at = CASE WHEN version = $2 THEN next_attempt_at ELSE now() END,
+             last_error = CASE WHEN version = $2 THEN NULL ELSE last_error END,
+             updated_at = now()
+         WHERE id = $1 AND status = 'pending'
+         RETURNING version = $2",
+    )
+    .bind(id)
+    .bind(version)
+    .fetch_optional(conn)
+    .await
+    .map_err(err("marking a GitHub call done"))?;
+    Ok(settled(row))
+}
+
+fn settled(row: Option<bool>) -> Settled {
+    match row {
+        Some(true) => Settled::AsIntended,
+        Some(false) => Settled::Superseded,
+        None => Settled::Missing,
+    }
+}
+
+/// What to do with a call that failed.
+pub(crate) enum Failure {
+    /// Try again `in_secs` from now; `count` false gives the attempt back (a rate limit is nobody's
+    /// failure).
+    Retry { in_secs: f64, count: bool },
+    /// Give up: the call is kept as `dead` with the error.
+    Dead,
+}
+
+/// Records a failed attempt. A superseded call is retried at once with the newer payload instead.
+pub(crate) async fn outbox_failed(
+    pool: &PgPool,
+    id: i64,
+    version: i32,
+    error: &str,
+    failure: Failure,
+) -> Result<Settled, StoreError> {
+    let (dead, in_secs, count) = match failure {
+        Failure::Retry { in_secs, count } => (false, in_secs, count),
+        Failure::Dead => (true, 0.0, true),
+    };
+    let row: Option<bool> = sqlx::query_scalar(
+        "UPDATE github_outbox SET
+             status = CASE WHEN version = $2 AND $4 THEN 'dead' ELSE 'pending' END,
+             finished_at = CASE WHEN version = $2 AND $4 THEN now() END,
+             next_attempt_at = CASE WHEN version = $2 THEN now() + make_interval(secs => $5)
+                                    ELSE now() END,
+             attempts = CASE WHEN version = $2 AND NOT $6 THEN greatest(attempts - 1, 0)
+                             ELSE attempts END,
+             last_error = $3,
+             updated_at = now()
+         WHERE id = $1 AND status = 'pending'
+         RETURNING version = $2",
+    )
+    .bind(id)
+    .bind(version)
+    .bind(error)
+    .bind(dead)
+    .bind(in_secs)
+    .bind(count)
+    .fetch_optional(pool)
+    .await
+    .map_err(err("recording a failed GitHub call"))?;
+    Ok(settled(row))
+}
+
+/// Holds every pending call until at least `in_secs` from now (GitHub's rate limit applies to all of
+/// them, not only to the call that hit it).
+pub(crate) async fn outbox_pause_all(pool: &PgPool, in_secs: f64) -> Result<u64, StoreError> {
+    Ok(sqlx::query(
+        "UPDATE github_outbox
+         SET next_attempt_at = greatest(next_attempt_at, now() + make_interval(secs => $1))
+         WHERE status = 'pending'",
+    )
+    .bind(in_secs)
+    .execute(pool)
+    .await
+    .map_err(err("pausing GitHub calls for the rate limit"))?
+    .rows_affected())
+}
+
+/// Seconds until the earliest pending call is due (negative when one is due now); `None` when none
+/// is pending.
+pub(crate) async fn outbox_next_due_in(pool: &PgPool) -> Result<Option<f64>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
+         FROM github_outbox WHERE status = 'pending'",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(err("looking for the next due GitHub call"))
+}
+
+pub(crate) struct OutboxRow {
+    pub id: i64,
+    pub kind: String,
+    pub repo: String,
+    pub payload: Value,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// Dead calls, newest first.
+pub(crate) async fn outbox_dead(pool: &PgPool, limit: i64) -> Result<Vec<OutboxRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, kind, repo, payload, attempts, last_error, created_at, finished_at
+         FROM github_outbox WHERE status = 'dead' ORDER BY finished_at DESC, id DESC LIMIT $1",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .map_err(err("listing dead GitHub calls"))?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(OutboxRow {
+                id: row.try_get("id")?,
+                kind: row.try_get("kind")?,
+                repo: row.try_get("repo")?,
+                payload: row.try_get::<Json<Value>, _>("payload")?.0,
+                attempts: row.try_get("attempts")?,
+                last_error: row.try_get("last_error")?,
+                created_at: row.try_get("created_at")?,
+                finished_at: row.try_get("finished_at")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(err("reading dead GitHub calls"))
+}
+
+/// Deletes calls that finished (done or dead) more than `older_than_secs` ago.
+pub(crate) async fn prune_outbox(pool: &PgPool, older_than_secs: f64) -> Result<u64, StoreError> {
+    Ok(sqlx::query(
+        "DELETE FROM github_outbox
+         WHERE status <> 'pending' AND finished_at < now() - make_interval(secs => $1)",
+    )
+    .bind(older_than_secs)
+    .execute(pool)
+    .await
+    .map_err(err("pruning finished GitHub calls"))?
+    .rows_affected())
+}
+
+/// The id of the plan comment on a pull request, once known.
+pub(crate) async fn pr_comment_id(
+    pool: &PgPool,
+    repo: &str,
+    pr: i64,
+) -> Result<Option<i64>, StoreError> {
+    sqlx::query_scalar("SELECT comment_id FROM github_pr_comments WHERE repo = $1 AND pr = $2")
+        .bind(repo)
+        .bind(pr)
+        .fetch_optional(pool)
+        .await
+        .map_err(err("reading a pull request's plan comment id"))
+}
+
+pub(crate) async fn set_pr_comment_id(
+    conn: &mut PgConnection,
+    repo: &str,
+    pr: i64,
+    comment_id: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO github_pr_comments (repo, pr, comment_id) VALUES ($1, $2, $3)
+         ON CONFLICT (repo, pr) DO UPDATE SET comment_id = EXCLUDED.comment_id, updated_at = now()",
+    )
+    .bind(repo)
+    .bind(pr)
+    .bind(comment_id)
+    .execute(conn)
+    .await
+    .map_err(err("storing a pull request's plan comment id"))?;
+    Ok(())
+}
