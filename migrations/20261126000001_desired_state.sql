@@ -2,7 +2,7 @@
 --
 -- Only the executor writes these tables, inside its apply transaction and under the apply advisory lock;
 -- everything else reads them. Each resource keeps the applied resource as JSON (`spec`, what a plan diffs
--- field by field) and the planner's change-detection hash (`spec_hash`), plus the few fields SQL itself
+-- field by field) and a hash of it (`spec_hash`), plus the few fields SQL itself
 -- needs (capacity, prices, references) as typed columns. The store fills both from the same value;
 -- `spec_hash` is `sha256:` and the hex SHA-256 of the JSON the store wrote, so an upsert that changes
 -- nothing writes nothing.
@@ -17,8 +17,8 @@ CREATE TABLE config_state (
     -- NULL until the first apply.
     commit      text CHECK (commit <> ''),
     generation  bigint NOT NULL DEFAULT 0 CHECK (generation >= 0),
-    -- cairn.toml as applied (base domain, currency, recipients).
-    settings    jsonb NOT NULL DEFAULT '{}'::jsonb,
+    -- cairn.toml as applied (base domain, currency, recipients); NULL until the first apply.
+    settings    jsonb,
     applied_at  timestamptz,
     CHECK ((generation = 0) = (applied_at IS NULL))
 );

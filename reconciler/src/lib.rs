@@ -9,5 +9,7 @@
 
 pub mod observed;
 pub mod plan;
+pub mod queue;
 pub mod scheduler;
 pub mod source;
+pub mod store;

@@ -1,3 +1,5 @@
 //! Integration tests of the reconciler, one binary with a module per area.
 
 mod git_source;
+mod queue;
+mod store;

@@ -1,0 +1,162 @@
+//! Task queue throughput: lease + complete against a real PostgreSQL with `fsync` and
+//! `synchronous_commit` on, so every lease and every completion is a durable commit.
+//!
+//! ```text
+//! cargo bench -p cairn-reconciler --bench queue               # 200,000 tasks batched, 10,000 one by one
+//! cargo bench -p cairn-reconciler --bench queue -- --quick    # a tenth of that (or CAIRN_BENCH_QUICK=1)
+//! ```
+//!
+//! The database comes from `cairn-testkit` (the private cluster, or `CAIRN_TEST_DATABASE_URL`). One
+//! worker per node, as with agents: each leases its node's tasks and completes them, batched
+//! (`lease(n)` + `complete_many`) and one at a time (`lease(1)` + `complete`). Enqueueing happens
+//! before the clock starts and is reported separately.
+
+use std::time::{Duration, Instant};
+
+use cairn_reconciler::queue::{self, NewTask, TaskKind};
+use cairn_schema::Name;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+const NODES: usize = 8;
+const LEASE: Duration = Duration::from_secs(60);
+
+fn main() {
+    let quick = std::env::args().any(|a| a == "--quick")
+        || std::env::var_os("CAIRN_BENCH_QUICK").is_some_and(|v| !v.is_empty());
+    let scale = if quick { 10 } else { 1 };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(run(200_000 / scale, 10_000 / scale));
+}
+
+async fn run(batched_tasks: usize, single_tasks: usize) {
+    let Some(db) = cairn_testkit::pg::TestDb::new().await else {
+        return;
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(NODES as u32 + 2)
+        .connect_with(db.options())
+        .await
+        .expect("a pool");
+    print_settings(&pool).await;
+
+    for (label, tasks, batch) in [
+        (
+            "batched, 8 workers, lease(200) + complete_many",
+            batched_tasks,
+            200u32,
+        ),
+        (
+            "one at a time, 8 workers, lease(1) + complete",
+            single_tasks,
+            1,
+        ),
+    ] {
+        let (enqueued, enqueue_time) = enqueue(&pool, tasks, label).await;
+        let started = Instant::now();
+        let workers: Vec<_> = (0..NODES)
+            .map(|n| {
+                let pool = pool.clone();
+                tokio::spawn(async move { work(&pool, &node(n), batch).await })
+            })
+            .collect();
+        let mut done = 0;
+        for w in workers {
+            done += w.await.expect("a worker");
+        }
+        let elapsed = started.elapsed();
+        assert_eq!(done, enqueued, "every task completed exactly once");
+        println!(
+            "{label}: {done} tasks in {:.2} s = {:.0} tasks/s (enqueue: {:.0} tasks/s)",
+            elapsed.as_secs_f64(),
+            done as f64 / elapsed.as_secs_f64(),
+            enqueued as f64 / enqueue_time.as_secs_f64(),
+        );
+    }
+    pool.close().await;
+    db.close().await;
+}
+
+fn node(n: usize) -> Name {
+    Name::new(&format!("node-{n}")).expect("a valid name")
+}
+
+/// Enqueues `tasks` spread over the nodes, 5,000 per transaction.
+async fn enqueue(pool: &PgPool, tasks: usize, run: &str) -> (usize, Duration) {
+    let app = Name::new("bench").expect("a valid name");
+    let started = Instant::now();
+    let mut inserted = 0;
+    let all: Vec<usize> = (0..tasks).collect();
+    for chunk in all.chunks(5_000) {
+        let batch: Vec<NewTask> = chunk
+            .iter()
+            .map(|i| NewTask {
+                slot: Some(1),
+                payload: serde_json::json!({ "image": "registry.local/bench:1", "port": 8080 }),
+                ..NewTask::new(
+                    node(i % NODES),
+                    TaskKind::Deploy,
+                    app.clone(),
+                    format!("{run}:{i}"),
+                )
+            })
+            .collect();
+        let mut tx = pool.begin().await.expect("begin");
+        inserted += queue::enqueue_many(&mut tx, &batch)
+            .await
+            .expect("enqueue")
+            .len();
+        tx.commit().await.expect("commit");
+    }
+    (inserted, started.elapsed())
+}
+
+/// Leases and completes `node`'s tasks until there are none; returns how many it completed.
+async fn work(pool: &PgPool, node: &Name, batch: u32) -> usize {
+    let mut done = 0;
+    loop {
+        let leased = queue::lease(pool, node, batch, LEASE).await.expect("lease");
+        if leased.is_empty() {
+            return done;
+        }
+        if batch == 1 {
+            for t in &leased {
+                queue::complete(pool, t.id, t.token)
+                    .await
+                    .expect("complete");
+            }
+            done += leased.len();
+        } else {
+            let leases: Vec<_> = leased.iter().map(|t| (t.id, t.token)).collect();
+            let result = queue::complete_many(pool, &leases).await.expect("complete");
+            assert!(
+                result.stale.is_empty(),
+                "no lease expires during the benchmark"
+            );
+            done += result.done.len();
+        }
+    }
+}
+
+async fn print_settings(pool: &PgPool) {
+    let version: String = sqlx::query_scalar("SELECT version()")
+        .fetch_one(pool)
+        .await
+        .expect("version");
+    println!("{version}");
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, current_setting(name) FROM pg_settings
+         WHERE name IN ('fsync', 'synchronous_commit', 'wal_sync_method', 'full_page_writes',
+                        'shared_buffers', 'wal_level', 'max_wal_size', 'commit_delay',
+                        'checkpoint_timeout', 'wal_buffers')
+         ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+    .expect("settings");
+    let shown: Vec<String> = settings.iter().map(|(n, v)| format!("{n}={v}")).collect();
+    println!("settings: {}", shown.join(" "));
+}

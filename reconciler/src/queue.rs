@@ -1,0 +1,544 @@
+//! The agent task queue: tasks are enqueued in the transaction that changes the state they follow from,
+//! leased by a node's agent with an expiring lease and a fencing token, and completed or failed with that
+//! token. Delivery is at least once; agents make every task idempotent.
+//!
+//! - [`enqueue`] takes the caller's transaction: state and tasks commit together or not at all. A task's
+//!   `dedup_key` is unique, so the same task is never enqueued twice (two appliers racing on a commit
+//!   emit each task once).
+//! - [`lease`] hands out up to `n` tasks of a node that may run now (`FOR UPDATE SKIP LOCKED`: concurrent
+//!   leasers never wait for or duplicate each other), each with a fresh token from an increasing sequence
+//!   and an expiry. A lease that expires is handed out again, with a new token.
+//! - [`complete`], [`fail`] and [`extend`] refuse a token that is not the task's current lease
+//!   ([`QueueError::StaleLease`]): an agent that stalled past its lease cannot finish a task that was
+//!   handed to someone else. (A token whose lease expired but was not handed out again is still current:
+//!   nobody else has the task, so its result is accepted.)
+//! - A failed attempt is retried after an exponential [`Backoff`]; after `max_attempts` the task is dead
+//!   and stays for an operator to look at.
+//! - [`Listener`] holds one LISTEN connection for the process and wakes the waiters of a node when its
+//!   tasks are committed; waiters also wake every poll interval, which covers lost notifications and
+//!   tasks whose backoff or lease ran out.
+//!
+//! What it must not do: run SQL itself (the statements are in [`crate::store::tasks`]), hold a
+//! transaction or a connection while an agent works on a task, or read a clock other than the
+//! database's for leases and backoff.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cairn_schema::Name;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::store::{StoreError, tasks as sql};
+
+/// A task's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct TaskId(pub i64);
+
+/// A lease's fencing token: unique, and larger for every later lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct LeaseToken(pub i64);
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+impl fmt::Display for LeaseToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// What an agent is told to do with a replica slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    Deploy,
+    Stop,
+    Start,
+    Restart,
+    Remove,
+}
+
+impl TaskKind {
+    pub const ALL: [TaskKind; 5] = [
+        TaskKind::Deploy,
+        TaskKind::Stop,
+        TaskKind::Start,
+        TaskKind::Restart,
+        TaskKind::Remove,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Deploy => "deploy",
+            TaskKind::Stop => "stop",
+            TaskKind::Start => "start",
+            TaskKind::Restart => "restart",
+            TaskKind::Remove => "remove",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskKind> {
+        TaskKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    /// Waiting for its first lease.
+    Queued,
+    /// Handed to an agent until its lease expires.
+    Leased,
+    Done,
+    /// An attempt failed; it is leased again once its backoff has passed.
+    Failed,
+    /// Its last allowed attempt failed or timed out. Not retried.
+    Dead,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 5] = [
+        TaskStatus::Queued,
+        TaskStatus::Leased,
+        TaskStatus::Done,
+        TaskStatus::Failed,
+        TaskStatus::Dead,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Leased => "leased",
+            TaskStatus::Done => "done",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Dead => "dead",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A task to enqueue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewTask {
+    pub node: Name,
+    pub kind: TaskKind,
+    pub app: Name,
+    pub slot: Option<u32>,
+    pub release: Option<u64>,
+    /// The config generation that emitted it.
+    pub generation: Option<u64>,
+    /// What the agent needs. Secrets only as age ciphertexts to the node's own recipient.
+    pub payload: serde_json::Value,
+    /// Unique per task: enqueueing a second task with the same key does nothing.
+    pub dedup_key: String,
+    pub max_attempts: u32,
+}
+
+impl NewTask {
+    /// Attempts a task gets unless the caller says otherwise.
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+
+    /// A task with no slot, release, generation or payload, and the default attempts.
+    pub fn new(node: Name, kind: TaskKind, app: Name, dedup_key: impl Into<String>) -> NewTask {
+        NewTask {
+            node,
+            kind,
+            app,
+            slot: None,
+            release: None,
+            generation: None,
+            payload: serde_json::Value::Object(Default::default()),
+            dedup_key: dedup_key.into(),
+            max_attempts: NewTask::DEFAULT_MAX_ATTEMPTS,
+        }
+    }
+}
+
+/// A task handed to an agent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LeasedTask {
+    pub id: TaskId,
+    /// Present it to complete, fail or extend the lease.
+    pub token: LeaseToken,
+    pub node: Name,
+    pub kind: TaskKind,
+    pub app: Name,
+    pub slot: Option<u32>,
+    pub release: Option<u64>,
+    pub generation: Option<u64>,
+    pub payload: serde_json::Value,
+    /// 1 for the first lease.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// Past this (database time) the task may be handed to another worker.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// A task's queue state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskState {
+    pub status: TaskStatus,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub lease_token: Option<LeaseToken>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    /// The earliest time it may be leased (again).
+    pub run_after: DateTime<Utc>,
+    pub last_error: Option<String>,
+}
+
+/// How long a failed task waits before its next attempt: `base`, doubled per failed attempt, at most
+/// `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    pub base: Duration,
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(5),
+            max: Duration::from_secs(10 * 60),
+        }
+    }
+}
+
+impl Backoff {
+    /// The wait after the `attempt`-th attempt (1-based) failed.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1));
+        self.base.saturating_mul(factor).min(self.max)
+    }
+}
+
+/// What [`fail`] did with the task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// Leased again from `run_after` on.
+    Retry { run_after: DateTime<Utc> },
+    /// That was its last allowed attempt.
+    Dead,
+}
+
+/// Ids sorted by what [`complete_many`] did with them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Completed {
+    pub done: Vec<TaskId>,
+    /// Not completed: the token was not the task's current lease (or no such task).
+    pub stale: Vec<TaskId>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error(
+        "task {task} is not leased with token {token} (it is {status}): its lease expired and it was \
+         handed out again, or it already finished"
+    )]
+    StaleLease {
+        task: TaskId,
+        token: LeaseToken,
+        status: TaskStatus,
+    },
+    #[error("there is no task {task}")]
+    NotFound { task: TaskId },
+    #[error("the task queue's database operation failed")]
+    Store(#[from] StoreError),
+}
+
+/// Longest `last_error` kept; agents' error output can be large.
+const MAX_ERROR_BYTES: usize = 4096;
+
+/// Enqueues a task in the caller's transaction. `None` when a task with the same dedup key exists. Agents
+/// listening for the node are woken when the transaction commits.
+pub async fn enqueue(
+    tx: &mut Transaction<'_, Postgres>,
+    task: &NewTask,
+) -> Result<Option<TaskId>, QueueError> {
+    Ok(sql::insert(tx, task).await?)
+}
+
+/// Enqueues many tasks in one statement, in the caller's transaction; returns the ids of those inserted.
+pub async fn enqueue_many(
+    tx: &mut Transaction<'_, Postgres>,
+    tasks: &[NewTask],
+) -> Result<Vec<TaskId>, QueueError> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sql::insert_many(tx, tasks).await?)
+}
+
+/// Leases up to `n` of `node`'s tasks that may run now, oldest first, for `lease_for` each.
+pub async fn lease(
+    pool: &PgPool,
+    node: &Name,
+    n: u32,
+    lease_for: Duration,
+) -> Result<Vec<LeasedTask>, QueueError> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    Ok(sql::lease(pool, node, n, lease_for).await?)
+}
+
+/// Marks a task done.
+pub async fn complete(pool: &PgPool, task: TaskId, token: LeaseToken) -> Result<(), QueueError> {
+    if sql::complete(pool, task, token).await? {
+        Ok(())
+    } else {
+        Err(refused(pool, task, token).await)
+    }
+}
+
+/// Marks many tasks done in one statement (batching is what makes the queue fast).
+pub async fn complete_many(
+    pool: &PgPool,
+    leases: &[(TaskId, LeaseToken)],
+) -> Result<Completed, QueueError> {
+    if leases.is_empty() {
+        return Ok(Completed::default());
+    }
+    let done = sql::complete_many(pool, leases).await?;
+    let set: std::collections::HashSet<TaskId> = done.iter().copied().collect();
+    let stale = leases
+        .iter()
+        .map(|(id, _)| *id)
+        .filter(|id| !set.contains(id))
+        .collect();
+    Ok(Completed { done, stale })
+}
+
+/// Records a failed attempt: the task is retried after `backoff`, or dead after its last attempt.
+pub async fn fail(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+    error: &str,
+    backoff: &Backoff,
+) -> Result<FailOutcome, QueueError> {
+    match sql::fail(pool, task, token, truncate(error), backoff).await? {
+        Some(outcome) => Ok(outcome),
+        None => Err(refused(pool, task, token).await),
+    }
+}
+
+/// Extends a lease to `lease_for` from now (the agent's heartbeat while it works); returns the new
+/// expiry.
+pub async fn extend(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+    lease_for: Duration,
+) -> Result<DateTime<Utc>, QueueError> {
+    match sql::extend(pool, task, token, lease_for).await? {
+        Some(expiry) => Ok(expiry),
+        None => Err(refused(pool, task, token).await),
+    }
+}
+
+/// A task's queue state; `None` when there is no such task.
+pub async fn state(pool: &PgPool, task: TaskId) -> Result<Option<TaskState>, QueueError> {
+    Ok(sql::state(pool, task).await?)
+}
+
+/// Why a token was refused, as a typed error.
+async fn refused(pool: &PgPool, task: TaskId, token: LeaseToken) -> QueueError {
+    match sql::state(pool, task).await {
+        Ok(Some(s)) => QueueError::StaleLease {
+            task,
+            token,
+            status: s.status,
+        },
+        Ok(None) => QueueError::NotFound { task },
+        Err(e) => QueueError::Store(e),
+    }
+}
+
+fn truncate(error: &str) -> &str {
+    if error.len() <= MAX_ERROR_BYTES {
+        return error;
+    }
+    let mut end = MAX_ERROR_BYTES;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    &error[..end]
+}
+
+/// Why a [`Waiter`] woke up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wake {
+    /// Tasks for the node were committed (or the listener lost its connection and may have missed it).
+    Notified,
+    /// The poll interval passed.
+    Poll,
+}
+
+/// One LISTEN connection for the whole process, waking in-memory waiters per node.
+///
+/// Dropping it stops the listening task; waiters then fall back to polling.
+#[derive(Debug)]
+pub struct Listener {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    /// A counter per node, bumped on each of its notifications; waiters hold receivers.
+    nodes: Mutex<HashMap<String, watch::Sender<u64>>>,
+    poll: Duration,
+}
+
+impl Shared {
+    fn bump(&self, node: &str) {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = nodes.get(node) {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// After a lost connection: anything may have been missed.
+    fn bump_all(&self) {
+        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        for tx in nodes.values() {
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+}
+
+impl Listener {
+    /// Starts listening. Tasks committed after this returns wake their node's waiters; waiters also wake
+    /// every `poll`.
+    pub async fn start(pool: &PgPool, poll: Duration) -> Result<Listener, QueueError> {
+        let mut notifications = sql::Notifications::listen(pool).await?;
+        let shared = Arc::new(Shared {
+            nodes: Mutex::new(HashMap::new()),
+            poll,
+        });
+        let task = tokio::spawn({
+            let shared = Arc::clone(&shared);
+            async move {
+                loop {
+                    match notifications.recv().await {
+                        Ok(Some(node)) => shared.bump(&node),
+                        Ok(None) => shared.bump_all(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "task notifications failed; retrying");
+                            shared.bump_all();
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(Listener { shared, task })
+    }
+
+    /// A waiter for `node`'s tasks. Create it before the first [`lease`] of a wait loop, so that a
+    /// notification between that lease and the wait is not lost.
+    pub fn waiter(&self, node: &Name) -> Waiter {
+        let mut nodes = self.shared.nodes.lock().unwrap_or_else(|e| e.into_inner());
+        nodes.retain(|_, tx| tx.receiver_count() > 0);
+        let rx = match nodes.get(node.as_str()) {
+            Some(tx) => tx.subscribe(),
+            None => {
+                let (tx, rx) = watch::channel(0);
+                nodes.insert(node.as_str().to_owned(), tx);
+                rx
+            }
+        };
+        Waiter {
+            rx,
+            poll: self.shared.poll,
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits for one node's tasks.
+#[derive(Debug)]
+pub struct Waiter {
+    rx: watch::Receiver<u64>,
+    poll: Duration,
+}
+
+impl Waiter {
+    /// Returns when the node's tasks were notified since the last call (or since the waiter was made),
+    /// or after the poll interval.
+    pub async fn wait(&mut self) -> Wake {
+        match tokio::time::timeout(self.poll, self.rx.changed()).await {
+            Ok(Ok(())) => Wake::Notified,
+            // The listener is gone: poll only.
+            Ok(Err(_)) => {
+                tokio::time::sleep(self.poll).await;
+                Wake::Poll
+            }
+            Err(_) => Wake::Poll,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap() {
+        let b = Backoff {
+            base: Duration::from_secs(2),
+            max: Duration::from_secs(30),
+        };
+        let delays: Vec<u64> = (1..=6).map(|a| b.delay(a).as_secs()).collect();
+        assert_eq!(delays, [2, 4, 8, 16, 30, 30]);
+        assert_eq!(
+            b.delay(200),
+            Duration::from_secs(30),
+            "no overflow for large attempts"
+        );
+    }
+
+    #[test]
+    fn long_errors_are_cut_on_a_char_boundary() {
+        let e = "é".repeat(MAX_ERROR_BYTES);
+        let t = truncate(&e);
+        assert!(t.len() <= MAX_ERROR_BYTES && t.len() >= MAX_ERROR_BYTES - 1);
+        assert_eq!(truncate("short"), "short");
+    }
+
+    #[test]
+    fn kinds_and_statuses_round_trip() {
+        for k in TaskKind::ALL {
+            assert_eq!(TaskKind::parse(k.as_str()), Some(k));
+        }
+        for s in TaskStatus::ALL {
+            assert_eq!(TaskStatus::parse(s.as_str()), Some(s));
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The store: every SQL statement the control plane runs, and nothing else.
+//!
+//! It is the only module that touches Postgres. Its queries are checked against the schema at compile
+//! time (`sqlx::query!`), with the results committed in `.sqlx/` at the workspace root, so building needs
+//! no database; after changing a query or a migration run `cargo sqlx prepare --workspace` against a
+//! migrated database and commit `.sqlx/`.
+//!
+//! - [`state`]: the applied config state (generation, resources, env, placements, releases, pins,
+//!   restart requests, source heads) and the apply lock;
+//! - [`history`]: the record of reconcile runs;
+//! - [`tasks`]: the statements behind [`crate::queue`].
+//!
+//! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
+//! are a transaction of their own take the pool.
+//!
+//! What it must not do: decide anything (which resources change, where replicas go and which tasks
+//! follow are the planner's; the store writes what it is given), hold a connection while waiting on
+//! anything but Postgres, or put a secret's plaintext into a column, a log line or an error.
+
+pub mod history;
+pub mod state;
+pub mod tasks;
+
+use std::time::Duration;
+
+use sha2::{Digest as _, Sha256};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+
+pub use history::{NewReconciliation, ReconcileStatus, Reconciliation, RecordedError};
+pub use state::{ConfigState, ReleaseInsert, Written};
+
+/// The schema, embedded: `migrations/` at the workspace root.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// What went wrong talking to Postgres. The `sqlx` error is chained as the source, never shown in the
+/// message itself (it can quote a statement's parameters).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to PostgreSQL")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot bring the database schema up to date")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("database operation failed: {op}")]
+    Query {
+        op: &'static str,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A value in the database that this version cannot read: a newer control plane wrote it, or it was
+    /// edited by hand.
+    #[error("unexpected value in {table}.{column}: {detail}")]
+    Corrupt {
+        table: &'static str,
+        column: &'static str,
+        detail: String,
+    },
+    /// A value too large for its column (counts and numbers are `u64` in Rust, `bigint` in SQL).
+    #[error("{what} {value} does not fit the database column")]
+    OutOfRange { what: &'static str, value: u64 },
+    /// The applied state moved on since the caller read it: another control plane applied first.
+    #[error(
+        "the applied state is at generation {current}, not {expected} as this change assumed: plan again"
+    )]
+    GenerationConflict { expected: u64, current: u64 },
+    /// An app's secret env var has no fingerprint among those given.
+    #[error(
+        "secret `{key}` of app `{app}` has no fingerprint: apply with the control plane's identity"
+    )]
+    MissingFingerprint { app: String, key: String },
+}
+
+/// Attaches the operation's name to a `sqlx` error.
+pub(crate) trait Op<T> {
+    fn op(self, op: &'static str) -> Result<T, StoreError>;
+}
+
+impl<T> Op<T> for Result<T, sqlx::Error> {
+    fn op(self, op: &'static str) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Query { op, source })
+    }
+}
+
+/// A pool for the control plane. The acquire timeout turns an exhausted pool or an unreachable server into
+/// an error instead of a hang.
+pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(StoreError::Connect)
+}
+
+/// Applies the migrations this binary embeds that the database lacks. Refuses a database on which a
+/// migration this binary knows was applied with other contents (see `migrations/README.md`).
+pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
+    MIGRATOR.run(pool).await.map_err(StoreError::Migrate)
+}
+
+/// `sha256:` and the hex SHA-256 of bytes: the format of every `spec_hash`.
+pub(crate) fn sha256_tagged(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+pub(crate) fn to_i64(what: &'static str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::OutOfRange { what, value })
+}
+
+pub(crate) fn to_u64(
+    table: &'static str,
+    column: &'static str,
+    value: i64,
+) -> Result<u64, StoreError> {
+    u64::try_from(value).map_err(|_| StoreError::Corrupt {
+        table,
+        column,
+        detail: format!("{value} is negative"),
+    })
+}

@@ -1,0 +1,778 @@
+//! The applied state: what the executor writes in its apply transaction and the planner reads back as
+//! [`Observed`].
+//!
+//! Writes are idempotent: an upsert that would change nothing writes nothing (and says so with
+//! [`Written::Unchanged`]), so applying the same commit twice touches no row.
+//!
+//! What it must not do: compare desired with applied state (the planner does), or store a secret's
+//! plaintext: `app_env` gets the manifest's ciphertexts, and a `CHECK` refuses anything else.
+
+use std::collections::BTreeMap;
+
+use cairn_schema::{
+    App, Driver, EnvName, EnvValue, Kind, Name, Node, Plan, Recipient, Runtime, Settings,
+};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use super::{Op as _, StoreError, sha256_tagged, to_i64, to_u64};
+use crate::observed::{
+    AppliedApp, CommitId, Fingerprints, Generation, NodeState, NodeStatus, Observed, ReleaseNumber,
+    ReleaseRecord, ReplicaPlacement, ReplicaState,
+};
+
+/// Key of the transaction-scoped advisory lock every apply holds: one control plane applies at a time.
+/// An arbitrary constant ("cairnapl" in ASCII); nothing else may use it.
+pub const APPLY_LOCK_KEY: i64 = 0x6361_6972_6e61_706c;
+
+/// Waits for the apply lock; it is released when `tx` commits or rolls back.
+pub async fn lock_apply(tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+    sqlx::query!("SELECT pg_advisory_xact_lock($1)", APPLY_LOCK_KEY)
+        .execute(&mut **tx)
+        .await
+        .op("take the apply lock")?;
+    Ok(())
+}
+
+/// What an upsert did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Written {
+    Created,
+    Changed,
+    Unchanged,
+}
+
+impl Written {
+    fn from_returning(row: Option<bool>) -> Written {
+        match row {
+            None => Written::Unchanged,
+            Some(true) => Written::Created,
+            Some(false) => Written::Changed,
+        }
+    }
+}
+
+/// The single `config_state` row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigState {
+    pub generation: Generation,
+    /// `None` before the first apply.
+    pub commit: Option<CommitId>,
+    /// `None` before the first apply.
+    pub settings: Option<Settings>,
+    pub applied_at: Option<DateTime<Utc>>,
+}
+
+pub async fn config_state(conn: &mut PgConnection) -> Result<ConfigState, StoreError> {
+    let row = sqlx::query!("SELECT generation, commit, settings, applied_at FROM config_state")
+        .fetch_one(conn)
+        .await
+        .op("read the config state")?;
+    Ok(ConfigState {
+        generation: to_u64("config_state", "generation", row.generation)?,
+        commit: row.commit.map(CommitId::new),
+        settings: row
+            .settings
+            .map(|s| from_json("config_state", "settings", s))
+            .transpose()?,
+        applied_at: row.applied_at,
+    })
+}
+
+/// Moves the applied state from generation `from` to `to`, recording the commit and settings it now
+/// reflects. Fails with [`StoreError::GenerationConflict`] when the stored generation is not `from`:
+/// call it under [`lock_apply`], after reading nothing but what the plan was made from.
+pub async fn advance_generation(
+    conn: &mut PgConnection,
+    from: Generation,
+    to: Generation,
+    commit: Option<&CommitId>,
+    settings: &Settings,
+) -> Result<(), StoreError> {
+    let settings = to_json(settings);
+    let updated = sqlx::query!(
+        r#"UPDATE config_state
+           SET generation = $2, commit = coalesce($3, commit), settings = $4, applied_at = now()
+           WHERE generation = $1"#,
+        to_i64("generation", from)?,
+        to_i64("generation", to)?,
+        commit.map(CommitId::as_str),
+        settings,
+    )
+    .execute(&mut *conn)
+    .await
+    .op("advance the config generation")?;
+    if updated.rows_affected() == 1 {
+        return Ok(());
+    }
+    let current = config_state(conn).await?.generation;
+    Err(StoreError::GenerationConflict {
+        expected: from,
+        current,
+    })
+}
+
+pub async fn upsert_plan(
+    conn: &mut PgConnection,
+    name: &Name,
+    plan: &Plan,
+    generation: Generation,
+) -> Result<Written, StoreError> {
+    let (spec, spec_hash) = spec_of(plan);
+    let created = sqlx::query_scalar!(
+        r#"INSERT INTO plans
+               (name, cpu_millis, memory_bytes, disk_bytes, price, max_replicas, spec, spec_hash, generation)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+           ON CONFLICT (name) DO UPDATE SET
+               cpu_millis = EXCLUDED.cpu_millis, memory_bytes = EXCLUDED.memory_bytes,
+               disk_bytes = EXCLUDED.disk_bytes, price = EXCLUDED.price,
+               max_replicas = EXCLUDED.max_replicas, spec = EXCLUDED.spec, spec_hash = EXCLUDED.spec_hash,
+               generation = EXCLUDED.generation, updated_at = now()
+           WHERE plans.spec_hash <> EXCLUDED.spec_hash
+           RETURNING (xmax = 0) AS "created!""#,
+        name.as_str(),
+        to_i32("cpu", u64::from(plan.cpu.millis()))?,
+        to_i64("memory", plan.memory.bytes())?,
+        to_i64("disk", plan.disk.bytes())?,
+        plan.price.amount(),
+        to_i32("max_replicas", u64::from(plan.max_replicas))?,
+        spec,
+        spec_hash,
+        to_i64("generation", generation)?,
+    )
+    .fetch_optional(conn)
+    .await
+    .op("write a plan")?;
+    Ok(Written::from_returning(created))
+}
+
+pub async fn upsert_runtime(
+    conn: &mut PgConnection,
+    name: &Name,
+    runtime: &Runtime,
+    generation: Generation,
+) -> Result<Written, StoreError> {
+    let (spec, spec_hash) = spec_of(runtime);
+    let drivers: Vec<String> = runtime
+        .drivers
+        .iter()
+        .map(|d| d.as_str().to_owned())
+        .collect();
+    let created = sqlx::query_scalar!(
+        r#"INSERT INTO runtimes (name, drivers, spec, spec_hash, generation)
+           VALUES ($1, $2, $3, $4, $5)
+           ON CONFLICT (name) DO UPDATE SET
+               drivers = EXCLUDED.drivers, spec = EXCLUDED.spec, spec_hash = EXCLUDED.spec_hash,
+               generation = EXCLUDED.generation, updated_at = now()
+           WHERE runtimes.spec_hash <> EXCLUDED.spec_hash
+           RETURNING (xmax = 0) AS "created!""#,
+        name.as_str(),
+        &drivers,
+        spec,
+        spec_hash,
+        to_i64("generation", generation)?,
+    )
+    .fetch_optional(conn)
+    .await
+    .op("write a runtime")?;
+    Ok(Written::from_returning(created))
+}
+
+pub async fn upsert_node(
+    conn: &mut PgConnection,
+    name: &Name,
+    node: &Node,
+    generation: Generation,
+) -> Result<Written, StoreError> {
+    let (spec, spec_hash) = spec_of(node);
+    let created = sqlx::query_scalar!(
+        r#"INSERT INTO nodes
+               (name, cpu_millis, memory_bytes, disk_bytes, region, labels, drain, recipient, spec,
+                spec_hash, generation)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+           ON CONFLICT (name) DO UPDATE SET
+               cpu_millis = EXCLUDED.cpu_millis, memory_bytes = EXCLUDED.memory_bytes,
+               disk_bytes = EXCLUDED.disk_bytes, region = EXCLUDED.region, labels = EXCLUDED.labels,
+               drain = EXCLUDED.drain, recipient = EXCLUDED.recipient, spec = EXCLUDED.spec,
+               spec_hash = EXCLUDED.spec_hash, generation = EXCLUDED.generation, updated_at = now()
+           WHERE nodes.spec_hash <> EXCLUDED.spec_hash
+           RETURNING (xmax = 0) AS "created!""#,
+        name.as_str(),
+        to_i32("cpu", u64::from(node.cpu.millis()))?,
+        to_i64("memory", node.memory.bytes())?,
+        to_i64("disk", node.disk.bytes())?,
+        node.region.as_ref().map(Name::as_str),
+        to_json(&node.labels),
+        node.drain,
+        node.recipient.as_ref().map(Recipient::as_str),
+        spec,
+        spec_hash,
+        to_i64("generation", generation)?,
+    )
+    .fetch_optional(conn)
+    .await
+    .op("write a node")?;
+    Ok(Written::from_returning(created))
+}
+
+/// Writes an app: `apps.spec` is its applied form ([`AppliedApp::from_desired`]: secrets as
+/// fingerprints), `app_env` its env with each secret as the manifest's ciphertext and its fingerprint.
+/// Rollback pins and restart requests are operator state and stay as they are.
+pub async fn upsert_app(
+    conn: &mut PgConnection,
+    name: &Name,
+    app: &App,
+    fingerprints: &Fingerprints,
+    generation: Generation,
+) -> Result<Written, StoreError> {
+    let applied = AppliedApp::from_desired(name, app, fingerprints).map_err(|e| {
+        StoreError::MissingFingerprint {
+            app: e.app.to_string(),
+            key: e.key.to_string(),
+        }
+    })?;
+    let (spec, spec_hash) = spec_of(&applied);
+    let created = sqlx::query_scalar!(
+        r#"INSERT INTO apps (name, plan, runtime, replicas, suspended, spec, spec_hash, generation)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT (name) DO UPDATE SET
+               plan = EXCLUDED.plan, runtime = EXCLUDED.runtime, replicas = EXCLUDED.replicas,
+               suspended = EXCLUDED.suspended, spec = EXCLUDED.spec, spec_hash = EXCLUDED.spec_hash,
+               generation = EXCLUDED.generation, updated_at = now()
+           WHERE apps.spec_hash <> EXCLUDED.spec_hash
+           RETURNING (xmax = 0) AS "created!""#,
+        name.as_str(),
+        app.plan.as_str(),
+        app.runtime.as_str(),
+        to_i32("replicas", u64::from(app.replicas))?,
+        app.suspended,
+        spec,
+        spec_hash,
+        to_i64("generation", generation)?,
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .op("write an app")?;
+    let written = Written::from_returning(created);
+    if written != Written::Unchanged {
+        // The applied spec covers every env value (a secret by fingerprint and ciphertext digest), so an
+        // unchanged spec means unchanged env rows.
+        replace_env(conn, name, &app.env, fingerprints).await?;
+    }
+    Ok(written)
+}
+
+async fn replace_env(
+    conn: &mut PgConnection,
+    app: &Name,
+    env: &BTreeMap<EnvName, EnvValue>,
+    fingerprints: &Fingerprints,
+) -> Result<(), StoreError> {
+    let mut keys = Vec::with_capacity(env.len());
+    let mut secret = Vec::with_capacity(env.len());
+    let mut values = Vec::with_capacity(env.len());
+    let mut prints: Vec<Option<String>> = Vec::with_capacity(env.len());
+    for (key, value) in env {
+        keys.push(key.as_str().to_owned());
+        match value {
+            EnvValue::Plain(v) => {
+                secret.push(false);
+                values.push(v.clone());
+                prints.push(None);
+            }
+            EnvValue::Secret { secret: ct } => {
+                let print = fingerprints
+                    .get(&(app.clone(), key.clone()))
+                    .ok_or_else(|| StoreError::MissingFingerprint {
+                        app: app.to_string(),
+                        key: key.to_string(),
+                    })?;
+                secret.push(true);
+                values.push(ct.as_str().to_owned());
+                prints.push(Some(print.clone()));
+            }
+        }
+    }
+    sqlx::query!("DELETE FROM app_env WHERE app = $1", app.as_str())
+        .execute(&mut *conn)
+        .await
+        .op("clear an app's env")?;
+    sqlx::query!(
+        r#"INSERT INTO app_env (app, key, secret, value, fingerprint)
+           SELECT $1, * FROM UNNEST($2::text[], $3::bool[], $4::text[], $5::text[])"#,
+        app.as_str(),
+        &keys,
+        &secret,
+        &values,
+        &prints as &[Option<String>],
+    )
+    .execute(conn)
+    .await
+    .op("write an app's env")?;
+    Ok(())
+}
+
+/// One stored env var: a plain value, or a secret's ciphertext and fingerprint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEnv {
+    pub key: String,
+    /// The plain value, or the armored age ciphertext of a secret.
+    pub value: String,
+    /// `Some` exactly for a secret.
+    pub fingerprint: Option<String>,
+}
+
+/// An app's env as applied, by key (what a deploy re-encrypts for its node).
+pub async fn app_env(conn: &mut PgConnection, app: &Name) -> Result<Vec<StoredEnv>, StoreError> {
+    let rows = sqlx::query!(
+        "SELECT key, value, fingerprint FROM app_env WHERE app = $1 ORDER BY key",
+        app.as_str()
+    )
+    .fetch_all(conn)
+    .await
+    .op("read an app's env")?;
+    Ok(rows
+        .into_iter()
+        .map(|r| StoredEnv {
+            key: r.key,
+            value: r.value,
+            fingerprint: r.fingerprint,
+        })
+        .collect())
+}
+
+/// Deletes resources of one kind. Deleting an app deletes its env and placements with it (its releases,
+/// source head and restart requests stay: history and operator state).
+pub async fn delete_resources(
+    conn: &mut PgConnection,
+    kind: Kind,
+    names: &[Name],
+) -> Result<u64, StoreError> {
+    let names: Vec<String> = names.iter().map(|n| n.as_str().to_owned()).collect();
+    let result = match kind {
+        Kind::Plan => {
+            sqlx::query!("DELETE FROM plans WHERE name = ANY($1)", &names)
+                .execute(conn)
+                .await
+        }
+        Kind::Runtime => {
+            sqlx::query!("DELETE FROM runtimes WHERE name = ANY($1)", &names)
+                .execute(conn)
+                .await
+        }
+        Kind::Node => {
+            sqlx::query!("DELETE FROM nodes WHERE name = ANY($1)", &names)
+                .execute(conn)
+                .await
+        }
+        Kind::App => {
+            sqlx::query!("DELETE FROM apps WHERE name = ANY($1)", &names)
+                .execute(conn)
+                .await
+        }
+    };
+    Ok(result.op("delete resources")?.rows_affected())
+}
+
+/// Makes the stored placements exactly `placements`: rows not listed are deleted, listed ones inserted
+/// or updated when they differ (an unchanged row keeps its `updated_at`).
+pub async fn replace_placements(
+    conn: &mut PgConnection,
+    placements: &[ReplicaPlacement],
+) -> Result<(), StoreError> {
+    let n = placements.len();
+    let (mut apps, mut slots, mut nodes, mut releases) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut states, mut generations, mut restarts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for p in placements {
+        apps.push(p.app.as_str().to_owned());
+        slots.push(to_i32("slot", u64::from(p.slot))?);
+        nodes.push(p.node.as_str().to_owned());
+        releases.push(to_i64("release", p.release)?);
+        states.push(replica_state_str(p.state).to_owned());
+        generations.push(to_i64("generation", p.generation)?);
+        restarts.push(to_i64("restart", p.restart)?);
+    }
+    sqlx::query!(
+        r#"DELETE FROM placements p
+           WHERE NOT EXISTS (
+               SELECT 1 FROM UNNEST($1::text[], $2::int[]) AS keep(app, slot)
+               WHERE keep.app = p.app AND keep.slot = p.slot)"#,
+        &apps,
+        &slots,
+    )
+    .execute(&mut *conn)
+    .await
+    .op("delete placements")?;
+    sqlx::query!(
+        r#"INSERT INTO placements (app, slot, node, release, state, generation, restart)
+           SELECT * FROM UNNEST($1::text[], $2::int[], $3::text[], $4::bigint[], $5::text[],
+                                $6::bigint[], $7::bigint[])
+           ON CONFLICT (app, slot) DO UPDATE SET
+               node = EXCLUDED.node, release = EXCLUDED.release, state = EXCLUDED.state,
+               generation = EXCLUDED.generation, restart = EXCLUDED.restart, updated_at = now()
+           WHERE (placements.node, placements.release, placements.state, placements.generation,
+                  placements.restart)
+                 IS DISTINCT FROM (EXCLUDED.node, EXCLUDED.release, EXCLUDED.state,
+                                   EXCLUDED.generation, EXCLUDED.restart)"#,
+        &apps,
+        &slots,
+        &nodes,
+        &releases,
+        &states,
+        &generations,
+        &restarts,
+    )
+    .execute(conn)
+    .await
+    .op("write placements")?;
+    Ok(())
+}
+
+/// A release to record.
+#[derive(Debug, Clone)]
+pub struct ReleaseInsert<'a> {
+    pub app: &'a Name,
+    pub number: ReleaseNumber,
+    pub config_commit: &'a CommitId,
+    pub config_generation: Generation,
+    pub source_commit: &'a CommitId,
+    /// What it runs with (`plan::ReleaseSpec`: fingerprints, never secret values).
+    pub spec: serde_json::Value,
+    pub spec_hash: &'a str,
+}
+
+/// Records a new release. A release number is never reused: recording one that exists is an error.
+pub async fn insert_release(
+    conn: &mut PgConnection,
+    r: &ReleaseInsert<'_>,
+) -> Result<(), StoreError> {
+    sqlx::query!(
+        r#"INSERT INTO releases
+               (app, number, config_commit, config_generation, source_commit, spec, spec_hash)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
+        r.app.as_str(),
+        to_i64("release", r.number)?,
+        r.config_commit.as_str(),
+        to_i64("generation", r.config_generation)?,
+        r.source_commit.as_str(),
+        r.spec,
+        r.spec_hash,
+    )
+    .execute(conn)
+    .await
+    .op("record a release")?;
+    Ok(())
+}
+
+/// Pins an app to a release (an operator's rollback), or lifts the pin with `None`. Returns whether the
+/// app exists.
+pub async fn set_rollback_pin(
+    conn: &mut PgConnection,
+    app: &Name,
+    release: Option<ReleaseNumber>,
+) -> Result<bool, StoreError> {
+    let release = release.map(|r| to_i64("release", r)).transpose()?;
+    let done = sqlx::query!(
+        "UPDATE apps SET pinned_release = $2, updated_at = now() WHERE name = $1",
+        app.as_str(),
+        release,
+    )
+    .execute(conn)
+    .await
+    .op("pin an app to a release")?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Counts a restart request for an app (`cairn restart APP`) and returns the new count.
+pub async fn request_restart(conn: &mut PgConnection, app: &Name) -> Result<u64, StoreError> {
+    let count = sqlx::query_scalar!(
+        r#"INSERT INTO restart_requests (app, count) VALUES ($1, 1)
+           ON CONFLICT (app) DO UPDATE
+               SET count = restart_requests.count + 1, requested_at = now()
+           RETURNING count"#,
+        app.as_str(),
+    )
+    .fetch_one(conn)
+    .await
+    .op("request a restart")?;
+    to_u64("restart_requests", "count", count)
+}
+
+/// Records the commit an app's branch points at. Returns whether it differs from the one recorded.
+pub async fn record_source_head(
+    pool: &PgPool,
+    app: &Name,
+    branch: &str,
+    commit: &CommitId,
+) -> Result<bool, StoreError> {
+    let changed = sqlx::query_scalar!(
+        r#"INSERT INTO source_heads (app, branch, commit) VALUES ($1, $2, $3)
+           ON CONFLICT (app) DO UPDATE
+               SET branch = EXCLUDED.branch, commit = EXCLUDED.commit, observed_at = now()
+           WHERE (source_heads.branch, source_heads.commit) <> (EXCLUDED.branch, EXCLUDED.commit)
+           RETURNING true AS "changed!""#,
+        app.as_str(),
+        branch,
+        commit.as_str(),
+    )
+    .fetch_optional(pool)
+    .await
+    .op("record a source head")?;
+    Ok(changed.is_some())
+}
+
+/// Forgets the source heads of apps (the executor prunes those of deleted apps).
+pub async fn delete_source_heads(
+    conn: &mut PgConnection,
+    apps: &[Name],
+) -> Result<u64, StoreError> {
+    let apps: Vec<String> = apps.iter().map(|n| n.as_str().to_owned()).collect();
+    let done = sqlx::query!("DELETE FROM source_heads WHERE app = ANY($1)", &apps)
+        .execute(conn)
+        .await
+        .op("delete source heads")?;
+    Ok(done.rows_affected())
+}
+
+/// Reads the whole applied state in one consistent snapshot (a read-only repeatable-read transaction).
+pub async fn load_observed(pool: &PgPool) -> Result<Observed, StoreError> {
+    let mut tx = pool.begin().await.op("begin a snapshot")?;
+    sqlx::query!("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .op("begin a snapshot")?;
+    let observed = load_observed_in(&mut tx).await?;
+    tx.commit().await.op("end a snapshot")?;
+    Ok(observed)
+}
+
+/// Reads the whole applied state through the caller's connection (in the apply transaction, say).
+pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, StoreError> {
+    let config = config_state(&mut *conn).await?;
+    let mut observed = Observed {
+        generation: config.generation,
+        applied_commit: config.commit,
+        currency: config.settings.map(|s| s.currency),
+        ..Observed::default()
+    };
+
+    for r in sqlx::query!("SELECT name, spec FROM plans")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read plans")?
+    {
+        observed
+            .plans
+            .insert(name("plans", &r.name)?, from_json("plans", "spec", r.spec)?);
+    }
+    for r in sqlx::query!("SELECT name, spec FROM runtimes")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read runtimes")?
+    {
+        observed.runtimes.insert(
+            name("runtimes", &r.name)?,
+            from_json("runtimes", "spec", r.spec)?,
+        );
+    }
+    for r in sqlx::query!("SELECT name, spec FROM nodes")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read nodes")?
+    {
+        observed
+            .nodes
+            .insert(name("nodes", &r.name)?, from_json("nodes", "spec", r.spec)?);
+    }
+    for r in sqlx::query!("SELECT name, spec, pinned_release FROM apps")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read apps")?
+    {
+        let app = name("apps", &r.name)?;
+        if let Some(pin) = r.pinned_release {
+            observed
+                .rollback_pins
+                .insert(app.clone(), to_u64("apps", "pinned_release", pin)?);
+        }
+        observed
+            .apps
+            .insert(app, from_json("apps", "spec", r.spec)?);
+    }
+
+    for r in sqlx::query!("SELECT node, state, last_heartbeat, drivers, recipient FROM node_status")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read node status")?
+    {
+        let status = NodeStatus {
+            state: node_state(&r.state)?,
+            last_heartbeat: r.last_heartbeat,
+            drivers: r
+                .drivers
+                .iter()
+                .map(|d| driver(d))
+                .collect::<Result<_, _>>()?,
+            recipient: r
+                .recipient
+                .map(|s| {
+                    Recipient::new(&s)
+                        .map_err(|e| corrupt("node_status", "recipient", e.to_string()))
+                })
+                .transpose()?,
+        };
+        observed
+            .node_status
+            .insert(name("node_status", &r.node)?, status);
+    }
+
+    for r in sqlx::query!(
+        "SELECT app, slot, node, release, state, generation, restart FROM placements ORDER BY app, slot"
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .op("read placements")?
+    {
+        observed.placements.push(ReplicaPlacement {
+            app: name("placements", &r.app)?,
+            slot: u32::try_from(r.slot).map_err(|_| corrupt("placements", "slot", r.slot.to_string()))?,
+            node: name("placements", &r.node)?,
+            release: to_u64("placements", "release", r.release)?,
+            state: replica_state(&r.state)?,
+            generation: to_u64("placements", "generation", r.generation)?,
+            restart: to_u64("placements", "restart", r.restart)?,
+        });
+    }
+
+    for r in sqlx::query!(
+        r#"SELECT DISTINCT ON (app) app, number, config_commit, source_commit, spec_hash
+           FROM releases ORDER BY app, number DESC"#
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .op("read the latest releases")?
+    {
+        observed.releases.insert(
+            name("releases", &r.app)?,
+            ReleaseRecord {
+                number: to_u64("releases", "number", r.number)?,
+                config_commit: CommitId::new(r.config_commit),
+                source_commit: CommitId::new(r.source_commit),
+                spec_hash: r.spec_hash,
+            },
+        );
+    }
+
+    for r in sqlx::query!("SELECT app, commit FROM source_heads")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read source heads")?
+    {
+        observed
+            .source_heads
+            .insert(name("source_heads", &r.app)?, CommitId::new(r.commit));
+    }
+    for r in sqlx::query!("SELECT app, count FROM restart_requests")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read restart requests")?
+    {
+        observed.restart_requests.insert(
+            name("restart_requests", &r.app)?,
+            to_u64("restart_requests", "count", r.count)?,
+        );
+    }
+    Ok(observed)
+}
+
+/// A resource's `spec` column and its `spec_hash`: the hash of exactly the JSON written.
+fn spec_of(value: &impl Serialize) -> (serde_json::Value, String) {
+    let bytes = serde_json::to_vec(value).expect("resource specs serialize");
+    let hash = sha256_tagged(&bytes);
+    (
+        serde_json::from_slice(&bytes).expect("serialized JSON parses"),
+        hash,
+    )
+}
+
+fn to_json(value: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(value).expect("stored values serialize")
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    column: &'static str,
+    value: serde_json::Value,
+) -> Result<T, StoreError> {
+    serde_json::from_value(value).map_err(|e| corrupt(table, column, e.to_string()))
+}
+
+fn to_i32(what: &'static str, value: u64) -> Result<i32, StoreError> {
+    i32::try_from(value).map_err(|_| StoreError::OutOfRange { what, value })
+}
+
+fn corrupt(table: &'static str, column: &'static str, detail: String) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        column,
+        detail,
+    }
+}
+
+fn name(table: &'static str, s: &str) -> Result<Name, StoreError> {
+    Name::new(s).map_err(|e| corrupt(table, "name", e))
+}
+
+fn node_state(s: &str) -> Result<NodeState, StoreError> {
+    match s {
+        "pending" => Ok(NodeState::Pending),
+        "online" => Ok(NodeState::Online),
+        "offline" => Ok(NodeState::Offline),
+        other => Err(corrupt(
+            "node_status",
+            "state",
+            format!("unknown state `{other}`"),
+        )),
+    }
+}
+
+fn driver(s: &str) -> Result<Driver, StoreError> {
+    match s {
+        "docker" => Ok(Driver::Docker),
+        "process" => Ok(Driver::Process),
+        other => Err(corrupt(
+            "node_status",
+            "drivers",
+            format!("unknown driver `{other}`"),
+        )),
+    }
+}
+
+fn replica_state_str(s: ReplicaState) -> &'static str {
+    match s {
+        ReplicaState::Running => "running",
+        ReplicaState::Stopped => "stopped",
+    }
+}
+
+fn replica_state(s: &str) -> Result<ReplicaState, StoreError> {
+    match s {
+        "running" => Ok(ReplicaState::Running),
+        "stopped" => Ok(ReplicaState::Stopped),
+        other => Err(corrupt(
+            "placements",
+            "state",
+            format!("unknown state `{other}`"),
+        )),
+    }
+}

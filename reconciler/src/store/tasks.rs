@@ -1,0 +1,365 @@
+//! The task queue's statements; [`crate::queue`] is the API around them (types, backoff, wake-ups).
+//!
+//! The lease query walks the `tasks_ready` index (`node, run_after, id` over tasks that are queued,
+//! failed or leased) with `FOR UPDATE SKIP LOCKED`, so concurrent leasers never wait for each other and
+//! never get the same row. A leased task's `run_after` is its lease expiry, which makes an expired lease
+//! show up in that same index walk.
+//!
+//! What it must not do: hold a transaction across a call (each function is one statement, except
+//! enqueueing, which runs in the caller's transaction), or use any clock but the database's `now()`.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgListener;
+use sqlx::{PgConnection, PgPool};
+
+use super::{Op as _, StoreError, to_i64, to_u64};
+use crate::queue::{
+    Backoff, FailOutcome, LeaseToken, LeasedTask, NewTask, TaskId, TaskKind, TaskState, TaskStatus,
+};
+use cairn_schema::Name;
+
+/// The NOTIFY channel the `tasks_notify` trigger signals; the payload is the node's name.
+pub const CHANNEL: &str = "cairn_tasks";
+
+/// `Some(id)` when inserted, `None` when a task with the same dedup key exists.
+pub async fn insert(conn: &mut PgConnection, t: &NewTask) -> Result<Option<TaskId>, StoreError> {
+    let id = sqlx::query_scalar!(
+        r#"INSERT INTO tasks
+               (node, kind, app, slot, release, generation, payload, max_attempts, dedup_key)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+           ON CONFLICT (dedup_key) DO NOTHING
+           RETURNING id"#,
+        t.node.as_str(),
+        t.kind.as_str(),
+        t.app.as_str(),
+        t.slot.map(|s| to_i32("slot", s)).transpose()?,
+        t.release.map(|r| to_i64("release", r)).transpose()?,
+        t.generation.map(|g| to_i64("generation", g)).transpose()?,
+        t.payload,
+        to_i32("max_attempts", t.max_attempts)?,
+        t.dedup_key,
+    )
+    .fetch_optional(conn)
+    .await
+    .op("enqueue a task")?;
+    Ok(id.map(TaskId))
+}
+
+/// Inserts many tasks in one statement; returns the ids of those inserted (not deduplicated away).
+pub async fn insert_many(
+    conn: &mut PgConnection,
+    tasks: &[NewTask],
+) -> Result<Vec<TaskId>, StoreError> {
+    let n = tasks.len();
+    let (mut nodes, mut kinds, mut apps) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let mut slots: Vec<Option<i32>> = Vec::with_capacity(n);
+    let mut releases: Vec<Option<i64>> = Vec::with_capacity(n);
+    let mut generations: Vec<Option<i64>> = Vec::with_capacity(n);
+    let (mut payloads, mut max_attempts, mut keys) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for t in tasks {
+        nodes.push(t.node.as_str().to_owned());
+        kinds.push(t.kind.as_str().to_owned());
+        apps.push(t.app.as_str().to_owned());
+        slots.push(t.slot.map(|s| to_i32("slot", s)).transpose()?);
+        releases.push(t.release.map(|r| to_i64("release", r)).transpose()?);
+        generations.push(t.generation.map(|g| to_i64("generation", g)).transpose()?);
+        payloads.push(t.payload.clone());
+        max_attempts.push(to_i32("max_attempts", t.max_attempts)?);
+        keys.push(t.dedup_key.clone());
+    }
+    let ids = sqlx::query_scalar!(
+        r#"INSERT INTO tasks
+               (node, kind, app, slot, release, generation, payload, max_attempts, dedup_key)
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],
+                                $6::bigint[], $7::jsonb[], $8::int[], $9::text[])
+           ON CONFLICT (dedup_key) DO NOTHING
+           RETURNING id"#,
+        &nodes,
+        &kinds,
+        &apps,
+        &slots as &[Option<i32>],
+        &releases as &[Option<i64>],
+        &generations as &[Option<i64>],
+        &payloads,
+        &max_attempts,
+        &keys,
+    )
+    .fetch_all(conn)
+    .await
+    .op("enqueue tasks")?;
+    Ok(ids.into_iter().map(TaskId).collect())
+}
+
+/// Leases up to `limit` tasks of `node` that may run now, oldest first, each with a fresh token and an
+/// expiry `lease_for` from now. In the same statement, a task whose last allowed attempt's lease expired
+/// becomes dead.
+pub async fn lease(
+    pool: &PgPool,
+    node: &Name,
+    limit: u32,
+    lease_for: Duration,
+) -> Result<Vec<LeasedTask>, StoreError> {
+    let rows = sqlx::query!(
+        r#"WITH expired AS (
+               UPDATE tasks
+               SET status = 'dead', finished_at = now(), updated_at = now(),
+                   last_error = 'the lease of the last attempt expired'
+                                || coalesce(' (earlier: ' || last_error || ')', '')
+               WHERE node = $1 AND status = 'leased' AND run_after <= now()
+                 AND attempts >= max_attempts
+           ),
+           picked AS (
+               SELECT id FROM tasks
+               WHERE node = $1 AND status IN ('queued', 'failed', 'leased') AND run_after <= now()
+                 AND attempts < max_attempts
+               ORDER BY run_after, id
+               LIMIT $2
+               FOR UPDATE SKIP LOCKED
+           )
+           UPDATE tasks t
+           SET status = 'leased', attempts = t.attempts + 1,
+               lease_token = nextval('task_lease_tokens'),
+               lease_expires_at = now() + $3::float8 * interval '1 millisecond',
+               run_after = now() + $3::float8 * interval '1 millisecond',
+               updated_at = now()
+           FROM picked
+           WHERE t.id = picked.id
+           RETURNING t.id, t.node, t.kind, t.app, t.slot, t.release, t.generation, t.payload,
+                     t.attempts, t.max_attempts, t.lease_token AS "lease_token!",
+                     t.lease_expires_at AS "lease_expires_at!""#,
+        node.as_str(),
+        i64::from(limit),
+        millis(lease_for),
+    )
+    .fetch_all(pool)
+    .await
+    .op("lease tasks")?;
+    let mut leased = rows
+        .into_iter()
+        .map(|r| {
+            Ok(LeasedTask {
+                id: TaskId(r.id),
+                token: LeaseToken(r.lease_token),
+                node: name(&r.node)?,
+                kind: kind(&r.kind)?,
+                app: name(&r.app)?,
+                slot: r.slot.map(slot).transpose()?,
+                release: r
+                    .release
+                    .map(|v| to_u64("tasks", "release", v))
+                    .transpose()?,
+                generation: r
+                    .generation
+                    .map(|v| to_u64("tasks", "generation", v))
+                    .transpose()?,
+                payload: r.payload,
+                attempt: u32::try_from(r.attempts).unwrap_or(0),
+                max_attempts: u32::try_from(r.max_attempts).unwrap_or(0),
+                expires_at: r.lease_expires_at,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    // UPDATE ... RETURNING does not keep the sub-select's order.
+    leased.sort_by_key(|t| t.id);
+    Ok(leased)
+}
+
+/// Marks a leased task done if `token` is its current lease; `false` when it is not.
+pub async fn complete(pool: &PgPool, id: TaskId, token: LeaseToken) -> Result<bool, StoreError> {
+    let done = sqlx::query!(
+        r#"UPDATE tasks SET status = 'done', finished_at = now(), updated_at = now()
+           WHERE id = $1 AND lease_token = $2 AND status = 'leased'"#,
+        id.0,
+        token.0,
+    )
+    .execute(pool)
+    .await
+    .op("complete a task")?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Completes many tasks in one statement; returns the ids whose token was current (now done).
+pub async fn complete_many(
+    pool: &PgPool,
+    leases: &[(TaskId, LeaseToken)],
+) -> Result<Vec<TaskId>, StoreError> {
+    let ids: Vec<i64> = leases.iter().map(|(id, _)| id.0).collect();
+    let tokens: Vec<i64> = leases.iter().map(|(_, t)| t.0).collect();
+    let done = sqlx::query_scalar!(
+        r#"UPDATE tasks t SET status = 'done', finished_at = now(), updated_at = now()
+           FROM UNNEST($1::bigint[], $2::bigint[]) AS c(id, token)
+           WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'leased'
+           RETURNING t.id"#,
+        &ids,
+        &tokens,
+    )
+    .fetch_all(pool)
+    .await
+    .op("complete tasks")?;
+    Ok(done.into_iter().map(TaskId).collect())
+}
+
+/// Records a failed attempt if `token` is the current lease: retried after the backoff, or dead when it
+/// was the last allowed attempt. `None` when the token is not current.
+pub async fn fail(
+    pool: &PgPool,
+    id: TaskId,
+    token: LeaseToken,
+    error: &str,
+    backoff: &Backoff,
+) -> Result<Option<FailOutcome>, StoreError> {
+    let row = sqlx::query!(
+        r#"UPDATE tasks
+           SET status = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'failed' END,
+               run_after = CASE WHEN attempts >= max_attempts THEN run_after
+                                ELSE now() + least($4::float8 * power(2, attempts - 1), $5::float8)
+                                             * interval '1 millisecond' END,
+               finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+               last_error = $3,
+               updated_at = now()
+           WHERE id = $1 AND lease_token = $2 AND status = 'leased'
+           RETURNING status, run_after"#,
+        id.0,
+        token.0,
+        error,
+        millis(backoff.base),
+        millis(backoff.max),
+    )
+    .fetch_optional(pool)
+    .await
+    .op("fail a task")?;
+    Ok(row.map(|r| match r.status.as_str() {
+        "dead" => FailOutcome::Dead,
+        _ => FailOutcome::Retry {
+            run_after: r.run_after,
+        },
+    }))
+}
+
+/// Pushes a current lease's expiry to `lease_for` from now; `None` when the token is not current.
+pub async fn extend(
+    pool: &PgPool,
+    id: TaskId,
+    token: LeaseToken,
+    lease_for: Duration,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    sqlx::query_scalar!(
+        r#"UPDATE tasks
+           SET lease_expires_at = now() + $3::float8 * interval '1 millisecond',
+               run_after = now() + $3::float8 * interval '1 millisecond',
+               updated_at = now()
+           WHERE id = $1 AND lease_token = $2 AND status = 'leased'
+           RETURNING lease_expires_at AS "lease_expires_at!""#,
+        id.0,
+        token.0,
+        millis(lease_for),
+    )
+    .fetch_optional(pool)
+    .await
+    .op("extend a lease")
+}
+
+/// A task's queue state, for error messages, the agent API and tests.
+pub async fn state(pool: &PgPool, id: TaskId) -> Result<Option<TaskState>, StoreError> {
+    let row = sqlx::query!(
+        r#"SELECT status, attempts, max_attempts, lease_token, lease_expires_at, run_after, last_error
+           FROM tasks WHERE id = $1"#,
+        id.0,
+    )
+    .fetch_optional(pool)
+    .await
+    .op("read a task")?;
+    row.map(|r| {
+        Ok(TaskState {
+            status: status(&r.status)?,
+            attempts: u32::try_from(r.attempts).unwrap_or(0),
+            max_attempts: u32::try_from(r.max_attempts).unwrap_or(0),
+            lease_token: r.lease_token.map(LeaseToken),
+            lease_expires_at: r.lease_expires_at,
+            run_after: r.run_after,
+            last_error: r.last_error,
+        })
+    })
+    .transpose()
+}
+
+/// One connection LISTENing on [`CHANNEL`].
+#[derive(Debug)]
+pub struct Notifications {
+    listener: PgListener,
+}
+
+impl Notifications {
+    /// Connects and LISTENs; notifications committed after this returns are delivered.
+    pub async fn listen(pool: &PgPool) -> Result<Notifications, StoreError> {
+        let mut listener = PgListener::connect_with(pool)
+            .await
+            .map_err(StoreError::Connect)?;
+        listener.listen(CHANNEL).await.op("listen for tasks")?;
+        Ok(Notifications { listener })
+    }
+
+    /// The next node with new tasks. `Ok(None)` when the connection was lost: notifications may have been
+    /// missed meanwhile, and the next call reconnects.
+    pub async fn recv(&mut self) -> Result<Option<String>, StoreError> {
+        let n = self
+            .listener
+            .try_recv()
+            .await
+            .op("wait for task notifications")?;
+        Ok(n.map(|n| n.payload().to_owned()))
+    }
+}
+
+fn millis(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+fn to_i32(what: &'static str, value: u32) -> Result<i32, StoreError> {
+    i32::try_from(value).map_err(|_| StoreError::OutOfRange {
+        what,
+        value: u64::from(value),
+    })
+}
+
+fn slot(s: i32) -> Result<u32, StoreError> {
+    u32::try_from(s).map_err(|_| StoreError::Corrupt {
+        table: "tasks",
+        column: "slot",
+        detail: s.to_string(),
+    })
+}
+
+fn name(s: &str) -> Result<Name, StoreError> {
+    Name::new(s).map_err(|detail| StoreError::Corrupt {
+        table: "tasks",
+        column: "node/app",
+        detail,
+    })
+}
+
+fn kind(s: &str) -> Result<TaskKind, StoreError> {
+    TaskKind::parse(s).ok_or_else(|| StoreError::Corrupt {
+        table: "tasks",
+        column: "kind",
+        detail: format!("unknown kind `{s}`"),
+    })
+}
+
+fn status(s: &str) -> Result<TaskStatus, StoreError> {
+    TaskStatus::parse(s).ok_or_else(|| StoreError::Corrupt {
+        table: "tasks",
+        column: "status",
+        detail: format!("unknown status `{s}`"),
+    })
+}

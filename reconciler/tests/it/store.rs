@@ -1,0 +1,385 @@
+//! The store against a real PostgreSQL: what the executor writes is what the planner reads back.
+
+use std::path::Path;
+
+use cairn_reconciler::observed::{
+    AppliedApp, CommitId, Fingerprints, ReplicaPlacement, ReplicaState,
+};
+use cairn_reconciler::store::{
+    self, NewReconciliation, ReconcileStatus, RecordedError, ReleaseInsert, StoreError, Written,
+    state,
+};
+use cairn_schema::{Desired, EnvValue, Identity, Kind, Name};
+use chrono::Utc;
+use sqlx::PgConnection;
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+fn example() -> (Desired, Fingerprints) {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/config");
+    let mut files = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let rel = path
+                    .strip_prefix(&root)
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                files.push((rel, std::fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let (_, loaded) = cairn_schema::load(files);
+    let desired = loaded.desired.expect("examples/config is valid");
+    let identity = Identity::parse(
+        &std::fs::read_to_string(root.join("../keys/demo-only-identity.txt")).unwrap(),
+    )
+    .unwrap();
+    let mut prints = Fingerprints::new();
+    for (app, spec) in &desired.apps {
+        for (key, value) in &spec.env {
+            if let EnvValue::Secret { secret } = value {
+                let plain = identity.decrypt(secret).unwrap();
+                prints.insert((app.clone(), key.clone()), identity.fingerprint(&plain));
+            }
+        }
+    }
+    (desired, prints)
+}
+
+/// Writes every resource of `desired` at `generation`; returns what each upsert did.
+async fn write_all(
+    conn: &mut PgConnection,
+    desired: &Desired,
+    prints: &Fingerprints,
+    generation: u64,
+) -> Vec<Written> {
+    let mut done = Vec::new();
+    for (n, p) in &desired.plans {
+        done.push(state::upsert_plan(conn, n, p, generation).await.unwrap());
+    }
+    for (n, r) in &desired.runtimes {
+        done.push(state::upsert_runtime(conn, n, r, generation).await.unwrap());
+    }
+    for (n, node) in &desired.nodes {
+        done.push(state::upsert_node(conn, n, node, generation).await.unwrap());
+    }
+    for (n, a) in &desired.apps {
+        done.push(
+            state::upsert_app(conn, n, a, prints, generation)
+                .await
+                .unwrap(),
+        );
+    }
+    done
+}
+
+#[tokio::test]
+async fn the_example_config_reads_back_as_written_and_a_second_write_changes_nothing() {
+    let db = cairn_testkit::test_db!();
+    let (desired, prints) = example();
+    let commit = CommitId::new("0123456789abcdef0123456789abcdef01234567");
+
+    let mut tx = db.pool().begin().await.unwrap();
+    state::lock_apply(&mut tx).await.unwrap();
+    let written = write_all(&mut tx, &desired, &prints, 1).await;
+    assert!(written.iter().all(|w| *w == Written::Created));
+    state::advance_generation(&mut tx, 0, 1, Some(&commit), &desired.settings)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let observed = state::load_observed(db.pool()).await.unwrap();
+    assert_eq!(observed.generation, 1);
+    assert_eq!(observed.applied_commit, Some(commit.clone()));
+    assert_eq!(observed.currency.as_deref(), Some("EUR"));
+    assert_eq!(observed.plans, desired.plans);
+    assert_eq!(observed.runtimes, desired.runtimes);
+    assert_eq!(observed.nodes, desired.nodes);
+    for (n, app) in &desired.apps {
+        assert_eq!(
+            observed.apps[n],
+            AppliedApp::from_desired(n, app, &prints).unwrap()
+        );
+    }
+    assert_eq!(observed.apps.len(), desired.apps.len());
+
+    let mut conn = db.pool().acquire().await.unwrap();
+    let again = write_all(&mut conn, &desired, &prints, 2).await;
+    assert!(again.iter().all(|w| *w == Written::Unchanged), "{again:?}");
+    let generations: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT generation FROM apps")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        generations,
+        [1],
+        "an unchanged row keeps the generation that wrote it"
+    );
+
+    // One app changes: only it is written.
+    let mut changed = desired.clone();
+    changed.apps.get_mut(&name("shop")).unwrap().replicas = 2;
+    let third = write_all(&mut conn, &changed, &prints, 3).await;
+    assert_eq!(third.iter().filter(|w| **w == Written::Changed).count(), 1);
+}
+
+#[tokio::test]
+async fn secrets_are_stored_as_ciphertext_only() {
+    let db = cairn_testkit::test_db!();
+    let (desired, prints) = example();
+    let mut conn = db.pool().acquire().await.unwrap();
+    write_all(&mut conn, &desired, &prints, 1).await;
+
+    let identity = Identity::parse(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/keys/demo-only-identity.txt"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let env = state::app_env(&mut conn, &name("shop")).await.unwrap();
+    let secrets: Vec<_> = env.iter().filter(|e| e.fingerprint.is_some()).collect();
+    assert!(!secrets.is_empty(), "the example's shop app has secrets");
+    let everything: String = sqlx::query_scalar(
+        "SELECT concat((SELECT string_agg(e::text, '') FROM app_env e),
+                       (SELECT string_agg(a::text, '') FROM apps a))",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    for s in secrets {
+        assert!(s.value.starts_with("-----BEGIN AGE ENCRYPTED FILE-----"));
+        let ct = cairn_schema::Ciphertext::new(&s.value).unwrap();
+        let plain = identity.decrypt(&ct).unwrap();
+        let plain = plain.expose_str().unwrap();
+        assert!(
+            !everything.contains(plain),
+            "plaintext of {} is in the database",
+            s.key
+        );
+    }
+
+    // The database itself refuses a plaintext secret.
+    let refused = sqlx::query(
+        "INSERT INTO app_env (app, key, secret, value, fingerprint)
+         VALUES ('shop', 'LEAKED', true, 'hunter2', 'x')",
+    )
+    .execute(&mut *conn)
+    .await;
+    let err = refused.unwrap_err();
+    assert!(
+        err.to_string().contains("secret_is_age_ciphertext"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_generation_cannot_be_applied() {
+    let db = cairn_testkit::test_db!();
+    let (desired, _) = example();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let commit = CommitId::new("c1");
+    state::advance_generation(&mut conn, 0, 1, Some(&commit), &desired.settings)
+        .await
+        .unwrap();
+    let err = state::advance_generation(&mut conn, 0, 1, Some(&commit), &desired.settings)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::GenerationConflict {
+                expected: 0,
+                current: 1
+            }
+        ),
+        "{err}"
+    );
+    let config = state::config_state(&mut conn).await.unwrap();
+    assert_eq!((config.generation, config.commit), (1, Some(commit)));
+    assert_eq!(config.settings, Some(desired.settings));
+}
+
+#[tokio::test]
+async fn placements_releases_pins_restarts_and_heads_read_back() {
+    let db = cairn_testkit::test_db!();
+    let (desired, prints) = example();
+    let mut tx = db.pool().begin().await.unwrap();
+    write_all(&mut tx, &desired, &prints, 1).await;
+    let shop = name("shop");
+    let config = CommitId::new("c1");
+    let source = CommitId::new("89abcdef0123456789abcdef0123456789abcdef");
+    for number in [1, 2] {
+        state::insert_release(
+            &mut tx,
+            &ReleaseInsert {
+                app: &shop,
+                number,
+                config_commit: &config,
+                config_generation: 1,
+                source_commit: &source,
+                spec: serde_json::json!({ "n": number }),
+                spec_hash: &format!("sha256:{number}"),
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let placement = |slot, node: &str, st| ReplicaPlacement {
+        app: shop.clone(),
+        slot,
+        node: name(node),
+        release: 2,
+        state: st,
+        generation: 1,
+        restart: 0,
+    };
+    let first = vec![
+        placement(1, "fra-1", ReplicaState::Running),
+        placement(2, "fra-2", ReplicaState::Running),
+        placement(3, "fra-1", ReplicaState::Running),
+    ];
+    state::replace_placements(&mut tx, &first).await.unwrap();
+    assert!(
+        state::set_rollback_pin(&mut tx, &shop, Some(1))
+            .await
+            .unwrap()
+    );
+    assert_eq!(state::request_restart(&mut tx, &shop).await.unwrap(), 1);
+    assert_eq!(state::request_restart(&mut tx, &shop).await.unwrap(), 2);
+    tx.commit().await.unwrap();
+    assert!(
+        state::record_source_head(db.pool(), &shop, "main", &source)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !state::record_source_head(db.pool(), &shop, "main", &source)
+            .await
+            .unwrap()
+    );
+
+    let observed = state::load_observed(db.pool()).await.unwrap();
+    assert_eq!(observed.placements, first);
+    assert_eq!(observed.releases[&shop].number, 2, "the latest release");
+    assert_eq!(observed.releases[&shop].spec_hash, "sha256:2");
+    assert_eq!(observed.rollback_pins[&shop], 1);
+    assert_eq!(observed.restart_requests[&shop], 2);
+    assert_eq!(observed.source_heads[&shop], source);
+
+    // Replacing placements: slot 3 goes, slot 2 moves and stops, slot 1 is untouched.
+    let mut conn = db.pool().acquire().await.unwrap();
+    let before: chrono::DateTime<Utc> =
+        sqlx::query_scalar("SELECT updated_at FROM placements WHERE slot = 1")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    let second = vec![
+        placement(1, "fra-1", ReplicaState::Running),
+        ReplicaPlacement {
+            generation: 2,
+            ..placement(2, "fra-1", ReplicaState::Stopped)
+        },
+    ];
+    state::replace_placements(&mut conn, &second).await.unwrap();
+    let after: chrono::DateTime<Utc> =
+        sqlx::query_scalar("SELECT updated_at FROM placements WHERE slot = 1")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+    assert_eq!(before, after, "an unchanged placement is not rewritten");
+    assert_eq!(
+        state::load_observed(db.pool()).await.unwrap().placements,
+        second
+    );
+
+    // Deleting the app takes its placements and pin, and leaves releases and restart requests.
+    assert_eq!(
+        state::delete_resources(&mut conn, Kind::App, std::slice::from_ref(&shop))
+            .await
+            .unwrap(),
+        1
+    );
+    let observed = state::load_observed(db.pool()).await.unwrap();
+    assert!(observed.placements.is_empty() && !observed.rollback_pins.contains_key(&shop));
+    assert_eq!(observed.releases[&shop].number, 2);
+    assert_eq!(observed.restart_requests[&shop], 2);
+    assert!(state::app_env(&mut conn, &shop).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn reconciliations_are_recorded_newest_first() {
+    let db = cairn_testkit::test_db!();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let t0 = Utc::now();
+    let errors = [RecordedError {
+        path: Some("apps/shop.toml".into()),
+        line: Some(3),
+        col: Some(8),
+        message: "unknown plan `larg`".into(),
+    }];
+    for (i, status) in [ReconcileStatus::Applied, ReconcileStatus::Failed]
+        .into_iter()
+        .enumerate()
+    {
+        let run = NewReconciliation {
+            source: "https://example.com/config.git",
+            commit: Some("c1"),
+            trigger: "timer",
+            status,
+            generation: Some(1),
+            summary: "Plan: 1 to add, 0 to change, 0 to destroy.",
+            errors: if status == ReconcileStatus::Failed {
+                &errors
+            } else {
+                &[]
+            },
+            started_at: t0 + chrono::Duration::seconds(i as i64),
+            finished_at: t0
+                + chrono::Duration::seconds(i as i64)
+                + chrono::Duration::milliseconds(250),
+        };
+        store::history::record_reconciliation(&mut conn, &run)
+            .await
+            .unwrap();
+    }
+    let runs = store::history::recent_reconciliations(&mut conn, 10)
+        .await
+        .unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0].status, ReconcileStatus::Failed);
+    assert_eq!(runs[0].errors, errors);
+    assert_eq!(
+        runs[0].errors[0].to_string(),
+        "apps/shop.toml:3:8: unknown plan `larg`"
+    );
+    assert_eq!(runs[0].duration_ms, 250);
+    assert_eq!(runs[1].status, ReconcileStatus::Applied);
+
+    // A failed run must say why.
+    let run = NewReconciliation {
+        status: ReconcileStatus::Failed,
+        errors: &[],
+        source: "x",
+        commit: None,
+        trigger: "timer",
+        generation: None,
+        summary: "failed",
+        started_at: t0,
+        finished_at: t0,
+    };
+    assert!(
+        store::history::record_reconciliation(&mut conn, &run)
+            .await
+            .is_err()
+    );
+}
