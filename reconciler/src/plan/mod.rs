@@ -10,6 +10,27 @@
 //! [`PlanInput::seed`], or show a secret: a plan holds neither plaintext nor ciphertext, only that a
 //! secret was added, removed or changed. It also never decides which config commit is newer; the caller
 //! must not plan a commit older than the applied one.
+//!
+//! # Executing a plan
+//!
+//! The executor performs a plan as it is, in one transaction under the apply lock, and decides nothing:
+//!
+//! 1. Take the lock and read the stored generation. If it is not [`Plan::based_on`], apply nothing and
+//!    plan again (the state moved since; [`NotApplicable::Stale`]). Refuse a plan whose
+//!    [`Plan::secrets_verified`] is false.
+//! 2. If [`Plan::is_empty`], write nothing more (record the reconciliation as a no-op if you keep one).
+//! 3. Otherwise write the state [`next_observed`] describes: the desired plans, runtimes, nodes and apps
+//!    (apps via [`crate::observed::AppliedApp::from_desired`], env ciphertexts in their own table),
+//!    [`Plan::target_commit`] as the applied commit, [`Plan::generation`] as the generation, the
+//!    placements as exactly [`Plan::placements`] (a row not in it is deleted), a release row per
+//!    [`Plan::releases`] entry (with its [`ReleaseSpec`] and the app's env ciphertexts, so a rollback can
+//!    deploy it again), and delete the credentials and status of removed nodes and the rollback pins of
+//!    deleted apps.
+//! 4. Enqueue one task per [`Plan::tasks`] entry, in its order, for its node, carrying the plan's
+//!    generation; a deploy task's env is the release's secrets re-encrypted to that node's recipient. Tasks
+//!    whose node is pending or offline ([`Task::waits_for`]) are enqueued all the same: the node leases
+//!    them when it joins or comes back.
+//! 5. Record the reconciliation with [`Plan::summary`] and commit.
 
 mod apply;
 mod diff;

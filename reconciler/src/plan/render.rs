@@ -674,15 +674,14 @@ fn replica_rows(plan: &Plan) -> Vec<Vec<String>> {
             what.push("unchanged".to_owned());
         }
         let node = match plan
-            .tasks
+            .nodes
             .iter()
-            .find(|t| t.node == p.node && t.waits_for.is_some())
+            .find(|n| n.node == p.node)
+            .map(|n| n.state)
         {
-            Some(t) if t.waits_for == Some(NodeState::Pending) => {
-                format!("{} (not joined yet)", p.node)
-            }
-            Some(_) => format!("{} (offline)", p.node),
-            None => p.node.to_string(),
+            Some(NodeState::Pending) => format!("{} (not joined yet)", p.node),
+            Some(NodeState::Offline) => format!("{} (offline)", p.node),
+            _ => p.node.to_string(),
         };
         rows.insert(
             (&p.app, p.slot),

@@ -825,3 +825,110 @@ fn the_example_repository_plans_from_scratch() {
     let o2 = next_observed(&i, &p).unwrap();
     assert!(plan(&input(Some((&c, &d)), Some(&fps), &o2)).is_empty());
 }
+
+#[test]
+fn a_removed_node_gets_no_tasks_and_its_replicas_move() {
+    let (_, o) = world_a(&secret("postgres://a", &[]));
+    let on_n1: Vec<_> = o
+        .placements
+        .iter()
+        .filter(|x| x.node.as_str() == "n1")
+        .cloned()
+        .collect();
+    assert!(!on_n1.is_empty());
+    let nodes = NODES.replace(
+        "[node.n1]\ncpu = 2\nmemory = \"4GiB\"\ndisk = \"100GiB\"\nregion = \"eu-west\"\n",
+        "",
+    );
+    let d = load(&[
+        ("cairn.toml", SETTINGS),
+        ("plans/plans.toml", PLANS),
+        ("runtimes/runtimes.toml", RUNTIMES),
+        ("nodes/nodes.toml", &nodes),
+        ("apps/apps.toml", &apps_a(&secret("postgres://a", &[]))),
+    ]);
+    let (p, o2) = apply(&o, &commit("b1b1b1b1b1b1b1b1"), &d);
+    assert_eq!(p.summary(), "Plan: 0 to add, 0 to change, 1 to destroy.");
+    assert!(
+        p.tasks.iter().all(|t| t.node.as_str() != "n1"),
+        "{:?}",
+        p.tasks
+    );
+    for x in &on_n1 {
+        let c = p
+            .placement_changes
+            .iter()
+            .find(|c| c.app == x.app && c.slot == x.slot)
+            .unwrap();
+        assert_eq!(c.from.as_ref().map(|n| n.as_str()), Some("n1"));
+        if c.to.is_some() {
+            assert_eq!(
+                c.reason,
+                PlacementReason::Moved {
+                    why: crate::scheduler::MoveReason::NodeRemoved
+                }
+            );
+        }
+    }
+    assert!(!o2.node_status.contains_key(&name("n1")));
+    assert!(o2.placements.iter().all(|x| x.node.as_str() != "n1"));
+}
+
+#[test]
+fn a_node_that_joined_with_another_key_gets_nothing_new() {
+    let (_, mut o) = world_a(&secret("postgres://a", &[]));
+    let pinned = Identity::generate();
+    let other = Identity::generate();
+    o.node_status.get_mut(&name("n3")).unwrap().recipient = Some(other.recipient());
+    let nodes = NODES.replace(
+        "labels = { disk = \"ssd\" }",
+        &format!(
+            "labels = {{ disk = \"ssd\" }}\nrecipient = \"{}\"",
+            pinned.recipient()
+        ),
+    );
+    let d = load(&[
+        ("cairn.toml", SETTINGS),
+        ("plans/plans.toml", PLANS),
+        ("runtimes/runtimes.toml", RUNTIMES),
+        ("nodes/nodes.toml", &nodes),
+        ("apps/apps.toml", &apps_a(&secret("postgres://a", &[]))),
+    ]);
+    let fps = fingerprints(&d);
+    let c = commit("b1b1b1b1b1b1b1b1");
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.kind == WarningKind::RecipientMismatch && w.node == Some(name("n3")))
+    );
+    let n3 = p.nodes.iter().find(|n| n.node.as_str() == "n3").unwrap();
+    assert_eq!(n3.condition, Some(crate::scheduler::Condition::Unusable));
+    // worker can run nowhere else: it is reported, not silently kept or dropped.
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.kind == WarningKind::Unplaced && w.app == Some(name("worker")))
+    );
+    assert!(p.placements.iter().all(|x| x.node.as_str() != "n3"));
+}
+
+#[test]
+fn an_app_without_a_known_head_waits_for_its_source() {
+    let d = repo(&apps_a(&secret("postgres://a", &[])));
+    let o = Observed::default();
+    let fps = fingerprints(&d);
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    assert!(p.releases.is_empty() && p.tasks.is_empty());
+    let w: Vec<&str> = p
+        .warnings
+        .iter()
+        .filter(|w| w.kind == WarningKind::NoSourceHead)
+        .map(|w| w.message.as_str())
+        .collect();
+    assert_eq!(w.len(), 4);
+    assert!(w.contains(
+        &"app api: the head of branch `main` of https://github.com/acme/api.git is not known yet; it deploys once the source is polled"
+    ));
+}
