@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -408,12 +408,13 @@ impl ApiError {
 pub struct GitHub {
     api_url: String,
     /// A token client, or the app's JWT client.
-    client: Octocrab,
+    client: Arc<Octocrab>,
     app: bool,
-    /// The configured installation's client.
-    installation: Option<Octocrab>,
+    /// The configured installation's client. Shared, not cloned: a clone of an installation client
+    /// starts with no token and would mint a new one.
+    installation: Option<Arc<Octocrab>>,
     /// Installation clients by repository key, when no installation is configured.
-    installations: tokio::sync::Mutex<HashMap<String, Octocrab>>,
+    installations: tokio::sync::Mutex<HashMap<String, Arc<Octocrab>>>,
     /// When GitHub last said the limit was used up (`x-ratelimit-remaining: 0`), until when.
     exhausted_until: Mutex<Option<SystemTime>>,
 }
@@ -478,7 +479,7 @@ impl GitHub {
                     .build()
                     .map_err(client_error)?;
                 let installation = installation_id
-                    .map(|id| client.installation(InstallationId(id)))
+                    .map(|id| client.installation(InstallationId(id)).map(Arc::new))
                     .transpose()
                     .map_err(client_error)?;
                 (client, true, installation)
@@ -486,7 +487,7 @@ impl GitHub {
         };
         Ok(GitHub {
             api_url: config.api_url,
-            client,
+            client: Arc::new(client),
             app,
             installation,
             installations: tokio::sync::Mutex::new(HashMap::new()),
@@ -494,8 +495,8 @@ impl GitHub {
         })
     }
 
-    /// How long to hold every call because a response said the rate limit is used up; `None` once
-    /// it has reset.
+    /// How long to hold every call because a successful response said the rate limit is now used up;
+    /// `None` once it has reset.
     pub fn rate_limit_pause(&self) -> Option<Duration> {
         let mut until = self
             .exhausted_until
@@ -585,7 +586,7 @@ impl GitHub {
 
     /// The client that may act on `repo`: the token's, the configured installation's, or the
     /// installation looked up for the repository (once).
-    async fn client_for(&self, repo: &RepoName) -> Result<Octocrab, ApiError> {
+    async fn client_for(&self, repo: &RepoName) -> Result<Arc<Octocrab>, ApiError> {
         if !self.app {
             return Ok(self.client.clone());
         }
@@ -606,6 +607,7 @@ impl GitHub {
         let client = self
             .client
             .installation(InstallationId(found.id))
+            .map(Arc::new)
             .map_err(|source| ApiError::Transport {
                 request: format!("installation {} of {repo}", found.id),
                 source,
@@ -642,14 +644,16 @@ impl GitHub {
             body,
         };
         let now = SystemTime::now();
-        if let Some(until) = exhausted_until(&answer.headers, now) {
-            let mut exhausted = self
-                .exhausted_until
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            *exhausted = Some(exhausted.map_or(until, |t| t.max(until)));
-        }
         if answer.status.is_success() {
+            // The call went through but the next would not: hold the others until the reset. (A
+            // refusal says so itself, below, and the outbox holds every call for it.)
+            if let Some(until) = exhausted_until(&answer.headers, now) {
+                let mut exhausted = self
+                    .exhausted_until
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                *exhausted = Some(exhausted.map_or(until, |t| t.max(until)));
+            }
             return Ok(answer);
         }
         let message = error_message(&answer.body);
@@ -721,7 +725,7 @@ fn reset_time(headers: &HeaderMap) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
-/// Until when the rate limit is used up, if the response says so (whatever its status).
+/// Until when the rate limit is used up, if the response says so.
 fn exhausted_until(headers: &HeaderMap, now: SystemTime) -> Option<SystemTime> {
     if header(headers, "x-ratelimit-remaining")? != "0" {
         return None;
