@@ -5,7 +5,7 @@
 //! private key; octocrab mints and refreshes installation tokens, and the installation of each
 //! repository is looked up once unless one is configured).
 //!
-//! Every request goes through [`GitHub::send`], which reads the status and the rate-limit headers
+//! Every request goes through one private `send`, which reads the status and the rate-limit headers
 //! itself, so that each failure is classified for the outbox: rate limited (retry when the limit
 //! resets, or after `retry-after`), permanent (422, 404, ...: retrying cannot help), or worth retrying.
 //!
@@ -264,12 +264,23 @@ impl GitHubConfig {
     /// optionally `CAIRN_GITHUB_APP_INSTALLATION_ID`) for a GitHub App, else `CAIRN_GITHUB_TOKEN`;
     /// `CAIRN_GITHUB_API_URL` for GitHub Enterprise. `None` when neither credential is set.
     pub fn from_env() -> Result<Option<GitHubConfig>, GitHubError> {
+        GitHubConfig::from_vars(|name| match std::env::var(name) {
+            Ok(v) => Ok(Some(v)),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(()),
+        })
+    }
+
+    /// [`GitHubConfig::from_env`] over any source of variables (`Err` for a value that is not UTF-8).
+    fn from_vars(
+        get: impl Fn(&'static str) -> Result<Option<String>, ()>,
+    ) -> Result<Option<GitHubConfig>, GitHubError> {
         let var = |name: &'static str| -> Result<Option<String>, GitHubError> {
-            match std::env::var(name) {
-                Ok(v) if v.trim().is_empty() => Ok(None),
-                Ok(v) => Ok(Some(v.trim().to_owned())),
-                Err(std::env::VarError::NotPresent) => Ok(None),
-                Err(std::env::VarError::NotUnicode(_)) => Err(GitHubError::Env {
+            match get(name) {
+                Ok(Some(v)) if v.trim().is_empty() => Ok(None),
+                Ok(Some(v)) => Ok(Some(v.trim().to_owned())),
+                Ok(None) => Ok(None),
+                Err(()) => Err(GitHubError::Env {
                     name,
                     problem: "is not UTF-8",
                 }),
@@ -794,6 +805,81 @@ mod tests {
             h.insert(*k, HeaderValue::from_str(v).unwrap());
         }
         h
+    }
+
+    fn from_vars(vars: &[(&str, &str)]) -> Result<Option<GitHubConfig>, GitHubError> {
+        let vars: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        GitHubConfig::from_vars(|name| Ok(vars.get(name).cloned()))
+    }
+
+    #[test]
+    fn configuration_comes_from_a_token_or_an_app_and_an_optional_api_url() {
+        assert!(from_vars(&[]).unwrap().is_none());
+        assert!(from_vars(&[(TOKEN_ENV, "  ")]).unwrap().is_none());
+        let token = from_vars(&[(TOKEN_ENV, "ghp_x\n")]).unwrap().unwrap();
+        assert!(matches!(&token.auth, GitHubAuth::Token(t) if t.expose_secret() == "ghp_x"));
+        assert_eq!(token.api_url, DEFAULT_API_URL);
+        assert_eq!(format!("{:?}", token.auth), "Token(<redacted>)");
+
+        let key = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/test-app-key.pem");
+        let app = from_vars(&[
+            (APP_ID_ENV, "12345"),
+            (APP_PRIVATE_KEY_FILE_ENV, key),
+            (APP_INSTALLATION_ID_ENV, "99"),
+            (TOKEN_ENV, "ignored when the app is configured"),
+            (API_URL_ENV, "https://github.example.com/api/v3"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert!(matches!(
+            app.auth,
+            GitHubAuth::App {
+                app_id: 12345,
+                installation_id: Some(99),
+                ..
+            }
+        ));
+        assert_eq!(app.api_url, "https://github.example.com/api/v3");
+        assert!(!format!("{:?}", app.auth).contains("PRIVATE KEY"));
+
+        for (vars, words) in [
+            (
+                vec![(APP_ID_ENV, "12345")],
+                "CAIRN_GITHUB_APP_PRIVATE_KEY_FILE must be set",
+            ),
+            (
+                vec![(APP_PRIVATE_KEY_FILE_ENV, key)],
+                "CAIRN_GITHUB_APP_ID must be set",
+            ),
+            (
+                vec![(APP_ID_ENV, "twelve"), (APP_PRIVATE_KEY_FILE_ENV, key)],
+                "CAIRN_GITHUB_APP_ID is not a number",
+            ),
+            (
+                vec![
+                    (APP_ID_ENV, "1"),
+                    (APP_PRIVATE_KEY_FILE_ENV, "/nonexistent/key.pem"),
+                ],
+                "cannot read the GitHub App private key /nonexistent/key.pem",
+            ),
+        ] {
+            let error = from_vars(&vars).unwrap_err().to_string();
+            assert!(error.contains(words), "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_private_key_that_is_not_rsa_pem_is_refused() {
+        let mut config = GitHubConfig::new(GitHubAuth::App {
+            app_id: 1,
+            private_key_pem: "not a key".to_owned().into(),
+            installation_id: None,
+        });
+        config.api_url = "http://127.0.0.1:9".to_owned();
+        assert!(matches!(GitHub::new(config), Err(GitHubError::Key(_))));
     }
 
     #[test]

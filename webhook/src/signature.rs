@@ -17,6 +17,8 @@ use sha2::Sha256;
 pub const SIGNATURE_HEADER: &str = "x-hub-signature-256";
 /// The legacy SHA-1 header, recognised only to say why it is refused.
 pub const LEGACY_SIGNATURE_HEADER: &str = "x-hub-signature";
+/// Where `cairn serve` finds the secret when no `--github-webhook-secret-file` is given.
+pub const SECRET_ENV: &str = "CAIRN_GITHUB_WEBHOOK_SECRET";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -49,6 +51,22 @@ impl WebhookSecret {
         WebhookSecret::new(bytes).map_err(|_| SecretError::EmptyFile {
             path: path.display().to_string(),
         })
+    }
+
+    /// The secret from `file` if given, else from `CAIRN_GITHUB_WEBHOOK_SECRET`; `None` when neither
+    /// is set (the webhook endpoint is then not served).
+    pub fn from_file_or_env(file: Option<&Path>) -> Result<Option<WebhookSecret>, SecretError> {
+        if let Some(file) = file {
+            return WebhookSecret::from_file(file).map(Some);
+        }
+        match std::env::var_os(SECRET_ENV) {
+            None => Ok(None),
+            Some(value) if value.is_empty() => Err(SecretError::Empty),
+            Some(value) => {
+                use std::os::unix::ffi::OsStringExt as _;
+                WebhookSecret::new(value.into_vec()).map(Some)
+            }
+        }
     }
 
     fn mac(&self) -> HmacSha256 {
