@@ -22,7 +22,9 @@
 //! 3. Otherwise write the state [`next_observed`] describes: the desired plans, runtimes, nodes and apps
 //!    (apps via [`crate::observed::AppliedApp::from_desired`], env ciphertexts in their own table),
 //!    [`Plan::target_commit`] as the applied commit, [`Plan::generation`] as the generation, the
-//!    placements as exactly [`Plan::placements`] (a row not in it is deleted), a release row per
+//!    placements as exactly [`Plan::placements`] (only its rows whose generation is the plan's are new or
+//!    changed, and the slots of [`Plan::placement_changes`] without a `to` are the rows to delete, so a
+//!    store can write the difference), a release row per
 //!    [`Plan::releases`] entry (with its [`ReleaseSpec`] and the app's env ciphertexts, so a rollback can
 //!    deploy it again), and delete the credentials and status of removed nodes and the rollback pins of
 //!    deleted apps.

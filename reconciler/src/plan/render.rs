@@ -328,11 +328,11 @@ pub fn text(plan: &Plan, color: bool) -> String {
         for p in &plan.placement_changes {
             let why = p.reason.describe();
             let line = match (&p.from, &p.to) {
-                (None, Some(to)) => st.add(&format!("+ {} replica {} → {to}", p.app, p.slot)),
+                (None, Some(to)) => st.add(&format!("+ {} replica {} on {to}", p.app, p.slot)),
                 (Some(from), Some(to)) => {
                     st.change(&format!("~ {} replica {}: {from} → {to}", p.app, p.slot))
                 }
-                (Some(from), None) => st.del(&format!("- {} replica {}: {from} →", p.app, p.slot)),
+                (Some(from), None) => st.del(&format!("- {} replica {} on {from}", p.app, p.slot)),
                 (None, None) => format!("  {} replica {}", p.app, p.slot),
             };
             let _ = writeln!(o, "  {line} ({why})");

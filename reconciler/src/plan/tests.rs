@@ -214,7 +214,28 @@ fn apply(o: &Observed, c: &CommitId, d: &Desired) -> (Plan, Observed) {
     let i = input(Some((c, d)), Some(&fps), o);
     let p = plan(&i);
     let next = next_observed(&i, &p).unwrap();
+    assert_delta_is_complete(o, &p);
     (p, next)
+}
+
+/// A store that writes only the difference (rows of the plan's generation, deletes from placement
+/// changes without a destination) ends with exactly the plan's placements.
+fn assert_delta_is_complete(o: &Observed, p: &Plan) {
+    let mut rows: BTreeMap<(Name, u32), crate::observed::ReplicaPlacement> = o
+        .placements
+        .iter()
+        .map(|x| ((x.app.clone(), x.slot), x.clone()))
+        .collect();
+    for c in p.placement_changes.iter().filter(|c| c.to.is_none()) {
+        rows.remove(&(c.app.clone(), c.slot));
+    }
+    for x in p.placements.iter().filter(|x| x.generation == p.generation) {
+        rows.insert((x.app.clone(), x.slot), x.clone());
+    }
+    let expected: Vec<_> = rows.into_values().collect();
+    if !p.is_empty() {
+        assert_eq!(expected, p.placements);
+    }
 }
 
 /// Every declared node online, heard from a second ago, offering docker.
@@ -931,4 +952,288 @@ fn an_app_without_a_known_head_waits_for_its_source() {
     assert!(w.contains(
         &"app api: the head of branch `main` of https://github.com/acme/api.git is not known yet; it deploys once the source is polled"
     ));
+}
+
+mod properties {
+    //! Random desired and observed states: applying a plan and planning again gives an empty plan, and no
+    //! plan reserves more than a node has.
+
+    use std::collections::BTreeMap;
+
+    use cairn_schema::model::{Health, Placement, SecretSettings, Settings, Source};
+    use cairn_schema::{
+        App, ByteSize, Ciphertext, Cpu, Desired, Domain, Driver, EnvName, EnvValue, GitUrl, Node,
+        Price, Runtime,
+    };
+    use proptest::prelude::*;
+
+    use super::{commit, name, now};
+    use crate::observed::{Fingerprints, NodeState, NodeStatus, Observed};
+    use crate::plan::{DEFAULT_OFFLINE_AFTER, DesiredAt, PlanInput, next_observed, plan};
+
+    const CT: &str =
+        "-----BEGIN AGE ENCRYPTED FILE-----\nYWJjZGVm\n-----END AGE ENCRYPTED FILE-----";
+
+    #[derive(Debug, Clone)]
+    struct World {
+        desired: Desired,
+        fingerprints: Fingerprints,
+        status: BTreeMap<String, NodeState>,
+        heads: BTreeMap<String, String>,
+    }
+
+    fn arb_node() -> impl Strategy<Value = Node> {
+        (
+            1u32..8,
+            1u64..16,
+            prop::option::of(prop::sample::select(vec!["eu", "us"])),
+            any::<bool>(),
+            prop::bool::weighted(0.15),
+        )
+            .prop_map(|(cpu, mem, region, ssd, drain)| Node {
+                cpu: Cpu::from_millis(cpu * 500),
+                memory: ByteSize(mem << 29),
+                disk: ByteSize(100 << 30),
+                region: region.map(name),
+                labels: if ssd {
+                    [(name("disk"), "ssd".to_owned())].into()
+                } else {
+                    BTreeMap::new()
+                },
+                drain,
+                recipient: None,
+            })
+    }
+
+    fn arb_app() -> impl Strategy<
+        Value = (
+            usize,
+            usize,
+            u32,
+            Option<&'static str>,
+            bool,
+            bool,
+            u8,
+            Option<u8>,
+        ),
+    > {
+        (
+            0usize..3,
+            0usize..2,
+            0u32..4,
+            prop::option::of(prop::sample::select(vec!["eu", "us"])),
+            prop::bool::weighted(0.2),
+            prop::bool::weighted(0.15),
+            0u8..3,
+            prop::option::of(0u8..3),
+        )
+    }
+
+    fn arb_world() -> impl Strategy<Value = World> {
+        (
+            prop::collection::vec(prop::option::of(arb_node()), 5),
+            prop::collection::vec(prop::option::of(arb_app()), 6),
+            prop::collection::vec(
+                prop::sample::select(vec![
+                    NodeState::Pending,
+                    NodeState::Online,
+                    NodeState::Online,
+                    NodeState::Offline,
+                ]),
+                5,
+            ),
+            prop::collection::vec(prop::option::of(0u8..3), 6),
+            1u32..4,
+        )
+            .prop_map(|(nodes, apps, status, heads, plan_scale)| {
+                let mut d = Desired {
+                    settings: Settings {
+                        base_domain: Domain::new("apps.example.com").unwrap(),
+                        currency: "EUR".into(),
+                        secrets: SecretSettings::default(),
+                    },
+                    plans: BTreeMap::new(),
+                    runtimes: BTreeMap::new(),
+                    nodes: BTreeMap::new(),
+                    apps: BTreeMap::new(),
+                    origins: BTreeMap::new(),
+                };
+                for p in 0..3u32 {
+                    d.plans.insert(
+                        name(&format!("p{p}")),
+                        cairn_schema::Plan {
+                            cpu: Cpu::from_millis(250 * plan_scale * (p + 1)),
+                            memory: ByteSize((256 << 20) * u64::from(p + 1)),
+                            disk: ByteSize(1 << 30),
+                            price: Price::new(rust_decimal::Decimal::from(5 * (p + 1))).unwrap(),
+                            max_replicas: 4,
+                        },
+                    );
+                }
+                for (r, drivers) in [
+                    ("r0", vec![Driver::Docker]),
+                    ("r1", vec![Driver::Docker, Driver::Process]),
+                ] {
+                    d.runtimes.insert(
+                        name(r),
+                        Runtime {
+                            drivers,
+                            dockerfile: false,
+                            image: Some("img".into()),
+                            build: vec![],
+                            start: Some("run".into()),
+                            port: 8080,
+                        },
+                    );
+                }
+                for (i, n) in nodes.into_iter().enumerate() {
+                    if let Some(n) = n {
+                        d.nodes.insert(name(&format!("n{i}")), n);
+                    }
+                }
+                let mut fingerprints = Fingerprints::new();
+                for (i, a) in apps.into_iter().enumerate() {
+                    let Some((plan, runtime, replicas, region, ssd, suspended, env, secret)) = a
+                    else {
+                        continue;
+                    };
+                    let app = name(&format!("a{i}"));
+                    let mut envs = BTreeMap::new();
+                    envs.insert(
+                        EnvName::new("MODE").unwrap(),
+                        EnvValue::Plain(format!("m{env}")),
+                    );
+                    if let Some(s) = secret {
+                        let key = EnvName::new("TOKEN").unwrap();
+                        envs.insert(
+                            key.clone(),
+                            EnvValue::Secret {
+                                secret: Ciphertext::new(CT).unwrap(),
+                            },
+                        );
+                        fingerprints.insert((app.clone(), key), format!("fp{s}"));
+                    }
+                    d.apps.insert(
+                        app,
+                        App {
+                            plan: name(&format!("p{plan}")),
+                            runtime: name(&format!("r{runtime}")),
+                            source: Source {
+                                url: GitUrl::new(&format!("https://github.com/acme/a{i}.git"))
+                                    .unwrap(),
+                                branch: "main".into(),
+                                rev: None,
+                            },
+                            replicas,
+                            port: None,
+                            domains: vec![],
+                            health: Health::default(),
+                            placement: Placement {
+                                region: region.map(name),
+                                labels: if ssd {
+                                    [(name("disk"), "ssd".to_owned())].into()
+                                } else {
+                                    BTreeMap::new()
+                                },
+                            },
+                            suspended,
+                            env: envs,
+                        },
+                    );
+                }
+                let status = status
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, s)| (format!("n{i}"), s))
+                    .collect();
+                let heads = heads
+                    .into_iter()
+                    .enumerate()
+                    .filter_map(|(i, h)| {
+                        h.map(|h| {
+                            (
+                                format!("a{i}"),
+                                format!("{h}{h}{h}{h}{h}{h}{h}{h}{h}{h}{h}{h}"),
+                            )
+                        })
+                    })
+                    .collect();
+                World {
+                    desired: d,
+                    fingerprints,
+                    status,
+                    heads,
+                }
+            })
+    }
+
+    /// The observed state as the world's nodes and source heads make it, on top of what is applied.
+    fn observe(mut o: Observed, w: &World) -> Observed {
+        o.node_status.clear();
+        for (n, s) in &w.status {
+            if *s == NodeState::Pending {
+                continue;
+            }
+            let hb = if *s == NodeState::Online {
+                now()
+            } else {
+                now() - chrono::Duration::minutes(10)
+            };
+            o.node_status.insert(
+                name(n),
+                NodeStatus {
+                    state: NodeState::Online,
+                    last_heartbeat: Some(hb),
+                    drivers: vec![Driver::Docker],
+                    recipient: None,
+                },
+            );
+        }
+        o.source_heads = w.heads.iter().map(|(a, c)| (name(a), commit(c))).collect();
+        o
+    }
+
+    fn input<'a>(
+        c: &'a crate::observed::CommitId,
+        w: &'a World,
+        o: &'a Observed,
+        seed: u64,
+    ) -> PlanInput<'a> {
+        PlanInput {
+            desired: Some(DesiredAt {
+                commit: c,
+                state: &w.desired,
+            }),
+            fingerprints: Some(&w.fingerprints),
+            observed: o,
+            seed,
+            now: now(),
+            offline_after: DEFAULT_OFFLINE_AFTER,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn applying_then_planning_again_is_empty(first in arb_world(), second in arb_world(), seed in any::<u64>()) {
+            let mut o = Observed::default();
+            for (step, w) in [&first, &second].into_iter().enumerate() {
+                let c = commit(&format!("c{step}c{step}c{step}c{step}c{step}c{step}"));
+                o = observe(o, w);
+                let i = input(&c, w, &o, seed);
+                let p = plan(&i);
+                for n in &p.nodes {
+                    if let Some(a) = &n.after {
+                        prop_assert!(a.used.fits_in(&a.capacity), "{} over capacity: {:?}", n.node, a);
+                    }
+                }
+                prop_assert_eq!(&p, &plan(&i));
+                let next = next_observed(&i, &p).unwrap();
+                let again = plan(&input(&c, w, &next, seed));
+                prop_assert!(again.is_empty(), "step {}: planning again gave\n{}", step, super::text(&again, false));
+                o = next;
+            }
+        }
+    }
 }
