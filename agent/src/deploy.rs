@@ -264,6 +264,7 @@ impl Deployer {
             .map_err(|e| failure(Stage::Check, DeployError::Refused(e), &timings))?;
         let slot_lock = lock_for(&self.slots, &(spec.app.clone(), spec.slot)).await;
         let _slot = slot_lock.lock().await;
+        tracing::info!(app = %spec.app, release = spec.release, slot = spec.slot, "deploy started");
 
         let before: Vec<ReplicaStatus> = self
             .driver
@@ -334,6 +335,7 @@ impl Deployer {
             }
         };
 
+        tracing::info!(app = %spec.app, release = spec.release, image = %image, source = ?image_source, "image ready");
         let t = Instant::now();
         let started = self
             .driver
@@ -355,6 +357,7 @@ impl Deployer {
             if let Err(e) = self.driver.remove_replica(&replica.id).await {
                 tracing::warn!(replica = %replica.name, error = %e, "cannot remove an unhealthy replica");
             }
+            tracing::warn!(app = %spec.app, release = spec.release, replica = %replica.name, error = %source, "new replica unhealthy; the route is unchanged");
             log.line(LogLine::new(
                 LogStream::Agent,
                 format!(
@@ -447,6 +450,7 @@ impl Deployer {
         let backend = Backend::new(replica.id.clone(), spec.release, spec.slot, replica.addr);
         let unrouted = self.proxy.switch_slot(&spec.app, &hostnames, backend);
         timings.switch = Some(t.elapsed());
+        tracing::info!(app = %spec.app, release = spec.release, slot = spec.slot, replica = %replica.name, addr = %replica.addr, "switched");
 
         let t = Instant::now();
         let olds: Vec<&ReplicaStatus> = before.iter().filter(|r| r.id != replica.id).collect();
@@ -465,6 +469,7 @@ impl Deployer {
         }
         timings.drain = Some(t.elapsed());
         timings.total = t0.elapsed();
+        tracing::info!(app = %spec.app, release = spec.release, slot = spec.slot, replaced = olds.len(), drained, ?timings, "deploy done");
         DeployReport {
             replica,
             image,

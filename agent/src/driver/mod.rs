@@ -340,6 +340,8 @@ pub trait Driver: Send + Sync + fmt::Debug {
         health::wait_healthy(replica.addr, spec, || async {
             match self.status(&replica.id).await {
                 Ok(Some(s)) => match s.state {
+                    // Still starting (the process driver spawns in the background).
+                    ReplicaState::Created => None,
                     ReplicaState::Running if s.restarts == 0 => None,
                     ReplicaState::Running | ReplicaState::Restarting => Some(format!(
                         "the replica crashed and was restarted {} time(s)",

@@ -1,0 +1,637 @@
+//! Shared test machinery: a per-test installation (its own id, temp dirs, Docker clean-up of exactly what
+//! carries its label), a local git remote made with the real `git` CLI, the busybox base image, a proxy on
+//! a loopback port, a poller, and the process-wide log capture.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
+    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+};
+use bytes::Bytes;
+use cairn_agent::driver::label;
+use cairn_agent::proxy::ProxyConfig;
+use cairn_agent::spec::IsolationRequest;
+use cairn_agent::{
+    BuildSpec, Deployer, DeployerConfig, Driver, HealthSpec, Limits, Proxy, ReplicaSpec, Rewrites,
+    SourceSpec, Sources,
+};
+use cairn_schema::{Domain, GitUrl, Identity, Name};
+use futures_util::StreamExt;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+use tokio::sync::watch;
+
+pub use cairn_agent::logs::Discard;
+
+/// Whether a missing prerequisite fails the test (CI) or skips it.
+pub fn require_all() -> bool {
+    std::env::var_os("CAIRN_TEST_REQUIRE_ALL").is_some_and(|v| !v.is_empty())
+}
+
+/// `None` (and a clear message) when `what` is missing and CI did not ask for everything; a panic when it
+/// did.
+pub fn missing(test: &str, what: &str, why: impl std::fmt::Display) {
+    if require_all() {
+        panic!("{test}: {what} is required (CAIRN_TEST_REQUIRE_ALL is set) but not usable: {why}");
+    }
+    eprintln!(
+        "SKIPPED {test}: {what} is not usable here ({why}); set CAIRN_TEST_REQUIRE_ALL=1 to fail instead"
+    );
+}
+
+/// A connected Docker client, or `None` after [`missing`] said why.
+pub async fn docker(test: &str) -> Option<Docker> {
+    let attempt = async {
+        let d = Docker::connect_with_socket_defaults()?
+            .negotiate_version()
+            .await?;
+        d.ping().await?;
+        Ok::<_, bollard::errors::Error>(d)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+        Ok(Ok(d)) => Some(d),
+        Ok(Err(e)) => {
+            missing(test, "the Docker engine", e);
+            None
+        }
+        Err(_) => {
+            missing(test, "the Docker engine", "no answer within 10 s");
+            None
+        }
+    }
+}
+
+/// Whether the `git` CLI and the static busybox are there.
+pub fn tools(test: &str) -> bool {
+    if let Err(e) = Command::new("git").arg("--version").output() {
+        missing(test, "the git CLI", e);
+        return false;
+    }
+    if !Path::new(BUSYBOX).is_file() {
+        missing(
+            test,
+            BUSYBOX,
+            "not installed (Debian package busybox-static)",
+        );
+        return false;
+    }
+    true
+}
+
+pub const BUSYBOX: &str = "/bin/busybox";
+
+/// Runs `f` under a bound, so no test hangs.
+pub async fn bounded<F: std::future::Future>(secs: u64, f: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(secs), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("the test took longer than {secs} s"),
+    }
+}
+
+fn random_label(prefix: &str) -> String {
+    format!("{prefix}{:08x}", rand::thread_rng().r#gen::<u32>())
+}
+
+/// One test's installation: an id no other test shares, its temp dirs, and (when given a Docker client)
+/// the clean-up of every container and image labelled with that id, even when the test panics.
+pub struct Installation {
+    pub id: Name,
+    pub node: Name,
+    pub dir: tempfile::TempDir,
+    pub docker: Option<Docker>,
+}
+
+impl Installation {
+    pub fn new(docker: Option<Docker>) -> Self {
+        Installation {
+            id: Name::new(&random_label("t")).unwrap(),
+            node: Name::new("node-a").unwrap(),
+            dir: tempfile::tempdir().unwrap(),
+            docker,
+        }
+    }
+
+    pub fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    /// A unique app name (image tags are `cairn/<app>:<release>`, shared by every test on the engine).
+    pub fn app(&self) -> Name {
+        Name::new(&random_label("w")).unwrap()
+    }
+
+    /// The busybox base image, built here with the classic builder and no pull, labelled for clean-up.
+    pub async fn busybox_image(&self) -> String {
+        let docker = self.docker.as_ref().expect("a Docker test");
+        let tag = format!("cairn-test/busybox:{}", self.id);
+        let dockerfile = format!(
+            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nLABEL {}={}\n",
+            label::INSTALLATION,
+            self.id
+        );
+        let mut tar = tar::Builder::new(Vec::new());
+        let mut add = |name: &str, data: &[u8], mode: u32| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(mode);
+            h.set_cksum();
+            tar.append_data(&mut h, name, data).unwrap();
+        };
+        add("Dockerfile", dockerfile.as_bytes(), 0o644);
+        add("busybox", &std::fs::read(BUSYBOX).unwrap(), 0o755);
+        let body = tar.into_inner().unwrap();
+        let labels = HashMap::from([(label::INSTALLATION.to_owned(), self.id.to_string())]);
+        let opts = BuildImageOptionsBuilder::default()
+            .t(&tag)
+            .rm(true)
+            .forcerm(true)
+            .labels(&labels)
+            .build();
+        let mut stream = docker.build_image(opts, None, Some(bollard::body_full(body.into())));
+        while let Some(item) = stream.next().await {
+            let info = item.expect("the busybox base image builds");
+            assert!(info.error_detail.is_none(), "{info:?}");
+        }
+        tag
+    }
+
+    /// Containers of this installation, whatever their state.
+    pub async fn containers(&self) -> Vec<bollard::models::ContainerSummary> {
+        let docker = self.docker.as_ref().expect("a Docker test");
+        let filters = HashMap::from([(
+            "label".to_owned(),
+            vec![format!("{}={}", label::INSTALLATION, self.id)],
+        )]);
+        docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Installation {
+    fn drop(&mut self) {
+        let Some(docker) = self.docker.clone() else {
+            return;
+        };
+        let id = self.id.to_string();
+        // Drop cannot await; clean up on a thread with its own runtime.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_secs(60), clean_up(&docker, &id)).await;
+            });
+        })
+        .join();
+    }
+}
+
+async fn clean_up(docker: &Docker, id: &str) {
+    let filters = HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={id}", label::INSTALLATION)],
+    )]);
+    if let Ok(cs) = docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+    {
+        for c in cs {
+            if let Some(cid) = c.id {
+                let _ = docker
+                    .remove_container(
+                        &cid,
+                        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                    )
+                    .await;
+            }
+        }
+    }
+    // Children before parents: a few passes remove images whose children went in the pass before.
+    for _ in 0..6 {
+        let Ok(images) = docker
+            .list_images(Some(
+                ListImagesOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+        else {
+            return;
+        };
+        if images.is_empty() {
+            return;
+        }
+        for img in images {
+            let _ = docker
+                .remove_image(
+                    &img.id,
+                    Some(RemoveImageOptionsBuilder::default().force(true).build()),
+                    None,
+                )
+                .await;
+        }
+    }
+}
+
+/// The app's repository: a bare remote made with the real git CLI, and a work tree that pushes to it.
+pub struct AppRepo {
+    pub bare: PathBuf,
+    work: PathBuf,
+    /// The URL the manifests use; a rewrite points it at the bare repo.
+    pub url: GitUrl,
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Cairn Test",
+            "-c",
+            "user.email=test@cairn.invalid",
+        ])
+        .args([
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+impl AppRepo {
+    pub fn new(root: &Path, name: &str) -> Self {
+        let bare = root.join(format!("remote/{name}.git"));
+        let work = root.join(format!("work/{name}"));
+        std::fs::create_dir_all(&bare).unwrap();
+        std::fs::create_dir_all(&work).unwrap();
+        git(&bare, &["init", "--bare", "-q"]);
+        git(&work, &["init", "-q"]);
+        let url = GitUrl::new(&format!("https://github.com/acme/{name}.git")).unwrap();
+        AppRepo { bare, work, url }
+    }
+
+    /// Writes `files` (path, contents, executable), commits, pushes to `main`; returns the commit id.
+    pub fn commit(&self, files: &[(&str, &str, bool)], message: &str) -> String {
+        for (path, contents, exec) in files {
+            let p = self.work.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, contents).unwrap();
+            if *exec {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+            }
+        }
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", message]);
+        let bare = self.bare.to_string_lossy().into_owned();
+        git(&self.work, &["push", "-q", &bare, "HEAD:refs/heads/main"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// The rewrite that sends this repo's https URL to the local bare repo.
+    pub fn rewrites(&self) -> Rewrites {
+        Rewrites::parse([format!("{}=file://{}", self.url, self.bare.display())]).unwrap()
+    }
+
+    /// A version of the test web app: `www/index.html` says `version`, `www/healthz` says ok.
+    pub fn commit_version(&self, version: &str) -> String {
+        self.commit(
+            &[
+                ("www/index.html", &format!("{version}\n"), false),
+                ("www/healthz", "ok\n", false),
+            ],
+            version,
+        )
+    }
+}
+
+/// A replica spec for the test app at `commit`.
+pub fn spec(
+    inst: &Installation,
+    app: &Name,
+    repo: &AppRepo,
+    release: u64,
+    commit: &str,
+    build: BuildSpec,
+) -> ReplicaSpec {
+    ReplicaSpec {
+        installation: inst.id.clone(),
+        app: app.clone(),
+        release,
+        slot: 0,
+        config_commit: format!("cfg{release}"),
+        source: SourceSpec {
+            url: repo.url.clone(),
+            commit: commit.to_owned(),
+        },
+        build,
+        image: None,
+        limits: Limits {
+            cpu_millis: 250,
+            memory_bytes: 64 << 20,
+        },
+        env: Default::default(),
+        secret_env: None,
+        health: HealthSpec {
+            path: "/healthz".into(),
+            timeout_ms: 1000,
+            attempts: 40,
+        },
+        hostnames: vec![host(app)],
+        isolation: IsolationRequest::default(),
+    }
+}
+
+pub fn host(app: &Name) -> Domain {
+    Domain::new(&format!("{app}.apps.test")).unwrap()
+}
+
+/// The Docker runtime of the test app: busybox httpd serving `www`, with a build command whose output
+/// proves it ran.
+pub fn docker_build(base: &str) -> BuildSpec {
+    BuildSpec {
+        dockerfile: false,
+        base_image: Some(base.to_owned()),
+        commands: vec!["echo built-$(cat www/index.html) > www/build.txt".into()],
+        start: Some("exec httpd -f -p $PORT -h /app/www".into()),
+        port: 8080,
+    }
+}
+
+/// The process runtime of the test app.
+pub fn process_build() -> BuildSpec {
+    BuildSpec {
+        dockerfile: false,
+        base_image: None,
+        commands: vec!["echo built-$(cat www/index.html) > www/build.txt".into()],
+        start: Some(format!("exec {BUSYBOX} httpd -f -p 127.0.0.1:$PORT -h www")),
+        port: 8080,
+    }
+}
+
+/// A proxy on a loopback port Docker does not use, and a deployer around `driver`.
+pub struct Node {
+    pub deployer: Deployer,
+    pub proxy: Arc<Proxy>,
+    pub proxy_addr: SocketAddr,
+    pub identity: Arc<Identity>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Node {
+    pub async fn start(inst: &Installation, driver: Arc<dyn Driver>, rewrites: Rewrites) -> Node {
+        let proxy = Proxy::new(ProxyConfig::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(proxy.clone().serve(listener, async {
+            let _ = stopped.await;
+        }));
+        let identity = Arc::new(Identity::generate());
+        let sources = Sources::new(inst.path("sources"), rewrites);
+        let mut cfg = DeployerConfig::new(inst.path("work"));
+        cfg.drain_grace = Duration::from_millis(300);
+        cfg.drain_max = Duration::from_secs(10);
+        cfg.fetch_timeout = Duration::from_secs(60);
+        let deployer = Deployer::new(driver, proxy.clone(), sources, identity.clone(), cfg);
+        Node {
+            deployer,
+            proxy,
+            proxy_addr,
+            identity,
+            stop: Some(stop),
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// An HTTP client that keeps connections to the proxy alive, as browsers do.
+pub fn client() -> Client<HttpConnector, Empty<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// One GET through the proxy with `host` as the Host header: (status, body).
+pub async fn get(
+    client: &Client<HttpConnector, Empty<Bytes>>,
+    proxy: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Result<(u16, String), String> {
+    let req = hyper::Request::get(format!("http://{proxy}{path}"))
+        .header(hyper::header::HOST, host)
+        .body(Empty::new())
+        .unwrap();
+    let attempt = async {
+        let res = client.request(req).await.map_err(|e| format!("{e:?}"))?;
+        let status = res.status().as_u16();
+        let body = res
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("{e:?}"))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(Duration::from_secs(5), attempt)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+/// One poll: when it finished and what it got.
+pub type Sample = (Instant, Result<(u16, String), String>);
+
+/// A client polling one address at a fixed rate; what it saw, in order.
+pub struct Poller {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Vec<Sample>>,
+    pub started: Instant,
+}
+
+impl Poller {
+    pub fn start(proxy: SocketAddr, host: String, every: Duration) -> Poller {
+        let (stop, mut stopped) = watch::channel(false);
+        let started = Instant::now();
+        let task = tokio::spawn(async move {
+            let client = client();
+            let mut seen = Vec::new();
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        let r = get(&client, proxy, &host, "/").await;
+                        seen.push((Instant::now(), r));
+                    }
+                    _ = stopped.changed() => break,
+                }
+            }
+            seen
+        });
+        Poller {
+            stop,
+            task,
+            started,
+        }
+    }
+
+    pub async fn finish(self) -> (Duration, Vec<Sample>) {
+        let _ = self.stop.send(true);
+        let seen = self.task.await.unwrap();
+        (self.started.elapsed(), seen)
+    }
+}
+
+/// Asserts a poll saw only successes, at 20 requests per second or more, whose bodies went from
+/// `from` to `to` once and never back. Returns (requests, rate).
+pub fn assert_switch(seen: &[Sample], elapsed: Duration, from: &str, to: &str) -> (usize, f64) {
+    let failures: Vec<_> = seen
+        .iter()
+        .filter(|(_, r)| !matches!(r, Ok((200, _))))
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the switch: {:?}",
+        failures.len(),
+        seen.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let bodies: Vec<&str> = seen
+        .iter()
+        .map(|(_, r)| r.as_ref().unwrap().1.trim())
+        .collect();
+    let first_to = bodies.iter().position(|b| *b == to).unwrap_or_else(|| {
+        panic!(
+            "the answer never became {to}: {:?}",
+            &bodies[bodies.len().saturating_sub(5)..]
+        )
+    });
+    assert!(first_to > 0, "the poll never saw {from} before the switch");
+    assert!(
+        bodies[..first_to].iter().all(|b| *b == from),
+        "before the switch: {:?}",
+        &bodies[..first_to]
+    );
+    assert!(
+        bodies[first_to..].iter().all(|b| *b == to),
+        "the answer went back after the switch: {:?}",
+        &bodies[first_to..]
+    );
+    let rate = seen.len() as f64 / elapsed.as_secs_f64();
+    assert!(rate >= 20.0, "polled at only {rate:.1} requests/s");
+    (seen.len(), rate)
+}
+
+/// Asserts a poll saw only `body`, all successful.
+pub fn assert_steady(seen: &[Sample], body: &str) {
+    assert!(!seen.is_empty());
+    for (_, r) in seen {
+        match r {
+            Ok((200, b)) if b.trim() == body => {}
+            other => panic!("expected a steady {body}, saw {other:?}"),
+        }
+    }
+}
+
+/// Everything written by `tracing` (and the `log` crate, bridged) in this test binary, through the filter
+/// the agent binary must use ([`cairn_agent::logs::env_filter`] at `trace`), and separately everything
+/// bollard logs at every level without that cap.
+pub struct Captured {
+    pub agent: Arc<Mutex<Vec<u8>>>,
+    pub bollard_uncapped: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Captured {
+    pub fn agent_text(&self) -> String {
+        String::from_utf8_lossy(&self.agent.lock().unwrap()).into_owned()
+    }
+    pub fn bollard_text(&self) -> String {
+        String::from_utf8_lossy(&self.bollard_uncapped.lock().unwrap()).into_owned()
+    }
+}
+
+struct BufWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for BufWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+pub fn capture() -> &'static Captured {
+    static CAPTURED: OnceLock<Captured> = OnceLock::new();
+    CAPTURED.get_or_init(|| {
+        use tracing_subscriber::Layer;
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let agent = Arc::new(Mutex::new(Vec::new()));
+        let bollard = Arc::new(Mutex::new(Vec::new()));
+        let (a, b) = (agent.clone(), bollard.clone());
+        let agent_layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || BufWriter(a.clone()))
+            .with_filter(cairn_agent::logs::env_filter("trace"));
+        let bollard_layer = tracing_subscriber::fmt::layer()
+            .with_ansi(false)
+            .with_writer(move || BufWriter(b.clone()))
+            .with_filter(
+                tracing_subscriber::filter::Targets::new()
+                    .with_target("bollard", tracing::Level::TRACE),
+            );
+        let _ = tracing_subscriber::registry()
+            .with(agent_layer)
+            .with(bollard_layer)
+            .try_init();
+        let _ = std::io::stderr().flush();
+        Captured {
+            agent,
+            bollard_uncapped: bollard,
+        }
+    })
+}
