@@ -33,16 +33,6 @@ fn main() {
 }
 
 async fn run(batched_tasks: usize, single_tasks: usize) {
-    let Some(db) = cairn_testkit::pg::TestDb::new().await else {
-        return;
-    };
-    let pool = PgPoolOptions::new()
-        .max_connections(NODES as u32 + 2)
-        .connect_with(db.options())
-        .await
-        .expect("a pool");
-    print_settings(&pool).await;
-
     for (label, tasks, batch) in [
         (
             "batched, 8 workers, lease(200) + complete_many",
@@ -55,6 +45,18 @@ async fn run(batched_tasks: usize, single_tasks: usize) {
             1,
         ),
     ] {
+        // A fresh database per run, so one run's finished tasks do not slow the next.
+        let Some(db) = cairn_testkit::pg::TestDb::new().await else {
+            return;
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(NODES as u32 + 2)
+            .connect_with(db.options())
+            .await
+            .expect("a pool");
+        if batch > 1 {
+            print_settings(&pool).await;
+        }
         let (enqueued, enqueue_time) = enqueue(&pool, tasks, label).await;
         let started = Instant::now();
         let workers: Vec<_> = (0..NODES)
@@ -75,9 +77,9 @@ async fn run(batched_tasks: usize, single_tasks: usize) {
             done as f64 / elapsed.as_secs_f64(),
             enqueued as f64 / enqueue_time.as_secs_f64(),
         );
+        pool.close().await;
+        db.close().await;
     }
-    pool.close().await;
-    db.close().await;
 }
 
 fn node(n: usize) -> Name {

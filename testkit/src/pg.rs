@@ -205,7 +205,10 @@ fn skip_or_panic(reason: &str) {
         .name()
         .unwrap_or("this test")
         .to_owned();
-    eprintln!(
+    // Straight to the process's stderr: `eprintln!` is captured by the test harness and only shown
+    // for failing tests, and a skip must be visible.
+    let _ = writeln!(
+        std::io::stderr(),
         "cairn-testkit: SKIPPED {test}: {reason}. To run it: {help}. \
          (Set {REQUIRE_ALL_ENV}=1 to make this a failure.)"
     );
