@@ -233,154 +233,8 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         });
     }
 
-    // Nodes as the scheduler sees them.
-    let mut views: BTreeMap<Name, NodeView> = BTreeMap::new();
-    for (name, spec) in target.nodes {
-        let status = obs.node_status.get(name);
-        let state = effective_state(status, input.now, input.offline_after);
-        let mismatch = match (
-            spec.recipient.as_ref(),
-            status.and_then(|s| s.recipient.as_ref()),
-        ) {
-            (Some(want), Some(got)) if want != got => {
-                warnings.push(Warning {
-                    kind: WarningKind::RecipientMismatch,
-                    message: format!(
-                        "node {name} joined with recipient {got} but its manifest pins {want}: it gets no new replicas until it joins again"
-                    ),
-                    app: None,
-                    slot: None,
-                    node: Some(name.clone()),
-                });
-                true
-            }
-            _ => false,
-        };
-        let condition = match state {
-            NodeState::Offline => Condition::Offline,
-            _ if mismatch => Condition::Unusable,
-            _ if spec.drain => Condition::Draining,
-            NodeState::Pending => Condition::Pending,
-            NodeState::Online => Condition::Ready,
-        };
-        let mut drivers = status.map(|s| s.drivers.clone()).unwrap_or_default();
-        if drivers.is_empty() && state == NodeState::Pending {
-            drivers.push(Driver::Docker);
-        }
-        views.insert(
-            name.clone(),
-            NodeView {
-                state,
-                condition,
-                drivers,
-            },
-        );
-    }
-
-    // Releases.
-    let mut runs: BTreeMap<&Name, Run> = BTreeMap::new();
-    let mut releases = Vec::new();
-    let mut pins = Vec::new();
-    for (name, app) in &target.apps {
-        let (Some(plan_spec), Some(runtime)) = (
-            target.plans.get(&app.plan),
-            target.runtimes.get(&app.runtime),
-        ) else {
-            warnings.push(Warning {
-                kind: WarningKind::MissingReference,
-                message: format!(
-                    "app {name}: plan `{}` or runtime `{}` is not applied; it runs nothing",
-                    app.plan, app.runtime
-                ),
-                app: Some(name.clone()),
-                slot: None,
-                node: None,
-            });
-            runs.insert(
-                name,
-                Run::Idle {
-                    why: PlacementReason::Unplaced { why: None },
-                },
-            );
-            continue;
-        };
-        if app.suspended {
-            runs.insert(name, Run::Suspended);
-            continue;
-        }
-        if app.replicas == 0 {
-            runs.insert(
-                name,
-                Run::Idle {
-                    why: PlacementReason::ScaledDown,
-                },
-            );
-            continue;
-        }
-        let latest = obs.releases.get(name);
-        let spec = ReleaseSpec::new(name, app, plan_spec, runtime);
-        let spec_hash = spec.hash();
-        let source = app
-            .source
-            .rev
-            .as_ref()
-            .map(|r| CommitId::new(r.clone()))
-            .or_else(|| obs.source_heads.get(name).cloned())
-            .or_else(|| latest.map(|l| l.source_commit.clone()));
-        let differs = |l: &crate::observed::ReleaseRecord, source: Option<&CommitId>| {
-            l.spec_hash != spec_hash || source.is_some_and(|s| *s != l.source_commit)
-        };
-        if let Some(&pinned) = obs.rollback_pins.get(name) {
-            pins.push(Pin {
-                app: name.clone(),
-                release: pinned,
-                holding_back: latest
-                    .is_none_or(|l| l.number != pinned || differs(l, source.as_ref())),
-            });
-            runs.insert(name, Run::Running { release: pinned });
-            continue;
-        }
-        let Some(source) = source else {
-            warnings.push(Warning {
-                kind: WarningKind::NoSourceHead,
-                message: format!(
-                    "app {name}: the head of branch `{}` of {} is not known yet; it deploys once the source is polled",
-                    app.source.branch, app.source.url
-                ),
-                app: Some(name.clone()),
-                slot: None,
-                node: None,
-            });
-            runs.insert(
-                name,
-                Run::Idle {
-                    why: PlacementReason::Unplaced { why: None },
-                },
-            );
-            continue;
-        };
-        let release = match latest {
-            Some(l) if !differs(l, Some(&source)) => l.number,
-            _ => {
-                let number = latest.map_or(1, |l| l.number + 1);
-                releases.push(NewRelease {
-                    app: name.clone(),
-                    number,
-                    previous: latest.map(|l| l.number),
-                    config_commit: target.commit.clone().unwrap_or_else(|| CommitId::new("")),
-                    source_was: latest
-                        .filter(|l| l.source_commit != source)
-                        .map(|l| l.source_commit.clone()),
-                    source_commit: source,
-                    config_changed: latest.is_some_and(|l| l.spec_hash != spec_hash),
-                    spec_hash,
-                    spec,
-                });
-                number
-            }
-        };
-        runs.insert(name, Run::Running { release });
-    }
+    let views = node_views(input, &target, &mut warnings);
+    let (runs, releases, pins) = decide_releases(input, &target, &mut warnings);
 
     // Scheduling.
     let mut by_app: BTreeMap<&Name, Vec<&ReplicaPlacement>> = BTreeMap::new();
@@ -580,6 +434,172 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         cost,
         placements,
     }
+}
+
+/// Each target node's liveness, condition and drivers at `input.now`.
+fn node_views(
+    input: &PlanInput<'_>,
+    target: &Target<'_>,
+    warnings: &mut Vec<Warning>,
+) -> BTreeMap<Name, NodeView> {
+    let obs = input.observed;
+    let mut views: BTreeMap<Name, NodeView> = BTreeMap::new();
+    for (name, spec) in target.nodes {
+        let status = obs.node_status.get(name);
+        let state = effective_state(status, input.now, input.offline_after);
+        let mismatch = match (
+            spec.recipient.as_ref(),
+            status.and_then(|s| s.recipient.as_ref()),
+        ) {
+            (Some(want), Some(got)) if want != got => {
+                warnings.push(Warning {
+                    kind: WarningKind::RecipientMismatch,
+                    message: format!(
+                        "node {name} joined with recipient {got} but its manifest pins {want}: it gets no new replicas until it joins again"
+                    ),
+                    app: None,
+                    slot: None,
+                    node: Some(name.clone()),
+                });
+                true
+            }
+            _ => false,
+        };
+        let condition = match state {
+            NodeState::Offline => Condition::Offline,
+            _ if mismatch => Condition::Unusable,
+            _ if spec.drain => Condition::Draining,
+            NodeState::Pending => Condition::Pending,
+            NodeState::Online => Condition::Ready,
+        };
+        let mut drivers = status.map(|s| s.drivers.clone()).unwrap_or_default();
+        if drivers.is_empty() && state == NodeState::Pending {
+            drivers.push(Driver::Docker);
+        }
+        views.insert(
+            name.clone(),
+            NodeView {
+                state,
+                condition,
+                drivers,
+            },
+        );
+    }
+    views
+}
+
+/// What each app does: the release it runs (a new one when its spec or source commit changed, the pinned
+/// one under a rollback pin), or why it runs nothing.
+fn decide_releases<'t>(
+    input: &PlanInput<'_>,
+    target: &'t Target<'_>,
+    warnings: &mut Vec<Warning>,
+) -> (BTreeMap<&'t Name, Run>, Vec<NewRelease>, Vec<Pin>) {
+    let obs = input.observed;
+    let mut runs: BTreeMap<&'t Name, Run> = BTreeMap::new();
+    let mut releases = Vec::new();
+    let mut pins = Vec::new();
+    for (name, app) in &target.apps {
+        let (Some(plan_spec), Some(runtime)) = (
+            target.plans.get(&app.plan),
+            target.runtimes.get(&app.runtime),
+        ) else {
+            warnings.push(Warning {
+                kind: WarningKind::MissingReference,
+                message: format!(
+                    "app {name}: plan `{}` or runtime `{}` is not applied; it runs nothing",
+                    app.plan, app.runtime
+                ),
+                app: Some(name.clone()),
+                slot: None,
+                node: None,
+            });
+            runs.insert(
+                name,
+                Run::Idle {
+                    why: PlacementReason::Unplaced { why: None },
+                },
+            );
+            continue;
+        };
+        if app.suspended {
+            runs.insert(name, Run::Suspended);
+            continue;
+        }
+        if app.replicas == 0 {
+            runs.insert(
+                name,
+                Run::Idle {
+                    why: PlacementReason::ScaledDown,
+                },
+            );
+            continue;
+        }
+        let latest = obs.releases.get(name);
+        let spec = ReleaseSpec::new(name, app, plan_spec, runtime);
+        let spec_hash = spec.hash();
+        let source = app
+            .source
+            .rev
+            .as_ref()
+            .map(|r| CommitId::new(r.clone()))
+            .or_else(|| obs.source_heads.get(name).cloned())
+            .or_else(|| latest.map(|l| l.source_commit.clone()));
+        let differs = |l: &crate::observed::ReleaseRecord, source: Option<&CommitId>| {
+            l.spec_hash != spec_hash || source.is_some_and(|s| *s != l.source_commit)
+        };
+        if let Some(&pinned) = obs.rollback_pins.get(name) {
+            pins.push(Pin {
+                app: name.clone(),
+                release: pinned,
+                holding_back: latest
+                    .is_none_or(|l| l.number != pinned || differs(l, source.as_ref())),
+            });
+            runs.insert(name, Run::Running { release: pinned });
+            continue;
+        }
+        let Some(source) = source else {
+            warnings.push(Warning {
+                kind: WarningKind::NoSourceHead,
+                message: format!(
+                    "app {name}: the head of branch `{}` of {} is not known yet; it deploys once the source is polled",
+                    app.source.branch, app.source.url
+                ),
+                app: Some(name.clone()),
+                slot: None,
+                node: None,
+            });
+            runs.insert(
+                name,
+                Run::Idle {
+                    why: PlacementReason::Unplaced { why: None },
+                },
+            );
+            continue;
+        };
+        let release = match latest {
+            Some(l) if !differs(l, Some(&source)) => l.number,
+            _ => {
+                let number = latest.map_or(1, |l| l.number + 1);
+                releases.push(NewRelease {
+                    app: name.clone(),
+                    number,
+                    previous: latest.map(|l| l.number),
+                    config_commit: target.commit.clone().unwrap_or_else(|| CommitId::new("")),
+                    source_was: latest
+                        .filter(|l| l.source_commit != source)
+                        .map(|l| l.source_commit.clone()),
+                    source_commit: source,
+                    config_changed: latest.is_some_and(|l| l.spec_hash != spec_hash),
+                    spec_hash,
+                    spec,
+                });
+                number
+            }
+        };
+        runs.insert(name, Run::Running { release });
+    }
+    (runs, releases, pins)
 }
 
 /// Creates, changes and deletes of one kind, by name.
