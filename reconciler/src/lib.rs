@@ -7,9 +7,12 @@
 //! What it must not do: talk to GitHub (that is `cairn-webhook`), talk to Docker (that is `cairn-agent`),
 //! or let the planner perform IO. Only its `store` module touches Postgres.
 
+pub mod controller;
+pub mod executor;
 pub mod observed;
 pub mod plan;
 pub mod queue;
 pub mod scheduler;
 pub mod source;
+pub mod status;
 pub mod store;

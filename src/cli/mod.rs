@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod control;
 mod repo;
 mod schema_cmd;
 mod secret;
@@ -36,6 +37,12 @@ enum Command {
     Schema(schema_cmd::Args),
     /// Age keys and encrypted env values: keygen, encrypt, set, rotate
     Secret(secret::Args),
+    /// Show what applying the config source would change (exit 2 with --exit-code when it would)
+    Plan(control::PlanArgs),
+    /// Show the plan, ask, and apply it in one transaction
+    Apply(control::ApplyArgs),
+    /// Apps, replicas, nodes and the last reconciliation
+    Status(control::StatusArgs),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -43,6 +50,9 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Validate(a) => validate::run(a),
         Command::Schema(a) => schema_cmd::run(a),
         Command::Secret(a) => secret::run(a),
+        Command::Plan(a) => control::plan(a),
+        Command::Apply(a) => control::apply(a),
+        Command::Status(a) => control::status(a),
     }
 }
 

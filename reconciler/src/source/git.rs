@@ -198,6 +198,38 @@ impl GitSource {
         }
     }
 
+    /// Whether commit `older` is an ancestor of (or equal to) commit `newer`; bounded to 100,000 commits of
+    /// history. Unknown commits are not ancestors.
+    pub fn is_ancestor(&mut self, older: &str, newer: &str) -> Result<bool, GitError> {
+        let read_err = |e| GitError::Read {
+            commit: newer.to_owned(),
+            source: e,
+        };
+        let (Ok(older), Ok(newer)) = (
+            ObjectId::from_hex(older.as_bytes()),
+            ObjectId::from_hex(newer.as_bytes()),
+        ) else {
+            return Ok(false);
+        };
+        if older == newer {
+            return Ok(true);
+        }
+        let repo = self.repo()?;
+        if repo.find_object(newer).is_err() || repo.find_object(older).is_err() {
+            return Ok(false);
+        }
+        let walk = repo
+            .rev_walk([newer])
+            .all()
+            .map_err(|e| read_err(boxed(e)))?;
+        for info in walk.take(100_000) {
+            if info.map_err(|e| read_err(boxed(e)))?.id == older {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Reads and validates the manifests at `commit`, re-parsing only blobs not seen before.
     pub fn load(&mut self, commit: ObjectId) -> Result<Snapshot, GitError> {
         let read_err = |e| GitError::Read {

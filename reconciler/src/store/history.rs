@@ -89,7 +89,7 @@ pub struct NewReconciliation<'a> {
 }
 
 /// A recorded run.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reconciliation {
     pub id: i64,
     pub source: String,

@@ -1,0 +1,401 @@
+//! The reconcile loop: what `cairn serve`, `cairn plan` and `cairn apply` share. A trigger (timer, file
+//! change, webhook, node going offline, an operator) only wakes it; every run re-reads the whole desired
+//! state (through the source's caches) and the whole observed state, plans, and applies.
+//!
+//! What it must not do: carry a change from a trigger into the plan, apply a config commit older than the
+//! applied one, or leave a failed run unrecorded.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_schema::{Desired, Diagnostic, Identity};
+use chrono::Utc;
+use sha2::{Digest, Sha256};
+use sqlx::PgPool;
+use tokio::sync::{Mutex, Notify};
+
+use crate::executor::{self, Applied, ApplyError, Context};
+use crate::observed::{CommitId, Fingerprints};
+use crate::plan::{DesiredAt, Plan, PlanInput};
+use crate::source::Snapshot;
+use crate::source::git::{GitError, GitSource};
+use crate::store::{ReconcileStatus, RecordedError, StoreError, state};
+
+/// Where desired state is read from.
+#[derive(Debug)]
+pub enum ConfigSource {
+    /// A working tree; its "commit" is a hash of the manifests' paths and bytes.
+    Dir(PathBuf),
+    Git(GitSource),
+}
+
+/// Why the config source could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read config directory {path}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Git(#[from] GitError),
+}
+
+impl ConfigSource {
+    /// A directory if `repo` is one, else a git remote (cached under `cache_root`).
+    pub fn open(repo: &str, refname: &str, cache_root: &std::path::Path) -> ConfigSource {
+        let path = std::path::Path::new(repo);
+        if path.is_dir() {
+            ConfigSource::Dir(path.to_path_buf())
+        } else {
+            let cache = crate::source::git::cache_dir(cache_root, repo);
+            ConfigSource::Git(GitSource::new(repo, refname, cache))
+        }
+    }
+
+    /// What the history names as the source.
+    pub fn label(&self) -> String {
+        match self {
+            ConfigSource::Dir(p) => p.display().to_string(),
+            ConfigSource::Git(g) => format!("{}#{}", g.url(), g.refname()),
+        }
+    }
+
+    /// Reads the newest desired state: fetches a git ref, or re-reads a directory.
+    pub fn read(&mut self) -> Result<Snapshot, ReadError> {
+        match self {
+            ConfigSource::Dir(dir) => {
+                let snap = crate::source::dir::read_dir(dir).map_err(|source| ReadError::Dir {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let mut h = Sha256::new();
+                for (p, b) in &snap.files {
+                    h.update((p.len() as u64).to_le_bytes());
+                    h.update(p.as_bytes());
+                    h.update((b.len() as u64).to_le_bytes());
+                    h.update(b);
+                }
+                let commit = format!("dir-{}", &hex::encode(h.finalize())[..16]);
+                let files = snap
+                    .files
+                    .iter()
+                    .map(|(p, b)| Arc::new(cairn_schema::parse_file(p, b)))
+                    .collect();
+                Ok(Snapshot::new(Some(commit), files, snap.diagnostics))
+            }
+            ConfigSource::Git(g) => {
+                let head = g.fetch()?;
+                Ok(g.load(head)?)
+            }
+        }
+    }
+
+    /// Whether `candidate` is an ancestor of `applied` (so applying it would go backwards). Directories
+    /// have no history: never.
+    pub fn is_behind(&mut self, candidate: &str, applied: &str) -> bool {
+        match self {
+            ConfigSource::Dir(_) => false,
+            ConfigSource::Git(g) => g.is_ancestor(candidate, applied).unwrap_or(false),
+        }
+    }
+}
+
+/// One reconcile's result.
+#[derive(Debug)]
+pub enum Outcome {
+    Applied(Box<Applied>),
+    /// The commit is invalid: recorded as failed with its errors; nothing else changed.
+    Invalid {
+        commit: Option<String>,
+        errors: Vec<Diagnostic>,
+    },
+    /// The source's commit is older than the applied one; nothing was done.
+    Behind {
+        commit: String,
+        applied: String,
+    },
+}
+
+/// Everything a reconcile needs besides the database.
+#[derive(Debug)]
+pub struct Controller {
+    pub pool: PgPool,
+    pub source: Mutex<ConfigSource>,
+    pub identity: Option<Identity>,
+    pub seed: u64,
+    pub offline_after: Duration,
+    /// Fingerprints by (ciphertext sha256): decrypting every secret on every run would be wasted work.
+    cache: Mutex<std::collections::HashMap<String, String>>,
+}
+
+/// A failed run: the error, already recorded in the history when it could be.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Secrets(String),
+}
+
+impl Controller {
+    pub fn new(pool: PgPool, source: ConfigSource, identity: Option<Identity>) -> Self {
+        Controller {
+            pool,
+            source: Mutex::new(source),
+            identity,
+            seed: 0,
+            offline_after: crate::plan::DEFAULT_OFFLINE_AFTER,
+            cache: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Reads the source (blocking IO runs off the async workers).
+    pub async fn read(&self) -> Result<(String, Snapshot), ReadError> {
+        let mut source = self.source.lock().await;
+        let label = source.label();
+        let snap = tokio::task::block_in_place(|| source.read())?;
+        Ok((label, snap))
+    }
+
+    /// Fingerprints of the desired secrets, or `None` without an identity.
+    pub async fn fingerprints(
+        &self,
+        desired: &Desired,
+    ) -> Result<Option<Fingerprints>, RecordedError> {
+        let Some(id) = &self.identity else {
+            return Ok(None);
+        };
+        let mut cache = self.cache.lock().await;
+        let mut out = Fingerprints::new();
+        for (app, a) in &desired.apps {
+            for (key, v) in &a.env {
+                let cairn_schema::EnvValue::Secret { secret } = v else {
+                    continue;
+                };
+                let k = crate::observed::ciphertext_sha256(secret);
+                let print = match cache.get(&k) {
+                    Some(fp) => fp.clone(),
+                    None => {
+                        let plain = id.decrypt(secret).map_err(|e| RecordedError {
+                            path: desired.origins.get(&(cairn_schema::Kind::App, app.clone())).map(|o| o.path.clone()),
+                            line: None,
+                            col: None,
+                            message: format!("secret `{key}` of app `{app}` does not decrypt with the control plane's identity: {e}"),
+                        })?;
+                        let fp = id.fingerprint(&plain);
+                        cache.insert(k, fp.clone());
+                        fp
+                    }
+                };
+                out.insert((app.clone(), key.clone()), print);
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Plans the source's newest state against the database without applying (no lock taken).
+    pub async fn plan(&self) -> Result<(Snapshot, Option<Plan>), ReconcileError> {
+        let (_, snap) = self.read().await?;
+        let Some(desired) = &snap.loaded.desired else {
+            return Ok((snap, None));
+        };
+        let fingerprints = self
+            .fingerprints(desired)
+            .await
+            .map_err(|e| ReconcileError::Secrets(e.to_string()))?;
+        let observed = state::load_observed(&self.pool).await?;
+        let commit = CommitId::new(snap.commit.clone().unwrap_or_default());
+        let plan = crate::plan::plan(&PlanInput {
+            desired: Some(DesiredAt {
+                commit: &commit,
+                state: desired,
+            }),
+            fingerprints: fingerprints.as_ref(),
+            observed: &observed,
+            seed: self.seed,
+            now: Utc::now(),
+            offline_after: self.offline_after,
+        });
+        Ok((snap, Some(plan)))
+    }
+
+    /// One full reconcile: read, validate, plan and apply; failures are recorded.
+    pub async fn reconcile(&self, trigger: &str) -> Result<Outcome, ReconcileError> {
+        self.reconcile_expecting(trigger, None).await
+    }
+
+    /// As [`Controller::reconcile`], refusing to apply unless the plan is based on `generation` (what an
+    /// operator was shown).
+    pub async fn reconcile_expecting(
+        &self,
+        trigger: &str,
+        generation: Option<u64>,
+    ) -> Result<Outcome, ReconcileError> {
+        let started_at = Utc::now();
+        let label = self.source.lock().await.label();
+        let cx = Context {
+            source: &label,
+            trigger,
+            identity: self.identity.as_ref(),
+            seed: self.seed,
+            offline_after: self.offline_after,
+            started_at,
+            expect_generation: generation,
+        };
+        let snap = match self.read().await {
+            Ok((_, s)) => s,
+            Err(e) => {
+                let err = RecordedError {
+                    path: None,
+                    line: None,
+                    col: None,
+                    message: error_chain(&e),
+                };
+                executor::record_failure(&self.pool, &cx, None, &[err]).await?;
+                return Err(e.into());
+            }
+        };
+        let Some(desired) = &snap.loaded.desired else {
+            let errors: Vec<Diagnostic> = snap.loaded.diagnostics.errors().cloned().collect();
+            let recorded: Vec<RecordedError> = errors.iter().map(recorded).collect();
+            executor::record_failure(&self.pool, &cx, snap.commit.as_deref(), &recorded).await?;
+            return Ok(Outcome::Invalid {
+                commit: snap.commit.clone(),
+                errors,
+            });
+        };
+        let commit = snap.commit.clone().unwrap_or_default();
+        let applied = {
+            let mut conn = self.pool.acquire().await.map_err(|e| StoreError::Query {
+                op: "read the config state",
+                source: e,
+            })?;
+            state::config_state(&mut conn).await?.commit
+        };
+        let behind = match &applied {
+            Some(a) if a.as_str() != commit => {
+                let mut source = self.source.lock().await;
+                tokio::task::block_in_place(|| source.is_behind(&commit, a.as_str()))
+            }
+            _ => false,
+        };
+        if let (true, Some(applied)) = (behind, applied) {
+            return Ok(Outcome::Behind {
+                commit,
+                applied: applied.as_str().to_owned(),
+            });
+        }
+        let fingerprints = match self.fingerprints(desired).await {
+            Ok(f) => f,
+            Err(e) => {
+                executor::record_failure(&self.pool, &cx, Some(&commit), std::slice::from_ref(&e))
+                    .await?;
+                return Err(ReconcileError::Secrets(e.to_string()));
+            }
+        };
+        let commit_id = CommitId::new(commit.clone());
+        match executor::reconcile(
+            &self.pool,
+            Some((&commit_id, desired)),
+            fingerprints.as_ref(),
+            &cx,
+        )
+        .await
+        {
+            Ok(a) => Ok(Outcome::Applied(Box::new(a))),
+            Err(e) => {
+                let err = RecordedError {
+                    path: None,
+                    line: None,
+                    col: None,
+                    message: error_chain(&e),
+                };
+                executor::record_failure(&self.pool, &cx, Some(&commit), &[err]).await?;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Runs until `shutdown` resolves: reconciles now, then whenever `wake` is notified or `interval`
+    /// passes. Errors are logged and retried with backoff (capped at the interval).
+    pub async fn run(
+        self: Arc<Self>,
+        wake: Arc<Notify>,
+        interval: Duration,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) {
+        tokio::pin!(shutdown);
+        let mut trigger = "startup";
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            let wait = match self.reconcile(trigger).await {
+                Ok(outcome) => {
+                    log_outcome(&outcome);
+                    backoff = Duration::from_secs(1);
+                    interval
+                }
+                Err(e) => {
+                    tracing::error!(error = %error_chain(&e), "reconcile failed");
+                    let w = backoff.min(interval);
+                    backoff = (backoff * 2).min(interval);
+                    w
+                }
+            };
+            tokio::select! {
+                _ = &mut shutdown => return,
+                _ = wake.notified() => trigger = "wake",
+                _ = tokio::time::sleep(wait) => trigger = "timer",
+            }
+        }
+    }
+}
+
+fn log_outcome(o: &Outcome) {
+    match o {
+        Outcome::Applied(a) if a.status == ReconcileStatus::Noop => {
+            tracing::debug!(commit = ?a.plan.target_commit, "no changes")
+        }
+        Outcome::Applied(a) => tracing::info!(
+            commit = ?a.plan.target_commit,
+            generation = a.plan.generation,
+            tasks = a.tasks,
+            "{}",
+            a.plan.summary()
+        ),
+        Outcome::Invalid { commit, errors } => {
+            tracing::warn!(commit = ?commit, errors = errors.len(), first = %errors.first().map(|e| e.to_string()).unwrap_or_default(), "invalid commit: nothing applied")
+        }
+        Outcome::Behind { commit, applied } => {
+            tracing::warn!(%commit, %applied, "the source is behind the applied commit: nothing applied")
+        }
+    }
+}
+
+/// A diagnostic as the history stores it (no source line: it could hold a pasted secret).
+pub fn recorded(d: &Diagnostic) -> RecordedError {
+    RecordedError {
+        path: Some(d.path.clone()),
+        line: (d.line > 0).then_some(d.line as u32),
+        col: (d.col > 0).then_some(d.col as u32),
+        message: d.message.clone(),
+    }
+}
+
+/// An error with its sources, one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

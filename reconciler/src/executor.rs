@@ -1,0 +1,433 @@
+//! The executor: performs a [`Plan`] exactly as the planner made it, in one transaction under the apply
+//! lock, so that the new state, the reconciliation record and the agent tasks commit together or not at
+//! all. It decides nothing; see the contract in [`crate::plan`].
+//!
+//! What it must not do: choose anything the plan leaves open (there is nothing), hold the lock while
+//! reading the config source or decrypting more than the tasks need, or put a secret's plaintext
+//! anywhere but the age ciphertext of a task addressed to its node.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use cairn_schema::{Desired, EnvValue, Identity, Kind, Name, Recipient};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::observed::{CommitId, Fingerprints, Observed};
+use crate::plan::{Action, DesiredAt, Plan, PlanInput, TaskAction, plan};
+use crate::queue::{self, NewTask, QueueError, TaskKind};
+use crate::store::{
+    self, NewReconciliation, ReconcileStatus, RecordedError, ReleaseInsert, StoreError, state,
+};
+
+/// Why an apply did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error(
+        "{count} secret(s) could not be verified: the control plane needs its identity to apply"
+    )]
+    SecretsUnverified { count: usize },
+    #[error(
+        "the state changed since the plan was shown (generation {shown} is now {current}): plan again"
+    )]
+    Changed { shown: u64, current: u64 },
+    #[error("cannot encrypt app `{app}`'s secrets to node `{node}`: {reason}")]
+    Reencrypt {
+        app: String,
+        node: String,
+        reason: String,
+    },
+}
+
+/// What one apply did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Applied {
+    pub plan: Plan,
+    /// `Noop` when the plan was empty: nothing was written but the reconciliation record.
+    pub status: ReconcileStatus,
+    /// Tasks enqueued (tasks already enqueued under the same key are not counted).
+    pub tasks: usize,
+    pub reconciliation: i64,
+}
+
+/// The inputs of a reconcile that are not state: identity, seed, clock.
+#[derive(Debug)]
+pub struct Context<'a> {
+    /// Where the config came from, for the history: a URL or a directory.
+    pub source: &'a str,
+    /// What woke the reconciler: `timer`, `webhook`, `file`, `manual`, `node`.
+    pub trigger: &'a str,
+    pub identity: Option<&'a Identity>,
+    pub seed: u64,
+    pub offline_after: Duration,
+    pub started_at: DateTime<Utc>,
+    /// Apply only a plan based on this generation: the one an operator was shown.
+    pub expect_generation: Option<u64>,
+}
+
+/// Keyed fingerprints of every secret in `desired`, decrypting each with `identity`. Errors name the app
+/// and key, never a value.
+pub fn fingerprints(desired: &Desired, identity: &Identity) -> Result<Fingerprints, RecordedError> {
+    let mut out = Fingerprints::new();
+    for (app, a) in &desired.apps {
+        for (key, v) in &a.env {
+            if let EnvValue::Secret { secret } = v {
+                let plain = identity.decrypt(secret).map_err(|e| RecordedError {
+                    path: desired
+                        .origins
+                        .get(&(Kind::App, app.clone()))
+                        .map(|o| o.path.clone()),
+                    line: None,
+                    col: None,
+                    message: format!("secret `{key}` of app `{app}` does not decrypt: {e}"),
+                })?;
+                out.insert((app.clone(), key.clone()), identity.fingerprint(&plain));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Plans `desired` (or, with `None`, the applied configuration alone) against the observed state read
+/// under the apply lock, and applies the plan in the same transaction.
+pub async fn reconcile(
+    pool: &PgPool,
+    desired: Option<(&CommitId, &Desired)>,
+    fingerprints: Option<&Fingerprints>,
+    cx: &Context<'_>,
+) -> Result<Applied, ApplyError> {
+    let mut tx = pool.begin().await.map_err(|e| StoreError::Query {
+        op: "begin an apply",
+        source: e,
+    })?;
+    state::lock_apply(&mut tx).await?;
+    let observed = state::load_observed_in(&mut tx).await?;
+    let input = PlanInput {
+        desired: desired.map(|(commit, state)| DesiredAt { commit, state }),
+        fingerprints,
+        observed: &observed,
+        seed: cx.seed,
+        now: Utc::now(),
+        offline_after: cx.offline_after,
+    };
+    let plan = plan(&input);
+    if let Some(shown) = cx.expect_generation
+        && shown != plan.based_on
+    {
+        return Err(ApplyError::Changed {
+            shown,
+            current: plan.based_on,
+        });
+    }
+    if !plan.secrets_verified {
+        let count = plan
+            .changes
+            .iter()
+            .flat_map(|c| &c.fields)
+            .filter(|f| f.unverified)
+            .count();
+        return Err(ApplyError::SecretsUnverified {
+            count: count.max(1),
+        });
+    }
+    let commit = plan.target_commit.as_ref().map(CommitId::as_str);
+    let (status, tasks) = if plan.is_empty() {
+        (ReconcileStatus::Noop, 0)
+    } else {
+        let desired = desired.map(|(_, d)| d);
+        write_state(&mut tx, &plan, desired, fingerprints).await?;
+        let tasks = enqueue_tasks(&mut tx, &plan, desired, &observed, cx.identity).await?;
+        (ReconcileStatus::Applied, tasks)
+    };
+    let reconciliation = store::history::record_reconciliation(
+        &mut tx,
+        &NewReconciliation {
+            source: cx.source,
+            commit,
+            trigger: cx.trigger,
+            status,
+            generation: Some(if status == ReconcileStatus::Noop {
+                plan.based_on
+            } else {
+                plan.generation
+            }),
+            summary: &plan.summary(),
+            errors: &[],
+            started_at: cx.started_at,
+            finished_at: Utc::now(),
+        },
+    )
+    .await?;
+    failpoint("apply-before-commit").await;
+    tx.commit().await.map_err(|e| StoreError::Query {
+        op: "commit an apply",
+        source: e,
+    })?;
+    Ok(Applied {
+        plan,
+        status,
+        tasks,
+        reconciliation,
+    })
+}
+
+/// Records a reconcile that could not plan (an invalid commit, an unreadable source): nothing else is
+/// written, so the last good state stays.
+pub async fn record_failure(
+    pool: &PgPool,
+    cx: &Context<'_>,
+    commit: Option<&str>,
+    errors: &[RecordedError],
+) -> Result<i64, StoreError> {
+    let mut conn = pool.acquire().await.map_err(|e| StoreError::Query {
+        op: "record a failure",
+        source: e,
+    })?;
+    let summary = errors
+        .first()
+        .map_or_else(|| "failed".to_owned(), |e| e.to_string());
+    store::history::record_reconciliation(
+        &mut conn,
+        &NewReconciliation {
+            source: cx.source,
+            commit,
+            trigger: cx.trigger,
+            status: ReconcileStatus::Failed,
+            generation: None,
+            summary: &summary,
+            errors,
+            started_at: cx.started_at,
+            finished_at: Utc::now(),
+        },
+    )
+    .await
+}
+
+async fn write_state(
+    tx: &mut Transaction<'_, Postgres>,
+    plan: &Plan,
+    desired: Option<&Desired>,
+    fingerprints: Option<&Fingerprints>,
+) -> Result<(), ApplyError> {
+    let generation = plan.generation;
+    let empty = Fingerprints::new();
+    let prints = fingerprints.unwrap_or(&empty);
+    if let Some(d) = desired {
+        let mut deleted: BTreeMap<Kind, Vec<Name>> = BTreeMap::new();
+        for c in &plan.changes {
+            if c.action == Action::Delete {
+                deleted.entry(c.kind).or_default().push(c.name.clone());
+                continue;
+            }
+            match c.kind {
+                Kind::Plan => {
+                    state::upsert_plan(tx, &c.name, &d.plans[&c.name], generation).await?
+                }
+                Kind::Runtime => {
+                    state::upsert_runtime(tx, &c.name, &d.runtimes[&c.name], generation).await?
+                }
+                Kind::Node => {
+                    state::upsert_node(tx, &c.name, &d.nodes[&c.name], generation).await?
+                }
+                Kind::App => {
+                    state::upsert_app(tx, &c.name, &d.apps[&c.name], prints, generation).await?
+                }
+            };
+        }
+        // Apps first: the deferred foreign keys are checked at commit, but deleting dependants first keeps
+        // the order obvious to a reader of the statement log.
+        for kind in [Kind::App, Kind::Node, Kind::Runtime, Kind::Plan] {
+            if let Some(names) = deleted.get(&kind) {
+                state::delete_resources(tx, kind, names).await?;
+            }
+        }
+        if let Some(apps) = deleted.get(&Kind::App) {
+            state::delete_source_heads(tx, apps).await?;
+        }
+        state::advance_generation(
+            tx,
+            plan.based_on,
+            generation,
+            plan.target_commit.as_ref(),
+            &d.settings,
+        )
+        .await?;
+    } else {
+        let settings = state::config_state(tx).await?.settings;
+        match settings {
+            Some(s) => state::advance_generation(tx, plan.based_on, generation, None, &s).await?,
+            None => return Ok(()),
+        }
+    }
+    for r in &plan.releases {
+        let spec = serde_json::to_value(&r.spec).expect("a release spec serializes");
+        state::insert_release(
+            tx,
+            &ReleaseInsert {
+                app: &r.app,
+                number: r.number,
+                config_commit: &r.config_commit,
+                config_generation: generation,
+                source_commit: &r.source_commit,
+                spec,
+                spec_hash: &r.spec_hash,
+            },
+        )
+        .await?;
+    }
+    state::replace_placements(tx, &plan.placements).await?;
+    Ok(())
+}
+
+/// What a deploy task carries: the release to run and, for secrets, one age ciphertext of a JSON object
+/// (`{"KEY": "value"}`) addressed to the node's own recipient.
+#[derive(Debug, Serialize)]
+struct DeployPayload<'a> {
+    config_commit: &'a str,
+    source_commit: &'a str,
+    spec: &'a crate::plan::ReleaseSpec,
+    hostnames: Vec<String>,
+    /// `None` when the app has no secrets, or when the node has not joined yet (its recipient is unknown);
+    /// then `secrets_pending` is true and the agent API encrypts them when the node leases the task.
+    secret_env: Option<String>,
+    secrets_pending: bool,
+}
+
+async fn enqueue_tasks(
+    tx: &mut Transaction<'_, Postgres>,
+    plan: &Plan,
+    desired: Option<&Desired>,
+    observed: &Observed,
+    identity: Option<&Identity>,
+) -> Result<usize, ApplyError> {
+    let mut tasks = Vec::with_capacity(plan.tasks.len());
+    for t in &plan.tasks {
+        let kind = match t.action {
+            TaskAction::Deploy => TaskKind::Deploy,
+            TaskAction::Start => TaskKind::Start,
+            TaskAction::Restart => TaskKind::Restart,
+            TaskAction::Stop => TaskKind::Stop,
+            TaskAction::Remove => TaskKind::Remove,
+        };
+        let dedup = format!(
+            "g{}:{}:{}:{}:r{}:{}",
+            plan.generation,
+            kind.as_str(),
+            t.app,
+            t.slot,
+            t.release,
+            t.node
+        );
+        let mut task = NewTask::new(t.node.clone(), kind, t.app.clone(), dedup);
+        task.slot = Some(t.slot);
+        task.release = Some(t.release);
+        task.generation = Some(plan.generation);
+        if kind == TaskKind::Deploy
+            && let Some(release) = plan
+                .releases
+                .iter()
+                .find(|r| r.app == t.app && r.number == t.release)
+        {
+            let recipient = node_recipient(&t.node, desired, observed);
+            let app = desired.and_then(|d| d.apps.get(&t.app));
+            let secrets = app
+                .map(|a| {
+                    a.env
+                        .iter()
+                        .filter(|(_, v)| matches!(v, EnvValue::Secret { .. }))
+                        .count()
+                })
+                .unwrap_or(0);
+            let (secret_env, secrets_pending) = match (secrets, recipient, identity, app) {
+                (0, ..) => (None, false),
+                (_, Some(r), Some(id), Some(a)) => {
+                    (Some(reencrypt(&t.app, &t.node, a, id, &r)?), false)
+                }
+                _ => (None, true),
+            };
+            let payload = DeployPayload {
+                config_commit: release.config_commit.as_str(),
+                source_commit: release.source_commit.as_str(),
+                spec: &release.spec,
+                hostnames: desired.map(|d| d.hostnames(&t.app)).unwrap_or_default(),
+                secret_env,
+                secrets_pending,
+            };
+            task.payload = serde_json::to_value(&payload).expect("a payload serializes");
+        }
+        tasks.push(task);
+    }
+    let ids = queue::enqueue_many(tx, &tasks).await?;
+    Ok(ids.len())
+}
+
+/// The recipient a node's tasks are encrypted to: the one it joined with, else the one its manifest pins.
+fn node_recipient(
+    node: &Name,
+    desired: Option<&Desired>,
+    observed: &Observed,
+) -> Option<Recipient> {
+    observed
+        .node_status
+        .get(node)
+        .and_then(|s| s.recipient.clone())
+        .or_else(|| {
+            desired
+                .and_then(|d| d.nodes.get(node))
+                .and_then(|n| n.recipient.clone())
+        })
+}
+
+/// Decrypts an app's secrets with the control plane's identity and encrypts them, as one JSON object, to
+/// the node's recipient only. The plaintext lives in zeroizing buffers for the duration of this call.
+fn reencrypt(
+    app: &Name,
+    node: &Name,
+    a: &cairn_schema::App,
+    identity: &Identity,
+    recipient: &Recipient,
+) -> Result<String, ApplyError> {
+    let err = |reason: String| ApplyError::Reencrypt {
+        app: app.to_string(),
+        node: node.to_string(),
+        reason,
+    };
+    let mut map = serde_json::Map::new();
+    for (k, v) in &a.env {
+        if let EnvValue::Secret { secret } = v {
+            let plain = identity.decrypt(secret).map_err(|e| err(e.to_string()))?;
+            let s = plain.expose_str().map_err(|e| err(e.to_string()))?;
+            map.insert(k.to_string(), serde_json::Value::String(s.to_owned()));
+        }
+    }
+    let json = zeroize::Zeroizing::new(serde_json::to_vec(&map).expect("a map serializes"));
+    // serde_json's map holds copies of the values; clear them before it drops.
+    for (_, v) in map.iter_mut() {
+        if let serde_json::Value::String(s) = v {
+            zeroize::Zeroize::zeroize(s);
+        }
+    }
+    let ct = cairn_schema::secret::encrypt(&json, std::slice::from_ref(recipient))
+        .map_err(|e| err(e.to_string()))?;
+    Ok(ct.as_str().to_owned())
+}
+
+/// A named pause for crash-safety tests: with `CAIRN_FAILPOINT=<name>:<millis>` in the environment, the
+/// process sleeps there, so a test can kill it inside the open transaction. Does nothing otherwise.
+pub async fn failpoint(name: &str) {
+    let Ok(spec) = std::env::var("CAIRN_FAILPOINT") else {
+        return;
+    };
+    if let Some((n, ms)) = spec.split_once(':')
+        && n == name
+        && let Ok(ms) = ms.parse::<u64>()
+    {
+        eprintln!("failpoint {name}: pausing {ms} ms");
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+}

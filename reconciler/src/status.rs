@@ -1,0 +1,165 @@
+//! What `cairn status` shows, computed from the observed state: apps (desired and placed replicas, where
+//! they run, the latest release), nodes (state, last heartbeat, capacity and use), and the last
+//! reconciliation. The admin API serves the same value, so the CLI shows the same either way.
+//!
+//! What it must not do: read anything but the store, or show env values.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+use crate::observed::{NodeState, Observed, ReplicaState};
+use crate::store::{Reconciliation, StoreError, history, state};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub generation: u64,
+    pub applied_commit: Option<String>,
+    pub apps: Vec<AppStatus>,
+    pub nodes: Vec<NodeView>,
+    pub last_reconciliation: Option<Reconciliation>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppStatus {
+    pub name: String,
+    pub desired_replicas: u32,
+    /// Slots assigned to a node and meant to run.
+    pub placed_replicas: u32,
+    pub suspended: bool,
+    /// Where each slot runs: `(slot, node, release, state)`.
+    pub replicas: Vec<ReplicaView>,
+    pub latest_release: Option<u64>,
+    pub source_commit: Option<String>,
+    /// A rollback pin holds the app on this release.
+    pub pinned_release: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub slot: u32,
+    pub node: String,
+    pub release: u64,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub name: String,
+    pub state: NodeState,
+    pub last_heartbeat: Option<DateTime<Utc>>,
+    pub region: Option<String>,
+    pub drain: bool,
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub used_cpu_millis: u32,
+    pub used_memory_bytes: u64,
+    pub used_disk_bytes: u64,
+    pub replicas: u32,
+}
+
+/// The status at `now` (a node heard from longer ago than `offline_after` shows as offline).
+pub fn compute(
+    obs: &Observed,
+    last: Option<Reconciliation>,
+    now: DateTime<Utc>,
+    offline_after: std::time::Duration,
+) -> Status {
+    let apps = obs
+        .apps
+        .iter()
+        .map(|(name, a)| {
+            let mut replicas: Vec<ReplicaView> = obs
+                .placements
+                .iter()
+                .filter(|p| &p.app == name)
+                .map(|p| ReplicaView {
+                    slot: p.slot,
+                    node: p.node.to_string(),
+                    release: p.release,
+                    state: match p.state {
+                        ReplicaState::Running => "running",
+                        ReplicaState::Stopped => "stopped",
+                    }
+                    .to_owned(),
+                })
+                .collect();
+            replicas.sort_by_key(|r| r.slot);
+            let release = obs.releases.get(name);
+            AppStatus {
+                name: name.to_string(),
+                desired_replicas: if a.suspended { 0 } else { a.replicas },
+                placed_replicas: replicas.iter().filter(|r| r.state == "running").count() as u32,
+                suspended: a.suspended,
+                replicas,
+                latest_release: release.map(|r| r.number),
+                source_commit: release.map(|r| r.source_commit.to_string()),
+                pinned_release: obs.rollback_pins.get(name).copied(),
+            }
+        })
+        .collect();
+    let nodes = obs
+        .nodes
+        .iter()
+        .map(|(name, n)| {
+            let status = obs.node_status.get(name);
+            let mut state = status.map_or(NodeState::Pending, |s| s.state);
+            let last_heartbeat = status.and_then(|s| s.last_heartbeat);
+            if state == NodeState::Online
+                && last_heartbeat
+                    .is_some_and(|h| (now - h).to_std().unwrap_or_default() > offline_after)
+            {
+                state = NodeState::Offline;
+            }
+            let mut view = NodeView {
+                name: name.to_string(),
+                state,
+                last_heartbeat,
+                region: n.region.as_ref().map(|r| r.to_string()),
+                drain: n.drain,
+                cpu_millis: n.cpu.millis(),
+                memory_bytes: n.memory.bytes(),
+                disk_bytes: n.disk.bytes(),
+                used_cpu_millis: 0,
+                used_memory_bytes: 0,
+                used_disk_bytes: 0,
+                replicas: 0,
+            };
+            for p in obs
+                .placements
+                .iter()
+                .filter(|p| &p.node == name && p.state == ReplicaState::Running)
+            {
+                if let Some(plan) = obs.apps.get(&p.app).and_then(|a| obs.plans.get(&a.plan)) {
+                    view.used_cpu_millis += plan.cpu.millis();
+                    view.used_memory_bytes += plan.memory.bytes();
+                    view.used_disk_bytes += plan.disk.bytes();
+                }
+                view.replicas += 1;
+            }
+            view
+        })
+        .collect();
+    Status {
+        generation: obs.generation,
+        applied_commit: obs.applied_commit.as_ref().map(|c| c.to_string()),
+        apps,
+        nodes,
+        last_reconciliation: last,
+    }
+}
+
+/// Loads the status from the database.
+pub async fn load(pool: &PgPool, offline_after: std::time::Duration) -> Result<Status, StoreError> {
+    let obs = state::load_observed(pool).await?;
+    let mut conn = pool.acquire().await.map_err(|e| StoreError::Query {
+        op: "read the status",
+        source: e,
+    })?;
+    let last = history::recent_reconciliations(&mut conn, 1)
+        .await?
+        .into_iter()
+        .next();
+    Ok(compute(&obs, last, Utc::now(), offline_after))
+}
