@@ -38,6 +38,14 @@ pub fn json(plan: &Plan) -> String {
     serde_json::to_string_pretty(&doc).expect("a plan serializes")
 }
 
+/// Replaces control characters in text from manifests (a file name, a branch in a message), so that it
+/// cannot move the cursor or recolour a terminal.
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '\u{fffd}' } else { c })
+        .collect()
+}
+
 struct Style {
     color: bool,
 }
@@ -272,7 +280,7 @@ pub fn text(plan: &Plan, color: bool) -> String {
             let origin = c
                 .origin
                 .as_ref()
-                .map(|o| st.dim(&format!("  ({}:{})", o.path, o.line)))
+                .map(|o| st.dim(&format!("  ({}:{})", clean(&o.path), o.line)))
                 .unwrap_or_default();
             let _ = writeln!(o, "  {painted}{origin}");
             for f in &c.fields {
@@ -351,7 +359,7 @@ pub fn text(plan: &Plan, color: bool) -> String {
     if !plan.warnings.is_empty() {
         let _ = writeln!(o, "\n{}", st.bold("Warnings:"));
         for w in &plan.warnings {
-            let _ = writeln!(o, "  {} {}", st.change("!"), w.message);
+            let _ = writeln!(o, "  {} {}", st.change("!"), clean(&w.message));
         }
     }
     if !plan.nodes.is_empty() && !plan.is_empty() {
@@ -438,7 +446,7 @@ fn md(s: &str) -> String {
                 o.push(c);
             }
             '@' => o.push_str("&#64;"),
-            '\n' | '\r' => o.push(' '),
+            c if c.is_control() => o.push(' '),
             _ => o.push(c),
         }
     }

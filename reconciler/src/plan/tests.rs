@@ -1237,3 +1237,25 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn manifest_values_cannot_break_out_of_their_context() {
+    let (_, o) = world_a(&secret("postgres://a", &[]));
+    let hostile = r#"NODE_ENV = "```\n</details><img src=x> @everyone \u001b[2J""#;
+    let apps = apps_a(&secret("postgres://a", &[])).replace("NODE_ENV = \"production\"", hostile);
+    let d = repo(&apps);
+    let fps = fingerprints(&d);
+    let c = commit("b1b1b1b1b1b1b1b1");
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    let md = markdown(&p, &MarkdownOptions::default());
+    // The diff block's fence is longer than the value's backtick run, and the value stays on one line.
+    assert!(md.contains("````diff\n"), "{md}");
+    assert!(
+        md.contains(
+            r#"!     env.NODE_ENV: "production" → "```\n</details><img src=x> @everyone \u001b[2J""#
+        ),
+        "{md}"
+    );
+    assert!(!md.contains('\u{1b}') && !text(&p, false).contains('\u{1b}'));
+    assert!(!text(&p, true).contains("\u{1b}[2J"));
+}
