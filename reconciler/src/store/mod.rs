@@ -98,6 +98,15 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     MIGRATOR.run(pool).await.map_err(StoreError::Migrate)
 }
 
+/// Whether the database answers (the readiness probe).
+pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
+    sqlx::query!("SELECT 1 AS one")
+        .fetch_one(pool)
+        .await
+        .op("ping the database")?;
+    Ok(())
+}
+
 /// `sha256:` and the hex SHA-256 of bytes: the format of every `spec_hash`.
 pub(crate) fn sha256_tagged(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))

@@ -412,3 +412,38 @@ async fn waiters_fall_back_to_polling() {
     let woke = tokio::time::timeout(Duration::from_secs(5), waiter.wait()).await;
     assert_eq!(woke, Ok(Wake::Poll));
 }
+
+#[tokio::test]
+async fn the_listener_survives_a_lost_connection() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    let listener = Listener::start(pool, Duration::from_secs(600))
+        .await
+        .unwrap();
+    let mut waiter = listener.waiter(&name("fra-1"));
+
+    let killed: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    assert_eq!(killed, 1, "the listener holds one connection");
+    // Notifications sent while it was down are lost, so every waiter is woken to look for itself.
+    let woke = tokio::time::timeout(Duration::from_secs(10), waiter.wait()).await;
+    assert_eq!(woke, Ok(Wake::Notified));
+
+    // It listens again: a task committed after the reconnect wakes the waiter.
+    let mut notified = false;
+    for i in 0..20 {
+        enqueue(pool, &[task("fra-1", &format!("after-reconnect-{i}"))]).await;
+        if tokio::time::timeout(Duration::from_millis(500), waiter.wait()).await
+            == Ok(Wake::Notified)
+        {
+            notified = true;
+            break;
+        }
+    }
+    assert!(notified, "notifications arrive again after the reconnect");
+}
