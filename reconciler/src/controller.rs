@@ -20,6 +20,7 @@ use crate::observed::{CommitId, Fingerprints};
 use crate::plan::{DesiredAt, Plan, PlanInput};
 use crate::source::Snapshot;
 use crate::source::git::{GitError, GitSource};
+use crate::source::heads::HeadPoller;
 use crate::store::{ReconcileStatus, RecordedError, StoreError, state};
 
 /// Where desired state is read from.
@@ -129,6 +130,8 @@ pub struct Controller {
     pub offline_after: Duration,
     /// Fingerprints by (ciphertext sha256): decrypting every secret on every run would be wasted work.
     cache: Mutex<std::collections::HashMap<String, String>>,
+    /// Polls app branch heads on timer, startup and manual runs; `None` leaves heads to webhooks.
+    pub heads: Option<Mutex<HeadPoller>>,
 }
 
 /// A failed run: the error, already recorded in the history when it could be.
@@ -153,6 +156,7 @@ impl Controller {
             seed: 0,
             offline_after: crate::plan::DEFAULT_OFFLINE_AFTER,
             cache: Mutex::new(Default::default()),
+            heads: None,
         }
     }
 
@@ -198,6 +202,29 @@ impl Controller {
             }
         }
         Ok(Some(out))
+    }
+
+    /// Asks every followed branch for its head and records those that moved. Remotes that cannot be
+    /// asked are logged; their apps keep the head recorded last.
+    pub async fn poll_heads(&self, desired: &Desired) -> Result<usize, StoreError> {
+        let Some(poller) = &self.heads else {
+            return Ok(0);
+        };
+        let mut poller = poller.lock().await;
+        let (heads, errors) = tokio::task::block_in_place(|| poller.poll(desired));
+        drop(poller);
+        for e in &errors {
+            tracing::warn!(error = %error_chain(e), "cannot read a source head");
+        }
+        let mut moved = 0;
+        for h in heads {
+            if state::record_source_head(&self.pool, &h.app, &h.branch, &CommitId::new(h.commit))
+                .await?
+            {
+                moved += 1;
+            }
+        }
+        Ok(moved)
     }
 
     /// Plans the source's newest state against the database without applying (no lock taken).
@@ -271,6 +298,9 @@ impl Controller {
                 errors,
             });
         };
+        if matches!(trigger, "startup" | "timer" | "manual") {
+            self.poll_heads(desired).await?;
+        }
         let commit = snap.commit.clone().unwrap_or_default();
         let applied = {
             let mut conn = self.pool.acquire().await.map_err(|e| StoreError::Query {

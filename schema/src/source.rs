@@ -329,6 +329,74 @@ fn parse_ipv4_loose(host: &str) -> Result<Option<Ipv4Addr>, String> {
     Ok(Some(Ipv4Addr::from(u32::try_from(n).map_err(|_| bad())?)))
 }
 
+/// One operator rewrite (`--git-rewrite FROM=TO`): URLs starting with `from` are fetched from `to` + the
+/// rest, like git's `url.<base>.insteadOf`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rewrite {
+    pub from: String,
+    pub to: String,
+}
+
+impl std::str::FromStr for Rewrite {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((from, to)) if !from.is_empty() && !to.is_empty() => Ok(Rewrite {
+                from: from.to_owned(),
+                to: to.to_owned(),
+            }),
+            _ => Err(format!(
+                "`{s}` is not a rewrite: write FROM=TO, such as https://github.com/=file:///srv/mirror/"
+            )),
+        }
+    }
+}
+
+/// Operator rewrites of source URLs; the longest matching `from` wins, as with git's `insteadOf`. A
+/// rewritten URL is trusted operator configuration (mirrors, GitHub Enterprise, local test remotes), so the
+/// address checks a manifest's URL gets do not apply to it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rewrites(Vec<Rewrite>);
+
+impl Rewrites {
+    pub fn new(rewrites: impl IntoIterator<Item = Rewrite>) -> Self {
+        Rewrites(rewrites.into_iter().collect())
+    }
+
+    /// Parses `--git-rewrite FROM=TO` arguments.
+    pub fn parse<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> Result<Self, String> {
+        args.into_iter()
+            .map(|a| a.as_ref().parse())
+            .collect::<Result<Vec<_>, _>>()
+            .map(Rewrites)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The rewritten URL, if a rewrite matches. The part after the prefix comes from a manifest, so it may
+    /// not climb out of the rewrite's target with `..` (a `file://` mirror directory stays the limit).
+    pub fn apply(&self, url: &str) -> Result<Option<String>, String> {
+        let Some(rw) = self
+            .0
+            .iter()
+            .filter(|r| url.starts_with(&r.from))
+            .max_by_key(|r| r.from.len())
+        else {
+            return Ok(None);
+        };
+        let rest = &url[rw.from.len()..];
+        if rest.split(['/', '\\']).any(|c| c == "..") || rest.contains('\0') {
+            return Err(format!(
+                "after the rewrite of `{}`, the rest of the path climbs with `..`",
+                rw.from
+            ));
+        }
+        Ok(Some(format!("{}{rest}", rw.to)))
+    }
+}
+
 /// A git ref name (branch or tag) that git accepts and cannot read as an option.
 pub fn check_ref_name(s: &str) -> Result<(), String> {
     let bad = |why: &str| format!("`{s}` is not a valid git ref name: {why}");
@@ -416,6 +484,30 @@ mod tests {
         ] {
             assert!(GitUrl::new(bad).is_err(), "{bad} should be refused");
         }
+    }
+
+    #[test]
+    fn rewrites_pick_the_longest_prefix_and_refuse_climbing() {
+        let rw = Rewrites::parse([
+            "https://github.com/=file:///srv/mirror/",
+            "https://github.com/acme/=file:///srv/acme/",
+        ])
+        .unwrap();
+        assert_eq!(
+            rw.apply("https://github.com/acme/web.git")
+                .unwrap()
+                .as_deref(),
+            Some("file:///srv/acme/web.git")
+        );
+        assert_eq!(
+            rw.apply("https://github.com/other/x.git")
+                .unwrap()
+                .as_deref(),
+            Some("file:///srv/mirror/other/x.git")
+        );
+        assert_eq!(rw.apply("https://gitlab.com/x.git").unwrap(), None);
+        assert!(rw.apply("https://github.com/acme/../../etc").is_err());
+        assert!("nope".parse::<Rewrite>().is_err());
     }
 
     #[test]

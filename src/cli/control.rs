@@ -36,6 +36,13 @@ pub struct SourceArgs {
     /// The control plane's age identity (or CAIRN_IDENTITY): fingerprints secrets, re-encrypts them per node
     #[arg(long, value_name = "FILE")]
     pub identity: Option<PathBuf>,
+    /// Fetch app sources whose URL starts with FROM from TO instead (like git's url.<base>.insteadOf);
+    /// repeatable. Rewritten URLs are trusted operator configuration
+    #[arg(long = "git-rewrite", value_name = "FROM=TO")]
+    pub git_rewrite: Vec<String>,
+    /// Do not poll app branch heads (leave them to webhooks)
+    #[arg(long)]
+    pub no_poll_heads: bool,
     /// Seed for the scheduler's tie-breaks (the same seed gives the same plan)
     #[arg(long, default_value_t = 0, hide = true)]
     pub seed: u64,
@@ -64,6 +71,14 @@ pub async fn controller(db: &DbArgs, src: &SourceArgs) -> Result<Controller> {
     let source = ConfigSource::open(&src.repo, &src.git_ref, &src.cache_root());
     let mut c = Controller::new(pool, source, identity);
     c.seed = src.seed;
+    if !src.no_poll_heads {
+        let rewrites =
+            cairn_schema::source::Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
+        let scratch = src.cache_root().join("heads.git");
+        c.heads = Some(tokio::sync::Mutex::new(
+            cairn_reconciler::source::heads::HeadPoller::new(scratch, rewrites),
+        ));
+    }
     Ok(c)
 }
 

@@ -11,6 +11,7 @@ mod control;
 mod repo;
 mod schema_cmd;
 mod secret;
+mod serve;
 mod validate;
 
 pub const EXIT_OK: u8 = 0;
@@ -43,6 +44,8 @@ enum Command {
     Apply(control::ApplyArgs),
     /// Apps, replicas, nodes and the last reconciliation
     Status(control::StatusArgs),
+    /// Run the control plane: the reconcile loop and its HTTP listener
+    Serve(serve::Args),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -53,6 +56,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plan(a) => control::plan(a),
         Command::Apply(a) => control::apply(a),
         Command::Status(a) => control::status(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -5,6 +5,7 @@
 
 pub mod dir;
 pub mod git;
+pub mod heads;
 pub mod watch;
 
 use std::sync::Arc;

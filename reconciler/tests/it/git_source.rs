@@ -183,3 +183,45 @@ fn a_cache_survives_a_restart() {
         Some(first)
     );
 }
+
+#[test]
+fn branch_heads_are_read_through_rewrites_without_fetching() {
+    use cairn_reconciler::source::heads::{HeadError, HeadPoller};
+    use cairn_schema::source::Rewrites;
+    let r = seeded();
+    let first = r.commit("initial");
+    let tmp = tempfile::tempdir().unwrap();
+    let rewrites = Rewrites::parse([format!(
+        "https://github.com/acme/=file://{}/",
+        r.bare.parent().unwrap().display()
+    )])
+    .unwrap();
+    let mut poller = HeadPoller::new(tmp.path().join("scratch.git"), rewrites);
+    let app: cairn_schema::Name = "web".parse().unwrap();
+    // https://github.com/acme/config.git is rewritten to the local bare repository.
+    assert_eq!(
+        poller
+            .head(&app, "https://github.com/acme/config.git", "main")
+            .unwrap(),
+        Some(first.clone())
+    );
+    assert_eq!(
+        poller
+            .head(&app, "https://github.com/acme/config.git", "nope")
+            .unwrap(),
+        None
+    );
+    r.write("x.toml", "");
+    let second = r.commit("second");
+    assert_eq!(
+        poller
+            .head(&app, "https://github.com/acme/config.git", "main")
+            .unwrap(),
+        Some(second)
+    );
+    // Without a rewrite, a loopback URL from a manifest is refused before any connection.
+    match poller.head(&app, "https://127.0.0.1/x.git", "main") {
+        Err(HeadError::Refused { .. }) => {}
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}

@@ -1,0 +1,159 @@
+//! Source heads: the commit each app's branch points at, found by asking the app's git remote for its
+//! refs (no objects are fetched). The control plane polls them on an interval (webhooks record them sooner)
+//! and the planner turns a moved head into a release.
+//!
+//! What it must not do: fetch or build anything (the agent does), pass a manifest's ref or URL to a git
+//! command line, or poll a URL that names a local or metadata address (unless an operator rewrite made
+//! it: that is trusted configuration).
+
+use std::path::PathBuf;
+
+use cairn_schema::source::Rewrites;
+use cairn_schema::{Desired, Name};
+use gix::ObjectId;
+
+/// Why a head could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum HeadError {
+    #[error("cannot open the scratch repository at {0}")]
+    Scratch(PathBuf, #[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("source url of app `{app}` is not allowed: {why}")]
+    Refused { app: String, why: String },
+    #[error("cannot list the refs of app `{app}`'s source")]
+    List {
+        app: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Asks remotes for branch heads. Cheap to keep: one scratch bare repository whose object database stays
+/// empty.
+#[derive(Debug)]
+pub struct HeadPoller {
+    scratch: PathBuf,
+    rewrites: Rewrites,
+    repo: Option<gix::Repository>,
+}
+
+/// A head found for an app.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub app: Name,
+    pub branch: String,
+    pub commit: String,
+}
+
+impl HeadPoller {
+    pub fn new(scratch: impl Into<PathBuf>, rewrites: Rewrites) -> Self {
+        HeadPoller {
+            scratch: scratch.into(),
+            rewrites,
+            repo: None,
+        }
+    }
+
+    /// The URL an app's source is really fetched from.
+    pub fn fetch_url(&self, app: &Name, url: &str) -> Result<String, HeadError> {
+        let refused = |why: String| HeadError::Refused {
+            app: app.to_string(),
+            why,
+        };
+        match self.rewrites.apply(url).map_err(refused)? {
+            Some(rewritten) => Ok(rewritten),
+            None => {
+                cairn_schema::GitUrl::new(url).map_err(refused)?;
+                Ok(url.to_owned())
+            }
+        }
+    }
+
+    /// The commit `refs/heads/<branch>` of `url` points at, or `None` when the branch does not exist.
+    pub fn head(
+        &mut self,
+        app: &Name,
+        url: &str,
+        branch: &str,
+    ) -> Result<Option<String>, HeadError> {
+        let fetch_url = self.fetch_url(app, url)?;
+        let list = |e: Box<dyn std::error::Error + Send + Sync>| HeadError::List {
+            app: app.to_string(),
+            source: e,
+        };
+        if self.repo.is_none() {
+            let scratch = self.scratch.clone();
+            let err = |e: Box<dyn std::error::Error + Send + Sync>| {
+                HeadError::Scratch(scratch.clone(), e)
+            };
+            let repo = if scratch.join("HEAD").exists() {
+                gix::open(&scratch).map_err(|e| err(Box::new(e)))?
+            } else {
+                std::fs::create_dir_all(&scratch).map_err(|e| err(Box::new(e)))?;
+                gix::init_bare(&scratch).map_err(|e| err(Box::new(e)))?
+            };
+            self.repo = Some(repo);
+        }
+        let repo = self.repo.as_ref().expect("just set");
+        let wanted = format!("refs/heads/{branch}");
+        let spec = format!("+{wanted}:refs/cairn-heads/{branch}");
+        let remote = repo
+            .remote_at(fetch_url.as_str())
+            .map_err(|e| list(Box::new(e)))?
+            .with_refspecs([spec.as_str()], gix::remote::Direction::Fetch)
+            .map_err(|e| list(Box::new(e)))?
+            .with_fetch_tags(gix::remote::fetch::Tags::None);
+        let (map, _) = remote
+            .connect(gix::remote::Direction::Fetch)
+            .map_err(|e| list(Box::new(e)))?
+            .ref_map(gix::progress::Discard, Default::default())
+            .map_err(|e| list(Box::new(e)))?;
+        for r in &map.remote_refs {
+            let (name, id): (&[u8], &ObjectId) = match r {
+                gix::protocol::handshake::Ref::Direct {
+                    full_ref_name,
+                    object,
+                } => (full_ref_name.as_ref(), object),
+                gix::protocol::handshake::Ref::Peeled {
+                    full_ref_name,
+                    object,
+                    ..
+                } => (full_ref_name.as_ref(), object),
+                gix::protocol::handshake::Ref::Symbolic {
+                    full_ref_name,
+                    object,
+                    ..
+                } => (full_ref_name.as_ref(), object),
+                _ => continue,
+            };
+            if name == wanted.as_bytes() {
+                return Ok(Some(id.to_string()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Heads of every app that follows a branch (a pinned `rev` needs none). Apps whose remote cannot be
+    /// asked are reported in the second list, the rest still counted.
+    pub fn poll(&mut self, desired: &Desired) -> (Vec<Head>, Vec<HeadError>) {
+        let mut heads = Vec::new();
+        let mut errors = Vec::new();
+        for (name, app) in &desired.apps {
+            if app.source.rev.is_some() {
+                continue;
+            }
+            match self.head(name, app.source.url.as_str(), &app.source.branch) {
+                Ok(Some(commit)) => heads.push(Head {
+                    app: name.clone(),
+                    branch: app.source.branch.clone(),
+                    commit,
+                }),
+                Ok(None) => errors.push(HeadError::List {
+                    app: name.to_string(),
+                    source: format!("branch `{}` does not exist", app.source.branch).into(),
+                }),
+                Err(e) => errors.push(e),
+            }
+        }
+        (heads, errors)
+    }
+}
