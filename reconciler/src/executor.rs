@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::observed::{CommitId, Fingerprints, Observed};
+use crate::observed::{AppliedApp, CommitId, Fingerprints, Observed};
 use crate::plan::{Action, DesiredAt, Plan, PlanInput, TaskAction, plan};
 use crate::queue::{self, NewTask, QueueError, TaskKind};
 use crate::store::{
@@ -140,7 +140,7 @@ pub async fn reconcile(
         (ReconcileStatus::Noop, 0)
     } else {
         let desired = desired.map(|(_, d)| d);
-        write_state(&mut tx, &plan, desired, fingerprints).await?;
+        write_state(&mut tx, &plan, desired, fingerprints, &observed).await?;
         let tasks = enqueue_tasks(&mut tx, &plan, desired, &observed, cx.identity).await?;
         (ReconcileStatus::Applied, tasks)
     };
@@ -213,6 +213,7 @@ async fn write_state(
     plan: &Plan,
     desired: Option<&Desired>,
     fingerprints: Option<&Fingerprints>,
+    observed: &Observed,
 ) -> Result<(), ApplyError> {
     let generation = plan.generation;
     let empty = Fingerprints::new();
@@ -238,6 +239,26 @@ async fn write_state(
                     state::upsert_app(tx, &c.name, &d.apps[&c.name], prints, generation).await?
                 }
             };
+        }
+        // A secret re-encrypted to other recipients is no change (same fingerprint), yet the stored
+        // ciphertext and its digest must follow the commit (`plan::next_observed`): otherwise every plan
+        // made without the identity would call that secret changed from then on.
+        let with_secrets = d
+            .apps
+            .iter()
+            .filter(|(_, a)| a.env.values().any(|v| matches!(v, EnvValue::Secret { .. })));
+        for (name, app) in with_secrets {
+            let stale = observed.apps.get(name).is_some_and(|stored| {
+                AppliedApp::from_desired(name, app, prints).is_ok_and(|now| &now != stored)
+            });
+            if stale
+                && !plan
+                    .changes
+                    .iter()
+                    .any(|c| c.kind == Kind::App && &c.name == name)
+            {
+                state::upsert_app(tx, name, app, prints, generation).await?;
+            }
         }
         // Apps first: the deferred foreign keys are checked at commit, but deleting dependants first keeps
         // the order obvious to a reader of the statement log.
