@@ -2,8 +2,10 @@
 //!
 //! It is the only module that touches Postgres. Its queries are checked against the schema at compile
 //! time (`sqlx::query!`), with the results committed in `.sqlx/` at the workspace root, so building needs
-//! no database; after changing a query or a migration run `cargo sqlx prepare --workspace` against a
-//! migrated database and commit `.sqlx/`.
+//! no database (`.cargo/config.toml` sets `SQLX_OFFLINE=true`). To change a query or a migration: build
+//! with `SQLX_OFFLINE=false DATABASE_URL=<a migrated database>`, then run `cargo sqlx prepare
+//! --workspace` against it (`cargo install sqlx-cli --no-default-features --features postgres,rustls`)
+//! and commit `.sqlx/`. CI builds offline, so stale data fails the build.
 //!
 //! - [`state`]: the applied config state (generation, resources, env, placements, releases, pins,
 //!   restart requests, source heads) and the apply lock;
