@@ -1,7 +1,7 @@
-//! Plans generated repositories of 1,000 / 10,000 / 100,000 apps on 100 nodes: cold (empty database,
-//! everything created and scheduled), steady (the applied commit again: an empty plan, the common
-//! reconcile), and one app's env changed. Time is `plan()` alone; loading the repository is the schema
-//! benchmark's.
+//! Plans generated repositories of 1,000 / 10,000 / 100,000 apps on 100 nodes (large enough for every
+//! replica): cold (empty database, everything created and scheduled), steady (the applied commit again:
+//! an empty plan, the common reconcile), and one app's env changed. Time is `plan()` alone; loading the
+//! repository is the schema benchmark's.
 //!
 //! `cargo bench -p cairn-reconciler --bench plan` (release). Sizes as arguments:
 //! `cargo bench -p cairn-reconciler --bench plan -- 1000 10000`.
@@ -37,7 +37,7 @@ fn generate(apps: usize) -> Vec<(String, Vec<u8>)> {
     infra += "[runtime.docker]\ndockerfile = true\nport = 8080\n\n";
     for n in 0..100 {
         infra += &format!(
-            "[node.n{n}]\ncpu = 256\nmemory = \"1TiB\"\ndisk = \"16TiB\"\nregion = \"r{}\"\nlabels = {{ disk = \"ssd\" }}\n\n",
+            "[node.n{n}]\ncpu = 2048\nmemory = \"8TiB\"\ndisk = \"1PiB\"\nregion = \"r{}\"\nlabels = {{ disk = \"ssd\" }}\n\n",
             n % 3
         );
     }
