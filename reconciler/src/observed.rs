@@ -295,8 +295,9 @@ pub struct ReleaseRecord {
     pub spec_hash: String,
 }
 
-/// A node's liveness as the planner sees it at `now`.
-pub(crate) fn effective_state(
+/// A node's liveness as the planner sees it at `now`: no status is pending, and an online node heard from
+/// longer ago than `offline_after` is offline. `cairn status` should show the same.
+pub fn effective_state(
     status: Option<&NodeStatus>,
     now: DateTime<Utc>,
     offline_after: std::time::Duration,
