@@ -429,11 +429,36 @@ fn work_line(plan: &Plan) -> String {
 }
 
 /// Options for the pull-request comment.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct MarkdownOptions {
     /// Links each resource to its declaration: `{blob_url}{path}#L{line}`, e.g.
     /// `https://github.com/acme/config/blob/<sha>/`.
     pub blob_url: Option<String>,
+    /// At most this many lines of field differences; the rest is counted, not shown. GitHub refuses
+    /// comments over 65,536 characters, and the defaults keep a large plan well under that.
+    pub max_diff_lines: usize,
+    /// At most this many rows per table (replicas, nodes) and resource links.
+    pub max_rows: usize,
+}
+
+impl Default for MarkdownOptions {
+    fn default() -> Self {
+        MarkdownOptions {
+            blob_url: None,
+            max_diff_lines: 300,
+            max_rows: 150,
+        }
+    }
+}
+
+/// `… and N more <what>` when `total` exceeds what was shown.
+fn more(shown: usize, total: usize, what: &str) -> Option<String> {
+    (total > shown).then(|| {
+        format!(
+            "*… and {} more {what}; run `cairn plan` for the whole plan.*",
+            total - shown
+        )
+    })
 }
 
 /// Escapes text for Markdown prose and table cells (manifest values can hold anything).
@@ -468,11 +493,14 @@ fn fence(body: &str) -> String {
     "`".repeat((longest + 1).max(3))
 }
 
-fn md_table(o: &mut String, head: &[&str], rows: &[Vec<String>]) {
+fn md_table(o: &mut String, head: &[&str], rows: &[Vec<String>], max: usize, what: &str) {
     let _ = writeln!(o, "| {} |", head.join(" | "));
     let _ = writeln!(o, "|{}", head.iter().map(|_| "---|").collect::<String>());
-    for r in rows {
+    for r in rows.iter().take(max) {
         let _ = writeln!(o, "| {} |", r.join(" | "));
+    }
+    if let Some(m) = more(max, rows.len(), what) {
+        let _ = writeln!(o, "\n{m}");
     }
 }
 
@@ -495,8 +523,11 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
     }
     if !plan.warnings.is_empty() {
         let _ = writeln!(o, "> [!WARNING]");
-        for w in &plan.warnings {
+        for w in plan.warnings.iter().take(opts.max_rows) {
             let _ = writeln!(o, "> - {}", md(&w.message));
+        }
+        if let Some(m) = more(opts.max_rows, plan.warnings.len(), "warnings") {
+            let _ = writeln!(o, "> - {m}");
         }
         o.push('\n');
     }
@@ -518,8 +549,22 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
                 let _ = writeln!(body, "{fm}     {}", line.replace(['\n', '\r'], " "));
             }
         }
+        let total = body.lines().count();
+        if total > opts.max_diff_lines {
+            body = body
+                .lines()
+                .take(opts.max_diff_lines)
+                .fold(String::new(), |mut b, l| {
+                    b.push_str(l);
+                    b.push('\n');
+                    b
+                });
+        }
         let fe = fence(&body);
         let _ = writeln!(o, "{fe}diff\n{body}{fe}\n");
+        if let Some(m) = more(opts.max_diff_lines, total, "lines") {
+            let _ = writeln!(o, "{m}\n");
+        }
         let declared: Vec<String> = plan
             .changes
             .iter()
@@ -538,7 +583,14 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
             })
             .collect();
         if !declared.is_empty() {
-            let _ = writeln!(o, "<sub>Declared in: {}</sub>\n", declared.join(" · "));
+            let shown = &declared[..declared.len().min(opts.max_rows)];
+            let rest = declared.len() - shown.len();
+            let tail = if rest > 0 {
+                format!(" · and {rest} more")
+            } else {
+                String::new()
+            };
+            let _ = writeln!(o, "<sub>Declared in: {}{tail}</sub>\n", shown.join(" · "));
         }
     }
 
@@ -565,7 +617,13 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
                 vec![r.app.to_string(), format!("#{}", r.number), source, why]
             })
             .collect();
-        md_table(&mut o, &["App", "Release", "Source", "Why"], &rows);
+        md_table(
+            &mut o,
+            &["App", "Release", "Source", "Why"],
+            &rows,
+            opts.max_rows,
+            "releases",
+        );
         o.push('\n');
     }
     if !plan.pins.is_empty() {
@@ -591,6 +649,8 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
             &mut o,
             &["App", "Replica", "Node", "Release", "Change"],
             &replicas,
+            opts.max_rows,
+            "replicas",
         );
         o.push('\n');
     }
@@ -605,6 +665,8 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
             &mut o,
             &["Node", "State", "CPU", "Memory", "Disk", "Replicas"],
             &rows,
+            opts.max_rows,
+            "nodes",
         );
         o.push('\n');
     }

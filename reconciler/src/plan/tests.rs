@@ -752,6 +752,7 @@ fn scenario_markdown() {
     let p = scenario();
     let opts = MarkdownOptions {
         blob_url: Some("https://github.com/acme/config/blob/b1b1b1b/".into()),
+        ..MarkdownOptions::default()
     };
     insta::assert_snapshot!("scenario_markdown", markdown(&p, &opts));
 }
@@ -1258,4 +1259,28 @@ fn manifest_values_cannot_break_out_of_their_context() {
     );
     assert!(!md.contains('\u{1b}') && !text(&p, false).contains('\u{1b}'));
     assert!(!text(&p, true).contains("\u{1b}[2J"));
+}
+
+#[test]
+fn a_large_plan_keeps_its_pr_comment_short() {
+    let apps: String = (0..400)
+        .map(|i| format!("[app.app{i}]\nplan = \"small\"\nruntime = \"node\"\nsource = {{ url = \"https://github.com/acme/a{i}.git\" }}\n\n"))
+        .collect();
+    let d = repo(&apps);
+    let mut o = Observed::default();
+    for a in d.apps.keys() {
+        o.source_heads
+            .insert(a.clone(), commit("abcdefabcdefabcdef"));
+    }
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let fps = fingerprints(&d);
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    let md = markdown(&p, &MarkdownOptions::default());
+    assert!(md.len() < 65_536, "{} characters", md.len());
+    assert!(
+        md.contains("more lines; run `cairn plan` for the whole plan."),
+        "{md}"
+    );
+    assert!(md.contains("more replicas; run `cairn plan` for the whole plan."));
+    assert!(md.contains("more warnings; run `cairn plan` for the whole plan."));
 }
