@@ -2,5 +2,6 @@
 
 mod crash;
 mod examples;
+mod plan_cli;
 mod secret;
 mod validate;
