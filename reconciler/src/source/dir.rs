@@ -54,7 +54,9 @@ pub fn read_dir(root: &Path) -> std::io::Result<DirSnapshot> {
                                 &rel_path,
                                 "symlink points outside the repository",
                             )
-                            .with_hint("copy the file into the repository instead of linking to it"),
+                            .with_hint(
+                                "copy the file into the repository instead of linking to it",
+                            ),
                         );
                         continue;
                     }
