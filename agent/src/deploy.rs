@@ -34,7 +34,7 @@ use crate::health::{self, HealthError};
 use crate::logs::{LogLine, LogSink, LogStream};
 use crate::proxy::{Backend, Proxy};
 use crate::source::{Checkout, SourceError, Sources};
-use crate::spec::{ReplicaSpec, SpecError};
+use crate::spec::{ImageRef, ReplicaSpec, SpecError};
 
 /// The deployer's knobs.
 #[derive(Debug, Clone)]
@@ -48,6 +48,9 @@ pub struct DeployerConfig {
     pub drain_max: Duration,
     /// Lines of a failed replica's output kept with the failure.
     pub failure_log_lines: usize,
+    /// A registry (`host:port/prefix`) the release's image is pushed to once this node has it, so other
+    /// nodes pull it by digest instead of building ([`DeployReport::pushed`]).
+    pub registry: Option<String>,
 }
 
 impl DeployerConfig {
@@ -58,6 +61,7 @@ impl DeployerConfig {
             drain_grace: Duration::from_millis(500),
             drain_max: Duration::from_secs(30),
             failure_log_lines: 50,
+            registry: None,
         }
     }
 }
@@ -70,6 +74,7 @@ pub enum Stage {
     Fetch,
     Build,
     Pull,
+    Push,
     Start,
     Healthy,
     Switch,
@@ -83,6 +88,7 @@ impl std::fmt::Display for Stage {
             Stage::Fetch => "fetch",
             Stage::Build => "build",
             Stage::Pull => "pull",
+            Stage::Push => "push",
             Stage::Start => "start",
             Stage::Healthy => "healthy",
             Stage::Switch => "switch",
@@ -98,6 +104,7 @@ pub struct Timings {
     pub fetch: Option<Duration>,
     pub build: Option<Duration>,
     pub pull: Option<Duration>,
+    pub push: Option<Duration>,
     pub start: Option<Duration>,
     pub healthy: Option<Duration>,
     pub switch: Option<Duration>,
@@ -124,6 +131,9 @@ pub struct DeployReport {
     pub image: ImageId,
     pub image_source: ImageSource,
     pub checkout: Option<Checkout>,
+    /// The image in the registry, pinned by digest, when the deployer has a registry: what the release
+    /// records, and what other nodes' tasks carry as [`ReplicaSpec::image`].
+    pub pushed: Option<ImageRef>,
     /// Old replicas of the slot that were drained and removed.
     pub replaced: Vec<ReplicaId>,
     /// Whether the old replicas' requests in flight all finished within the drain bound.
@@ -145,6 +155,8 @@ pub enum DeployError {
     Build(#[source] DriverError),
     #[error("the image could not be pulled")]
     Pull(#[source] DriverError),
+    #[error("the image could not be pushed to the registry")]
+    Push(#[source] DriverError),
     #[error("the replica could not be started")]
     Start(#[source] DriverError),
     #[error("the new replica did not pass its health check")]
@@ -191,6 +203,21 @@ impl DeployFailure {
         }
         out
     }
+}
+
+/// The `Host` of health probes: the app's first hostname.
+fn probe_host(spec: &ReplicaSpec) -> &str {
+    spec.hostnames
+        .first()
+        .map_or(health::DEFAULT_HOST, |h| h.as_str())
+}
+
+/// The image a deploy runs, and how it got it.
+struct Prepared {
+    image: ImageId,
+    source: ImageSource,
+    checkout: Option<Checkout>,
+    pushed: Option<ImageRef>,
 }
 
 type Locks<K> = tokio::sync::Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>;
@@ -282,10 +309,13 @@ impl Deployer {
                 && r.state == ReplicaState::Running
                 && r.name == spec.replica_name()
         }) && let Some(addr) = cur.addr
-            && matches!(
-                health::probe(addr, &spec.health.path, Duration::from_millis(spec.health.timeout_ms)).await,
-                Ok(s) if (200..400).contains(&s)
+            && health::passes(
+                addr,
+                probe_host(spec),
+                &spec.health.path,
+                Duration::from_millis(spec.health.timeout_ms),
             )
+            .await
         {
             let replica = Replica {
                 id: cur.id.clone(),
@@ -295,18 +325,14 @@ impl Deployer {
                 slot: spec.slot,
                 addr,
             };
-            let image = ImageId(cur.image.clone());
+            let prepared = Prepared {
+                image: ImageId(cur.image.clone()),
+                source: ImageSource::AlreadyRunning,
+                checkout: None,
+                pushed: None,
+            };
             return Ok(self
-                .switch_and_drain(
-                    spec,
-                    replica,
-                    image,
-                    ImageSource::AlreadyRunning,
-                    None,
-                    &before,
-                    timings,
-                    t0,
-                )
+                .switch_and_drain(spec, replica, prepared, &before, timings, t0)
                 .await);
         }
 
@@ -335,6 +361,21 @@ impl Deployer {
             }
         };
 
+        // With a registry, the image this node has (built or cached) is pushed, so other nodes pull it.
+        let pushed = match &self.cfg.registry {
+            Some(registry)
+                if spec.image.is_none()
+                    && image_source != ImageSource::Pulled
+                    && self.driver.can_pull() =>
+            {
+                let t = Instant::now();
+                let repository = format!("{}/{}", registry.trim_end_matches('/'), spec.app);
+                let pushed = self.driver.push_image(spec, &image, &repository, log).await;
+                timings.push = Some(t.elapsed());
+                Some(pushed.map_err(|e| failure(Stage::Push, DeployError::Push(e), &timings))?)
+            }
+            _ => None,
+        };
         tracing::info!(app = %spec.app, release = spec.release, image = %image, source = ?image_source, "image ready");
         let t = Instant::now();
         let started = self
@@ -346,7 +387,10 @@ impl Deployer {
             started.map_err(|e| failure(Stage::Start, DeployError::Start(e), &timings))?;
 
         let t = Instant::now();
-        let healthy = self.driver.wait_healthy(&replica, &spec.health).await;
+        let healthy = self
+            .driver
+            .wait_healthy(&replica, probe_host(spec), &spec.health)
+            .await;
         timings.healthy = Some(t.elapsed());
         if let Err(source) = healthy {
             let logs = self
@@ -372,17 +416,14 @@ impl Deployer {
             ));
         }
 
+        let prepared = Prepared {
+            image,
+            source: image_source,
+            checkout,
+            pushed,
+        };
         Ok(self
-            .switch_and_drain(
-                spec,
-                replica,
-                image,
-                image_source,
-                checkout,
-                &before,
-                timings,
-                t0,
-            )
+            .switch_and_drain(spec, replica, prepared, &before, timings, t0)
             .await)
     }
 
@@ -433,14 +474,11 @@ impl Deployer {
         Ok((id, checkout))
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn switch_and_drain(
         &self,
         spec: &ReplicaSpec,
         replica: Replica,
-        image: ImageId,
-        image_source: ImageSource,
-        checkout: Option<Checkout>,
+        prepared: Prepared,
         before: &[ReplicaStatus],
         mut timings: Timings,
         t0: Instant,
@@ -472,9 +510,10 @@ impl Deployer {
         tracing::info!(app = %spec.app, release = spec.release, slot = spec.slot, replaced = olds.len(), drained, ?timings, "deploy done");
         DeployReport {
             replica,
-            image,
-            image_source,
-            checkout,
+            image: prepared.image,
+            image_source: prepared.source,
+            checkout: prepared.checkout,
+            pushed: prepared.pushed,
             replaced: olds.iter().map(|r| r.id.clone()).collect(),
             drained,
             cleanup_errors,
@@ -536,8 +575,11 @@ impl Deployer {
                 continue;
             };
             let path = r.health_path.as_deref().unwrap_or("/");
-            if matches!(health::probe(addr, path, Duration::from_secs(2)).await, Ok(s) if (200..400).contains(&s))
-            {
+            let host = r
+                .hostnames
+                .first()
+                .map_or(health::DEFAULT_HOST, String::as_str);
+            if health::passes(addr, host, path, Duration::from_secs(2)).await {
                 let backend = Backend::new(r.id.clone(), r.release, r.slot, addr);
                 self.proxy.switch_slot(&r.app, &r.hostnames, backend);
                 n += 1;

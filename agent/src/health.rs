@@ -43,7 +43,13 @@ pub enum HealthError {
 }
 
 /// One probe: the HTTP status, or why there is none.
-pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u16, String> {
+/// `host` is sent as the `Host` header (the app's first hostname), since apps may refuse unknown hosts.
+pub async fn probe(
+    addr: SocketAddr,
+    host: &str,
+    path: &str,
+    timeout: Duration,
+) -> Result<u16, String> {
     let attempt = async {
         let stream = TcpStream::connect(addr)
             .await
@@ -53,7 +59,7 @@ pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u1
             .map_err(|e| format!("HTTP handshake with {addr} failed: {e}"))?;
         let conn = tokio::spawn(conn);
         let req = Request::get(path)
-            .header(hyper::header::HOST, "localhost")
+            .header(hyper::header::HOST, host)
             .header(hyper::header::USER_AGENT, "cairn-agent/health")
             .header(hyper::header::CONNECTION, "close")
             .body(Empty::<Bytes>::new())
@@ -71,10 +77,19 @@ pub async fn probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<u1
     }
 }
 
+/// Whether one probe passes (2xx or 3xx).
+pub async fn passes(addr: SocketAddr, host: &str, path: &str, timeout: Duration) -> bool {
+    matches!(probe(addr, host, path, timeout).await, Ok(s) if (200..400).contains(&s))
+}
+
+/// The `Host` a probe sends for an app without hostnames.
+pub const DEFAULT_HOST: &str = "localhost";
+
 /// Probes until a probe passes, `spec.attempts` probes failed, or `died` reports that the replica will not
 /// come up (it is asked after each failed probe).
 pub async fn wait_healthy<F, Fut>(
     addr: SocketAddr,
+    host: &str,
     spec: &HealthSpec,
     died: F,
 ) -> Result<(), HealthError>
@@ -86,7 +101,7 @@ where
     let timeout = Duration::from_millis(spec.timeout_ms);
     let mut last = String::from("no probe yet");
     for attempt in 1..=spec.attempts {
-        match probe(addr, &spec.path, timeout).await {
+        match probe(addr, host, &spec.path, timeout).await {
             Ok(status) if (200..400).contains(&status) => return Ok(()),
             Ok(status) => last = format!("HTTP {status}"),
             Err(e) => last = e,

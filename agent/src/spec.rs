@@ -372,7 +372,8 @@ impl ReplicaSpec {
     /// tag left by another installation or an older database is never mistaken for this release's image.
     pub fn recipe(&self) -> String {
         let mut h = Sha256::new();
-        h.update(b"cairn recipe v1\0");
+        // Bump when the generated Dockerfile changes, so old images are not taken for new ones.
+        h.update(b"cairn recipe v2\0");
         h.update(self.source.commit.as_bytes());
         h.update(b"\0");
         h.update(serde_json::to_vec(&self.build).unwrap_or_default());

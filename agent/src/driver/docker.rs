@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::Docker;
+use bollard::auth::DockerCredentials;
 use bollard::errors::Error as BollardError;
 use bollard::models::{
     ContainerCreateBody, ContainerSummary, ContainerSummaryStateEnum, HostConfig,
@@ -36,8 +37,8 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder, TagImageOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, PushImageOptionsBuilder,
+    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, TagImageOptionsBuilder,
 };
 use bytes::Bytes;
 use cairn_schema::{Identity, Name};
@@ -49,7 +50,7 @@ use super::{
     image_labels, label, replica_labels,
 };
 use crate::logs::{LineSplitter, LogLine, LogSink, LogStream};
-use crate::spec::{ReplicaSpec, SpecError};
+use crate::spec::{ImageRef, ReplicaSpec, SpecError};
 
 /// The name of the generated Dockerfile inside the build context.
 pub const GENERATED_DOCKERFILE: &str = "Dockerfile.cairn";
@@ -140,24 +141,24 @@ impl DockerDriver {
             })?;
         let start = spec.build.start.as_deref().unwrap_or_default();
         let q = |s: &str| serde_json::to_string(s).expect("strings serialize");
+        // Every instruction is a step (about a second each on a slow storage driver), so the labels go in
+        // one LABEL right after FROM (every intermediate image of a failed build carries them too, for
+        // clean-up), and PORT and the exposed port are set when the container is created.
+        let labels: Vec<String> = image_labels(spec)
+            .iter()
+            .map(|(k, v)| format!("{k}={}", q(v)))
+            .collect();
         let mut df = format!(
             "FROM {base}\n\
-             LABEL {}={} {}={}\n\
+             LABEL {}\n\
              WORKDIR /app\n\
              COPY . /app\n",
-            label::INSTALLATION,
-            q(spec.installation.as_str()),
-            label::APP,
-            q(spec.app.as_str()),
+            labels.join(" ")
         );
         for cmd in &spec.build.commands {
             df.push_str(&format!("RUN [\"/bin/sh\", \"-c\", {}]\n", q(cmd)));
         }
-        df.push_str(&format!(
-            "ENV PORT={port}\nEXPOSE {port}\nCMD [\"/bin/sh\", \"-c\", {}]\n",
-            q(start),
-            port = spec.build.port
-        ));
+        df.push_str(&format!("CMD [\"/bin/sh\", \"-c\", {}]\n", q(start)));
         Ok(df)
     }
 
@@ -235,7 +236,13 @@ impl DockerDriver {
                 }
             ),
         ));
-        let labels: HashMap<String, String> = image_labels(spec).into_iter().collect();
+        // A generated Dockerfile carries the labels itself; the app's own gets them as a build option
+        // (which the classic builder appends as a last LABEL step).
+        let labels: HashMap<String, String> = if spec.build.dockerfile {
+            image_labels(spec).into_iter().collect()
+        } else {
+            HashMap::new()
+        };
         let opts = BuildImageOptionsBuilder::default()
             .dockerfile(dockerfile)
             .t(&tag)
@@ -513,6 +520,72 @@ impl Driver for DockerDriver {
         inspected.id.map(ImageId).ok_or_else(|| DriverError::Pull {
             reference: pinned,
             reason: "the engine reports no image id".into(),
+        })
+    }
+
+    async fn push_image(
+        &self,
+        spec: &ReplicaSpec,
+        image: &ImageId,
+        repository: &str,
+        log: &dyn LogSink,
+    ) -> Result<ImageRef, DriverError> {
+        let tag = spec.release.to_string();
+        let reference = format!("{repository}:{tag}");
+        let failed = |reason: String| DriverError::Push {
+            reference: reference.clone(),
+            reason,
+        };
+        self.docker
+            .tag_image(
+                &image.0,
+                Some(
+                    TagImageOptionsBuilder::default()
+                        .repo(repository)
+                        .tag(&tag)
+                        .build(),
+                ),
+            )
+            .await
+            .map_err(|e| DriverError::docker(format!("tag {image} as {reference}"), e))?;
+        let opts = PushImageOptionsBuilder::default().tag(&tag).build();
+        // The engine wants an auth header even for an anonymous registry.
+        let mut stream =
+            self.docker
+                .push_image(repository, Some(opts), Some(DockerCredentials::default()));
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        return Err(failed(e));
+                    }
+                    if let Some(status) = info.status {
+                        log.line(LogLine::new(LogStream::Build, status));
+                    }
+                }
+                Err(BollardError::DockerStreamError { error }) => return Err(failed(error)),
+                Err(e) => return Err(failed(e.to_string())),
+            }
+        }
+        let inspected = self
+            .docker
+            .inspect_image(&image.0)
+            .await
+            .map_err(|e| DriverError::docker(format!("inspect image {image}"), e))?;
+        let prefix = format!("{repository}@");
+        let digest = inspected
+            .repo_digests
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|d| d.strip_prefix(&prefix).map(str::to_owned))
+            .ok_or_else(|| failed("the engine reports no digest for the pushed image".into()))?;
+        log.line(LogLine::new(
+            LogStream::Agent,
+            format!("pushed {reference} as {repository}@{digest}"),
+        ));
+        Ok(ImageRef {
+            reference: repository.to_owned(),
+            digest,
         })
     }
 
@@ -813,17 +886,20 @@ mod tests {
         }))
         .unwrap();
         let df = DockerDriver::generated_dockerfile(&spec).unwrap();
+        let recipe = spec.recipe();
         assert_eq!(
             df,
-            "FROM busybox:1\n\
-             LABEL cairn.installation=\"t\" cairn.app=\"web\"\n\
-             WORKDIR /app\n\
-             COPY . /app\n\
-             RUN [\"/bin/sh\", \"-c\", \"echo a\\nRUN evil\"]\n\
-             RUN [\"/bin/sh\", \"-c\", \"make \\\"x\\\"\"]\n\
-             ENV PORT=8080\n\
-             EXPOSE 8080\n\
-             CMD [\"/bin/sh\", \"-c\", \"httpd -f -p $PORT\"]\n"
+            format!(
+                "FROM busybox:1\n\
+                 LABEL cairn.app=\"web\" cairn.config-commit=\"c1\" cairn.installation=\"t\" \
+                 cairn.recipe=\"{recipe}\" cairn.release=\"1\" \
+                 cairn.source-commit=\"0123456789abcdef0123456789abcdef01234567\"\n\
+                 WORKDIR /app\n\
+                 COPY . /app\n\
+                 RUN [\"/bin/sh\", \"-c\", \"echo a\\nRUN evil\"]\n\
+                 RUN [\"/bin/sh\", \"-c\", \"make \\\"x\\\"\"]\n\
+                 CMD [\"/bin/sh\", \"-c\", \"httpd -f -p $PORT\"]\n"
+            )
         );
         assert_eq!(df.lines().filter(|l| l.starts_with("RUN")).count(), 2);
     }

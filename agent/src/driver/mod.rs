@@ -24,7 +24,7 @@ use cairn_schema::{Identity, Name};
 
 use crate::health::{self, HealthError};
 use crate::logs::{LogLine, LogSink};
-use crate::spec::{HealthSpec, ReplicaSpec, SpecError};
+use crate::spec::{HealthSpec, ImageRef, ReplicaSpec, SpecError};
 
 /// Label keys on every container and image this agent makes (and the fields of a process replica).
 pub mod label {
@@ -232,6 +232,8 @@ pub enum DriverError {
     Unsupported { what: &'static str, needs: String },
     #[error("pulling {reference} failed: {reason}")]
     Pull { reference: String, reason: String },
+    #[error("pushing {reference} failed: {reason}")]
+    Push { reference: String, reason: String },
     #[error("{op} {path}")]
     Io {
         op: &'static str,
@@ -286,9 +288,25 @@ pub trait Driver: Send + Sync + fmt::Debug {
         log: &dyn LogSink,
     ) -> Result<ImageId, DriverError>;
 
-    /// Whether [`Driver::pull_image`] can fetch a registry image.
+    /// Whether [`Driver::pull_image`] and [`Driver::push_image`] work (images in a registry).
     fn can_pull(&self) -> bool {
         false
+    }
+
+    /// Pushes the release's image to `repository` (`host:port/prefix/app`, tagged with the release number)
+    /// and returns it pinned by digest, for the other nodes to pull.
+    async fn push_image(
+        &self,
+        spec: &ReplicaSpec,
+        image: &ImageId,
+        repository: &str,
+        log: &dyn LogSink,
+    ) -> Result<ImageRef, DriverError> {
+        let _ = (spec, image, repository, log);
+        Err(DriverError::Unsupported {
+            what: self.kind().as_str(),
+            needs: "a Docker engine to push registry images".into(),
+        })
     }
 
     /// Pulls the spec's registry image by digest and makes it the release's image.
@@ -334,10 +352,15 @@ pub trait Driver: Send + Sync + fmt::Debug {
             .find(|r| &r.id == id))
     }
 
-    /// Waits until the replica answers its HTTP health check, bounded by the spec's attempts and timeout.
+    /// Waits until the replica answers its HTTP health check (sent with `host` as its `Host`), bounded by the spec's attempts and timeout.
     /// Fails early when the replica exits or starts crash-looping.
-    async fn wait_healthy(&self, replica: &Replica, spec: &HealthSpec) -> Result<(), HealthError> {
-        health::wait_healthy(replica.addr, spec, || async {
+    async fn wait_healthy(
+        &self,
+        replica: &Replica,
+        host: &str,
+        spec: &HealthSpec,
+    ) -> Result<(), HealthError> {
+        health::wait_healthy(replica.addr, host, spec, || async {
             match self.status(&replica.id).await {
                 Ok(Some(s)) => match s.state {
                     // Still starting (the process driver spawns in the background).

@@ -8,6 +8,7 @@
 mod docker;
 mod process;
 mod refuse;
+mod registry;
 mod secrets;
 mod source;
 mod support;

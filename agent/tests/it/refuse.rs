@@ -98,7 +98,7 @@ async fn the_process_driver_refuses_privileged_binds_and_host_namespaces() {
         assert_refused_everywhere(&node, driver.as_ref(), &base).await;
         assert!(driver.list_replicas().await.unwrap().is_empty());
         assert_eq!(driver.builds_run(), 0);
-        assert!(!inst.path("sources").exists(), "nothing was fetched");
+        assert!(!inst.path("node-sources").exists(), "nothing was fetched");
     })
     .await;
 }
@@ -133,7 +133,7 @@ async fn the_docker_driver_refuses_privileged_binds_and_host_namespaces() {
         assert_refused_everywhere(&node, driver.as_ref(), &base).await;
         assert!(inst.containers().await.is_empty());
         assert_eq!(driver.builds_run(), 0);
-        assert!(!inst.path("sources").exists(), "nothing was fetched");
+        assert!(!inst.path("node-sources").exists(), "nothing was fetched");
 
         // And a task for another installation is not this agent's to run.
         let mut other = base.clone();

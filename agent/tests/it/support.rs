@@ -416,6 +416,18 @@ pub struct Node {
 
 impl Node {
     pub async fn start(inst: &Installation, driver: Arc<dyn Driver>, rewrites: Rewrites) -> Node {
+        Node::start_with(inst, driver, rewrites, "node", None).await
+    }
+
+    /// A node whose source cache and work dir are `<dirs>-sources` and `<dirs>-work`, pushing built images
+    /// to `registry` if given.
+    pub async fn start_with(
+        inst: &Installation,
+        driver: Arc<dyn Driver>,
+        rewrites: Rewrites,
+        dirs: &str,
+        registry: Option<String>,
+    ) -> Node {
         let proxy = Proxy::new(ProxyConfig::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = listener.local_addr().unwrap();
@@ -424,11 +436,12 @@ impl Node {
             let _ = stopped.await;
         }));
         let identity = Arc::new(Identity::generate());
-        let sources = Sources::new(inst.path("sources"), rewrites);
-        let mut cfg = DeployerConfig::new(inst.path("work"));
+        let sources = Sources::new(inst.path(&format!("{dirs}-sources")), rewrites);
+        let mut cfg = DeployerConfig::new(inst.path(&format!("{dirs}-work")));
         cfg.drain_grace = Duration::from_millis(300);
         cfg.drain_max = Duration::from_secs(10);
         cfg.fetch_timeout = Duration::from_secs(60);
+        cfg.registry = registry;
         let deployer = Deployer::new(driver, proxy.clone(), sources, identity.clone(), cfg);
         Node {
             deployer,

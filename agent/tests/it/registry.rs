@@ -1,0 +1,161 @@
+//! Distribution through a real registry (Debian's `docker-registry` on 127.0.0.1): the building node
+//! pushes the release's image, a node that lacks it pulls it by digest and builds nothing.
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::query_parameters::RemoveImageOptionsBuilder;
+use cairn_agent::deploy::ImageSource;
+use cairn_agent::{DockerConfig, DockerDriver, Driver, Rewrites};
+use cairn_schema::Name;
+
+use crate::support::{self, AppRepo, Installation, Node, bounded, docker_build, get, spec};
+
+/// A registry on a free loopback port, killed when dropped.
+struct Registry {
+    addr: String,
+    _child: tokio::process::Child,
+}
+
+async fn registry(test: &str, dir: &std::path::Path) -> Option<Registry> {
+    let bin = ["/usr/bin/docker-registry", "/usr/local/bin/registry"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).is_file());
+    let Some(bin) = bin else {
+        support::missing(
+            test,
+            "docker-registry",
+            "not installed (Debian package docker-registry)",
+        );
+        return None;
+    };
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let config = dir.join("registry.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            dir.join("registry-data").display()
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new(bin)
+        .arg("serve")
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            return Some(Registry {
+                addr,
+                _child: child,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("the registry did not listen on {addr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_building_node_pushes_and_another_node_pulls_by_digest_without_building() {
+    const TEST: &str = "the_building_node_pushes_and_another_node_pulls";
+    let Some(docker) = support::docker(TEST).await else {
+        return;
+    };
+    if !support::tools(TEST) {
+        return;
+    }
+    bounded(240, async {
+        let inst = Installation::new(Some(docker.clone()));
+        let Some(reg) = registry(TEST, inst.dir.path()).await else {
+            return;
+        };
+        let base = inst.busybox_image().await;
+        let repo = AppRepo::new(inst.dir.path(), "web");
+        let app = inst.app();
+        let host = support::host(&app).to_string();
+        let v1 = repo.commit_version("v1");
+
+        // Node A builds and pushes.
+        let a = Arc::new(DockerDriver::with_client(
+            docker.clone(),
+            DockerConfig::new(inst.id.clone(), inst.node.clone()),
+        ));
+        let registry = format!("{}/cairn-test-{}", reg.addr, inst.id);
+        let node_a = Node::start_with(
+            &inst,
+            a.clone(),
+            repo.rewrites(),
+            "a",
+            Some(registry.clone()),
+        )
+        .await;
+        let ra = node_a
+            .deployer
+            .deploy(
+                &spec(&inst, &app, &repo, 1, &v1, docker_build(&base)),
+                &support::Discard,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.reason()));
+        eprintln!("registry node A timings: {:?}", ra.timings);
+        assert_eq!(ra.image_source, ImageSource::Built);
+        let pushed = ra.pushed.clone().expect("pushed to the registry");
+        assert_eq!(pushed.reference, format!("{registry}/{app}"));
+        assert!(pushed.digest.starts_with("sha256:"));
+        assert!(ra.timings.push.is_some());
+        assert_eq!(a.builds_run(), 1);
+        node_a.deployer.remove_slot(&app, 0).await.unwrap();
+
+        // The image leaves this engine entirely: node B must get it from the registry.
+        docker
+            .remove_image(
+                &ra.image.0,
+                Some(RemoveImageOptionsBuilder::default().force(true).build()),
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(docker.inspect_image(&ra.image.0).await.is_err());
+
+        // Node B: no source access at all (an empty rewrite table would fetch from github.com), so a
+        // build attempt would fail; it pulls by digest instead.
+        let b = Arc::new(DockerDriver::with_client(
+            docker.clone(),
+            DockerConfig::new(inst.id.clone(), Name::new("node-b").unwrap()),
+        ));
+        let node_b = Node::start_with(&inst, b.clone(), Rewrites::default(), "b", None).await;
+        let mut task = spec(&inst, &app, &repo, 1, &v1, docker_build(&base));
+        task.image = Some(pushed.clone());
+        let rb = node_b
+            .deployer
+            .deploy(&task, &support::Discard)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.reason()));
+        eprintln!("registry node B timings: {:?}", rb.timings);
+        assert_eq!(rb.image_source, ImageSource::Pulled);
+        assert_eq!(b.builds_run(), 0, "node B built nothing");
+        assert!(rb.timings.fetch.is_none() && rb.timings.build.is_none());
+        assert_eq!(rb.image, ra.image, "the same image, by content");
+        let running = b.list_replicas().await.unwrap();
+        assert_eq!(running.len(), 1);
+        assert_eq!(running[0].image, ra.image.0);
+        let client = support::client();
+        assert_eq!(
+            get(&client, node_b.proxy_addr, &host, "/").await.unwrap(),
+            (200, "v1\n".into())
+        );
+        node_b.deployer.remove_slot(&app, 0).await.unwrap();
+    })
+    .await;
+}
