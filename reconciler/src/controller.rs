@@ -132,6 +132,8 @@ pub struct Controller {
     cache: Mutex<std::collections::HashMap<String, String>>,
     /// Polls app branch heads on timer, startup and manual runs; `None` leaves heads to webhooks.
     pub heads: Option<Mutex<HeadPoller>>,
+    /// Told when a commit's reconcile starts, is applied or fails (commit statuses, in `cairn serve`).
+    pub hooks: Option<Arc<dyn crate::hooks::Hooks>>,
 }
 
 /// A failed run: the error, already recorded in the history when it could be.
@@ -157,6 +159,7 @@ impl Controller {
             offline_after: crate::plan::DEFAULT_OFFLINE_AFTER,
             cache: Mutex::new(Default::default()),
             heads: None,
+            hooks: None,
         }
     }
 
@@ -275,6 +278,7 @@ impl Controller {
             offline_after: self.offline_after,
             started_at,
             expect_generation: generation,
+            hooks: self.hooks.as_deref(),
         };
         let snap = match self.read().await {
             Ok((_, s)) => s,
@@ -316,11 +320,17 @@ impl Controller {
             }
             _ => false,
         };
-        if let (true, Some(applied)) = (behind, applied) {
+        if let (true, Some(applied)) = (behind, &applied) {
             return Ok(Outcome::Behind {
                 commit,
                 applied: applied.as_str().to_owned(),
             });
+        }
+        if let Some(hooks) = &self.hooks
+            && applied.as_ref().is_none_or(|a| a.as_str() != commit)
+            && let Err(e) = hooks.reconcile_started(&self.pool, &commit).await
+        {
+            tracing::warn!(%commit, error = %error_chain(&*e), "a hook failed at the start of a reconcile");
         }
         let fingerprints = match self.fingerprints(desired).await {
             Ok(f) => f,

@@ -68,6 +68,8 @@ pub struct Context<'a> {
     pub started_at: DateTime<Utc>,
     /// Apply only a plan based on this generation: the one an operator was shown.
     pub expect_generation: Option<u64>,
+    /// Told about applies and failures inside their transactions (commit statuses, in `cairn serve`).
+    pub hooks: Option<&'a dyn crate::hooks::Hooks>,
 }
 
 /// Keyed fingerprints of every secret in `desired`, decrypting each with `identity`. Errors name the app
@@ -163,6 +165,12 @@ pub async fn reconcile(
         },
     )
     .await?;
+    if let (Some(hooks), ReconcileStatus::Applied) = (cx.hooks, status)
+        && let Some(mut savepoint) = crate::hooks::savepoint(&mut tx, "applied").await
+    {
+        let result = hooks.applied(&mut savepoint, &plan).await;
+        crate::hooks::settle(savepoint, "applied", result).await;
+    }
     failpoint("apply-before-commit").await;
     tx.commit().await.map_err(|e| StoreError::Query {
         op: "commit an apply",
@@ -177,22 +185,22 @@ pub async fn reconcile(
 }
 
 /// Records a reconcile that could not plan (an invalid commit, an unreadable source): nothing else is
-/// written, so the last good state stays.
+/// written, so the last good state stays. The hooks hear of a failed commit in the same transaction.
 pub async fn record_failure(
     pool: &PgPool,
     cx: &Context<'_>,
     commit: Option<&str>,
     errors: &[RecordedError],
 ) -> Result<i64, StoreError> {
-    let mut conn = pool.acquire().await.map_err(|e| StoreError::Query {
+    let mut tx = pool.begin().await.map_err(|e| StoreError::Query {
         op: "record a failure",
         source: e,
     })?;
     let summary = errors
         .first()
         .map_or_else(|| "failed".to_owned(), |e| e.to_string());
-    store::history::record_reconciliation(
-        &mut conn,
+    let id = store::history::record_reconciliation(
+        &mut tx,
         &NewReconciliation {
             source: cx.source,
             commit,
@@ -205,7 +213,18 @@ pub async fn record_failure(
             finished_at: Utc::now(),
         },
     )
-    .await
+    .await?;
+    if let (Some(hooks), Some(commit), false) = (cx.hooks, commit, errors.is_empty())
+        && let Some(mut savepoint) = crate::hooks::savepoint(&mut tx, "failed").await
+    {
+        let result = hooks.failed(&mut savepoint, commit, errors).await;
+        crate::hooks::settle(savepoint, "failed", result).await;
+    }
+    tx.commit().await.map_err(|e| StoreError::Query {
+        op: "record a failure",
+        source: e,
+    })?;
+    Ok(id)
 }
 
 async fn write_state(

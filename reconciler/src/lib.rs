@@ -9,6 +9,7 @@
 
 pub mod controller;
 pub mod executor;
+pub mod hooks;
 pub mod observed;
 pub mod plan;
 pub mod queue;
