@@ -324,20 +324,6 @@ async fn write_state(
     Ok(())
 }
 
-/// What a deploy task carries: the release to run and, for secrets, one age ciphertext of a JSON object
-/// (`{"KEY": "value"}`) addressed to the node's own recipient.
-#[derive(Debug, Serialize)]
-struct DeployPayload<'a> {
-    config_commit: &'a str,
-    source_commit: &'a str,
-    spec: &'a crate::plan::ReleaseSpec,
-    hostnames: Vec<String>,
-    /// `None` when the app has no secrets, or when the node has not joined yet (its recipient is unknown);
-    /// then `secrets_pending` is true and the agent API encrypts them when the node leases the task.
-    secret_env: Option<String>,
-    secrets_pending: bool,
-}
-
 async fn enqueue_tasks(
     tx: &mut Transaction<'_, Postgres>,
     plan: &Plan,
@@ -367,38 +353,52 @@ async fn enqueue_tasks(
         task.slot = Some(t.slot);
         task.release = Some(t.release);
         task.generation = Some(plan.generation);
-        if kind == TaskKind::Deploy
-            && let Some(release) = plan
+        // What a deploy (and a start or restart, which may have to run the release again) carries
+        // (`cairn_proto::DeployPayload`). A release this plan makes is sealed from the desired secrets
+        // now; one recorded earlier (a replica moved off an offline node, say) is read back from
+        // `releases`, its secrets left for the agent API to seal when the node leases the task.
+        if matches!(kind, TaskKind::Deploy | TaskKind::Start | TaskKind::Restart) {
+            if let Some(release) = plan
                 .releases
                 .iter()
                 .find(|r| r.app == t.app && r.number == t.release)
-        {
-            let recipient = node_recipient(&t.node, desired, observed);
-            let app = desired.and_then(|d| d.apps.get(&t.app));
-            let secrets = app
-                .map(|a| {
-                    a.env
-                        .iter()
-                        .filter(|(_, v)| matches!(v, EnvValue::Secret { .. }))
-                        .count()
-                })
-                .unwrap_or(0);
-            let (secret_env, secrets_pending) = match (secrets, recipient, identity, app) {
-                (0, ..) => (None, false),
-                (_, Some(r), Some(id), Some(a)) => {
-                    (Some(reencrypt(&t.app, &t.node, a, id, &r)?), false)
+            {
+                let recipient = node_recipient(&t.node, desired, observed);
+                let app = desired.and_then(|d| d.apps.get(&t.app));
+                let secrets = app
+                    .map(|a| {
+                        a.env
+                            .iter()
+                            .filter(|(_, v)| matches!(v, EnvValue::Secret { .. }))
+                            .count()
+                    })
+                    .unwrap_or(0);
+                let (secret_env, secret_recipient, secrets_pending) =
+                    match (secrets, recipient, identity, app) {
+                        (0, ..) => (None, None, false),
+                        (_, Some(r), Some(id), Some(a)) => {
+                            (Some(reencrypt(&t.app, &t.node, a, id, &r)?), Some(r), false)
+                        }
+                        _ => (None, None, true),
+                    };
+                let payload = cairn_proto::DeployPayload {
+                    config_commit: release.config_commit.as_str().to_owned(),
+                    source_commit: release.source_commit.as_str().to_owned(),
+                    spec: crate::payload::wire_spec(&release.spec),
+                    hostnames: desired.map(|d| d.hostnames(&t.app)).unwrap_or_default(),
+                    secret_env,
+                    secret_recipient,
+                    secrets_pending,
+                };
+                task.payload = serde_json::to_value(&payload).expect("a payload serializes");
+            } else if let Some(mut payload) =
+                crate::payload::recorded_release(tx, &t.app, t.release).await?
+            {
+                if let Some(d) = desired {
+                    payload.hostnames = d.hostnames(&t.app);
                 }
-                _ => (None, true),
-            };
-            let payload = DeployPayload {
-                config_commit: release.config_commit.as_str(),
-                source_commit: release.source_commit.as_str(),
-                spec: &release.spec,
-                hostnames: desired.map(|d| d.hostnames(&t.app)).unwrap_or_default(),
-                secret_env,
-                secrets_pending,
-            };
-            task.payload = serde_json::to_value(&payload).expect("a payload serializes");
+                task.payload = serde_json::to_value(&payload).expect("a payload serializes");
+            }
         }
         tasks.push(task);
     }

@@ -7,10 +7,14 @@
 //! What it must not do: talk to GitHub (that is `cairn-webhook`), talk to Docker (that is `cairn-agent`),
 //! or let the planner perform IO. Only its `store` module touches Postgres.
 
+pub mod api;
 pub mod controller;
+pub mod drift;
 pub mod executor;
 pub mod hooks;
+pub mod liveness;
 pub mod observed;
+pub mod payload;
 pub mod plan;
 pub mod queue;
 pub mod scheduler;

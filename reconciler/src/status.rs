@@ -1,6 +1,8 @@
 //! What `cairn status` shows, computed from the observed state: apps (desired and placed replicas, where
 //! they run, the latest release), nodes (state, last heartbeat, capacity and use), and the last
-//! reconciliation. The admin API serves the same value, so the CLI shows the same either way.
+//! reconciliation; and what the agents report next to it (each node's own count and use, and for each
+//! placed replica whether its node runs it). The admin API serves the same value, so the CLI shows the
+//! same either way.
 //!
 //! What it must not do: read anything but the store, or show env values.
 
@@ -9,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use crate::observed::{NodeState, Observed, ReplicaState};
-use crate::store::{Reconciliation, StoreError, history, state};
+use crate::store::{Reconciliation, StoreError, agents, history, state};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -41,6 +43,31 @@ pub struct ReplicaView {
     pub node: String,
     pub release: u64,
     pub state: String,
+    /// What the node's agent last reported for this slot; `None` when it reported nothing for it (not
+    /// deployed yet, lost, or the node never reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actual: Option<ActualView>,
+}
+
+/// A replica as its node's agent reported it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActualView {
+    pub release: u64,
+    /// `running` or `stopped`.
+    pub state: String,
+    pub healthy: bool,
+}
+
+/// What a node's agent last reported about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentReport {
+    pub agent_version: Option<String>,
+    pub reported_at: Option<DateTime<Utc>>,
+    /// CPU, memory and disk its replicas use, as the agent counts them.
+    pub used: Option<cairn_proto::Resources>,
+    /// Replicas it runs (of any app, placed there or not).
+    pub running: u32,
+    pub healthy: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -57,6 +84,9 @@ pub struct NodeView {
     pub used_memory_bytes: u64,
     pub used_disk_bytes: u64,
     pub replicas: u32,
+    /// The agent's own report; `None` for a node that never reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentReport>,
 }
 
 /// The status at `now` (a node heard from longer ago than `offline_after` shows as offline).
@@ -83,6 +113,7 @@ pub fn compute(
                         ReplicaState::Stopped => "stopped",
                     }
                     .to_owned(),
+                    actual: None,
                 })
                 .collect();
             replicas.sort_by_key(|r| r.slot);
@@ -104,14 +135,13 @@ pub fn compute(
         .iter()
         .map(|(name, n)| {
             let status = obs.node_status.get(name);
-            let mut state = status.map_or(NodeState::Pending, |s| s.state);
             let last_heartbeat = status.and_then(|s| s.last_heartbeat);
-            if state == NodeState::Online
-                && last_heartbeat
-                    .is_some_and(|h| (now - h).to_std().unwrap_or_default() > offline_after)
-            {
-                state = NodeState::Offline;
-            }
+            let state = shown_state(
+                status.map_or(NodeState::Pending, |s| s.state),
+                last_heartbeat,
+                now,
+                offline_after,
+            );
             let mut view = NodeView {
                 name: name.to_string(),
                 state,
@@ -125,6 +155,7 @@ pub fn compute(
                 used_memory_bytes: 0,
                 used_disk_bytes: 0,
                 replicas: 0,
+                agent: None,
             };
             for p in obs
                 .placements
@@ -150,9 +181,74 @@ pub fn compute(
     }
 }
 
-/// Loads the status from the database.
+/// A node's state as shown at `now`: an online node heard from longer ago than `offline_after` is offline
+/// even before the node-health monitor records it.
+pub fn shown_state(
+    state: NodeState,
+    last_heartbeat: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+    offline_after: std::time::Duration,
+) -> NodeState {
+    let silent =
+        last_heartbeat.is_some_and(|h| (now - h).to_std().unwrap_or_default() > offline_after);
+    if state == NodeState::Online && silent {
+        NodeState::Offline
+    } else {
+        state
+    }
+}
+
+/// Adds what the agents reported: each node's own report, and for each placed replica what its node
+/// says runs in that slot.
+pub fn attach_reports(status: &mut Status, reports: &[agents::NodeRow]) {
+    use cairn_proto::RunState;
+    for n in &mut status.nodes {
+        let Some(r) = reports.iter().find(|r| r.name.as_str() == n.name) else {
+            continue;
+        };
+        if r.reported_at.is_none() && r.agent_version.is_none() {
+            continue;
+        }
+        let running = r
+            .replicas
+            .iter()
+            .filter(|x| x.state == RunState::Running)
+            .count() as u32;
+        n.agent = Some(AgentReport {
+            agent_version: r.agent_version.clone(),
+            reported_at: r.reported_at,
+            used: r.resources,
+            running,
+            healthy: r.replicas.iter().filter(|x| x.healthy).count() as u32,
+        });
+    }
+    for a in &mut status.apps {
+        for v in &mut a.replicas {
+            v.actual = reports
+                .iter()
+                .find(|r| r.name.as_str() == v.node)
+                .and_then(|r| {
+                    r.replicas
+                        .iter()
+                        .find(|x| x.app.as_str() == a.name && x.slot == v.slot)
+                })
+                .map(|x| ActualView {
+                    release: x.release,
+                    state: match x.state {
+                        RunState::Running => "running",
+                        RunState::Stopped => "stopped",
+                    }
+                    .to_owned(),
+                    healthy: x.healthy,
+                });
+        }
+    }
+}
+
+/// Loads the status from the database, with what the agents reported.
 pub async fn load(pool: &PgPool, offline_after: std::time::Duration) -> Result<Status, StoreError> {
     let obs = state::load_observed(pool).await?;
+    let reports = agents::nodes(pool).await?;
     let mut conn = pool.acquire().await.map_err(|e| StoreError::Query {
         op: "read the status",
         source: e,
@@ -161,5 +257,7 @@ pub async fn load(pool: &PgPool, offline_after: std::time::Duration) -> Result<S
         .await?
         .into_iter()
         .next();
-    Ok(compute(&obs, last, Utc::now(), offline_after))
+    let mut status = compute(&obs, last, Utc::now(), offline_after);
+    attach_reports(&mut status, &reports);
+    Ok(status)
 }

@@ -194,25 +194,32 @@ pub fn apply(args: ApplyArgs) -> Result<ExitCode> {
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {
+    /// The admin API (--server, CAIRN_SERVER and CAIRN_TOKEN) or else the database
     #[command(flatten)]
-    db: DbArgs,
+    target: super::remote::TargetArgs,
     /// Print the status as JSON
     #[arg(long)]
     json: bool,
-    /// A node heard from longer ago than this is shown offline
+    /// A node heard from longer ago than this is shown offline (from the database; the API uses the
+    /// server's own threshold)
     #[arg(long, value_parser = humantime::parse_duration, default_value = "90s")]
     node_offline_after: Duration,
 }
 
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let pool = cairn_reconciler::store::connect(&args.db.database_url, 2)
-            .await
-            .context("cannot connect to the database")?;
-        cairn_reconciler::store::migrate(&pool)
-            .await
-            .context("cannot migrate the database")?;
-        let status = cairn_reconciler::status::load(&pool, args.node_offline_after).await?;
+        let status: cairn_reconciler::status::Status = match args.target.resolve()? {
+            super::remote::Target::Api(api) => api.get("/status").await?,
+            super::remote::Target::Db(url) => {
+                let pool = cairn_reconciler::store::connect(&url, 2)
+                    .await
+                    .context("cannot connect to the database")?;
+                cairn_reconciler::store::migrate(&pool)
+                    .await
+                    .context("cannot migrate the database")?;
+                cairn_reconciler::status::load(&pool, args.node_offline_after).await?
+            }
+        };
         if args.json {
             println!("{}", serde_json::to_string_pretty(&status)?);
         } else {
@@ -260,16 +267,15 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
             .replicas
             .iter()
             .map(|r| {
-                format!(
-                    "{}:{}{}",
-                    r.slot,
-                    r.node,
-                    if r.state == "running" {
-                        ""
-                    } else {
-                        " (stopped)"
-                    }
-                )
+                let actual = match (&r.actual, r.state == "running") {
+                    (_, false) => " (stopped)".to_owned(),
+                    (None, true) => " (not reported)".to_owned(),
+                    (Some(a), true) if a.release != r.release => format!(" (runs r{})", a.release),
+                    (Some(a), true) if a.state != "running" => " (not running)".to_owned(),
+                    (Some(a), true) if !a.healthy => " (unhealthy)".to_owned(),
+                    (Some(_), true) => String::new(),
+                };
+                format!("{}:{}{actual}", r.slot, r.node)
             })
             .collect();
         let release = a.latest_release.map_or("-".to_owned(), |r| {
@@ -297,8 +303,8 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
     let _ = writeln!(out, "\nNODES");
     let _ = writeln!(
         out,
-        "{:<16} {:<8} {:<20} {:>13} {:>19} {:>19} {:>8}",
-        "NAME", "STATE", "LAST HEARTBEAT", "CPU", "MEMORY", "DISK", "REPLICAS"
+        "{:<16} {:<8} {:<20} {:>13} {:>19} {:>19} {:>8} {:>8}",
+        "NAME", "STATE", "LAST HEARTBEAT", "CPU", "MEMORY", "DISK", "REPLICAS", "RUNNING"
     );
     for n in &s.nodes {
         let state = if n.drain {
@@ -314,16 +320,22 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
             n.used_cpu_millis as f64 / 1000.0,
             n.cpu_millis as f64 / 1000.0
         );
+        // What the node's agent says runs there (placed or not), next to what is placed there.
+        let running = n
+            .agent
+            .as_ref()
+            .map_or("-".to_owned(), |a| a.running.to_string());
         let _ = writeln!(
             out,
-            "{:<16} {:<8} {:<20} {:>13} {:>19} {:>19} {:>8}",
+            "{:<16} {:<8} {:<20} {:>13} {:>19} {:>19} {:>8} {:>8}",
             n.name,
             state,
             last,
             cpu,
             format!("{}/{}", hb(n.used_memory_bytes), hb(n.memory_bytes)),
             format!("{}/{}", hb(n.used_disk_bytes), hb(n.disk_bytes)),
-            n.replicas
+            n.replicas,
+            running
         );
     }
     if s.nodes.iter().any(|n| n.drain) {

@@ -8,10 +8,14 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod control;
+mod node;
+mod remote;
 mod repo;
 mod schema_cmd;
 mod secret;
 mod serve;
+mod serve_api;
+mod token;
 mod validate;
 
 pub const EXIT_OK: u8 = 0;
@@ -46,6 +50,10 @@ enum Command {
     Status(control::StatusArgs),
     /// Run the control plane: the reconcile loop and its HTTP listener
     Serve(serve::Args),
+    /// Nodes' agents: make a join token, revoke a credential
+    Node(node::Args),
+    /// Admin API tokens: create, list, revoke (against the database)
+    Token(token::Args),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -57,6 +65,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Apply(a) => control::apply(a),
         Command::Status(a) => control::status(a),
         Command::Serve(a) => serve::run(a),
+        Command::Node(a) => node::run(a),
+        Command::Token(a) => token::run(a),
     }
 }
 

@@ -34,6 +34,8 @@ pub struct Args {
     /// Log format on stderr
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    api: super::serve_api::ApiArgs,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -94,16 +96,33 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .with_state(ready.clone());
+        // The agent and admin APIs (`/agent/v1`, `/api/v1`) answer 503 until the database is reachable.
+        let apis = super::serve_api::Late::default();
+        let app = app.merge(apis.router());
         let server = tokio::spawn(
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stopped(stop_rx.clone()))
-                .into_future(),
+            axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
         );
 
         let mut c = controller(&args.db, &args.src).await?;
         c.offline_after = args.node_offline_after;
         let _ = ready.set(c.pool.clone());
         let wake = Arc::new(Notify::new());
+        apis.set(
+            super::serve_api::start(
+                &args.api,
+                &args.db.database_url,
+                super::read_identity(args.src.identity.as_ref())?,
+                args.node_offline_after,
+                wake.clone(),
+                stop_rx.clone(),
+            )
+            .await?,
+        );
         let _watcher = match &*c.source.lock().await {
             ConfigSource::Dir(dir) => {
                 let w = wake.clone();

@@ -10,7 +10,9 @@
 //! - [`state`]: the applied config state (generation, resources, env, placements, releases, pins,
 //!   restart requests, source heads) and the apply lock;
 //! - [`history`]: the record of reconcile runs;
-//! - [`tasks`]: the statements behind [`crate::queue`].
+//! - [`tasks`]: the statements behind [`crate::queue`];
+//! - [`agents`]: join tokens, node credentials and heartbeats, admin tokens, and what agents report
+//!   about the tasks they hold (the agent and admin APIs').
 //!
 //! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
 //! are a transaction of their own take the pool.
@@ -19,6 +21,7 @@
 //! follow are the planner's; the store writes what it is given), hold a connection while waiting on
 //! anything but Postgres, or put a secret's plaintext into a column, a log line or an error.
 
+pub mod agents;
 pub mod history;
 pub mod state;
 pub mod tasks;

@@ -1,0 +1,557 @@
+//! The wire between the control plane and its agents, and the admin API's small request and response
+//! bodies: plain serde types, JSON over HTTP.
+//!
+//! # The agent API (`/agent/v1`)
+//!
+//! | Route | Body → answer | Auth |
+//! |-------|---------------|------|
+//! | `POST /agent/v1/join` | [`JoinRequest`] → [`JoinResponse`] | the one-time join token, in the body |
+//! | `POST /agent/v1/heartbeat` | [`Heartbeat`] → [`HeartbeatResponse`] | `Authorization: Bearer <credential>` |
+//! | `POST /agent/v1/lease` | [`LeaseRequest`] → [`LeaseResponse`] (long-poll) | credential |
+//! | `GET /agent/v1/tasks/{id}` | → [`TaskView`] | credential |
+//! | `POST /agent/v1/tasks/{id}/progress` | [`Progress`] → [`ProgressResponse`] | credential + fencing token |
+//! | `POST /agent/v1/tasks/{id}/logs` | [`LogBatch`] → [`LogsResponse`] | credential + fencing token |
+//! | `POST /agent/v1/tasks/{id}/result` | [`TaskResult`] → [`ResultResponse`] | credential + fencing token |
+//! | `POST /agent/v1/tasks/{id}/release` | [`Release`] → [`ResultResponse`] | credential + fencing token |
+//!
+//! Every error is [`ErrorBody`] (`{"error": "..."}`) with the HTTP status saying what kind: 400 a
+//! malformed request, 401 a missing, wrong or revoked credential (or an unknown, used or expired join
+//! token), 403 a node that may not join as it asked, 404 a task that is not this node's, 409 a fencing
+//! token that is not the task's current lease, 413 a body over [`MAX_BODY_BYTES`], 429 too many requests.
+//!
+//! A task is the node's own or it does not exist: another node's task id answers 404, exactly like an id
+//! nobody has.
+//!
+//! # The admin API (`/api/v1`)
+//!
+//! `Authorization: Bearer <admin token>` (`cairn token create`). `GET /api/v1/status` (the reconciler's
+//! `Status`), `GET /api/v1/nodes` ([`admin::NodeInfo`]), `POST /api/v1/nodes/{node}/join-tokens`
+//! ([`admin::JoinTokenRequest`] → [`admin::JoinToken`]), `GET /api/v1/nodes/{node}/join-tokens`
+//! ([`admin::JoinTokenInfo`], never the token), `DELETE /api/v1/nodes/{node}/credential` (revoke the
+//! node's agent credential).
+//!
+//! What this crate must not do: IO of any kind, or carry a secret in plaintext. A deploy task's secrets
+//! travel only as [`DeployPayload::secret_env`], an age ciphertext to the one node that runs the task.
+
+use std::collections::BTreeMap;
+
+use cairn_schema::{Driver, EnvName, GitUrl, Health, Name, Recipient};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+pub mod admin;
+
+/// Where the agent API lives.
+pub const AGENT_API: &str = "/agent/v1";
+/// Where the admin API lives.
+pub const ADMIN_API: &str = "/api/v1";
+
+/// The largest request body either API reads; a larger one is refused with 413 before it is read.
+pub const MAX_BODY_BYTES: usize = 512 * 1024;
+/// The longest a lease request may wait for a task.
+pub const MAX_LEASE_WAIT_MS: u64 = 30_000;
+/// The most tasks one lease request may ask for.
+pub const MAX_LEASE_TASKS: u32 = 64;
+/// The most log lines in one [`LogBatch`], and the longest line kept (longer lines are cut).
+pub const MAX_LOG_LINES: usize = 500;
+pub const MAX_LOG_LINE_BYTES: usize = 4096;
+/// The longest progress message or error kept.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// Prefix of a one-time join token (`cairn node join-token NODE`).
+pub const JOIN_TOKEN_PREFIX: &str = "cairn-join-";
+/// Prefix of a node's agent credential (what a join returns).
+pub const CREDENTIAL_PREFIX: &str = "cairn-node-";
+/// Prefix of an admin API token (`cairn token create`).
+pub const ADMIN_TOKEN_PREFIX: &str = "cairn-admin-";
+
+/// `POST /agent/v1/join`: an agent exchanges a one-time token for its node's long-lived credential.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinRequest {
+    /// The one-time join token; it names the node.
+    pub token: String,
+    /// The age recipient of the identity the agent generated: the control plane encrypts this node's
+    /// secrets to it. A node whose manifest pins a recipient must join with that one.
+    pub recipient: Recipient,
+    /// Drivers the node offers.
+    pub drivers: Vec<Driver>,
+    pub agent_version: String,
+}
+
+impl std::fmt::Debug for JoinRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinRequest")
+            .field("token", &"<redacted>")
+            .field("recipient", &self.recipient)
+            .field("drivers", &self.drivers)
+            .field("agent_version", &self.agent_version)
+            .finish()
+    }
+}
+
+/// What a join returns. The credential is shown once; the control plane keeps only its hash.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinResponse {
+    pub node: Name,
+    /// The node's bearer credential for every later call.
+    pub credential: String,
+    /// The Cairn installation the node now belongs to: every replica it runs is labelled with it.
+    pub installation: Name,
+    /// How often the control plane expects a heartbeat.
+    pub heartbeat_interval_ms: u64,
+}
+
+impl std::fmt::Debug for JoinResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JoinResponse")
+            .field("node", &self.node)
+            .field("credential", &"<redacted>")
+            .field("installation", &self.installation)
+            .field("heartbeat_interval_ms", &self.heartbeat_interval_ms)
+            .finish()
+    }
+}
+
+/// CPU, memory and disk, as a node's capacity or what its replicas use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpu_millis: u64,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+}
+
+/// Whether a replica the agent has is running or kept stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunState {
+    Running,
+    Stopped,
+}
+
+/// One replica as the agent sees it on its node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActualReplica {
+    pub app: Name,
+    pub slot: u32,
+    pub release: u64,
+    /// The config generation of the task that put it there; `None` when the agent does not know (a
+    /// replica it found on the node without a record of it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
+    pub state: RunState,
+    /// Whether it passes its health check (always false when stopped).
+    pub healthy: bool,
+}
+
+/// `POST /agent/v1/heartbeat`: the node's actual state, every heartbeat interval.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heartbeat {
+    pub agent_version: String,
+    pub drivers: Vec<Driver>,
+    /// What the node's replicas use (their limits, summed).
+    pub resources: Resources,
+    /// Every replica of this installation on the node.
+    pub replicas: Vec<ActualReplica>,
+}
+
+/// What the control plane answers a heartbeat with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeartbeatResponse {
+    pub node: Name,
+    /// Replicas to stop and remove now: their slot runs on another node since (the node was offline and
+    /// its replicas were rescheduled), so they are duplicates.
+    #[serde(default)]
+    pub stop: Vec<StopReplica>,
+    pub heartbeat_interval_ms: u64,
+}
+
+/// A replica the agent must stop and remove at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopReplica {
+    pub app: Name,
+    pub slot: u32,
+    /// The release the agent reported for it.
+    pub release: u64,
+    /// The generation of the placement that supersedes it; the agent remembers it so an older task
+    /// cannot bring the replica back.
+    pub generation: u64,
+    /// Where the slot runs now, when it runs anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moved_to: Option<Name>,
+    pub reason: String,
+}
+
+/// `POST /agent/v1/lease`: wait up to `wait_ms` for up to `max` of the node's tasks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseRequest {
+    pub max: u32,
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseResponse {
+    /// Empty when the wait ran out.
+    pub tasks: Vec<Task>,
+}
+
+/// What a task tells the agent to do with a replica slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskKind {
+    /// Run the release in the slot, replacing what runs there.
+    Deploy,
+    /// Stop the slot's replica, keeping it.
+    Stop,
+    /// Start the slot's stopped replica.
+    Start,
+    /// Restart the slot's running replica.
+    Restart,
+    /// Stop and delete the slot's replica.
+    Remove,
+}
+
+impl TaskKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::Deploy => "deploy",
+            TaskKind::Stop => "stop",
+            TaskKind::Start => "start",
+            TaskKind::Restart => "restart",
+            TaskKind::Remove => "remove",
+        }
+    }
+}
+
+/// A leased task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: i64,
+    /// The lease's fencing token: progress, logs and the result must carry it.
+    pub token: i64,
+    pub kind: TaskKind,
+    pub app: Name,
+    pub slot: Option<u32>,
+    pub release: Option<u64>,
+    /// The config generation that emitted it; an agent never lets an older task undo a newer one.
+    pub generation: Option<u64>,
+    /// 1 for the first lease.
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// The lease ends then unless extended ([`Progress`]); the task may then go to someone else.
+    pub expires_at: DateTime<Utc>,
+    /// What a deploy (and a start or restart, which may need to run the release again) needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deploy: Option<DeployPayload>,
+}
+
+/// What a deploy task carries: the release to run, and its secrets as one age ciphertext of a JSON object
+/// `{"KEY": "value"}` addressed to the node's own recipient.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeployPayload {
+    pub config_commit: String,
+    pub source_commit: String,
+    pub spec: ReleaseSpec,
+    /// The hostnames the node proxy routes to the app.
+    #[serde(default)]
+    pub hostnames: Vec<String>,
+    /// `None` when the app has no secrets, or while `secrets_pending`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_env: Option<String>,
+    /// The recipient `secret_env` is encrypted to. A node that joined again with a new key gets its
+    /// secrets encrypted again when it leases the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_recipient: Option<Recipient>,
+    /// The node's recipient was unknown when the task was made (it had not joined): the agent API
+    /// encrypts the secrets when the node leases the task. An agent never sees a task in this state.
+    #[serde(default)]
+    pub secrets_pending: bool,
+}
+
+impl std::fmt::Debug for DeployPayload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeployPayload")
+            .field("config_commit", &self.config_commit)
+            .field("source_commit", &self.source_commit)
+            .field("spec", &self.spec)
+            .field("hostnames", &self.hostnames)
+            .field(
+                "secret_env",
+                &self.secret_env.as_ref().map(|_| "<age ciphertext>"),
+            )
+            .field("secret_recipient", &self.secret_recipient)
+            .field("secrets_pending", &self.secrets_pending)
+            .finish()
+    }
+}
+
+impl DeployPayload {
+    /// Whether `secret_env` still has to be (re-)encrypted for a node whose recipient is `recipient`.
+    pub fn needs_encryption_for(&self, recipient: &Recipient) -> bool {
+        self.secrets_pending
+            || (self.secret_env.is_some() && self.secret_recipient.as_ref() != Some(recipient))
+    }
+}
+
+/// Everything a release runs with besides its source commit: the wire form of the planner's release spec
+/// (the same JSON, field for field).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseSpec {
+    pub app: Name,
+    pub source_url: GitUrl,
+    pub port: u16,
+    pub health: Health,
+    pub cpu_millis: u32,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub drivers: Vec<Driver>,
+    pub dockerfile: bool,
+    pub image: Option<String>,
+    pub build: Vec<String>,
+    pub start: Option<String>,
+    pub env: BTreeMap<EnvName, ReleaseEnv>,
+}
+
+/// An env var of a release: a plain value, or a secret by the keyed fingerprint of its plaintext (the
+/// value itself is in [`DeployPayload::secret_env`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum ReleaseEnv {
+    Plain { value: String },
+    Secret { fingerprint: String },
+}
+
+/// `POST /agent/v1/tasks/{id}/progress`: what the agent is doing; also extends the lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Progress {
+    pub token: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProgressResponse {
+    /// The lease's new expiry.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// Where a log line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+    Build,
+    Agent,
+}
+
+impl LogStream {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogStream::Stdout => "stdout",
+            LogStream::Stderr => "stderr",
+            LogStream::Build => "build",
+            LogStream::Agent => "agent",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogLine {
+    pub stream: LogStream,
+    pub text: String,
+    pub at: DateTime<Utc>,
+}
+
+/// `POST /agent/v1/tasks/{id}/logs`: output of a task while it runs (a build's, say).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogBatch {
+    pub token: i64,
+    pub lines: Vec<LogLine>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogsResponse {
+    /// Lines stored; fewer than sent once the task's log is full.
+    pub stored: u32,
+}
+
+/// How a task ended on the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "lowercase")]
+pub enum Outcome {
+    /// Done (including "nothing to do": the slot already is as asked, or a newer task superseded it).
+    Done {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+    },
+    /// Failed: retried after a backoff if `retry` and attempts remain, dead otherwise.
+    Failed { error: String, retry: bool },
+}
+
+/// `POST /agent/v1/tasks/{id}/result`. (serde cannot refuse unknown fields next to a flattened one.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskResult {
+    pub token: i64,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+/// `POST /agent/v1/tasks/{id}/release`: give a leased task back unstarted (an agent shutting down); it
+/// can be leased again at once and the attempt does not count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Release {
+    pub token: i64,
+}
+
+/// Where a task is in the queue, as the result and release calls report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskStatus {
+    Queued,
+    Leased,
+    Done,
+    Failed,
+    Dead,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResultResponse {
+    pub status: TaskStatus,
+    /// For a failed task that will be retried: not before then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+/// `GET /agent/v1/tasks/{id}`: one of the node's own tasks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub id: i64,
+    pub kind: TaskKind,
+    pub app: Name,
+    pub slot: Option<u32>,
+    pub status: TaskStatus,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    /// The current (or last) lease's token.
+    pub lease_token: Option<i64>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub progress: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// The body of every error answer, in both APIs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+}
+
+/// `s` cut to at most `max` bytes on a character boundary.
+pub fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipient() -> Recipient {
+        cairn_schema::Identity::generate().recipient()
+    }
+
+    #[test]
+    fn results_flatten_their_outcome() {
+        let r = TaskResult {
+            token: 7,
+            outcome: Outcome::Failed {
+                error: "boom".into(),
+                retry: true,
+            },
+        };
+        let j = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            j,
+            serde_json::json!({"token": 7, "outcome": "failed", "error": "boom", "retry": true})
+        );
+        assert_eq!(serde_json::from_value::<TaskResult>(j).unwrap(), r);
+        let done: TaskResult = serde_json::from_str(r#"{"token": 1, "outcome": "done"}"#).unwrap();
+        assert_eq!(done.outcome, Outcome::Done { detail: None });
+    }
+
+    #[test]
+    fn requests_refuse_unknown_fields() {
+        assert!(serde_json::from_str::<LeaseRequest>(r#"{"max": 1, "wait_ms": 5}"#).is_ok());
+        assert!(
+            serde_json::from_str::<LeaseRequest>(r#"{"max": 1, "wait_ms": 5, "node": "b"}"#)
+                .is_err(),
+            "a lease cannot name another node"
+        );
+    }
+
+    #[test]
+    fn secrets_are_encrypted_again_for_a_new_recipient() {
+        let (a, b) = (recipient(), recipient());
+        let spec: ReleaseSpec = serde_json::from_value(serde_json::json!({
+            "app": "web", "source_url": "https://example.com/web.git", "port": 8080,
+            "health": {"path": "/", "timeout": "5s"}, "cpu_millis": 100, "memory_bytes": 1,
+            "disk_bytes": 0, "drivers": ["docker"], "dockerfile": true, "image": null, "build": [],
+            "start": null, "env": {}
+        }))
+        .unwrap();
+        let mut p = DeployPayload {
+            config_commit: "c".into(),
+            source_commit: "s".into(),
+            spec,
+            hostnames: vec![],
+            secret_env: None,
+            secret_recipient: None,
+            secrets_pending: false,
+        };
+        assert!(!p.needs_encryption_for(&a), "no secrets");
+        p.secrets_pending = true;
+        assert!(p.needs_encryption_for(&a));
+        p.secrets_pending = false;
+        p.secret_env = Some("-----BEGIN AGE ENCRYPTED FILE-----".into());
+        p.secret_recipient = Some(a.clone());
+        assert!(!p.needs_encryption_for(&a));
+        assert!(p.needs_encryption_for(&b));
+        assert!(!format!("{p:?}").contains("BEGIN AGE"));
+    }
+
+    #[test]
+    fn debug_never_shows_tokens() {
+        let j = JoinRequest {
+            token: "cairn-join-secret".into(),
+            recipient: recipient(),
+            drivers: vec![Driver::Docker],
+            agent_version: "1".into(),
+        };
+        assert!(!format!("{j:?}").contains("cairn-join-secret"));
+        let r = JoinResponse {
+            node: Name::new("a").unwrap(),
+            credential: "cairn-node-secret".into(),
+            installation: Name::new("cairn").unwrap(),
+            heartbeat_interval_ms: 1,
+        };
+        assert!(!format!("{r:?}").contains("cairn-node-secret"));
+    }
+
+    #[test]
+    fn truncate_cuts_on_char_boundaries() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("héllo", 3), "hé");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}

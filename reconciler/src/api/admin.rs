@@ -1,0 +1,158 @@
+//! The admin API (`/api/v1`): what operators' `cairn` commands call when given `--server` and a token,
+//! so nobody needs database credentials on a laptop. Every route needs `Authorization: Bearer <admin
+//! token>` (`cairn token create`); a missing, wrong or revoked one is 401.
+//!
+//! - `GET /status`: the same [`crate::status::Status`] `cairn status` computes from the database;
+//! - `GET /nodes`: every declared node with what its agent last reported;
+//! - `POST /nodes/{node}/join-tokens`, `GET /nodes/{node}/join-tokens`: issue a one-time join token
+//!   (shown once), list them (never the token);
+//! - `DELETE /nodes/{node}/credential`: revoke the node's agent credential (its agent gets 401 until it
+//!   joins again with a new token).
+//!
+//! What it must not do: run SQL (the store does), or return a stored token or credential: only the answer
+//! that creates a join token carries it.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::StatusCode;
+use axum::http::request::Parts;
+use axum::routing::{delete, get};
+use cairn_proto::ADMIN_TOKEN_PREFIX;
+use cairn_proto::admin::{JoinToken, JoinTokenInfo, JoinTokenRequest, NodeInfo, Revoked};
+use cairn_schema::Name;
+
+use super::auth::{self, IssueError, bearer, hash, well_formed};
+use super::{Api, ApiError, Json, client};
+use crate::status::{self, Status};
+use crate::store::agents;
+
+pub(super) fn routes() -> Router<Arc<Api>> {
+    Router::new()
+        .route("/status", get(get_status))
+        .route("/nodes", get(nodes))
+        .route(
+            "/nodes/{node}/join-tokens",
+            get(join_tokens).post(create_join_token),
+        )
+        .route("/nodes/{node}/credential", delete(revoke_credential))
+}
+
+/// An admin token's holder (401 otherwise), within its rate limit.
+#[derive(Debug)]
+pub struct AdminAuth {
+    pub id: i64,
+    pub name: String,
+}
+
+impl FromRequestParts<Arc<Api>> for AdminAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
+        let client = client(parts);
+        api.check_failures(&client)?;
+        let Some(token) = bearer(&parts.headers).filter(|t| well_formed(t, ADMIN_TOKEN_PREFIX))
+        else {
+            return Err(api.failed(&client));
+        };
+        let Some((id, name)) = agents::admin_by_token(&api.pool, &hash(token)).await? else {
+            return Err(api.failed(&client));
+        };
+        api.admin_limit
+            .check(&id.to_string())
+            .map_err(ApiError::TooMany)?;
+        Ok(AdminAuth { id, name })
+    }
+}
+
+fn node_name(s: &str) -> Result<Name, ApiError> {
+    Name::new(s).map_err(|e| ApiError::BadRequest(format!("`{s}` is not a node name: {e}")))
+}
+
+async fn get_status(State(api): State<Arc<Api>>, _: AdminAuth) -> Result<Json<Status>, ApiError> {
+    Ok(Json(status::load(&api.pool, api.cfg.offline_after).await?))
+}
+
+async fn nodes(State(api): State<Arc<Api>>, _: AdminAuth) -> Result<Json<Vec<NodeInfo>>, ApiError> {
+    let now = chrono::Utc::now();
+    let rows = agents::nodes(&api.pool).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|n| NodeInfo {
+                state: status::shown_state(n.state, n.last_heartbeat, now, api.cfg.offline_after)
+                    .as_str()
+                    .to_owned(),
+                name: n.name,
+                joined_at: n.joined_at,
+                last_heartbeat: n.last_heartbeat,
+                has_credential: n.has_credential,
+                recipient: n.recipient,
+                drivers: n.drivers,
+                agent_version: n.agent_version,
+                resources: n.resources,
+                replicas: n.replicas,
+            })
+            .collect(),
+    ))
+}
+
+async fn create_join_token(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(node): Path<String>,
+    Json(req): Json<JoinTokenRequest>,
+) -> Result<(StatusCode, Json<JoinToken>), ApiError> {
+    let node = node_name(&node)?;
+    let ttl = std::time::Duration::from_secs(req.ttl_secs);
+    let token = auth::issue_join_token(&api.pool, &node, ttl)
+        .await
+        .map_err(|e| match e {
+            IssueError::UnknownNode(_) => ApiError::NotFound(e.to_string()),
+            IssueError::Store(s) => ApiError::Store(s),
+            other => ApiError::BadRequest(other.to_string()),
+        })?;
+    tracing::info!(%node, by = %admin.name, "join token issued through the admin API");
+    Ok((StatusCode::CREATED, Json(token)))
+}
+
+async fn join_tokens(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+    Path(node): Path<String>,
+) -> Result<Json<Vec<JoinTokenInfo>>, ApiError> {
+    let node = node_name(&node)?;
+    if !agents::node_declared(&api.pool, &node).await? {
+        return Err(ApiError::NotFound(format!(
+            "node `{node}` is not in the applied configuration"
+        )));
+    }
+    let rows = agents::join_tokens(&api.pool, &node).await?;
+    Ok(Json(
+        rows.into_iter()
+            .map(|r| JoinTokenInfo {
+                id: r.id,
+                node: r.node,
+                created_at: r.created_at,
+                expires_at: r.expires_at,
+                used_at: r.used_at,
+            })
+            .collect(),
+    ))
+}
+
+async fn revoke_credential(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(node): Path<String>,
+) -> Result<Json<Revoked>, ApiError> {
+    let node = node_name(&node)?;
+    if !agents::node_declared(&api.pool, &node).await? {
+        return Err(ApiError::NotFound(format!(
+            "node `{node}` is not in the applied configuration"
+        )));
+    }
+    let revoked = agents::revoke_credential(&api.pool, &node).await?;
+    tracing::info!(%node, revoked, by = %admin.name, "node credential revoked");
+    Ok(Json(Revoked { revoked }))
+}

@@ -1,0 +1,636 @@
+//! The agent API (`/agent/v1`): join, heartbeat, lease, and a leased task's progress, logs, result and
+//! release. The route table and the bodies are in `cairn-proto`.
+//!
+//! - **Join** exchanges a one-time token for the node's credential (a new one replaces any earlier one)
+//!   and records the age recipient the agent generated; a node whose manifest pins a recipient must join
+//!   with that one (403 otherwise, and the token stays usable).
+//! - **Heartbeat** records the node as online with what it runs, what that uses and which drivers it
+//!   offers. A node coming back from offline is told to stop the replicas that were moved away meanwhile
+//!   ([`crate::drift::stop_orders`]), and the reconciler is woken; any other difference between the report
+//!   and the placements becomes a repair task ([`crate::drift::repairs`]).
+//! - **Lease** long-polls up to 30 s for the node's own tasks. It waits on the in-memory listener, not on a
+//!   database connection. A deploy task whose secrets are still to be sealed (the node had not joined
+//!   when it was made, or joined again with another key since) is sealed to the node's recipient right
+//!   then, and only the ciphertext is written back.
+//! - **Progress, logs, result, release** must carry the lease's fencing token; a stale token is 409. A
+//!   task id that is not the caller's node's answers 404, as if it did not exist.
+//!
+//! What it must not do: trust a node name from a request body (the node is whoever the credential
+//! belongs to), log a token, a credential or a secret, or hold a connection across a long-poll's wait.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use cairn_proto::{
+    ActualReplica, CREDENTIAL_PREFIX, DeployPayload, Heartbeat, HeartbeatResponse,
+    JOIN_TOKEN_PREFIX, JoinRequest, JoinResponse, LeaseRequest, LeaseResponse, LogBatch,
+    LogsResponse, MAX_LEASE_TASKS, MAX_LEASE_WAIT_MS, MAX_LOG_LINE_BYTES, MAX_LOG_LINES,
+    MAX_MESSAGE_BYTES, Outcome, Progress, ProgressResponse, Release, ResultResponse, TaskResult,
+    TaskView, truncate,
+};
+use cairn_schema::Name;
+use tokio::time::Instant;
+
+use super::auth::{self, bearer, hash, well_formed};
+use super::{Api, ApiError, Json, client};
+use crate::controller::error_chain;
+use crate::drift;
+use crate::observed::NodeState;
+use crate::payload;
+use crate::queue::{
+    self, FailOutcome, LeaseToken, LeasedTask, NewTask, TaskId, TaskKind, TaskStatus,
+};
+use crate::store::agents::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord, NewLogLine};
+
+/// The most replicas one heartbeat may report.
+pub const MAX_REPORTED_REPLICAS: usize = 10_000;
+
+pub(super) fn routes() -> Router<Arc<Api>> {
+    Router::new()
+        .route("/join", post(join))
+        .route("/heartbeat", post(heartbeat))
+        .route("/lease", post(lease))
+        .route("/tasks/{id}", get(task))
+        .route("/tasks/{id}/progress", post(progress))
+        .route("/tasks/{id}/logs", post(logs))
+        .route("/tasks/{id}/result", post(result))
+        .route("/tasks/{id}/release", post(release))
+}
+
+/// The node a request's credential belongs to (401 otherwise), within its rate limit (429 otherwise).
+#[derive(Debug)]
+pub struct NodeAuth {
+    pub node: AuthNode,
+    pub credential_hash: String,
+}
+
+impl FromRequestParts<Arc<Api>> for NodeAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
+        let client = client(parts);
+        api.check_failures(&client)?;
+        let Some(token) = bearer(&parts.headers).filter(|t| well_formed(t, CREDENTIAL_PREFIX))
+        else {
+            return Err(api.failed(&client));
+        };
+        let credential_hash = hash(token);
+        let Some(node) = agents::node_by_credential(&api.pool, &credential_hash).await? else {
+            return Err(api.failed(&client));
+        };
+        api.node_limit
+            .check(node.node.as_str())
+            .map_err(ApiError::TooMany)?;
+        Ok(NodeAuth {
+            node,
+            credential_hash,
+        })
+    }
+}
+
+/// The client's address.
+#[derive(Debug)]
+pub struct Client(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for Client {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Client(client(parts)))
+    }
+}
+
+async fn join(
+    State(api): State<Arc<Api>>,
+    Client(client): Client,
+    Json(req): Json<JoinRequest>,
+) -> Result<Json<JoinResponse>, ApiError> {
+    api.join_limit.check(&client).map_err(ApiError::TooMany)?;
+    api.check_failures(&client)?;
+    let invalid = || {
+        let _ = api.failures.check(&client);
+        ApiError::Unauthorized(
+            "the join token is unknown, already used or expired: make a new one with `cairn node \
+             join-token NODE`"
+                .into(),
+        )
+    };
+    if !well_formed(&req.token, JOIN_TOKEN_PREFIX) {
+        return Err(invalid());
+    }
+    if req.drivers.is_empty() {
+        return Err(ApiError::BadRequest(
+            "an agent must offer at least one driver".into(),
+        ));
+    }
+    if req.agent_version.is_empty() || req.agent_version.len() > 100 {
+        return Err(ApiError::BadRequest(
+            "agent_version must be 1 to 100 characters".into(),
+        ));
+    }
+    let (credential, credential_hash) = auth::new_credential();
+    let outcome = agents::join(
+        &api.pool,
+        &JoinRecord {
+            token_hash: &hash(&req.token),
+            credential_hash: &credential_hash,
+            recipient: &req.recipient,
+            drivers: &req.drivers,
+            agent_version: &req.agent_version,
+        },
+    )
+    .await?;
+    match outcome {
+        JoinOutcome::Joined { node, previous } => {
+            tracing::info!(%node, recipient = %req.recipient, previous = ?previous, "an agent joined");
+            api.wake.notify_one();
+            Ok(Json(JoinResponse {
+                node,
+                credential,
+                installation: api.cfg.installation.clone(),
+                heartbeat_interval_ms: millis(api.cfg.heartbeat_interval),
+            }))
+        }
+        JoinOutcome::InvalidToken => Err(invalid()),
+        JoinOutcome::RecipientMismatch { node, pinned } => {
+            tracing::warn!(%node, %pinned, offered = %req.recipient, "a join was refused: recipient mismatch");
+            Err(ApiError::Forbidden(format!(
+                "node `{node}` pins the age recipient {pinned} in its manifest, but this agent's \
+                 identity is {}: give the agent the pinned identity, or change the pin",
+                req.recipient
+            )))
+        }
+    }
+}
+
+async fn heartbeat(
+    State(api): State<Arc<Api>>,
+    auth: NodeAuth,
+    Json(hb): Json<Heartbeat>,
+) -> Result<Json<HeartbeatResponse>, ApiError> {
+    if hb.replicas.len() > MAX_REPORTED_REPLICAS {
+        return Err(ApiError::BadRequest(format!(
+            "a heartbeat may report at most {MAX_REPORTED_REPLICAS} replicas"
+        )));
+    }
+    if hb.agent_version.len() > 100 {
+        return Err(ApiError::BadRequest(
+            "agent_version must be at most 100 characters".into(),
+        ));
+    }
+    let node = &auth.node.node;
+    let previous = agents::record_heartbeat(
+        &api.pool,
+        node,
+        &auth.credential_hash,
+        &HeartbeatRecord {
+            drivers: &hb.drivers,
+            agent_version: &hb.agent_version,
+            resources: &hb.resources,
+            replicas: &hb.replicas,
+        },
+    )
+    .await?
+    .ok_or_else(ApiError::unauthorized)?;
+    tracing::debug!(%node, replicas = hb.replicas.len(), "heartbeat");
+
+    let slots: Vec<(Name, u32)> = hb
+        .replicas
+        .iter()
+        .map(|r| (r.app.clone(), r.slot))
+        .collect();
+    let placements = {
+        let mut conn = api.pool.acquire().await.map_err(|e| {
+            ApiError::Store(crate::store::StoreError::Query {
+                op: "read a node's placements",
+                source: e,
+            })
+        })?;
+        agents::placements_for(&mut conn, node, &slots).await?
+    };
+    let stop = if previous == NodeState::Offline {
+        tracing::info!(%node, "node is back online");
+        api.wake.notify_one();
+        drift::stop_orders(node, &hb.replicas, &placements)
+    } else {
+        Vec::new()
+    };
+    for s in &stop {
+        tracing::info!(%node, app = %s.app, slot = s.slot, moved_to = ?s.moved_to, "told a returning node to stop a duplicate");
+    }
+    let remaining: Vec<ActualReplica> = hb
+        .replicas
+        .iter()
+        .filter(|r| !stop.iter().any(|s| s.app == r.app && s.slot == r.slot))
+        .cloned()
+        .collect();
+    if !drift::repairs(node, &remaining, &placements, &[]).is_empty()
+        && let Err(e) = repair(&api, node, &remaining).await
+    {
+        // The heartbeat is recorded; the next one tries the repair again.
+        tracing::warn!(%node, error = %error_chain(&e), "cannot enqueue drift repairs");
+    }
+    Ok(Json(HeartbeatResponse {
+        node: node.clone(),
+        stop,
+        heartbeat_interval_ms: millis(api.cfg.heartbeat_interval),
+    }))
+}
+
+/// Enqueues the repairs that make `node` match its placements, under the apply lock (shared), so that the
+/// placements and tasks read are not half-way through an apply. Returns how many were enqueued.
+async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<usize, ApiError> {
+    let begin = |e| {
+        ApiError::Store(crate::store::StoreError::Query {
+            op: "begin a drift repair",
+            source: e,
+        })
+    };
+    let mut tx = api.pool.begin().await.map_err(begin)?;
+    agents::lock_apply_shared(&mut tx).await?;
+    let slots: Vec<(Name, u32)> = reported.iter().map(|r| (r.app.clone(), r.slot)).collect();
+    let placements = agents::placements_for(&mut tx, node, &slots).await?;
+    let mut apps: Vec<Name> = placements
+        .iter()
+        .map(|p| p.app.clone())
+        .chain(reported.iter().map(|r| r.app.clone()))
+        .collect();
+    apps.sort();
+    apps.dedup();
+    let latest = agents::latest_tasks(&mut tx, node, &apps).await?;
+    let repairs = drift::repairs(node, reported, &placements, &latest);
+    let mut tasks = Vec::with_capacity(repairs.len());
+    for r in &repairs {
+        let mut t = NewTask::new(node.clone(), r.kind, r.app.clone(), r.dedup_key.clone());
+        t.slot = Some(r.slot);
+        t.release = Some(r.release);
+        t.generation = r.generation;
+        if matches!(r.kind, TaskKind::Deploy | TaskKind::Start) {
+            match payload::recorded_release(&mut tx, &r.app, r.release).await? {
+                Some(p) => t.payload = serde_json::to_value(&p).expect("a payload serializes"),
+                None => {
+                    tracing::warn!(%node, app = %r.app, release = r.release, "drift: the release to repair is gone");
+                    continue;
+                }
+            }
+        }
+        tasks.push(t);
+    }
+    let ids = queue::enqueue_many(&mut tx, &tasks).await?;
+    tx.commit().await.map_err(|e| {
+        ApiError::Store(crate::store::StoreError::Query {
+            op: "commit a drift repair",
+            source: e,
+        })
+    })?;
+    if !ids.is_empty() {
+        for r in &repairs {
+            tracing::info!(%node, app = %r.app, slot = r.slot, kind = r.kind.as_str(), release = r.release, why = r.why, "drift: repair enqueued");
+        }
+    }
+    Ok(ids.len())
+}
+
+async fn lease(
+    State(api): State<Arc<Api>>,
+    auth: NodeAuth,
+    Json(req): Json<LeaseRequest>,
+) -> Result<Json<LeaseResponse>, ApiError> {
+    let max = req.max.clamp(1, MAX_LEASE_TASKS);
+    let wait = Duration::from_millis(req.wait_ms.min(MAX_LEASE_WAIT_MS));
+    let deadline = Instant::now() + wait;
+    let node = &auth.node.node;
+    // Made before the first lease, so a commit between that lease and the wait still wakes it.
+    let mut waiter = api.listener.waiter(node);
+    loop {
+        let leased = queue::lease(&api.pool, node, max, api.cfg.task_lease).await?;
+        let handed = leased.len();
+        let tasks = prepare(&api, &auth.node, leased).await?;
+        if !tasks.is_empty() {
+            for t in &tasks {
+                tracing::debug!(%node, task = t.id, kind = t.kind.as_str(), app = %t.app, attempt = t.attempt, "task leased");
+            }
+            return Ok(Json(LeaseResponse { tasks }));
+        }
+        if handed > 0 {
+            // Every task leased was unusable (and failed); look again at once.
+            continue;
+        }
+        if Instant::now() >= deadline {
+            return Ok(Json(LeaseResponse { tasks: Vec::new() }));
+        }
+        tokio::select! {
+            _ = waiter.wait() => {}
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = api.stopped() => return Ok(Json(LeaseResponse { tasks: Vec::new() })),
+        }
+    }
+}
+
+/// Turns leased tasks into wire tasks, sealing secrets that still need it. A task that cannot be made
+/// ready is failed (or, when retrying cannot help, ended) with the reason, and not handed out.
+async fn prepare(
+    api: &Api,
+    node: &AuthNode,
+    leased: Vec<LeasedTask>,
+) -> Result<Vec<cairn_proto::Task>, ApiError> {
+    let mut out = Vec::with_capacity(leased.len());
+    for t in leased {
+        let carries_release = matches!(
+            t.kind,
+            TaskKind::Deploy | TaskKind::Start | TaskKind::Restart
+        ) && t.payload.as_object().is_some_and(|o| !o.is_empty());
+        let deploy = if carries_release {
+            match serde_json::from_value::<DeployPayload>(t.payload.clone()) {
+                Ok(mut p) => match ready(api, node, &t, &mut p).await? {
+                    Ok(()) => Some(p),
+                    Err((error, permanent)) => {
+                        give_up(api, &t, &error, permanent).await?;
+                        continue;
+                    }
+                },
+                Err(e) => {
+                    give_up(
+                        api,
+                        &t,
+                        &format!("the task's payload is not a deploy payload: {e}"),
+                        true,
+                    )
+                    .await?;
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        out.push(cairn_proto::Task {
+            id: t.id.0,
+            token: t.token.0,
+            kind: wire_kind(t.kind),
+            app: t.app,
+            slot: t.slot,
+            release: t.release,
+            generation: t.generation,
+            attempt: t.attempt,
+            max_attempts: t.max_attempts,
+            expires_at: t.expires_at,
+            deploy,
+        });
+    }
+    Ok(out)
+}
+
+/// Seals a payload's secrets to the node if they are not sealed to it yet, writing the ciphertext back.
+/// `Err((why, permanent))` when they cannot be.
+async fn ready(
+    api: &Api,
+    node: &AuthNode,
+    t: &LeasedTask,
+    p: &mut DeployPayload,
+) -> Result<Result<(), (String, bool)>, ApiError> {
+    let Some(recipient) = &node.recipient else {
+        return Ok(Err((
+            format!(
+                "node `{}` has no recipient to encrypt secrets to: join it again",
+                node.node
+            ),
+            false,
+        )));
+    };
+    if !p.needs_encryption_for(recipient) {
+        return Ok(Ok(()));
+    }
+    let sealed = {
+        let mut conn = api.pool.acquire().await.map_err(|e| {
+            ApiError::Store(crate::store::StoreError::Query {
+                op: "read an app's env",
+                source: e,
+            })
+        })?;
+        payload::seal_payload(&mut conn, api.identity.as_deref(), p, recipient).await?
+    };
+    if let Err(e) = sealed {
+        return Ok(Err((error_chain(&e), e.is_permanent())));
+    }
+    let json = serde_json::to_value(&*p).expect("a payload serializes");
+    if !agents::set_task_payload(&api.pool, t.id, t.token, &json).await? {
+        return Ok(Err((
+            "the lease ended while its secrets were sealed".into(),
+            false,
+        )));
+    }
+    tracing::debug!(node = %node.node, task = %t.id, "secrets sealed to the node at lease time");
+    Ok(Ok(()))
+}
+
+async fn give_up(api: &Api, t: &LeasedTask, error: &str, permanent: bool) -> Result<(), ApiError> {
+    tracing::warn!(node = %t.node, task = %t.id, app = %t.app, error, permanent, "a leased task cannot be handed out");
+    if permanent {
+        agents::bury_task(&api.pool, t.id, t.token, error).await?;
+    } else {
+        match queue::fail(&api.pool, t.id, t.token, error, &api.cfg.backoff).await {
+            Ok(_) | Err(queue::QueueError::StaleLease { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The task `id` if it is `node`'s; 404 otherwise, whether it is another node's or nobody's.
+async fn own(api: &Api, node: &Name, id: i64) -> Result<TaskId, ApiError> {
+    match agents::task_node(&api.pool, TaskId(id)).await? {
+        Some(n) if &n == node => Ok(TaskId(id)),
+        _ => Err(ApiError::NotFound(format!(
+            "node `{node}` has no task {id}"
+        ))),
+    }
+}
+
+fn stale(id: TaskId, token: i64) -> ApiError {
+    ApiError::Conflict(format!(
+        "task {id} is not leased with token {token}: its lease expired and it was handed out again, \
+         or it already finished"
+    ))
+}
+
+async fn task(
+    State(api): State<Arc<Api>>,
+    auth: NodeAuth,
+    Path(id): Path<i64>,
+) -> Result<Json<TaskView>, ApiError> {
+    let node = &auth.node.node;
+    let t = agents::node_task(&api.pool, node, TaskId(id))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("node `{node}` has no task {id}")))?;
+    Ok(Json(TaskView {
+        id: t.id.0,
+        kind: wire_kind(t.kind),
+        app: t.app,
+        slot: t.slot,
+        status: wire_status(t.status),
+        attempts: t.attempts,
+        max_attempts: t.max_attempts,
+        lease_token: t.lease_token.map(|t| t.0),
+        lease_expires_at: t.lease_expires_at,
+        progress: t.progress,
+        last_error: t.last_error,
+    }))
+}
+
+async fn progress(
+    State(api): State<Arc<Api>>,
+    auth: NodeAuth,
+    Path(id): Path<i64>,
+    Json(p): Json<Progress>,
+) -> Result<Json<ProgressResponse>, ApiError> {
+    let task = own(&api, &auth.node.node, id).await?;
+    let message = p.message.as_deref().map(|m| truncate(m, MAX_MESSAGE_BYTES));
+    let expires_at = agents::record_progress(
+        &api.pool,
+        task,
+        LeaseToken(p.token),
+        message,
+        api.cfg.task_lease,
+    )
+    .await?
+    .ok_or_else(|| stale(task, p.token))?;
+    Ok(Json(ProgressResponse { expires_at }))
+}
+
+async fn logs(
+    State(api): State<Arc<Api>>,
+    auth: NodeAuth,
+    Path(id): Path<i64>,
+    Json(batch): Json<LogBatch>,
+) -> Result<Json<LogsResponse>, ApiError> {
+    let task = own(&api, &auth.node.node, id).await?;
+    if batch.lines.len() > MAX_LOG_LINES {
+        return Err(ApiError::BadRequest(format!(
+            "a log batch may hold at most {MAX_LOG_LINES} lines"
+        )));
+    }
+    let lines: Vec<NewLogLine<'_>> = batch
+        .lines
+        .iter()
+        .map(|l| NewLogLine {
+            stream: l.stream.as_str(),
+            line: truncate(&l.text, MAX_LOG_LINE_BYTES),
+            at: l.at,
+        })
+        .collect();
+    let stored = agents::append_logs(
+        &api.pool,
+        task,
+        LeaseToken(batch.token),
+        &lines,
+        api.cfg.max_log_lines,
+    )
+    .await?
+    .ok_or_else(|| stale(task, batch.token))?;
+    Ok(Json(LogsResponse { stored }))
+}
+
+async fn result(
+    State(api): State<Arc<Api>>,
+    auth: NodeAuth,
+    Path(id): Path<i64>,
+    Json(r): Json<TaskResult>,
+) -> Result<Json<ResultResponse>, ApiError> {
+    let node = &auth.node.node;
+    let task = own(&api, node, id).await?;
+    let token = LeaseToken(r.token);
+    let response = match &r.outcome {
+        Outcome::Done { detail } => {
+            queue::complete(&api.pool, task, token)
+                .await
+                .map_err(|e| conflict_or(e, task, r.token))?;
+            tracing::info!(%node, %task, detail = detail.as_deref().unwrap_or(""), "task done");
+            ResultResponse {
+                status: cairn_proto::TaskStatus::Done,
+                retry_at: None,
+            }
+        }
+        Outcome::Failed { error, retry } => {
+            let error = truncate(error, MAX_MESSAGE_BYTES);
+            tracing::warn!(%node, %task, error, retry, "task failed");
+            if *retry {
+                match queue::fail(&api.pool, task, token, error, &api.cfg.backoff)
+                    .await
+                    .map_err(|e| conflict_or(e, task, r.token))?
+                {
+                    FailOutcome::Retry { run_after } => ResultResponse {
+                        status: cairn_proto::TaskStatus::Failed,
+                        retry_at: Some(run_after),
+                    },
+                    FailOutcome::Dead => ResultResponse {
+                        status: cairn_proto::TaskStatus::Dead,
+                        retry_at: None,
+                    },
+                }
+            } else {
+                if !agents::bury_task(&api.pool, task, token, error).await? {
+                    return Err(stale(task, r.token));
+                }
+                ResultResponse {
+                    status: cairn_proto::TaskStatus::Dead,
+                    retry_at: None,
+                }
+            }
+        }
+    };
+    Ok(Json(response))
+}
+
+async fn release(
+    State(api): State<Arc<Api>>,
+    auth: NodeAuth,
+    Path(id): Path<i64>,
+    Json(r): Json<Release>,
+) -> Result<Json<ResultResponse>, ApiError> {
+    let task = own(&api, &auth.node.node, id).await?;
+    if !agents::release_task(&api.pool, task, LeaseToken(r.token)).await? {
+        return Err(stale(task, r.token));
+    }
+    tracing::info!(node = %auth.node.node, %task, "task released unstarted");
+    Ok(Json(ResultResponse {
+        status: cairn_proto::TaskStatus::Queued,
+        retry_at: None,
+    }))
+}
+
+fn conflict_or(e: queue::QueueError, task: TaskId, token: i64) -> ApiError {
+    match e {
+        queue::QueueError::StaleLease { .. } | queue::QueueError::NotFound { .. } => {
+            stale(task, token)
+        }
+        other => other.into(),
+    }
+}
+
+fn wire_kind(k: TaskKind) -> cairn_proto::TaskKind {
+    match k {
+        TaskKind::Deploy => cairn_proto::TaskKind::Deploy,
+        TaskKind::Stop => cairn_proto::TaskKind::Stop,
+        TaskKind::Start => cairn_proto::TaskKind::Start,
+        TaskKind::Restart => cairn_proto::TaskKind::Restart,
+        TaskKind::Remove => cairn_proto::TaskKind::Remove,
+    }
+}
+
+fn wire_status(s: TaskStatus) -> cairn_proto::TaskStatus {
+    match s {
+        TaskStatus::Queued => cairn_proto::TaskStatus::Queued,
+        TaskStatus::Leased => cairn_proto::TaskStatus::Leased,
+        TaskStatus::Done => cairn_proto::TaskStatus::Done,
+        TaskStatus::Failed => cairn_proto::TaskStatus::Failed,
+        TaskStatus::Dead => cairn_proto::TaskStatus::Dead,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

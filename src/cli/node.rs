@@ -1,0 +1,108 @@
+//! `cairn node join-token NODE` and `cairn node revoke NODE`: through the admin API when given
+//! `--server` and a token, else against the database. A join token is printed once, on stdout alone;
+//! only its hash is stored.
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use cairn_proto::admin::{JoinToken, JoinTokenRequest, Revoked};
+use cairn_reconciler::api::auth;
+use cairn_reconciler::store::agents;
+use cairn_schema::Name;
+
+use super::control::runtime;
+use super::remote::{Target, TargetArgs};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Make a one-time token an agent joins NODE with, and print it (once)
+    JoinToken {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// The node, as declared in the config repository and applied
+        node: Name,
+        /// How long the token may be used
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
+        ttl: Duration,
+    },
+    /// Revoke NODE's agent credential: its agent is refused until it joins again with a new token
+    Revoke {
+        #[command(flatten)]
+        target: TargetArgs,
+        node: Name,
+    },
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    runtime()?.block_on(async move {
+        match args.command {
+            Command::JoinToken { target, node, ttl } => {
+                let token: JoinToken = match target.resolve()? {
+                    Target::Api(api) => {
+                        api.post(
+                            &format!("/nodes/{node}/join-tokens"),
+                            &JoinTokenRequest {
+                                ttl_secs: ttl.as_secs(),
+                            },
+                        )
+                        .await?
+                    }
+                    Target::Db(url) => {
+                        let pool = pool(&url).await?;
+                        let t = auth::issue_join_token(&pool, &node, ttl).await?;
+                        pool.close().await;
+                        t
+                    }
+                };
+                println!("{}", token.token);
+                eprintln!(
+                    "join token for node {} (valid until {}, once); give it to the agent as \
+                     CAIRN_JOIN_TOKEN",
+                    token.node,
+                    token.expires_at.format("%Y-%m-%d %H:%M:%S UTC")
+                );
+            }
+            Command::Revoke { target, node } => {
+                let revoked = match target.resolve()? {
+                    Target::Api(api) => {
+                        api.delete::<Revoked>(&format!("/nodes/{node}/credential"))
+                            .await?
+                            .revoked
+                    }
+                    Target::Db(url) => {
+                        let pool = pool(&url).await?;
+                        if !agents::node_declared(&pool, &node).await? {
+                            anyhow::bail!("node `{node}` is not in the applied configuration");
+                        }
+                        let r = agents::revoke_credential(&pool, &node).await?;
+                        pool.close().await;
+                        r
+                    }
+                };
+                if revoked {
+                    println!("revoked node {node}'s credential");
+                } else {
+                    println!("node {node} had no credential");
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn pool(url: &str) -> Result<sqlx::PgPool> {
+    let pool = cairn_reconciler::store::connect(url, 2)
+        .await
+        .context("cannot connect to the database")?;
+    cairn_reconciler::store::migrate(&pool)
+        .await
+        .context("cannot migrate the database")?;
+    Ok(pool)
+}

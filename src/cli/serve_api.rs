@@ -1,0 +1,121 @@
+//! The agent and admin APIs inside `cairn serve`: their flags, their own database pool and LISTEN
+//! connection (so a burst of agents cannot starve the reconcile loop of connections, nor the reverse),
+//! and the node-liveness monitor that marks silent nodes offline and wakes the reconciler.
+//!
+//! The HTTP listener starts before the database is reachable (`/healthz` answers from the start); the
+//! API routes answer 503 until the database is, through [`Late`].
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use cairn_reconciler::api::limit::Rate;
+use cairn_reconciler::api::{Api, ApiConfig};
+use cairn_reconciler::queue::Listener;
+use cairn_schema::{Identity, Name};
+use tokio::sync::{Notify, watch};
+use tower::ServiceExt as _;
+
+/// Flags of the agent and admin APIs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApiArgs {
+    /// The installation agents join; every replica they run is labelled with it
+    #[arg(long, default_value = "cairn")]
+    installation: Name,
+    /// How often agents are told to heartbeat
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    heartbeat_interval: Duration,
+    /// How long a task lease lasts unless its agent reports progress
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    task_lease: Duration,
+    /// Waiting long-polls look for tasks at least this often, besides being woken when tasks are
+    /// committed (this covers leases that expire and failed tasks whose backoff ends)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    lease_poll: Duration,
+    /// Database connections of the agent and admin APIs
+    #[arg(long, default_value_t = 16)]
+    api_db_connections: u32,
+    /// Requests per second each node's agent may make (bursts of three times as many)
+    #[arg(long, default_value_t = 20.0)]
+    agent_rate_limit: f64,
+    /// Join attempts per second per client address (bursts of ten times as many)
+    #[arg(long, default_value_t = 5.0)]
+    join_rate_limit: f64,
+}
+
+/// Connects the APIs' pool and listener, starts the liveness monitor, and returns the APIs' router.
+pub async fn start(
+    args: &ApiArgs,
+    database_url: &str,
+    identity: Option<Identity>,
+    offline_after: Duration,
+    wake: Arc<Notify>,
+    stop: watch::Receiver<bool>,
+) -> Result<Router> {
+    let pool = cairn_reconciler::store::connect(database_url, args.api_db_connections)
+        .await
+        .context("cannot connect the API to the database")?;
+    let listener = Listener::start(&pool, args.lease_poll)
+        .await
+        .context("cannot listen for task notifications")?;
+    let mut cfg = ApiConfig::new(args.installation.clone());
+    cfg.heartbeat_interval = args.heartbeat_interval;
+    cfg.offline_after = offline_after;
+    cfg.task_lease = args.task_lease;
+    cfg.node_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
+    cfg.admin_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
+    cfg.join_rate = Rate::new(args.join_rate_limit, args.join_rate_limit * 10.0);
+    let api = Api::new(
+        pool.clone(),
+        Arc::new(listener),
+        identity.map(Arc::new),
+        wake.clone(),
+        cfg,
+        Some(stop.clone()),
+    );
+    tokio::spawn(cairn_reconciler::liveness::monitor(
+        pool,
+        offline_after,
+        wake,
+        async move {
+            let mut stop = stop;
+            let _ = stop.wait_for(|s| *s).await;
+        },
+    ));
+    Ok(cairn_reconciler::api::router(api))
+}
+
+/// Routes set once the database is reachable; until then their requests answer 503.
+#[derive(Debug, Clone, Default)]
+pub struct Late(Arc<OnceLock<Router>>);
+
+impl Late {
+    pub fn set(&self, router: Router) {
+        let _ = self.0.set(router);
+    }
+
+    /// A fallback handler that hands requests to the routes once they are set.
+    pub fn router(&self) -> Router {
+        Router::new().fallback(dispatch).with_state(self.clone())
+    }
+}
+
+async fn dispatch(State(late): State<Late>, req: Request) -> Response {
+    match late.0.get() {
+        Some(r) => match r.clone().oneshot(req).await {
+            Ok(resp) => resp,
+            Err(never) => match never {},
+        },
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(cairn_proto::ErrorBody {
+                error: "the control plane is starting; try again".into(),
+            }),
+        )
+            .into_response(),
+    }
+}
