@@ -1,0 +1,365 @@
+//! Planning from a real git remote, as `cairn serve` does on a push: the generated repository is committed
+//! with the `git` CLI and pushed to a local bare repository, then read through [`GitSource`] (gix fetch into
+//! a cache, manifests read from the commit's tree without a checkout) and planned.
+//!
+//! - **cold**: a fresh cache; fetch + load (parse and validate every file) + plan against an empty
+//!   database (every resource created, every replica placed). Aim for 10,000 apps on 100 nodes: < 1 s.
+//! - **incremental**: the applied state of the first commit, then commits that each change one app's env
+//!   in one file; fetch (reported on its own), then load (one file re-parsed, asserted) + plan (one app
+//!   changed, asserted) against the state the previous commit left applied. Aim for 100,000 apps: load +
+//!   plan < 20 ms.
+//!
+//! ```text
+//! cargo bench -p cairn-reconciler --bench git_plan                          # small: 1,000 / 10,000 apps
+//! cargo bench -p cairn-reconciler --bench git_plan -- --cold 10000 --incremental 100000
+//! ```
+//!
+//! Times are medians over runs; `SPLIT=1` also prints each run.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cairn_reconciler::observed::{CommitId, Fingerprints, NodeState, NodeStatus, Observed};
+use cairn_reconciler::plan::{
+    DEFAULT_OFFLINE_AFTER, DesiredAt, Plan, PlanInput, WarningKind, next_observed, plan,
+};
+use cairn_reconciler::source::Snapshot;
+use cairn_reconciler::source::git::GitSource;
+use cairn_schema::{Desired, Driver};
+use chrono::{DateTime, Utc};
+
+const HEAD: &str = "fedcba9876543210fedcba9876543210fedcba98";
+
+/// The app `a` as its file declares it; `level` is its LOG_LEVEL (what an incremental commit changes).
+fn app(a: usize, level: &str) -> String {
+    format!(
+        "[app.app-{a}]\nplan = \"p{}\"\nruntime = \"{}\"\nreplicas = {}\ndomains = [\"app-{a}.example.org\"]\n\n\
+         [app.app-{a}.source]\nurl = \"https://github.com/acme/app-{a}.git\"\nbranch = \"main\"\n\n\
+         [app.app-{a}.placement]\nregion = \"r{}\"\n\n[app.app-{a}.env]\nLOG_LEVEL = \"{level}\"\nWORKERS = \"4\"\n\n",
+        a % 10,
+        ["node", "python", "php", "docker"][a % 4],
+        1 + a % 3,
+        a % 3
+    )
+}
+
+/// The repository shape of the `plan` and schema `load` benchmarks: 10 plans, 4 runtimes, 100 nodes in
+/// 3 regions (large enough for every replica), `apps` apps at 100 per file.
+fn generate(apps: usize) -> Vec<(String, String)> {
+    let mut files = vec![(
+        "cairn.toml".to_owned(),
+        "base_domain = \"apps.example.com\"\ncurrency = \"EUR\"\n".to_owned(),
+    )];
+    let mut infra = String::new();
+    for p in 0..10 {
+        infra += &format!(
+            "[plan.p{p}]\ncpu = 0.{}\nmemory = \"{}MiB\"\ndisk = \"5GiB\"\nprice = \"{p}.50\"\nmax_replicas = 10\n\n",
+            p + 1,
+            256 * (p + 1)
+        );
+    }
+    for r in ["node", "python", "php"] {
+        infra += &format!(
+            "[runtime.{r}]\nimage = \"{r}:latest\"\nbuild = [\"make\"]\nstart = \"run\"\nport = 8080\n\n"
+        );
+    }
+    infra += "[runtime.docker]\ndockerfile = true\nport = 8080\n\n";
+    for n in 0..100 {
+        infra += &format!(
+            "[node.n{n}]\ncpu = 2048\nmemory = \"8TiB\"\ndisk = \"1PiB\"\nregion = \"r{}\"\nlabels = {{ disk = \"ssd\" }}\n\n",
+            n % 3
+        );
+    }
+    files.push(("infra.toml".to_owned(), infra));
+    for chunk in 0..apps.div_ceil(100) {
+        let text: String = (chunk * 100..((chunk + 1) * 100).min(apps))
+            .map(|a| app(a, "info"))
+            .collect();
+        files.push((format!("apps/{chunk:05}.toml"), text));
+    }
+    files
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Cairn Bench",
+            "-c",
+            "user.email=bench@cairn.invalid",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("git prints UTF-8")
+        .trim()
+        .to_owned()
+}
+
+/// A work tree pushing to a bare repository, both in a temporary directory.
+struct Remote {
+    tmp: tempfile::TempDir,
+    work: PathBuf,
+    url: String,
+}
+
+impl Remote {
+    fn new(files: &[(String, String)]) -> Remote {
+        let tmp = tempfile::tempdir().expect("a temporary directory");
+        let bare = tmp.path().join("config.git");
+        let work = tmp.path().join("work");
+        for d in [&bare, &work] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        git(&bare, &["init", "--bare", "-q"]);
+        git(&work, &["init", "-q"]);
+        git(
+            &work,
+            &[
+                "remote",
+                "add",
+                "origin",
+                bare.to_str().expect("UTF-8 path"),
+            ],
+        );
+        let r = Remote {
+            url: format!("file://{}", bare.display()),
+            tmp,
+            work,
+        };
+        for (path, text) in files {
+            r.write(path, text);
+        }
+        r.commit("generated");
+        r
+    }
+
+    fn write(&self, path: &str, text: &str) {
+        let p = self.work.join(path);
+        std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write");
+    }
+
+    fn commit(&self, msg: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", msg]);
+        git(&self.work, &["push", "-q", "origin", "HEAD:main"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    fn source(&self, cache: &str) -> GitSource {
+        GitSource::new(self.url.clone(), "main", self.tmp.path().join(cache))
+    }
+}
+
+fn input<'a>(
+    commit: &'a CommitId,
+    d: &'a Desired,
+    fps: &'a Fingerprints,
+    o: &'a Observed,
+) -> PlanInput<'a> {
+    PlanInput {
+        desired: Some(DesiredAt { commit, state: d }),
+        fingerprints: Some(fps),
+        observed: o,
+        seed: 1,
+        now: DateTime::<Utc>::from_timestamp(1_800_000_000, 0).expect("a time"),
+        offline_after: DEFAULT_OFFLINE_AFTER,
+    }
+}
+
+fn desired(snap: &Snapshot) -> &Desired {
+    snap.loaded
+        .desired
+        .as_ref()
+        .unwrap_or_else(|| panic!("generated repository is valid: {}", snap.loaded.diagnostics))
+}
+
+/// Source heads for every app, as polling would have recorded them.
+fn heads(d: &Desired) -> Observed {
+    let mut o = Observed::default();
+    for app in d.apps.keys() {
+        o.source_heads.insert(app.clone(), CommitId::new(HEAD));
+    }
+    o
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Cold: a new cache each run.
+fn cold(apps: usize, runs: usize, split: bool) {
+    let remote = Remote::new(&generate(apps));
+    let (mut fetch, mut load, mut planning) = (vec![], vec![], vec![]);
+    let (mut both, mut total) = (vec![], vec![]);
+    let mut replicas = 0;
+    for run in 0..runs {
+        let mut src = remote.source(&format!("cold-{run}"));
+        let t0 = Instant::now();
+        let head = src.fetch().expect("fetch");
+        let t1 = Instant::now();
+        let snap = src.load(head).expect("load");
+        let t2 = Instant::now();
+        let d = desired(&snap);
+        let empty = heads(d);
+        let commit = CommitId::new(head.to_string());
+        let fps = Fingerprints::new();
+        let p = plan(&input(&commit, d, &fps, &empty));
+        let t3 = Instant::now();
+        assert_eq!(p.counts().0, 10 + 4 + 100 + apps, "everything is created");
+        assert!(
+            !p.warnings.iter().any(|w| w.kind == WarningKind::Unplaced),
+            "every replica placed"
+        );
+        replicas = p.placements.len();
+        fetch.push(t1 - t0);
+        load.push(t2 - t1);
+        planning.push(t3 - t2);
+        both.push(t3 - t1);
+        total.push(t3 - t0);
+        if split {
+            eprintln!(
+                "cold {apps}: fetch {} load {} plan {} total {}",
+                ms(t1 - t0),
+                ms(t2 - t1),
+                ms(t3 - t2),
+                ms(t3 - t0)
+            );
+        }
+    }
+    println!(
+        "| cold | {apps} | {replicas} | {} | {} | {} | {} | {} | {runs} |",
+        ms(median(fetch)),
+        ms(median(load)),
+        ms(median(planning)),
+        ms(median(both)),
+        ms(median(total))
+    );
+}
+
+/// Incremental: one warm source; each run commits a change to one app in one file.
+fn incremental(apps: usize, runs: usize, split: bool) {
+    let files = generate(apps);
+    let remote = Remote::new(&files);
+    let mut src = remote.source("warm");
+    let head = src.fetch().expect("fetch");
+    let snap = src.load(head).expect("load");
+    let d = desired(&snap).clone();
+    let commit = CommitId::new(head.to_string());
+    let fps = Fingerprints::new();
+    let empty = heads(&d);
+    let first = plan(&input(&commit, &d, &fps, &empty));
+    let mut applied = next_observed(&input(&commit, &d, &fps, &empty), &first).expect("applicable");
+    for node in applied.nodes.keys() {
+        applied.node_status.insert(
+            node.clone(),
+            NodeStatus {
+                state: NodeState::Online,
+                last_heartbeat: Some(
+                    DateTime::<Utc>::from_timestamp(1_800_000_000, 0).expect("a time"),
+                ),
+                drivers: vec![Driver::Docker],
+                recipient: None,
+            },
+        );
+    }
+    let steady: Plan = plan(&input(&commit, &d, &fps, &applied));
+    assert!(steady.is_empty(), "{}", steady.summary());
+
+    let (mut fetch, mut load, mut planning) = (vec![], vec![], vec![]);
+    let (mut both, mut total) = (vec![], vec![]);
+    for run in 0..runs {
+        // A different app (and file) each run, and a value never committed before: a new blob.
+        let a = (run * 7_919) % apps;
+        let chunk = a / 100;
+        let text: String = (chunk * 100..((chunk + 1) * 100).min(apps))
+            .map(|i| app(i, if i == a { "debug" } else { "info" }))
+            .collect::<String>()
+            + &format!("# run {run}\n");
+        remote.write(&format!("apps/{chunk:05}.toml"), &text);
+        remote.commit(&format!("app-{a}: debug"));
+
+        let parses = src.parse_count();
+        let t0 = Instant::now();
+        let head = src.fetch().expect("fetch");
+        let t1 = Instant::now();
+        let snap = src.load(head).expect("load");
+        let t2 = Instant::now();
+        let d = desired(&snap);
+        let commit = CommitId::new(head.to_string());
+        let p = plan(&input(&commit, d, &fps, &applied));
+        let t3 = Instant::now();
+        assert_eq!(src.parse_count(), parses + 1, "one file re-parsed");
+        assert_eq!(p.summary(), "Plan: 0 to add, 1 to change, 0 to destroy.");
+        assert_eq!(p.changes[0].name.as_str(), format!("app-{a}"));
+        // Applied, as the control plane would: the next run's commit is one change from here.
+        applied = next_observed(&input(&commit, d, &fps, &applied), &p).expect("applicable");
+        fetch.push(t1 - t0);
+        load.push(t2 - t1);
+        planning.push(t3 - t2);
+        both.push(t3 - t1);
+        total.push(t3 - t0);
+        if split {
+            // Of the load, how much is assembling and validating the whole repository again.
+            let t = Instant::now();
+            let again = Snapshot::new(snap.commit.clone(), snap.files.clone(), Vec::new());
+            let assemble = t.elapsed();
+            assert!(again.loaded.desired.is_some());
+            eprintln!(
+                "incremental {apps}: fetch {} load {} (assemble + validate {}) plan {}",
+                ms(t1 - t0),
+                ms(t2 - t1),
+                ms(assemble),
+                ms(t3 - t2)
+            );
+        }
+    }
+    println!(
+        "| incremental (one file) | {apps} | {} | {} | {} | {} | {} | {} | {runs} |",
+        first.placements.len(),
+        ms(median(fetch)),
+        ms(median(load)),
+        ms(median(planning)),
+        ms(median(both)),
+        ms(median(total))
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let size = |flag: &str, default: usize| {
+        args.iter()
+            .position(|a| a == flag)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let cold_apps = size("--cold", 1_000);
+    let incremental_apps = size("--incremental", 10_000);
+    let runs = size("--runs", 5);
+    let split = std::env::var_os("SPLIT").is_some();
+    println!("| case | apps | replicas | fetch | load | plan | load + plan | total | runs |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    if cold_apps > 0 {
+        cold(cold_apps, runs, split);
+    }
+    if incremental_apps > 0 {
+        incremental(incremental_apps, runs, split);
+    }
+}
