@@ -67,6 +67,10 @@ pub struct DockerConfig {
     /// How long a container gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
     pub pids_limit: i64,
+    /// Run the engine's init (tini) as PID 1, so the app gets SIGTERM on stop (a process that is PID 1
+    /// ignores it by default and would be killed only after `stop_grace`) and zombies are reaped. Needs
+    /// `docker-init` on the host, as Docker's packages install it.
+    pub init: bool,
 }
 
 impl DockerConfig {
@@ -78,6 +82,7 @@ impl DockerConfig {
             build_timeout: Duration::from_secs(20 * 60),
             stop_grace: Duration::from_secs(10),
             pids_limit: 4096,
+            init: true,
         }
     }
 }
@@ -94,15 +99,9 @@ pub struct DockerDriver {
 }
 
 impl DockerDriver {
-    /// Connects to the engine's unix socket (`DOCKER_HOST` if it names one) and negotiates the API version
-    /// (engines as old as API 1.41 work).
+    /// Connects to the engine ([`connect_engine`]).
     pub async fn connect(cfg: DockerConfig) -> Result<Self, DriverError> {
-        let docker = Docker::connect_with_socket_defaults()
-            .map_err(|e| DriverError::docker("connect", e))?
-            .negotiate_version()
-            .await
-            .map_err(|e| DriverError::docker("negotiate the API version", e))?;
-        Ok(DockerDriver::with_client(docker, cfg))
+        Ok(DockerDriver::with_client(connect_engine().await?, cfg))
     }
 
     pub fn with_client(docker: Docker, cfg: DockerConfig) -> Self {
@@ -374,6 +373,26 @@ impl DockerDriver {
             0,
         )
     }
+}
+
+/// Connects to the engine's unix socket (`DOCKER_HOST` when it names a `unix://` socket, else
+/// `/var/run/docker.sock`), negotiates the API version (engines as old as API 1.41 work) and pings it.
+pub async fn connect_engine() -> Result<Docker, DriverError> {
+    let docker = match std::env::var("DOCKER_HOST") {
+        Ok(host) if host.starts_with("unix://") => {
+            Docker::connect_with_unix(&host, 120, bollard::API_DEFAULT_VERSION)
+        }
+        _ => Docker::connect_with_socket_defaults(),
+    }
+    .map_err(|e| DriverError::docker("connect", e))?
+    .negotiate_version()
+    .await
+    .map_err(|e| DriverError::docker("negotiate the API version", e))?;
+    docker
+        .ping()
+        .await
+        .map_err(|e| DriverError::docker("ping", e))?;
+    Ok(docker)
 }
 
 fn published(c: &ContainerSummary, port: u16) -> Option<SocketAddr> {
@@ -697,6 +716,7 @@ impl Driver for DockerDriver {
             memory_swap: Some(memory),
             nano_cpus: Some(i64::from(spec.limits.cpu_millis) * 1_000_000),
             pids_limit: Some(self.cfg.pids_limit),
+            init: Some(self.cfg.init),
             port_bindings: Some(HashMap::from([(
                 port_key.clone(),
                 Some(vec![PortBinding {

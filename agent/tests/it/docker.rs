@@ -106,6 +106,11 @@ async fn docker_deploys_switch_without_failed_requests_and_failures_keep_the_old
         assert!(env.contains(&"PORT=8080".to_owned()), "{env:?}");
         let hc = c.host_config.unwrap();
         assert_eq!(hc.privileged, Some(false));
+        assert_eq!(
+            hc.init,
+            Some(true),
+            "tini is PID 1, so the app gets SIGTERM"
+        );
         assert_eq!(hc.network_mode.as_deref(), Some("bridge"));
         assert!(hc.binds.unwrap_or_default().is_empty());
         assert!(hc.mounts.unwrap_or_default().is_empty());
@@ -159,6 +164,11 @@ async fn docker_deploys_switch_without_failed_requests_and_failures_keep_the_old
         );
         assert_eq!(r2.replaced, vec![r1.replica.id.clone()]);
         assert!(r2.drained);
+        assert!(
+            r2.timings.drain.unwrap() < Duration::from_secs(5),
+            "the old replica stopped on SIGTERM, not after the kill timeout: {:?}",
+            r2.timings
+        );
         assert!(
             driver.status(&r1.replica.id).await.unwrap().is_none(),
             "the v1 container is removed"

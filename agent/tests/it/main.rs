@@ -7,6 +7,7 @@
 
 mod docker;
 mod process;
+mod proxy;
 mod refuse;
 mod registry;
 mod secrets;

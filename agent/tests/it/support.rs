@@ -52,17 +52,11 @@ pub fn missing(test: &str, what: &str, why: impl std::fmt::Display) {
 
 /// A connected Docker client, or `None` after [`missing`] said why.
 pub async fn docker(test: &str) -> Option<Docker> {
-    let attempt = async {
-        let d = Docker::connect_with_socket_defaults()?
-            .negotiate_version()
-            .await?;
-        d.ping().await?;
-        Ok::<_, bollard::errors::Error>(d)
-    };
-    match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+    let connect = cairn_agent::driver::docker::connect_engine();
+    match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(d)) => Some(d),
         Ok(Err(e)) => {
-            missing(test, "the Docker engine", e);
+            missing(test, "the Docker engine", error_chain(&e));
             None
         }
         Err(_) => {
@@ -70,6 +64,17 @@ pub async fn docker(test: &str) -> Option<Docker> {
             None
         }
     }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
 }
 
 /// Whether the `git` CLI and the static busybox are there.
