@@ -27,7 +27,7 @@ pub mod source;
 pub mod spec;
 
 pub use deploy::{
-    DeployError, DeployFailure, DeployReport, Deployer, DeployerConfig, Stage, Timings,
+    DeployError, DeployFailure, DeployReport, Deployer, DeployerConfig, ImageSource, Stage, Timings,
 };
 pub use driver::docker::{DockerConfig, DockerDriver};
 pub use driver::process::{ProcessConfig, ProcessDriver};
@@ -35,6 +35,6 @@ pub use driver::{
     Driver, DriverError, DriverKind, ImageId, Replica, ReplicaId, ReplicaState, ReplicaStatus,
 };
 pub use logs::{LogLine, LogSink, LogStream};
-pub use proxy::{Backend, Listener, Proxy};
-pub use source::{Resolve, Rewrite, Rewrites, SourceError, Sources};
+pub use proxy::{Backend, Listener, Proxy, ProxyConfig, RouteInfo};
+pub use source::{Checkout, FetchKind, Resolve, Rewrite, Rewrites, SourceError, Sources};
 pub use spec::{BuildSpec, HealthSpec, ImageRef, Limits, ReplicaSpec, SourceSpec, SpecError};

@@ -45,6 +45,9 @@ use crate::driver::ReplicaId;
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
 
+/// The proxy's listen address unless the operator gives another.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
+
 /// Where the proxy accepts connections. Plain TCP today; a TLS listener (ACME certificates) implements the
 /// same trait later, yielding decrypted streams and `https` as its scheme.
 pub trait Listener: Send + 'static {

@@ -410,7 +410,11 @@ async fn supervise(
         }
         let began = Instant::now();
         match launch.command().spawn() {
-            Err(e) => logs.line(LogLine::new(LogStream::Agent, format!("cannot start: {e}"))),
+            Err(e) => {
+                // Counts as a crash: the health wait sees a restarting replica and gives up early.
+                set(&|s| s.started = true);
+                logs.line(LogLine::new(LogStream::Agent, format!("cannot start: {e}")));
+            }
             Ok(mut child) => {
                 let pgid = child.id().and_then(|p| i32::try_from(p).ok());
                 let group = GroupGuard(pgid);
