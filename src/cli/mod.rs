@@ -17,6 +17,7 @@ mod serve;
 mod serve_api;
 mod token;
 mod validate;
+mod webhooks;
 
 pub const EXIT_OK: u8 = 0;
 pub const EXIT_FAILURE: u8 = 1;
@@ -54,6 +55,8 @@ enum Command {
     Node(node::Args),
     /// Admin API tokens: create, list, revoke (against the database)
     Token(token::Args),
+    /// Recent GitHub webhook deliveries and what each caused
+    Webhooks(webhooks::Args),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve(a) => serve::run(a),
         Command::Node(a) => node::run(a),
         Command::Token(a) => token::run(a),
+        Command::Webhooks(a) => webhooks::run(a),
     }
 }
 

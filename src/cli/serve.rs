@@ -1,5 +1,7 @@
-//! `cairn serve`: the control plane. Its HTTP listener serves `/healthz` and `/readyz` from the start; the
-//! reconcile loop runs on a timer and wakes on file changes (directory sources).
+//! `cairn serve`: the control plane. Its HTTP listener serves `/healthz` and `/readyz` from the start, and
+//! `POST /webhooks/github` when a webhook secret is configured; the reconcile loop runs on a timer and wakes
+//! on file changes (directory sources) and webhook deliveries; the GitHub integration's workers run beside
+//! it, and all of it stops on SIGTERM.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -34,6 +36,8 @@ pub struct Args {
     /// Log format on stderr
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    #[command(flatten)]
+    webhooks: super::webhooks::ServeArgs,
     #[command(flatten)]
     api: super::serve_api::ApiArgs,
 }
@@ -72,6 +76,7 @@ pub async fn shutdown_signal() {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     init_logging(args.log_format);
+    let webhooks = super::webhooks::Prepared::new(&args.webhooks)?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
@@ -96,6 +101,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .with_state(ready.clone());
+        let app = webhooks.mount(app);
         // The agent and admin APIs (`/agent/v1`, `/api/v1`) answer 503 until the database is reachable.
         let apis = super::serve_api::Late::default();
         let app = app.merge(apis.router());
@@ -110,6 +116,14 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
         let mut c = controller(&args.db, &args.src).await?;
         c.offline_after = args.node_offline_after;
+        // The config repository is fetched through the rewrites too (a mirror, GitHub Enterprise, a
+        // local remote in tests); it keeps its own URL for webhooks and statuses.
+        let fetch_url = super::webhooks::config_fetch_url(&args.src)?;
+        if fetch_url != args.src.repo {
+            *c.source.get_mut() =
+                ConfigSource::open(&fetch_url, &args.src.git_ref, &args.src.cache_root());
+        }
+        webhooks.install_hooks(&mut c, &args.src)?;
         let _ = ready.set(c.pool.clone());
         let wake = Arc::new(Notify::new());
         apis.set(
@@ -139,9 +153,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
             ConfigSource::Git(_) => None,
         };
         let c = Arc::new(c);
+        let webhooks = webhooks
+            .start(
+                &args.db,
+                &args.src,
+                c.clone(),
+                wake.clone(),
+                stop_rx.clone(),
+            )
+            .await?;
         c.clone()
             .run(wake, args.interval, stopped(stop_rx.clone()))
             .await;
+        webhooks.await.context("the webhook workers failed")?;
         server.await.context("the HTTP server task failed")??;
         c.pool.close().await;
         Ok(ExitCode::SUCCESS)

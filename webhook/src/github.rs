@@ -44,6 +44,7 @@ pub const TOKEN_ENV: &str = "CAIRN_GITHUB_TOKEN";
 pub const APP_ID_ENV: &str = "CAIRN_GITHUB_APP_ID";
 pub const APP_PRIVATE_KEY_FILE_ENV: &str = "CAIRN_GITHUB_APP_PRIVATE_KEY_FILE";
 pub const APP_INSTALLATION_ID_ENV: &str = "CAIRN_GITHUB_APP_INSTALLATION_ID";
+pub const HOST_ENV: &str = "CAIRN_GITHUB_HOST";
 
 /// How long a wait for a rate limit may be: GitHub's primary limit resets hourly, so a reset further
 /// away than this is a wrong clock or a wrong header.
@@ -248,6 +249,10 @@ pub struct GitHubConfig {
     pub connect_timeout: Duration,
     /// For each read of a response; a whole call is bounded by the outbox's lease.
     pub read_timeout: Duration,
+    /// The host whose repositories this API serves (`github.com` for `api.github.com`, the API URL's
+    /// host for GitHub Enterprise), when it cannot be told from the API URL (`CAIRN_GITHUB_HOST`).
+    /// Only repositories on it get commit statuses.
+    pub web_host: Option<String>,
 }
 
 impl GitHubConfig {
@@ -257,12 +262,46 @@ impl GitHubConfig {
             auth,
             connect_timeout: Duration::from_secs(10),
             read_timeout: Duration::from_secs(30),
+            web_host: None,
         }
+    }
+
+    /// The host whose repositories this API serves: [`GitHubConfig::web_host`], else `github.com` for
+    /// `api.github.com`, else the API URL's host (GitHub Enterprise Server serves `/api/v3` on the
+    /// same host as its repositories).
+    pub fn host(&self) -> String {
+        if let Some(host) = &self.web_host {
+            return host.to_ascii_lowercase();
+        }
+        let host = self
+            .api_url
+            .split_once("://")
+            .map_or(self.api_url.as_str(), |(_, rest)| rest)
+            .split(['/', '?', '#'])
+            .next()
+            .unwrap_or_default();
+        let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+        let host = host.to_ascii_lowercase();
+        match host.as_str() {
+            "api.github.com" => "github.com".to_owned(),
+            _ => host,
+        }
+    }
+
+    /// The repository a git URL names, if it is on [`GitHubConfig::host`]: where its commit statuses
+    /// can be set.
+    pub fn repo_of(&self, url: &str) -> Option<RepoName> {
+        let key = crate::events::normalize_repo_url(url)?;
+        let (host, _) = key.split_once('/')?;
+        (host == self.host())
+            .then(|| RepoName::from_url(url))
+            .flatten()
     }
 
     /// From the environment: `CAIRN_GITHUB_APP_ID` with `CAIRN_GITHUB_APP_PRIVATE_KEY_FILE` (and
     /// optionally `CAIRN_GITHUB_APP_INSTALLATION_ID`) for a GitHub App, else `CAIRN_GITHUB_TOKEN`;
-    /// `CAIRN_GITHUB_API_URL` for GitHub Enterprise. `None` when neither credential is set.
+    /// `CAIRN_GITHUB_API_URL` for GitHub Enterprise, `CAIRN_GITHUB_HOST` when the repositories' host
+    /// cannot be told from it. `None` when neither credential is set.
     pub fn from_env() -> Result<Option<GitHubConfig>, GitHubError> {
         GitHubConfig::from_vars(|name| match std::env::var(name) {
             Ok(v) => Ok(Some(v)),
@@ -323,6 +362,7 @@ impl GitHubConfig {
         if let Some(url) = var(API_URL_ENV)? {
             config.api_url = url;
         }
+        config.web_host = var(HOST_ENV)?;
         Ok(Some(config))
     }
 }
@@ -880,6 +920,30 @@ mod tests {
         });
         config.api_url = "http://127.0.0.1:9".to_owned();
         assert!(matches!(GitHub::new(config), Err(GitHubError::Key(_))));
+    }
+
+    #[test]
+    fn statuses_go_only_to_repositories_on_the_apis_host() {
+        let mut config = GitHubConfig::new(GitHubAuth::Token("t".to_owned().into()));
+        assert_eq!(config.host(), "github.com");
+        assert_eq!(
+            config.repo_of("git@github.com:acme/shop.git"),
+            Some(RepoName::parse("acme/shop").unwrap())
+        );
+        assert_eq!(config.repo_of("https://gitlab.com/acme/shop.git"), None);
+        assert_eq!(config.repo_of("file:///srv/git/shop.git"), None);
+        config.api_url = "https://GHE.example.com/api/v3".to_owned();
+        assert_eq!(config.host(), "ghe.example.com");
+        assert_eq!(config.repo_of("https://github.com/acme/shop"), None);
+        assert!(
+            config
+                .repo_of("https://ghe.example.com/acme/shop")
+                .is_some()
+        );
+        config.api_url = "http://127.0.0.1:4010".to_owned();
+        config.web_host = Some("GitHub.com".to_owned());
+        assert_eq!(config.host(), "github.com");
+        assert!(config.repo_of("https://github.com/acme/shop").is_some());
     }
 
     #[test]

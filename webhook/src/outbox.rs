@@ -22,7 +22,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::postgres::PgListener;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool};
 
 use crate::deliveries::{backoff, chain};
 use crate::github::{ApiError, CommitStatus, GitHub, RepoName, fit_description, plan_comment_body};
@@ -79,12 +79,10 @@ pub enum OutboxError {
     Store(#[from] StoreError),
 }
 
-/// Adds `call` to the outbox as part of `tx`; it is delivered after `tx` commits (and never if it
-/// rolls back). Returns the outbox row's id (the existing row's, when the call coalesced into one).
-pub async fn enqueue(
-    tx: &mut Transaction<'_, Postgres>,
-    call: &GitHubCall,
-) -> Result<i64, OutboxError> {
+/// Adds `call` to the outbox as part of the transaction `tx` is in (pass `&mut tx` for a
+/// [`sqlx::Transaction`]); it is delivered after that transaction commits (and never if it rolls
+/// back). Returns the outbox row's id (the existing row's, when the call coalesced into one).
+pub async fn enqueue(tx: &mut PgConnection, call: &GitHubCall) -> Result<i64, OutboxError> {
     let (kind, repo, payload, key) = match call {
         GitHubCall::CreateStatus { repo, sha, status } => {
             let sha_ok =
@@ -189,6 +187,8 @@ impl OutboxWorker {
         while let Some(call) =
             store::outbox_claim(&self.pool, self.config.lease.as_secs_f64()).await?
         {
+            // Crash tests stop here: the claim is committed and GitHub has not been called.
+            cairn_reconciler::executor::failpoint(&format!("outbox-before-{}", call.kind)).await;
             let result = tokio::time::timeout(self.config.lease / 2, self.call(&call)).await;
             let result = match result {
                 Ok(result) => result,

@@ -480,3 +480,438 @@ pub(crate) async fn set_pr_comment_id(
     .map_err(err("storing a pull request's plan comment id"))?;
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Work left by deliveries (migration `…161933_webhook_work.sql`)
+
+/// The channel that wakes the webhook workers and the reconciler; the payload says whom.
+pub(crate) const WORK_CHANNEL: &str = "cairn_webhook_work";
+
+/// Wakes `who` (`reconcile`, `heads`, `pulls`) when the caller's transaction commits.
+pub(crate) async fn notify_work(conn: &mut PgConnection, who: &str) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(WORK_CHANNEL)
+        .bind(who)
+        .execute(conn)
+        .await
+        .map_err(err("waking the webhook workers"))?;
+    Ok(())
+}
+
+/// Asks for an app's branch head to be read from its remote; a pending request is replaced (its
+/// version goes up, and it is due now).
+pub(crate) async fn request_head_check(
+    conn: &mut PgConnection,
+    app: &str,
+    url: &str,
+    branch: &str,
+    delivery_id: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO webhook_head_checks (app, url, branch, delivery_id) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (app) DO UPDATE
+         SET url = EXCLUDED.url, branch = EXCLUDED.branch, delivery_id = EXCLUDED.delivery_id,
+             version = webhook_head_checks.version + 1, attempts = 0, next_attempt_at = now(),
+             last_error = NULL, requested_at = now()",
+    )
+    .bind(app)
+    .bind(url)
+    .bind(branch)
+    .bind(delivery_id)
+    .execute(conn)
+    .await
+    .map_err(err("requesting a source head check"))?;
+    Ok(())
+}
+
+/// Remembers that a push brought `commit` for `app` (the first delivery of a commit wins).
+pub(crate) async fn record_push(
+    conn: &mut PgConnection,
+    app: &str,
+    commit: &str,
+    delivery_id: &str,
+    received_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO webhook_pushes (app, commit, delivery_id, received_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (app, commit) DO NOTHING",
+    )
+    .bind(app)
+    .bind(commit)
+    .bind(delivery_id)
+    .bind(received_at)
+    .execute(conn)
+    .await
+    .map_err(err("recording a push"))?;
+    Ok(())
+}
+
+pub(crate) struct HeadCheck {
+    pub app: String,
+    pub url: String,
+    pub branch: String,
+    pub version: i32,
+    /// Including this one.
+    pub attempts: i32,
+}
+
+/// Leases up to `limit` due head checks for `lease_secs`.
+pub(crate) async fn claim_head_checks(
+    pool: &PgPool,
+    lease_secs: f64,
+    limit: i64,
+) -> Result<Vec<HeadCheck>, StoreError> {
+    let rows = sqlx::query(
+        "UPDATE webhook_head_checks
+         SET attempts = attempts + 1, leased_until = now() + make_interval(secs => $1)
+         WHERE app IN (
+             SELECT app FROM webhook_head_checks
+             WHERE next_attempt_at <= now() AND (leased_until IS NULL OR leased_until <= now())
+             ORDER BY requested_at, app
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         RETURNING app, url, branch, version, attempts",
+    )
+    .bind(lease_secs)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .map_err(err("claiming source head checks"))?;
+    rows.into_iter()
+        .map(|row| {
+            Ok(HeadCheck {
+                app: row.try_get("app")?,
+                url: row.try_get("url")?,
+                branch: row.try_get("branch")?,
+                version: row.try_get("version")?,
+                attempts: row.try_get("attempts")?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(err("reading claimed source head checks"))
+}
+
+/// Ends a claimed head check: deletes it when `done` and no newer request replaced it; otherwise
+/// releases it, due again `retry_in_secs` from now (a newer request is due at once).
+pub(crate) async fn settle_head_check(
+    pool: &PgPool,
+    app: &str,
+    version: i32,
+    done: bool,
+    error: Option<&str>,
+    retry_in_secs: f64,
+) -> Result<(), StoreError> {
+    if done {
+        let deleted =
+            sqlx::query("DELETE FROM webhook_head_checks WHERE app = $1 AND version = $2")
+                .bind(app)
+                .bind(version)
+                .execute(pool)
+                .await
+                .map_err(err("finishing a source head check"))?
+                .rows_affected();
+        if deleted == 1 {
+            return Ok(());
+        }
+    }
+    sqlx::query(
+        "UPDATE webhook_head_checks SET leased_until = NULL,
+             last_error = CASE WHEN version = $2 THEN $3 ELSE last_error END,
+             next_attempt_at = CASE WHEN version = $2 THEN now() + make_interval(secs => $4)
+                                    ELSE next_attempt_at END
+         WHERE app = $1",
+    )
+    .bind(app)
+    .bind(version)
+    .bind(error)
+    .bind(retry_in_secs)
+    .execute(pool)
+    .await
+    .map_err(err("releasing a source head check"))?;
+    Ok(())
+}
+
+/// Seconds until the next head check is due (negative: now); `None` when there is none.
+pub(crate) async fn next_head_check_in(pool: &PgPool) -> Result<Option<f64>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(greatest(next_attempt_at, coalesce(leased_until, next_attempt_at)))
+                                   - now())::float8
+         FROM webhook_head_checks",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(err("looking for the next source head check"))
+}
+
+pub(crate) struct PrRequest<'a> {
+    pub repo: &'a str,
+    pub pr: i64,
+    pub html_url: &'a str,
+    pub head_sha: &'a str,
+    pub fork: bool,
+    pub delivery_id: &'a str,
+}
+
+/// Asks for a pull request to be planned (again): its version goes up and it is due now. A plan in
+/// flight finishes, and the row stays due for this request.
+pub(crate) async fn request_pr_plan(
+    conn: &mut PgConnection,
+    r: &PrRequest<'_>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO github_pr_plans (repo_key, repo, pr, html_url, head_sha, fork, delivery_id)
+         VALUES (lower($1), $1, $2, $3, $4, $5, $6)
+         ON CONFLICT (repo_key, pr) DO UPDATE
+         SET repo = EXCLUDED.repo, html_url = EXCLUDED.html_url, head_sha = EXCLUDED.head_sha,
+             fork = EXCLUDED.fork, delivery_id = EXCLUDED.delivery_id,
+             requested_version = github_pr_plans.requested_version + 1, rechecks = 0, attempts = 0,
+             next_attempt_at = now(), last_error = NULL, requested_at = now()",
+    )
+    .bind(r.repo)
+    .bind(r.pr)
+    .bind(r.html_url)
+    .bind(r.head_sha)
+    .bind(r.fork)
+    .bind(r.delivery_id)
+    .execute(conn)
+    .await
+    .map_err(err("requesting a pull request plan"))?;
+    Ok(())
+}
+
+pub(crate) struct ClaimedPr {
+    pub repo: String,
+    pub pr: i64,
+    pub html_url: String,
+    pub head_sha: String,
+    pub fork: bool,
+    pub version: i32,
+    /// Including this one.
+    pub attempts: i32,
+    pub rechecks: i32,
+    pub token: i64,
+}
+
+/// Leases the next pull request due for a plan, with a fresh fencing token.
+pub(crate) async fn claim_pr_plan(
+    pool: &PgPool,
+    lease_secs: f64,
+) -> Result<Option<ClaimedPr>, StoreError> {
+    let row = sqlx::query(
+        "UPDATE github_pr_plans
+         SET attempts = attempts + 1, leased_until = now() + make_interval(secs => $1),
+             lease_token = nextval('github_pr_plan_leases')
+         WHERE (repo_key, pr) = (
+             SELECT repo_key, pr FROM github_pr_plans
+             WHERE requested_version > planned_version AND next_attempt_at <= now()
+               AND (leased_until IS NULL OR leased_until <= now())
+             ORDER BY next_attempt_at, repo_key, pr
+             LIMIT 1
+             FOR UPDATE SKIP LOCKED
+         )
+         RETURNING repo, pr, html_url, head_sha, fork, requested_version, attempts, rechecks,
+                   lease_token",
+    )
+    .bind(lease_secs)
+    .fetch_optional(pool)
+    .await
+    .map_err(err("claiming a pull request plan"))?;
+    row.map(|row| {
+        Ok(ClaimedPr {
+            repo: row.try_get("repo")?,
+            pr: row.try_get("pr")?,
+            html_url: row.try_get("html_url")?,
+            head_sha: row.try_get("head_sha")?,
+            fork: row.try_get("fork")?,
+            version: row.try_get("requested_version")?,
+            attempts: row.try_get("attempts")?,
+            rechecks: row.try_get("rechecks")?,
+            token: row.try_get("lease_token")?,
+        })
+    })
+    .transpose()
+    .map_err(err("reading a claimed pull request plan"))
+}
+
+/// How a leased plan ends.
+pub(crate) enum PrSettle<'a> {
+    /// Planned `sha` (the comment and status are enqueued in the same transaction).
+    Planned { sha: &'a str },
+    /// Planned `sha`, but the fetched ref did not show the delivery's head yet: due again then.
+    Recheck { sha: &'a str, in_secs: f64 },
+    /// Failed; due again then.
+    Retry { error: &'a str, in_secs: f64 },
+    /// Failed for good (the failure status is enqueued in the same transaction).
+    GaveUp { error: &'a str },
+}
+
+/// Ends a leased plan in the caller's transaction, if the lease (`token`) is still the row's; `false`
+/// when another planner took it over (the caller must then roll back what it wrote).
+pub(crate) async fn settle_pr_plan(
+    conn: &mut PgConnection,
+    claimed: &ClaimedPr,
+    how: PrSettle<'_>,
+) -> Result<bool, StoreError> {
+    let (planned, sha, error, in_secs, recheck) = match how {
+        PrSettle::Planned { sha } => (true, Some(sha), None, 0.0, false),
+        PrSettle::Recheck { sha, in_secs } => (false, Some(sha), None, in_secs, true),
+        PrSettle::Retry { error, in_secs } => (false, None, Some(error), in_secs, false),
+        PrSettle::GaveUp { error } => (true, None, Some(error), 0.0, false),
+    };
+    let row = sqlx::query(
+        "UPDATE github_pr_plans SET
+             planned_version = CASE WHEN $4 THEN $3 ELSE planned_version END,
+             planned_sha = coalesce($5, planned_sha),
+             planned_at = CASE WHEN $5 IS NULL THEN planned_at ELSE now() END,
+             rechecks = CASE WHEN $8 THEN rechecks + 1 ELSE rechecks END,
+             attempts = CASE WHEN $6 IS NULL THEN 0 ELSE attempts END,
+             last_error = $6,
+             next_attempt_at = CASE WHEN requested_version = $3 AND NOT $4
+                                    THEN now() + make_interval(secs => $7)
+                                    ELSE next_attempt_at END,
+             leased_until = NULL, lease_token = NULL
+         WHERE repo_key = lower($1) AND pr = $2 AND lease_token = $9
+         RETURNING pr",
+    )
+    .bind(&claimed.repo)
+    .bind(claimed.pr)
+    .bind(claimed.version)
+    .bind(planned)
+    .bind(sha)
+    .bind(error)
+    .bind(in_secs)
+    .bind(recheck)
+    .bind(claimed.token)
+    .fetch_optional(conn)
+    .await
+    .map_err(err("finishing a pull request plan"))?;
+    Ok(row.is_some())
+}
+
+/// Seconds until the next pull request plan is due (negative: now); `None` when none waits.
+pub(crate) async fn next_pr_plan_in(pool: &PgPool) -> Result<Option<f64>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT extract(epoch FROM min(greatest(next_attempt_at, coalesce(leased_until, next_attempt_at)))
+                                   - now())::float8
+         FROM github_pr_plans WHERE requested_version > planned_version",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(err("looking for the next pull request plan"))
+}
+
+/// Records the state about to be enqueued for a commit status and says whether it is news: `false`
+/// when the same state and description were enqueued last, or, with `only_first`, when any state was.
+pub(crate) async fn status_is_news(
+    conn: &mut PgConnection,
+    repo: &str,
+    sha: &str,
+    context: &str,
+    state: &str,
+    description: &str,
+    only_first: bool,
+) -> Result<bool, StoreError> {
+    let statement = if only_first {
+        "INSERT INTO github_commit_statuses (repo, sha, context, state, description)
+         VALUES (lower($1), lower($2), $3, $4, $5)
+         ON CONFLICT (repo, sha, context) DO NOTHING
+         RETURNING true"
+    } else {
+        "INSERT INTO github_commit_statuses (repo, sha, context, state, description)
+         VALUES (lower($1), lower($2), $3, $4, $5)
+         ON CONFLICT (repo, sha, context) DO UPDATE
+         SET state = EXCLUDED.state, description = EXCLUDED.description, updated_at = now()
+         WHERE (github_commit_statuses.state, github_commit_statuses.description)
+               IS DISTINCT FROM (EXCLUDED.state, EXCLUDED.description)
+         RETURNING true"
+    };
+    let news: Option<bool> = sqlx::query_scalar(statement)
+        .bind(repo)
+        .bind(sha)
+        .bind(context)
+        .bind(state)
+        .bind(description)
+        .fetch_optional(conn)
+        .await
+        .map_err(err("recording a commit status"))?;
+    Ok(news.is_some())
+}
+
+/// Remembers where a release's `cairn/deploy` status goes, with the time its push was received.
+pub(crate) async fn record_deploy(
+    conn: &mut PgConnection,
+    app: &str,
+    release: i64,
+    repo: &str,
+    sha: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO github_deploys (app, release, repo, sha, pushed_at)
+         VALUES ($1, $2, $3, $4,
+                 (SELECT received_at FROM webhook_pushes WHERE app = $1 AND commit = lower($4)))
+         ON CONFLICT (app, release) DO NOTHING",
+    )
+    .bind(app)
+    .bind(release)
+    .bind(repo)
+    .bind(sha)
+    .execute(conn)
+    .await
+    .map_err(err("recording a deploy"))?;
+    Ok(())
+}
+
+pub(crate) struct DeployRow {
+    pub repo: String,
+    pub sha: String,
+    /// Seconds from the push's receipt to now, when a push brought the commit.
+    pub since_push_secs: Option<f64>,
+}
+
+/// Marks a release's deploy finished; `None` when its status has nowhere to go.
+pub(crate) async fn finish_deploy(
+    conn: &mut PgConnection,
+    app: &str,
+    release: i64,
+) -> Result<Option<DeployRow>, StoreError> {
+    let row = sqlx::query(
+        "UPDATE github_deploys SET finished_at = now() WHERE app = $1 AND release = $2
+         RETURNING repo, sha, extract(epoch FROM now() - pushed_at)::float8 AS since_push",
+    )
+    .bind(app)
+    .bind(release)
+    .fetch_optional(conn)
+    .await
+    .map_err(err("finishing a deploy"))?;
+    row.map(|row| {
+        Ok(DeployRow {
+            repo: row.try_get("repo")?,
+            sha: row.try_get("sha")?,
+            since_push_secs: row.try_get("since_push")?,
+        })
+    })
+    .transpose()
+    .map_err(err("reading a finished deploy"))
+}
+
+/// Deletes what deliveries left behind and is older than `older_than_secs`: pushes, recorded
+/// statuses, deploys, and pull requests planned and not asked about since. Returns the rows deleted.
+pub(crate) async fn prune_work(pool: &PgPool, older_than_secs: f64) -> Result<u64, StoreError> {
+    let mut deleted = 0;
+    for statement in [
+        "DELETE FROM webhook_pushes WHERE received_at < now() - make_interval(secs => $1)",
+        "DELETE FROM github_commit_statuses WHERE updated_at < now() - make_interval(secs => $1)",
+        "DELETE FROM github_deploys WHERE planned_at < now() - make_interval(secs => $1)",
+        "DELETE FROM github_pr_plans WHERE requested_version = planned_version
+             AND requested_at < now() - make_interval(secs => $1)",
+    ] {
+        deleted += sqlx::query(statement)
+            .bind(older_than_secs)
+            .execute(pool)
+            .await
+            .map_err(err("pruning webhook work"))?
+            .rows_affected();
+    }
+    Ok(deleted)
+}

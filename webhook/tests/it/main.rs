@@ -3,6 +3,10 @@
 //! need `CAIRN_GITHUB_FIXTURES` (CI sets it to `../shared/fixtures/github`) and skip without it.
 
 mod deliveries;
+mod flow;
 mod github_api;
+mod pulls;
 mod receiver;
+mod statuses;
 mod support;
+mod world;

@@ -1,0 +1,307 @@
+//! The GitHub integration as `cairn serve` runs it: the receiver's router, and the workers behind it
+//! (deliveries, head checks, pull-request plans, the outbox, retention), started together and stopped
+//! together.
+//!
+//! ```text
+//!  POST /webhooks/github ──► webhook_deliveries ──► delivery worker (CairnHandler)
+//!                                                      │ NOTIFY cairn_webhook_work
+//!                     ┌────────────────────────────────┼───────────────────────┐
+//!                     ▼ 'reconcile'                    ▼ 'heads'               ▼ 'pulls'
+//!              reconciler wakes              head checker: ls-remote,    pull-request planner: fetch
+//!              (fetches the config head)     source_heads, wake ──►      refs/pull/N/head, plan,
+//!                                            reconciler                  comment + cairn/plan ──► outbox
+//!  reconciler applies ── hooks (GitHubStatuses): cairn/apply, cairn/deploy/<app> ──────────────► outbox
+//!                                                                            outbox worker ──► GitHub
+//! ```
+//!
+//! What it must not do: decide anything (it only wires the modules that do), or outlive `shutdown`:
+//! [`Webhooks::run`] returns once every worker has stopped.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use cairn_reconciler::controller::Controller;
+use cairn_reconciler::hooks::Hooks;
+use cairn_reconciler::source::heads::HeadPoller;
+use cairn_schema::source::Rewrites;
+use sqlx::PgPool;
+use sqlx::postgres::PgListener;
+use tokio::sync::{Notify, watch};
+
+use crate::deliveries::{self, chain};
+use crate::events::TrackedRepo;
+use crate::github::{GitHub, GitHubConfig, GitHubError};
+use crate::handler::CairnHandler;
+use crate::heads::HeadChecker;
+use crate::outbox::{self, OutboxConfig, OutboxWorker};
+use crate::pulls::PullPlanner;
+use crate::receiver;
+use crate::signature::WebhookSecret;
+use crate::statuses::GitHubStatuses;
+use crate::store;
+
+/// How `cairn serve` configured the integration.
+#[derive(Debug)]
+pub struct Settings {
+    /// Without a secret the endpoint is not served (the workers still run: statuses need them).
+    pub secret: Option<WebhookSecret>,
+    /// Without credentials nothing is sent to GitHub: no statuses, no plan comments.
+    pub github: Option<GitHubConfig>,
+    /// The config repository as `--repo` and `--ref` name it, when it is a git URL.
+    pub config_repo: Option<TrackedRepo>,
+    /// Where the config repository is fetched from (`--repo` after the rewrites).
+    pub config_fetch_url: Option<String>,
+    /// `--git-rewrite`: app sources (and the config repository) are fetched through them.
+    pub rewrites: Rewrites,
+    /// Where git caches live (`--cache-dir`).
+    pub cache_root: PathBuf,
+    /// Finished deliveries, calls and records are deleted after this long.
+    pub retention: Duration,
+    /// The workers look for work at least this often, notifications or not.
+    pub poll: Duration,
+    pub outbox: OutboxConfig,
+}
+
+/// A failure to start the integration.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    GitHub(#[from] GitHubError),
+}
+
+/// The statuses hook for the reconciler, when GitHub credentials are configured; install it on the
+/// [`Controller`] before it starts.
+pub fn hooks(settings: &Settings) -> Option<Arc<dyn Hooks>> {
+    let github = settings.github.clone()?;
+    let url = settings.config_repo.as_ref().map(|c| c.url.as_str());
+    Some(Arc::new(GitHubStatuses::new(url, github)))
+}
+
+/// The running integration.
+#[derive(Debug)]
+pub struct Webhooks {
+    pool: PgPool,
+    router: Option<Router>,
+    handler: Arc<CairnHandler>,
+    deliveries_wake: Arc<Notify>,
+    reconcile: Arc<Notify>,
+    checker: HeadChecker,
+    planner: Option<PullPlanner>,
+    outbox: Option<OutboxWorker>,
+    retention: Duration,
+    poll: Duration,
+}
+
+impl Webhooks {
+    /// Sets the integration up (within a Tokio runtime); nothing runs before [`Webhooks::run`].
+    /// `reconcile` wakes the reconciler.
+    pub fn new(
+        settings: Settings,
+        pool: PgPool,
+        controller: Arc<Controller>,
+        reconcile: Arc<Notify>,
+    ) -> Result<Webhooks, ServiceError> {
+        let deliveries_wake = Arc::new(Notify::new());
+        let router = settings
+            .secret
+            .map(|secret| receiver::router(pool.clone(), secret, deliveries_wake.clone()));
+        let github = settings
+            .github
+            .map(|config| GitHub::new(config).map(Arc::new))
+            .transpose()?;
+        let handler = Arc::new(CairnHandler::new(
+            pool.clone(),
+            settings.config_repo.clone(),
+            github.is_some(),
+        ));
+        let poller = HeadPoller::new(
+            settings.cache_root.join("webhook-heads.git"),
+            settings.rewrites.clone(),
+        );
+        let checker = HeadChecker::new(pool.clone(), poller, reconcile.clone());
+        let planner = match (&github, settings.config_fetch_url) {
+            (Some(_), Some(url)) => {
+                let cache = cairn_reconciler::source::git::cache_dir(
+                    &settings.cache_root.join("pulls"),
+                    &url,
+                );
+                Some(PullPlanner::new(pool.clone(), controller, url, cache))
+            }
+            _ => None,
+        };
+        let outbox = github.map(|g| OutboxWorker::new(pool.clone(), g, settings.outbox));
+        Ok(Webhooks {
+            pool,
+            router,
+            handler,
+            deliveries_wake,
+            reconcile,
+            checker,
+            planner,
+            outbox,
+            retention: settings.retention,
+            poll: settings.poll,
+        })
+    }
+
+    /// `POST /webhooks/github`, when a secret is configured.
+    pub fn router(&self) -> Option<Router> {
+        self.router.clone()
+    }
+
+    /// Runs every worker until `shutdown` turns true; returns when all have stopped.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let heads_wake = Arc::new(Notify::new());
+        let pulls_wake = Arc::new(Notify::new());
+        let mut tasks = tokio::task::JoinSet::new();
+
+        tasks.spawn(deliveries::run(
+            self.pool.clone(),
+            self.handler.clone(),
+            self.deliveries_wake.clone(),
+            self.poll,
+            stopped(shutdown.clone()),
+        ));
+        tasks.spawn(listen(
+            self.pool.clone(),
+            Wakes {
+                reconcile: self.reconcile.clone(),
+                heads: heads_wake.clone(),
+                pulls: pulls_wake.clone(),
+            },
+            stopped(shutdown.clone()),
+        ));
+        {
+            let checker = self.checker.clone();
+            let (wake, poll, stop) = (heads_wake, self.poll, stopped(shutdown.clone()));
+            tasks.spawn(async move { checker.run(wake, poll, stop).await });
+        }
+        if let Some(planner) = self.planner.clone() {
+            let (wake, poll, stop) = (pulls_wake, self.poll, stopped(shutdown.clone()));
+            tasks.spawn(async move { planner.run(wake, poll, stop).await });
+        } else {
+            tracing::info!(
+                "pull requests are not planned: that needs GitHub credentials and a git config repository"
+            );
+        }
+        if let Some(worker) = self.outbox.clone() {
+            let stop = stopped(shutdown.clone());
+            tasks.spawn(async move { worker.run(stop).await });
+        } else {
+            tracing::info!(
+                "no GitHub credentials (CAIRN_GITHUB_TOKEN, or CAIRN_GITHUB_APP_ID with \
+                 CAIRN_GITHUB_APP_PRIVATE_KEY_FILE): commit statuses and plan comments are off"
+            );
+        }
+        tasks.spawn(prune(
+            self.pool.clone(),
+            self.retention,
+            stopped(shutdown.clone()),
+        ));
+        while let Some(done) = tasks.join_next().await {
+            if let Err(e) = done {
+                tracing::error!(error = %e, "a webhook worker stopped abnormally");
+            }
+        }
+    }
+}
+
+/// Whom a `cairn_webhook_work` notification wakes.
+struct Wakes {
+    reconcile: Arc<Notify>,
+    heads: Arc<Notify>,
+    pulls: Arc<Notify>,
+}
+
+/// Turns `NOTIFY cairn_webhook_work` (sent at the commit of a delivery's transaction) into in-process
+/// wake-ups; reconnects after a lost connection (the workers' polls cover the gap).
+async fn listen(pool: PgPool, wakes: Wakes, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let mut retry = Duration::from_millis(500);
+    loop {
+        let listener = async {
+            let mut l = PgListener::connect_with(&pool).await?;
+            l.listen(store::WORK_CHANNEL).await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = tokio::select! {
+            () = &mut shutdown => return,
+            l = listener => match l {
+                Ok(l) => {
+                    retry = Duration::from_millis(500);
+                    l
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot LISTEN for webhook work; retrying");
+                    tokio::select! {
+                        () = &mut shutdown => return,
+                        () = tokio::time::sleep(retry) => {}
+                    }
+                    retry = (retry * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            },
+        };
+        // Anything notified while not listening is found by the workers' first pass after this.
+        wakes.heads.notify_one();
+        wakes.pulls.notify_one();
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                received = listener.recv() => match received {
+                    Ok(n) => match n.payload() {
+                        "reconcile" => wakes.reconcile.notify_one(),
+                        "heads" => wakes.heads.notify_one(),
+                        "pulls" => wakes.pulls.notify_one(),
+                        other => tracing::debug!(payload = other, "unknown webhook work notification"),
+                    },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "lost the webhook work listener; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Deletes what is older than `retention`, now and then.
+async fn prune(pool: PgPool, retention: Duration, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    let every = (retention / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600));
+    loop {
+        let deliveries = deliveries::prune_deliveries(&pool, retention).await;
+        let calls = outbox::prune(&pool, retention).await;
+        let work = store::prune_work(&pool, retention.as_secs_f64()).await;
+        match (deliveries, calls, work) {
+            (Ok(d), Ok(c), Ok(w)) if d + c + w > 0 => {
+                tracing::info!(
+                    deliveries = d,
+                    calls = c,
+                    records = w,
+                    "pruned webhook history"
+                )
+            }
+            (Ok(_), Ok(_), Ok(_)) => {}
+            (d, c, w) => {
+                for e in [d.err().map(|e| chain(&e)), c.err().map(|e| chain(&e))]
+                    .into_iter()
+                    .flatten()
+                    .chain(w.err().map(|e| chain(&e)))
+                {
+                    tracing::error!(error = %e, "pruning webhook history");
+                }
+            }
+        }
+        tokio::select! {
+            () = &mut shutdown => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
