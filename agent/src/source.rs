@@ -24,7 +24,6 @@ use std::net::{IpAddr, ToSocketAddrs};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,10 +41,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// them replaced by `***`.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error(
-        "`{0}` is not a git rewrite; write it as FROM=TO (for example https://github.com/=file:///srv/mirror/)"
-    )]
-    BadRewrite(String),
+    #[error(transparent)]
+    BadRewrite(#[from] RewriteError),
     #[error("source url `{url}` is not allowed: {why}")]
     Refused { url: String, why: String },
     #[error("cannot resolve the host of {url}")]
@@ -93,71 +90,7 @@ pub enum SourceError {
     Join(#[source] tokio::task::JoinError),
 }
 
-/// One operator rewrite: URLs starting with `from` are fetched from `to` + the rest.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rewrite {
-    pub from: String,
-    pub to: String,
-}
-
-impl FromStr for Rewrite {
-    type Err = SourceError;
-    fn from_str(s: &str) -> Result<Self, SourceError> {
-        match s.split_once('=') {
-            Some((from, to)) if !from.is_empty() && !to.is_empty() => Ok(Rewrite {
-                from: from.to_owned(),
-                to: to.to_owned(),
-            }),
-            _ => Err(SourceError::BadRewrite(s.to_owned())),
-        }
-    }
-}
-
-/// Operator rewrites of source URLs; the longest matching `from` wins, as with git's `insteadOf`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Rewrites(Vec<Rewrite>);
-
-impl Rewrites {
-    pub fn new(rewrites: impl IntoIterator<Item = Rewrite>) -> Self {
-        Rewrites(rewrites.into_iter().collect())
-    }
-
-    /// Parses `--git-rewrite FROM=TO` arguments.
-    pub fn parse<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> Result<Self, SourceError> {
-        args.into_iter()
-            .map(|a| a.as_ref().parse())
-            .collect::<Result<Vec<_>, _>>()
-            .map(Rewrites)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The rewritten URL, if a rewrite matches. The part after the prefix comes from a manifest, so it may
-    /// not climb out of the rewrite's target with `..` (a `file://` mirror directory stays the limit).
-    pub fn apply(&self, url: &str) -> Result<Option<String>, SourceError> {
-        let Some(rw) = self
-            .0
-            .iter()
-            .filter(|r| url.starts_with(&r.from))
-            .max_by_key(|r| r.from.len())
-        else {
-            return Ok(None);
-        };
-        let rest = &url[rw.from.len()..];
-        if rest.split(['/', '\\']).any(|c| c == "..") || rest.contains('\0') {
-            return Err(SourceError::Refused {
-                url: redact_url(url),
-                why: format!(
-                    "after the rewrite of `{}`, the rest of the path climbs with `..`",
-                    rw.from
-                ),
-            });
-        }
-        Ok(Some(format!("{}{rest}", rw.to)))
-    }
-}
+pub use cairn_schema::source::{Rewrite, RewriteError, Rewrites};
 
 /// Resolves host names to addresses (a seam so tests can make a name resolve to loopback).
 pub trait Resolve: Send + Sync + fmt::Debug {
@@ -252,7 +185,15 @@ impl Sources {
     /// Decides where a fetch of `url` goes: a rewrite's target, or the URL itself once every address its
     /// host resolves to passes [`cairn_schema::source::check_resolved`]. Blocking (it resolves).
     pub fn target(&self, url: &GitUrl) -> Result<Target, SourceError> {
-        if let Some(rewritten) = self.inner.rewrites.apply(url.as_str())? {
+        let rewritten =
+            self.inner
+                .rewrites
+                .apply(url.as_str())
+                .map_err(|e| SourceError::Refused {
+                    url: redact_url(url.as_str()),
+                    why: e.to_string(),
+                })?;
+        if let Some(rewritten) = rewritten {
             return Ok(Target::Rewritten(rewritten));
         }
         let parts = url.parts();
@@ -656,18 +597,9 @@ mod tests {
             Some("file:///srv/mirror/other/x.git")
         );
         assert_eq!(rw.apply("https://gitlab.com/a/b.git").unwrap(), None);
-        assert!(matches!(
-            rw.apply("https://github.com/acme/../../etc/x.git"),
-            Err(SourceError::Refused { .. })
-        ));
-        assert!(matches!(
-            "nonsense".parse::<Rewrite>(),
-            Err(SourceError::BadRewrite(_))
-        ));
-        assert!(matches!(
-            "=x".parse::<Rewrite>(),
-            Err(SourceError::BadRewrite(_))
-        ));
+        assert!(rw.apply("https://github.com/acme/../../etc/x.git").is_err());
+        assert!("nonsense".parse::<Rewrite>().is_err());
+        assert!("=x".parse::<Rewrite>().is_err());
     }
 
     #[test]

@@ -94,12 +94,15 @@ impl ConfigSource {
         }
     }
 
-    /// Whether `candidate` is an ancestor of `applied` (so applying it would go backwards). Directories
-    /// have no history: never.
-    pub fn is_behind(&mut self, candidate: &str, applied: &str) -> bool {
+    /// Whether `candidate` is an ancestor of `applied` (so applying it would go backwards), or `None`
+    /// when the source cannot tell because it does not hold `applied` (a cold cache after a force-push).
+    /// Directories have no history: never behind.
+    pub fn is_behind(&mut self, candidate: &str, applied: &str) -> Option<bool> {
         match self {
-            ConfigSource::Dir(_) => false,
-            ConfigSource::Git(g) => g.is_ancestor(candidate, applied).unwrap_or(false),
+            ConfigSource::Dir(_) => Some(false),
+            ConfigSource::Git(g) => g
+                .has_commit(applied)
+                .then(|| g.is_ancestor(candidate, applied).unwrap_or(false)),
         }
     }
 }
@@ -316,7 +319,20 @@ impl Controller {
         let behind = match &applied {
             Some(a) if a.as_str() != commit => {
                 let mut source = self.source.lock().await;
-                tokio::task::block_in_place(|| source.is_behind(&commit, a.as_str()))
+                match tokio::task::block_in_place(|| source.is_behind(&commit, a.as_str())) {
+                    Some(b) => b,
+                    // The cache never saw the applied commit: the history still says whether this
+                    // commit was applied before it.
+                    None => {
+                        drop(source);
+                        let mut conn =
+                            self.pool.acquire().await.map_err(|e| StoreError::Query {
+                                op: "read the history",
+                                source: e,
+                            })?;
+                        crate::store::history::was_applied(&mut conn, &commit).await?
+                    }
+                }
             }
             _ => false,
         };

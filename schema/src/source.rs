@@ -337,17 +337,22 @@ pub struct Rewrite {
     pub to: String,
 }
 
+/// A rewrite that cannot be parsed, or a rewritten URL that climbs out of its target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct RewriteError(pub String);
+
 impl std::str::FromStr for Rewrite {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = RewriteError;
+    fn from_str(s: &str) -> Result<Self, RewriteError> {
         match s.split_once('=') {
             Some((from, to)) if !from.is_empty() && !to.is_empty() => Ok(Rewrite {
                 from: from.to_owned(),
                 to: to.to_owned(),
             }),
-            _ => Err(format!(
+            _ => Err(RewriteError(format!(
                 "`{s}` is not a rewrite: write FROM=TO, such as https://github.com/=file:///srv/mirror/"
-            )),
+            ))),
         }
     }
 }
@@ -364,7 +369,7 @@ impl Rewrites {
     }
 
     /// Parses `--git-rewrite FROM=TO` arguments.
-    pub fn parse<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> Result<Self, String> {
+    pub fn parse<S: AsRef<str>>(args: impl IntoIterator<Item = S>) -> Result<Self, RewriteError> {
         args.into_iter()
             .map(|a| a.as_ref().parse())
             .collect::<Result<Vec<_>, _>>()
@@ -377,7 +382,7 @@ impl Rewrites {
 
     /// The rewritten URL, if a rewrite matches. The part after the prefix comes from a manifest, so it may
     /// not climb out of the rewrite's target with `..` (a `file://` mirror directory stays the limit).
-    pub fn apply(&self, url: &str) -> Result<Option<String>, String> {
+    pub fn apply(&self, url: &str) -> Result<Option<String>, RewriteError> {
         let Some(rw) = self
             .0
             .iter()
@@ -388,10 +393,10 @@ impl Rewrites {
         };
         let rest = &url[rw.from.len()..];
         if rest.split(['/', '\\']).any(|c| c == "..") || rest.contains('\0') {
-            return Err(format!(
+            return Err(RewriteError(format!(
                 "after the rewrite of `{}`, the rest of the path climbs with `..`",
                 rw.from
-            ));
+            )));
         }
         Ok(Some(format!("{}{rest}", rw.to)))
     }

@@ -198,6 +198,16 @@ impl GitSource {
         }
     }
 
+    /// Whether the cache holds `commit` (a cold cache after a force-push may not).
+    pub fn has_commit(&mut self, commit: &str) -> bool {
+        let Ok(id) = ObjectId::from_hex(commit.as_bytes()) else {
+            return false;
+        };
+        self.repo()
+            .map(|r| r.find_object(id).is_ok())
+            .unwrap_or(false)
+    }
+
     /// Whether commit `older` is an ancestor of (or equal to) commit `newer`; bounded to 100,000 commits of
     /// history. Unknown commits are not ancestors.
     pub fn is_ancestor(&mut self, older: &str, newer: &str) -> Result<bool, GitError> {

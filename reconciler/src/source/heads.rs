@@ -59,7 +59,11 @@ impl HeadPoller {
             app: app.to_string(),
             why,
         };
-        match self.rewrites.apply(url).map_err(refused)? {
+        match self
+            .rewrites
+            .apply(url)
+            .map_err(|e| refused(e.to_string()))?
+        {
             Some(rewritten) => Ok(rewritten),
             None => {
                 cairn_schema::GitUrl::new(url).map_err(refused)?;

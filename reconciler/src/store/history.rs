@@ -178,3 +178,18 @@ pub async fn recent_reconciliations(
         })
         .collect()
 }
+
+/// Whether `commit` was applied by an earlier run. The controller asks when its git cache cannot see the
+/// applied commit (a cold cache after a force-push): a commit applied before the current one is older and
+/// must not be applied again.
+///
+/// A runtime-checked query: it was added after the offline query data, and it is small enough to read.
+pub async fn was_applied(conn: &mut PgConnection, commit: &str) -> Result<bool, StoreError> {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM reconciliations WHERE commit = $1 AND status = 'applied')",
+    )
+    .bind(commit)
+    .fetch_one(conn)
+    .await
+    .op("look a commit up in the history")
+}

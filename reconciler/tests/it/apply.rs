@@ -1079,11 +1079,11 @@ async fn a_git_source_that_moves_backwards_is_refused() {
     .await;
 }
 
-/// Bug: the ancestry check runs against the source's own cache, and a cache that never saw the applied
-/// commit (a second control plane, a cleared or new `--cache-dir`, `cairn apply` from another machine)
-/// cannot tell that the force-pushed commit is older, so it applies it: the state goes back from B to A.
+/// Regression: the ancestry check runs against the source's own cache, and a cache that never saw the
+/// applied commit (a second control plane, a cleared or new `--cache-dir`, `cairn apply` from another
+/// machine) could not tell that the force-pushed commit is older, so it applied it. The controller now
+/// asks the history whether the commit was applied before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: a cold git cache applies a commit older than the applied one (see the test's doc)"]
 async fn a_cold_cache_refuses_a_commit_older_than_the_applied_one() {
     let db = cairn_testkit::test_db!();
     bounded(async {
