@@ -5,3 +5,4 @@ mod examples;
 mod plan_cli;
 mod secret;
 mod validate;
+mod webhooks;

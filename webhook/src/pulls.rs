@@ -43,8 +43,9 @@ pub const MAX_ATTEMPTS: i32 = 5;
 /// Times a head is planned again when the fetched ref did not show the delivery's head yet.
 const MAX_RECHECKS: i32 = 3;
 const RECHECK_AFTER: Duration = Duration::from_secs(5);
-/// How long a claimed request is reserved for its planner; a plan takes at most half of it.
-const LEASE: Duration = Duration::from_secs(300);
+/// How long a claimed request is reserved for its planner (a planner that dies holds it this long);
+/// a plan takes at most half of it.
+const LEASE: Duration = Duration::from_secs(120);
 
 /// A planner failure of its own (one pull request's failure is recorded on its request).
 #[derive(Debug, thiserror::Error)]
