@@ -77,6 +77,9 @@ pub fn stop_orders(
     out
 }
 
+/// A repair to make: (task, app, slot, release, generation, why).
+type Wanted<'a> = (TaskKind, &'a Name, u32, u64, Option<u64>, &'static str);
+
 /// The repairs that make `node` match its placements, given the newest task of each of its slots. With no
 /// tasks given, every difference is a candidate (a cheap first check before reading tasks).
 pub fn repairs(
@@ -95,7 +98,7 @@ pub fn repairs(
     let newest: BTreeMap<(&Name, u32), &LatestTask> =
         latest.iter().map(|t| ((&t.app, t.slot), t)).collect();
 
-    let mut wanted: Vec<(TaskKind, &Name, u32, u64, Option<u64>, &'static str)> = Vec::new();
+    let mut wanted: Vec<Wanted<'_>> = Vec::new();
     for (&(app, slot), p) in &here {
         let a = actual.get(&(app, slot));
         let kind = match (p.state, a) {
