@@ -12,17 +12,27 @@
 //! - [`health`]: the HTTP health check a new replica must pass;
 //! - [`proxy`]: the node's HTTP reverse proxy, routing by `Host` to healthy replicas;
 //! - [`deploy`]: the health-gated replace that ties them together ([`Deployer`]);
-//! - [`logs`]: log lines, sinks, and the log filter that keeps secrets out of dependency debug output.
+//! - [`logs`]: log lines, sinks, and the log filter that keeps secrets out of dependency debug output;
+//! - [`client`], [`node`]: the agent API's client and the agent loop (join, heartbeat, lease, report);
+//! - [`runner`]: how a leased task is carried out ([`DriverRunner`] through the drivers above, and the
+//!   test-only [`recording::RecordingRunner`]); [`datadir`]: identity, credential and the slot book;
+//! - [`cli`]: the `cairn-agent` binary's flags.
 //!
 //! What it must not do: read the config repository or Postgres (it knows only the tasks it leases), or run
 //! anything a manifest could use to weaken isolation (privileged mode, host networking, host mounts).
 //! It is the only code in Cairn that talks to Docker.
 
+pub mod cli;
+pub mod client;
+pub mod datadir;
 pub mod deploy;
 pub mod driver;
 pub mod health;
 pub mod logs;
+pub mod node;
 pub mod proxy;
+pub mod recording;
+pub mod runner;
 pub mod source;
 pub mod spec;
 
@@ -36,5 +46,6 @@ pub use driver::{
 };
 pub use logs::{LogLine, LogSink, LogStream};
 pub use proxy::{Backend, Listener, Proxy, ProxyConfig, RouteInfo};
+pub use runner::{DriverRunner, Runner};
 pub use source::{Checkout, FetchKind, Resolve, Rewrite, Rewrites, SourceError, Sources};
 pub use spec::{BuildSpec, HealthSpec, ImageRef, Limits, ReplicaSpec, SourceSpec, SpecError};

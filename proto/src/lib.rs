@@ -242,6 +242,10 @@ pub struct Task {
     pub max_attempts: u32,
     /// The lease ends then unless extended ([`Progress`]); the task may then go to someone else.
     pub expires_at: DateTime<Utc>,
+    /// How long a lease (and each extension) lasts: report progress well within it (a third is good),
+    /// measured on the agent's own clock.
+    #[serde(default)]
+    pub lease_ms: u64,
     /// What a deploy (and a start or restart, which may need to run the release again) needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<DeployPayload>,

@@ -132,6 +132,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 &args.db.database_url,
                 super::read_identity(args.src.identity.as_ref())?,
                 args.node_offline_after,
+                c.hooks.clone(),
                 wake.clone(),
                 stop_rx.clone(),
             )

@@ -53,6 +53,7 @@ pub async fn start(
     database_url: &str,
     identity: Option<Identity>,
     offline_after: Duration,
+    hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
 ) -> Result<Router> {
@@ -74,6 +75,7 @@ pub async fn start(
         Arc::new(listener),
         identity.map(Arc::new),
         wake.clone(),
+        hooks,
         cfg,
         Some(stop.clone()),
     );

@@ -1,5 +1,6 @@
 //! The root package's integration tests, one binary (one link) for all of them; one module per area.
 
+mod agents;
 mod crash;
 mod examples;
 mod plan_cli;

@@ -44,6 +44,7 @@ use crate::payload;
 use crate::queue::{
     self, FailOutcome, LeaseToken, LeasedTask, NewTask, TaskId, TaskKind, TaskStatus,
 };
+use crate::store::Op as _;
 use crate::store::agents::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord, NewLogLine};
 
 /// The most replicas one heartbeat may report.
@@ -204,12 +205,7 @@ async fn heartbeat(
         .map(|r| (r.app.clone(), r.slot))
         .collect();
     let placements = {
-        let mut conn = api.pool.acquire().await.map_err(|e| {
-            ApiError::Store(crate::store::StoreError::Query {
-                op: "read a node's placements",
-                source: e,
-            })
-        })?;
+        let mut conn = api.pool.acquire().await.op("read a node's placements")?;
         agents::placements_for(&mut conn, node, &slots).await?
     };
     let stop = if previous == NodeState::Offline {
@@ -244,13 +240,7 @@ async fn heartbeat(
 /// Enqueues the repairs that make `node` match its placements, under the apply lock (shared), so that the
 /// placements and tasks read are not half-way through an apply. Returns how many were enqueued.
 async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<usize, ApiError> {
-    let begin = |e| {
-        ApiError::Store(crate::store::StoreError::Query {
-            op: "begin a drift repair",
-            source: e,
-        })
-    };
-    let mut tx = api.pool.begin().await.map_err(begin)?;
+    let mut tx = api.pool.begin().await.op("begin a drift repair")?;
     agents::lock_apply_shared(&mut tx).await?;
     let slots: Vec<(Name, u32)> = reported.iter().map(|r| (r.app.clone(), r.slot)).collect();
     let placements = agents::placements_for(&mut tx, node, &slots).await?;
@@ -281,12 +271,7 @@ async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<us
         tasks.push(t);
     }
     let ids = queue::enqueue_many(&mut tx, &tasks).await?;
-    tx.commit().await.map_err(|e| {
-        ApiError::Store(crate::store::StoreError::Query {
-            op: "commit a drift repair",
-            source: e,
-        })
-    })?;
+    tx.commit().await.op("commit a drift repair")?;
     if !ids.is_empty() {
         for r in &repairs {
             tracing::info!(%node, app = %r.app, slot = r.slot, kind = r.kind.as_str(), release = r.release, why = r.why, "drift: repair enqueued");
@@ -378,6 +363,7 @@ async fn prepare(
             attempt: t.attempt,
             max_attempts: t.max_attempts,
             expires_at: t.expires_at,
+            lease_ms: millis(api.cfg.task_lease),
             deploy,
         });
     }
@@ -405,12 +391,7 @@ async fn ready(
         return Ok(Ok(()));
     }
     let sealed = {
-        let mut conn = api.pool.acquire().await.map_err(|e| {
-            ApiError::Store(crate::store::StoreError::Query {
-                op: "read an app's env",
-                source: e,
-            })
-        })?;
+        let mut conn = api.pool.acquire().await.op("read an app's env")?;
         payload::seal_payload(&mut conn, api.identity.as_deref(), p, recipient).await?
     };
     if let Err(e) = sealed {
@@ -541,7 +522,10 @@ async fn result(
     Json(r): Json<TaskResult>,
 ) -> Result<Json<ResultResponse>, ApiError> {
     let node = &auth.node.node;
-    let task = own(&api, node, id).await?;
+    let row = agents::node_task(&api.pool, node, TaskId(id))
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("node `{node}` has no task {id}")))?;
+    let task = row.id;
     let token = LeaseToken(r.token);
     let response = match &r.outcome {
         Outcome::Done { detail } => {
@@ -582,7 +566,64 @@ async fn result(
             }
         }
     };
+    if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
+        let died = match (&r.outcome, response.status) {
+            (Outcome::Failed { error, .. }, cairn_proto::TaskStatus::Dead) => Some(error.as_str()),
+            _ => None,
+        };
+        if matches!(response.status, cairn_proto::TaskStatus::Done) || died.is_some() {
+            release_outcome(&api, &row.app, release, died).await?;
+        }
+    }
     Ok(Json(response))
+}
+
+/// After one of a release's deploy tasks finished: once none is open and none died, the release is live;
+/// as soon as one dies, it failed. Recorded on the release and told to the hooks (the `cairn/deploy`
+/// commit status) in one transaction, once per outcome.
+async fn release_outcome(
+    api: &Api,
+    app: &Name,
+    release: u64,
+    died: Option<&str>,
+) -> Result<(), ApiError> {
+    let mut tx = api
+        .pool
+        .begin()
+        .await
+        .op("begin recording a release's outcome")?;
+    let (done, open, dead) = agents::release_deploys(&mut tx, app, release).await?;
+    let (ok, reason) = match died {
+        Some(e) => (
+            false,
+            format!(
+                "a replica's deploy failed: {}",
+                truncate(e, MAX_MESSAGE_BYTES / 2)
+            ),
+        ),
+        None if open == 0 && dead == 0 && done > 0 => {
+            (true, format!("{done}/{done} replica deploy(s) done"))
+        }
+        None => return Ok(()),
+    };
+    let error = (!ok).then_some(reason.as_str());
+    if agents::finish_release(&mut tx, app, release, ok, error).await? {
+        tracing::info!(%app, release, ok, reason, "release deploy finished");
+        crate::hooks::record_deploy_outcome(
+            api.hooks.as_deref(),
+            &mut tx,
+            &crate::hooks::DeployOutcome {
+                app,
+                release,
+                ok,
+                reason: &reason,
+                push_to_running: None,
+            },
+        )
+        .await;
+    }
+    tx.commit().await.op("commit a release's outcome")?;
+    Ok(())
 }
 
 async fn release(

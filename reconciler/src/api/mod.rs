@@ -32,6 +32,7 @@ use tokio::sync::{Notify, watch};
 pub use error::{ApiError, Json};
 use limit::{Limiter, Rate};
 
+use crate::hooks::Hooks;
 use crate::queue::{Backoff, Listener};
 
 /// The APIs' knobs.
@@ -85,6 +86,8 @@ pub struct Api {
     pub identity: Option<Arc<Identity>>,
     /// Wakes the reconciler (a node came back, joined, or its tasks need replanning).
     pub wake: Arc<Notify>,
+    /// Told when a release's deploy finished (commit statuses, in `cairn serve`).
+    pub hooks: Option<Arc<dyn Hooks>>,
     pub cfg: ApiConfig,
     /// Turns true when the server shuts down: long-polls answer at once.
     stopping: Option<watch::Receiver<bool>>,
@@ -100,11 +103,13 @@ impl Api {
         listener: Arc<Listener>,
         identity: Option<Arc<Identity>>,
         wake: Arc<Notify>,
+        hooks: Option<Arc<dyn Hooks>>,
         cfg: ApiConfig,
         stopping: Option<watch::Receiver<bool>>,
     ) -> Arc<Self> {
         Arc::new(Api {
             stopping,
+            hooks,
             node_limit: Limiter::new(cfg.node_rate),
             admin_limit: Limiter::new(cfg.admin_rate),
             join_limit: Limiter::new(cfg.join_rate),

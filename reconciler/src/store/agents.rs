@@ -475,6 +475,7 @@ pub struct TaskRow {
     pub kind: TaskKind,
     pub app: Name,
     pub slot: Option<u32>,
+    pub release: Option<u64>,
     pub status: TaskStatus,
     pub attempts: u32,
     pub max_attempts: u32,
@@ -491,7 +492,7 @@ pub async fn node_task(
     task: TaskId,
 ) -> Result<Option<TaskRow>, StoreError> {
     let row = sqlx::query!(
-        r#"SELECT id, node, kind, app, slot, status, attempts, max_attempts, lease_token,
+        r#"SELECT id, node, kind, app, slot, release, status, attempts, max_attempts, lease_token,
                   lease_expires_at, progress, last_error
            FROM tasks WHERE id = $1 AND node = $2"#,
         task.0,
@@ -510,6 +511,10 @@ pub async fn node_task(
             slot: r
                 .slot
                 .map(|s| u32::try_from(s).map_err(|_| corrupt("tasks", "slot", s.to_string())))
+                .transpose()?,
+            release: r
+                .release
+                .map(|v| to_u64("tasks", "release", v))
                 .transpose()?,
             status: TaskStatus::parse(&r.status)
                 .ok_or_else(|| corrupt("tasks", "status", r.status.clone()))?,
@@ -683,6 +688,64 @@ pub async fn set_task_payload(
     .await
     .op("write a task's payload")?;
     Ok(done.rows_affected() == 1)
+}
+
+/// How a release's deploy tasks stand: `(done, open, dead)` (open: queued, leased or failed).
+pub async fn release_deploys(
+    conn: &mut PgConnection,
+    app: &Name,
+    release: u64,
+) -> Result<(u64, u64, u64), StoreError> {
+    let r = sqlx::query!(
+        r#"SELECT count(*) FILTER (WHERE status = 'done') AS "done!",
+                  count(*) FILTER (WHERE status IN ('queued', 'leased', 'failed')) AS "open!",
+                  count(*) FILTER (WHERE status = 'dead') AS "dead!"
+           FROM tasks WHERE app = $1 AND release = $2 AND kind = 'deploy'"#,
+        app.as_str(),
+        to_i64("release", release)?,
+    )
+    .fetch_one(conn)
+    .await
+    .op("count a release's deploys")?;
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok((n(r.done), n(r.open), n(r.dead)))
+}
+
+/// Marks a release live (and the app's earlier live releases superseded) or failed, unless it already
+/// is. Returns whether it changed: only the first caller to see the outcome reports it.
+pub async fn finish_release(
+    conn: &mut PgConnection,
+    app: &Name,
+    release: u64,
+    ok: bool,
+    error: Option<&str>,
+) -> Result<bool, StoreError> {
+    let status = if ok { "live" } else { "failed" };
+    let changed = sqlx::query!(
+        r#"UPDATE releases SET status = $3, error = $4, finished_at = now()
+           WHERE app = $1 AND number = $2 AND status <> $3"#,
+        app.as_str(),
+        to_i64("release", release)?,
+        status,
+        error,
+    )
+    .execute(&mut *conn)
+    .await
+    .op("record a release's outcome")?
+    .rows_affected()
+        == 1;
+    if changed && ok {
+        sqlx::query!(
+            r#"UPDATE releases SET status = 'superseded'
+               WHERE app = $1 AND number < $2 AND status = 'live'"#,
+            app.as_str(),
+            to_i64("release", release)?,
+        )
+        .execute(conn)
+        .await
+        .op("supersede older releases")?;
+    }
+    Ok(changed)
 }
 
 /// A node as the agent side knows it.

@@ -1,0 +1,628 @@
+//! The agent loop: join (or reuse the credential in the data directory), heartbeat, lease, run, report.
+//!
+//! - **Heartbeat** first, before any lease: a node coming back from a partition is told which of its
+//!   replicas now run elsewhere, and stops them before it does anything else. Then every heartbeat
+//!   interval, reporting what runs (the runner's view, with generations from the [`Book`]), what it uses,
+//!   and the drivers on offer.
+//! - **Lease** with a long-poll for as many tasks as there are free places (`--concurrency`), run each
+//!   in its own task, extend its lease while it works (a third of the lease), stream its log lines, and
+//!   report its result with the lease's fencing token. A task whose generation is older than what its slot
+//!   holds is reported done without running: an older task never undoes a newer one.
+//! - A result and a heartbeat never interleave: results are reported (and the book updated) under a
+//!   shared gate that a heartbeat holds exclusively while it reads the node and sends its report, so the
+//!   control plane never sees a report older than a result it already has (and so never "repairs" a
+//!   replica that was just deployed).
+//! - **Shutdown** (SIGTERM): stop leasing, let running tasks finish for the grace period, give back the
+//!   leases of those that did not (they go to the next lease at once), and exit.
+//!
+//! What it must not do: run a task of another node (the control plane hands out only this node's), run a
+//! task without reporting it, or log a credential, a token or a secret.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_proto::{
+    ActualReplica, Heartbeat, JoinRequest, LeaseRequest, LogBatch, Outcome, Progress, Resources,
+    RunState, Task, TaskKind, TaskResult,
+};
+use cairn_schema::{Identity, Name};
+use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use crate::client::{Client, ClientError};
+use crate::datadir::{Book, DataDir, DataError, Joined, SlotRecord, SlotState};
+use crate::logs::{LogLine, LogSink};
+use crate::runner::{RunError, Runner, Work, chain, replica_spec};
+
+/// The agent loop's knobs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: String,
+    /// `None`: as often as the control plane asks.
+    pub heartbeat: Option<Duration>,
+    /// Tasks run at once.
+    pub concurrency: usize,
+    /// How long one lease request waits for tasks.
+    pub lease_wait: Duration,
+    /// How long running tasks may finish after SIGTERM before their leases are given back.
+    pub shutdown_grace: Duration,
+    pub agent_version: String,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "this node has no credential in {dir} and no join token: pass --join TOKEN or set \
+         CAIRN_JOIN_TOKEN (`cairn node join-token NODE` makes one)"
+    )]
+    NoCredential { dir: String },
+    #[error("joining the control plane failed")]
+    Join(#[source] ClientError),
+    #[error(
+        "the control plane refused this node's credential: it was revoked, or the node was removed \
+         from the configuration. Join again with a new token (`cairn node join-token NODE`)"
+    )]
+    Revoked,
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error("the agent stopped before it could join")]
+    Stopped,
+}
+
+/// Joins with `token`, or reuses the credential an earlier join left in the data directory. Transient
+/// failures (the control plane starting, the network) are retried until `stop` turns true.
+pub async fn join(
+    data: &DataDir,
+    identity: &Identity,
+    cfg: &Config,
+    drivers: &[cairn_schema::Driver],
+    token: Option<&str>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<Joined, AgentError> {
+    if let Some(j) = data.credential()? {
+        if token.is_some() {
+            tracing::info!(node = %j.node, "using the credential of an earlier join; the join token is not needed");
+        }
+        return Ok(j);
+    }
+    let token = token.ok_or_else(|| AgentError::NoCredential {
+        dir: data.path().display().to_string(),
+    })?;
+    let client = Client::new(&cfg.server).map_err(AgentError::Join)?;
+    let req = JoinRequest {
+        token: token.to_owned(),
+        recipient: identity.recipient(),
+        drivers: drivers.to_vec(),
+        agent_version: cfg.agent_version.clone(),
+    };
+    let mut backoff = Backoff::new();
+    let resp = loop {
+        match client.join(&req).await {
+            Ok(r) => break r,
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %chain(&e), "cannot join yet; retrying");
+                if backoff.sleep(&e, stop).await {
+                    return Err(AgentError::Stopped);
+                }
+            }
+            Err(e) => return Err(AgentError::Join(e)),
+        }
+    };
+    let joined = Joined {
+        server: cfg.server.clone(),
+        node: resp.node,
+        credential: resp.credential,
+        installation: resp.installation,
+    };
+    data.save_credential(&joined)?;
+    tracing::info!(node = %joined.node, installation = %joined.installation, recipient = %identity.recipient(), "joined");
+    Ok(joined)
+}
+
+/// A joined agent.
+#[derive(Debug)]
+pub struct Agent {
+    client: Client,
+    joined: Joined,
+    runner: Arc<dyn Runner>,
+    book: Arc<Book>,
+    cfg: Config,
+    /// Held shared while reporting a result, exclusively while heartbeating.
+    gate: RwLock<()>,
+}
+
+impl Agent {
+    pub fn new(
+        joined: Joined,
+        runner: Arc<dyn Runner>,
+        book: Arc<Book>,
+        cfg: Config,
+    ) -> Result<Arc<Self>, ClientError> {
+        let client = Client::new(&cfg.server)?.with_credential(joined.credential.clone());
+        Ok(Arc::new(Agent {
+            client,
+            joined,
+            runner,
+            book,
+            cfg,
+            gate: RwLock::new(()),
+        }))
+    }
+
+    pub fn node(&self) -> &Name {
+        &self.joined.node
+    }
+
+    /// Runs until `stop` turns true (then finishes or gives back what it holds), or until the control
+    /// plane refuses the credential.
+    pub async fn run(self: Arc<Self>, stop: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let (fatal_tx, fatal_rx) = watch::channel(false);
+        // The first heartbeat comes before any lease.
+        let mut interval = loop {
+            match self.heartbeat().await {
+                Ok(d) => break d,
+                Err(ClientError::Unauthorized(_)) => return Err(AgentError::Revoked),
+                Err(e) => {
+                    tracing::warn!(error = %chain(&e), "first heartbeat failed; retrying");
+                    let mut stop = stop.clone();
+                    if Backoff::new().sleep(&e, &mut stop).await {
+                        return Ok(());
+                    }
+                }
+            }
+        };
+        let heartbeats = tokio::spawn({
+            let this = self.clone();
+            let mut stop = stop.clone();
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep(interval) => {}
+                        _ = raised(&mut stop) => return,
+                    }
+                    match this.heartbeat().await {
+                        Ok(d) => interval = d,
+                        Err(ClientError::Unauthorized(m)) => {
+                            tracing::error!(message = %m, "the control plane refused this node's credential");
+                            let _ = fatal_tx.send(true);
+                            return;
+                        }
+                        Err(e) => tracing::warn!(error = %chain(&e), "heartbeat failed"),
+                    }
+                }
+            }
+        });
+        let revoked = self.clone().lease_loop(stop, fatal_rx).await;
+        heartbeats.abort();
+        if revoked {
+            Err(AgentError::Revoked)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Sends one heartbeat and carries out its stop orders; returns the interval until the next one.
+    async fn heartbeat(&self) -> Result<Duration, ClientError> {
+        let resp = {
+            let _exclusive = self.gate.write().await;
+            let (replicas, resources) = self.actual().await;
+            let hb = Heartbeat {
+                agent_version: self.cfg.agent_version.clone(),
+                drivers: self.runner.drivers(),
+                resources,
+                replicas,
+            };
+            self.client.heartbeat(&hb).await?
+        };
+        for s in &resp.stop {
+            tracing::info!(app = %s.app, slot = s.slot, moved_to = ?s.moved_to, reason = %s.reason, "stopping a replica the control plane moved elsewhere");
+            match self.runner.stop_now(&s.app, s.slot).await {
+                Ok(()) => {
+                    let rec = SlotRecord {
+                        release: s.release,
+                        generation: Some(s.generation),
+                        state: SlotState::Removed,
+                        limits: Resources::default(),
+                    };
+                    if let Err(e) = self.book.record(&s.app, s.slot, rec) {
+                        tracing::warn!(error = %chain(&e), "cannot write the book");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(app = %s.app, slot = s.slot, error = %chain(&e), "cannot stop a moved replica")
+                }
+            }
+        }
+        let asked = Duration::from_millis(resp.heartbeat_interval_ms.max(100));
+        Ok(self.cfg.heartbeat.unwrap_or(asked))
+    }
+
+    /// What runs here, with the generations the book remembers, and what it uses.
+    async fn actual(&self) -> (Vec<ActualReplica>, Resources) {
+        let mut replicas = match self.runner.actual().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %chain(&e), "cannot list this node's replicas");
+                Vec::new()
+            }
+        };
+        let mut used = Resources::default();
+        for r in &mut replicas {
+            if let Some(rec) = self.book.get(&r.app, r.slot)
+                && rec.release == r.release
+            {
+                r.generation = r.generation.or(rec.generation);
+                if r.state == RunState::Running {
+                    used.cpu_millis += rec.limits.cpu_millis;
+                    used.memory_bytes += rec.limits.memory_bytes;
+                    used.disk_bytes += rec.limits.disk_bytes;
+                }
+            }
+        }
+        (replicas, used)
+    }
+
+    /// Leases and runs tasks until told to stop; returns whether the credential was refused.
+    async fn lease_loop(
+        self: Arc<Self>,
+        mut stop: watch::Receiver<bool>,
+        mut fatal: watch::Receiver<bool>,
+    ) -> bool {
+        let slots = Arc::new(Semaphore::new(self.cfg.concurrency.max(1)));
+        let (abandon_tx, abandon_rx) = watch::channel(false);
+        let mut running = JoinSet::new();
+        let mut backoff = Backoff::new();
+        let mut revoked = false;
+        loop {
+            while running.try_join_next().is_some() {}
+            let first = tokio::select! {
+                p = slots.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+                _ = raised(&mut stop) => break,
+                _ = raised(&mut fatal) => { revoked = true; break }
+            };
+            let free = 1 + slots.available_permits() as u32;
+            let req = LeaseRequest {
+                max: free,
+                wait_ms: u64::try_from(self.cfg.lease_wait.as_millis()).unwrap_or(30_000),
+            };
+            // Abandoning a lease request in flight on shutdown can strand a task the control plane
+            // handed out in that instant; its lease expires and it is handed out again.
+            let leased = tokio::select! {
+                r = self.client.lease(&req) => r,
+                _ = raised(&mut stop) => break,
+                _ = raised(&mut fatal) => { revoked = true; break }
+            };
+            match leased {
+                Ok(resp) => {
+                    backoff = Backoff::new();
+                    let mut first = Some(first);
+                    for task in resp.tasks {
+                        let permit = match first.take() {
+                            Some(p) => p,
+                            None => match slots.clone().try_acquire_owned() {
+                                Ok(p) => p,
+                                // Cannot happen (we asked for no more than were free); give it back.
+                                Err(_) => {
+                                    let _ = self.client.release(task.id, task.token).await;
+                                    continue;
+                                }
+                            },
+                        };
+                        running.spawn(self.clone().execute(task, permit, abandon_rx.clone()));
+                    }
+                }
+                Err(ClientError::Unauthorized(m)) => {
+                    tracing::error!(message = %m, "the control plane refused this node's credential");
+                    revoked = true;
+                    break;
+                }
+                Err(e) => {
+                    drop(first);
+                    tracing::warn!(error = %chain(&e), "lease failed");
+                    if backoff.sleep(&e, &mut stop).await {
+                        break;
+                    }
+                }
+            }
+        }
+        while running.try_join_next().is_some() {}
+        if !running.is_empty() {
+            tracing::info!(tasks = running.len(), grace = ?self.cfg.shutdown_grace, "stopped leasing; waiting for running tasks");
+            let drained = tokio::time::timeout(self.cfg.shutdown_grace, async {
+                while running.join_next().await.is_some() {}
+            })
+            .await;
+            if drained.is_err() {
+                tracing::warn!(
+                    tasks = running.len(),
+                    "giving back the leases of unfinished tasks"
+                );
+                let _ = abandon_tx.send(true);
+                let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                    while running.join_next().await.is_some() {}
+                })
+                .await;
+            }
+        }
+        revoked
+    }
+
+    /// Runs one leased task to its reported end.
+    async fn execute(
+        self: Arc<Self>,
+        task: Task,
+        _permit: OwnedSemaphorePermit,
+        mut abandon: watch::Receiver<bool>,
+    ) {
+        let (id, token) = (task.id, task.token);
+        tracing::info!(task = id, kind = task.kind.as_str(), app = %task.app, slot = ?task.slot, release = ?task.release, generation = ?task.generation, attempt = task.attempt, "task started");
+        let (lost_tx, mut lost) = watch::channel(false);
+        let extender = tokio::spawn(extend(
+            self.client.clone(),
+            id,
+            token,
+            Duration::from_millis(task.lease_ms.max(1000)),
+            lost_tx,
+        ));
+        let logs = TaskLogs::start(self.client.clone(), id, token);
+        let outcome = match self.work(&task) {
+            Err(e) => Some(Err(e)),
+            Ok(work) => match self.book.supersedes(&work.app, work.slot, work.generation) {
+                Some(have) => Some(Ok((work, Some(have)))),
+                None => {
+                    let ran = tokio::select! {
+                        r = self.runner.run(&work, &logs) => Some(r),
+                        _ = abandon.wait_for(|a| *a) => None,
+                        _ = lost.wait_for(|l| *l) => None,
+                    };
+                    ran.map(|r| r.map(|_| (work, None)))
+                }
+            },
+        };
+        logs.finish().await;
+        extender.abort();
+        let Some(outcome) = outcome else {
+            if *abandon.borrow() {
+                match self.client.release(id, token).await {
+                    Ok(_) => tracing::info!(task = id, "lease given back unfinished"),
+                    Err(e) => {
+                        tracing::warn!(task = id, error = %chain(&e), "cannot give the lease back; it will expire")
+                    }
+                }
+            } else {
+                tracing::warn!(
+                    task = id,
+                    "the lease was lost (it expired and the task went to another attempt); abandoned"
+                );
+            }
+            return;
+        };
+        let _shared = self.gate.read().await;
+        let result = match outcome {
+            Ok((_, Some(have))) => {
+                tracing::info!(
+                    task = id,
+                    slot_generation = have,
+                    "task superseded by a newer generation; not run"
+                );
+                Outcome::Done {
+                    detail: Some(format!("superseded: the slot holds generation {have}")),
+                }
+            }
+            Ok((work, None)) => {
+                self.remember(&work);
+                Outcome::Done {
+                    detail: Some(format!("{} done", work.kind.as_str())),
+                }
+            }
+            Err(e) => Outcome::Failed {
+                error: chain(&e),
+                retry: e.retry(),
+            },
+        };
+        self.report(id, token, result).await;
+    }
+
+    /// The work a task describes.
+    fn work(&self, task: &Task) -> Result<Work, RunError> {
+        let slot = task.slot.ok_or_else(|| {
+            RunError::Refused(crate::spec::SpecError::Invalid {
+                field: "slot",
+                why: "a task must name its replica slot".into(),
+            })
+        })?;
+        let release = task.release.unwrap_or(0);
+        let spec = match (&task.deploy, task.kind) {
+            (Some(p), _) => Some(
+                replica_spec(&self.joined.installation, &task.app, slot, release, p)
+                    .map_err(RunError::Refused)?,
+            ),
+            (None, TaskKind::Deploy | TaskKind::Start | TaskKind::Restart) => {
+                return Err(RunError::NoRelease(task.kind.as_str()));
+            }
+            (None, _) => None,
+        };
+        Ok(Work {
+            task: task.id,
+            kind: task.kind,
+            app: task.app.clone(),
+            slot,
+            release,
+            generation: task.generation,
+            spec,
+        })
+    }
+
+    /// Writes what a finished task left in its slot.
+    fn remember(&self, w: &Work) {
+        let limits = w.spec.as_ref().map_or_else(
+            || {
+                self.book
+                    .get(&w.app, w.slot)
+                    .map(|r| r.limits)
+                    .unwrap_or_default()
+            },
+            |s| Resources {
+                cpu_millis: u64::from(s.limits.cpu_millis),
+                memory_bytes: s.limits.memory_bytes,
+                disk_bytes: 0,
+            },
+        );
+        let state = match w.kind {
+            TaskKind::Deploy | TaskKind::Start | TaskKind::Restart => SlotState::Running,
+            TaskKind::Stop => SlotState::Stopped,
+            TaskKind::Remove => SlotState::Removed,
+        };
+        let rec = SlotRecord {
+            release: w.release,
+            generation: w.generation,
+            state,
+            limits,
+        };
+        if let Err(e) = self.book.record(&w.app, w.slot, rec) {
+            tracing::warn!(error = %chain(&e), "cannot write the book");
+        }
+    }
+
+    /// Reports a result, retrying while the control plane cannot be reached.
+    async fn report(&self, id: i64, token: i64, outcome: Outcome) {
+        let r = TaskResult { token, outcome };
+        for attempt in 0..8u32 {
+            match self.client.result(id, &r).await {
+                Ok(resp) => {
+                    tracing::info!(task = id, status = ?resp.status, "task reported");
+                    return;
+                }
+                Err(ClientError::Stale(m)) => {
+                    tracing::warn!(task = id, message = %m, "result refused: the lease is no longer ours");
+                    return;
+                }
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(task = id, error = %chain(&e), "cannot report yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(250 << attempt.min(5))).await;
+                }
+                Err(e) => {
+                    tracing::warn!(task = id, error = %chain(&e), "result refused");
+                    return;
+                }
+            }
+        }
+        tracing::warn!(
+            task = id,
+            "giving up reporting; the lease will expire and the task run again"
+        );
+    }
+}
+
+/// Extends a lease every third of its length until aborted; flags `lost` when the control plane says the
+/// lease is no longer ours.
+async fn extend(client: Client, id: i64, token: i64, lease: Duration, lost: watch::Sender<bool>) {
+    let every = (lease / 3).max(Duration::from_millis(300));
+    loop {
+        tokio::time::sleep(every).await;
+        let p = Progress {
+            token,
+            message: None,
+        };
+        match client.progress(id, &p).await {
+            Ok(_) => {}
+            Err(ClientError::Stale(_)) | Err(ClientError::NotFound(_)) => {
+                let _ = lost.send(true);
+                return;
+            }
+            Err(e) => tracing::warn!(task = id, error = %chain(&e), "cannot extend the lease"),
+        }
+    }
+}
+
+/// A task's log lines on their way to the control plane, in batches.
+struct TaskLogs {
+    tx: mpsc::UnboundedSender<LogLine>,
+    flusher: tokio::task::JoinHandle<()>,
+}
+
+impl LogSink for TaskLogs {
+    fn line(&self, line: LogLine) {
+        let _ = self.tx.send(line);
+    }
+}
+
+impl TaskLogs {
+    fn start(client: Client, id: i64, token: i64) -> Self {
+        let (tx, mut rx) = mpsc::unbounded_channel::<LogLine>();
+        let flusher = tokio::spawn(async move {
+            let mut open = true;
+            while open {
+                let mut batch = Vec::new();
+                let deadline = tokio::time::sleep(Duration::from_millis(500));
+                tokio::pin!(deadline);
+                while batch.len() < 200 {
+                    tokio::select! {
+                        l = rx.recv() => match l {
+                            Some(l) => batch.push(l),
+                            None => { open = false; break }
+                        },
+                        _ = &mut deadline => break,
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                let lines = batch
+                    .into_iter()
+                    .map(|l| cairn_proto::LogLine {
+                        stream: match l.stream {
+                            crate::logs::LogStream::Stdout => cairn_proto::LogStream::Stdout,
+                            crate::logs::LogStream::Stderr => cairn_proto::LogStream::Stderr,
+                            crate::logs::LogStream::Build => cairn_proto::LogStream::Build,
+                            crate::logs::LogStream::Agent => cairn_proto::LogStream::Agent,
+                        },
+                        text: cairn_proto::truncate(&l.text, cairn_proto::MAX_LOG_LINE_BYTES)
+                            .to_owned(),
+                        at: chrono::DateTime::<chrono::Utc>::from(l.at),
+                    })
+                    .collect();
+                if let Err(e) = client.logs(id, &LogBatch { token, lines }).await {
+                    tracing::debug!(task = id, error = %chain(&e), "cannot send log lines");
+                }
+            }
+        });
+        TaskLogs { tx, flusher }
+    }
+
+    /// Sends what is left.
+    async fn finish(self) {
+        drop(self.tx);
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.flusher).await;
+    }
+}
+
+/// Exponential backoff for calls that fail transiently: 200 ms doubling to 5 s, or what a 429 asks.
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff(Duration::from_millis(200))
+    }
+
+    /// Sleeps; returns true when `stop` turned true meanwhile.
+    async fn sleep(&mut self, e: &ClientError, stop: &mut watch::Receiver<bool>) -> bool {
+        let wait = match e {
+            ClientError::TooMany(d) => *d,
+            _ => self.0,
+        };
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => false,
+            _ = raised(stop) => true,
+        }
+    }
+}
+
+/// Resolves when the flag is raised; never, if its sender is gone without raising it.
+async fn raised(flag: &mut watch::Receiver<bool>) {
+    if flag.wait_for(|f| *f).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}

@@ -1,0 +1,542 @@
+//! What the agent tests share: a real `cairn serve` on a fresh PostgreSQL database with a config directory,
+//! real `cairn-agent` processes with the recording driver, a raw HTTP client for the agent and admin
+//! APIs, and bounded waits.
+//!
+//! Thresholds are shortened (offline after 3 s, heartbeats every 300 ms, leases of 3 s) so that node loss
+//! and lease expiry happen within seconds; every wait is bounded and says what it waited for.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use cairn_schema::Identity;
+use cairn_testkit::pg::TestDb;
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
+
+/// The `cairn-agent` binary next to `cairn` (built once per test run if it is missing or older than
+/// this test binary), or `CAIRN_AGENT_BIN`.
+pub fn agent_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("CAIRN_AGENT_BIN") {
+            return PathBuf::from(p);
+        }
+        let dir = Path::new(CAIRN).parent().expect("cairn has a directory");
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "cairn-agent", "--bin", "cairn-agent"]);
+        if release {
+            build.arg("--release");
+        }
+        let out = build
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("cargo runs");
+        assert!(
+            out.status.success(),
+            "building cairn-agent failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir.join("cairn-agent")
+    })
+    .clone()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, for at most `limit`.
+pub async fn wait_for<T, F, Fut>(what: &str, limit: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A config repository with two small nodes' worth of defaults; tests add nodes and apps.
+pub struct Repo {
+    pub dir: TempDir,
+}
+
+pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+impl Repo {
+    pub fn new(recipient: &str) -> Repo {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Repo { dir };
+        r.write(
+            "cairn.toml",
+            &format!("base_domain = \"apps.test\"\n\n[secrets]\nrecipients = [\"{recipient}\"]\n"),
+        );
+        r.write(
+            "plans.toml",
+            "[plan.small]\ncpu = 0.25\nmemory = \"256MiB\"\ndisk = \"1GiB\"\nprice = \"5.00\"\nmax_replicas = 8\n",
+        );
+        r.write(
+            "runtimes.toml",
+            "[runtime.web]\ndrivers = [\"docker\", \"process\"]\nimage = \"debian:12\"\nstart = \"./serve\"\nport = 8080\n",
+        );
+        r
+    }
+
+    pub fn write(&self, path: &str, text: &str) {
+        std::fs::write(self.dir.path().join(path), text).unwrap();
+    }
+
+    /// A node with room for eight small replicas.
+    pub fn node(&self, name: &str, extra: &str) {
+        self.write(
+            &format!("node-{name}.toml"),
+            &format!("[node.{name}]\ncpu = 2\nmemory = \"2GiB\"\ndisk = \"10GiB\"\n{extra}"),
+        );
+    }
+
+    /// An app of `replicas` small replicas pinned to [`COMMIT`], with `env` lines under its env table.
+    pub fn app(&self, name: &str, replicas: u32, env: &str) {
+        self.write(
+            &format!("app-{name}.toml"),
+            &format!(
+                "[app.{name}]\nplan = \"small\"\nruntime = \"web\"\nreplicas = {replicas}\n\n\
+                 [app.{name}.source]\nurl = \"https://example.com/acme/{name}.git\"\nrev = \"{COMMIT}\"\n\n\
+                 [app.{name}.env]\n{env}"
+            ),
+        );
+    }
+}
+
+/// A secret env line for an app manifest: `KEY = { secret = """...""" }` encrypted to `recipient`.
+pub fn secret_line(key: &str, value: &str, recipient: &cairn_schema::Recipient) -> String {
+    let ct =
+        cairn_schema::secret::encrypt(value.as_bytes(), std::slice::from_ref(recipient)).unwrap();
+    format!("{key} = {{ secret = \"\"\"\n{}\"\"\" }}\n", ct.as_str())
+}
+
+/// A running `cairn serve`.
+pub struct Plane {
+    pub db: TestDb,
+    pub repo: Repo,
+    pub scratch: TempDir,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    serve: Option<Child>,
+    agents: Vec<u32>,
+}
+
+/// The shortened thresholds every test plane runs with, unless a test passes its own.
+pub const FAST: &[&str] = &[
+    "--interval",
+    "2s",
+    "--node-offline-after",
+    "3s",
+    "--heartbeat-interval",
+    "300ms",
+    "--task-lease",
+    "3s",
+    "--lease-poll",
+    "250ms",
+];
+
+impl Plane {
+    /// A database, a control plane identity and an empty repository (settings, a plan, a runtime).
+    pub async fn prepare() -> Option<(TestDb, Repo, TempDir, Identity)> {
+        let db = TestDb::new().await?;
+        let identity = Identity::generate();
+        let repo = Repo::new(identity.recipient().as_str());
+        let scratch = tempfile::tempdir().unwrap();
+        Some((db, repo, scratch, identity))
+    }
+
+    /// Starts `cairn serve` on `repo` with `args` (e.g. [`FAST`]) and waits for its API.
+    pub async fn start(
+        db: TestDb,
+        repo: Repo,
+        scratch: TempDir,
+        identity: Identity,
+        args: &[&str],
+    ) -> Plane {
+        let identity_path = scratch.path().join("control-plane.key");
+        std::fs::write(&identity_path, identity.to_file_text("test").as_bytes()).unwrap();
+        let log = std::fs::File::create(scratch.path().join("serve.log")).unwrap();
+        let mut cmd = Command::new(CAIRN);
+        cmd.arg("serve")
+            .args(["--database-url", db.url()])
+            .arg("--repo")
+            .arg(repo.dir.path())
+            .arg("--identity")
+            .arg(&identity_path)
+            .args(["--listen", "127.0.0.1:0", "--no-poll-heads"])
+            .args(["--cache-dir"])
+            .arg(scratch.path().join("cache"))
+            .args(args)
+            .env("CAIRN_LOG", "debug")
+            .env_remove("CAIRN_IDENTITY")
+            .stdout(Stdio::piped())
+            .stderr(log);
+        let mut child = cmd.spawn().expect("cairn serve starts");
+        let stdout = child.stdout.take().unwrap();
+        let addr = tokio::task::spawn_blocking(move || {
+            use std::io::BufRead as _;
+            let mut lines = std::io::BufReader::new(stdout).lines();
+            let first = lines.next().expect("serve prints its address").unwrap();
+            // Keep draining so serve never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            first
+                .strip_prefix("listening on ")
+                .expect("listening on ADDR")
+                .to_owned()
+        })
+        .await
+        .unwrap();
+        let plane = Plane {
+            db,
+            repo,
+            scratch,
+            url: format!("http://{addr}"),
+            serve: Some(child),
+            agents: Vec::new(),
+        };
+        let http = reqwest::Client::new();
+        let url = format!("{}/api/v1/status", plane.url);
+        wait_for("the admin API to answer", Duration::from_secs(30), || {
+            let req = http.get(&url);
+            async move {
+                let s = req.send().await.ok()?.status();
+                (s != reqwest::StatusCode::SERVICE_UNAVAILABLE).then_some(())
+            }
+        })
+        .await;
+        plane
+    }
+
+    /// Runs the `cairn` CLI against the database.
+    pub fn cairn(&self, args: &[&str]) -> Output {
+        Command::new(CAIRN)
+            .args(args)
+            .env("DATABASE_URL", self.db.url())
+            .env_remove("CAIRN_SERVER")
+            .env_remove("CAIRN_TOKEN")
+            .output()
+            .expect("cairn runs")
+    }
+
+    /// A one-time join token for `node`, made through the database.
+    pub fn join_token(&self, node: &str) -> String {
+        let out = self.cairn(&["node", "join-token", node]);
+        assert!(
+            out.status.success(),
+            "join-token: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// Waits until the config applied is generation `n` or later.
+    pub async fn wait_generation(&self, n: i64) {
+        let pool = self.db.pool().clone();
+        wait_for(
+            &format!("config generation {n}"),
+            Duration::from_secs(30),
+            || {
+                let pool = pool.clone();
+                async move {
+                    let g: i64 = sqlx::query_scalar("SELECT generation FROM config_state")
+                        .fetch_one(&pool)
+                        .await
+                        .ok()?;
+                    (g >= n).then_some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Starts an agent for `node` with the recording driver in `data_dir`.
+    pub fn agent(
+        &mut self,
+        node: &str,
+        data_dir: &Path,
+        join: Option<&str>,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Agent {
+        let log_path = self.scratch.path().join(format!(
+            "agent-{node}-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(agent_bin());
+        cmd.args(["--server", &self.url, "--driver", "recording"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--heartbeat", "300ms", "--concurrency", "2"])
+            .env("CAIRN_AGENT_TEST_DRIVER", "1")
+            .env("CAIRN_LOG", "debug")
+            .env_remove("CAIRN_JOIN_TOKEN")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(t) = join {
+            cmd.env("CAIRN_JOIN_TOKEN", t);
+        }
+        cmd.args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("cairn-agent starts");
+        self.agents.push(child.id());
+        Agent {
+            child: Some(child),
+            dir: data_dir.to_owned(),
+        }
+    }
+
+    /// Every log file of this plane: serve's and every agent's.
+    pub fn logs(&self) -> Vec<(PathBuf, String)> {
+        std::fs::read_dir(self.scratch.path())
+            .unwrap()
+            .filter_map(|e| {
+                let p = e.ok()?.path();
+                (p.extension()? == "log").then(|| (p.clone(), std::fs::read_to_string(&p).unwrap()))
+            })
+            .collect()
+    }
+
+    /// GET an admin route with `token` (or none), returning the status and the JSON body.
+    pub async fn admin_get(&self, path: &str, token: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().get(format!("{}/api/v1{path}", self.url));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST to an agent route as `credential` (or none), returning the status and the JSON body.
+    pub async fn agent_post(
+        &self,
+        path: &str,
+        credential: Option<&str>,
+        body: &Value,
+    ) -> (u16, Value) {
+        post_json(
+            format!("{}/agent/v1{path}", self.url),
+            credential.map(str::to_owned),
+            body.clone(),
+        )
+        .await
+    }
+
+    /// GET an agent route as `credential`.
+    pub async fn agent_get(&self, path: &str, credential: Option<&str>) -> (u16, Value) {
+        let mut req = reqwest::Client::new().get(format!("{}/agent/v1{path}", self.url));
+        if let Some(c) = credential {
+            req = req.bearer_auth(c);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Joins `node` over HTTP with a new identity; returns the credential.
+    pub async fn join_raw(&self, node: &str) -> (String, Identity) {
+        let id = Identity::generate();
+        let token = self.join_token(node);
+        let (status, body) = self
+            .agent_post(
+                "/join",
+                None,
+                &serde_json::json!({"token": token, "recipient": id.recipient(), "drivers": ["docker"], "agent_version": "test"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        (body["credential"].as_str().unwrap().to_owned(), id)
+    }
+
+    /// A query's rows as JSON values (`SELECT to_jsonb(x) FROM (...) x`).
+    pub async fn rows(&self, sql: &str) -> Vec<Value> {
+        sqlx::query_scalar::<_, Value>(&format!("SELECT to_jsonb(x) FROM ({sql}) x"))
+            .fetch_all(self.db.pool())
+            .await
+            .unwrap()
+    }
+}
+
+/// POSTs `body` to `url` as `credential`, returning the status and the JSON body.
+pub async fn post_json(url: String, credential: Option<String>, body: Value) -> (u16, Value) {
+    let mut req = reqwest::Client::new().post(url).json(&body);
+    if let Some(c) = credential {
+        req = req.bearer_auth(c);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    (status, resp.json().await.unwrap_or(Value::Null))
+}
+
+impl Drop for Plane {
+    fn drop(&mut self) {
+        for pid in &self.agents {
+            kill(*pid, rustix::process::Signal::KILL);
+        }
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            for (p, text) in self.logs() {
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                eprintln!("--- last lines of {} ---", p.display());
+                for l in tail.into_iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+    }
+}
+
+fn kill(pid: u32, sig: rustix::process::Signal) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, sig);
+    }
+}
+
+/// A running agent.
+pub struct Agent {
+    child: Option<Child>,
+    pub dir: PathBuf,
+}
+
+impl Agent {
+    /// SIGKILL: no chance to give anything back.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for the exit; returns its status.
+    pub fn terminate(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("the agent runs");
+        kill(c.id(), rustix::process::Signal::TERM);
+        let start = Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s;
+            }
+            if start.elapsed() > limit {
+                let _ = c.kill();
+                panic!("the agent did not exit within {limit:?} of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// What the recording driver recorded so far.
+    pub fn records(&self) -> Vec<Value> {
+        match std::fs::read_to_string(self.dir.join("recording.jsonl")) {
+            Ok(text) => text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// The node's credential, as the agent saved it.
+    pub fn credential(&self) -> String {
+        let j: Value =
+            serde_json::from_slice(&std::fs::read(self.dir.join("credential.json")).unwrap())
+                .unwrap();
+        j["credential"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a node's agent last reported, `(app, slot, release, state)` sorted.
+pub async fn reported(plane: &Plane, node: &str) -> Vec<(String, i64, i64, String)> {
+    let rows = plane
+        .rows(&format!(
+            "SELECT replicas FROM node_status WHERE node = '{node}'"
+        ))
+        .await;
+    let mut out: Vec<(String, i64, i64, String)> = rows
+        .first()
+        .and_then(|r| r["replicas"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|r| {
+            (
+                r["app"].as_str().unwrap().to_owned(),
+                r["slot"].as_i64().unwrap(),
+                r["release"].as_i64().unwrap(),
+                r["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// `(app, slot, node)` of every placement, sorted.
+pub async fn placements(plane: &Plane) -> Vec<(String, i64, String)> {
+    let rows = plane
+        .rows("SELECT app, slot, node FROM placements ORDER BY app, slot")
+        .await;
+    rows.iter()
+        .map(|r| {
+            (
+                r["app"].as_str().unwrap().to_owned(),
+                r["slot"].as_i64().unwrap(),
+                r["node"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until every running placement is reported running, at its release, by its node.
+pub async fn wait_converged(plane: &Plane, limit: Duration) {
+    wait_for("every placement to run on its node", limit, || async {
+        let rows = plane
+            .rows(
+                "SELECT p.app, p.slot, p.node, p.release, s.replicas FROM placements p \
+                 LEFT JOIN node_status s ON s.node = p.node WHERE p.state = 'running'",
+            )
+            .await;
+        if rows.is_empty() {
+            return None;
+        }
+        rows.iter()
+            .all(|r| {
+                r["replicas"].as_array().is_some_and(|reps| {
+                    reps.iter().any(|x| {
+                        x["app"] == r["app"]
+                            && x["slot"] == r["slot"]
+                            && x["release"] == r["release"]
+                            && x["state"] == "running"
+                    })
+                })
+            })
+            .then_some(())
+    })
+    .await
+}
