@@ -211,16 +211,29 @@ struct Serve {
 
 impl Serve {
     fn start(db_url: &str, args: &[String], github: Option<&str>, env: &[(&str, &str)]) -> Serve {
+        Serve::start_with_secret(db_url, args, github, env, Some(SECRET))
+    }
+
+    fn start_with_secret(
+        db_url: &str,
+        args: &[String],
+        github: Option<&str>,
+        env: &[(&str, &str)],
+        secret: Option<&str>,
+    ) -> Serve {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn"));
         cmd.args(args)
             .env("DATABASE_URL", db_url)
-            .env("CAIRN_GITHUB_WEBHOOK_SECRET", SECRET)
+            .env_remove("CAIRN_GITHUB_WEBHOOK_SECRET")
             .env("CAIRN_LOG", "info,cairn_webhook=debug")
             .env_remove("CAIRN_GITHUB_TOKEN")
             .env_remove("CAIRN_GITHUB_APP_ID")
             .env_remove("CAIRN_FAILPOINT")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        if let Some(secret) = secret {
+            cmd.env("CAIRN_GITHUB_WEBHOOK_SECRET", secret);
+        }
         if let Some(api) = github {
             cmd.env("CAIRN_GITHUB_TOKEN", TOKEN)
                 .env("CAIRN_GITHUB_API_URL", api)
@@ -879,6 +892,34 @@ async fn two_synchronize_deliveries_with_a_sigkill_before_the_call_end_with_one_
             "success".to_owned(),
             "Plan: 0 to add, 1 to change, 0 to destroy.".to_owned()
         ))
+    );
+    assert!(serve.terminate().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_secret_the_endpoint_is_off_and_the_log_says_so() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    let w = World::new();
+    w.platform(&[]);
+    let a = w.config_commit("a platform");
+    let serve = Serve::start_with_secret(db.url(), &w.serve_args(), None, &[], None);
+    eventually(&serve, "the commit applied", || async {
+        (applied_commit(pool).await.as_deref() == Some(a.as_str())).then_some(())
+    })
+    .await;
+    let status = reqwest::Client::new()
+        .post(serve.url("/webhooks/github"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 404);
+    let log = serve.log();
+    assert!(
+        log.contains("no GitHub webhook secret") && log.contains("POST /webhooks/github is off"),
+        "{log}"
     );
     assert!(serve.terminate().success());
 }

@@ -16,12 +16,16 @@
 //! everything, and the head checker asks the remote.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 
 use cairn_reconciler::store::state;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::Mutex;
 
 use crate::deliveries::{DeliveryContext, DeliveryHandler, HandlerError, Outcome};
-use crate::events::{ConfigPush, NULL_SHA, PullRequest, Routes, SourcePush, TrackedRepo};
+use crate::events::{
+    AppSource, ConfigPush, NULL_SHA, PullRequest, Routes, SourcePush, TrackedRepo,
+};
 use crate::github::{CommitStatus, RepoName, StatusState};
 use crate::outbox::{self, GitHubCall};
 use crate::store::{self, PrRequest};
@@ -30,13 +34,16 @@ use crate::store::{self, PrRequest};
 pub const PLAN_CONTEXT: &str = "cairn/plan";
 
 /// The handler `cairn serve` runs deliveries through.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct CairnHandler {
     pool: PgPool,
     config_repo: Option<TrackedRepo>,
     /// Whether GitHub calls can be made (credentials are configured): without them a pull request
     /// cannot get its plan, and is ignored with the reason.
     github: bool,
+    /// The apps' sources as of an applied generation: they change only with one (pins do not, and are
+    /// read afresh for each push that matches).
+    sources: Mutex<Option<(u64, Arc<Vec<AppSource>>)>>,
 }
 
 impl CairnHandler {
@@ -47,6 +54,7 @@ impl CairnHandler {
             pool,
             config_repo,
             github,
+            sources: Mutex::new(None),
         }
     }
 }
@@ -65,19 +73,40 @@ fn is_commit_id(sha: &str) -> bool {
 #[async_trait::async_trait]
 impl DeliveryHandler for CairnHandler {
     async fn routes(&self) -> Result<Routes, HandlerError> {
-        let observed = state::load_observed(&self.pool).await?;
+        let generation = {
+            let mut conn = self.pool.acquire().await?;
+            state::config_state(&mut conn).await?.generation
+        };
+        let cached = self
+            .sources
+            .lock()
+            .await
+            .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, apps)| apps.clone());
+        let apps = match cached {
+            Some(apps) => apps,
+            None => {
+                let observed = state::load_observed(&self.pool).await?;
+                // Pinned apps stay in: their pushes are matched, then ignored with the reason.
+                let apps: Arc<Vec<AppSource>> = Arc::new(
+                    observed
+                        .apps
+                        .iter()
+                        .map(|(name, app)| AppSource {
+                            app: name.to_string(),
+                            url: app.source.url.to_string(),
+                            branch: app.source.branch.clone(),
+                        })
+                        .collect(),
+                );
+                *self.sources.lock().await = Some((observed.generation, apps.clone()));
+                apps
+            }
+        };
         Ok(Routes {
             config_repo: self.config_repo.clone(),
-            // Pinned apps stay in: their pushes are matched, then ignored with the reason.
-            apps: observed
-                .apps
-                .iter()
-                .map(|(name, app)| crate::events::AppSource {
-                    app: name.to_string(),
-                    url: app.source.url.to_string(),
-                    branch: app.source.branch.clone(),
-                })
-                .collect(),
+            apps: apps.to_vec(),
         })
     }
 

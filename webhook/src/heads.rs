@@ -192,7 +192,12 @@ impl HeadChecker {
     pub async fn run(&self, wake: Arc<Notify>, poll: Duration, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            match self.check_due().await {
+            // A pass stopped midway loses nothing: its lease expires and the work is done again.
+            let pass = tokio::select! {
+                () = &mut shutdown => return,
+                pass = self.check_due() => pass,
+            };
+            match pass {
                 Ok(c) if c != Checked::default() => tracing::debug!(?c, "checked source heads"),
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %chain(&e), "checking source heads"),

@@ -330,7 +330,12 @@ impl OutboxWorker {
                     }
                 };
             }
-            if let Err(e) = self.deliver_due().await {
+            // A call cut short by shutdown stays leased and is made again when its lease ends.
+            let pass = tokio::select! {
+                () = &mut shutdown => return,
+                pass = self.deliver_due() => pass,
+            };
+            if let Err(e) = pass {
                 tracing::error!(error = %chain(&e), "delivering GitHub calls");
             }
             let mut wait = self.config.poll_interval;

@@ -384,7 +384,12 @@ impl PullPlanner {
     pub async fn run(&self, wake: Arc<Notify>, poll: Duration, shutdown: impl Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
-            match self.plan_due().await {
+            // A pass stopped midway loses nothing: its lease expires and the work is done again.
+            let pass = tokio::select! {
+                () = &mut shutdown => return,
+                pass = self.plan_due() => pass,
+            };
+            match pass {
                 Ok(p) if p != Planned::default() => tracing::debug!(?p, "planned pull requests"),
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %chain(&e), "planning pull requests"),
