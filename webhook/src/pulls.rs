@@ -9,8 +9,11 @@
 //! at most one pending comment per pull request, replaced by each newer plan.
 //!
 //! A pull request from a fork gets a plan, but its secrets are never decrypted: it is planned without
-//! fingerprints (a rewritten secret shows as "changed (unverified)"). Validation errors are listed
-//! with links to the file and line at the planned head.
+//! fingerprints (a rewritten secret shows as "changed (unverified)"), and its manifests' source URLs
+//! are not contacted. For a pull request from the repository itself, the heads of apps it adds (or
+//! moves to another branch) are read from their remotes, into the plan's copy of the state only, so
+//! their releases and placements show. Validation errors are listed with links to the file and line
+//! at the planned head.
 //!
 //! What it must not do: apply anything or take the apply lock, call GitHub (the outbox does), hold a
 //! transaction open while fetching or planning, or put a secret's value into a comment or status: only
@@ -23,10 +26,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_reconciler::controller::{Controller, error_chain};
-use cairn_reconciler::observed::CommitId;
+use cairn_reconciler::observed::{CommitId, Observed};
 use cairn_reconciler::plan::{self, DesiredAt, Plan, PlanInput, render};
 use cairn_reconciler::source::Snapshot;
 use cairn_reconciler::source::git::{GitError, GitSource};
+use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::state;
 use chrono::Utc;
 use sqlx::PgPool;
@@ -46,6 +50,8 @@ const RECHECK_AFTER: Duration = Duration::from_secs(5);
 /// How long a claimed request is reserved for its planner (a planner that dies holds it this long);
 /// a plan takes at most half of it.
 const LEASE: Duration = Duration::from_secs(120);
+/// How long a remote may take to say where an app's branch points.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A planner failure of its own (one pull request's failure is recorded on its request).
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +85,10 @@ pub struct PullPlanner {
     /// A bare repository of its own for pull-request heads (not the reconciler's cache, which it
     /// fetches concurrently).
     cache: PathBuf,
+    /// Reads the branch heads of apps a pull request adds or moves to another branch, so their
+    /// releases show in the plan; only for pull requests from the repository itself (a fork's
+    /// manifests do not get to make the control plane contact a remote).
+    heads: Option<Arc<std::sync::Mutex<HeadPoller>>>,
 }
 
 /// A finding that stops a head from being planned, located at the head when possible.
@@ -131,7 +141,15 @@ impl PullPlanner {
             controller,
             fetch_url,
             cache,
+            heads: None,
         }
+    }
+
+    /// Asks `poller` (which carries the operator's rewrites) for the heads of apps that have none
+    /// recorded for the branch they follow at the pull request's head.
+    pub fn with_heads(mut self, poller: HeadPoller) -> PullPlanner {
+        self.heads = Some(Arc::new(std::sync::Mutex::new(poller)));
+        self
     }
 
     /// Plans every request that is due, one at a time.
@@ -269,7 +287,10 @@ impl PullPlanner {
                 }
             }
         };
-        let observed = state::load_observed(&self.pool).await?;
+        let mut observed = state::load_observed(&self.pool).await?;
+        if !fork {
+            self.read_new_heads(desired, &mut observed).await;
+        }
         let commit = CommitId::new(snapshot.commit.clone().unwrap_or_default());
         let plan = plan::plan(&PlanInput {
             desired: Some(DesiredAt {
@@ -283,6 +304,46 @@ impl PullPlanner {
             offline_after: self.controller.offline_after,
         });
         Ok(Report::Planned(Box::new(plan)))
+    }
+
+    /// Fills in (in the plan's copy of the observed state only) the heads of apps that follow a branch
+    /// whose head is not recorded: new apps, and apps moved to another source or branch. A remote
+    /// that cannot be asked leaves the app without a head; the plan says so.
+    async fn read_new_heads(&self, desired: &cairn_schema::Desired, observed: &mut Observed) {
+        let Some(heads) = &self.heads else { return };
+        for (name, app) in &desired.apps {
+            if app.source.rev.is_some() {
+                continue;
+            }
+            let same_source = observed.apps.get(name).is_some_and(|applied| {
+                applied.source.url == app.source.url && applied.source.branch == app.source.branch
+            });
+            if same_source && observed.source_heads.contains_key(name) {
+                continue;
+            }
+            let (poller, app_name) = (heads.clone(), name.clone());
+            let (url, branch) = (app.source.url.to_string(), app.source.branch.clone());
+            let ask = tokio::task::spawn_blocking(move || {
+                let mut poller = poller.lock().unwrap_or_else(|e| e.into_inner());
+                poller.head(&app_name, &url, &branch)
+            });
+            match tokio::time::timeout(HEAD_TIMEOUT, ask).await {
+                Ok(Ok(Ok(Some(commit)))) => {
+                    observed
+                        .source_heads
+                        .insert(name.clone(), CommitId::new(commit));
+                }
+                Ok(Ok(Ok(None))) => {}
+                Ok(Ok(Err(e))) => {
+                    tracing::warn!(app = %name, error = %error_chain(&e),
+                        "cannot read the head of a branch a pull request's app follows");
+                }
+                Ok(Err(e)) => tracing::warn!(app = %name, error = %e, "a head check panicked"),
+                Err(_) => {
+                    tracing::warn!(app = %name, "a remote did not answer a head check in time")
+                }
+            }
+        }
     }
 
     /// A request that could not be planned: retried after a backoff, or, past [`MAX_ATTEMPTS`] or for

@@ -128,7 +128,11 @@ impl Webhooks {
                     &settings.cache_root.join("pulls"),
                     &url,
                 );
-                Some(PullPlanner::new(pool.clone(), controller, url, cache))
+                let heads = HeadPoller::new(
+                    settings.cache_root.join("pull-heads.git"),
+                    settings.rewrites.clone(),
+                );
+                Some(PullPlanner::new(pool.clone(), controller, url, cache).with_heads(heads))
             }
             _ => None,
         };
@@ -271,33 +275,52 @@ async fn listen(pool: PgPool, wakes: Wakes, shutdown: impl Future<Output = ()>) 
     }
 }
 
+/// What one [`prune_once`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Finished deliveries.
+    pub deliveries: u64,
+    /// Finished (done or dead) GitHub calls.
+    pub calls: u64,
+    /// Pushes, commit statuses, deploys and planned pull requests.
+    pub records: u64,
+}
+
+/// A pruning failure.
+#[derive(Debug, thiserror::Error)]
+pub enum PruneError {
+    #[error(transparent)]
+    Deliveries(#[from] deliveries::DeliveryError),
+    #[error(transparent)]
+    Outbox(#[from] outbox::OutboxError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+}
+
+/// Deletes what finished longer than `retention` ago; what is still waiting (a delivery, a call, a
+/// pull request to plan) is kept whatever its age.
+pub async fn prune_once(pool: &PgPool, retention: Duration) -> Result<Pruned, PruneError> {
+    Ok(Pruned {
+        deliveries: deliveries::prune_deliveries(pool, retention).await?,
+        calls: outbox::prune(pool, retention).await?,
+        records: store::prune_work(pool, retention.as_secs_f64()).await?,
+    })
+}
+
 /// Deletes what is older than `retention`, now and then.
 async fn prune(pool: PgPool, retention: Duration, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     let every = (retention / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600));
     loop {
-        let deliveries = deliveries::prune_deliveries(&pool, retention).await;
-        let calls = outbox::prune(&pool, retention).await;
-        let work = store::prune_work(&pool, retention.as_secs_f64()).await;
-        match (deliveries, calls, work) {
-            (Ok(d), Ok(c), Ok(w)) if d + c + w > 0 => {
-                tracing::info!(
-                    deliveries = d,
-                    calls = c,
-                    records = w,
-                    "pruned webhook history"
-                )
-            }
-            (Ok(_), Ok(_), Ok(_)) => {}
-            (d, c, w) => {
-                for e in [d.err().map(|e| chain(&e)), c.err().map(|e| chain(&e))]
-                    .into_iter()
-                    .flatten()
-                    .chain(w.err().map(|e| chain(&e)))
-                {
-                    tracing::error!(error = %e, "pruning webhook history");
-                }
-            }
+        match prune_once(&pool, retention).await {
+            Ok(p) if p != Pruned::default() => tracing::info!(
+                deliveries = p.deliveries,
+                calls = p.calls,
+                records = p.records,
+                "pruned webhook history"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %chain(&e), "pruning webhook history"),
         }
         tokio::select! {
             () = &mut shutdown => return,

@@ -257,3 +257,79 @@ async fn a_config_push_wakes_the_reconciler_when_its_delivery_commits() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_prunes_what_finished_long_ago_and_keeps_what_still_waits() {
+    let db = cairn_testkit::test_db!();
+    bounded(async {
+        let pool = db.pool();
+        let sha = "1111111111111111111111111111111111111111";
+        for statement in [
+            "INSERT INTO webhook_deliveries (delivery_id, event, payload, status, received_at, handled_at)
+             VALUES ('old-done', 'push', '{}', 'handled', now() - interval '10 days', now() - interval '10 days'),
+                    ('new-done', 'push', '{}', 'ignored', now(), now())",
+            "INSERT INTO webhook_deliveries (delivery_id, event, payload, received_at)
+             VALUES ('old-waiting', 'push', '{}', now() - interval '10 days')",
+            "INSERT INTO github_outbox (kind, repo, payload, status, finished_at)
+             VALUES ('create_status', 'acme/platform', '{}', 'done', now() - interval '10 days'),
+                    ('create_status', 'acme/platform', '{}', 'dead', now())",
+            "INSERT INTO github_outbox (kind, repo, payload, created_at)
+             VALUES ('create_status', 'acme/platform', '{}', now() - interval '10 days')",
+            "INSERT INTO webhook_pushes (app, commit, delivery_id, received_at)
+             VALUES ('web', '1111111111111111111111111111111111111111', 'd1', now() - interval '10 days'),
+                    ('web', '2222222222222222222222222222222222222222', 'd2', now())",
+            "INSERT INTO github_commit_statuses (repo, sha, context, state, description, updated_at)
+             VALUES ('acme/platform', 'a', 'cairn/apply', 'success', 'x', now() - interval '10 days'),
+                    ('acme/platform', 'b', 'cairn/apply', 'success', 'x', now())",
+            "INSERT INTO github_deploys (app, release, repo, sha, planned_at)
+             VALUES ('web', 1, 'acme/shop', 'a', now() - interval '10 days'),
+                    ('web', 2, 'acme/shop', 'b', now())",
+        ] {
+            sqlx::query(statement).execute(pool).await.unwrap();
+        }
+        for (pr, requested, planned) in [(1, 1, 1), (2, 2, 1)] {
+            sqlx::query(
+                "INSERT INTO github_pr_plans (repo_key, repo, pr, html_url, head_sha, fork, delivery_id,
+                                              requested_version, planned_version, requested_at)
+                 VALUES ('acme/platform', 'acme/platform', $1, 'https://github.com/acme/platform', $2,
+                         false, 'd', $3, $4, now() - interval '10 days')",
+            )
+            .bind(pr)
+            .bind(sha)
+            .bind(requested)
+            .bind(planned)
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+
+        let week = Duration::from_secs(7 * 24 * 3600);
+        let pruned = cairn_webhook::service::prune_once(pool, week).await.unwrap();
+        assert_eq!(
+            (pruned.deliveries, pruned.calls, pruned.records),
+            (1, 1, 4),
+            "{pruned:?}"
+        );
+        let left: Vec<String> =
+            sqlx::query_scalar("SELECT delivery_id FROM webhook_deliveries ORDER BY delivery_id")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(left, ["new-done", "old-waiting"]);
+        let calls: Vec<String> = sqlx::query_scalar("SELECT status FROM github_outbox ORDER BY id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        assert_eq!(calls, ["dead", "pending"]);
+        let waiting: Vec<i64> = sqlx::query_scalar("SELECT pr FROM github_pr_plans")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+        assert_eq!(waiting, [2], "a pull request still waiting for its plan is kept");
+        assert_eq!(
+            cairn_webhook::service::prune_once(pool, week).await.unwrap(),
+            Default::default()
+        );
+    })
+    .await;
+}
