@@ -416,6 +416,25 @@ async fn killing_apply_at_random_moments_leaves_the_old_or_the_new_commit_whole(
             std::thread::sleep(Duration::from_millis(5));
         };
         reader.join().unwrap();
+        // A COMMIT the client sent just before the kill still completes on the server: wait until the
+        // killed client's backend is gone before reading the state, or the check races that commit.
+        loop {
+            let busy: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid() AND (state <> 'idle' OR xact_start IS NOT NULL)",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            if busy == 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "run {run}: the killed apply's backend lingers"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let lines: Vec<String> = rx.try_iter().collect();
         let killed = status.signal() == Some(9);
         assert!(
