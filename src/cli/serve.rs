@@ -107,7 +107,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let app = app.merge(apis.router());
         let server = tokio::spawn(
             axum::serve(
-                listener,
+                // Answers (a long-poll handing out a task) leave at once, not after a delayed ACK.
+                axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    let _ = tcp.set_nodelay(true);
+                }),
                 app.into_make_service_with_connect_info::<SocketAddr>(),
             )
             .with_graceful_shutdown(stopped(stop_rx.clone()))

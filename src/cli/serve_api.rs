@@ -32,9 +32,9 @@ pub struct ApiArgs {
     /// How long a task lease lasts unless its agent reports progress
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     task_lease: Duration,
-    /// Waiting long-polls look for tasks at least this often, besides being woken when tasks are
-    /// committed (this covers leases that expire and failed tasks whose backoff ends)
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    /// Waiting long-polls look for tasks at least this often: a safety net, as they are woken when a
+    /// node's tasks are committed and when its next task falls due (an expired lease, a backoff's end)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     lease_poll: Duration,
     /// Database connections of the agent and admin APIs
     #[arg(long, default_value_t = 16)]

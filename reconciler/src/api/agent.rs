@@ -9,7 +9,8 @@
 //!   ([`crate::drift::stop_orders`]), and the reconciler is woken; any other difference between the report
 //!   and the placements becomes a repair task ([`crate::drift::repairs`]).
 //! - **Lease** long-polls up to 30 s for the node's own tasks. It waits on the in-memory listener, not on a
-//!   database connection. A deploy task whose secrets are still to be sealed (the node had not joined
+//!   database connection, and until the node's next task falls due by itself (an expiring lease, an
+//!   ending backoff), so an idle node costs two queries per long-poll, not a poll every few seconds. A deploy task whose secrets are still to be sealed (the node had not joined
 //!   when it was made, or joined again with another key since) is sealed to the node's recipient right
 //!   then, and only the ciphertext is written back.
 //! - **Progress, logs, result, release** must carry the lease's fencing token; a stale token is 409. A
@@ -308,9 +309,17 @@ async fn lease(
         if Instant::now() >= deadline {
             return Ok(Json(LeaseResponse { tasks: Vec::new() }));
         }
+        // New tasks wake the waiter; a task that becomes due by itself (a lease that expires, a backoff
+        // that ends) is looked for when it does, not by polling.
+        let wake_at = match agents::next_due(&api.pool, node).await? {
+            // (At least 50 ms: a due task another long-poll of the node holds locked is not ours.)
+            Some(d) => deadline.min(Instant::now() + d.max(Duration::from_millis(50))),
+            None => deadline,
+        };
+        tracing::trace!(%node, wait = ?wake_at.saturating_duration_since(Instant::now()), "long-poll waiting");
         tokio::select! {
-            _ = waiter.wait() => {}
-            _ = tokio::time::sleep_until(deadline) => {}
+            w = waiter.wait() => tracing::trace!(%node, wake = ?w, "long-poll woken"),
+            _ = tokio::time::sleep_until(wake_at) => tracing::trace!(%node, "long-poll due"),
             _ = api.stopped() => return Ok(Json(LeaseResponse { tasks: Vec::new() })),
         }
     }

@@ -415,6 +415,23 @@ pub async fn lock_apply_shared(tx: &mut Transaction<'_, Postgres>) -> Result<(),
     Ok(())
 }
 
+/// How long until the next of `node`'s unfinished tasks may be leased (its backoff ends, or its lease
+/// expires), by the database's clock; `None` when the node has none waiting. A long-poll that found
+/// nothing sleeps until then instead of polling.
+pub async fn next_due(pool: &PgPool, node: &Name) -> Result<Option<Duration>, StoreError> {
+    let secs = sqlx::query_scalar!(
+        r#"SELECT EXTRACT(EPOCH FROM (min(run_after) - now()))::float8 AS "secs"
+           FROM tasks
+           WHERE node = $1 AND status IN ('queued', 'failed', 'leased')
+             AND attempts < max_attempts + (status = 'leased')::int"#,
+        node.as_str(),
+    )
+    .fetch_one(pool)
+    .await
+    .op("find a node's next due task")?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
 /// What a release was deployed with, for a task that deploys it again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReleaseRow {

@@ -133,7 +133,8 @@ async fn a_join_token_joins_once_and_bad_credentials_get_401() {
         .agent_post("/heartbeat", Some(&p_credential), &hb)
         .await;
     assert_eq!(s, 200);
-    std::fs::remove_file(plane.repo.dir.path().join("node-p.toml")).unwrap();
+    plane.repo.remove("node-p.toml");
+    plane.repo.commit();
     plane.wait_generation(2).await;
     let (s, _) = plane
         .agent_post("/heartbeat", Some(&p_credential), &hb)
@@ -267,6 +268,42 @@ async fn a_node_sees_only_its_own_tasks_and_each_task_is_leased_once() {
     assert_eq!(s, 409, "a finished task takes no second result");
     let (s, view) = plane.agent_get(&format!("/tasks/{id}"), Some(&cb)).await;
     assert_eq!((s, view["status"].as_str()), (200, Some("done")));
+
+    // A deploy that fails for good fails its release, with the reason.
+    let (id, token) = got[1];
+    let (s, body) = plane
+        .agent_post(
+            &format!("/tasks/{id}/result"),
+            Some(&cb),
+            &json!({"token": token, "outcome": "failed", "error": "the build broke", "retry": false}),
+        )
+        .await;
+    assert_eq!((s, body["status"].as_str()), (200, Some("dead")), "{body}");
+    let release = plane.rows("SELECT status, error FROM releases").await;
+    assert_eq!(release[0]["status"], "failed");
+    assert!(
+        release[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("the build broke")
+    );
+}
+
+#[test]
+fn the_recording_driver_is_refused_outside_tests() {
+    let out = std::process::Command::new(support::agent_bin())
+        .args(["--server", "http://127.0.0.1:9", "--driver", "recording"])
+        .arg("--data-dir")
+        .arg(tempfile::tempdir().unwrap().path())
+        .env_remove("CAIRN_AGENT_TEST_DRIVER")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("for tests only") && err.contains("CAIRN_AGENT_TEST_DRIVER=1"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,6 +374,8 @@ async fn a_killed_agents_lease_expires_and_its_old_token_is_refused() {
     .await;
     assert_eq!(done["attempts"].as_i64(), Some(2));
     assert!(done["lease_token"].as_i64().unwrap() > old);
+    let release = plane.rows("SELECT status FROM releases").await;
+    assert_eq!(release[0]["status"], "live", "its one replica deployed");
     let deploys: Vec<Value> = second
         .records()
         .into_iter()
@@ -541,6 +580,7 @@ async fn a_secret_reaches_only_its_node_in_plaintext() {
     plane
         .repo
         .app("shop", 2, &format!("GREETING = \"hi\"\n{secret}"));
+    plane.repo.commit();
     plane.wait_generation(2).await;
     wait_for("release 2 everywhere", Duration::from_secs(30), || async {
         let a = reported(&plane, "a").await;

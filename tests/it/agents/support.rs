@@ -65,17 +65,45 @@ where
     }
 }
 
-/// A config repository with two small nodes' worth of defaults; tests add nodes and apps.
+/// A config repository (a work tree pushed to a local bare repository that serve fetches with git): the
+/// settings, a plan and a runtime; tests add nodes and apps, then [`Repo::commit`].
+///
+/// A git source rather than a directory: serve watches a directory source for file events, and reading
+/// the files for a reconcile is such an event, which would keep the reconciler busy in every test.
 pub struct Repo {
     pub dir: TempDir,
+    bare: TempDir,
 }
 
 pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
+fn git(dir: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
+        .args([
+            "-c",
+            "init.defaultBranch=main",
+            "-c",
+            "commit.gpgsign=false",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 impl Repo {
     pub fn new(recipient: &str) -> Repo {
         let dir = tempfile::tempdir().unwrap();
-        let r = Repo { dir };
+        let bare = tempfile::tempdir().unwrap();
+        git(dir.path(), &["init", "-q"]);
+        git(bare.path(), &["init", "-q", "--bare"]);
+        let r = Repo { dir, bare };
         r.write(
             "cairn.toml",
             &format!("base_domain = \"apps.test\"\n\n[secrets]\nrecipients = [\"{recipient}\"]\n"),
@@ -93,6 +121,23 @@ impl Repo {
 
     pub fn write(&self, path: &str, text: &str) {
         std::fs::write(self.dir.path().join(path), text).unwrap();
+    }
+
+    pub fn remove(&self, path: &str) {
+        std::fs::remove_file(self.dir.path().join(path)).unwrap();
+    }
+
+    /// Commits everything and pushes it to `main`, where serve fetches it (on its timer).
+    pub fn commit(&self) {
+        git(self.dir.path(), &["add", "-A"]);
+        git(self.dir.path(), &["commit", "-q", "-m", "config"]);
+        let bare = self.bare.path().to_str().unwrap().to_owned();
+        git(self.dir.path(), &["push", "-q", &bare, "HEAD:main"]);
+    }
+
+    /// What serve is given as `--repo`.
+    pub fn url(&self) -> String {
+        format!("file://{}", self.bare.path().display())
     }
 
     /// A node with room for eight small replicas.
@@ -144,8 +189,6 @@ pub const FAST: &[&str] = &[
     "300ms",
     "--task-lease",
     "3s",
-    "--lease-poll",
-    "250ms",
 ];
 
 impl Plane {
@@ -169,11 +212,11 @@ impl Plane {
         let identity_path = scratch.path().join("control-plane.key");
         std::fs::write(&identity_path, identity.to_file_text("test").as_bytes()).unwrap();
         let log = std::fs::File::create(scratch.path().join("serve.log")).unwrap();
+        repo.commit();
         let mut cmd = Command::new(CAIRN);
         cmd.arg("serve")
             .args(["--database-url", db.url()])
-            .arg("--repo")
-            .arg(repo.dir.path())
+            .args(["--repo", &repo.url(), "--ref", "main"])
             .arg("--identity")
             .arg(&identity_path)
             .args(["--listen", "127.0.0.1:0", "--no-poll-heads"])
