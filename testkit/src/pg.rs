@@ -26,15 +26,13 @@
 //! benchmark measures durable commits; a test that wants speed may `SET synchronous_commit = off` on its
 //! own session), or listen anywhere but loopback (the cluster trusts every local connection).
 
-use std::fs::{self, File};
 use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 use std::str::FromStr as _;
-use std::time::{Duration, Instant};
 
+use cairn_pgdev::{
+    Account, Cluster, Running, find_bindir, major_version, reachable_root, server_account,
+};
 use sha2::{Digest as _, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions as _, Connection as _, PgConnection, PgPool};
@@ -355,25 +353,17 @@ async fn ensure_template(admin: &PgConnectOptions) -> String {
     name
 }
 
-/// A private cluster that answered on this port; `fresh` when this process started it.
-#[derive(Debug, Clone, Copy)]
-struct Running {
-    port: u16,
-    fresh: bool,
-}
-
 /// Finds the server binaries and brings the run's shared cluster up. `Err` is "unavailable" (skip or
 /// fail by policy); a cluster that is present but fails to start panics with its log.
 fn start_private_cluster() -> Result<Running, String> {
-    let bin = find_bindir()?;
-    let run_as = if rustix::process::geteuid().is_root() {
-        Some(postgres_account()?)
-    } else {
-        None
-    };
-    let major = major_version(&bin)?;
-    let root = cluster_root(&major, run_as.is_some());
-    let cluster = Cluster::new(bin, root, run_as);
+    let explicit = std::env::var_os(BINDIR_ENV)
+        .filter(|v| !v.is_empty())
+        .map(|d| (PathBuf::from(d), BINDIR_ENV));
+    let bin = find_bindir(explicit).map_err(|e| e.to_string())?;
+    let run_as = server_account().map_err(|e| e.to_string())?;
+    let major = major_version(&bin).map_err(|e| e.to_string())?;
+    let root = cluster_root(&major, run_as);
+    let cluster = Cluster::new(bin, root, run_as, "cairn-testkit");
     Ok(cluster.ensure_running().unwrap_or_else(|e| {
         panic!(
             "cairn-testkit: could not start PostgreSQL in {}: {e}",
@@ -382,108 +372,9 @@ fn start_private_cluster() -> Result<Running, String> {
     }))
 }
 
-fn find_bindir() -> Result<PathBuf, String> {
-    let has_tools = |dir: &Path| {
-        ["initdb", "pg_ctl", "postgres"]
-            .iter()
-            .all(|t| dir.join(t).is_file())
-    };
-    if let Some(dir) = std::env::var_os(BINDIR_ENV).filter(|v| !v.is_empty()) {
-        let dir = PathBuf::from(dir);
-        return if has_tools(&dir) {
-            Ok(dir)
-        } else {
-            Err(format!(
-                "{BINDIR_ENV}={} holds no initdb, pg_ctl and postgres",
-                dir.display()
-            ))
-        };
-    }
-    // Debian and Ubuntu keep the server binaries off PATH, one directory per major version.
-    let mut debian: Vec<(Vec<u32>, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let version = entry
-                .file_name()
-                .to_str()?
-                .split('.')
-                .map(str::parse)
-                .collect::<Result<Vec<u32>, _>>()
-                .ok()?;
-            let bin = entry.path().join("bin");
-            has_tools(&bin).then_some((version, bin))
-        })
-        .collect();
-    debian.sort();
-    if let Some((_, bin)) = debian.pop() {
-        return Ok(bin);
-    }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .find(|dir| has_tools(dir))
-        .ok_or_else(|| {
-            "PostgreSQL server binaries (initdb, pg_ctl, postgres) were not found in \
-             /usr/lib/postgresql/*/bin or on PATH"
-                .to_owned()
-        })
-}
-
-/// `"15"` from `pg_ctl (PostgreSQL) 15.13 (Debian 15.13-0+deb12u1)`: the data directory's format.
-fn major_version(bin: &Path) -> Result<String, String> {
-    let out = Command::new(bin.join("pg_ctl"))
-        .arg("--version")
-        .output()
-        .map_err(|e| format!("running {}/pg_ctl --version: {e}", bin.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    text.split_whitespace()
-        .find_map(|word| {
-            let major = word.split('.').next()?;
-            (!major.is_empty() && major.bytes().all(|b| b.is_ascii_digit()))
-                .then(|| major.to_owned())
-        })
-        .ok_or_else(|| format!("cannot read a version in `pg_ctl --version` output: {text}"))
-}
-
-/// The unprivileged account the server runs as when the tests run as root.
-#[derive(Debug, Clone, Copy)]
-struct Account {
-    uid: u32,
-    gid: u32,
-}
-
-fn postgres_account() -> Result<Account, String> {
-    let no_runuser = ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
-        .iter()
-        .all(|p| !Path::new(p).exists());
-    if no_runuser {
-        return Err(
-            "running as root, and `runuser` (util-linux) is missing to drop to the \
-                    `postgres` account (initdb refuses root)"
-                .to_owned(),
-        );
-    }
-    let id = |flag: &str| -> Option<u32> {
-        let out = Command::new("id").args([flag, "postgres"]).output().ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).trim().parse().ok())?
-    };
-    match (id("-u"), id("-g")) {
-        (Some(uid), Some(gid)) => Ok(Account { uid, gid }),
-        _ => Err(
-            "running as root, and there is no `postgres` account to run the server as \
-                  (initdb refuses root)"
-                .to_owned(),
-        ),
-    }
-}
-
 /// `<target>/cairn-test-pg/<major>`, or a directory under the system temp dir when the server's
 /// account could not reach the target directory (a checkout under `/root`, say).
-fn cluster_root(major: &str, other_account: bool) -> PathBuf {
+fn cluster_root(major: &str, run_as: Option<Account>) -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new("."));
@@ -493,267 +384,7 @@ fn cluster_root(major: &str, other_account: bool) -> PathBuf {
         None => workspace.join("target"),
     };
     let root = target.join("cairn-test-pg").join(major);
-    if other_account && !traversable_by_others(&root) {
-        return std::env::temp_dir().join(format!("cairn-test-pg-{}-{major}", short_hash(&root)));
-    }
-    root
-}
-
-fn traversable_by_others(path: &Path) -> bool {
-    path.ancestors()
-        .filter_map(|dir| fs::metadata(dir).ok())
-        .all(|meta| meta.permissions().mode() & 0o001 != 0)
-}
-
-fn short_hash(path: &Path) -> String {
-    hex::encode(&Sha256::digest(path.as_os_str().as_encoded_bytes())[..4])
-}
-
-/// One private cluster: binaries, a root directory (lock file, data directory, server log) and a socket
-/// directory short enough for the 107-byte unix socket path limit.
-#[derive(Debug)]
-struct Cluster {
-    bin: PathBuf,
-    root: PathBuf,
-    data: PathBuf,
-    socket_dir: PathBuf,
-    run_as: Option<Account>,
-}
-
-impl Cluster {
-    fn new(bin: PathBuf, root: PathBuf, run_as: Option<Account>) -> Cluster {
-        let socket_dir = PathBuf::from(format!("/tmp/cairn-pg-{}", short_hash(&root)));
-        Cluster {
-            bin,
-            data: root.join("data"),
-            root,
-            socket_dir,
-            run_as,
-        }
-    }
-
-    /// Returns the port of the running cluster, starting it first if needed. Holds an exclusive lock on
-    /// `<root>/lock` meanwhile: `flock`, so the kernel releases it when a holder dies, which a lock file
-    /// created with `O_EXCL` would not (a crashed test run would then block every later one).
-    fn ensure_running(&self) -> Result<Running, String> {
-        self.prepare_dirs()?;
-        let lock_path = self.root.join("lock");
-        let lock = File::options()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| format!("opening {}: {e}", lock_path.display()))?;
-        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
-            .map_err(|e| format!("locking {}: {e}", lock_path.display()))?;
-        if let Some(port) = self.running_port(Duration::from_secs(10)) {
-            return Ok(Running { port, fresh: false });
-        }
-        if !self.root.join("initialized").exists() {
-            self.init()?;
-        }
-        self.clear_stale()?;
-        let mut last = String::new();
-        for _ in 0..3 {
-            let port = free_port()?;
-            let out = self.pg_ctl(&[
-                "start",
-                "-w",
-                "-t",
-                "60",
-                "-D",
-                path_str(&self.data)?,
-                "-l",
-                path_str(&self.root.join("server.log"))?,
-                "-o",
-                &format!("-p {port}"),
-            ])?;
-            if out.status.success() && self.running_port(Duration::from_secs(5)) == Some(port) {
-                return Ok(Running { port, fresh: true });
-            }
-            last = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            // A port taken between our probe and the server's bind, or a dying old server's shared
-            // memory still attached: both pass after a moment.
-            self.clear_stale()?;
-            std::thread::sleep(Duration::from_millis(500));
-        }
-        Err(format!("pg_ctl start failed: {last}\n{}", self.log_tail()))
-    }
-
-    fn prepare_dirs(&self) -> Result<(), String> {
-        for dir in [&self.root, &self.socket_dir] {
-            fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            if let Some(account) = self.run_as {
-                std::os::unix::fs::chown(dir, Some(account.uid), Some(account.gid))
-                    .map_err(|e| format!("chown {}: {e}", dir.display()))?;
-            }
-        }
-        fs::set_permissions(&self.socket_dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("chmod {}: {e}", self.socket_dir.display()))
-    }
-
-    /// The port of a healthy cluster on our data directory, waiting up to `patience` for one that is
-    /// alive but not ready yet (crash recovery). `None` when none is running or it never became ready.
-    fn running_port(&self, patience: Duration) -> Option<u16> {
-        let deadline = Instant::now() + patience;
-        loop {
-            let pidfile = fs::read_to_string(self.data.join("postmaster.pid")).ok()?;
-            let lines: Vec<&str> = pidfile.lines().map(str::trim).collect();
-            let pid: i32 = lines.first()?.parse().ok()?;
-            if !self.is_our_postmaster(pid) {
-                return None;
-            }
-            // postmaster.pid: pid, data dir, start time, port, socket dir, listen address, shmem key,
-            // status.
-            if let (Some(port), Some(&"ready")) =
-                (lines.get(3).and_then(|p| p.parse().ok()), lines.get(7))
-            {
-                let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-                if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
-                    return Some(port);
-                }
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// Whether `pid` is a live postmaster of this data directory (not a recycled pid).
-    fn is_our_postmaster(&self, pid: i32) -> bool {
-        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            return false;
-        };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        let is_postgres = args.first().is_some_and(|a| a.ends_with(b"postgres"));
-        is_postgres && args.contains(&self.data.as_os_str().as_encoded_bytes())
-    }
-
-    /// A from-scratch data directory; `initialized` is written last, so an interrupted `initdb` is
-    /// redone rather than trusted.
-    fn init(&self) -> Result<(), String> {
-        match fs::remove_dir_all(&self.data) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("removing {}: {e}", self.data.display())),
-        }
-        let out = self.run(
-            "initdb",
-            &[
-                "-D",
-                path_str(&self.data)?,
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--locale=C",
-                // Skips only initdb's final flush of the new files; the server itself runs with fsync.
-                "--no-sync",
-            ],
-        )?;
-        if !out.status.success() {
-            return Err(format!(
-                "initdb failed: {}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-        let conf = self.data.join("postgresql.conf");
-        let mut file = File::options()
-            .append(true)
-            .open(&conf)
-            .map_err(|e| format!("opening {}: {e}", conf.display()))?;
-        let settings = format!(
-            "\n# cairn-testkit: a private cluster for tests, trusted on loopback only.\n\
-             listen_addresses = '127.0.0.1'\n\
-             unix_socket_directories = '{}'\n\
-             max_connections = 300\n\
-             shared_buffers = 128MB\n\
-             # Durable commits stay on: the queue benchmark measures them.\n\
-             fsync = on\n\
-             synchronous_commit = on\n\
-             full_page_writes = on\n",
-            self.socket_dir.display()
-        );
-        file.write_all(settings.as_bytes())
-            .map_err(|e| format!("writing {}: {e}", conf.display()))?;
-        fs::write(self.root.join("initialized"), b"")
-            .map_err(|e| format!("writing {}: {e}", self.root.display()))
-    }
-
-    /// Makes way for a new server: stops a postmaster that is alive but not answering, and removes the
-    /// `postmaster.pid` and socket lock files a killed one left behind.
-    fn clear_stale(&self) -> Result<(), String> {
-        let pidfile = self.data.join("postmaster.pid");
-        if let Ok(text) = fs::read_to_string(&pidfile) {
-            let pid = text
-                .lines()
-                .next()
-                .and_then(|l| l.trim().parse::<i32>().ok());
-            if pid.is_some_and(|pid| self.is_our_postmaster(pid)) {
-                self.pg_ctl(&["stop", "-w", "-m", "immediate", "-D", path_str(&self.data)?])?;
-            }
-            let _ = fs::remove_file(&pidfile);
-        }
-        for entry in fs::read_dir(&self.socket_dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if entry.file_name().to_string_lossy().starts_with(".s.PGSQL.") {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-        Ok(())
-    }
-
-    fn pg_ctl(&self, args: &[&str]) -> Result<Output, String> {
-        self.run("pg_ctl", args)
-    }
-
-    /// Runs one of the server tools, as the `postgres` account when we are root.
-    fn run(&self, tool: &str, args: &[&str]) -> Result<Output, String> {
-        let exe = self.bin.join(tool);
-        let mut cmd = if self.run_as.is_some() {
-            let mut cmd = Command::new("runuser");
-            cmd.args(["-u", "postgres", "--"]).arg(&exe);
-            cmd
-        } else {
-            Command::new(&exe)
-        };
-        // The server's own output goes to server.log (`pg_ctl -l`), so these pipes close when the tool
-        // exits and no test runner sees a leaked handle.
-        cmd.args(args)
-            .current_dir(&self.root)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| format!("running {}: {e}", exe.display()))
-    }
-
-    fn log_tail(&self) -> String {
-        let log = self.root.join("server.log");
-        let text = fs::read_to_string(&log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
-        format!("last lines of {}:\n{tail}", log.display())
-    }
-}
-
-fn free_port() -> Result<u16, String> {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .map_err(|e| format!("finding a free port: {e}"))
-}
-
-fn path_str(path: &Path) -> Result<&str, String> {
-    path.to_str()
-        .ok_or_else(|| format!("{} is not UTF-8", path.display()))
+    reachable_root(root, run_as, &format!("cairn-test-pg-{major}"))
 }
 
 #[cfg(test)]
@@ -813,19 +444,20 @@ mod tests {
     /// must start a new one rather than trust the file or give up.
     #[test]
     fn a_killed_cluster_is_restarted() {
+        use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+        use std::time::{Duration, Instant};
+
         if std::env::var_os(DATABASE_URL_ENV).is_some_and(|v| !v.is_empty()) {
             return; // the private cluster is not in use
         }
-        let Ok(bin) = find_bindir() else {
+        let Ok(bin) = find_bindir(None) else {
             skip_or_panic("PostgreSQL server binaries were not found");
             return;
         };
-        let run_as = rustix::process::geteuid()
-            .is_root()
-            .then(|| postgres_account().unwrap());
+        let run_as = server_account().unwrap();
         let root =
             std::env::temp_dir().join(format!("cairn-testkit-restart-{}", std::process::id()));
-        let cluster = Cluster::new(bin, root.clone(), run_as);
+        let cluster = Cluster::new(bin, root.clone(), run_as, "cairn-testkit");
 
         let first = cluster.ensure_running().unwrap();
         assert!(first.fresh);
@@ -834,13 +466,7 @@ mod tests {
         assert_eq!(again.port, first.port);
 
         let pidfile = cluster.data.join("postmaster.pid");
-        let pid: i32 = fs::read_to_string(&pidfile)
-            .unwrap()
-            .lines()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
+        let pid = cluster.postmaster_pid().expect("the postmaster runs");
         let pid = rustix::process::Pid::from_raw(pid).unwrap();
         rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -855,15 +481,9 @@ mod tests {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, restarted.port));
         TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
 
-        let _ = cluster.pg_ctl(&[
-            "stop",
-            "-w",
-            "-m",
-            "immediate",
-            "-D",
-            path_str(&cluster.data).unwrap(),
-        ]);
-        let _ = fs::remove_dir_all(&root);
-        let _ = fs::remove_dir_all(&cluster.socket_dir);
+        cluster.stop().unwrap();
+        assert_eq!(cluster.postmaster_pid(), None, "stop() leaves no server");
+        let _ = std::fs::remove_dir_all(&root);
+        let _ = std::fs::remove_dir_all(&cluster.socket_dir);
     }
 }
