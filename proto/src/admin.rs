@@ -1,6 +1,8 @@
 //! Request and response bodies of the admin API (`/api/v1`) besides the status, which is the
 //! reconciler's own `Status` value.
 
+use std::collections::BTreeMap;
+
 use cairn_schema::{Driver, Name, Recipient};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -69,4 +71,121 @@ pub struct NodeInfo {
 pub struct Revoked {
     /// False when the node had no credential.
     pub revoked: bool,
+}
+
+/// One release of an app (`GET /api/v1/apps/{app}/releases`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    pub number: u64,
+    pub config_commit: String,
+    pub config_generation: u64,
+    /// A commit id, or the tag a manifest's `rev` names.
+    pub source_commit: String,
+    /// The image reference and its registry digest, once an agent reported them.
+    pub image: Option<String>,
+    pub image_digest: Option<String>,
+    /// `pending`, `building`, `built`, `deploying`, `live`, `failed` or `superseded`.
+    pub status: String,
+    pub error: Option<String>,
+    /// Milliseconds per stage of push-to-running (fetch, build, push, start, healthy), as reported.
+    pub stage_timings: BTreeMap<String, u64>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// The replica slots placed at this release now.
+    pub placement: Vec<SlotPlacement>,
+}
+
+/// A replica slot placed on a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotPlacement {
+    pub slot: u32,
+    pub node: Name,
+    /// `running`, or `stopped` for a suspended app.
+    pub state: String,
+}
+
+/// An app's releases, newest first, and its rollback pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Releases {
+    pub app: Name,
+    /// Whether the app is in the applied configuration (its releases outlive it).
+    pub declared: bool,
+    pub pinned_release: Option<u64>,
+    pub releases: Vec<ReleaseInfo>,
+}
+
+/// `POST /api/v1/apps/{app}/rollback`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    /// The release to go back to; by default the last release before the current one that ran.
+    #[serde(default)]
+    pub release: Option<u64>,
+}
+
+/// What a rollback or an unpin did: the app's pin before and after.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pinned {
+    pub app: Name,
+    pub pinned_release: Option<u64>,
+    pub previous: Option<u64>,
+}
+
+/// `POST /api/v1/apps/{app}/restart`: the app's restart request count after this one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restarted {
+    pub app: Name,
+    pub count: u64,
+}
+
+/// `POST /api/v1/apps/{app}/deploy`: the branch head the control plane read from the app's remote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Deployed {
+    pub app: Name,
+    pub branch: String,
+    pub commit: String,
+    /// Whether the head differs from the one recorded before (false: it already was the head).
+    pub moved: bool,
+    /// The app's latest release when the head was recorded (the next one follows if the head moved).
+    pub latest_release: Option<u64>,
+}
+
+/// A line of output, as the admin API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputLine {
+    /// `stdout`, `stderr`, `build` or `agent`.
+    pub stream: String,
+    pub text: String,
+    pub at: DateTime<Utc>,
+    pub node: Name,
+    pub slot: Option<u32>,
+}
+
+/// `GET /api/v1/apps/{app}/build-logs[?release=N]`: what the release's deploy tasks logged while they
+/// built and started it, in order (task by task).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildLogs {
+    pub app: Name,
+    pub release: u64,
+    pub lines: Vec<OutputLine>,
+}
+
+/// `GET /api/v1/apps/{app}/logs?after=CURSOR&tail=N&wait_ms=MS`: the app's replicas' output. `after`
+/// (from the previous answer's `cursor`) asks for lines received since; `wait_ms` (up to
+/// [`crate::MAX_LEASE_WAIT_MS`]) waits for the first new line (a long-poll).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppLogs {
+    pub app: Name,
+    /// Oldest first.
+    pub lines: Vec<AppLogLine>,
+    /// Ask with `after=cursor` for what comes next.
+    pub cursor: i64,
+}
+
+/// One line of a replica's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppLogLine {
+    pub release: u64,
+    #[serde(flatten)]
+    pub line: OutputLine,
 }

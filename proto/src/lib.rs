@@ -13,6 +13,7 @@
 //! | `POST /agent/v1/tasks/{id}/logs` | [`LogBatch`] → [`LogsResponse`] | credential + fencing token |
 //! | `POST /agent/v1/tasks/{id}/result` | [`TaskResult`] → [`ResultResponse`] | credential + fencing token |
 //! | `POST /agent/v1/tasks/{id}/release` | [`Release`] → [`ResultResponse`] | credential + fencing token |
+//! | `POST /agent/v1/replica-logs` | [`ReplicaLogBatch`] → [`LogsResponse`] | credential (lines of its own placements only) |
 //!
 //! Every error is [`ErrorBody`] (`{"error": "..."}`) with the HTTP status saying what kind: 400 a
 //! malformed request, 401 a missing, wrong or revoked credential (or an unknown, used or expired join
@@ -28,7 +29,11 @@
 //! `Status`), `GET /api/v1/nodes` ([`admin::NodeInfo`]), `POST /api/v1/nodes/{node}/join-tokens`
 //! ([`admin::JoinTokenRequest`] → [`admin::JoinToken`]), `GET /api/v1/nodes/{node}/join-tokens`
 //! ([`admin::JoinTokenInfo`], never the token), `DELETE /api/v1/nodes/{node}/credential` (revoke the
-//! node's agent credential).
+//! node's agent credential). Per app: `GET /api/v1/apps/{app}/releases` ([`admin::Releases`]),
+//! `POST .../rollback` ([`admin::RollbackRequest`] → [`admin::Pinned`]), `DELETE .../pin` (→
+//! [`admin::Pinned`]), `POST .../restart` (→ [`admin::Restarted`]), `POST .../deploy` (→
+//! [`admin::Deployed`]), `GET .../build-logs[?release=N]` ([`admin::BuildLogs`]) and
+//! `GET .../logs?after=CURSOR&tail=N&wait_ms=MS` ([`admin::AppLogs`], a long-poll with `wait_ms`).
 //!
 //! What this crate must not do: IO of any kind, or carry a secret in plaintext. A deploy task's secrets
 //! travel only as [`DeployPayload::secret_env`], an age ciphertext to the one node that runs the task.
@@ -382,6 +387,26 @@ pub struct LogBatch {
 pub struct LogsResponse {
     /// Lines stored; fewer than sent once the task's log is full.
     pub stored: u32,
+}
+
+/// `POST /agent/v1/replica-logs`: what the node's replicas printed since the last batch. A line is kept
+/// only for a replica slot placed on the calling node; at most [`MAX_LOG_LINES`] lines per batch, each cut
+/// at [`MAX_LOG_LINE_BYTES`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaLogBatch {
+    pub lines: Vec<ReplicaLogLine>,
+}
+
+/// One line of a replica's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaLogLine {
+    pub app: Name,
+    pub slot: u32,
+    pub release: u64,
+    pub stream: LogStream,
+    pub text: String,
+    pub at: DateTime<Utc>,
 }
 
 /// How a task ended on the agent.

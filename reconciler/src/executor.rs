@@ -289,6 +289,10 @@ async fn write_state(
         if let Some(apps) = deleted.get(&Kind::App) {
             state::delete_source_heads(tx, apps).await?;
         }
+        // A change to a pinned app's manifest is a deploy: it lifts the rollback pin.
+        for p in plan.pins.iter().filter(|p| p.lifted) {
+            state::set_rollback_pin(tx, &p.app, None).await?;
+        }
         state::advance_generation(
             tx,
             plan.based_on,

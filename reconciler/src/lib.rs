@@ -17,6 +17,7 @@ pub mod observed;
 pub mod payload;
 pub mod plan;
 pub mod queue;
+pub mod releases;
 pub mod scheduler;
 pub mod source;
 pub mod status;

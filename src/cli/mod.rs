@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod control;
+mod logs;
 mod node;
+mod releases;
 mod remote;
 mod repo;
 mod schema_cmd;
@@ -51,6 +53,18 @@ enum Command {
     Status(control::StatusArgs),
     /// Run the control plane: the reconcile loop and its HTTP listener
     Serve(serve::Args),
+    /// An app's releases, newest first: commits, image, status, time per stage, where each runs
+    Releases(releases::ReleasesArgs),
+    /// Run an earlier release again (no build) and pin the app to it until `unpin`
+    Rollback(releases::RollbackArgs),
+    /// Lift an app's rollback pin: it deploys its latest release and follows its branch again
+    Unpin(releases::AppArgs),
+    /// Restart an app's running replicas
+    Restart(releases::AppArgs),
+    /// Read the head of an app's branch now and deploy it
+    Deploy(releases::AppArgs),
+    /// An app's replicas' output (--follow to keep printing), or a release's build output (--build)
+    Logs(logs::Args),
     /// Nodes' agents: make a join token, revoke a credential
     Node(node::Args),
     /// Admin API tokens: create, list, revoke (against the database)
@@ -68,6 +82,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Apply(a) => control::apply(a),
         Command::Status(a) => control::status(a),
         Command::Serve(a) => serve::run(a),
+        Command::Releases(a) => releases::list(a),
+        Command::Rollback(a) => releases::rollback(a),
+        Command::Unpin(a) => releases::unpin(a),
+        Command::Restart(a) => releases::restart(a),
+        Command::Deploy(a) => releases::deploy(a),
+        Command::Logs(a) => logs::run(a),
         Command::Node(a) => node::run(a),
         Command::Token(a) => token::run(a),
         Command::Webhooks(a) => webhooks::run(a),

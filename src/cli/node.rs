@@ -5,14 +5,14 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use cairn_proto::admin::{JoinToken, JoinTokenRequest, Revoked};
 use cairn_reconciler::api::auth;
 use cairn_reconciler::store::agents;
 use cairn_schema::Name;
 
 use super::control::runtime;
-use super::remote::{Target, TargetArgs};
+use super::remote::{Target, TargetArgs, connect_db};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -55,7 +55,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                         .await?
                     }
                     Target::Db(url) => {
-                        let pool = pool(&url).await?;
+                        let pool = connect_db(&url).await?;
                         let t = auth::issue_join_token(&pool, &node, ttl).await?;
                         pool.close().await;
                         t
@@ -77,7 +77,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                             .revoked
                     }
                     Target::Db(url) => {
-                        let pool = pool(&url).await?;
+                        let pool = connect_db(&url).await?;
                         if !agents::node_declared(&pool, &node).await? {
                             anyhow::bail!("node `{node}` is not in the applied configuration");
                         }
@@ -95,14 +95,4 @@ pub fn run(args: Args) -> Result<ExitCode> {
         }
         Ok(ExitCode::SUCCESS)
     })
-}
-
-async fn pool(url: &str) -> Result<sqlx::PgPool> {
-    let pool = cairn_reconciler::store::connect(url, 2)
-        .await
-        .context("cannot connect to the database")?;
-    cairn_reconciler::store::migrate(&pool)
-        .await
-        .context("cannot migrate the database")?;
-    Ok(pool)
 }

@@ -134,3 +134,14 @@ impl AdminClient {
             .context("the control plane's answer is not what this cairn expects")
     }
 }
+
+/// A small pool on the database at `url`, its schema brought up to date.
+pub async fn connect_db(url: &str) -> Result<sqlx::PgPool> {
+    let pool = cairn_reconciler::store::connect(url, 2)
+        .await
+        .context("cannot connect to the database")?;
+    cairn_reconciler::store::migrate(&pool)
+        .await
+        .context("cannot migrate the database")?;
+    Ok(pool)
+}

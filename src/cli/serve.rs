@@ -132,8 +132,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         apis.set(
             super::serve_api::start(
                 &args.api,
+                &args.src,
                 &args.db.database_url,
-                super::read_identity(args.src.identity.as_ref())?,
                 args.node_offline_after,
                 c.hooks.clone(),
                 wake.clone(),

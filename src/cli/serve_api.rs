@@ -16,7 +16,7 @@ use axum::response::{IntoResponse, Response};
 use cairn_reconciler::api::limit::Rate;
 use cairn_reconciler::api::{Api, ApiConfig};
 use cairn_reconciler::queue::Listener;
-use cairn_schema::{Identity, Name};
+use cairn_schema::Name;
 use tokio::sync::{Notify, watch};
 use tower::ServiceExt as _;
 
@@ -45,18 +45,25 @@ pub struct ApiArgs {
     /// Join attempts per second per client address (bursts of ten times as many)
     #[arg(long, default_value_t = 5.0)]
     join_rate_limit: f64,
+    /// Build output and replica output older than this are pruned (checked every 10 minutes)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "14d")]
+    log_retention: Duration,
+    /// Replica output lines kept per app for `cairn logs` (older ones are pruned)
+    #[arg(long, default_value_t = 10_000)]
+    log_window: u32,
 }
 
 /// Connects the APIs' pool and listener, starts the liveness monitor, and returns the APIs' router.
 pub async fn start(
     args: &ApiArgs,
+    src: &super::control::SourceArgs,
     database_url: &str,
-    identity: Option<Identity>,
     offline_after: Duration,
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
 ) -> Result<Router> {
+    let identity = super::read_identity(src.identity.as_ref())?;
     let pool = cairn_reconciler::store::connect(database_url, args.api_db_connections)
         .await
         .context("cannot connect the API to the database")?;
@@ -79,6 +86,31 @@ pub async fn start(
         cfg,
         Some(stop.clone()),
     );
+    // `cairn deploy APP` reads the app's branch head through the same rewrites as the head poller
+    // (also with --no-poll-heads: that stops the polling, not an operator's explicit ask).
+    let rewrites =
+        cairn_schema::source::Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
+    let _ = api.heads.set(Arc::new(tokio::sync::Mutex::new(
+        cairn_reconciler::source::heads::HeadPoller::new(
+            src.cache_root().join("deploy-heads.git"),
+            rewrites,
+        ),
+    )));
+    let retention = cairn_reconciler::releases::Retention {
+        keep: args.log_retention,
+        window: args.log_window,
+        ..Default::default()
+    };
+    tokio::spawn(cairn_reconciler::releases::prune_loop(
+        pool.clone(),
+        retention,
+        {
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            }
+        },
+    ));
     tokio::spawn(cairn_reconciler::liveness::monitor(
         pool,
         offline_after,

@@ -4,6 +4,7 @@ mod agents;
 mod crash;
 mod examples;
 mod plan_cli;
+mod releases;
 mod secret;
 mod validate;
 mod webhooks;

@@ -29,6 +29,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     TooLarge(String),
+    /// Something the control plane depends on (an app's git remote) did not answer as it should.
+    #[error("{0}")]
+    Upstream(String),
     #[error("too many requests: try again in {} ms", .0.as_millis())]
     TooMany(Duration),
     /// Postgres failed; logged, not shown.
@@ -45,6 +48,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ApiError::TooMany(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }

@@ -14,6 +14,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod apps;
 pub mod auth;
 mod error;
 pub mod limit;
@@ -89,6 +90,10 @@ pub struct Api {
     /// Told when a release's deploy finished (commit statuses, in `cairn serve`).
     pub hooks: Option<Arc<dyn Hooks>>,
     pub cfg: ApiConfig,
+    /// Reads app branch heads for `cairn deploy` (`cairn serve` sets it).
+    pub heads: std::sync::OnceLock<Arc<tokio::sync::Mutex<crate::source::heads::HeadPoller>>>,
+    /// Ticks when replica output is stored: wakes `cairn logs --follow` long-polls.
+    pub log_tick: watch::Sender<u64>,
     /// Turns true when the server shuts down: long-polls answer at once.
     stopping: Option<watch::Receiver<bool>>,
     node_limit: Limiter,
@@ -110,6 +115,8 @@ impl Api {
         Arc::new(Api {
             stopping,
             hooks,
+            heads: std::sync::OnceLock::new(),
+            log_tick: watch::channel(0).0,
             node_limit: Limiter::new(cfg.node_rate),
             admin_limit: Limiter::new(cfg.admin_rate),
             join_limit: Limiter::new(cfg.join_rate),
@@ -150,8 +157,14 @@ impl Api {
 /// Both APIs, with their body limit.
 pub fn router(api: Arc<Api>) -> Router {
     Router::new()
-        .nest(cairn_proto::AGENT_API, agent::routes())
-        .nest(cairn_proto::ADMIN_API, admin::routes())
+        .nest(
+            cairn_proto::AGENT_API,
+            agent::routes().merge(apps::agent_routes()),
+        )
+        .nest(
+            cairn_proto::ADMIN_API,
+            admin::routes().merge(apps::admin_routes()),
+        )
         .layer(DefaultBodyLimit::max(cairn_proto::MAX_BODY_BYTES))
         .with_state(api)
 }

@@ -25,7 +25,8 @@ pub enum NotApplicable {
 /// - otherwise: `generation` becomes `plan.generation`, `applied_commit` the target commit, the applied
 ///   plans, runtimes, nodes, apps (env via [`crate::observed::AppliedApp::from_desired`]) and currency
 ///   become the desired ones, placements become `plan.placements`, each new release is recorded as its
-///   app's latest, node status and rollback pins of removed nodes and apps are deleted; source heads and
+///   app's latest, node status and rollback pins of removed nodes and apps are deleted, and so are the pins the plan
+///   lifts; source heads and
 ///   restart requests are left alone.
 pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, NotApplicable> {
     let obs = input.observed;
@@ -52,8 +53,9 @@ pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, Not
     next.runtimes = target.runtimes.clone();
     next.nodes = target.nodes.clone();
     next.node_status.retain(|n, _| target.nodes.contains_key(n));
-    next.rollback_pins
-        .retain(|a, _| target.apps.contains_key(a));
+    next.rollback_pins.retain(|a, _| {
+        target.apps.contains_key(a) && !plan.pins.iter().any(|p| &p.app == a && p.lifted)
+    });
     next.apps = target.apps;
     next.placements = plan.placements.clone();
     for r in &plan.releases {

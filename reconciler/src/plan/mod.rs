@@ -26,8 +26,8 @@
 //!    changed, and the slots of [`Plan::placement_changes`] without a `to` are the rows to delete, so a
 //!    store can write the difference), a release row per
 //!    [`Plan::releases`] entry (with its [`ReleaseSpec`] and the app's env ciphertexts, so a rollback can
-//!    deploy it again), and delete the credentials and status of removed nodes and the rollback pins of
-//!    deleted apps.
+//!    deploy it again), and delete the credentials and status of removed nodes, the rollback pins of
+//!    deleted apps, and the pins of [`Plan::pins`] that are `lifted` (the app's manifest changed).
 //! 4. Enqueue one task per [`Plan::tasks`] entry, in its order, for its node, carrying the plan's
 //!    generation; a deploy task's env is the release's secrets re-encrypted to that node's recipient. Tasks
 //!    whose node is pending or offline ([`Task::waits_for`]) are enqueued all the same: the node leases
@@ -280,13 +280,16 @@ impl ReleaseSpec {
     }
 }
 
-/// An app a rollback holds on a release.
+/// An app a rollback holds on a release, or whose pin this plan lifts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Pin {
     pub app: Name,
     pub release: ReleaseNumber,
     /// Whether a newer source commit or config waits for the pin to be lifted.
     pub holding_back: bool,
+    /// The app's manifest changed: a change to the app is a deploy, so this plan clears the pin (the
+    /// executor deletes it) and the app runs the release the change makes, as if it was never pinned.
+    pub lifted: bool,
 }
 
 /// A replica slot that appears, moves or goes away.

@@ -234,7 +234,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     let views = node_views(input, &target, &mut warnings);
-    let (runs, releases, pins) = decide_releases(input, &target, &mut warnings);
+    // An app whose manifest changes is deployed even under a rollback pin: the change lifts the pin.
+    let changed_apps: BTreeSet<&Name> = changes
+        .iter()
+        .filter(|c| c.kind == Kind::App && c.action == Action::Update)
+        .map(|c| &c.name)
+        .collect();
+    let (runs, releases, pins) = decide_releases(input, &target, &changed_apps, &mut warnings);
 
     // Scheduling.
     let mut by_app: BTreeMap<&Name, Vec<&ReplicaPlacement>> = BTreeMap::new();
@@ -493,6 +499,7 @@ fn node_views(
 fn decide_releases<'t>(
     input: &PlanInput<'_>,
     target: &'t Target<'_>,
+    changed_apps: &BTreeSet<&Name>,
     warnings: &mut Vec<Warning>,
 ) -> (BTreeMap<&'t Name, Run>, Vec<NewRelease>, Vec<Pin>) {
     let obs = input.observed;
@@ -549,14 +556,18 @@ fn decide_releases<'t>(
             l.spec_hash != spec_hash || source.is_some_and(|s| *s != l.source_commit)
         };
         if let Some(&pinned) = obs.rollback_pins.get(name) {
+            let lifted = changed_apps.contains(name);
             pins.push(Pin {
                 app: name.clone(),
                 release: pinned,
-                holding_back: latest
-                    .is_none_or(|l| l.number != pinned || differs(l, source.as_ref())),
+                holding_back: !lifted
+                    && latest.is_none_or(|l| l.number != pinned || differs(l, source.as_ref())),
+                lifted,
             });
-            runs.insert(name, Run::Running { release: pinned });
-            continue;
+            if !lifted {
+                runs.insert(name, Run::Running { release: pinned });
+                continue;
+            }
         }
         let Some(source) = source else {
             warnings.push(Warning {

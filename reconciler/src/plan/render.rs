@@ -323,6 +323,14 @@ pub fn text(plan: &Plan, color: bool) -> String {
     if !plan.pins.is_empty() {
         let _ = writeln!(o, "\n{}", st.bold("Pinned by rollback:"));
         for p in &plan.pins {
+            if p.lifted {
+                let _ = writeln!(
+                    o,
+                    "  ~ {} was pinned to release #{}: its manifest changed, so the pin is lifted",
+                    p.app, p.release
+                );
+                continue;
+            }
             let note = if p.holding_back {
                 "; a newer source or config waits until it is unpinned"
             } else {
@@ -628,6 +636,15 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
     }
     if !plan.pins.is_empty() {
         for p in &plan.pins {
+            if p.lifted {
+                let _ = writeln!(
+                    o,
+                    "- `{}` was pinned to release #{} by a rollback; its manifest changed, so this \
+                     plan lifts the pin.",
+                    p.app, p.release
+                );
+                continue;
+            }
             let note = if p.holding_back {
                 " A newer source or config waits until it is unpinned."
             } else {

@@ -537,7 +537,8 @@ fn a_push_makes_a_release_unless_pinned() {
         [Pin {
             app: name("api"),
             release: 1,
-            holding_back: true
+            holding_back: true,
+            lifted: false
         }]
     );
     assert!(text(&p, false).contains("api stays on release #1"));
@@ -575,6 +576,58 @@ fn a_rollback_pin_deploys_the_pinned_release() {
     assert!(p.releases.is_empty());
     assert!(p.tasks.iter().all(|t| t.release == 2));
     assert_eq!(p.tasks.len(), 2);
+}
+
+#[test]
+fn a_change_to_a_pinned_apps_manifest_lifts_the_pin() {
+    let (d, mut o) = world_a(&secret("postgres://a", &[]));
+    heads(&mut o, &[("api", "9f8e7d6c5b4a3921")]);
+    let (_, mut o) = apply(&o, &commit("a0a0a0a0a0a0a0a0"), &d);
+    assert_eq!(o.releases[&name("api")].number, 2);
+    o.rollback_pins.insert(name("api"), 1);
+    let (_, o) = apply(&o, &commit("a0a0a0a0a0a0a0a0"), &d);
+
+    // A change elsewhere (web's replicas) keeps api on its pin.
+    let other =
+        repo(&apps_a(&secret("postgres://a", &[])).replacen("replicas = 2", "replicas = 1", 1));
+    let (p, o2) = apply(&o, &commit("b0b0b0b0b0b0b0b0"), &other);
+    assert!(p.changes.iter().all(|c| c.name.as_str() != "api"));
+    assert!(matches!(
+        &p.pins[..],
+        [Pin {
+            lifted: false,
+            release: 1,
+            ..
+        }]
+    ));
+    assert_eq!(o2.rollback_pins.get(&name("api")), Some(&1));
+    assert!(p.tasks.iter().all(|t| t.app.as_str() != "api"));
+
+    // A change to api's own manifest is a deploy: the pin goes and api runs its latest release again.
+    let changed = repo(&apps_a(&secret("postgres://a", &[])).replace(
+        "replicas = 2\nsource = { url = \"https://github.com/acme/api.git\"",
+        "replicas = 3\nsource = { url = \"https://github.com/acme/api.git\"",
+    ));
+    let (p, next) = apply(&o, &commit("c0c0c0c0c0c0c0c0"), &changed);
+    assert!(p.changes.iter().any(|c| c.name.as_str() == "api"));
+    assert!(matches!(
+        &p.pins[..],
+        [Pin {
+            lifted: true,
+            holding_back: false,
+            release: 1,
+            ..
+        }]
+    ));
+    assert!(p.releases.is_empty(), "{:?}", p.releases);
+    let api: Vec<_> = p.tasks.iter().filter(|t| t.app.as_str() == "api").collect();
+    assert_eq!(api.len(), 3, "{:?}", p.tasks);
+    assert!(
+        api.iter()
+            .all(|t| t.action == TaskAction::Deploy && t.release == 2)
+    );
+    assert!(next.rollback_pins.is_empty());
+    assert!(text(&p, false).contains("its manifest changed, so the pin is lifted"));
 }
 
 #[test]

@@ -728,8 +728,9 @@ pub async fn release_deploys(
     Ok((n(r.done), n(r.open), n(r.dead)))
 }
 
-/// Marks a release live (and the app's earlier live releases superseded) or failed, unless it already
-/// is. Returns whether it changed: only the first caller to see the outcome reports it.
+/// Marks a release live (and the app's other live releases superseded: after a rollback the live one is
+/// newer) or failed, unless it already is. Returns whether it changed: only the first caller to see the
+/// outcome reports it.
 pub async fn finish_release(
     conn: &mut PgConnection,
     app: &Name,
@@ -754,7 +755,7 @@ pub async fn finish_release(
     if changed && ok {
         sqlx::query!(
             r#"UPDATE releases SET status = 'superseded'
-               WHERE app = $1 AND number < $2 AND status = 'live'"#,
+               WHERE app = $1 AND number <> $2 AND status = 'live'"#,
             app.as_str(),
             to_i64("release", release)?,
         )

@@ -11,6 +11,8 @@
 //!   restart requests, source heads) and the apply lock;
 //! - [`history`]: the record of reconcile runs;
 //! - [`tasks`]: the statements behind [`crate::queue`];
+//! - [`releases`]: release history, build output and replica output for the operator commands, and
+//!   their retention;
 //! - [`agents`]: join tokens, node credentials and heartbeats, admin tokens, and what agents report
 //!   about the tasks they hold (the agent and admin APIs').
 //!
@@ -23,6 +25,7 @@
 
 pub mod agents;
 pub mod history;
+pub mod releases;
 pub mod state;
 pub mod tasks;
 

@@ -1,0 +1,404 @@
+//! Release history and what operators do with it: the releases of an app, rollback pins as operators set
+//! them, the build output kept with a release, the replicas' output agents ship, and the retention that
+//! prunes both (the statements behind [`crate::releases`]).
+//!
+//! What it must not do: decide whether a rollback is allowed (the caller does), or keep more output than
+//! the retention and the per-app window allow once the prune has run.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, PgPool};
+
+use cairn_schema::Name;
+
+use super::{Op as _, StoreError, to_i64, to_u64};
+use crate::observed::AppliedApp;
+
+/// An app as the operator commands see it: its applied form and its rollback pin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppRow {
+    pub applied: AppliedApp,
+    pub pinned_release: Option<u64>,
+}
+
+/// The applied app `app`, or `None` when it is not in the applied configuration. `FOR UPDATE` when
+/// `lock` (a rollback holds the row while it decides).
+pub async fn app(
+    conn: &mut PgConnection,
+    app: &Name,
+    lock: bool,
+) -> Result<Option<AppRow>, StoreError> {
+    let row = if lock {
+        sqlx::query!(
+            "SELECT spec, pinned_release FROM apps WHERE name = $1 FOR UPDATE",
+            app.as_str()
+        )
+        .fetch_optional(conn)
+        .await
+        .op("read an app")?
+        .map(|r| (r.spec, r.pinned_release))
+    } else {
+        sqlx::query!(
+            "SELECT spec, pinned_release FROM apps WHERE name = $1",
+            app.as_str()
+        )
+        .fetch_optional(conn)
+        .await
+        .op("read an app")?
+        .map(|r| (r.spec, r.pinned_release))
+    };
+    let Some((spec, pin)) = row else {
+        return Ok(None);
+    };
+    Ok(Some(AppRow {
+        applied: serde_json::from_value(spec).map_err(|e| corrupt("apps", "spec", e))?,
+        pinned_release: pin
+            .map(|p| to_u64("apps", "pinned_release", p))
+            .transpose()?,
+    }))
+}
+
+/// One row of `releases`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReleaseRow {
+    pub number: u64,
+    pub config_commit: String,
+    pub config_generation: u64,
+    pub source_commit: String,
+    /// `plan::ReleaseSpec` as JSON.
+    pub spec: serde_json::Value,
+    pub image: Option<String>,
+    pub image_digest: Option<String>,
+    pub status: String,
+    pub error: Option<String>,
+    pub stage_timings: BTreeMap<String, u64>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// The releases of `app`, newest first; `number` alone when given.
+pub async fn releases(
+    conn: &mut PgConnection,
+    app: &Name,
+    number: Option<u64>,
+    limit: u32,
+) -> Result<Vec<ReleaseRow>, StoreError> {
+    let number = number.map(|n| to_i64("release", n)).transpose()?;
+    let rows = sqlx::query!(
+        r#"SELECT number, config_commit, config_generation, source_commit, spec, image, image_digest,
+                  status, error, stage_timings, created_at, finished_at
+           FROM releases WHERE app = $1 AND ($2::bigint IS NULL OR number = $2)
+           ORDER BY number DESC LIMIT $3"#,
+        app.as_str(),
+        number,
+        i64::from(limit),
+    )
+    .fetch_all(conn)
+    .await
+    .op("read an app's releases")?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(ReleaseRow {
+                number: to_u64("releases", "number", r.number)?,
+                config_commit: r.config_commit,
+                config_generation: to_u64("releases", "config_generation", r.config_generation)?,
+                source_commit: r.source_commit,
+                spec: r.spec,
+                image: r.image,
+                image_digest: r.image_digest,
+                status: r.status,
+                error: r.error,
+                stage_timings: serde_json::from_value(r.stage_timings)
+                    .map_err(|e| corrupt("releases", "stage_timings", e))?,
+                created_at: r.created_at,
+                finished_at: r.finished_at,
+            })
+        })
+        .collect()
+}
+
+/// `(slot, node, release, state)` of every placement of `app`, by slot.
+pub async fn placements(
+    conn: &mut PgConnection,
+    app: &Name,
+) -> Result<Vec<(u32, String, u64, String)>, StoreError> {
+    let rows = sqlx::query!(
+        "SELECT slot, node, release, state FROM placements WHERE app = $1 ORDER BY slot",
+        app.as_str()
+    )
+    .fetch_all(conn)
+    .await
+    .op("read an app's placements")?;
+    rows.into_iter()
+        .map(|r| {
+            Ok((
+                u32::try_from(r.slot).map_err(|e| corrupt("placements", "slot", e))?,
+                r.node,
+                to_u64("placements", "release", r.release)?,
+                r.state,
+            ))
+        })
+        .collect()
+}
+
+/// A line of output kept in Postgres.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputRow {
+    /// The row's id (replica lines: the follow cursor) or the task's (build lines).
+    pub id: i64,
+    pub node: String,
+    pub slot: Option<u32>,
+    pub release: u64,
+    pub stream: String,
+    pub line: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The most build lines one answer carries (a task keeps at most 10,000 by default).
+pub const MAX_BUILD_LINES: i64 = 50_000;
+
+/// What the deploy tasks of release `release` of `app` logged about its build (streams `build` and
+/// `agent`), task by task, in order.
+pub async fn build_logs(
+    conn: &mut PgConnection,
+    app: &Name,
+    release: u64,
+) -> Result<Vec<OutputRow>, StoreError> {
+    let rows = sqlx::query!(
+        r#"SELECT t.id, t.node, t.slot, l.stream, l.line, l.at
+           FROM tasks t JOIN task_logs l ON l.task = t.id
+           WHERE t.app = $1 AND t.release = $2 AND t.kind = 'deploy'
+             AND l.stream IN ('build', 'agent')
+           ORDER BY t.id, l.seq
+           LIMIT $3"#,
+        app.as_str(),
+        to_i64("release", release)?,
+        MAX_BUILD_LINES,
+    )
+    .fetch_all(conn)
+    .await
+    .op("read a release's build output")?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(OutputRow {
+                id: r.id,
+                node: r.node,
+                slot: r
+                    .slot
+                    .map(|s| u32::try_from(s).map_err(|e| corrupt("tasks", "slot", e)))
+                    .transpose()?,
+                release,
+                stream: r.stream,
+                line: r.line,
+                at: r.at,
+            })
+        })
+        .collect()
+}
+
+/// A replica's line as an agent shipped it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewReplicaLine<'a> {
+    pub app: &'a str,
+    pub slot: u32,
+    pub release: u64,
+    pub stream: &'a str,
+    pub line: &'a str,
+    pub at: DateTime<Utc>,
+}
+
+/// Stores the lines of replica slots placed on `node`; lines of any other slot are dropped (a node only
+/// speaks for its own replicas). Returns how many were stored.
+pub async fn append_replica_logs(
+    pool: &PgPool,
+    node: &Name,
+    lines: &[NewReplicaLine<'_>],
+) -> Result<u64, StoreError> {
+    let n = lines.len();
+    let (mut apps, mut slots, mut releases) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut streams, mut texts, mut ats) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for l in lines {
+        apps.push(l.app.to_owned());
+        slots.push(i32::try_from(l.slot).unwrap_or(i32::MAX));
+        releases.push(to_i64("release", l.release)?);
+        streams.push(l.stream.to_owned());
+        texts.push(l.line.to_owned());
+        ats.push(l.at);
+    }
+    let done = sqlx::query!(
+        r#"INSERT INTO replica_logs (app, slot, release, node, stream, line, at)
+           SELECT l.app, l.slot, l.release, $1, l.stream, l.line, l.at
+           FROM UNNEST($2::text[], $3::int[], $4::bigint[], $5::text[], $6::text[], $7::timestamptz[])
+                WITH ORDINALITY AS l(app, slot, release, stream, line, at, ord)
+           WHERE EXISTS (SELECT 1 FROM placements p
+                         WHERE p.app = l.app AND p.slot = l.slot AND p.node = $1)
+           ORDER BY l.ord"#,
+        node.as_str(),
+        &apps,
+        &slots,
+        &releases,
+        &streams,
+        &texts,
+        &ats,
+    )
+    .execute(pool)
+    .await
+    .op("store replica output")?;
+    Ok(done.rows_affected())
+}
+
+/// Lines of `app`'s replicas: those after `after` (a cursor, oldest first, at most `limit`), or without
+/// one the last `limit`. Returns them oldest first, and the cursor to ask with next.
+pub async fn replica_logs(
+    conn: &mut PgConnection,
+    app: &Name,
+    after: Option<i64>,
+    limit: u32,
+) -> Result<(Vec<OutputRow>, i64), StoreError> {
+    let limit = i64::from(limit.max(1));
+    let rows = match after {
+        Some(after) => sqlx::query!(
+            r#"SELECT id, node, slot, release, stream, line, at FROM replica_logs
+               WHERE app = $1 AND id > $2 ORDER BY id LIMIT $3"#,
+            app.as_str(),
+            after,
+            limit,
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .op("read replica output")?
+        .into_iter()
+        .map(|r| (r.id, r.node, r.slot, r.release, r.stream, r.line, r.at))
+        .collect::<Vec<_>>(),
+        None => {
+            let mut v = sqlx::query!(
+                r#"SELECT id, node, slot, release, stream, line, at FROM replica_logs
+                   WHERE app = $1 ORDER BY id DESC LIMIT $2"#,
+                app.as_str(),
+                limit,
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .op("read replica output")?
+            .into_iter()
+            .map(|r| (r.id, r.node, r.slot, r.release, r.stream, r.line, r.at))
+            .collect::<Vec<_>>();
+            v.reverse();
+            v
+        }
+    };
+    let cursor = match rows.last() {
+        Some(r) => r.0,
+        None => match after {
+            Some(a) => a,
+            // Nothing yet: follow from the newest row of any app (ids only grow).
+            None => {
+                sqlx::query_scalar!(r#"SELECT coalesce(max(id), 0) AS "id!" FROM replica_logs"#)
+                    .fetch_one(&mut *conn)
+                    .await
+                    .op("read the replica output cursor")?
+            }
+        },
+    };
+    let out = rows
+        .into_iter()
+        .map(|(id, node, slot, release, stream, line, at)| {
+            Ok(OutputRow {
+                id,
+                node,
+                slot: Some(u32::try_from(slot).map_err(|e| corrupt("replica_logs", "slot", e))?),
+                release: to_u64("replica_logs", "release", release)?,
+                stream,
+                line,
+                at,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    Ok((out, cursor))
+}
+
+/// What one prune removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Build and task output lines older than the retention.
+    pub task_lines: u64,
+    /// Replica output lines older than the retention or beyond an app's window.
+    pub replica_lines: u64,
+}
+
+/// Deletes task output written before `before`, replica output received before `before`, and of each
+/// app's replica output all but the newest `window` lines. Deletes in batches of `batch` rows, so no
+/// statement holds many locks for long.
+pub async fn prune_logs(
+    pool: &PgPool,
+    before: DateTime<Utc>,
+    window: u32,
+    batch: u32,
+) -> Result<Pruned, StoreError> {
+    let batch = i64::from(batch.max(1));
+    let mut out = Pruned::default();
+    loop {
+        let n = sqlx::query!(
+            r#"DELETE FROM task_logs WHERE (task, seq) IN (
+                   SELECT task, seq FROM task_logs WHERE at < $1 LIMIT $2)"#,
+            before,
+            batch,
+        )
+        .execute(pool)
+        .await
+        .op("prune task output")?
+        .rows_affected();
+        out.task_lines += n;
+        if n < batch as u64 {
+            break;
+        }
+    }
+    loop {
+        let n = sqlx::query!(
+            r#"DELETE FROM replica_logs WHERE id IN (
+                   SELECT id FROM replica_logs WHERE received_at < $1 LIMIT $2)"#,
+            before,
+            batch,
+        )
+        .execute(pool)
+        .await
+        .op("prune replica output")?
+        .rows_affected();
+        out.replica_lines += n;
+        if n < batch as u64 {
+            break;
+        }
+    }
+    // Each app's window: the id of its `window`-th newest line bounds what stays.
+    let n = sqlx::query!(
+        r#"DELETE FROM replica_logs r USING (
+               SELECT a.app, (SELECT id FROM replica_logs x WHERE x.app = a.app
+                              ORDER BY id DESC OFFSET $1 LIMIT 1) AS last_gone
+               FROM (SELECT DISTINCT app FROM replica_logs) a) w
+           WHERE r.app = w.app AND r.id <= w.last_gone"#,
+        i64::from(window),
+    )
+    .execute(pool)
+    .await
+    .op("trim replica output to its window")?
+    .rows_affected();
+    out.replica_lines += n;
+    Ok(out)
+}
+
+fn corrupt(table: &'static str, column: &'static str, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        table,
+        column,
+        detail: e.to_string(),
+    }
+}
