@@ -16,7 +16,7 @@
 //! - [`client`], [`node`]: the agent API's client and the agent loop (join, heartbeat, lease, report);
 //! - [`runner`]: how a leased task is carried out ([`DriverRunner`] through the drivers above, and the
 //!   test-only [`recording::RecordingRunner`]); [`datadir`]: identity, credential and the slot book;
-//! - [`cli`]: the `cairn-agent` binary's flags.
+//! - [`cli`]: the `cairn-agent` binary's flags; [`dev`]: what `cairn dev` asks of the local Docker engine.
 //!
 //! What it must not do: read the config repository or Postgres (it knows only the tasks it leases), or run
 //! anything a manifest could use to weaken isolation (privileged mode, host networking, host mounts).
@@ -26,6 +26,7 @@ pub mod cli;
 pub mod client;
 pub mod datadir;
 pub mod deploy;
+pub mod dev;
 pub mod driver;
 pub mod health;
 pub mod logs;

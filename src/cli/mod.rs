@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod control;
+mod dev;
 mod logs;
 mod node;
 mod releases;
@@ -53,6 +54,8 @@ enum Command {
     Status(control::StatusArgs),
     /// Run the control plane: the reconcile loop and its HTTP listener
     Serve(serve::Args),
+    /// Run the whole platform on this machine (PostgreSQL, control plane, one agent per node) on DIR
+    Dev(dev::Args),
     /// An app's releases, newest first: commits, image, status, time per stage, where each runs
     Releases(releases::ReleasesArgs),
     /// Run an earlier release again (no build) and pin the app to it until `unpin`
@@ -82,6 +85,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Apply(a) => control::apply(a),
         Command::Status(a) => control::status(a),
         Command::Serve(a) => serve::run(a),
+        Command::Dev(a) => dev::run(a),
         Command::Releases(a) => releases::list(a),
         Command::Rollback(a) => releases::rollback(a),
         Command::Unpin(a) => releases::unpin(a),

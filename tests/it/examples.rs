@@ -1,6 +1,7 @@
 //! The examples against the JSON Schema editors use (Taplo / Even Better TOML): the committed schemas are
-//! exactly what `cairn schema` prints, every file of `examples/config` points at them and validates against
-//! them, and the `examples/invalid` cases about keys and types fail them, in the file the validator names.
+//! exactly what `cairn schema` prints, every file of `examples/config` and `examples/local` points at them
+//! and validates against them, and the `examples/invalid` cases about keys and types fail them, in the file
+//! the validator names.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -157,12 +158,34 @@ fn committed_schemas_are_what_cairn_schema_prints() {
 
 #[test]
 fn every_example_file_points_at_and_validates_against_the_schema() {
+    check_against_the_schema("examples/config", 12);
+}
+
+/// `examples/local`, what `cairn dev` runs first (tests/it/dev.rs runs it): valid, and every file points at
+/// and matches the JSON Schema like `examples/config`.
+#[test]
+fn the_local_example_is_valid_and_validates_against_the_schema() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["validate", "examples/local"])
+        .current_dir(root())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "valid: 1 plan, 1 runtime, 2 nodes, 2 apps (0 warnings)\n"
+    );
+    assert_eq!(out.status.code(), Some(0));
+    check_against_the_schema("examples/local", 5);
+}
+
+fn check_against_the_schema(dir: &str, at_least: usize) {
     let schemas = Schemas::load();
-    let repo = root().join("examples/config");
+    let repo = root().join(dir);
     let files = toml_files(&repo);
     assert!(
-        files.len() >= 12,
-        "examples/config should hold at least 12 files, found {files:?}"
+        files.len() >= at_least,
+        "{dir} should hold at least {at_least} files, found {files:?}"
     );
     assert!(files.contains(&"cairn.toml".to_owned()));
     let mut errors = Vec::new();
@@ -170,7 +193,7 @@ fn every_example_file_points_at_and_validates_against_the_schema() {
         let src = std::fs::read_to_string(repo.join(rel)).unwrap();
         let first = src.lines().next().unwrap_or("");
         let target = first.strip_prefix("#:schema ").unwrap_or_else(|| {
-            panic!("{rel} must start with a Taplo `#:schema` directive, found {first:?}")
+            panic!("{dir}/{rel} must start with a Taplo `#:schema` directive, found {first:?}")
         });
         let schema_file = if rel == "cairn.toml" {
             SCHEMAS[1].1
@@ -179,17 +202,17 @@ fn every_example_file_points_at_and_validates_against_the_schema() {
         };
         let resolved: PathBuf = repo.join(rel).parent().unwrap().join(target);
         assert_eq!(
-            resolved
-                .canonicalize()
-                .unwrap_or_else(|e| panic!("{rel}: `#:schema {target}` does not resolve: {e}")),
+            resolved.canonicalize().unwrap_or_else(|e| panic!(
+                "{dir}/{rel}: `#:schema {target}` does not resolve: {e}"
+            )),
             root().join(schema_file).canonicalize().unwrap(),
-            "{rel}'s `#:schema` must point at {schema_file}"
+            "{dir}/{rel}'s `#:schema` must point at {schema_file}"
         );
         errors.extend(schemas.errors(&repo, rel));
     }
     assert!(
         errors.is_empty(),
-        "examples/config does not match the JSON Schema:\n{}",
+        "{dir} does not match the JSON Schema:\n{}",
         errors.join("\n")
     );
 }

@@ -2,6 +2,7 @@
 
 mod agents;
 mod crash;
+mod dev;
 mod examples;
 mod plan_cli;
 mod releases;

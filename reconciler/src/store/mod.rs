@@ -10,7 +10,8 @@
 //! - [`state`]: the applied config state (generation, resources, env, placements, releases, pins,
 //!   restart requests, source heads) and the apply lock;
 //! - [`history`]: the record of reconcile runs;
-//! - [`tasks`]: the statements behind [`crate::queue`];
+//! - [`tasks`]: the statements behind [`crate::queue`]; [`progress`]: open tasks and their stage, for a
+//!   live view;
 //! - [`releases`]: release history, build output and replica output for the operator commands, and
 //!   their retention;
 //! - [`agents`]: join tokens, node credentials and heartbeats, admin tokens, and what agents report
@@ -25,6 +26,7 @@
 
 pub mod agents;
 pub mod history;
+pub mod progress;
 pub mod releases;
 pub mod state;
 pub mod tasks;

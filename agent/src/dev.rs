@@ -1,0 +1,150 @@
+//! What `cairn dev` needs from the Docker engine on the developer's machine, kept here because this crate
+//! is the only code in Cairn that talks to Docker: whether an engine answers, a base image with a static
+//! busybox built from the host's binary (so the examples run with no registry access), and removing every
+//! container of an installation when `cairn dev` stops.
+//!
+//! What it must not do: pull anything, or touch containers of another installation (every container
+//! removed carries the installation's label; the engine filters on it).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use bollard::Docker;
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    StopContainerOptionsBuilder,
+};
+use cairn_schema::Name;
+use futures_util::StreamExt;
+
+use crate::driver::label;
+use crate::driver::{DriverError, docker::connect_engine};
+
+/// The engine, when one answers (`DOCKER_HOST` or the default socket).
+pub async fn engine() -> Result<Docker, DriverError> {
+    connect_engine().await
+}
+
+/// The label on images `cairn dev` builds itself.
+pub const DEV_IMAGE_LABEL: &str = "cairn.dev-image";
+
+/// Builds `tag` (`FROM scratch`, the host's static busybox as `/bin/busybox` and its applets linked in
+/// `/bin`, so `/bin/sh` exists) unless an image with that tag exists. Returns whether it built one.
+/// `busybox` must be statically linked: the image has no C library.
+pub async fn ensure_busybox_image(
+    docker: &Docker,
+    tag: &str,
+    busybox: &Path,
+) -> Result<bool, DriverError> {
+    match docker.inspect_image(tag).await {
+        Ok(_) => return Ok(false),
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {}
+        Err(e) => return Err(DriverError::docker(format!("inspect image {tag}"), e)),
+    }
+    let binary = std::fs::read(busybox).map_err(|e| DriverError::DockerMessage {
+        op: format!("read {}", busybox.display()),
+        message: e.to_string(),
+    })?;
+    let dockerfile = format!(
+        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
+         LABEL {DEV_IMAGE_LABEL}=busybox\n"
+    );
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, data, mode) in [
+        ("Dockerfile", dockerfile.as_bytes(), 0o644),
+        ("busybox", binary.as_slice(), 0o755),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        h.set_cksum();
+        tar.append_data(&mut h, name, data)
+            .map_err(|e| DriverError::DockerMessage {
+                op: "pack the base image's build context".into(),
+                message: e.to_string(),
+            })?;
+    }
+    let body = tar.into_inner().map_err(|e| DriverError::DockerMessage {
+        op: "pack the base image's build context".into(),
+        message: e.to_string(),
+    })?;
+    let opts = BuildImageOptionsBuilder::default()
+        .t(tag)
+        .rm(true)
+        .forcerm(true)
+        .build();
+    let mut stream = docker.build_image(opts, None, Some(bollard::body_full(body.into())));
+    while let Some(item) = stream.next().await {
+        let info = item.map_err(|e| DriverError::docker(format!("build {tag}"), e))?;
+        if let Some(detail) = info.error_detail {
+            return Err(DriverError::DockerMessage {
+                op: format!("build {tag}"),
+                message: detail.message.unwrap_or_default(),
+            });
+        }
+    }
+    Ok(true)
+}
+
+/// Ids of every container (running or not) labelled with this installation.
+pub async fn containers(docker: &Docker, installation: &Name) -> Result<Vec<String>, DriverError> {
+    let filters = HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={installation}", label::INSTALLATION)],
+    )]);
+    let list = docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .map_err(|e| DriverError::docker("list containers", e))?;
+    Ok(list.into_iter().filter_map(|c| c.id).collect())
+}
+
+/// Stops (SIGTERM, SIGKILL after `grace`) and removes every container of this installation, all at once.
+/// Returns how many there were. Meant for after the installation's agents stopped: a container they
+/// still manage would be removed under them.
+pub async fn remove_containers(
+    docker: &Docker,
+    installation: &Name,
+    grace: std::time::Duration,
+) -> Result<usize, DriverError> {
+    let ids = containers(docker, installation).await?;
+    let t = i32::try_from(grace.as_secs()).unwrap_or(i32::MAX);
+    let results =
+        futures_util::future::join_all(ids.iter().map(|id| remove_one(docker, id, t))).await;
+    results.into_iter().collect::<Result<Vec<()>, _>>()?;
+    Ok(ids.len())
+}
+
+async fn remove_one(docker: &Docker, id: &str, grace_secs: i32) -> Result<(), DriverError> {
+    // An error here (already stopped, already gone) is settled by the forced removal below.
+    let _ = docker
+        .stop_container(
+            id,
+            Some(StopContainerOptionsBuilder::default().t(grace_secs).build()),
+        )
+        .await;
+    {
+        match docker
+            .remove_container(
+                id,
+                Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+            )
+            .await
+        {
+            Ok(()) => {}
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404 | 409,
+                ..
+            }) => {}
+            Err(e) => return Err(DriverError::docker(format!("remove container {id}"), e)),
+        }
+    }
+    Ok(())
+}
