@@ -563,6 +563,18 @@ impl Deployer {
                 self.driver.stop_replica(&r.id).await?;
             }
         }
+        // The last replica of an app removed from this node: its hostnames are no longer this node's
+        // (404, as for any unknown host), where a stopped app's still are (503 until it starts again).
+        if remove
+            && !self
+                .driver
+                .list_replicas()
+                .await?
+                .iter()
+                .any(|r| &r.app == app)
+        {
+            self.proxy.remove_app(app);
+        }
         Ok(mine.into_iter().map(|r| r.id).collect())
     }
 

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use cairn_proto::{ActualReplica, DeployPayload, ReleaseEnv, RunState, TaskKind};
 use cairn_schema::{Ciphertext, Domain, Driver as DriverName, EnvName, Name};
 
-use crate::deploy::Deployer;
-use crate::driver::{DriverKind, ReplicaState};
+use crate::deploy::{DeployError, Deployer};
+use crate::driver::{DriverError, DriverKind, ReplicaState};
 use crate::logs::LogSink;
 use crate::spec::{BuildSpec, HealthSpec, Limits, ReplicaSpec, SourceSpec, SpecError};
 
@@ -40,6 +40,11 @@ pub enum RunError {
     Refused(#[source] SpecError),
     #[error("a {0} task needs the release it runs, and this one carries none")]
     NoRelease(&'static str),
+    /// The release itself is broken (its build steps fail, its replica fails its health check): the same
+    /// release fails the same way on the next attempt, so it is not retried and the release fails at once
+    /// with this reason, while the old release keeps serving.
+    #[error("{0}")]
+    Broken(String),
     /// What the driver or the deploy said; may work on a later attempt.
     #[error("{0}")]
     Failed(String),
@@ -187,7 +192,9 @@ impl Runner for DriverRunner {
                         report.timings.total.as_millis()
                     )),
                     Err(f) => match f.error {
-                        crate::deploy::DeployError::Refused(e) => Err(RunError::Refused(e)),
+                        DeployError::Refused(e) => Err(RunError::Refused(e)),
+                        DeployError::Build(DriverError::Build { .. })
+                        | DeployError::Unhealthy { .. } => Err(RunError::Broken(f.reason())),
                         _ => Err(RunError::Failed(f.reason())),
                     },
                 }
@@ -300,6 +307,12 @@ mod tests {
         assert_eq!(spec.health.timeout_ms, 2000);
         assert_eq!(spec.limits.memory_bytes, 268435456);
         assert_eq!(spec.hostnames[0].as_str(), "web.example.com");
+    }
+
+    #[test]
+    fn a_broken_release_is_not_retried_and_a_transient_failure_is() {
+        assert!(!RunError::Broken("the build failed".into()).retry());
+        assert!(RunError::Failed("the engine did not answer".into()).retry());
     }
 
     #[test]

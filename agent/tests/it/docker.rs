@@ -271,6 +271,11 @@ async fn docker_deploys_switch_without_failed_requests_and_failures_keep_the_old
         assert_eq!(status, 503);
         node.deployer.remove_slot(&app, 0).await.unwrap();
         assert!(inst.containers().await.is_empty());
+        let (status, _) = get(&client, node.proxy_addr, &host, "/").await.unwrap();
+        assert_eq!(
+            status, 404,
+            "the app's last replica is gone: its host is unknown"
+        );
     })
     .await;
 }
