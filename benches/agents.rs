@@ -392,12 +392,14 @@ async fn join(http: &reqwest::Client, url: &str, token: &str) -> String {
     r["credential"].as_str().unwrap().to_owned()
 }
 
+/// A replica a simulated agent runs: `(app, slot, release, generation)`.
+type Running = (String, u64, u64, Option<u64>);
+
 struct Sim {
     http: reqwest::Client,
     url: String,
     credential: String,
-    /// `(app, slot, release, generation)` it runs.
-    running: Mutex<Vec<(String, u64, u64, Option<u64>)>>,
+    running: Mutex<Vec<Running>>,
     measuring: Arc<AtomicBool>,
     heartbeats: Arc<Mutex<Vec<Duration>>>,
     errors: Arc<Mutex<BTreeMap<String, usize>>>,

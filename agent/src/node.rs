@@ -34,6 +34,10 @@ use crate::datadir::{Book, DataDir, DataError, Joined, SlotRecord, SlotState};
 use crate::logs::{LogLine, LogSink};
 use crate::runner::{RunError, Runner, Work, chain, replica_spec};
 
+/// How long a stopping agent waits for the answer to the lease request it had in flight (tasks it
+/// brings are given back at once).
+const STOP_LEASE_ANSWER: Duration = Duration::from_secs(2);
+
 /// The agent loop's knobs.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -286,11 +290,25 @@ impl Agent {
                 max: free,
                 wait_ms: u64::try_from(self.cfg.lease_wait.as_millis()).unwrap_or(30_000),
             };
-            // Abandoning a lease request in flight on shutdown can strand a task the control plane
-            // handed out in that instant; its lease expires and it is handed out again.
+            let lease = self.client.lease(&req);
+            tokio::pin!(lease);
             let leased = tokio::select! {
-                r = self.client.lease(&req) => r,
-                _ = raised(&mut stop) => break,
+                r = &mut lease => r,
+                _ = raised(&mut stop) => {
+                    // The control plane may be handing out tasks this very instant (committed, the
+                    // answer on its way): wait briefly for the answer and give back what it brings,
+                    // rather than strand those tasks until their leases expire. An idle long-poll
+                    // costs the shutdown this bound.
+                    if let Ok(Ok(resp)) = tokio::time::timeout(STOP_LEASE_ANSWER, &mut lease).await {
+                        for task in resp.tasks {
+                            match self.client.release(task.id, task.token).await {
+                                Ok(_) => tracing::info!(task = task.id, "stopping: lease given back unstarted"),
+                                Err(e) => tracing::warn!(task = task.id, error = %chain(&e), "cannot give the lease back; it will expire"),
+                            }
+                        }
+                    }
+                    break;
+                }
                 _ = raised(&mut fatal) => { revoked = true; break }
             };
             match leased {

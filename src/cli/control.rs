@@ -68,7 +68,10 @@ pub async fn controller(db: &DbArgs, src: &SourceArgs) -> Result<Controller> {
         .await
         .context("cannot migrate the database")?;
     let identity = read_identity(src.identity.as_ref())?;
-    let source = ConfigSource::open(&src.repo, &src.git_ref, &src.cache_root());
+    // The config repository is fetched through the rewrites too (a mirror, GitHub Enterprise, a
+    // local remote in tests); it keeps its own URL for webhooks and statuses.
+    let fetch_url = super::webhooks::config_fetch_url(src)?;
+    let source = ConfigSource::open(&fetch_url, &src.git_ref, &src.cache_root());
     let mut c = Controller::new(pool, source, identity);
     c.seed = src.seed;
     if !src.no_poll_heads {

@@ -119,13 +119,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
         let mut c = controller(&args.db, &args.src).await?;
         c.offline_after = args.node_offline_after;
-        // The config repository is fetched through the rewrites too (a mirror, GitHub Enterprise, a
-        // local remote in tests); it keeps its own URL for webhooks and statuses.
-        let fetch_url = super::webhooks::config_fetch_url(&args.src)?;
-        if fetch_url != args.src.repo {
-            *c.source.get_mut() =
-                ConfigSource::open(&fetch_url, &args.src.git_ref, &args.src.cache_root());
-        }
         webhooks.install_hooks(&mut c, &args.src)?;
         let _ = ready.set(c.pool.clone());
         let wake = Arc::new(Notify::new());

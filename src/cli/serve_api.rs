@@ -120,7 +120,10 @@ pub async fn start(
             let _ = stop.wait_for(|s| *s).await;
         },
     ));
-    Ok(cairn_reconciler::api::router(api))
+    Ok(cairn_reconciler::api::router_with(
+        api,
+        cairn_webhook::admin::routes(),
+    ))
 }
 
 /// Routes set once the database is reachable; until then their requests answer 503.

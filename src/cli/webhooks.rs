@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use cairn_reconciler::controller::Controller;
 use cairn_schema::source::Rewrites;
-use cairn_webhook::deliveries::{self, DeliveryStatus};
+use cairn_webhook::deliveries::{self, DeliveryRecord, DeliveryStatus};
 use cairn_webhook::events::TrackedRepo;
 use cairn_webhook::github::GitHubConfig;
 use cairn_webhook::outbox::OutboxConfig;
@@ -176,10 +176,11 @@ async fn forward(router: Arc<OnceCell<Router>>, request: Request) -> Response {
 /// `cairn webhooks`: recent deliveries and what each caused.
 #[derive(Debug, clap::Args)]
 pub struct Args {
+    /// The admin API (--server, CAIRN_SERVER and CAIRN_TOKEN) or else the database
     #[command(flatten)]
-    db: DbArgs,
-    /// How many deliveries to show, newest first
-    #[arg(long, default_value_t = 20)]
+    target: super::remote::TargetArgs,
+    /// How many deliveries to show, newest first (at most 1000)
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     limit: u32,
     /// Print JSON
     #[arg(long)]
@@ -188,29 +189,21 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     runtime()?.block_on(async {
-        let pool = cairn_reconciler::store::connect(&args.db.database_url, 2)
-            .await
-            .context("cannot connect to the database")?;
-        let recent = deliveries::recent(&pool, args.limit).await.context(
-            "cannot read the webhook deliveries (has `cairn serve` run on this database?)",
-        )?;
+        let recent: Vec<DeliveryRecord> = match args.target.resolve()? {
+            super::remote::Target::Api(api) => {
+                api.get(&format!("/webhooks?limit={}", args.limit)).await?
+            }
+            super::remote::Target::Db(url) => {
+                let pool = cairn_reconciler::store::connect(&url, 2)
+                    .await
+                    .context("cannot connect to the database")?;
+                deliveries::recent(&pool, args.limit).await.context(
+                    "cannot read the webhook deliveries (has `cairn serve` run on this database?)",
+                )?
+            }
+        };
         if args.json {
-            let rows: Vec<serde_json::Value> = recent
-                .iter()
-                .map(|d| {
-                    serde_json::json!({
-                        "delivery_id": d.delivery_id,
-                        "event": d.event,
-                        "action": d.action,
-                        "received_at": d.received_at,
-                        "status": d.status.as_str(),
-                        "outcome": d.outcome,
-                        "attempts": d.attempts,
-                        "handled_at": d.handled_at,
-                    })
-                })
-                .collect();
-            println!("{}", serde_json::to_string_pretty(&rows)?);
+            println!("{}", serde_json::to_string_pretty(&recent)?);
             return Ok(ExitCode::SUCCESS);
         }
         if recent.is_empty() {

@@ -102,3 +102,90 @@ async fn plan_json_of_the_example_repository_against_an_empty_database() {
     let redacted = redact_commits(&stdout.replace(time, "[time]"));
     insta::assert_snapshot!("plan_examples_json", redacted);
 }
+
+/// `--git-rewrite` applies to the config repository too, as it does in `cairn serve`: a repository named
+/// by its GitHub URL is planned from the local remote the rewrite points at.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_fetches_the_config_repository_through_the_git_rewrites() {
+    let db = cairn_testkit::test_db!();
+    let scratch = tempfile::tempdir().unwrap();
+    let work = scratch.path().join("work");
+    let remotes = scratch.path().join("remotes");
+    copy_dir(&root().join("examples/config"), &work);
+    std::fs::create_dir_all(&remotes).unwrap();
+    let git = |dir: &std::path::Path, args: &[&str]| {
+        let out = Command::new("git")
+            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
+            .args([
+                "-c",
+                "init.defaultBranch=main",
+                "-c",
+                "commit.gpgsign=false",
+            ])
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("git runs");
+        assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    git(&work, &["init", "-q"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["commit", "-q", "-m", "config"]);
+    let commit = git(&work, &["rev-parse", "HEAD"]).trim().to_owned();
+    git(&remotes, &["init", "-q", "--bare", "platform-config.git"]);
+    let bare = remotes.join("platform-config.git");
+    git(&work, &["push", "-q", bare.to_str().unwrap(), "HEAD:main"]);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["plan", "--database-url", db.url()])
+        .args(["--repo", "https://github.com/acme/platform-config.git"])
+        .args(["--ref", "main", "--no-poll-heads", "--json"])
+        .arg("--git-rewrite")
+        .arg(format!(
+            "https://github.com/acme/=file://{}/",
+            remotes.display()
+        ))
+        .arg("--cache-dir")
+        .arg(scratch.path().join("cache"))
+        .arg("--identity")
+        .arg(root().join("examples/keys/demo-only-identity.txt"))
+        .env_remove("CAIRN_IDENTITY")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        plan["target_commit"].as_str(),
+        Some(commit.as_str()),
+        "{plan}"
+    );
+
+    // Without the rewrite the URL is the real GitHub, which this machine (and the test) must not reach:
+    // the rewrite is what made the fetch local.
+    let without = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["plan", "--database-url", db.url()])
+        .args(["--repo", "https://127.0.0.1:9/acme/platform-config.git"])
+        .args(["--ref", "main", "--no-poll-heads"])
+        .arg("--cache-dir")
+        .arg(scratch.path().join("cache2"))
+        .env_remove("CAIRN_IDENTITY")
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(!without.status.success());
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}

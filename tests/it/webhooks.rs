@@ -720,6 +720,62 @@ async fn pushes_to_a_pinned_app_are_ignored_with_the_reason() {
             && l.contains("is pinned to rev `v1.0`")),
         "{text}"
     );
+
+    // The same through the admin API, with an admin token and no database credentials; without a
+    // token it is 401.
+    let token = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["token", "create", "--name", "ops"])
+        .env("DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout).unwrap().trim().to_owned();
+    let remote = |token: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_cairn"));
+        cmd.args(["webhooks", "--json", "--server", &serve.url("")])
+            .env_remove("DATABASE_URL")
+            .env_remove("CAIRN_TOKEN");
+        if let Some(t) = token {
+            cmd.env("CAIRN_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let out = remote(Some(&token));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let local = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["webhooks", "--json"])
+        .env("DATABASE_URL", db.url())
+        .output()
+        .unwrap();
+    assert_eq!(
+        listed,
+        serde_json::from_slice::<Value>(&local.stdout).unwrap(),
+        "the API shows what the database does"
+    );
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["delivery_id"] == "e2e-pinned-1")
+    );
+    let out = remote(Some("cairn-admin-0000wrong"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(releases(pool, "docs").await, [(1, "v1.0".to_owned())]);
     assert!(serve.terminate().success());

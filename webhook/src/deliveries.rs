@@ -91,7 +91,7 @@ const RETRY_MAX: Duration = Duration::from_secs(300);
 /// delivery).
 #[derive(Debug, thiserror::Error)]
 #[error(transparent)]
-pub struct DeliveryError(#[from] StoreError);
+pub struct DeliveryError(#[from] pub StoreError);
 
 /// What one [`process_pending`] run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -313,8 +313,8 @@ pub async fn run(
     }
 }
 
-/// A recorded delivery, as `cairn webhooks` shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A recorded delivery, as `cairn webhooks` shows it (and `GET /api/v1/webhooks` sends it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeliveryRecord {
     pub delivery_id: String,
     pub event: String,
@@ -327,7 +327,8 @@ pub struct DeliveryRecord {
     pub handled_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeliveryStatus {
     Received,
     Handled,

@@ -29,6 +29,7 @@
 //! tables are created by the migrations `…153000_webhook_deliveries.sql`, `…153001_github_outbox.sql`
 //! and `…161933_webhook_work.sql`.
 
+pub mod admin;
 pub mod deliveries;
 pub mod events;
 pub mod github;

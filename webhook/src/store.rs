@@ -30,6 +30,16 @@ impl StoreError {
     }
 }
 
+/// For the admin API, whose errors are the reconciler's (logged, never shown).
+impl From<StoreError> for cairn_reconciler::store::StoreError {
+    fn from(e: StoreError) -> Self {
+        cairn_reconciler::store::StoreError::Query {
+            op: e.op,
+            source: e.source,
+        }
+    }
+}
+
 fn err(op: &'static str) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |source| StoreError { op, source }
 }

@@ -156,6 +156,12 @@ impl Api {
 
 /// Both APIs, with their body limit.
 pub fn router(api: Arc<Api>) -> Router {
+    router_with(api, Router::new())
+}
+
+/// Both APIs, the admin API with `extra_admin`'s routes too (another crate's, such as the GitHub
+/// integration's: they authenticate with [`admin::AdminAuth`]).
+pub fn router_with(api: Arc<Api>, extra_admin: Router<Arc<Api>>) -> Router {
     Router::new()
         .nest(
             cairn_proto::AGENT_API,
@@ -163,7 +169,9 @@ pub fn router(api: Arc<Api>) -> Router {
         )
         .nest(
             cairn_proto::ADMIN_API,
-            admin::routes().merge(apps::admin_routes()),
+            admin::routes()
+                .merge(apps::admin_routes())
+                .merge(extra_admin),
         )
         .layer(DefaultBodyLimit::max(cairn_proto::MAX_BODY_BYTES))
         .with_state(api)
