@@ -91,6 +91,34 @@ pub struct Args {
     log_format: LogFormat,
 }
 
+/// `cairn-agent completions SHELL`: a shell completion script on stdout. The agent has no subcommands
+/// (and `--server` is required), so this is looked for in `argv` before the agent's own flags are
+/// parsed; `None` when `argv` is not a completions request.
+pub fn completions(
+    argv: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Option<Result<(), clap::Error>> {
+    #[derive(Debug, Parser)]
+    #[command(
+        name = "cairn-agent completions",
+        about = "Print a shell completion script"
+    )]
+    struct Completions {
+        /// The shell to complete for
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    }
+    let mut argv = argv.into_iter();
+    let program = argv.next()?;
+    if argv.next()? != "completions" {
+        return None;
+    }
+    let parsed = Completions::try_parse_from(std::iter::once(program).chain(argv));
+    Some(parsed.map(|c| {
+        let mut cmd = <Args as clap::CommandFactory>::command();
+        clap_complete::generate(c.shell, &mut cmd, "cairn-agent", &mut std::io::stdout());
+    }))
+}
+
 fn init_logging(format: LogFormat) {
     let directives = std::env::var("CAIRN_LOG").unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()

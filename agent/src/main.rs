@@ -5,8 +5,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = match cairn_agent::cli::Args::try_parse() {
-        Ok(a) => a,
+    let parsed = match cairn_agent::cli::completions(std::env::args_os()) {
+        Some(done) => done.map(|()| None),
+        None => cairn_agent::cli::Args::try_parse().map(Some),
+    };
+    let args = match parsed {
+        Ok(Some(a)) => a,
+        Ok(None) => return ExitCode::SUCCESS,
         Err(e) => {
             let _ = e.print();
             return match e.kind() {

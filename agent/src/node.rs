@@ -28,6 +28,7 @@ use cairn_proto::{
 use cairn_schema::{Identity, Name};
 use tokio::sync::{OwnedSemaphorePermit, RwLock, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
+use tracing::Instrument as _;
 
 use crate::client::{Client, ClientError};
 use crate::datadir::{Book, DataDir, DataError, Joined, SlotRecord, SlotState};
@@ -366,8 +367,20 @@ impl Agent {
         revoked
     }
 
-    /// Runs one leased task to its reported end.
+    /// Runs one leased task to its reported end, in a `task` span (id, kind, app, slot).
     async fn execute(
+        self: Arc<Self>,
+        task: Task,
+        permit: OwnedSemaphorePermit,
+        abandon: watch::Receiver<bool>,
+    ) {
+        let span = tracing::info_span!("task", id = task.id, kind = task.kind.as_str(), app = %task.app, slot = ?task.slot);
+        self.execute_in_span(task, permit, abandon)
+            .instrument(span)
+            .await
+    }
+
+    async fn execute_in_span(
         self: Arc<Self>,
         task: Task,
         _permit: OwnedSemaphorePermit,

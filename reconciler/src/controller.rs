@@ -14,8 +14,10 @@ use chrono::Utc;
 use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio::sync::{Mutex, Notify};
+use tracing::Instrument as _;
 
 use crate::executor::{self, Applied, ApplyError, Context};
+use crate::metrics::ReconcileResult;
 use crate::observed::{CommitId, Fingerprints};
 use crate::plan::{DesiredAt, Plan, PlanInput};
 use crate::source::Snapshot;
@@ -265,8 +267,46 @@ impl Controller {
     }
 
     /// As [`Controller::reconcile`], refusing to apply unless the plan is based on `generation` (what an
-    /// operator was shown).
+    /// operator was shown). Runs in a `reconcile` span (trigger, commit), logs how it ended, and counts
+    /// it in [`crate::metrics`].
     pub async fn reconcile_expecting(
+        &self,
+        trigger: &str,
+        generation: Option<u64>,
+    ) -> Result<Outcome, ReconcileError> {
+        let span = tracing::info_span!("reconcile", trigger, commit = tracing::field::Empty);
+        let started = std::time::Instant::now();
+        let result = self
+            .reconcile_once(trigger, generation)
+            .instrument(span.clone())
+            .await;
+        let metrics = crate::metrics::global();
+        let _in = span.enter();
+        let ended = match &result {
+            Ok(outcome) => {
+                log_outcome(outcome);
+                match outcome {
+                    Outcome::Applied(a) if a.status == ReconcileStatus::Noop => {
+                        ReconcileResult::Noop
+                    }
+                    Outcome::Applied(a) => {
+                        metrics.plan_applied(&a.plan);
+                        ReconcileResult::Applied
+                    }
+                    Outcome::Invalid { .. } => ReconcileResult::Invalid,
+                    Outcome::Behind { .. } => ReconcileResult::Behind,
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %error_chain(e), "reconcile failed");
+                ReconcileResult::Error
+            }
+        };
+        metrics.reconciled(ended, started.elapsed());
+        result
+    }
+
+    async fn reconcile_once(
         &self,
         trigger: &str,
         generation: Option<u64>,
@@ -309,6 +349,7 @@ impl Controller {
             self.poll_heads(desired).await?;
         }
         let commit = snap.commit.clone().unwrap_or_default();
+        tracing::Span::current().record("commit", commit.as_str());
         let applied = {
             let mut conn = self.pool.acquire().await.map_err(|e| StoreError::Query {
                 op: "read the config state",
@@ -391,14 +432,13 @@ impl Controller {
         let mut trigger = "startup";
         let mut backoff = Duration::from_secs(1);
         loop {
+            // The outcome is logged (in the reconcile's span) by `reconcile` itself.
             let wait = match self.reconcile(trigger).await {
-                Ok(outcome) => {
-                    log_outcome(&outcome);
+                Ok(_) => {
                     backoff = Duration::from_secs(1);
                     interval
                 }
-                Err(e) => {
-                    tracing::error!(error = %error_chain(&e), "reconcile failed");
+                Err(_) => {
                     let w = backoff.min(interval);
                     backoff = (backoff * 2).min(interval);
                     w

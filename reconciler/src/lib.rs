@@ -13,6 +13,7 @@ pub mod drift;
 pub mod executor;
 pub mod hooks;
 pub mod liveness;
+pub mod metrics;
 pub mod observed;
 pub mod payload;
 pub mod plan;

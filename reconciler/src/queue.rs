@@ -192,6 +192,8 @@ pub struct LeasedTask {
     pub max_attempts: u32,
     /// Past this (database time) the task may be handed to another worker.
     pub expires_at: DateTime<Utc>,
+    /// How long the task had been due (enqueued, or its backoff or expired lease over) when leased.
+    pub waited: Duration,
 }
 
 /// A task's queue state.
@@ -299,7 +301,12 @@ pub async fn lease(
     if n == 0 {
         return Ok(Vec::new());
     }
-    Ok(sql::lease(pool, node, n, lease_for).await?)
+    let leased = sql::lease(pool, node, n, lease_for).await?;
+    let metrics = crate::metrics::global();
+    for t in &leased {
+        metrics.task_leased(t.kind, t.waited);
+    }
+    Ok(leased)
 }
 
 /// Marks a task done.

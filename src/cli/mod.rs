@@ -7,9 +7,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
+mod completions;
 mod control;
 mod dev;
 mod logs;
+mod metrics;
 mod node;
 mod releases;
 mod remote;
@@ -74,6 +76,8 @@ enum Command {
     Token(token::Args),
     /// Recent GitHub webhook deliveries and what each caused
     Webhooks(webhooks::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions(completions::Args),
 }
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
@@ -95,6 +99,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Node(a) => node::run(a),
         Command::Token(a) => token::run(a),
         Command::Webhooks(a) => webhooks::run(a),
+        Command::Completions(a) => completions::run(a),
     }
 }
 

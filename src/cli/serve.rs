@@ -40,6 +40,8 @@ pub struct Args {
     webhooks: super::webhooks::ServeArgs,
     #[command(flatten)]
     api: super::serve_api::ApiArgs,
+    #[command(flatten)]
+    metrics: super::metrics::MetricsArgs,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -105,6 +107,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // The agent and admin APIs (`/agent/v1`, `/api/v1`) answer 503 until the database is reachable.
         let apis = super::serve_api::Late::default();
         let app = app.merge(apis.router());
+        let app = super::metrics::mount(app, &args.metrics, ready.clone(), stop_rx.clone()).await?;
         let server = tokio::spawn(
             axum::serve(
                 // Answers (a long-poll handing out a task) leave at once, not after a delayed ACK.

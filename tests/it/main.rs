@@ -4,6 +4,7 @@ mod agents;
 mod crash;
 mod dev;
 mod examples;
+mod operations;
 mod plan_cli;
 mod releases;
 mod secret;

@@ -14,9 +14,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_reconciler::metrics::DeliveryOutcome;
 use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 
 use crate::events::{self, ConfigPush, Event, Intent, PullRequest, Routes, SourcePush};
 use crate::store::{self, StoreError};
@@ -136,66 +138,79 @@ async fn process_one(
         delivery_id: claimed.id.clone(),
         received_at: claimed.received_at,
     };
-
-    let event = match Event::from_value(&claimed.event, &claimed.payload) {
-        Ok(event) => event,
-        Err(e) => {
-            // The receiver parsed it before recording it; only a change to the models can get here,
-            // and retrying will not help.
-            let outcome = format!("the stored payload no longer parses: {}", chain(&e));
-            store::finish_delivery(&mut tx, &claimed.id, "failed", &outcome).await?;
-            commit(tx).await?;
-            processed.failed += 1;
-            return Ok(true);
-        }
-    };
-
-    let result = match &event {
-        Event::Push(_) | Event::PullRequest(_) => match handler.routes().await {
-            Ok(routes) => {
-                let intent = events::classify_event(&event, &routes);
-                dispatch(&mut tx, handler, &context, intent).await
-            }
-            Err(e) => Err(format!("could not read the routes: {}", chain(&*e))),
-        },
-        _ => {
-            dispatch(
-                &mut tx,
-                handler,
-                &context,
-                events::classify_event(&event, &Routes::default()),
-            )
-            .await
-        }
-    };
-
-    match result {
-        Ok(Outcome::Handled(outcome)) => {
-            store::finish_delivery(&mut tx, &claimed.id, "handled", &outcome).await?;
-            processed.handled += 1;
-        }
-        Ok(Outcome::Ignored(reason)) => {
-            store::finish_delivery(&mut tx, &claimed.id, "ignored", &reason).await?;
-            processed.ignored += 1;
-        }
-        Err(error) => {
-            let attempts = claimed.attempts + 1;
-            if attempts >= MAX_HANDLER_ATTEMPTS {
-                let outcome = format!("gave up after {attempts} attempts: {error}");
-                tracing::error!(delivery = %claimed.id, %outcome, "webhook delivery failed");
+    // Everything about this delivery is logged in its span.
+    let span = tracing::info_span!("delivery", id = %claimed.id, event = %claimed.event);
+    async move {
+        let metrics = cairn_reconciler::metrics::global();
+        let event = match Event::from_value(&claimed.event, &claimed.payload) {
+            Ok(event) => event,
+            Err(e) => {
+                // The receiver parsed it before recording it; only a change to the models can get here,
+                // and retrying will not help.
+                let outcome = format!("the stored payload no longer parses: {}", chain(&e));
                 store::finish_delivery(&mut tx, &claimed.id, "failed", &outcome).await?;
+                commit(tx).await?;
                 processed.failed += 1;
-            } else {
-                let delay = backoff(attempts as u32, RETRY_BASE, RETRY_MAX);
-                tracing::warn!(delivery = %claimed.id, attempts, %error, retry_in = ?delay,
-                    "webhook delivery handler failed; will retry");
-                store::retry_delivery(&mut tx, &claimed.id, &error, delay.as_secs_f64()).await?;
-                processed.retrying += 1;
+                metrics.webhook_delivery(DeliveryOutcome::Failed);
+                return Ok(true);
             }
-        }
+        };
+
+        let result = match &event {
+            Event::Push(_) | Event::PullRequest(_) => match handler.routes().await {
+                Ok(routes) => {
+                    let intent = events::classify_event(&event, &routes);
+                    dispatch(&mut tx, handler, &context, intent).await
+                }
+                Err(e) => Err(format!("could not read the routes: {}", chain(&*e))),
+            },
+            _ => {
+                dispatch(
+                    &mut tx,
+                    handler,
+                    &context,
+                    events::classify_event(&event, &Routes::default()),
+                )
+                .await
+            }
+        };
+
+        let ended = match result {
+            Ok(Outcome::Handled(outcome)) => {
+                store::finish_delivery(&mut tx, &claimed.id, "handled", &outcome).await?;
+                processed.handled += 1;
+                DeliveryOutcome::Handled
+            }
+            Ok(Outcome::Ignored(reason)) => {
+                store::finish_delivery(&mut tx, &claimed.id, "ignored", &reason).await?;
+                processed.ignored += 1;
+                DeliveryOutcome::Ignored
+            }
+            Err(error) => {
+                let attempts = claimed.attempts + 1;
+                if attempts >= MAX_HANDLER_ATTEMPTS {
+                    let outcome = format!("gave up after {attempts} attempts: {error}");
+                    tracing::error!(delivery = %claimed.id, %outcome, "webhook delivery failed");
+                    store::finish_delivery(&mut tx, &claimed.id, "failed", &outcome).await?;
+                    processed.failed += 1;
+                    DeliveryOutcome::Failed
+                } else {
+                    let delay = backoff(attempts as u32, RETRY_BASE, RETRY_MAX);
+                    tracing::warn!(delivery = %claimed.id, attempts, %error, retry_in = ?delay,
+                        "webhook delivery handler failed; will retry");
+                    store::retry_delivery(&mut tx, &claimed.id, &error, delay.as_secs_f64())
+                        .await?;
+                    processed.retrying += 1;
+                    DeliveryOutcome::Retry
+                }
+            }
+        };
+        commit(tx).await?;
+        metrics.webhook_delivery(ended);
+        Ok(true)
     }
-    commit(tx).await?;
-    Ok(true)
+    .instrument(span)
+    .await
 }
 
 async fn commit(tx: sqlx::Transaction<'_, sqlx::Postgres>) -> Result<(), StoreError> {

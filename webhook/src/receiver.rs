@@ -22,10 +22,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
+use cairn_reconciler::metrics::DeliveryOutcome;
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::sync::Notify;
+use tracing::Instrument as _;
 
 use crate::deliveries::chain;
 use crate::events::{Event, EventError};
@@ -112,9 +114,17 @@ impl IntoResponse for ReceiveError {
 }
 
 async fn receive(State(receiver): State<Arc<Receiver>>, request: Request) -> Response {
-    match accept(&receiver, request).await {
+    let metrics = cairn_reconciler::metrics::global();
+    let span = tracing::info_span!("webhook", delivery = tracing::field::Empty);
+    match accept(&receiver, request).instrument(span).await {
         Ok(response) => response,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            metrics.webhook_delivery(match e {
+                ReceiveError::Store(_) => DeliveryOutcome::Unrecorded,
+                _ => DeliveryOutcome::Rejected,
+            });
+            e.into_response()
+        }
     }
 }
 
@@ -130,6 +140,7 @@ async fn accept(receiver: &Receiver, request: Request) -> Result<Response, Recei
         c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'
     })?;
 
+    tracing::Span::current().record("delivery", delivery);
     let mut payload: Value = serde_json::from_slice(&body).map_err(EventError::NotJson)?;
     drop(body);
     let parsed = Event::from_value(event, &payload)?;
@@ -170,7 +181,9 @@ async fn accept(receiver: &Receiver, request: Request) -> Result<Response, Recei
         )
             .into_response()
     };
+    let metrics = cairn_reconciler::metrics::global();
     if !inserted {
+        metrics.webhook_delivery(DeliveryOutcome::Duplicate);
         tracing::info!(delivery, event, "webhook redelivery: already received");
         return Ok(answer(StatusCode::OK, "already received"));
     }
@@ -180,6 +193,7 @@ async fn accept(receiver: &Receiver, request: Request) -> Result<Response, Recei
         action = action.as_deref(),
         "webhook delivery recorded"
     );
+    metrics.webhook_delivery(DeliveryOutcome::Received);
     if ping.is_some() {
         return Ok(answer(StatusCode::OK, "pong"));
     }

@@ -281,6 +281,7 @@ async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<us
     Ok(ids.len())
 }
 
+#[tracing::instrument(name = "lease", skip_all, fields(node = %auth.node.node))]
 async fn lease(
     State(api): State<Arc<Api>>,
     auth: NodeAuth,
@@ -471,6 +472,7 @@ async fn task(
     }))
 }
 
+#[tracing::instrument(name = "task", skip_all, fields(task = id, node = %auth.node.node))]
 async fn progress(
     State(api): State<Arc<Api>>,
     auth: NodeAuth,
@@ -491,6 +493,7 @@ async fn progress(
     Ok(Json(ProgressResponse { expires_at }))
 }
 
+#[tracing::instrument(name = "task", skip_all, fields(task = id, node = %auth.node.node))]
 async fn logs(
     State(api): State<Arc<Api>>,
     auth: NodeAuth,
@@ -524,6 +527,7 @@ async fn logs(
     Ok(Json(LogsResponse { stored }))
 }
 
+#[tracing::instrument(name = "task", skip_all, fields(task = id, node = %auth.node.node))]
 async fn result(
     State(api): State<Arc<Api>>,
     auth: NodeAuth,
@@ -616,7 +620,11 @@ async fn release_outcome(
         None => return Ok(()),
     };
     let error = (!ok).then_some(reason.as_str());
+    let mut live = None;
     if agents::finish_release(&mut tx, app, release, ok, error).await? {
+        if ok {
+            live = crate::store::metrics::release_timings(&mut tx, app.as_str(), release).await?;
+        }
         tracing::info!(%app, release, ok, reason, "release deploy finished");
         crate::hooks::record_deploy_outcome(
             api.hooks.as_deref(),
@@ -632,9 +640,13 @@ async fn release_outcome(
         .await;
     }
     tx.commit().await.op("commit a release's outcome")?;
+    if let Some((stages, secs)) = live {
+        crate::metrics::global().release_live(&stages, secs);
+    }
     Ok(())
 }
 
+#[tracing::instrument(name = "task", skip_all, fields(task = id, node = %auth.node.node))]
 async fn release(
     State(api): State<Arc<Api>>,
     auth: NodeAuth,

@@ -15,7 +15,8 @@
 //! - [`releases`]: release history, build output and replica output for the operator commands, and
 //!   their retention;
 //! - [`agents`]: join tokens, node credentials and heartbeats, admin tokens, and what agents report
-//!   about the tasks they hold (the agent and admin APIs').
+//!   about the tasks they hold (the agent and admin APIs');
+//! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
 //!
 //! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
 //! are a transaction of their own take the pool.
@@ -26,6 +27,7 @@
 
 pub mod agents;
 pub mod history;
+pub mod metrics;
 pub mod progress;
 pub mod releases;
 pub mod state;

@@ -119,7 +119,7 @@ pub async fn lease(
                  AND attempts >= max_attempts
            ),
            picked AS (
-               SELECT id FROM tasks
+               SELECT id, run_after AS due FROM tasks
                WHERE node = $1 AND status IN ('queued', 'failed', 'leased') AND run_after <= now()
                  AND attempts < max_attempts
                ORDER BY run_after, id
@@ -136,7 +136,8 @@ pub async fn lease(
            WHERE t.id = picked.id
            RETURNING t.id, t.node, t.kind, t.app, t.slot, t.release, t.generation, t.payload,
                      t.attempts, t.max_attempts, t.lease_token AS "lease_token!",
-                     t.lease_expires_at AS "lease_expires_at!""#,
+                     t.lease_expires_at AS "lease_expires_at!",
+                     extract(epoch FROM now() - picked.due)::float8 AS "waited_secs!""#,
         node.as_str(),
         i64::from(limit),
         millis(lease_for),
@@ -166,6 +167,7 @@ pub async fn lease(
                 attempt: u32::try_from(r.attempts).unwrap_or(0),
                 max_attempts: u32::try_from(r.max_attempts).unwrap_or(0),
                 expires_at: r.lease_expires_at,
+                waited: Duration::try_from_secs_f64(r.waited_secs).unwrap_or_default(),
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;

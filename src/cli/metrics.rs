@@ -1,0 +1,50 @@
+//! `/metrics` in `cairn serve`: on the main listener, or on its own (`--metrics-listen`) when the main
+//! one is reachable from where the metrics should not be. The series are in
+//! [`cairn_reconciler::metrics`]; they carry counts and timings, never a name, a commit or a secret, so
+//! the endpoint needs no token (as is usual for Prometheus targets).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::Router;
+use tokio::sync::{OnceCell, watch};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve /metrics on this address instead of the main listener (port 0 picks one; the bound
+    /// address is printed as `metrics on ADDR`)
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+/// Adds `/metrics` to `app`, or serves it on `--metrics-listen` until `stop`.
+pub async fn mount(
+    app: Router,
+    args: &MetricsArgs,
+    pool: Arc<OnceCell<sqlx::PgPool>>,
+    stop: watch::Receiver<bool>,
+) -> Result<Router> {
+    let metrics = cairn_reconciler::metrics::router(pool);
+    let Some(addr) = args.metrics_listen else {
+        return Ok(app.merge(metrics));
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
+    let bound = listener.local_addr()?;
+    println!("metrics on {bound}");
+    tracing::info!(addr = %bound, "serving /metrics");
+    tokio::spawn(async move {
+        let mut stop = stop;
+        let served = axum::serve(listener, metrics)
+            .with_graceful_shutdown(async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "the metrics listener failed");
+        }
+    });
+    Ok(app)
+}
