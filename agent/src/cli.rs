@@ -89,6 +89,9 @@ pub struct Args {
     /// Log format on stderr (the level comes from CAIRN_LOG, e.g. `debug`)
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Keep the images of each app's N newest releases (and any a container uses); 0 keeps all
+    #[arg(long, default_value_t = 5, value_name = "N")]
+    keep_images: usize,
 }
 
 /// `cairn-agent completions SHELL`: a shell completion script on stdout. The agent has no subcommands
@@ -263,6 +266,21 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         }
     };
 
+    // Replica output to the control plane, old images away: beside the agent loop, until it stops.
+    let client =
+        crate::client::Client::new(&args.server)?.with_credential(joined.credential.clone());
+    tokio::spawn(crate::housekeeping::ship_loop(
+        client,
+        runner.clone(),
+        crate::housekeeping::ShipConfig::default(),
+        stop.clone(),
+    ));
+    tokio::spawn(crate::housekeeping::prune_loop(
+        runner.clone(),
+        args.keep_images,
+        Duration::from_secs(300),
+        stop.clone(),
+    ));
     let agent = Agent::new(joined, runner, book, cfg)?;
     tracing::info!(node = %agent.node(), driver = ?args.driver, concurrency = args.concurrency, "agent running");
     let result = agent.run(stop).await;

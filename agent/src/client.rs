@@ -124,6 +124,14 @@ impl Client {
             .await
     }
 
+    /// Ships replica output (`POST /agent/v1/replica-logs`).
+    pub async fn replica_logs(
+        &self,
+        batch: &cairn_proto::ReplicaLogBatch,
+    ) -> Result<LogsResponse, ClientError> {
+        self.post("/replica-logs", batch, CALL_TIMEOUT).await
+    }
+
     pub async fn result(&self, id: i64, r: &TaskResult) -> Result<ResultResponse, ClientError> {
         self.post(&format!("/tasks/{id}/result"), r, CALL_TIMEOUT)
             .await

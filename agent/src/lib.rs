@@ -14,6 +14,7 @@
 //! - [`deploy`]: the health-gated replace that ties them together ([`Deployer`]);
 //! - [`logs`]: log lines, sinks, and the log filter that keeps secrets out of dependency debug output;
 //! - [`client`], [`node`]: the agent API's client and the agent loop (join, heartbeat, lease, report);
+//! - [`housekeeping`]: replica output shipped to the control plane, old release images removed;
 //! - [`runner`]: how a leased task is carried out ([`DriverRunner`] through the drivers above, and the
 //!   test-only [`recording::RecordingRunner`]); [`datadir`]: identity, credential and the slot book;
 //! - [`cli`]: the `cairn-agent` binary's flags; [`dev`]: what `cairn dev` asks of the local Docker engine.
@@ -29,6 +30,7 @@ pub mod deploy;
 pub mod dev;
 pub mod driver;
 pub mod health;
+pub mod housekeeping;
 pub mod logs;
 pub mod node;
 pub mod proxy;

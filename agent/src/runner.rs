@@ -71,6 +71,21 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
 
     /// The replicas on this node (generation is filled in by the caller from its book).
     async fn actual(&self) -> Result<Vec<ActualReplica>, RunError>;
+
+    /// The last `tail` lines of each replica on this node, for shipping ([`crate::housekeeping`]).
+    async fn recent_output(
+        &self,
+        tail: usize,
+    ) -> Result<Vec<crate::housekeeping::ReplicaOutput>, RunError> {
+        let _ = tail;
+        Ok(Vec::new())
+    }
+
+    /// Removes release images beyond each app's `keep` newest releases that no replica uses.
+    async fn prune_images(&self, keep: usize) -> Result<usize, RunError> {
+        let _ = keep;
+        Ok(0)
+    }
 }
 
 /// The replica spec a deploy, start or restart task runs: the task's release, this installation, and
@@ -221,6 +236,41 @@ impl Runner for DriverRunner {
             .remove_slot(app, slot)
             .await
             .map(|_| ())
+            .map_err(|e| RunError::Failed(chain(&e)))
+    }
+
+    async fn recent_output(
+        &self,
+        tail: usize,
+    ) -> Result<Vec<crate::housekeeping::ReplicaOutput>, RunError> {
+        let driver = self.deployer.driver();
+        let list = driver
+            .list_replicas()
+            .await
+            .map_err(|e| RunError::Failed(chain(&e)))?;
+        let mut out = Vec::with_capacity(list.len());
+        for r in list {
+            match driver.logs(&r.id, tail).await {
+                Ok(lines) => out.push(crate::housekeeping::ReplicaOutput {
+                    app: r.app,
+                    slot: r.slot,
+                    release: r.release,
+                    lines,
+                }),
+                // Removed between the listing and the read.
+                Err(crate::driver::DriverError::NotFound(_)) => {}
+                Err(e) => return Err(RunError::Failed(chain(&e))),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn prune_images(&self, keep: usize) -> Result<usize, RunError> {
+        self.deployer
+            .driver()
+            .prune_images(keep)
+            .await
+            .map(|r| r.len())
             .map_err(|e| RunError::Failed(chain(&e)))
     }
 

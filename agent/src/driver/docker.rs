@@ -37,8 +37,9 @@ use bollard::models::{
 };
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, CreateContainerOptionsBuilder, CreateImageOptionsBuilder,
-    ListContainersOptionsBuilder, LogsOptionsBuilder, PushImageOptionsBuilder,
-    RemoveContainerOptionsBuilder, StopContainerOptionsBuilder, TagImageOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptionsBuilder, LogsOptionsBuilder,
+    PushImageOptionsBuilder, RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    StopContainerOptionsBuilder, TagImageOptionsBuilder,
 };
 use bytes::Bytes;
 use cairn_schema::{Identity, Name};
@@ -869,6 +870,7 @@ impl Driver for DockerDriver {
         let opts = LogsOptionsBuilder::default()
             .stdout(true)
             .stderr(true)
+            .timestamps(true)
             .tail(&tail.to_string())
             .build();
         let mut stream = self.docker.logs(&id.0, Some(opts));
@@ -877,19 +879,100 @@ impl Driver for DockerDriver {
         while let Some(item) = stream.next().await {
             match item.map_err(|e| DriverError::docker(format!("read logs of {id}"), e))? {
                 bollard::container::LogOutput::StdErr { message } => {
-                    err.push(&message, |l| lines.push(LogLine::new(LogStream::Stderr, l)))
+                    err.push(&message, |l| lines.push(stamped(LogStream::Stderr, l)))
                 }
                 bollard::container::LogOutput::StdOut { message }
                 | bollard::container::LogOutput::Console { message } => {
-                    out.push(&message, |l| lines.push(LogLine::new(LogStream::Stdout, l)))
+                    out.push(&message, |l| lines.push(stamped(LogStream::Stdout, l)))
                 }
                 bollard::container::LogOutput::StdIn { .. } => {}
             }
         }
-        out.finish(|l| lines.push(LogLine::new(LogStream::Stdout, l)));
-        err.finish(|l| lines.push(LogLine::new(LogStream::Stderr, l)));
+        out.finish(|l| lines.push(stamped(LogStream::Stdout, l)));
+        err.finish(|l| lines.push(stamped(LogStream::Stderr, l)));
+        lines.sort_by_key(|l| l.at);
         Ok(lines)
     }
+
+    async fn prune_images(&self, keep: usize) -> Result<Vec<ImageId>, DriverError> {
+        let installation = format!("{}={}", label::INSTALLATION, self.cfg.installation);
+        let filters = HashMap::from([("label".to_owned(), vec![installation.clone()])]);
+        let images = self
+            .docker
+            .list_images(Some(
+                ListImagesOptionsBuilder::default()
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(|e| DriverError::docker("list images", e))?;
+        // Every container of this installation on this engine, whichever node it is for.
+        let used: HashSet<String> = self
+            .docker
+            .list_containers(Some(
+                ListContainersOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(|e| DriverError::docker("list containers", e))?
+            .into_iter()
+            .filter_map(|c| c.image_id)
+            .collect();
+        let key = |i: &bollard::models::ImageSummary| -> Option<(String, u64)> {
+            Some((
+                i.labels.get(label::APP)?.clone(),
+                i.labels.get(label::RELEASE)?.parse().ok()?,
+            ))
+        };
+        let mut releases: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+        for (app, r) in images.iter().filter_map(key) {
+            releases.entry(app).or_default().push(r);
+        }
+        let kept: HashSet<(String, u64)> = releases
+            .into_iter()
+            .flat_map(|(app, mut rs)| {
+                rs.sort_unstable_by(|a, b| b.cmp(a));
+                rs.dedup();
+                rs.into_iter().take(keep).map(move |r| (app.clone(), r))
+            })
+            .collect();
+        let mut removed = Vec::new();
+        for i in &images {
+            let Some(k) = key(i) else { continue };
+            if kept.contains(&k) || used.contains(&i.id) {
+                continue;
+            }
+            // Forced: an image pushed to a registry carries a second tag. No container uses it (above).
+            let opts = RemoveImageOptionsBuilder::default().force(true).build();
+            match self.docker.remove_image(&i.id, Some(opts), None).await {
+                Ok(_) => {
+                    tracing::info!(app = %k.0, release = k.1, image = %i.id, "old release image removed");
+                    removed.push(ImageId(i.id.clone()));
+                }
+                // Gone meanwhile, or a container took it after all: leave it.
+                Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
+                Err(e) => return Err(DriverError::docker(format!("remove image {}", i.id), e)),
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// A line from the engine with `timestamps` on: its RFC 3339 time, then a space, then the text. A line
+/// without a readable time keeps all its text and gets the time it was read.
+fn stamped(stream: LogStream, line: String) -> LogLine {
+    if let Some((t, text)) = line.split_once(' ')
+        && let Ok(at) = chrono::DateTime::parse_from_rfc3339(t)
+    {
+        return LogLine {
+            stream,
+            text: text.to_owned(),
+            at: at.with_timezone(&chrono::Utc).into(),
+        };
+    }
+    LogLine::new(stream, line)
 }
 
 #[cfg(test)]

@@ -340,8 +340,16 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// Every replica of this installation on this node, running or not.
     async fn list_replicas(&self) -> Result<Vec<ReplicaStatus>, DriverError>;
 
-    /// The last `tail` lines of a replica's output.
+    /// The last `tail` lines of a replica's output, each with the time the replica printed it.
     async fn logs(&self, id: &ReplicaId, tail: usize) -> Result<Vec<LogLine>, DriverError>;
+
+    /// Removes this installation's images of each app beyond the app's `keep` newest releases, except
+    /// any image a container of this installation uses (running or not). Returns what it removed. A
+    /// driver without images (the process driver) removes nothing.
+    async fn prune_images(&self, keep: usize) -> Result<Vec<ImageId>, DriverError> {
+        let _ = keep;
+        Ok(Vec::new())
+    }
 
     /// One replica's status, if it exists.
     async fn status(&self, id: &ReplicaId) -> Result<Option<ReplicaStatus>, DriverError> {

@@ -6,6 +6,7 @@
 //! is set (CI sets it).
 
 mod docker;
+mod housekeeping;
 mod process;
 mod proxy;
 mod refuse;

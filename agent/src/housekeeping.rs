@@ -1,0 +1,235 @@
+//! What the agent does besides its tasks: it ships its replicas' output to the control plane, and it
+//! removes old release images.
+//!
+//! **Output**, for `cairn logs APP [--follow]`: the control plane cannot reach agents (they call it), so
+//! every `every` the agent reads the last lines of each of its replicas from the driver and posts the
+//! ones it has not sent yet (`POST /agent/v1/replica-logs`). Bounded: at most `tail` lines per replica per
+//! round (a chattier replica loses lines, not the agent's memory), batches of at most
+//! [`cairn_proto::MAX_LOG_LINES`], each line cut at [`cairn_proto::MAX_LOG_LINE_BYTES`]. Lines printed
+//! before this process started are not sent (an earlier agent process sent them); a line is new when its
+//! time is after the newest one sent for its replica. A round that cannot reach the control plane is
+//! sent again next round.
+//!
+//! **Images** (`--keep-images N`): every few minutes, images of each app beyond its N newest releases
+//! are removed, never one a container of this installation uses (a rollback to an older release beyond
+//! N builds it again, or pulls it from the registry).
+//!
+//! What it must not do: log a line's text (it is the app's output), or touch a replica or an image of
+//! another installation (the driver lists only this installation's).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use cairn_proto::{MAX_LOG_LINE_BYTES, MAX_LOG_LINES, ReplicaLogBatch, ReplicaLogLine};
+use cairn_schema::Name;
+use tokio::sync::watch;
+
+use crate::client::Client;
+use crate::logs::{LogLine, LogStream};
+use crate::runner::{Runner, chain};
+
+/// The last lines of one replica, as a runner reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaOutput {
+    pub app: Name,
+    pub slot: u32,
+    pub release: u64,
+    /// Oldest first.
+    pub lines: Vec<LogLine>,
+}
+
+/// How often output is shipped, and how much per replica per round.
+#[derive(Debug, Clone, Copy)]
+pub struct ShipConfig {
+    pub every: Duration,
+    pub tail: usize,
+}
+
+impl Default for ShipConfig {
+    fn default() -> Self {
+        ShipConfig {
+            every: Duration::from_secs(1),
+            tail: 200,
+        }
+    }
+}
+
+/// The time of the newest line sent, per replica `(app, slot, release)`.
+pub type Sent = HashMap<(Name, u32, u64), SystemTime>;
+
+/// Which lines of each replica were sent.
+#[derive(Debug)]
+pub struct Cursor {
+    started: SystemTime,
+    sent: Sent,
+}
+
+impl Cursor {
+    pub fn new(started: SystemTime) -> Self {
+        Cursor {
+            started,
+            sent: HashMap::new(),
+        }
+    }
+
+    /// The lines of `outputs` not sent yet, as wire lines, and the cursor to keep once they are sent.
+    /// Replicas no longer listed are forgotten.
+    pub fn unsent(
+        &self,
+        outputs: &[ReplicaOutput],
+    ) -> (Vec<ReplicaLogLine>, Sent) {
+        let mut lines = Vec::new();
+        let mut next = HashMap::new();
+        for o in outputs {
+            let key = (o.app.clone(), o.slot, o.release);
+            let after = self.sent.get(&key).copied().unwrap_or(self.started);
+            let mut newest = after;
+            for l in o.lines.iter().filter(|l| l.at > after) {
+                newest = newest.max(l.at);
+                lines.push(ReplicaLogLine {
+                    app: o.app.clone(),
+                    slot: o.slot,
+                    release: o.release,
+                    stream: match l.stream {
+                        LogStream::Stderr => cairn_proto::LogStream::Stderr,
+                        LogStream::Agent => cairn_proto::LogStream::Agent,
+                        // Build output is never a replica's; anything else is its standard output.
+                        LogStream::Stdout | LogStream::Build => cairn_proto::LogStream::Stdout,
+                    },
+                    text: cairn_proto::truncate(&l.text, MAX_LOG_LINE_BYTES).to_owned(),
+                    at: l.at.into(),
+                });
+            }
+            next.insert(key, newest);
+        }
+        (lines, next)
+    }
+
+    pub fn advance(&mut self, next: Sent) {
+        self.sent = next;
+    }
+}
+
+/// Removes old release images every `every` (the first time after one `every`) until `stop` turns true;
+/// `keep` 0 keeps everything.
+pub async fn prune_loop(
+    runner: Arc<dyn Runner>,
+    keep: usize,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    if keep == 0 {
+        return;
+    }
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = raised(&mut stop) => return,
+        }
+        match runner.prune_images(keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, keep, "old release images removed"),
+            Err(e) => tracing::warn!(error = %chain(&e), "cannot remove old release images"),
+        }
+    }
+}
+
+/// Ships output every `cfg.every` until `stop` turns true.
+pub async fn ship_loop(
+    client: Client,
+    runner: Arc<dyn Runner>,
+    cfg: ShipConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut cursor = Cursor::new(SystemTime::now());
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.every) => {}
+            _ = raised(&mut stop) => return,
+        }
+        let outputs = match runner.recent_output(cfg.tail).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::debug!(error = %chain(&e), "cannot read replica output");
+                continue;
+            }
+        };
+        let (lines, next) = cursor.unsent(&outputs);
+        let mut sent = true;
+        for chunk in lines.chunks(MAX_LOG_LINES) {
+            let batch = ReplicaLogBatch {
+                lines: chunk.to_vec(),
+            };
+            if let Err(e) = client.replica_logs(&batch).await {
+                tracing::debug!(error = %chain(&e), lines = chunk.len(), "cannot ship replica output; next round tries again");
+                sent = false;
+                break;
+            }
+        }
+        if sent {
+            cursor.advance(next);
+        }
+    }
+}
+
+/// Resolves when `stop` turns true; never, if its sender is gone without raising it.
+async fn raised(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|s| *s).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(text: &str, at: SystemTime) -> LogLine {
+        LogLine {
+            stream: LogStream::Stdout,
+            text: text.into(),
+            at,
+        }
+    }
+
+    #[test]
+    fn only_lines_after_the_start_and_after_what_was_sent_go() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let s = |n: u64| t0 + Duration::from_secs(n);
+        let mut c = Cursor::new(s(10));
+        let web = Name::new("web").unwrap();
+        let out = |lines: Vec<LogLine>| {
+            vec![ReplicaOutput {
+                app: web.clone(),
+                slot: 1,
+                release: 3,
+                lines,
+            }]
+        };
+        let (l, next) = c.unsent(&out(vec![line("old", s(5)), line("a", s(11))]));
+        assert_eq!(l.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(), ["a"]);
+        // Not sent (the control plane was down): the same lines come again.
+        let (again, _) = c.unsent(&out(vec![line("old", s(5)), line("a", s(11))]));
+        assert_eq!(again.len(), 1);
+        c.advance(next);
+        let (l, next) = c.unsent(&out(vec![
+            line("a", s(11)),
+            line("b", s(12)),
+            line("c", s(13)),
+        ]));
+        assert_eq!(
+            l.iter().map(|l| l.text.as_str()).collect::<Vec<_>>(),
+            ["b", "c"]
+        );
+        assert!(
+            l.iter()
+                .all(|l| l.app == web && l.slot == 1 && l.release == 3)
+        );
+        c.advance(next);
+        let (l, next) = c.unsent(&[]);
+        assert!(
+            l.is_empty() && next.is_empty(),
+            "a gone replica is forgotten"
+        );
+    }
+}
