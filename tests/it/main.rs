@@ -3,6 +3,7 @@
 mod agents;
 mod crash;
 mod dev;
+mod e2e;
 mod examples;
 mod operations;
 mod plan_cli;

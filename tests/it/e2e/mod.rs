@@ -1,0 +1,266 @@
+//! End to end with real processes and a real Docker engine: `cairn serve` on PostgreSQL with a git config
+//! repository, `cairn-agent` with the Docker or the process driver, app sources in local git remotes
+//! reached through `--git-rewrite`, requests through the node proxy. The harness is in [`support`].
+
+pub mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{
+    Clock, Driver, E2e, HEARTBEAT, Poller, app_manifest, assert_switch, broken_docker_site, docker,
+    docker_site, get, host, site, wait_body, wait_for,
+};
+
+/// Bound of a deploy that builds (fetch, build, start, health) on a loaded CI machine.
+const DEPLOY: Duration = Duration::from_secs(90);
+
+/// A unique app name per test (image tags `cairn/<app>:<release>` are shared by everything on the engine).
+fn app_name(e: &E2e, prefix: &str) -> String {
+    format!("{prefix}-{}", &e.installation[3..])
+}
+
+/// The replica containers of `app` (name, labels).
+fn app_containers(e: &E2e, app: &str) -> Vec<(String, serde_json::Value)> {
+    e.containers()
+        .into_iter()
+        .filter(|(_, l)| l["cairn.app"] == app)
+        .collect()
+}
+
+/// Polls while `during` runs, then checks the answer stayed `body` with no failure.
+async fn steady_while<F: std::future::Future<Output = T>, T>(
+    proxy: std::net::SocketAddr,
+    host: &str,
+    body: &str,
+    during: F,
+) -> T {
+    let poll = Poller::start(proxy, host.to_owned(), Duration::from_millis(50));
+    let out = during.await;
+    let (_, seen) = poll.finish().await;
+    assert!(!seen.is_empty());
+    for (_, r) in &seen {
+        match r {
+            Ok((200, b)) if b.trim() == body => {}
+            other => panic!("expected {body} to keep serving, saw {other:?}"),
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn docker_app_deploys_switches_without_errors_survives_bad_releases_and_is_removed() {
+    let mut clock = Clock::new();
+    let Some(mut e) = E2e::new(
+        "docker_app_deploys_switches_without_errors",
+        &[Driver::Docker],
+    )
+    .await
+    else {
+        return;
+    };
+    let app = app_name(&e, "web");
+    let host = host(&app);
+    let base = e.busybox_image();
+    let src = e.app_source(&app);
+    let v1 = src.commit(&docker_site(&base, "v1", true));
+    e.repo.node("n1", "");
+    e.repo.write(
+        &format!("app-{app}.toml"),
+        &app_manifest(&app, "docker-app", 1, &src),
+    );
+    clock.lap("setup");
+    let plane = e.start(&[]).await;
+    clock.lap("serve up, config applied");
+    let agent = e.agent(&plane, "n1", Driver::Docker, &[]).await;
+    clock.lap("serve and agent up");
+
+    // v1: polled head, built from the app's Dockerfile, healthy, routed.
+    let r1 = plane.wait_release(&app, 1, "live", DEPLOY).await;
+    assert_eq!(r1["source_commit"], v1.as_str());
+    wait_body(agent.proxy, &host, "v1", Duration::from_secs(10)).await;
+    clock.lap("v1 built and serving");
+    let containers = app_containers(&e, &app);
+    assert_eq!(containers.len(), 1, "{containers:?}");
+    let (name, labels) = &containers[0];
+    assert_eq!(name, &format!("cairn-{}-{app}-r1-s1", e.installation));
+    assert_eq!(labels["cairn.node"], "n1");
+    assert_eq!(labels["cairn.source-commit"], v1.as_str());
+
+    // v2 while a client polls the proxy: v1 then v2, no failed request.
+    let poll = Poller::start(agent.proxy, host.clone(), Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let v2 = src.commit(&docker_site(&base, "v2", true));
+    let r2 = plane.wait_release(&app, 2, "live", DEPLOY).await;
+    assert_eq!(r2["source_commit"], v2.as_str());
+    wait_body(agent.proxy, &host, "v2", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (elapsed, seen) = poll.finish().await;
+    let (n, rate) = assert_switch(&seen, elapsed, "v1", "v2");
+    eprintln!("v1 -> v2: {n} requests at {rate:.0}/s, none failed");
+    clock.lap("v2 switched");
+    assert_eq!(
+        plane.release(&app, 1).await.unwrap()["status"],
+        "superseded"
+    );
+    let names: Vec<String> = app_containers(&e, &app).into_iter().map(|c| c.0).collect();
+    assert_eq!(names, [format!("cairn-{}-{app}-r2-s1", e.installation)]);
+
+    // A replica removed by hand is back within a heartbeat (plus its start and health check).
+    docker(&["rm", "-f", &names[0]]);
+    let gone = Instant::now();
+    wait_for(
+        "the removed replica to be running again",
+        HEARTBEAT * 10,
+        || async {
+            let c = app_containers(&e, &app);
+            (c.len() == 1 && get(agent.proxy, &host, "/").await == Ok((200, "v2\n".into())))
+                .then_some(())
+        },
+    )
+    .await;
+    let back = gone.elapsed();
+    clock.lap("removed replica back");
+    eprintln!("a removed replica served again after {back:?} (heartbeat {HEARTBEAT:?})");
+    assert!(
+        back < HEARTBEAT * 2 + Duration::from_secs(5),
+        "back after {back:?}: more than a heartbeat plus a start"
+    );
+
+    // A build that fails: release 3 fails with the reason, v2 keeps serving throughout.
+    let r3 = steady_while(agent.proxy, &host, "v2", async {
+        src.commit(&broken_docker_site(&base, "v3"));
+        plane.wait_release(&app, 3, "failed", DEPLOY).await
+    })
+    .await;
+    clock.lap("v3 failed to build");
+    let why = r3["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("build") && why.contains("v3 build breaks"),
+        "{r3}"
+    );
+
+    // A release whose health check fails: release 4 fails, v2 keeps serving.
+    let r4 = steady_while(agent.proxy, &host, "v2", async {
+        src.commit(&docker_site(&base, "v4", false));
+        plane.wait_release(&app, 4, "failed", DEPLOY).await
+    })
+    .await;
+    clock.lap("v4 failed its health check");
+    let why = r4["error"].as_str().unwrap_or_default();
+    assert!(why.contains("health") && why.contains("404"), "{r4}");
+    let names: Vec<String> = app_containers(&e, &app).into_iter().map(|c| c.0).collect();
+    assert_eq!(
+        names,
+        [format!("cairn-{}-{app}-r2-s1", e.installation)],
+        "only the serving replica is left"
+    );
+    // Built once per release that built (v1, v2, v4): the repair and the retries reused the image.
+    let log = agent.log_text();
+    assert_eq!(log.matches("source=Built").count(), 3, "images built");
+    assert!(
+        log.contains("source=Cached"),
+        "the repair reused r2's image"
+    );
+    let status = plane.cairn(&["status"]);
+    assert!(status.status.success());
+
+    // Removed from the config: its containers are gone, the proxy no longer routes it.
+    let generation = plane.generation().await;
+    e.repo.remove(&format!("app-{app}.toml"));
+    e.repo.commit();
+    plane.wait_generation(generation + 1).await;
+    wait_for(
+        "the app's containers to be removed",
+        Duration::from_secs(30),
+        || async { app_containers(&e, &app).is_empty().then_some(()) },
+    )
+    .await;
+    clock.lap("removed");
+    let (status, _) = get(agent.proxy, &host, "/").await.unwrap();
+    assert_eq!(status, 404, "an app that is gone is not routed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn process_app_deploys_restarts_after_a_crash_and_switches_without_errors() {
+    let mut clock = Clock::new();
+    let Some(mut e) = E2e::new(
+        "process_app_deploys_restarts_after_a_crash",
+        &[Driver::Process],
+    )
+    .await
+    else {
+        return;
+    };
+    let app = app_name(&e, "proc");
+    let host = host(&app);
+    let src = e.app_source(&app);
+    src.commit(&site("v1", true));
+    e.repo.node("n1", "");
+    e.repo.write(
+        &format!("app-{app}.toml"),
+        &app_manifest(&app, "process-app", 1, &src),
+    );
+    clock.lap("setup");
+    let plane = e.start(&[]).await;
+    let agent = e.agent(&plane, "n1", Driver::Process, &[]).await;
+    clock.lap("serve and agent up");
+    plane.wait_release(&app, 1, "live", DEPLOY).await;
+    wait_body(agent.proxy, &host, "v1", Duration::from_secs(10)).await;
+    clock.lap("v1 built and serving");
+
+    // The replica is a busybox httpd running in its release directory under the agent's data dir.
+    let pids = support::processes_under(&agent.dir.join("process"));
+    assert_eq!(pids.len(), 1, "one replica process: {pids:?}");
+    let crashed = pids[0];
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(crashed).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+    let t = Instant::now();
+    wait_body(agent.proxy, &host, "v1", Duration::from_secs(15)).await;
+    let now = support::processes_under(&agent.dir.join("process"));
+    assert!(
+        now.len() == 1 && now[0] != crashed,
+        "restarted as a new process: {now:?}"
+    );
+    eprintln!("the crashed replica served again after {:?}", t.elapsed());
+
+    // v2 while a client polls: no failed request.
+    let poll = Poller::start(agent.proxy, host.clone(), Duration::from_millis(20));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    src.commit(&site("v2", true));
+    plane.wait_release(&app, 2, "live", DEPLOY).await;
+    wait_body(agent.proxy, &host, "v2", Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (elapsed, seen) = poll.finish().await;
+    let (n, rate) = assert_switch(&seen, elapsed, "v1", "v2");
+    eprintln!("v1 -> v2: {n} requests at {rate:.0}/s, none failed");
+    clock.lap("v2 switched");
+
+    // A release whose health check fails keeps v2 serving.
+    let r3 = steady_while(agent.proxy, &host, "v2", async {
+        src.commit(&site("v3", false));
+        plane.wait_release(&app, 3, "failed", DEPLOY).await
+    })
+    .await;
+    assert!(
+        r3["error"].as_str().unwrap_or_default().contains("health"),
+        "{r3}"
+    );
+    clock.lap("v3 failed its health check");
+
+    // Removed from the config: the process is gone.
+    let generation = plane.generation().await;
+    e.repo.remove(&format!("app-{app}.toml"));
+    e.repo.commit();
+    plane.wait_generation(generation + 1).await;
+    let dir = agent.dir.join("process");
+    wait_for(
+        "the app's process to stop",
+        Duration::from_secs(30),
+        || async { support::processes_under(&dir).is_empty().then_some(()) },
+    )
+    .await;
+    clock.lap("removed");
+}
