@@ -43,13 +43,47 @@ pub async fn ensure_busybox_image(
         }) => {}
         Err(e) => return Err(DriverError::docker(format!("inspect image {tag}"), e)),
     }
+    let labels = HashMap::from([(DEV_IMAGE_LABEL.to_owned(), "busybox".to_owned())]);
+    build_busybox_image(docker, tag, busybox, &labels).await?;
+    Ok(true)
+}
+
+/// Builds `tag` from scratch with the static `busybox` in it (the classic builder, no pull), labelled
+/// with `labels` from its first step on, so that even the leftovers of a failed build can be found by
+/// label. Used by `cairn dev` and by the tests, which label it with their installation.
+pub async fn build_busybox_image(
+    docker: &Docker,
+    tag: &str,
+    busybox: &Path,
+    labels: &HashMap<String, String>,
+) -> Result<(), DriverError> {
+    let pack = |e: std::io::Error| DriverError::DockerMessage {
+        op: format!("pack the build context of {tag}"),
+        message: e.to_string(),
+    };
     let binary = std::fs::read(busybox).map_err(|e| DriverError::DockerMessage {
         op: format!("read {}", busybox.display()),
         message: e.to_string(),
     })?;
+    let mut sorted: Vec<(&String, &String)> = labels.iter().collect();
+    sorted.sort();
+    let label_line: String = sorted
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                " {k}={}",
+                serde_json::to_string(v).expect("strings serialize")
+            )
+        })
+        .collect();
+    let label_line = if label_line.is_empty() {
+        String::new()
+    } else {
+        format!("LABEL{label_line}\n")
+    };
     let dockerfile = format!(
-        "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n\
-         LABEL {DEV_IMAGE_LABEL}=busybox\n"
+        "FROM scratch\n{label_line}COPY busybox /bin/busybox\n\
+         RUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\n"
     );
     let mut tar = tar::Builder::new(Vec::new());
     for (name, data, mode) in [
@@ -60,20 +94,14 @@ pub async fn ensure_busybox_image(
         h.set_size(data.len() as u64);
         h.set_mode(mode);
         h.set_cksum();
-        tar.append_data(&mut h, name, data)
-            .map_err(|e| DriverError::DockerMessage {
-                op: "pack the base image's build context".into(),
-                message: e.to_string(),
-            })?;
+        tar.append_data(&mut h, name, data).map_err(pack)?;
     }
-    let body = tar.into_inner().map_err(|e| DriverError::DockerMessage {
-        op: "pack the base image's build context".into(),
-        message: e.to_string(),
-    })?;
+    let body = tar.into_inner().map_err(pack)?;
     let opts = BuildImageOptionsBuilder::default()
         .t(tag)
         .rm(true)
         .forcerm(true)
+        .labels(labels)
         .build();
     let mut stream = docker.build_image(opts, None, Some(bollard::body_full(body.into())));
     while let Some(item) = stream.next().await {
@@ -85,7 +113,7 @@ pub async fn ensure_busybox_image(
             });
         }
     }
-    Ok(true)
+    Ok(())
 }
 
 /// Ids of every container (running or not) labelled with this installation.

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::agents::support::{CAIRN, agent_bin};
+use crate::validate::copy_dir;
 
 fn require_all() -> bool {
     ["CAIRN_TEST_REQUIRE_ALL", "CI"]
@@ -49,20 +50,6 @@ fn missing_prerequisite() -> Option<String> {
         return Some("git is missing".into());
     }
     None
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let dest = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &dest);
-        } else {
-            // `fs::copy` keeps the permissions: the CGI script stays executable.
-            std::fs::copy(e.path(), &dest).unwrap();
-        }
-    }
 }
 
 /// `GET /` with this Host through a proxy on 127.0.0.1: the status and the body.

@@ -396,7 +396,8 @@ fn age_encrypt(plaintext: &str, recipient: &str) -> String {
     text(&out.stdout)
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+/// Copies a directory tree (`fs::copy` keeps permissions: an executable stays executable).
+pub fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();

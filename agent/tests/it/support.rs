@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use bollard::Docker;
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
+    ListContainersOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder,
 };
 use bytes::Bytes;
 use cairn_agent::driver::label;
@@ -24,7 +24,6 @@ use cairn_agent::{
     SourceSpec, Sources,
 };
 use cairn_schema::{Domain, GitUrl, Identity, Name};
-use futures_util::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -136,38 +135,14 @@ impl Installation {
         Name::new(&random_label("w")).unwrap()
     }
 
-    /// The busybox base image, built here with the classic builder and no pull, labelled for clean-up.
+    /// The busybox base image, built with the classic builder and no pull, labelled for clean-up.
     pub async fn busybox_image(&self) -> String {
         let docker = self.docker.as_ref().expect("a Docker test");
         let tag = format!("cairn-test/busybox:{}", self.id);
-        let dockerfile = format!(
-            "FROM scratch\nCOPY busybox /bin/busybox\nRUN [\"/bin/busybox\", \"--install\", \"-s\", \"/bin\"]\nLABEL {}={}\n",
-            label::INSTALLATION,
-            self.id
-        );
-        let mut tar = tar::Builder::new(Vec::new());
-        let mut add = |name: &str, data: &[u8], mode: u32| {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(mode);
-            h.set_cksum();
-            tar.append_data(&mut h, name, data).unwrap();
-        };
-        add("Dockerfile", dockerfile.as_bytes(), 0o644);
-        add("busybox", &std::fs::read(BUSYBOX).unwrap(), 0o755);
-        let body = tar.into_inner().unwrap();
         let labels = HashMap::from([(label::INSTALLATION.to_owned(), self.id.to_string())]);
-        let opts = BuildImageOptionsBuilder::default()
-            .t(&tag)
-            .rm(true)
-            .forcerm(true)
-            .labels(&labels)
-            .build();
-        let mut stream = docker.build_image(opts, None, Some(bollard::body_full(body.into())));
-        while let Some(item) = stream.next().await {
-            let info = item.expect("the busybox base image builds");
-            assert!(info.error_detail.is_none(), "{info:?}");
-        }
+        cairn_agent::dev::build_busybox_image(docker, &tag, Path::new(BUSYBOX), &labels)
+            .await
+            .expect("the busybox base image builds");
         tag
     }
 

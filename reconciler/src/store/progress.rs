@@ -48,7 +48,10 @@ impl fmt::Display for OpenTask {
         }
         f.write_str(")")?;
         if let (Some(e), "failed") = (&self.last_error, self.status.as_str()) {
-            write!(f, "; last error: {e}")?;
+            // The whole error is in the agent's log and `cairn logs`; a view line keeps its start.
+            let cut: String = e.chars().take(160).collect();
+            let more = if cut.len() < e.len() { "..." } else { "" };
+            write!(f, "; last error: {cut}{more}")?;
         }
         Ok(())
     }
@@ -84,4 +87,42 @@ pub async fn open_tasks(pool: &PgPool, limit: i64) -> Result<Vec<OpenTask>, Stor
             age_secs: r.age,
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_task_reads_as_one_line_with_its_stage() {
+        let mut t = OpenTask {
+            id: 7,
+            node: "local-1".into(),
+            kind: "deploy".into(),
+            app: "hello".into(),
+            slot: Some(2),
+            release: Some(3),
+            status: "leased".into(),
+            attempts: 1,
+            progress: Some("building image".into()),
+            last_error: None,
+            age_secs: 12.0,
+        };
+        assert_eq!(
+            t.to_string(),
+            "deploy hello r3 slot 2 on local-1: building image (leased)"
+        );
+        t.progress = None;
+        t.status = "failed".into();
+        t.attempts = 2;
+        t.last_error = Some("x".repeat(500));
+        let line = t.to_string();
+        assert!(
+            line.starts_with(
+                "deploy hello r3 slot 2 on local-1 (failed, attempt 2); last error: xxx"
+            )
+        );
+        assert!(line.ends_with("x..."), "{line}");
+        assert!(line.len() < 250, "{line}");
+    }
 }
