@@ -112,6 +112,30 @@ pub struct Timings {
     pub total: Duration,
 }
 
+impl Timings {
+    /// Milliseconds per stage that ran, by the stage's name (what a task result reports).
+    pub fn by_stage(&self) -> std::collections::BTreeMap<String, u64> {
+        [
+            (Stage::Fetch, self.fetch),
+            (Stage::Build, self.build),
+            (Stage::Pull, self.pull),
+            (Stage::Push, self.push),
+            (Stage::Start, self.start),
+            (Stage::Healthy, self.healthy),
+            (Stage::Switch, self.switch),
+            (Stage::Drain, self.drain),
+        ]
+        .into_iter()
+        .filter_map(|(stage, took)| {
+            Some((
+                stage.to_string(),
+                u64::try_from(took?.as_millis()).unwrap_or(u64::MAX),
+            ))
+        })
+        .collect()
+    }
+}
+
 /// Where the replica's image came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -400,14 +400,14 @@ impl Agent {
         let outcome = match self.work(&task) {
             Err(e) => Some(Err(e)),
             Ok(work) => match self.book.supersedes(&work.app, work.slot, work.generation) {
-                Some(have) => Some(Ok((work, Some(have)))),
+                Some(have) => Some(Ok((work, Some(have), Default::default()))),
                 None => {
                     let ran = tokio::select! {
                         r = self.runner.run(&work, &logs) => Some(r),
                         _ = abandon.wait_for(|a| *a) => None,
                         _ = lost.wait_for(|l| *l) => None,
                     };
-                    ran.map(|r| r.map(|_| (work, None)))
+                    ran.map(|r| r.map(|ran| (work, None, ran.timings)))
                 }
             },
         };
@@ -431,7 +431,7 @@ impl Agent {
         };
         let _shared = self.gate.read().await;
         let result = match outcome {
-            Ok((_, Some(have))) => {
+            Ok((_, Some(have), _)) => {
                 tracing::info!(
                     task = id,
                     slot_generation = have,
@@ -439,12 +439,14 @@ impl Agent {
                 );
                 Outcome::Done {
                     detail: Some(format!("superseded: the slot holds generation {have}")),
+                    timings: Default::default(),
                 }
             }
-            Ok((work, None)) => {
+            Ok((work, None, timings)) => {
                 self.remember(&work);
                 Outcome::Done {
                     detail: Some(format!("{} done", work.kind.as_str())),
+                    timings,
                 }
             }
             Err(e) => Outcome::Failed {

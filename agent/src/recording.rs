@@ -23,7 +23,7 @@ use serde_json::json;
 
 use crate::datadir::{Book, SlotState};
 use crate::logs::{LogLine, LogSink, LogStream};
-use crate::runner::{RunError, Runner, Work};
+use crate::runner::{Ran, RunError, Runner, Work};
 
 /// The environment variable that must be `1` for the binary to accept the recording driver.
 pub const ENABLE_ENV: &str = "CAIRN_AGENT_TEST_DRIVER";
@@ -80,7 +80,7 @@ impl Runner for RecordingRunner {
         vec![DriverName::Docker, DriverName::Process]
     }
 
-    async fn run(&self, work: &Work, log: &dyn LogSink) -> Result<String, RunError> {
+    async fn run(&self, work: &Work, log: &dyn LogSink) -> Result<Ran, RunError> {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
@@ -132,7 +132,7 @@ impl Runner for RecordingRunner {
                 work.release
             ),
         ));
-        Ok(format!("recorded {}", work.kind.as_str()))
+        Ok(format!("recorded {}", work.kind.as_str()).into())
     }
 
     async fn stop_now(&self, app: &Name, slot: u32) -> Result<(), RunError> {

@@ -57,14 +57,32 @@ impl RunError {
     }
 }
 
+/// A task carried out.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ran {
+    /// One line: what runs now, or what was done.
+    pub summary: String,
+    /// A deploy's milliseconds per stage ([`crate::deploy::Timings::by_stage`]); empty otherwise.
+    pub timings: std::collections::BTreeMap<String, u64>,
+}
+
+impl From<String> for Ran {
+    fn from(summary: String) -> Ran {
+        Ran {
+            summary,
+            timings: Default::default(),
+        }
+    }
+}
+
 /// What carries out tasks on this node.
 #[async_trait]
 pub trait Runner: Send + Sync + std::fmt::Debug {
     /// The drivers this node offers.
     fn drivers(&self) -> Vec<DriverName>;
 
-    /// Carries out one task; returns a one-line summary.
-    async fn run(&self, work: &Work, log: &dyn LogSink) -> Result<String, RunError>;
+    /// Carries out one task.
+    async fn run(&self, work: &Work, log: &dyn LogSink) -> Result<Ran, RunError>;
 
     /// Stops and removes a slot's replica at once (a heartbeat's stop order).
     async fn stop_now(&self, app: &Name, slot: u32) -> Result<(), RunError>;
@@ -182,7 +200,7 @@ impl Runner for DriverRunner {
         }]
     }
 
-    async fn run(&self, work: &Work, log: &dyn LogSink) -> Result<String, RunError> {
+    async fn run(&self, work: &Work, log: &dyn LogSink) -> Result<Ran, RunError> {
         let d = &self.deployer;
         let failed = |e: &dyn std::error::Error| RunError::Failed(chain(e));
         match work.kind {
@@ -199,13 +217,16 @@ impl Runner for DriverRunner {
                         .map_err(|e| failed(&e))?;
                 }
                 match d.deploy(spec, log).await {
-                    Ok(report) => Ok(format!(
-                        "{} runs release {} ({:?} image, {} ms)",
-                        report.replica.name,
-                        spec.release,
-                        report.image_source,
-                        report.timings.total.as_millis()
-                    )),
+                    Ok(report) => Ok(Ran {
+                        summary: format!(
+                            "{} runs release {} ({:?} image, {} ms)",
+                            report.replica.name,
+                            spec.release,
+                            report.image_source,
+                            report.timings.total.as_millis()
+                        ),
+                        timings: report.timings.by_stage(),
+                    }),
                     Err(f) => match f.error {
                         DeployError::Refused(e) => Err(RunError::Refused(e)),
                         DeployError::Build(DriverError::Build { .. })
@@ -219,14 +240,14 @@ impl Runner for DriverRunner {
                     .stop_slot(&work.app, work.slot)
                     .await
                     .map_err(|e| failed(&e))?;
-                Ok(format!("stopped {} replica(s)", stopped.len()))
+                Ok(format!("stopped {} replica(s)", stopped.len()).into())
             }
             TaskKind::Remove => {
                 let removed = d
                     .remove_slot(&work.app, work.slot)
                     .await
                     .map_err(|e| failed(&e))?;
-                Ok(format!("removed {} replica(s)", removed.len()))
+                Ok(format!("removed {} replica(s)", removed.len()).into())
             }
         }
     }

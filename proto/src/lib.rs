@@ -417,6 +417,10 @@ pub enum Outcome {
     Done {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
+        /// A deploy's time per stage in milliseconds (`fetch`, `build`, `pull`, `push`, `start`,
+        /// `healthy`, `switch`, `drain`; those that ran): the release's push-to-running stages.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        timings: BTreeMap<String, u64>,
     },
     /// Failed: retried after a backoff if `retry` and attempts remain, dead otherwise.
     Failed { error: String, retry: bool },
@@ -516,7 +520,13 @@ mod tests {
         );
         assert_eq!(serde_json::from_value::<TaskResult>(j).unwrap(), r);
         let done: TaskResult = serde_json::from_str(r#"{"token": 1, "outcome": "done"}"#).unwrap();
-        assert_eq!(done.outcome, Outcome::Done { detail: None });
+        assert_eq!(
+            done.outcome,
+            Outcome::Done {
+                detail: None,
+                timings: BTreeMap::new()
+            }
+        );
     }
 
     #[test]

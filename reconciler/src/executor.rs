@@ -15,7 +15,7 @@ use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::observed::{AppliedApp, CommitId, Fingerprints, Observed};
-use crate::plan::{Action, DesiredAt, Plan, PlanInput, TaskAction, plan};
+use crate::plan::{Action, DesiredAt, Plan, PlanInput, plan};
 use crate::queue::{self, NewTask, QueueError, TaskKind};
 use crate::store::{
     self, NewReconciliation, ReconcileStatus, RecordedError, ReleaseInsert, StoreError, state,
@@ -337,13 +337,7 @@ async fn enqueue_tasks(
 ) -> Result<usize, ApplyError> {
     let mut tasks = Vec::with_capacity(plan.tasks.len());
     for t in &plan.tasks {
-        let kind = match t.action {
-            TaskAction::Deploy => TaskKind::Deploy,
-            TaskAction::Start => TaskKind::Start,
-            TaskAction::Restart => TaskKind::Restart,
-            TaskAction::Stop => TaskKind::Stop,
-            TaskAction::Remove => TaskKind::Remove,
-        };
+        let kind = TaskKind::from(t.action);
         let dedup = format!(
             "g{}:{}:{}:{}:r{}:{}",
             plan.generation,

@@ -46,7 +46,7 @@ use tokio::sync::OnceCell;
 
 use crate::controller::error_chain;
 use crate::observed::NodeState;
-use crate::plan::{Action, Plan, TaskAction};
+use crate::plan::{Action, Plan};
 use crate::queue::{TaskKind, TaskStatus};
 use crate::store::StoreError;
 
@@ -367,13 +367,7 @@ impl Metrics {
                 .inc();
         }
         for t in &plan.tasks {
-            let kind = match t.action {
-                TaskAction::Deploy => TaskKind::Deploy,
-                TaskAction::Start => TaskKind::Start,
-                TaskAction::Restart => TaskKind::Restart,
-                TaskAction::Stop => TaskKind::Stop,
-                TaskAction::Remove => TaskKind::Remove,
-            };
+            let kind = TaskKind::from(t.action);
             self.plan_tasks
                 .get_or_create(&KindLabel {
                     kind: kind.as_str(),

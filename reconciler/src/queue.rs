@@ -68,6 +68,20 @@ pub enum TaskKind {
     Remove,
 }
 
+impl From<crate::plan::TaskAction> for TaskKind {
+    /// The queue's kind of a planned task.
+    fn from(action: crate::plan::TaskAction) -> TaskKind {
+        use crate::plan::TaskAction;
+        match action {
+            TaskAction::Deploy => TaskKind::Deploy,
+            TaskAction::Start => TaskKind::Start,
+            TaskAction::Restart => TaskKind::Restart,
+            TaskAction::Stop => TaskKind::Stop,
+            TaskAction::Remove => TaskKind::Remove,
+        }
+    }
+}
+
 impl TaskKind {
     pub const ALL: [TaskKind; 5] = [
         TaskKind::Deploy,

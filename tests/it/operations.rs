@@ -217,6 +217,66 @@ async fn metrics_move_with_work_and_json_logs_carry_spans() {
     );
 }
 
+/// A deploy's stage timings travel with its result, are kept on the release (the slowest replica's per
+/// stage, known stages only) and become push-to-running samples when the release goes live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploy_stage_timings_reach_the_release_and_the_metrics() {
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("a", "");
+    repo.app("web", 1, "");
+    let plane = Plane::start(db, repo, scratch, identity, FAST).await;
+    plane.wait_generation(1).await;
+    let (credential, _) = plane.join_raw("a").await;
+    let (status, body) = plane
+        .agent_post(
+            "/lease",
+            Some(&credential),
+            &serde_json::json!({"max": 1, "wait_ms": 5000}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let task = &body["tasks"][0];
+    assert_eq!(task["kind"], "deploy", "{body}");
+    let result = serde_json::json!({
+        "token": task["token"],
+        "outcome": "done",
+        "timings": {"build": 1500, "start": 250, "made-up": 7, "release": 1},
+    });
+    let (status, body) = plane
+        .agent_post(
+            &format!("/tasks/{}/result", task["id"]),
+            Some(&credential),
+            &result,
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let rows = plane
+        .rows("SELECT status, stage_timings FROM releases WHERE app = 'web'")
+        .await;
+    assert_eq!(rows[0]["status"], "live", "{rows:?}");
+    assert_eq!(
+        rows[0]["stage_timings"],
+        serde_json::json!({"build": 1500, "start": 250}),
+        "known agent stages only"
+    );
+    let text = scrape(&plane).await;
+    for (series, want) in [
+        ("cairn_push_to_running_seconds_count{stage=\"build\"}", 1.0),
+        ("cairn_push_to_running_seconds_sum{stage=\"build\"}", 1.5),
+        ("cairn_push_to_running_seconds_sum{stage=\"start\"}", 0.25),
+        ("cairn_push_to_running_seconds_count{stage=\"fetch\"}", 0.0),
+        (
+            "cairn_push_to_running_seconds_count{stage=\"release\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(sample(&text, series), Some(want), "{series} in:\n{text}");
+    }
+    assert!(!text.contains("made-up"), "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_can_have_a_listener_of_their_own() {
     let Some((db, repo, scratch, identity)) = Plane::prepare().await else {

@@ -541,10 +541,13 @@ async fn result(
     let task = row.id;
     let token = LeaseToken(r.token);
     let response = match &r.outcome {
-        Outcome::Done { detail } => {
+        Outcome::Done { detail, timings } => {
             queue::complete(&api.pool, task, token)
                 .await
                 .map_err(|e| conflict_or(e, task, r.token))?;
+            if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
+                stage_timings(&api, &row.app, release, timings).await;
+            }
             tracing::info!(%node, %task, detail = detail.as_deref().unwrap_or(""), "task done");
             ResultResponse {
                 status: cairn_proto::TaskStatus::Done,
@@ -589,6 +592,35 @@ async fn result(
         }
     }
     Ok(Json(response))
+}
+
+/// Records a deploy's stage timings on its release (stages Cairn knows, at most a day each); a failure
+/// costs only the metric, never the result.
+async fn stage_timings(
+    api: &Api,
+    app: &Name,
+    release: u64,
+    timings: &std::collections::BTreeMap<String, u64>,
+) {
+    const DAY_MS: u64 = 86_400_000;
+    let known: serde_json::Map<String, serde_json::Value> = timings
+        .iter()
+        .filter(|(stage, ms)| {
+            crate::metrics::STAGES.contains(&stage.as_str())
+                && *stage != "release"
+                && **ms <= DAY_MS
+        })
+        .map(|(stage, ms)| (stage.clone(), (*ms).into()))
+        .collect();
+    if known.is_empty() {
+        return;
+    }
+    let known = serde_json::Value::Object(known);
+    if let Err(e) =
+        crate::store::metrics::record_stage_timings(&api.pool, app.as_str(), release, &known).await
+    {
+        tracing::warn!(%app, release, error = %error_chain(&e), "cannot record a deploy's stage timings");
+    }
 }
 
 /// After one of a release's deploy tasks finished: once none is open and none died, the release is live;

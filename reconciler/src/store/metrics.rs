@@ -33,6 +33,34 @@ pub async fn nodes_by_state(pool: &PgPool) -> Result<Vec<(String, i64)>, StoreEr
     Ok(rows.into_iter().map(|r| (r.state, r.n)).collect())
 }
 
+/// Merges one replica's deploy stage timings (milliseconds by stage) into its release's: a stage's time is
+/// the slowest replica's, since the release runs when its last replica does.
+pub async fn record_stage_timings(
+    pool: &PgPool,
+    app: &str,
+    release: u64,
+    timings: &serde_json::Value,
+) -> Result<(), StoreError> {
+    sqlx::query!(
+        r#"UPDATE releases r SET stage_timings = (
+               SELECT coalesce(jsonb_object_agg(k, v), '{}'::jsonb) FROM (
+                   SELECT k, max(v) AS v FROM (
+                       SELECT key AS k, value::bigint AS v FROM jsonb_each_text(r.stage_timings)
+                       UNION ALL
+                       SELECT key, value::bigint FROM jsonb_each_text($3::jsonb)
+                   ) s GROUP BY k
+               ) m)
+           WHERE app = $1 AND number = $2"#,
+        app,
+        to_i64("release", release)?,
+        timings,
+    )
+    .execute(pool)
+    .await
+    .op("record a deploy's stage timings")?;
+    Ok(())
+}
+
 /// A finished release's stage timings (milliseconds by stage, as its agents reported them) and the
 /// seconds from its creation to its end.
 pub async fn release_timings(
