@@ -10,7 +10,7 @@ use std::time::Duration;
 use cairn_testkit::pg::TestDb;
 use serde_json::{Value, json};
 
-use crate::agents::support::{CAIRN, FAST, Plane, post_json, wait_converged, wait_for};
+use crate::agents::support::{CAIRN, FAST, Plane, Repo, post_json, wait_converged, wait_for};
 
 /// Generous: on a loaded machine a config commit can take half a minute to become a live release.
 const WAIT: Duration = Duration::from_secs(90);
@@ -449,63 +449,17 @@ async fn pruning_removes_old_output_only_and_keeps_each_apps_window() {
     assert_eq!((again.task_lines, again.replica_lines), (0, 0));
 }
 
-/// A git work tree and the bare repository it pushes `main` to.
-struct Source {
-    work: tempfile::TempDir,
-    bare: tempfile::TempDir,
-}
-
-impl Source {
-    fn git(dir: &std::path::Path, args: &[&str]) -> String {
-        let out = Command::new("git")
-            .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
-            .args([
-                "-c",
-                "init.defaultBranch=main",
-                "-c",
-                "commit.gpgsign=false",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "git {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
-    }
-
-    fn new() -> Source {
-        let s = Source {
-            work: tempfile::tempdir().unwrap(),
-            bare: tempfile::tempdir().unwrap(),
-        };
-        Self::git(s.work.path(), &["init", "-q"]);
-        Self::git(s.bare.path(), &["init", "-q", "--bare"]);
-        s
-    }
-
-    /// Commits `version` and pushes it to `main`; returns the commit id.
-    fn push(&self, version: &str) -> String {
-        std::fs::write(self.work.path().join("index.html"), version).unwrap();
-        Self::git(self.work.path(), &["add", "-A"]);
-        Self::git(self.work.path(), &["commit", "-q", "-m", version]);
-        let bare = self.bare.path().to_str().unwrap().to_owned();
-        Self::git(self.work.path(), &["push", "-q", &bare, "HEAD:main"]);
-        Self::git(self.work.path(), &["rev-parse", "HEAD"])
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deploy_reads_the_branch_head_now_and_is_refused_under_a_pin() {
     let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
         return;
     };
     const URL: &str = "https://example.com/acme/api.git";
-    let source = Source::new();
-    let c1 = source.push("v1");
+    // The app's own repository (a work tree pushing `main` to a bare one), reached through a rewrite.
+    let source = Repo::new(identity.recipient().as_str());
+    source.write("index.html", "v1");
+    source.commit();
+    let c1 = source.head();
     repo.node("a", "");
     repo.write(
         "app-api.toml",
@@ -514,7 +468,7 @@ async fn deploy_reads_the_branch_head_now_and_is_refused_under_a_pin() {
              [app.api.source]\nurl = \"{URL}\"\nbranch = \"main\"\n"
         ),
     );
-    let rewrite = format!("{URL}=file://{}", source.bare.path().display());
+    let rewrite = format!("{URL}={}", source.url());
     let mut args = FAST.to_vec();
     args.extend(["--git-rewrite", &rewrite]);
     // (Plane::start passes --no-poll-heads: only `cairn deploy` reads the head here.)
@@ -532,7 +486,9 @@ async fn deploy_reads_the_branch_head_now_and_is_refused_under_a_pin() {
     let out = ok(&remote(&plane, &token, &["deploy", "api"]));
     assert!(out.contains(&format!("branch main is at {c1}")), "{out}");
     wait_live(&plane, "api", 1).await;
-    let c2 = source.push("v2");
+    source.write("index.html", "v2");
+    source.commit();
+    let c2 = source.head();
     let out = ok(&remote(&plane, &token, &["deploy", "api"]));
     assert!(out.contains(&format!("branch main is at {c2}")), "{out}");
     wait_live(&plane, "api", 2).await;

@@ -347,7 +347,7 @@ pub async fn prune_logs(
     let batch = i64::from(batch.max(1));
     let mut out = Pruned::default();
     loop {
-        let n = sqlx::query!(
+        let tasks = sqlx::query!(
             r#"DELETE FROM task_logs WHERE (task, seq) IN (
                    SELECT task, seq FROM task_logs WHERE at < $1 LIMIT $2)"#,
             before,
@@ -357,13 +357,7 @@ pub async fn prune_logs(
         .await
         .op("prune task output")?
         .rows_affected();
-        out.task_lines += n;
-        if n < batch as u64 {
-            break;
-        }
-    }
-    loop {
-        let n = sqlx::query!(
+        let replicas = sqlx::query!(
             r#"DELETE FROM replica_logs WHERE id IN (
                    SELECT id FROM replica_logs WHERE received_at < $1 LIMIT $2)"#,
             before,
@@ -373,8 +367,9 @@ pub async fn prune_logs(
         .await
         .op("prune replica output")?
         .rows_affected();
-        out.replica_lines += n;
-        if n < batch as u64 {
+        out.task_lines += tasks;
+        out.replica_lines += replicas;
+        if tasks < batch as u64 && replicas < batch as u64 {
             break;
         }
     }

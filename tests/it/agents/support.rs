@@ -135,6 +135,17 @@ impl Repo {
         git(self.dir.path(), &["push", "-q", &bare, "HEAD:main"]);
     }
 
+    /// The commit `main` points at in the work tree.
+    pub fn head(&self) -> String {
+        let out = Command::new("git")
+            .args(["rev-parse", "HEAD"])
+            .current_dir(self.dir.path())
+            .output()
+            .expect("git runs");
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
     /// What serve is given as `--repo`.
     pub fn url(&self) -> String {
         format!("file://{}", self.bare.path().display())
