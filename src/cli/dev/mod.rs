@@ -43,6 +43,24 @@ use self::sources::{Mapping, Sources};
 use self::view::AgentInfo;
 use super::control::{DbArgs, SourceArgs, runtime};
 
+// Output that cannot fail: after a hangup (the terminal closed) stdout is gone, and `println!` would panic
+// before the clean-up that must still run.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! say_raw {
+    ($($t:tt)*) => {{
+        let _ = write!(std::io::stdout(), $($t)*);
+    }};
+}
+macro_rules! say_err {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
 /// The base image the example runtimes name; built from the host's static busybox when Docker is used.
 pub const BUSYBOX_IMAGE: &str = "cairn-dev/busybox:1";
 
@@ -98,19 +116,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         let (stop_tx, stop) = watch::channel(false);
         tokio::spawn(async move {
-            super::serve::shutdown_signal().await;
+            stop_signal().await;
             let _ = stop_tx.send(true);
         });
         let mut up = Up::default();
         let result = start_and_watch(&args, &mut up, stop).await;
         if let Err(e) = &result {
-            eprintln!("error: {e:#}");
+            say_err!("error: {e:#}");
         }
-        println!("\nstopping...");
+        let started = up.db.is_some();
+        if started {
+            say!("\nstopping...");
+        }
         let clean = up.shutdown().await;
         match (result, clean) {
             (Ok(()), Ok(())) => {
-                println!("stopped; nothing of this dev installation is left running");
+                if started {
+                    say!("stopped; nothing of this dev installation is left running");
+                }
                 Ok(ExitCode::SUCCESS)
             }
             (Ok(()), Err(e)) => Err(e),
@@ -118,6 +141,24 @@ pub fn run(args: Args) -> Result<ExitCode> {
             (Err(_), Err(e)) => Err(e),
         }
     })
+}
+
+/// Resolves on SIGINT (Ctrl-C), SIGTERM or SIGHUP (the terminal closed): each means stop everything.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        // Without those handlers, Ctrl-C still works.
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+        _ = hup.recv() => {}
+    }
 }
 
 /// What has been started so far, so that whatever happens it can be stopped.
@@ -194,14 +235,14 @@ impl Up {
 }
 
 fn step_line(what: &str) {
-    println!("- {what}");
+    say!("- {what}");
 }
 
 /// Runs `fut`, showing `what` and, on a terminal, the seconds it has taken so far; then how long it took.
 async fn step<T>(what: &str, fut: impl std::future::Future<Output = Result<T>>) -> Result<T> {
     let tty = std::io::stdout().is_terminal();
     let start = Instant::now();
-    print!("- {what}...");
+    say_raw!("- {what}...");
     let _ = std::io::stdout().flush();
     tokio::pin!(fut);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -210,7 +251,7 @@ async fn step<T>(what: &str, fut: impl std::future::Future<Output = Result<T>>) 
         tokio::select! {
             out = &mut fut => break out,
             _ = tick.tick() => if tty {
-                print!("\r- {what}... {}s", start.elapsed().as_secs());
+                say_raw!("\r- {what}... {}s", start.elapsed().as_secs());
                 let _ = std::io::stdout().flush();
             },
         }
@@ -218,9 +259,9 @@ async fn step<T>(what: &str, fut: impl std::future::Future<Output = Result<T>>) 
     let took = start.elapsed();
     let result = if out.is_ok() { "done" } else { "failed" };
     if tty {
-        println!("\r\x1b[K- {what}: {result} ({:.1}s)", took.as_secs_f64());
+        say!("\r\x1b[K- {what}: {result} ({:.1}s)", took.as_secs_f64());
     } else {
-        println!(" {result} ({:.1}s)", took.as_secs_f64());
+        say!(" {result} ({:.1}s)", took.as_secs_f64());
     }
     out
 }
@@ -232,11 +273,11 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         .with_context(|| format!("cannot open the config directory {}", args.dir.display()))?;
     let repo = super::repo::load_dir(&dir)?;
     for d in repo.loaded.diagnostics.warnings() {
-        eprintln!("{d}\n");
+        say_err!("{d}\n");
     }
     let Some(desired) = repo.loaded.desired else {
         for d in repo.loaded.diagnostics.errors() {
-            eprintln!("{d}\n");
+            say_err!("{d}\n");
         }
         bail!(
             "{} is invalid ({} errors); fix it and run cairn dev again",
@@ -265,7 +306,7 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         );
     }
     up.lock = Some(lock_state(&state)?);
-    println!(
+    say!(
         "cairn dev: {} (state in {})",
         dir.display(),
         state.display()
@@ -313,9 +354,7 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
             .await
             .context("cannot remove the containers an earlier run left")?;
         if n > 0 {
-            println!(
-                "- removed {n} container(s) an earlier run of installation {installation} left"
-            );
+            say!("- removed {n} container(s) an earlier run of installation {installation} left");
         }
     }
 
@@ -341,25 +380,25 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
     let (_, plan) = c.plan().await?;
     let tty = std::io::stdout().is_terminal();
     match &plan {
-        Some(p) if p.is_empty() => println!(
+        Some(p) if p.is_empty() => say!(
             "\nNothing to change: the database matches {}.\n",
             dir.display()
         ),
-        Some(p) => print!("\n{}\n", render::text(p, tty)),
+        Some(p) => say_raw!("\n{}\n", render::text(p, tty)),
         None => bail!(
             "{} became invalid; fix it and run cairn dev again",
             dir.display()
         ),
     }
     match step("applying", async { Ok(c.reconcile("dev").await?) }).await? {
-        Outcome::Applied(a) => println!(
+        Outcome::Applied(a) => say!(
             "- applied generation {}: {}",
             a.plan.generation,
             a.plan.summary()
         ),
         Outcome::Invalid { errors, .. } => {
             for e in errors {
-                eprintln!("{e}\n");
+                say_err!("{e}\n");
             }
             bail!("{} is invalid; nothing applied", dir.display());
         }
@@ -430,7 +469,7 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         ),
     ];
     for l in &header {
-        println!("{l}");
+        say!("{l}");
     }
     write_manifest(&state, &server, &db_url, &args.installation, up)?;
 
@@ -533,7 +572,7 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         });
         if lines != shown {
             if plain {
-                print!(
+                say_raw!(
                     "{}",
                     view::changed(
                         &shown,
@@ -542,7 +581,7 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
                     )
                 );
             } else {
-                print!("{}", view::screen(&header, &lines));
+                say_raw!("{}", view::screen(&header, &lines));
             }
             let _ = std::io::stdout().flush();
             shown = lines;
@@ -707,11 +746,11 @@ async fn pick_driver(
             bail!("--driver docker, but the Docker engine did not answer in 5 s")
         }
         (_, Ok(Err(e))) => {
-            println!("- no Docker engine ({e}): apps run as local processes (the process driver)");
+            say!("- no Docker engine ({e}): apps run as local processes (the process driver)");
             return Ok("process");
         }
         (_, Err(_)) => {
-            println!("- the Docker engine did not answer in 5 s: apps run as local processes");
+            say!("- the Docker engine did not answer in 5 s: apps run as local processes");
             return Ok("process");
         }
     };
@@ -728,7 +767,7 @@ async fn pick_driver(
         })
         .await?;
         if built {
-            println!("- built {BUSYBOX_IMAGE} from {}", busybox.display());
+            say!("- built {BUSYBOX_IMAGE} from {}", busybox.display());
         }
     }
     up.docker = Some((docker, installation.clone()));
