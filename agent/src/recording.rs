@@ -40,6 +40,9 @@ pub struct RecordingRunner {
     identity: Arc<Identity>,
     book: Arc<Book>,
     delay: Duration,
+    /// What the replicas "print": a line per deploy, start or restart (the last 1,000), which the agent
+    /// ships like a real replica's output.
+    output: Mutex<std::collections::VecDeque<(Name, u32, u64, LogLine)>>,
 }
 
 impl RecordingRunner {
@@ -61,6 +64,7 @@ impl RecordingRunner {
             identity,
             book,
             delay,
+            output: Mutex::default(),
         })
     }
 
@@ -122,6 +126,30 @@ impl Runner for RecordingRunner {
             rec["replica"] = json!(spec.replica_name());
         }
         self.record(rec)?;
+        if matches!(
+            work.kind,
+            TaskKind::Deploy | TaskKind::Start | TaskKind::Restart
+        ) {
+            let mut out = self.output.lock().unwrap_or_else(|e| e.into_inner());
+            if out.len() == 1000 {
+                out.pop_front();
+            }
+            out.push_back((
+                work.app.clone(),
+                work.slot,
+                work.release,
+                LogLine::new(
+                    LogStream::Stdout,
+                    format!(
+                        "{} of {} slot {} release {} (recorded)",
+                        work.kind.as_str(),
+                        work.app,
+                        work.slot,
+                        work.release
+                    ),
+                ),
+            ));
+        }
         log.line(LogLine::new(
             LogStream::Agent,
             format!(
@@ -143,6 +171,33 @@ impl Runner for RecordingRunner {
             "app": app,
             "slot": slot,
         }))
+    }
+
+    async fn recent_output(
+        &self,
+        tail: usize,
+    ) -> Result<Vec<crate::housekeeping::ReplicaOutput>, RunError> {
+        let out = self.output.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(self
+            .book
+            .live()
+            .into_iter()
+            .filter(|(_, _, r)| r.state == SlotState::Running)
+            .map(|(app, slot, r)| {
+                let mine: Vec<LogLine> = out
+                    .iter()
+                    .filter(|(a, s, rel, _)| *a == app && *s == slot && *rel == r.release)
+                    .map(|(.., l)| l.clone())
+                    .collect();
+                let lines = mine[mine.len().saturating_sub(tail)..].to_vec();
+                crate::housekeeping::ReplicaOutput {
+                    app,
+                    slot,
+                    release: r.release,
+                    lines,
+                }
+            })
+            .collect())
     }
 
     async fn actual(&self) -> Result<Vec<ActualReplica>, RunError> {

@@ -167,6 +167,15 @@ async fn rollback_pins_until_unpin_or_a_manifest_change_and_every_command_answer
         serde_json::from_str(&ok(&plane.cairn(&["releases", "web", "--json"]))).unwrap();
     assert_eq!(via_db, body);
 
+    // The replicas' output, shipped by the agent (the recording driver "prints" a line per deploy).
+    wait_for("the agent to ship web's output", WAIT, || async {
+        let out = plane.cairn(&["logs", "web"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("a/1 r2 stdout: deploy of web slot 1 release 2 (recorded)")
+            .then_some(())
+    })
+    .await;
+
     // The build output kept with a release (the recording driver logs what it did as the agent).
     let build = ok(&remote(&plane, &token, &["logs", "web", "--build", "1"]));
     assert!(

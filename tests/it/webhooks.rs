@@ -282,8 +282,7 @@ impl Serve {
     /// Posts a delivery signed as GitHub signs it; returns the status.
     async fn deliver(&self, event: &str, id: &str, body: &Value) -> u16 {
         let body = serde_json::to_vec(body).unwrap();
-        let secret = cairn_webhook::signature::WebhookSecret::new(SECRET).unwrap();
-        let signature = cairn_webhook::signature::sign(&secret, &body);
+        let signature = sign(&body);
         reqwest::Client::new()
             .post(self.url("/webhooks/github"))
             .header("content-type", "application/json")
@@ -325,6 +324,12 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `X-Hub-Signature-256` of `body` with the tests' secret, as GitHub signs.
+fn sign(body: &[u8]) -> String {
+    let secret = cairn_webhook::signature::WebhookSecret::new(SECRET).unwrap();
+    cairn_webhook::signature::sign(&secret, body)
 }
 
 /// Polls `check` until it returns `Some`, failing with `what` (and the server's log) after [`WAIT`].
@@ -978,4 +983,138 @@ async fn without_a_secret_the_endpoint_is_off_and_the_log_says_so() {
         "{log}"
     );
     assert!(serve.terminate().success());
+}
+
+/// Push to running, end to end with real processes: `cairn serve` with the GitHub integration (a local
+/// fake of GitHub's API), `cairn-agent` with the Docker driver, the app's source in a local git remote
+/// reached through `--git-rewrite` (the payload names its GitHub URL). A signed push of v2 ends with v2
+/// answering through the node proxy and a `cairn/deploy/<app>` success status on the pushed commit,
+/// saying how long after the push it ran. The reconcile interval is an hour: only the delivery can have
+/// moved it.
+///
+/// Also the push-to-running benchmark (BENCHMARKS.md): `CAIRN_E2E_PUSHES=N` pushes N versions one after
+/// the other and prints the time from each delivery to its first healthy replica answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_signed_push_ends_with_the_release_running_in_docker_and_a_deploy_success_status() {
+    use crate::e2e::support::{Driver, E2e, app_manifest, docker_site, get, host, wait_body};
+    let Some(dir) = fixtures() else { return };
+    let Some(mut e) = E2e::new("webhook_push_to_running", &[Driver::Docker]).await else {
+        return;
+    };
+    let github = FakeGitHub::start(&dir).await;
+    let base = e.busybox_image();
+    let app = format!("hook-{}", &e.installation[3..]);
+    let source = e.app_source(&app);
+    let c1 = source.commit(&docker_site(&base, "v1", true));
+    e.repo.node("n1", "");
+    e.repo.write(
+        &format!("app-{app}.toml"),
+        &app_manifest(&app, "docker-app", 1, &source),
+    );
+    let secret_file = e.scratch.path().join("webhook-secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let plane = e
+        .start_with_env(
+            &[
+                // Heads are read once, by the first reconcile; later only a delivery moves the app.
+                "--interval",
+                "1h",
+                "--github-webhook-secret-file",
+                secret_file.to_str().unwrap(),
+                "--webhook-poll",
+                "2s",
+            ],
+            &[
+                ("CAIRN_GITHUB_TOKEN", TOKEN),
+                ("CAIRN_GITHUB_API_URL", &github.uri()),
+                ("CAIRN_GITHUB_HOST", "github.com"),
+            ],
+        )
+        .await;
+    let agent = e.agent(&plane, "n1", Driver::Docker, &[]).await;
+    plane
+        .wait_release(&app, 1, "live", Duration::from_secs(120))
+        .await;
+    wait_body(agent.proxy, &host(&app), "v1", Duration::from_secs(30)).await;
+
+    let repo = format!("{}/{app}", e.installation);
+    let pushes: usize = std::env::var("CAIRN_E2E_PUSHES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .max(1);
+    let mut before = c1;
+    let mut timings = Vec::new();
+    for n in 0..pushes {
+        let release = n as i64 + 2;
+        let version = format!("v{release}");
+        let commit = source.commit(&docker_site(&base, &version, true));
+        let url = format!("{}/webhooks/github", plane.url);
+        let body = serde_json::to_vec(&push(&dir, &repo, "main", &before, &commit)).unwrap();
+        let pushed = Instant::now();
+        let status = reqwest::Client::new()
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-github-event", "push")
+            .header("x-github-delivery", format!("e2e-push-{release}"))
+            .header("x-hub-signature-256", sign(&body))
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 202);
+        let deadline = pushed + Duration::from_secs(120);
+        let healthy = loop {
+            if matches!(get(agent.proxy, &host(&app), "/").await, Ok((200, b)) if b.trim() == version)
+            {
+                break pushed.elapsed();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{version} never answered through the proxy; release: {:?}\nagent log:\n{}",
+                plane.release(&app, release).await,
+                agent.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let row = plane
+            .wait_release(&app, release, "live", Duration::from_secs(60))
+            .await;
+        assert_eq!(row["source_commit"], commit.as_str());
+        let (state, description) = loop {
+            if let Some((s, d)) = github.status(&commit, &format!("cairn/deploy/{app}"))
+                && s != "pending"
+            {
+                break (s, d);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no final cairn/deploy status on {commit}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(state, "success", "{description}");
+        assert!(
+            description.starts_with(&format!("Release #{release} running"))
+                && description.contains("after the push"),
+            "{description}"
+        );
+        eprintln!(
+            "push {} -> first healthy replica answering {version}: {healthy:?}; stages (ms): {}",
+            n + 1,
+            row["stage_timings"]
+        );
+        timings.push(healthy);
+        before = commit;
+    }
+    if pushes > 1 {
+        timings.sort();
+        eprintln!(
+            "push to first healthy over {pushes} pushes: min {:?}, p50 {:?}, max {:?}",
+            timings[0],
+            timings[timings.len() / 2],
+            timings[timings.len() - 1]
+        );
+    }
 }

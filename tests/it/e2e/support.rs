@@ -293,7 +293,13 @@ impl E2e {
             .args(["--listen", "127.0.0.1:0"])
             .args(["--installation", &self.installation])
             .args(["--git-rewrite", &rewrite])
-            .args(["--interval", "2s", "--heartbeat-interval", "1s"])
+            // (`extra` may set its own reconcile interval.)
+            .args(if extra.contains(&"--interval") {
+                &[][..]
+            } else {
+                &["--interval", "2s"][..]
+            })
+            .args(["--heartbeat-interval", "1s"])
             .args(["--node-offline-after", "10s", "--task-lease", "10s"])
             .args(extra)
             .env("CAIRN_LOG", "info,cairn_reconciler=debug")
