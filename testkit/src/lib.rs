@@ -2,8 +2,11 @@
 //!
 //! - [`pg`]: a fresh PostgreSQL database per test, cloned from a template with every migration applied,
 //!   on a private cluster that one test process starts and every other process of the run shares.
+//! - [`poll`]: a client polling an address while a test switches what answers there, and the checks of
+//!   what it saw (no failed request, one switch from the old body to the new).
 //!
 //! What it must not do: weaken what the tests measure (the private cluster keeps `fsync` on), or hide a
 //! missing prerequisite in CI (`CAIRN_TEST_REQUIRE_ALL` turns every skip into a failure).
 
 pub mod pg;
+pub mod poll;

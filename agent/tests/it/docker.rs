@@ -11,8 +11,8 @@ use cairn_agent::{
 };
 
 use crate::support::{
-    self, AppRepo, Installation, Node, Poller, assert_steady, assert_switch, bounded, docker_build,
-    get, spec,
+    self, AppRepo, Installation, Node, assert_steady, assert_switch, bounded, docker_build, get,
+    spec,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -145,7 +145,7 @@ async fn docker_deploys_switch_without_failed_requests_and_failures_keep_the_old
 
         // v2 while a client polls the proxy: v1 then v2, no failed request.
         let v2 = repo.commit_version("v2");
-        let poller = Poller::start(node.proxy_addr, host.clone(), Duration::from_millis(20));
+        let poller = support::poll(node.proxy_addr, &host, Duration::from_millis(20));
         tokio::time::sleep(Duration::from_millis(400)).await;
         let r2 = node
             .deployer
@@ -204,7 +204,7 @@ async fn docker_deploys_switch_without_failed_requests_and_failures_keep_the_old
         assert_eq!(again.replica.id, r2.replica.id);
 
         // A broken build and a failing health check, under polling: v2 answers throughout.
-        let poller = Poller::start(node.proxy_addr, host.clone(), Duration::from_millis(20));
+        let poller = support::poll(node.proxy_addr, &host, Duration::from_millis(20));
         let v3 = repo.commit_version("v3");
         let mut broken = docker_build(&base);
         broken

@@ -10,7 +10,7 @@ use cairn_agent::{
 };
 
 use crate::support::{
-    self, AppRepo, Installation, Node, Poller, assert_steady, assert_switch, bounded, get, spec,
+    self, AppRepo, Installation, Node, assert_steady, assert_switch, bounded, get, spec,
 };
 
 fn driver(inst: &Installation) -> Arc<ProcessDriver> {
@@ -135,7 +135,7 @@ async fn process_deploys_switch_without_failed_requests_restart_on_crash_and_sto
 
         // v2 under polling.
         let v2 = repo.commit_version("v2");
-        let poller = Poller::start(node.proxy_addr, host.clone(), Duration::from_millis(20));
+        let poller = support::poll(node.proxy_addr, &host, Duration::from_millis(20));
         tokio::time::sleep(Duration::from_millis(400)).await;
         let r2 = node
             .deployer
@@ -159,7 +159,7 @@ async fn process_deploys_switch_without_failed_requests_restart_on_crash_and_sto
         );
 
         // Failures keep v2 serving.
-        let poller = Poller::start(node.proxy_addr, host.clone(), Duration::from_millis(20));
+        let poller = support::poll(node.proxy_addr, &host, Duration::from_millis(20));
         let v3 = repo.commit_version("v3");
         let mut broken = support::process_build();
         broken
@@ -260,7 +260,10 @@ async fn process_deploys_switch_without_failed_requests_restart_on_crash_and_sto
         assert!(!group_alive(pgid).await, "sleep 300 went with its group");
         assert!(driver.list_replicas().await.unwrap().is_empty());
         let (status, _) = get(&client, node.proxy_addr, &host, "/").await.unwrap();
-        assert_eq!(status, 503);
+        assert_eq!(
+            status, 404,
+            "the app's last replica is gone: its host is unknown"
+        );
     })
     .await;
 }

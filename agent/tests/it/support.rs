@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bollard::Docker;
 use bollard::query_parameters::{
@@ -29,7 +29,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rand::Rng;
-use tokio::sync::watch;
 
 pub use cairn_agent::logs::Discard;
 
@@ -473,99 +472,16 @@ pub async fn get(
         .map_err(|_| "timed out".to_owned())?
 }
 
-/// One poll: when it finished and what it got.
-pub type Sample = (Instant, Result<(u16, String), String>);
+pub use cairn_testkit::poll::{Poller, assert_steady, assert_switch};
 
-/// A client polling one address at a fixed rate; what it saw, in order.
-pub struct Poller {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Vec<Sample>>,
-    pub started: Instant,
-}
-
-impl Poller {
-    pub fn start(proxy: SocketAddr, host: String, every: Duration) -> Poller {
-        let (stop, mut stopped) = watch::channel(false);
-        let started = Instant::now();
-        let task = tokio::spawn(async move {
-            let client = client();
-            let mut seen = Vec::new();
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        let r = get(&client, proxy, &host, "/").await;
-                        seen.push((Instant::now(), r));
-                    }
-                    _ = stopped.changed() => break,
-                }
-            }
-            seen
-        });
-        Poller {
-            stop,
-            task,
-            started,
-        }
-    }
-
-    pub async fn finish(self) -> (Duration, Vec<Sample>) {
-        let _ = self.stop.send(true);
-        let seen = self.task.await.unwrap();
-        (self.started.elapsed(), seen)
-    }
-}
-
-/// Asserts a poll saw only successes, at 20 requests per second or more, whose bodies went from
-/// `from` to `to` once and never back. Returns (requests, rate).
-pub fn assert_switch(seen: &[Sample], elapsed: Duration, from: &str, to: &str) -> (usize, f64) {
-    let failures: Vec<_> = seen
-        .iter()
-        .filter(|(_, r)| !matches!(r, Ok((200, _))))
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed during the switch: {:?}",
-        failures.len(),
-        seen.len(),
-        &failures[..failures.len().min(5)]
-    );
-    let bodies: Vec<&str> = seen
-        .iter()
-        .map(|(_, r)| r.as_ref().unwrap().1.trim())
-        .collect();
-    let first_to = bodies.iter().position(|b| *b == to).unwrap_or_else(|| {
-        panic!(
-            "the answer never became {to}: {:?}",
-            &bodies[bodies.len().saturating_sub(5)..]
-        )
-    });
-    assert!(first_to > 0, "the poll never saw {from} before the switch");
-    assert!(
-        bodies[..first_to].iter().all(|b| *b == from),
-        "before the switch: {:?}",
-        &bodies[..first_to]
-    );
-    assert!(
-        bodies[first_to..].iter().all(|b| *b == to),
-        "the answer went back after the switch: {:?}",
-        &bodies[first_to..]
-    );
-    let rate = seen.len() as f64 / elapsed.as_secs_f64();
-    assert!(rate >= 20.0, "polled at only {rate:.1} requests/s");
-    (seen.len(), rate)
-}
-
-/// Asserts a poll saw only `body`, all successful.
-pub fn assert_steady(seen: &[Sample], body: &str) {
-    assert!(!seen.is_empty());
-    for (_, r) in seen {
-        match r {
-            Ok((200, b)) if b.trim() == body => {}
-            other => panic!("expected a steady {body}, saw {other:?}"),
-        }
-    }
+/// A [`Poller`] of `GET /` through the proxy at `proxy` with `host` as the `Host` header, every `every`,
+/// with keep-alive connections.
+pub fn poll(proxy: SocketAddr, host: &str, every: Duration) -> Poller {
+    let (c, host) = (client(), host.to_owned());
+    Poller::start(every, move || {
+        let (c, host) = (c.clone(), host.clone());
+        async move { get(&c, proxy, &host, "/").await }
+    })
 }
 
 /// Everything written by `tracing` (and the `log` crate, bridged) in this test binary, through the filter

@@ -7,8 +7,8 @@ pub mod support;
 use std::time::{Duration, Instant};
 
 use support::{
-    Clock, Driver, E2e, HEARTBEAT, Poller, app_manifest, assert_switch, broken_docker_site, docker,
-    docker_site, get, host, site, wait_body, wait_for,
+    Clock, Driver, E2e, HEARTBEAT, app_manifest, assert_steady, assert_switch, broken_docker_site,
+    docker, docker_site, get, host, poll, site, wait_body, wait_for,
 };
 
 /// Bound of a deploy that builds (fetch, build, start, health) on a loaded CI machine.
@@ -34,16 +34,10 @@ async fn steady_while<F: std::future::Future<Output = T>, T>(
     body: &str,
     during: F,
 ) -> T {
-    let poll = Poller::start(proxy, host.to_owned(), Duration::from_millis(50));
+    let poller = poll(proxy, host, Duration::from_millis(50));
     let out = during.await;
-    let (_, seen) = poll.finish().await;
-    assert!(!seen.is_empty());
-    for (_, r) in &seen {
-        match r {
-            Ok((200, b)) if b.trim() == body => {}
-            other => panic!("expected {body} to keep serving, saw {other:?}"),
-        }
-    }
+    let (_, seen) = poller.finish().await;
+    assert_steady(&seen, body);
     out
 }
 
@@ -87,14 +81,14 @@ async fn docker_app_deploys_switches_without_errors_survives_bad_releases_and_is
     assert_eq!(labels["cairn.source-commit"], v1.as_str());
 
     // v2 while a client polls the proxy: v1 then v2, no failed request.
-    let poll = Poller::start(agent.proxy, host.clone(), Duration::from_millis(20));
+    let poller = poll(agent.proxy, &host, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let v2 = src.commit(&docker_site(&base, "v2", true));
     let r2 = plane.wait_release(&app, 2, "live", DEPLOY).await;
     assert_eq!(r2["source_commit"], v2.as_str());
     wait_body(agent.proxy, &host, "v2", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (elapsed, seen) = poll.finish().await;
+    let (elapsed, seen) = poller.finish().await;
     let (n, rate) = assert_switch(&seen, elapsed, "v1", "v2");
     eprintln!("v1 -> v2: {n} requests at {rate:.0}/s, none failed");
     clock.lap("v2 switched");
@@ -227,13 +221,13 @@ async fn process_app_deploys_restarts_after_a_crash_and_switches_without_errors(
     eprintln!("the crashed replica served again after {:?}", t.elapsed());
 
     // v2 while a client polls: no failed request.
-    let poll = Poller::start(agent.proxy, host.clone(), Duration::from_millis(20));
+    let poller = poll(agent.proxy, &host, Duration::from_millis(20));
     tokio::time::sleep(Duration::from_millis(500)).await;
     src.commit(&site("v2", true));
     plane.wait_release(&app, 2, "live", DEPLOY).await;
     wait_body(agent.proxy, &host, "v2", Duration::from_secs(10)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (elapsed, seen) = poll.finish().await;
+    let (elapsed, seen) = poller.finish().await;
     let (n, rate) = assert_switch(&seen, elapsed, "v1", "v2");
     eprintln!("v1 -> v2: {n} requests at {rate:.0}/s, none failed");
     clock.lap("v2 switched");

@@ -34,7 +34,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::sync::watch;
 
 pub use crate::agents::support::wait_for;
 use crate::agents::support::{CAIRN, Plane as AgentsPlane, Repo, agent_bin};
@@ -769,86 +768,16 @@ pub async fn wait_body(proxy: SocketAddr, host: &str, body: &str, limit: Duratio
     .await
 }
 
-/// One poll: when it finished and what it got.
-pub type Sample = (Instant, Result<(u16, String), String>);
+pub use cairn_testkit::poll::{Poller, assert_steady, assert_switch};
 
-/// A client polling one address at a fixed rate (one request at a time, keep-alive); what it saw.
-#[derive(Debug)]
-pub struct Poller {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Vec<Sample>>,
-    started: Instant,
-}
-
-impl Poller {
-    pub fn start(proxy: SocketAddr, host: String, every: Duration) -> Poller {
-        let (stop, mut stopped) = watch::channel(false);
-        let task = tokio::spawn(async move {
-            let c = client();
-            let mut seen = Vec::new();
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        let r = get_with(&c, proxy, &host, "/").await;
-                        seen.push((Instant::now(), r));
-                    }
-                    _ = stopped.changed() => break,
-                }
-            }
-            seen
-        });
-        Poller {
-            stop,
-            task,
-            started: Instant::now(),
-        }
-    }
-
-    /// Stops polling; returns how long it polled and what it saw.
-    pub async fn finish(self) -> (Duration, Vec<Sample>) {
-        let _ = self.stop.send(true);
-        let seen = self.task.await.unwrap();
-        (self.started.elapsed(), seen)
-    }
-}
-
-/// Asserts a poll saw only 200s, at 20 requests per second or more, whose bodies went from `from` to
-/// `to` once and never back. Returns (requests, rate).
-pub fn assert_switch(seen: &[Sample], elapsed: Duration, from: &str, to: &str) -> (usize, f64) {
-    let failures: Vec<_> = seen
-        .iter()
-        .filter(|(_, r)| !matches!(r, Ok((200, _))))
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} of {} requests failed during the switch: {:?}",
-        failures.len(),
-        seen.len(),
-        &failures[..failures.len().min(5)]
-    );
-    let bodies: Vec<&str> = seen
-        .iter()
-        .map(|(_, r)| r.as_ref().unwrap().1.trim())
-        .collect();
-    let first = bodies
-        .iter()
-        .position(|b| *b == to)
-        .unwrap_or_else(|| panic!("the answer never became {to}: {:?}", bodies.last()));
-    assert!(first > 0, "the poll never saw {from} before the switch");
-    assert!(
-        bodies[..first].iter().all(|b| *b == from),
-        "before the switch: {:?}",
-        &bodies[..first]
-    );
-    assert!(
-        bodies[first..].iter().all(|b| *b == to),
-        "the answer went back after the switch"
-    );
-    let rate = seen.len() as f64 / elapsed.as_secs_f64();
-    assert!(rate >= 20.0, "polled at only {rate:.1} requests/s");
-    (seen.len(), rate)
+/// A [`Poller`] of `GET /` through the proxy at `proxy` with `host` as the `Host` header, every `every`,
+/// on one keep-alive connection.
+pub fn poll(proxy: SocketAddr, host: &str, every: Duration) -> Poller {
+    let (c, host) = (client(), host.to_owned());
+    Poller::start(every, move || {
+        let (c, host) = (c.clone(), host.clone());
+        async move { get_with(&c, proxy, &host, "/").await }
+    })
 }
 
 /// Prints how long each phase of a test took (`phase NAME: 1.2 s (total 3.4 s)`), so a slow run shows
