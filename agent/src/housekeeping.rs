@@ -75,10 +75,7 @@ impl Cursor {
 
     /// The lines of `outputs` not sent yet, as wire lines, and the cursor to keep once they are sent.
     /// Replicas no longer listed are forgotten.
-    pub fn unsent(
-        &self,
-        outputs: &[ReplicaOutput],
-    ) -> (Vec<ReplicaLogLine>, Sent) {
+    pub fn unsent(&self, outputs: &[ReplicaOutput]) -> (Vec<ReplicaLogLine>, Sent) {
         let mut lines = Vec::new();
         let mut next = HashMap::new();
         for o in outputs {
