@@ -407,7 +407,7 @@ impl Agent {
                         _ = abandon.wait_for(|a| *a) => None,
                         _ = lost.wait_for(|l| *l) => None,
                     };
-                    ran.map(|r| r.map(|ran| (work, None, ran.timings)))
+                    ran.map(|r| r.map(|ran| (work, None, ran)))
                 }
             },
         };
@@ -440,13 +440,15 @@ impl Agent {
                 Outcome::Done {
                     detail: Some(format!("superseded: the slot holds generation {have}")),
                     timings: Default::default(),
+                    image: None,
                 }
             }
-            Ok((work, None, timings)) => {
+            Ok((work, None, ran)) => {
                 self.remember(&work);
                 Outcome::Done {
                     detail: Some(format!("{} done", work.kind.as_str())),
-                    timings,
+                    timings: ran.timings,
+                    image: ran.image,
                 }
             }
             Err(e) => Outcome::Failed {

@@ -160,7 +160,15 @@ impl Runner for RecordingRunner {
                 work.release
             ),
         ));
-        Ok(format!("recorded {}", work.kind.as_str()).into())
+        let mut ran: crate::runner::Ran = format!("recorded {}", work.kind.as_str()).into();
+        if work.kind == TaskKind::Deploy {
+            // A stand-in image id per release, so a release's recorded image can be checked.
+            ran.image = Some(cairn_proto::DeployedImage {
+                id: format!("sha256:{:064x}", work.release),
+                registry: None,
+            });
+        }
+        Ok(ran)
     }
 
     async fn stop_now(&self, app: &Name, slot: u32) -> Result<(), RunError> {

@@ -64,6 +64,8 @@ pub struct Ran {
     pub summary: String,
     /// A deploy's milliseconds per stage ([`crate::deploy::Timings::by_stage`]); empty otherwise.
     pub timings: std::collections::BTreeMap<String, u64>,
+    /// The image a deploy runs (its release records it); `None` otherwise.
+    pub image: Option<cairn_proto::DeployedImage>,
 }
 
 impl From<String> for Ran {
@@ -71,6 +73,7 @@ impl From<String> for Ran {
         Ran {
             summary,
             timings: Default::default(),
+            image: None,
         }
     }
 }
@@ -226,6 +229,13 @@ impl Runner for DriverRunner {
                             report.timings.total.as_millis()
                         ),
                         timings: report.timings.by_stage(),
+                        image: Some(cairn_proto::DeployedImage {
+                            id: report.image.0.clone(),
+                            registry: report
+                                .pushed
+                                .as_ref()
+                                .map(|p| (p.reference.clone(), p.digest.clone())),
+                        }),
                     }),
                     Err(f) => match f.error {
                         DeployError::Refused(e) => Err(RunError::Refused(e)),

@@ -421,9 +421,22 @@ pub enum Outcome {
         /// `healthy`, `switch`, `drain`; those that ran): the release's push-to-running stages.
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         timings: BTreeMap<String, u64>,
+        /// The image a deploy runs, which its release records.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        image: Option<DeployedImage>,
     },
     /// Failed: retried after a backoff if `retry` and attempts remain, dead otherwise.
     Failed { error: String, retry: bool },
+}
+
+/// The image a deploy ran: the engine's image id, and where it is in the registry when the agent pushed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeployedImage {
+    /// `sha256:<hex>` as the node's engine (or the process driver's release directory) names it.
+    pub id: String,
+    /// `host:port/prefix/app` and the `sha256:` digest the registry gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registry: Option<(String, String)>,
 }
 
 /// `POST /agent/v1/tasks/{id}/result`. (serde cannot refuse unknown fields next to a flattened one.)
@@ -524,7 +537,8 @@ mod tests {
             done.outcome,
             Outcome::Done {
                 detail: None,
-                timings: BTreeMap::new()
+                timings: BTreeMap::new(),
+                image: None,
             }
         );
     }

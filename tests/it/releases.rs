@@ -156,6 +156,10 @@ async fn rollback_pins_until_unpin_or_a_manifest_change_and_every_command_answer
         json!([{"slot": 1, "node": "a", "state": "running"}])
     );
     assert_eq!(rels[1]["status"], "superseded");
+    // The image each release ran, as the agent reported it (the recording driver's stand-in ids).
+    assert_eq!(rels[0]["image"], format!("sha256:{:064x}", 2));
+    assert_eq!(rels[1]["image"], format!("sha256:{:064x}", 1));
+    assert_eq!(rels[0]["image_digest"], Value::Null);
     assert_eq!(rels[1]["source_commit"], crate::agents::support::COMMIT);
     let text = ok(&remote(&plane, &token, &["releases", "web"]));
     assert!(

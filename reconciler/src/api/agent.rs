@@ -541,12 +541,19 @@ async fn result(
     let task = row.id;
     let token = LeaseToken(r.token);
     let response = match &r.outcome {
-        Outcome::Done { detail, timings } => {
+        Outcome::Done {
+            detail,
+            timings,
+            image,
+        } => {
             queue::complete(&api.pool, task, token)
                 .await
                 .map_err(|e| conflict_or(e, task, r.token))?;
             if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
                 stage_timings(&api, &row.app, release, timings).await;
+                if let Some(image) = image {
+                    release_image(&api, &row.app, release, image).await;
+                }
             }
             tracing::info!(%node, %task, detail = detail.as_deref().unwrap_or(""), "task done");
             ResultResponse {
@@ -623,6 +630,28 @@ async fn stage_timings(
     }
 }
 
+/// Records the image a deploy ran on its release: the registry's reference and digest once a node pushed
+/// it, else the engine's image id. Malformed values are ignored (a failure costs the record, never the
+/// result).
+async fn release_image(api: &Api, app: &Name, release: u64, image: &cairn_proto::DeployedImage) {
+    let sha256 = |s: &str| {
+        s.strip_prefix("sha256:")
+            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    let (reference, digest) = match &image.registry {
+        Some((r, d)) if sha256(d) && !r.is_empty() && r.len() <= 512 => {
+            (r.as_str(), Some(d.as_str()))
+        }
+        _ if sha256(&image.id) => (image.id.as_str(), None),
+        _ => return,
+    };
+    if let Err(e) =
+        crate::store::releases::record_image(&api.pool, app, release, reference, digest).await
+    {
+        tracing::warn!(%app, release, error = %error_chain(&e), "cannot record a release's image");
+    }
+}
+
 /// After one of a release's deploy tasks finished: once none is open and none died, the release is live;
 /// as soon as one dies, it failed. Recorded on the release and told to the hooks (the `cairn/deploy`
 /// commit status) in one transaction, once per outcome.
@@ -672,6 +701,11 @@ async fn release_outcome(
         .await;
     }
     tx.commit().await.op("commit a release's outcome")?;
+    if !ok {
+        // The planner moves the app's placements back to its live release (the automatic rollback), so
+        // a replica of it that is lost later is repaired instead of the failed release retried.
+        api.wake.notify_one();
+    }
     if let Some((stages, secs)) = live {
         crate::metrics::global().release_live(&stages, secs);
     }

@@ -118,6 +118,31 @@ pub async fn releases(
         .collect()
 }
 
+/// Records the image release `release` of `app` runs: a registry `reference` with its `digest` (which
+/// wins over what was recorded), or the engine's image id (kept only while nothing better is known).
+pub async fn record_image(
+    pool: &PgPool,
+    app: &Name,
+    release: u64,
+    reference: &str,
+    digest: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query!(
+        r#"UPDATE releases
+           SET image = CASE WHEN $4::text IS NOT NULL OR image IS NULL THEN $3 ELSE image END,
+               image_digest = coalesce($4, image_digest)
+           WHERE app = $1 AND number = $2 AND (image IS NULL OR $4::text IS NOT NULL)"#,
+        app.as_str(),
+        to_i64("release", release)?,
+        reference,
+        digest,
+    )
+    .execute(pool)
+    .await
+    .op("record a release's image")?;
+    Ok(())
+}
+
 /// `(slot, node, release, state)` of every placement of `app`, by slot.
 pub async fn placements(
     conn: &mut PgConnection,
