@@ -293,6 +293,25 @@ pub struct ReleaseRecord {
     pub source_commit: CommitId,
     /// [`crate::plan::ReleaseSpec::hash`] of the spec it runs with; a different hash means a new release.
     pub spec_hash: String,
+    /// It failed (its build broke, its replicas failed their health check): it is not deployed again, and
+    /// the app runs [`ReleaseRecord::fallback`] until its source or spec changes.
+    #[serde(default)]
+    pub failed: bool,
+    /// The newest earlier release that is live: what keeps serving when this one failed.
+    #[serde(default)]
+    pub fallback: Option<ReleaseNumber>,
+}
+
+impl ReleaseRecord {
+    /// The release the app's replicas run while this is its latest release: this one, or for a failed
+    /// release the live one before it (the automatic rollback). A failed first release has no fallback and
+    /// stays where it is.
+    pub fn serving(&self) -> ReleaseNumber {
+        match (self.failed, self.fallback) {
+            (true, Some(live)) => live,
+            _ => self.number,
+        }
+    }
 }
 
 /// A node's liveness as the planner sees it at `now`: no status is pending, and an online node heard from

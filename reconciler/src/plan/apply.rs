@@ -66,6 +66,8 @@ pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, Not
                 config_commit: r.config_commit.clone(),
                 source_commit: r.source_commit.clone(),
                 spec_hash: r.spec_hash.clone(),
+                failed: false,
+                fallback: None,
             },
         );
     }

@@ -589,7 +589,8 @@ fn decide_releases<'t>(
             continue;
         };
         let release = match latest {
-            Some(l) if !differs(l, Some(&source)) => l.number,
+            // A failed release is not retried: the app keeps (or goes back to) the live one before it.
+            Some(l) if !differs(l, Some(&source)) => l.serving(),
             _ => {
                 let number = latest.map_or(1, |l| l.number + 1);
                 releases.push(NewRelease {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Duration, Utc};
 
 use super::render::{MarkdownOptions, json, markdown, text};
 use super::*;
-use crate::observed::{NodeStatus, ReplicaState};
+use crate::observed::{NodeStatus, ReleaseRecord, ReplicaState};
 
 const DEMO_IDENTITY: &str = include_str!("../../../examples/keys/demo-only-identity.txt");
 
@@ -576,6 +576,51 @@ fn a_rollback_pin_deploys_the_pinned_release() {
     assert!(p.releases.is_empty());
     assert!(p.tasks.iter().all(|t| t.release == 2));
     assert_eq!(p.tasks.len(), 2);
+}
+
+#[test]
+fn a_failed_release_goes_back_to_the_live_one_and_is_not_deployed_again() {
+    let (d, mut o) = world_a(&secret("postgres://a", &[]));
+    heads(&mut o, &[("api", "9f8e7d6c5b4a3921")]);
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let (_, mut o) = apply(&o, &c, &d);
+    assert_eq!(o.releases[&name("api")].number, 2);
+    // Release 2 failed its health check on the node; release 1 is still live.
+    let latest = o.releases.get_mut(&name("api")).unwrap();
+    latest.failed = true;
+    latest.fallback = Some(1);
+    let (p, o) = apply(&o, &c, &d);
+    assert!(p.releases.is_empty(), "a failed release is not made again");
+    assert_eq!(p.tasks.len(), 2);
+    assert!(
+        p.tasks
+            .iter()
+            .all(|t| t.action == TaskAction::Deploy && t.release == 1),
+        "the placements go back to the live release: {:?}",
+        p.tasks
+    );
+    assert!(o.placements.iter().all(|pl| pl.release == 1));
+    // Nothing more while the source stays where it is...
+    let mut still = o.clone();
+    still.releases.get_mut(&name("api")).unwrap().failed = true;
+    still.releases.get_mut(&name("api")).unwrap().fallback = Some(1);
+    assert!(plan(&input(Some((&c, &d)), Some(&fingerprints(&d)), &still)).is_empty());
+    // ...and a new push makes release 3.
+    heads(&mut still, &[("api", "0123456789abcdef")]);
+    let (p, _) = apply(&still, &c, &d);
+    assert_eq!(p.releases.len(), 1);
+    assert_eq!(p.releases[0].number, 3);
+    assert!(p.tasks.iter().all(|t| t.release == 3));
+    // A failed first release has nothing to go back to: it stays.
+    let first = ReleaseRecord {
+        number: 1,
+        config_commit: c.clone(),
+        source_commit: commit("0123456789abcdef"),
+        spec_hash: String::new(),
+        failed: true,
+        fallback: None,
+    };
+    assert_eq!(first.serving(), 1);
 }
 
 #[test]

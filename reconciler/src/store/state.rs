@@ -655,8 +655,11 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
     }
 
     for r in sqlx::query!(
-        r#"SELECT DISTINCT ON (app) app, number, config_commit, source_commit, spec_hash
-           FROM releases ORDER BY app, number DESC"#
+        r#"SELECT DISTINCT ON (app) app, number, config_commit, source_commit, spec_hash,
+                  status = 'failed' AS "failed!",
+                  (SELECT max(l.number) FROM releases l
+                    WHERE l.app = r.app AND l.number < r.number AND l.status = 'live') AS fallback
+           FROM releases r ORDER BY app, number DESC"#
     )
     .fetch_all(&mut *conn)
     .await
@@ -669,6 +672,11 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
                 config_commit: CommitId::new(r.config_commit),
                 source_commit: CommitId::new(r.source_commit),
                 spec_hash: r.spec_hash,
+                failed: r.failed,
+                fallback: r
+                    .fallback
+                    .map(|n| to_u64("releases", "number", n))
+                    .transpose()?,
             },
         );
     }

@@ -148,6 +148,30 @@ async fn docker_app_deploys_switches_without_errors_survives_bad_releases_and_is
         [format!("cairn-{}-{app}-r2-s1", e.installation)],
         "only the serving replica is left"
     );
+    // The failed releases are not retried: the placement goes back to release 2 (the automatic
+    // rollback), so a replica of it lost now is repaired, not replaced by a failing release 4.
+    wait_for(
+        "the placement to return to the live release 2",
+        Duration::from_secs(30),
+        || async {
+            let p = plane
+                .rows(&format!(
+                    "SELECT release FROM placements WHERE app = '{app}'"
+                ))
+                .await;
+            (p.len() == 1 && p[0]["release"] == 2).then_some(())
+        },
+    )
+    .await;
+    docker(&["rm", "-f", &names[0]]);
+    wait_body(agent.proxy, &host, "v2", HEARTBEAT * 10).await;
+    clock.lap("release 2 repaired after the failures");
+    let r5 = plane.release(&app, 5).await;
+    assert!(
+        r5.is_none(),
+        "no release was made for the failed commit: {r5:?}"
+    );
+
     // Built once per release that built (v1, v2, v4): the repair and the retries reused the image.
     let log = agent.log_text();
     assert_eq!(log.matches("source=Built").count(), 3, "images built");
