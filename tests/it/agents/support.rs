@@ -77,7 +77,9 @@ pub struct Repo {
 
 pub const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 
-fn git(dir: &Path, args: &[&str]) {
+/// Runs the `git` CLI in `dir` (no user or system configuration needed), panicking with its stderr when
+/// it fails; returns its stdout, trimmed.
+pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "user.name=test", "-c", "user.email=test@example.com"])
         .args([
@@ -88,6 +90,7 @@ fn git(dir: &Path, args: &[&str]) {
         ])
         .args(args)
         .current_dir(dir)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
         .output()
         .expect("git runs");
     assert!(
@@ -95,6 +98,7 @@ fn git(dir: &Path, args: &[&str]) {
         "git {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 impl Repo {
@@ -137,13 +141,7 @@ impl Repo {
 
     /// The commit `main` points at in the work tree.
     pub fn head(&self) -> String {
-        let out = Command::new("git")
-            .args(["rev-parse", "HEAD"])
-            .current_dir(self.dir.path())
-            .output()
-            .expect("git runs");
-        assert!(out.status.success());
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        git(self.dir.path(), &["rev-parse", "HEAD"])
     }
 
     /// What serve is given as `--repo`.

@@ -7,17 +7,12 @@ pub mod support;
 use std::time::{Duration, Instant};
 
 use support::{
-    Clock, Driver, E2e, HEARTBEAT, app_manifest, assert_steady, assert_switch, broken_docker_site,
-    docker, docker_site, get, host, poll, site, wait_body, wait_for,
+    Clock, Driver, E2e, HEARTBEAT, assert_steady, assert_switch, broken_docker_site, docker,
+    docker_site, get, poll, site, wait_body, wait_for,
 };
 
 /// Bound of a deploy that builds (fetch, build, start, health) on a loaded CI machine.
 const DEPLOY: Duration = Duration::from_secs(90);
-
-/// A unique app name per test (image tags `cairn/<app>:<release>` are shared by everything on the engine).
-fn app_name(e: &E2e, prefix: &str) -> String {
-    format!("{prefix}-{}", &e.installation[3..])
-}
 
 /// The replica containers of `app` (name, labels).
 fn app_containers(e: &E2e, app: &str) -> Vec<(String, serde_json::Value)> {
@@ -52,16 +47,10 @@ async fn docker_app_deploys_switches_without_errors_survives_bad_releases_and_is
     else {
         return;
     };
-    let app = app_name(&e, "web");
-    let host = host(&app);
     let base = e.busybox_image();
-    let src = e.app_source(&app);
-    let v1 = src.commit(&docker_site(&base, "v1", true));
+    let a = e.app("web", "docker-app", 1, &docker_site(&base, "v1", true));
+    let (app, host, src, v1) = (a.name.clone(), a.host.clone(), &a.source, a.first.clone());
     e.repo.node("n1", "");
-    e.repo.write(
-        &format!("app-{app}.toml"),
-        &app_manifest(&app, "docker-app", 1, &src),
-    );
     clock.lap("setup");
     let plane = e.start(&[]).await;
     clock.lap("serve up, config applied");
@@ -183,10 +172,7 @@ async fn docker_app_deploys_switches_without_errors_survives_bad_releases_and_is
     assert!(status.status.success());
 
     // Removed from the config: its containers are gone, the proxy no longer routes it.
-    let generation = plane.generation().await;
-    e.repo.remove(&format!("app-{app}.toml"));
-    e.repo.commit();
-    plane.wait_generation(generation + 1).await;
+    e.remove_app(&plane, &app).await;
     wait_for(
         "the app's containers to be removed",
         Duration::from_secs(30),
@@ -209,15 +195,9 @@ async fn process_app_deploys_restarts_after_a_crash_and_switches_without_errors(
     else {
         return;
     };
-    let app = app_name(&e, "proc");
-    let host = host(&app);
-    let src = e.app_source(&app);
-    src.commit(&site("v1", true));
+    let a = e.app("proc", "process-app", 1, &site("v1", true));
+    let (app, host, src) = (a.name.clone(), a.host.clone(), &a.source);
     e.repo.node("n1", "");
-    e.repo.write(
-        &format!("app-{app}.toml"),
-        &app_manifest(&app, "process-app", 1, &src),
-    );
     clock.lap("setup");
     let plane = e.start(&[]).await;
     let agent = e.agent(&plane, "n1", Driver::Process, &[]).await;
@@ -269,10 +249,7 @@ async fn process_app_deploys_restarts_after_a_crash_and_switches_without_errors(
     clock.lap("v3 failed its health check");
 
     // Removed from the config: the process is gone.
-    let generation = plane.generation().await;
-    e.repo.remove(&format!("app-{app}.toml"));
-    e.repo.commit();
-    plane.wait_generation(generation + 1).await;
+    e.remove_app(&plane, &app).await;
     let dir = agent.dir.join("process");
     wait_for(
         "the app's process to stop",

@@ -8,14 +8,18 @@
 //! ```text
 //! let Some(mut e) = E2e::new("my_test", &[Driver::Docker]).await else { return };  // skips or fails loudly
 //! let base = e.busybox_image();                  // Docker: the FROM of the apps' Dockerfiles
-//! let app = e.app_source("shop");                // a bare repo + work tree, pushed with `commit`
-//! app.commit(&docker_app_files(&base, "v1", true));
-//! e.repo.write("app-shop.toml", &app_manifest("shop", "docker-app", 1));
+//! let shop = e.app("shop", "docker-app", 1, &docker_site(&base, "v1", true));  // source + manifest
+//! e.repo.node("n1", "");
 //! let plane = e.start(&[]).await;               // cairn serve (polls the apps' heads every 2 s)
 //! let agent = e.agent(&plane, "n1", Driver::Docker, &[]).await;
-//! plane.wait_release("shop", 1, "live", LIMIT).await;
-//! let (status, body) = get(agent.proxy, &host("shop"), "/").await?;
+//! plane.wait_release(&shop.name, 1, "live", LIMIT).await;
+//! wait_body(agent.proxy, &shop.host, "v1", LIMIT).await;     // GET / through the node proxy
+//! shop.source.commit(&docker_site(&base, "v2", true));     // a push: serve's next poll deploys it
+//! e.remove_app(&plane, &shop.name).await;
 //! ```
+//!
+//! A webhook test would start serve with `--github-webhook-secret-file` in `extra` and a long
+//! `--interval` (so the head comes from the push, not the poll), then deliver a signed push.
 //!
 //! Clean-up happens when [`E2e`] is dropped, even when the test panics: agents get SIGTERM (then SIGKILL),
 //! serve is killed, every container and image labelled with this test's installation id is removed (the
@@ -36,7 +40,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 pub use crate::agents::support::wait_for;
-use crate::agents::support::{CAIRN, Plane as AgentsPlane, Repo, agent_bin};
+use crate::agents::support::{CAIRN, Plane as AgentsPlane, Repo, agent_bin, git};
 
 /// The static busybox every test image and process app runs (Debian's `busybox-static`).
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -46,20 +50,7 @@ pub const HEARTBEAT: Duration = Duration::from_secs(1);
 pub const BASE_DOMAIN: &str = "apps.test";
 
 /// Which driver an agent runs replicas with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Driver {
-    Docker,
-    Process,
-}
-
-impl Driver {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Driver::Docker => "docker",
-            Driver::Process => "process",
-        }
-    }
-}
+pub use cairn_schema::Driver;
 
 fn require_all() -> bool {
     ["CAIRN_TEST_REQUIRE_ALL", "CI"]
@@ -93,28 +84,6 @@ pub fn docker(args: &[&str]) -> String {
     assert!(
         out.status.success(),
         "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args(["-c", "user.name=e2e", "-c", "user.email=e2e@cairn.invalid"])
-        .args([
-            "-c",
-            "init.defaultBranch=main",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -254,6 +223,40 @@ impl E2e {
             bare,
             work,
         }
+    }
+
+    /// Declares an app in the config repository (not committed yet: [`E2e::start`] or a later
+    /// `repo.commit()` does): named `<prefix>-<this installation's suffix>` (image tags `cairn/<app>:N` are
+    /// shared by everything on the engine), with `replicas` of `runtime`, following `main` of a new source
+    /// whose first commit is `files`.
+    pub fn app(
+        &self,
+        prefix: &str,
+        runtime: &str,
+        replicas: u32,
+        files: &[(&str, String)],
+    ) -> TestApp {
+        let name = format!("{prefix}-{}", &self.installation[3..]);
+        let source = self.app_source(&name);
+        let first = source.commit(files);
+        self.repo.write(
+            &format!("app-{name}.toml"),
+            &app_manifest(&name, runtime, replicas, &source),
+        );
+        TestApp {
+            host: host(&name),
+            name,
+            source,
+            first,
+        }
+    }
+
+    /// Removes `app` from the config repository, commits, and waits until the commit is applied.
+    pub async fn remove_app(&self, plane: &Plane, app: &str) {
+        let generation = plane.generation().await;
+        self.repo.remove(&format!("app-{app}.toml"));
+        self.repo.commit();
+        plane.wait_generation(generation + 1).await;
     }
 
     /// `--git-rewrite` for serve and agents: this test's GitHub prefix to its local remotes.
@@ -514,6 +517,17 @@ fn kill_processes_under(root: &Path) {
             let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
         }
     }
+}
+
+/// An app declared by [`E2e::app`].
+#[derive(Debug)]
+pub struct TestApp {
+    pub name: String,
+    /// The `Host` it answers to.
+    pub host: String,
+    pub source: AppSource,
+    /// The source's first commit.
+    pub first: String,
 }
 
 /// An app's source repository: a bare remote (what the rewrite points at) and a work tree.
