@@ -88,7 +88,16 @@ async fn metrics_move_with_work_and_json_logs_carry_spans() {
     let mut plane = Plane::start(db, repo, scratch, identity, &args).await;
 
     // The first reconcile applies the node and the app; its deploy task waits for the node.
-    let text = wait_sample(&plane, "cairn_reconciles_total{result=\"applied\"}", 1.0).await;
+    wait_sample(&plane, "cairn_reconciles_total{result=\"applied\"}", 1.0).await;
+    // The gauges read from Postgres are read when a scrape starts, the counters when it ends: a scrape
+    // running across the apply's commit can show the reconcile counted and the queue still empty. A
+    // later scrape shows both.
+    let text = wait_sample(
+        &plane,
+        "cairn_tasks{status=\"queued\",kind=\"deploy\"}",
+        1.0,
+    )
+    .await;
     for family in [
         "cairn_reconcile_duration_seconds histogram",
         "cairn_reconciles counter",
