@@ -171,6 +171,52 @@ async fn docker_app_deploys_switches_without_errors_survives_bad_releases_and_is
     let status = plane.cairn(&["status"]);
     assert!(status.status.success());
 
+    // `cairn rollback` to release 1: release 1's image runs again (the container's image id is the
+    // release's), nothing is built, and the pin holds over the next reconciles.
+    let out = plane.cairn(&["rollback", &app, "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_body(agent.proxy, &host, "v1", DEPLOY).await;
+    let r1_name = format!("cairn-{}-{app}-r1-s1", e.installation);
+    wait_for(
+        "release 1's replica alone",
+        Duration::from_secs(30),
+        || async {
+            let names: Vec<String> = app_containers(&e, &app).into_iter().map(|c| c.0).collect();
+            (names == [r1_name.clone()]).then_some(())
+        },
+    )
+    .await;
+    clock.lap("rolled back to release 1");
+    let image = docker(&["inspect", "--format", "{{.Image}}", &r1_name]);
+    let r1 = plane.release(&app, 1).await.unwrap();
+    assert_eq!(
+        image.trim(),
+        r1["image"].as_str().unwrap_or_default(),
+        "the replica runs release 1's image: {r1}"
+    );
+    let log = agent.log_text();
+    assert_eq!(
+        log.matches("source=Built").count(),
+        3,
+        "the rollback built nothing"
+    );
+    let generation = plane.generation().await;
+    tokio::time::sleep(Duration::from_secs(5)).await; // two reconcile intervals
+    let placed = plane
+        .rows(&format!(
+            "SELECT release FROM placements WHERE app = '{app}'"
+        ))
+        .await;
+    assert_eq!(placed.len(), 1);
+    assert_eq!(placed[0]["release"], 1, "the pin holds over reconciles");
+    assert_eq!(plane.generation().await, generation);
+    let (status, body) = get(agent.proxy, &host, "/").await.unwrap();
+    assert_eq!((status, body.trim()), (200, "v1"));
+
     // Removed from the config: its containers are gone, the proxy no longer routes it.
     e.remove_app(&plane, &app).await;
     wait_for(
