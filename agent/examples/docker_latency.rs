@@ -10,7 +10,6 @@
 //! (no pull), publishes only on 127.0.0.1, and removes every container and image it labelled on the way out.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -31,32 +30,7 @@ use cairn_schema::{Domain, GitUrl, Identity, Name};
 use futures_util::StreamExt;
 use rand::Rng;
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=bench",
-            "-c",
-            "user.email=bench@cairn.invalid",
-        ])
-        .args([
-            "-c",
-            "init.defaultBranch=main",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+use cairn_testkit::git;
 
 fn pct(v: &mut [Duration], p: f64) -> Duration {
     v.sort();

@@ -1,5 +1,7 @@
 //! Test support shared by Cairn's crates; a dev-dependency only, never linked into a shipped binary.
 //!
+//! - [`git()`]: the `git` CLI with a fixed identity and no system config ([`git_fixed_clock`] for
+//!   reproducible commit ids).
 //! - [`pg`]: a fresh PostgreSQL database per test, cloned from a template with every migration applied,
 //!   on a private cluster that one test process starts and every other process of the run shares.
 //! - [`poll`]: a client polling an address while a test switches what answers there, and the checks of
@@ -8,5 +10,8 @@
 //! What it must not do: weaken what the tests measure (the private cluster keeps `fsync` on), or hide a
 //! missing prerequisite in CI (`CAIRN_TEST_REQUIRE_ALL` turns every skip into a failure).
 
+mod git;
 pub mod pg;
 pub mod poll;
+
+pub use git::{git, git_fixed_clock};

@@ -7,7 +7,7 @@
 
 use std::process::{Command, Output};
 
-use crate::validate::root;
+use crate::validate::{copy_dir, root};
 
 fn plan(db_url: &str, args: &[&str]) -> Output {
     let repo = root().join("examples/config");
@@ -113,26 +113,11 @@ async fn plan_fetches_the_config_repository_through_the_git_rewrites() {
     let remotes = scratch.path().join("remotes");
     copy_dir(&root().join("examples/config"), &work);
     std::fs::create_dir_all(&remotes).unwrap();
-    let git = |dir: &std::path::Path, args: &[&str]| {
-        let out = Command::new("git")
-            .args(["-c", "user.name=t", "-c", "user.email=t@example.com"])
-            .args([
-                "-c",
-                "init.defaultBranch=main",
-                "-c",
-                "commit.gpgsign=false",
-            ])
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("git runs");
-        assert!(out.status.success(), "git {args:?}: {}", text(&out.stderr));
-        text(&out.stdout)
-    };
+    use cairn_testkit::git;
     git(&work, &["init", "-q"]);
     git(&work, &["add", "-A"]);
     git(&work, &["commit", "-q", "-m", "config"]);
-    let commit = git(&work, &["rev-parse", "HEAD"]).trim().to_owned();
+    let commit = git(&work, &["rev-parse", "HEAD"]);
     git(&remotes, &["init", "-q", "--bare", "platform-config.git"]);
     let bare = remotes.join("platform-config.git");
     git(&work, &["push", "-q", bare.to_str().unwrap(), "HEAD:main"]);
@@ -175,17 +160,4 @@ async fn plan_fetches_the_config_repository_through_the_git_rewrites() {
         .output()
         .unwrap();
     assert!(!without.status.success());
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let target = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &target);
-        } else {
-            std::fs::copy(e.path(), target).unwrap();
-        }
-    }
 }

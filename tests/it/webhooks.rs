@@ -49,31 +49,7 @@ fn fixture(dir: &Path, file: &str) -> Value {
 }
 
 /// `git` with a fixed identity and clock: the same content gives the same commit on every run.
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Cairn Test",
-            "-c",
-            "user.email=test@cairn.invalid",
-            "-c",
-            "init.defaultBranch=main",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
-        .current_dir(dir)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
+use cairn_testkit::git_fixed_clock as git;
 
 struct Remote {
     work: PathBuf,
@@ -324,6 +300,17 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `cairn ARGS` against the test's database (no admin API, no token).
+fn cairn_db(db_url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env_remove("CAIRN_SERVER")
+        .env_remove("CAIRN_TOKEN")
+        .output()
+        .unwrap()
 }
 
 /// `X-Hub-Signature-256` of `body` with the tests' secret, as GitHub signs.
@@ -598,11 +585,7 @@ async fn a_signed_push_to_an_apps_branch_ends_with_a_new_release_and_its_deploy_
     );
 
     // `cairn webhooks` shows the delivery and what it caused.
-    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["webhooks", "--json", "--limit", "5"])
-        .env("DATABASE_URL", db.url())
-        .output()
-        .unwrap();
+    let out = cairn_db(db.url(), &["webhooks", "--json", "--limit", "5"]);
     assert!(
         out.status.success(),
         "{}",
@@ -712,11 +695,7 @@ async fn pushes_to_a_pinned_app_are_ignored_with_the_reason() {
         "push to Codertocat/Hello-World@master: `docs` is pinned to rev `v1.0` by its manifest (a \
          pull request that changes the pin deploys it)"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["webhooks"])
-        .env("DATABASE_URL", db.url())
-        .output()
-        .unwrap();
+    let out = cairn_db(db.url(), &["webhooks"]);
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(
         text.lines().any(|l| l.contains("e2e-pinned-1")
@@ -728,11 +707,7 @@ async fn pushes_to_a_pinned_app_are_ignored_with_the_reason() {
 
     // The same through the admin API, with an admin token and no database credentials; without a
     // token it is 401.
-    let token = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["token", "create", "--name", "ops"])
-        .env("DATABASE_URL", db.url())
-        .output()
-        .unwrap();
+    let token = cairn_db(db.url(), &["token", "create", "--name", "ops"]);
     assert!(
         token.status.success(),
         "{}",
@@ -756,11 +731,7 @@ async fn pushes_to_a_pinned_app_are_ignored_with_the_reason() {
         String::from_utf8_lossy(&out.stderr)
     );
     let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let local = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["webhooks", "--json"])
-        .env("DATABASE_URL", db.url())
-        .output()
-        .unwrap();
+    let local = cairn_db(db.url(), &["webhooks", "--json"]);
     assert_eq!(
         listed,
         serde_json::from_slice::<Value>(&local.stdout).unwrap(),

@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cairn_reconciler::controller::{ConfigSource, Controller, Outcome};
@@ -944,27 +943,7 @@ async fn two_appliers_racing_on_the_same_commit_emit_each_task_once() {
     .await;
 }
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Cairn Test",
-            "-c",
-            "user.email=test@cairn.invalid",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
+use cairn_testkit::git;
 
 /// [`Repo`]'s directory as a git work tree that pushes to a bare remote beside it.
 struct GitRepo {

@@ -1,31 +1,8 @@
 //! The git source against a real bare repository that the real `git` CLI commits and pushes to.
 
-use std::path::Path;
-use std::process::Command;
-
 use cairn_reconciler::source::git::{GitError, GitSource};
 
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Cairn Test",
-            "-c",
-            "user.email=test@cairn.invalid",
-            "-c",
-            "init.defaultBranch=main",
-        ])
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
+use cairn_testkit::git;
 
 /// A bare "remote" and a work tree that pushes to it.
 struct Remote {

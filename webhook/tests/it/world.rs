@@ -3,7 +3,6 @@
 //! them, the real fixture payloads rewritten to name their commits, and the outbox read back in SQL.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use cairn_reconciler::controller::{ConfigSource, Controller};
@@ -50,31 +49,7 @@ pub fn demo_recipient() -> String {
 }
 
 /// Runs `git` in `dir` with a fixed identity and clock, so the same content gives the same commit.
-pub fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .args([
-            "-c",
-            "user.name=Cairn Test",
-            "-c",
-            "user.email=test@cairn.invalid",
-            "-c",
-            "init.defaultBranch=main",
-            "-c",
-            "commit.gpgsign=false",
-        ])
-        .args(args)
-        .env("GIT_AUTHOR_DATE", "2026-01-01T00:00:00Z")
-        .env("GIT_COMMITTER_DATE", "2026-01-01T00:00:00Z")
-        .current_dir(dir)
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
+pub use cairn_testkit::git_fixed_clock as git;
 
 /// A work tree and the bare remote it pushes to.
 pub struct Remote {
