@@ -195,6 +195,7 @@ async fn main() {
             port: 8080,
         },
         image: None,
+        push_to: None,
         limits: Limits {
             cpu_millis: 250,
             memory_bytes: 64 << 20,

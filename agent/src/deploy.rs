@@ -50,7 +50,7 @@ pub struct DeployerConfig {
     pub failure_log_lines: usize,
     /// A registry (`host:port/prefix`) the release's image is pushed to once this node has it, so other
     /// nodes pull it by digest instead of building ([`DeployReport::pushed`]).
-    pub registry: Option<String>,
+    pub registry: Option<cairn_proto::Registry>,
 }
 
 impl DeployerConfig {
@@ -177,8 +177,6 @@ pub enum DeployError {
     Fetch(#[source] SourceError),
     #[error("the image could not be built")]
     Build(#[source] DriverError),
-    #[error("the image could not be pulled")]
-    Pull(#[source] DriverError),
     #[error("the image could not be pushed to the registry")]
     Push(#[source] DriverError),
     #[error("the replica could not be started")]
@@ -367,33 +365,51 @@ impl Deployer {
             match self.driver.find_image(spec).await {
                 Ok(Some(id)) => (id, ImageSource::Cached, None),
                 Err(e) => return Err(failure(Stage::Build, DeployError::Build(e), &timings)),
-                Ok(None) if spec.image.is_some() && self.driver.can_pull() => {
-                    let t = Instant::now();
-                    let pulled = self.driver.pull_image(spec, log).await;
-                    timings.pull = Some(t.elapsed());
-                    let id =
-                        pulled.map_err(|e| failure(Stage::Pull, DeployError::Pull(e), &timings))?;
-                    (id, ImageSource::Pulled, None)
-                }
                 Ok(None) => {
-                    let (id, checkout) = self
-                        .fetch_and_build(spec, log, &mut timings)
-                        .await
-                        .map_err(|(stage, e)| failure(stage, e, &timings))?;
-                    (id, ImageSource::Built, Some(checkout))
+                    let pulled = match &spec.image {
+                        Some(image) if self.driver.can_pull() => {
+                            let t = Instant::now();
+                            let pulled = self.driver.pull_image(spec, log).await;
+                            timings.pull = Some(t.elapsed());
+                            // The registry unreachable or the image gone: the source still builds it.
+                            pulled
+                                .inspect_err(|e| {
+                                    let why = crate::runner::chain(e);
+                                    tracing::warn!(app = %spec.app, release = spec.release, image = %image.pinned(), error = %why, "cannot pull the release's image; building it here");
+                                    log.line(LogLine::new(
+                                        LogStream::Agent,
+                                        format!("cannot pull {}: {why}; building release {} here instead", image.pinned(), spec.release),
+                                    ));
+                                })
+                                .ok()
+                        }
+                        _ => None,
+                    };
+                    match pulled {
+                        Some(id) => (id, ImageSource::Pulled, None),
+                        None => {
+                            let (id, checkout) = self
+                                .fetch_and_build(spec, log, &mut timings)
+                                .await
+                                .map_err(|(stage, e)| failure(stage, e, &timings))?;
+                            (id, ImageSource::Built, Some(checkout))
+                        }
+                    }
                 }
             }
         };
 
-        // With a registry, the image this node has (built or cached) is pushed, so other nodes pull it.
-        let pushed = match &self.cfg.registry {
+        // Told to push (the first node to deploy the release), the image this node has (built or
+        // cached) goes to the registry, so every other node pulls it instead of building.
+        let push_to = spec.push_to.as_ref().or(self.cfg.registry.as_ref());
+        let pushed = match push_to {
             Some(registry)
                 if spec.image.is_none()
                     && image_source != ImageSource::Pulled
                     && self.driver.can_pull() =>
             {
                 let t = Instant::now();
-                let repository = format!("{}/{}", registry.trim_end_matches('/'), spec.app);
+                let repository = registry.repository(&spec.app);
                 let pushed = self.driver.push_image(spec, &image, &repository, log).await;
                 timings.push = Some(t.elapsed());
                 Some(pushed.map_err(|e| failure(Stage::Push, DeployError::Push(e), &timings))?)

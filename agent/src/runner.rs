@@ -162,7 +162,8 @@ pub fn replica_spec(
             start: p.spec.start.clone(),
             port: p.spec.port,
         },
-        image: None,
+        image: p.image.clone(),
+        push_to: p.push_to.clone(),
         limits: Limits {
             cpu_millis: p.spec.cpu_millis,
             memory_bytes: p.spec.memory_bytes,

@@ -15,6 +15,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use cairn_proto::Registry;
 use cairn_schema::{Ciphertext, Domain, EnvName, GitUrl, Identity, Name, Secret, SecretError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -38,6 +39,10 @@ pub struct ReplicaSpec {
     /// instead of building.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<ImageRef>,
+    /// The registry to push the release's image to once this node has it, when the control plane has
+    /// one and no node pushed the image yet (other nodes' tasks then carry it as `image`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_to: Option<Registry>,
     pub limits: Limits,
     /// Plain env vars. `PORT` is always set by the agent and wins over a value here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -84,21 +89,8 @@ pub struct BuildSpec {
     pub port: u16,
 }
 
-/// An image in a registry, pinned by digest.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImageRef {
-    /// `host:port/prefix/app` (no tag, no digest).
-    pub reference: String,
-    /// `sha256:<64 hex>`.
-    pub digest: String,
-}
-
-impl ImageRef {
-    /// `reference@digest`, the only way the agent names a registry image.
-    pub fn pinned(&self) -> String {
-        format!("{}@{}", self.reference, self.digest)
-    }
-}
+/// An image in a registry, pinned by digest (the wire type: a deploy task carries it).
+pub use cairn_proto::RegistryImage as ImageRef;
 
 /// The plan's limits for one replica.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -301,8 +293,7 @@ impl ReplicaSpec {
                     format!("`{}` is not an image name", image.reference),
                 );
             }
-            let hex = image.digest.strip_prefix("sha256:").unwrap_or("");
-            if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+            if !cairn_proto::registry::is_sha256_digest(&image.digest) {
                 return invalid(
                     "image.digest",
                     format!("`{}` is not a sha256 digest", image.digest),

@@ -45,6 +45,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub mod admin;
+pub mod registry;
+
+pub use registry::{Registry, RegistryImage};
 
 /// Where the agent API lives.
 pub const AGENT_API: &str = "/agent/v1";
@@ -277,6 +280,15 @@ pub struct DeployPayload {
     /// encrypts the secrets when the node leases the task. An agent never sees a task in this state.
     #[serde(default)]
     pub secrets_pending: bool,
+    /// Set when the node leases the task, if serve distributes images through a registry and no node has
+    /// pushed the release's image yet: this node gets the image (its own copy, or a build) and pushes it
+    /// to [`Registry::repository`], for every other node to pull.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub push_to: Option<Registry>,
+    /// Set when the node leases the task, once a node pushed the release's image: pull it by digest
+    /// instead of building.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<RegistryImage>,
 }
 
 impl std::fmt::Debug for DeployPayload {
@@ -292,6 +304,8 @@ impl std::fmt::Debug for DeployPayload {
             )
             .field("secret_recipient", &self.secret_recipient)
             .field("secrets_pending", &self.secrets_pending)
+            .field("push_to", &self.push_to)
+            .field("image", &self.image)
             .finish()
     }
 }
@@ -571,6 +585,8 @@ mod tests {
             secret_env: None,
             secret_recipient: None,
             secrets_pending: false,
+            push_to: None,
+            image: None,
         };
         assert!(!p.needs_encryption_for(&a), "no secrets");
         p.secrets_pending = true;

@@ -387,6 +387,8 @@ async fn enqueue_tasks(
                     secret_env,
                     secret_recipient,
                     secrets_pending,
+                    push_to: None,
+                    image: None,
                 };
                 task.payload = serde_json::to_value(&payload).expect("a payload serializes");
             } else if let Some(mut payload) =

@@ -220,6 +220,8 @@ pub async fn recorded_release(
         secret_env: None,
         secret_recipient: None,
         secrets_pending: pending,
+        push_to: None,
+        image: None,
     }))
 }
 

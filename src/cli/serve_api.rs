@@ -51,6 +51,11 @@ pub struct ApiArgs {
     /// Replica output lines kept per app for `cairn logs` (older ones are pruned)
     #[arg(long, default_value_t = 10_000)]
     log_window: u32,
+    /// Distribute release images through this registry, e.g. `registry.internal:5000/cairn`: the first
+    /// node to deploy a release pushes its image to `<registry>/<app>`, every other Docker node pulls it
+    /// by digest, and the release records the digest. Without it each node builds the images it lacks
+    #[arg(long, value_name = "HOST[:PORT][/PREFIX]")]
+    registry: Option<cairn_proto::Registry>,
 }
 
 /// Connects the APIs' pool and listener, starts the liveness monitor, and returns the APIs' router.
@@ -77,6 +82,7 @@ pub async fn start(
     cfg.node_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
     cfg.admin_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
     cfg.join_rate = Rate::new(args.join_rate_limit, args.join_rate_limit * 10.0);
+    cfg.registry = args.registry.clone();
     let api = Api::new(
         pool.clone(),
         Arc::new(listener),

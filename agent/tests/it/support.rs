@@ -315,6 +315,7 @@ pub fn spec(
         },
         build,
         image: None,
+        push_to: None,
         limits: Limits {
             cpu_millis: 250,
             memory_bytes: 64 << 20,
@@ -394,7 +395,7 @@ impl Node {
         cfg.drain_grace = Duration::from_millis(300);
         cfg.drain_max = Duration::from_secs(10);
         cfg.fetch_timeout = Duration::from_secs(60);
-        cfg.registry = registry;
+        cfg.registry = registry.map(|r| r.parse().expect("a registry"));
         let deployer = Deployer::new(driver, proxy.clone(), sources, identity.clone(), cfg);
         Node {
             deployer,

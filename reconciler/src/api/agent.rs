@@ -47,6 +47,7 @@ use crate::queue::{
 };
 use crate::store::Op as _;
 use crate::store::agents::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord, NewLogLine};
+use crate::store::releases;
 
 /// The most replicas one heartbeat may report.
 pub const MAX_REPORTED_REPLICAS: usize = 10_000;
@@ -342,7 +343,12 @@ async fn prepare(
         let deploy = if carries_release {
             match serde_json::from_value::<DeployPayload>(t.payload.clone()) {
                 Ok(mut p) => match ready(api, node, &t, &mut p).await? {
-                    Ok(()) => Some(p),
+                    Ok(()) => {
+                        if !distribute(api, &node.node, &t, &mut p).await? {
+                            continue;
+                        }
+                        Some(p)
+                    }
                     Err((error, permanent)) => {
                         give_up(api, &t, &error, permanent).await?;
                         continue;
@@ -416,6 +422,52 @@ async fn ready(
     }
     tracing::debug!(node = %node.node, task = %t.id, "secrets sealed to the node at lease time");
     Ok(Ok(()))
+}
+
+/// Where a deploy gets its image, when serve distributes images through a registry: pulled by digest
+/// once a node pushed it; otherwise this node gets it (its own copy or a build) and pushes it, unless
+/// another node is doing that right now, in which case the task goes back to the queue, without using
+/// an attempt, until the push is recorded ([`release_image`] wakes it) or `image_wait` has passed.
+/// Nodes without the Docker driver build their own. Returns whether the task is handed out now.
+async fn distribute(
+    api: &Api,
+    node: &Name,
+    t: &LeasedTask,
+    p: &mut DeployPayload,
+) -> Result<bool, ApiError> {
+    let (Some(registry), Some(release)) = (&api.cfg.registry, t.release) else {
+        return Ok(true);
+    };
+    let mut tx = api.pool.begin().await.op("begin a deploy's image lease")?;
+    let holders = releases::image_holders(&mut tx, &t.app, release, node).await?;
+    let (push_to, image) = match holders.pushed {
+        _ if !holders.docker => (None, None),
+        Some((reference, digest)) if registry.holds(&reference) => {
+            (None, Some(cairn_proto::RegistryImage { reference, digest }))
+        }
+        _ => match holders.pusher {
+            Some(pusher) => {
+                let held =
+                    agents::release_task(&mut *tx, t.id, t.token, api.cfg.image_wait).await?;
+                tx.commit().await.op("commit a held deploy")?;
+                if held {
+                    tracing::info!(%node, task = %t.id, app = %t.app, release, %pusher, "deploy waits for another node to push the release's image");
+                }
+                return Ok(false);
+            }
+            None => (Some(registry.clone()), None),
+        },
+    };
+    if (&p.push_to, &p.image) != (&push_to, &image) {
+        p.push_to = push_to;
+        p.image = image;
+        let json = serde_json::to_value(&*p).expect("a payload serializes");
+        if !agents::set_task_payload(&mut *tx, t.id, t.token, &json).await? {
+            return Ok(false);
+        }
+    }
+    tx.commit().await.op("commit a deploy's image lease")?;
+    Ok(true)
 }
 
 async fn give_up(api: &Api, t: &LeasedTask, error: &str, permanent: bool) -> Result<(), ApiError> {
@@ -551,9 +603,9 @@ async fn result(
                 .map_err(|e| conflict_or(e, task, r.token))?;
             if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
                 stage_timings(&api, &row.app, release, timings).await;
-                if let Some(image) = image {
-                    release_image(&api, &row.app, release, image).await;
-                }
+            }
+            if let (Some(release), Some(image)) = (row.release, image) {
+                release_image(&api, &row.app, release, image).await;
             }
             tracing::info!(%node, %task, detail = detail.as_deref().unwrap_or(""), "task done");
             ResultResponse {
@@ -598,6 +650,11 @@ async fn result(
             release_outcome(&api, &row.app, release, died).await?;
         }
     }
+    if let (TaskKind::Deploy | TaskKind::Start | TaskKind::Restart, Some(release)) =
+        (row.kind, row.release)
+    {
+        wake_image_waiters(&api, &row.app, release).await;
+    }
     Ok(Json(response))
 }
 
@@ -634,10 +691,7 @@ async fn stage_timings(
 /// it, else the engine's image id. Malformed values are ignored (a failure costs the record, never the
 /// result).
 async fn release_image(api: &Api, app: &Name, release: u64, image: &cairn_proto::DeployedImage) {
-    let sha256 = |s: &str| {
-        s.strip_prefix("sha256:")
-            .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-    };
+    let sha256 = cairn_proto::registry::is_sha256_digest;
     let (reference, digest) = match &image.registry {
         Some((r, d)) if sha256(d) && !r.is_empty() && r.len() <= 512 => {
             (r.as_str(), Some(d.as_str()))
@@ -645,10 +699,23 @@ async fn release_image(api: &Api, app: &Name, release: u64, image: &cairn_proto:
         _ if sha256(&image.id) => (image.id.as_str(), None),
         _ => return,
     };
-    if let Err(e) =
-        crate::store::releases::record_image(&api.pool, app, release, reference, digest).await
-    {
+    if let Err(e) = releases::record_image(&api.pool, app, release, reference, digest).await {
         tracing::warn!(%app, release, error = %error_chain(&e), "cannot record a release's image");
+    }
+}
+
+/// Wakes the deploys of a release that wait for another node's push ([`distribute`]), once a deploy of
+/// it finished: they pull the image it pushed, or, if it failed, one of them gets the image itself.
+async fn wake_image_waiters(api: &Api, app: &Name, release: u64) {
+    if api.cfg.registry.is_none() {
+        return;
+    }
+    match releases::wake_image_waiters(&api.pool, app, release).await {
+        Ok(0) => {}
+        Ok(n) => tracing::debug!(%app, release, tasks = n, "deploys waiting for the image woken"),
+        Err(e) => {
+            tracing::warn!(%app, release, error = %error_chain(&e), "cannot wake the deploys waiting for an image");
+        }
     }
 }
 
@@ -720,7 +787,7 @@ async fn release(
     Json(r): Json<Release>,
 ) -> Result<Json<ResultResponse>, ApiError> {
     let task = own(&api, &auth.node.node, id).await?;
-    if !agents::release_task(&api.pool, task, LeaseToken(r.token)).await? {
+    if !agents::release_task(&api.pool, task, LeaseToken(r.token), Duration::ZERO).await? {
         return Err(stale(task, r.token));
     }
     tracing::info!(node = %auth.node.node, %task, "task released unstarted");

@@ -58,6 +58,12 @@ pub struct ApiConfig {
     pub auth_failure_rate: Rate,
     /// Log lines kept per task.
     pub max_log_lines: u32,
+    /// Where release images are distributed: the first node to deploy a release pushes its image there,
+    /// every other Docker node pulls it by digest. `None`: each node builds what it lacks.
+    pub registry: Option<cairn_proto::Registry>,
+    /// How long a deploy waits, at most, before its node looks again while another node is getting the
+    /// release's image (a recorded push wakes it sooner).
+    pub image_wait: Duration,
 }
 
 impl ApiConfig {
@@ -73,6 +79,8 @@ impl ApiConfig {
             join_rate: Rate::new(5.0, 50.0),
             auth_failure_rate: Rate::new(5.0, 50.0),
             max_log_lines: 10_000,
+            registry: None,
+            image_wait: Duration::from_secs(5),
         }
     }
 }

@@ -643,22 +643,26 @@ pub async fn task_logs(
     Ok(rows.into_iter().map(|r| (r.stream, r.line, r.at)).collect())
 }
 
-/// Gives a leased task back unstarted: it may be leased again at once, and the attempt does not count.
-/// `false` when `token` is not the task's current lease.
+/// Gives a leased task back unstarted: it may be leased again `after` from now (at once for an agent
+/// that shuts down; later for a task held until another node pushed its image), and the attempt does
+/// not count. `false` when `token` is not the task's current lease.
 pub async fn release_task(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     task: TaskId,
     token: LeaseToken,
+    after: Duration,
 ) -> Result<bool, StoreError> {
     let done = sqlx::query!(
         r#"UPDATE tasks
-           SET status = 'queued', attempts = greatest(attempts - 1, 0), run_after = now(),
+           SET status = 'queued', attempts = greatest(attempts - 1, 0),
+               run_after = now() + $3::float8 * interval '1 millisecond',
                lease_expires_at = NULL, progress = NULL, updated_at = now()
            WHERE id = $1 AND lease_token = $2 AND status = 'leased'"#,
         task.0,
         token.0,
+        after.as_secs_f64() * 1000.0,
     )
-    .execute(pool)
+    .execute(conn)
     .await
     .op("release a task")?;
     Ok(done.rows_affected() == 1)
@@ -689,7 +693,7 @@ pub async fn bury_task(
 /// Replaces the payload of a task its lease holder is about to get (secrets encrypted to the node, in
 /// place of a pending marker). `false` when `token` is not the task's current lease.
 pub async fn set_task_payload(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     task: TaskId,
     token: LeaseToken,
     payload: &serde_json::Value,
@@ -701,7 +705,7 @@ pub async fn set_task_payload(
         token.0,
         payload,
     )
-    .execute(pool)
+    .execute(conn)
     .await
     .op("write a task's payload")?;
     Ok(done.rows_affected() == 1)

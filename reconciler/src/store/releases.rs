@@ -143,6 +143,86 @@ pub async fn record_image(
     Ok(())
 }
 
+/// Who has release `release` of `app`'s image, as a node leasing one of its deploys needs to know when
+/// images are distributed through a registry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageHolders {
+    /// The registry reference and digest recorded once a node pushed the image.
+    pub pushed: Option<(String, String)>,
+    /// Whether the leasing node offers the Docker driver (only Docker images are pushed and pulled).
+    pub docker: bool,
+    /// Another node that holds a lease on one of the release's tasks told to push the image: it is
+    /// getting the image now.
+    pub pusher: Option<String>,
+}
+
+/// Locks release `release` of `app`'s image distribution for the rest of `tx` (so two nodes leasing at
+/// once never both become its pusher) and reads who has its image, for node `node`.
+pub async fn image_holders(
+    tx: &mut PgConnection,
+    app: &Name,
+    release: u64,
+    node: &Name,
+) -> Result<ImageHolders, StoreError> {
+    let number = to_i64("release", release)?;
+    sqlx::query_scalar!(
+        r#"SELECT true AS "locked!"
+           FROM (SELECT pg_advisory_xact_lock(
+                     hashtextextended('cairn-image:' || $1 || ':' || $2::bigint::text, 0))) AS l"#,
+        app.as_str(),
+        number,
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .op("lock a release's image distribution")?;
+    let r = sqlx::query!(
+        r#"SELECT (SELECT image FROM releases WHERE app = $1 AND number = $2 AND image_digest IS NOT NULL)
+                      AS "image?",
+                  (SELECT image_digest FROM releases WHERE app = $1 AND number = $2) AS "digest?",
+                  coalesce((SELECT 'docker' = ANY (drivers) FROM node_status WHERE node = $3), false)
+                      AS "docker!",
+                  (SELECT node FROM tasks
+                   WHERE app = $1 AND release = $2 AND status = 'leased' AND node <> $3
+                     AND lease_expires_at > now() AND payload ? 'push_to'
+                   ORDER BY id LIMIT 1) AS "pusher?""#,
+        app.as_str(),
+        number,
+        node.as_str(),
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .op("read who has a release's image")?;
+    Ok(ImageHolders {
+        pushed: r.image.zip(r.digest),
+        docker: r.docker,
+        pusher: r.pusher,
+    })
+}
+
+/// Makes the queued tasks of release `release` of `app` that wait for its image due now, and wakes their
+/// nodes' long-polls. Returns how many.
+pub async fn wake_image_waiters(
+    pool: &PgPool,
+    app: &Name,
+    release: u64,
+) -> Result<u64, StoreError> {
+    let woken = sqlx::query_scalar!(
+        r#"WITH woken AS (
+               UPDATE tasks SET run_after = now(), updated_at = now()
+               WHERE app = $1 AND release = $2 AND status = 'queued' AND run_after > now()
+               RETURNING node
+           )
+           SELECT n.node AS "node!" FROM (SELECT DISTINCT node FROM woken) n,
+                  LATERAL (SELECT pg_notify('cairn_tasks', n.node)) AS notified"#,
+        app.as_str(),
+        to_i64("release", release)?,
+    )
+    .fetch_all(pool)
+    .await
+    .op("wake the tasks waiting for a release's image")?;
+    Ok(woken.len() as u64)
+}
+
 /// `(slot, node, release, state)` of every placement of `app`, by slot.
 pub async fn placements(
     conn: &mut PgConnection,

@@ -289,6 +289,103 @@ async fn a_node_sees_only_its_own_tasks_and_each_task_is_leased_once() {
     );
 }
 
+/// With `--registry`, the first node to lease a deploy of a release is told to push its image; another
+/// node's deploy of the same release waits (without using an attempt) until the push is recorded, is
+/// woken by it, and is told to pull that image by digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_image_is_pushed_once_and_other_nodes_pull_it_by_digest() {
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("a", "");
+    repo.node("b", "");
+    repo.app("web", 2, "");
+    let registry = "127.0.0.1:5999/cairn-test";
+    let args = [
+        "--interval",
+        "2s",
+        "--heartbeat-interval",
+        "300ms",
+        "--task-lease",
+        "60s",
+        "--registry",
+        registry,
+    ];
+    let plane = Plane::start(db, repo, scratch, identity, &args).await;
+    plane.wait_generation(1).await;
+    let (ca, _) = plane.join_raw("a").await;
+    let (cb, _) = plane.join_raw("b").await;
+    let lease = |credential: &str, wait_ms: u64| {
+        let plane = &plane;
+        let credential = credential.to_owned();
+        async move {
+            let (s, body) = plane
+                .agent_post(
+                    "/lease",
+                    Some(&credential),
+                    &json!({"max": 10, "wait_ms": wait_ms}),
+                )
+                .await;
+            assert_eq!(s, 200, "{body}");
+            body["tasks"].as_array().unwrap().clone()
+        }
+    };
+
+    // A leases first: it gets the image and pushes it.
+    let a_tasks = lease(&ca, 0).await;
+    assert_eq!(a_tasks.len(), 1, "one replica per node: {a_tasks:?}");
+    let a_task = &a_tasks[0];
+    assert_eq!(a_task["deploy"]["push_to"], registry, "{a_task}");
+    assert!(a_task["deploy"].get("image").is_none(), "{a_task}");
+
+    // B's deploy of the same release waits for A's push, and the wait costs it no attempt.
+    assert_eq!(lease(&cb, 0).await, Vec::<Value>::new());
+    let b_row = plane
+        .rows("SELECT status, attempts, run_after > now() AS later FROM tasks WHERE node = 'b'")
+        .await;
+    assert_eq!(
+        b_row,
+        vec![json!({"status": "queued", "attempts": 0, "later": true})]
+    );
+
+    // A reports the pushed image; B's long-poll is woken (well before the 5 s wait ends) and told to
+    // pull it by digest.
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let reference = format!("{registry}/web");
+    let b_poll = tokio::spawn({
+        let url = format!("{}/agent/v1/lease", plane.url);
+        support::post_json(url, Some(cb.clone()), json!({"max": 10, "wait_ms": 4000}))
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (s, body) = plane
+        .agent_post(
+            &format!("/tasks/{}/result", a_task["id"]),
+            Some(&ca),
+            &json!({"token": a_task["token"], "outcome": "done",
+                    "image": {"id": format!("sha256:{}", "cd".repeat(32)),
+                              "registry": [reference, digest]}}),
+        )
+        .await;
+    assert_eq!((s, body["status"].as_str()), (200, Some("done")), "{body}");
+    let (s, body) = b_poll.await.unwrap();
+    assert_eq!(s, 200, "{body}");
+    let b_tasks = body["tasks"].as_array().unwrap();
+    assert_eq!(b_tasks.len(), 1, "B's deploy is woken by the push: {body}");
+    assert_eq!(b_tasks[0]["attempt"], 1, "{body}");
+    assert_eq!(
+        b_tasks[0]["deploy"]["image"],
+        json!({"reference": reference, "digest": digest})
+    );
+    assert!(b_tasks[0]["deploy"].get("push_to").is_none(), "{body}");
+    let release = plane
+        .rows("SELECT image, image_digest FROM releases WHERE app = 'web'")
+        .await;
+    assert_eq!(
+        release,
+        vec![json!({"image": reference, "image_digest": digest})]
+    );
+}
+
 #[test]
 fn the_recording_driver_is_refused_outside_tests() {
     let out = std::process::Command::new(support::agent_bin())
