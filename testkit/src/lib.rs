@@ -6,12 +6,21 @@
 //!   on a private cluster that one test process starts and every other process of the run shares.
 //! - [`poll`]: a client polling an address while a test switches what answers there, and the checks of
 //!   what it saw (no failed request, one switch from the old body to the new).
+//! - [`registry`]: a local image registry (Debian's `docker-registry`) on a free loopback port.
+//! - [`engine`]: a second, private Docker engine (`dockerd` with its own data, socket, bridge and subnet)
+//!   for a test's second node.
+//! - [`skip`]: what a test does when a prerequisite is missing ([`missing`]: skip with a message, or fail
+//!   under CI / `CAIRN_TEST_REQUIRE_ALL`).
 //!
 //! What it must not do: weaken what the tests measure (the private cluster keeps `fsync` on), or hide a
 //! missing prerequisite in CI (`CAIRN_TEST_REQUIRE_ALL` turns every skip into a failure).
 
+pub mod engine;
 mod git;
 pub mod pg;
 pub mod poll;
+pub mod registry;
+pub mod skip;
 
 pub use git::{git, git_fixed_clock};
+pub use skip::{missing, require_all};

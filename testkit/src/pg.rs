@@ -44,7 +44,7 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 /// Use this server instead of starting a private cluster.
 pub const DATABASE_URL_ENV: &str = "CAIRN_TEST_DATABASE_URL";
 /// When set and non-empty (CI sets it), a missing PostgreSQL fails the test instead of skipping it.
-pub const REQUIRE_ALL_ENV: &str = "CAIRN_TEST_REQUIRE_ALL";
+pub use crate::skip::REQUIRE_ALL_ENV;
 /// A directory holding `initdb`, `pg_ctl` and `postgres`, searched before the Debian location.
 pub const BINDIR_ENV: &str = "CAIRN_TEST_PG_BINDIR";
 

@@ -1,70 +1,15 @@
 //! Distribution through a real registry (Debian's `docker-registry` on 127.0.0.1): the building node
 //! pushes the release's image, a node that lacks it pulls it by digest and builds nothing.
 
-use std::net::{Ipv4Addr, TcpListener};
-use std::process::Stdio;
 use std::sync::Arc;
-use std::time::Duration;
 
 use bollard::query_parameters::RemoveImageOptionsBuilder;
 use cairn_agent::deploy::ImageSource;
 use cairn_agent::{DockerConfig, DockerDriver, Driver, Rewrites};
 use cairn_schema::Name;
+use cairn_testkit::registry::registry;
 
 use crate::support::{self, AppRepo, Installation, Node, bounded, docker_build, get, spec};
-
-/// A registry on a free loopback port, killed when dropped.
-struct Registry {
-    addr: String,
-    _child: tokio::process::Child,
-}
-
-async fn registry(test: &str, dir: &std::path::Path) -> Option<Registry> {
-    let bin = ["/usr/bin/docker-registry", "/usr/local/bin/registry"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).is_file());
-    let Some(bin) = bin else {
-        support::missing(
-            test,
-            "docker-registry",
-            "not installed (Debian package docker-registry)",
-        );
-        return None;
-    };
-    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.join("registry.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.join("registry-data").display()
-        ),
-    )
-    .unwrap();
-    let child = tokio::process::Command::new(bin)
-        .arg("serve")
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
-            return Some(Registry {
-                addr,
-                _child: child,
-            });
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("the registry did not listen on {addr}");
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_building_node_pushes_and_another_node_pulls_by_digest_without_building() {

@@ -18,6 +18,15 @@
 //! e.remove_app(&plane, &shop.name).await;
 //! ```
 //!
+//! A second node on its own Docker engine, with images distributed through a local registry:
+//!
+//! ```text
+//! let Some(b) = e.second_engine().await else { return };     // a private dockerd (skips or fails loudly)
+//! let Some(reg) = cairn_testkit::registry::registry(TEST, e.scratch.path()).await else { return };
+//! let n2 = e.agent_on(&plane, "n2", Driver::Docker, &[], Some(b.host())).await;  // DOCKER_HOST for it
+//! b.docker(&["images"]);                                      // the docker CLI against that engine
+//! ```
+//!
 //! A webhook test would start serve with `--github-webhook-secret-file` in `extra` and a long
 //! `--interval` (so the head comes from the push, not the poll), then deliver a signed push.
 //!
@@ -33,9 +42,12 @@
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use cairn_testkit::engine::SecondEngine;
+use cairn_testkit::missing;
 use serde_json::Value;
 use tempfile::TempDir;
 
@@ -51,24 +63,6 @@ pub const BASE_DOMAIN: &str = "apps.test";
 
 /// Which driver an agent runs replicas with.
 pub use cairn_schema::Driver;
-
-fn require_all() -> bool {
-    ["CAIRN_TEST_REQUIRE_ALL", "CI"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
-}
-
-/// Says why `test` cannot run here: a panic under CI / `CAIRN_TEST_REQUIRE_ALL`, a message otherwise.
-fn missing(test: &str, what: &str, why: impl std::fmt::Display) {
-    if require_all() {
-        panic!(
-            "{test}: {what} is required (CI or CAIRN_TEST_REQUIRE_ALL is set) but not usable: {why}"
-        );
-    }
-    eprintln!(
-        "SKIPPED {test}: {what} is not usable here ({why}); set CAIRN_TEST_REQUIRE_ALL=1 to fail instead"
-    );
-}
 
 fn docker_cli(args: &[&str]) -> std::io::Result<std::process::Output> {
     Command::new("docker")
@@ -122,6 +116,9 @@ pub struct E2e {
     docker: bool,
     children: Vec<Child>,
     serve_log: Option<PathBuf>,
+    /// Second engines started by [`E2e::second_engine`]: torn down after the agents stopped.
+    engines: Vec<Arc<SecondEngine>>,
+    test: &'static str,
     cleaned: AtomicBool,
 }
 
@@ -179,6 +176,8 @@ impl E2e {
             docker,
             children: Vec::new(),
             serve_log: None,
+            engines: Vec::new(),
+            test,
             cleaned: AtomicBool::new(false),
         })
     }
@@ -333,7 +332,9 @@ impl E2e {
     }
 
     /// Starts `cairn-agent` for `node` (declared in the config) with `driver`, its own data directory and
-    /// a proxy on a free loopback port; `extra` flags are appended. Returns once the node is online.
+    /// a proxy on a free loopback port; `extra` flags are appended. Returns once the node is online. Its
+    /// Docker engine is the one this process's `DOCKER_HOST` names (the main engine); see
+    /// [`E2e::agent_on`] for another.
     pub async fn agent(
         &mut self,
         plane: &Plane,
@@ -341,12 +342,29 @@ impl E2e {
         driver: Driver,
         extra: &[&str],
     ) -> Agent {
+        self.agent_on(plane, node, driver, extra, None).await
+    }
+
+    /// [`E2e::agent`] with `DOCKER_HOST=docker_host` in the agent's environment when given (a
+    /// `unix://` socket, e.g. [`SecondEngine::host`] of an engine from [`E2e::second_engine`]).
+    pub async fn agent_on(
+        &mut self,
+        plane: &Plane,
+        node: &str,
+        driver: Driver,
+        extra: &[&str],
+        docker_host: Option<&str>,
+    ) -> Agent {
         let token = plane.join_token(node);
         let dir = self.scratch.path().join(format!("agent-{node}"));
         let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
         let log_path = self.scratch.path().join(format!("agent-{node}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(agent_bin())
+        let mut cmd = Command::new(agent_bin());
+        if let Some(host) = docker_host {
+            cmd.env("DOCKER_HOST", host);
+        }
+        let child = cmd
             .args(["--server", &plane.url, "--driver", driver.as_str()])
             .arg("--data-dir")
             .arg(&dir)
@@ -376,6 +394,19 @@ impl E2e {
             dir,
             log: log_path,
         }
+    }
+
+    /// A second Docker engine for this test (a private `dockerd`: its own images, containers, bridge and
+    /// subnet; its log `dockerd-<bridge>.log` in the scratch directory, printed on a panic like the
+    /// others), or `None` after saying why it cannot run here (a panic instead under CI /
+    /// `CAIRN_TEST_REQUIRE_ALL`). Start an agent on it with [`E2e::agent_on`] and
+    /// `Some(engine.host())`. It is torn down (every container on it, its images, its dockerd) when this
+    /// `E2e` is, after the agents stopped; [`E2e::containers`] and the label clean-up only see the main
+    /// engine.
+    pub async fn second_engine(&mut self) -> Option<Arc<SecondEngine>> {
+        let engine = Arc::new(SecondEngine::start(self.test, self.scratch.path()).await?);
+        self.engines.push(engine.clone());
+        Some(engine)
     }
 
     /// Containers of this installation (all states), as `(name, labels)`: one `docker ps`, so a
@@ -462,6 +493,9 @@ impl E2e {
                 }
             }
         }
+        // The last reference when the test's own went first (it is declared after this `E2e`): the
+        // engine's containers are removed and its dockerd stopped now that no agent uses it.
+        self.engines.clear();
     }
 }
 
