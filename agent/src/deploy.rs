@@ -48,9 +48,6 @@ pub struct DeployerConfig {
     pub drain_max: Duration,
     /// Lines of a failed replica's output kept with the failure.
     pub failure_log_lines: usize,
-    /// A registry (`host:port/prefix`) the release's image is pushed to once this node has it, so other
-    /// nodes pull it by digest instead of building ([`DeployReport::pushed`]).
-    pub registry: Option<cairn_proto::Registry>,
 }
 
 impl DeployerConfig {
@@ -61,7 +58,6 @@ impl DeployerConfig {
             drain_grace: Duration::from_millis(500),
             drain_max: Duration::from_secs(30),
             failure_log_lines: 50,
-            registry: None,
         }
     }
 }
@@ -155,8 +151,9 @@ pub struct DeployReport {
     pub image: ImageId,
     pub image_source: ImageSource,
     pub checkout: Option<Checkout>,
-    /// The image in the registry, pinned by digest, when the deployer has a registry: what the release
-    /// records, and what other nodes' tasks carry as [`ReplicaSpec::image`].
+    /// The image in the registry, pinned by digest, when the task said to push it
+    /// ([`ReplicaSpec::push_to`]): what the release records, and what other nodes' tasks carry as
+    /// [`ReplicaSpec::image`].
     pub pushed: Option<ImageRef>,
     /// Old replicas of the slot that were drained and removed.
     pub replaced: Vec<ReplicaId>,
@@ -401,8 +398,7 @@ impl Deployer {
 
         // Told to push (the first node to deploy the release), the image this node has (built or
         // cached) goes to the registry, so every other node pulls it instead of building.
-        let push_to = spec.push_to.as_ref().or(self.cfg.registry.as_ref());
-        let pushed = match push_to {
+        let pushed = match &spec.push_to {
             Some(registry)
                 if spec.image.is_none()
                     && image_source != ImageSource::Pulled

@@ -37,20 +37,12 @@ async fn the_building_node_pushes_and_another_node_pulls_by_digest_without_build
             DockerConfig::new(inst.id.clone(), inst.node.clone()),
         ));
         let registry = format!("{}/cairn-test-{}", reg.addr, inst.id);
-        let node_a = Node::start_with(
-            &inst,
-            a.clone(),
-            repo.rewrites(),
-            "a",
-            Some(registry.clone()),
-        )
-        .await;
+        let node_a = Node::start_with(&inst, a.clone(), repo.rewrites(), "a").await;
+        let mut task_a = spec(&inst, &app, &repo, 1, &v1, docker_build(&base));
+        task_a.push_to = Some(registry.parse().unwrap());
         let ra = node_a
             .deployer
-            .deploy(
-                &spec(&inst, &app, &repo, 1, &v1, docker_build(&base)),
-                &support::Discard,
-            )
+            .deploy(&task_a, &support::Discard)
             .await
             .unwrap_or_else(|e| panic!("{}", e.reason()));
         eprintln!("registry node A timings: {:?}", ra.timings);
@@ -79,7 +71,7 @@ async fn the_building_node_pushes_and_another_node_pulls_by_digest_without_build
             docker.clone(),
             DockerConfig::new(inst.id.clone(), Name::new("node-b").unwrap()),
         ));
-        let node_b = Node::start_with(&inst, b.clone(), Rewrites::default(), "b", None).await;
+        let node_b = Node::start_with(&inst, b.clone(), Rewrites::default(), "b").await;
         let mut task = spec(&inst, &app, &repo, 1, &v1, docker_build(&base));
         task.image = Some(pushed.clone());
         let rb = node_b

@@ -370,17 +370,15 @@ pub struct Node {
 
 impl Node {
     pub async fn start(inst: &Installation, driver: Arc<dyn Driver>, rewrites: Rewrites) -> Node {
-        Node::start_with(inst, driver, rewrites, "node", None).await
+        Node::start_with(inst, driver, rewrites, "node").await
     }
 
-    /// A node whose source cache and work dir are `<dirs>-sources` and `<dirs>-work`, pushing built images
-    /// to `registry` if given.
+    /// A node whose source cache and work dir are `<dirs>-sources` and `<dirs>-work`.
     pub async fn start_with(
         inst: &Installation,
         driver: Arc<dyn Driver>,
         rewrites: Rewrites,
         dirs: &str,
-        registry: Option<String>,
     ) -> Node {
         let proxy = Proxy::new(ProxyConfig::default());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -395,7 +393,6 @@ impl Node {
         cfg.drain_grace = Duration::from_millis(300);
         cfg.drain_max = Duration::from_secs(10);
         cfg.fetch_timeout = Duration::from_secs(60);
-        cfg.registry = registry.map(|r| r.parse().expect("a registry"));
         let deployer = Deployer::new(driver, proxy.clone(), sources, identity.clone(), cfg);
         Node {
             deployer,
