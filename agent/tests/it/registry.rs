@@ -1,10 +1,12 @@
 //! Distribution through a real registry (Debian's `docker-registry` on 127.0.0.1): the building node
-//! pushes the release's image, a node that lacks it pulls it by digest and builds nothing.
+//! pushes the release's image, a node that lacks it pulls it by digest and builds nothing; when the
+//! registry does not answer, a node builds the release from its source instead.
 
 use std::sync::Arc;
 
 use bollard::query_parameters::RemoveImageOptionsBuilder;
 use cairn_agent::deploy::ImageSource;
+use cairn_agent::spec::ImageRef;
 use cairn_agent::{DockerConfig, DockerDriver, Driver, Rewrites};
 use cairn_schema::Name;
 use cairn_testkit::registry::registry;
@@ -93,6 +95,52 @@ async fn the_building_node_pushes_and_another_node_pulls_by_digest_without_build
             (200, "v1\n".into())
         );
         node_b.deployer.remove_slot(&app, 0).await.unwrap();
+
+        // A registry that does not answer: a node with the source builds the release itself, and says
+        // why in the build output.
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dead_addr = dead.local_addr().unwrap();
+        drop(dead);
+        let c = Arc::new(DockerDriver::with_client(
+            docker.clone(),
+            DockerConfig::new(inst.id.clone(), Name::new("node-c").unwrap()),
+        ));
+        let node_c = Node::start_with(&inst, c.clone(), repo.rewrites(), "c").await;
+        let mut task = spec(&inst, &app, &repo, 2, &v1, docker_build(&base));
+        task.image = Some(ImageRef {
+            reference: format!("{dead_addr}/cairn-test-{}/{app}", inst.id),
+            digest: pushed.digest.clone(),
+        });
+        let lines = std::sync::Mutex::new(Vec::new());
+        let rc = node_c
+            .deployer
+            .deploy(&task, &lines)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.reason()));
+        assert_eq!(rc.image_source, ImageSource::Built);
+        assert_eq!(c.builds_run(), 1);
+        assert!(rc.timings.pull.is_some() && rc.timings.build.is_some());
+        assert!(
+            rc.pushed.is_none(),
+            "nothing is pushed when the task names an image"
+        );
+        let said: Vec<String> = lines
+            .into_inner()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.text)
+            .collect();
+        assert!(
+            said.iter()
+                .any(|l| l.starts_with(&format!("cannot pull {dead_addr}/"))
+                    && l.ends_with("building release 2 here instead")),
+            "{said:#?}"
+        );
+        assert_eq!(
+            get(&client, node_c.proxy_addr, &host, "/").await.unwrap(),
+            (200, "v1\n".into())
+        );
+        node_c.deployer.remove_slot(&app, 0).await.unwrap();
     })
     .await;
 }
