@@ -174,8 +174,6 @@ pub enum DeployError {
     Fetch(#[source] SourceError),
     #[error("the image could not be built")]
     Build(#[source] DriverError),
-    #[error("the image could not be pushed to the registry")]
-    Push(#[source] DriverError),
     #[error("the replica could not be started")]
     Start(#[source] DriverError),
     #[error("the new replica did not pass its health check")]
@@ -344,11 +342,13 @@ impl Deployer {
                 slot: spec.slot,
                 addr,
             };
+            let image = ImageId(cur.image.clone());
+            let pushed = self.push(spec, &image, log, &mut timings).await;
             let prepared = Prepared {
-                image: ImageId(cur.image.clone()),
+                image,
                 source: ImageSource::AlreadyRunning,
                 checkout: None,
-                pushed: None,
+                pushed,
             };
             return Ok(self
                 .switch_and_drain(spec, replica, prepared, &before, timings, t0)
@@ -396,21 +396,10 @@ impl Deployer {
             }
         };
 
-        // Told to push (the first node to deploy the release), the image this node has (built or
-        // cached) goes to the registry, so every other node pulls it instead of building.
-        let pushed = match &spec.push_to {
-            Some(registry)
-                if spec.image.is_none()
-                    && image_source != ImageSource::Pulled
-                    && self.driver.can_pull() =>
-            {
-                let t = Instant::now();
-                let repository = registry.repository(&spec.app);
-                let pushed = self.driver.push_image(spec, &image, &repository, log).await;
-                timings.push = Some(t.elapsed());
-                Some(pushed.map_err(|e| failure(Stage::Push, DeployError::Push(e), &timings))?)
-            }
-            _ => None,
+        let pushed = if image_source == ImageSource::Pulled {
+            None
+        } else {
+            self.push(spec, &image, log, &mut timings).await
         };
         tracing::info!(app = %spec.app, release = spec.release, image = %image, source = ?image_source, "image ready");
         let t = Instant::now();
@@ -461,6 +450,45 @@ impl Deployer {
         Ok(self
             .switch_and_drain(spec, replica, prepared, &before, timings, t0)
             .await)
+    }
+
+    /// Told to push (the first node to deploy the release), puts the image this node has (built or its
+    /// own copy) in the registry and reports it at once ([`LogSink::image_pushed`]), so the other nodes
+    /// pull it while this one starts its replica. Best effort: a push that fails is said in the build
+    /// output and the deploy goes on; the other nodes then get the image themselves.
+    async fn push(
+        &self,
+        spec: &ReplicaSpec,
+        image: &ImageId,
+        log: &dyn LogSink,
+        timings: &mut Timings,
+    ) -> Option<ImageRef> {
+        let registry = spec.push_to.as_ref()?;
+        if spec.image.is_some() || !self.driver.can_pull() {
+            return None;
+        }
+        let t = Instant::now();
+        let repository = registry.repository(&spec.app);
+        let pushed = self.driver.push_image(spec, image, &repository, log).await;
+        timings.push = Some(t.elapsed());
+        match pushed {
+            Ok(pushed) => {
+                log.image_pushed(&cairn_proto::DeployedImage {
+                    id: image.0.clone(),
+                    registry: Some((pushed.reference.clone(), pushed.digest.clone())),
+                });
+                Some(pushed)
+            }
+            Err(e) => {
+                let why = crate::runner::chain(&e);
+                tracing::warn!(app = %spec.app, release = spec.release, %repository, error = %why, "cannot push the release's image; other nodes get it themselves");
+                log.line(LogLine::new(
+                    LogStream::Agent,
+                    format!("cannot push release {} to {repository}: {why}; other nodes build it themselves", spec.release),
+                ));
+                None
+            }
+        }
     }
 
     async fn fetch_and_build(

@@ -51,6 +51,12 @@ impl LogLine {
 /// task that reads a build's or a replica's output.
 pub trait LogSink: Send + Sync {
     fn line(&self, line: LogLine);
+
+    /// The release's image is in the registry now, before the deploy ends: a task's sink tells the control
+    /// plane at once, so other nodes' deploys of the release pull it while this one starts its replica.
+    fn image_pushed(&self, image: &cairn_proto::DeployedImage) {
+        let _ = image;
+    }
 }
 
 /// Discards every line.

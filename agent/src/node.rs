@@ -559,6 +559,7 @@ async fn extend(client: Client, id: i64, token: i64, lease: Duration, lost: watc
         let p = Progress {
             token,
             message: None,
+            image: None,
         };
         match client.progress(id, &p).await {
             Ok(_) => {}
@@ -575,16 +576,36 @@ async fn extend(client: Client, id: i64, token: i64, lease: Duration, lost: watc
 struct TaskLogs {
     tx: mpsc::UnboundedSender<LogLine>,
     flusher: tokio::task::JoinHandle<()>,
+    client: Client,
+    id: i64,
+    token: i64,
 }
 
 impl LogSink for TaskLogs {
     fn line(&self, line: LogLine) {
         let _ = self.tx.send(line);
     }
+
+    fn image_pushed(&self, image: &cairn_proto::DeployedImage) {
+        let (client, id) = (self.client.clone(), self.id);
+        let p = Progress {
+            token: self.token,
+            message: Some("pushed the release's image".into()),
+            image: Some(image.clone()),
+        };
+        // The result carries the image again: a progress call lost here costs the other nodes only
+        // their wait for this deploy's end.
+        tokio::spawn(async move {
+            if let Err(e) = client.progress(id, &p).await {
+                tracing::warn!(task = id, error = %chain(&e), "cannot report the pushed image yet");
+            }
+        });
+    }
 }
 
 impl TaskLogs {
     fn start(client: Client, id: i64, token: i64) -> Self {
+        let reporter = client.clone();
         let (tx, mut rx) = mpsc::unbounded_channel::<LogLine>();
         let flusher = tokio::spawn(async move {
             let mut open = true;
@@ -623,7 +644,13 @@ impl TaskLogs {
                 }
             }
         });
-        TaskLogs { tx, flusher }
+        TaskLogs {
+            tx,
+            flusher,
+            client: reporter,
+            id,
+            token,
+        }
     }
 
     /// Sends what is left.

@@ -353,6 +353,10 @@ pub struct Progress {
     pub token: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The release's image, once the agent pushed it (before the deploy ends): recorded at once, so the
+    /// other nodes' deploys of the release pull it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<DeployedImage>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

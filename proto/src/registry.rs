@@ -20,8 +20,9 @@ impl Registry {
     pub fn new(s: &str) -> Result<Registry, String> {
         let s = s.trim_end_matches('/');
         let bad = |why: &str| Err(format!("registry `{s}`: {why} (use HOST[:PORT][/PREFIX])"));
-        if s.is_empty() || s.len() > 200 {
-            return bad("use 1 to 200 characters");
+        // A repository name is at most 255 characters: room for `/` and a 63-character app name.
+        if s.is_empty() || s.len() > 191 {
+            return bad("use 1 to 191 characters");
         }
         if s.contains("://") {
             return bad("give no scheme");
@@ -48,9 +49,15 @@ impl Registry {
             ));
         }
         if let Some(p) = port
-            && !p.parse::<u16>().is_ok_and(|p| p > 0)
+            && !(p.bytes().all(|b| b.is_ascii_digit()) && p.parse::<u16>().is_ok_and(|p| p > 0))
         {
             return bad(&format!("`{p}` is not a port"));
+        }
+        // The engine names Docker Hub images in short form, so a pushed image's digest would not be found.
+        if ["docker.io", "index.docker.io", "registry-1.docker.io"]
+            .contains(&host.to_ascii_lowercase().as_str())
+        {
+            return bad("Docker Hub is not supported; use a registry of your own");
         }
         if !prefix.is_empty() && !prefix.split('/').all(path_component) {
             return bad(&format!(
@@ -68,27 +75,26 @@ impl Registry {
     pub fn repository(&self, app: &Name) -> String {
         format!("{}/{app}", self.0)
     }
-
-    /// Whether `reference` (a repository, no tag) is in this registry under its prefix.
-    pub fn holds(&self, reference: &str) -> bool {
-        reference
-            .strip_prefix(self.0.as_str())
-            .and_then(|rest| rest.strip_prefix('/'))
-            .is_some_and(|rest| !rest.is_empty() && rest.split('/').all(path_component))
-    }
 }
 
-/// A path component of a repository name, as Docker's reference grammar has it.
+/// A path component of a repository name, as Docker's reference grammar has it: lowercase letters and
+/// digits, separated by one `.`, one `_`, `__`, or a run of `-`.
 fn path_component(c: &str) -> bool {
+    let alnum = |x: &u8| x.is_ascii_lowercase() || x.is_ascii_digit();
     let b = c.as_bytes();
-    !b.is_empty()
-        && c.len() <= 128
-        && b.first()
-            .is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
-        && b.last()
-            .is_some_and(|x| x.is_ascii_lowercase() || x.is_ascii_digit())
-        && b.iter()
-            .all(|x| x.is_ascii_lowercase() || x.is_ascii_digit() || b"._-".contains(x))
+    if b.is_empty() || !b.first().is_some_and(alnum) || !b.last().is_some_and(alnum) {
+        return false;
+    }
+    // Every run of separators between two alphanumerics must be one Docker allows.
+    c.split(|x: char| x.is_ascii_lowercase() || x.is_ascii_digit())
+        .all(|sep| {
+            sep.is_empty()
+                || sep == "."
+                || sep == "_"
+                || sep == "__"
+                || sep.bytes().all(|x| x == b'-')
+        })
+        && b.iter().all(|x| alnum(x) || b"._-".contains(x))
 }
 
 impl FromStr for Registry {
@@ -164,7 +170,12 @@ mod tests {
     #[test]
     fn refuses_what_is_not_a_registry_prefix_with_the_reason() {
         for (bad, says) in [
-            ("", "1 to 200"),
+            ("", "1 to 191"),
+            ("r.example.com:+5000/x", "not a port"),
+            ("r.example.com/a..b", "repository path"),
+            ("r.example.com/a._b", "repository path"),
+            ("r.example.com/a___b", "repository path"),
+            ("docker.io/acme", "Docker Hub"),
             ("https://r.example.com/x", "no scheme"),
             ("cairn/apps", "Docker Hub"),
             ("r.example.com:0/x", "not a port"),
@@ -182,15 +193,14 @@ mod tests {
     }
 
     #[test]
-    fn knows_its_own_repositories() {
-        let r = Registry::new("127.0.0.1:5000/cairn").unwrap();
+    fn names_an_apps_repository() {
+        let r = Registry::new("127.0.0.1:5000/cairn/").unwrap();
         let web = Name::new("web").unwrap();
         assert_eq!(r.repository(&web), "127.0.0.1:5000/cairn/web");
-        assert!(r.holds("127.0.0.1:5000/cairn/web"));
-        assert!(!r.holds("127.0.0.1:5000/cairnx/web"));
-        assert!(!r.holds("127.0.0.1:5001/cairn/web"));
-        assert!(!r.holds("127.0.0.1:5000/cairn/"));
-        assert!(!r.holds("127.0.0.1:5000/cairn/web@sha256:00"));
+        assert!(Registry::new(&"r".repeat(188)).is_err(), "no dot or port");
+        assert!(Registry::new(&format!("r.io/{}", "a".repeat(186))).is_ok());
+        assert!(Registry::new(&format!("r.io/{}", "a".repeat(187))).is_err());
+        assert!(Registry::new("r.io/a__b/c-d/e---f/g.h").is_ok());
     }
 
     #[test]

@@ -111,6 +111,7 @@ async fn the_building_node_pushes_and_another_node_pulls_by_digest_without_build
             reference: format!("{dead_addr}/cairn-test-{}/{app}", inst.id),
             digest: pushed.digest.clone(),
         });
+        task.push_to = Some(registry.parse().unwrap());
         let lines = std::sync::Mutex::new(Vec::new());
         let rc = node_c
             .deployer

@@ -336,38 +336,35 @@ async fn prepare(
 ) -> Result<Vec<cairn_proto::Task>, ApiError> {
     let mut out = Vec::with_capacity(leased.len());
     for t in leased {
-        let carries_release = matches!(
-            t.kind,
-            TaskKind::Deploy | TaskKind::Start | TaskKind::Restart
-        ) && t.payload.as_object().is_some_and(|o| !o.is_empty());
-        let deploy = if carries_release {
-            match serde_json::from_value::<DeployPayload>(t.payload.clone()) {
-                Ok(mut p) => match ready(api, node, &t, &mut p).await? {
-                    Ok(()) => {
-                        if !distribute(api, &node.node, &t, &mut p).await? {
+        let deploy =
+            if carries_release(t.kind) && t.payload.as_object().is_some_and(|o| !o.is_empty()) {
+                match serde_json::from_value::<DeployPayload>(t.payload.clone()) {
+                    Ok(mut p) => match ready(api, node, &t, &mut p).await? {
+                        Ok(()) => {
+                            if !distribute(api, &node.node, &t, &mut p).await? {
+                                continue;
+                            }
+                            Some(p)
+                        }
+                        Err((error, permanent)) => {
+                            give_up(api, &t, &error, permanent).await?;
                             continue;
                         }
-                        Some(p)
-                    }
-                    Err((error, permanent)) => {
-                        give_up(api, &t, &error, permanent).await?;
+                    },
+                    Err(e) => {
+                        give_up(
+                            api,
+                            &t,
+                            &format!("the task's payload is not a deploy payload: {e}"),
+                            true,
+                        )
+                        .await?;
                         continue;
                     }
-                },
-                Err(e) => {
-                    give_up(
-                        api,
-                        &t,
-                        &format!("the task's payload is not a deploy payload: {e}"),
-                        true,
-                    )
-                    .await?;
-                    continue;
                 }
-            }
-        } else {
-            None
-        };
+            } else {
+                None
+            };
         out.push(cairn_proto::Task {
             id: t.id.0,
             token: t.token.0,
@@ -384,6 +381,11 @@ async fn prepare(
         });
     }
     Ok(out)
+}
+
+/// Whether tasks of `kind` run a release (and carry a [`DeployPayload`]).
+fn carries_release(kind: TaskKind) -> bool {
+    matches!(kind, TaskKind::Deploy | TaskKind::Start | TaskKind::Restart)
 }
 
 /// Seals a payload's secrets to the node if they are not sealed to it yet, writing the ciphertext back.
@@ -439,10 +441,11 @@ async fn distribute(
         return Ok(true);
     };
     let mut tx = api.pool.begin().await.op("begin a deploy's image lease")?;
+    releases::lock_image(&mut tx, &t.app, release).await?;
     let holders = releases::image_holders(&mut tx, &t.app, release, node).await?;
     let (push_to, image) = match holders.pushed {
         _ if !holders.docker => (None, None),
-        Some((reference, digest)) if registry.holds(&reference) => {
+        Some((reference, digest)) if reference == registry.repository(&t.app) => {
             (None, Some(cairn_proto::RegistryImage { reference, digest }))
         }
         _ => match holders.pusher {
@@ -542,6 +545,13 @@ async fn progress(
     )
     .await?
     .ok_or_else(|| stale(task, p.token))?;
+    // A pushed image, reported before the deploy ends: the other nodes' deploys pull it now.
+    if let Some(image) = &p.image
+        && let Some(row) = agents::node_task(&api.pool, &auth.node.node, task).await?
+        && let Some(release) = row.release.filter(|_| carries_release(row.kind))
+    {
+        release_image(&api, &row.app, release, Some(image)).await;
+    }
     Ok(Json(ProgressResponse { expires_at }))
 }
 
@@ -598,14 +608,16 @@ async fn result(
             timings,
             image,
         } => {
+            // Recorded before the task is done: a node leasing a deploy of the release in between
+            // pulls this image instead of becoming its second pusher.
+            if let Some(release) = row.release.filter(|_| carries_release(row.kind)) {
+                release_image(&api, &row.app, release, image.as_ref()).await;
+            }
             queue::complete(&api.pool, task, token)
                 .await
                 .map_err(|e| conflict_or(e, task, r.token))?;
             if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
                 stage_timings(&api, &row.app, release, timings).await;
-            }
-            if let (Some(release), Some(image)) = (row.release, image) {
-                release_image(&api, &row.app, release, image).await;
             }
             tracing::info!(%node, %task, detail = detail.as_deref().unwrap_or(""), "task done");
             ResultResponse {
@@ -641,6 +653,11 @@ async fn result(
             }
         }
     };
+    if let (Outcome::Failed { .. }, Some(release)) = (&r.outcome, row.release)
+        && carries_release(row.kind)
+    {
+        release_image(&api, &row.app, release, None).await;
+    }
     if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
         let died = match (&r.outcome, response.status) {
             (Outcome::Failed { error, .. }, cairn_proto::TaskStatus::Dead) => Some(error.as_str()),
@@ -649,11 +666,6 @@ async fn result(
         if matches!(response.status, cairn_proto::TaskStatus::Done) || died.is_some() {
             release_outcome(&api, &row.app, release, died).await?;
         }
-    }
-    if let (TaskKind::Deploy | TaskKind::Start | TaskKind::Restart, Some(release)) =
-        (row.kind, row.release)
-    {
-        wake_image_waiters(&api, &row.app, release).await;
     }
     Ok(Json(response))
 }
@@ -687,34 +699,54 @@ async fn stage_timings(
     }
 }
 
-/// Records the image a deploy ran on its release: the registry's reference and digest once a node pushed
-/// it, else the engine's image id. Malformed values are ignored (a failure costs the record, never the
-/// result).
-async fn release_image(api: &Api, app: &Name, release: u64, image: &cairn_proto::DeployedImage) {
+/// Records the image a deploy (or a start or restart) ran on its release, when it reports one: the
+/// registry's reference and digest once a node pushed it, else the engine's image id. Then, with a
+/// registry, wakes the deploys of the release that wait for a push ([`distribute`]): they pull the image
+/// now recorded, or, if the deploy failed, one of them gets the image itself. Both under the release's
+/// image lock, so a deploy being held at this moment is woken too. Malformed values are ignored, and a
+/// failure costs the record or the wake (the waiters look again after `image_wait`), never the result.
+async fn release_image(
+    api: &Api,
+    app: &Name,
+    release: u64,
+    image: Option<&cairn_proto::DeployedImage>,
+) {
     let sha256 = cairn_proto::registry::is_sha256_digest;
-    let (reference, digest) = match &image.registry {
+    let record = image.and_then(|image| match &image.registry {
         Some((r, d)) if sha256(d) && !r.is_empty() && r.len() <= 512 => {
-            (r.as_str(), Some(d.as_str()))
+            Some((r.as_str(), Some(d.as_str())))
         }
-        _ if sha256(&image.id) => (image.id.as_str(), None),
-        _ => return,
-    };
-    if let Err(e) = releases::record_image(&api.pool, app, release, reference, digest).await {
-        tracing::warn!(%app, release, error = %error_chain(&e), "cannot record a release's image");
-    }
-}
-
-/// Wakes the deploys of a release that wait for another node's push ([`distribute`]), once a deploy of
-/// it finished: they pull the image it pushed, or, if it failed, one of them gets the image itself.
-async fn wake_image_waiters(api: &Api, app: &Name, release: u64) {
-    if api.cfg.registry.is_none() {
+        _ if sha256(&image.id) => Some((image.id.as_str(), None)),
+        _ => None,
+    });
+    let wake = api.cfg.registry.is_some();
+    if record.is_none() && !wake {
         return;
     }
-    match releases::wake_image_waiters(&api.pool, app, release).await {
+    let done: Result<u64, crate::store::StoreError> = async {
+        let mut tx = api
+            .pool
+            .begin()
+            .await
+            .op("begin recording a release's image")?;
+        releases::lock_image(&mut tx, app, release).await?;
+        if let Some((reference, digest)) = record {
+            releases::record_image(&mut *tx, app, release, reference, digest).await?;
+        }
+        let woken = if wake {
+            releases::wake_image_waiters(&mut tx, app, release).await?
+        } else {
+            0
+        };
+        tx.commit().await.op("commit a release's image")?;
+        Ok(woken)
+    }
+    .await;
+    match done {
         Ok(0) => {}
         Ok(n) => tracing::debug!(%app, release, tasks = n, "deploys waiting for the image woken"),
         Err(e) => {
-            tracing::warn!(%app, release, error = %error_chain(&e), "cannot wake the deploys waiting for an image");
+            tracing::warn!(%app, release, error = %error_chain(&e), "cannot record a release's image or wake its waiting deploys");
         }
     }
 }

@@ -118,26 +118,28 @@ pub async fn releases(
         .collect()
 }
 
-/// Records the image release `release` of `app` runs: a registry `reference` with its `digest` (which
-/// wins over what was recorded), or the engine's image id (kept only while nothing better is known).
+/// Records the image release `release` of `app` runs: a registry `reference` with its `digest`, or the
+/// engine's image id (kept only while nothing better is known). The first digest pushed to a repository
+/// stays (other nodes were told to pull it); a digest in another repository (serve's registry changed)
+/// replaces it.
 pub async fn record_image(
-    pool: &PgPool,
+    conn: impl sqlx::PgExecutor<'_>,
     app: &Name,
     release: u64,
     reference: &str,
     digest: Option<&str>,
 ) -> Result<(), StoreError> {
     sqlx::query!(
-        r#"UPDATE releases
-           SET image = CASE WHEN $4::text IS NOT NULL OR image IS NULL THEN $3 ELSE image END,
-               image_digest = coalesce($4, image_digest)
-           WHERE app = $1 AND number = $2 AND (image IS NULL OR $4::text IS NOT NULL)"#,
+        r#"UPDATE releases SET image = $3, image_digest = $4
+           WHERE app = $1 AND number = $2
+             AND (image IS NULL
+                  OR ($4::text IS NOT NULL AND (image_digest IS NULL OR image <> $3)))"#,
         app.as_str(),
         to_i64("release", release)?,
         reference,
         digest,
     )
-    .execute(pool)
+    .execute(conn)
     .await
     .op("record a release's image")?;
     Ok(())
@@ -156,8 +158,25 @@ pub struct ImageHolders {
     pub pusher: Option<String>,
 }
 
-/// Locks release `release` of `app`'s image distribution for the rest of `tx` (so two nodes leasing at
-/// once never both become its pusher) and reads who has its image, for node `node`.
+/// Locks release `release` of `app`'s image distribution for the rest of the transaction `tx`: who gets
+/// to push it, its recorded image, and waking the deploys that wait for it change under this lock only,
+/// so two nodes leasing at once never both push, and a push recorded while a deploy is being held still
+/// wakes it.
+pub async fn lock_image(tx: &mut PgConnection, app: &Name, release: u64) -> Result<(), StoreError> {
+    sqlx::query_scalar!(
+        r#"SELECT true AS "locked!"
+           FROM (SELECT pg_advisory_xact_lock(
+                     hashtextextended('cairn-image:' || $1 || ':' || $2::bigint::text, 0))) AS l"#,
+        app.as_str(),
+        to_i64("release", release)?,
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .op("lock a release's image distribution")?;
+    Ok(())
+}
+
+/// Who has release `release` of `app`'s image, for node `node`. Call under [`lock_image`].
 pub async fn image_holders(
     tx: &mut PgConnection,
     app: &Name,
@@ -165,16 +184,6 @@ pub async fn image_holders(
     node: &Name,
 ) -> Result<ImageHolders, StoreError> {
     let number = to_i64("release", release)?;
-    sqlx::query_scalar!(
-        r#"SELECT true AS "locked!"
-           FROM (SELECT pg_advisory_xact_lock(
-                     hashtextextended('cairn-image:' || $1 || ':' || $2::bigint::text, 0))) AS l"#,
-        app.as_str(),
-        number,
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .op("lock a release's image distribution")?;
     let r = sqlx::query!(
         r#"SELECT (SELECT image FROM releases WHERE app = $1 AND number = $2 AND image_digest IS NOT NULL)
                       AS "image?",
@@ -200,9 +209,9 @@ pub async fn image_holders(
 }
 
 /// Makes the queued tasks of release `release` of `app` that wait for its image due now, and wakes their
-/// nodes' long-polls. Returns how many.
+/// nodes' long-polls (at commit). Returns how many. Call under [`lock_image`].
 pub async fn wake_image_waiters(
-    pool: &PgPool,
+    tx: &mut PgConnection,
     app: &Name,
     release: u64,
 ) -> Result<u64, StoreError> {
@@ -217,7 +226,7 @@ pub async fn wake_image_waiters(
         app.as_str(),
         to_i64("release", release)?,
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *tx)
     .await
     .op("wake the tasks waiting for a release's image")?;
     Ok(woken.len() as u64)

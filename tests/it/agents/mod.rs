@@ -348,10 +348,12 @@ async fn a_release_image_is_pushed_once_and_other_nodes_pull_it_by_digest() {
         vec![json!({"status": "queued", "attempts": 0, "later": true})]
     );
 
-    // A reports the pushed image; B's long-poll is woken (well before the 5 s wait ends) and told to
-    // pull it by digest.
+    // A reports the pushed image as soon as it is pushed, before its deploy ends; B's long-poll is woken
+    // (well before the 5 s wait ends) and told to pull it by digest.
     let digest = format!("sha256:{}", "ab".repeat(32));
     let reference = format!("{registry}/web");
+    let image =
+        json!({"id": format!("sha256:{}", "cd".repeat(32)), "registry": [reference, digest]});
     let b_poll = tokio::spawn({
         let url = format!("{}/agent/v1/lease", plane.url);
         support::post_json(url, Some(cb.clone()), json!({"max": 10, "wait_ms": 4000}))
@@ -359,14 +361,12 @@ async fn a_release_image_is_pushed_once_and_other_nodes_pull_it_by_digest() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (s, body) = plane
         .agent_post(
-            &format!("/tasks/{}/result", a_task["id"]),
+            &format!("/tasks/{}/progress", a_task["id"]),
             Some(&ca),
-            &json!({"token": a_task["token"], "outcome": "done",
-                    "image": {"id": format!("sha256:{}", "cd".repeat(32)),
-                              "registry": [reference, digest]}}),
+            &json!({"token": a_task["token"], "message": "pushed", "image": image}),
         )
         .await;
-    assert_eq!((s, body["status"].as_str()), (200, Some("done")), "{body}");
+    assert_eq!(s, 200, "{body}");
     let (s, body) = b_poll.await.unwrap();
     assert_eq!(s, 200, "{body}");
     let b_tasks = body["tasks"].as_array().unwrap();
@@ -377,12 +377,33 @@ async fn a_release_image_is_pushed_once_and_other_nodes_pull_it_by_digest() {
         json!({"reference": reference, "digest": digest})
     );
     assert!(b_tasks[0]["deploy"].get("push_to").is_none(), "{body}");
+
+    // A's result repeats the image, and a second push's digest (a node that pushed anyway) does not
+    // replace the one B was told to pull.
+    let (s, body) = plane
+        .agent_post(
+            &format!("/tasks/{}/result", a_task["id"]),
+            Some(&ca),
+            &json!({"token": a_task["token"], "outcome": "done", "image": image}),
+        )
+        .await;
+    assert_eq!((s, body["status"].as_str()), (200, Some("done")), "{body}");
+    let (s, body) = plane
+        .agent_post(
+            &format!("/tasks/{}/result", b_tasks[0]["id"]),
+            Some(&cb),
+            &json!({"token": b_tasks[0]["token"], "outcome": "done",
+                    "image": {"id": image["id"],
+                              "registry": [reference, format!("sha256:{}", "ef".repeat(32))]}}),
+        )
+        .await;
+    assert_eq!((s, body["status"].as_str()), (200, Some("done")), "{body}");
     let release = plane
-        .rows("SELECT image, image_digest FROM releases WHERE app = 'web'")
+        .rows("SELECT image, image_digest, status FROM releases WHERE app = 'web'")
         .await;
     assert_eq!(
         release,
-        vec![json!({"image": reference, "image_digest": digest})]
+        vec![json!({"image": reference, "image_digest": digest, "status": "live"})]
     );
 }
 
