@@ -1,9 +1,15 @@
-//! Two Docker nodes and a registry: `cairn serve --registry` with node n1's agent on the main engine and
-//! n2's on a second, private engine ([`E2e::second_engine`]), and Debian's `docker-registry` on loopback.
-//! Each release is built once, by whichever node leases a deploy of it first; the other node pulls the
-//! pushed image by digest, and the release records the digest.
+//! Two Docker nodes: node n1's agent on the main engine and n2's on a second, private engine
+//! ([`E2e::second_engine`]). With `cairn serve --registry` (Debian's `docker-registry` on loopback) each
+//! release is built once, by whichever node leases a deploy of it first; the other node pulls the pushed
+//! image by digest, and the release records the digest. Without a registry each node builds the release
+//! from its source.
+//!
+//! Also a benchmark (BENCHMARKS.md "Two nodes"): `CAIRN_E2E_RELEASES=N` deploys N releases and prints,
+//! for each after the first, the time from its creation to live on both nodes and its stage times.
 
 use std::time::Duration;
+
+use serde_json::{Value, json};
 
 use cairn_testkit::engine::SecondEngine;
 use cairn_testkit::registry::registry;
@@ -51,16 +57,29 @@ fn builds_and_pulls(agents: &[&Agent]) -> (usize, usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_docker_nodes_build_each_release_once_and_pull_it_by_digest() {
-    const TEST: &str = "two_docker_nodes_build_each_release_once";
+    two_nodes("two_docker_nodes_build_each_release_once", true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_docker_nodes_without_a_registry_each_build_the_release() {
+    two_nodes("two_docker_nodes_without_a_registry", false).await;
+}
+
+async fn two_nodes(test: &'static str, with_registry: bool) {
     let mut clock = Clock::new();
-    let Some(mut e) = E2e::new(TEST, &[Driver::Docker]).await else {
+    let Some(mut e) = E2e::new(test, &[Driver::Docker]).await else {
         return;
     };
     let Some(b) = e.second_engine().await else {
         return;
     };
-    let Some(reg) = registry(TEST, e.scratch.path()).await else {
-        return;
+    let reg = if with_registry {
+        let Some(reg) = registry(test, e.scratch.path()).await else {
+            return;
+        };
+        Some(reg)
+    } else {
+        None
     };
     // Both engines have the base image, so whichever node deploys first can build.
     let base = e.busybox_image();
@@ -78,9 +97,14 @@ async fn two_docker_nodes_build_each_release_once_and_pull_it_by_digest() {
     let (app, host, src) = (a.name.clone(), a.host.clone(), &a.source);
     e.repo.node("n1", "");
     e.repo.node("n2", "");
-    let prefix = format!("{}/cairn-e2e-{}", reg.addr(), e.installation);
+    let prefix = reg
+        .as_ref()
+        .map(|r| format!("{}/cairn-e2e-{}", r.addr(), e.installation));
     clock.lap("second engine, registry and base images");
-    let plane = e.start(&["--registry", &prefix]).await;
+    let plane = match &prefix {
+        Some(prefix) => e.start(&["--registry", prefix]).await,
+        None => e.start(&[]).await,
+    };
     let n1 = e.agent(&plane, "n1", Driver::Docker, &[]).await;
     let n2 = e
         .agent_on(&plane, "n2", Driver::Docker, &[], Some(b.host()))
@@ -94,38 +118,61 @@ async fn two_docker_nodes_build_each_release_once_and_pull_it_by_digest() {
         .await;
     assert_eq!(
         placed,
-        [
-            serde_json::json!({"node": "n1"}),
-            serde_json::json!({"node": "n2"})
-        ],
+        [json!({"node": "n1"}), json!({"node": "n2"})],
         "one replica per node"
     );
 
-    for (release, version) in [(1, "v1"), (2, "v2")] {
-        if release == 2 {
-            src.commit(&docker_site(&base, version, true));
+    let releases: i64 = std::env::var("CAIRN_E2E_RELEASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if with_registry { 2 } else { 1 })
+        .max(1);
+    let mut took = Vec::new();
+    for release in 1..=releases {
+        let version = format!("v{release}");
+        if release > 1 {
+            src.commit(&docker_site(&base, &version, true));
         }
         let r = plane.wait_release(&app, release, "live", DEPLOY).await;
-        wait_body(n1.proxy, &host, version, Duration::from_secs(10)).await;
-        wait_body(n2.proxy, &host, version, Duration::from_secs(10)).await;
+        wait_body(n1.proxy, &host, &version, Duration::from_secs(10)).await;
+        wait_body(n2.proxy, &host, &version, Duration::from_secs(10)).await;
         clock.lap(&format!("{version} live on both nodes"));
+        if release > 1 {
+            // (Release 1 was created before the agents started.)
+            took.push(live_after(&plane, &app, release).await);
+        }
 
-        // Built once, pulled once: the build count is the agents' own record of each deploy's image.
+        // The agents' own record of each deploy's image: built once and pulled once per release with
+        // a registry, built on each node without.
+        let n = release as usize;
         assert_eq!(
             builds_and_pulls(&[&n1, &n2]),
-            (release as usize, release as usize),
-            "after release {release}: one build and one pull per release"
+            if with_registry { (n, n) } else { (2 * n, 0) },
+            "after release {release}"
         );
 
-        // The release records the pushed image, and both engines run exactly that image.
-        let reference = format!("{prefix}/{app}");
-        assert_eq!(r["image"], reference.as_str(), "{r}");
-        let digest = r["image_digest"].as_str().unwrap_or_default().to_owned();
-        assert!(digest.starts_with("sha256:") && digest.len() == 71, "{r}");
-        let pinned = format!("{reference}@{digest}");
-        let on_main = docker(&["image", "inspect", "--format", "{{.Id}}", &pinned]);
-        let on_b = b.docker(&["image", "inspect", "--format", "{{.Id}}", &pinned]);
-        assert_eq!(on_main.trim(), on_b.trim(), "the same image, by content");
+        let (on_main, on_b) = match &prefix {
+            Some(prefix) => {
+                // The release records the pushed image, and both engines have exactly that image.
+                let reference = format!("{prefix}/{app}");
+                assert_eq!(r["image"], reference.as_str(), "{r}");
+                let digest = r["image_digest"].as_str().unwrap_or_default().to_owned();
+                assert!(digest.starts_with("sha256:") && digest.len() == 71, "{r}");
+                let pinned = format!("{reference}@{digest}");
+                let on_main = docker(&["image", "inspect", "--format", "{{.Id}}", &pinned]);
+                let on_b = b.docker(&["image", "inspect", "--format", "{{.Id}}", &pinned]);
+                assert_eq!(on_main.trim(), on_b.trim(), "the same image, by content");
+                (on_main, on_b)
+            }
+            None => {
+                // Each engine has its own build of the release under its tag; nothing was pushed.
+                assert_eq!(r["image_digest"], Value::Null, "{r}");
+                let tag = format!("cairn/{app}:{release}");
+                let on_main = docker(&["image", "inspect", "--format", "{{.Id}}", &tag]);
+                let on_b = b.docker(&["image", "inspect", "--format", "{{.Id}}", &tag]);
+                (on_main, on_b)
+            }
+        };
         assert_eq!(
             running_image(None, &e.installation, &app),
             [on_main.trim()],
@@ -137,9 +184,35 @@ async fn two_docker_nodes_build_each_release_once_and_pull_it_by_digest() {
             "n2 runs release {release}'s image"
         );
     }
+    if took.is_empty() {
+        return;
+    }
+    took.sort_by(|x, y| x.0.total_cmp(&y.0));
+    for (secs, stages) in &took {
+        eprintln!(
+            "two nodes (registry: {with_registry}): created to live on both in {secs:.2} s; stages {stages}"
+        );
+    }
+    let p50 = took[took.len() / 2].0;
     eprintln!(
-        "registry e2e: n1 {} / n2 {}",
-        n1.log_text().matches("source=Built").count(),
-        n2.log_text().matches("source=Built").count()
+        "two nodes (registry: {with_registry}), {} releases: min {:.2} s, p50 {p50:.2} s, max {:.2} s",
+        took.len(),
+        took[0].0,
+        took[took.len() - 1].0
     );
+}
+
+/// Seconds from release `release`'s creation to live on every node, and its stage times (the slowest
+/// replica's, in milliseconds).
+async fn live_after(plane: &super::support::Plane, app: &str, release: i64) -> (f64, Value) {
+    let row = plane
+        .rows(&format!(
+            "SELECT EXTRACT(EPOCH FROM finished_at - created_at)::float8 AS secs, stage_timings \
+             FROM releases WHERE app = '{app}' AND number = {release}"
+        ))
+        .await;
+    (
+        row[0]["secs"].as_f64().unwrap_or(f64::NAN),
+        row[0]["stage_timings"].clone(),
+    )
 }
