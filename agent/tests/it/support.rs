@@ -32,21 +32,7 @@ use rand::Rng;
 
 pub use cairn_agent::logs::Discard;
 
-/// Whether a missing prerequisite fails the test (CI) or skips it.
-pub fn require_all() -> bool {
-    std::env::var_os("CAIRN_TEST_REQUIRE_ALL").is_some_and(|v| !v.is_empty())
-}
-
-/// `None` (and a clear message) when `what` is missing and CI did not ask for everything; a panic when it
-/// did.
-pub fn missing(test: &str, what: &str, why: impl std::fmt::Display) {
-    if require_all() {
-        panic!("{test}: {what} is required (CAIRN_TEST_REQUIRE_ALL is set) but not usable: {why}");
-    }
-    eprintln!(
-        "SKIPPED {test}: {what} is not usable here ({why}); set CAIRN_TEST_REQUIRE_ALL=1 to fail instead"
-    );
-}
+pub use cairn_testkit::missing;
 
 /// A connected Docker client, or `None` after [`missing`] said why.
 pub async fn docker(test: &str) -> Option<Docker> {
