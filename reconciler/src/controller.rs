@@ -125,6 +125,18 @@ pub enum Outcome {
     },
 }
 
+/// Which app branch heads the controller reads itself (with a [`Controller::heads`] poller).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum HeadPolling {
+    /// Every followed branch, on startup, timer and manual runs; webhooks record pushes sooner.
+    #[default]
+    All,
+    /// Only the heads without a usable record (never read, or read from another branch than the app
+    /// follows now), on every run: a new app or a changed branch deploys at once, and pushes to known
+    /// branches are left to webhooks (`cairn serve --no-poll-heads`).
+    Unknown,
+}
+
 /// Everything a reconcile needs besides the database.
 #[derive(Debug)]
 pub struct Controller {
@@ -135,8 +147,11 @@ pub struct Controller {
     pub offline_after: Duration,
     /// Fingerprints by (ciphertext sha256): decrypting every secret on every run would be wasted work.
     cache: Mutex<std::collections::HashMap<String, String>>,
-    /// Polls app branch heads on timer, startup and manual runs; `None` leaves heads to webhooks.
+    /// Reads app branch heads as [`Controller::head_polling`] says; `None` leaves every head to webhooks
+    /// (and `cairn deploy`).
     pub heads: Option<Mutex<HeadPoller>>,
+    /// Which heads `heads` reads, and when.
+    pub head_polling: HeadPolling,
     /// Told when a commit's reconcile starts, is applied or fails (commit statuses, in `cairn serve`).
     pub hooks: Option<Arc<dyn crate::hooks::Hooks>>,
 }
@@ -164,6 +179,7 @@ impl Controller {
             offline_after: crate::plan::DEFAULT_OFFLINE_AFTER,
             cache: Mutex::new(Default::default()),
             heads: None,
+            head_polling: HeadPolling::All,
             hooks: None,
         }
     }
@@ -212,14 +228,28 @@ impl Controller {
         Ok(Some(out))
     }
 
-    /// Asks every followed branch for its head and records those that moved. Remotes that cannot be
-    /// asked are logged; their apps keep the head recorded last.
-    pub async fn poll_heads(&self, desired: &Desired) -> Result<usize, StoreError> {
+    /// Asks the followed branches `which` names for their heads and records those that moved. Remotes
+    /// that cannot be asked are logged; their apps keep the head recorded last (or wait for one), and a
+    /// head still unknown is asked for again on the next run.
+    pub async fn poll_heads(
+        &self,
+        desired: &Desired,
+        which: HeadPolling,
+    ) -> Result<usize, StoreError> {
         let Some(poller) = &self.heads else {
             return Ok(0);
         };
+        let known = match which {
+            HeadPolling::All => None,
+            HeadPolling::Unknown => Some(state::source_head_branches(&self.pool).await?),
+        };
+        let wanted = |name: &cairn_schema::Name, app: &cairn_schema::App| {
+            known
+                .as_ref()
+                .is_none_or(|k| k.get(name) != Some(&app.source.branch))
+        };
         let mut poller = poller.lock().await;
-        let (heads, errors) = tokio::task::block_in_place(|| poller.poll(desired));
+        let (heads, errors) = tokio::task::block_in_place(|| poller.poll(desired, wanted));
         drop(poller);
         for e in &errors {
             tracing::warn!(error = %error_chain(e), "cannot read a source head");
@@ -345,8 +375,15 @@ impl Controller {
                 errors,
             });
         };
-        if matches!(trigger, "startup" | "timer" | "manual") {
-            self.poll_heads(desired).await?;
+        let polling = match (self.head_polling, trigger) {
+            (HeadPolling::All, "startup" | "timer" | "manual") => Some(HeadPolling::All),
+            (HeadPolling::All, _) => None,
+            // Cheap when every head is known (one query), so every run: a new app or branch arrives
+            // with a config change, whatever woke the run.
+            (HeadPolling::Unknown, _) => Some(HeadPolling::Unknown),
+        };
+        if let Some(which) = polling {
+            self.poll_heads(desired, which).await?;
         }
         let commit = snap.commit.clone().unwrap_or_default();
         tracing::Span::current().record("commit", commit.as_str());

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cairn_reconciler::controller::{ConfigSource, Controller, Outcome};
+use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome};
 use cairn_reconciler::plan::render;
 use cairn_reconciler::store::ReconcileStatus;
 
@@ -40,7 +40,8 @@ pub struct SourceArgs {
     /// repeatable. Rewritten URLs are trusted operator configuration
     #[arg(long = "git-rewrite", value_name = "FROM=TO")]
     pub git_rewrite: Vec<String>,
-    /// Do not poll app branch heads (leave them to webhooks)
+    /// Do not poll app branch heads (leave pushes to webhooks); a head never read, or read from another
+    /// branch than the app now follows, is still read once, so a new app or branch deploys at once
     #[arg(long)]
     pub no_poll_heads: bool,
     /// Seed for the scheduler's tie-breaks (the same seed gives the same plan)
@@ -74,14 +75,19 @@ pub async fn controller(db: &DbArgs, src: &SourceArgs) -> Result<Controller> {
     let source = ConfigSource::open(&fetch_url, &src.git_ref, &src.cache_root());
     let mut c = Controller::new(pool, source, identity);
     c.seed = src.seed;
-    if !src.no_poll_heads {
-        let rewrites =
-            cairn_schema::source::Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
-        let scratch = src.cache_root().join("heads.git");
-        c.heads = Some(tokio::sync::Mutex::new(
-            cairn_reconciler::source::heads::HeadPoller::new(scratch, rewrites),
-        ));
-    }
+    // Every head on the interval, or with --no-poll-heads only those with no usable record (pushes to
+    // known branches are the webhooks' to record); either way through the same rewrites.
+    let rewrites =
+        cairn_schema::source::Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
+    let scratch = src.cache_root().join("heads.git");
+    c.heads = Some(tokio::sync::Mutex::new(
+        cairn_reconciler::source::heads::HeadPoller::new(scratch, rewrites),
+    ));
+    c.head_polling = if src.no_poll_heads {
+        HeadPolling::Unknown
+    } else {
+        HeadPolling::All
+    };
     Ok(c)
 }
 

@@ -484,21 +484,21 @@ async fn deploy_reads_the_branch_head_now_and_is_refused_under_a_pin() {
     let rewrite = format!("{URL}={}", source.url());
     let mut args = FAST.to_vec();
     args.extend(["--git-rewrite", &rewrite]);
-    // (Plane::start passes --no-poll-heads: only `cairn deploy` reads the head here.)
+    // (Plane::start passes --no-poll-heads: a new app's head is still read once, so release 1 is `c1`
+    // without a deploy; after that only `cairn deploy` reads the head here.)
     let mut plane = Plane::start(db, repo, scratch, identity, &args).await;
     plane.wait_generation(1).await;
     let token = admin_token(&plane);
     let join = plane.join_token("a");
     let dir = plane.scratch.path().join("agent-a");
     let _agent = plane.agent("a", &dir, Some(&join), &[], &[]);
-    assert!(
-        statuses(&plane, "api").await.is_empty(),
-        "no head known yet"
-    );
+    wait_live(&plane, "api", 1).await;
 
     let out = ok(&remote(&plane, &token, &["deploy", "api"]));
-    assert!(out.contains(&format!("branch main is at {c1}")), "{out}");
-    wait_live(&plane, "api", 1).await;
+    assert!(
+        out.contains(&format!("branch main is still at {c1}")),
+        "{out}"
+    );
     source.write("index.html", "v2");
     source.commit();
     let c2 = source.head();

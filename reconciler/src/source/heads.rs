@@ -1,6 +1,7 @@
 //! Source heads: the commit each app's branch points at, found by asking the app's git remote for its
-//! refs (no objects are fetched). The control plane polls them on an interval (webhooks record them sooner)
-//! and the planner turns a moved head into a release.
+//! refs (no objects are fetched). The control plane polls them on an interval (webhooks record them sooner),
+//! or, left to webhooks, reads only the heads it has no usable record of; the planner turns a moved head
+//! into a release.
 //!
 //! What it must not do: fetch or build anything (the agent does), pass a manifest's ref or URL to a git
 //! command line, or poll a URL that names a local or metadata address (unless an operator rewrite made
@@ -9,7 +10,7 @@
 use std::path::PathBuf;
 
 use cairn_schema::source::Rewrites;
-use cairn_schema::{Desired, Name};
+use cairn_schema::{App, Desired, Name};
 use gix::ObjectId;
 
 /// Why a head could not be read.
@@ -136,13 +137,18 @@ impl HeadPoller {
         Ok(None)
     }
 
-    /// Heads of every app that follows a branch (a pinned `rev` needs none). Apps whose remote cannot be
-    /// asked are reported in the second list, the rest still counted.
-    pub fn poll(&mut self, desired: &Desired) -> (Vec<Head>, Vec<HeadError>) {
+    /// Heads of the apps that follow a branch (a pinned `rev` needs none) and that `wanted` keeps (e.g.
+    /// only those whose head is not known). Apps whose remote cannot be asked are reported in the second
+    /// list, the rest still counted.
+    pub fn poll(
+        &mut self,
+        desired: &Desired,
+        mut wanted: impl FnMut(&Name, &App) -> bool,
+    ) -> (Vec<Head>, Vec<HeadError>) {
         let mut heads = Vec::new();
         let mut errors = Vec::new();
         for (name, app) in &desired.apps {
-            if app.source.rev.is_some() {
+            if app.source.rev.is_some() || !wanted(name, app) {
                 continue;
             }
             match self.head(name, app.source.url.as_str(), &app.source.branch) {

@@ -531,6 +531,20 @@ pub async fn record_source_head(
     Ok(changed.is_some())
 }
 
+/// The branch each recorded source head was read from, by app. A head read from another branch than
+/// the one the app follows now is stale.
+pub async fn source_head_branches(pool: &PgPool) -> Result<BTreeMap<Name, String>, StoreError> {
+    let mut out = BTreeMap::new();
+    for r in sqlx::query!("SELECT app, branch FROM source_heads")
+        .fetch_all(pool)
+        .await
+        .op("read the branches of source heads")?
+    {
+        out.insert(name("source_heads", &r.app)?, r.branch);
+    }
+    Ok(out)
+}
+
 /// Forgets the source heads of apps (the executor prunes those of deleted apps).
 pub async fn delete_source_heads(
     conn: &mut PgConnection,

@@ -2,5 +2,6 @@
 
 mod apply;
 mod git_source;
+mod heads;
 mod queue;
 mod store;
