@@ -128,7 +128,8 @@ pub enum Outcome {
 /// Which app branch heads the controller reads itself (with a [`Controller::heads`] poller).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum HeadPolling {
-    /// Every followed branch, on startup, timer and manual runs; webhooks record pushes sooner.
+    /// Every followed branch on startup, timer and manual runs (webhooks record pushes sooner), and the
+    /// heads without a usable record on every other run, as [`HeadPolling::Unknown`] does.
     #[default]
     All,
     /// Only the heads without a usable record (never read, or read from another branch than the app
@@ -377,10 +378,10 @@ impl Controller {
         };
         let polling = match (self.head_polling, trigger) {
             (HeadPolling::All, "startup" | "timer" | "manual") => Some(HeadPolling::All),
-            (HeadPolling::All, _) => None,
-            // Cheap when every head is known (one query), so every run: a new app or branch arrives
-            // with a config change, whatever woke the run.
-            (HeadPolling::Unknown, _) => Some(HeadPolling::Unknown),
+            // Cheap when every head is known (one query), so every other run: a new app or branch
+            // arrives with a config change, whatever woke the run, and deploys without waiting for the
+            // timer.
+            (_, _) => Some(HeadPolling::Unknown),
         };
         if let Some(which) = polling {
             self.poll_heads(desired, which).await?;

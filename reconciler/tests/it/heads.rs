@@ -225,3 +225,30 @@ async fn without_polling_a_new_app_or_branch_reads_its_head_once_and_pushes_wait
     .await
     .expect("the test finished within its time bound");
 }
+
+/// With polling (the default), a new app still deploys in the run that applies it, whatever woke that
+/// run, instead of waiting for the next timer run to read every head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_polling_a_new_app_deploys_in_the_run_that_applies_it() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let w = World::new();
+        w.source("web");
+        let c1 = w.push("web", "main", "v1");
+        let mut c = w.controller(pool);
+        c.head_polling = HeadPolling::All;
+        run(&c, "startup").await;
+        w.app("web", "main");
+        let a = run(&c, "wake").await;
+        assert!(!waits_for_head(&a, "web"), "{:?}", a.plan.warnings);
+        assert_eq!(releases(pool, "web").await, [(1, c1.clone())]);
+        // A known head moves on the timer's runs, not on others.
+        let c2 = w.push("web", "main", "v2");
+        assert_eq!(run(&c, "wake").await.status, ReconcileStatus::Noop);
+        run(&c, "timer").await;
+        assert_eq!(releases(pool, "web").await, [(1, c1), (2, c2)]);
+    })
+    .await
+    .expect("the test finished in time");
+}
