@@ -376,16 +376,14 @@ impl Controller {
                 errors,
             });
         };
-        let polling = match (self.head_polling, trigger) {
-            (HeadPolling::All, "startup" | "timer" | "manual") => Some(HeadPolling::All),
+        let which = match (self.head_polling, trigger) {
+            (HeadPolling::All, "startup" | "timer" | "manual") => HeadPolling::All,
             // Cheap when every head is known (one query), so every other run: a new app or branch
             // arrives with a config change, whatever woke the run, and deploys without waiting for the
             // timer.
-            (_, _) => Some(HeadPolling::Unknown),
+            _ => HeadPolling::Unknown,
         };
-        if let Some(which) = polling {
-            self.poll_heads(desired, which).await?;
-        }
+        self.poll_heads(desired, which).await?;
         let commit = snap.commit.clone().unwrap_or_default();
         tracing::Span::current().record("commit", commit.as_str());
         let applied = {

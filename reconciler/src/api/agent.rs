@@ -702,8 +702,8 @@ async fn stage_timings(
 /// Records the image a deploy (or a start or restart) ran on its release, when it reports one: the
 /// registry's reference and digest once a node pushed it, else the engine's image id. Then, with a
 /// registry, wakes the deploys of the release that wait for a push ([`distribute`]): they pull the image
-/// now recorded, or, if the deploy failed, one of them gets the image itself. Both under the release's
-/// image lock, so a deploy being held at this moment is woken too. Malformed values are ignored, and a
+/// now recorded, or, if the deploy failed, one of them gets the image itself. With a registry both happen
+/// under the release's image lock, so a deploy being held at this moment is woken too. Malformed values are ignored, and a
 /// failure costs the record or the wake (the waiters look again after `image_wait`), never the result.
 async fn release_image(
     api: &Api,
@@ -719,11 +719,14 @@ async fn release_image(
         _ if sha256(&image.id) => Some((image.id.as_str(), None)),
         _ => None,
     });
-    let wake = api.cfg.registry.is_some();
-    if record.is_none() && !wake {
-        return;
-    }
     let done: Result<u64, crate::store::StoreError> = async {
+        if api.cfg.registry.is_none() {
+            // Nothing is distributed, so nothing waits: the record alone, no lock.
+            if let Some((reference, digest)) = record {
+                releases::record_image(&api.pool, app, release, reference, digest).await?;
+            }
+            return Ok(0);
+        }
         let mut tx = api
             .pool
             .begin()
@@ -733,11 +736,7 @@ async fn release_image(
         if let Some((reference, digest)) = record {
             releases::record_image(&mut *tx, app, release, reference, digest).await?;
         }
-        let woken = if wake {
-            releases::wake_image_waiters(&mut tx, app, release).await?
-        } else {
-            0
-        };
+        let woken = releases::wake_image_waiters(&mut tx, app, release).await?;
         tx.commit().await.op("commit a release's image")?;
         Ok(woken)
     }
