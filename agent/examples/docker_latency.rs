@@ -14,10 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
-use bollard::query_parameters::{
-    BuildImageOptionsBuilder, ListContainersOptionsBuilder, ListImagesOptionsBuilder,
-    RemoveContainerOptionsBuilder, RemoveImageOptionsBuilder,
-};
+use bollard::query_parameters::BuildImageOptionsBuilder;
 use cairn_agent::driver::label;
 use cairn_agent::logs::Discard;
 use cairn_agent::proxy::ProxyConfig;
@@ -42,49 +39,10 @@ fn ms(d: Duration) -> String {
 }
 
 async fn clean_up(docker: &Docker, id: &str) {
-    let filters = HashMap::from([(
-        "label".to_owned(),
-        vec![format!("{}={id}", label::INSTALLATION)],
-    )]);
-    let cs = docker
-        .list_containers(Some(
-            ListContainersOptionsBuilder::default()
-                .all(true)
-                .filters(&filters)
-                .build(),
-        ))
-        .await
-        .unwrap_or_default();
-    for c in cs.into_iter().filter_map(|c| c.id) {
-        let _ = docker
-            .remove_container(
-                &c,
-                Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-            )
-            .await;
-    }
-    for _ in 0..6 {
-        let images = docker
-            .list_images(Some(
-                ListImagesOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await
-            .unwrap_or_default();
-        if images.is_empty() {
-            break;
-        }
-        for i in images {
-            let _ = docker
-                .remove_image(
-                    &i.id,
-                    Some(RemoveImageOptionsBuilder::default().force(true).build()),
-                    None,
-                )
-                .await;
-        }
+    let installation = Name::new(id).expect("an installation id is a name");
+    let gone = cairn_agent::dev::remove_containers(docker, &installation, Duration::ZERO).await;
+    if let Err(e) = gone.and(cairn_agent::dev::remove_images(docker, &installation).await) {
+        eprintln!("clean-up of {id} incomplete: {e}");
     }
 }
 

@@ -1,7 +1,8 @@
 //! What `cairn dev` needs from the Docker engine on the developer's machine, kept here because this crate
 //! is the only code in Cairn that talks to Docker: whether an engine answers, a base image with a static
 //! busybox built from the host's binary (so the examples run with no registry access), and removing every
-//! container of an installation when `cairn dev` stops.
+//! container of an installation when `cairn dev` stops (and, for tests and benchmarks that made an
+//! installation of their own, its images).
 //!
 //! What it must not do: pull anything, or touch containers of another installation (every container
 //! removed carries the installation's label; the engine filters on it).
@@ -11,14 +12,15 @@ use std::path::Path;
 
 use bollard::Docker;
 use bollard::query_parameters::{
-    BuildImageOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
-    StopContainerOptionsBuilder,
+    BuildImageOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder,
+    RemoveImageOptionsBuilder, StopContainerOptionsBuilder,
 };
 use cairn_schema::Name;
 use futures_util::StreamExt;
 
+use crate::driver::DriverError;
+use crate::driver::docker::{connect_engine, installation_containers};
 use crate::driver::label;
-use crate::driver::{DriverError, docker::connect_engine};
 
 /// The engine, when one answers (`DOCKER_HOST` or the default socket).
 pub async fn engine() -> Result<Docker, DriverError> {
@@ -118,19 +120,7 @@ pub async fn build_busybox_image(
 
 /// Ids of every container (running or not) labelled with this installation.
 pub async fn containers(docker: &Docker, installation: &Name) -> Result<Vec<String>, DriverError> {
-    let filters = HashMap::from([(
-        "label".to_owned(),
-        vec![format!("{}={installation}", label::INSTALLATION)],
-    )]);
-    let list = docker
-        .list_containers(Some(
-            ListContainersOptionsBuilder::default()
-                .all(true)
-                .filters(&filters)
-                .build(),
-        ))
-        .await
-        .map_err(|e| DriverError::docker("list containers", e))?;
+    let list = installation_containers(docker, installation).await?;
     Ok(list.into_iter().filter_map(|c| c.id).collect())
 }
 
@@ -175,4 +165,37 @@ async fn remove_one(docker: &Docker, id: &str, grace_secs: i32) -> Result<(), Dr
         }
     }
     Ok(())
+}
+
+/// Removes every image labelled with this installation (forced), children before parents: a few passes,
+/// each removing what the one before freed. For tests and benchmarks that made an installation of their
+/// own, after [`remove_containers`]; `cairn dev` keeps its images as a cache. Returns how many went.
+pub async fn remove_images(docker: &Docker, installation: &Name) -> Result<usize, DriverError> {
+    let filters = HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={installation}", label::INSTALLATION)],
+    )]);
+    let mut removed = 0;
+    for _ in 0..6 {
+        let images = docker
+            .list_images(Some(
+                ListImagesOptionsBuilder::default()
+                    .all(true)
+                    .filters(&filters)
+                    .build(),
+            ))
+            .await
+            .map_err(|e| DriverError::docker("list images", e))?;
+        if images.is_empty() {
+            break;
+        }
+        for i in images {
+            let opts = RemoveImageOptionsBuilder::default().force(true).build();
+            // A parent still held by a child is removed in a later pass.
+            if docker.remove_image(&i.id, Some(opts), None).await.is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    Ok(removed)
 }

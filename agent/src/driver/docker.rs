@@ -376,6 +376,26 @@ impl DockerDriver {
     }
 }
 
+/// Every container (in any state, of any node) labelled with `installation` on this engine.
+pub async fn installation_containers(
+    docker: &Docker,
+    installation: &Name,
+) -> Result<Vec<ContainerSummary>, DriverError> {
+    let filters = HashMap::from([(
+        "label".to_owned(),
+        vec![format!("{}={installation}", label::INSTALLATION)],
+    )]);
+    docker
+        .list_containers(Some(
+            ListContainersOptionsBuilder::default()
+                .all(true)
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .map_err(|e| DriverError::docker("list containers", e))
+}
+
 /// Connects to the engine's unix socket (`DOCKER_HOST` when it names a `unix://` socket, else
 /// `/var/run/docker.sock`), negotiates the API version (engines as old as API 1.41 work) and pings it.
 pub async fn connect_engine() -> Result<Docker, DriverError> {
@@ -907,16 +927,8 @@ impl Driver for DockerDriver {
             .await
             .map_err(|e| DriverError::docker("list images", e))?;
         // Every container of this installation on this engine, whichever node it is for.
-        let used: HashSet<String> = self
-            .docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await
-            .map_err(|e| DriverError::docker("list containers", e))?
+        let used: HashSet<String> = installation_containers(&self.docker, &self.cfg.installation)
+            .await?
             .into_iter()
             .filter_map(|c| c.image_id)
             .collect();

@@ -11,11 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bollard::Docker;
-use bollard::query_parameters::{
-    ListContainersOptionsBuilder, ListImagesOptionsBuilder, RemoveContainerOptionsBuilder,
-    RemoveImageOptionsBuilder,
-};
 use bytes::Bytes;
+use cairn_agent::driver::docker::installation_containers;
 use cairn_agent::driver::label;
 use cairn_agent::proxy::ProxyConfig;
 use cairn_agent::spec::IsolationRequest;
@@ -134,19 +131,7 @@ impl Installation {
     /// Containers of this installation, whatever their state.
     pub async fn containers(&self) -> Vec<bollard::models::ContainerSummary> {
         let docker = self.docker.as_ref().expect("a Docker test");
-        let filters = HashMap::from([(
-            "label".to_owned(),
-            vec![format!("{}={}", label::INSTALLATION, self.id)],
-        )]);
-        docker
-            .list_containers(Some(
-                ListContainersOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await
-            .unwrap()
+        installation_containers(docker, &self.id).await.unwrap()
     }
 }
 
@@ -171,55 +156,10 @@ impl Drop for Installation {
 }
 
 async fn clean_up(docker: &Docker, id: &str) {
-    let filters = HashMap::from([(
-        "label".to_owned(),
-        vec![format!("{}={id}", label::INSTALLATION)],
-    )]);
-    if let Ok(cs) = docker
-        .list_containers(Some(
-            ListContainersOptionsBuilder::default()
-                .all(true)
-                .filters(&filters)
-                .build(),
-        ))
-        .await
-    {
-        for c in cs {
-            if let Some(cid) = c.id {
-                let _ = docker
-                    .remove_container(
-                        &cid,
-                        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
-                    )
-                    .await;
-            }
-        }
-    }
-    // Children before parents: a few passes remove images whose children went in the pass before.
-    for _ in 0..6 {
-        let Ok(images) = docker
-            .list_images(Some(
-                ListImagesOptionsBuilder::default()
-                    .all(true)
-                    .filters(&filters)
-                    .build(),
-            ))
-            .await
-        else {
-            return;
-        };
-        if images.is_empty() {
-            return;
-        }
-        for img in images {
-            let _ = docker
-                .remove_image(
-                    &img.id,
-                    Some(RemoveImageOptionsBuilder::default().force(true).build()),
-                    None,
-                )
-                .await;
-        }
+    let installation = Name::new(id).expect("an installation id is a name");
+    let gone = cairn_agent::dev::remove_containers(docker, &installation, Duration::ZERO).await;
+    if let Err(e) = gone.and(cairn_agent::dev::remove_images(docker, &installation).await) {
+        eprintln!("clean-up of {id} incomplete: {e}");
     }
 }
 
