@@ -48,6 +48,7 @@ fn fixture(dir: &Path, file: &str) -> Value {
         .unwrap()
 }
 
+use crate::agents::support::cairn_db;
 /// `git` with a fixed identity and clock: the same content gives the same commit on every run.
 use cairn_testkit::git_fixed_clock as git;
 
@@ -300,17 +301,6 @@ impl Drop for Serve {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// `cairn ARGS` against the test's database (no admin API, no token).
-fn cairn_db(db_url: &str, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(args)
-        .env("DATABASE_URL", db_url)
-        .env_remove("CAIRN_SERVER")
-        .env_remove("CAIRN_TOKEN")
-        .output()
-        .unwrap()
 }
 
 /// `X-Hub-Signature-256` of `body` with the tests' secret, as GitHub signs.

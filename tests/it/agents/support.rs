@@ -254,24 +254,12 @@ impl Plane {
 
     /// Runs the `cairn` CLI against the database.
     pub fn cairn(&self, args: &[&str]) -> Output {
-        Command::new(CAIRN)
-            .args(args)
-            .env("DATABASE_URL", self.db.url())
-            .env_remove("CAIRN_SERVER")
-            .env_remove("CAIRN_TOKEN")
-            .output()
-            .expect("cairn runs")
+        cairn_db(self.db.url(), args)
     }
 
     /// A one-time join token for `node`, made through the database.
     pub fn join_token(&self, node: &str) -> String {
-        let out = self.cairn(&["node", "join-token", node]);
-        assert!(
-            out.status.success(),
-            "join-token: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        join_token(self.db.url(), node)
     }
 
     /// Waits until the config applied is generation `n` or later.
@@ -401,11 +389,38 @@ impl Plane {
 
     /// A query's rows as JSON values (`SELECT to_jsonb(x) FROM (...) x`).
     pub async fn rows(&self, sql: &str) -> Vec<Value> {
-        sqlx::query_scalar::<_, Value>(&format!("SELECT to_jsonb(x) FROM ({sql}) x"))
-            .fetch_all(self.db.pool())
-            .await
-            .unwrap()
+        rows(&self.db, sql).await
     }
+}
+
+/// `cairn ARGS` against the database at `db_url` (no admin API, no token).
+pub fn cairn_db(db_url: &str, args: &[&str]) -> Output {
+    Command::new(CAIRN)
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .env_remove("CAIRN_SERVER")
+        .env_remove("CAIRN_TOKEN")
+        .output()
+        .expect("cairn runs")
+}
+
+/// A one-time join token for `node`, made through the database at `db_url`.
+pub fn join_token(db_url: &str, node: &str) -> String {
+    let out = cairn_db(db_url, &["node", "join-token", node]);
+    assert!(
+        out.status.success(),
+        "join-token: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// A query's rows, each as one JSON object.
+pub async fn rows(db: &TestDb, sql: &str) -> Vec<Value> {
+    sqlx::query_scalar::<_, Value>(&format!("SELECT to_jsonb(x) FROM ({sql}) x"))
+        .fetch_all(db.pool())
+        .await
+        .unwrap()
 }
 
 /// POSTs `body` to `url` as `credential`, returning the status and the JSON body.

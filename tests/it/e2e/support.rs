@@ -52,7 +52,9 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 pub use crate::agents::support::wait_for;
-use crate::agents::support::{CAIRN, Plane as AgentsPlane, Repo, agent_bin, git};
+use crate::agents::support::{
+    CAIRN, Plane as AgentsPlane, Repo, agent_bin, cairn_db, git, join_token, rows,
+};
 
 /// The static busybox every test image and process app runs (Debian's `busybox-static`).
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -666,31 +668,16 @@ pub struct Plane {
 impl Plane {
     /// Runs the `cairn` CLI against the database.
     pub fn cairn(&self, args: &[&str]) -> std::process::Output {
-        Command::new(CAIRN)
-            .args(args)
-            .env("DATABASE_URL", self.db.url())
-            .env_remove("CAIRN_SERVER")
-            .env_remove("CAIRN_TOKEN")
-            .output()
-            .expect("cairn runs")
+        cairn_db(self.db.url(), args)
     }
 
     fn join_token(&self, node: &str) -> String {
-        let out = self.cairn(&["node", "join-token", node]);
-        assert!(
-            out.status.success(),
-            "join-token: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+        join_token(self.db.url(), node)
     }
 
     /// A query's rows as JSON values.
     pub async fn rows(&self, sql: &str) -> Vec<Value> {
-        sqlx::query_scalar::<_, Value>(&format!("SELECT to_jsonb(x) FROM ({sql}) x"))
-            .fetch_all(self.db.pool())
-            .await
-            .unwrap()
+        rows(&self.db, sql).await
     }
 
     async fn node_online(&self, node: &str) -> Option<()> {
