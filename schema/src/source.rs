@@ -276,6 +276,27 @@ fn check_ipv6(ip: Ipv6Addr) -> Result<(), String> {
     }
 }
 
+/// Whether `ip` is on a private network (RFC 1918, shared CGNAT space, IPv6 unique-local), for operators
+/// who refuse sources there too (`--refuse-private-sources`). Loopback, link-local and metadata addresses
+/// are [`check_resolved`]'s, refused always.
+pub fn check_public(ip: std::net::IpAddr) -> Result<(), String> {
+    let private = match ip {
+        std::net::IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_private() || (o[0] == 100 && o[1] & 0xc0 == 64)
+        }
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => return check_public(std::net::IpAddr::V4(v4)),
+            None => v6.segments()[0] & 0xfe00 == 0xfc00,
+        },
+    };
+    if private {
+        Err(format!("{ip} is a private address"))
+    } else {
+        Ok(())
+    }
+}
+
 /// Parses IPv4 the way `inet_aton` (and so curl and git) does: one to four parts, each decimal, octal
 /// (`0177`) or hex (`0x7f`), the last filling the remaining bytes, so `2130706433`, `0x7f.1` and `127.1` are
 /// all 127.0.0.1. `Ok(None)` when the host is not numeric at all; an error when it looks numeric but is not

@@ -40,6 +40,10 @@ pub struct SourceArgs {
     /// repeatable. Rewritten URLs are trusted operator configuration
     #[arg(long = "git-rewrite", value_name = "FROM=TO")]
     pub git_rewrite: Vec<String>,
+    /// Refuse app sources whose host resolves to a private address (RFC 1918, CGNAT, IPv6 unique-local),
+    /// as loopback, link-local and metadata addresses always are
+    #[arg(long)]
+    pub refuse_private_sources: bool,
     /// Do not poll app branch heads (leave pushes to webhooks); a head never read, or read from another
     /// branch than the app now follows, is still read once, so a new app or branch deploys at once
     #[arg(long)]
@@ -81,7 +85,8 @@ pub async fn controller(db: &DbArgs, src: &SourceArgs) -> Result<Controller> {
         cairn_schema::source::Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
     let scratch = src.cache_root().join("heads.git");
     c.heads = Some(tokio::sync::Mutex::new(
-        cairn_reconciler::source::heads::HeadPoller::new(scratch, rewrites),
+        cairn_reconciler::source::heads::HeadPoller::new(scratch, rewrites)
+            .refuse_private(src.refuse_private_sources),
     ));
     c.head_polling = if src.no_poll_heads {
         HeadPolling::Unknown

@@ -100,7 +100,8 @@ pub async fn start(
         cairn_reconciler::source::heads::HeadPoller::new(
             src.cache_root().join("deploy-heads.git"),
             rewrites,
-        ),
+        )
+        .refuse_private(src.refuse_private_sources),
     )));
     let retention = cairn_reconciler::releases::Retention {
         keep: args.log_retention,

@@ -115,6 +115,7 @@ impl Prepared {
             config_repo,
             config_fetch_url,
             rewrites,
+            refuse_private_sources: src.refuse_private_sources,
             cache_root: src.cache_root(),
             retention: self.args.webhook_retention,
             poll: self.args.webhook_poll,

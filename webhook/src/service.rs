@@ -56,6 +56,8 @@ pub struct Settings {
     pub config_fetch_url: Option<String>,
     /// `--git-rewrite`: app sources (and the config repository) are fetched through them.
     pub rewrites: Rewrites,
+    /// `--refuse-private-sources`: app sources resolving to a private address are not asked for heads.
+    pub refuse_private_sources: bool,
     /// Where git caches live (`--cache-dir`).
     pub cache_root: PathBuf,
     /// Finished deliveries, calls and records are deleted after this long.
@@ -120,7 +122,8 @@ impl Webhooks {
         let poller = HeadPoller::new(
             settings.cache_root.join("webhook-heads.git"),
             settings.rewrites.clone(),
-        );
+        )
+        .refuse_private(settings.refuse_private_sources);
         let checker = HeadChecker::new(pool.clone(), poller, reconcile.clone());
         let planner = match (&github, settings.config_fetch_url) {
             (Some(_), Some(url)) => {
@@ -131,7 +134,8 @@ impl Webhooks {
                 let heads = HeadPoller::new(
                     settings.cache_root.join("pull-heads.git"),
                     settings.rewrites.clone(),
-                );
+                )
+                .refuse_private(settings.refuse_private_sources);
                 Some(PullPlanner::new(pool.clone(), controller, url, cache).with_heads(heads))
             }
             _ => None,

@@ -121,12 +121,7 @@ impl GitSource {
                 path: self.cache.clone(),
                 source: e,
             };
-            let repo = if self.cache.join("HEAD").exists() {
-                gix::open(&self.cache).map_err(|e| cache_err(boxed(e)))?
-            } else {
-                std::fs::create_dir_all(&self.cache).map_err(|e| cache_err(boxed(e)))?;
-                gix::init_bare(&self.cache).map_err(|e| cache_err(boxed(e)))?
-            };
+            let repo = super::open_cache(&self.cache).map_err(cache_err)?;
             self.repo = Some(repo);
         }
         Ok(self.repo.as_ref().expect("just set"))

@@ -4,9 +4,13 @@
 //! into a release.
 //!
 //! What it must not do: fetch or build anything (the agent does), pass a manifest's ref or URL to a git
-//! command line, or poll a URL that names a local or metadata address (unless an operator rewrite made
-//! it: that is trusted configuration).
+//! command line, or poll a URL that names or resolves to a loopback, link-local or metadata address (or,
+//! with `--refuse-private-sources`, a private one), unless an operator rewrite made it: that is trusted
+//! configuration. The manifest's host is resolved and every address checked right before the listing;
+//! the repository it lists through sees none of the machine's git configuration and follows no
+//! redirects ([`super::open_cache`]).
 
+use std::net::{IpAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
 use cairn_schema::source::Rewrites;
@@ -28,6 +32,13 @@ pub enum HeadError {
     },
 }
 
+/// Resolves a host name to addresses: the system's resolver, or a test's.
+pub type Resolver = fn(&str, u16) -> std::io::Result<Vec<IpAddr>>;
+
+fn system_resolver(host: &str, port: u16) -> std::io::Result<Vec<IpAddr>> {
+    Ok((host, port).to_socket_addrs()?.map(|a| a.ip()).collect())
+}
+
 /// Asks remotes for branch heads. Cheap to keep: one scratch bare repository whose object database stays
 /// empty.
 #[derive(Debug)]
@@ -35,6 +46,8 @@ pub struct HeadPoller {
     scratch: PathBuf,
     rewrites: Rewrites,
     repo: Option<gix::Repository>,
+    resolve: Resolver,
+    refuse_private: bool,
 }
 
 /// A head found for an app.
@@ -51,7 +64,21 @@ impl HeadPoller {
             scratch: scratch.into(),
             rewrites,
             repo: None,
+            resolve: system_resolver,
+            refuse_private: false,
         }
+    }
+
+    /// Also refuses manifest URLs whose host resolves to a private address (RFC 1918, CGNAT, unique-local).
+    pub fn refuse_private(mut self, refuse: bool) -> Self {
+        self.refuse_private = refuse;
+        self
+    }
+
+    /// Resolves host names with `resolve` instead of the system's resolver.
+    pub fn with_resolver(mut self, resolve: Resolver) -> Self {
+        self.resolve = resolve;
+        self
     }
 
     /// The URL an app's source is really fetched from.
@@ -67,10 +94,37 @@ impl HeadPoller {
         {
             Some(rewritten) => Ok(rewritten),
             None => {
-                cairn_schema::GitUrl::new(url).map_err(refused)?;
+                let checked = cairn_schema::GitUrl::new(url).map_err(refused)?;
+                self.check_addresses(&checked).map_err(refused)?;
                 Ok(url.to_owned())
             }
         }
+    }
+
+    /// Resolves the URL's host and refuses it unless every address passes
+    /// [`cairn_schema::source::check_resolved`] (and [`cairn_schema::source::check_public`] when private
+    /// addresses are refused): a name that points at this machine or the metadata service is refused
+    /// like the address itself.
+    fn check_addresses(&self, url: &cairn_schema::GitUrl) -> Result<(), String> {
+        let parts = url.parts();
+        let host = parts.host.trim_start_matches('[').trim_end_matches(']');
+        let port = parts
+            .port
+            .unwrap_or(if parts.scheme == "https" { 443 } else { 22 });
+        let addrs =
+            (self.resolve)(host, port).map_err(|e| format!("cannot resolve `{host}`: {e}"))?;
+        if addrs.is_empty() {
+            return Err(format!("`{host}` resolves to no address"));
+        }
+        for ip in addrs {
+            cairn_schema::source::check_resolved(ip)
+                .and_then(|()| match self.refuse_private {
+                    true => cairn_schema::source::check_public(ip),
+                    false => Ok(()),
+                })
+                .map_err(|why| format!("`{host}` resolves to {why}"))?;
+        }
+        Ok(())
     }
 
     /// The commit `refs/heads/<branch>` of `url` points at, or `None` when the branch does not exist.
@@ -90,12 +144,7 @@ impl HeadPoller {
             let err = |e: Box<dyn std::error::Error + Send + Sync>| {
                 HeadError::Scratch(scratch.clone(), e)
             };
-            let repo = if scratch.join("HEAD").exists() {
-                gix::open(&scratch).map_err(|e| err(Box::new(e)))?
-            } else {
-                std::fs::create_dir_all(&scratch).map_err(|e| err(Box::new(e)))?;
-                gix::init_bare(&scratch).map_err(|e| err(Box::new(e)))?
-            };
+            let repo = super::open_cache(&scratch).map_err(err)?;
             self.repo = Some(repo);
         }
         let repo = self.repo.as_ref().expect("just set");

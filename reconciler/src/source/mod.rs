@@ -8,6 +8,7 @@ pub mod git;
 pub mod heads;
 pub mod watch;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use cairn_schema::validate::{Loaded, assemble_refs};
@@ -53,4 +54,21 @@ impl Snapshot {
     pub fn parsed(&self) -> Vec<ParsedFile> {
         self.files.iter().map(|f| (**f).clone()).collect()
     }
+}
+
+/// Opens the bare repository at `path`, creating it when missing, so that nothing of the machine's git
+/// setup applies to what the control plane fetches: no system, global or user configuration (no
+/// `url.<base>.insteadOf`, proxies, credential helpers or hooks an operator's shell happens to have), no
+/// `GIT_*` environment, and no HTTP redirects (gix never follows one to another host; we follow none, so
+/// a remote cannot send the fetch elsewhere after its address was checked). Private repositories are
+/// reached over ssh (the service user's keys) or through an operator's `--git-rewrite`.
+pub(crate) fn open_cache(
+    path: &Path,
+) -> Result<gix::Repository, Box<dyn std::error::Error + Send + Sync>> {
+    if !path.join("HEAD").exists() {
+        std::fs::create_dir_all(path)?;
+        gix::init_bare(path)?;
+    }
+    let options = gix::open::Options::isolated().config_overrides(["http.followRedirects=false"]);
+    Ok(gix::open_opts(path, options)?)
 }
