@@ -369,6 +369,7 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         identity: args.identity.clone(),
         git_rewrite: rewrites.clone(),
         no_poll_heads: false,
+        refuse_private_sources: false,
         seed: 0,
     };
     let c = step(
