@@ -23,4 +23,4 @@ pub mod registry;
 pub mod skip;
 
 pub use git::{git, git_fixed_clock};
-pub use skip::{missing, require_all};
+pub use skip::{current_test, github_fixtures, missing, require_all};

@@ -26,7 +26,6 @@
 //! benchmark measures durable commits; a test that wants speed may `SET synchronous_commit = off` on its
 //! own session), or listen anywhere but loopback (the cluster trusts every local connection).
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::str::FromStr as _;
 
@@ -193,22 +192,10 @@ fn skip_or_panic(reason: &str) {
                 it in /usr/lib/postgresql/<version>/bin), or set CAIRN_TEST_PG_BINDIR to a directory \
                 holding initdb and pg_ctl, or set CAIRN_TEST_DATABASE_URL to a server where the test \
                 user may CREATE DATABASE";
-    if std::env::var_os(REQUIRE_ALL_ENV).is_some_and(|v| !v.is_empty()) {
-        panic!(
-            "cairn-testkit: {reason}.\n{REQUIRE_ALL_ENV} is set, so a test that needs PostgreSQL \
-             fails instead of skipping.\nTo fix: {help}."
-        );
-    }
-    let test = std::thread::current()
-        .name()
-        .unwrap_or("this test")
-        .to_owned();
-    // Straight to the process's stderr: `eprintln!` is captured by the test harness and only shown
-    // for failing tests, and a skip must be visible.
-    let _ = writeln!(
-        std::io::stderr(),
-        "cairn-testkit: SKIPPED {test}: {reason}. To run it: {help}. \
-         (Set {REQUIRE_ALL_ENV}=1 to make this a failure.)"
+    crate::skip::missing(
+        &crate::skip::current_test(),
+        "PostgreSQL",
+        format!("{reason}. To fix: {help}"),
     );
 }
 

@@ -19,12 +19,6 @@ use serde_json::Value;
 use crate::agents::support::{CAIRN, agent_bin};
 use crate::validate::copy_dir;
 
-fn require_all() -> bool {
-    ["CAIRN_TEST_REQUIRE_ALL", "CI"]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|v| !v.is_empty()))
-}
-
 /// What is missing to run the test, if anything.
 fn missing_prerequisite() -> Option<String> {
     let docker = Command::new("docker")
@@ -207,12 +201,10 @@ impl Drop for Dev {
 #[test]
 fn cairn_dev_runs_the_local_example_applies_an_edit_and_leaves_nothing_behind() {
     if let Some(why) = missing_prerequisite() {
-        if require_all() {
-            panic!("cairn dev test: required (CI or CAIRN_TEST_REQUIRE_ALL is set) but {why}");
-        }
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIPPED cairn_dev_runs_the_local_example...: {why}; set CAIRN_TEST_REQUIRE_ALL=1 to fail instead"
+        cairn_testkit::missing(
+            &cairn_testkit::current_test(),
+            "cairn dev's prerequisites",
+            why,
         );
         return;
     }

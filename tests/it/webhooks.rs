@@ -32,15 +32,7 @@ const CONFIG_URL: &str = "https://github.com/acme/platform.git";
 const WAIT: Duration = Duration::from_secs(30);
 
 fn fixtures() -> Option<PathBuf> {
-    match std::env::var_os("CAIRN_GITHUB_FIXTURES").filter(|v| !v.is_empty()) {
-        Some(dir) => Some(PathBuf::from(dir)),
-        None => {
-            eprintln!(
-                "skipped: CAIRN_GITHUB_FIXTURES is not set (CI points it at ../shared/fixtures/github)"
-            );
-            None
-        }
-    }
+    cairn_testkit::github_fixtures()
 }
 
 fn fixture(dir: &Path, file: &str) -> Value {

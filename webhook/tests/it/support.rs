@@ -19,37 +19,14 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 
 pub const SECRET: &str = "It's a Secret to Everybody";
-pub const FIXTURES_ENV: &str = "CAIRN_GITHUB_FIXTURES";
-const REQUIRE_ALL_ENV: &str = "CAIRN_TEST_REQUIRE_ALL";
 
 pub fn secret() -> WebhookSecret {
     WebhookSecret::new(SECRET).unwrap()
 }
 
-/// The fixtures directory, or `None` (with a message) when the test should skip: the variable is
-/// unset, or it names a directory that is missing and `CAIRN_TEST_REQUIRE_ALL` is not set (with it
-/// set, a missing directory fails the test).
+/// The fixtures directory, or `None` when the test should skip (a failure under CI).
 pub fn fixtures() -> Option<PathBuf> {
-    let Some(dir) = std::env::var_os(FIXTURES_ENV).filter(|v| !v.is_empty()) else {
-        eprintln!(
-            "skipped: {FIXTURES_ENV} is not set (CI points it at ../shared/fixtures/github, the real \
-             GitHub payloads and API recordings)"
-        );
-        return None;
-    };
-    let dir = PathBuf::from(dir);
-    if dir.join("webhooks").is_dir() && dir.join("api").is_dir() {
-        return Some(dir);
-    }
-    let message = format!(
-        "{FIXTURES_ENV}={} has no webhooks/ and api/ directories",
-        dir.display()
-    );
-    if std::env::var_os(REQUIRE_ALL_ENV).is_some_and(|v| !v.is_empty()) {
-        panic!("{message}, and {REQUIRE_ALL_ENV} is set, so the tests that need them fail");
-    }
-    eprintln!("skipped: {message}");
-    None
+    cairn_testkit::github_fixtures()
 }
 
 /// Every webhook payload of the fixtures: (file name, `X-GitHub-Event`, raw bytes), sorted by name.
