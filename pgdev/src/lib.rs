@@ -12,13 +12,17 @@
 //!   healthy server, restarts a dead one (stale `postmaster.pid`), and serialises starters with `flock`.
 //!   [`Cluster::stop`] stops it.
 //!
-//! What it must not do: listen anywhere but loopback (the cluster trusts every local connection), or
+//! Access: TCP on loopback needs the superuser's password (random, made at `initdb`, kept in
+//! `<root>/password`, mode 0600, and handed to the caller in [`Running`]); the unix socket is trusted,
+//! and its directory is the server account's alone (0700). Another user of the machine reaches neither.
+//!
+//! What it must not do: listen anywhere but loopback, trust a TCP connection without the password, or
 //! turn durability off (`fsync` stays on: the queue benchmark measures durable commits).
 
 use std::fs::{self, File};
 use std::io::Write as _;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -177,16 +181,37 @@ pub fn reachable_root(
     preferred
 }
 
+/// 32 hex digits from the kernel's random source.
+fn random_password() -> Result<String, Error> {
+    let mut bytes = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .map_err(|e| failed("reading /dev/urandom", e))?;
+    Ok(hex::encode(bytes))
+}
+
 /// The first 8 hex digits of a SHA-256 over the path: a short, stable name for a directory.
 pub fn short_hash(path: &Path) -> String {
     hex::encode(&Sha256::digest(path.as_os_str().as_encoded_bytes())[..4])
 }
 
-/// A server that answered on this port; `fresh` when this call started it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A server that answered on this port; `fresh` when this call started it. `password` is the
+/// `postgres` superuser's (TCP connections need it).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Running {
     pub port: u16,
     pub fresh: bool,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("port", &self.port)
+            .field("fresh", &self.fresh)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// One private cluster: binaries, a root directory (lock file, data directory, server log) and a socket
@@ -229,11 +254,27 @@ impl Cluster {
             .map_err(|e| failed(format_args!("opening {}", lock_path.display()), e))?;
         rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| failed(format_args!("locking {}", lock_path.display()), e))?;
-        if let Some(port) = self.running_port(Duration::from_secs(10)) {
-            return Ok(Running { port, fresh: false });
+        let password_file = self.root.join("password");
+        if self.root.join("initialized").exists() && !password_file.exists() {
+            // Made before TCP needed a password (it trusted every local connection): a private
+            // cluster's data is disposable, so it is made again rather than left open.
+            self.stop()?;
+            fs::remove_file(self.root.join("initialized"))
+                .map_err(|e| failed(format_args!("resetting {}", self.root.display()), e))?;
         }
         if !self.root.join("initialized").exists() {
             self.init()?;
+        }
+        let password = fs::read_to_string(&password_file)
+            .map_err(|e| failed(format_args!("reading {}", password_file.display()), e))?
+            .trim()
+            .to_owned();
+        if let Some(port) = self.running_port(Duration::from_secs(10)) {
+            return Ok(Running {
+                port,
+                fresh: false,
+                password,
+            });
         }
         self.clear_stale()?;
         let mut last = String::new();
@@ -252,7 +293,11 @@ impl Cluster {
                 &format!("-p {port}"),
             ])?;
             if out.status.success() && self.running_port(Duration::from_secs(5)) == Some(port) {
-                return Ok(Running { port, fresh: true });
+                return Ok(Running {
+                    port,
+                    fresh: true,
+                    password,
+                });
             }
             last = format!(
                 "{}{}",
@@ -363,6 +408,22 @@ impl Cluster {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(failed(format_args!("removing {}", self.data.display()), e)),
         }
+        // The superuser's password: written for initdb (which runs as the server's account) and kept
+        // for the callers, readable by the owner only.
+        let password = random_password()?;
+        let password_file = self.root.join("password");
+        let _ = fs::remove_file(&password_file);
+        File::options()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&password_file)
+            .and_then(|mut f| f.write_all(password.as_bytes()))
+            .map_err(|e| failed(format_args!("writing {}", password_file.display()), e))?;
+        if let Some(account) = self.run_as {
+            std::os::unix::fs::chown(&password_file, Some(account.uid), Some(account.gid))
+                .map_err(|e| failed(format_args!("chown {}", password_file.display()), e))?;
+        }
         let out = self.run(
             "initdb",
             &[
@@ -370,7 +431,11 @@ impl Cluster {
                 path_str(&self.data)?,
                 "-U",
                 "postgres",
-                "--auth=trust",
+                "--pwfile",
+                path_str(&password_file)?,
+                // Loopback TCP needs the password; the socket's directory is the owner's alone.
+                "--auth-host=scram-sha-256",
+                "--auth-local=trust",
                 "--encoding=UTF8",
                 "--locale=C",
                 // Skips only initdb's final flush of the new files; the server itself runs with fsync.
@@ -390,7 +455,7 @@ impl Cluster {
             .open(&conf)
             .map_err(|e| failed(format_args!("opening {}", conf.display()), e))?;
         let settings = format!(
-            "\n# {}: a private cluster, trusted on loopback only.\n\
+            "\n# {}: a private cluster: loopback only, a password over TCP.\n\
              listen_addresses = '127.0.0.1'\n\
              unix_socket_directories = '{}'\n\
              max_connections = 300\n\

@@ -226,6 +226,7 @@ async fn init_server() -> Result<Server, String> {
                 .host("127.0.0.1")
                 .port(running.port)
                 .username("postgres")
+                .password(&running.password)
                 .database("postgres");
             (options, running.fresh)
         }
@@ -418,6 +419,43 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, 0, "close() drops the database");
+    }
+
+    /// The private cluster trusted every local TCP connection, so any user of the machine could reach
+    /// `cairn dev`'s database (and the tests') on 127.0.0.1: TCP now needs the superuser's password.
+    #[tokio::test]
+    async fn the_private_cluster_refuses_tcp_connections_without_its_password() {
+        if std::env::var_os(DATABASE_URL_ENV).is_some_and(|v| !v.is_empty()) {
+            return; // the private cluster is not in use
+        }
+        let Some(db) = TestDb::new().await else {
+            return;
+        };
+        let with = db.admin.clone();
+        let without = PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(with.get_port())
+            .username("postgres")
+            .database("postgres");
+        let err = PgConnection::connect_with(&without)
+            .await
+            .expect_err("a connection without the password must be refused");
+        assert!(
+            err.to_string().contains("password"),
+            "refused for another reason: {err}"
+        );
+        let wrong = without.clone().password("not-the-password");
+        let err = PgConnection::connect_with(&wrong).await.unwrap_err();
+        assert!(
+            err.to_string().contains("password authentication failed"),
+            "{err}"
+        );
+        PgConnection::connect_with(&with)
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
     }
 
     #[test]

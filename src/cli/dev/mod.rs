@@ -464,9 +464,10 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
             token_file.display()
         ),
         format!(
-            "logs: {}   database: {}",
+            "logs: {}   database: {} (the full URL, password included, is in {})",
             state.join("logs").display(),
-            db_url
+            redact_password(&db_url),
+            state.join("dev.json").display()
         ),
     ];
     for l in &header {
@@ -891,6 +892,20 @@ fn write_private(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 
+/// `url` with its password (if any) replaced by `***`, for the terminal.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 /// `<state>/dev.json`: what runs, for scripts and tests (pids, ports, URLs; no token).
 fn write_manifest(
     state: &Path,
@@ -918,8 +933,10 @@ fn write_manifest(
         "postgres_pid": up.db.as_ref().and_then(Database::server_pid),
         "agents": agents,
     });
+    // It holds the database password: readable by this user only.
     let tmp = state.join("dev.json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&doc)?)?;
+    let _ = std::fs::remove_file(&tmp);
+    write_private(&tmp, &serde_json::to_string_pretty(&doc)?)?;
     std::fs::rename(&tmp, state.join("dev.json"))?;
     Ok(())
 }

@@ -56,7 +56,10 @@ pub async fn private(state: &Path, reset: bool) -> Result<Database> {
             .context("the PostgreSQL start-up task failed")?
             .with_context(|| format!("cannot start PostgreSQL in {}", cluster.root.display()))?
     };
-    let admin_url = format!("postgres://postgres@127.0.0.1:{}/postgres", running.port);
+    let admin_url = format!(
+        "postgres://postgres:{}@127.0.0.1:{}/postgres",
+        running.password, running.port
+    );
     let mut admin = sqlx::PgConnection::connect(&admin_url)
         .await
         .context("cannot connect to the private PostgreSQL")?;
@@ -82,7 +85,10 @@ pub async fn private(state: &Path, reset: bool) -> Result<Database> {
     }
     let _ = admin.close().await;
     Ok(Database {
-        url: format!("postgres://postgres@127.0.0.1:{}/{DATABASE}", running.port),
+        url: format!(
+            "postgres://postgres:{}@127.0.0.1:{}/{DATABASE}",
+            running.password, running.port
+        ),
         cluster: Some(cluster),
     })
 }
