@@ -401,8 +401,11 @@ impl ProcessDriver {
             if let Some(u) = owner {
                 chown_tree(&top, u)?;
             }
-            std::fs::set_permissions(&top, std::fs::Permissions::from_mode(0o700))
-                .map_err(|e| DriverError::io("restrict", &top, e))
+            for d in [&top, &to] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| DriverError::io("restrict", d, e))?;
+            }
+            Ok::<(), DriverError>(())
         })
         .await
         .map_err(DriverError::Join)??;
@@ -571,10 +574,10 @@ impl ProcessDriver {
             if !adopted.contains(&pgrp) {
                 tracing::warn!(pid, pgrp, "killing a process left in a release directory");
                 signal_group(Some(pgrp), rustix::process::Signal::KILL);
-                if pgrp != pid {
-                    if let Some(p) = rustix::process::Pid::from_raw(pid) {
-                        let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-                    }
+                if pgrp != pid
+                    && let Some(p) = rustix::process::Pid::from_raw(pid)
+                {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
                 }
             }
         }
@@ -683,8 +686,11 @@ impl ProcessDriver {
         let dir = self.replica_dir(&name);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, rec.port));
         let (stop_tx, stop_rx) = watch::channel(launch.is_none());
+        // An adopted process runs already: say so from the first listing on.
         let state = Arc::new(Mutex::new(ProcState {
             stopped: launch.is_none(),
+            pgid: running.as_ref().map(|p| p.pid),
+            started: running.is_some(),
             ..Default::default()
         }));
         let logs = Arc::new(LogRing::new(self.cfg.log_lines));

@@ -7,10 +7,12 @@
 
 mod docker;
 mod housekeeping;
+mod isolation;
 mod process;
 mod proxy;
 mod refuse;
 mod registry;
+mod restart;
 mod secrets;
 mod source;
 mod support;
