@@ -8,6 +8,7 @@
 mod docker;
 mod housekeeping;
 mod isolation;
+mod operator;
 mod process;
 mod proxy;
 mod refuse;
