@@ -9,7 +9,7 @@
 //! [`GitUrl`] refuses the rest), and right before connecting the host is resolved and every address it
 //! resolves to is checked with [`cairn_schema::source::check_resolved`] (no loopback, link-local or
 //! metadata address). The fetch then connects to those checked addresses and nothing resolves the name
-//! again (no DNS-rebinding window): https through [`pinned`] (reqwest with the name pinned, no redirect,
+//! again (no DNS-rebinding window): https through `source/pinned.rs` (reqwest with the name pinned, no redirect,
 //! no proxy, https only), ssh by handing the ssh client the checked address and
 //! `-o HostKeyAlias=<name>` (so `known_hosts` is still checked under the name). The exception is an operator's [`Rewrite`] (`--git-rewrite FROM=TO`, like git's
 //! `url.<base>.insteadOf`): a rewritten URL is trusted operator config, which is how mirrors, GitHub

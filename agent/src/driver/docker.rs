@@ -9,8 +9,12 @@
 //!   same source and recipe is reused.
 //! - Run: containers named `cairn-<installation>-<app>-r<release>-s<slot>` and labelled (installation,
 //!   app, release, slot, commits, node, hostnames), with the plan's memory and CPU limits, restart policy
-//!   `unless-stopped`, a pid limit, `no-new-privileges`, bounded json-file logs, and the app port
-//!   published on 127.0.0.1 with a port the engine picks. Containers are created from the image id, not
+//!   `unless-stopped`, a pid limit, `no-new-privileges`, every capability dropped but
+//!   `NET_BIND_SERVICE`, optionally a read-only root filesystem (tmpfs `/tmp`), bounded json-file logs,
+//!   and the app port published on 127.0.0.1 with a port the engine picks. They run on the agent's own
+//!   bridge network ([`DockerConfig::network`], `cairn` on interface `cairn0`), whose traffic to
+//!   169.254.0.0/16 (the cloud metadata service) an iptables `raw` rule drops
+//!   ([`DockerDriver::ensure_network`]). Containers are created from the image id, not
 //!   the tag, so a retag never changes what a replica runs.
 //!
 //! What it must not do: create a container privileged, on the host's network, PID or IPC namespace, with
@@ -76,7 +80,7 @@ pub struct DockerConfig {
     pub read_only_rootfs: bool,
     /// The bridge network containers run on, created if missing, whose traffic to link-local
     /// addresses (the cloud metadata service at 169.254.169.254 among them) is dropped
-    /// ([`DockerConfig::bridge`]). `None`: Docker's default bridge, with no such rule.
+    /// ([`DockerDriver::ensure_network`]). `None`: Docker's default bridge, with no such rule.
     pub network: Option<String>,
 }
 
