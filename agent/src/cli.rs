@@ -105,6 +105,12 @@ pub struct Args {
     /// directory above it). Default: `<data-dir>-apps`
     #[arg(long, value_name = "DIR")]
     apps_dir: Option<PathBuf>,
+    /// Process driver: leave replicas running when the agent stops (SIGTERM), for the next agent to
+    /// adopt without a restart (an upgrade with no downtime; the systemd unit sets it). Without it they
+    /// are stopped with the agent, and started again by the next one. After a crash or SIGKILL they run
+    /// on either way, and the next agent adopts them
+    #[arg(long, env = "CAIRN_AGENT_KEEP_REPLICAS_ON_EXIT")]
+    keep_replicas_on_exit: bool,
     /// Docker driver: give containers a read-only root filesystem (with a writable tmpfs at /tmp)
     #[arg(long)]
     read_only_rootfs: bool,
@@ -344,8 +350,8 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
                     args.app_user.as_deref(),
                     rustix::process::geteuid().is_root(),
                 )?;
-                // Replicas outlive the agent; the next one adopts them (zero downtime on upgrade).
-                cfg.keep_on_exit = true;
+                // Either way the next agent adopts what still runs (after a crash, always).
+                cfg.keep_on_exit = args.keep_replicas_on_exit;
                 let driver = crate::ProcessDriver::new(cfg);
                 let found = driver
                     .adopt(&identity)

@@ -14,8 +14,9 @@
 //!   and replicas run as that unprivileged user and group, with no supplementary groups, in release
 //!   directories owned by that user (mode 0700); the agent's state (`state`, its data directory) stays
 //!   unreachable to them.
-//! - Restarts of the agent ([`ProcessConfig::keep_on_exit`], what `cairn-agent` sets): replicas
-//!   survive the agent. Each replica has a record in `state` (its spec with the secrets still sealed,
+//! - Restarts of the agent: replicas survive a crash or SIGKILL of the agent, and its exit too with
+//!   [`ProcessConfig::keep_on_exit`] (`cairn-agent --keep-replicas-on-exit`, the unit's choice):
+//!   each replica has a record in `state` (its spec with the secrets still sealed,
 //!   and its process group: leader pid, the kernel's start time of that pid, and the boot id, so a
 //!   recycled pid or a reboot is never taken for the replica). A new agent calls
 //!   [`ProcessDriver::adopt`]: a recorded process that still runs is supervised again (no downtime
