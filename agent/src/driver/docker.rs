@@ -12,7 +12,7 @@
 //!   `unless-stopped`, a pid limit, `no-new-privileges`, every capability dropped but
 //!   `NET_BIND_SERVICE`, optionally a read-only root filesystem (tmpfs `/tmp`), bounded json-file logs,
 //!   and the app port published on 127.0.0.1 with a port the engine picks. They run on the agent's own
-//!   bridge network ([`DockerConfig::network`], `cairn` on interface `cairn0`), whose traffic to
+//!   bridge network ([`DockerConfig::network`], `cairn` on an interface `cairn-<8 hex>`), whose traffic to
 //!   169.254.0.0/16 (the cloud metadata service) an iptables `raw` rule drops
 //!   ([`DockerDriver::ensure_network`]). Containers are created from the image id, not
 //!   the tag, so a retag never changes what a replica runs.
@@ -102,7 +102,8 @@ impl DockerConfig {
 
 /// The network containers run on unless configured otherwise, and its bridge interface.
 pub const DEFAULT_NETWORK: &str = "cairn";
-const DEFAULT_BRIDGE: &str = "cairn0";
+/// Bridge interfaces of the agent's networks are `cairn-<8 hex>` (what the unit's rule matches).
+pub const BRIDGE_PREFIX: &str = "cairn-";
 /// Link-local addresses: the cloud metadata service (169.254.169.254) and its kin (ECS task
 /// metadata at 169.254.170.2, link-local DNS) live here.
 pub const LINK_LOCAL: &str = "169.254.0.0/16";
@@ -162,12 +163,18 @@ impl DockerDriver {
         let inspected = match inspected {
             Some(n) => n,
             None => {
-                let bridge = if name == DEFAULT_NETWORK {
-                    DEFAULT_BRIDGE.to_owned()
-                } else {
-                    let digest = <sha2::Sha256 as sha2::Digest>::digest(name.as_bytes());
-                    format!("cairn{}", &hex::encode(digest)[..10])
-                };
+                // Named per engine and network: two engines in one network namespace (a test's second
+                // engine) never share an interface, and every one matches the unit's `cairn-+`.
+                let engine = self
+                    .docker
+                    .info()
+                    .await
+                    .map_err(|e| DriverError::docker("read the engine's id", e))?
+                    .id
+                    .unwrap_or_default();
+                let digest =
+                    <sha2::Sha256 as sha2::Digest>::digest(format!("{engine}\0{name}").as_bytes());
+                let bridge = format!("{BRIDGE_PREFIX}{}", &hex::encode(digest)[..8]);
                 let req = bollard::models::NetworkCreateRequest {
                     name: name.clone(),
                     driver: Some("bridge".into()),
@@ -178,16 +185,18 @@ impl DockerDriver {
                     )])),
                     ..Default::default()
                 };
-                match self.docker.create_network(req).await {
-                    Ok(_) => {}
-                    // Another agent on this engine made it meanwhile.
-                    Err(e) if is_status(&e, 409) => {}
-                    Err(e) => return Err(DriverError::docker(format!("create network {name}"), e)),
+                let created = self.docker.create_network(req).await;
+                // Another agent (or driver) on this engine may have made it meanwhile: the engine
+                // then answers 409, or 403 for the bridge name; what counts is that it exists now.
+                match (created, self.docker.inspect_network(&name, None).await) {
+                    (_, Ok(n)) => n,
+                    (Err(e), Err(_)) => {
+                        return Err(DriverError::docker(format!("create network {name}"), e));
+                    }
+                    (Ok(_), Err(e)) => {
+                        return Err(DriverError::docker(format!("inspect network {name}"), e));
+                    }
                 }
-                self.docker
-                    .inspect_network(&name, None)
-                    .await
-                    .map_err(|e| DriverError::docker(format!("inspect network {name}"), e))?
             }
         };
         if inspected.driver.as_deref() != Some("bridge") {
