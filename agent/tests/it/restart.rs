@@ -268,7 +268,9 @@ async fn process_agent_restart_kills_an_unrecorded_orphan_and_a_remove_of_an_unk
         for r in [&ra, &rb] {
             first.wait_healthy(r, "x", &a.health).await.unwrap();
         }
-        let pa = first.pid(&ra.id).unwrap();
+        // A pid is known once the supervisor has recorded it.
+        let pa = wait_for("A's pid", || first.pid(&ra.id)).await;
+        wait_for("B's pid", || first.pid(&rb.id)).await;
         // The agent "dies" (its replicas kept); A's record is lost, as if the agent died between
         // starting it and recording it.
         drop(first);
