@@ -416,3 +416,34 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         other => Ok(other?),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::process::AppUser;
+
+    #[test]
+    fn apps_run_as_nobody_by_default_when_root_and_never_as_root() {
+        assert_eq!(app_user(None, true).unwrap(), Some(AppUser::NOBODY));
+        assert_eq!(app_user(None, false).unwrap(), None);
+        assert_eq!(app_user(Some("agent"), true).unwrap(), None);
+        assert_eq!(
+            app_user(Some("1000:1001"), true).unwrap(),
+            Some(AppUser {
+                uid: 1000,
+                gid: 1001
+            })
+        );
+        assert_eq!(
+            app_user(Some("nobody"), true).unwrap().map(|u| u.uid),
+            Some(65534)
+        );
+        for bad in ["0", "0:0", "1000:0", "root", "no-such-user-here", "1:x"] {
+            assert!(app_user(Some(bad), true).is_err(), "{bad}");
+        }
+        assert!(
+            app_user(Some("1000"), false).is_err(),
+            "cannot switch without root"
+        );
+    }
+}

@@ -151,4 +151,42 @@ fn install_agent_refuses_http_binaries_and_installs_only_a_binary_matching_sha25
         r,
     ]);
     assert_eq!(code, 0, "{out}");
+
+    // The process driver: the agent runs as root with a small capability set (to run apps as another
+    // user), and the apps' directory is there, passable but not listable.
+    let (code, out) = install(&[
+        "--binary",
+        AGENT,
+        "--server",
+        "https://cairn.example.com",
+        "--driver",
+        "process",
+        "--root",
+        r,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let dropin = std::fs::read_to_string(
+        root.path()
+            .join("etc/systemd/system/cairn-agent.service.d/no-docker.conf"),
+    )
+    .unwrap();
+    for line in [
+        "User=root",
+        "CapabilityBoundingSet=CAP_NET_BIND_SERVICE CAP_SETUID CAP_SETGID",
+        "ReadWritePaths=/var/lib/cairn-agent-apps",
+    ] {
+        assert!(dropin.contains(line), "{line}: {dropin}");
+    }
+    use std::os::unix::fs::PermissionsExt as _;
+    let apps = std::fs::metadata(root.path().join("var/lib/cairn-agent-apps")).unwrap();
+    assert_eq!(apps.permissions().mode() & 0o777, 0o711);
+    let unit = std::fs::read_to_string(root.path().join("etc/systemd/system/cairn-agent.service"))
+        .unwrap();
+    for line in [
+        "KillMode=process",
+        "CAIRN_AGENT_KEEP_REPLICAS_ON_EXIT=1",
+        "-i cairn-+ -d 169.254.0.0/16 -j DROP",
+    ] {
+        assert!(unit.contains(line), "{line}");
+    }
 }
