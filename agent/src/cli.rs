@@ -92,6 +92,101 @@ pub struct Args {
     /// Keep the images of each app's N newest releases (and any a container uses); 0 keeps all
     #[arg(long, default_value_t = 5, value_name = "N")]
     keep_images: usize,
+    /// Accept an `http://` --server (credentials and secrets then cross the network in clear): only
+    /// on a network you trust, such as loopback or a private link
+    #[arg(long)]
+    insecure_http_server: bool,
+    /// Process driver: the user builds and apps run as when the agent runs as root: `UID[:GID]`, a
+    /// user name from /etc/passwd, or `agent` (the agent's own user: apps can then read the agent's
+    /// identity and credential). Default: nobody (65534:65534). Nothing is created on the host.
+    #[arg(long, env = "CAIRN_AGENT_APP_USER", value_name = "USER")]
+    app_user: Option<String>,
+    /// Process driver: where release directories live (the app user must be able to traverse every
+    /// directory above it). Default: `<data-dir>-apps`
+    #[arg(long, value_name = "DIR")]
+    apps_dir: Option<PathBuf>,
+    /// Process driver: leave replicas running when the agent stops (SIGTERM), for the next agent to
+    /// adopt without a restart (an upgrade with no downtime; the systemd unit sets it). Without it they
+    /// are stopped with the agent, and started again by the next one. After a crash or SIGKILL they run
+    /// on either way, and the next agent adopts them
+    #[arg(long, env = "CAIRN_AGENT_KEEP_REPLICAS_ON_EXIT")]
+    keep_replicas_on_exit: bool,
+    /// Docker driver: give containers a read-only root filesystem (with a writable tmpfs at /tmp)
+    #[arg(long)]
+    read_only_rootfs: bool,
+    /// Docker driver: let containers reach link-local addresses, the cloud metadata service
+    /// (169.254.169.254) among them. By default the agent runs containers on its own network and
+    /// drops their traffic to 169.254.0.0/16 with an iptables rule
+    #[arg(long)]
+    allow_metadata_access: bool,
+}
+
+/// The user the process driver runs apps as, from `--app-user` and whether the agent is root.
+fn app_user(arg: Option<&str>, root: bool) -> Result<Option<crate::driver::process::AppUser>> {
+    use crate::driver::process::AppUser;
+    let Some(arg) = arg else {
+        return Ok(root.then_some(AppUser::NOBODY));
+    };
+    if arg == "agent" {
+        return Ok(None);
+    }
+    if !root {
+        bail!("--app-user {arg} needs the agent to run as root (it cannot switch users otherwise)");
+    }
+    let numeric = |s: &str| s.parse::<u32>().ok();
+    let user = if let Some((u, g)) = arg.split_once(':') {
+        match (numeric(u), numeric(g)) {
+            (Some(uid), Some(gid)) => AppUser { uid, gid },
+            _ => bail!("--app-user {arg}: expected UID:GID as numbers"),
+        }
+    } else if let Some(uid) = numeric(arg) {
+        AppUser { uid, gid: uid }
+    } else {
+        let passwd = std::fs::read_to_string("/etc/passwd").context("cannot read /etc/passwd")?;
+        passwd
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[0] == arg)
+            .and_then(|f| Some(AppUser { uid: numeric(f[2])?, gid: numeric(f[3])? }))
+            .with_context(|| format!("--app-user {arg}: no such user in /etc/passwd (the agent creates none; add it with useradd --system, or pass UID:GID)"))?
+    };
+    if user.uid == 0 || user.gid == 0 {
+        bail!("--app-user {arg}: apps never run as root (uid or gid 0)");
+    }
+    Ok(Some(user))
+}
+
+/// Refuses an `http://` control plane unless it is on this host (loopback never leaves it) or the
+/// operator said the network is trusted (`--insecure-http-server`).
+pub fn check_server(server: &str, insecure_http: bool) -> Result<()> {
+    let url = reqwest::Url::parse(server.trim())
+        .with_context(|| format!("--server {server} is not a URL"))?;
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let host = url.host_str().unwrap_or("").trim_matches(['[', ']']);
+            let loopback = host.eq_ignore_ascii_case("localhost")
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback());
+            if loopback {
+                return Ok(());
+            }
+            if insecure_http {
+                tracing::warn!(
+                    server,
+                    "using a plain-http control plane (--insecure-http-server): the credential and the sealed secrets cross the network unencrypted"
+                );
+                return Ok(());
+            }
+            bail!(
+                "--server {server} is plain http to another host: the node's credential would cross \
+                 the network in clear. Use an https:// URL, or pass --insecure-http-server if this \
+                 network is trusted (a private link)"
+            )
+        }
+        other => bail!("--server {server}: expected an https:// URL, not {other}://"),
+    }
 }
 
 /// `cairn-agent completions SHELL`: a shell completion script on stdout. The agent has no subcommands
@@ -148,6 +243,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
+    check_server(&args.server, args.insecure_http_server)?;
     let token = match (&args.join, &args.join_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
         (None, Some(p)) => Some(
@@ -226,20 +322,45 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         }
         DriverArg::Docker | DriverArg::Process => {
             let driver: Arc<dyn Driver> = if args.driver == DriverArg::Docker {
-                let cfg =
+                let mut cfg =
                     crate::DockerConfig::new(joined.installation.clone(), joined.node.clone());
-                Arc::new(
-                    crate::DockerDriver::connect(cfg)
-                        .await
-                        .context("cannot use the Docker engine")?,
-                )
+                cfg.read_only_rootfs = args.read_only_rootfs;
+                if args.allow_metadata_access {
+                    cfg.network = None;
+                }
+                let driver = crate::DockerDriver::connect(cfg)
+                    .await
+                    .context("cannot use the Docker engine")?;
+                driver.ensure_network().await?;
+                Arc::new(driver)
             } else {
-                let cfg = crate::ProcessConfig::new(
+                let apps = args.apps_dir.clone().unwrap_or_else(|| {
+                    let mut name = args.data_dir.as_os_str().to_owned();
+                    name.push("-apps");
+                    PathBuf::from(name)
+                });
+                let mut cfg = crate::ProcessConfig::new(
                     joined.installation.clone(),
                     joined.node.clone(),
-                    data.path().join("process"),
+                    apps,
                 );
-                Arc::new(crate::ProcessDriver::new(cfg))
+                // Records and output stay in the data directory (0700): no app reaches them.
+                cfg.state = data.path().join("process");
+                cfg.run_as = app_user(
+                    args.app_user.as_deref(),
+                    rustix::process::geteuid().is_root(),
+                )?;
+                // Either way the next agent adopts what still runs (after a crash, always).
+                cfg.keep_on_exit = args.keep_replicas_on_exit;
+                let driver = crate::ProcessDriver::new(cfg);
+                let found = driver
+                    .adopt(&identity)
+                    .await
+                    .context("cannot take over the replicas of the previous agent")?;
+                if !found.killed.is_empty() {
+                    tracing::warn!(killed = ?found.killed, "stopped replicas the previous agent left without a usable record");
+                }
+                Arc::new(driver)
             };
             let proxy = Proxy::new(ProxyConfig::default());
             let rewrites = Rewrites::parse(&args.git_rewrite)?;
@@ -293,5 +414,36 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
             Err(AgentError::Revoked.into())
         }
         other => Ok(other?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::driver::process::AppUser;
+
+    #[test]
+    fn apps_run_as_nobody_by_default_when_root_and_never_as_root() {
+        assert_eq!(app_user(None, true).unwrap(), Some(AppUser::NOBODY));
+        assert_eq!(app_user(None, false).unwrap(), None);
+        assert_eq!(app_user(Some("agent"), true).unwrap(), None);
+        assert_eq!(
+            app_user(Some("1000:1001"), true).unwrap(),
+            Some(AppUser {
+                uid: 1000,
+                gid: 1001
+            })
+        );
+        assert_eq!(
+            app_user(Some("nobody"), true).unwrap().map(|u| u.uid),
+            Some(65534)
+        );
+        for bad in ["0", "0:0", "1000:0", "root", "no-such-user-here", "1:x"] {
+            assert!(app_user(Some(bad), true).is_err(), "{bad}");
+        }
+        assert!(
+            app_user(Some("1000"), false).is_err(),
+            "cannot switch without root"
+        );
     }
 }

@@ -8,7 +8,10 @@
 //! URLs come from manifests, so they are data: only `https://` and ssh remotes reach here (the spec's
 //! [`GitUrl`] refuses the rest), and right before connecting the host is resolved and every address it
 //! resolves to is checked with [`cairn_schema::source::check_resolved`] (no loopback, link-local or
-//! metadata address). The exception is an operator's [`Rewrite`] (`--git-rewrite FROM=TO`, like git's
+//! metadata address). The fetch then connects to those checked addresses and nothing resolves the name
+//! again (no DNS-rebinding window): https through `source/pinned.rs` (reqwest with the name pinned, no redirect,
+//! no proxy, https only), ssh by handing the ssh client the checked address and
+//! `-o HostKeyAlias=<name>` (so `known_hosts` is still checked under the name). The exception is an operator's [`Rewrite`] (`--git-rewrite FROM=TO`, like git's
 //! `url.<base>.insteadOf`): a rewritten URL is trusted operator config, which is how mirrors, GitHub
 //! Enterprise and local test remotes (`file://`) work.
 //!
@@ -34,6 +37,8 @@ use gix::objs::tree::EntryKind;
 use sha2::{Digest, Sha256};
 
 use crate::spec::SourceSpec;
+
+mod pinned;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -185,6 +190,12 @@ impl Sources {
     /// Decides where a fetch of `url` goes: a rewrite's target, or the URL itself once every address its
     /// host resolves to passes [`cairn_schema::source::check_resolved`]. Blocking (it resolves).
     pub fn target(&self, url: &GitUrl) -> Result<Target, SourceError> {
+        self.checked_target(url).map(|(t, _)| t)
+    }
+
+    /// [`Sources::target`], and for a checked URL the addresses that passed the check: the fetch
+    /// connects to those and nowhere else (the name is not resolved again).
+    fn checked_target(&self, url: &GitUrl) -> Result<(Target, Option<Pin>), SourceError> {
         let rewritten =
             self.inner
                 .rewrites
@@ -194,7 +205,7 @@ impl Sources {
                     why: e.to_string(),
                 })?;
         if let Some(rewritten) = rewritten {
-            return Ok(Target::Rewritten(rewritten));
+            return Ok((Target::Rewritten(rewritten), None));
         }
         let parts = url.parts();
         let host = parts
@@ -220,13 +231,22 @@ impl Sources {
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no address"),
             });
         }
-        for ip in addrs {
-            cairn_schema::source::check_resolved(ip).map_err(|why| SourceError::Refused {
+        for ip in &addrs {
+            cairn_schema::source::check_resolved(*ip).map_err(|why| SourceError::Refused {
                 url: shown.clone(),
                 why: format!("`{host}` resolves to {why}"),
             })?;
         }
-        Ok(Target::Checked(url.as_str().to_owned()))
+        let pin = Pin {
+            host,
+            addrs: addrs
+                .into_iter()
+                .map(|ip| std::net::SocketAddr::new(ip, port))
+                .collect(),
+            https_only: true,
+            ssh: "ssh".into(),
+        };
+        Ok((Target::Checked(url.as_str().to_owned()), Some(pin)))
     }
 
     /// The cache directory of a repository (keyed by the manifest's URL, not the rewritten one, so changing
@@ -284,7 +304,7 @@ impl Sources {
         let fetch = if has_commit(&repo, commit) {
             FetchKind::Cached
         } else {
-            let target = self.target(&source.url)?;
+            let (target, pin) = self.checked_target(&source.url)?;
             let shown = match &target {
                 Target::Rewritten(to) => format!(
                     "{} (rewritten to {})",
@@ -293,13 +313,13 @@ impl Sources {
                 ),
                 Target::Checked(u) => redact_url(u),
             };
-            let kind = fetch_commit(&repo, target.url(), commit, interrupt).map_err(|source| {
-                SourceError::Fetch {
+            let kind = fetch_commit(&repo, target.url(), pin.as_ref(), commit, interrupt).map_err(
+                |source| SourceError::Fetch {
                     url: shown.clone(),
                     commit: commit.to_string(),
                     source,
-                }
-            })?;
+                },
+            )?;
             // Another handle sees new packs only after a refresh; a fresh open is the simple way.
             let repo = open_cache(&cache)?;
             if !has_commit(&repo, commit) {
@@ -346,16 +366,28 @@ fn has_commit(repo: &gix::Repository, id: ObjectId) -> bool {
     matches!(repo.try_find_object(id), Ok(Some(o)) if o.kind == gix::object::Kind::Commit)
 }
 
+/// Where a checked fetch may connect: the host's checked addresses.
+#[derive(Debug, Clone)]
+pub(crate) struct Pin {
+    pub(crate) host: String,
+    pub(crate) addrs: Vec<std::net::SocketAddr>,
+    /// Refuse anything but https (a manifest's URL); off only in tests of the pinning itself.
+    pub(crate) https_only: bool,
+    /// The ssh client (`ssh`; a stand-in in tests).
+    pub(crate) ssh: std::ffi::OsString,
+}
+
 fn fetch_commit(
     repo: &gix::Repository,
     url: &str,
+    pin: Option<&Pin>,
     commit: ObjectId,
     interrupt: &AtomicBool,
 ) -> Result<FetchKind, BoxError> {
     let by_id = format!("{commit}:refs/cairn/commits/{commit}");
     let shallow =
         gix::remote::fetch::Shallow::DepthAtRemote(std::num::NonZeroU32::new(1).expect("1 > 0"));
-    let first = match fetch_specs(repo, url, &[by_id.as_str()], shallow, interrupt) {
+    let first = match fetch_specs(repo, url, pin, &[by_id.as_str()], shallow, interrupt) {
         Ok(()) => {
             if has_commit(
                 &gix::open_opts(repo.path(), gix::open::Options::isolated())?,
@@ -380,6 +412,7 @@ fn fetch_commit(
     fetch_specs(
         repo,
         url,
+        pin,
         &[
             "+refs/heads/*:refs/cairn/heads/*",
             "+refs/tags/*:refs/cairn/tags/*",
@@ -397,6 +430,7 @@ fn fetch_commit(
 fn fetch_specs(
     repo: &gix::Repository,
     url: &str,
+    pin: Option<&Pin>,
     specs: &[&str],
     shallow: gix::remote::fetch::Shallow,
     interrupt: &AtomicBool,
@@ -405,12 +439,103 @@ fn fetch_specs(
         .remote_at(url)?
         .with_refspecs(specs.iter().copied(), gix::remote::Direction::Fetch)?
         .with_fetch_tags(gix::remote::fetch::Tags::None);
-    let connection = remote.connect(gix::remote::Direction::Fetch)?;
-    connection
-        .prepare_fetch(gix::progress::Discard, Default::default())?
-        .with_shallow(shallow)
-        .receive(gix::progress::Discard, interrupt)?;
+    match pin {
+        // http(s): connect to the checked addresses only.
+        Some(pin)
+            if url.starts_with("https://") || (!pin.https_only && url.starts_with("http://")) =>
+        {
+            let http = pinned::PinnedHttp::new(&pin.host, &pin.addrs, pin.https_only)?;
+            let parsed = gix::url::parse(url.as_bytes().into())?;
+            let transport = gix::protocol::transport::client::blocking_io::http::connect_http(
+                http,
+                parsed,
+                gix::protocol::transport::Protocol::V2,
+                false,
+            );
+            remote
+                .to_connection_with_transport(transport)
+                .prepare_fetch(gix::progress::Discard, Default::default())?
+                .with_shallow(shallow)
+                .receive(gix::progress::Discard, interrupt)?;
+        }
+        // ssh: the client is given the checked address, and checks the host key under the name.
+        Some(pin) if !url.contains("://") || url.starts_with("ssh://") => {
+            let wrapper = ssh_wrapper(pin)?;
+            let mut last = None;
+            for addr in &pin.addrs {
+                let mut parsed = gix::url::parse(url.as_bytes().into())?;
+                parsed.host = Some(addr.ip().to_string());
+                use gix::protocol::transport::client::blocking_io::ssh;
+                let options = ssh::connect::Options {
+                    command: Some(wrapper.path().join("ssh").into_os_string()),
+                    disallow_shell: true,
+                    kind: Some(ssh::ProgramKind::Ssh),
+                };
+                let transport = ssh::connect(
+                    parsed,
+                    gix::protocol::transport::Protocol::V2,
+                    options,
+                    false,
+                )?;
+                let fetched = remote
+                    .to_connection_with_transport(transport)
+                    .prepare_fetch(gix::progress::Discard, Default::default())
+                    .map_err(BoxError::from)
+                    .and_then(|p| {
+                        p.with_shallow(shallow.clone())
+                            .receive(gix::progress::Discard, interrupt)
+                            .map(|_| ())
+                            .map_err(BoxError::from)
+                    });
+                match fetched {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+            }
+            return Err(last.unwrap_or_else(|| "no checked address".into()));
+        }
+        // Operator rewrites (trusted as configured).
+        _ => {
+            remote
+                .connect(gix::remote::Direction::Fetch)?
+                .prepare_fetch(gix::progress::Discard, Default::default())?
+                .with_shallow(shallow)
+                .receive(gix::progress::Discard, interrupt)?;
+        }
+    }
     Ok(())
+}
+
+/// An ssh command for gix that connects to the checked address it is given while checking the host
+/// key under the manifest's host name (`HostKeyAlias`), so `known_hosts` works as for the name.
+fn ssh_wrapper(pin: &Pin) -> Result<tempfile::TempDir, BoxError> {
+    // The name goes into a script: only host-name characters (GitUrl accepted it already).
+    if pin.host.is_empty()
+        || !pin
+            .host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-')
+        || pin.host.starts_with('-')
+    {
+        return Err(format!("`{}` is not a host name ssh can check a key for", pin.host).into());
+    }
+    let dir = tempfile::tempdir()?;
+    let ssh = pin.ssh.to_string_lossy();
+    if ssh.contains('\'') {
+        return Err("the ssh program's path holds a quote".into());
+    }
+    let script = format!(
+        "#!/bin/sh\nexec '{ssh}' -o HostKeyAlias={host} -o CheckHostIP=no \"$@\"\n",
+        host = pin.host
+    );
+    let path = dir.path().join("ssh");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .open(&path)?;
+    f.write_all(script.as_bytes())?;
+    Ok(dir)
 }
 
 /// Writes the tree of `commit` into `dest`: files with their executable bit, directories, and symlinks
@@ -648,6 +773,234 @@ mod tests {
                 .unwrap(),
             Target::Rewritten("file:///srv/git/acme/web.git".into())
         );
+    }
+
+    /// A smart-HTTP git remote (busybox httpd running `git http-backend` as CGI) on 127.0.0.1.
+    struct HttpRemote {
+        _dir: tempfile::TempDir,
+        server: std::process::Child,
+        port: u16,
+        commit: ObjectId,
+    }
+
+    impl Drop for HttpRemote {
+        fn drop(&mut self) {
+            let _ = self.server.kill();
+            let _ = self.server.wait();
+        }
+    }
+
+    fn http_remote() -> Option<HttpRemote> {
+        const BUSYBOX: &str = "/bin/busybox";
+        if !Path::new(BUSYBOX).is_file() {
+            cairn_testkit::missing("pinned_fetch", BUSYBOX, "not installed (busybox-static)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (remotes, work, www) = (
+            dir.path().join("remotes"),
+            dir.path().join("work"),
+            dir.path().join("www"),
+        );
+        for d in [&remotes, &work, &www.join("cgi-bin")] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let bare = remotes.join("web.git");
+        cairn_testkit::git(&remotes, &["init", "--bare", "-q", "web.git"]);
+        cairn_testkit::git(&work, &["init", "-q"]);
+        std::fs::write(work.join("README"), "pinned\n").unwrap();
+        cairn_testkit::git(&work, &["add", "-A"]);
+        cairn_testkit::git(&work, &["commit", "-q", "-m", "one"]);
+        cairn_testkit::git(
+            &work,
+            &["push", "-q", bare.to_str().unwrap(), "HEAD:refs/heads/main"],
+        );
+        let commit = cairn_testkit::git(&work, &["rev-parse", "HEAD"]);
+        let cgi = www.join("cgi-bin/git");
+        std::fs::write(
+            &cgi,
+            format!(
+                "#!/bin/sh\nexport GIT_PROJECT_ROOT={} GIT_HTTP_EXPORT_ALL=1 GIT_CONFIG_NOSYSTEM=1 HOME=/nonexistent\nexec git http-backend\n",
+                remotes.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&cgi, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let server = std::process::Command::new(BUSYBOX)
+            .args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
+            .arg(&www)
+            .spawn()
+            .unwrap();
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Some(HttpRemote {
+            _dir: dir,
+            server,
+            port,
+            commit: ObjectId::from_hex(commit.trim().as_bytes()).unwrap(),
+        })
+    }
+
+    #[test]
+    fn pinned_fetch_connects_to_the_checked_address_and_never_resolves_the_name_again() {
+        let Some(remote) = http_remote() else { return };
+        // A name no resolver knows: only the pin (what the check saw) can take the fetch anywhere.
+        let url = format!(
+            "http://rebind.cairn.invalid:{}/cgi-bin/git/web.git",
+            remote.port
+        );
+        let cache = tempfile::tempdir().unwrap();
+
+        // Unpinned (what the agent did before: the git client resolves the name itself): no address.
+        let repo = open_cache(&cache.path().join("unpinned.git")).unwrap();
+        let unpinned = fetch_commit(&repo, &url, None, remote.commit, &AtomicBool::new(false));
+        assert!(unpinned.is_err(), "the name resolved on its own");
+
+        // Pinned to the checked address: fetched from there.
+        let pin = Pin {
+            host: "rebind.cairn.invalid".into(),
+            addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], remote.port))],
+            https_only: false,
+            ssh: "ssh".into(),
+        };
+        let repo = open_cache(&cache.path().join("pinned.git")).unwrap();
+        fetch_commit(
+            &repo,
+            &url,
+            Some(&pin),
+            remote.commit,
+            &AtomicBool::new(false),
+        )
+        .unwrap_or_else(|e| panic!("pinned fetch: {e}"));
+        let repo = open_cache(&cache.path().join("pinned.git")).unwrap();
+        assert!(has_commit(&repo, remote.commit));
+
+        // Pinned elsewhere (a closed port): the fetch fails; nothing falls back to DNS or to the
+        // address the server really has.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let elsewhere = Pin {
+            addrs: vec![closed],
+            ..pin.clone()
+        };
+        let repo = open_cache(&cache.path().join("elsewhere.git")).unwrap();
+        let url_closed = format!(
+            "http://rebind.cairn.invalid:{}/cgi-bin/git/web.git",
+            closed.port()
+        );
+        assert!(
+            fetch_commit(
+                &repo,
+                &url_closed,
+                Some(&elsewhere),
+                remote.commit,
+                &AtomicBool::new(false)
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn a_manifest_url_is_fetched_only_over_https_through_the_pin() {
+        let Some(remote) = http_remote() else { return };
+        let url = format!(
+            "http://rebind.cairn.invalid:{}/cgi-bin/git/web.git",
+            remote.port
+        );
+        let pin = Pin {
+            host: "rebind.cairn.invalid".into(),
+            addrs: vec![std::net::SocketAddr::from(([127, 0, 0, 1], remote.port))],
+            https_only: true,
+            ssh: "ssh".into(),
+        };
+        let cache = tempfile::tempdir().unwrap();
+        let repo = open_cache(&cache.path().join("c.git")).unwrap();
+        assert!(
+            fetch_commit(
+                &repo,
+                &url,
+                Some(&pin),
+                remote.commit,
+                &AtomicBool::new(false)
+            )
+            .is_err(),
+            "plain http through an https-only pin"
+        );
+    }
+
+    #[test]
+    fn a_pinned_ssh_fetch_gives_ssh_the_checked_address_and_checks_the_key_under_the_name() {
+        let Some(remote) = http_remote() else { return };
+        let bare = remote._dir.path().join("remotes/web.git");
+        // A stand-in for ssh: says how it was called, then runs the remote command (the words after
+        // user@host, joined, as ssh does) here.
+        let dir = tempfile::tempdir().unwrap();
+        let (fake, log) = (dir.path().join("fake-ssh"), dir.path().join("ssh.log"));
+        std::fs::write(
+            &fake,
+            format!(
+                "#!/bin/sh\necho \"$@\" >> {}\nwhile [ $# -gt 0 ]; do case $1 in *@*) shift; break;; *) shift;; esac; done\nexec sh -c \"$*\"\n",
+                log.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let url = format!("ssh://git@rebind.cairn.invalid{}", bare.display());
+        let pin = Pin {
+            host: "rebind.cairn.invalid".into(),
+            addrs: vec!["203.0.113.9:22".parse().unwrap()],
+            https_only: true,
+            ssh: fake.into_os_string(),
+        };
+        let cache = tempfile::tempdir().unwrap();
+        let repo = open_cache(&cache.path().join("ssh.git")).unwrap();
+        fetch_commit(
+            &repo,
+            &url,
+            Some(&pin),
+            remote.commit,
+            &AtomicBool::new(false),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "pinned ssh fetch: {e}; ssh was called as: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        let repo = open_cache(&cache.path().join("ssh.git")).unwrap();
+        assert!(has_commit(&repo, remote.commit));
+        let called = std::fs::read_to_string(&log).unwrap();
+        assert!(called.contains("git@203.0.113.9 "), "{called}");
+        assert!(
+            called.contains("HostKeyAlias=rebind.cairn.invalid"),
+            "{called}"
+        );
+        assert!(
+            !called
+                .replace("HostKeyAlias=rebind.cairn.invalid", "")
+                .contains("rebind"),
+            "ssh never gets the name to resolve: {called}"
+        );
+
+        // A host name that is no host name never reaches a script.
+        let bad = Pin {
+            host: "x;reboot".into(),
+            ..pin
+        };
+        assert!(ssh_wrapper(&bad).is_err());
     }
 
     #[test]

@@ -9,8 +9,12 @@
 //!   same source and recipe is reused.
 //! - Run: containers named `cairn-<installation>-<app>-r<release>-s<slot>` and labelled (installation,
 //!   app, release, slot, commits, node, hostnames), with the plan's memory and CPU limits, restart policy
-//!   `unless-stopped`, a pid limit, `no-new-privileges`, bounded json-file logs, and the app port
-//!   published on 127.0.0.1 with a port the engine picks. Containers are created from the image id, not
+//!   `unless-stopped`, a pid limit, `no-new-privileges`, every capability dropped but
+//!   `NET_BIND_SERVICE`, optionally a read-only root filesystem (tmpfs `/tmp`), bounded json-file logs,
+//!   and the app port published on 127.0.0.1 with a port the engine picks. They run on the agent's own
+//!   bridge network ([`DockerConfig::network`], `cairn` on an interface `cairn-<8 hex>`), whose traffic to
+//!   169.254.0.0/16 (the cloud metadata service) an iptables `raw` rule drops
+//!   ([`DockerDriver::ensure_network`]). Containers are created from the image id, not
 //!   the tag, so a retag never changes what a replica runs.
 //!
 //! What it must not do: create a container privileged, on the host's network, PID or IPC namespace, with
@@ -72,6 +76,12 @@ pub struct DockerConfig {
     /// ignores it by default and would be killed only after `stop_grace`) and zombies are reaped. Needs
     /// `docker-init` on the host, as Docker's packages install it.
     pub init: bool,
+    /// Give containers a read-only root filesystem (a tmpfs at `/tmp` stays writable).
+    pub read_only_rootfs: bool,
+    /// The bridge network containers run on, created if missing, whose traffic to link-local
+    /// addresses (the cloud metadata service at 169.254.169.254 among them) is dropped
+    /// ([`DockerDriver::ensure_network`]). `None`: Docker's default bridge, with no such rule.
+    pub network: Option<String>,
 }
 
 impl DockerConfig {
@@ -84,9 +94,19 @@ impl DockerConfig {
             stop_grace: Duration::from_secs(10),
             pids_limit: 4096,
             init: true,
+            read_only_rootfs: false,
+            network: Some(DEFAULT_NETWORK.into()),
         }
     }
 }
+
+/// The network containers run on unless configured otherwise, and its bridge interface.
+pub const DEFAULT_NETWORK: &str = "cairn";
+/// Bridge interfaces of the agent's networks are `cairn-<8 hex>` (what the unit's rule matches).
+pub const BRIDGE_PREFIX: &str = "cairn-";
+/// Link-local addresses: the cloud metadata service (169.254.169.254) and its kin (ECS task
+/// metadata at 169.254.170.2, link-local DNS) live here.
+pub const LINK_LOCAL: &str = "169.254.0.0/16";
 
 /// Builds and runs replicas with the local Docker engine.
 #[derive(Debug)]
@@ -97,6 +117,8 @@ pub struct DockerDriver {
     builds_run: AtomicU64,
     /// Containers this process stopped on purpose (so they report `Stopped`, not `Exited`).
     stopped: Mutex<HashSet<String>>,
+    /// Whether [`DockerDriver::ensure_network`] succeeded once.
+    network_ready: tokio::sync::Mutex<bool>,
 }
 
 impl DockerDriver {
@@ -112,7 +134,136 @@ impl DockerDriver {
             builds: tokio::sync::Mutex::new(HashMap::new()),
             builds_run: AtomicU64::new(0),
             stopped: Mutex::new(HashSet::new()),
+            network_ready: tokio::sync::Mutex::new(false),
         }
+    }
+
+    /// Makes sure the containers' network ([`DockerConfig::network`]) exists and that its bridge drops
+    /// traffic to link-local addresses: a `raw` PREROUTING rule, so it holds for forwarded traffic
+    /// (a cloud's metadata service) and for a listener on the host itself alike. Once per driver;
+    /// the agent calls it at start, and every container create checks it succeeded.
+    pub async fn ensure_network(&self) -> Result<(), DriverError> {
+        let Some(name) = self.cfg.network.clone() else {
+            return Ok(());
+        };
+        let mut ready = self.network_ready.lock().await;
+        if *ready {
+            return Ok(());
+        }
+        let bridge_option = "com.docker.network.bridge.name";
+        let net_err = |reason: String| DriverError::Network {
+            network: name.clone(),
+            reason,
+        };
+        let inspected = match self.docker.inspect_network(&name, None).await {
+            Ok(n) => Some(n),
+            Err(e) if is_status(&e, 404) => None,
+            Err(e) => return Err(DriverError::docker(format!("inspect network {name}"), e)),
+        };
+        let inspected = match inspected {
+            Some(n) => n,
+            None => {
+                // Named per engine and network: two engines in one network namespace (a test's second
+                // engine) never share an interface, and every one matches the unit's `cairn-+`.
+                let engine = self
+                    .docker
+                    .info()
+                    .await
+                    .map_err(|e| DriverError::docker("read the engine's id", e))?
+                    .id
+                    .unwrap_or_default();
+                let digest =
+                    <sha2::Sha256 as sha2::Digest>::digest(format!("{engine}\0{name}").as_bytes());
+                let bridge = format!("{BRIDGE_PREFIX}{}", &hex::encode(digest)[..8]);
+                let req = bollard::models::NetworkCreateRequest {
+                    name: name.clone(),
+                    driver: Some("bridge".into()),
+                    options: Some(HashMap::from([(bridge_option.to_owned(), bridge)])),
+                    labels: Some(HashMap::from([(
+                        "cairn.network".to_owned(),
+                        "1".to_owned(),
+                    )])),
+                    ..Default::default()
+                };
+                let created = self.docker.create_network(req).await;
+                // Another agent (or driver) on this engine may have made it meanwhile: the engine
+                // then answers 409, or 403 for the bridge name; what counts is that it exists now.
+                match (created, self.docker.inspect_network(&name, None).await) {
+                    (_, Ok(n)) => n,
+                    (Err(e), Err(_)) => {
+                        return Err(DriverError::docker(format!("create network {name}"), e));
+                    }
+                    (Ok(_), Err(e)) => {
+                        return Err(DriverError::docker(format!("inspect network {name}"), e));
+                    }
+                }
+            }
+        };
+        if inspected.driver.as_deref() != Some("bridge") {
+            return Err(net_err(format!(
+                "it uses the {:?} driver; a bridge network is needed",
+                inspected.driver
+            )));
+        }
+        let bridge = inspected
+            .options
+            .as_ref()
+            .and_then(|o| o.get(bridge_option).cloned())
+            .or_else(|| {
+                inspected
+                    .id
+                    .as_ref()
+                    .map(|id| format!("br-{}", &id[..id.len().min(12)]))
+            })
+            .ok_or_else(|| net_err("the engine names no bridge interface for it".into()))?;
+        let rule = [
+            "-t",
+            "raw",
+            "PREROUTING",
+            "-i",
+            &bridge,
+            "-d",
+            LINK_LOCAL,
+            "-j",
+            "DROP",
+        ];
+        let iptables = |op: &str| {
+            let mut cmd = tokio::process::Command::new("iptables");
+            cmd.arg("-w")
+                .args(&rule[..2])
+                .arg(op)
+                .args(&rule[2..])
+                .stdin(std::process::Stdio::null())
+                .kill_on_drop(true);
+            cmd
+        };
+        if !rustix::process::geteuid().is_root() {
+            // The shipped unit runs the agent unprivileged and installs the rule as root before it
+            // starts (ExecStartPre=+); an unprivileged process can neither add nor list it.
+            tracing::warn!(network = %name, %bridge, "not root: cannot check the rule dropping containers' traffic to {LINK_LOCAL}; expecting it from the service's ExecStartPre (dist/systemd/cairn-agent.service)");
+            *ready = true;
+            return Ok(());
+        }
+        let present = iptables("-C")
+            .output()
+            .await
+            .is_ok_and(|o| o.status.success());
+        if !present {
+            let out = iptables("-I").output().await.map_err(|e| {
+                net_err(format!(
+                    "cannot run iptables to drop its traffic to {LINK_LOCAL}: {e}"
+                ))
+            })?;
+            if !out.status.success() {
+                return Err(net_err(format!(
+                    "iptables could not add the rule dropping its traffic to {LINK_LOCAL}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            tracing::info!(network = %name, %bridge, "containers' traffic to link-local addresses is dropped");
+        }
+        *ready = true;
+        Ok(())
     }
 
     pub fn client(&self) -> &Docker {
@@ -715,6 +866,7 @@ impl Driver for DockerDriver {
             self.remove_replica(&ReplicaId(id)).await?;
         }
 
+        self.ensure_network().await?;
         let secrets = spec.open_secrets(identity)?;
         let mut env: Vec<String> = spec
             .env
@@ -750,8 +902,15 @@ impl Driver for DockerDriver {
                 maximum_retry_count: None,
             }),
             privileged: Some(false),
-            network_mode: Some("bridge".into()),
+            network_mode: Some(self.cfg.network.clone().unwrap_or_else(|| "bridge".into())),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
+            // A web app needs none of root's powers but binding a low port.
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(vec!["NET_BIND_SERVICE".into()]),
+            readonly_rootfs: Some(self.cfg.read_only_rootfs),
+            tmpfs: self.cfg.read_only_rootfs.then(|| {
+                HashMap::from([("/tmp".to_owned(), "rw,nosuid,nodev,size=64m".to_owned())])
+            }),
             log_config: Some(HostConfigLogConfig {
                 typ: Some("json-file".into()),
                 config: Some(HashMap::from([

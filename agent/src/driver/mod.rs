@@ -245,6 +245,11 @@ pub enum DriverError {
     NotFound(ReplicaId),
     #[error("replica {id} started but publishes no address for port {port}")]
     NoAddress { id: ReplicaId, port: u16 },
+    #[error(
+        "the containers' network {network} cannot be made safe: {reason} (run the agent as root with \
+         iptables, or pass --allow-metadata-access to run without the rule)"
+    )]
+    Network { network: String, reason: String },
     #[error("a driver task failed")]
     Join(#[source] tokio::task::JoinError),
 }

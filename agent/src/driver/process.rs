@@ -1,5 +1,5 @@
-//! The process driver, for hosts without Docker: a release is a directory, a replica is a supervised child
-//! process.
+//! The process driver, for hosts without Docker: a release is a directory, a replica is a supervised
+//! process that outlives the agent.
 //!
 //! - Build: the source tree is copied into a per-release directory
 //!   (`<root>/<installation>/<app>/r<release>-<recipe>/app`) and the runtime's build commands run there in
@@ -8,19 +8,38 @@
 //! - Run: the start command runs through `/bin/sh -c` in the release directory, in its own process group,
 //!   with a clean environment (`PATH`, `HOME`, the spec's env, the decrypted secrets, and `PORT`, a free
 //!   port on 127.0.0.1 chosen here). A supervisor restarts it with exponential backoff when it exits, keeps
-//!   its stdout and stderr in a bounded ring, and on stop sends SIGTERM to the whole group, then SIGKILL
-//!   after the grace period.
+//!   its stdout and stderr (written to files in the agent's state, read back into a bounded ring), and on
+//!   stop sends SIGTERM to the whole group, then SIGKILL after the grace period.
+//! - Isolation ([`ProcessConfig::run_as`]): when set (the agent's default when it runs as root), builds
+//!   and replicas run as that unprivileged user and group, with no supplementary groups, in release
+//!   directories owned by that user (mode 0700); the agent's state (`state`, its data directory) stays
+//!   unreachable to them.
+//! - Restarts of the agent: replicas survive a crash or SIGKILL of the agent, and its exit too with
+//!   [`ProcessConfig::keep_on_exit`] (`cairn-agent --keep-replicas-on-exit`, the unit's choice):
+//!   each replica has a record in `state` (its spec with the secrets still sealed,
+//!   and its process group: leader pid, the kernel's start time of that pid, and the boot id, so a
+//!   recycled pid or a reboot is never taken for the replica). A new agent calls
+//!   [`ProcessDriver::adopt`]: a recorded process that still runs is supervised again (no downtime
+//!   across an agent upgrade), a recorded replica whose process died is started again (its secrets
+//!   opened again with the node's identity), and a group that lost its leader is killed. Removing a
+//!   replica always kills its recorded group, whether or not this agent started it, and deletes its
+//!   record; a remove is never reported done while the process runs.
 //!
 //! What it must not do: pass the agent's own environment to an app or a build (it holds the agent's
-//! credentials), run a build with the secrets, signal a process group it did not create, or leave a child
-//! running when the driver is dropped.
+//! credentials), run a build with the secrets, write a secret's plaintext to disk, signal a process group
+//! it did not create (a group is signalled only while its recorded leader still runs with the recorded
+//! start time, or after that leader died while the group still exists), or, unless told to keep them,
+//! leave a child running when the driver is dropped.
 //!
 //! Limits (memory, CPU) are not applied by this driver yet: that needs cgroup delegation from the host.
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{Read as _, Seek as _};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +48,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cairn_schema::{Identity, Name, Secret};
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::Command;
 use tokio::sync::watch;
@@ -41,13 +61,37 @@ use super::{
 use crate::logs::{LineSplitter, LogLine, LogRing, LogSink, LogStream};
 use crate::spec::{ReplicaSpec, SpecError};
 
+/// The unprivileged user and group builds and replicas run as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl AppUser {
+    /// `nobody`/`nogroup` on Debian and most distributions: exists everywhere, owns nothing.
+    pub const NOBODY: AppUser = AppUser {
+        uid: 65534,
+        gid: 65534,
+    };
+}
+
 /// How the process driver behaves on this node.
 #[derive(Debug, Clone)]
 pub struct ProcessConfig {
     pub installation: Name,
     pub node: Name,
-    /// Where release directories live.
+    /// Where release directories live. With [`ProcessConfig::run_as`], the app user must be able to
+    /// traverse every directory above it (the driver checks, and says which one it cannot).
     pub root: PathBuf,
+    /// Where replica records and output files live: the agent's own state (mode 0700), never inside
+    /// a directory an app can reach. Default: `<root>/.state`.
+    pub state: PathBuf,
+    /// Run builds and replicas as this user (needs the agent to be root); `None`: as the agent's user.
+    pub run_as: Option<AppUser>,
+    /// Leave replicas running when the driver is dropped (the agent exits), for the next agent to
+    /// [`ProcessDriver::adopt`]. Off by default (a dropped driver kills what it started).
+    pub keep_on_exit: bool,
     pub build_timeout: Duration,
     /// How long a stopping replica gets between SIGTERM and SIGKILL.
     pub stop_grace: Duration,
@@ -58,28 +102,38 @@ pub struct ProcessConfig {
     pub stable_after: Duration,
     /// Lines of output kept per replica.
     pub log_lines: usize,
+    /// Bytes an output file may grow to before it is emptied (after it was read).
+    pub output_file_max: u64,
     /// `PATH` for builds and replicas.
     pub path: String,
 }
 
 impl ProcessConfig {
     pub fn new(installation: Name, node: Name, root: impl Into<PathBuf>) -> Self {
+        let root = root.into();
         ProcessConfig {
             installation,
             node,
-            root: root.into(),
+            state: root.join(".state"),
+            root,
+            run_as: None,
+            keep_on_exit: false,
             build_timeout: Duration::from_secs(20 * 60),
             stop_grace: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(200),
             backoff_max: Duration::from_secs(30),
             stable_after: Duration::from_secs(10),
             log_lines: 2000,
+            output_file_max: 8 << 20,
             path: "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
         }
     }
 }
 
 const MARKER: &str = ".cairn-built";
+const RECORD: &str = "record.json";
+const STDOUT: &str = "stdout";
+const STDERR: &str = "stderr";
 
 /// Runs replicas as supervised local processes.
 #[derive(Debug)]
@@ -100,6 +154,7 @@ struct Supervised {
     state: Arc<Mutex<ProcState>>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<JoinHandle<()>>>,
+    tail: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Debug, Default)]
@@ -110,6 +165,119 @@ struct ProcState {
     restarts: u32,
     last_exit: Option<i64>,
     stopped: bool,
+}
+
+/// A replica's record in the agent's state: enough to find its process again and to start it again.
+/// The secrets stay sealed to the node's key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    spec: ReplicaSpec,
+    image: String,
+    port: u16,
+    stopped: bool,
+    process: Option<ProcId>,
+}
+
+/// A process, identified so that a recycled pid or a reboot is never mistaken for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ProcId {
+    pid: i32,
+    /// Field 22 of `/proc/<pid>/stat`: when the process started, in clock ticks after boot.
+    start: u64,
+    boot: String,
+}
+
+/// What [`ProcessDriver::adopt`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Adoption {
+    /// Replicas whose process still ran: supervised again, untouched.
+    pub adopted: Vec<String>,
+    /// Replicas whose process was gone: started again.
+    pub restarted: Vec<String>,
+    /// Replicas recorded as stopped: kept stopped.
+    pub stopped: Vec<String>,
+    /// Records that could not be used (another installation's, damaged, their release gone, their
+    /// secrets no longer open): their processes killed, the records removed.
+    pub killed: Vec<String>,
+}
+
+/// `(pid, pgrp)` of every live process whose working directory is under `root`.
+fn processes_under(root: &Path) -> Vec<(i32, i32)> {
+    let Ok(proc) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    proc.flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
+            let (state, pgrp, _) = proc_stat(pid)?;
+            (cwd.starts_with(root) && state != 'Z' && pid != std::process::id() as i32)
+                .then_some((pid, pgrp))
+        })
+        .collect()
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// `(state, pgrp, start)` of a process, from `/proc/<pid>/stat`.
+fn proc_stat(pid: i32) -> Option<(char, i32, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid pgrp ...`; comm may hold anything, so split after the last `)`.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Some((
+        f.first()?.chars().next()?,
+        f.get(2)?.parse().ok()?,
+        f.get(19)?.parse().ok()?,
+    ))
+}
+
+impl ProcId {
+    fn of(pid: i32) -> Option<ProcId> {
+        let (_, _, start) = proc_stat(pid)?;
+        Some(ProcId {
+            pid,
+            start,
+            boot: boot_id(),
+        })
+    }
+
+    /// Whether this very process still runs (not a zombie, not a recycled pid, same boot), as the
+    /// leader of its own group.
+    fn alive(&self) -> bool {
+        self.boot == boot_id()
+            && matches!(proc_stat(self.pid), Some((s, pgrp, start)) if s != 'Z' && start == self.start && pgrp == self.pid)
+    }
+
+    /// Whether the group this process led still has members although the leader is gone. Linux never
+    /// hands out a pid that still names a process group, so such a group is this one.
+    fn orphaned_group(&self) -> bool {
+        self.boot == boot_id()
+            && proc_stat(self.pid).is_none()
+            && rustix::process::Pid::from_raw(self.pid)
+                .is_some_and(|p| rustix::process::test_kill_process_group(p).is_ok())
+    }
+
+    /// Kills the group if it is provably this one; waits (bounded) until the leader is gone.
+    async fn kill_group(&self, sig: rustix::process::Signal, grace: Duration) -> bool {
+        if self.alive() || self.orphaned_group() {
+            signal_group(Some(self.pid), sig);
+        } else {
+            return true;
+        }
+        let t = Instant::now();
+        while t.elapsed() < grace {
+            if !self.alive() {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        !self.alive()
+    }
 }
 
 impl ProcessDriver {
@@ -133,24 +301,21 @@ impl ProcessDriver {
 
     /// The pid of a replica's current process (its process group id), if it runs.
     pub fn pid(&self, id: &ReplicaId) -> Option<i32> {
-        let sup = self
-            .replicas
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id.0)
-            .cloned()?;
+        let sup = self.get(&id.0)?;
         sup.state.lock().unwrap_or_else(|p| p.into_inner()).pgid
     }
 
     /// Follows a replica's output from now on.
     pub fn follow(&self, id: &ReplicaId) -> Option<tokio::sync::broadcast::Receiver<LogLine>> {
-        let sup = self
-            .replicas
+        Some(self.get(&id.0)?.logs.subscribe())
+    }
+
+    fn get(&self, name: &str) -> Option<Arc<Supervised>> {
+        self.replicas
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&id.0)
-            .cloned()?;
-        Some(sup.logs.subscribe())
+            .get(name)
+            .cloned()
     }
 
     fn release_dir(&self, spec: &ReplicaSpec) -> PathBuf {
@@ -159,6 +324,11 @@ impl ProcessDriver {
             .join(spec.installation.as_str())
             .join(spec.app.as_str())
             .join(format!("r{}-{}", spec.release, spec.recipe()))
+    }
+
+    /// A replica's directory in the agent's state.
+    fn replica_dir(&self, name: &str) -> PathBuf {
+        self.cfg.state.join(name)
     }
 
     fn base_command(&self, program: &str, dir: &Path) -> Command {
@@ -174,7 +344,46 @@ impl ProcessDriver {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        if let Some(u) = self.cfg.run_as {
+            cmd.uid(u.uid).gid(u.gid);
+        }
         cmd
+    }
+
+    /// Creates `dir` (and its parents) as the agent's, mode `mode`.
+    fn make_dir(dir: &Path, mode: u32) -> Result<(), DriverError> {
+        std::fs::create_dir_all(dir).map_err(|e| DriverError::io("create", dir, e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| DriverError::io("restrict", dir, e))
+    }
+
+    /// With an app user: that every directory above the release root lets it through, so a replica
+    /// does not fail later with a bare "permission denied".
+    fn check_reachable(&self, user: AppUser) -> Result<(), DriverError> {
+        let root = std::path::absolute(&self.cfg.root)
+            .map_err(|e| DriverError::io("resolve", &self.cfg.root, e))?;
+        for dir in root.ancestors() {
+            let Ok(meta) = std::fs::metadata(dir) else {
+                continue;
+            };
+            let mode = meta.permissions().mode();
+            let through = mode & 0o001 != 0
+                || (meta.uid() == user.uid && mode & 0o100 != 0)
+                || (meta.gid() == user.gid && mode & 0o010 != 0);
+            if !through {
+                return Err(DriverError::Unsupported {
+                    what: "process",
+                    needs: format!(
+                        "a release directory the app user (uid {}) can reach, and {} (mode {:o}) \
+                         stops it: choose another --apps-dir or let others traverse that directory",
+                        user.uid,
+                        dir.display(),
+                        mode & 0o7777
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     async fn run_build(
@@ -185,10 +394,22 @@ impl ProcessDriver {
         log: &dyn LogSink,
     ) -> Result<(), DriverError> {
         let app = tmp.join("app");
-        let (from, to) = (context.to_owned(), app.clone());
-        tokio::task::spawn_blocking(move || copy_tree(&from, &to))
-            .await
-            .map_err(DriverError::Join)??;
+        let (from, to, owner) = (context.to_owned(), app.clone(), self.cfg.run_as);
+        let top = tmp.to_owned();
+        tokio::task::spawn_blocking(move || {
+            copy_tree(&from, &to)?;
+            // The app's private working directory: its own, nobody else's.
+            if let Some(u) = owner {
+                chown_tree(&top, u)?;
+            }
+            for d in [&top, &to] {
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700))
+                    .map_err(|e| DriverError::io("restrict", d, e))?;
+            }
+            Ok::<(), DriverError>(())
+        })
+        .await
+        .map_err(DriverError::Join)??;
         for cmd in &spec.build.commands {
             log.line(LogLine::new(LogStream::Agent, format!("$ {cmd}")));
             let mut child = self
@@ -259,22 +480,272 @@ impl ProcessDriver {
                 task.abort();
             }
         }
+        let tail = sup.tail.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(tail) = tail {
+            // The tailer reads what is left and ends (it watches the same flag).
+            let _ = tokio::time::timeout(Duration::from_secs(2), tail).await;
+        }
         let mut st = sup.state.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(pgid) = st.pgid.take() {
             GroupGuard(Some(pgid)).kill(rustix::process::Signal::KILL);
         }
         st.stopped = true;
     }
+
+    fn read_record(&self, name: &str) -> Option<Record> {
+        let bytes = std::fs::read(self.replica_dir(name).join(RECORD)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// Kills what a record (or a damaged one) says runs, and deletes the replica's state.
+    async fn forget(&self, name: &str) -> Result<(), DriverError> {
+        if let Some(proc) = self.read_record(name).and_then(|r| r.process) {
+            proc.kill_group(rustix::process::Signal::TERM, self.cfg.stop_grace)
+                .await;
+            if !proc
+                .kill_group(rustix::process::Signal::KILL, Duration::from_secs(5))
+                .await
+            {
+                return Err(DriverError::io(
+                    "kill the process of",
+                    &self.replica_dir(name),
+                    std::io::Error::other(format!("pid {} does not die", proc.pid)),
+                ));
+            }
+        }
+        let dir = self.replica_dir(name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(DriverError::io("remove", &dir, e)),
+        }
+    }
+
+    /// Finds the replicas an earlier agent (this one before a restart, crash or upgrade) left in the
+    /// state directory: supervises again those whose process still runs, starts again those whose
+    /// process is gone (their secrets opened with `identity`), keeps stopped ones stopped, and kills
+    /// and forgets those it cannot use. Call it once, before the first task.
+    pub async fn adopt(&self, identity: &Identity) -> Result<Adoption, DriverError> {
+        let mut out = Adoption::default();
+        let mut found = Vec::new();
+        match std::fs::read_dir(&self.cfg.state) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                        continue;
+                    };
+                    if entry.file_type().is_ok_and(|t| t.is_dir()) && self.get(&name).is_none() {
+                        found.push(name);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DriverError::io("read", &self.cfg.state, e)),
+        }
+        let mut keep = Vec::new();
+        for name in found {
+            let usable = self.read_record(&name).filter(|r| {
+                r.spec.check_for(&self.cfg.installation).is_ok()
+                    && r.spec.replica_name() == name
+                    && Path::new(&r.image).join(MARKER).is_file()
+                    && Path::new(&r.image).starts_with(&self.cfg.root)
+            });
+            match usable {
+                Some(rec) => keep.push(rec),
+                None => {
+                    // The state dir is this agent's alone: a record it cannot use is stale. Stop its
+                    // process rather than leave one nobody manages.
+                    tracing::warn!(replica = %name, "unusable replica record; killing its process");
+                    self.forget(&name).await?;
+                    out.killed.push(name);
+                }
+            }
+        }
+        // What still runs under this installation's releases without a usable record (a replica
+        // started just before a crash, before its record said so; a build cut short) is killed
+        // before anything starts again.
+        let adopted: Vec<i32> = keep
+            .iter()
+            .filter(|r| !r.stopped)
+            .filter_map(|r| r.process.as_ref().filter(|p| p.alive()).map(|p| p.pid))
+            .collect();
+        let mine = self.cfg.root.join(self.cfg.installation.as_str());
+        let mine = std::fs::canonicalize(&mine).unwrap_or(mine);
+        for (pid, pgrp) in processes_under(&mine) {
+            if !adopted.contains(&pgrp) {
+                tracing::warn!(pid, pgrp, "killing a process left in a release directory");
+                signal_group(Some(pgrp), rustix::process::Signal::KILL);
+                if pgrp != pid
+                    && let Some(p) = rustix::process::Pid::from_raw(pid)
+                {
+                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                }
+            }
+        }
+        for rec in keep {
+            let name = rec.spec.replica_name();
+            let running = rec.process.clone().filter(ProcId::alive);
+            if rec.stopped {
+                self.supervise_record(rec, None, None)?;
+                out.stopped.push(name);
+                continue;
+            }
+            if running.is_none()
+                && let Some(p) = &rec.process
+                && p.orphaned_group()
+            {
+                signal_group(Some(p.pid), rustix::process::Signal::KILL);
+            }
+            let secrets = match rec.spec.open_secrets(identity) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(replica = %name, error = %e, "cannot open the secrets of a recorded replica; killing it");
+                    self.forget(&name).await?;
+                    out.killed.push(name);
+                    continue;
+                }
+            };
+            let was_running = running.is_some();
+            let launch = self.launch(&rec.spec, &rec.image, rec.port, &secrets);
+            drop(secrets);
+            self.supervise_record(rec, Some(launch?), running)?;
+            if was_running {
+                out.adopted.push(name);
+            } else {
+                out.restarted.push(name);
+            }
+        }
+        tracing::info!(
+            adopted = out.adopted.len(),
+            restarted = out.restarted.len(),
+            stopped = out.stopped.len(),
+            killed = out.killed.len(),
+            "process replicas found after the agent started"
+        );
+        Ok(out)
+    }
+
+    /// What the supervisor needs to (re)start a spec's replica.
+    fn launch(
+        &self,
+        spec: &ReplicaSpec,
+        image: &str,
+        port: u16,
+        secrets: &crate::spec::SecretEnv,
+    ) -> Result<Launch, DriverError> {
+        let start = spec
+            .build
+            .start
+            .clone()
+            .filter(|s| !s.trim().is_empty())
+            .ok_or_else(|| DriverError::Unsupported {
+                what: "process",
+                needs: "a start command".into(),
+            })?;
+        let launch = Launch {
+            start,
+            dir: Path::new(image).join("app"),
+            env: spec
+                .env
+                .iter()
+                .filter(|(k, _)| k.as_str() != "PORT" && !secrets.contains(k.as_str()))
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+            secrets: secrets
+                .iter()
+                .filter(|(k, _)| *k != "PORT")
+                .map(|(k, v)| (k.to_owned(), v.clone()))
+                .collect(),
+            port,
+            path: self.cfg.path.clone(),
+            run_as: self.cfg.run_as,
+            keep: self.cfg.keep_on_exit,
+            grace: self.cfg.stop_grace,
+            backoff_initial: self.cfg.backoff_initial,
+            backoff_max: self.cfg.backoff_max,
+            stable_after: self.cfg.stable_after,
+            output: self.replica_dir(&spec.replica_name()),
+        };
+        if launch.env.iter().any(|(_, v)| v.contains('\0')) {
+            return Err(SpecError::Invalid {
+                field: "env",
+                why: "a value holds a NUL byte".into(),
+            }
+            .into());
+        }
+        Ok(launch)
+    }
+
+    /// Registers a recorded replica and (with a launch) starts its supervisor, adopting `running`.
+    fn supervise_record(
+        &self,
+        rec: Record,
+        launch: Option<Launch>,
+        running: Option<ProcId>,
+    ) -> Result<Arc<Supervised>, DriverError> {
+        let name = rec.spec.replica_name();
+        let dir = self.replica_dir(&name);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, rec.port));
+        let (stop_tx, stop_rx) = watch::channel(launch.is_none());
+        // An adopted process runs already: say so from the first listing on.
+        let state = Arc::new(Mutex::new(ProcState {
+            stopped: launch.is_none(),
+            pgid: running.as_ref().map(|p| p.pid),
+            started: running.is_some(),
+            ..Default::default()
+        }));
+        let logs = Arc::new(LogRing::new(self.cfg.log_lines));
+        let record = Arc::new(Mutex::new(rec.clone()));
+        let task = launch.map(|launch| {
+            tokio::spawn(supervise(
+                launch,
+                state.clone(),
+                logs.clone(),
+                stop_rx.clone(),
+                running,
+                record.clone(),
+            ))
+        });
+        let tail = tokio::spawn(tail_output(
+            dir,
+            logs.clone(),
+            stop_rx,
+            self.cfg.output_file_max,
+        ));
+        let sup = Arc::new(Supervised {
+            name: name.clone(),
+            image: ImageId(rec.image.clone()),
+            labels: replica_labels(&rec.spec, &self.cfg.node),
+            addr,
+            logs,
+            state,
+            stop: stop_tx,
+            task: Mutex::new(task),
+            tail: Mutex::new(Some(tail)),
+        });
+        self.replicas
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, sup.clone());
+        Ok(sup)
+    }
 }
 
 impl Drop for ProcessDriver {
     fn drop(&mut self) {
+        let keep = self.cfg.keep_on_exit;
         let replicas = self.replicas.get_mut().unwrap_or_else(|p| p.into_inner());
         for sup in replicas.values() {
-            let _ = sup.stop.send(true);
             if let Some(task) = sup.task.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 task.abort();
             }
+            if let Some(task) = sup.tail.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                task.abort();
+            }
+            if keep {
+                continue;
+            }
+            let _ = sup.stop.send(true);
             if let Some(pgid) = sup
                 .state
                 .lock()
@@ -295,6 +766,11 @@ struct GroupGuard(Option<i32>);
 impl GroupGuard {
     fn kill(mut self, sig: rustix::process::Signal) {
         signal_group(self.0.take(), sig);
+    }
+
+    /// Lets the group outlive the guard (replicas kept across agent restarts).
+    fn disarm(mut self) {
+        self.0 = None;
     }
 }
 
@@ -327,6 +803,105 @@ async fn pump<R: AsyncRead + Unpin>(reader: Option<R>, stream: LogStream, sink: 
     splitter.finish(|l| sink.line(LogLine::new(stream, l)));
 }
 
+/// Reads a replica's output files into its ring as they grow, until `stop` (then once more). A file
+/// past `max` bytes is emptied after it was read (its writer appends, so it goes on at the start).
+async fn tail_output(dir: PathBuf, logs: Arc<LogRing>, mut stop: watch::Receiver<bool>, max: u64) {
+    struct Tailed {
+        path: PathBuf,
+        stream: LogStream,
+        file: Option<File>,
+        at: u64,
+        split: LineSplitter,
+    }
+    let mut files: Vec<Tailed> = [(STDOUT, LogStream::Stdout), (STDERR, LogStream::Stderr)]
+        .into_iter()
+        .map(|(n, stream)| Tailed {
+            path: dir.join(n),
+            stream,
+            file: None,
+            at: 0,
+            split: LineSplitter::default(),
+        })
+        .collect();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let last = *stop.borrow();
+        for t in &mut files {
+            if t.file.is_none() {
+                t.file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open(&t.path)
+                    .ok();
+            }
+            let Some(f) = t.file.as_mut() else { continue };
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < t.at {
+                t.at = 0;
+            }
+            if f.seek(std::io::SeekFrom::Start(t.at)).is_err() {
+                continue;
+            }
+            while let Ok(n) = f.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                t.at += n as u64;
+                let stream = t.stream;
+                t.split
+                    .push(&buf[..n], |l| logs.line(LogLine::new(stream, l)));
+            }
+            if t.at > max && f.set_len(0).is_ok() {
+                t.at = 0;
+            }
+        }
+        if last {
+            for t in &mut files {
+                let stream = t.stream;
+                t.split.finish(|l| logs.line(LogLine::new(stream, l)));
+            }
+            return;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
+/// Gives a release's tree to the app user (symlinks themselves, never their targets).
+fn chown_tree(dir: &Path, user: AppUser) -> Result<(), DriverError> {
+    let owner = (
+        Some(rustix::fs::Uid::from_raw(user.uid)),
+        Some(rustix::fs::Gid::from_raw(user.gid)),
+    );
+    rustix::fs::chownat(
+        rustix::fs::CWD,
+        dir,
+        owner.0,
+        owner.1,
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .map_err(|e| DriverError::io("give to the app user", dir, e.into()))?;
+    for entry in std::fs::read_dir(dir).map_err(|e| DriverError::io("read", dir, e))? {
+        let entry = entry.map_err(|e| DriverError::io("read", dir, e))?;
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            chown_tree(&path, user)?;
+        } else {
+            rustix::fs::chownat(
+                rustix::fs::CWD,
+                &path,
+                owner.0,
+                owner.1,
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| DriverError::io("give to the app user", &path, e.into()))?;
+        }
+    }
+    Ok(())
+}
+
 fn copy_tree(from: &Path, to: &Path) -> Result<(), DriverError> {
     std::fs::create_dir_all(to).map_err(|e| DriverError::io("create", to, e))?;
     for entry in std::fs::read_dir(from).map_err(|e| DriverError::io("read", from, e))? {
@@ -357,6 +932,14 @@ fn free_port() -> Result<u16, DriverError> {
         .map_err(|e| DriverError::io("read the address of", Path::new("127.0.0.1"), e))
 }
 
+fn write_record(dir: &Path, rec: &Record) -> Result<(), DriverError> {
+    let path = dir.join(RECORD);
+    let bytes = serde_json::to_vec(rec)
+        .map_err(|e| DriverError::io("encode", &path, std::io::Error::other(e)))?;
+    crate::datadir::write_private(&path, &bytes)
+        .map_err(|e| DriverError::io("write", &path, std::io::Error::other(e)))
+}
+
 /// What the supervisor needs to (re)start a replica.
 struct Launch {
     start: String,
@@ -365,14 +948,26 @@ struct Launch {
     secrets: Vec<(String, Secret)>,
     port: u16,
     path: String,
+    run_as: Option<AppUser>,
+    keep: bool,
     grace: Duration,
     backoff_initial: Duration,
     backoff_max: Duration,
     stable_after: Duration,
+    /// The replica's directory in the agent's state: its record and output files.
+    output: PathBuf,
 }
 
 impl Launch {
-    fn command(&self) -> Command {
+    fn output_file(&self, name: &str) -> std::io::Result<File> {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(self.output.join(name))
+    }
+
+    fn command(&self) -> std::io::Result<Command> {
         let mut cmd = Command::new("/bin/sh");
         cmd.arg("-c")
             .arg(&self.start)
@@ -386,13 +981,39 @@ impl Launch {
         for (k, v) in &self.secrets {
             cmd.env(k, OsStr::from_bytes(v.expose()));
         }
+        // Output goes to files the agent opened (the app cannot reach their directory, only these
+        // descriptors): a pipe would break, and kill the app with SIGPIPE, when the agent restarts.
         cmd.env("PORT", self.port.to_string())
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(Stdio::from(self.output_file(STDOUT)?))
+            .stderr(Stdio::from(self.output_file(STDERR)?))
             .process_group(0)
-            .kill_on_drop(true);
-        cmd
+            .kill_on_drop(!self.keep);
+        if let Some(u) = self.run_as {
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        Ok(cmd)
+    }
+}
+
+/// A replica's process: a child this agent spawned, or one an earlier agent left (adopted).
+enum Running {
+    Child(tokio::process::Child),
+    Adopted(ProcId),
+}
+
+impl Running {
+    /// Waits for the process to end; its exit status when this agent is its parent.
+    async fn wait(&mut self) -> Option<i64> {
+        match self {
+            Running::Child(c) => c.wait().await.ok().and_then(|s| s.code()).map(i64::from),
+            Running::Adopted(p) => {
+                while p.alive() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                None
+            }
+        }
     }
 }
 
@@ -401,59 +1022,80 @@ async fn supervise(
     state: Arc<Mutex<ProcState>>,
     logs: Arc<LogRing>,
     mut stop: watch::Receiver<bool>,
+    mut adopted: Option<ProcId>,
+    record: Arc<Mutex<Record>>,
 ) {
     let mut backoff = launch.backoff_initial;
     let set = |f: &dyn Fn(&mut ProcState)| f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
+    let remember = |process: Option<ProcId>| {
+        let mut rec = record.lock().unwrap_or_else(|p| p.into_inner());
+        rec.process = process;
+        if let Err(e) = write_record(&launch.output, &rec) {
+            tracing::warn!(error = %crate::runner::chain(&e), "cannot record a replica's process");
+        }
+    };
     loop {
         if *stop.borrow() {
             break;
         }
         let began = Instant::now();
-        match launch.command().spawn() {
+        let running = match adopted.take() {
+            Some(p) => Ok(Running::Adopted(p)),
+            None => launch
+                .command()
+                .and_then(|mut c| c.spawn())
+                .map(Running::Child),
+        };
+        match running {
             Err(e) => {
                 // Counts as a crash: the health wait sees a restarting replica and gives up early.
                 set(&|s| s.started = true);
                 logs.line(LogLine::new(LogStream::Agent, format!("cannot start: {e}")));
             }
-            Ok(mut child) => {
-                let pgid = child.id().and_then(|p| i32::try_from(p).ok());
-                let group = GroupGuard(pgid);
+            Ok(mut running) => {
+                let pgid = match &running {
+                    Running::Child(c) => c.id().and_then(|p| i32::try_from(p).ok()),
+                    Running::Adopted(p) => Some(p.pid),
+                };
+                if let Running::Child(_) = running {
+                    remember(pgid.and_then(ProcId::of));
+                } else {
+                    logs.line(LogLine::new(
+                        LogStream::Agent,
+                        "adopted after an agent restart",
+                    ));
+                }
+                // Killed with the supervisor's future unless replicas outlive the agent.
+                let group = GroupGuard(pgid.filter(|_| !launch.keep));
                 set(&|s| {
                     s.pgid = pgid;
                     s.started = true;
                 });
-                let out = tokio::spawn({
-                    let (r, l) = (child.stdout.take(), logs.clone());
-                    async move { pump(r, LogStream::Stdout, &*l).await }
-                });
-                let err = tokio::spawn({
-                    let (r, l) = (child.stderr.take(), logs.clone());
-                    async move { pump(r, LogStream::Stderr, &*l).await }
-                });
                 tokio::select! {
-                    status = child.wait() => {
+                    code = running.wait() => {
                         // Stragglers of the group go with their leader.
-                        group.kill(rustix::process::Signal::KILL);
-                        let code = status.ok().and_then(|s| s.code()).map(i64::from);
+                        signal_group(pgid, rustix::process::Signal::KILL);
+                        group.disarm();
                         set(&|s| {
                             s.pgid = None;
                             s.last_exit = code;
                         });
-                        let _ = tokio::join!(out, err);
+                        remember(None);
                         logs.line(LogLine::new(LogStream::Agent, match code {
                             Some(c) => format!("exited with status {c}"),
-                            None => "killed by a signal".to_owned(),
+                            None => "exited".to_owned(),
                         }));
                     }
                     _ = stop.changed() => {
                         signal_group(pgid, rustix::process::Signal::TERM);
-                        if tokio::time::timeout(launch.grace, child.wait()).await.is_err() {
+                        if tokio::time::timeout(launch.grace, running.wait()).await.is_err() {
                             signal_group(pgid, rustix::process::Signal::KILL);
-                            let _ = child.wait().await;
+                            let _ = tokio::time::timeout(Duration::from_secs(5), running.wait()).await;
                         }
-                        group.kill(rustix::process::Signal::KILL);
+                        signal_group(pgid, rustix::process::Signal::KILL);
+                        group.disarm();
                         set(&|s| s.pgid = None);
-                        let _ = tokio::join!(out, err);
+                        remember(None);
                         logs.line(LogLine::new(LogStream::Agent, "stopped"));
                         break;
                     }
@@ -509,6 +1151,9 @@ impl Driver for ProcessDriver {
                 needs: "a runtime with a start command (it cannot build a Dockerfile)".into(),
             });
         }
+        if let Some(u) = self.cfg.run_as {
+            self.check_reachable(u)?;
+        }
         let dir = self.release_dir(spec);
         let lock = self
             .builds
@@ -523,7 +1168,19 @@ impl Driver for ProcessDriver {
         }
         self.builds_run.fetch_add(1, Ordering::Relaxed);
         let parent = dir.parent().expect("release dirs have a parent");
-        std::fs::create_dir_all(parent).map_err(|e| DriverError::io("create", parent, e))?;
+        // Others may pass through (to their own release directory), never list or write.
+        let through = if self.cfg.run_as.is_some() {
+            0o711
+        } else {
+            0o700
+        };
+        for d in [
+            self.cfg.root.as_path(),
+            parent.parent().unwrap_or(parent),
+            parent,
+        ] {
+            Self::make_dir(d, through)?;
+        }
         let tmp = parent.join(format!(
             ".build-{}-{}",
             dir.file_name()
@@ -565,15 +1222,6 @@ impl Driver for ProcessDriver {
         identity: &Identity,
     ) -> Result<Replica, DriverError> {
         spec.check_for(&self.cfg.installation)?;
-        let start = spec
-            .build
-            .start
-            .clone()
-            .filter(|s| !s.trim().is_empty())
-            .ok_or_else(|| DriverError::Unsupported {
-                what: "process",
-                needs: "a start command".into(),
-            })?;
         let release_dir = PathBuf::from(&image.0);
         if !release_dir.starts_with(&self.cfg.root) || !release_dir.join(MARKER).is_file() {
             return Err(DriverError::NotFound(ReplicaId(image.0.clone())));
@@ -587,102 +1235,60 @@ impl Driver for ProcessDriver {
             slot: spec.slot,
             addr,
         };
-        let existing = self
-            .replicas
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&name)
-            .cloned();
-        if let Some(sup) = existing {
+        if let Some(sup) = self.get(&name) {
             let stopped = sup.state.lock().unwrap_or_else(|p| p.into_inner()).stopped;
             if !stopped && sup.image == *image {
                 return Ok(replica(sup.addr));
             }
-            self.remove_replica(&ReplicaId(name.clone())).await?;
         }
+        // Whatever ran under this name before (in memory or only on record) goes first.
+        self.remove_replica(&ReplicaId(name.clone())).await?;
 
         let secrets = spec.open_secrets(identity)?;
         let port = free_port()?;
-        let launch = Launch {
-            start,
-            dir: release_dir.join("app"),
-            env: spec
-                .env
-                .iter()
-                .filter(|(k, _)| k.as_str() != "PORT" && !secrets.contains(k.as_str()))
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-            secrets: secrets
-                .iter()
-                .filter(|(k, _)| *k != "PORT")
-                .map(|(k, v)| (k.to_owned(), v.clone()))
-                .collect(),
-            port,
-            path: self.cfg.path.clone(),
-            grace: self.cfg.stop_grace,
-            backoff_initial: self.cfg.backoff_initial,
-            backoff_max: self.cfg.backoff_max,
-            stable_after: self.cfg.stable_after,
-        };
+        let launch = self.launch(spec, &image.0, port, &secrets);
         drop(secrets);
-        if launch.env.iter().any(|(_, v)| v.contains('\0')) {
-            return Err(SpecError::Invalid {
-                field: "env",
-                why: "a value holds a NUL byte".into(),
-            }
-            .into());
-        }
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let state = Arc::new(Mutex::new(ProcState::default()));
-        let logs = Arc::new(LogRing::new(self.cfg.log_lines));
-        let task = tokio::spawn(supervise(launch, state.clone(), logs.clone(), stop_rx));
-        let sup = Arc::new(Supervised {
-            name: name.clone(),
-            image: image.clone(),
-            labels: replica_labels(spec, &self.cfg.node),
-            addr,
-            logs,
-            state,
-            stop: stop_tx,
-            task: Mutex::new(Some(task)),
-        });
-        let out = replica(addr);
-        self.replicas
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(name, sup);
-        Ok(out)
+        let launch = launch?;
+        Self::make_dir(&self.cfg.state, 0o700)?;
+        let dir = self.replica_dir(&name);
+        Self::make_dir(&dir, 0o700)?;
+        let rec = Record {
+            spec: spec.clone(),
+            image: image.0.clone(),
+            port,
+            stopped: false,
+            process: None,
+        };
+        write_record(&dir, &rec)?;
+        let sup = self.supervise_record(rec, Some(launch), None)?;
+        Ok(replica(sup.addr))
     }
 
     async fn stop_replica(&self, id: &ReplicaId) -> Result<(), DriverError> {
-        let sup = self
-            .replicas
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id.0)
-            .cloned();
-        if let Some(sup) = sup {
+        if let Some(sup) = self.get(&id.0) {
             self.stop_supervised(&sup).await;
+        }
+        if let Some(mut rec) = self.read_record(&id.0) {
+            if let Some(p) = rec.process.take() {
+                p.kill_group(rustix::process::Signal::KILL, Duration::from_secs(5))
+                    .await;
+            }
+            rec.stopped = true;
+            write_record(&self.replica_dir(&id.0), &rec)?;
         }
         Ok(())
     }
 
     async fn remove_replica(&self, id: &ReplicaId) -> Result<(), DriverError> {
-        let sup = self
-            .replicas
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id.0)
-            .cloned();
-        if let Some(sup) = sup {
+        if let Some(sup) = self.get(&id.0) {
             self.stop_supervised(&sup).await;
             self.replicas
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&id.0);
         }
-        Ok(())
+        // Also what only the record knows (an earlier agent's replica this one never adopted).
+        self.forget(&id.0).await
     }
 
     async fn list_replicas(&self) -> Result<Vec<ReplicaStatus>, DriverError> {
@@ -697,13 +1303,8 @@ impl Driver for ProcessDriver {
     }
 
     async fn logs(&self, id: &ReplicaId, tail: usize) -> Result<Vec<LogLine>, DriverError> {
-        let sup = self
-            .replicas
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&id.0)
-            .cloned();
-        sup.map(|s| s.logs.tail(tail))
+        self.get(&id.0)
+            .map(|s| s.logs.tail(tail))
             .ok_or_else(|| DriverError::NotFound(id.clone()))
     }
 }

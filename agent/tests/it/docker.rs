@@ -111,12 +111,17 @@ async fn docker_deploys_switch_without_failed_requests_and_failures_keep_the_old
             Some(true),
             "tini is PID 1, so the app gets SIGTERM"
         );
-        assert_eq!(hc.network_mode.as_deref(), Some("bridge"));
+        assert_eq!(
+            hc.network_mode.as_deref(),
+            Some("cairn"),
+            "the agent's own network"
+        );
         assert!(hc.binds.unwrap_or_default().is_empty());
         assert!(hc.mounts.unwrap_or_default().is_empty());
         assert!(hc.devices.unwrap_or_default().is_empty());
         assert!(hc.pid_mode.unwrap_or_default().is_empty());
-        assert!(hc.cap_add.unwrap_or_default().is_empty());
+        assert_eq!(hc.cap_drop, Some(vec!["ALL".to_owned()]));
+        assert_eq!(hc.cap_add, Some(vec!["NET_BIND_SERVICE".to_owned()]));
         assert_eq!(hc.memory, Some(64 << 20));
         assert_eq!(hc.nano_cpus, Some(250_000_000));
         assert_eq!(

@@ -7,10 +7,13 @@
 
 mod docker;
 mod housekeeping;
+mod isolation;
+mod operator;
 mod process;
 mod proxy;
 mod refuse;
 mod registry;
+mod restart;
 mod secrets;
 mod source;
 mod support;

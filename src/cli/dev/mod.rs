@@ -622,6 +622,9 @@ impl AgentCfg {
             .args(["--driver", self.driver])
             .args(["--proxy-listen", &format!("127.0.0.1:{port}")])
             .args(["--shutdown-grace", "5s"])
+            // A development session runs the developer's own apps as the developer: under root the
+            // agent would pick `nobody`, which cannot reach a state directory under /root.
+            .args(["--app-user", "agent"])
             .env("CAIRN_JOIN_TOKEN", token.token.as_str())
             .env_remove("DATABASE_URL");
         for r in &self.rewrites {

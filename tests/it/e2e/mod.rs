@@ -255,7 +255,8 @@ async fn process_app_deploys_restarts_after_a_crash_and_switches_without_errors(
     clock.lap("v1 built and serving");
 
     // The replica is a busybox httpd running in its release directory under the agent's data dir.
-    let pids = support::processes_under(&agent.dir.join("process"));
+    let apps = std::path::PathBuf::from(format!("{}-apps", agent.dir.display()));
+    let pids = support::processes_under(&apps);
     assert_eq!(pids.len(), 1, "one replica process: {pids:?}");
     let crashed = pids[0];
     rustix::process::kill_process(
@@ -265,7 +266,7 @@ async fn process_app_deploys_restarts_after_a_crash_and_switches_without_errors(
     .unwrap();
     let t = Instant::now();
     wait_body(agent.proxy, &host, "v1", Duration::from_secs(15)).await;
-    let now = support::processes_under(&agent.dir.join("process"));
+    let now = support::processes_under(&apps);
     assert!(
         now.len() == 1 && now[0] != crashed,
         "restarted as a new process: {now:?}"
@@ -298,7 +299,7 @@ async fn process_app_deploys_restarts_after_a_crash_and_switches_without_errors(
 
     // Removed from the config: the process is gone.
     e.remove_app(&plane, &app).await;
-    let dir = agent.dir.join("process");
+    let dir = apps;
     wait_for(
         "the app's process to stop",
         Duration::from_secs(30),
