@@ -43,6 +43,23 @@ pub enum GitError {
     },
 }
 
+/// Removes `*.lock` files under `dir` (ref directories nest a few levels; deeper is not ours).
+fn remove_lock_files(dir: &Path, depth: usize) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() && depth < 16 => remove_lock_files(&path, depth + 1),
+            Ok(t) if t.is_file() && path.extension().is_some_and(|e| e == "lock") => {
+                let _ = std::fs::remove_file(&path);
+            }
+            _ => {}
+        }
+    }
+}
+
 fn boxed<E: std::error::Error + Send + Sync + 'static>(
     e: E,
 ) -> Box<dyn std::error::Error + Send + Sync> {
@@ -129,6 +146,7 @@ impl GitSource {
 
     /// Fetches the ref from the remote and returns the commit it points at.
     pub fn fetch(&mut self) -> Result<ObjectId, GitError> {
+        let _held = self.hold_cache()?;
         let (url, full, tracking) = (self.url.clone(), self.full_ref(), self.tracking_ref());
         let refname = self.refname.clone();
         let fetch_err = |e| GitError::Fetch {
@@ -170,6 +188,30 @@ impl GitSource {
             url: self.url.clone(),
             refname: self.refname.clone(),
         })
+    }
+
+    /// Holds the cache for this fetch (`flock` on `<cache>/cairn.lock`, which the kernel releases when
+    /// the holder dies) and then removes the ref locks a killed fetch left behind: with the flock held no
+    /// other fetch of this cache runs, so every `*.lock` under `refs/` and `packed-refs.lock` is stale.
+    /// Without this, a SIGKILL during a fetch left `refs/cairn/heads/main.lock`, and every later fetch
+    /// failed until someone deleted it.
+    fn hold_cache(&mut self) -> Result<std::fs::File, GitError> {
+        self.repo()?;
+        let cache_err = |e: std::io::Error| GitError::Cache {
+            path: self.cache.clone(),
+            source: boxed(e),
+        };
+        let file = std::fs::File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.cache.join("cairn.lock"))
+            .map_err(cache_err)?;
+        rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| cache_err(e.into()))?;
+        remove_lock_files(&self.cache.join("refs"), 0);
+        let _ = std::fs::remove_file(self.cache.join("packed-refs.lock"));
+        Ok(file)
     }
 
     /// The commit the ref pointed at after the last fetch, if any.

@@ -321,3 +321,22 @@ fn config_fetch_child() {
     let id = src.fetch().unwrap();
     println!("fetched {id}");
 }
+
+/// A fetch killed while it held a ref lock left `refs/cairn/heads/main.lock` in the cache, and every later
+/// fetch failed ("A lock could not be obtained") until someone deleted it: the next fetch removes it.
+#[test]
+fn a_ref_lock_left_by_a_killed_fetch_does_not_stop_the_next_one() {
+    let r = seeded();
+    r.commit("initial");
+    let mut src = GitSource::new(r.url(), "main", &r.cache);
+    src.fetch().unwrap();
+    let heads = r.cache.join("refs/cairn/heads");
+    std::fs::create_dir_all(&heads).unwrap();
+    std::fs::write(heads.join("main.lock"), b"").unwrap();
+    std::fs::write(r.cache.join("packed-refs.lock"), b"").unwrap();
+    r.write("x.toml", "");
+    let second = r.commit("second");
+    let mut restarted = GitSource::new(r.url(), "main", &r.cache);
+    assert_eq!(restarted.fetch().unwrap().to_string(), second);
+    assert!(!heads.join("main.lock").exists());
+}
