@@ -7,8 +7,10 @@
 //! round (a chattier replica loses lines, not the agent's memory), batches of at most
 //! [`cairn_proto::MAX_LOG_LINES`], each line cut at [`cairn_proto::MAX_LOG_LINE_BYTES`]. Lines printed
 //! before this process started are not sent (an earlier agent process sent them); a line is new when its
-//! time is after the newest one sent for its replica. A round that cannot reach the control plane is
-//! sent again next round.
+//! time is after the newest one sent for its replica. A round that cannot reach the control plane (or
+//! that it answers 5xx or 429) is sent again next round; a batch it refuses as malformed (any other 4xx)
+//! is dropped with a warning, never sent again (it would be refused for ever, and block every later
+//! line). U+0000, which the control plane's database cannot store, is sent as U+FFFD.
 //!
 //! **Images** (`--keep-images N`): every few minutes, images of each app beyond its N newest releases
 //! are removed, never one a container of this installation uses (a rollback to an older release beyond
@@ -94,7 +96,8 @@ impl Cursor {
                         // Build output is never a replica's; anything else is its standard output.
                         LogStream::Stdout | LogStream::Build => cairn_proto::LogStream::Stdout,
                     },
-                    text: cairn_proto::truncate(&l.text, MAX_LOG_LINE_BYTES).to_owned(),
+                    text: cairn_proto::truncate(&l.text, MAX_LOG_LINE_BYTES)
+                        .replace('\0', "\u{FFFD}"),
                     at: l.at.into(),
                 });
             }
@@ -152,22 +155,34 @@ pub async fn ship_loop(
                 continue;
             }
         };
-        let (lines, next) = cursor.unsent(&outputs);
-        let mut sent = true;
-        for chunk in lines.chunks(MAX_LOG_LINES) {
-            let batch = ReplicaLogBatch {
-                lines: chunk.to_vec(),
-            };
-            if let Err(e) = client.replica_logs(&batch).await {
+        ship(&client, &mut cursor, &outputs).await;
+    }
+}
+
+/// Ships the lines of `outputs` not sent yet; the cursor advances unless a batch is to be sent again.
+/// Returns how many batches were dropped as refused.
+pub async fn ship(client: &Client, cursor: &mut Cursor, outputs: &[ReplicaOutput]) -> usize {
+    let (lines, next) = cursor.unsent(outputs);
+    let mut dropped = 0;
+    for chunk in lines.chunks(MAX_LOG_LINES) {
+        let batch = ReplicaLogBatch {
+            lines: chunk.to_vec(),
+        };
+        match client.replica_logs(&batch).await {
+            Ok(_) => {}
+            Err(e) if e.is_malformed() => {
+                // Sending it again would be refused again, and hold back every later line.
+                tracing::warn!(error = %chain(&e), lines = chunk.len(), "the control plane refused a batch of replica output; it is dropped");
+                dropped += 1;
+            }
+            Err(e) => {
                 tracing::debug!(error = %chain(&e), lines = chunk.len(), "cannot ship replica output; next round tries again");
-                sent = false;
-                break;
+                return dropped;
             }
         }
-        if sent {
-            cursor.advance(next);
-        }
     }
+    cursor.advance(next);
+    dropped
 }
 
 /// Resolves when `stop` turns true; never, if its sender is gone without raising it.

@@ -11,6 +11,13 @@
 //! here, 502 when the replica fails to answer, 504 when it answers too slowly. Their bodies say what
 //! happened without internals.
 //!
+//! Bounded like `cairn serve`'s listener: the descriptor limit is raised to the hard limit when it starts
+//! serving, connections are capped below it ([`ProxyConfig::max_connections`]; each may hold a second
+//! descriptor towards a replica), and a connection must send a request's complete headers within
+//! [`ProxyConfig::header_timeout`] of connecting or of its previous response (hyper's
+//! `header_read_timeout`, also the keep-alive idle timeout), headers at most
+//! [`ProxyConfig::max_header_bytes`]. At the cap new connections wait in the kernel's backlog.
+//!
 //! TLS comes later through [`Listener`]: a TLS listener yields streams that are already (or lazily)
 //! decrypted, and reports `https` as its scheme.
 //!
@@ -78,6 +85,43 @@ pub struct ProxyConfig {
     pub connect_retries: u32,
     /// How long connections may finish their requests after shutdown.
     pub shutdown_grace: Duration,
+    /// A client must send a request's complete headers within this of connecting or of its previous
+    /// response (also the keep-alive idle timeout).
+    pub header_timeout: Duration,
+    /// Bytes of request line and headers at most (431 beyond).
+    pub max_header_bytes: usize,
+    /// Client connections at most; `None`: from the descriptor limit ([`connection_cap`]).
+    pub max_connections: Option<usize>,
+}
+
+/// File descriptors the agent keeps for everything but proxied connections (Docker, the control plane,
+/// sources, its data directory).
+pub const RESERVED_FDS: u64 = 256;
+
+/// Client connections the proxy holds at most with `fd_limit` descriptors: each may also hold one to a
+/// replica, so three eighths of what is left after [`RESERVED_FDS`], at least 16.
+pub fn connection_cap(fd_limit: u64) -> usize {
+    let usable = fd_limit.saturating_sub(RESERVED_FDS) * 3 / 8;
+    usize::try_from(usable)
+        .unwrap_or(usize::MAX)
+        .clamp(16, 1 << 20)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit in force afterwards.
+pub fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => limit = getrlimit(Resource::Nofile),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+        }
+    }
+    limit.current.unwrap_or(u64::MAX)
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +131,9 @@ impl Default for ProxyConfig {
             response_timeout: Duration::from_secs(60),
             connect_retries: 3,
             shutdown_grace: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_connections: None,
         }
     }
 }
@@ -298,8 +345,23 @@ impl Proxy {
     ) -> std::io::Result<()> {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let scheme = listener.scheme();
+        let fds = raise_fd_limit();
+        let cap = self
+            .cfg
+            .max_connections
+            .unwrap_or_else(|| connection_cap(fds))
+            .max(1);
+        tracing::debug!(fd_limit = fds, max_connections = cap, "node proxy bounds");
+        let permits = Arc::new(tokio::sync::Semaphore::new(cap));
         tokio::pin!(shutdown);
         loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = &mut shutdown => break,
+            };
             tokio::select! {
                 accepted = listener.accept() => {
                     let (io, peer) = match accepted {
@@ -318,11 +380,13 @@ impl Proxy {
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(30))
+                        .header_read_timeout(self.cfg.header_timeout)
+                        .max_buf_size(self.cfg.max_header_bytes.max(8192))
                         .serve_connection(TokioIo::new(io), svc);
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         let _ = conn.await;
+                        drop(permit);
                     });
                 }
                 _ = &mut shutdown => break,
