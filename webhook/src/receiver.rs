@@ -6,7 +6,7 @@
 //! a `Content-Length` past [`MAX_BODY_BYTES`] 413. Bodies not verified yet are bounded in number
 //! ([`MAX_UNVERIFIED_BODIES`] at once, 429 with `Retry-After` beyond) and in bytes
 //! ([`MAX_BUFFERED_BYTES`] reserved at once, by `Content-Length` or the whole limit for a chunked body:
-//! 503 with `Retry-After` beyond), so parallel large unsigned bodies cannot grow memory without bound.
+//! 429 with `Retry-After` beyond), so parallel large unsigned bodies cannot grow memory without bound.
 //! Then its body is read (413 as soon as a chunked body passes the limit), its signature verified (401,
 //! nothing recorded), its payload parsed for its event (400 when it is not JSON or not the shape GitHub
 //! sends), and it is recorded in `webhook_deliveries` under its
@@ -113,8 +113,8 @@ impl ReceiveError {
             | ReceiveError::MissingHeader(_)
             | ReceiveError::BadHeader(_)
             | ReceiveError::Payload(_) => StatusCode::BAD_REQUEST,
-            ReceiveError::TooMany => StatusCode::TOO_MANY_REQUESTS,
-            ReceiveError::Store(_) | ReceiveError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            ReceiveError::TooMany | ReceiveError::Busy => StatusCode::TOO_MANY_REQUESTS,
+            ReceiveError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 }
