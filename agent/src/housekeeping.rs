@@ -244,4 +244,92 @@ mod tests {
             "a gone replica is forgotten"
         );
     }
+
+    /// A control plane that answers every request with the status in `status`, counting requests.
+    async fn answering(
+        status: Arc<std::sync::atomic::AtomicU16>,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((io, _)) = listener.accept().await else {
+                    return;
+                };
+                let (status, counted) = (status.clone(), counted.clone());
+                let svc = hyper::service::service_fn(move |_req| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let code = status.load(Ordering::SeqCst);
+                    async move {
+                        hyper::Response::builder()
+                            .status(code)
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                br#"{"error": "refused"}"#,
+                            )))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc),
+                );
+            }
+        });
+        (format!("http://{addr}"), hits)
+    }
+
+    /// Regression (issue 12): a batch the control plane refused as malformed (a 5xx then, for a NUL) was
+    /// sent again every round for ever, and no later line was shipped. A 4xx refusal (but 429) now drops
+    /// the batch; a 5xx or 429 keeps it for the next round.
+    #[tokio::test]
+    async fn regression_a_batch_refused_as_malformed_is_dropped_not_sent_for_ever() {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        let status = Arc::new(AtomicU16::new(503));
+        let (url, hits) = answering(status.clone()).await;
+        let client = Client::new(&url).unwrap().with_credential("c".into());
+        let t0 = SystemTime::now();
+        let mut cursor = Cursor::new(t0);
+        let out = vec![ReplicaOutput {
+            app: Name::new("web").unwrap(),
+            slot: 0,
+            release: 1,
+            lines: vec![line("binary\0junk", t0 + Duration::from_secs(1))],
+        }];
+        // The control plane is unavailable, or asks to slow down: the batch is kept.
+        for code in [503, 429] {
+            status.store(code, Ordering::SeqCst);
+            let before = hits.load(Ordering::SeqCst);
+            assert_eq!(ship(&client, &mut cursor, &out).await, 0);
+            assert_eq!(hits.load(Ordering::SeqCst), before + 1);
+        }
+        let before = hits.load(Ordering::SeqCst);
+        assert_eq!(ship(&client, &mut cursor, &out).await, 0, "sent again");
+        assert_eq!(hits.load(Ordering::SeqCst), before + 1);
+        // Refused as malformed: dropped, and not sent again.
+        status.store(400, Ordering::SeqCst);
+        assert_eq!(ship(&client, &mut cursor, &out).await, 1);
+        let after = hits.load(Ordering::SeqCst);
+        assert_eq!(ship(&client, &mut cursor, &out).await, 0);
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            after,
+            "the refused batch is not sent again"
+        );
+    }
+
+    #[test]
+    fn nul_in_replica_output_is_sent_as_a_replacement_character() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let c = Cursor::new(t0);
+        let (l, _) = c.unsent(&[ReplicaOutput {
+            app: Name::new("web").unwrap(),
+            slot: 0,
+            release: 1,
+            lines: vec![line("a\0b", t0 + Duration::from_secs(1))],
+        }]);
+        assert_eq!(l[0].text, "a\u{FFFD}b");
+    }
 }

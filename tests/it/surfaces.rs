@@ -970,3 +970,19 @@ async fn regression_malformed_requests_on_every_surface_get_4xx_never_5xx() {
     let (s, body) = serve.heartbeat(&credential, "test").await;
     assert_eq!(s, 200, "{body}");
 }
+
+/// The hardened units raise the descriptor limit the listeners cap their connections below.
+#[test]
+fn the_systemd_units_raise_the_descriptor_limit() {
+    let dist = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("dist/systemd");
+    for unit in ["cairn.service", "cairn-agent.service"] {
+        let text = std::fs::read_to_string(dist.join(unit)).unwrap();
+        let limit: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("LimitNOFILE="))
+            .unwrap_or_else(|| panic!("{unit} sets no LimitNOFILE"))
+            .parse()
+            .unwrap();
+        assert!(limit >= 65_536, "{unit}: {limit}");
+    }
+}
