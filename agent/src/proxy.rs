@@ -101,7 +101,7 @@ pub const RESERVED_FDS: u64 = 256;
 /// Client connections the proxy holds at most with `fd_limit` descriptors: each may also hold one to a
 /// replica, so three eighths of what is left after [`RESERVED_FDS`], at least 16.
 pub fn connection_cap(fd_limit: u64) -> usize {
-    let usable = fd_limit.saturating_sub(RESERVED_FDS) * 3 / 8;
+    let usable = fd_limit.saturating_sub(RESERVED_FDS) / 8 * 3;
     usize::try_from(usable)
         .unwrap_or(usize::MAX)
         .clamp(16, 1 << 20)

@@ -71,7 +71,7 @@ impl Bounds {
 /// How many client connections a process with `fd_limit` descriptors may hold: three quarters of what
 /// is left after [`RESERVED_FDS`], at least 16.
 pub fn connection_cap(fd_limit: u64) -> usize {
-    let usable = fd_limit.saturating_sub(RESERVED_FDS) * 3 / 4;
+    let usable = fd_limit.saturating_sub(RESERVED_FDS) / 4 * 3;
     usize::try_from(usable)
         .unwrap_or(usize::MAX)
         .clamp(16, 1 << 20)
