@@ -7,8 +7,9 @@
 //!   one closes, so the process never hits `EMFILE` and keeps its descriptors for its own work.
 //! - **Header-read and idle timeout**: a connection must deliver a request's complete headers within
 //!   [`Bounds::header_timeout`] of connecting or of its previous response (hyper's
-//!   `header_read_timeout`, which since hyper 1.4 also runs while a kept-alive connection is idle), else it
-//!   is closed. This bounds idle keep-alive connections and slowloris headers alike.
+//!   `header_read_timeout`, which in the hyper this builds with, 1.12, also runs while a kept-alive
+//!   connection waits for its next request), else it is closed. This bounds idle keep-alive
+//!   connections and slowloris headers alike.
 //! - **Header size**: at most [`Bounds::max_header_bytes`] (431 beyond).
 //! - **Slow bodies**: a request body not received whole within [`Bounds::body_timeout`] of the request's
 //!   start fails to read, which the handlers answer 400 (or 413 when too large).
