@@ -9,5 +9,6 @@ mod operations;
 mod plan_cli;
 mod releases;
 mod secret;
+mod surfaces;
 mod validate;
 mod webhooks;
