@@ -166,6 +166,12 @@ pub struct Plane {
     pub url: String,
     serve: Option<Child>,
     agents: Vec<u32>,
+    /// What serve was started with (beyond the database, repository and identity), for a restart.
+    args: Vec<String>,
+    /// Serve processes started so far (each writes its own log, `serve.log`, `serve-2.log`, ...).
+    starts: u32,
+    /// Where agents started from now on connect, when not [`Plane::url`] (e.g. a proxy in front of it).
+    pub agent_server: Option<String>,
 }
 
 /// The shortened thresholds every test plane runs with, unless a test passes its own.
@@ -200,37 +206,9 @@ impl Plane {
     ) -> Plane {
         let identity_path = scratch.path().join("control-plane.key");
         std::fs::write(&identity_path, identity.to_file_text("test").as_bytes()).unwrap();
-        let log = std::fs::File::create(scratch.path().join("serve.log")).unwrap();
         repo.commit();
-        let mut cmd = Command::new(CAIRN);
-        cmd.arg("serve")
-            .args(["--database-url", db.url()])
-            .args(["--repo", &repo.url(), "--ref", "main"])
-            .arg("--identity")
-            .arg(&identity_path)
-            .args(["--listen", "127.0.0.1:0", "--no-poll-heads"])
-            .args(["--cache-dir"])
-            .arg(scratch.path().join("cache"))
-            .args(args)
-            .env("CAIRN_LOG", "debug")
-            .env_remove("CAIRN_IDENTITY")
-            .stdout(Stdio::piped())
-            .stderr(log);
-        let mut child = cmd.spawn().expect("cairn serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let addr = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead as _;
-            let mut lines = std::io::BufReader::new(stdout).lines();
-            let first = lines.next().expect("serve prints its address").unwrap();
-            // Keep draining so serve never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            first
-                .strip_prefix("listening on ")
-                .expect("listening on ADDR")
-                .to_owned()
-        })
-        .await
-        .unwrap();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let (child, addr) = spawn_serve(&db, &repo, scratch.path(), "serve.log", &args).await;
         let plane = Plane {
             db,
             repo,
@@ -238,9 +216,18 @@ impl Plane {
             url: format!("http://{addr}"),
             serve: Some(child),
             agents: Vec::new(),
+            args,
+            starts: 1,
+            agent_server: None,
         };
+        plane.wait_api().await;
+        plane
+    }
+
+    /// Waits until the admin API answers (anything but 503: serve reached its database).
+    pub async fn wait_api(&self) {
         let http = reqwest::Client::new();
-        let url = format!("{}/api/v1/status", plane.url);
+        let url = format!("{}/api/v1/status", self.url);
         wait_for("the admin API to answer", Duration::from_secs(30), || {
             let req = http.get(&url);
             async move {
@@ -249,7 +236,33 @@ impl Plane {
             }
         })
         .await;
-        plane
+    }
+
+    /// `Some(status)` when `cairn serve` has exited (it should not have), `None` while it runs.
+    pub fn serve_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.serve.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    /// SIGKILLs `cairn serve` (no chance to finish anything) and reaps it.
+    pub fn kill_serve(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts `cairn serve` again (after [`Plane::kill_serve`]) with the same database, repository,
+    /// identity and arguments, on a new port ([`Plane::url`] changes), and waits for its API. The
+    /// repository is not committed to.
+    pub async fn restart_serve(&mut self) {
+        assert!(self.serve.is_none(), "serve still runs; kill it first");
+        self.starts += 1;
+        let log = format!("serve-{}.log", self.starts);
+        let (child, addr) =
+            spawn_serve(&self.db, &self.repo, self.scratch.path(), &log, &self.args).await;
+        self.serve = Some(child);
+        self.url = format!("http://{addr}");
+        self.wait_api().await;
     }
 
     /// Runs the `cairn` CLI against the database.
@@ -300,7 +313,8 @@ impl Plane {
         ));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(agent_bin());
-        cmd.args(["--server", &self.url, "--driver", "recording"])
+        let server = self.agent_server.as_deref().unwrap_or(&self.url);
+        cmd.args(["--server", server, "--driver", "recording"])
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--heartbeat", "300ms", "--concurrency", "2"])
@@ -391,6 +405,48 @@ impl Plane {
     pub async fn rows(&self, sql: &str) -> Vec<Value> {
         rows(&self.db, sql).await
     }
+}
+
+/// Spawns `cairn serve` for `db` and `repo` with the identity in `scratch/control-plane.key`, logging to
+/// `scratch/<log>`; returns it and the address it printed.
+async fn spawn_serve(
+    db: &TestDb,
+    repo: &Repo,
+    scratch: &Path,
+    log: &str,
+    args: &[String],
+) -> (Child, String) {
+    let log = std::fs::File::create(scratch.join(log)).unwrap();
+    let mut cmd = Command::new(CAIRN);
+    cmd.arg("serve")
+        .args(["--database-url", db.url()])
+        .args(["--repo", &repo.url(), "--ref", "main"])
+        .arg("--identity")
+        .arg(scratch.join("control-plane.key"))
+        .args(["--listen", "127.0.0.1:0", "--no-poll-heads"])
+        .args(["--cache-dir"])
+        .arg(scratch.join("cache"))
+        .args(args)
+        .env("CAIRN_LOG", "debug")
+        .env_remove("CAIRN_IDENTITY")
+        .stdout(Stdio::piped())
+        .stderr(log);
+    let mut child = cmd.spawn().expect("cairn serve starts");
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().expect("serve prints its address").unwrap();
+        // Keep draining so serve never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        first
+            .strip_prefix("listening on ")
+            .expect("listening on ADDR")
+            .to_owned()
+    })
+    .await
+    .unwrap();
+    (child, addr)
 }
 
 /// `cairn ARGS` against the database at `db_url` (no admin API, no token).
@@ -491,6 +547,11 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `Some(status)` when the agent has exited, `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
     }
 
     /// What the recording driver recorded so far.

@@ -1,0 +1,339 @@
+//! `cairn serve` SIGKILLed at random moments while commits stream into its config repository (apps
+//! added, changed, scaled and removed), and started again each time; two agents (recording driver) reach
+//! it through a proxy that follows it to its new port.
+//!
+//! Afterwards: the applied state is the last commit whole (apps, env, replicas, placements, what the
+//! agents run); every applied reconciliation is whole (generations without gaps, commits never going
+//! backwards, exactly the releases its commit implies, deploys only of its own releases and slots); and
+//! no agent ran a task, or the same work, twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use cairn_testkit::proxy::Proxy;
+
+use super::{Rng, repeated_runs, seed, socket_addr};
+use crate::agents::support::{Plane, Repo, wait_converged, wait_for};
+
+/// Commits in the stream.
+const COMMITS: u32 = 24;
+/// Serve's flags: a short interval so commits are read often; node loss is not what this test is
+/// about, so a node survives serve's restarts (its heartbeats pause meanwhile).
+const ARGS: &[&str] = &[
+    "--interval",
+    "500ms",
+    "--node-offline-after",
+    "15s",
+    "--heartbeat-interval",
+    "300ms",
+    "--task-lease",
+    "3s",
+];
+
+/// What the repository declares: app name to (replicas, the value of its env var `V`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Model(BTreeMap<String, (u32, String)>);
+
+impl Model {
+    /// Makes the work tree hold exactly these apps (beside the nodes and settings).
+    fn write(&self, repo: &Repo, before: &Model) {
+        for name in before.0.keys().filter(|n| !self.0.contains_key(*n)) {
+            repo.remove(&format!("app-{name}.toml"));
+        }
+        for (name, (replicas, v)) in &self.0 {
+            if before.0.get(name) != Some(&(*replicas, v.clone())) {
+                repo.app(name, *replicas, &format!("V = \"{v}\"\n"));
+            }
+        }
+    }
+
+    /// One to three random changes: add an app (at most 5, names never reused), remove one (at least
+    /// one stays), change its env, or scale it (1 to 3 replicas: 15 at most, two nodes hold 16).
+    fn mutate(&mut self, rng: &mut Rng, commit: u32, next_app: &mut u32) {
+        for op in 0..=rng.below(3) {
+            let names: Vec<String> = self.0.keys().cloned().collect();
+            let pick = names[rng.below(names.len() as u64) as usize].clone();
+            match rng.below(4) {
+                0 if names.len() < 5 => {
+                    *next_app += 1;
+                    let replicas = 1 + rng.below(2) as u32;
+                    self.0
+                        .insert(format!("app{next_app}"), (replicas, format!("c{commit}")));
+                }
+                1 if names.len() > 1 => {
+                    self.0.remove(&pick);
+                }
+                2 => {
+                    self.0.get_mut(&pick).unwrap().1 = format!("c{commit}o{op}");
+                }
+                _ => {
+                    let e = self.0.get_mut(&pick).unwrap();
+                    e.0 = 1 + (e.0 + rng.below(2) as u32) % 3;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_sigkilled_during_a_commit_stream_applies_the_last_commit_whole_and_runs_no_task_twice()
+ {
+    const TEST: &str = "serve_sigkilled_during_a_commit_stream";
+    let seed = seed(TEST);
+    let mut rng = Rng(seed);
+    let started = Instant::now();
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("a", "");
+    repo.node("b", "");
+    let mut model = Model::default();
+    model.0.insert("app1".into(), (2, "c0".into()));
+    model.write(&repo, &Model::default());
+    let mut next_app = 1;
+    let mut plane = Plane::start(db, repo, scratch, identity, ARGS).await;
+    // Each commit pushed, with what it declares, in push order.
+    let mut history: Vec<(String, Model)> = vec![(plane.repo.head(), model.clone())];
+
+    let proxy = Proxy::start(socket_addr(&plane.url)).await;
+    plane.agent_server = Some(proxy.url());
+    let (dir_a, dir_b) = (
+        plane.scratch.path().join("agent-a"),
+        plane.scratch.path().join("agent-b"),
+    );
+    plane.wait_generation(1).await;
+    eprintln!("{TEST}: serve up at {:?}", started.elapsed());
+    let (ta, tb) = (plane.join_token("a"), plane.join_token("b"));
+    let a = plane.agent("a", &dir_a, Some(&ta), &[], &[]);
+    let b = plane.agent("b", &dir_b, Some(&tb), &[], &[]);
+    wait_converged(&plane, Duration::from_secs(60)).await;
+    eprintln!("{TEST}: first commit deployed at {:?}", started.elapsed());
+
+    let mut kills = Vec::new();
+    for i in 1..=COMMITS {
+        let before = model.clone();
+        model.mutate(&mut rng, i, &mut next_app);
+        model.write(&plane.repo, &before);
+        if model == before {
+            continue; // e.g. scaled back to where it was: nothing to commit
+        }
+        plane.repo.commit();
+        history.push((plane.repo.head(), model.clone()));
+        tokio::time::sleep(Duration::from_millis(rng.below(900))).await;
+        if rng.below(100) < 45 {
+            // A random moment in serve's life: reading, applying, answering a lease, or idle.
+            tokio::time::sleep(Duration::from_millis(rng.below(400))).await;
+            kills.push(format!("after commit {i} at {:?}", started.elapsed()));
+            plane.kill_serve();
+            plane.restart_serve().await;
+            proxy.set_upstream(socket_addr(&plane.url));
+        }
+    }
+    let last = plane.repo.head();
+    eprintln!(
+        "{TEST}: seed {seed}: {} commits, serve killed {} times: {kills:?}",
+        history.len() - 1,
+        kills.len()
+    );
+    let ctx = format!("(CAIRN_FAULT_SEED={seed}, kills {kills:?})");
+
+    // Settled: the last commit applied, every replica reported at its release, no task outstanding.
+    wait_for(
+        "the last commit to be applied",
+        Duration::from_secs(60),
+        || async {
+            let r = plane.rows("SELECT commit FROM config_state").await;
+            (r[0]["commit"] == last.as_str()).then_some(())
+        },
+    )
+    .await;
+    wait_converged(&plane, Duration::from_secs(60)).await;
+    wait_for(
+        "every task to be finished",
+        Duration::from_secs(60),
+        || async {
+            plane
+                .rows("SELECT id FROM tasks WHERE status IN ('queued', 'leased')")
+                .await
+                .is_empty()
+                .then_some(())
+        },
+    )
+    .await;
+
+    // 1. The applied state is the last commit, whole.
+    let apps: BTreeMap<String, (u32, String)> = plane
+        .rows(
+            "SELECT a.name, a.replicas, e.value FROM apps a \
+             LEFT JOIN app_env e ON e.app = a.name AND e.key = 'V'",
+        )
+        .await
+        .iter()
+        .map(|r| {
+            (
+                r["name"].as_str().unwrap().to_owned(),
+                (
+                    r["replicas"].as_u64().unwrap() as u32,
+                    r["value"].as_str().unwrap_or("<none>").to_owned(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(apps, model.0, "apps as the last commit declares {ctx}");
+    let placed: BTreeMap<String, u32> = plane
+        .rows("SELECT app, count(*) AS n FROM placements WHERE state = 'running' GROUP BY app")
+        .await
+        .iter()
+        .map(|r| {
+            (
+                r["app"].as_str().unwrap().to_owned(),
+                r["n"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect();
+    let want: BTreeMap<String, u32> = model.0.iter().map(|(k, v)| (k.clone(), v.0)).collect();
+    assert_eq!(placed, want, "running placements per app {ctx}");
+    // What the agents run is exactly what is placed, at each app's newest release.
+    let newest = plane
+        .rows(
+            "SELECT p.app, p.slot, p.node, p.release, \
+             (SELECT max(number) FROM releases r WHERE r.app = p.app) AS newest FROM placements p",
+        )
+        .await;
+    for p in &newest {
+        assert_eq!(p["release"], p["newest"], "placement {p} {ctx}");
+    }
+    let placed_set: BTreeSet<(String, i64, i64, String)> = newest
+        .iter()
+        .map(|p| {
+            (
+                p["app"].as_str().unwrap().to_owned(),
+                p["slot"].as_i64().unwrap(),
+                p["release"].as_i64().unwrap(),
+                p["node"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    // The agents' reports follow their last tasks by a heartbeat: wait (bounded) for them to match.
+    let mut running = BTreeSet::new();
+    let limit = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < limit {
+        running.clear();
+        for node in ["a", "b"] {
+            for (app, slot, release, state) in crate::agents::support::reported(&plane, node).await
+            {
+                if state == "running" {
+                    running.insert((app, slot, release, node.to_owned()));
+                }
+            }
+        }
+        if running == placed_set {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(running, placed_set, "the agents run what is placed {ctx}");
+
+    // 2. Every reconciliation recorded is whole.
+    let failed = plane
+        .rows("SELECT commit, summary FROM reconciliations WHERE status = 'failed'")
+        .await;
+    assert!(
+        failed.is_empty(),
+        "no commit of the stream is invalid: {failed:?} {ctx}"
+    );
+    let applied = plane
+        .rows("SELECT commit, generation FROM reconciliations WHERE status = 'applied' ORDER BY id")
+        .await;
+    let generation = plane.rows("SELECT generation FROM config_state").await[0]["generation"]
+        .as_i64()
+        .unwrap();
+    let gens: Vec<i64> = applied
+        .iter()
+        .map(|r| r["generation"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        gens,
+        (1..=generation).collect::<Vec<_>>(),
+        "one applied reconciliation per generation, in order {ctx}"
+    );
+    // The commit of each generation, and what it declares.
+    let mut at: BTreeMap<i64, (String, Model)> = BTreeMap::new();
+    let mut last_index = None;
+    for r in &applied {
+        let commit = r["commit"].as_str().unwrap();
+        let index = history
+            .iter()
+            .position(|(c, _)| c == commit)
+            .unwrap_or_else(|| panic!("applied commit {commit} was never pushed {ctx}"));
+        assert!(
+            last_index < Some(index),
+            "applied commits go forward only: {applied:?} {ctx}"
+        );
+        last_index = Some(index);
+        at.insert(
+            r["generation"].as_i64().unwrap(),
+            (commit.to_owned(), history[index].1.clone()),
+        );
+    }
+    let releases = plane
+        .rows("SELECT app, number, config_commit, config_generation FROM releases ORDER BY app, number")
+        .await;
+    let mut previous = Model::default();
+    for (g, (commit, declared)) in &at {
+        // A release for each app that is new or whose env changed since the previous generation.
+        let want: BTreeSet<String> = declared
+            .0
+            .iter()
+            .filter(|(name, (_, v))| previous.0.get(*name).is_none_or(|(_, old)| old != v))
+            .map(|(name, _)| name.clone())
+            .collect();
+        let got: BTreeSet<String> = releases
+            .iter()
+            .filter(|r| r["config_generation"] == *g)
+            .map(|r| {
+                assert_eq!(r["config_commit"], commit.as_str(), "release {r} {ctx}");
+                r["app"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(got, want, "the releases of generation {g} ({commit}) {ctx}");
+        previous = declared.clone();
+    }
+    // Every deploy belongs to its generation's commit: an app and slot it declares, at the release that
+    // was the app's newest then.
+    let deploys = plane
+        .rows("SELECT id, app, slot, release, generation FROM tasks WHERE kind = 'deploy'")
+        .await;
+    for d in &deploys {
+        let g = d["generation"].as_i64().unwrap();
+        let (commit, declared) = at
+            .get(&g)
+            .unwrap_or_else(|| panic!("deploy {d} of a generation never applied {ctx}"));
+        let app = d["app"].as_str().unwrap();
+        let (replicas, _) = declared
+            .0
+            .get(app)
+            .unwrap_or_else(|| panic!("deploy {d}: {commit} declares no such app {ctx}"));
+        assert!(
+            d["slot"].as_i64().unwrap() <= i64::from(*replicas),
+            "deploy {d}: {commit} declares {replicas} replicas {ctx}"
+        );
+        let current = releases
+            .iter()
+            .filter(|r| r["app"] == app && r["config_generation"].as_i64().unwrap() <= g)
+            .map(|r| r["number"].as_i64().unwrap())
+            .max();
+        assert_eq!(
+            d["release"].as_i64(),
+            current,
+            "deploy {d}: the app's release at generation {g} {ctx}"
+        );
+    }
+
+    // 3. No task, and no piece of work, ran twice on a node.
+    for (node, agent) in [("a", &a), ("b", &b)] {
+        let again = repeated_runs(&agent.records());
+        assert!(again.is_empty(), "node {node}: {again:?} {ctx}");
+    }
+    eprintln!("{TEST}: passed in {:?}", started.elapsed());
+}
