@@ -317,7 +317,7 @@ impl Plane {
         cmd.args(["--server", server, "--driver", "recording"])
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--heartbeat", "300ms", "--concurrency", "2"])
+            .args(["--concurrency", "2"])
             .env("CAIRN_AGENT_TEST_DRIVER", "1")
             .env("CAIRN_LOG", "debug")
             .env_remove("CAIRN_JOIN_TOKEN")
@@ -325,6 +325,10 @@ impl Plane {
             .stderr(log);
         if let Some(t) = join {
             cmd.env("CAIRN_JOIN_TOKEN", t);
+        }
+        // 300 ms unless the test chose its own.
+        if !args.contains(&"--heartbeat") {
+            cmd.args(["--heartbeat", "300ms"]);
         }
         cmd.args(args);
         for (k, v) in env {

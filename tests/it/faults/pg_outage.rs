@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cairn_schema::Identity;
 use cairn_testkit::pg::OwnCluster;
 
-use crate::agents::support::{Plane, Repo, wait_converged, wait_for};
+use crate::agents::support::{Plane, Repo, placements, wait_converged, wait_for};
 
 const ARGS: &[&str] = &[
     "--interval",
@@ -22,6 +22,9 @@ const ARGS: &[&str] = &[
     "--task-lease",
     "3s",
 ];
+/// The agents' heartbeat: within the threshold, but slower than serve's liveness check (every 1.25 s), so
+/// the check after the outage comes before the first heartbeat.
+const HEARTBEAT: &[&str] = &["--heartbeat", "2s"];
 /// How long the database stays down.
 const OUTAGE: Duration = Duration::from_secs(60);
 
@@ -47,16 +50,16 @@ async fn recovered(plane: &Plane, since: &str, release: i64, what: &str) {
     )
     .await;
     wait_for(
-        &format!("{what}: the agent's heartbeats to be recorded again"),
+        &format!("{what}: both agents' heartbeats to be recorded again"),
         Duration::from_secs(30),
         || async {
             let r = plane
                 .rows(&format!(
-                    "SELECT state FROM node_status WHERE node = 'a' \
+                    "SELECT state FROM node_status WHERE state = 'online' \
                      AND last_heartbeat > '{since}'::timestamptz"
                 ))
                 .await;
-            (r.first().is_some_and(|r| r["state"] == "online")).then_some(())
+            (r.len() == 2).then_some(())
         },
     )
     .await;
@@ -77,7 +80,7 @@ async fn recovered(plane: &Plane, since: &str, release: i64, what: &str) {
             let r = plane
                 .rows("SELECT release FROM placements WHERE app = 'web'")
                 .await;
-            (r.len() == 1 && r[0]["release"] == release).then_some(())
+            (r.len() == 2 && r.iter().all(|r| r["release"] == release)).then_some(())
         },
     )
     .await;
@@ -104,19 +107,24 @@ async fn serve_and_an_agent_recover_from_a_postgres_restart_and_a_minute_long_ou
     let repo = Repo::new(identity.recipient().as_str());
     let scratch = tempfile::tempdir().unwrap();
     repo.node("a", "");
-    repo.app("web", 1, "V = \"r1\"\n");
+    repo.node("b", "");
+    repo.app("web", 2, "V = \"r1\"\n");
     let mut plane = Plane::start(db, repo, scratch, identity, ARGS).await;
     plane.wait_generation(1).await;
     let dir = plane.scratch.path().join("agent-a");
     let token = plane.join_token("a");
-    let mut agent = plane.agent("a", &dir, Some(&token), &[], &[]);
+    let mut agent = plane.agent("a", &dir, Some(&token), &[], HEARTBEAT);
+    let dir_b = plane.scratch.path().join("agent-b");
+    let token_b = plane.join_token("b");
+    let mut agent_b = plane.agent("b", &dir_b, Some(&token_b), &[], HEARTBEAT);
     wait_converged(&plane, Duration::from_secs(60)).await;
+    let placed = placements(&plane).await;
     eprintln!("{TEST}: running at {:?}", started.elapsed());
 
     // A restart: every connection of serve's pools (and its LISTEN connection) is ended.
     let before = db_now(&plane).await;
     cluster.restart();
-    plane.repo.app("web", 1, "V = \"r2\"\n");
+    plane.repo.app("web", 2, "V = \"r2\"\n");
     plane.repo.commit();
     recovered(&plane, &before, 2, "after a restart").await;
     eprintln!(
@@ -128,7 +136,7 @@ async fn serve_and_an_agent_recover_from_a_postgres_restart_and_a_minute_long_ou
     let before = db_now(&plane).await;
     cluster.stop();
     let down = Instant::now();
-    plane.repo.app("web", 1, "V = \"r3\"\n");
+    plane.repo.app("web", 2, "V = \"r3\"\n");
     plane.repo.commit();
     let healthz = format!("{}/healthz", plane.url);
     let readyz = format!("{}/readyz", plane.url);
@@ -146,14 +154,32 @@ async fn serve_and_an_agent_recover_from_a_postgres_restart_and_a_minute_long_ou
     );
     while down.elapsed() < OUTAGE {
         assert_eq!(plane.serve_exited(), None, "serve exited during the outage");
-        assert_eq!(agent.exited(), None, "the agent exited during the outage");
+        assert_eq!(agent.exited(), None, "agent a exited during the outage");
+        assert_eq!(agent_b.exited(), None, "agent b exited during the outage");
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     cluster.start();
     eprintln!("{TEST}: database back at {:?}", started.elapsed());
     recovered(&plane, &before, 3, "after a minute-long outage").await;
     assert_eq!(plane.serve_exited(), None, "serve keeps running");
-    assert_eq!(agent.exited(), None, "the agent keeps running");
+    assert_eq!(agent.exited(), None, "agent a keeps running");
+    assert_eq!(agent_b.exited(), None, "agent b keeps running");
+    // The nodes were alive all along: nothing moved, nothing ran twice, nothing was stopped.
+    assert_eq!(
+        placements(&plane).await,
+        placed,
+        "no replica moved: the nodes were alive, only the database was not"
+    );
+    for (node, agent) in [("a", &agent), ("b", &agent_b)] {
+        let records = agent.records();
+        let again = super::repeated_runs(&records);
+        assert!(again.is_empty(), "node {node}: {again:?}");
+        let stops: Vec<_> = records
+            .iter()
+            .filter(|r| r["kind"] == "stop" || r["kind"] == "remove")
+            .collect();
+        assert!(stops.is_empty(), "node {node} stopped nothing: {stops:?}");
+    }
     let stuck = plane
         .rows("SELECT id, kind, status, last_error FROM tasks WHERE status IN ('dead', 'failed')")
         .await;

@@ -16,7 +16,7 @@ use super::{Rng, repeated_runs, seed, socket_addr};
 use crate::agents::support::{Plane, Repo, wait_converged, wait_for};
 
 /// Commits in the stream.
-const COMMITS: u32 = 24;
+const COMMITS: u32 = 30;
 /// Serve's flags: a short interval so commits are read often; node loss is not what this test is
 /// about, so a node survives serve's restarts (its heartbeats pause meanwhile).
 const ARGS: &[&str] = &[
