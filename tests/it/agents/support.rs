@@ -168,6 +168,8 @@ pub struct Plane {
     agents: Vec<u32>,
     /// What serve was started with (beyond the database, repository and identity), for a restart.
     args: Vec<String>,
+    /// What serve's environment has besides the inherited one.
+    env: Vec<(String, String)>,
     /// Serve processes started so far (each writes its own log, `serve.log`, `serve-2.log`, ...).
     starts: u32,
     /// Where agents started from now on connect, when not [`Plane::url`] (e.g. a proxy in front of it).
@@ -204,11 +206,28 @@ impl Plane {
         identity: Identity,
         args: &[&str],
     ) -> Plane {
+        Self::start_with_env(db, repo, scratch, identity, args, &[]).await
+    }
+
+    /// [`Plane::start`] with `env` in serve's environment (also after [`Plane::restart_serve`]), e.g. a
+    /// `CAIRN_FAILPOINT`.
+    pub async fn start_with_env(
+        db: TestDb,
+        repo: Repo,
+        scratch: TempDir,
+        identity: Identity,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Plane {
         let identity_path = scratch.path().join("control-plane.key");
         std::fs::write(&identity_path, identity.to_file_text("test").as_bytes()).unwrap();
         repo.commit();
         let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        let (child, addr) = spawn_serve(&db, &repo, scratch.path(), "serve.log", &args).await;
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let (child, addr) = spawn_serve(&db, &repo, scratch.path(), "serve.log", &args, &env).await;
         let plane = Plane {
             db,
             repo,
@@ -217,6 +236,7 @@ impl Plane {
             serve: Some(child),
             agents: Vec::new(),
             args,
+            env,
             starts: 1,
             agent_server: None,
         };
@@ -243,6 +263,14 @@ impl Plane {
         self.serve.as_mut().and_then(|c| c.try_wait().unwrap())
     }
 
+    /// The log file of the serve process started last.
+    pub fn serve_log(&self) -> PathBuf {
+        match self.starts {
+            1 => self.scratch.path().join("serve.log"),
+            n => self.scratch.path().join(format!("serve-{n}.log")),
+        }
+    }
+
     /// SIGKILLs `cairn serve` (no chance to finish anything) and reaps it.
     pub fn kill_serve(&mut self) {
         if let Some(mut c) = self.serve.take() {
@@ -258,8 +286,15 @@ impl Plane {
         assert!(self.serve.is_none(), "serve still runs; kill it first");
         self.starts += 1;
         let log = format!("serve-{}.log", self.starts);
-        let (child, addr) =
-            spawn_serve(&self.db, &self.repo, self.scratch.path(), &log, &self.args).await;
+        let (child, addr) = spawn_serve(
+            &self.db,
+            &self.repo,
+            self.scratch.path(),
+            &log,
+            &self.args,
+            &self.env,
+        )
+        .await;
         self.serve = Some(child);
         self.url = format!("http://{addr}");
         self.wait_api().await;
@@ -419,6 +454,7 @@ async fn spawn_serve(
     scratch: &Path,
     log: &str,
     args: &[String],
+    env: &[(String, String)],
 ) -> (Child, String) {
     let log = std::fs::File::create(scratch.join(log)).unwrap();
     let mut cmd = Command::new(CAIRN);
@@ -433,6 +469,7 @@ async fn spawn_serve(
         .args(args)
         .env("CAIRN_LOG", "debug")
         .env_remove("CAIRN_IDENTITY")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::piped())
         .stderr(log);
     let mut child = cmd.spawn().expect("cairn serve starts");

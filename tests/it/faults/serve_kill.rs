@@ -1,6 +1,8 @@
 //! `cairn serve` SIGKILLed at random moments while commits stream into its config repository (apps
 //! added, changed, scaled and removed), and started again each time; two agents (recording driver) reach
-//! it through a proxy that follows it to its new port.
+//! it through a proxy that follows it to its new port. Some kills land inside an open apply transaction
+//! (serve pauses there, through the `apply-before-commit` failpoint, and says so in its log), the others
+//! anywhere.
 //!
 //! Afterwards: the applied state is the last commit whole (apps, env, replicas, placements, what the
 //! agents run); every applied reconciliation is whole (generations without gaps, commits never going
@@ -17,6 +19,11 @@ use crate::agents::support::{Plane, Repo, wait_converged, wait_for};
 
 /// Commits in the stream.
 const COMMITS: u32 = 30;
+/// How long serve holds each apply transaction open before COMMIT (the `apply-before-commit` failpoint),
+/// and the window after its message in which a kill meant for the open transaction lands (the margin
+/// absorbs scheduling delays, so such a kill never comes after the COMMIT).
+const FAILPOINT: (&str, &str) = ("CAIRN_FAILPOINT", "apply-before-commit:400");
+const KILL_WINDOW_MS: u64 = 200;
 /// Serve's flags: a short interval so commits are read often; node loss is not what this test is
 /// about, so a node survives serve's restarts (its heartbeats pause meanwhile).
 const ARGS: &[&str] = &[
@@ -75,6 +82,14 @@ impl Model {
     }
 }
 
+/// How many times the serve log at `path` says it paused inside an apply transaction.
+fn failpoints(path: &std::path::Path) -> usize {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .matches("failpoint apply-before-commit")
+        .count()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_sigkilled_during_a_commit_stream_applies_the_last_commit_whole_and_runs_no_task_twice()
  {
@@ -91,7 +106,7 @@ async fn serve_sigkilled_during_a_commit_stream_applies_the_last_commit_whole_an
     model.0.insert("app1".into(), (2, "c0".into()));
     model.write(&repo, &Model::default());
     let mut next_app = 1;
-    let mut plane = Plane::start(db, repo, scratch, identity, ARGS).await;
+    let mut plane = Plane::start_with_env(db, repo, scratch, identity, ARGS, &[FAILPOINT]).await;
     // Each commit pushed, with what it declares, in push order.
     let mut history: Vec<(String, Model)> = vec![(plane.repo.head(), model.clone())];
 
@@ -110,6 +125,7 @@ async fn serve_sigkilled_during_a_commit_stream_applies_the_last_commit_whole_an
     eprintln!("{TEST}: first commit deployed at {:?}", started.elapsed());
 
     let mut kills = Vec::new();
+    let mut inside_apply = 0;
     for i in 1..=COMMITS {
         let before = model.clone();
         model.mutate(&mut rng, i, &mut next_app);
@@ -117,13 +133,38 @@ async fn serve_sigkilled_during_a_commit_stream_applies_the_last_commit_whole_an
         if model == before {
             continue; // e.g. scaled back to where it was: nothing to commit
         }
+        let paused_before = failpoints(&plane.serve_log());
         plane.repo.commit();
         history.push((plane.repo.head(), model.clone()));
-        tokio::time::sleep(Duration::from_millis(rng.below(900))).await;
-        if rng.below(100) < 45 {
-            // A random moment in serve's life: reading, applying, answering a lease, or idle.
-            tokio::time::sleep(Duration::from_millis(rng.below(400))).await;
-            kills.push(format!("after commit {i} at {:?}", started.elapsed()));
+        let kill = match rng.below(100) {
+            // Inside the open apply transaction of this commit: serve pauses there (the failpoint) and
+            // says so in its log.
+            0..25 => {
+                let limit = Instant::now() + Duration::from_secs(5);
+                while failpoints(&plane.serve_log()) == paused_before && Instant::now() < limit {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                let seen = failpoints(&plane.serve_log()) > paused_before;
+                tokio::time::sleep(Duration::from_millis(rng.below(KILL_WINDOW_MS))).await;
+                if seen {
+                    inside_apply += 1;
+                    Some("inside its apply")
+                } else {
+                    Some("waiting for an apply that did not come")
+                }
+            }
+            // Anywhere in serve's life: reading, planning, answering a lease, idle.
+            25..50 => {
+                tokio::time::sleep(Duration::from_millis(rng.below(1300))).await;
+                Some("at a random moment")
+            }
+            _ => {
+                tokio::time::sleep(Duration::from_millis(rng.below(900))).await;
+                None
+            }
+        };
+        if let Some(when) = kill {
+            kills.push(format!("after commit {i} {when} ({:?})", started.elapsed()));
             plane.kill_serve();
             plane.restart_serve().await;
             proxy.set_upstream(socket_addr(&plane.url));
@@ -131,7 +172,8 @@ async fn serve_sigkilled_during_a_commit_stream_applies_the_last_commit_whole_an
     }
     let last = plane.repo.head();
     eprintln!(
-        "{TEST}: seed {seed}: {} commits, serve killed {} times: {kills:?}",
+        "{TEST}: seed {seed}: {} commits, serve killed {} times ({inside_apply} inside an open apply \
+         transaction): {kills:?}",
         history.len() - 1,
         kills.len()
     );
@@ -160,6 +202,11 @@ async fn serve_sigkilled_during_a_commit_stream_applies_the_last_commit_whole_an
         },
     )
     .await;
+
+    assert!(
+        inside_apply > 0 || !kills.iter().any(|k| k.contains("apply")),
+        "no kill landed inside an open apply transaction {ctx}"
+    );
 
     // 1. The applied state is the last commit, whole.
     let apps: BTreeMap<String, (u32, String)> = plane
