@@ -22,13 +22,13 @@ use serde_json::{Value, json};
 use super::socket_addr;
 use crate::agents::support::{Plane, placements, reported, wait_converged, wait_for};
 
-/// Serve's flags: node loss after 6 s without a heartbeat (room to apply a commit after the cut while
+/// Serve's flags: node loss after 8 s without a heartbeat (room to apply a commit after the cut while
 /// `a` still counts as online), reconciles every second.
 const ARGS: &[&str] = &[
     "--interval",
     "1s",
     "--node-offline-after",
-    "6s",
+    "8s",
     "--heartbeat-interval",
     "300ms",
     "--task-lease",
