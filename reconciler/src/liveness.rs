@@ -1,7 +1,9 @@
 //! Node liveness: a node whose agent has not sent a heartbeat for the offline threshold (`cairn serve
 //! --node-offline-after`, 90 s by default) is marked offline, and the reconciler is woken so the planner
 //! moves the node's replicas where capacity allows (and reports those it cannot place). A heartbeat
-//! marks the node online again (the agent API does that, and wakes the reconciler too).
+//! marks the node online again (the agent API does that, and wakes the reconciler too). Nodes are judged
+//! only after this process has reached the database for a whole threshold (after it starts, and after
+//! the database was unreachable): heartbeats refused meanwhile were not a node's silence.
 //!
 //! What it must not do: decide where replicas go (the planner does, from the state this records), or
 //! use any clock but the database's to judge a heartbeat's age.
@@ -31,10 +33,36 @@ pub async fn monitor(
     tokio::pin!(shutdown);
     let mut every = tokio::time::interval(tick(offline_after));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Heartbeats reach the database only through a control plane that can reach it: while none ran, or
+    // this one could not reach PostgreSQL, a node's silence proves nothing (its heartbeats were refused,
+    // not missing). So nodes are judged only once this process has reached the database for a whole
+    // threshold: after it starts, and again after every check that found it unreachable or slow (a query
+    // waits for a connection while PostgreSQL is down, then succeeds, so an error alone would miss a
+    // short outage), every live agent has heartbeated by then, and only the silent ones are marked.
+    let period = tick(offline_after).max(Duration::from_secs(1));
+    let mut judge_from = tokio::time::Instant::now() + offline_after;
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             _ = every.tick() => {}
+        }
+        match tokio::time::timeout(period, crate::store::ping(&pool)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %error_chain(&e), "cannot check node liveness");
+                judge_from = tokio::time::Instant::now() + offline_after;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "cannot check node liveness: the database did not answer within {period:?}"
+                );
+                judge_from = tokio::time::Instant::now() + offline_after;
+                continue;
+            }
+        }
+        if tokio::time::Instant::now() < judge_from {
+            continue;
         }
         match agents::mark_offline(&pool, offline_after).await {
             Ok(nodes) if nodes.is_empty() => {}
@@ -44,7 +72,10 @@ pub async fn monitor(
                 }
                 wake.notify_one();
             }
-            Err(e) => tracing::warn!(error = %error_chain(&e), "cannot check node liveness"),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot check node liveness");
+                judge_from = tokio::time::Instant::now() + offline_after;
+            }
         }
     }
 }

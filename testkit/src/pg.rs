@@ -492,32 +492,34 @@ impl OwnCluster {
         }
     }
 
-    /// Starts the server again on the same port and waits until it accepts connections.
+    /// Starts the server again on the same port and waits until it accepts connections. After a
+    /// [`OwnCluster::kill`] the old server's backends may still hold its shared memory for a moment (they
+    /// exit when they notice the postmaster is gone), so a refused start is retried for a while.
     pub fn start(&self) {
         let data = self.cluster.data.to_str().expect("a UTF-8 data directory");
         let log = self.cluster.root.join("server.log");
-        let out = self
-            .cluster
-            .pg_ctl(&[
-                "start",
-                "-w",
-                "-t",
-                "60",
-                "-D",
-                data,
-                "-l",
-                log.to_str().expect("a UTF-8 log path"),
-                "-o",
-                &format!("-p {}", self.port),
-            ])
-            .unwrap_or_else(|e| panic!("cairn-testkit: pg_ctl start: {e}"));
-        assert!(
-            out.status.success(),
-            "cairn-testkit: pg_ctl start failed: {}{}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.cluster.log_tail()
-        );
+        let log = log.to_str().expect("a UTF-8 log path");
+        let port = format!("-p {}", self.port);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let out = self
+                .cluster
+                .pg_ctl(&[
+                    "start", "-w", "-t", "60", "-D", data, "-l", log, "-o", &port,
+                ])
+                .unwrap_or_else(|e| panic!("cairn-testkit: pg_ctl start: {e}"));
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cairn-testkit: pg_ctl start failed: {}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.cluster.log_tail()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
     }
 
     /// Stops and starts the server (a restart: every session is ended).

@@ -1,9 +1,10 @@
-//! PostgreSQL restarted, then stopped for a minute, under `cairn serve` and an agent: both recover
-//! without a hand. The test runs its own cluster ([`OwnCluster`]), so stopping it breaks no other test.
+//! PostgreSQL restarted, killed (SIGKILL, crash recovery), then stopped for a minute, under `cairn serve`
+//! and two agents: all recover without a hand. The test runs its own cluster ([`OwnCluster`]), so stopping it breaks no other test.
 //!
-//! After the restart and after the outage: serve's `/readyz` is ready again, the agent's heartbeats
-//! reach the database again, and a commit made (after the restart, during the outage) applies and
-//! deploys. During the outage neither process exits, `/healthz` answers, and `/readyz` says not ready.
+//! After each: serve's `/readyz` is ready again, the agents' heartbeats reach the database again, and a
+//! commit made meanwhile applies and deploys. During the outage no process exits, `/healthz` answers,
+//! and `/readyz` says not ready. At the end nothing moved (the nodes were alive all along), no agent
+//! stopped anything or ran a task twice, and no task was given up on.
 
 use std::time::{Duration, Instant};
 
@@ -95,7 +96,7 @@ async fn db_now(plane: &Plane) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serve_and_an_agent_recover_from_a_postgres_restart_and_a_minute_long_outage() {
+async fn serve_and_agents_recover_from_postgres_restart_crash_and_outage_without_moving_replicas() {
     const TEST: &str = "serve_and_an_agent_recover_from_a_postgres_outage";
     let started = Instant::now();
     // Declared first, dropped (stopped) last: after serve and the agent.
@@ -132,11 +133,24 @@ async fn serve_and_an_agent_recover_from_a_postgres_restart_and_a_minute_long_ou
         started.elapsed()
     );
 
+    // A crash: the postmaster SIGKILLed (its backends exit with it), then crash recovery.
+    let before = db_now(&plane).await;
+    cluster.kill();
+    plane.repo.app("web", 2, "V = \"r3\"\n");
+    plane.repo.commit();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster.start();
+    recovered(&plane, &before, 3, "after a crash").await;
+    eprintln!(
+        "{TEST}: recovered from the crash at {:?}",
+        started.elapsed()
+    );
+
     // A minute without the database, with a commit made meanwhile.
     let before = db_now(&plane).await;
     cluster.stop();
     let down = Instant::now();
-    plane.repo.app("web", 2, "V = \"r3\"\n");
+    plane.repo.app("web", 2, "V = \"r4\"\n");
     plane.repo.commit();
     let healthz = format!("{}/healthz", plane.url);
     let readyz = format!("{}/readyz", plane.url);
@@ -160,7 +174,7 @@ async fn serve_and_an_agent_recover_from_a_postgres_restart_and_a_minute_long_ou
     }
     cluster.start();
     eprintln!("{TEST}: database back at {:?}", started.elapsed());
-    recovered(&plane, &before, 3, "after a minute-long outage").await;
+    recovered(&plane, &before, 4, "after a minute-long outage").await;
     assert_eq!(plane.serve_exited(), None, "serve keeps running");
     assert_eq!(agent.exited(), None, "agent a keeps running");
     assert_eq!(agent_b.exited(), None, "agent b keeps running");

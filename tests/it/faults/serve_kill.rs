@@ -384,3 +384,110 @@ async fn serve_sigkilled_during_a_commit_stream_applies_the_last_commit_whole_an
     }
     eprintln!("{TEST}: passed in {:?}", started.elapsed());
 }
+
+/// Regression: `cairn serve` down for longer than the offline threshold (an upgrade, a crash loop) came
+/// back and marked every node offline at its first liveness check, before any agent had the chance to
+/// heartbeat to it, and the planner moved replicas off nodes that had been running all along. The same
+/// happened after a PostgreSQL outage (heartbeats refused meanwhile are not a node's silence).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_down_past_the_offline_threshold_marks_no_live_node_offline_when_it_returns() {
+    const OFFLINE_AFTER: Duration = Duration::from_secs(3);
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("a", "");
+    repo.node("b", "");
+    repo.app("web", 2, "V = \"r1\"\n");
+    let mut plane = Plane::start(
+        db,
+        repo,
+        scratch,
+        identity,
+        &[
+            "--interval",
+            "1s",
+            "--node-offline-after",
+            "3s",
+            "--heartbeat-interval",
+            "300ms",
+            "--task-lease",
+            "3s",
+        ],
+    )
+    .await;
+    plane.wait_generation(1).await;
+    let proxy = Proxy::start(socket_addr(&plane.url)).await;
+    plane.agent_server = Some(proxy.url());
+    let (dir_a, dir_b) = (
+        plane.scratch.path().join("agent-a"),
+        plane.scratch.path().join("agent-b"),
+    );
+    let (ta, tb) = (plane.join_token("a"), plane.join_token("b"));
+    let a = plane.agent("a", &dir_a, Some(&ta), &[], &[]);
+    let b = plane.agent("b", &dir_b, Some(&tb), &[], &[]);
+    wait_converged(&plane, Duration::from_secs(60)).await;
+    let placed = crate::agents::support::placements(&plane).await;
+
+    plane.kill_serve();
+    tokio::time::sleep(OFFLINE_AFTER + Duration::from_secs(1)).await;
+    plane.restart_serve().await;
+    proxy.set_upstream(socket_addr(&plane.url));
+
+    // Two thresholds after the restart: the agents heartbeat every 300 ms, so no node may be offline.
+    let watch_until = Instant::now() + OFFLINE_AFTER * 2;
+    while Instant::now() < watch_until {
+        let offline = plane
+            .rows("SELECT node FROM node_status WHERE state <> 'online'")
+            .await;
+        assert!(
+            offline.is_empty(),
+            "live nodes marked offline after serve's restart: {offline:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = std::fs::read_to_string(plane.serve_log()).unwrap();
+    assert!(
+        !log.contains("node is offline"),
+        "serve marked a live node offline after its restart"
+    );
+    assert_eq!(
+        crate::agents::support::placements(&plane).await,
+        placed,
+        "no replica moved"
+    );
+    for (node, agent) in [("a", &a), ("b", &b)] {
+        let stops: Vec<_> = agent
+            .records()
+            .into_iter()
+            .filter(|r| r["kind"] == "stop" || r["kind"] == "remove")
+            .collect();
+        assert!(stops.is_empty(), "node {node} stopped nothing: {stops:?}");
+    }
+
+    // A node that really falls silent is still found: `b` killed, offline within the threshold (after
+    // the grace), its replica moved to `a`.
+    drop(b);
+    wait_for(
+        "the silent node b to be marked offline",
+        Duration::from_secs(20),
+        || async {
+            let r = plane
+                .rows("SELECT state FROM node_status WHERE node = 'b'")
+                .await;
+            (r[0]["state"] == "offline").then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "b's replica to move to a",
+        Duration::from_secs(20),
+        || async {
+            crate::agents::support::placements(&plane)
+                .await
+                .iter()
+                .all(|(_, _, n)| n == "a")
+                .then_some(())
+        },
+    )
+    .await;
+}
