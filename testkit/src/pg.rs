@@ -389,6 +389,7 @@ fn target_dir() -> PathBuf {
 pub struct OwnCluster {
     cluster: Cluster,
     port: u16,
+    password: String,
 }
 
 impl OwnCluster {
@@ -419,6 +420,7 @@ impl OwnCluster {
         Some(OwnCluster {
             cluster,
             port: running.port,
+            password: running.password,
         })
     }
 
@@ -428,6 +430,7 @@ impl OwnCluster {
             .host("127.0.0.1")
             .port(self.port)
             .username("postgres")
+            .password(&self.password)
             .database("postgres")
     }
 
