@@ -3,13 +3,17 @@
 //!
 //! After each: serve's `/readyz` is ready again, the agents' heartbeats reach the database again, and a
 //! commit made meanwhile applies and deploys. During the outage no process exits, `/healthz` answers,
-//! and `/readyz` says not ready. At the end nothing moved (the nodes were alive all along), no agent
+//! and `/readyz` says not ready. At the end nothing moved (the nodes were alive all along: `b`, reached
+//! through a proxy, is heard 2 s after `a` once the database is back, within the threshold), no agent
 //! stopped anything or ran a task twice, and no task was given up on.
 
 use std::time::{Duration, Instant};
 
 use cairn_schema::Identity;
 use cairn_testkit::pg::OwnCluster;
+use cairn_testkit::proxy::{Mode, Proxy};
+
+use super::socket_addr;
 
 use crate::agents::support::{Plane, Repo, placements, wait_converged, wait_for};
 
@@ -23,9 +27,9 @@ const ARGS: &[&str] = &[
     "--task-lease",
     "3s",
 ];
-/// The agents' heartbeat: within the threshold, but slower than serve's liveness check (every 1.25 s), so
-/// the check after the outage comes before the first heartbeat.
-const HEARTBEAT: &[&str] = &["--heartbeat", "2s"];
+/// How long node `b`'s path to serve stays cut after the database is back: shorter than the threshold,
+/// so `b` is no more silent than a live node may be, while `a` (heartbeating every 300 ms) is heard first.
+const B_LATE: Duration = Duration::from_secs(2);
 /// How long the database stays down.
 const OUTAGE: Duration = Duration::from_secs(60);
 
@@ -114,10 +118,13 @@ async fn serve_and_agents_recover_from_postgres_restart_crash_and_outage_without
     plane.wait_generation(1).await;
     let dir = plane.scratch.path().join("agent-a");
     let token = plane.join_token("a");
-    let mut agent = plane.agent("a", &dir, Some(&token), &[], HEARTBEAT);
+    let mut agent = plane.agent("a", &dir, Some(&token), &[], &[]);
     let dir_b = plane.scratch.path().join("agent-b");
     let token_b = plane.join_token("b");
-    let mut agent_b = plane.agent("b", &dir_b, Some(&token_b), &[], HEARTBEAT);
+    // `b` reaches serve through a proxy, to be heard a moment later than `a` after the outage.
+    let proxy = Proxy::start(socket_addr(&plane.url)).await;
+    plane.agent_server = Some(proxy.url());
+    let mut agent_b = plane.agent("b", &dir_b, Some(&token_b), &[], &[]);
     wait_converged(&plane, Duration::from_secs(60)).await;
     let placed = placements(&plane).await;
     eprintln!("{TEST}: running at {:?}", started.elapsed());
@@ -149,6 +156,7 @@ async fn serve_and_agents_recover_from_postgres_restart_crash_and_outage_without
     // A minute without the database, with a commit made meanwhile.
     let before = db_now(&plane).await;
     cluster.stop();
+    proxy.set_mode(Mode::BlackHole);
     let down = Instant::now();
     plane.repo.app("web", 2, "V = \"r4\"\n");
     plane.repo.commit();
@@ -174,6 +182,10 @@ async fn serve_and_agents_recover_from_postgres_restart_crash_and_outage_without
     }
     cluster.start();
     eprintln!("{TEST}: database back at {:?}", started.elapsed());
+    // `a` is heard at once; `b` a moment later, well within the threshold: neither was ever silent
+    // while serve could hear it.
+    tokio::time::sleep(B_LATE).await;
+    proxy.set_mode(Mode::Pass);
     recovered(&plane, &before, 4, "after a minute-long outage").await;
     assert_eq!(plane.serve_exited(), None, "serve keeps running");
     assert_eq!(agent.exited(), None, "agent a keeps running");
