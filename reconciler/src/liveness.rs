@@ -3,12 +3,14 @@
 //! moves the node's replicas where capacity allows (and reports those it cannot place). A heartbeat
 //! marks the node online again (the agent API does that, and wakes the reconciler too). Nodes are judged
 //! only after this process has reached the database for a whole threshold (after it starts, and after
-//! the database was unreachable): heartbeats refused meanwhile were not a node's silence.
+//! the database was unreachable or slow): heartbeats refused meanwhile were not a node's silence. The
+//! planner's view of a stale heartbeat follows the same rule ([`Judging`]).
 //!
 //! What it must not do: decide where replicas go (the planner does, from the state this records), or
 //! use any clock but the database's to judge a heartbeat's age.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -22,11 +24,31 @@ pub fn tick(offline_after: Duration) -> Duration {
     (offline_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
 }
 
+/// Whether a node's silence may be judged now: false until [`monitor`] has reached the database for a
+/// whole threshold (after it starts, and after the database was unreachable or slow). The planner's own
+/// view of liveness (a heartbeat older than the threshold counts as offline) follows the same rule
+/// through [`crate::controller::Controller::judging`], so neither moves a replica off a node whose
+/// heartbeats were refused rather than missing.
+#[derive(Debug, Clone, Default)]
+pub struct Judging(Arc<AtomicBool>);
+
+impl Judging {
+    /// Whether silence may be judged now.
+    pub fn now(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn set(&self, judging: bool) {
+        self.0.store(judging, Ordering::Relaxed);
+    }
+}
+
 /// Marks silent nodes offline every [`tick`] until `shutdown` resolves, waking the reconciler whenever it
-/// marks one.
+/// marks one; says through `judging` when silence may be judged.
 pub async fn monitor(
     pool: PgPool,
     offline_after: Duration,
+    judging: Judging,
     wake: Arc<Notify>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
@@ -41,6 +63,7 @@ pub async fn monitor(
     // short outage), every live agent has heartbeated by then, and only the silent ones are marked.
     let period = tick(offline_after).max(Duration::from_secs(1));
     let mut judge_from = tokio::time::Instant::now() + offline_after;
+    judging.set(false);
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
@@ -50,6 +73,7 @@ pub async fn monitor(
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), "cannot check node liveness");
+                judging.set(false);
                 judge_from = tokio::time::Instant::now() + offline_after;
                 continue;
             }
@@ -57,6 +81,7 @@ pub async fn monitor(
                 tracing::warn!(
                     "cannot check node liveness: the database did not answer within {period:?}"
                 );
+                judging.set(false);
                 judge_from = tokio::time::Instant::now() + offline_after;
                 continue;
             }
@@ -64,6 +89,7 @@ pub async fn monitor(
         if tokio::time::Instant::now() < judge_from {
             continue;
         }
+        judging.set(true);
         match agents::mark_offline(&pool, offline_after).await {
             Ok(nodes) if nodes.is_empty() => {}
             Ok(nodes) => {
@@ -74,6 +100,7 @@ pub async fn monitor(
             }
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "cannot check node liveness");
+                judging.set(false);
                 judge_from = tokio::time::Instant::now() + offline_after;
             }
         }

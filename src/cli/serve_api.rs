@@ -64,6 +64,7 @@ pub async fn start(
     src: &super::control::SourceArgs,
     database_url: &str,
     offline_after: Duration,
+    judging: cairn_reconciler::liveness::Judging,
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
@@ -121,6 +122,7 @@ pub async fn start(
     tokio::spawn(cairn_reconciler::liveness::monitor(
         pool,
         offline_after,
+        judging,
         wake,
         async move {
             let mut stop = stop;
