@@ -29,30 +29,46 @@ pub fn tick(offline_after: Duration) -> Duration {
 /// view of liveness (a heartbeat older than the threshold counts as offline) follows the same rule
 /// through [`crate::controller::Controller::judging`], so neither moves a replica off a node whose
 /// heartbeats were refused rather than missing.
-#[derive(Debug, Clone, Default)]
-pub struct Judging(Arc<AtomicBool>);
+#[derive(Debug, Clone)]
+pub struct Judging {
+    now: Arc<AtomicBool>,
+    offline_after: Duration,
+}
 
 impl Judging {
+    /// Not judging yet, for a node offline threshold of `offline_after`.
+    pub fn new(offline_after: Duration) -> Self {
+        Judging {
+            now: Arc::default(),
+            offline_after,
+        }
+    }
+
     /// Whether silence may be judged now.
     pub fn now(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.now.load(Ordering::Relaxed)
+    }
+
+    /// The threshold: a node silent this long (while judging) is offline.
+    pub fn offline_after(&self) -> Duration {
+        self.offline_after
     }
 
     fn set(&self, judging: bool) {
-        self.0.store(judging, Ordering::Relaxed);
+        self.now.store(judging, Ordering::Relaxed);
     }
 }
 
-/// Marks silent nodes offline every [`tick`] until `shutdown` resolves, waking the reconciler whenever it
+/// Marks nodes silent for the threshold offline every [`tick`] until `shutdown` resolves, waking the reconciler whenever it
 /// marks one; says through `judging` when silence may be judged.
 pub async fn monitor(
     pool: PgPool,
-    offline_after: Duration,
     judging: Judging,
     wake: Arc<Notify>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let offline_after = judging.offline_after();
     let mut every = tokio::time::interval(tick(offline_after));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Heartbeats reach the database only through a control plane that can reach it: while none ran, or
