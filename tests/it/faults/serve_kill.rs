@@ -491,3 +491,58 @@ async fn serve_down_past_the_offline_threshold_marks_no_live_node_offline_when_i
     )
     .await;
 }
+
+/// Regression (found by the commit-stream test above): serve SIGKILLed while it fetched the config
+/// repository left `refs/cairn/heads/main.lock` in its git cache, and every later fetch failed ("A lock
+/// could not be obtained for reference ... might need manual deletion"): no commit was applied again
+/// until an operator deleted the file. Here the lock such a kill leaves is made directly (deterministic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ref_lock_left_by_a_killed_serve_does_not_stop_later_config_fetches() {
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("a", "");
+    repo.app("web", 1, "V = \"r1\"\n");
+    let mut plane = Plane::start(db, repo, scratch, identity, ARGS).await;
+    plane.wait_generation(1).await;
+    plane.kill_serve();
+    let cache = plane.scratch.path().join("cache");
+    let git_dirs: Vec<std::path::PathBuf> = std::fs::read_dir(&cache)
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "git") && p.join("refs").is_dir())
+        .collect();
+    assert!(
+        !git_dirs.is_empty(),
+        "serve keeps a git cache under {}",
+        cache.display()
+    );
+    for dir in &git_dirs {
+        let heads = dir.join("refs/cairn/heads");
+        std::fs::create_dir_all(&heads).unwrap();
+        std::fs::write(heads.join("main.lock"), b"").unwrap();
+    }
+    plane.repo.app("web", 1, "V = \"r2\"\n");
+    plane.repo.commit();
+    let head = plane.repo.head();
+    plane.restart_serve().await;
+    let applied = wait_for_applied(&plane, &head, Duration::from_secs(20)).await;
+    assert!(
+        applied,
+        "serve never applied {head} after a restart with a stale ref lock: {}",
+        cairn_testkit::skip::tail(&plane.serve_log(), 5)
+    );
+}
+
+/// Whether the commit `head` is applied within `limit`.
+async fn wait_for_applied(plane: &Plane, head: &str, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        let r = plane.rows("SELECT commit FROM config_state").await;
+        if r[0]["commit"] == head {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
