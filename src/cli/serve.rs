@@ -186,6 +186,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
         let mut c = controller(&args.db, &args.src).await?;
         c.offline_after = args.node_offline_after;
+        let judging = cairn_reconciler::liveness::Judging::new(args.node_offline_after);
+        c.judging = Some(judging.clone());
         webhooks.install_hooks(&mut c, &args.src)?;
         let _ = ready.set(c.pool.clone());
         let wake = Arc::new(Notify::new());
@@ -194,7 +196,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 &args.api,
                 &args.src,
                 &args.db.database_url,
-                args.node_offline_after,
+                judging,
                 c.hooks.clone(),
                 wake.clone(),
                 stop_rx.clone(),

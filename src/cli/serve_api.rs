@@ -67,7 +67,7 @@ pub async fn start(
     args: &ApiArgs,
     src: &super::control::SourceArgs,
     database_url: &str,
-    offline_after: Duration,
+    judging: cairn_reconciler::liveness::Judging,
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
@@ -81,7 +81,7 @@ pub async fn start(
         .context("cannot listen for task notifications")?;
     let mut cfg = ApiConfig::new(args.installation.clone());
     cfg.heartbeat_interval = args.heartbeat_interval;
-    cfg.offline_after = offline_after;
+    cfg.offline_after = judging.offline_after();
     cfg.task_lease = args.task_lease;
     cfg.node_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
     cfg.admin_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
@@ -125,7 +125,7 @@ pub async fn start(
     ));
     tokio::spawn(cairn_reconciler::liveness::monitor(
         pool,
-        offline_after,
+        judging,
         wake,
         async move {
             let mut stop = stop;

@@ -5,6 +5,7 @@ mod crash;
 mod dev;
 mod e2e;
 mod examples;
+mod faults;
 mod operations;
 mod plan_cli;
 mod releases;
