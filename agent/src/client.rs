@@ -49,6 +49,12 @@ impl ClientError {
             _ => false,
         }
     }
+
+    /// Whether the control plane refused the request itself as malformed (a 4xx other than 401, 404,
+    /// 409 and 429): sending the same request again cannot succeed.
+    pub fn is_malformed(&self) -> bool {
+        matches!(self, ClientError::Refused { status, .. } if status.is_client_error())
+    }
 }
 
 /// A client of one control plane, as one node (once joined).

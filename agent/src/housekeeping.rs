@@ -7,8 +7,10 @@
 //! round (a chattier replica loses lines, not the agent's memory), batches of at most
 //! [`cairn_proto::MAX_LOG_LINES`], each line cut at [`cairn_proto::MAX_LOG_LINE_BYTES`]. Lines printed
 //! before this process started are not sent (an earlier agent process sent them); a line is new when its
-//! time is after the newest one sent for its replica. A round that cannot reach the control plane is
-//! sent again next round.
+//! time is after the newest one sent for its replica. A round that cannot reach the control plane (or
+//! that it answers 5xx or 429) is sent again next round; a batch it refuses as malformed (any other 4xx)
+//! is dropped with a warning, never sent again (it would be refused for ever, and block every later
+//! line). U+0000, which the control plane's database cannot store, is sent as U+FFFD.
 //!
 //! **Images** (`--keep-images N`): every few minutes, images of each app beyond its N newest releases
 //! are removed, never one a container of this installation uses (a rollback to an older release beyond
@@ -94,7 +96,8 @@ impl Cursor {
                         // Build output is never a replica's; anything else is its standard output.
                         LogStream::Stdout | LogStream::Build => cairn_proto::LogStream::Stdout,
                     },
-                    text: cairn_proto::truncate(&l.text, MAX_LOG_LINE_BYTES).to_owned(),
+                    text: cairn_proto::truncate(&l.text, MAX_LOG_LINE_BYTES)
+                        .replace('\0', "\u{FFFD}"),
                     at: l.at.into(),
                 });
             }
@@ -152,22 +155,34 @@ pub async fn ship_loop(
                 continue;
             }
         };
-        let (lines, next) = cursor.unsent(&outputs);
-        let mut sent = true;
-        for chunk in lines.chunks(MAX_LOG_LINES) {
-            let batch = ReplicaLogBatch {
-                lines: chunk.to_vec(),
-            };
-            if let Err(e) = client.replica_logs(&batch).await {
+        ship(&client, &mut cursor, &outputs).await;
+    }
+}
+
+/// Ships the lines of `outputs` not sent yet; the cursor advances unless a batch is to be sent again.
+/// Returns how many batches were dropped as refused.
+pub async fn ship(client: &Client, cursor: &mut Cursor, outputs: &[ReplicaOutput]) -> usize {
+    let (lines, next) = cursor.unsent(outputs);
+    let mut dropped = 0;
+    for chunk in lines.chunks(MAX_LOG_LINES) {
+        let batch = ReplicaLogBatch {
+            lines: chunk.to_vec(),
+        };
+        match client.replica_logs(&batch).await {
+            Ok(_) => {}
+            Err(e) if e.is_malformed() => {
+                // Sending it again would be refused again, and hold back every later line.
+                tracing::warn!(error = %chain(&e), lines = chunk.len(), "the control plane refused a batch of replica output; it is dropped");
+                dropped += 1;
+            }
+            Err(e) => {
                 tracing::debug!(error = %chain(&e), lines = chunk.len(), "cannot ship replica output; next round tries again");
-                sent = false;
-                break;
+                return dropped;
             }
         }
-        if sent {
-            cursor.advance(next);
-        }
     }
+    cursor.advance(next);
+    dropped
 }
 
 /// Resolves when `stop` turns true; never, if its sender is gone without raising it.
@@ -228,5 +243,93 @@ mod tests {
             l.is_empty() && next.is_empty(),
             "a gone replica is forgotten"
         );
+    }
+
+    /// A control plane that answers every request with the status in `status`, counting requests.
+    async fn answering(
+        status: Arc<std::sync::atomic::AtomicU16>,
+    ) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((io, _)) = listener.accept().await else {
+                    return;
+                };
+                let (status, counted) = (status.clone(), counted.clone());
+                let svc = hyper::service::service_fn(move |_req| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    let code = status.load(Ordering::SeqCst);
+                    async move {
+                        hyper::Response::builder()
+                            .status(code)
+                            .header("content-type", "application/json")
+                            .body(http_body_util::Full::new(bytes::Bytes::from_static(
+                                br#"{"error": "refused"}"#,
+                            )))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc),
+                );
+            }
+        });
+        (format!("http://{addr}"), hits)
+    }
+
+    /// Regression (issue 12): a batch the control plane refused as malformed (a 5xx then, for a NUL) was
+    /// sent again every round for ever, and no later line was shipped. A 4xx refusal (but 429) now drops
+    /// the batch; a 5xx or 429 keeps it for the next round.
+    #[tokio::test]
+    async fn regression_a_batch_refused_as_malformed_is_dropped_not_sent_for_ever() {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        let status = Arc::new(AtomicU16::new(503));
+        let (url, hits) = answering(status.clone()).await;
+        let client = Client::new(&url).unwrap().with_credential("c".into());
+        let t0 = SystemTime::now();
+        let mut cursor = Cursor::new(t0);
+        let out = vec![ReplicaOutput {
+            app: Name::new("web").unwrap(),
+            slot: 0,
+            release: 1,
+            lines: vec![line("binary\0junk", t0 + Duration::from_secs(1))],
+        }];
+        // The control plane is unavailable, or asks to slow down: the batch is kept.
+        for code in [503, 429] {
+            status.store(code, Ordering::SeqCst);
+            let before = hits.load(Ordering::SeqCst);
+            assert_eq!(ship(&client, &mut cursor, &out).await, 0);
+            assert_eq!(hits.load(Ordering::SeqCst), before + 1);
+        }
+        let before = hits.load(Ordering::SeqCst);
+        assert_eq!(ship(&client, &mut cursor, &out).await, 0, "sent again");
+        assert_eq!(hits.load(Ordering::SeqCst), before + 1);
+        // Refused as malformed: dropped, and not sent again.
+        status.store(400, Ordering::SeqCst);
+        assert_eq!(ship(&client, &mut cursor, &out).await, 1);
+        let after = hits.load(Ordering::SeqCst);
+        assert_eq!(ship(&client, &mut cursor, &out).await, 0);
+        assert_eq!(
+            hits.load(Ordering::SeqCst),
+            after,
+            "the refused batch is not sent again"
+        );
+    }
+
+    #[test]
+    fn nul_in_replica_output_is_sent_as_a_replacement_character() {
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let c = Cursor::new(t0);
+        let (l, _) = c.unsent(&[ReplicaOutput {
+            app: Name::new("web").unwrap(),
+            slot: 0,
+            release: 1,
+            lines: vec![line("a\0b", t0 + Duration::from_secs(1))],
+        }]);
+        assert_eq!(l[0].text, "a\u{FFFD}b");
     }
 }

@@ -11,6 +11,13 @@
 //! here, 502 when the replica fails to answer, 504 when it answers too slowly. Their bodies say what
 //! happened without internals.
 //!
+//! Bounded like `cairn serve`'s listener: the descriptor limit is raised to the hard limit when it starts
+//! serving, connections are capped below it ([`ProxyConfig::max_connections`]; each may hold a second
+//! descriptor towards a replica), and a connection must send a request's complete headers within
+//! [`ProxyConfig::header_timeout`] of connecting or of its previous response (hyper's
+//! `header_read_timeout`, also the keep-alive idle timeout), headers at most
+//! [`ProxyConfig::max_header_bytes`]. At the cap new connections wait in the kernel's backlog.
+//!
 //! TLS comes later through [`Listener`]: a TLS listener yields streams that are already (or lazily)
 //! decrypted, and reports `https` as its scheme.
 //!
@@ -78,6 +85,43 @@ pub struct ProxyConfig {
     pub connect_retries: u32,
     /// How long connections may finish their requests after shutdown.
     pub shutdown_grace: Duration,
+    /// A client must send a request's complete headers within this of connecting or of its previous
+    /// response (also the keep-alive idle timeout).
+    pub header_timeout: Duration,
+    /// Bytes of request line and headers at most (431 beyond).
+    pub max_header_bytes: usize,
+    /// Client connections at most; `None`: from the descriptor limit ([`connection_cap`]).
+    pub max_connections: Option<usize>,
+}
+
+/// File descriptors the agent keeps for everything but proxied connections (Docker, the control plane,
+/// sources, its data directory).
+pub const RESERVED_FDS: u64 = 256;
+
+/// Client connections the proxy holds at most with `fd_limit` descriptors: each may also hold one to a
+/// replica, so three eighths of what is left after [`RESERVED_FDS`], at least 16.
+pub fn connection_cap(fd_limit: u64) -> usize {
+    let usable = fd_limit.saturating_sub(RESERVED_FDS) / 8 * 3;
+    usize::try_from(usable)
+        .unwrap_or(usize::MAX)
+        .clamp(16, 1 << 20)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit; returns the soft limit in force afterwards.
+pub fn raise_fd_limit() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => limit = getrlimit(Resource::Nofile),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the file descriptor limit"),
+        }
+    }
+    limit.current.unwrap_or(u64::MAX)
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +131,9 @@ impl Default for ProxyConfig {
             response_timeout: Duration::from_secs(60),
             connect_retries: 3,
             shutdown_grace: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
+            max_header_bytes: 64 * 1024,
+            max_connections: None,
         }
     }
 }
@@ -298,8 +345,23 @@ impl Proxy {
     ) -> std::io::Result<()> {
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let scheme = listener.scheme();
+        let fds = raise_fd_limit();
+        let cap = self
+            .cfg
+            .max_connections
+            .unwrap_or_else(|| connection_cap(fds))
+            .max(1);
+        tracing::debug!(fd_limit = fds, max_connections = cap, "node proxy bounds");
+        let permits = Arc::new(tokio::sync::Semaphore::new(cap));
         tokio::pin!(shutdown);
         loop {
+            let permit = tokio::select! {
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+                _ = &mut shutdown => break,
+            };
             tokio::select! {
                 accepted = listener.accept() => {
                     let (io, peer) = match accepted {
@@ -318,11 +380,13 @@ impl Proxy {
                     });
                     let conn = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
-                        .header_read_timeout(Duration::from_secs(30))
+                        .header_read_timeout(self.cfg.header_timeout)
+                        .max_buf_size(self.cfg.max_header_bytes.max(8192))
                         .serve_connection(TokioIo::new(io), svc);
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         let _ = conn.await;
+                        drop(permit);
                     });
                 }
                 _ = &mut shutdown => break,
@@ -633,5 +697,116 @@ mod tests {
         assert!(p.remove_replica(&app, &ReplicaId("a1".into())).is_some());
         assert_eq!(p.remove_app(&app).len(), 1);
         assert!(p.routes().is_empty());
+    }
+
+    /// Sends `request` on a new connection to `addr`; the answer's status, or `None` without one
+    /// within `limit`.
+    async fn raw(addr: SocketAddr, request: &[u8], limit: Duration) -> Option<u16> {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let answer = tokio::time::timeout(limit, async {
+            let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let _ = s.write_all(request).await;
+            let mut answer = vec![0u8; 12];
+            s.read_exact(&mut answer).await.ok()?;
+            Some(answer)
+        })
+        .await
+        .ok()??;
+        std::str::from_utf8(&answer)
+            .ok()?
+            .strip_prefix("HTTP/1.1 ")?
+            .get(..3)?
+            .parse()
+            .ok()
+    }
+
+    /// Whether the proxy closes `s` (EOF, perhaps after an answer) within `limit`.
+    async fn closed(s: &mut tokio::net::TcpStream, limit: Duration) -> bool {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 1024];
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return true,
+                Ok(Ok(_)) => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    /// Regression (issue 12): the node proxy had no connection cap, and its limits were fixed. Idle and
+    /// slow clients are closed after the header timeout, connections past the cap wait for room instead
+    /// of using descriptors, and malformed requests get a 4xx, never a 5xx.
+    #[tokio::test]
+    async fn regression_idle_slow_and_malformed_clients_are_bounded_and_get_4xx() {
+        use tokio::io::AsyncWriteExt as _;
+        let p = Proxy::new(ProxyConfig {
+            header_timeout: Duration::from_millis(500),
+            max_connections: Some(2),
+            ..ProxyConfig::default()
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let served = tokio::spawn(p.serve(listener, async move {
+            let _ = stopped.await;
+        }));
+
+        // Two connections fill the cap: one idle, one slow.
+        let mut idle = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+        slow.write_all(b"GET / HTTP/1.1\r\nhost: web")
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // A third waits for room: no answer while both are open...
+        let ok = b"GET / HTTP/1.1\r\nhost: nowhere.test\r\nconnection: close\r\n\r\n";
+        assert_eq!(
+            raw(addr, ok, Duration::from_millis(200)).await,
+            None,
+            "past the cap"
+        );
+        // ...and the header timeout closes them, which makes room.
+        assert!(
+            closed(&mut idle, Duration::from_secs(5)).await,
+            "the idle client is closed"
+        );
+        assert!(
+            closed(&mut slow, Duration::from_secs(5)).await,
+            "the slow client is closed"
+        );
+        assert_eq!(raw(addr, ok, Duration::from_secs(5)).await, Some(404));
+
+        let big = format!(
+            "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+            "a".repeat(100 * 1024)
+        );
+        let cases: [(&str, &[u8]); 7] = [
+            ("garbage", b"\x00\x01 / HTTP/9.9\r\n\r\n"),
+            ("no host", b"GET / HTTP/1.1\r\nconnection: close\r\n\r\n"),
+            ("bad host", b"GET / HTTP/1.1\r\nhost: a b\xff\r\nconnection: close\r\n\r\n"),
+            ("bad path", b"GET /%ff%00/../x?%zz HTTP/1.1\r\nhost: nowhere.test\r\nconnection: close\r\n\r\n"),
+            ("bad length", b"POST / HTTP/1.1\r\nhost: nowhere.test\r\ncontent-length: lots\r\n\r\n"),
+            ("absolute URI", b"GET http://evil.test/ HTTP/1.1\r\nhost: nowhere.test\r\nconnection: close\r\n\r\n"),
+            ("huge header", big.as_bytes()),
+        ];
+        for (what, request) in cases {
+            let status = raw(addr, request, Duration::from_secs(5)).await;
+            assert!(
+                status.is_some_and(|s| (400..500).contains(&s)),
+                "{what}: {status:?}"
+            );
+        }
+        let _ = stop.send(());
+        served.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn the_connection_cap_leaves_room_for_replica_connections() {
+        assert_eq!(connection_cap(1024), 288);
+        assert_eq!(connection_cap(100), 16);
+        for limit in [1024u64, 4096, 65_536, 1 << 20] {
+            assert!(2 * connection_cap(limit) as u64 + RESERVED_FDS < limit);
+        }
     }
 }

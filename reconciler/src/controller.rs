@@ -155,6 +155,10 @@ pub struct Controller {
     pub head_polling: HeadPolling,
     /// Told when a commit's reconcile starts, is applied or fails (commit statuses, in `cairn serve`).
     pub hooks: Option<Arc<dyn crate::hooks::Hooks>>,
+    /// In `cairn serve`: whether the liveness monitor judges silence now; while it does not (after a
+    /// start or a database outage), plans treat a node its state calls online as online whatever the
+    /// age of its last heartbeat. `None` (the CLI): the heartbeat's age always counts.
+    pub judging: Option<crate::liveness::Judging>,
 }
 
 /// A failed run: the error, already recorded in the history when it could be.
@@ -182,6 +186,7 @@ impl Controller {
             heads: None,
             head_polling: HeadPolling::All,
             hooks: None,
+            judging: None,
         }
     }
 
@@ -287,9 +292,17 @@ impl Controller {
             observed: &observed,
             seed: self.seed,
             now: Utc::now(),
-            offline_after: self.offline_after,
+            offline_after: self.planning_offline_after(),
         });
         Ok((snap, Some(plan)))
+    }
+
+    /// The threshold plans judge heartbeats by: none while the liveness monitor does not judge silence.
+    fn planning_offline_after(&self) -> Duration {
+        match &self.judging {
+            Some(j) if !j.now() => Duration::MAX,
+            _ => self.offline_after,
+        }
     }
 
     /// One full reconcile: read, validate, plan and apply; failures are recorded.
@@ -349,7 +362,7 @@ impl Controller {
             trigger,
             identity: self.identity.as_ref(),
             seed: self.seed,
-            offline_after: self.offline_after,
+            offline_after: self.planning_offline_after(),
             started_at,
             expect_generation: generation,
             hooks: self.hooks.as_deref(),

@@ -1,12 +1,16 @@
 //! Node liveness: a node whose agent has not sent a heartbeat for the offline threshold (`cairn serve
 //! --node-offline-after`, 90 s by default) is marked offline, and the reconciler is woken so the planner
 //! moves the node's replicas where capacity allows (and reports those it cannot place). A heartbeat
-//! marks the node online again (the agent API does that, and wakes the reconciler too).
+//! marks the node online again (the agent API does that, and wakes the reconciler too). Nodes are judged
+//! only after this process has reached the database for a whole threshold (after it starts, and after
+//! the database was unreachable or slow): heartbeats refused meanwhile were not a node's silence. The
+//! planner's view of a stale heartbeat follows the same rule ([`Judging`]).
 //!
 //! What it must not do: decide where replicas go (the planner does, from the state this records), or
 //! use any clock but the database's to judge a heartbeat's age.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::PgPool;
@@ -20,22 +24,88 @@ pub fn tick(offline_after: Duration) -> Duration {
     (offline_after / 4).clamp(Duration::from_millis(200), Duration::from_secs(5))
 }
 
-/// Marks silent nodes offline every [`tick`] until `shutdown` resolves, waking the reconciler whenever it
-/// marks one.
+/// Whether a node's silence may be judged now: false until [`monitor`] has reached the database for a
+/// whole threshold (after it starts, and after the database was unreachable or slow). The planner's own
+/// view of liveness (a heartbeat older than the threshold counts as offline) follows the same rule
+/// through [`crate::controller::Controller::judging`], so neither moves a replica off a node whose
+/// heartbeats were refused rather than missing.
+#[derive(Debug, Clone)]
+pub struct Judging {
+    now: Arc<AtomicBool>,
+    offline_after: Duration,
+}
+
+impl Judging {
+    /// Not judging yet, for a node offline threshold of `offline_after`.
+    pub fn new(offline_after: Duration) -> Self {
+        Judging {
+            now: Arc::default(),
+            offline_after,
+        }
+    }
+
+    /// Whether silence may be judged now.
+    pub fn now(&self) -> bool {
+        self.now.load(Ordering::Relaxed)
+    }
+
+    /// The threshold: a node silent this long (while judging) is offline.
+    pub fn offline_after(&self) -> Duration {
+        self.offline_after
+    }
+
+    fn set(&self, judging: bool) {
+        self.now.store(judging, Ordering::Relaxed);
+    }
+}
+
+/// Marks nodes silent for the threshold offline every [`tick`] until `shutdown` resolves, waking the reconciler whenever it
+/// marks one; says through `judging` when silence may be judged.
 pub async fn monitor(
     pool: PgPool,
-    offline_after: Duration,
+    judging: Judging,
     wake: Arc<Notify>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let offline_after = judging.offline_after();
     let mut every = tokio::time::interval(tick(offline_after));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Heartbeats reach the database only through a control plane that can reach it: while none ran, or
+    // this one could not reach PostgreSQL, a node's silence proves nothing (its heartbeats were refused,
+    // not missing). So nodes are judged only once this process has reached the database for a whole
+    // threshold: after it starts, and again after every check that found it unreachable or slow (a query
+    // waits for a connection while PostgreSQL is down, then succeeds, so an error alone would miss a
+    // short outage), every live agent has heartbeated by then, and only the silent ones are marked.
+    let period = tick(offline_after).max(Duration::from_secs(1));
+    let mut judge_from = tokio::time::Instant::now() + offline_after;
+    judging.set(false);
     loop {
         tokio::select! {
             _ = &mut shutdown => return,
             _ = every.tick() => {}
         }
+        match tokio::time::timeout(period, crate::store::ping(&pool)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(error = %error_chain(&e), "cannot check node liveness");
+                judging.set(false);
+                judge_from = tokio::time::Instant::now() + offline_after;
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "cannot check node liveness: the database did not answer within {period:?}"
+                );
+                judging.set(false);
+                judge_from = tokio::time::Instant::now() + offline_after;
+                continue;
+            }
+        }
+        if tokio::time::Instant::now() < judge_from {
+            continue;
+        }
+        judging.set(true);
         match agents::mark_offline(&pool, offline_after).await {
             Ok(nodes) if nodes.is_empty() => {}
             Ok(nodes) => {
@@ -44,7 +114,11 @@ pub async fn monitor(
                 }
                 wake.notify_one();
             }
-            Err(e) => tracing::warn!(error = %error_chain(&e), "cannot check node liveness"),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot check node liveness");
+                judging.set(false);
+                judge_from = tokio::time::Instant::now() + offline_after;
+            }
         }
     }
 }

@@ -10,6 +10,9 @@ use anyhow::{Context, Result};
 use axum::Router;
 use tokio::sync::{OnceCell, watch};
 
+/// Connections `--metrics-listen` holds at most.
+const METRICS_MAX_CONNECTIONS: usize = 64;
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct MetricsArgs {
     /// Serve /metrics on this address instead of the main listener (port 0 picks one; the bound
@@ -24,6 +27,7 @@ pub async fn mount(
     args: &MetricsArgs,
     pool: Arc<OnceCell<sqlx::PgPool>>,
     stop: watch::Receiver<bool>,
+    bounds: &cairn_reconciler::api::listen::Bounds,
 ) -> Result<Router> {
     let metrics = cairn_reconciler::metrics::router(pool);
     let Some(addr) = args.metrics_listen else {
@@ -35,13 +39,15 @@ pub async fn mount(
     let bound = listener.local_addr()?;
     println!("metrics on {bound}");
     tracing::info!(addr = %bound, "serving /metrics");
+    // Bounded like the main listener, with a cap of its own (scrapers are few).
+    let mut bounds = bounds.clone();
+    bounds.max_connections = bounds.max_connections.min(METRICS_MAX_CONNECTIONS);
     tokio::spawn(async move {
         let mut stop = stop;
-        let served = axum::serve(listener, metrics)
-            .with_graceful_shutdown(async move {
-                let _ = stop.wait_for(|s| *s).await;
-            })
-            .await;
+        let served = cairn_reconciler::api::listen::serve(listener, metrics, bounds, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
         if let Err(e) = served {
             tracing::error!(error = %e, "the metrics listener failed");
         }

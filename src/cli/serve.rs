@@ -1,7 +1,13 @@
 //! `cairn serve`: the control plane. Its HTTP listener serves `/healthz` and `/readyz` from the start, and
 //! `POST /webhooks/github` when a webhook secret is configured; the reconcile loop runs on a timer and wakes
 //! on file changes (directory sources) and webhook deliveries; the GitHub integration's workers run beside
-//! it, and all of it stops on SIGTERM.
+//! it, and all of it stops on SIGTERM or SIGINT. SIGHUP is ignored (logged): `serve` reads no
+//! configuration file to reload, and a closed terminal must not stop the control plane.
+//!
+//! The listener is bounded ([`cairn_reconciler::api::listen`]): the descriptor limit is raised to its hard
+//! limit at startup and connections are capped below it; headers must arrive within
+//! `--http-header-timeout` (also the keep-alive idle timeout), bodies within `--http-body-timeout`.
+//! `/readyz` answers within about a second even while PostgreSQL does not.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -42,6 +48,65 @@ pub struct Args {
     api: super::serve_api::ApiArgs,
     #[command(flatten)]
     metrics: super::metrics::MetricsArgs,
+    #[command(flatten)]
+    http: HttpArgs,
+}
+
+/// Bounds of the HTTP listeners.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpArgs {
+    /// A connection must send a request's complete headers within this of connecting or of its
+    /// previous response (also how long an idle keep-alive connection stays open)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    http_header_timeout: Duration,
+    /// A request's body must arrive whole within this
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    http_body_timeout: Duration,
+    /// Open connections at most (default and ceiling: three quarters of the descriptor limit left after
+    /// a reserve of 128)
+    #[arg(long)]
+    max_connections: Option<usize>,
+}
+
+impl HttpArgs {
+    /// The listener's bounds; raises the descriptor limit first.
+    pub fn bounds(&self) -> cairn_reconciler::api::listen::Bounds {
+        use cairn_reconciler::api::listen;
+        let fds = listen::raise_fd_limit();
+        let mut b = listen::Bounds::new(fds);
+        if let Some(max) = self.max_connections {
+            if max > b.max_connections {
+                tracing::warn!(
+                    asked = max,
+                    max = b.max_connections,
+                    fd_limit = fds,
+                    "--max-connections is above what the descriptor limit allows: capped"
+                );
+            } else {
+                b.max_connections = max.max(1);
+            }
+        }
+        b.header_timeout = self.http_header_timeout;
+        b.body_timeout = self.http_body_timeout;
+        tracing::info!(
+            fd_limit = fds,
+            max_connections = b.max_connections,
+            "HTTP listener bounds"
+        );
+        b
+    }
+}
+
+/// Logs and otherwise ignores SIGHUP (whose default action would end the process).
+pub fn ignore_sighup() -> Result<()> {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install a SIGHUP handler")?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP ignored: cairn serve has nothing to reload (SIGTERM stops it)");
+        }
+    });
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -80,6 +145,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
     init_logging(args.log_format);
     let webhooks = super::webhooks::Prepared::new(&args.webhooks)?;
     runtime()?.block_on(async move {
+        ignore_sighup()?;
+        let bounds = args.http.bounds();
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -107,21 +174,20 @@ pub fn run(args: Args) -> Result<ExitCode> {
         // The agent and admin APIs (`/agent/v1`, `/api/v1`) answer 503 until the database is reachable.
         let apis = super::serve_api::Late::default();
         let app = app.merge(apis.router());
-        let app = super::metrics::mount(app, &args.metrics, ready.clone(), stop_rx.clone()).await?;
-        let server = tokio::spawn(
-            axum::serve(
-                // Answers (a long-poll handing out a task) leave at once, not after a delayed ACK.
-                axum::serve::ListenerExt::tap_io(listener, |tcp| {
-                    let _ = tcp.set_nodelay(true);
-                }),
-                app.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
-        );
+        let app =
+            super::metrics::mount(app, &args.metrics, ready.clone(), stop_rx.clone(), &bounds)
+                .await?;
+        let server = tokio::spawn(cairn_reconciler::api::listen::serve(
+            listener,
+            app,
+            bounds,
+            stopped(stop_rx.clone()),
+        ));
 
         let mut c = controller(&args.db, &args.src).await?;
         c.offline_after = args.node_offline_after;
+        let judging = cairn_reconciler::liveness::Judging::new(args.node_offline_after);
+        c.judging = Some(judging.clone());
         webhooks.install_hooks(&mut c, &args.src)?;
         let _ = ready.set(c.pool.clone());
         let wake = Arc::new(Notify::new());
@@ -130,7 +196,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 &args.api,
                 &args.src,
                 &args.db.database_url,
-                args.node_offline_after,
+                judging,
                 c.hooks.clone(),
                 wake.clone(),
                 stop_rx.clone(),
@@ -172,14 +238,19 @@ pub fn run(args: Args) -> Result<ExitCode> {
     })
 }
 
+/// How long `/readyz` waits for the database.
+const READYZ_DB_TIMEOUT: Duration = Duration::from_millis(800);
+
 async fn readyz(
     State(ready): State<Arc<tokio::sync::OnceCell<sqlx::PgPool>>>,
 ) -> (StatusCode, &'static str) {
     let Some(pool) = ready.get() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
     };
-    match cairn_reconciler::store::ping(pool).await {
-        Ok(_) => (StatusCode::OK, "ready\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
+    // The pool would wait up to its acquire timeout (10 s) for a connection to a database that is
+    // down; a readiness probe needs its answer sooner.
+    match tokio::time::timeout(READYZ_DB_TIMEOUT, cairn_reconciler::store::ping(pool)).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
+        Ok(Err(_)) | Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
     }
 }

@@ -56,6 +56,10 @@ pub struct ApiArgs {
     /// by digest, and the release records the digest. Without it each node builds the images it lacks
     #[arg(long, value_name = "HOST[:PORT][/PREFIX]")]
     registry: Option<cairn_proto::Registry>,
+    /// A reverse proxy in front of `serve` (repeatable): requests from it are attributed, for the
+    /// authentication back-off and the join rate, to the address its X-Forwarded-For names
+    #[arg(long, value_name = "IP")]
+    trusted_proxy: Vec<std::net::IpAddr>,
 }
 
 /// Connects the APIs' pool and listener, starts the liveness monitor, and returns the APIs' router.
@@ -63,7 +67,7 @@ pub async fn start(
     args: &ApiArgs,
     src: &super::control::SourceArgs,
     database_url: &str,
-    offline_after: Duration,
+    judging: cairn_reconciler::liveness::Judging,
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     stop: watch::Receiver<bool>,
@@ -77,12 +81,13 @@ pub async fn start(
         .context("cannot listen for task notifications")?;
     let mut cfg = ApiConfig::new(args.installation.clone());
     cfg.heartbeat_interval = args.heartbeat_interval;
-    cfg.offline_after = offline_after;
+    cfg.offline_after = judging.offline_after();
     cfg.task_lease = args.task_lease;
     cfg.node_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
     cfg.admin_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
     cfg.join_rate = Rate::new(args.join_rate_limit, args.join_rate_limit * 10.0);
     cfg.registry = args.registry.clone();
+    cfg.trusted_proxies = args.trusted_proxy.clone();
     let api = Api::new(
         pool.clone(),
         Arc::new(listener),
@@ -120,7 +125,7 @@ pub async fn start(
     ));
     tokio::spawn(cairn_reconciler::liveness::monitor(
         pool,
-        offline_after,
+        judging,
         wake,
         async move {
             let mut stop = stop;

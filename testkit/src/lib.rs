@@ -6,6 +6,9 @@
 //!   on a private cluster that one test process starts and every other process of the run shares.
 //! - [`poll`]: a client polling an address while a test switches what answers there, and the checks of
 //!   what it saw (no failed request, one switch from the old body to the new).
+//! - [`proxy`]: a TCP proxy a test controls (pass, refuse, black-hole, a new upstream), to partition a
+//!   client from its server and heal it.
+//! - [`pg::OwnCluster`]: a private PostgreSQL cluster for one test, which it may stop and restart.
 //! - [`registry`]: a local image registry (Debian's `docker-registry`) on a free loopback port.
 //! - [`engine`]: a second, private Docker engine (`dockerd` with its own data, socket, bridge and subnet)
 //!   for a test's second node.
@@ -19,6 +22,7 @@ pub mod engine;
 mod git;
 pub mod pg;
 pub mod poll;
+pub mod proxy;
 pub mod registry;
 pub mod skip;
 

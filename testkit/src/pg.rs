@@ -363,16 +363,188 @@ fn start_private_cluster() -> Result<Running, String> {
 /// `<target>/cairn-test-pg/<major>`, or a directory under the system temp dir when the server's
 /// account could not reach the target directory (a checkout under `/root`, say).
 fn cluster_root(major: &str, run_as: Option<Account>) -> PathBuf {
+    let root = target_dir().join("cairn-test-pg").join(major);
+    reachable_root(root, run_as, &format!("cairn-test-pg-{major}"))
+}
+
+/// The workspace's target directory (`CARGO_TARGET_DIR` or `<workspace>/target`).
+fn target_dir() -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .unwrap_or(Path::new("."));
-    let target = match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
         Some(dir) if dir.is_absolute() => dir,
         Some(dir) => workspace.join(dir),
         None => workspace.join("target"),
-    };
-    let root = target.join("cairn-test-pg").join(major);
-    reachable_root(root, run_as, &format!("cairn-test-pg-{major}"))
+    }
+}
+
+/// A PostgreSQL cluster of one test's own, for a test that stops, restarts or kills the server under the
+/// processes it tests (the shared cluster must never go away under other tests). Its data lives under
+/// `<target>/cairn-test-pg-own/<random>` and is removed, with the server stopped, when this is dropped.
+///
+/// [`OwnCluster::stop`] and [`OwnCluster::start`] keep the port, so a client's database URL stays valid
+/// across an outage.
+#[derive(Debug)]
+pub struct OwnCluster {
+    cluster: Cluster,
+    port: u16,
+    password: String,
+}
+
+impl OwnCluster {
+    /// Initialises and starts a new cluster. `None` when PostgreSQL is unavailable and
+    /// `CAIRN_TEST_REQUIRE_ALL` is unset (a skip message has been printed).
+    pub fn new() -> Option<OwnCluster> {
+        let explicit = std::env::var_os(BINDIR_ENV)
+            .filter(|v| !v.is_empty())
+            .map(|d| (PathBuf::from(d), BINDIR_ENV));
+        let prepared = find_bindir(explicit).and_then(|bin| Ok((bin, server_account()?)));
+        let (bin, run_as) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                skip_or_panic(&e.to_string());
+                return None;
+            }
+        };
+        let name = format!("{:016x}", rand::random::<u64>());
+        let preferred = target_dir().join("cairn-test-pg-own").join(&name);
+        let root = reachable_root(preferred, run_as, &format!("cairn-test-pg-own-{name}"));
+        let cluster = Cluster::new(bin, root, run_as, "cairn-testkit (one test's own)");
+        let running = cluster.ensure_running().unwrap_or_else(|e| {
+            panic!(
+                "cairn-testkit: could not start PostgreSQL in {}: {e}",
+                cluster.root.display()
+            )
+        });
+        Some(OwnCluster {
+            cluster,
+            port: running.port,
+            password: running.password,
+        })
+    }
+
+    /// The `postgres` database as the superuser, over TCP on loopback.
+    pub fn admin(&self) -> PgConnectOptions {
+        PgConnectOptions::new()
+            .host("127.0.0.1")
+            .port(self.port)
+            .username("postgres")
+            .password(&self.password)
+            .database("postgres")
+    }
+
+    /// A new database on this cluster with every migration applied (no template: this cluster is new).
+    pub async fn database(&self) -> TestDb {
+        let admin = self.admin();
+        let name = format!("test_{:016x}", rand::random::<u64>());
+        let mut conn = connect(&admin).await;
+        let create = format!(r#"CREATE DATABASE "{name}""#);
+        if let Err(e) = sqlx::raw_sql(&create).execute(&mut conn).await {
+            panic!("cairn-testkit: {create}: {e}");
+        }
+        let _ = conn.close().await;
+        let options = admin.clone().database(&name);
+        let mut conn = connect(&options).await;
+        if let Err(e) = MIGRATOR.run(&mut conn).await {
+            panic!("cairn-testkit: applying the migrations to {name}: {e}");
+        }
+        let _ = conn.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .connect_with(options.clone())
+            .await
+            .unwrap_or_else(|e| panic!("cairn-testkit: connecting to {name}: {e}"));
+        TestDb {
+            pool,
+            url: options.to_url_lossy().to_string(),
+            options,
+            name,
+            admin,
+            dropped: false,
+        }
+    }
+
+    /// Stops the server (fast shutdown: sessions are ended, committed work is kept) and waits until it
+    /// is gone.
+    pub fn stop(&self) {
+        self.cluster.stop().unwrap_or_else(|e| {
+            panic!(
+                "cairn-testkit: stopping {}: {e}",
+                self.cluster.root.display()
+            )
+        });
+    }
+
+    /// SIGKILLs the postmaster (its backends exit when they notice) and waits until it is gone: what a
+    /// crashed server or host looks like; the next [`OwnCluster::start`] runs crash recovery.
+    pub fn kill(&self) {
+        let Some(pid) = self.cluster.postmaster_pid() else {
+            return;
+        };
+        if let Some(p) = rustix::process::Pid::from_raw(pid) {
+            let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while self.cluster.is_our_postmaster(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cairn-testkit: the postmaster survived SIGKILL"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the server again on the same port and waits until it accepts connections. After a
+    /// [`OwnCluster::kill`] the old server's backends may still hold its shared memory for a moment (they
+    /// exit when they notice the postmaster is gone), so a refused start is retried for a while.
+    pub fn start(&self) {
+        let data = self.cluster.data.to_str().expect("a UTF-8 data directory");
+        let log = self.cluster.root.join("server.log");
+        let log = log.to_str().expect("a UTF-8 log path");
+        let port = format!("-p {}", self.port);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let out = self
+                .cluster
+                .pg_ctl(&[
+                    "start", "-w", "-t", "60", "-D", data, "-l", log, "-o", &port,
+                ])
+                .unwrap_or_else(|e| panic!("cairn-testkit: pg_ctl start: {e}"));
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cairn-testkit: pg_ctl start failed: {}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.cluster.log_tail()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+    }
+
+    /// Stops and starts the server (a restart: every session is ended).
+    pub fn restart(&self) {
+        self.stop();
+        self.start();
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = self.cluster.stop();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.cluster.root);
+        } else {
+            eprintln!(
+                "cairn-testkit: keeping the failed test's cluster in {}",
+                self.cluster.root.display()
+            );
+        }
+        let _ = std::fs::remove_dir_all(&self.cluster.socket_dir);
+    }
 }
 
 #[cfg(test)]

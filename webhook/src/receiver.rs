@@ -1,10 +1,15 @@
 //! The GitHub webhook endpoint, `POST /webhooks/github`: an axum [`Router`] that `cairn serve` merges
 //! into its own.
 //!
-//! A delivery is answered in milliseconds: its body is read (413 past [`MAX_BODY_BYTES`], refused from
-//! `Content-Length` before any byte is read, and as soon as a chunked body passes the limit), its
-//! `X-Hub-Signature-256` verified (401, nothing recorded), its payload parsed for its event (400 when
-//! it is not JSON or not the shape GitHub sends), and it is recorded in `webhook_deliveries` under its
+//! A delivery is answered in milliseconds. Before any byte of its body is read, its headers are checked:
+//! a missing or ill-formed `X-Hub-Signature-256` is 401, a missing or invalid event or delivery id 400,
+//! a `Content-Length` past [`MAX_BODY_BYTES`] 413. Bodies not verified yet are bounded in number
+//! ([`MAX_UNVERIFIED_BODIES`] at once, 429 with `Retry-After` beyond) and in bytes
+//! ([`MAX_BUFFERED_BYTES`] reserved at once, by `Content-Length` or the whole limit for a chunked body:
+//! 429 with `Retry-After` beyond), so parallel large unsigned bodies cannot grow memory without bound.
+//! Then its body is read (413 as soon as a chunked body passes the limit), its signature verified (401,
+//! nothing recorded), its payload parsed for its event (400 when it is not JSON or not the shape GitHub
+//! sends), and it is recorded in `webhook_deliveries` under its
 //! `X-GitHub-Delivery` id (a redelivery is answered "already received" and changes nothing). Then the
 //! worker is woken through the [`Notify`] the caller gave; it does the rest from the durable record
 //! ([`crate::deliveries`]).
@@ -18,7 +23,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bytes::Bytes;
@@ -26,7 +31,7 @@ use cairn_reconciler::metrics::DeliveryOutcome;
 use http_body_util::{BodyExt as _, LengthLimitError, Limited};
 use serde_json::{Value, json};
 use sqlx::PgPool;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, Semaphore};
 use tracing::Instrument as _;
 
 use crate::deliveries::chain;
@@ -43,10 +48,20 @@ pub const EVENT_HEADER: &str = "x-github-event";
 /// `X-GitHub-Delivery`, a GUID per delivery that a redelivery repeats.
 pub const DELIVERY_HEADER: &str = "x-github-delivery";
 
+/// Request bodies read before their signature is verified, at most at once.
+pub const MAX_UNVERIFIED_BODIES: usize = 8;
+/// Bytes reserved for bodies being read and handled, at most at once (two bodies of GitHub's limit, or
+/// many of the usual few kilobytes).
+pub const MAX_BUFFERED_BYTES: usize = 2 * MAX_BODY_BYTES + 16 * 1024 * 1024;
+
 struct Receiver {
     pool: PgPool,
     secret: WebhookSecret,
     wake: Arc<Notify>,
+    /// One permit per body being read before verification.
+    unverified: Arc<Semaphore>,
+    /// One permit per KiB reserved for a body.
+    buffered: Arc<Semaphore>,
 }
 
 /// The webhook endpoint. Deliveries are recorded in `pool`; `wake` is notified after each new one.
@@ -56,7 +71,13 @@ struct Receiver {
 pub fn router(pool: PgPool, secret: WebhookSecret, wake: Arc<Notify>) -> Router {
     Router::new()
         .route(WEBHOOK_PATH, post(receive))
-        .with_state(Arc::new(Receiver { pool, secret, wake }))
+        .with_state(Arc::new(Receiver {
+            pool,
+            secret,
+            wake,
+            unverified: Arc::new(Semaphore::new(MAX_UNVERIFIED_BODIES)),
+            buffered: Arc::new(Semaphore::new(kib(MAX_BUFFERED_BYTES))),
+        }))
 }
 
 /// Why a delivery was refused. The response body is `{"error": "..."}`.
@@ -74,6 +95,10 @@ pub enum ReceiveError {
     BadHeader(&'static str),
     #[error("the payload was refused")]
     Payload(#[from] EventError),
+    #[error("too many deliveries are being received at once; try again")]
+    TooMany,
+    #[error("too many bytes of deliveries are being received at once; try again")]
+    Busy,
     /// The delivery could not be recorded: GitHub shows the failure and it can be redelivered.
     #[error("the delivery could not be recorded")]
     Store(#[from] StoreError),
@@ -88,6 +113,7 @@ impl ReceiveError {
             | ReceiveError::MissingHeader(_)
             | ReceiveError::BadHeader(_)
             | ReceiveError::Payload(_) => StatusCode::BAD_REQUEST,
+            ReceiveError::TooMany | ReceiveError::Busy => StatusCode::TOO_MANY_REQUESTS,
             ReceiveError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -109,7 +135,13 @@ impl IntoResponse for ReceiveError {
             // The rest is about what the caller sent, so it may read the details.
             other => chain(other),
         };
-        (status, axum::Json(json!({ "error": message }))).into_response()
+        let mut response = (status, axum::Json(json!({ "error": message }))).into_response();
+        if matches!(self, ReceiveError::TooMany | ReceiveError::Busy) {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 
@@ -130,15 +162,29 @@ async fn receive(State(receiver): State<Arc<Receiver>>, request: Request) -> Res
 
 async fn accept(receiver: &Receiver, request: Request) -> Result<Response, ReceiveError> {
     let (parts, body) = request.into_parts();
-    let body = read_body(&parts.headers, body).await?;
-    signature::verify_headers(&receiver.secret, &parts.headers, &body)?;
-
+    // Everything that can be refused from the headers is, before a byte of the body is read.
+    signature::check_headers(&parts.headers)?;
     let event = header_value(&parts.headers, EVENT_HEADER, 64, |c| {
         c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'
     })?;
     let delivery = header_value(&parts.headers, DELIVERY_HEADER, 100, |c| {
         c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.'
     })?;
+    let length = content_length(&parts.headers)?;
+    let unverified = receiver
+        .unverified
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ReceiveError::TooMany)?;
+    // Held until the answer: the body (and what is parsed from it) stays within the budget.
+    let _reserved = receiver
+        .buffered
+        .clone()
+        .try_acquire_many_owned(kib(length.unwrap_or(MAX_BODY_BYTES)) as u32)
+        .map_err(|_| ReceiveError::Busy)?;
+    let body = read_body(body).await?;
+    signature::verify_headers(&receiver.secret, &parts.headers, &body)?;
+    drop(unverified);
 
     tracing::Span::current().record("delivery", delivery);
     let mut payload: Value = serde_json::from_slice(&body).map_err(EventError::NotJson)?;
@@ -148,9 +194,8 @@ async fn accept(receiver: &Receiver, request: Request) -> Result<Response, Recei
         .get("action")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    if contains_escaped_nul(&payload) {
-        replace_nul(&mut payload);
-    }
+    // U+0000 (a commit message can hold one) cannot be stored in jsonb; Cairn never acts on it.
+    cairn_reconciler::api::replace_nul(&mut payload);
 
     // A ping needs no worker: it is recorded as handled, for `cairn webhooks` to show the hook works.
     let ping = match &parsed {
@@ -201,19 +246,30 @@ async fn accept(receiver: &Receiver, request: Request) -> Result<Response, Recei
     Ok(answer(StatusCode::ACCEPTED, "received"))
 }
 
-/// Reads the whole body, refusing more than [`MAX_BODY_BYTES`]: from `Content-Length` before reading
-/// anything, else as soon as the chunks read pass the limit.
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ReceiveError> {
-    if let Some(length) = headers.get(header::CONTENT_LENGTH) {
-        let length = length
-            .to_str()
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .ok_or(ReceiveError::BadHeader("Content-Length"))?;
-        if length > MAX_BODY_BYTES as u64 {
-            return Err(ReceiveError::TooLarge);
-        }
+/// The body's `Content-Length`, refused past [`MAX_BODY_BYTES`] before anything is read; `None` for a
+/// chunked body.
+fn content_length(headers: &HeaderMap) -> Result<Option<usize>, ReceiveError> {
+    let Some(length) = headers.get(header::CONTENT_LENGTH) else {
+        return Ok(None);
+    };
+    let length = length
+        .to_str()
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+        .ok_or(ReceiveError::BadHeader("Content-Length"))?;
+    if length > MAX_BODY_BYTES as u64 {
+        return Err(ReceiveError::TooLarge);
     }
+    Ok(Some(length as usize))
+}
+
+/// Permits of the byte budget for `bytes` (one per KiB started).
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024).max(1)
+}
+
+/// Reads the whole body, refusing more than [`MAX_BODY_BYTES`] as soon as the chunks read pass it.
+async fn read_body(body: Body) -> Result<Bytes, ReceiveError> {
     match Limited::new(body, MAX_BODY_BYTES).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<LengthLimitError>() => Err(ReceiveError::TooLarge),
@@ -238,52 +294,17 @@ fn header_value<'h>(
     Ok(value)
 }
 
-/// Whether any string or key holds U+0000, which JSON allows and PostgreSQL's jsonb does not.
-fn contains_escaped_nul(value: &Value) -> bool {
-    match value {
-        Value::String(s) => s.contains('\0'),
-        Value::Array(items) => items.iter().any(contains_escaped_nul),
-        Value::Object(map) => map
-            .iter()
-            .any(|(k, v)| k.contains('\0') || contains_escaped_nul(v)),
-        _ => false,
-    }
-}
-
-/// Replaces U+0000 with U+FFFD everywhere, so the payload can be stored (a commit message can hold
-/// one; Cairn never acts on those characters).
-fn replace_nul(value: &mut Value) {
-    match value {
-        Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
-        Value::Array(items) => items.iter_mut().for_each(replace_nul),
-        Value::Object(map) => {
-            if map.keys().any(|k| k.contains('\0')) {
-                let old = std::mem::take(map);
-                for (k, mut v) in old {
-                    replace_nul(&mut v);
-                    map.insert(k.replace('\0', "\u{FFFD}"), v);
-                }
-            } else {
-                map.values_mut().for_each(replace_nul);
-            }
-        }
-        _ => {}
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn nul_characters_are_replaced_in_strings_and_keys() {
-        let mut value = json!({"a\u{0}": ["x\u{0}y", {"k": "\u{0}"}], "n": 1});
-        assert!(contains_escaped_nul(&value));
-        replace_nul(&mut value);
-        assert!(!contains_escaped_nul(&value));
-        assert_eq!(
-            value,
-            json!({"a\u{FFFD}": ["x\u{FFFD}y", {"k": "\u{FFFD}"}], "n": 1})
-        );
+    fn the_byte_budget_counts_kibibytes_and_holds_two_full_bodies() {
+        assert_eq!(kib(0), 1);
+        assert_eq!(kib(1), 1);
+        assert_eq!(kib(1025), 2);
+        assert!(kib(MAX_BUFFERED_BYTES) >= 2 * kib(MAX_BODY_BYTES));
+        assert!(kib(MAX_BUFFERED_BYTES) < 3 * kib(MAX_BODY_BYTES));
+        assert!(u32::try_from(kib(MAX_BUFFERED_BYTES)).is_ok());
     }
 }

@@ -24,7 +24,7 @@ use cairn_proto::admin::{JoinToken, JoinTokenInfo, JoinTokenRequest, NodeInfo, R
 use cairn_schema::Name;
 
 use super::auth::{self, IssueError, bearer, hash, well_formed};
-use super::{Api, ApiError, Json, client};
+use super::{Api, ApiError, Json};
 use crate::status::{self, Status};
 use crate::store::agents;
 
@@ -50,15 +50,18 @@ impl FromRequestParts<Arc<Api>> for AdminAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
-        let client = client(parts);
-        api.check_failures(&client)?;
-        let Some(token) = bearer(&parts.headers).filter(|t| well_formed(t, ADMIN_TOKEN_PREFIX))
-        else {
+        let client = api.client(parts);
+        let token_hash = bearer(&parts.headers)
+            .filter(|t| well_formed(t, ADMIN_TOKEN_PREFIX))
+            .map(hash);
+        api.admit(&client, token_hash.as_deref())?;
+        let Some(token_hash) = token_hash else {
             return Err(api.failed(&client));
         };
-        let Some((id, name)) = agents::admin_by_token(&api.pool, &hash(token)).await? else {
+        let Some((id, name)) = agents::admin_by_token(&api.pool, &token_hash).await? else {
             return Err(api.failed(&client));
         };
+        api.authenticated(&token_hash);
         api.admin_limit
             .check(&id.to_string())
             .map_err(ApiError::TooMany)?;

@@ -37,7 +37,7 @@ use cairn_schema::Name;
 use tokio::time::Instant;
 
 use super::auth::{self, bearer, hash, well_formed};
-use super::{Api, ApiError, Json, client};
+use super::{Api, ApiError, Json};
 use crate::controller::error_chain;
 use crate::drift;
 use crate::observed::NodeState;
@@ -75,16 +75,18 @@ impl FromRequestParts<Arc<Api>> for NodeAuth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, api: &Arc<Api>) -> Result<Self, ApiError> {
-        let client = client(parts);
-        api.check_failures(&client)?;
-        let Some(token) = bearer(&parts.headers).filter(|t| well_formed(t, CREDENTIAL_PREFIX))
-        else {
+        let client = api.client(parts);
+        let credential_hash = bearer(&parts.headers)
+            .filter(|t| well_formed(t, CREDENTIAL_PREFIX))
+            .map(hash);
+        api.admit(&client, credential_hash.as_deref())?;
+        let Some(credential_hash) = credential_hash else {
             return Err(api.failed(&client));
         };
-        let credential_hash = hash(token);
         let Some(node) = agents::node_by_credential(&api.pool, &credential_hash).await? else {
             return Err(api.failed(&client));
         };
+        api.authenticated(&credential_hash);
         api.node_limit
             .check(node.node.as_str())
             .map_err(ApiError::TooMany)?;
@@ -99,11 +101,14 @@ impl FromRequestParts<Arc<Api>> for NodeAuth {
 #[derive(Debug)]
 pub struct Client(pub String);
 
-impl<S: Send + Sync> FromRequestParts<S> for Client {
+impl FromRequestParts<Arc<Api>> for Client {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        Ok(Client(client(parts)))
+    async fn from_request_parts(
+        parts: &mut Parts,
+        api: &Arc<Api>,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(Client(api.client(parts)))
     }
 }
 
@@ -150,6 +155,7 @@ async fn join(
     match outcome {
         JoinOutcome::Joined { node, previous } => {
             tracing::info!(%node, recipient = %req.recipient, previous = ?previous, "an agent joined");
+            api.authenticated(&credential_hash);
             api.wake.notify_one();
             Ok(Json(JoinResponse {
                 node,

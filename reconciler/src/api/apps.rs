@@ -176,6 +176,10 @@ async fn build_logs(
     Query(q): Query<BuildQuery>,
 ) -> Result<Json<BuildLogs>, ApiError> {
     let app = app_name(&app)?;
+    // Release numbers are stored as bigint: a larger one cannot exist (and must not reach the query).
+    if let Some(n) = q.release.filter(|n| i64::try_from(*n).is_err()) {
+        return Err(OpsError::UnknownRelease { app, release: n }.into());
+    }
     Ok(Json(
         releases::build_logs(&api.pool, &app, q.release).await?,
     ))

@@ -96,6 +96,9 @@ impl IntoResponse for ApiError {
 
 /// A JSON body whose rejections are [`ApiError`]s (so a malformed or oversized body also answers JSON),
 /// and a JSON answer.
+///
+/// U+0000 in any string or key of the body (`\u0000`, which JSON allows and PostgreSQL text does not)
+/// is replaced by U+FFFD before the body is read into `T`, so no handler can hand one to the database.
 #[derive(Debug)]
 pub struct Json<T>(pub T);
 
@@ -103,6 +106,26 @@ impl<T: serde::Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {
         axum::Json(self.0).into_response()
     }
+}
+
+/// Whether the request says its body is JSON (`application/json` or `application/*+json`).
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || essence
+            .strip_prefix("application/")
+            .is_some_and(|sub| sub.ends_with("+json"))
 }
 
 impl<T, S> axum::extract::FromRequest<S> for Json<T>
@@ -113,20 +136,33 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(rejection) => {
-                let status = rejection.status();
-                let text = rejection.body_text();
-                Err(if status == StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::TooLarge(format!(
-                        "the request body is larger than {} bytes",
-                        cairn_proto::MAX_BODY_BYTES
-                    ))
-                } else {
-                    ApiError::BadRequest(text)
-                })
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::BadRequest(
+                "expected a request with `Content-Type: application/json`".into(),
+            ));
+        }
+        let bytes = match bytes::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                return Err(ApiError::TooLarge(format!(
+                    "the request body is larger than {} bytes",
+                    cairn_proto::MAX_BODY_BYTES
+                )));
             }
+            Err(rejection) => return Err(ApiError::BadRequest(rejection.body_text())),
+        };
+        // `\u0000` escapes (or a `\\u0000` that only looks like one): the slow path, through a value.
+        if bytes.windows(6).any(|w| w == b"\\u0000") {
+            let mut value: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::BadRequest(format!("the body is not valid JSON: {e}")))?;
+            super::replace_nul(&mut value);
+            return serde_json::from_value(value).map(Json).map_err(|e| {
+                ApiError::BadRequest(format!("the body is not what was expected: {e}"))
+            });
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(rejection) => Err(ApiError::BadRequest(rejection.body_text())),
         }
     }
 }

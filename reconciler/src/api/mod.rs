@@ -4,8 +4,19 @@
 //!
 //! Both are bounded: request bodies at [`cairn_proto::MAX_BODY_BYTES`] (413 before the body is read when
 //! `Content-Length` says so), request rates per node, per admin token and per client address
-//! ([`limit`]), long-polls at 30 s, tasks per lease, log lines per batch and per task. Every error is
-//! `{"error": "..."}` ([`ApiError`]); a missing, wrong or revoked credential is 401.
+//! ([`limit`]), long-polls at 30 s, tasks per lease, log lines per batch and per task; connections,
+//! header sizes and slow clients by the listener ([`listen`]). Every error is `{"error": "..."}`
+//! ([`ApiError`]); a missing, wrong or revoked credential is 401. A malformed request (bad JSON, wrong
+//! content type, deep nesting, non-UTF-8, a bad path or query) is a 4xx, never a 5xx. U+0000, which
+//! PostgreSQL text cannot hold, is replaced by U+FFFD in every JSON body before it is read ([`Json`]);
+//! identifiers (names) then fail their own validation with 400.
+//!
+//! **Authentication back-off** is per client address: the peer, or, when the peer is one of
+//! [`ApiConfig::trusted_proxies`], the address its `X-Forwarded-For` names (so one client behind a
+//! reverse proxy does not lock out every other). An address that failed too often is refused (429)
+//! before any lookup, except for a credential or admin token this process has seen authenticate (a
+//! valid credential is never refused because of other clients' failures), and except within a small
+//! global allowance of lookups for well-formed tokens it has not seen yet (after a restart).
 //!
 //! What it must not do: run SQL (the statements are in [`crate::store::agents`] and the queue), hold a
 //! database connection while a long-poll waits (it waits on the in-memory [`crate::queue::Listener`]),
@@ -18,7 +29,9 @@ pub mod apps;
 pub mod auth;
 mod error;
 pub mod limit;
+pub mod listen;
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -56,6 +69,12 @@ pub struct ApiConfig {
     pub join_rate: Rate,
     /// Failed authentications per client address before its requests are refused unread.
     pub auth_failure_rate: Rate,
+    /// Lookups, across all clients, of well-formed tokens not seen to authenticate yet, sent from
+    /// addresses past their failure limit.
+    pub unseen_token_rate: Rate,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (the client's address is then the
+    /// right-most address in it that is not a trusted proxy).
+    pub trusted_proxies: Vec<IpAddr>,
     /// Log lines kept per task.
     pub max_log_lines: u32,
     /// Where release images are distributed: the first node to deploy a release pushes its image there,
@@ -78,6 +97,8 @@ impl ApiConfig {
             admin_rate: Rate::new(10.0, 30.0),
             join_rate: Rate::new(5.0, 50.0),
             auth_failure_rate: Rate::new(5.0, 50.0),
+            unseen_token_rate: Rate::new(20.0, 40.0),
+            trusted_proxies: Vec::new(),
             max_log_lines: 10_000,
             registry: None,
             image_wait: Duration::from_secs(5),
@@ -108,7 +129,15 @@ pub struct Api {
     admin_limit: Limiter,
     join_limit: Limiter,
     failures: Limiter,
+    unseen: Limiter,
+    /// Hashes of credentials and admin tokens that authenticated lately: their holders pass the
+    /// failure back-off of the address they share with others.
+    known: std::sync::Mutex<HashMap<String, std::time::Instant>>,
 }
+
+/// Past this many remembered tokens, those not seen for a day are forgotten (and all, if that is not
+/// enough: they are an exemption from a back-off, not an authentication).
+const KNOWN_MAX: usize = 100_000;
 
 impl Api {
     pub fn new(
@@ -129,6 +158,8 @@ impl Api {
             admin_limit: Limiter::new(cfg.admin_rate),
             join_limit: Limiter::new(cfg.join_rate),
             failures: Limiter::new(cfg.auth_failure_rate),
+            unseen: Limiter::new(cfg.unseen_token_rate),
+            known: std::sync::Mutex::default(),
             pool,
             listener,
             identity,
@@ -153,6 +184,45 @@ impl Api {
             Some(wait) => Err(ApiError::TooMany(wait)),
             None => Ok(()),
         }
+    }
+
+    /// Whether a request presenting the well-formed token whose hash is `token_hash` (if any) may be
+    /// looked up: always, unless its address failed too often lately; then only a token seen to
+    /// authenticate before, or within the global allowance for tokens not seen yet.
+    fn admit(&self, client: &str, token_hash: Option<&str>) -> Result<(), ApiError> {
+        let Some(wait) = self.failures.exhausted(client) else {
+            return Ok(());
+        };
+        if let Some(h) = token_hash {
+            let known = self
+                .known
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(h);
+            if known || self.unseen.check("").is_ok() {
+                return Ok(());
+            }
+        }
+        Err(ApiError::TooMany(wait))
+    }
+
+    /// Remembers a token hash that authenticated (see [`Api::admit`]).
+    fn authenticated(&self, token_hash: &str) {
+        let now = std::time::Instant::now();
+        let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        if known.len() >= KNOWN_MAX && !known.contains_key(token_hash) {
+            known.retain(|_, at| now.duration_since(*at) < Duration::from_secs(24 * 3600));
+            if known.len() >= KNOWN_MAX {
+                known.clear();
+            }
+        }
+        known.insert(token_hash.to_owned(), now);
+    }
+
+    /// The client's address, for per-address limits: the peer's, or the one a trusted proxy forwarded
+    /// for; `unknown` when the router is driven without connection info (tests through `oneshot`).
+    fn client(&self, parts: &Parts) -> String {
+        client_address(parts, &self.cfg.trusted_proxies)
     }
 
     /// Counts a failed authentication against the client address.
@@ -185,12 +255,127 @@ pub fn router_with(api: Arc<Api>, extra_admin: Router<Arc<Api>>) -> Router {
         .with_state(api)
 }
 
-/// The client's address, for per-address limits (serve with `into_make_service_with_connect_info`);
-/// `unknown` when the router is driven without one (tests through `oneshot`).
-fn client(parts: &Parts) -> String {
-    parts
+/// The client's address: the peer's, or, when the peer is one of `trusted`, the right-most address of
+/// `X-Forwarded-For` that is not (a proxy appends the address it received from; anything left of a
+/// trusted hop is the client's own claim).
+fn client_address(parts: &Parts, trusted: &[IpAddr]) -> String {
+    let Some(peer) = parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
         .map(|ConnectInfo(a)| a.ip())
-        .map_or_else(|| "unknown".to_owned(), |ip: IpAddr| ip.to_string())
+    else {
+        return "unknown".to_owned();
+    };
+    if !trusted.contains(&peer) {
+        return peer.to_string();
+    }
+    let mut client = peer;
+    let hops = parts
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        match hop.parse::<IpAddr>() {
+            Ok(ip) if trusted.contains(&ip) => client = ip,
+            Ok(ip) => return ip.to_string(),
+            // A malformed entry: nothing left of it can be believed.
+            Err(_) => break,
+        }
+    }
+    client.to_string()
+}
+
+/// Replaces U+0000, which PostgreSQL text and jsonb cannot hold, by U+FFFD in every string and key of
+/// `value`; returns whether anything was replaced.
+pub fn replace_nul(value: &mut serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) if s.contains('\0') => {
+            *s = s.replace('\0', "\u{FFFD}");
+            true
+        }
+        Value::Array(items) => items.iter_mut().fold(false, |r, v| replace_nul(v) | r),
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
+                let old = std::mem::take(map);
+                for (k, mut v) in old {
+                    replace_nul(&mut v);
+                    map.insert(k.replace('\0', "\u{FFFD}"), v);
+                }
+                true
+            } else {
+                map.values_mut().fold(false, |r, v| replace_nul(v) | r)
+            }
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::Request;
+
+    fn parts(peer: &str, xff: &[&str]) -> Parts {
+        let mut b = Request::builder();
+        for v in xff {
+            b = b.header("x-forwarded-for", *v);
+        }
+        let (mut parts, ()) = b.body(()).unwrap().into_parts();
+        parts.extensions.insert(ConnectInfo(
+            format!("{peer}:4000").parse::<SocketAddr>().unwrap(),
+        ));
+        parts
+    }
+
+    #[test]
+    fn forwarded_for_is_believed_only_from_trusted_proxies() {
+        let proxy: IpAddr = "10.0.0.1".parse().unwrap();
+        let trusted = [proxy];
+        // Not a trusted peer: its header is ignored.
+        assert_eq!(
+            client_address(&parts("192.0.2.7", &["198.51.100.1"]), &trusted),
+            "192.0.2.7"
+        );
+        assert_eq!(
+            client_address(&parts("10.0.0.1", &["198.51.100.1"]), &trusted),
+            "198.51.100.1"
+        );
+        // The right-most untrusted hop: what a client wrote itself further left is not believed.
+        assert_eq!(
+            client_address(&parts("10.0.0.1", &["6.6.6.6, 198.51.100.1"]), &trusted),
+            "198.51.100.1"
+        );
+        assert_eq!(
+            client_address(
+                &parts("10.0.0.1", &["6.6.6.6", "198.51.100.1, 10.0.0.1"]),
+                &trusted
+            ),
+            "198.51.100.1"
+        );
+        // Nothing usable: the proxy's own address.
+        assert_eq!(
+            client_address(&parts("10.0.0.1", &["garbage"]), &trusted),
+            "10.0.0.1"
+        );
+        assert_eq!(
+            client_address(&parts("10.0.0.1", &[]), &trusted),
+            "10.0.0.1"
+        );
+    }
+
+    #[test]
+    fn nul_characters_are_replaced_in_strings_and_keys() {
+        let mut value = serde_json::json!({"a\u{0}": ["x\u{0}y", {"k": "\u{0}"}], "n": 1});
+        assert!(replace_nul(&mut value));
+        assert_eq!(
+            value,
+            serde_json::json!({"a\u{FFFD}": ["x\u{FFFD}y", {"k": "\u{FFFD}"}], "n": 1})
+        );
+        assert!(!replace_nul(&mut value));
+    }
 }

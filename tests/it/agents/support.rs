@@ -166,6 +166,14 @@ pub struct Plane {
     pub url: String,
     serve: Option<Child>,
     agents: Vec<u32>,
+    /// What serve was started with (beyond the database, repository and identity), for a restart.
+    args: Vec<String>,
+    /// What serve's environment has besides the inherited one.
+    env: Vec<(String, String)>,
+    /// Serve processes started so far (each writes its own log, `serve.log`, `serve-2.log`, ...).
+    starts: u32,
+    /// Where agents started from now on connect, when not [`Plane::url`] (e.g. a proxy in front of it).
+    pub agent_server: Option<String>,
 }
 
 /// The shortened thresholds every test plane runs with, unless a test passes its own.
@@ -198,39 +206,28 @@ impl Plane {
         identity: Identity,
         args: &[&str],
     ) -> Plane {
+        Self::start_with_env(db, repo, scratch, identity, args, &[]).await
+    }
+
+    /// [`Plane::start`] with `env` in serve's environment (also after [`Plane::restart_serve`]), e.g. a
+    /// `CAIRN_FAILPOINT`.
+    pub async fn start_with_env(
+        db: TestDb,
+        repo: Repo,
+        scratch: TempDir,
+        identity: Identity,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Plane {
         let identity_path = scratch.path().join("control-plane.key");
         std::fs::write(&identity_path, identity.to_file_text("test").as_bytes()).unwrap();
-        let log = std::fs::File::create(scratch.path().join("serve.log")).unwrap();
         repo.commit();
-        let mut cmd = Command::new(CAIRN);
-        cmd.arg("serve")
-            .args(["--database-url", db.url()])
-            .args(["--repo", &repo.url(), "--ref", "main"])
-            .arg("--identity")
-            .arg(&identity_path)
-            .args(["--listen", "127.0.0.1:0", "--no-poll-heads"])
-            .args(["--cache-dir"])
-            .arg(scratch.path().join("cache"))
-            .args(args)
-            .env("CAIRN_LOG", "debug")
-            .env_remove("CAIRN_IDENTITY")
-            .stdout(Stdio::piped())
-            .stderr(log);
-        let mut child = cmd.spawn().expect("cairn serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let addr = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead as _;
-            let mut lines = std::io::BufReader::new(stdout).lines();
-            let first = lines.next().expect("serve prints its address").unwrap();
-            // Keep draining so serve never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            first
-                .strip_prefix("listening on ")
-                .expect("listening on ADDR")
-                .to_owned()
-        })
-        .await
-        .unwrap();
+        let args: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let (child, addr) = spawn_serve(&db, &repo, scratch.path(), "serve.log", &args, &env).await;
         let plane = Plane {
             db,
             repo,
@@ -238,9 +235,19 @@ impl Plane {
             url: format!("http://{addr}"),
             serve: Some(child),
             agents: Vec::new(),
+            args,
+            env,
+            starts: 1,
+            agent_server: None,
         };
+        plane.wait_api().await;
+        plane
+    }
+
+    /// Waits until the admin API answers (anything but 503: serve reached its database).
+    pub async fn wait_api(&self) {
         let http = reqwest::Client::new();
-        let url = format!("{}/api/v1/status", plane.url);
+        let url = format!("{}/api/v1/status", self.url);
         wait_for("the admin API to answer", Duration::from_secs(30), || {
             let req = http.get(&url);
             async move {
@@ -249,7 +256,48 @@ impl Plane {
             }
         })
         .await;
-        plane
+    }
+
+    /// `Some(status)` when `cairn serve` has exited (it should not have), `None` while it runs.
+    pub fn serve_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.serve.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    /// The log file of the serve process started last.
+    pub fn serve_log(&self) -> PathBuf {
+        match self.starts {
+            1 => self.scratch.path().join("serve.log"),
+            n => self.scratch.path().join(format!("serve-{n}.log")),
+        }
+    }
+
+    /// SIGKILLs `cairn serve` (no chance to finish anything) and reaps it.
+    pub fn kill_serve(&mut self) {
+        if let Some(mut c) = self.serve.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts `cairn serve` again (after [`Plane::kill_serve`]) with the same database, repository,
+    /// identity and arguments, on a new port ([`Plane::url`] changes), and waits for its API. The
+    /// repository is not committed to.
+    pub async fn restart_serve(&mut self) {
+        assert!(self.serve.is_none(), "serve still runs; kill it first");
+        self.starts += 1;
+        let log = format!("serve-{}.log", self.starts);
+        let (child, addr) = spawn_serve(
+            &self.db,
+            &self.repo,
+            self.scratch.path(),
+            &log,
+            &self.args,
+            &self.env,
+        )
+        .await;
+        self.serve = Some(child);
+        self.url = format!("http://{addr}");
+        self.wait_api().await;
     }
 
     /// Runs the `cairn` CLI against the database.
@@ -300,10 +348,11 @@ impl Plane {
         ));
         let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(agent_bin());
-        cmd.args(["--server", &self.url, "--driver", "recording"])
+        let server = self.agent_server.as_deref().unwrap_or(&self.url);
+        cmd.args(["--server", server, "--driver", "recording"])
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--heartbeat", "300ms", "--concurrency", "2"])
+            .args(["--concurrency", "2"])
             .env("CAIRN_AGENT_TEST_DRIVER", "1")
             .env("CAIRN_LOG", "debug")
             .env_remove("CAIRN_JOIN_TOKEN")
@@ -311,6 +360,10 @@ impl Plane {
             .stderr(log);
         if let Some(t) = join {
             cmd.env("CAIRN_JOIN_TOKEN", t);
+        }
+        // 300 ms unless the test chose its own.
+        if !args.contains(&"--heartbeat") {
+            cmd.args(["--heartbeat", "300ms"]);
         }
         cmd.args(args);
         for (k, v) in env {
@@ -391,6 +444,50 @@ impl Plane {
     pub async fn rows(&self, sql: &str) -> Vec<Value> {
         rows(&self.db, sql).await
     }
+}
+
+/// Spawns `cairn serve` for `db` and `repo` with the identity in `scratch/control-plane.key`, logging to
+/// `scratch/<log>`; returns it and the address it printed.
+async fn spawn_serve(
+    db: &TestDb,
+    repo: &Repo,
+    scratch: &Path,
+    log: &str,
+    args: &[String],
+    env: &[(String, String)],
+) -> (Child, String) {
+    let log = std::fs::File::create(scratch.join(log)).unwrap();
+    let mut cmd = Command::new(CAIRN);
+    cmd.arg("serve")
+        .args(["--database-url", db.url()])
+        .args(["--repo", &repo.url(), "--ref", "main"])
+        .arg("--identity")
+        .arg(scratch.join("control-plane.key"))
+        .args(["--listen", "127.0.0.1:0", "--no-poll-heads"])
+        .args(["--cache-dir"])
+        .arg(scratch.join("cache"))
+        .args(args)
+        .env("CAIRN_LOG", "debug")
+        .env_remove("CAIRN_IDENTITY")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(Stdio::piped())
+        .stderr(log);
+    let mut child = cmd.spawn().expect("cairn serve starts");
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().expect("serve prints its address").unwrap();
+        // Keep draining so serve never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        first
+            .strip_prefix("listening on ")
+            .expect("listening on ADDR")
+            .to_owned()
+    })
+    .await
+    .unwrap();
+    (child, addr)
 }
 
 /// `cairn ARGS` against the database at `db_url` (no admin API, no token).
@@ -491,6 +588,11 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// `Some(status)` when the agent has exited, `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().unwrap())
     }
 
     /// What the recording driver recorded so far.
