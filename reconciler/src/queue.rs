@@ -120,7 +120,7 @@ pub enum TaskStatus {
     /// Its last allowed attempt failed or timed out. Not retried.
     Dead,
     /// Never run and never will be: its node skipped it (the slot holds a newer generation), or a newer
-    /// plan retired it (its slot moved, or a newer task for the slot replaced it). Not done: a superseded
+    /// plan retired it (its slot moved to another node, or went away). Not done: a superseded
     /// deploy is no replica of its release that ran.
     Superseded,
 }
@@ -358,14 +358,14 @@ pub async fn skip(
     }
 }
 
-/// Retires, in the caller's transaction, the unfinished tasks (queued, leased or failed) of the replica
-/// slots `slots` (`(app, slot)`) that an older generation than `generation` emitted, on any node: a
-/// plan that moves a slot, removes it, or gives it a new task makes them obsolete. A node returning
-/// from a partition then never starts them, and the token of a lease it still holds is refused. Returns
-/// the tasks retired.
+/// Retires, in the caller's transaction, the unfinished tasks (queued, leased or failed) that an older
+/// generation than `generation` emitted for the replica slots `slots` (`(app, slot, node)`) on any node
+/// but `node`, the one the slot is placed on now (`None`: the slot goes away, all of them). A node the
+/// slot moved away from then never starts them when it comes back, and the token of a lease it still
+/// holds is refused. Returns the tasks retired.
 pub async fn supersede_slots(
     tx: &mut Transaction<'_, Postgres>,
-    slots: &[(Name, u32)],
+    slots: &[(Name, u32, Option<Name>)],
     generation: u64,
 ) -> Result<Vec<TaskId>, QueueError> {
     if slots.is_empty() {

@@ -233,32 +233,38 @@ pub async fn skip(
     Ok(done.rows_affected() == 1)
 }
 
-/// Retires the unfinished tasks of the slots `(app, slot)` emitted by a generation older than
-/// `generation` (or by none), on any node, in the caller's transaction; returns their ids. Their lease
-/// tokens stay as they were, so a holder's report is refused as stale.
+/// Retires the unfinished tasks of the slots `(app, slot, node)` emitted by a generation older than
+/// `generation` (or by none) on every node but `node` (every node when `None`: the slot goes away), in the
+/// caller's transaction; returns their ids. Their lease tokens stay as they were, so a holder's report
+/// is refused as stale.
 pub async fn supersede_slots(
     conn: &mut PgConnection,
-    slots: &[(Name, u32)],
+    slots: &[(Name, u32, Option<Name>)],
     generation: u64,
 ) -> Result<Vec<TaskId>, StoreError> {
-    let apps: Vec<String> = slots.iter().map(|(a, _)| a.as_str().to_owned()).collect();
+    let apps: Vec<String> = slots.iter().map(|(a, ..)| a.as_str().to_owned()).collect();
     let nums: Vec<i32> = slots
         .iter()
-        .map(|(_, s)| to_i32("slot", *s))
+        .map(|(_, s, _)| to_i32("slot", *s))
         .collect::<Result<_, _>>()?;
+    let keep: Vec<Option<String>> = slots
+        .iter()
+        .map(|(.., n)| n.as_ref().map(|n| n.as_str().to_owned()))
+        .collect();
     let ids = sqlx::query_scalar!(
         r#"UPDATE tasks t
            SET status = 'superseded', finished_at = now(), updated_at = now(),
-               last_error = 'superseded by generation ' || $3::bigint
-                            || ': the slot moved or has a newer task'
+               last_error = 'superseded by generation ' || $4::bigint
+                            || ': the slot moved to another node or went away'
                             || coalesce(' (earlier: ' || t.last_error || ')', '')
-           FROM UNNEST($1::text[], $2::int[]) AS s(app, slot)
-           WHERE t.app = s.app AND t.slot = s.slot
+           FROM UNNEST($1::text[], $2::int[], $3::text[]) AS s(app, slot, keep)
+           WHERE t.app = s.app AND t.slot = s.slot AND t.node IS DISTINCT FROM s.keep
              AND t.status IN ('queued', 'leased', 'failed')
-             AND coalesce(t.generation, 0) < $3
+             AND coalesce(t.generation, 0) < $4
            RETURNING t.id"#,
         &apps,
         &nums,
+        &keep as &[Option<String>],
         to_i64("generation", generation)?,
     )
     .fetch_all(conn)

@@ -486,6 +486,26 @@ async fn another_nodes_credential_reaches_nothing_of_a_node() {
     };
     let before = snapshot().await;
 
+    // Join: a credential is no join token, and a's join token does not take a's place while a is live.
+    let (s, resp) = plane
+        .agent_post(
+            "/join",
+            Some(&cb),
+            &json!({"token": cb, "recipient": cairn_schema::Identity::generate().recipient(),
+                    "drivers": ["docker"], "agent_version": "test"}),
+        )
+        .await;
+    assert_eq!(s, 401, "{resp}");
+    let a_token = plane.join_token("a");
+    let (s, resp) = plane
+        .agent_post(
+            "/join",
+            Some(&cb),
+            &json!({"token": a_token, "recipient": cairn_schema::Identity::generate().recipient(),
+                    "drivers": ["docker"], "agent_version": "test"}),
+        )
+        .await;
+    assert_eq!(s, 409, "{resp}");
     let now = "2026-01-01T00:00:00Z";
     let image = json!({"id": format!("sha256:{}", "ab".repeat(32))});
     let as_b: Vec<(&str, String, Value)> = vec![
@@ -530,26 +550,6 @@ async fn another_nodes_credential_reaches_nothing_of_a_node() {
         assert_eq!(s, 404, "{method} {path} as b: {resp}");
         assert!(!resp.to_string().contains("only-for-a"), "{resp}");
     }
-    // Join: a credential is no join token, and a's join token does not take a's place while a is live.
-    let (s, resp) = plane
-        .agent_post(
-            "/join",
-            Some(&cb),
-            &json!({"token": cb, "recipient": cairn_schema::Identity::generate().recipient(),
-                    "drivers": ["docker"], "agent_version": "test"}),
-        )
-        .await;
-    assert_eq!(s, 401, "{resp}");
-    let a_token = plane.join_token("a");
-    let (s, resp) = plane
-        .agent_post(
-            "/join",
-            Some(&cb),
-            &json!({"token": a_token, "recipient": cairn_schema::Identity::generate().recipient(),
-                    "drivers": ["docker"], "agent_version": "test"}),
-        )
-        .await;
-    assert_eq!(s, 409, "{resp}");
     // Heartbeat, lease and replica output as b act on b alone: b claiming a's replica is told about b's
     // own placements, its lease holds only b's tasks, and a's replica's output is not b's to write.
     let hb = json!({"agent_version": "evil", "drivers": ["docker"],
