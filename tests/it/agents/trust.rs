@@ -162,6 +162,34 @@ async fn a_stale_done_for_an_older_generation_never_makes_its_release_live() {
     assert_eq!(releases(&plane, "web").await, before);
     let (s, body) = report(&plane, &ca, &again[0], json!({"outcome": "done"})).await;
     assert_eq!(s, 409, "a skipped task takes no later result: {body}");
+
+    // The next release fails: the app rolls back to release 2, which runs, never to release 1.
+    plane.repo.app("web", 1, "GREETING = \"three\"\n");
+    plane.repo.commit();
+    plane.wait_generation(3).await;
+    let third = lease(&plane, &ca, 2000).await;
+    assert_eq!(third[0]["release"].as_i64(), Some(3), "{third:?}");
+    let (s, body) = report(
+        &plane,
+        &ca,
+        &third[0],
+        json!({"outcome": "failed", "error": "the build broke", "retry": false}),
+    )
+    .await;
+    assert_eq!((s, body["status"].as_str()), (200, Some("dead")), "{body}");
+    let back = wait_for(
+        "the automatic rollback",
+        Duration::from_secs(30),
+        || async {
+            let r = plane
+                .rows("SELECT release FROM placements WHERE app = 'web'")
+                .await;
+            let release = r[0]["release"].as_i64().unwrap();
+            (release != 3).then_some(release)
+        },
+    )
+    .await;
+    assert_eq!(back, 2, "rolled back to the release that ran");
 }
 
 /// Issue 12, the agent's end: a deploy whose slot already holds a newer generation is reported as
