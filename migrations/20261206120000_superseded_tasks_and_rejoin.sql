@@ -18,3 +18,7 @@ ALTER TABLE tasks ADD CONSTRAINT finished_when_final
 -- join revokes the old credential. Without it, a node that holds a live credential cannot be joined
 -- again (a leaked or guessed token cannot take over a running node unnoticed).
 ALTER TABLE node_join_tokens ADD COLUMN replace_credential boolean NOT NULL DEFAULT false;
+
+-- Completing a task looks for a newer generation its node already finished for the same slot (such a
+-- "done" is recorded superseded): this keeps that look-up to the slot's finished tasks on the node.
+CREATE INDEX tasks_slot_done ON tasks (node, app, slot, generation) WHERE status = 'done';

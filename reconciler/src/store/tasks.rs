@@ -198,7 +198,7 @@ pub async fn complete(
                    ON n.node = o.node AND n.app = o.app AND n.slot = o.slot
                WHERE o.id = me.id AND o.slot IS NOT NULL AND o.generation IS NOT NULL
                  AND n.status = 'done' AND n.generation > o.generation
-               ORDER BY n.generation DESC LIMIT 1
+               LIMIT 1
            ) newer ON true
            WHERE t.id = me.id AND t.lease_token = $2 AND t.status = 'leased'
            RETURNING t.status"#,
