@@ -176,9 +176,14 @@ async fn run(args: Args) {
     let mut tokens = Vec::with_capacity(args.agents + 1);
     for i in 0..=args.agents {
         let n = Name::new(&node(i)).unwrap();
-        let t = cairn_reconciler::api::auth::issue_join_token(&pool, &n, Duration::from_secs(3600))
-            .await
-            .unwrap();
+        let t = cairn_reconciler::api::auth::issue_join_token(
+            &pool,
+            &n,
+            Duration::from_secs(3600),
+            false,
+        )
+        .await
+        .unwrap();
         tokens.push(t.token);
     }
     let http = reqwest::Client::builder()

@@ -7,7 +7,8 @@
 //! - **Lease** with a long-poll for as many tasks as there are free places (`--concurrency`), run each
 //!   in its own task, extend its lease while it works (a third of the lease), stream its log lines, and
 //!   report its result with the lease's fencing token. A task whose generation is older than what its slot
-//!   holds is reported done without running: an older task never undoes a newer one.
+//!   holds is reported skipped without running: an older task never undoes a newer one, and is never
+//!   counted as run.
 //! - A result and a heartbeat never interleave: results are reported (and the book updated) under a
 //!   shared gate that a heartbeat holds exclusively while it reads the node and sends its report, so the
 //!   control plane never sees a report older than a result it already has (and so never "repairs" a
@@ -437,10 +438,11 @@ impl Agent {
                     slot_generation = have,
                     "task superseded by a newer generation; not run"
                 );
-                Outcome::Done {
+                // Skipped, never "done": the release of a task that did not run must not count as
+                // running here (a stale lease's late delivery would otherwise make it live).
+                Outcome::Skipped {
                     detail: Some(format!("superseded: the slot holds generation {have}")),
-                    timings: Default::default(),
-                    image: None,
+                    slot_generation: Some(have),
                 }
             }
             Ok((work, None, ran)) => {

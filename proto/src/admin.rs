@@ -15,6 +15,10 @@ use crate::{ActualReplica, Resources};
 pub struct JoinTokenRequest {
     /// How long the token may be used; the server caps it.
     pub ttl_secs: u64,
+    /// Whether the token may join a node that holds a live credential: the join then revokes that
+    /// credential. Without it, such a join is refused (the old credential must be revoked first).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub replace: bool,
 }
 
 /// A new join token. Shown once: only its hash is stored.
@@ -24,6 +28,9 @@ pub struct JoinToken {
     pub node: Name,
     pub token: String,
     pub expires_at: DateTime<Utc>,
+    /// Whether it replaces (and revokes) a live credential of the node.
+    #[serde(default)]
+    pub replace: bool,
 }
 
 impl std::fmt::Debug for JoinToken {
@@ -33,6 +40,7 @@ impl std::fmt::Debug for JoinToken {
             .field("node", &self.node)
             .field("token", &"<redacted>")
             .field("expires_at", &self.expires_at)
+            .field("replace", &self.replace)
             .finish()
     }
 }

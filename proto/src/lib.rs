@@ -431,7 +431,8 @@ pub struct ReplicaLogLine {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "lowercase")]
 pub enum Outcome {
-    /// Done (including "nothing to do": the slot already is as asked, or a newer task superseded it).
+    /// Done: the task ran (or found the slot already as asked). A deploy reported done counts as a
+    /// replica of its release that ran.
     Done {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         detail: Option<String>,
@@ -445,6 +446,16 @@ pub enum Outcome {
     },
     /// Failed: retried after a backoff if `retry` and attempts remain, dead otherwise.
     Failed { error: String, retry: bool },
+    /// Not run: the slot already holds a newer generation than the task's (a stale lease's late
+    /// delivery, a task retried after a newer one ran). The task ends `superseded`; a skipped deploy
+    /// never counts as a replica of its release that ran.
+    Skipped {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        detail: Option<String>,
+        /// The generation the slot holds.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        slot_generation: Option<u64>,
+    },
 }
 
 /// The image a deploy ran: the engine's image id, and where it is in the registry when the agent pushed it.
@@ -482,6 +493,9 @@ pub enum TaskStatus {
     Done,
     Failed,
     Dead,
+    /// Never run, and never will be: the agent skipped it (its slot holds a newer generation), or the
+    /// control plane retired it (its slot moved to another node).
+    Superseded,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -550,6 +564,17 @@ mod tests {
             serde_json::json!({"token": 7, "outcome": "failed", "error": "boom", "retry": true})
         );
         assert_eq!(serde_json::from_value::<TaskResult>(j).unwrap(), r);
+        let skipped: TaskResult =
+            serde_json::from_str(r#"{"token": 2, "outcome": "skipped", "slot_generation": 9}"#)
+                .unwrap();
+        assert_eq!(
+            skipped.outcome,
+            Outcome::Skipped {
+                detail: None,
+                slot_generation: Some(9)
+            },
+            "a skipped task is its own outcome, never done"
+        );
         let done: TaskResult = serde_json::from_str(r#"{"token": 1, "outcome": "done"}"#).unwrap();
         assert_eq!(
             done.outcome,

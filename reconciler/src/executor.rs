@@ -143,6 +143,7 @@ pub async fn reconcile(
     } else {
         let desired = desired.map(|(_, d)| d);
         write_state(&mut tx, &plan, desired, fingerprints, &observed).await?;
+        supersede_tasks(&mut tx, &plan).await?;
         let tasks = enqueue_tasks(&mut tx, &plan, desired, &observed, cx.identity).await?;
         (ReconcileStatus::Applied, tasks)
     };
@@ -325,6 +326,30 @@ async fn write_state(
         .await?;
     }
     state::replace_placements(tx, &plan.placements).await?;
+    Ok(())
+}
+
+/// Retires the unfinished tasks of older generations of every slot this plan moves to another node or
+/// removes, on every node but the slot's new one, in the transaction that moves the placements: a node
+/// cut off while its slot moved away never starts the old task when it returns (one instance, always),
+/// and the lease it may still hold is refused. (Older tasks on the slot's own node are left to its
+/// agent, which skips a generation older than what the slot holds.)
+async fn supersede_tasks(
+    tx: &mut Transaction<'_, Postgres>,
+    plan: &Plan,
+) -> Result<(), ApplyError> {
+    let mut slots: Vec<(Name, u32, Option<Name>)> = plan
+        .placement_changes
+        .iter()
+        .filter(|c| c.from.is_some() && c.from != c.to)
+        .map(|c| (c.app.clone(), c.slot, c.to.clone()))
+        .collect();
+    slots.sort();
+    slots.dedup();
+    let retired = queue::supersede_slots(tx, &slots, plan.generation).await?;
+    if !retired.is_empty() {
+        tracing::info!(generation = plan.generation, tasks = ?retired, "the old nodes' tasks of moved or removed slots superseded");
+    }
     Ok(())
 }
 

@@ -119,15 +119,20 @@ pub enum TaskStatus {
     Failed,
     /// Its last allowed attempt failed or timed out. Not retried.
     Dead,
+    /// Never run and never will be: its node skipped it (the slot holds a newer generation), or a newer
+    /// plan retired it (its slot moved to another node, or went away). Not done: a superseded
+    /// deploy is no replica of its release that ran.
+    Superseded,
 }
 
 impl TaskStatus {
-    pub const ALL: [TaskStatus; 5] = [
+    pub const ALL: [TaskStatus; 6] = [
         TaskStatus::Queued,
         TaskStatus::Leased,
         TaskStatus::Done,
         TaskStatus::Failed,
         TaskStatus::Dead,
+        TaskStatus::Superseded,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -137,6 +142,7 @@ impl TaskStatus {
             TaskStatus::Done => "done",
             TaskStatus::Failed => "failed",
             TaskStatus::Dead => "dead",
+            TaskStatus::Superseded => "superseded",
         }
     }
 
@@ -323,13 +329,49 @@ pub async fn lease(
     Ok(leased)
 }
 
-/// Marks a task done.
-pub async fn complete(pool: &PgPool, task: TaskId, token: LeaseToken) -> Result<(), QueueError> {
-    if sql::complete(pool, task, token).await? {
+/// Marks a task done, or superseded when its node already finished a newer generation's task for the
+/// same slot: the node cannot have run this one after that (its agent skips an older generation), so
+/// an older agent's "done" for a skipped task never counts as a replica that ran. Returns which.
+pub async fn complete(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+) -> Result<TaskStatus, QueueError> {
+    match sql::complete(pool, task, token).await? {
+        Some(status) => Ok(status),
+        None => Err(refused(pool, task, token).await),
+    }
+}
+
+/// Ends a leased task as superseded: its node skipped it (the slot holds a newer generation). It is
+/// not retried and does not count as done.
+pub async fn skip(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+    why: &str,
+) -> Result<(), QueueError> {
+    if sql::skip(pool, task, token, truncate(why)).await? {
         Ok(())
     } else {
         Err(refused(pool, task, token).await)
     }
+}
+
+/// Retires, in the caller's transaction, the unfinished tasks (queued, leased or failed) that an older
+/// generation than `generation` emitted for the replica slots `slots` (`(app, slot, node)`) on any node
+/// but `node`, the one the slot is placed on now (`None`: the slot goes away, all of them). A node the
+/// slot moved away from then never starts them when it comes back, and the token of a lease it still
+/// holds is refused. Returns the tasks retired.
+pub async fn supersede_slots(
+    tx: &mut Transaction<'_, Postgres>,
+    slots: &[(Name, u32, Option<Name>)],
+    generation: u64,
+) -> Result<Vec<TaskId>, QueueError> {
+    if slots.is_empty() {
+        return Ok(Vec::new());
+    }
+    Ok(sql::supersede_slots(tx, slots, generation).await?)
 }
 
 /// Marks many tasks done in one statement (batching is what makes the queue fast).

@@ -31,6 +31,10 @@ enum Command {
         /// How long the token may be used
         #[arg(long, value_parser = humantime::parse_duration, default_value = "1h")]
         ttl: Duration,
+        /// Let the token join NODE although it holds a live credential (a reinstalled agent, a lost
+        /// data directory): the join revokes that credential. Without this, such a join is refused
+        #[arg(long)]
+        replace: bool,
     },
     /// Revoke NODE's agent credential: its agent is refused until it joins again with a new token
     Revoke {
@@ -43,30 +47,41 @@ enum Command {
 pub fn run(args: Args) -> Result<ExitCode> {
     runtime()?.block_on(async move {
         match args.command {
-            Command::JoinToken { target, node, ttl } => {
+            Command::JoinToken {
+                target,
+                node,
+                ttl,
+                replace,
+            } => {
                 let token: JoinToken = match target.resolve()? {
                     Target::Api(api) => {
                         api.post(
                             &format!("/nodes/{node}/join-tokens"),
                             &JoinTokenRequest {
                                 ttl_secs: ttl.as_secs(),
+                                replace,
                             },
                         )
                         .await?
                     }
                     Target::Db(url) => {
                         let pool = connect_db(&url).await?;
-                        let t = auth::issue_join_token(&pool, &node, ttl).await?;
+                        let t = auth::issue_join_token(&pool, &node, ttl, replace).await?;
                         pool.close().await;
                         t
                     }
                 };
                 println!("{}", token.token);
                 eprintln!(
-                    "join token for node {} (valid until {}, once); give it to the agent as \
+                    "join token for node {} (valid until {}, once{}); give it to the agent as \
                      CAIRN_JOIN_TOKEN",
                     token.node,
-                    token.expires_at.format("%Y-%m-%d %H:%M:%S UTC")
+                    token.expires_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                    if token.replace {
+                        "; the join revokes the node's current credential"
+                    } else {
+                        ""
+                    }
                 );
             }
             Command::Revoke { target, node } => {

@@ -108,14 +108,14 @@ async fn create_join_token(
 ) -> Result<(StatusCode, Json<JoinToken>), ApiError> {
     let node = node_name(&node)?;
     let ttl = std::time::Duration::from_secs(req.ttl_secs);
-    let token = auth::issue_join_token(&api.pool, &node, ttl)
+    let token = auth::issue_join_token(&api.pool, &node, ttl, req.replace)
         .await
         .map_err(|e| match e {
             IssueError::UnknownNode(_) => ApiError::NotFound(e.to_string()),
             IssueError::Store(s) => ApiError::Store(s),
             other => ApiError::BadRequest(other.to_string()),
         })?;
-    tracing::info!(%node, by = %admin.name, "join token issued through the admin API");
+    tracing::info!(%node, by = %admin.name, replace = req.replace, "join token issued through the admin API");
     Ok((StatusCode::CREATED, Json(token)))
 }
 

@@ -1,9 +1,11 @@
 //! The agent API (`/agent/v1`): join, heartbeat, lease, and a leased task's progress, logs, result and
 //! release. The route table and the bodies are in `cairn-proto`.
 //!
-//! - **Join** exchanges a one-time token for the node's credential (a new one replaces any earlier one)
-//!   and records the age recipient the agent generated; a node whose manifest pins a recipient must join
-//!   with that one (403 otherwise, and the token stays usable).
+//! - **Join** exchanges a one-time token for the node's credential and records the age recipient the
+//!   agent generated; a node whose manifest pins a recipient must join with that one (403 otherwise, and
+//!   the token stays usable). A node that holds a live credential joins again only with a token made to
+//!   replace it (`cairn node join-token NODE --replace`), and the join revokes the old one; any other
+//!   token is refused (409, the token stays usable).
 //! - **Heartbeat** records the node as online with what it runs, what that uses and which drivers it
 //!   offers. A node coming back from offline is told to stop the replicas that were moved away meanwhile
 //!   ([`crate::drift::stop_orders`]), and the reconciler is woken; any other difference between the report
@@ -13,8 +15,16 @@
 //!   ending backoff), so an idle node costs two queries per long-poll, not a poll every few seconds. A deploy task whose secrets are still to be sealed (the node had not joined
 //!   when it was made, or joined again with another key since) is sealed to the node's recipient right
 //!   then, and only the ciphertext is written back.
-//! - **Progress, logs, result, release** must carry the lease's fencing token; a stale token is 409. A
-//!   task id that is not the caller's node's answers 404, as if it did not exist.
+//! - **Progress, logs, result, release** must carry the lease's fencing token; a stale token is 409 (a
+//!   task the control plane retired because its slot moved is stale too). A task id that is not the
+//!   caller's node's answers 404, as if it did not exist.
+//! - **Results** tell a deploy that ran (`done`) from one the node skipped (`skipped`: its slot holds a
+//!   newer generation); a skipped deploy ends `superseded` and never makes its release live, nor does
+//!   a `done` from a node that already finished a newer generation for the slot. A release is live only
+//!   through deploys that ran, and never replaces a live release whose replicas ran later.
+//! - **Images** a node reports are recorded only when they are this control plane's registry, the
+//!   release's own repository (`<registry>/<app>`) and a `sha256:` digest; anything else is refused
+//!   (403/400) and not recorded, since every other node pulls what is recorded.
 //!
 //! What it must not do: trust a node name from a request body (the node is whoever the credential
 //! belongs to), log a token, a credential or a secret, or hold a connection across a long-poll's wait.
@@ -165,6 +175,15 @@ async fn join(
             }))
         }
         JoinOutcome::InvalidToken => Err(invalid()),
+        JoinOutcome::LiveCredential { node } => {
+            tracing::warn!(%node, "a join was refused: the node holds a live credential");
+            Err(ApiError::Conflict(format!(
+                "node `{node}` already holds a live credential, so this join token cannot join it \
+                 again: to replace that credential (it is revoked by the join), make a token with \
+                 `cairn node join-token {node} --replace`, or revoke it first with `cairn node revoke \
+                 {node}`"
+            )))
+        }
         JoinOutcome::RecipientMismatch { node, pinned } => {
             tracing::warn!(%node, %pinned, offered = %req.recipient, "a join was refused: recipient mismatch");
             Err(ApiError::Forbidden(format!(
@@ -542,6 +561,23 @@ async fn progress(
 ) -> Result<Json<ProgressResponse>, ApiError> {
     let task = own(&api, &auth.node.node, id).await?;
     let message = p.message.as_deref().map(|m| truncate(m, MAX_MESSAGE_BYTES));
+    // A pushed image, checked before anything is recorded: a refused one changes nothing.
+    let pushed = match &p.image {
+        Some(image) => {
+            let row = agents::node_task(&api.pool, &auth.node.node, task)
+                .await?
+                .filter(|row| carries_release(row.kind))
+                .and_then(|row| row.release.map(|release| (row.app, release)));
+            match row {
+                Some((app, release)) => {
+                    let record = checked_image(&api, &app, image)?;
+                    Some((app, release, record))
+                }
+                None => None,
+            }
+        }
+        None => None,
+    };
     let expires_at = agents::record_progress(
         &api.pool,
         task,
@@ -552,11 +588,8 @@ async fn progress(
     .await?
     .ok_or_else(|| stale(task, p.token))?;
     // A pushed image, reported before the deploy ends: the other nodes' deploys pull it now.
-    if let Some(image) = &p.image
-        && let Some(row) = agents::node_task(&api.pool, &auth.node.node, task).await?
-        && let Some(release) = row.release.filter(|_| carries_release(row.kind))
-    {
-        release_image(&api, &row.app, release, Some(image)).await;
+    if let Some((app, release, record)) = pushed {
+        release_image(&api, &app, release, record).await;
     }
     Ok(Json(ProgressResponse { expires_at }))
 }
@@ -614,20 +647,52 @@ async fn result(
             timings,
             image,
         } => {
+            let image: RecordedImage<'_> = match image {
+                Some(i) if carries_release(row.kind) => checked_image(&api, &row.app, i)?,
+                _ => None,
+            };
             // Recorded before the task is done: a node leasing a deploy of the release in between
-            // pulls this image instead of becoming its second pusher.
+            // pulls this image instead of becoming its second pusher. Only by the lease's holder.
             if let Some(release) = row.release.filter(|_| carries_release(row.kind)) {
-                release_image(&api, &row.app, release, image.as_ref()).await;
+                if !agents::holds_lease(&api.pool, task, token).await? {
+                    return Err(stale(task, r.token));
+                }
+                release_image(&api, &row.app, release, image).await;
             }
-            queue::complete(&api.pool, task, token)
+            let status = queue::complete(&api.pool, task, token)
                 .await
                 .map_err(|e| conflict_or(e, task, r.token))?;
-            if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
-                stage_timings(&api, &row.app, release, timings).await;
+            if status == TaskStatus::Superseded {
+                tracing::warn!(%node, %task, "a task reported done after the node finished a newer one for its slot: recorded as superseded, not as run");
+                ResultResponse {
+                    status: cairn_proto::TaskStatus::Superseded,
+                    retry_at: None,
+                }
+            } else {
+                if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
+                    stage_timings(&api, &row.app, release, timings).await;
+                }
+                tracing::info!(%node, %task, detail = detail.as_deref().unwrap_or(""), "task done");
+                ResultResponse {
+                    status: cairn_proto::TaskStatus::Done,
+                    retry_at: None,
+                }
             }
-            tracing::info!(%node, %task, detail = detail.as_deref().unwrap_or(""), "task done");
+        }
+        Outcome::Skipped {
+            detail,
+            slot_generation,
+        } => {
+            let why = match slot_generation {
+                Some(g) => format!("skipped: the slot holds generation {g}"),
+                None => "skipped: the slot holds a newer generation".to_owned(),
+            };
+            queue::skip(&api.pool, task, token, &why)
+                .await
+                .map_err(|e| conflict_or(e, task, r.token))?;
+            tracing::info!(%node, %task, detail = detail.as_deref().map(|d| truncate(d, MAX_MESSAGE_BYTES)).unwrap_or(""), why, "task skipped by its node");
             ResultResponse {
-                status: cairn_proto::TaskStatus::Done,
+                status: cairn_proto::TaskStatus::Superseded,
                 retry_at: None,
             }
         }
@@ -669,12 +734,58 @@ async fn result(
             (Outcome::Failed { error, .. }, cairn_proto::TaskStatus::Dead) => Some(error.as_str()),
             _ => None,
         };
-        if matches!(response.status, cairn_proto::TaskStatus::Done) || died.is_some() {
+        // A superseded deploy may have been the release's last open one: the others decide.
+        if matches!(
+            response.status,
+            cairn_proto::TaskStatus::Done | cairn_proto::TaskStatus::Superseded
+        ) || died.is_some()
+        {
             release_outcome(&api, &row.app, release, died).await?;
         }
     }
     Ok(Json(response))
 }
+
+/// An image a node reports for a release of `app`, as the release may record it: a registry image only
+/// in this control plane's registry, in the app's own repository (`<registry>/<app>`), pinned by a
+/// `sha256:` digest, since every other node pulls it; anything else is refused (403), so one node
+/// cannot make the others run an image of its choosing. The engine's own image id is kept only when it
+/// is a `sha256:` digest (the process driver names a directory; that is not recorded).
+fn checked_image<'i>(
+    api: &Api,
+    app: &Name,
+    image: &'i cairn_proto::DeployedImage,
+) -> Result<RecordedImage<'i>, ApiError> {
+    let sha256 = cairn_proto::registry::is_sha256_digest;
+    match &image.registry {
+        Some((reference, digest)) => {
+            let Some(registry) = &api.cfg.registry else {
+                return Err(ApiError::Forbidden(format!(
+                    "release images of app `{app}` are not distributed through a registry here:                      a registry image cannot be recorded"
+                )));
+            };
+            let repository = registry.repository(app);
+            if *reference != repository {
+                return Err(ApiError::Forbidden(format!(
+                    "a release image of app `{app}` must be in `{repository}`, not `{}`",
+                    truncate(reference, 300)
+                )));
+            }
+            if !sha256(digest) {
+                return Err(ApiError::BadRequest(format!(
+                    "the image digest `{}` is not `sha256:` and 64 lowercase hex digits",
+                    truncate(digest, 100)
+                )));
+            }
+            Ok(Some((reference.as_str(), Some(digest.as_str()))))
+        }
+        None if sha256(&image.id) => Ok(Some((image.id.as_str(), None))),
+        None => Ok(None),
+    }
+}
+
+/// What a release records of a reported image: `(reference, digest)`, or the engine's id alone.
+type RecordedImage<'i> = Option<(&'i str, Option<&'i str>)>;
 
 /// Records a deploy's stage timings on its release (stages Cairn knows, at most a day each); a failure
 /// costs only the metric, never the result.
@@ -705,26 +816,14 @@ async fn stage_timings(
     }
 }
 
-/// Records the image a deploy (or a start or restart) ran on its release, when it reports one: the
-/// registry's reference and digest once a node pushed it, else the engine's image id. Then, with a
-/// registry, wakes the deploys of the release that wait for a push ([`distribute`]): they pull the image
-/// now recorded, or, if the deploy failed, one of them gets the image itself. With a registry both happen
-/// under the release's image lock, so a deploy being held at this moment is woken too. Malformed values are ignored, and a
-/// failure costs the record or the wake (the waiters look again after `image_wait`), never the result.
-async fn release_image(
-    api: &Api,
-    app: &Name,
-    release: u64,
-    image: Option<&cairn_proto::DeployedImage>,
-) {
-    let sha256 = cairn_proto::registry::is_sha256_digest;
-    let record = image.and_then(|image| match &image.registry {
-        Some((r, d)) if sha256(d) && !r.is_empty() && r.len() <= 512 => {
-            Some((r.as_str(), Some(d.as_str())))
-        }
-        _ if sha256(&image.id) => Some((image.id.as_str(), None)),
-        _ => None,
-    });
+/// Records the image a deploy (or a start or restart) ran on its release, when it reports one (checked by
+/// [`checked_image`]): the registry's reference and digest once a node pushed it, else the engine's
+/// image id. Then, with a registry, wakes the deploys of the release that wait for a push
+/// ([`distribute`]): they pull the image now recorded, or, if the deploy failed, one of them gets the
+/// image itself. With a registry both happen under the release's image lock, so a deploy being held at
+/// this moment is woken too. A failure costs the record or the wake (the waiters look again after
+/// `image_wait`), never the result.
+async fn release_image(api: &Api, app: &Name, release: u64, record: RecordedImage<'_>) {
     let done: Result<u64, crate::store::StoreError> = async {
         if api.cfg.registry.is_none() {
             // Nothing is distributed, so nothing waits: the record alone, no lock.
@@ -756,8 +855,9 @@ async fn release_image(
     }
 }
 
-/// After one of a release's deploy tasks finished: once none is open and none died, the release is live;
-/// as soon as one dies, it failed. Recorded on the release and told to the hooks (the `cairn/deploy`
+/// After one of a release's deploy tasks finished: once none is open and none died, and at least one is
+/// done (a replica ran it; superseded deploys never count), the release is live, or superseded if a
+/// release whose replicas ran later is live ([`agents::finish_release`]); as soon as one dies, it failed. Recorded on the release and told to the hooks (the `cairn/deploy`
 /// commit status) in one transaction, once per outcome.
 async fn release_outcome(
     api: &Api,
@@ -786,11 +886,20 @@ async fn release_outcome(
     };
     let error = (!ok).then_some(reason.as_str());
     let mut live = None;
-    if agents::finish_release(&mut tx, app, release, ok, error).await? {
-        if ok {
+    let finished = agents::finish_release(&mut tx, app, release, ok, error).await?;
+    let reason = match finished {
+        agents::Finished::Superseded => {
+            format!(
+                "{reason}; a release deployed after it is live, so it is recorded as superseded"
+            )
+        }
+        _ => reason,
+    };
+    if finished != agents::Finished::Unchanged {
+        if finished == agents::Finished::Live {
             live = crate::store::metrics::release_timings(&mut tx, app.as_str(), release).await?;
         }
-        tracing::info!(%app, release, ok, reason, "release deploy finished");
+        tracing::info!(%app, release, ok, status = ?finished, reason, "release deploy finished");
         crate::hooks::record_deploy_outcome(
             api.hooks.as_deref(),
             &mut tx,
@@ -860,6 +969,7 @@ fn wire_status(s: TaskStatus) -> cairn_proto::TaskStatus {
         TaskStatus::Done => cairn_proto::TaskStatus::Done,
         TaskStatus::Failed => cairn_proto::TaskStatus::Failed,
         TaskStatus::Dead => cairn_proto::TaskStatus::Dead,
+        TaskStatus::Superseded => cairn_proto::TaskStatus::Superseded,
     }
 }
 

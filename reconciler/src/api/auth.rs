@@ -75,11 +75,14 @@ pub enum IssueError {
     Store(#[from] StoreError),
 }
 
-/// Issues a one-time join token for `node`, valid for `ttl`.
+/// Issues a one-time join token for `node`, valid for `ttl`. With `replace`, it may join the node while
+/// it holds a live credential, which the join revokes (an operator's explicit re-join); without, such a
+/// join is refused.
 pub async fn issue_join_token(
     pool: &PgPool,
     node: &Name,
     ttl: Duration,
+    replace: bool,
 ) -> Result<JoinToken, IssueError> {
     if ttl > MAX_JOIN_TOKEN_TTL {
         return Err(IssueError::TtlTooLong);
@@ -88,15 +91,16 @@ pub async fn issue_join_token(
         return Err(IssueError::TtlTooShort);
     }
     let token = generate(JOIN_TOKEN_PREFIX);
-    let row = agents::create_join_token(pool, node, &hash(&token), ttl)
+    let row = agents::create_join_token(pool, node, &hash(&token), ttl, replace)
         .await?
         .ok_or_else(|| IssueError::UnknownNode(node.clone()))?;
-    tracing::info!(node = %node, id = row.id, expires_at = %row.expires_at, "join token issued");
+    tracing::info!(node = %node, id = row.id, expires_at = %row.expires_at, replace, "join token issued");
     Ok(JoinToken {
         id: row.id,
         node: row.node,
         token,
         expires_at: row.expires_at,
+        replace,
     })
 }
 

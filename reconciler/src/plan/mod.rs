@@ -28,8 +28,11 @@
 //!    [`Plan::releases`] entry (with its [`ReleaseSpec`] and the app's env ciphertexts, so a rollback can
 //!    deploy it again), and delete the credentials and status of removed nodes, the rollback pins of
 //!    deleted apps, and the pins of [`Plan::pins`] that are `lifted` (the app's manifest changed).
-//! 4. Enqueue one task per [`Plan::tasks`] entry, in its order, for its node, carrying the plan's
-//!    generation; a deploy task's env is the release's secrets re-encrypted to that node's recipient. Tasks
+//! 4. Retire (status `superseded`) the unfinished tasks of older generations of every slot that
+//!    [`Plan::placement_changes`] moves to another node or removes, on every node but its new one: a
+//!    node that was cut off while its slot moved away must not start the old task when it returns, and
+//!    the lease it may hold must be refused. Then enqueue one task per [`Plan::tasks`] entry, in its order,
+//!    for its node, carrying the plan's generation; a deploy task's env is the release's secrets re-encrypted to that node's recipient. Tasks
 //!    whose node is pending or offline ([`Task::waits_for`]) are enqueued all the same: the node leases
 //!    them when it joins or comes back.
 //! 5. Record the reconciliation with [`Plan::summary`] and commit.

@@ -41,6 +41,9 @@ pub enum JoinOutcome {
     InvalidToken,
     /// The node's manifest pins another recipient. Nothing changed; the token can still be used.
     RecipientMismatch { node: Name, pinned: Recipient },
+    /// The node holds a live credential and the token was not made to replace it. Nothing changed; the
+    /// token can still be used once the operator revoked the credential.
+    LiveCredential { node: Name },
 }
 
 /// A join to record.
@@ -53,12 +56,13 @@ pub struct JoinRecord<'a> {
     pub agent_version: &'a str,
 }
 
-/// Consumes a join token and gives its node a new credential (replacing any earlier one), in one
-/// transaction.
+/// Consumes a join token and gives its node a new credential, in one transaction. A node that holds a
+/// live credential joins again only with a token made to replace it (`replace_credential`), and the
+/// old credential is revoked by the same statement that stores the new one.
 pub async fn join(pool: &PgPool, j: &JoinRecord<'_>) -> Result<JoinOutcome, StoreError> {
     let mut tx = pool.begin().await.op("begin a join")?;
     let Some(row) = sqlx::query!(
-        r#"SELECT t.id, t.node, n.recipient AS pinned
+        r#"SELECT t.id, t.node, t.replace_credential, n.recipient AS pinned
            FROM node_join_tokens t JOIN nodes n ON n.name = t.node
            WHERE t.token_hash = $1 AND t.used_at IS NULL AND t.expires_at > now()
            FOR UPDATE OF t"#,
@@ -78,6 +82,18 @@ pub async fn join(pool: &PgPool, j: &JoinRecord<'_>) -> Result<JoinOutcome, Stor
             Recipient::new(&pinned).map_err(|e| corrupt("nodes", "recipient", e.to_string()))?;
         return Ok(JoinOutcome::RecipientMismatch { node, pinned });
     }
+    let status = sqlx::query!(
+        r#"SELECT state, credential_hash IS NOT NULL AS "live!" FROM node_status
+           WHERE node = $1 FOR UPDATE"#,
+        node.as_str()
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .op("read a node's status")?;
+    if status.as_ref().is_some_and(|s| s.live) && !row.replace_credential {
+        return Ok(JoinOutcome::LiveCredential { node });
+    }
+    let previous = status.map(|s| node_state(&s.state)).transpose()?;
     sqlx::query!(
         "UPDATE node_join_tokens SET used_at = now() WHERE id = $1",
         row.id
@@ -85,15 +101,6 @@ pub async fn join(pool: &PgPool, j: &JoinRecord<'_>) -> Result<JoinOutcome, Stor
     .execute(&mut *tx)
     .await
     .op("use a join token")?;
-    let previous = sqlx::query_scalar!(
-        "SELECT state FROM node_status WHERE node = $1 FOR UPDATE",
-        node.as_str()
-    )
-    .fetch_optional(&mut *tx)
-    .await
-    .op("read a node's status")?
-    .map(|s| node_state(&s))
-    .transpose()?;
     sqlx::query!(
         r#"INSERT INTO node_status
                (node, state, last_heartbeat, drivers, recipient, credential_hash, joined_at,
@@ -126,21 +133,24 @@ pub struct JoinTokenRow {
     pub used_at: Option<DateTime<Utc>>,
 }
 
-/// Stores a join token for `node`, valid for `ttl`. `None` when the node is not in the applied state.
+/// Stores a join token for `node`, valid for `ttl`, that may replace the node's live credential when
+/// `replace`. `None` when the node is not in the applied state.
 pub async fn create_join_token(
     pool: &PgPool,
     node: &Name,
     token_hash: &str,
     ttl: Duration,
+    replace: bool,
 ) -> Result<Option<JoinTokenRow>, StoreError> {
     let row = sqlx::query!(
-        r#"INSERT INTO node_join_tokens (node, token_hash, expires_at)
-           SELECT name, $2, now() + $3::float8 * interval '1 millisecond'
+        r#"INSERT INTO node_join_tokens (node, token_hash, expires_at, replace_credential)
+           SELECT name, $2, now() + $3::float8 * interval '1 millisecond', $4
            FROM nodes WHERE name = $1
            RETURNING id, node, created_at, expires_at, used_at"#,
         node.as_str(),
         token_hash,
         millis(ttl),
+        replace,
     )
     .fetch_optional(pool)
     .await
@@ -732,42 +742,139 @@ pub async fn release_deploys(
     Ok((n(r.done), n(r.open), n(r.dead)))
 }
 
-/// Marks a release live (and the app's other live releases superseded: after a rollback the live one is
-/// newer) or failed, unless it already is. Returns whether it changed: only the first caller to see the
-/// outcome reports it.
+/// What recording a release's outcome did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// It already was so: someone else reported it.
+    Unchanged,
+    /// Live now; the live releases that ran before it are superseded.
+    Live,
+    /// Its replicas ran, but a release whose replicas ran later is live: it stays live, and this one is
+    /// recorded as superseded (it ran, so a rollback may still go back to it).
+    Superseded,
+    Failed,
+}
+
+/// Marks a release live or failed, unless it already is. A release is ordered by when its replicas
+/// ran (the newest generation among its deploys that are done), not by its number, since a rollback
+/// deploys an older number again: marking one live supersedes the live releases that ran before it,
+/// and never one that ran after it (a stale deploy's late result cannot demote what runs now). Only the
+/// first caller to see an outcome gets it back as changed.
 pub async fn finish_release(
     conn: &mut PgConnection,
     app: &Name,
     release: u64,
     ok: bool,
     error: Option<&str>,
-) -> Result<bool, StoreError> {
-    let status = if ok { "live" } else { "failed" };
-    let changed = sqlx::query!(
-        r#"UPDATE releases SET status = $3, error = $4, finished_at = now()
-           WHERE app = $1 AND number = $2 AND status <> $3"#,
+) -> Result<Finished, StoreError> {
+    let number = to_i64("release", release)?;
+    if !ok {
+        let changed = sqlx::query!(
+            r#"UPDATE releases SET status = 'failed', error = $3, finished_at = now()
+               WHERE app = $1 AND number = $2 AND status <> 'failed'"#,
+            app.as_str(),
+            number,
+            error,
+        )
+        .execute(&mut *conn)
+        .await
+        .op("record a release's failure")?
+        .rows_affected()
+            == 1;
+        return Ok(if changed {
+            Finished::Failed
+        } else {
+            Finished::Unchanged
+        });
+    }
+    // The rows this decision reads and writes, locked in one order: two releases of the app finishing
+    // at once decide one after the other.
+    sqlx::query_scalar!(
+        r#"SELECT number FROM releases WHERE app = $1 AND (number = $2 OR status = 'live')
+           ORDER BY number FOR UPDATE"#,
         app.as_str(),
-        to_i64("release", release)?,
-        status,
-        error,
+        number,
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .op("lock an app's live releases")?;
+    let ran = sqlx::query!(
+        r#"WITH ran AS (
+               SELECT release, max(coalesce(generation, 0)) AS generation FROM tasks
+               WHERE app = $1 AND kind = 'deploy' AND status = 'done' AND release IS NOT NULL
+               GROUP BY release
+           )
+           SELECT (SELECT generation FROM ran WHERE release = $2) AS "mine",
+                  (SELECT max(ran.generation) FROM releases r JOIN ran ON ran.release = r.number
+                   WHERE r.app = $1 AND r.number <> $2 AND r.status = 'live') AS "newest_other""#,
+        app.as_str(),
+        number,
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .op("read when an app's releases ran")?;
+    let mine = ran.mine.unwrap_or(0);
+    if ran.newest_other.is_some_and(|other| other > mine) {
+        let changed = sqlx::query!(
+            r#"UPDATE releases SET status = 'superseded', error = NULL,
+                                   finished_at = coalesce(finished_at, now())
+               WHERE app = $1 AND number = $2 AND status <> 'superseded'"#,
+            app.as_str(),
+            number,
+        )
+        .execute(&mut *conn)
+        .await
+        .op("record a release that ran before the live one")?
+        .rows_affected()
+            == 1;
+        return Ok(if changed {
+            Finished::Superseded
+        } else {
+            Finished::Unchanged
+        });
+    }
+    let changed = sqlx::query!(
+        r#"UPDATE releases SET status = 'live', error = NULL, finished_at = now()
+           WHERE app = $1 AND number = $2 AND status <> 'live'"#,
+        app.as_str(),
+        number,
     )
     .execute(&mut *conn)
     .await
-    .op("record a release's outcome")?
+    .op("record a release live")?
     .rows_affected()
         == 1;
-    if changed && ok {
-        sqlx::query!(
-            r#"UPDATE releases SET status = 'superseded'
-               WHERE app = $1 AND number <> $2 AND status = 'live'"#,
-            app.as_str(),
-            to_i64("release", release)?,
-        )
-        .execute(conn)
-        .await
-        .op("supersede older releases")?;
+    if !changed {
+        return Ok(Finished::Unchanged);
     }
-    Ok(changed)
+    sqlx::query!(
+        r#"UPDATE releases SET status = 'superseded'
+           WHERE app = $1 AND number <> $2 AND status = 'live'"#,
+        app.as_str(),
+        number,
+    )
+    .execute(&mut *conn)
+    .await
+    .op("supersede the releases that ran before")?;
+    Ok(Finished::Live)
+}
+
+/// Whether `token` is task `task`'s current lease.
+pub async fn holds_lease(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+) -> Result<bool, StoreError> {
+    let held = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND lease_token = $2 AND status = 'leased')
+           AS "held!""#,
+        task.0,
+        token.0,
+    )
+    .fetch_one(pool)
+    .await
+    .op("check a task's lease")?;
+    Ok(held)
 }
 
 /// A node as the agent side knows it.

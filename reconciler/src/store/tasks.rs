@@ -176,18 +176,101 @@ pub async fn lease(
     Ok(leased)
 }
 
-/// Marks a leased task done if `token` is its current lease; `false` when it is not.
-pub async fn complete(pool: &PgPool, id: TaskId, token: LeaseToken) -> Result<bool, StoreError> {
-    let done = sqlx::query!(
-        r#"UPDATE tasks SET status = 'done', finished_at = now(), updated_at = now()
-           WHERE id = $1 AND lease_token = $2 AND status = 'leased'"#,
+/// Ends a leased task if `token` is its current lease: `done`, or `superseded` when its node already
+/// finished a task of a newer generation for the same slot (an agent never runs an older generation
+/// after a newer one, so its "done" can only be a skip). `None` when the token is not current.
+pub async fn complete(
+    pool: &PgPool,
+    id: TaskId,
+    token: LeaseToken,
+) -> Result<Option<TaskStatus>, StoreError> {
+    let row = sqlx::query_scalar!(
+        r#"UPDATE tasks t
+           SET status = CASE WHEN newer.id IS NULL THEN 'done' ELSE 'superseded' END,
+               last_error = CASE WHEN newer.id IS NULL THEN t.last_error
+                                 ELSE 'superseded: the node had finished task ' || newer.id
+                                      || ' of generation ' || newer.generation
+                                      || ' for the slot' END,
+               finished_at = now(), updated_at = now()
+           FROM (SELECT $1::bigint AS id) me
+           LEFT JOIN LATERAL (
+               SELECT n.id, n.generation FROM tasks o JOIN tasks n
+                   ON n.node = o.node AND n.app = o.app AND n.slot = o.slot
+               WHERE o.id = me.id AND o.slot IS NOT NULL AND o.generation IS NOT NULL
+                 AND n.status = 'done' AND n.generation > o.generation
+               LIMIT 1
+           ) newer ON true
+           WHERE t.id = me.id AND t.lease_token = $2 AND t.status = 'leased'
+           RETURNING t.status"#,
         id.0,
         token.0,
     )
-    .execute(pool)
+    .fetch_optional(pool)
     .await
     .op("complete a task")?;
+    row.map(|s| status(&s)).transpose()
+}
+
+/// Ends a leased task as superseded (its node skipped it) if `token` is its current lease; `false` when
+/// it is not.
+pub async fn skip(
+    pool: &PgPool,
+    id: TaskId,
+    token: LeaseToken,
+    why: &str,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query!(
+        r#"UPDATE tasks
+           SET status = 'superseded', last_error = $3, finished_at = now(), updated_at = now()
+           WHERE id = $1 AND lease_token = $2 AND status = 'leased'"#,
+        id.0,
+        token.0,
+        why,
+    )
+    .execute(pool)
+    .await
+    .op("end a skipped task")?;
     Ok(done.rows_affected() == 1)
+}
+
+/// Retires the unfinished tasks of the slots `(app, slot, node)` emitted by a generation older than
+/// `generation` (or by none) on every node but `node` (every node when `None`: the slot goes away), in the
+/// caller's transaction; returns their ids. Their lease tokens stay as they were, so a holder's report
+/// is refused as stale.
+pub async fn supersede_slots(
+    conn: &mut PgConnection,
+    slots: &[(Name, u32, Option<Name>)],
+    generation: u64,
+) -> Result<Vec<TaskId>, StoreError> {
+    let apps: Vec<String> = slots.iter().map(|(a, ..)| a.as_str().to_owned()).collect();
+    let nums: Vec<i32> = slots
+        .iter()
+        .map(|(_, s, _)| to_i32("slot", *s))
+        .collect::<Result<_, _>>()?;
+    let keep: Vec<Option<String>> = slots
+        .iter()
+        .map(|(.., n)| n.as_ref().map(|n| n.as_str().to_owned()))
+        .collect();
+    let ids = sqlx::query_scalar!(
+        r#"UPDATE tasks t
+           SET status = 'superseded', finished_at = now(), updated_at = now(),
+               last_error = 'superseded by generation ' || $4::bigint
+                            || ': the slot moved to another node or went away'
+                            || coalesce(' (earlier: ' || t.last_error || ')', '')
+           FROM UNNEST($1::text[], $2::int[], $3::text[]) AS s(app, slot, keep)
+           WHERE t.app = s.app AND t.slot = s.slot AND t.node IS DISTINCT FROM s.keep
+             AND t.status IN ('queued', 'leased', 'failed')
+             AND coalesce(t.generation, 0) < $4
+           RETURNING t.id"#,
+        &apps,
+        &nums,
+        &keep as &[Option<String>],
+        to_i64("generation", generation)?,
+    )
+    .fetch_all(conn)
+    .await
+    .op("retire a moved slot's tasks")?;
+    Ok(ids.into_iter().map(TaskId).collect())
 }
 
 /// Completes many tasks in one statement; returns the ids whose token was current (now done).

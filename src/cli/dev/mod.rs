@@ -602,13 +602,18 @@ struct AgentCfg {
 
 impl AgentCfg {
     /// Makes a join token and starts the node's agent with a fresh data directory (a new key and
-    /// credential each run: the containers of the last run are gone, so is what its book said).
+    /// credential each run: the containers of the last run are gone, so is what its book said). The
+    /// token replaces the credential of the last run, which this supervisor started and threw away.
     async fn start(&self, pool: &sqlx::PgPool, node: &str, port: u16) -> Result<(Proc, AgentInfo)> {
         let name = Name::new(node).map_err(anyhow::Error::msg)?;
-        let token =
-            cairn_reconciler::api::auth::issue_join_token(pool, &name, Duration::from_secs(600))
-                .await
-                .with_context(|| format!("cannot make a join token for node {node}"))?;
+        let token = cairn_reconciler::api::auth::issue_join_token(
+            pool,
+            &name,
+            Duration::from_secs(600),
+            true,
+        )
+        .await
+        .with_context(|| format!("cannot make a join token for node {node}"))?;
         let data = self.state.join("agents").join(node);
         match std::fs::remove_dir_all(&data) {
             Ok(()) => {}

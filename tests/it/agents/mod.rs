@@ -2,6 +2,7 @@
 //! driver on loopback, and raw HTTP where a test plays a misbehaving agent.
 
 pub(crate) mod support;
+mod trust;
 
 use std::process::Command;
 use std::time::Duration;
