@@ -266,9 +266,18 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("a SIGTERM handler installs");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+        // SIGHUP (a closed terminal, a careless `kill -HUP`) would end the agent by default; it has
+        // nothing to reload, so it is logged and ignored like in `cairn serve`.
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .expect("a SIGHUP handler installs");
+        loop {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => break,
+                _ = term.recv() => break,
+                Some(()) = hup.recv() => {
+                    tracing::info!("SIGHUP ignored: the agent has nothing to reload (SIGTERM stops it)");
+                }
+            }
         }
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);

@@ -517,6 +517,48 @@ async fn a_killed_agents_lease_expires_and_its_old_token_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_does_not_stop_an_agent() {
+    // Regression (issue 12): SIGHUP's default action ended the agent (a closed terminal, a stray
+    // `kill -HUP` from a log rotation script); it has nothing to reload, so it ignores it like serve.
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("a", "");
+    let mut plane = Plane::start(db, repo, scratch, identity, FAST).await;
+    plane.wait_generation(1).await;
+    let dir = plane.scratch.path().join("agent-a");
+    let token = plane.join_token("a");
+    let mut agent = plane.agent("a", &dir, Some(&token), &[], &[]);
+    let heartbeats = |plane: &Plane| {
+        let pool = plane.db.pool().clone();
+        async move {
+            sqlx::query_scalar::<_, chrono::DateTime<chrono::Utc>>(
+                "SELECT last_heartbeat FROM node_status WHERE node = 'a'",
+            )
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+        }
+    };
+    let first = wait_for("a first heartbeat", Duration::from_secs(20), || {
+        heartbeats(&plane)
+    })
+    .await;
+    for _ in 0..2 {
+        agent.signal(rustix::process::Signal::HUP);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(agent.exited(), None, "the agent survives SIGHUP");
+    wait_for("a heartbeat after SIGHUP", Duration::from_secs(20), || {
+        let later = heartbeats(&plane);
+        async move { later.await.filter(|t| *t > first) }
+    })
+    .await;
+    assert!(agent.terminate(Duration::from_secs(10)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_short_tasks_and_gives_back_long_ones() {
     let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
         return;

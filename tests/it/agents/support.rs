@@ -590,6 +590,11 @@ impl Agent {
         }
     }
 
+    /// Sends `signal` to the agent.
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        kill(self.child.as_ref().expect("the agent runs").id(), signal);
+    }
+
     /// `Some(status)` when the agent has exited, `None` while it runs.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().unwrap())
