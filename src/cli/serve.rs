@@ -122,6 +122,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 
         let mut c = controller(&args.db, &args.src).await?;
         c.offline_after = args.node_offline_after;
+        c.history_retention = args.api.log_retention;
         webhooks.install_hooks(&mut c, &args.src)?;
         let _ = ready.set(c.pool.clone());
         let wake = Arc::new(Notify::new());
