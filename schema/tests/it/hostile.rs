@@ -467,3 +467,59 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn extreme_numbers_in_units_are_errors_not_overflows() {
+    // Every unit parser checks its arithmetic: a value at or past the edge of its type is an error at the
+    // value, never an overflow (a panic with overflow checks, a wrong value without).
+    for (from, to) in [
+        ("cpu = 0.5", "cpu = \"79228162514264337593543950335\""),
+        ("cpu = 0.5", "cpu = 1e300"),
+        ("cpu = 0.5", "cpu = -79228162514264337593543950335"),
+        (
+            "memory = \"512MiB\"",
+            "memory = \"79228162514264337593543950335PiB\"",
+        ),
+        (
+            "memory = \"512MiB\"",
+            "memory = \"18446744073709551615PiB\"",
+        ),
+        (
+            "memory = \"512MiB\"",
+            "memory = \"99999999999999999999999999999999B\"",
+        ),
+        (
+            "price = \"5.00\"",
+            "price = \"79228162514264337593543950335\"",
+        ),
+        (
+            "price = \"5.00\"",
+            "price = \"792281625142643375935439503350\"",
+        ),
+        ("max_replicas = 3", "max_replicas = 9223372036854775807"),
+    ] {
+        let src = BASE.replace(from, to);
+        assert_ne!(src, BASE);
+        let l = cairn_schema::load([("m.toml", src.as_str()), settings()]).1;
+        let _ = l.diagnostics.to_string();
+        // Decimal's maximum is a (very high) price, but nothing else here is valid.
+        let valid = to == "price = \"79228162514264337593543950335\"";
+        assert_eq!(
+            l.diagnostics.has_errors(),
+            !valid,
+            "{to}: {}",
+            l.diagnostics
+        );
+    }
+    for timeout in [
+        "18446744073709551615s 18446744073709551615s",
+        "99999999999999999999999999h",
+        "18446744073709551615ns 18446744073709551615us 18446744073709551615ms",
+        "584542046091y",
+    ] {
+        let src = web_app(&format!("health = {{ timeout = {} }}\n", quoted(timeout)));
+        let l = cairn_schema::load([("m.toml", src.as_str()), settings()]).1;
+        assert!(l.diagnostics.has_errors(), "{timeout}");
+        let _ = l.diagnostics.to_string();
+    }
+}
