@@ -3,11 +3,18 @@
 //! state (through the source's caches) and the whole observed state, plans, and applies.
 //!
 //! What it must not do: carry a change from a trigger into the plan, apply a config commit older than the
-//! applied one, or leave a failed run unrecorded.
+//! applied one, or leave a failed run unrecorded. Nor die with one commit: a panic while a commit is
+//! validated, planned or applied is caught (around the synchronous parse and validation, around the
+//! apply, and around the whole run as the loop spawns it), the commit is recorded as failed with the
+//! panic's message, nothing of it is applied (the apply's transaction rolls back), and the loop goes on,
+//! so the previous state keeps running and the next good commit applies.
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+
+use futures_util::FutureExt as _;
 
 use cairn_schema::{Desired, Diagnostic, Identity};
 use chrono::Utc;
@@ -66,7 +73,9 @@ impl ConfigSource {
         }
     }
 
-    /// Reads the newest desired state: fetches a git ref, or re-reads a directory.
+    /// Reads the newest desired state: fetches a git ref, or re-reads a directory. A panic while the
+    /// commit's files are parsed and validated is caught: the snapshot is then that commit, invalid, with
+    /// the panic as its error.
     pub fn read(&mut self) -> Result<Snapshot, ReadError> {
         match self {
             ConfigSource::Dir(dir) => {
@@ -82,16 +91,30 @@ impl ConfigSource {
                     h.update(b);
                 }
                 let commit = format!("dir-{}", &hex::encode(h.finalize())[..16]);
-                let files = snap
-                    .files
-                    .iter()
-                    .map(|(p, b)| Arc::new(cairn_schema::parse_file(p, b)))
-                    .collect();
-                Ok(Snapshot::new(Some(commit), files, snap.diagnostics))
+                Ok(validated(&commit, || {
+                    let files = snap
+                        .files
+                        .iter()
+                        .map(|(p, b)| Arc::new(cairn_schema::parse_file(p, b)))
+                        .collect();
+                    Snapshot::new(Some(commit.clone()), files, snap.diagnostics)
+                }))
             }
             ConfigSource::Git(g) => {
                 let head = g.fetch()?;
-                Ok(g.load(head)?)
+                let commit = head.to_string();
+                let mut failed = None;
+                let snap = validated(&commit, || match g.load(head) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        failed = Some(e);
+                        Snapshot::new(Some(commit.clone()), Vec::new(), Vec::new())
+                    }
+                });
+                match failed {
+                    Some(e) => Err(e.into()),
+                    None => Ok(snap),
+                }
             }
         }
     }
@@ -108,6 +131,60 @@ impl ConfigSource {
         }
     }
 }
+
+/// Runs the synchronous parse and validation of `commit`, turning a panic into that commit's error: a
+/// snapshot without desired state whose one diagnostic says what panicked. Whatever the manifest holds,
+/// the caller records a failed commit instead of unwinding through the control plane.
+fn validated(commit: &str, parse: impl FnOnce() -> Snapshot) -> Snapshot {
+    let run = || {
+        let snap = parse();
+        inject_panic("validate", &snap);
+        snap
+    };
+    match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(snap) => snap,
+        Err(payload) => {
+            let why = panic_message(&*payload);
+            tracing::error!(%commit, panic = %why, "validating a commit panicked: recorded as failed");
+            let mut snap = Snapshot::new(Some(commit.to_owned()), Vec::new(), Vec::new());
+            snap.loaded.desired = None;
+            snap.loaded.diagnostics = cairn_schema::Diagnostics(vec![Diagnostic::file(
+                cairn_schema::Severity::Error,
+                "",
+                format!("{PANIC_REASON} while validating this commit: {why}"),
+            )]);
+            snap
+        }
+    }
+}
+
+/// How a failure caused by a panic starts, in the history and the logs.
+pub const PANIC_REASON: &str = "internal error (a panic in cairn; please report it)";
+
+/// The text a panic carried (`panic!("...")` gives a `&str` or a `String`).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let text = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("a panic without a message");
+    // Bounded and on one line: it goes into the history and commit statuses.
+    let one_line = cairn_schema::diag::escape_control(text);
+    one_line.chars().take(500).collect()
+}
+
+/// With the `test-panic` feature (only the test suite builds with it), a commit whose manifests hold the
+/// line `# cairn-test-panic: STAGE` panics at that stage (`validate`, `apply`, `reconcile`), standing in
+/// for a bug no known input reaches any more. Without the feature this is nothing.
+#[cfg(feature = "test-panic")]
+fn inject_panic(stage: &str, snap: &Snapshot) {
+    let marker = format!("# cairn-test-panic: {stage}\n");
+    if snap.files.iter().any(|f| f.src.contains(&marker)) {
+        panic!("injected test panic at stage `{stage}`");
+    }
+}
+#[cfg(not(feature = "test-panic"))]
+fn inject_panic(_stage: &str, _snap: &Snapshot) {}
 
 /// One reconcile's result.
 #[derive(Debug)]
@@ -159,7 +236,13 @@ pub struct Controller {
     /// start or a database outage), plans treat a node its state calls online as online whatever the
     /// age of its last heartbeat. `None` (the CLI): the heartbeat's age always counts.
     pub judging: Option<crate::liveness::Judging>,
+    /// Failed and no-op runs older than this leave the history ([`Controller::run`] prunes them every
+    /// [`PRUNE_EVERY`]); `cairn serve` passes its `--log-retention`.
+    pub history_retention: Duration,
 }
+
+/// How often [`Controller::run`] prunes the history.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(600);
 
 /// A failed run: the error, already recorded in the history when it could be.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +255,9 @@ pub enum ReconcileError {
     Store(#[from] StoreError),
     #[error("{0}")]
     Secrets(String),
+    /// Planning or applying panicked; the apply's transaction rolled back and the run is recorded as failed.
+    #[error("{PANIC_REASON}: {0}")]
+    Panicked(String),
 }
 
 impl Controller {
@@ -187,6 +273,7 @@ impl Controller {
             head_polling: HeadPolling::All,
             hooks: None,
             judging: None,
+            history_retention: Duration::from_secs(14 * 24 * 3600),
         }
     }
 
@@ -447,14 +534,36 @@ impl Controller {
             }
         };
         let commit_id = CommitId::new(commit.clone());
-        match executor::reconcile(
-            &self.pool,
-            Some((&commit_id, desired)),
-            fingerprints.as_ref(),
-            &cx,
-        )
-        .await
-        {
+        inject_panic("reconcile", &snap);
+        let apply = async {
+            inject_panic("apply", &snap);
+            executor::reconcile(
+                &self.pool,
+                Some((&commit_id, desired)),
+                fingerprints.as_ref(),
+                &cx,
+            )
+            .await
+        };
+        // A panic in the planner or the executor unwinds out of the apply's transaction, which rolls back:
+        // nothing of this commit is applied, and it is recorded as failed like an invalid one.
+        let applied = match AssertUnwindSafe(apply).catch_unwind().await {
+            Ok(r) => r,
+            Err(payload) => {
+                let why = panic_message(&*payload);
+                let err = RecordedError {
+                    path: None,
+                    line: None,
+                    col: None,
+                    message: format!(
+                        "{PANIC_REASON} while planning or applying this commit: {why}"
+                    ),
+                };
+                executor::record_failure(&self.pool, &cx, Some(&commit), &[err]).await?;
+                return Err(ReconcileError::Panicked(why));
+            }
+        };
+        match applied {
             Ok(a) => Ok(Outcome::Applied(Box::new(a))),
             Err(e) => {
                 let err = RecordedError {
@@ -480,9 +589,24 @@ impl Controller {
         tokio::pin!(shutdown);
         let mut trigger = "startup";
         let mut backoff = Duration::from_secs(1);
+        let mut pruned_at: Option<std::time::Instant> = None;
         loop {
-            // The outcome is logged (in the reconcile's span) by `reconcile` itself.
-            let wait = match self.reconcile(trigger).await {
+            if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+                pruned_at = Some(std::time::Instant::now());
+                self.prune_history().await;
+            }
+            // The outcome is logged (in the reconcile's span) by `reconcile` itself. Each run is a task of
+            // its own, so a panic anywhere in it (past the places that catch one with its commit) ends
+            // that run, not the loop.
+            let run = tokio::spawn({
+                let this = self.clone();
+                async move { this.reconcile(trigger).await }
+            });
+            let result = match run.await {
+                Ok(r) => r,
+                Err(e) => Err(self.record_panicked_run(trigger, e).await),
+            };
+            let wait = match result {
                 Ok(_) => {
                     backoff = Duration::from_secs(1);
                     interval
@@ -499,6 +623,56 @@ impl Controller {
                 _ = tokio::time::sleep(wait) => trigger = "timer",
             }
         }
+    }
+}
+
+impl Controller {
+    /// Deletes failed and no-op runs older than [`Controller::history_retention`]; failures are logged.
+    pub async fn prune_history(&self) {
+        let keep =
+            chrono::Duration::from_std(self.history_retention).unwrap_or(chrono::Duration::MAX);
+        let before = Utc::now()
+            .checked_sub_signed(keep)
+            .unwrap_or(chrono::DateTime::<Utc>::MIN_UTC);
+        match crate::store::history::prune_reconciliations(&self.pool, before, 5000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(runs = n, "old reconcile runs pruned from the history"),
+            Err(e) => tracing::warn!(error = %error_chain(&e), "cannot prune the history"),
+        }
+    }
+
+    /// Records a run whose task panicked outside the places that know its commit (or was cancelled).
+    async fn record_panicked_run(
+        &self,
+        trigger: &str,
+        e: tokio::task::JoinError,
+    ) -> ReconcileError {
+        let why = match e.try_into_panic() {
+            Ok(payload) => panic_message(&*payload),
+            Err(e) => e.to_string(),
+        };
+        tracing::error!(panic = %why, "a reconcile panicked: recorded as failed");
+        let label = self.source.lock().await.label();
+        let cx = Context {
+            source: &label,
+            trigger,
+            identity: self.identity.as_ref(),
+            seed: self.seed,
+            offline_after: self.offline_after,
+            started_at: Utc::now(),
+            expect_generation: None,
+            hooks: None,
+        };
+        let err = RecordedError {
+            path: None,
+            line: None,
+            col: None,
+            message: format!("{PANIC_REASON} during a reconcile: {why}"),
+        };
+        if let Err(e) = executor::record_failure(&self.pool, &cx, None, &[err]).await {
+            tracing::error!(error = %error_chain(&e), "cannot record a panicked reconcile");
+        }
+        ReconcileError::Panicked(why)
     }
 }
 
@@ -526,7 +700,7 @@ fn log_outcome(o: &Outcome) {
 /// A diagnostic as the history stores it (no source line: it could hold a pasted secret).
 pub fn recorded(d: &Diagnostic) -> RecordedError {
     RecordedError {
-        path: Some(d.path.clone()),
+        path: (!d.path.is_empty()).then(|| d.path.clone()),
         line: (d.line > 0).then_some(d.line as u32),
         col: (d.col > 0).then_some(d.col as u32),
         message: d.message.clone(),

@@ -200,7 +200,10 @@ pub async fn record_failure(
     let summary = errors
         .first()
         .map_or_else(|| "failed".to_owned(), |e| e.to_string());
-    let id = store::history::record_reconciliation(
+    // The same commit failing the same way again (every interval while it is the head) only counts a
+    // repeat on the row already there. The hooks still hear of every failure: a start in between may
+    // have set the commit's status to pending again.
+    let (id, _repeated) = store::history::record_failed(
         &mut tx,
         &NewReconciliation {
             source: cx.source,
@@ -215,6 +218,7 @@ pub async fn record_failure(
         },
     )
     .await?;
+    let errors = &errors[..errors.len().min(store::history::MAX_RECORDED_ERRORS)];
     if let (Some(hooks), Some(commit), false) = (cx.hooks, commit, errors.is_empty())
         && let Some(mut savepoint) = crate::hooks::savepoint(&mut tx, "failed").await
     {

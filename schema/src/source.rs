@@ -303,13 +303,17 @@ pub fn check_public(ip: std::net::IpAddr) -> Result<(), String> {
 /// a valid address.
 fn parse_ipv4_loose(host: &str) -> Result<Option<Ipv4Addr>, String> {
     let parts: Vec<&str> = host.split('.').collect();
+    // Byte-wise on purpose: a host is untrusted text, and slicing it by a byte index could cut a multibyte
+    // character in two (`https://€/x.git` panicked here).
+    let hex_prefix = |p: &str| {
+        p.as_bytes()
+            .get(..2)
+            .is_some_and(|b| b.eq_ignore_ascii_case(b"0x"))
+    };
     let numeric = |p: &str| {
         !p.is_empty()
             && (p.bytes().all(|c| c.is_ascii_digit())
-                || (p.len() > 2
-                    && p[..2].eq_ignore_ascii_case("0x")
-                    && p[2..].bytes().all(|c| c.is_ascii_hexdigit()))
-                || p.eq_ignore_ascii_case("0x"))
+                || (hex_prefix(p) && p.bytes().skip(2).all(|c| c.is_ascii_hexdigit())))
     };
     // A name whose last label is numeric (or hex) is read as an address by URL parsers; treat it as one.
     if !parts.last().is_some_and(|p| numeric(p)) {
@@ -321,14 +325,15 @@ fn parse_ipv4_loose(host: &str) -> Result<Option<Ipv4Addr>, String> {
     }
     let mut values = Vec::with_capacity(parts.len());
     for p in &parts {
-        let v = if p.len() >= 2 && p[..2].eq_ignore_ascii_case("0x") {
-            if p.len() == 2 {
+        // Every part is ASCII here (`numeric` held), so the prefixes below are whole characters.
+        let v = if let Some(hex) = p.strip_prefix("0x").or_else(|| p.strip_prefix("0X")) {
+            if hex.is_empty() {
                 0
             } else {
-                u64::from_str_radix(&p[2..], 16).map_err(|_| bad())?
+                u64::from_str_radix(hex, 16).map_err(|_| bad())?
             }
-        } else if p.len() > 1 && p.starts_with('0') {
-            u64::from_str_radix(&p[1..], 8).map_err(|_| bad())?
+        } else if let Some(oct) = p.strip_prefix('0').filter(|o| !o.is_empty()) {
+            u64::from_str_radix(oct, 8).map_err(|_| bad())?
         } else {
             p.parse::<u64>().map_err(|_| bad())?
         };

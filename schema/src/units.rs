@@ -346,10 +346,13 @@ impl Cpu {
         Decimal::new(i64::from(self.0), 3).normalize()
     }
     fn from_decimal(d: Decimal) -> Result<Self, String> {
-        let m = d * Decimal::from(1000);
         if d <= Decimal::ZERO {
             return Err(format!("cpu `{d}` must be more than zero"));
         }
+        // Checked: `Decimal`'s `*` panics on overflow, and `d` is whatever a manifest wrote.
+        let m = d
+            .checked_mul(Decimal::from(1000))
+            .ok_or_else(|| format!("cpu `{d}` is too large"))?;
         if !m.fract().is_zero() {
             return Err(format!("cpu `{d}` is finer than a millicore (0.001)"));
         }

@@ -188,6 +188,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
         c.offline_after = args.node_offline_after;
         let judging = cairn_reconciler::liveness::Judging::new(args.node_offline_after);
         c.judging = Some(judging.clone());
+        c.history_retention = args.api.log_retention;
         webhooks.install_hooks(&mut c, &args.src)?;
         let _ = ready.set(c.pool.clone());
         let wake = Arc::new(Notify::new());

@@ -45,9 +45,10 @@ pub struct ApiArgs {
     /// Join attempts per second per client address (bursts of ten times as many)
     #[arg(long, default_value_t = 5.0)]
     join_rate_limit: f64,
-    /// Build output and replica output older than this are pruned (checked every 10 minutes)
+    /// Build output, replica output and failed or no-op reconcile runs older than this are pruned
+    /// (checked every 10 minutes)
     #[arg(long, value_parser = humantime::parse_duration, default_value = "14d")]
-    log_retention: Duration,
+    pub(super) log_retention: Duration,
     /// Replica output lines kept per app for `cairn logs` (older ones are pruned)
     #[arg(long, default_value_t = 10_000)]
     log_window: u32,

@@ -24,6 +24,7 @@ use cairn_reconciler::store::state;
 use cairn_schema::{Desired, EnvValue, Identity};
 use sqlx::PgPool;
 
+use crate::agents::support::{FAST, Plane, wait_for};
 use crate::validate::root;
 
 /// The whole test's bound, and one run's (a run that hangs fails instead of stalling the suite).
@@ -522,4 +523,129 @@ async fn task_count(pool: &PgPool) -> i64 {
         .fetch_one(pool)
         .await
         .unwrap()
+}
+
+// ---- A panic inside one reconcile of `cairn serve` ----
+
+/// The failed run of `commit` (or of no commit: a run that panicked before its commit was known) whose
+/// first error contains `needle`, once serve has recorded it.
+async fn failed_run(plane: &Plane, commit: Option<&str>, needle: &str) -> serde_json::Value {
+    let sql = match commit {
+        Some(c) => format!("SELECT commit, errors, repeats FROM reconciliations WHERE status = 'failed' AND commit = '{c}'"),
+        None => "SELECT commit, errors, repeats FROM reconciliations WHERE status = 'failed' AND commit IS NULL".to_owned(),
+    };
+    let needle = needle.to_owned();
+    wait_for(
+        &format!("a failed run of {commit:?} saying {needle:?}"),
+        Duration::from_secs(60),
+        || {
+            let f = plane.rows(&sql);
+            let needle = needle.clone();
+            async move {
+                f.await.into_iter().find(|r| {
+                    r["errors"][0]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains(&needle))
+                })
+            }
+        },
+    )
+    .await
+}
+
+/// Serve's API answers (the process that took the panic is still the one serving).
+async fn serve_answers(plane: &Plane) {
+    let s = reqwest::get(format!("{}/healthz", plane.url))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, 200);
+}
+
+async fn applied_commit(plane: &Plane) -> String {
+    plane.rows("SELECT commit FROM config_state").await[0]["commit"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_survives_a_panic_in_a_reconcile_and_applies_the_next_good_commit() {
+    // Before: a panic while validating (`url = "https://€/x.git"` did this) unwound through serve's
+    // reconcile loop and took the control plane down; restarted, it read the same head and died again.
+    // The test build of cairn has the `test-panic` feature: `# cairn-test-panic: STAGE` in a manifest
+    // panics at that stage, standing in for bugs no known input reaches any more.
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("n1", "");
+    let plane = Plane::start(db, repo, scratch, identity, FAST).await;
+    let first = plane.repo.head();
+    wait_for("the first commit applied", Duration::from_secs(60), || {
+        let plane = &plane;
+        let first = first.clone();
+        async move { (applied_commit(plane).await == first).then_some(()) }
+    })
+    .await;
+
+    for (stage, says) in [
+        (
+            "validate",
+            "while validating this commit: injected test panic at stage `validate`",
+        ),
+        (
+            "apply",
+            "while planning or applying this commit: injected test panic at stage `apply`",
+        ),
+    ] {
+        plane
+            .repo
+            .write("panic.toml", &format!("# cairn-test-panic: {stage}\n"));
+        plane.repo.node("n2", &format!("# {stage}\n"));
+        plane.repo.commit();
+        let bad = plane.repo.head();
+        let run = failed_run(&plane, Some(&bad), says).await;
+        assert!(
+            run["errors"][0]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("internal error (a panic in cairn; please report it)"),
+            "{run}"
+        );
+        serve_answers(&plane).await;
+        assert_eq!(
+            applied_commit(&plane).await,
+            first,
+            "nothing of the commit is applied"
+        );
+        let nodes = plane.rows("SELECT name FROM nodes").await;
+        assert_eq!(nodes.len(), 1, "{nodes:?}");
+    }
+
+    // A panic where the run's commit is not known to the code that catches it: the run's task.
+    plane
+        .repo
+        .write("panic.toml", "# cairn-test-panic: reconcile\n");
+    plane.repo.commit();
+    failed_run(
+        &plane,
+        None,
+        "during a reconcile: injected test panic at stage `reconcile`",
+    )
+    .await;
+    serve_answers(&plane).await;
+
+    // The next good commit applies, in the same process.
+    plane.repo.remove("panic.toml");
+    plane.repo.commit();
+    let good = plane.repo.head();
+    wait_for("the good commit applied", Duration::from_secs(60), || {
+        let plane = &plane;
+        let good = good.clone();
+        async move { (applied_commit(plane).await == good).then_some(()) }
+    })
+    .await;
+    let nodes = plane.rows("SELECT name FROM nodes ORDER BY name").await;
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    serve_answers(&plane).await;
 }

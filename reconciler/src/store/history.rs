@@ -1,11 +1,18 @@
 //! The history of reconcile runs (`reconciliations`): one row per run, applied, failed or a no-op.
 //!
+//! Bounded: a failed run stores its first [`MAX_RECORDED_ERRORS`] errors (each message at most
+//! [`MAX_MESSAGE_CHARS`] characters) and how many there were; a failed run of the same commit with the
+//! same errors as the newest row bumps that row's `repeats` instead of adding one (an invalid head would
+//! otherwise store all its errors again every interval); failed and no-op rows older than the retention
+//! are pruned ([`prune_reconciliations`]).
+//!
 //! What it must not do: record a secret (error messages come from the schema's diagnostics, which never
-//! quote one) or update a row once written.
+//! quote one), or change a row once written other than counting its repeats.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::PgConnection;
+use sha2::{Digest as _, Sha256};
+use sqlx::{PgConnection, PgPool};
 
 use super::{Op as _, StoreError, to_i64, to_u64};
 
@@ -88,6 +95,11 @@ pub struct NewReconciliation<'a> {
     pub finished_at: DateTime<Utc>,
 }
 
+/// How many errors of a failed run are stored; `errors_total` says how many there were.
+pub const MAX_RECORDED_ERRORS: usize = 20;
+/// How many characters of one error's message (and of the summary) are stored.
+pub const MAX_MESSAGE_CHARS: usize = 1000;
+
 /// A recorded run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reconciliation {
@@ -98,10 +110,55 @@ pub struct Reconciliation {
     pub status: ReconcileStatus,
     pub generation: Option<u64>,
     pub summary: String,
+    /// The first [`MAX_RECORDED_ERRORS`] errors.
     pub errors: Vec<RecordedError>,
+    /// How many errors the run had (more than `errors` holds when it was cut).
+    #[serde(default)]
+    pub errors_total: u64,
+    /// How many runs this row stands for: the same commit failing the same way again adds one.
+    #[serde(default = "one")]
+    pub repeats: u32,
+    /// When the last of those repeats ended (`None` for a run that did not repeat).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<DateTime<Utc>>,
     pub duration_ms: u64,
     pub started_at: DateTime<Utc>,
     pub finished_at: DateTime<Utc>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// `s`, cut to `max` characters (with `…` when cut).
+fn bounded(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        None => s.into(),
+        Some((i, _)) => format!("{}…", &s[..i]).into(),
+    }
+}
+
+/// What is stored of a run's errors: the first few, each message bounded.
+fn stored_errors(errors: &[RecordedError]) -> Vec<RecordedError> {
+    errors
+        .iter()
+        .take(MAX_RECORDED_ERRORS)
+        .map(|e| RecordedError {
+            message: bounded(&e.message, MAX_MESSAGE_CHARS).into_owned(),
+            ..e.clone()
+        })
+        .collect()
+}
+
+/// A digest of every error (not only the stored ones): equal digests mean the run failed the same way.
+fn errors_digest(errors: &[RecordedError]) -> String {
+    let mut h = Sha256::new();
+    for e in errors {
+        let line = e.to_string();
+        h.update((line.len() as u64).to_le_bytes());
+        h.update(line.as_bytes());
+    }
+    hex::encode(h.finalize())
 }
 
 /// Records a run and returns its id.
@@ -114,27 +171,92 @@ pub async fn record_reconciliation(
         .map(|g| to_i64("generation", g))
         .transpose()?;
     let duration_ms = (run.finished_at - run.started_at).num_milliseconds().max(0);
-    let errors = serde_json::to_value(run.errors).expect("recorded errors serialize");
+    let errors =
+        serde_json::to_value(stored_errors(run.errors)).expect("recorded errors serialize");
+    let total = i32::try_from(run.errors.len()).unwrap_or(i32::MAX);
+    let digest = (!run.errors.is_empty()).then(|| errors_digest(run.errors));
+    let summary = bounded(run.summary, MAX_MESSAGE_CHARS);
     sqlx::query_scalar!(
         r#"INSERT INTO reconciliations
                (source, commit, trigger, status, generation, summary, errors, duration_ms, started_at,
-                finished_at)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                finished_at, errors_total, errors_digest)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
            RETURNING id"#,
         run.source,
         run.commit,
         run.trigger,
         run.status.as_str(),
         generation,
-        run.summary,
+        summary.as_ref(),
         errors,
         duration_ms,
         run.started_at,
         run.finished_at,
+        total,
+        digest,
     )
     .fetch_one(conn)
     .await
     .op("record a reconciliation")
+}
+
+/// Records a failed run, unless the newest row is a failure of the same source and commit with the same
+/// errors: then that row's `repeats` goes up by one and its `last_at` is this run's end. Returns the row's
+/// id and whether it was such a repeat (the caller then has nothing new to tell anyone).
+pub async fn record_failed(
+    conn: &mut PgConnection,
+    run: &NewReconciliation<'_>,
+) -> Result<(i64, bool), StoreError> {
+    let digest = errors_digest(run.errors);
+    let repeated = sqlx::query_scalar!(
+        r#"UPDATE reconciliations r SET repeats = r.repeats + 1, last_at = $4
+           WHERE r.id = (SELECT id FROM reconciliations ORDER BY finished_at DESC, id DESC LIMIT 1)
+             AND r.status = 'failed' AND r.source = $1 AND r.commit IS NOT DISTINCT FROM $2
+             AND r.errors_digest = $3
+           RETURNING r.id"#,
+        run.source,
+        run.commit,
+        digest,
+        run.finished_at,
+    )
+    .fetch_optional(&mut *conn)
+    .await
+    .op("count a repeated failed reconciliation")?;
+    match repeated {
+        Some(id) => Ok((id, true)),
+        None => Ok((record_reconciliation(conn, run).await?, false)),
+    }
+}
+
+/// Deletes failed and no-op runs that ended (with all their repeats) before `before`, in batches of
+/// `batch` rows; applied runs stay (they say which commits were applied), and so does the newest row
+/// whatever it is (`cairn status` shows it). Returns how many rows went.
+pub async fn prune_reconciliations(
+    pool: &PgPool,
+    before: DateTime<Utc>,
+    batch: u32,
+) -> Result<u64, StoreError> {
+    let batch = i64::from(batch.max(1));
+    let mut pruned = 0;
+    loop {
+        let n = sqlx::query!(
+            r#"DELETE FROM reconciliations WHERE id IN (
+                   SELECT id FROM reconciliations
+                   WHERE status <> 'applied' AND finished_at < $1 AND (last_at IS NULL OR last_at < $1)
+                     AND id <> (SELECT id FROM reconciliations ORDER BY finished_at DESC, id DESC LIMIT 1)
+                   LIMIT $2)"#,
+            before,
+            batch,
+        )
+        .execute(pool)
+        .await
+        .op("prune old reconciliations")?
+        .rows_affected();
+        pruned += n;
+        if n < batch as u64 {
+            return Ok(pruned);
+        }
+    }
 }
 
 /// The most recent runs, newest first.
@@ -144,7 +266,7 @@ pub async fn recent_reconciliations(
 ) -> Result<Vec<Reconciliation>, StoreError> {
     let rows = sqlx::query!(
         r#"SELECT id, source, commit, trigger, status, generation, summary, errors, duration_ms,
-                  started_at, finished_at
+                  started_at, finished_at, errors_total, repeats, last_at
            FROM reconciliations
            ORDER BY finished_at DESC, id DESC
            LIMIT $1"#,
@@ -155,18 +277,25 @@ pub async fn recent_reconciliations(
     .op("read recent reconciliations")?;
     rows.into_iter()
         .map(|r| {
+            let errors: Vec<RecordedError> =
+                serde_json::from_value(r.errors).map_err(|e| StoreError::Corrupt {
+                    table: "reconciliations",
+                    column: "errors",
+                    detail: e.to_string(),
+                })?;
             Ok(Reconciliation {
                 id: r.id,
+                errors_total: r
+                    .errors_total
+                    .map_or(errors.len() as u64, |t| u64::try_from(t).unwrap_or(0)),
+                repeats: u32::try_from(r.repeats).unwrap_or(1),
+                last_at: r.last_at,
+                errors,
                 status: ReconcileStatus::parse(&r.status)?,
                 generation: r
                     .generation
                     .map(|g| to_u64("reconciliations", "generation", g))
                     .transpose()?,
-                errors: serde_json::from_value(r.errors).map_err(|e| StoreError::Corrupt {
-                    table: "reconciliations",
-                    column: "errors",
-                    detail: e.to_string(),
-                })?,
                 duration_ms: to_u64("reconciliations", "duration_ms", r.duration_ms)?,
                 source: r.source,
                 commit: r.commit,

@@ -3,5 +3,6 @@
 mod apply;
 mod git_source;
 mod heads;
+mod history;
 mod queue;
 mod store;
