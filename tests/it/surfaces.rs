@@ -7,7 +7,7 @@
 //! limit, give it a webhook secret or point it at a database through a proxy the test controls, and
 //! read its `/proc/<pid>/status`.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use cairn_schema::Identity;
@@ -17,7 +17,7 @@ use tempfile::TempDir;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::agents::support::{CAIRN, Repo, join_token, rows, wait_for};
+use crate::agents::support::{CAIRN, Repo, join_token, rows, start_listening, wait_for};
 
 const WEBHOOK_SECRET: &str = "surfaces-test-secret";
 
@@ -93,22 +93,8 @@ impl Serve {
             .env("CAIRN_LOG", "debug")
             .env_remove("CAIRN_IDENTITY")
             .env_remove("CAIRN_GITHUB_WEBHOOK_SECRET")
-            .stdout(Stdio::piped())
             .stderr(log);
-        let mut child = cmd.spawn().expect("cairn serve starts");
-        let stdout = child.stdout.take().unwrap();
-        let addr = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead as _;
-            let mut lines = std::io::BufReader::new(stdout).lines();
-            let first = lines.next().expect("serve prints its address").unwrap();
-            std::thread::spawn(move || for _ in lines {});
-            first
-                .strip_prefix("listening on ")
-                .expect("listening on ADDR")
-                .to_owned()
-        })
-        .await
-        .unwrap();
+        let (child, addr) = start_listening(&mut cmd).await;
         let serve = Serve {
             child,
             addr,

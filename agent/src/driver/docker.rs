@@ -164,16 +164,20 @@ impl DockerDriver {
             Some(n) => n,
             None => {
                 // Named per engine and network: two engines in one network namespace (a test's second
-                // engine) never share an interface, and every one matches the unit's `cairn-+`.
-                let engine = self
+                // engine) never share an interface, and every one matches the unit's `cairn-+`. The
+                // engine's id alone does not tell them apart (it derives from /etc/docker/key.json,
+                // which engines on one host share): its data root does. A shared name let the second
+                // engine readdress the first one's bridge, and every deploy's health check failed.
+                let info = self
                     .docker
                     .info()
                     .await
-                    .map_err(|e| DriverError::docker("read the engine's id", e))?
-                    .id
-                    .unwrap_or_default();
-                let digest =
-                    <sha2::Sha256 as sha2::Digest>::digest(format!("{engine}\0{name}").as_bytes());
+                    .map_err(|e| DriverError::docker("read the engine's id", e))?;
+                let engine = info.id.unwrap_or_default();
+                let root = info.docker_root_dir.unwrap_or_default();
+                let digest = <sha2::Sha256 as sha2::Digest>::digest(
+                    format!("{engine}\0{root}\0{name}").as_bytes(),
+                );
                 let bridge = format!("{BRIDGE_PREFIX}{}", &hex::encode(digest)[..8]);
                 let req = bollard::models::NetworkCreateRequest {
                     name: name.clone(),

@@ -446,6 +446,29 @@ impl Plane {
     }
 }
 
+/// Spawns a `cairn serve` command (stdout piped here) and returns it with the address it printed
+/// (`listening on ADDR`); the rest of its stdout is drained so serve never blocks on a full pipe.
+pub async fn start_listening(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("cairn serve starts");
+    let stdout = child.stdout.take().unwrap();
+    let addr = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let first = lines.next().expect("serve prints its address").unwrap();
+        std::thread::spawn(move || for _ in lines {});
+        first
+            .strip_prefix("listening on ")
+            .expect("listening on ADDR")
+            .to_owned()
+    })
+    .await
+    .unwrap();
+    (child, addr)
+}
+
 /// Spawns `cairn serve` for `db` and `repo` with the identity in `scratch/control-plane.key`, logging to
 /// `scratch/<log>`; returns it and the address it printed.
 async fn spawn_serve(
@@ -470,24 +493,8 @@ async fn spawn_serve(
         .env("CAIRN_LOG", "debug")
         .env_remove("CAIRN_IDENTITY")
         .envs(env.iter().map(|(k, v)| (k, v)))
-        .stdout(Stdio::piped())
         .stderr(log);
-    let mut child = cmd.spawn().expect("cairn serve starts");
-    let stdout = child.stdout.take().unwrap();
-    let addr = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead as _;
-        let mut lines = std::io::BufReader::new(stdout).lines();
-        let first = lines.next().expect("serve prints its address").unwrap();
-        // Keep draining so serve never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        first
-            .strip_prefix("listening on ")
-            .expect("listening on ADDR")
-            .to_owned()
-    })
-    .await
-    .unwrap();
-    (child, addr)
+    start_listening(&mut cmd).await
 }
 
 /// `cairn ARGS` against the database at `db_url` (no admin API, no token).
