@@ -1,8 +1,8 @@
 //! `cairn-agent`'s command line: flags and environment, then [`run`]. Everything else is in the library.
 //!
 //! The join token comes from `--join`, `CAIRN_JOIN_TOKEN` or `--join-file`; once joined, the credential in
-//! the data directory is used and no token is needed. The `recording` driver is for tests only and is
-//! refused unless `CAIRN_AGENT_TEST_DRIVER=1`.
+//! the data directory is used and no token is needed. The `recording` driver exists only when the crate's
+//! `recording` feature is on (test builds) and is refused even then unless `CAIRN_AGENT_TEST_DRIVER=1`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,6 +19,7 @@ use crate::deploy::{Deployer, DeployerConfig};
 use crate::driver::Driver;
 use crate::node::{self, Agent, AgentError, Config};
 use crate::proxy::{Proxy, ProxyConfig};
+#[cfg(feature = "recording")]
 use crate::recording::{self, RecordingRunner};
 use crate::runner::{DriverRunner, Runner};
 use crate::source::{Rewrites, Sources};
@@ -29,6 +30,7 @@ pub enum DriverArg {
     Docker,
     Process,
     /// Records what it is asked to do, runs nothing (tests only: CAIRN_AGENT_TEST_DRIVER=1)
+    #[cfg(feature = "recording")]
     Recording,
 }
 
@@ -232,6 +234,7 @@ fn init_logging(format: LogFormat) {
 /// Runs the agent until SIGTERM or SIGINT. An error means the agent could not (or may no longer) serve.
 pub fn run(args: Args) -> Result<()> {
     init_logging(args.log_format);
+    #[cfg(feature = "recording")]
     if args.driver == DriverArg::Recording
         && std::env::var(recording::ENABLE_ENV).as_deref() != Ok("1")
     {
@@ -297,6 +300,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
     let offered = match args.driver {
         DriverArg::Docker => vec![DriverName::Docker],
         DriverArg::Process => vec![DriverName::Process],
+        #[cfg(feature = "recording")]
         DriverArg::Recording => vec![DriverName::Docker, DriverName::Process],
     };
     let mut stopping = stop.clone();
@@ -314,9 +318,12 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         other => other?,
     };
 
-    let mut proxy_task = None;
+    // The node proxy's task, when a real driver runs (each arm sets it once).
+    let proxy_task;
     let runner: Arc<dyn Runner> = match args.driver {
+        #[cfg(feature = "recording")]
         DriverArg::Recording => {
+            proxy_task = None;
             let delay = std::env::var(recording::DELAY_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok())

@@ -16,7 +16,7 @@
 //! - [`client`], [`node`]: the agent API's client and the agent loop (join, heartbeat, lease, report);
 //! - [`housekeeping`]: replica output shipped to the control plane, old release images removed;
 //! - [`runner`]: how a leased task is carried out ([`DriverRunner`] through the drivers above, and the
-//!   test-only [`recording::RecordingRunner`]); [`datadir`]: identity, credential and the slot book;
+//!   test-only `recording::RecordingRunner`, behind the `recording` feature); [`datadir`]: identity, credential and the slot book;
 //! - [`cli`]: the `cairn-agent` binary's flags; [`dev`]: what `cairn dev` asks of the local Docker engine.
 //!
 //! What it must not do: read the config repository or Postgres (it knows only the tasks it leases), or run
@@ -34,6 +34,7 @@ pub mod housekeeping;
 pub mod logs;
 pub mod node;
 pub mod proxy;
+#[cfg(feature = "recording")]
 pub mod recording;
 pub mod runner;
 pub mod source;
