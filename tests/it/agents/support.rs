@@ -17,8 +17,8 @@ use tempfile::TempDir;
 
 pub const CAIRN: &str = env!("CARGO_BIN_EXE_cairn");
 
-/// The `cairn-agent` binary next to `cairn` (built once per test run if it is missing or older than
-/// this test binary), or `CAIRN_AGENT_BIN`.
+/// The `cairn-agent` binary next to `cairn`, built once per test process with the `recording` feature, or
+/// `CAIRN_AGENT_BIN`.
 pub fn agent_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -28,7 +28,16 @@ pub fn agent_bin() -> PathBuf {
         let dir = Path::new(CAIRN).parent().expect("cairn has a directory");
         let release = dir.file_name().is_some_and(|n| n == "release");
         let mut build = Command::new(env!("CARGO"));
-        build.args(["build", "-p", "cairn-agent", "--bin", "cairn-agent"]);
+        // With the test-only recording driver these tests run on (a shipped agent has none).
+        build.args([
+            "build",
+            "-p",
+            "cairn-agent",
+            "--bin",
+            "cairn-agent",
+            "--features",
+            "recording",
+        ]);
         if release {
             build.arg("--release");
         }
