@@ -197,6 +197,18 @@ pub const FAST: &[&str] = &[
     "3s",
 ];
 
+/// [`FAST`] with `flag`'s value replaced (serve refuses a flag given twice).
+pub fn fast_with(flag: &str, value: &'static str) -> Vec<&'static str> {
+    let at = FAST
+        .iter()
+        .position(|a| *a == flag)
+        .expect("a flag FAST sets")
+        + 1;
+    let mut args = FAST.to_vec();
+    args[at] = value;
+    args
+}
+
 impl Plane {
     /// A database, a control plane identity and an empty repository (settings, a plan, a runtime).
     pub async fn prepare() -> Option<(TestDb, Repo, TempDir, Identity)> {

@@ -6,19 +6,12 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use super::support::{FAST, Plane, placements, wait_converged, wait_for};
+use super::support::{FAST, Plane, fast_with, placements, wait_converged, wait_for};
 
 /// FAST, but no node goes offline while a test plays it by hand without heartbeats.
-const PATIENT: &[&str] = &[
-    "--interval",
-    "2s",
-    "--node-offline-after",
-    "120s",
-    "--heartbeat-interval",
-    "300ms",
-    "--task-lease",
-    "3s",
-];
+fn patient() -> Vec<&'static str> {
+    fast_with("--node-offline-after", "120s")
+}
 
 fn error_of(body: &Value) -> &str {
     body["error"]
@@ -95,7 +88,7 @@ async fn a_stale_done_for_an_older_generation_never_makes_its_release_live() {
     };
     repo.node("a", "");
     repo.app("web", 1, "GREETING = \"one\"\n");
-    let plane = Plane::start(db, repo, scratch, identity, PATIENT).await;
+    let plane = Plane::start(db, repo, scratch, identity, &patient()).await;
     plane.wait_generation(1).await;
     let (ca, _) = plane.join_raw("a").await;
 
@@ -484,7 +477,7 @@ async fn another_nodes_credential_reaches_nothing_of_a_node() {
     repo.node("b", "");
     let secret = super::support::secret_line("TOKEN", "only-for-a", &identity.recipient());
     repo.app("web", 2, &secret);
-    let plane = Plane::start(db, repo, scratch, identity, PATIENT).await;
+    let plane = Plane::start(db, repo, scratch, identity, &patient()).await;
     plane.wait_generation(1).await;
     let (ca, _) = plane.join_raw("a").await;
     let (cb, _) = plane.join_raw("b").await;
@@ -620,7 +613,7 @@ async fn rejoining_a_live_node_needs_a_replace_token_and_revokes_the_old_credent
         return;
     };
     repo.node("a", "");
-    let plane = Plane::start(db, repo, scratch, identity, PATIENT).await;
+    let plane = Plane::start(db, repo, scratch, identity, &patient()).await;
     plane.wait_generation(1).await;
     let (old, _) = plane.join_raw("a").await;
     let hb = json!({"agent_version": "test", "drivers": ["docker"],
