@@ -12,6 +12,8 @@
 //! - [`registry`]: a local image registry (Debian's `docker-registry`) on a free loopback port.
 //! - [`engine`]: a second, private Docker engine (`dockerd` with its own data, socket, bridge and subnet)
 //!   for a test's second node.
+//! - [`netns`]: hosts with their own addresses (network namespaces on a private bridge), for tests of
+//!   traffic between nodes.
 //! - [`skip`]: what a test does when a prerequisite is missing ([`missing`]: skip with a message, or fail
 //!   under CI / `CAIRN_TEST_REQUIRE_ALL`).
 //!
@@ -20,6 +22,7 @@
 
 pub mod engine;
 mod git;
+pub mod netns;
 pub mod pg;
 pub mod poll;
 pub mod proxy;
