@@ -23,7 +23,7 @@ pub use model::{
 pub use parse::{ParsedFile, SETTINGS_FILE, is_manifest_path, parse_file};
 pub use secret::{Ciphertext, Identity, Recipient, Secret, SecretError};
 pub use source::GitUrl;
-pub use units::{ByteSize, Cpu, Domain, EnvName, Name, Price, Span};
+pub use units::{ByteSize, Cpu, Domain, EnvName, Name, NodeAddress, Price, Span};
 pub use validate::{Loaded, assemble, check_secrets};
 
 /// Parses and validates a whole repository given as `(path, bytes)` pairs.

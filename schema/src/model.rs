@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use crate::secret::{Ciphertext, Recipient};
 use crate::source::GitUrl;
-use crate::units::{ByteSize, Cpu, Domain, EnvName, Name, Price, Span};
+use crate::units::{ByteSize, Cpu, Domain, EnvName, Name, NodeAddress, Price, Span};
 
 /// The repository settings file, `cairn.toml` at the repository root.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
@@ -135,6 +135,13 @@ pub struct Node {
     /// Pins the age recipient the node must join with; without it the node's first join decides.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub recipient: Option<Recipient>,
+    /// Where the control plane and the other nodes reach this node's proxy on the private network. A node
+    /// without one serves its own replicas only and is never forwarded to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<NodeAddress>,
+    /// Whether the node takes public traffic (DNS or a load balancer points at it).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub ingress: bool,
 }
 
 /// An application: where its code is, how it is built and run, and where.
@@ -162,6 +169,14 @@ pub struct App {
     pub suspended: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<EnvName, EnvValue>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 fn one() -> u32 {

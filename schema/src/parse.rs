@@ -73,6 +73,8 @@ pub struct Declared {
     /// An app's references, read even when other fields of the app are broken, so that an unknown plan is
     /// reported together with the app's other errors.
     pub refs: Option<AppRefs>,
+    /// Where a node's `address` is, for the check that no two nodes share one.
+    pub address: Option<Range<usize>>,
 }
 
 #[derive(Debug, Clone)]
@@ -583,6 +585,7 @@ impl Cx<'_> {
                 };
                 let span = name_key.span();
                 let mut refs = None;
+                let mut address = None;
                 let resource = if !syntax_ok {
                     None
                 } else if let DeValue::Table(t) = val.get_ref() {
@@ -591,7 +594,11 @@ impl Cx<'_> {
                     match kind {
                         Kind::Plan => self.plan(f).map(Resource::Plan),
                         Kind::Runtime => self.runtime(f).map(Resource::Runtime),
-                        Kind::Node => self.node(f).map(Resource::Node),
+                        Kind::Node => {
+                            let (node, at) = self.node(f);
+                            address = at;
+                            node.map(Resource::Node)
+                        }
                         Kind::App => {
                             let (app, r) = self.app(f);
                             refs = Some(r);
@@ -615,6 +622,7 @@ impl Cx<'_> {
                     span,
                     resource,
                     refs,
+                    address,
                 });
             }
         }
@@ -707,7 +715,7 @@ impl Cx<'_> {
         ok.then_some(rt)
     }
 
-    fn node(&mut self, mut f: Fields<'_, '_>) -> Option<Node> {
+    fn node(&mut self, mut f: Fields<'_, '_>) -> (Option<Node>, Option<Range<usize>>) {
         let cpu = self.req(&mut f, "cpu");
         let memory = self.req(&mut f, "memory");
         let disk = self.req(&mut f, "disk");
@@ -719,6 +727,8 @@ impl Cx<'_> {
             .collect();
         let drain = self.opt_or(&mut f, "drain", false);
         let recipient = self.opt(&mut f, "recipient").map(|r| r.value);
+        let address = self.opt(&mut f, "address");
+        let ingress = self.opt_or(&mut f, "ingress", true);
         let ok = self.finish(
             &f,
             &[
@@ -729,18 +739,26 @@ impl Cx<'_> {
                 "labels",
                 "drain",
                 "recipient",
+                "address",
+                "ingress",
             ],
         );
+        let at = address.as_ref().map(|a| a.span.clone());
+        let (Some(cpu), Some(memory), Some(disk)) = (cpu, memory, disk) else {
+            return (None, at);
+        };
         let node = Node {
-            cpu: cpu?.value,
-            memory: memory?.value,
-            disk: disk?.value,
+            cpu: cpu.value,
+            memory: memory.value,
+            disk: disk.value,
             region,
             labels,
             drain,
             recipient,
+            address: address.map(|a| a.value),
+            ingress,
         };
-        ok.then_some(node)
+        (ok.then_some(node), at)
     }
 
     fn labels(&mut self, f: &mut Fields<'_, '_>) -> BTreeMap<Name, (String, Range<usize>)> {

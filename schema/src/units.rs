@@ -94,6 +94,100 @@ string_newtype!(
     "A fully qualified domain name such as www.example.com."
 );
 
+string_newtype!(
+    /// Where the control plane and the other nodes reach a node's proxy on the private network: a host name
+    /// or an IP address (IPv6 in brackets), with an optional port (80 when omitted). Never a loopback,
+    /// link-local, unspecified or cloud-metadata address: other machines dial it.
+    NodeAddress,
+    check_node_address,
+    "^([A-Za-z0-9._-]+|\\[[0-9A-Fa-f:.]+\\])(:[0-9]{1,5})?$",
+    "host, host:port, IP, IP:port or [IPv6]:port: where other nodes reach this node's proxy."
+);
+
+impl NodeAddress {
+    /// The port other nodes dial when the address names none.
+    pub const DEFAULT_PORT: u16 = 80;
+
+    /// The host part, lowercase, IPv6 without brackets.
+    pub fn host(&self) -> String {
+        split_node_address(&self.0)
+            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
+            .unwrap_or_default()
+    }
+
+    /// The port, [`Self::DEFAULT_PORT`] when the address names none.
+    pub fn port(&self) -> u16 {
+        split_node_address(&self.0)
+            .ok()
+            .and_then(|(_, p)| p)
+            .unwrap_or(Self::DEFAULT_PORT)
+    }
+
+    /// The address as other nodes dial it (`host:port`, IPv6 in brackets), the same for every spelling of
+    /// one endpoint: what uniqueness is judged on.
+    pub fn endpoint(&self) -> String {
+        let host = self.host();
+        if host.contains(':') {
+            format!("[{host}]:{}", self.port())
+        } else {
+            format!("{}:{}", host.trim_end_matches('.'), self.port())
+        }
+    }
+}
+
+/// `host` or `host:port` (`[v6]` or `[v6]:port`); the host as written.
+fn split_node_address(s: &str) -> Result<(&str, Option<u16>), String> {
+    let (host, port) = if s.starts_with('[') {
+        match s.find(']') {
+            Some(end) => match &s[end + 1..] {
+                "" => (&s[..=end], None),
+                rest => match rest.strip_prefix(':') {
+                    Some(p) => (&s[..=end], Some(p)),
+                    None => return Err("write the port after `]:`".into()),
+                },
+            },
+            None => return Err("an IPv6 address opened with `[` is not closed".into()),
+        }
+    } else if s.matches(':').count() > 1 {
+        return Err("write an IPv6 address in brackets, such as `[fd00::2]:8000`".into());
+    } else {
+        match s.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (s, None),
+        }
+    };
+    let port = match port {
+        None => None,
+        Some(p) => match p.parse::<u16>() {
+            Ok(n) if n > 0 && p.bytes().all(|c| c.is_ascii_digit()) => Some(n),
+            _ => return Err(format!("`{p}` is not a port (1 to 65535)")),
+        },
+    };
+    Ok((host, port))
+}
+
+fn check_node_address(s: &str) -> Result<(), String> {
+    let bad = |why: String| format!("`{s}` is not a usable node address: {why}");
+    if s.is_empty() {
+        return Err(bad("it is empty".into()));
+    }
+    if s.len() > 260 {
+        return Err(bad("it is longer than 260 characters".into()));
+    }
+    let (host, _) = split_node_address(s).map_err(bad)?;
+    if host.is_empty() {
+        return Err(bad("it has no host".into()));
+    }
+    if !host.starts_with('[') {
+        let name = host.strip_suffix('.').unwrap_or(host);
+        let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-');
+        if name.len() > 253 || !name.split('.').all(label_ok) {
+            return Err(bad("it is not a host name or an IP address".into()));
+        }
+    }
+    crate::source::check_host(host).map_err(bad)
+}
+
 fn check_name(s: &str) -> Result<(), String> {
     let bad = || {
         format!(
@@ -566,6 +660,49 @@ mod tests {
             "a_b.com",
         ] {
             assert!(Domain::new(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_addresses_name_a_host_and_a_port_other_machines_can_dial() {
+        for (text, host, port, endpoint) in [
+            ("10.0.0.2", "10.0.0.2", 80, "10.0.0.2:80"),
+            ("10.0.0.2:8000", "10.0.0.2", 8000, "10.0.0.2:8000"),
+            ("Node-A.internal", "node-a.internal", 80, "node-a.internal:80"),
+            ("node-a.internal.:81", "node-a.internal.", 81, "node-a.internal:81"),
+            ("[fd00::2]", "fd00::2", 80, "[fd00::2]:80"),
+            ("[FD00::2]:8000", "fd00::2", 8000, "[fd00::2]:8000"),
+            ("worker1", "worker1", 80, "worker1:80"),
+        ] {
+            let a = NodeAddress::new(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!((a.host().as_str(), a.port(), a.endpoint().as_str()), (host, port, endpoint));
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("127.0.0.1:8000", "loopback"),
+            ("127.1", "loopback"),
+            ("localhost:80", "loopback"),
+            ("[::1]:80", "loopback"),
+            ("169.254.169.254", "link-local"),
+            ("metadata.google.internal", "metadata"),
+            ("0.0.0.0:80", "unspecified"),
+            ("[fe80::1]", "link-local"),
+            ("fd00::2", "brackets"),
+            ("[fd00::2", "not closed"),
+            ("[fd00::2]8000", "after `]:`"),
+            ("10.0.0.2:0", "not a port"),
+            ("10.0.0.2:65536", "not a port"),
+            ("10.0.0.2:+80", "not a port"),
+            ("10.0.0.2:", "not a port"),
+            (":80", "no host"),
+            ("a..b", "not a host name"),
+            ("-a.b", "not a host name"),
+            ("a b", "not a valid host name"),
+            ("http://10.0.0.2", "not a port"),
+            ("10.0.0.2/24", "not a valid host name"),
+        ] {
+            let e = NodeAddress::new(bad).expect_err(bad);
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 

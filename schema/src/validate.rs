@@ -46,6 +46,8 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let mut apps: BTreeMap<Name, (Box<App>, usize, &AppRefs)> = BTreeMap::new();
     let mut app_refs: Vec<(Name, &AppRefs, usize, std::ops::Range<usize>)> = Vec::new();
     let mut origins = BTreeMap::new();
+    let mut node_addresses: BTreeMap<String, (Name, usize, std::ops::Range<usize>)> =
+        BTreeMap::new();
 
     for &i in &order {
         let f = files[i];
@@ -89,6 +91,25 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
                     runtimes.insert(d.name.clone(), r.clone());
                 }
                 Some(Resource::Node(n)) => {
+                    if let (Some(a), Some(span)) = (&n.address, &d.address) {
+                        let site = (d.name.clone(), i, span.clone());
+                        if let Some((other, ofi, ospan)) = node_addresses.get(&a.endpoint()) {
+                            let first = files[*ofi].diag(Severity::Error, ospan.clone(), "");
+                            diags.push(
+                                f.diag(
+                                    Severity::Error,
+                                    span.clone(),
+                                    format!("address `{a}` is also node `{other}`'s"),
+                                )
+                                .with_hint(format!(
+                                    "each node needs its own address (host and port); see {}",
+                                    first.location()
+                                )),
+                            );
+                        } else {
+                            node_addresses.insert(a.endpoint(), site);
+                        }
+                    }
                     nodes.insert(d.name.clone(), n.clone());
                 }
                 Some(Resource::App(a)) => {

@@ -1101,6 +1101,8 @@ mod properties {
                 },
                 drain,
                 recipient: None,
+                address: None,
+                ingress: true,
             })
     }
 
