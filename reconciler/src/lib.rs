@@ -19,6 +19,7 @@ pub mod payload;
 pub mod plan;
 pub mod queue;
 pub mod releases;
+pub mod routes;
 pub mod scheduler;
 pub mod source;
 pub mod status;

@@ -111,7 +111,11 @@ impl NodeAddress {
     /// The host part, lowercase, IPv6 without brackets.
     pub fn host(&self) -> String {
         split_node_address(&self.0)
-            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']').to_ascii_lowercase())
+            .map(|(h, _)| {
+                h.trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_ascii_lowercase()
+            })
             .unwrap_or_default()
     }
 
@@ -180,7 +184,8 @@ fn check_node_address(s: &str) -> Result<(), String> {
     }
     if !host.starts_with('[') {
         let name = host.strip_suffix('.').unwrap_or(host);
-        let label_ok = |l: &str| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-');
+        let label_ok =
+            |l: &str| !l.is_empty() && l.len() <= 63 && !l.starts_with('-') && !l.ends_with('-');
         if name.len() > 253 || !name.split('.').all(label_ok) {
             return Err(bad("it is not a host name or an IP address".into()));
         }
@@ -668,14 +673,27 @@ mod tests {
         for (text, host, port, endpoint) in [
             ("10.0.0.2", "10.0.0.2", 80, "10.0.0.2:80"),
             ("10.0.0.2:8000", "10.0.0.2", 8000, "10.0.0.2:8000"),
-            ("Node-A.internal", "node-a.internal", 80, "node-a.internal:80"),
-            ("node-a.internal.:81", "node-a.internal.", 81, "node-a.internal:81"),
+            (
+                "Node-A.internal",
+                "node-a.internal",
+                80,
+                "node-a.internal:80",
+            ),
+            (
+                "node-a.internal.:81",
+                "node-a.internal.",
+                81,
+                "node-a.internal:81",
+            ),
             ("[fd00::2]", "fd00::2", 80, "[fd00::2]:80"),
             ("[FD00::2]:8000", "fd00::2", 8000, "[fd00::2]:8000"),
             ("worker1", "worker1", 80, "worker1:80"),
         ] {
             let a = NodeAddress::new(text).unwrap_or_else(|e| panic!("{text}: {e}"));
-            assert_eq!((a.host().as_str(), a.port(), a.endpoint().as_str()), (host, port, endpoint));
+            assert_eq!(
+                (a.host().as_str(), a.port(), a.endpoint().as_str()),
+                (host, port, endpoint)
+            );
         }
         for (bad, why) in [
             ("", "empty"),

@@ -62,7 +62,13 @@ impl Net {
             };
             let alias = format!("{ALIAS_PREFIX}{}", std::process::id());
             ip(&["link", "set", &bridge, "alias", &alias])?;
-            ip(&["addr", "add", &format!("{}/24", net.gateway()), "dev", &bridge])?;
+            ip(&[
+                "addr",
+                "add",
+                &format!("{}/24", net.gateway()),
+                "dev",
+                &bridge,
+            ])?;
             ip(&["link", "set", &bridge, "up"])?;
             net.rule = iptables_forward("-I", &bridge).is_ok();
             return Ok(net);
@@ -86,7 +92,9 @@ impl Net {
         let (outer, inner) = (format!("cnv{}x{k}", self.n), format!("cnv{}y{k}", self.n));
         ip(&["netns", "add", &netns])?;
         self.hosts.push(netns.clone());
-        ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner])?;
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ])?;
         ip(&["link", "set", &inner, "netns", &netns])?;
         ip(&["link", "set", &outer, "master", &bridge_name(self.n)])?;
         ip(&["link", "set", &outer, "up"])?;
@@ -262,7 +270,13 @@ mod tests {
         });
         let out = a
             .command("busybox")
-            .args(["nc", "-w", "3", &net.gateway().to_string(), &port.to_string()])
+            .args([
+                "nc",
+                "-w",
+                "3",
+                &net.gateway().to_string(),
+                &port.to_string(),
+            ])
             .output()
             .unwrap();
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "from-machine");
@@ -273,7 +287,10 @@ mod tests {
         drop(net);
         assert!(server.wait().is_ok());
         let list = ip(&["netns", "list"]).unwrap();
-        assert!(!list.contains(&a.netns) && !list.contains(&b.netns), "{list}");
+        assert!(
+            !list.contains(&a.netns) && !list.contains(&b.netns),
+            "{list}"
+        );
         assert!(ip(&["link", "show", &bridge]).is_err());
     }
 }

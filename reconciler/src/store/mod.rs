@@ -16,6 +16,8 @@
 //!   their retention;
 //! - [`agents`]: join tokens, node credentials and heartbeats, admin tokens, and what agents report
 //!   about the tasks they hold (the agent and admin APIs');
+//! - [`routes`]: what the cluster route table is computed from (apps' hosts, nodes' addresses and
+//!   healthy replicas);
 //! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
 //!
 //! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
@@ -30,6 +32,7 @@ pub mod history;
 pub mod metrics;
 pub mod progress;
 pub mod releases;
+pub mod routes;
 pub mod state;
 pub mod tasks;
 

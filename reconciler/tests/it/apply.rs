@@ -311,6 +311,93 @@ impl Repo {
     }
 }
 
+/// The route table names every applied app's hosts and the nodes with an address, and routes an app only
+/// to online nodes that report a healthy, running replica of it; an unchanged state keeps its generation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_table_routes_to_online_nodes_with_a_healthy_replica() {
+    use cairn_reconciler::routes::Routes;
+
+    let db = cairn_testkit::test_db!();
+    bounded(async {
+        let pool = db.pool();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("config");
+        copy_dir(&workspace().join("examples/config"), &dir);
+        let c = Controller::new(pool.clone(), ConfigSource::Dir(dir), Some(demo_identity()));
+        record_heads(&c).await;
+        reconcile(&c).await;
+
+        let routes = Routes::default();
+        assert!(routes.refresh(pool).await.unwrap(), "the first table differs from the empty one");
+        let t = routes.current();
+        let nodes: Vec<_> = t
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.address.as_str(), n.ingress))
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                ("fra-1", "10.0.1.11:8000", true),
+                ("fra-2", "10.0.1.12:8000", false),
+                ("nyc-1", "10.0.2.11:8000", true),
+            ]
+        );
+        let shop = t.apps.iter().find(|a| a.app.as_str() == "shop").unwrap();
+        assert_eq!(
+            shop.hosts,
+            ["shop.apps.example.com", "shop.example.com", "www.shop.example.com"]
+        );
+        assert!(t.apps.iter().all(|a| a.nodes.is_empty()), "no node is online yet");
+        assert_eq!(t.apps.len(), 5);
+
+        // fra-1 online with a healthy shop; fra-2 online with an unhealthy one and a stopped healthy-looking
+        // one; nyc-1 offline with a healthy one.
+        let replica = |app: &str, state: &str, healthy: bool| {
+            serde_json::json!({"app": app, "slot": 1, "release": 1, "state": state, "healthy": healthy})
+        };
+        for (node, state, replicas) in [
+            ("fra-1", "online", vec![replica("shop", "running", true)]),
+            (
+                "fra-2",
+                "online",
+                vec![replica("shop", "running", false), replica("blog", "stopped", true)],
+            ),
+            ("nyc-1", "offline", vec![replica("shop", "running", true)]),
+        ] {
+            sqlx::query(
+                "INSERT INTO node_status (node, state, joined_at, replicas) VALUES ($1, $2, now(), $3)
+                 ON CONFLICT (node) DO UPDATE SET state = $2, joined_at = now(), replicas = $3",
+            )
+            .bind(node)
+            .bind(state)
+            .bind(serde_json::Value::Array(replicas))
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+        let before = routes.current().generation.clone();
+        assert!(routes.refresh(pool).await.unwrap());
+        let t = routes.current();
+        let routed: Vec<_> = t
+            .apps
+            .iter()
+            .filter(|a| !a.nodes.is_empty())
+            .map(|a| (a.app.as_str(), a.nodes.iter().map(|n| n.as_str()).collect::<Vec<_>>()))
+            .collect();
+        assert_eq!(routed, [("shop", vec!["fra-1"])]);
+
+        // Nothing changed: the same generation, and a long-poll for it waits and runs out.
+        assert!(!routes.refresh(pool).await.unwrap());
+        assert_eq!(
+            routes.changed_from(&before, Duration::ZERO).await.map(|t| t.generation.clone()),
+            Some(t.generation.clone())
+        );
+        assert!(routes.changed_from(&t.generation, Duration::from_millis(100)).await.is_none());
+    })
+    .await;
+}
+
 /// web (2 replicas, a plain and a secret var), api (2, a secret), worker (1, plain only) on three
 /// nodes, applied once with every app's head known.
 async fn three_apps(pool: &PgPool) -> (Repo, Controller) {

@@ -96,21 +96,23 @@ fn node() -> impl Strategy<Value = Node> {
         prop::option::of((any::<[u8; 3]>(), prop::option::of(1u16..))),
         any::<bool>(),
     )
-        .prop_map(|(cpu, memory, disk, region, labels, drain, address, ingress)| Node {
-            cpu: Cpu::from_millis(cpu),
-            memory,
-            disk,
-            region,
-            labels,
-            drain,
-            recipient: None,
-            address: address.map(|([b, c, d], port)| {
-                let host = format!("10.{b}.{c}.{d}");
-                let text = port.map_or(host.clone(), |p| format!("{host}:{p}"));
-                cairn_schema::NodeAddress::new(&text).unwrap()
-            }),
-            ingress,
-        })
+        .prop_map(
+            |(cpu, memory, disk, region, labels, drain, address, ingress)| Node {
+                cpu: Cpu::from_millis(cpu),
+                memory,
+                disk,
+                region,
+                labels,
+                drain,
+                recipient: None,
+                address: address.map(|([b, c, d], port)| {
+                    let host = format!("10.{b}.{c}.{d}");
+                    let text = port.map_or(host.clone(), |p| format!("{host}:{p}"));
+                    cairn_schema::NodeAddress::new(&text).unwrap()
+                }),
+                ingress,
+            },
+        )
 }
 
 fn env() -> impl Strategy<Value = BTreeMap<cairn_schema::EnvName, EnvValue>> {

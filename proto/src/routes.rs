@@ -1,0 +1,145 @@
+//! The cluster route table: where each app has healthy replicas, so every ingress node serves every app.
+//!
+//! `GET /agent/v1/routes?generation=G&wait_ms=MS` answers the whole [`RouteTable`] when its generation
+//! is not `G`, at once, or as soon as it changes within `wait_ms` (a long-poll); otherwise `204 No
+//! Content` when the wait runs out. An agent therefore transfers the table only when it changed, never
+//! per request or per heartbeat. The generation is a digest of the table's content, so every control
+//! plane computes the same one for the same state.
+//!
+//! The hop key (what one node's proxy shows another's to be served a forwarded request) never travels in
+//! the table: an agent reports the key id it holds in its heartbeat, and the answer carries the current
+//! key sealed to that node's age recipient ([`SealedHopKey`]) when it differs.
+
+use cairn_schema::Name;
+use serde::{Deserialize, Serialize};
+
+/// Where every app can be reached, and through which nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteTable {
+    /// A digest of the rest: equal tables have equal generations.
+    pub generation: String,
+    /// The nodes that have an address, by name.
+    pub nodes: Vec<RouteNode>,
+    /// Every app that has a host, by name (suspended apps and apps without a healthy replica included:
+    /// an ingress node answers them 503 rather than 404).
+    pub apps: Vec<AppRoute>,
+}
+
+/// A node as the other nodes' proxies see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteNode {
+    pub name: Name,
+    /// `host:port` where its proxy takes forwarded requests (the manifest's `address`, port filled in).
+    pub address: String,
+    /// Whether public traffic reaches it (informational for the agents; DNS decides).
+    pub ingress: bool,
+}
+
+/// One app: the hosts it answers and the nodes with a healthy replica of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppRoute {
+    pub app: Name,
+    /// Lowercase hostnames: the generated `<app>.<base_domain>` and the manifest's `domains`.
+    pub hosts: Vec<String>,
+    /// Nodes (names in [`RouteTable::nodes`] or not: a node without an address serves its own replicas
+    /// only) with at least one healthy replica, sorted.
+    pub nodes: Vec<Name>,
+}
+
+/// Query of `GET /agent/v1/routes`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesQuery {
+    /// The generation the agent holds (empty: none).
+    #[serde(default)]
+    pub generation: String,
+    /// How long to wait for a different generation; 0 answers at once.
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+/// The cluster's hop key, sealed to one node: an age ciphertext (armored) of the key's 32 bytes in hex.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedHopKey {
+    /// Names the key without revealing it (a digest of it), so agents can say which one they hold.
+    pub id: String,
+    pub ciphertext: String,
+}
+
+impl std::fmt::Debug for SealedHopKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedHopKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The request header that marks a forwarded request and carries the hop key (hex) to the next node.
+pub const HOP_HEADER: &str = "cairn-hop";
+/// The header on a forwarded request carrying the first hop's view: the client's address, scheme and
+/// host (`for=...;proto=...;host=...`, RFC 7239 syntax), trusted only from an authenticated hop.
+pub const HOP_CLIENT_HEADER: &str = "cairn-hop-client";
+
+impl RouteTable {
+    /// The table for `nodes` and `apps` (sorted here), with its generation.
+    pub fn new(mut nodes: Vec<RouteNode>, mut apps: Vec<AppRoute>) -> RouteTable {
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        apps.sort_by(|a, b| a.app.cmp(&b.app));
+        for a in &mut apps {
+            a.hosts.sort();
+            a.hosts.dedup();
+            a.nodes.sort();
+            a.nodes.dedup();
+        }
+        let generation = digest(&(&nodes, &apps));
+        RouteTable {
+            generation,
+            nodes,
+            apps,
+        }
+    }
+}
+
+/// The first 128 bits of the SHA-256 of a value's JSON, in hex.
+fn digest<T: Serialize>(value: &T) -> String {
+    use sha2::Digest as _;
+    let bytes = serde_json::to_vec(value).expect("route tables serialize");
+    hex::encode(&sha2::Sha256::digest(&bytes)[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    #[test]
+    fn the_generation_follows_the_content_not_the_order() {
+        let node = |n: &str, a: &str| RouteNode {
+            name: name(n),
+            address: a.into(),
+            ingress: true,
+        };
+        let app = |a: &str, nodes: &[&str]| AppRoute {
+            app: name(a),
+            hosts: vec![format!("{a}.apps.example.com")],
+            nodes: nodes.iter().map(|n| name(n)).collect(),
+        };
+        let one = RouteTable::new(
+            vec![node("a", "10.0.0.2:80"), node("b", "10.0.0.3:80")],
+            vec![app("web", &["b", "a"]), app("api", &["a"])],
+        );
+        let same = RouteTable::new(
+            vec![node("b", "10.0.0.3:80"), node("a", "10.0.0.2:80")],
+            vec![app("api", &["a"]), app("web", &["a", "b"])],
+        );
+        assert_eq!(one, same);
+        let moved = RouteTable::new(
+            vec![node("a", "10.0.0.2:80"), node("b", "10.0.0.3:80")],
+            vec![app("web", &["b"]), app("api", &["a"])],
+        );
+        assert_ne!(one.generation, moved.generation);
+        assert_eq!(one.generation.len(), 32);
+    }
+}

@@ -1,0 +1,97 @@
+//! What the cluster route table is computed from (`crate::routes`): every app's hosts, every node's
+//! address, state and healthy replicas as its agent last reported them.
+
+use std::collections::BTreeSet;
+
+use cairn_proto::{ActualReplica, RunState};
+use cairn_schema::{Domain, Name, Node, NodeAddress};
+use sqlx::PgConnection;
+
+use super::{Op as _, StoreError};
+use crate::observed::AppliedApp;
+
+/// The rows behind a route table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RouteRows {
+    /// `cairn.toml`'s `base_domain`, when a commit has been applied.
+    pub base_domain: Option<Domain>,
+    /// Every app with the domains of its manifest.
+    pub apps: Vec<(Name, Vec<Domain>)>,
+    pub nodes: Vec<NodeRoute>,
+}
+
+/// A node as routing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRoute {
+    pub name: Name,
+    pub address: Option<NodeAddress>,
+    pub ingress: bool,
+    /// Whether its agent is online (joined, heartbeats within the threshold).
+    pub online: bool,
+    /// Apps with at least one running replica that passes its health check there.
+    pub healthy: BTreeSet<Name>,
+}
+
+/// Reads what the route table is computed from, in one snapshot.
+pub async fn rows(conn: &mut PgConnection) -> Result<RouteRows, StoreError> {
+    let settings = super::state::config_state(&mut *conn).await?.settings;
+    let apps = sqlx::query!("SELECT name, spec FROM apps ORDER BY name")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read the apps for the route table")?;
+    let nodes = sqlx::query!(
+        r#"SELECT n.name, n.spec, s.state AS "state?", s.replicas AS "replicas?"
+           FROM nodes n LEFT JOIN node_status s ON s.node = n.name
+           ORDER BY n.name"#
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .op("read the nodes for the route table")?;
+    let mut out = RouteRows {
+        base_domain: settings.map(|s| s.base_domain),
+        ..RouteRows::default()
+    };
+    for row in apps {
+        let applied: AppliedApp = decode("apps", "spec", row.spec)?;
+        out.apps.push((name("apps", &row.name)?, applied.domains));
+    }
+    for row in nodes {
+        let node: Node = decode("nodes", "spec", row.spec)?;
+        let replicas: Vec<ActualReplica> = match row.replicas {
+            Some(r) => decode("node_status", "replicas", r)?,
+            None => Vec::new(),
+        };
+        out.nodes.push(NodeRoute {
+            name: name("nodes", &row.name)?,
+            address: node.address,
+            ingress: node.ingress,
+            online: row.state.as_deref() == Some("online"),
+            healthy: replicas
+                .into_iter()
+                .filter(|r| r.healthy && r.state == RunState::Running)
+                .map(|r| r.app)
+                .collect(),
+        });
+    }
+    Ok(out)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(
+    table: &'static str,
+    column: &'static str,
+    value: serde_json::Value,
+) -> Result<T, StoreError> {
+    serde_json::from_value(value).map_err(|e| StoreError::Corrupt {
+        table,
+        column,
+        detail: e.to_string(),
+    })
+}
+
+fn name(table: &'static str, s: &str) -> Result<Name, StoreError> {
+    Name::new(s).map_err(|detail| StoreError::Corrupt {
+        table,
+        column: "name",
+        detail,
+    })
+}
