@@ -53,10 +53,10 @@ use crate::drift;
 use crate::observed::NodeState;
 use crate::payload;
 use crate::queue::{
-    self, FailOutcome, LeaseToken, LeasedTask, NewTask, TaskId, TaskKind, TaskStatus,
+    self, FailOutcome, LeaseToken, LeasedTask, NewLogLine, NewTask, TaskId, TaskKind, TaskStatus,
 };
 use crate::store::Op as _;
-use crate::store::agents::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord, NewLogLine};
+use crate::store::agents::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord};
 use crate::store::releases;
 
 /// The most replicas one heartbeat may report.
@@ -278,7 +278,7 @@ async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<us
         .collect();
     apps.sort();
     apps.dedup();
-    let latest = agents::latest_tasks(&mut tx, node, &apps).await?;
+    let latest = queue::latest(&mut tx, node, &apps).await?;
     let repairs = drift::repairs(node, reported, &placements, &latest);
     let mut tasks = Vec::with_capacity(repairs.len());
     for r in &repairs {
@@ -321,6 +321,10 @@ async fn lease(
     let mut waiter = api.listener.waiter(node);
     loop {
         let leased = queue::lease(&api.pool, node, max, api.cfg.task_lease).await?;
+        let metrics = crate::metrics::global();
+        for t in &leased {
+            metrics.task_leased(t.kind, t.waited);
+        }
         let handed = leased.len();
         let tasks = prepare(&api, &auth.node, leased).await?;
         if !tasks.is_empty() {
@@ -338,7 +342,7 @@ async fn lease(
         }
         // New tasks wake the waiter; a task that becomes due by itself (a lease that expires, a backoff
         // that ends) is looked for when it does, not by polling.
-        let wake_at = match agents::next_due(&api.pool, node).await? {
+        let wake_at = match queue::next_due(&api.pool, node).await? {
             // (At least 50 ms: a due task another long-poll of the node holds locked is not ours.)
             Some(d) => deadline.min(Instant::now() + d.max(Duration::from_millis(50))),
             None => deadline,
@@ -441,7 +445,7 @@ async fn ready(
         return Ok(Err((error_chain(&e), e.is_permanent())));
     }
     let json = serde_json::to_value(&*p).expect("a payload serializes");
-    if !agents::set_task_payload(&api.pool, t.id, t.token, &json).await? {
+    if !queue::set_payload(&api.pool, t.id, t.token, &json).await? {
         return Ok(Err((
             "the lease ended while its secrets were sealed".into(),
             false,
@@ -475,8 +479,7 @@ async fn distribute(
         }
         _ => match holders.pusher {
             Some(pusher) => {
-                let held =
-                    agents::release_task(&mut *tx, t.id, t.token, api.cfg.image_wait).await?;
+                let held = queue::give_back(&mut *tx, t.id, t.token, api.cfg.image_wait).await?;
                 tx.commit().await.op("commit a held deploy")?;
                 if held {
                     tracing::info!(%node, task = %t.id, app = %t.app, release, %pusher, "deploy waits for another node to push the release's image");
@@ -490,7 +493,7 @@ async fn distribute(
         p.push_to = push_to;
         p.image = image;
         let json = serde_json::to_value(&*p).expect("a payload serializes");
-        if !agents::set_task_payload(&mut *tx, t.id, t.token, &json).await? {
+        if !queue::set_payload(&mut *tx, t.id, t.token, &json).await? {
             return Ok(false);
         }
     }
@@ -501,7 +504,7 @@ async fn distribute(
 async fn give_up(api: &Api, t: &LeasedTask, error: &str, permanent: bool) -> Result<(), ApiError> {
     tracing::warn!(node = %t.node, task = %t.id, app = %t.app, error, permanent, "a leased task cannot be handed out");
     if permanent {
-        agents::bury_task(&api.pool, t.id, t.token, error).await?;
+        queue::bury(&api.pool, t.id, t.token, error).await?;
     } else {
         match queue::fail(&api.pool, t.id, t.token, error, &api.cfg.backoff).await {
             Ok(_) | Err(queue::QueueError::StaleLease { .. }) => {}
@@ -513,7 +516,7 @@ async fn give_up(api: &Api, t: &LeasedTask, error: &str, permanent: bool) -> Res
 
 /// The task `id` if it is `node`'s; 404 otherwise, whether it is another node's or nobody's.
 async fn own(api: &Api, node: &Name, id: i64) -> Result<TaskId, ApiError> {
-    match agents::task_node(&api.pool, TaskId(id)).await? {
+    match queue::node_of(&api.pool, TaskId(id)).await? {
         Some(n) if &n == node => Ok(TaskId(id)),
         _ => Err(ApiError::NotFound(format!(
             "node `{node}` has no task {id}"
@@ -534,7 +537,7 @@ async fn task(
     Path(id): Path<i64>,
 ) -> Result<Json<TaskView>, ApiError> {
     let node = &auth.node.node;
-    let t = agents::node_task(&api.pool, node, TaskId(id))
+    let t = queue::node_task(&api.pool, node, TaskId(id))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node `{node}` has no task {id}")))?;
     Ok(Json(TaskView {
@@ -564,7 +567,7 @@ async fn progress(
     // A pushed image, checked before anything is recorded: a refused one changes nothing.
     let pushed = match &p.image {
         Some(image) => {
-            let row = agents::node_task(&api.pool, &auth.node.node, task)
+            let row = queue::node_task(&api.pool, &auth.node.node, task)
                 .await?
                 .filter(|row| carries_release(row.kind))
                 .and_then(|row| row.release.map(|release| (row.app, release)));
@@ -578,7 +581,7 @@ async fn progress(
         }
         None => None,
     };
-    let expires_at = agents::record_progress(
+    let expires_at = queue::progress(
         &api.pool,
         task,
         LeaseToken(p.token),
@@ -616,7 +619,7 @@ async fn logs(
             at: l.at,
         })
         .collect();
-    let stored = agents::append_logs(
+    let stored = queue::append_logs(
         &api.pool,
         task,
         LeaseToken(batch.token),
@@ -636,7 +639,7 @@ async fn result(
     Json(r): Json<TaskResult>,
 ) -> Result<Json<ResultResponse>, ApiError> {
     let node = &auth.node.node;
-    let row = agents::node_task(&api.pool, node, TaskId(id))
+    let row = queue::node_task(&api.pool, node, TaskId(id))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node `{node}` has no task {id}")))?;
     let task = row.id;
@@ -654,7 +657,7 @@ async fn result(
             // Recorded before the task is done: a node leasing a deploy of the release in between
             // pulls this image instead of becoming its second pusher. Only by the lease's holder.
             if let Some(release) = row.release.filter(|_| carries_release(row.kind)) {
-                if !agents::holds_lease(&api.pool, task, token).await? {
+                if !queue::holds_lease(&api.pool, task, token).await? {
                     return Err(stale(task, r.token));
                 }
                 release_image(&api, &row.app, release, image).await;
@@ -714,7 +717,7 @@ async fn result(
                     },
                 }
             } else {
-                if !agents::bury_task(&api.pool, task, token, error).await? {
+                if !queue::bury(&api.pool, task, token, error).await? {
                     return Err(stale(task, r.token));
                 }
                 ResultResponse {
@@ -870,7 +873,7 @@ async fn release_outcome(
         .begin()
         .await
         .op("begin recording a release's outcome")?;
-    let (done, open, dead) = agents::release_deploys(&mut tx, app, release).await?;
+    let (done, open, dead) = queue::release_deploys(&mut tx, app, release).await?;
     let (ok, reason) = match died {
         Some(e) => (
             false,
@@ -933,7 +936,7 @@ async fn release(
     Json(r): Json<Release>,
 ) -> Result<Json<ResultResponse>, ApiError> {
     let task = own(&api, &auth.node.node, id).await?;
-    if !agents::release_task(&api.pool, task, LeaseToken(r.token), Duration::ZERO).await? {
+    if !queue::give_back(&api.pool, task, LeaseToken(r.token), Duration::ZERO).await? {
         return Err(stale(task, r.token));
     }
     tracing::info!(node = %auth.node.node, %task, "task released unstarted");
