@@ -25,7 +25,7 @@ use cairn_schema::Name;
 
 use crate::observed::ReplicaState;
 use crate::queue::{LatestTask, TaskKind, TaskStatus};
-use crate::store::agents::SlotPlacement;
+use crate::store::placements::SlotPlacement;
 
 /// One task that brings a node's slot back to its placement.
 #[derive(Debug, Clone, PartialEq, Eq)]

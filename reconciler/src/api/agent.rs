@@ -56,8 +56,9 @@ use crate::queue::{
     self, FailOutcome, LeaseToken, LeasedTask, NewLogLine, NewTask, TaskId, TaskKind, TaskStatus,
 };
 use crate::store::Op as _;
-use crate::store::agents::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord};
+use crate::store::nodes::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord};
 use crate::store::releases;
+use crate::store::{placements, state};
 
 /// The most replicas one heartbeat may report.
 pub const MAX_REPORTED_REPLICAS: usize = 10_000;
@@ -93,7 +94,7 @@ impl FromRequestParts<Arc<Api>> for NodeAuth {
         let Some(credential_hash) = credential_hash else {
             return Err(api.failed(&client));
         };
-        let Some(node) = agents::node_by_credential(&api.pool, &credential_hash).await? else {
+        let Some(node) = nodes::node_by_credential(&api.pool, &credential_hash).await? else {
             return Err(api.failed(&client));
         };
         api.authenticated(&credential_hash);
@@ -151,7 +152,7 @@ async fn join(
         ));
     }
     let (credential, credential_hash) = auth::new_credential();
-    let outcome = agents::join(
+    let outcome = nodes::join(
         &api.pool,
         &JoinRecord {
             token_hash: &hash(&req.token),
@@ -211,7 +212,7 @@ async fn heartbeat(
         ));
     }
     let node = &auth.node.node;
-    let previous = agents::record_heartbeat(
+    let previous = nodes::record_heartbeat(
         &api.pool,
         node,
         &auth.credential_hash,
@@ -233,7 +234,7 @@ async fn heartbeat(
         .collect();
     let placements = {
         let mut conn = api.pool.acquire().await.op("read a node's placements")?;
-        agents::placements_for(&mut conn, node, &slots).await?
+        placements::placements_for(&mut conn, node, &slots).await?
     };
     let stop = if previous == NodeState::Offline {
         tracing::info!(%node, "node is back online");
@@ -268,9 +269,9 @@ async fn heartbeat(
 /// placements and tasks read are not half-way through an apply. Returns how many were enqueued.
 async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<usize, ApiError> {
     let mut tx = api.pool.begin().await.op("begin a drift repair")?;
-    agents::lock_apply_shared(&mut tx).await?;
+    state::lock_apply_shared(&mut tx).await?;
     let slots: Vec<(Name, u32)> = reported.iter().map(|r| (r.app.clone(), r.slot)).collect();
-    let placements = agents::placements_for(&mut tx, node, &slots).await?;
+    let placements = placements::placements_for(&mut tx, node, &slots).await?;
     let mut apps: Vec<Name> = placements
         .iter()
         .map(|p| p.app.clone())
@@ -860,7 +861,7 @@ async fn release_image(api: &Api, app: &Name, release: u64, record: RecordedImag
 
 /// After one of a release's deploy tasks finished: once none is open and none died, and at least one is
 /// done (a replica ran it; superseded deploys never count), the release is live, or superseded if a
-/// release whose replicas ran later is live ([`agents::finish_release`]); as soon as one dies, it failed. Recorded on the release and told to the hooks (the `cairn/deploy`
+/// release whose replicas ran later is live ([`releases::finish_release`]); as soon as one dies, it failed. Recorded on the release and told to the hooks (the `cairn/deploy`
 /// commit status) in one transaction, once per outcome.
 async fn release_outcome(
     api: &Api,
@@ -889,17 +890,17 @@ async fn release_outcome(
     };
     let error = (!ok).then_some(reason.as_str());
     let mut live = None;
-    let finished = agents::finish_release(&mut tx, app, release, ok, error).await?;
+    let finished = releases::finish_release(&mut tx, app, release, ok, error).await?;
     let reason = match finished {
-        agents::Finished::Superseded => {
+        releases::Finished::Superseded => {
             format!(
                 "{reason}; a release deployed after it is live, so it is recorded as superseded"
             )
         }
         _ => reason,
     };
-    if finished != agents::Finished::Unchanged {
-        if finished == agents::Finished::Live {
+    if finished != releases::Finished::Unchanged {
+        if finished == releases::Finished::Live {
             live = crate::store::metrics::release_timings(&mut tx, app.as_str(), release).await?;
         }
         tracing::info!(%app, release, ok, status = ?finished, reason, "release deploy finished");

@@ -22,6 +22,7 @@ use super::{
     Backoff, FailOutcome, LatestTask, LeaseToken, LeasedTask, NewLogLine, NewTask, TaskId,
     TaskKind, TaskRow, TaskState, TaskStatus,
 };
+use crate::store::decode::{self, millis, to_i32};
 use crate::store::{Op as _, StoreError, to_i64, to_u64};
 use cairn_schema::Name;
 
@@ -710,31 +711,12 @@ impl Notifications {
     }
 }
 
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn to_i32(what: &'static str, value: u32) -> Result<i32, StoreError> {
-    i32::try_from(value).map_err(|_| StoreError::OutOfRange {
-        what,
-        value: u64::from(value),
-    })
+fn name(s: &str) -> Result<Name, StoreError> {
+    decode::name("tasks", s)
 }
 
 fn slot(s: i32) -> Result<u32, StoreError> {
-    u32::try_from(s).map_err(|_| StoreError::Corrupt {
-        table: "tasks",
-        column: "slot",
-        detail: s.to_string(),
-    })
-}
-
-fn name(s: &str) -> Result<Name, StoreError> {
-    Name::new(s).map_err(|detail| StoreError::Corrupt {
-        table: "tasks",
-        column: "node/app",
-        detail,
-    })
+    decode::slot("tasks", s)
 }
 
 fn kind(s: &str) -> Result<TaskKind, StoreError> {

@@ -15,8 +15,9 @@
 //!   `crate::queue::sql`);
 //! - [`releases`]: release history, build output and replica output for the operator commands, and
 //!   their retention;
-//! - [`agents`]: join tokens, node credentials and heartbeats, admin tokens, and what agents report
-//!   about the tasks they hold (the agent and admin APIs');
+//! - [`nodes`]: joins, node credentials, heartbeats and what they report, liveness, the node list;
+//! - [`tokens`]: join tokens and admin tokens, as hashes;
+//! - [`placements`]: one node's placements and those of the slots it reports (drift checks);
 //! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
 //!
 //! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
@@ -26,12 +27,15 @@
 //! follow are the planner's; the store writes what it is given), hold a connection while waiting on
 //! anything but Postgres, or put a secret's plaintext into a column, a log line or an error.
 
-pub mod agents;
+pub(crate) mod decode;
 pub mod history;
 pub mod metrics;
+pub mod nodes;
+pub mod placements;
 pub mod progress;
 pub mod releases;
 pub mod state;
+pub mod tokens;
 
 use std::time::Duration;
 
