@@ -10,6 +10,7 @@
 
 pub mod api;
 pub mod controller;
+pub mod deploys;
 pub mod drift;
 pub mod executor;
 pub mod hooks;
