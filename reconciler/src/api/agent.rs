@@ -389,10 +389,10 @@ async fn task(
         .ok_or_else(|| ApiError::NotFound(format!("node `{node}` has no task {id}")))?;
     Ok(Json(TaskView {
         id: t.id.0,
-        kind: wire_kind(t.kind),
+        kind: t.kind,
         app: t.app,
         slot: t.slot,
-        status: wire_status(t.status),
+        status: t.status,
         attempts: t.attempts,
         max_attempts: t.max_attempts,
         lease_token: t.lease_token.map(|t| t.0),
@@ -496,7 +496,7 @@ async fn result(
     };
     let reported = deploys::finish(&deploys(&api), &row, token, &r.outcome, image).await?;
     Ok(Json(ResultResponse {
-        status: wire_status(reported.status),
+        status: reported.status,
         retry_at: reported.retry_at,
     }))
 }
@@ -514,7 +514,7 @@ async fn release(
     }
     tracing::info!(node = %auth.node.node, %task, "task released unstarted");
     Ok(Json(ResultResponse {
-        status: cairn_proto::TaskStatus::Queued,
+        status: TaskStatus::Queued,
         retry_at: None,
     }))
 }
@@ -537,7 +537,7 @@ fn wire_task(api: &Api, t: LeasedTask, deploy: Option<DeployPayload>) -> cairn_p
     cairn_proto::Task {
         id: t.id.0,
         token: t.token.0,
-        kind: wire_kind(t.kind),
+        kind: t.kind,
         app: t.app,
         slot: t.slot,
         release: t.release,
@@ -547,27 +547,6 @@ fn wire_task(api: &Api, t: LeasedTask, deploy: Option<DeployPayload>) -> cairn_p
         expires_at: t.expires_at,
         lease_ms: millis(api.cfg.task_lease),
         deploy,
-    }
-}
-
-fn wire_kind(k: TaskKind) -> cairn_proto::TaskKind {
-    match k {
-        TaskKind::Deploy => cairn_proto::TaskKind::Deploy,
-        TaskKind::Stop => cairn_proto::TaskKind::Stop,
-        TaskKind::Start => cairn_proto::TaskKind::Start,
-        TaskKind::Restart => cairn_proto::TaskKind::Restart,
-        TaskKind::Remove => cairn_proto::TaskKind::Remove,
-    }
-}
-
-fn wire_status(s: TaskStatus) -> cairn_proto::TaskStatus {
-    match s {
-        TaskStatus::Queued => cairn_proto::TaskStatus::Queued,
-        TaskStatus::Leased => cairn_proto::TaskStatus::Leased,
-        TaskStatus::Done => cairn_proto::TaskStatus::Done,
-        TaskStatus::Failed => cairn_proto::TaskStatus::Failed,
-        TaskStatus::Dead => cairn_proto::TaskStatus::Dead,
-        TaskStatus::Superseded => cairn_proto::TaskStatus::Superseded,
     }
 }
 

@@ -66,16 +66,9 @@ impl fmt::Display for LeaseToken {
     }
 }
 
-/// What an agent is told to do with a replica slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskKind {
-    Deploy,
-    Stop,
-    Start,
-    Restart,
-    Remove,
-}
+/// What an agent is told to do with a replica slot, and where a task is in its life: the wire's
+/// vocabulary (`cairn-proto`), which the `tasks` columns hold by the same names.
+pub use cairn_proto::{TaskKind, TaskStatus};
 
 impl From<crate::plan::TaskAction> for TaskKind {
     /// The queue's kind of a planned task.
@@ -88,81 +81,6 @@ impl From<crate::plan::TaskAction> for TaskKind {
             TaskAction::Stop => TaskKind::Stop,
             TaskAction::Remove => TaskKind::Remove,
         }
-    }
-}
-
-impl TaskKind {
-    pub const ALL: [TaskKind; 5] = [
-        TaskKind::Deploy,
-        TaskKind::Stop,
-        TaskKind::Start,
-        TaskKind::Restart,
-        TaskKind::Remove,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskKind::Deploy => "deploy",
-            TaskKind::Stop => "stop",
-            TaskKind::Start => "start",
-            TaskKind::Restart => "restart",
-            TaskKind::Remove => "remove",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<TaskKind> {
-        TaskKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-/// Where a task is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskStatus {
-    /// Waiting for its first lease.
-    Queued,
-    /// Handed to an agent until its lease expires.
-    Leased,
-    Done,
-    /// An attempt failed; it is leased again once its backoff has passed.
-    Failed,
-    /// Its last allowed attempt failed or timed out. Not retried.
-    Dead,
-    /// Never run and never will be: its node skipped it (the slot holds a newer generation), or a newer
-    /// plan retired it (its slot moved to another node, or went away). Not done: a superseded
-    /// deploy is no replica of its release that ran.
-    Superseded,
-}
-
-impl TaskStatus {
-    pub const ALL: [TaskStatus; 6] = [
-        TaskStatus::Queued,
-        TaskStatus::Leased,
-        TaskStatus::Done,
-        TaskStatus::Failed,
-        TaskStatus::Dead,
-        TaskStatus::Superseded,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskStatus::Queued => "queued",
-            TaskStatus::Leased => "leased",
-            TaskStatus::Done => "done",
-            TaskStatus::Failed => "failed",
-            TaskStatus::Dead => "dead",
-            TaskStatus::Superseded => "superseded",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<TaskStatus> {
-        TaskStatus::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-impl fmt::Display for TaskStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
