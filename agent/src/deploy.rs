@@ -62,36 +62,9 @@ impl DeployerConfig {
     }
 }
 
-/// A deploy's stages, in order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Stage {
-    Check,
-    Fetch,
-    Build,
-    Pull,
-    Push,
-    Start,
-    Healthy,
-    Switch,
-    Drain,
-}
-
-impl std::fmt::Display for Stage {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Stage::Check => "check",
-            Stage::Fetch => "fetch",
-            Stage::Build => "build",
-            Stage::Pull => "pull",
-            Stage::Push => "push",
-            Stage::Start => "start",
-            Stage::Healthy => "healthy",
-            Stage::Switch => "switch",
-            Stage::Drain => "drain",
-        })
-    }
-}
+/// A deploy's stages, in order: the wire's vocabulary, which the control plane's release timings and
+/// metrics name the same way.
+pub use cairn_proto::DeployStage as Stage;
 
 /// How long each stage took; `None` for a stage that did not run (a cached image is neither fetched nor
 /// built).
@@ -124,7 +97,7 @@ impl Timings {
         .into_iter()
         .filter_map(|(stage, took)| {
             Some((
-                stage.to_string(),
+                stage.as_str().to_owned(),
                 u64::try_from(took?.as_millis()).unwrap_or(u64::MAX),
             ))
         })

@@ -91,10 +91,10 @@ impl Cursor {
                     slot: o.slot,
                     release: o.release,
                     stream: match l.stream {
-                        LogStream::Stderr => cairn_proto::LogStream::Stderr,
-                        LogStream::Agent => cairn_proto::LogStream::Agent,
+                        LogStream::Stderr => LogStream::Stderr,
+                        LogStream::Agent => LogStream::Agent,
                         // Build output is never a replica's; anything else is its standard output.
-                        LogStream::Stdout | LogStream::Build => cairn_proto::LogStream::Stdout,
+                        LogStream::Stdout | LogStream::Build => LogStream::Stdout,
                     },
                     text: cairn_proto::truncate(&l.text, MAX_LOG_LINE_BYTES)
                         .replace('\0', "\u{FFFD}"),

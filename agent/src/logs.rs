@@ -15,19 +15,8 @@ use std::time::SystemTime;
 
 use tokio::sync::broadcast;
 
-/// Where a line came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogStream {
-    /// The app's standard output.
-    Stdout,
-    /// The app's standard error.
-    Stderr,
-    /// Output of an image build (Docker's build stream or the process driver's build commands).
-    Build,
-    /// What the agent itself says about a build or replica (restarts, exits).
-    Agent,
-}
+/// Where a line came from: the wire's vocabulary, which the control plane stores by the same names.
+pub use cairn_proto::LogStream;
 
 /// One line of output, without its line terminator.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -630,12 +630,7 @@ impl TaskLogs {
                 let lines = batch
                     .into_iter()
                     .map(|l| cairn_proto::LogLine {
-                        stream: match l.stream {
-                            crate::logs::LogStream::Stdout => cairn_proto::LogStream::Stdout,
-                            crate::logs::LogStream::Stderr => cairn_proto::LogStream::Stderr,
-                            crate::logs::LogStream::Build => cairn_proto::LogStream::Build,
-                            crate::logs::LogStream::Agent => cairn_proto::LogStream::Agent,
-                        },
+                        stream: l.stream,
                         text: cairn_proto::truncate(&l.text, cairn_proto::MAX_LOG_LINE_BYTES)
                             .to_owned(),
                         at: chrono::DateTime::<chrono::Utc>::from(l.at),

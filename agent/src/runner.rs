@@ -15,7 +15,7 @@ use cairn_proto::{ActualReplica, DeployPayload, ReleaseEnv, RunState, TaskKind};
 use cairn_schema::{Ciphertext, Domain, Driver as DriverName, EnvName, Name};
 
 use crate::deploy::{DeployError, Deployer};
-use crate::driver::{DriverError, DriverKind, ReplicaState};
+use crate::driver::{DriverError, ReplicaState};
 use crate::logs::LogSink;
 use crate::spec::{BuildSpec, HealthSpec, Limits, ReplicaSpec, SourceSpec, SpecError};
 
@@ -198,10 +198,7 @@ impl DriverRunner {
 #[async_trait]
 impl Runner for DriverRunner {
     fn drivers(&self) -> Vec<DriverName> {
-        vec![match self.deployer.driver().kind() {
-            DriverKind::Docker => DriverName::Docker,
-            DriverKind::Process => DriverName::Process,
-        }]
+        vec![self.deployer.driver().kind()]
     }
 
     async fn run(&self, work: &Work, log: &dyn LogSink) -> Result<Ran, RunError> {

@@ -224,7 +224,16 @@ pub enum TaskKind {
 }
 
 impl TaskKind {
-    pub fn as_str(self) -> &'static str {
+    pub const ALL: [TaskKind; 5] = [
+        TaskKind::Deploy,
+        TaskKind::Stop,
+        TaskKind::Start,
+        TaskKind::Restart,
+        TaskKind::Remove,
+    ];
+
+    /// Its name on the wire and in the `tasks.kind` column.
+    pub const fn as_str(self) -> &'static str {
         match self {
             TaskKind::Deploy => "deploy",
             TaskKind::Stop => "stop",
@@ -232,6 +241,10 @@ impl TaskKind {
             TaskKind::Restart => "restart",
             TaskKind::Remove => "remove",
         }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskKind> {
+        TaskKind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 }
 
@@ -367,18 +380,29 @@ pub struct ProgressResponse {
     pub expires_at: DateTime<Utc>,
 }
 
-/// Where a log line came from.
+/// Where a log line came from (the agent's log sinks and the wire alike).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogStream {
+    /// The app's standard output.
     Stdout,
+    /// The app's standard error.
     Stderr,
+    /// Output of an image build (Docker's build stream or the process driver's build commands).
     Build,
+    /// What the agent itself says about a build or replica (restarts, exits).
     Agent,
 }
 
 impl LogStream {
-    pub fn as_str(self) -> &'static str {
+    pub const ALL: [LogStream; 4] = [
+        LogStream::Stdout,
+        LogStream::Stderr,
+        LogStream::Build,
+        LogStream::Agent,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
         match self {
             LogStream::Stdout => "stdout",
             LogStream::Stderr => "stderr",
@@ -486,18 +510,107 @@ pub struct Release {
     pub token: i64,
 }
 
-/// Where a task is in the queue, as the result and release calls report it.
+/// Where a task is in its life: in the queue (`tasks.status`), and as the result and release calls
+/// report it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TaskStatus {
+    /// Waiting for its first lease.
     Queued,
+    /// Handed to an agent until its lease expires.
     Leased,
     Done,
+    /// An attempt failed; it is leased again once its backoff has passed.
     Failed,
+    /// Its last allowed attempt failed or timed out. Not retried.
     Dead,
-    /// Never run, and never will be: the agent skipped it (its slot holds a newer generation), or the
-    /// control plane retired it (its slot moved to another node).
+    /// Never run and never will be: its node skipped it (the slot holds a newer generation), or a newer
+    /// plan retired it (its slot moved to another node, or went away). Not done: a superseded
+    /// deploy is no replica of its release that ran.
     Superseded,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 6] = [
+        TaskStatus::Queued,
+        TaskStatus::Leased,
+        TaskStatus::Done,
+        TaskStatus::Failed,
+        TaskStatus::Dead,
+        TaskStatus::Superseded,
+    ];
+
+    /// Its name on the wire and in the `tasks.status` column.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Leased => "leased",
+            TaskStatus::Done => "done",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Dead => "dead",
+            TaskStatus::Superseded => "superseded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for TaskStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A deploy's stages, in order: what an agent's deploy goes through, the keys of a result's `timings`
+/// (all but [`DeployStage::Check`], which is not timed) and of a release's `stage_timings`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeployStage {
+    Check,
+    Fetch,
+    Build,
+    Pull,
+    Push,
+    Start,
+    Healthy,
+    Switch,
+    Drain,
+}
+
+impl DeployStage {
+    /// The stages a deploy reports the time of, in order.
+    pub const TIMED: [DeployStage; 8] = [
+        DeployStage::Fetch,
+        DeployStage::Build,
+        DeployStage::Pull,
+        DeployStage::Push,
+        DeployStage::Start,
+        DeployStage::Healthy,
+        DeployStage::Switch,
+        DeployStage::Drain,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            DeployStage::Check => "check",
+            DeployStage::Fetch => "fetch",
+            DeployStage::Build => "build",
+            DeployStage::Pull => "pull",
+            DeployStage::Push => "push",
+            DeployStage::Start => "start",
+            DeployStage::Healthy => "healthy",
+            DeployStage::Switch => "switch",
+            DeployStage::Drain => "drain",
+        }
+    }
+}
+
+impl std::fmt::Display for DeployStage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -545,6 +658,60 @@ pub fn truncate(s: &str, max: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
+    /// The shared vocabulary's wire names are exactly these (they are column values and JSON alike), and
+    /// `as_str` says the same as serde.
+    #[test]
+    fn the_shared_vocabulary_keeps_its_wire_names() {
+        use super::{DeployStage, LogStream, TaskKind, TaskStatus};
+        fn names<T: serde::Serialize>(all: &[T]) -> Vec<String> {
+            all.iter()
+                .map(|v| {
+                    serde_json::to_value(v)
+                        .unwrap()
+                        .as_str()
+                        .unwrap()
+                        .to_owned()
+                })
+                .collect()
+        }
+        assert_eq!(
+            names(&TaskKind::ALL),
+            ["deploy", "stop", "start", "restart", "remove"]
+        );
+        assert_eq!(
+            names(&TaskStatus::ALL),
+            ["queued", "leased", "done", "failed", "dead", "superseded"]
+        );
+        assert_eq!(
+            names(&LogStream::ALL),
+            ["stdout", "stderr", "build", "agent"]
+        );
+        let stages: Vec<DeployStage> = std::iter::once(DeployStage::Check)
+            .chain(DeployStage::TIMED)
+            .collect();
+        assert_eq!(
+            names(&stages),
+            [
+                "check", "fetch", "build", "pull", "push", "start", "healthy", "switch", "drain"
+            ]
+        );
+        for k in TaskKind::ALL {
+            assert_eq!(TaskKind::parse(k.as_str()), Some(k));
+            assert_eq!(serde_json::to_value(k).unwrap(), k.as_str());
+        }
+        for s in TaskStatus::ALL {
+            assert_eq!(TaskStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for l in LogStream::ALL {
+            assert_eq!(serde_json::to_value(l).unwrap(), l.as_str());
+        }
+        for d in stages {
+            assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
+            assert_eq!(d.to_string(), d.as_str());
+        }
+    }
+
     use super::*;
 
     fn recipient() -> Recipient {

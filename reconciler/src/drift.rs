@@ -24,8 +24,8 @@ use cairn_proto::{ActualReplica, RunState, StopReplica};
 use cairn_schema::Name;
 
 use crate::observed::ReplicaState;
-use crate::queue::{TaskKind, TaskStatus};
-use crate::store::agents::{LatestTask, SlotPlacement};
+use crate::queue::{LatestTask, TaskKind, TaskStatus};
+use crate::store::placements::SlotPlacement;
 
 /// One task that brings a node's slot back to its placement.
 #[derive(Debug, Clone, PartialEq, Eq)]

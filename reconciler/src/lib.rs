@@ -5,10 +5,12 @@
 //! transaction under an advisory lock, together with the agent tasks it implies.
 //!
 //! What it must not do: talk to GitHub (that is `cairn-webhook`), talk to Docker (that is `cairn-agent`),
-//! or let the planner perform IO. Only its `store` module touches Postgres.
+//! or let the planner perform IO. Only its `store` module and the
+//! queue's statements (`queue/sql.rs`) touch Postgres.
 
 pub mod api;
 pub mod controller;
+pub mod deploys;
 pub mod drift;
 pub mod executor;
 pub mod hooks;

@@ -17,7 +17,7 @@ use sqlx::PgPool;
 use tokio::sync::Notify;
 
 use crate::controller::error_chain;
-use crate::store::agents;
+use crate::store::nodes;
 
 /// How often the monitor looks for silent nodes: a quarter of the threshold, between 200 ms and 5 s.
 pub fn tick(offline_after: Duration) -> Duration {
@@ -106,7 +106,7 @@ pub async fn monitor(
             continue;
         }
         judging.set(true);
-        match agents::mark_offline(&pool, offline_after).await {
+        match nodes::mark_offline(&pool, offline_after).await {
             Ok(nodes) if nodes.is_empty() => {}
             Ok(nodes) => {
                 for n in &nodes {

@@ -49,6 +49,7 @@ use crate::observed::NodeState;
 use crate::plan::{Action, Plan};
 use crate::queue::{TaskKind, TaskStatus};
 use crate::store::StoreError;
+use cairn_proto::DeployStage;
 
 /// The longest a scrape waits for its Postgres reads.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -56,10 +57,21 @@ pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The `Content-Type` of the exposition.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The deploy stages an agent reports (`cairn_agent::deploy::Stage`), and `release`.
-pub const STAGES: [&str; 9] = [
-    "fetch", "build", "pull", "push", "start", "healthy", "switch", "drain", "release",
-];
+/// The deploy stages an agent reports the time of ([`cairn_proto::DeployStage::TIMED`]), and `release`.
+pub const STAGES: [&str; 9] = {
+    let t = DeployStage::TIMED;
+    [
+        t[0].as_str(),
+        t[1].as_str(),
+        t[2].as_str(),
+        t[3].as_str(),
+        t[4].as_str(),
+        t[5].as_str(),
+        t[6].as_str(),
+        t[7].as_str(),
+        "release",
+    ]
+};
 
 /// How a reconcile ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

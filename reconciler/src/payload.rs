@@ -19,7 +19,7 @@ use zeroize::Zeroize as _;
 
 use crate::plan::ReleaseSpec;
 use crate::store::state::StoredEnv;
-use crate::store::{StoreError, agents, state};
+use crate::store::{StoreError, releases, state};
 
 /// The wire form of a release spec: the same JSON, field for field.
 pub fn wire_spec(spec: &ReleaseSpec) -> cairn_proto::ReleaseSpec {
@@ -193,10 +193,10 @@ pub async fn recorded_release(
     app: &Name,
     release: u64,
 ) -> Result<Option<DeployPayload>, StoreError> {
-    let Some(row) = agents::release(&mut *conn, app, release).await? else {
+    let Some(row) = releases::deployed(&mut *conn, app, release).await? else {
         return Ok(None);
     };
-    let Some(applied) = agents::applied_app(&mut *conn, app).await? else {
+    let Some(applied) = state::applied_app(&mut *conn, app).await? else {
         return Ok(None);
     };
     let spec: cairn_proto::ReleaseSpec =

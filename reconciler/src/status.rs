@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use crate::observed::{NodeState, Observed, ReplicaState};
-use crate::store::{Reconciliation, StoreError, agents, history, state};
+use crate::store::{Reconciliation, StoreError, history, nodes, state};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -200,7 +200,7 @@ pub fn shown_state(
 
 /// Adds what the agents reported: each node's own report, and for each placed replica what its node
 /// says runs in that slot.
-pub fn attach_reports(status: &mut Status, reports: &[agents::NodeRow]) {
+pub fn attach_reports(status: &mut Status, reports: &[nodes::NodeRow]) {
     use cairn_proto::RunState;
     for n in &mut status.nodes {
         let Some(r) = reports.iter().find(|r| r.name.as_str() == n.name) else {
@@ -248,7 +248,7 @@ pub fn attach_reports(status: &mut Status, reports: &[agents::NodeRow]) {
 /// Loads the status from the database, with what the agents reported.
 pub async fn load(pool: &PgPool, offline_after: std::time::Duration) -> Result<Status, StoreError> {
     let obs = state::load_observed(pool).await?;
-    let reports = agents::nodes(pool).await?;
+    let reports = nodes::nodes(pool).await?;
     let mut conn = pool.acquire().await.map_err(|e| StoreError::Query {
         op: "read the status",
         source: e,

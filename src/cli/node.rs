@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Result;
 use cairn_proto::admin::{JoinToken, JoinTokenRequest, Revoked};
 use cairn_reconciler::api::auth;
-use cairn_reconciler::store::agents;
+use cairn_reconciler::store::nodes;
 use cairn_schema::Name;
 
 use super::control::runtime;
@@ -93,10 +93,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
                     }
                     Target::Db(url) => {
                         let pool = connect_db(&url).await?;
-                        if !agents::node_declared(&pool, &node).await? {
+                        if !nodes::node_declared(&pool, &node).await? {
                             anyhow::bail!("node `{node}` is not in the applied configuration");
                         }
-                        let r = agents::revoke_credential(&pool, &node).await?;
+                        let r = nodes::revoke_credential(&pool, &node).await?;
                         pool.close().await;
                         r
                     }

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use cairn_reconciler::api::auth;
-use cairn_reconciler::store::agents;
+use cairn_reconciler::store::tokens;
 
 use super::control::{DbArgs, runtime};
 
@@ -61,7 +61,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 );
             }
             Command::List { .. } => {
-                let rows = agents::admin_tokens(&pool).await?;
+                let rows = tokens::admin_tokens(&pool).await?;
                 println!("{:>6}  {:<24} {:<20} {:<20} STATE", "ID", "NAME", "CREATED", "LAST USED");
                 let t = |d: Option<chrono::DateTime<chrono::Utc>>| {
                     d.map_or("never".to_owned(), |d| d.format("%Y-%m-%d %H:%M:%S").to_string())
@@ -81,7 +81,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 }
             }
             Command::Revoke { token, .. } => {
-                let n = agents::revoke_admin_token(&pool, token).await?;
+                let n = tokens::revoke_admin_token(&pool, token).await?;
                 if n == 0 {
                     bail!("no active admin token has the id or name `{token}`");
                 }

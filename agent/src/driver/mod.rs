@@ -41,22 +41,9 @@ pub mod label {
     pub const HEALTH_PATH: &str = "cairn.health-path";
 }
 
-/// Which driver runs a replica.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DriverKind {
-    Docker,
-    Process,
-}
-
-impl DriverKind {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DriverKind::Docker => "docker",
-            DriverKind::Process => "process",
-        }
-    }
-}
+/// Which driver runs a replica: the manifest's vocabulary (`cairn_schema::Driver`, what runtimes accept
+/// and nodes offer), named for this module, whose trait is `Driver`.
+pub use cairn_schema::Driver as DriverKind;
 
 /// A release's runnable artifact: a Docker image id (`sha256:...`) or a process driver release directory.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -26,7 +26,7 @@ use cairn_schema::Name;
 use super::auth::{self, IssueError, bearer, hash, well_formed};
 use super::{Api, ApiError, Json};
 use crate::status::{self, Status};
-use crate::store::agents;
+use crate::store::{nodes, tokens};
 
 pub(super) fn routes() -> Router<Arc<Api>> {
     Router::new()
@@ -58,7 +58,7 @@ impl FromRequestParts<Arc<Api>> for AdminAuth {
         let Some(token_hash) = token_hash else {
             return Err(api.failed(&client));
         };
-        let Some((id, name)) = agents::admin_by_token(&api.pool, &token_hash).await? else {
+        let Some((id, name)) = tokens::admin_by_token(&api.pool, &token_hash).await? else {
             return Err(api.failed(&client));
         };
         api.authenticated(&token_hash);
@@ -79,7 +79,7 @@ async fn get_status(State(api): State<Arc<Api>>, _: AdminAuth) -> Result<Json<St
 
 async fn nodes(State(api): State<Arc<Api>>, _: AdminAuth) -> Result<Json<Vec<NodeInfo>>, ApiError> {
     let now = chrono::Utc::now();
-    let rows = agents::nodes(&api.pool).await?;
+    let rows = nodes::nodes(&api.pool).await?;
     Ok(Json(
         rows.into_iter()
             .map(|n| NodeInfo {
@@ -125,12 +125,12 @@ async fn join_tokens(
     Path(node): Path<String>,
 ) -> Result<Json<Vec<JoinTokenInfo>>, ApiError> {
     let node = node_name(&node)?;
-    if !agents::node_declared(&api.pool, &node).await? {
+    if !nodes::node_declared(&api.pool, &node).await? {
         return Err(ApiError::NotFound(format!(
             "node `{node}` is not in the applied configuration"
         )));
     }
-    let rows = agents::join_tokens(&api.pool, &node).await?;
+    let rows = tokens::join_tokens(&api.pool, &node).await?;
     Ok(Json(
         rows.into_iter()
             .map(|r| JoinTokenInfo {
@@ -150,12 +150,12 @@ async fn revoke_credential(
     Path(node): Path<String>,
 ) -> Result<Json<Revoked>, ApiError> {
     let node = node_name(&node)?;
-    if !agents::node_declared(&api.pool, &node).await? {
+    if !nodes::node_declared(&api.pool, &node).await? {
         return Err(ApiError::NotFound(format!(
             "node `{node}` is not in the applied configuration"
         )));
     }
-    let revoked = agents::revoke_credential(&api.pool, &node).await?;
+    let revoked = nodes::revoke_credential(&api.pool, &node).await?;
     tracing::info!(%node, revoked, by = %admin.name, "node credential revoked");
     Ok(Json(Revoked { revoked }))
 }

@@ -12,19 +12,19 @@
 //!   and the placements becomes a repair task ([`crate::drift::repairs`]).
 //! - **Lease** long-polls up to 30 s for the node's own tasks. It waits on the in-memory listener, not on a
 //!   database connection, and until the node's next task falls due by itself (an expiring lease, an
-//!   ending backoff), so an idle node costs two queries per long-poll, not a poll every few seconds. A deploy task whose secrets are still to be sealed (the node had not joined
-//!   when it was made, or joined again with another key since) is sealed to the node's recipient right
-//!   then, and only the ciphertext is written back.
+//!   ending backoff), so an idle node costs two queries per long-poll, not a poll every few seconds. What
+//!   a leased deploy needs before it is handed out (secrets sealed to the node, where its image comes
+//!   from) is [`crate::deploys::prepare`]'s; the handler counts the lease (`task_leased`).
 //! - **Progress, logs, result, release** must carry the lease's fencing token; a stale token is 409 (a
 //!   task the control plane retired because its slot moved is stale too). A task id that is not the
 //!   caller's node's answers 404, as if it did not exist.
-//! - **Results** tell a deploy that ran (`done`) from one the node skipped (`skipped`: its slot holds a
-//!   newer generation); a skipped deploy ends `superseded` and never makes its release live, nor does
-//!   a `done` from a node that already finished a newer generation for the slot. A release is live only
-//!   through deploys that ran, and never replaces a live release whose replicas ran later.
-//! - **Images** a node reports are recorded only when they are this control plane's registry, the
-//!   release's own repository (`<registry>/<app>`) and a `sha256:` digest; anything else is refused
-//!   (403/400) and not recorded, since every other node pulls what is recorded.
+//! - **Results** and **images** go to the deploy lifecycle ([`crate::deploys`]: a skipped deploy ends
+//!   `superseded`, a release is live only through deploys that ran); the handler checks a reported image
+//!   first ([`crate::deploys::checked_image`]: anything but this control plane's registry, the release's
+//!   own repository and a `sha256:` digest is refused, 403/400, and not recorded).
+//!
+//! The handlers authenticate, bound and translate (a [`crate::deploys::DeployError`] to its status);
+//! they decide nothing about a release.
 //!
 //! What it must not do: trust a node name from a request body (the node is whoever the credential
 //! belongs to), log a token, a credential or a secret, or hold a connection across a long-poll's wait.
@@ -49,15 +49,14 @@ use tokio::time::Instant;
 use super::auth::{self, bearer, hash, well_formed};
 use super::{Api, ApiError, Json};
 use crate::controller::error_chain;
-use crate::drift;
 use crate::observed::NodeState;
-use crate::payload;
 use crate::queue::{
-    self, FailOutcome, LeaseToken, LeasedTask, NewTask, TaskId, TaskKind, TaskStatus,
+    self, LeaseToken, LeasedTask, NewLogLine, NewTask, TaskId, TaskKind, TaskStatus,
 };
 use crate::store::Op as _;
-use crate::store::agents::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord, NewLogLine};
-use crate::store::releases;
+use crate::store::nodes::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord};
+use crate::store::{placements, state};
+use crate::{deploys, drift, payload};
 
 /// The most replicas one heartbeat may report.
 pub const MAX_REPORTED_REPLICAS: usize = 10_000;
@@ -93,7 +92,7 @@ impl FromRequestParts<Arc<Api>> for NodeAuth {
         let Some(credential_hash) = credential_hash else {
             return Err(api.failed(&client));
         };
-        let Some(node) = agents::node_by_credential(&api.pool, &credential_hash).await? else {
+        let Some(node) = nodes::node_by_credential(&api.pool, &credential_hash).await? else {
             return Err(api.failed(&client));
         };
         api.authenticated(&credential_hash);
@@ -151,7 +150,7 @@ async fn join(
         ));
     }
     let (credential, credential_hash) = auth::new_credential();
-    let outcome = agents::join(
+    let outcome = nodes::join(
         &api.pool,
         &JoinRecord {
             token_hash: &hash(&req.token),
@@ -211,7 +210,7 @@ async fn heartbeat(
         ));
     }
     let node = &auth.node.node;
-    let previous = agents::record_heartbeat(
+    let previous = nodes::record_heartbeat(
         &api.pool,
         node,
         &auth.credential_hash,
@@ -233,7 +232,7 @@ async fn heartbeat(
         .collect();
     let placements = {
         let mut conn = api.pool.acquire().await.op("read a node's placements")?;
-        agents::placements_for(&mut conn, node, &slots).await?
+        placements::placements_for(&mut conn, node, &slots).await?
     };
     let stop = if previous == NodeState::Offline {
         tracing::info!(%node, "node is back online");
@@ -268,9 +267,9 @@ async fn heartbeat(
 /// placements and tasks read are not half-way through an apply. Returns how many were enqueued.
 async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<usize, ApiError> {
     let mut tx = api.pool.begin().await.op("begin a drift repair")?;
-    agents::lock_apply_shared(&mut tx).await?;
+    state::lock_apply_shared(&mut tx).await?;
     let slots: Vec<(Name, u32)> = reported.iter().map(|r| (r.app.clone(), r.slot)).collect();
-    let placements = agents::placements_for(&mut tx, node, &slots).await?;
+    let placements = placements::placements_for(&mut tx, node, &slots).await?;
     let mut apps: Vec<Name> = placements
         .iter()
         .map(|p| p.app.clone())
@@ -278,7 +277,7 @@ async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<us
         .collect();
     apps.sort();
     apps.dedup();
-    let latest = agents::latest_tasks(&mut tx, node, &apps).await?;
+    let latest = queue::latest(&mut tx, node, &apps).await?;
     let repairs = drift::repairs(node, reported, &placements, &latest);
     let mut tasks = Vec::with_capacity(repairs.len());
     for r in &repairs {
@@ -321,8 +320,18 @@ async fn lease(
     let mut waiter = api.listener.waiter(node);
     loop {
         let leased = queue::lease(&api.pool, node, max, api.cfg.task_lease).await?;
+        let metrics = crate::metrics::global();
+        for t in &leased {
+            metrics.task_leased(t.kind, t.waited);
+        }
         let handed = leased.len();
-        let tasks = prepare(&api, &auth.node, leased).await?;
+        let ctx = deploys(&api);
+        let recipient = auth.node.recipient.as_ref();
+        let tasks: Vec<cairn_proto::Task> = deploys::prepare(&ctx, node, recipient, leased)
+            .await?
+            .into_iter()
+            .map(|(t, deploy)| wire_task(&api, t, deploy))
+            .collect();
         if !tasks.is_empty() {
             for t in &tasks {
                 tracing::debug!(%node, task = t.id, kind = t.kind.as_str(), app = %t.app, attempt = t.attempt, "task leased");
@@ -338,7 +347,7 @@ async fn lease(
         }
         // New tasks wake the waiter; a task that becomes due by itself (a lease that expires, a backoff
         // that ends) is looked for when it does, not by polling.
-        let wake_at = match agents::next_due(&api.pool, node).await? {
+        let wake_at = match queue::next_due(&api.pool, node).await? {
             // (At least 50 ms: a due task another long-poll of the node holds locked is not ours.)
             Some(d) => deadline.min(Instant::now() + d.max(Duration::from_millis(50))),
             None => deadline,
@@ -352,168 +361,9 @@ async fn lease(
     }
 }
 
-/// Turns leased tasks into wire tasks, sealing secrets that still need it. A task that cannot be made
-/// ready is failed (or, when retrying cannot help, ended) with the reason, and not handed out.
-async fn prepare(
-    api: &Api,
-    node: &AuthNode,
-    leased: Vec<LeasedTask>,
-) -> Result<Vec<cairn_proto::Task>, ApiError> {
-    let mut out = Vec::with_capacity(leased.len());
-    for t in leased {
-        let deploy =
-            if carries_release(t.kind) && t.payload.as_object().is_some_and(|o| !o.is_empty()) {
-                match serde_json::from_value::<DeployPayload>(t.payload.clone()) {
-                    Ok(mut p) => match ready(api, node, &t, &mut p).await? {
-                        Ok(()) => {
-                            if !distribute(api, &node.node, &t, &mut p).await? {
-                                continue;
-                            }
-                            Some(p)
-                        }
-                        Err((error, permanent)) => {
-                            give_up(api, &t, &error, permanent).await?;
-                            continue;
-                        }
-                    },
-                    Err(e) => {
-                        give_up(
-                            api,
-                            &t,
-                            &format!("the task's payload is not a deploy payload: {e}"),
-                            true,
-                        )
-                        .await?;
-                        continue;
-                    }
-                }
-            } else {
-                None
-            };
-        out.push(cairn_proto::Task {
-            id: t.id.0,
-            token: t.token.0,
-            kind: wire_kind(t.kind),
-            app: t.app,
-            slot: t.slot,
-            release: t.release,
-            generation: t.generation,
-            attempt: t.attempt,
-            max_attempts: t.max_attempts,
-            expires_at: t.expires_at,
-            lease_ms: millis(api.cfg.task_lease),
-            deploy,
-        });
-    }
-    Ok(out)
-}
-
-/// Whether tasks of `kind` run a release (and carry a [`DeployPayload`]).
-fn carries_release(kind: TaskKind) -> bool {
-    matches!(kind, TaskKind::Deploy | TaskKind::Start | TaskKind::Restart)
-}
-
-/// Seals a payload's secrets to the node if they are not sealed to it yet, writing the ciphertext back.
-/// `Err((why, permanent))` when they cannot be.
-async fn ready(
-    api: &Api,
-    node: &AuthNode,
-    t: &LeasedTask,
-    p: &mut DeployPayload,
-) -> Result<Result<(), (String, bool)>, ApiError> {
-    let Some(recipient) = &node.recipient else {
-        return Ok(Err((
-            format!(
-                "node `{}` has no recipient to encrypt secrets to: join it again",
-                node.node
-            ),
-            false,
-        )));
-    };
-    if !p.needs_encryption_for(recipient) {
-        return Ok(Ok(()));
-    }
-    let sealed = {
-        let mut conn = api.pool.acquire().await.op("read an app's env")?;
-        payload::seal_payload(&mut conn, api.identity.as_deref(), p, recipient).await?
-    };
-    if let Err(e) = sealed {
-        return Ok(Err((error_chain(&e), e.is_permanent())));
-    }
-    let json = serde_json::to_value(&*p).expect("a payload serializes");
-    if !agents::set_task_payload(&api.pool, t.id, t.token, &json).await? {
-        return Ok(Err((
-            "the lease ended while its secrets were sealed".into(),
-            false,
-        )));
-    }
-    tracing::debug!(node = %node.node, task = %t.id, "secrets sealed to the node at lease time");
-    Ok(Ok(()))
-}
-
-/// Where a deploy gets its image, when serve distributes images through a registry: pulled by digest
-/// once a node pushed it; otherwise this node gets it (its own copy or a build) and pushes it, unless
-/// another node is doing that right now, in which case the task goes back to the queue, without using
-/// an attempt, until the push is recorded ([`release_image`] wakes it) or `image_wait` has passed.
-/// Nodes without the Docker driver build their own. Returns whether the task is handed out now.
-async fn distribute(
-    api: &Api,
-    node: &Name,
-    t: &LeasedTask,
-    p: &mut DeployPayload,
-) -> Result<bool, ApiError> {
-    let (Some(registry), Some(release)) = (&api.cfg.registry, t.release) else {
-        return Ok(true);
-    };
-    let mut tx = api.pool.begin().await.op("begin a deploy's image lease")?;
-    releases::lock_image(&mut tx, &t.app, release).await?;
-    let holders = releases::image_holders(&mut tx, &t.app, release, node).await?;
-    let (push_to, image) = match holders.pushed {
-        _ if !holders.docker => (None, None),
-        Some((reference, digest)) if reference == registry.repository(&t.app) => {
-            (None, Some(cairn_proto::RegistryImage { reference, digest }))
-        }
-        _ => match holders.pusher {
-            Some(pusher) => {
-                let held =
-                    agents::release_task(&mut *tx, t.id, t.token, api.cfg.image_wait).await?;
-                tx.commit().await.op("commit a held deploy")?;
-                if held {
-                    tracing::info!(%node, task = %t.id, app = %t.app, release, %pusher, "deploy waits for another node to push the release's image");
-                }
-                return Ok(false);
-            }
-            None => (Some(registry.clone()), None),
-        },
-    };
-    if (&p.push_to, &p.image) != (&push_to, &image) {
-        p.push_to = push_to;
-        p.image = image;
-        let json = serde_json::to_value(&*p).expect("a payload serializes");
-        if !agents::set_task_payload(&mut *tx, t.id, t.token, &json).await? {
-            return Ok(false);
-        }
-    }
-    tx.commit().await.op("commit a deploy's image lease")?;
-    Ok(true)
-}
-
-async fn give_up(api: &Api, t: &LeasedTask, error: &str, permanent: bool) -> Result<(), ApiError> {
-    tracing::warn!(node = %t.node, task = %t.id, app = %t.app, error, permanent, "a leased task cannot be handed out");
-    if permanent {
-        agents::bury_task(&api.pool, t.id, t.token, error).await?;
-    } else {
-        match queue::fail(&api.pool, t.id, t.token, error, &api.cfg.backoff).await {
-            Ok(_) | Err(queue::QueueError::StaleLease { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(())
-}
-
 /// The task `id` if it is `node`'s; 404 otherwise, whether it is another node's or nobody's.
 async fn own(api: &Api, node: &Name, id: i64) -> Result<TaskId, ApiError> {
-    match agents::task_node(&api.pool, TaskId(id)).await? {
+    match queue::node_of(&api.pool, TaskId(id)).await? {
         Some(n) if &n == node => Ok(TaskId(id)),
         _ => Err(ApiError::NotFound(format!(
             "node `{node}` has no task {id}"
@@ -534,15 +384,15 @@ async fn task(
     Path(id): Path<i64>,
 ) -> Result<Json<TaskView>, ApiError> {
     let node = &auth.node.node;
-    let t = agents::node_task(&api.pool, node, TaskId(id))
+    let t = queue::node_task(&api.pool, node, TaskId(id))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node `{node}` has no task {id}")))?;
     Ok(Json(TaskView {
         id: t.id.0,
-        kind: wire_kind(t.kind),
+        kind: t.kind,
         app: t.app,
         slot: t.slot,
-        status: wire_status(t.status),
+        status: t.status,
         attempts: t.attempts,
         max_attempts: t.max_attempts,
         lease_token: t.lease_token.map(|t| t.0),
@@ -564,13 +414,13 @@ async fn progress(
     // A pushed image, checked before anything is recorded: a refused one changes nothing.
     let pushed = match &p.image {
         Some(image) => {
-            let row = agents::node_task(&api.pool, &auth.node.node, task)
+            let row = queue::node_task(&api.pool, &auth.node.node, task)
                 .await?
-                .filter(|row| carries_release(row.kind))
+                .filter(|row| deploys::carries_release(row.kind))
                 .and_then(|row| row.release.map(|release| (row.app, release)));
             match row {
                 Some((app, release)) => {
-                    let record = checked_image(&api, &app, image)?;
+                    let record = deploys::checked_image(api.cfg.registry.as_ref(), &app, image)?;
                     Some((app, release, record))
                 }
                 None => None,
@@ -578,19 +428,15 @@ async fn progress(
         }
         None => None,
     };
-    let expires_at = agents::record_progress(
-        &api.pool,
+    let expires_at = deploys::progress(
+        &deploys(&api),
         task,
         LeaseToken(p.token),
         message,
         api.cfg.task_lease,
+        pushed,
     )
-    .await?
-    .ok_or_else(|| stale(task, p.token))?;
-    // A pushed image, reported before the deploy ends: the other nodes' deploys pull it now.
-    if let Some((app, release, record)) = pushed {
-        release_image(&api, &app, release, record).await;
-    }
+    .await?;
     Ok(Json(ProgressResponse { expires_at }))
 }
 
@@ -616,7 +462,7 @@ async fn logs(
             at: l.at,
         })
         .collect();
-    let stored = agents::append_logs(
+    let stored = queue::append_logs(
         &api.pool,
         task,
         LeaseToken(batch.token),
@@ -636,293 +482,23 @@ async fn result(
     Json(r): Json<TaskResult>,
 ) -> Result<Json<ResultResponse>, ApiError> {
     let node = &auth.node.node;
-    let row = agents::node_task(&api.pool, node, TaskId(id))
+    let row = queue::node_task(&api.pool, node, TaskId(id))
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("node `{node}` has no task {id}")))?;
-    let task = row.id;
     let token = LeaseToken(r.token);
-    let response = match &r.outcome {
+    let image = match &r.outcome {
         Outcome::Done {
-            detail,
-            timings,
-            image,
-        } => {
-            let image: RecordedImage<'_> = match image {
-                Some(i) if carries_release(row.kind) => checked_image(&api, &row.app, i)?,
-                _ => None,
-            };
-            // Recorded before the task is done: a node leasing a deploy of the release in between
-            // pulls this image instead of becoming its second pusher. Only by the lease's holder.
-            if let Some(release) = row.release.filter(|_| carries_release(row.kind)) {
-                if !agents::holds_lease(&api.pool, task, token).await? {
-                    return Err(stale(task, r.token));
-                }
-                release_image(&api, &row.app, release, image).await;
-            }
-            let status = queue::complete(&api.pool, task, token)
-                .await
-                .map_err(|e| conflict_or(e, task, r.token))?;
-            if status == TaskStatus::Superseded {
-                tracing::warn!(%node, %task, "a task reported done after the node finished a newer one for its slot: recorded as superseded, not as run");
-                ResultResponse {
-                    status: cairn_proto::TaskStatus::Superseded,
-                    retry_at: None,
-                }
-            } else {
-                if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
-                    stage_timings(&api, &row.app, release, timings).await;
-                }
-                tracing::info!(%node, %task, detail = detail.as_deref().unwrap_or(""), "task done");
-                ResultResponse {
-                    status: cairn_proto::TaskStatus::Done,
-                    retry_at: None,
-                }
-            }
+            image: Some(image), ..
+        } if deploys::carries_release(row.kind) => {
+            deploys::checked_image(api.cfg.registry.as_ref(), &row.app, image)?
         }
-        Outcome::Skipped {
-            detail,
-            slot_generation,
-        } => {
-            let why = match slot_generation {
-                Some(g) => format!("skipped: the slot holds generation {g}"),
-                None => "skipped: the slot holds a newer generation".to_owned(),
-            };
-            queue::skip(&api.pool, task, token, &why)
-                .await
-                .map_err(|e| conflict_or(e, task, r.token))?;
-            tracing::info!(%node, %task, detail = detail.as_deref().map(|d| truncate(d, MAX_MESSAGE_BYTES)).unwrap_or(""), why, "task skipped by its node");
-            ResultResponse {
-                status: cairn_proto::TaskStatus::Superseded,
-                retry_at: None,
-            }
-        }
-        Outcome::Failed { error, retry } => {
-            let error = truncate(error, MAX_MESSAGE_BYTES);
-            tracing::warn!(%node, %task, error, retry, "task failed");
-            if *retry {
-                match queue::fail(&api.pool, task, token, error, &api.cfg.backoff)
-                    .await
-                    .map_err(|e| conflict_or(e, task, r.token))?
-                {
-                    FailOutcome::Retry { run_after } => ResultResponse {
-                        status: cairn_proto::TaskStatus::Failed,
-                        retry_at: Some(run_after),
-                    },
-                    FailOutcome::Dead => ResultResponse {
-                        status: cairn_proto::TaskStatus::Dead,
-                        retry_at: None,
-                    },
-                }
-            } else {
-                if !agents::bury_task(&api.pool, task, token, error).await? {
-                    return Err(stale(task, r.token));
-                }
-                ResultResponse {
-                    status: cairn_proto::TaskStatus::Dead,
-                    retry_at: None,
-                }
-            }
-        }
+        _ => None,
     };
-    if let (Outcome::Failed { .. }, Some(release)) = (&r.outcome, row.release)
-        && carries_release(row.kind)
-    {
-        release_image(&api, &row.app, release, None).await;
-    }
-    if let (TaskKind::Deploy, Some(release)) = (row.kind, row.release) {
-        let died = match (&r.outcome, response.status) {
-            (Outcome::Failed { error, .. }, cairn_proto::TaskStatus::Dead) => Some(error.as_str()),
-            _ => None,
-        };
-        // A superseded deploy may have been the release's last open one: the others decide.
-        if matches!(
-            response.status,
-            cairn_proto::TaskStatus::Done | cairn_proto::TaskStatus::Superseded
-        ) || died.is_some()
-        {
-            release_outcome(&api, &row.app, release, died).await?;
-        }
-    }
-    Ok(Json(response))
-}
-
-/// An image a node reports for a release of `app`, as the release may record it: a registry image only
-/// in this control plane's registry, in the app's own repository (`<registry>/<app>`), pinned by a
-/// `sha256:` digest, since every other node pulls it; anything else is refused (403), so one node
-/// cannot make the others run an image of its choosing. The engine's own image id is kept only when it
-/// is a `sha256:` digest (the process driver names a directory; that is not recorded).
-fn checked_image<'i>(
-    api: &Api,
-    app: &Name,
-    image: &'i cairn_proto::DeployedImage,
-) -> Result<RecordedImage<'i>, ApiError> {
-    let sha256 = cairn_proto::registry::is_sha256_digest;
-    match &image.registry {
-        Some((reference, digest)) => {
-            let Some(registry) = &api.cfg.registry else {
-                return Err(ApiError::Forbidden(format!(
-                    "release images of app `{app}` are not distributed through a registry here:                      a registry image cannot be recorded"
-                )));
-            };
-            let repository = registry.repository(app);
-            if *reference != repository {
-                return Err(ApiError::Forbidden(format!(
-                    "a release image of app `{app}` must be in `{repository}`, not `{}`",
-                    truncate(reference, 300)
-                )));
-            }
-            if !sha256(digest) {
-                return Err(ApiError::BadRequest(format!(
-                    "the image digest `{}` is not `sha256:` and 64 lowercase hex digits",
-                    truncate(digest, 100)
-                )));
-            }
-            Ok(Some((reference.as_str(), Some(digest.as_str()))))
-        }
-        None if sha256(&image.id) => Ok(Some((image.id.as_str(), None))),
-        None => Ok(None),
-    }
-}
-
-/// What a release records of a reported image: `(reference, digest)`, or the engine's id alone.
-type RecordedImage<'i> = Option<(&'i str, Option<&'i str>)>;
-
-/// Records a deploy's stage timings on its release (stages Cairn knows, at most a day each); a failure
-/// costs only the metric, never the result.
-async fn stage_timings(
-    api: &Api,
-    app: &Name,
-    release: u64,
-    timings: &std::collections::BTreeMap<String, u64>,
-) {
-    const DAY_MS: u64 = 86_400_000;
-    let known: serde_json::Map<String, serde_json::Value> = timings
-        .iter()
-        .filter(|(stage, ms)| {
-            crate::metrics::STAGES.contains(&stage.as_str())
-                && *stage != "release"
-                && **ms <= DAY_MS
-        })
-        .map(|(stage, ms)| (stage.clone(), (*ms).into()))
-        .collect();
-    if known.is_empty() {
-        return;
-    }
-    let known = serde_json::Value::Object(known);
-    if let Err(e) =
-        crate::store::metrics::record_stage_timings(&api.pool, app.as_str(), release, &known).await
-    {
-        tracing::warn!(%app, release, error = %error_chain(&e), "cannot record a deploy's stage timings");
-    }
-}
-
-/// Records the image a deploy (or a start or restart) ran on its release, when it reports one (checked by
-/// [`checked_image`]): the registry's reference and digest once a node pushed it, else the engine's
-/// image id. Then, with a registry, wakes the deploys of the release that wait for a push
-/// ([`distribute`]): they pull the image now recorded, or, if the deploy failed, one of them gets the
-/// image itself. With a registry both happen under the release's image lock, so a deploy being held at
-/// this moment is woken too. A failure costs the record or the wake (the waiters look again after
-/// `image_wait`), never the result.
-async fn release_image(api: &Api, app: &Name, release: u64, record: RecordedImage<'_>) {
-    let done: Result<u64, crate::store::StoreError> = async {
-        if api.cfg.registry.is_none() {
-            // Nothing is distributed, so nothing waits: the record alone, no lock.
-            if let Some((reference, digest)) = record {
-                releases::record_image(&api.pool, app, release, reference, digest).await?;
-            }
-            return Ok(0);
-        }
-        let mut tx = api
-            .pool
-            .begin()
-            .await
-            .op("begin recording a release's image")?;
-        releases::lock_image(&mut tx, app, release).await?;
-        if let Some((reference, digest)) = record {
-            releases::record_image(&mut *tx, app, release, reference, digest).await?;
-        }
-        let woken = releases::wake_image_waiters(&mut tx, app, release).await?;
-        tx.commit().await.op("commit a release's image")?;
-        Ok(woken)
-    }
-    .await;
-    match done {
-        Ok(0) => {}
-        Ok(n) => tracing::debug!(%app, release, tasks = n, "deploys waiting for the image woken"),
-        Err(e) => {
-            tracing::warn!(%app, release, error = %error_chain(&e), "cannot record a release's image or wake its waiting deploys");
-        }
-    }
-}
-
-/// After one of a release's deploy tasks finished: once none is open and none died, and at least one is
-/// done (a replica ran it; superseded deploys never count), the release is live, or superseded if a
-/// release whose replicas ran later is live ([`agents::finish_release`]); as soon as one dies, it failed. Recorded on the release and told to the hooks (the `cairn/deploy`
-/// commit status) in one transaction, once per outcome.
-async fn release_outcome(
-    api: &Api,
-    app: &Name,
-    release: u64,
-    died: Option<&str>,
-) -> Result<(), ApiError> {
-    let mut tx = api
-        .pool
-        .begin()
-        .await
-        .op("begin recording a release's outcome")?;
-    let (done, open, dead) = agents::release_deploys(&mut tx, app, release).await?;
-    let (ok, reason) = match died {
-        Some(e) => (
-            false,
-            format!(
-                "a replica's deploy failed: {}",
-                truncate(e, MAX_MESSAGE_BYTES / 2)
-            ),
-        ),
-        None if open == 0 && dead == 0 && done > 0 => {
-            (true, format!("{done}/{done} replica deploy(s) done"))
-        }
-        None => return Ok(()),
-    };
-    let error = (!ok).then_some(reason.as_str());
-    let mut live = None;
-    let finished = agents::finish_release(&mut tx, app, release, ok, error).await?;
-    let reason = match finished {
-        agents::Finished::Superseded => {
-            format!(
-                "{reason}; a release deployed after it is live, so it is recorded as superseded"
-            )
-        }
-        _ => reason,
-    };
-    if finished != agents::Finished::Unchanged {
-        if finished == agents::Finished::Live {
-            live = crate::store::metrics::release_timings(&mut tx, app.as_str(), release).await?;
-        }
-        tracing::info!(%app, release, ok, status = ?finished, reason, "release deploy finished");
-        crate::hooks::record_deploy_outcome(
-            api.hooks.as_deref(),
-            &mut tx,
-            &crate::hooks::DeployOutcome {
-                app,
-                release,
-                ok,
-                reason: &reason,
-                push_to_running: None,
-            },
-        )
-        .await;
-    }
-    tx.commit().await.op("commit a release's outcome")?;
-    if !ok {
-        // The planner moves the app's placements back to its live release (the automatic rollback), so
-        // a replica of it that is lost later is repaired instead of the failed release retried.
-        api.wake.notify_one();
-    }
-    if let Some((stages, secs)) = live {
-        crate::metrics::global().release_live(&stages, secs);
-    }
-    Ok(())
+    let reported = deploys::finish(&deploys(&api), &row, token, &r.outcome, image).await?;
+    Ok(Json(ResultResponse {
+        status: reported.status,
+        retry_at: reported.retry_at,
+    }))
 }
 
 #[tracing::instrument(name = "task", skip_all, fields(task = id, node = %auth.node.node))]
@@ -933,43 +509,44 @@ async fn release(
     Json(r): Json<Release>,
 ) -> Result<Json<ResultResponse>, ApiError> {
     let task = own(&api, &auth.node.node, id).await?;
-    if !agents::release_task(&api.pool, task, LeaseToken(r.token), Duration::ZERO).await? {
+    if !queue::give_back(&api.pool, task, LeaseToken(r.token), Duration::ZERO).await? {
         return Err(stale(task, r.token));
     }
     tracing::info!(node = %auth.node.node, %task, "task released unstarted");
     Ok(Json(ResultResponse {
-        status: cairn_proto::TaskStatus::Queued,
+        status: TaskStatus::Queued,
         retry_at: None,
     }))
 }
 
-fn conflict_or(e: queue::QueueError, task: TaskId, token: i64) -> ApiError {
-    match e {
-        queue::QueueError::StaleLease { .. } | queue::QueueError::NotFound { .. } => {
-            stale(task, token)
-        }
-        other => other.into(),
+/// The deploy lifecycle's view of the API's shared parts.
+fn deploys(api: &Api) -> deploys::Context<'_> {
+    deploys::Context {
+        pool: &api.pool,
+        identity: api.identity.as_deref(),
+        hooks: api.hooks.as_deref(),
+        wake: &api.wake,
+        registry: api.cfg.registry.as_ref(),
+        backoff: api.cfg.backoff,
+        image_wait: api.cfg.image_wait,
     }
 }
 
-fn wire_kind(k: TaskKind) -> cairn_proto::TaskKind {
-    match k {
-        TaskKind::Deploy => cairn_proto::TaskKind::Deploy,
-        TaskKind::Stop => cairn_proto::TaskKind::Stop,
-        TaskKind::Start => cairn_proto::TaskKind::Start,
-        TaskKind::Restart => cairn_proto::TaskKind::Restart,
-        TaskKind::Remove => cairn_proto::TaskKind::Remove,
-    }
-}
-
-fn wire_status(s: TaskStatus) -> cairn_proto::TaskStatus {
-    match s {
-        TaskStatus::Queued => cairn_proto::TaskStatus::Queued,
-        TaskStatus::Leased => cairn_proto::TaskStatus::Leased,
-        TaskStatus::Done => cairn_proto::TaskStatus::Done,
-        TaskStatus::Failed => cairn_proto::TaskStatus::Failed,
-        TaskStatus::Dead => cairn_proto::TaskStatus::Dead,
-        TaskStatus::Superseded => cairn_proto::TaskStatus::Superseded,
+/// A leased task as its node gets it.
+fn wire_task(api: &Api, t: LeasedTask, deploy: Option<DeployPayload>) -> cairn_proto::Task {
+    cairn_proto::Task {
+        id: t.id.0,
+        token: t.token.0,
+        kind: t.kind,
+        app: t.app,
+        slot: t.slot,
+        release: t.release,
+        generation: t.generation,
+        attempt: t.attempt,
+        max_attempts: t.max_attempts,
+        expires_at: t.expires_at,
+        lease_ms: millis(api.cfg.task_lease),
+        deploy,
     }
 }
 

@@ -17,7 +17,7 @@ use rand::RngCore as _;
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 
-use crate::store::{StoreError, agents};
+use crate::store::{StoreError, tokens};
 
 /// The longest a join token may be valid.
 pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -91,7 +91,7 @@ pub async fn issue_join_token(
         return Err(IssueError::TtlTooShort);
     }
     let token = generate(JOIN_TOKEN_PREFIX);
-    let row = agents::create_join_token(pool, node, &hash(&token), ttl, replace)
+    let row = tokens::create_join_token(pool, node, &hash(&token), ttl, replace)
         .await?
         .ok_or_else(|| IssueError::UnknownNode(node.clone()))?;
     tracing::info!(node = %node, id = row.id, expires_at = %row.expires_at, replace, "join token issued");
@@ -116,7 +116,7 @@ pub async fn issue_admin_token(pool: &PgPool, name: &str) -> Result<(i64, String
         return Err(IssueError::BadName(name.to_owned()));
     }
     let token = generate(ADMIN_TOKEN_PREFIX);
-    let id = agents::create_admin_token(pool, name, &hash(&token)).await?;
+    let id = tokens::create_admin_token(pool, name, &hash(&token)).await?;
     tracing::info!(id, name, "admin token issued");
     Ok((id, token))
 }

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use cairn_proto::ErrorBody;
 
 use crate::controller::error_chain;
+use crate::deploys::{DeployError, ImageRefused};
 use crate::queue::QueueError;
 use crate::store::StoreError;
 
@@ -67,6 +68,24 @@ impl From<QueueError> for ApiError {
             QueueError::Store(s) => ApiError::Store(s),
             stale @ QueueError::StaleLease { .. } => ApiError::Conflict(stale.to_string()),
             QueueError::NotFound { task } => ApiError::NotFound(format!("there is no task {task}")),
+        }
+    }
+}
+
+impl From<DeployError> for ApiError {
+    fn from(e: DeployError) -> Self {
+        match e {
+            stale @ DeployError::Stale { .. } => ApiError::Conflict(stale.to_string()),
+            DeployError::Queue(q) => q.into(),
+        }
+    }
+}
+
+impl From<ImageRefused> for ApiError {
+    fn from(e: ImageRefused) -> Self {
+        match e {
+            ImageRefused::Foreign(m) => ApiError::Forbidden(m),
+            ImageRefused::Malformed(m) => ApiError::BadRequest(m),
         }
     }
 }

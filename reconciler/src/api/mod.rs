@@ -18,7 +18,7 @@
 //! valid credential is never refused because of other clients' failures), and except within a small
 //! global allowance of lookups for well-formed tokens it has not seen yet (after a restart).
 //!
-//! What it must not do: run SQL (the statements are in [`crate::store::agents`] and the queue), hold a
+//! What it must not do: run SQL (the statements are in [`crate::store`] and the queue), hold a
 //! database connection while a long-poll waits (it waits on the in-memory [`crate::queue::Listener`]),
 //! let one node see or touch another node's tasks, or put a token, a credential or a secret into a log
 //! line or a response other than the one that hands it out.

@@ -1,6 +1,7 @@
-//! The store: every SQL statement the control plane runs, and nothing else.
+//! The store: every SQL statement the control plane runs but the task queue's, and nothing else.
 //!
-//! It is the only module that touches Postgres. Its queries are checked against the schema at compile
+//! It is the only module that touches Postgres, with the task queue's statements (`crate::queue`'s
+//! `sql`), which the queue keeps beside its API. Its queries are checked against the schema at compile
 //! time (`sqlx::query!`), with the results committed in `.sqlx/` at the workspace root, so building needs
 //! no database (`.cargo/config.toml` sets `SQLX_OFFLINE=true`). To change a query or a migration: build
 //! with `SQLX_OFFLINE=false DATABASE_URL=<a migrated database>`, then run `cargo sqlx prepare
@@ -10,12 +11,13 @@
 //! - [`state`]: the applied config state (generation, resources, env, placements, releases, pins,
 //!   restart requests, source heads) and the apply lock;
 //! - [`history`]: the record of reconcile runs;
-//! - [`tasks`]: the statements behind [`crate::queue`]; [`progress`]: open tasks and their stage, for a
-//!   live view;
+//! - [`progress`]: open tasks and their stage, for a live view (the queue's own statements are in
+//!   `crate::queue::sql`);
 //! - [`releases`]: release history, build output and replica output for the operator commands, and
 //!   their retention;
-//! - [`agents`]: join tokens, node credentials and heartbeats, admin tokens, and what agents report
-//!   about the tasks they hold (the agent and admin APIs');
+//! - [`nodes`]: joins, node credentials, heartbeats and what they report, liveness, the node list;
+//! - [`tokens`]: join tokens and admin tokens, as hashes;
+//! - [`placements`]: one node's placements and those of the slots it reports (drift checks);
 //! - [`routes`]: what the cluster route table is computed from (apps' hosts, nodes' addresses and
 //!   healthy replicas);
 //! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
@@ -27,14 +29,16 @@
 //! follow are the planner's; the store writes what it is given), hold a connection while waiting on
 //! anything but Postgres, or put a secret's plaintext into a column, a log line or an error.
 
-pub mod agents;
+pub(crate) mod decode;
 pub mod history;
 pub mod metrics;
+pub mod nodes;
+pub mod placements;
 pub mod progress;
 pub mod releases;
 pub mod routes;
 pub mod state;
-pub mod tasks;
+pub mod tokens;
 
 use std::time::Duration;
 

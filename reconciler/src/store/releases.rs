@@ -1,6 +1,7 @@
 //! Release history and what operators do with it: the releases of an app, rollback pins as operators set
 //! them, the build output kept with a release, the replicas' output agents ship, and the retention that
-//! prunes both (the statements behind [`crate::releases`]).
+//! prunes both (the statements behind [`crate::releases`]); a release as recorded, for a task that deploys
+//! it again; the outcome of a release's deploys ([`finish_release`]) and its image distribution.
 //!
 //! What it must not do: decide whether a rollback is allowed (the caller does), or keep more output than
 //! the retention and the per-app window allow once the prune has run.
@@ -12,6 +13,7 @@ use sqlx::{PgConnection, PgPool};
 
 use cairn_schema::Name;
 
+use super::decode::corrupt;
 use super::{Op as _, StoreError, to_i64, to_u64};
 use crate::observed::AppliedApp;
 
@@ -504,10 +506,149 @@ pub async fn prune_logs(
     Ok(out)
 }
 
-fn corrupt(table: &'static str, column: &'static str, e: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        table,
-        column,
-        detail: e.to_string(),
+/// What a release was deployed with, for a task that deploys it again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeployedRelease {
+    pub config_commit: String,
+    pub source_commit: String,
+    /// `plan::ReleaseSpec` as JSON.
+    pub spec: serde_json::Value,
+}
+
+/// What release `number` of `app` was deployed with, if it is recorded.
+pub async fn deployed(
+    conn: &mut PgConnection,
+    app: &Name,
+    number: u64,
+) -> Result<Option<DeployedRelease>, StoreError> {
+    let row = sqlx::query!(
+        "SELECT config_commit, source_commit, spec FROM releases WHERE app = $1 AND number = $2",
+        app.as_str(),
+        to_i64("release", number)?,
+    )
+    .fetch_optional(conn)
+    .await
+    .op("read a release")?;
+    Ok(row.map(|r| DeployedRelease {
+        config_commit: r.config_commit,
+        source_commit: r.source_commit,
+        spec: r.spec,
+    }))
+}
+
+/// What recording a release's outcome did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finished {
+    /// It already was so: someone else reported it.
+    Unchanged,
+    /// Live now; the live releases that ran before it are superseded.
+    Live,
+    /// Its replicas ran, but a release whose replicas ran later is live: it stays live, and this one is
+    /// recorded as superseded (it ran, so a rollback may still go back to it).
+    Superseded,
+    Failed,
+}
+
+/// Marks a release live or failed, unless it already is. A release is ordered by when its replicas
+/// ran (the newest generation among its deploys that are done), not by its number, since a rollback
+/// deploys an older number again: marking one live supersedes the live releases that ran before it,
+/// and never one that ran after it (a stale deploy's late result cannot demote what runs now). Only the
+/// first caller to see an outcome gets it back as changed.
+pub async fn finish_release(
+    conn: &mut PgConnection,
+    app: &Name,
+    release: u64,
+    ok: bool,
+    error: Option<&str>,
+) -> Result<Finished, StoreError> {
+    let number = to_i64("release", release)?;
+    if !ok {
+        let changed = sqlx::query!(
+            r#"UPDATE releases SET status = 'failed', error = $3, finished_at = now()
+               WHERE app = $1 AND number = $2 AND status <> 'failed'"#,
+            app.as_str(),
+            number,
+            error,
+        )
+        .execute(&mut *conn)
+        .await
+        .op("record a release's failure")?
+        .rows_affected()
+            == 1;
+        return Ok(if changed {
+            Finished::Failed
+        } else {
+            Finished::Unchanged
+        });
     }
+    // The rows this decision reads and writes, locked in one order: two releases of the app finishing
+    // at once decide one after the other.
+    sqlx::query_scalar!(
+        r#"SELECT number FROM releases WHERE app = $1 AND (number = $2 OR status = 'live')
+           ORDER BY number FOR UPDATE"#,
+        app.as_str(),
+        number,
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .op("lock an app's live releases")?;
+    let ran = sqlx::query!(
+        r#"WITH ran AS (
+               SELECT release, max(coalesce(generation, 0)) AS generation FROM tasks
+               WHERE app = $1 AND kind = 'deploy' AND status = 'done' AND release IS NOT NULL
+               GROUP BY release
+           )
+           SELECT (SELECT generation FROM ran WHERE release = $2) AS "mine",
+                  (SELECT max(ran.generation) FROM releases r JOIN ran ON ran.release = r.number
+                   WHERE r.app = $1 AND r.number <> $2 AND r.status = 'live') AS "newest_other""#,
+        app.as_str(),
+        number,
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .op("read when an app's releases ran")?;
+    let mine = ran.mine.unwrap_or(0);
+    if ran.newest_other.is_some_and(|other| other > mine) {
+        let changed = sqlx::query!(
+            r#"UPDATE releases SET status = 'superseded', error = NULL,
+                                   finished_at = coalesce(finished_at, now())
+               WHERE app = $1 AND number = $2 AND status <> 'superseded'"#,
+            app.as_str(),
+            number,
+        )
+        .execute(&mut *conn)
+        .await
+        .op("record a release that ran before the live one")?
+        .rows_affected()
+            == 1;
+        return Ok(if changed {
+            Finished::Superseded
+        } else {
+            Finished::Unchanged
+        });
+    }
+    let changed = sqlx::query!(
+        r#"UPDATE releases SET status = 'live', error = NULL, finished_at = now()
+           WHERE app = $1 AND number = $2 AND status <> 'live'"#,
+        app.as_str(),
+        number,
+    )
+    .execute(&mut *conn)
+    .await
+    .op("record a release live")?
+    .rows_affected()
+        == 1;
+    if !changed {
+        return Ok(Finished::Unchanged);
+    }
+    sqlx::query!(
+        r#"UPDATE releases SET status = 'superseded'
+           WHERE app = $1 AND number <> $2 AND status = 'live'"#,
+        app.as_str(),
+        number,
+    )
+    .execute(&mut *conn)
+    .await
+    .op("supersede the releases that ran before")?;
+    Ok(Finished::Live)
 }

@@ -7,6 +7,7 @@ use cairn_proto::{ActualReplica, RunState};
 use cairn_schema::{Domain, Name, Node, NodeAddress};
 use sqlx::PgConnection;
 
+use super::decode::{json, name};
 use super::{Op as _, StoreError};
 use crate::observed::AppliedApp;
 
@@ -52,13 +53,13 @@ pub async fn rows(conn: &mut PgConnection) -> Result<RouteRows, StoreError> {
         ..RouteRows::default()
     };
     for row in apps {
-        let applied: AppliedApp = decode("apps", "spec", row.spec)?;
+        let applied: AppliedApp = json("apps", "spec", row.spec)?;
         out.apps.push((name("apps", &row.name)?, applied.domains));
     }
     for row in nodes {
-        let node: Node = decode("nodes", "spec", row.spec)?;
+        let node: Node = json("nodes", "spec", row.spec)?;
         let replicas: Vec<ActualReplica> = match row.replicas {
-            Some(r) => decode("node_status", "replicas", r)?,
+            Some(r) => json("node_status", "replicas", r)?,
             None => Vec::new(),
         };
         out.nodes.push(NodeRoute {
@@ -74,24 +75,4 @@ pub async fn rows(conn: &mut PgConnection) -> Result<RouteRows, StoreError> {
         });
     }
     Ok(out)
-}
-
-fn decode<T: serde::de::DeserializeOwned>(
-    table: &'static str,
-    column: &'static str,
-    value: serde_json::Value,
-) -> Result<T, StoreError> {
-    serde_json::from_value(value).map_err(|e| StoreError::Corrupt {
-        table,
-        column,
-        detail: e.to_string(),
-    })
-}
-
-fn name(table: &'static str, s: &str) -> Result<Name, StoreError> {
-    Name::new(s).map_err(|detail| StoreError::Corrupt {
-        table,
-        column: "name",
-        detail,
-    })
 }

@@ -9,17 +9,18 @@
 
 use std::collections::BTreeMap;
 
-use cairn_schema::{
-    App, Driver, EnvName, EnvValue, Kind, Name, Node, Plan, Recipient, Runtime, Settings,
-};
+use cairn_schema::{App, EnvName, EnvValue, Kind, Name, Node, Plan, Recipient, Runtime, Settings};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
+use super::decode::{
+    drivers, json, name, node_state, recipient, replica_state, replica_state_str, to_i32,
+};
 use super::{Op as _, StoreError, sha256_tagged, to_i64, to_u64};
 use crate::observed::{
-    AppliedApp, CommitId, Fingerprints, Generation, NodeState, NodeStatus, Observed, ReleaseNumber,
-    ReleaseRecord, ReplicaPlacement, ReplicaState,
+    AppliedApp, CommitId, Fingerprints, Generation, NodeStatus, Observed, ReleaseNumber,
+    ReleaseRecord, ReplicaPlacement,
 };
 
 /// Key of the transaction-scoped advisory lock every apply holds: one control plane applies at a time.
@@ -32,6 +33,17 @@ pub async fn lock_apply(tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreE
         .execute(&mut **tx)
         .await
         .op("take the apply lock")?;
+    Ok(())
+}
+
+/// Waits for the apply lock in shared mode: applies wait for the holder, other shared holders do not.
+/// Drift checks hold it so that they read placements and tasks that no apply is halfway through
+/// replacing.
+pub async fn lock_apply_shared(tx: &mut Transaction<'_, Postgres>) -> Result<(), StoreError> {
+    sqlx::query!("SELECT pg_advisory_xact_lock_shared($1)", APPLY_LOCK_KEY)
+        .execute(&mut **tx)
+        .await
+        .op("take the apply lock (shared)")?;
     Ok(())
 }
 
@@ -74,7 +86,7 @@ pub async fn config_state(conn: &mut PgConnection) -> Result<ConfigState, StoreE
         commit: row.commit.map(CommitId::new),
         settings: row
             .settings
-            .map(|s| from_json("config_state", "settings", s))
+            .map(|s| json("config_state", "settings", s))
             .transpose()?,
         applied_at: row.applied_at,
     })
@@ -587,7 +599,7 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
     {
         observed
             .plans
-            .insert(name("plans", &r.name)?, from_json("plans", "spec", r.spec)?);
+            .insert(name("plans", &r.name)?, json("plans", "spec", r.spec)?);
     }
     for r in sqlx::query!("SELECT name, spec FROM runtimes")
         .fetch_all(&mut *conn)
@@ -596,7 +608,7 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
     {
         observed.runtimes.insert(
             name("runtimes", &r.name)?,
-            from_json("runtimes", "spec", r.spec)?,
+            json("runtimes", "spec", r.spec)?,
         );
     }
     for r in sqlx::query!("SELECT name, spec FROM nodes")
@@ -606,7 +618,7 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
     {
         observed
             .nodes
-            .insert(name("nodes", &r.name)?, from_json("nodes", "spec", r.spec)?);
+            .insert(name("nodes", &r.name)?, json("nodes", "spec", r.spec)?);
     }
     for r in sqlx::query!("SELECT name, spec, pinned_release FROM apps")
         .fetch_all(&mut *conn)
@@ -619,9 +631,7 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
                 .rollback_pins
                 .insert(app.clone(), to_u64("apps", "pinned_release", pin)?);
         }
-        observed
-            .apps
-            .insert(app, from_json("apps", "spec", r.spec)?);
+        observed.apps.insert(app, json("apps", "spec", r.spec)?);
     }
 
     for r in sqlx::query!("SELECT node, state, last_heartbeat, drivers, recipient FROM node_status")
@@ -632,18 +642,8 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
         let status = NodeStatus {
             state: node_state(&r.state)?,
             last_heartbeat: r.last_heartbeat,
-            drivers: r
-                .drivers
-                .iter()
-                .map(|d| driver(d))
-                .collect::<Result<_, _>>()?,
-            recipient: r
-                .recipient
-                .map(|s| {
-                    Recipient::new(&s)
-                        .map_err(|e| corrupt("node_status", "recipient", e.to_string()))
-                })
-                .transpose()?,
+            drivers: drivers(&r.drivers)?,
+            recipient: recipient("node_status", r.recipient)?,
         };
         observed
             .node_status
@@ -659,7 +659,7 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
     {
         observed.placements.push(ReplicaPlacement {
             app: name("placements", &r.app)?,
-            slot: u32::try_from(r.slot).map_err(|_| corrupt("placements", "slot", r.slot.to_string()))?,
+            slot: super::decode::slot("placements", r.slot)?,
             node: name("placements", &r.node)?,
             release: to_u64("placements", "release", r.release)?,
             state: replica_state(&r.state)?,
@@ -731,70 +731,14 @@ fn to_json(value: &impl Serialize) -> serde_json::Value {
     serde_json::to_value(value).expect("stored values serialize")
 }
 
-fn from_json<T: serde::de::DeserializeOwned>(
-    table: &'static str,
-    column: &'static str,
-    value: serde_json::Value,
-) -> Result<T, StoreError> {
-    serde_json::from_value(value).map_err(|e| corrupt(table, column, e.to_string()))
-}
-
-fn to_i32(what: &'static str, value: u64) -> Result<i32, StoreError> {
-    i32::try_from(value).map_err(|_| StoreError::OutOfRange { what, value })
-}
-
-fn corrupt(table: &'static str, column: &'static str, detail: String) -> StoreError {
-    StoreError::Corrupt {
-        table,
-        column,
-        detail,
-    }
-}
-
-fn name(table: &'static str, s: &str) -> Result<Name, StoreError> {
-    Name::new(s).map_err(|e| corrupt(table, "name", e))
-}
-
-fn node_state(s: &str) -> Result<NodeState, StoreError> {
-    match s {
-        "pending" => Ok(NodeState::Pending),
-        "online" => Ok(NodeState::Online),
-        "offline" => Ok(NodeState::Offline),
-        other => Err(corrupt(
-            "node_status",
-            "state",
-            format!("unknown state `{other}`"),
-        )),
-    }
-}
-
-fn driver(s: &str) -> Result<Driver, StoreError> {
-    match s {
-        "docker" => Ok(Driver::Docker),
-        "process" => Ok(Driver::Process),
-        other => Err(corrupt(
-            "node_status",
-            "drivers",
-            format!("unknown driver `{other}`"),
-        )),
-    }
-}
-
-fn replica_state_str(s: ReplicaState) -> &'static str {
-    match s {
-        ReplicaState::Running => "running",
-        ReplicaState::Stopped => "stopped",
-    }
-}
-
-fn replica_state(s: &str) -> Result<ReplicaState, StoreError> {
-    match s {
-        "running" => Ok(ReplicaState::Running),
-        "stopped" => Ok(ReplicaState::Stopped),
-        other => Err(corrupt(
-            "placements",
-            "state",
-            format!("unknown state `{other}`"),
-        )),
-    }
+/// An app as applied (`apps.spec`), if it is.
+pub async fn applied_app(
+    conn: &mut PgConnection,
+    app: &Name,
+) -> Result<Option<AppliedApp>, StoreError> {
+    let spec = sqlx::query_scalar!("SELECT spec FROM apps WHERE name = $1", app.as_str())
+        .fetch_optional(conn)
+        .await
+        .op("read an applied app")?;
+    spec.map(|v| json("apps", "spec", v)).transpose()
 }

@@ -677,7 +677,7 @@ async fn sync_agents(
         .collect();
     for node in missing {
         let Ok(name) = Name::new(node) else { continue };
-        if !cairn_reconciler::store::agents::node_declared(pool, &name)
+        if !cairn_reconciler::store::nodes::node_declared(pool, &name)
             .await
             .unwrap_or(false)
         {

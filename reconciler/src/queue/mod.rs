@@ -18,9 +18,16 @@
 //!   tasks are committed; waiters also wake every poll interval, which covers lost notifications and
 //!   tasks whose backoff or lease ran out.
 //!
-//! What it must not do: run SQL itself (the statements are in [`crate::store::tasks`]), hold a
-//! transaction or a connection while an agent works on a task, or read a clock other than the
-//! database's for leases and backoff.
+//! - A task's holder reports [`progress`] (which extends the lease), appends [`append_logs`], gives it
+//!   back unstarted ([`give_back`]) or ends it at once as dead ([`bury`]); the agent API reads a node's
+//!   own tasks ([`node_task`], [`node_of`]) and when the next one falls due ([`next_due`]).
+//!
+//! The module is the queue's types and API; [`sql`] holds every statement of its life (the shape of
+//! the Rust registry server's `crates_io_worker` `storage.rs`). Metrics are the callers': a lease is
+//! counted by whoever hands it out.
+//!
+//! What it must not do: run SQL outside [`sql`], record metrics, hold a transaction or a connection
+//! while an agent works on a task, or read a clock other than the database's for leases and backoff.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,11 +37,13 @@ use std::time::Duration;
 use cairn_schema::Name;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgExecutor, PgPool, Postgres, Transaction};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::store::{StoreError, tasks as sql};
+use crate::store::StoreError;
+
+mod sql;
 
 /// A task's id.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -57,16 +66,9 @@ impl fmt::Display for LeaseToken {
     }
 }
 
-/// What an agent is told to do with a replica slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskKind {
-    Deploy,
-    Stop,
-    Start,
-    Restart,
-    Remove,
-}
+/// What an agent is told to do with a replica slot, and where a task is in its life: the wire's
+/// vocabulary (`cairn-proto`), which the `tasks` columns hold by the same names.
+pub use cairn_proto::{TaskKind, TaskStatus};
 
 impl From<crate::plan::TaskAction> for TaskKind {
     /// The queue's kind of a planned task.
@@ -79,81 +81,6 @@ impl From<crate::plan::TaskAction> for TaskKind {
             TaskAction::Stop => TaskKind::Stop,
             TaskAction::Remove => TaskKind::Remove,
         }
-    }
-}
-
-impl TaskKind {
-    pub const ALL: [TaskKind; 5] = [
-        TaskKind::Deploy,
-        TaskKind::Stop,
-        TaskKind::Start,
-        TaskKind::Restart,
-        TaskKind::Remove,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskKind::Deploy => "deploy",
-            TaskKind::Stop => "stop",
-            TaskKind::Start => "start",
-            TaskKind::Restart => "restart",
-            TaskKind::Remove => "remove",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<TaskKind> {
-        TaskKind::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-/// Where a task is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskStatus {
-    /// Waiting for its first lease.
-    Queued,
-    /// Handed to an agent until its lease expires.
-    Leased,
-    Done,
-    /// An attempt failed; it is leased again once its backoff has passed.
-    Failed,
-    /// Its last allowed attempt failed or timed out. Not retried.
-    Dead,
-    /// Never run and never will be: its node skipped it (the slot holds a newer generation), or a newer
-    /// plan retired it (its slot moved to another node, or went away). Not done: a superseded
-    /// deploy is no replica of its release that ran.
-    Superseded,
-}
-
-impl TaskStatus {
-    pub const ALL: [TaskStatus; 6] = [
-        TaskStatus::Queued,
-        TaskStatus::Leased,
-        TaskStatus::Done,
-        TaskStatus::Failed,
-        TaskStatus::Dead,
-        TaskStatus::Superseded,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskStatus::Queued => "queued",
-            TaskStatus::Leased => "leased",
-            TaskStatus::Done => "done",
-            TaskStatus::Failed => "failed",
-            TaskStatus::Dead => "dead",
-            TaskStatus::Superseded => "superseded",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<TaskStatus> {
-        TaskStatus::ALL.into_iter().find(|k| k.as_str() == s)
-    }
-}
-
-impl fmt::Display for TaskStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
@@ -227,6 +154,43 @@ pub struct TaskState {
     /// The earliest time it may be leased (again).
     pub run_after: DateTime<Utc>,
     pub last_error: Option<String>,
+}
+
+/// The newest task of one of a node's replica slots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LatestTask {
+    pub id: TaskId,
+    pub app: Name,
+    pub slot: u32,
+    pub kind: TaskKind,
+    pub release: Option<u64>,
+    pub status: TaskStatus,
+}
+
+/// A task as its node may see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRow {
+    pub id: TaskId,
+    pub node: Name,
+    pub kind: TaskKind,
+    pub app: Name,
+    pub slot: Option<u32>,
+    pub release: Option<u64>,
+    pub status: TaskStatus,
+    pub attempts: u32,
+    pub max_attempts: u32,
+    pub lease_token: Option<LeaseToken>,
+    pub lease_expires_at: Option<DateTime<Utc>>,
+    pub progress: Option<String>,
+    pub last_error: Option<String>,
+}
+
+/// A log line to store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewLogLine<'a> {
+    pub stream: &'a str,
+    pub line: &'a str,
+    pub at: DateTime<Utc>,
 }
 
 /// How long a failed task waits before its next attempt: `base`, doubled per failed attempt, at most
@@ -311,7 +275,8 @@ pub async fn enqueue_many(
     Ok(sql::insert_many(tx, tasks).await?)
 }
 
-/// Leases up to `n` of `node`'s tasks that may run now, oldest first, for `lease_for` each.
+/// Leases up to `n` of `node`'s tasks that may run now, oldest first, for `lease_for` each. The caller
+/// records the lease metric (`task_leased`) for those it hands out.
 pub async fn lease(
     pool: &PgPool,
     node: &Name,
@@ -321,12 +286,7 @@ pub async fn lease(
     if n == 0 {
         return Ok(Vec::new());
     }
-    let leased = sql::lease(pool, node, n, lease_for).await?;
-    let metrics = crate::metrics::global();
-    for t in &leased {
-        metrics.task_leased(t.kind, t.waited);
-    }
-    Ok(leased)
+    Ok(sql::lease(pool, node, n, lease_for).await?)
 }
 
 /// Marks a task done, or superseded when its node already finished a newer generation's task for the
@@ -423,6 +383,119 @@ pub async fn extend(
 /// A task's queue state; `None` when there is no such task.
 pub async fn state(pool: &PgPool, task: TaskId) -> Result<Option<TaskState>, QueueError> {
     Ok(sql::state(pool, task).await?)
+}
+
+/// Gives a leased task back unstarted: it may be leased again `after` from now (at once for an agent
+/// that shuts down; later for a task held until another node pushed its image), and the attempt does
+/// not count. `false` when `token` is not the task's current lease.
+pub async fn give_back(
+    conn: impl PgExecutor<'_>,
+    task: TaskId,
+    token: LeaseToken,
+    after: Duration,
+) -> Result<bool, QueueError> {
+    Ok(sql::release_task(conn, task, token, after).await?)
+}
+
+/// Ends a leased task as dead at once (a failure retrying cannot fix). `false` when `token` is not the
+/// task's current lease.
+pub async fn bury(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+    error: &str,
+) -> Result<bool, QueueError> {
+    Ok(sql::bury_task(pool, task, token, error).await?)
+}
+
+/// Replaces the payload of a task its lease holder is about to get (secrets encrypted to the node, in
+/// place of a pending marker). `false` when `token` is not the task's current lease.
+pub async fn set_payload(
+    conn: impl PgExecutor<'_>,
+    task: TaskId,
+    token: LeaseToken,
+    payload: &serde_json::Value,
+) -> Result<bool, QueueError> {
+    Ok(sql::set_task_payload(conn, task, token, payload).await?)
+}
+
+/// Whether `token` is task `task`'s current lease.
+pub async fn holds_lease(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+) -> Result<bool, QueueError> {
+    Ok(sql::holds_lease(pool, task, token).await?)
+}
+
+/// Records what the agent is doing with a task it holds and extends the lease to `lease_for` from now.
+/// `None` when `token` is not the task's current lease.
+pub async fn progress(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+    message: Option<&str>,
+    lease_for: Duration,
+) -> Result<Option<DateTime<Utc>>, QueueError> {
+    Ok(sql::record_progress(pool, task, token, message, lease_for).await?)
+}
+
+/// Appends log lines to a task the caller holds, keeping at most `max_lines` per task. `None` when
+/// `token` is not the task's current lease; otherwise how many lines were stored.
+pub async fn append_logs(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+    lines: &[NewLogLine<'_>],
+    max_lines: u32,
+) -> Result<Option<u32>, QueueError> {
+    Ok(sql::append_logs(pool, task, token, lines, max_lines).await?)
+}
+
+/// A task's log lines, in order: `(stream, line, at)`.
+pub async fn logs(
+    pool: &PgPool,
+    task: TaskId,
+) -> Result<Vec<(String, String, DateTime<Utc>)>, QueueError> {
+    Ok(sql::task_logs(pool, task).await?)
+}
+
+/// How long until the next of `node`'s unfinished tasks may be leased (its backoff ends, or its lease
+/// expires), by the database's clock; `None` when the node has none waiting.
+pub async fn next_due(pool: &PgPool, node: &Name) -> Result<Option<Duration>, QueueError> {
+    Ok(sql::next_due(pool, node).await?)
+}
+
+/// The node a task is for; `None` when there is no such task.
+pub async fn node_of(pool: &PgPool, task: TaskId) -> Result<Option<Name>, QueueError> {
+    Ok(sql::task_node(pool, task).await?)
+}
+
+/// One task, if it is `node`'s.
+pub async fn node_task(
+    pool: &PgPool,
+    node: &Name,
+    task: TaskId,
+) -> Result<Option<TaskRow>, QueueError> {
+    Ok(sql::node_task(pool, node, task).await?)
+}
+
+/// The newest task of each of `node`'s slots of `apps`.
+pub async fn latest(
+    conn: &mut PgConnection,
+    node: &Name,
+    apps: &[Name],
+) -> Result<Vec<LatestTask>, QueueError> {
+    Ok(sql::latest_tasks(conn, node, apps).await?)
+}
+
+/// How a release's deploy tasks stand: `(done, open, dead)` (open: queued, leased or failed).
+pub async fn release_deploys(
+    conn: &mut PgConnection,
+    app: &Name,
+    release: u64,
+) -> Result<(u64, u64, u64), QueueError> {
+    Ok(sql::release_deploys(conn, app, release).await?)
 }
 
 /// Why a token was refused, as a typed error.

@@ -1,12 +1,16 @@
-//! The task queue's statements; [`crate::queue`] is the API around them (types, backoff, wake-ups).
+//! Every statement on the `tasks` table that the queue's life needs (enqueue, lease, report, end) and
+//! on a task's logs; [`crate::queue`] is the API around them (types, backoff, wake-ups). The functions
+//! are the queue's own: callers go through the API.
 //!
 //! The lease query walks the `tasks_ready` index (`node, run_after, id` over tasks that are queued,
 //! failed or leased) with `FOR UPDATE SKIP LOCKED`, so concurrent leasers never wait for each other and
 //! never get the same row. A leased task's `run_after` is its lease expiry, which makes an expired lease
 //! show up in that same index walk.
 //!
-//! What it must not do: hold a transaction across a call (each function is one statement, except
-//! enqueueing, which runs in the caller's transaction), or use any clock but the database's `now()`.
+//! What it must not do: decide anything (retries, what a refused token means and what to record are
+//! the API's), hold a transaction across a call (each function is one statement, except enqueueing and
+//! giving a task back, which run in the caller's transaction, and appending logs, which holds the task's
+//! row for its one insert), or use any clock but the database's `now()`.
 
 use std::time::Duration;
 
@@ -14,17 +18,22 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 
-use super::{Op as _, StoreError, to_i64, to_u64};
-use crate::queue::{
-    Backoff, FailOutcome, LeaseToken, LeasedTask, NewTask, TaskId, TaskKind, TaskState, TaskStatus,
+use super::{
+    Backoff, FailOutcome, LatestTask, LeaseToken, LeasedTask, NewLogLine, NewTask, TaskId,
+    TaskKind, TaskRow, TaskState, TaskStatus,
 };
+use crate::store::decode::{self, millis, to_i32};
+use crate::store::{Op as _, StoreError, to_i64, to_u64};
 use cairn_schema::Name;
 
 /// The NOTIFY channel the `tasks_notify` trigger signals; the payload is the node's name.
-pub const CHANNEL: &str = "cairn_tasks";
+pub(super) const CHANNEL: &str = "cairn_tasks";
 
 /// `Some(id)` when inserted, `None` when a task with the same dedup key exists.
-pub async fn insert(conn: &mut PgConnection, t: &NewTask) -> Result<Option<TaskId>, StoreError> {
+pub(super) async fn insert(
+    conn: &mut PgConnection,
+    t: &NewTask,
+) -> Result<Option<TaskId>, StoreError> {
     let id = sqlx::query_scalar!(
         r#"INSERT INTO tasks
                (node, kind, app, slot, release, generation, payload, max_attempts, dedup_key)
@@ -48,7 +57,7 @@ pub async fn insert(conn: &mut PgConnection, t: &NewTask) -> Result<Option<TaskI
 }
 
 /// Inserts many tasks in one statement; returns the ids of those inserted (not deduplicated away).
-pub async fn insert_many(
+pub(super) async fn insert_many(
     conn: &mut PgConnection,
     tasks: &[NewTask],
 ) -> Result<Vec<TaskId>, StoreError> {
@@ -103,7 +112,7 @@ pub async fn insert_many(
 /// Leases up to `limit` tasks of `node` that may run now, oldest first, each with a fresh token and an
 /// expiry `lease_for` from now. In the same statement, a task whose last allowed attempt's lease expired
 /// becomes dead.
-pub async fn lease(
+pub(super) async fn lease(
     pool: &PgPool,
     node: &Name,
     limit: u32,
@@ -179,7 +188,7 @@ pub async fn lease(
 /// Ends a leased task if `token` is its current lease: `done`, or `superseded` when its node already
 /// finished a task of a newer generation for the same slot (an agent never runs an older generation
 /// after a newer one, so its "done" can only be a skip). `None` when the token is not current.
-pub async fn complete(
+pub(super) async fn complete(
     pool: &PgPool,
     id: TaskId,
     token: LeaseToken,
@@ -213,7 +222,7 @@ pub async fn complete(
 
 /// Ends a leased task as superseded (its node skipped it) if `token` is its current lease; `false` when
 /// it is not.
-pub async fn skip(
+pub(super) async fn skip(
     pool: &PgPool,
     id: TaskId,
     token: LeaseToken,
@@ -237,7 +246,7 @@ pub async fn skip(
 /// `generation` (or by none) on every node but `node` (every node when `None`: the slot goes away), in the
 /// caller's transaction; returns their ids. Their lease tokens stay as they were, so a holder's report
 /// is refused as stale.
-pub async fn supersede_slots(
+pub(super) async fn supersede_slots(
     conn: &mut PgConnection,
     slots: &[(Name, u32, Option<Name>)],
     generation: u64,
@@ -274,7 +283,7 @@ pub async fn supersede_slots(
 }
 
 /// Completes many tasks in one statement; returns the ids whose token was current (now done).
-pub async fn complete_many(
+pub(super) async fn complete_many(
     pool: &PgPool,
     leases: &[(TaskId, LeaseToken)],
 ) -> Result<Vec<TaskId>, StoreError> {
@@ -296,7 +305,7 @@ pub async fn complete_many(
 
 /// Records a failed attempt if `token` is the current lease: retried after the backoff, or dead when it
 /// was the last allowed attempt. `None` when the token is not current.
-pub async fn fail(
+pub(super) async fn fail(
     pool: &PgPool,
     id: TaskId,
     token: LeaseToken,
@@ -332,7 +341,7 @@ pub async fn fail(
 }
 
 /// Pushes a current lease's expiry to `lease_for` from now; `None` when the token is not current.
-pub async fn extend(
+pub(super) async fn extend(
     pool: &PgPool,
     id: TaskId,
     token: LeaseToken,
@@ -355,7 +364,7 @@ pub async fn extend(
 }
 
 /// A task's queue state, for error messages, the agent API and tests.
-pub async fn state(pool: &PgPool, id: TaskId) -> Result<Option<TaskState>, StoreError> {
+pub(super) async fn state(pool: &PgPool, id: TaskId) -> Result<Option<TaskState>, StoreError> {
     let row = sqlx::query!(
         r#"SELECT status, attempts, max_attempts, lease_token, lease_expires_at, run_after, last_error
            FROM tasks WHERE id = $1"#,
@@ -378,15 +387,311 @@ pub async fn state(pool: &PgPool, id: TaskId) -> Result<Option<TaskState>, Store
     .transpose()
 }
 
+/// The newest task of each of `node`'s slots of `apps`.
+pub(super) async fn latest_tasks(
+    conn: &mut PgConnection,
+    node: &Name,
+    apps: &[Name],
+) -> Result<Vec<LatestTask>, StoreError> {
+    let apps: Vec<String> = apps.iter().map(|a| a.as_str().to_owned()).collect();
+    let rows = sqlx::query!(
+        r#"SELECT DISTINCT ON (app, slot) id, app, slot AS "slot!", kind, release, status
+           FROM tasks
+           WHERE node = $1 AND app = ANY($2) AND slot IS NOT NULL
+           ORDER BY app, slot, id DESC"#,
+        node.as_str(),
+        &apps,
+    )
+    .fetch_all(conn)
+    .await
+    .op("read a node's latest tasks")?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(LatestTask {
+                id: TaskId(r.id),
+                app: name(&r.app)?,
+                slot: slot(r.slot)?,
+                kind: kind(&r.kind)?,
+                release: r
+                    .release
+                    .map(|v| to_u64("tasks", "release", v))
+                    .transpose()?,
+                status: status(&r.status)?,
+            })
+        })
+        .collect()
+}
+
+/// How long until the next of `node`'s unfinished tasks may be leased (its backoff ends, or its lease
+/// expires), by the database's clock; `None` when the node has none waiting. A long-poll that found
+/// nothing sleeps until then instead of polling.
+pub(super) async fn next_due(pool: &PgPool, node: &Name) -> Result<Option<Duration>, StoreError> {
+    let secs = sqlx::query_scalar!(
+        r#"SELECT EXTRACT(EPOCH FROM (min(run_after) - now()))::float8 AS "secs"
+           FROM tasks
+           WHERE node = $1 AND status IN ('queued', 'failed', 'leased')
+             AND attempts < max_attempts + (status = 'leased')::int"#,
+        node.as_str(),
+    )
+    .fetch_one(pool)
+    .await
+    .op("find a node's next due task")?;
+    Ok(secs.map(|s| Duration::from_secs_f64(s.max(0.0))))
+}
+
+/// The node a task is for; `None` when there is no such task.
+pub(super) async fn task_node(pool: &PgPool, task: TaskId) -> Result<Option<Name>, StoreError> {
+    let node = sqlx::query_scalar!("SELECT node FROM tasks WHERE id = $1", task.0)
+        .fetch_optional(pool)
+        .await
+        .op("read a task's node")?;
+    node.map(|n| name(&n)).transpose()
+}
+
+/// One task, if it is `node`'s.
+pub(super) async fn node_task(
+    pool: &PgPool,
+    node: &Name,
+    task: TaskId,
+) -> Result<Option<TaskRow>, StoreError> {
+    let row = sqlx::query!(
+        r#"SELECT id, node, kind, app, slot, release, status, attempts, max_attempts, lease_token,
+                  lease_expires_at, progress, last_error
+           FROM tasks WHERE id = $1 AND node = $2"#,
+        task.0,
+        node.as_str(),
+    )
+    .fetch_optional(pool)
+    .await
+    .op("read a node's task")?;
+    row.map(|r| {
+        Ok(TaskRow {
+            id: TaskId(r.id),
+            node: name(&r.node)?,
+            kind: kind(&r.kind)?,
+            app: name(&r.app)?,
+            slot: r.slot.map(slot).transpose()?,
+            release: r
+                .release
+                .map(|v| to_u64("tasks", "release", v))
+                .transpose()?,
+            status: status(&r.status)?,
+            attempts: u32::try_from(r.attempts).unwrap_or(0),
+            max_attempts: u32::try_from(r.max_attempts).unwrap_or(0),
+            lease_token: r.lease_token.map(LeaseToken),
+            lease_expires_at: r.lease_expires_at,
+            progress: r.progress,
+            last_error: r.last_error,
+        })
+    })
+    .transpose()
+}
+
+/// Records what the agent is doing with a task it holds and extends the lease to `lease_for` from now.
+/// `None` when `token` is not the task's current lease.
+pub(super) async fn record_progress(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+    message: Option<&str>,
+    lease_for: Duration,
+) -> Result<Option<DateTime<Utc>>, StoreError> {
+    sqlx::query_scalar!(
+        r#"UPDATE tasks
+           SET progress = coalesce($3, progress), progress_at = now(),
+               lease_expires_at = now() + $4::float8 * interval '1 millisecond',
+               run_after = now() + $4::float8 * interval '1 millisecond',
+               updated_at = now()
+           WHERE id = $1 AND lease_token = $2 AND status = 'leased'
+           RETURNING lease_expires_at AS "lease_expires_at!""#,
+        task.0,
+        token.0,
+        message,
+        millis(lease_for),
+    )
+    .fetch_optional(pool)
+    .await
+    .op("record a task's progress")
+}
+
+/// Appends log lines to a task the caller holds, keeping at most `max_lines` per task. `None` when `token`
+/// is not the task's current lease; otherwise how many lines were stored.
+pub(super) async fn append_logs(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+    lines: &[NewLogLine<'_>],
+    max_lines: u32,
+) -> Result<Option<u32>, StoreError> {
+    let mut tx = pool.begin().await.op("begin appending logs")?;
+    // Holding the task's row serialises appends, so sequence numbers never collide.
+    let held = sqlx::query_scalar!(
+        r#"SELECT id FROM tasks WHERE id = $1 AND lease_token = $2 AND status = 'leased'
+           FOR UPDATE"#,
+        task.0,
+        token.0,
+    )
+    .fetch_optional(&mut *tx)
+    .await
+    .op("hold a task for its logs")?;
+    if held.is_none() {
+        return Ok(None);
+    }
+    let streams: Vec<String> = lines.iter().map(|l| l.stream.to_owned()).collect();
+    let texts: Vec<String> = lines.iter().map(|l| l.line.to_owned()).collect();
+    let ats: Vec<DateTime<Utc>> = lines.iter().map(|l| l.at).collect();
+    let stored = sqlx::query!(
+        r#"WITH next AS (SELECT coalesce(max(seq) + 1, 0) AS seq FROM task_logs WHERE task = $1)
+           INSERT INTO task_logs (task, seq, stream, line, at)
+           SELECT $1, next.seq + l.ord - 1, l.stream, l.line, l.at
+           FROM next, UNNEST($2::text[], $3::text[], $4::timestamptz[])
+                WITH ORDINALITY AS l(stream, line, at, ord)
+           WHERE next.seq + l.ord - 1 < $5"#,
+        task.0,
+        &streams,
+        &texts,
+        &ats,
+        i64::from(max_lines),
+    )
+    .execute(&mut *tx)
+    .await
+    .op("store log lines")?
+    .rows_affected();
+    tx.commit().await.op("commit log lines")?;
+    Ok(Some(u32::try_from(stored).unwrap_or(u32::MAX)))
+}
+
+/// A task's log lines, in order: `(stream, line, at)`.
+pub(super) async fn task_logs(
+    pool: &PgPool,
+    task: TaskId,
+) -> Result<Vec<(String, String, DateTime<Utc>)>, StoreError> {
+    let rows = sqlx::query!(
+        "SELECT stream, line, at FROM task_logs WHERE task = $1 ORDER BY seq",
+        task.0
+    )
+    .fetch_all(pool)
+    .await
+    .op("read a task's logs")?;
+    Ok(rows.into_iter().map(|r| (r.stream, r.line, r.at)).collect())
+}
+
+/// Gives a leased task back unstarted: it may be leased again `after` from now (at once for an agent
+/// that shuts down; later for a task held until another node pushed its image), and the attempt does
+/// not count. `false` when `token` is not the task's current lease.
+pub(super) async fn release_task(
+    conn: impl sqlx::PgExecutor<'_>,
+    task: TaskId,
+    token: LeaseToken,
+    after: Duration,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query!(
+        r#"UPDATE tasks
+           SET status = 'queued', attempts = greatest(attempts - 1, 0),
+               run_after = now() + $3::float8 * interval '1 millisecond',
+               lease_expires_at = NULL, progress = NULL, updated_at = now()
+           WHERE id = $1 AND lease_token = $2 AND status = 'leased'"#,
+        task.0,
+        token.0,
+        millis(after),
+    )
+    .execute(conn)
+    .await
+    .op("release a task")?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Ends a leased task as dead at once (a failure retrying cannot fix). `false` when `token` is not the
+/// task's current lease.
+pub(super) async fn bury_task(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+    error: &str,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query!(
+        r#"UPDATE tasks
+           SET status = 'dead', finished_at = now(), last_error = $3, updated_at = now()
+           WHERE id = $1 AND lease_token = $2 AND status = 'leased'"#,
+        task.0,
+        token.0,
+        error,
+    )
+    .execute(pool)
+    .await
+    .op("end a task")?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Replaces the payload of a task its lease holder is about to get (secrets encrypted to the node, in
+/// place of a pending marker). `false` when `token` is not the task's current lease.
+pub(super) async fn set_task_payload(
+    conn: impl sqlx::PgExecutor<'_>,
+    task: TaskId,
+    token: LeaseToken,
+    payload: &serde_json::Value,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query!(
+        r#"UPDATE tasks SET payload = $3, updated_at = now()
+           WHERE id = $1 AND lease_token = $2 AND status = 'leased'"#,
+        task.0,
+        token.0,
+        payload,
+    )
+    .execute(conn)
+    .await
+    .op("write a task's payload")?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// How a release's deploy tasks stand: `(done, open, dead)` (open: queued, leased or failed).
+pub(super) async fn release_deploys(
+    conn: &mut PgConnection,
+    app: &Name,
+    release: u64,
+) -> Result<(u64, u64, u64), StoreError> {
+    let r = sqlx::query!(
+        r#"SELECT count(*) FILTER (WHERE status = 'done') AS "done!",
+                  count(*) FILTER (WHERE status IN ('queued', 'leased', 'failed')) AS "open!",
+                  count(*) FILTER (WHERE status = 'dead') AS "dead!"
+           FROM tasks WHERE app = $1 AND release = $2 AND kind = 'deploy'"#,
+        app.as_str(),
+        to_i64("release", release)?,
+    )
+    .fetch_one(conn)
+    .await
+    .op("count a release's deploys")?;
+    let n = |v: i64| u64::try_from(v).unwrap_or(0);
+    Ok((n(r.done), n(r.open), n(r.dead)))
+}
+
+/// Whether `token` is task `task`'s current lease.
+pub(super) async fn holds_lease(
+    pool: &PgPool,
+    task: TaskId,
+    token: LeaseToken,
+) -> Result<bool, StoreError> {
+    let held = sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM tasks WHERE id = $1 AND lease_token = $2 AND status = 'leased')
+           AS "held!""#,
+        task.0,
+        token.0,
+    )
+    .fetch_one(pool)
+    .await
+    .op("check a task's lease")?;
+    Ok(held)
+}
+
 /// One connection LISTENing on [`CHANNEL`].
 #[derive(Debug)]
-pub struct Notifications {
+pub(super) struct Notifications {
     listener: PgListener,
 }
 
 impl Notifications {
     /// Connects and LISTENs; notifications committed after this returns are delivered.
-    pub async fn listen(pool: &PgPool) -> Result<Notifications, StoreError> {
+    pub(super) async fn listen(pool: &PgPool) -> Result<Notifications, StoreError> {
         let mut listener = PgListener::connect_with(pool)
             .await
             .map_err(StoreError::Connect)?;
@@ -396,7 +701,7 @@ impl Notifications {
 
     /// The next node with new tasks. `Ok(None)` when the connection was lost: notifications may have been
     /// missed meanwhile, and the next call reconnects.
-    pub async fn recv(&mut self) -> Result<Option<String>, StoreError> {
+    pub(super) async fn recv(&mut self) -> Result<Option<String>, StoreError> {
         let n = self
             .listener
             .try_recv()
@@ -406,31 +711,12 @@ impl Notifications {
     }
 }
 
-fn millis(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn to_i32(what: &'static str, value: u32) -> Result<i32, StoreError> {
-    i32::try_from(value).map_err(|_| StoreError::OutOfRange {
-        what,
-        value: u64::from(value),
-    })
+fn name(s: &str) -> Result<Name, StoreError> {
+    decode::name("tasks", s)
 }
 
 fn slot(s: i32) -> Result<u32, StoreError> {
-    u32::try_from(s).map_err(|_| StoreError::Corrupt {
-        table: "tasks",
-        column: "slot",
-        detail: s.to_string(),
-    })
-}
-
-fn name(s: &str) -> Result<Name, StoreError> {
-    Name::new(s).map_err(|detail| StoreError::Corrupt {
-        table: "tasks",
-        column: "node/app",
-        detail,
-    })
+    decode::slot("tasks", s)
 }
 
 fn kind(s: &str) -> Result<TaskKind, StoreError> {
