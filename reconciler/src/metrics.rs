@@ -45,10 +45,10 @@ use sqlx::PgPool;
 use tokio::sync::OnceCell;
 
 use crate::controller::error_chain;
-use crate::observed::NodeState;
-use crate::plan::{Action, Plan};
 use crate::queue::{TaskKind, TaskStatus};
 use crate::store::StoreError;
+use cairn_plan::observed::NodeState;
+use cairn_plan::{Action, Plan};
 
 /// The longest a scrape waits for its Postgres reads.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);

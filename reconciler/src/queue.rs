@@ -68,10 +68,10 @@ pub enum TaskKind {
     Remove,
 }
 
-impl From<crate::plan::TaskAction> for TaskKind {
+impl From<cairn_plan::TaskAction> for TaskKind {
     /// The queue's kind of a planned task.
-    fn from(action: crate::plan::TaskAction) -> TaskKind {
-        use crate::plan::TaskAction;
+    fn from(action: cairn_plan::TaskAction) -> TaskKind {
+        use cairn_plan::TaskAction;
         match action {
             TaskAction::Deploy => TaskKind::Deploy,
             TaskAction::Start => TaskKind::Start,

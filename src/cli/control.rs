@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use cairn_plan::render;
 use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome};
-use cairn_reconciler::plan::render;
 use cairn_reconciler::store::ReconcileStatus;
 
 use super::{EXIT_FAILURE, read_identity};

@@ -17,8 +17,8 @@ use chrono::{DateTime, Utc};
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::{Op as _, StoreError, to_i64, to_u64};
-use crate::observed::{AppliedApp, NodeState, ReplicaState};
 use crate::queue::{LeaseToken, TaskId, TaskKind, TaskStatus};
+use cairn_plan::observed::{AppliedApp, NodeState, ReplicaState};
 
 /// A node an agent credential belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use sqlx::{PgConnection, PgPool};
 use cairn_schema::Name;
 
 use super::{Op as _, StoreError, to_i64, to_u64};
-use crate::observed::AppliedApp;
+use cairn_plan::observed::AppliedApp;
 
 /// An app as the operator commands see it: its applied form and its rollback pin.
 #[derive(Debug, Clone, PartialEq)]

@@ -17,7 +17,7 @@ use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use super::{Op as _, StoreError, sha256_tagged, to_i64, to_u64};
-use crate::observed::{
+use cairn_plan::observed::{
     AppliedApp, CommitId, Fingerprints, Generation, NodeState, NodeStatus, Observed, ReleaseNumber,
     ReleaseRecord, ReplicaPlacement, ReplicaState,
 };

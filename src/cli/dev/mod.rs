@@ -32,8 +32,8 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cairn_plan::render;
 use cairn_reconciler::controller::Outcome;
-use cairn_reconciler::plan::render;
 use cairn_schema::Name;
 use tokio::sync::watch;
 
