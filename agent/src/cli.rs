@@ -22,7 +22,7 @@ use crate::proxy::{Proxy, ProxyConfig};
 #[cfg(feature = "recording")]
 use crate::recording::{self, RecordingRunner};
 use crate::runner::{DriverRunner, Runner};
-use crate::source::{Rewrites, Sources};
+use crate::source::{Rewrite, Rewrites, Sources};
 
 /// Which runner carries out tasks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -87,7 +87,7 @@ pub struct Args {
     /// Fetch app sources whose URL starts with FROM from TO instead (like git's url.<base>.insteadOf);
     /// repeatable
     #[arg(long = "git-rewrite", value_name = "FROM=TO")]
-    git_rewrite: Vec<String>,
+    git_rewrite: Vec<Rewrite>,
     /// Log format on stderr (the level comes from CAIRN_LOG, e.g. `debug`)
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -379,7 +379,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
                 Arc::new(driver)
             };
             let proxy = Proxy::new(ProxyConfig::default());
-            let rewrites = Rewrites::parse(&args.git_rewrite)?;
+            let rewrites = Rewrites::new(args.git_rewrite.iter().cloned());
             let sources = Sources::new(data.path().join("sources"), rewrites);
             let deployer = Arc::new(Deployer::new(
                 driver,

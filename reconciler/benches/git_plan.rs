@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cairn_reconciler::observed::{CommitId, Fingerprints, NodeState, NodeStatus, Observed};
-use cairn_reconciler::plan::{
+use cairn_plan::observed::{CommitId, Fingerprints, NodeState, NodeStatus, Observed};
+use cairn_plan::{
     DEFAULT_OFFLINE_AFTER, DesiredAt, Plan, PlanInput, WarningKind, next_observed, plan,
 };
 use cairn_reconciler::source::Snapshot;

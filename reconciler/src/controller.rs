@@ -25,12 +25,12 @@ use tracing::Instrument as _;
 
 use crate::executor::{self, Applied, ApplyError, Context};
 use crate::metrics::ReconcileResult;
-use crate::observed::{CommitId, Fingerprints};
-use crate::plan::{DesiredAt, Plan, PlanInput};
 use crate::source::Snapshot;
 use crate::source::git::{GitError, GitSource};
 use crate::source::heads::HeadPoller;
 use crate::store::{ReconcileStatus, RecordedError, StoreError, state};
+use cairn_plan::observed::{CommitId, Fingerprints};
+use cairn_plan::{DesiredAt, Plan, PlanInput};
 
 /// Where desired state is read from.
 #[derive(Debug)]
@@ -267,7 +267,7 @@ impl Controller {
             source: Mutex::new(source),
             identity,
             seed: 0,
-            offline_after: crate::plan::DEFAULT_OFFLINE_AFTER,
+            offline_after: cairn_plan::DEFAULT_OFFLINE_AFTER,
             cache: Mutex::new(Default::default()),
             heads: None,
             head_polling: HeadPolling::All,
@@ -300,7 +300,7 @@ impl Controller {
                 let cairn_schema::EnvValue::Secret { secret } = v else {
                     continue;
                 };
-                let k = crate::observed::ciphertext_sha256(secret);
+                let k = cairn_plan::observed::ciphertext_sha256(secret);
                 let print = match cache.get(&k) {
                     Some(fp) => fp.clone(),
                     None => {
@@ -370,7 +370,7 @@ impl Controller {
             .map_err(|e| ReconcileError::Secrets(e.to_string()))?;
         let observed = state::load_observed(&self.pool).await?;
         let commit = CommitId::new(snap.commit.clone().unwrap_or_default());
-        let plan = crate::plan::plan(&PlanInput {
+        let plan = cairn_plan::plan(&PlanInput {
             desired: Some(DesiredAt {
                 commit: &commit,
                 state: desired,

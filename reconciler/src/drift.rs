@@ -23,9 +23,9 @@ use std::collections::BTreeMap;
 use cairn_proto::{ActualReplica, RunState, StopReplica};
 use cairn_schema::Name;
 
-use crate::observed::ReplicaState;
 use crate::queue::{LatestTask, TaskKind, TaskStatus};
 use crate::store::placements::SlotPlacement;
+use cairn_plan::observed::ReplicaState;
 
 /// One task that brings a node's slot back to its placement.
 #[derive(Debug, Clone, PartialEq, Eq)]

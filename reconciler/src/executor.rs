@@ -1,6 +1,6 @@
 //! The executor: performs a [`Plan`] exactly as the planner made it, in one transaction under the apply
 //! lock, so that the new state, the reconciliation record and the agent tasks commit together or not at
-//! all. It decides nothing; see the contract in [`crate::plan`].
+//! all. It decides nothing; see the contract in [`cairn_plan`].
 //!
 //! What it must not do: choose anything the plan leaves open (there is nothing), hold the lock while
 //! reading the config source or decrypting more than the tasks need, or put a secret's plaintext
@@ -14,12 +14,12 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::observed::{AppliedApp, CommitId, Fingerprints, Observed};
-use crate::plan::{Action, DesiredAt, Plan, PlanInput, plan};
 use crate::queue::{self, NewTask, QueueError, TaskKind};
 use crate::store::{
     self, NewReconciliation, ReconcileStatus, RecordedError, ReleaseInsert, StoreError, state,
 };
+use cairn_plan::observed::{AppliedApp, CommitId, Fingerprints, Observed};
+use cairn_plan::{Action, DesiredAt, Plan, PlanInput, plan};
 
 /// Why an apply did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -366,7 +366,7 @@ async fn enqueue_tasks(
 ) -> Result<usize, ApplyError> {
     let mut tasks = Vec::with_capacity(plan.tasks.len());
     for t in &plan.tasks {
-        let kind = TaskKind::from(t.action);
+        let kind = crate::queue::task_kind(t.action);
         let dedup = format!(
             "g{}:{}:{}:{}:r{}:{}",
             plan.generation,

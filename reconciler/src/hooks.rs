@@ -21,9 +21,9 @@ use std::time::Duration;
 use cairn_schema::Name;
 use sqlx::{Connection as _, PgConnection, PgPool, Postgres, Transaction};
 
-use crate::observed::ReleaseNumber;
-use crate::plan::Plan;
 use crate::store::RecordedError;
+use cairn_plan::Plan;
+use cairn_plan::observed::ReleaseNumber;
 
 /// What a hook can fail with; logged, never shown to a user.
 pub type HookError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,12 +1,12 @@
 //! The reconciler: the brain of the control plane.
 //!
 //! It reads the desired state (a config repository, through `cairn-schema`), the observed state (Postgres),
-//! decides with a pure planner and scheduler, and applies the resulting plan with a separate executor in one
-//! transaction under an advisory lock, together with the agent tasks it implies.
+//! decides with the pure planner and scheduler of `cairn-plan`, and applies the resulting plan with a
+//! separate executor in one transaction under an advisory lock, together with the agent tasks it implies.
 //!
 //! What it must not do: talk to GitHub (that is `cairn-webhook`), talk to Docker (that is `cairn-agent`),
-//! or let the planner perform IO. Only its `store` module and the
-//! queue's statements (`queue/sql.rs`) touch Postgres.
+//! or give the planner a way to perform IO (it is `cairn-plan`, which depends on no IO crate: pass it
+//! data). Only its `store` module and the queue's statements (`queue/sql.rs`) touch Postgres.
 
 pub mod api;
 pub mod controller;
@@ -16,13 +16,10 @@ pub mod executor;
 pub mod hooks;
 pub mod liveness;
 pub mod metrics;
-pub mod observed;
 pub mod payload;
-pub mod plan;
 pub mod queue;
 pub mod releases;
 pub mod routes;
-pub mod scheduler;
 pub mod source;
 pub mod status;
 pub mod store;

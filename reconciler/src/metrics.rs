@@ -45,10 +45,10 @@ use sqlx::PgPool;
 use tokio::sync::OnceCell;
 
 use crate::controller::error_chain;
-use crate::observed::NodeState;
-use crate::plan::{Action, Plan};
 use crate::queue::{TaskKind, TaskStatus};
 use crate::store::StoreError;
+use cairn_plan::observed::NodeState;
+use cairn_plan::{Action, Plan};
 use cairn_proto::DeployStage;
 
 /// The longest a scrape waits for its Postgres reads.
@@ -379,7 +379,7 @@ impl Metrics {
                 .inc();
         }
         for t in &plan.tasks {
-            let kind = TaskKind::from(t.action);
+            let kind = crate::queue::task_kind(t.action);
             self.plan_tasks
                 .get_or_create(&KindLabel {
                     kind: kind.as_str(),

@@ -12,12 +12,12 @@
 
 use std::collections::BTreeMap;
 
+use cairn_plan::ReleaseSpec;
 use cairn_proto::{DeployPayload, ReleaseEnv};
 use cairn_schema::{Ciphertext, Identity, Name, Recipient, SecretError};
 use sqlx::PgConnection;
 use zeroize::Zeroize as _;
 
-use crate::plan::ReleaseSpec;
 use crate::store::state::StoredEnv;
 use crate::store::{StoreError, releases, state};
 
@@ -41,10 +41,10 @@ pub fn wire_spec(spec: &ReleaseSpec) -> cairn_proto::ReleaseSpec {
             .iter()
             .map(|(k, v)| {
                 let v = match v {
-                    crate::plan::ReleaseEnv::Plain { value } => ReleaseEnv::Plain {
+                    cairn_plan::ReleaseEnv::Plain { value } => ReleaseEnv::Plain {
                         value: value.clone(),
                     },
-                    crate::plan::ReleaseEnv::Secret { fingerprint } => ReleaseEnv::Secret {
+                    cairn_plan::ReleaseEnv::Secret { fingerprint } => ReleaseEnv::Secret {
                         fingerprint: fingerprint.clone(),
                     },
                 };
@@ -228,7 +228,7 @@ pub async fn recorded_release(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::ReleaseEnv as PlanEnv;
+    use cairn_plan::ReleaseEnv as PlanEnv;
 
     fn spec(env: BTreeMap<cairn_schema::EnvName, PlanEnv>) -> ReleaseSpec {
         serde_json::from_value(serde_json::json!({

@@ -22,10 +22,10 @@ use cairn_proto::admin::{
 use cairn_schema::Name;
 use sqlx::PgPool;
 
-use crate::observed::AppliedEnv;
-use crate::plan::{ReleaseEnv, ReleaseSpec};
 use crate::store::releases::{self as store, OutputRow};
 use crate::store::{Op as _, StoreError, state};
+use cairn_plan::observed::AppliedEnv;
+use cairn_plan::{ReleaseEnv, ReleaseSpec};
 
 /// The most releases `cairn releases` lists.
 pub const MAX_RELEASES: u32 = 1000;
@@ -292,9 +292,13 @@ pub async fn record_head(
     branch: &str,
     commit: &str,
 ) -> Result<(bool, Option<u64>), OpsError> {
-    let moved =
-        state::record_source_head(pool, app, branch, &crate::observed::CommitId::new(commit))
-            .await?;
+    let moved = state::record_source_head(
+        pool,
+        app,
+        branch,
+        &cairn_plan::observed::CommitId::new(commit),
+    )
+    .await?;
     let mut conn = pool.acquire().await.op("read an app's releases")?;
     let latest = store::releases(&mut conn, app, None, 1)
         .await?

@@ -10,8 +10,8 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::observed::{NodeState, Observed, ReplicaState};
 use crate::store::{Reconciliation, StoreError, history, nodes, state};
+use cairn_plan::observed::{NodeState, Observed, ReplicaState};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Status {

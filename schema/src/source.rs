@@ -383,6 +383,13 @@ impl std::str::FromStr for Rewrite {
     }
 }
 
+/// `FROM=TO`, as it is parsed: what to pass to another process's `--git-rewrite`.
+impl std::fmt::Display for Rewrite {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}={}", self.from, self.to)
+    }
+}
+
 /// Operator rewrites of source URLs; the longest matching `from` wins, as with git's `insteadOf`. A
 /// rewritten URL is trusted operator configuration (mirrors, GitHub Enterprise, local test remotes), so the
 /// address checks a manifest's URL gets do not apply to it.

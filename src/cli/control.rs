@@ -2,68 +2,16 @@
 //! config source.
 
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use cairn_plan::render;
 use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome};
-use cairn_reconciler::plan::render;
 use cairn_reconciler::store::ReconcileStatus;
 
+use super::args::{DbArgs, SourceArgs};
 use super::{EXIT_FAILURE, read_identity};
-
-/// Where the database is.
-#[derive(Debug, Clone, clap::Args)]
-pub struct DbArgs {
-    /// PostgreSQL URL (or DATABASE_URL)
-    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
-    pub database_url: String,
-}
-
-/// Where the desired state is, and the key to its secrets.
-#[derive(Debug, Clone, clap::Args)]
-pub struct SourceArgs {
-    /// The config repository: a directory, or a git URL
-    #[arg(long, value_name = "DIR|GIT_URL", default_value = ".")]
-    pub repo: String,
-    /// The branch (or full ref) of a git repository
-    #[arg(long = "ref", value_name = "REF", default_value = "main")]
-    pub git_ref: String,
-    /// Where git sources are cached
-    #[arg(long, value_name = "DIR", env = "CAIRN_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
-    /// The control plane's age identity (or CAIRN_IDENTITY): fingerprints secrets, re-encrypts them per node
-    #[arg(long, value_name = "FILE")]
-    pub identity: Option<PathBuf>,
-    /// Fetch app sources whose URL starts with FROM from TO instead (like git's url.<base>.insteadOf);
-    /// repeatable. Rewritten URLs are trusted operator configuration
-    #[arg(long = "git-rewrite", value_name = "FROM=TO")]
-    pub git_rewrite: Vec<String>,
-    /// Refuse app sources whose host resolves to a private address (RFC 1918, CGNAT, IPv6 unique-local),
-    /// as loopback, link-local and metadata addresses always are
-    #[arg(long)]
-    pub refuse_private_sources: bool,
-    /// Do not poll app branch heads (leave pushes to webhooks); a head never read, or read from another
-    /// branch than the app now follows, is still read once, so a new app or branch deploys at once
-    #[arg(long)]
-    pub no_poll_heads: bool,
-    /// Seed for the scheduler's tie-breaks (the same seed gives the same plan)
-    #[arg(long, default_value_t = 0, hide = true)]
-    pub seed: u64,
-}
-
-impl SourceArgs {
-    pub fn cache_root(&self) -> PathBuf {
-        self.cache_dir.clone().unwrap_or_else(|| {
-            std::env::var_os("XDG_CACHE_HOME")
-                .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-                .unwrap_or_else(std::env::temp_dir)
-                .join("cairn")
-        })
-    }
-}
 
 pub async fn controller(db: &DbArgs, src: &SourceArgs) -> Result<Controller> {
     let pool = cairn_reconciler::store::connect(&db.database_url, 4)
@@ -75,17 +23,15 @@ pub async fn controller(db: &DbArgs, src: &SourceArgs) -> Result<Controller> {
     let identity = read_identity(src.identity.as_ref())?;
     // The config repository is fetched through the rewrites too (a mirror, GitHub Enterprise, a
     // local remote in tests); it keeps its own URL for webhooks and statuses.
-    let fetch_url = super::webhooks::config_fetch_url(src)?;
+    let fetch_url = src.config_fetch_url()?;
     let source = ConfigSource::open(&fetch_url, &src.git_ref, &src.cache_root());
     let mut c = Controller::new(pool, source, identity);
     c.seed = src.seed;
     // Every head on the interval, or with --no-poll-heads only those with no usable record (pushes to
     // known branches are the webhooks' to record); either way through the same rewrites.
-    let rewrites =
-        cairn_schema::source::Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
     let scratch = src.cache_root().join("heads.git");
     c.heads = Some(tokio::sync::Mutex::new(
-        cairn_reconciler::source::heads::HeadPoller::new(scratch, rewrites)
+        cairn_reconciler::source::heads::HeadPoller::new(scratch, src.rewrites())
             .refuse_private(src.refuse_private_sources),
     ));
     c.head_polling = if src.no_poll_heads {
@@ -210,7 +156,7 @@ pub fn apply(args: ApplyArgs) -> Result<ExitCode> {
 pub struct StatusArgs {
     /// The admin API (--server, CAIRN_SERVER and CAIRN_TOKEN) or else the database
     #[command(flatten)]
-    target: super::remote::TargetArgs,
+    target: super::args::TargetArgs,
     /// Print the status as JSON
     #[arg(long)]
     json: bool,

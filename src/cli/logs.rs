@@ -12,8 +12,9 @@ use cairn_proto::admin::{AppLogs, BuildLogs, OutputLine};
 use cairn_reconciler::releases;
 use cairn_schema::Name;
 
+use super::args::TargetArgs;
 use super::control::runtime;
-use super::remote::{Target, TargetArgs, connect_db};
+use super::remote::{Target, connect_db};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

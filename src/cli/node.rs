@@ -11,8 +11,9 @@ use cairn_reconciler::api::auth;
 use cairn_reconciler::store::nodes;
 use cairn_schema::Name;
 
+use super::args::TargetArgs;
 use super::control::runtime;
-use super::remote::{Target, TargetArgs, connect_db};
+use super::remote::{Target, connect_db};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -12,8 +12,9 @@ use cairn_proto::admin::{Deployed, Pinned, ReleaseInfo, Releases, Restarted, Rol
 use cairn_reconciler::releases;
 use cairn_schema::Name;
 
+use super::args::TargetArgs;
 use super::control::runtime;
-use super::remote::{Target, TargetArgs, connect_db};
+use super::remote::{Target, connect_db};
 
 #[derive(Debug, clap::Args)]
 pub struct ReleasesArgs {

@@ -4,25 +4,11 @@
 //! The admin token comes from `CAIRN_TOKEN` or `--token-file FILE`, never from an argument: arguments
 //! show up in `ps` and in shell history.
 
-use std::path::PathBuf;
-
 use anyhow::{Context, Result, bail};
 use cairn_proto::ErrorBody;
 use serde::de::DeserializeOwned;
 
-/// Where to send an operator command.
-#[derive(Debug, Clone, clap::Args)]
-pub struct TargetArgs {
-    /// The control plane's URL (or CAIRN_SERVER); with an admin token, use its API instead of the database
-    #[arg(long, env = "CAIRN_SERVER", value_name = "URL")]
-    pub server: Option<String>,
-    /// A file holding the admin API token (else CAIRN_TOKEN)
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
-    /// PostgreSQL URL (or DATABASE_URL), when not going through --server
-    #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
-    pub database_url: Option<String>,
-}
+use super::args::TargetArgs;
 
 /// The resolved target.
 #[derive(Debug)]

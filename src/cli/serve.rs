@@ -22,7 +22,8 @@ use axum::routing::get;
 use cairn_reconciler::controller::ConfigSource;
 use tokio::sync::{Notify, watch};
 
-use super::control::{DbArgs, SourceArgs, controller, runtime};
+use super::args::{DbArgs, SourceArgs};
+use super::control::{controller, runtime};
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

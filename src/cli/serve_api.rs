@@ -66,7 +66,7 @@ pub struct ApiArgs {
 /// Connects the APIs' pool and listener, starts the liveness monitor, and returns the APIs' router.
 pub async fn start(
     args: &ApiArgs,
-    src: &super::control::SourceArgs,
+    src: &super::args::SourceArgs,
     database_url: &str,
     judging: cairn_reconciler::liveness::Judging,
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
@@ -100,12 +100,10 @@ pub async fn start(
     );
     // `cairn deploy APP` reads the app's branch head through the same rewrites as the head poller
     // (also with --no-poll-heads: that stops the polling, not an operator's explicit ask).
-    let rewrites =
-        cairn_schema::source::Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
     let _ = api.heads.set(Arc::new(tokio::sync::Mutex::new(
         cairn_reconciler::source::heads::HeadPoller::new(
             src.cache_root().join("deploy-heads.git"),
-            rewrites,
+            src.rewrites(),
         )
         .refuse_private(src.refuse_private_sources),
     )));

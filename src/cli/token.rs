@@ -8,7 +8,8 @@ use anyhow::{Context, Result, bail};
 use cairn_reconciler::api::auth;
 use cairn_reconciler::store::tokens;
 
-use super::control::{DbArgs, runtime};
+use super::args::DbArgs;
+use super::control::runtime;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {

@@ -13,7 +13,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use cairn_reconciler::controller::Controller;
-use cairn_schema::source::Rewrites;
 use cairn_webhook::deliveries::{self, DeliveryRecord, DeliveryStatus};
 use cairn_webhook::events::TrackedRepo;
 use cairn_webhook::github::GitHubConfig;
@@ -24,7 +23,8 @@ use cairn_webhook::signature::WebhookSecret;
 use tokio::sync::{Notify, OnceCell, watch};
 use tower::ServiceExt as _;
 
-use super::control::{DbArgs, SourceArgs, runtime};
+use super::args::{DbArgs, SourceArgs};
+use super::control::runtime;
 
 /// `cairn serve`'s flags for the GitHub integration. Credentials come from the environment
 /// (`CAIRN_GITHUB_TOKEN`, or `CAIRN_GITHUB_APP_ID` with `CAIRN_GITHUB_APP_PRIVATE_KEY_FILE`;
@@ -94,7 +94,6 @@ impl Prepared {
     }
 
     fn settings_preview(&self, src: &SourceArgs) -> Result<Settings> {
-        let rewrites = Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
         let git = !Path::new(&src.repo).is_dir();
         let branch = src
             .git_ref
@@ -105,7 +104,7 @@ impl Prepared {
             branch: branch.to_owned(),
         });
         let config_fetch_url = if git {
-            Some(config_fetch_url(src)?)
+            Some(src.config_fetch_url()?)
         } else {
             None
         };
@@ -114,7 +113,7 @@ impl Prepared {
             github: self.github.clone(),
             config_repo,
             config_fetch_url,
-            rewrites,
+            rewrites: src.rewrites(),
             refuse_private_sources: src.refuse_private_sources,
             cache_root: src.cache_root(),
             retention: self.args.webhook_retention,
@@ -151,15 +150,6 @@ impl Prepared {
     }
 }
 
-/// The URL the config repository is fetched from: `--repo` through the `--git-rewrite`s.
-pub fn config_fetch_url(src: &SourceArgs) -> Result<String> {
-    let rewrites = Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
-    Ok(rewrites
-        .apply(&src.repo)
-        .map_err(anyhow::Error::msg)?
-        .unwrap_or_else(|| src.repo.clone()))
-}
-
 async fn forward(router: Arc<OnceCell<Router>>, request: Request) -> Response {
     match router.get() {
         Some(router) => match router.clone().oneshot(request).await {
@@ -179,7 +169,7 @@ async fn forward(router: Arc<OnceCell<Router>>, request: Request) -> Response {
 pub struct Args {
     /// The admin API (--server, CAIRN_SERVER and CAIRN_TOKEN) or else the database
     #[command(flatten)]
-    target: super::remote::TargetArgs,
+    target: super::args::TargetArgs,
     /// How many deliveries to show, newest first (at most 1000)
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     limit: u32,

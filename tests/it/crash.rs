@@ -18,8 +18,8 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use cairn_plan::observed::{AppliedApp, Fingerprints};
 use cairn_reconciler::controller::{ConfigSource, Controller};
-use cairn_reconciler::observed::{AppliedApp, Fingerprints};
 use cairn_reconciler::store::state;
 use cairn_schema::{Desired, EnvValue, Identity};
 use sqlx::PgPool;

@@ -1,7 +1,7 @@
 //! `cairn plan` end to end: the real binary plans `examples/config` against an empty, migrated database,
 //! and its text and JSON output are snapshots (the commit id, which hashes the example files, and the
 //! planning time are redacted). `--exit-code` says 2 for a plan with changes. The planner's own rendering
-//! snapshots are in `reconciler/src/plan/tests.rs`; these pin what the CLI adds around them.
+//! snapshots are in `plan/src/tests.rs`; these pin what the CLI adds around them.
 //!
 //! `cargo insta review` (or `INSTA_UPDATE=always`) after an intended change to the output.
 

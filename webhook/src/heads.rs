@@ -14,7 +14,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cairn_reconciler::observed::CommitId;
+use cairn_plan::observed::CommitId;
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::state;
 use cairn_schema::Name;

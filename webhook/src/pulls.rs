@@ -25,9 +25,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_plan::observed::{CommitId, Observed};
+use cairn_plan::{DesiredAt, Plan, PlanInput, render};
 use cairn_reconciler::controller::{Controller, error_chain};
-use cairn_reconciler::observed::{CommitId, Observed};
-use cairn_reconciler::plan::{self, DesiredAt, Plan, PlanInput, render};
 use cairn_reconciler::source::Snapshot;
 use cairn_reconciler::source::git::{GitError, GitSource};
 use cairn_reconciler::source::heads::HeadPoller;
@@ -292,7 +292,7 @@ impl PullPlanner {
             self.read_new_heads(desired, &mut observed).await;
         }
         let commit = CommitId::new(snapshot.commit.clone().unwrap_or_default());
-        let plan = plan::plan(&PlanInput {
+        let plan = cairn_plan::plan(&PlanInput {
             desired: Some(DesiredAt {
                 commit: &commit,
                 state: desired,

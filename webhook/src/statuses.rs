@@ -21,8 +21,8 @@
 
 use std::time::Duration;
 
+use cairn_plan::Plan;
 use cairn_reconciler::hooks::{DeployOutcome, HookFuture, Hooks};
-use cairn_reconciler::plan::Plan;
 use cairn_reconciler::store::RecordedError;
 use sqlx::{PgConnection, PgPool};
 

@@ -90,7 +90,7 @@ impl ApiConfig {
         ApiConfig {
             installation,
             heartbeat_interval: Duration::from_secs(30),
-            offline_after: crate::plan::DEFAULT_OFFLINE_AFTER,
+            offline_after: cairn_plan::DEFAULT_OFFLINE_AFTER,
             task_lease: Duration::from_secs(60),
             backoff: Backoff::default(),
             node_rate: Rate::new(20.0, 60.0),

@@ -70,17 +70,15 @@ impl fmt::Display for LeaseToken {
 /// vocabulary (`cairn-proto`), which the `tasks` columns hold by the same names.
 pub use cairn_proto::{TaskKind, TaskStatus};
 
-impl From<crate::plan::TaskAction> for TaskKind {
-    /// The queue's kind of a planned task.
-    fn from(action: crate::plan::TaskAction) -> TaskKind {
-        use crate::plan::TaskAction;
-        match action {
-            TaskAction::Deploy => TaskKind::Deploy,
-            TaskAction::Start => TaskKind::Start,
-            TaskAction::Restart => TaskKind::Restart,
-            TaskAction::Stop => TaskKind::Stop,
-            TaskAction::Remove => TaskKind::Remove,
-        }
+/// The queue's kind of a planned task.
+pub fn task_kind(action: cairn_plan::TaskAction) -> TaskKind {
+    use cairn_plan::TaskAction;
+    match action {
+        TaskAction::Deploy => TaskKind::Deploy,
+        TaskAction::Start => TaskKind::Start,
+        TaskAction::Restart => TaskKind::Restart,
+        TaskAction::Stop => TaskKind::Stop,
+        TaskAction::Remove => TaskKind::Remove,
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use cairn_schema::{Driver, Name, Recipient};
 
 use super::StoreError;
-use crate::observed::{NodeState, ReplicaState};
+use cairn_plan::observed::{NodeState, ReplicaState};
 
 pub(crate) fn corrupt(
     table: &'static str,

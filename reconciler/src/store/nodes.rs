@@ -18,7 +18,7 @@ use sqlx::PgPool;
 
 use super::decode::{corrupt, driver_names, drivers, json, millis, name, node_state, recipient};
 use super::{Op as _, StoreError};
-use crate::observed::NodeState;
+use cairn_plan::observed::NodeState;
 
 /// A node an agent credential belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]

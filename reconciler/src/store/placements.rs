@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 
 use super::decode::{self, corrupt, name, replica_state};
 use super::{Op as _, StoreError, to_u64};
-use crate::observed::ReplicaState;
+use cairn_plan::observed::ReplicaState;
 
 /// A placement as drift checks and heartbeat answers need it.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -15,7 +15,7 @@ use cairn_schema::Name;
 
 use super::decode::corrupt;
 use super::{Op as _, StoreError, to_i64, to_u64};
-use crate::observed::AppliedApp;
+use cairn_plan::observed::AppliedApp;
 
 /// An app as the operator commands see it: its applied form and its rollback pin.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,7 +9,7 @@ use sqlx::PgConnection;
 
 use super::decode::{json, name};
 use super::{Op as _, StoreError};
-use crate::observed::AppliedApp;
+use cairn_plan::observed::AppliedApp;
 
 /// The rows behind a route table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -18,7 +18,7 @@ use super::decode::{
     drivers, json, name, node_state, recipient, replica_state, replica_state_str, to_i32,
 };
 use super::{Op as _, StoreError, sha256_tagged, to_i64, to_u64};
-use crate::observed::{
+use cairn_plan::observed::{
     AppliedApp, CommitId, Fingerprints, Generation, NodeStatus, Observed, ReleaseNumber,
     ReleaseRecord, ReplicaPlacement,
 };

@@ -11,10 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use cairn_plan::observed::{AppliedApp, CommitId, Fingerprints, ReplicaState};
+use cairn_plan::{TaskAction, WarningKind};
 use cairn_reconciler::controller::{ConfigSource, Controller, Outcome};
 use cairn_reconciler::executor::Applied;
-use cairn_reconciler::observed::{AppliedApp, CommitId, Fingerprints, ReplicaState};
-use cairn_reconciler::plan::{TaskAction, WarningKind};
 use cairn_reconciler::source::git::GitSource;
 use cairn_reconciler::store::{self, ReconcileStatus, state};
 use cairn_schema::{Desired, EnvValue, Identity, Recipient};

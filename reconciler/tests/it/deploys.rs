@@ -9,10 +9,10 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use cairn_plan::observed::CommitId;
 use cairn_proto::{DeployPayload, Outcome};
 use cairn_reconciler::controller::{ConfigSource, Controller, Outcome as Reconciled};
 use cairn_reconciler::deploys::{self, Context, DeployError};
-use cairn_reconciler::observed::CommitId;
 use cairn_reconciler::queue::{self, Backoff, LeaseToken, LeasedTask, TaskStatus};
 use cairn_reconciler::store::state;
 use cairn_schema::{Identity, Name};

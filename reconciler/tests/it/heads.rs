@@ -7,10 +7,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cairn_plan::WarningKind;
+use cairn_plan::observed::CommitId;
 use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome};
 use cairn_reconciler::executor::Applied;
-use cairn_reconciler::observed::CommitId;
-use cairn_reconciler::plan::WarningKind;
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::{ReconcileStatus, state};
 use cairn_schema::source::Rewrites;

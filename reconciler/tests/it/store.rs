@@ -2,9 +2,7 @@
 
 use std::path::Path;
 
-use cairn_reconciler::observed::{
-    AppliedApp, CommitId, Fingerprints, ReplicaPlacement, ReplicaState,
-};
+use cairn_plan::observed::{AppliedApp, CommitId, Fingerprints, ReplicaPlacement, ReplicaState};
 use cairn_reconciler::store::{
     self, NewReconciliation, ReconcileStatus, RecordedError, ReleaseInsert, StoreError, Written,
     state,

@@ -32,16 +32,18 @@ use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use cairn_plan::render;
 use cairn_reconciler::controller::Outcome;
-use cairn_reconciler::plan::render;
 use cairn_schema::Name;
+use cairn_schema::source::Rewrite;
 use tokio::sync::watch;
 
 use self::pg::Database;
 use self::procs::Proc;
 use self::sources::{Mapping, Sources};
 use self::view::AgentInfo;
-use super::control::{DbArgs, SourceArgs, runtime};
+use super::args::{DbArgs, SourceArgs};
+use super::control::runtime;
 
 // Output that cannot fail: after a hangup (the terminal closed) stdout is gone, and `println!` would panic
 // before the clean-up that must still run.
@@ -427,7 +429,7 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         .arg(state.join("cache"))
         .env("DATABASE_URL", &db_url);
     for r in &rewrites {
-        cmd.args(["--git-rewrite", r]);
+        cmd.arg("--git-rewrite").arg(r.to_string());
     }
     if let Some(id) = &args.identity {
         cmd.arg("--identity").arg(id);
@@ -597,7 +599,7 @@ struct AgentCfg {
     server: String,
     state: PathBuf,
     driver: &'static str,
-    rewrites: Vec<String>,
+    rewrites: Vec<Rewrite>,
 }
 
 impl AgentCfg {
@@ -633,7 +635,7 @@ impl AgentCfg {
             .env("CAIRN_JOIN_TOKEN", token.token.as_str())
             .env_remove("DATABASE_URL");
         for r in &self.rewrites {
-            cmd.args(["--git-rewrite", r]);
+            cmd.arg("--git-rewrite").arg(r.to_string());
         }
         let log = self.state.join("logs").join(format!("agent-{node}.log"));
         let proc = Proc::spawn(&format!("cairn-agent of {node}"), cmd, &log)?;

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
+use cairn_schema::source::Rewrite;
 
 /// One `FROM=DIR` mapping.
 #[derive(Debug, Clone)]
@@ -89,10 +90,13 @@ impl Sources {
     }
 
     /// `FROM=file://<root>/` for each mapping, for `--git-rewrite`.
-    pub fn rewrites(&self) -> Vec<String> {
+    pub fn rewrites(&self) -> Vec<Rewrite> {
         self.mappings
             .iter()
-            .map(|m| format!("{}=file://{}/", m.from, self.root.display()))
+            .map(|m| Rewrite {
+                from: m.from.clone(),
+                to: format!("file://{}/", self.root.display()),
+            })
             .collect()
     }
 
@@ -190,8 +194,12 @@ mod tests {
         let m = Mapping::parse(&format!("https://github.com/acme/={}", apps.display())).unwrap();
         let s = Sources::new(tmp.path().join("git"), vec![m]).unwrap();
         assert_eq!(s.names().collect::<Vec<_>>(), ["hello"]);
+        // As the `--git-rewrite` argument serve and the agents are given.
         assert_eq!(
-            s.rewrites(),
+            s.rewrites()
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
             [format!(
                 "https://github.com/acme/=file://{}/",
                 tmp.path().join("git").display()

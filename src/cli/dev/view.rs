@@ -172,7 +172,7 @@ pub fn changed(before: &[String], view: &[String], now: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use cairn_reconciler::observed::NodeState;
+    use cairn_plan::observed::NodeState;
     use cairn_reconciler::status::{ActualView, AppStatus, NodeView, ReplicaView};
 
     use super::*;

@@ -11,7 +11,7 @@ use super::render::{MarkdownOptions, json, markdown, text};
 use super::*;
 use crate::observed::{NodeStatus, ReleaseRecord, ReplicaState};
 
-const DEMO_IDENTITY: &str = include_str!("../../../examples/keys/demo-only-identity.txt");
+const DEMO_IDENTITY: &str = include_str!("../../examples/keys/demo-only-identity.txt");
 
 fn identity() -> Identity {
     Identity::parse(DEMO_IDENTITY).unwrap()
@@ -1068,7 +1068,7 @@ mod properties {
 
     use super::{commit, name, now};
     use crate::observed::{Fingerprints, NodeState, NodeStatus, Observed};
-    use crate::plan::{DEFAULT_OFFLINE_AFTER, DesiredAt, PlanInput, next_observed, plan};
+    use crate::{DEFAULT_OFFLINE_AFTER, DesiredAt, PlanInput, next_observed, plan};
 
     const CT: &str =
         "-----BEGIN AGE ENCRYPTED FILE-----\nYWJjZGVm\n-----END AGE ENCRYPTED FILE-----";

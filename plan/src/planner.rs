@@ -179,7 +179,7 @@ enum Run {
     Idle { why: PlacementReason },
 }
 
-/// Plans the move from `input.observed` to `input.desired`. See the module docs of [`crate::plan`].
+/// Plans the move from `input.observed` to `input.desired`. See the crate docs.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
     let obs = input.observed;
     let target = Target::new(input);

@@ -1,15 +1,20 @@
-//! The planner: from desired state, observed state, a seed and the time, one [`Plan`] that says everything
-//! the executor will do, and that `cairn plan`, `cairn apply` and the pull-request comment all show.
+//! The pure core of the reconciler (`cairn-plan`): the observed state as plain data ([`observed`]), the
+//! scheduler ([`scheduler`]) and the planner, which turns desired state, observed state, a seed and the
+//! time into one [`Plan`] that says everything the executor will do, and that `cairn plan`, `cairn apply`
+//! and the pull-request comment all show ([`render`]).
+//!
+//! What it must not do: IO of any kind, clocks (time is [`PlanInput::now`]), randomness not derived from
+//! [`PlanInput::seed`], or show a secret: a plan holds neither plaintext nor ciphertext, only that a
+//! secret was added, removed or changed. It depends on no database, HTTP, git or async crate, and
+//! `scripts/test` fails if `cargo tree -p cairn-plan -e normal` shows one (sqlx, tokio, axum, hyper, gix):
+//! loading the observed state and performing a plan are `cairn-reconciler`'s (its `store` and
+//! `executor`). It also never decides which config commit is newer; the caller must not plan a commit
+//! older than the applied one.
 //!
 //! A plan leaves the executor no choices (the omicron reconfigurator's rule): it lists every resource
 //! create, change and delete with field-level differences, the releases that follow, the complete set of
 //! replica placements, every agent task, and what it could not do and why. It carries the generation it
 //! was planned from, so an executor holding a plan made from an older state refuses it.
-//!
-//! What it must not do: IO, clocks (time is [`PlanInput::now`]), randomness not derived from
-//! [`PlanInput::seed`], or show a secret: a plan holds neither plaintext nor ciphertext, only that a
-//! secret was added, removed or changed. It also never decides which config commit is newer; the caller
-//! must not plan a commit older than the applied one.
 //!
 //! # Executing a plan
 //!
@@ -39,8 +44,10 @@
 
 mod apply;
 mod diff;
+pub mod observed;
 mod planner;
 pub mod render;
+pub mod scheduler;
 
 #[cfg(test)]
 mod tests;

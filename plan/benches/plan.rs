@@ -3,15 +3,13 @@
 //! an empty plan, the common reconcile), and one app's env changed. Time is `plan()` alone; loading the
 //! repository is the schema benchmark's.
 //!
-//! `cargo bench -p cairn-reconciler --bench plan` (release). Sizes as arguments:
-//! `cargo bench -p cairn-reconciler --bench plan -- 1000 10000`.
+//! `cargo bench -p cairn-plan --bench plan` (release). Sizes as arguments:
+//! `cargo bench -p cairn-plan --bench plan -- 1000 10000`.
 
 use std::time::{Duration, Instant};
 
-use cairn_reconciler::observed::{CommitId, Fingerprints, NodeState, NodeStatus, Observed};
-use cairn_reconciler::plan::{
-    DEFAULT_OFFLINE_AFTER, DesiredAt, Plan, PlanInput, next_observed, plan,
-};
+use cairn_plan::observed::{CommitId, Fingerprints, NodeState, NodeStatus, Observed};
+use cairn_plan::{DEFAULT_OFFLINE_AFTER, DesiredAt, Plan, PlanInput, next_observed, plan};
 use cairn_schema::{Desired, Driver, EnvName, EnvValue};
 use chrono::{DateTime, Utc};
 

@@ -1,7 +1,7 @@
 //! The observed state: what Postgres says is applied and running, as plain data for the planner.
 //!
-//! The store loads one [`Observed`] per reconcile and hands it to [`crate::plan::plan`]; the executor
-//! writes what a plan decides, so that the next load reflects it (see [`crate::plan::next_observed`] for
+//! The store loads one [`Observed`] per reconcile and hands it to [`crate::plan`]; the executor
+//! writes what a plan decides, so that the next load reflects it (see [`crate::next_observed`] for
 //! the exact state an applied plan must leave behind).
 //!
 //! What it must not do: hold a secret's plaintext or ciphertext. An applied env var is either its plain
@@ -291,7 +291,7 @@ pub struct ReleaseRecord {
     pub config_commit: CommitId,
     /// The app source commit it builds.
     pub source_commit: CommitId,
-    /// [`crate::plan::ReleaseSpec::hash`] of the spec it runs with; a different hash means a new release.
+    /// [`crate::ReleaseSpec::hash`] of the spec it runs with; a different hash means a new release.
     pub spec_hash: String,
     /// It failed (its build broke, its replicas failed their health check): it is not deployed again, and
     /// the app runs [`ReleaseRecord::fallback`] until its source or spec changes.
