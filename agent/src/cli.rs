@@ -84,6 +84,27 @@ pub struct Args {
     /// The node proxy's listen address (docker and process drivers)
     #[arg(long, default_value = "127.0.0.1:8000")]
     proxy_listen: SocketAddr,
+    /// The largest request body the proxy passes to an app without a limit of its own (413 beyond):
+    /// a size such as `100MiB`, or `none`
+    #[arg(long, value_name = "SIZE", default_value = "100MiB", value_parser = parse_body_limit)]
+    proxy_max_body: BodyLimit,
+    /// A client must send a request's headers within this of connecting or of its previous response
+    /// (also the keep-alive idle time)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", value_name = "DURATION")]
+    proxy_header_timeout: Duration,
+    /// A request body that pauses this long is cut off (408)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
+    proxy_body_idle_timeout: Duration,
+    /// How long an app (or another node) may take to answer (504 beyond)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s", value_name = "DURATION")]
+    proxy_upstream_timeout: Duration,
+    /// An upgraded connection (WebSocket) with no traffic either way for this long is closed
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", value_name = "DURATION")]
+    proxy_websocket_idle_timeout: Duration,
+    /// A file holding the cluster's hop key (or CAIRN_PROXY_HOP_KEY_FILE): requests forwarded between
+    /// node proxies carry it, and are accepted only with it and from a node's address
+    #[arg(long, env = "CAIRN_PROXY_HOP_KEY_FILE", value_name = "FILE")]
+    proxy_hop_key_file: Option<PathBuf>,
     /// Fetch app sources whose URL starts with FROM from TO instead (like git's url.<base>.insteadOf);
     /// repeatable
     #[arg(long = "git-rewrite", value_name = "FROM=TO")]
@@ -121,6 +142,32 @@ pub struct Args {
     /// drops their traffic to 169.254.0.0/16 with an iptables rule
     #[arg(long)]
     allow_metadata_access: bool,
+}
+
+/// `--proxy-max-body`: a size, or no limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimit(Option<u64>);
+
+fn parse_body_limit(s: &str) -> Result<BodyLimit, String> {
+    if s.trim().eq_ignore_ascii_case("none") {
+        return Ok(BodyLimit(None));
+    }
+    cairn_schema::ByteSize::parse(s).map(|b| BodyLimit(Some(b.bytes())))
+}
+
+/// The node proxy's settings from the flags; `node` is this node's name in the cluster table.
+fn proxy_config(args: &Args, node: &cairn_schema::Name) -> ProxyConfig {
+    let listen = args.proxy_listen.ip();
+    ProxyConfig {
+        header_timeout: args.proxy_header_timeout,
+        body_idle_timeout: args.proxy_body_idle_timeout,
+        response_timeout: args.proxy_upstream_timeout,
+        upgrade_idle_timeout: args.proxy_websocket_idle_timeout,
+        max_body_bytes: args.proxy_max_body.0,
+        node: Some(node.clone()),
+        forward_from: (!listen.is_unspecified()).then_some(listen),
+        ..ProxyConfig::default()
+    }
 }
 
 /// The user the process driver runs apps as, from `--app-user` and whether the agent is root.
@@ -378,7 +425,14 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
                 }
                 Arc::new(driver)
             };
-            let proxy = Proxy::new(ProxyConfig::default());
+            let proxy = Proxy::new(proxy_config(&args, &joined.node));
+            if let Some(path) = &args.proxy_hop_key_file {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read the hop key file {}", path.display()))?;
+                let key = crate::proxy::HopKey::new(&text)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+                proxy.set_hop_key(Some(key));
+            }
             let rewrites = Rewrites::new(args.git_rewrite.iter().cloned());
             let sources = Sources::new(data.path().join("sources"), rewrites);
             let deployer = Arc::new(Deployer::new(
@@ -437,6 +491,35 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
 mod tests {
     use super::*;
     use crate::driver::process::AppUser;
+
+    #[test]
+    fn the_proxy_flags_make_its_config() {
+        assert_eq!(parse_body_limit("none"), Ok(BodyLimit(None)));
+        assert_eq!(parse_body_limit("1GiB"), Ok(BodyLimit(Some(1 << 30))));
+        assert!(parse_body_limit("1GB").unwrap_err().contains("GiB"));
+        let args = Args::try_parse_from([
+            "cairn-agent",
+            "--server",
+            "https://cp.example",
+            "--proxy-listen",
+            "10.0.0.7:80",
+            "--proxy-max-body",
+            "2MiB",
+            "--proxy-websocket-idle-timeout",
+            "90s",
+        ])
+        .unwrap();
+        let cfg = proxy_config(&args, &cairn_schema::Name::new("node-a").unwrap());
+        assert_eq!(cfg.max_body_bytes, Some(2 << 20));
+        assert_eq!(cfg.upgrade_idle_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.header_timeout, Duration::from_secs(30));
+        assert_eq!(cfg.forward_from, Some("10.0.0.7".parse().unwrap()));
+        assert_eq!(cfg.node.as_ref().map(|n| n.as_str()), Some("node-a"));
+        let args = Args::try_parse_from(["cairn-agent", "--server", "https://cp.example"]).unwrap();
+        let cfg = proxy_config(&args, &cairn_schema::Name::new("node-a").unwrap());
+        assert_eq!(cfg.max_body_bytes, Some(crate::proxy::DEFAULT_MAX_BODY));
+        assert_eq!(cfg.forward_from, Some("127.0.0.1".parse().unwrap()));
+    }
 
     #[test]
     fn apps_run_as_nobody_by_default_when_root_and_never_as_root() {

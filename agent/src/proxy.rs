@@ -1,56 +1,82 @@
-//! The node's HTTP reverse proxy: one listen address (127.0.0.1:8000 by default) for every app on the node,
-//! routing by `Host` to the app's healthy replicas, round robin.
+//! The node's HTTP reverse proxy: one listen address (127.0.0.1:8000 by default) for every app in the
+//! cluster, routing by `Host`: to this node's healthy replicas, round robin, and for an app with none here
+//! to another node's proxy that has one (the internal hop, [`cluster`]).
 //!
-//! The routing table is immutable and swapped atomically ([`arc_swap`]); a request works on the table it
-//! loaded, so a release switch is one swap and never a half-updated table. Each backend counts its
-//! requests in flight (until the response body is done), so the deployer can drain an old replica before
-//! stopping it. A request without a body whose connection to a replica is refused is retried on a fresh
-//! table, which covers the moment between a switch and the old replica going away.
+//! Two routing tables, each immutable and swapped atomically ([`arc_swap`]): the local one (this node's
+//! replicas, changed by the deployer, one swap per release switch) and the cluster one (the other nodes'
+//! proxies that have an app, installed whole by generation: [`Proxy::install_cluster`]). A request works on
+//! the tables it loaded. Each local backend counts its requests in flight (until the response body is
+//! done), so the deployer can drain an old replica before stopping it. A request without a body whose
+//! connection is refused is retried: locally on a fresh table (the moment between a switch and the old
+//! replica going away), then on the other nodes in turn.
 //!
-//! Answers of its own: 404 for a host no app on this node serves, 503 when the app has no healthy replica
-//! here, 502 when the replica fails to answer, 504 when it answers too slowly. Their bodies say what
-//! happened without internals.
+//! Protocols: HTTP/1.1 with keep-alive and HTTP/2 with prior knowledge (h2c) on the listener, HTTP/1.1
+//! towards replicas and other nodes. Bodies stream both ways frame by frame (an upload is never held in
+//! memory; a server-sent event reaches the client when the app sends it). HTTP/1.1 upgrades (WebSocket)
+//! pass through: the `Upgrade` header is kept, and after the replica's `101` the two connections are
+//! joined byte for byte ([`tunnel`]) until either side closes or both are idle for
+//! [`ProxyConfig::upgrade_idle_timeout`]; [`Proxy::open_upgraded`] counts them.
+//!
+//! Forwarding headers: at the public edge `X-Forwarded-For/-Proto/-Host`, `X-Real-IP` and `Forwarded` are
+//! replaced with what the proxy saw; across an authenticated internal hop the first node's values are kept.
+//!
+//! Answers of its own, with bodies that say what happened without internals: 400 without a host, 403 for an
+//! internal hop that is not authenticated (logged without the key), 404 for a host no app in the cluster
+//! serves, 408 when a request body stalls for [`ProxyConfig::body_idle_timeout`], 413 for a body over the
+//! app's limit (up front from `Content-Length`, and while streaming), 431 for headers over
+//! [`ProxyConfig::max_header_bytes`] (hyper's answer), 502 when a replica fails to answer, 503 at once when
+//! no node has a healthy replica, 504 when the replica does not answer within
+//! [`ProxyConfig::response_timeout`].
 //!
 //! Bounded like `cairn serve`'s listener: the descriptor limit is raised to the hard limit when it starts
 //! serving, connections are capped below it ([`ProxyConfig::max_connections`]; each may hold a second
 //! descriptor towards a replica), and a connection must send a request's complete headers within
 //! [`ProxyConfig::header_timeout`] of connecting or of its previous response (hyper's
-//! `header_read_timeout`, also the keep-alive idle timeout), headers at most
-//! [`ProxyConfig::max_header_bytes`]. At the cap new connections wait in the kernel's backlog.
+//! `header_read_timeout`, also the keep-alive idle timeout; it closes the connection without an answer).
+//! At the cap new connections wait in the kernel's backlog.
 //!
 //! TLS comes later through [`Listener`]: a TLS listener yields streams that are already (or lazily)
 //! decrypted, and reports `https` as its scheme.
 //!
-//! What it must not do: route to anything but the loopback replica addresses the deployer gives it, route
-//! to a replica before its health check passed (only the deployer adds backends, after the check), or
-//! pass hop-by-hop headers through.
+//! What it must not do: route to anything but the loopback replica addresses the deployer gives it and the
+//! node addresses of the cluster table, route to a replica before its health check passed (only the
+//! deployer adds backends, after the check), forward a request that came over the internal hop, pass the
+//! hop key or hop-by-hop headers to an app, or believe a client's forwarding headers.
+
+mod body;
+pub mod cluster;
+mod headers;
+mod tunnel;
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use cairn_schema::Name;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full};
-use hyper::body::{Body, Frame, Incoming};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::body::{Body, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::driver::ReplicaId;
+use body::{Cut, CutFlag, Limited, Tracked};
+use cluster::{Cluster, RemoteRoute};
+pub use cluster::{ClusterApp, ClusterNode, ClusterTable, HOP_HEADER, HopKey};
+use headers::Origin;
 
-type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// The proxy's listen address unless the operator gives another.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
@@ -75,13 +101,13 @@ impl Listener for tokio::net::TcpListener {
     }
 }
 
-/// The proxy's timeouts and retry policy.
+/// The proxy's limits, timeouts and retry policy.
 #[derive(Debug, Clone)]
 pub struct ProxyConfig {
     pub connect_timeout: Duration,
-    /// How long a replica may take to send its response headers.
+    /// How long a replica (or another node) may take to send its response headers (504 beyond).
     pub response_timeout: Duration,
-    /// How often a bodiless request is retried when its replica refuses the connection.
+    /// How often a bodiless request is retried locally when its replica refuses the connection.
     pub connect_retries: u32,
     /// How long connections may finish their requests after shutdown.
     pub shutdown_grace: Duration,
@@ -90,9 +116,24 @@ pub struct ProxyConfig {
     pub header_timeout: Duration,
     /// Bytes of request line and headers at most (431 beyond).
     pub max_header_bytes: usize,
+    /// How long a request body may pause (408 beyond, when the response has not started).
+    pub body_idle_timeout: Duration,
+    /// The largest request body for an app without a limit of its own (413 beyond); `None`: no limit.
+    pub max_body_bytes: Option<u64>,
+    /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
+    pub upgrade_idle_timeout: Duration,
     /// Client connections at most; `None`: from the descriptor limit ([`connection_cap`]).
     pub max_connections: Option<usize>,
+    /// This node's name in the cluster table (left out when forwarding).
+    pub node: Option<Name>,
+    /// The source address of connections to other nodes: the address this node is listed under in the
+    /// cluster table, which the receiving node checks (`None`: the kernel's choice, the address on the
+    /// route to the other node).
+    pub forward_from: Option<IpAddr>,
 }
+
+/// The default node-wide body limit (`cairn-agent --proxy-max-body`).
+pub const DEFAULT_MAX_BODY: u64 = 100 << 20;
 
 /// File descriptors the agent keeps for everything but proxied connections (Docker, the control plane,
 /// sources, its data directory).
@@ -133,7 +174,12 @@ impl Default for ProxyConfig {
             shutdown_grace: Duration::from_secs(10),
             header_timeout: Duration::from_secs(30),
             max_header_bytes: 64 * 1024,
+            body_idle_timeout: Duration::from_secs(60),
+            max_body_bytes: Some(DEFAULT_MAX_BODY),
+            upgrade_idle_timeout: Duration::from_secs(300),
             max_connections: None,
+            node: None,
+            forward_from: None,
         }
     }
 }
@@ -198,31 +244,126 @@ pub struct RouteInfo {
     pub backends: Vec<(ReplicaId, SocketAddr)>,
 }
 
+/// What the proxy counted since it started (for metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyCounts {
+    /// Upgraded connections (WebSockets) open now.
+    pub open_upgraded: usize,
+    /// Requests sent to this node's replicas.
+    pub local: u64,
+    /// Requests forwarded to another node.
+    pub forwarded: u64,
+    /// Internal hops refused (403).
+    pub refused_hops: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    open_upgraded: Arc<AtomicUsize>,
+    local: AtomicU64,
+    forwarded: AtomicU64,
+    refused_hops: AtomicU64,
+}
+
 /// The node proxy.
 #[derive(Debug)]
 pub struct Proxy {
     table: ArcSwap<Table>,
+    cluster: ArcSwap<Cluster>,
+    hop_key: ArcSwapOption<HopKey>,
     /// Serializes writers; readers never wait.
     writer: Mutex<()>,
+    /// To this node's replicas.
     client: Client<HttpConnector, ProxyBody>,
+    /// To other nodes' proxies (its own pool, from [`ProxyConfig::forward_from`]).
+    forward: Client<HttpConnector, ProxyBody>,
+    counters: Counters,
     cfg: ProxyConfig,
+}
+
+/// Where a request goes.
+enum Target {
+    Local(Arc<Backend>),
+    Node(SocketAddr),
+}
+
+impl Target {
+    fn addr(&self) -> SocketAddr {
+        match self {
+            Target::Local(b) => b.addr,
+            Target::Node(a) => *a,
+        }
+    }
 }
 
 impl Proxy {
     pub fn new(cfg: ProxyConfig) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(cfg.connect_timeout));
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .pool_timer(TokioTimer::new())
-            .build(connector);
+        let client = |from: Option<IpAddr>| {
+            let mut connector = HttpConnector::new();
+            connector.set_connect_timeout(Some(cfg.connect_timeout));
+            connector.set_nodelay(true);
+            connector.set_local_address(from);
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(30))
+                .pool_timer(TokioTimer::new())
+                .build(connector)
+        };
+        let (forward, client) = (client(cfg.forward_from), client(None));
         Arc::new(Proxy {
+            forward,
             table: ArcSwap::from_pointee(Table::default()),
+            cluster: ArcSwap::from_pointee(Cluster::default()),
+            hop_key: ArcSwapOption::empty(),
             writer: Mutex::new(()),
             client,
+            counters: Counters::default(),
             cfg,
         })
+    }
+
+    /// Installs the cluster route table (one swap), unless the installed one is as new or newer.
+    /// Returns whether it was installed.
+    pub fn install_cluster(&self, table: ClusterTable) -> bool {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.cluster.load().generation;
+        if current.is_some_and(|g| g >= table.generation) {
+            return false;
+        }
+        let generation = table.generation;
+        let compiled = Cluster::compile(table, self.cfg.node.as_ref());
+        tracing::debug!(
+            generation,
+            apps = compiled.apps.len(),
+            peers = compiled.peers.len(),
+            "cluster routes installed"
+        );
+        self.cluster.store(Arc::new(compiled));
+        true
+    }
+
+    /// The installed cluster table's generation.
+    pub fn cluster_generation(&self) -> Option<u64> {
+        self.cluster.load().generation
+    }
+
+    /// Sets (or with `None` removes) the key that authenticates the internal hop, both ways.
+    pub fn set_hop_key(&self, key: Option<HopKey>) {
+        self.hop_key.store(key.map(Arc::new));
+    }
+
+    /// Upgraded connections (WebSockets) open now.
+    pub fn open_upgraded(&self) -> usize {
+        self.counters.open_upgraded.load(Ordering::Relaxed)
+    }
+
+    /// The proxy's counters.
+    pub fn counts(&self) -> ProxyCounts {
+        ProxyCounts {
+            open_upgraded: self.open_upgraded(),
+            local: self.counters.local.load(Ordering::Relaxed),
+            forwarded: self.counters.forwarded.load(Ordering::Relaxed),
+            refused_hops: self.counters.refused_hops.load(Ordering::Relaxed),
+        }
     }
 
     /// Changes one app's route with `f(hostnames, backends)` and swaps the new table in.
@@ -323,6 +464,7 @@ impl Proxy {
 
     /// Waits `grace` (requests that loaded the table before a switch reach their backend within it), then
     /// until none of `backends` has a request in flight, at most `max`. Returns whether they drained.
+    /// Upgraded connections (WebSockets) do not count: they would hold every deploy for `max`.
     pub async fn drain(&self, backends: &[Arc<Backend>], grace: Duration, max: Duration) -> bool {
         let start = Instant::now();
         tokio::time::sleep(grace).await;
@@ -352,6 +494,19 @@ impl Proxy {
             .unwrap_or_else(|| connection_cap(fds))
             .max(1);
         tracing::debug!(fd_limit = fds, max_connections = cap, "node proxy bounds");
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.cfg.header_timeout)
+            .max_buf_size(self.cfg.max_header_bytes.max(8192));
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.cfg.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(256)
+            .keep_alive_interval(Some(self.cfg.header_timeout))
+            .keep_alive_timeout(Duration::from_secs(20));
         let permits = Arc::new(tokio::sync::Semaphore::new(cap));
         tokio::pin!(shutdown);
         loop {
@@ -378,11 +533,10 @@ impl Proxy {
                         let this = this.clone();
                         async move { Ok::<_, Infallible>(this.handle(req, peer, scheme).await) }
                     });
-                    let conn = hyper::server::conn::http1::Builder::new()
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(self.cfg.header_timeout)
-                        .max_buf_size(self.cfg.max_header_bytes.max(8192))
-                        .serve_connection(TokioIo::new(io), svc);
+                    let io = tunnel::FirstBytes::new(io, self.cfg.header_timeout);
+                    let conn = builder
+                        .serve_connection_with_upgrades(TokioIo::new(io), svc)
+                        .into_owned();
                     let conn = graceful.watch(conn);
                     tokio::spawn(async move {
                         let _ = conn.await;
@@ -396,9 +550,25 @@ impl Proxy {
         Ok(())
     }
 
+    /// Whether an internal hop from `peer` carrying `headers` is authenticated; the reason if not.
+    fn check_hop(&self, headers: &header::HeaderMap, peer: SocketAddr) -> Result<(), &'static str> {
+        let Some(key) = self.hop_key.load_full() else {
+            return Err("this node has no hop key");
+        };
+        let peer_ok = self.cluster.load().peers.contains(&peer.ip());
+        let key_ok = headers
+            .get(HOP_HEADER)
+            .is_some_and(|offered| key.matches(offered));
+        match (peer_ok, key_ok) {
+            (true, true) => Ok(()),
+            (false, _) => Err("the peer is not a node of the cluster table"),
+            (true, false) => Err("wrong hop key"),
+        }
+    }
+
     async fn handle(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         peer: SocketAddr,
         scheme: &'static str,
     ) -> Response<ProxyBody> {
@@ -408,70 +578,265 @@ impl Proxy {
                 "cairn: the request names no host\n".into(),
             );
         };
-        let Some(route) = self.table.load().hosts.get(&host).cloned() else {
-            return own_answer(
-                StatusCode::NOT_FOUND,
-                format!("cairn: no app is served at `{host}` on this node\n"),
-            );
+        let raw_host = match req.headers().get(header::HOST) {
+            Some(h) => h.clone(),
+            None => match req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            {
+                Some(h) => {
+                    // HTTP/2 names the host in :authority; the replica (HTTP/1.1) needs a Host header.
+                    req.headers_mut().insert(header::HOST, h.clone());
+                    h
+                }
+                None => {
+                    return own_answer(
+                        StatusCode::BAD_REQUEST,
+                        "cairn: the request names no host\n".into(),
+                    );
+                }
+            },
         };
-        let app = route.app.clone();
+        let edge = Origin {
+            client: peer.ip(),
+            https: scheme == "https",
+            host: raw_host,
+        };
+        let hop = req.headers().contains_key(HOP_HEADER);
+        let origin = if hop {
+            if let Err(reason) = self.check_hop(req.headers(), peer) {
+                self.counters.refused_hops.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(peer = %peer.ip(), host = %host, reason, "refused a request marked as an internal hop");
+                return own_answer(
+                    StatusCode::FORBIDDEN,
+                    "cairn: this request is marked as forwarded by another node, and is not authenticated\n"
+                        .into(),
+                );
+            }
+            Origin::from_hop(req.headers(), edge)
+        } else {
+            edge
+        };
+
+        let local = self.table.load().hosts.get(&host).cloned();
+        let cluster = self.cluster.load_full();
+        // A hop is served here or not at all: never forwarded again.
+        let remote = if hop {
+            None
+        } else {
+            cluster.hosts.get(&host).cloned()
+        };
+        let app = match (&local, &remote) {
+            (Some(l), _) => l.app.clone(),
+            (None, Some(r)) => r.app.clone(),
+            (None, None) => {
+                if hop && let Some(r) = cluster.hosts.get(&host) {
+                    return no_replica_here(&r.app);
+                }
+                return own_answer(
+                    StatusCode::NOT_FOUND,
+                    format!("cairn: no app is served at `{host}`\n"),
+                );
+            }
+        };
+        let has_local = local.as_ref().is_some_and(|l| !l.backends.is_empty());
+        let has_remote = remote.as_ref().is_some_and(|r| !r.nodes.is_empty());
+        if !has_local && !has_remote {
+            return if hop || remote.is_none() {
+                no_replica_here(&app)
+            } else {
+                no_replica_anywhere(&app)
+            };
+        }
+
+        let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        forwarded_headers(&mut parts.headers, peer, &host, scheme);
+        headers::strip_hop_by_hop(&mut parts.headers, upgrade);
+        headers::set_forwarded(&mut parts.headers, &origin);
 
         if body.is_end_stream() {
-            // No body to lose: a refused connection can be retried on a fresh table.
-            let mut route = route;
-            for attempt in 0..=self.cfg.connect_retries {
-                let Some(backend) = route.pick() else {
-                    return no_replica(&app);
-                };
-                let req = rebuild(
+            return self
+                .bodiless(
                     &parts,
-                    &backend,
-                    Empty::new().map_err(|n| match n {}).boxed(),
-                );
-                match self.send(req, backend).await {
-                    Err(Upstream::Connect) if attempt < self.cfg.connect_retries => {
-                        tokio::time::sleep(Duration::from_millis(25)).await;
-                        match self.table.load().hosts.get(&host).cloned() {
-                            Some(r) => route = r,
-                            None => return no_replica(&app),
-                        }
-                    }
-                    other => return answer(other, &app),
-                }
-            }
-            no_replica(&app)
-        } else {
-            let Some(backend) = route.pick() else {
-                return no_replica(&app);
-            };
-            let req = rebuild(&parts, &backend, body.boxed());
-            answer(self.send(req, backend).await, &app)
+                    &host,
+                    local,
+                    remote.as_deref(),
+                    &app,
+                    client_upgrade,
+                )
+                .await;
+        }
+
+        let limit = cluster
+            .apps
+            .get(&app)
+            .and_then(|r| r.max_body_bytes)
+            .or(self.cfg.max_body_bytes);
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if let (Some(limit), Some(len)) = (limit, declared)
+            && len > limit
+        {
+            return too_large(&app, limit);
+        }
+        let target = match local.as_ref().and_then(|l| l.pick()) {
+            Some(b) => Target::Local(b),
+            None => match remote.as_ref().and_then(|r| r.order().next()) {
+                Some(a) => Target::Node(a),
+                None => return no_replica_anywhere(&app),
+            },
+        };
+        let flag = CutFlag::default();
+        let body = Limited::new(body, limit, self.cfg.body_idle_timeout, flag.clone()).boxed();
+        let req = self.outbound(&parts, &target, body);
+        let sent = self.send(req, target, client_upgrade).await;
+        match (sent, flag.get()) {
+            (Err(_), Some(Cut::TooLarge)) => too_large(&app, limit.unwrap_or(0)),
+            (Err(_), Some(Cut::Idle)) => own_answer(
+                StatusCode::REQUEST_TIMEOUT,
+                "cairn: the request body stopped arriving\n".into(),
+            ),
+            (sent, _) => answer(sent, &app),
         }
     }
 
+    /// A request without a body: retried on a refused connection, locally (fresh table) and then on each
+    /// other node that has the app.
+    async fn bodiless(
+        &self,
+        parts: &hyper::http::request::Parts,
+        host: &str,
+        mut local: Option<Arc<AppRoute>>,
+        remote: Option<&RemoteRoute>,
+        app: &Name,
+        mut client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Response<ProxyBody> {
+        let empty = || Empty::new().map_err(|n| match n {}).boxed();
+        let mut attempt = 0;
+        while let Some(backend) = local.as_ref().and_then(|l| l.pick()) {
+            let target = Target::Local(backend);
+            let req = self.outbound(parts, &target, empty());
+            match self.send(req, target, client_upgrade.take()).await {
+                Err((Upstream::Connect, up)) if attempt < self.cfg.connect_retries => {
+                    client_upgrade = up;
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                    local = self.table.load().hosts.get(host).cloned();
+                }
+                Err((Upstream::Connect, up)) => {
+                    client_upgrade = up;
+                    break;
+                }
+                other => return answer(other, app),
+            }
+        }
+        let Some(remote) = remote.filter(|r| !r.nodes.is_empty()) else {
+            return no_replica_here(app);
+        };
+        for node in remote.order() {
+            let target = Target::Node(node);
+            let req = self.outbound(parts, &target, empty());
+            match self.send(req, target, client_upgrade.take()).await {
+                Err((Upstream::Connect, up)) => {
+                    tracing::debug!(node = %node, app = %app, "another node refused a forwarded request; trying the next");
+                    client_upgrade = up;
+                }
+                other => return answer(other, app),
+            }
+        }
+        own_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "cairn: app `{app}` has no reachable healthy replica: every node that has one refused the connection\n"
+            ),
+        )
+    }
+
+    /// The request to send to `target`: the original's method, path, query and headers (already
+    /// cleaned), with the hop key towards another node.
+    fn outbound(
+        &self,
+        parts: &hyper::http::request::Parts,
+        target: &Target,
+        body: ProxyBody,
+    ) -> Request<ProxyBody> {
+        let pq = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/");
+        let uri: Uri = format!("http://{}{pq}", target.addr())
+            .parse()
+            .unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"));
+        let mut req = Request::new(body);
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = parts.headers.clone();
+        if let Target::Node(_) = target
+            && let Some(key) = self.hop_key.load().as_ref()
+        {
+            req.headers_mut().insert(HOP_HEADER, key.header());
+        }
+        req
+    }
+
+    /// Sends `req` to `target`; on a `101` joins the client's upgraded connection to the target's. A
+    /// refused connection gives the client's upgrade back for the next attempt.
     async fn send(
         &self,
         req: Request<ProxyBody>,
-        backend: Arc<Backend>,
-    ) -> Result<Response<ProxyBody>, Upstream> {
-        let guard = InFlight::new(backend);
-        match tokio::time::timeout(self.cfg.response_timeout, self.client.request(req)).await {
-            Err(_) => Err(Upstream::Timeout),
-            Ok(Err(e)) if e.is_connect() => Err(Upstream::Connect),
-            Ok(Err(_)) => Err(Upstream::Failed),
-            Ok(Ok(res)) => {
-                let (mut parts, body) = res.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                let body = Tracked {
-                    inner: body.boxed(),
-                    _guard: guard,
-                };
-                Ok(Response::from_parts(parts, body.boxed()))
+        target: Target,
+        client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    ) -> Result<Response<ProxyBody>, (Upstream, Option<hyper::upgrade::OnUpgrade>)> {
+        let (guard, client) = match &target {
+            Target::Local(b) => {
+                self.counters.local.fetch_add(1, Ordering::Relaxed);
+                (Some(InFlight::new(b.clone())), &self.client)
             }
+            Target::Node(_) => {
+                self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
+                (None, &self.forward)
+            }
+        };
+        let res = match tokio::time::timeout(self.cfg.response_timeout, client.request(req)).await {
+            Err(_) => return Err((Upstream::Timeout, None)),
+            Ok(Err(e)) if e.is_connect() => return Err((Upstream::Connect, client_upgrade)),
+            Ok(Err(_)) => return Err((Upstream::Failed, None)),
+            Ok(Ok(res)) => res,
+        };
+        let (mut parts, body) = res.into_parts();
+        let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        if switching && let Some(client) = client_upgrade {
+            headers::strip_hop_by_hop(&mut parts.headers, true);
+            let mut res = Response::from_parts(parts, body);
+            let upstream = hyper::upgrade::on(&mut res);
+            tokio::spawn(tunnel::run(
+                client,
+                upstream,
+                self.cfg.upgrade_idle_timeout,
+                self.counters.open_upgraded.clone(),
+            ));
+            let (parts, _) = res.into_parts();
+            return Ok(Response::from_parts(
+                parts,
+                Empty::new().map_err(|n| match n {}).boxed(),
+            ));
         }
+        if switching {
+            // A 101 to a request that asked for no upgrade: nothing sane to pass on.
+            return Err((Upstream::Failed, None));
+        }
+        headers::strip_hop_by_hop(&mut parts.headers, false);
+        let body = Tracked {
+            inner: body.map_err(BoxError::from).boxed(),
+            _guard: guard,
+        };
+        Ok(Response::from_parts(parts, body.boxed()))
     }
 }
 
@@ -481,26 +846,47 @@ enum Upstream {
     Timeout,
 }
 
-fn answer(r: Result<Response<ProxyBody>, Upstream>, app: &Name) -> Response<ProxyBody> {
+fn answer(
+    r: Result<Response<ProxyBody>, (Upstream, Option<hyper::upgrade::OnUpgrade>)>,
+    app: &Name,
+) -> Response<ProxyBody> {
     match r {
         Ok(res) => res,
-        Err(Upstream::Connect) => no_replica(app),
-        Err(Upstream::Failed) => own_answer(
+        Err((Upstream::Connect, _)) => no_replica_here(app),
+        Err((Upstream::Failed, _)) => own_answer(
             StatusCode::BAD_GATEWAY,
             format!("cairn: app `{app}` did not answer the request\n"),
         ),
-        Err(Upstream::Timeout) => own_answer(
+        Err((Upstream::Timeout, _)) => own_answer(
             StatusCode::GATEWAY_TIMEOUT,
             format!("cairn: app `{app}` did not answer in time\n"),
         ),
     }
 }
 
-fn no_replica(app: &Name) -> Response<ProxyBody> {
+fn no_replica_here(app: &Name) -> Response<ProxyBody> {
     own_answer(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("cairn: app `{app}` has no healthy replica on this node\n"),
     )
+}
+
+fn no_replica_anywhere(app: &Name) -> Response<ProxyBody> {
+    own_answer(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("cairn: app `{app}` has no healthy replica on any node\n"),
+    )
+}
+
+fn too_large(app: &Name, limit: u64) -> Response<ProxyBody> {
+    let mut res = own_answer(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("cairn: the request body is larger than app `{app}` accepts ({limit} bytes)\n"),
+    );
+    // The rest of the body is not read: the connection cannot be reused.
+    res.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    res
 }
 
 fn own_answer(status: StatusCode, text: String) -> Response<ProxyBody> {
@@ -515,34 +901,13 @@ fn own_answer(status: StatusCode, text: String) -> Response<ProxyBody> {
     res
 }
 
-fn rebuild(
-    parts: &hyper::http::request::Parts,
-    backend: &Backend,
-    body: ProxyBody,
-) -> Request<ProxyBody> {
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: Uri = format!("http://{}{pq}", backend.addr)
-        .parse()
-        .unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"));
-    let mut req = Request::new(body);
-    *req.method_mut() = parts.method.clone();
-    *req.uri_mut() = uri;
-    *req.headers_mut() = parts.headers.clone();
-    req
-}
-
 /// The request's host, lowercased, without port or trailing dot.
 fn request_host<B>(req: &Request<B>) -> Option<String> {
     let raw = req
         .headers()
         .get(header::HOST)
         .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| req.uri().host().map(str::to_owned))?;
+        .or_else(|| req.uri().host())?;
     let host = if raw.starts_with('[') {
         raw.split(']').next().map(|h| format!("{h}]"))?
     } else {
@@ -563,52 +928,6 @@ fn normalize_hosts(hosts: &[String]) -> Vec<String> {
     v
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "upgrade",
-];
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for n in named {
-        headers.remove(n);
-    }
-    for n in HOP_BY_HOP {
-        headers.remove(n);
-    }
-    headers.remove(header::TRANSFER_ENCODING);
-}
-
-fn forwarded_headers(headers: &mut HeaderMap, peer: SocketAddr, host: &str, scheme: &str) {
-    let ip = peer.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(host) {
-        headers.insert("x-forwarded-host", v);
-    }
-    headers.insert(
-        "x-forwarded-proto",
-        HeaderValue::from_static(if scheme == "https" { "https" } else { "http" }),
-    );
-}
-
 /// Counts a request against its backend until the response body is finished or dropped.
 struct InFlight(Arc<Backend>);
 
@@ -622,31 +941,6 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-struct Tracked {
-    inner: ProxyBody,
-    _guard: InFlight,
-}
-
-impl Body for Tracked {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
     }
 }
 

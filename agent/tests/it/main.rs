@@ -7,6 +7,7 @@
 
 mod docker;
 mod housekeeping;
+mod ingress;
 mod isolation;
 mod operator;
 mod process;
