@@ -22,11 +22,11 @@
 //!   back unstarted ([`give_back`]) or ends it at once as dead ([`bury`]); the agent API reads a node's
 //!   own tasks ([`node_task`], [`node_of`]) and when the next one falls due ([`next_due`]).
 //!
-//! The module is the queue's types and API; [`sql`] holds every statement of its life (the shape of
+//! The module is the queue's types and API; `sql` holds every statement of its life (the shape of
 //! the Rust registry server's `crates_io_worker` `storage.rs`). Metrics are the callers': a lease is
 //! counted by whoever hands it out.
 //!
-//! What it must not do: run SQL outside [`sql`], record metrics, hold a transaction or a connection
+//! What it must not do: run SQL outside `sql`, record metrics, hold a transaction or a connection
 //! while an agent works on a task, or read a clock other than the database's for leases and backoff.
 
 use std::collections::HashMap;
