@@ -12,6 +12,7 @@
 //! - [`registry`]: a local image registry (Debian's `docker-registry`) on a free loopback port.
 //! - [`engine`]: a second, private Docker engine (`dockerd` with its own data, socket, bridge and subnet)
 //!   for a test's second node.
+//! - [`fixtures`]: the manifests tests write (`cairn.toml`, plans, runtimes, nodes) as TOML builders.
 //! - [`skip`]: what a test does when a prerequisite is missing ([`missing`]: skip with a message, or fail
 //!   under CI / `CAIRN_TEST_REQUIRE_ALL`).
 //!
@@ -19,6 +20,7 @@
 //! missing prerequisite in CI (`CAIRN_TEST_REQUIRE_ALL` turns every skip into a failure).
 
 pub mod engine;
+pub mod fixtures;
 mod git;
 pub mod pg;
 pub mod poll;
