@@ -12,6 +12,22 @@
 
 use std::fmt;
 
+/// `pub fn field(self, value: &str) -> Self` for each field named (`Some(value)` for the optional ones).
+macro_rules! setters {
+    ($ty:ident { $($field:ident),* } $(optional { $($opt:ident),* })?) => {
+        impl $ty {
+            $(pub fn $field(mut self, value: &str) -> Self {
+                self.$field = value.into();
+                self
+            })*
+            $($(pub fn $opt(mut self, value: &str) -> Self {
+                self.$opt = Some(value.into());
+                self
+            })*)?
+        }
+    };
+}
+
 /// `cairn.toml`: `base_domain = "apps.example.com"`, no currency, no `[secrets]`.
 pub fn settings() -> Settings {
     Settings {
@@ -28,15 +44,9 @@ pub struct Settings {
     recipients: Option<Vec<String>>,
 }
 
+setters!(Settings { base_domain } optional { currency });
+
 impl Settings {
-    pub fn base_domain(mut self, domain: &str) -> Self {
-        self.base_domain = domain.into();
-        self
-    }
-    pub fn currency(mut self, currency: &str) -> Self {
-        self.currency = Some(currency.into());
-        self
-    }
     /// `[secrets] recipients` (age public keys; none gives `recipients = []`).
     pub fn recipients<S: AsRef<str>>(mut self, recipients: &[S]) -> Self {
         self.recipients = Some(recipients.iter().map(|r| r.as_ref().to_owned()).collect());
@@ -79,20 +89,10 @@ pub struct Plan {
     max_replicas: u32,
 }
 
+// `price` as TOML: `"5.00"` (a string) or `5` (a number).
+setters!(Plan { cpu, memory, price });
+
 impl Plan {
-    pub fn cpu(mut self, cpu: &str) -> Self {
-        self.cpu = cpu.into();
-        self
-    }
-    pub fn memory(mut self, memory: &str) -> Self {
-        self.memory = memory.into();
-        self
-    }
-    /// As TOML: `"5.00"` (a string) or `5` (a number).
-    pub fn price(mut self, price: &str) -> Self {
-        self.price = price.into();
-        self
-    }
     pub fn max_replicas(mut self, n: u32) -> Self {
         self.max_replicas = n;
         self
@@ -141,13 +141,11 @@ pub struct Runtime {
     port: u16,
 }
 
+setters!(Runtime {} optional { image, start });
+
 impl Runtime {
     pub fn drivers(mut self, drivers: &[&str]) -> Self {
         self.drivers = drivers.iter().map(|d| (*d).to_owned()).collect();
-        self
-    }
-    pub fn image(mut self, image: &str) -> Self {
-        self.image = Some(image.into());
         self
     }
     /// `dockerfile = true`: the app's own Dockerfile.
@@ -157,10 +155,6 @@ impl Runtime {
     }
     pub fn build(mut self, commands: &[&str]) -> Self {
         self.build = commands.iter().map(|c| (*c).to_owned()).collect();
-        self
-    }
-    pub fn start(mut self, start: &str) -> Self {
-        self.start = Some(start.into());
         self
     }
     pub fn port(mut self, port: u16) -> Self {
@@ -211,25 +205,8 @@ pub struct Node {
     recipient: Option<String>,
 }
 
-impl Node {
-    pub fn cpu(mut self, cpu: &str) -> Self {
-        self.cpu = cpu.into();
-        self
-    }
-    pub fn memory(mut self, memory: &str) -> Self {
-        self.memory = memory.into();
-        self
-    }
-    pub fn disk(mut self, disk: &str) -> Self {
-        self.disk = disk.into();
-        self
-    }
-    /// The node's pinned age recipient.
-    pub fn recipient(mut self, recipient: &str) -> Self {
-        self.recipient = Some(recipient.into());
-        self
-    }
-}
+// `recipient`: the node's pinned age recipient.
+setters!(Node { cpu, memory, disk } optional { recipient });
 
 impl fmt::Display for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
