@@ -5,24 +5,23 @@
 //! repository to the recipients listed in `cairn.toml`.
 //!
 //! What it must not do: print a plaintext or put one into an error (only ciphertexts, recipients and
-//! `path:line:col` locations are ever shown); change anything in a manifest but the secret values it writes
-//! (edits go through toml_edit, so comments, order and layout stay byte for byte); leave a file half written
-//! or a repository half rotated (new contents are validated first, written to temporary files, then
-//! renamed over the originals).
+//! `path:line:col` locations are ever shown); edit a manifest's text itself (`cairn_schema::edit` does,
+//! changing nothing but the secret values, so comments, order and layout stay byte for byte; this module
+//! reads, validates and writes); leave a file half written or a repository half rotated (new contents are
+//! validated first, written to temporary files, then renamed over the originals).
 
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
+use cairn_schema::edit::{self, Previous};
 use cairn_schema::{
     Ciphertext, EnvName, Identity, Kind, Name, ParsedFile, Recipient, SETTINGS_FILE, Severity,
 };
 use clap::Subcommand;
-use toml_edit::{DocumentMut, InlineTable, Item, Table, Value};
 use zeroize::Zeroizing;
 
 use super::repo::{Repo, load_files};
@@ -385,14 +384,16 @@ fn set(a: SetArgs) -> Result<ExitCode> {
     drop(value);
     let src =
         std::str::from_utf8(repo.original(&rel)).with_context(|| format!("{rel} is not UTF-8"))?;
-    let (new_src, was) = match set_in_source(src, a.app.as_str(), a.key.as_str(), &ct) {
+    let (new_src, was) = match edit::set_secret(src, a.app.as_str(), a.key.as_str(), &ct) {
         Ok(r) => r,
         Err(e) => {
             // The schema's diagnostics say what is wrong without quoting a value that may be a secret.
             if let Some(f) = before.parsed.iter().find(|f| f.path == rel) {
                 print_errors(&f.diagnostics);
             }
-            return Err(e.context(format!("cannot edit {rel}; nothing was written")));
+            return Err(
+                anyhow::Error::new(e).context(format!("cannot edit {rel}; nothing was written"))
+            );
         }
     };
 
@@ -505,204 +506,6 @@ fn check_declares_app(parsed: &[ParsedFile], rel: &str, app: &Name) -> Result<()
     }
 }
 
-/// What an env var held before `set` wrote it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Previous {
-    None,
-    Secret,
-    Plain,
-}
-
-/// Writes `key = { secret = """...""" }` into `[app.<app>.env]` of a manifest's source and returns the new
-/// source; everything else stays as it was. An existing secret keeps its form (inline table or
-/// `[app.<app>.env.<key>]` table, multi-line or escaped string); a plain value is replaced in place, keeping
-/// the comments around it.
-fn set_in_source(src: &str, app: &str, key: &str, ct: &Ciphertext) -> Result<(String, Previous)> {
-    // Only the message: toml_edit's full error quotes the source line, which may hold a pasted secret.
-    let mut doc: DocumentMut = src
-        .parse()
-        .map_err(|e: toml_edit::TomlError| anyhow!("TOML syntax: {}", e.message()))?;
-    let app_item = doc
-        .get_mut("app")
-        .and_then(Item::as_table_like_mut)
-        .and_then(|t| t.get_mut(app))
-        .ok_or_else(|| anyhow!("no `[app.{app}]`"))?;
-    let app_table = match app_item {
-        Item::Table(t) => {
-            if !t.contains_key("env") {
-                t.insert("env", Item::Table(Table::new()));
-            }
-            t as &mut dyn toml_edit::TableLike
-        }
-        Item::Value(Value::InlineTable(t)) => {
-            if !t.contains_key("env") {
-                t.insert("env", Value::InlineTable(InlineTable::new()));
-            }
-            t as &mut dyn toml_edit::TableLike
-        }
-        _ => bail!("`app.{app}` is not a table"),
-    };
-    let env_item = app_table
-        .get_mut("env")
-        .ok_or_else(|| anyhow!("no `env` in app `{app}`"))?;
-    if let Item::Value(Value::InlineTable(t)) = env_item
-        && !t.contains_key(key)
-        && let Some((_, last)) = t.iter_mut().last()
-    {
-        // `{ A = "x" }` keeps the space before `}` on "x"; without this the new entry would follow it as
-        // `{ A = "x" , KEY = ... }`.
-        let d = last.decor_mut();
-        if d.suffix()
-            .and_then(|s| s.as_str())
-            .is_some_and(|s| s.bytes().all(|b| b == b' ' || b == b'\t'))
-        {
-            d.set_suffix("");
-        }
-    }
-    let env = env_item
-        .as_table_like_mut()
-        .ok_or_else(|| anyhow!("`env` of app `{app}` is not a table"))?;
-    let Some(item) = env.get_mut(key) else {
-        env.insert(key, Item::Value(secret_inline_table(ct)));
-        return Ok((doc.to_string(), Previous::None));
-    };
-    if let Some(old) = item
-        .as_table_like_mut()
-        .and_then(|t| t.get_mut("secret"))
-        .and_then(Item::as_value_mut)
-        && old.is_str()
-    {
-        *old = ciphertext_like(old, ct);
-        return Ok((doc.to_string(), Previous::Secret));
-    }
-    match item {
-        Item::Value(v) => {
-            let decor = v.decor().clone();
-            *v = secret_inline_table(ct);
-            *v.decor_mut() = decor;
-        }
-        other => *other = Item::Value(secret_inline_table(ct)),
-    }
-    Ok((doc.to_string(), Previous::Plain))
-}
-
-/// Whether `s` can go between `"""` delimiters unchanged: armored age output always can (base64, dashes,
-/// spaces, newlines), but a ciphertext is data from a file, so check.
-fn fits_multiline(s: &str) -> bool {
-    s.bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"+/=- \n".contains(&b))
-}
-
-/// `{ secret = """<newline><armored ciphertext>""" }`: the form `set` writes. TOML 1.0 allows the newlines
-/// of a multi-line string inside an inline table (they are "valid within a value"), so the secret stays a
-/// one-key value in `[app.NAME.env]` beside the plain ones, and the armor keeps its lines.
-fn secret_inline_table(ct: &Ciphertext) -> Value {
-    let text = if fits_multiline(ct.as_str()) {
-        format!("{{ secret = \"\"\"\n{}\"\"\" }}", ct.as_str())
-    } else {
-        let mut t = InlineTable::new();
-        t.insert("secret", Value::from(ct.as_str()));
-        return Value::InlineTable(t);
-    };
-    text.parse()
-        .expect("a multi-line string of armor characters is valid TOML")
-}
-
-/// The ciphertext as a string value in the style of `old` (multi-line, or escaped on one line), with `old`'s
-/// surrounding whitespace and comments.
-fn ciphertext_like(old: &Value, ct: &Ciphertext) -> Value {
-    let raw = match old {
-        Value::String(f) => f.as_repr().and_then(|r| r.as_raw().as_str()).unwrap_or(""),
-        _ => "",
-    };
-    let multiline = raw.starts_with("\"\"\"") || raw.starts_with("'''");
-    let mut new: Value = if multiline && fits_multiline(ct.as_str()) {
-        let q = &raw[..3];
-        format!("{q}\n{}{q}", ct.as_str())
-            .parse()
-            .expect("a multi-line string of armor characters is valid TOML")
-    } else {
-        // toml_edit escapes the newlines when the old value was on one line.
-        let escaped = ct.as_str().replace('\n', "\\n");
-        format!("\"{escaped}\"")
-            .parse()
-            .unwrap_or_else(|_| Value::from(ct.as_str()))
-    };
-    *new.decor_mut() = old.decor().clone();
-    new
-}
-
-/// One secret env value in a manifest, found with toml_edit (which keeps the spans of the source).
-#[derive(Debug)]
-struct Site {
-    app: String,
-    key: String,
-    span: Range<usize>,
-    armored: String,
-}
-
-/// Every `secret` of every `[app.*.env]` of a parsed manifest, in file order.
-fn secret_sites(doc: &toml_edit::Document<&str>) -> Vec<Site> {
-    let mut out = Vec::new();
-    let Some(apps) = doc.get("app").and_then(Item::as_table_like) else {
-        return out;
-    };
-    for (app, item) in apps.iter() {
-        let Some(env) = item
-            .as_table_like()
-            .and_then(|t| t.get("env"))
-            .and_then(Item::as_table_like)
-        else {
-            continue;
-        };
-        for (key, v) in env.iter() {
-            if let Some(s) = v.as_table_like().and_then(|t| t.get("secret"))
-                && let Some(text) = s.as_str()
-            {
-                out.push(Site {
-                    app: app.to_owned(),
-                    key: key.to_owned(),
-                    span: s.span().unwrap_or(0..0),
-                    armored: text.to_owned(),
-                });
-            }
-        }
-    }
-    out.sort_by_key(|s| s.span.start);
-    out
-}
-
-/// Replaces the ciphertext of every secret named in `new` (by app and key), keeping each one's style.
-fn replace_secrets(doc: &mut DocumentMut, new: &BTreeMap<(String, String), Ciphertext>) -> usize {
-    let mut n = 0;
-    let Some(apps) = doc.get_mut("app").and_then(Item::as_table_like_mut) else {
-        return 0;
-    };
-    for (app, item) in apps.iter_mut() {
-        let Some(env) = item
-            .as_table_like_mut()
-            .and_then(|t| t.get_mut("env"))
-            .and_then(Item::as_table_like_mut)
-        else {
-            continue;
-        };
-        for (key, v) in env.iter_mut() {
-            let Some(ct) = new.get(&(app.get().to_owned(), key.get().to_owned())) else {
-                continue;
-            };
-            if let Some(old) = v
-                .as_table_like_mut()
-                .and_then(|t| t.get_mut("secret"))
-                .and_then(Item::as_value_mut)
-            {
-                *old = ciphertext_like(old, ct);
-                n += 1;
-            }
-        }
-    }
-    n
-}
-
 fn rotate(a: RotateArgs) -> Result<ExitCode> {
     let Some(identity) = read_identity(a.identity.as_ref())? else {
         eprintln!(
@@ -734,9 +537,7 @@ fn rotate(a: RotateArgs) -> Result<ExitCode> {
     let mut changed = BTreeMap::new();
     let mut per_file = Vec::new();
     for f in before.parsed.iter().filter(|f| f.path != SETTINGS_FILE) {
-        let doc = toml_edit::Document::parse(&*f.src)
-            .map_err(|e| anyhow!("{}: TOML syntax: {}", f.path, e.message()))?;
-        let sites = secret_sites(&doc);
+        let sites = edit::secret_sites(&f.src).map_err(|e| anyhow!("{}: {e}", f.path))?;
         if sites.is_empty() {
             continue;
         }
@@ -761,8 +562,8 @@ fn rotate(a: RotateArgs) -> Result<ExitCode> {
         if !failures.is_empty() {
             continue;
         }
-        let mut doc = doc.into_mut();
-        let n = replace_secrets(&mut doc, &new);
+        let (new_src, n) =
+            edit::replace_secrets(&f.src, &new).map_err(|e| anyhow!("{}: {e}", f.path))?;
         if n != new.len() {
             bail!(
                 "internal error: {} of {} secrets in {} were found again for rewriting; nothing was written",
@@ -772,7 +573,7 @@ fn rotate(a: RotateArgs) -> Result<ExitCode> {
             );
         }
         per_file.push((f.path.clone(), n));
-        changed.insert(f.path.clone(), doc.to_string());
+        changed.insert(f.path.clone(), new_src);
     }
     if !failures.is_empty() {
         print_errors(&failures);
@@ -951,55 +752,5 @@ mod tests {
             strip_one_newline(&mut b);
             assert_eq!(b, want.as_bytes(), "{input:?}");
         }
-    }
-
-    fn ct() -> Ciphertext {
-        let id = Identity::generate();
-        cairn_schema::secret::encrypt(b"x", &[id.recipient()]).unwrap()
-    }
-
-    #[test]
-    fn rewriting_keeps_the_form_of_each_secret() {
-        let c = ct();
-        let escaped = c.as_str().replace('\n', "\\n");
-        let src = format!(
-            "[app.a.env]\nX = {{ secret = \"{escaped}\" }} # one line\n\n[app.a.env.Y]\nsecret = '''\n{}'''\n",
-            c.as_str()
-        );
-        let doc = toml_edit::Document::parse(src.as_str()).unwrap();
-        let sites = secret_sites(&doc);
-        assert_eq!(
-            sites.iter().map(|s| s.key.as_str()).collect::<Vec<_>>(),
-            ["X", "Y"]
-        );
-        let fresh = ct();
-        let new = sites
-            .into_iter()
-            .map(|s| ((s.app, s.key), fresh.clone()))
-            .collect();
-        let mut doc = doc.into_mut();
-        assert_eq!(replace_secrets(&mut doc, &new), 2);
-        let out = doc.to_string();
-        let want = src
-            .replace(&escaped, &fresh.as_str().replace('\n', "\\n"))
-            .replace(c.as_str(), fresh.as_str());
-        assert_ne!(out, src);
-        assert_eq!(out, want);
-    }
-
-    #[test]
-    fn set_replaces_a_plain_value_in_place() {
-        let c = ct();
-        let src = "[app.a]\n# the db\nenv.DB = \"plain\" # note\nenv.OTHER = \"o\"\n";
-        let (out, was) = set_in_source(src, "a", "DB", &c).unwrap();
-        assert_eq!(was, Previous::Plain);
-        assert_eq!(
-            out,
-            format!(
-                "[app.a]\n# the db\nenv.DB = {{ secret = \"\"\"\n{}\"\"\" }} # note\nenv.OTHER = \"o\"\n",
-                c.as_str()
-            )
-        );
-        assert!(set_in_source(src, "b", "DB", &c).is_err());
     }
 }

@@ -14,6 +14,7 @@
 //!   for a test's second node.
 //! - [`netns`]: hosts with their own addresses (network namespaces on a private bridge), for tests of
 //!   traffic between nodes.
+//! - [`fixtures`]: the manifests tests write (`cairn.toml`, plans, runtimes, nodes) as TOML builders.
 //! - [`skip`]: what a test does when a prerequisite is missing ([`missing`]: skip with a message, or fail
 //!   under CI / `CAIRN_TEST_REQUIRE_ALL`).
 //!
@@ -21,6 +22,7 @@
 //! missing prerequisite in CI (`CAIRN_TEST_REQUIRE_ALL` turns every skip into a failure).
 
 pub mod engine;
+pub mod fixtures;
 mod git;
 pub mod netns;
 pub mod pg;

@@ -22,6 +22,7 @@ use cairn_plan::observed::{AppliedApp, Fingerprints};
 use cairn_reconciler::controller::{ConfigSource, Controller};
 use cairn_reconciler::store::state;
 use cairn_schema::{Desired, EnvValue, Identity};
+use cairn_testkit::fixtures;
 use sqlx::PgPool;
 
 use crate::agents::support::{FAST, Plane, wait_for};
@@ -37,36 +38,16 @@ const FAILPOINT_MS: u64 = 800;
 const KILL_WINDOW_MS: u64 = 400;
 const HEAD: &str = "89abcdef0123456789abcdef0123456789abcdef";
 
-const SETTINGS: &str = "base_domain = \"apps.example.com\"\ncurrency = \"EUR\"\n[secrets]\nrecipients = [\"age169yga2phn8fzeqx5t4cqqvlamskqa5qyprap3l80j6u2lpz90c4qaxv56m\"]\n";
+/// The demo identity's recipient (`examples/keys`).
+const RECIPIENT: &str = "age169yga2phn8fzeqx5t4cqqvlamskqa5qyprap3l80j6u2lpz90c4qaxv56m";
 
-const INFRA: &str = r#"
-[plan.small]
-cpu = 0.5
-memory = "512MiB"
-disk = "1GiB"
-price = "5.00"
-max_replicas = 5
-
-[runtime.node]
-image = "node:22"
-start = "npm start"
-port = 3000
-
-[node.n1]
-cpu = 4
-memory = "8GiB"
-disk = "100GiB"
-
-[node.n2]
-cpu = 4
-memory = "8GiB"
-disk = "100GiB"
-
-[node.n3]
-cpu = 4
-memory = "8GiB"
-disk = "100GiB"
-"#;
+fn infra() -> String {
+    let mut s = format!("{}\n{}", fixtures::plan("small"), fixtures::node_runtime());
+    for n in ["n1", "n2", "n3"] {
+        s += &format!("\n{}", fixtures::node(n));
+    }
+    s
+}
 
 fn app(name: &str, replicas: u32, env: &str) -> String {
     format!(
@@ -80,8 +61,14 @@ fn app(name: &str, replicas: u32, env: &str) -> String {
 fn versions(secret: &str) -> [Vec<(String, String)>; 2] {
     let common = || {
         vec![
-            ("cairn.toml".to_owned(), SETTINGS.to_owned()),
-            ("infra.toml".to_owned(), INFRA.to_owned()),
+            (
+                "cairn.toml".to_owned(),
+                fixtures::settings()
+                    .currency("EUR")
+                    .recipients(&[RECIPIENT])
+                    .to_string(),
+            ),
+            ("infra.toml".to_owned(), infra()),
         ]
     };
     let mut one = common();

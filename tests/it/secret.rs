@@ -8,6 +8,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use cairn_testkit::fixtures;
+
 /// The plaintext of the secrets in these tests; no command may ever print it.
 const CANARY: &str = "canary-5e1f0c-never-print-me";
 const BEGIN: &str = "-----BEGIN AGE ENCRYPTED FILE-----";
@@ -108,32 +110,20 @@ fn write(path: impl AsRef<Path>, text: &str) {
 }
 
 fn settings(recipients: &[&str]) -> String {
-    let list: Vec<String> = recipients.iter().map(|r| format!("\"{r}\"")).collect();
-    format!(
-        "base_domain = \"apps.example.com\"\n\n[secrets]\nrecipients = [{}]\n",
-        list.join(", ")
-    )
+    fixtures::settings().recipients(recipients).to_string()
 }
 
-const PLANS: &str = r#"[plan.small]
-cpu = 1
-memory = "512MiB"
-disk = "1GiB"
-price = 5
-max_replicas = 3
-
-[runtime.node]
-image = "node:22"
-start = "npm start"
-port = 3000
-"#;
+fn plans() -> String {
+    let plan = fixtures::plan("small").cpu("1").price("5").max_replicas(3);
+    format!("{plan}\n{}", fixtures::node_runtime())
+}
 
 /// A valid repository with `apps/web.toml` (app `web`, with an env table) and `apps/api.toml` (app `api`,
 /// without one), encrypting to `recipients`.
 fn repo(recipients: &[&str]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write(dir.path().join("cairn.toml"), &settings(recipients));
-    write(dir.path().join("plans.toml"), PLANS);
+    write(dir.path().join("plans.toml"), &plans());
     write(
         dir.path().join("apps/web.toml"),
         "[app.web]\nplan = \"small\"\nruntime = \"node\"\nsource = { url = \"https://github.com/acme/web\" }\n\n[app.web.env]\nLOG_LEVEL = \"info\"\n",

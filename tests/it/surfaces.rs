@@ -533,7 +533,10 @@ async fn regression_bad_credentials_from_the_agents_address_do_not_refuse_its_he
         }
         assert_eq!(s, 401);
         read += 1;
-        assert!(read <= 5, "the back-off did not come back after {read} more failures");
+        assert!(
+            read <= 5,
+            "the back-off did not come back after {read} more failures"
+        );
     }
     // The same for an admin token.
     let admin = serve.admin_token();

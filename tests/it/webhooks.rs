@@ -42,6 +42,7 @@ fn fixture(dir: &Path, file: &str) -> Value {
 
 use crate::agents::support::cairn_db;
 /// `git` with a fixed identity and clock: the same content gives the same commit on every run.
+use cairn_testkit::fixtures;
 use cairn_testkit::git_fixed_clock as git;
 
 struct Remote {
@@ -106,19 +107,27 @@ impl World {
     fn platform(&self, apps: &[(&str, u32, &str)]) {
         self.config.write(
             "cairn.toml",
-            "base_domain = \"apps.example.com\"\ncurrency = \"EUR\"\n",
+            &fixtures::settings().currency("EUR").to_string(),
         );
         self.config.write(
             "plans/small.toml",
-            "[plan.small]\ncpu = 0.25\nmemory = \"256MiB\"\ndisk = \"1GiB\"\nprice = \"5.00\"\nmax_replicas = 3\n",
+            &fixtures::plan("small")
+                .cpu("0.25")
+                .memory("256MiB")
+                .max_replicas(3)
+                .to_string(),
         );
         self.config.write(
             "runtimes/docker.toml",
-            "[runtime.docker]\ndockerfile = true\nport = 8080\n",
+            &fixtures::runtime("docker").dockerfile().to_string(),
         );
         self.config.write(
             "nodes/n1.toml",
-            "[node.n1]\ncpu = 2\nmemory = \"4GiB\"\ndisk = \"50GiB\"\n",
+            &fixtures::node("n1")
+                .cpu("2")
+                .memory("4GiB")
+                .disk("50GiB")
+                .to_string(),
         );
         for (name, replicas, extra) in apps {
             self.app(name, *replicas, extra);

@@ -18,6 +18,7 @@ use cairn_reconciler::executor::Applied;
 use cairn_reconciler::source::git::GitSource;
 use cairn_reconciler::store::{self, ReconcileStatus, state};
 use cairn_schema::{Desired, EnvValue, Identity, Recipient};
+use cairn_testkit::fixtures;
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
 
@@ -228,22 +229,16 @@ struct Repo {
     cp: Recipient,
 }
 
-const SETTINGS: &str = "base_domain = \"apps.example.com\"\ncurrency = \"EUR\"\n[secrets]\nrecipients = [\"age169yga2phn8fzeqx5t4cqqvlamskqa5qyprap3l80j6u2lpz90c4qaxv56m\"]\n";
+/// The demo identity's recipient (`examples/keys`).
+const RECIPIENT: &str = "age169yga2phn8fzeqx5t4cqqvlamskqa5qyprap3l80j6u2lpz90c4qaxv56m";
 
-const INFRA: &str = r#"
-[plan.small]
-cpu = 0.5
-memory = "512MiB"
-disk = "1GiB"
-price = "5.00"
-max_replicas = 5
-
-[runtime.node]
-image = "node:22"
-build = ["npm ci"]
-start = "npm start"
-port = 3000
-"#;
+fn infra() -> String {
+    format!(
+        "{}\n{}",
+        fixtures::plan("small"),
+        fixtures::node_runtime().build(&["npm ci"])
+    )
+}
 
 impl Repo {
     /// `nodes`: `(name, pinned recipient)`.
@@ -256,17 +251,19 @@ impl Repo {
             dir,
             cp: demo_identity().recipient(),
         };
-        repo.write("cairn.toml", SETTINGS);
-        repo.write("infra.toml", INFRA);
+        let settings = fixtures::settings()
+            .currency("EUR")
+            .recipients(&[RECIPIENT]);
+        repo.write("cairn.toml", &settings.to_string());
+        repo.write("infra.toml", &infra());
         let mut text = String::new();
         for (name, recipient) in nodes {
-            text += &format!(
-                "[node.{name}]\ncpu = 4\nmemory = \"8GiB\"\ndisk = \"100GiB\"\n{}\n",
-                recipient.map_or(String::new(), |r| format!(
-                    "recipient = \"{}\"\n",
-                    r.as_str()
-                ))
-            );
+            let node = fixtures::node(name);
+            let node = match recipient {
+                Some(r) => node.recipient(r.as_str()),
+                None => node,
+            };
+            text += &format!("{node}\n");
         }
         repo.write("nodes.toml", &text);
         repo

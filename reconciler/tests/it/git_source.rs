@@ -2,7 +2,7 @@
 
 use cairn_reconciler::source::git::{GitError, GitSource};
 
-use cairn_testkit::git;
+use cairn_testkit::{fixtures, git};
 
 /// A bare "remote" and a work tree that pushes to it.
 struct Remote {
@@ -55,12 +55,15 @@ fn app(name: &str, replicas: u32) -> String {
     )
 }
 
-const INFRA: &str = "[plan.small]\ncpu = 0.5\nmemory = \"512MiB\"\ndisk = \"1GiB\"\nprice = 5\nmax_replicas = 3\n\n[runtime.node]\nimage = \"node:22\"\nstart = \"node .\"\nport = 3000\n";
+fn infra() -> String {
+    let plan = fixtures::plan("small").price("5").max_replicas(3);
+    format!("{plan}\n{}", fixtures::node_runtime().start("node ."))
+}
 
 fn seeded() -> Remote {
     let r = Remote::new();
-    r.write("cairn.toml", "base_domain = \"apps.example.com\"\n");
-    r.write("infra.toml", INFRA);
+    r.write("cairn.toml", &fixtures::settings().to_string());
+    r.write("infra.toml", &infra());
     for i in 0..5 {
         r.write(&format!("apps/app{i}.toml"), &app(&format!("app{i}"), 1));
     }

@@ -14,7 +14,7 @@ use cairn_reconciler::executor::Applied;
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::{ReconcileStatus, state};
 use cairn_schema::source::Rewrites;
-use cairn_testkit::git;
+use cairn_testkit::{fixtures, git};
 use sqlx::PgPool;
 
 const TEST_TIMEOUT: Duration = Duration::from_secs(120);
@@ -22,28 +22,14 @@ const TEST_TIMEOUT: Duration = Duration::from_secs(120);
 /// Apps' manifests name this; the rewrite sends it to local bare repositories.
 const BASE: &str = "https://example.com/acme/";
 
-const CONFIG: &str = r#"base_domain = "apps.example.com"
-currency = "EUR"
-"#;
-
-const INFRA: &str = r#"
-[plan.small]
-cpu = 0.5
-memory = "512MiB"
-disk = "1GiB"
-price = "5.00"
-max_replicas = 5
-
-[runtime.node]
-image = "node:22"
-start = "npm start"
-port = 3000
-
-[node.n1]
-cpu = 4
-memory = "8GiB"
-disk = "100GiB"
-"#;
+fn infra() -> String {
+    format!(
+        "{}\n{}\n{}",
+        fixtures::plan("small"),
+        fixtures::node_runtime(),
+        fixtures::node("n1")
+    )
+}
 
 /// A config directory and, beside it, the apps' bare remotes (`<name>.git`) with a work tree each.
 struct World {
@@ -56,8 +42,9 @@ impl World {
         let tmp = tempfile::tempdir().unwrap();
         let config = tmp.path().join("config");
         std::fs::create_dir_all(&config).unwrap();
-        std::fs::write(config.join("cairn.toml"), CONFIG).unwrap();
-        std::fs::write(config.join("infra.toml"), INFRA).unwrap();
+        let settings = fixtures::settings().currency("EUR").to_string();
+        std::fs::write(config.join("cairn.toml"), settings).unwrap();
+        std::fs::write(config.join("infra.toml"), infra()).unwrap();
         World { tmp, config }
     }
 

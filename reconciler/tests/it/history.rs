@@ -10,15 +10,18 @@ use cairn_reconciler::store::ReconcileStatus;
 use cairn_reconciler::store::history::{
     self, MAX_RECORDED_ERRORS, NewReconciliation, RecordedError,
 };
+use cairn_testkit::fixtures;
 use chrono::Utc;
 use sqlx::PgPool;
 
-const SETTINGS: &str = "base_domain = \"apps.example.com\"\n";
-const VALID: &str = "[plan.small]\ncpu = 0.5\nmemory = \"512MiB\"\ndisk = \"1GiB\"\nprice = \"5.00\"\nmax_replicas = 3\n";
+/// A valid plan.
+fn valid() -> String {
+    fixtures::plan("small").max_replicas(3).to_string()
+}
 
-/// `VALID` with `n` unknown keys in its plan: `n` errors.
+/// `valid()` with `n` unknown keys in its plan: `n` errors.
 fn with_unknown_keys(n: usize) -> String {
-    let mut s = VALID.to_owned();
+    let mut s = valid();
     for i in 0..n {
         s.push_str(&format!("unknown_key_{i:06} = 1\n"));
     }
@@ -49,7 +52,11 @@ async fn invalid_head_with_50000_errors_is_stored_bounded_and_once() {
     let db = cairn_testkit::test_db!();
     let pool = db.pool();
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::write(tmp.path().join("cairn.toml"), SETTINGS).unwrap();
+    std::fs::write(
+        tmp.path().join("cairn.toml"),
+        fixtures::settings().to_string(),
+    )
+    .unwrap();
     std::fs::write(tmp.path().join("plans.toml"), with_unknown_keys(50_000)).unwrap();
     let c = Controller::new(pool.clone(), ConfigSource::Dir(tmp.path().into()), None);
 
@@ -91,7 +98,7 @@ async fn invalid_head_with_50000_errors_is_stored_bounded_and_once() {
     // is a new row too.
     std::fs::write(tmp.path().join("plans.toml"), with_unknown_keys(2)).unwrap();
     reconcile(&c).await;
-    std::fs::write(tmp.path().join("plans.toml"), VALID).unwrap();
+    std::fs::write(tmp.path().join("plans.toml"), valid()).unwrap();
     let Outcome::Applied(_) = reconcile(&c).await else {
         panic!("the valid commit applies")
     };

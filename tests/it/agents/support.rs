@@ -11,6 +11,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use cairn_schema::Identity;
+use cairn_testkit::fixtures;
 use cairn_testkit::pg::TestDb;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -97,18 +98,17 @@ impl Repo {
         git(dir.path(), &["init", "-q"]);
         git(bare.path(), &["init", "-q", "--bare"]);
         let r = Repo { dir, bare };
-        r.write(
-            "cairn.toml",
-            &format!("base_domain = \"apps.test\"\n\n[secrets]\nrecipients = [\"{recipient}\"]\n"),
-        );
-        r.write(
-            "plans.toml",
-            "[plan.small]\ncpu = 0.25\nmemory = \"256MiB\"\ndisk = \"1GiB\"\nprice = \"5.00\"\nmax_replicas = 8\n",
-        );
-        r.write(
-            "runtimes.toml",
-            "[runtime.web]\ndrivers = [\"docker\", \"process\"]\nimage = \"debian:12\"\nstart = \"./serve\"\nport = 8080\n",
-        );
+        let settings = fixtures::settings()
+            .base_domain("apps.test")
+            .recipients(&[recipient]);
+        r.write("cairn.toml", &settings.to_string());
+        let plan = fixtures::plan("small").cpu("0.25").memory("256MiB");
+        r.write("plans.toml", &plan.max_replicas(8).to_string());
+        let web = fixtures::runtime("web")
+            .drivers(&["docker", "process"])
+            .image("debian:12")
+            .start("./serve");
+        r.write("runtimes.toml", &web.to_string());
         r
     }
 

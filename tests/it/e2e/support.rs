@@ -47,6 +47,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use cairn_testkit::engine::SecondEngine;
+use cairn_testkit::fixtures;
 use cairn_testkit::missing;
 use serde_json::Value;
 use tempfile::TempDir;
@@ -162,12 +163,11 @@ impl E2e {
         let (db, repo, scratch, identity) = AgentsPlane::prepare().await?;
         let installation = format!("e2e{:08x}", random_u32());
         let github = format!("https://github.com/{installation}/");
-        repo.write(
-            "runtimes.toml",
-            "[runtime.docker-app]\ndockerfile = true\nport = 8080\n\n\
-             [runtime.process-app]\ndrivers = [\"process\"]\n\
-             start = \"exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h www\"\nport = 8080\n",
-        );
+        let docker_app = fixtures::runtime("docker-app").dockerfile();
+        let process = fixtures::runtime("process-app")
+            .drivers(&["process"])
+            .start("exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h www");
+        repo.write("runtimes.toml", &format!("{docker_app}\n{process}"));
         Some(E2e {
             installation,
             repo,

@@ -10,6 +10,7 @@ use cairn_reconciler::source::git::GitSource;
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_schema::Identity;
 use cairn_schema::source::Rewrites;
+use cairn_testkit::fixtures;
 use cairn_webhook::events::TrackedRepo;
 use serde_json::Value;
 use sqlx::PgPool;
@@ -103,22 +104,26 @@ impl Remote {
 pub fn platform(config: &Remote, apps: &[(&str, &str)]) {
     config.write(
         "cairn.toml",
-        &format!(
-            "base_domain = \"apps.example.com\"\ncurrency = \"EUR\"\n\n[secrets]\nrecipients = [\"{}\"]\n",
-            demo_recipient()
-        ),
+        &fixtures::settings()
+            .currency("EUR")
+            .recipients(&[demo_recipient()])
+            .to_string(),
     );
     config.write(
         "plans/small.toml",
-        "[plan.small]\ncpu = 0.25\nmemory = \"256MiB\"\ndisk = \"1GiB\"\nprice = \"5.00\"\nmax_replicas = 3\n",
+        &fixtures::plan("small")
+            .cpu("0.25")
+            .memory("256MiB")
+            .max_replicas(3)
+            .to_string(),
     );
     config.write(
         "runtimes/docker.toml",
-        "[runtime.docker]\ndockerfile = true\nport = 8080\n",
+        &fixtures::runtime("docker").dockerfile().to_string(),
     );
     config.write(
         "nodes/n1.toml",
-        "[node.n1]\ncpu = 4\nmemory = \"8GiB\"\ndisk = \"50GiB\"\n",
+        &fixtures::node("n1").disk("50GiB").to_string(),
     );
     for (name, extra) in apps {
         app(config, name, 1, extra);
