@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt as _;
 
+use cairn_schema::error::chain as error_chain;
 use cairn_schema::{Desired, Diagnostic, Identity};
 use chrono::Utc;
 use sha2::{Digest, Sha256};
@@ -705,16 +706,4 @@ pub fn recorded(d: &Diagnostic) -> RecordedError {
         col: (d.col > 0).then_some(d.col as u32),
         message: d.message.clone(),
     }
-}
-
-/// An error with its sources, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

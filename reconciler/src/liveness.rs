@@ -16,8 +16,8 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::controller::error_chain;
 use crate::store::agents;
+use cairn_schema::error::chain as error_chain;
 
 /// How often the monitor looks for silent nodes: a quarter of the threshold, between 200 ms and 5 s.
 pub fn tick(offline_after: Duration) -> Duration {

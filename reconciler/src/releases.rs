@@ -418,7 +418,7 @@ pub async fn prune_loop(
             }
             Ok(_) => {}
             Err(e) => {
-                tracing::warn!(error = %crate::controller::error_chain(&e), "cannot prune old output")
+                tracing::warn!(error = %cairn_schema::error::chain(&e), "cannot prune old output")
             }
         }
         tokio::select! {

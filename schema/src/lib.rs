@@ -7,6 +7,7 @@
 //! puts a secret's plaintext into an error.
 
 pub mod diag;
+pub mod error;
 pub mod json_schema;
 pub mod model;
 pub mod parse;

@@ -9,12 +9,12 @@
 //! the handler's writes and the delivery's new status commit together or not at all.
 
 use std::error::Error as StdError;
-use std::fmt::Write as _;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_reconciler::metrics::DeliveryOutcome;
+use cairn_schema::error::chain;
 use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::Notify;
@@ -283,17 +283,6 @@ fn combine(config: Outcome, source: Outcome) -> Outcome {
             Outcome::Handled(format!("{a}; {b}"))
         }
     }
-}
-
-/// An error and its sources, `: `-separated (what a log line or an outcome column wants).
-pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let _ = write!(text, ": {e}");
-        source = e.source();
-    }
-    text
 }
 
 /// Exponential backoff with equal jitter: between half and all of `base * 2^(attempt-1)`, capped.

@@ -21,8 +21,9 @@ use cairn_schema::Name;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::deliveries::{backoff, chain};
+use crate::deliveries::backoff;
 use crate::store::{self, HeadCheck, StoreError};
+use cairn_schema::error::chain;
 
 /// Attempts at a remote that cannot be asked before the check is dropped (the reconciler's poll on
 /// its interval is the safety net).

@@ -24,9 +24,10 @@ use serde_json::Value;
 use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
 
-use crate::deliveries::{backoff, chain};
+use crate::deliveries::backoff;
 use crate::github::{ApiError, CommitStatus, GitHub, RepoName, fit_description, plan_comment_body};
 use crate::store::{self, Failure, Settled, StoreError};
+use cairn_schema::error::chain;
 
 /// The channel the outbox table's trigger notifies on insert.
 pub const NOTIFY_CHANNEL: &str = "cairn_github_outbox";

@@ -25,22 +25,24 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_reconciler::controller::{Controller, error_chain};
+use cairn_reconciler::controller::Controller;
 use cairn_reconciler::observed::{CommitId, Observed};
 use cairn_reconciler::plan::{self, DesiredAt, Plan, PlanInput, render};
 use cairn_reconciler::source::Snapshot;
 use cairn_reconciler::source::git::{GitError, GitSource};
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::state;
+use cairn_schema::error::chain as error_chain;
 use chrono::Utc;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::deliveries::{backoff, chain};
+use crate::deliveries::backoff;
 use crate::github::{CommitStatus, RepoName, StatusState};
 use crate::handler::PLAN_CONTEXT;
 use crate::outbox::{self, GitHubCall, OutboxError};
 use crate::store::{self, ClaimedPr, PrSettle, StoreError};
+use cairn_schema::error::chain;
 
 /// Attempts at a pull request whose head cannot be fetched before the `cairn/plan` status says so.
 pub const MAX_ATTEMPTS: i32 = 5;

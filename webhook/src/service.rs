@@ -31,7 +31,9 @@ use sqlx::PgPool;
 use sqlx::postgres::PgListener;
 use tokio::sync::{Notify, watch};
 
-use crate::deliveries::{self, chain};
+use cairn_schema::error::chain;
+
+use crate::deliveries;
 use crate::events::TrackedRepo;
 use crate::github::{GitHub, GitHubConfig, GitHubError};
 use crate::handler::CairnHandler;

@@ -48,7 +48,6 @@ use tokio::time::Instant;
 
 use super::auth::{self, bearer, hash, well_formed};
 use super::{Api, ApiError, Json};
-use crate::controller::error_chain;
 use crate::drift;
 use crate::observed::NodeState;
 use crate::payload;
@@ -58,6 +57,7 @@ use crate::queue::{
 use crate::store::Op as _;
 use crate::store::agents::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinRecord, NewLogLine};
 use crate::store::releases;
+use cairn_schema::error::chain as error_chain;
 
 /// The most replicas one heartbeat may report.
 pub const MAX_REPORTED_REPLICAS: usize = 10_000;
