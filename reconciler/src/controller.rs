@@ -203,6 +203,42 @@ pub enum Outcome {
     },
 }
 
+/// What woke a reconcile. Triggers only wake: none carries a change. Its text ([`Trigger::as_str`]) is
+/// what the history records and the `reconcile` span shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `cairn serve`'s first run.
+    Startup,
+    /// `cairn serve`'s interval passed.
+    Timer,
+    /// Something woke `cairn serve`'s loop: a file change, a webhook, a node going offline, an operator's
+    /// command through the API.
+    Wake,
+    /// `cairn apply` (and the failed attempt it records).
+    Manual,
+    /// `cairn dev` applying its example.
+    Dev,
+}
+
+impl Trigger {
+    /// The text the history stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup",
+            Trigger::Timer => "timer",
+            Trigger::Wake => "wake",
+            Trigger::Manual => "manual",
+            Trigger::Dev => "dev",
+        }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which app branch heads the controller reads itself (with a [`Controller::heads`] poller).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum HeadPolling {
@@ -394,7 +430,7 @@ impl Controller {
     }
 
     /// One full reconcile: read, validate, plan and apply; failures are recorded.
-    pub async fn reconcile(&self, trigger: &str) -> Result<Outcome, ReconcileError> {
+    pub async fn reconcile(&self, trigger: Trigger) -> Result<Outcome, ReconcileError> {
         self.reconcile_expecting(trigger, None).await
     }
 
@@ -403,10 +439,14 @@ impl Controller {
     /// it in [`crate::metrics`].
     pub async fn reconcile_expecting(
         &self,
-        trigger: &str,
+        trigger: Trigger,
         generation: Option<u64>,
     ) -> Result<Outcome, ReconcileError> {
-        let span = tracing::info_span!("reconcile", trigger, commit = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "reconcile",
+            trigger = trigger.as_str(),
+            commit = tracing::field::Empty
+        );
         let started = std::time::Instant::now();
         let result = self
             .reconcile_once(trigger, generation)
@@ -440,7 +480,7 @@ impl Controller {
 
     async fn reconcile_once(
         &self,
-        trigger: &str,
+        trigger: Trigger,
         generation: Option<u64>,
     ) -> Result<Outcome, ReconcileError> {
         let started_at = Utc::now();
@@ -478,7 +518,9 @@ impl Controller {
             });
         };
         let which = match (self.head_polling, trigger) {
-            (HeadPolling::All, "startup" | "timer" | "manual") => HeadPolling::All,
+            (HeadPolling::All, Trigger::Startup | Trigger::Timer | Trigger::Manual) => {
+                HeadPolling::All
+            }
             // Cheap when every head is known (one query), so every other run: a new app or branch
             // arrives with a config change, whatever woke the run, and deploys without waiting for the
             // timer.
@@ -588,7 +630,7 @@ impl Controller {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
-        let mut trigger = "startup";
+        let mut trigger = Trigger::Startup;
         let mut backoff = Duration::from_secs(1);
         let mut pruned_at: Option<std::time::Instant> = None;
         loop {
@@ -620,8 +662,8 @@ impl Controller {
             };
             tokio::select! {
                 _ = &mut shutdown => return,
-                _ = wake.notified() => trigger = "wake",
-                _ = tokio::time::sleep(wait) => trigger = "timer",
+                _ = wake.notified() => trigger = Trigger::Wake,
+                _ = tokio::time::sleep(wait) => trigger = Trigger::Timer,
             }
         }
     }
@@ -645,7 +687,7 @@ impl Controller {
     /// Records a run whose task panicked outside the places that know its commit (or was cancelled).
     async fn record_panicked_run(
         &self,
-        trigger: &str,
+        trigger: Trigger,
         e: tokio::task::JoinError,
     ) -> ReconcileError {
         let why = match e.try_into_panic() {

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome};
+use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome, Trigger};
 use cairn_reconciler::plan::render;
 use cairn_reconciler::store::ReconcileStatus;
 
@@ -167,7 +167,7 @@ pub fn apply(args: ApplyArgs) -> Result<ExitCode> {
                 eprintln!("{d}\n");
             }
             // Record the failed attempt as serve would, so history shows it.
-            let outcome = c.reconcile("manual").await?;
+            let outcome = c.reconcile(Trigger::Manual).await?;
             debug_assert!(matches!(outcome, Outcome::Invalid { .. }));
             eprintln!("invalid: nothing applied");
             return Ok(ExitCode::from(EXIT_FAILURE));
@@ -189,7 +189,7 @@ pub fn apply(args: ApplyArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_FAILURE));
             }
         }
-        match c.reconcile_expecting("manual", Some(plan.based_on)).await? {
+        match c.reconcile_expecting(Trigger::Manual, Some(plan.based_on)).await? {
             Outcome::Applied(a) if a.status == ReconcileStatus::Applied => {
                 println!("\nApplied generation {}: {} ({} tasks)", a.plan.generation, a.plan.summary(), a.tasks);
                 Ok(ExitCode::SUCCESS)
