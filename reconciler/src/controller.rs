@@ -10,7 +10,6 @@
 //! so the previous state keeps running and the next good commit applies.
 
 use std::panic::AssertUnwindSafe;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,7 +18,6 @@ use futures_util::FutureExt as _;
 use cairn_schema::error::chain as error_chain;
 use cairn_schema::{Desired, Diagnostic, Identity};
 use chrono::Utc;
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio::sync::{Mutex, Notify};
 use tracing::Instrument as _;
@@ -27,165 +25,14 @@ use tracing::Instrument as _;
 use crate::executor::{self, Applied, ApplyError, Context};
 use crate::metrics::ReconcileResult;
 use crate::observed::{CommitId, Fingerprints};
+use crate::panics::{PANIC_REASON, inject_panic, panic_message};
 use crate::plan::{DesiredAt, Plan, PlanInput};
 use crate::source::Snapshot;
-use crate::source::git::{GitError, GitSource};
 use crate::source::heads::HeadPoller;
 use crate::store::{ReconcileStatus, RecordedError, StoreError, state};
 
-/// Where desired state is read from.
-#[derive(Debug)]
-pub enum ConfigSource {
-    /// A working tree; its "commit" is a hash of the manifests' paths and bytes.
-    Dir(PathBuf),
-    Git(GitSource),
-}
-
-/// Why the config source could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("cannot read config directory {path}")]
-    Dir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Git(#[from] GitError),
-}
-
-impl ConfigSource {
-    /// A directory if `repo` is one, else a git remote (cached under `cache_root`).
-    pub fn open(repo: &str, refname: &str, cache_root: &std::path::Path) -> ConfigSource {
-        let path = std::path::Path::new(repo);
-        if path.is_dir() {
-            ConfigSource::Dir(path.to_path_buf())
-        } else {
-            let cache = crate::source::git::cache_dir(cache_root, repo);
-            ConfigSource::Git(GitSource::new(repo, refname, cache))
-        }
-    }
-
-    /// What the history names as the source.
-    pub fn label(&self) -> String {
-        match self {
-            ConfigSource::Dir(p) => p.display().to_string(),
-            ConfigSource::Git(g) => format!("{}#{}", g.url(), g.refname()),
-        }
-    }
-
-    /// Reads the newest desired state: fetches a git ref, or re-reads a directory. A panic while the
-    /// commit's files are parsed and validated is caught: the snapshot is then that commit, invalid, with
-    /// the panic as its error.
-    pub fn read(&mut self) -> Result<Snapshot, ReadError> {
-        match self {
-            ConfigSource::Dir(dir) => {
-                let snap = crate::source::dir::read_dir(dir).map_err(|source| ReadError::Dir {
-                    path: dir.clone(),
-                    source,
-                })?;
-                let mut h = Sha256::new();
-                for (p, b) in &snap.files {
-                    h.update((p.len() as u64).to_le_bytes());
-                    h.update(p.as_bytes());
-                    h.update((b.len() as u64).to_le_bytes());
-                    h.update(b);
-                }
-                let commit = format!("dir-{}", &hex::encode(h.finalize())[..16]);
-                Ok(validated(&commit, || {
-                    let files = snap
-                        .files
-                        .iter()
-                        .map(|(p, b)| Arc::new(cairn_schema::parse_file(p, b)))
-                        .collect();
-                    Snapshot::new(Some(commit.clone()), files, snap.diagnostics)
-                }))
-            }
-            ConfigSource::Git(g) => {
-                let head = g.fetch()?;
-                let commit = head.to_string();
-                let mut failed = None;
-                let snap = validated(&commit, || match g.load(head) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        failed = Some(e);
-                        Snapshot::new(Some(commit.clone()), Vec::new(), Vec::new())
-                    }
-                });
-                match failed {
-                    Some(e) => Err(e.into()),
-                    None => Ok(snap),
-                }
-            }
-        }
-    }
-
-    /// Whether `candidate` is an ancestor of `applied` (so applying it would go backwards), or `None`
-    /// when the source cannot tell because it does not hold `applied` (a cold cache after a force-push).
-    /// Directories have no history: never behind.
-    pub fn is_behind(&mut self, candidate: &str, applied: &str) -> Option<bool> {
-        match self {
-            ConfigSource::Dir(_) => Some(false),
-            ConfigSource::Git(g) => g
-                .has_commit(applied)
-                .then(|| g.is_ancestor(candidate, applied).unwrap_or(false)),
-        }
-    }
-}
-
-/// Runs the synchronous parse and validation of `commit`, turning a panic into that commit's error: a
-/// snapshot without desired state whose one diagnostic says what panicked. Whatever the manifest holds,
-/// the caller records a failed commit instead of unwinding through the control plane.
-fn validated(commit: &str, parse: impl FnOnce() -> Snapshot) -> Snapshot {
-    let run = || {
-        let snap = parse();
-        inject_panic("validate", &snap);
-        snap
-    };
-    match std::panic::catch_unwind(AssertUnwindSafe(run)) {
-        Ok(snap) => snap,
-        Err(payload) => {
-            let why = panic_message(&*payload);
-            tracing::error!(%commit, panic = %why, "validating a commit panicked: recorded as failed");
-            let mut snap = Snapshot::new(Some(commit.to_owned()), Vec::new(), Vec::new());
-            snap.loaded.desired = None;
-            snap.loaded.diagnostics = cairn_schema::Diagnostics(vec![Diagnostic::file(
-                cairn_schema::Severity::Error,
-                "",
-                format!("{PANIC_REASON} while validating this commit: {why}"),
-            )]);
-            snap
-        }
-    }
-}
-
-/// How a failure caused by a panic starts, in the history and the logs.
-pub const PANIC_REASON: &str = "internal error (a panic in cairn; please report it)";
-
-/// The text a panic carried (`panic!("...")` gives a `&str` or a `String`).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic without a message");
-    // Bounded and on one line: it goes into the history and commit statuses.
-    let one_line = cairn_schema::diag::escape_control(text);
-    one_line.chars().take(500).collect()
-}
-
-/// With the `test-panic` feature (only the test suite builds with it), a commit whose manifests hold the
-/// line `# cairn-test-panic: STAGE` panics at that stage (`validate`, `apply`, `reconcile`), standing in
-/// for a bug no known input reaches any more. Without the feature this is nothing.
-#[cfg(feature = "test-panic")]
-fn inject_panic(stage: &str, snap: &Snapshot) {
-    let marker = format!("# cairn-test-panic: {stage}\n");
-    if snap.files.iter().any(|f| f.src.contains(&marker)) {
-        panic!("injected test panic at stage `{stage}`");
-    }
-}
-#[cfg(not(feature = "test-panic"))]
-fn inject_panic(_stage: &str, _snap: &Snapshot) {}
+/// The controller reads from a [`ConfigSource`] (`source/config.rs`).
+pub use crate::source::{ConfigSource, ReadError};
 
 /// One reconcile's result.
 #[derive(Debug)]
@@ -577,9 +424,9 @@ impl Controller {
             }
         };
         let commit_id = CommitId::new(commit.clone());
-        inject_panic("reconcile", &snap);
+        inject_panic("reconcile", &snap.files);
         let apply = async {
-            inject_panic("apply", &snap);
+            inject_panic("apply", &snap.files);
             executor::reconcile(
                 &self.pool,
                 Some((&commit_id, desired)),

@@ -15,6 +15,7 @@ pub mod hooks;
 pub mod liveness;
 pub mod metrics;
 pub mod observed;
+mod panics;
 pub mod payload;
 pub mod plan;
 pub mod queue;
