@@ -10,12 +10,14 @@
 //! so the previous state keeps running and the next good commit applies.
 
 use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::FutureExt as _;
 
 use cairn_schema::error::chain as error_chain;
+use cairn_schema::source::{RewriteError, Rewrites};
 use cairn_schema::{Desired, Diagnostic, Identity};
 use chrono::Utc;
 use sqlx::PgPool;
@@ -30,6 +32,7 @@ use crate::plan::{DesiredAt, Plan, PlanInput};
 use crate::source::Snapshot;
 use crate::source::heads::HeadPoller;
 use crate::store::{ReconcileStatus, RecordedError, StoreError, state};
+use crate::worker::{Pass, Shutdown, Woken, Worker};
 
 /// The controller reads from a [`ConfigSource`] (`source/config.rs`).
 pub use crate::source::{ConfigSource, ReadError};
@@ -99,6 +102,40 @@ pub enum HeadPolling {
     Unknown,
 }
 
+/// Where the desired state is and how the controller follows it: what `--repo`, `--ref`, `--cache-dir`,
+/// `--git-rewrite`, `--refuse-private-sources`, `--no-poll-heads` and `--seed` say.
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    /// A directory, or a git URL.
+    pub repo: String,
+    /// The branch (or full ref) of a git repository.
+    pub git_ref: String,
+    /// Where git caches live.
+    pub cache_root: PathBuf,
+    /// App sources and the config repository are fetched through these.
+    pub rewrites: Rewrites,
+    pub refuse_private_sources: bool,
+    pub head_polling: HeadPolling,
+    /// The scheduler's tie-breaks.
+    pub seed: u64,
+}
+
+impl SourceSettings {
+    /// The URL the config repository is fetched from: `repo` through the rewrites (a mirror, GitHub
+    /// Enterprise, a local remote in tests); it keeps its own URL for webhooks and statuses.
+    pub fn fetch_url(&self) -> Result<String, RewriteError> {
+        Ok(self
+            .rewrites
+            .apply(&self.repo)?
+            .unwrap_or_else(|| self.repo.clone()))
+    }
+
+    /// Whether the config repository is a git remote rather than a directory.
+    pub fn is_git(&self) -> bool {
+        !std::path::Path::new(&self.repo).is_dir()
+    }
+}
+
 /// Everything a reconcile needs besides the database.
 #[derive(Debug)]
 pub struct Controller {
@@ -159,6 +196,28 @@ impl Controller {
             judging: None,
             history_retention: Duration::from_secs(14 * 24 * 3600),
         }
+    }
+
+    /// A controller of the source `settings` name, reading app branch heads as they say (through the same
+    /// rewrites).
+    pub fn open(
+        pool: PgPool,
+        settings: &SourceSettings,
+        identity: Option<Identity>,
+    ) -> Result<Self, RewriteError> {
+        let fetch_url = settings.fetch_url()?;
+        let source = ConfigSource::open(&fetch_url, &settings.git_ref, &settings.cache_root);
+        let mut c = Controller::new(pool, source, identity);
+        c.seed = settings.seed;
+        c.heads = Some(Mutex::new(
+            HeadPoller::new(
+                settings.cache_root.join("heads.git"),
+                settings.rewrites.clone(),
+            )
+            .refuse_private(settings.refuse_private_sources),
+        ));
+        c.head_polling = settings.head_polling;
+        Ok(c)
     }
 
     /// Reads the source (blocking IO runs off the async workers).
@@ -468,50 +527,54 @@ impl Controller {
         }
     }
 
-    /// Runs until `shutdown` resolves: reconciles now, then whenever `wake` is notified or `interval`
-    /// passes. Errors are logged and retried with backoff (capped at the interval).
-    pub async fn run(
-        self: Arc<Self>,
-        wake: Arc<Notify>,
-        interval: Duration,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(shutdown);
-        let mut trigger = Trigger::Startup;
-        let mut backoff = Duration::from_secs(1);
-        let mut pruned_at: Option<std::time::Instant> = None;
-        loop {
-            if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
-                pruned_at = Some(std::time::Instant::now());
-                self.prune_history().await;
-            }
-            // The outcome is logged (in the reconcile's span) by `reconcile` itself. Each run is a task of
-            // its own, so a panic anywhere in it (past the places that catch one with its commit) ends
-            // that run, not the loop.
-            let run = tokio::spawn({
-                let this = self.clone();
-                async move { this.reconcile(trigger).await }
-            });
-            let result = match run.await {
-                Ok(r) => r,
-                Err(e) => Err(self.record_panicked_run(trigger, e).await),
-            };
-            let wait = match result {
-                Ok(_) => {
-                    backoff = Duration::from_secs(1);
-                    interval
-                }
-                Err(_) => {
-                    let w = backoff.min(interval);
-                    backoff = (backoff * 2).min(interval);
-                    w
-                }
-            };
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = wake.notified() => trigger = Trigger::Wake,
-                _ = tokio::time::sleep(wait) => trigger = Trigger::Timer,
-            }
+    /// Runs until `shutdown` is triggered: reconciles now, then whenever `wake` is notified or `interval`
+    /// passes. Errors are logged (by [`Controller::reconcile`], in its span) and retried with backoff
+    /// (capped at the interval).
+    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, interval: Duration, shutdown: &Shutdown) {
+        Worker::new("reconciling", interval)
+            .woken_by(wake)
+            .backoff(Duration::from_secs(1))
+            .failures_logged_by_pass()
+            .run(
+                shutdown,
+                Runs {
+                    controller: self,
+                    pruned_at: None,
+                },
+            )
+            .await
+    }
+}
+
+/// The passes of [`Controller::run`]: one reconcile each, and the history's prune when it is due.
+struct Runs {
+    controller: Arc<Controller>,
+    pruned_at: Option<std::time::Instant>,
+}
+
+impl Pass for Runs {
+    type Error = ReconcileError;
+
+    async fn run(&mut self, woken: Woken) -> Result<Option<Duration>, ReconcileError> {
+        if self.pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            self.pruned_at = Some(std::time::Instant::now());
+            self.controller.prune_history().await;
+        }
+        let trigger = match woken {
+            Woken::Start => Trigger::Startup,
+            Woken::Wake => Trigger::Wake,
+            Woken::Period => Trigger::Timer,
+        };
+        // The outcome is logged (in the reconcile's span) by `reconcile` itself. Each run is a task of
+        // its own, so a panic anywhere in it (past the places that catch one with its commit) ends that
+        // run, not the loop.
+        let run = tokio::spawn({
+            let this = self.controller.clone();
+            async move { this.reconcile(trigger).await }
+        });
+        match run.await {
+            Ok(r) => r.map(|_| None),
+            Err(e) => Err(self.controller.record_panicked_run(trigger, e).await),
         }
     }
 }

@@ -24,3 +24,4 @@ pub mod scheduler;
 pub mod source;
 pub mod status;
 pub mod store;
+pub mod worker;

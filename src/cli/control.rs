@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome, Trigger};
+use cairn_reconciler::controller::{Controller, HeadPolling, Outcome, SourceSettings, Trigger};
 use cairn_reconciler::plan::render;
 use cairn_reconciler::store::ReconcileStatus;
+use cairn_schema::source::Rewrites;
 
 use super::{EXIT_FAILURE, read_identity};
 
@@ -54,6 +55,25 @@ pub struct SourceArgs {
 }
 
 impl SourceArgs {
+    /// What the controller (and `cairn serve`) make of these flags. Every head is polled on the
+    /// interval, or with --no-poll-heads only those with no usable record (pushes to known branches
+    /// are the webhooks' to record).
+    pub fn settings(&self) -> Result<SourceSettings> {
+        Ok(SourceSettings {
+            repo: self.repo.clone(),
+            git_ref: self.git_ref.clone(),
+            cache_root: self.cache_root(),
+            rewrites: Rewrites::parse(&self.git_rewrite).map_err(anyhow::Error::msg)?,
+            refuse_private_sources: self.refuse_private_sources,
+            head_polling: if self.no_poll_heads {
+                HeadPolling::Unknown
+            } else {
+                HeadPolling::All
+            },
+            seed: self.seed,
+        })
+    }
+
     pub fn cache_root(&self) -> PathBuf {
         self.cache_dir.clone().unwrap_or_else(|| {
             std::env::var_os("XDG_CACHE_HOME")
@@ -73,27 +93,7 @@ pub async fn controller(db: &DbArgs, src: &SourceArgs) -> Result<Controller> {
         .await
         .context("cannot migrate the database")?;
     let identity = read_identity(src.identity.as_ref())?;
-    // The config repository is fetched through the rewrites too (a mirror, GitHub Enterprise, a
-    // local remote in tests); it keeps its own URL for webhooks and statuses.
-    let fetch_url = super::webhooks::config_fetch_url(src)?;
-    let source = ConfigSource::open(&fetch_url, &src.git_ref, &src.cache_root());
-    let mut c = Controller::new(pool, source, identity);
-    c.seed = src.seed;
-    // Every head on the interval, or with --no-poll-heads only those with no usable record (pushes to
-    // known branches are the webhooks' to record); either way through the same rewrites.
-    let rewrites =
-        cairn_schema::source::Rewrites::parse(&src.git_rewrite).map_err(anyhow::Error::msg)?;
-    let scratch = src.cache_root().join("heads.git");
-    c.heads = Some(tokio::sync::Mutex::new(
-        cairn_reconciler::source::heads::HeadPoller::new(scratch, rewrites)
-            .refuse_private(src.refuse_private_sources),
-    ));
-    c.head_polling = if src.no_poll_heads {
-        HeadPolling::Unknown
-    } else {
-        HeadPolling::All
-    };
-    Ok(c)
+    Ok(Controller::open(pool, &src.settings()?, identity)?)
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use axum::Router;
-use tokio::sync::{OnceCell, watch};
+use cairn_reconciler::worker::Shutdown;
+use tokio::sync::OnceCell;
 
 /// Connections `--metrics-listen` holds at most.
 const METRICS_MAX_CONNECTIONS: usize = 64;
@@ -26,7 +27,7 @@ pub async fn mount(
     app: Router,
     args: &MetricsArgs,
     pool: Arc<OnceCell<sqlx::PgPool>>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
     bounds: &cairn_reconciler::api::listen::Bounds,
 ) -> Result<Router> {
     let metrics = cairn_reconciler::metrics::router(pool);
@@ -43,11 +44,7 @@ pub async fn mount(
     let mut bounds = bounds.clone();
     bounds.max_connections = bounds.max_connections.min(METRICS_MAX_CONNECTIONS);
     tokio::spawn(async move {
-        let mut stop = stop;
-        let served = cairn_reconciler::api::listen::serve(listener, metrics, bounds, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
+        let served = cairn_reconciler::api::listen::serve(listener, metrics, bounds, stop).await;
         if let Err(e) = served {
             tracing::error!(error = %e, "the metrics listener failed");
         }

@@ -20,7 +20,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use cairn_reconciler::controller::ConfigSource;
-use tokio::sync::{Notify, watch};
+use cairn_reconciler::worker::Shutdown;
+use tokio::sync::Notify;
 
 use super::control::{DbArgs, SourceArgs, controller, runtime};
 
@@ -154,15 +155,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
         println!("listening on {addr}");
         tracing::info!(%addr, "listening");
 
-        let (stop_tx, stop_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            let _ = stop_tx.send(true);
+        let shutdown = Shutdown::new();
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                shutdown.trigger();
+            }
         });
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
 
         // The listener answers /healthz before the database is reachable; /readyz says when it is.
         let ready: Arc<tokio::sync::OnceCell<sqlx::PgPool>> = Arc::default();
@@ -175,13 +176,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
         let apis = super::serve_api::Late::default();
         let app = app.merge(apis.router());
         let app =
-            super::metrics::mount(app, &args.metrics, ready.clone(), stop_rx.clone(), &bounds)
+            super::metrics::mount(app, &args.metrics, ready.clone(), shutdown.clone(), &bounds)
                 .await?;
         let server = tokio::spawn(cairn_reconciler::api::listen::serve(
             listener,
             app,
             bounds,
-            stopped(stop_rx.clone()),
+            shutdown.clone(),
         ));
 
         let mut c = controller(&args.db, &args.src).await?;
@@ -200,7 +201,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 judging,
                 c.hooks.clone(),
                 wake.clone(),
-                stop_rx.clone(),
+                shutdown.clone(),
             )
             .await?,
         );
@@ -226,12 +227,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 &args.src,
                 c.clone(),
                 wake.clone(),
-                stop_rx.clone(),
+                shutdown.clone(),
             )
             .await?;
-        c.clone()
-            .run(wake, args.interval, stopped(stop_rx.clone()))
-            .await;
+        c.clone().run(wake, args.interval, &shutdown).await;
         webhooks.await.context("the webhook workers failed")?;
         server.await.context("the HTTP server task failed")??;
         c.pool.close().await;

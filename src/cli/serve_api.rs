@@ -16,8 +16,9 @@ use axum::response::{IntoResponse, Response};
 use cairn_reconciler::api::limit::Rate;
 use cairn_reconciler::api::{Api, ApiConfig};
 use cairn_reconciler::queue::Listener;
+use cairn_reconciler::worker::Shutdown;
 use cairn_schema::Name;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 use tower::ServiceExt as _;
 
 /// Flags of the agent and admin APIs.
@@ -71,7 +72,7 @@ pub async fn start(
     judging: cairn_reconciler::liveness::Judging,
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
-    stop: watch::Receiver<bool>,
+    stop: Shutdown,
 ) -> Result<Router> {
     let identity = super::read_identity(src.identity.as_ref())?;
     let pool = cairn_reconciler::store::connect(database_url, args.api_db_connections)
@@ -114,25 +115,13 @@ pub async fn start(
         window: args.log_window,
         ..Default::default()
     };
-    tokio::spawn(cairn_reconciler::releases::prune_loop(
-        pool.clone(),
-        retention,
-        {
-            let mut stop = stop.clone();
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }
-        },
-    ));
-    tokio::spawn(cairn_reconciler::liveness::monitor(
-        pool,
-        judging,
-        wake,
-        async move {
-            let mut stop = stop;
-            let _ = stop.wait_for(|s| *s).await;
-        },
-    ));
+    tokio::spawn({
+        let (pool, stop) = (pool.clone(), stop.clone());
+        async move { cairn_reconciler::releases::prune_loop(pool, retention, &stop).await }
+    });
+    tokio::spawn(
+        async move { cairn_reconciler::liveness::monitor(pool, judging, wake, &stop).await },
+    );
     Ok(cairn_reconciler::api::router_with(
         api,
         cairn_webhook::admin::routes(),

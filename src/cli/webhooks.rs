@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use cairn_reconciler::controller::Controller;
+use cairn_reconciler::worker::Shutdown;
 use cairn_schema::source::Rewrites;
 use cairn_webhook::deliveries::{self, DeliveryRecord, DeliveryStatus};
 use cairn_webhook::events::TrackedRepo;
@@ -21,7 +22,7 @@ use cairn_webhook::outbox::OutboxConfig;
 use cairn_webhook::receiver::WEBHOOK_PATH;
 use cairn_webhook::service::{self, Settings, Webhooks};
 use cairn_webhook::signature::WebhookSecret;
-use tokio::sync::{Notify, OnceCell, watch};
+use tokio::sync::{Notify, OnceCell};
 use tower::ServiceExt as _;
 
 use super::control::{DbArgs, SourceArgs, runtime};
@@ -126,7 +127,7 @@ impl Prepared {
         })
     }
 
-    /// Starts the receiver and the workers; the returned task ends once `shutdown` turned true and
+    /// Starts the receiver and the workers; the returned task ends once `shutdown` is triggered and
     /// every worker stopped.
     pub async fn start(
         self,
@@ -134,7 +135,7 @@ impl Prepared {
         src: &SourceArgs,
         controller: Arc<Controller>,
         reconcile: Arc<Notify>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> Result<tokio::task::JoinHandle<()>> {
         let mut settings = self.settings_preview(src)?;
         settings.secret = self.secret;

@@ -27,6 +27,7 @@
 
 pub mod agents;
 pub mod history;
+pub mod listen;
 pub mod metrics;
 pub mod progress;
 pub mod releases;
