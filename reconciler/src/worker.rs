@@ -33,6 +33,12 @@ impl Shutdown {
         self.0.cancel();
     }
 
+    /// A shutdown of its own that this one triggers too: what a component started stops with the whole,
+    /// or alone.
+    pub fn child(&self) -> Shutdown {
+        Shutdown(self.0.child_token())
+    }
+
     pub fn is_triggered(&self) -> bool {
         self.0.is_cancelled()
     }
