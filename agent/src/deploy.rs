@@ -184,14 +184,7 @@ pub struct DeployFailure {
 impl DeployFailure {
     /// The whole cause chain on one line, for the release record and the commit status.
     pub fn reason(&self) -> String {
-        let mut out = self.to_string();
-        let mut cur: Option<&dyn std::error::Error> = Some(&self.error);
-        while let Some(e) = cur {
-            out.push_str(": ");
-            out.push_str(&e.to_string());
-            cur = e.source();
-        }
-        out
+        cairn_schema::error::chain(self)
     }
 }
 
@@ -344,7 +337,7 @@ impl Deployer {
                             // The registry unreachable or the image gone: the source still builds it.
                             pulled
                                 .inspect_err(|e| {
-                                    let why = crate::runner::chain(e);
+                                    let why = cairn_schema::error::chain(e);
                                     tracing::warn!(app = %spec.app, release = spec.release, image = %image.pinned(), error = %why, "cannot pull the release's image; building it here");
                                     log.line(LogLine::new(
                                         LogStream::Agent,
@@ -453,7 +446,7 @@ impl Deployer {
                 Some(pushed)
             }
             Err(e) => {
-                let why = crate::runner::chain(&e);
+                let why = cairn_schema::error::chain(&e);
                 tracing::warn!(app = %spec.app, release = spec.release, %repository, error = %why, "cannot push the release's image; other nodes get it themselves");
                 log.line(LogLine::new(
                     LogStream::Agent,

@@ -29,7 +29,9 @@ use tokio::sync::watch;
 
 use crate::client::Client;
 use crate::logs::{LogLine, LogStream};
-use crate::runner::{Runner, chain};
+use cairn_schema::error::chain;
+
+use crate::runner::Runner;
 
 /// The last lines of one replica, as a runner reads them.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -34,7 +34,9 @@ use tracing::Instrument as _;
 use crate::client::{Client, ClientError};
 use crate::datadir::{Book, DataDir, DataError, Joined, SlotRecord, SlotState};
 use crate::logs::{LogLine, LogSink};
-use crate::runner::{RunError, Runner, Work, chain, replica_spec};
+use cairn_schema::error::chain;
+
+use crate::runner::{RunError, Runner, Work, replica_spec};
 
 /// How long a stopping agent waits for the answer to the lease request it had in flight (tasks it
 /// brings are given back at once).

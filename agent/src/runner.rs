@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use cairn_proto::{ActualReplica, DeployPayload, ReleaseEnv, RunState, TaskKind};
+use cairn_schema::error::chain;
 use cairn_schema::{Ciphertext, Domain, Driver as DriverName, EnvName, Name};
 
 use crate::deploy::{DeployError, Deployer};
@@ -336,18 +337,6 @@ impl Runner for DriverRunner {
             })
             .collect())
     }
-}
-
-/// An error and its sources on one line.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

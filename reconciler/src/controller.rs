@@ -16,175 +16,26 @@ use std::time::Duration;
 
 use futures_util::FutureExt as _;
 
+use cairn_schema::error::chain as error_chain;
+use cairn_schema::source::{RewriteError, Rewrites};
 use cairn_schema::{Desired, Diagnostic, Identity};
 use chrono::Utc;
-use sha2::{Digest, Sha256};
 use sqlx::PgPool;
 use tokio::sync::{Mutex, Notify};
 use tracing::Instrument as _;
 
 use crate::executor::{self, Applied, ApplyError, Context};
 use crate::metrics::ReconcileResult;
+use crate::panics::{PANIC_REASON, inject_panic, panic_message};
 use crate::source::Snapshot;
-use crate::source::git::{GitError, GitSource};
 use crate::source::heads::HeadPoller;
 use crate::store::{ReconcileStatus, RecordedError, StoreError, state};
+use crate::worker::{Pass, Shutdown, Woken, Worker};
 use cairn_plan::observed::{CommitId, Fingerprints};
 use cairn_plan::{DesiredAt, Plan, PlanInput};
 
-/// Where desired state is read from.
-#[derive(Debug)]
-pub enum ConfigSource {
-    /// A working tree; its "commit" is a hash of the manifests' paths and bytes.
-    Dir(PathBuf),
-    Git(GitSource),
-}
-
-/// Why the config source could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ReadError {
-    #[error("cannot read config directory {path}")]
-    Dir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Git(#[from] GitError),
-}
-
-impl ConfigSource {
-    /// A directory if `repo` is one, else a git remote (cached under `cache_root`).
-    pub fn open(repo: &str, refname: &str, cache_root: &std::path::Path) -> ConfigSource {
-        let path = std::path::Path::new(repo);
-        if path.is_dir() {
-            ConfigSource::Dir(path.to_path_buf())
-        } else {
-            let cache = crate::source::git::cache_dir(cache_root, repo);
-            ConfigSource::Git(GitSource::new(repo, refname, cache))
-        }
-    }
-
-    /// What the history names as the source.
-    pub fn label(&self) -> String {
-        match self {
-            ConfigSource::Dir(p) => p.display().to_string(),
-            ConfigSource::Git(g) => format!("{}#{}", g.url(), g.refname()),
-        }
-    }
-
-    /// Reads the newest desired state: fetches a git ref, or re-reads a directory. A panic while the
-    /// commit's files are parsed and validated is caught: the snapshot is then that commit, invalid, with
-    /// the panic as its error.
-    pub fn read(&mut self) -> Result<Snapshot, ReadError> {
-        match self {
-            ConfigSource::Dir(dir) => {
-                let snap = crate::source::dir::read_dir(dir).map_err(|source| ReadError::Dir {
-                    path: dir.clone(),
-                    source,
-                })?;
-                let mut h = Sha256::new();
-                for (p, b) in &snap.files {
-                    h.update((p.len() as u64).to_le_bytes());
-                    h.update(p.as_bytes());
-                    h.update((b.len() as u64).to_le_bytes());
-                    h.update(b);
-                }
-                let commit = format!("dir-{}", &hex::encode(h.finalize())[..16]);
-                Ok(validated(&commit, || {
-                    let files = snap
-                        .files
-                        .iter()
-                        .map(|(p, b)| Arc::new(cairn_schema::parse_file(p, b)))
-                        .collect();
-                    Snapshot::new(Some(commit.clone()), files, snap.diagnostics)
-                }))
-            }
-            ConfigSource::Git(g) => {
-                let head = g.fetch()?;
-                let commit = head.to_string();
-                let mut failed = None;
-                let snap = validated(&commit, || match g.load(head) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        failed = Some(e);
-                        Snapshot::new(Some(commit.clone()), Vec::new(), Vec::new())
-                    }
-                });
-                match failed {
-                    Some(e) => Err(e.into()),
-                    None => Ok(snap),
-                }
-            }
-        }
-    }
-
-    /// Whether `candidate` is an ancestor of `applied` (so applying it would go backwards), or `None`
-    /// when the source cannot tell because it does not hold `applied` (a cold cache after a force-push).
-    /// Directories have no history: never behind.
-    pub fn is_behind(&mut self, candidate: &str, applied: &str) -> Option<bool> {
-        match self {
-            ConfigSource::Dir(_) => Some(false),
-            ConfigSource::Git(g) => g
-                .has_commit(applied)
-                .then(|| g.is_ancestor(candidate, applied).unwrap_or(false)),
-        }
-    }
-}
-
-/// Runs the synchronous parse and validation of `commit`, turning a panic into that commit's error: a
-/// snapshot without desired state whose one diagnostic says what panicked. Whatever the manifest holds,
-/// the caller records a failed commit instead of unwinding through the control plane.
-fn validated(commit: &str, parse: impl FnOnce() -> Snapshot) -> Snapshot {
-    let run = || {
-        let snap = parse();
-        inject_panic("validate", &snap);
-        snap
-    };
-    match std::panic::catch_unwind(AssertUnwindSafe(run)) {
-        Ok(snap) => snap,
-        Err(payload) => {
-            let why = panic_message(&*payload);
-            tracing::error!(%commit, panic = %why, "validating a commit panicked: recorded as failed");
-            let mut snap = Snapshot::new(Some(commit.to_owned()), Vec::new(), Vec::new());
-            snap.loaded.desired = None;
-            snap.loaded.diagnostics = cairn_schema::Diagnostics(vec![Diagnostic::file(
-                cairn_schema::Severity::Error,
-                "",
-                format!("{PANIC_REASON} while validating this commit: {why}"),
-            )]);
-            snap
-        }
-    }
-}
-
-/// How a failure caused by a panic starts, in the history and the logs.
-pub const PANIC_REASON: &str = "internal error (a panic in cairn; please report it)";
-
-/// The text a panic carried (`panic!("...")` gives a `&str` or a `String`).
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let text = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("a panic without a message");
-    // Bounded and on one line: it goes into the history and commit statuses.
-    let one_line = cairn_schema::diag::escape_control(text);
-    one_line.chars().take(500).collect()
-}
-
-/// With the `test-panic` feature (only the test suite builds with it), a commit whose manifests hold the
-/// line `# cairn-test-panic: STAGE` panics at that stage (`validate`, `apply`, `reconcile`), standing in
-/// for a bug no known input reaches any more. Without the feature this is nothing.
-#[cfg(feature = "test-panic")]
-fn inject_panic(stage: &str, snap: &Snapshot) {
-    let marker = format!("# cairn-test-panic: {stage}\n");
-    if snap.files.iter().any(|f| f.src.contains(&marker)) {
-        panic!("injected test panic at stage `{stage}`");
-    }
-}
-#[cfg(not(feature = "test-panic"))]
-fn inject_panic(_stage: &str, _snap: &Snapshot) {}
+/// The controller reads from a [`ConfigSource`] (`source/config.rs`).
+pub use crate::source::{ConfigSource, ReadError};
 
 /// One reconcile's result.
 #[derive(Debug)]
@@ -202,6 +53,42 @@ pub enum Outcome {
     },
 }
 
+/// What woke a reconcile. Triggers only wake: none carries a change. Its text ([`Trigger::as_str`]) is
+/// what the history records and the `reconcile` span shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `cairn serve`'s first run.
+    Startup,
+    /// `cairn serve`'s interval passed.
+    Timer,
+    /// Something woke `cairn serve`'s loop: a file change, a webhook, a node going offline, an operator's
+    /// command through the API.
+    Wake,
+    /// `cairn apply` (and the failed attempt it records).
+    Manual,
+    /// `cairn dev` applying its example.
+    Dev,
+}
+
+impl Trigger {
+    /// The text the history stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup",
+            Trigger::Timer => "timer",
+            Trigger::Wake => "wake",
+            Trigger::Manual => "manual",
+            Trigger::Dev => "dev",
+        }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Which app branch heads the controller reads itself (with a [`Controller::heads`] poller).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum HeadPolling {
@@ -213,6 +100,40 @@ pub enum HeadPolling {
     /// follows now), on every run: a new app or a changed branch deploys at once, and pushes to known
     /// branches are left to webhooks (`cairn serve --no-poll-heads`).
     Unknown,
+}
+
+/// Where the desired state is and how the controller follows it: what `--repo`, `--ref`, `--cache-dir`,
+/// `--git-rewrite`, `--refuse-private-sources`, `--no-poll-heads` and `--seed` say.
+#[derive(Debug, Clone)]
+pub struct SourceSettings {
+    /// A directory, or a git URL.
+    pub repo: String,
+    /// The branch (or full ref) of a git repository.
+    pub git_ref: String,
+    /// Where git caches live.
+    pub cache_root: PathBuf,
+    /// App sources and the config repository are fetched through these.
+    pub rewrites: Rewrites,
+    pub refuse_private_sources: bool,
+    pub head_polling: HeadPolling,
+    /// The scheduler's tie-breaks.
+    pub seed: u64,
+}
+
+impl SourceSettings {
+    /// The URL the config repository is fetched from: `repo` through the rewrites (a mirror, GitHub
+    /// Enterprise, a local remote in tests); it keeps its own URL for webhooks and statuses.
+    pub fn fetch_url(&self) -> Result<String, RewriteError> {
+        Ok(self
+            .rewrites
+            .apply(&self.repo)?
+            .unwrap_or_else(|| self.repo.clone()))
+    }
+
+    /// Whether the config repository is a git remote rather than a directory.
+    pub fn is_git(&self) -> bool {
+        !std::path::Path::new(&self.repo).is_dir()
+    }
 }
 
 /// Everything a reconcile needs besides the database.
@@ -275,6 +196,28 @@ impl Controller {
             judging: None,
             history_retention: Duration::from_secs(14 * 24 * 3600),
         }
+    }
+
+    /// A controller of the source `settings` name, reading app branch heads as they say (through the same
+    /// rewrites).
+    pub fn open(
+        pool: PgPool,
+        settings: &SourceSettings,
+        identity: Option<Identity>,
+    ) -> Result<Self, RewriteError> {
+        let fetch_url = settings.fetch_url()?;
+        let source = ConfigSource::open(&fetch_url, &settings.git_ref, &settings.cache_root);
+        let mut c = Controller::new(pool, source, identity);
+        c.seed = settings.seed;
+        c.heads = Some(Mutex::new(
+            HeadPoller::new(
+                settings.cache_root.join("heads.git"),
+                settings.rewrites.clone(),
+            )
+            .refuse_private(settings.refuse_private_sources),
+        ));
+        c.head_polling = settings.head_polling;
+        Ok(c)
     }
 
     /// Reads the source (blocking IO runs off the async workers).
@@ -393,7 +336,7 @@ impl Controller {
     }
 
     /// One full reconcile: read, validate, plan and apply; failures are recorded.
-    pub async fn reconcile(&self, trigger: &str) -> Result<Outcome, ReconcileError> {
+    pub async fn reconcile(&self, trigger: Trigger) -> Result<Outcome, ReconcileError> {
         self.reconcile_expecting(trigger, None).await
     }
 
@@ -402,10 +345,14 @@ impl Controller {
     /// it in [`crate::metrics`].
     pub async fn reconcile_expecting(
         &self,
-        trigger: &str,
+        trigger: Trigger,
         generation: Option<u64>,
     ) -> Result<Outcome, ReconcileError> {
-        let span = tracing::info_span!("reconcile", trigger, commit = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "reconcile",
+            trigger = trigger.as_str(),
+            commit = tracing::field::Empty
+        );
         let started = std::time::Instant::now();
         let result = self
             .reconcile_once(trigger, generation)
@@ -439,7 +386,7 @@ impl Controller {
 
     async fn reconcile_once(
         &self,
-        trigger: &str,
+        trigger: Trigger,
         generation: Option<u64>,
     ) -> Result<Outcome, ReconcileError> {
         let started_at = Utc::now();
@@ -477,7 +424,9 @@ impl Controller {
             });
         };
         let which = match (self.head_polling, trigger) {
-            (HeadPolling::All, "startup" | "timer" | "manual") => HeadPolling::All,
+            (HeadPolling::All, Trigger::Startup | Trigger::Timer | Trigger::Manual) => {
+                HeadPolling::All
+            }
             // Cheap when every head is known (one query), so every other run: a new app or branch
             // arrives with a config change, whatever woke the run, and deploys without waiting for the
             // timer.
@@ -534,9 +483,9 @@ impl Controller {
             }
         };
         let commit_id = CommitId::new(commit.clone());
-        inject_panic("reconcile", &snap);
+        inject_panic("reconcile", &snap.files);
         let apply = async {
-            inject_panic("apply", &snap);
+            inject_panic("apply", &snap.files);
             executor::reconcile(
                 &self.pool,
                 Some((&commit_id, desired)),
@@ -578,50 +527,54 @@ impl Controller {
         }
     }
 
-    /// Runs until `shutdown` resolves: reconciles now, then whenever `wake` is notified or `interval`
-    /// passes. Errors are logged and retried with backoff (capped at the interval).
-    pub async fn run(
-        self: Arc<Self>,
-        wake: Arc<Notify>,
-        interval: Duration,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) {
-        tokio::pin!(shutdown);
-        let mut trigger = "startup";
-        let mut backoff = Duration::from_secs(1);
-        let mut pruned_at: Option<std::time::Instant> = None;
-        loop {
-            if pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
-                pruned_at = Some(std::time::Instant::now());
-                self.prune_history().await;
-            }
-            // The outcome is logged (in the reconcile's span) by `reconcile` itself. Each run is a task of
-            // its own, so a panic anywhere in it (past the places that catch one with its commit) ends
-            // that run, not the loop.
-            let run = tokio::spawn({
-                let this = self.clone();
-                async move { this.reconcile(trigger).await }
-            });
-            let result = match run.await {
-                Ok(r) => r,
-                Err(e) => Err(self.record_panicked_run(trigger, e).await),
-            };
-            let wait = match result {
-                Ok(_) => {
-                    backoff = Duration::from_secs(1);
-                    interval
-                }
-                Err(_) => {
-                    let w = backoff.min(interval);
-                    backoff = (backoff * 2).min(interval);
-                    w
-                }
-            };
-            tokio::select! {
-                _ = &mut shutdown => return,
-                _ = wake.notified() => trigger = "wake",
-                _ = tokio::time::sleep(wait) => trigger = "timer",
-            }
+    /// Runs until `shutdown` is triggered: reconciles now, then whenever `wake` is notified or `interval`
+    /// passes. Errors are logged (by [`Controller::reconcile`], in its span) and retried with backoff
+    /// (capped at the interval).
+    pub async fn run(self: Arc<Self>, wake: Arc<Notify>, interval: Duration, shutdown: &Shutdown) {
+        Worker::new("reconciling", interval)
+            .woken_by(wake)
+            .backoff(Duration::from_secs(1))
+            .failures_logged_by_pass()
+            .run(
+                shutdown,
+                Runs {
+                    controller: self,
+                    pruned_at: None,
+                },
+            )
+            .await
+    }
+}
+
+/// The passes of [`Controller::run`]: one reconcile each, and the history's prune when it is due.
+struct Runs {
+    controller: Arc<Controller>,
+    pruned_at: Option<std::time::Instant>,
+}
+
+impl Pass for Runs {
+    type Error = ReconcileError;
+
+    async fn run(&mut self, woken: Woken) -> Result<Option<Duration>, ReconcileError> {
+        if self.pruned_at.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            self.pruned_at = Some(std::time::Instant::now());
+            self.controller.prune_history().await;
+        }
+        let trigger = match woken {
+            Woken::Start => Trigger::Startup,
+            Woken::Wake => Trigger::Wake,
+            Woken::Period => Trigger::Timer,
+        };
+        // The outcome is logged (in the reconcile's span) by `reconcile` itself. Each run is a task of
+        // its own, so a panic anywhere in it (past the places that catch one with its commit) ends that
+        // run, not the loop.
+        let run = tokio::spawn({
+            let this = self.controller.clone();
+            async move { this.reconcile(trigger).await }
+        });
+        match run.await {
+            Ok(r) => r.map(|_| None),
+            Err(e) => Err(self.controller.record_panicked_run(trigger, e).await),
         }
     }
 }
@@ -644,7 +597,7 @@ impl Controller {
     /// Records a run whose task panicked outside the places that know its commit (or was cancelled).
     async fn record_panicked_run(
         &self,
-        trigger: &str,
+        trigger: Trigger,
         e: tokio::task::JoinError,
     ) -> ReconcileError {
         let why = match e.try_into_panic() {
@@ -705,16 +658,4 @@ pub fn recorded(d: &Diagnostic) -> RecordedError {
         col: (d.col > 0).then_some(d.col as u32),
         message: d.message.clone(),
     }
-}
-
-/// An error with its sources, one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

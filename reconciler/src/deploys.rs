@@ -30,7 +30,6 @@ use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::controller::error_chain;
 use crate::hooks::Hooks;
 use crate::payload;
 use crate::queue::{
@@ -38,6 +37,7 @@ use crate::queue::{
     TaskStatus,
 };
 use crate::store::{Op as _, StoreError, releases};
+use cairn_schema::error::chain as error_chain;
 
 /// What the deploy lifecycle works with: the agent API's shared parts, borrowed per request.
 #[derive(Debug, Clone, Copy)]

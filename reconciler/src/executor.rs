@@ -60,8 +60,8 @@ pub struct Applied {
 pub struct Context<'a> {
     /// Where the config came from, for the history: a URL or a directory.
     pub source: &'a str,
-    /// What woke the reconciler: `timer`, `webhook`, `file`, `manual`, `node`.
-    pub trigger: &'a str,
+    /// What woke the reconciler.
+    pub trigger: crate::controller::Trigger,
     pub identity: Option<&'a Identity>,
     pub seed: u64,
     pub offline_after: Duration,
@@ -152,7 +152,7 @@ pub async fn reconcile(
         &NewReconciliation {
             source: cx.source,
             commit,
-            trigger: cx.trigger,
+            trigger: cx.trigger.as_str(),
             status,
             generation: Some(if status == ReconcileStatus::Noop {
                 plan.based_on
@@ -208,7 +208,7 @@ pub async fn record_failure(
         &NewReconciliation {
             source: cx.source,
             commit,
-            trigger: cx.trigger,
+            trigger: cx.trigger.as_str(),
             status: ReconcileStatus::Failed,
             generation: None,
             summary: &summary,

@@ -114,7 +114,7 @@ pub(crate) async fn settle(
             }
         }
         Err(e) => {
-            tracing::warn!(hook, error = %crate::controller::error_chain(&*e),
+            tracing::warn!(hook, error = %cairn_schema::error::chain(&*e),
                 "a hook failed; its writes are undone and the reconciler carries on");
             if let Err(e) = savepoint.rollback().await {
                 tracing::warn!(hook, error = %e, "cannot roll back a hook's savepoint");

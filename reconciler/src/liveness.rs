@@ -16,8 +16,9 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::controller::error_chain;
 use crate::store::nodes;
+use crate::worker::{Pass, Shutdown, Woken, Worker};
+use cairn_schema::error::chain as error_chain;
 
 /// How often the monitor looks for silent nodes: a quarter of the threshold, between 200 ms and 5 s.
 pub fn tick(offline_after: Duration) -> Duration {
@@ -59,67 +60,84 @@ impl Judging {
     }
 }
 
-/// Marks nodes silent for the threshold offline every [`tick`] until `shutdown` resolves, waking the reconciler whenever it
-/// marks one; says through `judging` when silence may be judged.
-pub async fn monitor(
-    pool: PgPool,
-    judging: Judging,
-    wake: Arc<Notify>,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(shutdown);
+/// Marks nodes silent for the threshold offline every [`tick`] until `shutdown` is triggered, waking the
+/// reconciler whenever it marks one; says through `judging` when silence may be judged.
+pub async fn monitor(pool: PgPool, judging: Judging, wake: Arc<Notify>, shutdown: &Shutdown) {
     let offline_after = judging.offline_after();
-    let mut every = tokio::time::interval(tick(offline_after));
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Heartbeats reach the database only through a control plane that can reach it: while none ran, or
     // this one could not reach PostgreSQL, a node's silence proves nothing (its heartbeats were refused,
     // not missing). So nodes are judged only once this process has reached the database for a whole
     // threshold: after it starts, and again after every check that found it unreachable or slow (a query
     // waits for a connection while PostgreSQL is down, then succeeds, so an error alone would miss a
     // short outage), every live agent has heartbeated by then, and only the silent ones are marked.
-    let period = tick(offline_after).max(Duration::from_secs(1));
-    let mut judge_from = tokio::time::Instant::now() + offline_after;
     judging.set(false);
-    loop {
-        tokio::select! {
-            _ = &mut shutdown => return,
-            _ = every.tick() => {}
-        }
-        match tokio::time::timeout(period, crate::store::ping(&pool)).await {
+    let monitor = Monitor {
+        period: tick(offline_after).max(Duration::from_secs(1)),
+        judge_from: tokio::time::Instant::now() + offline_after,
+        pool,
+        judging,
+        wake,
+    };
+    // Its failures are warnings it logs itself: the database's outage is not this loop's to report.
+    Worker::new("checking node liveness", tick(offline_after))
+        .fixed_rate()
+        .run(shutdown, monitor)
+        .await
+}
+
+/// The state of [`monitor`] between its checks.
+struct Monitor {
+    pool: PgPool,
+    judging: Judging,
+    wake: Arc<Notify>,
+    /// How long a check may wait for the database.
+    period: Duration,
+    /// Silence is judged from then on (unless the database is unreachable or slow again).
+    judge_from: tokio::time::Instant,
+}
+
+impl Pass for Monitor {
+    type Error = std::convert::Infallible;
+
+    async fn run(&mut self, _: Woken) -> Result<Option<Duration>, Self::Error> {
+        let offline_after = self.judging.offline_after();
+        match tokio::time::timeout(self.period, crate::store::ping(&self.pool)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), "cannot check node liveness");
-                judging.set(false);
-                judge_from = tokio::time::Instant::now() + offline_after;
-                continue;
+                self.judging.set(false);
+                self.judge_from = tokio::time::Instant::now() + offline_after;
+                return Ok(None);
             }
             Err(_) => {
                 tracing::warn!(
-                    "cannot check node liveness: the database did not answer within {period:?}"
+                    "cannot check node liveness: the database did not answer within {:?}",
+                    self.period
                 );
-                judging.set(false);
-                judge_from = tokio::time::Instant::now() + offline_after;
-                continue;
+                self.judging.set(false);
+                self.judge_from = tokio::time::Instant::now() + offline_after;
+                return Ok(None);
             }
         }
-        if tokio::time::Instant::now() < judge_from {
-            continue;
+        if tokio::time::Instant::now() < self.judge_from {
+            return Ok(None);
         }
-        judging.set(true);
-        match nodes::mark_offline(&pool, offline_after).await {
+        self.judging.set(true);
+        match nodes::mark_offline(&self.pool, offline_after).await {
             Ok(nodes) if nodes.is_empty() => {}
             Ok(nodes) => {
                 for n in &nodes {
                     tracing::warn!(node = %n, after = ?offline_after, "node is offline: no heartbeat");
                 }
-                wake.notify_one();
+                self.wake.notify_one();
             }
             Err(e) => {
                 tracing::warn!(error = %error_chain(&e), "cannot check node liveness");
-                judging.set(false);
-                judge_from = tokio::time::Instant::now() + offline_after;
+                self.judging.set(false);
+                self.judge_from = tokio::time::Instant::now() + offline_after;
             }
         }
+        Ok(None)
     }
 }
 

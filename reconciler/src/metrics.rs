@@ -44,12 +44,12 @@ use prometheus_client::registry::{Registry, Unit};
 use sqlx::PgPool;
 use tokio::sync::OnceCell;
 
-use crate::controller::error_chain;
 use crate::queue::{TaskKind, TaskStatus};
 use crate::store::StoreError;
 use cairn_plan::observed::NodeState;
 use cairn_plan::{Action, Plan};
 use cairn_proto::DeployStage;
+use cairn_schema::error::chain as error_chain;
 
 /// The longest a scrape waits for its Postgres reads.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);

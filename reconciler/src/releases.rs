@@ -404,30 +404,20 @@ pub async fn prune_once(pool: &PgPool, retention: &Retention) -> Result<store::P
     store::prune_logs(pool, before, retention.window, 5000).await
 }
 
-/// Runs [`prune_once`] every `retention.every` (the first one at once) until `stop` resolves.
-pub async fn prune_loop(
-    pool: PgPool,
-    retention: Retention,
-    stop: impl std::future::Future<Output = ()>,
-) {
-    tokio::pin!(stop);
-    loop {
-        match prune_once(&pool, &retention).await {
-            Ok(p) if p.task_lines + p.replica_lines > 0 => {
+/// Runs [`prune_once`] every `retention.every` (the first one at once) until `shutdown` is triggered.
+pub async fn prune_loop(pool: PgPool, retention: Retention, shutdown: &crate::worker::Shutdown) {
+    crate::worker::Worker::new("cannot prune old output", retention.every)
+        .failures_as_warnings()
+        .run(shutdown, |_| async {
+            let p = prune_once(&pool, &retention).await?;
+            if p.task_lines + p.replica_lines > 0 {
                 tracing::info!(
                     task_lines = p.task_lines,
                     replica_lines = p.replica_lines,
                     "old output pruned"
                 )
             }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(error = %crate::controller::error_chain(&e), "cannot prune old output")
-            }
-        }
-        tokio::select! {
-            _ = &mut stop => return,
-            _ = tokio::time::sleep(retention.every) => {}
-        }
-    }
+            Ok::<_, StoreError>(None)
+        })
+        .await
 }

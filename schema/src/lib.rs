@@ -8,6 +8,7 @@
 
 pub mod diag;
 pub mod edit;
+pub mod error;
 pub mod json_schema;
 pub mod model;
 pub mod parse;

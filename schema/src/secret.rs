@@ -170,6 +170,7 @@ impl JsonSchema for Recipient {
 }
 
 /// An age X25519 identity (private key). Debug never shows the key.
+#[derive(Clone)]
 pub struct Identity(age::x25519::Identity);
 
 impl fmt::Debug for Identity {

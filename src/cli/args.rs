@@ -8,7 +8,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use cairn_reconciler::controller::{HeadPolling, SourceSettings};
 use cairn_schema::source::{Rewrite, Rewrites};
 
 /// Where the database is.
@@ -68,13 +68,23 @@ impl SourceArgs {
         Rewrites::new(self.git_rewrite.iter().cloned())
     }
 
-    /// The URL the config repository is fetched from: `--repo` through the `--git-rewrite`s.
-    pub fn config_fetch_url(&self) -> Result<String> {
-        Ok(self
-            .rewrites()
-            .apply(&self.repo)
-            .map_err(anyhow::Error::msg)?
-            .unwrap_or_else(|| self.repo.clone()))
+    /// What the controller (and `cairn serve`) make of these flags. Every head is polled on the
+    /// interval, or with --no-poll-heads only those with no usable record (pushes to known branches
+    /// are the webhooks' to record).
+    pub fn settings(&self) -> SourceSettings {
+        SourceSettings {
+            repo: self.repo.clone(),
+            git_ref: self.git_ref.clone(),
+            cache_root: self.cache_root(),
+            rewrites: self.rewrites(),
+            refuse_private_sources: self.refuse_private_sources,
+            head_polling: if self.no_poll_heads {
+                HeadPolling::Unknown
+            } else {
+                HeadPolling::All
+            },
+            seed: self.seed,
+        }
     }
 }
 

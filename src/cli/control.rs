@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use cairn_plan::render;
-use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome};
+use cairn_reconciler::controller::{Controller, Outcome, Trigger};
 use cairn_reconciler::store::ReconcileStatus;
 
 use super::args::{DbArgs, SourceArgs};
@@ -21,25 +21,7 @@ pub async fn controller(db: &DbArgs, src: &SourceArgs) -> Result<Controller> {
         .await
         .context("cannot migrate the database")?;
     let identity = read_identity(src.identity.as_ref())?;
-    // The config repository is fetched through the rewrites too (a mirror, GitHub Enterprise, a
-    // local remote in tests); it keeps its own URL for webhooks and statuses.
-    let fetch_url = src.config_fetch_url()?;
-    let source = ConfigSource::open(&fetch_url, &src.git_ref, &src.cache_root());
-    let mut c = Controller::new(pool, source, identity);
-    c.seed = src.seed;
-    // Every head on the interval, or with --no-poll-heads only those with no usable record (pushes to
-    // known branches are the webhooks' to record); either way through the same rewrites.
-    let scratch = src.cache_root().join("heads.git");
-    c.heads = Some(tokio::sync::Mutex::new(
-        cairn_reconciler::source::heads::HeadPoller::new(scratch, src.rewrites())
-            .refuse_private(src.refuse_private_sources),
-    ));
-    c.head_polling = if src.no_poll_heads {
-        HeadPolling::Unknown
-    } else {
-        HeadPolling::All
-    };
-    Ok(c)
+    Ok(Controller::open(pool, &src.settings(), identity)?)
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -113,7 +95,7 @@ pub fn apply(args: ApplyArgs) -> Result<ExitCode> {
                 eprintln!("{d}\n");
             }
             // Record the failed attempt as serve would, so history shows it.
-            let outcome = c.reconcile("manual").await?;
+            let outcome = c.reconcile(Trigger::Manual).await?;
             debug_assert!(matches!(outcome, Outcome::Invalid { .. }));
             eprintln!("invalid: nothing applied");
             return Ok(ExitCode::from(EXIT_FAILURE));
@@ -135,7 +117,7 @@ pub fn apply(args: ApplyArgs) -> Result<ExitCode> {
                 return Ok(ExitCode::from(EXIT_FAILURE));
             }
         }
-        match c.reconcile_expecting("manual", Some(plan.based_on)).await? {
+        match c.reconcile_expecting(Trigger::Manual, Some(plan.based_on)).await? {
             Outcome::Applied(a) if a.status == ReconcileStatus::Applied => {
                 println!("\nApplied generation {}: {} ({} tasks)", a.plan.generation, a.plan.summary(), a.tasks);
                 Ok(ExitCode::SUCCESS)

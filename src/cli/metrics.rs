@@ -1,17 +1,12 @@
-//! `/metrics` in `cairn serve`: on the main listener, or on its own (`--metrics-listen`) when the main
+//! `/metrics` in `cairn serve`: on the main listener, or on its own (`--metrics-listen`, bound here) when the main
 //! one is reachable from where the metrics should not be. The series are in
 //! [`cairn_reconciler::metrics`]; they carry counts and timings, never a name, a commit or a secret, so
 //! the endpoint needs no token (as is usual for Prometheus targets).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use axum::Router;
-use tokio::sync::{OnceCell, watch};
-
-/// Connections `--metrics-listen` holds at most.
-const METRICS_MAX_CONNECTIONS: usize = 64;
+use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct MetricsArgs {
@@ -21,36 +16,16 @@ pub struct MetricsArgs {
     metrics_listen: Option<SocketAddr>,
 }
 
-/// Adds `/metrics` to `app`, or serves it on `--metrics-listen` until `stop`.
-pub async fn mount(
-    app: Router,
-    args: &MetricsArgs,
-    pool: Arc<OnceCell<sqlx::PgPool>>,
-    stop: watch::Receiver<bool>,
-    bounds: &cairn_reconciler::api::listen::Bounds,
-) -> Result<Router> {
-    let metrics = cairn_reconciler::metrics::router(pool);
+/// Binds `--metrics-listen`, if given, and prints the bound address (`metrics on ADDR`).
+pub async fn bind(args: &MetricsArgs) -> Result<Option<TcpListener>> {
     let Some(addr) = args.metrics_listen else {
-        return Ok(app.merge(metrics));
+        return Ok(None);
     };
-    let listener = tokio::net::TcpListener::bind(addr)
+    let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr} (--metrics-listen)"))?;
     let bound = listener.local_addr()?;
     println!("metrics on {bound}");
     tracing::info!(addr = %bound, "serving /metrics");
-    // Bounded like the main listener, with a cap of its own (scrapers are few).
-    let mut bounds = bounds.clone();
-    bounds.max_connections = bounds.max_connections.min(METRICS_MAX_CONNECTIONS);
-    tokio::spawn(async move {
-        let mut stop = stop;
-        let served = cairn_reconciler::api::listen::serve(listener, metrics, bounds, async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
-        .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "the metrics listener failed");
-        }
-    });
-    Ok(app)
+    Ok(Some(listener))
 }

@@ -1,4 +1,6 @@
-//! `cairn serve`: the control plane. Its HTTP listener serves `/healthz` and `/readyz` from the start, and
+//! `cairn serve`: the control plane, whose composition is [`cairn_server::serve`]; this parses the flags,
+//! reads the secrets and keys they name, binds the listeners and turns SIGTERM into the shutdown. Its
+//! HTTP listener serves `/healthz` and `/readyz` from the start, and
 //! `POST /webhooks/github` when a webhook secret is configured; the reconcile loop runs on a timer and wakes
 //! on file changes (directory sources) and webhook deliveries; the GitHub integration's workers run beside
 //! it, and all of it stops on SIGTERM or SIGINT. SIGHUP is ignored (logged): `serve` reads no
@@ -11,19 +13,13 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use cairn_reconciler::controller::ConfigSource;
-use tokio::sync::{Notify, watch};
+use cairn_reconciler::worker::Shutdown;
 
 use super::args::{DbArgs, SourceArgs};
-use super::control::{controller, runtime};
+use super::control::runtime;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -144,115 +140,41 @@ pub async fn shutdown_signal() {
 
 pub fn run(args: Args) -> Result<ExitCode> {
     init_logging(args.log_format);
-    let webhooks = super::webhooks::Prepared::new(&args.webhooks)?;
+    let webhooks = super::webhooks::settings(&args.webhooks)?;
+    let source = args.src.settings();
+    let identity = super::read_identity(args.src.identity.as_ref())?;
     runtime()?.block_on(async move {
         ignore_sighup()?;
-        let bounds = args.http.bounds();
+        let http = args.http.bounds();
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
         println!("listening on {addr}");
         tracing::info!(%addr, "listening");
+        let metrics_listener = super::metrics::bind(&args.metrics).await?;
 
-        let (stop_tx, stop_rx) = watch::channel(false);
-        tokio::spawn(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down");
-            let _ = stop_tx.send(true);
-        });
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-
-        // The listener answers /healthz before the database is reachable; /readyz says when it is.
-        let ready: Arc<tokio::sync::OnceCell<sqlx::PgPool>> = Arc::default();
-        let app = Router::new()
-            .route("/healthz", get(|| async { "ok\n" }))
-            .route("/readyz", get(readyz))
-            .with_state(ready.clone());
-        let app = webhooks.mount(app);
-        // The agent and admin APIs (`/agent/v1`, `/api/v1`) answer 503 until the database is reachable.
-        let apis = super::serve_api::Late::default();
-        let app = app.merge(apis.router());
-        let app =
-            super::metrics::mount(app, &args.metrics, ready.clone(), stop_rx.clone(), &bounds)
-                .await?;
-        let server = tokio::spawn(cairn_reconciler::api::listen::serve(
-            listener,
-            app,
-            bounds,
-            stopped(stop_rx.clone()),
-        ));
-
-        let mut c = controller(&args.db, &args.src).await?;
-        c.offline_after = args.node_offline_after;
-        let judging = cairn_reconciler::liveness::Judging::new(args.node_offline_after);
-        c.judging = Some(judging.clone());
-        c.history_retention = args.api.log_retention;
-        webhooks.install_hooks(&mut c, &args.src)?;
-        let _ = ready.set(c.pool.clone());
-        let wake = Arc::new(Notify::new());
-        apis.set(
-            super::serve_api::start(
-                &args.api,
-                &args.src,
-                &args.db.database_url,
-                judging,
-                c.hooks.clone(),
-                wake.clone(),
-                stop_rx.clone(),
-            )
-            .await?,
-        );
-        let _watcher = match &*c.source.lock().await {
-            ConfigSource::Dir(dir) => {
-                let w = wake.clone();
-                Some(
-                    cairn_reconciler::source::watch::watch(
-                        dir,
-                        Duration::from_millis(300),
-                        Vec::new(),
-                        move || w.notify_one(),
-                    )
-                    .with_context(|| format!("cannot watch {}", dir.display()))?,
-                )
+        let shutdown = Shutdown::new();
+        tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down");
+                shutdown.trigger();
             }
-            ConfigSource::Git(_) => None,
+        });
+        let config = cairn_server::Config {
+            database_url: args.db.database_url,
+            source,
+            identity,
+            interval: args.interval,
+            node_offline_after: args.node_offline_after,
+            http,
+            metrics_listener,
+            api: args.api.settings(),
+            webhooks,
         };
-        let c = Arc::new(c);
-        let webhooks = webhooks
-            .start(
-                &args.db,
-                &args.src,
-                c.clone(),
-                wake.clone(),
-                stop_rx.clone(),
-            )
-            .await?;
-        c.clone()
-            .run(wake, args.interval, stopped(stop_rx.clone()))
-            .await;
-        webhooks.await.context("the webhook workers failed")?;
-        server.await.context("the HTTP server task failed")??;
-        c.pool.close().await;
+        cairn_server::serve(listener, config, shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })
-}
-
-/// How long `/readyz` waits for the database.
-const READYZ_DB_TIMEOUT: Duration = Duration::from_millis(800);
-
-async fn readyz(
-    State(ready): State<Arc<tokio::sync::OnceCell<sqlx::PgPool>>>,
-) -> (StatusCode, &'static str) {
-    let Some(pool) = ready.get() else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
-    };
-    // The pool would wait up to its acquire timeout (10 s) for a connection to a database that is
-    // down; a readiness probe needs its answer sooner.
-    match tokio::time::timeout(READYZ_DB_TIMEOUT, cairn_reconciler::store::ping(pool)).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
-        Ok(Err(_)) | Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
-    }
 }

@@ -1,24 +1,11 @@
-//! The agent and admin APIs inside `cairn serve`: their flags, their own database pool and LISTEN
-//! connection (so a burst of agents cannot starve the reconcile loop of connections, nor the reverse),
-//! and the node-liveness monitor that marks silent nodes offline and wakes the reconciler.
-//!
-//! The HTTP listener starts before the database is reachable (`/healthz` answers from the start); the
-//! API routes answer 503 until the database is, through [`Late`].
+//! The flags of the agent and admin APIs inside `cairn serve` (their own database pool, rates, leases,
+//! retention); [`cairn_server::serve`] runs them.
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
-use axum::Router;
-use axum::extract::{Request, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
+use cairn_reconciler::api::ApiConfig;
 use cairn_reconciler::api::limit::Rate;
-use cairn_reconciler::api::{Api, ApiConfig};
-use cairn_reconciler::queue::Listener;
 use cairn_schema::Name;
-use tokio::sync::{Notify, watch};
-use tower::ServiceExt as _;
 
 /// Flags of the agent and admin APIs.
 #[derive(Debug, Clone, clap::Args)]
@@ -48,7 +35,7 @@ pub struct ApiArgs {
     /// Build output, replica output and failed or no-op reconcile runs older than this are pruned
     /// (checked every 10 minutes)
     #[arg(long, value_parser = humantime::parse_duration, default_value = "14d")]
-    pub(super) log_retention: Duration,
+    log_retention: Duration,
     /// Replica output lines kept per app for `cairn logs` (older ones are pruned)
     #[arg(long, default_value_t = 10_000)]
     log_window: u32,
@@ -63,107 +50,23 @@ pub struct ApiArgs {
     trusted_proxy: Vec<std::net::IpAddr>,
 }
 
-/// Connects the APIs' pool and listener, starts the liveness monitor, and returns the APIs' router.
-pub async fn start(
-    args: &ApiArgs,
-    src: &super::args::SourceArgs,
-    database_url: &str,
-    judging: cairn_reconciler::liveness::Judging,
-    hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
-    wake: Arc<Notify>,
-    stop: watch::Receiver<bool>,
-) -> Result<Router> {
-    let identity = super::read_identity(src.identity.as_ref())?;
-    let pool = cairn_reconciler::store::connect(database_url, args.api_db_connections)
-        .await
-        .context("cannot connect the API to the database")?;
-    let listener = Listener::start(&pool, args.lease_poll)
-        .await
-        .context("cannot listen for task notifications")?;
-    let mut cfg = ApiConfig::new(args.installation.clone());
-    cfg.heartbeat_interval = args.heartbeat_interval;
-    cfg.offline_after = judging.offline_after();
-    cfg.task_lease = args.task_lease;
-    cfg.node_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
-    cfg.admin_rate = Rate::new(args.agent_rate_limit, args.agent_rate_limit * 3.0);
-    cfg.join_rate = Rate::new(args.join_rate_limit, args.join_rate_limit * 10.0);
-    cfg.registry = args.registry.clone();
-    cfg.trusted_proxies = args.trusted_proxy.clone();
-    let api = Api::new(
-        pool.clone(),
-        Arc::new(listener),
-        identity.map(Arc::new),
-        wake.clone(),
-        hooks,
-        cfg,
-        Some(stop.clone()),
-    );
-    // `cairn deploy APP` reads the app's branch head through the same rewrites as the head poller
-    // (also with --no-poll-heads: that stops the polling, not an operator's explicit ask).
-    let _ = api.heads.set(Arc::new(tokio::sync::Mutex::new(
-        cairn_reconciler::source::heads::HeadPoller::new(
-            src.cache_root().join("deploy-heads.git"),
-            src.rewrites(),
-        )
-        .refuse_private(src.refuse_private_sources),
-    )));
-    let retention = cairn_reconciler::releases::Retention {
-        keep: args.log_retention,
-        window: args.log_window,
-        ..Default::default()
-    };
-    tokio::spawn(cairn_reconciler::releases::prune_loop(
-        pool.clone(),
-        retention,
-        {
-            let mut stop = stop.clone();
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            }
-        },
-    ));
-    tokio::spawn(cairn_reconciler::liveness::monitor(
-        pool,
-        judging,
-        wake,
-        async move {
-            let mut stop = stop;
-            let _ = stop.wait_for(|s| *s).await;
-        },
-    ));
-    Ok(cairn_reconciler::api::router_with(
-        api,
-        cairn_webhook::admin::routes(),
-    ))
-}
-
-/// Routes set once the database is reachable; until then their requests answer 503.
-#[derive(Debug, Clone, Default)]
-pub struct Late(Arc<OnceLock<Router>>);
-
-impl Late {
-    pub fn set(&self, router: Router) {
-        let _ = self.0.set(router);
-    }
-
-    /// A fallback handler that hands requests to the routes once they are set.
-    pub fn router(&self) -> Router {
-        Router::new().fallback(dispatch).with_state(self.clone())
-    }
-}
-
-async fn dispatch(State(late): State<Late>, req: Request) -> Response {
-    match late.0.get() {
-        Some(r) => match r.clone().oneshot(req).await {
-            Ok(resp) => resp,
-            Err(never) => match never {},
-        },
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(cairn_proto::ErrorBody {
-                error: "the control plane is starting; try again".into(),
-            }),
-        )
-            .into_response(),
+impl ApiArgs {
+    /// What [`cairn_server::serve`] makes of these flags.
+    pub fn settings(&self) -> cairn_server::ApiSettings {
+        let mut cfg = ApiConfig::new(self.installation.clone());
+        cfg.heartbeat_interval = self.heartbeat_interval;
+        cfg.task_lease = self.task_lease;
+        cfg.node_rate = Rate::new(self.agent_rate_limit, self.agent_rate_limit * 3.0);
+        cfg.admin_rate = Rate::new(self.agent_rate_limit, self.agent_rate_limit * 3.0);
+        cfg.join_rate = Rate::new(self.join_rate_limit, self.join_rate_limit * 10.0);
+        cfg.registry = self.registry.clone();
+        cfg.trusted_proxies = self.trusted_proxy.clone();
+        cairn_server::ApiSettings {
+            config: cfg,
+            db_connections: self.api_db_connections,
+            lease_poll: self.lease_poll,
+            log_retention: self.log_retention,
+            log_window: self.log_window,
+        }
     }
 }

@@ -1,29 +1,16 @@
 //! The GitHub integration on the command line: `cairn webhooks` (recent deliveries and what each
-//! caused), and what `cairn serve` needs to run it (its flags, the endpoint, the workers).
+//! caused), and `cairn serve`'s flags for it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use axum::Router;
-use axum::extract::Request;
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use cairn_reconciler::controller::Controller;
+use cairn_server::WebhookSettings;
 use cairn_webhook::deliveries::{self, DeliveryRecord, DeliveryStatus};
-use cairn_webhook::events::TrackedRepo;
 use cairn_webhook::github::GitHubConfig;
-use cairn_webhook::outbox::OutboxConfig;
-use cairn_webhook::receiver::WEBHOOK_PATH;
-use cairn_webhook::service::{self, Settings, Webhooks};
 use cairn_webhook::signature::WebhookSecret;
-use tokio::sync::{Notify, OnceCell, watch};
-use tower::ServiceExt as _;
 
-use super::args::{DbArgs, SourceArgs};
 use super::control::runtime;
 
 /// `cairn serve`'s flags for the GitHub integration. Credentials come from the environment
@@ -47,121 +34,19 @@ pub struct ServeArgs {
     webhook_poll: Duration,
 }
 
-/// What is known before the database is: the secret and the GitHub credentials.
-#[derive(Debug)]
-pub struct Prepared {
-    args: ServeArgs,
-    secret: Option<WebhookSecret>,
-    github: Option<GitHubConfig>,
-    router: Arc<OnceCell<Router>>,
-}
-
-impl Prepared {
-    pub fn new(args: &ServeArgs) -> Result<Prepared> {
-        let secret = WebhookSecret::from_file_or_env(args.github_webhook_secret_file.as_deref())
-            .context("cannot read the GitHub webhook secret")?;
-        let github = GitHubConfig::from_env().context("invalid GitHub configuration")?;
-        Ok(Prepared {
-            args: args.clone(),
-            secret,
-            github,
-            router: Arc::default(),
-        })
-    }
-
-    /// Adds `POST /webhooks/github` when a secret is configured. Until the database is reachable it
-    /// answers 503, which GitHub shows and lets an operator redeliver.
-    pub fn mount(&self, app: Router) -> Router {
-        if self.secret.is_none() {
-            tracing::info!(
-                "no GitHub webhook secret (--github-webhook-secret-file or \
-                 CAIRN_GITHUB_WEBHOOK_SECRET): POST {WEBHOOK_PATH} is off"
-            );
-            return app;
-        }
-        tracing::info!("GitHub webhooks: POST {WEBHOOK_PATH}");
-        let router = self.router.clone();
-        app.route(
-            WEBHOOK_PATH,
-            post(move |request: Request| forward(router.clone(), request)),
-        )
-    }
-
-    /// Installs the commit-status hooks on the controller (before it is shared).
-    pub fn install_hooks(&self, controller: &mut Controller, src: &SourceArgs) -> Result<()> {
-        controller.hooks = service::hooks(&self.settings_preview(src)?);
-        Ok(())
-    }
-
-    fn settings_preview(&self, src: &SourceArgs) -> Result<Settings> {
-        let git = !Path::new(&src.repo).is_dir();
-        let branch = src
-            .git_ref
-            .strip_prefix("refs/heads/")
-            .unwrap_or(&src.git_ref);
-        let config_repo = (git && !branch.starts_with("refs/")).then(|| TrackedRepo {
-            url: src.repo.clone(),
-            branch: branch.to_owned(),
-        });
-        let config_fetch_url = if git {
-            Some(src.config_fetch_url()?)
-        } else {
-            None
-        };
-        Ok(Settings {
-            secret: None,
-            github: self.github.clone(),
-            config_repo,
-            config_fetch_url,
-            rewrites: src.rewrites(),
-            refuse_private_sources: src.refuse_private_sources,
-            cache_root: src.cache_root(),
-            retention: self.args.webhook_retention,
-            poll: self.args.webhook_poll,
-            outbox: OutboxConfig {
-                lease: self.args.github_call_lease,
-                ..OutboxConfig::default()
-            },
-        })
-    }
-
-    /// Starts the receiver and the workers; the returned task ends once `shutdown` turned true and
-    /// every worker stopped.
-    pub async fn start(
-        self,
-        db: &DbArgs,
-        src: &SourceArgs,
-        controller: Arc<Controller>,
-        reconcile: Arc<Notify>,
-        shutdown: watch::Receiver<bool>,
-    ) -> Result<tokio::task::JoinHandle<()>> {
-        let mut settings = self.settings_preview(src)?;
-        settings.secret = self.secret;
-        // A pool of its own: a burst of deliveries never waits behind the reconciler, nor it behind them.
-        let pool = cairn_reconciler::store::connect(&db.database_url, 10)
-            .await
-            .context("cannot connect to the database")?;
-        let webhooks = Webhooks::new(settings, pool, controller, reconcile)
-            .context("cannot set up the GitHub integration")?;
-        if let Some(router) = webhooks.router() {
-            let _ = self.router.set(router);
-        }
-        Ok(tokio::spawn(webhooks.run(shutdown)))
-    }
-}
-
-async fn forward(router: Arc<OnceCell<Router>>, request: Request) -> Response {
-    match router.get() {
-        Some(router) => match router.clone().oneshot(request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
-        },
-        None => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(serde_json::json!({ "error": "the control plane is starting" })),
-        )
-            .into_response(),
-    }
+/// What [`cairn_server::serve`] makes of these flags: the secret (from its file or the environment)
+/// and the GitHub credentials (from the environment).
+pub fn settings(args: &ServeArgs) -> Result<WebhookSettings> {
+    let secret = WebhookSecret::from_file_or_env(args.github_webhook_secret_file.as_deref())
+        .context("cannot read the GitHub webhook secret")?;
+    let github = GitHubConfig::from_env().context("invalid GitHub configuration")?;
+    Ok(WebhookSettings {
+        secret,
+        github,
+        retention: args.webhook_retention,
+        call_lease: args.github_call_lease,
+        poll: args.webhook_poll,
+    })
 }
 
 /// `cairn webhooks`: recent deliveries and what each caused.

@@ -6,6 +6,7 @@ mod dev;
 mod e2e;
 mod examples;
 mod faults;
+mod in_process;
 mod operations;
 mod plan_cli;
 mod releases;

@@ -9,12 +9,12 @@
 //! the handler's writes and the delivery's new status commit together or not at all.
 
 use std::error::Error as StdError;
-use std::fmt::Write as _;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_reconciler::metrics::DeliveryOutcome;
+use cairn_reconciler::worker::{Shutdown, Worker};
+use cairn_schema::error::chain;
 use chrono::{DateTime, Utc};
 use sqlx::{Connection as _, PgConnection, PgPool};
 use tokio::sync::Notify;
@@ -285,17 +285,6 @@ fn combine(config: Outcome, source: Outcome) -> Outcome {
     }
 }
 
-/// An error and its sources, `: `-separated (what a log line or an outcome column wants).
-pub(crate) fn chain(error: &(dyn StdError + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        let _ = write!(text, ": {e}");
-        source = e.source();
-    }
-    text
-}
-
 /// Exponential backoff with equal jitter: between half and all of `base * 2^(attempt-1)`, capped.
 pub(crate) fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     let exp = base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(30)));
@@ -305,27 +294,24 @@ pub(crate) fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
 }
 
 /// Waits for work (the receiver's wake-up, or `poll` as the safety net for other control planes'
-/// deliveries and for retries) and processes what is due, until `shutdown` completes.
+/// deliveries and for retries) and processes what is due, until `shutdown` is triggered.
 pub async fn run(
     pool: PgPool,
     handler: Arc<dyn DeliveryHandler>,
     wake: Arc<Notify>,
     poll: Duration,
-    shutdown: impl Future<Output = ()>,
+    shutdown: &Shutdown,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        match process_pending(&pool, &*handler).await {
-            Ok(p) if p.total() > 0 => tracing::debug!(?p, "processed webhook deliveries"),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %chain(&e), "processing webhook deliveries"),
-        }
-        tokio::select! {
-            () = &mut shutdown => return,
-            () = wake.notified() => {}
-            () = tokio::time::sleep(poll) => {}
-        }
-    }
+    Worker::new("processing webhook deliveries", poll)
+        .woken_by(wake)
+        .run(shutdown, |_| async {
+            let p = process_pending(&pool, &*handler).await?;
+            if p.total() > 0 {
+                tracing::debug!(?p, "processed webhook deliveries");
+            }
+            Ok::<_, DeliveryError>(None)
+        })
+        .await
 }
 
 /// A recorded delivery, as `cairn webhooks` shows it (and `GET /api/v1/webhooks` sends it).

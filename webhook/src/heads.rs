@@ -10,19 +10,20 @@
 //! clones), hold a database transaction while asking a remote, or decide what the head means: moving an
 //! app is the planner's business (it honours pins).
 
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cairn_plan::observed::CommitId;
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::state;
+use cairn_reconciler::worker::{Shutdown, Worker};
 use cairn_schema::Name;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::deliveries::{backoff, chain};
+use crate::deliveries::backoff;
 use crate::store::{self, HeadCheck, StoreError};
+use cairn_schema::error::chain;
 
 /// Attempts at a remote that cannot be asked before the check is dropped (the reconciler's poll on
 /// its interval is the safety net).
@@ -188,33 +189,27 @@ impl HeadChecker {
     }
 
     /// Checks due heads whenever `wake` is notified (a push was recorded), when a retry is due, and at
-    /// least every `poll`, until `shutdown` completes.
-    pub async fn run(&self, wake: Arc<Notify>, poll: Duration, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        loop {
-            // A pass stopped midway loses nothing: its lease expires and the work is done again.
-            let pass = tokio::select! {
-                () = &mut shutdown => return,
-                pass = self.check_due() => pass,
-            };
-            match pass {
-                Ok(c) if c != Checked::default() => tracing::debug!(?c, "checked source heads"),
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %chain(&e), "checking source heads"),
-            }
-            let wait = match store::next_head_check_in(&self.pool).await {
-                Ok(Some(secs)) => poll.min(Duration::from_secs_f64(secs.max(0.05))),
-                Ok(None) => poll,
-                Err(e) => {
-                    tracing::error!(error = %chain(&e), "reading source head checks");
-                    poll
+    /// least every `poll`, until `shutdown` is triggered.
+    pub async fn run(&self, wake: Arc<Notify>, poll: Duration, shutdown: &Shutdown) {
+        // A pass stopped midway loses nothing: its lease expires and the work is done again.
+        Worker::new("checking source heads", poll)
+            .woken_by(wake)
+            .abandon_at_shutdown()
+            .run(shutdown, |_| async {
+                let c = self.check_due().await?;
+                if c != Checked::default() {
+                    tracing::debug!(?c, "checked source heads");
                 }
-            };
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
-            }
-        }
+                match store::next_head_check_in(&self.pool).await {
+                    Ok(due) => {
+                        Ok::<_, HeadsError>(due.map(|s| Duration::from_secs_f64(s.max(0.05))))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %chain(&e), "reading source head checks");
+                        Ok(None)
+                    }
+                }
+            })
+            .await
     }
 }

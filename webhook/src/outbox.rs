@@ -14,19 +14,21 @@
 //! succeeds or its attempts are used up, and then stays visible as dead), or count a rate-limit
 //! refusal as a failed attempt.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_reconciler::store::listen::{Heard, forward};
+use cairn_reconciler::worker::{Shutdown, Worker};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::postgres::PgListener;
 use sqlx::{PgConnection, PgPool};
+use tokio::sync::Notify;
 
-use crate::deliveries::{backoff, chain};
+use crate::deliveries::backoff;
 use crate::github::{ApiError, CommitStatus, GitHub, RepoName, fit_description, plan_comment_body};
 use crate::store::{self, Failure, Settled, StoreError};
+use cairn_schema::error::chain;
 
 /// The channel the outbox table's trigger notifies on insert.
 pub const NOTIFY_CHANNEL: &str = "cairn_github_outbox";
@@ -309,60 +311,38 @@ impl OutboxWorker {
         }
     }
 
-    /// Delivers calls as they become due until `shutdown` completes: woken by the outbox table's
+    /// Delivers calls as they become due until `shutdown` is triggered: woken by the outbox table's
     /// NOTIFY, by the earliest scheduled retry, and at least every `poll_interval`.
-    pub async fn run(&self, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        let mut listener: Option<PgListener> = None;
-        loop {
-            if listener.is_none() {
-                listener = match PgListener::connect_with(&self.pool).await {
-                    Ok(mut l) => match l.listen(NOTIFY_CHANNEL).await {
-                        Ok(()) => Some(l),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot LISTEN for GitHub calls; polling");
-                            None
-                        }
-                    },
+    pub async fn run(&self, shutdown: &Shutdown) {
+        let wake = Arc::new(Notify::new());
+        let listen = forward(
+            self.pool.clone(),
+            NOTIFY_CHANNEL,
+            "GitHub calls",
+            {
+                let wake = wake.clone();
+                // A (re)connect wakes a pass too: calls enqueued while no one listened are due.
+                move |_: Heard<'_>| wake.notify_one()
+            },
+            shutdown,
+        );
+        // A call cut short by shutdown stays leased and is made again when its lease ends.
+        let deliver = Worker::new("delivering GitHub calls", self.config.poll_interval)
+            .woken_by(wake.clone())
+            .abandon_at_shutdown()
+            .run(shutdown, |_| async {
+                self.deliver_due().await?;
+                match store::outbox_next_due_in(&self.pool).await {
+                    Ok(due) => {
+                        Ok::<_, OutboxError>(due.map(|s| Duration::from_secs_f64(s.max(0.0))))
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot LISTEN for GitHub calls; polling");
-                        None
-                    }
-                };
-            }
-            // A call cut short by shutdown stays leased and is made again when its lease ends.
-            let pass = tokio::select! {
-                () = &mut shutdown => return,
-                pass = self.deliver_due() => pass,
-            };
-            if let Err(e) = pass {
-                tracing::error!(error = %chain(&e), "delivering GitHub calls");
-            }
-            let mut wait = self.config.poll_interval;
-            match store::outbox_next_due_in(&self.pool).await {
-                Ok(Some(secs)) => {
-                    wait = wait.min(Duration::from_secs_f64(secs.max(0.0)));
-                }
-                Ok(None) => {}
-                Err(e) => tracing::error!(error = %chain(&e), "reading the GitHub outbox"),
-            }
-            let notified = async {
-                match listener.as_mut() {
-                    Some(l) => l.recv().await.map(drop),
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                () = &mut shutdown => return,
-                received = notified => {
-                    if let Err(e) = received {
-                        tracing::warn!(error = %e, "lost the GitHub outbox listener; reconnecting");
-                        listener = None;
+                        tracing::error!(error = %chain(&e), "reading the GitHub outbox");
+                        Ok(None)
                     }
                 }
-                () = tokio::time::sleep(wait) => {}
-            }
-        }
+            });
+        tokio::join!(listen, deliver);
     }
 }
 

@@ -20,27 +20,28 @@
 //! plans (which hold none) and diagnostics (which quote no value) are rendered.
 
 use std::fmt::Write as _;
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_plan::observed::{CommitId, Observed};
 use cairn_plan::{DesiredAt, Plan, PlanInput, render};
-use cairn_reconciler::controller::{Controller, error_chain};
+use cairn_reconciler::controller::Controller;
 use cairn_reconciler::source::Snapshot;
 use cairn_reconciler::source::git::{GitError, GitSource};
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::state;
+use cairn_reconciler::worker::{Shutdown, Worker};
 use chrono::Utc;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::deliveries::{backoff, chain};
+use crate::deliveries::backoff;
 use crate::github::{CommitStatus, RepoName, StatusState};
 use crate::handler::PLAN_CONTEXT;
 use crate::outbox::{self, GitHubCall, OutboxError};
 use crate::store::{self, ClaimedPr, PrSettle, StoreError};
+use cairn_schema::error::chain;
 
 /// Attempts at a pull request whose head cannot be fetched before the `cairn/plan` status says so.
 pub const MAX_ATTEMPTS: i32 = 5;
@@ -180,7 +181,7 @@ impl PullPlanner {
             Ok(Err(e)) => {
                 let permanent = matches!(e, GitError::NoSuchRef { .. });
                 return self
-                    .failed(claimed, &repo, &error_chain(&e), permanent, planned)
+                    .failed(claimed, &repo, &chain(&e), permanent, planned)
                     .await;
             }
             Err(_) => {
@@ -335,7 +336,7 @@ impl PullPlanner {
                 }
                 Ok(Ok(Ok(None))) => {}
                 Ok(Ok(Err(e))) => {
-                    tracing::warn!(app = %name, error = %error_chain(&e),
+                    tracing::warn!(app = %name, error = %chain(&e),
                         "cannot read the head of a branch a pull request's app follows");
                 }
                 Ok(Err(e)) => tracing::warn!(app = %name, error = %e, "a head check panicked"),
@@ -441,34 +442,28 @@ impl PullPlanner {
     }
 
     /// Plans due requests whenever `wake` is notified, when a retry is due, and at least every `poll`,
-    /// until `shutdown` completes.
-    pub async fn run(&self, wake: Arc<Notify>, poll: Duration, shutdown: impl Future<Output = ()>) {
-        tokio::pin!(shutdown);
-        loop {
-            // A pass stopped midway loses nothing: its lease expires and the work is done again.
-            let pass = tokio::select! {
-                () = &mut shutdown => return,
-                pass = self.plan_due() => pass,
-            };
-            match pass {
-                Ok(p) if p != Planned::default() => tracing::debug!(?p, "planned pull requests"),
-                Ok(_) => {}
-                Err(e) => tracing::error!(error = %chain(&e), "planning pull requests"),
-            }
-            let wait = match store::next_pr_plan_in(&self.pool).await {
-                Ok(Some(secs)) => poll.min(Duration::from_secs_f64(secs.max(0.05))),
-                Ok(None) => poll,
-                Err(e) => {
-                    tracing::error!(error = %chain(&e), "reading pull request plans");
-                    poll
+    /// until `shutdown` is triggered.
+    pub async fn run(&self, wake: Arc<Notify>, poll: Duration, shutdown: &Shutdown) {
+        // A pass stopped midway loses nothing: its lease expires and the work is done again.
+        Worker::new("planning pull requests", poll)
+            .woken_by(wake)
+            .abandon_at_shutdown()
+            .run(shutdown, |_| async {
+                let p = self.plan_due().await?;
+                if p != Planned::default() {
+                    tracing::debug!(?p, "planned pull requests");
                 }
-            };
-            tokio::select! {
-                () = &mut shutdown => return,
-                () = wake.notified() => {}
-                () = tokio::time::sleep(wait) => {}
-            }
-        }
+                match store::next_pr_plan_in(&self.pool).await {
+                    Ok(due) => {
+                        Ok::<_, PullsError>(due.map(|s| Duration::from_secs_f64(s.max(0.05))))
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %chain(&e), "reading pull request plans");
+                        Ok(None)
+                    }
+                }
+            })
+            .await
     }
 }
 

@@ -34,10 +34,10 @@ use sqlx::PgPool;
 use tokio::sync::{Notify, Semaphore};
 use tracing::Instrument as _;
 
-use crate::deliveries::chain;
 use crate::events::{Event, EventError};
 use crate::signature::{self, SignatureError, WebhookSecret};
 use crate::store::{self, NewDelivery, StoreError};
+use cairn_schema::error::chain;
 
 /// Where GitHub posts deliveries.
 pub const WEBHOOK_PATH: &str = "/webhooks/github";

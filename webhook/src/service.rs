@@ -17,7 +17,6 @@
 //! What it must not do: decide anything (it only wires the modules that do), or outlive `shutdown`:
 //! [`Webhooks::run`] returns once every worker has stopped.
 
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,12 +25,13 @@ use axum::Router;
 use cairn_reconciler::controller::Controller;
 use cairn_reconciler::hooks::Hooks;
 use cairn_reconciler::source::heads::HeadPoller;
+use cairn_reconciler::store::listen::{Heard, forward};
+use cairn_reconciler::worker::{Shutdown, Worker};
 use cairn_schema::source::Rewrites;
 use sqlx::PgPool;
-use sqlx::postgres::PgListener;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
-use crate::deliveries::{self, chain};
+use crate::deliveries;
 use crate::events::TrackedRepo;
 use crate::github::{GitHub, GitHubConfig, GitHubError};
 use crate::handler::CairnHandler;
@@ -160,58 +160,57 @@ impl Webhooks {
         self.router.clone()
     }
 
-    /// Runs every worker until `shutdown` turns true; returns when all have stopped.
-    pub async fn run(self, shutdown: watch::Receiver<bool>) {
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
+    /// Runs every worker until `shutdown` is triggered; returns when all have stopped.
+    pub async fn run(self, shutdown: Shutdown) {
         let heads_wake = Arc::new(Notify::new());
         let pulls_wake = Arc::new(Notify::new());
         let mut tasks = tokio::task::JoinSet::new();
 
-        tasks.spawn(deliveries::run(
-            self.pool.clone(),
-            self.handler.clone(),
-            self.deliveries_wake.clone(),
-            self.poll,
-            stopped(shutdown.clone()),
-        ));
-        tasks.spawn(listen(
-            self.pool.clone(),
-            Wakes {
+        {
+            let (pool, handler, wake, poll, stop) = (
+                self.pool.clone(),
+                self.handler.clone(),
+                self.deliveries_wake.clone(),
+                self.poll,
+                shutdown.clone(),
+            );
+            tasks.spawn(async move { deliveries::run(pool, handler, wake, poll, &stop).await });
+        }
+        {
+            let wakes = Wakes {
                 reconcile: self.reconcile.clone(),
                 heads: heads_wake.clone(),
                 pulls: pulls_wake.clone(),
-            },
-            stopped(shutdown.clone()),
-        ));
+            };
+            let (pool, stop) = (self.pool.clone(), shutdown.clone());
+            tasks.spawn(async move { listen(pool, wakes, &stop).await });
+        }
         {
             let checker = self.checker.clone();
-            let (wake, poll, stop) = (heads_wake, self.poll, stopped(shutdown.clone()));
-            tasks.spawn(async move { checker.run(wake, poll, stop).await });
+            let (wake, poll, stop) = (heads_wake, self.poll, shutdown.clone());
+            tasks.spawn(async move { checker.run(wake, poll, &stop).await });
         }
         if let Some(planner) = self.planner.clone() {
-            let (wake, poll, stop) = (pulls_wake, self.poll, stopped(shutdown.clone()));
-            tasks.spawn(async move { planner.run(wake, poll, stop).await });
+            let (wake, poll, stop) = (pulls_wake, self.poll, shutdown.clone());
+            tasks.spawn(async move { planner.run(wake, poll, &stop).await });
         } else {
             tracing::info!(
                 "pull requests are not planned: that needs GitHub credentials and a git config repository"
             );
         }
         if let Some(worker) = self.outbox.clone() {
-            let stop = stopped(shutdown.clone());
-            tasks.spawn(async move { worker.run(stop).await });
+            let stop = shutdown.clone();
+            tasks.spawn(async move { worker.run(&stop).await });
         } else {
             tracing::info!(
                 "no GitHub credentials (CAIRN_GITHUB_TOKEN, or CAIRN_GITHUB_APP_ID with \
                  CAIRN_GITHUB_APP_PRIVATE_KEY_FILE): commit statuses and plan comments are off"
             );
         }
-        tasks.spawn(prune(
-            self.pool.clone(),
-            self.retention,
-            stopped(shutdown.clone()),
-        ));
+        {
+            let (pool, retention, stop) = (self.pool.clone(), self.retention, shutdown.clone());
+            tasks.spawn(async move { prune(pool, retention, &stop).await });
+        }
         while let Some(done) = tasks.join_next().await {
             if let Err(e) = done {
                 tracing::error!(error = %e, "a webhook worker stopped abnormally");
@@ -229,54 +228,21 @@ struct Wakes {
 
 /// Turns `NOTIFY cairn_webhook_work` (sent at the commit of a delivery's transaction) into in-process
 /// wake-ups; reconnects after a lost connection (the workers' polls cover the gap).
-async fn listen(pool: PgPool, wakes: Wakes, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
-    let mut retry = Duration::from_millis(500);
-    loop {
-        let listener = async {
-            let mut l = PgListener::connect_with(&pool).await?;
-            l.listen(store::WORK_CHANNEL).await?;
-            Ok::<_, sqlx::Error>(l)
-        };
-        let mut listener = tokio::select! {
-            () = &mut shutdown => return,
-            l = listener => match l {
-                Ok(l) => {
-                    retry = Duration::from_millis(500);
-                    l
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot LISTEN for webhook work; retrying");
-                    tokio::select! {
-                        () = &mut shutdown => return,
-                        () = tokio::time::sleep(retry) => {}
-                    }
-                    retry = (retry * 2).min(Duration::from_secs(30));
-                    continue;
-                }
-            },
-        };
+async fn listen(pool: PgPool, wakes: Wakes, shutdown: &Shutdown) {
+    let on = |heard: Heard<'_>| match heard {
         // Anything notified while not listening is found by the workers' first pass after this.
-        wakes.heads.notify_one();
-        wakes.pulls.notify_one();
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                received = listener.recv() => match received {
-                    Ok(n) => match n.payload() {
-                        "reconcile" => wakes.reconcile.notify_one(),
-                        "heads" => wakes.heads.notify_one(),
-                        "pulls" => wakes.pulls.notify_one(),
-                        other => tracing::debug!(payload = other, "unknown webhook work notification"),
-                    },
-                    Err(e) => {
-                        tracing::warn!(error = %e, "lost the webhook work listener; reconnecting");
-                        break;
-                    }
-                },
-            }
+        Heard::Listening => {
+            wakes.heads.notify_one();
+            wakes.pulls.notify_one();
         }
-    }
+        Heard::Notified("reconcile") => wakes.reconcile.notify_one(),
+        Heard::Notified("heads") => wakes.heads.notify_one(),
+        Heard::Notified("pulls") => wakes.pulls.notify_one(),
+        Heard::Notified(other) => {
+            tracing::debug!(payload = other, "unknown webhook work notification")
+        }
+    };
+    forward(pool, store::WORK_CHANNEL, "webhook work", on, shutdown).await
 }
 
 /// What one [`prune_once`] deleted.
@@ -312,23 +278,20 @@ pub async fn prune_once(pool: &PgPool, retention: Duration) -> Result<Pruned, Pr
 }
 
 /// Deletes what is older than `retention`, now and then.
-async fn prune(pool: PgPool, retention: Duration, shutdown: impl Future<Output = ()>) {
-    tokio::pin!(shutdown);
+async fn prune(pool: PgPool, retention: Duration, shutdown: &Shutdown) {
     let every = (retention / 10).clamp(Duration::from_secs(60), Duration::from_secs(3600));
-    loop {
-        match prune_once(&pool, retention).await {
-            Ok(p) if p != Pruned::default() => tracing::info!(
-                deliveries = p.deliveries,
-                calls = p.calls,
-                records = p.records,
-                "pruned webhook history"
-            ),
-            Ok(_) => {}
-            Err(e) => tracing::error!(error = %chain(&e), "pruning webhook history"),
-        }
-        tokio::select! {
-            () = &mut shutdown => return,
-            () = tokio::time::sleep(every) => {}
-        }
-    }
+    Worker::new("pruning webhook history", every)
+        .run(shutdown, |_| async {
+            let p = prune_once(&pool, retention).await?;
+            if p != Pruned::default() {
+                tracing::info!(
+                    deliveries = p.deliveries,
+                    calls = p.calls,
+                    records = p.records,
+                    "pruned webhook history"
+                )
+            }
+            Ok::<_, PruneError>(None)
+        })
+        .await
 }

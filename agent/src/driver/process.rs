@@ -1031,7 +1031,7 @@ async fn supervise(
         let mut rec = record.lock().unwrap_or_else(|p| p.into_inner());
         rec.process = process;
         if let Err(e) = write_record(&launch.output, &rec) {
-            tracing::warn!(error = %crate::runner::chain(&e), "cannot record a replica's process");
+            tracing::warn!(error = %cairn_schema::error::chain(&e), "cannot record a replica's process");
         }
     };
     loop {

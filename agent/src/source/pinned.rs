@@ -127,13 +127,7 @@ impl Shared {
                 }
                 Err(e) => {
                     let e = e.without_url();
-                    let mut why = e.to_string();
-                    let mut cur = std::error::Error::source(&e);
-                    while let Some(c) = cur {
-                        why.push_str(": ");
-                        why.push_str(&c.to_string());
-                        cur = c.source();
-                    }
+                    let why = cairn_schema::error::chain(&e);
                     self.error = Some((io::ErrorKind::Other, why));
                 }
             }

@@ -37,7 +37,7 @@ pub async fn docker(test: &str) -> Option<Docker> {
     match tokio::time::timeout(Duration::from_secs(10), connect).await {
         Ok(Ok(d)) => Some(d),
         Ok(Err(e)) => {
-            missing(test, "the Docker engine", error_chain(&e));
+            missing(test, "the Docker engine", cairn_schema::error::chain(&e));
             None
         }
         Err(_) => {
@@ -45,17 +45,6 @@ pub async fn docker(test: &str) -> Option<Docker> {
             None
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// Whether the `git` CLI and the static busybox are there.

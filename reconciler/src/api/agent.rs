@@ -48,7 +48,6 @@ use tokio::time::Instant;
 
 use super::auth::{self, bearer, hash, well_formed};
 use super::{Api, ApiError, Json};
-use crate::controller::error_chain;
 use crate::queue::{
     self, LeaseToken, LeasedTask, NewLogLine, NewTask, TaskId, TaskKind, TaskStatus,
 };
@@ -57,6 +56,7 @@ use crate::store::nodes::{self, AuthNode, HeartbeatRecord, JoinOutcome, JoinReco
 use crate::store::{placements, state};
 use crate::{deploys, drift, payload};
 use cairn_plan::observed::NodeState;
+use cairn_schema::error::chain as error_chain;
 
 /// The most replicas one heartbeat may report.
 pub const MAX_REPORTED_REPLICAS: usize = 10_000;

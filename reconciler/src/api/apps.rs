@@ -145,7 +145,7 @@ async fn deploy(
     })?
     .map_err(|e| OpsError::Head {
         app: app.clone(),
-        reason: crate::controller::error_chain(&e),
+        reason: cairn_schema::error::chain(&e),
     })?
     .ok_or_else(|| OpsError::NoBranch {
         app: app.clone(),

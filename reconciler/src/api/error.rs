@@ -8,10 +8,10 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cairn_proto::ErrorBody;
 
-use crate::controller::error_chain;
 use crate::deploys::{DeployError, ImageRefused};
 use crate::queue::QueueError;
 use crate::store::StoreError;
+use cairn_schema::error::chain as error_chain;
 
 /// A refused or failed API request.
 #[derive(Debug, thiserror::Error)]

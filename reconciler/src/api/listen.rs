@@ -36,6 +36,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
 
+use crate::worker::Shutdown;
+
 /// File descriptors kept for everything but client connections: the database pools and the LISTEN
 /// connection, git, config and cache files, the metrics listener.
 pub const RESERVED_FDS: u64 = 128;
@@ -96,14 +98,15 @@ pub fn raise_fd_limit() -> u64 {
     limit.current.unwrap_or(u64::MAX)
 }
 
-/// Serves `app` on `listener` within `bounds` until `shutdown` completes, then lets open connections
+/// Serves `app` on `listener` within `bounds` until `shutdown` is triggered, then lets open connections
 /// finish for at most [`Bounds::shutdown_grace`].
 pub async fn serve(
     listener: TcpListener,
     app: Router,
     bounds: Bounds,
-    shutdown: impl Future<Output = ()> + Send,
+    shutdown: Shutdown,
 ) -> std::io::Result<()> {
+    let shutdown = shutdown.wait();
     let permits = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut warned_full: Option<tokio::time::Instant> = None;

@@ -48,6 +48,7 @@ use limit::{Limiter, Rate};
 
 use crate::hooks::Hooks;
 use crate::queue::{Backoff, Listener};
+use crate::worker::Shutdown;
 
 /// The APIs' knobs.
 #[derive(Debug, Clone)]
@@ -123,8 +124,8 @@ pub struct Api {
     pub heads: std::sync::OnceLock<Arc<tokio::sync::Mutex<crate::source::heads::HeadPoller>>>,
     /// Ticks when replica output is stored: wakes `cairn logs --follow` long-polls.
     pub log_tick: watch::Sender<u64>,
-    /// Turns true when the server shuts down: long-polls answer at once.
-    stopping: Option<watch::Receiver<bool>>,
+    /// Triggered when the server shuts down: long-polls answer at once.
+    stopping: Option<Shutdown>,
     node_limit: Limiter,
     admin_limit: Limiter,
     join_limit: Limiter,
@@ -147,7 +148,7 @@ impl Api {
         wake: Arc<Notify>,
         hooks: Option<Arc<dyn Hooks>>,
         cfg: ApiConfig,
-        stopping: Option<watch::Receiver<bool>>,
+        stopping: Option<Shutdown>,
     ) -> Arc<Self> {
         Arc::new(Api {
             stopping,
@@ -170,10 +171,8 @@ impl Api {
 
     /// Resolves once the server is shutting down (never, without a shutdown signal).
     async fn stopped(&self) {
-        match self.stopping.clone() {
-            Some(mut rx) => {
-                let _ = rx.wait_for(|s| *s).await;
-            }
+        match &self.stopping {
+            Some(shutdown) => shutdown.wait().await,
             None => std::future::pending().await,
         }
     }

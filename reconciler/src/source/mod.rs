@@ -1,8 +1,10 @@
 //! Where desired state comes from: a working directory (watched for local use) or a git remote (fetched
 //! into a cache, read from the commit's tree without a checkout).
 //!
-//! Both hand `cairn-schema` `(path, bytes)` pairs; neither interprets manifests.
+//! Both hand `cairn-schema` `(path, bytes)` pairs; neither interprets manifests. `config.rs` is the
+//! [`ConfigSource`] the controller reads: either of them, parsed and validated by `cairn-schema`.
 
+pub mod config;
 pub mod dir;
 pub mod git;
 pub mod heads;
@@ -13,6 +15,8 @@ use std::sync::Arc;
 
 use cairn_schema::validate::{Loaded, assemble_refs};
 use cairn_schema::{Diagnostic, ParsedFile};
+
+pub use config::{ConfigSource, ReadError};
 
 /// The desired state read from a source at one point: a commit for git, a moment for a directory.
 #[derive(Debug, Clone)]

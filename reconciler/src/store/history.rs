@@ -82,7 +82,7 @@ pub struct NewReconciliation<'a> {
     pub source: &'a str,
     /// The commit read; `None` when the source could not be read.
     pub commit: Option<&'a str>,
-    /// What woke the reconciler: `timer`, `webhook`, `file`, `manual`, `node`.
+    /// What woke the reconciler ([`crate::controller::Trigger::as_str`]).
     pub trigger: &'a str,
     pub status: ReconcileStatus,
     /// The generation after the run.

@@ -31,6 +31,7 @@
 
 pub(crate) mod decode;
 pub mod history;
+pub mod listen;
 pub mod metrics;
 pub mod nodes;
 pub mod placements;

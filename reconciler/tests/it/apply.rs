@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cairn_plan::observed::{AppliedApp, CommitId, Fingerprints, ReplicaState};
 use cairn_plan::{TaskAction, WarningKind};
-use cairn_reconciler::controller::{ConfigSource, Controller, Outcome};
+use cairn_reconciler::controller::{ConfigSource, Controller, Outcome, Trigger};
 use cairn_reconciler::executor::Applied;
 use cairn_reconciler::source::git::GitSource;
 use cairn_reconciler::store::{self, ReconcileStatus, state};
@@ -101,7 +101,7 @@ fn applied(o: Outcome) -> Applied {
 }
 
 async fn reconcile(c: &Controller) -> Applied {
-    applied(c.reconcile("manual").await.unwrap())
+    applied(c.reconcile(Trigger::Manual).await.unwrap())
 }
 
 /// One `tasks` row, as the agents will see it.
@@ -793,7 +793,7 @@ async fn an_invalid_commit_changes_nothing_and_is_recorded_with_locations() {
             "apps/api.toml",
             "[app.api]\nplan = \"small\"\nruntime = \"node\"\nreplicas = \"two\"\n",
         );
-        let outcome = c.reconcile("manual").await.unwrap();
+        let outcome = c.reconcile(Trigger::Manual).await.unwrap();
         let Outcome::Invalid { commit, errors } = outcome else {
             panic!("expected Invalid, got {outcome:?}");
         };
@@ -971,8 +971,8 @@ async fn two_appliers_racing_on_the_same_commit_emit_each_task_once() {
                 .await
                 .unwrap();
             let (a, b, ()) = tokio::join!(
-                one.reconcile("race-one"),
-                two.reconcile("race-two"),
+                one.reconcile(Trigger::Manual),
+                two.reconcile(Trigger::Manual),
                 release_when_both_wait(pool, holder),
             );
             let (a, b) = (applied(a.unwrap()), applied(b.unwrap()));
@@ -1124,7 +1124,7 @@ async fn a_git_source_that_moves_backwards_is_refused() {
         let before = dump(pool, &["reconciliations"]).await;
         remote.force_push(&a);
         for _ in 0..2 {
-            assert_behind(c.reconcile("timer").await.unwrap(), &a, &b);
+            assert_behind(c.reconcile(Trigger::Timer).await.unwrap(), &a, &b);
         }
         assert_eq!(dump(pool, &["reconciliations"]).await, before);
 
@@ -1156,7 +1156,7 @@ async fn a_cold_cache_refuses_a_commit_older_than_the_applied_one() {
         remote.force_push(&a);
         let before = dump(pool, &["reconciliations"]).await;
         let cold = remote.controller(pool, "another-cache");
-        assert_behind(cold.reconcile("timer").await.unwrap(), &a, &b);
+        assert_behind(cold.reconcile(Trigger::Timer).await.unwrap(), &a, &b);
         assert_eq!(dump(pool, &["reconciliations"]).await, before);
     })
     .await;
@@ -1202,7 +1202,7 @@ async fn no_secret_plaintext_reaches_any_row() {
             ),
         );
         assert!(matches!(
-            c.reconcile("manual").await.unwrap(),
+            c.reconcile(Trigger::Manual).await.unwrap(),
             Outcome::Invalid { .. }
         ));
         assert_eq!(

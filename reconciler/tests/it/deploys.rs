@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use cairn_plan::observed::CommitId;
 use cairn_proto::{DeployPayload, Outcome};
-use cairn_reconciler::controller::{ConfigSource, Controller, Outcome as Reconciled};
+use cairn_reconciler::controller::{ConfigSource, Controller, Outcome as Reconciled, Trigger};
 use cairn_reconciler::deploys::{self, Context, DeployError};
 use cairn_reconciler::queue::{self, Backoff, LeaseToken, LeasedTask, TaskStatus};
 use cairn_reconciler::store::state;
@@ -99,7 +99,7 @@ impl Plane {
                 .unwrap();
         }
         assert!(matches!(
-            c.reconcile("manual").await.unwrap(),
+            c.reconcile(Trigger::Manual).await.unwrap(),
             Reconciled::Applied(_)
         ));
         Plane {

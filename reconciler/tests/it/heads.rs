@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cairn_plan::WarningKind;
 use cairn_plan::observed::CommitId;
-use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome};
+use cairn_reconciler::controller::{ConfigSource, Controller, HeadPolling, Outcome, Trigger};
 use cairn_reconciler::executor::Applied;
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::{ReconcileStatus, state};
@@ -105,7 +105,7 @@ impl World {
     }
 }
 
-async fn run(c: &Controller, trigger: &str) -> Applied {
+async fn run(c: &Controller, trigger: Trigger) -> Applied {
     match c.reconcile(trigger).await.unwrap() {
         Outcome::Applied(a) => *a,
         other => panic!("expected an apply, got {other:?}"),
@@ -145,20 +145,20 @@ async fn without_polling_a_new_app_or_branch_reads_its_head_once_and_pushes_wait
         w.source("web");
         let c1 = w.push("web", "main", "v1");
         let c = w.controller(pool);
-        let a = run(&c, "startup").await;
+        let a = run(&c, Trigger::Startup).await;
         assert_eq!(a.status, ReconcileStatus::Applied);
 
         // A new app gets release 1 at its branch's current head, in the run that applies it (woken
         // by the config change, not by a push to the app's repository).
         w.app("web", "main");
-        let a = run(&c, "wake").await;
+        let a = run(&c, Trigger::Wake).await;
         assert!(!waits_for_head(&a, "web"), "{:?}", a.plan.warnings);
         assert_eq!(releases(pool, "web").await, [(1, c1.clone())]);
         assert_eq!(head(pool, "web").await, Some(("main".into(), c1.clone())));
 
         // A push to the branch is not polled: runs on the timer (and manual ones) leave it to a webhook.
         let c2 = w.push("web", "main", "v2");
-        for trigger in ["timer", "timer", "manual"] {
+        for trigger in [Trigger::Timer, Trigger::Timer, Trigger::Manual] {
             let a = run(&c, trigger).await;
             assert_eq!(a.status, ReconcileStatus::Noop, "{trigger}: {:?}", a.plan);
         }
@@ -170,7 +170,7 @@ async fn without_polling_a_new_app_or_branch_reads_its_head_once_and_pushes_wait
                 .await
                 .unwrap()
         );
-        run(&c, "wake").await;
+        run(&c, Trigger::Wake).await;
         assert_eq!(
             releases(pool, "web").await,
             [(1, c1.clone()), (2, c2.clone())]
@@ -181,14 +181,14 @@ async fn without_polling_a_new_app_or_branch_reads_its_head_once_and_pushes_wait
         git(&w.work("web"), &["checkout", "-q", "-b", "next"]);
         let c3 = w.push("web", "next", "v3");
         w.app("web", "next");
-        run(&c, "wake").await;
+        run(&c, Trigger::Wake).await;
         assert_eq!(head(pool, "web").await, Some(("next".into(), c3.clone())));
         assert_eq!(
             releases(pool, "web").await,
             [(1, c1.clone()), (2, c2.clone()), (3, c3.clone())]
         );
         let _c4 = w.push("web", "next", "v4");
-        for trigger in ["timer", "timer"] {
+        for trigger in [Trigger::Timer, Trigger::Timer] {
             let a = run(&c, trigger).await;
             assert_eq!(a.status, ReconcileStatus::Noop, "{trigger}: {:?}", a.plan);
         }
@@ -198,13 +198,13 @@ async fn without_polling_a_new_app_or_branch_reads_its_head_once_and_pushes_wait
         // A remote that cannot be asked: the run still applies, the app waits for its head and is asked
         // again on the next run (not in a loop of its own).
         w.app("api", "main");
-        let a = run(&c, "wake").await;
+        let a = run(&c, Trigger::Wake).await;
         assert!(waits_for_head(&a, "api"), "{:?}", a.plan.warnings);
         assert_eq!(head(pool, "api").await, None);
         assert!(releases(pool, "api").await.is_empty());
         w.source("api");
         let api1 = w.push("api", "main", "api v1");
-        let a = run(&c, "timer").await;
+        let a = run(&c, Trigger::Timer).await;
         assert!(!waits_for_head(&a, "api"), "{:?}", a.plan.warnings);
         assert_eq!(releases(pool, "api").await, [(1, api1)]);
         assert_eq!(releases(pool, "web").await.len(), 3, "web was not polled");
@@ -225,15 +225,15 @@ async fn with_polling_a_new_app_deploys_in_the_run_that_applies_it() {
         let c1 = w.push("web", "main", "v1");
         let mut c = w.controller(pool);
         c.head_polling = HeadPolling::All;
-        run(&c, "startup").await;
+        run(&c, Trigger::Startup).await;
         w.app("web", "main");
-        let a = run(&c, "wake").await;
+        let a = run(&c, Trigger::Wake).await;
         assert!(!waits_for_head(&a, "web"), "{:?}", a.plan.warnings);
         assert_eq!(releases(pool, "web").await, [(1, c1.clone())]);
         // A known head moves on the timer's runs, not on others.
         let c2 = w.push("web", "main", "v2");
-        assert_eq!(run(&c, "wake").await.status, ReconcileStatus::Noop);
-        run(&c, "timer").await;
+        assert_eq!(run(&c, Trigger::Wake).await.status, ReconcileStatus::Noop);
+        run(&c, Trigger::Timer).await;
         assert_eq!(releases(pool, "web").await, [(1, c1), (2, c2)]);
     })
     .await

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use cairn_reconciler::controller::{ConfigSource, Controller, Outcome};
+use cairn_reconciler::controller::{ConfigSource, Controller, Outcome, Trigger};
 use cairn_reconciler::store::ReconcileStatus;
 use cairn_reconciler::store::history::{
     self, MAX_RECORDED_ERRORS, NewReconciliation, RecordedError,
@@ -40,7 +40,7 @@ async fn runs(pool: &PgPool) -> Vec<(String, Option<String>, i32, Option<i32>, i
 }
 
 async fn reconcile(c: &Controller) -> Outcome {
-    tokio::time::timeout(Duration::from_secs(120), c.reconcile("timer"))
+    tokio::time::timeout(Duration::from_secs(120), c.reconcile(Trigger::Timer))
         .await
         .expect("a reconcile ends")
         .expect("the run is recorded")

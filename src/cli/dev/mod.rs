@@ -393,7 +393,12 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
             dir.display()
         ),
     }
-    match step("applying", async { Ok(c.reconcile("dev").await?) }).await? {
+    match step("applying", async {
+        Ok(c.reconcile(cairn_reconciler::controller::Trigger::Dev)
+            .await?)
+    })
+    .await?
+    {
         Outcome::Applied(a) => say!(
             "- applied generation {}: {}",
             a.plan.generation,

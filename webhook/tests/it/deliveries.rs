@@ -153,17 +153,17 @@ async fn the_worker_loop_wakes_on_the_receivers_notify() {
     let db = cairn_testkit::test_db!();
     let server = Server::start(db.pool().clone()).await;
     let handler = Recorder::new(db.pool(), routes()).await;
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let worker = tokio::spawn(deliveries::run(
-        db.pool().clone(),
-        handler.clone(),
-        server.wake.clone(),
+    let stop = cairn_reconciler::worker::Shutdown::new();
+    let worker = tokio::spawn({
+        let (pool, handler, wake, stop) = (
+            db.pool().clone(),
+            handler.clone(),
+            server.wake.clone(),
+            stop.clone(),
+        );
         // No polling to speak of: only the notify can make this test pass in time.
-        Duration::from_secs(3600),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+        async move { deliveries::run(pool, handler, wake, Duration::from_secs(3600), &stop).await }
+    });
     tokio::time::sleep(Duration::from_millis(100)).await;
     support::post(&server.url(), Delivery::signed("push", "loop-1", push(1))).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -174,7 +174,7 @@ async fn the_worker_loop_wakes_on_the_receivers_notify() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.send(()).unwrap();
+    stop.trigger();
     worker.await.unwrap();
 }
 

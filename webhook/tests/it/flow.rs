@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use cairn_reconciler::controller::Trigger;
 use cairn_reconciler::store::state;
 use cairn_schema::Name;
 use cairn_webhook::deliveries::process_pending;
@@ -42,7 +43,7 @@ async fn the_remotes_head_wins_whatever_order_pushes_arrive_in_and_becomes_a_rel
         let c1 = w.source_commit("v1");
         w.config_commit("a platform");
         let c = w.controller(pool, None);
-        c.reconcile("startup").await.unwrap();
+        c.reconcile(Trigger::Startup).await.unwrap();
         assert_eq!(releases(pool, "web").await, [(1, c1.clone())]);
 
         let c2 = w.source_commit("v2");
@@ -90,7 +91,7 @@ async fn the_remotes_head_wins_whatever_order_pushes_arrive_in_and_becomes_a_rel
             .unwrap();
         assert_eq!(left, 0, "done checks are deleted");
 
-        c.reconcile("wake").await.unwrap();
+        c.reconcile(Trigger::Wake).await.unwrap();
         assert_eq!(
             releases(pool, "web").await,
             [(1, c1.clone()), (2, c3.clone())]
@@ -130,7 +131,7 @@ async fn pushes_do_not_move_apps_pinned_by_their_manifest_or_a_rollback() {
         let c1 = w.source_commit("v1");
         w.config_commit("a platform");
         let c = w.controller(pool, None);
-        c.reconcile("startup").await.unwrap();
+        c.reconcile(Trigger::Startup).await.unwrap();
         let mut conn = pool.acquire().await.unwrap();
         assert!(
             state::set_rollback_pin(&mut conn, &Name::new("held").unwrap(), Some(1))
@@ -169,7 +170,7 @@ async fn pushes_do_not_move_apps_pinned_by_their_manifest_or_a_rollback() {
         // Without the app that follows the branch, the push moves nothing and says why.
         std::fs::remove_file(w.config.work.join("apps/web.toml")).unwrap();
         w.config_commit("web is gone");
-        c.reconcile("manual").await.unwrap();
+        c.reconcile(Trigger::Manual).await.unwrap();
         let c3 = w.source_commit("v3");
         post(
             &server.url(),

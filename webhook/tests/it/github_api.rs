@@ -915,12 +915,10 @@ async fn the_worker_loop_delivers_on_notify() {
         Arc::new(GitHub::new(github).unwrap()),
         w_config,
     );
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(async move {
-        w.run(async {
-            let _ = stopped.await;
-        })
-        .await
+    let stop = cairn_reconciler::worker::Shutdown::new();
+    let running = tokio::spawn({
+        let stop = stop.clone();
+        async move { w.run(&stop).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     enqueue(db.pool(), status_call("cairn/apply", StatusState::Success)).await;
@@ -932,7 +930,7 @@ async fn the_worker_loop_delivers_on_notify() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    stop.send(()).unwrap();
+    stop.trigger();
     running.await.unwrap();
 }
 

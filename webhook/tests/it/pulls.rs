@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use cairn_reconciler::controller::Controller;
+use cairn_reconciler::controller::{Controller, Trigger};
 use cairn_schema::Identity;
 use cairn_webhook::deliveries::process_pending;
 use cairn_webhook::handler::CairnHandler;
@@ -34,7 +34,7 @@ async fn setup(pool: &PgPool, identity: Option<Identity>) -> Setup {
     w.source_commit("v1");
     let base = w.config_commit("a platform");
     let c = Arc::new(w.controller(pool, identity));
-    c.reconcile("startup").await.unwrap();
+    c.reconcile(Trigger::Startup).await.unwrap();
     let planner = planner(pool, &w, c);
     Setup {
         server: Server::start(pool.clone()).await,

@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use cairn_reconciler::controller::Trigger;
 use cairn_reconciler::hooks::{DeployOutcome, Hooks, record_deploy_outcome};
 use cairn_schema::Name;
 use cairn_webhook::deliveries::{DeliveryContext, DeliveryHandler};
@@ -55,7 +56,7 @@ async fn apply_statuses_are_posted_once_per_commit_and_state() {
         let mut c = w.controller(pool, None);
         c.hooks = Some(hooks());
 
-        c.reconcile("startup").await.unwrap();
+        c.reconcile(Trigger::Startup).await.unwrap();
         // Pending, then success: undelivered, the success replaced the pending call.
         assert_eq!(status_version(pool, &a, "cairn/apply").await, 2);
         let expected = vec![
@@ -74,7 +75,7 @@ async fn apply_statuses_are_posted_once_per_commit_and_state() {
         ];
         assert_eq!(statuses(pool).await, expected);
         drain(pool).await;
-        c.reconcile("timer").await.unwrap();
+        c.reconcile(Trigger::Timer).await.unwrap();
         assert_eq!(statuses(pool).await, expected, "the same commit posts nothing");
 
         // An invalid commit fails once, however often it is reconciled.
@@ -84,8 +85,8 @@ async fn apply_statuses_are_posted_once_per_commit_and_state() {
              source = { url = \"https://github.com/Codertocat/Hello-World.git\", branch = \"master\" }\n",
         );
         let b = w.config_commit("a typo");
-        c.reconcile("wake").await.unwrap();
-        c.reconcile("timer").await.unwrap();
+        c.reconcile(Trigger::Wake).await.unwrap();
+        c.reconcile(Trigger::Timer).await.unwrap();
         let after_b = statuses(pool).await;
         assert_eq!(after_b.len(), 3, "{after_b:#?}");
         let (_, sha, context, state, description) = after_b[2].clone();
@@ -97,7 +98,7 @@ async fn apply_statuses_are_posted_once_per_commit_and_state() {
         // Fixed: pending, then success.
         platform(&w.config, &[("web", "")]);
         let fixed = w.config_commit("fixed");
-        c.reconcile("wake").await.unwrap();
+        c.reconcile(Trigger::Wake).await.unwrap();
         let all = statuses(pool).await;
         assert_eq!(
             all[3..],
@@ -125,7 +126,7 @@ async fn deploy_statuses_carry_the_release_and_the_time_since_the_push() {
         let mut c = w.controller(pool, None);
         let hooks = hooks();
         c.hooks = Some(hooks.clone());
-        c.reconcile("startup").await.unwrap();
+        c.reconcile(Trigger::Startup).await.unwrap();
 
         // A push, as a delivery's handler records it, then the head check and the reconcile.
         let c2 = w.source_commit("v2");
@@ -157,7 +158,7 @@ async fn deploy_statuses_carry_the_release_and_the_time_since_the_push() {
             .check_due()
             .await
             .unwrap();
-        c.reconcile("wake").await.unwrap();
+        c.reconcile(Trigger::Wake).await.unwrap();
         assert_eq!(
             statuses(pool).await.last().unwrap(),
             &status(

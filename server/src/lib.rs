@@ -1,0 +1,401 @@
+//! `cairn serve` as a library: [`serve`] composes the control plane (its database pools, the HTTP
+//! routes, the reconcile loop and every background loop beside it) on a listener the caller bound, and
+//! runs it until the caller's [`Shutdown`] is triggered. The `cairn` binary parses flags into a
+//! [`Config`] and calls it; tests start a whole control plane in process the same way.
+//!
+//! It sits above `cairn-reconciler` and `cairn-webhook`: the reconciler depends on no webhook and the
+//! webhook crate on the reconciler, so neither can hold what wires both together.
+//!
+//! What it must not do: parse arguments, read files or the environment, print, or handle signals (the
+//! binary does all of that, and binds the listeners); decide anything (it only wires the modules that
+//! do); or outlive its shutdown: [`serve`] returns once every loop and listener it started stopped, and
+//! on an error it stops what it started first.
+
+mod late;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use cairn_reconciler::api::limit::Rate;
+use cairn_reconciler::api::listen::{self, Bounds};
+use cairn_reconciler::api::{Api, ApiConfig};
+use cairn_reconciler::controller::{ConfigSource, Controller, SourceSettings};
+use cairn_reconciler::liveness::Judging;
+use cairn_reconciler::queue::{Listener, QueueError};
+use cairn_reconciler::source::heads::HeadPoller;
+use cairn_reconciler::store::StoreError;
+use cairn_reconciler::worker::Shutdown;
+use cairn_schema::Identity;
+use cairn_schema::source::RewriteError;
+use cairn_webhook::events::TrackedRepo;
+use cairn_webhook::github::GitHubConfig;
+use cairn_webhook::outbox::OutboxConfig;
+use cairn_webhook::receiver::WEBHOOK_PATH;
+use cairn_webhook::service::{self, ServiceError, Settings, Webhooks};
+use cairn_webhook::signature::WebhookSecret;
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, OnceCell};
+
+use late::Late;
+
+/// Connections the `/metrics` listener of its own holds at most (scrapers are few).
+const METRICS_MAX_CONNECTIONS: usize = 64;
+
+/// How long `/readyz` waits for the database.
+const READYZ_DB_TIMEOUT: Duration = Duration::from_millis(800);
+
+/// Everything [`serve`] runs with: values, never flags or files.
+#[derive(Debug)]
+pub struct Config {
+    pub database_url: String,
+    /// The config repository and how it is followed.
+    pub source: SourceSettings,
+    /// The control plane's age identity: fingerprints secrets and re-encrypts them per node.
+    pub identity: Option<Identity>,
+    /// Reconcile at least this often (also the poll for missed webhooks).
+    pub interval: Duration,
+    /// A node with no heartbeat for this long is offline.
+    pub node_offline_after: Duration,
+    /// The bounds of the HTTP listeners (the descriptor limit is the caller's to raise).
+    pub http: Bounds,
+    /// `/metrics` on a listener of its own; `None` serves it on the main one.
+    pub metrics_listener: Option<TcpListener>,
+    pub api: ApiSettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// The agent and admin APIs.
+#[derive(Debug)]
+pub struct ApiSettings {
+    /// Their configuration; its `offline_after` is set from [`Config::node_offline_after`].
+    pub config: ApiConfig,
+    /// Database connections of their own pool (so agents cannot starve the reconcile loop, nor it them).
+    pub db_connections: u32,
+    /// Waiting long-polls look for tasks at least this often.
+    pub lease_poll: Duration,
+    /// Build output, replica output and failed or no-op reconcile runs older than this are pruned.
+    pub log_retention: Duration,
+    /// Replica output lines kept per app.
+    pub log_window: u32,
+}
+
+impl ApiSettings {
+    /// The defaults of `cairn serve`'s flags, for `installation`.
+    pub fn new(installation: cairn_schema::Name) -> Self {
+        let mut config = ApiConfig::new(installation);
+        config.node_rate = Rate::new(20.0, 60.0);
+        config.admin_rate = Rate::new(20.0, 60.0);
+        config.join_rate = Rate::new(5.0, 50.0);
+        ApiSettings {
+            config,
+            db_connections: 16,
+            lease_poll: Duration::from_secs(30),
+            log_retention: Duration::from_secs(14 * 24 * 3600),
+            log_window: 10_000,
+        }
+    }
+}
+
+/// The GitHub integration.
+#[derive(Debug)]
+pub struct WebhookSettings {
+    /// Without one, `POST /webhooks/github` is not served.
+    pub secret: Option<WebhookSecret>,
+    /// Without credentials nothing is sent to GitHub.
+    pub github: Option<GitHubConfig>,
+    /// Deliveries, GitHub calls and what they caused are kept this long.
+    pub retention: Duration,
+    /// How long a GitHub call is reserved for the worker making it.
+    pub call_lease: Duration,
+    /// How often the webhook workers look for work without being notified.
+    pub poll: Duration,
+}
+
+impl Default for WebhookSettings {
+    fn default() -> Self {
+        WebhookSettings {
+            secret: None,
+            github: None,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            call_lease: Duration::from_secs(300),
+            poll: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why the control plane could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot connect to the database")]
+    Connect(#[source] StoreError),
+    #[error("cannot migrate the database")]
+    Migrate(#[source] StoreError),
+    #[error("cannot connect the API to the database")]
+    ConnectApi(#[source] StoreError),
+    #[error("cannot listen for task notifications")]
+    Notifications(#[source] QueueError),
+    #[error(transparent)]
+    Rewrite(#[from] RewriteError),
+    #[error("cannot watch {}", .path.display())]
+    Watch {
+        path: PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot set up the GitHub integration")]
+    Webhooks(#[source] ServiceError),
+    #[error("the webhook workers failed")]
+    WebhookTask(#[source] tokio::task::JoinError),
+    #[error("the HTTP server task failed")]
+    ServerTask(#[source] tokio::task::JoinError),
+    #[error(transparent)]
+    Server(std::io::Error),
+}
+
+/// Triggers a shutdown when dropped: whatever way [`serve`] returns, what it started stops.
+struct StopOnDrop(Shutdown);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
+    }
+}
+
+/// Runs the control plane on `listener` until `shutdown` is triggered. The listener answers
+/// `/healthz` at once and `/readyz` (ready once the database is), the agent, admin and webhook routes
+/// answer 503 until the database is reachable, and the reconcile loop runs on `config.interval`, woken by
+/// file changes (directory sources), webhook deliveries, nodes going offline and operators.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    shutdown: Shutdown,
+) -> Result<(), ServeError> {
+    let Config {
+        database_url,
+        source,
+        identity,
+        interval,
+        node_offline_after,
+        http,
+        metrics_listener,
+        api,
+        webhooks,
+    } = config;
+    // Stops everything started here when this returns, early (an error) or not; the caller's shutdown
+    // stops it too.
+    let stop = StopOnDrop(shutdown.child());
+    let shutdown = stop.0.clone();
+
+    // The listener answers /healthz before the database is reachable; /readyz says when it is.
+    let ready: Arc<OnceCell<PgPool>> = Arc::default();
+    let mut app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(ready.clone());
+    // Until the database is reachable the webhook endpoint answers 503, which GitHub shows and lets an
+    // operator redeliver.
+    let hook_routes = Late::new("the control plane is starting");
+    if webhooks.secret.is_some() {
+        tracing::info!("GitHub webhooks: POST {WEBHOOK_PATH}");
+        let late = hook_routes.clone();
+        app = app.route(WEBHOOK_PATH, post(move |r| late.clone().dispatch(r)));
+    } else {
+        tracing::info!(
+            "no GitHub webhook secret (--github-webhook-secret-file or \
+             CAIRN_GITHUB_WEBHOOK_SECRET): POST {WEBHOOK_PATH} is off"
+        );
+    }
+    // The agent and admin APIs (`/agent/v1`, `/api/v1`) answer 503 until the database is reachable.
+    let apis = Late::new("the control plane is starting; try again");
+    let mut app = app.merge(apis.router());
+    let metrics = cairn_reconciler::metrics::router(ready.clone());
+    match metrics_listener {
+        None => app = app.merge(metrics),
+        Some(l) => {
+            let mut bounds = http.clone();
+            bounds.max_connections = bounds.max_connections.min(METRICS_MAX_CONNECTIONS);
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                if let Err(e) = listen::serve(l, metrics, bounds, stop).await {
+                    tracing::error!(error = %e, "the metrics listener failed");
+                }
+            });
+        }
+    }
+    let server = tokio::spawn(listen::serve(listener, app, http, shutdown.clone()));
+
+    let pool = cairn_reconciler::store::connect(&database_url, 4)
+        .await
+        .map_err(ServeError::Connect)?;
+    cairn_reconciler::store::migrate(&pool)
+        .await
+        .map_err(ServeError::Migrate)?;
+    let mut c = Controller::open(pool, &source, identity.clone())?;
+    c.offline_after = node_offline_after;
+    let judging = Judging::new(node_offline_after);
+    c.judging = Some(judging.clone());
+    c.history_retention = api.log_retention;
+    let settings = webhook_settings(&source, webhooks)?;
+    c.hooks = service::hooks(&settings);
+    let _ = ready.set(c.pool.clone());
+    let wake = Arc::new(Notify::new());
+    apis.set(
+        start_apis(
+            &api,
+            &source,
+            &database_url,
+            identity,
+            judging,
+            c.hooks.clone(),
+            wake.clone(),
+            &shutdown,
+        )
+        .await?,
+    );
+    let _watcher = match &*c.source.lock().await {
+        ConfigSource::Dir(dir) => {
+            let w = wake.clone();
+            Some(
+                cairn_reconciler::source::watch::watch(
+                    dir,
+                    Duration::from_millis(300),
+                    Vec::new(),
+                    move || w.notify_one(),
+                )
+                .map_err(|e| ServeError::Watch {
+                    path: dir.clone(),
+                    source: Box::new(e),
+                })?,
+            )
+        }
+        ConfigSource::Git(_) => None,
+    };
+    let c = Arc::new(c);
+    // A pool of its own: a burst of deliveries never waits behind the reconciler, nor it behind them.
+    let hooks_pool = cairn_reconciler::store::connect(&database_url, 10)
+        .await
+        .map_err(ServeError::Connect)?;
+    let integration = Webhooks::new(settings, hooks_pool, c.clone(), wake.clone())
+        .map_err(ServeError::Webhooks)?;
+    if let Some(router) = integration.router() {
+        hook_routes.set(router);
+    }
+    let integration = tokio::spawn(integration.run(shutdown.clone()));
+    c.clone().run(wake, interval, &shutdown).await;
+    integration.await.map_err(ServeError::WebhookTask)?;
+    server
+        .await
+        .map_err(ServeError::ServerTask)?
+        .map_err(ServeError::Server)?;
+    c.pool.close().await;
+    Ok(())
+}
+
+/// Connects the APIs' pool and listener, starts the liveness monitor and the output prune, and returns
+/// the APIs' router.
+#[allow(clippy::too_many_arguments)]
+async fn start_apis(
+    settings: &ApiSettings,
+    source: &SourceSettings,
+    database_url: &str,
+    identity: Option<Identity>,
+    judging: Judging,
+    hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
+    wake: Arc<Notify>,
+    shutdown: &Shutdown,
+) -> Result<Router, ServeError> {
+    let pool = cairn_reconciler::store::connect(database_url, settings.db_connections)
+        .await
+        .map_err(ServeError::ConnectApi)?;
+    let listener = Listener::start(&pool, settings.lease_poll)
+        .await
+        .map_err(ServeError::Notifications)?;
+    let mut cfg = settings.config.clone();
+    cfg.offline_after = judging.offline_after();
+    let api = Api::new(
+        pool.clone(),
+        Arc::new(listener),
+        identity.map(Arc::new),
+        wake.clone(),
+        hooks,
+        cfg,
+        Some(shutdown.clone()),
+    );
+    // `cairn deploy APP` reads the app's branch head through the same rewrites as the head poller
+    // (also with --no-poll-heads: that stops the polling, not an operator's explicit ask).
+    let _ = api.heads.set(Arc::new(tokio::sync::Mutex::new(
+        HeadPoller::new(
+            source.cache_root.join("deploy-heads.git"),
+            source.rewrites.clone(),
+        )
+        .refuse_private(source.refuse_private_sources),
+    )));
+    let retention = cairn_reconciler::releases::Retention {
+        keep: settings.log_retention,
+        window: settings.log_window,
+        ..Default::default()
+    };
+    tokio::spawn({
+        let (pool, stop) = (pool.clone(), shutdown.clone());
+        async move { cairn_reconciler::releases::prune_loop(pool, retention, &stop).await }
+    });
+    tokio::spawn({
+        let stop = shutdown.clone();
+        async move { cairn_reconciler::liveness::monitor(pool, judging, wake, &stop).await }
+    });
+    Ok(cairn_reconciler::api::router_with(
+        api,
+        cairn_webhook::admin::routes(),
+    ))
+}
+
+/// The GitHub integration's settings: the config repository as `source` names it (tracked for
+/// webhooks and statuses when it is a git branch), and where it is fetched from.
+fn webhook_settings(
+    source: &SourceSettings,
+    webhooks: WebhookSettings,
+) -> Result<Settings, RewriteError> {
+    let git = source.is_git();
+    let branch = source
+        .git_ref
+        .strip_prefix("refs/heads/")
+        .unwrap_or(&source.git_ref);
+    let config_repo = (git && !branch.starts_with("refs/")).then(|| TrackedRepo {
+        url: source.repo.clone(),
+        branch: branch.to_owned(),
+    });
+    let config_fetch_url = if git { Some(source.fetch_url()?) } else { None };
+    Ok(Settings {
+        secret: webhooks.secret,
+        github: webhooks.github,
+        config_repo,
+        config_fetch_url,
+        rewrites: source.rewrites.clone(),
+        refuse_private_sources: source.refuse_private_sources,
+        cache_root: source.cache_root.clone(),
+        retention: webhooks.retention,
+        poll: webhooks.poll,
+        outbox: OutboxConfig {
+            lease: webhooks.call_lease,
+            ..OutboxConfig::default()
+        },
+    })
+}
+
+async fn readyz(State(ready): State<Arc<OnceCell<PgPool>>>) -> (StatusCode, &'static str) {
+    let Some(pool) = ready.get() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n");
+    };
+    // The pool would wait up to its acquire timeout (10 s) for a connection to a database that is
+    // down; a readiness probe needs its answer sooner.
+    match tokio::time::timeout(READYZ_DB_TIMEOUT, cairn_reconciler::store::ping(pool)).await {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
+        Ok(Err(_)) | Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
+    }
+}
