@@ -10,7 +10,8 @@
 //! - [`driver`]: the [`Driver`] trait and its two implementations, [`DockerDriver`] and
 //!   [`ProcessDriver`];
 //! - [`health`]: the HTTP health check a new replica must pass;
-//! - [`proxy`]: the node's HTTP reverse proxy, routing by `Host` to healthy replicas;
+//! - [`proxy`]: the node's HTTP reverse proxy, routing by `Host` to this node's healthy replicas, or over
+//!   the authenticated internal hop to another node's proxy that has one;
 //! - [`deploy`]: the health-gated replace that ties them together ([`Deployer`]);
 //! - [`logs`]: log lines, sinks, and the log filter that keeps secrets out of dependency debug output;
 //! - [`client`], [`node`]: the agent API's client and the agent loop (join, heartbeat, lease, report);

@@ -621,8 +621,9 @@ impl Proxy {
 
         let local = self.table.load().hosts.get(&host).cloned();
         let cluster = self.cluster.load_full();
-        // A hop is served here or not at all: never forwarded again.
-        let remote = if hop {
+        // A hop is served here or not at all: never forwarded again. Without a hop key nothing is
+        // forwarded either (the next node could not tell a hop from a client, and might send it back).
+        let remote = if hop || self.hop_key.load().is_none() {
             None
         } else {
             cluster.hosts.get(&host).cloned()
@@ -631,8 +632,12 @@ impl Proxy {
             (Some(l), _) => l.app.clone(),
             (None, Some(r)) => r.app.clone(),
             (None, None) => {
-                if hop && let Some(r) = cluster.hosts.get(&host) {
-                    return no_replica_here(&r.app);
+                if let Some(r) = cluster.hosts.get(&host) {
+                    return if r.nodes.is_empty() && !hop {
+                        no_replica_anywhere(&r.app)
+                    } else {
+                        no_replica_here(&r.app)
+                    };
                 }
                 return own_answer(
                     StatusCode::NOT_FOUND,

@@ -247,6 +247,8 @@ async fn sse_is_unbuffered(proxy: SocketAddr, host: &str) {
 
 #[tokio::test]
 async fn websocket_sse_h2c_and_keep_alive_pass_through_the_node_proxy() {
+    // Built before the clock starts (a cold build takes minutes).
+    example("ws_echo");
     bounded(120, async {
         let app = Proc::app("web").await;
         let (proxy, addr) = proxy_on(
@@ -348,6 +350,8 @@ async fn raw_status(addr: SocketAddr, request: &[u8], then: Option<&[u8]>) -> u1
 
 #[tokio::test]
 async fn the_limits_answer_431_413_408_and_504() {
+    // Built before the clock starts (a cold build takes minutes).
+    example("ws_echo");
     bounded(60, async {
         let app = Proc::app("web").await;
         let (proxy, addr) = proxy_on(
@@ -482,6 +486,8 @@ fn header_line<'a>(body: &'a str, h: &str) -> &'a str {
 
 #[tokio::test]
 async fn a_node_without_a_replica_forwards_once_to_one_that_has_it_authenticated() {
+    // Built before the clock starts (a cold build takes minutes).
+    example("ws_echo");
     bounded(120, async {
         let app = Proc::app("web-on-b").await;
         // A port nobody listens on: node d "has" the app but refuses connections.
@@ -609,6 +615,10 @@ async fn a_node_without_a_replica_forwards_once_to_one_that_has_it_authenticated
         c.set_hop_key(None);
         let (status, _) = get("127.0.0.2", *c_addr, "stale.test", "/", &hop).await;
         assert_eq!(status, 403);
+        // ...and forwards nothing (the next node could not tell its request from a client's).
+        let (status, _) = get("127.0.0.9", *c_addr, "web.test", "/", &[]).await;
+        assert_eq!(status, 503);
+        assert_eq!(c.counts().forwarded, before.1);
         assert!(!c.install_cluster(ClusterTable {
             generation: 1,
             ..ClusterTable::default()
@@ -634,6 +644,8 @@ const RSS_BOUND_KIB: u64 = 64 * 1024;
 
 #[tokio::test]
 async fn a_1_gib_upload_streams_through_a_proxy_process_in_bounded_memory() {
+    // Built before the clock starts (a cold build takes minutes).
+    example("ws_echo");
     bounded(300, async {
         let app = Proc::app("sink").await;
         let proxy = Proc::start(
