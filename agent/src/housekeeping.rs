@@ -28,20 +28,11 @@ use cairn_schema::Name;
 use tokio::sync::watch;
 
 use crate::client::Client;
-use crate::logs::{LogLine, LogStream};
+use crate::logs::LogStream;
 use cairn_schema::error::chain;
 
+pub use crate::runner::ReplicaOutput;
 use crate::runner::Runner;
-
-/// The last lines of one replica, as a runner reads them.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ReplicaOutput {
-    pub app: Name,
-    pub slot: u32,
-    pub release: u64,
-    /// Oldest first.
-    pub lines: Vec<LogLine>,
-}
 
 /// How often output is shipped, and how much per replica per round.
 #[derive(Debug, Clone, Copy)]
@@ -197,6 +188,7 @@ async fn raised(stop: &mut watch::Receiver<bool>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::logs::LogLine;
 
     fn line(text: &str, at: SystemTime) -> LogLine {
         LogLine {

@@ -184,7 +184,7 @@ impl Runner for RecordingRunner {
     async fn recent_output(
         &self,
         tail: usize,
-    ) -> Result<Vec<crate::housekeeping::ReplicaOutput>, RunError> {
+    ) -> Result<Vec<crate::runner::ReplicaOutput>, RunError> {
         let out = self.output.lock().unwrap_or_else(|e| e.into_inner());
         Ok(self
             .book
@@ -198,7 +198,7 @@ impl Runner for RecordingRunner {
                     .map(|(.., l)| l.clone())
                     .collect();
                 let lines = mine[mine.len().saturating_sub(tail)..].to_vec();
-                crate::housekeeping::ReplicaOutput {
+                crate::runner::ReplicaOutput {
                     app,
                     slot,
                     release: r.release,

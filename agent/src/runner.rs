@@ -17,8 +17,18 @@ use cairn_schema::{Ciphertext, Domain, Driver as DriverName, EnvName, Name};
 
 use crate::deploy::{DeployError, Deployer};
 use crate::driver::{DriverError, ReplicaState};
-use crate::logs::LogSink;
+use crate::logs::{LogLine, LogSink};
 use crate::spec::{BuildSpec, HealthSpec, Limits, ReplicaSpec, SourceSpec, SpecError};
+
+/// The last lines of one replica, as a runner reads them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaOutput {
+    pub app: Name,
+    pub slot: u32,
+    pub release: u64,
+    /// Oldest first.
+    pub lines: Vec<LogLine>,
+}
 
 /// One task as a runner sees it.
 #[derive(Debug, Clone)]
@@ -95,10 +105,7 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
     async fn actual(&self) -> Result<Vec<ActualReplica>, RunError>;
 
     /// The last `tail` lines of each replica on this node, for shipping ([`crate::housekeeping`]).
-    async fn recent_output(
-        &self,
-        tail: usize,
-    ) -> Result<Vec<crate::housekeeping::ReplicaOutput>, RunError> {
+    async fn recent_output(&self, tail: usize) -> Result<Vec<ReplicaOutput>, RunError> {
         let _ = tail;
         Ok(Vec::new())
     }
@@ -269,10 +276,7 @@ impl Runner for DriverRunner {
             .map_err(|e| RunError::Failed(chain(&e)))
     }
 
-    async fn recent_output(
-        &self,
-        tail: usize,
-    ) -> Result<Vec<crate::housekeeping::ReplicaOutput>, RunError> {
+    async fn recent_output(&self, tail: usize) -> Result<Vec<ReplicaOutput>, RunError> {
         let driver = self.deployer.driver();
         let list = driver
             .list_replicas()
@@ -281,7 +285,7 @@ impl Runner for DriverRunner {
         let mut out = Vec::with_capacity(list.len());
         for r in list {
             match driver.logs(&r.id, tail).await {
-                Ok(lines) => out.push(crate::housekeeping::ReplicaOutput {
+                Ok(lines) => out.push(ReplicaOutput {
                     app: r.app,
                     slot: r.slot,
                     release: r.release,

@@ -53,41 +53,7 @@ pub enum Outcome {
     },
 }
 
-/// What woke a reconcile. Triggers only wake: none carries a change. Its text ([`Trigger::as_str`]) is
-/// what the history records and the `reconcile` span shows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    /// `cairn serve`'s first run.
-    Startup,
-    /// `cairn serve`'s interval passed.
-    Timer,
-    /// Something woke `cairn serve`'s loop: a file change, a webhook, a node going offline, an operator's
-    /// command through the API.
-    Wake,
-    /// `cairn apply` (and the failed attempt it records).
-    Manual,
-    /// `cairn dev` applying its example.
-    Dev,
-}
-
-impl Trigger {
-    /// The text the history stores.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Startup => "startup",
-            Trigger::Timer => "timer",
-            Trigger::Wake => "wake",
-            Trigger::Manual => "manual",
-            Trigger::Dev => "dev",
-        }
-    }
-}
-
-impl std::fmt::Display for Trigger {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+pub use crate::store::history::Trigger;
 
 /// Which app branch heads the controller reads itself (with a [`Controller::heads`] poller).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -61,7 +61,7 @@ pub struct Context<'a> {
     /// Where the config came from, for the history: a URL or a directory.
     pub source: &'a str,
     /// What woke the reconciler.
-    pub trigger: crate::controller::Trigger,
+    pub trigger: crate::store::history::Trigger,
     pub identity: Option<&'a Identity>,
     pub seed: u64,
     pub offline_after: Duration,

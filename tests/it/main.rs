@@ -7,6 +7,7 @@ mod e2e;
 mod examples;
 mod faults;
 mod in_process;
+mod layout;
 mod operations;
 mod plan_cli;
 mod releases;

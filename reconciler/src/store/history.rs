@@ -82,7 +82,7 @@ pub struct NewReconciliation<'a> {
     pub source: &'a str,
     /// The commit read; `None` when the source could not be read.
     pub commit: Option<&'a str>,
-    /// What woke the reconciler ([`crate::controller::Trigger::as_str`]).
+    /// What woke the reconciler ([`Trigger::as_str`]).
     pub trigger: &'a str,
     pub status: ReconcileStatus,
     /// The generation after the run.
@@ -321,4 +321,40 @@ pub async fn was_applied(conn: &mut PgConnection, commit: &str) -> Result<bool, 
     .fetch_one(conn)
     .await
     .op("look a commit up in the history")
+}
+
+/// What woke a reconcile. Triggers only wake: none carries a change. Its text ([`Trigger::as_str`]) is
+/// what the history records and the `reconcile` span shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// `cairn serve`'s first run.
+    Startup,
+    /// `cairn serve`'s interval passed.
+    Timer,
+    /// Something woke `cairn serve`'s loop: a file change, a webhook, a node going offline, an operator's
+    /// command through the API.
+    Wake,
+    /// `cairn apply` (and the failed attempt it records).
+    Manual,
+    /// `cairn dev` applying its example.
+    Dev,
+}
+
+impl Trigger {
+    /// The text the history stores.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Startup => "startup",
+            Trigger::Timer => "timer",
+            Trigger::Wake => "wake",
+            Trigger::Manual => "manual",
+            Trigger::Dev => "dev",
+        }
+    }
+}
+
+impl std::fmt::Display for Trigger {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
