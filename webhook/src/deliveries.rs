@@ -285,6 +285,23 @@ fn combine(config: Outcome, source: Outcome) -> Outcome {
     }
 }
 
+/// When a worker's next pass is due: in the seconds the store found until its earliest due row (at
+/// least `floor`), or `None` (the poll) when none is scheduled or that could not be read (logged as
+/// `what`).
+pub(crate) fn next_due(
+    found: Result<Option<f64>, StoreError>,
+    floor: f64,
+    what: &str,
+) -> Option<Duration> {
+    match found {
+        Ok(due) => due.map(|s| Duration::from_secs_f64(s.max(floor))),
+        Err(e) => {
+            tracing::error!(error = %chain(&e), "{what}");
+            None
+        }
+    }
+}
+
 /// Exponential backoff with equal jitter: between half and all of `base * 2^(attempt-1)`, capped.
 pub(crate) fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     let exp = base.saturating_mul(2u32.saturating_pow(attempt.saturating_sub(1).min(30)));

@@ -21,7 +21,7 @@ use cairn_schema::Name;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::deliveries::backoff;
+use crate::deliveries::{backoff, next_due};
 use crate::store::{self, HeadCheck, StoreError};
 use cairn_schema::error::chain;
 
@@ -200,15 +200,8 @@ impl HeadChecker {
                 if c != Checked::default() {
                     tracing::debug!(?c, "checked source heads");
                 }
-                match store::next_head_check_in(&self.pool).await {
-                    Ok(due) => {
-                        Ok::<_, HeadsError>(due.map(|s| Duration::from_secs_f64(s.max(0.05))))
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %chain(&e), "reading source head checks");
-                        Ok(None)
-                    }
-                }
+                let due = store::next_head_check_in(&self.pool).await;
+                Ok::<_, HeadsError>(next_due(due, 0.05, "reading source head checks"))
             })
             .await
     }

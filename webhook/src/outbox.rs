@@ -25,7 +25,7 @@ use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::Notify;
 
-use crate::deliveries::backoff;
+use crate::deliveries::{backoff, next_due};
 use crate::github::{ApiError, CommitStatus, GitHub, RepoName, fit_description, plan_comment_body};
 use crate::store::{self, Failure, Settled, StoreError};
 use cairn_schema::error::chain;
@@ -332,15 +332,8 @@ impl OutboxWorker {
             .abandon_at_shutdown()
             .run(shutdown, |_| async {
                 self.deliver_due().await?;
-                match store::outbox_next_due_in(&self.pool).await {
-                    Ok(due) => {
-                        Ok::<_, OutboxError>(due.map(|s| Duration::from_secs_f64(s.max(0.0))))
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %chain(&e), "reading the GitHub outbox");
-                        Ok(None)
-                    }
-                }
+                let due = store::outbox_next_due_in(&self.pool).await;
+                Ok::<_, OutboxError>(next_due(due, 0.0, "reading the GitHub outbox"))
             });
         tokio::join!(listen, deliver);
     }

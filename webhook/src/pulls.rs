@@ -36,7 +36,7 @@ use chrono::Utc;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::deliveries::backoff;
+use crate::deliveries::{backoff, next_due};
 use crate::github::{CommitStatus, RepoName, StatusState};
 use crate::handler::PLAN_CONTEXT;
 use crate::outbox::{self, GitHubCall, OutboxError};
@@ -453,15 +453,8 @@ impl PullPlanner {
                 if p != Planned::default() {
                     tracing::debug!(?p, "planned pull requests");
                 }
-                match store::next_pr_plan_in(&self.pool).await {
-                    Ok(due) => {
-                        Ok::<_, PullsError>(due.map(|s| Duration::from_secs_f64(s.max(0.05))))
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %chain(&e), "reading pull request plans");
-                        Ok(None)
-                    }
-                }
+                let due = store::next_pr_plan_in(&self.pool).await;
+                Ok::<_, PullsError>(next_due(due, 0.05, "reading pull request plans"))
             })
             .await
     }
