@@ -75,11 +75,23 @@ async fn a_whole_control_plane_runs_in_process_and_stops_through_its_shutdown() 
     let (_, token) = cairn_reconciler::api::auth::issue_admin_token(db.pool(), "in-process")
         .await
         .unwrap();
-    let unauthenticated = http
-        .get(format!("{base}{}/status", cairn_proto::ADMIN_API))
-        .send()
-        .await
-        .unwrap();
+    // Readiness is the database's; the APIs' routes are installed once their own pool connected, and
+    // answer 503 ("starting") until then.
+    let unauthenticated = loop {
+        let r = http
+            .get(format!("{base}{}/status", cairn_proto::ADMIN_API))
+            .send()
+            .await
+            .unwrap();
+        if r.status() != 503 {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the admin API never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert_eq!(unauthenticated.status(), 401);
     let status = loop {
         let r = http
