@@ -101,8 +101,9 @@ pub struct Args {
     /// An upgraded connection (WebSocket) with no traffic either way for this long is closed
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", value_name = "DURATION")]
     proxy_websocket_idle_timeout: Duration,
-    /// A file holding the cluster's hop key (or CAIRN_PROXY_HOP_KEY_FILE): requests forwarded between
-    /// node proxies carry it, and are accepted only with it and from a node's address
+    /// A file holding the cluster's hop key (or CAIRN_PROXY_HOP_KEY_FILE), instead of the one the control
+    /// plane seals to this node: requests forwarded between node proxies carry it, and are accepted only
+    /// with it and from a node's address (every node must then be given the same file)
     #[arg(long, env = "CAIRN_PROXY_HOP_KEY_FILE", value_name = "FILE")]
     proxy_hop_key_file: Option<PathBuf>,
     /// Fetch app sources whose URL starts with FROM from TO instead (like git's url.<base>.insteadOf);
@@ -433,6 +434,15 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
                     .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
                 proxy.set_hop_key(Some(key));
             }
+            // The cluster route table and the hop key, from the control plane.
+            tokio::spawn(crate::routes::follow(
+                crate::client::Client::new(&args.server)?
+                    .with_credential(joined.credential.clone()),
+                proxy.clone(),
+                (*identity).clone(),
+                args.proxy_hop_key_file.is_some(),
+                stop.clone(),
+            ));
             let rewrites = Rewrites::new(args.git_rewrite.iter().cloned());
             let sources = Sources::new(data.path().join("sources"), rewrites);
             let deployer = Arc::new(Deployer::new(

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use cairn_proto::routes::{RoutesQuery, RoutesResponse};
 use cairn_proto::{
     AGENT_API, ErrorBody, Heartbeat, HeartbeatResponse, JoinRequest, JoinResponse, LeaseRequest,
     LeaseResponse, LogBatch, LogsResponse, Progress, ProgressResponse, Release, ResultResponse,
@@ -152,6 +153,14 @@ impl Client {
         .await
     }
 
+    /// Long-polls the cluster route table (`GET /agent/v1/routes`): `None` when nothing changed within
+    /// the wait.
+    pub async fn routes(&self, q: &RoutesQuery) -> Result<Option<RoutesResponse>, ClientError> {
+        let req = self.http.get(format!("{}/routes", self.base)).query(q);
+        self.send(req, Duration::from_millis(q.wait_ms) + CALL_TIMEOUT)
+            .await
+    }
+
     async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
         &self,
         path: &str,
@@ -183,6 +192,10 @@ impl Client {
             .and_then(|v| v.parse::<u64>().ok())
             .map(Duration::from_secs);
         let bytes = resp.bytes().await.map_err(ClientError::Transport)?;
+        if status == StatusCode::NO_CONTENT {
+            // Nothing to say: an `Option` answer's `None`.
+            return serde_json::from_slice(b"null").map_err(ClientError::Decode);
+        }
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(ClientError::Decode);
         }

@@ -15,6 +15,7 @@
 //! - [`deploy`]: the health-gated replace that ties them together ([`Deployer`]);
 //! - [`logs`]: log lines, sinks, and the log filter that keeps secrets out of dependency debug output;
 //! - [`client`], [`node`]: the agent API's client and the agent loop (join, heartbeat, lease, report);
+//! - [`routes`]: follows the control plane's cluster route table and hop key into the proxy;
 //! - [`housekeeping`]: replica output shipped to the control plane, old release images removed;
 //! - [`runner`]: how a leased task is carried out ([`DriverRunner`] through the drivers above, and the
 //!   test-only `recording::RecordingRunner`, behind the `recording` feature); [`datadir`]: identity, credential and the slot book;
@@ -37,6 +38,7 @@ pub mod node;
 pub mod proxy;
 #[cfg(feature = "recording")]
 pub mod recording;
+pub mod routes;
 pub mod runner;
 pub mod source;
 pub mod spec;

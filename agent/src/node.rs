@@ -2,7 +2,8 @@
 //!
 //! - **Heartbeat** first, before any lease: a node coming back from a partition is told which of its
 //!   replicas now run elsewhere, and stops them before it does anything else. Then every heartbeat
-//!   interval, reporting what runs (the runner's view, with generations from the [`Book`]), what it uses,
+//!   interval, and at once after a task's result is reported (so the cluster route table learns of a
+//!   replica that became healthy, or went away, without waiting for the interval), reporting what runs (the runner's view, with generations from the [`Book`]), what it uses,
 //!   and the drivers on offer.
 //! - **Lease** with a long-poll for as many tasks as there are free places (`--concurrency`), run each
 //!   in its own task, extend its lease while it works (a third of the lease), stream its log lines, and
@@ -138,6 +139,9 @@ pub struct Agent {
     cfg: Config,
     /// Held shared while reporting a result, exclusively while heartbeating.
     gate: RwLock<()>,
+    /// Notified when a task's result is reported: what runs here changed, and the next heartbeat goes
+    /// at once (the cluster route table follows the healthy replicas the heartbeats report).
+    changed: tokio::sync::Notify,
 }
 
 impl Agent {
@@ -155,6 +159,7 @@ impl Agent {
             book,
             cfg,
             gate: RwLock::new(()),
+            changed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -187,6 +192,7 @@ impl Agent {
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep(interval) => {}
+                        _ = this.changed.notified() => {}
                         _ = raised(&mut stop) => return,
                     }
                     match this.heartbeat().await {
@@ -531,6 +537,7 @@ impl Agent {
             match self.client.result(id, &r).await {
                 Ok(resp) => {
                     tracing::info!(task = id, status = ?resp.status, "task reported");
+                    self.changed.notify_one();
                     return;
                 }
                 Err(ClientError::Stale(m)) => {

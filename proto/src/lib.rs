@@ -13,7 +13,7 @@
 //! | `POST /agent/v1/tasks/{id}/logs` | [`LogBatch`] → [`LogsResponse`] | credential + fencing token |
 //! | `POST /agent/v1/tasks/{id}/result` | [`TaskResult`] → [`ResultResponse`] | credential + fencing token |
 //! | `POST /agent/v1/tasks/{id}/release` | [`Release`] → [`ResultResponse`] | credential + fencing token |
-//! | `GET /agent/v1/routes?generation=G&wait_ms=MS` | → [`routes::RouteTable`] or 204 (long-poll) | credential |
+//! | `GET /agent/v1/routes?generation=G&key=K&wait_ms=MS` | → [`routes::RoutesResponse`] or 204 (long-poll) | credential |
 //! | `POST /agent/v1/replica-logs` | [`ReplicaLogBatch`] → [`LogsResponse`] | credential (lines of its own placements only) |
 //!
 //! Every error is [`ErrorBody`] (`{"error": "..."}`) with the HTTP status saying what kind: 400 a

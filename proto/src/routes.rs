@@ -1,16 +1,17 @@
 //! The cluster route table: where each app has healthy replicas, so every ingress node serves every app.
 //!
-//! `GET /agent/v1/routes?generation=G&wait_ms=MS` answers the whole [`RouteTable`] when its generation
-//! is not `G`, at once, or as soon as it changes within `wait_ms` (a long-poll); otherwise `204 No
-//! Content` when the wait runs out. An agent therefore transfers the table only when it changed, never
-//! per request or per heartbeat. The generation is a digest of the table's content, so every control
-//! plane computes the same one for the same state.
+//! `GET /agent/v1/routes?generation=G&key=K&wait_ms=MS` answers a [`RoutesResponse`] (the whole
+//! [`RouteTable`]) when the table's generation is not `G` or the cluster's hop key is not `K`, at once,
+//! or as soon as either changes within `wait_ms` (a long-poll, at most [`MAX_ROUTES_WAIT_MS`]);
+//! otherwise `204 No Content` when the wait runs out. An agent therefore transfers the table only when it
+//! changed, never per request or per heartbeat. The generation is a digest of the table's content, so
+//! every control plane computes the same one for the same state.
 //!
-//! The hop key (what one node's proxy shows another's to be served a forwarded request) never travels in
-//! the table: an agent reports the key id it holds in its heartbeat, and the answer carries the current
-//! key sealed to that node's age recipient ([`SealedHopKey`]) when it differs.
+//! The hop key (what one node's proxy shows another's to be served a forwarded request) is never in the
+//! table itself: the agent names the key it holds by its id (`key`), and the answer carries the current
+//! key sealed to that node's own age recipient ([`SealedHopKey`]) when it differs.
 
-use cairn_schema::Name;
+use cairn_schema::{Ciphertext, Name};
 use serde::{Deserialize, Serialize};
 
 /// Where every app can be reached, and through which nodes.
@@ -52,17 +53,34 @@ pub struct RoutesQuery {
     /// The generation the agent holds (empty: none).
     #[serde(default)]
     pub generation: String,
+    /// The id of the hop key the agent holds (empty: none).
+    #[serde(default)]
+    pub key: String,
     /// How long to wait for a different generation; 0 answers at once.
     #[serde(default)]
     pub wait_ms: u64,
 }
 
+/// The longest a routes long-poll waits.
+pub const MAX_ROUTES_WAIT_MS: u64 = 30_000;
+
+/// The answer of `GET /agent/v1/routes` when something changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutesResponse {
+    pub table: RouteTable,
+    /// The cluster's hop key sealed to this node, when the agent did not name it as the one it holds
+    /// (`None`: the control plane has none to give, or the agent holds it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hop_key: Option<SealedHopKey>,
+}
+
 /// The cluster's hop key, sealed to one node: an age ciphertext (armored) of the key's 32 bytes in hex.
+/// The agent decrypts it with its own identity (the one it joined with).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedHopKey {
     /// Names the key without revealing it (a digest of it), so agents can say which one they hold.
     pub id: String,
-    pub ciphertext: String,
+    pub ciphertext: Ciphertext,
 }
 
 impl std::fmt::Debug for SealedHopKey {

@@ -126,6 +126,9 @@ pub struct Controller {
     /// Failed and no-op runs older than this leave the history ([`Controller::run`] prunes them every
     /// [`PRUNE_EVERY`]); `cairn serve` passes its `--log-retention`.
     pub history_retention: Duration,
+    /// In `cairn serve`: the cluster route table, poked after every pass (an apply, or a node that went
+    /// offline, may change where apps are reachable).
+    pub routes: Option<crate::routes::Routes>,
 }
 
 /// How often [`Controller::run`] prunes the history.
@@ -161,6 +164,7 @@ impl Controller {
             hooks: None,
             judging: None,
             history_retention: Duration::from_secs(14 * 24 * 3600),
+            routes: None,
         }
     }
 
@@ -538,10 +542,14 @@ impl Pass for Runs {
             let this = self.controller.clone();
             async move { this.reconcile(trigger).await }
         });
-        match run.await {
+        let result = match run.await {
             Ok(r) => r.map(|_| None),
             Err(e) => Err(self.controller.record_panicked_run(trigger, e).await),
+        };
+        if let Some(routes) = &self.controller.routes {
+            routes.poke();
         }
+        result
     }
 }
 

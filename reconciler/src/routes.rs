@@ -4,26 +4,35 @@
 //! [`Routes`] holds the current table and publishes a new one when its content changes: [`Routes::refresh`]
 //! recomputes it from the store (what was applied, and what the agents last reported), and the agents
 //! long-poll [`Routes::changed_from`] (`GET /agent/v1/routes`), so a table travels to an agent only when
-//! it changed. Serve refreshes it after an apply, a heartbeat that changed a node's healthy replicas, a
-//! node going offline, and every period in case another control plane changed the store.
+//! it changed. [`refresh_loop`] recomputes it when poked ([`Routes::poke`]: after a reconcile pass, which
+//! follows every apply and every node going offline, and after a heartbeat that changed what a node
+//! serves) and every period (another control plane may have changed the store).
+//!
+//! [`HopKey`] is the secret one node's proxy shows another's on a forwarded request. It is derived from the
+//! control plane's identity (every control plane holding the identity derives the same key), or random
+//! per process without one, and travels only sealed to one node's age recipient.
 //!
 //! What it must not do: route to a node that is not online, or to an app's replica that did not pass its
-//! health check; carry the hop key (it travels sealed per node with heartbeats).
+//! health check; put the hop key in a table, a log, an error or the database.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_proto::routes::{AppRoute, RouteNode, RouteTable};
+use cairn_proto::routes::{AppRoute, RouteNode, RouteTable, SealedHopKey};
+use cairn_schema::{Identity, Recipient, SecretError};
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
+use zeroize::Zeroizing;
 
 use crate::store::StoreError;
 use crate::store::routes::RouteRows;
+use crate::worker::{Shutdown, Worker};
 
 /// The current route table, shared by serve's handlers.
 #[derive(Debug, Clone)]
 pub struct Routes {
     tx: Arc<watch::Sender<Arc<RouteTable>>>,
+    dirty: Arc<Notify>,
 }
 
 impl Default for Routes {
@@ -33,11 +42,38 @@ impl Default for Routes {
                 Vec::new(),
                 Vec::new(),
             )))),
+            dirty: Arc::new(Notify::new()),
         }
     }
 }
 
 impl Routes {
+    /// Asks [`refresh_loop`] for a new table soon (what it is computed from may have changed).
+    pub fn poke(&self) {
+        self.dirty.notify_one();
+    }
+
+    /// Whether the current table disagrees with `healthy`, the apps `node` now reports a healthy replica
+    /// of, or with its being online: the heartbeat that brought this report should refresh the table.
+    pub fn differs_for(&self, node: &cairn_schema::Name, healthy: &[&cairn_schema::Name]) -> bool {
+        let table = self.current();
+        let routed = table
+            .apps
+            .iter()
+            .filter(|a| a.nodes.contains(node))
+            .map(|a| &a.app);
+        let mut routed: Vec<&cairn_schema::Name> = routed.collect();
+        let mut healthy: Vec<&cairn_schema::Name> = healthy
+            .iter()
+            .copied()
+            .filter(|a| table.apps.iter().any(|r| &r.app == *a))
+            .collect();
+        routed.sort();
+        healthy.sort();
+        healthy.dedup();
+        routed != healthy
+    }
+
     /// The table as last computed.
     pub fn current(&self) -> Arc<RouteTable> {
         self.tx.borrow().clone()
@@ -66,14 +102,91 @@ impl Routes {
     }
 
     /// The table once its generation is not `generation`: at once when it already differs, else when it
-    /// changes within `wait`; `None` when the wait ran out.
-    pub async fn changed_from(&self, generation: &str, wait: Duration) -> Option<Arc<RouteTable>> {
+    /// changes within `wait` (or `stop` resolves); `None` when the wait ran out.
+    pub async fn changed_from(
+        &self,
+        generation: &str,
+        wait: Duration,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Option<Arc<RouteTable>> {
         let mut rx = self.tx.subscribe();
         let differs = |t: &Arc<RouteTable>| t.generation != generation;
-        match tokio::time::timeout(wait, rx.wait_for(differs)).await {
-            Ok(Ok(t)) => Some(t.clone()),
-            _ => None,
+        tokio::select! {
+            r = tokio::time::timeout(wait, rx.wait_for(differs)) => match r {
+                Ok(Ok(t)) => Some(t.clone()),
+                _ => None,
+            },
+            () = stop => None,
         }
+    }
+}
+
+/// Keeps `routes` current until `shutdown`: a refresh when poked, and every `period`.
+pub async fn refresh_loop(pool: PgPool, routes: Routes, period: Duration, shutdown: &Shutdown) {
+    let wake = routes.dirty.clone();
+    Worker::new("refreshing the route table", period)
+        .woken_by(wake)
+        .backoff(Duration::from_millis(500))
+        .failures_as_warnings()
+        .run(shutdown, |_| {
+            let (pool, routes) = (pool.clone(), routes.clone());
+            async move {
+                if routes.refresh(&pool).await? {
+                    let t = routes.current();
+                    tracing::debug!(generation = %t.generation, apps = t.apps.len(), nodes = t.nodes.len(), "route table changed");
+                }
+                Ok::<_, StoreError>(None)
+            }
+        })
+        .await
+}
+
+/// The key that authenticates the internal hop between node proxies: 32 bytes, shown as 64 hex digits
+/// in the hop header. Its `Debug` output shows only its id.
+pub struct HopKey {
+    id: String,
+    hex: Zeroizing<String>,
+}
+
+impl std::fmt::Debug for HopKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HopKey")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl HopKey {
+    /// The key derived from the control plane's identity (the same for every control plane holding it),
+    /// or, without one, a random key of this process.
+    pub fn new(identity: Option<&Identity>) -> HopKey {
+        let bytes = match identity {
+            Some(i) => i.derived_key("cairn hop key v1"),
+            None => {
+                let mut b = Zeroizing::new(vec![0u8; 32]);
+                rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b[..]);
+                b
+            }
+        };
+        let hex = Zeroizing::new(hex::encode(&bytes[..]));
+        use sha2::Digest as _;
+        let id = hex::encode(&sha2::Sha256::digest(format!("cairn hop key id\0{}", *hex))[..8]);
+        HopKey { id, hex }
+    }
+
+    /// Names the key without revealing it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The key sealed to `recipient` (one node's).
+    pub fn seal(&self, recipient: &Recipient) -> Result<SealedHopKey, SecretError> {
+        let ciphertext =
+            cairn_schema::secret::encrypt(self.hex.as_bytes(), std::slice::from_ref(recipient))?;
+        Ok(SealedHopKey {
+            id: self.id.clone(),
+            ciphertext,
+        })
     }
 }
 

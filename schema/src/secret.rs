@@ -232,9 +232,17 @@ impl Identity {
     }
 
     fn fingerprint_key(&self) -> Zeroizing<Vec<u8>> {
+        self.derived_key("cairn secret fingerprint v1")
+    }
+
+    /// A 32-byte key for `purpose` derived from this identity: the same identity gives every control plane
+    /// holding it the same key, and nobody without the identity can compute it. Each purpose (a fixed
+    /// string naming its use and version) gets an unrelated key.
+    pub fn derived_key(&self, purpose: &str) -> Zeroizing<Vec<u8>> {
         use sha2::Digest;
         let mut h = Sha256::new();
-        h.update(b"cairn secret fingerprint v1\0");
+        h.update(purpose.as_bytes());
+        h.update(b"\0");
         h.update(self.0.to_string().expose_secret().as_bytes());
         Zeroizing::new(h.finalize().to_vec())
     }

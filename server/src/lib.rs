@@ -27,6 +27,7 @@ use cairn_reconciler::api::{Api, ApiConfig};
 use cairn_reconciler::controller::{ConfigSource, Controller, SourceSettings};
 use cairn_reconciler::liveness::Judging;
 use cairn_reconciler::queue::{Listener, QueueError};
+use cairn_reconciler::routes::Routes;
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::StoreError;
 use cairn_reconciler::worker::Shutdown;
@@ -83,6 +84,9 @@ pub struct ApiSettings {
     pub log_retention: Duration,
     /// Replica output lines kept per app.
     pub log_window: u32,
+    /// The route table is recomputed at least this often (also when poked: after a reconcile pass, and a
+    /// heartbeat that changed what a node serves), in case another control plane changed the store.
+    pub routes_period: Duration,
 }
 
 impl ApiSettings {
@@ -98,6 +102,7 @@ impl ApiSettings {
             lease_poll: Duration::from_secs(30),
             log_retention: Duration::from_secs(14 * 24 * 3600),
             log_window: 10_000,
+            routes_period: Duration::from_secs(10),
         }
     }
 }
@@ -245,19 +250,19 @@ pub async fn serve(
     c.hooks = service::hooks(&settings);
     let _ = ready.set(c.pool.clone());
     let wake = Arc::new(Notify::new());
-    apis.set(
-        start_apis(
-            &api,
-            &source,
-            &database_url,
-            identity,
-            judging,
-            c.hooks.clone(),
-            wake.clone(),
-            &shutdown,
-        )
-        .await?,
-    );
+    let (router, routes) = start_apis(
+        &api,
+        &source,
+        &database_url,
+        identity,
+        judging,
+        c.hooks.clone(),
+        wake.clone(),
+        &shutdown,
+    )
+    .await?;
+    c.routes = Some(routes);
+    apis.set(router);
     let _watcher = match &*c.source.lock().await {
         ConfigSource::Dir(dir) => {
             let w = wake.clone();
@@ -297,8 +302,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Connects the APIs' pool and listener, starts the liveness monitor and the output prune, and returns
-/// the APIs' router.
+/// Connects the APIs' pool and listener, starts the liveness monitor, the output prune and the route
+/// table's refresh, and returns the APIs' router and the route table.
 #[allow(clippy::too_many_arguments)]
 async fn start_apis(
     settings: &ApiSettings,
@@ -309,7 +314,7 @@ async fn start_apis(
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     shutdown: &Shutdown,
-) -> Result<Router, ServeError> {
+) -> Result<(Router, Routes), ServeError> {
     let pool = cairn_reconciler::store::connect(database_url, settings.db_connections)
         .await
         .map_err(ServeError::ConnectApi)?;
@@ -345,13 +350,24 @@ async fn start_apis(
         let (pool, stop) = (pool.clone(), shutdown.clone());
         async move { cairn_reconciler::releases::prune_loop(pool, retention, &stop).await }
     });
+    // The agents' first long-poll gets the table of the store, not an empty one (which would take
+    // every forwarded route away until the first refresh).
+    let routes = api.routes.clone();
+    if let Err(e) = routes.refresh(&pool).await {
+        tracing::warn!(error = %cairn_schema::error::chain(&e), "cannot compute the route table yet; retrying");
+    }
+    tokio::spawn({
+        let (pool, routes, stop) = (pool.clone(), routes.clone(), shutdown.clone());
+        let period = settings.routes_period;
+        async move { cairn_reconciler::routes::refresh_loop(pool, routes, period, &stop).await }
+    });
     tokio::spawn({
         let stop = shutdown.clone();
         async move { cairn_reconciler::liveness::monitor(pool, judging, wake, &stop).await }
     });
-    Ok(cairn_reconciler::api::router_with(
-        api,
-        cairn_webhook::admin::routes(),
+    Ok((
+        cairn_reconciler::api::router_with(api, cairn_webhook::admin::routes()),
+        routes,
     ))
 }
 

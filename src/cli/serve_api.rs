@@ -48,6 +48,10 @@ pub struct ApiArgs {
     /// authentication back-off and the join rate, to the address its X-Forwarded-For names
     #[arg(long, value_name = "IP")]
     trusted_proxy: Vec<std::net::IpAddr>,
+    /// The cluster route table is recomputed at least this often (it also is after every reconcile
+    /// and every heartbeat that changed what a node serves)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    routes_refresh: Duration,
 }
 
 impl ApiArgs {
@@ -67,6 +71,7 @@ impl ApiArgs {
             lease_poll: self.lease_poll,
             log_retention: self.log_retention,
             log_window: self.log_window,
+            routes_period: self.routes_refresh,
         }
     }
 }

@@ -33,9 +33,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::StatusCode;
 use axum::http::request::Parts;
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
+use cairn_proto::routes::{MAX_ROUTES_WAIT_MS, RouteTable, RoutesQuery, SealedHopKey};
 use cairn_proto::{
     ActualReplica, CREDENTIAL_PREFIX, DeployPayload, Heartbeat, HeartbeatResponse,
     JOIN_TOKEN_PREFIX, JoinRequest, JoinResponse, LeaseRequest, LeaseResponse, LogBatch,
@@ -71,6 +74,7 @@ pub(super) fn routes() -> Router<Arc<Api>> {
         .route("/tasks/{id}/logs", post(logs))
         .route("/tasks/{id}/result", post(result))
         .route("/tasks/{id}/release", post(release))
+        .route("/routes", get(route_table))
 }
 
 /// The node a request's credential belongs to (401 otherwise), within its rate limit (429 otherwise).
@@ -224,6 +228,15 @@ async fn heartbeat(
     .await?
     .ok_or_else(ApiError::unauthorized)?;
     tracing::debug!(%node, replicas = hb.replicas.len(), "heartbeat");
+    let healthy: Vec<&Name> = hb
+        .replicas
+        .iter()
+        .filter(|r| r.healthy && r.state == cairn_proto::RunState::Running)
+        .map(|r| &r.app)
+        .collect();
+    if previous != NodeState::Online || api.routes.differs_for(node, &healthy) {
+        api.routes.poke();
+    }
 
     let slots: Vec<(Name, u32)> = hb
         .replicas
@@ -261,6 +274,49 @@ async fn heartbeat(
         stop,
         heartbeat_interval_ms: millis(api.cfg.heartbeat_interval),
     }))
+}
+
+/// The cluster route table, when its generation is not the one the agent holds or the agent does not
+/// hold the current hop key (at once), or as soon as it changes within the wait; 204 when it did not.
+async fn route_table(
+    State(api): State<Arc<Api>>,
+    auth: NodeAuth,
+    Query(q): Query<RoutesQuery>,
+) -> Result<Response, ApiError> {
+    let node = &auth.node.node;
+    let holds_key = q.key == api.hop_key.id();
+    let table = if holds_key {
+        let wait = Duration::from_millis(q.wait_ms.min(MAX_ROUTES_WAIT_MS));
+        match api
+            .routes
+            .changed_from(&q.generation, wait, api.stopped())
+            .await
+        {
+            Some(t) => t,
+            None => return Ok(StatusCode::NO_CONTENT.into_response()),
+        }
+    } else {
+        api.routes.current()
+    };
+    let hop_key = match (&auth.node.recipient, holds_key) {
+        (Some(recipient), false) => Some(api.hop_key.seal(recipient).map_err(|e| {
+            tracing::error!(%node, error = %error_chain(&e), "cannot seal the hop key to the node");
+            ApiError::Upstream("cannot seal the hop key to this node; try again".into())
+        })?),
+        _ => None,
+    };
+    tracing::debug!(%node, generation = %table.generation, key = hop_key.is_some(), "route table handed out");
+    #[derive(serde::Serialize)]
+    struct Answer<'a> {
+        table: &'a RouteTable,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        hop_key: Option<SealedHopKey>,
+    }
+    Ok(Json(Answer {
+        table: &table,
+        hop_key,
+    })
+    .into_response())
 }
 
 /// Enqueues the repairs that make `node` match its placements, under the apply lock (shared), so that the

@@ -124,6 +124,10 @@ pub struct Api {
     pub heads: std::sync::OnceLock<Arc<tokio::sync::Mutex<crate::source::heads::HeadPoller>>>,
     /// Ticks when replica output is stored: wakes `cairn logs --follow` long-polls.
     pub log_tick: watch::Sender<u64>,
+    /// The cluster route table the agents long-poll (`cairn serve` keeps it current).
+    pub routes: crate::routes::Routes,
+    /// The key of the internal hop between node proxies, handed to each node sealed to it.
+    pub hop_key: crate::routes::HopKey,
     /// Triggered when the server shuts down: long-polls answer at once.
     stopping: Option<Shutdown>,
     node_limit: Limiter,
@@ -151,6 +155,8 @@ impl Api {
         stopping: Option<Shutdown>,
     ) -> Arc<Self> {
         Arc::new(Api {
+            routes: crate::routes::Routes::default(),
+            hop_key: crate::routes::HopKey::new(identity.as_deref()),
             stopping,
             hooks,
             heads: std::sync::OnceLock::new(),

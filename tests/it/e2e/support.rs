@@ -293,17 +293,21 @@ impl E2e {
             .arg(&key)
             .arg("--cache-dir")
             .arg(self.scratch.path().join("serve-cache"))
-            .args(["--listen", "127.0.0.1:0"])
             .args(["--installation", &self.installation])
             .args(["--git-rewrite", &rewrite])
-            // (`extra` may set its own reconcile interval.)
-            .args(if extra.contains(&"--interval") {
-                &[][..]
-            } else {
-                &["--interval", "2s"][..]
-            })
-            .args(["--heartbeat-interval", "1s"])
-            .args(["--node-offline-after", "10s", "--task-lease", "10s"])
+            // The defaults `extra` does not set itself (serve refuses a flag given twice).
+            .args(
+                [
+                    ("--listen", "127.0.0.1:0"),
+                    ("--interval", "2s"),
+                    ("--heartbeat-interval", "1s"),
+                    ("--node-offline-after", "10s"),
+                    ("--task-lease", "10s"),
+                ]
+                .into_iter()
+                .filter(|(flag, _)| !extra.contains(flag))
+                .flat_map(|(flag, value)| [flag, value]),
+            )
             .args(extra)
             .env("CAIRN_LOG", "info,cairn_reconciler=debug")
             .env_remove("CAIRN_IDENTITY")
@@ -357,15 +361,48 @@ impl E2e {
         extra: &[&str],
         docker_host: Option<&str>,
     ) -> Agent {
-        let token = plane.join_token(node);
-        let dir = self.scratch.path().join(format!("agent-{node}"));
         let proxy = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()));
-        let log_path = self.scratch.path().join(format!("agent-{node}.log"));
-        let log = std::fs::File::create(&log_path).unwrap();
         let mut cmd = Command::new(agent_bin());
         if let Some(host) = docker_host {
             cmd.env("DOCKER_HOST", host);
         }
+        self.spawn_agent(plane, node, driver, extra, cmd, proxy)
+            .await
+    }
+
+    /// [`E2e::agent`] inside network namespace `host` (its own address: the proxy listens on
+    /// `<host.addr>:8000`, the node's manifest `address`), talking to serve over the test's bridge (serve
+    /// must listen on the net's gateway). Returns once the node is online.
+    pub async fn agent_in(
+        &mut self,
+        plane: &Plane,
+        node: &str,
+        host: &cairn_testkit::netns::Host,
+        driver: Driver,
+        extra: &[&str],
+    ) -> Agent {
+        let proxy = SocketAddr::from((host.addr, 8000));
+        let cmd = host.command(agent_bin());
+        let mut extra = extra.to_vec();
+        extra.push("--insecure-http-server");
+        self.spawn_agent(plane, node, driver, &extra, cmd, proxy)
+            .await
+    }
+
+    /// Starts `cmd` (the agent binary, perhaps wrapped) as `node`'s agent with its proxy on `proxy`.
+    async fn spawn_agent(
+        &mut self,
+        plane: &Plane,
+        node: &str,
+        driver: Driver,
+        extra: &[&str],
+        mut cmd: Command,
+        proxy: SocketAddr,
+    ) -> Agent {
+        let token = plane.join_token(node);
+        let dir = self.scratch.path().join(format!("agent-{node}"));
+        let log_path = self.scratch.path().join(format!("agent-{node}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
         let child = cmd
             .args(["--server", &plane.url, "--driver", driver.as_str()])
             .arg("--data-dir")
@@ -383,6 +420,7 @@ impl E2e {
             .stderr(log)
             .spawn()
             .expect("cairn-agent starts");
+        let pid = child.id();
         self.children.push(child);
         let node_name = node.to_owned();
         wait_for(
@@ -395,6 +433,7 @@ impl E2e {
             proxy,
             dir,
             log: log_path,
+            pid,
         }
     }
 
@@ -746,9 +785,17 @@ pub struct Agent {
     /// Its data directory (process-driver replicas run below it).
     pub dir: PathBuf,
     pub log: PathBuf,
+    pub pid: u32,
 }
 
 impl Agent {
+    /// SIGKILLs the agent (and its proxy): no chance to give anything back. Its replicas keep running.
+    pub fn kill(&self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+
     /// What the agent logged so far.
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
