@@ -127,7 +127,7 @@ async fn resolve(table: &RouteTable, installed: u64) -> ClusterTable {
                 app: a.app.clone(),
                 hostnames: a.hosts.clone(),
                 nodes: a.nodes.clone(),
-                max_body_bytes: None,
+                max_body_bytes: a.max_body_bytes,
             })
             .collect(),
     }

@@ -108,6 +108,7 @@ pub(crate) fn flat_app(a: &AppliedApp, unverified: impl Fn(&EnvName) -> bool) ->
     b.opt(10, "placement.region", a.placement.region.as_ref());
     b.map(11, "placement.labels", &a.placement.labels);
     b.put(12, "suspended", &a.suspended);
+    b.opt(13, "http.max_body", a.http.max_body.as_ref());
     for (k, v) in &a.env {
         let leaf = match v {
             AppliedEnv::Plain { value } => Leaf::Value(Value::String(value.clone())),
@@ -116,7 +117,7 @@ pub(crate) fn flat_app(a: &AppliedApp, unverified: impl Fn(&EnvName) -> bool) ->
                 unverified: unverified(k),
             },
         };
-        b.0.push((13, format!("env.{k}"), leaf));
+        b.0.push((14, format!("env.{k}"), leaf));
     }
     b.0
 }

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use cairn_schema::{
-    App, Ciphertext, Domain, Driver, EnvName, EnvValue, Health, Name, Node, Placement, Plan,
+    App, Ciphertext, Domain, Driver, EnvName, EnvValue, Health, Http, Name, Node, Placement, Plan,
     Recipient, Runtime, Source,
 };
 use chrono::{DateTime, Utc};
@@ -113,6 +113,8 @@ pub struct AppliedApp {
     pub health: Health,
     #[serde(default)]
     pub placement: Placement,
+    #[serde(default, skip_serializing_if = "Http::is_default")]
+    pub http: Http,
     #[serde(default)]
     pub suspended: bool,
     #[serde(default)]
@@ -200,6 +202,7 @@ impl AppliedApp {
             domains: app.domains.clone(),
             health: app.health.clone(),
             placement: app.placement.clone(),
+            http: app.http.clone(),
             suspended: app.suspended,
             env,
         }

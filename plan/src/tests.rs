@@ -1237,6 +1237,7 @@ mod properties {
                                     BTreeMap::new()
                                 },
                             },
+                            http: Default::default(),
                             suspended,
                             env: envs,
                         },

@@ -45,6 +45,10 @@ pub struct AppRoute {
     /// Nodes (names in [`RouteTable::nodes`] or not: a node without an address serves its own replicas
     /// only) with at least one healthy replica, sorted.
     pub nodes: Vec<Name>,
+    /// The largest request body the app accepts (`[app.NAME.http] max_body`); `None`: each node's
+    /// default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u64>,
 }
 
 /// Query of `GET /agent/v1/routes`.
@@ -143,6 +147,7 @@ mod tests {
             app: name(a),
             hosts: vec![format!("{a}.apps.example.com")],
             nodes: nodes.iter().map(|n| name(n)).collect(),
+            max_body_bytes: None,
         };
         let one = RouteTable::new(
             vec![node("a", "10.0.0.2:80"), node("b", "10.0.0.3:80")],

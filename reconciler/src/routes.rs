@@ -206,20 +206,21 @@ pub fn table(rows: &RouteRows) -> RouteTable {
     let apps = rows
         .apps
         .iter()
-        .map(|(app, domains)| {
-            let mut hosts: Vec<String> = domains.iter().map(|d| d.to_string()).collect();
+        .map(|a| {
+            let mut hosts: Vec<String> = a.domains.iter().map(|d| d.to_string()).collect();
             if let Some(base) = &rows.base_domain {
-                hosts.push(format!("{app}.{base}"));
+                hosts.push(format!("{}.{base}", a.name));
             }
             AppRoute {
-                app: app.clone(),
+                app: a.name.clone(),
                 hosts,
                 nodes: rows
                     .nodes
                     .iter()
-                    .filter(|n| n.online && n.healthy.contains(app))
+                    .filter(|n| n.online && n.healthy.contains(&a.name))
                     .map(|n| n.name.clone())
                     .collect(),
+                max_body_bytes: a.max_body,
             }
         })
         .collect();

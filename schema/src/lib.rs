@@ -19,8 +19,8 @@ pub mod validate;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use model::{
-    App, Desired, Driver, EnvValue, Health, Kind, ManifestFile, Node, Placement, Plan, Runtime,
-    Settings, Source,
+    App, Desired, Driver, EnvValue, Health, Http, Kind, ManifestFile, Node, Placement, Plan,
+    Runtime, Settings, Source,
 };
 pub use parse::{ParsedFile, SETTINGS_FILE, is_manifest_path, parse_file};
 pub use secret::{Ciphertext, Identity, Recipient, Secret, SecretError};

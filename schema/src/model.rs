@@ -164,11 +164,30 @@ pub struct App {
     pub health: Health,
     #[serde(default, skip_serializing_if = "Placement::is_empty")]
     pub placement: Placement,
+    /// How the node proxies treat the app's requests.
+    #[serde(default, skip_serializing_if = "Http::is_default")]
+    pub http: Http,
     /// A suspended app keeps its configuration and releases but runs no replica.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspended: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<EnvName, EnvValue>,
+}
+
+/// `[app.NAME.http]`: the node proxies' limits for the app's requests.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    /// The largest request body the app accepts (`"100MiB"`); larger ones are answered 413 by the proxy
+    /// before they reach a replica. Unset: the node's default (`cairn-agent --proxy-max-body`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body: Option<ByteSize>,
+}
+
+impl Http {
+    pub fn is_default(&self) -> bool {
+        *self == Http::default()
+    }
 }
 
 fn yes() -> bool {

@@ -13,13 +13,13 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::diag::{Diagnostic, LineIndex, Position, Severity, did_you_mean};
 use crate::model::{
-    App, Driver, EnvValue, Health, Kind, Node, Placement, Plan, Runtime, SecretSettings, Settings,
-    Source, default_branch, default_currency, default_drivers, default_health_path,
+    App, Driver, EnvValue, Health, Http, Kind, Node, Placement, Plan, Runtime, SecretSettings,
+    Settings, Source, default_branch, default_currency, default_drivers, default_health_path,
     default_health_timeout,
 };
 use crate::secret::Ciphertext;
 use crate::source::check_ref_name;
-use crate::units::{EnvName, Name};
+use crate::units::{ByteSize, EnvName, Name};
 
 /// The repository settings file, at the repository root.
 pub const SETTINGS_FILE: &str = "cairn.toml";
@@ -900,6 +900,13 @@ impl Cx<'_> {
             }
             f.ok &= self.finish(&p, &["region", "labels"]);
         }
+        let mut http = Http::default();
+        if let Some(mut h) = self.table(&mut f, "http") {
+            http.max_body = self
+                .opt(&mut h, "max_body")
+                .map(|b: Located<ByteSize>| b.value);
+            f.ok &= self.finish(&h, &["max_body"]);
+        }
         let mut env = BTreeMap::new();
         if let Some(mut e) = self.table(&mut f, "env") {
             for (k, v) in e.table.iter() {
@@ -971,6 +978,7 @@ impl Cx<'_> {
                 "domains",
                 "health",
                 "placement",
+                "http",
                 "suspended",
                 "env",
             ],
@@ -990,6 +998,7 @@ impl Cx<'_> {
             domains,
             health,
             placement,
+            http,
             suspended,
             env,
         };

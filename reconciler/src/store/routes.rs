@@ -17,8 +17,17 @@ pub struct RouteRows {
     /// `cairn.toml`'s `base_domain`, when a commit has been applied.
     pub base_domain: Option<Domain>,
     /// Every app with the domains of its manifest.
-    pub apps: Vec<(Name, Vec<Domain>)>,
+    pub apps: Vec<AppRow>,
     pub nodes: Vec<NodeRoute>,
+}
+
+/// An app as routing sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppRow {
+    pub name: Name,
+    pub domains: Vec<Domain>,
+    /// `[app.NAME.http] max_body`, in bytes.
+    pub max_body: Option<u64>,
 }
 
 /// A node as routing sees it.
@@ -54,7 +63,11 @@ pub async fn rows(conn: &mut PgConnection) -> Result<RouteRows, StoreError> {
     };
     for row in apps {
         let applied: AppliedApp = json("apps", "spec", row.spec)?;
-        out.apps.push((name("apps", &row.name)?, applied.domains));
+        out.apps.push(AppRow {
+            name: name("apps", &row.name)?,
+            domains: applied.domains,
+            max_body: applied.http.max_body.map(|b| b.bytes()),
+        });
     }
     for row in nodes {
         let node: Node = json("nodes", "spec", row.spec)?;

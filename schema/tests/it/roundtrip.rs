@@ -177,6 +177,10 @@ fn manifest() -> impl Strategy<Value = ManifestFile> {
                             region: Some(n.clone()),
                             labels: BTreeMap::new(),
                         },
+                        http: cairn_schema::Http {
+                            max_body: port
+                                .map(|p| cairn_schema::units::ByteSize(u64::from(p) << 20)),
+                        },
                         suspended,
                         env,
                     },
