@@ -15,6 +15,7 @@
 //! - [`deploy`]: the health-gated replace that ties them together ([`Deployer`]);
 //! - [`logs`]: log lines, sinks, and the log filter that keeps secrets out of dependency debug output;
 //! - [`client`], [`node`]: the agent API's client and the agent loop (join, heartbeat, lease, report);
+//! - [`metrics`]: what the proxy counts and times, and the `/metrics` endpoint serving it;
 //! - [`housekeeping`]: replica output shipped to the control plane, old release images removed;
 //! - [`runner`]: how a leased task is carried out ([`DriverRunner`] through the drivers above, and the
 //!   test-only `recording::RecordingRunner`, behind the `recording` feature); [`datadir`]: identity, credential and the slot book;
@@ -33,6 +34,7 @@ pub mod driver;
 pub mod health;
 pub mod housekeeping;
 pub mod logs;
+pub mod metrics;
 pub mod node;
 pub mod proxy;
 #[cfg(feature = "recording")]
