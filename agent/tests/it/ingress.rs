@@ -795,8 +795,7 @@ async fn a_replica_moving_between_nodes_is_invisible_to_clients() {
             waited >= Duration::from_millis(300) && waited < pending,
             "served when the table came: {waited:?}"
         );
-        // The POST saw the cluster table too (b has it now), unless the local route came first; either
-        // way it is served, body and all.
+        // The POST waited the same way, its body unread, and went to b whole.
         let (status, _, text) = waiting_post.await.unwrap();
         assert_eq!((status, text.as_str()), (200, "5000\n"));
         // A POST that only a local route can serve: `moving` on a itself.
