@@ -101,6 +101,14 @@ pub struct Args {
     /// An upgraded connection (WebSocket) with no traffic either way for this long is closed
     #[arg(long, value_parser = humantime::parse_duration, default_value = "5m", value_name = "DURATION")]
     proxy_websocket_idle_timeout: Duration,
+    /// How long a request no node can serve (a replica moving between nodes) waits for one before its
+    /// 503; 0 answers at once
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s", value_name = "DURATION")]
+    proxy_pending_timeout: Duration,
+    /// Serve the node proxy's metrics at http://ADDR/metrics (OpenMetrics text, unauthenticated: counts
+    /// and timings only, no names); off by default
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
     /// A file holding the cluster's hop key (or CAIRN_PROXY_HOP_KEY_FILE), instead of the one the control
     /// plane seals to this node: requests forwarded between node proxies carry it, and are accepted only
     /// with it and from a node's address (every node must then be given the same file)
@@ -165,6 +173,7 @@ fn proxy_config(args: &Args, node: &cairn_schema::Name) -> ProxyConfig {
         response_timeout: args.proxy_upstream_timeout,
         upgrade_idle_timeout: args.proxy_websocket_idle_timeout,
         max_body_bytes: args.proxy_max_body.0,
+        pending_timeout: args.proxy_pending_timeout,
         node: Some(node.clone()),
         forward_from: (!listen.is_unspecified()).then_some(listen),
         ..ProxyConfig::default()
@@ -372,6 +381,11 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         #[cfg(feature = "recording")]
         DriverArg::Recording => {
             proxy_task = None;
+            if args.metrics_listen.is_some() {
+                tracing::warn!(
+                    "--metrics-listen: the recording driver runs no proxy, so there is nothing to serve"
+                );
+            }
             let delay = std::env::var(recording::DELAY_ENV)
                 .ok()
                 .and_then(|v| v.parse().ok())
@@ -459,6 +473,20 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
                     format!("the node proxy cannot listen on {}", args.proxy_listen)
                 })?;
             tracing::info!(addr = %args.proxy_listen, routed, "node proxy listening");
+            if let Some(addr) = args.metrics_listen {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("the metrics endpoint cannot listen on {addr}"))?;
+                tracing::info!(addr = %addr, "metrics at /metrics");
+                let mut stop = stop.clone();
+                tokio::spawn(crate::metrics::serve(
+                    listener,
+                    proxy.metrics().clone(),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                ));
+            }
             let mut stop = stop.clone();
             proxy_task = Some(tokio::spawn(proxy.serve(listener, async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -517,11 +545,17 @@ mod tests {
             "2MiB",
             "--proxy-websocket-idle-timeout",
             "90s",
+            "--proxy-pending-timeout",
+            "0s",
+            "--metrics-listen",
+            "127.0.0.1:9100",
         ])
         .unwrap();
         let cfg = proxy_config(&args, &cairn_schema::Name::new("node-a").unwrap());
         assert_eq!(cfg.max_body_bytes, Some(2 << 20));
         assert_eq!(cfg.upgrade_idle_timeout, Duration::from_secs(90));
+        assert_eq!(cfg.pending_timeout, Duration::ZERO);
+        assert_eq!(args.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(cfg.header_timeout, Duration::from_secs(30));
         assert_eq!(cfg.forward_from, Some("10.0.0.7".parse().unwrap()));
         assert_eq!(cfg.node.as_ref().map(|n| n.as_str()), Some("node-a"));
@@ -529,6 +563,8 @@ mod tests {
         let cfg = proxy_config(&args, &cairn_schema::Name::new("node-a").unwrap());
         assert_eq!(cfg.max_body_bytes, Some(crate::proxy::DEFAULT_MAX_BODY));
         assert_eq!(cfg.forward_from, Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(cfg.pending_timeout, crate::proxy::DEFAULT_PENDING_TIMEOUT);
+        assert_eq!(args.metrics_listen, None);
     }
 
     #[test]

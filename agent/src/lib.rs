@@ -16,6 +16,7 @@
 //! - [`logs`]: log lines, sinks, and the log filter that keeps secrets out of dependency debug output;
 //! - [`client`], [`node`]: the agent API's client and the agent loop (join, heartbeat, lease, report);
 //! - [`routes`]: follows the control plane's cluster route table and hop key into the proxy;
+//! - [`metrics`]: what the proxy counts and times, and the `/metrics` endpoint serving it;
 //! - [`housekeeping`]: replica output shipped to the control plane, old release images removed;
 //! - [`runner`]: how a leased task is carried out ([`DriverRunner`] through the drivers above, and the
 //!   test-only `recording::RecordingRunner`, behind the `recording` feature); [`datadir`]: identity, credential and the slot book;
@@ -34,6 +35,7 @@ pub mod driver;
 pub mod health;
 pub mod housekeeping;
 pub mod logs;
+pub mod metrics;
 pub mod node;
 pub mod proxy;
 #[cfg(feature = "recording")]

@@ -6,9 +6,20 @@
 //! replicas, changed by the deployer, one swap per release switch) and the cluster one (the other nodes'
 //! proxies that have an app, installed whole by generation: [`Proxy::install_cluster`]). A request works on
 //! the tables it loaded. Each local backend counts its requests in flight (until the response body is
-//! done), so the deployer can drain an old replica before stopping it. A request without a body whose
-//! connection is refused is retried: locally on a fresh table (the moment between a switch and the old
-//! replica going away), then on the other nodes in turn.
+//! done), so the deployer can drain an old replica before stopping it.
+//!
+//! A replica moving (between releases, or between nodes) fails no request:
+//! - a refused connection is retried locally on a fresh table (the moment between a switch and the old
+//!   replica going away), then on the other nodes in turn;
+//! - a node that gets a hop it cannot serve (its replica just went) answers 503 marked with
+//!   [`HOP_MISS_HEADER`], and the first node tries the next node (the marker never reaches a client);
+//! - a request no node can serve (no route, or every node refused or missed) waits for either table to
+//!   change ([`Proxy::install_cluster`], every local switch), looks again and tries again, up to
+//!   [`ProxyConfig::pending_timeout`]; only then 503.
+//!
+//! A request body goes to another attempt only if no attempt has read from it (`body::Replayable`);
+//! towards another node it is held back until that node asks for it (`Expect: 100-continue`, answered
+//! once its replica takes the body), so a miss leaves it unread. Waiting reads nothing either.
 //!
 //! Protocols: HTTP/1.1 with keep-alive and HTTP/2 with prior knowledge (h2c) on the listener, HTTP/1.1
 //! towards replicas and other nodes. Bodies stream both ways frame by frame (an upload is never held in
@@ -24,9 +35,12 @@
 //! internal hop that is not authenticated (logged without the key), 404 for a host no app in the cluster
 //! serves, 408 when a request body stalls for [`ProxyConfig::body_idle_timeout`], 413 for a body over the
 //! app's limit (up front from `Content-Length`, and while streaming), 431 for headers over
-//! [`ProxyConfig::max_header_bytes`] (hyper's answer), 502 when a replica fails to answer, 503 at once when
-//! no node has a healthy replica, 504 when the replica does not answer within
-//! [`ProxyConfig::response_timeout`].
+//! [`ProxyConfig::max_header_bytes`] (hyper's answer), 502 when a replica fails to answer, 503 when no node
+//! has had a healthy replica for the pending timeout (or for a hop this node cannot serve, at once and
+//! marked), 504 when the replica does not answer within [`ProxyConfig::response_timeout`].
+//!
+//! It counts and times what it does into its [`ProxyMetrics`] ([`Proxy::metrics`], `crate::metrics`
+//! lists the series).
 //!
 //! Bounded like `cairn serve`'s listener: the descriptor limit is raised to the hard limit when it starts
 //! serving, connections are capped below it ([`ProxyConfig::max_connections`]; each may hold a second
@@ -40,8 +54,9 @@
 //!
 //! What it must not do: route to anything but the loopback replica addresses the deployer gives it and the
 //! node addresses of the cluster table, route to a replica before its health check passed (only the
-//! deployer adds backends, after the check), forward a request that came over the internal hop, pass the
-//! hop key or hop-by-hop headers to an app, or believe a client's forwarding headers.
+//! deployer adds backends, after the check), forward a request that came over the internal hop (or make
+//! one wait), pass the hop key or hop-by-hop headers to an app or the miss marker to a client, send a
+//! request body again once any of it was read, or believe a client's forwarding headers.
 
 mod body;
 pub mod cluster;
@@ -52,7 +67,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,11 +83,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
 
 use crate::driver::ReplicaId;
-use body::{Cut, CutFlag, Limited, Tracked};
+use crate::metrics::{PendingOutcome, ProxyMetrics, Route, UnservedReason};
+use body::{Cut, CutFlag, Gate, Limited, Replayable, Tracked};
 use cluster::{Cluster, RemoteRoute};
-pub use cluster::{ClusterApp, ClusterNode, ClusterTable, HOP_HEADER, HopKey};
+pub use cluster::{ClusterApp, ClusterNode, ClusterTable, HOP_HEADER, HOP_MISS_HEADER, HopKey};
 use headers::Origin;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -130,7 +147,13 @@ pub struct ProxyConfig {
     /// cluster table, which the receiving node checks (`None`: the kernel's choice, the address on the
     /// route to the other node).
     pub forward_from: Option<IpAddr>,
+    /// How long a request no node can serve waits for the tables to name one (a replica moving between
+    /// nodes) before its 503; zero answers at once.
+    pub pending_timeout: Duration,
 }
+
+/// How long a request waits for a route by default (`cairn-agent --proxy-pending-timeout`).
+pub const DEFAULT_PENDING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The default node-wide body limit (`cairn-agent --proxy-max-body`).
 pub const DEFAULT_MAX_BODY: u64 = 100 << 20;
@@ -180,6 +203,7 @@ impl Default for ProxyConfig {
             max_connections: None,
             node: None,
             forward_from: None,
+            pending_timeout: DEFAULT_PENDING_TIMEOUT,
         }
     }
 }
@@ -244,25 +268,25 @@ pub struct RouteInfo {
     pub backends: Vec<(ReplicaId, SocketAddr)>,
 }
 
-/// What the proxy counted since it started (for metrics).
+/// What the proxy counted since it started (read from its [`ProxyMetrics`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ProxyCounts {
     /// Upgraded connections (WebSockets) open now.
     pub open_upgraded: usize,
-    /// Requests sent to this node's replicas.
+    /// Requests this node's replicas answered for this node's clients.
     pub local: u64,
-    /// Requests forwarded to another node.
+    /// Requests another node's proxy answered.
     pub forwarded: u64,
+    /// Requests other nodes forwarded here (answered by a replica here, or missed).
+    pub hop: u64,
+    /// Forwarded attempts another node could not serve (refused the connection, or had no replica).
+    pub unserved_forwards: u64,
     /// Internal hops refused (403).
     pub refused_hops: u64,
-}
-
-#[derive(Debug, Default)]
-struct Counters {
-    open_upgraded: Arc<AtomicUsize>,
-    local: AtomicU64,
-    forwarded: AtomicU64,
-    refused_hops: AtomicU64,
+    /// Requests that waited for a route and got one.
+    pub pending_served: u64,
+    /// Requests that waited for a route in vain (503).
+    pub pending_timed_out: u64,
 }
 
 /// The node proxy.
@@ -277,7 +301,9 @@ pub struct Proxy {
     client: Client<HttpConnector, ProxyBody>,
     /// To other nodes' proxies (its own pool, from [`ProxyConfig::forward_from`]).
     forward: Client<HttpConnector, ProxyBody>,
-    counters: Counters,
+    /// Bumped by every change of either table (and of the hop key): what a pending request waits on.
+    changes: watch::Sender<u64>,
+    metrics: Arc<ProxyMetrics>,
     cfg: ProxyConfig,
 }
 
@@ -316,7 +342,8 @@ impl Proxy {
             hop_key: ArcSwapOption::empty(),
             writer: Mutex::new(()),
             client,
-            counters: Counters::default(),
+            changes: watch::Sender::new(0),
+            metrics: Arc::new(ProxyMetrics::new()),
             cfg,
         })
     }
@@ -338,7 +365,14 @@ impl Proxy {
             "cluster routes installed"
         );
         self.cluster.store(Arc::new(compiled));
+        self.metrics.cluster_installed(generation);
+        self.changed();
         true
+    }
+
+    /// Wakes the requests waiting for a route.
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// The installed cluster table's generation.
@@ -349,20 +383,32 @@ impl Proxy {
     /// Sets (or with `None` removes) the key that authenticates the internal hop, both ways.
     pub fn set_hop_key(&self, key: Option<HopKey>) {
         self.hop_key.store(key.map(Arc::new));
+        self.changed();
     }
 
     /// Upgraded connections (WebSockets) open now.
     pub fn open_upgraded(&self) -> usize {
-        self.counters.open_upgraded.load(Ordering::Relaxed)
+        usize::try_from(self.metrics.open_websockets()).unwrap_or(usize::MAX)
+    }
+
+    /// What the proxy counts and times (`cairn-agent --metrics-listen` serves it).
+    pub fn metrics(&self) -> &Arc<ProxyMetrics> {
+        &self.metrics
     }
 
     /// The proxy's counters.
     pub fn counts(&self) -> ProxyCounts {
+        let m = &self.metrics;
         ProxyCounts {
             open_upgraded: self.open_upgraded(),
-            local: self.counters.local.load(Ordering::Relaxed),
-            forwarded: self.counters.forwarded.load(Ordering::Relaxed),
-            refused_hops: self.counters.refused_hops.load(Ordering::Relaxed),
+            local: m.requests(Route::Local),
+            forwarded: m.requests(Route::Forwarded),
+            hop: m.requests(Route::Hop),
+            unserved_forwards: m.unserved_forwards(UnservedReason::Refused)
+                + m.unserved_forwards(UnservedReason::Miss),
+            refused_hops: m.refused_hops(),
+            pending_served: m.pendings(PendingOutcome::Served),
+            pending_timed_out: m.pendings(PendingOutcome::TimedOut),
         }
     }
 
@@ -397,6 +443,7 @@ impl Proxy {
             }
         }
         self.table.store(Arc::new(Table { hosts, apps }));
+        self.changed();
     }
 
     /// Makes `backend` the only backend of its slot (one swap: the new replica in, the slot's old ones out),
@@ -566,16 +613,56 @@ impl Proxy {
         }
     }
 
+    /// Answers one request and counts it by route and status class.
     async fn handle(
+        &self,
+        req: Request<Incoming>,
+        peer: SocketAddr,
+        scheme: &'static str,
+    ) -> Response<ProxyBody> {
+        let (mut res, route) = self.route(req, peer, scheme).await;
+        if route != Route::Hop {
+            // The miss marker answers an internal hop only; a client never sees it.
+            res.headers_mut().remove(HOP_MISS_HEADER);
+        }
+        self.metrics.request(route, res.status());
+        res
+    }
+
+    /// The tables' view of `host`: its app, this node's route and (unless the request is a hop, or this
+    /// node has no hop key) the other nodes that have it. `None`: no app is served at `host`.
+    fn lookup(&self, host: &str, hop: bool) -> Option<Lookup> {
+        let local = self.table.load().hosts.get(host).cloned();
+        let known = self.cluster.load().hosts.get(host).cloned();
+        let app = match (&local, &known) {
+            (Some(l), _) => l.app.clone(),
+            (None, Some(r)) => r.app.clone(),
+            (None, None) => return None,
+        };
+        // A hop is served here or not at all: never forwarded again. Without a hop key nothing is
+        // forwarded either (the next node could not tell a hop from a client, and might send it back).
+        let remote = if hop || self.hop_key.load().is_none() {
+            None
+        } else {
+            known
+        };
+        Some(Lookup { app, local, remote })
+    }
+
+    /// Where the request's answer comes from, and the answer.
+    async fn route(
         &self,
         mut req: Request<Incoming>,
         peer: SocketAddr,
         scheme: &'static str,
-    ) -> Response<ProxyBody> {
+    ) -> (Response<ProxyBody>, Route) {
         let Some(host) = request_host(&req) else {
-            return own_answer(
-                StatusCode::BAD_REQUEST,
-                "cairn: the request names no host\n".into(),
+            return (
+                own_answer(
+                    StatusCode::BAD_REQUEST,
+                    "cairn: the request names no host\n".into(),
+                ),
+                Route::None,
             );
         };
         let raw_host = match req.headers().get(header::HOST) {
@@ -591,9 +678,12 @@ impl Proxy {
                     h
                 }
                 None => {
-                    return own_answer(
-                        StatusCode::BAD_REQUEST,
-                        "cairn: the request names no host\n".into(),
+                    return (
+                        own_answer(
+                            StatusCode::BAD_REQUEST,
+                            "cairn: the request names no host\n".into(),
+                        ),
+                        Route::None,
                     );
                 }
             },
@@ -606,12 +696,15 @@ impl Proxy {
         let hop = req.headers().contains_key(HOP_HEADER);
         let origin = if hop {
             if let Err(reason) = self.check_hop(req.headers(), peer) {
-                self.counters.refused_hops.fetch_add(1, Ordering::Relaxed);
+                self.metrics.refused_hop();
                 tracing::warn!(peer = %peer.ip(), host = %host, reason, "refused a request marked as an internal hop");
-                return own_answer(
-                    StatusCode::FORBIDDEN,
-                    "cairn: this request is marked as forwarded by another node, and is not authenticated\n"
-                        .into(),
+                return (
+                    own_answer(
+                        StatusCode::FORBIDDEN,
+                        "cairn: this request is marked as forwarded by another node, and is not authenticated\n"
+                            .into(),
+                    ),
+                    Route::None,
                 );
             }
             Origin::from_hop(req.headers(), edge)
@@ -619,117 +712,159 @@ impl Proxy {
             edge
         };
 
-        let local = self.table.load().hosts.get(&host).cloned();
-        let cluster = self.cluster.load_full();
-        // A hop is served here or not at all: never forwarded again. Without a hop key nothing is
-        // forwarded either (the next node could not tell a hop from a client, and might send it back).
-        let remote = if hop || self.hop_key.load().is_none() {
-            None
-        } else {
-            cluster.hosts.get(&host).cloned()
-        };
-        let app = match (&local, &remote) {
-            (Some(l), _) => l.app.clone(),
-            (None, Some(r)) => r.app.clone(),
-            (None, None) => {
-                if let Some(r) = cluster.hosts.get(&host) {
-                    return if r.nodes.is_empty() && !hop {
-                        no_replica_anywhere(&r.app)
-                    } else {
-                        no_replica_here(&r.app)
-                    };
-                }
-                return own_answer(
+        // Subscribed before the first look at the tables: a change after that look ends a wait.
+        let mut changes = self.changes.subscribe();
+        let Some(mut lookup) = self.lookup(&host, hop) else {
+            if hop {
+                return (hop_miss(&format!("no app at `{host}`")), Route::Hop);
+            }
+            return (
+                own_answer(
                     StatusCode::NOT_FOUND,
                     format!("cairn: no app is served at `{host}`\n"),
-                );
-            }
+                ),
+                Route::None,
+            );
         };
-        let has_local = local.as_ref().is_some_and(|l| !l.backends.is_empty());
-        let has_remote = remote.as_ref().is_some_and(|r| !r.nodes.is_empty());
-        if !has_local && !has_remote {
-            return if hop || remote.is_none() {
-                no_replica_here(&app)
-            } else {
-                no_replica_anywhere(&app)
-            };
-        }
 
         let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let mut client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         headers::strip_hop_by_hop(&mut parts.headers, upgrade);
         headers::set_forwarded(&mut parts.headers, &origin);
+        // Each hop answers `Expect: 100-continue` itself (hyper sends the `100` when the body is first
+        // read, which is when the next hop asks for it); towards another node it is set again.
+        parts.headers.remove(header::EXPECT);
 
-        if body.is_end_stream() {
-            return self
-                .bodiless(
-                    &parts,
-                    &host,
-                    local,
-                    remote.as_deref(),
-                    &app,
-                    client_upgrade,
-                )
-                .await;
-        }
-
-        let limit = cluster
-            .apps
-            .get(&app)
-            .and_then(|r| r.max_body_bytes)
-            .or(self.cfg.max_body_bytes);
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if let (Some(limit), Some(len)) = (limit, declared)
-            && len > limit
-        {
-            return too_large(&app, limit);
-        }
-        let target = match local.as_ref().and_then(|l| l.pick()) {
-            Some(b) => Target::Local(b),
-            None => match remote.as_ref().and_then(|r| r.order().next()) {
-                Some(a) => Target::Node(a),
-                None => return no_replica_anywhere(&app),
-            },
-        };
         let flag = CutFlag::default();
-        let body = Limited::new(body, limit, self.cfg.body_idle_timeout, flag.clone()).boxed();
-        let req = self.outbound(&parts, &target, body);
-        let sent = self.send(req, target, client_upgrade).await;
-        match (sent, flag.get()) {
-            (Err(_), Some(Cut::TooLarge)) => too_large(&app, limit.unwrap_or(0)),
-            (Err(_), Some(Cut::Idle)) => own_answer(
-                StatusCode::REQUEST_TIMEOUT,
-                "cairn: the request body stopped arriving\n".into(),
-            ),
-            (sent, _) => answer(sent, &app),
+        let mut limit = None;
+        let payload = if body.is_end_stream() {
+            Payload::Empty
+        } else {
+            limit = self
+                .cluster
+                .load()
+                .apps
+                .get(&lookup.app)
+                .and_then(|r| r.max_body_bytes)
+                .or(self.cfg.max_body_bytes);
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if let (Some(limit), Some(len)) = (limit, declared)
+                && len > limit
+            {
+                return (too_large(&lookup.app, limit), Route::None);
+            }
+            let body = Limited::new(body, limit, self.cfg.body_idle_timeout, flag.clone());
+            Payload::Body(Replayable::new(body.boxed()))
+        };
+
+        let mut waiting: Option<(Instant, tokio::time::Instant)> = None;
+        loop {
+            match self
+                .attempt(&parts, &host, &lookup, hop, &payload, client_upgrade.take())
+                .await
+            {
+                Attempted::Done(sent, route) => {
+                    if let Some((since, _)) = waiting {
+                        self.metrics
+                            .pending(PendingOutcome::Served, since.elapsed());
+                    }
+                    let res = match (sent, flag.get()) {
+                        (Err(_), Some(Cut::TooLarge)) => too_large(&lookup.app, limit.unwrap_or(0)),
+                        (Err(_), Some(Cut::Idle)) => own_answer(
+                            StatusCode::REQUEST_TIMEOUT,
+                            "cairn: the request body stopped arriving\n".into(),
+                        ),
+                        (sent, _) => answer(sent, &lookup.app),
+                    };
+                    return (res, route);
+                }
+                Attempted::Nowhere(up) => client_upgrade = up,
+            }
+            if hop {
+                // The first node tries another node, or waits for a route itself.
+                return (
+                    hop_miss(&format!("no healthy replica of app `{}`", lookup.app)),
+                    Route::Hop,
+                );
+            }
+            if !payload.replayable() {
+                return (
+                    own_answer(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "cairn: app `{}` had no healthy replica on the node the request went to, \
+                             and its body cannot be sent again\n",
+                            lookup.app
+                        ),
+                    ),
+                    Route::Forwarded,
+                );
+            }
+            let timeout = self.cfg.pending_timeout;
+            if timeout.is_zero() {
+                return (no_replica_anywhere(&lookup.app, None), Route::None);
+            }
+            if waiting.is_none() {
+                tracing::debug!(app = %lookup.app, timeout = ?timeout, "no node can serve the request: waiting for a route");
+            }
+            let (since, deadline) = *waiting
+                .get_or_insert_with(|| (Instant::now(), tokio::time::Instant::now() + timeout));
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                // Timed out (or the proxy is gone, which cannot happen while it serves).
+                _ => {
+                    self.metrics
+                        .pending(PendingOutcome::TimedOut, since.elapsed());
+                    return (no_replica_anywhere(&lookup.app, Some(timeout)), Route::None);
+                }
+            }
+            match self.lookup(&host, hop) {
+                Some(l) => lookup = l,
+                None => {
+                    self.metrics
+                        .pending(PendingOutcome::Served, since.elapsed());
+                    return (
+                        own_answer(
+                            StatusCode::NOT_FOUND,
+                            format!("cairn: no app is served at `{host}`\n"),
+                        ),
+                        Route::None,
+                    );
+                }
+            }
         }
     }
 
-    /// A request without a body: retried on a refused connection, locally (fresh table) and then on each
-    /// other node that has the app.
-    async fn bodiless(
+    /// One pass over the request's targets: this node's replicas (a refused connection is retried on a
+    /// fresh table, the moment between a switch and the old replica going away), then each other node that
+    /// has the app, in turn, past those that refuse the connection or miss. `Nowhere` when none answered.
+    async fn attempt(
         &self,
         parts: &hyper::http::request::Parts,
         host: &str,
-        mut local: Option<Arc<AppRoute>>,
-        remote: Option<&RemoteRoute>,
-        app: &Name,
+        lookup: &Lookup,
+        hop: bool,
+        payload: &Payload,
         mut client_upgrade: Option<hyper::upgrade::OnUpgrade>,
-    ) -> Response<ProxyBody> {
-        let empty = || Empty::new().map_err(|n| match n {}).boxed();
-        let mut attempt = 0;
+    ) -> Attempted {
+        let here = if hop { Route::Hop } else { Route::Local };
+        let mut local = lookup.local.clone();
+        let mut retries = 0;
         while let Some(backend) = local.as_ref().and_then(|l| l.pick()) {
             let target = Target::Local(backend);
-            let req = self.outbound(parts, &target, empty());
-            match self.send(req, target, client_upgrade.take()).await {
-                Err((Upstream::Connect, up)) if attempt < self.cfg.connect_retries => {
+            let Some((body, gate)) = payload.attempt(&target) else {
+                break;
+            };
+            let req = self.outbound(parts, &target, body, gate.is_some());
+            match self.send(req, target, client_upgrade.take(), gate).await {
+                Err((Upstream::Connect, up)) if retries < self.cfg.connect_retries => {
                     client_upgrade = up;
-                    attempt += 1;
+                    retries += 1;
                     tokio::time::sleep(Duration::from_millis(25)).await;
                     local = self.table.load().hosts.get(host).cloned();
                 }
@@ -737,38 +872,41 @@ impl Proxy {
                     client_upgrade = up;
                     break;
                 }
-                other => return answer(other, app),
+                sent => return Attempted::Done(sent.map_err(|(e, _)| e), here),
             }
         }
-        let Some(remote) = remote.filter(|r| !r.nodes.is_empty()) else {
-            return no_replica_here(app);
-        };
-        for node in remote.order() {
+        for node in lookup.remote.iter().flat_map(|r| r.order()) {
             let target = Target::Node(node);
-            let req = self.outbound(parts, &target, empty());
-            match self.send(req, target, client_upgrade.take()).await {
+            let Some((body, gate)) = payload.attempt(&target) else {
+                break;
+            };
+            let req = self.outbound(parts, &target, body, gate.is_some());
+            match self.send(req, target, client_upgrade.take(), gate).await {
                 Err((Upstream::Connect, up)) => {
-                    tracing::debug!(node = %node, app = %app, "another node refused a forwarded request; trying the next");
+                    tracing::debug!(node = %node, app = %lookup.app, "another node refused a forwarded request; trying the next");
+                    self.metrics.unserved_forward(UnservedReason::Refused);
                     client_upgrade = up;
                 }
-                other => return answer(other, app),
+                Err((Upstream::Miss, up)) => {
+                    tracing::debug!(node = %node, app = %lookup.app, "another node has no replica any more; trying the next");
+                    self.metrics.unserved_forward(UnservedReason::Miss);
+                    client_upgrade = up;
+                }
+                sent => return Attempted::Done(sent.map_err(|(e, _)| e), Route::Forwarded),
             }
         }
-        own_answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "cairn: app `{app}` has no reachable healthy replica: every node that has one refused the connection\n"
-            ),
-        )
+        Attempted::Nowhere(client_upgrade)
     }
 
     /// The request to send to `target`: the original's method, path, query and headers (already
-    /// cleaned), with the hop key towards another node.
+    /// cleaned), with the hop key towards another node, and `Expect: 100-continue` when its body waits
+    /// for that node to ask for it.
     fn outbound(
         &self,
         parts: &hyper::http::request::Parts,
         target: &Target,
         body: ProxyBody,
+        expect: bool,
     ) -> Request<ProxyBody> {
         let pq = parts
             .uri
@@ -787,34 +925,69 @@ impl Proxy {
         {
             req.headers_mut().insert(HOP_HEADER, key.header());
         }
+        if expect {
+            req.headers_mut()
+                .insert(header::EXPECT, HeaderValue::from_static("100-continue"));
+        }
         req
     }
 
     /// Sends `req` to `target`; on a `101` joins the client's upgraded connection to the target's. A
-    /// refused connection gives the client's upgrade back for the next attempt.
+    /// refused connection, or another node's miss, gives the client's upgrade back for the next attempt.
+    /// `gate` holds the body back until the target's `100 Continue` (or its answer, unless a miss).
     async fn send(
         &self,
-        req: Request<ProxyBody>,
+        mut req: Request<ProxyBody>,
         target: Target,
         client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+        gate: Option<Gate>,
     ) -> Result<Response<ProxyBody>, (Upstream, Option<hyper::upgrade::OnUpgrade>)> {
         let (guard, client) = match &target {
-            Target::Local(b) => {
-                self.counters.local.fetch_add(1, Ordering::Relaxed);
-                (Some(InFlight::new(b.clone())), &self.client)
-            }
-            Target::Node(_) => {
-                self.counters.forwarded.fetch_add(1, Ordering::Relaxed);
-                (None, &self.forward)
+            Target::Local(b) => (Some(InFlight::new(b.clone())), &self.client),
+            Target::Node(_) => (None, &self.forward),
+        };
+        if let Some(gate) = &gate {
+            let gate = gate.clone();
+            hyper::ext::on_informational(&mut req, move |res| {
+                if res.status() == StatusCode::CONTINUE {
+                    gate.open();
+                }
+            });
+        }
+        let shut = || {
+            if let Some(g) = &gate {
+                g.shut();
             }
         };
+        let started = Instant::now();
         let res = match tokio::time::timeout(self.cfg.response_timeout, client.request(req)).await {
-            Err(_) => return Err((Upstream::Timeout, None)),
+            Err(_) => {
+                shut();
+                return Err((Upstream::Timeout, None));
+            }
             Ok(Err(e)) if e.is_connect() => return Err((Upstream::Connect, client_upgrade)),
-            Ok(Err(_)) => return Err((Upstream::Failed, None)),
+            Ok(Err(_)) => {
+                shut();
+                return Err((Upstream::Failed, None));
+            }
             Ok(Ok(res)) => res,
         };
         let (mut parts, body) = res.into_parts();
+        if let Target::Node(_) = target {
+            self.metrics.forwarded(started.elapsed());
+            if parts.status == StatusCode::SERVICE_UNAVAILABLE
+                && parts.headers.contains_key(HOP_MISS_HEADER)
+            {
+                shut();
+                return Err((Upstream::Miss, client_upgrade));
+            }
+        }
+        if let Some(g) = &gate {
+            // An answer without asking for the body: the node may still read it.
+            g.open();
+        }
+        // Only this proxy marks a miss, and only towards the node that forwarded the request.
+        parts.headers.remove(HOP_MISS_HEADER);
         let switching = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         if switching && let Some(client) = client_upgrade {
             headers::strip_hop_by_hop(&mut parts.headers, true);
@@ -824,7 +997,7 @@ impl Proxy {
                 client,
                 upstream,
                 self.cfg.upgrade_idle_timeout,
-                self.counters.open_upgraded.clone(),
+                self.metrics.websockets().clone(),
             ));
             let (parts, _) = res.into_parts();
             return Ok(Response::from_parts(
@@ -846,41 +1019,94 @@ impl Proxy {
 }
 
 enum Upstream {
+    /// The connection was refused (nothing was sent).
     Connect,
+    /// Another node answered that it cannot serve the request ([`HOP_MISS_HEADER`]).
+    Miss,
     Failed,
     Timeout,
 }
 
-fn answer(
-    r: Result<Response<ProxyBody>, (Upstream, Option<hyper::upgrade::OnUpgrade>)>,
-    app: &Name,
-) -> Response<ProxyBody> {
+/// What a pass over the request's targets came to.
+enum Attempted {
+    /// An answer (or a failure to get one) from `Route`.
+    Done(Result<Response<ProxyBody>, Upstream>, Route),
+    /// No target, or every one refused or missed: the client's upgrade, for the next pass.
+    Nowhere(Option<hyper::upgrade::OnUpgrade>),
+}
+
+/// What a request's host found in the tables.
+struct Lookup {
+    app: Name,
+    local: Option<Arc<AppRoute>>,
+    remote: Option<Arc<RemoteRoute>>,
+}
+
+/// A request's body, for as many attempts as may send it.
+enum Payload {
+    Empty,
+    Body(Replayable),
+}
+
+impl Payload {
+    /// The body for the next attempt, and for one `towards` another node the gate that holds it back
+    /// until that node asks for it; `None` once an attempt has started reading it.
+    fn attempt(&self, towards: &Target) -> Option<(ProxyBody, Option<Gate>)> {
+        match self {
+            Payload::Empty => Some((Empty::new().map_err(|n| match n {}).boxed(), None)),
+            Payload::Body(b) => {
+                let gate = matches!(towards, Target::Node(_)).then(Gate::default);
+                Some((b.attempt(gate.clone())?, gate))
+            }
+        }
+    }
+
+    /// Whether another attempt could send it.
+    fn replayable(&self) -> bool {
+        match self {
+            Payload::Empty => true,
+            Payload::Body(b) => b.untouched(),
+        }
+    }
+}
+
+fn answer(r: Result<Response<ProxyBody>, Upstream>, app: &Name) -> Response<ProxyBody> {
     match r {
         Ok(res) => res,
-        Err((Upstream::Connect, _)) => no_replica_here(app),
-        Err((Upstream::Failed, _)) => own_answer(
+        Err(Upstream::Connect | Upstream::Miss) => no_replica_anywhere(app, None),
+        Err(Upstream::Failed) => own_answer(
             StatusCode::BAD_GATEWAY,
             format!("cairn: app `{app}` did not answer the request\n"),
         ),
-        Err((Upstream::Timeout, _)) => own_answer(
+        Err(Upstream::Timeout) => own_answer(
             StatusCode::GATEWAY_TIMEOUT,
             format!("cairn: app `{app}` did not answer in time\n"),
         ),
     }
 }
 
-fn no_replica_here(app: &Name) -> Response<ProxyBody> {
-    own_answer(
+/// A node's answer to an internal hop it cannot serve: 503, marked so the forwarding node tries
+/// elsewhere.
+fn hop_miss(what: &str) -> Response<ProxyBody> {
+    let mut res = own_answer(
         StatusCode::SERVICE_UNAVAILABLE,
-        format!("cairn: app `{app}` has no healthy replica on this node\n"),
-    )
+        format!("cairn: this node has {what}\n"),
+    );
+    res.headers_mut()
+        .insert(HOP_MISS_HEADER, HeaderValue::from_static("1"));
+    res
 }
 
-fn no_replica_anywhere(app: &Name) -> Response<ProxyBody> {
-    own_answer(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("cairn: app `{app}` has no healthy replica on any node\n"),
-    )
+/// 503: no node could serve the app (after waiting `waited` for one to).
+fn no_replica_anywhere(app: &Name, waited: Option<Duration>) -> Response<ProxyBody> {
+    let text = match waited {
+        Some(w) => format!(
+            "cairn: app `{app}` has no healthy replica anywhere (waited {} for one)\n",
+            humantime::format_duration(w)
+        ),
+        None => format!("cairn: app `{app}` has no healthy replica anywhere\n"),
+    };
+    own_answer(StatusCode::SERVICE_UNAVAILABLE, text)
 }
 
 fn too_large(app: &Name, limit: u64) -> Response<ProxyBody> {

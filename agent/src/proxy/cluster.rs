@@ -10,6 +10,8 @@
 //! The receiving proxy accepts it only when the key matches (compared in constant time, over SHA-256
 //! digests so the length leaks nothing either) AND the connection comes from one of the table's node
 //! addresses; it then serves it from its own replicas only, never forwarding again, so a loop cannot form.
+//! When it has none (the replica just moved away), its 503 carries [`HOP_MISS_HEADER`], so the first node
+//! knows to try another one rather than hand the 503 to the client.
 //!
 //! What it must not do: put the hop key in a log, an error or a `Debug` output, or let it reach an app (the
 //! proxy strips [`HOP_HEADER`] from every request it passes on to a replica).
@@ -28,6 +30,11 @@ use subtle::ConstantTimeEq;
 
 /// The header that marks (and authenticates) the internal hop: its value is the cluster's hop key.
 pub const HOP_HEADER: HeaderName = HeaderName::from_static("cairn-hop");
+
+/// The response header that marks a node's 503 to an internal hop it cannot serve (it has no replica of
+/// the app, or its replica refused the connection): the forwarding node then tries the next node, or waits
+/// for a route, and never passes the header on to a client.
+pub const HOP_MISS_HEADER: HeaderName = HeaderName::from_static("cairn-hop-miss");
 
 /// The whole cluster route table, as the control plane sends it to every agent.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,7 @@
 //! Upgraded connections (WebSocket and any other HTTP/1.1 `Upgrade`): once both the client and the
 //! replica switched protocols, bytes are copied both ways as they arrive, each direction on its own (a
 //! side that stops reading never blocks the other), until both sides close, either fails, or nothing moved
-//! either way for the idle timeout. Each open tunnel counts in the proxy's open-upgraded gauge.
+//! either way for the idle timeout. Each open tunnel counts in the proxy's `cairn_proxy_websockets` gauge.
 //!
 //! Also the listener's first-bytes deadline: a connection must send the first bytes of a request (enough
 //! to tell HTTP/1.1 from HTTP/2's preface) within the header timeout, since hyper's own header timeout
@@ -11,13 +11,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -25,12 +25,7 @@ use tokio::time::{Instant, Sleep};
 const CHUNK: usize = 16 * 1024;
 
 /// Waits for both upgrades, then copies until the tunnel ends.
-pub(super) async fn run(
-    client: OnUpgrade,
-    upstream: OnUpgrade,
-    idle: Duration,
-    open: Arc<AtomicUsize>,
-) {
+pub(super) async fn run(client: OnUpgrade, upstream: OnUpgrade, idle: Duration, open: Gauge) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(e) => {
@@ -38,8 +33,8 @@ pub(super) async fn run(
             return;
         }
     };
-    open.fetch_add(1, Ordering::Relaxed);
-    let _open = Gauge(open);
+    open.inc();
+    let _open = Open(open);
     let (cr, cw) = tokio::io::split(TokioIo::new(client));
     let (ur, uw) = tokio::io::split(TokioIo::new(upstream));
     let start = Instant::now();
@@ -63,11 +58,12 @@ pub(super) async fn run(
     }
 }
 
-struct Gauge(Arc<AtomicUsize>);
+/// Counts a tunnel out of the gauge however it ends.
+struct Open(Gauge);
 
-impl Drop for Gauge {
+impl Drop for Open {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 

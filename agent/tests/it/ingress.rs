@@ -154,23 +154,43 @@ async fn get(
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
+    let (status, _, body) = request(from, to, "GET", host, path, headers, None).await;
+    (status, body)
+}
+
+/// One HTTP/1.1 request from `from` to `to` on a new connection, with `body` if given: status, headers
+/// and body.
+async fn request(
+    from: &str,
+    to: SocketAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> (u16, hyper::HeaderMap, String) {
     let io = TokioIo::new(connect_from(from, to).await);
     let (mut send, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
     tokio::spawn(conn);
-    let mut req = Request::get(path).header("host", host);
+    let mut req = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", host);
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
+    let body = http_body_util::Full::new(Bytes::copy_from_slice(body.unwrap_or_default()));
     let res = tokio::time::timeout(
         Duration::from_secs(10),
-        send.send_request(req.body(Empty::<Bytes>::new()).unwrap()),
+        send.send_request(req.body(body).unwrap()),
     )
     .await
     .expect("an answer in time")
     .unwrap();
     let status = res.status().as_u16();
+    let headers = res.headers().clone();
     let body = res.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
+    (status, headers, String::from_utf8_lossy(&body).into_owned())
 }
 
 /// Opens a WebSocket to `host` through `proxy` and checks that text and binary messages echo.
@@ -434,16 +454,19 @@ async fn the_limits_answer_431_413_408_and_504() {
     .await;
 }
 
-/// Three proxies on 127.0.0.2, .3 and .4 (nodes a, b, c), the same cluster table and hop key on each.
+/// Three proxies on 127.0.0.2, .3 and .4 (nodes a, b, c), the same cluster table and hop key on each;
+/// a request no node can serve waits `pending` for one.
 async fn three_nodes(
     apps: Vec<ClusterApp>,
     extra: Vec<ClusterNode>,
+    pending: Duration,
 ) -> Vec<(Arc<Proxy>, SocketAddr)> {
     let mut nodes = Vec::new();
     for (n, ip) in [("a", "127.0.0.2"), ("b", "127.0.0.3"), ("c", "127.0.0.4")] {
         let cfg = ProxyConfig {
             node: Some(name(n)),
             forward_from: Some(ip.parse().unwrap()),
+            pending_timeout: pending,
             ..ProxyConfig::default()
         };
         nodes.push(proxy_on(ip, cfg).await);
@@ -505,6 +528,7 @@ async fn a_node_without_a_replica_forwards_once_to_one_that_has_it_authenticated
                 name: name("d"),
                 addr: d_addr,
             }],
+            Duration::from_millis(500),
         )
         .await;
         let [(a, a_addr), (b, b_addr), (c, c_addr)] = &nodes[..] else {
@@ -544,10 +568,11 @@ async fn a_node_without_a_replica_forwards_once_to_one_that_has_it_authenticated
             );
         }
         // Round robin over d (refused: retried on b) and b: every request answered.
-        assert_eq!(a.counts().forwarded, 6, "{:?}", a.counts());
+        assert_eq!(a.counts().forwarded, 4, "{:?}", a.counts());
+        assert_eq!(a.counts().unserved_forwards, 2, "{:?}", a.counts());
         assert_eq!(a.counts().local, 0);
-        assert_eq!(b.counts().local, 4);
-        assert_eq!(b.counts().forwarded, 0);
+        assert_eq!(b.counts().hop, 4, "{:?}", b.counts());
+        assert_eq!(b.counts().local + b.counts().forwarded, 0);
 
         // WebSocket and SSE across the hop.
         let mut ws = websocket_echoes(*a_addr, "web.test").await;
@@ -556,29 +581,35 @@ async fn a_node_without_a_replica_forwards_once_to_one_that_has_it_authenticated
         ws.close(None).await.unwrap();
         sse_is_unbuffered(*a_addr, "web.test").await;
 
-        // No replica anywhere: 503 at once, saying so.
+        // No replica anywhere: 503 after the pending timeout, saying so.
         let t = Instant::now();
         let (status, body) = get("127.0.0.9", *a_addr, "ghost.test", "/", &[]).await;
         assert_eq!(status, 503);
         assert!(
-            body.contains("`ghost` has no healthy replica on any node"),
+            body.contains("`ghost` has no healthy replica anywhere (waited 500ms for one)"),
             "{body}"
         );
         assert!(t.elapsed() < Duration::from_secs(2));
         let (status, _) = get("127.0.0.9", *a_addr, "nowhere.test", "/", &[]).await;
         assert_eq!(status, 404);
 
-        // A table that routes to a node without the replica: one hop, then 503 there; never a loop.
-        let before = (a.counts().forwarded, c.counts().forwarded);
-        let (status, body) = get("127.0.0.9", *a_addr, "stale.test", "/", &[]).await;
+        // A table that routes to a node without the replica: one hop, a miss there, then (no other node
+        // having it) 503 after the wait; never a loop, and never the miss marker.
+        let before = (a.counts(), c.counts());
+        let (status, headers, body) =
+            request("127.0.0.9", *a_addr, "GET", "stale.test", "/", &[], None).await;
         assert_eq!(status, 503, "{body}");
-        assert!(body.contains("no healthy replica on this node"), "{body}");
-        assert_eq!(a.counts().forwarded, before.0 + 1);
+        assert!(body.contains("no healthy replica anywhere"), "{body}");
+        assert!(!headers.contains_key("cairn-hop-miss"), "{headers:?}");
+        assert_eq!(a.counts().unserved_forwards, before.0.unserved_forwards + 1);
+        assert_eq!(a.counts().pending_timed_out, before.0.pending_timed_out + 1);
+        assert_eq!(c.counts().hop, before.1.hop + 1);
         assert_eq!(
             c.counts().forwarded,
-            before.1,
+            before.1.forwarded,
             "a hop is never forwarded again"
         );
+        let before = (a.counts().forwarded, c.counts().forwarded);
 
         // The hop itself: only with the key AND from a node's address.
         let hop = [("cairn-hop", KEY), ("x-forwarded-for", "198.51.100.7")];
@@ -606,9 +637,17 @@ async fn a_node_without_a_replica_forwards_once_to_one_that_has_it_authenticated
             "198.51.100.7",
             "an authenticated hop's client address is kept"
         );
-        // An authenticated hop for an app c does not run locally is not forwarded to b.
-        let (status, _) = get("127.0.0.2", *c_addr, "web.test", "/", &hop).await;
+        // An authenticated hop for an app c does not run locally is not forwarded to b: a miss, marked
+        // for the node that sent it.
+        let t = Instant::now();
+        let (status, headers, _) =
+            request("127.0.0.2", *c_addr, "GET", "web.test", "/", &hop, None).await;
         assert_eq!(status, 503);
+        assert_eq!(headers["cairn-hop-miss"], "1");
+        assert!(
+            t.elapsed() < Duration::from_millis(400),
+            "a miss does not wait"
+        );
         assert_eq!(c.counts().forwarded, before.1);
 
         // A node without a hop key refuses every hop, and a table that is not newer is ignored.
@@ -624,6 +663,280 @@ async fn a_node_without_a_replica_forwards_once_to_one_that_has_it_authenticated
             ..ClusterTable::default()
         }));
         assert_eq!(c.cluster_generation(), Some(1));
+    })
+    .await;
+}
+
+/// Issue 14: a replica moving between nodes must not fail a request. A hop to a node whose replica just
+/// went is answered with a marked miss and tried on the next node; a request no node can serve waits for
+/// the tables to name one (bodies too); only with no change does it get its 503, after the wait.
+#[tokio::test]
+async fn a_replica_moving_between_nodes_is_invisible_to_clients() {
+    // Built before the clock starts (a cold build takes minutes).
+    example("ws_echo");
+    bounded(120, async {
+        let on_b = Proc::app("web-on-b").await;
+        let on_c = Proc::app("web-on-c").await;
+        let pending = Duration::from_secs(1);
+        let nodes = three_nodes(
+            vec![
+                app_on("web", "web.test", &["b", "c"]),
+                app_on("moving", "moving.test", &[]),
+                app_on("ghost", "ghost.test", &[]),
+            ],
+            vec![],
+            pending,
+        )
+        .await;
+        let [(a, a_addr), (b, _), (c, _)] = &nodes[..] else {
+            unreachable!()
+        };
+        route(b, "web", "web.test", on_b.addr);
+        route(c, "web", "web.test", on_c.addr);
+
+        // (i) b's replica is unrouted (the move's first half) while the cluster table still names b:
+        // a's hops to b miss and go on to c. Requests with a body too: a holds the body back until the
+        // next node asks for it, so a miss leaves it to send to c.
+        assert!(
+            b.remove_replica(&name("web"), &ReplicaId("web-0".into()))
+                .is_some()
+        );
+        let upload = vec![b'q'; 70_000];
+        for i in 0..8 {
+            let (method, path, body) = if i % 4 < 2 {
+                ("GET", "/", None)
+            } else {
+                ("POST", "/upload", Some(&upload[..]))
+            };
+            let (status, headers, text) =
+                request("127.0.0.9", *a_addr, method, "web.test", path, &[], body).await;
+            assert_eq!(status, 200, "{method} {i}: {text}");
+            let expected = if body.is_some() {
+                "70000\n"
+            } else {
+                "ok web-on-c\n"
+            };
+            assert_eq!(text, expected, "{method} {i}");
+            assert!(
+                !headers.contains_key("cairn-hop-miss"),
+                "the miss marker never reaches a client: {headers:?}"
+            );
+        }
+        let (ac, bc, cc) = (a.counts(), b.counts(), c.counts());
+        assert_eq!(ac.forwarded, 8, "{ac:?}");
+        assert_eq!(
+            ac.unserved_forwards, 4,
+            "round robin: every other request went to b first: {ac:?}"
+        );
+        assert_eq!(bc.hop, 4, "b answered four misses: {bc:?}");
+        assert_eq!(cc.hop, 8, "{cc:?}");
+        assert_eq!(
+            ac.pending_served + ac.pending_timed_out,
+            0,
+            "no request waited"
+        );
+
+        // (ii) Nobody has `moving` yet. A GET waits for a cluster table naming b, a POST for a local
+        // route on a itself; both turn up ~300 ms after the requests arrived.
+        route(b, "moving", "moving.test", on_b.addr);
+        let t = Instant::now();
+        let waiting_get = tokio::spawn(request(
+            "127.0.0.9",
+            *a_addr,
+            "GET",
+            "moving.test",
+            "/",
+            &[],
+            None,
+        ));
+        let to = *a_addr;
+        let waiting_post = tokio::spawn(async move {
+            let body = vec![b'm'; 5000];
+            request(
+                "127.0.0.9",
+                to,
+                "POST",
+                "moving.test",
+                "/upload",
+                &[],
+                Some(&body),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting_get.is_finished() && !waiting_post.is_finished());
+        let mut table = ClusterTable {
+            generation: 2,
+            nodes: ["a", "b", "c"]
+                .iter()
+                .zip(&nodes)
+                .map(|(n, (_, addr))| ClusterNode {
+                    name: name(n),
+                    addr: *addr,
+                })
+                .collect(),
+            apps: vec![
+                app_on("web", "web.test", &["c"]),
+                app_on("moving", "moving.test", &["b"]),
+                app_on("ghost", "ghost.test", &[]),
+            ],
+        };
+        for (p, _) in &nodes {
+            assert!(p.install_cluster(table.clone()));
+        }
+        let (status, headers, text) = waiting_get.await.unwrap();
+        let waited = t.elapsed();
+        assert_eq!(
+            (status, text.as_str()),
+            (200, "ok web-on-b\n"),
+            "{headers:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(300) && waited < pending,
+            "served when the table came: {waited:?}"
+        );
+        // The POST waited the same way, its body unread, and went to b whole.
+        let (status, _, text) = waiting_post.await.unwrap();
+        assert_eq!((status, text.as_str()), (200, "5000\n"));
+        // A POST that only a local route can serve: `moving` on a itself.
+        table.generation = 3;
+        table.apps[1].nodes.clear();
+        for (p, _) in &nodes {
+            assert!(p.install_cluster(table.clone()));
+        }
+        let to = *a_addr;
+        let waiting_post = tokio::spawn(async move {
+            let body = vec![b'm'; 3000];
+            request(
+                "127.0.0.9",
+                to,
+                "POST",
+                "moving.test",
+                "/upload",
+                &[],
+                Some(&body),
+            )
+            .await
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting_post.is_finished());
+        route(a, "moving", "moving.test", on_c.addr);
+        let (status, _, text) = waiting_post.await.unwrap();
+        assert_eq!((status, text.as_str()), (200, "3000\n"));
+        assert_eq!(a.counts().pending_served, 3, "{:?}", a.counts());
+
+        // (iii) No change that helps: 503 after the pending timeout, not before (an unrelated change
+        // in between does not end the wait) and not much after.
+        let t = Instant::now();
+        let unrelated = {
+            let a = a.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                route(&a, "other", "other.test", "127.0.0.1:9".parse().unwrap());
+            })
+        };
+        let (status, headers, text) =
+            request("127.0.0.9", *a_addr, "GET", "ghost.test", "/", &[], None).await;
+        let waited = t.elapsed();
+        unrelated.await.unwrap();
+        assert_eq!(status, 503, "{text}");
+        assert_eq!(
+            text,
+            "cairn: app `ghost` has no healthy replica anywhere (waited 1s for one)\n"
+        );
+        assert!(!headers.contains_key("cairn-hop-miss"));
+        assert!(
+            waited >= pending && waited < pending + Duration::from_secs(1),
+            "{waited:?}"
+        );
+        assert_eq!(a.counts().pending_timed_out, 1, "{:?}", a.counts());
+    })
+    .await;
+}
+
+/// `cairn-agent --metrics-listen`: what a proxy did shows in its `/metrics`, by route and status class,
+/// and nothing there names an app, a host or an address.
+#[tokio::test]
+async fn the_metrics_endpoint_counts_local_forwarded_and_hop_requests() {
+    // Built before the clock starts (a cold build takes minutes).
+    example("ws_echo");
+    bounded(60, async {
+        let app = Proc::app("web-on-b").await;
+        let nodes = three_nodes(
+            vec![app_on("web", "web.test", &["b"])],
+            vec![],
+            Duration::ZERO,
+        )
+        .await;
+        let [(a, a_addr), (b, b_addr), _] = &nodes[..] else {
+            unreachable!()
+        };
+        route(b, "web", "web.test", app.addr);
+        assert_eq!(get("127.0.0.9", *b_addr, "web.test", "/", &[]).await.0, 200);
+        assert_eq!(get("127.0.0.9", *a_addr, "web.test", "/", &[]).await.0, 200);
+        assert_eq!(
+            get("127.0.0.9", *a_addr, "nowhere.test", "/", &[]).await.0,
+            404
+        );
+
+        let scrape = |proxy: &Arc<Proxy>| {
+            let metrics = proxy.metrics().clone();
+            async move {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let addr = listener.local_addr().unwrap();
+                tokio::spawn(cairn_agent::metrics::serve(
+                    listener,
+                    metrics,
+                    std::future::pending(),
+                ));
+                let (status, headers, text) =
+                    request("127.0.0.1", addr, "GET", "x", "/metrics", &[], None).await;
+                assert_eq!(status, 200);
+                assert_eq!(headers["content-type"], cairn_agent::metrics::CONTENT_TYPE);
+                let (status, ..) =
+                    request("127.0.0.1", addr, "POST", "x", "/metrics", &[], None).await;
+                assert_eq!(status, 405);
+                let (status, ..) = request("127.0.0.1", addr, "GET", "x", "/", &[], None).await;
+                assert_eq!(status, 404);
+                text
+            }
+        };
+        let has = |text: &str, line: &str| {
+            assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+        };
+        let text = scrape(a).await;
+        has(
+            &text,
+            r#"cairn_proxy_requests_total{route="forwarded",class="2xx"} 1"#,
+        );
+        has(
+            &text,
+            r#"cairn_proxy_requests_total{route="local",class="2xx"} 0"#,
+        );
+        has(
+            &text,
+            r#"cairn_proxy_requests_total{route="none",class="4xx"} 1"#,
+        );
+        has(&text, "cairn_proxy_forward_duration_seconds_count 1");
+        has(&text, r#"cairn_proxy_pending_total{outcome="timed_out"} 0"#);
+        has(&text, "cairn_proxy_refused_hops_total 0");
+        has(&text, "cairn_proxy_websockets 0");
+        has(&text, "cairn_proxy_cluster_generation 1");
+        let text_b = scrape(b).await;
+        has(
+            &text_b,
+            r#"cairn_proxy_requests_total{route="local",class="2xx"} 1"#,
+        );
+        has(
+            &text_b,
+            r#"cairn_proxy_requests_total{route="hop",class="2xx"} 1"#,
+        );
+        has(&text_b, "cairn_proxy_forward_duration_seconds_count 0");
+        for t in [&text, &text_b] {
+            for private in ["web.test", "nowhere", "127.0.0", "\"web\""] {
+                assert!(!t.contains(private), "{private} in:\n{t}");
+            }
+        }
     })
     .await;
 }

@@ -109,6 +109,8 @@ async fn the_proxy_routes_by_host_round_robin_and_answers_for_missing_or_broken_
     bounded(60, async {
         let proxy = Proxy::new(ProxyConfig {
             response_timeout: Duration::from_secs(2),
+            // The 503s below come after this wait for a replica (ingress.rs tests the wait itself).
+            pending_timeout: Duration::from_millis(200),
             ..ProxyConfig::default()
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

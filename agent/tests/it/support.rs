@@ -295,7 +295,11 @@ impl Node {
         rewrites: Rewrites,
         dirs: &str,
     ) -> Node {
-        let proxy = Proxy::new(ProxyConfig::default());
+        let proxy = Proxy::new(ProxyConfig {
+            // A request for an app without a replica gets its 503 soon (tests check it).
+            pending_timeout: Duration::from_millis(300),
+            ..ProxyConfig::default()
+        });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
