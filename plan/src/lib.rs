@@ -400,10 +400,11 @@ pub struct Task {
 /// Where public traffic enters the cluster. Every node with `ingress = true` and an `address` serves every
 /// app (its proxy forwards a request one hop to a node with a healthy replica), so DNS (or a load
 /// balancer) points every app's hosts at those nodes; an ingress node without an address serves only the
-/// replicas it runs.
+/// replicas it runs (all of them when it is the cluster's only node).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Ingress {
-    /// The ingress nodes with an address after the plan, by name.
+    /// The ingress nodes that serve every app after the plan, by name: those with an address, or the
+    /// only node of a one-node cluster.
     pub nodes: Vec<Name>,
     /// The same before the plan (the applied configuration).
     pub nodes_before: Vec<Name>,
@@ -457,7 +458,8 @@ pub enum WarningKind {
     MissingReference,
     /// A secret could not be compared by fingerprint.
     SecretsUnverified,
-    /// A host would not be served by every ingress node: no node has `ingress = true` and an `address`.
+    /// A host would not be served by every ingress node: no node has `ingress = true` and an `address`
+    /// (in a cluster of more than one node).
     Unreachable,
 }
 

@@ -449,13 +449,15 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 }
 
 /// Where traffic enters before and after, and the hosts apps gain. Warns, for each app with new hosts
-/// and once for the cluster when the last one goes, when no node has `ingress = true` and an `address`.
+/// and once for the cluster when the last one goes, when no ingress node serves every app.
 fn ingress(input: &PlanInput<'_>, target: &Target<'_>, warnings: &mut Vec<Warning>) -> Ingress {
     let obs = input.observed;
     let serving = |nodes: &BTreeMap<Name, Node>| -> Vec<Name> {
+        // The only node of a cluster runs every replica: it serves every app without an address.
+        let alone = nodes.len() == 1;
         nodes
             .iter()
-            .filter(|(_, n)| n.ingress && n.address.is_some())
+            .filter(|(_, n)| n.ingress && (n.address.is_some() || alone))
             .map(|(name, _)| name.clone())
             .collect()
     };

@@ -374,8 +374,8 @@ pub fn text(plan: &Plan, color: bool) -> String {
             let _ = writeln!(o, "  {line} (each serves every app)");
         }
         for h in &ing.new_hosts {
-            let line = st.add(&format!("+ app {}: {}", h.app, h.hosts.join(", ")));
-            let _ = writeln!(o, "  {line}, {}", served_by(&ing.nodes));
+            let line = st.add(&format!("+ app {} answers {}", h.app, h.hosts.join(", ")));
+            let _ = writeln!(o, "  {line}: {}", served_by(&ing.nodes));
         }
     }
     if !plan.tasks.is_empty() {
@@ -449,7 +449,7 @@ fn names(nodes: &[cairn_schema::Name]) -> String {
 /// Which nodes serve an app's hosts.
 fn served_by(ingress: &[cairn_schema::Name]) -> String {
     if ingress.is_empty() {
-        "served by no ingress node with an address".to_owned()
+        "no ingress node serves every app (see the warnings)".to_owned()
     } else {
         format!("served by ingress nodes {}", names(ingress))
     }
@@ -730,7 +730,7 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
                 .map(|x| format!("`{}`", md_code(x)))
                 .collect();
             let by = if ing.nodes.is_empty() {
-                "served by no ingress node with an address".to_owned()
+                "no ingress node serves every app (see the warnings)".to_owned()
             } else {
                 format!("served by ingress nodes {}", code(&ing.nodes))
             };

@@ -950,7 +950,9 @@ fn new_hosts_are_served_by_every_ingress_node_with_an_address() {
         "{t}"
     );
     assert!(
-        t.contains("  + app shop: shop.apps.example.com, served by ingress nodes n1, n2, n4\n"),
+        t.contains(
+            "  + app shop answers shop.apps.example.com: served by ingress nodes n1, n2, n4\n"
+        ),
         "{t}"
     );
 }
@@ -1008,8 +1010,22 @@ fn a_new_domain_without_an_ingress_node_with_an_address_is_a_warning() {
         "{t}"
     );
     assert!(
-        t.contains("  + app web: example.com, served by no ingress node with an address\n"),
+        t.contains(
+            "  + app web answers example.com: no ingress node serves every app (see the warnings)\n"
+        ),
         "{t}"
+    );
+
+    // The only node of a cluster serves every app without an address: no warning.
+    let alone = "[node.n1]\ncpu = 8\nmemory = \"16GiB\"\ndisk = \"400GiB\"\nregion = \"eu-west\"\n";
+    let (p, _) = world_a_with(alone, SETTINGS);
+    assert_eq!(p.ingress.nodes, [name("n1")]);
+    assert!(
+        !p.warnings
+            .iter()
+            .any(|w| w.kind == WarningKind::Unreachable),
+        "{:?}",
+        p.warnings
     );
 
     // No node takes traffic at all: not reachable.
@@ -1026,7 +1042,9 @@ fn a_new_domain_without_an_ingress_node_with_an_address_is_a_warning() {
     );
     let md = markdown(&p, &MarkdownOptions::default());
     assert!(
-        md.contains("- `web` answers `example.com`: served by no ingress node with an address\n"),
+        md.contains(
+            "- `web` answers `example.com`: no ingress node serves every app (see the warnings)\n"
+        ),
         "{md}"
     );
     assert!(
