@@ -23,8 +23,8 @@ pub enum NotApplicable {
 ///
 /// - an empty plan writes nothing (the generation stays);
 /// - otherwise: `generation` becomes `plan.generation`, `applied_commit` the target commit, the applied
-///   plans, runtimes, nodes, apps (env via [`crate::observed::AppliedApp::from_desired`]) and currency
-///   become the desired ones, placements become `plan.placements`, each new release is recorded as its
+///   plans, runtimes, nodes, apps (env via [`crate::observed::AppliedApp::from_desired`]), currency and
+///   base domain become the desired ones, placements become `plan.placements`, each new release is recorded as its
 ///   app's latest, node status and rollback pins of removed nodes and apps are deleted, and so are the pins the plan
 ///   lifts; source heads and
 ///   restart requests are left alone.
@@ -49,6 +49,7 @@ pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, Not
     next.generation = plan.generation;
     next.applied_commit = target.commit.clone();
     next.currency = Some(target.currency.clone());
+    next.base_domain = target.base_domain.clone();
     next.plans = target.plans.clone();
     next.runtimes = target.runtimes.clone();
     next.nodes = target.nodes.clone();

@@ -89,6 +89,8 @@ pub(crate) fn flat_node(n: &Node) -> Flat {
     b.map(4, "labels", &n.labels);
     b.put(5, "drain", &n.drain);
     b.opt(6, "recipient", n.recipient.as_ref());
+    b.opt(7, "address", n.address.as_ref());
+    b.put(8, "ingress", &n.ingress);
     b.0
 }
 
@@ -131,17 +133,19 @@ fn shown(l: &Leaf) -> Shown {
 
 /// Fields a create does not list when they hold their default (the manifest most likely left them out).
 const CREATE_DEFAULTS: [(&str, &str); 2] = [("health.path", "/"), ("health.timeout", "5s")];
+/// Flags that default to true (every other flag defaults to false).
+const TRUE_BY_DEFAULT: [&str; 1] = ["ingress"];
 
 fn is_create_default(path: &str, l: &Leaf) -> bool {
     match l {
-        Leaf::Value(Value::Bool(false)) => true,
+        Leaf::Value(Value::Bool(b)) => *b == TRUE_BY_DEFAULT.contains(&path),
         Leaf::Value(Value::String(s)) => CREATE_DEFAULTS.iter().any(|(p, d)| *p == path && d == s),
         _ => false,
     }
 }
 
 /// The differences from `before` to `after`. With no `before` (a create) every field is listed except
-/// `false` flags and default health checks; with no `after` (a delete) nothing is.
+/// flags at their default and default health checks; with no `after` (a delete) nothing is.
 pub(crate) fn diff(before: Option<&Flat>, after: Option<&Flat>) -> Vec<FieldDiff> {
     let Some(after) = after else {
         return Vec::new();

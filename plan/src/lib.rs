@@ -125,6 +125,8 @@ pub struct Plan {
     pub placement_changes: Vec<PlacementChange>,
     /// Agent tasks, deploys first and removes last.
     pub tasks: Vec<Task>,
+    /// Where public traffic enters: the ingress nodes, and the hosts apps answer from now on.
+    pub ingress: Ingress,
     pub warnings: Vec<Warning>,
     /// Per node: capacity and use before and after.
     pub nodes: Vec<NodeHeadroom>,
@@ -395,6 +397,37 @@ pub struct Task {
     pub waits_for: Option<NodeState>,
 }
 
+/// Where public traffic enters the cluster. Every node with `ingress = true` and an `address` serves every
+/// app (its proxy forwards a request one hop to a node with a healthy replica), so DNS (or a load
+/// balancer) points every app's hosts at those nodes; an ingress node without an address serves only the
+/// replicas it runs (all of them when it is the cluster's only node).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Ingress {
+    /// The ingress nodes that serve every app after the plan, by name: those with an address, or the
+    /// only node of a one-node cluster.
+    pub nodes: Vec<Name>,
+    /// The same before the plan (the applied configuration).
+    pub nodes_before: Vec<Name>,
+    /// Apps that answer hosts after the plan that they did not answer before (every host of a new app),
+    /// by app.
+    pub new_hosts: Vec<NewHosts>,
+}
+
+impl Ingress {
+    /// Whether the plan changes where traffic enters or what it is for.
+    pub fn changes(&self) -> bool {
+        self.nodes != self.nodes_before || !self.new_hosts.is_empty()
+    }
+}
+
+/// Hosts an app answers from this plan on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NewHosts {
+    pub app: Name,
+    /// Lowercase, sorted: its new `domains` and its generated `<app>.<base_domain>`.
+    pub hosts: Vec<String>,
+}
+
 /// Something the plan could not do, or that will take longer than it looks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Warning {
@@ -425,6 +458,9 @@ pub enum WarningKind {
     MissingReference,
     /// A secret could not be compared by fingerprint.
     SecretsUnverified,
+    /// A host would not be served by every ingress node: no node has `ingress = true` and an `address`
+    /// (in a cluster of more than one node).
+    Unreachable,
 }
 
 /// A node's capacity and use before and after the plan.

@@ -73,6 +73,10 @@ pub struct Observed {
     pub applied_commit: Option<CommitId>,
     /// The applied settings' `currency` (ISO 4217); `None` before the first apply.
     pub currency: Option<String>,
+    /// The applied settings' `base_domain` (every app answers at `<app>.<base_domain>`); `None` before the
+    /// first apply.
+    #[serde(default)]
+    pub base_domain: Option<Domain>,
     /// Applied plans, as their manifests declared them at `applied_commit`.
     pub plans: BTreeMap<Name, Plan>,
     /// Applied runtimes.
@@ -190,6 +194,18 @@ impl AppliedApp {
             env.insert(k.clone(), e);
         }
         Ok(Self::with_env(app, env))
+    }
+
+    /// The hosts the app answers, sorted: its `domains` and, under a `base_domain`, the generated
+    /// `<app>.<base_domain>` (the same hosts the cluster route table gives the node proxies).
+    pub fn hosts(&self, name: &Name, base_domain: Option<&Domain>) -> Vec<String> {
+        let mut hosts: Vec<String> = self.domains.iter().map(|d| d.to_string()).collect();
+        if let Some(base) = base_domain {
+            hosts.push(format!("{name}.{base}"));
+        }
+        hosts.sort();
+        hosts.dedup();
+        hosts
     }
 
     pub(crate) fn with_env(app: &App, env: BTreeMap<EnvName, AppliedEnv>) -> Self {

@@ -8,14 +8,15 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use cairn_schema::model::Origin;
 use cairn_schema::{
-    App, Driver, EnvName, EnvValue, Kind, Name, Node, Plan as PlanSpec, Price, Runtime,
+    App, Domain, Driver, EnvName, EnvValue, Kind, Name, Node, Plan as PlanSpec, Price, Runtime,
 };
 use rust_decimal::Decimal;
 
 use super::diff::{Flat, diff, flat_app, flat_node, flat_plan, flat_runtime};
 use super::{
-    Action, Cost, NewRelease, NodeHeadroom, Pin, PlacementChange, PlacementReason, Plan, PlanInput,
-    ReleaseEnv, ReleaseSpec, ResourceChange, Task, TaskAction, Usage, Warning, WarningKind,
+    Action, Cost, Ingress, NewHosts, NewRelease, NodeHeadroom, Pin, PlacementChange,
+    PlacementReason, Plan, PlanInput, ReleaseEnv, ReleaseSpec, ResourceChange, Task, TaskAction,
+    Usage, Warning, WarningKind,
 };
 use crate::observed::{
     AppliedApp, AppliedEnv, CommitId, Fingerprints, NodeState, ReleaseNumber, ReplicaPlacement,
@@ -34,6 +35,7 @@ pub(super) struct Target<'a> {
     /// Secrets whose fingerprint is a stand-in (their ciphertext changed and no fingerprint was given).
     pub unverified: BTreeSet<(Name, EnvName)>,
     pub currency: String,
+    pub base_domain: Option<Domain>,
     pub origins: Option<&'a BTreeMap<(Kind, Name), Origin>>,
 }
 
@@ -52,6 +54,7 @@ impl<'a> Target<'a> {
                     .currency
                     .clone()
                     .unwrap_or_else(cairn_schema::model::default_currency),
+                base_domain: obs.base_domain.clone(),
                 origins: None,
             };
         };
@@ -79,6 +82,7 @@ impl<'a> Target<'a> {
             apps,
             unverified,
             currency: d.state.settings.currency.clone(),
+            base_domain: Some(d.state.settings.base_domain.clone()),
             origins: Some(&d.state.origins),
         }
     }
@@ -415,6 +419,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         });
     }
 
+    let ingress = ingress(input, &target, &mut warnings);
     let nodes = headroom(input, &target, &views, &placements, &sched.used);
     let cost = Cost {
         currency: target.currency.clone(),
@@ -435,10 +440,103 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         pins,
         placement_changes,
         tasks,
+        ingress,
         warnings,
         nodes,
         cost,
         placements,
+    }
+}
+
+/// Where traffic enters before and after, and the hosts apps gain. Warns, for each app with new hosts
+/// and once for the cluster when the last one goes, when no ingress node serves every app.
+fn ingress(input: &PlanInput<'_>, target: &Target<'_>, warnings: &mut Vec<Warning>) -> Ingress {
+    let obs = input.observed;
+    let serving = |nodes: &BTreeMap<Name, Node>| -> Vec<Name> {
+        // The only node of a cluster runs every replica: it serves every app without an address.
+        let alone = nodes.len() == 1;
+        nodes
+            .iter()
+            .filter(|(_, n)| n.ingress && (n.address.is_some() || alone))
+            .map(|(name, _)| name.clone())
+            .collect()
+    };
+    let nodes = serving(target.nodes);
+    let nodes_before = serving(&obs.nodes);
+    let mut new_hosts = Vec::new();
+    for (name, app) in &target.apps {
+        let before: BTreeSet<String> = obs
+            .apps
+            .get(name)
+            .map(|a| a.hosts(name, obs.base_domain.as_ref()))
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        let hosts: Vec<String> = app
+            .hosts(name, target.base_domain.as_ref())
+            .into_iter()
+            .filter(|h| !before.contains(h))
+            .collect();
+        if !hosts.is_empty() {
+            new_hosts.push(NewHosts {
+                app: name.clone(),
+                hosts,
+            });
+        }
+    }
+    if nodes.is_empty() {
+        // An ingress node without an address still serves the replicas it runs itself.
+        let some_ingress = target.nodes.values().any(|n| n.ingress);
+        for h in &new_hosts {
+            let message = if some_ingress {
+                format!(
+                    "app {} answers {}, but no ingress node has an `address`: only an ingress node that runs one of its replicas serves it (give the ingress nodes an `address` so each serves every app)",
+                    h.app,
+                    h.hosts.join(", ")
+                )
+            } else {
+                format!(
+                    "app {} answers {}, but no node has `ingress = true`: it would not be reachable",
+                    h.app,
+                    h.hosts.join(", ")
+                )
+            };
+            warnings.push(Warning {
+                kind: WarningKind::Unreachable,
+                message,
+                app: Some(h.app.clone()),
+                slot: None,
+                node: None,
+            });
+        }
+        if !nodes_before.is_empty() && !target.apps.is_empty() {
+            let was = nodes_before
+                .iter()
+                .map(|n| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let message = if some_ingress {
+                format!(
+                    "no node has `ingress = true` and an `address` any more (before: {was}): an app is served only by the ingress nodes that run one of its replicas"
+                )
+            } else {
+                format!(
+                    "no node has `ingress = true` any more (before: {was}): no app would be reachable"
+                )
+            };
+            warnings.push(Warning {
+                kind: WarningKind::Unreachable,
+                message,
+                app: None,
+                slot: None,
+                node: None,
+            });
+        }
+    }
+    Ingress {
+        nodes,
+        nodes_before,
+        new_hosts,
     }
 }
 

@@ -1,7 +1,7 @@
 //! Renders a [`Plan`] three ways: terminal text (terraform-style `+`/`~`/`-` markers, optionally
 //! coloured), JSON (serde, fields in declaration order, for `cairn plan --json` and tools), and Markdown for
-//! the pull-request comment (summary, changes with field diffs, where each replica runs, node headroom,
-//! monthly cost).
+//! the pull-request comment (summary, changes with field diffs, which ingress nodes serve new hosts, where
+//! each replica runs, node headroom, monthly cost).
 //!
 //! What it must not do: decide anything (every fact comes from the plan), or print a secret: the plan holds
 //! none, and values from manifests are escaped so that they cannot break out of their Markdown context.
@@ -84,7 +84,7 @@ fn marker(a: Action) -> &'static str {
 }
 
 /// One field diff as `path: before → after`, with its marker (`+`, `~`, `-`).
-fn field_line(f: &FieldDiff) -> (&'static str, String) {
+pub(crate) fn field_line(f: &FieldDiff) -> (&'static str, String) {
     match (&f.before, &f.after) {
         (None, Some(a)) => ("+", format!("{}: {a}", f.path)),
         (Some(b), None) => ("-", format!("{}: {b}", f.path)),
@@ -354,6 +354,30 @@ pub fn text(plan: &Plan, color: bool) -> String {
             let _ = writeln!(o, "  {line} ({why})");
         }
     }
+    if plan.ingress.changes() {
+        let _ = writeln!(o, "\n{}", st.bold("Ingress:"));
+        let ing = &plan.ingress;
+        let line = match (ing.nodes_before.is_empty(), ing.nodes.is_empty()) {
+            _ if ing.nodes == ing.nodes_before => None,
+            (true, _) => Some(st.add(&format!("+ ingress nodes: {}", names(&ing.nodes)))),
+            (false, true) => Some(st.del(&format!(
+                "- ingress nodes: {} (none left)",
+                names(&ing.nodes_before)
+            ))),
+            (false, false) => Some(st.change(&format!(
+                "~ ingress nodes: {} → {}",
+                names(&ing.nodes_before),
+                names(&ing.nodes)
+            ))),
+        };
+        if let Some(line) = line {
+            let _ = writeln!(o, "  {line} (each serves every app)");
+        }
+        for h in &ing.new_hosts {
+            let line = st.add(&format!("+ app {} answers {}", h.app, h.hosts.join(", ")));
+            let _ = writeln!(o, "  {line}: {}", served_by(&ing.nodes));
+        }
+    }
     if !plan.tasks.is_empty() {
         let _ = writeln!(
             o,
@@ -411,6 +435,24 @@ pub fn text(plan: &Plan, color: bool) -> String {
         let _ = writeln!(o, "{extra}");
     }
     o
+}
+
+/// Node names, comma-separated.
+fn names(nodes: &[cairn_schema::Name]) -> String {
+    nodes
+        .iter()
+        .map(|n| n.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Which nodes serve an app's hosts.
+fn served_by(ingress: &[cairn_schema::Name]) -> String {
+    if ingress.is_empty() {
+        "no ingress node serves every app (see the warnings)".to_owned()
+    } else {
+        format!("served by ingress nodes {}", names(ingress))
+    }
 }
 
 /// `1 new release, 4 tasks (3 deploy, 1 remove).`, or empty when there is neither.
@@ -655,6 +697,47 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
                 "- `{}` is pinned to release #{} by a rollback.{note}",
                 p.app, p.release
             );
+        }
+        o.push('\n');
+    }
+
+    if plan.ingress.changes() {
+        let ing = &plan.ingress;
+        let code = |nodes: &[cairn_schema::Name]| {
+            if nodes.is_empty() {
+                "none".to_owned()
+            } else {
+                nodes
+                    .iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        };
+        let _ = writeln!(o, "#### Ingress\n");
+        if ing.nodes != ing.nodes_before {
+            let _ = writeln!(
+                o,
+                "- Ingress nodes (each serves every app; DNS points at them): {} → **{}**",
+                code(&ing.nodes_before),
+                code(&ing.nodes)
+            );
+        }
+        for h in ing.new_hosts.iter().take(opts.max_rows) {
+            let hosts: Vec<String> = h
+                .hosts
+                .iter()
+                .map(|x| format!("`{}`", md_code(x)))
+                .collect();
+            let by = if ing.nodes.is_empty() {
+                "no ingress node serves every app (see the warnings)".to_owned()
+            } else {
+                format!("served by ingress nodes {}", code(&ing.nodes))
+            };
+            let _ = writeln!(o, "- `{}` answers {}: {by}", h.app, hosts.join(", "));
+        }
+        if let Some(m) = more(opts.max_rows, ing.new_hosts.len(), "apps") {
+            let _ = writeln!(o, "- {m}");
         }
         o.push('\n');
     }

@@ -81,12 +81,14 @@ cpu = 2
 memory = "4GiB"
 disk = "100GiB"
 region = "eu-west"
+address = "10.0.0.1"
 
 [node.n2]
 cpu = 2
 memory = "4GiB"
 disk = "100GiB"
 region = "eu-west"
+address = "10.0.0.2"
 
 [node.n3]
 cpu = 4
@@ -94,6 +96,7 @@ memory = "8GiB"
 disk = "200GiB"
 region = "us-east"
 labels = { disk = "ssd" }
+address = "10.0.0.3:8000"
 "#;
 
 const APPS_A: &str = r#"
@@ -129,7 +132,8 @@ fn apps_a(db_url: &str) -> String {
     format!("{APPS_A}\n[app.web.env]\nNODE_ENV = \"production\"\nDB_URL = {db_url}\n")
 }
 
-/// Commit B's apps: web scaled to 3, api follows `release`, docs deleted, worker suspended, shop added.
+/// Commit B's apps: web scaled to 3, api follows `release` and gains a domain, docs deleted, worker
+/// suspended, shop added.
 const APPS_B: &str = r#"
 [app.web]
 plan = "medium"
@@ -143,6 +147,7 @@ placement = { region = "eu-west" }
 plan = "small"
 runtime = "node"
 replicas = 2
+domains = ["api.example.com"]
 source = { url = "https://github.com/acme/api.git", branch = "release" }
 
 [app.worker]
@@ -796,7 +801,8 @@ fn the_same_seed_gives_the_same_plan() {
     assert_eq!(json(&a), json(&b));
 }
 
-/// Commit B against the applied commit A, with n2 gone silent: the realistic review scenario.
+/// Commit B against the applied commit A, with n2 gone silent and n4 added as an ingress node in place
+/// of n3: the realistic review scenario.
 fn scenario() -> Plan {
     let (_, mut o) = world_a(&secret("postgres://old", &[]));
     o.node_status.get_mut(&name("n2")).unwrap().last_heartbeat = Some(now() - Duration::minutes(5));
@@ -805,8 +811,13 @@ fn scenario() -> Plan {
         &[("api", "8e7d6c5b4a392110"), ("shop", "5e6f7a8b9c0d1e2f")],
     );
     let plans = PLANS.replace("price = \"12.50\"", "price = \"15.00\"");
+    // n3 stops taking public traffic, n4 (new) takes it.
     let nodes = format!(
-        "{NODES}\n[node.n4]\ncpu = 4\nmemory = \"8GiB\"\ndisk = \"200GiB\"\nregion = \"us-east\"\nlabels = {{ disk = \"ssd\" }}\n"
+        "{}\n[node.n4]\ncpu = 4\nmemory = \"8GiB\"\ndisk = \"200GiB\"\nregion = \"us-east\"\nlabels = {{ disk = \"ssd\" }}\naddress = \"10.0.0.4\"\n",
+        NODES.replace(
+            "address = \"10.0.0.3:8000\"",
+            "address = \"10.0.0.3:8000\"\ningress = false"
+        )
     );
     let apps = format!(
         "{APPS_B}\n[app.web.env]\nNODE_ENV = \"production\"\nDB_URL = {}\n\n[app.shop.env]\nSTRIPE_KEY = {}\n",
@@ -888,6 +899,200 @@ fn scenario_facts() {
     );
 }
 
+#[test]
+fn new_hosts_are_served_by_every_ingress_node_with_an_address() {
+    let p = scenario();
+    let names = |v: &[Name]| v.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+    assert_eq!(names(&p.ingress.nodes_before), ["n1", "n2", "n3"]);
+    assert_eq!(names(&p.ingress.nodes), ["n1", "n2", "n4"]);
+    let new: Vec<(&str, Vec<&str>)> = p
+        .ingress
+        .new_hosts
+        .iter()
+        .map(|h| (h.app.as_str(), h.hosts.iter().map(|x| x.as_str()).collect()))
+        .collect();
+    assert_eq!(
+        new,
+        [
+            ("api", vec!["api.example.com"]),
+            ("shop", vec!["shop.apps.example.com"])
+        ]
+    );
+    assert!(
+        !p.warnings
+            .iter()
+            .any(|w| w.kind == WarningKind::Unreachable),
+        "{:?}",
+        p.warnings
+    );
+    // The node diff shows both fields like any other; a created node's default `ingress = true` is
+    // left out like other defaults.
+    let fields = |node: &str| -> Vec<String> {
+        let c = p
+            .changes
+            .iter()
+            .find(|c| c.kind == cairn_schema::Kind::Node && c.name.as_str() == node)
+            .unwrap();
+        c.fields
+            .iter()
+            .map(|f| {
+                let (m, line) = super::render::field_line(f);
+                format!("{m} {line}")
+            })
+            .collect()
+    };
+    assert_eq!(fields("n3"), ["~ ingress: true → false"]);
+    assert!(fields("n4").contains(&"+ address: \"10.0.0.4\"".to_owned()));
+    assert!(!fields("n4").iter().any(|f| f.contains("ingress")));
+    let t = text(&p, false);
+    assert!(
+        t.contains("  ~ ingress nodes: n1, n2, n3 → n1, n2, n4 (each serves every app)\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains(
+            "  + app shop answers shop.apps.example.com: served by ingress nodes n1, n2, n4\n"
+        ),
+        "{t}"
+    );
+}
+
+/// World A's repository with `nodes` for its nodes, `settings` for cairn.toml and web gaining a domain.
+fn world_a_with(nodes: &str, settings: &str) -> (Plan, Observed) {
+    let (_, o) = world_a(&secret("postgres://a", &[]));
+    let apps = apps_a(&secret("postgres://a", &[])).replace(
+        "domains = [\"www.example.com\"]",
+        "domains = [\"www.example.com\", \"example.com\"]",
+    );
+    let d = load(&[
+        ("cairn.toml", settings),
+        ("plans/plans.toml", PLANS),
+        ("runtimes/runtimes.toml", RUNTIMES),
+        ("nodes/nodes.toml", nodes),
+        ("apps/apps.toml", &apps),
+    ]);
+    let (p, o2) = apply(&o, &commit("b1b1b1b1b1b1b1b1"), &d);
+    (p, o2)
+}
+
+#[test]
+fn a_new_domain_without_an_ingress_node_with_an_address_is_a_warning() {
+    // Every node takes traffic, none has an address: only a node with a replica serves web.
+    let no_address: String = NODES
+        .lines()
+        .filter(|l| !l.starts_with("address"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let (p, _) = world_a_with(&no_address, SETTINGS);
+    assert!(p.ingress.nodes.is_empty());
+    let warned: Vec<_> = p
+        .warnings
+        .iter()
+        .filter(|w| w.kind == WarningKind::Unreachable)
+        .map(|w| (w.app.as_ref().map(|a| a.to_string()), w.message.as_str()))
+        .collect();
+    assert_eq!(
+        warned,
+        [
+            (
+                Some("web".to_owned()),
+                "app web answers example.com, but no ingress node has an `address`: only an ingress node that runs one of its replicas serves it (give the ingress nodes an `address` so each serves every app)"
+            ),
+            (
+                None,
+                "no node has `ingress = true` and an `address` any more (before: n1, n2, n3): an app is served only by the ingress nodes that run one of its replicas"
+            )
+        ]
+    );
+    let t = text(&p, false);
+    assert!(
+        t.contains("  - ingress nodes: n1, n2, n3 (none left) (each serves every app)\n"),
+        "{t}"
+    );
+    assert!(
+        t.contains(
+            "  + app web answers example.com: no ingress node serves every app (see the warnings)\n"
+        ),
+        "{t}"
+    );
+
+    // The only node of a cluster serves every app without an address: no warning.
+    let alone = "[node.n1]\ncpu = 8\nmemory = \"16GiB\"\ndisk = \"400GiB\"\nregion = \"eu-west\"\n";
+    let (p, _) = world_a_with(alone, SETTINGS);
+    assert_eq!(p.ingress.nodes, [name("n1")]);
+    assert!(
+        !p.warnings
+            .iter()
+            .any(|w| w.kind == WarningKind::Unreachable),
+        "{:?}",
+        p.warnings
+    );
+
+    // No node takes traffic at all: not reachable.
+    let internal: String = NODES.replace("address = ", "ingress = false\naddress = ");
+    let (p, _) = world_a_with(&internal, SETTINGS);
+    let web = p
+        .warnings
+        .iter()
+        .find(|w| w.kind == WarningKind::Unreachable && w.app == Some(name("web")))
+        .unwrap();
+    assert_eq!(
+        web.message,
+        "app web answers example.com, but no node has `ingress = true`: it would not be reachable"
+    );
+    let md = markdown(&p, &MarkdownOptions::default());
+    assert!(
+        md.contains(
+            "- `web` answers `example.com`: no ingress node serves every app (see the warnings)\n"
+        ),
+        "{md}"
+    );
+    assert!(
+        md.contains("> - app web answers example.com, but no node has"),
+        "{md}"
+    );
+}
+
+#[test]
+fn a_new_base_domain_gives_every_app_a_new_host() {
+    let (p, o2) = world_a_with(
+        NODES,
+        &SETTINGS.replace("apps.example.com", "apps.example.net"),
+    );
+    let new: Vec<(&str, &[String])> = p
+        .ingress
+        .new_hosts
+        .iter()
+        .map(|h| (h.app.as_str(), h.hosts.as_slice()))
+        .collect();
+    assert_eq!(
+        new,
+        [
+            ("api", &["api.apps.example.net".to_owned()][..]),
+            ("docs", &["docs.apps.example.net".to_owned()][..]),
+            (
+                "web",
+                &["example.com".to_owned(), "web.apps.example.net".to_owned()][..]
+            ),
+            ("worker", &["worker.apps.example.net".to_owned()][..]),
+        ]
+    );
+    assert_eq!(p.ingress.nodes, p.ingress.nodes_before);
+    assert_eq!(
+        o2.base_domain.as_ref().map(|d| d.as_str()),
+        Some("apps.example.net")
+    );
+    let md = markdown(&p, &MarkdownOptions::default());
+    assert!(
+        md.contains("- `web` answers `example.com`, `web.apps.example.net`: served by ingress nodes `n1`, `n2`, `n3`\n"),
+        "{md}"
+    );
+    assert!(
+        !md.contains("Ingress nodes ("),
+        "the nodes did not change: {md}"
+    );
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::new();
     let mut chars = s.chars();
@@ -938,6 +1143,10 @@ fn the_example_repository_plans_from_scratch() {
     let c = commit("0123456789012345678901234567890123456789");
     let i = input(Some((&c, &d)), Some(&fps), &o);
     let p = plan(&i);
+    // fra-2 has `ingress = false`: the other two serve every app.
+    let ingress: Vec<&str> = p.ingress.nodes.iter().map(|n| n.as_str()).collect();
+    assert_eq!(ingress, ["fra-1", "nyc-1"]);
+    assert_eq!(p.ingress.new_hosts.len(), d.apps.len());
     assert_eq!(
         p.counts().0,
         d.plans.len() + d.runtimes.len() + d.nodes.len() + d.apps.len()
@@ -957,7 +1166,7 @@ fn a_removed_node_gets_no_tasks_and_its_replicas_move() {
         .collect();
     assert!(!on_n1.is_empty());
     let nodes = NODES.replace(
-        "[node.n1]\ncpu = 2\nmemory = \"4GiB\"\ndisk = \"100GiB\"\nregion = \"eu-west\"\n",
+        "[node.n1]\ncpu = 2\nmemory = \"4GiB\"\ndisk = \"100GiB\"\nregion = \"eu-west\"\naddress = \"10.0.0.1\"\n",
         "",
     );
     let d = load(&[

@@ -1,8 +1,11 @@
 //! What `cairn status` shows, computed from the observed state: apps (desired and placed replicas, where
-//! they run, the latest release), nodes (state, last heartbeat, capacity and use), and the last
-//! reconciliation; and what the agents report next to it (each node's own count and use, and for each
-//! placed replica whether its node runs it). The admin API serves the same value, so the CLI shows the
-//! same either way.
+//! they run, the latest release), nodes (state, last heartbeat, capacity and use, address and ingress
+//! role), and the last reconciliation; what the agents report next to it (each node's own count and use,
+//! and for each placed replica whether its node runs it); and where each app is reachable (its hosts, the
+//! nodes with a healthy replica, the ingress nodes that take its traffic), from the same route table the
+//! agents' proxies get ([`crate::routes::table`]), so the two never disagree. The admin API serves the
+//! same value, so the CLI shows the same either way. Fields added later carry serde defaults, so a client
+//! reads an older server's status.
 //!
 //! What it must not do: read anything but the store, or show env values.
 
@@ -10,6 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
+use crate::store::routes::RouteRows;
 use crate::store::{Reconciliation, StoreError, history, nodes, state};
 use cairn_plan::observed::{NodeState, Observed, ReplicaState};
 
@@ -35,6 +39,17 @@ pub struct AppStatus {
     pub source_commit: Option<String>,
     /// A rollback pin holds the app on this release.
     pub pinned_release: Option<u64>,
+    /// The hosts it answers (the route table's: its `domains` and `<app>.<base_domain>`).
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// The online nodes that report a healthy replica of it, where the proxies route it; none: every
+    /// request for it answers 503.
+    #[serde(default)]
+    pub healthy_nodes: Vec<String>,
+    /// The ingress nodes that take its traffic: every one with an address (it forwards to a node with a
+    /// replica), and one without an address where it has a healthy replica.
+    #[serde(default)]
+    pub ingress_nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +102,17 @@ pub struct NodeView {
     /// The agent's own report; `None` for a node that never reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<AgentReport>,
+    /// Where the other nodes reach its proxy (`host:port`); `None`: it serves only its own replicas and
+    /// is never forwarded to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// Whether it takes public traffic (`ingress = true`: DNS or a load balancer points at it).
+    #[serde(default = "yes")]
+    pub ingress: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The status at `now` (a node heard from longer ago than `offline_after` shows as offline).
@@ -127,6 +153,9 @@ pub fn compute(
                 latest_release: release.map(|r| r.number),
                 source_commit: release.map(|r| r.source_commit.to_string()),
                 pinned_release: obs.rollback_pins.get(name).copied(),
+                hosts: Vec::new(),
+                healthy_nodes: Vec::new(),
+                ingress_nodes: Vec::new(),
             }
         })
         .collect();
@@ -156,6 +185,8 @@ pub fn compute(
                 used_disk_bytes: 0,
                 replicas: 0,
                 agent: None,
+                address: n.address.as_ref().map(|a| a.endpoint()),
+                ingress: n.ingress,
             };
             for p in obs
                 .placements
@@ -245,7 +276,25 @@ pub fn attach_reports(status: &mut Status, reports: &[nodes::NodeRow]) {
     }
 }
 
-/// Loads the status from the database, with what the agents reported.
+/// Adds where each app is reachable, from the route table the rows give (the agents' table).
+pub fn attach_routes(status: &mut Status, rows: &RouteRows) {
+    let table = crate::routes::table(rows);
+    for a in &mut status.apps {
+        let Some(route) = table.apps.iter().find(|r| r.app.as_str() == a.name) else {
+            continue;
+        };
+        a.hosts = route.hosts.clone();
+        a.healthy_nodes = route.nodes.iter().map(|n| n.to_string()).collect();
+        a.ingress_nodes = rows
+            .nodes
+            .iter()
+            .filter(|n| n.ingress && (n.address.is_some() || route.nodes.contains(&n.name)))
+            .map(|n| n.name.to_string())
+            .collect();
+    }
+}
+
+/// Loads the status from the database, with what the agents reported and the route table.
 pub async fn load(pool: &PgPool, offline_after: std::time::Duration) -> Result<Status, StoreError> {
     let obs = state::load_observed(pool).await?;
     let reports = nodes::nodes(pool).await?;
@@ -257,7 +306,9 @@ pub async fn load(pool: &PgPool, offline_after: std::time::Duration) -> Result<S
         .await?
         .into_iter()
         .next();
+    let routes = crate::store::routes::rows(&mut conn).await?;
     let mut status = compute(&obs, last, Utc::now(), offline_after);
     attach_reports(&mut status, &reports);
+    attach_routes(&mut status, &routes);
     Ok(status)
 }

@@ -242,11 +242,19 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
             wher.join(" ")
         );
     }
+    let routes = render_routes(s);
+    if !routes.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nROUTES (every ingress node with an address serves every app)"
+        );
+        out.push_str(&routes);
+    }
     let _ = writeln!(out, "\nNODES");
     let _ = writeln!(
         out,
-        "{:<16} {:<8} {:<20} {:>13} {:>19} {:>19} {:>8} {:>8}",
-        "NAME", "STATE", "LAST HEARTBEAT", "CPU", "MEMORY", "DISK", "REPLICAS", "RUNNING"
+        "{:<16} {:<8} {:<20} {:>13} {:>19} {:>19} {:>8} {:>8}  {:<8}  ADDRESS",
+        "NAME", "STATE", "LAST HEARTBEAT", "CPU", "MEMORY", "DISK", "REPLICAS", "RUNNING", "ROLE"
     );
     for n in &s.nodes {
         let state = if n.drain {
@@ -267,9 +275,14 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
             .agent
             .as_ref()
             .map_or("-".to_owned(), |a| a.running.to_string());
+        let role = if n.ingress { "ingress" } else { "internal" };
+        let address = n
+            .address
+            .as_deref()
+            .unwrap_or("no address: serves only its own replicas");
         let _ = writeln!(
             out,
-            "{:<16} {:<8} {:<20} {:>13} {:>19} {:>19} {:>8} {:>8}",
+            "{:<16} {:<8} {:<20} {:>13} {:>19} {:>19} {:>8} {:>8}  {:<8}  {}",
             n.name,
             state,
             last,
@@ -277,11 +290,120 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
             format!("{}/{}", hb(n.used_memory_bytes), hb(n.memory_bytes)),
             format!("{}/{}", hb(n.used_disk_bytes), hb(n.disk_bytes)),
             n.replicas,
-            running
+            running,
+            role,
+            address
         );
     }
     if s.nodes.iter().any(|n| n.drain) {
         let _ = writeln!(out, "(* draining)");
     }
     out
+}
+
+/// Each app's hosts, where its healthy replicas are and which ingress nodes take its traffic (a node
+/// that is not online marked so); empty for a status without routes (an older server's).
+fn render_routes(s: &cairn_reconciler::status::Status) -> String {
+    use std::fmt::Write as _;
+    let shown = |node: &str| match s.nodes.iter().find(|n| n.name == node) {
+        Some(n) if n.state != cairn_plan::observed::NodeState::Online => {
+            format!("{node} ({})", n.state.as_str())
+        }
+        _ => node.to_owned(),
+    };
+    let mut out = String::new();
+    for a in s.apps.iter().filter(|a| !a.hosts.is_empty()) {
+        let _ = writeln!(out, "{:<24} {}", a.name, a.hosts.join(", "));
+        let replicas = if a.healthy_nodes.is_empty() {
+            "no healthy replica: requests answer 503".to_owned()
+        } else {
+            format!("healthy replicas on {}", a.healthy_nodes.join(", "))
+        };
+        let ingress = if a.ingress_nodes.is_empty() {
+            "no ingress node takes its traffic: not reachable from outside".to_owned()
+        } else {
+            let nodes: Vec<String> = a.ingress_nodes.iter().map(|n| shown(n)).collect();
+            format!("ingress nodes {}", nodes.join(", "))
+        };
+        let _ = writeln!(out, "{:<24} {replicas}; {ingress}", "");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_plan::observed::NodeState;
+    use cairn_reconciler::status::{AppStatus, NodeView, Status};
+
+    use super::render_status;
+
+    fn app(name: &str, hosts: &[&str], healthy: &[&str], ingress: &[&str]) -> AppStatus {
+        let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        AppStatus {
+            name: name.into(),
+            desired_replicas: 1,
+            placed_replicas: 1,
+            suspended: false,
+            replicas: Vec::new(),
+            latest_release: Some(1),
+            source_commit: None,
+            pinned_release: None,
+            hosts: strings(hosts),
+            healthy_nodes: strings(healthy),
+            ingress_nodes: strings(ingress),
+        }
+    }
+
+    fn node(name: &str, state: NodeState, address: Option<&str>, ingress: bool) -> NodeView {
+        NodeView {
+            name: name.into(),
+            state,
+            last_heartbeat: None,
+            region: None,
+            drain: false,
+            cpu_millis: 2000,
+            memory_bytes: 1 << 31,
+            disk_bytes: 1 << 34,
+            used_cpu_millis: 0,
+            used_memory_bytes: 0,
+            used_disk_bytes: 0,
+            replicas: 0,
+            agent: None,
+            address: address.map(str::to_owned),
+            ingress,
+        }
+    }
+
+    /// Each app says where it is reachable (or that it answers 503), and each node its role and address.
+    #[test]
+    fn status_shows_where_apps_are_reachable_and_each_nodes_role() {
+        let s = Status {
+            generation: 2,
+            applied_commit: None,
+            apps: vec![
+                app(
+                    "shop",
+                    &["shop.apps.example.com", "shop.example.com"],
+                    &["fra-2", "nyc-1"],
+                    &["fra-1", "nyc-1"],
+                ),
+                app("blog", &["blog.apps.example.com"], &[], &["fra-1"]),
+                app("lonely", &["lonely.apps.example.com"], &["fra-2"], &[]),
+            ],
+            nodes: vec![
+                node("fra-1", NodeState::Offline, Some("10.0.1.11:8000"), true),
+                node("fra-2", NodeState::Online, Some("10.0.1.12:8000"), false),
+                node("nyc-1", NodeState::Online, None, true),
+            ],
+            last_reconciliation: None,
+        };
+        insta::assert_snapshot!(render_status(&s));
+
+        // An older server's status (no hosts) shows no routes.
+        let mut old = s.clone();
+        for a in &mut old.apps {
+            a.hosts.clear();
+        }
+        assert!(!render_status(&old).contains("ROUTES"));
+    }
 }

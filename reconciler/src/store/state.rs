@@ -588,7 +588,8 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
     let mut observed = Observed {
         generation: config.generation,
         applied_commit: config.commit,
-        currency: config.settings.map(|s| s.currency),
+        currency: config.settings.as_ref().map(|s| s.currency.clone()),
+        base_domain: config.settings.map(|s| s.base_domain),
         ..Observed::default()
     };
 

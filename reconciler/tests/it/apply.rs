@@ -395,6 +395,110 @@ async fn the_route_table_routes_to_online_nodes_with_a_healthy_replica() {
     .await;
 }
 
+/// `cairn status` (and `GET /api/v1/status`) shows each node's address and role and, for each app, its
+/// hosts, the nodes with a healthy replica and the ingress nodes that take its traffic: exactly what the
+/// route table the agents get says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_where_each_app_is_reachable_as_the_route_table_does() {
+    use cairn_reconciler::routes::Routes;
+    use cairn_reconciler::status;
+
+    let db = cairn_testkit::test_db!();
+    bounded(async {
+        let pool = db.pool();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("config");
+        copy_dir(&workspace().join("examples/config"), &dir);
+        // nyc-1 takes public traffic but has no address: it serves only its own replicas.
+        let us = dir.join("nodes/us-east.toml");
+        let text = std::fs::read_to_string(&us).unwrap();
+        std::fs::write(&us, text.replace("address = \"10.0.2.11:8000\"\n", "")).unwrap();
+        let c = Controller::new(pool.clone(), ConfigSource::Dir(dir), Some(demo_identity()));
+        record_heads(&c).await;
+        reconcile(&c).await;
+
+        let replica = |app: &str, healthy: bool| {
+            serde_json::json!({"app": app, "slot": 1, "release": 1, "state": "running", "healthy": healthy})
+        };
+        for (node, state, replicas) in [
+            ("fra-1", "online", vec![replica("shop", true)]),
+            ("fra-2", "online", vec![replica("shop", false), replica("api", true)]),
+            ("nyc-1", "online", vec![replica("shop", true)]),
+        ] {
+            sqlx::query(
+                "INSERT INTO node_status (node, state, joined_at, last_heartbeat, replicas)
+                 VALUES ($1, $2, now(), now(), $3)
+                 ON CONFLICT (node) DO UPDATE SET state = $2, replicas = $3",
+            )
+            .bind(node)
+            .bind(state)
+            .bind(serde_json::Value::Array(replicas))
+            .execute(pool)
+            .await
+            .unwrap();
+        }
+
+        let s = status::load(pool, Duration::from_secs(90)).await.unwrap();
+        let nodes: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.address.as_deref(), n.ingress))
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                ("fra-1", Some("10.0.1.11:8000"), true),
+                ("fra-2", Some("10.0.1.12:8000"), false),
+                ("nyc-1", None, true),
+            ]
+        );
+        let app = |name: &str| s.apps.iter().find(|a| a.name == name).unwrap();
+        let shop = app("shop");
+        assert_eq!(
+            shop.hosts,
+            ["shop.apps.example.com", "shop.example.com", "www.shop.example.com"]
+        );
+        assert_eq!(shop.healthy_nodes, ["fra-1", "nyc-1"], "fra-2's replica is not healthy");
+        assert_eq!(shop.ingress_nodes, ["fra-1", "nyc-1"], "nyc-1 serves its own replica");
+        let api = app("api");
+        assert_eq!(api.healthy_nodes, ["fra-2"]);
+        assert_eq!(api.ingress_nodes, ["fra-1"], "fra-2 is internal, nyc-1 has no api replica");
+        let blog = app("blog");
+        assert!(blog.healthy_nodes.is_empty(), "suspended: every request answers 503");
+        assert_eq!(blog.hosts, ["blog.apps.example.com", "blog.example.com"]);
+
+        // The same as the agents' route table, app by app.
+        let routes = Routes::default();
+        routes.refresh(pool).await.unwrap();
+        let table = routes.current();
+        assert_eq!(table.apps.len(), s.apps.len());
+        for r in &table.apps {
+            let a = app(r.app.as_str());
+            assert_eq!(a.hosts, r.hosts, "{}", r.app);
+            let nodes: Vec<String> = r.nodes.iter().map(|n| n.to_string()).collect();
+            assert_eq!(a.healthy_nodes, nodes, "{}", r.app);
+        }
+
+        // A status from a server older than these fields reads with their defaults.
+        let mut json = serde_json::to_value(&s).unwrap();
+        for a in json["apps"].as_array_mut().unwrap() {
+            let a = a.as_object_mut().unwrap();
+            a.remove("hosts");
+            a.remove("healthy_nodes");
+            a.remove("ingress_nodes");
+        }
+        for n in json["nodes"].as_array_mut().unwrap() {
+            let n = n.as_object_mut().unwrap();
+            n.remove("address");
+            n.remove("ingress");
+        }
+        let old: status::Status = serde_json::from_value(json).unwrap();
+        assert!(old.apps.iter().all(|a| a.hosts.is_empty()));
+        assert!(old.nodes.iter().all(|n| n.ingress && n.address.is_none()));
+    })
+    .await;
+}
+
 /// web (2 replicas, a plain and a secret var), api (2, a secret), worker (1, plain only) on three
 /// nodes, applied once with every app's head known.
 async fn three_apps(pool: &PgPool) -> (Repo, Controller) {

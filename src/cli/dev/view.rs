@@ -214,6 +214,9 @@ mod tests {
                 latest_release: Some(2),
                 source_commit: None,
                 pinned_release: None,
+                hosts: vec!["hello.apps.localhost".into()],
+                healthy_nodes: vec!["local-1".into()],
+                ingress_nodes: vec!["local-1".into()],
             }],
             nodes: vec![NodeView {
                 name: "local-1".into(),
@@ -229,6 +232,8 @@ mod tests {
                 used_disk_bytes: 1 << 28,
                 replicas: 1,
                 agent: None,
+                address: None,
+                ingress: true,
             }],
             last_reconciliation: None,
         }

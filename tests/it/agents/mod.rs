@@ -882,8 +882,8 @@ async fn the_admin_api_needs_a_live_token_and_shows_the_status_the_database_does
     let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
         return;
     };
-    repo.node("a", "");
-    repo.node("b", "");
+    repo.node("a", "address = \"10.9.0.1\"\n");
+    repo.node("b", "ingress = false\n");
     repo.app("web", 2, "GREETING = \"hello\"\n");
     // No timer: a reconcile between the two reads would change the last reconciliation they show.
     let mut args = FAST.to_vec();
@@ -1000,6 +1000,15 @@ async fn the_admin_api_needs_a_live_token_and_shows_the_status_the_database_does
                 text.contains("offline") && text.contains("RUNNING"),
                 "{text}"
             );
+            // Both nodes are offline: no healthy replica anywhere, and a still takes the traffic.
+            assert!(
+                text.contains("no healthy replica: requests answer 503; ingress nodes a (offline)"),
+                "{text}"
+            );
+            assert!(
+                text.contains("internal  no address: serves only its own replicas"),
+                "{text}"
+            );
         } else {
             // (Whichever node went silent first had its replica moved to the other meanwhile.)
             let s: Value = serde_json::from_slice(&via_db.stdout).unwrap();
@@ -1009,6 +1018,15 @@ async fn the_admin_api_needs_a_live_token_and_shows_the_status_the_database_does
                 replicas.iter().any(|r| r["actual"]["state"] == "running"),
                 "{s}"
             );
+            assert_eq!(
+                (&s["nodes"][0]["address"], &s["nodes"][0]["ingress"]),
+                (&json!("10.9.0.1:80"), &json!(true)),
+                "{s}"
+            );
+            assert_eq!(s["nodes"][1]["ingress"], false, "{s}");
+            assert_eq!(s["apps"][0]["hosts"].as_array().unwrap().len(), 1, "{s}");
+            assert_eq!(s["apps"][0]["healthy_nodes"], json!([]), "{s}");
+            assert_eq!(s["apps"][0]["ingress_nodes"], json!(["a"]), "{s}");
         }
     }
 
