@@ -9,7 +9,7 @@
 //! |---|---|---|---|
 //! | `cairn_proxy_requests_total` | counter | `route`, `class` | answers, by where they came from (`route`: local, this node's replica for its own client; forwarded, another node's proxy; hop, a request another node forwarded here, served or missed; none, the proxy's own answer without reaching anyone: 400, 403, 404, 413 up front, 503 after the pending wait) and status `class` (1xx, an upgrade, to 5xx) |
 //! | `cairn_proxy_forward_duration_seconds` | histogram | | from sending a request to another node's proxy to its response head |
-//! | `cairn_proxy_unserved_forwards_total` | counter | `reason` | forwards another node could not serve (`reason`: refused, the connection; miss, it had no replica any more); each went on to the next node or waited |
+//! | `cairn_proxy_unserved_forwards_total` | counter | `reason` | forwards another node could not serve (`reason`: refused, the connection; miss, it had no replica any more; lost, the connection failed before an answer, idempotent requests only); each went on to the next node or waited |
 //! | `cairn_proxy_websockets` | gauge | | upgraded connections (WebSockets) open now |
 //! | `cairn_proxy_pending_total` | counter | `outcome` | requests no node could serve that waited for the tables to change (`outcome`: served, the wait ended with an answer; timed_out, 503 after the pending timeout) |
 //! | `cairn_proxy_pending_wait_seconds` | histogram | `outcome` | how long those requests waited |
@@ -76,6 +76,9 @@ pub enum UnservedReason {
     Refused,
     /// The node answered that it has no replica of the app (any more).
     Miss,
+    /// The connection failed before any answer (the node died mid-request); only idempotent requests
+    /// are sent on to the next node.
+    Lost,
 }
 
 impl UnservedReason {
@@ -83,6 +86,7 @@ impl UnservedReason {
         match self {
             UnservedReason::Refused => "refused",
             UnservedReason::Miss => "miss",
+            UnservedReason::Lost => "lost",
         }
     }
 }
@@ -228,7 +232,11 @@ impl ProxyMetrics {
                 }));
             }
         }
-        for reason in [UnservedReason::Refused, UnservedReason::Miss] {
+        for reason in [
+            UnservedReason::Refused,
+            UnservedReason::Miss,
+            UnservedReason::Lost,
+        ] {
             drop(self.unserved_forwards.get_or_create(&ReasonLabel {
                 reason: reason.as_str(),
             }));

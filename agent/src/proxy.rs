@@ -892,6 +892,14 @@ impl Proxy {
                     self.metrics.unserved_forward(UnservedReason::Miss);
                     client_upgrade = up;
                 }
+                // The node went away mid-request (killed, its connection reset) before any answer: an
+                // idempotent request may be sent again (RFC 9110, 9.2.2), to the next node or, after a
+                // wait, to wherever the replica moves.
+                Err((Upstream::Failed, up)) if parts.method.is_idempotent() => {
+                    tracing::debug!(node = %node, app = %lookup.app, "the connection to another node failed before an answer; trying the next");
+                    self.metrics.unserved_forward(UnservedReason::Lost);
+                    client_upgrade = up;
+                }
                 sent => return Attempted::Done(sent.map_err(|(e, _)| e), Route::Forwarded),
             }
         }
@@ -968,7 +976,8 @@ impl Proxy {
             Ok(Err(e)) if e.is_connect() => return Err((Upstream::Connect, client_upgrade)),
             Ok(Err(_)) => {
                 shut();
-                return Err((Upstream::Failed, None));
+                // No answer came, so the client's upgrade was not used: it goes back for a retry.
+                return Err((Upstream::Failed, client_upgrade));
             }
             Ok(Ok(res)) => res,
         };
