@@ -213,7 +213,8 @@ async fn ingress_across_nodes_serves_every_app_from_one_node_and_moves_without_f
         &format!(
             "[app.{ws_name}]\nplan = \"small\"\nruntime = \"ws-app\"\nreplicas = 1\n\
              health = {{ path = \"/\", timeout = \"2s\" }}\n\n\
-             [app.{ws_name}.source]\nurl = \"{}\"\nbranch = \"main\"\n",
+             [app.{ws_name}.source]\nurl = \"{}\"\nbranch = \"main\"\n\n\
+             [app.{ws_name}.http]\nmax_body = \"64KiB\"\n",
             ws_src.url
         ),
     );
@@ -230,8 +231,11 @@ async fn ingress_across_nodes_serves_every_app_from_one_node_and_moves_without_f
         ])
         .await;
     let proxy_flags = ["--proxy-pending-timeout", "15s"];
+    let metrics = format!("{}:9100", ha.addr);
+    let mut a_flags = proxy_flags.to_vec();
+    a_flags.extend(["--metrics-listen", &metrics]);
     let a = e
-        .agent_in(&plane, "a", &ha, Driver::Process, &proxy_flags)
+        .agent_in(&plane, "a", &ha, Driver::Process, &a_flags)
         .await;
     let b = e
         .agent_in(&plane, "b", &hb, Driver::Process, &proxy_flags)
@@ -311,26 +315,24 @@ async fn ingress_across_nodes_serves_every_app_from_one_node_and_moves_without_f
     );
 
     // The internal hop from an address that is not a node is refused, key or no key.
-    for from in [&stranger] {
-        let out = from
-            .command("busybox")
-            .args([
-                "wget",
-                "-q",
-                "-S",
-                "-O",
-                "-",
-                "--header",
-                &format!("Host: {}", web.host),
-                "--header",
-                &format!("cairn-hop: {}", "0".repeat(64)),
-                &format!("http://{}/", a.proxy),
-            ])
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&out.stderr);
-        assert!(said.contains("403"), "a hop from a stranger: {said}");
-    }
+    let out = stranger
+        .command("busybox")
+        .args([
+            "wget",
+            "-q",
+            "-S",
+            "-O",
+            "-",
+            "--header",
+            &format!("Host: {}", web.host),
+            "--header",
+            &format!("cairn-hop: {}", "0".repeat(64)),
+            &format!("http://{}/", a.proxy),
+        ])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("403"), "a hop from a stranger: {said}");
     let (status, body) = super::support::client()
         .get(format!("http://{}/", b.proxy))
         .header(reqwest::header::HOST, &web.host)
@@ -340,6 +342,53 @@ async fn ingress_across_nodes_serves_every_app_from_one_node_and_moves_without_f
         .map(|r| (r.status().as_u16(), r))
         .unwrap();
     assert_eq!(status, 403, "{:?}", body.text().await);
+
+    // The app's own body limit travels with the route table: A answers 413 above 64 KiB, without
+    // forwarding, and passes what is below it.
+    let upload = |n: usize| {
+        super::support::client()
+            .post(format!("http://{}/upload", a.proxy))
+            .header(reqwest::header::HOST, &ws_host)
+            .body(vec![b'x'; n])
+            .send()
+    };
+    let small = upload(10_000).await.unwrap();
+    assert_eq!(small.status(), 200);
+    assert!(small.text().await.unwrap().contains("10000"));
+    let big = upload(100_000).await.unwrap();
+    assert_eq!(big.status(), 413, "{:?}", big.text().await);
+
+    // A's metrics: every answer it gave was forwarded (it has no replica), the WebSocket was counted.
+    let scrape = super::support::client()
+        .get(format!("http://{metrics}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let forwarded_2xx = scrape
+        .lines()
+        .find(|l| {
+            l.starts_with("cairn_proxy_requests_total{")
+                && l.contains("route=\"forwarded\"")
+                && l.contains("class=\"2xx\"")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(forwarded_2xx >= 3.0, "A's metrics: {scrape}");
+    assert!(
+        !scrape
+            .lines()
+            .any(|l| l.starts_with("cairn_proxy_requests_total{")
+                && l.contains("route=\"local\"")
+                && !l.ends_with(" 0")),
+        "A served nothing locally: {scrape}"
+    );
+    assert!(
+        !scrape.contains(&web.name),
+        "no app name in a label: {scrape}"
+    );
 
     // Drain B while the client sends 25 requests/s to A: the replica moves to C.
     let (stop, stopped) = tokio::sync::watch::channel(false);
