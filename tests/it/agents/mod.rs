@@ -1117,3 +1117,119 @@ async fn drift_is_repaired_without_a_new_commit() {
         .clone();
     assert_eq!(now, applied, "no new commit was applied");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_table_long_polls_by_generation_and_seals_the_hop_key_to_each_node() {
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("a", "address = \"10.9.0.2:8000\"\n");
+    repo.node("b", "address = \"10.9.0.3\"\ningress = false\n");
+    repo.app("web", 1, "");
+    let plane = Plane::start(db, repo, scratch, identity, FAST).await;
+    plane.wait_generation(1).await;
+
+    let (s, body) = plane.agent_get("/routes", None).await;
+    assert_eq!(s, 401, "{body}");
+    let (ca, ida) = plane.join_raw("a").await;
+    let (cb, idb) = plane.join_raw("b").await;
+    let (s, _) = plane.agent_get("/routes?wait_ms=soon", Some(&ca)).await;
+    assert_eq!(s, 400, "a malformed query is the client's mistake");
+
+    // The first poll answers at once: every node's address (port filled in), every app's hosts.
+    let (s, first) = plane.agent_get("/routes?wait_ms=0", Some(&ca)).await;
+    assert_eq!(s, 200, "{first}");
+    let table = &first["table"];
+    assert_eq!(table["nodes"][0]["name"], "a");
+    assert_eq!(table["nodes"][0]["address"], "10.9.0.2:8000");
+    assert_eq!(table["nodes"][1]["address"], "10.9.0.3:80");
+    assert_eq!(table["nodes"][1]["ingress"], false);
+    assert_eq!(table["apps"][0]["app"], "web");
+    assert_eq!(table["apps"][0]["hosts"], json!(["web.apps.test"]));
+    assert_eq!(
+        table["apps"][0]["nodes"],
+        json!([]),
+        "no replica is healthy yet"
+    );
+    let generation = table["generation"].as_str().unwrap().to_owned();
+
+    // The hop key comes sealed to the asking node alone; every node gets the same key.
+    let sealed = &first["hop_key"];
+    let key_id = sealed["id"].as_str().unwrap().to_owned();
+    let ct = cairn_schema::Ciphertext::new(sealed["ciphertext"].as_str().unwrap()).unwrap();
+    let key = ida.decrypt(&ct).unwrap().expose_str().unwrap().to_owned();
+    assert_eq!(key.len(), 64, "32 bytes in hex");
+    assert!(idb.decrypt(&ct).is_err(), "sealed to node a only");
+    let (_, for_b) = plane.agent_get("/routes?wait_ms=0", Some(&cb)).await;
+    let ct_b =
+        cairn_schema::Ciphertext::new(for_b["hop_key"]["ciphertext"].as_str().unwrap()).unwrap();
+    assert_eq!(idb.decrypt(&ct_b).unwrap().expose_str().unwrap(), key);
+
+    // Holding the table and the key: nothing until the wait runs out (204), and nothing is sent.
+    let t = std::time::Instant::now();
+    let (s, body) = plane
+        .agent_get(
+            &format!("/routes?generation={generation}&key={key_id}&wait_ms=400"),
+            Some(&ca),
+        )
+        .await;
+    assert_eq!(s, 204, "{body}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(350),
+        "{:?}",
+        t.elapsed()
+    );
+    // Holding the table but not the key: at once, with the key.
+    let t = std::time::Instant::now();
+    let (s, body) = plane
+        .agent_get(
+            &format!("/routes?generation={generation}&wait_ms=20000"),
+            Some(&ca),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body["hop_key"]["ciphertext"].is_string());
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    // A long-poll waiting on the current table is answered by the next change: a new app applied.
+    let poll = {
+        let (url, ca) = (
+            format!(
+                "{}/agent/v1/routes?generation={generation}&key={key_id}&wait_ms=25000",
+                plane.url
+            ),
+            ca.clone(),
+        );
+        tokio::spawn(async move {
+            let resp = reqwest::Client::new()
+                .get(url)
+                .bearer_auth(ca)
+                .send()
+                .await
+                .unwrap();
+            (
+                resp.status().as_u16(),
+                resp.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    plane.repo.app("api", 1, "");
+    plane.repo.commit();
+    let (s, changed) = tokio::time::timeout(Duration::from_secs(20), poll)
+        .await
+        .expect("the long-poll is answered by the change")
+        .unwrap();
+    assert_eq!(s, 200, "{changed}");
+    assert_ne!(changed["table"]["generation"], generation.as_str());
+    assert_eq!(changed["table"]["apps"][0]["app"], "api");
+    assert!(
+        changed.get("hop_key").is_none(),
+        "the key is not sent again: {changed}"
+    );
+
+    // The key's plaintext is in no log.
+    for (path, text) in plane.logs() {
+        assert!(!text.contains(&key), "{} holds the hop key", path.display());
+    }
+}
