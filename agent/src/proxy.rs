@@ -418,6 +418,7 @@ impl Proxy {
             "TLS table installed"
         );
         self.tls.store(Arc::new(certs));
+        self.metrics.tls_installed(installed);
         TlsReport {
             installed,
             rejected,
@@ -439,6 +440,7 @@ impl Proxy {
         }
         let n = certs.ids().count();
         self.tls.store(Arc::new(certs));
+        self.metrics.tls_installed(n);
         Ok(n)
     }
 
@@ -450,10 +452,11 @@ impl Proxy {
     /// An HTTPS listener on `tcp` serving the certificates this proxy installs; give it to
     /// [`Proxy::serve`] beside the plain one.
     pub fn tls_listener(&self, tcp: tokio::net::TcpListener) -> Result<TlsListener, TlsError> {
-        let config = tls::server_config(self.tls.clone())?;
+        let config = tls::server_config(self.tls.clone(), self.metrics.clone())?;
         Ok(TlsListener {
             tcp,
             acceptor: tokio_rustls::TlsAcceptor::from(config),
+            metrics: self.metrics.clone(),
         })
     }
 

@@ -46,6 +46,7 @@ use tokio::net::TcpStream;
 use zeroize::Zeroizing;
 
 use crate::datadir::{DataError, write_private};
+use crate::metrics::ProxyMetrics;
 
 /// Where ACME HTTP-01 challenges are asked for (RFC 8555, 8.3).
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -368,12 +369,19 @@ fn certified(c: &TlsCertificate) -> Result<(CertifiedKey, Vec<Name>), TlsError> 
 /// Picks the certificate by SNI from the installed table; no SNI, or one no certificate covers, ends
 /// the handshake.
 #[derive(Debug)]
-pub(super) struct Resolver(pub(super) Arc<ArcSwap<Certs>>);
+pub(super) struct Resolver {
+    certs: Arc<ArcSwap<Certs>>,
+    metrics: Arc<ProxyMetrics>,
+}
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let sni = hello.server_name()?;
-        let certs = self.0.load();
+        let Some(sni) = hello.server_name() else {
+            self.metrics.tls_unknown_name();
+            tracing::debug!("TLS handshake without SNI: refused");
+            return None;
+        };
+        let certs = self.certs.load();
         let sni = sni.trim_end_matches('.');
         let found = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
             certs.cert(&sni.to_ascii_lowercase()).cloned()
@@ -381,6 +389,7 @@ impl ResolvesServerCert for Resolver {
             certs.cert(sni).cloned()
         };
         if found.is_none() {
+            self.metrics.tls_unknown_name();
             tracing::debug!(
                 sni,
                 "TLS handshake for a name no certificate covers: refused"
@@ -394,6 +403,7 @@ impl ResolvesServerCert for Resolver {
 /// 1.3 with rustls' safe defaults on ring.
 pub(super) fn server_config(
     certs: Arc<ArcSwap<Certs>>,
+    metrics: Arc<ProxyMetrics>,
 ) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -401,7 +411,7 @@ pub(super) fn server_config(
     .with_safe_default_protocol_versions()
     .map_err(TlsError::Config)?
     .with_no_client_auth()
-    .with_cert_resolver(Arc::new(Resolver(certs)));
+    .with_cert_resolver(Arc::new(Resolver { certs, metrics }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }
@@ -412,6 +422,7 @@ pub(super) fn server_config(
 pub struct TlsListener {
     pub(super) tcp: tokio::net::TcpListener,
     pub(super) acceptor: tokio_rustls::TlsAcceptor,
+    pub(super) metrics: Arc<ProxyMetrics>,
 }
 
 impl std::fmt::Debug for TlsListener {
@@ -434,7 +445,11 @@ impl super::Listener for TlsListener {
     async fn accept(&mut self) -> io::Result<(TlsIo, std::net::SocketAddr)> {
         let (s, a) = self.tcp.accept().await?;
         let _ = s.set_nodelay(true);
-        Ok((TlsIo(State::Handshake(self.acceptor.accept(s))), a))
+        let io = TlsIo {
+            state: State::Handshake(self.acceptor.accept(s)),
+            metrics: self.metrics.clone(),
+        };
+        Ok((io, a))
     }
 
     fn scheme(&self) -> &'static str {
@@ -443,11 +458,14 @@ impl super::Listener for TlsListener {
 }
 
 /// A TLS connection that completes its handshake on first use.
-pub struct TlsIo(State);
+pub struct TlsIo {
+    state: State,
+    metrics: Arc<ProxyMetrics>,
+}
 
 impl std::fmt::Debug for TlsIo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let state = match self.0 {
+        let state = match self.state {
             State::Handshake(_) => "handshake",
             State::Ready(_) => "ready",
             State::Failed => "failed",
@@ -464,11 +482,13 @@ enum State {
 
 impl TlsIo {
     fn poll_handshake(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if let State::Handshake(accept) = &mut self.0 {
-            match ready!(Pin::new(accept).poll(cx)) {
-                Ok(s) => self.0 = State::Ready(Box::new(s)),
+        if let State::Handshake(accept) = &mut self.state {
+            let done = ready!(Pin::new(accept).poll(cx));
+            self.metrics.tls_handshake(done.is_ok());
+            match done {
+                Ok(s) => self.state = State::Ready(Box::new(s)),
                 Err(e) => {
-                    self.0 = State::Failed;
+                    self.state = State::Failed;
                     tracing::debug!(error = %e, "TLS handshake failed");
                     return Poll::Ready(Err(e));
                 }
@@ -478,7 +498,7 @@ impl TlsIo {
     }
 
     fn stream(&mut self) -> io::Result<Pin<&mut tokio_rustls::server::TlsStream<TcpStream>>> {
-        match &mut self.0 {
+        match &mut self.state {
             State::Ready(s) => Ok(Pin::new(s.as_mut())),
             _ => Err(io::Error::new(
                 io::ErrorKind::NotConnected,
@@ -526,14 +546,14 @@ impl AsyncWrite for TlsIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().state {
             State::Ready(s) => Pin::new(s.as_mut()).poll_flush(cx),
             _ => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().0 {
+        match &mut self.get_mut().state {
             State::Ready(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             _ => Poll::Ready(Ok(())),
         }

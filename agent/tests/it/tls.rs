@@ -303,6 +303,21 @@ async fn sni_picks_the_certificate_and_an_unknown_name_gets_none() {
         connect(&ca, tls, "shop.example.test", &[], true)
             .await
             .unwrap();
+
+        // Counted: the refusals by name (before the client learns of them), and at least the
+        // handshakes that carried requests and the refused ones (a client that hangs up right after
+        // its handshake may leave the server's side unfinished or failed).
+        let m = proxy.metrics();
+        assert_eq!(m.tls_unknown_names(), 4);
+        assert!(m.tls_handshakes(true) >= 2, "{}", m.tls_handshakes(true));
+        for _ in 0..100 {
+            if m.tls_handshakes(false) >= 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(m.tls_handshakes(false) >= 4, "{}", m.tls_handshakes(false));
+        assert!(m.render().contains("cairn_proxy_tls_certificates 2\n"));
     })
     .await;
 }
