@@ -404,8 +404,7 @@ impl Proxy {
         }
         let installed = certs.ids().count();
         let cache = self.tls_cache.as_ref().and_then(|cache| {
-            let served: std::collections::HashSet<&str> = certs.ids().collect();
-            let stored = cache.store(&table, &served).err();
+            let stored = cache.store(&table, &certs.served_in(&table)).err();
             if let Some(e) = &stored {
                 tracing::warn!(error = %error_chain(e), "the certificates cannot be cached on disk (they are served anyway)");
             }

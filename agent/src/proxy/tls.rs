@@ -133,6 +133,8 @@ pub enum TlsError {
         #[source]
         source: webpki::Error,
     },
+    #[error("certificate `{id}` is in the table twice (the first is served)")]
+    DuplicateId { id: String },
     #[error("certificate `{id}` names no host")]
     NoNames { id: String },
     #[error(
@@ -182,8 +184,10 @@ pub(super) struct Certs {
     challenges: HashMap<String, Bytes>,
     any_redirect: bool,
     any_hsts: bool,
-    /// The certificates as installed, without keys' text (for Debug and the cache).
+    /// The certificates as installed, without keys' text (for Debug).
     served: Vec<(String, Vec<String>)>,
+    /// Where those are in the table they were compiled from (for the cache).
+    positions: Vec<usize>,
 }
 
 impl std::fmt::Debug for Certs {
@@ -237,9 +241,16 @@ impl Certs {
     pub(super) fn compile(table: &TlsTable) -> (Certs, Vec<TlsError>) {
         let mut certs = Certs::default();
         let mut rejected = Vec::new();
-        for c in &table.certificates {
+        let mut ids = HashSet::new();
+        for (i, c) in table.certificates.iter().enumerate() {
+            if ids.contains(c.id.as_str()) {
+                // Its files in the cache would be the first one's.
+                rejected.push(TlsError::DuplicateId { id: c.id.clone() });
+                continue;
+            }
             match certified(c) {
                 Ok((key, names)) => {
+                    ids.insert(c.id.as_str());
                     let key = Arc::new(key);
                     for name in names {
                         let map = match name {
@@ -249,6 +260,7 @@ impl Certs {
                         map.or_insert_with(|| key.clone());
                     }
                     certs.served.push((c.id.clone(), c.names.clone()));
+                    certs.positions.push(i);
                 }
                 Err(e) => rejected.push(e),
             }
@@ -320,6 +332,14 @@ impl Certs {
     /// The ids of the certificates served.
     pub(super) fn ids(&self) -> impl Iterator<Item = &str> {
         self.served.iter().map(|(id, _)| id.as_str())
+    }
+
+    /// The certificates of `table` (the one these were compiled from) that are served.
+    pub(super) fn served_in<'t>(&self, table: &'t TlsTable) -> Vec<&'t TlsCertificate> {
+        self.positions
+            .iter()
+            .filter_map(|&i| table.certificates.get(i))
+            .collect()
     }
 }
 
@@ -610,20 +630,20 @@ impl Cache {
         hex::encode(&digest[..12])
     }
 
-    /// Writes the served certificates of `table` (those in `served`) and its host policy; deletes the
-    /// files of every other certificate.
-    pub(super) fn store(&self, table: &TlsTable, served: &HashSet<&str>) -> Result<(), TlsError> {
+    /// Writes the `served` certificates and `table`'s host policy; deletes the files of every other
+    /// certificate.
+    pub(super) fn store(
+        &self,
+        table: &TlsTable,
+        served: &[&TlsCertificate],
+    ) -> Result<(), TlsError> {
         self.open()?;
         let mut index = Index {
             certificates: Vec::new(),
             hosts: table.hosts.clone(),
         };
         let mut keep: HashSet<String> = HashSet::from([INDEX.to_owned()]);
-        for c in table
-            .certificates
-            .iter()
-            .filter(|c| served.contains(c.id.as_str()))
-        {
+        for c in served {
             let file = Self::stem(&c.id);
             let crt = format!("{file}.crt.pem");
             let key = format!("{file}.key.pem");

@@ -556,6 +556,8 @@ async fn a_restarted_proxy_serves_https_from_its_cache_and_keys_stay_private() {
                 cert("broken", &["broken.example.test"], &shop_chain, bad_key),
                 cert("mismatch", &["shop.example.test"], &shop_chain, &other_key),
                 cert("wrong-name", &["bank.example.test"], &shop_chain, &shop_key),
+                // The same id again: the first keeps it, here and on disk.
+                cert("shop", &["blog.example.test"], &blog_chain, &blog_key),
             ],
             hosts: [(
                 "shop.example.test".to_owned(),
@@ -568,10 +570,11 @@ async fn a_restarted_proxy_serves_https_from_its_cache_and_keys_stay_private() {
             ..TlsTable::default()
         });
         assert_eq!(report.installed, 2);
-        assert_eq!(report.rejected.len(), 3, "{:?}", report.rejected);
+        assert_eq!(report.rejected.len(), 4, "{:?}", report.rejected);
         assert!(report.cache.is_none(), "{:?}", report.cache);
         let errors: Vec<String> = report.rejected.iter().map(|e| e.to_string()).collect();
         assert!(errors[2].contains("does not cover `bank.example.test`"), "{errors:?}");
+        assert!(errors[3].contains("`shop` is in the table twice"), "{errors:?}");
 
         // 0600 files in a 0700 directory; the keys on disk are the installed ones.
         assert_eq!(mode(&cache), 0o700);
