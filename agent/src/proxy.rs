@@ -43,8 +43,8 @@
 //! lists the series).
 //!
 //! Bounded like `cairn serve`'s listener: the descriptor limit is raised to the hard limit when it starts
-//! serving, connections are capped below it, over all listeners ([`ProxyConfig::max_connections`]; each may hold a second
-//! descriptor towards a replica), and a connection must send a request's complete headers within
+//! serving, connections are capped below it over all listeners ([`ProxyConfig::max_connections`]; each
+//! may hold a second descriptor towards a replica), and a connection must send a request's complete headers within
 //! [`ProxyConfig::header_timeout`] of connecting or of its previous response (hyper's
 //! `header_read_timeout`, also the keep-alive idle timeout; it closes the connection without an answer).
 //! At the cap new connections wait in the kernel's backlog.
@@ -396,6 +396,8 @@ impl Proxy {
     /// answers replace the installed ones; new TLS handshakes use them at once, open connections keep
     /// theirs. The certificates are cached on disk (when [`ProxyConfig::tls_cache`] is set), those no
     /// longer in the table deleted there. A certificate that cannot be served is left out and reported.
+    /// The cache is written after the swap, synchronously (small files, fsynced: milliseconds, and
+    /// nothing when they did not change).
     pub fn install_tls(&self, table: TlsTable) -> TlsReport {
         let _w = self.tls_writer.lock().unwrap_or_else(|p| p.into_inner());
         let (certs, rejected) = tls::Certs::compile(&table);
@@ -403,6 +405,15 @@ impl Proxy {
             tracing::warn!(error = %error_chain(e), "a certificate cannot be served: left out");
         }
         let installed = certs.ids().count();
+        let certs = Arc::new(certs);
+        self.tls.store(certs.clone());
+        self.metrics.tls_installed(installed);
+        tracing::debug!(
+            certificates = installed,
+            rejected = rejected.len(),
+            challenges = table.challenges.len(),
+            "TLS table installed"
+        );
         let cache = self.tls_cache.as_ref().and_then(|cache| {
             let stored = cache.store(&table, &certs.served_in(&table)).err();
             if let Some(e) = &stored {
@@ -410,14 +421,6 @@ impl Proxy {
             }
             stored
         });
-        tracing::debug!(
-            certificates = installed,
-            rejected = rejected.len(),
-            challenges = table.challenges.len(),
-            "TLS table installed"
-        );
-        self.tls.store(Arc::new(certs));
-        self.metrics.tls_installed(installed);
         TlsReport {
             installed,
             rejected,

@@ -1,10 +1,11 @@
 //! HTTPS through the node proxy (issue 15, the node side), with real sockets: proxies in this process on
-//! their own loopback addresses (127.0.0.5-9) with a plain and a TLS listener, certificates from a test
+//! their own loopback addresses (127.0.0.5-11) with a plain and a TLS listener, certificates from a test
 //! CA made with rcgen, and a rustls client that trusts only that CA. The certificate by SNI (exact, then a
 //! one-label wildcard) and nothing for an unknown SNI or none; h2 by ALPN; a renewal served to new
 //! connections while an open one keeps working; ACME challenges and redirects on the plain listener, HSTS
-//! on HTTPS; the disk cache (0600 keys in a 0700 directory) serving a restarted proxy; and no key in
-//! Debug output or logs.
+//! on HTTPS; the disk cache (0600 keys in a 0700 directory) serving a restarted proxy, and a cache that
+//! cannot be written not stopping HTTPS; no key in Debug output or logs; one connection cap for both
+//! listeners.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -709,6 +710,39 @@ async fn the_plain_and_tls_listeners_share_the_connection_cap() {
             .expect("served once there is room")
             .unwrap();
         assert!(buf.starts_with(b"HTTP/1.1 404"));
+    })
+    .await;
+}
+
+/// A cache that cannot be written (a full or read-only disk) is reported and logged, and the
+/// certificates are served anyway.
+#[tokio::test]
+async fn certificates_are_served_when_the_cache_cannot_be_written() {
+    bounded(60, async {
+        let ca = Ca::new();
+        let (chain, key, der) = ca.leaf(&["shop.example.test"], 1);
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("not-a-directory");
+        std::fs::write(&file, "x").unwrap();
+        let (proxy, _, tls) = proxy_on(
+            "127.0.0.11",
+            ProxyConfig {
+                tls_cache: Some(file.join("tls")),
+                ..ProxyConfig::default()
+            },
+        )
+        .await;
+        let report = proxy.install_tls(TlsTable {
+            certificates: vec![cert("shop", &["shop.example.test"], &chain, &key)],
+            ..TlsTable::default()
+        });
+        assert_eq!(report.installed, 1);
+        let e = report.cache.expect("the cache error is reported");
+        assert!(e.to_string().contains("certificate cache"), "{e}");
+        let s = connect(&ca, tls, "shop.example.test", &[], true)
+            .await
+            .unwrap();
+        assert_eq!(leaf_of(&s), der);
     })
     .await;
 }
