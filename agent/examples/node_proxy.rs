@@ -4,16 +4,18 @@
 //! ```text
 //! cargo run --release -p cairn-agent --example node_proxy -- --listen 127.0.0.1:8000 \
 //!     [--route HOST=ADDR]... [--cluster TABLE.json] [--node NAME] [--hop-key-file FILE] \
-//!     [--max-body BYTES|none]
+//!     [--max-body BYTES|none] [--tls-listen ADDR --tls-table TLS.json]
 //! ```
 //!
 //! `--route` gives this node a local replica of an app serving HOST at ADDR; `--cluster` installs a
-//! cluster route table (the JSON form of `cairn_agent::ClusterTable`). It prints `listening ADDR` once
-//! it accepts connections, and serves until SIGTERM or SIGINT.
+//! cluster route table (the JSON form of `cairn_agent::ClusterTable`); `--tls-table` a TLS table (the
+//! JSON form of `cairn_agent::TlsTable`: certificates with their PEM chain and key, host policy,
+//! challenges) served over HTTPS on `--tls-listen`. It prints `listening ADDR` once it accepts
+//! connections (then `tls ADDR` with `--tls-listen`), and serves until SIGTERM or SIGINT.
 
 use std::net::SocketAddr;
 
-use cairn_agent::proxy::{ClusterTable, HopKey, ProxyConfig};
+use cairn_agent::proxy::{ClusterTable, HopKey, ProxyConfig, TlsTable};
 use cairn_agent::{Backend, Proxy, ReplicaId};
 use cairn_schema::Name;
 
@@ -23,6 +25,8 @@ fn main() -> Result<(), String> {
     let mut routes = Vec::new();
     let mut cluster = None;
     let mut key = None;
+    let mut tls_listen: Option<SocketAddr> = None;
+    let mut tls_table = None;
     let mut cfg = ProxyConfig::default();
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
@@ -55,6 +59,16 @@ fn main() -> Result<(), String> {
                     Some(v.parse().map_err(|e| format!("--max-body: {e}"))?)
                 };
             }
+            "--tls-listen" => {
+                tls_listen = Some(value()?.parse().map_err(|e| format!("--tls-listen: {e}"))?);
+            }
+            "--tls-table" => {
+                let text =
+                    std::fs::read_to_string(value()?).map_err(|e| format!("--tls-table: {e}"))?;
+                let table: TlsTable =
+                    serde_json::from_str(&text).map_err(|e| format!("--tls-table: {e}"))?;
+                tls_table = Some(table);
+            }
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -77,6 +91,12 @@ fn main() -> Result<(), String> {
             proxy.install_cluster(t);
         }
         proxy.set_hop_key(key);
+        if let Some(t) = tls_table {
+            let report = proxy.install_tls(t);
+            if let Some(e) = report.rejected.first() {
+                return Err(format!("--tls-table: {e}"));
+            }
+        }
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
@@ -84,15 +104,41 @@ fn main() -> Result<(), String> {
             "listening {}",
             listener.local_addr().map_err(|e| e.to_string())?
         );
-        let stop = async {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                    .expect("a SIGTERM handler installs");
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
+        let tls = match tls_listen {
+            Some(addr) => {
+                let tcp = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+                let tls = proxy.tls_listener(tcp).map_err(|e| e.to_string())?;
+                println!("tls {}", tls.local_addr().map_err(|e| e.to_string())?);
+                Some(tls)
+            }
+            None => None,
+        };
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let stopped = move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
             }
         };
-        proxy.serve(listener, stop).await.map_err(|e| e.to_string())
+        let tls_task = tls.map(|l| tokio::spawn(proxy.clone().serve(l, stopped())));
+        let plain = tokio::spawn(proxy.serve(listener, stopped()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("a SIGTERM handler installs");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        let _ = stop_tx.send(true);
+        if let Some(t) = tls_task {
+            t.await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        plain
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
     })
 }

@@ -84,6 +84,10 @@ pub struct Args {
     /// The node proxy's listen address (docker and process drivers)
     #[arg(long, default_value = "127.0.0.1:8000")]
     proxy_listen: SocketAddr,
+    /// Also serve the node proxy over HTTPS on ADDR (e.g. `0.0.0.0:443`), with the certificates the
+    /// control plane gives this node (cached in `<data-dir>/tls`); off by default
+    #[arg(long, value_name = "ADDR")]
+    proxy_tls_listen: Option<SocketAddr>,
     /// The largest request body the proxy passes to an app without a limit of its own (413 beyond):
     /// a size such as `100MiB`, or `none`
     #[arg(long, value_name = "SIZE", default_value = "100MiB", value_parser = parse_body_limit)]
@@ -176,6 +180,8 @@ fn proxy_config(args: &Args, node: &cairn_schema::Name) -> ProxyConfig {
         pending_timeout: args.proxy_pending_timeout,
         node: Some(node.clone()),
         forward_from: (!listen.is_unspecified()).then_some(listen),
+        // Kept whether or not this node serves HTTPS now, so a later `--proxy-tls-listen` starts with them.
+        tls_cache: Some(args.data_dir.join("tls")),
         ..ProxyConfig::default()
     }
 }
@@ -441,6 +447,17 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
                 Arc::new(driver)
             };
             let proxy = Proxy::new(proxy_config(&args, &joined.node));
+            // Before any listener accepts: HTTPS works from the cache while the control plane is away.
+            match proxy.load_tls_cache() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(certificates = n, "certificates loaded from the cache"),
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{:#}", anyhow::Error::from(e)),
+                        "the certificate cache cannot be read; HTTPS waits for the control plane"
+                    )
+                }
+            }
             if let Some(path) = &args.proxy_hop_key_file {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read the hop key file {}", path.display()))?;
@@ -487,10 +504,30 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
                     },
                 ));
             }
+            let tls_task = match args.proxy_tls_listen {
+                Some(addr) => {
+                    let tcp = tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                        format!("the node proxy cannot listen for HTTPS on {addr}")
+                    })?;
+                    let listener = proxy.tls_listener(tcp)?;
+                    tracing::info!(addr = %addr, "node proxy listening for HTTPS");
+                    let mut stop = stop.clone();
+                    Some(tokio::spawn(proxy.clone().serve(listener, async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    })))
+                }
+                None => None,
+            };
             let mut stop = stop.clone();
-            proxy_task = Some(tokio::spawn(proxy.serve(listener, async move {
+            let plain = tokio::spawn(proxy.serve(listener, async move {
                 let _ = stop.wait_for(|s| *s).await;
-            })));
+            }));
+            proxy_task = Some(async move {
+                let _ = plain.await;
+                if let Some(t) = tls_task {
+                    let _ = t.await;
+                }
+            });
             Arc::new(DriverRunner::new(deployer))
         }
     };
@@ -514,7 +551,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
     tracing::info!(node = %agent.node(), driver = ?args.driver, concurrency = args.concurrency, "agent running");
     let result = agent.run(stop).await;
     if let Some(t) = proxy_task {
-        let _ = t.await;
+        t.await;
     }
     match result {
         Err(AgentError::Revoked) => {
@@ -549,6 +586,10 @@ mod tests {
             "0s",
             "--metrics-listen",
             "127.0.0.1:9100",
+            "--proxy-tls-listen",
+            "0.0.0.0:443",
+            "--data-dir",
+            "/srv/agent",
         ])
         .unwrap();
         let cfg = proxy_config(&args, &cairn_schema::Name::new("node-a").unwrap());
@@ -559,12 +600,15 @@ mod tests {
         assert_eq!(cfg.header_timeout, Duration::from_secs(30));
         assert_eq!(cfg.forward_from, Some("10.0.0.7".parse().unwrap()));
         assert_eq!(cfg.node.as_ref().map(|n| n.as_str()), Some("node-a"));
+        assert_eq!(args.proxy_tls_listen, Some("0.0.0.0:443".parse().unwrap()));
+        assert_eq!(cfg.tls_cache, Some(PathBuf::from("/srv/agent/tls")));
         let args = Args::try_parse_from(["cairn-agent", "--server", "https://cp.example"]).unwrap();
         let cfg = proxy_config(&args, &cairn_schema::Name::new("node-a").unwrap());
         assert_eq!(cfg.max_body_bytes, Some(crate::proxy::DEFAULT_MAX_BODY));
         assert_eq!(cfg.forward_from, Some("127.0.0.1".parse().unwrap()));
         assert_eq!(cfg.pending_timeout, crate::proxy::DEFAULT_PENDING_TIMEOUT);
         assert_eq!(args.metrics_listen, None);
+        assert_eq!(args.proxy_tls_listen, None, "HTTPS is off by default");
     }
 
     #[test]

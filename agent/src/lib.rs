@@ -54,7 +54,10 @@ pub use driver::{
     Driver, DriverError, DriverKind, ImageId, Replica, ReplicaId, ReplicaState, ReplicaStatus,
 };
 pub use logs::{LogLine, LogSink, LogStream};
-pub use proxy::{Backend, ClusterTable, HopKey, Listener, Proxy, ProxyConfig, RouteInfo};
+pub use proxy::{
+    Backend, ClusterTable, HopKey, Listener, Proxy, ProxyConfig, RouteInfo, TlsCertificate,
+    TlsTable,
+};
 pub use runner::{DriverRunner, Runner};
 pub use source::{Checkout, FetchKind, Resolve, Rewrite, Rewrites, SourceError, Sources};
 pub use spec::{BuildSpec, HealthSpec, ImageRef, Limits, ReplicaSpec, SourceSpec, SpecError};

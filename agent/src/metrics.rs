@@ -15,6 +15,9 @@
 //! | `cairn_proxy_pending_wait_seconds` | histogram | `outcome` | how long those requests waited |
 //! | `cairn_proxy_refused_hops_total` | counter | | requests marked as an internal hop that were not authenticated (403) |
 //! | `cairn_proxy_cluster_generation` | gauge | | the installed cluster table's generation (0: none) |
+//! | `cairn_proxy_tls_handshakes_total` | counter | `outcome` | TLS handshakes on the HTTPS listener (`outcome`: ok; failed, for any reason, an unknown name among them) |
+//! | `cairn_proxy_tls_unknown_names_total` | counter | | TLS handshakes refused because no certificate covers their SNI (or they sent none) |
+//! | `cairn_proxy_tls_certificates` | gauge | | certificates installed and served |
 //!
 //! What it must not do: put an app, node or host name, an address or anything else unbounded in a label
 //! (every label value is one of the fixed sets above), or serve anything but `GET /metrics`.
@@ -154,6 +157,9 @@ pub struct ProxyMetrics {
     pending_wait: Histograms<OutcomeLabel>,
     refused_hops: Counter,
     cluster_generation: Gauge,
+    tls_handshakes: Family<OutcomeLabel, Counter>,
+    tls_unknown_names: Counter,
+    tls_certificates: Gauge,
 }
 
 impl Default for ProxyMetrics {
@@ -177,6 +183,9 @@ impl ProxyMetrics {
             pending_wait: Family::new_with_constructor(pending_buckets),
             refused_hops: Counter::default(),
             cluster_generation: Gauge::default(),
+            tls_handshakes: Family::default(),
+            tls_unknown_names: Counter::default(),
+            tls_certificates: Gauge::default(),
         };
         registry.register(
             "requests",
@@ -220,6 +229,21 @@ impl ProxyMetrics {
             "cluster_generation",
             "The installed cluster route table's generation (0: none installed)",
             m.cluster_generation.clone(),
+        );
+        registry.register(
+            "tls_handshakes",
+            "TLS handshakes on the HTTPS listener, by outcome (failed includes unknown names)",
+            m.tls_handshakes.clone(),
+        );
+        registry.register(
+            "tls_unknown_names",
+            "TLS handshakes refused because no certificate covers their SNI, or they sent none",
+            m.tls_unknown_names.clone(),
+        );
+        registry.register(
+            "tls_certificates",
+            "Certificates installed and served",
+            m.tls_certificates.clone(),
         );
         m.zero();
         let request_series = Route::ALL.map(|route| {
@@ -265,6 +289,9 @@ impl ProxyMetrics {
             };
             drop(self.pending.get_or_create(&l));
             drop(self.pending_wait.get_or_create(&l));
+        }
+        for outcome in ["ok", "failed"] {
+            drop(self.tls_handshakes.get_or_create(&OutcomeLabel { outcome }));
         }
     }
 
@@ -364,6 +391,38 @@ impl ProxyMetrics {
             .set(i64::try_from(generation).unwrap_or(i64::MAX));
     }
 
+    /// A TLS handshake ended, `ok` or not.
+    pub fn tls_handshake(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.tls_handshakes
+            .get_or_create(&OutcomeLabel { outcome })
+            .inc();
+    }
+
+    /// TLS handshakes that ended `ok` (or not) so far.
+    pub fn tls_handshakes(&self, ok: bool) -> u64 {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.tls_handshakes
+            .get_or_create(&OutcomeLabel { outcome })
+            .get()
+    }
+
+    /// A TLS handshake named no certificate's name.
+    pub fn tls_unknown_name(&self) {
+        self.tls_unknown_names.inc();
+    }
+
+    /// TLS handshakes refused for their name so far.
+    pub fn tls_unknown_names(&self) -> u64 {
+        self.tls_unknown_names.get()
+    }
+
+    /// `n` certificates are served now.
+    pub fn tls_installed(&self, n: usize) {
+        self.tls_certificates
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// The exposition, every series.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -452,6 +511,9 @@ mod tests {
         m.unserved_forward(UnservedReason::Miss);
         m.pending(PendingOutcome::Served, Duration::from_millis(300));
         m.cluster_installed(7);
+        m.tls_handshake(false);
+        m.tls_unknown_name();
+        m.tls_installed(3);
         let text = m.render();
         for line in [
             "cairn_proxy_requests_total{route=\"local\",class=\"2xx\"} 1",
@@ -467,6 +529,10 @@ mod tests {
             "cairn_proxy_websockets 0",
             "cairn_proxy_refused_hops_total 0",
             "cairn_proxy_cluster_generation 7",
+            "cairn_proxy_tls_handshakes_total{outcome=\"ok\"} 0",
+            "cairn_proxy_tls_handshakes_total{outcome=\"failed\"} 1",
+            "cairn_proxy_tls_unknown_names_total 1",
+            "cairn_proxy_tls_certificates 3",
             "# EOF",
         ] {
             assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");

@@ -43,14 +43,19 @@
 //! lists the series).
 //!
 //! Bounded like `cairn serve`'s listener: the descriptor limit is raised to the hard limit when it starts
-//! serving, connections are capped below it ([`ProxyConfig::max_connections`]; each may hold a second
-//! descriptor towards a replica), and a connection must send a request's complete headers within
+//! serving, connections are capped below it over all listeners ([`ProxyConfig::max_connections`]; each
+//! may hold a second descriptor towards a replica), and a connection must send a request's complete headers within
 //! [`ProxyConfig::header_timeout`] of connecting or of its previous response (hyper's
 //! `header_read_timeout`, also the keep-alive idle timeout; it closes the connection without an answer).
 //! At the cap new connections wait in the kernel's backlog.
 //!
-//! TLS comes later through [`Listener`]: a TLS listener yields streams that are already (or lazily)
-//! decrypted, and reports `https` as its scheme.
+//! HTTPS ([`tls`]): a second listener ([`Proxy::tls_listener`]) serves the same routes over TLS, with the
+//! certificate picked by SNI from the TLS table ([`Proxy::install_tls`], one swap, cached on disk and
+//! loaded at start: [`Proxy::load_tls_cache`]); its requests carry `https` in the forwarding headers and,
+//! when the host's policy says so, `Strict-Transport-Security`. On the plain listener the proxy itself
+//! answers ACME HTTP-01 challenges (`/.well-known/acme-challenge/<token>`, from the table, never
+//! forwarded) and sends a host whose policy asks for it to `https://` with a 308; neither applies to a
+//! request that came over the internal hop (its first node already did).
 //!
 //! What it must not do: route to anything but the loopback replica addresses the deployer gives it and the
 //! node addresses of the cluster table, route to a replica before its health check passed (only the
@@ -61,6 +66,7 @@
 mod body;
 pub mod cluster;
 mod headers;
+pub mod tls;
 mod tunnel;
 
 use std::collections::{BTreeMap, HashMap};
@@ -91,6 +97,7 @@ use body::{Cut, CutFlag, Gate, Limited, Replayable, Tracked};
 use cluster::{Cluster, RemoteRoute};
 pub use cluster::{ClusterApp, ClusterNode, ClusterTable, HOP_HEADER, HOP_MISS_HEADER, HopKey};
 use headers::Origin;
+pub use tls::{HostPolicy, TlsCertificate, TlsError, TlsListener, TlsReport, TlsTable};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -98,8 +105,8 @@ type ProxyBody = BoxBody<Bytes, BoxError>;
 /// The proxy's listen address unless the operator gives another.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8000";
 
-/// Where the proxy accepts connections. Plain TCP today; a TLS listener (ACME certificates) implements the
-/// same trait later, yielding decrypted streams and `https` as its scheme.
+/// Where the proxy accepts connections: plain TCP, or TLS ([`TlsListener`], decrypted streams and `https`
+/// as its scheme).
 pub trait Listener: Send + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     fn accept(&mut self) -> impl Future<Output = std::io::Result<(Self::Io, SocketAddr)>> + Send;
@@ -139,7 +146,8 @@ pub struct ProxyConfig {
     pub max_body_bytes: Option<u64>,
     /// An upgraded connection (WebSocket) with no byte either way for this long is closed.
     pub upgrade_idle_timeout: Duration,
-    /// Client connections at most; `None`: from the descriptor limit ([`connection_cap`]).
+    /// Client connections at most, over all of the proxy's listeners; `None`: from the descriptor limit
+    /// ([`connection_cap`]).
     pub max_connections: Option<usize>,
     /// This node's name in the cluster table (left out when forwarding).
     pub node: Option<Name>,
@@ -150,6 +158,8 @@ pub struct ProxyConfig {
     /// How long a request no node can serve waits for the tables to name one (a replica moving between
     /// nodes) before its 503; zero answers at once.
     pub pending_timeout: Duration,
+    /// Where the installed certificates are cached (the agent's `<data-dir>/tls`); `None`: not cached.
+    pub tls_cache: Option<std::path::PathBuf>,
 }
 
 /// How long a request waits for a route by default (`cairn-agent --proxy-pending-timeout`).
@@ -204,6 +214,7 @@ impl Default for ProxyConfig {
             node: None,
             forward_from: None,
             pending_timeout: DEFAULT_PENDING_TIMEOUT,
+            tls_cache: None,
         }
     }
 }
@@ -295,8 +306,15 @@ pub struct Proxy {
     table: ArcSwap<Table>,
     cluster: ArcSwap<Cluster>,
     hop_key: ArcSwapOption<HopKey>,
+    /// The TLS table, shared with the TLS listeners' certificate resolver.
+    tls: Arc<ArcSwap<tls::Certs>>,
+    tls_cache: Option<tls::Cache>,
     /// Serializes writers; readers never wait.
     writer: Mutex<()>,
+    /// Serializes TLS installs (which write the cache) apart from route changes.
+    tls_writer: Mutex<()>,
+    /// The connection cap, shared by every listener [`Proxy::serve`] is given (set by the first).
+    permits: std::sync::OnceLock<Arc<tokio::sync::Semaphore>>,
     /// To this node's replicas.
     client: Client<HttpConnector, ProxyBody>,
     /// To other nodes' proxies (its own pool, from [`ProxyConfig::forward_from`]).
@@ -340,7 +358,11 @@ impl Proxy {
             table: ArcSwap::from_pointee(Table::default()),
             cluster: ArcSwap::from_pointee(Cluster::default()),
             hop_key: ArcSwapOption::empty(),
+            tls: Arc::new(ArcSwap::from_pointee(tls::Certs::default())),
+            tls_cache: cfg.tls_cache.clone().map(tls::Cache::new),
             writer: Mutex::new(()),
+            tls_writer: Mutex::new(()),
+            permits: std::sync::OnceLock::new(),
             client,
             changes: watch::Sender::new(0),
             metrics: Arc::new(ProxyMetrics::new()),
@@ -368,6 +390,76 @@ impl Proxy {
         self.metrics.cluster_installed(generation);
         self.changed();
         true
+    }
+
+    /// Installs the TLS table (one swap): its usable certificates, host policy and ACME challenge
+    /// answers replace the installed ones; new TLS handshakes use them at once, open connections keep
+    /// theirs. The certificates are cached on disk (when [`ProxyConfig::tls_cache`] is set), those no
+    /// longer in the table deleted there. A certificate that cannot be served is left out and reported.
+    /// The cache is written after the swap, synchronously (small files, fsynced: milliseconds, and
+    /// nothing when they did not change).
+    pub fn install_tls(&self, table: TlsTable) -> TlsReport {
+        let _w = self.tls_writer.lock().unwrap_or_else(|p| p.into_inner());
+        let (certs, rejected) = tls::Certs::compile(&table);
+        for e in &rejected {
+            tracing::warn!(error = %error_chain(e), "a certificate cannot be served: left out");
+        }
+        let installed = certs.ids().count();
+        let certs = Arc::new(certs);
+        self.tls.store(certs.clone());
+        self.metrics.tls_installed(installed);
+        tracing::debug!(
+            certificates = installed,
+            rejected = rejected.len(),
+            challenges = table.challenges.len(),
+            "TLS table installed"
+        );
+        let cache = self.tls_cache.as_ref().and_then(|cache| {
+            let stored = cache.store(&table, &certs.served_in(&table)).err();
+            if let Some(e) = &stored {
+                tracing::warn!(error = %error_chain(e), "the certificates cannot be cached on disk (they are served anyway)");
+            }
+            stored
+        });
+        TlsReport {
+            installed,
+            rejected,
+            cache,
+        }
+    }
+
+    /// Installs the certificates cached on disk by an earlier install (without writing the cache
+    /// again); call it before serving. Returns how many are served; none without a cache.
+    pub fn load_tls_cache(&self) -> Result<usize, TlsError> {
+        let Some(cache) = &self.tls_cache else {
+            return Ok(0);
+        };
+        let _w = self.tls_writer.lock().unwrap_or_else(|p| p.into_inner());
+        let table = cache.load()?;
+        let (certs, rejected) = tls::Certs::compile(&table);
+        for e in &rejected {
+            tracing::warn!(error = %error_chain(e), "a cached certificate cannot be served: left out");
+        }
+        let n = certs.ids().count();
+        self.tls.store(Arc::new(certs));
+        self.metrics.tls_installed(n);
+        Ok(n)
+    }
+
+    /// The ids of the certificates served now.
+    pub fn tls_certificates(&self) -> Vec<String> {
+        self.tls.load().ids().map(str::to_owned).collect()
+    }
+
+    /// An HTTPS listener on `tcp` serving the certificates this proxy installs; give it to
+    /// [`Proxy::serve`] beside the plain one.
+    pub fn tls_listener(&self, tcp: tokio::net::TcpListener) -> Result<TlsListener, TlsError> {
+        let config = tls::server_config(self.tls.clone(), self.metrics.clone())?;
+        Ok(TlsListener {
+            tcp,
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            metrics: self.metrics.clone(),
+        })
     }
 
     /// Wakes the requests waiting for a route.
@@ -526,7 +618,8 @@ impl Proxy {
         }
     }
 
-    /// Serves until `shutdown` completes, then lets open connections finish (bounded).
+    /// Serves until `shutdown` completes, then lets open connections finish (bounded). Called once per
+    /// listener (the plain one, and the TLS one if any); they share the connection cap.
     pub async fn serve<L: Listener>(
         self: Arc<Self>,
         mut listener: L,
@@ -554,7 +647,11 @@ impl Proxy {
             .max_concurrent_streams(256)
             .keep_alive_interval(Some(self.cfg.header_timeout))
             .keep_alive_timeout(Duration::from_secs(20));
-        let permits = Arc::new(tokio::sync::Semaphore::new(cap));
+        // One cap for the plain and the TLS listener together: both spend the same descriptors.
+        let permits = self
+            .permits
+            .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(cap)))
+            .clone();
         tokio::pin!(shutdown);
         loop {
             let permit = tokio::select! {
@@ -620,13 +717,73 @@ impl Proxy {
         peer: SocketAddr,
         scheme: &'static str,
     ) -> Response<ProxyBody> {
+        let https = scheme == "https";
+        if !https && let Some(res) = self.plain_answer(&req) {
+            self.metrics.request(Route::None, res.status());
+            return res;
+        }
+        let hsts = if https { self.hsts(&req) } else { None };
         let (mut res, route) = self.route(req, peer, scheme).await;
         if route != Route::Hop {
             // The miss marker answers an internal hop only; a client never sees it.
             res.headers_mut().remove(HOP_MISS_HEADER);
         }
+        if let Some(v) = hsts {
+            res.headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, v);
+        }
         self.metrics.request(route, res.status());
         res
+    }
+
+    /// What the plain listener answers itself: an ACME HTTP-01 challenge (from the TLS table, 404 for a
+    /// token it does not hold), or a 308 to `https://` for a host whose policy asks for it and that has
+    /// a certificate. Neither for an internal hop.
+    fn plain_answer<B>(&self, req: &Request<B>) -> Option<Response<ProxyBody>> {
+        if req.headers().contains_key(HOP_HEADER) {
+            return None;
+        }
+        let certs = self.tls.load();
+        if let Some(token) = req.uri().path().strip_prefix(tls::CHALLENGE_PREFIX) {
+            return Some(match certs.challenge(token) {
+                Some(answer) => {
+                    let mut res = Response::new(Full::new(answer).map_err(|n| match n {}).boxed());
+                    res.headers_mut()
+                        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                    res.headers_mut()
+                        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                    res
+                }
+                None => own_answer(
+                    StatusCode::NOT_FOUND,
+                    "cairn: no such ACME challenge on this node\n".into(),
+                ),
+            });
+        }
+        if !certs.any_redirect() {
+            return None;
+        }
+        let host = request_host(req)?;
+        if !certs.redirects(&host) {
+            return None;
+        }
+        let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let location = HeaderValue::from_str(&format!("https://{host}{pq}")).ok()?;
+        let mut res = own_answer(
+            StatusCode::PERMANENT_REDIRECT,
+            format!("cairn: `{host}` is served over HTTPS\n"),
+        );
+        res.headers_mut().insert(header::LOCATION, location);
+        Some(res)
+    }
+
+    /// The `Strict-Transport-Security` value for an HTTPS request, if its host's policy sets one.
+    fn hsts<B>(&self, req: &Request<B>) -> Option<HeaderValue> {
+        let certs = self.tls.load();
+        if !certs.any_hsts() {
+            return None;
+        }
+        certs.hsts(&request_host(req)?)
     }
 
     /// The tables' view of `host`: its app, this node's route and (unless the request is a hop, or this
@@ -1166,6 +1323,18 @@ fn normalize_hosts(hosts: &[String]) -> Vec<String> {
     v.sort();
     v.dedup();
     v
+}
+
+/// An error with its sources, for a log line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 /// Counts a request against its backend until the response body is finished or dropped.

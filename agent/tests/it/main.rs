@@ -18,3 +18,4 @@ mod restart;
 mod secrets;
 mod source;
 mod support;
+mod tls;
