@@ -1,26 +1,30 @@
-//! Keeps the node proxy's cluster table current: long-polls `GET /agent/v1/routes` with the generation
-//! it holds and installs each new table ([`crate::proxy::Proxy::install_cluster`]), and the hop key that
-//! comes with it, sealed to this node ([`crate::proxy::Proxy::set_hop_key`]).
+//! Keeps the node proxy's cluster table current: long-polls `GET /agent/v1/routes` with the generations
+//! it holds and installs each new route table ([`crate::proxy::Proxy::install_cluster`]), TLS table
+//! (certificates with their keys opened with this node's identity, host policies, ACME challenges:
+//! [`crate::proxy::Proxy::install_tls`]) and the hop key, sealed to this node
+//! ([`crate::proxy::Proxy::set_hop_key`]).
 //!
 //! The control plane's table names nodes by `host:port`; here each is resolved once per table to the
 //! socket address the proxy forwards to and accepts hops from. A node whose address does not resolve is
 //! left out (its apps are served by the others, or wait) and logged. Installed tables are numbered by a
 //! counter of this process, so a table received later always replaces an earlier one.
 //!
-//! What it must not do: log the hop key or its plaintext (only its id), stop on a failed poll (it retries
-//! with a backoff, keeping the table it has), or install a key it could not decrypt.
+//! What it must not do: log the hop key or a certificate key (only ids), stop on a failed poll (it
+//! retries with a backoff, keeping the tables it has), or install a key it could not decrypt (that
+//! certificate is left out; the others are served).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_proto::routes::{RouteTable, RoutesQuery, RoutesResponse, SealedHopKey};
+use cairn_proto::routes::{RouteTable, RoutesQuery, RoutesResponse, SealedHopKey, TlsTable};
 use cairn_schema::Identity;
 use cairn_schema::error::chain;
 use tokio::sync::watch;
 
 use crate::client::{Client, ClientError};
 use crate::proxy::{ClusterApp, ClusterNode, ClusterTable, HopKey, Proxy};
+use crate::proxy::{HostPolicy, TlsCertificate};
 
 /// How long one long-poll asks the control plane to wait.
 const POLL_WAIT: Duration = Duration::from_secs(25);
@@ -36,12 +40,14 @@ pub async fn follow(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut generation = String::new();
+    let mut tls = String::new();
     let mut key = String::new();
     let mut installed: u64 = 0;
     let mut backoff = Duration::from_millis(250);
     loop {
         let q = RoutesQuery {
             generation: generation.clone(),
+            tls: tls.clone(),
             key: key.clone(),
             wait_ms: u64::try_from(POLL_WAIT.as_millis()).unwrap_or(25_000),
         };
@@ -51,7 +57,11 @@ pub async fn follow(
         };
         match answer {
             Ok(None) => backoff = Duration::from_millis(250),
-            Ok(Some(RoutesResponse { table, hop_key })) => {
+            Ok(Some(RoutesResponse {
+                table,
+                hop_key,
+                tls: tls_table,
+            })) => {
                 backoff = Duration::from_millis(250);
                 if let Some(sealed) = hop_key {
                     match (static_key, open(&identity, &sealed)) {
@@ -66,13 +76,20 @@ pub async fn follow(
                         }
                     }
                 }
-                installed += 1;
-                let cluster = resolve(&table, installed).await;
-                let apps = cluster.apps.len();
-                if proxy.install_cluster(cluster) {
-                    tracing::info!(generation = %table.generation, apps, "cluster routes installed");
+                if let Some(table) = table {
+                    installed += 1;
+                    let cluster = resolve(&table, installed).await;
+                    let apps = cluster.apps.len();
+                    if proxy.install_cluster(cluster) {
+                        tracing::info!(generation = %table.generation, apps, "cluster routes installed");
+                    }
+                    generation = table.generation;
                 }
-                generation = table.generation;
+                if let Some(t) = tls_table {
+                    let report = proxy.install_tls(opened(&identity, &t));
+                    tracing::info!(generation = %t.generation, certificates = report.installed, rejected = report.rejected.len(), challenges = t.challenges.len(), "TLS table installed");
+                    tls = t.generation;
+                }
             }
             Err(ClientError::Unauthorized(_)) => {
                 // The agent loop sees the refusal too, and stops the agent.
@@ -101,6 +118,43 @@ fn open(identity: &Identity, sealed: &SealedHopKey) -> Result<HopKey, String> {
         .map_err(|e| chain(&e))?;
     let text = plain.expose_str().map_err(|e| chain(&e))?;
     HopKey::new(text)
+}
+
+/// The proxy's TLS table for `t`: every certificate whose key this node can open (one it cannot is
+/// logged by id and left out).
+fn opened(identity: &Identity, t: &TlsTable) -> crate::proxy::TlsTable {
+    let mut out = crate::proxy::TlsTable::default();
+    for c in &t.certificates {
+        let key = identity
+            .decrypt(&c.key)
+            .map_err(|e| chain(&e))
+            .and_then(|k| k.expose_str().map(str::to_owned).map_err(|e| chain(&e)));
+        match key {
+            Ok(k) => out.certificates.push(TlsCertificate {
+                id: c.id.clone(),
+                names: c.names.clone(),
+                chain_pem: c.chain_pem.clone(),
+                key_pem: zeroize::Zeroizing::new(k),
+            }),
+            Err(e) => {
+                tracing::error!(certificate = %c.id, error = %e, "cannot open a certificate key sealed to this node; it is not served")
+            }
+        }
+    }
+    for h in &t.hosts {
+        out.hosts.insert(
+            h.host.clone(),
+            HostPolicy {
+                redirect_http: h.redirect_http,
+                hsts: h.hsts_max_age,
+            },
+        );
+    }
+    for c in &t.challenges {
+        out.challenges
+            .insert(c.token.clone(), c.key_authorization.clone());
+    }
+    out
 }
 
 /// The proxy's table for `table`, numbered `installed`, with each node's address resolved.

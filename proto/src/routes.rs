@@ -1,11 +1,15 @@
 //! The cluster route table: where each app has healthy replicas, so every ingress node serves every app.
 //!
-//! `GET /agent/v1/routes?generation=G&key=K&wait_ms=MS` answers a [`RoutesResponse`] (the whole
-//! [`RouteTable`]) when the table's generation is not `G` or the cluster's hop key is not `K`, at once,
+//! `GET /agent/v1/routes?generation=G&key=K&tls=T&wait_ms=MS` answers a [`RoutesResponse`] (the whole
+//! [`RouteTable`] when its generation is not `G`, the TLS table when its generation is not `T`) when
+//! either differs or the cluster's hop key is not `K`, at once,
 //! or as soon as either changes within `wait_ms` (a long-poll, at most [`MAX_ROUTES_WAIT_MS`]);
 //! otherwise `204 No Content` when the wait runs out. An agent therefore transfers the table only when it
 //! changed, never per request or per heartbeat. The generation is a digest of the table's content, so
 //! every control plane computes the same one for the same state.
+//!
+//! The TLS table ([`TlsTable`]: certificates, host policies, ACME challenges) travels the same way, with
+//! its own generation (`tls`), so a challenge coming and going does not resend the route table.
 //!
 //! The hop key (what one node's proxy shows another's to be served a forwarded request) is never in the
 //! table itself: the agent names the key it holds by its id (`key`), and the answer carries the current
@@ -57,6 +61,9 @@ pub struct RoutesQuery {
     /// The generation the agent holds (empty: none).
     #[serde(default)]
     pub generation: String,
+    /// The generation of the TLS table the agent holds (empty: none).
+    #[serde(default)]
+    pub tls: String,
     /// The id of the hop key the agent holds (empty: none).
     #[serde(default)]
     pub key: String,
@@ -68,14 +75,106 @@ pub struct RoutesQuery {
 /// The longest a routes long-poll waits.
 pub const MAX_ROUTES_WAIT_MS: u64 = 30_000;
 
-/// The answer of `GET /agent/v1/routes` when something changed.
+/// The answer of `GET /agent/v1/routes` when something changed: what changed, each part whole.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RoutesResponse {
-    pub table: RouteTable,
+    /// The route table, when its generation is not the one the agent named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<RouteTable>,
     /// The cluster's hop key sealed to this node, when the agent did not name it as the one it holds
     /// (`None`: the control plane has none to give, or the agent holds it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hop_key: Option<SealedHopKey>,
+    /// The TLS table, when its generation is not the one the agent named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsTable>,
+}
+
+/// What the ingress nodes need for HTTPS: the certificates (keys sealed to the asking node), each
+/// host's redirect and HSTS policy, and the ACME HTTP-01 answers every node must give while an order or
+/// a self-probe runs. Its generation is a digest of everything but the sealed keys' ciphertexts (which
+/// differ per node and per sealing), so it changes when a certificate, a policy or a challenge does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsTable {
+    pub generation: String,
+    #[serde(default)]
+    pub certificates: Vec<SealedCertificate>,
+    #[serde(default)]
+    pub hosts: Vec<HostTls>,
+    #[serde(default)]
+    pub challenges: Vec<AcmeChallenge>,
+}
+
+/// One certificate: its chain in the clear, its private key sealed to the node.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedCertificate {
+    /// Names the certificate's name set: stable across renewals (the chain tells them apart).
+    pub id: String,
+    /// The names it serves (lowercase; `*.example.com` for a wildcard).
+    pub names: Vec<String>,
+    pub chain_pem: String,
+    pub key: Ciphertext,
+}
+
+impl std::fmt::Debug for SealedCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedCertificate")
+            .field("id", &self.id)
+            .field("names", &self.names)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a host with a certificate is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostTls {
+    pub host: String,
+    /// Plain HTTP answers 308 to `https://` (the ACME challenge path excepted).
+    pub redirect_http: bool,
+    /// `Strict-Transport-Security: max-age=N` on HTTPS answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hsts_max_age: Option<u64>,
+}
+
+/// An ACME HTTP-01 answer: `GET /.well-known/acme-challenge/<token>` answers `key_authorization`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcmeChallenge {
+    pub token: String,
+    pub key_authorization: String,
+}
+
+impl TlsTable {
+    /// The generation of a table of these parts, sorted as [`TlsTable::new`] sorts them: certificates
+    /// as `(id, names, chain)`, never their keys.
+    pub fn generation_of(
+        certificates: &[(&str, &[String], &str)],
+        hosts: &[HostTls],
+        challenges: &[AcmeChallenge],
+    ) -> String {
+        digest(&(certificates, hosts, challenges))
+    }
+
+    /// The table for these parts (sorted here), with its generation.
+    pub fn new(
+        mut certificates: Vec<SealedCertificate>,
+        mut hosts: Vec<HostTls>,
+        mut challenges: Vec<AcmeChallenge>,
+    ) -> TlsTable {
+        certificates.sort_by(|a, b| a.id.cmp(&b.id));
+        hosts.sort_by(|a, b| a.host.cmp(&b.host));
+        challenges.sort_by(|a, b| a.token.cmp(&b.token));
+        let parts: Vec<(&str, &[String], &str)> = certificates
+            .iter()
+            .map(|c| (c.id.as_str(), c.names.as_slice(), c.chain_pem.as_str()))
+            .collect();
+        let generation = TlsTable::generation_of(&parts, &hosts, &challenges);
+        TlsTable {
+            generation,
+            certificates,
+            hosts,
+            challenges,
+        }
+    }
 }
 
 /// The cluster's hop key, sealed to one node: an age ciphertext (armored) of the key's 32 bytes in hex.

@@ -18,7 +18,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_proto::routes::{AppRoute, RouteNode, RouteTable, SealedHopKey};
+use cairn_proto::routes::{
+    AcmeChallenge, AppRoute, HostTls, RouteNode, RouteTable, SealedCertificate, SealedHopKey,
+    TlsTable,
+};
 use cairn_schema::{Identity, Recipient, SecretError};
 use sqlx::PgPool;
 use tokio::sync::{Notify, watch};
@@ -32,13 +35,88 @@ use crate::worker::{Shutdown, Worker};
 #[derive(Debug, Clone)]
 pub struct Routes {
     tx: Arc<watch::Sender<Arc<RouteTable>>>,
+    tls: Arc<watch::Sender<Arc<TlsSource>>>,
     dirty: Arc<Notify>,
+}
+
+/// What the TLS table is made of, before its keys are sealed to a node: the certificates with their keys
+/// sealed to the control plane's own recipient, each host's policy, the ACME challenges in flight.
+#[derive(Debug, Clone)]
+pub struct TlsSource {
+    /// The [`TlsTable`] generation every node's table of this source has.
+    pub generation: String,
+    pub certificates: Vec<HeldCertificate>,
+    pub hosts: Vec<HostTls>,
+    pub challenges: Vec<AcmeChallenge>,
+}
+
+/// A certificate as the control plane holds it.
+#[derive(Debug, Clone)]
+pub struct HeldCertificate {
+    pub id: String,
+    pub names: Vec<String>,
+    pub chain_pem: String,
+    /// Sealed to the control plane's recipient.
+    pub key: cairn_schema::Ciphertext,
+}
+
+impl TlsSource {
+    pub fn new(
+        mut certificates: Vec<HeldCertificate>,
+        mut hosts: Vec<HostTls>,
+        mut challenges: Vec<AcmeChallenge>,
+    ) -> TlsSource {
+        certificates.sort_by(|a, b| a.id.cmp(&b.id));
+        hosts.sort_by(|a, b| a.host.cmp(&b.host));
+        challenges.sort_by(|a, b| a.token.cmp(&b.token));
+        let parts: Vec<(&str, &[String], &str)> = certificates
+            .iter()
+            .map(|c| (c.id.as_str(), c.names.as_slice(), c.chain_pem.as_str()))
+            .collect();
+        let generation = TlsTable::generation_of(&parts, &hosts, &challenges);
+        TlsSource {
+            generation,
+            certificates,
+            hosts,
+            challenges,
+        }
+    }
+
+    /// The table for one node: every key opened with `identity` and sealed to `recipient`.
+    pub fn seal(
+        &self,
+        identity: &Identity,
+        recipient: &Recipient,
+    ) -> Result<TlsTable, SecretError> {
+        let mut certificates = Vec::with_capacity(self.certificates.len());
+        for c in &self.certificates {
+            let plain = identity.decrypt(&c.key)?;
+            let key =
+                cairn_schema::secret::encrypt(plain.expose(), std::slice::from_ref(recipient))?;
+            certificates.push(SealedCertificate {
+                id: c.id.clone(),
+                names: c.names.clone(),
+                chain_pem: c.chain_pem.clone(),
+                key,
+            });
+        }
+        Ok(TlsTable::new(
+            certificates,
+            self.hosts.clone(),
+            self.challenges.clone(),
+        ))
+    }
 }
 
 impl Default for Routes {
     fn default() -> Self {
         Routes {
             tx: Arc::new(watch::Sender::new(Arc::new(RouteTable::new(
+                Vec::new(),
+                Vec::new(),
+            )))),
+            tls: Arc::new(watch::Sender::new(Arc::new(TlsSource::new(
+                Vec::new(),
                 Vec::new(),
                 Vec::new(),
             )))),
@@ -101,24 +179,71 @@ impl Routes {
         })
     }
 
-    /// The table once its generation is not `generation`: at once when it already differs, else when it
-    /// changes within `wait` (or `stop` resolves); `None` when the wait ran out.
+    /// The TLS source as last published.
+    pub fn current_tls(&self) -> Arc<TlsSource> {
+        self.tls.borrow().clone()
+    }
+
+    /// Publishes `source` unless it has the current generation; says whether it did.
+    pub fn publish_tls(&self, source: TlsSource) -> bool {
+        self.tls.send_if_modified(|current| {
+            if current.generation == source.generation {
+                false
+            } else {
+                *current = Arc::new(source);
+                true
+            }
+        })
+    }
+
+    /// What differs from the generations an agent holds (`generation` of the route table, `tls` of the
+    /// TLS table): at once when something already does, else as soon as something changes within
+    /// `wait` (or `stop` resolves); `None` when nothing did.
     pub async fn changed_from(
         &self,
         generation: &str,
+        tls: &str,
         wait: Duration,
         stop: impl std::future::Future<Output = ()>,
-    ) -> Option<Arc<RouteTable>> {
-        let mut rx = self.tx.subscribe();
-        let differs = |t: &Arc<RouteTable>| t.generation != generation;
-        tokio::select! {
-            r = tokio::time::timeout(wait, rx.wait_for(differs)) => match r {
-                Ok(Ok(t)) => Some(t.clone()),
-                _ => None,
-            },
-            () = stop => None,
+    ) -> Option<Changed> {
+        let mut tables = self.tx.subscribe();
+        let mut sources = self.tls.subscribe();
+        let look = |tables: &watch::Receiver<Arc<RouteTable>>,
+                    sources: &watch::Receiver<Arc<TlsSource>>| {
+            let t = tables.borrow().clone();
+            let s = sources.borrow().clone();
+            let changed = Changed {
+                table: (t.generation != generation).then_some(t),
+                tls: (s.generation != tls).then_some(s),
+            };
+            (changed.table.is_some() || changed.tls.is_some()).then_some(changed)
+        };
+        tables.mark_unchanged();
+        sources.mark_unchanged();
+        if let Some(c) = look(&tables, &sources) {
+            return Some(c);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        tokio::pin!(stop);
+        loop {
+            tokio::select! {
+                r = tables.changed() => if r.is_err() { return None },
+                r = sources.changed() => if r.is_err() { return None },
+                () = tokio::time::sleep_until(deadline) => return None,
+                () = &mut stop => return None,
+            }
+            if let Some(c) = look(&tables, &sources) {
+                return Some(c);
+            }
         }
     }
+}
+
+/// What changed for an agent: the parts to send it.
+#[derive(Debug, Clone)]
+pub struct Changed {
+    pub table: Option<Arc<RouteTable>>,
+    pub tls: Option<Arc<TlsSource>>,
 }
 
 /// Keeps `routes` current until `shutdown`: a refresh when poked, and every `period`.

@@ -38,7 +38,10 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::{get, post};
-use cairn_proto::routes::{MAX_ROUTES_WAIT_MS, RouteTable, RoutesQuery, SealedHopKey};
+use cairn_proto::routes::{MAX_ROUTES_WAIT_MS, RouteTable, RoutesQuery, SealedHopKey, TlsTable};
+use cairn_schema::SecretError;
+
+use crate::routes::Changed;
 use cairn_proto::{
     ActualReplica, CREDENTIAL_PREFIX, DeployPayload, Heartbeat, HeartbeatResponse,
     JOIN_TOKEN_PREFIX, JoinRequest, JoinResponse, LeaseRequest, LeaseResponse, LogBatch,
@@ -285,36 +288,51 @@ async fn route_table(
 ) -> Result<Response, ApiError> {
     let node = &auth.node.node;
     let holds_key = q.key == api.hop_key.id();
-    let table = if holds_key {
+    let changed = if holds_key {
         let wait = Duration::from_millis(q.wait_ms.min(MAX_ROUTES_WAIT_MS));
         match api
             .routes
-            .changed_from(&q.generation, wait, api.stopped())
+            .changed_from(&q.generation, &q.tls, wait, api.stopped())
             .await
         {
-            Some(t) => t,
+            Some(c) => c,
             None => return Ok(StatusCode::NO_CONTENT.into_response()),
         }
     } else {
-        api.routes.current()
+        let (table, tls) = (api.routes.current(), api.routes.current_tls());
+        Changed {
+            table: (table.generation != q.generation).then_some(table),
+            tls: (tls.generation != q.tls).then_some(tls),
+        }
     };
-    let hop_key = match (&auth.node.recipient, holds_key) {
-        (Some(recipient), false) => Some(api.hop_key.seal(recipient).map_err(|e| {
-            tracing::error!(%node, error = %error_chain(&e), "cannot seal the hop key to the node");
-            ApiError::Upstream("cannot seal the hop key to this node; try again".into())
-        })?),
+    let sealing = |e: SecretError| {
+        tracing::error!(%node, error = %error_chain(&e), "cannot seal a key to the node");
+        ApiError::Upstream("cannot seal a key to this node; try again".into())
+    };
+    let recipient = auth.node.recipient.as_ref();
+    let hop_key = match (recipient, holds_key) {
+        (Some(r), false) => Some(api.hop_key.seal(r).map_err(sealing)?),
         _ => None,
     };
-    tracing::debug!(%node, generation = %table.generation, key = hop_key.is_some(), "route table handed out");
+    // Certificates go only to a node that has a recipient, sealed by a control plane that can open them.
+    let tls = match (changed.tls, recipient, api.identity.as_deref()) {
+        (Some(source), Some(r), Some(identity)) => Some(source.seal(identity, r).map_err(sealing)?),
+        _ => None,
+    };
+    tracing::debug!(%node, table = ?changed.table.as_ref().map(|t| &t.generation), tls = ?tls.as_ref().map(|t| &t.generation), key = hop_key.is_some(), "routes handed out");
     #[derive(serde::Serialize)]
     struct Answer<'a> {
-        table: &'a RouteTable,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        table: Option<&'a RouteTable>,
         #[serde(skip_serializing_if = "Option::is_none")]
         hop_key: Option<SealedHopKey>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<TlsTable>,
     }
     Ok(Json(Answer {
-        table: &table,
+        table: changed.table.as_deref(),
         hop_key,
+        tls,
     })
     .into_response())
 }

@@ -386,11 +386,19 @@ async fn the_route_table_routes_to_online_nodes_with_a_healthy_replica() {
 
         // Nothing changed: the same generation, and a long-poll for it waits and runs out.
         assert!(!routes.refresh(pool).await.unwrap());
-        assert_eq!(
-            routes.changed_from(&before, Duration::ZERO, std::future::pending()).await.map(|t| t.generation.clone()),
-            Some(t.generation.clone())
+        let tls = routes.current_tls().generation.clone();
+        let changed = routes
+            .changed_from(&before, &tls, Duration::ZERO, std::future::pending())
+            .await
+            .expect("the table changed");
+        assert_eq!(changed.table.map(|t| t.generation.clone()), Some(t.generation.clone()));
+        assert!(changed.tls.is_none(), "the TLS table did not change");
+        assert!(
+            routes
+                .changed_from(&t.generation, &tls, Duration::from_millis(100), std::future::pending())
+                .await
+                .is_none()
         );
-        assert!(routes.changed_from(&t.generation, Duration::from_millis(100), std::future::pending()).await.is_none());
     })
     .await;
 }

@@ -1152,6 +1152,9 @@ async fn the_route_table_long_polls_by_generation_and_seals_the_hop_key_to_each_
         "no replica is healthy yet"
     );
     let generation = table["generation"].as_str().unwrap().to_owned();
+    // No certificate yet: an empty TLS table, with its own generation.
+    assert_eq!(first["tls"]["certificates"], json!([]), "{first}");
+    let tls = first["tls"]["generation"].as_str().unwrap().to_owned();
 
     // The hop key comes sealed to the asking node alone; every node gets the same key.
     let sealed = &first["hop_key"];
@@ -1169,7 +1172,7 @@ async fn the_route_table_long_polls_by_generation_and_seals_the_hop_key_to_each_
     let t = std::time::Instant::now();
     let (s, body) = plane
         .agent_get(
-            &format!("/routes?generation={generation}&key={key_id}&wait_ms=400"),
+            &format!("/routes?generation={generation}&key={key_id}&tls={tls}&wait_ms=400"),
             Some(&ca),
         )
         .await;
@@ -1183,19 +1186,23 @@ async fn the_route_table_long_polls_by_generation_and_seals_the_hop_key_to_each_
     let t = std::time::Instant::now();
     let (s, body) = plane
         .agent_get(
-            &format!("/routes?generation={generation}&wait_ms=20000"),
+            &format!("/routes?generation={generation}&tls={tls}&wait_ms=20000"),
             Some(&ca),
         )
         .await;
     assert_eq!(s, 200, "{body}");
     assert!(body["hop_key"]["ciphertext"].is_string());
+    assert!(
+        body.get("table").is_none() && body.get("tls").is_none(),
+        "only what changed: {body}"
+    );
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
 
     // A long-poll waiting on the current table is answered by the next change: a new app applied.
     let poll = {
         let (url, ca) = (
             format!(
-                "{}/agent/v1/routes?generation={generation}&key={key_id}&wait_ms=25000",
+                "{}/agent/v1/routes?generation={generation}&key={key_id}&tls={tls}&wait_ms=25000",
                 plane.url
             ),
             ca.clone(),
