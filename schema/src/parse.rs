@@ -13,8 +13,9 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::diag::{Diagnostic, LineIndex, Position, Severity, did_you_mean};
 use crate::model::{
-    App, Driver, EnvValue, Health, Http, Kind, Node, Placement, Plan, Runtime, SecretSettings,
-    Settings, Source, default_branch, default_currency, default_drivers, default_health_path,
+    App, AppTls, Challenge, Driver, EnvValue, Health, Http, Kind, Node, OwnCertificate, Placement,
+    Plan, Runtime, SecretRef, SecretSettings, Settings, Source, TlsMode, TlsSettings,
+    default_acme_directory, default_branch, default_currency, default_drivers, default_health_path,
     default_health_timeout,
 };
 use crate::secret::Ciphertext;
@@ -95,6 +96,8 @@ pub struct AppRefs {
     pub labels: BTreeMap<Name, Range<usize>>,
     pub domains: Vec<Range<usize>>,
     pub secrets: BTreeMap<EnvName, Range<usize>>,
+    /// Where an explicit `tls = "auto"` is, for the check that cairn.toml has `[tls]`.
+    pub tls_auto: Option<Range<usize>>,
 }
 
 impl ParsedFile {
@@ -529,16 +532,174 @@ impl Cx<'_> {
             secrets.recipients = self.opt_or(&mut s, "recipients", Vec::new());
             f.ok &= self.finish(&s, &["recipients"]);
         }
-        let ok = self.finish(&f, &["base_domain", "currency", "secrets"]);
+        let tls = match self.table(&mut f, "tls") {
+            Some(t) => {
+                let tls = self.tls_settings(t);
+                f.ok &= tls.is_some();
+                tls
+            }
+            None => None,
+        };
+        let ok = self.finish(&f, &["base_domain", "currency", "secrets", "tls"]);
         let settings = Settings {
             base_domain: base_domain?.value,
             currency,
             secrets,
+            tls,
         };
         ok.then_some(Located {
             value: settings,
             span: 0..0,
         })
+    }
+
+    /// `cairn.toml [tls]`.
+    fn tls_settings(&mut self, mut t: Fields<'_, '_>) -> Option<TlsSettings> {
+        let acme_directory = self
+            .opt(&mut t, "acme_directory")
+            .map_or_else(default_acme_directory, |d| d.value);
+        let contact = self.opt(&mut t, "contact").map(|c| c.value);
+        let ca_roots = self.opt(&mut t, "ca_roots").map(|c| c.value);
+        let challenge = match self.opt::<String>(&mut t, "challenge") {
+            None => Challenge::default(),
+            Some(c) => match c.value.as_str() {
+                "http-01" => Challenge::Http01,
+                "tls-alpn-01" | "dns-01" => {
+                    self.error(
+                        c.span,
+                        format!("challenge `{}` is not supported yet", c.value),
+                    )
+                    .hint = Some("use `challenge = \"http-01\"` (the default)".into());
+                    t.ok = false;
+                    Challenge::default()
+                }
+                other => {
+                    self.error(c.span, format!("unknown challenge `{other}`"))
+                        .hint = Some("use `challenge = \"http-01\"` (the default)".into());
+                    t.ok = false;
+                    Challenge::default()
+                }
+            },
+        };
+        let redirect_http = self.opt_or(&mut t, "redirect_http", true);
+        let hsts = self.opt_or(&mut t, "hsts", false);
+        let ok = self.finish(
+            &t,
+            &[
+                "acme_directory",
+                "contact",
+                "ca_roots",
+                "challenge",
+                "redirect_http",
+                "hsts",
+            ],
+        );
+        ok.then_some(TlsSettings {
+            acme_directory,
+            contact,
+            ca_roots,
+            challenge,
+            redirect_http,
+            hsts,
+        })
+    }
+
+    /// An app's `tls`: `"auto"`, `"off"` or `{ cert = "...", key = { secret = "..." } }`. `None` (with an
+    /// error) when it is broken; `Some(None)` when it is absent.
+    fn app_tls(&mut self, f: &mut Fields<'_, '_>) -> Option<AppTls> {
+        const HINT: &str = "write `tls = \"auto\"`, `tls = \"off\"` or `tls = { cert = \"certs/NAME.pem\", key = { secret = \"...\" } }`";
+        let v = f.get("tls")?;
+        match v.get_ref() {
+            DeValue::String(s) => match s.as_ref() {
+                "auto" => Some(AppTls::Mode(TlsMode::Auto)),
+                "off" => Some(AppTls::Mode(TlsMode::Off)),
+                other => {
+                    self.error(v.span(), format!("invalid value for `tls`: `{other}`"))
+                        .hint = Some(HINT.into());
+                    f.ok = false;
+                    None
+                }
+            },
+            DeValue::Table(t) => {
+                let mut own = Fields::new(t, v.span(), format!("`tls` of {}", f.what));
+                let cert = self.req(&mut own, "cert");
+                let mut key = None;
+                match own.get("key") {
+                    None => {
+                        let what = own.what.clone();
+                        self.error(own.at.clone(), format!("{what} is missing `key`"))
+                            .hint = Some(
+                            "add `key = { secret = \"...\" }`: the key encrypted with `cairn secret encrypt`"
+                                .into(),
+                        );
+                        own.ok = false;
+                    }
+                    Some(kv) => {
+                        let before = self.diags.len();
+                        match kv.get_ref() {
+                            DeValue::Table(kt) => {
+                                let mut st = Fields::new(kt, kv.span(), "the `tls` key".to_owned());
+                                let ct: Option<Located<String>> = self.req(&mut st, "secret");
+                                if let Some(c) = ct {
+                                    match Ciphertext::new(&c.value) {
+                                        Ok(secret) => key = Some(SecretRef { secret }),
+                                        Err(err) => {
+                                            self.error(c.span, format!("the `tls` key: {err}"))
+                                                .hint = Some(
+                                                "encrypt the key with `cairn secret encrypt`; if the value was the \
+                                                 plaintext key, it is in the git history now: replace the certificate"
+                                                    .into(),
+                                            );
+                                        }
+                                    }
+                                }
+                                if !self.finish(&st, &["secret"]) {
+                                    key = None;
+                                }
+                            }
+                            other => {
+                                self.error(
+                                    kv.span(),
+                                    format!(
+                                        "wrong type for the `tls` key: expected `{{ secret = \"...\" }}`, found {}",
+                                        other.type_str()
+                                    ),
+                                )
+                                .hint = Some(
+                                    "the key is an age secret: never put the plaintext key in the repository".into(),
+                                );
+                            }
+                        }
+                        // A broken key may be the plaintext key pasted by mistake: never show its lines.
+                        for d in &mut self.diags[before..] {
+                            d.source_line = None;
+                        }
+                        own.ok &= key.is_some();
+                    }
+                }
+                let ok = self.finish(&own, &["cert", "key"]);
+                f.ok &= ok;
+                match (cert, key) {
+                    (Some(cert), Some(key)) if ok => Some(AppTls::Own(OwnCertificate {
+                        cert: cert.value,
+                        key,
+                    })),
+                    _ => None,
+                }
+            }
+            other => {
+                self.error(
+                    v.span(),
+                    format!(
+                        "wrong type for `tls`: expected a string or a table, found {}",
+                        other.type_str()
+                    ),
+                )
+                .hint = Some(HINT.into());
+                f.ok = false;
+                None
+            }
+        }
     }
 
     fn resources(&mut self, root: &Table<'_>, syntax_ok: bool) -> Vec<Declared> {
@@ -551,7 +712,7 @@ impl Cx<'_> {
                 let key: &str = kind_key.get_ref();
                 let hint = match did_you_mean(key, Kind::ALL.map(Kind::as_str)) {
                     Some(s) => format!("did you mean `[{s}.NAME]`?"),
-                    None if key == "base_domain" || key == "secrets" || key == "currency" => {
+                    None if matches!(key, "base_domain" | "secrets" | "currency" | "tls") => {
                         "repository settings belong in cairn.toml at the repository root".to_owned()
                     }
                     None => "a manifest declares `[plan.NAME]`, `[runtime.NAME]`, `[node.NAME]` or `[app.NAME]` tables"
@@ -907,6 +1068,17 @@ impl Cx<'_> {
                 .map(|b: Located<ByteSize>| b.value);
             f.ok &= self.finish(&h, &["max_body"]);
         }
+        let tls = self.app_tls(&mut f);
+        if tls
+            .as_ref()
+            .is_some_and(|t| matches!(t, AppTls::Mode(TlsMode::Auto)))
+        {
+            spans.tls_auto = f
+                .table
+                .iter()
+                .find(|(k, _)| k.get_ref() == "tls")
+                .map(|(_, v)| v.span());
+        }
         let mut env = BTreeMap::new();
         if let Some(mut e) = self.table(&mut f, "env") {
             for (k, v) in e.table.iter() {
@@ -981,6 +1153,7 @@ impl Cx<'_> {
                 "http",
                 "suspended",
                 "env",
+                "tls",
             ],
         );
         spans.plan = plan.clone();
@@ -1001,6 +1174,7 @@ impl Cx<'_> {
             http,
             suspended,
             env,
+            tls,
         };
         (ok.then_some(app), spans)
     }

@@ -212,6 +212,18 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
 
     for (name, (app, fi, spans)) in &apps {
         let f = files[*fi];
+        if let (Some(span), Some(s)) = (&spans.tls_auto, &settings)
+            && s.tls.is_none()
+        {
+            diags.push(
+                f.diag(
+                    Severity::Error,
+                    span.clone(),
+                    format!("app `{name}` asks for `tls = \"auto\"` but cairn.toml has no `[tls]`"),
+                )
+                .with_hint("add `[tls]` with `contact = \"you@example.com\"` to cairn.toml: it says which ACME CA issues the certificates"),
+            );
+        }
         if let (Some(region), Some(span)) = (&app.placement.region, &spans.region)
             && !regions.contains(region)
         {
