@@ -671,6 +671,33 @@ impl CertWorker {
     }
 }
 
+impl crate::worker::Pass for CertWorker {
+    type Error = CertError;
+    fn run(
+        &mut self,
+        _woken: crate::worker::Woken,
+    ) -> impl Future<Output = Result<Option<Duration>, CertError>> + Send {
+        self.pass()
+    }
+}
+
+/// Runs the issuance loop until `shutdown`: a pass at once, whenever `wake` is notified (a new applied
+/// state declared names), and when the next name set is due (at most `period` apart). A pass under way
+/// is abandoned at shutdown: its lease expires and another control plane takes over.
+pub async fn run(
+    worker: CertWorker,
+    wake: Arc<tokio::sync::Notify>,
+    period: Duration,
+    shutdown: &crate::worker::Shutdown,
+) {
+    crate::worker::Worker::new("ordering certificates", period)
+        .woken_by(wake)
+        .backoff(Duration::from_secs(5))
+        .abandon_at_shutdown()
+        .run(shutdown, worker)
+        .await;
+}
+
 /// What a certificate chain's leaf says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeafInfo {
