@@ -255,6 +255,29 @@ pub async fn declare(pool: &PgPool, desired: &Desired) -> Result<(), StoreError>
     store::declare(pool, &directory, &sets).await
 }
 
+/// Every declared name set's certificate as `cairn certs` and `GET /api/v1/certs` show it (no key).
+pub async fn list(pool: &PgPool) -> Result<Vec<cairn_proto::admin::CertificateInfo>, StoreError> {
+    let now = Utc::now();
+    Ok(store::list(pool)
+        .await?
+        .into_iter()
+        .filter(|r| r.declared)
+        .map(|r| cairn_proto::admin::CertificateInfo {
+            expires_soon: r.not_after.is_some_and(|t| expires_soon(t, now)),
+            app: r.app,
+            names: r.names,
+            state: r.state.as_str().to_owned(),
+            issuer: r.issuer,
+            serial: r.serial,
+            not_after: r.not_after,
+            last_error: r.last_error,
+            attempts: r.attempts,
+            next_attempt_at: r.next_attempt_at,
+            issued_at: r.issued_at,
+        })
+        .collect())
+}
+
 /// The issuance loop's state: run [`CertWorker::pass`] on a [`crate::worker::Worker`].
 pub struct CertWorker {
     pool: PgPool,

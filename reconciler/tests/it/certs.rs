@@ -206,6 +206,31 @@ async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plai
 
     // Nothing else is due.
     assert!(worker.run_due().await.unwrap().is_empty());
+
+    // Visible: the list the CLI and the admin API show, and the metrics.
+    let shown = certs::list(db.pool()).await.unwrap();
+    assert_eq!(shown.len(), 1);
+    assert_eq!(shown[0].state, "issued");
+    assert_eq!(shown[0].app, "shop");
+    assert!(!shown[0].expires_soon);
+    assert!(!serde_json::to_string(&shown).unwrap().contains("PRIVATE"));
+    let text = cairn_reconciler::metrics::Metrics::new()
+        .render(Some(db.pool()))
+        .await;
+    for line in [
+        "cairn_certificates{state=\"issued\"} 1",
+        "cairn_certificates{state=\"waiting_dns\"} 0",
+        "cairn_metrics_database_up 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    let days: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cairn_certificate_soonest_expiry_days "))
+        .unwrap_or_else(|| panic!("no soonest expiry in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(days > 14.0, "pebble's certificates last long: {days}");
 }
 
 #[tokio::test]
