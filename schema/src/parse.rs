@@ -98,6 +98,8 @@ pub struct AppRefs {
     pub secrets: BTreeMap<EnvName, Range<usize>>,
     /// Where an explicit `tls = "auto"` is, for the check that cairn.toml has `[tls]`.
     pub tls_auto: Option<Range<usize>>,
+    /// Where an own certificate's key (its ciphertext) is, for the check that it decrypts.
+    pub tls_key: Option<Range<usize>>,
 }
 
 impl ParsedFile {
@@ -606,7 +608,11 @@ impl Cx<'_> {
 
     /// An app's `tls`: `"auto"`, `"off"` or `{ cert = "...", key = { secret = "..." } }`. `None` (with an
     /// error) when it is broken; `Some(None)` when it is absent.
-    fn app_tls(&mut self, f: &mut Fields<'_, '_>) -> Option<AppTls> {
+    fn app_tls(
+        &mut self,
+        f: &mut Fields<'_, '_>,
+        key_span: &mut Option<Range<usize>>,
+    ) -> Option<AppTls> {
         const HINT: &str = "write `tls = \"auto\"`, `tls = \"off\"` or `tls = { cert = \"certs/NAME.pem\", key = { secret = \"...\" } }`";
         let v = f.get("tls")?;
         match v.get_ref() {
@@ -642,7 +648,10 @@ impl Cx<'_> {
                                 let ct: Option<Located<String>> = self.req(&mut st, "secret");
                                 if let Some(c) = ct {
                                     match Ciphertext::new(&c.value) {
-                                        Ok(secret) => key = Some(SecretRef { secret }),
+                                        Ok(secret) => {
+                                            *key_span = Some(c.span.clone());
+                                            key = Some(SecretRef { secret });
+                                        }
                                         Err(err) => {
                                             self.error(c.span, format!("the `tls` key: {err}"))
                                                 .hint = Some(
@@ -1068,7 +1077,7 @@ impl Cx<'_> {
                 .map(|b: Located<ByteSize>| b.value);
             f.ok &= self.finish(&h, &["max_body"]);
         }
-        let tls = self.app_tls(&mut f);
+        let tls = self.app_tls(&mut f, &mut spans.tls_key);
         if tls
             .as_ref()
             .is_some_and(|t| matches!(t, AppTls::Mode(TlsMode::Auto)))

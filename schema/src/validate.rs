@@ -16,6 +16,16 @@ pub struct Loaded {
     pub diagnostics: Diagnostics,
     /// Where every secret is, so an identity check can point at it.
     pub secrets: Vec<SecretSite>,
+    /// Where every own certificate's key is (an app's `tls = { key = { secret = ... } }`).
+    pub tls_keys: Vec<TlsKeySite>,
+}
+
+/// One app's own certificate key and where it is declared.
+#[derive(Debug, Clone)]
+pub struct TlsKeySite {
+    pub app: Name,
+    pub file: usize,
+    pub span: std::ops::Range<usize>,
 }
 
 /// One secret env value and where it is declared.
@@ -139,6 +149,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let regions: BTreeSet<&Name> = nodes.values().filter_map(|n| n.region.as_ref()).collect();
     let mut domain_owner: BTreeMap<String, (Name, usize, std::ops::Range<usize>)> = BTreeMap::new();
     let mut secrets = Vec::new();
+    let mut tls_keys = Vec::new();
 
     for (name, refs, fi, name_span) in &app_refs {
         let f = files[*fi];
@@ -257,6 +268,13 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
                 domain_owner.insert(key, (name.clone(), *fi, span.clone()));
             }
         }
+        if let Some(span) = &spans.tls_key {
+            tls_keys.push(TlsKeySite {
+                app: name.clone(),
+                file: *fi,
+                span: span.clone(),
+            });
+        }
         for (key, span) in &spans.secrets {
             secrets.push(SecretSite {
                 app: name.clone(),
@@ -299,6 +317,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         desired,
         diagnostics,
         secrets,
+        tls_keys,
     }
 }
 
@@ -327,6 +346,27 @@ pub fn check_secrets(
                     .diag(Severity::Error, site.span.clone(), format!("secret `{}` of app `{}` does not decrypt: {e}", site.key, site.app))
                     .with_hint(format!(
                         "re-encrypt it to the current recipients with `cairn secret rotate`, or check that {} is in cairn.toml",
+                        identity.recipient()
+                    )),
+            );
+        }
+    }
+    for site in &loaded.tls_keys {
+        let Some(crate::model::AppTls::Own(own)) =
+            desired.apps.get(&site.app).and_then(|a| a.tls.as_ref())
+        else {
+            continue;
+        };
+        if let Err(e) = identity.decrypt(&own.key.secret) {
+            out.push(
+                files[site.file]
+                    .diag(
+                        Severity::Error,
+                        site.span.clone(),
+                        format!("the certificate key of app `{}` does not decrypt: {e}", site.app),
+                    )
+                    .with_hint(format!(
+                        "encrypt it again with `cairn secret encrypt`, for recipients that include {}",
                         identity.recipient()
                     )),
             );

@@ -158,3 +158,29 @@ fn broken_tls_values_point_at_the_value() {
         assert!(out.contains("cairn.toml:4:"), "{out}");
     }
 }
+
+#[test]
+fn an_own_certificate_key_for_other_recipients_fails_the_identity_check() {
+    let ours = Identity::generate();
+    let theirs = Identity::generate();
+    let ct = encrypt(b"-----BEGIN PRIVATE KEY-----", &[theirs.recipient()]).unwrap();
+    let m = app(&format!(
+        "tls = {{ cert = \"certs/web.pem\", key = {{ secret = \"\"\"{}\"\"\" }} }}",
+        ct.as_str()
+    ));
+    let files = vec![
+        cairn_schema::parse_file("apps.toml", m.as_bytes()),
+        cairn_schema::parse_file("cairn.toml", b"base_domain = \"apps.example.com\"\n"),
+    ];
+    let loaded = cairn_schema::assemble(&files);
+    assert!(loaded.desired.is_some(), "{}", loaded.diagnostics);
+    let found = cairn_schema::check_secrets(&loaded, &files, &ours);
+    assert_eq!(found.len(), 1, "{found:?}");
+    let text = found[0].to_string();
+    assert!(
+        text.contains("apps.toml:")
+            && text.contains("the certificate key of app `web` does not decrypt"),
+        "{text}"
+    );
+    assert!(cairn_schema::check_secrets(&loaded, &files, &theirs).is_empty());
+}
