@@ -53,6 +53,9 @@ pub struct ParsedFile {
     pub lines: LineIndex,
     pub settings: Option<Located<Settings>>,
     pub declared: Vec<Declared>,
+    /// Other files of the repository this one names (`[tls] ca_roots`, an app's own `tls.cert`): the
+    /// source reads them and [`crate::validate::check_referenced`] checks them.
+    pub file_refs: Vec<FileRef>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -141,6 +144,7 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
         lines: LineIndex::default(),
         settings: None,
         declared: Vec::new(),
+        file_refs: Vec::new(),
         diagnostics: Vec::new(),
     };
     if let Err(why) = check_path(path) {
@@ -195,6 +199,7 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
         src: &src,
         lines: &file.lines,
         diags: Vec::new(),
+        file_refs: Vec::new(),
     };
     for e in &syntax {
         let span = e.span().unwrap_or(0..0);
@@ -211,6 +216,7 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
         file.declared = cx.resources(root.get_ref(), syntax_ok);
     }
     file.diagnostics = cx.diags;
+    file.file_refs = cx.file_refs;
     file
 }
 
@@ -312,6 +318,16 @@ struct Cx<'a> {
     /// file with 50,000 unknown keys take 46 s.
     lines: &'a LineIndex,
     diags: Vec<Diagnostic>,
+    file_refs: Vec<FileRef>,
+}
+
+/// A file of the repository a manifest names, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRef {
+    pub path: crate::units::RepoPath,
+    /// What the file is for, for messages ("`ca_roots`", "app `shop`'s `tls.cert`").
+    pub what: String,
+    pub span: Range<usize>,
 }
 
 type Table<'i> = DeTable<'i>;
@@ -561,7 +577,16 @@ impl Cx<'_> {
             .opt(&mut t, "acme_directory")
             .map_or_else(default_acme_directory, |d| d.value);
         let contact = self.opt(&mut t, "contact").map(|c| c.value);
-        let ca_roots = self.opt(&mut t, "ca_roots").map(|c| c.value);
+        let ca_roots = self
+            .opt(&mut t, "ca_roots")
+            .map(|c: Located<crate::units::RepoPath>| {
+                self.file_refs.push(FileRef {
+                    path: c.value.clone(),
+                    what: "`ca_roots`".into(),
+                    span: c.span,
+                });
+                c.value
+            });
         let challenge = match self.opt::<String>(&mut t, "challenge") {
             None => Challenge::default(),
             Some(c) => match c.value.as_str() {
@@ -628,7 +653,14 @@ impl Cx<'_> {
             },
             DeValue::Table(t) => {
                 let mut own = Fields::new(t, v.span(), format!("`tls` of {}", f.what));
-                let cert = self.req(&mut own, "cert");
+                let cert: Option<Located<crate::units::RepoPath>> = self.req(&mut own, "cert");
+                if let Some(c) = &cert {
+                    self.file_refs.push(FileRef {
+                        path: c.value.clone(),
+                        what: format!("the `tls.cert` of {}", f.what),
+                        span: c.span.clone(),
+                    });
+                }
                 let mut key = None;
                 match own.get("key") {
                     None => {

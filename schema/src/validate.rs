@@ -321,6 +321,66 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     }
 }
 
+/// The most bytes a file a manifest names (a PEM bundle) may have.
+pub const MAX_REFERENCED_BYTES: usize = 1 << 20;
+
+/// Checks the files the manifests name (`ca_roots`, own certificates) with what the source read for
+/// each (`read`: its bytes, or why it could not be read): each must exist in the repository and hold PEM
+/// certificates. Every problem is an error at the name; `loaded.desired` is cleared when there is one.
+/// Returns the contents by path, for the control plane.
+pub fn check_referenced(
+    loaded: &mut Loaded,
+    files: &[&ParsedFile],
+    mut read: impl FnMut(&str) -> Result<Vec<u8>, String>,
+) -> BTreeMap<String, std::sync::Arc<[u8]>> {
+    let mut out = BTreeMap::new();
+    let mut diags = Vec::new();
+    for f in files {
+        for r in &f.file_refs {
+            let path = r.path.as_str();
+            let why = match out.get(path) {
+                Some(_) => None,
+                None => match read(path) {
+                    Err(why) => Some(why),
+                    Ok(b) if b.len() > MAX_REFERENCED_BYTES => Some(format!(
+                        "is {} bytes; at most {MAX_REFERENCED_BYTES} are read",
+                        b.len()
+                    )),
+                    Ok(b) if !holds_pem_certificate(&b) => {
+                        Some("holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)".to_owned())
+                    }
+                    Ok(b) => {
+                        out.insert(path.to_owned(), std::sync::Arc::from(b));
+                        None
+                    }
+                },
+            };
+            if let Some(why) = why {
+                diags.push(
+                    f.diag(
+                        Severity::Error,
+                        r.span.clone(),
+                        format!("{} names `{path}`, which {why}", r.what),
+                    )
+                    .with_hint(
+                        "name a PEM file committed to this repository, relative to its root",
+                    ),
+                );
+            }
+        }
+    }
+    if !diags.is_empty() {
+        loaded.diagnostics.0.extend(diags);
+        loaded.diagnostics.sort();
+        loaded.desired = None;
+    }
+    out
+}
+
+fn holds_pem_certificate(b: &[u8]) -> bool {
+    std::str::from_utf8(b).is_ok_and(|s| s.contains("-----BEGIN CERTIFICATE-----"))
+}
+
 /// Checks that every secret decrypts with `identity`, naming `path:line:col` of each that does not.
 /// Never puts a value into a diagnostic.
 pub fn check_secrets(
