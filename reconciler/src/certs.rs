@@ -460,7 +460,7 @@ impl CertWorker {
                     Ok(rsp) if !rsp.status().is_success() => {
                         format!("answered {} instead of the token", rsp.status().as_u16())
                     }
-                    Ok(rsp) => match rsp.bytes().await {
+                    Ok(rsp) => match bounded_body(rsp, expected.len()).await {
                         Ok(b) if b == expected.as_bytes() => continue,
                         Ok(_) => {
                             "answered something else than the token: not a node of this cluster"
@@ -610,10 +610,22 @@ impl CertWorker {
             }
         };
         let ids: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-        let mut order = account
-            .new_order(&NewOrder::new(&ids))
-            .await
-            .map_err(acme("cannot place an order"))?;
+        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+            Ok(o) => o,
+            Err(e) => {
+                if let instant_acme::Error::Api(p) = &e
+                    && p.r#type
+                        .as_deref()
+                        .is_some_and(|t| t.ends_with(":accountDoesNotExist"))
+                {
+                    // The CA forgot the account (a test CA restarted, an account deactivated): the
+                    // next attempt creates a new one.
+                    self.accounts.remove(directory);
+                    store::forget_account(&self.pool, directory).await?;
+                }
+                return Err(acme("cannot place an order")(e));
+            }
+        };
         let mut tokens = Vec::new();
         let answered = async {
             let mut authzs = order.authorizations();
@@ -719,6 +731,19 @@ pub async fn run(
         .abandon_at_shutdown()
         .run(shutdown, worker)
         .await;
+}
+
+/// A response body up to `limit + 1` bytes (enough to tell it from an answer of `limit` bytes): whatever
+/// a name points at cannot make the probe read without end.
+async fn bounded_body(mut rsp: reqwest::Response, limit: usize) -> Result<Vec<u8>, reqwest::Error> {
+    let mut out = Vec::new();
+    while let Some(chunk) = rsp.chunk().await? {
+        out.extend_from_slice(&chunk[..chunk.len().min(limit + 1 - out.len())]);
+        if out.len() > limit {
+            break;
+        }
+    }
+    Ok(out)
 }
 
 /// What a certificate chain's leaf says.

@@ -328,6 +328,8 @@ pub struct FileRef {
     /// What the file is for, for messages ("`ca_roots`", "app `shop`'s `tls.cert`").
     pub what: String,
     pub span: Range<usize>,
+    /// Its diagnostics never show the line (an own certificate's line may hold its key).
+    pub hide_line: bool,
 }
 
 type Table<'i> = DeTable<'i>;
@@ -584,6 +586,7 @@ impl Cx<'_> {
                     path: c.value.clone(),
                     what: "`ca_roots`".into(),
                     span: c.span,
+                    hide_line: false,
                 });
                 c.value
             });
@@ -652,6 +655,9 @@ impl Cx<'_> {
                 }
             },
             DeValue::Table(t) => {
+                // The key may be the plaintext pasted by mistake, on the same line as anything else
+                // of the table: no diagnostic about the table shows its lines.
+                let before_all = self.diags.len();
                 let mut own = Fields::new(t, v.span(), format!("`tls` of {}", f.what));
                 let cert: Option<Located<crate::units::RepoPath>> = self.req(&mut own, "cert");
                 if let Some(c) = &cert {
@@ -659,6 +665,7 @@ impl Cx<'_> {
                         path: c.value.clone(),
                         what: format!("the `tls.cert` of {}", f.what),
                         span: c.span.clone(),
+                        hide_line: true,
                     });
                 }
                 let mut key = None;
@@ -719,6 +726,9 @@ impl Cx<'_> {
                     }
                 }
                 let ok = self.finish(&own, &["cert", "key"]);
+                for d in &mut self.diags[before_all..] {
+                    d.source_line = None;
+                }
                 f.ok &= ok;
                 match (cert, key) {
                     (Some(cert), Some(key)) if ok => Some(AppTls::Own(OwnCertificate {

@@ -356,16 +356,19 @@ pub fn check_referenced(
                 },
             };
             if let Some(why) = why {
-                diags.push(
-                    f.diag(
+                let mut d = f
+                    .diag(
                         Severity::Error,
                         r.span.clone(),
                         format!("{} names `{path}`, which {why}", r.what),
                     )
                     .with_hint(
                         "name a PEM file committed to this repository, relative to its root",
-                    ),
-                );
+                    );
+                if r.hide_line {
+                    d.source_line = None;
+                }
+                diags.push(d);
             }
         }
     }

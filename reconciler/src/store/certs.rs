@@ -408,3 +408,13 @@ pub async fn store_account(
             detail: "the account just stored is gone".into(),
         })
 }
+
+/// Forgets the account on `directory` (the CA no longer knows it): the next order creates a new one.
+pub async fn forget_account(pool: &PgPool, directory: &str) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM acme_accounts WHERE directory = $1")
+        .bind(directory)
+        .execute(pool)
+        .await
+        .op("forget the ACME account")?;
+    Ok(())
+}

@@ -120,7 +120,7 @@ fn broken_tls_values_point_at_the_value() {
             "wrong type for the `tls` key: expected `{ secret = \"...\" }`, found string",
         ),
         (
-            "tls = { cert = \"c.pem\", chain = \"x\", key = { secret = \"x\" } }",
+            "tls = { cert = \"c.pem\", chain = \"PLAINTEXT-KEY\", key = { secret = \"x\" } }",
             "unknown key `chain`",
         ),
     ];
