@@ -229,6 +229,18 @@ impl CertSettings {
         }
     }
 
+    /// From a valid snapshot's `[tls]`, with its `ca_roots` file as the source read it; `None` without
+    /// `[tls]` (or when the snapshot is invalid). The probe and retry settings are the defaults.
+    pub fn from_snapshot(snap: &crate::source::Snapshot) -> Option<CertSettings> {
+        let tls = snap.loaded.desired.as_ref()?.settings.tls.as_ref()?;
+        let roots = tls
+            .ca_roots
+            .as_ref()
+            .and_then(|p| snap.referenced.get(p.as_str()))
+            .map(|b| String::from_utf8_lossy(b).into_owned());
+        Some(CertSettings::from_tls(tls, roots))
+    }
+
     /// From cairn.toml's `[tls]` (`ca_roots_pem`: the contents of its `ca_roots` file, read by the caller).
     pub fn from_tls(tls: &cairn_schema::TlsSettings, ca_roots_pem: Option<String>) -> CertSettings {
         let mut s = CertSettings::new(tls.acme_directory.as_str());

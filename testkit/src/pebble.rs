@@ -40,6 +40,9 @@ pub struct Pebble {
     dns_management: String,
     /// Pebble's log (its stdout and stderr).
     pub log: PathBuf,
+    config: PathBuf,
+    /// How many times pebble came up (its log is appended to across restarts).
+    started: usize,
     pebble: Child,
     challtestsrv: Child,
 }
@@ -131,19 +134,7 @@ impl Pebble {
         );
         std::fs::write(&config, json).expect("write pebble's config");
         let log = root.join("pebble.log");
-        let out = std::fs::File::create(&log).expect("pebble's log");
-        let pebble = Command::new(PEBBLE)
-            .arg("-config")
-            .arg(&config)
-            .args(["-dnsserver", &dns])
-            .env("PEBBLE_VA_NOSLEEP", "1")
-            .env("PEBBLE_WFE_NONCEREJECT", "0")
-            .env("PEBBLE_AUTHZREUSE", "0")
-            .stdout(out.try_clone().expect("log"))
-            .stderr(out)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{test}: cannot start {PEBBLE}: {e}"));
+        let pebble = spawn_pebble(&config, &dns, &log);
         let mut p = Pebble {
             directory: format!("https://{listen}/dir"),
             api_root_pem: ca.pem(),
@@ -151,14 +142,37 @@ impl Pebble {
             management,
             dns_management,
             log,
+            config,
+            started: 0,
             pebble,
             challtestsrv,
         };
+        p.wait_up(test).await;
+        Some(p)
+    }
+
+    /// Restarts pebble on the same ports (the DNS server keeps running): it forgets every account and
+    /// order and makes a new root, as a CA that lost its state would.
+    pub async fn restart(&mut self, test: &str) {
+        let _ = self.pebble.kill();
+        let _ = self.pebble.wait();
+        // The log is appended to; the new process's readiness line is counted after the old ones.
+        self.pebble = spawn_pebble(&self.config, &self.dns, &self.log);
+        self.wait_up(test).await;
+    }
+
+    async fn wait_up(&mut self, test: &str) {
+        let p = self;
+        let ready_lines = |log: &Path| {
+            std::fs::read_to_string(log)
+                .unwrap_or_default()
+                .matches("ACME directory available")
+                .count()
+        };
+        let before = p.started;
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let up = std::fs::read_to_string(&p.log)
-                .unwrap_or_default()
-                .contains("ACME directory available")
+            let up = ready_lines(&p.log) > before
                 && p.client().get(&p.directory).send().await.is_ok()
                 && reqwest::Client::new()
                     .post(format!("http://{}/set-default-ipv4", p.dns_management))
@@ -185,7 +199,7 @@ impl Pebble {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Some(p)
+        p.started += 1;
     }
 
     /// An HTTPS client trusting pebble's own certificate.
@@ -257,6 +271,26 @@ impl Pebble {
     pub async fn resolve_a(&self, name: &str) -> std::io::Result<Vec<Ipv4Addr>> {
         resolve_a(&self.dns, name).await
     }
+}
+
+fn spawn_pebble(config: &Path, dns: &str, log: &Path) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("pebble's log");
+    Command::new(PEBBLE)
+        .arg("-config")
+        .arg(config)
+        .args(["-dnsserver", dns])
+        .env("PEBBLE_VA_NOSLEEP", "1")
+        .env("PEBBLE_WFE_NONCEREJECT", "0")
+        .env("PEBBLE_AUTHZREUSE", "0")
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {PEBBLE}: {e}"))
 }
 
 /// One DNS A query for `name` to the server at `server` (UDP): the addresses answered.

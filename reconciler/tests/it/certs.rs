@@ -367,3 +367,54 @@ async fn one_claim_per_name_set_across_control_planes() {
     let rows = store::list(pool).await.unwrap();
     assert!(!rows[0].declared);
 }
+
+/// A CA that lost its state (pebble restarted) no longer knows the stored account: that attempt fails,
+/// the account is forgotten, and the next attempt creates a new one and is issued.
+#[tokio::test]
+async fn a_ca_that_forgot_the_account_gets_a_new_one() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    let port = challenge_server(&challenges).await;
+    let test = cairn_testkit::current_test();
+    let Some(mut ca) = Pebble::start(&test, dir.path(), port).await else {
+        return;
+    };
+    ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
+    ca.dns_a("shop.example.test", "127.0.0.1").await;
+    declare(db.pool(), &ca.directory, "shop.example.test").await;
+    let mut worker = CertWorker::new(
+        db.pool().clone(),
+        Arc::new(Identity::generate()),
+        challenges.clone(),
+        settings(&ca, port),
+    );
+    assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Issued);
+    let first_account = store::account(db.pool(), &ca.directory).await.unwrap();
+
+    ca.restart(&test).await;
+    sqlx::query("UPDATE certificates SET next_attempt_at = now()")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Failed);
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    let why = row.last_error.unwrap();
+    assert!(why.contains("cannot place an order"), "{why}");
+    assert!(row.chain_pem.is_some(), "the old certificate is kept");
+    assert_eq!(
+        store::account(db.pool(), &ca.directory).await.unwrap(),
+        None
+    );
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Issued);
+    let second_account = store::account(db.pool(), &ca.directory).await.unwrap();
+    assert!(second_account.is_some() && second_account != first_account);
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    verify(
+        row.chain_pem.as_deref().unwrap(),
+        &ca.issuer_root_pem().await,
+        "shop.example.test",
+    );
+}

@@ -380,3 +380,33 @@ fn files_the_manifests_name_are_read_from_the_commit() {
         "{text}"
     );
 }
+
+/// The certificate worker's settings come from the snapshot: the directory, the contact and the
+/// `ca_roots` file's contents.
+#[test]
+fn certificate_settings_come_from_the_snapshot() {
+    let r = seeded();
+    r.write(
+        "cairn.toml",
+        &format!(
+            "{}\n[tls]\nacme_directory = \"https://ca.example.test/dir\"\ncontact = \"ops@example.test\"\nca_roots = \"ca.pem\"\n",
+            fixtures::settings()
+        ),
+    );
+    r.write(
+        "ca.pem",
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    );
+    r.commit("tls");
+    let mut src = GitSource::new(r.url(), "main", &r.cache);
+    let head = src.fetch().unwrap();
+    let snap = src.load(head).unwrap();
+    let s = cairn_reconciler::certs::CertSettings::from_snapshot(&snap).expect("[tls]");
+    assert_eq!(s.directory, "https://ca.example.test/dir");
+    assert_eq!(s.contact.as_deref(), Some("ops@example.test"));
+    assert!(
+        s.ca_roots_pem
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+}
