@@ -290,6 +290,31 @@ pub async fn list(pool: &PgPool) -> Result<Vec<cairn_proto::admin::CertificateIn
         .collect())
 }
 
+/// One line per certificate that needs attention, for `cairn status`: waiting for DNS or failed (with
+/// why), or expiring within 14 days.
+pub fn warnings(certs: &[cairn_proto::admin::CertificateInfo]) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in certs {
+        let names = c.names.join(", ");
+        let why = c.last_error.as_deref().unwrap_or("no reason recorded");
+        match c.state.as_str() {
+            "waiting_dns" => out.push(format!("{names} ({}): waiting for DNS: {why}", c.app)),
+            "failed" => out.push(format!("{names} ({}): failed: {why}", c.app)),
+            _ => {}
+        }
+        if c.expires_soon
+            && let Some(t) = c.not_after
+        {
+            out.push(format!(
+                "{names} ({}): expires {}, within 14 days",
+                c.app,
+                t.format("%Y-%m-%d %H:%M UTC")
+            ));
+        }
+    }
+    out
+}
+
 /// The issuance loop's state: run [`CertWorker::pass`] on a [`crate::worker::Worker`].
 pub struct CertWorker {
     pool: PgPool,
@@ -878,6 +903,38 @@ mod tests {
         c.remove("t1");
         assert!(rx.has_changed().unwrap());
         assert!(c.current().is_empty());
+    }
+
+    #[test]
+    fn warnings_name_waiting_failed_and_expiring_certificates_only() {
+        let now = Utc::now();
+        let cert = |state: &str, error: Option<&str>, days: Option<i64>| {
+            cairn_proto::admin::CertificateInfo {
+                app: "shop".into(),
+                names: vec!["a.example.com".into()],
+                state: state.into(),
+                issuer: None,
+                serial: None,
+                not_after: days.map(|d| now + chrono::TimeDelta::days(d)),
+                expires_soon: days.is_some_and(|d| d < 14),
+                last_error: error.map(str::to_owned),
+                attempts: 1,
+                next_attempt_at: now,
+                issued_at: None,
+            }
+        };
+        let w = warnings(&[
+            cert("issued", None, Some(60)),
+            cert("waiting_dns", Some("`a.example.com` has no address"), None),
+            cert("failed", Some("the CA said no"), Some(3)),
+        ]);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert_eq!(
+            w[0],
+            "a.example.com (shop): waiting for DNS: `a.example.com` has no address"
+        );
+        assert_eq!(w[1], "a.example.com (shop): failed: the CA said no");
+        assert!(w[2].ends_with("within 14 days"), "{w:?}");
     }
 
     #[test]

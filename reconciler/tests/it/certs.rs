@@ -267,6 +267,18 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
     assert!(row.next_attempt_at > chrono::Utc::now(), "retried later");
     assert!(row.chain_pem.is_none());
     assert_eq!(ca.orders(), 0, "no order reached the CA");
+    let status = cairn_reconciler::status::load(db.pool(), Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert!(
+        status
+            .certificate_warnings
+            .iter()
+            .any(|w| w
+                .contains("(shop): waiting for DNS: `shop.example.test` resolves to 127.0.0.2")),
+        "status says why the certificate waits: {:?}",
+        status.certificate_warnings
+    );
 
     // Retried with backoff, still wrong: still no order, more attempts.
     tokio::time::sleep(Duration::from_millis(600)).await;
