@@ -707,12 +707,19 @@ impl CertWorker {
         }
         let status = answered?;
         if status != OrderStatus::Ready {
-            let problem = order
+            let mut problems: Vec<String> = order
                 .state()
                 .error
                 .as_ref()
-                .map(|p| format!(": {p}"))
-                .unwrap_or_default();
+                .map(|p| p.detail.clone().unwrap_or_else(|| p.to_string()))
+                .into_iter()
+                .collect();
+            problems.extend(challenge_problems(&mut order).await);
+            let problem = if problems.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", problems.join("; "))
+            };
             return Err(CertError::Order {
                 names: names.join(", "),
                 status: format!("{status:?}").to_lowercase(),
@@ -768,6 +775,26 @@ pub async fn run(
         .abandon_at_shutdown()
         .run(shutdown, worker)
         .await;
+}
+
+/// What the CA found wrong with each name's challenge (the reason an order went invalid: "connection
+/// refused", a wrong answer), best effort.
+async fn challenge_problems(order: &mut instant_acme::Order) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut authzs = order.authorizations();
+    while let Some(Ok(mut a)) = authzs.next().await {
+        if a.refresh().await.is_err() {
+            continue;
+        }
+        let id = a.identifier().to_string();
+        for c in &a.challenges {
+            if let Some(p) = &c.error {
+                let what = p.detail.clone().unwrap_or_else(|| p.to_string());
+                out.push(format!("{id}: {what}"));
+            }
+        }
+    }
+    out
 }
 
 /// A response body up to `limit + 1` bytes (enough to tell it from an answer of `limit` bytes): whatever

@@ -430,3 +430,51 @@ async fn a_ca_that_forgot_the_account_gets_a_new_one() {
         "shop.example.test",
     );
 }
+
+/// The names reach the cluster, but the CA cannot validate them (here: it checks a port where nothing
+/// answers): the order fails with the CA's reason, is retried with backoff, and nothing is stored.
+#[tokio::test]
+async fn an_order_the_ca_refuses_fails_with_its_reason_and_is_retried_later() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    let port = challenge_server(&challenges).await;
+    let nothing = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let test = cairn_testkit::current_test();
+    let Some(ca) = Pebble::start(&test, dir.path(), nothing).await else {
+        return;
+    };
+    ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
+    ca.dns_a("shop.example.test", "127.0.0.1").await;
+    declare(db.pool(), &ca.directory, "shop.example.test").await;
+    let mut worker = CertWorker::new(
+        db.pool().clone(),
+        Arc::new(Identity::generate()),
+        challenges.clone(),
+        settings(&ca, port),
+    );
+    assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Failed);
+    assert!(
+        challenges.current().is_empty(),
+        "tokens withdrawn after a failure too"
+    );
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    assert_eq!(row.state, CertState::Failed);
+    assert_eq!(row.attempts, 1);
+    assert!(row.chain_pem.is_none());
+    assert!(row.next_attempt_at > chrono::Utc::now());
+    let why = row.last_error.unwrap();
+    assert!(
+        why.contains("connection refused") && why.contains("shop."),
+        "the CA's reason, per name: {why}"
+    );
+    assert_eq!(ca.orders(), 1);
+    assert!(
+        worker.run_due().await.unwrap().is_empty(),
+        "not again before the backoff"
+    );
+}
