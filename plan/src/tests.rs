@@ -1361,6 +1361,7 @@ mod properties {
                         base_domain: Domain::new("apps.example.com").unwrap(),
                         currency: "EUR".into(),
                         secrets: SecretSettings::default(),
+                        tls: None,
                     },
                     plans: BTreeMap::new(),
                     runtimes: BTreeMap::new(),
@@ -1449,6 +1450,7 @@ mod properties {
                             http: Default::default(),
                             suspended,
                             env: envs,
+                            tls: None,
                         },
                     );
                 }

@@ -197,3 +197,27 @@ pub struct AppLogLine {
     #[serde(flatten)]
     pub line: OutputLine,
 }
+
+/// One certificate the control plane keeps for a declared name set (`GET /api/v1/certs`). Never a key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateInfo {
+    /// The app declaring the names.
+    pub app: String,
+    /// The names, sorted.
+    pub names: Vec<String>,
+    /// `pending`, `waiting_dns`, `ordering`, `issued`, `renewing` or `failed`.
+    pub state: String,
+    pub issuer: Option<String>,
+    /// Hex, as the CA assigned it.
+    pub serial: Option<String>,
+    pub not_after: Option<DateTime<Utc>>,
+    /// The current certificate expires within 14 days (or has expired).
+    pub expires_soon: bool,
+    /// Why the last attempt failed (a name not reaching the cluster, the CA's refusal).
+    pub last_error: Option<String>,
+    /// Failed attempts in a row.
+    pub attempts: u32,
+    /// When it is next worked on (a retry, or its renewal).
+    pub next_attempt_at: DateTime<Utc>,
+    pub issued_at: Option<DateTime<Utc>>,
+}

@@ -9,6 +9,7 @@
 //! data). Only its `store` module and the queue's statements (`queue/sql.rs`) touch Postgres.
 
 pub mod api;
+pub mod certs;
 pub mod controller;
 pub mod deploys;
 pub mod drift;

@@ -20,6 +20,8 @@
 //! | `cairn_webhook_deliveries_total` | counter | `outcome`: received, duplicate, rejected, unrecorded (at the endpoint); handled, ignored, retry, failed (by the worker) |
 //! | `cairn_nodes` | gauge | `state`: pending, online, offline |
 //! | `cairn_push_to_running_seconds` | histogram | `stage`: the agents' deploy stages (fetch, build, pull, push, start, healthy, switch, drain; the slowest replica's), and `release` (from the release's creation to its last replica running) |
+//! | `cairn_certificates` | gauge | `state`: pending, waiting_dns, ordering, issued, renewing, failed (declared name sets, read from Postgres when scraped) |
+//! | `cairn_certificate_soonest_expiry_days` | gauge | | (the soonest expiry among declared certificates, in days; absent without one) |
 //! | `cairn_metrics_database_up` | gauge | |
 //!
 //! What it must not do: put anything unbounded or private in a label (an app or node name, a commit, an
@@ -46,10 +48,12 @@ use tokio::sync::OnceCell;
 
 use crate::queue::{TaskKind, TaskStatus};
 use crate::store::StoreError;
+use crate::store::certs::CertState;
 use cairn_plan::observed::NodeState;
 use cairn_plan::{Action, Plan};
 use cairn_proto::DeployStage;
 use cairn_schema::error::chain as error_chain;
+use std::sync::atomic::AtomicU64;
 
 /// The longest a scrape waits for its Postgres reads.
 pub const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -188,6 +192,9 @@ pub struct Metrics {
     lease_latency: Histograms<KindLabel>,
     deliveries: Family<OutcomeLabel, Counter>,
     nodes: Family<StateLabel, Gauge>,
+    certificates: Family<StateLabel, Gauge>,
+    /// One series without labels, or none when no certificate was issued.
+    soonest_expiry: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
     push_to_running: Histograms<StageLabel>,
     database_up: Gauge,
     /// One scrape at a time: a scrape clears and refills the gauges it reads from Postgres.
@@ -236,6 +243,8 @@ impl Metrics {
             lease_latency: Family::new_with_constructor(lease_buckets),
             deliveries: Family::default(),
             nodes: Family::default(),
+            certificates: Family::default(),
+            soonest_expiry: Family::default(),
             push_to_running: Family::new_with_constructor(stage_buckets),
             database_up: Gauge::default(),
             scraping: tokio::sync::Mutex::new(()),
@@ -286,6 +295,16 @@ impl Metrics {
             "nodes",
             "Declared nodes by state (read from Postgres when scraped)",
             m.nodes.clone(),
+        );
+        registry.register(
+            "certificates",
+            "Declared name sets' certificates by state (read from Postgres when scraped)",
+            m.certificates.clone(),
+        );
+        registry.register(
+            "certificate_soonest_expiry_days",
+            "Days until the soonest expiry among the declared certificates (read from Postgres when scraped)",
+            m.soonest_expiry.clone(),
         );
         registry.register_with_unit(
             "push_to_running",
@@ -456,6 +475,8 @@ impl Metrics {
         if !read {
             self.tasks.clear();
             self.nodes.clear();
+            self.certificates.clear();
+            self.soonest_expiry.clear();
         }
         self.database_up.set(i64::from(read));
         let mut out = String::new();
@@ -466,6 +487,24 @@ impl Metrics {
     async fn read_state(&self, pool: &PgPool) -> Result<(), StoreError> {
         let tasks = crate::store::metrics::open_tasks(pool).await?;
         let nodes = crate::store::metrics::nodes_by_state(pool).await?;
+        let (certs, soonest) = crate::store::certs::summary(pool).await?;
+        self.certificates.clear();
+        for state in CertState::ALL {
+            let n = certs
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map_or(0, |(_, n)| *n);
+            self.certificates
+                .get_or_create(&StateLabel {
+                    state: state.as_str(),
+                })
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.soonest_expiry.clear();
+        if let Some(t) = soonest {
+            let days = (t - chrono::Utc::now()).as_seconds_f64() / 86_400.0;
+            self.soonest_expiry.get_or_create(&Vec::new()).set(days);
+        }
         self.tasks.clear();
         // Every series is present (zero when empty), so a query for one never finds nothing.
         for status in [TaskStatus::Queued, TaskStatus::Leased, TaskStatus::Failed] {

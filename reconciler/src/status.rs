@@ -24,6 +24,10 @@ pub struct Status {
     pub apps: Vec<AppStatus>,
     pub nodes: Vec<NodeView>,
     pub last_reconciliation: Option<Reconciliation>,
+    /// Certificates that need attention (`crate::certs::warnings`): waiting for DNS, failed, or
+    /// expiring within 14 days.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificate_warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -209,6 +213,7 @@ pub fn compute(
         apps,
         nodes,
         last_reconciliation: last,
+        certificate_warnings: Vec::new(),
     }
 }
 
@@ -310,5 +315,7 @@ pub async fn load(pool: &PgPool, offline_after: std::time::Duration) -> Result<S
     let mut status = compute(&obs, last, Utc::now(), offline_after);
     attach_reports(&mut status, &reports);
     attach_routes(&mut status, &routes);
+    drop(conn);
+    status.certificate_warnings = crate::certs::warnings(&crate::certs::list(pool).await?);
     Ok(status)
 }

@@ -182,12 +182,36 @@ pub fn secret_sites(src: &str) -> Result<Vec<SecretSite>, EditError> {
     Ok(sites_in(&doc))
 }
 
+/// The [`SecretSite::key`] of an app's own certificate key (`tls = { key = { secret = ... } }`): never an
+/// env var name, which holds no `.`.
+pub const TLS_KEY_SITE: &str = "tls.key";
+
+/// The `secret` item of an app's own certificate key, if it has one.
+fn tls_key_secret(app: &Item) -> Option<&Item> {
+    app.as_table_like()?
+        .get("tls")?
+        .as_table_like()?
+        .get("key")?
+        .as_table_like()?
+        .get("secret")
+}
+
 fn sites_in(doc: &toml_edit::Document<&str>) -> Vec<SecretSite> {
     let mut out = Vec::new();
     let Some(apps) = doc.get("app").and_then(Item::as_table_like) else {
         return out;
     };
     for (app, item) in apps.iter() {
+        if let Some(s) = tls_key_secret(item)
+            && let Some(text) = s.as_str()
+        {
+            out.push(SecretSite {
+                app: app.to_owned(),
+                key: TLS_KEY_SITE.to_owned(),
+                span: s.span().unwrap_or(0..0),
+                armored: text.to_owned(),
+            });
+        }
         let Some(env) = item
             .as_table_like()
             .and_then(|t| t.get("env"))
@@ -229,6 +253,19 @@ fn replace_in(doc: &mut DocumentMut, new: &BTreeMap<(String, String), Ciphertext
         return 0;
     };
     for (app, item) in apps.iter_mut() {
+        if let Some(ct) = new.get(&(app.get().to_owned(), TLS_KEY_SITE.to_owned()))
+            && let Some(old) = item
+                .as_table_like_mut()
+                .and_then(|t| t.get_mut("tls"))
+                .and_then(Item::as_table_like_mut)
+                .and_then(|t| t.get_mut("key"))
+                .and_then(Item::as_table_like_mut)
+                .and_then(|t| t.get_mut("secret"))
+                .and_then(Item::as_value_mut)
+        {
+            *old = ciphertext_like(old, ct);
+            n += 1;
+        }
         let Some(env) = item
             .as_table_like_mut()
             .and_then(|t| t.get_mut("env"))
@@ -257,6 +294,30 @@ fn replace_in(doc: &mut DocumentMut, new: &BTreeMap<(String, String), Ciphertext
 mod tests {
     use super::*;
     use crate::Identity;
+
+    #[test]
+    fn an_own_certificate_key_is_a_site_and_is_rewritten() {
+        let (a, b) = (ct(), ct());
+        let src = format!(
+            "[app.web]\ntls = {{ cert = \"c.pem\", key = {{ secret = \"\"\"{}\"\"\" }} }}\n",
+            a.as_str()
+        );
+        let sites = secret_sites(&src).unwrap();
+        assert_eq!(sites.len(), 1);
+        assert_eq!(
+            (sites[0].app.as_str(), sites[0].key.as_str()),
+            ("web", TLS_KEY_SITE)
+        );
+        assert_eq!(sites[0].armored, a.as_str());
+        let new = BTreeMap::from([(("web".to_owned(), TLS_KEY_SITE.to_owned()), b.clone())]);
+        let (out, n) = replace_secrets(&src, &new).unwrap();
+        assert_eq!(n, 1);
+        assert!(
+            out.contains(b.as_str()) && !out.contains(a.as_str()),
+            "{out}"
+        );
+        assert!(out.contains("cert = \"c.pem\""), "{out}");
+    }
 
     fn ct() -> Ciphertext {
         let id = Identity::generate();

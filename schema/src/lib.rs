@@ -19,13 +19,15 @@ pub mod validate;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use model::{
-    App, Desired, Driver, EnvValue, Health, Http, Kind, ManifestFile, Node, Placement, Plan,
-    Runtime, Settings, Source,
+    App, AppTls, Challenge, Desired, Driver, EnvValue, Health, Http, Kind, ManifestFile, Node,
+    OwnCertificate, Placement, Plan, Runtime, SecretRef, Settings, Source, TlsMode, TlsSettings,
 };
 pub use parse::{ParsedFile, SETTINGS_FILE, is_manifest_path, parse_file};
 pub use secret::{Ciphertext, Identity, Recipient, Secret, SecretError};
 pub use source::GitUrl;
-pub use units::{ByteSize, Cpu, Domain, EnvName, Name, NodeAddress, Price, Span};
+pub use units::{
+    AcmeDirectory, ByteSize, Cpu, Domain, Email, EnvName, Name, NodeAddress, Price, RepoPath, Span,
+};
 pub use validate::{Loaded, assemble, check_secrets};
 
 /// Parses and validates a whole repository given as `(path, bytes)` pairs.

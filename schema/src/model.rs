@@ -10,7 +10,9 @@ use serde::Serialize;
 
 use crate::secret::{Ciphertext, Recipient};
 use crate::source::GitUrl;
-use crate::units::{ByteSize, Cpu, Domain, EnvName, Name, NodeAddress, Price, Span};
+use crate::units::{
+    AcmeDirectory, ByteSize, Cpu, Domain, Email, EnvName, Name, NodeAddress, Price, RepoPath, Span,
+};
 
 /// The repository settings file, `cairn.toml` at the repository root.
 #[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
@@ -25,6 +27,94 @@ pub struct Settings {
     pub currency: String,
     #[serde(default)]
     pub secrets: SecretSettings,
+    /// `[tls]`: HTTPS for the apps. Without it apps are served over plain HTTP only (unless one brings its
+    /// own certificate); with it every app gets a certificate from the ACME CA unless it says `tls = "off"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSettings>,
+}
+
+/// `cairn.toml [tls]`: where certificates come from and how HTTPS is served.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    /// The ACME (RFC 8555) directory certificates are ordered from; Let's Encrypt production by default.
+    #[serde(default = "default_acme_directory")]
+    pub acme_directory: AcmeDirectory,
+    /// The ACME account's contact: the CA writes here about expiring certificates and problems.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub contact: Option<Email>,
+    /// A PEM file in this repository with the root certificates to trust for the ACME directory (a private
+    /// or test CA); the system's roots otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_roots: Option<RepoPath>,
+    /// How the CA checks that a name is ours.
+    #[serde(default)]
+    pub challenge: Challenge,
+    /// Plain HTTP requests are redirected to HTTPS (ACME's `/.well-known/acme-challenge/` never is).
+    #[serde(default = "yes")]
+    pub redirect_http: bool,
+    /// Sends `Strict-Transport-Security` on HTTPS answers.
+    #[serde(default)]
+    pub hsts: bool,
+}
+
+/// Let's Encrypt's production directory, the default `acme_directory`.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+pub fn default_acme_directory() -> AcmeDirectory {
+    AcmeDirectory::new(LETS_ENCRYPT).expect("a valid URL")
+}
+
+/// The ACME challenge type.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+pub enum Challenge {
+    /// A token served over plain HTTP on port 80 at `/.well-known/acme-challenge/` by every ingress node
+    /// (works behind CDNs and load balancers).
+    #[default]
+    #[serde(rename = "http-01")]
+    Http01,
+}
+
+impl Challenge {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Challenge::Http01 => "http-01",
+        }
+    }
+}
+
+/// An app's `tls`: `"auto"` (the default when cairn.toml has `[tls]`), `"off"`, or its own certificate.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum AppTls {
+    Mode(TlsMode),
+    Own(OwnCertificate),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// A certificate from the ACME CA of cairn.toml's `[tls]`, issued and renewed by the control plane.
+    Auto,
+    /// Plain HTTP only.
+    Off,
+}
+
+/// A certificate the app brings: the chain in a PEM file of the repository, the key as an age secret.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OwnCertificate {
+    /// The certificate chain (leaf first), PEM, a file in this repository.
+    pub cert: RepoPath,
+    /// The private key (PEM), encrypted like an env secret: `{ secret = "<age ciphertext>" }`.
+    pub key: SecretRef,
+}
+
+/// `{ secret = "<age ciphertext>" }`.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub secret: Ciphertext,
 }
 
 pub fn default_currency() -> String {
@@ -172,6 +262,10 @@ pub struct App {
     pub suspended: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<EnvName, EnvValue>,
+    /// HTTPS: `"auto"` (the default when cairn.toml has `[tls]`), `"off"`, or
+    /// `{ cert = "certs/x.pem", key = { secret = "..." } }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<AppTls>,
 }
 
 /// `[app.NAME.http]`: the node proxies' limits for the app's requests.
@@ -358,6 +452,29 @@ impl Desired {
             v.extend(a.domains.iter().map(|d| d.to_string()));
         }
         v
+    }
+
+    /// How an app is served over HTTPS, its `tls` with the default filled in.
+    pub fn tls(&self, app: &Name) -> Option<AppTls> {
+        let a = self.apps.get(app)?;
+        match (&a.tls, &self.settings.tls) {
+            (Some(t), _) => Some(t.clone()),
+            (None, Some(_)) => Some(AppTls::Mode(TlsMode::Auto)),
+            (None, None) => Some(AppTls::Mode(TlsMode::Off)),
+        }
+    }
+
+    /// The name sets the control plane orders certificates for: one per app whose `tls` is `"auto"`
+    /// (its hostnames, the default domain first). Empty without `[tls]`.
+    pub fn acme_name_sets(&self) -> Vec<(Name, Vec<String>)> {
+        if self.settings.tls.is_none() {
+            return Vec::new();
+        }
+        self.apps
+            .keys()
+            .filter(|a| self.tls(a) == Some(AppTls::Mode(TlsMode::Auto)))
+            .map(|a| (a.clone(), self.hostnames(a)))
+            .collect()
     }
 
     /// Counts per kind, for summaries.

@@ -13,8 +13,9 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 
 use crate::diag::{Diagnostic, LineIndex, Position, Severity, did_you_mean};
 use crate::model::{
-    App, Driver, EnvValue, Health, Http, Kind, Node, Placement, Plan, Runtime, SecretSettings,
-    Settings, Source, default_branch, default_currency, default_drivers, default_health_path,
+    App, AppTls, Challenge, Driver, EnvValue, Health, Http, Kind, Node, OwnCertificate, Placement,
+    Plan, Runtime, SecretRef, SecretSettings, Settings, Source, TlsMode, TlsSettings,
+    default_acme_directory, default_branch, default_currency, default_drivers, default_health_path,
     default_health_timeout,
 };
 use crate::secret::Ciphertext;
@@ -52,6 +53,9 @@ pub struct ParsedFile {
     pub lines: LineIndex,
     pub settings: Option<Located<Settings>>,
     pub declared: Vec<Declared>,
+    /// Other files of the repository this one names (`[tls] ca_roots`, an app's own `tls.cert`): the
+    /// source reads them and [`crate::validate::check_referenced`] checks them.
+    pub file_refs: Vec<FileRef>,
     pub diagnostics: Vec<Diagnostic>,
 }
 
@@ -95,6 +99,10 @@ pub struct AppRefs {
     pub labels: BTreeMap<Name, Range<usize>>,
     pub domains: Vec<Range<usize>>,
     pub secrets: BTreeMap<EnvName, Range<usize>>,
+    /// Where an explicit `tls = "auto"` is, for the check that cairn.toml has `[tls]`.
+    pub tls_auto: Option<Range<usize>>,
+    /// Where an own certificate's key (its ciphertext) is, for the check that it decrypts.
+    pub tls_key: Option<Range<usize>>,
 }
 
 impl ParsedFile {
@@ -136,6 +144,7 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
         lines: LineIndex::default(),
         settings: None,
         declared: Vec::new(),
+        file_refs: Vec::new(),
         diagnostics: Vec::new(),
     };
     if let Err(why) = check_path(path) {
@@ -190,6 +199,7 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
         src: &src,
         lines: &file.lines,
         diags: Vec::new(),
+        file_refs: Vec::new(),
     };
     for e in &syntax {
         let span = e.span().unwrap_or(0..0);
@@ -206,6 +216,7 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
         file.declared = cx.resources(root.get_ref(), syntax_ok);
     }
     file.diagnostics = cx.diags;
+    file.file_refs = cx.file_refs;
     file
 }
 
@@ -307,6 +318,18 @@ struct Cx<'a> {
     /// file with 50,000 unknown keys take 46 s.
     lines: &'a LineIndex,
     diags: Vec<Diagnostic>,
+    file_refs: Vec<FileRef>,
+}
+
+/// A file of the repository a manifest names, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRef {
+    pub path: crate::units::RepoPath,
+    /// What the file is for, for messages ("`ca_roots`", "app `shop`'s `tls.cert`").
+    pub what: String,
+    pub span: Range<usize>,
+    /// Its diagnostics never show the line (an own certificate's line may hold its key).
+    pub hide_line: bool,
 }
 
 type Table<'i> = DeTable<'i>;
@@ -529,16 +552,205 @@ impl Cx<'_> {
             secrets.recipients = self.opt_or(&mut s, "recipients", Vec::new());
             f.ok &= self.finish(&s, &["recipients"]);
         }
-        let ok = self.finish(&f, &["base_domain", "currency", "secrets"]);
+        let tls = match self.table(&mut f, "tls") {
+            Some(t) => {
+                let tls = self.tls_settings(t);
+                f.ok &= tls.is_some();
+                tls
+            }
+            None => None,
+        };
+        let ok = self.finish(&f, &["base_domain", "currency", "secrets", "tls"]);
         let settings = Settings {
             base_domain: base_domain?.value,
             currency,
             secrets,
+            tls,
         };
         ok.then_some(Located {
             value: settings,
             span: 0..0,
         })
+    }
+
+    /// `cairn.toml [tls]`.
+    fn tls_settings(&mut self, mut t: Fields<'_, '_>) -> Option<TlsSettings> {
+        let acme_directory = self
+            .opt(&mut t, "acme_directory")
+            .map_or_else(default_acme_directory, |d| d.value);
+        let contact = self.opt(&mut t, "contact").map(|c| c.value);
+        let ca_roots = self
+            .opt(&mut t, "ca_roots")
+            .map(|c: Located<crate::units::RepoPath>| {
+                self.file_refs.push(FileRef {
+                    path: c.value.clone(),
+                    what: "`ca_roots`".into(),
+                    span: c.span,
+                    hide_line: false,
+                });
+                c.value
+            });
+        let challenge = match self.opt::<String>(&mut t, "challenge") {
+            None => Challenge::default(),
+            Some(c) => match c.value.as_str() {
+                "http-01" => Challenge::Http01,
+                "tls-alpn-01" | "dns-01" => {
+                    self.error(
+                        c.span,
+                        format!("challenge `{}` is not supported yet", c.value),
+                    )
+                    .hint = Some("use `challenge = \"http-01\"` (the default)".into());
+                    t.ok = false;
+                    Challenge::default()
+                }
+                other => {
+                    self.error(c.span, format!("unknown challenge `{other}`"))
+                        .hint = Some("use `challenge = \"http-01\"` (the default)".into());
+                    t.ok = false;
+                    Challenge::default()
+                }
+            },
+        };
+        let redirect_http = self.opt_or(&mut t, "redirect_http", true);
+        let hsts = self.opt_or(&mut t, "hsts", false);
+        let ok = self.finish(
+            &t,
+            &[
+                "acme_directory",
+                "contact",
+                "ca_roots",
+                "challenge",
+                "redirect_http",
+                "hsts",
+            ],
+        );
+        ok.then_some(TlsSettings {
+            acme_directory,
+            contact,
+            ca_roots,
+            challenge,
+            redirect_http,
+            hsts,
+        })
+    }
+
+    /// An app's `tls`: `"auto"`, `"off"` or `{ cert = "...", key = { secret = "..." } }`. `None` (with an
+    /// error) when it is broken; `Some(None)` when it is absent.
+    fn app_tls(
+        &mut self,
+        f: &mut Fields<'_, '_>,
+        key_span: &mut Option<Range<usize>>,
+    ) -> Option<AppTls> {
+        const HINT: &str = "write `tls = \"auto\"`, `tls = \"off\"` or `tls = { cert = \"certs/NAME.pem\", key = { secret = \"...\" } }`";
+        let v = f.get("tls")?;
+        match v.get_ref() {
+            DeValue::String(s) => match s.as_ref() {
+                "auto" => Some(AppTls::Mode(TlsMode::Auto)),
+                "off" => Some(AppTls::Mode(TlsMode::Off)),
+                other => {
+                    self.error(v.span(), format!("invalid value for `tls`: `{other}`"))
+                        .hint = Some(HINT.into());
+                    f.ok = false;
+                    None
+                }
+            },
+            DeValue::Table(t) => {
+                // The key may be the plaintext pasted by mistake, on the same line as anything else
+                // of the table: no diagnostic about the table shows its lines.
+                let before_all = self.diags.len();
+                let mut own = Fields::new(t, v.span(), format!("`tls` of {}", f.what));
+                let cert: Option<Located<crate::units::RepoPath>> = self.req(&mut own, "cert");
+                if let Some(c) = &cert {
+                    self.file_refs.push(FileRef {
+                        path: c.value.clone(),
+                        what: format!("the `tls.cert` of {}", f.what),
+                        span: c.span.clone(),
+                        hide_line: true,
+                    });
+                }
+                let mut key = None;
+                match own.get("key") {
+                    None => {
+                        let what = own.what.clone();
+                        self.error(own.at.clone(), format!("{what} is missing `key`"))
+                            .hint = Some(
+                            "add `key = { secret = \"...\" }`: the key encrypted with `cairn secret encrypt`"
+                                .into(),
+                        );
+                        own.ok = false;
+                    }
+                    Some(kv) => {
+                        let before = self.diags.len();
+                        match kv.get_ref() {
+                            DeValue::Table(kt) => {
+                                let mut st = Fields::new(kt, kv.span(), "the `tls` key".to_owned());
+                                let ct: Option<Located<String>> = self.req(&mut st, "secret");
+                                if let Some(c) = ct {
+                                    match Ciphertext::new(&c.value) {
+                                        Ok(secret) => {
+                                            *key_span = Some(c.span.clone());
+                                            key = Some(SecretRef { secret });
+                                        }
+                                        Err(err) => {
+                                            self.error(c.span, format!("the `tls` key: {err}"))
+                                                .hint = Some(
+                                                "encrypt the key with `cairn secret encrypt`; if the value was the \
+                                                 plaintext key, it is in the git history now: replace the certificate"
+                                                    .into(),
+                                            );
+                                        }
+                                    }
+                                }
+                                if !self.finish(&st, &["secret"]) {
+                                    key = None;
+                                }
+                            }
+                            other => {
+                                self.error(
+                                    kv.span(),
+                                    format!(
+                                        "wrong type for the `tls` key: expected `{{ secret = \"...\" }}`, found {}",
+                                        other.type_str()
+                                    ),
+                                )
+                                .hint = Some(
+                                    "the key is an age secret: never put the plaintext key in the repository".into(),
+                                );
+                            }
+                        }
+                        // A broken key may be the plaintext key pasted by mistake: never show its lines.
+                        for d in &mut self.diags[before..] {
+                            d.source_line = None;
+                        }
+                        own.ok &= key.is_some();
+                    }
+                }
+                let ok = self.finish(&own, &["cert", "key"]);
+                for d in &mut self.diags[before_all..] {
+                    d.source_line = None;
+                }
+                f.ok &= ok;
+                match (cert, key) {
+                    (Some(cert), Some(key)) if ok => Some(AppTls::Own(OwnCertificate {
+                        cert: cert.value,
+                        key,
+                    })),
+                    _ => None,
+                }
+            }
+            other => {
+                self.error(
+                    v.span(),
+                    format!(
+                        "wrong type for `tls`: expected a string or a table, found {}",
+                        other.type_str()
+                    ),
+                )
+                .hint = Some(HINT.into());
+                f.ok = false;
+                None
+            }
+        }
     }
 
     fn resources(&mut self, root: &Table<'_>, syntax_ok: bool) -> Vec<Declared> {
@@ -551,7 +763,7 @@ impl Cx<'_> {
                 let key: &str = kind_key.get_ref();
                 let hint = match did_you_mean(key, Kind::ALL.map(Kind::as_str)) {
                     Some(s) => format!("did you mean `[{s}.NAME]`?"),
-                    None if key == "base_domain" || key == "secrets" || key == "currency" => {
+                    None if matches!(key, "base_domain" | "secrets" | "currency" | "tls") => {
                         "repository settings belong in cairn.toml at the repository root".to_owned()
                     }
                     None => "a manifest declares `[plan.NAME]`, `[runtime.NAME]`, `[node.NAME]` or `[app.NAME]` tables"
@@ -907,6 +1119,17 @@ impl Cx<'_> {
                 .map(|b: Located<ByteSize>| b.value);
             f.ok &= self.finish(&h, &["max_body"]);
         }
+        let tls = self.app_tls(&mut f, &mut spans.tls_key);
+        if tls
+            .as_ref()
+            .is_some_and(|t| matches!(t, AppTls::Mode(TlsMode::Auto)))
+        {
+            spans.tls_auto = f
+                .table
+                .iter()
+                .find(|(k, _)| k.get_ref() == "tls")
+                .map(|(_, v)| v.span());
+        }
         let mut env = BTreeMap::new();
         if let Some(mut e) = self.table(&mut f, "env") {
             for (k, v) in e.table.iter() {
@@ -981,6 +1204,7 @@ impl Cx<'_> {
                 "http",
                 "suspended",
                 "env",
+                "tls",
             ],
         );
         spans.plan = plan.clone();
@@ -1001,6 +1225,7 @@ impl Cx<'_> {
             http,
             suspended,
             env,
+            tls,
         };
         (ok.then_some(app), spans)
     }

@@ -104,6 +104,31 @@ string_newtype!(
     "host, host:port, IP, IP:port or [IPv6]:port: where other nodes reach this node's proxy."
 );
 
+string_newtype!(
+    /// A file in the config repository: relative, `/`-separated, never leaving the repository (`..`) or
+    /// reaching into a hidden directory such as `.git`.
+    RepoPath,
+    check_repo_path,
+    "^[^/\\\\]",
+    "A path relative to the repository root, with '/' separators, such as certs/shop.pem."
+);
+
+string_newtype!(
+    /// An ACME directory URL: `https://` with a host (RFC 8555 requires HTTPS).
+    AcmeDirectory,
+    check_acme_directory,
+    "^https://[^\\s/]+(/\\S*)?$",
+    "The https URL of an ACME (RFC 8555) directory."
+);
+
+string_newtype!(
+    /// An email address for the ACME account's contact (`mailto:` is added when it is sent).
+    Email,
+    check_email,
+    "^[^@\\s]+@[^@\\s]+\\.[^@\\s]+$",
+    "An email address, such as ops@example.com."
+);
+
 impl NodeAddress {
     /// The port other nodes dial when the address names none.
     pub const DEFAULT_PORT: u16 = 80;
@@ -226,6 +251,69 @@ fn check_env_name(s: &str) -> Result<(), String> {
             "`{s}` is not a valid environment variable name: use letters, digits and `_`, not starting with a digit"
         ))
     }
+}
+
+fn check_repo_path(s: &str) -> Result<(), String> {
+    let bad = |why: &str| format!("`{s}` is not a path in the repository: {why}");
+    if s.is_empty() {
+        return Err(bad("it is empty"));
+    }
+    if s.starts_with('/') || s.contains('\\') {
+        return Err(bad(
+            "write it relative to the repository root, with `/` separators",
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err(bad("it holds a control character"));
+    }
+    for c in s.split('/') {
+        if c.is_empty() {
+            return Err(bad("it has an empty component"));
+        }
+        if c == ".." {
+            return Err(bad("it leaves the repository (`..`)"));
+        }
+        if c.starts_with('.') && c != "." {
+            return Err(bad("it reaches into a hidden file or directory"));
+        }
+    }
+    Ok(())
+}
+
+fn check_acme_directory(s: &str) -> Result<(), String> {
+    let bad = |why: &str| format!("`{s}` is not an ACME directory URL: {why}");
+    let Some(rest) = s.strip_prefix("https://") else {
+        return Err(bad(
+            "it must start with `https://` (RFC 8555 requires HTTPS)",
+        ));
+    };
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("it holds a space or a control character"));
+    }
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    if host.is_empty() || host.contains('@') {
+        return Err(bad("it needs a host (and no user name)"));
+    }
+    Ok(())
+}
+
+fn check_email(s: &str) -> Result<(), String> {
+    let bad = || format!("`{s}` is not an email address");
+    let Some((local, domain)) = s.split_once('@') else {
+        return Err(bad());
+    };
+    if local.is_empty()
+        || domain.contains('@')
+        || !domain.contains('.')
+        || domain.starts_with('.')
+        || domain.ends_with('.')
+        || s.chars().any(|c| {
+            c.is_whitespace() || c.is_control() || matches!(c, '<' | '>' | ',' | ';' | ':')
+        })
+    {
+        return Err(bad());
+    }
+    Ok(())
 }
 
 fn check_domain(s: &str) -> Result<(), String> {

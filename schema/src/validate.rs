@@ -16,6 +16,16 @@ pub struct Loaded {
     pub diagnostics: Diagnostics,
     /// Where every secret is, so an identity check can point at it.
     pub secrets: Vec<SecretSite>,
+    /// Where every own certificate's key is (an app's `tls = { key = { secret = ... } }`).
+    pub tls_keys: Vec<TlsKeySite>,
+}
+
+/// One app's own certificate key and where it is declared.
+#[derive(Debug, Clone)]
+pub struct TlsKeySite {
+    pub app: Name,
+    pub file: usize,
+    pub span: std::ops::Range<usize>,
 }
 
 /// One secret env value and where it is declared.
@@ -139,6 +149,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let regions: BTreeSet<&Name> = nodes.values().filter_map(|n| n.region.as_ref()).collect();
     let mut domain_owner: BTreeMap<String, (Name, usize, std::ops::Range<usize>)> = BTreeMap::new();
     let mut secrets = Vec::new();
+    let mut tls_keys = Vec::new();
 
     for (name, refs, fi, name_span) in &app_refs {
         let f = files[*fi];
@@ -212,6 +223,18 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
 
     for (name, (app, fi, spans)) in &apps {
         let f = files[*fi];
+        if let (Some(span), Some(s)) = (&spans.tls_auto, &settings)
+            && s.tls.is_none()
+        {
+            diags.push(
+                f.diag(
+                    Severity::Error,
+                    span.clone(),
+                    format!("app `{name}` asks for `tls = \"auto\"` but cairn.toml has no `[tls]`"),
+                )
+                .with_hint("add `[tls]` with `contact = \"you@example.com\"` to cairn.toml: it says which ACME CA issues the certificates"),
+            );
+        }
         if let (Some(region), Some(span)) = (&app.placement.region, &spans.region)
             && !regions.contains(region)
         {
@@ -244,6 +267,13 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
             } else {
                 domain_owner.insert(key, (name.clone(), *fi, span.clone()));
             }
+        }
+        if let Some(span) = &spans.tls_key {
+            tls_keys.push(TlsKeySite {
+                app: name.clone(),
+                file: *fi,
+                span: span.clone(),
+            });
         }
         for (key, span) in &spans.secrets {
             secrets.push(SecretSite {
@@ -287,7 +317,71 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         desired,
         diagnostics,
         secrets,
+        tls_keys,
     }
+}
+
+/// The most bytes a file a manifest names (a PEM bundle) may have.
+pub const MAX_REFERENCED_BYTES: usize = 1 << 20;
+
+/// Checks the files the manifests name (`ca_roots`, own certificates) with what the source read for
+/// each (`read`: its bytes, or why it could not be read): each must exist in the repository and hold PEM
+/// certificates. Every problem is an error at the name; `loaded.desired` is cleared when there is one.
+/// Returns the contents by path, for the control plane.
+pub fn check_referenced(
+    loaded: &mut Loaded,
+    files: &[&ParsedFile],
+    mut read: impl FnMut(&str) -> Result<Vec<u8>, String>,
+) -> BTreeMap<String, std::sync::Arc<[u8]>> {
+    let mut out = BTreeMap::new();
+    let mut diags = Vec::new();
+    for f in files {
+        for r in &f.file_refs {
+            let path = r.path.as_str();
+            let why = match out.get(path) {
+                Some(_) => None,
+                None => match read(path) {
+                    Err(why) => Some(why),
+                    Ok(b) if b.len() > MAX_REFERENCED_BYTES => Some(format!(
+                        "is {} bytes; at most {MAX_REFERENCED_BYTES} are read",
+                        b.len()
+                    )),
+                    Ok(b) if !holds_pem_certificate(&b) => {
+                        Some("holds no PEM certificate (`-----BEGIN CERTIFICATE-----`)".to_owned())
+                    }
+                    Ok(b) => {
+                        out.insert(path.to_owned(), std::sync::Arc::from(b));
+                        None
+                    }
+                },
+            };
+            if let Some(why) = why {
+                let mut d = f
+                    .diag(
+                        Severity::Error,
+                        r.span.clone(),
+                        format!("{} names `{path}`, which {why}", r.what),
+                    )
+                    .with_hint(
+                        "name a PEM file committed to this repository, relative to its root",
+                    );
+                if r.hide_line {
+                    d.source_line = None;
+                }
+                diags.push(d);
+            }
+        }
+    }
+    if !diags.is_empty() {
+        loaded.diagnostics.0.extend(diags);
+        loaded.diagnostics.sort();
+        loaded.desired = None;
+    }
+    out
+}
+
+fn holds_pem_certificate(b: &[u8]) -> bool {
+    std::str::from_utf8(b).is_ok_and(|s| s.contains("-----BEGIN CERTIFICATE-----"))
 }
 
 /// Checks that every secret decrypts with `identity`, naming `path:line:col` of each that does not.
@@ -315,6 +409,27 @@ pub fn check_secrets(
                     .diag(Severity::Error, site.span.clone(), format!("secret `{}` of app `{}` does not decrypt: {e}", site.key, site.app))
                     .with_hint(format!(
                         "re-encrypt it to the current recipients with `cairn secret rotate`, or check that {} is in cairn.toml",
+                        identity.recipient()
+                    )),
+            );
+        }
+    }
+    for site in &loaded.tls_keys {
+        let Some(crate::model::AppTls::Own(own)) =
+            desired.apps.get(&site.app).and_then(|a| a.tls.as_ref())
+        else {
+            continue;
+        };
+        if let Err(e) = identity.decrypt(&own.key.secret) {
+            out.push(
+                files[site.file]
+                    .diag(
+                        Severity::Error,
+                        site.span.clone(),
+                        format!("the certificate key of app `{}` does not decrypt: {e}", site.app),
+                    )
+                    .with_hint(format!(
+                        "encrypt it again with `cairn secret encrypt`, for recipients that include {}",
                         identity.recipient()
                     )),
             );

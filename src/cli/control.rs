@@ -298,6 +298,12 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
     if s.nodes.iter().any(|n| n.drain) {
         let _ = writeln!(out, "(* draining)");
     }
+    if !s.certificate_warnings.is_empty() {
+        let _ = writeln!(out, "\nCERTIFICATES (`cairn certs` shows every one)");
+        for w in &s.certificate_warnings {
+            let _ = writeln!(out, "WARNING {w}");
+        }
+    }
     out
 }
 
@@ -396,6 +402,7 @@ mod tests {
                 node("nyc-1", NodeState::Online, None, true),
             ],
             last_reconciliation: None,
+            certificate_warnings: Vec::new(),
         };
         insta::assert_snapshot!(render_status(&s));
 

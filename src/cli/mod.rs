@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 mod args;
+mod certs;
 mod completions;
 mod control;
 mod dev;
@@ -55,6 +56,8 @@ enum Command {
     Apply(control::ApplyArgs),
     /// Apps, replicas, nodes and the last reconciliation
     Status(control::StatusArgs),
+    /// Certificates of the declared names: state, issuer, expiry, why one waits or failed
+    Certs(certs::Args),
     /// Run the control plane: the reconcile loop and its HTTP listener
     Serve(serve::Args),
     /// Run the whole platform on this machine (PostgreSQL, control plane, one agent per node) on DIR
@@ -89,6 +92,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Plan(a) => control::plan(a),
         Command::Apply(a) => control::apply(a),
         Command::Status(a) => control::status(a),
+        Command::Certs(a) => certs::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Dev(a) => dev::run(a),
         Command::Releases(a) => releases::list(a),

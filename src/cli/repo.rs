@@ -16,7 +16,13 @@ pub struct Repo {
 pub fn load_dir(dir: &Path) -> Result<Repo> {
     let snap = cairn_reconciler::source::dir::read_dir(dir)
         .with_context(|| format!("cannot read config repository {}", dir.display()))?;
-    Ok(load_files(snap.files, snap.diagnostics))
+    let mut repo = load_files(snap.files, snap.diagnostics);
+    // The files the manifests name (`ca_roots`, own certificates), read and checked as serve does.
+    let refs: Vec<&ParsedFile> = repo.parsed.iter().collect();
+    cairn_schema::validate::check_referenced(&mut repo.loaded, &refs, |rel| {
+        cairn_reconciler::source::dir::read_referenced(dir, rel)
+    });
+    Ok(repo)
 }
 
 pub fn load_files(files: Vec<(String, Vec<u8>)>, read_errors: Vec<Diagnostic>) -> Repo {

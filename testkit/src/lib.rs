@@ -14,6 +14,8 @@
 //!   for a test's second node.
 //! - [`netns`]: hosts with their own addresses (network namespaces on a private bridge), for tests of
 //!   traffic between nodes.
+//! - [`pebble`]: a real ACME CA (Debian's `pebble`) with a scriptable DNS server (`pebble-challtestsrv`),
+//!   its HTTPS certificate made per test, and a count of the orders it accepted.
 //! - [`fixtures`]: the manifests tests write (`cairn.toml`, plans, runtimes, nodes) as TOML builders.
 //! - [`skip`]: what a test does when a prerequisite is missing ([`missing`]: skip with a message, or fail
 //!   under CI / `CAIRN_TEST_REQUIRE_ALL`).
@@ -25,6 +27,7 @@ pub mod engine;
 pub mod fixtures;
 mod git;
 pub mod netns;
+pub mod pebble;
 pub mod pg;
 pub mod poll;
 pub mod proxy;

@@ -18,7 +18,8 @@ const SCHEMAS: [(&[&str], &str); 2] = [
 
 /// Cases whose mistake is an unknown, missing or forbidden key or a wrong type: the JSON Schema must refuse
 /// them too.
-const KEY_AND_TYPE_CASES: [&str; 15] = [
+const KEY_AND_TYPE_CASES: [&str; 16] = [
+    "tls-unknown-key",
     "unknown-key",
     "privileged-key",
     "unknown-kind",
@@ -37,7 +38,9 @@ const KEY_AND_TYPE_CASES: [&str; 15] = [
 ];
 
 /// Cases whose mistake is a value the schema's patterns and ranges describe: it refuses them as well.
-const VALUE_CASES: [&str; 20] = [
+const VALUE_CASES: [&str; 22] = [
+    "tls-http-directory",
+    "tls-alpn-not-supported",
     "size-decimal-unit",
     "cpu-zero",
     "price-negative",

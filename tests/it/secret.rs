@@ -941,3 +941,55 @@ fn rotate_and_set_keep_each_secret_in_the_form_it_was_written() {
         );
     }
 }
+
+/// An app's own certificate key is a secret like any other: `rotate` re-encrypts it too.
+#[test]
+fn rotate_re_encrypts_an_own_certificate_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (alice, a) = keygen(dir.path(), "alice.txt");
+    let (bob, b) = keygen(dir.path(), "bob.txt");
+    let repo = repo(&[&a]);
+    let key = format!("-----BEGIN PRIVATE KEY-----\n{CANARY}\n-----END PRIVATE KEY-----\n");
+    let ct = ok(cairn(repo.path(), &["secret", "encrypt"], key.as_bytes())).stdout;
+    write(
+        repo.path().join("certs/web.pem"),
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    );
+    let web = repo.path().join("apps/web.toml");
+    write(
+        &web,
+        &format!(
+            "{}\n[app.web.tls]\ncert = \"certs/web.pem\"\nkey = {{ secret = \"\"\"\n{}\"\"\" }}\n",
+            read(&web),
+            ct.trim_end()
+        ),
+    );
+    ok(cairn(
+        repo.path(),
+        &["validate", "--identity", alice.to_str().unwrap()],
+        b"",
+    ));
+    write(repo.path().join("cairn.toml"), &settings(&[&a, &b]));
+    let out = ok(cairn(
+        repo.path(),
+        &["secret", "rotate", "--identity", alice.to_str().unwrap()],
+        b"",
+    ));
+    assert!(
+        out.stdout.starts_with("re-encrypted 1 secret in 1 file"),
+        "{}",
+        out.stdout
+    );
+    let text = read(&web);
+    let start = text.find("-----BEGIN AGE").unwrap();
+    let end = text.find("-----END AGE ENCRYPTED FILE-----").unwrap() + 32;
+    assert_eq!(
+        age_decrypt(&bob, &text[start..end]).unwrap().trim_end(),
+        key.trim_end()
+    );
+    ok(cairn(
+        repo.path(),
+        &["validate", "--identity", bob.to_str().unwrap()],
+        b"",
+    ));
+}

@@ -987,3 +987,43 @@ fn the_systemd_units_raise_the_descriptor_limit() {
         assert!(limit >= 65_536, "{unit}: {limit}");
     }
 }
+
+/// `GET /api/v1/certs` needs an admin token and shows every declared name set's certificate, never a
+/// key; `cairn certs` shows the same through the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_are_listed_to_admins_without_keys() {
+    let Some(serve) = Serve::start(&[], None, false).await else {
+        return;
+    };
+    cairn_reconciler::store::certs::declare(
+        serve.db.pool(),
+        "https://ca.example.test/dir",
+        &[cairn_reconciler::store::certs::Declared {
+            app: "web".into(),
+            names: vec!["web.apps.example.com".into()],
+        }],
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::new();
+    let resp = http.get(serve.url("/api/v1/certs")).send().await.unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = http
+        .get(serve.url("/api/v1/certs"))
+        .bearer_auth(serve.admin_token())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body[0]["names"], json!(["web.apps.example.com"]), "{body}");
+    assert_eq!(body[0]["state"], "pending", "{body}");
+    assert!(body[0].get("key_sealed").is_none(), "{body}");
+    let out = crate::agents::support::cairn_db(serve.db.url(), &["certs"]);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.starts_with("web.apps.example.com (web): pending"),
+        "{text}"
+    );
+}

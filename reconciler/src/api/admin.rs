@@ -3,6 +3,8 @@
 //! token>` (`cairn token create`); a missing, wrong or revoked one is 401.
 //!
 //! - `GET /status`: the same [`crate::status::Status`] `cairn status` computes from the database;
+//! - `GET /certs`: every declared name set's certificate: state, issuer, expiry, last error (never a
+//!   key);
 //! - `GET /nodes`: every declared node with what its agent last reported;
 //! - `POST /nodes/{node}/join-tokens`, `GET /nodes/{node}/join-tokens`: issue a one-time join token
 //!   (shown once), list them (never the token);
@@ -31,6 +33,7 @@ use crate::store::{nodes, tokens};
 pub(super) fn routes() -> Router<Arc<Api>> {
     Router::new()
         .route("/status", get(get_status))
+        .route("/certs", get(certs))
         .route("/nodes", get(nodes))
         .route(
             "/nodes/{node}/join-tokens",
@@ -75,6 +78,13 @@ fn node_name(s: &str) -> Result<Name, ApiError> {
 
 async fn get_status(State(api): State<Arc<Api>>, _: AdminAuth) -> Result<Json<Status>, ApiError> {
     Ok(Json(status::load(&api.pool, api.cfg.offline_after).await?))
+}
+
+async fn certs(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+) -> Result<Json<Vec<cairn_proto::admin::CertificateInfo>>, ApiError> {
+    Ok(Json(crate::certs::list(&api.pool).await?))
 }
 
 async fn nodes(State(api): State<Arc<Api>>, _: AdminAuth) -> Result<Json<Vec<NodeInfo>>, ApiError> {

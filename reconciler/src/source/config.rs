@@ -81,7 +81,9 @@ impl ConfigSource {
                         .iter()
                         .map(|(p, b)| Arc::new(cairn_schema::parse_file(p, b)))
                         .collect();
-                    Snapshot::new(Some(commit.clone()), files, snap.diagnostics)
+                    let mut s = Snapshot::new(Some(commit.clone()), files, snap.diagnostics);
+                    s.read_referenced(|rel| crate::source::dir::read_referenced(dir, rel));
+                    s
                 }))
             }
             ConfigSource::Git(g) => {

@@ -123,6 +123,29 @@ pub fn read_dir(root: &Path) -> std::io::Result<DirSnapshot> {
     Ok(snap)
 }
 
+/// A file the manifests name (`rel`, repository-relative, already free of `..` and hidden components), read
+/// as safely as the manifests: a symlink is followed only inside the repository and never into a hidden
+/// directory; only a regular file is read, bounded. The error says why, without the file's content.
+pub fn read_referenced(root: &Path, rel: &str) -> Result<Vec<u8>, String> {
+    let canon_root = root
+        .canonicalize()
+        .map_err(|e| format!("cannot be read: {e}"))?;
+    let target = match root.join(rel).canonicalize() {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err("is not in the repository".into());
+        }
+        Err(e) => return Err(format!("cannot be read: {e}")),
+    };
+    if !target.starts_with(&canon_root) {
+        return Err("is a symlink that points outside the repository".into());
+    }
+    if hidden(&canon_root, &target) {
+        return Err("is a symlink into a hidden file or directory, which is never read".into());
+    }
+    read_regular(&target)
+}
+
 /// Whether `target` (canonical, under `root`) is or lies under a hidden file or directory of the repository.
 fn hidden(root: &Path, target: &Path) -> bool {
     target.strip_prefix(root).is_ok_and(|rel| {
@@ -177,6 +200,37 @@ fn read_regular(path: &Path) -> Result<Vec<u8>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_named_file_is_read_only_inside_the_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("certs")).unwrap();
+        std::fs::write(dir.path().join("certs/ca.pem"), "pem").unwrap();
+        std::fs::write(outside.path().join("secret.pem"), "outside").unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.pem"),
+            dir.path().join("certs/out.pem"),
+        )
+        .unwrap();
+        std::os::unix::fs::symlink("ca.pem", dir.path().join("certs/link.pem")).unwrap();
+        assert_eq!(read_referenced(dir.path(), "certs/ca.pem").unwrap(), b"pem");
+        assert_eq!(
+            read_referenced(dir.path(), "certs/link.pem").unwrap(),
+            b"pem"
+        );
+        let why = read_referenced(dir.path(), "certs/out.pem").unwrap_err();
+        assert!(why.contains("outside the repository"), "{why}");
+        assert!(!why.contains("outside\""), "never the content");
+        let why = read_referenced(dir.path(), "certs/none.pem").unwrap_err();
+        assert_eq!(why, "is not in the repository");
+        std::fs::create_dir_all(dir.path().join("certs/dir.pem")).unwrap();
+        let why = read_referenced(dir.path(), "certs/dir.pem").unwrap_err();
+        assert!(
+            why.contains("not a regular file") || why.contains("directory"),
+            "{why}"
+        );
+    }
 
     fn repo() -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();

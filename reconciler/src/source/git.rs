@@ -335,7 +335,33 @@ impl GitSource {
             self.parsed.retain(|k, _| live.contains(k));
             self.trees.clear();
         }
-        Ok(Snapshot::new(Some(commit.to_string()), files, diagnostics))
+        let mut snap = Snapshot::new(Some(commit.to_string()), files, diagnostics);
+        snap.read_referenced(|rel| {
+            let Some(e) = by_path.get(rel) else {
+                return Err("is not in the repository at this commit".into());
+            };
+            let target = if e.link {
+                resolve_link(&repo, e, &by_path)?
+            } else {
+                e
+            };
+            // Sized before it is read: a huge blob is refused without loading it.
+            let size = repo
+                .find_header(target.id)
+                .map_err(|e| format!("cannot be read: {e}"))?
+                .size();
+            if size > cairn_schema::validate::MAX_REFERENCED_BYTES as u64 {
+                return Err(format!(
+                    "is {size} bytes; at most {} are read",
+                    cairn_schema::validate::MAX_REFERENCED_BYTES
+                ));
+            }
+            let blob = repo
+                .find_object(target.id)
+                .map_err(|e| format!("cannot be read: {e}"))?;
+            Ok(blob.data.clone())
+        });
+        Ok(snap)
     }
 
     /// Flattens a tree into manifest-relevant entries, reusing subtrees whose id did not change.

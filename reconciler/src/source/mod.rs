@@ -13,7 +13,9 @@ pub mod watch;
 use std::path::Path;
 use std::sync::Arc;
 
-use cairn_schema::validate::{Loaded, assemble_refs};
+use std::collections::BTreeMap;
+
+use cairn_schema::validate::{Loaded, assemble_refs, check_referenced};
 use cairn_schema::{Diagnostic, ParsedFile};
 
 pub use config::{ConfigSource, ReadError};
@@ -26,6 +28,9 @@ pub struct Snapshot {
     pub files: Vec<Arc<ParsedFile>>,
     /// Parsed, validated and assembled; `loaded.desired` is `Some` only when valid.
     pub loaded: Loaded,
+    /// The files the manifests name (`[tls] ca_roots`, apps' own certificates), by path, as read
+    /// with the manifests ([`Snapshot::read_referenced`]).
+    pub referenced: BTreeMap<String, Arc<[u8]>>,
 }
 
 impl Snapshot {
@@ -51,7 +56,16 @@ impl Snapshot {
             commit,
             files,
             loaded,
+            referenced: BTreeMap::new(),
         }
+    }
+
+    /// Reads the files the manifests name through `read` (bytes, or why not) and checks them
+    /// ([`cairn_schema::validate::check_referenced`]): a missing or wrong one is an error at its name,
+    /// and the snapshot is then invalid.
+    pub fn read_referenced(&mut self, read: impl FnMut(&str) -> Result<Vec<u8>, String>) {
+        let refs: Vec<&ParsedFile> = self.files.iter().map(|f| f.as_ref()).collect();
+        self.referenced = check_referenced(&mut self.loaded, &refs, read);
     }
 
     /// The files as a slice of plain references, as `cairn_schema::check_secrets` wants them.

@@ -20,6 +20,8 @@
 //! - [`placements`]: one node's placements and those of the slots it reports (drift checks);
 //! - [`routes`]: what the cluster route table is computed from (apps' hosts, nodes' addresses and
 //!   healthy replicas);
+//! - [`certs`]: certificates for the declared names and the ACME accounts, keys only sealed, the
+//!   lease that lets one control plane order per name set;
 //! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
 //!
 //! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
@@ -29,6 +31,7 @@
 //! follow are the planner's; the store writes what it is given), hold a connection while waiting on
 //! anything but Postgres, or put a secret's plaintext into a column, a log line or an error.
 
+pub mod certs;
 pub(crate) mod decode;
 pub mod history;
 pub mod listen;

@@ -343,3 +343,70 @@ fn a_ref_lock_left_by_a_killed_fetch_does_not_stop_the_next_one() {
     assert_eq!(restarted.fetch().unwrap().to_string(), second);
     assert!(!heads.join("main.lock").exists());
 }
+
+/// `[tls] ca_roots` names a PEM file of the repository: the snapshot carries its bytes; a commit that
+/// drops it is invalid with the error at the name.
+#[test]
+fn files_the_manifests_name_are_read_from_the_commit() {
+    let r = seeded();
+    let settings = format!(
+        "{}\n[tls]\nacme_directory = \"https://ca.example.test/dir\"\nca_roots = \"certs/ca.pem\"\n",
+        fixtures::settings()
+    );
+    r.write("cairn.toml", &settings);
+    let pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
+    r.write("certs/ca.pem", pem);
+    r.commit("tls with a private CA");
+    let mut src = GitSource::new(r.url(), "main", &r.cache);
+    let head = src.fetch().unwrap();
+    let snap = src.load(head).unwrap();
+    assert!(snap.loaded.desired.is_some(), "{}", snap.loaded.diagnostics);
+    assert_eq!(
+        snap.referenced.get("certs/ca.pem").map(|b| &b[..]),
+        Some(pem.as_bytes())
+    );
+
+    git(&r.work, &["rm", "-q", "certs/ca.pem"]);
+    r.commit("drop the CA");
+    let head = src.fetch().unwrap();
+    let snap = src.load(head).unwrap();
+    assert!(snap.loaded.desired.is_none());
+    let text = snap.loaded.diagnostics.to_string();
+    assert!(
+        text.contains("cairn.toml:")
+            && text.contains(
+                "`ca_roots` names `certs/ca.pem`, which is not in the repository at this commit"
+            ),
+        "{text}"
+    );
+}
+
+/// The certificate worker's settings come from the snapshot: the directory, the contact and the
+/// `ca_roots` file's contents.
+#[test]
+fn certificate_settings_come_from_the_snapshot() {
+    let r = seeded();
+    r.write(
+        "cairn.toml",
+        &format!(
+            "{}\n[tls]\nacme_directory = \"https://ca.example.test/dir\"\ncontact = \"ops@example.test\"\nca_roots = \"ca.pem\"\n",
+            fixtures::settings()
+        ),
+    );
+    r.write(
+        "ca.pem",
+        "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+    );
+    r.commit("tls");
+    let mut src = GitSource::new(r.url(), "main", &r.cache);
+    let head = src.fetch().unwrap();
+    let snap = src.load(head).unwrap();
+    let s = cairn_reconciler::certs::CertSettings::from_snapshot(&snap).expect("[tls]");
+    assert_eq!(s.directory, "https://ca.example.test/dir");
+    assert_eq!(s.contact.as_deref(), Some("ops@example.test"));
+    assert!(
+        s.ca_roots_pem
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
+}

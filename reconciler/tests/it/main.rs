@@ -1,6 +1,7 @@
 //! Integration tests of the reconciler, one binary with a module per area.
 
 mod apply;
+mod certs;
 mod deploys;
 mod git_source;
 mod heads;

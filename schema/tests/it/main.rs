@@ -3,6 +3,7 @@
 mod hostile;
 mod roundtrip;
 mod rules;
+mod tls;
 
 /// Loads a repository given as `(path, text)` pairs, with a default `cairn.toml` unless one is given.
 pub fn load(files: &[(&str, &str)]) -> cairn_schema::Loaded {

@@ -183,6 +183,7 @@ fn manifest() -> impl Strategy<Value = ManifestFile> {
                         },
                         suspended,
                         env,
+                        tls: None,
                     },
                 );
             }

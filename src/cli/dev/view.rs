@@ -236,6 +236,7 @@ mod tests {
                 ingress: true,
             }],
             last_reconciliation: None,
+            certificate_warnings: Vec::new(),
         }
     }
 

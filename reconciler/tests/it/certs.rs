@@ -1,0 +1,480 @@
+//! Certificates against a real ACME CA (Debian's `pebble`) and a real PostgreSQL: the self-probe keeps a
+//! name whose DNS points elsewhere away from the CA, a name that reaches the cluster is issued (its
+//! chain verifies against pebble's root for every name) and renewed, and no key is ever stored in
+//! plaintext.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_reconciler::certs::{self, CertSettings, CertWorker, Challenges, leaf_info};
+use cairn_reconciler::store::certs::{self as store, CertState};
+use cairn_reconciler::worker::Shutdown;
+use cairn_schema::{Ciphertext, Identity};
+use cairn_testkit::pebble::{Pebble, resolve_a};
+use rustls::client::danger::ServerCertVerifier as _;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use sqlx::PgPool;
+
+/// Serves the challenge set on a free loopback port (what every ingress node does on port 80).
+async fn challenge_server(challenges: &Challenges) -> u16 {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let router = challenges.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    port
+}
+
+fn settings(ca: &Pebble, port: u16) -> CertSettings {
+    let dns = ca.dns.clone();
+    let mut s = CertSettings::new(&ca.directory);
+    s.contact = Some("ops@example.test".into());
+    s.ca_roots_pem = Some(ca.api_root_pem.clone());
+    s.probe_port = port;
+    s.probe_timeout = Duration::from_secs(2);
+    s.retry_first = Duration::from_millis(200);
+    s.retry_max = Duration::from_secs(1);
+    s.resolve = Arc::new(move |name: String| {
+        let dns = dns.clone();
+        Box::pin(async move {
+            Ok(resolve_a(&dns, &name)
+                .await?
+                .into_iter()
+                .map(IpAddr::V4)
+                .collect())
+        })
+    });
+    s
+}
+
+/// A repository with `[tls]` on `directory` and app `shop` with `domains = [domain]`, declared.
+async fn declare(pool: &PgPool, directory: &str, domain: &str) {
+    let cairn = format!(
+        "base_domain = \"apps.example.test\"\n[tls]\nacme_directory = \"{directory}\"\ncontact = \"ops@example.test\"\n"
+    );
+    let apps = format!(
+        "{}\n[app.shop]\nplan = \"small\"\nruntime = \"node\"\ndomains = [\"{domain}\"]\n\n[app.shop.source]\nurl = \"https://github.com/acme/shop.git\"\n",
+        "[plan.small]\ncpu = 0.5\nmemory = \"512MiB\"\ndisk = \"1GiB\"\nprice = \"5.00\"\nmax_replicas = 3\n\n\
+         [runtime.node]\nimage = \"node:22\"\nstart = \"node s.js\"\nport = 3000\n"
+    );
+    let (_, loaded) = cairn_schema::load([("cairn.toml", cairn), ("apps.toml", apps)]);
+    let desired = loaded
+        .desired
+        .unwrap_or_else(|| panic!("{}", loaded.diagnostics));
+    certs::declare(pool, &desired).await.unwrap();
+}
+
+/// Verifies `chain_pem` against `root_pem` for `name` (as a browser would, now).
+fn verify(chain_pem: &str, root_pem: &str, name: &str) {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(root_pem.as_bytes()) {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .unwrap();
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .map(Result::unwrap)
+        .collect();
+    verifier
+        .verify_server_cert(
+            &chain[0],
+            &chain[1..],
+            &ServerName::try_from(name.to_owned()).unwrap(),
+            &[],
+            UnixTime::now(),
+        )
+        .unwrap_or_else(|e| panic!("the chain does not verify for {name}: {e}"));
+}
+
+/// Every text column of the certificate and account tables, as one string.
+async fn all_rows(pool: &PgPool) -> String {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "SELECT t::text FROM certificates t UNION ALL SELECT a::text FROM acme_accounts a",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n")
+}
+
+#[tokio::test]
+async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plaintext() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    let port = challenge_server(&challenges).await;
+    let test = cairn_testkit::current_test();
+    let Some(ca) = Pebble::start(&test, dir.path(), port).await else {
+        return;
+    };
+    ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
+    ca.dns_a("shop.example.test", "127.0.0.1").await;
+    declare(db.pool(), &ca.directory, "shop.example.test").await;
+    let identity = Arc::new(Identity::generate());
+    let mut worker = CertWorker::new(
+        db.pool().clone(),
+        identity.clone(),
+        challenges.clone(),
+        settings(&ca, port),
+    );
+
+    let attempts = worker.run_due().await.unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(
+        attempts[0].state,
+        CertState::Issued,
+        "{:?}",
+        store::list(db.pool()).await
+    );
+    assert!(
+        challenges.current().is_empty(),
+        "every token is withdrawn after the order"
+    );
+    let rows = store::list(db.pool()).await.unwrap();
+    let row = &rows[0];
+    assert_eq!(row.names, ["shop.apps.example.test", "shop.example.test"]);
+    assert_eq!(row.state, CertState::Issued);
+    assert_eq!(row.last_error, None);
+    let chain = row.chain_pem.clone().unwrap();
+    let root = ca.issuer_root_pem().await;
+    for name in &row.names {
+        verify(&chain, &root, name);
+    }
+    let leaf = leaf_info(&chain).unwrap();
+    let mut names = leaf.names.clone();
+    names.sort();
+    assert_eq!(
+        names, row.names,
+        "the certificate names exactly the declared names"
+    );
+    assert_eq!(row.serial.as_deref(), Some(leaf.serial.as_str()));
+    assert!(
+        row.issuer.as_deref().unwrap().contains("Pebble"),
+        "{:?}",
+        row.issuer
+    );
+    assert!(
+        row.next_attempt_at > chrono::Utc::now(),
+        "renewal is in the future"
+    );
+    assert!(
+        row.next_attempt_at < row.not_after.unwrap(),
+        "renewal is before expiry"
+    );
+
+    // The key, only sealed to the control plane.
+    let (_, sealed) = store::sealed_key(db.pool(), &row.names)
+        .await
+        .unwrap()
+        .unwrap();
+    let key = identity
+        .decrypt(&Ciphertext::new(&sealed).unwrap())
+        .unwrap();
+    let key = key.expose_str().unwrap().to_owned();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "a PEM key");
+    let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+    let dump = all_rows(db.pool()).await;
+    assert!(!dump.contains("PRIVATE KEY"), "no plaintext key in any row");
+    for line in key.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(!dump.contains(line), "a line of the key appears in a row");
+    }
+    assert!(!dump.replace(['\n', '\\'], "").contains(&body));
+
+    // Renewal: made due now, it orders again; the old certificate stays until the new one replaces it.
+    sqlx::query("UPDATE certificates SET next_attempt_at = now()")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    let orders = ca.orders();
+    let attempts = worker.run_due().await.unwrap();
+    assert_eq!(attempts[0].state, CertState::Issued);
+    assert_eq!(ca.orders(), orders + 1);
+    let renewed = store::list(db.pool()).await.unwrap().remove(0);
+    assert_ne!(renewed.serial, row.serial, "a renewal is a new certificate");
+    verify(
+        renewed.chain_pem.as_deref().unwrap(),
+        &root,
+        "shop.example.test",
+    );
+    assert_eq!(renewed.attempts, 0);
+
+    // Nothing else is due.
+    assert!(worker.run_due().await.unwrap().is_empty());
+
+    // Visible: the list the CLI and the admin API show, and the metrics.
+    let shown = certs::list(db.pool()).await.unwrap();
+    assert_eq!(shown.len(), 1);
+    assert_eq!(shown[0].state, "issued");
+    assert_eq!(shown[0].app, "shop");
+    assert!(!shown[0].expires_soon);
+    assert!(!serde_json::to_string(&shown).unwrap().contains("PRIVATE"));
+    let text = cairn_reconciler::metrics::Metrics::new()
+        .render(Some(db.pool()))
+        .await;
+    for line in [
+        "cairn_certificates{state=\"issued\"} 1",
+        "cairn_certificates{state=\"waiting_dns\"} 0",
+        "cairn_metrics_database_up 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "no `{line}` in:\n{text}");
+    }
+    let days: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("cairn_certificate_soonest_expiry_days "))
+        .unwrap_or_else(|| panic!("no soonest expiry in:\n{text}"))
+        .parse()
+        .unwrap();
+    assert!(days > 14.0, "pebble's certificates last long: {days}");
+}
+
+#[tokio::test]
+async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once_dns_is_fixed() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    let port = challenge_server(&challenges).await;
+    let test = cairn_testkit::current_test();
+    let Some(ca) = Pebble::start(&test, dir.path(), port).await else {
+        return;
+    };
+    // The default domain reaches the cluster; the custom domain points at another machine.
+    ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
+    ca.dns_a("shop.example.test", "127.0.0.2").await;
+    declare(db.pool(), &ca.directory, "shop.example.test").await;
+    let mut worker = CertWorker::new(
+        db.pool().clone(),
+        Arc::new(Identity::generate()),
+        challenges.clone(),
+        settings(&ca, port),
+    );
+
+    let attempts = worker.run_due().await.unwrap();
+    assert_eq!(attempts[0].state, CertState::WaitingDns);
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    assert_eq!(row.state, CertState::WaitingDns);
+    assert_eq!(row.attempts, 1);
+    let why = row.last_error.clone().unwrap();
+    assert!(
+        why.contains("`shop.example.test` resolves to 127.0.0.2"),
+        "the reason names the name and where it points: {why}"
+    );
+    assert!(row.next_attempt_at > chrono::Utc::now(), "retried later");
+    assert!(row.chain_pem.is_none());
+    assert_eq!(ca.orders(), 0, "no order reached the CA");
+    let status = cairn_reconciler::status::load(db.pool(), Duration::from_secs(90))
+        .await
+        .unwrap();
+    assert!(
+        status
+            .certificate_warnings
+            .iter()
+            .any(|w| w
+                .contains("(shop): waiting for DNS: `shop.example.test` resolves to 127.0.0.2")),
+        "status says why the certificate waits: {:?}",
+        status.certificate_warnings
+    );
+
+    // Retried with backoff, still wrong: still no order, more attempts.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    worker.run_due().await.unwrap();
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    assert_eq!(row.state, CertState::WaitingDns);
+    assert!(row.attempts >= 2, "{row:?}");
+    assert_eq!(ca.orders(), 0, "no order reached the CA");
+
+    // DNS fixed: the running loop issues it without a hand.
+    ca.dns_a("shop.example.test", "127.0.0.1").await;
+    let shutdown = Shutdown::new();
+    let loop_ = tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            certs::run(
+                worker,
+                Arc::new(tokio::sync::Notify::new()),
+                Duration::from_secs(1),
+                &shutdown,
+            )
+            .await;
+        }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let row = loop {
+        let row = store::list(db.pool()).await.unwrap().remove(0);
+        if row.state == CertState::Issued {
+            break row;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not issued within 30 s of fixing DNS: {row:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    shutdown.trigger();
+    loop_.await.unwrap();
+    assert_eq!(ca.orders(), 1, "one order, after DNS was fixed");
+    assert_eq!(row.last_error, None);
+    let root = ca.issuer_root_pem().await;
+    verify(
+        row.chain_pem.as_deref().unwrap(),
+        &root,
+        "shop.example.test",
+    );
+}
+
+#[tokio::test]
+async fn one_claim_per_name_set_across_control_planes() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    store::declare(
+        pool,
+        "https://ca.example.test/dir",
+        &[store::Declared {
+            app: "shop".into(),
+            names: vec!["b.example.test".into(), "a.example.test".into()],
+        }],
+    )
+    .await
+    .unwrap();
+    let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    let lease = Duration::from_secs(60);
+    let claimed = store::claim(pool, a, lease).await.unwrap().unwrap();
+    assert_eq!(
+        claimed.names,
+        ["a.example.test", "b.example.test"],
+        "stored sorted"
+    );
+    assert_eq!(
+        store::claim(pool, b, lease).await.unwrap(),
+        None,
+        "held by a"
+    );
+    // b cannot write an outcome for a's lease.
+    let outcome = store::Outcome::Failed {
+        state: CertState::Failed,
+        error: "x".into(),
+        next: chrono::Utc::now(),
+    };
+    assert!(
+        !store::finish(pool, &claimed.names, b, &outcome)
+            .await
+            .unwrap()
+    );
+    assert!(
+        store::finish(pool, &claimed.names, a, &outcome)
+            .await
+            .unwrap()
+    );
+    // Undeclared, it is never claimed again; declared again, it is.
+    store::declare(pool, "https://ca.example.test/dir", &[])
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(store::claim(pool, b, lease).await.unwrap(), None);
+    let rows = store::list(pool).await.unwrap();
+    assert!(!rows[0].declared);
+}
+
+/// A CA that lost its state (pebble restarted) no longer knows the stored account: that attempt fails,
+/// the account is forgotten, and the next attempt creates a new one and is issued.
+#[tokio::test]
+async fn a_ca_that_forgot_the_account_gets_a_new_one() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    let port = challenge_server(&challenges).await;
+    let test = cairn_testkit::current_test();
+    let Some(mut ca) = Pebble::start(&test, dir.path(), port).await else {
+        return;
+    };
+    ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
+    ca.dns_a("shop.example.test", "127.0.0.1").await;
+    declare(db.pool(), &ca.directory, "shop.example.test").await;
+    let mut worker = CertWorker::new(
+        db.pool().clone(),
+        Arc::new(Identity::generate()),
+        challenges.clone(),
+        settings(&ca, port),
+    );
+    assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Issued);
+    let first_account = store::account(db.pool(), &ca.directory).await.unwrap();
+
+    ca.restart(&test).await;
+    sqlx::query("UPDATE certificates SET next_attempt_at = now()")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Failed);
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    let why = row.last_error.unwrap();
+    assert!(why.contains("cannot place an order"), "{why}");
+    assert!(row.chain_pem.is_some(), "the old certificate is kept");
+    assert_eq!(
+        store::account(db.pool(), &ca.directory).await.unwrap(),
+        None
+    );
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Issued);
+    let second_account = store::account(db.pool(), &ca.directory).await.unwrap();
+    assert!(second_account.is_some() && second_account != first_account);
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    verify(
+        row.chain_pem.as_deref().unwrap(),
+        &ca.issuer_root_pem().await,
+        "shop.example.test",
+    );
+}
+
+/// The names reach the cluster, but the CA cannot validate them (here: it checks a port where nothing
+/// answers): the order fails with the CA's reason, is retried with backoff, and nothing is stored.
+#[tokio::test]
+async fn an_order_the_ca_refuses_fails_with_its_reason_and_is_retried_later() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    let port = challenge_server(&challenges).await;
+    let nothing = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let test = cairn_testkit::current_test();
+    let Some(ca) = Pebble::start(&test, dir.path(), nothing).await else {
+        return;
+    };
+    ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
+    ca.dns_a("shop.example.test", "127.0.0.1").await;
+    declare(db.pool(), &ca.directory, "shop.example.test").await;
+    let mut worker = CertWorker::new(
+        db.pool().clone(),
+        Arc::new(Identity::generate()),
+        challenges.clone(),
+        settings(&ca, port),
+    );
+    assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Failed);
+    assert!(
+        challenges.current().is_empty(),
+        "tokens withdrawn after a failure too"
+    );
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    assert_eq!(row.state, CertState::Failed);
+    assert_eq!(row.attempts, 1);
+    assert!(row.chain_pem.is_none());
+    assert!(row.next_attempt_at > chrono::Utc::now());
+    let why = row.last_error.unwrap();
+    assert!(
+        why.contains("connection refused") && why.contains("shop."),
+        "the CA's reason, per name: {why}"
+    );
+    assert_eq!(ca.orders(), 1);
+    assert!(
+        worker.run_due().await.unwrap().is_empty(),
+        "not again before the backoff"
+    );
+}
