@@ -36,6 +36,8 @@ use crate::worker::{Shutdown, Worker};
 pub struct Routes {
     tx: Arc<watch::Sender<Arc<RouteTable>>>,
     tls: Arc<watch::Sender<Arc<TlsSource>>>,
+    /// The ACME HTTP-01 answers every ingress node serves (the certificate worker fills it).
+    pub challenges: crate::certs::Challenges,
     dirty: Arc<Notify>,
 }
 
@@ -120,6 +122,7 @@ impl Default for Routes {
                 Vec::new(),
                 Vec::new(),
             )))),
+            challenges: crate::certs::Challenges::new(),
             dirty: Arc::new(Notify::new()),
         }
     }
@@ -157,13 +160,18 @@ impl Routes {
         self.tx.borrow().clone()
     }
 
-    /// Recomputes the table from the store and publishes it when it changed; says whether it did.
+    /// Recomputes the route table and the TLS source from the store (and the challenges in flight) and
+    /// publishes what changed; says whether the route table did.
     pub async fn refresh(&self, pool: &PgPool) -> Result<bool, StoreError> {
-        let mut conn = pool.acquire().await.map_err(|source| StoreError::Query {
-            op: "connect to read the route table",
-            source,
-        })?;
-        let rows = crate::store::routes::rows(&mut conn).await?;
+        let rows = {
+            let mut conn = pool.acquire().await.map_err(|source| StoreError::Query {
+                op: "connect to read the route table",
+                source,
+            })?;
+            crate::store::routes::rows(&mut conn).await?
+        };
+        let served = crate::store::certs::served(pool).await?;
+        self.publish_tls(tls_source(&rows, &served, &self.challenges.current()));
         Ok(self.publish(table(&rows)))
     }
 
@@ -246,9 +254,72 @@ pub struct Changed {
     pub tls: Option<Arc<TlsSource>>,
 }
 
-/// Keeps `routes` current until `shutdown`: a refresh when poked, and every `period`.
+/// The TLS source: every served certificate (its id a digest of its name set, stable across renewals),
+/// the `[tls]` policy for each of its names, and the challenges in flight. Without `[tls]` no host gets a
+/// policy, but certificates still issued are served (an app's own, or until they expire).
+pub fn tls_source(
+    rows: &RouteRows,
+    served: &[crate::store::certs::Served],
+    challenges: &std::collections::BTreeMap<String, String>,
+) -> TlsSource {
+    use sha2::Digest as _;
+    let mut certificates = Vec::with_capacity(served.len());
+    let mut hosts = Vec::new();
+    for c in served {
+        let Ok(key) = cairn_schema::Ciphertext::new(&c.key_sealed) else {
+            tracing::warn!(names = ?c.names, "a stored certificate key is not an age ciphertext; not served");
+            continue;
+        };
+        let id = hex::encode(&sha2::Sha256::digest(c.names.join("\n"))[..12]);
+        if let Some(tls) = &rows.tls {
+            for n in &c.names {
+                hosts.push(HostTls {
+                    host: n.clone(),
+                    redirect_http: tls.redirect_http,
+                    hsts_max_age: tls.hsts.then_some(HSTS_MAX_AGE),
+                });
+            }
+        }
+        certificates.push(HeldCertificate {
+            id,
+            names: c.names.clone(),
+            chain_pem: c.chain_pem.clone(),
+            key,
+        });
+    }
+    let challenges = challenges
+        .iter()
+        .map(|(token, ka)| AcmeChallenge {
+            token: token.clone(),
+            key_authorization: ka.clone(),
+        })
+        .collect();
+    TlsSource::new(certificates, hosts, challenges)
+}
+
+/// `Strict-Transport-Security: max-age` when `[tls] hsts = true`: one year.
+pub const HSTS_MAX_AGE: u64 = 365 * 24 * 3600;
+
+/// Keeps `routes` current until `shutdown`: a refresh when poked (a challenge added or withdrawn pokes
+/// too, so every ingress node answers it within a long-poll round trip), and every `period`.
 pub async fn refresh_loop(pool: PgPool, routes: Routes, period: Duration, shutdown: &Shutdown) {
     let wake = routes.dirty.clone();
+    tokio::spawn({
+        let (mut changes, wake, stop) = (
+            routes.challenges.subscribe(),
+            wake.clone(),
+            shutdown.clone(),
+        );
+        async move {
+            loop {
+                tokio::select! {
+                    r = changes.changed() => if r.is_err() { return },
+                    () = stop.wait() => return,
+                }
+                wake.notify_one();
+            }
+        }
+    });
     Worker::new("refreshing the route table", period)
         .woken_by(wake)
         .backoff(Duration::from_millis(500))

@@ -418,3 +418,33 @@ pub async fn forget_account(pool: &PgPool, directory: &str) -> Result<(), StoreE
         .op("forget the ACME account")?;
     Ok(())
 }
+
+/// A certificate the ingress nodes serve: a declared name set with a current chain, its key sealed to
+/// the control plane's recipient.
+#[derive(Debug, Clone)]
+pub struct Served {
+    /// Sorted.
+    pub names: Vec<String>,
+    pub chain_pem: String,
+    pub key_sealed: String,
+}
+
+/// Every declared name set's current certificate (those without one yet are left out).
+pub async fn served(pool: &PgPool) -> Result<Vec<Served>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT names, chain_pem, key_sealed FROM certificates \
+         WHERE declared AND chain_pem IS NOT NULL AND key_sealed IS NOT NULL ORDER BY names",
+    )
+    .fetch_all(pool)
+    .await
+    .op("read the certificates to serve")?;
+    rows.iter()
+        .map(|r| {
+            Ok(Served {
+                names: r.try_get("names").op("read the certificates to serve")?,
+                chain_pem: r.try_get("chain_pem").op("read the certificates to serve")?,
+                key_sealed: r.try_get("key_sealed").op("read the certificates to serve")?,
+            })
+        })
+        .collect()
+}

@@ -16,6 +16,8 @@ use cairn_plan::observed::AppliedApp;
 pub struct RouteRows {
     /// `cairn.toml`'s `base_domain`, when a commit has been applied.
     pub base_domain: Option<Domain>,
+    /// `cairn.toml`'s `[tls]`, when it has one.
+    pub tls: Option<cairn_schema::TlsSettings>,
     /// Every app with the domains of its manifest.
     pub apps: Vec<AppRow>,
     pub nodes: Vec<NodeRoute>,
@@ -57,8 +59,13 @@ pub async fn rows(conn: &mut PgConnection) -> Result<RouteRows, StoreError> {
     .fetch_all(&mut *conn)
     .await
     .op("read the nodes for the route table")?;
+    let (base_domain, tls) = match settings {
+        Some(s) => (Some(s.base_domain), s.tls),
+        None => (None, None),
+    };
     let mut out = RouteRows {
-        base_domain: settings.map(|s| s.base_domain),
+        base_domain,
+        tls,
         ..RouteRows::default()
     };
     for row in apps {
