@@ -478,3 +478,50 @@ async fn an_order_the_ca_refuses_fails_with_its_reason_and_is_retried_later() {
         "not again before the backoff"
     );
 }
+
+/// Two control planes working at once: every name set is ordered exactly once and issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_planes_order_each_name_set_once() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    let port = challenge_server(&challenges).await;
+    let test = cairn_testkit::current_test();
+    let Some(ca) = Pebble::start(&test, dir.path(), port).await else {
+        return;
+    };
+    // Every name resolves to 127.0.0.1 (the DNS server's default).
+    let sets: Vec<store::Declared> = (0..6)
+        .map(|i| store::Declared {
+            app: format!("app{i}"),
+            names: vec![format!("app{i}.apps.example.test")],
+        })
+        .collect();
+    store::declare(db.pool(), &ca.directory, &sets)
+        .await
+        .unwrap();
+    let identity = Arc::new(Identity::generate());
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let mut w = CertWorker::new(
+            db.pool().clone(),
+            identity.clone(),
+            challenges.clone(),
+            settings(&ca, port),
+        );
+        handles.push(tokio::spawn(async move { w.run_due().await.unwrap() }));
+    }
+    let mut worked = 0;
+    for h in handles {
+        worked += h.await.unwrap().len();
+    }
+    assert_eq!(worked, 6, "each name set worked on once, by one of them");
+    assert_eq!(ca.orders(), 6, "one order per name set");
+    let rows = store::list(db.pool()).await.unwrap();
+    assert!(
+        rows.iter().all(|r| r.state == CertState::Issued),
+        "{rows:?}"
+    );
+    let account = store::account(db.pool(), &ca.directory).await.unwrap();
+    assert!(account.is_some(), "one account stored");
+}
