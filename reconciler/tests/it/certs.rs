@@ -103,6 +103,40 @@ async fn all_rows(pool: &PgPool) -> String {
     rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n")
 }
 
+/// The whole database as `pg_dump` writes it (the server's own `pg_dump`, beside its `initdb`).
+fn pg_dump(url: &str) -> String {
+    let mut bins: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin/pg_dump"))
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    bins.sort();
+    let bin = bins
+        .pop()
+        .expect("pg_dump beside the PostgreSQL server binaries");
+    // libpq refuses sqlx's own URL parameters.
+    let url = url.split('?').next().unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("--dbname")
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("COPY public.certificates"),
+        "a dump of the database"
+    );
+    text
+}
+
 #[tokio::test]
 async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plaintext() {
     let db = cairn_testkit::test_db!();
@@ -179,7 +213,7 @@ async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plai
     let key = key.expose_str().unwrap().to_owned();
     assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "a PEM key");
     let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
-    let dump = all_rows(db.pool()).await;
+    let dump = format!("{}\n{}", all_rows(db.pool()).await, pg_dump(db.url()));
     assert!(!dump.contains("PRIVATE KEY"), "no plaintext key in any row");
     for line in key.lines().filter(|l| !l.starts_with("-----")) {
         assert!(!dump.contains(line), "a line of the key appears in a row");
