@@ -103,6 +103,40 @@ async fn all_rows(pool: &PgPool) -> String {
     rows.into_iter().map(|r| r.0).collect::<Vec<_>>().join("\n")
 }
 
+/// The whole database as `pg_dump` writes it (the server's own `pg_dump`, beside its `initdb`).
+fn pg_dump(url: &str) -> String {
+    let mut bins: Vec<std::path::PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin/pg_dump"))
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    bins.sort();
+    let bin = bins
+        .pop()
+        .expect("pg_dump beside the PostgreSQL server binaries");
+    // libpq refuses sqlx's own URL parameters.
+    let url = url.split('?').next().unwrap();
+    let out = std::process::Command::new(bin)
+        .arg("--dbname")
+        .arg(url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("COPY public.certificates"),
+        "a dump of the database"
+    );
+    text
+}
+
 #[tokio::test]
 async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plaintext() {
     let db = cairn_testkit::test_db!();
@@ -179,7 +213,7 @@ async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plai
     let key = key.expose_str().unwrap().to_owned();
     assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "a PEM key");
     let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
-    let dump = all_rows(db.pool()).await;
+    let dump = format!("{}\n{}", all_rows(db.pool()).await, pg_dump(db.url()));
     assert!(!dump.contains("PRIVATE KEY"), "no plaintext key in any row");
     for line in key.lines().filter(|l| !l.starts_with("-----")) {
         assert!(!dump.contains(line), "a line of the key appears in a row");
@@ -477,4 +511,51 @@ async fn an_order_the_ca_refuses_fails_with_its_reason_and_is_retried_later() {
         worker.run_due().await.unwrap().is_empty(),
         "not again before the backoff"
     );
+}
+
+/// Two control planes working at once: every name set is ordered exactly once and issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_planes_order_each_name_set_once() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    let port = challenge_server(&challenges).await;
+    let test = cairn_testkit::current_test();
+    let Some(ca) = Pebble::start(&test, dir.path(), port).await else {
+        return;
+    };
+    // Every name resolves to 127.0.0.1 (the DNS server's default).
+    let sets: Vec<store::Declared> = (0..6)
+        .map(|i| store::Declared {
+            app: format!("app{i}"),
+            names: vec![format!("app{i}.apps.example.test")],
+        })
+        .collect();
+    store::declare(db.pool(), &ca.directory, &sets)
+        .await
+        .unwrap();
+    let identity = Arc::new(Identity::generate());
+    let mut handles = Vec::new();
+    for _ in 0..2 {
+        let mut w = CertWorker::new(
+            db.pool().clone(),
+            identity.clone(),
+            challenges.clone(),
+            settings(&ca, port),
+        );
+        handles.push(tokio::spawn(async move { w.run_due().await.unwrap() }));
+    }
+    let mut worked = 0;
+    for h in handles {
+        worked += h.await.unwrap().len();
+    }
+    assert_eq!(worked, 6, "each name set worked on once, by one of them");
+    assert_eq!(ca.orders(), 6, "one order per name set");
+    let rows = store::list(db.pool()).await.unwrap();
+    assert!(
+        rows.iter().all(|r| r.state == CertState::Issued),
+        "{rows:?}"
+    );
+    let account = store::account(db.pool(), &ca.directory).await.unwrap();
+    assert!(account.is_some(), "one account stored");
 }
