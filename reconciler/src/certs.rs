@@ -971,3 +971,94 @@ mod tests {
         assert!(!expires_soon(now + chrono::TimeDelta::days(15), now));
     }
 }
+
+/// How `cairn serve` adjusts the settings the applied `[tls]` gives (for names whose reachability it
+/// must check another way than the system resolver, and a CA that validates another port).
+#[derive(Debug, Clone, Default)]
+pub struct ProbeOverrides {
+    /// The port the self-probe connects to, instead of 80.
+    pub port: Option<u16>,
+    /// Names resolved to these addresses instead of through the system resolver.
+    pub resolve: Vec<(String, IpAddr)>,
+}
+
+impl ProbeOverrides {
+    /// `settings` with these overrides.
+    pub fn apply(&self, mut settings: CertSettings) -> CertSettings {
+        if let Some(p) = self.port {
+            settings.probe_port = p;
+        }
+        if !self.resolve.is_empty() {
+            let fixed: HashMap<String, IpAddr> = self.resolve.iter().cloned().collect();
+            let system = settings.resolve.clone();
+            settings.resolve = Arc::new(move |name: String| match fixed.get(&name) {
+                Some(ip) => {
+                    let ip = *ip;
+                    Box::pin(async move { Ok(vec![ip]) })
+                }
+                None => system(name),
+            });
+        }
+        settings
+    }
+}
+
+/// The issuance loop of `cairn serve`: it follows the settings of the applied `[tls]` (`settings`, set by
+/// the controller after each apply; `None`: no `[tls]`, nothing is ordered) and is woken by `wake`.
+pub async fn serve_loop(
+    pool: PgPool,
+    identity: Option<Arc<Identity>>,
+    challenges: Challenges,
+    settings: watch::Receiver<Option<CertSettings>>,
+    wake: Arc<tokio::sync::Notify>,
+    period: Duration,
+    shutdown: &crate::worker::Shutdown,
+) {
+    let Some(identity) = identity else {
+        tracing::info!("no control plane identity: certificates are not ordered (their keys could not be sealed)");
+        return;
+    };
+    let pass = Following {
+        pool,
+        identity,
+        challenges,
+        settings,
+        worker: None,
+    };
+    crate::worker::Worker::new("ordering certificates", period)
+        .woken_by(wake)
+        .backoff(Duration::from_secs(5))
+        .abandon_at_shutdown()
+        .run(shutdown, pass)
+        .await
+}
+
+/// [`serve_loop`]'s passes: a [`CertWorker`] for the applied settings, made again when they change.
+struct Following {
+    pool: PgPool,
+    identity: Arc<Identity>,
+    challenges: Challenges,
+    settings: watch::Receiver<Option<CertSettings>>,
+    worker: Option<CertWorker>,
+}
+
+impl crate::worker::Pass for Following {
+    type Error = CertError;
+
+    async fn run(&mut self, _: crate::worker::Woken) -> Result<Option<Duration>, CertError> {
+        if self.settings.has_changed().unwrap_or(false) || self.worker.is_none() {
+            self.worker = self.settings.borrow_and_update().clone().map(|s| {
+                CertWorker::new(
+                    self.pool.clone(),
+                    self.identity.clone(),
+                    self.challenges.clone(),
+                    s,
+                )
+            });
+        }
+        match self.worker.as_mut() {
+            Some(w) => w.pass().await,
+            None => Ok(None),
+        }
+    }
+}

@@ -129,6 +129,19 @@ pub struct Controller {
     /// In `cairn serve`: the cluster route table, poked after every pass (an apply, or a node that went
     /// offline, may change where apps are reachable).
     pub routes: Option<crate::routes::Routes>,
+    /// In `cairn serve`: where the applied `[tls]` goes after each apply (the certificate loop).
+    pub certs: Option<CertsHook>,
+}
+
+/// What the controller tells the certificate loop after an apply: the name sets to keep certificates
+/// for (stored), and the settings of the applied `[tls]`.
+#[derive(Debug)]
+pub struct CertsHook {
+    pub settings: tokio::sync::watch::Sender<Option<crate::certs::CertSettings>>,
+    pub overrides: crate::certs::ProbeOverrides,
+    pub wake: Arc<Notify>,
+    /// What the settings last sent were made of (directory, contact, roots), to send only a change.
+    pub last: std::sync::Mutex<Option<(String, Option<String>, Option<String>)>>,
 }
 
 /// How often [`Controller::run`] prunes the history.
@@ -165,6 +178,7 @@ impl Controller {
             judging: None,
             history_retention: Duration::from_secs(14 * 24 * 3600),
             routes: None,
+            certs: None,
         }
     }
 
@@ -483,7 +497,12 @@ impl Controller {
             }
         };
         match applied {
-            Ok(a) => Ok(Outcome::Applied(Box::new(a))),
+            Ok(a) => {
+                if let Some(hook) = &self.certs {
+                    self.tell_certs(hook, desired, &snap).await;
+                }
+                Ok(Outcome::Applied(Box::new(a)))
+            }
             Err(e) => {
                 let err = RecordedError {
                     path: None,
@@ -554,6 +573,34 @@ impl Pass for Runs {
 }
 
 impl Controller {
+    /// Stores the applied name sets and hands the certificate loop the applied `[tls]` when it changed.
+    async fn tell_certs(
+        &self,
+        hook: &CertsHook,
+        desired: &cairn_schema::Desired,
+        snap: &crate::source::Snapshot,
+    ) {
+        if let Err(e) = crate::certs::declare(&self.pool, desired).await {
+            tracing::warn!(error = %error_chain(&e), "cannot store the name sets to keep certificates for");
+        }
+        let settings = crate::certs::CertSettings::from_snapshot(snap);
+        let key = settings.as_ref().map(|s| {
+            (
+                s.directory.clone(),
+                s.contact.clone(),
+                s.ca_roots_pem.clone(),
+            )
+        });
+        let mut last = hook.last.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != key || settings.is_some() != hook.settings.borrow().is_some() {
+            *last = key;
+            hook.settings
+                .send_replace(settings.map(|s| hook.overrides.apply(s)));
+        }
+        drop(last);
+        hook.wake.notify_one();
+    }
+
     /// Deletes failed and no-op runs older than [`Controller::history_retention`]; failures are logged.
     pub async fn prune_history(&self) {
         let keep =

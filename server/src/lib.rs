@@ -69,6 +69,27 @@ pub struct Config {
     pub metrics_listener: Option<TcpListener>,
     pub api: ApiSettings,
     pub webhooks: WebhookSettings,
+    /// Certificates from the ACME CA the applied `[tls]` names.
+    pub certs: CertServeSettings,
+}
+
+/// How `cairn serve` runs the certificate loop.
+#[derive(Debug, Clone)]
+pub struct CertServeSettings {
+    /// The self-probe's port and name overrides.
+    pub probe: cairn_reconciler::certs::ProbeOverrides,
+    /// The loop looks for due certificates at least this often (it is woken by applies and by the
+    /// next due time sooner).
+    pub period: Duration,
+}
+
+impl Default for CertServeSettings {
+    fn default() -> Self {
+        CertServeSettings {
+            probe: Default::default(),
+            period: Duration::from_secs(300),
+        }
+    }
 }
 
 /// The agent and admin APIs.
@@ -191,6 +212,7 @@ pub async fn serve(
         metrics_listener,
         api,
         webhooks,
+        certs,
     } = config;
     // Stops everything started here when this returns, early (an error) or not; the caller's shutdown
     // stops it too.
@@ -261,6 +283,32 @@ pub async fn serve(
         &shutdown,
     )
     .await?;
+    // Certificates: the controller hands the loop the applied `[tls]` after each apply; the loop's
+    // challenges travel to every ingress node with the route table.
+    let (cert_settings, cert_rx) = tokio::sync::watch::channel(None);
+    let cert_wake = Arc::new(Notify::new());
+    c.certs = Some(cairn_reconciler::controller::CertsHook {
+        settings: cert_settings,
+        overrides: certs.probe.clone(),
+        wake: cert_wake.clone(),
+        last: std::sync::Mutex::new(None),
+    });
+    tokio::spawn({
+        let (pool, identity) = (c.pool.clone(), c.identity.clone().map(Arc::new));
+        let (challenges, stop) = (routes.challenges.clone(), shutdown.clone());
+        async move {
+            cairn_reconciler::certs::serve_loop(
+                pool,
+                identity,
+                challenges,
+                cert_rx,
+                cert_wake,
+                certs.period,
+                &stop,
+            )
+            .await
+        }
+    });
     c.routes = Some(routes);
     apis.set(router);
     let _watcher = match &*c.source.lock().await {

@@ -47,6 +47,25 @@ pub struct Args {
     metrics: super::metrics::MetricsArgs,
     #[command(flatten)]
     http: HttpArgs,
+    /// Before ordering a certificate, the control plane fetches a token from each name over plain HTTP
+    /// on this port (where the ingress nodes answer ACME's HTTP-01)
+    #[arg(long, default_value_t = 80, value_name = "PORT")]
+    acme_probe_port: u16,
+    /// Resolve NAME to IP for that self-probe instead of asking the system resolver (repeatable; for
+    /// split-horizon DNS, or a test CA's names)
+    #[arg(long, value_name = "NAME=IP", value_parser = parse_resolve)]
+    acme_probe_resolve: Vec<(String, std::net::IpAddr)>,
+}
+
+/// `NAME=IP`.
+fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
+    let (name, ip) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected NAME=IP"))?;
+    let ip = ip
+        .parse()
+        .map_err(|_| format!("`{ip}` is not an IP address"))?;
+    Ok((name.trim().to_ascii_lowercase(), ip))
 }
 
 /// Bounds of the HTTP listeners.
@@ -173,6 +192,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
             metrics_listener,
             api: args.api.settings(),
             webhooks,
+            certs: cairn_server::CertServeSettings {
+                probe: cairn_reconciler::certs::ProbeOverrides {
+                    port: Some(args.acme_probe_port),
+                    resolve: args.acme_probe_resolve,
+                },
+                ..Default::default()
+            },
         };
         cairn_server::serve(listener, config, shutdown).await?;
         Ok(ExitCode::SUCCESS)
