@@ -193,6 +193,9 @@ pub struct CertSettings {
     pub resolve: Resolve,
     /// How long one probe request may take.
     pub probe_timeout: Duration,
+    /// How long a token just added may take to be served by the ingress nodes (it travels with the
+    /// route table) before a probe or a challenge gives up on it.
+    pub propagation: Duration,
     /// The first retry after a failure; doubled per failure in a row up to `retry_max`, with jitter.
     pub retry_first: Duration,
     pub retry_max: Duration,
@@ -222,6 +225,7 @@ impl CertSettings {
             probe_port: 80,
             resolve: system_resolve(),
             probe_timeout: Duration::from_secs(5),
+            propagation: Duration::from_secs(10),
             retry_first: Duration::from_secs(30),
             retry_max: Duration::from_secs(6 * 3600),
             lease: Duration::from_secs(10 * 60),
@@ -455,9 +459,27 @@ impl CertWorker {
         let token = random_token();
         let expected = format!("cairn-probe.{}", random_token());
         self.challenges.insert(&token, &expected);
-        let result = self.probe_with(names, &token, &expected).await;
+        let result = self.probe_until(names, &token, &expected).await;
         self.challenges.remove(&token);
         result
+    }
+
+    /// [`Self::probe_with`] again until it succeeds or [`CertSettings::propagation`] passed: a token
+    /// just added reaches the ingress nodes with the next route table, a long-poll round trip later.
+    async fn probe_until(
+        &self,
+        names: &[String],
+        token: &str,
+        expected: &str,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + self.settings.propagation;
+        loop {
+            match self.probe_with(names, token, expected).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 
     async fn probe_with(
@@ -689,6 +711,15 @@ impl CertWorker {
                 let ka = ch.key_authorization();
                 self.challenges.insert(&ch.token, ka.as_str());
                 tokens.push(ch.token.clone());
+                // Tell the CA only once the ingress nodes serve the answer: it validates at once.
+                if let Err(problem) = self.probe_until(&names, &ch.token, ka.as_str()).await {
+                    return Err(CertError::Order {
+                        names: names.join(", "),
+                        status: "before validation: the ingress nodes did not serve the challenge"
+                            .into(),
+                        problem,
+                    });
+                }
                 ch.set_ready()
                     .await
                     .map_err(acme("cannot answer a challenge"))?;
@@ -1015,7 +1046,9 @@ pub async fn serve_loop(
     shutdown: &crate::worker::Shutdown,
 ) {
     let Some(identity) = identity else {
-        tracing::info!("no control plane identity: certificates are not ordered (their keys could not be sealed)");
+        tracing::info!(
+            "no control plane identity: certificates are not ordered (their keys could not be sealed)"
+        );
         return;
     };
     let pass = Following {

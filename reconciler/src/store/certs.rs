@@ -442,8 +442,12 @@ pub async fn served(pool: &PgPool) -> Result<Vec<Served>, StoreError> {
         .map(|r| {
             Ok(Served {
                 names: r.try_get("names").op("read the certificates to serve")?,
-                chain_pem: r.try_get("chain_pem").op("read the certificates to serve")?,
-                key_sealed: r.try_get("key_sealed").op("read the certificates to serve")?,
+                chain_pem: r
+                    .try_get("chain_pem")
+                    .op("read the certificates to serve")?,
+                key_sealed: r
+                    .try_get("key_sealed")
+                    .op("read the certificates to serve")?,
             })
         })
         .collect()

@@ -35,6 +35,8 @@ fn settings(ca: &Pebble, port: u16) -> CertSettings {
     s.ca_roots_pem = Some(ca.api_root_pem.clone());
     s.probe_port = port;
     s.probe_timeout = Duration::from_secs(2);
+    // The test's challenge server answers a token as soon as it is added.
+    s.propagation = Duration::from_millis(500);
     s.retry_first = Duration::from_millis(200);
     s.retry_max = Duration::from_secs(1);
     s.resolve = Arc::new(move |name: String| {

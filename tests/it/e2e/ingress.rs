@@ -235,13 +235,13 @@ async fn ingress_across_nodes_serves_every_app_from_one_node_and_moves_without_f
     let mut a_flags = proxy_flags.to_vec();
     a_flags.extend(["--metrics-listen", &metrics]);
     let a = e
-        .agent_in(&plane, "a", &ha, Driver::Process, &a_flags)
+        .agent_in(&plane, "a", &ha, 8000, Driver::Process, &a_flags)
         .await;
     let b = e
-        .agent_in(&plane, "b", &hb, Driver::Process, &proxy_flags)
+        .agent_in(&plane, "b", &hb, 8000, Driver::Process, &proxy_flags)
         .await;
     let c = e
-        .agent_in(&plane, "c", &hc, Driver::Process, &proxy_flags)
+        .agent_in(&plane, "c", &hc, 8000, Driver::Process, &proxy_flags)
         .await;
 
     // Both apps run on B only, and answer through A (which has no replica: every answer is forwarded).

@@ -371,17 +371,18 @@ impl E2e {
     }
 
     /// [`E2e::agent`] inside network namespace `host` (its own address: the proxy listens on
-    /// `<host.addr>:8000`, the node's manifest `address`), talking to serve over the test's bridge (serve
-    /// must listen on the net's gateway). Returns once the node is online.
+    /// `<host.addr>:<port>`, the node's manifest `address`), talking to serve over the test's bridge
+    /// (serve must listen on the net's gateway). Returns once the node is online.
     pub async fn agent_in(
         &mut self,
         plane: &Plane,
         node: &str,
         host: &cairn_testkit::netns::Host,
+        port: u16,
         driver: Driver,
         extra: &[&str],
     ) -> Agent {
-        let proxy = SocketAddr::from((host.addr, 8000));
+        let proxy = SocketAddr::from((host.addr, port));
         let cmd = host.command(agent_bin());
         let mut extra = extra.to_vec();
         extra.push("--insecure-http-server");
