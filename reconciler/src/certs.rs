@@ -712,7 +712,7 @@ impl CertWorker {
                 self.challenges.insert(&ch.token, ka.as_str());
                 tokens.push(ch.token.clone());
                 // Tell the CA only once the ingress nodes serve the answer: it validates at once.
-                if let Err(problem) = self.probe_until(&names, &ch.token, ka.as_str()).await {
+                if let Err(problem) = self.probe_until(names, &ch.token, ka.as_str()).await {
                     return Err(CertError::Order {
                         names: names.join(", "),
                         status: "before validation: the ingress nodes did not serve the challenge"

@@ -140,8 +140,43 @@ pub struct CertsHook {
     pub settings: tokio::sync::watch::Sender<Option<crate::certs::CertSettings>>,
     pub overrides: crate::certs::ProbeOverrides,
     pub wake: Arc<Notify>,
-    /// What the settings last sent were made of (directory, contact, roots), to send only a change.
-    pub last: std::sync::Mutex<Option<(String, Option<String>, Option<String>)>>,
+    /// What the settings last sent were made of, to send only a change.
+    pub last: std::sync::Mutex<Option<CertSettingsKey>>,
+}
+
+/// What makes the certificate loop's settings differ: the directory, the contact, the roots.
+pub type CertSettingsKey = (String, Option<String>, Option<String>);
+
+/// The applied apps' own certificates (`tls = { cert, key }`): the chain from the repository, the key
+/// as the manifest's ciphertext (which the control plane's identity opens, as validation checked), the
+/// names the leaf covers. One that cannot be read is logged and left out.
+fn own_certificates(
+    desired: &cairn_schema::Desired,
+    snap: &crate::source::Snapshot,
+) -> Vec<crate::routes::HeldCertificate> {
+    let mut out = Vec::new();
+    for app in desired.apps.keys() {
+        let Some(cairn_schema::model::AppTls::Own(own)) = desired.tls(app) else {
+            continue;
+        };
+        let Some(chain) = snap.referenced.get(own.cert.as_str()) else {
+            tracing::warn!(%app, cert = own.cert.as_str(), "an app's own certificate file was not read; not served");
+            continue;
+        };
+        let chain = String::from_utf8_lossy(chain).into_owned();
+        match crate::certs::leaf_info(&chain) {
+            Ok(leaf) => out.push(crate::routes::HeldCertificate {
+                id: format!("own-{app}"),
+                names: leaf.names,
+                chain_pem: chain,
+                key: own.key.secret.clone(),
+            }),
+            Err(e) => {
+                tracing::warn!(%app, error = %error_chain(&e), "an app's own certificate cannot be read; not served")
+            }
+        }
+    }
+    out
 }
 
 /// How often [`Controller::run`] prunes the history.
@@ -599,6 +634,9 @@ impl Controller {
         }
         drop(last);
         hook.wake.notify_one();
+        if let Some(routes) = &self.routes {
+            routes.set_own_certificates(own_certificates(desired, snap));
+        }
     }
 
     /// Deletes failed and no-op runs older than [`Controller::history_retention`]; failures are logged.

@@ -38,6 +38,10 @@ pub struct Routes {
     tls: Arc<watch::Sender<Arc<TlsSource>>>,
     /// The ACME HTTP-01 answers every ingress node serves (the certificate worker fills it).
     pub challenges: crate::certs::Challenges,
+    /// The applied apps' own certificates (`tls = { cert, key }`), set after each apply; `None` until
+    /// the first one since this process started, and until then no TLS table is handed out (it would
+    /// lack them, and an agent installs a table whole: it would stop serving them).
+    own: Arc<std::sync::Mutex<Option<Vec<HeldCertificate>>>>,
     dirty: Arc<Notify>,
 }
 
@@ -123,12 +127,34 @@ impl Default for Routes {
                 Vec::new(),
             )))),
             challenges: crate::certs::Challenges::new(),
+            own: Arc::default(),
             dirty: Arc::new(Notify::new()),
         }
     }
 }
 
 impl Routes {
+    /// Sets the applied apps' own certificates and asks for a refresh.
+    pub fn set_own_certificates(&self, own: Vec<HeldCertificate>) {
+        let first = self
+            .own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(own)
+            .is_none();
+        if first {
+            // The TLS table may be handed out from now on: wake the long-polls that waited without it
+            // (its generation may not change, so a publish would not).
+            self.tls.send_modify(|_| {});
+        }
+        self.poke();
+    }
+
+    /// Whether the TLS table is whole (the own certificates are known): only then is it handed out.
+    pub fn tls_ready(&self) -> bool {
+        self.own.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// Asks [`refresh_loop`] for a new table soon (what it is computed from may have changed).
     pub fn poke(&self) {
         self.dirty.notify_one();
@@ -171,7 +197,13 @@ impl Routes {
             crate::store::routes::rows(&mut conn).await?
         };
         let served = crate::store::certs::served(pool).await?;
-        self.publish_tls(tls_source(&rows, &served, &self.challenges.current()));
+        let own = self
+            .own
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        self.publish_tls(tls_source(&rows, &served, &own, &self.challenges.current()));
         Ok(self.publish(table(&rows)))
     }
 
@@ -205,7 +237,7 @@ impl Routes {
     }
 
     /// What differs from the generations an agent holds (`generation` of the route table, `tls` of the
-    /// TLS table): at once when something already does, else as soon as something changes within
+    /// TLS table, once it is whole): at once when something already does, else as soon as something changes within
     /// `wait` (or `stop` resolves); `None` when nothing did.
     pub async fn changed_from(
         &self,
@@ -222,7 +254,8 @@ impl Routes {
             let s = sources.borrow().clone();
             let changed = Changed {
                 table: (t.generation != generation).then_some(t),
-                tls: (s.generation != tls).then_some(s),
+                // Only a whole TLS table counts (see [`Routes::tls_ready`]).
+                tls: (s.generation != tls && self.tls_ready()).then_some(s),
             };
             (changed.table.is_some() || changed.tls.is_some()).then_some(changed)
         };
@@ -260,6 +293,7 @@ pub struct Changed {
 pub fn tls_source(
     rows: &RouteRows,
     served: &[crate::store::certs::Served],
+    own: &[HeldCertificate],
     challenges: &std::collections::BTreeMap<String, String>,
 ) -> TlsSource {
     use sha2::Digest as _;
@@ -286,6 +320,21 @@ pub fn tls_source(
             chain_pem: c.chain_pem.clone(),
             key,
         });
+    }
+    // An app's own certificate is served with `[tls]`'s policy, or redirects and no HSTS without one.
+    let (redirect_http, hsts) = rows
+        .tls
+        .as_ref()
+        .map_or((true, false), |t| (t.redirect_http, t.hsts));
+    for c in own {
+        for n in &c.names {
+            hosts.push(HostTls {
+                host: n.clone(),
+                redirect_http,
+                hsts_max_age: hsts.then_some(HSTS_MAX_AGE),
+            });
+        }
+        certificates.push(c.clone());
     }
     let challenges = challenges
         .iter()

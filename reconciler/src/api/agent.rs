@@ -288,11 +288,20 @@ async fn route_table(
 ) -> Result<Response, ApiError> {
     let node = &auth.node.node;
     let holds_key = q.key == api.hop_key.id();
+    let recipient = auth.node.recipient.as_ref();
+    // Certificates go only to a node with a recipient, from a control plane that can open them: without
+    // either, the TLS table never counts as changed for this node.
+    let can_seal = recipient.is_some() && api.identity.is_some();
+    let held_tls = if can_seal {
+        q.tls.clone()
+    } else {
+        api.routes.current_tls().generation.clone()
+    };
     let changed = if holds_key {
         let wait = Duration::from_millis(q.wait_ms.min(MAX_ROUTES_WAIT_MS));
         match api
             .routes
-            .changed_from(&q.generation, &q.tls, wait, api.stopped())
+            .changed_from(&q.generation, &held_tls, wait, api.stopped())
             .await
         {
             Some(c) => c,
@@ -302,14 +311,13 @@ async fn route_table(
         let (table, tls) = (api.routes.current(), api.routes.current_tls());
         Changed {
             table: (table.generation != q.generation).then_some(table),
-            tls: (tls.generation != q.tls).then_some(tls),
+            tls: (tls.generation != held_tls && api.routes.tls_ready()).then_some(tls),
         }
     };
     let sealing = |e: SecretError| {
         tracing::error!(%node, error = %error_chain(&e), "cannot seal a key to the node");
         ApiError::Upstream("cannot seal a key to this node; try again".into())
     };
-    let recipient = auth.node.recipient.as_ref();
     let hop_key = match (recipient, holds_key) {
         (Some(r), false) => Some(api.hop_key.seal(r).map_err(sealing)?),
         _ => None,

@@ -53,6 +53,41 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
             ca.directory
         ),
     );
+    // A second app brings its own certificate (a CA made here): served as is, never ordered.
+    let own_domain = "own.example.test";
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let own_ca_key = rcgen::KeyPair::generate().unwrap();
+    let own_ca = ca_params.self_signed(&own_ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, own_ca_key);
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![own_domain.to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let key_pem = leaf_key.serialize_pem();
+    let key_line = key_pem.lines().nth(1).unwrap().to_owned();
+    let key_ct = cairn_schema::secret::encrypt(key_pem.as_bytes(), &[e.recipient()]).unwrap();
+    let own = e.app("own", "process-app", 1, &site("own", true));
+    let own_manifest =
+        std::fs::read_to_string(e.repo.dir.path().join(format!("app-{}.toml", own.name)))
+            .unwrap()
+            .replace(
+                "replicas = 1\n",
+                &format!(
+                    "replicas = 1\ndomains = [\"{own_domain}\"]\n\
+                     tls = {{ cert = \"own.pem\", key = {{ secret = \"\"\"\n{}\"\"\" }} }}\n",
+                    key_ct.as_str()
+                ),
+            );
+    e.repo
+        .write(&format!("app-{}.toml", own.name), &own_manifest);
+    e.repo.write("own.pem", &leaf.pem());
+
     e.repo
         .node("a", &format!("address = \"{}\"\ndrain = true\n", ha.addr));
     e.repo.node("b", &format!("address = \"{}\"\n", hb.addr));
@@ -168,6 +203,33 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
         .expect("the generated name verifies too");
     assert_eq!(r.status(), 200);
 
+    // The own certificate is served for its domain, verifying against its own CA.
+    let own_client = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(own_ca.pem().as_bytes()).unwrap())
+        .resolve(own_domain, https_a)
+        .no_proxy()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    plane
+        .wait_release(&own.name, 1, "live", Duration::from_secs(60))
+        .await;
+    let body = wait_for(
+        "the own certificate to be served",
+        Duration::from_secs(30),
+        || async {
+            let r = own_client
+                .get(format!("https://{own_domain}/"))
+                .send()
+                .await
+                .ok()?;
+            (r.status() == 200).then_some(r.text().await.ok()?)
+        },
+    )
+    .await;
+    assert_eq!(body.trim(), "own");
+
     // Plain HTTP to A is redirected to HTTPS, path and query kept.
     let plain = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -186,11 +248,104 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
         format!("https://{domain}/some/path?q=1").as_str()
     );
 
+    // Renewal while a client polls over HTTPS at 20 requests/s, each on a new connection (a new handshake
+    // sees whatever certificate A serves then). Debian's pebble (2.4) issues certificates for years, so
+    // the renewal is made due by hand; an applied commit wakes the certificate loop.
+    // Each request on a client of its own: a new connection and a full handshake (a client's session
+    // cache would resume, and a resumed TLS 1.3 handshake does not show the certificate again).
+    let fresh = {
+        let root = root.clone();
+        move || {
+            reqwest::Client::builder()
+                .tls_built_in_root_certs(false)
+                .add_root_certificate(reqwest::Certificate::from_pem(root.as_bytes()).unwrap())
+                .resolve(domain, https_a)
+                .tls_info(true)
+                .no_proxy()
+                .timeout(Duration::from_secs(5))
+                .build()
+                .unwrap()
+        }
+    };
+    let served = move |c: reqwest::Client| async move {
+        let r = c
+            .get(format!("https://{domain}/"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let der = r
+            .extensions()
+            .get::<reqwest::tls::TlsInfo>()
+            .and_then(|t| t.peer_certificate())
+            .map(<[u8]>::to_vec)
+            .ok_or("no peer certificate")?;
+        let status = r.status().as_u16();
+        Ok::<_, String>((status, der))
+    };
+    let (first_status, first_der) = served(fresh()).await.unwrap();
+    assert_eq!(first_status, 200);
+    let serial_before = plane.rows("SELECT serial FROM certificates").await[0]["serial"].clone();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let poller = tokio::spawn({
+        let fresh = fresh.clone();
+        async move {
+            let mut seen = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while !*stopped.borrow() {
+                tick.tick().await;
+                seen.push(served(fresh()).await);
+            }
+            seen
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query("UPDATE certificates SET next_attempt_at = now()")
+        .execute(plane.db.pool())
+        .await
+        .unwrap();
+    let g = plane.generation().await;
+    e.repo
+        .write("renew.toml", "# a commit that wakes the certificate loop\n");
+    e.repo.commit();
+    plane.wait_generation(g + 1).await;
+    wait_for(
+        "the renewed certificate to be served",
+        Duration::from_secs(60),
+        || {
+            let (client, first_der) = (fresh(), first_der.clone());
+            async move {
+                let (_, der) = served(client).await.ok()?;
+                (der != first_der).then_some(())
+            }
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true).unwrap();
+    let seen = poller.await.unwrap();
+    let failed: Vec<_> = seen.iter().filter(|r| !matches!(r, Ok((200, _)))).collect();
+    let renewed = seen
+        .iter()
+        .filter(|r| matches!(r, Ok((_, der)) if *der != first_der))
+        .count();
+    eprintln!(
+        "{TEST}: renewal: {} requests over new connections, {} failed, {renewed} already saw the new certificate",
+        seen.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "requests failed during the renewal: {failed:?}"
+    );
+    assert!(seen.len() >= 10, "the poll saw {} requests", seen.len());
+    let serial_after = plane.rows("SELECT serial FROM certificates").await[0]["serial"].clone();
+    assert_ne!(serial_before, serial_after, "the stored serial changed");
+
     // What cairn certs says, and no key in the database in plaintext.
     let rows = plane
         .rows("SELECT state, names, key_sealed FROM certificates")
         .await;
-    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows.len(), 1, "only the ACME name set is ordered: {rows:?}");
     assert_eq!(rows[0]["state"], "issued");
     assert!(
         rows[0]["key_sealed"]
@@ -198,8 +353,33 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
             .unwrap()
             .starts_with("-----BEGIN AGE ENCRYPTED FILE-----")
     );
-    assert_eq!(ca.orders(), 1, "one order for the name set");
-    // A's disk cache holds the certificate's key only in its 0600 files.
+    assert_eq!(
+        ca.orders(),
+        2,
+        "one order for the name set, one for its renewal"
+    );
+    // A's disk cache holds the certificates (keys in its 0600 files).
     let cache = a.dir.join("tls");
     assert!(cache.is_dir(), "A caches what it serves");
+
+    // The own key's plaintext is nowhere but the agents' 0600 cache: not in the database, not in any
+    // log, not in the status or the certificates the admin API shows.
+    let dump = plane
+        .rows("SELECT to_jsonb(c)::text AS t FROM certificates c UNION ALL SELECT spec::text FROM apps")
+        .await;
+    for r in &dump {
+        assert!(
+            !r["t"].as_str().unwrap_or("").contains(&key_line),
+            "a row holds the key"
+        );
+    }
+    for (path, text) in e.logs() {
+        assert!(
+            !text.contains(&key_line),
+            "{} holds the key",
+            path.display()
+        );
+    }
+    let status = plane.cairn(&["status", "--json"]);
+    assert!(!String::from_utf8_lossy(&status.stdout).contains(&key_line));
 }

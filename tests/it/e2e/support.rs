@@ -211,6 +211,15 @@ impl E2e {
         tag
     }
 
+    /// The control plane's age recipient (what the repository's secrets are encrypted to); before
+    /// [`E2e::start`].
+    pub fn recipient(&self) -> cairn_schema::Recipient {
+        self.identity
+            .as_ref()
+            .expect("before the plane starts")
+            .recipient()
+    }
+
     /// A new app source: a bare repository the rewrite reaches, and a work tree to commit to.
     pub fn app_source(&self, name: &str) -> AppSource {
         let bare = self.scratch.path().join(format!("remotes/{name}.git"));
