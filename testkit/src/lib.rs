@@ -16,6 +16,7 @@
 //!   traffic between nodes.
 //! - [`pebble`]: a real ACME CA (Debian's `pebble`) with a scriptable DNS server (`pebble-challtestsrv`),
 //!   its HTTPS certificate made per test, and a count of the orders it accepted.
+//! - [`build`]: the agent's binary and examples, built once per test process for the suites that run them.
 //! - [`fixtures`]: the manifests tests write (`cairn.toml`, plans, runtimes, nodes) as TOML builders.
 //! - [`skip`]: what a test does when a prerequisite is missing ([`missing`]: skip with a message, or fail
 //!   under CI / `CAIRN_TEST_REQUIRE_ALL`).
@@ -23,6 +24,7 @@
 //! What it must not do: weaken what the tests measure (the private cluster keeps `fsync` on), or hide a
 //! missing prerequisite in CI (`CAIRN_TEST_REQUIRE_ALL` turns every skip into a failure).
 
+pub mod build;
 pub mod engine;
 pub mod fixtures;
 mod git;

@@ -34,41 +34,15 @@ const KEY: &str = "0123456789abcdef0123456789abcdef-test-hop-key";
 /// The agent crate's examples, built once per test process.
 fn example(name: &str) -> PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
-    let dir = DIR.get_or_init(|| {
-        // target/<profile>/deps/it-<hash> -> target/<profile>
-        let exe = std::env::current_exe().expect("the test binary has a path");
-        let profile = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("a target/<profile>/deps layout");
-        let mut build = std::process::Command::new(env!("CARGO"));
-        // With the features the agents tests build the agent with, so the library is built once.
-        build.args([
-            "build",
-            "-p",
-            "cairn-agent",
-            "--features",
-            "recording",
-            "--example",
-            "ws_echo",
-            "--example",
-            "node_proxy",
-        ]);
-        if profile.file_name().is_some_and(|n| n == "release") {
-            build.arg("--release");
-        }
-        let out = build
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("cargo runs");
-        assert!(
-            out.status.success(),
-            "building the examples failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        profile.join("examples")
-    });
-    dir.join(name)
+    DIR.get_or_init(|| {
+        cairn_testkit::build::agent(
+            env!("CARGO"),
+            env!("CARGO_MANIFEST_DIR"),
+            &["--example", "ws_echo", "--example", "node_proxy"],
+        )
+        .join("examples")
+    })
+    .join(name)
 }
 
 /// A child process that printed `listening ADDR`; killed when dropped.

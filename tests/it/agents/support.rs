@@ -26,32 +26,13 @@ pub fn agent_bin() -> PathBuf {
         if let Some(p) = std::env::var_os("CAIRN_AGENT_BIN") {
             return PathBuf::from(p);
         }
-        let dir = Path::new(CAIRN).parent().expect("cairn has a directory");
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let mut build = Command::new(env!("CARGO"));
         // With the test-only recording driver these tests run on (a shipped agent has none).
-        build.args([
-            "build",
-            "-p",
-            "cairn-agent",
-            "--bin",
-            "cairn-agent",
-            "--features",
-            "recording",
-        ]);
-        if release {
-            build.arg("--release");
-        }
-        let out = build
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("cargo runs");
-        assert!(
-            out.status.success(),
-            "building cairn-agent failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir.join("cairn-agent")
+        cairn_testkit::build::agent(
+            env!("CARGO"),
+            env!("CARGO_MANIFEST_DIR"),
+            &["--bin", "cairn-agent"],
+        )
+        .join("cairn-agent")
     })
     .clone()
 }

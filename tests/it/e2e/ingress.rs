@@ -26,33 +26,12 @@ const DEPLOY: Duration = Duration::from_secs(60);
 fn ws_echo() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let agent = crate::agents::support::agent_bin();
-        let dir = agent.parent().expect("the agent has a directory");
-        let release = dir.file_name().is_some_and(|n| n == "release");
-        let mut build = std::process::Command::new(env!("CARGO"));
-        // The agent's features as the agent tests build it, so its library is built once.
-        build.args([
-            "build",
-            "-p",
-            "cairn-agent",
-            "--features",
-            "recording",
-            "--example",
-            "ws_echo",
-        ]);
-        if release {
-            build.arg("--release");
-        }
-        let out = build
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .output()
-            .expect("cargo runs");
-        assert!(
-            out.status.success(),
-            "building ws_echo failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        dir.join("examples/ws_echo")
+        cairn_testkit::build::agent(
+            env!("CARGO"),
+            env!("CARGO_MANIFEST_DIR"),
+            &["--example", "ws_echo"],
+        )
+        .join("examples/ws_echo")
     })
     .clone()
 }
