@@ -472,6 +472,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
                 proxy.clone(),
                 (*identity).clone(),
                 args.proxy_hop_key_file.is_some(),
+                Some(data.path().join("routes.json")),
                 stop.clone(),
             ));
             let rewrites = Rewrites::new(args.git_rewrite.iter().cloned());

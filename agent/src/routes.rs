@@ -4,6 +4,11 @@
 //! [`crate::proxy::Proxy::install_tls`]) and the hop key, sealed to this node
 //! ([`crate::proxy::Proxy::set_hop_key`]).
 //!
+//! The last route table and the sealed hop key are kept in the data directory (`routes.json`, 0600; the
+//! key stays sealed to this node there) and installed at start before the first poll: a node restarted
+//! while the control plane is down still forwards to the nodes it last knew (its certificates come from
+//! the proxy's own cache).
+//!
 //! The control plane's table names nodes by `host:port`; here each is resolved once per table to the
 //! socket address the proxy forwards to and accepts hops from. A node whose address does not resolve is
 //! left out (its apps are served by the others, or wait) and logged. Installed tables are numbered by a
@@ -14,6 +19,7 @@
 //! certificate is left out; the others are served).
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,20 +35,60 @@ use crate::proxy::{HostPolicy, TlsCertificate};
 /// How long one long-poll asks the control plane to wait.
 const POLL_WAIT: Duration = Duration::from_secs(25);
 
+/// What is kept of the last answers: the route table and the hop key still sealed to this node.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct Kept {
+    table: RouteTable,
+    #[serde(default)]
+    hop_key: Option<SealedHopKey>,
+}
+
 /// Follows the control plane's route table until `stop` turns true or the credential is refused.
 /// `static_key`: the proxy holds an operator's hop key (`--proxy-hop-key-file`), which the delivered
-/// one does not replace.
+/// one does not replace. `cache`: where the last table and sealed key are kept (`None`: nowhere).
 pub async fn follow(
     client: Client,
     proxy: Arc<Proxy>,
     identity: Identity,
     static_key: bool,
+    cache: Option<PathBuf>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut generation = String::new();
     let mut tls = String::new();
     let mut key = String::new();
     let mut installed: u64 = 0;
+    let kept: Option<Kept> = cache.as_deref().and_then(|p| {
+        let text = std::fs::read(p).ok()?;
+        match serde_json::from_slice::<Kept>(&text) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(path = %p.display(), error = %e, "the kept route table is unreadable; waiting for the control plane");
+                None
+            }
+        }
+    });
+    if let Some(k) = &kept {
+        if let Some(sealed) = &k.hop_key
+            && !static_key
+        {
+            match open(&identity, sealed) {
+                Ok(hk) => {
+                    proxy.set_hop_key(Some(hk));
+                    key = sealed.id.clone();
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot open the kept hop key"),
+            }
+        }
+        installed += 1;
+        proxy.install_cluster(resolve(&k.table, installed).await);
+        generation = k.table.generation.clone();
+        tracing::info!(generation = %generation, apps = k.table.apps.len(), "kept cluster routes installed");
+    }
+    let (mut kept_table, mut kept_key) = match kept {
+        Some(k) => (Some(k.table), k.hop_key),
+        None => (None, None),
+    };
     let mut backoff = Duration::from_millis(250);
     loop {
         let q = RoutesQuery {
@@ -63,18 +109,21 @@ pub async fn follow(
                 tls: tls_table,
             })) => {
                 backoff = Duration::from_millis(250);
+                let mut keep = false;
                 if let Some(sealed) = hop_key {
                     match (static_key, open(&identity, &sealed)) {
-                        (true, _) => key = sealed.id,
+                        (true, _) => key = sealed.id.clone(),
                         (false, Ok(k)) => {
                             proxy.set_hop_key(Some(k));
                             tracing::info!(key = %sealed.id, "hop key installed");
-                            key = sealed.id;
+                            key = sealed.id.clone();
                         }
                         (false, Err(e)) => {
                             tracing::error!(key = %sealed.id, error = %e, "cannot open the hop key the control plane sealed to this node");
                         }
                     }
+                    keep = true;
+                    kept_key = Some(sealed);
                 }
                 if let Some(table) = table {
                     installed += 1;
@@ -83,7 +132,22 @@ pub async fn follow(
                     if proxy.install_cluster(cluster) {
                         tracing::info!(generation = %table.generation, apps, "cluster routes installed");
                     }
-                    generation = table.generation;
+                    generation = table.generation.clone();
+                    kept_table = Some(table);
+                    keep = true;
+                }
+                if keep && let (Some(path), Some(table)) = (&cache, kept_table.take()) {
+                    let k = Kept {
+                        table,
+                        hop_key: kept_key.clone(),
+                    };
+                    if let Err(e) = crate::datadir::write_private(
+                        path,
+                        &serde_json::to_vec(&k).expect("a route table serializes"),
+                    ) {
+                        tracing::warn!(error = %chain(&e), "cannot keep the route table on disk");
+                    }
+                    kept_table = Some(k.table);
                 }
                 if let Some(t) = tls_table {
                     let report = proxy.install_tls(opened(&identity, &t));

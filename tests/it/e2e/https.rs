@@ -382,4 +382,32 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
     }
     let status = plane.cairn(&["status", "--json"]);
     assert!(!String::from_utf8_lossy(&status.stdout).contains(&key_line));
+
+    // The control plane stops and A restarts: A still serves HTTPS (its cached certificates) and still
+    // forwards to B (its kept route table and hop key).
+    e.kill_serve();
+    let a = e
+        .restart_agent_in(
+            &a,
+            &plane,
+            "a",
+            &ha,
+            Driver::Process,
+            &["--proxy-tls-listen", &tls_a],
+        )
+        .await;
+    let body = wait_for(
+        "HTTPS through the restarted A with the control plane down",
+        Duration::from_secs(30),
+        || async {
+            let r = client.get(format!("https://{domain}/")).send().await.ok()?;
+            (r.status() == 200).then_some(r.text().await.ok()?)
+        },
+    )
+    .await;
+    assert_eq!(body.trim(), "v1");
+    assert!(
+        a.log_text().contains("kept cluster routes installed"),
+        "A forwarded with the table it kept"
+    );
 }

@@ -119,6 +119,8 @@ pub struct E2e {
     docker: bool,
     children: Vec<Child>,
     serve_log: Option<PathBuf>,
+    /// `cairn serve`'s pid, once started.
+    serve_pid: Option<u32>,
     /// Second engines started by [`E2e::second_engine`]: torn down after the agents stopped.
     engines: Vec<Arc<SecondEngine>>,
     test: &'static str,
@@ -178,6 +180,7 @@ impl E2e {
             docker,
             children: Vec::new(),
             serve_log: None,
+            serve_pid: None,
             engines: Vec::new(),
             test,
             cleaned: AtomicBool::new(false),
@@ -326,6 +329,7 @@ impl E2e {
             .spawn()
             .expect("cairn serve starts");
         let stdout = child.stdout.take().unwrap();
+        self.serve_pid = Some(child.id());
         self.children.push(child);
         self.serve_log = Some(log_path);
         let addr = tokio::task::spawn_blocking(move || {
@@ -375,7 +379,7 @@ impl E2e {
         if let Some(host) = docker_host {
             cmd.env("DOCKER_HOST", host);
         }
-        self.spawn_agent(plane, node, driver, extra, cmd, proxy)
+        self.spawn_agent(plane, node, driver, extra, cmd, proxy, true)
             .await
     }
 
@@ -395,7 +399,38 @@ impl E2e {
         let cmd = host.command(agent_bin());
         let mut extra = extra.to_vec();
         extra.push("--insecure-http-server");
-        self.spawn_agent(plane, node, driver, &extra, cmd, proxy)
+        self.spawn_agent(plane, node, driver, &extra, cmd, proxy, true)
+            .await
+    }
+
+    /// SIGKILLs `cairn serve`.
+    pub fn kill_serve(&mut self) {
+        if let Some(pid) = self
+            .serve_pid
+            .take()
+            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
+        {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+
+    /// SIGKILLs `agent` and starts it again in `host` with the same data directory, without waiting for
+    /// it to come online (the control plane may be down).
+    pub async fn restart_agent_in(
+        &mut self,
+        agent: &Agent,
+        plane: &Plane,
+        node: &str,
+        host: &cairn_testkit::netns::Host,
+        driver: Driver,
+        extra: &[&str],
+    ) -> Agent {
+        agent.kill();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let cmd = host.command(agent_bin());
+        let mut extra = extra.to_vec();
+        extra.push("--insecure-http-server");
+        self.spawn_agent(plane, node, driver, &extra, cmd, agent.proxy, false)
             .await
     }
 
@@ -408,10 +443,17 @@ impl E2e {
         extra: &[&str],
         mut cmd: Command,
         proxy: SocketAddr,
+        wait_online: bool,
     ) -> Agent {
         let token = plane.join_token(node);
         let dir = self.scratch.path().join(format!("agent-{node}"));
-        let log_path = self.scratch.path().join(format!("agent-{node}.log"));
+        let mut log_path = self.scratch.path().join(format!("agent-{node}.log"));
+        if log_path.exists() {
+            log_path = self
+                .scratch
+                .path()
+                .join(format!("agent-{node}-{}.log", self.children.len()));
+        }
         let log = std::fs::File::create(&log_path).unwrap();
         let child = cmd
             .args(["--server", &plane.url, "--driver", driver.as_str()])
@@ -433,12 +475,14 @@ impl E2e {
         let pid = child.id();
         self.children.push(child);
         let node_name = node.to_owned();
-        wait_for(
-            &format!("node {node} to be online"),
-            Duration::from_secs(30),
-            || plane.node_online(&node_name),
-        )
-        .await;
+        if wait_online {
+            wait_for(
+                &format!("node {node} to be online"),
+                Duration::from_secs(30),
+                || plane.node_online(&node_name),
+            )
+            .await;
+        }
         Agent {
             proxy,
             dir,
