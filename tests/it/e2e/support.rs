@@ -434,7 +434,9 @@ impl E2e {
             .await
     }
 
-    /// Starts `cmd` (the agent binary, perhaps wrapped) as `node`'s agent with its proxy on `proxy`.
+    /// Starts `cmd` (the agent binary, perhaps wrapped) as `node`'s agent with its proxy on `proxy`;
+    /// with `wait_online`, returns once the node is online.
+    #[allow(clippy::too_many_arguments)]
     async fn spawn_agent(
         &mut self,
         plane: &Plane,
