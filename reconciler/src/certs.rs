@@ -794,8 +794,9 @@ impl crate::worker::Pass for CertWorker {
 /// Runs the issuance loop until `shutdown`: a pass at once, whenever `wake` is notified (a new applied
 /// state declared names), and when the next name set is due (at most `period` apart). A pass under way
 /// is abandoned at shutdown: its lease expires and another control plane takes over.
-pub async fn run(
-    worker: CertWorker,
+/// `passes` is a [`CertWorker`] of fixed settings, or [`serve_loop`]'s, which follows the applied ones.
+pub async fn run<P: crate::worker::Pass>(
+    passes: P,
     wake: Arc<tokio::sync::Notify>,
     period: Duration,
     shutdown: &crate::worker::Shutdown,
@@ -804,7 +805,7 @@ pub async fn run(
         .woken_by(wake)
         .backoff(Duration::from_secs(5))
         .abandon_at_shutdown()
-        .run(shutdown, worker)
+        .run(shutdown, passes)
         .await;
 }
 
@@ -1051,19 +1052,14 @@ pub async fn serve_loop(
         );
         return;
     };
-    let pass = Following {
+    let passes = Following {
         pool,
         identity,
         challenges,
         settings,
         worker: None,
     };
-    crate::worker::Worker::new("ordering certificates", period)
-        .woken_by(wake)
-        .backoff(Duration::from_secs(5))
-        .abandon_at_shutdown()
-        .run(shutdown, pass)
-        .await
+    run(passes, wake, period, shutdown).await
 }
 
 /// [`serve_loop`]'s passes: a [`CertWorker`] for the applied settings, made again when they change.

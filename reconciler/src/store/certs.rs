@@ -325,27 +325,6 @@ pub async fn list(pool: &PgPool) -> Result<Vec<CertRow>, StoreError> {
     rows.iter().map(row).collect()
 }
 
-/// A name set's current chain and sealed key, for distribution to the ingress nodes.
-pub async fn sealed_key(
-    pool: &PgPool,
-    names: &[String],
-) -> Result<Option<(String, String)>, StoreError> {
-    let r = sqlx::query(
-        "SELECT chain_pem, key_sealed FROM certificates WHERE names = $1 AND chain_pem IS NOT NULL",
-    )
-    .bind(sorted(names))
-    .fetch_optional(pool)
-    .await
-    .op("read a certificate's key")?;
-    r.map(|r| -> Result<_, StoreError> {
-        Ok((
-            r.try_get("chain_pem").op("read a certificate's key")?,
-            r.try_get("key_sealed").op("read a certificate's key")?,
-        ))
-    })
-    .transpose()
-}
-
 /// Declared certificates by state, and the soonest expiry among them (for `/metrics`).
 pub async fn summary(
     pool: &PgPool,

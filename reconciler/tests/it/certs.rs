@@ -205,10 +205,10 @@ async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plai
     );
 
     // The key, only sealed to the control plane.
-    let (_, sealed) = store::sealed_key(db.pool(), &row.names)
-        .await
-        .unwrap()
-        .unwrap();
+    let served = store::served(db.pool()).await.unwrap();
+    assert_eq!(served.len(), 1);
+    assert_eq!(served[0].names, row.names);
+    let sealed = served[0].key_sealed.clone();
     let key = identity
         .decrypt(&Ciphertext::new(&sealed).unwrap())
         .unwrap();
