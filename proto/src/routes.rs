@@ -144,14 +144,22 @@ pub struct AcmeChallenge {
 }
 
 impl TlsTable {
-    /// The generation of a table of these parts, sorted as [`TlsTable::new`] sorts them: certificates
-    /// as `(id, names, chain)`, never their keys.
-    pub fn generation_of(
-        certificates: &[(&str, &[String], &str)],
-        hosts: &[HostTls],
-        challenges: &[AcmeChallenge],
+    /// Sorts the parts of a TLS table (certificates by id, hosts, challenges by token) and gives the
+    /// generation of a table of them: a digest of the certificates' ids, names and chains (`cert` says
+    /// which of an item's fields they are; never a key), the hosts and the challenges. What the control
+    /// plane holds (keys sealed to itself) and what a node receives (keys sealed to it) therefore have the
+    /// same generation.
+    pub fn sort_and_digest<C>(
+        certificates: &mut [C],
+        cert: impl Fn(&C) -> (&str, &[String], &str),
+        hosts: &mut [HostTls],
+        challenges: &mut [AcmeChallenge],
     ) -> String {
-        digest(&(certificates, hosts, challenges))
+        certificates.sort_by(|a, b| cert(a).0.cmp(cert(b).0));
+        hosts.sort_by(|a, b| a.host.cmp(&b.host));
+        challenges.sort_by(|a, b| a.token.cmp(&b.token));
+        let parts: Vec<(&str, &[String], &str)> = certificates.iter().map(&cert).collect();
+        digest(&(&parts, &*hosts, &*challenges))
     }
 
     /// The table for these parts (sorted here), with its generation.
@@ -160,14 +168,12 @@ impl TlsTable {
         mut hosts: Vec<HostTls>,
         mut challenges: Vec<AcmeChallenge>,
     ) -> TlsTable {
-        certificates.sort_by(|a, b| a.id.cmp(&b.id));
-        hosts.sort_by(|a, b| a.host.cmp(&b.host));
-        challenges.sort_by(|a, b| a.token.cmp(&b.token));
-        let parts: Vec<(&str, &[String], &str)> = certificates
-            .iter()
-            .map(|c| (c.id.as_str(), c.names.as_slice(), c.chain_pem.as_str()))
-            .collect();
-        let generation = TlsTable::generation_of(&parts, &hosts, &challenges);
+        let generation = TlsTable::sort_and_digest(
+            &mut certificates,
+            |c| (c.id.as_str(), c.names.as_slice(), c.chain_pem.as_str()),
+            &mut hosts,
+            &mut challenges,
+        );
         TlsTable {
             generation,
             certificates,

@@ -72,14 +72,12 @@ impl TlsSource {
         mut hosts: Vec<HostTls>,
         mut challenges: Vec<AcmeChallenge>,
     ) -> TlsSource {
-        certificates.sort_by(|a, b| a.id.cmp(&b.id));
-        hosts.sort_by(|a, b| a.host.cmp(&b.host));
-        challenges.sort_by(|a, b| a.token.cmp(&b.token));
-        let parts: Vec<(&str, &[String], &str)> = certificates
-            .iter()
-            .map(|c| (c.id.as_str(), c.names.as_slice(), c.chain_pem.as_str()))
-            .collect();
-        let generation = TlsTable::generation_of(&parts, &hosts, &challenges);
+        let generation = TlsTable::sort_and_digest(
+            &mut certificates,
+            |c| (c.id.as_str(), c.names.as_slice(), c.chain_pem.as_str()),
+            &mut hosts,
+            &mut challenges,
+        );
         TlsSource {
             generation,
             certificates,
