@@ -36,11 +36,18 @@ use crate::proxy::{HostPolicy, TlsCertificate};
 const POLL_WAIT: Duration = Duration::from_secs(25);
 
 /// What is kept of the last answers: the route table and the hop key still sealed to this node.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 struct Kept {
     table: RouteTable,
     #[serde(default)]
     hop_key: Option<SealedHopKey>,
+}
+
+/// [`Kept`] as it is written, borrowing what the loop holds.
+#[derive(serde::Serialize)]
+struct Keeping<'a> {
+    table: &'a RouteTable,
+    hop_key: Option<&'a SealedHopKey>,
 }
 
 /// Follows the control plane's route table until `stop` turns true or the credential is refused.
@@ -136,18 +143,18 @@ pub async fn follow(
                     kept_table = Some(table);
                     keep = true;
                 }
-                if keep && let (Some(path), Some(table)) = (&cache, kept_table.take()) {
-                    let k = Kept {
-                        table,
-                        hop_key: kept_key.clone(),
-                    };
-                    if let Err(e) = crate::datadir::write_private(
+                if keep
+                    && let (Some(path), Some(table)) = (&cache, &kept_table)
+                    && let Err(e) = crate::datadir::write_private(
                         path,
-                        &serde_json::to_vec(&k).expect("a route table serializes"),
-                    ) {
-                        tracing::warn!(error = %chain(&e), "cannot keep the route table on disk");
-                    }
-                    kept_table = Some(k.table);
+                        &serde_json::to_vec(&Keeping {
+                            table,
+                            hop_key: kept_key.as_ref(),
+                        })
+                        .expect("a route table serializes"),
+                    )
+                {
+                    tracing::warn!(error = %chain(&e), "cannot keep the route table on disk");
                 }
                 if let Some(t) = tls_table {
                     let report = proxy.install_tls(opened(&identity, &t));
