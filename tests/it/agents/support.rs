@@ -561,7 +561,8 @@ impl Drop for Plane {
     }
 }
 
-fn kill(pid: u32, sig: rustix::process::Signal) {
+/// Sends `sig` to process `pid` (gone already: nothing).
+pub fn kill(pid: u32, sig: rustix::process::Signal) {
     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
         let _ = rustix::process::kill_process(pid, sig);
     }

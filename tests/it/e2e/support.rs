@@ -405,12 +405,8 @@ impl E2e {
 
     /// SIGKILLs `cairn serve`.
     pub fn kill_serve(&mut self) {
-        if let Some(pid) = self
-            .serve_pid
-            .take()
-            .and_then(|p| rustix::process::Pid::from_raw(p as i32))
-        {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        if let Some(pid) = self.serve_pid.take() {
+            crate::agents::support::kill(pid, rustix::process::Signal::KILL);
         }
     }
 
@@ -847,9 +843,7 @@ pub struct Agent {
 impl Agent {
     /// SIGKILLs the agent (and its proxy): no chance to give anything back. Its replicas keep running.
     pub fn kill(&self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid as i32) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
+        crate::agents::support::kill(self.pid, rustix::process::Signal::KILL);
     }
 
     /// What the agent logged so far.
