@@ -12,24 +12,13 @@
 # `bench.test` to 127.0.0.1: the machine's own `/etc/hosts` is not touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 
 secs="${1:-10}"
 conns="${2:-64}"
-for t in nginx wrk openssl unshare python3; do
-  command -v "$t" >/dev/null || { echo "$t is not installed" >&2; exit 1; }
-done
-
-cargo build --release --locked -p cairn-agent --example ws_echo --example node_proxy >&2
-bin=target/release/examples
-
-dir="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+need nginx wrk openssl unshare python3
+build_examples
+scratch
 
 backend=127.0.0.1:18280
 cairn_plain=127.0.0.1:18281
@@ -49,35 +38,13 @@ open(f"{d}/tls.json", "w").write(json.dumps(table))
 EOF
 printf '127.0.0.1 localhost bench.test\n' >"$dir/hosts"
 
-wait_port() {
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  exit 1
-}
-
 LISTEN=$backend APP_NAME=bench "$bin/ws_echo" >/dev/null &
 pids+=($!)
 "$bin/node_proxy" --listen $cairn_plain --route bench.test=$backend \
   --tls-listen $cairn_tls --tls-table "$dir/tls.json" >/dev/null &
 pids+=($!)
 
-mkdir -p "$dir/tmp"
-cat >"$dir/nginx.conf" <<EOF
-daemon off;
-worker_processes auto;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $dir/tmp/body;
-  proxy_temp_path $dir/tmp/proxy;
-  fastcgi_temp_path $dir/tmp/fastcgi;
-  uwsgi_temp_path $dir/tmp/uwsgi;
-  scgi_temp_path $dir/tmp/scgi;
+{ nginx_head; cat <<EOF
   upstream app { server $backend; keepalive 128; }
   server {
     listen $nginx_tls ssl;
@@ -98,6 +65,7 @@ http {
   }
 }
 EOF
+} >"$dir/nginx.conf"
 nginx -c "$dir/nginx.conf" -p "$dir" &
 pids+=($!)
 for a in $backend $cairn_tls $nginx_tls; do wait_port "$a"; done
@@ -113,20 +81,11 @@ done
 
 echo "| path | connections | requests/s | p50 | p99 |"
 echo "|---|---|---:|---:|---:|"
+WRAP=(in_ns)
 run() {
-  local label="$1" port="$2" mode="$3"
   local extra=()
-  [ "$mode" = new ] && extra=(-H 'Connection: close')
-  in_ns wrk -t2 -c"$conns" -d2s "${extra[@]}" "https://bench.test:$port/" >/dev/null
-  local out
-  out=$(in_ns wrk -t2 -c"$conns" -d"${secs}s" --latency "${extra[@]}" "https://bench.test:$port/")
-  local rps p50 p99 errors
-  rps=$(awk '/^Requests\/sec:/ {printf "%d", $2}' <<<"$out")
-  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  errors=$(grep -E 'Non-2xx|Socket errors' <<<"$out" || true)
-  echo "| $label | $mode | $rps | $p50 | $p99 |"
-  [ -z "$errors" ] || echo "  $label ($mode): $errors" >&2
+  [ "$3" = new ] && extra=(-H 'Connection: close')
+  echo "| $1 | $3 | $(measure "$1 ($3)" "${extra[@]}" "https://bench.test:$2/") |"
 }
 run "nginx" ${nginx_tls#*:} keep-alive
 run "cairn node proxy" ${cairn_tls#*:} keep-alive

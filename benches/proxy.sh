@@ -15,23 +15,14 @@
 # (the node proxy streams). Needs nginx and wrk (apt-get install nginx-light wrk, or nginx).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/lib.sh
 
 secs="${1:-10}"
 conns="${2:-64}"
-command -v nginx >/dev/null || { echo "nginx is not installed" >&2; exit 1; }
-command -v wrk >/dev/null || { echo "wrk is not installed" >&2; exit 1; }
-
-cargo build --release --locked -p cairn-agent --example ws_echo --example node_proxy >&2
-bin=target/release/examples
-
-dir="$(mktemp -d)"
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$dir"
-}
-trap cleanup EXIT
+WRAP=()
+need nginx wrk
+build_examples
+scratch
 
 backend=127.0.0.1:18180
 nginx_local=127.0.0.1:18181
@@ -40,32 +31,10 @@ cairn_local=127.0.0.1:18183
 cairn_a=127.0.0.2:18184
 cairn_b=127.0.0.3:18185
 
-wait_port() {
-  for _ in $(seq 100); do
-    if (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listens on $1" >&2
-  exit 1
-}
-
 LISTEN=$backend APP_NAME=bench "$bin/ws_echo" >/dev/null &
 pids+=($!)
 
-mkdir -p "$dir/tmp"
-cat >"$dir/nginx.conf" <<EOF
-daemon off;
-worker_processes auto;
-pid $dir/nginx.pid;
-error_log $dir/error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  client_body_temp_path $dir/tmp/body;
-  proxy_temp_path $dir/tmp/proxy;
-  fastcgi_temp_path $dir/tmp/fastcgi;
-  uwsgi_temp_path $dir/tmp/uwsgi;
-  scgi_temp_path $dir/tmp/scgi;
+{ nginx_head; cat <<EOF
   upstream app { server $backend; keepalive 128; }
   upstream inner { server $nginx_local; keepalive 128; }
   server {
@@ -93,6 +62,7 @@ http {
   }
 }
 EOF
+} >"$dir/nginx.conf"
 nginx -c "$dir/nginx.conf" -p "$dir" &
 pids+=($!)
 
@@ -119,18 +89,7 @@ done
 echo "| path | requests/s | p50 | p99 |"
 echo "|---|---:|---:|---:|"
 run() {
-  local label="$1" addr="$2"
-  # A short warm-up (connections, pools), then the measured run.
-  wrk -t2 -c"$conns" -d2s -H 'Host: bench.test' "http://$addr/" >/dev/null
-  local out
-  out=$(wrk -t2 -c"$conns" -d"${secs}s" --latency -H 'Host: bench.test' "http://$addr/")
-  local rps p50 p99 errors
-  rps=$(awk '/^Requests\/sec:/ {printf "%d", $2}' <<<"$out")
-  p50=$(awk '$1 == "50%" {print $2}' <<<"$out")
-  p99=$(awk '$1 == "99%" {print $2}' <<<"$out")
-  errors=$(grep -E 'Non-2xx|Socket errors' <<<"$out" || true)
-  echo "| $label | $rps | $p50 | $p99 |"
-  [ -z "$errors" ] || echo "  $label: $errors" >&2
+  echo "| $1 | $(measure "$1" -H 'Host: bench.test' "http://$2/") |"
 }
 run "nginx, local" $nginx_local
 run "cairn node proxy, local" $cairn_local
