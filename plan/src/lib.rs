@@ -411,12 +411,58 @@ pub struct Ingress {
     /// Apps that answer hosts after the plan that they did not answer before (every host of a new app),
     /// by app.
     pub new_hosts: Vec<NewHosts>,
+    /// With `[tls]`: HTTPS for each app that gains hosts, and for each app whose certificate needs
+    /// attention (waiting for DNS, failed), by app. Not a change by itself: a certificate waiting since an
+    /// earlier commit is reported on every plan until it is issued.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certificates: Vec<AppCertificate>,
 }
 
 impl Ingress {
     /// Whether the plan changes where traffic enters or what it is for.
     pub fn changes(&self) -> bool {
         self.nodes != self.nodes_before || !self.new_hosts.is_empty()
+    }
+}
+
+/// How an app's hosts are served over HTTPS after the plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AppCertificate {
+    pub app: Name,
+    /// Every host of the app, sorted (a certificate covers them all).
+    pub names: Vec<String>,
+    pub https: Https,
+}
+
+/// Where an app's certificate comes from, and the state of an automatic one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Https {
+    /// `tls = "off"`: plain HTTP only.
+    Off,
+    /// `tls = { cert = ... }`: the app's own certificate from the repository.
+    Own,
+    /// `tls = "auto"`: ordered from the ACME CA. `state` is `None` when no certificate is on record for
+    /// exactly these names: it is ordered once the plan is applied, after a self-probe finds that every
+    /// name reaches an ingress node.
+    Auto {
+        state: Option<observed::CertState>,
+        not_after: Option<DateTime<Utc>>,
+        /// Why the last attempt failed.
+        last_error: Option<String>,
+    },
+}
+
+impl Https {
+    /// Whether an operator should look: the names wait for DNS or the CA refused.
+    pub fn needs_attention(&self) -> bool {
+        matches!(
+            self,
+            Https::Auto {
+                state: Some(observed::CertState::WaitingDns | observed::CertState::Failed),
+                ..
+            }
+        )
     }
 }
 

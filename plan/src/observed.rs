@@ -101,6 +101,68 @@ pub struct Observed {
     /// Restart requests: per app, a counter `cairn restart APP` increments. A running replica whose
     /// [`ReplicaPlacement::restart`] is lower gets a restart task. Absent means 0.
     pub restart_requests: BTreeMap<Name, u64>,
+    /// The certificates the control plane keeps for declared name sets (the `certificates` table, keys
+    /// never read), so a plan can say which of its hosts have one and why a name waits.
+    #[serde(default)]
+    pub certificates: Vec<ObservedCert>,
+}
+
+/// A certificate's state. `Issued` and `Renewing` (and `Failed` or `WaitingDns` after an issuance) have a
+/// current certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertState {
+    /// Declared, nothing tried yet.
+    Pending,
+    /// The self-probe found that the names do not reach the cluster: nothing was asked of the CA.
+    WaitingDns,
+    /// An order is under way.
+    Ordering,
+    Issued,
+    /// A renewal's order is under way; the old certificate serves meanwhile.
+    Renewing,
+    /// The CA refused or the order failed; retried with backoff.
+    Failed,
+}
+
+impl CertState {
+    pub const ALL: [CertState; 6] = [
+        CertState::Pending,
+        CertState::WaitingDns,
+        CertState::Ordering,
+        CertState::Issued,
+        CertState::Renewing,
+        CertState::Failed,
+    ];
+
+    /// The stored and displayed spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CertState::Pending => "pending",
+            CertState::WaitingDns => "waiting_dns",
+            CertState::Ordering => "ordering",
+            CertState::Issued => "issued",
+            CertState::Renewing => "renewing",
+            CertState::Failed => "failed",
+        }
+    }
+
+    /// The inverse of [`CertState::as_str`].
+    pub fn parse(s: &str) -> Option<CertState> {
+        CertState::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+}
+
+/// One declared name set's certificate, without its key or chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedCert {
+    /// Sorted, lowercase.
+    pub names: Vec<String>,
+    pub state: CertState,
+    /// The current certificate's expiry, if one was ever issued.
+    pub not_after: Option<DateTime<Utc>>,
+    /// Why the last attempt failed (a name not reaching the cluster, the CA's refusal).
+    pub last_error: Option<String>,
 }
 
 /// An applied app: the manifest's [`App`] with its env reduced so that no secret material is stored.

@@ -8,19 +8,20 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use cairn_schema::model::Origin;
 use cairn_schema::{
-    App, Domain, Driver, EnvName, EnvValue, Kind, Name, Node, Plan as PlanSpec, Price, Runtime,
+    App, AppTls, Domain, Driver, EnvName, EnvValue, Kind, Name, Node, Plan as PlanSpec, Price,
+    Runtime, TlsMode,
 };
 use rust_decimal::Decimal;
 
 use super::diff::{Flat, diff, flat_app, flat_node, flat_plan, flat_runtime};
 use super::{
-    Action, Cost, Ingress, NewHosts, NewRelease, NodeHeadroom, Pin, PlacementChange,
-    PlacementReason, Plan, PlanInput, ReleaseEnv, ReleaseSpec, ResourceChange, Task, TaskAction,
-    Usage, Warning, WarningKind,
+    Action, AppCertificate, Cost, Https, Ingress, NewHosts, NewRelease, NodeHeadroom, Pin,
+    PlacementChange, PlacementReason, Plan, PlanInput, ReleaseEnv, ReleaseSpec, ResourceChange,
+    Task, TaskAction, Usage, Warning, WarningKind,
 };
 use crate::observed::{
-    AppliedApp, AppliedEnv, CommitId, Fingerprints, NodeState, ReleaseNumber, ReplicaPlacement,
-    ReplicaState, ciphertext_sha256, effective_state,
+    AppliedApp, AppliedEnv, CommitId, Fingerprints, NodeState, ObservedCert, ReleaseNumber,
+    ReplicaPlacement, ReplicaState, ciphertext_sha256, effective_state,
 };
 use crate::scheduler::{AppDemand, Condition, How, NodeInfo, Outcome, Resources, schedule};
 
@@ -533,11 +534,62 @@ fn ingress(input: &PlanInput<'_>, target: &Target<'_>, warnings: &mut Vec<Warnin
             });
         }
     }
+    let certificates = certificates(input, &new_hosts);
     Ingress {
         nodes,
         nodes_before,
         new_hosts,
+        certificates,
     }
+}
+
+/// HTTPS for the apps that gain hosts and for those whose certificate needs attention, with `[tls]` in
+/// the desired settings (a plan from the applied configuration alone reports none).
+fn certificates(input: &PlanInput<'_>, new_hosts: &[NewHosts]) -> Vec<AppCertificate> {
+    let Some(d) = input.desired.map(|d| d.state) else {
+        return Vec::new();
+    };
+    if d.settings.tls.is_none() {
+        return Vec::new();
+    }
+    let on_record: BTreeMap<&[String], &ObservedCert> = input
+        .observed
+        .certificates
+        .iter()
+        .map(|c| (c.names.as_slice(), c))
+        .collect();
+    let gaining: BTreeSet<&Name> = new_hosts.iter().map(|h| &h.app).collect();
+    let mut out = Vec::new();
+    for app in d.apps.keys() {
+        // Sorted and without repeats, as the store keys a name set.
+        let mut names = d.hostnames(app);
+        names.sort();
+        names.dedup();
+        let https = match d.tls(app) {
+            Some(AppTls::Mode(TlsMode::Off)) | None => Https::Off,
+            Some(AppTls::Own(_)) => Https::Own,
+            Some(AppTls::Mode(TlsMode::Auto)) => match on_record.get(names.as_slice()) {
+                Some(c) => Https::Auto {
+                    state: Some(c.state),
+                    not_after: c.not_after,
+                    last_error: c.last_error.clone(),
+                },
+                None => Https::Auto {
+                    state: None,
+                    not_after: None,
+                    last_error: None,
+                },
+            },
+        };
+        if gaining.contains(app) || https.needs_attention() {
+            out.push(AppCertificate {
+                app: app.clone(),
+                names,
+                https,
+            });
+        }
+    }
+    out
 }
 
 /// Each target node's liveness, condition and drivers at `input.now`.

@@ -378,6 +378,18 @@ pub fn text(plan: &Plan, color: bool) -> String {
             let _ = writeln!(o, "  {line}: {}", served_by(&ing.nodes));
         }
     }
+    if !plan.ingress.certificates.is_empty() {
+        let _ = writeln!(o, "\n{}", st.bold("Certificates:"));
+        for c in &plan.ingress.certificates {
+            let what = clean(&https_state(&c.https));
+            let what = if c.https.needs_attention() {
+                st.change(&what)
+            } else {
+                what
+            };
+            let _ = writeln!(o, "  {} ({}): {what}", c.names.join(", "), c.app);
+        }
+    }
     if !plan.tasks.is_empty() {
         let _ = writeln!(
             o,
@@ -444,6 +456,42 @@ fn names(nodes: &[cairn_schema::Name]) -> String {
         .map(|n| n.as_str())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// How an app's hosts are served over HTTPS, in words: for an automatic certificate its state, and why it
+/// waits.
+fn https_state(h: &crate::Https) -> String {
+    use crate::observed::CertState;
+    let day = |t: &Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.format("%Y-%m-%d").to_string())
+            .unwrap_or_else(|| "?".to_owned())
+    };
+    let why = |e: &Option<String>| e.clone().unwrap_or_else(|| "no reason recorded".to_owned());
+    match h {
+        crate::Https::Off => "HTTP only (tls = \"off\")".to_owned(),
+        crate::Https::Own => "its own certificate from the repository".to_owned(),
+        crate::Https::Auto {
+            state,
+            not_after,
+            last_error,
+        } => match state {
+            None => "certificate ordered once applied, after a self-probe finds every name reaching an ingress node".to_owned(),
+            Some(CertState::Pending) => "certificate pending: ordered soon".to_owned(),
+            Some(CertState::Ordering) => "certificate being ordered".to_owned(),
+            Some(CertState::Issued) => format!("certificate issued, expires {}", day(not_after)),
+            Some(CertState::Renewing) => format!(
+                "certificate renewing (the current one expires {})",
+                day(not_after)
+            ),
+            Some(CertState::WaitingDns) => format!(
+                "waiting for DNS, nothing asked of the CA: {}",
+                why(last_error)
+            ),
+            Some(CertState::Failed) => {
+                format!("certificate failed, retried with backoff: {}", why(last_error))
+            }
+        },
+    }
 }
 
 /// Which nodes serve an app's hosts.
@@ -737,6 +785,34 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
             let _ = writeln!(o, "- `{}` answers {}: {by}", h.app, hosts.join(", "));
         }
         if let Some(m) = more(opts.max_rows, ing.new_hosts.len(), "apps") {
+            let _ = writeln!(o, "- {m}");
+        }
+        o.push('\n');
+    }
+
+    let certs = &plan.ingress.certificates;
+    if !certs.is_empty() {
+        let _ = writeln!(o, "#### Certificates\n");
+        for c in certs.iter().take(opts.max_rows) {
+            let names: Vec<String> = c
+                .names
+                .iter()
+                .map(|x| format!("`{}`", md_code(x)))
+                .collect();
+            let mark = if c.https.needs_attention() {
+                "⚠️ "
+            } else {
+                ""
+            };
+            let _ = writeln!(
+                o,
+                "- {mark}`{}` ({}): {}",
+                c.app,
+                names.join(", "),
+                md(&https_state(&c.https))
+            );
+        }
+        if let Some(m) = more(opts.max_rows, certs.len(), "apps") {
             let _ = writeln!(o, "- {m}");
         }
         o.push('\n');

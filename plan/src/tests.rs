@@ -1596,3 +1596,88 @@ fn a_large_plan_keeps_its_pr_comment_short() {
     assert!(md.contains("more replicas; run `cairn plan` for the whole plan."));
     assert!(md.contains("more warnings; run `cairn plan` for the whole plan."));
 }
+
+#[test]
+fn the_plan_says_which_hosts_get_a_certificate_and_why_one_waits() {
+    let (_, mut o) = world_a(&secret("postgres://old", &[]));
+    let d = repo(&apps_a(&secret("postgres://old", &[])));
+    let names = |app: &str| {
+        let mut v = d.hostnames(&name(app));
+        v.sort();
+        v
+    };
+    let (web, docs, api) = (names("web"), names("docs"), names("api"));
+    o.certificates = vec![
+        crate::observed::ObservedCert {
+            names: web.clone(),
+            state: crate::observed::CertState::WaitingDns,
+            not_after: None,
+            last_error: Some("www.example.com resolves to 203.0.113.9, not an ingress node".into()),
+        },
+        crate::observed::ObservedCert {
+            names: docs,
+            state: crate::observed::CertState::Issued,
+            not_after: Some(now() + Duration::days(60)),
+            last_error: None,
+        },
+    ];
+    // Without `[tls]` no app is served over HTTPS: nothing to say.
+    let c = commit("b0b0b0b0b0b0b0b0");
+    let p = plan(&input(Some((&c, &d)), Some(&fingerprints(&d)), &o));
+    assert!(
+        p.ingress.certificates.is_empty(),
+        "{:?}",
+        p.ingress.certificates
+    );
+
+    // With it, api gains a domain (its certificate is ordered once applied) and web's names wait for
+    // DNS (reported on every plan until issued); docs has its certificate and changes nothing.
+    let settings = format!("{SETTINGS}\n[tls]\ncontact = \"ops@example.com\"\n");
+    let apps = apps_a(&secret("postgres://old", &[])).replace(
+        "source = { url = \"https://github.com/acme/api.git\", branch = \"main\" }",
+        "source = { url = \"https://github.com/acme/api.git\", branch = \"main\" }\ndomains = [\"api.example.com\"]",
+    );
+    let d = load(&[
+        ("cairn.toml", &settings),
+        ("plans/plans.toml", PLANS),
+        ("runtimes/runtimes.toml", RUNTIMES),
+        ("nodes/nodes.toml", NODES),
+        ("apps/apps.toml", &apps),
+    ]);
+    let p = plan(&input(Some((&c, &d)), Some(&fingerprints(&d)), &o));
+    let got: Vec<(&str, &crate::Https)> = p
+        .ingress
+        .certificates
+        .iter()
+        .map(|c| (c.app.as_str(), &c.https))
+        .collect();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert_eq!(got[0].0, "api");
+    assert_eq!(
+        *got[0].1,
+        crate::Https::Auto {
+            state: None,
+            not_after: None,
+            last_error: None
+        }
+    );
+    let mut api_now = api.clone();
+    api_now.push("api.example.com".into());
+    api_now.sort();
+    assert_eq!(p.ingress.certificates[0].names, api_now);
+    assert_eq!(got[1].0, "web");
+    assert!(got[1].1.needs_attention());
+
+    let t = text(&p, false);
+    assert!(t.contains("Certificates:"), "{t}");
+    assert!(
+        t.contains(
+            "waiting for DNS, nothing asked of the CA: www.example.com resolves to 203.0.113.9"
+        ),
+        "{t}"
+    );
+    assert!(t.contains("certificate ordered once applied"), "{t}");
+    let m = markdown(&p, &MarkdownOptions::default());
+    assert!(m.contains("#### Certificates"), "{m}");
+    assert!(m.contains("⚠️ `web`"), "{m}");
+}

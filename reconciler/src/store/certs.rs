@@ -18,55 +18,15 @@ use uuid::Uuid;
 use super::decode::millis;
 use super::{Op as _, StoreError};
 
-/// A certificate's state. `Issued` and `Renewing` (and `Failed` or `WaitingDns` after an issuance) have a
-/// current certificate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CertState {
-    /// Declared, nothing tried yet.
-    Pending,
-    /// The self-probe found that the names do not reach the cluster: nothing was asked of the CA.
-    WaitingDns,
-    /// An order is under way.
-    Ordering,
-    Issued,
-    /// A renewal's order is under way; the old certificate serves meanwhile.
-    Renewing,
-    /// The CA refused or the order failed; retried with backoff.
-    Failed,
-}
+pub use cairn_plan::observed::CertState;
 
-impl CertState {
-    pub const ALL: [CertState; 6] = [
-        CertState::Pending,
-        CertState::WaitingDns,
-        CertState::Ordering,
-        CertState::Issued,
-        CertState::Renewing,
-        CertState::Failed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CertState::Pending => "pending",
-            CertState::WaitingDns => "waiting_dns",
-            CertState::Ordering => "ordering",
-            CertState::Issued => "issued",
-            CertState::Renewing => "renewing",
-            CertState::Failed => "failed",
-        }
-    }
-
-    pub fn parse(s: &str) -> Result<CertState, StoreError> {
-        CertState::ALL
-            .into_iter()
-            .find(|c| c.as_str() == s)
-            .ok_or_else(|| StoreError::Corrupt {
-                table: "certificates",
-                column: "state",
-                detail: format!("unknown state {s:?}"),
-            })
-    }
+/// A stored state's spelling back to its [`CertState`].
+pub(crate) fn parse_state(s: &str) -> Result<CertState, StoreError> {
+    CertState::parse(s).ok_or_else(|| StoreError::Corrupt {
+        table: "certificates",
+        column: "state",
+        detail: format!("unknown state {s:?}"),
+    })
 }
 
 /// One name set's certificate as stored, without its key.
@@ -130,7 +90,7 @@ fn row(r: &sqlx::postgres::PgRow) -> Result<CertRow, StoreError> {
         app: r.try_get("app").map_err(get)?,
         directory: r.try_get("directory").map_err(get)?,
         declared: r.try_get("declared").map_err(get)?,
-        state: CertState::parse(&state)?,
+        state: parse_state(&state)?,
         last_error: r.try_get("last_error").map_err(get)?,
         attempts: u32::try_from(attempts).unwrap_or(0),
         next_attempt_at: r.try_get("next_attempt_at").map_err(get)?,
@@ -325,6 +285,30 @@ pub async fn list(pool: &PgPool) -> Result<Vec<CertRow>, StoreError> {
     rows.iter().map(row).collect()
 }
 
+/// The declared certificates as the planner sees them (state, expiry, last error; never a key), through
+/// the caller's connection so they belong to the same snapshot as the rest of the observed state.
+pub async fn observed_in(
+    conn: &mut sqlx::PgConnection,
+) -> Result<Vec<cairn_plan::observed::ObservedCert>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT names, state, not_after, last_error FROM certificates WHERE declared ORDER BY names",
+    )
+    .fetch_all(&mut *conn)
+    .await
+    .op("read certificates")?;
+    rows.iter()
+        .map(|r| {
+            let state: String = r.try_get("state").op("read certificates")?;
+            Ok(cairn_plan::observed::ObservedCert {
+                names: r.try_get("names").op("read certificates")?,
+                state: parse_state(&state)?,
+                not_after: r.try_get("not_after").op("read certificates")?,
+                last_error: r.try_get("last_error").op("read certificates")?,
+            })
+        })
+        .collect()
+}
+
 /// Declared certificates by state, and the soonest expiry among them (for `/metrics`).
 pub async fn summary(
     pool: &PgPool,
@@ -339,7 +323,7 @@ pub async fn summary(
     for r in rows {
         let s: String = r.try_get("state").op("count certificates by state")?;
         let n: i64 = r.try_get("n").op("count certificates by state")?;
-        counts.push((CertState::parse(&s)?, u64::try_from(n).unwrap_or(0)));
+        counts.push((parse_state(&s)?, u64::try_from(n).unwrap_or(0)));
     }
     let soonest: Option<DateTime<Utc>> =
         sqlx::query("SELECT min(not_after) AS t FROM certificates WHERE declared")

@@ -715,6 +715,7 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
             to_u64("restart_requests", "count", r.count)?,
         );
     }
+    observed.certificates = super::certs::observed_in(&mut *conn).await?;
     Ok(observed)
 }
 

@@ -53,7 +53,7 @@ fn settings(ca: &Pebble, port: u16) -> CertSettings {
 }
 
 /// A repository with `[tls]` on `directory` and app `shop` with `domains = [domain]`, declared.
-async fn declare(pool: &PgPool, directory: &str, domain: &str) {
+async fn declare(pool: &PgPool, directory: &str, domain: &str) -> cairn_schema::Desired {
     let cairn = format!(
         "base_domain = \"apps.example.test\"\n[tls]\nacme_directory = \"{directory}\"\ncontact = \"ops@example.test\"\n"
     );
@@ -67,6 +67,7 @@ async fn declare(pool: &PgPool, directory: &str, domain: &str) {
         .desired
         .unwrap_or_else(|| panic!("{}", loaded.diagnostics));
     certs::declare(pool, &desired).await.unwrap();
+    desired
 }
 
 /// Verifies `chain_pem` against `root_pem` for `name` (as a browser would, now).
@@ -282,7 +283,7 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
     // The default domain reaches the cluster; the custom domain points at another machine.
     ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
     ca.dns_a("shop.example.test", "127.0.0.2").await;
-    declare(db.pool(), &ca.directory, "shop.example.test").await;
+    let desired = declare(db.pool(), &ca.directory, "shop.example.test").await;
     let mut worker = CertWorker::new(
         db.pool().clone(),
         Arc::new(Identity::generate()),
@@ -314,6 +315,29 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
                 .contains("(shop): waiting for DNS: `shop.example.test` resolves to 127.0.0.2")),
         "status says why the certificate waits: {:?}",
         status.certificate_warnings
+    );
+    // So does the plan (`cairn plan`, a pull request's comment), from the observed state it reads.
+    let observed = cairn_reconciler::store::state::load_observed(db.pool())
+        .await
+        .unwrap();
+    let commit = cairn_plan::observed::CommitId::new("c0ffee0c0ffee0c0ffee0c0ffee0c0ffee0c0ffe");
+    let plan = cairn_plan::plan(&cairn_plan::PlanInput {
+        desired: Some(cairn_plan::DesiredAt {
+            commit: &commit,
+            state: &desired,
+        }),
+        fingerprints: None,
+        observed: &observed,
+        seed: 1,
+        now: chrono::Utc::now(),
+        offline_after: cairn_plan::DEFAULT_OFFLINE_AFTER,
+    });
+    let text = cairn_plan::render::text(&plan, false);
+    assert!(
+        text.contains(
+            "waiting for DNS, nothing asked of the CA: `shop.example.test` resolves to 127.0.0.2"
+        ),
+        "the plan says why the certificate waits:\n{text}"
     );
 
     // Retried with backoff, still wrong: still no order, more attempts.
