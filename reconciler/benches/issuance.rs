@@ -3,7 +3,8 @@
 //! `lego` (an established ACME client) issuing the same number of certificates from its own pebble, one
 //! `lego run` per name, as an operator scripting it would.
 //!
-//! `cargo bench -p cairn-reconciler --bench issuance -- [--names N] [--skip-lego]` (release). Both sides
+//! `cargo bench -p cairn-reconciler --bench issuance -- [--names N] [--parallel N] [--skip-lego]`
+//! (release; `--parallel` is the worker's `CertSettings::parallel`, 8 by default as in `cairn serve`). Both sides
 //! validate HTTP-01 over loopback (pebble's DNS server answers 127.0.0.1 for every name); pebble runs
 //! with `PEBBLE_VA_NOSLEEP`, so the figures are the clients' and the CA's work, not pebble's simulated
 //! delays. The database comes from `cairn-testkit` (the private cluster).
@@ -21,11 +22,18 @@ use sqlx::postgres::PgPoolOptions;
 
 fn main() {
     let mut names = 100usize;
+    let mut parallel = 8usize;
     let mut lego = true;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--names" => names = args.next().and_then(|n| n.parse().ok()).expect("--names N"),
+            "--parallel" => {
+                parallel = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .expect("--parallel N")
+            }
             "--skip-lego" => lego = false,
             // cargo bench passes `--bench`.
             _ => {}
@@ -35,7 +43,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("a tokio runtime")
-        .block_on(run(names, lego));
+        .block_on(run(names, parallel, lego));
 }
 
 fn free_port() -> u16 {
@@ -45,7 +53,7 @@ fn free_port() -> u16 {
         .expect("a free port")
 }
 
-async fn run(n: usize, lego: bool) {
+async fn run(n: usize, parallel: usize, lego: bool) {
     let dir = tempfile::tempdir().expect("a scratch directory");
     let Some(db) = cairn_testkit::pg::TestDb::new().await else {
         return;
@@ -98,6 +106,7 @@ async fn run(n: usize, lego: bool) {
     settings.contact = Some("ops@bench.test".into());
     settings.ca_roots_pem = Some(ca.api_root_pem.clone());
     settings.probe_port = port;
+    settings.parallel = parallel;
     settings.resolve = Arc::new(move |name: String| {
         let dns = dns.clone();
         Box::pin(async move {
@@ -131,7 +140,7 @@ async fn run(n: usize, lego: bool) {
     );
     assert_eq!(ca.orders(), n, "one order per name set");
     println!(
-        "cairn CertWorker: {n} certificates (one name each) in {:.2} s: {:.0} ms per certificate",
+        "cairn CertWorker ({parallel} at once): {n} certificates (one name each) in {:.2} s: {:.0} ms per certificate",
         cairn_time.as_secs_f64(),
         cairn_time.as_secs_f64() * 1000.0 / n as f64
     );

@@ -203,6 +203,9 @@ pub struct CertSettings {
     pub lease: Duration,
     /// How long the CA may take to validate and to issue.
     pub order_timeout: Duration,
+    /// How many name sets one worker works on at once: a name whose probe waits out `propagation`, or an
+    /// order the CA is slow to validate, holds up only its own slot.
+    pub parallel: usize,
 }
 
 impl std::fmt::Debug for CertSettings {
@@ -230,6 +233,7 @@ impl CertSettings {
             retry_max: Duration::from_secs(6 * 3600),
             lease: Duration::from_secs(10 * 60),
             order_timeout: Duration::from_secs(120),
+            parallel: 8,
         }
     }
 
@@ -326,7 +330,9 @@ pub struct CertWorker {
     challenges: Challenges,
     settings: CertSettings,
     owner: Uuid,
-    accounts: HashMap<String, Account>,
+    /// ACME accounts by directory. Held across an account's creation, so concurrent attempts on one
+    /// directory create one account.
+    accounts: tokio::sync::Mutex<HashMap<String, Account>>,
     probe: reqwest::Client,
 }
 
@@ -365,7 +371,7 @@ impl CertWorker {
             challenges,
             settings,
             owner: Uuid::new_v4(),
-            accounts: HashMap::new(),
+            accounts: tokio::sync::Mutex::new(HashMap::new()),
             probe,
         }
     }
@@ -377,20 +383,45 @@ impl CertWorker {
         Ok(store::next_due(&self.pool).await?)
     }
 
-    /// Works on every due name set; what happened to each.
+    /// Works on every due name set, up to [`CertSettings::parallel`] at once (each claimed before it is
+    /// started, so other control planes take the rest); what happened to each.
     pub async fn run_due(&mut self) -> Result<Vec<Attempt>, CertError> {
+        use futures_util::stream::{FuturesUnordered, StreamExt as _};
+        let this = &*self;
         let mut out = Vec::new();
-        while let Some(row) = store::claim(&self.pool, self.owner, self.settings.lease).await? {
-            let state = self.attempt(&row).await?;
-            out.push(Attempt {
-                names: row.names.clone(),
-                state,
-            });
+        let mut running = FuturesUnordered::new();
+        // A failure to reach the database stops claiming more, but the attempts under way finish (an
+        // abandoned one would leave its challenge tokens served), and the first error is returned.
+        let mut failed = None;
+        let mut drained = false;
+        loop {
+            while !drained && failed.is_none() && running.len() < this.settings.parallel.max(1) {
+                match store::claim(&this.pool, this.owner, this.settings.lease).await {
+                    Ok(Some(row)) => running.push(async move {
+                        let state = this.attempt(&row).await;
+                        (row.names, state)
+                    }),
+                    Ok(None) => drained = true,
+                    Err(e) => failed = Some(CertError::from(e)),
+                }
+            }
+            let Some((names, state)) = running.next().await else {
+                break;
+            };
+            match state {
+                Ok(state) => out.push(Attempt { names, state }),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
-        Ok(out)
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
     }
 
-    async fn attempt(&mut self, row: &CertRow) -> Result<CertState, CertError> {
+    async fn attempt(&self, row: &CertRow) -> Result<CertState, CertError> {
         let names = row.names.join(", ");
         if let Err(reason) = self.probe_names(&row.names).await {
             tracing::warn!(
@@ -538,8 +569,9 @@ impl CertWorker {
     }
 
     /// The account on `directory`: cached, else the stored one, else a new one (stored sealed).
-    async fn account(&mut self, directory: &str) -> Result<Account, CertError> {
-        if let Some(a) = self.accounts.get(directory) {
+    async fn account(&self, directory: &str) -> Result<Account, CertError> {
+        let mut accounts = self.accounts.lock().await;
+        if let Some(a) = accounts.get(directory) {
             return Ok(a.clone());
         }
         let acme = |step| {
@@ -585,7 +617,7 @@ impl CertWorker {
                 }
             }
         };
-        self.accounts.insert(directory.to_owned(), account.clone());
+        accounts.insert(directory.to_owned(), account.clone());
         Ok(account)
     }
 
@@ -655,11 +687,7 @@ impl CertWorker {
     }
 
     /// Orders a certificate for `names` and returns it with its key sealed.
-    async fn order(
-        &mut self,
-        directory: &str,
-        names: &[String],
-    ) -> Result<store::Issued, CertError> {
+    async fn order(&self, directory: &str, names: &[String]) -> Result<store::Issued, CertError> {
         let account = self.account(directory).await?;
         let acme = |step| {
             move |source| CertError::Acme {
@@ -679,7 +707,7 @@ impl CertWorker {
                 {
                     // The CA forgot the account (a test CA restarted, an account deactivated): the
                     // next attempt creates a new one.
-                    self.accounts.remove(directory);
+                    self.accounts.lock().await.remove(directory);
                     store::forget_account(&self.pool, directory).await?;
                 }
                 return Err(acme("cannot place an order")(e));

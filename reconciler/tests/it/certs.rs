@@ -585,3 +585,56 @@ async fn two_control_planes_order_each_name_set_once() {
     let account = store::account(db.pool(), &ca.directory).await.unwrap();
     assert!(account.is_some(), "one account stored");
 }
+
+/// Name sets are worked on several at once: one whose DNS points elsewhere (its probe waits out the
+/// propagation time) is reported waiting, and the others are issued in the same pass with one account.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_waiting_for_dns_does_not_hold_up_the_others() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    let port = challenge_server(&challenges).await;
+    let test = cairn_testkit::current_test();
+    let Some(ca) = Pebble::start(&test, dir.path(), port).await else {
+        return;
+    };
+    ca.dns_a("lost.example.test", "127.0.0.2").await;
+    let mut sets: Vec<store::Declared> = (0..5)
+        .map(|i| store::Declared {
+            app: format!("app{i}"),
+            names: vec![format!("app{i}.apps.example.test")],
+        })
+        .collect();
+    sets.push(store::Declared {
+        app: "lost".into(),
+        names: vec!["lost.example.test".into()],
+    });
+    store::declare(db.pool(), &ca.directory, &sets)
+        .await
+        .unwrap();
+    let mut s = settings(&ca, port);
+    s.parallel = 3;
+    let mut worker = CertWorker::new(
+        db.pool().clone(),
+        Arc::new(Identity::generate()),
+        challenges.clone(),
+        s,
+    );
+    let mut attempts = worker.run_due().await.unwrap();
+    attempts.sort_by(|a, b| a.names.cmp(&b.names));
+    let states: Vec<(String, CertState)> = attempts
+        .into_iter()
+        .map(|a| (a.names.join(","), a.state))
+        .collect();
+    let mut want: Vec<(String, CertState)> = (0..5)
+        .map(|i| (format!("app{i}.apps.example.test"), CertState::Issued))
+        .collect();
+    want.push(("lost.example.test".into(), CertState::WaitingDns));
+    assert_eq!(states, want);
+    assert_eq!(ca.orders(), 5, "no order for the name that waits");
+    assert!(
+        challenges.current().is_empty(),
+        "every token withdrawn: {:?}",
+        challenges.current()
+    );
+}
