@@ -87,7 +87,7 @@ async fn run(n: usize, parallel: usize, lego: bool) {
         "base_domain = \"bench.test\"\n[tls]\nacme_directory = \"{}\"\ncontact = \"ops@bench.test\"\n",
         ca.directory
     );
-    let defs = "[plan.small]\ncpu = 0.01\nmemory = \"16MiB\"\ndisk = \"16MiB\"\nprice = \"1.00\"\n\n\
+    let defs = "[plan.small]\ncpu = 0.01\nmemory = \"16MiB\"\ndisk = \"16MiB\"\nprice = \"1.00\"\nmax_replicas = 3\n\n\
          [runtime.node]\nimage = \"node:22\"\nstart = \"node s.js\"\nport = 3000\n";
     let (_, loaded) = cairn_schema::load([
         ("cairn.toml", cairn),

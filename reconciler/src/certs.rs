@@ -386,33 +386,35 @@ impl CertWorker {
     /// Works on every due name set, up to [`CertSettings::parallel`] at once (each claimed before it is
     /// started, so other control planes take the rest); what happened to each.
     pub async fn run_due(&mut self) -> Result<Vec<Attempt>, CertError> {
-        use futures_util::stream::{FuturesUnordered, StreamExt as _};
         let this = &*self;
-        let mut out = Vec::new();
-        let mut running = FuturesUnordered::new();
-        // A failure to reach the database stops claiming more, but the attempts under way finish (an
-        // abandoned one would leave its challenge tokens served), and the first error is returned.
-        let mut failed = None;
-        let mut drained = false;
-        loop {
-            while !drained && failed.is_none() && running.len() < this.settings.parallel.max(1) {
-                match store::claim(&this.pool, this.owner, this.settings.lease).await {
-                    Ok(Some(row)) => running.push(async move {
-                        let state = this.attempt(&row).await;
-                        (row.names, state)
+        // Each slot claims and works until nothing is due. The slots are polled together and nothing
+        // else is awaited meanwhile: an attempt suspended in the middle of a query holds a connection,
+        // and a claim awaited beside it could wait for that connection forever.
+        let slot = |_| async move {
+            let mut done = Vec::new();
+            loop {
+                let row = match store::claim(&this.pool, this.owner, this.settings.lease).await {
+                    Ok(Some(row)) => row,
+                    Ok(None) => return (done, None),
+                    Err(e) => return (done, Some(CertError::from(e))),
+                };
+                match this.attempt(&row).await {
+                    Ok(state) => done.push(Attempt {
+                        names: row.names,
+                        state,
                     }),
-                    Ok(None) => drained = true,
-                    Err(e) => failed = Some(CertError::from(e)),
+                    Err(e) => return (done, Some(e)),
                 }
             }
-            let Some((names, state)) = running.next().await else {
-                break;
-            };
-            match state {
-                Ok(state) => out.push(Attempt { names, state }),
-                Err(e) => {
-                    failed.get_or_insert(e);
-                }
+        };
+        let slots =
+            futures_util::future::join_all((0..this.settings.parallel.max(1)).map(slot)).await;
+        let mut out = Vec::new();
+        let mut failed = None;
+        for (done, error) in slots {
+            out.extend(done);
+            if let Some(e) = error {
+                failed.get_or_insert(e);
             }
         }
         match failed {

@@ -614,8 +614,16 @@ async fn a_name_waiting_for_dns_does_not_hold_up_the_others() {
         .unwrap();
     let mut s = settings(&ca, port);
     s.parallel = 3;
+    // One connection for three slots: a slot suspended in a query must not starve another's claim
+    // (it did once: the claim was awaited outside the attempts, and the pool timed out).
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(20))
+        .connect_with(db.options())
+        .await
+        .unwrap();
     let mut worker = CertWorker::new(
-        db.pool().clone(),
+        pool,
         Arc::new(Identity::generate()),
         challenges.clone(),
         s,
