@@ -48,6 +48,7 @@ pub mod observed;
 mod planner;
 pub mod render;
 pub mod scheduler;
+pub mod usage;
 
 #[cfg(test)]
 mod tests;

@@ -622,12 +622,7 @@ async fn a_name_waiting_for_dns_does_not_hold_up_the_others() {
         .connect_with(db.options())
         .await
         .unwrap();
-    let mut worker = CertWorker::new(
-        pool,
-        Arc::new(Identity::generate()),
-        challenges.clone(),
-        s,
-    );
+    let mut worker = CertWorker::new(pool, Arc::new(Identity::generate()), challenges.clone(), s);
     let mut attempts = worker.run_due().await.unwrap();
     attempts.sort_by(|a, b| a.names.cmp(&b.names));
     let states: Vec<(String, CertState)> = attempts
