@@ -177,6 +177,11 @@ pub fn month_seconds(t: DateTime<Utc>) -> i64 {
     (next - first).num_seconds()
 }
 
+/// An interval clipped to an hour: start, end, the interval.
+type Span<'a> = (DateTime<Utc>, DateTime<Utc>, &'a Interval);
+/// What a charge row is grouped by: app, slot, plan, node, monthly price.
+type ChargeKey = (String, u32, String, String, i64);
+
 /// The charges of the hour starting at `hour` (an hour start, see [`hour_of`]): every slot's covered
 /// seconds in `[hour, hour + 1h)`, split where the charged plan or its price changes. Open intervals end
 /// at `now`. The same intervals in any order, repeated or not, give the same rows, sorted.
@@ -189,8 +194,7 @@ pub fn rollup_hour(
     let end_of_hour = hour + Duration::hours(1);
     let month = month_seconds(hour);
     // The intervals of each slot that touch this hour, clipped to it.
-    let mut slots: BTreeMap<(&str, u32), Vec<(DateTime<Utc>, DateTime<Utc>, &Interval)>> =
-        BTreeMap::new();
+    let mut slots: BTreeMap<(&str, u32), Vec<Span<'_>>> = BTreeMap::new();
     for i in intervals {
         let start = i.start.max(hour);
         let end = i.end.unwrap_or(now).min(end_of_hour);
@@ -201,7 +205,8 @@ pub fn rollup_hour(
                 .push((start, end, i));
         }
     }
-    let mut out: BTreeMap<(String, u32, String, String, i64), (i64, i128)> = BTreeMap::new();
+    // (app, slot, plan, node, price) -> (seconds, numerator)
+    let mut out: BTreeMap<ChargeKey, (i64, i128)> = BTreeMap::new();
     for ((app, slot), spans) in slots {
         // Cut the hour at every instant where the set of covering intervals or a price can change.
         let mut cuts: Vec<DateTime<Utc>> = spans.iter().flat_map(|s| [s.0, s.1]).collect();
