@@ -305,6 +305,7 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
         settings(&ca, port),
     );
 
+    let before = chrono::Utc::now();
     let attempts = worker.run_due().await.unwrap();
     assert_eq!(attempts[0].state, CertState::WaitingDns);
     let row = store::list(db.pool()).await.unwrap().remove(0);
@@ -315,7 +316,12 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
         why.contains("`shop.example.test` resolves to 127.0.0.2"),
         "the reason names the name and where it points: {why}"
     );
-    assert!(row.next_attempt_at > chrono::Utc::now(), "retried later");
+    // At least half the first backoff (200 ms here) after the attempt began, however slow the machine
+    // (comparing with the time now failed once under load).
+    assert!(
+        row.next_attempt_at >= before + chrono::TimeDelta::milliseconds(100),
+        "retried later"
+    );
     assert!(row.chain_pem.is_none());
     assert_eq!(ca.orders(), 0, "no order reached the CA");
     let status = cairn_reconciler::status::load(db.pool(), Duration::from_secs(90))
@@ -502,11 +508,16 @@ async fn an_order_the_ca_refuses_fails_with_its_reason_and_is_retried_later() {
     ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
     ca.dns_a("shop.example.test", "127.0.0.1").await;
     declare(db.pool(), &ca.directory, "shop.example.test").await;
+    // A backoff of an hour: "not again before the backoff" below cannot depend on the machine's speed
+    // (with the usual 200 ms it failed once under load).
+    let mut s = settings(&ca, port);
+    s.retry_first = Duration::from_secs(3600);
+    s.retry_max = Duration::from_secs(7200);
     let mut worker = CertWorker::new(
         db.pool().clone(),
         Arc::new(Identity::generate()),
         challenges.clone(),
-        settings(&ca, port),
+        s,
     );
     assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Failed);
     assert!(
