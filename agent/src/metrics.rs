@@ -16,7 +16,7 @@
 //! | `cairn_proxy_refused_hops_total` | counter | | requests marked as an internal hop that were not authenticated (403) |
 //! | `cairn_proxy_cluster_generation` | gauge | | the installed cluster table's generation (0: none) |
 //! | `cairn_proxy_tls_handshakes_total` | counter | `outcome` | TLS handshakes on the HTTPS listener (`outcome`: ok; failed, for any reason, an unknown name among them) |
-//! | `cairn_proxy_tls_unknown_names_total` | counter | | TLS handshakes refused because no certificate covers their SNI (or they sent none) |
+//! | `cairn_proxy_tls_unknown_names_total` | counter | | TLS handshakes refused because no certificate covers their SNI (or they sent none; or they offered only `acme-tls/1` for a name with no TLS-ALPN-01 challenge) |
 //! | `cairn_proxy_tls_certificates` | gauge | | certificates installed and served |
 //!
 //! What it must not do: put an app, node or host name, an address or anything else unbounded in a label

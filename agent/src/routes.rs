@@ -158,7 +158,7 @@ pub async fn follow(
                 }
                 if let Some(t) = tls_table {
                     let report = proxy.install_tls(opened(&identity, &t));
-                    tracing::info!(generation = %t.generation, certificates = report.installed, rejected = report.rejected.len(), challenges = t.challenges.len(), "TLS table installed");
+                    tracing::info!(generation = %t.generation, certificates = report.installed, rejected = report.rejected.len(), challenges = t.challenges.len(), alpn_challenges = t.alpn.len(), "TLS table installed");
                     tls = t.generation;
                 }
             }
@@ -224,6 +224,17 @@ fn opened(identity: &Identity, t: &TlsTable) -> crate::proxy::TlsTable {
     for c in &t.challenges {
         out.challenges
             .insert(c.token.clone(), c.key_authorization.clone());
+    }
+    for c in &t.alpn {
+        let mut digest = [0u8; 32];
+        match hex::decode_to_slice(&c.digest, &mut digest) {
+            Ok(()) => {
+                out.alpn.insert(c.name.clone(), digest);
+            }
+            Err(_) => {
+                tracing::error!(name = %c.name, "a TLS-ALPN-01 challenge whose digest is not 32 bytes in hex; not answered")
+            }
+        }
     }
     out
 }

@@ -8,8 +8,9 @@
 //! changed, never per request or per heartbeat. The generation is a digest of the table's content, so
 //! every control plane computes the same one for the same state.
 //!
-//! The TLS table ([`TlsTable`]: certificates, host policies, ACME challenges) travels the same way, with
-//! its own generation (`tls`), so a challenge coming and going does not resend the route table.
+//! The TLS table ([`TlsTable`]: certificates, host policies, ACME challenges: HTTP-01 tokens and
+//! TLS-ALPN-01 digests) travels the same way, with its own generation (`tls`), so a challenge coming and
+//! going does not resend the route table.
 //!
 //! The hop key (what one node's proxy shows another's to be served a forwarded request) is never in the
 //! table itself: the agent names the key it holds by its id (`key`), and the answer carries the current
@@ -91,8 +92,8 @@ pub struct RoutesResponse {
 }
 
 /// What the ingress nodes need for HTTPS: the certificates (keys sealed to the asking node), each
-/// host's redirect and HSTS policy, and the ACME HTTP-01 answers every node must give while an order or
-/// a self-probe runs. Its generation is a digest of everything but the sealed keys' ciphertexts (which
+/// host's redirect and HSTS policy, and the ACME answers every node must give while an order or a
+/// self-probe runs (HTTP-01 tokens, TLS-ALPN-01 digests). Its generation is a digest of everything but the sealed keys' ciphertexts (which
 /// differ per node and per sealing), so it changes when a certificate, a policy or a challenge does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsTable {
@@ -103,6 +104,9 @@ pub struct TlsTable {
     pub hosts: Vec<HostTls>,
     #[serde(default)]
     pub challenges: Vec<AcmeChallenge>,
+    /// The TLS-ALPN-01 challenges in flight (RFC 8737), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alpn: Vec<AlpnChallenge>,
 }
 
 /// One certificate: its chain in the clear, its private key sealed to the node.
@@ -143,23 +147,41 @@ pub struct AcmeChallenge {
     pub key_authorization: String,
 }
 
+/// An ACME TLS-ALPN-01 answer (RFC 8737): a TLS handshake for `name` offering only ALPN `acme-tls/1`
+/// gets a self-signed certificate for `name` whose critical acmeIdentifier extension holds `digest`.
+/// Only the digest travels (never the account key; the key authorization itself is public anyway).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AlpnChallenge {
+    /// The name being validated (lowercase, never a wildcard).
+    pub name: String,
+    /// The SHA-256 digest of the key authorization, 64 lowercase hex digits.
+    pub digest: String,
+}
+
 impl TlsTable {
-    /// Sorts the parts of a TLS table (certificates by id, hosts, challenges by token) and gives the
-    /// generation of a table of them: a digest of the certificates' ids, names and chains (`cert` says
-    /// which of an item's fields they are; never a key), the hosts and the challenges. What the control
-    /// plane holds (keys sealed to itself) and what a node receives (keys sealed to it) therefore have the
-    /// same generation.
+    /// Sorts the parts of a TLS table (certificates by id, hosts, challenges by token or name) and gives
+    /// the generation of a table of them: a digest of the certificates' ids, names and chains (`cert`
+    /// says which of an item's fields they are; never a key), the hosts and the challenges. What the
+    /// control plane holds (keys sealed to itself) and what a node receives (keys sealed to it) therefore
+    /// have the same generation.
     pub fn sort_and_digest<C>(
         certificates: &mut [C],
         cert: impl Fn(&C) -> (&str, &[String], &str),
         hosts: &mut [HostTls],
         challenges: &mut [AcmeChallenge],
+        alpn: &mut [AlpnChallenge],
     ) -> String {
         certificates.sort_by(|a, b| cert(a).0.cmp(cert(b).0));
         hosts.sort_by(|a, b| a.host.cmp(&b.host));
         challenges.sort_by(|a, b| a.token.cmp(&b.token));
+        alpn.sort_by(|a, b| a.name.cmp(&b.name));
         let parts: Vec<(&str, &[String], &str)> = certificates.iter().map(&cert).collect();
-        digest(&(&parts, &*hosts, &*challenges))
+        if alpn.is_empty() {
+            // The generation of a table without TLS-ALPN-01 answers is what it was before they existed.
+            digest(&(&parts, &*hosts, &*challenges))
+        } else {
+            digest(&(&parts, &*hosts, &*challenges, &*alpn))
+        }
     }
 
     /// The table for these parts (sorted here), with its generation.
@@ -167,18 +189,21 @@ impl TlsTable {
         mut certificates: Vec<SealedCertificate>,
         mut hosts: Vec<HostTls>,
         mut challenges: Vec<AcmeChallenge>,
+        mut alpn: Vec<AlpnChallenge>,
     ) -> TlsTable {
         let generation = TlsTable::sort_and_digest(
             &mut certificates,
             |c| (c.id.as_str(), c.names.as_slice(), c.chain_pem.as_str()),
             &mut hosts,
             &mut challenges,
+            &mut alpn,
         );
         TlsTable {
             generation,
             certificates,
             hosts,
             challenges,
+            alpn,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Certificates for the declared names, from an ACME CA (RFC 8555, HTTP-01): the control plane's side.
+//! Certificates for the declared names, from an ACME CA (RFC 8555; HTTP-01, or TLS-ALPN-01 of RFC 8737):
+//! the control plane's side.
 //!
 //! For every declared name set (an app's `<app>.<base_domain>` and `domains`, when its `tls` is
 //! `"auto"`; [`cairn_schema::Desired::acme_name_sets`], stored by [`declare`]) the [`CertWorker`]:
@@ -10,11 +11,15 @@
 //!    HTTP. A name that does not reach the cluster never reaches the CA (its rate limits are spent on
 //!    nothing): the name set waits (`waiting_dns`, with the reason) and is probed again with exponential
 //!    backoff and jitter;
-//! 3. orders with instant-acme, answers the HTTP-01 challenges through the same [`Challenges`], finalizes
+//! 3. orders with instant-acme, answers the challenges through the same [`Challenges`] (HTTP-01: the
+//!    token's key authorization; TLS-ALPN-01: its digest, which every ingress node's TLS listener puts
+//!    into the certificate it answers an `acme-tls/1` handshake for the name with), finalizes
 //!    with a fresh key (rcgen, inside instant-acme), and stores the chain with the key sealed to the
 //!    control plane's age recipient. The previous certificate stays until the new one replaces it in the
-//!    same statement; renewal is due at two thirds of the lifetime, minus jitter; a failure is retried with
-//!    exponential backoff and jitter, the old certificate still served.
+//!    same statement. Renewal is due at a random moment of the window the CA suggests for it when its
+//!    directory offers renewal information (ARI, RFC 9773), else at two thirds of the lifetime minus
+//!    jitter ([`renewal_time`]); a renewal order names the certificate it replaces when the CA offers ARI.
+//!    A failure is retried with exponential backoff and jitter, the old certificate still served.
 //!
 //! The ACME account (per directory) is created once and its credentials stored sealed the same way.
 //!
@@ -37,11 +42,11 @@ use axum::routing::get;
 use bytes::Bytes;
 use cairn_schema::error::chain;
 use cairn_schema::secret::encrypt;
-use cairn_schema::{Ciphertext, Desired, Identity, SecretError};
+use cairn_schema::{Challenge, Ciphertext, Desired, Identity, SecretError};
 use chrono::{DateTime, Utc};
 use instant_acme::{
-    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, ChallengeType, HttpClient,
-    Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
+    Account, AccountCredentials, AuthorizationStatus, BodyWrapper, CertificateIdentifier,
+    ChallengeType, HttpClient, Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
 use rand::Rng as _;
 use rustls_pki_types::CertificateDer;
@@ -60,12 +65,28 @@ pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 /// A certificate expiring sooner than this is a warning (status, `cairn certs`, the log).
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
-/// The HTTP-01 answers every ingress node must serve: token to key authorization. Cheap to clone (one
-/// shared set); every change is published to [`Challenges::subscribe`]rs, which is how the tokens travel
-/// to the agents.
+/// The ACME answers every ingress node must give: HTTP-01 tokens (and the self-probe's) and
+/// TLS-ALPN-01 digests. Cheap to clone (one shared set); every change is published to
+/// [`Challenges::subscribe`]rs, which is how the answers travel to the agents.
 #[derive(Debug, Clone)]
 pub struct Challenges {
-    tx: Arc<watch::Sender<Arc<BTreeMap<String, String>>>>,
+    tx: Arc<watch::Sender<Arc<ChallengeSet>>>,
+}
+
+/// The answers in flight at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChallengeSet {
+    /// HTTP-01: token to key authorization, served at `/.well-known/acme-challenge/<token>`.
+    pub http: BTreeMap<String, String>,
+    /// TLS-ALPN-01: name to the hex SHA-256 digest of the key authorization, put into the
+    /// acmeIdentifier extension of the certificate an `acme-tls/1` handshake for the name gets.
+    pub alpn: BTreeMap<String, String>,
+}
+
+impl ChallengeSet {
+    pub fn is_empty(&self) -> bool {
+        self.http.is_empty() && self.alpn.is_empty()
+    }
 }
 
 impl Default for Challenges {
@@ -76,35 +97,54 @@ impl Default for Challenges {
 
 impl Challenges {
     pub fn new() -> Challenges {
-        let (tx, _) = watch::channel(Arc::new(BTreeMap::new()));
+        let (tx, _) = watch::channel(Arc::new(ChallengeSet::default()));
         Challenges { tx: Arc::new(tx) }
     }
 
     /// Answers `token` with `key_authorization` from now on.
     pub fn insert(&self, token: &str, key_authorization: &str) {
         self.tx.send_modify(|m| {
-            Arc::make_mut(m).insert(token.to_owned(), key_authorization.to_owned());
+            Arc::make_mut(m)
+                .http
+                .insert(token.to_owned(), key_authorization.to_owned());
         });
     }
 
     /// Stops answering `token`.
     pub fn remove(&self, token: &str) {
         self.tx
-            .send_if_modified(|m| Arc::make_mut(m).remove(token).is_some());
+            .send_if_modified(|m| Arc::make_mut(m).http.remove(token).is_some());
+    }
+
+    /// Answers a TLS-ALPN-01 handshake for `name` with `digest` (the key authorization's SHA-256) from
+    /// now on.
+    pub fn insert_alpn(&self, name: &str, digest: &[u8]) {
+        self.tx.send_modify(|m| {
+            Arc::make_mut(m)
+                .alpn
+                .insert(name.to_ascii_lowercase(), hex::encode(digest));
+        });
+    }
+
+    /// Stops answering TLS-ALPN-01 handshakes for `name`.
+    pub fn remove_alpn(&self, name: &str) {
+        let name = name.to_ascii_lowercase();
+        self.tx
+            .send_if_modified(|m| Arc::make_mut(m).alpn.remove(&name).is_some());
     }
 
     /// The key authorization for `token`, if it is answered.
     pub fn get(&self, token: &str) -> Option<String> {
-        self.tx.borrow().get(token).cloned()
+        self.tx.borrow().http.get(token).cloned()
     }
 
-    /// Every answered token now.
-    pub fn current(&self) -> Arc<BTreeMap<String, String>> {
+    /// Every answer now.
+    pub fn current(&self) -> Arc<ChallengeSet> {
         self.tx.borrow().clone()
     }
 
     /// Notified with the whole set on every change.
-    pub fn subscribe(&self) -> watch::Receiver<Arc<BTreeMap<String, String>>> {
+    pub fn subscribe(&self) -> watch::Receiver<Arc<ChallengeSet>> {
         self.tx.subscribe()
     }
 
@@ -185,6 +225,8 @@ pub struct CertSettings {
     pub directory: String,
     /// The account's contact email (cairn.toml's `contact`), without `mailto:`.
     pub contact: Option<String>,
+    /// How the CA validates the names (cairn.toml's `challenge`).
+    pub challenge: Challenge,
     /// Root certificates (PEM) to trust for the directory instead of the system's (`ca_roots`).
     pub ca_roots_pem: Option<String>,
     /// The port the self-probe connects to (80: where the ingress nodes answer HTTP-01).
@@ -213,6 +255,7 @@ impl std::fmt::Debug for CertSettings {
         f.debug_struct("CertSettings")
             .field("directory", &self.directory)
             .field("contact", &self.contact)
+            .field("challenge", &self.challenge)
             .field("ca_roots", &self.ca_roots_pem.is_some())
             .field("probe_port", &self.probe_port)
             .finish_non_exhaustive()
@@ -224,6 +267,7 @@ impl CertSettings {
         CertSettings {
             directory: directory.into(),
             contact: None,
+            challenge: Challenge::Http01,
             ca_roots_pem: None,
             probe_port: 80,
             resolve: system_resolve(),
@@ -254,6 +298,7 @@ impl CertSettings {
         let mut s = CertSettings::new(tls.acme_directory.as_str());
         s.contact = tls.contact.as_ref().map(|c| c.as_str().to_owned());
         s.ca_roots_pem = ca_roots_pem;
+        s.challenge = tls.challenge;
         s
     }
 }
@@ -273,6 +318,22 @@ pub async fn declare(pool: &PgPool, desired: &Desired) -> Result<(), StoreError>
         })
         .collect();
     store::declare(pool, &directory, &sets).await
+}
+
+/// A node came online (`wake`: the certificate loop's): the name sets waiting for DNS are probed again
+/// now rather than after their backoff, since the self-probe may have failed only because no ingress node
+/// served its token yet (a cluster whose nodes join after the first apply). Costs a probe, never an
+/// order: a name still pointing elsewhere waits again with its next backoff.
+pub async fn node_online(pool: &PgPool, wake: &tokio::sync::Notify) -> Result<(), StoreError> {
+    let n = store::retry_waiting_dns(pool).await?;
+    if n > 0 {
+        tracing::info!(
+            name_sets = n,
+            "a node came online: certificates waiting for DNS are probed again now"
+        );
+        wake.notify_one();
+    }
+    Ok(())
 }
 
 /// Every declared name set's certificate as `cairn certs` and `GET /api/v1/certs` show it (no key).
@@ -448,10 +509,25 @@ impl CertWorker {
         if !store::mark(&self.pool, &row.names, self.owner, during).await? {
             return Ok(row.state);
         }
-        let outcome = match self.order(&row.directory, &row.names).await {
-            Ok(cert) => {
-                let renew_at = renew_at(cert.not_before, cert.not_after);
-                tracing::info!(names, serial = cert.serial, not_after = %cert.not_after, "certificate issued");
+        let ordered = self
+            .order(&row.directory, &row.names, row.chain_pem.as_deref())
+            .await;
+        let outcome = match ordered {
+            Ok(Ordered {
+                cert,
+                window,
+                replaced,
+            }) => {
+                let renew_at = renewal_time(window, cert.not_before, cert.not_after, Utc::now());
+                tracing::info!(
+                    names,
+                    serial = cert.serial,
+                    not_after = %cert.not_after,
+                    %renew_at,
+                    renewal_window = window.is_some(),
+                    replaced,
+                    "certificate issued"
+                );
                 Outcome::Issued { cert, renew_at }
             }
             Err(e) => {
@@ -688,8 +764,14 @@ impl CertWorker {
         Ok(Box::new(client))
     }
 
-    /// Orders a certificate for `names` and returns it with its key sealed.
-    async fn order(&self, directory: &str, names: &[String]) -> Result<store::Issued, CertError> {
+    /// Orders a certificate for `names` (a renewal of `previous`, the current chain, when there is one)
+    /// and returns it with its key sealed, and the CA's suggested renewal window for it.
+    async fn order(
+        &self,
+        directory: &str,
+        names: &[String],
+        previous: Option<&str>,
+    ) -> Result<Ordered, CertError> {
         let account = self.account(directory).await?;
         let acme = |step| {
             move |source| CertError::Acme {
@@ -699,7 +781,32 @@ impl CertWorker {
             }
         };
         let ids: Vec<Identifier> = names.iter().map(|n| Identifier::Dns(n.clone())).collect();
-        let mut order = match account.new_order(&NewOrder::new(&ids)).await {
+        // A renewal names the certificate it replaces when the CA offers ARI and knows that
+        // certificate (it may then allow the renewal past rate limits, RFC 9773 5).
+        let replaces = match previous.map(certificate_id) {
+            Some(Ok(id)) => match renewal_window(&account, &id).await {
+                Ok(Some(_)) => Some(id),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::debug!(names = names.join(", "), error = %chain(&e), "the CA's renewal info for the current certificate cannot be read: renewing without `replaces`");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut placed = match &replaces {
+            Some(id) => {
+                account
+                    .new_order(&NewOrder::new(&ids).replaces(id.clone()))
+                    .await
+            }
+            None => account.new_order(&NewOrder::new(&ids)).await,
+        };
+        if replaces.is_some() && is_problem(&placed, ":alreadyReplaced") {
+            // An earlier order (one that failed, say) already replaces it: order without the hint.
+            placed = account.new_order(&NewOrder::new(&ids)).await;
+        }
+        let mut order = match placed {
             Ok(o) => o,
             Err(e) => {
                 if let instant_acme::Error::Api(p) = &e
@@ -716,6 +823,8 @@ impl CertWorker {
             }
         };
         let mut tokens = Vec::new();
+        let mut alpn_names = Vec::new();
+        let kind = self.settings.challenge;
         let answered = async {
             let mut authzs = order.authorizations();
             while let Some(a) = authzs.next().await {
@@ -731,18 +840,40 @@ impl CertWorker {
                         });
                     }
                 }
-                let mut ch =
-                    a.challenge(ChallengeType::Http01)
-                        .ok_or_else(|| CertError::Order {
-                            names: names.join(", "),
-                            status: "without an http-01 challenge".into(),
-                            problem: String::new(),
-                        })?;
+                let ty = match kind {
+                    Challenge::Http01 => ChallengeType::Http01,
+                    Challenge::TlsAlpn01 => ChallengeType::TlsAlpn01,
+                };
+                let mut ch = a.challenge(ty).ok_or_else(|| CertError::Order {
+                    names: names.join(", "),
+                    status: format!("without a {} challenge", kind.as_str()),
+                    problem: String::new(),
+                })?;
                 let ka = ch.key_authorization();
-                self.challenges.insert(&ch.token, ka.as_str());
-                tokens.push(ch.token.clone());
+                let (token, expected) = match kind {
+                    Challenge::Http01 => (ch.token.clone(), ka.as_str().to_owned()),
+                    Challenge::TlsAlpn01 => {
+                        let Identifier::Dns(name) = ch.identifier().identifier else {
+                            return Err(CertError::Order {
+                                names: names.join(", "),
+                                status: "with an authorization for something else than a name"
+                                    .into(),
+                                problem: String::new(),
+                            });
+                        };
+                        let name = name.clone();
+                        self.challenges.insert_alpn(&name, ka.digest().as_ref());
+                        alpn_names.push(name);
+                        // The digest travels in the same TLS table as the HTTP-01 tokens and a node
+                        // installs a table whole: a node serving this token, added after the digest,
+                        // answers the digest too.
+                        (random_token(), format!("cairn-probe.{}", random_token()))
+                    }
+                };
+                self.challenges.insert(&token, &expected);
+                tokens.push(token.clone());
                 // Tell the CA only once the ingress nodes serve the answer: it validates at once.
-                if let Err(problem) = self.probe_until(names, &ch.token, ka.as_str()).await {
+                if let Err(problem) = self.probe_until(names, &token, &expected).await {
                     return Err(CertError::Order {
                         names: names.join(", "),
                         status: "before validation: the ingress nodes did not serve the challenge"
@@ -765,6 +896,9 @@ impl CertWorker {
         .await;
         for t in &tokens {
             self.challenges.remove(t);
+        }
+        for n in &alpn_names {
+            self.challenges.remove_alpn(n);
         }
         let status = answered?;
         if status != OrderStatus::Ready {
@@ -800,13 +934,27 @@ impl CertWorker {
             .map_err(acme("cannot fetch the certificate"))?;
         let info = leaf_info(&chain_pem)?;
         let key_sealed = self.seal(key_pem.as_bytes())?;
-        Ok(store::Issued {
-            chain_pem,
-            key_sealed: key_sealed.as_str().to_owned(),
-            serial: info.serial,
-            issuer: info.issuer,
-            not_before: info.not_before,
-            not_after: info.not_after,
+        let window = match certificate_id(&chain_pem) {
+            Ok(id) => renewal_window(&account, &id).await.unwrap_or_else(|e| {
+                tracing::warn!(names = names.join(", "), error = %chain(&e), "the CA's renewal info cannot be read: renewing at two thirds of the lifetime");
+                None
+            }),
+            Err(e) => {
+                tracing::debug!(names = names.join(", "), error = e, "the certificate names no authority key: no renewal info is asked for");
+                None
+            }
+        };
+        Ok(Ordered {
+            cert: store::Issued {
+                chain_pem,
+                key_sealed: key_sealed.as_str().to_owned(),
+                serial: info.serial,
+                issuer: info.issuer,
+                not_before: info.not_before,
+                not_after: info.not_after,
+            },
+            window,
+            replaced: replaces.is_some(),
         })
     }
 }
@@ -922,6 +1070,77 @@ pub fn renew_at(not_before: DateTime<Utc>, not_after: DateTime<Utc>) -> DateTime
     not_before + chrono::TimeDelta::milliseconds((at * 1000.0) as i64)
 }
 
+/// A renewal window the CA suggested for a certificate (ARI, RFC 9773 4.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenewalWindow {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+/// When a certificate valid from `not_before` to `not_after` is renewed, at `now`: at a uniformly random
+/// moment of the CA's suggested `window`, or at once when that moment has passed (RFC 9773 4.2); without
+/// a window (or with one that ends before it starts), at two thirds of the lifetime minus jitter
+/// ([`renew_at`]).
+pub fn renewal_time(
+    window: Option<RenewalWindow>,
+    not_before: DateTime<Utc>,
+    not_after: DateTime<Utc>,
+    now: DateTime<Utc>,
+) -> DateTime<Utc> {
+    match window {
+        Some(w) if w.end >= w.start => {
+            let span = (w.end - w.start).num_milliseconds();
+            let at =
+                w.start + chrono::TimeDelta::milliseconds(rand::thread_rng().gen_range(0..=span));
+            at.max(now)
+        }
+        _ => renew_at(not_before, not_after),
+    }
+}
+
+/// A certificate as ARI names it (the leaf's authority key identifier and serial).
+fn certificate_id(chain_pem: &str) -> Result<CertificateIdentifier<'static>, String> {
+    let der = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .next()
+        .ok_or("no certificate in the chain")?
+        .map_err(|e| e.to_string())?;
+    CertificateIdentifier::try_from(&der).map(CertificateIdentifier::into_owned)
+}
+
+/// The window the CA suggests for renewing certificate `id`; `None` when its directory offers no
+/// renewal information.
+async fn renewal_window(
+    account: &Account,
+    id: &CertificateIdentifier<'_>,
+) -> Result<Option<RenewalWindow>, instant_acme::Error> {
+    match account.renewal_info(id).await {
+        Ok((info, _)) => {
+            let w = info.suggested_window;
+            let start =
+                DateTime::<Utc>::from_timestamp(w.start.unix_timestamp(), w.start.nanosecond());
+            let end = DateTime::<Utc>::from_timestamp(w.end.unix_timestamp(), w.end.nanosecond());
+            Ok(start
+                .zip(end)
+                .map(|(start, end)| RenewalWindow { start, end }))
+        }
+        Err(instant_acme::Error::Unsupported(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `result` is the CA's problem document of a type ending in `suffix`.
+fn is_problem<T>(result: &Result<T, instant_acme::Error>, suffix: &str) -> bool {
+    matches!(result, Err(instant_acme::Error::Api(p)) if p.r#type.as_deref().is_some_and(|t| t.ends_with(suffix)))
+}
+
+/// A certificate just ordered, and what the CA suggests for its renewal.
+struct Ordered {
+    cert: store::Issued,
+    window: Option<RenewalWindow>,
+    /// The order named the certificate it replaces (ARI).
+    replaced: bool,
+}
+
 /// The wait before the retry after `failures` failures in a row: `first` doubled per failure up to `max`,
 /// then a random point in its upper half (so failures together do not retry together).
 pub fn backoff(first: Duration, max: Duration, failures: u32) -> Duration {
@@ -975,15 +1194,91 @@ mod tests {
     }
 
     #[test]
+    fn renewal_is_a_random_moment_of_the_cas_window() {
+        let now = Utc::now();
+        let (nb, na) = (now, now + chrono::TimeDelta::days(90));
+        let day = chrono::TimeDelta::days(1);
+        let window = RenewalWindow {
+            start: now + day * 50,
+            end: now + day * 52,
+        };
+        let picks: Vec<_> = (0..200)
+            .map(|_| renewal_time(Some(window), nb, na, now))
+            .collect();
+        assert!(
+            picks.iter().all(|t| *t >= window.start && *t <= window.end),
+            "inside the window"
+        );
+        assert!(
+            picks.iter().any(|t| *t < now + day * 51) && picks.iter().any(|t| *t > now + day * 51),
+            "spread over it, not one moment"
+        );
+    }
+
+    #[test]
+    fn a_window_reaching_into_the_past_renews_at_once_or_inside_it() {
+        let now = Utc::now();
+        let (nb, na) = (
+            now - chrono::TimeDelta::days(80),
+            now + chrono::TimeDelta::days(10),
+        );
+        let hour = chrono::TimeDelta::hours(1);
+        let past = RenewalWindow {
+            start: now - hour * 5,
+            end: now - hour,
+        };
+        assert_eq!(
+            renewal_time(Some(past), nb, na, now),
+            now,
+            "already over: at once"
+        );
+        let open = RenewalWindow {
+            start: now - hour,
+            end: now + hour,
+        };
+        for _ in 0..50 {
+            let t = renewal_time(Some(open), nb, na, now);
+            assert!(t >= now && t <= open.end, "{t}");
+        }
+    }
+
+    #[test]
+    fn without_a_window_renewal_falls_back_to_two_thirds_with_jitter() {
+        let now = Utc::now();
+        let (nb, na) = (now, now + chrono::TimeDelta::days(90));
+        let inverted = RenewalWindow {
+            start: now + chrono::TimeDelta::days(10),
+            end: now + chrono::TimeDelta::days(5),
+        };
+        for window in [None, Some(inverted)] {
+            for _ in 0..50 {
+                let t = renewal_time(window, nb, na, now);
+                assert!(t <= nb + chrono::TimeDelta::days(60), "{window:?}: {t}");
+                assert!(t >= nb + chrono::TimeDelta::days(55), "{window:?}: {t}");
+            }
+        }
+    }
+
+    #[test]
     fn challenges_publish_every_change() {
         let c = Challenges::new();
         let mut rx = c.subscribe();
         c.insert("t1", "ka1");
         assert!(rx.has_changed().unwrap());
         assert_eq!(
-            rx.borrow_and_update().get("t1").map(String::as_str),
+            rx.borrow_and_update().http.get("t1").map(String::as_str),
             Some("ka1")
         );
+        c.insert_alpn("Shop.Example.COM", &[0xab; 32]);
+        assert!(rx.has_changed().unwrap());
+        assert_eq!(
+            rx.borrow_and_update().alpn.get("shop.example.com"),
+            Some(&"ab".repeat(32)),
+            "names are lowercased, digests in hex"
+        );
+        c.remove_alpn("shop.example.com");
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
         c.remove("nope");
         assert!(
             !rx.has_changed().unwrap(),

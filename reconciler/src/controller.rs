@@ -144,8 +144,14 @@ pub struct CertsHook {
     pub last: std::sync::Mutex<Option<CertSettingsKey>>,
 }
 
-/// What makes the certificate loop's settings differ: the directory, the contact, the roots.
-pub type CertSettingsKey = (String, Option<String>, Option<String>);
+/// What makes the certificate loop's settings differ: the directory, the contact, the roots, the
+/// challenge type.
+pub type CertSettingsKey = (
+    String,
+    Option<String>,
+    Option<String>,
+    cairn_schema::Challenge,
+);
 
 /// The applied apps' own certificates (`tls = { cert, key }`): the chain from the repository, the key
 /// as the manifest's ciphertext (which the control plane's identity opens, as validation checked), the
@@ -624,6 +630,7 @@ impl Controller {
                 s.directory.clone(),
                 s.contact.clone(),
                 s.ca_roots_pem.clone(),
+                s.challenge,
             )
         });
         let mut last = hook.last.lock().unwrap_or_else(|p| p.into_inner());

@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_proto::routes::{
-    AcmeChallenge, AppRoute, HostTls, RouteNode, RouteTable, SealedCertificate, SealedHopKey,
-    TlsTable,
+    AcmeChallenge, AlpnChallenge, AppRoute, HostTls, RouteNode, RouteTable, SealedCertificate,
+    SealedHopKey, TlsTable,
 };
 use cairn_schema::{Identity, Recipient, SecretError};
 use sqlx::PgPool;
@@ -43,6 +43,9 @@ pub struct Routes {
     /// lack them, and an agent installs a table whole: it would stop serving them).
     own: Arc<std::sync::Mutex<Option<Vec<HeldCertificate>>>>,
     dirty: Arc<Notify>,
+    /// Wakes the certificate loop (`cairn serve` hands it to [`crate::certs::serve_loop`]): after an
+    /// apply, and when a node comes online ([`crate::certs::node_online`]).
+    pub certs_wake: Arc<Notify>,
 }
 
 /// What the TLS table is made of, before its keys are sealed to a node: the certificates with their keys
@@ -54,6 +57,7 @@ pub struct TlsSource {
     pub certificates: Vec<HeldCertificate>,
     pub hosts: Vec<HostTls>,
     pub challenges: Vec<AcmeChallenge>,
+    pub alpn: Vec<AlpnChallenge>,
 }
 
 /// A certificate as the control plane holds it.
@@ -71,18 +75,21 @@ impl TlsSource {
         mut certificates: Vec<HeldCertificate>,
         mut hosts: Vec<HostTls>,
         mut challenges: Vec<AcmeChallenge>,
+        mut alpn: Vec<AlpnChallenge>,
     ) -> TlsSource {
         let generation = TlsTable::sort_and_digest(
             &mut certificates,
             |c| (c.id.as_str(), c.names.as_slice(), c.chain_pem.as_str()),
             &mut hosts,
             &mut challenges,
+            &mut alpn,
         );
         TlsSource {
             generation,
             certificates,
             hosts,
             challenges,
+            alpn,
         }
     }
 
@@ -108,6 +115,7 @@ impl TlsSource {
             certificates,
             self.hosts.clone(),
             self.challenges.clone(),
+            self.alpn.clone(),
         ))
     }
 }
@@ -123,10 +131,12 @@ impl Default for Routes {
                 Vec::new(),
                 Vec::new(),
                 Vec::new(),
+                Vec::new(),
             )))),
             challenges: crate::certs::Challenges::new(),
             own: Arc::default(),
             dirty: Arc::new(Notify::new()),
+            certs_wake: Arc::new(Notify::new()),
         }
     }
 }
@@ -286,13 +296,13 @@ pub struct Changed {
 }
 
 /// The TLS source: every served certificate (its id a digest of its name set, stable across renewals),
-/// the `[tls]` policy for each of its names, and the challenges in flight. Without `[tls]` no host gets a
+/// the `[tls]` policy for each of its names, and the challenges in flight (HTTP-01 and TLS-ALPN-01). Without `[tls]` no host gets a
 /// policy, but certificates still issued are served (an app's own, or until they expire).
 pub fn tls_source(
     rows: &RouteRows,
     served: &[crate::store::certs::Served],
     own: &[HeldCertificate],
-    challenges: &std::collections::BTreeMap<String, String>,
+    challenges: &crate::certs::ChallengeSet,
 ) -> TlsSource {
     use sha2::Digest as _;
     let mut certificates = Vec::with_capacity(served.len());
@@ -334,14 +344,23 @@ pub fn tls_source(
         }
         certificates.push(c.clone());
     }
-    let challenges = challenges
+    let http = challenges
+        .http
         .iter()
         .map(|(token, ka)| AcmeChallenge {
             token: token.clone(),
             key_authorization: ka.clone(),
         })
         .collect();
-    TlsSource::new(certificates, hosts, challenges)
+    let alpn = challenges
+        .alpn
+        .iter()
+        .map(|(name, digest)| AlpnChallenge {
+            name: name.clone(),
+            digest: digest.clone(),
+        })
+        .collect();
+    TlsSource::new(certificates, hosts, http, alpn)
 }
 
 /// `Strict-Transport-Security: max-age` when `[tls] hsts = true`: one year.

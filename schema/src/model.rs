@@ -73,12 +73,18 @@ pub enum Challenge {
     #[default]
     #[serde(rename = "http-01")]
     Http01,
+    /// A self-signed certificate for the name, carrying the key authorization's digest, answered by
+    /// every ingress node's TLS listener (port 443) to a handshake offering ALPN `acme-tls/1`
+    /// (RFC 8737): for clusters that do not serve plain HTTP to the CA; not behind a CDN that ends TLS.
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
 }
 
 impl Challenge {
     pub fn as_str(self) -> &'static str {
         match self {
             Challenge::Http01 => "http-01",
+            Challenge::TlsAlpn01 => "tls-alpn-01",
         }
     }
 }

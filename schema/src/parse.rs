@@ -594,18 +594,23 @@ impl Cx<'_> {
             None => Challenge::default(),
             Some(c) => match c.value.as_str() {
                 "http-01" => Challenge::Http01,
-                "tls-alpn-01" | "dns-01" => {
+                "tls-alpn-01" => Challenge::TlsAlpn01,
+                "dns-01" => {
                     self.error(
                         c.span,
                         format!("challenge `{}` is not supported yet", c.value),
                     )
-                    .hint = Some("use `challenge = \"http-01\"` (the default)".into());
+                    .hint = Some(
+                        "use `challenge = \"http-01\"` (the default) or `\"tls-alpn-01\"`".into(),
+                    );
                     t.ok = false;
                     Challenge::default()
                 }
                 other => {
                     self.error(c.span, format!("unknown challenge `{other}`"))
-                        .hint = Some("use `challenge = \"http-01\"` (the default)".into());
+                        .hint = Some(
+                        "use `challenge = \"http-01\"` (the default) or `\"tls-alpn-01\"`".into(),
+                    );
                     t.ok = false;
                     Challenge::default()
                 }

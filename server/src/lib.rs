@@ -286,7 +286,8 @@ pub async fn serve(
     // Certificates: the controller hands the loop the applied `[tls]` after each apply; the loop's
     // challenges travel to every ingress node with the route table.
     let (cert_settings, cert_rx) = tokio::sync::watch::channel(None);
-    let cert_wake = Arc::new(Notify::new());
+    // Woken after each apply (the controller) and when a node comes online (the heartbeat handler).
+    let cert_wake = routes.certs_wake.clone();
     c.certs = Some(cairn_reconciler::controller::CertsHook {
         settings: cert_settings,
         overrides: certs.probe.clone(),

@@ -11,7 +11,8 @@
 //! # }
 //! ```
 //!
-//! Pebble validates HTTP-01 on `http_port` of whatever address the name resolves to (no sleeps before
+//! Pebble validates HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` ([`Pebble::start_with_tls_port`])
+//! of whatever address the name resolves to (no sleeps before
 //! validating, no nonces rejected at random, no authorization reuse), and logs every order it adds
 //! ([`Pebble::orders`] counts them). Both processes listen on loopback ports of their own and are killed
 //! when the [`Pebble`] is dropped.
@@ -75,6 +76,16 @@ impl Pebble {
     /// `http_port`. `None` (after a `SKIPPED` message) when the `pebble` package is not installed; under
     /// CI or `CAIRN_TEST_REQUIRE_ALL` that panics instead. Installed but not coming up panics with the log.
     pub async fn start(test: &str, dir: &Path, http_port: u16) -> Option<Pebble> {
+        Pebble::start_with_tls_port(test, dir, http_port, free_port()).await
+    }
+
+    /// [`Pebble::start`], validating TLS-ALPN-01 on `tls_port` (pebble's `tlsPort`).
+    pub async fn start_with_tls_port(
+        test: &str,
+        dir: &Path,
+        http_port: u16,
+        tls_port: u16,
+    ) -> Option<Pebble> {
         for bin in [PEBBLE, CHALLTESTSRV] {
             if !Path::new(bin).is_file() {
                 missing(
@@ -126,11 +137,10 @@ impl Pebble {
         let config = root.join("pebble-config.json");
         let json = format!(
             r#"{{"pebble": {{"listenAddress": "{listen}", "managementListenAddress": "{management}",
-                "certificate": "{}", "privateKey": "{}", "httpPort": {http_port}, "tlsPort": {},
+                "certificate": "{}", "privateKey": "{}", "httpPort": {http_port}, "tlsPort": {tls_port},
                 "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
             cert_path.display(),
             key_path.display(),
-            free_port(),
         );
         std::fs::write(&config, json).expect("write pebble's config");
         let log = root.join("pebble.log");

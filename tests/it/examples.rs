@@ -40,7 +40,7 @@ const KEY_AND_TYPE_CASES: [&str; 16] = [
 /// Cases whose mistake is a value the schema's patterns and ranges describe: it refuses them as well.
 const VALUE_CASES: [&str; 22] = [
     "tls-http-directory",
-    "tls-alpn-not-supported",
+    "tls-dns-not-supported",
     "size-decimal-unit",
     "cpu-zero",
     "price-negative",

@@ -1,7 +1,14 @@
 //! The node proxy's HTTPS side: the TLS table the control plane gives it ([`TlsTable`]: certificates,
-//! per-host policy, ACME HTTP-01 challenge answers), the certificate resolver the TLS listener asks on
-//! every handshake, the TLS listener itself ([`TlsListener`]), and the disk cache that keeps HTTPS
-//! working while the control plane is away.
+//! per-host policy, ACME HTTP-01 challenge answers and TLS-ALPN-01 digests), the certificate resolver
+//! the TLS listener asks on every handshake, the TLS listener itself ([`TlsListener`]), and the disk
+//! cache that keeps HTTPS working while the control plane is away.
+//!
+//! TLS-ALPN-01 (RFC 8737): a handshake whose ClientHello offers ALPN `acme-tls/1` and nothing else, for
+//! a name with a challenge in the table, gets a self-signed certificate for that name carrying the
+//! critical acmeIdentifier extension with the table's digest (made when the table is installed, with a
+//! fresh key), negotiates `acme-tls/1`, and is then closed without reading a request. Any other
+//! handshake never sees such a certificate (a client offering h2 or http/1.1 as well gets the name's
+//! real certificate, or none), and an `acme-tls/1` handshake for a name without a challenge gets none.
 //!
 //! The table is compiled once per install into hash maps (exact names, and one-label wildcards keyed by
 //! their parent domain) and swapped in whole, like the cluster table: a handshake looks its SNI up in what
@@ -18,7 +25,8 @@
 //! before the TLS listener accepts; files of certificates no longer installed are deleted.
 //!
 //! What it must not do: answer a handshake whose SNI no installed certificate covers (or one without SNI)
-//! with any certificate, or pick one covering a name only by a wildcard over more than one label; print
+//! with any certificate (an `acme-tls/1` one for a name with a challenge excepted), serve HTTP on an
+//! `acme-tls/1` connection, or pick one covering a name only by a wildcard over more than one label; print
 //! or log a private key (Debug redacts it, errors never quote it); write a key anywhere but the cache
 //! directory, or readable by anyone but the agent's user; redirect a host it holds no certificate for.
 
@@ -51,6 +59,9 @@ use crate::metrics::ProxyMetrics;
 /// Where ACME HTTP-01 challenges are asked for (RFC 8555, 8.3).
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 
+/// The ALPN protocol of a TLS-ALPN-01 validation handshake (RFC 8737, 6.2).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
 /// What the control plane tells a node about HTTPS. Installed whole ([`super::Proxy::install_tls`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TlsTable {
@@ -65,6 +76,10 @@ pub struct TlsTable {
     /// listener of every node.
     #[serde(default)]
     pub challenges: BTreeMap<String, String>,
+    /// ACME TLS-ALPN-01 challenges in flight: name to the SHA-256 digest of the key authorization,
+    /// answered on the TLS listener of every node.
+    #[serde(default)]
+    pub alpn: BTreeMap<String, [u8; 32]>,
 }
 
 /// A certificate chain and its key, for the names it serves.
@@ -143,6 +158,12 @@ pub enum TlsError {
     BadName { id: String, name: String },
     #[error("certificate `{id}` does not cover `{name}`")]
     NotCovered { id: String, name: String },
+    #[error("the TLS-ALPN-01 challenge for `{name}` cannot be answered")]
+    Alpn {
+        name: String,
+        #[source]
+        source: AlpnError,
+    },
     #[error("the TLS listener cannot be set up")]
     Config(#[source] rustls::Error),
     #[error("the certificate cache")]
@@ -153,6 +174,17 @@ pub enum TlsError {
         #[source]
         source: serde_json::Error,
     },
+}
+
+/// Why a TLS-ALPN-01 answer could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum AlpnError {
+    #[error("it is not a host name")]
+    Name,
+    #[error("cannot make its certificate")]
+    Certificate(#[source] rcgen::Error),
+    #[error("cannot load its certificate")]
+    Key(#[source] rustls::Error),
 }
 
 /// What an install did.
@@ -182,6 +214,8 @@ pub(super) struct Certs {
     policy_exact: HashMap<String, Policy>,
     policy_wildcard: HashMap<String, Policy>,
     challenges: HashMap<String, Bytes>,
+    /// TLS-ALPN-01 answers by name.
+    alpn: HashMap<String, Arc<CertifiedKey>>,
     any_redirect: bool,
     any_hsts: bool,
     /// The certificates as installed, without keys' text (for Debug).
@@ -195,6 +229,7 @@ impl std::fmt::Debug for Certs {
         f.debug_struct("Certs")
             .field("certificates", &self.served)
             .field("challenges", &self.challenges.len())
+            .field("alpn", &self.alpn.keys().collect::<Vec<_>>())
             .finish_non_exhaustive()
     }
 }
@@ -288,7 +323,23 @@ impl Certs {
             .iter()
             .map(|(t, k)| (t.clone(), Bytes::from(k.clone())))
             .collect();
+        for (name, digest) in &table.alpn {
+            match acme_tls_alpn_certificate(name, digest) {
+                Ok((name, key)) => {
+                    certs.alpn.insert(name, Arc::new(key));
+                }
+                Err(source) => rejected.push(TlsError::Alpn {
+                    name: name.clone(),
+                    source,
+                }),
+            }
+        }
         (certs, rejected)
+    }
+
+    /// The TLS-ALPN-01 answer for `host` (lowercase).
+    pub(super) fn alpn(&self, host: &str) -> Option<&Arc<CertifiedKey>> {
+        self.alpn.get(host)
     }
 
     /// The certificate for `host` (lowercase).
@@ -386,8 +437,43 @@ fn certified(c: &TlsCertificate) -> Result<(CertifiedKey, Vec<Name>), TlsError> 
     Ok((key, names))
 }
 
+/// The certificate a TLS-ALPN-01 handshake for `name` gets (RFC 8737, 3): self-signed with a fresh key,
+/// `name` its only subject alternative name, the critical acmeIdentifier extension holding `digest`.
+/// Returns the name lowercased.
+fn acme_tls_alpn_certificate(
+    name: &str,
+    digest: &[u8; 32],
+) -> Result<(String, CertifiedKey), AlpnError> {
+    let Ok(Name::Exact(name)) = parse_name(name) else {
+        return Err(AlpnError::Name);
+    };
+    let mut params =
+        rcgen::CertificateParams::new(vec![name.clone()]).map_err(AlpnError::Certificate)?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate().map_err(AlpnError::Certificate)?;
+    let cert = params.self_signed(&key).map_err(AlpnError::Certificate)?;
+    let der = PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    // Not `CertifiedKey::from_der`: its check that the key fits parses the certificate with webpki,
+    // which refuses the critical extension it does not know (the very extension the CA looks for).
+    let signer = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(AlpnError::Key)?;
+    Ok((name, CertifiedKey::new(vec![cert.der().clone()], signer)))
+}
+
+/// Whether a ClientHello is a TLS-ALPN-01 validation: it offers `acme-tls/1` and nothing else (RFC
+/// 8737, 3: the CA offers only it), so the protocol negotiated is that one and no other client is
+/// answered with a validation certificate.
+fn only_acme_tls(hello: &ClientHello<'_>) -> bool {
+    let Some(mut offered) = hello.alpn() else {
+        return false;
+    };
+    offered.next() == Some(ACME_TLS_ALPN) && offered.next().is_none()
+}
+
 /// Picks the certificate by SNI from the installed table; no SNI, or one no certificate covers, ends
-/// the handshake.
+/// the handshake. A TLS-ALPN-01 validation gets the challenge's certificate for its SNI, or none.
 #[derive(Debug)]
 pub(super) struct Resolver {
     certs: Arc<ArcSwap<Certs>>,
@@ -403,11 +489,28 @@ impl ResolvesServerCert for Resolver {
         };
         let certs = self.certs.load();
         let sni = sni.trim_end_matches('.');
-        let found = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
-            certs.cert(&sni.to_ascii_lowercase()).cloned()
+        let lower;
+        let sni = if sni.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = sni.to_ascii_lowercase();
+            lower.as_str()
         } else {
-            certs.cert(sni).cloned()
+            sni
         };
+        if only_acme_tls(&hello) {
+            let found = certs.alpn(sni).cloned();
+            match found {
+                Some(_) => tracing::info!(sni, "TLS-ALPN-01 validation handshake answered"),
+                None => {
+                    self.metrics.tls_unknown_name();
+                    tracing::debug!(
+                        sni,
+                        "acme-tls/1 handshake for a name without a TLS-ALPN-01 challenge: refused"
+                    );
+                }
+            }
+            return found;
+        }
+        let found = certs.cert(sni).cloned();
         if found.is_none() {
             self.metrics.tls_unknown_name();
             tracing::debug!(
@@ -419,8 +522,9 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// The proxy's TLS server configuration: certificates from `certs`, ALPN h2 and http/1.1, TLS 1.2 and
-/// 1.3 with rustls' safe defaults on ring.
+/// The proxy's TLS server configuration: certificates from `certs`, ALPN h2 and http/1.1 (and
+/// `acme-tls/1`, last, so only a client offering nothing else gets it), TLS 1.2 and 1.3 with rustls'
+/// safe defaults on ring.
 pub(super) fn server_config(
     certs: Arc<ArcSwap<Certs>>,
     metrics: Arc<ProxyMetrics>,
@@ -432,7 +536,7 @@ pub(super) fn server_config(
     .map_err(TlsError::Config)?
     .with_no_client_auth()
     .with_cert_resolver(Arc::new(Resolver { certs, metrics }));
-    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec(), ACME_TLS_ALPN.to_vec()];
     Ok(Arc::new(cfg))
 }
 
@@ -488,6 +592,7 @@ impl std::fmt::Debug for TlsIo {
         let state = match self.state {
             State::Handshake(_) => "handshake",
             State::Ready(_) => "ready",
+            State::Validated(_) => "acme-tls/1",
             State::Failed => "failed",
         };
         f.debug_tuple("TlsIo").field(&state).finish()
@@ -497,6 +602,9 @@ impl std::fmt::Debug for TlsIo {
 enum State {
     Handshake(tokio_rustls::Accept<TcpStream>),
     Ready(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// A TLS-ALPN-01 validation handshake is done: nothing more is read (the HTTP server sees the end
+    /// of the stream and closes it, with a close_notify).
+    Validated(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     Failed,
 }
 
@@ -506,6 +614,9 @@ impl TlsIo {
             let done = ready!(Pin::new(accept).poll(cx));
             self.metrics.tls_handshake(done.is_ok());
             match done {
+                Ok(s) if s.get_ref().1.alpn_protocol() == Some(ACME_TLS_ALPN) => {
+                    self.state = State::Validated(Box::new(s));
+                }
                 Ok(s) => self.state = State::Ready(Box::new(s)),
                 Err(e) => {
                     self.state = State::Failed;
@@ -520,6 +631,10 @@ impl TlsIo {
     fn stream(&mut self) -> io::Result<Pin<&mut tokio_rustls::server::TlsStream<TcpStream>>> {
         match &mut self.state {
             State::Ready(s) => Ok(Pin::new(s.as_mut())),
+            State::Validated(_) => Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "an acme-tls/1 validation connection carries no data",
+            )),
             _ => Err(io::Error::new(
                 io::ErrorKind::NotConnected,
                 "the TLS handshake failed",
@@ -536,6 +651,9 @@ impl AsyncRead for TlsIo {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_handshake(cx))?;
+        if let State::Validated(_) = this.state {
+            return Poll::Ready(Ok(()));
+        }
         this.stream()?.poll_read(cx, buf)
     }
 }
@@ -567,14 +685,14 @@ impl AsyncWrite for TlsIo {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().state {
-            State::Ready(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            State::Ready(s) | State::Validated(s) => Pin::new(s.as_mut()).poll_flush(cx),
             _ => Poll::Ready(Ok(())),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &mut self.get_mut().state {
-            State::Ready(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            State::Ready(s) | State::Validated(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             _ => Poll::Ready(Ok(())),
         }
     }

@@ -3,7 +3,8 @@
 //! CA made with rcgen, and a rustls client that trusts only that CA. The certificate by SNI (exact, then a
 //! one-label wildcard) and nothing for an unknown SNI or none; h2 by ALPN; a renewal served to new
 //! connections while an open one keeps working; ACME challenges and redirects on the plain listener, HSTS
-//! on HTTPS; the disk cache (0600 keys in a 0700 directory) serving a restarted proxy, and a cache that
+//! on HTTPS; TLS-ALPN-01 validation handshakes (`acme-tls/1`) answered only for names with a challenge,
+//! normal clients unaffected; the disk cache (0600 keys in a 0700 directory) serving a restarted proxy, and a cache that
 //! cannot be written not stopping HTTPS; no key in Debug output or logs; one connection cap for both
 //! listeners.
 
@@ -428,6 +429,7 @@ async fn the_plain_listener_answers_challenges_and_redirects_only_hosts_with_a_c
                 "tok-123_abc.thumbprint".to_owned(),
             )]
             .into(),
+            ..TlsTable::default()
         });
 
         // The challenge, for any host (the CA asks with the name being validated), before any redirect.
@@ -743,6 +745,189 @@ async fn certificates_are_served_when_the_cache_cannot_be_written() {
             .await
             .unwrap();
         assert_eq!(leaf_of(&s), der);
+    })
+    .await;
+}
+
+/// A client that accepts any server certificate (a TLS-ALPN-01 validation certificate is self-signed;
+/// the CA checks its names and extension itself, as this test does).
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    // webpki refuses to parse a certificate with a critical extension it does not know (the
+    // acmeIdentifier), so the handshake signature is not checked here; the test reads the certificate.
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A TLS-ALPN-01 validation as a CA makes it (RFC 8737, 3): SNI `name`, ALPN `acme-tls/1` only.
+async fn acme_tls(addr: SocketAddr, name: &str) -> std::io::Result<TlsStream<TcpStream>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"acme-tls/1".to_vec()];
+    let tcp = TcpStream::connect(addr).await?;
+    let server = ServerName::try_from(name.to_owned()).unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server, tcp),
+    )
+    .await
+    .expect("the handshake ends in time")
+}
+
+/// What a TLS-ALPN-01 certificate says: its DNS names and its acmeIdentifier extension (critical, value).
+fn acme_identifier(der: &CertificateDer<'_>) -> (Vec<String>, Option<(bool, Vec<u8>)>) {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    let names = cert
+        .subject_alternative_name()
+        .unwrap()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .map(|n| match n {
+                    x509_parser::extensions::GeneralName::DNSName(d) => (*d).to_owned(),
+                    other => format!("not a DNS name: {other:?}"),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // id-pe-acmeIdentifier, 1.3.6.1.5.5.7.1.31.
+    let oid = x509_parser::oid_registry::Oid::from(&[1, 3, 6, 1, 5, 5, 7, 1, 31]).unwrap();
+    let ext = cert
+        .extensions()
+        .iter()
+        .find(|e| e.oid == oid)
+        .map(|e| (e.critical, e.value.to_vec()));
+    (names, ext)
+}
+
+#[tokio::test]
+async fn tls_alpn_01_is_answered_only_for_names_with_a_challenge_and_normal_clients_are_unaffected()
+{
+    bounded(60, async {
+        let ca = Ca::new();
+        let (chain, key, shop_leaf) = ca.leaf(&["shop.example.test"], 7);
+        let (proxy, _, tls) = proxy_on("127.0.0.12", ProxyConfig::default()).await;
+        route(&proxy, "shop", &["shop.example.test"], app("shop").await);
+        let (shop_digest, new_digest) = ([0x5a; 32], [0xc3; 32]);
+        let table = |alpn: &[(&str, [u8; 32])]| TlsTable {
+            certificates: vec![cert("shop", &["shop.example.test"], &chain, &key)],
+            alpn: alpn.iter().map(|(n, d)| ((*n).to_owned(), *d)).collect(),
+            ..TlsTable::default()
+        };
+        let report = proxy.install_tls(table(&[
+            ("shop.example.test", shop_digest),
+            ("new.example.test", new_digest),
+        ]));
+        assert!(report.rejected.is_empty(), "{:?}", report.rejected);
+
+        // The validation gets a self-signed certificate for exactly the name, with the critical
+        // extension holding the digest as a DER OCTET STRING, and `acme-tls/1`; then the node closes.
+        for (name, digest) in [
+            ("new.example.test", new_digest),
+            ("SHOP.example.test", shop_digest),
+        ] {
+            let mut s = acme_tls(tls, name)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"acme-tls/1"[..]));
+            let leaf = leaf_of(&s);
+            assert_ne!(leaf, shop_leaf, "{name}: not the served certificate");
+            let (names, ext) = acme_identifier(&leaf);
+            assert_eq!(names, [name.to_ascii_lowercase()], "{name}");
+            let mut want = vec![0x04, 32];
+            want.extend_from_slice(&digest);
+            assert_eq!(ext, Some((true, want)), "{name}");
+            let mut buf = [0u8; 16];
+            let n = tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::io::AsyncReadExt::read(&mut s, &mut buf),
+            )
+            .await
+            .expect("the node closes the validation connection");
+            assert!(
+                matches!(n, Ok(0) | Err(_)),
+                "{name}: no data on a validation connection: {n:?}"
+            );
+        }
+
+        // A name without a challenge gets no certificate at all over acme-tls/1.
+        for name in ["other.example.test", "x.shop.example.test"] {
+            assert!(
+                acme_tls(tls, name).await.is_err(),
+                "{name}: no challenge, no certificate"
+            );
+        }
+
+        // Normal clients for the name: its real certificate and h2, even when they offer acme-tls/1
+        // among other protocols; and a name that has only a challenge has no certificate for them.
+        for alpn in [
+            &[&b"h2"[..], b"http/1.1"][..],
+            &[b"h2", b"http/1.1", b"acme-tls/1"],
+        ] {
+            let s = connect(&ca, tls, "shop.example.test", alpn, true)
+                .await
+                .unwrap();
+            assert_eq!(leaf_of(&s), shop_leaf);
+            assert_eq!(s.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        }
+        let s = connect(&ca, tls, "shop.example.test", &[b"http/1.1"], true)
+            .await
+            .unwrap();
+        let mut send = http1(s).await;
+        let (status, _, body) = get(&mut send, "shop.example.test", "/").await;
+        assert_eq!((status, body.lines().next()), (200, Some("app shop")));
+        assert!(
+            connect(&ca, tls, "new.example.test", &[b"http/1.1"], true)
+                .await
+                .is_err(),
+            "a challenge's certificate is only for acme-tls/1"
+        );
+
+        // The challenge withdrawn: no answer any more.
+        proxy.install_tls(table(&[]));
+        assert!(acme_tls(tls, "new.example.test").await.is_err());
+        // A name that is not a host name is left out and reported, the rest installed.
+        let report = proxy.install_tls(table(&[("*.example.test", [1; 32])]));
+        assert_eq!(report.rejected.len(), 1, "{:?}", report.rejected);
+        assert_eq!(report.installed, 1);
     })
     .await;
 }

@@ -240,6 +240,12 @@ async fn heartbeat(
     if previous != NodeState::Online || api.routes.differs_for(node, &healthy) {
         api.routes.poke();
     }
+    if previous != NodeState::Online
+        && let Err(e) = crate::certs::node_online(&api.pool, &api.routes.certs_wake).await
+    {
+        // The certificates then wait out their backoff: not a reason to refuse the heartbeat.
+        tracing::warn!(%node, error = %cairn_schema::error::chain(&e), "cannot retry the certificates waiting for DNS");
+    }
 
     let slots: Vec<(Name, u32)> = hb
         .replicas

@@ -382,6 +382,20 @@ pub async fn forget_account(pool: &PgPool, directory: &str) -> Result<(), StoreE
     Ok(())
 }
 
+/// Makes every declared name set that waits for DNS due now (unless claimed): a node just came online,
+/// so a self-probe that failed for want of an ingress node may pass now. How many.
+pub async fn retry_waiting_dns(pool: &PgPool) -> Result<u64, StoreError> {
+    let r = sqlx::query(
+        r#"UPDATE certificates SET next_attempt_at = now(), updated_at = now()
+           WHERE declared AND state = 'waiting_dns' AND next_attempt_at > now()
+             AND (lease_until IS NULL OR lease_until < now())"#,
+    )
+    .execute(pool)
+    .await
+    .op("retry the certificates waiting for DNS")?;
+    Ok(r.rows_affected())
+}
+
 /// A certificate the ingress nodes serve: a declared name set with a current chain, its key sealed to
 /// the control plane's recipient.
 #[derive(Debug, Clone)]

@@ -140,6 +140,19 @@ fn pg_dump(url: &str) -> String {
     text
 }
 
+/// Debian's pebble (2.4) offers no renewal information (ARI, RFC 9773): the renewal falls back to two
+/// thirds of the lifetime, minus up to a twentieth of it (and a renewal order goes without `replaces`).
+fn renews_at_two_thirds(row: &store::CertRow) {
+    let (nb, na) = (row.not_before.unwrap(), row.not_after.unwrap());
+    let life = (na - nb).as_seconds_f64();
+    let at = (row.next_attempt_at - nb).as_seconds_f64();
+    assert!(
+        at <= life * 2.0 / 3.0 + 1.0 && at >= life * (2.0 / 3.0 - 0.05) - 1.0,
+        "renewal at {:.4} of the lifetime",
+        at / life
+    );
+}
+
 #[tokio::test]
 async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plaintext() {
     let db = cairn_testkit::test_db!();
@@ -204,6 +217,7 @@ async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plai
         row.next_attempt_at < row.not_after.unwrap(),
         "renewal is before expiry"
     );
+    renews_at_two_thirds(row);
 
     // The key, only sealed to the control plane.
     let served = store::served(db.pool()).await.unwrap();
@@ -240,6 +254,7 @@ async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plai
         "shop.example.test",
     );
     assert_eq!(renewed.attempts, 0);
+    renews_at_two_thirds(&renewed);
 
     // Nothing else is due.
     assert!(worker.run_due().await.unwrap().is_empty());
@@ -291,6 +306,7 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
         settings(&ca, port),
     );
 
+    let before = chrono::Utc::now();
     let attempts = worker.run_due().await.unwrap();
     assert_eq!(attempts[0].state, CertState::WaitingDns);
     let row = store::list(db.pool()).await.unwrap().remove(0);
@@ -301,7 +317,12 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
         why.contains("`shop.example.test` resolves to 127.0.0.2"),
         "the reason names the name and where it points: {why}"
     );
-    assert!(row.next_attempt_at > chrono::Utc::now(), "retried later");
+    // At least half the first backoff (200 ms here) after the attempt began, however slow the machine
+    // (comparing with the time now failed once under load).
+    assert!(
+        row.next_attempt_at >= before + chrono::TimeDelta::milliseconds(100),
+        "retried later"
+    );
     assert!(row.chain_pem.is_none());
     assert_eq!(ca.orders(), 0, "no order reached the CA");
     let status = cairn_reconciler::status::load(db.pool(), Duration::from_secs(90))
@@ -511,11 +532,16 @@ async fn an_order_the_ca_refuses_fails_with_its_reason_and_is_retried_later() {
     ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
     ca.dns_a("shop.example.test", "127.0.0.1").await;
     declare(db.pool(), &ca.directory, "shop.example.test").await;
+    // A backoff of an hour: "not again before the backoff" below cannot depend on the machine's speed
+    // (with the usual 200 ms it failed once under load).
+    let mut s = settings(&ca, port);
+    s.retry_first = Duration::from_secs(3600);
+    s.retry_max = Duration::from_secs(7200);
     let mut worker = CertWorker::new(
         db.pool().clone(),
         Arc::new(Identity::generate()),
         challenges.clone(),
-        settings(&ca, port),
+        s,
     );
     assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Failed);
     assert!(
@@ -640,4 +666,74 @@ async fn a_name_waiting_for_dns_does_not_hold_up_the_others() {
         "every token withdrawn: {:?}",
         challenges.current()
     );
+}
+
+/// Issue 15 (review of stop 24): in a cluster whose ingress node comes up after the first apply, the
+/// first self-probe finds no node serving its token and the name set waits for DNS with its backoff. A
+/// node coming online (its first heartbeat calls `certs::node_online`) makes it due at once: it is issued
+/// on the next pass instead of after the backoff (here an hour).
+#[tokio::test]
+async fn a_node_coming_online_retries_names_waiting_for_dns_without_their_backoff() {
+    let db = cairn_testkit::test_db!();
+    let dir = tempfile::tempdir().unwrap();
+    let challenges = Challenges::new();
+    // The ingress node's port is bound but nothing answers on it yet.
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let test = cairn_testkit::current_test();
+    let Some(ca) = Pebble::start(&test, dir.path(), port).await else {
+        return;
+    };
+    ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
+    ca.dns_a("shop.example.test", "127.0.0.1").await;
+    declare(db.pool(), &ca.directory, "shop.example.test").await;
+    let mut s = settings(&ca, port);
+    s.probe_timeout = Duration::from_millis(300);
+    s.retry_first = Duration::from_secs(3600);
+    s.retry_max = Duration::from_secs(7200);
+    let mut worker = CertWorker::new(
+        db.pool().clone(),
+        Arc::new(Identity::generate()),
+        challenges.clone(),
+        s,
+    );
+
+    let attempts = worker.run_due().await.unwrap();
+    assert_eq!(attempts.len(), 1);
+    assert_eq!(attempts[0].state, CertState::WaitingDns);
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    assert_eq!(row.attempts, 1);
+    assert!(row.next_attempt_at > chrono::Utc::now() + chrono::TimeDelta::minutes(20));
+    assert!(
+        worker.run_due().await.unwrap().is_empty(),
+        "without a node coming online it waits out its backoff"
+    );
+    let wake = tokio::sync::Notify::new();
+    assert_eq!(ca.orders(), 0, "the probe kept it away from the CA");
+
+    // The node comes up (its proxy serves the challenges) and its first heartbeat says so.
+    let router = challenges.router();
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    certs::node_online(db.pool(), &wake).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), wake.notified())
+        .await
+        .expect("the certificate loop is woken");
+    let attempts = worker.run_due().await.unwrap();
+    assert_eq!(attempts.len(), 1, "{attempts:?}");
+    assert_eq!(attempts[0].state, CertState::Issued);
+    assert_eq!(ca.orders(), 1);
+    let row = store::list(db.pool()).await.unwrap().remove(0);
+    assert_eq!((row.state, row.attempts), (CertState::Issued, 0));
+
+    // Issued, nothing waits: another node coming online makes nothing due and wakes nothing.
+    let quiet = tokio::sync::Notify::new();
+    certs::node_online(db.pool(), &quiet).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), quiet.notified())
+            .await
+            .is_err()
+    );
+    assert!(worker.run_due().await.unwrap().is_empty());
 }

@@ -64,6 +64,28 @@ fn off_and_no_tls_settings_order_nothing() {
 }
 
 #[test]
+fn the_tls_alpn_01_challenge_is_accepted_and_dns_01_is_refused() {
+    let with = |c: &str| format!("{SETTINGS}challenge = \"{c}\"\n");
+    let d = load(&[
+        ("cairn.toml", &with("tls-alpn-01")),
+        ("apps.toml", &app("")),
+    ])
+    .desired
+    .expect("tls-alpn-01 is valid");
+    assert_eq!(d.settings.tls.unwrap().challenge, Challenge::TlsAlpn01);
+    assert_eq!(Challenge::TlsAlpn01.as_str(), "tls-alpn-01");
+    let out = rendered(&[("cairn.toml", &with("dns-01")), ("apps.toml", &app(""))]);
+    assert!(
+        out.contains("cairn.toml:5:13: error: challenge `dns-01` is not supported yet"),
+        "{out}"
+    );
+    assert!(
+        out.contains("`\"tls-alpn-01\"`"),
+        "the hint names both: {out}"
+    );
+}
+
+#[test]
 fn every_tls_setting_is_read() {
     let settings = "base_domain = \"apps.example.com\"\n\n[tls]\nacme_directory = \"https://localhost:14000/dir\"\n\
                     ca_roots = \"certs/test-ca.pem\"\nchallenge = \"http-01\"\nredirect_http = false\nhsts = true\n";

@@ -3,7 +3,9 @@
 //! nothing, B runs the app), the control plane on the test's bridge. The app declares
 //! `shop.example.test`; the control plane probes the names through A, orders the certificate, and every
 //! ingress node gets it sealed to its own key with the route table. A client that trusts only pebble's
-//! root reaches the app over HTTPS through A; plain HTTP is redirected.
+//! root reaches the app over HTTPS through A; plain HTTP is redirected. Then `challenge = "tls-alpn-01"`
+//! in git: the renewal is validated by pebble over TLS on port 443 of A (RFC 8737), which answers
+//! `acme-tls/1` for the names while the order runs.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -24,7 +26,7 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
     let Some(mut e) = E2e::new(TEST, &[Driver::Process]).await else {
         return;
     };
-    let Some(ca) = Pebble::start(TEST, e.scratch.path(), 80).await else {
+    let Some(ca) = Pebble::start_with_tls_port(TEST, e.scratch.path(), 80, 443).await else {
         return;
     };
     let (ha, hb) = (net.host("a").unwrap(), net.host("b").unwrap());
@@ -138,7 +140,15 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
         .await;
     super::support::wait_body(a.proxy, domain, "v1", Duration::from_secs(20)).await;
 
-    // The certificate is issued (a name set that waits or fails says why).
+    // The certificate is issued (a name set that waits or fails says why). Probes before the agents
+    // were up failed (slowly built agents: several); A coming online made the name set due at once, so
+    // two more failures are a failure.
+    let before = plane
+        .rows("SELECT attempts FROM certificates")
+        .await
+        .first()
+        .and_then(|r| r["attempts"].as_i64())
+        .unwrap_or(0);
     wait_for(
         "the certificate to be issued",
         Duration::from_secs(90),
@@ -149,7 +159,7 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
             let row = rows.first()?;
             match row["state"].as_str() {
                 Some("issued") => Some(()),
-                Some("failed" | "waiting_dns") if row["attempts"].as_i64() >= Some(2) => {
+                Some("failed" | "waiting_dns") if row["attempts"].as_i64() >= Some(before + 2) => {
                     panic!("the certificate did not issue: {row}")
                 }
                 _ => None,
@@ -358,6 +368,52 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
         2,
         "one order for the name set, one for its renewal"
     );
+
+    // The next renewal over TLS-ALPN-01: the challenge type is set in git; pebble validates each name
+    // on port 443 of A (where DNS points), whose TLS listener answers the `acme-tls/1` handshakes.
+    let settings = std::fs::read_to_string(e.repo.dir.path().join("cairn.toml")).unwrap();
+    e.repo.write(
+        "cairn.toml",
+        &settings.replace(
+            "hsts = true\n",
+            "hsts = true\nchallenge = \"tls-alpn-01\"\n",
+        ),
+    );
+    sqlx::query("UPDATE certificates SET next_attempt_at = now()")
+        .execute(plane.db.pool())
+        .await
+        .unwrap();
+    let g = plane.generation().await;
+    e.repo.commit();
+    plane.wait_generation(g + 1).await;
+    wait_for(
+        "the certificate renewed over tls-alpn-01",
+        Duration::from_secs(60),
+        || async {
+            let rows = plane
+                .rows("SELECT state, serial, last_error, attempts FROM certificates")
+                .await;
+            let row = rows.first()?;
+            match row["state"].as_str() {
+                Some("issued") if row["serial"] != serial_after => Some(()),
+                Some("failed" | "waiting_dns") => panic!("the tls-alpn-01 renewal failed: {row}"),
+                _ => None,
+            }
+        },
+    )
+    .await;
+    assert_eq!(ca.orders(), 3, "one more order, over tls-alpn-01");
+    assert!(
+        a.log_text()
+            .contains("TLS-ALPN-01 validation handshake answered"),
+        "pebble validated through A's TLS listener"
+    );
+    let (status, der) = served(fresh()).await.unwrap();
+    assert_eq!(
+        status, 200,
+        "HTTPS still answers after the tls-alpn-01 renewal"
+    );
+    assert_ne!(der, first_der);
     // A's disk cache holds the certificates (keys in its 0600 files).
     let cache = a.dir.join("tls");
     assert!(cache.is_dir(), "A caches what it serves");
