@@ -221,3 +221,25 @@ pub struct CertificateInfo {
     pub next_attempt_at: DateTime<Utc>,
     pub issued_at: Option<DateTime<Utc>>,
 }
+
+/// One event: something that happened to an app, a node or the configuration (`GET /api/v1/events`,
+/// `cairn events`). Never a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventInfo {
+    /// Increasing; `?after=ID` asks for what came later (`cairn events --follow`).
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// `deploy.failed`, `node.offline`, ...
+    pub kind: String,
+    /// `info`, `warning` or `error`.
+    pub severity: String,
+    pub app: Option<String>,
+    pub node: Option<String>,
+    pub release: Option<u64>,
+    /// A deploy's source commit, an apply's config commit.
+    pub commit: Option<String>,
+    /// One line.
+    pub message: String,
+    /// The fields a machine reads: `reason`, `push_to_running_secs`, `diagnostics`, ...
+    pub detail: serde_json::Value,
+}

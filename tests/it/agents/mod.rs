@@ -1,6 +1,7 @@
 //! Agents end to end: a real `cairn serve` on PostgreSQL, real `cairn-agent` processes with the recording
 //! driver on loopback, and raw HTTP where a test plays a misbehaving agent.
 
+mod events;
 pub(crate) mod support;
 mod trust;
 
