@@ -243,3 +243,37 @@ pub struct EventInfo {
     /// The fields a machine reads: `reason`, `push_to_running_secs`, `diagnostics`, ...
     pub detail: serde_json::Value,
 }
+
+/// One notification of an event to a sink (`GET /api/v1/notify/deliveries`, `cairn notify deliveries`):
+/// sent, retrying, dead, or suppressed, and why. Never the sink's URL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotifyDelivery {
+    pub id: i64,
+    pub sink: String,
+    /// The Standard Webhooks `webhook-id`, the same on every attempt.
+    pub webhook_id: String,
+    /// `pending` (waiting or retrying), `done`, `dead` or `suppressed`.
+    pub status: String,
+    pub attempts: u32,
+    /// The receiver's last answer.
+    pub status_code: Option<u16>,
+    pub latency_ms: Option<u64>,
+    /// Why the last attempt failed, or why it was not sent.
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub event: EventInfo,
+}
+
+/// What `POST /api/v1/notify/{sink}/test` got back from the sink's receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyTestAnswer {
+    pub sink: String,
+    /// The receiver's status code, when it answered.
+    pub status_code: Option<u16>,
+    pub latency_ms: u64,
+    /// The first kilobyte of its answer's body (lossy UTF-8).
+    pub body: String,
+    /// Why nothing or an error came back.
+    pub error: Option<String>,
+}

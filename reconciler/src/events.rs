@@ -33,11 +33,14 @@ pub enum EventKind {
     ApplyFailed,
     NodeOffline,
     NodeOnline,
+    /// A node went offline too often in a short time: this one message stands for the changes that
+    /// follow until it is steady again.
+    NodeFlapping,
     ReplicaUnplaceable,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 8] = [
+    pub const ALL: [EventKind; 9] = [
         EventKind::DeployStarted,
         EventKind::DeploySucceeded,
         EventKind::DeployFailed,
@@ -45,6 +48,7 @@ impl EventKind {
         EventKind::ApplyFailed,
         EventKind::NodeOffline,
         EventKind::NodeOnline,
+        EventKind::NodeFlapping,
         EventKind::ReplicaUnplaceable,
     ];
 
@@ -57,6 +61,7 @@ impl EventKind {
             EventKind::ApplyFailed => "apply.failed",
             EventKind::NodeOffline => "node.offline",
             EventKind::NodeOnline => "node.online",
+            EventKind::NodeFlapping => "node.flapping",
             EventKind::ReplicaUnplaceable => "replica.unplaceable",
         }
     }
@@ -71,7 +76,7 @@ impl EventKind {
             EventKind::DeployFailed | EventKind::ApplyFailed | EventKind::NodeOffline => {
                 Severity::Error
             }
-            EventKind::ReplicaUnplaceable => Severity::Warning,
+            EventKind::ReplicaUnplaceable | EventKind::NodeFlapping => Severity::Warning,
             EventKind::DeployStarted
             | EventKind::DeploySucceeded
             | EventKind::ApplySucceeded
@@ -200,13 +205,140 @@ fn one_line(s: &str) -> String {
     out
 }
 
-/// Records `events` in the transaction `conn` is in (nothing when empty).
+/// A node that went offline more than this many times within [`FLAP_WINDOW`] is flapping: one
+/// `node.flapping` message is sent, and its further changes are recorded but not sent until it has been
+/// steady for the window.
+pub const FLAP_LIMIT: i64 = 3;
+/// See [`FLAP_LIMIT`].
+pub const FLAP_WINDOW: Duration = Duration::from_secs(15 * 60);
+
+/// Records `events` in the transaction `conn` is in (nothing when empty), and for each the deliveries
+/// to the notification sinks that want it ([`deliveries`]), in the same transaction.
 pub async fn record(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), StoreError> {
     if events.is_empty() {
         return Ok(());
     }
-    sql::insert(conn, events).await?;
-    Ok(())
+    let ids = sql::insert(conn, events).await?;
+    let sinks = sql::sinks(conn).await?;
+    if sinks.is_empty() {
+        return Ok(());
+    }
+    let mut recorded: Vec<(i64, NewEvent)> = ids.into_iter().zip(events.iter().cloned()).collect();
+    // A node flapping gets its summary now, recorded beside the change that made it one.
+    let mut summaries = Vec::new();
+    for (_, e) in &recorded {
+        if let (EventKind::NodeOffline, Some(node)) = (e.kind, &e.node) {
+            let times = sql::offline_count(conn, node.as_str(), FLAP_WINDOW).await?;
+            if times == FLAP_LIMIT + 1 {
+                summaries.push(
+                    NewEvent::new(
+                        EventKind::NodeFlapping,
+                        format!(
+                            "node {node} went offline {times} times in {} minutes; its next changes are \
+                             recorded but not sent until it has been steady for {} minutes",
+                            FLAP_WINDOW.as_secs() / 60,
+                            FLAP_WINDOW.as_secs() / 60
+                        ),
+                    )
+                    .node(node)
+                    .detail(json!({ "offline_times": times, "window_secs": FLAP_WINDOW.as_secs() })),
+                );
+            }
+        }
+    }
+    if !summaries.is_empty() {
+        let ids = sql::insert(conn, &summaries).await?;
+        recorded.extend(ids.into_iter().zip(summaries));
+    }
+    let mut sent_this_hour = sql::sent_this_hour(conn).await?;
+    let mut rows = Vec::new();
+    for (id, e) in &recorded {
+        for sink in &sinks {
+            let Some(why_not) = deliverable(conn, sink, e).await? else {
+                continue;
+            };
+            let count = sent_this_hour.entry(sink.name.clone()).or_insert(0);
+            let why_not = why_not.or_else(|| {
+                (*count >= i64::from(sink.spec.max_per_hour)).then(|| {
+                    format!(
+                        "not sent: sink `{}` reached its limit of {} messages an hour",
+                        sink.name, sink.spec.max_per_hour
+                    )
+                })
+            });
+            if why_not.is_none() {
+                *count += 1;
+            }
+            rows.push(sql::NewDelivery {
+                event: *id,
+                sink: sink.name.clone(),
+                suppressed: why_not,
+            });
+        }
+    }
+    sql::insert_deliveries(conn, &rows).await
+}
+
+/// Whether `sink` wants `e`: `None` when not at all, `Some(None)` to send it, `Some(Some(why))` to
+/// record it as not sent (a flapping node's change).
+async fn deliverable(
+    conn: &mut PgConnection,
+    sink: &sql::SinkRow,
+    e: &NewEvent,
+) -> Result<Option<Option<String>>, StoreError> {
+    let spec = &sink.spec;
+    let app = e.app.as_ref().map(Name::as_str);
+    let wants = |kind: EventKind| {
+        cairn_schema::Sink::matches(&spec.events, &spec.apps, kind.as_str(), app)
+            && severity_at_least(kind.severity(), spec.severity)
+    };
+    let node = e.node.as_ref().map(Name::as_str);
+    match (e.kind, node) {
+        // A resolve goes where its alert went (whatever the sink's severity), and only if it went.
+        (EventKind::NodeOnline, Some(node)) => {
+            if !wants(EventKind::NodeOnline) && !wants(EventKind::NodeOffline) {
+                return Ok(None);
+            }
+            if !sql::last_offline_sent(conn, &sink.name, node).await? {
+                return Ok(Some(Some(format!(
+                    "not sent: node {node}'s going offline was not sent to sink `{}` either",
+                    sink.name
+                ))));
+            }
+            Ok(Some(flapping(conn, node).await?))
+        }
+        (EventKind::NodeOffline, Some(node)) => {
+            if !wants(EventKind::NodeOffline) {
+                return Ok(None);
+            }
+            Ok(Some(flapping(conn, node).await?))
+        }
+        (EventKind::NodeFlapping, _) => {
+            Ok((wants(EventKind::NodeFlapping) || wants(EventKind::NodeOffline)).then_some(None))
+        }
+        (kind, _) => Ok(wants(kind).then_some(None)),
+    }
+}
+
+/// Why a node's change is not sent: it went offline more than [`FLAP_LIMIT`] times in the window.
+async fn flapping(conn: &mut PgConnection, node: &str) -> Result<Option<String>, StoreError> {
+    let times = sql::offline_count(conn, node, FLAP_WINDOW).await?;
+    Ok((times > FLAP_LIMIT).then(|| {
+        format!(
+            "not sent: node {node} is flapping ({times} times offline in {} minutes); summarised by \
+             one node.flapping message",
+            FLAP_WINDOW.as_secs() / 60
+        )
+    }))
+}
+
+fn severity_at_least(s: Severity, min: cairn_schema::SinkSeverity) -> bool {
+    let min = match min {
+        cairn_schema::SinkSeverity::Info => Severity::Info,
+        cairn_schema::SinkSeverity::Warning => Severity::Warning,
+        cairn_schema::SinkSeverity::Error => Severity::Error,
+    };
+    s >= min
 }
 
 /// Which events to read.
@@ -224,7 +356,7 @@ pub async fn list(pool: &PgPool, filter: &Filter) -> Result<Vec<EventInfo>, Stor
     sql::list(pool, filter).await
 }
 
-/// Deletes events older than `older_than`; returns how many.
+/// Deletes events older than `older_than` (their deliveries with them); returns how many.
 pub async fn prune(pool: &PgPool, older_than: Duration) -> Result<u64, StoreError> {
     sql::prune(pool, older_than).await
 }
@@ -238,6 +370,9 @@ mod tests {
         for k in EventKind::ALL {
             assert_eq!(EventKind::parse(k.as_str()), Some(k));
         }
+        // What a sink's `events` may name is this very set.
+        let names: Vec<&str> = EventKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names, cairn_schema::model::EVENT_KINDS);
         assert_eq!(EventKind::DeployFailed.severity(), Severity::Error);
         assert!(Severity::Info < Severity::Warning && Severity::Warning < Severity::Error);
     }

@@ -369,6 +369,10 @@ async fn write_state(
                 Kind::App => {
                     state::upsert_app(tx, &c.name, &d.apps[&c.name], prints, generation).await?
                 }
+                Kind::Notify => {
+                    state::upsert_sink(tx, &c.name, &d.notify[&c.name], generation).await?;
+                    continue;
+                }
             };
         }
         // A secret re-encrypted to other recipients is no change (same fingerprint), yet the stored
@@ -393,7 +397,13 @@ async fn write_state(
         }
         // Apps first: the deferred foreign keys are checked at commit, but deleting dependants first keeps
         // the order obvious to a reader of the statement log.
-        for kind in [Kind::App, Kind::Node, Kind::Runtime, Kind::Plan] {
+        for kind in [
+            Kind::Notify,
+            Kind::App,
+            Kind::Node,
+            Kind::Runtime,
+            Kind::Plan,
+        ] {
             if let Some(names) = deleted.get(&kind) {
                 state::delete_resources(tx, kind, names).await?;
             }

@@ -151,3 +151,114 @@ pub(crate) async fn release_facts(
     .transpose()
     .op("read a release for its event")
 }
+
+/// An applied notification sink, as event recording matches it (no secret: the spec has digests).
+pub(crate) struct SinkRow {
+    pub name: String,
+    pub spec: cairn_plan::observed::AppliedSink,
+}
+
+/// Every applied sink.
+pub(crate) async fn sinks(conn: &mut PgConnection) -> Result<Vec<SinkRow>, StoreError> {
+    let rows = sqlx::query("SELECT name, spec FROM notify_sinks ORDER BY name")
+        .fetch_all(conn)
+        .await
+        .op("read notification sinks")?;
+    rows.into_iter()
+        .map(|row| {
+            let name: String = row.try_get("name").op("read notification sinks")?;
+            let spec: Value = row.try_get("spec").op("read notification sinks")?;
+            Ok(SinkRow {
+                name,
+                spec: super::decode::json("notify_sinks", "spec", spec)?,
+            })
+        })
+        .collect()
+}
+
+/// How many times `node` went offline within `window` (its events).
+pub(crate) async fn offline_count(
+    conn: &mut PgConnection,
+    node: &str,
+    window: Duration,
+) -> Result<i64, StoreError> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM events
+         WHERE node = $1 AND kind = 'node.offline'
+           AND at > now() - $2::float8 * interval '1 millisecond'",
+    )
+    .bind(node)
+    .bind(millis(window))
+    .fetch_one(conn)
+    .await
+    .op("count a node's recent offline events")
+}
+
+/// Whether `sink` was sent (or is sending) the last `node.offline` of `node`: its resolve follows it.
+pub(crate) async fn last_offline_sent(
+    conn: &mut PgConnection,
+    sink: &str,
+    node: &str,
+) -> Result<bool, StoreError> {
+    let status: Option<String> = sqlx::query_scalar(
+        "SELECT o.status FROM events e
+         JOIN notify_outbox o ON o.event_id = e.id AND o.sink = $1
+         WHERE e.id = (SELECT max(id) FROM events WHERE node = $2 AND kind = 'node.offline')",
+    )
+    .bind(sink)
+    .bind(node)
+    .fetch_optional(conn)
+    .await
+    .op("find a node's last offline notification")?;
+    Ok(status.is_some_and(|s| s != "suppressed"))
+}
+
+/// Per sink, the messages queued or sent within the last hour (not those suppressed).
+pub(crate) async fn sent_this_hour(
+    conn: &mut PgConnection,
+) -> Result<std::collections::BTreeMap<String, i64>, StoreError> {
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT sink, count(*) FROM notify_outbox
+         WHERE created_at > now() - interval '1 hour' AND status <> 'suppressed'
+         GROUP BY sink",
+    )
+    .fetch_all(conn)
+    .await
+    .op("count a sink's recent notifications")?;
+    Ok(rows.into_iter().collect())
+}
+
+/// A delivery of an event to a sink: pending, or `suppressed` with why.
+pub(crate) struct NewDelivery {
+    pub event: i64,
+    pub sink: String,
+    pub suppressed: Option<String>,
+}
+
+/// Inserts deliveries (one statement). The `webhook-id` is `evt_<event>_<sink>`: stable across retries.
+pub(crate) async fn insert_deliveries(
+    conn: &mut PgConnection,
+    rows: &[NewDelivery],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let events: Vec<i64> = rows.iter().map(|r| r.event).collect();
+    let sinks: Vec<&str> = rows.iter().map(|r| r.sink.as_str()).collect();
+    let reasons: Vec<Option<&str>> = rows.iter().map(|r| r.suppressed.as_deref()).collect();
+    sqlx::query(
+        "INSERT INTO notify_outbox (event_id, sink, webhook_id, status, last_error, finished_at)
+         SELECT e, s, 'evt_' || e || '_' || s,
+                CASE WHEN r IS NULL THEN 'pending' ELSE 'suppressed' END,
+                r,
+                CASE WHEN r IS NULL THEN NULL ELSE now() END
+         FROM unnest($1::bigint[], $2::text[], $3::text[]) AS t(e, s, r)",
+    )
+    .bind(&events)
+    .bind(&sinks)
+    .bind(&reasons)
+    .execute(conn)
+    .await
+    .op("queue notifications")?;
+    Ok(())
+}

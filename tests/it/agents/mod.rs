@@ -2,6 +2,7 @@
 //! driver on loopback, and raw HTTP where a test plays a misbehaving agent.
 
 mod events;
+mod notify;
 pub(crate) mod support;
 mod trust;
 
