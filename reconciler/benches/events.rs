@@ -12,12 +12,10 @@
 
 use std::time::{Duration, Instant};
 
-use cairn_plan::observed::{AppliedSink, CommitId, Fingerprints};
+use cairn_plan::observed::{CommitId, Fingerprints};
 use cairn_reconciler::events::{EventKind, NewEvent, record};
 use cairn_reconciler::executor::{Context, reconcile};
 use cairn_reconciler::store::history::Trigger;
-use cairn_schema::{SinkKind, SinkSeverity};
-use sqlx::PgPool;
 
 const REV: &str = "0123456789abcdef0123456789abcdef01234567";
 
@@ -49,29 +47,6 @@ fn repo(apps: usize) -> Vec<(String, String)> {
     files
 }
 
-async fn add_sinks(pool: &PgPool) {
-    for name in ["ops", "audit"] {
-        let spec = AppliedSink {
-            kind: SinkKind::Webhook,
-            url_sha256: "0".repeat(64),
-            signing_secret_sha256: None,
-            events: vec!["*".into()],
-            apps: vec!["*".into()],
-            severity: SinkSeverity::Info,
-            max_per_hour: 1_000_000,
-        };
-        sqlx::query(
-            "INSERT INTO notify_sinks (name, kind, url_sealed, spec, generation)
-             VALUES ($1, 'webhook', '-----BEGIN AGE ENCRYPTED FILE-----', $2, 0)",
-        )
-        .bind(name)
-        .bind(serde_json::to_value(spec).unwrap())
-        .execute(pool)
-        .await
-        .unwrap();
-    }
-}
-
 struct Run {
     apply: Duration,
     events: i64,
@@ -84,10 +59,18 @@ async fn one(apps: usize, sinks: bool) -> Run {
         .await
         .expect("the benchmark needs PostgreSQL (see testkit/src/pg.rs)");
     let pool = db.pool().clone();
+    let mut files = repo(apps);
     if sinks {
-        add_sinks(&pool).await;
+        // Two sinks that want every event. The URLs are never opened here: any armored text parses.
+        let sealed = "{ secret = \"-----BEGIN AGE ENCRYPTED FILE-----\\nAA==\\n-----END AGE ENCRYPTED FILE-----\" }";
+        let mut f = String::new();
+        for name in ["ops", "audit"] {
+            f += &format!(
+                "[notify.{name}]\nkind = \"slack\"\nurl = {sealed}\nevents = [\"*\"]\nseverity = \"info\"\nmax_per_hour = 1000000\n\n"
+            );
+        }
+        files.push(("notify.toml".to_owned(), f));
     }
-    let files = repo(apps);
     let (_, loaded) = cairn_schema::load(files.iter().map(|(p, s)| (p.as_str(), s.as_str())));
     let desired = loaded.desired.expect("the generated repository is valid");
     let commit = CommitId::new("fedcba9876543210fedcba9876543210fedcba98");
@@ -112,6 +95,10 @@ async fn one(apps: usize, sinks: bool) -> Run {
     .expect("the cold apply");
     let apply = started.elapsed();
     assert_eq!(applied.plan.releases.len(), apps);
+    assert_eq!(
+        applied.status,
+        cairn_reconciler::store::ReconcileStatus::Applied
+    );
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&pool)
         .await
