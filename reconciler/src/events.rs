@@ -218,7 +218,7 @@ pub async fn record(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), 
     if events.is_empty() {
         return Ok(());
     }
-    let ids = sql::insert(conn, events).await?;
+    let ids = insert(conn, events).await?;
     let sinks = sql::sinks(conn).await?;
     if sinks.is_empty() {
         return Ok(());
@@ -247,7 +247,7 @@ pub async fn record(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), 
         }
     }
     if !summaries.is_empty() {
-        let ids = sql::insert(conn, &summaries).await?;
+        let ids = insert(conn, &summaries).await?;
         recorded.extend(ids.into_iter().zip(summaries));
     }
     let mut sent_this_hour = sql::sent_this_hour(conn).await?;
@@ -277,6 +277,23 @@ pub async fn record(conn: &mut PgConnection, events: &[NewEvent]) -> Result<(), 
         }
     }
     sql::insert_deliveries(conn, &rows).await
+}
+
+async fn insert(conn: &mut PgConnection, events: &[NewEvent]) -> Result<Vec<i64>, StoreError> {
+    let rows: Vec<sql::EventRow<'_>> = events
+        .iter()
+        .map(|e| sql::EventRow {
+            kind: e.kind.as_str(),
+            severity: e.kind.severity().as_str(),
+            app: e.app.as_ref().map(Name::as_str),
+            node: e.node.as_ref().map(Name::as_str),
+            release: e.release,
+            commit: e.commit.as_deref(),
+            message: &e.message,
+            detail: &e.detail,
+        })
+        .collect();
+    sql::insert(conn, &rows).await
 }
 
 /// Whether `sink` wants `e`: `None` when not at all, `Some(None)` to send it, `Some(Some(why))` to
@@ -341,15 +358,7 @@ fn severity_at_least(s: Severity, min: cairn_schema::SinkSeverity) -> bool {
     s >= min
 }
 
-/// Which events to read.
-#[derive(Debug, Clone, Default)]
-pub struct Filter {
-    pub app: Option<String>,
-    /// Only events with a larger id (following).
-    pub after: Option<i64>,
-    /// At most this many: the newest ones, in id order.
-    pub limit: u32,
-}
+pub use crate::store::events::Filter;
 
 /// Events matching `filter`, oldest first.
 pub async fn list(pool: &PgPool, filter: &Filter) -> Result<Vec<EventInfo>, StoreError> {

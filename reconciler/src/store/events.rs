@@ -16,12 +16,33 @@ use sqlx::{PgConnection, PgPool, Row as _};
 
 use super::decode::millis;
 use super::{Op as _, StoreError};
-use crate::events::{Filter, NewEvent};
+
+/// An event row to insert (`crate::events` builds them).
+pub(crate) struct EventRow<'a> {
+    pub kind: &'a str,
+    pub severity: &'a str,
+    pub app: Option<&'a str>,
+    pub node: Option<&'a str>,
+    pub release: Option<u64>,
+    pub commit: Option<&'a str>,
+    pub message: &'a str,
+    pub detail: &'a Value,
+}
+
+/// Which events to read.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub app: Option<String>,
+    /// Only events with a larger id (following).
+    pub after: Option<i64>,
+    /// At most this many: the newest ones, in id order.
+    pub limit: u32,
+}
 
 /// Inserts `events` (one statement) and returns their ids, in order.
 pub(crate) async fn insert(
     conn: &mut PgConnection,
-    events: &[NewEvent],
+    events: &[EventRow<'_>],
 ) -> Result<Vec<i64>, StoreError> {
     let mut kinds = Vec::with_capacity(events.len());
     let mut severities = Vec::with_capacity(events.len());
@@ -32,18 +53,18 @@ pub(crate) async fn insert(
     let mut messages = Vec::with_capacity(events.len());
     let mut details = Vec::with_capacity(events.len());
     for e in events {
-        kinds.push(e.kind.as_str());
-        severities.push(e.kind.severity().as_str());
-        apps.push(e.app.as_ref().map(|a| a.as_str().to_owned()));
-        nodes.push(e.node.as_ref().map(|n| n.as_str().to_owned()));
+        kinds.push(e.kind);
+        severities.push(e.severity);
+        apps.push(e.app);
+        nodes.push(e.node);
         releases.push(
             e.release
                 .map(|r| super::to_i64("a release number", r))
                 .transpose()?,
         );
-        commits.push(e.commit.clone());
-        messages.push(e.message.as_str());
-        details.push(Json(&e.detail));
+        commits.push(e.commit);
+        messages.push(e.message);
+        details.push(Json(e.detail));
     }
     sqlx::query_scalar(
         "INSERT INTO events (kind, severity, app, node, release, commit, message, detail)
