@@ -5,7 +5,8 @@
 //! A deploy's record holds the replica's whole environment, secrets decrypted with the node's identity:
 //! this is the stand-in for the driver that would give them to the app, and the only place a test can
 //! check that a secret reached its node in plaintext. `CAIRN_AGENT_TEST_DELAY_MS` makes every task take
-//! that long (to catch an agent in the middle of one).
+//! that long (to catch an agent in the middle of one). A release whose env sets `RECORDING_UNHEALTHY`
+//! fails as a replica failing its health check does, with that value in the reason.
 //!
 //! What it must not do: run in production, or put a secret anywhere but its own record file.
 
@@ -29,6 +30,9 @@ use crate::runner::{Ran, RunError, Runner, Work};
 pub const ENABLE_ENV: &str = "CAIRN_AGENT_TEST_DRIVER";
 /// Milliseconds every task takes.
 pub const DELAY_ENV: &str = "CAIRN_AGENT_TEST_DELAY_MS";
+/// An env var that makes a deploy, start or restart of the release fail its "health check" with the
+/// var's value as the reason (a test of what follows a broken release).
+pub const UNHEALTHY_ENV: &str = "RECORDING_UNHEALTHY";
 /// The record file in the data directory.
 pub const RECORD_FILE: &str = "recording.jsonl";
 
@@ -120,7 +124,20 @@ impl Runner for RecordingRunner {
                     .map_err(|_| RunError::Failed(format!("secret `{k}` is not UTF-8")))?;
                 env.insert(k.to_owned(), json!(s));
             }
+            let unhealthy = env
+                .get(UNHEALTHY_ENV)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned);
             rec["env"] = serde_json::Value::Object(env);
+            if let Some(why) = unhealthy {
+                rec["unhealthy"] = json!(why);
+                self.record(rec)?;
+                // What the deploy says of a replica failing its health check: the release is broken.
+                return Err(RunError::Broken(format!(
+                    "release {} of {} failed its health check: {why}",
+                    work.release, work.app
+                )));
+            }
             rec["hostnames"] = json!(spec.hostnames);
             rec["source_commit"] = json!(spec.source.commit);
             rec["replica"] = json!(spec.replica_name());

@@ -58,6 +58,14 @@ pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, Not
         target.apps.contains_key(a) && !plan.pins.iter().any(|p| &p.app == a && p.lifted)
     });
     next.apps = target.apps;
+    if let Some(d) = input.desired {
+        next.notify = d
+            .state
+            .notify
+            .iter()
+            .map(|(n, s)| (n.clone(), crate::observed::AppliedSink::from_desired(s)))
+            .collect();
+    }
     next.placements = plan.placements.clone();
     for r in &plan.releases {
         next.releases.insert(

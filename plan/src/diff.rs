@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{FieldDiff, Shown};
-use crate::observed::{AppliedApp, AppliedEnv};
+use crate::observed::{AppliedApp, AppliedEnv, AppliedSink};
 
 /// A flattened field's value.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +91,35 @@ pub(crate) fn flat_node(n: &Node) -> Flat {
     b.opt(6, "recipient", n.recipient.as_ref());
     b.opt(7, "address", n.address.as_ref());
     b.put(8, "ingress", &n.ingress);
+    b.0
+}
+
+/// A sink's URL and signing secret are shown as secrets, compared by their ciphertexts' digests.
+pub(crate) fn flat_sink(s: &AppliedSink) -> Flat {
+    let mut b = Builder(Vec::new());
+    b.put(0, "kind", &s.kind);
+    b.0.push((
+        1,
+        "url".to_owned(),
+        Leaf::Secret {
+            key: s.url_sha256.clone(),
+            unverified: false,
+        },
+    ));
+    if let Some(d) = &s.signing_secret_sha256 {
+        b.0.push((
+            2,
+            "signing_secret".to_owned(),
+            Leaf::Secret {
+                key: d.clone(),
+                unverified: false,
+            },
+        ));
+    }
+    b.put(3, "events", &s.events);
+    b.put(4, "apps", &s.apps);
+    b.put(5, "severity", &s.severity);
+    b.put(6, "max_per_hour", &s.max_per_hour);
     b.0
 }
 

@@ -13,7 +13,7 @@ use std::fmt;
 
 use cairn_schema::{
     App, Ciphertext, Domain, Driver, EnvName, EnvValue, Health, Http, Name, Node, Placement, Plan,
-    Recipient, Runtime, Source,
+    Recipient, Runtime, Sink, SinkKind, SinkSeverity, Source,
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -98,6 +98,9 @@ pub struct Observed {
     pub source_heads: BTreeMap<Name, CommitId>,
     /// Apps an operator pinned to a release by rolling back: they stay on that release until unpinned.
     pub rollback_pins: BTreeMap<Name, ReleaseNumber>,
+    /// Applied notification sinks, their secrets as digests of the ciphertexts (`notify_sinks.spec`).
+    #[serde(default)]
+    pub notify: BTreeMap<Name, AppliedSink>,
     /// Restart requests: per app, a counter `cairn restart APP` increments. A running replica whose
     /// [`ReplicaPlacement::restart`] is lower gets a restart task. Absent means 0.
     pub restart_requests: BTreeMap<Name, u64>,
@@ -204,6 +207,38 @@ pub enum AppliedEnv {
 }
 
 /// The hex SHA-256 of an armored ciphertext, as stored in [`AppliedEnv::Secret`].
+/// An applied notification sink: the manifest's [`Sink`] with its URL and signing secret reduced to
+/// digests of their ciphertexts (a re-encrypted URL shows as changed: without the plaintext nothing
+/// better can be compared, and the digest reveals nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedSink {
+    pub kind: SinkKind,
+    pub url_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret_sha256: Option<String>,
+    pub events: Vec<String>,
+    pub apps: Vec<String>,
+    pub severity: SinkSeverity,
+    pub max_per_hour: u32,
+}
+
+impl AppliedSink {
+    pub fn from_desired(s: &Sink) -> AppliedSink {
+        AppliedSink {
+            kind: s.kind,
+            url_sha256: ciphertext_sha256(&s.url.secret),
+            signing_secret_sha256: s
+                .signing_secret
+                .as_ref()
+                .map(|c| ciphertext_sha256(&c.secret)),
+            events: s.events.clone(),
+            apps: s.apps.clone(),
+            severity: s.severity,
+            max_per_hour: s.max_per_hour,
+        }
+    }
+}
+
 pub fn ciphertext_sha256(ct: &Ciphertext) -> String {
     hex_sha256(ct.as_str().as_bytes())
 }

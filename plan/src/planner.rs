@@ -13,15 +13,15 @@ use cairn_schema::{
 };
 use rust_decimal::Decimal;
 
-use super::diff::{Flat, diff, flat_app, flat_node, flat_plan, flat_runtime};
+use super::diff::{Flat, diff, flat_app, flat_node, flat_plan, flat_runtime, flat_sink};
 use super::{
     Action, AppCertificate, Cost, Https, Ingress, NewHosts, NewRelease, NodeHeadroom, Pin,
     PlacementChange, PlacementReason, Plan, PlanInput, ReleaseEnv, ReleaseSpec, ResourceChange,
     Task, TaskAction, Usage, Warning, WarningKind,
 };
 use crate::observed::{
-    AppliedApp, AppliedEnv, CommitId, Fingerprints, NodeState, ObservedCert, ReleaseNumber,
-    ReplicaPlacement, ReplicaState, ciphertext_sha256, effective_state,
+    AppliedApp, AppliedEnv, AppliedSink, CommitId, Fingerprints, NodeState, ObservedCert,
+    ReleaseNumber, ReplicaPlacement, ReplicaState, ciphertext_sha256, effective_state,
 };
 use crate::scheduler::{AppDemand, Condition, How, NodeInfo, Outcome, Resources, schedule};
 
@@ -223,6 +223,21 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             target.origins,
             |name, a| flat_app(a, |k| unverified.contains(&(name.clone(), k.clone()))),
         ));
+        if let Some(d) = input.desired {
+            let sinks: BTreeMap<Name, AppliedSink> = d
+                .state
+                .notify
+                .iter()
+                .map(|(n, s)| (n.clone(), AppliedSink::from_desired(s)))
+                .collect();
+            changes.extend(kind_changes(
+                Kind::Notify,
+                &obs.notify,
+                &sinks,
+                target.origins,
+                |_, s| flat_sink(s),
+            ));
+        }
     }
     if !target.unverified.is_empty() {
         let n = target.unverified.len();

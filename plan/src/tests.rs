@@ -1149,7 +1149,7 @@ fn the_example_repository_plans_from_scratch() {
     assert_eq!(p.ingress.new_hosts.len(), d.apps.len());
     assert_eq!(
         p.counts().0,
-        d.plans.len() + d.runtimes.len() + d.nodes.len() + d.apps.len()
+        d.plans.len() + d.runtimes.len() + d.nodes.len() + d.apps.len() + d.notify.len()
     );
     let o2 = next_observed(&i, &p).unwrap();
     assert!(plan(&input(Some((&c, &d)), Some(&fps), &o2)).is_empty());
@@ -1367,6 +1367,7 @@ mod properties {
                     runtimes: BTreeMap::new(),
                     nodes: BTreeMap::new(),
                     apps: BTreeMap::new(),
+                    notify: BTreeMap::new(),
                     origins: BTreeMap::new(),
                 };
                 for p in 0..3u32 {

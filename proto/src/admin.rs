@@ -221,3 +221,59 @@ pub struct CertificateInfo {
     pub next_attempt_at: DateTime<Utc>,
     pub issued_at: Option<DateTime<Utc>>,
 }
+
+/// One event: something that happened to an app, a node or the configuration (`GET /api/v1/events`,
+/// `cairn events`). Never a secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventInfo {
+    /// Increasing; `?after=ID` asks for what came later (`cairn events --follow`).
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    /// `deploy.failed`, `node.offline`, ...
+    pub kind: String,
+    /// `info`, `warning` or `error`.
+    pub severity: String,
+    pub app: Option<String>,
+    pub node: Option<String>,
+    pub release: Option<u64>,
+    /// A deploy's source commit, an apply's config commit.
+    pub commit: Option<String>,
+    /// One line.
+    pub message: String,
+    /// The fields a machine reads: `reason`, `push_to_running_secs`, `diagnostics`, ...
+    pub detail: serde_json::Value,
+}
+
+/// One notification of an event to a sink (`GET /api/v1/notify/deliveries`, `cairn notify deliveries`):
+/// sent, retrying, dead, or suppressed, and why. Never the sink's URL.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotifyDelivery {
+    pub id: i64,
+    pub sink: String,
+    /// The Standard Webhooks `webhook-id`, the same on every attempt.
+    pub webhook_id: String,
+    /// `pending` (waiting or retrying), `done`, `dead` or `suppressed`.
+    pub status: String,
+    pub attempts: u32,
+    /// The receiver's last answer.
+    pub status_code: Option<u16>,
+    pub latency_ms: Option<u64>,
+    /// Why the last attempt failed, or why it was not sent.
+    pub reason: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub event: EventInfo,
+}
+
+/// What `POST /api/v1/notify/{sink}/test` got back from the sink's receiver.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NotifyTestAnswer {
+    pub sink: String,
+    /// The receiver's status code, when it answered.
+    pub status_code: Option<u16>,
+    pub latency_ms: u64,
+    /// The first kilobyte of its answer's body (lossy UTF-8).
+    pub body: String,
+    /// Why nothing or an error came back.
+    pub error: Option<String>,
+}

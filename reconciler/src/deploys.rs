@@ -415,7 +415,8 @@ pub async fn finish(
         };
         // A superseded deploy may have been the release's last open one: the others decide.
         if matches!(reported.status, TaskStatus::Done | TaskStatus::Superseded) || died.is_some() {
-            release_outcome(ctx, &row.app, release, died).await?;
+            let node = died.is_some().then_some(node);
+            release_outcome(ctx, &row.app, release, died, node).await?;
         }
     }
     Ok(reported)
@@ -499,6 +500,7 @@ pub async fn release_outcome(
     app: &Name,
     release: u64,
     died: Option<&str>,
+    died_on: Option<&Name>,
 ) -> Result<(), DeployError> {
     let mut tx = ctx
         .pool
@@ -535,6 +537,8 @@ pub async fn release_outcome(
             live = crate::store::metrics::release_timings(&mut tx, app.as_str(), release).await?;
         }
         tracing::info!(%app, release, ok, status = ?finished, reason, "release deploy finished");
+        let event = outcome_event(&mut tx, app, release, ok, &reason, died_on).await?;
+        crate::events::record(&mut tx, &[event]).await?;
         crate::hooks::record_deploy_outcome(
             ctx.hooks,
             &mut tx,
@@ -558,4 +562,58 @@ pub async fn release_outcome(
         crate::metrics::global().release_live(&stages, secs);
     }
     Ok(())
+}
+
+/// The `deploy.succeeded` or `deploy.failed` event of a release's outcome: its source commit, why, on
+/// which node a deploy died, and the time from the control plane first seeing the commit as its
+/// branch's head (the push) to the outcome.
+async fn outcome_event(
+    tx: &mut sqlx::PgConnection,
+    app: &Name,
+    release: u64,
+    ok: bool,
+    reason: &str,
+    died_on: Option<&Name>,
+) -> Result<crate::events::NewEvent, DeployError> {
+    use crate::events::{EventKind, NewEvent};
+    let facts = crate::store::events::release_facts(tx, app.as_str(), release).await?;
+    let secs = |s: Option<f64>| s.filter(|s| s.is_finite() && *s >= 0.0);
+    let (commit, since_head, release_secs) = match &facts {
+        Some(f) => (
+            Some(f.source_commit.as_str()),
+            secs(f.since_head_secs),
+            secs(f.release_secs),
+        ),
+        None => (None, None, None),
+    };
+    let short = commit.map(crate::executor::short).unwrap_or("?");
+    let (kind, message) = if ok {
+        let after = since_head
+            .map(|s| format!(" {s:.1}s after the push"))
+            .unwrap_or_default();
+        (
+            EventKind::DeploySucceeded,
+            format!("release #{release} of {app} (commit {short}) is running{after}"),
+        )
+    } else {
+        (
+            EventKind::DeployFailed,
+            format!("release #{release} of {app} (commit {short}) failed: {reason}"),
+        )
+    };
+    let mut e = NewEvent::new(kind, message)
+        .app(app)
+        .release(release)
+        .detail(serde_json::json!({
+            "reason": reason,
+            "push_to_running_secs": if ok { since_head } else { None },
+            "release_secs": release_secs,
+        }));
+    if let Some(c) = commit {
+        e = e.commit(c);
+    }
+    if let Some(n) = died_on {
+        e = e.node(n);
+    }
+    Ok(e)
 }

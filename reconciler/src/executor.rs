@@ -12,8 +12,10 @@ use std::time::Duration;
 use cairn_schema::{Desired, EnvValue, Identity, Kind, Name, Recipient};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
+use serde_json::json;
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::events::{EventKind, NewEvent};
 use crate::queue::{self, NewTask, QueueError, TaskKind};
 use crate::store::{
     self, NewReconciliation, ReconcileStatus, RecordedError, ReleaseInsert, StoreError, state,
@@ -166,6 +168,9 @@ pub async fn reconcile(
         },
     )
     .await?;
+    if status == ReconcileStatus::Applied {
+        crate::events::record(&mut tx, &applied_events(&plan)).await?;
+    }
     if let (Some(hooks), ReconcileStatus::Applied) = (cx.hooks, status)
         && let Some(mut savepoint) = crate::hooks::savepoint(&mut tx, "applied").await
     {
@@ -203,7 +208,7 @@ pub async fn record_failure(
     // The same commit failing the same way again (every interval while it is the head) only counts a
     // repeat on the row already there. The hooks still hear of every failure: a start in between may
     // have set the commit's status to pending again.
-    let (id, _repeated) = store::history::record_failed(
+    let (id, repeated) = store::history::record_failed(
         &mut tx,
         &NewReconciliation {
             source: cx.source,
@@ -219,6 +224,10 @@ pub async fn record_failure(
     )
     .await?;
     let errors = &errors[..errors.len().min(store::history::MAX_RECORDED_ERRORS)];
+    // Once per failure: the same commit failing the same way again is a repeat, not news.
+    if !repeated {
+        crate::events::record(&mut tx, &[failure_event(commit, &summary, errors)]).await?;
+    }
     if let (Some(hooks), Some(commit), false) = (cx.hooks, commit, errors.is_empty())
         && let Some(mut savepoint) = crate::hooks::savepoint(&mut tx, "failed").await
     {
@@ -230,6 +239,104 @@ pub async fn record_failure(
         source: e,
     })?;
     Ok(id)
+}
+
+/// What an applied plan tells the events table: a new config commit applied, each release it starts
+/// deploying, each replica that left its node and that no node can take.
+fn applied_events(plan: &Plan) -> Vec<NewEvent> {
+    let mut out = Vec::with_capacity(plan.releases.len() + 1);
+    if let Some(target) = &plan.target_commit
+        && plan.applied_commit.as_ref() != Some(target)
+    {
+        out.push(
+            NewEvent::new(
+                EventKind::ApplySucceeded,
+                format!(
+                    "config commit {} applied. {}",
+                    short(target.as_str()),
+                    plan.summary()
+                ),
+            )
+            .commit(target.as_str())
+            .detail(json!({
+                "generation": plan.generation,
+                "summary": plan.summary(),
+                "tasks": plan.tasks.len(),
+            })),
+        );
+    }
+    for r in &plan.releases {
+        let mut nodes: Vec<&str> = plan
+            .tasks
+            .iter()
+            .filter(|t| t.app == r.app && t.release == r.number)
+            .map(|t| t.node.as_str())
+            .collect();
+        nodes.sort_unstable();
+        nodes.dedup();
+        out.push(
+            NewEvent::new(
+                EventKind::DeployStarted,
+                format!(
+                    "release #{} of {} (commit {}) is deploying",
+                    r.number,
+                    r.app,
+                    short(r.source_commit.as_str())
+                ),
+            )
+            .app(&r.app)
+            .release(r.number)
+            .commit(r.source_commit.as_str())
+            .detail(json!({
+                "config_commit": r.config_commit.as_str(),
+                "nodes": nodes,
+                "config_changed": r.config_changed,
+            })),
+        );
+    }
+    for c in &plan.placement_changes {
+        if let cairn_plan::PlacementReason::Unplaced { .. } = c.reason {
+            let mut e = NewEvent::new(
+                EventKind::ReplicaUnplaceable,
+                format!(
+                    "replica {} of {} cannot be placed: {}",
+                    c.slot,
+                    c.app,
+                    c.reason.describe()
+                ),
+            )
+            .app(&c.app)
+            .detail(json!({ "slot": c.slot, "reason": c.reason.describe() }));
+            if let Some(from) = &c.from {
+                e = e.node(from);
+            }
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// A config commit that could not be applied, with its first diagnostics.
+fn failure_event(commit: Option<&str>, summary: &str, errors: &[RecordedError]) -> NewEvent {
+    let diagnostics: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let what = commit.map_or_else(
+        || "the config".to_owned(),
+        |c| format!("config commit {}", short(c)),
+    );
+    let mut e = NewEvent::new(
+        EventKind::ApplyFailed,
+        format!("{what} was not applied: {summary}"),
+    )
+    .detail(json!({ "diagnostics": diagnostics }));
+    if let Some(c) = commit {
+        e = e.commit(c);
+    }
+    e
+}
+
+/// The first 12 characters of a commit id, as people quote them.
+pub(crate) fn short(commit: &str) -> &str {
+    commit.get(..12).unwrap_or(commit)
 }
 
 async fn write_state(
@@ -262,6 +369,10 @@ async fn write_state(
                 Kind::App => {
                     state::upsert_app(tx, &c.name, &d.apps[&c.name], prints, generation).await?
                 }
+                Kind::Notify => {
+                    state::upsert_sink(tx, &c.name, &d.notify[&c.name], generation).await?;
+                    continue;
+                }
             };
         }
         // A secret re-encrypted to other recipients is no change (same fingerprint), yet the stored
@@ -286,7 +397,13 @@ async fn write_state(
         }
         // Apps first: the deferred foreign keys are checked at commit, but deleting dependants first keeps
         // the order obvious to a reader of the statement log.
-        for kind in [Kind::App, Kind::Node, Kind::Runtime, Kind::Plan] {
+        for kind in [
+            Kind::Notify,
+            Kind::App,
+            Kind::Node,
+            Kind::Runtime,
+            Kind::Plan,
+        ] {
             if let Some(names) = deleted.get(&kind) {
                 state::delete_resources(tx, kind, names).await?;
             }

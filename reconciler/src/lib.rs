@@ -13,6 +13,7 @@ pub mod certs;
 pub mod controller;
 pub mod deploys;
 pub mod drift;
+pub mod events;
 pub mod executor;
 pub mod hooks;
 pub mod liveness;

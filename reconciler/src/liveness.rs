@@ -7,7 +7,9 @@
 //! planner's view of a stale heartbeat follows the same rule ([`Judging`]).
 //!
 //! What it must not do: decide where replicas go (the planner does, from the state this records), or
-//! use any clock but the database's to judge a heartbeat's age.
+//! use any clock but the database's to judge a heartbeat's age. A node marked offline gets its
+//! `node.offline` event in the same transaction (`crate::events`); its `node.online` comes with the
+//! heartbeat that brings it back (`api/agent.rs`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +18,10 @@ use std::time::Duration;
 use sqlx::PgPool;
 use tokio::sync::Notify;
 
-use crate::store::nodes;
+use crate::events::NewEvent;
+use crate::store::{StoreError, nodes};
 use crate::worker::{Pass, Shutdown, Woken, Worker};
+use cairn_schema::Name;
 use cairn_schema::error::chain as error_chain;
 
 /// How often the monitor looks for silent nodes: a quarter of the threshold, between 200 ms and 5 s.
@@ -123,7 +127,7 @@ impl Pass for Monitor {
             return Ok(None);
         }
         self.judging.set(true);
-        match nodes::mark_offline(&self.pool, offline_after).await {
+        match mark_offline(&self.pool, offline_after).await {
             Ok(nodes) if nodes.is_empty() => {}
             Ok(nodes) => {
                 for n in &nodes {
@@ -139,6 +143,26 @@ impl Pass for Monitor {
         }
         Ok(None)
     }
+}
+
+/// Marks silent nodes offline and records a `node.offline` event for each, in one transaction: the
+/// UPDATE changes only nodes still online, so each going offline is one event.
+async fn mark_offline(pool: &PgPool, offline_after: Duration) -> Result<Vec<Name>, StoreError> {
+    let mut tx = pool.begin().await.map_err(|source| StoreError::Query {
+        op: "begin marking silent nodes offline",
+        source,
+    })?;
+    let marked = nodes::mark_offline(&mut tx, offline_after).await?;
+    let events: Vec<NewEvent> = marked
+        .iter()
+        .map(|n| NewEvent::node_offline(n, offline_after))
+        .collect();
+    crate::events::record(&mut tx, &events).await?;
+    tx.commit().await.map_err(|source| StoreError::Query {
+        op: "commit marking silent nodes offline",
+        source,
+    })?;
+    Ok(marked)
 }
 
 #[cfg(test)]

@@ -410,11 +410,14 @@ pub async fn prune_loop(pool: PgPool, retention: Retention, shutdown: &crate::wo
         .failures_as_warnings()
         .run(shutdown, |_| async {
             let p = prune_once(&pool, &retention).await?;
-            if p.task_lines + p.replica_lines > 0 {
+            // Events follow the same retention as the output (`--log-retention`).
+            let events = crate::events::prune(&pool, retention.keep).await?;
+            if p.task_lines + p.replica_lines + events > 0 {
                 tracing::info!(
                     task_lines = p.task_lines,
                     replica_lines = p.replica_lines,
-                    "old output pruned"
+                    events,
+                    "old output and events pruned"
                 )
             }
             Ok::<_, StoreError>(None)

@@ -20,7 +20,8 @@ pub mod validate;
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use model::{
     App, AppTls, Challenge, Desired, Driver, EnvValue, Health, Http, Kind, ManifestFile, Node,
-    OwnCertificate, Placement, Plan, Runtime, SecretRef, Settings, Source, TlsMode, TlsSettings,
+    OwnCertificate, Placement, Plan, Runtime, SecretRef, Settings, Sink, SinkKind, SinkSeverity,
+    Source, TlsMode, TlsSettings,
 };
 pub use parse::{ParsedFile, SETTINGS_FILE, is_manifest_path, parse_file};
 pub use secret::{Ciphertext, Identity, Recipient, Secret, SecretError};

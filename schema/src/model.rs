@@ -375,7 +375,143 @@ pub enum EnvValue {
     Secret { secret: Ciphertext },
 }
 
-/// The four kinds of resource a manifest declares.
+/// Every event the control plane records (`cairn_reconciler::events::EventKind` names the same set): what
+/// a notification sink's `events` patterns may match.
+pub const EVENT_KINDS: [&str; 9] = [
+    "deploy.started",
+    "deploy.succeeded",
+    "deploy.failed",
+    "apply.succeeded",
+    "apply.failed",
+    "node.offline",
+    "node.online",
+    "node.flapping",
+    "replica.unplaceable",
+];
+
+/// Where a notification sink sends events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkKind {
+    /// A JSON POST signed the Standard Webhooks way (`webhook-id`, `webhook-timestamp`,
+    /// `webhook-signature`) with the sink's `signing_secret`.
+    Webhook,
+    /// A Slack incoming webhook.
+    Slack,
+    /// A Discord webhook.
+    Discord,
+}
+
+impl SinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkKind::Webhook => "webhook",
+            SinkKind::Slack => "slack",
+            SinkKind::Discord => "discord",
+        }
+    }
+}
+
+/// The least severity a sink is sent.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Serialize,
+    serde::Deserialize,
+    JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkSeverity {
+    /// Everything, successes included.
+    Info,
+    /// Warnings and errors (the default: successes only when asked for).
+    #[default]
+    Warning,
+    Error,
+}
+
+impl SinkSeverity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkSeverity::Info => "info",
+            SinkSeverity::Warning => "warning",
+            SinkSeverity::Error => "error",
+        }
+    }
+}
+
+pub fn default_sink_patterns() -> Vec<String> {
+    vec!["*".to_owned()]
+}
+
+pub fn default_max_per_hour() -> u32 {
+    30
+}
+
+/// A notification sink (`[notify.NAME]`): which events go where.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Sink {
+    pub kind: SinkKind,
+    /// The URL events are posted to, as an age secret: webhook URLs are credentials.
+    pub url: SecretRef,
+    /// `webhook` only, and required there: the Standard Webhooks secret (`whsec_` and base64), as an age
+    /// secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing_secret: Option<SecretRef>,
+    /// Event names or globs (`deploy.*`, `*`).
+    #[serde(default = "default_sink_patterns")]
+    pub events: Vec<String>,
+    /// App names, or `*` for all (events without an app, such as a node going offline, go to every
+    /// sink whose events match).
+    #[serde(default = "default_sink_patterns")]
+    pub apps: Vec<String>,
+    /// The least severity sent: `info` (successes too), `warning` (the default) or `error`.
+    #[serde(default)]
+    pub severity: SinkSeverity,
+    /// At most this many messages an hour; what goes beyond is recorded as not sent, with the reason.
+    #[serde(default = "default_max_per_hour")]
+    pub max_per_hour: u32,
+}
+
+impl Sink {
+    /// Whether `pattern` (`*` for any run of characters) matches `name`.
+    pub fn glob(pattern: &str, name: &str) -> bool {
+        match pattern.split_once('*') {
+            None => pattern == name,
+            Some((head, rest)) => {
+                let Some(tail) = name.strip_prefix(head) else {
+                    return false;
+                };
+                (0..=tail.len())
+                    .filter(|i| tail.is_char_boundary(*i))
+                    .any(|i| Sink::glob(rest, &tail[i..]))
+            }
+        }
+    }
+
+    /// Whether the sink wants an event of `kind` (an [`EVENT_KINDS`] name) about `app`.
+    pub fn wants(&self, kind: &str, app: Option<&str>) -> bool {
+        Sink::matches(&self.events, &self.apps, kind, app)
+    }
+
+    /// [`Sink::wants`] for a sink's `events` and `apps` patterns.
+    pub fn matches(events: &[String], apps: &[String], kind: &str, app: Option<&str>) -> bool {
+        events.iter().any(|p| Sink::glob(p, kind))
+            && match app {
+                None => true,
+                Some(a) => apps.iter().any(|p| p == "*" || p == a),
+            }
+    }
+}
+
+/// The five kinds of resource a manifest declares.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
 )]
@@ -385,16 +521,25 @@ pub enum Kind {
     Runtime,
     Node,
     App,
+    /// A notification sink.
+    Notify,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 4] = [Kind::Plan, Kind::Runtime, Kind::Node, Kind::App];
+    pub const ALL: [Kind; 5] = [
+        Kind::Plan,
+        Kind::Runtime,
+        Kind::Node,
+        Kind::App,
+        Kind::Notify,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Plan => "plan",
             Kind::Runtime => "runtime",
             Kind::Node => "node",
             Kind::App => "app",
+            Kind::Notify => "notify",
         }
     }
     pub fn plural(self) -> &'static str {
@@ -403,6 +548,7 @@ impl Kind {
             Kind::Runtime => "runtimes",
             Kind::Node => "nodes",
             Kind::App => "apps",
+            Kind::Notify => "notification sinks",
         }
     }
     pub fn parse(s: &str) -> Option<Kind> {
@@ -431,6 +577,8 @@ pub struct ManifestFile {
     pub node: BTreeMap<Name, Node>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub app: BTreeMap<Name, App>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub notify: BTreeMap<Name, Sink>,
 }
 
 /// The whole desired state of a repository at one commit.
@@ -441,6 +589,8 @@ pub struct Desired {
     pub runtimes: BTreeMap<Name, Runtime>,
     pub nodes: BTreeMap<Name, Node>,
     pub apps: BTreeMap<Name, App>,
+    /// Notification sinks (`[notify.NAME]`).
+    pub notify: BTreeMap<Name, Sink>,
     /// Where each resource is declared, for plans and PR comments that link to the line.
     pub origins: BTreeMap<(Kind, Name), Origin>,
 }
@@ -500,6 +650,7 @@ impl Desired {
             runtime: self.runtimes.clone(),
             node: self.nodes.clone(),
             app: self.apps.clone(),
+            notify: self.notify.clone(),
         }
     }
 }

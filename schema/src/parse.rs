@@ -14,9 +14,9 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use crate::diag::{Diagnostic, LineIndex, Position, Severity, did_you_mean};
 use crate::model::{
     App, AppTls, Challenge, Driver, EnvValue, Health, Http, Kind, Node, OwnCertificate, Placement,
-    Plan, Runtime, SecretRef, SecretSettings, Settings, Source, TlsMode, TlsSettings,
-    default_acme_directory, default_branch, default_currency, default_drivers, default_health_path,
-    default_health_timeout,
+    Plan, Runtime, SecretRef, SecretSettings, Settings, Sink, SinkKind, SinkSeverity, Source,
+    TlsMode, TlsSettings, default_acme_directory, default_branch, default_currency,
+    default_drivers, default_health_path, default_health_timeout,
 };
 use crate::secret::Ciphertext;
 use crate::source::check_ref_name;
@@ -79,6 +79,9 @@ pub struct Declared {
     pub refs: Option<AppRefs>,
     /// Where a node's `address` is, for the check that no two nodes share one.
     pub address: Option<Range<usize>>,
+    /// The app names a notification sink lists (not `*`), with where, for the check that each is
+    /// declared.
+    pub sink_apps: Vec<Located<Name>>,
 }
 
 #[derive(Debug, Clone)]
@@ -87,6 +90,7 @@ pub enum Resource {
     Runtime(Runtime),
     Node(Node),
     App(Box<App>),
+    Sink(Box<Sink>),
 }
 
 /// An app's cross-referencing fields and where they are, for errors found after all files are read.
@@ -771,7 +775,7 @@ impl Cx<'_> {
                     None if matches!(key, "base_domain" | "secrets" | "currency" | "tls") => {
                         "repository settings belong in cairn.toml at the repository root".to_owned()
                     }
-                    None => "a manifest declares `[plan.NAME]`, `[runtime.NAME]`, `[node.NAME]` or `[app.NAME]` tables"
+                    None => "a manifest declares `[plan.NAME]`, `[runtime.NAME]`, `[node.NAME]`, `[app.NAME]` or `[notify.NAME]` tables"
                         .to_owned(),
                 };
                 self.error(kind_key.span(), format!("unknown key `{key}`"))
@@ -803,6 +807,7 @@ impl Cx<'_> {
                 let span = name_key.span();
                 let mut refs = None;
                 let mut address = None;
+                let mut sink_apps = Vec::new();
                 let resource = if !syntax_ok {
                     None
                 } else if let DeValue::Table(t) = val.get_ref() {
@@ -820,6 +825,11 @@ impl Cx<'_> {
                             let (app, r) = self.app(f);
                             refs = Some(r);
                             app.map(|a| Resource::App(Box::new(a)))
+                        }
+                        Kind::Notify => {
+                            let (sink, apps) = self.sink(f);
+                            sink_apps = apps;
+                            sink.map(|s| Resource::Sink(Box::new(s)))
                         }
                     }
                 } else {
@@ -840,10 +850,132 @@ impl Cx<'_> {
                     resource,
                     refs,
                     address,
+                    sink_apps,
                 });
             }
         }
         out
+    }
+
+    /// A notification sink, and the app names it lists (checked against the declared apps later). The
+    /// URL and the signing secret are age secrets: an error about either never shows its line (it may be
+    /// the plaintext pasted by mistake).
+    fn sink(&mut self, mut f: Fields<'_, '_>) -> (Option<Sink>, Vec<Located<Name>>) {
+        const SECRET_HINT: &str = "encrypt it with `cairn secret encrypt`: a webhook URL is a credential; \
+             if the plaintext was committed, it is in the git history now: make a new one";
+        let kind: Option<Located<SinkKind>> = self.req(&mut f, "kind");
+        let before = self.diags.len();
+        let url: Option<Located<SecretRef>> = self.req(&mut f, "url");
+        let signing: Option<Located<SecretRef>> = self.opt(&mut f, "signing_secret");
+        for d in &mut self.diags[before..] {
+            d.source_line = None;
+            d.message = d
+                .message
+                .replace("struct SecretRef", "`{ secret = \"...\" }` (an age secret)");
+            if d.hint.is_none() {
+                d.hint = Some(SECRET_HINT.into());
+            }
+        }
+        let events: Option<Located<Vec<String>>> = self.opt(&mut f, "events");
+        let apps: Option<Located<Vec<String>>> = self.opt(&mut f, "apps");
+        let severity = self.opt_or(&mut f, "severity", SinkSeverity::default());
+        let max_per_hour: Option<Located<u32>> = self.opt(&mut f, "max_per_hour");
+        match (&kind, &signing) {
+            (Some(k), None) if k.value == SinkKind::Webhook => {
+                let what = f.what.clone();
+                self.error(f.at.clone(), format!("{what} is missing `signing_secret`"))
+                    .hint = Some(
+                    "a webhook sink signs what it sends: add `signing_secret = { secret = \"...\" }`, a \
+                     `whsec_` secret encrypted with `cairn secret encrypt`"
+                        .into(),
+                );
+                f.ok = false;
+            }
+            (Some(k), Some(s)) if k.value != SinkKind::Webhook => {
+                self.error(
+                    s.span.clone(),
+                    format!(
+                        "`signing_secret` is only for `kind = \"webhook\"`, not `{}`",
+                        k.value.as_str()
+                    ),
+                )
+                .hint = Some("Slack and Discord do not check signatures: remove it".into());
+                f.ok = false;
+            }
+            _ => {}
+        }
+        if let Some(ev) = &events {
+            if ev.value.is_empty() {
+                self.error(ev.span.clone(), "`events` lists no event").hint = Some(
+                    "name events or globs, such as `[\"deploy.failed\", \"node.*\"]`, or `[\"*\"]`"
+                        .into(),
+                );
+                f.ok = false;
+            }
+            for p in &ev.value {
+                if !crate::model::EVENT_KINDS.iter().any(|k| Sink::glob(p, k)) {
+                    let hint = match did_you_mean(p, crate::model::EVENT_KINDS) {
+                        Some(s) => format!("did you mean `{s}`?"),
+                        None => format!("events: {}", crate::model::EVENT_KINDS.join(", ")),
+                    };
+                    self.error(ev.span.clone(), format!("`{p}` matches no event"))
+                        .hint = Some(hint);
+                    f.ok = false;
+                }
+            }
+        }
+        let mut listed = Vec::new();
+        if let Some(a) = &apps {
+            if a.value.is_empty() {
+                self.error(a.span.clone(), "`apps` lists no app").hint =
+                    Some("name apps, or `[\"*\"]` for every app".into());
+                f.ok = false;
+            }
+            for name in a.value.iter().filter(|n| n.as_str() != "*") {
+                match Name::new(name) {
+                    Ok(n) => listed.push(Located {
+                        value: n,
+                        span: a.span.clone(),
+                    }),
+                    Err(e) => {
+                        self.error(a.span.clone(), format!("`apps`: {e}")).hint =
+                            Some("app names, or `*` for every app".into());
+                        f.ok = false;
+                    }
+                }
+            }
+        }
+        if let Some(m) = &max_per_hour
+            && m.value == 0
+        {
+            self.error(m.span.clone(), "`max_per_hour` must be at least 1");
+            f.ok = false;
+        }
+        let ok = self.finish(
+            &f,
+            &[
+                "kind",
+                "url",
+                "signing_secret",
+                "events",
+                "apps",
+                "severity",
+                "max_per_hour",
+            ],
+        );
+        let sink = (|| {
+            Some(Sink {
+                kind: kind?.value,
+                url: url?.value,
+                signing_secret: signing.map(|s| s.value),
+                events: events.map_or_else(crate::model::default_sink_patterns, |e| e.value),
+                apps: apps.map_or_else(crate::model::default_sink_patterns, |a| a.value),
+                severity,
+                max_per_hour: max_per_hour
+                    .map_or_else(crate::model::default_max_per_hour, |m| m.value),
+            })
+        })();
+        (sink.filter(|_| ok), listed)
     }
 
     fn plan(&mut self, mut f: Fields<'_, '_>) -> Option<Plan> {

@@ -56,6 +56,8 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let mut apps: BTreeMap<Name, (Box<App>, usize, &AppRefs)> = BTreeMap::new();
     let mut app_refs: Vec<(Name, &AppRefs, usize, std::ops::Range<usize>)> = Vec::new();
     let mut origins = BTreeMap::new();
+    let mut sinks = BTreeMap::new();
+    let mut sink_apps: Vec<(Name, &crate::parse::Located<Name>, usize)> = Vec::new();
     let mut node_addresses: BTreeMap<String, (Name, usize, std::ops::Range<usize>)> =
         BTreeMap::new();
 
@@ -93,6 +95,9 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
             if let Some(r) = &d.refs {
                 app_refs.push((d.name.clone(), r, i, d.span.clone()));
             }
+            for a in &d.sink_apps {
+                sink_apps.push((d.name.clone(), a, i));
+            }
             match &d.resource {
                 Some(Resource::Plan(p)) => {
                     plans.insert(d.name.clone(), p.clone());
@@ -125,6 +130,9 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
                 Some(Resource::App(a)) => {
                     let refs = d.refs.as_ref().expect("a parsed app has refs");
                     apps.insert(d.name.clone(), (a.clone(), i, refs));
+                }
+                Some(Resource::Sink(s)) => {
+                    sinks.insert(d.name.clone(), (**s).clone());
                 }
                 None => {}
             }
@@ -300,6 +308,23 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         }
     }
 
+    let app_names = declared_names(Kind::App);
+    for (sink, app, fi) in &sink_apps {
+        if !declared.contains_key(&(Kind::App, app.value.clone())) {
+            let mut d = files[*fi].diag(
+                Severity::Error,
+                app.span.clone(),
+                format!("notify `{sink}` lists unknown app `{}`", app.value),
+            );
+            if let Some(s) = did_you_mean(app.value.as_str(), app_names.iter().copied()) {
+                d = d.with_hint(format!("did you mean `{s}`?"));
+            } else {
+                d = d.with_hint("list declared apps, or `*` for every app");
+            }
+            diags.push(d);
+        }
+    }
+
     let mut diagnostics = Diagnostics(diags);
     diagnostics.sort();
     let desired = match settings {
@@ -309,6 +334,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
             runtimes,
             nodes,
             apps: apps.into_iter().map(|(k, (a, _, _))| (k, *a)).collect(),
+            notify: sinks,
             origins,
         }),
         _ => None,

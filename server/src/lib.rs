@@ -141,6 +141,8 @@ pub struct WebhookSettings {
     pub call_lease: Duration,
     /// How often the webhook workers look for work without being notified.
     pub poll: Duration,
+    /// How notifications are retried and leased.
+    pub notify: cairn_webhook::notify::NotifyConfig,
 }
 
 impl Default for WebhookSettings {
@@ -151,6 +153,7 @@ impl Default for WebhookSettings {
             retention: Duration::from_secs(7 * 24 * 3600),
             call_lease: Duration::from_secs(300),
             poll: Duration::from_secs(30),
+            notify: cairn_webhook::notify::NotifyConfig::default(),
         }
     }
 }
@@ -178,6 +181,8 @@ pub enum ServeError {
     Webhooks(#[source] ServiceError),
     #[error("the webhook workers failed")]
     WebhookTask(#[source] tokio::task::JoinError),
+    #[error("cannot set up notifications")]
+    Notifier(#[source] cairn_webhook::notify::NotifyError),
     #[error("the HTTP server task failed")]
     ServerTask(#[source] tokio::task::JoinError),
     #[error(transparent)]
@@ -268,6 +273,7 @@ pub async fn serve(
     let judging = Judging::new(node_offline_after);
     c.judging = Some(judging.clone());
     c.history_retention = api.log_retention;
+    let notify = webhooks.notify.clone();
     let settings = webhook_settings(&source, webhooks)?;
     c.hooks = service::hooks(&settings);
     let _ = ready.set(c.pool.clone());
@@ -330,6 +336,23 @@ pub async fn serve(
         }
         ConfigSource::Git(_) => None,
     };
+    // Notifications: the events' deliveries to the sinks declared in git, on a pool of their own.
+    let notify_pool = cairn_reconciler::store::connect(&database_url, 2)
+        .await
+        .map_err(ServeError::Connect)?;
+    let notifier = cairn_webhook::notify::Notifier::new(
+        notify_pool,
+        c.identity.clone().map(Arc::new),
+        cairn_webhook::notify::NotifyConfig {
+            poll_interval: notify.poll_interval.min(settings.poll),
+            ..notify
+        },
+    )
+    .map_err(ServeError::Notifier)?;
+    let notifying = tokio::spawn({
+        let stop = shutdown.clone();
+        async move { notifier.run(&stop).await }
+    });
     let c = Arc::new(c);
     // A pool of its own: a burst of deliveries never waits behind the reconciler, nor it behind them.
     let hooks_pool = cairn_reconciler::store::connect(&database_url, 10)
@@ -343,6 +366,7 @@ pub async fn serve(
     let integration = tokio::spawn(integration.run(shutdown.clone()));
     c.clone().run(wake, interval, &shutdown).await;
     integration.await.map_err(ServeError::WebhookTask)?;
+    notifying.await.map_err(ServeError::WebhookTask)?;
     server
         .await
         .map_err(ServeError::ServerTask)?

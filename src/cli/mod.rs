@@ -12,9 +12,11 @@ mod certs;
 mod completions;
 mod control;
 mod dev;
+mod events;
 mod logs;
 mod metrics;
 mod node;
+mod notify;
 mod releases;
 mod remote;
 mod repo;
@@ -58,6 +60,10 @@ enum Command {
     Status(control::StatusArgs),
     /// Certificates of the declared names: state, issuer, expiry, why one waits or failed
     Certs(certs::Args),
+    /// What happened: deploys, applies, nodes offline and back (--follow to keep printing)
+    Events(events::Args),
+    /// Notifications: the delivery ledger, a test message to a sink
+    Notify(notify::Args),
     /// Run the control plane: the reconcile loop and its HTTP listener
     Serve(serve::Args),
     /// Run the whole platform on this machine (PostgreSQL, control plane, one agent per node) on DIR
@@ -93,6 +99,8 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Apply(a) => control::apply(a),
         Command::Status(a) => control::status(a),
         Command::Certs(a) => certs::run(a),
+        Command::Events(a) => events::run(a),
+        Command::Notify(a) => notify::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Dev(a) => dev::run(a),
         Command::Releases(a) => releases::list(a),

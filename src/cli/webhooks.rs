@@ -32,6 +32,16 @@ pub struct ServeArgs {
     /// How often the webhook workers look for work without being notified
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s", hide = true)]
     webhook_poll: Duration,
+    /// How long a notification is retried before it is dead
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    notify_retry_window: Duration,
+    /// The first notification retry's delay (each further one doubles, with jitter, up to 30m)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s", hide = true)]
+    notify_retry_delay: Duration,
+    /// How long a notification being sent is reserved for its worker (a killed one's is sent again
+    /// after this)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1m", hide = true)]
+    notify_lease: Duration,
 }
 
 /// What [`cairn_server::serve`] makes of these flags: the secret (from its file or the environment)
@@ -46,6 +56,12 @@ pub fn settings(args: &ServeArgs) -> Result<WebhookSettings> {
         retention: args.webhook_retention,
         call_lease: args.github_call_lease,
         poll: args.webhook_poll,
+        notify: cairn_webhook::notify::NotifyConfig {
+            base_backoff: args.notify_retry_delay,
+            retry_window: args.notify_retry_window,
+            lease: args.notify_lease,
+            ..Default::default()
+        },
     })
 }
 

@@ -1,28 +1,40 @@
-//! The GitHub integration's part of the admin API: `GET /api/v1/webhooks?limit=N`, the recent deliveries
-//! and what each caused, newest first (what `cairn webhooks --server` shows). It is mounted next to the
-//! reconciler's admin routes and uses their authentication ([`AdminAuth`]): no token, a wrong or a
+//! The GitHub integration's and the notifications' part of the admin API, mounted next to the
+//! reconciler's admin routes and using their authentication ([`AdminAuth`]): no token, a wrong or a
 //! revoked one is 401.
 //!
-//! What it must not do: return a delivery's payload (it may carry anything a pusher wrote), or run SQL
-//! itself (the deliveries module reads them).
+//! - `GET /api/v1/webhooks?limit=N`: the recent deliveries and what each caused, newest first (what
+//!   `cairn webhooks --server` shows);
+//! - `GET /api/v1/notify/deliveries?sink=S&limit=N`: the notification ledger, newest first (`cairn
+//!   notify deliveries`): status, attempts, status code, latency, and why one was not sent;
+//! - `POST /api/v1/notify/{sink}/test`: sends a test message to the sink now and answers with what
+//!   its receiver said (`cairn notify test`).
+//!
+//! What it must not do: return a delivery's payload (it may carry anything a pusher wrote) or a sink's
+//! URL, or run SQL itself (the deliveries and notify modules do).
 
 use std::sync::Arc;
 
 use axum::Router;
+use axum::extract::Path;
 use axum::extract::{Query, State};
-use axum::routing::get;
+use axum::routing::{get, post};
 use cairn_reconciler::api::admin::AdminAuth;
 use cairn_reconciler::api::{Api, ApiError, Json};
 use serde::Deserialize;
 
 use crate::deliveries::{self, DeliveryRecord};
+use crate::notify::{self, Notifier, NotifyConfig, NotifyError};
+use cairn_proto::admin::{NotifyDelivery, NotifyTestAnswer};
 
 /// The most a request may ask for.
 pub const MAX_LIMIT: u32 = 1000;
 
 /// Routes to nest under the admin API's prefix.
 pub fn routes() -> Router<Arc<Api>> {
-    Router::new().route("/webhooks", get(recent))
+    Router::new()
+        .route("/webhooks", get(recent))
+        .route("/notify/deliveries", get(notify_deliveries))
+        .route("/notify/{sink}/test", post(notify_test))
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,4 +57,56 @@ async fn recent(
         .await
         .map_err(|deliveries::DeliveryError(e)| ApiError::Store(e.into()))?;
     Ok(Json(rows))
+}
+
+#[derive(Debug, Deserialize)]
+struct DeliveryParams {
+    sink: Option<String>,
+    limit: Option<u32>,
+}
+
+fn notify_error(e: NotifyError) -> ApiError {
+    match e {
+        NotifyError::UnknownSink(_) => ApiError::NotFound(e.to_string()),
+        NotifyError::Store(s) => ApiError::Store(s.into()),
+        NotifyError::Client(_) => ApiError::Upstream(e.to_string()),
+    }
+}
+
+async fn notify_deliveries(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+    Query(p): Query<DeliveryParams>,
+) -> Result<Json<Vec<NotifyDelivery>>, ApiError> {
+    let limit = p.limit.unwrap_or(50);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_LIMIT}, not {limit}"
+        )));
+    }
+    let rows = notify::deliveries(&api.pool, p.sink.as_deref(), limit)
+        .await
+        .map_err(notify_error)?;
+    Ok(Json(rows))
+}
+
+async fn notify_test(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(sink): Path<String>,
+) -> Result<Json<NotifyTestAnswer>, ApiError> {
+    cairn_schema::Name::new(&sink)
+        .map_err(|e| ApiError::BadRequest(format!("`{sink}` is not a sink name: {e}")))?;
+    let notifier = Notifier::new(
+        api.pool.clone(),
+        api.identity.clone(),
+        NotifyConfig {
+            lease: std::time::Duration::from_secs(20),
+            ..NotifyConfig::default()
+        },
+    )
+    .map_err(notify_error)?;
+    let answer = notifier.test(&sink).await.map_err(notify_error)?;
+    tracing::info!(%sink, by = %admin.name, status = ?answer.status_code, "test notification sent");
+    Ok(Json(answer))
 }

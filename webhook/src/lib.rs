@@ -25,6 +25,10 @@
 //! 4. [`outbox`]: the outbox worker makes each call through the [`github`] client, with retries,
 //!    backoff, rate limits and dead letters.
 //!
+//! The same outbox machinery (the row's life and its statements in `store`) delivers the events the
+//! reconciler records to the notification sinks declared in git: [`notify`] (Standard Webhooks
+//! signatures, Slack and Discord messages, the delivery ledger).
+//!
 //! [`service`] starts all of it for `cairn serve`. All SQL is in one private module (`store`); the
 //! tables are created by the migrations `…153000_webhook_deliveries.sql`, `…153001_github_outbox.sql`
 //! and `…161933_webhook_work.sql`.
@@ -35,6 +39,7 @@ pub mod events;
 pub mod github;
 pub mod handler;
 pub mod heads;
+pub mod notify;
 pub mod outbox;
 pub mod pulls;
 pub mod receiver;

@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use crate::deliveries::{backoff, next_due};
 use crate::github::{ApiError, CommitStatus, GitHub, RepoName, fit_description, plan_comment_body};
-use crate::store::{self, Failure, Settled, StoreError};
+use crate::store::{self, Failure, Outbox, Settled, StoreError};
 use cairn_schema::error::chain;
 
 /// The channel the outbox table's trigger notifies on insert.
@@ -206,7 +206,8 @@ impl OutboxWorker {
                     if let Some((repo, pr, id)) = comment_id {
                         store::set_pr_comment_id(&mut tx, &repo, pr, id).await?;
                     }
-                    let settled = store::outbox_done(&mut tx, call.id, call.version).await?;
+                    let settled =
+                        store::outbox_done(&mut tx, Outbox::GitHub, call.id, call.version).await?;
                     tx.commit().await.map_err(|e| {
                         StoreError::from_sqlx("committing a delivered GitHub call", e)
                     })?;
@@ -223,8 +224,15 @@ impl OutboxWorker {
                         in_secs: retry_in.as_secs_f64(),
                         count: false,
                     };
-                    store::outbox_failed(&self.pool, call.id, call.version, &error, failure)
-                        .await?;
+                    store::outbox_failed(
+                        &self.pool,
+                        Outbox::GitHub,
+                        call.id,
+                        call.version,
+                        &error,
+                        failure,
+                    )
+                    .await?;
                     store::outbox_pause_all(&self.pool, retry_in.as_secs_f64()).await?;
                     pass.rate_limited = true;
                     return Ok(pass);
@@ -246,9 +254,15 @@ impl OutboxWorker {
                         }
                     };
                     let dead = matches!(failure, Failure::Dead);
-                    let settled =
-                        store::outbox_failed(&self.pool, call.id, call.version, &error, failure)
-                            .await?;
+                    let settled = store::outbox_failed(
+                        &self.pool,
+                        Outbox::GitHub,
+                        call.id,
+                        call.version,
+                        &error,
+                        failure,
+                    )
+                    .await?;
                     if settled == Settled::AsIntended {
                         if dead {
                             tracing::error!(id = call.id, kind = %call.kind, repo = %call.repo,
@@ -332,7 +346,7 @@ impl OutboxWorker {
             .abandon_at_shutdown()
             .run(shutdown, |_| async {
                 self.deliver_due().await?;
-                let due = store::outbox_next_due_in(&self.pool).await;
+                let due = store::outbox_next_due_in(&self.pool, Outbox::GitHub).await;
                 Ok::<_, OutboxError>(next_due(due, 0.0, "reading the GitHub outbox"))
             });
         tokio::join!(listen, deliver);
@@ -394,5 +408,5 @@ pub async fn dead_letters(pool: &PgPool, limit: u32) -> Result<Vec<DeadCall>, Ou
 
 /// Deletes calls that finished (done or dead) longer than `older_than` ago.
 pub async fn prune(pool: &PgPool, older_than: Duration) -> Result<u64, OutboxError> {
-    Ok(store::prune_outbox(pool, older_than.as_secs_f64()).await?)
+    Ok(store::prune_outbox(pool, Outbox::GitHub, older_than.as_secs_f64()).await?)
 }

@@ -250,7 +250,7 @@ async fn listen(pool: PgPool, wakes: Wakes, shutdown: &Shutdown) {
 pub struct Pruned {
     /// Finished deliveries.
     pub deliveries: u64,
-    /// Finished (done or dead) GitHub calls.
+    /// Finished (done or dead) GitHub calls and notifications.
     pub calls: u64,
     /// Pushes, commit statuses, deploys and planned pull requests.
     pub records: u64,
@@ -264,6 +264,8 @@ pub enum PruneError {
     #[error(transparent)]
     Outbox(#[from] outbox::OutboxError),
     #[error(transparent)]
+    Notify(#[from] crate::notify::NotifyError),
+    #[error(transparent)]
     Store(#[from] store::StoreError),
 }
 
@@ -272,7 +274,8 @@ pub enum PruneError {
 pub async fn prune_once(pool: &PgPool, retention: Duration) -> Result<Pruned, PruneError> {
     Ok(Pruned {
         deliveries: deliveries::prune_deliveries(pool, retention).await?,
-        calls: outbox::prune(pool, retention).await?,
+        calls: outbox::prune(pool, retention).await?
+            + crate::notify::prune(pool, retention).await?,
         records: store::prune_work(pool, retention.as_secs_f64()).await?,
     })
 }

@@ -217,6 +217,26 @@ pub(crate) async fn recent_deliveries(
 // ---------------------------------------------------------------------------------------------------
 // Outbox
 
+/// The outboxes that share a row's life (pending, claimed under a lease, done, retried, dead: see
+/// `…153001_github_outbox.sql`) and so the statements below: GitHub API calls, and notifications
+/// (`notify_outbox`, `…170100_notify.sql`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Outbox {
+    GitHub,
+    Notify,
+}
+
+impl Outbox {
+    /// `statement` (written for `github_outbox`) for this outbox's table. The table name is one of two
+    /// constants, never input.
+    fn sql(self, statement: &str) -> String {
+        match self {
+            Outbox::GitHub => statement.to_owned(),
+            Outbox::Notify => statement.replace("github_outbox", "notify_outbox"),
+        }
+    }
+}
+
 /// Adds a call to the outbox in the caller's transaction, or, when a pending call has the same
 /// coalesce key, replaces that call's payload (its `version` goes up, its schedule is kept so a call
 /// in flight stays leased). Returns the row's id.
@@ -305,10 +325,11 @@ pub(crate) enum Settled {
 /// Marks a delivered call `done`, unless its payload was superseded while in flight.
 pub(crate) async fn outbox_done(
     conn: &mut PgConnection,
+    outbox: Outbox,
     id: i64,
     version: i32,
 ) -> Result<Settled, StoreError> {
-    let row: Option<bool> = sqlx::query_scalar(
+    let sql = outbox.sql(
         "UPDATE github_outbox SET
              status = CASE WHEN version = $2 THEN 'done' ELSE 'pending' END,
              finished_at = CASE WHEN version = $2 THEN now() END,
@@ -317,12 +338,13 @@ pub(crate) async fn outbox_done(
              updated_at = now()
          WHERE id = $1 AND status = 'pending'
          RETURNING version = $2",
-    )
-    .bind(id)
-    .bind(version)
-    .fetch_optional(conn)
-    .await
-    .map_err(err("marking a GitHub call done"))?;
+    );
+    let row: Option<bool> = sqlx::query_scalar(&sql)
+        .bind(id)
+        .bind(version)
+        .fetch_optional(conn)
+        .await
+        .map_err(err("marking an outbox call done"))?;
     Ok(settled(row))
 }
 
@@ -346,6 +368,7 @@ pub(crate) enum Failure {
 /// Records a failed attempt. A superseded call is retried at once with the newer payload instead.
 pub(crate) async fn outbox_failed(
     pool: &PgPool,
+    outbox: Outbox,
     id: i64,
     version: i32,
     error: &str,
@@ -355,7 +378,7 @@ pub(crate) async fn outbox_failed(
         Failure::Retry { in_secs, count } => (false, in_secs, count),
         Failure::Dead => (true, 0.0, true),
     };
-    let row: Option<bool> = sqlx::query_scalar(
+    let sql = outbox.sql(
         "UPDATE github_outbox SET
              status = CASE WHEN version = $2 AND $4 THEN 'dead' ELSE 'pending' END,
              finished_at = CASE WHEN version = $2 AND $4 THEN now() END,
@@ -367,16 +390,17 @@ pub(crate) async fn outbox_failed(
              updated_at = now()
          WHERE id = $1 AND status = 'pending'
          RETURNING version = $2",
-    )
-    .bind(id)
-    .bind(version)
-    .bind(error)
-    .bind(dead)
-    .bind(in_secs)
-    .bind(count)
-    .fetch_optional(pool)
-    .await
-    .map_err(err("recording a failed GitHub call"))?;
+    );
+    let row: Option<bool> = sqlx::query_scalar(&sql)
+        .bind(id)
+        .bind(version)
+        .bind(error)
+        .bind(dead)
+        .bind(in_secs)
+        .bind(count)
+        .fetch_optional(pool)
+        .await
+        .map_err(err("recording a failed outbox call"))?;
     Ok(settled(row))
 }
 
@@ -397,14 +421,18 @@ pub(crate) async fn outbox_pause_all(pool: &PgPool, in_secs: f64) -> Result<u64,
 
 /// Seconds until the earliest pending call is due (negative when one is due now); `None` when none
 /// is pending.
-pub(crate) async fn outbox_next_due_in(pool: &PgPool) -> Result<Option<f64>, StoreError> {
-    sqlx::query_scalar(
+pub(crate) async fn outbox_next_due_in(
+    pool: &PgPool,
+    outbox: Outbox,
+) -> Result<Option<f64>, StoreError> {
+    let sql = outbox.sql(
         "SELECT extract(epoch FROM min(next_attempt_at) - now())::float8
          FROM github_outbox WHERE status = 'pending'",
-    )
-    .fetch_one(pool)
-    .await
-    .map_err(err("looking for the next due GitHub call"))
+    );
+    sqlx::query_scalar(&sql)
+        .fetch_one(pool)
+        .await
+        .map_err(err("looking for the next due outbox call"))
 }
 
 pub(crate) struct OutboxRow {
@@ -446,16 +474,21 @@ pub(crate) async fn outbox_dead(pool: &PgPool, limit: i64) -> Result<Vec<OutboxR
 }
 
 /// Deletes calls that finished (done or dead) more than `older_than_secs` ago.
-pub(crate) async fn prune_outbox(pool: &PgPool, older_than_secs: f64) -> Result<u64, StoreError> {
-    Ok(sqlx::query(
+pub(crate) async fn prune_outbox(
+    pool: &PgPool,
+    outbox: Outbox,
+    older_than_secs: f64,
+) -> Result<u64, StoreError> {
+    let sql = outbox.sql(
         "DELETE FROM github_outbox
          WHERE status <> 'pending' AND finished_at < now() - make_interval(secs => $1)",
-    )
-    .bind(older_than_secs)
-    .execute(pool)
-    .await
-    .map_err(err("pruning finished GitHub calls"))?
-    .rows_affected())
+    );
+    Ok(sqlx::query(&sql)
+        .bind(older_than_secs)
+        .execute(pool)
+        .await
+        .map_err(err("pruning finished outbox calls"))?
+        .rows_affected())
 }
 
 /// The id of the plan comment on a pull request, once known.
@@ -924,4 +957,183 @@ pub(crate) async fn prune_work(pool: &PgPool, older_than_secs: f64) -> Result<u6
             .rows_affected();
     }
     Ok(deleted)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Notifications (`notify_outbox`, `notify_sinks`, `events`: migrations `…170000_events.sql` and
+// `…170100_notify.sql`). Rows are inserted by the reconciler, in the events' transactions.
+
+/// A sink as the delivery worker reads it: its URL and signing secret still sealed.
+pub(crate) struct SealedSink {
+    pub kind: String,
+    pub url_sealed: String,
+    pub signing_sealed: Option<String>,
+}
+
+/// A claimed notification: the row, its event, and its sink (gone if the sink was deleted since).
+pub(crate) struct ClaimedNotification {
+    pub id: i64,
+    pub version: i32,
+    /// Including this one.
+    pub attempts: i32,
+    pub webhook_id: String,
+    /// Seconds since the row was queued (retries stop after the window).
+    pub age_secs: f64,
+    pub sink_name: String,
+    pub sink: Option<SealedSink>,
+    pub event: cairn_proto::admin::EventInfo,
+}
+
+fn event_of(row: &sqlx::postgres::PgRow) -> Result<cairn_proto::admin::EventInfo, sqlx::Error> {
+    let release: Option<i64> = row.try_get("release")?;
+    Ok(cairn_proto::admin::EventInfo {
+        id: row.try_get("event_id")?,
+        at: row.try_get("at")?,
+        kind: row.try_get("kind")?,
+        severity: row.try_get("severity")?,
+        app: row.try_get("app")?,
+        node: row.try_get("node")?,
+        release: release.and_then(|r| u64::try_from(r).ok()),
+        commit: row.try_get("commit")?,
+        message: row.try_get("message")?,
+        detail: row.try_get::<Json<Value>, _>("detail")?.0,
+    })
+}
+
+/// Takes the next due notification as `outbox_claim` takes a GitHub call: the attempt counted and the
+/// row leased for `lease_secs`, committed before the caller sends it.
+pub(crate) async fn notify_claim(
+    pool: &PgPool,
+    lease_secs: f64,
+) -> Result<Option<ClaimedNotification>, StoreError> {
+    let row = sqlx::query(
+        "WITH claimed AS (
+             UPDATE notify_outbox
+             SET attempts = attempts + 1, next_attempt_at = now() + make_interval(secs => $1),
+                 updated_at = now()
+             WHERE id = (
+                 SELECT id FROM notify_outbox
+                 WHERE status = 'pending' AND next_attempt_at <= now()
+                 ORDER BY next_attempt_at, id
+                 LIMIT 1
+                 FOR UPDATE SKIP LOCKED
+             )
+             RETURNING id, event_id, sink, webhook_id, version, attempts, created_at
+         )
+         SELECT c.id, c.event_id, c.sink, c.webhook_id, c.version, c.attempts,
+                extract(epoch FROM now() - c.created_at)::float8 AS age_secs,
+                e.at, e.kind, e.severity, e.app, e.node, e.release, e.commit, e.message, e.detail,
+                s.kind AS sink_kind, s.url_sealed, s.signing_sealed
+         FROM claimed c
+         JOIN events e ON e.id = c.event_id
+         LEFT JOIN notify_sinks s ON s.name = c.sink",
+    )
+    .bind(lease_secs)
+    .fetch_optional(pool)
+    .await
+    .map_err(err("claiming a notification"))?;
+    row.map(|row| {
+        let sink_kind: Option<String> = row.try_get("sink_kind")?;
+        let sink = match sink_kind {
+            Some(kind) => Some(SealedSink {
+                kind,
+                url_sealed: row.try_get("url_sealed")?,
+                signing_sealed: row.try_get("signing_sealed")?,
+            }),
+            None => None,
+        };
+        Ok(ClaimedNotification {
+            id: row.try_get("id")?,
+            version: row.try_get("version")?,
+            attempts: row.try_get("attempts")?,
+            webhook_id: row.try_get("webhook_id")?,
+            age_secs: row.try_get::<Option<f64>, _>("age_secs")?.unwrap_or(0.0),
+            sink_name: row.try_get("sink")?,
+            sink,
+            event: event_of(&row)?,
+        })
+    })
+    .transpose()
+    .map_err(err("reading a claimed notification"))
+}
+
+/// Records the receiver's answer to an attempt (its status code, if it answered, and the time taken).
+pub(crate) async fn notify_answer(
+    pool: &PgPool,
+    id: i64,
+    status_code: Option<u16>,
+    latency_ms: u64,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE notify_outbox SET status_code = $2, latency_ms = $3 WHERE id = $1")
+        .bind(id)
+        .bind(status_code.map(i32::from))
+        .bind(i32::try_from(latency_ms).unwrap_or(i32::MAX))
+        .execute(pool)
+        .await
+        .map_err(err("recording a receiver's answer"))?;
+    Ok(())
+}
+
+/// A sink by name, sealed.
+pub(crate) async fn notify_sink(
+    pool: &PgPool,
+    name: &str,
+) -> Result<Option<SealedSink>, StoreError> {
+    let row =
+        sqlx::query("SELECT kind, url_sealed, signing_sealed FROM notify_sinks WHERE name = $1")
+            .bind(name)
+            .fetch_optional(pool)
+            .await
+            .map_err(err("reading a notification sink"))?;
+    row.map(|row| {
+        Ok(SealedSink {
+            kind: row.try_get("kind")?,
+            url_sealed: row.try_get("url_sealed")?,
+            signing_sealed: row.try_get("signing_sealed")?,
+        })
+    })
+    .transpose()
+    .map_err(err("reading a notification sink"))
+}
+
+/// The newest `limit` deliveries (of `sink`), newest first, with their events.
+pub(crate) async fn notify_deliveries(
+    pool: &PgPool,
+    sink: Option<&str>,
+    limit: i64,
+) -> Result<Vec<cairn_proto::admin::NotifyDelivery>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT o.id, o.sink, o.webhook_id, o.status, o.attempts, o.last_error, o.status_code,
+                o.latency_ms, o.created_at, o.finished_at,
+                e.id AS event_id, e.at, e.kind, e.severity, e.app, e.node, e.release, e.commit,
+                e.message, e.detail
+         FROM notify_outbox o JOIN events e ON e.id = o.event_id
+         WHERE ($1::text IS NULL OR o.sink = $1)
+         ORDER BY o.id DESC LIMIT $2",
+    )
+    .bind(sink)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .map_err(err("listing notifications"))?;
+    rows.iter()
+        .map(|row| {
+            let code: Option<i32> = row.try_get("status_code")?;
+            let latency: Option<i32> = row.try_get("latency_ms")?;
+            Ok(cairn_proto::admin::NotifyDelivery {
+                id: row.try_get("id")?,
+                sink: row.try_get("sink")?,
+                webhook_id: row.try_get("webhook_id")?,
+                status: row.try_get("status")?,
+                attempts: row.try_get::<i32, _>("attempts")?.max(0) as u32,
+                status_code: code.and_then(|c| u16::try_from(c).ok()),
+                latency_ms: latency.and_then(|l| u64::try_from(l).ok()),
+                reason: row.try_get("last_error")?,
+                created_at: row.try_get("created_at")?,
+                finished_at: row.try_get("finished_at")?,
+                event: event_of(row)?,
+            })
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(err("reading notifications"))
 }

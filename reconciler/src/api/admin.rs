@@ -5,6 +5,8 @@
 //! - `GET /status`: the same [`crate::status::Status`] `cairn status` computes from the database;
 //! - `GET /certs`: every declared name set's certificate: state, issuer, expiry, last error (never a
 //!   key);
+//! - `GET /events?app=X&after=ID&limit=N`: the newest `limit` events (of `app`, after `after`), oldest
+//!   first (`cairn events`, which follows by asking for what came after the last id);
 //! - `GET /nodes`: every declared node with what its agent last reported;
 //! - `POST /nodes/{node}/join-tokens`, `GET /nodes/{node}/join-tokens`: issue a one-time join token
 //!   (shown once), list them (never the token);
@@ -34,6 +36,7 @@ pub(super) fn routes() -> Router<Arc<Api>> {
     Router::new()
         .route("/status", get(get_status))
         .route("/certs", get(certs))
+        .route("/events", get(events))
         .route("/nodes", get(nodes))
         .route(
             "/nodes/{node}/join-tokens",
@@ -85,6 +88,39 @@ async fn certs(
     _: AdminAuth,
 ) -> Result<Json<Vec<cairn_proto::admin::CertificateInfo>>, ApiError> {
     Ok(Json(crate::certs::list(&api.pool).await?))
+}
+
+/// The most events one request may ask for.
+pub const MAX_EVENTS: u32 = 1000;
+
+#[derive(Debug, serde::Deserialize)]
+struct EventParams {
+    app: Option<String>,
+    after: Option<i64>,
+    limit: Option<u32>,
+}
+
+async fn events(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+    axum::extract::Query(p): axum::extract::Query<EventParams>,
+) -> Result<Json<Vec<cairn_proto::admin::EventInfo>>, ApiError> {
+    let limit = p.limit.unwrap_or(100);
+    if limit == 0 || limit > MAX_EVENTS {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_EVENTS}, not {limit}"
+        )));
+    }
+    if let Some(app) = &p.app {
+        Name::new(app)
+            .map_err(|e| ApiError::BadRequest(format!("`{app}` is not an app name: {e}")))?;
+    }
+    let filter = crate::events::Filter {
+        app: p.app,
+        after: p.after,
+        limit,
+    };
+    Ok(Json(crate::events::list(&api.pool, &filter).await?))
 }
 
 async fn nodes(State(api): State<Arc<Api>>, _: AdminAuth) -> Result<Json<Vec<NodeInfo>>, ApiError> {

@@ -217,8 +217,10 @@ async fn heartbeat(
         ));
     }
     let node = &auth.node.node;
+    // The heartbeat and, when it brings the node back, its `node.online` event commit together.
+    let mut tx = api.pool.begin().await.op("begin a heartbeat")?;
     let previous = nodes::record_heartbeat(
-        &api.pool,
+        &mut tx,
         node,
         &auth.credential_hash,
         &HeartbeatRecord {
@@ -230,6 +232,10 @@ async fn heartbeat(
     )
     .await?
     .ok_or_else(ApiError::unauthorized)?;
+    if previous == NodeState::Offline {
+        crate::events::record(&mut tx, &[crate::events::NewEvent::node_online(node)]).await?;
+    }
+    tx.commit().await.op("commit a heartbeat")?;
     tracing::debug!(%node, replicas = hb.replicas.len(), "heartbeat");
     let healthy: Vec<&Name> = hb
         .replicas

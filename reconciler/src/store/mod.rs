@@ -22,6 +22,7 @@
 //!   healthy replicas);
 //! - [`certs`]: certificates for the declared names and the ACME accounts, keys only sealed, the
 //!   lease that lets one control plane order per name set;
+//! - [`events`]: the events table (`crate::events`), written in its cause's transaction;
 //! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
 //!
 //! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
@@ -33,6 +34,7 @@
 
 pub mod certs;
 pub(crate) mod decode;
+pub mod events;
 pub mod history;
 pub mod listen;
 pub mod metrics;

@@ -14,7 +14,7 @@ use std::time::Duration;
 use cairn_proto::{ActualReplica, Resources};
 use cairn_schema::{Driver, Name, Recipient};
 use chrono::{DateTime, Utc};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 
 use super::decode::{corrupt, driver_names, drivers, json, millis, name, node_state, recipient};
 use super::{Op as _, StoreError};
@@ -182,7 +182,7 @@ pub struct HeartbeatRecord<'a> {
 /// it was in before, or `None` when the credential no longer belongs to the node (revoked or replaced
 /// since the caller authenticated it).
 pub async fn record_heartbeat(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     node: &Name,
     credential_hash: &str,
     hb: &HeartbeatRecord<'_>,
@@ -208,14 +208,17 @@ pub async fn record_heartbeat(
         resources,
         replicas,
     )
-    .fetch_optional(pool)
+    .fetch_optional(conn)
     .await
     .op("record a heartbeat")?;
     previous.map(|s| node_state(&s)).transpose()
 }
 
 /// Marks online nodes whose last heartbeat is older than `offline_after` offline; returns them.
-pub async fn mark_offline(pool: &PgPool, offline_after: Duration) -> Result<Vec<Name>, StoreError> {
+pub async fn mark_offline(
+    conn: &mut PgConnection,
+    offline_after: Duration,
+) -> Result<Vec<Name>, StoreError> {
     let nodes = sqlx::query_scalar!(
         r#"UPDATE node_status SET state = 'offline', updated_at = now()
            WHERE state = 'online'
@@ -223,7 +226,7 @@ pub async fn mark_offline(pool: &PgPool, offline_after: Duration) -> Result<Vec<
            RETURNING node"#,
         millis(offline_after),
     )
-    .fetch_all(pool)
+    .fetch_all(conn)
     .await
     .op("mark silent nodes offline")?;
     nodes.iter().map(|n| name("node_status", n)).collect()

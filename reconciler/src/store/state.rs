@@ -19,8 +19,8 @@ use super::decode::{
 };
 use super::{Op as _, StoreError, sha256_tagged, to_i64, to_u64};
 use cairn_plan::observed::{
-    AppliedApp, CommitId, Fingerprints, Generation, NodeStatus, Observed, ReleaseNumber,
-    ReleaseRecord, ReplicaPlacement,
+    AppliedApp, AppliedSink, CommitId, Fingerprints, Generation, NodeStatus, Observed,
+    ReleaseNumber, ReleaseRecord, ReplicaPlacement,
 };
 
 /// Key of the transaction-scoped advisory lock every apply holds: one control plane applies at a time.
@@ -354,6 +354,35 @@ pub async fn app_env(conn: &mut PgConnection, app: &Name) -> Result<Vec<StoredEn
         .collect())
 }
 
+/// Writes a notification sink: its URL and signing secret as the manifest's ciphertexts, its spec as the
+/// planner compares it ([`AppliedSink`]: digests, no secret).
+pub async fn upsert_sink(
+    conn: &mut PgConnection,
+    name: &Name,
+    sink: &cairn_schema::Sink,
+    generation: Generation,
+) -> Result<(), StoreError> {
+    let spec = serde_json::to_value(AppliedSink::from_desired(sink)).expect("a sink serializes");
+    sqlx::query(
+        "INSERT INTO notify_sinks (name, kind, url_sealed, signing_sealed, spec, generation)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (name) DO UPDATE SET
+             kind = EXCLUDED.kind, url_sealed = EXCLUDED.url_sealed,
+             signing_sealed = EXCLUDED.signing_sealed, spec = EXCLUDED.spec,
+             generation = EXCLUDED.generation, updated_at = now()",
+    )
+    .bind(name.as_str())
+    .bind(sink.kind.as_str())
+    .bind(sink.url.secret.as_str())
+    .bind(sink.signing_secret.as_ref().map(|s| s.secret.as_str()))
+    .bind(spec)
+    .bind(to_i64("generation", generation)?)
+    .execute(conn)
+    .await
+    .op("write a notification sink")?;
+    Ok(())
+}
+
 /// Deletes resources of one kind. Deleting an app deletes its env and placements with it (its releases,
 /// source head and restart requests stay: history and operator state).
 pub async fn delete_resources(
@@ -380,6 +409,12 @@ pub async fn delete_resources(
         }
         Kind::App => {
             sqlx::query!("DELETE FROM apps WHERE name = ANY($1)", &names)
+                .execute(conn)
+                .await
+        }
+        Kind::Notify => {
+            sqlx::query("DELETE FROM notify_sinks WHERE name = ANY($1)")
+                .bind(&names)
                 .execute(conn)
                 .await
         }
@@ -635,6 +670,21 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
         observed.apps.insert(app, json("apps", "spec", r.spec)?);
     }
 
+    for r in sqlx::query("SELECT name, spec FROM notify_sinks")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read notification sinks")?
+    {
+        use sqlx::Row as _;
+        let (n, spec): (String, serde_json::Value) = (
+            r.try_get("name").op("read notification sinks")?,
+            r.try_get("spec").op("read notification sinks")?,
+        );
+        observed.notify.insert(
+            name("notify_sinks", &n)?,
+            json("notify_sinks", "spec", spec)?,
+        );
+    }
     for r in sqlx::query!("SELECT node, state, last_heartbeat, drivers, recipient FROM node_status")
         .fetch_all(&mut *conn)
         .await

@@ -891,7 +891,7 @@ async fn an_invalid_commit_changes_nothing_and_is_recorded_with_locations() {
     bounded(async {
         let pool = db.pool();
         let (repo, c) = three_apps(pool).await;
-        let before = dump(pool, &["reconciliations"]).await;
+        let before = dump(pool, &["reconciliations", "events"]).await;
         let history = count(pool, "SELECT count(*) FROM reconciliations").await;
 
         // Two mistakes in two files, one of them next to a valid change that must not be applied.
@@ -920,14 +920,25 @@ async fn an_invalid_commit_changes_nothing_and_is_recorded_with_locations() {
             "{locations:?}"
         );
 
+        // The history: the failed run and its `apply.failed` event.
         assert_eq!(
-            dump(pool, &["reconciliations"]).await,
+            dump(pool, &["reconciliations", "events"]).await,
             before,
             "nothing but the history changed"
         );
         assert_eq!(
             count(pool, "SELECT count(*) FROM reconciliations").await,
             history + 1
+        );
+        assert_eq!(
+            count(
+                pool,
+                "SELECT count(*) FROM events WHERE kind = 'apply.failed' \
+                 AND detail->'diagnostics' @> '[\"apps/web.toml:2:8: unknown plan `smal`\"]'"
+            )
+            .await,
+            1,
+            "one apply.failed with the diagnostics"
         );
         let mut conn = pool.acquire().await.unwrap();
         let last = &store::history::recent_reconciliations(&mut conn, 1)

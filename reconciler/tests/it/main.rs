@@ -3,6 +3,7 @@
 mod apply;
 mod certs;
 mod deploys;
+mod events;
 mod git_source;
 mod heads;
 mod history;

@@ -192,6 +192,7 @@ fn manifest() -> impl Strategy<Value = ManifestFile> {
                 runtime,
                 node,
                 app,
+                notify: Default::default(),
             }
         })
 }

@@ -1,6 +1,8 @@
 //! Agents end to end: a real `cairn serve` on PostgreSQL, real `cairn-agent` processes with the recording
 //! driver on loopback, and raw HTTP where a test plays a misbehaving agent.
 
+mod events;
+mod notify;
 pub(crate) mod support;
 mod trust;
 
@@ -493,8 +495,16 @@ async fn a_killed_agents_lease_expires_and_its_old_token_is_refused() {
     .await;
     assert_eq!(done["attempts"].as_i64(), Some(2));
     assert!(done["lease_token"].as_i64().unwrap() > old);
-    let release = plane.rows("SELECT status FROM releases").await;
-    assert_eq!(release[0]["status"], "live", "its one replica deployed");
+    // The release's outcome is recorded in its own transaction after the task's: wait for it.
+    wait_for(
+        "its one replica deployed",
+        Duration::from_secs(10),
+        || async {
+            let release = plane.rows("SELECT status FROM releases").await;
+            (release[0]["status"] == "live").then_some(())
+        },
+    )
+    .await;
     let deploys: Vec<Value> = second
         .records()
         .into_iter()
