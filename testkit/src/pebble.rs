@@ -11,8 +11,9 @@
 //! # }
 //! ```
 //!
-//! Pebble validates HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` ([`Pebble::start_with_tls_port`])
-//! of whatever address the name resolves to (no sleeps before
+//! Pebble validates HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port` ([`Pebble::start_with`])
+//! of whatever address the name resolves to, issues certificates for `validity` when given (pebble's
+//! `certificateValidityPeriod`: a renewal in seconds, not years), with no sleeps before
 //! validating, no nonces rejected at random, no authorization reuse), and logs every order it adds
 //! ([`Pebble::orders`] counts them). Both processes listen on loopback ports of their own and are killed
 //! when the [`Pebble`] is dropped.
@@ -26,6 +27,17 @@ use crate::skip::{missing, tail};
 
 pub const PEBBLE: &str = "/usr/bin/pebble";
 pub const CHALLTESTSRV: &str = "/usr/bin/pebble-challtestsrv";
+
+/// How [`Pebble::start_with`] configures pebble.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Where pebble connects to validate HTTP-01 (on whatever address the name resolves to).
+    pub http_port: u16,
+    /// Where pebble connects to validate TLS-ALPN-01.
+    pub tls_port: u16,
+    /// How long the certificates it issues are valid; `None`: pebble's default (five years).
+    pub validity: Option<Duration>,
+}
 
 /// A running pebble and its DNS server; dropping it kills both.
 #[derive(Debug)]
@@ -76,16 +88,26 @@ impl Pebble {
     /// `http_port`. `None` (after a `SKIPPED` message) when the `pebble` package is not installed; under
     /// CI or `CAIRN_TEST_REQUIRE_ALL` that panics instead. Installed but not coming up panics with the log.
     pub async fn start(test: &str, dir: &Path, http_port: u16) -> Option<Pebble> {
-        Pebble::start_with_tls_port(test, dir, http_port, free_port()).await
+        Pebble::start_with(
+            test,
+            dir,
+            Options {
+                http_port,
+                tls_port: free_port(),
+                validity: None,
+            },
+        )
+        .await
     }
 
-    /// [`Pebble::start`], validating TLS-ALPN-01 on `tls_port` (pebble's `tlsPort`).
-    pub async fn start_with_tls_port(
-        test: &str,
-        dir: &Path,
-        http_port: u16,
-        tls_port: u16,
-    ) -> Option<Pebble> {
+    /// [`Pebble::start`] with every option: TLS-ALPN-01 validated on `tls_port` (pebble's `tlsPort`),
+    /// certificates valid for `validity` (pebble's default is five years).
+    pub async fn start_with(test: &str, dir: &Path, options: Options) -> Option<Pebble> {
+        let Options {
+            http_port,
+            tls_port,
+            validity,
+        } = options;
         for bin in [PEBBLE, CHALLTESTSRV] {
             if !Path::new(bin).is_file() {
                 missing(
@@ -135,10 +157,13 @@ impl Pebble {
         let listen = format!("127.0.0.1:{}", free_port());
         let management = format!("127.0.0.1:{}", free_port());
         let config = root.join("pebble-config.json");
+        let validity = validity
+            .map(|v| format!(", \"certificateValidityPeriod\": {}", v.as_secs().max(1)))
+            .unwrap_or_default();
         let json = format!(
             r#"{{"pebble": {{"listenAddress": "{listen}", "managementListenAddress": "{management}",
                 "certificate": "{}", "privateKey": "{}", "httpPort": {http_port}, "tlsPort": {tls_port},
-                "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+                "ocspResponderURL": "", "externalAccountBindingRequired": false{validity}}}}}"#,
             cert_path.display(),
             key_path.display(),
         );
