@@ -238,7 +238,7 @@ impl Runner for DriverRunner {
                         image: Some(cairn_proto::DeployedImage {
                             id: report.image.0.clone(),
                             registry: report
-                                .pushed
+                                .registry
                                 .as_ref()
                                 .map(|p| (p.reference.clone(), p.digest.clone())),
                         }),
