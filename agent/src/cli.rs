@@ -125,7 +125,8 @@ pub struct Args {
     /// Log format on stderr (the level comes from CAIRN_LOG, e.g. `debug`)
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
-    /// Keep the images of each app's N newest releases (and any a container uses); 0 keeps all
+    /// Keep each app's N newest images (one per source commit and recipe) and any a container uses; 0
+    /// keeps all
     #[arg(long, default_value_t = 5, value_name = "N")]
     keep_images: usize,
     /// Accept an `http://` --server (credentials and secrets then cross the network in clear): only

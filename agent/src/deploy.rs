@@ -1,8 +1,9 @@
 //! The health-gated replace: how a deploy task becomes the replica that serves a slot.
 //!
 //! 1. check the spec (isolation requests and malformed fields are refused before anything happens);
-//! 2. get the release's image: reuse it if this node has it, pull it by digest if the task names one,
-//!    otherwise fetch the source at the commit and build it (build output goes to the caller's sink);
+//! 2. get the image of the spec's build key (source commit and recipe): reuse it if this node has it
+//!    (built for any release of the key), pull it by digest if the task names one, otherwise fetch the
+//!    source at the commit and build it (build output goes to the caller's sink);
 //! 3. start the new replica next to the old one;
 //! 4. wait, bounded by the spec's attempts and timeout, for its HTTP health check to pass;
 //! 5. switch the slot's route in the proxy to it (one atomic swap);
@@ -12,8 +13,8 @@
 //! old replica keeps serving; the [`DeployFailure`] says at which [`Stage`] and why. Every stage is timed
 //! ([`Timings`]), for the release's record and the commit status.
 //!
-//! Deploys of one slot run one at a time; a release's image is fetched and built once even when many slots
-//! deploy it at once. A task delivered twice finds its replica running and healthy and only makes sure it
+//! Deploys of one slot run one at a time; an image is fetched and built once even when many slots (or
+//! releases of one build key) deploy it at once. A task delivered twice finds its replica running and healthy and only makes sure it
 //! is routed.
 //!
 //! What it must not do: route to a replica that has not passed its health check, stop the old replica
@@ -128,6 +129,9 @@ pub struct DeployReport {
     /// ([`ReplicaSpec::push_to`]): what the release records, and what other nodes' tasks carry as
     /// [`ReplicaSpec::image`].
     pub pushed: Option<ImageRef>,
+    /// The registry image the replica runs, when it runs one: the one it pushed, or the one the task
+    /// named and this node pulled or had (what the release records, by digest).
+    pub registry: Option<ImageRef>,
     /// Old replicas of the slot that were drained and removed.
     pub replaced: Vec<ReplicaId>,
     /// Whether the old replicas' requests in flight all finished within the drain bound.
@@ -201,6 +205,7 @@ struct Prepared {
     source: ImageSource,
     checkout: Option<Checkout>,
     pushed: Option<ImageRef>,
+    registry: Option<ImageRef>,
 }
 
 type Locks<K> = tokio::sync::Mutex<HashMap<K, Arc<tokio::sync::Mutex<()>>>>;
@@ -214,7 +219,7 @@ pub struct Deployer {
     identity: Arc<Identity>,
     cfg: DeployerConfig,
     slots: Locks<(Name, u32)>,
-    images: Locks<(Name, u64)>,
+    images: Locks<(Name, String)>,
 }
 
 async fn lock_for<K: std::hash::Hash + Eq + Clone>(
@@ -314,6 +319,7 @@ impl Deployer {
                 image,
                 source: ImageSource::AlreadyRunning,
                 checkout: None,
+                registry: pushed.clone(),
                 pushed,
             };
             return Ok(self
@@ -321,12 +327,12 @@ impl Deployer {
                 .await);
         }
 
-        // The image: once per release, however many slots deploy it at once.
-        let (image, image_source, checkout) = {
-            let image_lock = lock_for(&self.images, &(spec.app.clone(), spec.release)).await;
+        // The image: once per build key, however many slots (and releases of the key) deploy it at once.
+        let (image, image_source, checkout, mut registry) = {
+            let image_lock = lock_for(&self.images, &(spec.app.clone(), spec.build_key())).await;
             let _image = image_lock.lock().await;
             match self.driver.find_image(spec).await {
-                Ok(Some(id)) => (id, ImageSource::Cached, None),
+                Ok(Some(found)) => (found.id, ImageSource::Cached, None, found.registry),
                 Err(e) => return Err(failure(Stage::Build, DeployError::Build(e), &timings)),
                 Ok(None) => {
                     let pulled = match &spec.image {
@@ -349,24 +355,27 @@ impl Deployer {
                         _ => None,
                     };
                     match pulled {
-                        Some(id) => (id, ImageSource::Pulled, None),
+                        Some(id) => (id, ImageSource::Pulled, None, spec.image.clone()),
                         None => {
                             let (id, checkout) = self
                                 .fetch_and_build(spec, log, &mut timings)
                                 .await
                                 .map_err(|(stage, e)| failure(stage, e, &timings))?;
-                            (id, ImageSource::Built, Some(checkout))
+                            (id, ImageSource::Built, Some(checkout), None)
                         }
                     }
                 }
             }
         };
 
-        let pushed = if image_source == ImageSource::Pulled {
+        let pushed = if registry.is_some() {
             None
         } else {
             self.push(spec, &image, log, &mut timings).await
         };
+        if pushed.is_some() {
+            registry = pushed.clone();
+        }
         tracing::info!(app = %spec.app, release = spec.release, image = %image, source = ?image_source, "image ready");
         let t = Instant::now();
         let started = self
@@ -412,6 +421,7 @@ impl Deployer {
             source: image_source,
             checkout,
             pushed,
+            registry,
         };
         Ok(self
             .switch_and_drain(spec, replica, prepared, &before, timings, t0)
@@ -544,6 +554,7 @@ impl Deployer {
             image_source: prepared.source,
             checkout: prepared.checkout,
             pushed: prepared.pushed,
+            registry: prepared.registry,
             replaced: olds.iter().map(|r| r.id.clone()).collect(),
             drained,
             cleanup_errors,

@@ -1,5 +1,5 @@
 //! What the agent does besides its tasks: it ships its replicas' output to the control plane, and it
-//! removes old release images.
+//! removes old images.
 //!
 //! **Output**, for `cairn logs APP [--follow]`: the control plane cannot reach agents (they call it), so
 //! every `every` the agent reads the last lines of each of its replicas from the driver and posts the
@@ -12,9 +12,10 @@
 //! is dropped with a warning, never sent again (it would be refused for ever, and block every later
 //! line). U+0000, which the control plane's database cannot store, is sent as U+FFFD.
 //!
-//! **Images** (`--keep-images N`): every few minutes, images of each app beyond its N newest releases
-//! are removed, never one a container of this installation uses (a rollback to an older release beyond
-//! N builds it again, or pulls it from the registry).
+//! **Images** (`--keep-images N`): every few minutes, images of each app beyond its N newest (an image
+//! is one build key: a source commit and recipe, shared by every release of the key) are removed, never
+//! one a container of this installation uses, which is every image a placed release runs here (a
+//! rollback to a release whose image went builds it again, or pulls it from the registry).
 //!
 //! What it must not do: log a line's text (it is the app's output), or touch a replica or an image of
 //! another installation (the driver lists only this installation's).
@@ -104,7 +105,7 @@ impl Cursor {
     }
 }
 
-/// Removes old release images every `every` (the first time after one `every`) until `stop` turns true;
+/// Removes old images every `every` (the first time after one `every`) until `stop` turns true;
 /// `keep` 0 keeps everything.
 pub async fn prune_loop(
     runner: Arc<dyn Runner>,
@@ -122,8 +123,8 @@ pub async fn prune_loop(
         }
         match runner.prune_images(keep).await {
             Ok(0) => {}
-            Ok(n) => tracing::info!(removed = n, keep, "old release images removed"),
-            Err(e) => tracing::warn!(error = %chain(&e), "cannot remove old release images"),
+            Ok(n) => tracing::info!(removed = n, keep, "old images removed"),
+            Err(e) => tracing::warn!(error = %chain(&e), "cannot remove old images"),
         }
     }
 }

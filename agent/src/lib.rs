@@ -17,7 +17,7 @@
 //! - [`client`], [`node`]: the agent API's client and the agent loop (join, heartbeat, lease, report);
 //! - [`routes`]: follows the control plane's cluster route table and hop key into the proxy;
 //! - [`metrics`]: what the proxy counts and times, and the `/metrics` endpoint serving it;
-//! - [`housekeeping`]: replica output shipped to the control plane, old release images removed;
+//! - [`housekeeping`]: replica output shipped to the control plane, old images removed;
 //! - [`runner`]: how a leased task is carried out ([`DriverRunner`] through the drivers above, and the
 //!   test-only `recording::RecordingRunner`, behind the `recording` feature); [`datadir`]: identity, credential and the slot book;
 //! - [`cli`]: the `cairn-agent` binary's flags; [`dev`]: what `cairn dev` asks of the local Docker engine.

@@ -110,7 +110,7 @@ pub trait Runner: Send + Sync + std::fmt::Debug {
         Ok(Vec::new())
     }
 
-    /// Removes release images beyond each app's `keep` newest releases that no replica uses.
+    /// Removes images beyond each app's `keep` newest that no replica uses.
     async fn prune_images(&self, keep: usize) -> Result<usize, RunError> {
         let _ = keep;
         Ok(0)
@@ -238,7 +238,7 @@ impl Runner for DriverRunner {
                         image: Some(cairn_proto::DeployedImage {
                             id: report.image.0.clone(),
                             registry: report
-                                .pushed
+                                .registry
                                 .as_ref()
                                 .map(|p| (p.reference.clone(), p.digest.clone())),
                         }),

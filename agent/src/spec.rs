@@ -18,7 +18,6 @@ use std::fmt;
 use cairn_proto::Registry;
 use cairn_schema::{Ciphertext, Domain, EnvName, GitUrl, Identity, Name, Secret, SecretError};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// One replica slot of one release of an app, as a deploy task carries it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -354,21 +353,30 @@ impl ReplicaSpec {
         )
     }
 
-    /// The release's image tag: `cairn/<app>:<release>`.
+    /// The image's tag: `cairn/<installation>/<app>:<build key>`. One image per build input
+    /// ([`ReplicaSpec::build_key`]), which every release sharing the key runs; the installation in the
+    /// name keeps two installations on one engine from retagging each other's images.
     pub fn image_tag(&self) -> String {
-        format!("cairn/{}:{}", self.app, self.release)
+        format!(
+            "cairn/{}/{}:{}",
+            self.installation,
+            self.app,
+            self.build_key()
+        )
     }
 
-    /// A digest of everything that decides what an image contains (source commit and build recipe), so a
-    /// tag left by another installation or an older database is never mistaken for this release's image.
-    pub fn recipe(&self) -> String {
-        let mut h = Sha256::new();
-        // Bump when the generated Dockerfile changes, so old images are not taken for new ones.
-        h.update(b"cairn recipe v2\0");
-        h.update(self.source.commit.as_bytes());
-        h.update(b"\0");
-        h.update(serde_json::to_vec(&self.build).unwrap_or_default());
-        hex::encode(&h.finalize()[..16])
+    /// What decides the image's bytes (source commit and build recipe: [`cairn_proto::build`]); a
+    /// release that changes anything else (env, limits, hostnames, health, port, start command) has
+    /// the key of the release before it and runs its image.
+    pub fn build_key(&self) -> String {
+        cairn_proto::build::build_key(
+            &self.source.commit,
+            cairn_proto::build::Recipe {
+                dockerfile: self.build.dockerfile,
+                base_image: self.build.base_image.as_deref(),
+                commands: &self.build.commands,
+            },
+        )
     }
 
     /// Decrypts the secret env with this node's identity. Crate-private: only a driver calls it, right
@@ -475,7 +483,10 @@ mod tests {
         let spec = ReplicaSpec::from_json(&serde_json::to_vec(&base()).unwrap()).unwrap();
         assert_eq!(spec.health.attempts, 30);
         assert_eq!(spec.replica_name(), "cairn-test-web-r3-s0");
-        assert_eq!(spec.image_tag(), "cairn/web:3");
+        assert_eq!(
+            spec.image_tag(),
+            format!("cairn/test/web:{}", spec.build_key())
+        );
         let again: ReplicaSpec =
             serde_json::from_slice(&serde_json::to_vec(&spec).unwrap()).unwrap();
         assert_eq!(again, spec);
@@ -583,5 +594,55 @@ mod tests {
         let err = spec.open_secrets(&node).unwrap_err();
         assert!(matches!(err, SpecError::SecretsShape));
         assert!(!format!("{err} {err:?}").contains(canary));
+    }
+
+    /// What a release changes without a new image, and what makes one.
+    #[test]
+    fn the_build_key_follows_the_build_inputs_only() {
+        let spec = ReplicaSpec::from_json(&serde_json::to_vec(&base()).unwrap()).unwrap();
+        let key = spec.build_key();
+        let same = |edit: fn(&mut serde_json::Value)| {
+            let mut j = base();
+            edit(&mut j);
+            ReplicaSpec::from_json(&serde_json::to_vec(&j).unwrap())
+                .unwrap()
+                .build_key()
+        };
+        type Edit = fn(&mut serde_json::Value);
+        let unchanged: [(&str, Edit); 9] = [
+            ("release", |j| j["release"] = 9.into()),
+            ("slot", |j| j["slot"] = 2.into()),
+            ("config commit", |j| j["config_commit"] = "fedcba".into()),
+            ("env", |j| {
+                j["env"] = serde_json::json!({"GREETING": "hello", "X": "1"})
+            }),
+            ("limits", |j| {
+                j["limits"]["memory_bytes"] = 536870912u64.into()
+            }),
+            ("start", |j| j["build"]["start"] = "./web --fast".into()),
+            ("port", |j| j["build"]["port"] = 9090.into()),
+            ("health", |j| j["health"]["path"] = "/up".into()),
+            ("hostnames", |j| {
+                j["hostnames"] = serde_json::json!(["www.example.com"])
+            }),
+        ];
+        for (what, edit) in unchanged {
+            assert_eq!(same(edit), key, "{what} must not change the image");
+        }
+        let changed: [(&str, Edit); 4] = [
+            ("source commit", |j| {
+                j["source"]["commit"] = "0123456789abcdef0123456789abcdef01234567".into()
+            }),
+            ("base image", |j| {
+                j["build"]["base_image"] = "debian:13".into()
+            }),
+            ("commands", |j| {
+                j["build"]["commands"] = serde_json::json!(["make", "make test"])
+            }),
+            ("dockerfile", |j| j["build"]["dockerfile"] = true.into()),
+        ];
+        for (what, edit) in changed {
+            assert_ne!(same(edit), key, "{what} must make a new image");
+        }
     }
 }

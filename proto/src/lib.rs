@@ -46,6 +46,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 pub mod admin;
+pub mod build;
 pub mod registry;
 pub mod routes;
 

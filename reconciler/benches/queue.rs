@@ -10,6 +10,11 @@
 //! worker per node, as with agents: each leases its node's tasks and completes them, batched
 //! (`lease(n)` + `complete_many`) and one at a time (`lease(1)` + `complete`). Enqueueing happens
 //! before the clock starts and is reported separately.
+//!
+//! With `CAIRN_BENCH_PGQUEUER=<python>` (a Python with `pgqueuer` and `asyncpg` installed, which
+//! `benches/queue.sh` sets up), each run is followed by the same work done by pgqueuer
+//! (`benches/pgqueuer_peer.py`) in a fresh database of the same PostgreSQL: the same task count, batch
+//! size and number of workers; both figures and their ratio are printed.
 
 use std::time::{Duration, Instant};
 
@@ -71,15 +76,55 @@ async fn run(batched_tasks: usize, single_tasks: usize) {
         }
         let elapsed = started.elapsed();
         assert_eq!(done, enqueued, "every task completed exactly once");
+        let rate = done as f64 / elapsed.as_secs_f64();
         println!(
-            "{label}: {done} tasks in {:.2} s = {:.0} tasks/s (enqueue: {:.0} tasks/s)",
+            "{label}: {done} tasks in {:.2} s = {rate:.0} tasks/s (enqueue: {:.0} tasks/s)",
             elapsed.as_secs_f64(),
-            done as f64 / elapsed.as_secs_f64(),
             enqueued as f64 / enqueue_time.as_secs_f64(),
         );
         pool.close().await;
         db.close().await;
+        if let Some(python) = std::env::var_os("CAIRN_BENCH_PGQUEUER").filter(|p| !p.is_empty()) {
+            peer(&python, tasks, batch, rate).await;
+        }
     }
+}
+
+/// The same work done by pgqueuer in a fresh database of the same cluster; prints its line and the
+/// ratio to Cairn's `rate`.
+async fn peer(python: &std::ffi::OsStr, tasks: usize, batch: u32, rate: f64) {
+    let Some(db) = cairn_testkit::pg::TestDb::new().await else {
+        return;
+    };
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/pgqueuer_peer.py");
+    let out = tokio::process::Command::new(python)
+        .arg(script)
+        .args(["--dsn", db.url()])
+        .args(["--tasks", &tasks.to_string()])
+        .args(["--batch", &batch.to_string()])
+        .args(["--workers", &NODES.to_string()])
+        .output()
+        .await
+        .expect("the peer runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the pgqueuer peer failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("pgqueuer:"))
+        .expect("the peer prints its result");
+    let theirs: f64 = line
+        .split(" = ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|r| r.parse().ok())
+        .expect("tasks/s in the peer's line");
+    println!("  {line}");
+    println!("  Cairn / pgqueuer: {:.2}x", rate / theirs);
+    db.close().await;
 }
 
 fn node(n: usize) -> Name {

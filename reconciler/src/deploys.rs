@@ -186,9 +186,11 @@ async fn ready(
 }
 
 /// Where a deploy gets its image, when serve distributes images through a registry: pulled by digest
-/// once a node pushed it; otherwise this node gets it (its own copy or a build) and pushes it, unless
-/// another node is doing that right now, in which case the task goes back to the queue, without using
-/// an attempt, until the push is recorded ([`release_image`] wakes it) or `image_wait` has passed.
+/// once a node pushed it, for this release or any other of its build key (a release that changed only
+/// env, replicas, plan or domains runs the image an earlier one pushed); otherwise this node gets it (its
+/// own copy or a build) and pushes it, unless another node is doing that right now for a release of the
+/// key, in which case the task goes back to the queue, without using an attempt, until the push is
+/// recorded ([`release_image`] wakes it) or `image_wait` has passed.
 /// Nodes without the Docker driver build their own. Returns whether the task is handed out now.
 pub async fn distribute(
     ctx: &Context<'_>,
@@ -200,13 +202,13 @@ pub async fn distribute(
         return Ok(true);
     };
     let mut tx = ctx.pool.begin().await.op("begin a deploy's image lease")?;
-    releases::lock_image(&mut tx, &t.app, release).await?;
-    let holders = releases::image_holders(&mut tx, &t.app, release, node).await?;
+    let key = releases::ImageKey::of(&mut tx, &t.app, release).await?;
+    releases::lock_image(&mut tx, &key).await?;
+    let holders =
+        releases::image_holders(&mut tx, &key, node, &registry.repository(&t.app)).await?;
     let (push_to, image) = match holders.pushed {
         _ if !holders.docker => (None, None),
-        Some((reference, digest)) if reference == registry.repository(&t.app) => {
-            (None, Some(cairn_proto::RegistryImage { reference, digest }))
-        }
+        Some((reference, digest)) => (None, Some(cairn_proto::RegistryImage { reference, digest })),
         _ => match holders.pusher {
             Some(pusher) => {
                 let held = queue::give_back(&mut *tx, t.id, t.token, ctx.image_wait).await?;
@@ -452,8 +454,9 @@ async fn stage_timings(
 }
 
 /// Records the image a deploy (or a start or restart) ran on its release, when it reports one (checked by
-/// [`checked_image`]): the registry's reference and digest once a node pushed it, else the engine's
-/// image id. Then, with a registry, wakes the deploys of the release that wait for a push
+/// [`checked_image`]): the registry's reference and digest once a node pushed it (or ran the one another
+/// release of the build key pushed), else the engine's image id. Then, with a registry, wakes the
+/// deploys of the releases of the build key that wait for a push
 /// ([`distribute`]): they pull the image now recorded, or, if the deploy failed, one of them gets the
 /// image itself. With a registry both happen under the release's image lock, so a deploy being held at
 /// this moment is woken too. A failure costs the record or the wake (the waiters look again after
@@ -472,11 +475,12 @@ pub async fn release_image(ctx: &Context<'_>, app: &Name, release: u64, record: 
             .begin()
             .await
             .op("begin recording a release's image")?;
-        releases::lock_image(&mut tx, app, release).await?;
+        let key = releases::ImageKey::of(&mut tx, app, release).await?;
+        releases::lock_image(&mut tx, &key).await?;
         if let Some((reference, digest)) = record {
             releases::record_image(&mut *tx, app, release, reference, digest).await?;
         }
-        let woken = releases::wake_image_waiters(&mut tx, app, release).await?;
+        let woken = releases::wake_image_waiters(&mut tx, &key).await?;
         tx.commit().await.op("commit a release's image")?;
         Ok(woken)
     }

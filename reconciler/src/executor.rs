@@ -432,6 +432,7 @@ async fn write_state(
     }
     for r in &plan.releases {
         let spec = serde_json::to_value(&r.spec).expect("a release spec serializes");
+        let build_key = release_build_key(r.source_commit.as_str(), &r.spec);
         state::insert_release(
             tx,
             &ReleaseInsert {
@@ -442,12 +443,26 @@ async fn write_state(
                 source_commit: &r.source_commit,
                 spec,
                 spec_hash: &r.spec_hash,
+                build_key: &build_key,
             },
         )
         .await?;
     }
     state::replace_placements(tx, &plan.placements).await?;
     Ok(())
+}
+
+/// A release's build key: what the agent names the release's image by (`cairn_proto::build`), computed
+/// from the same fields the deploy payload carries, so releases sharing it share one image.
+pub fn release_build_key(source_commit: &str, spec: &cairn_plan::ReleaseSpec) -> String {
+    cairn_proto::build::build_key(
+        source_commit,
+        cairn_proto::build::Recipe {
+            dockerfile: spec.dockerfile,
+            base_image: spec.image.as_deref(),
+            commands: &spec.build,
+        },
+    )
 }
 
 /// Retires the unfinished tasks of older generations of every slot this plan moves to another node or

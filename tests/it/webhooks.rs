@@ -955,7 +955,9 @@ async fn without_a_secret_the_endpoint_is_off_and_the_log_says_so() {
 /// moved it.
 ///
 /// Also the push-to-running benchmark (BENCHMARKS.md): `CAIRN_E2E_PUSHES=N` pushes N versions one after
-/// the other and prints the time from each delivery to its first healthy replica answering.
+/// the other and prints the time from each delivery to its first healthy replica answering, and after
+/// each, the same work done by hand with the docker CLI on the same engine ([`docker_cli_to_running`]),
+/// and the ratio of the medians.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_signed_push_ends_with_the_release_running_in_docker_and_a_deploy_success_status() {
     use crate::e2e::support::{Driver, E2e, app_manifest, docker_site, get, host, wait_body};
@@ -1007,6 +1009,7 @@ async fn a_signed_push_ends_with_the_release_running_in_docker_and_a_deploy_succ
         .max(1);
     let mut before = c1;
     let mut timings = Vec::new();
+    let mut cli = Vec::new();
     for n in 0..pushes {
         let release = n as i64 + 2;
         let version = format!("v{release}");
@@ -1068,15 +1071,105 @@ async fn a_signed_push_ends_with_the_release_running_in_docker_and_a_deploy_succ
             row["stage_timings"]
         );
         timings.push(healthy);
+        if pushes > 1 {
+            let by_hand = docker_cli_to_running(&e, &source.bare, &commit, &version, release).await;
+            eprintln!("  the same commit by hand with the docker CLI: {by_hand:?}");
+            cli.push(by_hand);
+        }
         before = commit;
     }
     if pushes > 1 {
         timings.sort();
+        cli.sort();
+        let p50 = |t: &[Duration]| t[t.len() / 2];
         eprintln!(
-            "push to first healthy over {pushes} pushes: min {:?}, p50 {:?}, max {:?}",
+            "push to first healthy over {pushes} pushes: min {:?}, p50 {:?}, max {:?}; docker CLI: min {:?}, \
+             p50 {:?}, max {:?}; Cairn / CLI (p50): {:.2}",
             timings[0],
-            timings[timings.len() / 2],
-            timings[timings.len() - 1]
+            p50(&timings),
+            timings[timings.len() - 1],
+            cli[0],
+            p50(&cli),
+            cli[cli.len() - 1],
+            p50(&timings).as_secs_f64() / p50(&cli).as_secs_f64()
         );
     }
+}
+
+/// The floor of push to running: what Cairn does for a commit, by hand with the docker CLI on the same
+/// engine: clone the source at the commit (one commit deep, as the agent fetches), build its Dockerfile
+/// with the same (classic) builder and no cache (Cairn built this very content a moment ago, and its
+/// own build of a new commit finds nothing cached), run it with the port published on loopback, and
+/// poll it until it answers `version`. What it made is labelled with the test's installation, so the
+/// harness removes it.
+async fn docker_cli_to_running(
+    e: &crate::e2e::support::E2e,
+    bare: &Path,
+    commit: &str,
+    version: &str,
+    n: i64,
+) -> Duration {
+    use crate::e2e::support::docker;
+    let dir = e.scratch.path().join(format!("by-hand-{n}"));
+    let label = format!("cairn.installation={}", e.installation);
+    let tag = format!("cairn-e2e-cli/{}:{n}", e.installation);
+    let (bare, commit) = (format!("file://{}", bare.display()), commit.to_owned());
+    let started = Instant::now();
+    let container = tokio::task::spawn_blocking({
+        let (dir, label, tag) = (dir.clone(), label.clone(), tag.clone());
+        move || {
+            std::fs::create_dir_all(&dir).unwrap();
+            git(&dir, &["init", "-q"]);
+            git(&dir, &["fetch", "-q", "--depth", "1", &bare, &commit]);
+            git(&dir, &["checkout", "-q", "FETCH_HEAD"]);
+            docker(&[
+                "build",
+                "-q",
+                "--no-cache",
+                "--pull=false",
+                "--label",
+                &label,
+                "-t",
+                &tag,
+                dir.to_str().unwrap(),
+            ]);
+            docker(&[
+                "run",
+                "-d",
+                "--label",
+                &label,
+                "-e",
+                "PORT=8080",
+                "-p",
+                "127.0.0.1::8080",
+                &tag,
+            ])
+        }
+    })
+    .await
+    .unwrap();
+    let port = docker(&["port", &container, "8080/tcp"]);
+    let addr: SocketAddr = port
+        .lines()
+        .find(|l| l.starts_with("127.0.0.1:"))
+        .and_then(|l| l.parse().ok())
+        .unwrap_or_else(|| panic!("no loopback port in {port:?}"));
+    let client = reqwest::Client::new();
+    let deadline = started + Duration::from_secs(120);
+    let took = loop {
+        if let Ok(r) = client.get(format!("http://{addr}/")).send().await
+            && r.status() == 200
+            && r.text().await.is_ok_and(|b| b.trim() == version)
+        {
+            break started.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{version} never answered by hand"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    docker(&["rm", "-f", &container]);
+    let _ = std::fs::remove_dir_all(&dir);
+    took
 }

@@ -1,12 +1,16 @@
 //! The Docker driver: builds a release's image with the engine's classic builder and runs replicas as
 //! containers, through bollard on the engine's unix socket.
 //!
-//! - Build: the source tree is streamed to the engine as a tar, with a Dockerfile generated from the
-//!   runtime (base image, build commands, start command, port) unless the runtime uses the app's own. No
-//!   base image is pulled unless the agent is told to; build output reaches a [`LogSink`] line by line
-//!   while the build runs. The image is tagged `cairn/<app>:<release>` and labelled (installation, app,
-//!   release, commits, recipe); builds of one tag are single-flight, and an image already built from the
-//!   same source and recipe is reused.
+//! - Build: one image per build key (source commit and recipe, [`cairn_proto::build`]), which every
+//!   release of the key runs: a release that changes only env, limits, domains, health check, port or
+//!   start command starts from the image already here. The source tree is streamed to the engine as a
+//!   tar, with a Dockerfile generated from the runtime (`FROM` the base image, one `COPY`, and one `RUN`
+//!   for all build commands) unless the runtime uses the app's own; the start command and working
+//!   directory are given to the container, not baked into the image. No base image is pulled unless the
+//!   agent is told to; build output reaches a [`LogSink`] line by line while the build runs. The image is
+//!   tagged `cairn/<installation>/<app>:<build key>` and labelled through the build options
+//!   (installation, app, source commit, build key; nothing of a release); builds of one tag are
+//!   single-flight.
 //! - Run: containers named `cairn-<installation>-<app>-r<release>-s<slot>` and labelled (installation,
 //!   app, release, slot, commits, node, hostnames), with the plan's memory and CPU limits, restart policy
 //!   `unless-stopped`, a pid limit, `no-new-privileges`, every capability dropped but
@@ -51,14 +55,16 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 
 use super::{
-    Driver, DriverError, DriverKind, ImageId, Replica, ReplicaId, ReplicaState, ReplicaStatus,
-    image_labels, label, replica_labels,
+    Driver, DriverError, DriverKind, Found, ImageId, Replica, ReplicaId, ReplicaState,
+    ReplicaStatus, image_labels, label, replica_labels,
 };
 use crate::logs::{LineSplitter, LogLine, LogSink, LogStream};
 use crate::spec::{ImageRef, ReplicaSpec, SpecError};
 
 /// The name of the generated Dockerfile inside the build context.
 pub const GENERATED_DOCKERFILE: &str = "Dockerfile.cairn";
+/// Where a generated Dockerfile puts the source, and where its container starts.
+pub const APP_DIR: &str = "/app";
 
 /// How the Docker driver behaves on this node.
 #[derive(Debug, Clone)]
@@ -283,8 +289,12 @@ impl DockerDriver {
         self.builds_run.load(Ordering::Relaxed)
     }
 
-    /// The Dockerfile generated for a runtime without its own. Every command is written in exec form with
-    /// JSON-quoted arguments, so no command can add instructions of its own.
+    /// The Dockerfile generated for a runtime without its own: the base image, the source in `/app` (one
+    /// `COPY`), and the build commands in one `RUN` (each in its own `/bin/sh -c` in `/app`, stopping at
+    /// the first that fails). Every step commits a layer (about a second each on a slow storage driver),
+    /// so there are no others: the labels are build options, and the start command and the working
+    /// directory are set when the container is created. Commands are arguments of an exec-form `RUN`,
+    /// JSON-quoted, so no command can add instructions of its own.
     pub fn generated_dockerfile(spec: &ReplicaSpec) -> Result<String, DriverError> {
         let base = spec
             .build
@@ -294,27 +304,33 @@ impl DockerDriver {
                 what: "docker",
                 needs: "a base image (`image` in the runtime) or `dockerfile = true`".into(),
             })?;
-        let start = spec.build.start.as_deref().unwrap_or_default();
         let q = |s: &str| serde_json::to_string(s).expect("strings serialize");
-        // Every instruction is a step (about a second each on a slow storage driver), so the labels go in
-        // one LABEL right after FROM (every intermediate image of a failed build carries them too, for
-        // clean-up), and PORT and the exposed port are set when the container is created.
-        let labels: Vec<String> = image_labels(spec)
-            .iter()
-            .map(|(k, v)| format!("{k}={}", q(v)))
-            .collect();
-        let mut df = format!(
-            "FROM {base}\n\
-             LABEL {}\n\
-             WORKDIR /app\n\
-             COPY . /app\n",
-            labels.join(" ")
-        );
-        for cmd in &spec.build.commands {
-            df.push_str(&format!("RUN [\"/bin/sh\", \"-c\", {}]\n", q(cmd)));
+        let mut df = format!("FROM {base}\nCOPY . {APP_DIR}\n");
+        if !spec.build.commands.is_empty() {
+            let mut run = vec![
+                q("/bin/sh"),
+                q("-c"),
+                q(&format!(
+                    "cd {APP_DIR} || exit; for c in \"$@\"; do /bin/sh -c \"$c\" || exit; done"
+                )),
+                q("cairn-build"),
+            ];
+            run.extend(spec.build.commands.iter().map(|c| q(c)));
+            df.push_str(&format!("RUN [{}]\n", run.join(", ")));
         }
-        df.push_str(&format!("CMD [\"/bin/sh\", \"-c\", {}]\n", q(start)));
         Ok(df)
+    }
+
+    /// The command and working directory of a container from a generated Dockerfile's image (`None` for
+    /// the app's own Dockerfile, whose `CMD` and `WORKDIR` stand).
+    fn generated_command(spec: &ReplicaSpec) -> Option<(Vec<String>, String)> {
+        (!spec.build.dockerfile).then(|| {
+            let start = spec.build.start.clone().unwrap_or_default();
+            (
+                vec!["/bin/sh".to_owned(), "-c".to_owned(), start],
+                APP_DIR.to_owned(),
+            )
+        })
     }
 
     async fn image_matches(
@@ -329,9 +345,8 @@ impl DockerDriver {
                 let same = [
                     label::INSTALLATION,
                     label::APP,
-                    label::RELEASE,
                     label::SOURCE_COMMIT,
-                    label::RECIPE,
+                    label::BUILD_KEY,
                 ]
                 .iter()
                 .all(|k| labels.get(*k) == want.get(*k));
@@ -391,13 +406,9 @@ impl DockerDriver {
                 }
             ),
         ));
-        // A generated Dockerfile carries the labels itself; the app's own gets them as a build option
-        // (which the classic builder appends as a last LABEL step).
-        let labels: HashMap<String, String> = if spec.build.dockerfile {
-            image_labels(spec).into_iter().collect()
-        } else {
-            HashMap::new()
-        };
+        // Build options, not a step of a generated Dockerfile; they hold nothing a release changes
+        // without a new key, so every release of the key runs the same image.
+        let labels: HashMap<String, String> = image_labels(spec).into_iter().collect();
         let opts = BuildImageOptionsBuilder::default()
             .dockerfile(dockerfile)
             .t(&tag)
@@ -725,7 +736,7 @@ impl Driver for DockerDriver {
         repository: &str,
         log: &dyn LogSink,
     ) -> Result<ImageRef, DriverError> {
-        let tag = spec.release.to_string();
+        let tag = spec.build_key();
         let reference = format!("{repository}:{tag}");
         let failed = |reason: String| DriverError::Push {
             reference: reference.clone(),
@@ -784,13 +795,19 @@ impl Driver for DockerDriver {
         })
     }
 
-    async fn find_image(&self, spec: &ReplicaSpec) -> Result<Option<ImageId>, DriverError> {
-        if let Some(found) = self.image_matches(&spec.image_tag(), spec).await? {
-            return Ok(Some(found));
-        }
+    async fn find_image(&self, spec: &ReplicaSpec) -> Result<Option<Found>, DriverError> {
+        // The registry image first: what the task names is what every node of the release runs, and
+        // the release can record it by digest.
         if let Some(image) = &spec.image {
             match self.docker.inspect_image(&image.pinned()).await {
-                Ok(img) => return Ok(img.id.map(ImageId)),
+                Ok(img) => {
+                    if let Some(id) = img.id {
+                        return Ok(Some(Found {
+                            id: ImageId(id),
+                            registry: Some(image.clone()),
+                        }));
+                    }
+                }
                 Err(e) if is_status(&e, 404) => {}
                 Err(e) => {
                     return Err(DriverError::docker(
@@ -800,7 +817,10 @@ impl Driver for DockerDriver {
                 }
             }
         }
-        Ok(None)
+        Ok(self
+            .image_matches(&spec.image_tag(), spec)
+            .await?
+            .map(Found::local))
     }
 
     async fn build_image(
@@ -819,7 +839,7 @@ impl Driver for DockerDriver {
             .or_default()
             .clone();
         let _held = lock.lock().await;
-        // Someone else may have built it while this one waited.
+        // Someone else may have built it while this one waited (another release of the key, too).
         if let Some(found) = self.image_matches(&tag, spec).await? {
             return Ok(found);
         }
@@ -924,8 +944,11 @@ impl Driver for DockerDriver {
             }),
             ..Default::default()
         };
+        let (cmd, working_dir) = Self::generated_command(spec).unzip();
         let body = ContainerCreateBody {
             image: Some(image.0.clone()),
+            cmd,
+            working_dir,
             env: Some(env),
             labels: Some(labels.into_iter().collect()),
             exposed_ports: Some(vec![port_key]),
@@ -1095,40 +1118,34 @@ impl Driver for DockerDriver {
             .into_iter()
             .filter_map(|c| c.image_id)
             .collect();
-        let key = |i: &bollard::models::ImageSummary| -> Option<(String, u64)> {
-            Some((
-                i.labels.get(label::APP)?.clone(),
-                i.labels.get(label::RELEASE)?.parse().ok()?,
-            ))
-        };
-        let mut releases: BTreeMap<String, Vec<u64>> = BTreeMap::new();
-        for (app, r) in images.iter().filter_map(key) {
-            releases.entry(app).or_default().push(r);
-        }
-        let kept: HashSet<(String, u64)> = releases
-            .into_iter()
-            .flat_map(|(app, mut rs)| {
-                rs.sort_unstable_by(|a, b| b.cmp(a));
-                rs.dedup();
-                rs.into_iter().take(keep).map(move |r| (app.clone(), r))
-            })
-            .collect();
-        let mut removed = Vec::new();
+        // Per app, newest first (images of an older agent, tagged per release, are ordered the same way).
+        let mut by_app: BTreeMap<&str, Vec<&bollard::models::ImageSummary>> = BTreeMap::new();
         for i in &images {
-            let Some(k) = key(i) else { continue };
-            if kept.contains(&k) || used.contains(&i.id) {
-                continue;
+            if let Some(app) = i.labels.get(label::APP) {
+                by_app.entry(app).or_default().push(i);
             }
-            // Forced: an image pushed to a registry carries a second tag. No container uses it (above).
-            let opts = RemoveImageOptionsBuilder::default().force(true).build();
-            match self.docker.remove_image(&i.id, Some(opts), None).await {
-                Ok(_) => {
-                    tracing::info!(app = %k.0, release = k.1, image = %i.id, "old release image removed");
-                    removed.push(ImageId(i.id.clone()));
+        }
+        let mut removed = Vec::new();
+        for (app, mut list) in by_app {
+            list.sort_by(|a, b| b.created.cmp(&a.created).then_with(|| a.id.cmp(&b.id)));
+            for i in list.into_iter().skip(keep) {
+                if used.contains(&i.id) {
+                    continue;
                 }
-                // Gone meanwhile, or a container took it after all: leave it.
-                Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
-                Err(e) => return Err(DriverError::docker(format!("remove image {}", i.id), e)),
+                // Forced: an image pushed to a registry carries a second tag. No container uses it
+                // (above).
+                let opts = RemoveImageOptionsBuilder::default().force(true).build();
+                match self.docker.remove_image(&i.id, Some(opts), None).await {
+                    Ok(_) => {
+                        tracing::info!(%app, image = %i.id, "old image removed");
+                        removed.push(ImageId(i.id.clone()));
+                    }
+                    // Gone meanwhile, or a container took it after all: leave it.
+                    Err(e) if is_status(&e, 404) || is_status(&e, 409) => {}
+                    Err(e) => {
+                        return Err(DriverError::docker(format!("remove image {}", i.id), e));
+                    }
+                }
             }
         }
         Ok(removed)
@@ -1164,22 +1181,32 @@ mod tests {
         }))
         .unwrap();
         let df = DockerDriver::generated_dockerfile(&spec).unwrap();
-        let recipe = spec.recipe();
         assert_eq!(
             df,
-            format!(
-                "FROM busybox:1\n\
-                 LABEL cairn.app=\"web\" cairn.config-commit=\"c1\" cairn.installation=\"t\" \
-                 cairn.recipe=\"{recipe}\" cairn.release=\"1\" \
-                 cairn.source-commit=\"0123456789abcdef0123456789abcdef01234567\"\n\
-                 WORKDIR /app\n\
-                 COPY . /app\n\
-                 RUN [\"/bin/sh\", \"-c\", \"echo a\\nRUN evil\"]\n\
-                 RUN [\"/bin/sh\", \"-c\", \"make \\\"x\\\"\"]\n\
-                 CMD [\"/bin/sh\", \"-c\", \"httpd -f -p $PORT\"]\n"
-            )
+            "FROM busybox:1\n\
+             COPY . /app\n\
+             RUN [\"/bin/sh\", \"-c\", \"cd /app || exit; for c in \\\"$@\\\"; do /bin/sh -c \\\"$c\\\" || exit; done\", \
+             \"cairn-build\", \"echo a\\nRUN evil\", \"make \\\"x\\\"\"]\n"
         );
-        assert_eq!(df.lines().filter(|l| l.starts_with("RUN")).count(), 2);
+        // Two steps that commit a layer, whatever the number of commands; nothing of a release in it.
+        assert_eq!(df.lines().count(), 3);
+        assert!(!df.contains("LABEL") && !df.contains("CMD") && !df.contains("httpd"));
+        assert_eq!(
+            DockerDriver::generated_command(&spec),
+            Some((
+                vec!["/bin/sh".into(), "-c".into(), "httpd -f -p $PORT".into()],
+                "/app".into()
+            ))
+        );
+        let mut bare = spec.clone();
+        bare.build.commands.clear();
+        assert_eq!(
+            DockerDriver::generated_dockerfile(&bare).unwrap(),
+            "FROM busybox:1\nCOPY . /app\n"
+        );
+        let mut own = spec;
+        own.build.dockerfile = true;
+        assert_eq!(DockerDriver::generated_command(&own), None);
     }
 
     #[test]

@@ -35,7 +35,8 @@ pub mod label {
     pub const NODE: &str = "cairn.node";
     pub const CONFIG_COMMIT: &str = "cairn.config-commit";
     pub const SOURCE_COMMIT: &str = "cairn.source-commit";
-    pub const RECIPE: &str = "cairn.recipe";
+    /// On images: the build key ([`crate::spec::ReplicaSpec::build_key`]) the image was built for.
+    pub const BUILD_KEY: &str = "cairn.build-key";
     pub const HOSTNAMES: &str = "cairn.hostnames";
     pub const PORT: &str = "cairn.port";
     pub const HEALTH_PATH: &str = "cairn.health-path";
@@ -52,6 +53,21 @@ pub struct ImageId(pub String);
 impl fmt::Display for ImageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
+    }
+}
+
+/// An image a node has already ([`Driver::find_image`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    pub id: ImageId,
+    /// Set when the image found is the registry image the task names (so the release may record it by
+    /// its reference and digest).
+    pub registry: Option<ImageRef>,
+}
+
+impl Found {
+    pub fn local(id: ImageId) -> Found {
+        Found { id, registry: None }
     }
 }
 
@@ -156,9 +172,11 @@ impl ReplicaStatus {
     }
 }
 
-/// The labels of a spec's replica on `node`.
+/// The labels of a spec's replica on `node`: its image's, and what is the release's own.
 pub(crate) fn replica_labels(spec: &ReplicaSpec, node: &Name) -> BTreeMap<String, String> {
     let mut l = image_labels(spec);
+    l.insert(label::RELEASE.into(), spec.release.to_string());
+    l.insert(label::CONFIG_COMMIT.into(), spec.config_commit.clone());
     l.insert(label::SLOT.into(), spec.slot.to_string());
     l.insert(label::NODE.into(), node.to_string());
     l.insert(label::HEALTH_PATH.into(), spec.health.path.clone());
@@ -173,15 +191,14 @@ pub(crate) fn replica_labels(spec: &ReplicaSpec, node: &Name) -> BTreeMap<String
     l
 }
 
-/// The labels of a spec's image (no slot or node: an image is per release).
+/// The labels of a spec's image: what its build key covers and nothing a release changes without a new
+/// image (no release, config commit, slot or node), so every release of the key runs the same bytes.
 pub(crate) fn image_labels(spec: &ReplicaSpec) -> BTreeMap<String, String> {
     BTreeMap::from([
         (label::INSTALLATION.into(), spec.installation.to_string()),
         (label::APP.into(), spec.app.to_string()),
-        (label::RELEASE.into(), spec.release.to_string()),
-        (label::CONFIG_COMMIT.into(), spec.config_commit.clone()),
         (label::SOURCE_COMMIT.into(), spec.source.commit.clone()),
-        (label::RECIPE.into(), spec.recipe()),
+        (label::BUILD_KEY.into(), spec.build_key()),
     ])
 }
 
@@ -268,10 +285,11 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// The installation whose replicas this driver manages.
     fn installation(&self) -> &Name;
 
-    /// The release's image if it is on this node already (built from the same source and recipe).
-    async fn find_image(&self, spec: &ReplicaSpec) -> Result<Option<ImageId>, DriverError>;
+    /// The spec's image if it is on this node already: built (or pulled) for the same build key, by any
+    /// release, or the registry image the task names.
+    async fn find_image(&self, spec: &ReplicaSpec) -> Result<Option<Found>, DriverError>;
 
-    /// Builds the release's image from the source tree in `context`, streaming build output to `log` while
+    /// Builds the spec's image (one per build key) from the source tree in `context`, streaming build output to `log` while
     /// it happens.
     async fn build_image(
         &self,
@@ -285,7 +303,7 @@ pub trait Driver: Send + Sync + fmt::Debug {
         false
     }
 
-    /// Pushes the release's image to `repository` (`host:port/prefix/app`, tagged with the release number)
+    /// Pushes the spec's image to `repository` (`host:port/prefix/app`, tagged with the build key)
     /// and returns it pinned by digest, for the other nodes to pull.
     async fn push_image(
         &self,
@@ -301,7 +319,7 @@ pub trait Driver: Send + Sync + fmt::Debug {
         })
     }
 
-    /// Pulls the spec's registry image by digest and makes it the release's image.
+    /// Pulls the spec's registry image by digest and tags it as the build key's image.
     async fn pull_image(
         &self,
         spec: &ReplicaSpec,
@@ -335,9 +353,10 @@ pub trait Driver: Send + Sync + fmt::Debug {
     /// The last `tail` lines of a replica's output, each with the time the replica printed it.
     async fn logs(&self, id: &ReplicaId, tail: usize) -> Result<Vec<LogLine>, DriverError>;
 
-    /// Removes this installation's images of each app beyond the app's `keep` newest releases, except
-    /// any image a container of this installation uses (running or not). Returns what it removed. A
-    /// driver without images (the process driver) removes nothing.
+    /// Removes this installation's images of each app beyond the app's `keep` newest (by when the image
+    /// was built), except any image a container of this installation uses (running or not): those are
+    /// what every release still placed runs. Returns what it removed. A driver without images (the
+    /// process driver) removes nothing.
     async fn prune_images(&self, keep: usize) -> Result<Vec<ImageId>, DriverError> {
         let _ = keep;
         Ok(Vec::new())

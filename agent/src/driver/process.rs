@@ -1,10 +1,12 @@
 //! The process driver, for hosts without Docker: a release is a directory, a replica is a supervised
 //! process that outlives the agent.
 //!
-//! - Build: the source tree is copied into a per-release directory
-//!   (`<root>/<installation>/<app>/r<release>-<recipe>/app`) and the runtime's build commands run there in
-//!   order, their output streamed to a [`LogSink`]. The directory is renamed into place only when every
-//!   command passed, so a half-built release is never mistaken for a built one.
+//! - Build: the source tree is copied into a directory per build key (source commit and recipe,
+//!   [`cairn_proto::build`]: `<root>/<installation>/<app>/b-<build key>/app`), shared by every release
+//!   of the key (one that changes only env, limits, domains, port or start command builds nothing), and
+//!   the runtime's build commands run there in order, their output streamed to a [`LogSink`]. The
+//!   directory is renamed into place only when every command passed, so a half-built one is never
+//!   mistaken for a built one.
 //! - Run: the start command runs through `/bin/sh -c` in the release directory, in its own process group,
 //!   with a clean environment (`PATH`, `HOME`, the spec's env, the decrypted secrets, and `PORT`, a free
 //!   port on 127.0.0.1 chosen here). A supervisor restarts it with exponential backoff when it exits, keeps
@@ -55,8 +57,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{
-    Driver, DriverError, DriverKind, ImageId, Replica, ReplicaId, ReplicaState, ReplicaStatus,
-    replica_labels,
+    Driver, DriverError, DriverKind, Found, ImageId, Replica, ReplicaId, ReplicaState,
+    ReplicaStatus, replica_labels,
 };
 use crate::logs::{LineSplitter, LogLine, LogRing, LogSink, LogStream};
 use crate::spec::{ReplicaSpec, SpecError};
@@ -323,7 +325,7 @@ impl ProcessDriver {
             .root
             .join(spec.installation.as_str())
             .join(spec.app.as_str())
-            .join(format!("r{}-{}", spec.release, spec.recipe()))
+            .join(format!("b-{}", spec.build_key()))
     }
 
     /// A replica's directory in the agent's state.
@@ -441,7 +443,7 @@ impl ProcessDriver {
             }
         }
         let marker = tmp.join(MARKER);
-        std::fs::write(&marker, spec.recipe()).map_err(|e| DriverError::io("write", &marker, e))
+        std::fs::write(&marker, spec.build_key()).map_err(|e| DriverError::io("write", &marker, e))
     }
 
     fn status_of(&self, sup: &Supervised) -> Option<ReplicaStatus> {
@@ -1128,11 +1130,11 @@ impl Driver for ProcessDriver {
         &self.cfg.installation
     }
 
-    async fn find_image(&self, spec: &ReplicaSpec) -> Result<Option<ImageId>, DriverError> {
+    async fn find_image(&self, spec: &ReplicaSpec) -> Result<Option<Found>, DriverError> {
         let dir = self.release_dir(spec);
         Ok(match std::fs::read_to_string(dir.join(MARKER)) {
-            Ok(recipe) if recipe == spec.recipe() => {
-                Some(ImageId(dir.to_string_lossy().into_owned()))
+            Ok(key) if key == spec.build_key() => {
+                Some(Found::local(ImageId(dir.to_string_lossy().into_owned())))
             }
             _ => None,
         })
@@ -1164,7 +1166,7 @@ impl Driver for ProcessDriver {
             .clone();
         let _held = lock.lock().await;
         if let Some(found) = self.find_image(spec).await? {
-            return Ok(found);
+            return Ok(found.id);
         }
         self.builds_run.fetch_add(1, Ordering::Relaxed);
         let parent = dir.parent().expect("release dirs have a parent");

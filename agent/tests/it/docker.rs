@@ -139,13 +139,29 @@ async fn docker_deploys_switch_without_failed_requests_and_failures_keep_the_old
             "no volumes or binds at all"
         );
         assert!(r1.replica.addr.ip().is_loopback());
-        let image = docker
-            .inspect_image(&format!("cairn/{app}:1"))
-            .await
-            .unwrap();
-        let il = image.config.unwrap().labels.unwrap();
+        let s1 = spec(&inst, &app, &repo, 1, &v1, docker_build(&base));
+        let tag = format!("cairn/{}/{app}:{}", inst.id, s1.build_key());
+        assert_eq!(s1.image_tag(), tag);
+        let image = docker.inspect_image(&tag).await.unwrap();
+        let config = image.config.unwrap();
+        let il = config.labels.unwrap();
         assert_eq!(il.get("cairn.source-commit"), Some(&v1));
-        assert_eq!(il.get("cairn.release").map(String::as_str), Some("1"));
+        assert_eq!(il.get("cairn.build-key"), Some(&s1.build_key()));
+        // Nothing of a release: every release of the key runs these bytes.
+        assert_eq!(il.get("cairn.release"), None);
+        assert_eq!(il.get("cairn.config-commit"), None);
+        // The start command is the container's, not the image's.
+        assert_eq!(config.cmd, None, "{:?}", config.cmd);
+        assert_eq!(
+            c.config.as_ref().unwrap().cmd.as_deref(),
+            Some(
+                &[
+                    "/bin/sh".to_owned(),
+                    "-c".to_owned(),
+                    "exec httpd -f -p $PORT -h /app/www".to_owned()
+                ][..]
+            )
+        );
         assert_eq!(image.id.as_deref(), Some(r1.image.0.as_str()));
 
         // v2 while a client polls the proxy: v1 then v2, no failed request.

@@ -1,18 +1,20 @@
-//! Housekeeping with the real Docker engine: old release images are removed beyond the newest N per app
-//! (never one a container uses, never another installation's or an unlabelled one), and replica output
-//! is read with the engine's own timestamps (what the agent ships for `cairn logs`).
+//! Housekeeping with the real Docker engine: images are one per build key, shared by the releases of
+//! the key (an env-only release builds nothing); old ones are removed beyond the newest N per app (never
+//! one a container uses, never another installation's or an unlabelled one), and replica output is read
+//! with the engine's own timestamps (what the agent ships for `cairn logs`).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use cairn_agent::deploy::ImageSource;
 use cairn_agent::housekeeping::{Cursor, ReplicaOutput};
 use cairn_agent::{DockerConfig, DockerDriver, Driver, LogLine};
 
 use crate::support::{self, AppRepo, Installation, Node, bounded, docker_build, spec};
 
-/// Releases of `app` that have an image of this installation.
-async fn image_releases(inst: &Installation, app: &str) -> BTreeSet<u64> {
+/// The source commits of `app` that have an image of this installation.
+async fn image_commits(inst: &Installation, app: &str) -> BTreeSet<String> {
     let docker = inst.docker.as_ref().unwrap();
     let filters = std::collections::HashMap::from([(
         "label".to_owned(),
@@ -30,7 +32,7 @@ async fn image_releases(inst: &Installation, app: &str) -> BTreeSet<u64> {
         .await
         .unwrap()
         .iter()
-        .filter_map(|i| i.labels.get("cairn.release")?.parse().ok())
+        .filter_map(|i| i.labels.get("cairn.source-commit").cloned())
         .collect()
 }
 
@@ -57,38 +59,63 @@ async fn old_release_images_go_unless_a_container_uses_them_and_output_keeps_its
         let started = SystemTime::now();
         let mut build = docker_build(&base);
         build.start = Some("echo hello-from-$PORT; exec httpd -f -p $PORT -h /app/www".into());
+        let mut commits = Vec::new();
         for (release, version) in [(1, "v1"), (2, "v2"), (3, "v3")] {
             let commit = repo.commit_version(version);
             let log = Mutex::new(Vec::<LogLine>::new());
-            node.deployer
+            let report = node
+                .deployer
                 .deploy(
                     &spec(&inst, &app, &repo, release, &commit, build.clone()),
                     &log,
                 )
                 .await
                 .unwrap_or_else(|e| panic!("{}", e.reason()));
+            assert_eq!(report.image_source, ImageSource::Built);
+            commits.push((commit, report.image));
         }
-        // Release 1 runs again (a rollback): its image is in use.
-        let v1 = repo.commit_version("v1");
-        node.deployer
+        assert_eq!(driver.builds_run(), 3);
+
+        // Release 4 changes only what the replica runs with (env, limits, start command, port): the
+        // image of release 3, no build, no fetch.
+        let mut s4 = spec(&inst, &app, &repo, 4, &commits[2].0, build.clone());
+        s4.env.insert(
+            cairn_schema::EnvName::new("GREETING").unwrap(),
+            "hello".into(),
+        );
+        s4.limits.memory_bytes = 96 << 20;
+        s4.build.start = Some("echo four-from-$PORT; exec httpd -f -p $PORT -h /app/www".into());
+        s4.build.port = 8081;
+        let r4 = node
+            .deployer
+            .deploy(&s4, &Mutex::new(Vec::<LogLine>::new()))
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.reason()));
+        assert_eq!(r4.image_source, ImageSource::Cached);
+        assert_eq!(r4.image, commits[2].1, "release 3's image");
+        assert_eq!((r4.timings.build, r4.timings.fetch), (None, None));
+        assert_eq!(driver.builds_run(), 3, "an env-only release builds nothing");
+
+        // Release 1 runs again (a rollback): its image is still here, and in use once it runs.
+        let r1 = node
+            .deployer
             .deploy(
-                &spec(&inst, &app, &repo, 1, &v1, build.clone()),
+                &spec(&inst, &app, &repo, 1, &commits[0].0, build.clone()),
                 &Mutex::new(Vec::<LogLine>::new()),
             )
             .await
             .unwrap_or_else(|e| panic!("{}", e.reason()));
-        assert_eq!(
-            image_releases(&inst, app.as_str()).await,
-            BTreeSet::from([1, 2, 3])
-        );
+        assert_eq!(r1.image_source, ImageSource::Cached);
+        assert_eq!(driver.builds_run(), 3);
+        let all: BTreeSet<String> = commits.iter().map(|c| c.0.clone()).collect();
+        assert_eq!(image_commits(&inst, app.as_str()).await, all);
 
-        // Keep the newest release: 3 stays, 1 stays (a container uses it), 2 goes (and release 1's first
-        // image: the second deploy built release 1 again from a new commit of the same content).
+        // Keep the newest image: v3's stays, v1's stays (a container uses it), v2's goes.
         let removed = driver.prune_images(1).await.unwrap();
-        assert_eq!(removed.len(), 2, "{removed:?}");
+        assert_eq!(removed, [commits[1].1.clone()]);
         assert_eq!(
-            image_releases(&inst, app.as_str()).await,
-            BTreeSet::from([1, 3])
+            image_commits(&inst, app.as_str()).await,
+            BTreeSet::from([commits[0].0.clone(), commits[2].0.clone()])
         );
         // Nothing else of this installation (the unlabelled-by-app base image) was touched, and a
         // second pass removes nothing.

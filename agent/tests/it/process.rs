@@ -158,6 +158,42 @@ async fn process_deploys_switch_without_failed_requests_restart_on_crash_and_sto
             "the old replica's whole process group is gone"
         );
 
+        // A release that changes only the env and the start command runs from v2's build directory:
+        // nothing is copied or built again.
+        let builds = driver.builds_run();
+        let mut env_only = spec(&inst, &app, &repo, 2, &v2, support::process_build());
+        env_only.release = 20;
+        env_only
+            .env
+            .insert(cairn_schema::EnvName::new("GREETING").unwrap(), "hi".into());
+        env_only.build.start = Some(format!(
+            "GREETING=$GREETING exec {} httpd -f -p 127.0.0.1:$PORT -h www",
+            support::BUSYBOX
+        ));
+        let r20 = node
+            .deployer
+            .deploy(&env_only, &support::Discard)
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.reason()));
+        assert_eq!(r20.image_source, ImageSource::Cached);
+        assert_eq!(r20.image, r2.image, "v2's build directory");
+        assert_eq!(driver.builds_run(), builds);
+        assert_eq!(
+            get(&client, node.proxy_addr, &host, "/").await.unwrap(),
+            (200, "v2\n".into())
+        );
+        // Back to release 2 (what the rest expects runs), from the same directory again.
+        let back = node
+            .deployer
+            .deploy(
+                &spec(&inst, &app, &repo, 2, &v2, support::process_build()),
+                &support::Discard,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{}", e.reason()));
+        assert_eq!(back.image_source, ImageSource::Cached);
+        assert_eq!(driver.builds_run(), builds);
+
         // Failures keep v2 serving.
         let poller = support::poll(node.proxy_addr, &host, Duration::from_millis(20));
         let v3 = repo.commit_version("v3");

@@ -106,7 +106,9 @@ async fn the_building_node_pushes_and_another_node_pulls_by_digest_without_build
             DockerConfig::new(inst.id.clone(), Name::new("node-c").unwrap()),
         ));
         let node_c = Node::start_with(&inst, c.clone(), repo.rewrites(), "c").await;
-        let mut task = spec(&inst, &app, &repo, 2, &v1, docker_build(&base));
+        // (A new source commit: release 1's build key is on this engine already, tagged by B's pull.)
+        let v2 = repo.commit_version("v2");
+        let mut task = spec(&inst, &app, &repo, 2, &v2, docker_build(&base));
         task.image = Some(ImageRef {
             reference: format!("{dead_addr}/cairn-test-{}/{app}", inst.id),
             digest: pushed.digest.clone(),
@@ -139,7 +141,7 @@ async fn the_building_node_pushes_and_another_node_pulls_by_digest_without_build
         );
         assert_eq!(
             get(&client, node_c.proxy_addr, &host, "/").await.unwrap(),
-            (200, "v1\n".into())
+            (200, "v2\n".into())
         );
         node_c.deployer.remove_slot(&app, 0).await.unwrap();
     })

@@ -1,7 +1,8 @@
 //! Release history and what operators do with it: the releases of an app, rollback pins as operators set
 //! them, the build output kept with a release, the replicas' output agents ship, and the retention that
 //! prunes both (the statements behind [`crate::releases`]); a release as recorded, for a task that deploys
-//! it again; the outcome of a release's deploys ([`finish_release`]) and its image distribution.
+//! it again; the outcome of a release's deploys ([`finish_release`]) and its image distribution, shared by
+//! the releases of one build key ([`ImageKey`]).
 //!
 //! What it must not do: decide whether a rollback is allowed (the caller does), or keep more output than
 //! the retention and the per-app window allow once the prune has run.
@@ -147,90 +148,145 @@ pub async fn record_image(
     Ok(())
 }
 
-/// Who has release `release` of `app`'s image, as a node leasing one of its deploys needs to know when
-/// images are distributed through a registry.
+/// What a release shares its image with: the other releases of `app` with its build key (its source
+/// commit and recipe), or none when it has no key (recorded before build keys). The statements below
+/// take it whole, so every question about "the image" asks it of the same releases.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageKey {
+    pub app: Name,
+    pub release: u64,
+    pub build_key: Option<String>,
+}
+
+impl ImageKey {
+    /// The key of release `release` of `app`, as recorded.
+    pub async fn of(
+        conn: &mut PgConnection,
+        app: &Name,
+        release: u64,
+    ) -> Result<ImageKey, StoreError> {
+        let build_key: Option<Option<String>> =
+            sqlx::query_scalar("SELECT build_key FROM releases WHERE app = $1 AND number = $2")
+                .bind(app.as_str())
+                .bind(to_i64("release", release)?)
+                .fetch_optional(conn)
+                .await
+                .op("read a release's build key")?;
+        Ok(ImageKey {
+            app: app.clone(),
+            release,
+            build_key: build_key.flatten(),
+        })
+    }
+
+    /// What the advisory lock is taken on: the build key, else the release alone.
+    fn lock_name(&self) -> String {
+        match &self.build_key {
+            Some(k) => format!("cairn-image:{}:{k}", self.app),
+            None => format!("cairn-image:{}:r{}", self.app, self.release),
+        }
+    }
+}
+
+/// The SQL condition on a `releases` row's `number` (`$col`) for the releases sharing the image of
+/// [`ImageKey`] bound as `$1` (app), `$2` (release), `$3` (build key or NULL).
+fn sharing(col: &str) -> String {
+    format!(
+        "({col} = $2 OR ($3::text IS NOT NULL AND {col} IN \
+           (SELECT number FROM releases WHERE app = $1 AND build_key = $3)))"
+    )
+}
+
+/// Who has the image of a release (and of every release sharing its build key), as a node leasing one
+/// of its deploys needs to know when images are distributed through a registry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ImageHolders {
-    /// The registry reference and digest recorded once a node pushed the image.
+    /// The registry reference and digest recorded once a node pushed the image (for this release or
+    /// another of its build key).
     pub pushed: Option<(String, String)>,
     /// Whether the leasing node offers the Docker driver (only Docker images are pushed and pulled).
     pub docker: bool,
-    /// Another node that holds a lease on one of the release's tasks told to push the image: it is
+    /// Another node that holds a lease on a task of one of the releases told to push the image: it is
     /// getting the image now.
     pub pusher: Option<String>,
 }
 
-/// Locks release `release` of `app`'s image distribution for the rest of the transaction `tx`: who gets
-/// to push it, its recorded image, and waking the deploys that wait for it change under this lock only,
-/// so two nodes leasing at once never both push, and a push recorded while a deploy is being held still
+/// Locks the image distribution of `key` (a build key of an app, or a release without one) for the
+/// rest of the transaction `tx`: who gets to push it, its recorded image, and waking the deploys that
+/// wait for it change under this lock only, so two nodes leasing at once (deploys of one release or of
+/// two releases of the key) never both push, and a push recorded while a deploy is being held still
 /// wakes it.
-pub async fn lock_image(tx: &mut PgConnection, app: &Name, release: u64) -> Result<(), StoreError> {
-    sqlx::query_scalar!(
-        r#"SELECT true AS "locked!"
-           FROM (SELECT pg_advisory_xact_lock(
-                     hashtextextended('cairn-image:' || $1 || ':' || $2::bigint::text, 0))) AS l"#,
-        app.as_str(),
-        to_i64("release", release)?,
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .op("lock a release's image distribution")?;
+pub async fn lock_image(tx: &mut PgConnection, key: &ImageKey) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))")
+        .bind(key.lock_name())
+        .execute(&mut *tx)
+        .await
+        .op("lock an image's distribution")?;
     Ok(())
 }
 
-/// Who has release `release` of `app`'s image, for node `node`. Call under [`lock_image`].
+/// Who has the image of `key`, for node `node`, in `repository` (the app's repository in serve's
+/// registry: a digest recorded in another one is not handed out). Call under [`lock_image`].
 pub async fn image_holders(
     tx: &mut PgConnection,
-    app: &Name,
-    release: u64,
+    key: &ImageKey,
     node: &Name,
+    repository: &str,
 ) -> Result<ImageHolders, StoreError> {
-    let number = to_i64("release", release)?;
-    let r = sqlx::query!(
-        r#"SELECT (SELECT image FROM releases WHERE app = $1 AND number = $2 AND image_digest IS NOT NULL)
-                      AS "image?",
-                  (SELECT image_digest FROM releases WHERE app = $1 AND number = $2) AS "digest?",
-                  coalesce((SELECT 'docker' = ANY (drivers) FROM node_status WHERE node = $3), false)
-                      AS "docker!",
+    let sql = format!(
+        r#"WITH pushed AS (
+               SELECT image, image_digest FROM releases
+               WHERE app = $1 AND {releases} AND image_digest IS NOT NULL AND image = $5
+               ORDER BY number DESC LIMIT 1
+           )
+           SELECT (SELECT image FROM pushed) AS image,
+                  (SELECT image_digest FROM pushed) AS digest,
+                  coalesce((SELECT 'docker' = ANY (drivers) FROM node_status WHERE node = $4), false)
+                      AS docker,
                   (SELECT node FROM tasks
-                   WHERE app = $1 AND release = $2 AND status = 'leased' AND node <> $3
+                   WHERE app = $1 AND {tasks} AND status = 'leased' AND node <> $4
                      AND lease_expires_at > now() AND payload ? 'push_to'
-                   ORDER BY id LIMIT 1) AS "pusher?""#,
-        app.as_str(),
-        number,
-        node.as_str(),
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .op("read who has a release's image")?;
+                   ORDER BY id LIMIT 1) AS pusher"#,
+        releases = sharing("number"),
+        tasks = sharing("release"),
+    );
+    let (image, digest, docker, pusher): (Option<String>, Option<String>, bool, Option<String>) =
+        sqlx::query_as(&sql)
+            .bind(key.app.as_str())
+            .bind(to_i64("release", key.release)?)
+            .bind(key.build_key.as_deref())
+            .bind(node.as_str())
+            .bind(repository)
+            .fetch_one(&mut *tx)
+            .await
+            .op("read who has an image")?;
     Ok(ImageHolders {
-        pushed: r.image.zip(r.digest),
-        docker: r.docker,
-        pusher: r.pusher,
+        pushed: image.zip(digest),
+        docker,
+        pusher,
     })
 }
 
-/// Makes the queued tasks of release `release` of `app` that wait for its image due now, and wakes their
-/// nodes' long-polls (at commit). Returns how many. Call under [`lock_image`].
-pub async fn wake_image_waiters(
-    tx: &mut PgConnection,
-    app: &Name,
-    release: u64,
-) -> Result<u64, StoreError> {
-    let woken = sqlx::query_scalar!(
+/// Makes the queued tasks of the releases sharing `key`'s image that wait for it due now, and wakes
+/// their nodes' long-polls (at commit). Returns how many. Call under [`lock_image`].
+pub async fn wake_image_waiters(tx: &mut PgConnection, key: &ImageKey) -> Result<u64, StoreError> {
+    let sql = format!(
         r#"WITH woken AS (
                UPDATE tasks SET run_after = now(), updated_at = now()
-               WHERE app = $1 AND release = $2 AND status = 'queued' AND run_after > now()
+               WHERE app = $1 AND {tasks} AND status = 'queued' AND run_after > now()
                RETURNING node
            )
-           SELECT n.node AS "node!" FROM (SELECT DISTINCT node FROM woken) n,
+           SELECT n.node FROM (SELECT DISTINCT node FROM woken) n,
                   LATERAL (SELECT pg_notify('cairn_tasks', n.node)) AS notified"#,
-        app.as_str(),
-        to_i64("release", release)?,
-    )
-    .fetch_all(&mut *tx)
-    .await
-    .op("wake the tasks waiting for a release's image")?;
+        tasks = sharing("release"),
+    );
+    let woken: Vec<String> = sqlx::query_scalar(&sql)
+        .bind(key.app.as_str())
+        .bind(to_i64("release", key.release)?)
+        .bind(key.build_key.as_deref())
+        .fetch_all(&mut *tx)
+        .await
+        .op("wake the tasks waiting for an image")?;
     Ok(woken.len() as u64)
 }
 

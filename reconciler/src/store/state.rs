@@ -496,6 +496,8 @@ pub struct ReleaseInsert<'a> {
     /// What it runs with (`plan::ReleaseSpec`: fingerprints, never secret values).
     pub spec: serde_json::Value,
     pub spec_hash: &'a str,
+    /// Its source commit and build recipe (`cairn_proto::build`): releases that share it share an image.
+    pub build_key: &'a str,
 }
 
 /// Records a new release. A release number is never reused: recording one that exists is an error.
@@ -503,18 +505,20 @@ pub async fn insert_release(
     conn: &mut PgConnection,
     r: &ReleaseInsert<'_>,
 ) -> Result<(), StoreError> {
-    sqlx::query!(
+    // Checked at run time (no `.sqlx` data for it), as `certs.rs` does.
+    sqlx::query(
         r#"INSERT INTO releases
-               (app, number, config_commit, config_generation, source_commit, spec, spec_hash)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)"#,
-        r.app.as_str(),
-        to_i64("release", r.number)?,
-        r.config_commit.as_str(),
-        to_i64("generation", r.config_generation)?,
-        r.source_commit.as_str(),
-        r.spec,
-        r.spec_hash,
+               (app, number, config_commit, config_generation, source_commit, spec, spec_hash, build_key)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#,
     )
+    .bind(r.app.as_str())
+    .bind(to_i64("release", r.number)?)
+    .bind(r.config_commit.as_str())
+    .bind(to_i64("generation", r.config_generation)?)
+    .bind(r.source_commit.as_str())
+    .bind(&r.spec)
+    .bind(r.spec_hash)
+    .bind(r.build_key)
     .execute(conn)
     .await
     .op("record a release")?;

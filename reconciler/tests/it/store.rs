@@ -227,6 +227,7 @@ async fn placements_releases_pins_restarts_and_heads_read_back() {
                 source_commit: &source,
                 spec: serde_json::json!({ "n": number }),
                 spec_hash: &format!("sha256:{number}"),
+                build_key: "0123456789abcdef0123456789abcdef",
             },
         )
         .await

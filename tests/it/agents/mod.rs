@@ -294,7 +294,8 @@ async fn a_node_sees_only_its_own_tasks_and_each_task_is_leased_once() {
 
 /// With `--registry`, the first node to lease a deploy of a release is told to push its image; another
 /// node's deploy of the same release waits (without using an attempt) until the push is recorded, is
-/// woken by it, and is told to pull that image by digest.
+/// woken by it, and is told to pull that image by digest. A later release with the same build key (an
+/// env change) pulls that image on every node; one with a new recipe is pushed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_image_is_pushed_once_and_other_nodes_pull_it_by_digest() {
     let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
@@ -408,6 +409,77 @@ async fn a_release_image_is_pushed_once_and_other_nodes_pull_it_by_digest() {
         release,
         vec![json!({"image": reference, "image_digest": digest, "status": "live"})]
     );
+
+    // Release 2 changes only the env: the same build key, so both nodes are told to pull the image
+    // release 1 pushed, and nobody pushes or builds. What they ran is recorded on release 2.
+    plane.repo.app("web", 2, "GREETING = \"hello\"\n");
+    plane.repo.commit();
+    wait_release(&plane, 2).await;
+    for (credential, node) in [(&ca, "a"), (&cb, "b")] {
+        let tasks = lease(credential, 4000).await;
+        assert_eq!(tasks.len(), 1, "{node}: {tasks:?}");
+        let t = &tasks[0];
+        assert_eq!(t["release"], 2, "{t}");
+        assert_eq!(
+            t["deploy"]["image"],
+            json!({"reference": reference, "digest": digest}),
+            "{node} pulls release 1's image: {t}"
+        );
+        assert!(t["deploy"].get("push_to").is_none(), "{t}");
+        let (s, body) = plane
+            .agent_post(
+                &format!("/tasks/{}/result", t["id"]),
+                Some(credential),
+                &json!({"token": t["token"], "outcome": "done", "image": image}),
+            )
+            .await;
+        assert_eq!((s, body["status"].as_str()), (200, Some("done")), "{body}");
+    }
+    let keys = plane
+        .rows(
+            "SELECT number, image, image_digest, status, build_key IS NOT NULL AS keyed, \
+                    build_key = (SELECT build_key FROM releases WHERE app = 'web' AND number = 1) \
+                        AS shared \
+             FROM releases WHERE app = 'web' ORDER BY number",
+        )
+        .await;
+    assert_eq!(
+        keys,
+        vec![
+            json!({"number": 1, "image": reference, "image_digest": digest, "status": "superseded",
+                   "keyed": true, "shared": true}),
+            json!({"number": 2, "image": reference, "image_digest": digest, "status": "live",
+                   "keyed": true, "shared": true}),
+        ]
+    );
+
+    // Release 3 changes the recipe (the runtime's base image): a new build key, so the first node to
+    // lease its deploy is told to push again.
+    let web = cairn_testkit::fixtures::runtime("web")
+        .drivers(&["docker", "process"])
+        .image("debian:13")
+        .start("./serve");
+    plane.repo.write("runtimes.toml", &web.to_string());
+    plane.repo.commit();
+    wait_release(&plane, 3).await;
+    let tasks = lease(&ca, 4000).await;
+    assert_eq!(tasks.len(), 1, "{tasks:?}");
+    assert_eq!(tasks[0]["release"], 3, "{}", tasks[0]);
+    assert_eq!(tasks[0]["deploy"]["push_to"], registry, "{}", tasks[0]);
+    assert!(tasks[0]["deploy"].get("image").is_none(), "{}", tasks[0]);
+}
+
+/// Waits until release `n` of `web` is recorded (the commit making it applied).
+async fn wait_release(plane: &Plane, n: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let sql = format!("SELECT number FROM releases WHERE app = 'web' AND number = {n}");
+    while plane.rows(&sql).await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "release {n} of web never recorded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[test]

@@ -4,6 +4,7 @@
 
 mod engines;
 mod https;
+mod images;
 mod ingress;
 mod registry;
 pub mod support;

@@ -165,9 +165,18 @@ async fn two_nodes(test: &'static str, with_registry: bool) {
                 (on_main, on_b)
             }
             None => {
-                // Each engine has its own build of the release under its tag; nothing was pushed.
+                // Each engine has its own build of the release under its build key's tag; nothing
+                // was pushed.
                 assert_eq!(r["image_digest"], Value::Null, "{r}");
-                let tag = format!("cairn/{app}:{release}");
+                let key = cairn_proto::build::build_key(
+                    r["source_commit"].as_str().unwrap(),
+                    cairn_proto::build::Recipe {
+                        dockerfile: true,
+                        base_image: None,
+                        commands: &[],
+                    },
+                );
+                let tag = format!("cairn/{}/{app}:{key}", e.installation);
                 let on_main = docker(&["image", "inspect", "--format", "{{.Id}}", &tag]);
                 let on_b = b.docker(&["image", "inspect", "--format", "{{.Id}}", &tag]);
                 (on_main, on_b)
@@ -184,6 +193,33 @@ async fn two_nodes(test: &'static str, with_registry: bool) {
             "n2 runs release {release}'s image"
         );
     }
+
+    // A commit that changes only the app's env: the image of the last release on both nodes, neither
+    // built nor pulled again, and the release records the same image (and digest).
+    let last = plane.release(&app, releases).await.unwrap();
+    let mut manifest = super::support::app_manifest(&app, "docker-app", 2, src);
+    manifest.push_str(&format!("\n[app.{app}.env]\nGREETING = \"hello\"\n"));
+    e.repo.write(&format!("app-{app}.toml"), &manifest);
+    e.repo.commit();
+    let r = plane.wait_release(&app, releases + 1, "live", DEPLOY).await;
+    let n = releases as usize;
+    assert_eq!(
+        builds_and_pulls(&[&n1, &n2]),
+        if with_registry { (n, n) } else { (2 * n, 0) },
+        "an env-only release builds and pulls nothing"
+    );
+    assert_eq!(
+        (&r["source_commit"], &r["image"], &r["image_digest"]),
+        (
+            &last["source_commit"],
+            &last["image"],
+            &last["image_digest"]
+        ),
+        "{r}"
+    );
+    assert!(r["stage_timings"].get("build").is_none(), "{r}");
+    clock.lap("env-only release live on both nodes");
+
     if took.is_empty() {
         return;
     }

@@ -239,9 +239,8 @@ impl E2e {
     }
 
     /// Declares an app in the config repository (not committed yet: [`E2e::start`] or a later
-    /// `repo.commit()` does): named `<prefix>-<this installation's suffix>` (image tags `cairn/<app>:N` are
-    /// shared by everything on the engine), with `replicas` of `runtime`, following `main` of a new source
-    /// whose first commit is `files`.
+    /// `repo.commit()` does): named `<prefix>-<this installation's suffix>` (unique to the test), with
+    /// `replicas` of `runtime`, following `main` of a new source whose first commit is `files`.
     pub fn app(
         &self,
         prefix: &str,
