@@ -130,6 +130,11 @@ pub fn apply(args: ApplyArgs) -> Result<ExitCode> {
             Outcome::Behind { commit, applied } => {
                 bail!("{commit} is older than the applied commit {applied}; nothing applied")
             }
+            // Manual runs always plan.
+            Outcome::Unchanged { .. } => {
+                println!("\nNothing to apply.");
+                Ok(ExitCode::SUCCESS)
+            }
         }
     })
 }

@@ -22,6 +22,8 @@
 //!   healthy replicas);
 //! - [`certs`]: certificates for the declared names and the ACME accounts, keys only sealed, the
 //!   lease that lets one control plane order per name set;
+//! - [`changes`]: whether anything the planner reads changed since the last plan (marks, generation,
+//!   heartbeats), so an idle tick skips planning;
 //! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
 //!
 //! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
@@ -32,6 +34,7 @@
 //! anything but Postgres, or put a secret's plaintext into a column, a log line or an error.
 
 pub mod certs;
+pub mod changes;
 pub(crate) mod decode;
 pub mod history;
 pub mod listen;

@@ -189,6 +189,10 @@ async fn placements_of(pool: &PgPool, app: &str) -> Vec<(i32, String, String)> {
 
 /// Every row of every table in the public schema, as JSON text, sorted per table; `except` tables are
 /// left out.
+/// What a reconcile writes besides the state: its record, and the consumed change marks
+/// (`store::changes`: the apply's own writes leave one, the next reconcile consumes it).
+const BOOKKEEPING: &[&str] = &["reconciliations", "observed_changes"];
+
 async fn dump(pool: &PgPool, except: &[&str]) -> BTreeMap<String, Vec<String>> {
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
@@ -670,7 +674,7 @@ async fn applying_the_example_repository_writes_exactly_the_desired_state() {
 
         // The same commit again, from this controller and from a fresh one (cold caches): nothing is
         // written but the history.
-        let before = dump(pool, &["reconciliations"]).await;
+        let before = dump(pool, BOOKKEEPING).await;
         for c in [
             &c,
             &Controller::new(
@@ -689,7 +693,7 @@ async fn applying_the_example_repository_writes_exactly_the_desired_state() {
             assert_eq!(again.tasks, 0);
             assert!(again.plan.is_empty());
         }
-        assert_eq!(dump(pool, &["reconciliations"]).await, before);
+        assert_eq!(dump(pool, BOOKKEEPING).await, before);
         assert_eq!(tasks(pool).await.len(), rows.len(), "no task emitted");
         assert_eq!(
             count(
@@ -891,7 +895,7 @@ async fn an_invalid_commit_changes_nothing_and_is_recorded_with_locations() {
     bounded(async {
         let pool = db.pool();
         let (repo, c) = three_apps(pool).await;
-        let before = dump(pool, &["reconciliations"]).await;
+        let before = dump(pool, BOOKKEEPING).await;
         let history = count(pool, "SELECT count(*) FROM reconciliations").await;
 
         // Two mistakes in two files, one of them next to a valid change that must not be applied.
@@ -921,7 +925,7 @@ async fn an_invalid_commit_changes_nothing_and_is_recorded_with_locations() {
         );
 
         assert_eq!(
-            dump(pool, &["reconciliations"]).await,
+            dump(pool, BOOKKEEPING).await,
             before,
             "nothing but the history changed"
         );
@@ -1233,12 +1237,12 @@ async fn a_git_source_that_moves_backwards_is_refused() {
         let (a, b) = remote.a_then_b(&c).await;
 
         // Force-push A back: an ancestor of the applied B. Refused every time, nothing written.
-        let before = dump(pool, &["reconciliations"]).await;
+        let before = dump(pool, BOOKKEEPING).await;
         remote.force_push(&a);
         for _ in 0..2 {
             assert_behind(c.reconcile(Trigger::Timer).await.unwrap(), &a, &b);
         }
-        assert_eq!(dump(pool, &["reconciliations"]).await, before);
+        assert_eq!(dump(pool, BOOKKEEPING).await, before);
 
         // A new commit on top of A (history rewritten, not older) is applied.
         git(&remote.repo.dir, &["reset", "-q", "--hard", &a]);
@@ -1266,10 +1270,10 @@ async fn a_cold_cache_refuses_a_commit_older_than_the_applied_one() {
         let remote = GitRepo::new(Repo::new(&[("n1", None), ("n2", None)]));
         let (a, b) = remote.a_then_b(&remote.controller(pool, "cache")).await;
         remote.force_push(&a);
-        let before = dump(pool, &["reconciliations"]).await;
+        let before = dump(pool, BOOKKEEPING).await;
         let cold = remote.controller(pool, "another-cache");
         assert_behind(cold.reconcile(Trigger::Timer).await.unwrap(), &a, &b);
-        assert_eq!(dump(pool, &["reconciliations"]).await, before);
+        assert_eq!(dump(pool, BOOKKEEPING).await, before);
     })
     .await;
 }

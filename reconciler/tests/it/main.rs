@@ -6,5 +6,6 @@ mod deploys;
 mod git_source;
 mod heads;
 mod history;
+mod idle;
 mod queue;
 mod store;

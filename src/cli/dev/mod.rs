@@ -413,6 +413,7 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         Outcome::Behind { commit, applied } => {
             bail!("{commit} is older than the applied {applied}; start over with --reset")
         }
+        Outcome::Unchanged { .. } => say!("- nothing changed"),
     }
     let pool = c.pool.clone();
     drop(c);
