@@ -138,6 +138,9 @@ pub struct Api {
     /// Hashes of credentials and admin tokens that authenticated lately: their holders pass the
     /// failure back-off of the address they share with others.
     known: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Nodes whose drift repair runs now, after the heartbeat that found it was answered
+    /// (`agent::repair_later`): one at a time per node.
+    pub(crate) repairing: std::sync::Mutex<std::collections::HashSet<Name>>,
 }
 
 /// Past this many remembered tokens, those not seen for a day are forgotten (and all, if that is not
@@ -167,6 +170,7 @@ impl Api {
             failures: Limiter::new(cfg.auth_failure_rate),
             unseen: Limiter::new(cfg.unseen_token_rate),
             known: std::sync::Mutex::default(),
+            repairing: std::sync::Mutex::default(),
             pool,
             listener,
             identity,

@@ -24,6 +24,7 @@
 //!   lease that lets one control plane order per name set;
 //! - [`changes`]: whether anything the planner reads changed since the last plan (marks, generation,
 //!   heartbeats), so an idle tick skips planning;
+//! - [`status`]: a page of `cairn status` (some apps, every node, use summed), in one snapshot;
 //! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
 //!
 //! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
@@ -45,6 +46,7 @@ pub mod progress;
 pub mod releases;
 pub mod routes;
 pub mod state;
+pub mod status;
 pub mod tokens;
 
 use std::time::Duration;

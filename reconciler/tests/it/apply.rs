@@ -450,7 +450,7 @@ async fn status_shows_where_each_app_is_reachable_as_the_route_table_does() {
             .unwrap();
         }
 
-        let s = status::load(pool, Duration::from_secs(90)).await.unwrap();
+        let s = status::load(pool, Duration::from_secs(90), &Default::default()).await.unwrap();
         let nodes: Vec<_> = s
             .nodes
             .iter()
@@ -507,6 +507,77 @@ async fn status_shows_where_each_app_is_reachable_as_the_route_table_does() {
         let old: status::Status = serde_json::from_value(json).unwrap();
         assert!(old.apps.iter().all(|a| a.hosts.is_empty()));
         assert!(old.nodes.iter().all(|n| n.ingress && n.address.is_none()));
+    })
+    .await;
+}
+
+/// A status shows a page of apps (by name, after a cursor, or one app) with the count of all, and every
+/// node with what all apps use on it, whatever the page: the pages together are the whole status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_pages_apps_and_every_page_shows_every_nodes_use() {
+    use cairn_reconciler::status;
+    let db = cairn_testkit::test_db!();
+    bounded(async {
+        let pool = db.pool();
+        let (_repo, _c) = three_apps(pool).await;
+        let load = |app: Option<&str>, after: Option<&str>, limit: Option<u32>| {
+            let q = status::StatusQuery {
+                app: app.map(str::to_owned),
+                after: after.map(str::to_owned),
+                limit,
+            };
+            async move {
+                status::load(pool, Duration::from_secs(90), &q)
+                    .await
+                    .unwrap()
+            }
+        };
+        let whole = load(None, None, None).await;
+        assert_eq!(whole.apps_total, Some(3));
+        assert_eq!(whole.next_after, None, "three apps fit the default page");
+        let names = |s: &status::Status| s.apps.iter().map(|a| a.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&whole), ["api", "web", "worker"]);
+        let placed: u32 = whole.nodes.iter().map(|n| n.replicas).sum();
+        assert_eq!(placed, 5);
+        // What the database sums is what the observed state's placements and plans add up to.
+        let usage = status::usage(&state::load_observed(pool).await.unwrap());
+        for n in &whole.nodes {
+            let node: cairn_schema::Name = n.name.parse().unwrap();
+            let u = usage.get(&node).copied().unwrap_or_default();
+            assert_eq!(
+                (
+                    n.replicas,
+                    n.used_cpu_millis,
+                    n.used_memory_bytes,
+                    n.used_disk_bytes
+                ),
+                (u.replicas, u.cpu_millis, u.memory_bytes, u.disk_bytes),
+                "{}",
+                n.name
+            );
+        }
+
+        let first = load(None, None, Some(2)).await;
+        assert_eq!(names(&first), ["api", "web"]);
+        assert_eq!(first.next_after.as_deref(), Some("web"));
+        assert_eq!(first.apps_total, Some(3));
+        let second = load(None, first.next_after.as_deref(), Some(2)).await;
+        assert_eq!(names(&second), ["worker"]);
+        assert_eq!(second.next_after, None);
+        let one = load(Some("web"), None, None).await;
+        assert_eq!(names(&one), ["web"]);
+        assert_eq!(one.next_after, None);
+        assert!(load(Some("nope"), None, None).await.apps.is_empty());
+        // Each page shows every app it holds as the whole status does, and every node the same.
+        for page in [&first, &second, &one] {
+            assert_eq!(page.nodes, whole.nodes);
+            for a in &page.apps {
+                assert_eq!(Some(a), whole.apps.iter().find(|w| w.name == a.name));
+            }
+        }
+        // A limit is bounded.
+        assert_eq!(load(None, None, Some(0)).await.apps.len(), 1);
+        assert_eq!(load(None, None, Some(u32::MAX)).await.apps.len(), 3);
     })
     .await;
 }
