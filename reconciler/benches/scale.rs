@@ -98,8 +98,8 @@ async fn run(apps: usize, runs: usize) {
     }
     // The agents join: every node online, heard from now.
     sqlx::query(
-        "INSERT INTO node_status (node, state, joined_at, last_heartbeat) \
-         SELECT name, 'online', now(), now() FROM nodes",
+        "INSERT INTO node_status (node, state, joined_at, last_heartbeat, drivers) \
+         SELECT name, 'online', now(), now(), '{docker,process}' FROM nodes",
     )
     .execute(&pool)
     .await
@@ -113,6 +113,7 @@ async fn run(apps: usize, runs: usize) {
                 ms(t.elapsed())
             )
         }
+        Outcome::Applied(a) => panic!("expected a noop, got {}", a.plan.summary()),
         other => panic!("expected a noop, got {other:?}"),
     }
     let mut idle = Vec::new();
