@@ -458,6 +458,40 @@ pub fn effective_state(
     }
 }
 
+/// The nodes' liveness as the planner judges it at `now` ([`effective_state`] of each status), and the
+/// first moment at which that judgement can change by time alone: the earliest heartbeat of a node
+/// judged online plus `offline_after` (`None`: no such node, or no threshold). Up to that moment, a plan
+/// of the same inputs judges every node the same, so a caller may keep the last plan's verdict.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Liveness {
+    pub states: BTreeMap<Name, NodeState>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Liveness {
+    pub fn judge(
+        node_status: &BTreeMap<Name, NodeStatus>,
+        now: DateTime<Utc>,
+        offline_after: std::time::Duration,
+    ) -> Liveness {
+        let limit = chrono::Duration::from_std(offline_after).ok();
+        let mut until: Option<DateTime<Utc>> = None;
+        let states = node_status
+            .iter()
+            .map(|(name, s)| {
+                let state = effective_state(Some(s), now, offline_after);
+                if let (NodeState::Online, Some(hb), Some(limit)) = (state, s.last_heartbeat, limit)
+                    && let Some(at) = hb.checked_add_signed(limit)
+                {
+                    until = Some(until.map_or(at, |u| u.min(at)));
+                }
+                (name.clone(), state)
+            })
+            .collect();
+        Liveness { states, until }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,23 @@ pub enum Outcome {
         commit: String,
         applied: String,
     },
+    /// Nothing the planner reads changed since the last reconcile planned nothing (same commit and
+    /// referenced files, no change mark, same generation, every node judged as then): not planned,
+    /// nothing recorded.
+    Unchanged {
+        commit: String,
+    },
+}
+
+/// What the last reconcile that planned nothing saw. While all of it still holds, a plan would again be
+/// empty, so the next reconcile skips reading the observed state and planning ([`Outcome::Unchanged`]).
+#[derive(Debug, Clone)]
+struct Idle {
+    commit: Option<String>,
+    referenced: std::collections::BTreeMap<String, Arc<[u8]>>,
+    generation: u64,
+    offline_after: Duration,
+    liveness: cairn_plan::observed::Liveness,
 }
 
 pub use crate::store::history::Trigger;
@@ -131,6 +148,10 @@ pub struct Controller {
     pub routes: Option<crate::routes::Routes>,
     /// In `cairn serve`: where the applied `[tls]` goes after each apply (the certificate loop).
     pub certs: Option<CertsHook>,
+    /// What the last empty plan saw (`None` after anything else): see [`Outcome::Unchanged`].
+    idle: std::sync::Mutex<Option<Idle>>,
+    /// Plans made by reconciles (not by [`Controller::plan`]): what an idle tick must not add to.
+    plans: std::sync::atomic::AtomicU64,
 }
 
 /// What the controller tells the certificate loop after an apply: the name sets to keep certificates
@@ -220,7 +241,14 @@ impl Controller {
             history_retention: Duration::from_secs(14 * 24 * 3600),
             routes: None,
             certs: None,
+            idle: std::sync::Mutex::new(None),
+            plans: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many plans this controller's reconciles made (an unchanged reconcile makes none).
+    pub fn plans_made(&self) -> u64 {
+        self.plans.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A controller of the source `settings` name, reading app branch heads as they say (through the same
@@ -246,7 +274,7 @@ impl Controller {
     }
 
     /// Reads the source (blocking IO runs off the async workers).
-    pub async fn read(&self) -> Result<(String, Snapshot), ReadError> {
+    pub async fn read(&self) -> Result<(String, Arc<Snapshot>), ReadError> {
         let mut source = self.source.lock().await;
         let label = source.label();
         let snap = tokio::task::block_in_place(|| source.read())?;
@@ -315,19 +343,17 @@ impl Controller {
         for e in &errors {
             tracing::warn!(error = %error_chain(e), "cannot read a source head");
         }
-        let mut moved = 0;
-        for h in heads {
-            if state::record_source_head(&self.pool, &h.app, &h.branch, &CommitId::new(h.commit))
-                .await?
-            {
-                moved += 1;
-            }
-        }
-        Ok(moved)
+        // One statement for every head: a timer tick of 100,000 apps is not 100,000 round trips.
+        let heads: Vec<_> = heads
+            .into_iter()
+            .map(|h| (h.app, h.branch, CommitId::new(h.commit)))
+            .collect();
+        let moved = state::record_source_heads(&self.pool, &heads).await?;
+        Ok(usize::try_from(moved).unwrap_or(usize::MAX))
     }
 
     /// Plans the source's newest state against the database without applying (no lock taken).
-    pub async fn plan(&self) -> Result<(Snapshot, Option<Plan>), ReconcileError> {
+    pub async fn plan(&self) -> Result<(Arc<Snapshot>, Option<Plan>), ReconcileError> {
         let (_, snap) = self.read().await?;
         let Some(desired) = &snap.loaded.desired else {
             return Ok((snap, None));
@@ -398,6 +424,7 @@ impl Controller {
                     }
                     Outcome::Invalid { .. } => ReconcileResult::Invalid,
                     Outcome::Behind { .. } => ReconcileResult::Behind,
+                    Outcome::Unchanged { .. } => ReconcileResult::Unchanged,
                 }
             }
             Err(e) => {
@@ -440,6 +467,7 @@ impl Controller {
             }
         };
         let Some(desired) = &snap.loaded.desired else {
+            self.set_idle(None);
             let errors: Vec<Diagnostic> = snap.loaded.diagnostics.errors().cloned().collect();
             let recorded: Vec<RecordedError> = errors.iter().map(recorded).collect();
             executor::record_failure(&self.pool, &cx, snap.commit.as_deref(), &recorded).await?;
@@ -460,6 +488,11 @@ impl Controller {
         self.poll_heads(desired, which).await?;
         let commit = snap.commit.clone().unwrap_or_default();
         tracing::Span::current().record("commit", commit.as_str());
+        // An operator's run (and one checked against a shown generation) always plans.
+        if trigger != Trigger::Manual && generation.is_none() && self.unchanged(&snap).await? {
+            return Ok(Outcome::Unchanged { commit });
+        }
+        self.set_idle(None);
         let applied = {
             let mut conn = self.pool.acquire().await.map_err(|e| StoreError::Query {
                 op: "read the config state",
@@ -521,6 +554,8 @@ impl Controller {
         };
         // A panic in the planner or the executor unwinds out of the apply's transaction, which rolls back:
         // nothing of this commit is applied, and it is recorded as failed like an invalid one.
+        self.plans
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let applied = match AssertUnwindSafe(apply).catch_unwind().await {
             Ok(r) => r,
             Err(payload) => {
@@ -539,6 +574,15 @@ impl Controller {
         };
         match applied {
             Ok(a) => {
+                if a.status == ReconcileStatus::Noop {
+                    self.set_idle(Some(Idle {
+                        commit: snap.commit.clone(),
+                        referenced: snap.referenced.clone(),
+                        generation: a.plan.based_on,
+                        offline_after: cx.offline_after,
+                        liveness: a.liveness.clone(),
+                    }));
+                }
                 if let Some(hook) = &self.certs {
                     self.tell_certs(hook, desired, &snap).await;
                 }
@@ -555,6 +599,45 @@ impl Controller {
                 Err(e.into())
             }
         }
+    }
+
+    fn set_idle(&self, idle: Option<Idle>) {
+        *self.idle.lock().unwrap_or_else(|p| p.into_inner()) = idle;
+    }
+
+    /// Whether a plan of `snap` now would again be empty, as the last one was: same commit and
+    /// referenced files, same liveness threshold, the same applied generation, no change marked since
+    /// (`store::changes`), and every node judged as then (re-judged from the heartbeats only once the
+    /// earliest of them could have aged past the threshold). Costs one query, and one more per
+    /// heartbeat deadline.
+    async fn unchanged(&self, snap: &Snapshot) -> Result<bool, StoreError> {
+        let Some(last) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).clone() else {
+            return Ok(false);
+        };
+        let offline_after = self.planning_offline_after();
+        if last.commit != snap.commit
+            || last.offline_after != offline_after
+            || last.referenced != snap.referenced
+        {
+            return Ok(false);
+        }
+        let pending = crate::store::changes::pending(&self.pool).await?;
+        if pending.marked || pending.generation != last.generation {
+            return Ok(false);
+        }
+        let now = Utc::now();
+        if last.liveness.until.is_some_and(|until| now >= until) {
+            let status = crate::store::changes::node_liveness(&self.pool).await?;
+            let fresh = cairn_plan::observed::Liveness::judge(&status, now, offline_after);
+            if fresh.states != last.liveness.states {
+                return Ok(false);
+            }
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(idle) = idle.as_mut() {
+                idle.liveness.until = fresh.until;
+            }
+        }
+        Ok(true)
     }
 
     /// Runs until `shutdown` is triggered: reconciles now, then whenever `wake` is notified or `interval`
@@ -602,11 +685,16 @@ impl Pass for Runs {
             let this = self.controller.clone();
             async move { this.reconcile(trigger).await }
         });
-        let result = match run.await {
-            Ok(r) => r.map(|_| None),
-            Err(e) => Err(self.controller.record_panicked_run(trigger, e).await),
+        let (result, unchanged) = match run.await {
+            Ok(Ok(Outcome::Unchanged { .. })) => (Ok(None), true),
+            Ok(r) => (r.map(|_| None), false),
+            Err(e) => (
+                Err(self.controller.record_panicked_run(trigger, e).await),
+                false,
+            ),
         };
-        if let Some(routes) = &self.controller.routes {
+        // Nothing changed that the route table is made of when nothing the planner reads did.
+        if let (false, Some(routes)) = (unchanged, &self.controller.routes) {
             routes.poke();
         }
         result
@@ -712,6 +800,9 @@ fn log_outcome(o: &Outcome) {
         }
         Outcome::Behind { commit, applied } => {
             tracing::warn!(%commit, %applied, "the source is behind the applied commit: nothing applied")
+        }
+        Outcome::Unchanged { commit } => {
+            tracing::trace!(%commit, "nothing changed: not planned")
         }
     }
 }

@@ -10,7 +10,7 @@
 //!
 //! | series | type | labels |
 //! |---|---|---|
-//! | `cairn_reconcile_duration_seconds` | histogram | `result`: applied, noop, invalid, behind, error |
+//! | `cairn_reconcile_duration_seconds` | histogram | `result`: applied, noop, unchanged (nothing new: not planned), invalid, behind, error |
 //! | `cairn_reconciles_total` | counter | `result` |
 //! | `cairn_plan_changes_total` | counter | `kind` (plan, runtime, node, app), `action` (create, update, delete) |
 //! | `cairn_plan_tasks_total` | counter | `kind` (deploy, start, restart, stop, remove) |
@@ -84,6 +84,8 @@ pub enum ReconcileResult {
     Applied,
     /// Nothing to change.
     Noop,
+    /// Nothing the planner reads changed since the last empty plan: not planned.
+    Unchanged,
     /// The commit is invalid.
     Invalid,
     /// The source is behind the applied commit.
@@ -97,6 +99,7 @@ impl ReconcileResult {
         match self {
             ReconcileResult::Applied => "applied",
             ReconcileResult::Noop => "noop",
+            ReconcileResult::Unchanged => "unchanged",
             ReconcileResult::Invalid => "invalid",
             ReconcileResult::Behind => "behind",
             ReconcileResult::Error => "error",
@@ -325,9 +328,10 @@ impl Metrics {
     /// Creates every series of the fixed label sets at zero: a series that appears only with its first
     /// event is missing from the scrapes before it, so `rate()` and alerts on it start late.
     fn zero(&self) {
-        const RESULTS: [ReconcileResult; 5] = [
+        const RESULTS: [ReconcileResult; 6] = [
             ReconcileResult::Applied,
             ReconcileResult::Noop,
+            ReconcileResult::Unchanged,
             ReconcileResult::Invalid,
             ReconcileResult::Behind,
             ReconcileResult::Error,

@@ -212,7 +212,8 @@ impl Routes {
             .clone()
             .unwrap_or_default();
         self.publish_tls(tls_source(&rows, &served, &own, &self.challenges.current()));
-        Ok(self.publish(table(&rows)))
+        // Building and digesting the table is synchronous work that grows with the installation.
+        Ok(self.publish(crate::worker::off_the_workers(|| table(&rows))))
     }
 
     /// Publishes `table` unless it has the current generation; says whether it did.
@@ -465,6 +466,15 @@ pub fn table(rows: &RouteRows) -> RouteTable {
             })
         })
         .collect();
+    // Each online node's healthy apps, turned around once: linear in what the nodes report, not apps
+    // times nodes (10,000 of each made that a second of one core on every refresh).
+    let mut serving: std::collections::HashMap<&cairn_schema::Name, Vec<cairn_schema::Name>> =
+        std::collections::HashMap::new();
+    for n in rows.nodes.iter().filter(|n| n.online) {
+        for app in &n.healthy {
+            serving.entry(app).or_default().push(n.name.clone());
+        }
+    }
     let apps = rows
         .apps
         .iter()
@@ -476,12 +486,7 @@ pub fn table(rows: &RouteRows) -> RouteTable {
             AppRoute {
                 app: a.name.clone(),
                 hosts,
-                nodes: rows
-                    .nodes
-                    .iter()
-                    .filter(|n| n.online && n.healthy.contains(&a.name))
-                    .map(|n| n.name.clone())
-                    .collect(),
+                nodes: serving.remove(&a.name).unwrap_or_default(),
                 max_body_bytes: a.max_body,
             }
         })

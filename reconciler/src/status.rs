@@ -7,14 +7,25 @@
 //! same value, so the CLI shows the same either way. Fields added later carry serde defaults, so a client
 //! reads an older server's status.
 //!
-//! What it must not do: read anything but the store, or show env values.
+//! At any size it shows a page: at most [`DEFAULT_APPS`] apps by default (every one on a small
+//! installation, which is what it always showed), one app (`--app`), or the page after a cursor
+//! (`--after`, what [`Status::next_after`] says), with the count of all apps; every node, its use summed
+//! by the database. It reads one read-only snapshot that takes no lock (`store::status`), so it never
+//! waits for a reconcile nor holds one up, and its work follows the page.
+//!
+//! What it must not do: read anything but the store, show env values, or read every app.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
+use std::collections::{BTreeMap, HashMap};
+
+use cairn_schema::Name;
+
 use crate::store::routes::RouteRows;
-use crate::store::{Reconciliation, StoreError, history, nodes, state};
+use crate::store::status::NodeUse;
+use crate::store::{Reconciliation, StoreError, history, nodes};
 use cairn_plan::observed::{NodeState, Observed, ReplicaState};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -28,6 +39,30 @@ pub struct Status {
     /// expiring within 14 days.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificate_warnings: Vec<String>,
+    /// How many apps are applied (`apps` holds a page of them); `None` from an older server, which
+    /// showed every app.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apps_total: Option<u64>,
+    /// The last app of this page when more follow: ask again with `after` set to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<String>,
+}
+
+/// How many apps a status shows unless asked for more (or fewer).
+pub const DEFAULT_APPS: u32 = 100;
+/// The most apps one status shows.
+pub const MAX_APPS: u32 = 1000;
+
+/// Which apps a status shows: the one named, or a page in name order after a cursor.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    /// At most this many apps (1 to [`MAX_APPS`], default [`DEFAULT_APPS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,33 +154,35 @@ fn yes() -> bool {
     true
 }
 
-/// The status at `now` (a node heard from longer ago than `offline_after` shows as offline).
+/// The status at `now` of the apps in `obs` (a node heard from longer ago than `offline_after` shows as
+/// offline); each node's use is `usage`'s (summed over every app, not only those shown). Linear in the
+/// apps, placements and nodes given.
 pub fn compute(
     obs: &Observed,
+    usage: &BTreeMap<Name, NodeUse>,
     last: Option<Reconciliation>,
     now: DateTime<Utc>,
     offline_after: std::time::Duration,
 ) -> Status {
+    let mut by_app: BTreeMap<&Name, Vec<ReplicaView>> = BTreeMap::new();
+    for p in &obs.placements {
+        by_app.entry(&p.app).or_default().push(ReplicaView {
+            slot: p.slot,
+            node: p.node.to_string(),
+            release: p.release,
+            state: match p.state {
+                ReplicaState::Running => "running",
+                ReplicaState::Stopped => "stopped",
+            }
+            .to_owned(),
+            actual: None,
+        });
+    }
     let apps = obs
         .apps
         .iter()
         .map(|(name, a)| {
-            let mut replicas: Vec<ReplicaView> = obs
-                .placements
-                .iter()
-                .filter(|p| &p.app == name)
-                .map(|p| ReplicaView {
-                    slot: p.slot,
-                    node: p.node.to_string(),
-                    release: p.release,
-                    state: match p.state {
-                        ReplicaState::Running => "running",
-                        ReplicaState::Stopped => "stopped",
-                    }
-                    .to_owned(),
-                    actual: None,
-                })
-                .collect();
+            let mut replicas = by_app.remove(name).unwrap_or_default();
             replicas.sort_by_key(|r| r.slot);
             let release = obs.releases.get(name);
             AppStatus {
@@ -175,7 +212,8 @@ pub fn compute(
                 now,
                 offline_after,
             );
-            let mut view = NodeView {
+            let used = usage.get(name).copied().unwrap_or_default();
+            NodeView {
                 name: name.to_string(),
                 state,
                 last_heartbeat,
@@ -184,27 +222,14 @@ pub fn compute(
                 cpu_millis: n.cpu.millis(),
                 memory_bytes: n.memory.bytes(),
                 disk_bytes: n.disk.bytes(),
-                used_cpu_millis: 0,
-                used_memory_bytes: 0,
-                used_disk_bytes: 0,
-                replicas: 0,
+                used_cpu_millis: used.cpu_millis,
+                used_memory_bytes: used.memory_bytes,
+                used_disk_bytes: used.disk_bytes,
+                replicas: used.replicas,
                 agent: None,
                 address: n.address.as_ref().map(|a| a.endpoint()),
                 ingress: n.ingress,
-            };
-            for p in obs
-                .placements
-                .iter()
-                .filter(|p| &p.node == name && p.state == ReplicaState::Running)
-            {
-                if let Some(plan) = obs.apps.get(&p.app).and_then(|a| obs.plans.get(&a.plan)) {
-                    view.used_cpu_millis += plan.cpu.millis();
-                    view.used_memory_bytes += plan.memory.bytes();
-                    view.used_disk_bytes += plan.disk.bytes();
-                }
-                view.replicas += 1;
             }
-            view
         })
         .collect();
     Status {
@@ -214,7 +239,29 @@ pub fn compute(
         nodes,
         last_reconciliation: last,
         certificate_warnings: Vec::new(),
+        apps_total: None,
+        next_after: None,
     }
+}
+
+/// What the placed, running replicas in `obs` take from each node (their plans' sizes), as
+/// `store::status` sums them: for a status computed from a whole observed state.
+pub fn usage(obs: &Observed) -> BTreeMap<Name, NodeUse> {
+    let mut out: BTreeMap<Name, NodeUse> = BTreeMap::new();
+    for p in obs
+        .placements
+        .iter()
+        .filter(|p| p.state == ReplicaState::Running)
+    {
+        let u = out.entry(p.node.clone()).or_default();
+        if let Some(plan) = obs.apps.get(&p.app).and_then(|a| obs.plans.get(&a.plan)) {
+            u.cpu_millis += plan.cpu.millis();
+            u.memory_bytes += plan.memory.bytes();
+            u.disk_bytes += plan.disk.bytes();
+        }
+        u.replicas += 1;
+    }
+    out
 }
 
 /// A node's state as shown at `now`: an online node heard from longer ago than `offline_after` is offline
@@ -238,8 +285,10 @@ pub fn shown_state(
 /// says runs in that slot.
 pub fn attach_reports(status: &mut Status, reports: &[nodes::NodeRow]) {
     use cairn_proto::RunState;
+    let by_node: HashMap<&str, &nodes::NodeRow> =
+        reports.iter().map(|r| (r.name.as_str(), r)).collect();
     for n in &mut status.nodes {
-        let Some(r) = reports.iter().find(|r| r.name.as_str() == n.name) else {
+        let Some(r) = by_node.get(n.name.as_str()) else {
             continue;
         };
         if r.reported_at.is_none() && r.agent_version.is_none() {
@@ -258,16 +307,21 @@ pub fn attach_reports(status: &mut Status, reports: &[nodes::NodeRow]) {
             healthy: r.replicas.iter().filter(|x| x.healthy).count() as u32,
         });
     }
+    // (node, app, slot) -> what runs there, for the apps shown only.
+    let shown: std::collections::HashSet<&str> =
+        status.apps.iter().map(|a| a.name.as_str()).collect();
+    let mut actual: HashMap<(&str, &str, u32), &cairn_proto::ActualReplica> = HashMap::new();
+    for r in reports {
+        for x in r.replicas.iter().filter(|x| shown.contains(x.app.as_str())) {
+            actual
+                .entry((r.name.as_str(), x.app.as_str(), x.slot))
+                .or_insert(x);
+        }
+    }
     for a in &mut status.apps {
         for v in &mut a.replicas {
-            v.actual = reports
-                .iter()
-                .find(|r| r.name.as_str() == v.node)
-                .and_then(|r| {
-                    r.replicas
-                        .iter()
-                        .find(|x| x.app.as_str() == a.name && x.slot == v.slot)
-                })
+            v.actual = actual
+                .get(&(v.node.as_str(), a.name.as_str(), v.slot))
                 .map(|x| ActualView {
                     release: x.release,
                     state: match x.state {
@@ -284,8 +338,10 @@ pub fn attach_reports(status: &mut Status, reports: &[nodes::NodeRow]) {
 /// Adds where each app is reachable, from the route table the rows give (the agents' table).
 pub fn attach_routes(status: &mut Status, rows: &RouteRows) {
     let table = crate::routes::table(rows);
+    let by_app: HashMap<&str, &cairn_proto::routes::AppRoute> =
+        table.apps.iter().map(|r| (r.app.as_str(), r)).collect();
     for a in &mut status.apps {
-        let Some(route) = table.apps.iter().find(|r| r.app.as_str() == a.name) else {
+        let Some(route) = by_app.get(a.name.as_str()) else {
             continue;
         };
         a.hosts = route.hosts.clone();
@@ -299,9 +355,17 @@ pub fn attach_routes(status: &mut Status, rows: &RouteRows) {
     }
 }
 
-/// Loads the status from the database, with what the agents reported and the route table.
-pub async fn load(pool: &PgPool, offline_after: std::time::Duration) -> Result<Status, StoreError> {
-    let obs = state::load_observed(pool).await?;
+/// Loads a page of the status from the database (what `query` asks for), with what the agents reported
+/// and the route table of the apps shown.
+pub async fn load(
+    pool: &PgPool,
+    offline_after: std::time::Duration,
+    query: &StatusQuery,
+) -> Result<Status, StoreError> {
+    let limit = query.limit.unwrap_or(DEFAULT_APPS).clamp(1, MAX_APPS);
+    let page =
+        crate::store::status::page(pool, query.app.as_deref(), query.after.as_deref(), limit)
+            .await?;
     let reports = nodes::nodes(pool).await?;
     let mut conn = pool.acquire().await.map_err(|e| StoreError::Query {
         op: "read the status",
@@ -311,8 +375,11 @@ pub async fn load(pool: &PgPool, offline_after: std::time::Duration) -> Result<S
         .await?
         .into_iter()
         .next();
-    let routes = crate::store::routes::rows(&mut conn).await?;
-    let mut status = compute(&obs, last, Utc::now(), offline_after);
+    let names: Vec<String> = page.observed.apps.keys().map(|n| n.to_string()).collect();
+    let routes = crate::store::routes::rows_for_apps(&mut conn, &names).await?;
+    let mut status = compute(&page.observed, &page.usage, last, Utc::now(), offline_after);
+    status.apps_total = Some(page.apps_total);
+    status.next_after = page.next_after;
     attach_reports(&mut status, &reports);
     attach_routes(&mut status, &routes);
     drop(conn);

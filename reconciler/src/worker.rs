@@ -214,6 +214,15 @@ impl Worker {
     }
 }
 
+/// Runs `f` where it does not hold up the runtime's other tasks: `block_in_place` on a multi-threaded
+/// runtime (the worker's queued tasks move to another thread meanwhile), inline on a current-thread one.
+pub fn off_the_workers<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;

@@ -130,6 +130,11 @@ pub fn apply(args: ApplyArgs) -> Result<ExitCode> {
             Outcome::Behind { commit, applied } => {
                 bail!("{commit} is older than the applied commit {applied}; nothing applied")
             }
+            // Manual runs always plan.
+            Outcome::Unchanged { .. } => {
+                println!("\nNothing to apply.");
+                Ok(ExitCode::SUCCESS)
+            }
         }
     })
 }
@@ -142,6 +147,16 @@ pub struct StatusArgs {
     /// Print the status as JSON
     #[arg(long)]
     json: bool,
+    /// Show only this app
+    #[arg(long)]
+    app: Option<cairn_schema::Name>,
+    /// Show the apps named after this one (the cursor a longer list ends with)
+    #[arg(long)]
+    after: Option<cairn_schema::Name>,
+    /// Show at most this many apps (1 to 1000)
+    #[arg(long, default_value_t = cairn_reconciler::status::DEFAULT_APPS,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(cairn_reconciler::status::MAX_APPS)))]
+    limit: u32,
     /// A node heard from longer ago than this is shown offline (from the database; the API uses the
     /// server's own threshold)
     #[arg(long, value_parser = humantime::parse_duration, default_value = "90s")]
@@ -150,8 +165,23 @@ pub struct StatusArgs {
 
 pub fn status(args: StatusArgs) -> Result<ExitCode> {
     runtime()?.block_on(async {
+        let query = cairn_reconciler::status::StatusQuery {
+            app: args.app.as_ref().map(|a| a.to_string()),
+            after: args.after.as_ref().map(|a| a.to_string()),
+            limit: Some(args.limit),
+        };
         let status: cairn_reconciler::status::Status = match args.target.resolve()? {
-            super::remote::Target::Api(api) => api.get("/status").await?,
+            super::remote::Target::Api(api) => {
+                // Names are DNS labels: nothing in them needs escaping in a query string.
+                let mut q = format!("?limit={}", args.limit);
+                if let Some(app) = &query.app {
+                    q += &format!("&app={app}");
+                }
+                if let Some(after) = &query.after {
+                    q += &format!("&after={after}");
+                }
+                api.get(&format!("/status{q}")).await?
+            }
             super::remote::Target::Db(url) => {
                 let pool = cairn_reconciler::store::connect(&url, 2)
                     .await
@@ -159,7 +189,7 @@ pub fn status(args: StatusArgs) -> Result<ExitCode> {
                 cairn_reconciler::store::migrate(&pool)
                     .await
                     .context("cannot migrate the database")?;
-                cairn_reconciler::status::load(&pool, args.node_offline_after).await?
+                cairn_reconciler::status::load(&pool, args.node_offline_after, &query).await?
             }
         };
         if args.json {
@@ -241,6 +271,19 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
             release,
             wher.join(" ")
         );
+    }
+    match (&s.next_after, s.apps_total) {
+        (Some(after), Some(total)) => {
+            let _ = writeln!(
+                out,
+                "({} of {total} apps shown; the next ones: `cairn status --after {after}`, one: `--app NAME`)",
+                s.apps.len()
+            );
+        }
+        (None, Some(total)) if total as usize > s.apps.len() => {
+            let _ = writeln!(out, "({} of {total} apps shown)", s.apps.len());
+        }
+        _ => {}
     }
     let routes = render_routes(s);
     if !routes.is_empty() {
@@ -403,6 +446,8 @@ mod tests {
             ],
             last_reconciliation: None,
             certificate_warnings: Vec::new(),
+            apps_total: None,
+            next_after: None,
         };
         insta::assert_snapshot!(render_status(&s));
 

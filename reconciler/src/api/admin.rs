@@ -2,7 +2,8 @@
 //! so nobody needs database credentials on a laptop. Every route needs `Authorization: Bearer <admin
 //! token>` (`cairn token create`); a missing, wrong or revoked one is 401.
 //!
-//! - `GET /status`: the same [`crate::status::Status`] `cairn status` computes from the database;
+//! - `GET /status?app=&after=&limit=`: the same [`crate::status::Status`] `cairn status` computes from
+//!   the database (a page of apps: [`crate::status::StatusQuery`]);
 //! - `GET /certs`: every declared name set's certificate: state, issuer, expiry, last error (never a
 //!   key);
 //! - `GET /events?app=X&after=ID&limit=N`: the newest `limit` events (of `app`, after `after`), oldest
@@ -19,7 +20,7 @@
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::routing::{delete, get};
@@ -79,8 +80,14 @@ fn node_name(s: &str) -> Result<Name, ApiError> {
     Name::new(s).map_err(|e| ApiError::BadRequest(format!("`{s}` is not a node name: {e}")))
 }
 
-async fn get_status(State(api): State<Arc<Api>>, _: AdminAuth) -> Result<Json<Status>, ApiError> {
-    Ok(Json(status::load(&api.pool, api.cfg.offline_after).await?))
+async fn get_status(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+    Query(query): Query<status::StatusQuery>,
+) -> Result<Json<Status>, ApiError> {
+    Ok(Json(
+        status::load(&api.pool, api.cfg.offline_after, &query).await?,
+    ))
 }
 
 async fn certs(

@@ -9,7 +9,8 @@
 //! - **Heartbeat** records the node as online with what it runs, what that uses and which drivers it
 //!   offers. A node coming back from offline is told to stop the replicas that were moved away meanwhile
 //!   ([`crate::drift::stop_orders`]), and the reconciler is woken; any other difference between the report
-//!   and the placements becomes a repair task ([`crate::drift::repairs`]).
+//!   and the placements becomes a repair task ([`crate::drift::repairs`]), enqueued after the answer
+//!   (a heartbeat costs its one update and one read, whatever it reports).
 //! - **Lease** long-polls up to 30 s for the node's own tasks. It waits on the in-memory listener, not on a
 //!   database connection, and until the node's next task falls due by itself (an expiring lease, an
 //!   ending backoff), so an idle node costs two queries per long-poll, not a poll every few seconds. What
@@ -278,11 +279,8 @@ async fn heartbeat(
         .filter(|r| !stop.iter().any(|s| s.app == r.app && s.slot == r.slot))
         .cloned()
         .collect();
-    if !drift::repairs(node, &remaining, &placements, &[]).is_empty()
-        && let Err(e) = repair(&api, node, &remaining).await
-    {
-        // The heartbeat is recorded; the next one tries the repair again.
-        tracing::warn!(%node, error = %error_chain(&e), "cannot enqueue drift repairs");
+    if !drift::repairs(node, &remaining, &placements, &[]).is_empty() {
+        repair_later(&api, node, remaining);
     }
     Ok(Json(HeartbeatResponse {
         node: node.clone(),
@@ -359,6 +357,44 @@ async fn route_table(
 
 /// Enqueues the repairs that make `node` match its placements, under the apply lock (shared), so that the
 /// placements and tasks read are not half-way through an apply. Returns how many were enqueued.
+/// Runs a node's drift repair after its heartbeat is answered: a repair waits for the apply lock (shared)
+/// and writes tasks, which a heartbeat must not wait for (a node whose first deploy is not done needs one
+/// on every heartbeat). One at a time per node: a heartbeat that finds its node's repair still running
+/// leaves it; repairs are idempotent (dedup keys), and a failed one is tried again by the next heartbeat.
+fn repair_later(api: &Arc<Api>, node: &Name, reported: Vec<ActualReplica>) {
+    /// Takes the node off the running list however the repair ends.
+    struct Running(Arc<Api>, Name);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0
+                .repairing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&self.1);
+        }
+    }
+    let Ok(permit) = api.repair_permits.clone().try_acquire_owned() else {
+        return;
+    };
+    let started = api
+        .repairing
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(node.clone());
+    if !started {
+        return;
+    }
+    let running = Running(api.clone(), node.clone());
+    tokio::spawn(async move {
+        let Running(api, node) = &running;
+        if let Err(e) = repair(api, node, &reported).await {
+            tracing::warn!(%node, error = %error_chain(&e), "cannot enqueue drift repairs");
+        }
+        drop(running);
+        drop(permit);
+    });
+}
+
 async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<usize, ApiError> {
     let mut tx = api.pool.begin().await.op("begin a drift repair")?;
     state::lock_apply_shared(&mut tx).await?;

@@ -138,7 +138,17 @@ pub struct Api {
     /// Hashes of credentials and admin tokens that authenticated lately: their holders pass the
     /// failure back-off of the address they share with others.
     known: std::sync::Mutex<HashMap<String, std::time::Instant>>,
+    /// Nodes whose drift repair runs now, after the heartbeat that found it was answered
+    /// (`agent::repair_later`): one at a time per node.
+    pub(crate) repairing: std::sync::Mutex<std::collections::HashSet<Name>>,
+    /// Drift repairs running at once across nodes: each holds a pool connection and the shared apply
+    /// lock, so a burst of them (every node's first deploys) must not take the connections heartbeats
+    /// need. A repair that finds no permit is left to the node's next heartbeat.
+    pub(crate) repair_permits: Arc<tokio::sync::Semaphore>,
 }
+
+/// At most this many drift repairs run at once (a quarter of the API pool's 16 connections).
+const MAX_CONCURRENT_REPAIRS: usize = 4;
 
 /// Past this many remembered tokens, those not seen for a day are forgotten (and all, if that is not
 /// enough: they are an exemption from a back-off, not an authentication).
@@ -167,6 +177,8 @@ impl Api {
             failures: Limiter::new(cfg.auth_failure_rate),
             unseen: Limiter::new(cfg.unseen_token_rate),
             known: std::sync::Mutex::default(),
+            repairing: std::sync::Mutex::default(),
+            repair_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REPAIRS)),
             pool,
             listener,
             identity,

@@ -59,8 +59,9 @@ impl ConfigSource {
 
     /// Reads the newest desired state: fetches a git ref, or re-reads a directory. A panic while the
     /// commit's files are parsed and validated is caught: the snapshot is then that commit, invalid, with
-    /// the panic as its error.
-    pub fn read(&mut self) -> Result<Snapshot, ReadError> {
+    /// the panic as its error. A git ref still at the commit read last gives that commit's snapshot again
+    /// (shared, not re-validated): an idle source costs a fetch.
+    pub fn read(&mut self) -> Result<Arc<Snapshot>, ReadError> {
         match self {
             ConfigSource::Dir(dir) => {
                 let snap = crate::source::dir::read_dir(dir).map_err(|source| ReadError::Dir {
@@ -75,7 +76,7 @@ impl ConfigSource {
                     h.update(b);
                 }
                 let commit = format!("dir-{}", &hex::encode(h.finalize())[..16]);
-                Ok(validated(&commit, || {
+                Ok(Arc::new(validated(&commit, || {
                     let files = snap
                         .files
                         .iter()
@@ -84,10 +85,15 @@ impl ConfigSource {
                     let mut s = Snapshot::new(Some(commit.clone()), files, snap.diagnostics);
                     s.read_referenced(|rel| crate::source::dir::read_referenced(dir, rel));
                     s
-                }))
+                })))
             }
             ConfigSource::Git(g) => {
                 let head = g.fetch()?;
+                if let Some((id, snap)) = &g.last
+                    && *id == head
+                {
+                    return Ok(snap.clone());
+                }
                 let commit = head.to_string();
                 let mut failed = None;
                 let snap = validated(&commit, || match g.load(head) {
@@ -99,7 +105,11 @@ impl ConfigSource {
                 });
                 match failed {
                     Some(e) => Err(e.into()),
-                    None => Ok(snap),
+                    None => {
+                        let snap = Arc::new(snap);
+                        g.last = Some((head, snap.clone()));
+                        Ok(snap)
+                    }
                 }
             }
         }

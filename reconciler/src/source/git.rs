@@ -86,6 +86,9 @@ pub struct GitSource {
     /// Parsed manifests keyed by (blob id, path): a path is part of every diagnostic.
     parsed: HashMap<(ObjectId, String), Arc<ParsedFile>>,
     parses: u64,
+    /// The last commit read whole ([`super::ConfigSource::read`]) and its validated snapshot: a fetch
+    /// that finds the ref where it was costs no tree walk, assembly or validation.
+    pub(crate) last: Option<(ObjectId, Arc<Snapshot>)>,
 }
 
 impl GitSource {
@@ -104,6 +107,7 @@ impl GitSource {
             trees: HashMap::new(),
             parsed: HashMap::new(),
             parses: 0,
+            last: None,
         }
     }
 

@@ -10,6 +10,7 @@
 //! the repository it lists through sees none of the machine's git configuration and follows no
 //! redirects ([`super::open_cache`]).
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, ToSocketAddrs};
 use std::path::PathBuf;
 
@@ -48,6 +49,7 @@ pub struct HeadPoller {
     repo: Option<gix::Repository>,
     resolve: Resolver,
     refuse_private: bool,
+    listings: u64,
 }
 
 /// A head found for an app.
@@ -66,6 +68,7 @@ impl HeadPoller {
             repo: None,
             resolve: system_resolver,
             refuse_private: false,
+            listings: 0,
         }
     }
 
@@ -135,25 +138,53 @@ impl HeadPoller {
         branch: &str,
     ) -> Result<Option<String>, HeadError> {
         let fetch_url = self.fetch_url(app, url)?;
-        let list = |e: Box<dyn std::error::Error + Send + Sync>| HeadError::List {
-            app: app.to_string(),
-            source: e,
-        };
+        let mut found = self
+            .list(&fetch_url, &[branch])
+            .map_err(|e| Self::list_error(app, e))?;
+        Ok(found.remove(branch))
+    }
+
+    fn list_error(app: &Name, e: ListError) -> HeadError {
+        match e {
+            ListError::Scratch(path, e) => HeadError::Scratch(path, e),
+            ListError::List(e) => HeadError::List {
+                app: app.to_string(),
+                source: e,
+            },
+        }
+    }
+
+    /// How many ref listings this poller has made (one per remote URL per [`HeadPoller::poll`]).
+    pub fn listings(&self) -> u64 {
+        self.listings
+    }
+
+    /// Lists `fetch_url`'s refs once and returns the commit each of `branches` points at (a branch that
+    /// does not exist is absent).
+    fn list(
+        &mut self,
+        fetch_url: &str,
+        branches: &[&str],
+    ) -> Result<BTreeMap<String, String>, ListError> {
         if self.repo.is_none() {
             let scratch = self.scratch.clone();
-            let err = |e: Box<dyn std::error::Error + Send + Sync>| {
-                HeadError::Scratch(scratch.clone(), e)
-            };
-            let repo = super::open_cache(&scratch).map_err(err)?;
+            let repo = super::open_cache(&scratch).map_err(|e| ListError::Scratch(scratch, e))?;
             self.repo = Some(repo);
         }
         let repo = self.repo.as_ref().expect("just set");
-        let wanted = format!("refs/heads/{branch}");
-        let spec = format!("+{wanted}:refs/cairn-heads/{branch}");
+        let list = |e: Box<dyn std::error::Error + Send + Sync>| ListError::List(e);
+        let specs: Vec<String> = branches
+            .iter()
+            .map(|b| format!("+refs/heads/{b}:refs/cairn-heads/{b}"))
+            .collect();
+        self.listings += 1;
         let remote = repo
-            .remote_at(fetch_url.as_str())
+            .remote_at(fetch_url)
             .map_err(|e| list(Box::new(e)))?
-            .with_refspecs([spec.as_str()], gix::remote::Direction::Fetch)
+            .with_refspecs(
+                specs.iter().map(String::as_str),
+                gix::remote::Direction::Fetch,
+            )
             .map_err(|e| list(Box::new(e)))?
             .with_fetch_tags(gix::remote::fetch::Tags::None);
         let (map, _) = remote
@@ -161,6 +192,7 @@ impl HeadPoller {
             .map_err(|e| list(Box::new(e)))?
             .ref_map(gix::progress::Discard, Default::default())
             .map_err(|e| list(Box::new(e)))?;
+        let mut advertised: BTreeMap<&[u8], &ObjectId> = BTreeMap::new();
         for r in &map.remote_refs {
             let (name, id): (&[u8], &ObjectId) = match r {
                 gix::protocol::handshake::Ref::Direct {
@@ -179,16 +211,23 @@ impl HeadPoller {
                 } => (full_ref_name.as_ref(), object),
                 _ => continue,
             };
-            if name == wanted.as_bytes() {
-                return Ok(Some(id.to_string()));
-            }
+            advertised.entry(name).or_insert(id);
         }
-        Ok(None)
+        Ok(branches
+            .iter()
+            .filter_map(|b| {
+                let wanted = format!("refs/heads/{b}");
+                advertised
+                    .get(wanted.as_bytes())
+                    .map(|id| ((*b).to_owned(), id.to_string()))
+            })
+            .collect())
     }
 
     /// Heads of the apps that follow a branch (a pinned `rev` needs none) and that `wanted` keeps (e.g.
-    /// only those whose head is not known). Apps whose remote cannot be asked are reported in the second
-    /// list, the rest still counted.
+    /// only those whose head is not known). Each remote URL is checked and listed once, however many
+    /// apps (and branches) it serves. Apps whose remote cannot be asked are reported in the second list,
+    /// the rest still counted.
     pub fn poll(
         &mut self,
         desired: &Desired,
@@ -196,23 +235,77 @@ impl HeadPoller {
     ) -> (Vec<Head>, Vec<HeadError>) {
         let mut heads = Vec::new();
         let mut errors = Vec::new();
+        // By the manifest's URL: the apps that share it, with their branches.
+        let mut by_url: BTreeMap<&str, Vec<(&Name, &str)>> = BTreeMap::new();
         for (name, app) in &desired.apps {
             if app.source.rev.is_some() || !wanted(name, app) {
                 continue;
             }
-            match self.head(name, app.source.url.as_str(), &app.source.branch) {
-                Ok(Some(commit)) => heads.push(Head {
-                    app: name.clone(),
-                    branch: app.source.branch.clone(),
-                    commit,
-                }),
-                Ok(None) => errors.push(HeadError::List {
-                    app: name.to_string(),
-                    source: format!("branch `{}` does not exist", app.source.branch).into(),
-                }),
-                Err(e) => errors.push(e),
+            by_url
+                .entry(app.source.url.as_str())
+                .or_default()
+                .push((name, app.source.branch.as_str()));
+        }
+        for (url, apps) in by_url {
+            let (first, _) = apps[0];
+            let found = self.fetch_url(first, url).and_then(|fetch_url| {
+                let mut branches: Vec<&str> = apps.iter().map(|(_, b)| *b).collect();
+                branches.sort_unstable();
+                branches.dedup();
+                self.list(&fetch_url, &branches)
+                    .map_err(|e| Self::list_error(first, e))
+            });
+            let found = match found {
+                Ok(found) => found,
+                Err(e) => {
+                    // Every app of the URL failed the same way; each is named in its own error.
+                    for (name, _) in &apps[1..] {
+                        errors.push(e.for_app(name));
+                    }
+                    errors.push(e);
+                    continue;
+                }
+            };
+            for (name, branch) in apps {
+                match found.get(branch) {
+                    Some(commit) => heads.push(Head {
+                        app: name.clone(),
+                        branch: branch.to_owned(),
+                        commit: commit.clone(),
+                    }),
+                    None => errors.push(HeadError::List {
+                        app: name.to_string(),
+                        source: format!("branch `{branch}` does not exist").into(),
+                    }),
+                }
             }
         }
         (heads, errors)
     }
+}
+
+impl HeadError {
+    /// The same failure, told of another app of the same remote.
+    fn for_app(&self, app: &Name) -> HeadError {
+        match self {
+            HeadError::Refused { why, .. } => HeadError::Refused {
+                app: app.to_string(),
+                why: why.clone(),
+            },
+            HeadError::Scratch(..) => HeadError::List {
+                app: app.to_string(),
+                source: cairn_schema::error::chain(self).into(),
+            },
+            HeadError::List { source, .. } => HeadError::List {
+                app: app.to_string(),
+                source: cairn_schema::error::chain(source.as_ref()).into(),
+            },
+        }
+    }
+}
+
+/// Why one listing failed, before it is told which app asked.
+enum ListError {
+    Scratch(PathBuf, Box<dyn std::error::Error + Send + Sync>),
+    List(Box<dyn std::error::Error + Send + Sync>),
 }

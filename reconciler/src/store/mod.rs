@@ -23,6 +23,9 @@
 //! - [`certs`]: certificates for the declared names and the ACME accounts, keys only sealed, the
 //!   lease that lets one control plane order per name set;
 //! - [`events`]: the events table (`crate::events`), written in its cause's transaction;
+//! - [`changes`]: whether anything the planner reads changed since the last plan (marks, generation,
+//!   heartbeats), so an idle tick skips planning;
+//! - [`status`]: a page of `cairn status` (some apps, every node, use summed), in one snapshot;
 //! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
 //!
 //! Functions that belong in a larger transaction take `&mut PgConnection` (pass `&mut *tx`); the few that
@@ -33,6 +36,7 @@
 //! anything but Postgres, or put a secret's plaintext into a column, a log line or an error.
 
 pub mod certs;
+pub mod changes;
 pub(crate) mod decode;
 pub mod events;
 pub mod history;
@@ -44,6 +48,7 @@ pub mod progress;
 pub mod releases;
 pub mod routes;
 pub mod state;
+pub mod status;
 pub mod tokens;
 
 use std::time::Duration;

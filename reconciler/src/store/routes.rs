@@ -51,6 +51,61 @@ pub async fn rows(conn: &mut PgConnection) -> Result<RouteRows, StoreError> {
         .fetch_all(&mut *conn)
         .await
         .op("read the apps for the route table")?;
+    let mut out = with_settings(settings);
+    for row in apps {
+        out.apps.push(app_row(&row.name, row.spec)?);
+    }
+    out.nodes = node_routes(conn).await?;
+    Ok(out)
+}
+
+/// As [`rows`], with only the apps named (a page of `cairn status`): the route of each app depends on
+/// nothing but its own row and the nodes.
+pub async fn rows_for_apps(
+    conn: &mut PgConnection,
+    apps: &[String],
+) -> Result<RouteRows, StoreError> {
+    use sqlx::Row as _;
+    const OP: &str = "read the apps for the route table";
+    let settings = super::state::config_state(&mut *conn).await?.settings;
+    let rows = sqlx::query("SELECT name, spec FROM apps WHERE name = ANY($1) ORDER BY name")
+        .bind(apps)
+        .fetch_all(&mut *conn)
+        .await
+        .op(OP)?;
+    let mut out = with_settings(settings);
+    for row in rows {
+        out.apps.push(app_row(
+            row.try_get("name").op(OP)?,
+            row.try_get("spec").op(OP)?,
+        )?);
+    }
+    out.nodes = node_routes(conn).await?;
+    Ok(out)
+}
+
+fn with_settings(settings: Option<cairn_schema::Settings>) -> RouteRows {
+    let (base_domain, tls) = match settings {
+        Some(s) => (Some(s.base_domain), s.tls),
+        None => (None, None),
+    };
+    RouteRows {
+        base_domain,
+        tls,
+        ..RouteRows::default()
+    }
+}
+
+fn app_row(app: &str, spec: serde_json::Value) -> Result<AppRow, StoreError> {
+    let applied: AppliedApp = json("apps", "spec", spec)?;
+    Ok(AppRow {
+        name: name("apps", app)?,
+        domains: applied.domains,
+        max_body: applied.http.max_body.map(|b| b.bytes()),
+    })
+}
+
+async fn node_routes(conn: &mut PgConnection) -> Result<Vec<NodeRoute>, StoreError> {
     let nodes = sqlx::query!(
         r#"SELECT n.name, n.spec, s.state AS "state?", s.replicas AS "replicas?"
            FROM nodes n LEFT JOIN node_status s ON s.node = n.name
@@ -59,30 +114,14 @@ pub async fn rows(conn: &mut PgConnection) -> Result<RouteRows, StoreError> {
     .fetch_all(&mut *conn)
     .await
     .op("read the nodes for the route table")?;
-    let (base_domain, tls) = match settings {
-        Some(s) => (Some(s.base_domain), s.tls),
-        None => (None, None),
-    };
-    let mut out = RouteRows {
-        base_domain,
-        tls,
-        ..RouteRows::default()
-    };
-    for row in apps {
-        let applied: AppliedApp = json("apps", "spec", row.spec)?;
-        out.apps.push(AppRow {
-            name: name("apps", &row.name)?,
-            domains: applied.domains,
-            max_body: applied.http.max_body.map(|b| b.bytes()),
-        });
-    }
+    let mut out = Vec::with_capacity(nodes.len());
     for row in nodes {
         let node: Node = json("nodes", "spec", row.spec)?;
         let replicas: Vec<ActualReplica> = match row.replicas {
             Some(r) => json("node_status", "replicas", r)?,
             None => Vec::new(),
         };
-        out.nodes.push(NodeRoute {
+        out.push(NodeRoute {
             name: name("nodes", &row.name)?,
             address: node.address,
             ingress: node.ingress,

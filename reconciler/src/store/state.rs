@@ -582,6 +582,38 @@ pub async fn record_source_head(
     Ok(changed.is_some())
 }
 
+/// Records many heads (app, branch, commit) in one statement, as [`record_source_head`] does each.
+/// Returns how many differ from the ones recorded (new or moved).
+pub async fn record_source_heads(
+    pool: &PgPool,
+    heads: &[(Name, String, CommitId)],
+) -> Result<u64, StoreError> {
+    if heads.is_empty() {
+        return Ok(0);
+    }
+    let apps: Vec<&str> = heads.iter().map(|(a, _, _)| a.as_str()).collect();
+    let branches: Vec<&str> = heads.iter().map(|(_, b, _)| b.as_str()).collect();
+    let commits: Vec<&str> = heads.iter().map(|(_, _, c)| c.as_str()).collect();
+    let moved: i64 = sqlx::query_scalar(
+        r#"WITH written AS (
+               INSERT INTO source_heads (app, branch, commit)
+               SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[])
+               ON CONFLICT (app) DO UPDATE
+                   SET branch = EXCLUDED.branch, commit = EXCLUDED.commit, observed_at = now()
+               WHERE (source_heads.branch, source_heads.commit) <> (EXCLUDED.branch, EXCLUDED.commit)
+               RETURNING 1
+           )
+           SELECT count(*) FROM written"#,
+    )
+    .bind(&apps)
+    .bind(&branches)
+    .bind(&commits)
+    .fetch_one(pool)
+    .await
+    .op("record source heads")?;
+    Ok(u64::try_from(moved).unwrap_or(0))
+}
+
 /// The branch each recorded source head was read from, by app. A head read from another branch than
 /// the one the app follows now is stale.
 pub async fn source_head_branches(pool: &PgPool) -> Result<BTreeMap<Name, String>, StoreError> {

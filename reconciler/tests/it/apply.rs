@@ -189,6 +189,10 @@ async fn placements_of(pool: &PgPool, app: &str) -> Vec<(i32, String, String)> {
 
 /// Every row of every table in the public schema, as JSON text, sorted per table; `except` tables are
 /// left out.
+/// What a reconcile writes besides the state: its record, and the consumed change marks
+/// (`store::changes`: the apply's own writes leave one, the next reconcile consumes it).
+const BOOKKEEPING: &[&str] = &["reconciliations", "observed_changes"];
+
 async fn dump(pool: &PgPool, except: &[&str]) -> BTreeMap<String, Vec<String>> {
     let tables: Vec<String> = sqlx::query_scalar(
         "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
@@ -446,7 +450,7 @@ async fn status_shows_where_each_app_is_reachable_as_the_route_table_does() {
             .unwrap();
         }
 
-        let s = status::load(pool, Duration::from_secs(90)).await.unwrap();
+        let s = status::load(pool, Duration::from_secs(90), &Default::default()).await.unwrap();
         let nodes: Vec<_> = s
             .nodes
             .iter()
@@ -503,6 +507,77 @@ async fn status_shows_where_each_app_is_reachable_as_the_route_table_does() {
         let old: status::Status = serde_json::from_value(json).unwrap();
         assert!(old.apps.iter().all(|a| a.hosts.is_empty()));
         assert!(old.nodes.iter().all(|n| n.ingress && n.address.is_none()));
+    })
+    .await;
+}
+
+/// A status shows a page of apps (by name, after a cursor, or one app) with the count of all, and every
+/// node with what all apps use on it, whatever the page: the pages together are the whole status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_pages_apps_and_every_page_shows_every_nodes_use() {
+    use cairn_reconciler::status;
+    let db = cairn_testkit::test_db!();
+    bounded(async {
+        let pool = db.pool();
+        let (_repo, _c) = three_apps(pool).await;
+        let load = |app: Option<&str>, after: Option<&str>, limit: Option<u32>| {
+            let q = status::StatusQuery {
+                app: app.map(str::to_owned),
+                after: after.map(str::to_owned),
+                limit,
+            };
+            async move {
+                status::load(pool, Duration::from_secs(90), &q)
+                    .await
+                    .unwrap()
+            }
+        };
+        let whole = load(None, None, None).await;
+        assert_eq!(whole.apps_total, Some(3));
+        assert_eq!(whole.next_after, None, "three apps fit the default page");
+        let names = |s: &status::Status| s.apps.iter().map(|a| a.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&whole), ["api", "web", "worker"]);
+        let placed: u32 = whole.nodes.iter().map(|n| n.replicas).sum();
+        assert_eq!(placed, 5);
+        // What the database sums is what the observed state's placements and plans add up to.
+        let usage = status::usage(&state::load_observed(pool).await.unwrap());
+        for n in &whole.nodes {
+            let node: cairn_schema::Name = n.name.parse().unwrap();
+            let u = usage.get(&node).copied().unwrap_or_default();
+            assert_eq!(
+                (
+                    n.replicas,
+                    n.used_cpu_millis,
+                    n.used_memory_bytes,
+                    n.used_disk_bytes
+                ),
+                (u.replicas, u.cpu_millis, u.memory_bytes, u.disk_bytes),
+                "{}",
+                n.name
+            );
+        }
+
+        let first = load(None, None, Some(2)).await;
+        assert_eq!(names(&first), ["api", "web"]);
+        assert_eq!(first.next_after.as_deref(), Some("web"));
+        assert_eq!(first.apps_total, Some(3));
+        let second = load(None, first.next_after.as_deref(), Some(2)).await;
+        assert_eq!(names(&second), ["worker"]);
+        assert_eq!(second.next_after, None);
+        let one = load(Some("web"), None, None).await;
+        assert_eq!(names(&one), ["web"]);
+        assert_eq!(one.next_after, None);
+        assert!(load(Some("nope"), None, None).await.apps.is_empty());
+        // Each page shows every app it holds as the whole status does, and every node the same.
+        for page in [&first, &second, &one] {
+            assert_eq!(page.nodes, whole.nodes);
+            for a in &page.apps {
+                assert_eq!(Some(a), whole.apps.iter().find(|w| w.name == a.name));
+            }
+        }
+        // A limit is bounded.
+        assert_eq!(load(None, None, Some(0)).await.apps.len(), 1);
+        assert_eq!(load(None, None, Some(u32::MAX)).await.apps.len(), 3);
     })
     .await;
 }
@@ -670,7 +745,7 @@ async fn applying_the_example_repository_writes_exactly_the_desired_state() {
 
         // The same commit again, from this controller and from a fresh one (cold caches): nothing is
         // written but the history.
-        let before = dump(pool, &["reconciliations"]).await;
+        let before = dump(pool, BOOKKEEPING).await;
         for c in [
             &c,
             &Controller::new(
@@ -689,7 +764,7 @@ async fn applying_the_example_repository_writes_exactly_the_desired_state() {
             assert_eq!(again.tasks, 0);
             assert!(again.plan.is_empty());
         }
-        assert_eq!(dump(pool, &["reconciliations"]).await, before);
+        assert_eq!(dump(pool, BOOKKEEPING).await, before);
         assert_eq!(tasks(pool).await.len(), rows.len(), "no task emitted");
         assert_eq!(
             count(
@@ -891,7 +966,7 @@ async fn an_invalid_commit_changes_nothing_and_is_recorded_with_locations() {
     bounded(async {
         let pool = db.pool();
         let (repo, c) = three_apps(pool).await;
-        let before = dump(pool, &["reconciliations", "events"]).await;
+        let before = dump(pool, &[BOOKKEEPING, &["events"]].concat()).await;
         let history = count(pool, "SELECT count(*) FROM reconciliations").await;
 
         // Two mistakes in two files, one of them next to a valid change that must not be applied.
@@ -922,7 +997,7 @@ async fn an_invalid_commit_changes_nothing_and_is_recorded_with_locations() {
 
         // The history: the failed run and its `apply.failed` event.
         assert_eq!(
-            dump(pool, &["reconciliations", "events"]).await,
+            dump(pool, &[BOOKKEEPING, &["events"]].concat()).await,
             before,
             "nothing but the history changed"
         );
@@ -1244,12 +1319,12 @@ async fn a_git_source_that_moves_backwards_is_refused() {
         let (a, b) = remote.a_then_b(&c).await;
 
         // Force-push A back: an ancestor of the applied B. Refused every time, nothing written.
-        let before = dump(pool, &["reconciliations"]).await;
+        let before = dump(pool, BOOKKEEPING).await;
         remote.force_push(&a);
         for _ in 0..2 {
             assert_behind(c.reconcile(Trigger::Timer).await.unwrap(), &a, &b);
         }
-        assert_eq!(dump(pool, &["reconciliations"]).await, before);
+        assert_eq!(dump(pool, BOOKKEEPING).await, before);
 
         // A new commit on top of A (history rewritten, not older) is applied.
         git(&remote.repo.dir, &["reset", "-q", "--hard", &a]);
@@ -1277,10 +1352,10 @@ async fn a_cold_cache_refuses_a_commit_older_than_the_applied_one() {
         let remote = GitRepo::new(Repo::new(&[("n1", None), ("n2", None)]));
         let (a, b) = remote.a_then_b(&remote.controller(pool, "cache")).await;
         remote.force_push(&a);
-        let before = dump(pool, &["reconciliations"]).await;
+        let before = dump(pool, BOOKKEEPING).await;
         let cold = remote.controller(pool, "another-cache");
         assert_behind(cold.reconcile(Trigger::Timer).await.unwrap(), &a, &b);
-        assert_eq!(dump(pool, &["reconciliations"]).await, before);
+        assert_eq!(dump(pool, BOOKKEEPING).await, before);
     })
     .await;
 }

@@ -325,9 +325,10 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
     );
     assert!(row.chain_pem.is_none());
     assert_eq!(ca.orders(), 0, "no order reached the CA");
-    let status = cairn_reconciler::status::load(db.pool(), Duration::from_secs(90))
-        .await
-        .unwrap();
+    let status =
+        cairn_reconciler::status::load(db.pool(), Duration::from_secs(90), &Default::default())
+            .await
+            .unwrap();
     assert!(
         status
             .certificate_warnings

@@ -7,5 +7,6 @@ mod events;
 mod git_source;
 mod heads;
 mod history;
+mod idle;
 mod queue;
 mod store;

@@ -413,6 +413,7 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         Outcome::Behind { commit, applied } => {
             bail!("{commit} is older than the applied {applied}; start over with --reset")
         }
+        Outcome::Unchanged { .. } => say!("- nothing changed"),
     }
     let pool = c.pool.clone();
     drop(c);
@@ -543,7 +544,13 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
                 write_manifest(&state, &server, &db_url, &args.installation, up)?;
             }
         }
-        let status = match cairn_reconciler::status::load(&pool, Duration::from_secs(90)).await {
+        let status = match cairn_reconciler::status::load(
+            &pool,
+            Duration::from_secs(90),
+            &Default::default(),
+        )
+        .await
+        {
             Ok(s) => s,
             Err(e) => {
                 notes.push(format!("cannot read the status: {e}"));

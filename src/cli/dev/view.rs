@@ -237,6 +237,8 @@ mod tests {
             }],
             last_reconciliation: None,
             certificate_warnings: Vec::new(),
+            apps_total: None,
+            next_after: None,
         }
     }
 

@@ -1,0 +1,209 @@
+//! A control plane's steady state at many apps, through the real [`Controller`] against PostgreSQL: the
+//! repository of the `git_plan` benchmark (N apps at 100 per file, 100 nodes) in a local git remote, every
+//! app's branch head recorded, every node online.
+//!
+//! - **cold apply**: the first reconcile (fetch, load, plan, one apply transaction writing every
+//!   resource, release, placement and task);
+//! - **noop plan**: the next run (the apply left change marks): read, plan, nothing written;
+//! - **idle tick**: every run after that, with nothing new: a fetch and one query, no plan (median);
+//! - **status** (`cairn status` through the database) and **metrics** (one `/metrics` scrape with its
+//!   database gauges), each alone, then both while a full (manual) reconcile runs beside them: how long
+//!   that reconcile took with and without them.
+//!
+//! ```text
+//! cargo bench -p cairn-reconciler --bench scale                    # 10,000 apps
+//! cargo bench -p cairn-reconciler --bench scale -- --apps 100000 --runs 5
+//! ```
+
+use std::time::{Duration, Instant};
+
+use cairn_plan::observed::CommitId;
+use cairn_reconciler::controller::{ConfigSource, Controller, Outcome, Trigger};
+use cairn_reconciler::store::{ReconcileStatus, state};
+use cairn_schema::Name;
+use sqlx::postgres::PgPoolOptions;
+
+#[path = "support/repo.rs"]
+mod repo;
+
+const HEAD: &str = "fedcba9876543210fedcba9876543210fedcba98";
+
+fn arg(name: &str) -> Option<usize> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map(|v| v.parse().expect("a number"))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let apps = arg("--apps").unwrap_or(10_000);
+    let runs = arg("--runs").unwrap_or(5).max(1);
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(run(apps, runs));
+}
+
+async fn run(apps: usize, runs: usize) {
+    let Some(db) = cairn_testkit::pg::TestDb::new().await else {
+        return;
+    };
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(db.options())
+        .await
+        .expect("a pool");
+    let t = Instant::now();
+    let remote = repo::Remote::new(&repo::generate(apps));
+    println!(
+        "{apps} apps, 100 nodes; repository generated and pushed in {}",
+        ms(t.elapsed())
+    );
+
+    let heads: Vec<(Name, String, CommitId)> = (0..apps)
+        .map(|a| {
+            (
+                format!("app-{a}").parse().expect("a name"),
+                "main".to_owned(),
+                CommitId::new(HEAD),
+            )
+        })
+        .collect();
+    state::record_source_heads(&pool, &heads)
+        .await
+        .expect("heads recorded");
+
+    let c = Controller::new(
+        pool.clone(),
+        ConfigSource::Git(remote.source("cache")),
+        None,
+    );
+    let t = Instant::now();
+    match c.reconcile(Trigger::Startup).await.expect("cold apply") {
+        Outcome::Applied(a) if a.status == ReconcileStatus::Applied => {
+            println!("cold apply: {} ({} tasks)", ms(t.elapsed()), a.tasks)
+        }
+        other => panic!("expected an apply, got {other:?}"),
+    }
+    // The agents join: every node online, heard from now.
+    sqlx::query(
+        "INSERT INTO node_status (node, state, joined_at, last_heartbeat, drivers) \
+         SELECT name, 'online', now(), now(), '{docker,process}' FROM nodes",
+    )
+    .execute(&pool)
+    .await
+    .expect("nodes online");
+
+    let t = Instant::now();
+    match c.reconcile(Trigger::Timer).await.expect("a noop run") {
+        Outcome::Applied(a) if a.status == ReconcileStatus::Noop => {
+            println!(
+                "noop plan (read, plan, nothing written): {}",
+                ms(t.elapsed())
+            )
+        }
+        Outcome::Applied(a) => panic!("expected a noop, got {}", a.plan.summary()),
+        other => panic!("expected a noop, got {other:?}"),
+    }
+    let mut idle = Vec::new();
+    for _ in 0..runs.max(5) {
+        let t = Instant::now();
+        let o = c.reconcile(Trigger::Timer).await.expect("an idle run");
+        idle.push(t.elapsed());
+        assert!(matches!(o, Outcome::Unchanged { .. }), "{o:?}");
+    }
+    println!(
+        "idle tick (fetch, one query, no plan): median {} of {} (max {})",
+        ms(median(idle.clone())),
+        idle.len(),
+        ms(*idle.iter().max().expect("runs"))
+    );
+
+    let offline_after = cairn_plan::DEFAULT_OFFLINE_AFTER;
+    let mut status = Vec::new();
+    let mut scrape = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let s = cairn_reconciler::status::load(&pool, offline_after, &Default::default())
+            .await
+            .expect("status");
+        status.push(t.elapsed());
+        std::hint::black_box(s);
+        let t = Instant::now();
+        let text = cairn_reconciler::metrics::global()
+            .render(Some(&pool))
+            .await;
+        scrape.push(t.elapsed());
+        assert!(text.contains("cairn_metrics_database_up 1"), "{text}");
+    }
+    println!(
+        "status (database): median {}; /metrics scrape: median {} ({runs} runs)",
+        ms(median(status)),
+        ms(median(scrape))
+    );
+
+    // A full reconcile alone, then with status loads and scrapes running beside it the whole time.
+    let mut alone = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        c.reconcile(Trigger::Manual).await.expect("a manual run");
+        alone.push(t.elapsed());
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|i| {
+            let pool = pool.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut n = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if i == 0 {
+                        let s = cairn_reconciler::status::load(
+                            &pool,
+                            offline_after,
+                            &Default::default(),
+                        )
+                        .await;
+                        std::hint::black_box(s.expect("status"));
+                    } else {
+                        let text = cairn_reconciler::metrics::global()
+                            .render(Some(&pool))
+                            .await;
+                        std::hint::black_box(text);
+                    }
+                    n += 1;
+                }
+                n
+            })
+        })
+        .collect();
+    let mut beside = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        c.reconcile(Trigger::Manual).await.expect("a manual run");
+        beside.push(t.elapsed());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut reads = 0;
+    for r in readers {
+        reads += r.await.expect("a reader");
+    }
+    let (alone, beside) = (median(alone), median(beside));
+    println!(
+        "full reconcile: median {} alone, {} beside status and /metrics readers ({reads} reads), x{:.2}",
+        ms(alone),
+        ms(beside),
+        beside.as_secs_f64() / alone.as_secs_f64()
+    );
+}

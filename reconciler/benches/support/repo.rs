@@ -1,0 +1,141 @@
+//! The generated repository the reconciler benchmarks share (`git_plan`, `scale`): 10 plans, 4
+//! runtimes, 100 nodes in 3 regions (large enough for every replica), apps at 100 per file, committed with
+//! the `git` CLI and pushed to a local bare repository.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use cairn_reconciler::source::git::GitSource;
+
+/// The app `a` as its file declares it; `level` is its LOG_LEVEL (what an incremental commit changes).
+pub fn app(a: usize, level: &str) -> String {
+    format!(
+        "[app.app-{a}]\nplan = \"p{}\"\nruntime = \"{}\"\nreplicas = {}\ndomains = [\"app-{a}.example.org\"]\n\n\
+         [app.app-{a}.source]\nurl = \"https://github.com/acme/app-{a}.git\"\nbranch = \"main\"\n\n\
+         [app.app-{a}.placement]\nregion = \"r{}\"\n\n[app.app-{a}.env]\nLOG_LEVEL = \"{level}\"\nWORKERS = \"4\"\n\n",
+        a % 10,
+        ["node", "python", "php", "docker"][a % 4],
+        1 + a % 3,
+        a % 3
+    )
+}
+
+/// The repository shape of the `plan` and schema `load` benchmarks: 10 plans, 4 runtimes, 100 nodes in
+/// 3 regions (large enough for every replica), `apps` apps at 100 per file.
+pub fn generate(apps: usize) -> Vec<(String, String)> {
+    let mut files = vec![(
+        "cairn.toml".to_owned(),
+        "base_domain = \"apps.example.com\"\ncurrency = \"EUR\"\n".to_owned(),
+    )];
+    let mut infra = String::new();
+    for p in 0..10 {
+        infra += &format!(
+            "[plan.p{p}]\ncpu = 0.{}\nmemory = \"{}MiB\"\ndisk = \"5GiB\"\nprice = \"{p}.50\"\nmax_replicas = 10\n\n",
+            p + 1,
+            256 * (p + 1)
+        );
+    }
+    for r in ["node", "python", "php"] {
+        infra += &format!(
+            "[runtime.{r}]\nimage = \"{r}:latest\"\nbuild = [\"make\"]\nstart = \"run\"\nport = 8080\n\n"
+        );
+    }
+    infra += "[runtime.docker]\ndockerfile = true\nport = 8080\n\n";
+    for n in 0..100 {
+        infra += &format!(
+            "[node.n{n}]\ncpu = 2048\nmemory = \"8TiB\"\ndisk = \"1PiB\"\nregion = \"r{}\"\nlabels = {{ disk = \"ssd\" }}\n\n",
+            n % 3
+        );
+    }
+    files.push(("infra.toml".to_owned(), infra));
+    for chunk in 0..apps.div_ceil(100) {
+        let text: String = (chunk * 100..((chunk + 1) * 100).min(apps))
+            .map(|a| app(a, "info"))
+            .collect();
+        files.push((format!("apps/{chunk:05}.toml"), text));
+    }
+    files
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args([
+            "-c",
+            "user.name=Cairn Bench",
+            "-c",
+            "user.email=bench@cairn.invalid",
+            "-c",
+            "init.defaultBranch=main",
+        ])
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("git prints UTF-8")
+        .trim()
+        .to_owned()
+}
+
+/// A work tree pushing to a bare repository, both in a temporary directory.
+pub struct Remote {
+    pub tmp: tempfile::TempDir,
+    pub work: PathBuf,
+    pub url: String,
+}
+
+impl Remote {
+    pub fn new(files: &[(String, String)]) -> Remote {
+        let tmp = tempfile::tempdir().expect("a temporary directory");
+        let bare = tmp.path().join("config.git");
+        let work = tmp.path().join("work");
+        for d in [&bare, &work] {
+            std::fs::create_dir_all(d).expect("mkdir");
+        }
+        git(&bare, &["init", "--bare", "-q"]);
+        git(&work, &["init", "-q"]);
+        git(
+            &work,
+            &[
+                "remote",
+                "add",
+                "origin",
+                bare.to_str().expect("UTF-8 path"),
+            ],
+        );
+        let r = Remote {
+            url: format!("file://{}", bare.display()),
+            tmp,
+            work,
+        };
+        for (path, text) in files {
+            r.write(path, text);
+        }
+        r.commit("generated");
+        r
+    }
+
+    pub fn write(&self, path: &str, text: &str) {
+        let p = self.work.join(path);
+        std::fs::create_dir_all(p.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(p, text).expect("write");
+    }
+
+    pub fn commit(&self, msg: &str) -> String {
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", msg]);
+        git(&self.work, &["push", "-q", "origin", "HEAD:main"]);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    pub fn source(&self, cache: &str) -> GitSource {
+        GitSource::new(self.url.clone(), "main", self.tmp.path().join(cache))
+    }
+}
