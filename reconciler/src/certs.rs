@@ -56,8 +56,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use crate::store::StoreError;
 use crate::store::certs::{self as store, CertRow, CertState, Outcome};
+use crate::store::{Op as _, StoreError};
 
 /// Where ACME HTTP-01 tokens are answered: `GET /.well-known/acme-challenge/<token>`.
 pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
@@ -441,6 +441,7 @@ impl CertWorker {
     /// [`crate::worker::Pass`]).
     pub async fn pass(&mut self) -> Result<Option<Duration>, CertError> {
         self.run_due().await?;
+        self.announce_expiring().await?;
         Ok(store::next_due(&self.pool).await?)
     }
 
@@ -497,7 +498,7 @@ impl CertWorker {
                 error: reason,
                 next: self.retry_at(row.attempts),
             };
-            store::finish(&self.pool, &row.names, self.owner, &outcome).await?;
+            self.finish(row, &outcome).await?;
             return Ok(CertState::WaitingDns);
         }
         let renewing = row.chain_pem.is_some();
@@ -544,13 +545,61 @@ impl CertWorker {
             Outcome::Issued { .. } => CertState::Issued,
             _ => CertState::Failed,
         };
-        if !store::finish(&self.pool, &row.names, self.owner, &outcome).await? {
+        if !self.finish(row, &outcome).await? {
             tracing::warn!(
                 names,
                 "certificate lease lost before its outcome was stored"
             );
         }
         Ok(state)
+    }
+
+    /// Records a `certificate.expiring` event for each certificate that now expires within 14 days,
+    /// once per certificate (its serial). Several control planes may announce one at once; the check and
+    /// the event share a transaction, so at worst one is announced twice.
+    pub async fn announce_expiring(&self) -> Result<usize, CertError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .op("begin announcing expiring certificates")?;
+        let soon = Utc::now() + to_chrono(EXPIRY_WARNING);
+        let due = store::expiring_unannounced(&mut tx, soon).await?;
+        let events: Vec<crate::events::NewEvent> = due
+            .iter()
+            .map(|(app, names, serial, not_after)| {
+                crate::events::NewEvent::certificate_expiring(app, names, serial, *not_after)
+            })
+            .collect();
+        crate::events::record(&mut tx, &events).await?;
+        tx.commit().await.op("announce expiring certificates")?;
+        Ok(events.len())
+    }
+
+    /// Stores an attempt's outcome while the lease is still this worker's and, for the first failure in
+    /// a row (the name set had no failed attempt before), a `certificate.failed` event, in one
+    /// transaction: a retry failing again is counted on the row, not announced again.
+    async fn finish(&self, row: &CertRow, outcome: &Outcome) -> Result<bool, CertError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .op("begin recording a certificate attempt")?;
+        let stored = store::finish(&mut *tx, &row.names, self.owner, outcome).await?;
+        if stored
+            && row.attempts == 0
+            && let Outcome::Failed { state, error, .. } = outcome
+        {
+            let event = crate::events::NewEvent::certificate_failed(
+                &row.app,
+                &row.names,
+                state.as_str(),
+                error,
+            );
+            crate::events::record(&mut tx, &[event]).await?;
+        }
+        tx.commit().await.op("record a certificate attempt")?;
+        Ok(stored)
     }
 
     fn retry_at(&self, attempts: u32) -> DateTime<Utc> {

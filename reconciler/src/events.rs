@@ -37,10 +37,17 @@ pub enum EventKind {
     /// follow until it is steady again.
     NodeFlapping,
     ReplicaUnplaceable,
+    /// A certificate's first failed attempt in a row: the CA refused, or its names do not reach the
+    /// cluster (`waiting_dns`).
+    CertificateFailed,
+    /// A certificate expires within 14 days (once per certificate, by serial).
+    CertificateExpiring,
+    /// A node's replicas did not match its placements and repair tasks were enqueued.
+    DriftRepaired,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 9] = [
+    pub const ALL: [EventKind; 12] = [
         EventKind::DeployStarted,
         EventKind::DeploySucceeded,
         EventKind::DeployFailed,
@@ -50,6 +57,9 @@ impl EventKind {
         EventKind::NodeOnline,
         EventKind::NodeFlapping,
         EventKind::ReplicaUnplaceable,
+        EventKind::CertificateFailed,
+        EventKind::CertificateExpiring,
+        EventKind::DriftRepaired,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -63,6 +73,9 @@ impl EventKind {
             EventKind::NodeOnline => "node.online",
             EventKind::NodeFlapping => "node.flapping",
             EventKind::ReplicaUnplaceable => "replica.unplaceable",
+            EventKind::CertificateFailed => "certificate.failed",
+            EventKind::CertificateExpiring => "certificate.expiring",
+            EventKind::DriftRepaired => "drift.repaired",
         }
     }
 
@@ -73,14 +86,18 @@ impl EventKind {
     /// Failures are errors, what needs a look warnings, the rest (successes, a node back) info.
     pub fn severity(self) -> Severity {
         match self {
-            EventKind::DeployFailed | EventKind::ApplyFailed | EventKind::NodeOffline => {
-                Severity::Error
-            }
-            EventKind::ReplicaUnplaceable | EventKind::NodeFlapping => Severity::Warning,
+            EventKind::DeployFailed
+            | EventKind::ApplyFailed
+            | EventKind::NodeOffline
+            | EventKind::CertificateFailed => Severity::Error,
+            EventKind::ReplicaUnplaceable
+            | EventKind::NodeFlapping
+            | EventKind::CertificateExpiring => Severity::Warning,
             EventKind::DeployStarted
             | EventKind::DeploySucceeded
             | EventKind::ApplySucceeded
-            | EventKind::NodeOnline => Severity::Info,
+            | EventKind::NodeOnline
+            | EventKind::DriftRepaired => Severity::Info,
         }
     }
 }
@@ -169,6 +186,42 @@ impl NewEvent {
         )
         .node(node)
         .detail(json!({ "offline_after_secs": after.as_secs_f64() }))
+    }
+
+    /// A certificate's first failed attempt in a row, with why (`state`: `failed` or `waiting_dns`).
+    pub fn certificate_failed(app: &str, names: &[String], state: &str, error: &str) -> NewEvent {
+        let what = if state == "waiting_dns" {
+            "waits for DNS"
+        } else {
+            "failed"
+        };
+        let mut e = NewEvent::new(
+            EventKind::CertificateFailed,
+            format!("certificate for {} {what}: {error}", names.join(", ")),
+        )
+        .detail(json!({ "names": names, "state": state }));
+        e.app = Name::new(app).ok();
+        e
+    }
+
+    /// A certificate that expires within 14 days.
+    pub fn certificate_expiring(
+        app: &str,
+        names: &[String],
+        serial: &str,
+        not_after: chrono::DateTime<chrono::Utc>,
+    ) -> NewEvent {
+        let mut e = NewEvent::new(
+            EventKind::CertificateExpiring,
+            format!(
+                "certificate for {} expires {}",
+                names.join(", "),
+                not_after.format("%Y-%m-%d %H:%M UTC")
+            ),
+        )
+        .detail(json!({ "names": names, "serial": serial, "not_after": not_after }));
+        e.app = Name::new(app).ok();
+        e
     }
 
     /// A node that was offline sent a heartbeat.

@@ -426,14 +426,39 @@ async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<us
         }
         tasks.push(t);
     }
-    let ids = queue::enqueue_many(&mut tx, &tasks).await?;
-    tx.commit().await.op("commit a drift repair")?;
-    if !ids.is_empty() {
-        for r in &repairs {
-            tracing::info!(%node, app = %r.app, slot = r.slot, kind = r.kind.as_str(), release = r.release, why = r.why, "drift: repair enqueued");
+    // One by one, so that only a repair that was not already queued (its dedup key) is announced.
+    let mut events = Vec::new();
+    for t in &tasks {
+        if queue::enqueue(&mut tx, t).await?.is_none() {
+            continue;
         }
+        let Some(r) = repairs
+            .iter()
+            .find(|r| r.dedup_key == t.dedup_key && r.app == t.app)
+        else {
+            continue;
+        };
+        tracing::info!(%node, app = %r.app, slot = r.slot, kind = r.kind.as_str(), release = r.release, why = r.why, "drift: repair enqueued");
+        events.push(
+            crate::events::NewEvent::new(
+                crate::events::EventKind::DriftRepaired,
+                format!(
+                    "drift on node {node}: {} replica {} gets a {} task ({})",
+                    r.app,
+                    r.slot,
+                    r.kind.as_str(),
+                    r.why
+                ),
+            )
+            .app(&r.app)
+            .node(node)
+            .release(r.release)
+            .detail(serde_json::json!({ "slot": r.slot, "task": r.kind.as_str(), "why": r.why })),
+        );
     }
-    Ok(ids.len())
+    crate::events::record(&mut tx, &events).await?;
+    tx.commit().await.op("commit a drift repair")?;
+    Ok(events.len())
 }
 
 #[tracing::instrument(name = "lease", skip_all, fields(node = %auth.node.node))]

@@ -229,8 +229,8 @@ pub enum Outcome {
 
 /// Records the outcome of a claimed attempt and ends the lease, while the lease is still `owner`'s.
 /// `false` when it is not (the outcome is dropped: another control plane holds the name set now).
-pub async fn finish(
-    pool: &PgPool,
+pub async fn finish<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     names: &[String],
     owner: Uuid,
     outcome: &Outcome,
@@ -271,7 +271,7 @@ pub async fn finish(
         .bind(error)
         .bind(next),
     };
-    let r = q.execute(pool).await.op("record a certificate attempt")?;
+    let r = q.execute(db).await.op("record a certificate attempt")?;
     Ok(r.rows_affected() == 1)
 }
 
@@ -283,6 +283,35 @@ pub async fn list(pool: &PgPool) -> Result<Vec<CertRow>, StoreError> {
         .await
         .op("list certificates")?;
     rows.iter().map(row).collect()
+}
+
+/// Declared certificates expiring before `before` whose expiry was not announced yet (no
+/// `certificate.expiring` event names their serial): app, names, serial, expiry.
+pub async fn expiring_unannounced(
+    conn: &mut sqlx::PgConnection,
+    before: DateTime<Utc>,
+) -> Result<Vec<(String, Vec<String>, String, DateTime<Utc>)>, StoreError> {
+    let rows = sqlx::query(
+        r#"SELECT c.app, c.names, c.serial, c.not_after FROM certificates c
+           WHERE c.declared AND c.serial IS NOT NULL AND c.not_after < $1
+             AND NOT EXISTS (SELECT 1 FROM events e
+                             WHERE e.kind = 'certificate.expiring' AND e.detail->>'serial' = c.serial)
+           ORDER BY c.not_after"#,
+    )
+    .bind(before)
+    .fetch_all(&mut *conn)
+    .await
+    .op("read expiring certificates")?;
+    rows.iter()
+        .map(|r| {
+            Ok((
+                r.try_get("app").op("read expiring certificates")?,
+                r.try_get("names").op("read expiring certificates")?,
+                r.try_get("serial").op("read expiring certificates")?,
+                r.try_get("not_after").op("read expiring certificates")?,
+            ))
+        })
+        .collect()
 }
 
 /// The declared certificates as the planner sees them (state, expiry, last error; never a key), through

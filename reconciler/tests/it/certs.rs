@@ -219,6 +219,26 @@ async fn a_name_reaching_the_cluster_is_issued_renewed_and_its_key_is_never_plai
     );
     renews_at_two_thirds(row);
 
+    // Not expiring soon: nothing to announce. Within 14 days: announced once for that certificate.
+    assert_eq!(worker.announce_expiring().await.unwrap(), 0);
+    sqlx::query("UPDATE certificates SET not_after = now() + interval '3 days'")
+        .execute(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(worker.announce_expiring().await.unwrap(), 1);
+    assert_eq!(
+        worker.announce_expiring().await.unwrap(),
+        0,
+        "once per certificate"
+    );
+    let (kind, message): (String, String) =
+        sqlx::query_as("SELECT kind, message FROM events WHERE kind = 'certificate.expiring'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(kind, "certificate.expiring");
+    assert!(message.contains("shop.example.test"), "{message}");
+
     // The key, only sealed to the control plane.
     let served = store::served(db.pool()).await.unwrap();
     assert_eq!(served.len(), 1);
@@ -325,6 +345,23 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
     );
     assert!(row.chain_pem.is_none());
     assert_eq!(ca.orders(), 0, "no order reached the CA");
+    let failed_events = || async {
+        sqlx::query_as::<_, (String, String)>(
+            "SELECT message, detail->>'state' FROM events WHERE kind = 'certificate.failed'",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap()
+    };
+    let events = failed_events().await;
+    assert_eq!(events.len(), 1, "the first failure is an event: {events:?}");
+    assert_eq!(events[0].1, "waiting_dns");
+    assert!(
+        events[0]
+            .0
+            .contains("waits for DNS: `shop.example.test` resolves to 127.0.0.2"),
+        "{events:?}"
+    );
     let status =
         cairn_reconciler::status::load(db.pool(), Duration::from_secs(90), &Default::default())
             .await
@@ -369,6 +406,11 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
     assert_eq!(row.state, CertState::WaitingDns);
     assert!(row.attempts >= 2, "{row:?}");
     assert_eq!(ca.orders(), 0, "no order reached the CA");
+    assert_eq!(
+        failed_events().await.len(),
+        1,
+        "a retry failing again is not announced again"
+    );
 
     // DNS fixed: the running loop issues it without a hand.
     ca.dns_a("shop.example.test", "127.0.0.1").await;

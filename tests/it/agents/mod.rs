@@ -1193,6 +1193,26 @@ async fn drift_is_repaired_without_a_new_commit() {
         .await;
     assert_eq!(drift.len(), 2, "each repair once: {drift:?}");
     assert!(drift.iter().all(|t| t["status"] == "done"));
+    // Each repair is announced once, in the transaction that enqueued it.
+    let events = plane
+        .rows(
+            "SELECT app, node, detail->>'task' AS task FROM events WHERE kind = 'drift.repaired' ORDER BY app",
+        )
+        .await;
+    let events: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+            (s("app"), s("node"), s("task"))
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            ("ghost".to_owned(), "a".to_owned(), "remove".to_owned()),
+            ("web".to_owned(), "a".to_owned(), "deploy".to_owned())
+        ]
+    );
     let now = plane
         .rows("SELECT count(*) AS n FROM reconciliations WHERE status = 'applied'")
         .await[0]["n"]
