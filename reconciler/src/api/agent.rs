@@ -207,6 +207,8 @@ async fn heartbeat(
     auth: NodeAuth,
     Json(hb): Json<Heartbeat>,
 ) -> Result<Json<HeartbeatResponse>, ApiError> {
+    // When the report was true at the latest (a task that finished after it makes it stale).
+    let received = chrono::Utc::now();
     if hb.replicas.len() > MAX_REPORTED_REPLICAS {
         return Err(ApiError::BadRequest(format!(
             "a heartbeat may report at most {MAX_REPORTED_REPLICAS} replicas"
@@ -280,7 +282,7 @@ async fn heartbeat(
         .cloned()
         .collect();
     if !drift::repairs(node, &remaining, &placements, &[]).is_empty() {
-        repair_later(&api, node, remaining);
+        repair_later(&api, node, remaining, received);
     }
     Ok(Json(HeartbeatResponse {
         node: node.clone(),
@@ -361,7 +363,12 @@ async fn route_table(
 /// and writes tasks, which a heartbeat must not wait for (a node whose first deploy is not done needs one
 /// on every heartbeat). One at a time per node: a heartbeat that finds its node's repair still running
 /// leaves it; repairs are idempotent (dedup keys), and a failed one is tried again by the next heartbeat.
-fn repair_later(api: &Arc<Api>, node: &Name, reported: Vec<ActualReplica>) {
+fn repair_later(
+    api: &Arc<Api>,
+    node: &Name,
+    reported: Vec<ActualReplica>,
+    received: chrono::DateTime<chrono::Utc>,
+) {
     /// Takes the node off the running list however the repair ends.
     struct Running(Arc<Api>, Name);
     impl Drop for Running {
@@ -387,7 +394,7 @@ fn repair_later(api: &Arc<Api>, node: &Name, reported: Vec<ActualReplica>) {
     let running = Running(api.clone(), node.clone());
     tokio::spawn(async move {
         let Running(api, node) = &running;
-        if let Err(e) = repair(api, node, &reported).await {
+        if let Err(e) = repair(api, node, &reported, received).await {
             tracing::warn!(%node, error = %error_chain(&e), "cannot enqueue drift repairs");
         }
         drop(running);
@@ -395,9 +402,21 @@ fn repair_later(api: &Arc<Api>, node: &Name, reported: Vec<ActualReplica>) {
     });
 }
 
-async fn repair(api: &Api, node: &Name, reported: &[ActualReplica]) -> Result<usize, ApiError> {
+async fn repair(
+    api: &Api,
+    node: &Name,
+    reported: &[ActualReplica],
+    received: chrono::DateTime<chrono::Utc>,
+) -> Result<usize, ApiError> {
     let mut tx = api.pool.begin().await.op("begin a drift repair")?;
     state::lock_apply_shared(&mut tx).await?;
+    // The report was read before the repair got the lock: a task of the node that finished since (a
+    // deploy the report did not show yet) makes it stale, and a repair from it would run that task's work
+    // again. The node's next heartbeat reports afresh. (A second of slack for the clocks of the control
+    // plane and the database.)
+    if queue::finished_since(&mut tx, node, received - chrono::TimeDelta::seconds(1)).await? {
+        return Ok(0);
+    }
     let slots: Vec<(Name, u32)> = reported.iter().map(|r| (r.app.clone(), r.slot)).collect();
     let placements = placements::placements_for(&mut tx, node, &slots).await?;
     let mut apps: Vec<Name> = placements

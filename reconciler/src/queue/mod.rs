@@ -487,6 +487,16 @@ pub async fn latest(
     Ok(sql::latest_tasks(conn, node, apps).await?)
 }
 
+/// Whether a task of `node` finished at or after `since` (what a replica report taken before then may
+/// not show yet).
+pub async fn finished_since(
+    conn: &mut PgConnection,
+    node: &Name,
+    since: DateTime<Utc>,
+) -> Result<bool, QueueError> {
+    Ok(sql::finished_since(conn, node, since).await?)
+}
+
 /// How a release's deploy tasks stand: `(done, open, dead)` (open: queued, leased or failed).
 pub async fn release_deploys(
     conn: &mut PgConnection,

@@ -388,6 +388,21 @@ pub(super) async fn state(pool: &PgPool, id: TaskId) -> Result<Option<TaskState>
 }
 
 /// The newest task of each of `node`'s slots of `apps`.
+pub(super) async fn finished_since(
+    conn: &mut PgConnection,
+    node: &Name,
+    since: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT EXISTS (SELECT 1 FROM tasks WHERE node = $1 AND finished_at >= $2)",
+    )
+    .bind(node.as_str())
+    .bind(since)
+    .fetch_one(conn)
+    .await
+    .op("read whether a node's task finished")
+}
+
 pub(super) async fn latest_tasks(
     conn: &mut PgConnection,
     node: &Name,
