@@ -377,7 +377,7 @@ pub enum EnvValue {
 
 /// Every event the control plane records (`cairn_reconciler::events::EventKind` names the same set): what
 /// a notification sink's `events` patterns may match.
-pub const EVENT_KINDS: [&str; 9] = [
+pub const EVENT_KINDS: [&str; 12] = [
     "deploy.started",
     "deploy.succeeded",
     "deploy.failed",
@@ -387,6 +387,9 @@ pub const EVENT_KINDS: [&str; 9] = [
     "node.online",
     "node.flapping",
     "replica.unplaceable",
+    "certificate.failed",
+    "certificate.expiring",
+    "drift.repaired",
 ];
 
 /// Where a notification sink sends events.
