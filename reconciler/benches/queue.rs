@@ -99,7 +99,8 @@ async fn peer(python: &std::ffi::OsStr, tasks: usize, batch: u32, rate: f64) {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../benches/pgqueuer_peer.py");
     let out = tokio::process::Command::new(python)
         .arg(script)
-        .args(["--dsn", db.url()])
+        // asyncpg refuses sqlx's connection options (`?statement-cache-capacity=...`): the bare URL.
+        .args(["--dsn", db.url().split('?').next().unwrap_or(db.url())])
         .args(["--tasks", &tasks.to_string()])
         .args(["--batch", &batch.to_string()])
         .args(["--workers", &NODES.to_string()])
