@@ -1,8 +1,10 @@
 //! The HTTP health check a new replica must pass before the proxy sends it traffic.
 //!
 //! A probe is one `GET <path>` straight to the replica's address (not through the proxy), bounded by the
-//! spec's timeout; a 2xx or 3xx answer passes. A replica gets `attempts` probes with a short pause between
-//! them, so every wait is bounded.
+//! spec's timeout; a 2xx or 3xx answer passes. A replica gets `attempts` probes' worth of waiting: the
+//! pauses between probes start at [`FIRST_PAUSE`] and double up to [`PROBE_PAUSE`], and probing ends
+//! when the pauses add up to `attempts - 1` full pauses. An app that answers 60 ms after its start is
+//! seen at about 75 ms instead of 200 ms, and a slow one gets as long as it always did.
 //!
 //! What it must not do: follow redirects, send traffic anywhere but the replica's loopback address, or
 //! wait without a bound.
@@ -19,8 +21,27 @@ use tokio::net::TcpStream;
 
 use crate::spec::HealthSpec;
 
-/// The pause between two probes.
+/// The longest pause between two probes; the wait budget is `attempts - 1` of them.
 pub const PROBE_PAUSE: Duration = Duration::from_millis(200);
+
+/// The pause after the first failed probe; each next pause doubles, up to [`PROBE_PAUSE`].
+pub const FIRST_PAUSE: Duration = Duration::from_millis(25);
+
+/// The pauses between probes for a spec of `attempts`: doubling from [`FIRST_PAUSE`] to [`PROBE_PAUSE`],
+/// adding up to exactly `attempts - 1` full pauses (the last one shortened to fit).
+pub fn pauses(attempts: u32) -> impl Iterator<Item = Duration> {
+    let mut left = PROBE_PAUSE * attempts.saturating_sub(1);
+    let mut next = FIRST_PAUSE;
+    std::iter::from_fn(move || {
+        if left.is_zero() {
+            return None;
+        }
+        let pause = next.min(left);
+        left -= pause;
+        next = (next * 2).min(PROBE_PAUSE);
+        Some(pause)
+    })
+}
 
 /// Why a replica is not healthy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,8 +120,11 @@ where
 {
     let start = Instant::now();
     let timeout = Duration::from_millis(spec.timeout_ms);
-    let mut last = String::from("no probe yet");
-    for attempt in 1..=spec.attempts {
+    let mut last;
+    let mut pauses = pauses(spec.attempts);
+    let mut probes = 0;
+    loop {
+        probes += 1;
         match probe(addr, host, &spec.path, timeout).await {
             Ok(status) if (200..400).contains(&status) => return Ok(()),
             Ok(status) => last = format!("HTTP {status}"),
@@ -113,14 +137,32 @@ where
                 last,
             });
         }
-        if attempt < spec.attempts {
-            tokio::time::sleep(PROBE_PAUSE).await;
+        match pauses.next() {
+            Some(pause) => tokio::time::sleep(pause).await,
+            None => break,
         }
     }
     Err(HealthError::Failed {
         path: spec.path.clone(),
-        attempts: spec.attempts,
+        attempts: probes,
         elapsed: start.elapsed(),
         last,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pauses_ramp_up_and_add_up_to_the_old_budget() {
+        let ms = |attempts| pauses(attempts).map(|p| p.as_millis()).collect::<Vec<_>>();
+        assert_eq!(ms(1), Vec::<u128>::new(), "one attempt: one probe, no pause");
+        assert_eq!(ms(2), [25, 50, 100, 25]);
+        assert_eq!(ms(4), [25, 50, 100, 200, 200, 25]);
+        for attempts in 0..50 {
+            let total: Duration = pauses(attempts).sum();
+            assert_eq!(total, PROBE_PAUSE * attempts.saturating_sub(1), "{attempts}");
+        }
+    }
 }

@@ -107,8 +107,9 @@ pub struct HealthSpec {
     /// How long one probe may take.
     #[serde(default = "default_health_timeout")]
     pub timeout_ms: u64,
-    /// How many probes a new replica gets before the deploy fails; the wait is bounded by
-    /// `attempts × (timeout_ms + the pause between probes)`.
+    /// How many probes' worth of waiting a new replica gets before the deploy fails: pauses adding up
+    /// to `attempts - 1` times 200 ms, the first ones shorter (`health::pauses`), so at most
+    /// `attempts + 3` probes and a wait bounded by `(attempts + 3) × timeout_ms + (attempts - 1) × 200 ms`.
     #[serde(default = "default_health_attempts")]
     pub attempts: u32,
 }

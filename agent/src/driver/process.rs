@@ -698,22 +698,21 @@ impl ProcessDriver {
         }));
         let logs = Arc::new(LogRing::new(self.cfg.log_lines));
         let record = Arc::new(Mutex::new(rec.clone()));
+        let output = Arc::new(Mutex::new(OutputTail::new(&dir, self.cfg.output_file_max)));
         let task = launch.map(|launch| {
             tokio::spawn(supervise(
                 launch,
-                state.clone(),
-                logs.clone(),
+                Watched {
+                    state: state.clone(),
+                    logs: logs.clone(),
+                    output: output.clone(),
+                },
                 stop_rx.clone(),
                 running,
                 record.clone(),
             ))
         });
-        let tail = tokio::spawn(tail_output(
-            dir,
-            logs.clone(),
-            stop_rx,
-            self.cfg.output_file_max,
-        ));
+        let tail = tokio::spawn(tail_output(output, logs.clone(), stop_rx));
         let sup = Arc::new(Supervised {
             name: name.clone(),
             image: ImageId(rec.image.clone()),
@@ -805,30 +804,42 @@ async fn pump<R: AsyncRead + Unpin>(reader: Option<R>, stream: LogStream, sink: 
     splitter.finish(|l| sink.line(LogLine::new(stream, l)));
 }
 
-/// Reads a replica's output files into its ring as they grow, until `stop` (then once more). A file
-/// past `max` bytes is emptied after it was read (its writer appends, so it goes on at the start).
-async fn tail_output(dir: PathBuf, logs: Arc<LogRing>, mut stop: watch::Receiver<bool>, max: u64) {
-    struct Tailed {
-        path: PathBuf,
-        stream: LogStream,
-        file: Option<File>,
-        at: u64,
-        split: LineSplitter,
+/// A replica's output files and how far into each the ring has read. Shared by the tailer, which
+/// catches up every 100 ms, and the supervisor, which catches up when the process exits, before it
+/// records the exit: whoever sees a replica exited finds its last lines in the ring.
+struct OutputTail {
+    files: Vec<Tailed>,
+    max: u64,
+}
+
+struct Tailed {
+    path: PathBuf,
+    stream: LogStream,
+    file: Option<File>,
+    at: u64,
+    split: LineSplitter,
+}
+
+impl OutputTail {
+    fn new(dir: &Path, max: u64) -> OutputTail {
+        let files = [(STDOUT, LogStream::Stdout), (STDERR, LogStream::Stderr)]
+            .into_iter()
+            .map(|(n, stream)| Tailed {
+                path: dir.join(n),
+                stream,
+                file: None,
+                at: 0,
+                split: LineSplitter::default(),
+            })
+            .collect();
+        OutputTail { files, max }
     }
-    let mut files: Vec<Tailed> = [(STDOUT, LogStream::Stdout), (STDERR, LogStream::Stderr)]
-        .into_iter()
-        .map(|(n, stream)| Tailed {
-            path: dir.join(n),
-            stream,
-            file: None,
-            at: 0,
-            split: LineSplitter::default(),
-        })
-        .collect();
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let last = *stop.borrow();
-        for t in &mut files {
+
+    /// Reads what the files gained since the last call into `logs`. A file past `max` bytes is emptied
+    /// after it was read (its writer appends, so it goes on at the start).
+    fn catch_up(&mut self, logs: &LogRing) {
+        let mut buf = [0u8; 16 * 1024];
+        for t in &mut self.files {
             if t.file.is_none() {
                 t.file = std::fs::OpenOptions::new()
                     .read(true)
@@ -853,16 +864,40 @@ async fn tail_output(dir: PathBuf, logs: Arc<LogRing>, mut stop: watch::Receiver
                 t.split
                     .push(&buf[..n], |l| logs.line(LogLine::new(stream, l)));
             }
-            if t.at > max && f.set_len(0).is_ok() {
+            if t.at > self.max && f.set_len(0).is_ok() {
                 t.at = 0;
             }
         }
-        if last {
-            for t in &mut files {
-                let stream = t.stream;
-                t.split.finish(|l| logs.line(LogLine::new(stream, l)));
+    }
+
+    /// Ends the partial last lines.
+    fn finish(&mut self, logs: &LogRing) {
+        for t in &mut self.files {
+            let stream = t.stream;
+            t.split.finish(|l| logs.line(LogLine::new(stream, l)));
+        }
+    }
+}
+
+fn lock_tail(tail: &Mutex<OutputTail>) -> std::sync::MutexGuard<'_, OutputTail> {
+    tail.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads a replica's output files into its ring as they grow, until `stop` (then once more).
+async fn tail_output(
+    output: Arc<Mutex<OutputTail>>,
+    logs: Arc<LogRing>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let last = *stop.borrow();
+        {
+            let mut tail = lock_tail(&output);
+            tail.catch_up(&logs);
+            if last {
+                tail.finish(&logs);
+                return;
             }
-            return;
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -1019,14 +1054,25 @@ impl Running {
     }
 }
 
-async fn supervise(
-    launch: Launch,
+/// What a supervisor keeps up to date for the driver's readers.
+struct Watched {
     state: Arc<Mutex<ProcState>>,
     logs: Arc<LogRing>,
+    output: Arc<Mutex<OutputTail>>,
+}
+
+async fn supervise(
+    launch: Launch,
+    watched: Watched,
     mut stop: watch::Receiver<bool>,
     mut adopted: Option<ProcId>,
     record: Arc<Mutex<Record>>,
 ) {
+    let Watched {
+        state,
+        logs,
+        output,
+    } = watched;
     let mut backoff = launch.backoff_initial;
     let set = |f: &dyn Fn(&mut ProcState)| f(&mut state.lock().unwrap_or_else(|p| p.into_inner()));
     let remember = |process: Option<ProcId>| {
@@ -1078,6 +1124,8 @@ async fn supervise(
                         // Stragglers of the group go with their leader.
                         signal_group(pgid, rustix::process::Signal::KILL);
                         group.disarm();
+                        // Its last words are in the ring before anyone can see it exited.
+                        lock_tail(&output).catch_up(&logs);
                         set(&|s| {
                             s.pgid = None;
                             s.last_exit = code;
