@@ -69,6 +69,8 @@ pub struct Assembler {
     lent: bool,
     /// Set while an update runs: a panic in one leaves it set, and the next update starts afresh.
     busy: bool,
+    /// How many updates started afresh (the first one included).
+    fresh: u64,
     settings: Option<Settings>,
     // Findings, by what produced them (only non-empty entries are kept).
     dup_diags: BTreeMap<Key, Vec<Diagnostic>>,
@@ -124,7 +126,7 @@ impl Assembler {
     /// panic in an update) the assembly starts afresh; the result is the same, only slower.
     pub fn assemble(&mut self, files: &[Arc<ParsedFile>], returned: Option<Desired>) -> Loaded {
         if self.busy {
-            *self = Assembler::new();
+            self.restart();
         }
         if self.lent {
             match returned {
@@ -139,13 +141,28 @@ impl Assembler {
                     };
                     self.lent = false;
                 }
-                None => *self = Assembler::new(),
+                None => self.restart(),
             }
+        }
+        if self.files.is_empty() && self.sites.is_empty() {
+            self.fresh += 1;
         }
         self.busy = true;
         let loaded = self.update(files);
         self.busy = false;
         loaded
+    }
+
+    /// How many assemblies started from nothing: the first, and any after the last desired state was
+    /// not handed back or an update panicked.
+    pub fn fresh_starts(&self) -> u64 {
+        self.fresh
+    }
+
+    fn restart(&mut self) {
+        let fresh = self.fresh;
+        *self = Assembler::new();
+        self.fresh = fresh;
     }
 
     fn update(&mut self, files: &[Arc<ParsedFile>]) -> Loaded {

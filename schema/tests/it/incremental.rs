@@ -432,6 +432,7 @@ proptest! {
         }
         let mut asm = Assembler::new();
         let mut last: Option<Desired> = None;
+        let mut fresh = 1;
         for (step, (edits, give_back)) in std::iter::once((Vec::new(), true)).chain(commits).enumerate() {
             for e in &edits {
                 repo.apply(e);
@@ -439,8 +440,13 @@ proptest! {
             let files = repo.files(reversed);
             let refs: Vec<&ParsedFile> = files.iter().map(|f| f.as_ref()).collect();
             let full = assemble_refs(&refs);
+            // A desired state not handed back costs a fresh start; anything else is incremental.
+            if last.is_some() && !give_back {
+                fresh += 1;
+            }
             let inc = asm.assemble(&files, if give_back { last.take() } else { None });
             compare(step, &inc, &full)?;
+            prop_assert_eq!(asm.fresh_starts(), fresh, "fresh starts at commit {}", step);
             last = inc.desired;
         }
     }
