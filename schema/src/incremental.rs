@@ -57,6 +57,13 @@ struct AppMark {
 
 /// One claim of a domain: the app, the domain's position in its list; where it is.
 type DomainClaims = BTreeMap<(Name, usize), (String, Range<usize>)>;
+/// The nodes claiming one endpoint: by site, the node, the address as written and its span.
+type AddressClaims = BTreeMap<Site, (Name, String, Range<usize>)>;
+/// Where an app's secrets are: its own certificate key's (path, span), then each secret's.
+type SecretSites = (
+    Option<(String, Range<usize>)>,
+    Vec<(EnvName, String, Range<usize>)>,
+);
 
 /// The assembled state of the last commit and the indexes that make the next one incremental.
 #[derive(Debug, Default)]
@@ -91,16 +98,10 @@ pub struct Assembler {
     node_marks: BTreeMap<Name, NodeMark>,
     app_marks: BTreeMap<Name, AppMark>,
     /// Endpoint to the nodes claiming it: site, node, the address as written, its span.
-    addr_claims: BTreeMap<String, BTreeMap<Site, (Name, String, Range<usize>)>>,
+    addr_claims: BTreeMap<String, AddressClaims>,
     domain_claims: BTreeMap<String, DomainClaims>,
     /// Per app (in the apps map) with any: its own certificate key's site, then its secrets'.
-    secret_sites: BTreeMap<
-        Name,
-        (
-            Option<(String, Range<usize>)>,
-            Vec<(EnvName, String, Range<usize>)>,
-        ),
-    >,
+    secret_sites: BTreeMap<Name, SecretSites>,
     sink_lists: BTreeMap<Name, Vec<Name>>,
     listing_sinks: BTreeMap<Name, BTreeSet<Name>>,
     unknown_sinks: BTreeSet<Name>,
