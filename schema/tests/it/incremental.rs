@@ -241,6 +241,8 @@ fn render(b: &Block) -> String {
 #[derive(Debug, Clone)]
 enum Edit {
     Remove(usize),
+    /// The same text parsed again (a new `Arc`, as a source without a parse cache gives).
+    Touch(usize),
     /// A file's blocks; a table declared twice in one file (a TOML error) only when the flag says so.
     Write(usize, Vec<Block>, bool),
     /// `cairn.toml`: a base domain, with or without `[tls]`.
@@ -253,6 +255,7 @@ enum Edit {
 fn edit() -> impl Strategy<Value = Edit> {
     prop_oneof![
         1 => (0..PATHS.len()).prop_map(Edit::Remove),
+        1 => (0..PATHS.len()).prop_map(Edit::Touch),
         2 => (proptest::collection::vec(block(), 0..4), prop::bool::weighted(0.1), prop::bool::weighted(0.7))
             .prop_map(|(b, twice, keep)| {
                 let mut blocks = if keep { infra() } else { Vec::new() };
@@ -314,6 +317,13 @@ impl Repo {
                 (PATHS[*p], text)
             }
             Edit::Settings { base, tls } => (PATHS[0], settings(*base, *tls)),
+            Edit::Touch(p) => {
+                if let Some(text) = self.text.get(PATHS[*p]) {
+                    self.parsed
+                        .insert(PATHS[*p], Arc::new(parse_file(PATHS[*p], text.as_bytes())));
+                }
+                return;
+            }
         };
         if self.text.get(path) == Some(&text) && self.parsed.contains_key(path) {
             return;
