@@ -431,7 +431,9 @@ fn incremental_loads_equal_full_assembly_across_commits() {
         snap.loaded.desired.is_some()
     };
     assert!(check(&mut src, "initial"));
-    let steps: Vec<(&str, Box<dyn Fn(&Remote)>, bool)> = vec![
+    /// A commit: its message, the change, whether the result is valid.
+    type Step = (&'static str, Box<dyn Fn(&Remote)>, bool);
+    let steps: Vec<Step> = vec![
         (
             "scale app3",
             Box::new(|r| r.write("apps/app3.toml", &app("app3", 3))),
