@@ -188,7 +188,11 @@ fn incremental(apps: usize, runs: usize, split: bool) {
         let t = Instant::now();
         let again = Snapshot::new(snap.commit.clone(), snap.files.clone(), Vec::new());
         let assemble = t.elapsed();
-        assert_eq!(again.loaded.desired.as_ref(), Some(d), "incremental equals full");
+        assert_eq!(
+            again.loaded.desired.as_ref(),
+            Some(d),
+            "incremental equals full"
+        );
         assert_eq!(again.loaded.diagnostics.0, snap.loaded.diagnostics.0);
         fetch.push(t1 - t0);
         load.push(t2 - t1);
