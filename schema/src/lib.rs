@@ -9,6 +9,7 @@
 pub mod diag;
 pub mod edit;
 pub mod error;
+pub mod incremental;
 pub mod json_schema;
 pub mod model;
 pub mod parse;
@@ -18,6 +19,7 @@ pub mod units;
 pub mod validate;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
+pub use incremental::Assembler;
 pub use model::{
     App, AppTls, Challenge, Desired, Driver, EnvValue, Health, Http, Kind, ManifestFile, Node,
     OwnCertificate, Placement, Plan, Runtime, SecretRef, Settings, Sink, SinkKind, SinkSeverity,

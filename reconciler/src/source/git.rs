@@ -89,6 +89,10 @@ pub struct GitSource {
     /// The last commit read whole ([`super::ConfigSource::read`]) and its validated snapshot: a fetch
     /// that finds the ref where it was costs no tree walk, assembly or validation.
     pub(crate) last: Option<(ObjectId, Arc<Snapshot>)>,
+    /// The assembled state of the last commit loaded, so the next one re-checks only what changed.
+    assembler: cairn_schema::Assembler,
+    /// The last snapshot's desired state, handed back by a caller done with it ([`GitSource::give_back`]).
+    returned: Option<cairn_schema::Desired>,
 }
 
 impl GitSource {
@@ -108,6 +112,8 @@ impl GitSource {
             parsed: HashMap::new(),
             parses: 0,
             last: None,
+            assembler: cairn_schema::Assembler::new(),
+            returned: None,
         }
     }
 
@@ -281,7 +287,21 @@ impl GitSource {
         Ok(false)
     }
 
-    /// Reads and validates the manifests at `commit`, re-parsing only blobs not seen before.
+    /// How many loads assembled the whole repository afresh (for tests and benchmarks): the first, and
+    /// any whose previous desired state was not handed back.
+    pub fn fresh_assemblies(&self) -> u64 {
+        self.assembler.fresh_starts()
+    }
+
+    /// Hands back a snapshot this source loaded, once its caller is done with it: the next
+    /// [`GitSource::load`] then updates its desired state in place instead of assembling afresh. (The
+    /// snapshot [`super::ConfigSource::read`] keeps comes back by itself when no one else holds it.)
+    pub fn give_back(&mut self, snap: Snapshot) {
+        self.returned = snap.loaded.desired;
+    }
+
+    /// Reads and validates the manifests at `commit`, re-parsing only blobs not seen before and
+    /// re-checking only what the changed files touch ([`cairn_schema::Assembler`]).
     pub fn load(&mut self, commit: ObjectId) -> Result<Snapshot, GitError> {
         let read_err = |e| GitError::Read {
             commit: commit.to_string(),
@@ -339,7 +359,15 @@ impl GitSource {
             self.parsed.retain(|k, _| live.contains(k));
             self.trees.clear();
         }
-        let mut snap = Snapshot::new(Some(commit.to_string()), files, diagnostics);
+        // The last snapshot's desired state is the assembler's to update, if no one holds it any more.
+        let returned = self.returned.take().or_else(|| {
+            self.last
+                .take()
+                .and_then(|(_, s)| Arc::try_unwrap(s).ok())
+                .and_then(|s| s.loaded.desired)
+        });
+        let loaded = self.assembler.assemble(&files, returned);
+        let mut snap = Snapshot::assembled(Some(commit.to_string()), files, diagnostics, loaded);
         snap.read_referenced(|rel| {
             let Some(e) = by_path.get(rel) else {
                 return Err("is not in the repository at this commit".into());

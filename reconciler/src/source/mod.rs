@@ -41,7 +41,18 @@ impl Snapshot {
         read_errors: Vec<Diagnostic>,
     ) -> Self {
         let refs: Vec<&ParsedFile> = files.iter().map(|f| f.as_ref()).collect();
-        let mut loaded = assemble_refs(&refs);
+        let loaded = assemble_refs(&refs);
+        Snapshot::assembled(commit, files, read_errors, loaded)
+    }
+
+    /// As [`Snapshot::new`], with the files already assembled (`loaded`, from `assemble_refs` or an
+    /// [`cairn_schema::Assembler`] given the same files).
+    pub fn assembled(
+        commit: Option<String>,
+        files: Vec<Arc<ParsedFile>>,
+        read_errors: Vec<Diagnostic>,
+        mut loaded: Loaded,
+    ) -> Self {
         if !read_errors.is_empty() {
             loaded.diagnostics.0.extend(read_errors);
             loaded

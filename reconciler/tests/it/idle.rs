@@ -175,6 +175,12 @@ async fn an_idle_tick_does_not_plan_and_any_new_input_plans_again() {
             "{o:?}"
         );
         settle(&c).await;
+        // The controller let go of each snapshot, so the commit was assembled incrementally: only the
+        // first read assembled the repository afresh.
+        match &*c.source.lock().await {
+            ConfigSource::Git(g) => assert_eq!(g.fresh_assemblies(), 1),
+            ConfigSource::Dir(_) => unreachable!("a git source"),
+        }
 
         // A write to a planner table (a restart request, as `cairn restart` makes) plans again.
         let app0: cairn_schema::Name = "app0".parse().unwrap();

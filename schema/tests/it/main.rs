@@ -1,6 +1,7 @@
 //! Integration tests of the schema crate: rules with their rendered errors, round trips, hostile input.
 
 mod hostile;
+mod incremental;
 mod roundtrip;
 mod rules;
 mod tls;
