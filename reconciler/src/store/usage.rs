@@ -150,7 +150,13 @@ pub async fn close_offline_node(conn: &mut PgConnection, node: &str) -> Result<u
             .await
             .op("read a node's last heartbeat")?
             .flatten();
-    close_node(conn, node, last, "node offline: closed at its last heartbeat").await
+    close_node(
+        conn,
+        node,
+        last,
+        "node offline: closed at its last heartbeat",
+    )
+    .await
 }
 
 async fn close_where(
@@ -203,6 +209,12 @@ fn slot_i32(slot: u32) -> Result<i32, StoreError> {
     })
 }
 
+/// `t` without its fraction of a second: usage is metered in whole seconds (an instant counts from the
+/// second it falls in), so splitting an interval never loses a fraction to truncation.
+pub fn whole_second(t: DateTime<Utc>) -> DateTime<Utc> {
+    DateTime::from_timestamp(t.timestamp(), 0).unwrap_or(t)
+}
+
 /// The database's clock: every instant of metering is the control plane's, through one clock.
 pub async fn db_now(pool: &PgPool) -> Result<DateTime<Utc>, StoreError> {
     sqlx::query_scalar("SELECT now()")
@@ -246,8 +258,10 @@ pub async fn intervals_between(
             slot: u32::try_from(r.get::<i32, _>("slot")).unwrap_or(0),
             plan: r.get("plan"),
             node: r.get("node"),
-            start: r.get("started_at"),
-            end: r.get("ended_at"),
+            start: whole_second(r.get("started_at")),
+            end: r
+                .get::<Option<DateTime<Utc>>, _>("ended_at")
+                .map(whole_second),
         })
         .collect())
 }
@@ -269,7 +283,7 @@ pub async fn rollup_hour(
         .op("clear a dirty hour")?;
     let prices = prices(&mut tx).await?;
     let intervals = intervals_between(&mut tx, hour, hour + Duration::hours(1)).await?;
-    let charges = arith::rollup_hour(hour, &intervals, &prices, now);
+    let charges = arith::rollup_hour(hour, &intervals, &prices, whole_second(now));
     sqlx::query("DELETE FROM usage_hours WHERE hour = $1")
         .bind(hour)
         .execute(&mut *tx)
@@ -290,10 +304,12 @@ pub async fn rollup_hour(
             nodes.push(c.node.as_str());
             monthly.push(c.monthly_minor);
             seconds.push(i32::try_from(c.seconds).unwrap_or(i32::MAX));
-            numerators.push(i64::try_from(c.numerator).map_err(|_| StoreError::OutOfRange {
-                what: "usage numerator",
-                value: u64::MAX,
-            })?);
+            numerators.push(
+                i64::try_from(c.numerator).map_err(|_| StoreError::OutOfRange {
+                    what: "usage numerator",
+                    value: u64::MAX,
+                })?,
+            );
         }
         sqlx::query(
             r#"INSERT INTO usage_hours
@@ -486,11 +502,7 @@ async fn month_rows(pool: &PgPool, month: NaiveDate) -> Result<(MonthRows, i64),
 /// Minor units (hundredths) of an exact sum of numerators (ten-thousandths × seconds) in a month of
 /// `month_seconds`, rounded half to even once.
 pub fn minor(numerator: i128, month_seconds: i64) -> i64 {
-    i64::try_from(arith::round_div(
-        numerator,
-        i128::from(month_seconds) * 100,
-    ))
-    .unwrap_or(i64::MAX)
+    i64::try_from(arith::round_div(numerator, i128::from(month_seconds) * 100)).unwrap_or(i64::MAX)
 }
 
 /// `12.34` from 1234 minor units.
@@ -590,8 +602,10 @@ pub async fn report(
     by: UsageBy,
 ) -> Result<UsageReport, StoreError> {
     let (rows, month_seconds) = month_rows(pool, month).await?;
-    let mut groups: BTreeMap<(Option<String>, Option<u32>, Option<String>, Option<String>), (i64, i128)> =
-        BTreeMap::new();
+    let mut groups: BTreeMap<
+        (Option<String>, Option<u32>, Option<String>, Option<String>),
+        (i64, i128),
+    > = BTreeMap::new();
     let (mut total_seconds, mut total) = (0i64, 0i128);
     for ((app, slot, plan, node, _), (s, n)) in rows {
         let key = match by {
@@ -649,15 +663,18 @@ pub async fn month_to_date_minor(pool: &PgPool, now: DateTime<Utc>) -> Result<i6
     let n: Option<String> = sqlx::query_scalar(
         "SELECT sum(numerator)::text FROM usage_hours WHERE hour >= $1 AND hour < $2",
     )
-            .bind(from)
-            .bind(to)
-            .fetch_one(pool)
-            .await
-            .op("sum the month's usage")?;
-    let n = n.map(|n| n.parse::<i128>()).transpose().map_err(|e| StoreError::Corrupt {
-        table: "usage_hours",
-        column: "numerator",
-        detail: e.to_string(),
-    })?;
+    .bind(from)
+    .bind(to)
+    .fetch_one(pool)
+    .await
+    .op("sum the month's usage")?;
+    let n = n
+        .map(|n| n.parse::<i128>())
+        .transpose()
+        .map_err(|e| StoreError::Corrupt {
+            table: "usage_hours",
+            column: "numerator",
+            detail: e.to_string(),
+        })?;
     Ok(minor(n.unwrap_or(0), arith::month_seconds(from)))
 }
