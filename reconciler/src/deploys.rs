@@ -438,11 +438,16 @@ async fn meter(ctx: &Context<'_>, row: &TaskRow) {
                 .await
                 .map(|_| ())
         }
-        (TaskKind::Stop | TaskKind::Remove, slot) => {
-            crate::store::usage::close(ctx.pool, row.app.as_str(), slot, row.node.as_str(), None, &by)
-                .await
-                .map(|_| ())
-        }
+        (TaskKind::Stop | TaskKind::Remove, slot) => crate::store::usage::close(
+            ctx.pool,
+            row.app.as_str(),
+            slot,
+            row.node.as_str(),
+            None,
+            &by,
+        )
+        .await
+        .map(|_| ()),
         _ => Ok(()),
     };
     if let Err(e) = done {

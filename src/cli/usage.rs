@@ -163,7 +163,10 @@ pub fn table(r: &UsageReport) -> String {
     let mut lines: Vec<Vec<String>> = vec![
         cols.iter()
             .map(|c| c.to_uppercase())
-            .chain(["HOURS".into(), format!("AMOUNT {currency}").trim().to_owned()])
+            .chain([
+                "HOURS".into(),
+                format!("AMOUNT {currency}").trim().to_owned(),
+            ])
             .collect(),
     ];
     for row in &r.rows {
@@ -178,7 +181,13 @@ pub fn table(r: &UsageReport) -> String {
     total.push(usage::decimal(r.total_minor));
     lines.push(total);
     let widths: Vec<usize> = (0..lines[0].len())
-        .map(|i| lines.iter().map(|l| l[i].chars().count()).max().unwrap_or(0))
+        .map(|i| {
+            lines
+                .iter()
+                .map(|l| l[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = match &r.statement {
         Some(s) => format!(
