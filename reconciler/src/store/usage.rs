@@ -594,6 +594,9 @@ pub async fn statement(
     }))
 }
 
+/// A report row's key: app, slot, plan, node (those of the grouping set).
+type GroupKey = (Option<String>, Option<u32>, Option<String>, Option<String>);
+
 /// `month`'s usage grouped `by`, from the stored hourly rows (month to date: the current hour as last
 /// rolled up).
 pub async fn report(
@@ -602,10 +605,7 @@ pub async fn report(
     by: UsageBy,
 ) -> Result<UsageReport, StoreError> {
     let (rows, month_seconds) = month_rows(pool, month).await?;
-    let mut groups: BTreeMap<
-        (Option<String>, Option<u32>, Option<String>, Option<String>),
-        (i64, i128),
-    > = BTreeMap::new();
+    let mut groups: BTreeMap<GroupKey, (i64, i128)> = BTreeMap::new();
     let (mut total_seconds, mut total) = (0i64, 0i128);
     for ((app, slot, plan, node, _), (s, n)) in rows {
         let key = match by {
