@@ -238,6 +238,7 @@ async fn heartbeat(
     if previous == NodeState::Offline {
         crate::events::record(&mut tx, &[crate::events::NewEvent::node_online(node)]).await?;
     }
+    crate::store::usage::open_reported(&mut tx, node.as_str(), &hb.replicas).await?;
     tx.commit().await.op("commit a heartbeat")?;
     tracing::debug!(%node, replicas = hb.replicas.len(), "heartbeat");
     let healthy: Vec<&Name> = hb

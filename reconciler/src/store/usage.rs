@@ -3,7 +3,8 @@
 //! and stores what it computes.
 //!
 //! - **Intervals** ([`open`], [`close`], [`close_node`]): opened when a slot's deploy (start, restart) is
-//!   reported done, closed when its stop or remove is, or at the node's last heartbeat when the node goes
+//!   reported done (or, as a safety net, by a heartbeat reporting a placed replica running without an
+//!   open interval: [`open_reported`]), closed when its stop or remove is, or at the node's last heartbeat when the node goes
 //!   offline. Times are this control plane's clock when the report arrived (an agent's clock is never
 //!   trusted). One open interval per (app, slot, node): a repeated report opens or closes nothing more.
 //! - **Late reports**: a close reaching back more than [`LATE_WINDOW`] (48 h) is recorded and flagged
@@ -103,6 +104,42 @@ pub async fn open(
         > 0;
     tx.commit().await.op("commit opening a usage interval")?;
     Ok(opened)
+}
+
+/// Opens, in the caller's (heartbeat) transaction, an interval now for every replica `node` reports
+/// running whose slot is placed on it to run and has none open there: the safety net for a deploy's
+/// result that never reached the store, and what meters again the replicas of a node back from offline
+/// that still hold their slots. Only opens: closes come from tasks and liveness, so a stale report
+/// never ends an interval. Returns how many it opened.
+pub async fn open_reported(
+    conn: &mut PgConnection,
+    node: &str,
+    replicas: &[cairn_proto::ActualReplica],
+) -> Result<u64, StoreError> {
+    let (apps, slots): (Vec<&str>, Vec<i32>) = replicas
+        .iter()
+        .filter(|r| r.state == cairn_proto::RunState::Running)
+        .filter_map(|r| Some((r.app.as_str(), i32::try_from(r.slot).ok()?)))
+        .unzip();
+    if apps.is_empty() {
+        return Ok(0);
+    }
+    let done = sqlx::query(
+        r#"INSERT INTO usage_intervals (app, slot, plan, node, started_at, opened_by)
+           SELECT DISTINCT r.app, r.slot, a.plan, $1, now(), 'heartbeat'
+           FROM unnest($2::text[], $3::int[]) AS r(app, slot)
+           JOIN placements p ON p.app = r.app AND p.slot = r.slot AND p.node = $1
+                            AND p.state = 'running'
+           JOIN apps a ON a.name = r.app
+           ON CONFLICT (app, slot, node) WHERE ended_at IS NULL DO NOTHING"#,
+    )
+    .bind(node)
+    .bind(&apps)
+    .bind(&slots)
+    .execute(conn)
+    .await
+    .op("open usage intervals of reported replicas")?;
+    Ok(done.rows_affected())
 }
 
 /// Closes the open interval of `app`'s `slot` (every slot when `None`) on `node` at `at` (now when

@@ -445,3 +445,74 @@ async fn a_closed_month_has_one_statement_whose_bytes_recompute_the_same_and_nev
     assert_eq!(report.statement.map(|s| s.sha256), Some(sha));
     db.close().await;
 }
+
+fn running(app: &str, slot: u32) -> cairn_proto::ActualReplica {
+    cairn_proto::ActualReplica {
+        app: cairn_schema::Name::new(app).unwrap(),
+        slot,
+        release: 1,
+        generation: Some(1),
+        state: cairn_proto::RunState::Running,
+        healthy: true,
+    }
+}
+
+#[tokio::test]
+async fn a_heartbeat_opens_only_placed_running_slots_without_an_open_interval_and_never_closes() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    declare(pool, "small", "10", "web").await;
+    sqlx::query(
+        "INSERT INTO nodes (name, cpu_millis, memory_bytes, disk_bytes, spec, spec_hash, generation)
+         VALUES ('n1', 1000, 1000000000, 0, '{}', 'x', 1), ('n2', 1000, 1000000000, 0, '{}', 'x', 1)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO releases (app, number, config_commit, config_generation, source_commit, spec, spec_hash)
+         VALUES ('web', 1, 'c', 1, 's', '{}', 'x')",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO placements (app, slot, node, release, state, generation)
+         VALUES ('web', 1, 'n1', 1, 'running', 1), ('web', 2, 'n2', 1, 'running', 1)",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let opened = |replicas: Vec<cairn_proto::ActualReplica>, node: &'static str| async move {
+        let mut conn = pool.acquire().await.unwrap();
+        usage::open_reported(&mut conn, node, &replicas)
+            .await
+            .unwrap()
+    };
+    // Slot 1 is placed on n1: opened; slot 2 runs on n1 but is placed on n2 (a stale duplicate): not.
+    assert_eq!(
+        opened(vec![running("web", 1), running("web", 2)], "n1").await,
+        1
+    );
+    // Again: already open.
+    assert_eq!(opened(vec![running("web", 1)], "n1").await, 0);
+    // A heartbeat without slot 1 closes nothing.
+    assert_eq!(opened(vec![], "n1").await, 0);
+    let open: Vec<(i32, String)> =
+        sqlx::query_as("SELECT slot, node FROM usage_intervals WHERE ended_at IS NULL")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(open, [(1, "n1".to_owned())]);
+    // Removed (the remove reported done): a stale heartbeat still listing it reopens nothing once the
+    // placement is gone.
+    usage::close(pool, "web", Some(1), "n1", None, "task 7 (remove)")
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM placements WHERE slot = 1")
+        .execute(pool)
+        .await
+        .unwrap();
+    assert_eq!(opened(vec![running("web", 1)], "n1").await, 0);
+    db.close().await;
+}
