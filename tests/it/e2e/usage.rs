@@ -1,17 +1,21 @@
 //! Usage metering end to end (issue 20) with real processes: `cairn serve` (rolling usage up every
-//! second) and one process-driver agent; an app of 2 replicas, scaled to 1, then a zero-downtime release
-//! whose new replica starts 3 s before the old one stops (overlap), then removed. The oracle is outside
+//! second) and two process-driver agents; an app of 2 replicas, scaled to 1, then a zero-downtime release
+//! whose new replica starts 3 s before the old one stops (overlap), then the agent of the node running it
+//! SIGKILLed past the offline threshold (its replica process keeps running, unmetered from the node's
+//! last heartbeat; the slot is rescheduled on the other node), then removed. The oracle is outside
 //! Cairn: each replica process appends its own start and stop times (the shell's `trap` on SIGTERM) to a
 //! file, and the agent's process records (`<data dir>/process/<replica>/record.json`, polled) say which
-//! slot each port is. Cairn's CSV by slot must match the union of each slot's process lifetimes within
-//! 2 s, never count the overlap twice, and be the same bytes when recomputed three times.
+//! slot each port is. Cairn's CSV by slot must match the union of each slot's process lifetimes (those on the
+//! killed node cut at the kill) within 2 s (4 s for the slot on the killed node: its last heartbeat is
+//! up to a 1 s heartbeat interval before the kill, its replacement metered from the first report that it
+//! runs), never count the overlap twice, and be the same bytes when recomputed three times.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::DEPLOY;
-use super::support::{Clock, Driver, E2e, app_manifest, site, wait_for};
+use super::support::{Clock, Driver, E2e, HEARTBEAT, app_manifest, site, wait_for};
 
 /// The replica: a busybox httpd started by a shell that records its start and, on SIGTERM, its stop
 /// (`spawn`/`stop PORT EPOCH`). A release whose files hold `www/slow` waits 3 s before serving (so
@@ -43,6 +47,14 @@ fn oracle_intervals(text: &str) -> Vec<(u16, f64, Option<f64>)> {
         }
     }
     out
+}
+
+/// Seconds since the epoch, as the replicas' `date +%s.%N` writes them.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
 }
 
 /// The length of the union of intervals.
@@ -89,6 +101,7 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
     let a = e.app("meter", "metered", 2, &site("v1", true));
     let (app, src) = (a.name.clone(), &a.source);
     e.repo.node("n1", "");
+    e.repo.node("n2", "");
     let plane = e
         .start(&[
             "--usage-rollup-interval",
@@ -97,18 +110,30 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
             "10s",
         ])
         .await;
-    let agent = e.agent(&plane, "n1", Driver::Process, &[]).await;
-    clock.lap("serve and agent up");
+    let agents = [
+        ("n1", e.agent(&plane, "n1", Driver::Process, &[]).await),
+        ("n2", e.agent(&plane, "n2", Driver::Process, &[]).await),
+    ];
+    clock.lap("serve and agents up");
 
-    // Which slot each port is, read from the agent's process records while the replicas run.
-    let ports: Arc<Mutex<BTreeMap<u16, u32>>> = Arc::default();
+    // Which node and slot each port is, read from the agents' process records while the replicas run.
+    let ports: Arc<Mutex<BTreeMap<u16, (String, u32)>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
         let (ports, stop) = (ports.clone(), stop.clone());
-        let records = agent.dir.join("process");
+        let records: Vec<(String, std::path::PathBuf)> = agents
+            .iter()
+            .map(|(n, a)| ((*n).to_owned(), a.dir.join("process")))
+            .collect();
         tokio::spawn(async move {
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                for d in std::fs::read_dir(&records).into_iter().flatten().flatten() {
+                for (node, d) in records.iter().flat_map(|(node, dir)| {
+                    std::fs::read_dir(dir)
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .map(move |d| (node, d))
+                }) {
                     let Ok(bytes) = std::fs::read(d.path().join("record.json")) else {
                         continue;
                     };
@@ -118,7 +143,10 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
                     if let (Some(port), Some(slot)) =
                         (r["port"].as_u64(), r["spec"]["slot"].as_u64())
                     {
-                        ports.lock().unwrap().insert(port as u16, slot as u32);
+                        ports
+                            .lock()
+                            .unwrap()
+                            .insert(port as u16, (node.clone(), slot as u32));
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -154,13 +182,43 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
     tokio::time::sleep(Duration::from_secs(2)).await;
     clock.lap("v2 live");
 
+    // The agent of the node running the slot is SIGKILLed: past the offline threshold the slot is
+    // rescheduled on the other node. The killed node's replica process runs on, unmetered.
+    let placed = plane
+        .rows(&format!("SELECT node FROM placements WHERE app = '{app}'"))
+        .await;
+    let killed = placed[0]["node"].as_str().unwrap().to_owned();
+    let other = if killed == "n1" { "n2" } else { "n1" };
+    let killed_at = unix_now();
+    agents.iter().find(|(n, _)| *n == killed).unwrap().1.kill();
+    wait_for(
+        "the slot rescheduled and metered on the other node",
+        Duration::from_secs(60),
+        || async {
+            let r = plane
+                .rows(&format!(
+                    "SELECT count(*) AS n FROM usage_intervals \
+                     WHERE node = '{other}' AND ended_at IS NULL"
+                ))
+                .await;
+            (r[0]["n"].as_i64()? >= 1).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    clock.lap("agent killed, slot rescheduled");
+
     e.remove_app(&plane, &app).await;
     wait_for("every interval closed", Duration::from_secs(30), || async {
         let open = plane
             .rows("SELECT count(*) AS n FROM usage_intervals WHERE ended_at IS NULL")
             .await;
         let text = std::fs::read_to_string(&oracle).unwrap_or_default();
-        let stopped = oracle_intervals(&text).iter().all(|i| i.2.is_some());
+        let ports = ports.lock().unwrap().clone();
+        let stopped = oracle_intervals(&text)
+            .iter()
+            .filter(|i| ports.get(&i.0).is_none_or(|(n, _)| *n != killed))
+            .all(|i| i.2.is_some());
         (open[0]["n"].as_i64()? == 0 && stopped).then_some(())
     })
     .await;
@@ -172,11 +230,21 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
     let text = std::fs::read_to_string(&oracle).unwrap();
     let ports = ports.lock().unwrap().clone();
     let mut by_slot: BTreeMap<u32, Vec<(f64, f64)>> = BTreeMap::new();
+    let mut on_killed = std::collections::BTreeSet::new();
     for (port, s, end) in oracle_intervals(&text) {
-        let slot = *ports
+        let (node, slot) = ports
             .get(&port)
             .unwrap_or_else(|| panic!("port {port} was never seen in a record: {ports:?}\n{text}"));
-        by_slot.entry(slot).or_default().push((s, end.unwrap()));
+        // On the killed node, metering ends with the node's last heartbeat: the kill.
+        if *node == killed {
+            on_killed.insert(*slot);
+        }
+        let end = if *node == killed {
+            end.unwrap_or(killed_at).min(killed_at)
+        } else {
+            end.unwrap()
+        };
+        by_slot.entry(*slot).or_default().push((s, end));
     }
     assert_eq!(by_slot.len(), 2, "two slots ran: {by_slot:?}\n{text}");
 
@@ -204,6 +272,17 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
             cairn.insert(f[1].parse().unwrap(), f[2].parse().unwrap());
         }
     }
+    let recorded = plane
+        .rows(
+            "SELECT slot, node, extract(epoch FROM started_at)::float8 AS s, \
+             extract(epoch FROM ended_at)::float8 AS e, opened_by, closed_by \
+             FROM usage_intervals ORDER BY id",
+        )
+        .await;
+    eprintln!("killed {killed} at {killed_at:.3}; oracle {by_slot:?}");
+    for r in &recorded {
+        eprintln!("interval {r}");
+    }
     let mut overlapped = false;
     for (slot, lifetimes) in &by_slot {
         let union = union_seconds(lifetimes.clone());
@@ -212,8 +291,18 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
         eprintln!(
             "slot {slot}: processes {summed:.1} s, their union {union:.1} s, metered {metered} s"
         );
+        // 2 s, and for the slot that ran on the killed node two heartbeat intervals more: metering
+        // ends at the node's last heartbeat, up to an interval before the kill (the test observes the
+        // kill, not the heartbeat), and its replacement is metered from the first report that it runs
+        // (a heartbeat or its deploy's result), up to an interval after it started.
+        let tolerance = 2.0
+            + if on_killed.contains(slot) {
+                2.0 * HEARTBEAT.as_secs_f64()
+            } else {
+                0.0
+            };
         assert!(
-            (metered - union).abs() <= 2.0,
+            (metered - union).abs() <= tolerance,
             "slot {slot}: metered {metered} s, the replicas ran {union:.1} s\n{csv}\n{text}"
         );
         if summed - union >= 3.0 {
