@@ -12,6 +12,10 @@ CREATE TABLE plan_prices (
     generation  bigint NOT NULL,
     PRIMARY KEY (plan, from_at)
 );
+-- The plans already applied are priced from now on (usage before this migration is not metered).
+INSERT INTO plan_prices (plan, from_at, monthly_e4, commit, generation)
+SELECT p.name, now(), (p.price * 10000)::bigint, c.commit, c.generation
+FROM plans p CROSS JOIN config_state c;
 
 -- One replica slot's time on one node under one plan: opened when a deploy (start, restart) of the slot is
 -- reported done, closed when its stop or remove is reported done, or at the node's last heartbeat when

@@ -59,7 +59,10 @@ async fn one(apps: i64, hours: i64) -> (Vec<Duration>, usize) {
     .execute(pool)
     .await
     .unwrap();
-    sqlx::query("ANALYZE usage_intervals").execute(pool).await.unwrap();
+    sqlx::query("ANALYZE usage_intervals")
+        .execute(pool)
+        .await
+        .unwrap();
     let now = Utc.with_ymd_and_hms(2026, 12, 1, 0, 0, 0).unwrap();
     let mut times = Vec::new();
     let mut rows = 0;
@@ -93,7 +96,9 @@ async fn main() {
     if sizes.is_empty() {
         sizes = vec![10_000];
     }
-    println!("| apps | intervals in an hour | rows per hour | hour: min | median | max | month (720 × median) |");
+    println!(
+        "| apps | intervals in an hour | rows per hour | hour: min | median | max | month (720 × median) |"
+    );
     println!("|---:|---:|---:|---:|---:|---:|---:|");
     for apps in sizes {
         let (mut times, rows) = one(apps, hours).await;
