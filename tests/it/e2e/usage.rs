@@ -264,6 +264,52 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
         "recomputing changed the CSV"
     );
     let csv = String::from_utf8(outputs.pop().unwrap()).unwrap();
+
+    // The admin API gives the same bytes through `cairn usage --server`, refuses a bad month or
+    // grouping (400) and a missing token (401); /metrics has the month-to-date total.
+    let out = plane.cairn(&["token", "create", "--name", "ops"]);
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let out = std::process::Command::new(crate::agents::support::CAIRN)
+        .args(["usage", "--by", "slot", "--format", "csv"])
+        .env("CAIRN_SERVER", &plane.url)
+        .env("CAIRN_TOKEN", &token)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), csv);
+    let http = reqwest::Client::new();
+    for (path, auth, want) in [
+        ("/api/v1/usage?month=2026-13", true, 400),
+        ("/api/v1/usage?by=colour", true, 400),
+        ("/api/v1/usage", false, 401),
+        ("/api/v1/usage/statements/2026-11", true, 404),
+        ("/api/v1/usage?by=plan", true, 200),
+    ] {
+        let mut req = http.get(format!("{}{path}", plane.url));
+        if auth {
+            req = req.bearer_auth(&token);
+        }
+        let status = req.send().await.unwrap().status().as_u16();
+        assert_eq!(status, want, "{path}");
+    }
+    let metrics = http
+        .get(format!("{}/metrics", plane.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cairn_usage_month_to_date_minor "),
+        "{metrics}"
+    );
     eprintln!("{csv}");
     let mut cairn: BTreeMap<u32, f64> = BTreeMap::new();
     for line in csv.lines().skip(1) {
