@@ -141,7 +141,7 @@ pub fn sum_minor<'a>(charges: impl IntoIterator<Item = &'a Charge>) -> i128 {
 }
 
 /// `n / d` rounded half to even (`d > 0`).
-fn round_div(n: i128, d: i128) -> i128 {
+pub fn round_div(n: i128, d: i128) -> i128 {
     let q = n.div_euclid(d);
     let r = n.rem_euclid(d);
     match (2 * r).cmp(&d) {

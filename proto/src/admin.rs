@@ -277,3 +277,75 @@ pub struct NotifyTestAnswer {
     /// Why nothing or an error came back.
     pub error: Option<String>,
 }
+
+/// What usage is grouped by (`cairn usage --by`, `GET /api/v1/usage?by=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UsageBy {
+    App,
+    /// Each replica slot of each app.
+    Slot,
+    Plan,
+    Node,
+}
+
+impl UsageBy {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            UsageBy::App => "app",
+            UsageBy::Slot => "slot",
+            UsageBy::Plan => "plan",
+            UsageBy::Node => "node",
+        }
+    }
+}
+
+/// A month's usage (`GET /api/v1/usage?month=2026-11&by=app`, `cairn usage`): metered seconds and amounts
+/// in minor units (hundredths of `currency`), each row's amount rounded half to even once from its exact
+/// sum, and the total rounded once from the exact total (so it may differ from the rows' sum by a few
+/// minor units).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageReport {
+    /// `YYYY-MM`.
+    pub month: String,
+    pub by: UsageBy,
+    /// The currency of `cairn.toml` as applied (`None` before the first apply).
+    pub currency: Option<String>,
+    pub rows: Vec<UsageRow>,
+    pub total_seconds: i64,
+    pub total_minor: i64,
+    /// Intervals of the month closed by a report older than the late window (recorded, flagged, applied
+    /// from the window's edge).
+    pub late_intervals: i64,
+    /// The month's statement once it is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub statement: Option<UsageStatement>,
+}
+
+/// One row of a [`UsageReport`]: only the fields of its grouping are set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRow {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    pub seconds: i64,
+    pub amount_minor: i64,
+}
+
+/// A closed month's immutable statement: when it was closed and the SHA-256 of its canonical bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageStatement {
+    pub closed_at: DateTime<Utc>,
+    pub sha256: String,
+}
+
+/// `POST /api/v1/usage/recompute?month=`: how many hours were rolled up again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UsageRecomputed {
+    pub hours: u64,
+}

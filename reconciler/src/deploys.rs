@@ -405,6 +405,9 @@ pub async fn finish(
             }
         }
     };
+    if reported.status == TaskStatus::Done {
+        meter(ctx, row).await;
+    }
     if let (Outcome::Failed { .. }, Some(release)) = (outcome, row.release)
         && carries_release(row.kind)
     {
@@ -422,6 +425,34 @@ pub async fn finish(
         }
     }
     Ok(reported)
+}
+
+/// Usage metering of a task reported done: a deploy, start or restart opens its slot's interval on the
+/// node (a repeated or in-place one opens nothing more), a stop or remove closes it. A failure costs the
+/// record (logged), never the result.
+async fn meter(ctx: &Context<'_>, row: &TaskRow) {
+    let by = format!("task {} ({})", row.id, row.kind.as_str());
+    let done = match (row.kind, row.slot) {
+        (TaskKind::Deploy | TaskKind::Start | TaskKind::Restart, Some(slot)) => {
+            crate::store::usage::open(ctx.pool, row.app.as_str(), slot, row.node.as_str(), &by)
+                .await
+                .map(|_| ())
+        }
+        (TaskKind::Stop | TaskKind::Remove, slot) => crate::store::usage::close(
+            ctx.pool,
+            row.app.as_str(),
+            slot,
+            row.node.as_str(),
+            None,
+            &by,
+        )
+        .await
+        .map(|_| ()),
+        _ => Ok(()),
+    };
+    if let Err(e) = done {
+        tracing::warn!(app = %row.app, node = %row.node, task = %row.id, error = %error_chain(&e), "cannot record usage of a finished task");
+    }
 }
 
 /// Records a deploy's stage timings on its release (stages Cairn knows, at most a day each); a failure

@@ -156,6 +156,9 @@ pub async fn reconcile(
     } else {
         let desired = desired.map(|(_, d)| d);
         write_state(&mut tx, &plan, desired, fingerprints, &observed).await?;
+        // A plan created or repriced by this commit gets a price row (usage metering), in this
+        // transaction, after the state names the commit and generation.
+        store::usage::record_prices(&mut tx).await?;
         supersede_tasks(&mut tx, &plan).await?;
         let tasks = enqueue_tasks(&mut tx, &plan, desired, &observed, cx.identity).await?;
         (ReconcileStatus::Applied, tasks)

@@ -26,4 +26,5 @@ pub mod routes;
 pub mod source;
 pub mod status;
 pub mod store;
+pub mod usage;
 pub mod worker;

@@ -153,6 +153,9 @@ async fn mark_offline(pool: &PgPool, offline_after: Duration) -> Result<Vec<Name
         source,
     })?;
     let marked = nodes::mark_offline(&mut tx, offline_after).await?;
+    for n in &marked {
+        crate::store::usage::close_offline_node(&mut tx, n.as_str()).await?;
+    }
     let events: Vec<NewEvent> = marked
         .iter()
         .map(|n| NewEvent::node_offline(n, offline_after))

@@ -22,6 +22,7 @@
 //! | `cairn_push_to_running_seconds` | histogram | `stage`: the agents' deploy stages (fetch, build, pull, push, start, healthy, switch, drain; the slowest replica's), and `release` (from the release's creation to its last replica running) |
 //! | `cairn_certificates` | gauge | `state`: pending, waiting_dns, ordering, issued, renewing, failed (declared name sets, read from Postgres when scraped) |
 //! | `cairn_certificate_soonest_expiry_days` | gauge | | (the soonest expiry among declared certificates, in days; absent without one) |
+//! | `cairn_usage_month_to_date_minor` | gauge | | (metered usage of the current UTC month in minor units of the currency, as last rolled up; read from Postgres when scraped) |
 //! | `cairn_metrics_database_up` | gauge | |
 //!
 //! What it must not do: put anything unbounded or private in a label (an app or node name, a commit, an
@@ -199,6 +200,7 @@ pub struct Metrics {
     /// One series without labels, or none when no certificate was issued.
     soonest_expiry: Family<Vec<(String, String)>, Gauge<f64, AtomicU64>>,
     push_to_running: Histograms<StageLabel>,
+    usage_month_to_date: Gauge,
     database_up: Gauge,
     /// One scrape at a time: a scrape clears and refills the gauges it reads from Postgres.
     scraping: tokio::sync::Mutex<()>,
@@ -249,6 +251,7 @@ impl Metrics {
             certificates: Family::default(),
             soonest_expiry: Family::default(),
             push_to_running: Family::new_with_constructor(stage_buckets),
+            usage_month_to_date: Gauge::default(),
             database_up: Gauge::default(),
             scraping: tokio::sync::Mutex::new(()),
         };
@@ -315,6 +318,12 @@ impl Metrics {
              replica's) and `release` (from the release's creation to its last replica running)",
             Unit::Seconds,
             m.push_to_running.clone(),
+        );
+        registry.register(
+            "usage_month_to_date_minor",
+            "Metered usage of the current UTC month in minor units of the currency, as last rolled up \
+             (read from Postgres when scraped)",
+            m.usage_month_to_date.clone(),
         );
         registry.register(
             "metrics_database_up",
@@ -492,6 +501,12 @@ impl Metrics {
         let tasks = crate::store::metrics::open_tasks(pool).await?;
         let nodes = crate::store::metrics::nodes_by_state(pool).await?;
         let (certs, soonest) = crate::store::certs::summary(pool).await?;
+        let usage = crate::store::usage::month_to_date_minor(
+            pool,
+            crate::store::usage::db_now(pool).await?,
+        )
+        .await?;
+        self.usage_month_to_date.set(usage);
         self.certificates.clear();
         for state in CertState::ALL {
             let n = certs

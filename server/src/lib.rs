@@ -108,6 +108,8 @@ pub struct ApiSettings {
     /// The route table is recomputed at least this often (also when poked: after a reconcile pass, and a
     /// heartbeat that changed what a node serves), in case another control plane changed the store.
     pub routes_period: Duration,
+    /// How often usage is rolled up (the current hour's rows are provisional until then).
+    pub usage_period: Duration,
 }
 
 impl ApiSettings {
@@ -124,6 +126,7 @@ impl ApiSettings {
             log_retention: Duration::from_secs(14 * 24 * 3600),
             log_window: 10_000,
             routes_period: Duration::from_secs(10),
+            usage_period: cairn_reconciler::usage::DEFAULT_PERIOD,
         }
     }
 }
@@ -433,6 +436,10 @@ async fn start_apis(
         let (pool, routes, stop) = (pool.clone(), routes.clone(), shutdown.clone());
         let period = settings.routes_period;
         async move { cairn_reconciler::routes::refresh_loop(pool, routes, period, &stop).await }
+    });
+    tokio::spawn({
+        let (pool, stop, period) = (pool.clone(), shutdown.clone(), settings.usage_period);
+        async move { cairn_reconciler::usage::rollup_loop(pool, period, &stop).await }
     });
     tokio::spawn({
         let stop = shutdown.clone();

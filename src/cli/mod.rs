@@ -25,6 +25,7 @@ mod secret;
 mod serve;
 mod serve_api;
 mod token;
+mod usage;
 mod validate;
 mod webhooks;
 
@@ -62,6 +63,8 @@ enum Command {
     Certs(certs::Args),
     /// What happened: deploys, applies, nodes offline and back (--follow to keep printing)
     Events(events::Args),
+    /// Metered usage of a month by app, slot, plan or node (table, CSV, JSON); closed months' statements
+    Usage(usage::Args),
     /// Notifications: the delivery ledger, a test message to a sink
     Notify(notify::Args),
     /// Run the control plane: the reconcile loop and its HTTP listener
@@ -100,6 +103,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status(a) => control::status(a),
         Command::Certs(a) => certs::run(a),
         Command::Events(a) => events::run(a),
+        Command::Usage(a) => usage::run(a),
         Command::Notify(a) => notify::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Dev(a) => dev::run(a),

@@ -99,6 +99,29 @@ impl AdminClient {
         self.send(req).await
     }
 
+    /// A GET whose answer is not JSON (a statement's bytes).
+    pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
+        let status = resp.status();
+        let bytes = resp
+            .bytes()
+            .await
+            .context("cannot read the control plane's answer")?;
+        if !status.is_success() {
+            let message = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
+            bail!("the control plane refused: {status}: {message}");
+        }
+        Ok(bytes.to_vec())
+    }
+
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
         let resp = req
             .bearer_auth(&self.token)

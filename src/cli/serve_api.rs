@@ -52,6 +52,10 @@ pub struct ApiArgs {
     /// and every heartbeat that changed what a node serves)
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     routes_refresh: Duration,
+    /// How often usage is rolled up into hourly charges (the current hour's are provisional until it
+    /// ends; `cairn usage --recompute` rolls a month up at once)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+    usage_rollup_interval: Duration,
 }
 
 impl ApiArgs {
@@ -72,6 +76,7 @@ impl ApiArgs {
             log_retention: self.log_retention,
             log_window: self.log_window,
             routes_period: self.routes_refresh,
+            usage_period: self.usage_rollup_interval,
         }
     }
 }

@@ -11,6 +11,10 @@
 //! - `GET /nodes`: every declared node with what its agent last reported;
 //! - `POST /nodes/{node}/join-tokens`, `GET /nodes/{node}/join-tokens`: issue a one-time join token
 //!   (shown once), list them (never the token);
+//! - `GET /usage?month=YYYY-MM&by=app|slot|plan|node`: a month's metered usage (default: this month,
+//!   by app) and its statement's hash once closed; `GET /usage/statements/{YYYY-MM}`: a closed month's
+//!   statement (its canonical CSV bytes); `POST /usage/recompute?month=`: roll the month's hours up again
+//!   (idempotent);
 //! - `DELETE /nodes/{node}/credential`: revoke the node's agent credential (its agent gets 401 until it
 //!   joins again with a new token).
 //!
@@ -31,7 +35,8 @@ use cairn_schema::Name;
 use super::auth::{self, IssueError, bearer, hash, well_formed};
 use super::{Api, ApiError, Json};
 use crate::status::{self, Status};
-use crate::store::{nodes, tokens};
+use crate::store::{nodes, tokens, usage};
+use cairn_proto::admin::{UsageBy, UsageRecomputed, UsageReport};
 
 pub(super) fn routes() -> Router<Arc<Api>> {
     Router::new()
@@ -44,6 +49,9 @@ pub(super) fn routes() -> Router<Arc<Api>> {
             get(join_tokens).post(create_join_token),
         )
         .route("/nodes/{node}/credential", delete(revoke_credential))
+        .route("/usage", get(usage))
+        .route("/usage/recompute", axum::routing::post(usage_recompute))
+        .route("/usage/statements/{month}", get(usage_statement))
 }
 
 /// An admin token's holder (401 otherwise), within its rate limit.
@@ -211,4 +219,70 @@ async fn revoke_credential(
     let revoked = nodes::revoke_credential(&api.pool, &node).await?;
     tracing::info!(%node, revoked, by = %admin.name, "node credential revoked");
     Ok(Json(Revoked { revoked }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct UsageParams {
+    month: Option<String>,
+    by: Option<String>,
+}
+
+/// `month` as `YYYY-MM` (this month when absent), 400 otherwise.
+async fn usage_month(api: &Api, month: Option<&str>) -> Result<chrono::NaiveDate, ApiError> {
+    match month {
+        Some(m) => usage::parse_month(m).ok_or_else(|| {
+            ApiError::BadRequest(format!("month `{m}` is not a month such as 2026-11"))
+        }),
+        None => Ok(usage::db_now(&api.pool).await?.date_naive()),
+    }
+}
+
+async fn usage(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+    axum::extract::Query(p): axum::extract::Query<UsageParams>,
+) -> Result<Json<UsageReport>, ApiError> {
+    let month = usage_month(&api, p.month.as_deref()).await?;
+    let by = match p.by.as_deref() {
+        None | Some("app") => UsageBy::App,
+        Some("slot") => UsageBy::Slot,
+        Some("plan") => UsageBy::Plan,
+        Some("node") => UsageBy::Node,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "by `{other}` is not one of app, slot, plan, node"
+            )));
+        }
+    };
+    Ok(Json(usage::report(&api.pool, month, by).await?))
+}
+
+async fn usage_recompute(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    axum::extract::Query(p): axum::extract::Query<UsageParams>,
+) -> Result<Json<UsageRecomputed>, ApiError> {
+    let month = usage_month(&api, p.month.as_deref()).await?;
+    let now = usage::db_now(&api.pool).await?;
+    let hours = usage::recompute_month(&api.pool, month, now).await?;
+    tracing::info!(month = %usage::month_label(month), hours, by = %admin.name, "usage recomputed");
+    Ok(Json(UsageRecomputed { hours }))
+}
+
+async fn usage_statement(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+    Path(month): Path<String>,
+) -> Result<axum::response::Response, ApiError> {
+    let m = usage_month(&api, Some(&month)).await?;
+    let Some((body, s)) = usage::statement(&api.pool, m).await? else {
+        return Err(ApiError::NotFound(format!(
+            "month {month} is not closed: it closes 48 hours after its end"
+        )));
+    };
+    Ok(axum::response::Response::builder()
+        .header(axum::http::header::CONTENT_TYPE, "text/csv; charset=utf-8")
+        .header("x-cairn-sha256", s.sha256)
+        .body(axum::body::Body::from(body))
+        .expect("a statement response builds"))
 }

@@ -239,6 +239,15 @@ async fn heartbeat(
         crate::events::record(&mut tx, &[crate::events::NewEvent::node_online(node)]).await?;
     }
     tx.commit().await.op("commit a heartbeat")?;
+    // Usage metering's safety net, after the heartbeat: its failure costs the record, never the
+    // heartbeat.
+    let metered = async {
+        let mut conn = api.pool.acquire().await.op("acquire a connection")?;
+        crate::store::usage::open_reported(&mut conn, node.as_str(), &hb.replicas).await
+    };
+    if let Err(e) = metered.await {
+        tracing::warn!(%node, error = %error_chain(&e), "cannot record the usage of reported replicas");
+    }
     tracing::debug!(%node, replicas = hb.replicas.len(), "heartbeat");
     let healthy: Vec<&Name> = hb
         .replicas

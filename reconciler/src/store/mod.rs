@@ -50,6 +50,7 @@ pub mod routes;
 pub mod state;
 pub mod status;
 pub mod tokens;
+pub mod usage;
 
 use std::time::Duration;
 

@@ -10,3 +10,4 @@ mod history;
 mod idle;
 mod queue;
 mod store;
+mod usage;

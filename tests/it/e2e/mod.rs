@@ -8,6 +8,7 @@ mod images;
 mod ingress;
 mod registry;
 pub mod support;
+mod usage;
 
 use std::time::{Duration, Instant};
 
