@@ -121,6 +121,8 @@ pub struct E2e {
     serve_log: Option<PathBuf>,
     /// `cairn serve`'s pid, once started.
     serve_pid: Option<u32>,
+    /// The flags and environment serve was started with, for [`E2e::restart_serve`].
+    serve_args: Option<(Vec<String>, Vec<(String, String)>)>,
     /// Second engines started by [`E2e::second_engine`]: torn down after the agents stopped.
     engines: Vec<Arc<SecondEngine>>,
     test: &'static str,
@@ -181,6 +183,7 @@ impl E2e {
             children: Vec::new(),
             serve_log: None,
             serve_pid: None,
+            serve_args: None,
             engines: Vec::new(),
             test,
             cleaned: AtomicBool::new(false),
@@ -292,13 +295,53 @@ impl E2e {
         let identity = self.identity.take().unwrap();
         let key = self.scratch.path().join("control-plane.key");
         std::fs::write(&key, identity.to_file_text("e2e").as_bytes()).unwrap();
-        let log_path = self.scratch.path().join("serve.log");
-        let log = std::fs::File::create(&log_path).unwrap();
         self.repo.commit();
+        let extra: Vec<String> = extra.iter().map(|a| (*a).to_owned()).collect();
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let addr = self.spawn_serve(db.url(), &extra, &env, "serve.log").await;
+        self.serve_args = Some((extra, env));
+        let plane = Plane {
+            url: format!("http://{addr}"),
+            db,
+        };
+        plane.wait_generation(1).await;
+        plane
+    }
+
+    /// Starts `cairn serve` again after [`E2e::kill_serve`]: the same database, repository, identity and
+    /// arguments, on the same address (the agents keep their URL), and waits for its API.
+    pub async fn restart_serve(&mut self, plane: &Plane) {
+        assert!(self.serve_pid.is_none(), "serve still runs; kill it first");
+        let (mut extra, env) = self.serve_args.clone().expect("serve was started");
+        let addr = plane.url.trim_start_matches("http://").to_owned();
+        if let Some(at) = extra.iter().position(|a| a == "--listen") {
+            extra.drain(at..at + 2);
+        }
+        extra.extend(["--listen".to_owned(), addr.clone()]);
+        let log = format!("serve-{}.log", self.children.len());
+        let again = self.spawn_serve(plane.db.url(), &extra, &env, &log).await;
+        assert_eq!(again, addr, "serve came back on its address");
+    }
+
+    /// Spawns `cairn serve` on `db` with the test's defaults and `extra`, logging to `log` in the
+    /// scratch directory; returns the address it listens on.
+    async fn spawn_serve(
+        &mut self,
+        db: &str,
+        extra: &[String],
+        env: &[(String, String)],
+        log: &str,
+    ) -> String {
+        let key = self.scratch.path().join("control-plane.key");
+        let log_path = self.scratch.path().join(log);
+        let log = std::fs::File::create(&log_path).unwrap();
         let rewrite = self.rewrite();
         let mut child = Command::new(CAIRN)
             .arg("serve")
-            .args(["--database-url", db.url()])
+            .args(["--database-url", db])
             .args(["--repo", &self.repo.url(), "--ref", "main"])
             .arg("--identity")
             .arg(&key)
@@ -316,13 +359,13 @@ impl E2e {
                     ("--task-lease", "10s"),
                 ]
                 .into_iter()
-                .filter(|(flag, _)| !extra.contains(flag))
+                .filter(|(flag, _)| !extra.iter().any(|a| a == flag))
                 .flat_map(|(flag, value)| [flag, value]),
             )
             .args(extra)
             .env("CAIRN_LOG", "info,cairn_reconciler=debug")
             .env_remove("CAIRN_IDENTITY")
-            .envs(env.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -331,7 +374,7 @@ impl E2e {
         self.serve_pid = Some(child.id());
         self.children.push(child);
         self.serve_log = Some(log_path);
-        let addr = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             use std::io::BufRead as _;
             let mut lines = std::io::BufReader::new(stdout).lines();
             let first = lines.next().and_then(Result::ok).unwrap_or_default();
@@ -340,13 +383,7 @@ impl E2e {
         })
         .await
         .unwrap()
-        .expect("serve prints `listening on ADDR` first");
-        let plane = Plane {
-            url: format!("http://{addr}"),
-            db,
-        };
-        plane.wait_generation(1).await;
-        plane
+        .expect("serve prints `listening on ADDR` first")
     }
 
     /// Starts `cairn-agent` for `node` (declared in the config) with `driver`, its own data directory and

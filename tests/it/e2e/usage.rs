@@ -1,6 +1,7 @@
 //! Usage metering end to end (issue 20) with real processes: `cairn serve` (rolling usage up every
 //! second) and two process-driver agents; an app of 2 replicas, scaled to 1, then a zero-downtime release
-//! whose new replica starts 3 s before the old one stops (overlap), then the agent of the node running it
+//! whose new replica starts 3 s before the old one stops (overlap), then `cairn serve` SIGKILLed for 20 s
+//! and started again, then the agent of the node running it
 //! SIGKILLed past the offline threshold (its replica process keeps running, unmetered from the node's
 //! last heartbeat; the slot is rescheduled on the other node), then removed. The oracle is outside
 //! Cairn: each replica process appends its own start and stop times (the shell's `trap` on SIGTERM) to a
@@ -181,6 +182,14 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
     plane.wait_release(&app, 2, "live", DEPLOY).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     clock.lap("v2 live");
+
+    // `cairn serve` SIGKILLed for 20 s: the replica runs on, and so does its metering (its interval
+    // stays open; nothing is closed or reopened when serve comes back).
+    e.kill_serve();
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    e.restart_serve(&plane).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    clock.lap("serve down for 20 s and back");
 
     // The agent of the node running the slot is SIGKILLed: past the offline threshold the slot is
     // rescheduled on the other node. The killed node's replica process runs on, unmetered.
