@@ -95,6 +95,7 @@ async fn notify_test(
     admin: AdminAuth,
     Path(sink): Path<String>,
 ) -> Result<Json<NotifyTestAnswer>, ApiError> {
+    admin.operator()?;
     cairn_schema::Name::new(&sink)
         .map_err(|e| ApiError::BadRequest(format!("`{sink}` is not a sink name: {e}")))?;
     let notifier = Notifier::new(

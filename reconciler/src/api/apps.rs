@@ -93,6 +93,7 @@ async fn rollback(
     Path(app): Path<String>,
     Json(req): Json<RollbackRequest>,
 ) -> Result<Json<Pinned>, ApiError> {
+    admin.operator()?;
     let app = app_name(&app)?;
     let pinned = releases::rollback(&api.pool, &app, req.release).await?;
     tracing::info!(%app, release = ?pinned.pinned_release, by = %admin.name, "rollback through the admin API");
@@ -105,6 +106,7 @@ async fn unpin(
     admin: AdminAuth,
     Path(app): Path<String>,
 ) -> Result<Json<Pinned>, ApiError> {
+    admin.operator()?;
     let app = app_name(&app)?;
     let pinned = releases::unpin(&api.pool, &app).await?;
     tracing::info!(%app, previous = ?pinned.previous, by = %admin.name, "unpin through the admin API");
@@ -117,6 +119,7 @@ async fn restart(
     admin: AdminAuth,
     Path(app): Path<String>,
 ) -> Result<Json<Restarted>, ApiError> {
+    admin.operator()?;
     let app = app_name(&app)?;
     let r = releases::restart(&api.pool, &app).await?;
     tracing::info!(%app, count = r.count, by = %admin.name, "restart through the admin API");
@@ -129,6 +132,7 @@ async fn deploy(
     admin: AdminAuth,
     Path(app): Path<String>,
 ) -> Result<Json<Deployed>, ApiError> {
+    admin.operator()?;
     let app = app_name(&app)?;
     let (url, branch) = releases::deploy_target(&api.pool, &app).await?;
     let poller = api.heads.get().ok_or(OpsError::NoHeads)?.clone();
