@@ -74,7 +74,7 @@ impl From<OpsError> for ApiError {
     }
 }
 
-fn app_name(s: &str) -> Result<Name, ApiError> {
+pub(super) fn app_name(s: &str) -> Result<Name, ApiError> {
     Name::new(s).map_err(|e| ApiError::BadRequest(format!("`{s}` is not an app name: {e}")))
 }
 
@@ -134,7 +134,15 @@ async fn deploy(
 ) -> Result<Json<Deployed>, ApiError> {
     admin.operator()?;
     let app = app_name(&app)?;
-    let (url, branch) = releases::deploy_target(&api.pool, &app).await?;
+    let d = deploy_now(&api, &app).await?;
+    tracing::info!(%app, branch = %d.branch, commit = %d.commit, moved = d.moved, by = %admin.name, "deploy through the admin API");
+    Ok(Json(d))
+}
+
+/// Reads `app`'s branch head from its remote now, records it and wakes the reconciler (the admin
+/// API's `deploy` and the dashboard's "deploy now").
+pub(super) async fn deploy_now(api: &Api, app: &Name) -> Result<Deployed, ApiError> {
+    let (url, branch) = releases::deploy_target(&api.pool, app).await?;
     let poller = api.heads.get().ok_or(OpsError::NoHeads)?.clone();
     let (a, b) = (app.clone(), branch.clone());
     // Listing a remote's refs is blocking network IO: off the async workers, one at a time.
@@ -155,16 +163,15 @@ async fn deploy(
         app: app.clone(),
         branch: branch.clone(),
     })?;
-    let (moved, latest) = releases::record_head(&api.pool, &app, &branch, &head).await?;
-    tracing::info!(%app, %branch, commit = %head, moved, by = %admin.name, "deploy through the admin API");
+    let (moved, latest) = releases::record_head(&api.pool, app, &branch, &head).await?;
     api.wake.notify_one();
-    Ok(Json(Deployed {
-        app,
+    Ok(Deployed {
+        app: app.clone(),
         branch,
         commit: head,
         moved,
         latest_release: latest,
-    }))
+    })
 }
 
 #[derive(Debug, Deserialize)]
