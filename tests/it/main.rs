@@ -2,6 +2,7 @@
 
 mod agents;
 mod crash;
+mod dashboard;
 mod dev;
 mod e2e;
 mod examples;

@@ -276,7 +276,7 @@ pub fn router_with(api: Arc<Api>, extra_admin: Router<Arc<Api>>) -> Router {
                 .merge(apps::admin_routes())
                 .merge(extra_admin),
         )
-        .nest(ui::PREFIX, ui::routes())
+        .merge(ui::routes())
         .layer(DefaultBodyLimit::max(cairn_proto::MAX_BODY_BYTES))
         .with_state(api)
 }

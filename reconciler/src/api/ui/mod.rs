@@ -55,26 +55,31 @@ pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 pub const CSP: &str =
     "default-src 'self'; frame-ancestors 'none'; form-action 'self'; base-uri 'none'";
 
-/// The dashboard's routes, relative to [`PREFIX`].
+/// The dashboard's routes (under [`PREFIX`]; `/ui` and `/ui/` are both the overview).
 pub(super) fn routes() -> Router<Arc<Api>> {
+    let r = |path: &str| format!("{PREFIX}{path}");
     Router::new()
-        .route("/", get(pages::overview))
-        .route("/login", get(pages::login_form).post(pages::login))
-        .route("/logout", post(pages::logout))
-        .route("/reconciliations", get(pages::reconciliations))
-        .route("/deliveries", get(pages::deliveries))
-        .route("/nodes/{node}", get(pages::node))
-        .route("/apps/{app}", get(pages::app))
-        .route("/apps/{app}/releases/{release}", get(pages::build))
-        .route("/apps/{app}/releases/{release}/stream", get(live::build))
-        .route("/apps/{app}/logs", get(pages::logs))
-        .route("/apps/{app}/logs/stream", get(live::logs))
+        .route(PREFIX, get(pages::overview))
+        .route(&r("/"), get(pages::overview))
+        .route(&r("/login"), get(pages::login_form).post(pages::login))
+        .route(&r("/logout"), post(pages::logout))
+        .route(&r("/reconciliations"), get(pages::reconciliations))
+        .route(&r("/deliveries"), get(pages::deliveries))
+        .route(&r("/nodes/{node}"), get(pages::node))
+        .route(&r("/apps/{app}"), get(pages::app))
+        .route(&r("/apps/{app}/releases/{release}"), get(pages::build))
         .route(
-            "/apps/{app}/actions/{action}",
+            &r("/apps/{app}/releases/{release}/stream"),
+            get(live::build),
+        )
+        .route(&r("/apps/{app}/logs"), get(pages::logs))
+        .route(&r("/apps/{app}/logs/stream"), get(live::logs))
+        .route(
+            &r("/apps/{app}/actions/{action}"),
             get(pages::confirm).post(pages::act),
         )
-        .route("/static/cairn.css", get(css))
-        .route("/static/cairn.js", get(js))
+        .route(&r("/static/cairn.css"), get(css))
+        .route(&r("/static/cairn.js"), get(js))
         .layer(middleware::from_fn(security_headers))
 }
 
