@@ -11,6 +11,7 @@ mod in_process;
 mod layout;
 mod operations;
 mod plan_cli;
+mod pyenv;
 mod releases;
 mod secret;
 mod surfaces;
