@@ -25,6 +25,7 @@ import time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 
 CHROMIUM = "/usr/bin/chromium"
@@ -52,8 +53,12 @@ def run(d, c):
     elif cmd == "wait_text":
         deadline = time.monotonic() + c.get("timeout", 30)
         while True:
-            if any(c["text"] in e.text for e in d.find_elements(By.CSS_SELECTOR, c["css"])):
-                return None
+            try:
+                if any(c["text"] in e.text for e in d.find_elements(By.CSS_SELECTOR, c["css"])):
+                    return None
+            except StaleElementReferenceException:
+                pass  # the page changed under us (a navigation): look again
+
             if time.monotonic() > deadline:
                 raise TimeoutError("no %s containing %r; page: %s" % (c["css"], c["text"], d.page_source[-3000:]))
             time.sleep(0.1)

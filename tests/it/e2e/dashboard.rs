@@ -153,13 +153,18 @@ fn shots() -> PathBuf {
 fn inspect(b: &mut Browser, name: &str) {
     for (label, width, height) in [("desktop", 1280, 900), ("phone", 390, 844)] {
         b.cmd(json!({"cmd": "size", "width": width, "height": height}));
-        let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth");
-        assert!(
-            overflow.as_i64().unwrap() <= 0,
-            "{name} overflows by {overflow} px at {width} px"
-        );
         let path = shots().join(format!("{name}-{label}.png"));
         b.cmd(json!({"cmd": "screenshot", "path": path}));
+        let overflow = b.js("return document.documentElement.scrollWidth - window.innerWidth");
+        if overflow.as_i64().unwrap() > 0 {
+            // Which elements stick out, for the message.
+            let wide = b.js(
+                "return Array.from(document.querySelectorAll('body *')).filter(function (e) { \
+                   return e.getBoundingClientRect().right > window.innerWidth + 1; }) \
+                   .slice(0, 5).map(function (e) { return e.outerHTML.slice(0, 200); })",
+            );
+            panic!("{name} overflows by {overflow} px at {width} px: {wide}");
+        }
     }
     b.cmd(json!({"cmd": "size", "width": 1280, "height": 900}));
     let serious = b.cmd(json!({"cmd": "axe"}));
