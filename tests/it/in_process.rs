@@ -78,8 +78,8 @@ async fn a_whole_control_plane_runs_in_process_and_stops_through_its_shutdown() 
         "in-process",
         cairn_reconciler::store::tokens::Role::Operator,
     )
-        .await
-        .unwrap();
+    .await
+    .unwrap();
     // Readiness is the database's; the APIs' routes are installed once their own pool connected, and
     // answer 503 ("starting") until then.
     let unauthenticated = loop {

@@ -422,7 +422,8 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         &pool,
         "cairn-dev",
         cairn_reconciler::store::tokens::Role::Operator,
-    ).await?;
+    )
+    .await?;
     let token_file = state.join("admin-token");
     write_private(&token_file, &admin)?;
 

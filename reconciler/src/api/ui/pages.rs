@@ -536,7 +536,8 @@ pub(super) async fn app(
             stages: r
                 .stage_timings
                 .iter()
-                .map(|(k, v)| format!("{k} {}", millis(*v)))
+                // Non-breaking: a stage and its time stay on one line.
+                .map(|(k, v)| format!("{k}\u{a0}{}", millis(*v).replace(' ', "\u{a0}")))
                 .collect::<Vec<_>>()
                 .join(" · "),
             error: r.error.clone(),
