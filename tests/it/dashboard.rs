@@ -254,10 +254,18 @@ async fn sign_in_roles_csrf_and_escaping() {
     )
     .await;
     assert_eq!(s, 303, "{to}");
-    assert!(to.starts_with("/ui/apps/web?notice="), "{to}");
+    assert_eq!(to, "/ui/apps/web?done=restart");
     assert_eq!(restarts(&plane).await, 1);
     let (_, _, app) = get(&plane, &to, Some(&oc)).await;
     assert!(app.contains("Restart requested."), "{app}");
+    // What the page says was done comes from a fixed set, never from the URL's text.
+    let (_, _, app) = get(&plane, "/ui/apps/web?done=Your+token+expired", Some(&oc)).await;
+    assert!(
+        !app.contains("token expired") && !app.contains("class=\"notice\""),
+        "{app}"
+    );
+    let (s, _, _) = get(&plane, "/ui/?after=%00", Some(&oc)).await;
+    assert_eq!(s, 400);
     // Rolling back without a live release is a clear 4xx page, not a crash.
     let (s, body) = post_form(
         &plane,

@@ -2,6 +2,9 @@
 //! releases, the events, the certificates, the ledgers) and renders a template; the view models here
 //! hold plain strings, so the templates only lay them out (and escape them).
 
+// A page's error is the response that shows it: handlers return it at once, it is not carried around.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use askama::Template;
@@ -354,6 +357,13 @@ pub(super) async fn overview(
     session: Session,
     Query(q): Query<OverviewQuery>,
 ) -> Page {
+    if let Some(a) = &q.after {
+        cairn_schema::Name::new(a).map_err(|e| {
+            error_page(ApiError::BadRequest(format!(
+                "`{a}` is not an app name to list after: {e}"
+            )))
+        })?;
+    }
     let st = status::load(
         &api.pool,
         api.cfg.offline_after,
@@ -475,9 +485,11 @@ struct AppPage {
     applied: String,
 }
 
+/// What an action's redirect says was done: one of the actions, never text from the URL (a link with a
+/// message of its own would put someone else's words on this page).
 #[derive(Debug, Deserialize)]
 pub(super) struct NoticeQuery {
-    notice: Option<String>,
+    done: Option<String>,
 }
 
 /// Releases shown on an app's page.
@@ -601,7 +613,18 @@ pub(super) async fn app(
             })
             .collect(),
         can_act: session.can_act(),
-        notice: q.notice,
+        notice: q.done.as_deref().and_then(|d| match d {
+            "rollback" => Some(match rel.pinned_release {
+                Some(n) => format!("Rolled back: pinned to release #{n}."),
+                None => "Rolled back.".to_owned(),
+            }),
+            "unpin" => Some("Unpinned.".to_owned()),
+            "restart" => Some("Restart requested.".to_owned()),
+            "deploy" => {
+                Some("Deploy requested: the branch head was read and is deployed next.".to_owned())
+            }
+            _ => None,
+        }),
         applied: st.applied_commit.as_deref().map_or("—".into(), short),
     };
     Ok(render(StatusCode::OK, &page))
@@ -1006,50 +1029,31 @@ pub(super) async fn act(
         )));
     }
     let by = &session.token.name;
-    let notice = match action {
+    match action {
         Action::Rollback => {
             let p = releases::rollback(&api.pool, &name, f.release)
                 .await
                 .map_err(|e| error_page(e.into()))?;
             tracing::info!(app = %name, release = ?p.pinned_release, %by, "rollback through the dashboard");
-            format!(
-                "Rolled back: pinned to release #{}.",
-                p.pinned_release.unwrap_or_default()
-            )
         }
         Action::Unpin => {
             releases::unpin(&api.pool, &name)
                 .await
                 .map_err(|e| error_page(e.into()))?;
             tracing::info!(app = %name, %by, "unpin through the dashboard");
-            "Unpinned.".to_owned()
         }
         Action::Restart => {
             let r = releases::restart(&api.pool, &name)
                 .await
                 .map_err(|e| error_page(e.into()))?;
             tracing::info!(app = %name, count = r.count, %by, "restart through the dashboard");
-            "Restart requested.".to_owned()
         }
         Action::Deploy => {
             let d = deploy_now(&api, &name).await.map_err(error_page)?;
             tracing::info!(app = %name, commit = %d.commit, %by, "deploy through the dashboard");
-            format!("Deploying {} of branch {}.", short(&d.commit), d.branch)
         }
-    };
+    }
     api.wake.notify_one();
-    let mut location = format!("{PREFIX}/apps/{name}?notice=");
-    location.extend(form_urlencode(&notice));
+    let location = format!("{PREFIX}/apps/{name}?done={}", action.slug());
     Ok((StatusCode::SEE_OTHER, [(header::LOCATION, location)]).into_response())
-}
-
-/// `s` percent-encoded for a query value.
-fn form_urlencode(s: &str) -> impl Iterator<Item = String> + '_ {
-    s.bytes().map(|b| {
-        if b.is_ascii_alphanumeric() || b"-_.".contains(&b) {
-            (b as char).to_string()
-        } else {
-            format!("%{b:02X}")
-        }
-    })
 }
