@@ -8,6 +8,7 @@
   var url = list.getAttribute("data-stream");
   var last = list.getAttribute("data-after") || "";
   var source = null;
+  var failures = 0;
   function show(text, on) {
     if (!state) return;
     state.textContent = text;
@@ -30,7 +31,7 @@
     // A first connection names the page's cursor; the browser's own reconnections send Last-Event-ID.
     source = new EventSource(url + "?after=" + encodeURIComponent(last));
     window.cairnStream = source;
-    source.onopen = function () { show("Live: new lines appear here.", true); };
+    source.onopen = function () { failures = 0; show("Live: new lines appear here.", true); };
     source.addEventListener("lines", function (e) {
       var follow = window.innerHeight + window.scrollY >= document.body.scrollHeight - 40;
       JSON.parse(e.data).forEach(append);
@@ -40,8 +41,14 @@
     });
     source.onerror = function () {
       if (source.readyState === EventSource.CLOSED) {
+        // Refused outright (signed out, say): a few tries, then the page says so.
+        failures += 1;
+        if (failures > 5) {
+          show("Disconnected: reload the page.", false);
+          return;
+        }
         show("Disconnected; reconnecting…", false);
-        setTimeout(connect, 2000);
+        setTimeout(connect, 2000 * failures);
       } else {
         show("Reconnecting…", false);
       }
