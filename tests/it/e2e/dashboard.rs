@@ -131,14 +131,17 @@ impl Drop for Browser {
     }
 }
 
-fn token(e: &E2e, db_url: &str, name: &str, role: &str) -> String {
+fn token(db_url: &str, name: &str, role: &str) -> String {
     let out = Command::new(crate::agents::support::CAIRN)
         .args(["token", "create", "--name", name, "--role", role])
         .env("DATABASE_URL", db_url)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let _ = e;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
@@ -198,8 +201,8 @@ async fn the_dashboard_in_a_real_browser() {
     plane.wait_release(&app, 1, "live", DEPLOY).await;
     wait_body(agent.proxy, &host, "v1", Duration::from_secs(10)).await;
     let base = plane.url.clone();
-    let operator = token(&e, plane.db.url(), "ops", "operator");
-    let viewer = token(&e, plane.db.url(), "watcher", "viewer");
+    let operator = token(plane.db.url(), "ops", "operator");
+    let viewer = token(plane.db.url(), "watcher", "viewer");
 
     // Sign-in, and the overview lists the app healthy.
     browser.get(&format!("{base}/ui/"));
@@ -270,7 +273,10 @@ async fn the_dashboard_in_a_real_browser() {
     browser.wait_text("h1", &app);
     assert!(browser.texts("#actions").is_empty());
     assert!(browser.texts("a.button").is_empty());
-    assert!(browser.texts("form button[type=submit]").len() <= 1, "only sign-out");
+    assert!(
+        browser.texts("form button[type=submit]").len() <= 1,
+        "only sign-out"
+    );
     let status = browser.js(&format!(
         "var x = new XMLHttpRequest(); x.open('POST', '/ui/apps/{app}/actions/restart', false); \
          x.setRequestHeader('Content-Type', 'application/x-www-form-urlencoded'); \
