@@ -408,6 +408,8 @@ async fn start_apis(
         cfg,
         Some(shutdown.clone()),
     );
+    // The dashboard's deliveries page reads the GitHub integration's and the notifications' ledgers.
+    let _ = api.ledger.set(Arc::new(cairn_webhook::admin::UiLedger));
     // `cairn deploy APP` reads the app's branch head through the same rewrites as the head poller
     // (also with --no-poll-heads: that stops the polling, not an operator's explicit ask).
     let _ = api.heads.set(Arc::new(tokio::sync::Mutex::new(

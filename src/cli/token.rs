@@ -26,6 +26,10 @@ enum Command {
         /// What the token is for, shown by `cairn token list`
         #[arg(long, default_value = "admin")]
         name: String,
+        /// `viewer` may only read (the API's GET endpoints, the dashboard without actions);
+        /// `operator` may also act (rollback, unpin, restart, deploy, join tokens)
+        #[arg(long, default_value = "operator", value_parser = ["viewer", "operator"])]
+        role: String,
     },
     /// List admin tokens (never the tokens themselves)
     List {
@@ -53,25 +57,31 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .await
             .context("cannot migrate the database")?;
         match &args.command {
-            Command::Create { name, .. } => {
-                let (id, token) = auth::issue_admin_token(&pool, name).await?;
+            Command::Create { name, role, .. } => {
+                let role = tokens::Role::parse(role).context("unknown role")?;
+                let (id, token) = auth::issue_admin_token(&pool, name, role).await?;
                 println!("{token}");
                 eprintln!(
-                    "admin token {id} ({name}) created; it is shown only now. Use it as CAIRN_TOKEN \
-                     (or --token-file) with --server"
+                    "admin token {id} ({name}, {}) created; it is shown only now. Use it as CAIRN_TOKEN \
+                     (or --token-file) with --server",
+                    role.as_str()
                 );
             }
             Command::List { .. } => {
                 let rows = tokens::admin_tokens(&pool).await?;
-                println!("{:>6}  {:<24} {:<20} {:<20} STATE", "ID", "NAME", "CREATED", "LAST USED");
+                println!(
+                    "{:>6}  {:<24} {:<8} {:<20} {:<20} STATE",
+                    "ID", "NAME", "ROLE", "CREATED", "LAST USED"
+                );
                 let t = |d: Option<chrono::DateTime<chrono::Utc>>| {
                     d.map_or("never".to_owned(), |d| d.format("%Y-%m-%d %H:%M:%S").to_string())
                 };
                 for r in rows {
                     println!(
-                        "{:>6}  {:<24} {:<20} {:<20} {}",
+                        "{:>6}  {:<24} {:<8} {:<20} {:<20} {}",
                         r.id,
                         r.name,
+                        r.role.as_str(),
                         t(Some(r.created_at)),
                         t(r.last_used_at),
                         r.revoked_at.map_or("active".to_owned(), |d| format!(

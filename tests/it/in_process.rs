@@ -73,9 +73,13 @@ async fn a_whole_control_plane_runs_in_process_and_stops_through_its_shutdown() 
 
     // The admin API, with a token made as `cairn token create` makes one; the reconcile loop applies
     // the directory's two nodes.
-    let (_, token) = cairn_reconciler::api::auth::issue_admin_token(db.pool(), "in-process")
-        .await
-        .unwrap();
+    let (_, token) = cairn_reconciler::api::auth::issue_admin_token(
+        db.pool(),
+        "in-process",
+        cairn_reconciler::store::tokens::Role::Operator,
+    )
+    .await
+    .unwrap();
     // Readiness is the database's; the APIs' routes are installed once their own pool connected, and
     // answer 503 ("starting") until then.
     let unauthenticated = loop {

@@ -2,6 +2,7 @@
 
 mod agents;
 mod crash;
+mod dashboard;
 mod dev;
 mod e2e;
 mod examples;
@@ -10,6 +11,7 @@ mod in_process;
 mod layout;
 mod operations;
 mod plan_cli;
+mod pyenv;
 mod releases;
 mod secret;
 mod surfaces;

@@ -19,6 +19,7 @@ use axum::extract::Path;
 use axum::extract::{Query, State};
 use axum::routing::{get, post};
 use cairn_reconciler::api::admin::AdminAuth;
+use cairn_reconciler::api::ui::{LedgerFuture, LedgerRow};
 use cairn_reconciler::api::{Api, ApiError, Json};
 use serde::Deserialize;
 
@@ -95,6 +96,7 @@ async fn notify_test(
     admin: AdminAuth,
     Path(sink): Path<String>,
 ) -> Result<Json<NotifyTestAnswer>, ApiError> {
+    admin.operator()?;
     cairn_schema::Name::new(&sink)
         .map_err(|e| ApiError::BadRequest(format!("`{sink}` is not a sink name: {e}")))?;
     let notifier = Notifier::new(
@@ -109,4 +111,62 @@ async fn notify_test(
     let answer = notifier.test(&sink).await.map_err(notify_error)?;
     tracing::info!(%sink, by = %admin.name, status = ?answer.status_code, "test notification sent");
     Ok(Json(answer))
+}
+
+/// The ledgers as the dashboard shows them (`cairn serve` hands this to the reconciler's API, which
+/// cannot depend on this crate).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UiLedger;
+
+impl cairn_reconciler::api::ui::Ledger for UiLedger {
+    fn webhooks(&self, pool: sqlx::PgPool, limit: u32) -> LedgerFuture {
+        Box::pin(async move {
+            let rows = deliveries::recent(&pool, limit).await.map_err(
+                |deliveries::DeliveryError(e)| cairn_reconciler::store::StoreError::from(e),
+            )?;
+            Ok(rows
+                .into_iter()
+                .map(|d| LedgerRow {
+                    at: d.received_at,
+                    what: match d.action {
+                        Some(a) => format!("{} ({a})", d.event),
+                        None => d.event,
+                    },
+                    status: d.status.as_str().to_owned(),
+                    attempts: u32::try_from(d.attempts).unwrap_or(0),
+                    detail: d.outcome.unwrap_or_default(),
+                })
+                .collect())
+        })
+    }
+
+    fn notifications(&self, pool: sqlx::PgPool, limit: u32) -> LedgerFuture {
+        Box::pin(async move {
+            let rows = notify::deliveries(&pool, None, limit)
+                .await
+                .map_err(|e| match e {
+                    NotifyError::Store(s) => s.into(),
+                    other => cairn_reconciler::store::StoreError::Corrupt {
+                        table: "notify_outbox",
+                        column: "*",
+                        detail: other.to_string(),
+                    },
+                })?;
+            Ok(rows
+                .into_iter()
+                .map(|d| LedgerRow {
+                    at: d.created_at,
+                    what: format!("{} → {}", d.event.kind, d.sink),
+                    status: d.status,
+                    attempts: d.attempts,
+                    detail: match (d.status_code, d.latency_ms, d.reason) {
+                        (Some(c), Some(ms), _) => format!("HTTP {c} in {ms} ms"),
+                        (Some(c), None, _) => format!("HTTP {c}"),
+                        (None, _, Some(r)) => r,
+                        _ => String::new(),
+                    },
+                })
+                .collect())
+        })
+    }
 }

@@ -59,6 +59,27 @@ pub(super) fn routes() -> Router<Arc<Api>> {
 pub struct AdminAuth {
     pub id: i64,
     pub name: String,
+    pub role: tokens::Role,
+}
+
+impl AdminAuth {
+    /// Refuses (403) a token that may only read: every write endpoint asks this first.
+    pub fn operator(&self) -> Result<(), ApiError> {
+        require_operator(self.role)
+    }
+}
+
+/// 403 unless `role` may act.
+pub fn require_operator(role: tokens::Role) -> Result<(), ApiError> {
+    if role == tokens::Role::Operator {
+        Ok(())
+    } else {
+        Err(ApiError::Forbidden(
+            "this token is a viewer's: it may read but not act (make one with `cairn token create \
+             --role operator`)"
+                .into(),
+        ))
+    }
 }
 
 impl FromRequestParts<Arc<Api>> for AdminAuth {
@@ -73,14 +94,18 @@ impl FromRequestParts<Arc<Api>> for AdminAuth {
         let Some(token_hash) = token_hash else {
             return Err(api.failed(&client));
         };
-        let Some((id, name)) = tokens::admin_by_token(&api.pool, &token_hash).await? else {
+        let Some(t) = tokens::admin_by_token(&api.pool, &token_hash).await? else {
             return Err(api.failed(&client));
         };
         api.authenticated(&token_hash);
         api.admin_limit
-            .check(&id.to_string())
+            .check(&t.id.to_string())
             .map_err(ApiError::TooMany)?;
-        Ok(AdminAuth { id, name })
+        Ok(AdminAuth {
+            id: t.id,
+            name: t.name,
+            role: t.role,
+        })
     }
 }
 
@@ -167,6 +192,7 @@ async fn create_join_token(
     Path(node): Path<String>,
     Json(req): Json<JoinTokenRequest>,
 ) -> Result<(StatusCode, Json<JoinToken>), ApiError> {
+    admin.operator()?;
     let node = node_name(&node)?;
     let ttl = std::time::Duration::from_secs(req.ttl_secs);
     let token = auth::issue_join_token(&api.pool, &node, ttl, req.replace)
@@ -210,6 +236,7 @@ async fn revoke_credential(
     admin: AdminAuth,
     Path(node): Path<String>,
 ) -> Result<Json<Revoked>, ApiError> {
+    admin.operator()?;
     let node = node_name(&node)?;
     if !nodes::node_declared(&api.pool, &node).await? {
         return Err(ApiError::NotFound(format!(

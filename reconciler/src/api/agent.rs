@@ -654,6 +654,9 @@ async fn logs(
     )
     .await?
     .ok_or_else(|| stale(task, batch.token))?;
+    if stored > 0 {
+        api.build_tick.send_modify(|n| *n = n.wrapping_add(1));
+    }
     Ok(Json(LogsResponse { stored }))
 }
 

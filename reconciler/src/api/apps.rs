@@ -74,7 +74,7 @@ impl From<OpsError> for ApiError {
     }
 }
 
-fn app_name(s: &str) -> Result<Name, ApiError> {
+pub(super) fn app_name(s: &str) -> Result<Name, ApiError> {
     Name::new(s).map_err(|e| ApiError::BadRequest(format!("`{s}` is not an app name: {e}")))
 }
 
@@ -93,6 +93,7 @@ async fn rollback(
     Path(app): Path<String>,
     Json(req): Json<RollbackRequest>,
 ) -> Result<Json<Pinned>, ApiError> {
+    admin.operator()?;
     let app = app_name(&app)?;
     let pinned = releases::rollback(&api.pool, &app, req.release).await?;
     tracing::info!(%app, release = ?pinned.pinned_release, by = %admin.name, "rollback through the admin API");
@@ -105,6 +106,7 @@ async fn unpin(
     admin: AdminAuth,
     Path(app): Path<String>,
 ) -> Result<Json<Pinned>, ApiError> {
+    admin.operator()?;
     let app = app_name(&app)?;
     let pinned = releases::unpin(&api.pool, &app).await?;
     tracing::info!(%app, previous = ?pinned.previous, by = %admin.name, "unpin through the admin API");
@@ -117,6 +119,7 @@ async fn restart(
     admin: AdminAuth,
     Path(app): Path<String>,
 ) -> Result<Json<Restarted>, ApiError> {
+    admin.operator()?;
     let app = app_name(&app)?;
     let r = releases::restart(&api.pool, &app).await?;
     tracing::info!(%app, count = r.count, by = %admin.name, "restart through the admin API");
@@ -129,8 +132,17 @@ async fn deploy(
     admin: AdminAuth,
     Path(app): Path<String>,
 ) -> Result<Json<Deployed>, ApiError> {
+    admin.operator()?;
     let app = app_name(&app)?;
-    let (url, branch) = releases::deploy_target(&api.pool, &app).await?;
+    let d = deploy_now(&api, &app).await?;
+    tracing::info!(%app, branch = %d.branch, commit = %d.commit, moved = d.moved, by = %admin.name, "deploy through the admin API");
+    Ok(Json(d))
+}
+
+/// Reads `app`'s branch head from its remote now, records it and wakes the reconciler (the admin
+/// API's `deploy` and the dashboard's "deploy now").
+pub(super) async fn deploy_now(api: &Api, app: &Name) -> Result<Deployed, ApiError> {
+    let (url, branch) = releases::deploy_target(&api.pool, app).await?;
     let poller = api.heads.get().ok_or(OpsError::NoHeads)?.clone();
     let (a, b) = (app.clone(), branch.clone());
     // Listing a remote's refs is blocking network IO: off the async workers, one at a time.
@@ -151,16 +163,15 @@ async fn deploy(
         app: app.clone(),
         branch: branch.clone(),
     })?;
-    let (moved, latest) = releases::record_head(&api.pool, &app, &branch, &head).await?;
-    tracing::info!(%app, %branch, commit = %head, moved, by = %admin.name, "deploy through the admin API");
+    let (moved, latest) = releases::record_head(&api.pool, app, &branch, &head).await?;
     api.wake.notify_one();
-    Ok(Json(Deployed {
-        app,
+    Ok(Deployed {
+        app: app.clone(),
         branch,
         commit: head,
         moved,
         latest_release: latest,
-    }))
+    })
 }
 
 #[derive(Debug, Deserialize)]

@@ -104,8 +104,12 @@ pub async fn issue_join_token(
     })
 }
 
-/// Issues an admin API token named `name`; returns its id and the token (shown once).
-pub async fn issue_admin_token(pool: &PgPool, name: &str) -> Result<(i64, String), IssueError> {
+/// Issues an admin API token named `name` with `role`; returns its id and the token (shown once).
+pub async fn issue_admin_token(
+    pool: &PgPool,
+    name: &str,
+    role: tokens::Role,
+) -> Result<(i64, String), IssueError> {
     let ok = !name.is_empty()
         && name.len() <= 100
         && name.as_bytes()[0].is_ascii_alphanumeric()
@@ -116,8 +120,8 @@ pub async fn issue_admin_token(pool: &PgPool, name: &str) -> Result<(i64, String
         return Err(IssueError::BadName(name.to_owned()));
     }
     let token = generate(ADMIN_TOKEN_PREFIX);
-    let id = tokens::create_admin_token(pool, name, &hash(&token)).await?;
-    tracing::info!(id, name, "admin token issued");
+    let id = tokens::create_admin_token(pool, name, &hash(&token), role).await?;
+    tracing::info!(id, name, role = role.as_str(), "admin token issued");
     Ok((id, token))
 }
 

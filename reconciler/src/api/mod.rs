@@ -30,6 +30,7 @@ pub mod auth;
 mod error;
 pub mod limit;
 pub mod listen;
+pub mod ui;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -124,6 +125,11 @@ pub struct Api {
     pub heads: std::sync::OnceLock<Arc<tokio::sync::Mutex<crate::source::heads::HeadPoller>>>,
     /// Ticks when replica output is stored: wakes `cairn logs --follow` long-polls.
     pub log_tick: watch::Sender<u64>,
+    /// Ticks when a task's output (build output) is stored: wakes the dashboard's build streams.
+    pub build_tick: watch::Sender<u64>,
+    /// The webhook and notification ledgers the dashboard shows (the GitHub integration's crate, which
+    /// this one cannot depend on, sets it in `cairn serve`).
+    pub ledger: std::sync::OnceLock<Arc<dyn ui::Ledger>>,
     /// The cluster route table the agents long-poll (`cairn serve` keeps it current).
     pub routes: crate::routes::Routes,
     /// The key of the internal hop between node proxies, handed to each node sealed to it.
@@ -171,6 +177,8 @@ impl Api {
             hooks,
             heads: std::sync::OnceLock::new(),
             log_tick: watch::channel(0).0,
+            build_tick: watch::channel(0).0,
+            ledger: std::sync::OnceLock::new(),
             node_limit: Limiter::new(cfg.node_rate),
             admin_limit: Limiter::new(cfg.admin_rate),
             join_limit: Limiter::new(cfg.join_rate),
@@ -268,6 +276,7 @@ pub fn router_with(api: Arc<Api>, extra_admin: Router<Arc<Api>>) -> Router {
                 .merge(apps::admin_routes())
                 .merge(extra_admin),
         )
+        .merge(ui::routes())
         .layer(DefaultBodyLimit::max(cairn_proto::MAX_BODY_BYTES))
         .with_state(api)
 }

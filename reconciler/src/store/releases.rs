@@ -369,6 +369,70 @@ pub async fn build_logs(
         .collect()
 }
 
+/// A build line and its place in its task's output, for a follower's cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildLine {
+    pub task: i64,
+    pub seq: i32,
+    pub node: String,
+    pub slot: Option<u32>,
+    pub stream: String,
+    pub line: String,
+    pub at: DateTime<Utc>,
+}
+
+/// The build output of release `release` of `app` that a follower has not seen: of each deploy task,
+/// the lines after the `seq` the cursor names for it (all of a task it does not name), in task and
+/// sequence order, at most `limit`. Each task's lines are appended in sequence order, one batch per
+/// statement, so a line committed later always has a larger `seq` than those a reader saw: nothing is
+/// skipped, whichever of a release's tasks writes first.
+///
+/// Runtime-checked (added after the offline query data).
+pub async fn build_lines_after(
+    pool: &PgPool,
+    app: &Name,
+    release: u64,
+    cursor: &[(i64, i32)],
+    limit: i64,
+) -> Result<Vec<BuildLine>, StoreError> {
+    type Row = (i64, i32, String, Option<i32>, String, String, DateTime<Utc>);
+    let (tasks, seqs): (Vec<i64>, Vec<i32>) = cursor.iter().copied().unzip();
+    let rows: Vec<Row> = sqlx::query_as(
+        r#"SELECT t.id, l.seq, t.node, t.slot, l.stream, l.line, l.at
+           FROM tasks t JOIN task_logs l ON l.task = t.id
+           WHERE t.app = $1 AND t.release = $2 AND t.kind = 'deploy'
+             AND l.stream IN ('build', 'agent')
+             AND l.seq > COALESCE(
+                   (SELECT c.seq FROM unnest($3::bigint[], $4::int[]) AS c(task, seq) WHERE c.task = t.id),
+                   -1)
+           ORDER BY t.id, l.seq
+           LIMIT $5"#,
+    )
+    .bind(app.as_str())
+    .bind(to_i64("release", release)?)
+    .bind(&tasks)
+    .bind(&seqs)
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+    .op("read a release's new build output")?;
+    rows.into_iter()
+        .map(|(task, seq, node, slot, stream, line, at)| {
+            Ok(BuildLine {
+                task,
+                seq,
+                node,
+                slot: slot
+                    .map(|s| u32::try_from(s).map_err(|e| corrupt("tasks", "slot", e)))
+                    .transpose()?,
+                stream,
+                line,
+                at,
+            })
+        })
+        .collect()
+}
+
 /// A replica's line as an agent shipped it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewReplicaLine<'a> {

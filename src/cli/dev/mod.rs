@@ -418,7 +418,12 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
     let pool = c.pool.clone();
     drop(c);
 
-    let (_, admin) = cairn_reconciler::api::auth::issue_admin_token(&pool, "cairn-dev").await?;
+    let (_, admin) = cairn_reconciler::api::auth::issue_admin_token(
+        &pool,
+        "cairn-dev",
+        cairn_reconciler::store::tokens::Role::Operator,
+    )
+    .await?;
     let token_file = state.join("admin-token");
     write_private(&token_file, &admin)?;
 

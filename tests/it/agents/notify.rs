@@ -17,42 +17,12 @@ const SIGNING: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo=";
 
 /// A Python with `standardwebhooks`: `target/pyenv/notify`, made once (pip from the package index).
 fn python() -> Option<PathBuf> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/pyenv/notify");
-    let py = dir.join("bin/python");
-    let ready = |py: &Path| {
-        Command::new(py)
-            .args(["-c", "import standardwebhooks"])
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if ready(&py) {
-        return Some(py);
-    }
-    // Made beside and renamed into place, so tests starting together never use a half-made venv.
-    let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
-    let made = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&tmp)
-        .status()
-        .is_ok_and(|s| s.success())
-        && Command::new(tmp.join("bin/pip"))
-            .args(["install", "-q", "standardwebhooks"])
-            .status()
-            .is_ok_and(|s| s.success());
-    if made {
-        let _ = std::fs::rename(&tmp, &dir);
-    }
-    let _ = std::fs::remove_dir_all(&tmp);
-    if ready(&py) {
-        Some(py)
-    } else {
-        cairn_testkit::skip::missing(
-            "notifications",
-            "python3 with venv and pip, and the `standardwebhooks` package",
-            "cannot make target/pyenv/notify",
-        );
-        None
-    }
+    crate::pyenv::venv(
+        "notifications",
+        "notify",
+        &["standardwebhooks"],
+        "standardwebhooks",
+    )
 }
 
 /// The receiver process; killed on drop.

@@ -2,6 +2,7 @@
 //! repository, `cairn-agent` with the Docker or the process driver, app sources in local git remotes
 //! reached through `--git-rewrite`, requests through the node proxy. The harness is in [`support`].
 
+mod dashboard;
 mod engines;
 mod https;
 mod images;
