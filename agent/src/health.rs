@@ -157,12 +157,20 @@ mod tests {
     #[test]
     fn pauses_ramp_up_and_add_up_to_the_old_budget() {
         let ms = |attempts| pauses(attempts).map(|p| p.as_millis()).collect::<Vec<_>>();
-        assert_eq!(ms(1), Vec::<u128>::new(), "one attempt: one probe, no pause");
+        assert_eq!(
+            ms(1),
+            Vec::<u128>::new(),
+            "one attempt: one probe, no pause"
+        );
         assert_eq!(ms(2), [25, 50, 100, 25]);
         assert_eq!(ms(4), [25, 50, 100, 200, 200, 25]);
         for attempts in 0..50 {
             let total: Duration = pauses(attempts).sum();
-            assert_eq!(total, PROBE_PAUSE * attempts.saturating_sub(1), "{attempts}");
+            assert_eq!(
+                total,
+                PROBE_PAUSE * attempts.saturating_sub(1),
+                "{attempts}"
+            );
         }
     }
 }

@@ -289,6 +289,7 @@ async fn usage_recompute(
     admin: AdminAuth,
     axum::extract::Query(p): axum::extract::Query<UsageParams>,
 ) -> Result<Json<UsageRecomputed>, ApiError> {
+    admin.operator()?;
     let month = usage_month(&api, p.month.as_deref()).await?;
     let now = usage::db_now(&api.pool).await?;
     let hours = usage::recompute_month(&api.pool, month, now).await?;
