@@ -103,6 +103,13 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `cairn serve`'s extra flags and environment.
+#[derive(Clone)]
+struct ServeArgs {
+    extra: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
 /// One end-to-end test's world: its installation id (every container, image and process of the test is
 /// labelled with or lives under it), a database, the config repository, the app sources, and everything
 /// it started. Dropping it cleans up.
@@ -121,8 +128,8 @@ pub struct E2e {
     serve_log: Option<PathBuf>,
     /// `cairn serve`'s pid, once started.
     serve_pid: Option<u32>,
-    /// The flags and environment serve was started with, for [`E2e::restart_serve`].
-    serve_args: Option<(Vec<String>, Vec<(String, String)>)>,
+    /// The flags serve was started with, for [`E2e::restart_serve`].
+    serve_args: Option<ServeArgs>,
     /// Second engines started by [`E2e::second_engine`]: torn down after the agents stopped.
     engines: Vec<Arc<SecondEngine>>,
     test: &'static str,
@@ -302,7 +309,7 @@ impl E2e {
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
         let addr = self.spawn_serve(db.url(), &extra, &env, "serve.log").await;
-        self.serve_args = Some((extra, env));
+        self.serve_args = Some(ServeArgs { extra, env });
         let plane = Plane {
             url: format!("http://{addr}"),
             db,
@@ -315,7 +322,7 @@ impl E2e {
     /// arguments, on the same address (the agents keep their URL), and waits for its API.
     pub async fn restart_serve(&mut self, plane: &Plane) {
         assert!(self.serve_pid.is_none(), "serve still runs; kill it first");
-        let (mut extra, env) = self.serve_args.clone().expect("serve was started");
+        let ServeArgs { mut extra, env } = self.serve_args.clone().expect("serve was started");
         let addr = plane.url.trim_start_matches("http://").to_owned();
         if let Some(at) = extra.iter().position(|a| a == "--listen") {
             extra.drain(at..at + 2);

@@ -1,7 +1,8 @@
 //! Usage metering end to end (issue 20) with real processes: `cairn serve` (rolling usage up every
 //! second) and two process-driver agents; an app of 2 replicas, scaled to 1, then a zero-downtime release
 //! whose new replica starts 3 s before the old one stops (overlap), then `cairn serve` SIGKILLed for 20 s
-//! and started again, then the agent of the node running it
+//! and started again (a second, crash-looping app metered all along, then removed), then the agent of
+//! the node running it
 //! SIGKILLed past the offline threshold (its replica process keeps running, unmetered from the node's
 //! last heartbeat; the slot is rescheduled on the other node), then removed. The oracle is outside
 //! Cairn: each replica process appends its own start and stop times (the shell's `trap` on SIGTERM) to a
@@ -98,9 +99,21 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
         "[runtime.metered]\ndrivers = [\"process\"]\nstart = \"{}\"\nport = 8080\n",
         start_command(oracle.to_str().unwrap())
     );
-    e.repo.write("runtimes-metered.toml", &runtime);
+    // A crash-looping app: each start serves for 2 s, then the process exits and its supervisor starts
+    // it again. Desired and placed, it is metered all along, from its first start to its removal.
+    let crash_oracle = oracle_dir.join("crashes");
+    let crashy_runtime = format!(
+        "[runtime.crashy]\ndrivers = [\"process\"]\nstart = \"echo spawn $(date +%s.%N) >> {}; \
+         /bin/busybox httpd -f -p 127.0.0.1:$PORT -h www & sleep 2; exit 1\"\nport = 8080\n",
+        crash_oracle.display()
+    );
+    e.repo.write(
+        "runtimes-metered.toml",
+        &format!("{runtime}\n{crashy_runtime}"),
+    );
     let a = e.app("meter", "metered", 2, &site("v1", true));
     let (app, src) = (a.name.clone(), &a.source);
+    let crashy = e.app("crashy", "crashy", 1, &site("v1", true)).name;
     e.repo.node("n1", "");
     e.repo.node("n2", "");
     let plane = e
@@ -119,9 +132,12 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
 
     // Which node and slot each port is, read from the agents' process records while the replicas run.
     let ports: Arc<Mutex<BTreeMap<u16, (String, u32)>>> = Arc::default();
+    // When the crash-looping app's replica record was first and last seen (it goes with the replica).
+    let crashy_seen: Arc<Mutex<(Option<f64>, Option<f64>)>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watcher = {
         let (ports, stop) = (ports.clone(), stop.clone());
+        let (crashy_seen, crashy) = (crashy_seen.clone(), crashy.clone());
         let records: Vec<(String, std::path::PathBuf)> = agents
             .iter()
             .map(|(n, a)| ((*n).to_owned(), a.dir.join("process")))
@@ -141,6 +157,13 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
                     let Ok(r) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
                         continue;
                     };
+                    if r["spec"]["app"] == crashy.as_str() {
+                        let mut seen = crashy_seen.lock().unwrap();
+                        let now = unix_now();
+                        seen.0.get_or_insert(now);
+                        seen.1 = Some(now);
+                        continue;
+                    }
                     if let (Some(port), Some(slot)) =
                         (r["port"].as_u64(), r["spec"]["slot"].as_u64())
                     {
@@ -156,6 +179,7 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
     };
 
     plane.wait_release(&app, 1, "live", DEPLOY).await;
+    plane.wait_release(&crashy, 1, "live", DEPLOY).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     clock.lap("2 replicas live");
 
@@ -190,6 +214,25 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
     e.restart_serve(&plane).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     clock.lap("serve down for 20 s and back");
+
+    // The crash-looping app is removed: metered from its first start to the end of its replica.
+    e.remove_app(&plane, &crashy).await;
+    wait_for(
+        "the crash-looping app's replica gone and its interval closed",
+        Duration::from_secs(30),
+        || async {
+            let open = plane
+                .rows(&format!(
+                    "SELECT count(*) AS n FROM usage_intervals \
+                     WHERE app = '{crashy}' AND ended_at IS NULL"
+                ))
+                .await;
+            let last = crashy_seen.lock().unwrap().1?;
+            (open[0]["n"].as_i64()? == 0 && unix_now() - last > 1.0).then_some(())
+        },
+    )
+    .await;
+    clock.lap("crash-looping app removed");
 
     // The agent of the node running the slot is SIGKILLed: past the offline threshold the slot is
     // rescheduled on the other node. The killed node's replica process runs on, unmetered.
@@ -371,6 +414,36 @@ async fn metered_usage_matches_the_replicas_own_lifetimes_and_recomputes_to_the_
     assert!(
         overlapped,
         "the release overlapped old and new replicas: {by_slot:?}"
+    );
+
+    // The crash-looping app: started over and over, metered as one stretch from its first start to the
+    // end of its replica (its record gone), within 2 s and a heartbeat.
+    let crashes = std::fs::read_to_string(&crash_oracle).unwrap();
+    let spawns: Vec<f64> = crashes
+        .lines()
+        .filter_map(|l| l.strip_prefix("spawn ")?.trim().parse().ok())
+        .collect();
+    assert!(
+        spawns.len() >= 3,
+        "the app crash-looped (it started {} times)",
+        spawns.len()
+    );
+    let (_, gone) = *crashy_seen.lock().unwrap();
+    let expected = gone.unwrap() - spawns[0];
+    let metered: f64 = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect::<Vec<_>>())
+        .filter(|f| f[0] == crashy)
+        .map(|f| f[2].parse::<f64>().unwrap())
+        .sum();
+    eprintln!(
+        "crash-looping app: {} starts over {expected:.1} s, metered {metered} s",
+        spawns.len()
+    );
+    assert!(
+        (metered - expected).abs() <= 2.0 + HEARTBEAT.as_secs_f64(),
+        "crash-looping app: metered {metered} s, desired and placed for {expected:.1} s\n{csv}"
     );
     let _ = std::fs::remove_dir_all(&oracle_dir);
     clock.lap("checked");
