@@ -16,11 +16,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::diag::{Diagnostic, Diagnostics, Severity, did_you_mean};
+use crate::diag::{Diagnostic, Diagnostics, Severity};
 use crate::model::{App, Desired, Kind, Node, Origin, Plan, Runtime, Settings, Sink};
 use crate::parse::{Declared, ParsedFile, Resource, SETTINGS_FILE};
 use crate::units::{EnvName, Name};
-use crate::validate::{Loaded, SecretSite, TlsKeySite};
+use crate::validate::{Loaded, SecretSite, TlsKeySite, diag};
 
 type Key = (Kind, Name);
 /// A declaration: its file's path and its index in that file's `declared`.
@@ -493,108 +493,45 @@ impl Assembler {
                 mark.plan = Some(plan.value.clone());
                 if !self.sites.contains_key(&(Kind::Plan, plan.value.clone())) {
                     self.unknown_plan.insert(name.clone());
-                    let plan_names = self.names_of(Kind::Plan);
-                    let mut x = f.diag(
-                        Severity::Error,
-                        plan.span.clone(),
-                        format!("unknown plan `{}`", plan.value),
-                    );
-                    if let Some(s) = did_you_mean(plan.value.as_str(), plan_names.iter().copied()) {
-                        x = x.with_hint(format!("did you mean `{s}`?"));
-                    } else if !plan_names.is_empty() {
-                        x = x.with_hint(format!("plans: {}", plan_names.join(", ")));
-                    }
-                    ref_diags.push(x);
+                    let names = self.names_of(Kind::Plan);
+                    ref_diags.push(diag::unknown(f, Kind::Plan, plan, &names));
                 }
             }
             if let Some(rt) = &refs.runtime {
                 mark.runtime = Some(rt.value.clone());
                 if !self.sites.contains_key(&(Kind::Runtime, rt.value.clone())) {
                     self.unknown_runtime.insert(name.clone());
-                    let runtime_names = self.names_of(Kind::Runtime);
-                    let mut x = f.diag(
-                        Severity::Error,
-                        rt.span.clone(),
-                        format!("unknown runtime `{}`", rt.value),
-                    );
-                    if let Some(s) = did_you_mean(rt.value.as_str(), runtime_names.iter().copied())
-                    {
-                        x = x.with_hint(format!("did you mean `{s}`?"));
-                    } else if !runtime_names.is_empty() {
-                        x = x.with_hint(format!("runtimes: {}", runtime_names.join(", ")));
-                    }
-                    ref_diags.push(x);
+                    let names = self.names_of(Kind::Runtime);
+                    ref_diags.push(diag::unknown(f, Kind::Runtime, rt, &names));
                 }
             }
-            let replicas = refs.replicas.as_ref().map_or(1, |r| r.value);
-            if let Some(plan) = refs
-                .plan
-                .as_ref()
-                .and_then(|p| self.maps.plans.get(&p.value).map(|x| (p, x)))
-                && replicas > plan.1.max_replicas
+            if let Some(plan) = &refs.plan
+                && let Some(x) = diag::too_many_replicas(f, refs, self.maps.plans.get(&plan.value))
             {
-                let span = refs
-                    .replicas
-                    .as_ref()
-                    .map_or(plan.0.span.clone(), |r| r.span.clone());
-                ref_diags.push(
-                    f.diag(
-                        Severity::Error,
-                        span,
-                        format!(
-                            "{replicas} replicas exceed plan `{}`'s maximum of {}",
-                            plan.0.value, plan.1.max_replicas
-                        ),
-                    )
-                    .with_hint("lower `replicas`, or choose a plan with a higher `max_replicas`"),
-                );
+                ref_diags.push(x);
             }
-            if let Some(s) = &self.settings {
-                let default = format!("{name}.{}", s.base_domain);
-                if default.len() > 253 {
-                    ref_diags.push(
-                        f.diag(
-                            Severity::Error,
-                            d.span.clone(),
-                            format!("app `{name}`'s default domain `{default}` is longer than 253 characters"),
-                        )
-                        .with_hint("shorten the app's name or cairn.toml's `base_domain`"),
-                    );
-                }
+            if let Some(x) = diag::default_domain_too_long(f, name, &d.span, self.settings.as_ref())
+            {
+                ref_diags.push(x);
             }
             if let Some(app) = self.maps.apps.get(name) {
                 let spans = refs;
-                if let (Some(span), Some(s)) = (&spans.tls_auto, &self.settings)
-                    && s.tls.is_none()
+                if let Some(x) = diag::tls_auto_without_tls(f, name, spans, self.settings.as_ref())
                 {
-                    app_diags.push(
-                        f.diag(
-                            Severity::Error,
-                            span.clone(),
-                            format!("app `{name}` asks for `tls = \"auto\"` but cairn.toml has no `[tls]`"),
-                        )
-                        .with_hint("add `[tls]` with `contact = \"you@example.com\"` to cairn.toml: it says which ACME CA issues the certificates"),
-                    );
+                    app_diags.push(x);
                 }
                 if let Some(region) = &app.placement.region {
                     mark.region = Some(region.clone());
                     if let Some(span) = &spans.region
                         && !self.region_count.contains_key(region)
                     {
-                        app_diags.push(
-                            f.diag(Severity::Warning, span.clone(), format!("no node is in region `{region}`"))
-                                .with_hint("the plan will report this app's replicas as unplaceable until such a node exists"),
-                        );
+                        app_diags.push(diag::no_region(f, span, region));
                     }
                 }
                 for (k, v) in &app.placement.labels {
                     let l = (k.clone(), v.clone());
                     if !self.label_count.contains_key(&l) {
-                        let span = spans.labels.get(k).cloned().unwrap_or(0..0);
-                        app_diags.push(
-                            f.diag(Severity::Warning, span, format!("no node has label `{k} = \"{v}\"`"))
-                                .with_hint("the plan will report this app's replicas as unplaceable until such a node exists"),
-                        );
+                        app_diags.push(diag::no_label(f, spans, k, v));
                     }
                     mark.labels.push(l);
                 }
@@ -706,17 +643,7 @@ impl Assembler {
             for app in &d.sink_apps {
                 listed.push(app.value.clone());
                 if !self.sites.contains_key(&(Kind::App, app.value.clone())) {
-                    let mut x = f.diag(
-                        Severity::Error,
-                        app.span.clone(),
-                        format!("notify `{sink}` lists unknown app `{}`", app.value),
-                    );
-                    if let Some(s) = did_you_mean(app.value.as_str(), app_names.iter().copied()) {
-                        x = x.with_hint(format!("did you mean `{s}`?"));
-                    } else {
-                        x = x.with_hint("list declared apps, or `*` for every app");
-                    }
-                    out.push(x);
+                    out.push(diag::unknown_sink_app(&f, sink, app, &app_names));
                 }
             }
         }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::diag::{Diagnostic, Diagnostics, Severity, did_you_mean};
+use crate::diag::{Diagnostic, Diagnostics, Severity};
 use crate::model::{App, Desired, Kind, Origin, Settings};
 use crate::parse::{AppRefs, ParsedFile, Resource, SETTINGS_FILE};
 use crate::secret::Identity;
@@ -164,100 +164,36 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         if let Some(plan) = &refs.plan
             && !declared.contains_key(&(Kind::Plan, plan.value.clone()))
         {
-            let mut d = f.diag(
-                Severity::Error,
-                plan.span.clone(),
-                format!("unknown plan `{}`", plan.value),
-            );
-            if let Some(s) = did_you_mean(plan.value.as_str(), plan_names.iter().copied()) {
-                d = d.with_hint(format!("did you mean `{s}`?"));
-            } else if !plan_names.is_empty() {
-                d = d.with_hint(format!("plans: {}", plan_names.join(", ")));
-            }
-            diags.push(d);
+            diags.push(diag::unknown(f, Kind::Plan, plan, &plan_names));
         }
         if let Some(rt) = &refs.runtime
             && !declared.contains_key(&(Kind::Runtime, rt.value.clone()))
         {
-            let mut d = f.diag(
-                Severity::Error,
-                rt.span.clone(),
-                format!("unknown runtime `{}`", rt.value),
-            );
-            if let Some(s) = did_you_mean(rt.value.as_str(), runtime_names.iter().copied()) {
-                d = d.with_hint(format!("did you mean `{s}`?"));
-            } else if !runtime_names.is_empty() {
-                d = d.with_hint(format!("runtimes: {}", runtime_names.join(", ")));
-            }
+            diags.push(diag::unknown(f, Kind::Runtime, rt, &runtime_names));
+        }
+        if let Some(plan) = &refs.plan
+            && let Some(d) = diag::too_many_replicas(f, refs, plans.get(&plan.value))
+        {
             diags.push(d);
         }
-        let replicas = refs.replicas.as_ref().map_or(1, |r| r.value);
-        if let Some(plan) = refs
-            .plan
-            .as_ref()
-            .and_then(|p| plans.get(&p.value).map(|x| (p, x)))
-            && replicas > plan.1.max_replicas
-        {
-            let span = refs
-                .replicas
-                .as_ref()
-                .map_or(plan.0.span.clone(), |r| r.span.clone());
-            diags.push(
-                f.diag(
-                    Severity::Error,
-                    span,
-                    format!(
-                        "{replicas} replicas exceed plan `{}`'s maximum of {}",
-                        plan.0.value, plan.1.max_replicas
-                    ),
-                )
-                .with_hint("lower `replicas`, or choose a plan with a higher `max_replicas`"),
-            );
-        }
-        if let Some(s) = &settings {
-            let default = format!("{name}.{}", s.base_domain);
-            if default.len() > 253 {
-                diags.push(
-                    f.diag(
-                        Severity::Error,
-                        name_span.clone(),
-                        format!("app `{name}`'s default domain `{default}` is longer than 253 characters"),
-                    )
-                    .with_hint("shorten the app's name or cairn.toml's `base_domain`"),
-                );
-            }
+        if let Some(d) = diag::default_domain_too_long(f, name, name_span, settings.as_ref()) {
+            diags.push(d);
         }
     }
 
     for (name, (app, fi, spans)) in &apps {
         let f = files[*fi];
-        if let (Some(span), Some(s)) = (&spans.tls_auto, &settings)
-            && s.tls.is_none()
-        {
-            diags.push(
-                f.diag(
-                    Severity::Error,
-                    span.clone(),
-                    format!("app `{name}` asks for `tls = \"auto\"` but cairn.toml has no `[tls]`"),
-                )
-                .with_hint("add `[tls]` with `contact = \"you@example.com\"` to cairn.toml: it says which ACME CA issues the certificates"),
-            );
+        if let Some(d) = diag::tls_auto_without_tls(f, name, spans, settings.as_ref()) {
+            diags.push(d);
         }
         if let (Some(region), Some(span)) = (&app.placement.region, &spans.region)
             && !regions.contains(region)
         {
-            diags.push(
-                f.diag(Severity::Warning, span.clone(), format!("no node is in region `{region}`"))
-                    .with_hint("the plan will report this app's replicas as unplaceable until such a node exists"),
-            );
+            diags.push(diag::no_region(f, span, region));
         }
         for (k, v) in &app.placement.labels {
             if !nodes.values().any(|n| n.labels.get(k) == Some(v)) {
-                let span = spans.labels.get(k).cloned().unwrap_or(0..0);
-                diags.push(
-                    f.diag(Severity::Warning, span, format!("no node has label `{k} = \"{v}\"`"))
-                        .with_hint("the plan will report this app's replicas as unplaceable until such a node exists"),
-                );
+                diags.push(diag::no_label(f, spans, k, v));
             }
         }
         for (d, span) in app.domains.iter().zip(&spans.domains) {
@@ -311,17 +247,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let app_names = declared_names(Kind::App);
     for (sink, app, fi) in &sink_apps {
         if !declared.contains_key(&(Kind::App, app.value.clone())) {
-            let mut d = files[*fi].diag(
-                Severity::Error,
-                app.span.clone(),
-                format!("notify `{sink}` lists unknown app `{}`", app.value),
-            );
-            if let Some(s) = did_you_mean(app.value.as_str(), app_names.iter().copied()) {
-                d = d.with_hint(format!("did you mean `{s}`?"));
-            } else {
-                d = d.with_hint("list declared apps, or `*` for every app");
-            }
-            diags.push(d);
+            diags.push(diag::unknown_sink_app(files[*fi], sink, app, &app_names));
         }
     }
 
@@ -344,6 +270,145 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         diagnostics,
         secrets,
         tls_keys,
+    }
+}
+
+/// The cross-file diagnostics a full assembly and the incremental one ([`crate::Assembler`]) both
+/// make: one wording, so the two cannot drift apart.
+pub(crate) mod diag {
+    use std::ops::Range;
+
+    use crate::diag::{Diagnostic, Severity, did_you_mean};
+    use crate::model::{Kind, Plan, Settings};
+    use crate::parse::{AppRefs, Located, ParsedFile};
+    use crate::units::Name;
+
+    const UNPLACEABLE: &str =
+        "the plan will report this app's replicas as unplaceable until such a node exists";
+
+    /// An app names a plan or runtime no file declares; `names` are the declared ones.
+    pub(crate) fn unknown(
+        f: &ParsedFile,
+        kind: Kind,
+        named: &Located<Name>,
+        names: &[&str],
+    ) -> Diagnostic {
+        let what = kind.as_str();
+        let d = f.diag(
+            Severity::Error,
+            named.span.clone(),
+            format!("unknown {what} `{}`", named.value),
+        );
+        if let Some(s) = did_you_mean(named.value.as_str(), names.iter().copied()) {
+            d.with_hint(format!("did you mean `{s}`?"))
+        } else if !names.is_empty() {
+            d.with_hint(format!("{}: {}", kind.plural(), names.join(", ")))
+        } else {
+            d
+        }
+    }
+
+    /// More replicas than the app's plan (when it is declared) allows.
+    pub(crate) fn too_many_replicas(
+        f: &ParsedFile,
+        refs: &AppRefs,
+        plan: Option<&Plan>,
+    ) -> Option<Diagnostic> {
+        let (named, plan) = (refs.plan.as_ref()?, plan?);
+        let replicas = refs.replicas.as_ref().map_or(1, |r| r.value);
+        if replicas <= plan.max_replicas {
+            return None;
+        }
+        let span = refs
+            .replicas
+            .as_ref()
+            .map_or(named.span.clone(), |r| r.span.clone());
+        Some(
+            f.diag(
+                Severity::Error,
+                span,
+                format!(
+                    "{replicas} replicas exceed plan `{}`'s maximum of {}",
+                    named.value, plan.max_replicas
+                ),
+            )
+            .with_hint("lower `replicas`, or choose a plan with a higher `max_replicas`"),
+        )
+    }
+
+    /// `<app>.<base_domain>` longer than a DNS name may be.
+    pub(crate) fn default_domain_too_long(
+        f: &ParsedFile,
+        name: &Name,
+        name_span: &Range<usize>,
+        settings: Option<&Settings>,
+    ) -> Option<Diagnostic> {
+        let default = format!("{name}.{}", settings?.base_domain);
+        (default.len() > 253).then(|| {
+            f.diag(
+                Severity::Error,
+                name_span.clone(),
+                format!("app `{name}`'s default domain `{default}` is longer than 253 characters"),
+            )
+            .with_hint("shorten the app's name or cairn.toml's `base_domain`")
+        })
+    }
+
+    /// `tls = "auto"` without `[tls]` in cairn.toml.
+    pub(crate) fn tls_auto_without_tls(
+        f: &ParsedFile,
+        name: &Name,
+        refs: &AppRefs,
+        settings: Option<&Settings>,
+    ) -> Option<Diagnostic> {
+        let span = refs.tls_auto.as_ref()?;
+        settings.filter(|s| s.tls.is_none()).map(|_| {
+            f.diag(
+                Severity::Error,
+                span.clone(),
+                format!("app `{name}` asks for `tls = \"auto\"` but cairn.toml has no `[tls]`"),
+            )
+            .with_hint("add `[tls]` with `contact = \"you@example.com\"` to cairn.toml: it says which ACME CA issues the certificates")
+        })
+    }
+
+    /// No node is in the region an app asks for.
+    pub(crate) fn no_region(f: &ParsedFile, span: &Range<usize>, region: &Name) -> Diagnostic {
+        f.diag(
+            Severity::Warning,
+            span.clone(),
+            format!("no node is in region `{region}`"),
+        )
+        .with_hint(UNPLACEABLE)
+    }
+
+    /// No node has a label an app asks for.
+    pub(crate) fn no_label(f: &ParsedFile, refs: &AppRefs, k: &Name, v: &str) -> Diagnostic {
+        let span = refs.labels.get(k).cloned().unwrap_or(0..0);
+        f.diag(
+            Severity::Warning,
+            span,
+            format!("no node has label `{k} = \"{v}\"`"),
+        )
+        .with_hint(UNPLACEABLE)
+    }
+
+    /// A sink lists an app no file declares; `apps` are the declared ones.
+    pub(crate) fn unknown_sink_app(
+        f: &ParsedFile,
+        sink: &Name,
+        app: &Located<Name>,
+        apps: &[&str],
+    ) -> Diagnostic {
+        let d = f.diag(
+            Severity::Error,
+            app.span.clone(),
+            format!("notify `{sink}` lists unknown app `{}`", app.value),
+        );
+        match did_you_mean(app.value.as_str(), apps.iter().copied()) {
+            Some(s) => d.with_hint(format!("did you mean `{s}`?")),
+            None => d.with_hint("list declared apps, or `*` for every app"),
+        }
     }
 }
 
