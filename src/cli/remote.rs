@@ -101,9 +101,12 @@ impl AdminClient {
 
     /// A GET whose answer is not JSON (a statement's bytes).
     pub async fn get_bytes(&self, path: &str) -> Result<Vec<u8>> {
-        let resp = self
-            .http
-            .get(self.url(path))
+        self.answer(self.http.get(self.url(path))).await
+    }
+
+    /// The body of a successful answer; a refusal as an error with the control plane's message.
+    async fn answer(&self, req: reqwest::RequestBuilder) -> Result<Vec<u8>> {
+        let resp = req
             .bearer_auth(&self.token)
             .send()
             .await
@@ -123,22 +126,7 @@ impl AdminClient {
     }
 
     async fn send<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
-        let resp = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .with_context(|| format!("cannot reach the control plane at {}", self.base))?;
-        let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .context("cannot read the control plane's answer")?;
-        if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).into_owned());
-            bail!("the control plane refused: {status}: {message}");
-        }
+        let bytes = self.answer(req).await?;
         serde_json::from_slice(&bytes)
             .context("the control plane's answer is not what this cairn expects")
     }

@@ -289,12 +289,7 @@ fn logs_stream(
                         .lines
                         .into_iter()
                         .map(|l| Shown {
-                            origin: format!(
-                                "#{} {}{}",
-                                l.release,
-                                l.line.node,
-                                l.line.slot.map_or(String::new(), |s| format!(" · {s}"))
-                            ),
+                            origin: super::pages::replica_origin(&l),
                             stream: l.line.stream,
                             text: l.line.text,
                         })

@@ -633,6 +633,16 @@ pub(super) async fn app(
 // ---------------------------------------------------------------------------------------------------
 // Output.
 
+/// Where a replica's line came from: `#<release> <node> · <slot>`.
+pub(super) fn replica_origin(l: &cairn_proto::admin::AppLogLine) -> String {
+    format!(
+        "#{} {}{}",
+        l.release,
+        l.line.node,
+        l.line.slot.map_or(String::new(), |s| format!(" · {s}"))
+    )
+}
+
 pub(super) struct Line {
     pub stream: String,
     pub text: String,
@@ -712,12 +722,7 @@ pub(super) async fn logs(
             .lines
             .into_iter()
             .map(|l| Line {
-                origin: format!(
-                    "#{} {}{}",
-                    l.release,
-                    l.line.node,
-                    l.line.slot.map_or(String::new(), |s| format!(" · {s}"))
-                ),
+                origin: replica_origin(&l),
                 stream: l.line.stream,
                 text: l.line.text,
             })
