@@ -166,8 +166,19 @@ async fn sign_in_roles_csrf_and_escaping() {
     assert!(page.contains(r#"<tr data-app="web">"#), "{page}");
     assert!(page.contains("href=\"/ui/nodes/a\""), "{page}");
     assert!(page.contains("watcher"), "{page}");
+    // The app's month to date: one rolled-up hour charging exactly 12.34.
+    sqlx::query(
+        "WITH m AS (SELECT extract(epoch FROM date_trunc('month', now()) + interval '1 month' \
+                                - date_trunc('month', now()))::bigint AS secs) \
+         INSERT INTO usage_hours (hour, app, slot, plan, node, monthly_e4, seconds, numerator, month_seconds) \
+         SELECT date_trunc('hour', now()), 'web', 1, 'small', 'a', 100000, 3600, 1234 * secs * 100, secs FROM m",
+    )
+    .execute(plane.db.pool())
+    .await
+    .unwrap();
     let (s, _, app) = get(&plane, "/ui/apps/web", Some(&vc)).await;
     assert_eq!(s, 200, "{app}");
+    assert!(app.contains(r#"<strong id="cost">12.34"#), "{app}");
     assert!(!app.contains("id=\"actions\""), "{app}");
     assert!(!app.contains("/actions/"), "a viewer sees no action: {app}");
     for path in [

@@ -542,6 +542,14 @@ pub fn minor(numerator: i128, month_seconds: i64) -> i64 {
     i64::try_from(arith::round_div(numerator, i128::from(month_seconds) * 100)).unwrap_or(i64::MAX)
 }
 
+/// The currency cairn.toml names for plan prices, if any.
+pub async fn currency(pool: &PgPool) -> Result<Option<String>, StoreError> {
+    sqlx::query_scalar("SELECT settings->>'currency' FROM config_state")
+        .fetch_one(pool)
+        .await
+        .op("read the currency")
+}
+
 /// `12.34` from 1234 minor units.
 pub fn decimal(minor: i64) -> String {
     let sign = if minor < 0 { "-" } else { "" };
@@ -667,11 +675,7 @@ pub async fn report(
     .fetch_one(pool)
     .await
     .op("count late usage reports")?;
-    let currency: Option<String> =
-        sqlx::query_scalar("SELECT settings->>'currency' FROM config_state")
-            .fetch_one(pool)
-            .await
-            .op("read the currency")?;
+    let currency = currency(pool).await?;
     Ok(UsageReport {
         month: month_label(month),
         by,
@@ -696,12 +700,32 @@ pub async fn report(
 
 /// The month-to-date total in minor units at `now` (the metric).
 pub async fn month_to_date_minor(pool: &PgPool, now: DateTime<Utc>) -> Result<i64, StoreError> {
+    month_to_date(pool, None, now).await
+}
+
+/// One app's month-to-date charge in minor units at `now` (the dashboard's app page): the hours rolled
+/// up so far.
+pub async fn app_month_to_date_minor(
+    pool: &PgPool,
+    app: &str,
+    now: DateTime<Utc>,
+) -> Result<i64, StoreError> {
+    month_to_date(pool, Some(app), now).await
+}
+
+async fn month_to_date(
+    pool: &PgPool,
+    app: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<i64, StoreError> {
     let (from, to) = month_bounds(now.date_naive());
     let n: Option<String> = sqlx::query_scalar(
-        "SELECT sum(numerator)::text FROM usage_hours WHERE hour >= $1 AND hour < $2",
+        "SELECT sum(numerator)::text FROM usage_hours
+         WHERE hour >= $1 AND hour < $2 AND ($3::text IS NULL OR app = $3)",
     )
     .bind(from)
     .bind(to)
+    .bind(app)
     .fetch_one(pool)
     .await
     .op("sum the month's usage")?;

@@ -483,6 +483,8 @@ struct AppPage {
     can_act: bool,
     notice: Option<String>,
     applied: String,
+    /// Month to date, from the hours rolled up so far: `12.34 EUR`.
+    cost: String,
 }
 
 /// What an action's redirect says was done: one of the actions, never text from the URL (a link with a
@@ -529,6 +531,15 @@ pub(super) async fn app(
     .await
     .page()?;
     let now = Utc::now();
+    let cost = crate::store::usage::app_month_to_date_minor(&api.pool, name.as_str(), now)
+        .await
+        .page()?;
+    let currency = crate::store::usage::currency(&api.pool).await.page()?;
+    let cost = format!(
+        "{}{}",
+        crate::store::usage::decimal(cost),
+        currency.map_or(String::new(), |c| format!(" {c}"))
+    );
     let live = rel
         .releases
         .iter()
@@ -626,6 +637,7 @@ pub(super) async fn app(
             _ => None,
         }),
         applied: st.applied_commit.as_deref().map_or("—".into(), short),
+        cost,
     };
     Ok(render(StatusCode::OK, &page))
 }
