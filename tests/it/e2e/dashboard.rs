@@ -9,6 +9,7 @@
 //! width.
 
 use std::io::{BufRead as _, BufReader, Write as _};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
@@ -24,7 +25,8 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 /// The browser process and its command pipe; quit on drop.
 struct Browser {
     child: Child,
-    stdin: ChildStdin,
+    /// Closed first when the browser is dropped: the script then quits chromium and its driver.
+    stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
 }
 
@@ -47,8 +49,10 @@ impl Browser {
             "selenium, axe_selenium_python",
         )?;
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/it/e2e/browser.py");
+        // In a process group of its own, so chromedriver and chromium go with it if it must be killed.
         let mut child = Command::new(py)
             .arg(script)
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -60,14 +64,14 @@ impl Browser {
         assert!(line.contains("ready"), "the browser did not start: {line}");
         Some(Browser {
             child,
-            stdin,
+            stdin: Some(stdin),
             stdout,
         })
     }
 
     /// Sends one command; panics with the browser's error when it failed.
     fn cmd(&mut self, c: Value) -> Value {
-        writeln!(self.stdin, "{c}").unwrap();
+        writeln!(self.stdin.as_mut().unwrap(), "{c}").unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
         let answer: Value = serde_json::from_str(&line)
@@ -125,7 +129,21 @@ impl Browser {
 
 impl Drop for Browser {
     fn drop(&mut self) {
-        // End of input quits the browser; then make sure.
+        // End of input quits the browser (the script's `finally: d.quit()`); a script that does not end
+        // within 15 s is killed with its whole group, driver and browser included.
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Ok(pid) = i32::try_from(self.child.id())
+            && let Some(group) = rustix::process::Pid::from_raw(pid)
+        {
+            let _ = rustix::process::kill_process_group(group, rustix::process::Signal::KILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
