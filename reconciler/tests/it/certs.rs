@@ -319,12 +319,7 @@ async fn a_name_not_reaching_the_cluster_never_reaches_the_ca_and_is_issued_once
     ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
     ca.dns_a("shop.example.test", "127.0.0.2").await;
     let desired = declare(db.pool(), &ca.directory, "shop.example.test").await;
-    let mut worker = CertWorker::new(
-        db.pool().clone(),
-        Arc::new(Identity::generate()),
-        challenges.clone(),
-        settings(&ca, port),
-    );
+    let mut worker = fresh_worker(&db, &challenges, settings(&ca, port));
 
     let before = chrono::Utc::now();
     let attempts = worker.run_due().await.unwrap();
@@ -519,12 +514,7 @@ async fn a_ca_that_forgot_the_account_gets_a_new_one() {
     ca.dns_a("shop.apps.example.test", "127.0.0.1").await;
     ca.dns_a("shop.example.test", "127.0.0.1").await;
     declare(db.pool(), &ca.directory, "shop.example.test").await;
-    let mut worker = CertWorker::new(
-        db.pool().clone(),
-        Arc::new(Identity::generate()),
-        challenges.clone(),
-        settings(&ca, port),
-    );
+    let mut worker = fresh_worker(&db, &challenges, settings(&ca, port));
     assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Issued);
     let first_account = store::account(db.pool(), &ca.directory).await.unwrap();
 
@@ -580,12 +570,7 @@ async fn an_order_the_ca_refuses_fails_with_its_reason_and_is_retried_later() {
     let mut s = settings(&ca, port);
     s.retry_first = Duration::from_secs(3600);
     s.retry_max = Duration::from_secs(7200);
-    let mut worker = CertWorker::new(
-        db.pool().clone(),
-        Arc::new(Identity::generate()),
-        challenges.clone(),
-        s,
-    );
+    let mut worker = fresh_worker(&db, &challenges, s);
     assert_eq!(worker.run_due().await.unwrap()[0].state, CertState::Failed);
     assert!(
         challenges.current().is_empty(),
@@ -736,12 +721,7 @@ async fn a_node_coming_online_retries_names_waiting_for_dns_without_their_backof
     s.probe_timeout = Duration::from_millis(300);
     s.retry_first = Duration::from_secs(3600);
     s.retry_max = Duration::from_secs(7200);
-    let mut worker = CertWorker::new(
-        db.pool().clone(),
-        Arc::new(Identity::generate()),
-        challenges.clone(),
-        s,
-    );
+    let mut worker = fresh_worker(&db, &challenges, s);
 
     let attempts = worker.run_due().await.unwrap();
     assert_eq!(attempts.len(), 1);
@@ -779,4 +759,18 @@ async fn a_node_coming_online_retries_names_waiting_for_dns_without_their_backof
             .is_err()
     );
     assert!(worker.run_due().await.unwrap().is_empty());
+}
+
+/// A certificate worker on `db` with a fresh control-plane identity.
+fn fresh_worker(
+    db: &cairn_testkit::pg::TestDb,
+    challenges: &Challenges,
+    s: CertSettings,
+) -> CertWorker {
+    CertWorker::new(
+        db.pool().clone(),
+        Arc::new(Identity::generate()),
+        challenges.clone(),
+        s,
+    )
 }
