@@ -11,18 +11,14 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cairn_plan::observed::CommitId;
 use cairn_reconciler::api::{Api, ApiConfig, auth};
 use cairn_reconciler::controller::{ConfigSource, Controller, Outcome, Trigger};
 use cairn_reconciler::queue::Listener;
-use cairn_reconciler::store::{ReconcileStatus, state, tokens};
-use cairn_schema::Name;
+use cairn_reconciler::store::{ReconcileStatus, tokens};
 use sqlx::postgres::PgPoolOptions;
 
 #[path = "support/repo.rs"]
 mod repo;
-
-const HEAD: &str = "fedcba9876543210fedcba9876543210fedcba98";
 
 fn arg(name: &str) -> Option<usize> {
     let args: Vec<String> = std::env::args().collect();
@@ -67,18 +63,7 @@ async fn run(apps: usize, runs: usize, viewers: usize) {
         .await
         .expect("a pool");
     let remote = repo::Remote::new(&repo::generate(apps));
-    let heads: Vec<(Name, String, CommitId)> = (0..apps)
-        .map(|a| {
-            (
-                format!("app-{a}").parse().expect("a name"),
-                "main".to_owned(),
-                CommitId::new(HEAD),
-            )
-        })
-        .collect();
-    state::record_source_heads(&pool, &heads)
-        .await
-        .expect("heads recorded");
+    repo::record_heads(&pool, apps).await;
     let c = Controller::new(
         pool.clone(),
         ConfigSource::Git(remote.source("cache")),

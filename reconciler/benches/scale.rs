@@ -17,16 +17,12 @@
 
 use std::time::{Duration, Instant};
 
-use cairn_plan::observed::CommitId;
 use cairn_reconciler::controller::{ConfigSource, Controller, Outcome, Trigger};
-use cairn_reconciler::store::{ReconcileStatus, state};
-use cairn_schema::Name;
+use cairn_reconciler::store::ReconcileStatus;
 use sqlx::postgres::PgPoolOptions;
 
 #[path = "support/repo.rs"]
 mod repo;
-
-const HEAD: &str = "fedcba9876543210fedcba9876543210fedcba98";
 
 fn arg(name: &str) -> Option<usize> {
     let args: Vec<String> = std::env::args().collect();
@@ -71,18 +67,7 @@ async fn run(apps: usize, runs: usize) {
         ms(t.elapsed())
     );
 
-    let heads: Vec<(Name, String, CommitId)> = (0..apps)
-        .map(|a| {
-            (
-                format!("app-{a}").parse().expect("a name"),
-                "main".to_owned(),
-                CommitId::new(HEAD),
-            )
-        })
-        .collect();
-    state::record_source_heads(&pool, &heads)
-        .await
-        .expect("heads recorded");
+    repo::record_heads(&pool, apps).await;
 
     let c = Controller::new(
         pool.clone(),

@@ -1,4 +1,4 @@
-//! The generated repository the reconciler benchmarks share (`git_plan`, `scale`): 10 plans, 4
+//! The generated repository the reconciler benchmarks share (`git_plan`, `scale`, `dashboard`): 10 plans, 4
 //! runtimes, 100 nodes in 3 regions (large enough for every replica), apps at 100 per file, committed with
 //! the `git` CLI and pushed to a local bare repository.
 
@@ -138,4 +138,23 @@ impl Remote {
     pub fn source(&self, cache: &str) -> GitSource {
         GitSource::new(self.url.clone(), "main", self.tmp.path().join(cache))
     }
+}
+
+/// The branch head every generated app's source is recorded at (no source repository is read).
+pub const HEAD: &str = "fedcba9876543210fedcba9876543210fedcba98";
+
+/// Records `main` at [`HEAD`] as the branch head of apps `app-0` to `app-{apps - 1}`.
+pub async fn record_heads(pool: &sqlx::PgPool, apps: usize) {
+    let heads: Vec<_> = (0..apps)
+        .map(|a| {
+            (
+                format!("app-{a}").parse().expect("a name"),
+                "main".to_owned(),
+                cairn_plan::observed::CommitId::new(HEAD),
+            )
+        })
+        .collect();
+    cairn_reconciler::store::state::record_source_heads(pool, &heads)
+        .await
+        .expect("heads recorded");
 }
