@@ -239,14 +239,20 @@ async fn heartbeat(
         crate::events::record(&mut tx, &[crate::events::NewEvent::node_online(node)]).await?;
     }
     tx.commit().await.op("commit a heartbeat")?;
-    // Usage metering's safety net, after the heartbeat: its failure costs the record, never the
-    // heartbeat.
-    let metered = async {
-        let mut conn = api.pool.acquire().await.op("acquire a connection")?;
-        crate::store::usage::open_reported(&mut conn, node.as_str(), &hb.replicas).await
-    };
-    if let Err(e) = metered.await {
-        tracing::warn!(%node, error = %error_chain(&e), "cannot record the usage of reported replicas");
+    // Usage metering's safety net, off the heartbeat's request path: its failure or a missing permit
+    // costs at most a heartbeat interval of the record, never the heartbeat.
+    if let Ok(permit) = api.usage_permits.clone().try_acquire_owned() {
+        let (pool, node, replicas) = (api.pool.clone(), node.clone(), hb.replicas.clone());
+        tokio::spawn(async move {
+            let metered = async {
+                let mut conn = pool.acquire().await.op("acquire a connection")?;
+                crate::store::usage::open_reported(&mut conn, node.as_str(), &replicas).await
+            };
+            if let Err(e) = metered.await {
+                tracing::warn!(%node, error = %error_chain(&e), "cannot record the usage of reported replicas");
+            }
+            drop(permit);
+        });
     }
     tracing::debug!(%node, replicas = hb.replicas.len(), "heartbeat");
     let healthy: Vec<&Name> = hb

@@ -151,6 +151,9 @@ pub struct Api {
     /// lock, so a burst of them (every node's first deploys) must not take the connections heartbeats
     /// need. A repair that finds no permit is left to the node's next heartbeat.
     pub(crate) repair_permits: Arc<tokio::sync::Semaphore>,
+    /// Heartbeats' usage-metering checks running at once (`store::usage::open_reported`, after the
+    /// answer). One that finds no permit is skipped: the node's next heartbeat checks again.
+    pub(crate) usage_permits: Arc<tokio::sync::Semaphore>,
 }
 
 /// At most this many drift repairs run at once (a quarter of the API pool's 16 connections).
@@ -187,6 +190,7 @@ impl Api {
             known: std::sync::Mutex::default(),
             repairing: std::sync::Mutex::default(),
             repair_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REPAIRS)),
+            usage_permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_REPAIRS)),
             pool,
             listener,
             identity,
