@@ -28,6 +28,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod database;
 pub mod datadir;
 pub mod deploy;
 pub mod dev;

@@ -6,6 +6,7 @@
 //! directory, a git tree, a pull request head) and returns values and diagnostics. It never logs and never
 //! puts a secret's plaintext into an error.
 
+pub mod database;
 pub mod diag;
 pub mod edit;
 pub mod error;
