@@ -148,6 +148,9 @@ pub struct Controller {
     pub routes: Option<crate::routes::Routes>,
     /// In `cairn serve`: where the applied `[tls]` goes after each apply (the certificate loop).
     pub certs: Option<CertsHook>,
+    /// In `cairn serve`: where each applied commit's apps and nodes are declared (the dashboard's
+    /// link to the file and line).
+    pub declared: Option<crate::declared::Declarations>,
     /// What the last empty plan saw (`None` after anything else): see [`Outcome::Unchanged`].
     idle: std::sync::Mutex<Option<Idle>>,
     /// Plans made by reconciles (not by [`Controller::plan`]): what an idle tick must not add to.
@@ -241,6 +244,7 @@ impl Controller {
             history_retention: Duration::from_secs(14 * 24 * 3600),
             routes: None,
             certs: None,
+            declared: None,
             idle: std::sync::Mutex::new(None),
             plans: std::sync::atomic::AtomicU64::new(0),
         }
@@ -585,6 +589,9 @@ impl Controller {
                 }
                 if let Some(hook) = &self.certs {
                     self.tell_certs(hook, desired, &snap).await;
+                }
+                if let Some(declared) = &self.declared {
+                    declared.publish(&commit, &desired.origins);
                 }
                 Ok(Outcome::Applied(Box::new(a)))
             }

@@ -25,6 +25,7 @@ use cairn_reconciler::api::limit::Rate;
 use cairn_reconciler::api::listen::{self, Bounds};
 use cairn_reconciler::api::{Api, ApiConfig};
 use cairn_reconciler::controller::{ConfigSource, Controller, SourceSettings};
+use cairn_reconciler::declared::Declarations;
 use cairn_reconciler::liveness::Judging;
 use cairn_reconciler::queue::{Listener, QueueError};
 use cairn_reconciler::routes::Routes;
@@ -281,7 +282,7 @@ pub async fn serve(
     c.hooks = service::hooks(&settings);
     let _ = ready.set(c.pool.clone());
     let wake = Arc::new(Notify::new());
-    let (router, routes) = start_apis(
+    let (router, routes, declared) = start_apis(
         &api,
         &source,
         &database_url,
@@ -292,6 +293,7 @@ pub async fn serve(
         &shutdown,
     )
     .await?;
+    c.declared = Some(declared);
     // Certificates: the controller hands the loop the applied `[tls]` after each apply; the loop's
     // challenges travel to every ingress node with the route table.
     let (cert_settings, cert_rx) = tokio::sync::watch::channel(None);
@@ -379,7 +381,8 @@ pub async fn serve(
 }
 
 /// Connects the APIs' pool and listener, starts the liveness monitor, the output prune and the route
-/// table's refresh, and returns the APIs' router and the route table.
+/// table's refresh, and returns the APIs' router, the route table and where the dashboard reads
+/// declarations (the controller publishes them).
 #[allow(clippy::too_many_arguments)]
 async fn start_apis(
     settings: &ApiSettings,
@@ -390,7 +393,7 @@ async fn start_apis(
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     shutdown: &Shutdown,
-) -> Result<(Router, Routes), ServeError> {
+) -> Result<(Router, Routes, Declarations), ServeError> {
     let pool = cairn_reconciler::store::connect(database_url, settings.db_connections)
         .await
         .map_err(ServeError::ConnectApi)?;
@@ -399,6 +402,9 @@ async fn start_apis(
         .map_err(ServeError::Notifications)?;
     let mut cfg = settings.config.clone();
     cfg.offline_after = judging.offline_after();
+    if cfg.config_browse.is_none() && source.is_git() {
+        cfg.config_browse = cairn_reconciler::declared::browse_url(&source.repo);
+    }
     let api = Api::new(
         pool.clone(),
         Arc::new(listener),
@@ -447,9 +453,11 @@ async fn start_apis(
         let stop = shutdown.clone();
         async move { cairn_reconciler::liveness::monitor(pool, judging, wake, &stop).await }
     });
+    let declared = api.declared.clone();
     Ok((
         cairn_reconciler::api::router_with(api, cairn_webhook::admin::routes()),
         routes,
+        declared,
     ))
 }
 

@@ -56,6 +56,24 @@ pub struct ApiArgs {
     /// ends; `cairn usage --recompute` rolls a month up at once)
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     usage_rollup_interval: Duration,
+    /// The config repository's web page, e.g. `https://git.example.com/acme/platform`: the dashboard
+    /// links each app and node to its declaration as `<url>/blob/<commit>/<path>#L<line>` (GitHub, Gitea
+    /// and Forgejo pages). Derived for a github.com repository; without it others get the file and line
+    /// as text
+    #[arg(long, value_name = "URL", value_parser = browse_url)]
+    config_browse_url: Option<String>,
+}
+
+/// An `http(s)://` address without a query or fragment (it is the start of a link on every app page).
+fn browse_url(s: &str) -> Result<String, String> {
+    let fine = (s.starts_with("https://") || s.starts_with("http://"))
+        && !s.contains(['?', '#', '"', '<', '>', ' ', '\\'])
+        && !s.chars().any(char::is_control);
+    if fine {
+        Ok(s.trim_end_matches('/').to_owned())
+    } else {
+        Err("expected an http(s):// address without a query or a fragment".into())
+    }
 }
 
 impl ApiArgs {
@@ -69,6 +87,7 @@ impl ApiArgs {
         cfg.join_rate = Rate::new(self.join_rate_limit, self.join_rate_limit * 10.0);
         cfg.registry = self.registry.clone();
         cfg.trusted_proxies = self.trusted_proxy.clone();
+        cfg.config_browse = self.config_browse_url.clone();
         cairn_server::ApiSettings {
             config: cfg,
             db_connections: self.api_db_connections,

@@ -104,14 +104,12 @@ async fn sign_in_roles_csrf_and_escaping() {
     };
     repo.node("a", "");
     repo.app("web", 1, "");
-    let plane = Plane::start(
-        db,
-        repo,
-        scratch,
-        identity,
-        &fast_with("--node-offline-after", "120s"),
-    )
-    .await;
+    let mut args = fast_with("--node-offline-after", "120s");
+    args.extend([
+        "--config-browse-url",
+        "https://git.example.com/acme/platform/",
+    ]);
+    let plane = Plane::start(db, repo, scratch, identity, &args).await;
     plane.wait_generation(1).await;
     let viewer = token(&plane, "watcher", "viewer");
     let operator = token(&plane, "ops", "operator");
@@ -181,6 +179,23 @@ async fn sign_in_roles_csrf_and_escaping() {
     assert!(app.contains(r#"<strong id="cost">12.34"#), "{app}");
     assert!(!app.contains("id=\"actions\""), "{app}");
     assert!(!app.contains("/actions/"), "a viewer sees no action: {app}");
+    // Where git declares it, linked to that line of the applied commit: what to change instead.
+    let applied: String = sqlx::query_scalar("SELECT commit FROM config_state")
+        .fetch_one(plane.db.pool())
+        .await
+        .unwrap();
+    assert!(
+        app.contains(&format!(
+            "<a href=\"https://git.example.com/acme/platform/blob/{applied}/app-web.toml#L1\" \
+             rel=\"noopener noreferrer\"><code>app-web.toml:1</code></a>"
+        )),
+        "{app}"
+    );
+    let (_, _, node) = get(&plane, "/ui/nodes/a", Some(&vc)).await;
+    assert!(
+        node.contains("<code>node-a.toml:1</code>") && node.contains("[node.a]"),
+        "{node}"
+    );
     for path in [
         "/ui/nodes/a",
         "/ui/reconciliations",

@@ -85,6 +85,9 @@ pub struct ApiConfig {
     /// How long a deploy waits, at most, before its node looks again while another node is getting the
     /// release's image (a recorded push wakes it sooner).
     pub image_wait: Duration,
+    /// The config repository's web address (`https://github.com/acme/platform`): the dashboard links
+    /// each app to its declaration's line there. `None`: it names the file and line without a link.
+    pub config_browse: Option<String>,
 }
 
 impl ApiConfig {
@@ -104,6 +107,7 @@ impl ApiConfig {
             max_log_lines: 10_000,
             registry: None,
             image_wait: Duration::from_secs(5),
+            config_browse: None,
         }
     }
 }
@@ -134,6 +138,8 @@ pub struct Api {
     pub routes: crate::routes::Routes,
     /// The key of the internal hop between node proxies, handed to each node sealed to it.
     pub hop_key: crate::routes::HopKey,
+    /// Where the applied commit declares each app and node (the controller publishes them).
+    pub declared: crate::declared::Declarations,
     /// Triggered when the server shuts down: long-polls answer at once.
     stopping: Option<Shutdown>,
     node_limit: Limiter,
@@ -176,6 +182,7 @@ impl Api {
         Arc::new(Api {
             routes: crate::routes::Routes::default(),
             hop_key: crate::routes::HopKey::new(identity.as_deref()),
+            declared: Default::default(),
             stopping,
             hooks,
             heads: std::sync::OnceLock::new(),

@@ -14,6 +14,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use cairn_plan::observed::NodeState;
 use cairn_proto::ADMIN_TOKEN_PREFIX;
+use cairn_schema::Kind;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 
@@ -467,6 +468,35 @@ pub(super) struct EventRow {
     pub message: String,
 }
 
+/// The line saying where a page's resource is declared (`ui/declared.html`): what to change instead of
+/// editing here.
+struct DeclaredLine {
+    /// `app`, `node`: the manifest's table.
+    kind: &'static str,
+    name: String,
+    /// Where the applied commit declares it (`apps/web.toml:3`, linked to the repository's page of
+    /// that line when it has one); `None` before this control plane applied anything.
+    origin: Option<crate::declared::Declared>,
+    /// The applied commit, short.
+    applied: String,
+}
+
+impl DeclaredLine {
+    fn of(api: &Api, applied: Option<&str>, kind: Kind, name: &cairn_schema::Name) -> DeclaredLine {
+        DeclaredLine {
+            kind: match kind {
+                Kind::Node => "node",
+                _ => "app",
+            },
+            name: name.to_string(),
+            origin: api
+                .declared
+                .lookup(applied, kind, name, api.cfg.config_browse.as_deref()),
+            applied: applied.map_or("—".into(), short),
+        }
+    }
+}
+
 #[derive(Template)]
 #[template(path = "ui/app.html")]
 struct AppPage {
@@ -482,7 +512,7 @@ struct AppPage {
     events: Vec<EventRow>,
     can_act: bool,
     notice: Option<String>,
-    applied: String,
+    declaration: DeclaredLine,
     /// Month to date, from the hours rolled up so far: `12.34 EUR`.
     cost: String,
 }
@@ -636,7 +666,7 @@ pub(super) async fn app(
             }
             _ => None,
         }),
-        applied: st.applied_commit.as_deref().map_or("—".into(), short),
+        declaration: DeclaredLine::of(&api, st.applied_commit.as_deref(), Kind::App, &name),
         cost,
     };
     Ok(render(StatusCode::OK, &page))
@@ -770,6 +800,7 @@ struct NodePage {
     joined: String,
     disk: String,
     actual: Vec<ActualRow>,
+    declaration: DeclaredLine,
 }
 
 pub(super) async fn node(
@@ -796,7 +827,13 @@ pub(super) async fn node(
     let rows = store::nodes::nodes(&api.pool).await.page()?;
     let row = rows.iter().find(|r| r.name.as_str() == node);
     let now = Utc::now();
+    let name = cairn_schema::Name::new(&node).map_err(|e| {
+        error_page(ApiError::BadRequest(format!(
+            "`{node}` is not a node name: {e}"
+        )))
+    })?;
     let page = NodePage {
+        declaration: DeclaredLine::of(&api, st.applied_commit.as_deref(), Kind::Node, &name),
         nav: Nav::of(&session),
         node: node_row(n, now),
         region: n.region.clone().unwrap_or_else(|| "—".into()),
