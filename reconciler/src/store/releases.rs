@@ -451,6 +451,37 @@ pub async fn append_replica_logs(
     node: &Name,
     lines: &[NewReplicaLine<'_>],
 ) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await.op("store replica output")?;
+    let n = append_replica_logs_in(&mut tx, node, lines).await?;
+    tx.commit().await.op("store replica output")?;
+    Ok(n)
+}
+
+/// [`append_replica_logs`] in the caller's transaction, which must commit soon: it holds each of its
+/// apps' output lock until then.
+///
+/// Followers read an app's lines by id (`id > cursor`), so an app's ids must become visible in order: a
+/// line given id 100 by one node's transaction and committed after another node's id 101 was read would
+/// be skipped for good. Each app's lines are therefore written under a transaction-scoped advisory lock
+/// of that app (taken in name order, so two batches never wait on each other in a cycle): its ids are
+/// drawn and committed before the next batch of the same app draws any.
+pub async fn append_replica_logs_in(
+    conn: &mut PgConnection,
+    node: &Name,
+    lines: &[NewReplicaLine<'_>],
+) -> Result<u64, StoreError> {
+    let mut locked: Vec<&str> = lines.iter().map(|l| l.app).collect();
+    locked.sort_unstable();
+    locked.dedup();
+    for app in locked {
+        sqlx::query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('cairn replica output ' || $1, 0))",
+        )
+        .bind(app)
+        .execute(&mut *conn)
+        .await
+        .op("lock an app's replica output")?;
+    }
     let n = lines.len();
     let (mut apps, mut slots, mut releases) = (
         Vec::with_capacity(n),
@@ -486,7 +517,7 @@ pub async fn append_replica_logs(
         &texts,
         &ats,
     )
-    .execute(pool)
+    .execute(&mut *conn)
     .await
     .op("store replica output")?;
     Ok(done.rows_affected())

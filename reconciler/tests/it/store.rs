@@ -382,3 +382,87 @@ async fn reconciliations_are_recorded_newest_first() {
             .is_err()
     );
 }
+
+/// Two nodes' batches of one app's output: a follower reading by id sees every line even when the batch
+/// that drew the lower ids commits last (it would skip them for good if a higher id could be read first).
+#[tokio::test]
+async fn replica_output_ids_become_visible_in_order() {
+    use cairn_reconciler::store::releases::{
+        NewReplicaLine, append_replica_logs, append_replica_logs_in, replica_logs,
+    };
+    let db = cairn_testkit::test_db!();
+    let (desired, prints) = example();
+    let mut tx = db.pool().begin().await.unwrap();
+    write_all(&mut tx, &desired, &prints, 1).await;
+    let shop = name("shop");
+    state::insert_release(
+        &mut tx,
+        &ReleaseInsert {
+            app: &shop,
+            number: 1,
+            config_commit: &CommitId::new("c1"),
+            config_generation: 1,
+            source_commit: &CommitId::new("89abcdef0123456789abcdef0123456789abcdef"),
+            spec: serde_json::json!({}),
+            spec_hash: "sha256:1",
+            build_key: "0123456789abcdef0123456789abcdef",
+        },
+    )
+    .await
+    .unwrap();
+    let placed = |slot, node: &str| ReplicaPlacement {
+        app: shop.clone(),
+        slot,
+        node: name(node),
+        release: 1,
+        state: ReplicaState::Running,
+        generation: 1,
+        restart: 0,
+    };
+    state::replace_placements(&mut tx, &[placed(1, "fra-1"), placed(2, "fra-2")])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let lines = |slot, text: &'static str| {
+        (0..3)
+            .map(|_| NewReplicaLine {
+                app: "shop",
+                slot,
+                release: 1,
+                stream: "stdout",
+                line: text,
+                at: Utc::now(),
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut seen: Vec<String> = Vec::new();
+    let mut cursor = 0;
+    let mut follow = async |seen: &mut Vec<String>| {
+        let mut conn = db.pool().acquire().await.unwrap();
+        let (rows, next) = replica_logs(&mut conn, &shop, Some(cursor), 100)
+            .await
+            .unwrap();
+        seen.extend(rows.into_iter().map(|r| r.line));
+        cursor = next;
+    };
+    // fra-1's batch draws its ids and stays uncommitted; fra-2's batch of the same app comes meanwhile.
+    let mut first = db.pool().begin().await.unwrap();
+    append_replica_logs_in(&mut first, &name("fra-1"), &lines(1, "first"))
+        .await
+        .unwrap();
+    let second = tokio::spawn({
+        let pool = db.pool().clone();
+        async move { append_replica_logs(&pool, &name("fra-2"), &lines(2, "second")).await }
+    });
+    // Whatever the second batch does meanwhile, a follower reading now must not move past the first's ids.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    follow(&mut seen).await;
+    first.commit().await.unwrap();
+    assert_eq!(second.await.unwrap().unwrap(), 3);
+    follow(&mut seen).await;
+    assert_eq!(
+        seen,
+        ["first", "first", "first", "second", "second", "second"],
+        "every line, in the order the batches were drawn"
+    );
+}
