@@ -414,6 +414,22 @@ async fn start_apis(
         cfg,
         Some(shutdown.clone()),
     );
+    // Output stored through another control plane wakes this one's followers of that app.
+    for (wakes, channel) in [
+        (
+            &api.replica_output,
+            cairn_reconciler::api::wakes::REPLICA_OUTPUT,
+        ),
+        (
+            &api.build_output,
+            cairn_reconciler::api::wakes::BUILD_OUTPUT,
+        ),
+    ] {
+        tokio::spawn({
+            let (wakes, pool, stop) = (wakes.clone(), pool.clone(), shutdown.clone());
+            async move { wakes.follow(pool, channel, &stop).await }
+        });
+    }
     // The dashboard's deliveries page reads the GitHub integration's and the notifications' ledgers.
     let _ = api.ledger.set(Arc::new(cairn_webhook::admin::UiLedger));
     // `cairn deploy APP` reads the app's branch head through the same rewrites as the head poller

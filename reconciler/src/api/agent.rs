@@ -660,10 +660,12 @@ async fn logs(
     )
     .await?
     .ok_or_else(|| stale(task, batch.token))?;
-    if stored > 0 {
-        api.build_tick.send_modify(|n| *n = n.wrapping_add(1));
+    if stored.lines > 0 {
+        api.build_output.wake(&stored.app);
     }
-    Ok(Json(LogsResponse { stored }))
+    Ok(Json(LogsResponse {
+        stored: stored.lines,
+    }))
 }
 
 #[tracing::instrument(name = "task", skip_all, fields(task = id, node = %auth.node.node))]

@@ -204,9 +204,6 @@ struct LogsQuery {
     wait_ms: Option<u64>,
 }
 
-/// How often a waiting follow looks in the database even when nothing woke it.
-const FOLLOW_POLL: Duration = Duration::from_secs(2);
-
 async fn logs(
     State(api): State<Arc<Api>>,
     _: AdminAuth,
@@ -218,7 +215,7 @@ async fn logs(
     let wait = Duration::from_millis(q.wait_ms.unwrap_or(0).min(MAX_LEASE_WAIT_MS));
     let deadline = Instant::now() + wait;
     // Subscribed before the first read, so a line stored between the read and the wait still wakes it.
-    let mut tick = api.log_tick.subscribe();
+    let mut tick = api.replica_output.subscribe(app.as_str());
     loop {
         let page = releases::app_logs(&api.pool, &app, q.after, tail).await?;
         if !page.lines.is_empty() || q.after.is_none() || Instant::now() >= deadline {
@@ -226,7 +223,7 @@ async fn logs(
         }
         tokio::select! {
             _ = tick.changed() => {}
-            _ = tokio::time::sleep_until(deadline.min(Instant::now() + FOLLOW_POLL)) => {}
+            _ = tokio::time::sleep_until(deadline) => {}
             _ = api.stopped() => return Ok(Json(page)),
         }
     }
@@ -271,7 +268,12 @@ async fn ingest(
         crate::store::releases::append_replica_logs(&api.pool, node, &lines).await?
     };
     if stored > 0 {
-        api.log_tick.send_modify(|n| *n = n.wrapping_add(1));
+        let mut apps: Vec<&str> = lines.iter().map(|l| l.app).collect();
+        apps.sort_unstable();
+        apps.dedup();
+        for app in apps {
+            api.replica_output.wake(app);
+        }
     }
     tracing::debug!(%node, sent = lines.len(), stored, "replica output received");
     Ok(Json(LogsResponse {

@@ -31,6 +31,7 @@ mod error;
 pub mod limit;
 pub mod listen;
 pub mod ui;
+pub mod wakes;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -42,7 +43,7 @@ use axum::extract::{ConnectInfo, DefaultBodyLimit};
 use axum::http::request::Parts;
 use cairn_schema::{Identity, Name};
 use sqlx::PgPool;
-use tokio::sync::{Notify, watch};
+use tokio::sync::Notify;
 
 pub use error::{ApiError, Json};
 use limit::{Limiter, Rate};
@@ -127,10 +128,12 @@ pub struct Api {
     pub cfg: ApiConfig,
     /// Reads app branch heads for `cairn deploy` (`cairn serve` sets it).
     pub heads: std::sync::OnceLock<Arc<tokio::sync::Mutex<crate::source::heads::HeadPoller>>>,
-    /// Ticks when replica output is stored: wakes `cairn logs --follow` long-polls.
-    pub log_tick: watch::Sender<u64>,
-    /// Ticks when a task's output (build output) is stored: wakes the dashboard's build streams.
-    pub build_tick: watch::Sender<u64>,
+    /// Wakes an app's replica output followers (`cairn logs --follow`, the dashboard's streams) when
+    /// its lines are stored.
+    pub replica_output: Arc<wakes::Wakes>,
+    /// Wakes an app's build output followers (the dashboard's release page) when a task's lines are
+    /// stored.
+    pub build_output: Arc<wakes::Wakes>,
     /// The webhook and notification ledgers the dashboard shows (the GitHub integration's crate, which
     /// this one cannot depend on, sets it in `cairn serve`).
     pub ledger: std::sync::OnceLock<Arc<dyn ui::Ledger>>,
@@ -186,8 +189,8 @@ impl Api {
             stopping,
             hooks,
             heads: std::sync::OnceLock::new(),
-            log_tick: watch::channel(0).0,
-            build_tick: watch::channel(0).0,
+            replica_output: Default::default(),
+            build_output: Default::default(),
             ledger: std::sync::OnceLock::new(),
             node_limit: Limiter::new(cfg.node_rate),
             admin_limit: Limiter::new(cfg.admin_rate),

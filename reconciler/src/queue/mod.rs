@@ -183,6 +183,13 @@ pub struct TaskRow {
     pub last_error: Option<String>,
 }
 
+/// What [`append_logs`] stored: how many lines, of which app's task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub lines: u32,
+    pub app: String,
+}
+
 /// A log line to store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewLogLine<'a> {
@@ -446,7 +453,7 @@ pub async fn append_logs(
     token: LeaseToken,
     lines: &[NewLogLine<'_>],
     max_lines: u32,
-) -> Result<Option<u32>, QueueError> {
+) -> Result<Option<Appended>, QueueError> {
     Ok(sql::append_logs(pool, task, token, lines, max_lines).await?)
 }
 

@@ -537,21 +537,20 @@ pub(super) async fn append_logs(
     token: LeaseToken,
     lines: &[NewLogLine<'_>],
     max_lines: u32,
-) -> Result<Option<u32>, StoreError> {
+) -> Result<Option<super::Appended>, StoreError> {
     let mut tx = pool.begin().await.op("begin appending logs")?;
     // Holding the task's row serialises appends, so sequence numbers never collide.
-    let held = sqlx::query_scalar!(
-        r#"SELECT id FROM tasks WHERE id = $1 AND lease_token = $2 AND status = 'leased'
-           FOR UPDATE"#,
-        task.0,
-        token.0,
+    let held: Option<String> = sqlx::query_scalar(
+        "SELECT app FROM tasks WHERE id = $1 AND lease_token = $2 AND status = 'leased' FOR UPDATE",
     )
+    .bind(task.0)
+    .bind(token.0)
     .fetch_optional(&mut *tx)
     .await
     .op("hold a task for its logs")?;
-    if held.is_none() {
+    let Some(app) = held else {
         return Ok(None);
-    }
+    };
     let streams: Vec<String> = lines.iter().map(|l| l.stream.to_owned()).collect();
     let texts: Vec<String> = lines.iter().map(|l| l.line.to_owned()).collect();
     let ats: Vec<DateTime<Utc>> = lines.iter().map(|l| l.at).collect();
@@ -572,8 +571,20 @@ pub(super) async fn append_logs(
     .await
     .op("store log lines")?
     .rows_affected();
+    if stored > 0 {
+        // Followers on other control planes (`api::wakes`): the app, never a line.
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(crate::api::wakes::BUILD_OUTPUT)
+            .bind(&app)
+            .execute(&mut *tx)
+            .await
+            .op("announce log lines")?;
+    }
     tx.commit().await.op("commit log lines")?;
-    Ok(Some(u32::try_from(stored).unwrap_or(u32::MAX)))
+    Ok(Some(super::Appended {
+        lines: u32::try_from(stored).unwrap_or(u32::MAX),
+        app,
+    }))
 }
 
 /// A task's log lines, in order: `(stream, line, at)`.

@@ -473,7 +473,7 @@ pub async fn append_replica_logs_in(
     let mut locked: Vec<&str> = lines.iter().map(|l| l.app).collect();
     locked.sort_unstable();
     locked.dedup();
-    for app in locked {
+    for app in &locked {
         sqlx::query(
             "SELECT pg_advisory_xact_lock(hashtextextended('cairn replica output ' || $1, 0))",
         )
@@ -520,6 +520,15 @@ pub async fn append_replica_logs_in(
     .execute(&mut *conn)
     .await
     .op("store replica output")?;
+    if done.rows_affected() > 0 {
+        // Followers on other control planes (`api::wakes`): each app once, never a line.
+        sqlx::query("SELECT pg_notify($1, a) FROM unnest($2::text[]) a")
+            .bind(crate::api::wakes::REPLICA_OUTPUT)
+            .bind(&locked)
+            .execute(&mut *conn)
+            .await
+            .op("announce replica output")?;
+    }
     Ok(done.rows_affected())
 }
 

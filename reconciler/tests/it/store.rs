@@ -383,14 +383,8 @@ async fn reconciliations_are_recorded_newest_first() {
     );
 }
 
-/// Two nodes' batches of one app's output: a follower reading by id sees every line even when the batch
-/// that drew the lower ids commits last (it would skip them for good if a higher id could be read first).
-#[tokio::test]
-async fn replica_output_ids_become_visible_in_order() {
-    use cairn_reconciler::store::releases::{
-        NewReplicaLine, append_replica_logs, append_replica_logs_in, replica_logs,
-    };
-    let db = cairn_testkit::test_db!();
+/// The example configuration with `shop`'s slots 1 and 2 placed on fra-1 and fra-2.
+async fn shop_on_two_nodes(db: &cairn_testkit::pg::TestDb) -> Name {
     let (desired, prints) = example();
     let mut tx = db.pool().begin().await.unwrap();
     write_all(&mut tx, &desired, &prints, 1).await;
@@ -423,6 +417,18 @@ async fn replica_output_ids_become_visible_in_order() {
         .await
         .unwrap();
     tx.commit().await.unwrap();
+    shop
+}
+
+/// Two nodes' batches of one app's output: a follower reading by id sees every line even when the batch
+/// that drew the lower ids commits last (it would skip them for good if a higher id could be read first).
+#[tokio::test]
+async fn replica_output_ids_become_visible_in_order() {
+    use cairn_reconciler::store::releases::{
+        NewReplicaLine, append_replica_logs, append_replica_logs_in, replica_logs,
+    };
+    let db = cairn_testkit::test_db!();
+    let shop = shop_on_two_nodes(&db).await;
     let lines = |slot, text: &'static str| {
         (0..3)
             .map(|_| NewReplicaLine {
@@ -465,4 +471,49 @@ async fn replica_output_ids_become_visible_in_order() {
         ["first", "first", "first", "second", "second", "second"],
         "every line, in the order the batches were drawn"
     );
+}
+
+/// Lines stored through another control plane wake this one's followers of that app (a notification per
+/// app and transaction), and only theirs.
+#[tokio::test]
+async fn stored_output_is_announced_to_the_apps_followers() {
+    use cairn_reconciler::api::wakes::{REPLICA_OUTPUT, Wakes};
+    use cairn_reconciler::store::releases::{NewReplicaLine, append_replica_logs};
+    let db = cairn_testkit::test_db!();
+    let shop = shop_on_two_nodes(&db).await;
+    let wakes = std::sync::Arc::new(Wakes::default());
+    let stop = cairn_reconciler::worker::Shutdown::new();
+    let mut shop_rx = wakes.subscribe(shop.as_str());
+    let mut other_rx = wakes.subscribe("web");
+    let follower = tokio::spawn({
+        let (wakes, pool, stop) = (wakes.clone(), db.pool().clone(), stop.clone());
+        async move { wakes.follow(pool, REPLICA_OUTPUT, &stop).await }
+    });
+    // Listening wakes everyone once (what was announced before is unknown).
+    tokio::time::timeout(std::time::Duration::from_secs(10), shop_rx.changed())
+        .await
+        .expect("woken when the listener is up")
+        .unwrap();
+    other_rx.mark_unchanged();
+    let line = NewReplicaLine {
+        app: "shop",
+        slot: 1,
+        release: 1,
+        stream: "stdout",
+        line: "hello",
+        at: Utc::now(),
+    };
+    append_replica_logs(db.pool(), &name("fra-1"), &[line])
+        .await
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), shop_rx.changed())
+        .await
+        .expect("woken by the notification")
+        .unwrap();
+    assert!(
+        !other_rx.has_changed().unwrap(),
+        "another app's follower sleeps on"
+    );
+    stop.trigger();
+    follower.await.unwrap();
 }

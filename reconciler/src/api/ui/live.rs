@@ -1,6 +1,7 @@
 //! Live output as server-sent events: a release's build output and an app's replica output, woken in
-//! memory when an agent ships lines (`Api::build_tick`, `Api::log_tick`, the same wake-ups as `cairn
-//! logs --follow`) and every 2 s for lines another control plane received.
+//! memory when the app's lines are stored (`Api::build_output`, `Api::replica_output`, per app: the same
+//! wake-ups as `cairn logs --follow`; lines another control plane stored arrive as notifications). An
+//! idle stream reads nothing.
 //!
 //! Each event (`lines`) carries one batch as a JSON array and, as its id, the cursor after the batch: a
 //! browser that reconnects sends it back as `Last-Event-ID` and gets exactly the lines after it (a batch
@@ -31,8 +32,6 @@ use super::pages::error_page;
 use crate::releases;
 use crate::store::releases::{BuildLine, build_lines_after};
 
-/// How often a waiting stream looks in the database even when nothing woke it.
-const POLL: Duration = Duration::from_secs(2);
 /// The most lines one event carries.
 const BATCH: u32 = 500;
 /// The most tasks a build cursor may name (a release has one deploy task per replica and attempt).
@@ -127,11 +126,10 @@ fn event(cursor: String, lines: Vec<Shown>) -> Event {
         .unwrap_or_else(|_| Event::default().comment("unencodable"))
 }
 
-/// Waits for a wake, the poll period or shutdown; false on shutdown.
+/// Waits for the app's next lines or shutdown; false on shutdown.
 async fn wait(api: &Api, tick: &mut watch::Receiver<u64>) -> bool {
     tokio::select! {
-        _ = tick.changed() => true,
-        _ = tokio::time::sleep(POLL) => true,
+        changed = tick.changed() => changed.is_ok(),
         _ = api.stopped() => false,
     }
 }
@@ -175,7 +173,7 @@ pub(super) async fn build(
     }) {
         return error_page(e.into());
     }
-    let tick = api.build_tick.subscribe();
+    let tick = api.build_output.subscribe(name.as_str());
     sse(build_stream(api, name, release, cursor, tick))
 }
 
@@ -262,7 +260,7 @@ pub(super) async fn logs(
             Err(e) => return error_page(e.into()),
         },
     };
-    let tick = api.log_tick.subscribe();
+    let tick = api.replica_output.subscribe(name.as_str());
     sse(logs_stream(api, name, cursor, tick))
 }
 
