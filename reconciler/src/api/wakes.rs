@@ -103,7 +103,7 @@ mod tests {
     async fn only_the_apps_followers_wake_and_the_unfollowed_are_forgotten() {
         let w = Wakes::default();
         let mut web = w.subscribe("web");
-        let mut api = w.subscribe("api");
+        let api = w.subscribe("api");
         w.wake("web");
         assert!(web.has_changed().unwrap());
         assert!(!api.has_changed().unwrap());
