@@ -62,6 +62,11 @@ pub struct ApiArgs {
     /// as text
     #[arg(long, value_name = "URL", value_parser = browse_url)]
     config_browse_url: Option<String>,
+    /// A dashboard live stream (build or replica output) ends after this long and the browser
+    /// reconnects by itself from its last line: the session is checked again, and behind a load
+    /// balancer the connection may move to another control plane
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+    ui_stream_lifetime: Duration,
 }
 
 /// An `http(s)://` address without a query or fragment (it is the start of a link on every app page).
@@ -88,6 +93,7 @@ impl ApiArgs {
         cfg.registry = self.registry.clone();
         cfg.trusted_proxies = self.trusted_proxy.clone();
         cfg.config_browse = self.config_browse_url.clone();
+        cfg.ui_stream_lifetime = self.ui_stream_lifetime;
         cairn_server::ApiSettings {
             config: cfg,
             db_connections: self.api_db_connections,

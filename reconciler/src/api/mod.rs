@@ -89,6 +89,8 @@ pub struct ApiConfig {
     /// The config repository's web address (`https://github.com/acme/platform`): the dashboard links
     /// each app to its declaration's line there. `None`: it names the file and line without a link.
     pub config_browse: Option<String>,
+    /// A dashboard live stream ends after this long; the browser reconnects by itself where it was.
+    pub ui_stream_lifetime: Duration,
 }
 
 impl ApiConfig {
@@ -109,6 +111,7 @@ impl ApiConfig {
             registry: None,
             image_wait: Duration::from_secs(5),
             config_browse: None,
+            ui_stream_lifetime: Duration::from_secs(300),
         }
     }
 }

@@ -214,7 +214,8 @@ async fn the_dashboard_in_a_real_browser() {
     let a = e.app("web", "ui-app", 1, &site("v1", true));
     let (app, host, src) = (a.name.clone(), a.host.clone(), &a.source);
     e.repo.node("n1", "");
-    let plane = e.start(&[]).await;
+    // Streams end every 2 s: the browser reconnects by itself (Last-Event-ID) while a build prints.
+    let plane = e.start(&["--ui-stream-lifetime", "2s"]).await;
     let agent = e.agent(&plane, "n1", Driver::Process, &[]).await;
     plane.wait_release(&app, 1, "live", DEPLOY).await;
     wait_body(agent.proxy, &host, "v1", Duration::from_secs(10)).await;
@@ -240,9 +241,14 @@ async fn the_dashboard_in_a_real_browser() {
     browser.get(&format!("{base}/ui/apps/{app}/releases/2"));
     browser.wait_text("#live", "Live");
     browser.wait_text("#output", "building v2");
-    // The stream drops (the page reconnects from its last line) while the build goes on.
-    browser.js("window.cairnReconnect(); return true");
+    // The server ends the stream 2 s after it opened, while the build sleeps: the browser's own
+    // reconnection sends Last-Event-ID and gets the rest, with no line twice.
     browser.wait_text("#output", "built v2");
+    let opens = browser.js("return window.cairnOpens");
+    assert!(
+        opens.as_u64().is_some_and(|n| n >= 2),
+        "the stream was to be reconnected by the browser while the build went on: {opens}"
+    );
     let lines = browser.texts("#output li .text");
     for l in &lines {
         assert_eq!(

@@ -8,6 +8,10 @@
 //! is one event, so a connection lost mid-way never leaves half a batch seen). The first connection
 //! names its cursor with `?after=` (the page's own lines end there); `Last-Event-ID` wins over it.
 //!
+//! A stream ends after `ApiConfig::ui_stream_lifetime`: the browser reconnects by itself with
+//! `Last-Event-ID` (after the `retry` the first event names), so its session is checked again and a
+//! long-lived connection moves to another control plane behind a load balancer.
+//!
 //! What it must not do: hold a database connection while waiting, or log a line's text.
 
 use std::collections::BTreeMap;
@@ -118,20 +122,30 @@ fn resume_from<'a>(headers: &'a HeaderMap, q: &'a After) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// How long a browser waits before reconnecting a stream that ended.
+const RETRY: Duration = Duration::from_millis(500);
+
 fn event(cursor: String, lines: Vec<Shown>) -> Event {
     Event::default()
         .event("lines")
         .id(cursor)
+        .retry(RETRY)
         .json_data(lines)
         .unwrap_or_else(|_| Event::default().comment("unencodable"))
 }
 
-/// Waits for the app's next lines or shutdown; false on shutdown.
-async fn wait(api: &Api, tick: &mut watch::Receiver<u64>) -> bool {
+/// Waits for the app's next lines; false when the stream is to end (shutdown, or its lifetime is over).
+async fn wait(api: &Api, tick: &mut watch::Receiver<u64>, ends: tokio::time::Instant) -> bool {
     tokio::select! {
         changed = tick.changed() => changed.is_ok(),
+        _ = tokio::time::sleep_until(ends) => false,
         _ = api.stopped() => false,
     }
+}
+
+/// The end of a stream opened now.
+fn lifetime(api: &Api) -> tokio::time::Instant {
+    tokio::time::Instant::now() + api.cfg.ui_stream_lifetime
 }
 
 fn sse(stream: impl Stream<Item = Result<Event, Infallible>> + Send + 'static) -> Response {
@@ -184,6 +198,7 @@ fn build_stream(
     cursor: BuildCursor,
     tick: watch::Receiver<u64>,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    let ends = lifetime(&api);
     futures_util::stream::unfold((api, cursor, tick), move |(api, mut cursor, mut tick)| {
         let app = app.clone();
         async move {
@@ -221,7 +236,7 @@ fn build_stream(
                     let ev = event(cursor.to_string(), shown);
                     return Some((Ok(ev), (api, cursor, tick)));
                 }
-                if !wait(&api, &mut tick).await {
+                if !wait(&api, &mut tick, ends).await {
                     return None;
                 }
             }
@@ -270,6 +285,7 @@ fn logs_stream(
     cursor: i64,
     tick: watch::Receiver<u64>,
 ) -> impl Stream<Item = Result<Event, Infallible>> + Send + 'static {
+    let ends = lifetime(&api);
     futures_util::stream::unfold((api, cursor, tick), move |(api, cursor, mut tick)| {
         let app = app.clone();
         async move {
@@ -295,7 +311,7 @@ fn logs_stream(
                     let ev = event(page.cursor.to_string(), shown);
                     return Some((Ok(ev), (api, page.cursor, tick)));
                 }
-                if !wait(&api, &mut tick).await {
+                if !wait(&api, &mut tick, ends).await {
                     return None;
                 }
             }

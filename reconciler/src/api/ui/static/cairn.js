@@ -28,10 +28,15 @@
     list.appendChild(li);
   }
   function connect() {
-    // A first connection names the page's cursor; the browser's own reconnections send Last-Event-ID.
+    // A first connection names the page's cursor; the browser's own reconnections (the server ends a
+    // stream every few minutes) send Last-Event-ID, which the server prefers.
     source = new EventSource(url + "?after=" + encodeURIComponent(last));
     window.cairnStream = source;
-    source.onopen = function () { failures = 0; show("Live: new lines appear here.", true); };
+    source.onopen = function () {
+      failures = 0;
+      window.cairnOpens = (window.cairnOpens || 0) + 1;
+      show("Live: new lines appear here.", true);
+    };
     source.addEventListener("lines", function (e) {
       var follow = window.innerHeight + window.scrollY >= document.body.scrollHeight - 40;
       JSON.parse(e.data).forEach(append);
@@ -54,10 +59,5 @@
       }
     };
   }
-  // Tests and the curious can drop the connection: it resumes from the last line shown.
-  window.cairnReconnect = function () {
-    if (source) source.close();
-    connect();
-  };
   connect();
 })();
