@@ -148,8 +148,8 @@ pub struct Controller {
     pub routes: Option<crate::routes::Routes>,
     /// In `cairn serve`: where the applied `[tls]` goes after each apply (the certificate loop).
     pub certs: Option<CertsHook>,
-    /// In `cairn serve`: where each applied commit's apps and nodes are declared (the dashboard's
-    /// link to the file and line).
+    /// In `cairn serve`: records where each applied commit declares its apps and nodes (the
+    /// dashboard's link to the file and line).
     pub declared: Option<crate::declared::Declarations>,
     /// What the last empty plan saw (`None` after anything else): see [`Outcome::Unchanged`].
     idle: std::sync::Mutex<Option<Idle>>,
@@ -590,8 +590,11 @@ impl Controller {
                 if let Some(hook) = &self.certs {
                     self.tell_certs(hook, desired, &snap).await;
                 }
-                if let Some(declared) = &self.declared {
-                    declared.publish(&commit, &desired.origins);
+                if let Some(declared) = &self.declared
+                    && let Err(e) = declared.record(&self.pool, &commit, &desired.origins).await
+                {
+                    // Display only: the pages go on showing the lines recorded before.
+                    tracing::warn!(error = %error_chain(&e), "cannot record where resources are declared");
                 }
                 Ok(Outcome::Applied(Box::new(a)))
             }

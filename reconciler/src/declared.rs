@@ -1,25 +1,32 @@
-//! Where the applied commit declares each app and node (`path:line`), for the dashboard's link to the
-//! file and line in git: what a user changes instead of editing on the page.
+//! Where the config repository declares each app and node (`path:line`), for the dashboard's link to
+//! the file and line in git: what a user changes instead of editing on the page.
 //!
-//! The controller publishes the origins of each commit it applies (it holds them from validation); the
-//! dashboard reads them only for the commit the database says is applied, so a page never links to a
-//! line of another commit. A control plane that has not applied anything since it started (or a
-//! directory source, which has no commit to link) shows the declaration without a line.
+//! After each apply the controller writes the rows whose place moved (`declarations`, each with the
+//! commit whose file has it there), comparing with what it wrote last, kept in memory: a commit that
+//! touches one file writes at most that file's resources, and an idle pass writes nothing. The first
+//! write after a start reads the stored rows once instead. Every control plane's pages read the table,
+//! so all of them show the same line.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use cairn_schema::model::Origin;
 use cairn_schema::{Kind, Name};
+use sqlx::PgPool;
 
-/// The origins of the last commit this control plane applied; cheap to clone (one shared cell).
+use crate::store::{Op as _, StoreError};
+
+/// The kinds with a page of their own, so a declaration worth storing.
+const KINDS: [Kind; 2] = [Kind::App, Kind::Node];
+
+/// What this control plane last wrote; cheap to clone (one shared cell).
 #[derive(Debug, Clone, Default)]
-pub struct Declarations(Arc<RwLock<Option<Arc<Published>>>>);
+pub struct Declarations(Arc<tokio::sync::Mutex<Option<Written>>>);
 
 #[derive(Debug)]
-struct Published {
+struct Written {
     commit: String,
-    origins: BTreeMap<(Kind, Name), Origin>,
+    at: BTreeMap<(Kind, Name), (String, u32)>,
 }
 
 /// Where a resource is declared, and the web address of that line when the repository has one.
@@ -32,55 +39,125 @@ pub struct Declared {
 }
 
 impl Declarations {
-    /// Records the apps' and nodes' origins of `commit` (the other kinds have no page). Does nothing
-    /// when `commit` is already published: an idle tick copies nothing.
-    pub fn publish(&self, commit: &str, origins: &BTreeMap<(Kind, Name), Origin>) {
-        if self.read().is_some_and(|p| p.commit == commit) {
-            return;
-        }
-        let origins = origins
-            .iter()
-            .filter(|((kind, _), _)| matches!(kind, Kind::App | Kind::Node))
-            .map(|(k, o)| (k.clone(), o.clone()))
-            .collect();
-        let published = Arc::new(Published {
-            commit: commit.to_owned(),
-            origins,
-        });
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = Some(published);
-    }
-
-    /// Where `applied` (the commit the database says is applied) declares `name`; `browse` is the
-    /// repository's web address (`https://github.com/acme/platform`), when it has one.
-    pub fn lookup(
+    /// Stores where `commit` declares its apps and nodes: the rows that moved since the last call
+    /// (all of them after a start, against what the table holds), and deletes those gone.
+    pub async fn record(
         &self,
-        applied: Option<&str>,
-        kind: Kind,
-        name: &Name,
-        browse: Option<&str>,
-    ) -> Option<Declared> {
-        let p = self.read()?;
-        let applied = applied?;
-        if p.commit != applied {
-            return None;
+        pool: &PgPool,
+        commit: &str,
+        origins: &BTreeMap<(Kind, Name), Origin>,
+    ) -> Result<(), StoreError> {
+        let mut last = self.0.lock().await;
+        if last.as_ref().is_some_and(|w| w.commit == commit) || commit.is_empty() {
+            return Ok(());
         }
-        let o = p.origins.get(&(kind, name.clone()))?;
-        Some(Declared {
-            at: format!("{}:{}", o.path, o.line),
-            href: browse.map(|base| {
-                format!(
-                    "{}/blob/{applied}/{}#L{}",
-                    base.trim_end_matches('/'),
-                    url_path(&o.path),
-                    o.line
+        let now: BTreeMap<(Kind, Name), (String, u32)> = origins
+            .iter()
+            .filter(|((kind, _), _)| KINDS.contains(kind))
+            .map(|(k, o)| {
+                let line = u32::try_from(o.line).unwrap_or(u32::MAX).max(1);
+                (k.clone(), (o.path.clone(), line))
+            })
+            .collect();
+        let before = match last.take() {
+            Some(w) => w.at,
+            None => stored(pool).await?,
+        };
+        let moved: Vec<(&(Kind, Name), &(String, u32))> = now
+            .iter()
+            .filter(|(k, v)| before.get(*k) != Some(*v))
+            .collect();
+        let gone: Vec<&(Kind, Name)> = before.keys().filter(|k| !now.contains_key(*k)).collect();
+        if !moved.is_empty() || !gone.is_empty() {
+            let mut tx = pool.begin().await.op("record declarations")?;
+            if !gone.is_empty() {
+                sqlx::query(
+                    "DELETE FROM declarations d USING unnest($1::text[], $2::text[]) g(kind, name)
+                     WHERE d.kind = g.kind AND d.name = g.name",
                 )
-            }),
-        })
+                .bind(gone.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
+                .bind(gone.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>())
+                .execute(&mut *tx)
+                .await
+                .op("delete declarations")?;
+            }
+            for chunk in moved.chunks(10_000) {
+                sqlx::query(
+                    "INSERT INTO declarations (kind, name, commit, path, line)
+                     SELECT m.kind, m.name, $1, m.path, m.line
+                     FROM unnest($2::text[], $3::text[], $4::text[], $5::int[]) m(kind, name, path, line)
+                     ON CONFLICT (kind, name) DO UPDATE SET
+                         commit = EXCLUDED.commit, path = EXCLUDED.path, line = EXCLUDED.line",
+                )
+                .bind(commit)
+                .bind(chunk.iter().map(|((k, _), _)| k.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|((_, n), _)| n.as_str()).collect::<Vec<_>>())
+                .bind(chunk.iter().map(|(_, (p, _))| p.as_str()).collect::<Vec<_>>())
+                .bind(
+                    chunk
+                        .iter()
+                        .map(|(_, (_, l))| i32::try_from(*l).unwrap_or(i32::MAX))
+                        .collect::<Vec<_>>(),
+                )
+                .execute(&mut *tx)
+                .await
+                .op("write declarations")?;
+            }
+            tx.commit().await.op("record declarations")?;
+        }
+        *last = Some(Written {
+            commit: commit.to_owned(),
+            at: now,
+        });
+        Ok(())
     }
+}
 
-    fn read(&self) -> Option<Arc<Published>> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
+/// Every stored declaration.
+async fn stored(pool: &PgPool) -> Result<BTreeMap<(Kind, Name), (String, u32)>, StoreError> {
+    let rows: Vec<(String, String, String, i32)> =
+        sqlx::query_as("SELECT kind, name, path, line FROM declarations")
+            .fetch_all(pool)
+            .await
+            .op("read declarations")?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(kind, name, path, line)| {
+            let kind = KINDS.into_iter().find(|k| k.as_str() == kind)?;
+            Some((
+                (kind, Name::new(&name).ok()?),
+                (path, u32::try_from(line).ok()?),
+            ))
+        })
+        .collect())
+}
+
+/// Where `name` is declared, with a link to that line when `browse` (the repository's web address,
+/// `https://github.com/acme/platform`) is known; `None` before any apply recorded it.
+pub async fn lookup(
+    pool: &PgPool,
+    kind: Kind,
+    name: &Name,
+    browse: Option<&str>,
+) -> Result<Option<Declared>, StoreError> {
+    let row: Option<(String, String, i32)> =
+        sqlx::query_as("SELECT commit, path, line FROM declarations WHERE kind = $1 AND name = $2")
+            .bind(kind.as_str())
+            .bind(name.as_str())
+            .fetch_optional(pool)
+            .await
+            .op("read a declaration")?;
+    Ok(row.map(|(commit, path, line)| Declared {
+        at: format!("{path}:{line}"),
+        href: browse.map(|base| {
+            format!(
+                "{}/blob/{}/{}#L{line}",
+                base.trim_end_matches('/'),
+                url_path(&commit),
+                url_path(&path)
+            )
+        }),
+    }))
 }
 
 /// The web address of a git remote on a forge that serves `<repo>/blob/<commit>/<path>` (GitHub, and
@@ -105,7 +182,7 @@ pub fn browse_url(repo: &str) -> Option<String> {
         .then(|| format!("https://github.com/{owner}/{name}"))
 }
 
-/// A repository path as a URL path: each segment percent-encoded except unreserved characters.
+/// A repository path as a URL path: each byte percent-encoded except unreserved characters and `/`.
 fn url_path(path: &str) -> String {
     let mut out = String::with_capacity(path.len());
     for b in path.bytes() {
@@ -148,39 +225,7 @@ mod tests {
     }
 
     #[test]
-    fn a_line_is_shown_only_for_the_applied_commit() {
-        let d = Declarations::default();
-        let name = Name::new("web").unwrap();
-        let origin = |path: &str, line| Origin {
-            path: path.to_owned(),
-            line,
-            col: 1,
-        };
-        let origins = BTreeMap::from([
-            ((Kind::App, name.clone()), origin("apps/my web.toml", 2)),
-            ((Kind::Plan, name.clone()), origin("plans.toml", 9)),
-        ]);
-        assert_eq!(d.lookup(Some("c1"), Kind::App, &name, None), None);
-        d.publish("c1", &origins);
-        assert_eq!(
-            d.lookup(Some("c1"), Kind::Plan, &name, None),
-            None,
-            "plans have no page"
-        );
-        let got = d
-            .lookup(
-                Some("c1"),
-                Kind::App,
-                &name,
-                Some("https://github.com/acme/platform"),
-            )
-            .unwrap();
-        assert_eq!(got.at, "apps/my web.toml:2");
-        assert_eq!(
-            got.href.as_deref(),
-            Some("https://github.com/acme/platform/blob/c1/apps/my%20web.toml#L2")
-        );
-        assert_eq!(d.lookup(Some("c2"), Kind::App, &name, None), None);
-        assert_eq!(d.lookup(None, Kind::App, &name, None), None);
+    fn paths_are_percent_encoded() {
+        assert_eq!(url_path("apps/my web#1.toml"), "apps/my%20web%231.toml");
     }
 }

@@ -282,7 +282,8 @@ pub async fn serve(
     c.hooks = service::hooks(&settings);
     let _ = ready.set(c.pool.clone());
     let wake = Arc::new(Notify::new());
-    let (router, routes, declared) = start_apis(
+    c.declared = Some(Declarations::default());
+    let (router, routes) = start_apis(
         &api,
         &source,
         &database_url,
@@ -293,7 +294,6 @@ pub async fn serve(
         &shutdown,
     )
     .await?;
-    c.declared = Some(declared);
     // Certificates: the controller hands the loop the applied `[tls]` after each apply; the loop's
     // challenges travel to every ingress node with the route table.
     let (cert_settings, cert_rx) = tokio::sync::watch::channel(None);
@@ -381,8 +381,7 @@ pub async fn serve(
 }
 
 /// Connects the APIs' pool and listener, starts the liveness monitor, the output prune and the route
-/// table's refresh, and returns the APIs' router, the route table and where the dashboard reads
-/// declarations (the controller publishes them).
+/// table's refresh, and returns the APIs' router and the route table.
 #[allow(clippy::too_many_arguments)]
 async fn start_apis(
     settings: &ApiSettings,
@@ -393,7 +392,7 @@ async fn start_apis(
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     shutdown: &Shutdown,
-) -> Result<(Router, Routes, Declarations), ServeError> {
+) -> Result<(Router, Routes), ServeError> {
     let pool = cairn_reconciler::store::connect(database_url, settings.db_connections)
         .await
         .map_err(ServeError::ConnectApi)?;
@@ -469,11 +468,9 @@ async fn start_apis(
         let stop = shutdown.clone();
         async move { cairn_reconciler::liveness::monitor(pool, judging, wake, &stop).await }
     });
-    let declared = api.declared.clone();
     Ok((
         cairn_reconciler::api::router_with(api, cairn_webhook::admin::routes()),
         routes,
-        declared,
     ))
 }
 

@@ -144,8 +144,6 @@ pub struct Api {
     pub routes: crate::routes::Routes,
     /// The key of the internal hop between node proxies, handed to each node sealed to it.
     pub hop_key: crate::routes::HopKey,
-    /// Where the applied commit declares each app and node (the controller publishes them).
-    pub declared: crate::declared::Declarations,
     /// Triggered when the server shuts down: long-polls answer at once.
     stopping: Option<Shutdown>,
     node_limit: Limiter,
@@ -188,7 +186,6 @@ impl Api {
         Arc::new(Api {
             routes: crate::routes::Routes::default(),
             hop_key: crate::routes::HopKey::new(identity.as_deref()),
-            declared: Default::default(),
             stopping,
             hooks,
             heads: std::sync::OnceLock::new(),

@@ -517,3 +517,93 @@ async fn stored_output_is_announced_to_the_apps_followers() {
     stop.trigger();
     follower.await.unwrap();
 }
+
+/// Where apps and nodes are declared: only the rows that moved are written, each with the commit whose
+/// file has it there; a control plane that starts afresh compares with the stored rows.
+#[tokio::test]
+async fn declarations_write_only_what_moved() {
+    use cairn_reconciler::declared::{Declarations, lookup};
+    use cairn_schema::model::Origin;
+    use std::collections::BTreeMap;
+    let db = cairn_testkit::test_db!();
+    let origins = |entries: &[(Kind, &str, &str, usize)]| -> BTreeMap<(Kind, Name), Origin> {
+        entries
+            .iter()
+            .map(|(k, n, p, l)| {
+                (
+                    (*k, name(n)),
+                    Origin {
+                        path: (*p).to_owned(),
+                        line: *l,
+                        col: 1,
+                    },
+                )
+            })
+            .collect()
+    };
+    let rows = || async {
+        sqlx::query_as::<_, (String, String, String, String, i32)>(
+            "SELECT kind, name, commit, path, line FROM declarations ORDER BY kind, name",
+        )
+        .fetch_all(db.pool())
+        .await
+        .unwrap()
+    };
+    let row = |k: &str, n: &str, c: &str, p: &str, l: i32| {
+        (k.to_owned(), n.to_owned(), c.to_owned(), p.to_owned(), l)
+    };
+    let d = Declarations::default();
+    let first = origins(&[
+        (Kind::App, "web", "apps.toml", 1),
+        (Kind::App, "api", "apps.toml", 9),
+        (Kind::Node, "a", "nodes.toml", 1),
+        (Kind::Plan, "small", "plans.toml", 1),
+    ]);
+    d.record(db.pool(), "c1", &first).await.unwrap();
+    assert_eq!(
+        rows().await,
+        [
+            row("app", "api", "c1", "apps.toml", 9),
+            row("app", "web", "c1", "apps.toml", 1),
+            row("node", "a", "c1", "nodes.toml", 1),
+        ],
+        "plans have no page: not stored"
+    );
+    // c2 inserts a line above `api` and removes the node: only `api` moves to c2.
+    let second = origins(&[
+        (Kind::App, "web", "apps.toml", 1),
+        (Kind::App, "api", "apps.toml", 10),
+    ]);
+    d.record(db.pool(), "c2", &second).await.unwrap();
+    let want = [
+        row("app", "api", "c2", "apps.toml", 10),
+        row("app", "web", "c1", "apps.toml", 1),
+    ];
+    assert_eq!(rows().await, want);
+    // Another control plane (or this one after a restart) compares with the table: nothing to write.
+    Declarations::default()
+        .record(db.pool(), "c3", &second)
+        .await
+        .unwrap();
+    assert_eq!(rows().await, want);
+    let got = lookup(
+        db.pool(),
+        Kind::App,
+        &name("api"),
+        Some("https://github.com/acme/platform"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(got.at, "apps.toml:10");
+    assert_eq!(
+        got.href.as_deref(),
+        Some("https://github.com/acme/platform/blob/c2/apps.toml#L10")
+    );
+    assert_eq!(
+        lookup(db.pool(), Kind::Node, &name("a"), None)
+            .await
+            .unwrap(),
+        None
+    );
+}

@@ -482,18 +482,25 @@ struct DeclaredLine {
 }
 
 impl DeclaredLine {
-    fn of(api: &Api, applied: Option<&str>, kind: Kind, name: &cairn_schema::Name) -> DeclaredLine {
-        DeclaredLine {
+    async fn of(
+        api: &Api,
+        applied: Option<&str>,
+        kind: Kind,
+        name: &cairn_schema::Name,
+    ) -> Result<DeclaredLine, Response> {
+        let origin =
+            crate::declared::lookup(&api.pool, kind, name, api.cfg.config_browse.as_deref())
+                .await
+                .page()?;
+        Ok(DeclaredLine {
             kind: match kind {
                 Kind::Node => "node",
                 _ => "app",
             },
             name: name.to_string(),
-            origin: api
-                .declared
-                .lookup(applied, kind, name, api.cfg.config_browse.as_deref()),
+            origin,
             applied: applied.map_or("—".into(), short),
-        }
+        })
     }
 }
 
@@ -666,7 +673,7 @@ pub(super) async fn app(
             }
             _ => None,
         }),
-        declaration: DeclaredLine::of(&api, st.applied_commit.as_deref(), Kind::App, &name),
+        declaration: DeclaredLine::of(&api, st.applied_commit.as_deref(), Kind::App, &name).await?,
         cost,
     };
     Ok(render(StatusCode::OK, &page))
@@ -833,7 +840,8 @@ pub(super) async fn node(
         )))
     })?;
     let page = NodePage {
-        declaration: DeclaredLine::of(&api, st.applied_commit.as_deref(), Kind::Node, &name),
+        declaration: DeclaredLine::of(&api, st.applied_commit.as_deref(), Kind::Node, &name)
+            .await?,
         nav: Nav::of(&session),
         node: node_row(n, now),
         region: n.region.clone().unwrap_or_else(|| "—".into()),
