@@ -23,10 +23,13 @@ const KINDS: [Kind; 2] = [Kind::App, Kind::Node];
 #[derive(Debug, Clone, Default)]
 pub struct Declarations(Arc<tokio::sync::Mutex<Option<Written>>>);
 
+/// Each resource's file and line.
+type Places = BTreeMap<(Kind, Name), (String, u32)>;
+
 #[derive(Debug)]
 struct Written {
     commit: String,
-    at: BTreeMap<(Kind, Name), (String, u32)>,
+    at: Places,
 }
 
 /// Where a resource is declared, and the web address of that line when the repository has one.
@@ -51,7 +54,7 @@ impl Declarations {
         if last.as_ref().is_some_and(|w| w.commit == commit) || commit.is_empty() {
             return Ok(());
         }
-        let now: BTreeMap<(Kind, Name), (String, u32)> = origins
+        let now: Places = origins
             .iter()
             .filter(|((kind, _), _)| KINDS.contains(kind))
             .map(|(k, o)| {
@@ -63,7 +66,7 @@ impl Declarations {
             Some(w) => w.at,
             None => stored(pool).await?,
         };
-        let moved: Vec<(&(Kind, Name), &(String, u32))> = now
+        let moved: Vec<_> = now
             .iter()
             .filter(|(k, v)| before.get(*k) != Some(*v))
             .collect();
@@ -114,7 +117,7 @@ impl Declarations {
 }
 
 /// Every stored declaration.
-async fn stored(pool: &PgPool) -> Result<BTreeMap<(Kind, Name), (String, u32)>, StoreError> {
+async fn stored(pool: &PgPool) -> Result<Places, StoreError> {
     let rows: Vec<(String, String, String, i32)> =
         sqlx::query_as("SELECT kind, name, path, line FROM declarations")
             .fetch_all(pool)
