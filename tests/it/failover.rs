@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use cairn_pgdev::Account;
 use cairn_schema::Identity;
 use cairn_testkit::skip;
+use sqlx::ConnectOptions as _;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
-use sqlx::{ConnectOptions as _, Connection as _};
 use tempfile::TempDir;
 
 use crate::agents::support::{CAIRN, Repo, agent_bin, join_token, start_listening, wait_for};
@@ -51,7 +51,11 @@ impl Formation {
                 "{ext} is missing (Debian: postgresql-{major}-auto-failover)"
             ));
         }
-        if Command::new("pg_autoctl").arg("--version").output().is_err() {
+        if Command::new("pg_autoctl")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             return Err("pg_autoctl is not on PATH (Debian: pg-auto-failover-cli)".to_owned());
         }
         let run_as = cairn_pgdev::server_account().map_err(|e| e.to_string())?;
@@ -78,7 +82,11 @@ impl Formation {
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = match self.run_as {
             Some(_) => {
-                let mut c = Command::new("runuser");
+                let runuser = ["/usr/sbin/runuser", "/sbin/runuser", "/usr/bin/runuser"]
+                    .into_iter()
+                    .find(|p| Path::new(p).is_file())
+                    .expect("runuser (pgdev checked it)");
+                let mut c = Command::new(runuser);
                 c.args(["-u", "postgres", "--", "pg_autoctl"]);
                 c
             }
@@ -137,9 +145,21 @@ impl Formation {
     async fn start_monitor(&self) {
         let (pgdata, pgctl, port) = (self.pgdata("monitor"), self.pgctl(), self.monitor);
         self.run(&[
-            "create", "monitor", "--pgdata", &pgdata, "--pgctl", &pgctl, "--pgport",
-            &port.to_string(), "--hostname", "127.0.0.1", "--listen", "127.0.0.1", "--auth",
-            "trust", "--no-ssl",
+            "create",
+            "monitor",
+            "--pgdata",
+            &pgdata,
+            "--pgctl",
+            &pgctl,
+            "--pgport",
+            &port.to_string(),
+            "--hostname",
+            "127.0.0.1",
+            "--listen",
+            "127.0.0.1",
+            "--auth",
+            "trust",
+            "--no-ssl",
         ]);
         self.spawn("monitor", &["run", "--pgdata", &pgdata]);
         let mut c = connect_when_up(self.monitor, "postgres", "pg_auto_failover").await;
@@ -152,12 +172,10 @@ impl Formation {
             ("startup_grace_period", "1000"),
             ("primary_demote_timeout", "5000"),
         ] {
-            sqlx::query(&format!(
-                "ALTER SYSTEM SET pgautofailover.{name} = {value}"
-            ))
-            .execute(&mut c)
-            .await
-            .unwrap();
+            sqlx::query(&format!("ALTER SYSTEM SET pgautofailover.{name} = {value}"))
+                .execute(&mut c)
+                .await
+                .unwrap();
         }
         sqlx::query("SELECT pg_reload_conf()")
             .execute(&mut c)
@@ -172,9 +190,24 @@ impl Formation {
         self.spawn(
             &format!("node{i}"),
             &[
-                "create", "postgres", "--pgdata", &pgdata, "--pgctl", &pgctl, "--pgport", &port,
-                "--hostname", "127.0.0.1", "--listen", "127.0.0.1", "--auth", "trust",
-                "--no-ssl", "--monitor", &monitor, "--run",
+                "create",
+                "postgres",
+                "--pgdata",
+                &pgdata,
+                "--pgctl",
+                &pgctl,
+                "--pgport",
+                &port,
+                "--hostname",
+                "127.0.0.1",
+                "--listen",
+                "127.0.0.1",
+                "--auth",
+                "trust",
+                "--no-ssl",
+                "--monitor",
+                &monitor,
+                "--run",
             ],
         );
     }
@@ -326,8 +359,13 @@ struct Applied {
 async fn apply(f: &Formation, repo: &Repo, n: u32, limit: Duration) -> Applied {
     repo.app("web", 1, &format!("N = \"{n}\"\n"));
     repo.commit();
+    wait_applied(f, repo, limit).await
+}
+
+/// Waits until the control plane applied the repository's head on a writable node.
+async fn wait_applied(f: &Formation, repo: &Repo, limit: Duration) -> Applied {
     let head = repo.head();
-    wait_for(&format!("commit {n} applied"), limit, || async {
+    wait_for(&format!("commit {head} applied"), limit, || async {
         let (port, mut c) = writable(f).await?;
         let (generation, commit): (i64, Option<String>) =
             sqlx::query_as("SELECT generation, commit FROM config_state")
@@ -399,9 +437,11 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     f.start_monitor().await;
     let [a, b] = f.nodes;
     f.start_node(0);
-    wait_for("the first node registered", Duration::from_secs(30), || async {
-        f.states().await.iter().any(|(p, ..)| *p == a).then_some(())
-    })
+    wait_for(
+        "the first node registered",
+        Duration::from_secs(30),
+        || async { f.states().await.iter().any(|(p, ..)| *p == a).then_some(()) },
+    )
     .await;
     f.start_node(1);
     // The standby's base backup waits for a checkpoint on the primary: ask for an immediate one.
@@ -416,12 +456,10 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     f.wait_settled(a, Duration::from_secs(90)).await;
     checkpoints.abort();
     let mut c = connect(a, "postgres", "postgres").await.unwrap();
-    sqlx::query(&format!(
-        "CREATE ROLE cairn LOGIN PASSWORD '{PASSWORD}'"
-    ))
-    .execute(&mut c)
-    .await
-    .unwrap();
+    sqlx::query(&format!("CREATE ROLE cairn LOGIN PASSWORD '{PASSWORD}'"))
+        .execute(&mut c)
+        .await
+        .unwrap();
     sqlx::query("CREATE DATABASE cairn OWNER cairn")
         .execute(&mut c)
         .await
@@ -458,12 +496,20 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     let http = format!("http://{addr}");
     let (probes, prober) = watch_ready(http.clone());
 
+    wait_applied(&f, &repo, Duration::from_secs(30)).await;
     // The agent, joined with a token the CLI makes through the same multi-host URL.
     let token = join_token(&url, "a");
     let agent_dir = scratch.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
     let mut agent = Command::new(agent_bin())
-        .args(["--server", &http, "--driver", "recording", "--concurrency", "2"])
+        .args([
+            "--server",
+            &http,
+            "--driver",
+            "recording",
+            "--concurrency",
+            "2",
+        ])
         .args(["--heartbeat", "300ms", "--data-dir"])
         .arg(&agent_dir)
         .env("CAIRN_AGENT_TEST_DRIVER", "1")
@@ -481,7 +527,10 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     }
     assert!(applied.iter().all(|x| x.port == a));
     wait_agent_current(&f, Duration::from_secs(30)).await;
-    assert!(metrics_primary(&http, a).await, "/metrics names {a} as primary");
+    assert!(
+        metrics_primary(&http, a).await,
+        "/metrics names {a} as primary"
+    );
 
     // 1. A switchover by command: `b` becomes the primary, `a` its standby.
     let mut gaps = Vec::new();
@@ -502,7 +551,10 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(first.port, b, "applied on the new primary");
-    eprintln!("switchover: applied on the new primary after {:?}", first.at - t0);
+    eprintln!(
+        "switchover: applied on the new primary after {:?}",
+        first.at - t0
+    );
     gaps.push((t0, first.at));
     applied.push(first);
     applied.push(apply(&f, &repo, n, Duration::from_secs(30)).await);
@@ -521,15 +573,23 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     applied.push(first);
     applied.push(apply(&f, &repo, n, Duration::from_secs(30)).await);
     wait_agent_current(&f, Duration::from_secs(30)).await;
-    wait_for("/metrics to name the new primary", Duration::from_secs(10), || {
-        metrics_primary(&http, a)
-    })
+    wait_for(
+        "/metrics to name the new primary",
+        Duration::from_secs(10),
+        || {
+            let http = http.clone();
+            async move { metrics_primary(&http, a).await.then_some(()) }
+        },
+    )
     .await;
     // The last probes after recovery: ready.
     tokio::time::sleep(Duration::from_millis(500)).await;
     prober.abort();
 
-    assert!(serve.try_wait().unwrap().is_none(), "serve did not restart or exit");
+    assert!(
+        serve.try_wait().unwrap().is_none(),
+        "serve did not restart or exit"
+    );
     assert!(agent.try_wait().unwrap().is_none(), "the agent runs");
 
     // No apply lost: every generation seen committed is in the last primary's history, with its commit.

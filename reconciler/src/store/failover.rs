@@ -160,7 +160,8 @@ impl Database {
                 .await
                 .map_err(StoreError::Connect);
         }
-        let primary = match self.state().primary {
+        let known = self.state().primary;
+        let primary = match known {
             Some(i) => i,
             None => self.find_within(ACQUIRE_TIMEOUT).await?,
         };
@@ -256,7 +257,11 @@ impl Database {
         state.primary = chosen;
         // The pools' connections are to a host that no longer takes writes (or to the old primary):
         // each is closed on its next acquire, and a new one waits for a writable host.
-        *self.inner.switched.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        *self
+            .inner
+            .switched
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         match chosen {
             Some(i) => {
                 state.pools.retain(|p| !p.is_closed());

@@ -124,9 +124,7 @@ impl<T> Op<T> for Result<T, sqlx::Error> {
 /// goes to the writable one, found when it is made; `cairn serve` makes its pools from one
 /// [`failover::Database`] and watches it, so they follow a failover.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
-    failover::Database::open(url)?
-        .pool(max_connections)
-        .await
+    failover::Database::open(url)?.pool(max_connections).await
 }
 
 /// Applies the migrations this binary embeds that the database lacks. Refuses a database on which a
