@@ -582,6 +582,21 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
         },
     )
     .await;
+    let metrics = reqwest::get(format!("{http}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("cairn_database_failovers_total 2"),
+        "two moves counted: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("database"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     // The last probes after recovery: ready.
     tokio::time::sleep(Duration::from_millis(500)).await;
     prober.abort();
@@ -637,6 +652,17 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     assert!(probes.last().unwrap().1, "/readyz ready at the end");
 
     let log = std::fs::read_to_string(&serve_log).unwrap();
+    let gap_probes = |(from, to): (Instant, Instant)| {
+        probes
+            .iter()
+            .filter(|(at, ok)| !*ok && *at >= from && *at <= to)
+            .count()
+    };
+    eprintln!(
+        "not ready: {} probes in the switchover, {} in the kill",
+        gap_probes(gaps[0]),
+        gap_probes(gaps[1])
+    );
     assert!(!log.contains(PASSWORD), "the password is in serve's log");
     assert!(
         log.contains("database primary"),

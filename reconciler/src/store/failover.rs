@@ -86,6 +86,8 @@ struct Inner {
 #[derive(Default)]
 struct State {
     primary: Option<usize>,
+    /// The last host that was the primary (kept while none is).
+    last: Option<usize>,
     /// Every pool made here, told when the primary changes.
     pools: Vec<PgPool>,
 }
@@ -108,7 +110,7 @@ impl Database {
             .iter()
             .map(|o| {
                 let host = o.get_host();
-                if host.contains(':') && !host.starts_with('/') {
+                if host.contains(':') && !host.starts_with(['/', '[']) {
                     format!("[{host}]:{}", o.get_port())
                 } else {
                     format!("{host}:{}", o.get_port())
@@ -123,6 +125,7 @@ impl Database {
                 names,
                 state: Mutex::new(State {
                     primary,
+                    last: primary,
                     pools: Vec::new(),
                 }),
                 switched: Arc::default(),
@@ -193,6 +196,9 @@ impl Database {
             .await
             .map_err(StoreError::Connect)?;
         let mut state = self.state();
+        if state.last.is_none() {
+            state.last = Some(primary);
+        }
         if let Some(now) = state.primary.filter(|&now| now != primary) {
             pool.set_connect_options(self.inner.hosts[now].clone());
         }
@@ -253,8 +259,9 @@ impl Database {
         if state.primary == chosen {
             return;
         }
-        let before = state.primary;
+        let before = state.last;
         state.primary = chosen;
+        state.last = chosen.or(before);
         // The pools' connections are to a host that no longer takes writes (or to the old primary):
         // each is closed on its next acquire, and a new one waits for a writable host.
         *self
@@ -448,7 +455,7 @@ mod tests {
             [
                 ("h1".to_owned(), 5432, "u".to_owned(), db.clone()),
                 ("h2".to_owned(), 5432, "u".to_owned(), db.clone()),
-                ("::1".to_owned(), 5434, "u".to_owned(), db),
+                ("[::1]".to_owned(), 5434, "u".to_owned(), db),
             ]
         );
     }
@@ -459,7 +466,7 @@ mod tests {
             names("postgres://a@h1:1/x, postgresql://b@h2:2,h3:3/y"),
             ["h1:1", "h2:2", "h3:3"]
         );
-        assert_eq!(names("postgres://u@[::1]:5/x,h:6"), ["[::1]:5", "h:6"]);
+        assert_eq!(names("postgres://u@[::1]:5,h:6/x"), ["[::1]:5", "h:6"]);
     }
 
     #[test]
