@@ -189,7 +189,7 @@ impl Database {
                 Box::pin(async move {
                     // Opened before the primary changed: to the old one, or to a server that was not
                     // writable then.
-                    Ok(!switched.is_some_and(|at| meta.age > at.elapsed()))
+                    Ok(switched.is_none_or(|at| meta.age <= at.elapsed()))
                 })
             })
             .connect_with(self.inner.hosts[primary].clone())
