@@ -79,12 +79,18 @@ async fn the_pool_skips_a_dead_host_and_waits_out_a_read_only_server() {
     assert!(!ready(&pool).await, "no connection to a read-only server");
 
     // It takes writes again: the same pool reaches it, and a write goes through.
+    let mut admin = db.pool().acquire().await.unwrap();
+    sqlx::query("SET default_transaction_read_only = off")
+        .execute(&mut *admin)
+        .await
+        .unwrap();
     sqlx::query(&format!(
         "ALTER DATABASE \"{name}\" RESET default_transaction_read_only"
     ))
-    .execute(db.pool())
+    .execute(&mut *admin)
     .await
     .unwrap();
+    drop(admin);
     wait("the primary back", async || {
         database.primary().as_deref() == Some(live.as_str())
     })
