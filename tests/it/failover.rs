@@ -673,4 +673,5 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     let _ = agent.kill();
     let _ = agent.wait();
     eprintln!("whole test: {:?}", started.elapsed());
+    drop(f);
 }
