@@ -143,24 +143,9 @@ impl Formation {
 
     /// The monitor, with health checks every second and a node unhealthy after two.
     async fn start_monitor(&self) {
-        let (pgdata, pgctl, port) = (self.pgdata("monitor"), self.pgctl(), self.monitor);
-        self.run(&[
-            "create",
-            "monitor",
-            "--pgdata",
-            &pgdata,
-            "--pgctl",
-            &pgctl,
-            "--pgport",
-            &port.to_string(),
-            "--hostname",
-            "127.0.0.1",
-            "--listen",
-            "127.0.0.1",
-            "--auth",
-            "trust",
-            "--no-ssl",
-        ]);
+        let create = self.create("monitor", "monitor", self.monitor, &[]);
+        self.run(&create.iter().map(String::as_str).collect::<Vec<_>>());
+        let pgdata = self.pgdata("monitor");
         self.spawn("monitor", &["run", "--pgdata", &pgdata]);
         let mut c = connect_when_up(self.monitor, "postgres", "pg_auto_failover").await;
         for (name, value) in [
@@ -172,44 +157,56 @@ impl Formation {
             ("startup_grace_period", "1000"),
             ("primary_demote_timeout", "5000"),
         ] {
-            sqlx::query(&format!("ALTER SYSTEM SET pgautofailover.{name} = {value}"))
-                .execute(&mut c)
-                .await
-                .unwrap();
+            exec(
+                &mut c,
+                &format!("ALTER SYSTEM SET pgautofailover.{name} = {value}"),
+            )
+            .await;
         }
-        sqlx::query("SELECT pg_reload_conf()")
-            .execute(&mut c)
-            .await
-            .unwrap();
+        exec(&mut c, "SELECT pg_reload_conf()").await;
     }
 
     /// Node `i` (0 or 1), started and left running.
     fn start_node(&self, i: usize) {
-        let (pgdata, pgctl) = (self.pgdata(&format!("node{i}")), self.pgctl());
-        let (port, monitor) = (self.nodes[i].to_string(), self.monitor_uri());
-        self.spawn(
-            &format!("node{i}"),
-            &[
-                "create",
-                "postgres",
-                "--pgdata",
-                &pgdata,
-                "--pgctl",
-                &pgctl,
-                "--pgport",
-                &port,
-                "--hostname",
-                "127.0.0.1",
-                "--listen",
-                "127.0.0.1",
-                "--auth",
-                "trust",
-                "--no-ssl",
-                "--monitor",
-                &monitor,
-                "--run",
-            ],
+        let name = format!("node{i}");
+        let monitor = self.monitor_uri();
+        let create = self.create(
+            "postgres",
+            &name,
+            self.nodes[i],
+            &["--monitor", &monitor, "--run"],
         );
+        self.spawn(
+            &name,
+            &create.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+    }
+
+    /// `pg_autoctl create KIND` for a server in `<dir>/NAME` on loopback `port`, trusting loopback.
+    fn create(&self, kind: &str, name: &str, port: u16, extra: &[&str]) -> Vec<String> {
+        let (pgdata, pgctl, port) = (self.pgdata(name), self.pgctl(), port.to_string());
+        let common = [
+            "create",
+            kind,
+            "--pgdata",
+            &pgdata,
+            "--pgctl",
+            &pgctl,
+            "--pgport",
+            &port,
+            "--hostname",
+            "127.0.0.1",
+            "--listen",
+            "127.0.0.1",
+            "--auth",
+            "trust",
+            "--no-ssl",
+        ];
+        common
+            .iter()
+            .chain(extra)
+            .map(|a| (*a).to_owned())
+            .collect()
     }
 
     /// `(port, reported state, goal state)` of each node, as the monitor has them.
@@ -413,12 +410,26 @@ async fn wait_agent_current(f: &Formation, limit: Duration) {
     .await;
 }
 
+/// Serve's `/metrics`, `None` when it does not answer.
+async fn metrics(url: &str) -> Option<String> {
+    reqwest::get(format!("{url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()
+}
+
+/// Runs one statement, which must succeed.
+async fn exec(c: &mut PgConnection, sql: &str) {
+    sqlx::query(sql).execute(c).await.unwrap();
+}
+
 /// `/metrics` says `port` is the primary in use.
 async fn metrics_primary(url: &str, port: u16) -> bool {
-    let Ok(r) = reqwest::get(format!("{url}/metrics")).await else {
+    let Some(text) = metrics(url).await else {
         return false;
     };
-    let text = r.text().await.unwrap_or_default();
     assert!(!text.contains(PASSWORD), "the password is in /metrics");
     text.contains(&format!(
         "cairn_database_primary{{host=\"127.0.0.1:{port}\"}} 1"
@@ -456,14 +467,12 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     f.wait_settled(a, Duration::from_secs(90)).await;
     checkpoints.abort();
     let mut c = connect(a, "postgres", "postgres").await.unwrap();
-    sqlx::query(&format!("CREATE ROLE cairn LOGIN PASSWORD '{PASSWORD}'"))
-        .execute(&mut c)
-        .await
-        .unwrap();
-    sqlx::query("CREATE DATABASE cairn OWNER cairn")
-        .execute(&mut c)
-        .await
-        .unwrap();
+    exec(
+        &mut c,
+        &format!("CREATE ROLE cairn LOGIN PASSWORD '{PASSWORD}'"),
+    )
+    .await;
+    exec(&mut c, "CREATE DATABASE cairn OWNER cairn").await;
     drop(c);
     eprintln!("formation ready after {:?}", started.elapsed());
 
@@ -582,12 +591,7 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
         },
     )
     .await;
-    let metrics = reqwest::get(format!("{http}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(&http).await.unwrap();
     assert!(
         metrics.contains("cairn_database_failovers_total 2"),
         "two moves counted: {}",
