@@ -344,6 +344,16 @@ fn watch_ready(url: String) -> (Probes, tokio::task::JoinHandle<()>) {
     (probes, task)
 }
 
+/// A child process killed when the test ends, passed or not.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One apply: the app's env changes (a new release, a deploy task for the agent).
 struct Applied {
     generation: i64,
@@ -489,7 +499,6 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     let serve_log = scratch.path().join("serve.log");
     let mut cmd = Command::new(CAIRN);
     cmd.arg("serve")
-        .args(["--database-url", &url])
         .args(["--repo", &repo.url(), "--ref", "main"])
         .arg("--identity")
         .arg(&key)
@@ -499,9 +508,11 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
         .args(["--heartbeat-interval", "300ms", "--task-lease", "3s"])
         .env("CAIRN_LOG", "debug")
         .env_remove("CAIRN_IDENTITY")
-        .env_remove("DATABASE_URL")
+        // Through the environment, as an operator should: argv is readable by every local user.
+        .env("DATABASE_URL", &url)
         .stderr(std::fs::File::create(&serve_log).unwrap());
-    let (mut serve, addr) = start_listening(&mut cmd).await;
+    let (serve, addr) = start_listening(&mut cmd).await;
+    let mut serve = Killed(serve);
     let http = format!("http://{addr}");
     let (probes, prober) = watch_ready(http.clone());
 
@@ -510,23 +521,25 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     let token = join_token(&url, "a");
     let agent_dir = scratch.path().join("agent");
     std::fs::create_dir_all(&agent_dir).unwrap();
-    let mut agent = Command::new(agent_bin())
-        .args([
-            "--server",
-            &http,
-            "--driver",
-            "recording",
-            "--concurrency",
-            "2",
-        ])
-        .args(["--heartbeat", "300ms", "--data-dir"])
-        .arg(&agent_dir)
-        .env("CAIRN_AGENT_TEST_DRIVER", "1")
-        .env("CAIRN_JOIN_TOKEN", &token)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(scratch.path().join("agent.log")).unwrap())
-        .spawn()
-        .unwrap();
+    let mut agent = Killed(
+        Command::new(agent_bin())
+            .args([
+                "--server",
+                &http,
+                "--driver",
+                "recording",
+                "--concurrency",
+                "2",
+            ])
+            .args(["--heartbeat", "300ms", "--data-dir"])
+            .arg(&agent_dir)
+            .env("CAIRN_AGENT_TEST_DRIVER", "1")
+            .env("CAIRN_JOIN_TOKEN", &token)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(scratch.path().join("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
 
     let mut applied = Vec::new();
     let mut n = 1;
@@ -606,10 +619,10 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
     prober.abort();
 
     assert!(
-        serve.try_wait().unwrap().is_none(),
+        serve.0.try_wait().unwrap().is_none(),
         "serve did not restart or exit"
     );
-    assert!(agent.try_wait().unwrap().is_none(), "the agent runs");
+    assert!(agent.0.try_wait().unwrap().is_none(), "the agent runs");
 
     // No apply lost: every generation seen committed is in the last primary's history, with its commit.
     let (last, mut c) = writable(&f).await.expect("a primary");
@@ -672,10 +685,5 @@ async fn serve_follows_the_primary_through_a_switchover_and_a_killed_primary() {
         log.contains("database primary"),
         "serve logs the primary it uses"
     );
-    let _ = serve.kill();
-    let _ = serve.wait();
-    let _ = agent.kill();
-    let _ = agent.wait();
     eprintln!("whole test: {:?}", started.elapsed());
-    drop(f);
 }
