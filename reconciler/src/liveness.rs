@@ -106,7 +106,14 @@ impl Pass for Monitor {
     async fn run(&mut self, _: Woken) -> Result<Option<Duration>, Self::Error> {
         let offline_after = self.judging.offline_after();
         match tokio::time::timeout(self.period, crate::store::ping(&self.pool)).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => {
+                // A failover under way: the server answers but takes no writes.
+                tracing::warn!("cannot check node liveness: the database is read-only");
+                self.judging.set(false);
+                self.judge_from = tokio::time::Instant::now() + offline_after;
+                return Ok(None);
+            }
             Ok(Err(e)) => {
                 tracing::warn!(error = %error_chain(&e), "cannot check node liveness");
                 self.judging.set(false);

@@ -24,6 +24,8 @@
 //! | `cairn_certificate_soonest_expiry_days` | gauge | | (the soonest expiry among declared certificates, in days; absent without one) |
 //! | `cairn_usage_month_to_date_minor` | gauge | | (metered usage of the current UTC month in minor units of the currency, as last rolled up; read from Postgres when scraped) |
 //! | `cairn_metrics_database_up` | gauge | |
+//! | `cairn_database_primary` | gauge | `host`: each PostgreSQL `host:port` `cairn serve` was given (operator configuration, never a password); 1 for the one in use |
+//! | `cairn_database_failovers_total` | counter | | (moves to another primary) |
 //!
 //! What it must not do: put anything unbounded or private in a label (an app or node name, a commit, an
 //! error, a secret): every label value comes from a fixed set, and a value from outside it (a stage an
@@ -202,6 +204,9 @@ pub struct Metrics {
     push_to_running: Histograms<StageLabel>,
     usage_month_to_date: Gauge,
     database_up: Gauge,
+    /// 1 for the database host in use, 0 for the others (`host:port` as the operator gave them).
+    database_primary: Family<Vec<(String, String)>, Gauge>,
+    database_failovers: Counter,
     /// One scrape at a time: a scrape clears and refills the gauges it reads from Postgres.
     scraping: tokio::sync::Mutex<()>,
 }
@@ -253,6 +258,8 @@ impl Metrics {
             push_to_running: Family::new_with_constructor(stage_buckets),
             usage_month_to_date: Gauge::default(),
             database_up: Gauge::default(),
+            database_primary: Family::default(),
+            database_failovers: Counter::default(),
             scraping: tokio::sync::Mutex::new(()),
         };
         registry.register_with_unit(
@@ -330,6 +337,17 @@ impl Metrics {
             "Whether this scrape could read the gauges it takes from Postgres",
             m.database_up.clone(),
         );
+        registry.register(
+            "database_primary",
+            "1 for the PostgreSQL host the control plane writes to, 0 for the other hosts it was given \
+             (all 0 while none is writable)",
+            m.database_primary.clone(),
+        );
+        registry.register(
+            "database_failovers",
+            "Times the control plane moved to another PostgreSQL primary",
+            m.database_failovers.clone(),
+        );
         m.zero();
         Metrics { registry, ..m }
     }
@@ -382,6 +400,20 @@ impl Metrics {
         for stage in STAGES {
             drop(self.push_to_running.get_or_create(&StageLabel { stage }));
         }
+    }
+
+    /// The database hosts and which of them is the primary in use (`store::failover`).
+    pub fn database_primary(&self, hosts: &[String], primary: Option<usize>) {
+        for (i, host) in hosts.iter().enumerate() {
+            self.database_primary
+                .get_or_create(&vec![("host".to_owned(), host.clone())])
+                .set(i64::from(primary == Some(i)));
+        }
+    }
+
+    /// The control plane moved to another primary.
+    pub fn database_failover(&self) {
+        self.database_failovers.inc();
     }
 
     /// A reconcile ended.

@@ -31,6 +31,7 @@ use cairn_reconciler::queue::{Listener, QueueError};
 use cairn_reconciler::routes::Routes;
 use cairn_reconciler::source::heads::HeadPoller;
 use cairn_reconciler::store::StoreError;
+use cairn_reconciler::store::failover::Database;
 use cairn_reconciler::worker::Shutdown;
 use cairn_schema::Identity;
 use cairn_schema::source::RewriteError;
@@ -48,6 +49,9 @@ use late::Late;
 
 /// Connections the `/metrics` listener of its own holds at most (scrapers are few).
 const METRICS_MAX_CONNECTIONS: usize = 64;
+
+/// How often `cairn serve` checks that its database host is still the writable primary (given several).
+const DB_CHECK: Duration = Duration::from_secs(1);
 
 /// How long `/readyz` waits for the database.
 const READYZ_DB_TIMEOUT: Duration = Duration::from_millis(800);
@@ -266,9 +270,14 @@ pub async fn serve(
     }
     let server = tokio::spawn(listen::serve(listener, app, http, shutdown.clone()));
 
-    let pool = cairn_reconciler::store::connect(&database_url, 4)
-        .await
-        .map_err(ServeError::Connect)?;
+    // Every pool comes from one `Database`: with several hosts it finds the primary and repoints them
+    // all when it moves (`store::failover`).
+    let db = Database::open(&database_url).map_err(ServeError::Connect)?;
+    let pool = db.pool(4).await.map_err(ServeError::Connect)?;
+    tokio::spawn({
+        let (db, stop) = (db.clone(), shutdown.clone());
+        async move { db.watch(DB_CHECK, &stop).await }
+    });
     cairn_reconciler::store::migrate(&pool)
         .await
         .map_err(ServeError::Migrate)?;
@@ -286,7 +295,7 @@ pub async fn serve(
     let (router, routes) = start_apis(
         &api,
         &source,
-        &database_url,
+        &db,
         identity,
         judging,
         c.hooks.clone(),
@@ -342,9 +351,7 @@ pub async fn serve(
         ConfigSource::Git(_) => None,
     };
     // Notifications: the events' deliveries to the sinks declared in git, on a pool of their own.
-    let notify_pool = cairn_reconciler::store::connect(&database_url, 2)
-        .await
-        .map_err(ServeError::Connect)?;
+    let notify_pool = db.pool(2).await.map_err(ServeError::Connect)?;
     let notifier = cairn_webhook::notify::Notifier::new(
         notify_pool,
         c.identity.clone().map(Arc::new),
@@ -360,9 +367,7 @@ pub async fn serve(
     });
     let c = Arc::new(c);
     // A pool of its own: a burst of deliveries never waits behind the reconciler, nor it behind them.
-    let hooks_pool = cairn_reconciler::store::connect(&database_url, 10)
-        .await
-        .map_err(ServeError::Connect)?;
+    let hooks_pool = db.pool(10).await.map_err(ServeError::Connect)?;
     let integration = Webhooks::new(settings, hooks_pool, c.clone(), wake.clone())
         .map_err(ServeError::Webhooks)?;
     if let Some(router) = integration.router() {
@@ -386,14 +391,15 @@ pub async fn serve(
 async fn start_apis(
     settings: &ApiSettings,
     source: &SourceSettings,
-    database_url: &str,
+    db: &Database,
     identity: Option<Identity>,
     judging: Judging,
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     shutdown: &Shutdown,
 ) -> Result<(Router, Routes), ServeError> {
-    let pool = cairn_reconciler::store::connect(database_url, settings.db_connections)
+    let pool = db
+        .pool(settings.db_connections)
         .await
         .map_err(ServeError::ConnectApi)?;
     let listener = Listener::start(&pool, settings.lease_poll)
@@ -514,7 +520,8 @@ async fn readyz(State(ready): State<Arc<OnceCell<PgPool>>>) -> (StatusCode, &'st
     // The pool would wait up to its acquire timeout (10 s) for a connection to a database that is
     // down; a readiness probe needs its answer sooner.
     match tokio::time::timeout(READYZ_DB_TIMEOUT, cairn_reconciler::store::ping(pool)).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n"),
+        Ok(Ok(true)) => (StatusCode::OK, "ready\n"),
+        Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "database read-only\n"),
         Ok(Err(_)) | Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "database unreachable\n"),
     }
 }

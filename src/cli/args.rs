@@ -14,7 +14,9 @@ use cairn_schema::source::{Rewrite, Rewrites};
 /// Where the database is.
 #[derive(Debug, Clone, clap::Args)]
 pub struct DbArgs {
-    /// PostgreSQL URL (or DATABASE_URL)
+    /// PostgreSQL URL (or DATABASE_URL). For a replicated database name every host, as libpq does
+    /// (postgres://user:pw@host1:5432,host2:5432/cairn) or as URLs separated by commas: the writable
+    /// primary is used, and `cairn serve` follows it when it moves
     #[arg(long, env = "DATABASE_URL", value_name = "URL", hide_env_values = true)]
     pub database_url: String,
 }

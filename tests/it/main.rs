@@ -6,6 +6,7 @@ mod dashboard;
 mod dev;
 mod e2e;
 mod examples;
+mod failover;
 mod faults;
 mod in_process;
 mod layout;

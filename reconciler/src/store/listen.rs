@@ -59,8 +59,14 @@ pub async fn forward(
         loop {
             tokio::select! {
                 () = shutdown.wait() => return,
-                received = listener.recv() => match received {
-                    Ok(n) => on(Heard::Notified(n.payload())),
+                received = listener.try_recv() => match received {
+                    Ok(Some(n)) => on(Heard::Notified(n.payload())),
+                    // The connection was lost (a failover, say): the next call takes a new one from the
+                    // pool, which goes to the primary; what was notified meanwhile was missed.
+                    Ok(None) => {
+                        tracing::warn!("lost the {what} listener; reconnecting");
+                        break;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "lost the {what} listener; reconnecting");
                         break;

@@ -39,6 +39,7 @@ pub mod certs;
 pub mod changes;
 pub(crate) mod decode;
 pub mod events;
+pub mod failover;
 pub mod history;
 pub mod listen;
 pub mod metrics;
@@ -52,11 +53,8 @@ pub mod status;
 pub mod tokens;
 pub mod usage;
 
-use std::time::Duration;
-
 use sha2::{Digest as _, Sha256};
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 
 pub use history::{NewReconciliation, ReconcileStatus, Reconciliation, RecordedError};
 pub use state::{ConfigState, ReleaseInsert, Written};
@@ -70,6 +68,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 pub enum StoreError {
     #[error("cannot connect to PostgreSQL")]
     Connect(#[source] sqlx::Error),
+    /// Several database hosts were given and none of them took writes in time.
+    #[error("no writable PostgreSQL primary among {hosts}")]
+    NoPrimary { hosts: String },
     #[error("cannot bring the database schema up to date")]
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("database operation failed: {op}")]
@@ -108,19 +109,22 @@ pub(crate) trait Op<T> {
 
 impl<T> Op<T> for Result<T, sqlx::Error> {
     fn op(self, op: &'static str) -> Result<T, StoreError> {
-        self.map_err(|source| StoreError::Query { op, source })
+        self.map_err(|source| {
+            // Connection lost, read-only, shutting down: the primary may have moved.
+            if failover::symptom(&source) {
+                failover::suspect();
+            }
+            StoreError::Query { op, source }
+        })
     }
 }
 
 /// A pool for the control plane. The acquire timeout turns an exhausted pool or an unreachable server into
-/// an error instead of a hang.
+/// an error instead of a hang. `url` may name several hosts ([`failover::Database::open`]): the pool
+/// goes to the writable one, found when it is made; `cairn serve` makes its pools from one
+/// [`failover::Database`] and watches it, so they follow a failover.
 pub async fn connect(url: &str, max_connections: u32) -> Result<PgPool, StoreError> {
-    PgPoolOptions::new()
-        .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
-        .await
-        .map_err(StoreError::Connect)
+    failover::Database::open(url)?.pool(max_connections).await
 }
 
 /// Applies the migrations this binary embeds that the database lacks. Refuses a database on which a
@@ -129,13 +133,15 @@ pub async fn migrate(pool: &PgPool) -> Result<(), StoreError> {
     MIGRATOR.run(pool).await.map_err(StoreError::Migrate)
 }
 
-/// Whether the database answers (the readiness probe).
-pub async fn ping(pool: &PgPool) -> Result<(), StoreError> {
-    sqlx::query!("SELECT 1 AS one")
-        .fetch_one(pool)
-        .await
-        .op("ping the database")?;
-    Ok(())
+/// Whether the database answers and takes writes (the readiness probe): a standby, or a primary that
+/// pg_auto_failover holds read-only while it promotes or demotes it, does not.
+pub async fn ping(pool: &PgPool) -> Result<bool, StoreError> {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT NOT (pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on')",
+    )
+    .fetch_one(pool)
+    .await
+    .op("ping the database")
 }
 
 /// `sha256:` and the hex SHA-256 of bytes: the format of every `spec_hash`.

@@ -4,6 +4,7 @@ mod apply;
 mod certs;
 mod deploys;
 mod events;
+mod failover;
 mod git_source;
 mod heads;
 mod history;

@@ -1,0 +1,105 @@
+//! `store::failover` against a real PostgreSQL: a host that refuses is skipped, a server that takes no
+//! writes is never handed out (the pool and `/readyz`'s ping wait), and the same pools come back when it
+//! takes writes again. (The failover of a real replicated pair is the root package's
+//! `tests/it/failover.rs`, with pg_auto_failover.)
+
+use std::time::Duration;
+
+use cairn_reconciler::store::{self, failover::Database};
+use cairn_reconciler::worker::Shutdown;
+use cairn_testkit::pg::TestDb;
+
+/// A loopback port nothing listens on.
+fn dead_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Whether `pool` reaches a writable server within a second.
+async fn ready(pool: &sqlx::PgPool) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), store::ping(pool)).await,
+        Ok(Ok(true))
+    )
+}
+
+async fn wait(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !f().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_skips_a_dead_host_and_waits_out_a_read_only_server() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let (head, tail) = db.url().split_once('@').unwrap();
+    let dead = dead_port();
+    let url = format!("{head}@127.0.0.1:{dead},{tail}");
+    let database = Database::open(&url).unwrap();
+    assert_eq!(database.hosts().len(), 2);
+    assert_eq!(database.primary(), None, "nothing probed yet");
+    let pool = database.pool(2).await.unwrap();
+    let live = database.hosts()[1].clone();
+    assert_eq!(database.primary().as_deref(), Some(live.as_str()));
+    assert!(ready(&pool).await);
+    let shutdown = Shutdown::new();
+    let watching = tokio::spawn({
+        let (database, stop) = (database.clone(), shutdown.clone());
+        async move { database.watch(Duration::from_millis(100), &stop).await }
+    });
+
+    // The server stops taking writes (as pg_auto_failover holds a primary being demoted or a standby
+    // being promoted) and drops its sessions.
+    let name = db.name().to_owned();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" SET default_transaction_read_only = on"
+    ))
+    .execute(db.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(&name)
+    .execute(db.pool())
+    .await
+    .unwrap();
+    wait("no primary", async || database.primary().is_none()).await;
+    assert!(!ready(&pool).await, "no connection to a read-only server");
+
+    // It takes writes again: the same pool reaches it, and a write goes through.
+    let mut admin = db.pool().acquire().await.unwrap();
+    sqlx::query("SET default_transaction_read_only = off")
+        .execute(&mut *admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "ALTER DATABASE \"{name}\" RESET default_transaction_read_only"
+    ))
+    .execute(&mut *admin)
+    .await
+    .unwrap();
+    drop(admin);
+    wait("the primary back", async || {
+        database.primary().as_deref() == Some(live.as_str())
+    })
+    .await;
+    wait("the pool ready", async || ready(&pool).await).await;
+    sqlx::query("CREATE TEMPORARY TABLE written (x int)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    shutdown.trigger();
+    watching.await.unwrap();
+}
