@@ -36,6 +36,13 @@ fn socket(instance: &Instance) -> PathBuf {
     PathBuf::from(format!("/tmp/cairn-mariadb-{hash}.sock"))
 }
 
+/// The server's temporary directory, the instance's own.
+fn tmpdir(instance: &Instance, account: Option<Account>) -> Result<PathBuf, DbError> {
+    let dir = instance.dir.join("tmp");
+    server::make_dir(&dir, account)?;
+    Ok(dir)
+}
+
 fn server_binary(version: &str) -> Result<PathBuf, DbError> {
     let out = std::process::Command::new("mariadbd")
         .arg("--version")
@@ -123,6 +130,7 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
             format!("--pid-file={}", pidfile.display()),
             "--skip-name-resolve".to_owned(),
             "--skip-log-bin".to_owned(),
+            format!("--tmpdir={}", tmpdir(instance, account)?.display()),
         ];
         if init_sql.exists() {
             args.push(format!("--init-file={}", init_sql.display()));
@@ -167,20 +175,17 @@ async fn init(instance: &Instance, account: Option<Account>, scrub: &Scrub) -> R
         Err(e) => return Err(server::io("removing the half-made", &data, e)),
     }
     server::make_dir(&data, account)?;
-    let mut tool = Tool::new("mariadb-install-db")
+    // As the server's account already (no `--user`: the tool would try to chown the system's PAM
+    // helper), with a temporary directory of the instance's own: two bootstraps at once in a shared
+    // /tmp collide on their temporary tables' names.
+    let tool = Tool::new("mariadb-install-db")
         .args(["--no-defaults", "--skip-test-db", "--auth-root-authentication-method=socket"])
-        .args([format!("--datadir={}", data.display())])
+        .args([
+            format!("--datadir={}", data.display()),
+            format!("--tmpdir={}", tmpdir(instance, account)?.display()),
+        ])
         .account(account)
         .cwd(&instance.dir);
-    if !rustix::process::geteuid().is_root() {
-        // Not root: the files are the agent's own; the tool must not try to chown them.
-        let me = std::env::var("USER").unwrap_or_default();
-        if !me.is_empty() {
-            tool = tool.args([format!("--user={me}")]);
-        }
-    } else {
-        tool = tool.args(["--user=mysql"]);
-    }
     tool.run(scrub).await.map(|_| ())
 }
 

@@ -177,8 +177,9 @@ fn client(inst: &Instance, login: &Login, input: &str) -> Result<String, String>
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // redis-cli exits 0 on a refused AUTH; its output says so.
-    if out.status.success() && !text.contains("WRONGPASS") && !text.contains("NOAUTH") {
+    // redis-cli exits 0 on a refused AUTH or connection; its output says so.
+    let refused = ["WRONGPASS", "NOAUTH", "Could not connect"];
+    if out.status.success() && !refused.iter().any(|r| text.contains(r)) {
         Ok(text)
     } else {
         Err(text)
@@ -528,6 +529,10 @@ async fn rotation_restart_and_adoption(engine: Engine) {
 
     database::stop(&d.inst).await.unwrap();
     assert!(client(&d.inst, &new, read_probe(engine)).is_err(), "stopped");
+    assert!(
+        std::fs::read_link(format!("/proc/{second}/cwd")).is_err(),
+        "the server is gone"
+    );
     assert!(d.inst.dir.exists(), "stop keeps the data");
     database::ensure(&d.inst, &new).await.unwrap();
     database::destroy(&d.inst).await.unwrap();
