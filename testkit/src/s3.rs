@@ -51,7 +51,14 @@ impl Moto {
         let out = std::fs::File::create(&log).expect("moto's log");
         let err = out.try_clone().expect("moto's log");
         let child = Command::new(&py)
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)

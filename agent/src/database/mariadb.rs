@@ -179,7 +179,11 @@ async fn init(instance: &Instance, account: Option<Account>, scrub: &Scrub) -> R
     // helper), with a temporary directory of the instance's own: two bootstraps at once in a shared
     // /tmp collide on their temporary tables' names.
     let tool = Tool::new("mariadb-install-db")
-        .args(["--no-defaults", "--skip-test-db", "--auth-root-authentication-method=socket"])
+        .args([
+            "--no-defaults",
+            "--skip-test-db",
+            "--auth-root-authentication-method=socket",
+        ])
         .args([
             format!("--datadir={}", data.display()),
             format!("--tmpdir={}", tmpdir(instance, account)?.display()),
@@ -196,7 +200,12 @@ pub(crate) fn dump<'a>(instance: &Instance, login: &Login) -> Result<Tool<'a>, D
     Ok(Tool::new("mariadb-dump")
         .args(["--no-defaults", "--protocol=tcp", "-h", "127.0.0.1"])
         .args(["-P", &instance.port.to_string(), "-u", ADMIN])
-        .args(["--single-transaction", "--routines", "--triggers", "--events"])
+        .args([
+            "--single-transaction",
+            "--routines",
+            "--triggers",
+            "--events",
+        ])
         .args(["--", &login.database])
         .env("MYSQL_PWD", admin))
 }

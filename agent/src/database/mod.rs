@@ -271,12 +271,14 @@ pub async fn restore(
     let fetched = target::fetch(target, object, &file, &scrub).await;
     let result = match fetched {
         Err(e) => Err(e),
-        Ok((_, got)) if !got.eq_ignore_ascii_case(sha256.trim()) => Err(DbError::Unsupported(format!(
-            "refusing to restore {}: its SHA-256 is {got}, the backup's record says {}; nothing was \
+        Ok((_, got)) if !got.eq_ignore_ascii_case(sha256.trim()) => {
+            Err(DbError::Unsupported(format!(
+                "refusing to restore {}: its SHA-256 is {got}, the backup's record says {}; nothing was \
              restored",
-            target::describe(target, object),
-            sha256.trim()
-        ))),
+                target::describe(target, object),
+                sha256.trim()
+            )))
+        }
         Ok(_) => match instance.engine {
             Engine::Postgres => postgres::restore(instance, login, &file, &scrub).await,
             Engine::Redis => redis::restore(instance, &file, &scrub).await,
@@ -363,7 +365,9 @@ fn password(login: &Login) -> Result<&str, DbError> {
 fn version_matches(wanted: &str, have: &str) -> bool {
     let have: Vec<&str> = have.split('.').collect();
     let wanted: Vec<&str> = wanted.trim().split('.').collect();
-    !wanted.is_empty() && wanted.len() <= have.len() && wanted.iter().zip(&have).all(|(w, h)| w == h)
+    !wanted.is_empty()
+        && wanted.len() <= have.len()
+        && wanted.iter().zip(&have).all(|(w, h)| w == h)
 }
 
 #[cfg(test)]

@@ -63,7 +63,16 @@ fn ident(s: &str) -> Result<String, DbError> {
 /// psql as the superuser over loopback TCP (the password in `PGPASSWORD`, SQL on stdin).
 fn psql<'a>(instance: &Instance, bin: &Path, admin: &str, db: &str) -> Tool<'a> {
     Tool::new(bin.join("psql"))
-        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+        ])
         .args(["-p", &instance.port.to_string(), "-U", SUPERUSER, "-d", db])
         .env("PGPASSWORD", admin)
         .env("PGCONNECT_TIMEOUT", "5")
@@ -94,12 +103,7 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
         let data_s = data.to_string_lossy().into_owned();
         server::spawn_detached(
             &bin.join("postgres"),
-            &[
-                "-D".into(),
-                data_s,
-                "-p".into(),
-                instance.port.to_string(),
-            ],
+            &["-D".into(), data_s, "-p".into(), instance.port.to_string()],
             &data,
             &log,
             account,
@@ -133,7 +137,14 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
     // The app's own login, the way the app will make it.
     Tool::new(bin.join("psql"))
         .args(["-X", "-q", "-A", "-t", "-h", "127.0.0.1"])
-        .args(["-p", &instance.port.to_string(), "-U", &app.user, "-d", &app.database])
+        .args([
+            "-p",
+            &instance.port.to_string(),
+            "-U",
+            &app.user,
+            "-d",
+            &app.database,
+        ])
         .args(["-c", "SELECT 1"])
         .env("PGPASSWORD", password(app)?)
         .env("PGCONNECT_TIMEOUT", "5")
@@ -224,7 +235,12 @@ pub(crate) async fn restore(
     Tool::new(bin.join("pg_restore"))
         .args(["-h", "127.0.0.1", "-p", &instance.port.to_string()])
         .args(["-U", SUPERUSER, "-d", &login.database])
-        .args(["--no-owner", "--no-privileges", "--exit-on-error", "--single-transaction"])
+        .args([
+            "--no-owner",
+            "--no-privileges",
+            "--exit-on-error",
+            "--single-transaction",
+        ])
         .args([format!("--role={}", login.user)])
         .args([file.to_string_lossy()])
         .env("PGPASSWORD", admin)

@@ -142,7 +142,11 @@ pub(crate) fn dump<'a>(instance: &Instance) -> Result<Tool<'a>, DbError> {
 
 /// The verified snapshot becomes the data directory's `dump.rdb` while the server is stopped; it
 /// loads it as it starts.
-pub(crate) async fn restore(instance: &Instance, file: &Path, scrub: &Scrub) -> Result<(), DbError> {
+pub(crate) async fn restore(
+    instance: &Instance,
+    file: &Path,
+    scrub: &Scrub,
+) -> Result<(), DbError> {
     let (pidfile, cwd, signal) = pid_site(instance);
     let Some(pid) = server::live_pid(&pidfile, &cwd) else {
         return Err(DbError::Failed(format!(
@@ -166,7 +170,11 @@ pub(crate) async fn restore(instance: &Instance, file: &Path, scrub: &Scrub) -> 
     let log = instance.dir.join("server.log");
     server::spawn_detached(
         Path::new("redis-server"),
-        &[instance.dir.join("redis.conf").to_string_lossy().into_owned()],
+        &[instance
+            .dir
+            .join("redis.conf")
+            .to_string_lossy()
+            .into_owned()],
         &cwd,
         &log,
         account,
@@ -215,9 +223,9 @@ impl Conn {
         let mut c = Conn {
             io: BufReader::new(stream),
         };
-        c.call(&["AUTH", user, password]).await.map_err(|e| {
-            DbError::Failed(format!("Redis refused the login of `{user}`: {e}"))
-        })?;
+        c.call(&["AUTH", user, password])
+            .await
+            .map_err(|e| DbError::Failed(format!("Redis refused the login of `{user}`: {e}")))?;
         Ok(c)
     }
 
@@ -251,7 +259,9 @@ impl Conn {
                     buf.truncate(len as usize);
                     Ok(String::from_utf8_lossy(&buf).into_owned())
                 }
-                _ => Err(DbError::Failed(format!("an unexpected Redis reply `{line}`"))),
+                _ => Err(DbError::Failed(format!(
+                    "an unexpected Redis reply `{line}`"
+                ))),
             }
         })
         .await

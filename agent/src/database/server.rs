@@ -261,9 +261,9 @@ impl<'a> Tool<'a> {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-        let mut child = cmd.spawn().map_err(|e| {
-            DbError::Unsupported(format!("cannot run {}: {e}", self.exe.display()))
-        })?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| DbError::Unsupported(format!("cannot run {}: {e}", self.exe.display())))?;
         if let Some(input) = &self.stdin {
             let mut pipe = child.stdin.take().expect("piped");
             // A tool that exits early (a bad login) closes its stdin: its own error says why.

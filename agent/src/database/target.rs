@@ -162,7 +162,9 @@ impl Sink {
                 let upload = store
                     .put_multipart(&s3_path(prefix, object))
                     .await
-                    .map_err(|e| scrub.failed(format_args!("starting the upload to {at}"), &e.to_string()))?;
+                    .map_err(|e| {
+                        scrub.failed(format_args!("starting the upload to {at}"), &e.to_string())
+                    })?;
                 Ok(Sink::S3 {
                     upload: WriteMultipart::new_with_chunk_size(upload, PART),
                     at,
@@ -173,7 +175,9 @@ impl Sink {
 
     pub async fn write(&mut self, buf: &[u8], scrub: &Scrub) -> Result<(), DbError> {
         match self {
-            Sink::Dir { tmp, file, .. } => file.write_all(buf).await.map_err(|e| io("writing", tmp, e)),
+            Sink::Dir { tmp, file, .. } => {
+                file.write_all(buf).await.map_err(|e| io("writing", tmp, e))
+            }
             Sink::S3 { upload, at } => {
                 upload
                     .wait_for_capacity(INFLIGHT)
@@ -188,7 +192,11 @@ impl Sink {
     /// Makes the object visible (durably, for a directory).
     pub async fn finish(self, scrub: &Scrub) -> Result<(), DbError> {
         match self {
-            Sink::Dir { tmp, dest, mut file } => {
+            Sink::Dir {
+                tmp,
+                dest,
+                mut file,
+            } => {
                 let done = async {
                     file.flush().await?;
                     file.sync_all().await?;
@@ -204,11 +212,12 @@ impl Sink {
                 }
                 Ok(())
             }
-            Sink::S3 { upload, at } => upload
-                .finish()
-                .await
-                .map(|_| ())
-                .map_err(|e| scrub.failed(format_args!("completing the upload to {at}"), &e.to_string())),
+            Sink::S3 { upload, at } => upload.finish().await.map(|_| ()).map_err(|e| {
+                scrub.failed(
+                    format_args!("completing the upload to {at}"),
+                    &e.to_string(),
+                )
+            }),
         }
     }
 
@@ -277,8 +286,8 @@ pub(crate) async fn fetch(
                 .map_err(|e| scrub.failed(format_args!("fetching {at}"), &e.to_string()))?;
             let mut stream = got.into_stream();
             while let Some(chunk) = stream.next().await {
-                let chunk =
-                    chunk.map_err(|e| scrub.failed(format_args!("fetching {at}"), &e.to_string()))?;
+                let chunk = chunk
+                    .map_err(|e| scrub.failed(format_args!("fetching {at}"), &e.to_string()))?;
                 hash.update(&chunk);
                 bytes += chunk.len() as u64;
                 out.write_all(&chunk)

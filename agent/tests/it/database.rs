@@ -1,4 +1,4 @@
-//! Managed databases on a node (`cairn_agent::database`) with the real servers: Debian's PostgreSQL 15,
+//! Managed databases on a node (`cairn_agent::database`) with the real servers: Debian's PostgreSQL (the highest installed),
 //! `redis-server` and `mariadbd`, their own clients writing the data, backups to a directory and to an
 //! S3-compatible server (moto on 127.0.0.1), restores into a second instance compared by counts.
 //!
@@ -23,8 +23,14 @@ const S3_SECRET: &str = "s3-secret-canary-7f3b9e";
 
 fn has_binaries(test: &str, engine: Engine) -> bool {
     let (what, exe) = match engine {
-        Engine::Postgres => ("PostgreSQL 15 server binaries", "/usr/lib/postgresql/15/bin/postgres"),
-        Engine::Redis => ("redis-server (Debian: redis-server)", "/usr/bin/redis-server"),
+        Engine::Postgres => (
+            "PostgreSQL server binaries (Debian: postgresql)",
+            "/usr/lib/postgresql",
+        ),
+        Engine::Redis => (
+            "redis-server (Debian: redis-server)",
+            "/usr/bin/redis-server",
+        ),
         Engine::Mariadb => ("mariadbd (Debian: mariadb-server)", "/usr/sbin/mariadbd"),
     };
     if Path::new(exe).exists() {
@@ -35,12 +41,47 @@ fn has_binaries(test: &str, engine: Engine) -> bool {
     }
 }
 
-fn version(engine: Engine) -> &'static str {
+/// The installed version of each engine (the highest PostgreSQL in /usr/lib/postgresql).
+fn version(engine: Engine) -> String {
+    let reported = |exe: &str, marker: &str| -> String {
+        let out = std::process::Command::new(exe)
+            .arg("--version")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let word = text
+            .split_whitespace()
+            .skip_while(|w| !w.starts_with(marker))
+            .find_map(|w| w.strip_prefix(marker).filter(|v| !v.is_empty()))
+            .or_else(|| text.split_whitespace().skip_while(|w| *w != marker).nth(1))
+            .unwrap()
+            .to_owned();
+        // Major.minor: what a manifest would pin.
+        word.split(['.', '-']).take(2).collect::<Vec<_>>().join(".")
+    };
     match engine {
-        Engine::Postgres => "15",
-        Engine::Redis => "7",
-        Engine::Mariadb => "10.11",
+        Engine::Postgres => pg_bin()
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned(),
+        Engine::Redis => reported("redis-server", "v="),
+        Engine::Mariadb => reported("mariadbd", "Ver"),
     }
+}
+
+/// `/usr/lib/postgresql/<highest>/bin`.
+fn pg_bin() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+        .filter(|(_, bin): &(u32, PathBuf)| bin.join("postgres").is_file())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL server").1
 }
 
 /// A canary password with every character that breaks naive quoting.
@@ -100,7 +141,7 @@ fn db(engine: Engine, root: &Path, name: &str) -> Db {
         inst: Instance {
             name: name.parse().unwrap(),
             engine,
-            version: version(engine).into(),
+            version: version(engine),
             dir: root.join(name),
             port: free_port(),
         },
@@ -137,10 +178,19 @@ fn client(inst: &Instance, login: &Login, input: &str) -> Result<String, String>
     let port = inst.port.to_string();
     let mut cmd = match inst.engine {
         Engine::Postgres => {
-            let mut c = std::process::Command::new("/usr/lib/postgresql/15/bin/psql");
-            c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-                .args(["-p", &port, "-U", &login.user, "-d", &login.database])
-                .env("PGPASSWORD", pw);
+            let mut c = std::process::Command::new(pg_bin().join("psql"));
+            c.args([
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+            ])
+            .args(["-p", &port, "-U", &login.user, "-d", &login.database])
+            .env("PGPASSWORD", pw);
             c
         }
         Engine::Redis => {
@@ -152,10 +202,17 @@ fn client(inst: &Instance, login: &Login, input: &str) -> Result<String, String>
         }
         Engine::Mariadb => {
             let mut c = std::process::Command::new("mariadb");
-            c.args(["--no-defaults", "--protocol=tcp", "-h", "127.0.0.1", "-P", &port])
-                .args(["-u", &login.user, "-D", &login.database, "--batch"])
-                .args(["--skip-column-names"])
-                .env("MYSQL_PWD", pw);
+            c.args([
+                "--no-defaults",
+                "--protocol=tcp",
+                "-h",
+                "127.0.0.1",
+                "-P",
+                &port,
+            ])
+            .args(["-u", &login.user, "-D", &login.database, "--batch"])
+            .args(["--skip-column-names"])
+            .env("MYSQL_PWD", pw);
             c
         }
     };
@@ -344,7 +401,10 @@ fn assert_clean(e: &DbError, canaries: &[String]) {
     for c in canaries {
         assert!(!text.contains(c.as_str()), "a secret in the error: {text}");
     }
-    assert!(!text.contains(S3_SECRET), "the S3 secret key in the error: {text}");
+    assert!(
+        !text.contains(S3_SECRET),
+        "the S3 secret key in the error: {text}"
+    );
 }
 
 /// The whole life of one engine's database: ensure, the app's writes, backups to a directory and to S3
@@ -382,7 +442,11 @@ async fn backup_and_restore_round_trip(engine: Engine) {
     assert_eq!(at_dir.object, "orders/1.dump");
     assert_eq!(at_dir.bytes, bytes.len() as u64);
     assert_eq!(at_dir.sha256, sha(&bytes));
-    assert!(bytes.len() > 1000, "a dump of 1,000 rows: {} bytes", bytes.len());
+    assert!(
+        bytes.len() > 1000,
+        "a dump of 1,000 rows: {} bytes",
+        bytes.len()
+    );
     let leftovers: Vec<_> = walk(&dir)
         .into_iter()
         .filter(|p| p.to_string_lossy().contains("partial"))
@@ -401,45 +465,77 @@ async fn backup_and_restore_round_trip(engine: Engine) {
     // A wrong checksum is refused, and the instance stays empty.
     let refused = db(engine, root.path(), "refused");
     let restore_login = login_for(engine, &restore_pw);
-    database::ensure(&refused.inst, &restore_login).await.unwrap();
-    let wrong = sha(b"not the dump");
-    let e = database::restore(&refused.inst, &restore_login, &to_s3, "orders/2.dump", &wrong)
+    database::ensure(&refused.inst, &restore_login)
         .await
-        .unwrap_err();
+        .unwrap();
+    let wrong = sha(b"not the dump");
+    let e = database::restore(
+        &refused.inst,
+        &restore_login,
+        &to_s3,
+        "orders/2.dump",
+        &wrong,
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("refusing"), "{e}");
     assert!(e.to_string().contains(&wrong), "{e}");
     assert_clean(&e, &canaries);
-    let after = database::counts(&refused.inst, &restore_login).await.unwrap();
-    assert!(after.values().all(|n| *n == 0), "restored anyway: {after:?}");
+    let after = database::counts(&refused.inst, &restore_login)
+        .await
+        .unwrap();
+    assert!(
+        after.values().all(|n| *n == 0),
+        "restored anyway: {after:?}"
+    );
 
     // From S3 into a new instance (its own login and password): the counts are the original's.
     let copy = db(engine, root.path(), "orders-copy");
     database::ensure(&copy.inst, &restore_login).await.unwrap();
-    database::restore(&copy.inst, &restore_login, &to_s3, "orders/2.dump", &at_s3.sha256)
-        .await
-        .unwrap();
+    database::restore(
+        &copy.inst,
+        &restore_login,
+        &to_s3,
+        "orders/2.dump",
+        &at_s3.sha256,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         database::counts(&copy.inst, &restore_login).await.unwrap(),
         expected_counts(engine)
     );
     // The restored data is the app login's to use.
-    client(&copy.inst, &restore_login, read_probe(engine)).expect("the app reads the restored data");
+    client(&copy.inst, &restore_login, read_probe(engine))
+        .expect("the app reads the restored data");
 
     // From the directory into another: equal too.
     let copy2 = db(engine, root.path(), "orders-copy2");
     database::ensure(&copy2.inst, &restore_login).await.unwrap();
-    database::restore(&copy2.inst, &restore_login, &to_dir, "orders/1.dump", &at_dir.sha256)
-        .await
-        .unwrap();
+    database::restore(
+        &copy2.inst,
+        &restore_login,
+        &to_dir,
+        "orders/1.dump",
+        &at_dir.sha256,
+    )
+    .await
+    .unwrap();
     assert_eq!(
         database::counts(&copy2.inst, &restore_login).await.unwrap(),
         expected_counts(engine)
     );
 
     // Restoring over data is refused (a restore never destroys).
-    let e = database::restore(&copy2.inst, &restore_login, &to_dir, "orders/1.dump", &at_dir.sha256)
-        .await
-        .unwrap_err();
+    let e = database::restore(
+        &copy2.inst,
+        &restore_login,
+        &to_dir,
+        "orders/1.dump",
+        &at_dir.sha256,
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("not empty"), "{e}");
 
     let hits = watch.finish();
@@ -504,7 +600,11 @@ async fn rotation_restart_and_adoption(engine: Engine) {
     let first = pid_in(&pidfile).unwrap();
     database::ensure(&d.inst, &new).await.unwrap();
     assert_eq!(pid_in(&pidfile), Some(first), "a second server was started");
-    assert_eq!(servers_in(&d.inst), 1, "one server process for the instance");
+    assert_eq!(
+        servers_in(&d.inst),
+        1,
+        "one server process for the instance"
+    );
 
     // SIGKILL: the next ensure starts it again, with the data.
     rustix::process::kill_process(
@@ -528,7 +628,10 @@ async fn rotation_restart_and_adoption(engine: Engine) {
     client(&d.inst, &new, read_probe(engine)).expect("back after a kill");
 
     database::stop(&d.inst).await.unwrap();
-    assert!(client(&d.inst, &new, read_probe(engine)).is_err(), "stopped");
+    assert!(
+        client(&d.inst, &new, read_probe(engine)).is_err(),
+        "stopped"
+    );
     assert!(
         std::fs::read_link(format!("/proc/{second}/cwd")).is_err(),
         "the server is gone"
@@ -550,7 +653,13 @@ fn servers_in(inst: &Instance) -> usize {
             let cwd = std::fs::read_link(e.path().join("cwd")).ok()?;
             (cwd == data).then_some(())?;
             let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
-            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
             Some((pid, ppid))
         })
         .collect();
@@ -594,9 +703,14 @@ async fn a_failing_backup_target_says_why_without_secrets() {
     database::ensure(&d.inst, &app).await.unwrap();
     write_data(&d.inst, &app);
 
-    let e = database::backup(&d.inst, &app, &s3_target(&moto, "no-such-bucket"), "main/1.dump")
-        .await
-        .unwrap_err();
+    let e = database::backup(
+        &d.inst,
+        &app,
+        &s3_target(&moto, "no-such-bucket"),
+        "main/1.dump",
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("no-such-bucket"), "{e}");
     assert_clean(&e, &canaries);
 
@@ -625,7 +739,10 @@ async fn a_failing_backup_target_says_why_without_secrets() {
     let e = database::backup(&d.inst, &app, &s3_target(&moto, "backups"), "main/4.dump")
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("s3://backups/nightly/main/4.dump"), "{e}");
+    assert!(
+        e.to_string().contains("s3://backups/nightly/main/4.dump"),
+        "{e}"
+    );
     assert_clean(&e, &canaries);
 
     assert_no_canary_in_logs(root.path(), &canaries);
@@ -664,6 +781,6 @@ async fn a_version_without_binaries_is_refused_naming_what_there_is() {
     let e = database::ensure(&d.inst, &login("pw")).await.unwrap_err();
     assert!(matches!(e, DbError::Unsupported(_)), "{e:?}");
     assert!(e.to_string().contains("PostgreSQL 9"), "{e}");
-    assert!(e.to_string().contains("15"), "{e}");
+    assert!(e.to_string().contains(&version(Engine::Postgres)), "{e}");
     assert!(!d.inst.dir.exists(), "nothing made");
 }
