@@ -117,10 +117,8 @@ impl Drop for Db {
             self.inst.dir.join("redis.pid"),
             self.inst.dir.join("mariadbd.pid"),
         ] {
-            if let Some(pid) = pid_in(&pidfile) {
-                if let Some(p) = rustix::process::Pid::from_raw(pid) {
-                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
-                }
+            if let Some(p) = pid_in(&pidfile).and_then(rustix::process::Pid::from_raw) {
+                let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
             }
         }
     }
