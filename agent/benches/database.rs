@@ -63,8 +63,24 @@ fn instance(bin: &Path, root: &Path, name: &str) -> Instance {
 
 fn psql(bin: &Path, inst: &Instance, login: &Login, sql: &str) -> String {
     let out = Command::new(bin.join("psql"))
-        .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-        .args(["-p", &inst.port.to_string(), "-U", &login.user, "-d", &login.database])
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+        ])
+        .args([
+            "-p",
+            &inst.port.to_string(),
+            "-U",
+            &login.user,
+            "-d",
+            &login.database,
+        ])
         .args(["-c", sql])
         .env("PGPASSWORD", login.password.expose_str().unwrap())
         .output()
@@ -130,9 +146,14 @@ async fn run(bin: &Path, mib: u64, rounds: usize) {
              FROM generate_series(1, {rows}) g;"
         ),
     );
-    let size: u64 = psql(bin, &src, &login, "SELECT pg_database_size(current_database())")
-        .parse()
-        .unwrap();
+    let size: u64 = psql(
+        bin,
+        &src,
+        &login,
+        "SELECT pg_database_size(current_database())",
+    )
+    .parse()
+    .unwrap();
     eprintln!(
         "filled {rows} rows, database {:.0} MiB, in {:.1} s",
         size as f64 / 1048576.0,
@@ -175,7 +196,14 @@ async fn run(bin: &Path, mib: u64, rounds: usize) {
         database::ensure(&by_hand, &login).await.unwrap();
         let mut cmd = Command::new(bin.join("pg_restore"));
         cmd.args(["-h", "127.0.0.1", "-p", &by_hand.port.to_string()])
-            .args(["-U", "postgres", "-d", "bench", "--no-owner", "--no-privileges"])
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                "bench",
+                "--no-owner",
+                "--no-privileges",
+            ])
             .args(["--exit-on-error", "--single-transaction", "--role=bench"])
             .arg(&hand_file)
             .env("PGPASSWORD", admin(&by_hand));

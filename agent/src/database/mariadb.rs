@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use super::server::{self, Account, Scrub, Tool};
-use super::{DbError, Instance, Login, password, version_matches};
+use super::{DbError, Instance, Login, password};
 
 const ADMIN: &str = "cairn_admin";
 
@@ -44,30 +44,11 @@ fn tmpdir(instance: &Instance, account: Option<Account>) -> Result<PathBuf, DbEr
 }
 
 fn server_binary(version: &str) -> Result<PathBuf, DbError> {
-    let out = std::process::Command::new("mariadbd")
-        .arg("--version")
-        .output()
-        .map_err(|e| {
-            DbError::Unsupported(format!(
-                "this node has no mariadbd (Debian: apt-get install mariadb-server): {e}"
-            ))
-        })?;
     // `mariadbd  Ver 10.11.19-MariaDB-0+deb12u1 for debian-linux-gnu`
-    let text = String::from_utf8_lossy(&out.stdout);
-    let have = text
-        .split_whitespace()
-        .skip_while(|w| *w != "Ver")
-        .nth(1)
-        .and_then(|v| v.split('-').next())
-        .unwrap_or("unknown")
-        .to_owned();
-    if version_matches(version, &have) {
-        Ok(PathBuf::from("mariadbd"))
-    } else {
-        Err(DbError::Unsupported(format!(
-            "this node has no MariaDB {version}; its mariadbd is {have}"
-        )))
-    }
+    server::installed("MariaDB", "mariadbd", "mariadb-server", version, |text| {
+        let word = text.split_whitespace().skip_while(|w| *w != "Ver").nth(1)?;
+        word.split('-').next()
+    })
 }
 
 /// A MariaDB string literal (backslashes are escapes there).
@@ -272,5 +253,5 @@ pub(crate) async fn counts(
         .stdin(queries)
         .run(scrub)
         .await?;
-    super::postgres::parse_counts(&out)
+    super::parse_counts(&out)
 }

@@ -304,7 +304,7 @@ pub async fn counts(instance: &Instance, login: &Login) -> Result<BTreeMap<Strin
 /// `mysql://...`), its password percent-encoded; a secret.
 pub fn url(instance: &Instance, login: &Login, host: &str) -> Secret {
     let scheme = match instance.engine {
-        Engine::Postgres => "postgresql",
+        Engine::Postgres => "postgres",
         Engine::Redis => "redis",
         Engine::Mariadb => "mysql",
     };
@@ -321,6 +321,23 @@ pub fn url(instance: &Instance, login: &Login, host: &str) -> Secret {
         encode(login.database.as_bytes())
     ));
     Secret::new(out.into_bytes())
+}
+
+/// `name|count` lines.
+fn parse_counts(out: &str) -> Result<BTreeMap<String, u64>, DbError> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (name, n) = line
+                .rsplit_once('|')
+                .ok_or_else(|| DbError::Failed(format!("cannot read a count in `{line}`")))?;
+            let n = n
+                .trim()
+                .parse()
+                .map_err(|_| DbError::Failed(format!("cannot read a count in `{line}`")))?;
+            Ok((name.to_owned(), n))
+        })
+        .collect()
 }
 
 /// RFC 3986 percent-encoding of everything but the unreserved characters.
@@ -391,7 +408,7 @@ mod tests {
         let url = url(&instance, &login, "10.0.0.2");
         assert_eq!(
             url.expose_str().unwrap(),
-            "postgresql://app:p%40ss%3Aw%2Frd%20%25%3F%23@10.0.0.2:5433/app"
+            "postgres://app:p%40ss%3Aw%2Frd%20%25%3F%23@10.0.0.2:5433/app"
         );
         assert!(version_matches("15", "15.13"));
         assert!(version_matches("10.11", "10.11.19"));

@@ -268,22 +268,5 @@ pub(crate) async fn counts(
         .stdin(sql)
         .run(scrub)
         .await?;
-    parse_counts(&out)
-}
-
-/// `name|count` lines.
-pub(crate) fn parse_counts(out: &str) -> Result<BTreeMap<String, u64>, DbError> {
-    out.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|line| {
-            let (name, n) = line
-                .rsplit_once('|')
-                .ok_or_else(|| DbError::Failed(format!("cannot read a count in `{line}`")))?;
-            let n = n
-                .trim()
-                .parse()
-                .map_err(|_| DbError::Failed(format!("cannot read a count in `{line}`")))?;
-            Ok((name.to_owned(), n))
-        })
-        .collect()
+    super::parse_counts(&out)
 }

@@ -15,7 +15,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::TcpStream;
 
 use super::server::{self, Scrub, Tool};
-use super::{DbError, Instance, Login, password, version_matches};
+use super::{DbError, Instance, Login, password};
 
 const ADMIN: &str = "default";
 
@@ -29,28 +29,10 @@ pub(crate) fn pid_site(instance: &Instance) -> (PathBuf, PathBuf, rustix::proces
 
 /// `redis-server`, when its version is `version`.
 fn binary(version: &str) -> Result<PathBuf, DbError> {
-    let out = std::process::Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .map_err(|e| {
-            DbError::Unsupported(format!(
-                "this node has no redis-server (Debian: apt-get install redis-server): {e}"
-            ))
-        })?;
     // `Redis server v=7.0.15 sha=...`
-    let text = String::from_utf8_lossy(&out.stdout);
-    let have = text
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("v="))
-        .unwrap_or("unknown")
-        .to_owned();
-    if version_matches(version, &have) {
-        Ok(PathBuf::from("redis-server"))
-    } else {
-        Err(DbError::Unsupported(format!(
-            "this node has no Redis {version}; its redis-server is {have}"
-        )))
-    }
+    server::installed("Redis", "redis-server", "redis-server", version, |text| {
+        text.split_whitespace().find_map(|w| w.strip_prefix("v="))
+    })
 }
 
 /// A quoted redis.conf argument.

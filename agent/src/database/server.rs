@@ -406,6 +406,33 @@ where
     }
 }
 
+/// `exe` (from `package`) when `exe --version`, read by `parse`, is `wanted`; else what it is.
+pub(crate) fn installed(
+    engine: &str,
+    exe: &str,
+    package: &str,
+    wanted: &str,
+    parse: impl Fn(&str) -> Option<&str>,
+) -> Result<PathBuf, DbError> {
+    let out = std::process::Command::new(exe)
+        .arg("--version")
+        .output()
+        .map_err(|e| {
+            DbError::Unsupported(format!(
+                "this node has no {exe} (Debian: apt-get install {package}): {e}"
+            ))
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let have = parse(&text).unwrap_or("unknown");
+    if super::version_matches(wanted, have) {
+        Ok(PathBuf::from(exe))
+    } else {
+        Err(DbError::Unsupported(format!(
+            "this node has no {engine} {wanted}; its {exe} is {have}"
+        )))
+    }
+}
+
 /// A SQL string literal ('' for ').
 pub(crate) fn sql_literal(s: &str) -> Result<String, DbError> {
     if s.contains('\0') {

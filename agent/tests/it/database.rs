@@ -487,42 +487,18 @@ async fn backup_and_restore_round_trip(engine: Engine) {
         "restored anyway: {after:?}"
     );
 
-    // From S3 into a new instance (its own login and password): the counts are the original's.
-    let copy = db(engine, root.path(), "orders-copy");
-    database::ensure(&copy.inst, &restore_login).await.unwrap();
-    database::restore(
-        &copy.inst,
-        &restore_login,
-        &to_s3,
-        "orders/2.dump",
-        &at_s3.sha256,
-    )
-    .await
-    .unwrap();
-    assert_eq!(
-        database::counts(&copy.inst, &restore_login).await.unwrap(),
-        expected_counts(engine)
-    );
-    // The restored data is the app login's to use.
-    client(&copy.inst, &restore_login, read_probe(engine))
-        .expect("the app reads the restored data");
-
-    // From the directory into another: equal too.
-    let copy2 = db(engine, root.path(), "orders-copy2");
-    database::ensure(&copy2.inst, &restore_login).await.unwrap();
-    database::restore(
-        &copy2.inst,
+    // From S3 into a new instance (its own login and password): the counts are the original's, and
+    // the data is the app login's to use. From the directory into another: equal too.
+    let copy = restored(&root, engine, "orders-copy", &restore_login, &to_s3, &at_s3).await;
+    let copy2 = restored(
+        &root,
+        engine,
+        "orders-copy2",
         &restore_login,
         &to_dir,
-        "orders/1.dump",
-        &at_dir.sha256,
+        &at_dir,
     )
-    .await
-    .unwrap();
-    assert_eq!(
-        database::counts(&copy2.inst, &restore_login).await.unwrap(),
-        expected_counts(engine)
-    );
+    .await;
 
     // Restoring over data is refused (a restore never destroys).
     let e = database::restore(
@@ -543,6 +519,28 @@ async fn backup_and_restore_round_trip(engine: Engine) {
         database::destroy(&d.inst).await.unwrap();
         assert!(!d.inst.dir.exists());
     }
+}
+
+/// A new instance with `backup` restored into it, checked: the original's counts, readable by the login.
+async fn restored(
+    root: &tempfile::TempDir,
+    engine: Engine,
+    name: &str,
+    login: &Login,
+    from: &Target,
+    backup: &Backup,
+) -> Db {
+    let d = db(engine, root.path(), name);
+    database::ensure(&d.inst, login).await.unwrap();
+    database::restore(&d.inst, login, from, &backup.object, &backup.sha256)
+        .await
+        .unwrap();
+    assert_eq!(
+        database::counts(&d.inst, login).await.unwrap(),
+        expected_counts(engine)
+    );
+    client(&d.inst, login, read_probe(engine)).expect("the app reads the restored data");
+    d
 }
 
 fn read_probe(engine: Engine) -> &'static str {
