@@ -680,7 +680,7 @@ async fn mariadb_rotation_restart_and_adoption() {
 }
 
 /// A failing target says why, leaves nothing behind and holds no secret: a bucket that does not exist,
-/// an S3 server that stopped, a dump that fails part way into a directory.
+/// an S3 server that stopped, a dump that fails (its database is gone) to a directory and to S3.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_backup_target_says_why_without_secrets() {
     let test = cairn_testkit::current_test();
