@@ -16,6 +16,8 @@
 //!   traffic between nodes.
 //! - [`pebble`]: a real ACME CA (Debian's `pebble`) with a scriptable DNS server (`pebble-challtestsrv`),
 //!   its HTTPS certificate made per test, and a count of the orders it accepted.
+//! - [`pyenv`]: Python venvs under `target/pyenv/`, made once with pip (tools that are not Cairn's).
+//! - [`s3`]: an S3-compatible server (`moto[server]` in a venv) on a free loopback port.
 //! - [`build`]: the agent's binary and examples, built once per test process for the suites that run them.
 //! - [`fixtures`]: the manifests tests write (`cairn.toml`, plans, runtimes, nodes) as TOML builders.
 //! - [`skip`]: what a test does when a prerequisite is missing ([`missing`]: skip with a message, or fail
@@ -33,7 +35,9 @@ pub mod pebble;
 pub mod pg;
 pub mod poll;
 pub mod proxy;
+pub mod pyenv;
 pub mod registry;
+pub mod s3;
 pub mod skip;
 
 pub use git::{git, git_fixed_clock};

@@ -13,10 +13,22 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+use tokio::io::AsyncReadExt as _;
 
 use cairn_schema::database::{BackupTo, Engine};
 use cairn_schema::{Name, Secret};
+
+mod mariadb;
+mod postgres;
+mod redis;
+mod server;
+mod target;
+
+use server::{Scrub, Tool};
 
 /// One database server on this node.
 #[derive(Debug, Clone)]
@@ -96,26 +108,35 @@ pub enum DbError {
 /// password (creating or updating it: this is also how a rotation sets the new password). Returns when
 /// the server accepts `app`'s login.
 pub async fn ensure(instance: &Instance, app: &Login) -> Result<(), DbError> {
-    let _ = (instance, app);
-    Err(DbError::Unsupported(
-        "managed databases are not built yet".into(),
-    ))
+    let scrub = scrub_for(instance, Some(app), None);
+    match instance.engine {
+        Engine::Postgres => postgres::ensure(instance, app, &scrub).await,
+        Engine::Redis => redis::ensure(instance, app, &scrub).await,
+        Engine::Mariadb => mariadb::ensure(instance, app, &scrub).await,
+    }
 }
 
 /// Stops the instance's server, keeping its data directory.
 pub async fn stop(instance: &Instance) -> Result<(), DbError> {
-    let _ = instance;
-    Err(DbError::Unsupported(
-        "managed databases are not built yet".into(),
-    ))
+    let (pidfile, cwd, signal) = match instance.engine {
+        Engine::Postgres => postgres::pid_site(instance),
+        Engine::Redis => redis::pid_site(instance),
+        Engine::Mariadb => mariadb::pid_site(instance),
+    };
+    if let Some(pid) = server::live_pid(&pidfile, &cwd) {
+        server::terminate(pid, &cwd, signal, Duration::from_secs(60)).await;
+    }
+    Ok(())
 }
 
 /// Stops the instance and deletes its data directory (only ever asked for by an explicit drop).
 pub async fn destroy(instance: &Instance) -> Result<(), DbError> {
-    let _ = instance;
-    Err(DbError::Unsupported(
-        "managed databases are not built yet".into(),
-    ))
+    stop(instance).await?;
+    match tokio::fs::remove_dir_all(&instance.dir).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(server::io("removing", &instance.dir, e)),
+    }
 }
 
 /// Dumps the instance (`pg_dump -Fc`, `mariadb-dump --single-transaction`, a Redis snapshot) and streams
@@ -126,10 +147,106 @@ pub async fn backup(
     target: &Target,
     object: &str,
 ) -> Result<Backup, DbError> {
-    let _ = (instance, login, target, object);
-    Err(DbError::Unsupported(
-        "managed databases are not built yet".into(),
-    ))
+    let scrub = scrub_for(instance, Some(login), Some(target));
+    let started = Instant::now();
+    let tool = match instance.engine {
+        Engine::Postgres => postgres::dump(instance, login)?,
+        Engine::Redis => redis::dump(instance)?,
+        Engine::Mariadb => mariadb::dump(instance, login)?,
+    };
+    let (bytes, sha256) = stream_to(&tool, target, object, &scrub).await?;
+    Ok(Backup {
+        object: object.to_owned(),
+        bytes,
+        sha256,
+        duration: started.elapsed(),
+    })
+}
+
+/// Runs `tool` and streams its stdout to `target`/`object`; a tool that fails or a store that refuses
+/// leaves no object behind.
+async fn stream_to(
+    tool: &Tool<'_>,
+    target: &Target,
+    object: &str,
+    scrub: &Scrub,
+) -> Result<(u64, String), DbError> {
+    let mut sink = target::Sink::open(target, object, scrub).await?;
+    let mut child = match tool
+        .command()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(child) => child,
+        Err(e) => {
+            sink.abort().await;
+            return Err(DbError::Unsupported(format!(
+                "cannot run {}: {e}",
+                tool.exe.display()
+            )));
+        }
+    };
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    // Its stderr read beside (a tool blocked on a full stderr pipe would never finish its stdout),
+    // keeping the last 64 KiB.
+    let errors = tokio::spawn(async move {
+        let mut kept = Vec::new();
+        let mut buf = vec![0u8; 8192];
+        while let Ok(n) = stderr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            kept.extend_from_slice(&buf[..n]);
+            if kept.len() > 65536 {
+                kept.drain(..kept.len() - 65536);
+            }
+        }
+        String::from_utf8_lossy(&kept).into_owned()
+    });
+    let mut hash = Sha256::new();
+    let mut bytes = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    let copied: Result<(), DbError> = async {
+        loop {
+            let n = stdout
+                .read(&mut buf)
+                .await
+                .map_err(|e| DbError::Failed(format!("reading the dump: {e}")))?;
+            if n == 0 {
+                return Ok(());
+            }
+            hash.update(&buf[..n]);
+            bytes += n as u64;
+            sink.write(&buf[..n], scrub).await?;
+        }
+    }
+    .await;
+    if let Err(e) = copied {
+        let _ = child.kill().await;
+        sink.abort().await;
+        return Err(e);
+    }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| DbError::Failed(format!("waiting for the dump: {e}")))?;
+    let stderr = errors.await.unwrap_or_default();
+    if !status.success() {
+        sink.abort().await;
+        let name = tool.exe.file_name().unwrap_or_default().to_string_lossy();
+        return Err(scrub.failed(
+            format_args!(
+                "{name} failed ({status}); nothing was kept at {}",
+                target::describe(target, object)
+            ),
+            &stderr,
+        ));
+    }
+    sink.finish(scrub).await?;
+    Ok((bytes, hex::encode(hash.finalize())))
 }
 
 /// Restores `object` from `target` into `instance` (which [`ensure`] made and which must be empty),
@@ -141,24 +258,161 @@ pub async fn restore(
     object: &str,
     sha256: &str,
 ) -> Result<(), DbError> {
-    let _ = (instance, login, target, object, sha256);
-    Err(DbError::Unsupported(
-        "managed databases are not built yet".into(),
-    ))
+    let scrub = scrub_for(instance, Some(login), Some(target));
+    let existing = counts(instance, login).await?;
+    if let Some((table, n)) = existing.iter().find(|(_, n)| **n > 0) {
+        return Err(DbError::Unsupported(format!(
+            "refusing to restore into {} `{}`: it is not empty ({table} has {n})",
+            instance.engine, instance.name
+        )));
+    }
+    // Fetched whole beside the data first: nothing is restored before the checksum is known.
+    let file = instance.dir.join("restore.partial");
+    let fetched = target::fetch(target, object, &file, &scrub).await;
+    let result = match fetched {
+        Err(e) => Err(e),
+        Ok((_, got)) if !got.eq_ignore_ascii_case(sha256.trim()) => {
+            Err(DbError::Unsupported(format!(
+                "refusing to restore {}: its SHA-256 is {got}, the backup's record says {}; nothing was \
+             restored",
+                target::describe(target, object),
+                sha256.trim()
+            )))
+        }
+        Ok(_) => match instance.engine {
+            Engine::Postgres => postgres::restore(instance, login, &file, &scrub).await,
+            Engine::Redis => redis::restore(instance, &file, &scrub).await,
+            Engine::Mariadb => mariadb::restore(instance, login, &file, &scrub).await,
+        },
+    };
+    let _ = tokio::fs::remove_file(&file).await;
+    result
 }
 
 /// Row counts per table (PostgreSQL, MariaDB) or keys per database (Redis): what a verification restore
 /// compares with the original.
 pub async fn counts(instance: &Instance, login: &Login) -> Result<BTreeMap<String, u64>, DbError> {
-    let _ = (instance, login);
-    Err(DbError::Unsupported(
-        "managed databases are not built yet".into(),
-    ))
+    let scrub = scrub_for(instance, Some(login), None);
+    match instance.engine {
+        Engine::Postgres => postgres::counts(instance, login, &scrub).await,
+        Engine::Redis => redis::counts(instance, &scrub).await,
+        Engine::Mariadb => mariadb::counts(instance, login, &scrub).await,
+    }
 }
 
 /// The URL an attached app receives (`postgres://user:password@host:port/db`, `redis://...`,
 /// `mysql://...`), its password percent-encoded; a secret.
 pub fn url(instance: &Instance, login: &Login, host: &str) -> Secret {
-    let _ = (instance, login, host);
-    Secret::new(Vec::new())
+    let scheme = match instance.engine {
+        Engine::Postgres => "postgres",
+        Engine::Redis => "redis",
+        Engine::Mariadb => "mysql",
+    };
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host.to_owned()
+    };
+    let mut out = format!("{scheme}://{}:", encode(login.user.as_bytes()));
+    out.push_str(&encode(login.password.expose()));
+    out.push_str(&format!(
+        "@{host}:{}/{}",
+        instance.port,
+        encode(login.database.as_bytes())
+    ));
+    Secret::new(out.into_bytes())
+}
+
+/// `name|count` lines.
+fn parse_counts(out: &str) -> Result<BTreeMap<String, u64>, DbError> {
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let (name, n) = line
+                .rsplit_once('|')
+                .ok_or_else(|| DbError::Failed(format!("cannot read a count in `{line}`")))?;
+            let n = n
+                .trim()
+                .parse()
+                .map_err(|_| DbError::Failed(format!("cannot read a count in `{line}`")))?;
+            Ok((name.to_owned(), n))
+        })
+        .collect()
+}
+
+/// RFC 3986 percent-encoding of everything but the unreserved characters.
+fn encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len());
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The secrets an operation may meet: the login's password, the instance's admin password, the
+/// target's keys.
+fn scrub_for(instance: &Instance, login: Option<&Login>, target: Option<&Target>) -> Scrub {
+    let mut scrub = Scrub::default();
+    if let Some(pw) = login.and_then(|l| l.password.expose_str().ok()) {
+        scrub.add(pw);
+        scrub.add(encode(pw.as_bytes()));
+    }
+    if let Ok(pw) = std::fs::read_to_string(instance.dir.join("admin.password")) {
+        scrub.add(pw.trim());
+    }
+    for s in target.map(target::secrets).unwrap_or_default() {
+        scrub.add(s);
+    }
+    scrub
+}
+
+/// The password of a login as text (the engines' clients take text).
+fn password(login: &Login) -> Result<&str, DbError> {
+    login
+        .password
+        .expose_str()
+        .map_err(|_| DbError::Unsupported(format!("the password of `{}` is not UTF-8", login.user)))
+}
+
+/// `version` must be a leading part of what the binaries report (`15` of 15.13, `10.11` of 10.11.6).
+fn version_matches(wanted: &str, have: &str) -> bool {
+    let have: Vec<&str> = have.split('.').collect();
+    let wanted: Vec<&str> = wanted.trim().split('.').collect();
+    !wanted.is_empty()
+        && wanted.len() <= have.len()
+        && wanted.iter().zip(&have).all(|(w, h)| w == h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_password_is_percent_encoded_in_the_url() {
+        let instance = Instance {
+            name: "main".parse().unwrap(),
+            engine: Engine::Postgres,
+            version: "15".into(),
+            dir: PathBuf::from("/x"),
+            port: 5433,
+        };
+        let login = Login {
+            user: "app".into(),
+            password: Secret::new(b"p@ss:w/rd %?#".to_vec()),
+            database: "app".into(),
+        };
+        let url = url(&instance, &login, "10.0.0.2");
+        assert_eq!(
+            url.expose_str().unwrap(),
+            "postgres://app:p%40ss%3Aw%2Frd%20%25%3F%23@10.0.0.2:5433/app"
+        );
+        assert!(version_matches("15", "15.13"));
+        assert!(version_matches("10.11", "10.11.19"));
+        assert!(!version_matches("1", "15.13"));
+        assert!(!version_matches("16", "15.13"));
+    }
 }

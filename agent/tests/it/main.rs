@@ -5,6 +5,7 @@
 //! Tests that need Docker skip with a message when it is missing, and fail when `CAIRN_TEST_REQUIRE_ALL`
 //! is set (CI sets it).
 
+mod database;
 mod docker;
 mod housekeeping;
 mod ingress;
