@@ -11,7 +11,11 @@
 //! do); or outlive its shutdown: [`serve`] returns once every loop and listener it started stopped, and
 //! on an error it stops what it started first.
 
+mod ha;
 mod late;
+
+pub use ha::HaSettings;
+pub use cairn_reconciler::leader::LeaseSettings;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -71,6 +75,8 @@ pub struct Config {
     pub webhooks: WebhookSettings,
     /// Certificates from the ACME CA the applied `[tls]` names.
     pub certs: CertServeSettings,
+    /// This replica among several control planes: its id, address and the leader's lease.
+    pub ha: HaSettings,
 }
 
 /// How `cairn serve` runs the certificate loop.
@@ -221,6 +227,7 @@ pub async fn serve(
         api,
         webhooks,
         certs,
+        ha,
     } = config;
     // Stops everything started here when this returns, early (an error) or not; the caller's shutdown
     // stops it too.
@@ -271,6 +278,13 @@ pub async fn serve(
     cairn_reconciler::store::migrate(&pool)
         .await
         .map_err(ServeError::Migrate)?;
+    // The lease on a pool of its own: a busy reconciler or API never delays a renewal.
+    let lease_pool = cairn_reconciler::store::connect(&database_url, 2)
+        .await
+        .map_err(ServeError::Connect)?;
+    let leadership = ha::start(&lease_pool, &ha, &shutdown)
+        .await
+        .map_err(ServeError::Connect)?;
     let mut c = Controller::open(pool, &source, identity.clone())?;
     c.offline_after = node_offline_after;
     let judging = Judging::new(node_offline_after);
@@ -281,12 +295,12 @@ pub async fn serve(
     c.hooks = service::hooks(&settings);
     let _ = ready.set(c.pool.clone());
     let wake = Arc::new(Notify::new());
-    let (router, routes) = start_apis(
+    let (router, routes, api_pool) = start_apis(
         &api,
         &source,
         &database_url,
         identity,
-        judging,
+        judging.offline_after(),
         c.hooks.clone(),
         wake.clone(),
         &shutdown,
@@ -367,7 +381,30 @@ pub async fn serve(
         hook_routes.set(router);
     }
     let integration = tokio::spawn(integration.run(shutdown.clone()));
-    c.clone().run(wake, interval, &shutdown).await;
+    // The reconcile loop runs on the leader only, woken through the database from any replica.
+    let run_wake = Arc::new(Notify::new());
+    let forwarding = tokio::spawn({
+        let (pool, leadership, wake, run_wake, stop) = (
+            lease_pool.clone(),
+            leadership.clone(),
+            wake.clone(),
+            run_wake.clone(),
+            shutdown.clone(),
+        );
+        async move { ha::forward_wakes(pool, leadership, wake, run_wake, &stop).await }
+    });
+    ha::LeaderLoops {
+        controller: c.clone(),
+        run_wake,
+        interval,
+        pool: api_pool,
+        judging,
+        wake,
+        usage_period: api.usage_period,
+    }
+    .run(&leadership, &shutdown)
+    .await;
+    forwarding.await.map_err(ServeError::WebhookTask)?;
     integration.await.map_err(ServeError::WebhookTask)?;
     notifying.await.map_err(ServeError::WebhookTask)?;
     server
@@ -378,19 +415,20 @@ pub async fn serve(
     Ok(())
 }
 
-/// Connects the APIs' pool and listener, starts the liveness monitor, the output prune and the route
-/// table's refresh, and returns the APIs' router and the route table.
+/// Connects the APIs' pool and listener, starts the output prune and the route table's refresh, and
+/// returns the APIs' router, the route table and the pool (the leader's liveness sweep and usage rollup
+/// use it too).
 #[allow(clippy::too_many_arguments)]
 async fn start_apis(
     settings: &ApiSettings,
     source: &SourceSettings,
     database_url: &str,
     identity: Option<Identity>,
-    judging: Judging,
+    offline_after: Duration,
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     shutdown: &Shutdown,
-) -> Result<(Router, Routes), ServeError> {
+) -> Result<(Router, Routes, PgPool), ServeError> {
     let pool = cairn_reconciler::store::connect(database_url, settings.db_connections)
         .await
         .map_err(ServeError::ConnectApi)?;
@@ -398,7 +436,7 @@ async fn start_apis(
         .await
         .map_err(ServeError::Notifications)?;
     let mut cfg = settings.config.clone();
-    cfg.offline_after = judging.offline_after();
+    cfg.offline_after = offline_after;
     let api = Api::new(
         pool.clone(),
         Arc::new(listener),
@@ -439,17 +477,10 @@ async fn start_apis(
         let period = settings.routes_period;
         async move { cairn_reconciler::routes::refresh_loop(pool, routes, period, &stop).await }
     });
-    tokio::spawn({
-        let (pool, stop, period) = (pool.clone(), shutdown.clone(), settings.usage_period);
-        async move { cairn_reconciler::usage::rollup_loop(pool, period, &stop).await }
-    });
-    tokio::spawn({
-        let stop = shutdown.clone();
-        async move { cairn_reconciler::liveness::monitor(pool, judging, wake, &stop).await }
-    });
     Ok((
         cairn_reconciler::api::router_with(api, cairn_webhook::admin::routes()),
         routes,
+        pool,
     ))
 }
 

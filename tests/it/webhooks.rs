@@ -176,6 +176,9 @@ impl World {
             "2s".into(),
             "--github-call-lease".into(),
             "4s".into(),
+            // One id across restarts: a restarted serve takes its predecessor's lease at once.
+            "--replica-id".into(),
+            "webhooks-serve".into(),
         ]
     }
 }

@@ -492,6 +492,9 @@ async fn spawn_serve(
         .args(["--cache-dir"])
         .arg(scratch.join("cache"))
         .args(args)
+        // One id across restarts (unless the test names its own): a restarted serve takes its killed
+        // predecessor's leader lease at once instead of waiting for it to expire.
+        .env("CAIRN_REPLICA_ID", "test-serve")
         .env("CAIRN_LOG", "debug")
         .env_remove("CAIRN_IDENTITY")
         .envs(env.iter().map(|(k, v)| (k, v)))
