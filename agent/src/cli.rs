@@ -49,7 +49,13 @@ pub enum LogFormat {
 pub struct Args {
     /// The control plane's URL (or CAIRN_SERVER); several control planes: repeat it or separate the
     /// URLs with commas (the agent moves to the next when one cannot be reached)
-    #[arg(long, env = "CAIRN_SERVER", value_name = "URL", value_delimiter = ',', required = true)]
+    #[arg(
+        long,
+        env = "CAIRN_SERVER",
+        value_name = "URL",
+        value_delimiter = ',',
+        required = true
+    )]
     server: Vec<String>,
     /// A one-time join token (or CAIRN_JOIN_TOKEN); not needed once the node has joined
     #[arg(
@@ -538,8 +544,8 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
     };
 
     // Replica output to the control plane, old images away: beside the agent loop, until it stops.
-    let client =
-        crate::client::Client::new(&args.server.join(","))?.with_credential(joined.credential.clone());
+    let client = crate::client::Client::new(&args.server.join(","))?
+        .with_credential(joined.credential.clone());
     tokio::spawn(crate::housekeeping::ship_loop(
         client,
         runner.clone(),

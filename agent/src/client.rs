@@ -132,8 +132,11 @@ impl Client {
     }
 
     pub async fn task(&self, id: i64) -> Result<TaskView, ClientError> {
-        self.send(|base| self.http.get(format!("{base}/tasks/{id}")), CALL_TIMEOUT)
-            .await
+        self.send(
+            |base| self.http.get(format!("{base}/tasks/{id}")),
+            CALL_TIMEOUT,
+        )
+        .await
     }
 
     pub async fn progress(&self, id: i64, p: &Progress) -> Result<ProgressResponse, ClientError> {
@@ -184,8 +187,11 @@ impl Client {
         body: &B,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        self.send(|base| self.http.post(format!("{base}{path}")).json(body), timeout)
-            .await
+        self.send(
+            |base| self.http.post(format!("{base}{path}")).json(body),
+            timeout,
+        )
+        .await
     }
 
     /// Sends the request `make` builds for a control plane's base URL to the current one, and to the

@@ -62,7 +62,12 @@ pub struct Leadership {
 impl Leadership {
     /// Starts keeping the lease for replica `id` (a task that runs until `shutdown`, then gives the lease
     /// up if it holds it).
-    pub fn start(pool: PgPool, id: &str, settings: LeaseSettings, shutdown: &Shutdown) -> Leadership {
+    pub fn start(
+        pool: PgPool,
+        id: &str,
+        settings: LeaseSettings,
+        shutdown: &Shutdown,
+    ) -> Leadership {
         let (tx, rx) = watch::channel(None);
         let id: Arc<str> = Arc::from(id);
         tokio::spawn({

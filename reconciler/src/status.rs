@@ -79,11 +79,8 @@ pub struct ControlPlaneView {
 pub const REPLICAS_SEEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// The control planes and the lease, read in `conn`.
-async fn control_planes(
-    conn: &mut sqlx::PgConnection,
-) -> Result<ControlPlanes, StoreError> {
-    let (lease, rows) =
-        crate::store::lease::read(conn, REPLICAS_SEEN_WITHIN.as_secs_f64()).await?;
+async fn control_planes(conn: &mut sqlx::PgConnection) -> Result<ControlPlanes, StoreError> {
+    let (lease, rows) = crate::store::lease::read(conn, REPLICAS_SEEN_WITHIN.as_secs_f64()).await?;
     let secs = |t: DateTime<Utc>| (lease.now - t).num_milliseconds().max(0) as f64 / 1000.0;
     let leader = lease.holder.clone().filter(|_| lease.live);
     Ok(ControlPlanes {

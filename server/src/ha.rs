@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use cairn_reconciler::controller::Controller;
-use cairn_reconciler::leader::{LeaseSettings, Leadership, Term};
+use cairn_reconciler::leader::{Leadership, LeaseSettings, Term};
 use cairn_reconciler::liveness::Judging;
 use cairn_reconciler::store::lease;
 use cairn_reconciler::store::listen::{Heard, forward};
@@ -140,7 +140,10 @@ impl LeaderLoops {
         leadership
             .each_term(shutdown, |term: Term| {
                 let Term { fence, stop } = term;
-                tracing::info!(epoch = fence.epoch, "leader: reconciling, judging liveness, rolling usage up");
+                tracing::info!(
+                    epoch = fence.epoch,
+                    "leader: reconciling, judging liveness, rolling usage up"
+                );
                 self.controller.set_fence(Some(fence.clone()));
                 let liveness = tokio::spawn({
                     let (pool, judging, wake, stop) = (
@@ -162,8 +165,11 @@ impl LeaderLoops {
                     let (pool, stop) = (self.pool.clone(), stop.clone());
                     async move { forget_gone(pool, &stop).await }
                 });
-                let (c, run_wake, interval) =
-                    (self.controller.clone(), self.run_wake.clone(), self.interval);
+                let (c, run_wake, interval) = (
+                    self.controller.clone(),
+                    self.run_wake.clone(),
+                    self.interval,
+                );
                 async move {
                     c.run(run_wake, interval, &stop).await;
                     let _ = tokio::join!(liveness, usage, forget);

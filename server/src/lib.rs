@@ -14,8 +14,8 @@
 mod ha;
 mod late;
 
-pub use ha::HaSettings;
 pub use cairn_reconciler::leader::LeaseSettings;
+pub use ha::HaSettings;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -293,7 +293,6 @@ pub async fn serve(
     let notify = webhooks.notify.clone();
     let settings = webhook_settings(&source, webhooks)?;
     c.hooks = service::hooks(&settings);
-    let _ = ready.set(c.pool.clone());
     let wake = Arc::new(Notify::new());
     let (router, routes, api_pool) = start_apis(
         &api,
@@ -335,6 +334,9 @@ pub async fn serve(
     });
     c.routes = Some(routes);
     apis.set(router);
+    // Ready (for a load balancer in front of several control planes) once this replica's APIs answer,
+    // and then while its database does.
+    let _ = ready.set(c.pool.clone());
     let _watcher = match &*c.source.lock().await {
         ConfigSource::Dir(dir) => {
             let w = wake.clone();

@@ -87,11 +87,7 @@ impl AdminClient {
             .connect_timeout(std::time::Duration::from_secs(5))
             .build()
             .context("cannot make an HTTP client")?;
-        Ok(AdminClient {
-            bases,
-            token,
-            http,
-        })
+        Ok(AdminClient { bases, token, http })
     }
 
     fn url(base: &str, path: &str) -> String {
@@ -156,7 +152,10 @@ impl AdminClient {
             }
             return Ok(bytes.to_vec());
         }
-        bail!("no control plane could be reached: {}", unavailable.join("; "))
+        bail!(
+            "no control plane could be reached: {}",
+            unavailable.join("; ")
+        )
     }
 
     async fn send<T: DeserializeOwned>(
