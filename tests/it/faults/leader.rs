@@ -3,6 +3,10 @@
 //! random live replica. The leader is SIGKILLed again and again (and started again, as a new replica on
 //! the same port, so agents and the webhook sender keep their URLs).
 //!
+//! Each kill comes at a random moment after the previous commit's `cairn/apply` status reached the
+//! stand-in (a status call cut off by a kill is posted again after its lease: at least once, which a
+//! count at GitHub cannot tell from a duplicate).
+//!
 //! Afterwards: a new leader took the lease within 15 s of each kill, epochs strictly increasing; every
 //! commit was applied exactly once (one applied reconciliation each, generations without gaps); no
 //! agent ran a task, or the same work, twice; every delivery was handled; and each `cairn/apply` status
@@ -30,7 +34,8 @@ const FAILOVER: Duration = Duration::from_secs(15);
 
 /// Serve's flags: a short lease (a dead leader is replaced within about 3.5 s), a long timer (webhooks
 /// and the wake-ups forwarded to the leader drive the reconciles), and GitHub calls leased longer than
-/// the test (a call cut off by a kill is not repeated while it runs).
+/// the test (a call cut off by a kill would not be repeated while it runs: the test fails on a missing
+/// status rather than pass on one posted late).
 const ARGS: &[&str] = &[
     "--interval",
     "60s",
@@ -269,6 +274,25 @@ async fn three_control_planes_with_the_leader_sigkilled_again_and_again_apply_ev
     for i in 1..=total {
         if i % 2 == 0 && failovers.len() < KILLS {
             // SIGKILL the leader; wait for another replica to take the lease; start the dead one again.
+            // Not while its outbox may be posting the last commit's status: a call cut off between
+            // GitHub's answer and its record is made again after its lease (at least once), which is
+            // not what this test counts. So after that status arrived, at a random moment.
+            let last = commits.last().unwrap().clone();
+            wait_for(
+                "the last commit's cairn/apply success at GitHub",
+                Duration::from_secs(30),
+                || async {
+                    github
+                        .statuses()
+                        .iter()
+                        .any(|(_, sha, ctx, st, _)| {
+                            *sha == last && ctx == "cairn/apply" && st == "success"
+                        })
+                        .then_some(())
+                },
+            )
+            .await;
+            tokio::time::sleep(Duration::from_millis(rng.below(400))).await;
             let victim = replicas
                 .iter_mut()
                 .find(|r| r.id() == leader_now.0)
