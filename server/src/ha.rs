@@ -95,12 +95,17 @@ pub(crate) async fn forward_wakes(
     let heard = {
         let (pool, run_wake, stop) = (pool.clone(), run_wake.clone(), shutdown.clone());
         tokio::spawn(async move {
+            let mut connected = false;
             forward(
                 pool,
                 lease::WAKE_CHANNEL,
                 "reconcile wake-ups",
-                // Anything sent while not listening: the first pass after this covers it.
-                |_: Heard<'_>| run_wake.notify_one(),
+                move |h: Heard<'_>| match h {
+                    // Listening again after a lost connection: what was sent meanwhile was missed, so
+                    // a pass now covers it (the first time, the loop's own first pass does).
+                    Heard::Listening if !connected => connected = true,
+                    Heard::Listening | Heard::Notified(_) => run_wake.notify_one(),
+                },
                 &stop,
             )
             .await
