@@ -174,8 +174,14 @@ async fn keep(
         if held.as_ref().is_some_and(|(_, d)| *d <= Instant::now()) {
             end(&mut held, "the lease was not renewed in time");
         }
-        if let Err(e) = tokio::time::timeout(settings.renew, lease::seen(&pool, &id)).await {
-            tracing::debug!(error = %e, "cannot record that this control plane runs");
+        match tokio::time::timeout(settings.renew, lease::seen(&pool, &id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(error = %error_chain(&e), "cannot record that this control plane runs")
+            }
+            Err(_) => {
+                tracing::debug!("cannot record that this control plane runs: no answer in time")
+            }
         }
         let next = asked + settings.renew;
         let deadline = held.as_ref().map(|(_, d)| *d);
