@@ -623,6 +623,32 @@ mod tests {
     }
 
     #[test]
+    fn several_control_planes_come_repeated_or_as_a_comma_list() {
+        let args = Args::try_parse_from([
+            "cairn-agent",
+            "--server",
+            "https://cp1.example,https://cp2.example",
+            "--server",
+            "https://cp3.example",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.server,
+            [
+                "https://cp1.example",
+                "https://cp2.example",
+                "https://cp3.example"
+            ]
+        );
+        let joined = args.server.join(",");
+        assert_eq!(crate::client::servers(&joined).count(), 3);
+        assert_eq!(
+            crate::client::servers(" https://a , ,https://b ").count(),
+            2
+        );
+    }
+
+    #[test]
     fn apps_run_as_nobody_by_default_when_root_and_never_as_root() {
         assert_eq!(app_user(None, true).unwrap(), Some(AppUser::NOBODY));
         assert_eq!(app_user(None, false).unwrap(), None);
