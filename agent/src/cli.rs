@@ -47,9 +47,16 @@ pub enum LogFormat {
     about = "Cairn's node agent: joins the control plane, heartbeats, leases and runs the node's tasks"
 )]
 pub struct Args {
-    /// The control plane's URL (or CAIRN_SERVER)
-    #[arg(long, env = "CAIRN_SERVER", value_name = "URL")]
-    server: String,
+    /// The control plane's URL (or CAIRN_SERVER); several control planes: repeat it or separate the
+    /// URLs with commas (the agent moves to the next when one cannot be reached)
+    #[arg(
+        long,
+        env = "CAIRN_SERVER",
+        value_name = "URL",
+        value_delimiter = ',',
+        required = true
+    )]
+    server: Vec<String>,
     /// A one-time join token (or CAIRN_JOIN_TOKEN); not needed once the node has joined
     #[arg(
         long,
@@ -310,7 +317,9 @@ pub fn run(args: Args) -> Result<()> {
     if args.concurrency == 0 {
         bail!("--concurrency must be at least 1");
     }
-    check_server(&args.server, args.insecure_http_server)?;
+    for server in &args.server {
+        check_server(server, args.insecure_http_server)?;
+    }
     let token = match (&args.join, &args.join_file) {
         (Some(t), _) => Some(t.trim().to_owned()),
         (None, Some(p)) => Some(
@@ -354,7 +363,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
     let identity = Arc::new(data.identity()?);
     let book = Arc::new(Book::open(data.book_path())?);
     let cfg = Config {
-        server: args.server.clone(),
+        server: args.server.join(","),
         heartbeat: args.heartbeat,
         concurrency: args.concurrency,
         lease_wait: Duration::from_millis(cairn_proto::MAX_LEASE_WAIT_MS),
@@ -468,7 +477,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
             }
             // The cluster route table and the hop key, from the control plane.
             tokio::spawn(crate::routes::follow(
-                crate::client::Client::new(&args.server)?
+                crate::client::Client::new(&args.server.join(","))?
                     .with_credential(joined.credential.clone()),
                 proxy.clone(),
                 (*identity).clone(),
@@ -535,8 +544,8 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
     };
 
     // Replica output to the control plane, old images away: beside the agent loop, until it stops.
-    let client =
-        crate::client::Client::new(&args.server)?.with_credential(joined.credential.clone());
+    let client = crate::client::Client::new(&args.server.join(","))?
+        .with_credential(joined.credential.clone());
     tokio::spawn(crate::housekeeping::ship_loop(
         client,
         runner.clone(),
@@ -611,6 +620,32 @@ mod tests {
         assert_eq!(cfg.pending_timeout, crate::proxy::DEFAULT_PENDING_TIMEOUT);
         assert_eq!(args.metrics_listen, None);
         assert_eq!(args.proxy_tls_listen, None, "HTTPS is off by default");
+    }
+
+    #[test]
+    fn several_control_planes_come_repeated_or_as_a_comma_list() {
+        let args = Args::try_parse_from([
+            "cairn-agent",
+            "--server",
+            "https://cp1.example,https://cp2.example",
+            "--server",
+            "https://cp3.example",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.server,
+            [
+                "https://cp1.example",
+                "https://cp2.example",
+                "https://cp3.example"
+            ]
+        );
+        let joined = args.server.join(",");
+        assert_eq!(crate::client::servers(&joined).count(), 3);
+        assert_eq!(
+            crate::client::servers(" https://a , ,https://b ").count(),
+            2
+        );
     }
 
     #[test]

@@ -1,9 +1,17 @@
 //! The agent's side of the agent API: one method per route of `/agent/v1` (see `cairn-proto`), over
 //! reqwest with rustls.
 //!
+//! Several control planes (`--server` repeated or a comma list): calls go to one of them until it cannot
+//! be reached (a refused connection, or a 502/503/504 such as a replica still starting), then to the
+//! next, shared by every clone. A request is sent again to the next control plane only when it never
+//! reached the first (the connection failed, or the answer was one of those refusals); a call that may
+//! have been processed (a timeout mid-way) is not repeated here, and the next call goes elsewhere.
+//!
 //! What it must not do: decide anything (retries, backoff and what to do with a refusal are the agent
 //! loop's, [`crate::node`]), or put the credential into an error or a `Debug` output.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cairn_proto::routes::{RoutesQuery, RoutesResponse};
@@ -58,10 +66,13 @@ impl ClientError {
     }
 }
 
-/// A client of one control plane, as one node (once joined).
+/// A client of the control planes, as one node (once joined).
 #[derive(Clone)]
 pub struct Client {
-    base: String,
+    /// Each control plane's agent API base URL.
+    bases: Arc<[String]>,
+    /// Which of them calls go to now (shared by every clone).
+    current: Arc<AtomicUsize>,
     credential: Option<String>,
     http: reqwest::Client,
 }
@@ -69,7 +80,7 @@ pub struct Client {
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Client")
-            .field("base", &self.base)
+            .field("bases", &self.bases)
             .field(
                 "credential",
                 &self.credential.as_ref().map(|_| "<redacted>"),
@@ -82,15 +93,19 @@ impl std::fmt::Debug for Client {
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Client {
-    /// A client of the control plane at `server` (`http://` or `https://`).
+    /// A client of the control planes at `server` (`http://` or `https://` URLs, separated by commas).
     pub fn new(server: &str) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
             .pool_idle_timeout(Duration::from_secs(90))
             .build()
             .map_err(ClientError::Transport)?;
+        let bases: Vec<String> = servers(server)
+            .map(|s| format!("{}{AGENT_API}", s.trim_end_matches('/')))
+            .collect();
         Ok(Client {
-            base: format!("{}{AGENT_API}", server.trim_end_matches('/')),
+            bases: bases.into(),
+            current: Arc::default(),
             credential: None,
             http,
         })
@@ -117,8 +132,11 @@ impl Client {
     }
 
     pub async fn task(&self, id: i64) -> Result<TaskView, ClientError> {
-        let req = self.http.get(format!("{}/tasks/{id}", self.base));
-        self.send(req, CALL_TIMEOUT).await
+        self.send(
+            |base| self.http.get(format!("{base}/tasks/{id}")),
+            CALL_TIMEOUT,
+        )
+        .await
     }
 
     pub async fn progress(&self, id: i64, p: &Progress) -> Result<ProgressResponse, ClientError> {
@@ -156,9 +174,11 @@ impl Client {
     /// Long-polls the cluster route table (`GET /agent/v1/routes`): `None` when nothing changed within
     /// the wait.
     pub async fn routes(&self, q: &RoutesQuery) -> Result<Option<RoutesResponse>, ClientError> {
-        let req = self.http.get(format!("{}/routes", self.base)).query(q);
-        self.send(req, Duration::from_millis(q.wait_ms) + CALL_TIMEOUT)
-            .await
+        self.send(
+            |base| self.http.get(format!("{base}/routes")).query(q),
+            Duration::from_millis(q.wait_ms) + CALL_TIMEOUT,
+        )
+        .await
     }
 
     async fn post<B: Serialize + ?Sized, T: DeserializeOwned>(
@@ -167,11 +187,67 @@ impl Client {
         body: &B,
         timeout: Duration,
     ) -> Result<T, ClientError> {
-        let req = self.http.post(format!("{}{path}", self.base)).json(body);
-        self.send(req, timeout).await
+        self.send(
+            |base| self.http.post(format!("{base}{path}")).json(body),
+            timeout,
+        )
+        .await
     }
 
+    /// Sends the request `make` builds for a control plane's base URL to the current one, and to the
+    /// next ones while a control plane cannot take it (see the module's notes).
     async fn send<T: DeserializeOwned>(
+        &self,
+        make: impl Fn(&str) -> reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<T, ClientError> {
+        let n = self.bases.len().max(1);
+        let first = self.current.load(Ordering::Relaxed) % n;
+        let mut last = None;
+        for i in 0..n {
+            let at = (first + i) % n;
+            let Some(base) = self.bases.get(at) else {
+                break;
+            };
+            let result = self.send_to(make(base), timeout).await;
+            let unavailable = match &result {
+                Err(ClientError::Transport(e)) => {
+                    // Whatever failed, the next call goes to the next control plane; only a request
+                    // that never got through is sent there now.
+                    let _ = self.current.compare_exchange(
+                        at,
+                        (at + 1) % n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    e.is_connect()
+                }
+                Err(ClientError::Refused { status, .. }) if unavailable(*status) => {
+                    let _ = self.current.compare_exchange(
+                        at,
+                        (at + 1) % n,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                    true
+                }
+                _ => false,
+            };
+            if !unavailable || n == 1 {
+                return result;
+            }
+            tracing::warn!(server = %base, "control plane unavailable; trying the next one");
+            last = Some(result);
+        }
+        last.unwrap_or_else(|| {
+            Err(ClientError::Refused {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                message: "no control plane configured".into(),
+            })
+        })
+    }
+
+    async fn send_to<T: DeserializeOwned>(
         &self,
         mut req: reqwest::RequestBuilder,
         timeout: Duration,
@@ -212,4 +288,18 @@ impl Client {
             status => ClientError::Refused { status, message },
         })
     }
+}
+
+/// The control planes `server` names: URLs separated by commas (blanks ignored).
+pub fn servers(server: &str) -> impl Iterator<Item = &str> {
+    server.split(',').map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// An answer that says this control plane cannot take the request now (a proxy without a backend, a
+/// replica starting or without its database), so another may.
+fn unavailable(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
 }

@@ -82,6 +82,7 @@ async fn one(apps: usize, sinks: bool) -> Run {
         offline_after: Duration::from_secs(90),
         started_at: chrono::Utc::now(),
         expect_generation: None,
+        fence: None,
         hooks: None,
     };
     let started = Instant::now();

@@ -155,6 +155,9 @@ pub struct Controller {
     idle: std::sync::Mutex<Option<Idle>>,
     /// Plans made by reconciles (not by [`Controller::plan`]): what an idle tick must not add to.
     plans: std::sync::atomic::AtomicU64,
+    /// In `cairn serve`: the leader's term its reconciles apply in ([`Controller::set_fence`]); each
+    /// apply transaction checks it still holds the lease with it.
+    fence: std::sync::Mutex<Option<crate::store::lease::Fence>>,
 }
 
 /// What the controller tells the certificate loop after an apply: the name sets to keep certificates
@@ -247,6 +250,7 @@ impl Controller {
             declared: None,
             idle: std::sync::Mutex::new(None),
             plans: std::sync::atomic::AtomicU64::new(0),
+            fence: std::sync::Mutex::new(None),
         }
     }
 
@@ -455,6 +459,7 @@ impl Controller {
             offline_after: self.planning_offline_after(),
             started_at,
             expect_generation: generation,
+            fence: self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             hooks: self.hooks.as_deref(),
         };
         let snap = match self.read().await {
@@ -609,6 +614,14 @@ impl Controller {
                 Err(e.into())
             }
         }
+    }
+
+    /// The leader's term the next reconciles apply in (`cairn serve` sets it when a term starts); a
+    /// reconcile of an ended term fails in its apply transaction.
+    pub fn set_fence(&self, fence: Option<crate::store::lease::Fence>) {
+        *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = fence;
+        // What the last empty plan saw was seen by the previous term: plan afresh.
+        self.set_idle(None);
     }
 
     fn set_idle(&self, idle: Option<Idle>) {
@@ -778,6 +791,7 @@ impl Controller {
             offline_after: self.offline_after,
             started_at: Utc::now(),
             expect_generation: None,
+            fence: None,
             hooks: None,
         };
         let err = RecordedError {

@@ -76,6 +76,10 @@ pub struct Context<'a> {
     pub expect_generation: Option<u64>,
     /// Told about applies and failures inside their transactions (commit statuses, in `cairn serve`).
     pub hooks: Option<&'a dyn crate::hooks::Hooks>,
+    /// In `cairn serve`: the leader's term this apply runs in; the apply transaction checks it holds the
+    /// lease with it (`store::lease::check`) and fails when deposed. `None`: an operator's own apply
+    /// (`cairn apply`), serialized by the apply lock and the generation alone.
+    pub fence: Option<crate::store::lease::Fence>,
 }
 
 /// Keyed fingerprints of every secret in `desired`, decrypting each with `identity`. Errors name the app
@@ -114,6 +118,9 @@ pub async fn reconcile(
         source: e,
     })?;
     state::lock_apply(&mut tx).await?;
+    if let Some(fence) = &cx.fence {
+        store::lease::check(&mut tx, fence).await?;
+    }
     // Before the read: a change committed from here on leaves its mark for the next reconcile.
     store::changes::consume(&mut tx).await?;
     let observed = state::load_observed_in(&mut tx).await?;

@@ -17,6 +17,7 @@ pub mod drift;
 pub mod events;
 pub mod executor;
 pub mod hooks;
+pub mod leader;
 pub mod liveness;
 pub mod metrics;
 mod panics;

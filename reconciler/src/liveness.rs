@@ -66,7 +66,16 @@ impl Judging {
 
 /// Marks nodes silent for the threshold offline every [`tick`] until `shutdown` is triggered, waking the
 /// reconciler whenever it marks one; says through `judging` when silence may be judged.
-pub async fn monitor(pool: PgPool, judging: Judging, wake: Arc<Notify>, shutdown: &Shutdown) {
+///
+/// `fence`: in `cairn serve`, the leader's term it runs in (it runs on the leader only): each marking
+/// transaction checks the lease is still held with it, so a deposed leader marks nothing.
+pub async fn monitor(
+    pool: PgPool,
+    judging: Judging,
+    wake: Arc<Notify>,
+    fence: Option<crate::store::lease::Fence>,
+    shutdown: &Shutdown,
+) {
     let offline_after = judging.offline_after();
     // Heartbeats reach the database only through a control plane that can reach it: while none ran, or
     // this one could not reach PostgreSQL, a node's silence proves nothing (its heartbeats were refused,
@@ -81,6 +90,7 @@ pub async fn monitor(pool: PgPool, judging: Judging, wake: Arc<Notify>, shutdown
         pool,
         judging,
         wake,
+        fence,
     };
     // Its failures are warnings it logs itself: the database's outage is not this loop's to report.
     Worker::new("checking node liveness", tick(offline_after))
@@ -94,6 +104,7 @@ struct Monitor {
     pool: PgPool,
     judging: Judging,
     wake: Arc<Notify>,
+    fence: Option<crate::store::lease::Fence>,
     /// How long a check may wait for the database.
     period: Duration,
     /// Silence is judged from then on (unless the database is unreachable or slow again).
@@ -134,7 +145,7 @@ impl Pass for Monitor {
             return Ok(None);
         }
         self.judging.set(true);
-        match mark_offline(&self.pool, offline_after).await {
+        match mark_offline(&self.pool, offline_after, self.fence.as_ref()).await {
             Ok(nodes) if nodes.is_empty() => {}
             Ok(nodes) => {
                 for n in &nodes {
@@ -154,11 +165,18 @@ impl Pass for Monitor {
 
 /// Marks silent nodes offline and records a `node.offline` event for each, in one transaction: the
 /// UPDATE changes only nodes still online, so each going offline is one event.
-async fn mark_offline(pool: &PgPool, offline_after: Duration) -> Result<Vec<Name>, StoreError> {
+async fn mark_offline(
+    pool: &PgPool,
+    offline_after: Duration,
+    fence: Option<&crate::store::lease::Fence>,
+) -> Result<Vec<Name>, StoreError> {
     let mut tx = pool.begin().await.map_err(|source| StoreError::Query {
         op: "begin marking silent nodes offline",
         source,
     })?;
+    if let Some(fence) = fence {
+        crate::store::lease::check(&mut tx, fence).await?;
+    }
     let marked = nodes::mark_offline(&mut tx, offline_after).await?;
     for n in &marked {
         crate::store::usage::close_offline_node(&mut tx, n.as_str()).await?;

@@ -46,6 +46,60 @@ pub struct Status {
     /// The last app of this page when more follow: ask again with `after` set to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_after: Option<String>,
+    /// The control planes on this database and their leader; `None` from an older server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_planes: Option<ControlPlanes>,
+}
+
+/// The control planes seen within [`REPLICAS_SEEN_WITHIN`], and the leader's lease.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlPlanes {
+    /// The replica holding the lease, when it has not expired.
+    pub leader: Option<String>,
+    /// The lease's epoch: raised by each new leader.
+    pub epoch: u64,
+    /// Seconds since the leader took the lease, and since it last renewed it (by the database's clock).
+    pub leader_for_secs: Option<f64>,
+    pub lease_age_secs: Option<f64>,
+    pub replicas: Vec<ControlPlaneView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlPlaneView {
+    pub id: String,
+    pub address: String,
+    pub version: String,
+    pub started_at: DateTime<Utc>,
+    /// Seconds since it last took part in the lease (by the database's clock).
+    pub last_seen_secs: f64,
+    pub leader: bool,
+}
+
+/// Replicas not seen for this long are left out of the status (their rows go after a day).
+pub const REPLICAS_SEEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// The control planes and the lease, read in `conn`.
+async fn control_planes(conn: &mut sqlx::PgConnection) -> Result<ControlPlanes, StoreError> {
+    let (lease, rows) = crate::store::lease::read(conn, REPLICAS_SEEN_WITHIN.as_secs_f64()).await?;
+    let secs = |t: DateTime<Utc>| (lease.now - t).num_milliseconds().max(0) as f64 / 1000.0;
+    let leader = lease.holder.clone().filter(|_| lease.live);
+    Ok(ControlPlanes {
+        epoch: lease.epoch,
+        leader_for_secs: leader.as_ref().and(lease.acquired_at).map(secs),
+        lease_age_secs: leader.as_ref().and(lease.renewed_at).map(secs),
+        replicas: rows
+            .into_iter()
+            .map(|r| ControlPlaneView {
+                leader: leader.as_deref() == Some(r.id.as_str()),
+                last_seen_secs: secs(r.last_seen),
+                id: r.id,
+                address: r.address,
+                version: r.version,
+                started_at: r.started_at,
+            })
+            .collect(),
+        leader,
+    })
 }
 
 /// How many apps a status shows unless asked for more (or fewer).
@@ -239,6 +293,7 @@ pub fn compute(
         nodes,
         last_reconciliation: last,
         certificate_warnings: Vec::new(),
+        control_planes: None,
         apps_total: None,
         next_after: None,
     }
@@ -382,6 +437,7 @@ pub async fn load(
     status.next_after = page.next_after;
     attach_reports(&mut status, &reports);
     attach_routes(&mut status, &routes);
+    status.control_planes = Some(control_planes(&mut conn).await?);
     drop(conn);
     status.certificate_warnings = crate::certs::warnings(&crate::certs::list(pool).await?);
     Ok(status)

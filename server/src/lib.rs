@@ -11,7 +11,11 @@
 //! do); or outlive its shutdown: [`serve`] returns once every loop and listener it started stopped, and
 //! on an error it stops what it started first.
 
+mod ha;
 mod late;
+
+pub use cairn_reconciler::leader::LeaseSettings;
+pub use ha::HaSettings;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -76,6 +80,8 @@ pub struct Config {
     pub webhooks: WebhookSettings,
     /// Certificates from the ACME CA the applied `[tls]` names.
     pub certs: CertServeSettings,
+    /// This replica among several control planes: its id, address and the leader's lease.
+    pub ha: HaSettings,
 }
 
 /// How `cairn serve` runs the certificate loop.
@@ -226,6 +232,7 @@ pub async fn serve(
         api,
         webhooks,
         certs,
+        ha,
     } = config;
     // Stops everything started here when this returns, early (an error) or not; the caller's shutdown
     // stops it too.
@@ -281,6 +288,11 @@ pub async fn serve(
     cairn_reconciler::store::migrate(&pool)
         .await
         .map_err(ServeError::Migrate)?;
+    // The lease on a pool of its own: a busy reconciler or API never delays a renewal.
+    let lease_pool = db.pool(2).await.map_err(ServeError::Connect)?;
+    let leadership = ha::start(&lease_pool, &ha, &shutdown)
+        .await
+        .map_err(ServeError::Connect)?;
     let mut c = Controller::open(pool, &source, identity.clone())?;
     c.offline_after = node_offline_after;
     let judging = Judging::new(node_offline_after);
@@ -289,15 +301,14 @@ pub async fn serve(
     let notify = webhooks.notify.clone();
     let settings = webhook_settings(&source, webhooks)?;
     c.hooks = service::hooks(&settings);
-    let _ = ready.set(c.pool.clone());
     let wake = Arc::new(Notify::new());
     c.declared = Some(Declarations::default());
-    let (router, routes) = start_apis(
+    let (router, routes, api_pool) = start_apis(
         &api,
         &source,
         &db,
         identity,
-        judging,
+        judging.offline_after(),
         c.hooks.clone(),
         wake.clone(),
         &shutdown,
@@ -332,6 +343,9 @@ pub async fn serve(
     });
     c.routes = Some(routes);
     apis.set(router);
+    // Ready (for a load balancer in front of several control planes) once this replica's APIs answer,
+    // and then while its database does.
+    let _ = ready.set(c.pool.clone());
     let _watcher = match &*c.source.lock().await {
         ConfigSource::Dir(dir) => {
             let w = wake.clone();
@@ -374,7 +388,30 @@ pub async fn serve(
         hook_routes.set(router);
     }
     let integration = tokio::spawn(integration.run(shutdown.clone()));
-    c.clone().run(wake, interval, &shutdown).await;
+    // The reconcile loop runs on the leader only, woken through the database from any replica.
+    let run_wake = Arc::new(Notify::new());
+    let forwarding = tokio::spawn({
+        let (pool, leadership, wake, run_wake, stop) = (
+            lease_pool.clone(),
+            leadership.clone(),
+            wake.clone(),
+            run_wake.clone(),
+            shutdown.clone(),
+        );
+        async move { ha::forward_wakes(pool, leadership, wake, run_wake, &stop).await }
+    });
+    ha::LeaderLoops {
+        controller: c.clone(),
+        run_wake,
+        interval,
+        pool: api_pool,
+        judging,
+        wake,
+        usage_period: api.usage_period,
+    }
+    .run(&leadership, &shutdown)
+    .await;
+    forwarding.await.map_err(ServeError::WebhookTask)?;
     integration.await.map_err(ServeError::WebhookTask)?;
     notifying.await.map_err(ServeError::WebhookTask)?;
     server
@@ -385,19 +422,20 @@ pub async fn serve(
     Ok(())
 }
 
-/// Connects the APIs' pool and listener, starts the liveness monitor, the output prune and the route
-/// table's refresh, and returns the APIs' router and the route table.
+/// Connects the APIs' pool and listener, starts the output prune and the route table's refresh, and
+/// returns the APIs' router, the route table and the pool (the leader's liveness sweep and usage rollup
+/// use it too).
 #[allow(clippy::too_many_arguments)]
 async fn start_apis(
     settings: &ApiSettings,
     source: &SourceSettings,
     db: &Database,
     identity: Option<Identity>,
-    judging: Judging,
+    offline_after: Duration,
     hooks: Option<Arc<dyn cairn_reconciler::hooks::Hooks>>,
     wake: Arc<Notify>,
     shutdown: &Shutdown,
-) -> Result<(Router, Routes), ServeError> {
+) -> Result<(Router, Routes, PgPool), ServeError> {
     let pool = db
         .pool(settings.db_connections)
         .await
@@ -406,7 +444,7 @@ async fn start_apis(
         .await
         .map_err(ServeError::Notifications)?;
     let mut cfg = settings.config.clone();
-    cfg.offline_after = judging.offline_after();
+    cfg.offline_after = offline_after;
     if cfg.config_browse.is_none() && source.is_git() {
         cfg.config_browse = cairn_reconciler::declared::browse_url(&source.repo);
     }
@@ -466,17 +504,10 @@ async fn start_apis(
         let period = settings.routes_period;
         async move { cairn_reconciler::routes::refresh_loop(pool, routes, period, &stop).await }
     });
-    tokio::spawn({
-        let (pool, stop, period) = (pool.clone(), shutdown.clone(), settings.usage_period);
-        async move { cairn_reconciler::usage::rollup_loop(pool, period, &stop).await }
-    });
-    tokio::spawn({
-        let stop = shutdown.clone();
-        async move { cairn_reconciler::liveness::monitor(pool, judging, wake, &stop).await }
-    });
     Ok((
         cairn_reconciler::api::router_with(api, cairn_webhook::admin::routes()),
         routes,
+        pool,
     ))
 }
 

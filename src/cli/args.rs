@@ -93,9 +93,11 @@ impl SourceArgs {
 /// Where to send an operator command (resolved by `remote.rs`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct TargetArgs {
-    /// The control plane's URL (or CAIRN_SERVER); with an admin token, use its API instead of the database
-    #[arg(long, env = "CAIRN_SERVER", value_name = "URL")]
-    pub server: Option<String>,
+    /// The control plane's URL (or CAIRN_SERVER); with an admin token, use its API instead of the
+    /// database. Several control planes: repeat it or separate the URLs with commas (the next is tried
+    /// when one cannot be reached)
+    #[arg(long, env = "CAIRN_SERVER", value_name = "URL", value_delimiter = ',')]
+    pub server: Vec<String>,
     /// A file holding the admin API token (else CAIRN_TOKEN)
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,

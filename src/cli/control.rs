@@ -341,11 +341,55 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
     if s.nodes.iter().any(|n| n.drain) {
         let _ = writeln!(out, "(* draining)");
     }
+    if let Some(cp) = &s.control_planes {
+        out.push_str(&render_control_planes(cp));
+    }
     if !s.certificate_warnings.is_empty() {
         let _ = writeln!(out, "\nCERTIFICATES (`cairn certs` shows every one)");
         for w in &s.certificate_warnings {
             let _ = writeln!(out, "WARNING {w}");
         }
+    }
+    out
+}
+
+/// The control planes and their leader: which replica holds the lease, its epoch and the lease's age.
+fn render_control_planes(cp: &cairn_reconciler::status::ControlPlanes) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    match (&cp.leader, cp.lease_age_secs) {
+        (Some(l), Some(age)) => {
+            let _ = writeln!(
+                out,
+                "\nCONTROL PLANES (leader {l}, epoch {}, for {:.0}s, lease renewed {age:.1}s ago)",
+                cp.epoch,
+                cp.leader_for_secs.unwrap_or(0.0)
+            );
+        }
+        _ => {
+            let _ = writeln!(
+                out,
+                "\nCONTROL PLANES (no leader: the lease of epoch {} expired)",
+                cp.epoch
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "{:<24} {:<8} {:<12} {:<20} {:>10}  ADDRESS",
+        "ID", "ROLE", "VERSION", "STARTED", "LAST SEEN"
+    );
+    for r in &cp.replicas {
+        let _ = writeln!(
+            out,
+            "{:<24} {:<8} {:<12} {:<20} {:>9.1}s  {}",
+            r.id,
+            if r.leader { "leader" } else { "standby" },
+            r.version,
+            r.started_at.format("%Y-%m-%d %H:%M:%S"),
+            r.last_seen_secs,
+            r.address
+        );
     }
     out
 }
@@ -448,6 +492,7 @@ mod tests {
             certificate_warnings: Vec::new(),
             apps_total: None,
             next_after: None,
+            control_planes: None,
         };
         insta::assert_snapshot!(render_status(&s));
 

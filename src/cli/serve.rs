@@ -55,6 +55,52 @@ pub struct Args {
     /// split-horizon DNS, or a test CA's names)
     #[arg(long, value_name = "NAME=IP", value_parser = parse_resolve)]
     acme_probe_resolve: Vec<(String, std::net::IpAddr)>,
+    #[command(flatten)]
+    ha: HaArgs,
+}
+
+/// Several control planes on one database: one leader at a time holds a lease.
+#[derive(Debug, Clone, clap::Args)]
+pub struct HaArgs {
+    /// This control plane's id among several (the registry `cairn status` shows, the leader's lease);
+    /// made up at start when not given
+    #[arg(long, value_name = "ID", env = "CAIRN_REPLICA_ID")]
+    replica_id: Option<String>,
+    /// Where operators and agents reach this control plane, as `cairn status` shows it (default: the
+    /// listen address)
+    #[arg(long, value_name = "URL")]
+    advertise_url: Option<String>,
+    /// How long the leader's lease lasts after each renewal: a dead leader is replaced after about this
+    /// (plus --leader-renew)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "15s")]
+    leader_lease: Duration,
+    /// How often the leader renews its lease and the others try to take it (less than --leader-lease)
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    leader_renew: Duration,
+}
+
+impl HaArgs {
+    fn settings(&self, addr: SocketAddr) -> Result<cairn_server::HaSettings> {
+        if self.leader_renew.is_zero() || self.leader_renew >= self.leader_lease {
+            anyhow::bail!("--leader-renew must be shorter than --leader-lease (and not zero)");
+        }
+        let mut s = cairn_server::HaSettings::new(
+            self.advertise_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{addr}")),
+        );
+        if let Some(id) = &self.replica_id {
+            if id.is_empty() || id.len() > 100 || id.chars().any(|c| c.is_control()) {
+                anyhow::bail!("--replica-id must be 1 to 100 printable characters");
+            }
+            s.replica_id = id.clone();
+        }
+        s.lease = cairn_server::LeaseSettings {
+            ttl: self.leader_lease,
+            renew: self.leader_renew,
+        };
+        Ok(s)
+    }
 }
 
 /// `NAME=IP`.
@@ -169,6 +215,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
+        let ha = args.ha.settings(addr)?;
         println!("listening on {addr}");
         tracing::info!(%addr, "listening");
         let metrics_listener = super::metrics::bind(&args.metrics).await?;
@@ -199,6 +246,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 },
                 ..Default::default()
             },
+            ha,
         };
         cairn_server::serve(listener, config, shutdown).await?;
         Ok(ExitCode::SUCCESS)

@@ -53,6 +53,7 @@ async fn a_whole_control_plane_runs_in_process_and_stops_through_its_shutdown() 
         api: ApiSettings::new("cairn".parse().unwrap()),
         webhooks: WebhookSettings::default(),
         certs: Default::default(),
+        ha: cairn_server::HaSettings::new(base.clone()),
     };
     let shutdown = Shutdown::new();
     let running = tokio::spawn(cairn_server::serve(listener, config, shutdown.clone()));

@@ -24,14 +24,14 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use wiremock::{Mock, MockServer, Request, Respond, ResponseTemplate};
 
-const SECRET: &str = "It's a Secret to Everybody";
-const TOKEN: &str = "test-token-e2e";
+pub(crate) const SECRET: &str = "It's a Secret to Everybody";
+pub(crate) const TOKEN: &str = "test-token-e2e";
 const APP_URL: &str = "https://github.com/Codertocat/Hello-World.git";
 const CONFIG_URL: &str = "https://github.com/acme/platform.git";
 /// How long any one thing may take before the test fails.
 const WAIT: Duration = Duration::from_secs(30);
 
-fn fixtures() -> Option<PathBuf> {
+pub(crate) fn fixtures() -> Option<PathBuf> {
     cairn_testkit::github_fixtures()
 }
 
@@ -176,6 +176,9 @@ impl World {
             "2s".into(),
             "--github-call-lease".into(),
             "4s".into(),
+            // One id across restarts: a restarted serve takes its predecessor's lease at once.
+            "--replica-id".into(),
+            "webhooks-serve".into(),
         ]
     }
 }
@@ -305,7 +308,7 @@ impl Drop for Serve {
 }
 
 /// `X-Hub-Signature-256` of `body` with the tests' secret, as GitHub signs.
-fn sign(body: &[u8]) -> String {
+pub(crate) fn sign(body: &[u8]) -> String {
     let secret = cairn_webhook::signature::WebhookSecret::new(SECRET).unwrap();
     cairn_webhook::signature::sign(&secret, body)
 }
@@ -356,7 +359,7 @@ struct GitHubState {
 }
 
 /// A local GitHub API that keeps issue comments and commit statuses as GitHub does.
-struct FakeGitHub {
+pub(crate) struct FakeGitHub {
     server: MockServer,
     state: Arc<Mutex<GitHubState>>,
 }
@@ -426,7 +429,7 @@ impl Respond for Api {
 }
 
 impl FakeGitHub {
-    async fn start(dir: &Path) -> FakeGitHub {
+    pub(crate) async fn start(dir: &Path) -> FakeGitHub {
         let recording: Value = serde_json::from_str(
             &std::fs::read_to_string(dir.join("api/create-status.json")).unwrap(),
         )
@@ -451,7 +454,7 @@ impl FakeGitHub {
         FakeGitHub { server, state }
     }
 
-    fn uri(&self) -> String {
+    pub(crate) fn uri(&self) -> String {
         self.server.uri()
     }
 
@@ -464,6 +467,11 @@ impl FakeGitHub {
             .rev()
             .find(|(_, s, c, _, _)| s == sha && c == context)
             .map(|(_, _, _, state, description)| (state.clone(), description.clone()))
+    }
+
+    /// Every status posted, in order: (repo, sha, context, state, description).
+    pub(crate) fn statuses(&self) -> Vec<(String, String, String, String, String)> {
+        self.state.lock().unwrap().statuses.clone()
     }
 
     fn comments(&self) -> Vec<(u64, String)> {
@@ -479,7 +487,7 @@ impl FakeGitHub {
 
 /// The fixtures' push of a new `master` branch, made into a push of `repo` (`owner/name`) from
 /// `before` to `after` on `branch`.
-fn push(dir: &Path, repo: &str, branch: &str, before: &str, after: &str) -> Value {
+pub(crate) fn push(dir: &Path, repo: &str, branch: &str, before: &str, after: &str) -> Value {
     let mut push = fixture(dir, "push.with-new-branch.json");
     if repo != "Codertocat/Hello-World" {
         let r = &mut push["repository"];

@@ -25,6 +25,7 @@
 //! - [`events`]: the events table (`crate::events`), written in its cause's transaction;
 //! - [`changes`]: whether anything the planner reads changed since the last plan (marks, generation,
 //!   heartbeats), so an idle tick skips planning;
+//! - [`lease`]: the leader's lease (epoch, fencing of its transactions) and the replicas registry;
 //! - [`status`]: a page of `cairn status` (some apps, every node, use summed), in one snapshot;
 //! - [`metrics`]: what `/metrics` reads when scraped (queue depth, nodes by state, release timings).
 //!
@@ -41,6 +42,7 @@ pub(crate) mod decode;
 pub mod events;
 pub mod failover;
 pub mod history;
+pub mod lease;
 pub mod listen;
 pub mod metrics;
 pub mod nodes;
@@ -100,6 +102,10 @@ pub enum StoreError {
         "secret `{key}` of app `{app}` has no fingerprint: apply with the control plane's identity"
     )]
     MissingFingerprint { app: String, key: String },
+    /// This control plane's leadership term ended (another took the lease, or it could not renew it in
+    /// time): a leader's transaction is refused rather than written.
+    #[error("this control plane is no longer the leader (its term {epoch} ended)")]
+    Deposed { epoch: u64 },
 }
 
 /// Attaches the operation's name to a `sqlx` error.

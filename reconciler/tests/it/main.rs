@@ -9,6 +9,7 @@ mod git_source;
 mod heads;
 mod history;
 mod idle;
+mod leader;
 mod queue;
 mod store;
 mod usage;

@@ -436,6 +436,8 @@ async fn start_and_watch(args: &Args, up: &mut Up, mut stop: watch::Receiver<boo
         .args(["--listen", &format!("127.0.0.1:{serve_port}")])
         .args(["--installation", args.installation.as_str()])
         .args(["--interval", "10s", "--heartbeat-interval", "2s"])
+        // One id across restarts: a restarted serve takes its predecessor's leader lease at once.
+        .args(["--replica-id", "dev"])
         .arg("--cache-dir")
         .arg(state.join("cache"))
         .env("DATABASE_URL", &db_url);

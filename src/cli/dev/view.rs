@@ -239,6 +239,7 @@ mod tests {
             certificate_warnings: Vec::new(),
             apps_total: None,
             next_after: None,
+            control_planes: None,
         }
     }
 

@@ -492,6 +492,9 @@ async fn spawn_serve(
         .args(["--cache-dir"])
         .arg(scratch.join("cache"))
         .args(args)
+        // One id across restarts (unless the test names its own): a restarted serve takes its killed
+        // predecessor's leader lease at once instead of waiting for it to expire.
+        .env("CAIRN_REPLICA_ID", "test-serve")
         .env("CAIRN_LOG", "debug")
         .env_remove("CAIRN_IDENTITY")
         .envs(env.iter().map(|(k, v)| (k, v)))
@@ -679,13 +682,18 @@ pub async fn placements(plane: &Plane) -> Vec<(String, i64, String)> {
 
 /// Waits until every running placement is reported running, at its release, by its node.
 pub async fn wait_converged(plane: &Plane, limit: Duration) {
+    wait_converged_db(&plane.db, limit).await
+}
+
+/// [`wait_converged`] on the database `db` (several control planes share it).
+pub async fn wait_converged_db(db: &TestDb, limit: Duration) {
     wait_for("every placement to run on its node", limit, || async {
-        let rows = plane
-            .rows(
-                "SELECT p.app, p.slot, p.node, p.release, s.replicas FROM placements p \
+        let rows = rows(
+            db,
+            "SELECT p.app, p.slot, p.node, p.release, s.replicas FROM placements p \
                  LEFT JOIN node_status s ON s.node = p.node WHERE p.state = 'running'",
-            )
-            .await;
+        )
+        .await;
         if rows.is_empty() {
             return None;
         }

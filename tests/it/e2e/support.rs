@@ -364,6 +364,8 @@ impl E2e {
                     ("--heartbeat-interval", "1s"),
                     ("--node-offline-after", "10s"),
                     ("--task-lease", "10s"),
+                    // One id across restarts: a restarted serve takes its predecessor's lease at once.
+                    ("--replica-id", "e2e-serve"),
                 ]
                 .into_iter()
                 .filter(|(flag, _)| !extra.iter().any(|a| a == flag))

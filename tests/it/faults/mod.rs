@@ -6,6 +6,9 @@
 //!   commits: the last commit is applied whole, every recorded reconciliation is whole, no task ran twice.
 //! - [`pg_outage`]: the test's own PostgreSQL restarted, then stopped for a minute, under serve and an
 //!   agent: both recover without a hand, and a commit made during the outage applies and deploys.
+//! - [`leader`]: three `cairn serve` on one database, the leader SIGKILLed again and again while
+//!   commits and signed pushes arrive: a new leader within 15 s, epochs increasing, every commit applied
+//!   once, no task run twice, each delivery handled and each GitHub status posted once.
 //! - [`partition`]: an agent cut off from the control plane (through a TCP proxy the test controls)
 //!   past the offline threshold, then healed: one instance of each replica remains, the moved replica is
 //!   not deployed again on the returning node, and the stale lease's late completion is refused.
@@ -14,6 +17,7 @@
 //! is printed and named in every failure message. Thresholds are shortened through flags so that each
 //! test takes well under two minutes.
 
+mod leader;
 mod partition;
 mod pg_outage;
 mod serve_kill;
