@@ -87,7 +87,7 @@ pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, Not
 /// The databases after a plan: each placed one where the plan put it, its instance and credentials
 /// kept while it stays, a fresh instance under its own name where it is created or moved; removed ones
 /// gone (their data stays on the node until dropped explicitly).
-pub(crate) fn next_databases(
+pub fn next_databases(
     obs: &Observed,
     specs: &std::collections::BTreeMap<cairn_schema::Name, crate::observed::AppliedDatabase>,
     planned: &[crate::DatabasePlan],

@@ -63,7 +63,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-pub use apply::{NotApplicable, next_observed};
+pub use apply::{NotApplicable, next_databases, next_observed};
 pub use planner::plan;
 
 use crate::observed::{

@@ -169,7 +169,7 @@ async fn ready(
     }
     let sealed = {
         let mut conn = ctx.pool.acquire().await.op("read an app's env")?;
-        payload::seal_payload(&mut conn, ctx.identity, p, recipient).await?
+        payload::seal_payload(&mut conn, ctx.identity, p, node, recipient).await?
     };
     if let Err(e) = sealed {
         return Ok(Err((error_chain(&e), e.is_permanent())));

@@ -237,7 +237,10 @@ mod tests {
         assert_eq!(every15.next_after(NOW), Some(NOW + 15 * 60));
         assert_eq!(every15.next_after(NOW - 1), Some(NOW));
         let weekly = Cron::parse("@weekly").unwrap(); // Sundays at midnight; NOW is a Sunday evening.
-        assert_eq!(weekly.next_after(NOW), Some(NOW + 6 * 86_400 + 6 * 3600 + 30 * 60));
+        assert_eq!(
+            weekly.next_after(NOW),
+            Some(NOW + 6 * 86_400 + 6 * 3600 + 30 * 60)
+        );
         let sunday7 = Cron::parse("0 0 * * 7").unwrap();
         assert_eq!(sunday7.next_after(NOW), weekly.next_after(NOW));
         let feb29 = Cron::parse("0 3 29 2 *").unwrap();

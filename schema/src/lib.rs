@@ -23,9 +23,9 @@ pub mod validate;
 pub use diag::{Diagnostic, Diagnostics, Severity};
 pub use incremental::Assembler;
 pub use model::{
-    App, AppTls, Challenge, Database, DatabaseBackup, Desired, Driver, EnvValue, Health, Http, Kind, ManifestFile, Node,
-    OwnCertificate, Placement, Plan, Runtime, SecretRef, Settings, Sink, SinkKind, SinkSeverity,
-    Source, TlsMode, TlsSettings,
+    App, AppTls, Challenge, Database, DatabaseBackup, Desired, Driver, EnvValue, Health, Http,
+    Kind, ManifestFile, Node, OwnCertificate, Placement, Plan, Runtime, SecretRef, Settings, Sink,
+    SinkKind, SinkSeverity, Source, TlsMode, TlsSettings,
 };
 pub use parse::{ParsedFile, SETTINGS_FILE, is_manifest_path, parse_file};
 pub use secret::{Ciphertext, Identity, Recipient, Secret, SecretError};

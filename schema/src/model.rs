@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::Serialize;
 
+use crate::database::Engine;
 use crate::secret::{Ciphertext, Recipient};
 use crate::source::GitUrl;
-use crate::database::Engine;
 use crate::units::{
     AcmeDirectory, BackupLocation, ByteSize, Cpu, Domain, Email, EnvName, Name, NodeAddress, Price,
     RepoPath, Schedule, Span,

@@ -11,14 +11,14 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use crate::database::Engine;
 use crate::diag::{Diagnostic, LineIndex, Position, Severity, did_you_mean};
 use crate::model::{
-    App, AppTls, Database, DatabaseBackup, Challenge, Driver, EnvValue, Health, Http, Kind, Node, OwnCertificate, Placement,
-    Plan, Runtime, SecretRef, SecretSettings, Settings, Sink, SinkKind, SinkSeverity, Source,
-    TlsMode, TlsSettings, default_acme_directory, default_branch, default_currency,
-    default_drivers, default_health_path, default_health_timeout,
+    App, AppTls, Challenge, Database, DatabaseBackup, Driver, EnvValue, Health, Http, Kind, Node,
+    OwnCertificate, Placement, Plan, Runtime, SecretRef, SecretSettings, Settings, Sink, SinkKind,
+    SinkSeverity, Source, TlsMode, TlsSettings, default_acme_directory, default_branch,
+    default_currency, default_drivers, default_health_path, default_health_timeout,
 };
-use crate::database::Engine;
 use crate::secret::Ciphertext;
 use crate::source::check_ref_name;
 use crate::units::{ByteSize, EnvName, Name};
@@ -1093,7 +1093,9 @@ impl Cx<'_> {
                     let what = b.what.clone();
                     self.error(
                         b.at.clone(),
-                        format!("{what} needs both `access_key_id` and `secret_access_key`, or neither"),
+                        format!(
+                            "{what} needs both `access_key_id` and `secret_access_key`, or neither"
+                        ),
                     );
                     b.ok = false;
                 }
@@ -1102,7 +1104,10 @@ impl Cx<'_> {
                     ("endpoint", endpoint.as_ref().map(|x| x.span.clone())),
                     ("region", region.as_ref().map(|x| x.span.clone())),
                     ("access_key_id", key_id.as_ref().map(|x| x.span.clone())),
-                    ("secret_access_key", secret_key.as_ref().map(|x| x.span.clone())),
+                    (
+                        "secret_access_key",
+                        secret_key.as_ref().map(|x| x.span.clone()),
+                    ),
                 ];
                 for (key, span) in s3_only {
                     if let Some(span) = span {

@@ -170,12 +170,16 @@ impl BackupLocation {
         }
         if let Some(path) = s.strip_prefix("dir:") {
             if !path.starts_with('/') {
-                return Err(format!("`dir:{path}` must be an absolute path, such as `dir:/var/backups/cairn`"));
+                return Err(format!(
+                    "`dir:{path}` must be an absolute path, such as `dir:/var/backups/cairn`"
+                ));
             }
             if path.split('/').any(|c| c == "..") {
                 return Err("a backup directory never contains `..`".into());
             }
-            return Ok(BackupTo::Dir { path: path.to_owned() });
+            return Ok(BackupTo::Dir {
+                path: path.to_owned(),
+            });
         }
         if let Some(rest) = s.strip_prefix("s3://") {
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));

@@ -739,6 +739,7 @@ fn wire_task(api: &Api, t: LeasedTask, deploy: Option<DeployPayload>) -> cairn_p
         expires_at: t.expires_at,
         lease_ms: millis(api.cfg.task_lease),
         deploy,
+        database: None,
     }
 }
 

@@ -184,6 +184,7 @@ fn done() -> Outcome {
         detail: None,
         timings: BTreeMap::from([("build".to_owned(), 1200), ("start".to_owned(), 300)]),
         image: None,
+        backup: None,
     }
 }
 
