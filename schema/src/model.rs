@@ -451,7 +451,7 @@ pub struct DatabaseBackup {
 
 /// Every event the control plane records (`cairn_reconciler::events::EventKind` names the same set): what
 /// a notification sink's `events` patterns may match.
-pub const EVENT_KINDS: [&str; 12] = [
+pub const EVENT_KINDS: [&str; 13] = [
     "deploy.started",
     "deploy.succeeded",
     "deploy.failed",
@@ -464,6 +464,7 @@ pub const EVENT_KINDS: [&str; 12] = [
     "certificate.failed",
     "certificate.expiring",
     "drift.repaired",
+    "database.backup_failed",
 ];
 
 /// Where a notification sink sends events.

@@ -138,7 +138,7 @@ impl Plane {
             .await
             .unwrap();
         assert_eq!(ready.len(), 1, "the deploy is handed out");
-        let (t, payload) = ready.remove(0);
+        let (t, payload, _) = ready.remove(0);
         (t, payload.expect("a deploy carries its payload"))
     }
 
