@@ -289,6 +289,28 @@ pub async fn run_due(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, DbOpErr
     Ok(queued)
 }
 
+/// How often `cairn serve` looks for due backups.
+pub const BACKUP_PERIOD: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Queues due scheduled backups every `period` until `shutdown` (several control planes may run it:
+/// each due run is claimed once).
+pub async fn backup_loop(
+    pool: PgPool,
+    period: std::time::Duration,
+    shutdown: &crate::worker::Shutdown,
+) {
+    crate::worker::Worker::new("cannot queue scheduled backups", period)
+        .failures_as_warnings()
+        .run(shutdown, |_| async {
+            let n = run_due(&pool, Utc::now()).await?;
+            if n > 0 {
+                tracing::info!(backups = n, "scheduled backups queued");
+            }
+            Ok::<_, DbOpError>(None)
+        })
+        .await
+}
+
 /// Records a `db_backup` task's end in its ledger row: what it wrote, or why it failed (`final_`: no
 /// attempt follows).
 pub async fn record_backup(

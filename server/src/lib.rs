@@ -440,6 +440,11 @@ async fn start_apis(
         async move { cairn_reconciler::routes::refresh_loop(pool, routes, period, &stop).await }
     });
     tokio::spawn({
+        let (pool, stop) = (pool.clone(), shutdown.clone());
+        let period = cairn_reconciler::databases::BACKUP_PERIOD;
+        async move { cairn_reconciler::databases::backup_loop(pool, period, &stop).await }
+    });
+    tokio::spawn({
         let (pool, stop, period) = (pool.clone(), shutdown.clone(), settings.usage_period);
         async move { cairn_reconciler::usage::rollup_loop(pool, period, &stop).await }
     });

@@ -405,7 +405,7 @@ fn host_of(a: &str) -> String {
 }
 
 /// One backup run as the ledger keeps it.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct BackupRow {
     pub id: i64,
     pub database: String,
