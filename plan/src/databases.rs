@@ -226,7 +226,7 @@ pub(crate) fn price(
         if let Some(p) = specs.get(&e.name).and_then(|s| plans.get(&s.plan)) {
             e.disk = p.disk;
             if e.change != DatabaseChange::Delete {
-                e.monthly = p.price.clone();
+                e.monthly = p.price;
             }
         }
     }

@@ -196,7 +196,7 @@ async fn queue_backup(
     let target = target.ok_or_else(|| DbOpError::NoBackupTarget(database.clone()))?;
     let instance = Name::new(&instance)
         .map_err(|e| crate::store::decode::corrupt("databases", "instance", e))?;
-    let inst = store::instance(&mut **tx, &instance)
+    let inst = store::instance(tx, &instance)
         .await?
         .ok_or_else(|| DbOpError::UnknownInstance {
             database: database.clone(),
@@ -412,11 +412,11 @@ pub async fn restore(
     let sha256: String = b.try_get("sha256").op("read a backup")?;
     // `--latest` on a moved database restores into the database's own (fresh) instance.
     let fresh = into == database;
-    if !fresh && store::instance(&mut *tx, into).await?.is_some() {
+    if !fresh && store::instance(&mut tx, into).await?.is_some() {
         return Err(DbOpError::InstanceExists(into.clone()));
     }
     let port = if fresh {
-        store::instance(&mut *tx, into)
+        store::instance(&mut tx, into)
             .await?
             .map(|i| i.port)
             .ok_or_else(|| DbOpError::UnknownInstance {
@@ -437,13 +437,12 @@ pub async fn restore(
         store::upsert_instance(&mut tx, into, database, &spec, &node, p).await?;
         p
     };
-    let inst =
-        store::instance(&mut *tx, into)
-            .await?
-            .ok_or_else(|| DbOpError::UnknownInstance {
-                database: database.clone(),
-                instance: into.clone(),
-            })?;
+    let inst = store::instance(&mut tx, into)
+        .await?
+        .ok_or_else(|| DbOpError::UnknownInstance {
+            database: database.clone(),
+            instance: into.clone(),
+        })?;
     let payload = DatabasePayload {
         database: database.clone(),
         instance: into.clone(),
@@ -479,7 +478,7 @@ pub async fn restore(
 /// release of each. The previous instance keeps running until it is dropped explicitly.
 pub async fn swap(pool: &PgPool, database: &Name, instance: &Name) -> Result<(), DbOpError> {
     let mut tx = pool.begin().await.op("swap a database")?;
-    let inst = store::instance(&mut *tx, instance)
+    let inst = store::instance(&mut tx, instance)
         .await?
         .filter(|i| &i.database == database)
         .ok_or_else(|| DbOpError::UnknownInstance {
@@ -537,7 +536,7 @@ pub async fn rotate(pool: &PgPool, database: &Name) -> Result<(), DbOpError> {
     let instance = Name::new(&instance)
         .map_err(|e| crate::store::decode::corrupt("databases", "instance", e))?;
     let inst =
-        store::instance(&mut *tx, &instance)
+        store::instance(&mut tx, &instance)
             .await?
             .ok_or_else(|| DbOpError::UnknownInstance {
                 database: database.clone(),
