@@ -223,12 +223,16 @@ pub enum TaskKind {
     /// Stop and delete the slot's replica.
     Remove,
     /// Create or start a managed database's server and make its login ([`DatabasePayload`]).
+    #[serde(rename = "db_ensure")]
     DbEnsure,
     /// Stop a managed database's server, keeping its data.
+    #[serde(rename = "db_stop")]
     DbStop,
     /// Dump a managed database to its backup target.
+    #[serde(rename = "db_backup")]
     DbBackup,
     /// Restore a backup into a (new, empty) instance.
+    #[serde(rename = "db_restore")]
     DbRestore,
 }
 
@@ -765,7 +769,17 @@ mod tests {
         }
         assert_eq!(
             names(&TaskKind::ALL),
-            ["deploy", "stop", "start", "restart", "remove"]
+            [
+                "deploy",
+                "stop",
+                "start",
+                "restart",
+                "remove",
+                "db_ensure",
+                "db_stop",
+                "db_backup",
+                "db_restore"
+            ]
         );
         assert_eq!(
             names(&TaskStatus::ALL),
