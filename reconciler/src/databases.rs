@@ -160,6 +160,25 @@ fn target(
     })
 }
 
+/// A database task's payload for instance `inst` of `database`, its login left for the lease to seal.
+fn payload(database: &Name, inst: &store::InstanceRow) -> DatabasePayload {
+    DatabasePayload {
+        database: database.clone(),
+        instance: inst.name.clone(),
+        engine: inst.engine,
+        version: inst.version.clone(),
+        port: inst.port,
+        user: inst.user.clone(),
+        db: inst.db.clone(),
+        login_sealed: None,
+        retire_users: Vec::new(),
+        target: None,
+        object: None,
+        sha256: None,
+        backup_id: None,
+    }
+}
+
 /// The file extension of an engine's dump.
 fn extension(engine: cairn_schema::database::Engine) -> &'static str {
     match engine {
@@ -216,19 +235,9 @@ async fn queue_backup(
     .op("write a backup row")?;
     let object = format!("{database}/{id}.{}", extension(inst.engine));
     let payload = DatabasePayload {
-        database: database.clone(),
-        instance: instance.clone(),
-        engine: inst.engine,
-        version: inst.version.clone(),
-        port: inst.port,
-        user: inst.user.clone(),
-        db: inst.db.clone(),
-        login_sealed: None,
-        retire_users: Vec::new(),
-        target: None,
         object: Some(object.clone()),
-        sha256: None,
         backup_id: Some(id),
+        ..payload(database, &inst)
     };
     let mut task = NewTask::new(
         inst.node.clone(),
@@ -444,19 +453,11 @@ pub async fn restore(
             instance: into.clone(),
         })?;
     let payload = DatabasePayload {
-        database: database.clone(),
-        instance: into.clone(),
-        engine: spec.engine,
-        version: spec.version.clone(),
         port,
-        user: inst.user,
-        db: inst.db,
-        login_sealed: None,
-        retire_users: Vec::new(),
-        target: None,
         object: Some(object),
         sha256: Some(sha256),
         backup_id: Some(b.try_get("id").op("read a backup")?),
+        ..payload(database, &inst)
     };
     let mut task = NewTask::new(
         node.clone(),
@@ -542,21 +543,7 @@ pub async fn rotate(pool: &PgPool, database: &Name) -> Result<(), DbOpError> {
                 database: database.clone(),
                 instance: instance.clone(),
             })?;
-    let payload = DatabasePayload {
-        database: database.clone(),
-        instance: instance.clone(),
-        engine: inst.engine,
-        version: inst.version.clone(),
-        port: inst.port,
-        user: inst.user.clone(),
-        db: inst.db.clone(),
-        login_sealed: None,
-        retire_users: Vec::new(),
-        target: None,
-        object: None,
-        sha256: None,
-        backup_id: None,
-    };
+    let payload = payload(database, &inst);
     let mut task = NewTask::new(
         inst.node.clone(),
         TaskKind::DbEnsure,

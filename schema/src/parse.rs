@@ -877,6 +877,20 @@ impl Cx<'_> {
         out
     }
 
+    /// The diagnostics from `before` on are about age secrets: never show their lines (a value there may
+    /// be the plaintext pasted by mistake), name the expected shape, and give `hint` where there is none.
+    fn hide_secret_lines(&mut self, before: usize, hint: &str) {
+        for d in &mut self.diags[before..] {
+            d.source_line = None;
+            d.message = d
+                .message
+                .replace("struct SecretRef", "`{ secret = \"...\" }` (an age secret)");
+            if d.hint.is_none() {
+                d.hint = Some(hint.into());
+            }
+        }
+    }
+
     /// A notification sink, and the app names it lists (checked against the declared apps later). The
     /// URL and the signing secret are age secrets: an error about either never shows its line (it may be
     /// the plaintext pasted by mistake).
@@ -887,15 +901,7 @@ impl Cx<'_> {
         let before = self.diags.len();
         let url: Option<Located<SecretRef>> = self.req(&mut f, "url");
         let signing: Option<Located<SecretRef>> = self.opt(&mut f, "signing_secret");
-        for d in &mut self.diags[before..] {
-            d.source_line = None;
-            d.message = d
-                .message
-                .replace("struct SecretRef", "`{ secret = \"...\" }` (an age secret)");
-            if d.hint.is_none() {
-                d.hint = Some(SECRET_HINT.into());
-            }
-        }
+        self.hide_secret_lines(before, SECRET_HINT);
         let events: Option<Located<Vec<String>>> = self.opt(&mut f, "events");
         let apps: Option<Located<Vec<String>>> = self.opt(&mut f, "apps");
         let severity = self.opt_or(&mut f, "severity", SinkSeverity::default());
@@ -1061,15 +1067,7 @@ impl Cx<'_> {
         let before = self.diags.len();
         let key_id: Option<Located<SecretRef>> = self.opt(&mut b, "access_key_id");
         let secret_key: Option<Located<SecretRef>> = self.opt(&mut b, "secret_access_key");
-        for d in &mut self.diags[before..] {
-            d.source_line = None;
-            d.message = d
-                .message
-                .replace("struct SecretRef", "`{ secret = \"...\" }` (an age secret)");
-            if d.hint.is_none() {
-                d.hint = Some(SECRET_HINT.into());
-            }
-        }
+        self.hide_secret_lines(before, SECRET_HINT);
         if let Some(k) = &keep
             && k.value == 0
         {

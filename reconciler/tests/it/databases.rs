@@ -170,6 +170,21 @@ impl Plane {
     }
 }
 
+/// A `db_backup`'s result as its agent reports it.
+fn backed_up(object: String, bytes: u64, sha256: String, duration_ms: u64) -> Outcome {
+    Outcome::Done {
+        detail: None,
+        timings: Default::default(),
+        image: None,
+        backup: Some(BackupReport {
+            object,
+            bytes,
+            sha256,
+            duration_ms,
+        }),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_lives_on_its_node_and_its_url_reaches_only_the_attached_app() {
     let db = cairn_testkit::test_db!();
@@ -275,17 +290,7 @@ async fn backups_are_ledger_rows_and_a_final_failure_is_an_event() {
     plane
         .report(
             t,
-            Outcome::Done {
-                detail: None,
-                timings: Default::default(),
-                image: None,
-                backup: Some(BackupReport {
-                    object: format!("main/{id}.pgdump"),
-                    bytes: 4096,
-                    sha256: sha.clone(),
-                    duration_ms: 120,
-                }),
-            },
+            backed_up(format!("main/{id}.pgdump"), 4096, sha.clone(), 120),
         )
         .await;
     let mut conn = plane.pool.acquire().await.unwrap();
@@ -371,17 +376,7 @@ async fn a_restore_goes_beside_the_original_and_swap_and_rotate_release_the_atta
     plane
         .report(
             t,
-            Outcome::Done {
-                detail: None,
-                timings: Default::default(),
-                image: None,
-                backup: Some(BackupReport {
-                    object: "main/1.pgdump".into(),
-                    bytes: 10,
-                    sha256: "cd".repeat(32),
-                    duration_ms: 1,
-                }),
-            },
+            backed_up("main/1.pgdump".to_owned(), 10, "cd".repeat(32), 1),
         )
         .await;
     // Never into the original.
