@@ -298,6 +298,36 @@ pub async fn run_due(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, DbOpErr
     Ok(queued)
 }
 
+/// What `cairn status` and the dashboard show red about databases.
+pub fn warnings(dbs: &[crate::api::databases::DatabaseInfo]) -> Vec<String> {
+    let point = |d: &crate::api::databases::DatabaseInfo| {
+        d.last_good_backup.map_or_else(
+            || "no good backup yet".to_owned(),
+            |t| format!("recovery point {}", t.format("%Y-%m-%d %H:%M UTC")),
+        )
+    };
+    let mut out = Vec::new();
+    for d in dbs {
+        if !d.available {
+            out.push(format!(
+                "database {} is unavailable: node {} is not online ({}); it is not moved empty",
+                d.name,
+                d.node,
+                point(d)
+            ));
+        }
+        if d.backup_overdue {
+            out.push(format!(
+                "database {}: its last backup failed, or none succeeded within two intervals ({}): `cairn db backups {}`",
+                d.name,
+                point(d),
+                d.name
+            ));
+        }
+    }
+    out
+}
+
 /// How often `cairn serve` looks for due backups.
 pub const BACKUP_PERIOD: std::time::Duration = std::time::Duration::from_secs(15);
 

@@ -341,6 +341,12 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
     if s.nodes.iter().any(|n| n.drain) {
         let _ = writeln!(out, "(* draining)");
     }
+    if !s.database_warnings.is_empty() {
+        let _ = writeln!(out, "\nDATABASES (`cairn db list` shows every one)");
+        for w in &s.database_warnings {
+            let _ = writeln!(out, "WARNING {w}");
+        }
+    }
     if !s.certificate_warnings.is_empty() {
         let _ = writeln!(out, "\nCERTIFICATES (`cairn certs` shows every one)");
         for w in &s.certificate_warnings {
@@ -446,6 +452,7 @@ mod tests {
             ],
             last_reconciliation: None,
             certificate_warnings: Vec::new(),
+            database_warnings: Vec::new(),
             apps_total: None,
             next_after: None,
         };

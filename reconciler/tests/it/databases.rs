@@ -340,6 +340,11 @@ async fn backups_are_ledger_rows_and_a_final_failure_is_an_event() {
         .await
         .unwrap();
     assert!(list[0].backup_overdue, "a failed last backup is red");
+    let red = cairn_reconciler::databases::warnings(&list);
+    assert!(
+        red.iter().any(|w| w.contains("its last backup failed")),
+        "cairn status shows it: {red:?}"
+    );
 
     // A scheduled run is queued once, however many control planes look.
     sqlx::query("UPDATE database_schedules SET next_at = now() - interval '1 minute'")
