@@ -254,12 +254,14 @@ pub async fn recorded_release(
     let Some(applied) = state::applied_app(&mut *conn, app).await? else {
         return Ok(None);
     };
-    let spec: cairn_proto::ReleaseSpec =
-        serde_json::from_value(row.spec).map_err(|e| StoreError::Corrupt {
-            table: "releases",
-            column: "spec",
-            detail: e.to_string(),
-        })?;
+    // Stored in the planner's form (an attached database's URL is its own kind there): the wire form
+    // is made from it, as for a release the executor seals.
+    let spec: ReleaseSpec = serde_json::from_value(row.spec).map_err(|e| StoreError::Corrupt {
+        table: "releases",
+        column: "spec",
+        detail: e.to_string(),
+    })?;
+    let spec = wire_spec(&spec);
     let settings = state::config_state(&mut *conn).await?.settings;
     let mut hostnames = Vec::new();
     if let Some(s) = settings {

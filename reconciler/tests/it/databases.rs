@@ -251,6 +251,19 @@ async fn a_database_lives_on_its_node_and_its_url_reaches_only_the_attached_app(
         )
         .await;
 
+    // A recorded release read back (a drift repair, a replica moved) carries the URL as a secret too:
+    // regression, it was refused as a corrupt spec and failed every reconcile after a failed deploy.
+    let mut conn = plane.pool.acquire().await.unwrap();
+    let recorded = cairn_reconciler::payload::recorded_release(&mut conn, &name("web"), 1)
+        .await
+        .unwrap()
+        .expect("release 1 is recorded");
+    assert!(matches!(
+        recorded.spec.env.get("DATABASE_URL"),
+        Some(cairn_proto::ReleaseEnv::Secret { .. })
+    ));
+    drop(conn);
+
     // The password is stored only sealed to the control plane: not in a dump of its database.
     let dump = plane.dump();
     assert!(dump.contains("BEGIN AGE ENCRYPTED FILE"));
