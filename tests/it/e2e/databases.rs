@@ -21,17 +21,20 @@ use super::support::{Driver, E2e, get, wait_for};
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
 const WAIT: Duration = Duration::from_secs(120);
 
-/// The app: waits for its database, creates and fills the table only if it is new, serves the count.
+/// The app: serves at once (its health check does not wait for the database, which its node may still
+/// be creating), waits for its database, creates and fills the table only if it is new, then writes the
+/// count it serves.
 fn run_sh() -> String {
     format!(
-        "set -e\n\
-         PSQL={PG_BIN}/psql\n\
-         for i in $(seq 1 150); do $PSQL \"$DATABASE_URL\" -qAtc 'select 1' >/dev/null 2>&1 && break; sleep 0.2; done\n\
+        "PSQL={PG_BIN}/psql\n\
+         rm -f www/count\n\
+         /bin/busybox httpd -f -p 127.0.0.1:$PORT -h www &\n\
+         until $PSQL \"$DATABASE_URL\" -qAtc 'select 1' >/dev/null 2>&1; do sleep 0.2; done\n\
          if $PSQL \"$DATABASE_URL\" -qc 'CREATE TABLE items (i int PRIMARY KEY)' >/dev/null 2>&1; then\n\
            $PSQL \"$DATABASE_URL\" -qc 'INSERT INTO items SELECT g FROM generate_series(1, 1000) g'\n\
          fi\n\
-         $PSQL \"$DATABASE_URL\" -qAtc 'SELECT count(*) FROM items' > www/count\n\
-         exec /bin/busybox httpd -f -p 127.0.0.1:$PORT -h www\n"
+         $PSQL \"$DATABASE_URL\" -qAtc 'SELECT count(*) FROM items' > www/count.tmp && mv www/count.tmp www/count\n\
+         wait\n"
     )
 }
 
