@@ -369,6 +369,10 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         lease_wait: Duration::from_millis(cairn_proto::MAX_LEASE_WAIT_MS),
         shutdown_grace: args.shutdown_grace,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        databases: Some(crate::dbtasks::DatabaseHost {
+            data_dir: data.path().to_path_buf(),
+            identity: identity.clone(),
+        }),
     };
     let offered = match args.driver {
         DriverArg::Docker => vec![DriverName::Docker],

@@ -30,6 +30,7 @@ pub mod cli;
 pub mod client;
 pub mod database;
 pub mod datadir;
+pub mod dbtasks;
 pub mod deploy;
 pub mod dev;
 pub mod driver;

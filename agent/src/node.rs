@@ -56,6 +56,8 @@ pub struct Config {
     /// How long running tasks may finish after SIGTERM before their leases are given back.
     pub shutdown_grace: Duration,
     pub agent_version: String,
+    /// Where managed databases live on this node (`None`: database tasks fail, unsupported).
+    pub databases: Option<crate::dbtasks::DatabaseHost>,
 }
 
 /// Why the agent stopped.
@@ -406,6 +408,30 @@ impl Agent {
             lost_tx,
         ));
         let logs = TaskLogs::start(self.client.clone(), id, token);
+        if task.kind.is_database() {
+            // A database task acts on no replica slot: it runs, and its outcome is reported as is.
+            let ran = tokio::select! {
+                o = crate::dbtasks::run(self.cfg.databases.as_ref(), &task) => Some(o),
+                _ = abandon.wait_for(|a| *a) => None,
+                _ = lost.wait_for(|l| *l) => None,
+            };
+            logs.finish().await;
+            extender.abort();
+            match ran {
+                Some(outcome) => {
+                    let _shared = self.gate.read().await;
+                    self.report(id, token, outcome).await;
+                }
+                None => {
+                    if *abandon.borrow()
+                        && let Err(e) = self.client.release(id, token).await
+                    {
+                        tracing::warn!(task = id, error = %chain(&e), "cannot give the lease back; it will expire");
+                    }
+                }
+            }
+            return;
+        }
         let outcome = match self.work(&task) {
             Err(e) => Some(Err(e)),
             Ok(work) => match self.book.supersedes(&work.app, work.slot, work.generation) {
@@ -459,6 +485,7 @@ impl Agent {
                     detail: Some(format!("{} done", work.kind.as_str())),
                     timings: ran.timings,
                     image: ran.image,
+                    backup: None,
                 }
             }
             Err(e) => Outcome::Failed {
@@ -518,6 +545,10 @@ impl Agent {
             TaskKind::Deploy | TaskKind::Start | TaskKind::Restart => SlotState::Running,
             TaskKind::Stop => SlotState::Stopped,
             TaskKind::Remove => SlotState::Removed,
+            // Database tasks never reach the book (they run before a slot is looked at).
+            TaskKind::DbEnsure | TaskKind::DbStop | TaskKind::DbBackup | TaskKind::DbRestore => {
+                return;
+            }
         };
         let rec = SlotRecord {
             release: w.release,

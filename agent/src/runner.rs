@@ -265,6 +265,10 @@ impl Runner for DriverRunner {
                     .map_err(|e| failed(&e))?;
                 Ok(format!("removed {} replica(s)", removed.len()).into())
             }
+            k => Err(RunError::Failed(format!(
+                "`{}` is a database task, not a replica's",
+                k.as_str()
+            ))),
         }
     }
 

@@ -66,6 +66,7 @@ pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, Not
             .map(|(n, s)| (n.clone(), crate::observed::AppliedSink::from_desired(s)))
             .collect();
     }
+    next.databases = next_databases(obs, &target.databases, &plan.databases);
     next.placements = plan.placements.clone();
     for r in &plan.releases {
         next.releases.insert(
@@ -81,4 +82,43 @@ pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, Not
         );
     }
     Ok(next)
+}
+
+/// The databases after a plan: each placed one where the plan put it, its instance and credentials
+/// kept while it stays, a fresh instance under its own name where it is created or moved; removed ones
+/// gone (their data stays on the node until dropped explicitly).
+pub fn next_databases(
+    obs: &Observed,
+    specs: &std::collections::BTreeMap<cairn_schema::Name, crate::observed::AppliedDatabase>,
+    planned: &[crate::DatabasePlan],
+) -> std::collections::BTreeMap<cairn_schema::Name, crate::observed::ObservedDatabase> {
+    use crate::DatabaseChange;
+    let mut out = std::collections::BTreeMap::new();
+    for d in planned {
+        let o = obs.databases.get(&d.name);
+        let Some(spec) = specs.get(&d.name) else {
+            continue;
+        };
+        let next = match (&d.change, o, &d.node, d.port) {
+            (DatabaseChange::Delete, ..) => continue,
+            (DatabaseChange::Keep | DatabaseChange::Unavailable { .. }, Some(o), ..) => {
+                crate::observed::ObservedDatabase {
+                    spec: spec.clone(),
+                    ..o.clone()
+                }
+            }
+            (DatabaseChange::Unplaced { .. }, Some(o), ..) => o.clone(),
+            (_, o, Some(node), Some(port)) => crate::observed::ObservedDatabase {
+                spec: spec.clone(),
+                node: node.clone(),
+                port,
+                instance: d.name.clone(),
+                credential: o.map_or(0, |o| o.credential),
+                last_good_backup: o.and_then(|o| o.last_good_backup),
+            },
+            _ => continue,
+        };
+        out.insert(d.name.clone(), next);
+    }
+    out
 }

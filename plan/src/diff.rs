@@ -11,7 +11,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::{FieldDiff, Shown};
-use crate::observed::{AppliedApp, AppliedEnv, AppliedSink};
+use crate::observed::{AppliedApp, AppliedDatabase, AppliedEnv, AppliedSink};
 
 /// A flattened field's value.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,6 +150,40 @@ pub(crate) fn flat_app(a: &AppliedApp, unverified: impl Fn(&EnvName) -> bool) ->
         };
         b.0.push((14, format!("env.{k}"), leaf));
     }
+    b.map(15, "databases", &a.databases);
+    b.0
+}
+
+/// A database's S3 keys are shown as secrets, compared by their ciphertexts' digests.
+pub(crate) fn flat_database(d: &AppliedDatabase) -> Flat {
+    let mut b = Builder(Vec::new());
+    b.put(0, "engine", &d.engine);
+    b.put(1, "version", &d.version);
+    b.put(2, "plan", &d.plan);
+    b.opt(3, "node", d.node.as_ref());
+    if let Some(k) = &d.backup {
+        b.put(4, "backup.schedule", &k.schedule);
+        b.put(4, "backup.keep", &k.keep);
+        b.put(4, "backup.to", &k.to);
+        b.opt(4, "backup.endpoint", k.endpoint.as_ref());
+        b.opt(4, "backup.region", k.region.as_ref());
+        for (path, digest) in [
+            ("backup.access_key_id", &k.access_key_id_sha256),
+            ("backup.secret_access_key", &k.secret_access_key_sha256),
+        ] {
+            if let Some(key) = digest {
+                b.0.push((
+                    4,
+                    path.to_owned(),
+                    Leaf::Secret {
+                        key: key.clone(),
+                        unverified: false,
+                    },
+                ));
+            }
+        }
+    }
+    b.put(5, "verify", &d.verify);
     b.0
 }
 

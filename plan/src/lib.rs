@@ -43,6 +43,7 @@
 //! 5. Record the reconciliation with [`Plan::summary`] and commit.
 
 mod apply;
+pub mod databases;
 mod diff;
 pub mod observed;
 mod planner;
@@ -62,7 +63,7 @@ use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-pub use apply::{NotApplicable, next_observed};
+pub use apply::{NotApplicable, next_databases, next_observed};
 pub use planner::plan;
 
 use crate::observed::{
@@ -134,6 +135,68 @@ pub struct Plan {
     pub cost: Cost,
     /// The complete set of replica placements after this plan (unchanged ones keep their generation).
     pub placements: Vec<ReplicaPlacement>,
+    /// Managed databases: where each runs, what happens to it, its backups.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub databases: Vec<DatabasePlan>,
+}
+
+/// One managed database in a plan.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DatabasePlan {
+    pub name: Name,
+    pub engine: cairn_schema::database::Engine,
+    pub version: String,
+    pub change: DatabaseChange,
+    /// The node it runs on after this plan (`None`: no node could take it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// Its plan's disk.
+    pub disk: cairn_schema::ByteSize,
+    /// Disk left on its node after this plan (replicas and databases counted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_disk_free: Option<cairn_schema::ByteSize>,
+    /// Its plan's monthly price (nothing for one being removed).
+    pub monthly: Price,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_schedule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backup_to: Option<String>,
+    /// When the last good backup finished: the recovery point.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_good_backup: Option<DateTime<Utc>>,
+    /// The task this plan gives its node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub task: Option<DatabaseTask>,
+}
+
+/// What a plan does with a database.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DatabaseChange {
+    /// Placed for the first time, empty.
+    Create,
+    /// Stays where it is.
+    Keep,
+    /// Its manifest names another node: it starts there empty and needs a restore.
+    Move { from: Name },
+    /// Its node is offline or gone: nothing runs it, and it is not moved empty.
+    Unavailable { why: String },
+    /// A new database no node can take.
+    Unplaced { why: String },
+    /// No longer declared: stopped, its data kept until dropped explicitly.
+    Delete,
+}
+
+/// A database task the plan enqueues for the database's node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DatabaseTask {
+    /// Create or start the server and its login.
+    Ensure,
+    /// Stop the server, keeping its data.
+    Stop,
 }
 
 impl Plan {
@@ -144,6 +207,7 @@ impl Plan {
             && self.releases.is_empty()
             && self.placement_changes.is_empty()
             && self.tasks.is_empty()
+            && self.databases.iter().all(|d| d.task.is_none())
             && self.target_commit == self.applied_commit
     }
 
@@ -281,8 +345,18 @@ pub struct ReleaseSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum ReleaseEnv {
-    Plain { value: String },
-    Secret { fingerprint: String },
+    Plain {
+        value: String,
+    },
+    Secret {
+        fingerprint: String,
+    },
+    /// An attached database's URL, made by the control plane and sealed to the node like a secret;
+    /// the fingerprint says which instance, node, port and credentials ([`databases::binding_fingerprint`]).
+    Database {
+        database: Name,
+        fingerprint: String,
+    },
 }
 
 impl ReleaseSpec {
@@ -508,6 +582,12 @@ pub enum WarningKind {
     /// A host would not be served by every ingress node: no node has `ingress = true` and an `address`
     /// (in a cluster of more than one node).
     Unreachable,
+    /// A database's node is offline or gone: it is reported with its recovery point, never moved empty.
+    DatabaseUnavailable,
+    /// A database moves to another node and needs a restore there.
+    DatabaseMove,
+    /// A new database no node can take.
+    DatabaseUnplaced,
 }
 
 /// A node's capacity and use before and after the plan.

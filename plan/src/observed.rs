@@ -108,6 +108,82 @@ pub struct Observed {
     /// never read), so a plan can say which of its hosts have one and why a name waits.
     #[serde(default)]
     pub certificates: Vec<ObservedCert>,
+    /// Managed databases: the applied spec and where each one lives (`databases`).
+    #[serde(default)]
+    pub databases: BTreeMap<Name, ObservedDatabase>,
+}
+
+/// A managed database as applied and placed. Its placement is sticky: the planner keeps it where it
+/// is, and only an explicit `node` in its manifest moves it (a move that needs a restore).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedDatabase {
+    pub spec: AppliedDatabase,
+    /// The node its data lives on.
+    pub node: Name,
+    pub port: u16,
+    /// The instance attached apps are pointed at: the database's own, or what `cairn db swap` chose.
+    pub instance: Name,
+    /// Bumped by `cairn db rotate` (a new password): attached apps get a new release.
+    pub credential: u64,
+    /// When the last backup that succeeded finished: the recovery point if the node is lost.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_good_backup: Option<DateTime<Utc>>,
+}
+
+/// A database's manifest as applied, its S3 keys reduced to digests of their ciphertexts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedDatabase {
+    pub engine: cairn_schema::database::Engine,
+    pub version: String,
+    pub plan: Name,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<AppliedBackup>,
+    pub verify: String,
+}
+
+/// A database's `backup`, its keys as ciphertext digests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AppliedBackup {
+    pub schedule: String,
+    pub keep: u32,
+    pub to: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id_sha256: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_sha256: Option<String>,
+}
+
+impl AppliedDatabase {
+    pub fn from_desired(d: &cairn_schema::Database) -> AppliedDatabase {
+        AppliedDatabase {
+            engine: d.engine,
+            version: d.version.clone(),
+            plan: d.plan.clone(),
+            node: d.node.clone(),
+            backup: d.backup.as_ref().map(|b| AppliedBackup {
+                schedule: b.schedule.to_string(),
+                keep: b.keep,
+                to: b.to.to_string(),
+                endpoint: b.endpoint.clone(),
+                region: b.region.clone(),
+                access_key_id_sha256: b
+                    .access_key_id
+                    .as_ref()
+                    .map(|c| ciphertext_sha256(&c.secret)),
+                secret_access_key_sha256: b
+                    .secret_access_key
+                    .as_ref()
+                    .map(|c| ciphertext_sha256(&c.secret)),
+            }),
+            verify: d.verify.to_string(),
+        }
+    }
 }
 
 /// A certificate's state. `Issued` and `Renewing` (and `Failed` or `WaitingDns` after an issuance) have a
@@ -188,6 +264,9 @@ pub struct AppliedApp {
     pub suspended: bool,
     #[serde(default)]
     pub env: BTreeMap<EnvName, AppliedEnv>,
+    /// Attached databases and the env var each one's URL arrives in.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub databases: BTreeMap<Name, EnvName>,
 }
 
 /// One applied env var.
@@ -318,6 +397,7 @@ impl AppliedApp {
             http: app.http.clone(),
             suspended: app.suspended,
             env,
+            databases: app.databases.clone(),
         }
     }
 }

@@ -13,15 +13,18 @@ use cairn_schema::{
 };
 use rust_decimal::Decimal;
 
-use super::diff::{Flat, diff, flat_app, flat_node, flat_plan, flat_runtime, flat_sink};
+use super::diff::{
+    Flat, diff, flat_app, flat_database, flat_node, flat_plan, flat_runtime, flat_sink,
+};
 use super::{
     Action, AppCertificate, Cost, Https, Ingress, NewHosts, NewRelease, NodeHeadroom, Pin,
     PlacementChange, PlacementReason, Plan, PlanInput, ReleaseEnv, ReleaseSpec, ResourceChange,
     Task, TaskAction, Usage, Warning, WarningKind,
 };
 use crate::observed::{
-    AppliedApp, AppliedEnv, AppliedSink, CommitId, Fingerprints, NodeState, ObservedCert,
-    ReleaseNumber, ReplicaPlacement, ReplicaState, ciphertext_sha256, effective_state,
+    AppliedApp, AppliedDatabase, AppliedEnv, AppliedSink, CommitId, Fingerprints, NodeState,
+    ObservedCert, ReleaseNumber, ReplicaPlacement, ReplicaState, ciphertext_sha256,
+    effective_state,
 };
 use crate::scheduler::{AppDemand, Condition, How, NodeInfo, Outcome, Resources, schedule};
 
@@ -38,6 +41,10 @@ pub(super) struct Target<'a> {
     pub currency: String,
     pub base_domain: Option<Domain>,
     pub origins: Option<&'a BTreeMap<(Kind, Name), Origin>>,
+    /// Managed databases in applied form.
+    pub databases: BTreeMap<Name, AppliedDatabase>,
+    /// Per database placed by this plan: what its URL stands for ([`crate::databases::binding_fingerprint`]).
+    pub bindings: BTreeMap<Name, String>,
 }
 
 impl<'a> Target<'a> {
@@ -57,6 +64,12 @@ impl<'a> Target<'a> {
                     .unwrap_or_else(cairn_schema::model::default_currency),
                 base_domain: obs.base_domain.clone(),
                 origins: None,
+                databases: obs
+                    .databases
+                    .iter()
+                    .map(|(n, d)| (n.clone(), d.spec.clone()))
+                    .collect(),
+                bindings: BTreeMap::new(),
             };
         };
         let mut unverified = BTreeSet::new();
@@ -85,6 +98,13 @@ impl<'a> Target<'a> {
             currency: d.state.settings.currency.clone(),
             base_domain: Some(d.state.settings.base_domain.clone()),
             origins: Some(&d.state.origins),
+            databases: d
+                .state
+                .databases
+                .iter()
+                .map(|(n, db)| (n.clone(), AppliedDatabase::from_desired(db)))
+                .collect(),
+            bindings: BTreeMap::new(),
         }
     }
 }
@@ -187,7 +207,7 @@ enum Run {
 /// Plans the move from `input.observed` to `input.desired`. See the crate docs.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
     let obs = input.observed;
-    let target = Target::new(input);
+    let mut target = Target::new(input);
     let mut warnings = Vec::new();
     let generation = obs.generation + 1;
 
@@ -238,6 +258,18 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
                 |_, s| flat_sink(s),
             ));
         }
+        let applied_dbs: BTreeMap<Name, AppliedDatabase> = obs
+            .databases
+            .iter()
+            .map(|(n, d)| (n.clone(), d.spec.clone()))
+            .collect();
+        changes.extend(kind_changes(
+            Kind::Database,
+            &applied_dbs,
+            &target.databases,
+            target.origins,
+            |_, d| flat_database(d),
+        ));
     }
     if !target.unverified.is_empty() {
         let n = target.unverified.len();
@@ -254,6 +286,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     let views = node_views(input, &target, &mut warnings);
+    let databases = place_databases(input, &mut target, &views, &mut warnings);
     // An app whose manifest changes is deployed even under a rollback pin: the change lifts the pin.
     let changed_apps: BTreeSet<&Name> = changes
         .iter()
@@ -275,9 +308,22 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         .iter()
         .map(|(name, spec)| {
             let v = &views[name];
+            let reserved = databases
+                .iter()
+                .filter(|d| d.node.as_ref() == Some(name))
+                .filter_map(|d| {
+                    target
+                        .databases
+                        .get(&d.name)
+                        .or(obs.databases.get(&d.name).map(|o| &o.spec))
+                })
+                .filter_map(|s| target.plans.get(&s.plan))
+                .fold(Resources::default(), |acc, p| {
+                    acc.saturating_add(&Resources::of_plan(p))
+                });
             NodeInfo {
                 name: name.clone(),
-                capacity: Resources::of_node(spec),
+                capacity: Resources::of_node(spec).saturating_sub(&reserved),
                 region: spec.region.clone(),
                 labels: spec.labels.clone(),
                 drivers: v.drivers.clone(),
@@ -436,11 +482,31 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     let ingress = ingress(input, &target, &mut warnings);
-    let nodes = headroom(input, &target, &views, &placements, &sched.used);
+    let mut used_after = sched.used.clone();
+    for d in &databases {
+        if let (Some(node), Some(p)) = (
+            &d.node,
+            target
+                .databases
+                .get(&d.name)
+                .and_then(|s| target.plans.get(&s.plan)),
+        ) {
+            let e = used_after.entry(node.clone()).or_default();
+            *e = e.saturating_add(&Resources::of_plan(p));
+        }
+    }
+    let nodes = headroom(input, &target, &views, &placements, &used_after);
+    let with_dbs = |apps: Price, dbs: Decimal| Price::new(apps.amount() + dbs).unwrap_or_default();
     let cost = Cost {
         currency: target.currency.clone(),
-        before: monthly(&obs.apps, &obs.plans),
-        after: monthly(&target.apps, target.plans),
+        before: with_dbs(
+            monthly(&obs.apps, &obs.plans),
+            crate::databases::monthly(obs.databases.values().map(|d| &d.spec), &obs.plans),
+        ),
+        after: with_dbs(
+            monthly(&target.apps, target.plans),
+            crate::databases::monthly(target.databases.values(), target.plans),
+        ),
     };
 
     Plan {
@@ -461,7 +527,83 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         nodes,
         cost,
         placements,
+        databases,
     }
+}
+
+/// Places the databases ([`crate::databases::place`]) and records what each attached app's URL
+/// stands for in `target.bindings`.
+fn place_databases(
+    input: &PlanInput<'_>,
+    target: &mut Target<'_>,
+    views: &BTreeMap<Name, NodeView>,
+    warnings: &mut Vec<Warning>,
+) -> Vec<crate::DatabasePlan> {
+    let obs = input.observed;
+    if target.databases.is_empty() && obs.databases.is_empty() {
+        return Vec::new();
+    }
+    let facts: BTreeMap<Name, crate::databases::NodeFacts<'_>> = target
+        .nodes
+        .iter()
+        .map(|(n, spec)| {
+            let v = &views[n];
+            (
+                n.clone(),
+                crate::databases::NodeFacts {
+                    spec,
+                    state: v.state,
+                    condition: v.condition,
+                },
+            )
+        })
+        .collect();
+    let mut app_use: BTreeMap<Name, Resources> = BTreeMap::new();
+    for p in obs
+        .placements
+        .iter()
+        .filter(|p| p.state == ReplicaState::Running)
+    {
+        if let Some(plan) = target
+            .apps
+            .get(&p.app)
+            .and_then(|a| target.plans.get(&a.plan))
+        {
+            let e = app_use.entry(p.node.clone()).or_default();
+            *e = e.saturating_add(&Resources::of_plan(plan));
+        }
+    }
+    let mut out = crate::databases::place(
+        obs,
+        &target.databases,
+        target.plans,
+        &facts,
+        &app_use,
+        warnings,
+    );
+    crate::databases::price(&mut out, &target.databases, target.plans);
+    for d in &out {
+        let (Some(node), Some(port)) = (&d.node, d.port) else {
+            continue;
+        };
+        if d.change == crate::DatabaseChange::Delete {
+            continue;
+        }
+        let o = obs.databases.get(&d.name);
+        // A move starts a fresh instance under the database's own name.
+        let (instance, credential) = match (o, &d.change) {
+            (Some(o), crate::DatabaseChange::Keep | crate::DatabaseChange::Unavailable { .. }) => {
+                (o.instance.clone(), o.credential)
+            }
+            (Some(o), _) => (d.name.clone(), o.credential),
+            (None, _) => (d.name.clone(), 0),
+        };
+        target.bindings.insert(
+            d.name.clone(),
+            crate::databases::binding_fingerprint(&d.name, node, port, &instance, credential),
+        );
+    }
+    out
 }
 
 /// Where traffic enters before and after, and the hosts apps gain. Warns, for each app with new hosts
@@ -708,7 +850,18 @@ fn decide_releases<'t>(
             continue;
         }
         let latest = obs.releases.get(name);
-        let spec = ReleaseSpec::new(name, app, plan_spec, runtime);
+        let mut spec = ReleaseSpec::new(name, app, plan_spec, runtime);
+        for (db, var) in &app.databases {
+            if let Some(fingerprint) = target.bindings.get(db) {
+                spec.env.insert(
+                    var.clone(),
+                    crate::ReleaseEnv::Database {
+                        database: db.clone(),
+                        fingerprint: fingerprint.clone(),
+                    },
+                );
+            }
+        }
         let spec_hash = spec.hash();
         let source = app
             .source

@@ -400,6 +400,21 @@ pub fn text(plan: &Plan, color: bool) -> String {
             let _ = writeln!(o, "  {}", task_line(t));
         }
     }
+    if !plan.databases.is_empty() {
+        let _ = writeln!(o, "\n{}", st.bold("Databases:"));
+        for r in database_rows(plan) {
+            let change = match plan.databases.iter().find(|d| d.name.as_str() == r[0]) {
+                Some(d) if matches!(d.change, crate::DatabaseChange::Keep) => r[3].clone(),
+                Some(d) if matches!(d.change, crate::DatabaseChange::Create) => st.add(&r[3]),
+                _ => st.change(&r[3]),
+            };
+            let _ = writeln!(
+                o,
+                "  {} ({}) on {}: {change}; disk {}; {}/month; backups {}; last good backup {}",
+                r[0], r[1], r[2], r[4], r[5], r[6], r[7]
+            );
+        }
+    }
     if !plan.warnings.is_empty() {
         let _ = writeln!(o, "\n{}", st.bold("Warnings:"));
         for w in &plan.warnings {
@@ -818,6 +833,31 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
         o.push('\n');
     }
 
+    if !plan.databases.is_empty() {
+        let _ = writeln!(o, "#### Databases\n");
+        let rows: Vec<Vec<String>> = database_rows(plan)
+            .into_iter()
+            .map(|r| r.into_iter().map(|c| md(&c)).collect())
+            .collect();
+        md_table(
+            &mut o,
+            &[
+                "Database",
+                "Engine",
+                "Node",
+                "Change",
+                "Disk (node free)",
+                "Monthly",
+                "Backups",
+                "Last good backup",
+            ],
+            &rows,
+            opts.max_rows,
+            "databases",
+        );
+        o.push('\n');
+    }
+
     let replicas = replica_rows(plan);
     if !replicas.is_empty() {
         let _ = writeln!(o, "#### Where replicas run\n");
@@ -870,6 +910,65 @@ pub fn markdown(plan: &Plan, opts: &MarkdownOptions) -> String {
         plan.planned_at.format("%Y-%m-%d %H:%M:%S UTC")
     );
     o
+}
+
+/// One row per database: name, engine, node, change, disk, monthly price, backups, last good backup.
+fn database_rows(plan: &Plan) -> Vec<[String; 8]> {
+    use crate::DatabaseChange;
+    plan.databases
+        .iter()
+        .map(|d| {
+            let node = match (&d.node, d.port) {
+                (Some(n), Some(p)) => format!("{n}:{p}"),
+                _ => "none".to_owned(),
+            };
+            let change = match &d.change {
+                DatabaseChange::Create => "create (empty)".to_owned(),
+                DatabaseChange::Keep => "stays".to_owned(),
+                DatabaseChange::Move { from } => {
+                    format!(
+                        "MOVE from {from}: starts empty, needs `cairn db restore {} --latest`",
+                        d.name
+                    )
+                }
+                DatabaseChange::Unavailable { why } => format!("UNAVAILABLE ({why})"),
+                DatabaseChange::Unplaced { why } => format!("UNPLACED ({why})"),
+                DatabaseChange::Delete => "stop (data kept until dropped)".to_owned(),
+            };
+            let disk = match d.node_disk_free {
+                Some(free) => format!("{} ({} free)", human_bytes(d.disk.0), human_bytes(free.0)),
+                None => human_bytes(d.disk.0),
+            };
+            let backups = match (&d.backup_schedule, &d.backup_to) {
+                (Some(s), Some(t)) => format!("{s} to {t}"),
+                _ => "NONE".to_owned(),
+            };
+            let last = match d.last_good_backup {
+                Some(t) => {
+                    let age = plan.planned_at.signed_duration_since(t);
+                    let age = if age.num_hours() >= 48 {
+                        format!("{} days ago", age.num_days())
+                    } else if age.num_minutes() >= 120 {
+                        format!("{} hours ago", age.num_hours())
+                    } else {
+                        format!("{} min ago", age.num_minutes().max(0))
+                    };
+                    format!("{} ({age})", t.format("%Y-%m-%d %H:%M UTC"))
+                }
+                None => "none yet".to_owned(),
+            };
+            [
+                d.name.to_string(),
+                format!("{} {}", d.engine, d.version),
+                node,
+                change,
+                disk,
+                d.monthly.to_string(),
+                backups,
+                last,
+            ]
+        })
+        .collect()
 }
 
 fn md_code(s: &str) -> String {

@@ -1368,6 +1368,7 @@ mod properties {
                     nodes: BTreeMap::new(),
                     apps: BTreeMap::new(),
                     notify: BTreeMap::new(),
+                    databases: BTreeMap::new(),
                     origins: BTreeMap::new(),
                 };
                 for p in 0..3u32 {
@@ -1436,6 +1437,7 @@ mod properties {
                                 branch: "main".into(),
                                 rev: None,
                             },
+                            databases: BTreeMap::new(),
                             replicas,
                             port: None,
                             domains: vec![],
@@ -1681,4 +1683,173 @@ fn the_plan_says_which_hosts_get_a_certificate_and_why_one_waits() {
     let m = markdown(&p, &MarkdownOptions::default());
     assert!(m.contains("#### Certificates"), "{m}");
     assert!(m.contains("⚠️ `web`"), "{m}");
+}
+
+const DATABASES: &str = r#"
+[database.main]
+engine = "postgres"
+version = "15"
+plan = "medium"
+backup = { schedule = "0 3 * * *", keep = 7, to = "dir:/var/backups/cairn" }
+"#;
+
+/// Commit A with database `main` (no `node`: the scheduler places it) attached to web as
+/// DATABASE_URL; `extra` is appended to the database's table.
+fn repo_with_db(extra: &str) -> Desired {
+    let apps = format!(
+        "{}\n[app.web.env]\nNODE_ENV = \"production\"\n",
+        APPS_A.replace(
+            "placement = { region = \"eu-west\" }",
+            "placement = { region = \"eu-west\" }\ndatabases = { main = \"DATABASE_URL\" }",
+        )
+    );
+    load(&[
+        ("cairn.toml", SETTINGS),
+        ("plans/plans.toml", PLANS),
+        ("runtimes/runtimes.toml", RUNTIMES),
+        ("nodes/nodes.toml", NODES),
+        ("apps/apps.toml", &apps),
+        ("databases.toml", &format!("{DATABASES}{extra}")),
+    ])
+}
+
+fn world_db() -> (Desired, Observed, Plan) {
+    let d = repo_with_db("");
+    let mut o = Observed::default();
+    heads(
+        &mut o,
+        &[
+            ("web", "1a2b3c4d5e6f7a8b"),
+            ("api", "2b3c4d5e6f7a8b9c"),
+            ("docs", "3c4d5e6f7a8b9c0d"),
+            ("worker", "4d5e6f7a8b9c0d1e"),
+        ],
+    );
+    let (p, mut o) = apply(&o, &commit("a0a0a0a0a0a0a0a0"), &d);
+    all_online(&mut o);
+    (d, o, p)
+}
+
+fn web_db_env(p: &Plan) -> Option<ReleaseEnv> {
+    p.releases
+        .iter()
+        .find(|r| r.app.as_str() == "web")
+        .and_then(|r| r.spec.env.get("DATABASE_URL").cloned())
+}
+
+#[test]
+fn a_database_is_placed_once_on_the_node_with_most_free_disk_and_stays() {
+    let (d, mut o, p) = world_db();
+    let db = &p.databases[0];
+    assert_eq!(db.change, DatabaseChange::Create);
+    assert_eq!(db.node, Some(name("n3")), "n3 has the most disk");
+    assert_eq!(db.port, Some(crate::databases::FIRST_PORT));
+    assert_eq!(db.task, Some(DatabaseTask::Ensure));
+    assert!(
+        p.changes
+            .iter()
+            .any(|c| c.kind == Kind::Database && c.action == Action::Create)
+    );
+    assert!(matches!(
+        web_db_env(&p),
+        Some(ReleaseEnv::Database { database, .. }) if database.as_str() == "main"
+    ));
+    assert_eq!(o.databases[&name("main")].node, name("n3"));
+    // The cost counts the database's plan.
+    assert_eq!(p.cost.after.to_string(), "57.50");
+    // The same commit again: nothing to do.
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let fps = fingerprints(&d);
+    assert!(plan(&input(Some((&c, &d)), Some(&fps), &o)).is_empty());
+    // Its node goes offline: reported unavailable with its recovery point, never moved, no task.
+    o.databases.get_mut(&name("main")).unwrap().last_good_backup = Some(now() - Duration::hours(9));
+    o.node_status.get_mut(&name("n3")).unwrap().last_heartbeat =
+        Some(now() - Duration::seconds(91));
+    let p = plan(&input(None, None, &o));
+    let db = &p.databases[0];
+    assert!(matches!(&db.change, DatabaseChange::Unavailable { why } if why.contains("offline")));
+    assert_eq!(db.node, Some(name("n3")));
+    assert_eq!(db.task, None);
+    let w = p
+        .warnings
+        .iter()
+        .find(|w| w.kind == WarningKind::DatabaseUnavailable)
+        .expect("a warning");
+    assert!(
+        w.message.contains("recovery point 2026-03-01 03:00 UTC"),
+        "{}",
+        w.message
+    );
+    assert!(
+        web_db_env(&p).is_none(),
+        "web is not redeployed: {:?}",
+        p.releases
+    );
+    let next = next_observed(&input(None, None, &o), &p).unwrap();
+    assert_eq!(next.databases[&name("main")].node, name("n3"));
+}
+
+#[test]
+fn naming_another_node_is_a_planned_move_that_needs_a_restore() {
+    let (_, o, first) = world_db();
+    let before = web_db_env(&first).expect("web attached");
+    let d = repo_with_db("node = \"n1\"\n");
+    let (p, next) = apply(&o, &commit("b0b0b0b0b0b0b0b0"), &d);
+    let db = &p.databases[0];
+    assert_eq!(db.change, DatabaseChange::Move { from: name("n3") });
+    assert_eq!(db.node, Some(name("n1")));
+    assert_eq!(db.task, Some(DatabaseTask::Ensure));
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.kind == WarningKind::DatabaseMove
+                && w.message.contains("cairn db restore main --latest"))
+    );
+    let after = web_db_env(&p).expect("web gets a new release: its URL points elsewhere");
+    assert_ne!(before, after);
+    assert_eq!(next.databases[&name("main")].node, name("n1"));
+    let t = text(&p, false);
+    assert!(t.contains("MOVE from n3"), "{t}");
+}
+
+#[test]
+fn a_rotation_or_a_swap_redeploys_the_attached_apps_only() {
+    let (d, mut o, _) = world_db();
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let fps = fingerprints(&d);
+    o.databases.get_mut(&name("main")).unwrap().credential += 1;
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    let apps: Vec<&str> = p.releases.iter().map(|r| r.app.as_str()).collect();
+    assert_eq!(apps, ["web"]);
+    assert!(p.databases.iter().all(|d| d.task.is_none()));
+    let mut o2 = next_observed(&input(Some((&c, &d)), Some(&fps), &o), &p).unwrap();
+    o2.databases.get_mut(&name("main")).unwrap().instance = name("main-restored");
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o2));
+    let apps: Vec<&str> = p.releases.iter().map(|r| r.app.as_str()).collect();
+    assert_eq!(apps, ["web"]);
+}
+
+#[test]
+fn an_undeclared_database_is_stopped_and_its_data_kept() {
+    let (_, o, _) = world_db();
+    let d = repo(&apps_a(&secret("postgres://a", &[])));
+    let (p, next) = apply(&o, &commit("c0c0c0c0c0c0c0c0"), &d);
+    assert_eq!(p.databases[0].change, DatabaseChange::Delete);
+    assert_eq!(p.databases[0].task, Some(DatabaseTask::Stop));
+    assert!(next.databases.is_empty());
+}
+
+#[test]
+fn database_plan_snapshots() {
+    let (_, mut o, first) = world_db();
+    insta::assert_snapshot!("database_create_text", text(&first, false));
+    o.databases.get_mut(&name("main")).unwrap().last_good_backup = Some(now() - Duration::hours(9));
+    let d = repo_with_db("node = \"n1\"\n");
+    let c = commit("b0b0b0b0b0b0b0b0");
+    let fps = fingerprints(&d);
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &o));
+    insta::assert_snapshot!(
+        "database_move_markdown",
+        markdown(&p, &MarkdownOptions::default())
+    );
 }

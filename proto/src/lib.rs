@@ -222,16 +222,40 @@ pub enum TaskKind {
     Restart,
     /// Stop and delete the slot's replica.
     Remove,
+    /// Create or start a managed database's server and make its login ([`DatabasePayload`]).
+    #[serde(rename = "db_ensure")]
+    DbEnsure,
+    /// Stop a managed database's server, keeping its data.
+    #[serde(rename = "db_stop")]
+    DbStop,
+    /// Dump a managed database to its backup target.
+    #[serde(rename = "db_backup")]
+    DbBackup,
+    /// Restore a backup into a (new, empty) instance.
+    #[serde(rename = "db_restore")]
+    DbRestore,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 5] = [
+    pub const ALL: [TaskKind; 9] = [
         TaskKind::Deploy,
         TaskKind::Stop,
         TaskKind::Start,
         TaskKind::Restart,
         TaskKind::Remove,
+        TaskKind::DbEnsure,
+        TaskKind::DbStop,
+        TaskKind::DbBackup,
+        TaskKind::DbRestore,
     ];
+
+    /// Whether it acts on a managed database (its `app` is the database's name, it has no slot).
+    pub const fn is_database(self) -> bool {
+        matches!(
+            self,
+            TaskKind::DbEnsure | TaskKind::DbStop | TaskKind::DbBackup | TaskKind::DbRestore
+        )
+    }
 
     /// Its name on the wire and in the `tasks.kind` column.
     pub const fn as_str(self) -> &'static str {
@@ -241,6 +265,10 @@ impl TaskKind {
             TaskKind::Start => "start",
             TaskKind::Restart => "restart",
             TaskKind::Remove => "remove",
+            TaskKind::DbEnsure => "db_ensure",
+            TaskKind::DbStop => "db_stop",
+            TaskKind::DbBackup => "db_backup",
+            TaskKind::DbRestore => "db_restore",
         }
     }
 
@@ -273,6 +301,57 @@ pub struct Task {
     /// What a deploy (and a start or restart, which may need to run the release again) needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deploy: Option<DeployPayload>,
+    /// What a database task (`db_*`) needs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabasePayload>,
+}
+
+/// What a database task carries: the instance, its login (the password an age ciphertext to the
+/// node's own recipient, sealed when the node leases the task), and for a backup or a restore the
+/// object and where it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatabasePayload {
+    /// The `[database.NAME]`.
+    pub database: Name,
+    /// The server instance acted on: the database's own, or a restore's `--into NEW`.
+    pub instance: Name,
+    pub engine: cairn_schema::database::Engine,
+    pub version: String,
+    pub port: u16,
+    pub user: String,
+    /// The database (PostgreSQL, MariaDB) or number (Redis) the login uses.
+    pub db: String,
+    /// `{"password": "..."}` as age ciphertext to the node; `None` until the node leases the task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub login_sealed: Option<String>,
+    /// Logins to lock out (their passwords replaced by unknown ones): those a rotation retired.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retire_users: Vec<String>,
+    /// `db_backup` and `db_restore`: where the object is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<BackupTarget>,
+    /// `db_backup`: the object to write; `db_restore`: the object to read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// `db_restore`: the SHA-256 the object must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The backups ledger's row this task fills (`db_backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup_id: Option<i64>,
+}
+
+/// A backup target on the wire: the location, and for S3 the endpoint, region and the keys sealed to
+/// the node (`{"access_key_id": "...", "secret_access_key": "..."}` as one age ciphertext).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BackupTarget {
+    pub to: cairn_schema::database::BackupTo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_sealed: Option<String>,
 }
 
 /// What a deploy task carries: the release to run, and its secrets as one age ciphertext of a JSON object
@@ -470,6 +549,9 @@ pub enum Outcome {
         /// The image a deploy runs, which its release records.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         image: Option<DeployedImage>,
+        /// What a `db_backup` wrote (the backups ledger records it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        backup: Option<BackupReport>,
     },
     /// Failed: retried after a backoff if `retry` and attempts remain, dead otherwise.
     Failed { error: String, retry: bool },
@@ -483,6 +565,16 @@ pub enum Outcome {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         slot_generation: Option<u64>,
     },
+}
+
+/// What a database backup wrote: the object below its target, its size and the SHA-256 of exactly the
+/// bytes stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupReport {
+    pub object: String,
+    pub bytes: u64,
+    pub sha256: String,
+    pub duration_ms: u64,
 }
 
 /// The image a deploy ran: the engine's image id, and where it is in the registry when the agent pushed it.
@@ -677,7 +769,17 @@ mod tests {
         }
         assert_eq!(
             names(&TaskKind::ALL),
-            ["deploy", "stop", "start", "restart", "remove"]
+            [
+                "deploy",
+                "stop",
+                "start",
+                "restart",
+                "remove",
+                "db_ensure",
+                "db_stop",
+                "db_backup",
+                "db_restore"
+            ]
         );
         assert_eq!(
             names(&TaskStatus::ALL),
@@ -752,6 +854,7 @@ mod tests {
                 detail: None,
                 timings: BTreeMap::new(),
                 image: None,
+                backup: None,
             }
         );
     }

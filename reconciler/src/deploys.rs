@@ -24,7 +24,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use cairn_proto::{DeployPayload, DeployedImage, MAX_MESSAGE_BYTES, Outcome, Registry, truncate};
+use cairn_proto::{
+    DatabasePayload, DeployPayload, DeployedImage, MAX_MESSAGE_BYTES, Outcome, Registry, truncate,
+};
 use cairn_schema::{Identity, Name, Recipient};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
@@ -112,9 +114,16 @@ pub async fn prepare(
     node: &Name,
     recipient: Option<&Recipient>,
     leased: Vec<LeasedTask>,
-) -> Result<Vec<(LeasedTask, Option<DeployPayload>)>, DeployError> {
+) -> Result<Vec<(LeasedTask, Option<DeployPayload>, Option<DatabasePayload>)>, DeployError> {
     let mut out = Vec::with_capacity(leased.len());
     for t in leased {
+        if t.kind.is_database() {
+            match crate::databases::ready(ctx.pool, ctx.identity, node, recipient, &t).await? {
+                Ok(p) => out.push((t, None, Some(p))),
+                Err((error, permanent)) => give_up(ctx, &t, &error, permanent).await?,
+            }
+            continue;
+        }
         let deploy =
             if carries_release(t.kind) && t.payload.as_object().is_some_and(|o| !o.is_empty()) {
                 match serde_json::from_value::<DeployPayload>(t.payload.clone()) {
@@ -144,7 +153,7 @@ pub async fn prepare(
             } else {
                 None
             };
-        out.push((t, deploy));
+        out.push((t, deploy, None));
     }
     Ok(out)
 }
@@ -169,7 +178,7 @@ async fn ready(
     }
     let sealed = {
         let mut conn = ctx.pool.acquire().await.op("read an app's env")?;
-        payload::seal_payload(&mut conn, ctx.identity, p, recipient).await?
+        payload::seal_payload(&mut conn, ctx.identity, p, node, recipient).await?
     };
     if let Err(e) = sealed {
         return Ok(Err((error_chain(&e), e.is_permanent())));
@@ -328,6 +337,22 @@ pub async fn finish(
         }
         other => DeployError::Queue(other),
     };
+    if row.kind == TaskKind::DbBackup {
+        let r = match outcome {
+            Outcome::Done {
+                backup: Some(b), ..
+            } => Ok(b),
+            Outcome::Done { .. } => Err(("the agent reported no backup", true)),
+            Outcome::Failed { error, retry } => {
+                Err((error.as_str(), !*retry || row.attempts >= row.max_attempts))
+            }
+            Outcome::Skipped { .. } => Err(("skipped", true)),
+        };
+        crate::databases::record_backup(ctx.pool, row.id.0, r).await?;
+        if let Err((error, true)) = r {
+            crate::databases::backup_failed(ctx.pool, &row.app, &row.node, error).await?;
+        }
+    }
     let reported = match outcome {
         Outcome::Done {
             detail, timings, ..

@@ -44,10 +44,12 @@ pub enum EventKind {
     CertificateExpiring,
     /// A node's replicas did not match its placements and repair tasks were enqueued.
     DriftRepaired,
+    /// A database backup failed for good (its attempts used up, or retrying cannot help).
+    DatabaseBackupFailed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 12] = [
+    pub const ALL: [EventKind; 13] = [
         EventKind::DeployStarted,
         EventKind::DeploySucceeded,
         EventKind::DeployFailed,
@@ -60,6 +62,7 @@ impl EventKind {
         EventKind::CertificateFailed,
         EventKind::CertificateExpiring,
         EventKind::DriftRepaired,
+        EventKind::DatabaseBackupFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -76,6 +79,7 @@ impl EventKind {
             EventKind::CertificateFailed => "certificate.failed",
             EventKind::CertificateExpiring => "certificate.expiring",
             EventKind::DriftRepaired => "drift.repaired",
+            EventKind::DatabaseBackupFailed => "database.backup_failed",
         }
     }
 
@@ -89,7 +93,8 @@ impl EventKind {
             EventKind::DeployFailed
             | EventKind::ApplyFailed
             | EventKind::NodeOffline
-            | EventKind::CertificateFailed => Severity::Error,
+            | EventKind::CertificateFailed
+            | EventKind::DatabaseBackupFailed => Severity::Error,
             EventKind::ReplicaUnplaceable
             | EventKind::NodeFlapping
             | EventKind::CertificateExpiring => Severity::Warning,

@@ -395,6 +395,8 @@ async fn write_state(
                     state::upsert_sink(tx, &c.name, &d.notify[&c.name], generation).await?;
                     continue;
                 }
+                // Written whole below, with where each one runs.
+                Kind::Database => continue,
             };
         }
         // A secret re-encrypted to other recipients is no change (same fingerprint), yet the stored
@@ -432,6 +434,20 @@ async fn write_state(
         }
         if let Some(apps) = deleted.get(&Kind::App) {
             state::delete_source_heads(tx, apps).await?;
+        }
+        if !plan.databases.is_empty() || !observed.databases.is_empty() {
+            let specs = d
+                .databases
+                .iter()
+                .map(|(n, db)| {
+                    (
+                        n.clone(),
+                        cairn_plan::observed::AppliedDatabase::from_desired(db),
+                    )
+                })
+                .collect();
+            let next = cairn_plan::next_databases(observed, &specs, &plan.databases);
+            store::databases::write(tx, &next, &d.databases, generation).await?;
         }
         // A change to a pinned app's manifest is a deploy: it lifts the rollback pin.
         for p in plan.pins.iter().filter(|p| p.lifted) {
@@ -554,8 +570,16 @@ async fn enqueue_tasks(
                             .count()
                     })
                     .unwrap_or(0);
+                // An attached database's URL needs its credentials, made when a node first needs
+                // them: sealed when the node leases the task.
+                let with_database = release
+                    .spec
+                    .env
+                    .values()
+                    .any(|v| matches!(v, cairn_plan::ReleaseEnv::Database { .. }));
                 let (secret_env, secret_recipient, secrets_pending) =
                     match (secrets, recipient, identity, app) {
+                        _ if with_database => (None, None, true),
                         (0, ..) => (None, None, false),
                         (_, Some(r), Some(id), Some(a)) => {
                             (Some(reencrypt(&t.app, &t.node, a, id, &r)?), Some(r), false)
@@ -583,6 +607,42 @@ async fn enqueue_tasks(
                 task.payload = serde_json::to_value(&payload).expect("a payload serializes");
             }
         }
+        tasks.push(task);
+    }
+    for d in &plan.databases {
+        let (Some(action), Some(node), Some(port)) = (d.task, &d.node, d.port) else {
+            continue;
+        };
+        let kind = match action {
+            cairn_plan::DatabaseTask::Ensure => TaskKind::DbEnsure,
+            cairn_plan::DatabaseTask::Stop => TaskKind::DbStop,
+        };
+        let o = observed.databases.get(&d.name);
+        let instance = match (&d.change, o) {
+            (cairn_plan::DatabaseChange::Keep | cairn_plan::DatabaseChange::Delete, Some(o)) => {
+                o.instance.clone()
+            }
+            _ => d.name.clone(),
+        };
+        let dedup = format!("g{}:{}:{}:{}", plan.generation, kind.as_str(), d.name, node);
+        let mut task = NewTask::new(node.clone(), kind, d.name.clone(), dedup);
+        task.generation = Some(plan.generation);
+        let payload = cairn_proto::DatabasePayload {
+            database: d.name.clone(),
+            instance,
+            engine: d.engine,
+            version: d.version.clone(),
+            port,
+            user: "app".to_owned(),
+            db: store::databases::login_db(d.engine, &d.name),
+            login_sealed: None,
+            retire_users: Vec::new(),
+            target: None,
+            object: None,
+            sha256: None,
+            backup_id: None,
+        };
+        task.payload = serde_json::to_value(&payload).expect("a payload serializes");
         tasks.push(task);
     }
     let ids = queue::enqueue_many(tx, &tasks).await?;

@@ -11,6 +11,7 @@
 pub mod api;
 pub mod certs;
 pub mod controller;
+pub mod databases;
 pub mod declared;
 pub mod deploys;
 pub mod drift;

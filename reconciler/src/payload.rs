@@ -44,7 +44,10 @@ pub fn wire_spec(spec: &ReleaseSpec) -> cairn_proto::ReleaseSpec {
                     cairn_plan::ReleaseEnv::Plain { value } => ReleaseEnv::Plain {
                         value: value.clone(),
                     },
-                    cairn_plan::ReleaseEnv::Secret { fingerprint } => ReleaseEnv::Secret {
+                    // On the wire an attached database's URL is one more secret: the agent gets it in
+                    // the sealed env like the others.
+                    cairn_plan::ReleaseEnv::Secret { fingerprint }
+                    | cairn_plan::ReleaseEnv::Database { fingerprint, .. } => ReleaseEnv::Secret {
                         fingerprint: fingerprint.clone(),
                     },
                 };
@@ -86,6 +89,8 @@ pub enum SealError {
         #[source]
         source: SecretError,
     },
+    #[error("cannot make app `{app}`'s database URLs: {reason}")]
+    Database { app: Name, reason: String },
     #[error("cannot encrypt app `{app}`'s secrets to its node")]
     Encrypt {
         app: Name,
@@ -98,7 +103,10 @@ impl SealError {
     /// Whether trying again later can help (an identity given to a restarted control plane can; a changed
     /// secret cannot).
     pub fn is_permanent(&self) -> bool {
-        !matches!(self, SealError::NoIdentity { .. })
+        !matches!(
+            self,
+            SealError::NoIdentity { .. } | SealError::Database { .. }
+        )
     }
 }
 
@@ -110,6 +118,19 @@ pub fn seal(
     spec: &cairn_proto::ReleaseSpec,
     recipient: &Recipient,
 ) -> Result<Ciphertext, SealError> {
+    seal_with(identity, stored, &BTreeMap::new(), spec, recipient)
+}
+
+/// [`seal`], with the attached databases' URLs by env var, each with the binding fingerprint it stands
+/// for (`store::databases::app_urls`): a URL whose binding is not the one the release was planned with
+/// is refused as changed (a newer release replaces this one).
+pub fn seal_with(
+    identity: Option<&Identity>,
+    stored: &[StoredEnv],
+    databases: &BTreeMap<String, (String, cairn_schema::Secret)>,
+    spec: &cairn_proto::ReleaseSpec,
+    recipient: &Recipient,
+) -> Result<Ciphertext, SealError> {
     let app = &spec.app;
     let identity = identity.ok_or_else(|| SealError::NoIdentity { app: app.clone() })?;
     let mut map: BTreeMap<&str, String> = BTreeMap::new();
@@ -118,6 +139,21 @@ pub fn seal(
             let ReleaseEnv::Secret { fingerprint } = v else {
                 continue;
             };
+            if let Some((binding, url)) = databases.get(key.as_str()) {
+                if binding != fingerprint {
+                    return Err(SealError::Changed {
+                        app: app.clone(),
+                        key: key.to_string(),
+                    });
+                }
+                let s = url.expose_str().map_err(|source| SealError::Decrypt {
+                    app: app.clone(),
+                    key: key.to_string(),
+                    source,
+                })?;
+                map.insert(key.as_str(), s.to_owned());
+                continue;
+            }
             let missing = || SealError::Missing {
                 app: app.clone(),
                 key: key.to_string(),
@@ -169,6 +205,7 @@ pub async fn seal_payload(
     conn: &mut PgConnection,
     identity: Option<&Identity>,
     payload: &mut DeployPayload,
+    node: &Name,
     recipient: &Recipient,
 ) -> Result<Result<(), SealError>, StoreError> {
     if !has_secrets(&payload.spec) {
@@ -178,11 +215,29 @@ pub async fn seal_payload(
         return Ok(Ok(()));
     }
     let stored = state::app_env(conn, &payload.spec.app).await?;
-    Ok(seal(identity, &stored, &payload.spec, recipient).map(|ct| {
-        payload.secret_env = Some(ct.as_str().to_owned());
-        payload.secret_recipient = Some(recipient.clone());
-        payload.secrets_pending = false;
-    }))
+    let databases =
+        match crate::store::databases::app_urls(conn, identity, &payload.spec.app, node).await {
+            Ok(d) => d,
+            Err(crate::store::databases::CredentialError::Store(e)) => return Err(e),
+            Err(crate::store::databases::CredentialError::NoIdentity) => {
+                return Ok(Err(SealError::NoIdentity {
+                    app: payload.spec.app.clone(),
+                }));
+            }
+            Err(e) => {
+                return Ok(Err(SealError::Database {
+                    app: payload.spec.app.clone(),
+                    reason: cairn_schema::error::chain(&e),
+                }));
+            }
+        };
+    Ok(
+        seal_with(identity, &stored, &databases, &payload.spec, recipient).map(|ct| {
+            payload.secret_env = Some(ct.as_str().to_owned());
+            payload.secret_recipient = Some(recipient.clone());
+            payload.secrets_pending = false;
+        }),
+    )
 }
 
 /// The payload of a task that runs a recorded release again (a drift repair): the release as recorded,
@@ -199,12 +254,14 @@ pub async fn recorded_release(
     let Some(applied) = state::applied_app(&mut *conn, app).await? else {
         return Ok(None);
     };
-    let spec: cairn_proto::ReleaseSpec =
-        serde_json::from_value(row.spec).map_err(|e| StoreError::Corrupt {
-            table: "releases",
-            column: "spec",
-            detail: e.to_string(),
-        })?;
+    // Stored in the planner's form (an attached database's URL is its own kind there): the wire form
+    // is made from it, as for a release the executor seals.
+    let spec: ReleaseSpec = serde_json::from_value(row.spec).map_err(|e| StoreError::Corrupt {
+        table: "releases",
+        column: "spec",
+        detail: e.to_string(),
+    })?;
+    let spec = wire_spec(&spec);
     let settings = state::config_state(&mut *conn).await?.settings;
     let mut hostnames = Vec::new();
     if let Some(s) = settings {

@@ -39,6 +39,10 @@ pub struct Status {
     /// expiring within 14 days.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub certificate_warnings: Vec<String>,
+    /// Managed databases that need attention: unavailable (their node is not online, with the recovery
+    /// point), or whose last backup failed or is older than two of its schedule's intervals.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub database_warnings: Vec<String>,
     /// How many apps are applied (`apps` holds a page of them); `None` from an older server, which
     /// showed every app.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -294,6 +298,7 @@ pub fn compute(
         last_reconciliation: last,
         certificate_warnings: Vec::new(),
         control_planes: None,
+        database_warnings: Vec::new(),
         apps_total: None,
         next_after: None,
     }
@@ -440,5 +445,7 @@ pub async fn load(
     status.control_planes = Some(control_planes(&mut conn).await?);
     drop(conn);
     status.certificate_warnings = crate::certs::warnings(&crate::certs::list(pool).await?);
+    status.database_warnings =
+        crate::databases::warnings(&crate::api::databases::list_databases(pool).await?);
     Ok(status)
 }

@@ -17,7 +17,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::diag::{Diagnostic, Diagnostics, Severity};
-use crate::model::{App, Desired, Kind, Node, Origin, Plan, Runtime, Settings, Sink};
+use crate::model::{App, Database, Desired, Kind, Node, Origin, Plan, Runtime, Settings, Sink};
 use crate::parse::{Declared, ParsedFile, Resource, SETTINGS_FILE};
 use crate::units::{EnvName, Name};
 use crate::validate::{Loaded, SecretSite, TlsKeySite, diag};
@@ -34,6 +34,7 @@ struct Maps {
     nodes: BTreeMap<Name, Node>,
     apps: BTreeMap<Name, App>,
     notify: BTreeMap<Name, Sink>,
+    databases: BTreeMap<Name, Database>,
     origins: BTreeMap<Key, Origin>,
 }
 
@@ -53,6 +54,7 @@ struct AppMark {
     region: Option<Name>,
     labels: Vec<(Name, String)>,
     domains: Vec<String>,
+    databases: Vec<Name>,
 }
 
 /// One claim of a domain: the app, the domain's position in its list; where it is.
@@ -86,6 +88,7 @@ pub struct Assembler {
     app_diags: BTreeMap<Name, Vec<Diagnostic>>,
     domain_diags: BTreeMap<String, Vec<Diagnostic>>,
     sink_diags: BTreeMap<Name, Vec<Diagnostic>>,
+    db_diags: BTreeMap<Name, Vec<Diagnostic>>,
     // Indexes.
     plan_users: BTreeMap<Name, BTreeSet<Name>>,
     runtime_users: BTreeMap<Name, BTreeSet<Name>>,
@@ -105,6 +108,15 @@ pub struct Assembler {
     sink_lists: BTreeMap<Name, Vec<Name>>,
     listing_sinks: BTreeMap<Name, BTreeSet<Name>>,
     unknown_sinks: BTreeSet<Name>,
+    /// Databases by the plan and node they name (`(Kind::Plan | Kind::Node, name)`), and what each
+    /// database named when it was last checked.
+    db_users: BTreeMap<Key, BTreeSet<Name>>,
+    db_marks: BTreeMap<Name, Vec<Key>>,
+    /// Databases naming an undeclared plan or node (their hints list the declared names).
+    unknown_db_refs: BTreeSet<Name>,
+    /// Apps by the databases they attach, and the apps attaching an undeclared one.
+    database_users: BTreeMap<Name, BTreeSet<Name>>,
+    unknown_database: BTreeSet<Name>,
 }
 
 /// What one update must re-check.
@@ -114,6 +126,7 @@ struct Dirty {
     domains: BTreeSet<String>,
     sinks: BTreeSet<Name>,
     endpoints: BTreeSet<String>,
+    databases: BTreeSet<Name>,
 }
 
 impl Assembler {
@@ -138,6 +151,7 @@ impl Assembler {
                         nodes: d.nodes,
                         apps: d.apps,
                         notify: d.notify,
+                        databases: d.databases,
                         origins: d.origins,
                     };
                     self.lent = false;
@@ -245,6 +259,12 @@ impl Assembler {
         if names_changed.contains(&Kind::App) {
             dirty.sinks.extend(self.unknown_sinks.iter().cloned());
         }
+        if names_changed.contains(&Kind::Plan) || names_changed.contains(&Kind::Node) {
+            dirty.databases.extend(self.unknown_db_refs.iter().cloned());
+        }
+        if names_changed.contains(&Kind::Database) {
+            dirty.apps.extend(self.unknown_database.iter().cloned());
+        }
         for app in std::mem::take(&mut dirty.apps) {
             self.recheck_app(&app, &mut dirty);
         }
@@ -256,6 +276,9 @@ impl Assembler {
         }
         for e in std::mem::take(&mut dirty.endpoints) {
             self.recheck_endpoint(&e);
+        }
+        for db in std::mem::take(&mut dirty.databases) {
+            self.recheck_database(&db);
         }
         self.output(files)
     }
@@ -318,6 +341,11 @@ impl Assembler {
             names_changed.insert(*kind);
         }
         let resource = winner.as_ref().and_then(|(_, d)| d.resource.as_ref());
+        if matches!(kind, Kind::Plan | Kind::Node) {
+            dirty
+                .databases
+                .extend(self.db_users.get(key).into_iter().flatten().cloned());
+        }
         match kind {
             Kind::Plan => {
                 match resource {
@@ -377,7 +405,57 @@ impl Assembler {
                 };
                 dirty.sinks.insert(name.clone());
             }
+            Kind::Database => {
+                match resource {
+                    Some(Resource::Database(d)) => {
+                        self.maps.databases.insert(name.clone(), (**d).clone())
+                    }
+                    _ => self.maps.databases.remove(name),
+                };
+                if declared_before != winner.is_some() {
+                    dirty
+                        .apps
+                        .extend(self.database_users.get(name).into_iter().flatten().cloned());
+                }
+                dirty.databases.insert(name.clone());
+            }
         }
+    }
+
+    /// Checks one database's references again: its plan and node.
+    fn recheck_database(&mut self, name: &Name) {
+        for key in self.db_marks.remove(name).into_iter().flatten() {
+            remove_user(&mut self.db_users, &key, name);
+        }
+        self.unknown_db_refs.remove(name);
+        let mut out = Vec::new();
+        let mut marks = Vec::new();
+        if let Some((f, i)) = self.winner(&(Kind::Database, name.clone()))
+            && let Some(refs) = &f.declared[i].db_refs
+        {
+            for (kind, named) in [(Kind::Plan, &refs.plan), (Kind::Node, &refs.node)] {
+                let Some(named) = named else { continue };
+                let key = (kind, named.value.clone());
+                if !self.sites.contains_key(&key) {
+                    let names = self.names_of(kind);
+                    out.push(diag::unknown(&f, kind, named, &names));
+                }
+                marks.push(key);
+            }
+        }
+        if !out.is_empty() {
+            self.unknown_db_refs.insert(name.clone());
+        }
+        for key in &marks {
+            self.db_users
+                .entry(key.clone())
+                .or_default()
+                .insert(name.clone());
+        }
+        if !marks.is_empty() {
+            self.db_marks.insert(name.clone(), marks);
+        }
+        set_group(&mut self.db_diags, name.clone(), out);
     }
 
     fn unmark_node(&mut self, name: &Name, dirty: &mut Dirty) {
@@ -467,6 +545,9 @@ impl Assembler {
             for l in m.labels {
                 remove_user(&mut self.label_users, &l, name);
             }
+            for db in m.databases {
+                remove_user(&mut self.database_users, &db, name);
+            }
             for d in m.domains {
                 if let Some(c) = self.domain_claims.get_mut(&d) {
                     c.retain(|(a, _), _| a != name);
@@ -479,6 +560,7 @@ impl Assembler {
         }
         self.unknown_plan.remove(name);
         self.unknown_runtime.remove(name);
+        self.unknown_database.remove(name);
         self.secret_sites.remove(name);
         let mut mark = AppMark::default();
         let mut ref_diags = Vec::new();
@@ -513,6 +595,14 @@ impl Assembler {
             if let Some(x) = diag::default_domain_too_long(f, name, &d.span, self.settings.as_ref())
             {
                 ref_diags.push(x);
+            }
+            for db in &refs.databases {
+                mark.databases.push(db.value.clone());
+                if !self.sites.contains_key(&(Kind::Database, db.value.clone())) {
+                    self.unknown_database.insert(name.clone());
+                    let names = self.names_of(Kind::Database);
+                    ref_diags.push(diag::unknown(f, Kind::Database, db, &names));
+                }
             }
             if let Some(app) = self.maps.apps.get(name) {
                 let spans = refs;
@@ -576,6 +666,12 @@ impl Assembler {
         for l in &mark.labels {
             self.label_users
                 .entry(l.clone())
+                .or_default()
+                .insert(name.clone());
+        }
+        for db in &mark.databases {
+            self.database_users
+                .entry(db.clone())
                 .or_default()
                 .insert(name.clone());
         }
@@ -703,6 +799,7 @@ impl Assembler {
         diags.extend(self.app_diags.values().flatten().cloned());
         diags.extend(self.domain_diags.values().flatten().cloned());
         diags.extend(self.sink_diags.values().flatten().cloned());
+        diags.extend(self.db_diags.values().flatten().cloned());
         let mut diagnostics = Diagnostics(diags);
         diagnostics.sort();
 
@@ -741,6 +838,7 @@ impl Assembler {
                     nodes: m.nodes,
                     apps: m.apps,
                     notify: m.notify,
+                    databases: m.databases,
                     origins: m.origins,
                 })
             }

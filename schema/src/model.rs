@@ -8,10 +8,12 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::Serialize;
 
+use crate::database::Engine;
 use crate::secret::{Ciphertext, Recipient};
 use crate::source::GitUrl;
 use crate::units::{
-    AcmeDirectory, ByteSize, Cpu, Domain, Email, EnvName, Name, NodeAddress, Price, RepoPath, Span,
+    AcmeDirectory, BackupLocation, ByteSize, Cpu, Domain, Email, EnvName, Name, NodeAddress, Price,
+    RepoPath, Schedule, Span,
 };
 
 /// The repository settings file, `cairn.toml` at the repository root.
@@ -272,6 +274,10 @@ pub struct App {
     /// `{ cert = "certs/x.pem", key = { secret = "..." } }`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<AppTls>,
+    /// Managed databases the app is attached to, each with the env var its connection URL arrives in
+    /// (`{ main = "DATABASE_URL" }`): a secret the control plane makes, sealed to the app's node.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub databases: BTreeMap<Name, EnvName>,
 }
 
 /// `[app.NAME.http]`: the node proxies' limits for the app's requests.
@@ -375,9 +381,77 @@ pub enum EnvValue {
     Secret { secret: Ciphertext },
 }
 
+/// The engine versions a `[database.NAME]` may ask for (PostgreSQL's major versions; Redis's and
+/// MariaDB's release series). Whether a node has the binaries is the agent's to say.
+pub fn engine_versions(engine: Engine) -> &'static [&'static str] {
+    match engine {
+        Engine::Postgres => &["13", "14", "15", "16", "17"],
+        Engine::Redis => &["6", "7"],
+        Engine::Mariadb => &["10.11", "11.4"],
+    }
+}
+
+/// A managed database (`[database.NAME]`): an engine's own server on one node, its backups and their
+/// verification. Placed once (its `node`, else by the scheduler) and then sticky: it never moves
+/// without a planned restore.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    pub engine: Engine,
+    /// The engine's version: PostgreSQL 13-17, Redis 6 or 7, MariaDB 10.11 or 11.4.
+    pub version: String,
+    /// Capacity (its disk is the database's) and monthly price, like an app's one replica.
+    pub plan: Name,
+    /// The node it runs on; without it the scheduler places it once, and it stays there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<Name>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backup: Option<DatabaseBackup>,
+    /// When the latest backup is restored into a scratch database and its row counts compared
+    /// (weekly by default).
+    #[serde(default = "default_verify", skip_serializing_if = "is_default_verify")]
+    pub verify: Schedule,
+}
+
+pub fn default_verify() -> Schedule {
+    Schedule::new("@weekly").expect("a valid schedule")
+}
+fn is_default_verify(s: &Schedule) -> bool {
+    *s == default_verify()
+}
+
+pub fn default_keep() -> u32 {
+    7
+}
+
+/// `backup = { schedule = "0 3 * * *", keep = 7, to = "dir:/var/backups" }`: when and where a
+/// database is dumped. For `s3://` the endpoint and keys are beside it, the keys as age secrets.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseBackup {
+    pub schedule: Schedule,
+    /// How many good backups are kept (older ones are deleted after a newer one succeeded).
+    #[serde(default = "default_keep")]
+    #[schemars(range(min = 1))]
+    pub keep: u32,
+    pub to: BackupLocation,
+    /// `s3://` only: the store's URL (e.g. `http://127.0.0.1:9000`); AWS without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// `s3://` only: the region (`us-east-1` without it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// `s3://` only: the access key id, as an age secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<SecretRef>,
+    /// `s3://` only: the secret access key, as an age secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<SecretRef>,
+}
+
 /// Every event the control plane records (`cairn_reconciler::events::EventKind` names the same set): what
 /// a notification sink's `events` patterns may match.
-pub const EVENT_KINDS: [&str; 12] = [
+pub const EVENT_KINDS: [&str; 13] = [
     "deploy.started",
     "deploy.succeeded",
     "deploy.failed",
@@ -390,6 +464,7 @@ pub const EVENT_KINDS: [&str; 12] = [
     "certificate.failed",
     "certificate.expiring",
     "drift.repaired",
+    "database.backup_failed",
 ];
 
 /// Where a notification sink sends events.
@@ -514,7 +589,7 @@ impl Sink {
     }
 }
 
-/// The five kinds of resource a manifest declares.
+/// The six kinds of resource a manifest declares.
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, serde::Deserialize,
 )]
@@ -526,15 +601,18 @@ pub enum Kind {
     App,
     /// A notification sink.
     Notify,
+    /// A managed database.
+    Database,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Plan,
         Kind::Runtime,
         Kind::Node,
         Kind::App,
         Kind::Notify,
+        Kind::Database,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -543,6 +621,7 @@ impl Kind {
             Kind::Node => "node",
             Kind::App => "app",
             Kind::Notify => "notify",
+            Kind::Database => "database",
         }
     }
     pub fn plural(self) -> &'static str {
@@ -552,6 +631,7 @@ impl Kind {
             Kind::Node => "nodes",
             Kind::App => "apps",
             Kind::Notify => "notification sinks",
+            Kind::Database => "databases",
         }
     }
     pub fn parse(s: &str) -> Option<Kind> {
@@ -582,6 +662,8 @@ pub struct ManifestFile {
     pub app: BTreeMap<Name, App>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub notify: BTreeMap<Name, Sink>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub database: BTreeMap<Name, Database>,
 }
 
 /// The whole desired state of a repository at one commit.
@@ -594,6 +676,8 @@ pub struct Desired {
     pub apps: BTreeMap<Name, App>,
     /// Notification sinks (`[notify.NAME]`).
     pub notify: BTreeMap<Name, Sink>,
+    /// Managed databases (`[database.NAME]`).
+    pub databases: BTreeMap<Name, Database>,
     /// Where each resource is declared, for plans and PR comments that link to the line.
     pub origins: BTreeMap<(Kind, Name), Origin>,
 }
@@ -654,6 +738,7 @@ impl Desired {
             node: self.nodes.clone(),
             app: self.apps.clone(),
             notify: self.notify.clone(),
+            database: self.databases.clone(),
         }
     }
 }

@@ -11,12 +11,13 @@ use serde::de::DeserializeOwned;
 use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 
+use crate::database::Engine;
 use crate::diag::{Diagnostic, LineIndex, Position, Severity, did_you_mean};
 use crate::model::{
-    App, AppTls, Challenge, Driver, EnvValue, Health, Http, Kind, Node, OwnCertificate, Placement,
-    Plan, Runtime, SecretRef, SecretSettings, Settings, Sink, SinkKind, SinkSeverity, Source,
-    TlsMode, TlsSettings, default_acme_directory, default_branch, default_currency,
-    default_drivers, default_health_path, default_health_timeout,
+    App, AppTls, Challenge, Database, DatabaseBackup, Driver, EnvValue, Health, Http, Kind, Node,
+    OwnCertificate, Placement, Plan, Runtime, SecretRef, SecretSettings, Settings, Sink, SinkKind,
+    SinkSeverity, Source, TlsMode, TlsSettings, default_acme_directory, default_branch,
+    default_currency, default_drivers, default_health_path, default_health_timeout,
 };
 use crate::secret::Ciphertext;
 use crate::source::check_ref_name;
@@ -82,6 +83,15 @@ pub struct Declared {
     /// The app names a notification sink lists (not `*`), with where, for the check that each is
     /// declared.
     pub sink_apps: Vec<Located<Name>>,
+    /// A database's plan and node, with where, for the checks that they are declared.
+    pub db_refs: Option<DbRefs>,
+}
+
+/// A database's cross-referencing fields and where they are.
+#[derive(Debug, Clone, Default)]
+pub struct DbRefs {
+    pub plan: Option<Located<Name>>,
+    pub node: Option<Located<Name>>,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +101,7 @@ pub enum Resource {
     Node(Node),
     App(Box<App>),
     Sink(Box<Sink>),
+    Database(Box<Database>),
 }
 
 /// An app's cross-referencing fields and where they are, for errors found after all files are read.
@@ -107,6 +118,8 @@ pub struct AppRefs {
     pub tls_auto: Option<Range<usize>>,
     /// Where an own certificate's key (its ciphertext) is, for the check that it decrypts.
     pub tls_key: Option<Range<usize>>,
+    /// The databases the app attaches (`databases = { NAME = "ENV" }`), each at its key.
+    pub databases: Vec<Located<Name>>,
 }
 
 impl ParsedFile {
@@ -775,7 +788,7 @@ impl Cx<'_> {
                     None if matches!(key, "base_domain" | "secrets" | "currency" | "tls") => {
                         "repository settings belong in cairn.toml at the repository root".to_owned()
                     }
-                    None => "a manifest declares `[plan.NAME]`, `[runtime.NAME]`, `[node.NAME]`, `[app.NAME]` or `[notify.NAME]` tables"
+                    None => "a manifest declares `[plan.NAME]`, `[runtime.NAME]`, `[node.NAME]`, `[app.NAME]`, `[notify.NAME]` or `[database.NAME]` tables"
                         .to_owned(),
                 };
                 self.error(kind_key.span(), format!("unknown key `{key}`"))
@@ -808,6 +821,7 @@ impl Cx<'_> {
                 let mut refs = None;
                 let mut address = None;
                 let mut sink_apps = Vec::new();
+                let mut db_refs = None;
                 let resource = if !syntax_ok {
                     None
                 } else if let DeValue::Table(t) = val.get_ref() {
@@ -831,6 +845,11 @@ impl Cx<'_> {
                             sink_apps = apps;
                             sink.map(|s| Resource::Sink(Box::new(s)))
                         }
+                        Kind::Database => {
+                            let (db, r) = self.database(f);
+                            db_refs = Some(r);
+                            db.map(|d| Resource::Database(Box::new(d)))
+                        }
                     }
                 } else {
                     self.error(
@@ -851,10 +870,25 @@ impl Cx<'_> {
                     refs,
                     address,
                     sink_apps,
+                    db_refs,
                 });
             }
         }
         out
+    }
+
+    /// The diagnostics from `before` on are about age secrets: never show their lines (a value there may
+    /// be the plaintext pasted by mistake), name the expected shape, and give `hint` where there is none.
+    fn hide_secret_lines(&mut self, before: usize, hint: &str) {
+        for d in &mut self.diags[before..] {
+            d.source_line = None;
+            d.message = d
+                .message
+                .replace("struct SecretRef", "`{ secret = \"...\" }` (an age secret)");
+            if d.hint.is_none() {
+                d.hint = Some(hint.into());
+            }
+        }
     }
 
     /// A notification sink, and the app names it lists (checked against the declared apps later). The
@@ -867,15 +901,7 @@ impl Cx<'_> {
         let before = self.diags.len();
         let url: Option<Located<SecretRef>> = self.req(&mut f, "url");
         let signing: Option<Located<SecretRef>> = self.opt(&mut f, "signing_secret");
-        for d in &mut self.diags[before..] {
-            d.source_line = None;
-            d.message = d
-                .message
-                .replace("struct SecretRef", "`{ secret = \"...\" }` (an age secret)");
-            if d.hint.is_none() {
-                d.hint = Some(SECRET_HINT.into());
-            }
-        }
+        self.hide_secret_lines(before, SECRET_HINT);
         let events: Option<Located<Vec<String>>> = self.opt(&mut f, "events");
         let apps: Option<Located<Vec<String>>> = self.opt(&mut f, "apps");
         let severity = self.opt_or(&mut f, "severity", SinkSeverity::default());
@@ -976,6 +1002,142 @@ impl Cx<'_> {
             })
         })();
         (sink.filter(|_| ok), listed)
+    }
+
+    /// A managed database, and its plan and node (checked against the declared ones later). Its S3
+    /// keys are age secrets: an error about either never shows its line.
+    fn database(&mut self, mut f: Fields<'_, '_>) -> (Option<Database>, DbRefs) {
+        let engine: Option<Located<Engine>> = self.req(&mut f, "engine");
+        let version: Option<Located<String>> = self.req(&mut f, "version");
+        let plan: Option<Located<Name>> = self.req(&mut f, "plan");
+        let node: Option<Located<Name>> = self.opt(&mut f, "node");
+        let verify = self.opt_or(&mut f, "verify", crate::model::default_verify());
+        if let (Some(e), Some(v)) = (&engine, &version) {
+            let known = crate::model::engine_versions(e.value);
+            if !known.contains(&v.value.as_str()) {
+                let hint = match did_you_mean(&v.value, known.iter().copied()) {
+                    Some(s) => format!("did you mean `{s}`?"),
+                    None => format!("{} versions: {}", e.value, known.join(", ")),
+                };
+                self.error(
+                    v.span.clone(),
+                    format!("{} has no version `{}` here", e.value, v.value),
+                )
+                .hint = Some(hint);
+                f.ok = false;
+            }
+        }
+        let backup = match self.table(&mut f, "backup") {
+            Some(b) => {
+                let r = self.database_backup(b);
+                f.ok &= r.is_some();
+                r
+            }
+            None => None,
+        };
+        let ok = self.finish(
+            &f,
+            &["engine", "version", "plan", "node", "backup", "verify"],
+        );
+        let refs = DbRefs {
+            plan: plan.clone(),
+            node: node.clone(),
+        };
+        let db = (|| {
+            Some(Database {
+                engine: engine?.value,
+                version: version?.value,
+                plan: plan?.value,
+                node: node.map(|n| n.value),
+                backup,
+                verify,
+            })
+        })();
+        (db.filter(|_| ok), refs)
+    }
+
+    fn database_backup(&mut self, mut b: Fields<'_, '_>) -> Option<DatabaseBackup> {
+        const SECRET_HINT: &str = "encrypt it with `cairn secret encrypt`: a storage key is a credential; \
+             if the plaintext was committed, it is in the git history now: make a new one";
+        let schedule: Option<Located<crate::units::Schedule>> = self.req(&mut b, "schedule");
+        let keep: Option<Located<u32>> = self.opt(&mut b, "keep");
+        let to: Option<Located<crate::units::BackupLocation>> = self.req(&mut b, "to");
+        let endpoint: Option<Located<String>> = self.opt(&mut b, "endpoint");
+        let region: Option<Located<String>> = self.opt(&mut b, "region");
+        let before = self.diags.len();
+        let key_id: Option<Located<SecretRef>> = self.opt(&mut b, "access_key_id");
+        let secret_key: Option<Located<SecretRef>> = self.opt(&mut b, "secret_access_key");
+        self.hide_secret_lines(before, SECRET_HINT);
+        if let Some(k) = &keep
+            && k.value == 0
+        {
+            self.error(k.span.clone(), "`keep` must be at least 1");
+            b.ok = false;
+        }
+        if let Some(e) = &endpoint
+            && !(e.value.starts_with("http://") || e.value.starts_with("https://"))
+        {
+            self.error(
+                e.span.clone(),
+                format!("`endpoint` `{}` is not an http(s) URL", e.value),
+            )
+            .hint = Some("the S3-compatible store's URL, such as `http://127.0.0.1:9000`".into());
+            b.ok = false;
+        }
+        if let Some(to) = &to {
+            let s3 = matches!(to.value.to(), crate::database::BackupTo::S3 { .. });
+            if s3 {
+                if key_id.is_none() != secret_key.is_none() {
+                    let what = b.what.clone();
+                    self.error(
+                        b.at.clone(),
+                        format!(
+                            "{what} needs both `access_key_id` and `secret_access_key`, or neither"
+                        ),
+                    );
+                    b.ok = false;
+                }
+            } else {
+                let s3_only: [(&str, Option<Range<usize>>); 4] = [
+                    ("endpoint", endpoint.as_ref().map(|x| x.span.clone())),
+                    ("region", region.as_ref().map(|x| x.span.clone())),
+                    ("access_key_id", key_id.as_ref().map(|x| x.span.clone())),
+                    (
+                        "secret_access_key",
+                        secret_key.as_ref().map(|x| x.span.clone()),
+                    ),
+                ];
+                for (key, span) in s3_only {
+                    if let Some(span) = span {
+                        self.error(span, format!("`{key}` is only for `to = \"s3://...\"`"))
+                            .source_line = None;
+                        b.ok = false;
+                    }
+                }
+            }
+        }
+        let ok = self.finish(
+            &b,
+            &[
+                "schedule",
+                "keep",
+                "to",
+                "endpoint",
+                "region",
+                "access_key_id",
+                "secret_access_key",
+            ],
+        );
+        let backup = DatabaseBackup {
+            schedule: schedule?.value,
+            keep: keep.map_or_else(crate::model::default_keep, |k| k.value),
+            to: to?.value,
+            endpoint: endpoint.map(|e| e.value),
+            region: region.map(|r| r.value),
+            access_key_id: key_id.map(|k| k.value),
+            secret_access_key: secret_key.map(|k| k.value),
+        };
+        ok.then_some(backup)
     }
 
     fn plan(&mut self, mut f: Fields<'_, '_>) -> Option<Plan> {
@@ -1327,6 +1489,51 @@ impl Cx<'_> {
                 }
             }
         }
+        let mut databases = BTreeMap::new();
+        if let Some(mut t) = self.table(&mut f, "databases") {
+            let mut by_env: BTreeMap<EnvName, Name> = BTreeMap::new();
+            for (k, v) in t.table.iter() {
+                t.used.push(k.get_ref());
+                let name = match Name::new(k.get_ref()) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.error(k.span(), format!("database {e}"));
+                        f.ok = false;
+                        continue;
+                    }
+                };
+                let Some(var) = self.value::<EnvName>(k.get_ref(), v) else {
+                    f.ok = false;
+                    continue;
+                };
+                if env.contains_key(&var) {
+                    self.error(
+                        v.span(),
+                        format!("`{var}` is also in the app's `env`: database `{name}`'s URL would replace it"),
+                    )
+                    .hint = Some("give the database's URL another variable, or remove it from `env`".into());
+                    f.ok = false;
+                } else if var.as_str() == "PORT" {
+                    self.error(v.span(), "`PORT` is the port the app listens on")
+                        .hint = Some("name another variable, such as `DATABASE_URL`".into());
+                    f.ok = false;
+                } else if let Some(other) = by_env.get(&var) {
+                    self.error(
+                        v.span(),
+                        format!("`{var}` already carries database `{other}`'s URL"),
+                    )
+                    .hint = Some("give each database its own variable".into());
+                    f.ok = false;
+                } else {
+                    by_env.insert(var.clone(), name.clone());
+                }
+                spans.databases.push(Located {
+                    value: name.clone(),
+                    span: k.span(),
+                });
+                databases.insert(name, var);
+            }
+        }
         let ok = self.finish(
             &f,
             &[
@@ -1342,6 +1549,7 @@ impl Cx<'_> {
                 "suspended",
                 "env",
                 "tls",
+                "databases",
             ],
         );
         spans.plan = plan.clone();
@@ -1363,6 +1571,7 @@ impl Cx<'_> {
             suspended,
             env,
             tls,
+            databases,
         };
         (ok.then_some(app), spans)
     }

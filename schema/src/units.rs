@@ -129,6 +129,90 @@ string_newtype!(
     "An email address, such as ops@example.com."
 );
 
+string_newtype!(
+    /// A cron schedule (UTC): five fields `minute hour day-of-month month day-of-week` with `*`, `*/n`,
+    /// ranges and lists, or `@hourly`, `@daily`, `@weekly`, `@monthly`.
+    Schedule,
+    check_schedule,
+    "^(@(hourly|daily|midnight|weekly|monthly)|\\S+(\\s+\\S+){4})$",
+    "A cron schedule in UTC, such as \"0 3 * * *\" or \"@daily\"."
+);
+
+fn check_schedule(s: &str) -> Result<(), String> {
+    crate::cron::Cron::parse(s).map(|_| ())
+}
+
+impl Schedule {
+    /// The parsed schedule (it parsed when the value was made).
+    pub fn cron(&self) -> crate::cron::Cron {
+        crate::cron::Cron::parse(&self.0).expect("a Schedule is checked when made")
+    }
+}
+
+string_newtype!(
+    /// Where a database's backups go: `dir:/absolute/path` on the database's node, or
+    /// `s3://bucket/prefix` on an S3-compatible store.
+    BackupLocation,
+    check_backup_location,
+    "^(dir:/|s3://)\\S+$",
+    "dir:/absolute/path on the database's node, or s3://bucket/prefix."
+);
+
+fn check_backup_location(s: &str) -> Result<(), String> {
+    BackupLocation::split(s).map(|_| ())
+}
+
+impl BackupLocation {
+    fn split(s: &str) -> Result<crate::database::BackupTo, String> {
+        use crate::database::BackupTo;
+        if s.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err("a backup location holds no spaces or control characters".into());
+        }
+        if let Some(path) = s.strip_prefix("dir:") {
+            if !path.starts_with('/') {
+                return Err(format!(
+                    "`dir:{path}` must be an absolute path, such as `dir:/var/backups/cairn`"
+                ));
+            }
+            if path.split('/').any(|c| c == "..") {
+                return Err("a backup directory never contains `..`".into());
+            }
+            return Ok(BackupTo::Dir {
+                path: path.to_owned(),
+            });
+        }
+        if let Some(rest) = s.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let ok_bucket = (3..=63).contains(&bucket.len())
+                && bucket
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+                && !bucket.starts_with(['-', '.'])
+                && !bucket.ends_with(['-', '.']);
+            if !ok_bucket {
+                return Err(format!(
+                    "`{bucket}` is not an S3 bucket name (3-63 lowercase letters, digits, `-` and `.`)"
+                ));
+            }
+            if prefix.split('/').any(|c| c == ".." || c == ".") {
+                return Err("an S3 prefix never contains `.` or `..` components".into());
+            }
+            return Ok(BackupTo::S3 {
+                bucket: bucket.to_owned(),
+                prefix: prefix.trim_end_matches('/').to_owned(),
+            });
+        }
+        Err(format!(
+            "`{s}` is neither `dir:/absolute/path` nor `s3://bucket/prefix`"
+        ))
+    }
+
+    /// The location as the agent's target.
+    pub fn to(&self) -> crate::database::BackupTo {
+        BackupLocation::split(&self.0).expect("a BackupLocation is checked when made")
+    }
+}
+
 impl NodeAddress {
     /// The port other nodes dial when the address names none.
     pub const DEFAULT_PORT: u16 = 80;

@@ -58,6 +58,8 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     let mut origins = BTreeMap::new();
     let mut sinks = BTreeMap::new();
     let mut sink_apps: Vec<(Name, &crate::parse::Located<Name>, usize)> = Vec::new();
+    let mut databases = BTreeMap::new();
+    let mut db_refs: Vec<(&crate::parse::DbRefs, usize)> = Vec::new();
     let mut node_addresses: BTreeMap<String, (Name, usize, std::ops::Range<usize>)> =
         BTreeMap::new();
 
@@ -98,6 +100,9 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
             for a in &d.sink_apps {
                 sink_apps.push((d.name.clone(), a, i));
             }
+            if let Some(r) = &d.db_refs {
+                db_refs.push((r, i));
+            }
             match &d.resource {
                 Some(Resource::Plan(p)) => {
                     plans.insert(d.name.clone(), p.clone());
@@ -134,6 +139,9 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
                 Some(Resource::Sink(s)) => {
                     sinks.insert(d.name.clone(), (**s).clone());
                 }
+                Some(Resource::Database(db)) => {
+                    databases.insert(d.name.clone(), (**db).clone());
+                }
                 None => {}
             }
         }
@@ -154,6 +162,8 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
     };
     let plan_names = declared_names(Kind::Plan);
     let runtime_names = declared_names(Kind::Runtime);
+    let node_names = declared_names(Kind::Node);
+    let database_names = declared_names(Kind::Database);
     let regions: BTreeSet<&Name> = nodes.values().filter_map(|n| n.region.as_ref()).collect();
     let mut domain_owner: BTreeMap<String, (Name, usize, std::ops::Range<usize>)> = BTreeMap::new();
     let mut secrets = Vec::new();
@@ -178,6 +188,25 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         }
         if let Some(d) = diag::default_domain_too_long(f, name, name_span, settings.as_ref()) {
             diags.push(d);
+        }
+        for db in &refs.databases {
+            if !declared.contains_key(&(Kind::Database, db.value.clone())) {
+                diags.push(diag::unknown(f, Kind::Database, db, &database_names));
+            }
+        }
+    }
+
+    for (refs, fi) in &db_refs {
+        let f = files[*fi];
+        if let Some(plan) = &refs.plan
+            && !declared.contains_key(&(Kind::Plan, plan.value.clone()))
+        {
+            diags.push(diag::unknown(f, Kind::Plan, plan, &plan_names));
+        }
+        if let Some(node) = &refs.node
+            && !declared.contains_key(&(Kind::Node, node.value.clone()))
+        {
+            diags.push(diag::unknown(f, Kind::Node, node, &node_names));
         }
     }
 
@@ -261,6 +290,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
             nodes,
             apps: apps.into_iter().map(|(k, (a, _, _))| (k, *a)).collect(),
             notify: sinks,
+            databases,
             origins,
         }),
         _ => None,
@@ -286,7 +316,8 @@ pub(crate) mod diag {
     const UNPLACEABLE: &str =
         "the plan will report this app's replicas as unplaceable until such a node exists";
 
-    /// An app names a plan or runtime no file declares; `names` are the declared ones.
+    /// An app or database names a plan, runtime, node or database no file declares; `names` are the
+    /// declared ones.
     pub(crate) fn unknown(
         f: &ParsedFile,
         kind: Kind,

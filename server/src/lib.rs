@@ -504,6 +504,13 @@ async fn start_apis(
         let period = settings.routes_period;
         async move { cairn_reconciler::routes::refresh_loop(pool, routes, period, &stop).await }
     });
+    // Scheduled backups: each due schedule is a row claimed with SKIP LOCKED, so every replica may
+    // run this loop and none queues a run twice.
+    tokio::spawn({
+        let (pool, stop) = (pool.clone(), shutdown.clone());
+        let period = cairn_reconciler::databases::BACKUP_PERIOD;
+        async move { cairn_reconciler::databases::backup_loop(pool, period, &stop).await }
+    });
     Ok((
         cairn_reconciler::api::router_with(api, cairn_webhook::admin::routes()),
         routes,

@@ -344,6 +344,12 @@ pub fn render_status(s: &cairn_reconciler::status::Status) -> String {
     if let Some(cp) = &s.control_planes {
         out.push_str(&render_control_planes(cp));
     }
+    if !s.database_warnings.is_empty() {
+        let _ = writeln!(out, "\nDATABASES (`cairn db list` shows every one)");
+        for w in &s.database_warnings {
+            let _ = writeln!(out, "WARNING {w}");
+        }
+    }
     if !s.certificate_warnings.is_empty() {
         let _ = writeln!(out, "\nCERTIFICATES (`cairn certs` shows every one)");
         for w in &s.certificate_warnings {
@@ -490,6 +496,7 @@ mod tests {
             ],
             last_reconciliation: None,
             certificate_warnings: Vec::new(),
+            database_warnings: Vec::new(),
             apps_total: None,
             next_after: None,
             control_planes: None,

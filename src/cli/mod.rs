@@ -11,6 +11,7 @@ mod args;
 mod certs;
 mod completions;
 mod control;
+mod db;
 mod dev;
 mod events;
 mod logs;
@@ -61,6 +62,8 @@ enum Command {
     Status(control::StatusArgs),
     /// Certificates of the declared names: state, issuer, expiry, why one waits or failed
     Certs(certs::Args),
+    /// Managed databases: list, backup, backups, restore, swap, rotate
+    Db(db::Args),
     /// What happened: deploys, applies, nodes offline and back (--follow to keep printing)
     Events(events::Args),
     /// Metered usage of a month by app, slot, plan or node (table, CSV, JSON); closed months' statements
@@ -102,6 +105,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Apply(a) => control::apply(a),
         Command::Status(a) => control::status(a),
         Command::Certs(a) => certs::run(a),
+        Command::Db(a) => db::run(a),
         Command::Events(a) => events::run(a),
         Command::Usage(a) => usage::run(a),
         Command::Notify(a) => notify::run(a),

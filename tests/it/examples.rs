@@ -161,7 +161,7 @@ fn committed_schemas_are_what_cairn_schema_prints() {
 
 #[test]
 fn every_example_file_points_at_and_validates_against_the_schema() {
-    check_against_the_schema("examples/config", 12);
+    check_against_the_schema("examples/config", 13);
 }
 
 /// `examples/local`, what `cairn dev` runs first (tests/it/dev.rs runs it): valid, and every file points at

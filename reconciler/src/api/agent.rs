@@ -519,7 +519,7 @@ async fn lease(
         let tasks: Vec<cairn_proto::Task> = deploys::prepare(&ctx, node, recipient, leased)
             .await?
             .into_iter()
-            .map(|(t, deploy)| wire_task(&api, t, deploy))
+            .map(|(t, deploy, database)| wire_task(&api, t, deploy, database))
             .collect();
         if !tasks.is_empty() {
             for t in &tasks {
@@ -727,7 +727,12 @@ fn deploys(api: &Api) -> deploys::Context<'_> {
 }
 
 /// A leased task as its node gets it.
-fn wire_task(api: &Api, t: LeasedTask, deploy: Option<DeployPayload>) -> cairn_proto::Task {
+fn wire_task(
+    api: &Api,
+    t: LeasedTask,
+    deploy: Option<DeployPayload>,
+    database: Option<cairn_proto::DatabasePayload>,
+) -> cairn_proto::Task {
     cairn_proto::Task {
         id: t.id.0,
         token: t.token.0,
@@ -741,6 +746,7 @@ fn wire_task(api: &Api, t: LeasedTask, deploy: Option<DeployPayload>) -> cairn_p
         expires_at: t.expires_at,
         lease_ms: millis(api.cfg.task_lease),
         deploy,
+        database,
     }
 }
 

@@ -27,6 +27,7 @@ pub mod admin;
 pub mod agent;
 pub mod apps;
 pub mod auth;
+pub mod databases;
 mod error;
 pub mod limit;
 pub mod listen;
@@ -288,6 +289,7 @@ pub fn router_with(api: Arc<Api>, extra_admin: Router<Arc<Api>>) -> Router {
             cairn_proto::ADMIN_API,
             admin::routes()
                 .merge(apps::admin_routes())
+                .merge(databases::admin_routes())
                 .merge(extra_admin),
         )
         .merge(ui::routes())

@@ -38,6 +38,7 @@
 
 pub mod certs;
 pub mod changes;
+pub mod databases;
 pub(crate) mod decode;
 pub mod events;
 pub mod failover;

@@ -412,6 +412,8 @@ pub async fn delete_resources(
                 .execute(conn)
                 .await
         }
+        // Written whole by `store::databases::write`.
+        Kind::Database => return Ok(0),
         Kind::Notify => {
             sqlx::query("DELETE FROM notify_sinks WHERE name = ANY($1)")
                 .bind(&names)
@@ -706,6 +708,7 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
         observed.apps.insert(app, json("apps", "spec", r.spec)?);
     }
 
+    observed.databases = super::databases::load(&mut *conn).await?;
     for r in sqlx::query("SELECT name, spec FROM notify_sinks")
         .fetch_all(&mut *conn)
         .await

@@ -142,9 +142,11 @@ type RawTask = (
     String,
 );
 
+/// The replica tasks (database tasks, `db_*`, name no slot: `databases.rs` tests them).
 async fn tasks(pool: &PgPool) -> Vec<TaskRow> {
     let rows: Vec<RawTask> = sqlx::query_as(
-        "SELECT id, kind, app, slot, node, release, generation, dedup_key FROM tasks ORDER BY id",
+        "SELECT id, kind, app, slot, node, release, generation, dedup_key FROM tasks
+          WHERE kind NOT LIKE 'db\\_%' ORDER BY id",
     )
     .fetch_all(pool)
     .await
@@ -719,7 +721,14 @@ async fn applying_the_example_repository_writes_exactly_the_desired_state() {
         let rows = tasks(pool).await;
         assert_eq!(work_of(&rows), want_deploys);
         assert_eq!(rows.len(), want_deploys.len(), "each deploy once");
-        assert_eq!(a.tasks, rows.len());
+        // ...and the example's database one db_ensure on its node.
+        let ensures: Vec<(String, String)> =
+            sqlx::query_as("SELECT app, node FROM tasks WHERE kind = 'db_ensure'")
+                .fetch_all(pool)
+                .await
+                .unwrap();
+        assert_eq!(ensures, [("main".to_owned(), "fra-1".to_owned())]);
+        assert_eq!(a.tasks, rows.len() + 1);
         assert!(rows.iter().all(|t| t.generation == Some(1)));
 
         // The env rows hold the manifest's ciphertexts, the plain values as written.

@@ -138,7 +138,7 @@ impl Plane {
             .await
             .unwrap();
         assert_eq!(ready.len(), 1, "the deploy is handed out");
-        let (t, payload) = ready.remove(0);
+        let (t, payload, _) = ready.remove(0);
         (t, payload.expect("a deploy carries its payload"))
     }
 
@@ -184,6 +184,7 @@ fn done() -> Outcome {
         detail: None,
         timings: BTreeMap::from([("build".to_owned(), 1200), ("start".to_owned(), 300)]),
         image: None,
+        backup: None,
     }
 }
 

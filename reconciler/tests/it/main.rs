@@ -2,6 +2,7 @@
 
 mod apply;
 mod certs;
+mod databases;
 mod deploys;
 mod events;
 mod failover;

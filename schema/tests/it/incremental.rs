@@ -34,6 +34,7 @@ const PLANS: [&str; 3] = ["small", "large", "smal"];
 const RUNTIMES: [&str; 3] = ["node", "python", "nod"];
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 const APPS: [&str; 5] = ["a", "b", "c", "shop", "shoop"];
+const DATABASES: [&str; 3] = ["main", "cache", "mian"];
 const REGIONS: [&str; 2] = ["eu", "us"];
 const DISKS: [&str; 2] = ["ssd", "hdd"];
 const DOMAINS: [&str; 4] = [
@@ -72,10 +73,16 @@ enum Block {
         level: u8,
         secret: bool,
         tls_auto: bool,
+        databases: Vec<usize>,
     },
     Sink {
         name: usize,
         apps: Vec<usize>,
+    },
+    Database {
+        name: usize,
+        plan: usize,
+        node: Option<usize>,
     },
     /// An app table with a wrong type: declared, no resource.
     BrokenApp {
@@ -118,9 +125,10 @@ fn block() -> impl Strategy<Value = Block> {
             0..3u8,
             any::<bool>(),
             prop::bool::weighted(0.08),
+            prop_oneof![4 => Just(Vec::new()), 1 => proptest::collection::vec(mostly_known(), 1..2)],
         )
             .prop_map(
-                |(name, plan, runtime, replicas, domains, region, disk, level, secret, tls_auto)| {
+                |(name, plan, runtime, replicas, domains, region, disk, level, secret, tls_auto, databases)| {
                     Block::App {
                         name,
                         plan,
@@ -132,9 +140,12 @@ fn block() -> impl Strategy<Value = Block> {
                         level,
                         secret,
                         tls_auto,
+                        databases,
                     }
                 }
             ),
+        1 => (1..3usize, mostly_known(), proptest::option::of(0..3usize))
+            .prop_map(|(name, plan, node)| Block::Database { name, plan, node }),
         1 => (0..2usize, proptest::collection::vec(0..5usize, 0..3))
             .prop_map(|(name, apps)| Block::Sink { name, apps }),
         1 => (0..5usize, 0..3usize).prop_map(|(name, plan)| Block::BrokenApp { name, plan }),
@@ -184,6 +195,7 @@ fn render(b: &Block) -> String {
             level,
             secret,
             tls_auto,
+            databases,
         } => {
             let n = APPS[*name];
             let mut s = format!(
@@ -202,6 +214,13 @@ fn render(b: &Block) -> String {
             }
             if *tls_auto {
                 s += "tls = \"auto\"\n";
+            }
+            if !databases.is_empty() {
+                let d: Vec<String> = databases
+                    .iter()
+                    .map(|d| format!("{} = \"DB_{d}_URL\"", DATABASES[*d]))
+                    .collect();
+                s += &format!("databases = {{ {} }}\n", d.join(", "));
             }
             s += &format!(
                 "\n[app.{n}.source]\nurl = \"https://github.com/acme/{n}.git\"\nbranch = \"main\"\n\n"
@@ -228,6 +247,16 @@ fn render(b: &Block) -> String {
                 "[notify.s{name}]\nkind = \"slack\"\nurl = {CIPHERTEXT}\napps = [{}]\n\n",
                 a.join(", ")
             )
+        }
+        Block::Database { name, plan, node } => {
+            let mut s = format!(
+                "[database.{}]\nengine = \"postgres\"\nversion = \"15\"\nplan = \"{}\"\n",
+                DATABASES[*name], PLANS[*plan]
+            );
+            if let Some(n) = node {
+                s += &format!("node = \"{}\"\n", NODES[*n]);
+            }
+            s + "backup = { schedule = \"0 3 * * *\", to = \"dir:/var/backups\" }\n\n"
         }
         Block::BrokenApp { name, plan } => format!(
             "[app.{}]\nplan = \"{}\"\nruntime = \"node\"\nreplicas = \"many\"\n\n",
@@ -362,6 +391,11 @@ fn infra() -> Vec<Block> {
         Block::Runtime {
             name: 1,
             port: 3001,
+        },
+        Block::Database {
+            name: 0,
+            plan: 0,
+            node: None,
         },
     ]
 }
@@ -500,6 +534,8 @@ fn the_generator_reaches_valid_and_invalid_commits() {
                 "no node has label",
                 "lists unknown app",
                 "has no `[tls]`",
+                "unknown database",
+                "unknown node",
             ] {
                 if m.contains(what) {
                     messages.insert(what);
@@ -512,7 +548,7 @@ fn the_generator_reaches_valid_and_invalid_commits() {
         valid_with_apps >= 40,
         "only {valid_with_apps} valid commits with apps"
     );
-    assert_eq!(messages.len(), 11, "findings reached: {messages:?}");
+    assert_eq!(messages.len(), 13, "findings reached: {messages:?}");
 }
 
 /// Checks one commit sequence both ways (for the named regressions below).
@@ -553,7 +589,28 @@ fn app_block(
         level: 0,
         secret: false,
         tls_auto: false,
+        databases: Vec::new(),
     }
+}
+
+#[test]
+fn an_app_attaching_a_database_is_rechecked_when_the_database_comes_and_goes() {
+    let mut app = app_block(0, None, None, vec![]);
+    if let Block::App { databases, .. } = &mut app {
+        databases.push(0);
+    }
+    let db = Block::Database {
+        name: 0,
+        plan: 0,
+        node: Some(0),
+    };
+    both_ways(&[
+        vec![Edit::Write(3, vec![app], false)],
+        vec![Edit::Write(5, vec![db.clone()], false)],
+        vec![Edit::Write(2, Vec::new(), false)],
+        vec![Edit::Write(2, nodes(), false)],
+        vec![Edit::Remove(5)],
+    ]);
 }
 
 #[test]

@@ -181,18 +181,47 @@ fn manifest() -> impl Strategy<Value = ManifestFile> {
                             max_body: port
                                 .map(|p| cairn_schema::units::ByteSize(u64::from(p) << 20)),
                         },
+                        databases: [("db", "CAIRN_DB_URL")]
+                            .into_iter()
+                            .filter(|(_, v)| !env.keys().any(|k| k.as_str() == *v))
+                            .map(|(k, v)| (Name::new(k).unwrap(), v.parse().unwrap()))
+                            .collect(),
                         suspended,
                         env,
                         tls: None,
                     },
                 );
             }
+            let database = plans
+                .first()
+                .map(|p| {
+                    let db = cairn_schema::Database {
+                        engine: cairn_schema::database::Engine::Postgres,
+                        version: "15".into(),
+                        plan: (*p).clone(),
+                        node: None,
+                        backup: Some(cairn_schema::DatabaseBackup {
+                            schedule: "*/30 1-5 * * 1,3".parse().unwrap(),
+                            keep: 3,
+                            to: "dir:/var/backups/cairn".parse().unwrap(),
+                            endpoint: None,
+                            region: None,
+                            access_key_id: None,
+                            secret_access_key: None,
+                        }),
+                        verify: cairn_schema::model::default_verify(),
+                    };
+                    (Name::new("db").unwrap(), db)
+                })
+                .into_iter()
+                .collect();
             ManifestFile {
                 plan,
                 runtime,
                 node,
                 app,
                 notify: Default::default(),
+                database,
             }
         })
 }

@@ -237,6 +237,7 @@ mod tests {
             }],
             last_reconciliation: None,
             certificate_warnings: Vec::new(),
+            database_warnings: Vec::new(),
             apps_total: None,
             next_after: None,
             control_planes: None,

@@ -3,6 +3,7 @@
 //! reached through `--git-rewrite`, requests through the node proxy. The harness is in [`support`].
 
 mod dashboard;
+mod databases;
 mod engines;
 mod https;
 mod images;

@@ -401,6 +401,7 @@ pub(super) async fn overview(
         }
     }
     problems.extend(st.certificate_warnings.iter().cloned());
+    problems.extend(st.database_warnings.iter().cloned());
     let mut apps: Vec<AppRow> = st.apps.iter().map(app_row).collect();
     apps.sort_by(|a, b| {
         health_rank(a.health)

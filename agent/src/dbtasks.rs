@@ -1,0 +1,178 @@
+//! The database tasks (`db_ensure`, `db_stop`, `db_backup`, `db_restore`): what the agent loop runs
+//! for them. It opens what the control plane sealed to this node (the login's password, S3 keys),
+//! builds the contract's values and calls [`crate::database`]; it decides nothing.
+//!
+//! What it must not do: put a password or a key into a result, an error or a log line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use cairn_proto::{BackupReport, DatabasePayload, Outcome, Task, TaskKind};
+use cairn_schema::{Ciphertext, Identity, Secret};
+
+use crate::database::{self, DbError, Instance, Login, S3Access, Target};
+
+/// Where this node keeps its databases, and the identity that opens what is sealed to it.
+#[derive(Debug, Clone)]
+pub struct DatabaseHost {
+    /// The agent's data directory: instances live in `databases/<instance>` below it.
+    pub data_dir: PathBuf,
+    pub identity: Arc<Identity>,
+}
+
+impl DatabaseHost {
+    fn instance(&self, p: &DatabasePayload) -> Instance {
+        Instance {
+            name: p.instance.clone(),
+            engine: p.engine,
+            version: p.version.clone(),
+            dir: self.data_dir.join("databases").join(p.instance.as_str()),
+            port: p.port,
+        }
+    }
+
+    /// Opens a JSON object of strings sealed to this node and takes `field` out of it.
+    fn open(&self, sealed: &str, field: &str, what: &str) -> Result<Secret, DbError> {
+        let refused = || {
+            DbError::Unsupported(format!(
+                "the {what} does not open with this node's identity"
+            ))
+        };
+        let ct = Ciphertext::new(sealed).map_err(|_| refused())?;
+        let plain = self.identity.decrypt(&ct).map_err(|_| refused())?;
+        let v: serde_json::Value = serde_json::from_slice(plain.expose()).map_err(|_| refused())?;
+        v.get(field)
+            .and_then(|s| s.as_str())
+            .map(|s| Secret::new(s.as_bytes().to_vec()))
+            .ok_or_else(refused)
+    }
+
+    fn login(&self, p: &DatabasePayload) -> Result<Login, DbError> {
+        let sealed = p.login_sealed.as_deref().ok_or_else(|| {
+            DbError::Failed(
+                "the task carries no login yet (the control plane seals it at lease)".into(),
+            )
+        })?;
+        Ok(Login {
+            user: p.user.clone(),
+            password: self.open(sealed, "password", "database login")?,
+            database: p.db.clone(),
+        })
+    }
+
+    fn target(&self, p: &DatabasePayload) -> Result<Target, DbError> {
+        let t = p
+            .target
+            .as_ref()
+            .ok_or_else(|| DbError::Unsupported("the task names no backup target".into()))?;
+        let s3 = match &t.keys_sealed {
+            Some(sealed) => Some(S3Access {
+                endpoint: t.endpoint.clone(),
+                region: t.region.clone().unwrap_or_else(|| "us-east-1".to_owned()),
+                access_key_id: self.open(sealed, "access_key_id", "storage key")?,
+                secret_access_key: self.open(sealed, "secret_access_key", "storage key")?,
+            }),
+            None => None,
+        };
+        Ok(Target {
+            to: t.to.clone(),
+            s3,
+        })
+    }
+}
+
+/// Runs one database task to its outcome.
+pub async fn run(host: Option<&DatabaseHost>, task: &Task) -> Outcome {
+    match run_inner(host, task).await {
+        Ok((detail, backup)) => Outcome::Done {
+            detail: Some(detail),
+            timings: Default::default(),
+            image: None,
+            backup,
+        },
+        Err(e) => Outcome::Failed {
+            retry: matches!(e, DbError::Failed(_)),
+            error: e.to_string(),
+        },
+    }
+}
+
+async fn run_inner(
+    host: Option<&DatabaseHost>,
+    task: &Task,
+) -> Result<(String, Option<BackupReport>), DbError> {
+    let host = host.ok_or_else(|| DbError::Unsupported("this agent keeps no databases".into()))?;
+    let p = task.database.as_ref().ok_or_else(|| {
+        DbError::Unsupported(format!(
+            "a {} task needs its database payload",
+            task.kind.as_str()
+        ))
+    })?;
+    let instance = host.instance(p);
+    match task.kind {
+        TaskKind::DbEnsure => {
+            database::ensure(&instance, &host.login(p)?).await?;
+            for user in &p.retire_users {
+                // A retired login keeps existing with a password nobody knows: the old one is refused.
+                let lock = Login {
+                    user: user.clone(),
+                    password: Secret::new(random_password()),
+                    database: p.db.clone(),
+                };
+                database::ensure(&instance, &lock).await?;
+            }
+            Ok((
+                format!("database {} ready on port {}", p.instance, p.port),
+                None,
+            ))
+        }
+        TaskKind::DbStop => {
+            database::stop(&instance).await?;
+            Ok((format!("database {} stopped, data kept", p.instance), None))
+        }
+        TaskKind::DbBackup => {
+            let object = p
+                .object
+                .as_deref()
+                .ok_or_else(|| DbError::Unsupported("a backup task names no object".into()))?;
+            let b = database::backup(&instance, &host.login(p)?, &host.target(p)?, object).await?;
+            let report = BackupReport {
+                object: b.object.clone(),
+                bytes: b.bytes,
+                sha256: b.sha256.clone(),
+                duration_ms: u64::try_from(b.duration.as_millis()).unwrap_or(u64::MAX),
+            };
+            Ok((
+                format!("backup {} ({} bytes)", b.object, b.bytes),
+                Some(report),
+            ))
+        }
+        TaskKind::DbRestore => {
+            let (object, sha256) = match (&p.object, &p.sha256) {
+                (Some(o), Some(s)) => (o, s),
+                _ => {
+                    return Err(DbError::Unsupported(
+                        "a restore task names no object or checksum".into(),
+                    ));
+                }
+            };
+            let login = host.login(p)?;
+            database::ensure(&instance, &login).await?;
+            database::restore(&instance, &login, &host.target(p)?, object, sha256).await?;
+            Ok((format!("restored {object} into {}", p.instance), None))
+        }
+        other => Err(DbError::Unsupported(format!(
+            "`{}` is not a database task",
+            other.as_str()
+        ))),
+    }
+}
+
+fn random_password() -> Vec<u8> {
+    use rand::Rng as _;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rngs::OsRng;
+    (0..32)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())])
+        .collect()
+}

@@ -1,0 +1,238 @@
+//! The admin API's database routes (`/api/v1/databases/...`), the same operations as `cairn db`:
+//!
+//! - `GET databases`: every applied database, where it runs, its last good backup;
+//! - `GET databases/{db}/backups`: its backups ledger, newest first;
+//! - `POST databases/{db}/backup`: a backup now (operators);
+//! - `POST databases/{db}/restore` (`{"backup": ID | null, "into": "NEW"}`): restore beside the original,
+//!   never in place; `into` equal to the database's own name restores into its own fresh instance (after
+//!   a move, with `--latest`) (operators);
+//! - `POST databases/{db}/swap` (`{"instance": "NEW"}`): attached apps point at NEW: a release (operators);
+//! - `POST databases/{db}/rotate`: a new login; attached apps get a release (operators).
+//!
+//! What it must not do: answer with a password, a URL or a key.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+
+use super::admin::AdminAuth;
+use super::{Api, ApiError, Json};
+use crate::databases::{self, DbOpError};
+use crate::store::Op as _;
+use cairn_schema::Name;
+
+pub(super) fn admin_routes() -> Router<Arc<Api>> {
+    Router::new()
+        .route("/databases", get(list))
+        .route("/databases/{db}/backups", get(backups))
+        .route("/databases/{db}/backup", post(backup))
+        .route("/databases/{db}/restore", post(restore))
+        .route("/databases/{db}/swap", post(swap))
+        .route("/databases/{db}/rotate", post(rotate))
+}
+
+impl From<DbOpError> for ApiError {
+    fn from(e: DbOpError) -> Self {
+        match e {
+            DbOpError::Store(s) => ApiError::Store(s),
+            DbOpError::Queue(q) => q.into(),
+            DbOpError::UnknownDatabase(_) | DbOpError::UnknownInstance { .. } => {
+                ApiError::NotFound(e.to_string())
+            }
+            DbOpError::InstanceExists(_) => ApiError::Conflict(e.to_string()),
+            DbOpError::NoBackupTarget(_) | DbOpError::NoBackup { .. } => {
+                ApiError::BadRequest(e.to_string())
+            }
+        }
+    }
+}
+
+fn db_name(s: &str) -> Result<Name, ApiError> {
+    Name::new(s).map_err(|e| ApiError::BadRequest(format!("`{s}` is not a database name: {e}")))
+}
+
+/// One database as `cairn db list` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseInfo {
+    pub name: String,
+    pub engine: String,
+    pub version: String,
+    pub node: String,
+    pub port: u16,
+    pub instance: String,
+    /// Whether its node is online now: an offline node's database is unavailable.
+    pub available: bool,
+    /// The recovery point: when the last good backup finished.
+    pub last_good_backup: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last backup failed, or none succeeded within two of its schedule's intervals.
+    pub backup_overdue: bool,
+}
+
+async fn list(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+) -> Result<Json<Vec<DatabaseInfo>>, ApiError> {
+    Ok(Json(list_databases(&api.pool).await?))
+}
+
+/// Every applied database, with availability and the recovery point.
+pub async fn list_databases(
+    pool: &sqlx::PgPool,
+) -> Result<Vec<DatabaseInfo>, crate::store::StoreError> {
+    let mut conn = pool.acquire().await.op("read databases")?;
+    let dbs = crate::store::databases::load(&mut conn).await?;
+    let states: Vec<(String, String)> = sqlx::query_as("SELECT node, state FROM node_status")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read node states")?;
+    let failed_last: Vec<String> = {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT DISTINCT ON (database) database, state FROM database_backups
+              WHERE state IN ('ok', 'failed') ORDER BY database, id DESC",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .op("read backups")?;
+        rows.into_iter()
+            .filter(|(_, s)| s == "failed")
+            .map(|(d, _)| d)
+            .collect()
+    };
+    let now = chrono::Utc::now();
+    Ok(dbs
+        .into_iter()
+        .map(|(name, d)| {
+            let overdue_by_schedule = d.spec.backup.as_ref().is_some_and(|b| {
+                let Ok(c) = cairn_schema::cron::Cron::parse(&b.schedule) else {
+                    return false;
+                };
+                let interval = c
+                    .interval_upper_bound(now.timestamp())
+                    .unwrap_or(i64::MAX / 4);
+                match d.last_good_backup {
+                    Some(t) => (now - t).num_seconds() > 2 * interval,
+                    None => false,
+                }
+            });
+            DatabaseInfo {
+                available: states
+                    .iter()
+                    .any(|(n, s)| n == d.node.as_str() && s == "online"),
+                backup_overdue: overdue_by_schedule || failed_last.contains(&name.to_string()),
+                name: name.to_string(),
+                engine: d.spec.engine.to_string(),
+                version: d.spec.version.clone(),
+                node: d.node.to_string(),
+                port: d.port,
+                instance: d.instance.to_string(),
+                last_good_backup: d.last_good_backup,
+            }
+        })
+        .collect())
+}
+
+async fn backups(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+    Path(db): Path<String>,
+) -> Result<Json<Vec<crate::store::databases::BackupRow>>, ApiError> {
+    let db = db_name(&db)?;
+    let mut conn = api.pool.acquire().await.op("read backups")?;
+    Ok(Json(
+        crate::store::databases::backups(&mut conn, &db, 200).await?,
+    ))
+}
+
+/// A queued backup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Queued {
+    pub backup: i64,
+}
+
+async fn backup(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(db): Path<String>,
+) -> Result<Json<Queued>, ApiError> {
+    admin.operator()?;
+    let db = db_name(&db)?;
+    let id = databases::backup_now(&api.pool, &db, "manual").await?;
+    tracing::info!(database = %db, backup = id, by = %admin.name, "backup queued through the admin API");
+    Ok(Json(Queued { backup: id }))
+}
+
+/// `POST restore`'s body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// A backup's id; `None`: the latest good one.
+    #[serde(default)]
+    pub backup: Option<i64>,
+    pub into: String,
+}
+
+/// Where a restore runs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Restoring {
+    pub instance: String,
+    pub node: String,
+}
+
+async fn restore(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(db): Path<String>,
+    Json(r): Json<RestoreRequest>,
+) -> Result<Json<Restoring>, ApiError> {
+    admin.operator()?;
+    let db = db_name(&db)?;
+    let into = db_name(&r.into)?;
+    let node = databases::restore(&api.pool, &db, r.backup, &into).await?;
+    tracing::info!(database = %db, into = %into, by = %admin.name, "restore queued through the admin API");
+    Ok(Json(Restoring {
+        instance: into.to_string(),
+        node: node.to_string(),
+    }))
+}
+
+/// `POST swap`'s body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwapRequest {
+    pub instance: String,
+}
+
+async fn swap(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(db): Path<String>,
+    Json(r): Json<SwapRequest>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    admin.operator()?;
+    let db = db_name(&db)?;
+    let instance = db_name(&r.instance)?;
+    databases::swap(&api.pool, &db, &instance).await?;
+    tracing::info!(database = %db, instance = %instance, by = %admin.name, "swap through the admin API");
+    api.wake.notify_one();
+    Ok(Json(
+        serde_json::json!({ "database": db.as_str(), "instance": instance.as_str() }),
+    ))
+}
+
+async fn rotate(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(db): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    admin.operator()?;
+    let db = db_name(&db)?;
+    databases::rotate(&api.pool, &db).await?;
+    tracing::info!(database = %db, by = %admin.name, "rotation through the admin API");
+    api.wake.notify_one();
+    Ok(Json(
+        serde_json::json!({ "database": db.as_str(), "rotated": true }),
+    ))
+}

@@ -1,0 +1,587 @@
+//! Managed databases' operations in the control plane: a leased database task made ready for its node
+//! (the login's password and the S3 keys sealed to that node only), backups queued now or on their
+//! schedule (a ledger row and a `db_backup` task in one transaction; schedules claimed with
+//! `FOR UPDATE SKIP LOCKED`, so several control planes never queue one run twice), their results
+//! recorded in the ledger, restores beside the original (never in place) and swaps.
+//!
+//! What it must not do: keep a password or a key past the call that seals it, or put one into a row,
+//! an error or a log line.
+
+use cairn_proto::{BackupReport, BackupTarget, DatabasePayload, TaskKind};
+use cairn_schema::{DatabaseBackup, Identity, Name, Recipient};
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row as _};
+
+use crate::queue::{self, LeasedTask, NewTask};
+use crate::store::databases::{self as store, CredentialError};
+use crate::store::{Op as _, StoreError};
+
+/// Why an operator's database command was refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DbOpError {
+    #[error("no database `{0}` is applied")]
+    UnknownDatabase(Name),
+    #[error("database `{0}` has no `backup` in its manifest: nowhere to write or read backups")]
+    NoBackupTarget(Name),
+    #[error("database `{database}` has no good backup {which}")]
+    NoBackup { database: Name, which: String },
+    #[error("`{0}` is already a database instance: restore into a new name")]
+    InstanceExists(Name),
+    #[error("no instance `{instance}` of database `{database}`")]
+    UnknownInstance { database: Name, instance: Name },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Queue(#[from] queue::QueueError),
+}
+
+/// Makes a leased database task ready for `node`: its login sealed to the node's recipient (the
+/// instance's password, made now if it has none), and for a backup or a restore its target with the
+/// S3 keys sealed the same way. `Err((why, permanent))` when it cannot be.
+pub async fn ready(
+    pool: &PgPool,
+    identity: Option<&Identity>,
+    node: &Name,
+    recipient: Option<&Recipient>,
+    t: &LeasedTask,
+) -> Result<Result<DatabasePayload, (String, bool)>, StoreError> {
+    let mut p: DatabasePayload = match serde_json::from_value(t.payload.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(Err((
+                format!("the task's payload is not a database payload: {e}"),
+                true,
+            )));
+        }
+    };
+    let Some(recipient) = recipient else {
+        return Ok(Err((
+            format!(
+                "node `{node}` has no recipient to encrypt the database login to: join it again"
+            ),
+            false,
+        )));
+    };
+    let mut conn = pool.acquire().await.op("seal a database login")?;
+    let password = match store::password(&mut conn, identity, &p.instance).await {
+        Ok(pw) => pw,
+        Err(CredentialError::Store(e)) => return Err(e),
+        Err(e) => {
+            let permanent = !matches!(e, CredentialError::NoIdentity);
+            return Ok(Err((cairn_schema::error::chain(&e), permanent)));
+        }
+    };
+    p.login_sealed = match store::seal_login(&password, recipient) {
+        Ok(s) => Some(s),
+        Err(e) => return Ok(Err((cairn_schema::error::chain(&e), true))),
+    };
+    if matches!(t.kind, TaskKind::DbBackup | TaskKind::DbRestore) {
+        let backup = backup_spec(&mut conn, &p.database).await?;
+        let Some(b) = backup else {
+            return Ok(Err((
+                DbOpError::NoBackupTarget(p.database.clone()).to_string(),
+                true,
+            )));
+        };
+        match target(&b, identity, recipient) {
+            Ok(t) => p.target = Some(t),
+            Err(why) => return Ok(Err((why, true))),
+        }
+    }
+    Ok(Ok(p))
+}
+
+/// A database's applied `backup` (its keys the repository's ciphertexts).
+async fn backup_spec(
+    conn: &mut sqlx::PgConnection,
+    database: &Name,
+) -> Result<Option<DatabaseBackup>, StoreError> {
+    let v: Option<Option<serde_json::Value>> =
+        sqlx::query_scalar("SELECT backup_sealed FROM databases WHERE name = $1")
+            .bind(database.as_str())
+            .fetch_optional(conn)
+            .await
+            .op("read a database's backup target")?;
+    match v.flatten() {
+        None => Ok(None),
+        Some(v) => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| crate::store::decode::corrupt("databases", "backup_sealed", e)),
+    }
+}
+
+/// The wire target: the S3 keys opened with the control plane's identity and sealed to the node.
+fn target(
+    b: &DatabaseBackup,
+    identity: Option<&Identity>,
+    recipient: &Recipient,
+) -> Result<BackupTarget, String> {
+    let keys_sealed = match (&b.access_key_id, &b.secret_access_key) {
+        (Some(id), Some(secret)) => {
+            let identity = identity.ok_or_else(|| {
+                "the control plane has no identity, so it cannot open the storage keys".to_owned()
+            })?;
+            let open = |c: &cairn_schema::SecretRef, what: &str| {
+                identity
+                    .decrypt(&c.secret)
+                    .map_err(|_| {
+                        format!(
+                            "the backup's {what} does not decrypt with the control plane's identity"
+                        )
+                    })
+                    .and_then(|s| {
+                        s.expose_str()
+                            .map(str::to_owned)
+                            .map_err(|_| format!("the backup's {what} is not text"))
+                    })
+            };
+            let mut id_plain = open(id, "access_key_id")?;
+            let mut secret_plain = open(secret, "secret_access_key")?;
+            let json = zeroize::Zeroizing::new(
+                serde_json::to_vec(&serde_json::json!({
+                    "access_key_id": id_plain,
+                    "secret_access_key": secret_plain,
+                }))
+                .expect("keys serialize"),
+            );
+            zeroize::Zeroize::zeroize(&mut id_plain);
+            zeroize::Zeroize::zeroize(&mut secret_plain);
+            let ct = cairn_schema::secret::encrypt(&json, std::slice::from_ref(recipient))
+                .map_err(|_| "cannot encrypt the storage keys to the node".to_owned())?;
+            Some(ct.as_str().to_owned())
+        }
+        _ => None,
+    };
+    Ok(BackupTarget {
+        to: b.to.to(),
+        endpoint: b.endpoint.clone(),
+        region: b.region.clone(),
+        keys_sealed,
+    })
+}
+
+/// A database task's payload for instance `inst` of `database`, its login left for the lease to seal.
+fn payload(database: &Name, inst: &store::InstanceRow) -> DatabasePayload {
+    DatabasePayload {
+        database: database.clone(),
+        instance: inst.name.clone(),
+        engine: inst.engine,
+        version: inst.version.clone(),
+        port: inst.port,
+        user: inst.user.clone(),
+        db: inst.db.clone(),
+        login_sealed: None,
+        retire_users: Vec::new(),
+        target: None,
+        object: None,
+        sha256: None,
+        backup_id: None,
+    }
+}
+
+/// The file extension of an engine's dump.
+fn extension(engine: cairn_schema::database::Engine) -> &'static str {
+    match engine {
+        cairn_schema::database::Engine::Postgres => "pgdump",
+        cairn_schema::database::Engine::Mariadb => "sql",
+        cairn_schema::database::Engine::Redis => "rdb",
+    }
+}
+
+/// Queues a backup of `database`'s current instance now: its ledger row and its `db_backup` task, in
+/// one transaction. Returns the row's id.
+pub async fn backup_now(pool: &PgPool, database: &Name, trigger: &str) -> Result<i64, DbOpError> {
+    let mut tx = pool.begin().await.op("queue a backup")?;
+    let id = queue_backup(&mut tx, database, trigger).await?;
+    tx.commit().await.op("queue a backup")?;
+    Ok(id)
+}
+
+async fn queue_backup(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    database: &Name,
+    trigger: &str,
+) -> Result<i64, DbOpError> {
+    let row = sqlx::query(
+        "SELECT instance, backup_sealed->>'to' AS target FROM databases WHERE name = $1",
+    )
+    .bind(database.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+    .op("read a database")?
+    .ok_or_else(|| DbOpError::UnknownDatabase(database.clone()))?;
+    let instance: String = row.try_get("instance").op("read a database")?;
+    let target: Option<String> = row.try_get("target").op("read a database")?;
+    let target = target.ok_or_else(|| DbOpError::NoBackupTarget(database.clone()))?;
+    let instance = Name::new(&instance)
+        .map_err(|e| crate::store::decode::corrupt("databases", "instance", e))?;
+    let inst = store::instance(tx, &instance)
+        .await?
+        .ok_or_else(|| DbOpError::UnknownInstance {
+            database: database.clone(),
+            instance: instance.clone(),
+        })?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO database_backups (database, instance, node, trigger, target, object)
+         VALUES ($1, $2, $3, $4, $5, '') RETURNING id",
+    )
+    .bind(database.as_str())
+    .bind(instance.as_str())
+    .bind(inst.node.as_str())
+    .bind(trigger)
+    .bind(&target)
+    .fetch_one(&mut **tx)
+    .await
+    .op("write a backup row")?;
+    let object = format!("{database}/{id}.{}", extension(inst.engine));
+    let payload = DatabasePayload {
+        object: Some(object.clone()),
+        backup_id: Some(id),
+        ..payload(database, &inst)
+    };
+    let mut task = NewTask::new(
+        inst.node.clone(),
+        TaskKind::DbBackup,
+        database.clone(),
+        format!("db_backup:{database}:{id}"),
+    );
+    task.payload = serde_json::to_value(&payload).expect("a payload serializes");
+    task.max_attempts = 3;
+    let task_id = queue::enqueue(tx, &task).await?;
+    sqlx::query("UPDATE database_backups SET object = $2, task = $3 WHERE id = $1")
+        .bind(id)
+        .bind(&object)
+        .bind(task_id.map(|t| t.0))
+        .execute(&mut **tx)
+        .await
+        .op("write a backup row")?;
+    Ok(id)
+}
+
+/// Queues the backups whose schedule is due, each claimed by one control plane only, and moves each
+/// schedule to its next run. Returns how many were queued.
+pub async fn run_due(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, DbOpError> {
+    let mut tx = pool.begin().await.op("claim due backups")?;
+    let due = sqlx::query(
+        "SELECT database, schedule FROM database_schedules WHERE next_at <= $1
+          ORDER BY next_at LIMIT 32 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await
+    .op("claim due backups")?;
+    let mut queued = 0;
+    for r in due {
+        let db: String = r.try_get("database").op("claim due backups")?;
+        let schedule: String = r.try_get("schedule").op("claim due backups")?;
+        let Ok(database) = Name::new(&db) else {
+            continue;
+        };
+        let next = cairn_schema::cron::Cron::parse(&schedule)
+            .ok()
+            .and_then(|c| c.next_after(now.timestamp()))
+            .and_then(|t| DateTime::from_timestamp(t, 0))
+            .unwrap_or(now + chrono::Duration::days(365));
+        sqlx::query("UPDATE database_schedules SET next_at = $2 WHERE database = $1")
+            .bind(&db)
+            .bind(next)
+            .execute(&mut *tx)
+            .await
+            .op("move a backup schedule")?;
+        match queue_backup(&mut tx, &database, "schedule").await {
+            Ok(_) => queued += 1,
+            Err(DbOpError::UnknownDatabase(_) | DbOpError::NoBackupTarget(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit().await.op("claim due backups")?;
+    Ok(queued)
+}
+
+/// What `cairn status` and the dashboard show red about databases.
+pub fn warnings(dbs: &[crate::api::databases::DatabaseInfo]) -> Vec<String> {
+    let point = |d: &crate::api::databases::DatabaseInfo| {
+        d.last_good_backup.map_or_else(
+            || "no good backup yet".to_owned(),
+            |t| format!("recovery point {}", t.format("%Y-%m-%d %H:%M UTC")),
+        )
+    };
+    let mut out = Vec::new();
+    for d in dbs {
+        if !d.available {
+            out.push(format!(
+                "database {} is unavailable: node {} is not online ({}); it is not moved empty",
+                d.name,
+                d.node,
+                point(d)
+            ));
+        }
+        if d.backup_overdue {
+            out.push(format!(
+                "database {}: its last backup failed, or none succeeded within two intervals ({}): `cairn db backups {}`",
+                d.name,
+                point(d),
+                d.name
+            ));
+        }
+    }
+    out
+}
+
+/// How often `cairn serve` looks for due backups.
+pub const BACKUP_PERIOD: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Queues due scheduled backups every `period` until `shutdown` (several control planes may run it:
+/// each due run is claimed once).
+pub async fn backup_loop(
+    pool: PgPool,
+    period: std::time::Duration,
+    shutdown: &crate::worker::Shutdown,
+) {
+    crate::worker::Worker::new("cannot queue scheduled backups", period)
+        .failures_as_warnings()
+        .run(shutdown, |_| async {
+            let n = run_due(&pool, Utc::now()).await?;
+            if n > 0 {
+                tracing::info!(backups = n, "scheduled backups queued");
+            }
+            Ok::<_, DbOpError>(None)
+        })
+        .await
+}
+
+/// Records a `db_backup` task's end in its ledger row: what it wrote, or why it failed (`final_`: no
+/// attempt follows).
+pub async fn record_backup(
+    pool: &PgPool,
+    task: i64,
+    report: Result<&BackupReport, (&str, bool)>,
+) -> Result<(), StoreError> {
+    match report {
+        Ok(b) => {
+            sqlx::query(
+                "UPDATE database_backups SET state = 'ok', bytes = $2, sha256 = $3, duration_ms = $4,
+                        object = $5, error = NULL, finished_at = now()
+                  WHERE task = $1",
+            )
+            .bind(task)
+            .bind(i64::try_from(b.bytes).unwrap_or(i64::MAX))
+            .bind(&b.sha256)
+            .bind(i64::try_from(b.duration_ms).unwrap_or(i64::MAX))
+            .bind(&b.object)
+            .execute(pool)
+            .await
+            .op("record a backup")?;
+        }
+        Err((error, final_)) => {
+            sqlx::query(
+                "UPDATE database_backups SET state = CASE WHEN $3 THEN 'failed' ELSE 'running' END,
+                        error = $2, finished_at = CASE WHEN $3 THEN now() END
+                  WHERE task = $1",
+            )
+            .bind(task)
+            .bind(error)
+            .bind(final_)
+            .execute(pool)
+            .await
+            .op("record a backup")?;
+        }
+    }
+    Ok(())
+}
+
+/// Records a backup that failed for good as a `database.backup_failed` event (its error one line,
+/// never a secret: the agent's contract).
+pub async fn backup_failed(
+    pool: &PgPool,
+    database: &Name,
+    node: &Name,
+    error: &str,
+) -> Result<(), StoreError> {
+    let mut tx = pool.begin().await.op("record a failed backup")?;
+    let e = crate::events::NewEvent::new(
+        crate::events::EventKind::DatabaseBackupFailed,
+        format!("a backup of database {database} failed: {error}"),
+    )
+    .node(node)
+    .detail(serde_json::json!({ "database": database.as_str() }));
+    crate::events::record(&mut tx, &[e]).await?;
+    tx.commit().await.op("record a failed backup")?;
+    Ok(())
+}
+
+/// Restores backup `backup` (or the latest good one) of `database` into a new instance `into` on the
+/// database's node, beside the original: a new instance row and a `db_restore` task. The original is
+/// untouched; `swap` points the attached apps at the new one.
+pub async fn restore(
+    pool: &PgPool,
+    database: &Name,
+    backup: Option<i64>,
+    into: &Name,
+) -> Result<Name, DbOpError> {
+    let mut tx = pool.begin().await.op("queue a restore")?;
+    let row = sqlx::query("SELECT spec, node FROM databases WHERE name = $1")
+        .bind(database.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .op("read a database")?
+        .ok_or_else(|| DbOpError::UnknownDatabase(database.clone()))?;
+    let spec: cairn_plan::observed::AppliedDatabase = crate::store::decode::json(
+        "databases",
+        "spec",
+        row.try_get("spec").op("read a database")?,
+    )?;
+    let node = Name::new(&row.try_get::<String, _>("node").op("read a database")?)
+        .map_err(|e| crate::store::decode::corrupt("databases", "node", e))?;
+    let b = sqlx::query(
+        "SELECT id, object, sha256 FROM database_backups
+          WHERE database = $1 AND state = 'ok' AND ($2::bigint IS NULL OR id = $2)
+          ORDER BY id DESC LIMIT 1",
+    )
+    .bind(database.as_str())
+    .bind(backup)
+    .fetch_optional(&mut *tx)
+    .await
+    .op("read a backup")?
+    .ok_or_else(|| DbOpError::NoBackup {
+        database: database.clone(),
+        which: backup.map_or("yet".to_owned(), |b| format!("with id {b}")),
+    })?;
+    let object: String = b.try_get("object").op("read a backup")?;
+    let sha256: String = b.try_get("sha256").op("read a backup")?;
+    // `--latest` on a moved database restores into the database's own (fresh) instance.
+    let fresh = into == database;
+    if !fresh && store::instance(&mut tx, into).await?.is_some() {
+        return Err(DbOpError::InstanceExists(into.clone()));
+    }
+    let port = if fresh {
+        store::instance(&mut tx, into)
+            .await?
+            .map(|i| i.port)
+            .ok_or_else(|| DbOpError::UnknownInstance {
+                database: database.clone(),
+                instance: into.clone(),
+            })?
+    } else {
+        let taken: Vec<i32> =
+            sqlx::query_scalar("SELECT port FROM database_instances WHERE node = $1")
+                .bind(node.as_str())
+                .fetch_all(&mut *tx)
+                .await
+                .op("read ports")?;
+        let mut p = cairn_plan::databases::FIRST_PORT;
+        while taken.contains(&i32::from(p)) {
+            p += 1;
+        }
+        store::upsert_instance(&mut tx, into, database, &spec, &node, p).await?;
+        p
+    };
+    let inst = store::instance(&mut tx, into)
+        .await?
+        .ok_or_else(|| DbOpError::UnknownInstance {
+            database: database.clone(),
+            instance: into.clone(),
+        })?;
+    let payload = DatabasePayload {
+        port,
+        object: Some(object),
+        sha256: Some(sha256),
+        backup_id: Some(b.try_get("id").op("read a backup")?),
+        ..payload(database, &inst)
+    };
+    let mut task = NewTask::new(
+        node.clone(),
+        TaskKind::DbRestore,
+        database.clone(),
+        format!(
+            "db_restore:{database}:{into}:{}",
+            Utc::now().timestamp_millis()
+        ),
+    );
+    task.payload = serde_json::to_value(&payload).expect("a payload serializes");
+    task.max_attempts = 3;
+    queue::enqueue(&mut tx, &task).await?;
+    tx.commit().await.op("queue a restore")?;
+    Ok(node)
+}
+
+/// Points `database`'s attached apps at instance `instance` (a restore's): the planner then makes a new
+/// release of each. The previous instance keeps running until it is dropped explicitly.
+pub async fn swap(pool: &PgPool, database: &Name, instance: &Name) -> Result<(), DbOpError> {
+    let mut tx = pool.begin().await.op("swap a database")?;
+    let inst = store::instance(&mut tx, instance)
+        .await?
+        .filter(|i| &i.database == database)
+        .ok_or_else(|| DbOpError::UnknownInstance {
+            database: database.clone(),
+            instance: instance.clone(),
+        })?;
+    let done = sqlx::query(
+        "UPDATE databases SET instance = $2, node = $3, port = $4, updated_at = now() WHERE name = $1",
+    )
+    .bind(database.as_str())
+    .bind(instance.as_str())
+    .bind(inst.node.as_str())
+    .bind(i32::from(inst.port))
+    .execute(&mut *tx)
+    .await
+    .op("swap a database")?;
+    if done.rows_affected() == 0 {
+        return Err(DbOpError::UnknownDatabase(database.clone()));
+    }
+    tx.commit().await.op("swap a database")?;
+    Ok(())
+}
+
+/// A new password for `database`'s current instance: the new one is made at the next lease, the old
+/// login is retired (locked out) by a `db_ensure` once the attached apps have their new release, and
+/// the credential generation moves on, so the planner gives every attached app a new release.
+pub async fn rotate(pool: &PgPool, database: &Name) -> Result<(), DbOpError> {
+    let mut tx = pool.begin().await.op("rotate a database's password")?;
+    let row = sqlx::query(
+        "UPDATE databases SET credential = credential + 1, updated_at = now()
+          WHERE name = $1 RETURNING instance, credential",
+    )
+    .bind(database.as_str())
+    .fetch_optional(&mut *tx)
+    .await
+    .op("rotate a database's password")?
+    .ok_or_else(|| DbOpError::UnknownDatabase(database.clone()))?;
+    let instance: String = row.try_get("instance").op("rotate a database's password")?;
+    let credential: i64 = row
+        .try_get("credential")
+        .op("rotate a database's password")?;
+    // The new login is a new user, so the running apps keep working on the old one until they are
+    // replaced; the old user is retired by the next db_ensure.
+    sqlx::query(
+        "UPDATE database_instances
+            SET retired_users = array_append(retired_users, login_user),
+                login_user = $2, password_sealed = NULL, updated_at = now()
+          WHERE name = $1",
+    )
+    .bind(&instance)
+    .bind(format!("app{credential}"))
+    .execute(&mut *tx)
+    .await
+    .op("rotate a database's password")?;
+    let instance = Name::new(&instance)
+        .map_err(|e| crate::store::decode::corrupt("databases", "instance", e))?;
+    let inst =
+        store::instance(&mut tx, &instance)
+            .await?
+            .ok_or_else(|| DbOpError::UnknownInstance {
+                database: database.clone(),
+                instance: instance.clone(),
+            })?;
+    let payload = payload(database, &inst);
+    let mut task = NewTask::new(
+        inst.node.clone(),
+        TaskKind::DbEnsure,
+        database.clone(),
+        format!("db_rotate:{database}:{credential}"),
+    );
+    task.payload = serde_json::to_value(&payload).expect("a payload serializes");
+    queue::enqueue(&mut tx, &task).await?;
+    tx.commit().await.op("rotate a database's password")?;
+    Ok(())
+}

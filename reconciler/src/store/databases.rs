@@ -1,0 +1,463 @@
+//! Managed databases in PostgreSQL: the applied `databases` (spec, node, port, the instance attached
+//! apps use, the credential generation), their server instances with the login's password stored only
+//! as age ciphertext to the control plane's recipient, the backups ledger and the backup schedules.
+//! Runtime-checked queries (no `.sqlx/` data).
+//!
+//! What it must not do: hold a password in plaintext past the call that needs it, or write one to a
+//! column, a log line or an error.
+
+use std::collections::BTreeMap;
+
+use cairn_plan::observed::{AppliedDatabase, ObservedDatabase};
+use cairn_schema::{Identity, Name, Recipient, Secret};
+use chrono::{DateTime, Utc};
+use sqlx::{PgConnection, Row as _};
+
+use super::decode::{json, name};
+use super::{Op as _, StoreError, to_i64, to_u64};
+
+/// Reads the applied databases, each with the time of its last good backup.
+pub async fn load(conn: &mut PgConnection) -> Result<BTreeMap<Name, ObservedDatabase>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT d.name, d.spec, d.node, d.port, d.instance, d.credential,
+                (SELECT max(b.finished_at) FROM database_backups b
+                  WHERE b.database = d.name AND b.state = 'ok') AS last_good
+           FROM databases d",
+    )
+    .fetch_all(conn)
+    .await
+    .op("read databases")?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let op = "read databases";
+        let n: String = r.try_get("name").op(op)?;
+        let spec: serde_json::Value = r.try_get("spec").op(op)?;
+        let node: String = r.try_get("node").op(op)?;
+        let port: i32 = r.try_get("port").op(op)?;
+        let instance: String = r.try_get("instance").op(op)?;
+        let credential: i64 = r.try_get("credential").op(op)?;
+        let last_good: Option<DateTime<Utc>> = r.try_get("last_good").op(op)?;
+        out.insert(
+            name("databases", &n)?,
+            ObservedDatabase {
+                spec: json("databases", "spec", spec)?,
+                node: name("databases", &node)?,
+                port: u16::try_from(port)
+                    .map_err(|_| super::decode::corrupt("databases", "port", port))?,
+                instance: name("databases", &instance)?,
+                credential: to_u64("databases", "credential", credential)?,
+                last_good_backup: last_good,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// Makes `databases` exactly `next` (the plan's `next_databases`), with each one's `backup` as the
+/// manifest wrote it (`backup_sealed`: its S3 keys the repository's ciphertexts), and records a server
+/// instance for every database placed on a node it had no instance on.
+pub async fn write(
+    conn: &mut PgConnection,
+    next: &BTreeMap<Name, ObservedDatabase>,
+    desired: &BTreeMap<Name, cairn_schema::Database>,
+    generation: u64,
+) -> Result<(), StoreError> {
+    let names: Vec<String> = next.keys().map(|n| n.to_string()).collect();
+    sqlx::query("DELETE FROM databases WHERE name <> ALL($1)")
+        .bind(&names)
+        .execute(&mut *conn)
+        .await
+        .op("delete databases")?;
+    for (n, d) in next {
+        let spec = serde_json::to_value(&d.spec).expect("a database spec serializes");
+        let backup = desired
+            .get(n)
+            .and_then(|db| db.backup.as_ref())
+            .map(|b| serde_json::to_value(b).expect("a backup serializes"));
+        sqlx::query(
+            "INSERT INTO databases (name, spec, backup_sealed, node, port, instance, credential, generation)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (name) DO UPDATE SET
+                 spec = EXCLUDED.spec, backup_sealed = EXCLUDED.backup_sealed, node = EXCLUDED.node,
+                 port = EXCLUDED.port, instance = EXCLUDED.instance, credential = EXCLUDED.credential,
+                 generation = EXCLUDED.generation, updated_at = now()
+             WHERE (databases.spec, databases.backup_sealed, databases.node, databases.port,
+                    databases.instance, databases.credential)
+                   IS DISTINCT FROM (EXCLUDED.spec, EXCLUDED.backup_sealed, EXCLUDED.node,
+                    EXCLUDED.port, EXCLUDED.instance, EXCLUDED.credential)",
+        )
+        .bind(n.as_str())
+        .bind(spec)
+        .bind(backup)
+        .bind(d.node.as_str())
+        .bind(i32::from(d.port))
+        .bind(d.instance.as_str())
+        .bind(to_i64("credential", d.credential)?)
+        .bind(to_i64("generation", generation)?)
+        .execute(&mut *conn)
+        .await
+        .op("write a database")?;
+        upsert_instance(conn, &d.instance, n, &d.spec, &d.node, d.port).await?;
+        if let Some(b) = desired.get(n).and_then(|db| db.backup.as_ref()) {
+            let next_at = b
+                .schedule
+                .cron()
+                .next_after(Utc::now().timestamp())
+                .and_then(|t| DateTime::from_timestamp(t, 0));
+            if let Some(next_at) = next_at {
+                sqlx::query(
+                    "INSERT INTO database_schedules (database, schedule, next_at) VALUES ($1, $2, $3)
+                     ON CONFLICT (database) DO UPDATE SET schedule = EXCLUDED.schedule,
+                         next_at = CASE WHEN database_schedules.schedule = EXCLUDED.schedule
+                                        THEN database_schedules.next_at ELSE EXCLUDED.next_at END",
+                )
+                .bind(n.as_str())
+                .bind(b.schedule.as_str())
+                .bind(next_at)
+                .execute(&mut *conn)
+                .await
+                .op("write a backup schedule")?;
+            }
+        }
+    }
+    sqlx::query(
+        "DELETE FROM database_schedules s WHERE NOT EXISTS (
+             SELECT 1 FROM databases d WHERE d.name = s.database AND d.backup_sealed IS NOT NULL)",
+    )
+    .execute(&mut *conn)
+    .await
+    .op("delete backup schedules")?;
+    Ok(())
+}
+
+/// Records the server instance `instance` of `database` on `node`: a new row, or the same name placed
+/// afresh (a move), which starts without a password (a new server makes new credentials).
+pub async fn upsert_instance(
+    conn: &mut PgConnection,
+    instance: &Name,
+    database: &Name,
+    spec: &AppliedDatabase,
+    node: &Name,
+    port: u16,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO database_instances (name, database, engine, version, node, port, login_user, login_db)
+         VALUES ($1, $2, $3, $4, $5, $6, 'app', $7)
+         ON CONFLICT (name) DO UPDATE SET
+             engine = EXCLUDED.engine, version = EXCLUDED.version, state = 'active',
+             node = EXCLUDED.node, port = EXCLUDED.port,
+             password_sealed = CASE WHEN database_instances.node = EXCLUDED.node
+                                    THEN database_instances.password_sealed END,
+             updated_at = now()
+         WHERE (database_instances.engine, database_instances.version, database_instances.node,
+                database_instances.port, database_instances.state)
+               IS DISTINCT FROM (EXCLUDED.engine, EXCLUDED.version, EXCLUDED.node, EXCLUDED.port, 'active')",
+    )
+    .bind(instance.as_str())
+    .bind(database.as_str())
+    .bind(spec.engine.as_str())
+    .bind(&spec.version)
+    .bind(node.as_str())
+    .bind(i32::from(port))
+    .bind(login_db(spec.engine, database))
+    .execute(conn)
+    .await
+    .op("write a database instance")?;
+    Ok(())
+}
+
+/// The database a login uses: the database's name (PostgreSQL and MariaDB), `0` for Redis.
+pub fn login_db(engine: cairn_schema::database::Engine, database: &Name) -> String {
+    match engine {
+        cairn_schema::database::Engine::Redis => "0".to_owned(),
+        _ => database.to_string(),
+    }
+}
+
+/// One server instance as stored (without its password).
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    pub name: Name,
+    pub database: Name,
+    pub engine: cairn_schema::database::Engine,
+    pub version: String,
+    pub node: Name,
+    pub port: u16,
+    pub state: String,
+    pub user: String,
+    pub db: String,
+    pub retired_users: Vec<String>,
+}
+
+/// An instance by name.
+pub async fn instance(
+    conn: &mut PgConnection,
+    instance: &Name,
+) -> Result<Option<InstanceRow>, StoreError> {
+    let row = sqlx::query(
+        "SELECT name, database, engine, version, node, port, state, login_user, login_db, retired_users
+           FROM database_instances WHERE name = $1",
+    )
+    .bind(instance.as_str())
+    .fetch_optional(conn)
+    .await
+    .op("read a database instance")?;
+    let Some(r) = row else { return Ok(None) };
+    let op = "read a database instance";
+    let engine: String = r.try_get("engine").op(op)?;
+    let port: i32 = r.try_get("port").op(op)?;
+    Ok(Some(InstanceRow {
+        name: name(
+            "database_instances",
+            &r.try_get::<String, _>("name").op(op)?,
+        )?,
+        database: name(
+            "database_instances",
+            &r.try_get::<String, _>("database").op(op)?,
+        )?,
+        engine: cairn_schema::database::Engine::parse(&engine)
+            .ok_or_else(|| super::decode::corrupt("database_instances", "engine", &engine))?,
+        version: r.try_get("version").op(op)?,
+        node: name(
+            "database_instances",
+            &r.try_get::<String, _>("node").op(op)?,
+        )?,
+        port: u16::try_from(port)
+            .map_err(|_| super::decode::corrupt("database_instances", "port", port))?,
+        state: r.try_get("state").op(op)?,
+        user: r.try_get("login_user").op(op)?,
+        db: r.try_get("login_db").op(op)?,
+        retired_users: r.try_get("retired_users").op(op)?,
+    }))
+}
+
+/// Why a password could not be had. Never carries one.
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error(
+        "the control plane has no identity (`cairn serve --identity FILE`), so it cannot keep database passwords"
+    )]
+    NoIdentity,
+    #[error(
+        "the stored password of database instance `{0}` does not decrypt with the control plane's identity"
+    )]
+    Decrypt(Name, #[source] cairn_schema::SecretError),
+    #[error("cannot encrypt a database password")]
+    Encrypt(#[source] cairn_schema::SecretError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The instance's login password: the stored one opened with the control plane's identity, or a new
+/// one made now and stored sealed to its recipient (the first caller wins; the others read it).
+pub async fn password(
+    conn: &mut PgConnection,
+    identity: Option<&Identity>,
+    instance: &Name,
+) -> Result<Secret, CredentialError> {
+    let identity = identity.ok_or(CredentialError::NoIdentity)?;
+    for _ in 0..2 {
+        let sealed: Option<Option<String>> =
+            sqlx::query_scalar("SELECT password_sealed FROM database_instances WHERE name = $1")
+                .bind(instance.as_str())
+                .fetch_optional(&mut *conn)
+                .await
+                .op("read a database password")?;
+        match sealed {
+            None => {
+                return Err(StoreError::Corrupt {
+                    table: "database_instances",
+                    column: "name",
+                    detail: format!("no instance `{instance}`"),
+                }
+                .into());
+            }
+            Some(Some(ct)) => {
+                let ct = cairn_schema::Ciphertext::new(&ct)
+                    .map_err(|e| CredentialError::Decrypt(instance.clone(), e))?;
+                return identity
+                    .decrypt(&ct)
+                    .map_err(|e| CredentialError::Decrypt(instance.clone(), e));
+            }
+            Some(None) => {
+                let fresh = new_password();
+                let ct = cairn_schema::secret::encrypt(fresh.expose(), &[identity.recipient()])
+                    .map_err(CredentialError::Encrypt)?;
+                let done = sqlx::query(
+                    "UPDATE database_instances SET password_sealed = $2, updated_at = now()
+                      WHERE name = $1 AND password_sealed IS NULL",
+                )
+                .bind(instance.as_str())
+                .bind(ct.as_str())
+                .execute(&mut *conn)
+                .await
+                .op("store a database password")?;
+                if done.rows_affected() == 1 {
+                    return Ok(fresh);
+                }
+            }
+        }
+    }
+    Err(StoreError::Corrupt {
+        table: "database_instances",
+        column: "password_sealed",
+        detail: format!("instance `{instance}`'s password keeps changing"),
+    }
+    .into())
+}
+
+/// 32 random letters and digits (190 bits): nothing in a URL needs escaping.
+fn new_password() -> Secret {
+    use rand::Rng as _;
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rngs::OsRng;
+    let bytes: Vec<u8> = (0..32)
+        .map(|_| ALPHABET[rng.gen_range(0..ALPHABET.len())])
+        .collect();
+    Secret::new(bytes)
+}
+
+/// `{"password": "..."}` sealed to `recipient`.
+pub fn seal_login(password: &Secret, recipient: &Recipient) -> Result<String, CredentialError> {
+    let p = password.expose_str().map_err(CredentialError::Encrypt)?;
+    let json = zeroize::Zeroizing::new(
+        serde_json::to_vec(&serde_json::json!({ "password": p })).expect("a login serializes"),
+    );
+    let ct = cairn_schema::secret::encrypt(&json, std::slice::from_ref(recipient))
+        .map_err(CredentialError::Encrypt)?;
+    Ok(ct.as_str().to_owned())
+}
+
+/// The URL an attached app gets for `row` reached at `host`: `postgres://app:PW@host:port/db`,
+/// `redis://:PW@host:port/0` or `mysql://app:PW@host:port/db`. A secret.
+pub fn url(row: &InstanceRow, password: &Secret, host: &str) -> Result<Secret, CredentialError> {
+    let p = password.expose_str().map_err(CredentialError::Encrypt)?;
+    let (scheme, user) = match row.engine {
+        cairn_schema::database::Engine::Postgres => ("postgres", row.user.as_str()),
+        cairn_schema::database::Engine::Redis => ("redis", ""),
+        cairn_schema::database::Engine::Mariadb => ("mysql", row.user.as_str()),
+    };
+    Ok(Secret::new(
+        format!("{scheme}://{user}:{p}@{host}:{}/{}", row.port, row.db).into_bytes(),
+    ))
+}
+
+/// What an app's attached databases' env vars hold now: per env var, the binding fingerprint (what the
+/// release was planned with) and the URL. The host is loopback on the database's own node, else the
+/// database node's `address` host.
+pub async fn app_urls(
+    conn: &mut PgConnection,
+    identity: Option<&Identity>,
+    app: &Name,
+    app_node: &Name,
+) -> Result<BTreeMap<String, (String, Secret)>, CredentialError> {
+    let mut out = BTreeMap::new();
+    let Some(applied) = super::state::applied_app(&mut *conn, app).await? else {
+        return Ok(out);
+    };
+    for (db, var) in &applied.databases {
+        let row = sqlx::query(
+            "SELECT d.node, d.port, d.instance, d.credential, n.spec->>'address' AS address
+               FROM databases d LEFT JOIN nodes n ON n.name = d.node WHERE d.name = $1",
+        )
+        .bind(db.as_str())
+        .fetch_optional(&mut *conn)
+        .await
+        .op("read an attached database")?;
+        let Some(r) = row else { continue };
+        let op = "read an attached database";
+        let node = name("databases", &r.try_get::<String, _>("node").op(op)?)?;
+        let port: i32 = r.try_get("port").op(op)?;
+        let port =
+            u16::try_from(port).map_err(|_| super::decode::corrupt("databases", "port", port))?;
+        let instance_name = name("databases", &r.try_get::<String, _>("instance").op(op)?)?;
+        let credential = to_u64("databases", "credential", r.try_get("credential").op(op)?)?;
+        let address: Option<String> = r.try_get("address").op(op)?;
+        let Some(inst) = instance(&mut *conn, &instance_name).await? else {
+            continue;
+        };
+        let fingerprint =
+            cairn_plan::databases::binding_fingerprint(db, &node, port, &instance_name, credential);
+        let host = if &node == app_node {
+            "127.0.0.1".to_owned()
+        } else {
+            address
+                .map(|a| host_of(&a))
+                .unwrap_or_else(|| "127.0.0.1".to_owned())
+        };
+        let pw = password(
+            &mut *conn,
+            Some(identity.ok_or(CredentialError::NoIdentity)?),
+            &instance_name,
+        )
+        .await?;
+        out.insert(var.to_string(), (fingerprint, url(&inst, &pw, &host)?));
+    }
+    Ok(out)
+}
+
+/// The host of a node address (`host`, `host:port`, `[v6]:port`).
+fn host_of(a: &str) -> String {
+    if let Some(rest) = a.strip_prefix('[') {
+        return format!("[{}]", rest.split(']').next().unwrap_or(rest));
+    }
+    a.split(':').next().unwrap_or(a).to_owned()
+}
+
+/// One backup run as the ledger keeps it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct BackupRow {
+    pub id: i64,
+    pub database: String,
+    pub instance: String,
+    pub node: String,
+    pub trigger: String,
+    pub state: String,
+    pub target: String,
+    pub object: String,
+    pub bytes: Option<i64>,
+    pub sha256: Option<String>,
+    pub duration_ms: Option<i64>,
+    pub error: Option<String>,
+    pub queued_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A database's backups, newest first.
+pub async fn backups(
+    conn: &mut PgConnection,
+    database: &Name,
+    limit: i64,
+) -> Result<Vec<BackupRow>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT id, database, instance, node, trigger, state, target, object, bytes, sha256,
+                duration_ms, error, queued_at, finished_at
+           FROM database_backups WHERE database = $1 ORDER BY id DESC LIMIT $2",
+    )
+    .bind(database.as_str())
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .op("read backups")?;
+    rows.into_iter()
+        .map(|r| {
+            let op = "read backups";
+            Ok(BackupRow {
+                id: r.try_get("id").op(op)?,
+                database: r.try_get("database").op(op)?,
+                instance: r.try_get("instance").op(op)?,
+                node: r.try_get("node").op(op)?,
+                trigger: r.try_get("trigger").op(op)?,
+                state: r.try_get("state").op(op)?,
+                target: r.try_get("target").op(op)?,
+                object: r.try_get("object").op(op)?,
+                bytes: r.try_get("bytes").op(op)?,
+                sha256: r.try_get("sha256").op(op)?,
+                duration_ms: r.try_get("duration_ms").op(op)?,
+                error: r.try_get("error").op(op)?,
+                queued_at: r.try_get("queued_at").op(op)?,
+                finished_at: r.try_get("finished_at").op(op)?,
+            })
+        })
+        .collect()
+}

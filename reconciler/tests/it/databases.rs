@@ -1,0 +1,446 @@
+//! Managed databases in the control plane (`cairn_reconciler::databases`, `store::databases`), in
+//! process against a real PostgreSQL, with the agents played by the test: an applied `[database.NAME]`
+//! gets its row, its instance and a `db_ensure` task for its node; the task's login is sealed to that
+//! node only and the password is stored only sealed to the control plane (absent from a pg_dump); the
+//! attached app's deploy carries the URL with that password, sealed to the app's node; backups are
+//! ledger rows whose result (size, SHA-256) or error is recorded, a final failure is an event; a
+//! restore goes into a new instance beside the original; a swap and a rotation make a new release of
+//! the attached app. The engine itself is `dbengine`'s (tests/it/e2e/databases.rs runs it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use cairn_plan::observed::CommitId;
+use cairn_proto::{BackupReport, DatabasePayload, DeployPayload, Outcome, TaskKind};
+use cairn_reconciler::controller::{ConfigSource, Controller, Outcome as Reconciled, Trigger};
+use cairn_reconciler::deploys::{self, Context};
+use cairn_reconciler::queue::{self, Backoff, LeasedTask};
+use cairn_reconciler::store::state;
+use cairn_schema::{Ciphertext, Identity, Name};
+use sqlx::PgPool;
+use tokio::sync::Notify;
+
+const LEASE: Duration = Duration::from_secs(60);
+const HEAD: &str = "0123456789abcdef0123456789abcdef01234567";
+
+fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+fn demo_identity() -> Identity {
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/keys/demo-only-identity.txt");
+    Identity::parse(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+struct Plane {
+    _tmp: tempfile::TempDir,
+    pool: PgPool,
+    url: String,
+    identity: Identity,
+    n1: Identity,
+    controller: Controller,
+    wake: Notify,
+}
+
+impl Plane {
+    async fn new(db: &cairn_testkit::pg::TestDb) -> Plane {
+        let identity = demo_identity();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir: PathBuf = tmp.path().join("config");
+        let write = |path: &str, text: &str| {
+            let p = dir.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        };
+        write(
+            "cairn.toml",
+            &format!(
+                "base_domain = \"apps.example.com\"\n[secrets]\nrecipients = [\"{}\"]\n",
+                identity.recipient().as_str()
+            ),
+        );
+        write(
+            "infra.toml",
+            "[plan.small]\ncpu = 0.5\nmemory = \"512MiB\"\ndisk = \"1GiB\"\nprice = \"5.00\"\n\
+             max_replicas = 5\n\n[runtime.node]\nimage = \"node:22\"\nstart = \"npm start\"\nport = 3000\n\n\
+             [node.n1]\ncpu = 4\nmemory = \"8GiB\"\ndisk = \"100GiB\"\nlabels = { db = \"yes\" }\n\n\
+             [node.n2]\ncpu = 4\nmemory = \"8GiB\"\ndisk = \"100GiB\"\n\n\
+             [database.main]\nengine = \"postgres\"\nversion = \"15\"\nplan = \"small\"\nnode = \"n1\"\n\
+             backup = { schedule = \"0 3 * * *\", to = \"dir:/var/backups/cairn\" }\n",
+        );
+        write(
+            "apps/web.toml",
+            "[app.web]\nplan = \"small\"\nruntime = \"node\"\ndatabases = { main = \"DATABASE_URL\" }\n\
+             placement = { labels = { db = \"yes\" } }\n\n[app.web.source]\nurl = \"https://github.com/acme/web.git\"\n",
+        );
+        let controller = Controller::new(
+            db.pool().clone(),
+            ConfigSource::Dir(dir.clone()),
+            Some(demo_identity()),
+        );
+        state::record_source_head(db.pool(), &name("web"), "main", &CommitId::new(HEAD))
+            .await
+            .unwrap();
+        let plane = Plane {
+            _tmp: tmp,
+            pool: db.pool().clone(),
+            url: db.url().split('?').next().unwrap().to_owned(),
+            identity,
+            n1: Identity::generate(),
+            controller,
+            wake: Notify::new(),
+        };
+        plane.reconcile().await;
+        plane
+    }
+
+    async fn reconcile(&self) {
+        assert!(matches!(
+            self.controller.reconcile(Trigger::Manual).await.unwrap(),
+            Reconciled::Applied(_)
+        ));
+    }
+
+    fn ctx(&self) -> Context<'_> {
+        Context {
+            pool: &self.pool,
+            identity: Some(&self.identity),
+            hooks: None,
+            wake: &self.wake,
+            registry: None,
+            backoff: Backoff {
+                base: Duration::from_secs(1),
+                max: Duration::from_secs(2),
+            },
+            image_wait: Duration::from_secs(5),
+        }
+    }
+
+    /// Leases n1's due tasks and makes them ready as the agent API does.
+    async fn lease(&self) -> Vec<(LeasedTask, Option<DeployPayload>, Option<DatabasePayload>)> {
+        let leased = queue::lease(&self.pool, &name("n1"), 10, LEASE)
+            .await
+            .unwrap();
+        deploys::prepare(&self.ctx(), &name("n1"), Some(&self.n1.recipient()), leased)
+            .await
+            .unwrap()
+    }
+
+    async fn report(&self, t: &LeasedTask, outcome: Outcome) {
+        let row = queue::node_task(&self.pool, &t.node, t.id)
+            .await
+            .unwrap()
+            .unwrap();
+        deploys::finish(&self.ctx(), &row, t.token, &outcome, None)
+            .await
+            .unwrap();
+    }
+
+    fn open(&self, sealed: &str) -> serde_json::Value {
+        let plain = self.n1.decrypt(&Ciphertext::new(sealed).unwrap()).unwrap();
+        serde_json::from_slice(plain.expose()).unwrap()
+    }
+
+    async fn releases(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM releases WHERE app = 'web'")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    fn dump(&self) -> String {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .map(|d| {
+                d.filter_map(|e| Some(e.ok()?.path().join("bin/pg_dump")))
+                    .filter(|p| p.exists())
+                    .collect()
+            })
+            .unwrap_or_default();
+        found.sort();
+        let bin = found.pop().unwrap_or_else(|| "pg_dump".into());
+        let out = Command::new(bin).arg(&self.url).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// A `db_backup`'s result as its agent reports it.
+fn backed_up(object: String, bytes: u64, sha256: String, duration_ms: u64) -> Outcome {
+    Outcome::Done {
+        detail: None,
+        timings: Default::default(),
+        image: None,
+        backup: Some(BackupReport {
+            object,
+            bytes,
+            sha256,
+            duration_ms,
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_lives_on_its_node_and_its_url_reaches_only_the_attached_app() {
+    let db = cairn_testkit::test_db!();
+    let plane = Plane::new(&db).await;
+
+    let (node, port, instance): (String, i32, String) =
+        sqlx::query_as("SELECT node, port, instance FROM databases WHERE name = 'main'")
+            .fetch_one(&plane.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (node.as_str(), port, instance.as_str()),
+        ("n1", 15432, "main")
+    );
+
+    let ready = plane.lease().await;
+    let kinds: Vec<TaskKind> = ready.iter().map(|(t, ..)| t.kind).collect();
+    assert!(
+        kinds.contains(&TaskKind::DbEnsure) && kinds.contains(&TaskKind::Deploy),
+        "{kinds:?}"
+    );
+    let (ensure, _, p) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbEnsure)
+        .unwrap();
+    let p = p.as_ref().expect("a database task carries its payload");
+    assert_eq!(
+        (p.port, p.user.as_str(), p.db.as_str()),
+        (15432, "app", "main")
+    );
+    let password = plane.open(p.login_sealed.as_deref().expect("sealed at lease"))["password"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(password.len(), 32);
+    // Another node cannot open it.
+    let other = Identity::generate();
+    assert!(
+        other
+            .decrypt(&Ciphertext::new(p.login_sealed.as_deref().unwrap()).unwrap())
+            .is_err()
+    );
+
+    let (_, deploy, _) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::Deploy)
+        .unwrap();
+    let deploy = deploy.as_ref().unwrap();
+    let env = plane.open(deploy.secret_env.as_deref().expect("sealed at lease"));
+    assert_eq!(
+        env["DATABASE_URL"],
+        format!("postgres://app:{password}@127.0.0.1:15432/main"),
+        "the app on the database's node reaches it on loopback"
+    );
+    plane
+        .report(
+            ensure,
+            Outcome::Done {
+                detail: None,
+                timings: Default::default(),
+                image: None,
+                backup: None,
+            },
+        )
+        .await;
+
+    // A recorded release read back (a drift repair, a replica moved) carries the URL as a secret too:
+    // regression, it was refused as a corrupt spec and failed every reconcile after a failed deploy.
+    let mut conn = plane.pool.acquire().await.unwrap();
+    let recorded = cairn_reconciler::payload::recorded_release(&mut conn, &name("web"), 1)
+        .await
+        .unwrap()
+        .expect("release 1 is recorded");
+    assert!(matches!(
+        recorded.spec.env.get("DATABASE_URL"),
+        Some(cairn_proto::ReleaseEnv::Secret { .. })
+    ));
+    drop(conn);
+
+    // The password is stored only sealed to the control plane: not in a dump of its database.
+    let dump = plane.dump();
+    assert!(dump.contains("BEGIN AGE ENCRYPTED FILE"));
+    assert!(
+        !dump.contains(&password),
+        "the database password is in the control plane's dump"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_are_ledger_rows_and_a_final_failure_is_an_event() {
+    let db = cairn_testkit::test_db!();
+    let plane = Plane::new(&db).await;
+    let _ = plane.lease().await;
+
+    let id = cairn_reconciler::databases::backup_now(&plane.pool, &name("main"), "manual")
+        .await
+        .unwrap();
+    let ready = plane.lease().await;
+    let (t, _, p) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbBackup)
+        .unwrap();
+    let p = p.as_ref().unwrap();
+    assert_eq!(
+        p.object.as_deref(),
+        Some(format!("main/{id}.pgdump").as_str())
+    );
+    let target = p.target.as_ref().expect("a backup carries its target");
+    assert_eq!(
+        target.to,
+        cairn_schema::database::BackupTo::Dir {
+            path: "/var/backups/cairn".into()
+        }
+    );
+    let sha = "ab".repeat(32);
+    plane
+        .report(
+            t,
+            backed_up(format!("main/{id}.pgdump"), 4096, sha.clone(), 120),
+        )
+        .await;
+    let mut conn = plane.pool.acquire().await.unwrap();
+    let rows = cairn_reconciler::store::databases::backups(&mut conn, &name("main"), 10)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].state, "ok");
+    assert_eq!(
+        (rows[0].bytes, rows[0].sha256.as_deref()),
+        (Some(4096), Some(sha.as_str()))
+    );
+    let list = cairn_reconciler::api::databases::list_databases(&plane.pool)
+        .await
+        .unwrap();
+    assert!(list[0].last_good_backup.is_some() && !list[0].backup_overdue);
+
+    // A backup that fails for good: the row says why, an event is recorded, status is red.
+    cairn_reconciler::databases::backup_now(&plane.pool, &name("main"), "manual")
+        .await
+        .unwrap();
+    let ready = plane.lease().await;
+    let (t, ..) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbBackup)
+        .unwrap();
+    plane
+        .report(
+            t,
+            Outcome::Failed {
+                error: "the target refused the object: disk full".into(),
+                retry: false,
+            },
+        )
+        .await;
+    let rows = cairn_reconciler::store::databases::backups(&mut conn, &name("main"), 10)
+        .await
+        .unwrap();
+    assert_eq!(rows[0].state, "failed");
+    assert!(rows[0].error.as_deref().unwrap().contains("disk full"));
+    let events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE kind = 'database.backup_failed'")
+            .fetch_one(&plane.pool)
+            .await
+            .unwrap();
+    assert_eq!(events, 1);
+    let list = cairn_reconciler::api::databases::list_databases(&plane.pool)
+        .await
+        .unwrap();
+    assert!(list[0].backup_overdue, "a failed last backup is red");
+    let red = cairn_reconciler::databases::warnings(&list);
+    assert!(
+        red.iter().any(|w| w.contains("its last backup failed")),
+        "cairn status shows it: {red:?}"
+    );
+
+    // A scheduled run is queued once, however many control planes look.
+    sqlx::query("UPDATE database_schedules SET next_at = now() - interval '1 minute'")
+        .execute(&plane.pool)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let (a, b) = tokio::join!(
+        cairn_reconciler::databases::run_due(&plane.pool, now),
+        cairn_reconciler::databases::run_due(&plane.pool, now)
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_goes_beside_the_original_and_swap_and_rotate_release_the_attached_app() {
+    let db = cairn_testkit::test_db!();
+    let plane = Plane::new(&db).await;
+    let _ = plane.lease().await;
+    // No good backup yet: nothing to restore.
+    assert!(
+        cairn_reconciler::databases::restore(&plane.pool, &name("main"), None, &name("copy"))
+            .await
+            .is_err()
+    );
+    cairn_reconciler::databases::backup_now(&plane.pool, &name("main"), "manual")
+        .await
+        .unwrap();
+    let ready = plane.lease().await;
+    let (t, ..) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbBackup)
+        .unwrap();
+    plane
+        .report(
+            t,
+            backed_up("main/1.pgdump".to_owned(), 10, "cd".repeat(32), 1),
+        )
+        .await;
+    // Never into the original.
+    assert!(
+        cairn_reconciler::databases::restore(&plane.pool, &name("main"), None, &name("main"))
+            .await
+            .is_ok(),
+        "--latest into the database's own name is its own fresh instance"
+    );
+    cairn_reconciler::databases::restore(&plane.pool, &name("main"), None, &name("copy"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        cairn_reconciler::databases::restore(&plane.pool, &name("main"), None, &name("copy")).await,
+        Err(cairn_reconciler::databases::DbOpError::InstanceExists(_))
+    ));
+    let ready = plane.lease().await;
+    let restores: Vec<&DatabasePayload> = ready
+        .iter()
+        .filter(|(t, ..)| t.kind == TaskKind::DbRestore)
+        .filter_map(|(_, _, p)| p.as_ref())
+        .collect();
+    let copy = restores
+        .iter()
+        .find(|p| p.instance.as_str() == "copy")
+        .unwrap();
+    assert_eq!(copy.port, 15433, "beside the original");
+    assert_eq!(copy.sha256.as_deref(), Some("cd".repeat(32).as_str()));
+
+    let before = plane.releases().await;
+    cairn_reconciler::databases::swap(&plane.pool, &name("main"), &name("copy"))
+        .await
+        .unwrap();
+    plane.reconcile().await;
+    assert_eq!(
+        plane.releases().await,
+        before + 1,
+        "a swap releases the attached app"
+    );
+    cairn_reconciler::databases::rotate(&plane.pool, &name("main"))
+        .await
+        .unwrap();
+    plane.reconcile().await;
+    assert_eq!(
+        plane.releases().await,
+        before + 2,
+        "a rotation releases the attached app"
+    );
+}
