@@ -149,6 +149,11 @@ pub struct Args {
     /// directory above it). Default: `<data-dir>-apps`
     #[arg(long, value_name = "DIR")]
     apps_dir: Option<PathBuf>,
+    /// Where managed databases keep their data directories (one per instance, owned by the engine's
+    /// account, which must be able to traverse every directory above it; this one is made 0711).
+    /// Default: `<data-dir>-databases` (the data directory itself stays 0700)
+    #[arg(long, value_name = "DIR")]
+    databases_dir: Option<PathBuf>,
     /// Process driver: leave replicas running when the agent stops (SIGTERM), for the next agent to
     /// adopt without a restart (an upgrade with no downtime; the systemd unit sets it). Without it they
     /// are stopped with the agent, and started again by the next one. After a crash or SIGKILL they run
@@ -370,7 +375,11 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         shutdown_grace: args.shutdown_grace,
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         databases: Some(crate::dbtasks::DatabaseHost {
-            data_dir: data.path().to_path_buf(),
+            dir: args.databases_dir.clone().unwrap_or_else(|| {
+                let mut name = args.data_dir.as_os_str().to_owned();
+                name.push("-databases");
+                PathBuf::from(name)
+            }),
             identity: identity.clone(),
         }),
     };

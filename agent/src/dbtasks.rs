@@ -15,18 +15,29 @@ use crate::database::{self, DbError, Instance, Login, S3Access, Target};
 /// Where this node keeps its databases, and the identity that opens what is sealed to it.
 #[derive(Debug, Clone)]
 pub struct DatabaseHost {
-    /// The agent's data directory: instances live in `databases/<instance>` below it.
-    pub data_dir: PathBuf,
+    /// Where instances live, `<dir>/<instance>` (`--databases-dir`): outside the agent's own data
+    /// directory, which no other account may enter, while each engine's account must reach its own.
+    pub dir: PathBuf,
     pub identity: Arc<Identity>,
 }
 
 impl DatabaseHost {
+    /// Creates the instances' directory: engines' accounts pass through it to their own (0711), and
+    /// nobody else lists it.
+    fn make_root(&self) -> Result<(), DbError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let failed =
+            |e: std::io::Error| DbError::Failed(format!("cannot make {}: {e}", self.dir.display()));
+        std::fs::create_dir_all(&self.dir).map_err(failed)?;
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o711)).map_err(failed)
+    }
+
     fn instance(&self, p: &DatabasePayload) -> Instance {
         Instance {
             name: p.instance.clone(),
             engine: p.engine,
             version: p.version.clone(),
-            dir: self.data_dir.join("databases").join(p.instance.as_str()),
+            dir: self.dir.join(p.instance.as_str()),
             port: p.port,
         }
     }
@@ -102,6 +113,7 @@ async fn run_inner(
     task: &Task,
 ) -> Result<(String, Option<BackupReport>), DbError> {
     let host = host.ok_or_else(|| DbError::Unsupported("this agent keeps no databases".into()))?;
+    host.make_root()?;
     let p = task.database.as_ref().ok_or_else(|| {
         DbError::Unsupported(format!(
             "a {} task needs its database payload",

@@ -18,7 +18,7 @@ use crate::observed::{AppliedDatabase, NodeState, Observed, ObservedDatabase, he
 use crate::scheduler::{Condition, Resources};
 use crate::{DatabaseChange, DatabasePlan, DatabaseTask, Warning, WarningKind};
 
-/// The first port a node's databases listen on; each further one takes the next free port.
+/// The first port databases listen on; each further one takes the next port no database uses.
 pub const FIRST_PORT: u16 = 15432;
 
 /// What the planner knows of a node for databases.
@@ -45,8 +45,11 @@ pub(crate) fn place(
             .map(Resources::of_plan)
             .unwrap_or_default()
     };
-    // Ports and resources taken by the databases that stay where they are.
-    let mut ports: BTreeMap<Name, BTreeSet<u16>> = BTreeMap::new();
+    // Ports taken anywhere: a new or moved database gets one no database uses on any node, so
+    // nodes sharing a host (`cairn dev`, a test) never collide, nor a move with the instance it
+    // leaves behind. Resources: those of the databases that stay where they are.
+    let mut ports: BTreeSet<u16> = obs.databases.values().map(|o| o.port).collect();
+    ports.extend(obs.database_ports.iter().copied());
     let mut used: BTreeMap<Name, Resources> = app_use.clone();
     let mut out = Vec::new();
     let mut unplaced: Vec<(&Name, &AppliedDatabase)> = Vec::new();
@@ -59,7 +62,6 @@ pub(crate) fn place(
             unplaced.push((name, spec));
             continue;
         }
-        ports.entry(o.node.clone()).or_default().insert(o.port);
         add(&mut used, &o.node, &need(spec));
         let change = match nodes.get(&o.node) {
             None => DatabaseChange::Unavailable {
@@ -108,7 +110,7 @@ pub(crate) fn place(
         };
         match chosen {
             Ok(node) => {
-                let port = free_port(ports.entry(node.clone()).or_default());
+                let port = free_port(&mut ports);
                 add(&mut used, &node, &need);
                 let change = match o {
                     Some(o) => {

@@ -111,6 +111,10 @@ pub struct Observed {
     /// Managed databases: the applied spec and where each one lives (`databases`).
     #[serde(default)]
     pub databases: BTreeMap<Name, ObservedDatabase>,
+    /// The ports of every database server instance not dropped, on any node (a swap keeps the
+    /// original beside the restored one): a new or moved database takes none of them.
+    #[serde(default)]
+    pub database_ports: std::collections::BTreeSet<u16>,
 }
 
 /// A managed database as applied and placed. Its placement is sticky: the planner keeps it where it

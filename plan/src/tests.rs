@@ -1149,7 +1149,12 @@ fn the_example_repository_plans_from_scratch() {
     assert_eq!(p.ingress.new_hosts.len(), d.apps.len());
     assert_eq!(
         p.counts().0,
-        d.plans.len() + d.runtimes.len() + d.nodes.len() + d.apps.len() + d.notify.len()
+        d.plans.len()
+            + d.runtimes.len()
+            + d.nodes.len()
+            + d.apps.len()
+            + d.notify.len()
+            + d.databases.len()
     );
     let o2 = next_observed(&i, &p).unwrap();
     assert!(plan(&input(Some((&c, &d)), Some(&fps), &o2)).is_empty());

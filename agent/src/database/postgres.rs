@@ -119,13 +119,21 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
     .await?;
     let user = ident(&app.user)?;
     let db = ident(&app.database)?;
+    // A rotation may bring a new login: it inherits every earlier login (so it reaches the tables
+    // they own), and they stop logging in (the old password is refused from now on; sessions already
+    // open end with the replicas that hold them, which the rotation's release replaces).
     let sql = format!(
         "SELECT format('CREATE ROLE %I LOGIN', {u}) WHERE NOT EXISTS \
            (SELECT FROM pg_roles WHERE rolname = {u})\\gexec\n\
          ALTER ROLE {user} WITH LOGIN NOSUPERUSER PASSWORD {pw};\n\
          SELECT format('CREATE DATABASE %I OWNER %I', {d}, {u}) WHERE NOT EXISTS \
            (SELECT FROM pg_database WHERE datname = {d})\\gexec\n\
-         ALTER DATABASE {db} OWNER TO {user};\n",
+         ALTER DATABASE {db} OWNER TO {user};\n\
+         SELECT format('GRANT %I TO %I', rolname, {u}) FROM pg_roles \
+           WHERE rolname <> {u} AND NOT rolsuper AND rolname !~ '^pg_' \
+             AND NOT pg_has_role(rolname, {u}, 'MEMBER') AND NOT pg_has_role({u}, rolname, 'MEMBER')\\gexec\n\
+         SELECT format('ALTER ROLE %I NOLOGIN', rolname) FROM pg_roles \
+           WHERE rolname <> {u} AND NOT rolsuper AND rolname !~ '^pg_' AND rolcanlogin\\gexec\n",
         u = sql_literal(&app.user)?,
         d = sql_literal(&app.database)?,
         pw = sql_literal(password(app)?)?,

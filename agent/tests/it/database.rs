@@ -669,6 +669,33 @@ async fn postgres_rotation_restart_and_adoption() {
     rotation_restart_and_adoption(Engine::Postgres).await;
 }
 
+/// The control plane rotates to a new login (old and new coexist while the apps redeploy): the new
+/// one reads the tables the old one made, and the old one no longer logs in.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_rotation_to_a_new_login_inherits_the_tables_and_retires_the_old() {
+    let test = cairn_testkit::current_test();
+    if !has_binaries(&test, Engine::Postgres) {
+        return;
+    }
+    let root = scratch();
+    let d = db(Engine::Postgres, root.path(), "main");
+    let old = login_for(Engine::Postgres, &canary("old"));
+    database::ensure(&d.inst, &old).await.unwrap();
+    write_data(&d.inst, &old);
+    let mut new = login_for(Engine::Postgres, &canary("new"));
+    new.user = format!("{}2", old.user);
+    database::ensure(&d.inst, &new).await.unwrap();
+    let read = client(&d.inst, &new, read_probe(Engine::Postgres))
+        .expect("the new login reads the old login's table");
+    assert_eq!(read.trim(), "1000", "{read}");
+    let refused = client(&d.inst, &old, read_probe(Engine::Postgres)).unwrap_err();
+    assert!(refused.contains("not permitted to log in"), "{refused}");
+    // Ensured again (a repeated task): nothing changes.
+    database::ensure(&d.inst, &new).await.unwrap();
+    client(&d.inst, &new, read_probe(Engine::Postgres)).expect("still");
+    database::destroy(&d.inst).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn redis_rotation_restart_and_adoption() {
     rotation_restart_and_adoption(Engine::Redis).await;

@@ -166,6 +166,21 @@ pub async fn upsert_instance(
     Ok(())
 }
 
+/// The ports of every instance not dropped, on any node.
+pub async fn instance_ports(
+    conn: &mut PgConnection,
+) -> Result<std::collections::BTreeSet<u16>, StoreError> {
+    let ports: Vec<i32> =
+        sqlx::query_scalar("SELECT DISTINCT port FROM database_instances WHERE state <> 'dropped'")
+            .fetch_all(conn)
+            .await
+            .op("read the database ports in use")?;
+    Ok(ports
+        .into_iter()
+        .filter_map(|p| u16::try_from(p).ok())
+        .collect())
+}
+
 /// The database a login uses: the database's name (PostgreSQL and MariaDB), `0` for Redis.
 pub fn login_db(engine: cairn_schema::database::Engine, database: &Name) -> String {
     match engine {

@@ -709,6 +709,7 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
     }
 
     observed.databases = super::databases::load(&mut *conn).await?;
+    observed.database_ports = super::databases::instance_ports(&mut *conn).await?;
     for r in sqlx::query("SELECT name, spec FROM notify_sinks")
         .fetch_all(&mut *conn)
         .await

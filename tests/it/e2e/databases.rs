@@ -81,6 +81,13 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     let Some(mut e) = E2e::new(TEST, &[Driver::Process]).await else {
         return;
     };
+    // The engine's account reaches its instance (under `<data-dir>-databases`) through the scratch
+    // directory, as it would through /var/lib.
+    std::fs::set_permissions(
+        e.scratch.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
     let backups = e.scratch.path().join("backups");
     std::fs::create_dir_all(&backups).unwrap();
     std::fs::set_permissions(
@@ -194,6 +201,9 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
         (release_count(&plane, &app.name).await > before).then_some(())
     })
     .await;
+    // Counted by the new release's replica, not the one it replaces.
+    let newest = release_count(&plane, &app.name).await;
+    plane.wait_release(&app.name, newest, "live", WAIT).await;
     wait_for(
         "the app on the restored instance counts 1000",
         WAIT,
@@ -213,6 +223,9 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
         (release_count(&plane, &app.name).await > before).then_some(())
     })
     .await;
+    // Counted by the new release's replica, not the one it replaces.
+    let newest = release_count(&plane, &app.name).await;
+    plane.wait_release(&app.name, newest, "live", WAIT).await;
     wait_for("the app works after the rotation", WAIT, || async {
         (count(n2.proxy).await.as_deref() == Some("1000")).then_some(())
     })
