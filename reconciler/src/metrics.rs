@@ -403,7 +403,7 @@ impl Metrics {
     }
 
     /// The database hosts and which of them is the primary in use (`store::failover`).
-    pub fn database_primary(&self, hosts: &[String], primary: Option<usize>) {
+    fn database_primary(&self, hosts: &[String], primary: Option<usize>) {
         for (i, host) in hosts.iter().enumerate() {
             self.database_primary
                 .get_or_create(&vec![("host".to_owned(), host.clone())])
@@ -411,9 +411,16 @@ impl Metrics {
         }
     }
 
-    /// The control plane moved to another primary.
-    pub fn database_failover(&self) {
-        self.database_failovers.inc();
+    /// The primary and the moves to another as `store::failover` last saw them.
+    fn show_failover(&self) {
+        let (hosts, failovers) = crate::store::failover::seen();
+        if let Some((names, primary)) = hosts {
+            self.database_primary(&names, primary);
+        }
+        let counted = self.database_failovers.get();
+        if failovers > counted {
+            self.database_failovers.inc_by(failovers - counted);
+        }
     }
 
     /// A reconcile ended.
@@ -524,6 +531,7 @@ impl Metrics {
             self.soonest_expiry.clear();
         }
         self.database_up.set(i64::from(read));
+        self.show_failover();
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("encoding into a String cannot fail");
         out

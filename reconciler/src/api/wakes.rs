@@ -12,10 +12,7 @@ use std::sync::Mutex;
 
 use tokio::sync::watch;
 
-/// The channel replica output is announced on; the payload is the app.
-pub const REPLICA_OUTPUT: &str = "cairn_replica_output";
-/// The channel build output is announced on; the payload is the app.
-pub const BUILD_OUTPUT: &str = "cairn_build_output";
+pub use crate::store::listen::{BUILD_OUTPUT, REPLICA_OUTPUT};
 
 /// One kind of output's followers, by app.
 #[derive(Debug, Default)]

@@ -574,7 +574,7 @@ pub(super) async fn append_logs(
     if stored > 0 {
         // Followers on other control planes (`api::wakes`): the app, never a line.
         sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(crate::api::wakes::BUILD_OUTPUT)
+            .bind(crate::store::listen::BUILD_OUTPUT)
             .bind(&app)
             .execute(&mut *tx)
             .await

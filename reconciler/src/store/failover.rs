@@ -281,7 +281,7 @@ impl Database {
                     "database primary"
                 );
                 if before.is_some_and(|b| b != i) {
-                    crate::metrics::global().database_failover();
+                    FAILOVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             None => tracing::warn!(
@@ -289,13 +289,13 @@ impl Database {
                 "no writable database primary; the control plane waits for one"
             ),
         }
-        crate::metrics::global().database_primary(&self.inner.names, chosen);
+        show(&self.inner.names, chosen);
     }
 
     /// Follows the primary until `shutdown`: checks it every `check` (and when [`suspect`] is called),
     /// probes every host while none is writable. Returns at once with one host.
     pub async fn watch(&self, check: Duration, shutdown: &Shutdown) {
-        crate::metrics::global().database_primary(&self.inner.names, self.state().primary);
+        show(&self.inner.names, self.state().primary);
         if self.single() {
             return;
         }
@@ -417,6 +417,27 @@ fn split_hosts(url: &str) -> Result<Vec<PgConnectOptions>, sqlx::Error> {
             one(&format!("{scheme}://{userinfo}{}{tail}", host.trim()))
         })
         .collect()
+}
+
+
+/// The hosts and the primary in use, as last chosen, for the metrics (read at each scrape by
+/// [`seen`], so this module needs nothing of theirs).
+static SHOWN: std::sync::Mutex<Option<(Vec<String>, Option<usize>)>> = std::sync::Mutex::new(None);
+/// How many times this process moved to another primary.
+static FAILOVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn show(names: &[String], primary: Option<usize>) {
+    *SHOWN.lock().unwrap_or_else(|e| e.into_inner()) = Some((names.to_vec(), primary));
+}
+
+/// The database hosts with the index of the primary in use (once a [`Database`] chose), and how many
+/// times this process moved to another primary: `cairn_database_primary` and
+/// `cairn_database_failovers_total`.
+pub fn seen() -> (Option<(Vec<String>, Option<usize>)>, u64) {
+    (
+        SHOWN.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        FAILOVERS.load(std::sync::atomic::Ordering::Relaxed),
+    )
 }
 
 #[cfg(test)]

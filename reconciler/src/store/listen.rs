@@ -12,6 +12,11 @@ use sqlx::postgres::PgListener;
 
 use crate::worker::Shutdown;
 
+/// The channel replica output is announced on (`store::releases`); the payload is the app.
+pub const REPLICA_OUTPUT: &str = "cairn_replica_output";
+/// The channel build output is announced on (`queue::sql`); the payload is the app.
+pub const BUILD_OUTPUT: &str = "cairn_build_output";
+
 /// What [`forward`] heard.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Heard<'a> {

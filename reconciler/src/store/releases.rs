@@ -523,7 +523,7 @@ pub async fn append_replica_logs_in(
     if done.rows_affected() > 0 {
         // Followers on other control planes (`api::wakes`): each app once, never a line.
         sqlx::query("SELECT pg_notify($1, a) FROM unnest($2::text[]) a")
-            .bind(crate::api::wakes::REPLICA_OUTPUT)
+            .bind(super::listen::REPLICA_OUTPUT)
             .bind(&locked)
             .execute(&mut *conn)
             .await
