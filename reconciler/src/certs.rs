@@ -1410,7 +1410,8 @@ impl ProbeOverrides {
 }
 
 /// The issuance loop of `cairn serve`: it follows the settings of the applied `[tls]` (`settings`, set by
-/// the controller after each apply; `None`: no `[tls]`, nothing is ordered) and is woken by `wake`.
+/// the controller after each apply; `None`: no `[tls]`, nothing is ordered) and is woken by `wake` and
+/// by [`store::DUE`] (an operator's renewal on any replica).
 pub async fn serve_loop(
     pool: PgPool,
     identity: Option<Arc<Identity>>,
@@ -1426,6 +1427,20 @@ pub async fn serve_loop(
         );
         return;
     };
+    // An operator's renewal through any replica wakes this loop (the leader's has the settings).
+    tokio::spawn({
+        let (pool, wake, stop) = (pool.clone(), wake.clone(), shutdown.clone());
+        async move {
+            crate::store::listen::forward(
+                pool,
+                store::DUE,
+                "certificates made due",
+                |_| wake.notify_one(),
+                &stop,
+            )
+            .await
+        }
+    });
     let passes = Following {
         pool,
         identity,

@@ -753,7 +753,15 @@ impl Controller {
         drop(last);
         hook.wake.notify_one();
         if let Some(routes) = &self.routes {
-            routes.set_own_certificates(own_certificates(desired, snap));
+            let fence = self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let own = own_certificates(desired, snap);
+            let commit = snap.commit.as_deref().unwrap_or_default();
+            if let Err(e) = routes
+                .set_own_certificates(&self.pool, fence.as_ref(), commit, own)
+                .await
+            {
+                tracing::warn!(error = %error_chain(&e), "cannot store the apps' own certificates; the ingress nodes keep the last stored");
+            }
         }
     }
 

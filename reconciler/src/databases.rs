@@ -298,6 +298,95 @@ pub async fn run_due(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, DbOpErr
     Ok(queued)
 }
 
+/// Whether a database backed up on `schedule` is overdue at `now`: no good backup within two of its
+/// schedule's intervals, counted from the last good one (`last_good`), or while none succeeded from
+/// when the schedule was declared (`since`).
+pub fn backup_overdue(
+    schedule: &str,
+    last_good: Option<DateTime<Utc>>,
+    since: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> bool {
+    let Ok(cron) = cairn_schema::cron::Cron::parse(schedule) else {
+        return false;
+    };
+    let interval = cron
+        .interval_upper_bound(now.timestamp())
+        .unwrap_or(i64::MAX / 4);
+    last_good
+        .or(since)
+        .is_some_and(|t| (now - t).num_seconds() > 2 * interval)
+}
+
+/// Records a `database.backup_overdue` event for each scheduled database whose backups are overdue at
+/// `now` ([`backup_overdue`]), once per recovery point: the check and the event share a transaction
+/// with the mark, so several control planes announce it once. How many were announced.
+pub async fn announce_overdue(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, StoreError> {
+    let op = "read the backup schedules";
+    let rows = sqlx::query(
+        "SELECT s.database, s.schedule, s.since, s.overdue_announced, d.node,
+                (SELECT max(b.finished_at) FROM database_backups b
+                  WHERE b.database = s.database AND b.state = 'ok') AS last_good
+           FROM database_schedules s JOIN databases d ON d.name = s.database",
+    )
+    .fetch_all(pool)
+    .await
+    .op(op)?;
+    let mut announced = 0;
+    for r in rows {
+        let db: String = r.try_get("database").op(op)?;
+        let schedule: String = r.try_get("schedule").op(op)?;
+        let since: DateTime<Utc> = r.try_get("since").op(op)?;
+        let last: Option<String> = r.try_get("overdue_announced").op(op)?;
+        let node: String = r.try_get("node").op(op)?;
+        let last_good: Option<DateTime<Utc>> = r.try_get("last_good").op(op)?;
+        let (Ok(database), Ok(node)) = (Name::new(&db), Name::new(&node)) else {
+            continue;
+        };
+        if !backup_overdue(&schedule, last_good, Some(since), now) {
+            continue;
+        }
+        let point = last_good.map_or_else(String::new, |t| t.to_rfc3339());
+        if last.as_deref() == Some(point.as_str()) {
+            continue;
+        }
+        let mut tx = pool.begin().await.op("announce an overdue backup")?;
+        let marked = sqlx::query(
+            "UPDATE database_schedules SET overdue_announced = $2
+              WHERE database = $1 AND overdue_announced IS DISTINCT FROM $2",
+        )
+        .bind(&db)
+        .bind(&point)
+        .execute(&mut *tx)
+        .await
+        .op("announce an overdue backup")?
+        .rows_affected();
+        if marked == 0 {
+            continue;
+        }
+        let recovery = last_good.map_or_else(
+            || "it has no good backup yet".to_owned(),
+            |t| format!("its recovery point is {}", t.format("%Y-%m-%d %H:%M UTC")),
+        );
+        let e = crate::events::NewEvent::new(
+            crate::events::EventKind::DatabaseBackupOverdue,
+            format!(
+                "database {database} has had no good backup within two intervals of its schedule \
+                 `{schedule}`: {recovery}"
+            ),
+        )
+        .node(&node)
+        .detail(serde_json::json!({
+            "database": database.as_str(),
+            "recovery_point": last_good,
+        }));
+        crate::events::record(&mut tx, &[e]).await?;
+        tx.commit().await.op("announce an overdue backup")?;
+        announced += 1;
+    }
+    Ok(announced)
+}
+
 /// What `cairn status` and the dashboard show red about databases.
 pub fn warnings(dbs: &[crate::api::databases::DatabaseInfo]) -> Vec<String> {
     let point = |d: &crate::api::databases::DatabaseInfo| {
@@ -341,9 +430,14 @@ pub async fn backup_loop(
     crate::worker::Worker::new("cannot queue scheduled backups", period)
         .failures_as_warnings()
         .run(shutdown, |_| async {
-            let n = run_due(&pool, Utc::now()).await?;
+            let now = Utc::now();
+            let n = run_due(&pool, now).await?;
             if n > 0 {
                 tracing::info!(backups = n, "scheduled backups queued");
+            }
+            let late = announce_overdue(&pool, now).await?;
+            if late > 0 {
+                tracing::warn!(databases = late, "database backups overdue");
             }
             Ok::<_, DbOpError>(None)
         })

@@ -46,10 +46,13 @@ pub enum EventKind {
     DriftRepaired,
     /// A database backup failed for good (its attempts used up, or retrying cannot help).
     DatabaseBackupFailed,
+    /// A database's backups are overdue: none good within two of its schedule's intervals (once per
+    /// recovery point).
+    DatabaseBackupOverdue,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 13] = [
+    pub const ALL: [EventKind; 14] = [
         EventKind::DeployStarted,
         EventKind::DeploySucceeded,
         EventKind::DeployFailed,
@@ -63,6 +66,7 @@ impl EventKind {
         EventKind::CertificateExpiring,
         EventKind::DriftRepaired,
         EventKind::DatabaseBackupFailed,
+        EventKind::DatabaseBackupOverdue,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -80,6 +84,7 @@ impl EventKind {
             EventKind::CertificateExpiring => "certificate.expiring",
             EventKind::DriftRepaired => "drift.repaired",
             EventKind::DatabaseBackupFailed => "database.backup_failed",
+            EventKind::DatabaseBackupOverdue => "database.backup_overdue",
         }
     }
 
@@ -94,7 +99,8 @@ impl EventKind {
             | EventKind::ApplyFailed
             | EventKind::NodeOffline
             | EventKind::CertificateFailed
-            | EventKind::DatabaseBackupFailed => Severity::Error,
+            | EventKind::DatabaseBackupFailed
+            | EventKind::DatabaseBackupOverdue => Severity::Error,
             EventKind::ReplicaUnplaceable
             | EventKind::NodeFlapping
             | EventKind::CertificateExpiring => Severity::Warning,

@@ -36,12 +36,15 @@ use crate::worker::{Shutdown, Worker};
 pub struct Routes {
     tx: Arc<watch::Sender<Arc<RouteTable>>>,
     tls: Arc<watch::Sender<Arc<TlsSource>>>,
-    /// The ACME HTTP-01 answers every ingress node serves (the certificate worker fills it).
+    /// The ACME answers this replica's certificate worker puts up (HTTP-01 and TLS-ALPN-01);
+    /// [`refresh_loop`] stores them for every replica's agents ([`crate::store::tls`]).
     pub challenges: crate::certs::Challenges,
-    /// The applied apps' own certificates (`tls = { cert, key }`), set after each apply; `None` until
-    /// the first one since this process started, and until then no TLS table is handed out (it would
-    /// lack them, and an agent installs a table whole: it would stop serving them).
-    own: Arc<std::sync::Mutex<Option<Vec<HeldCertificate>>>>,
+    /// Whose answers in the store are this process's.
+    replica: uuid::Uuid,
+    /// Whether the applied apps' own certificates (`tls = { cert, key }`) were ever stored (as of the last
+    /// refresh): until then no TLS table is handed out (it would lack them, and an agent installs a
+    /// table whole: it would stop serving them).
+    own_known: Arc<std::sync::atomic::AtomicBool>,
     dirty: Arc<Notify>,
     /// Wakes the certificate loop (`cairn serve` hands it to [`crate::certs::serve_loop`]): after an
     /// apply, and when a node comes online ([`crate::certs::node_online`]).
@@ -134,7 +137,8 @@ impl Default for Routes {
                 Vec::new(),
             )))),
             challenges: crate::certs::Challenges::new(),
-            own: Arc::default(),
+            replica: uuid::Uuid::new_v4(),
+            own_known: Arc::default(),
             dirty: Arc::new(Notify::new()),
             certs_wake: Arc::new(Notify::new()),
         }
@@ -142,25 +146,24 @@ impl Default for Routes {
 }
 
 impl Routes {
-    /// Sets the applied apps' own certificates and asks for a refresh.
-    pub fn set_own_certificates(&self, own: Vec<HeldCertificate>) {
-        let first = self
-            .own
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .replace(own)
-            .is_none();
-        if first {
-            // The TLS table may be handed out from now on: wake the long-polls that waited without it
-            // (its generation may not change, so a publish would not).
-            self.tls.send_modify(|_| {});
+    /// Stores the applied apps' own certificates of `commit` for every replica (in a leader's term,
+    /// fenced) and asks for a refresh when they changed.
+    pub async fn set_own_certificates(
+        &self,
+        pool: &PgPool,
+        fence: Option<&crate::store::lease::Fence>,
+        commit: &str,
+        own: Vec<HeldCertificate>,
+    ) -> Result<(), StoreError> {
+        if crate::store::tls::put_own(pool, fence, commit, &own).await? {
+            self.poke();
         }
-        self.poke();
+        Ok(())
     }
 
     /// Whether the TLS table is whole (the own certificates are known): only then is it handed out.
     pub fn tls_ready(&self) -> bool {
-        self.own.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.own_known.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Asks [`refresh_loop`] for a new table soon (what it is computed from may have changed).
@@ -194,7 +197,7 @@ impl Routes {
         self.tx.borrow().clone()
     }
 
-    /// Recomputes the route table and the TLS source from the store (and the challenges in flight) and
+    /// Recomputes the route table and the TLS source from the store (the ACME answers in flight included) and
     /// publishes what changed; says whether the route table did.
     pub async fn refresh(&self, pool: &PgPool) -> Result<bool, StoreError> {
         let rows = {
@@ -205,13 +208,20 @@ impl Routes {
             crate::store::routes::rows(&mut conn).await?
         };
         let served = crate::store::certs::served(pool).await?;
-        let own = self
-            .own
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .unwrap_or_default();
-        self.publish_tls(tls_source(&rows, &served, &own, &self.challenges.current()));
+        let own = crate::store::tls::own(pool).await?;
+        let answers = crate::store::tls::answers(pool).await?;
+        let known = own.is_some();
+        self.publish_tls(tls_source(
+            &rows,
+            &served,
+            &own.unwrap_or_default(),
+            &answers,
+        ));
+        if known && !self.own_known.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            // The TLS table may be handed out from now on: wake the long-polls that waited without it
+            // (its generation may not change, so a publish would not).
+            self.tls.send_modify(|_| {});
+        }
         // Building and digesting the table is synchronous work that grows with the installation.
         Ok(self.publish(crate::worker::off_the_workers(|| table(&rows))))
     }
@@ -367,24 +377,27 @@ pub fn tls_source(
 /// `Strict-Transport-Security: max-age` when `[tls] hsts = true`: one year.
 pub const HSTS_MAX_AGE: u64 = 365 * 24 * 3600;
 
-/// Keeps `routes` current until `shutdown`: a refresh when poked (a challenge added or withdrawn pokes
-/// too, so every ingress node answers it within a long-poll round trip), and every `period`.
+/// Keeps `routes` current until `shutdown`: a refresh when poked, when any replica stored ACME answers or
+/// own certificates ([`crate::store::tls::CHANGED`]), and every `period`; and stores this replica's ACME
+/// answers whenever its certificate worker changes them, so every ingress node answers them within a
+/// long-poll round trip whichever replica its agent polls.
 pub async fn refresh_loop(pool: PgPool, routes: Routes, period: Duration, shutdown: &Shutdown) {
     let wake = routes.dirty.clone();
     tokio::spawn({
-        let (mut changes, wake, stop) = (
-            routes.challenges.subscribe(),
-            wake.clone(),
-            shutdown.clone(),
-        );
+        let (pool, routes, stop) = (pool.clone(), routes.clone(), shutdown.clone());
+        async move { store_answers(pool, routes, &stop).await }
+    });
+    tokio::spawn({
+        let (pool, wake, stop) = (pool.clone(), wake.clone(), shutdown.clone());
         async move {
-            loop {
-                tokio::select! {
-                    r = changes.changed() => if r.is_err() { return },
-                    () = stop.wait() => return,
-                }
-                wake.notify_one();
-            }
+            crate::store::listen::forward(
+                pool,
+                crate::store::tls::CHANGED,
+                "TLS table changes",
+                |_| wake.notify_one(),
+                &stop,
+            )
+            .await
         }
     });
     Worker::new("refreshing the route table", period)
@@ -402,6 +415,41 @@ pub async fn refresh_loop(pool: PgPool, routes: Routes, period: Duration, shutdo
             }
         })
         .await
+}
+
+/// Stores this replica's ACME answers after each change of them (again after a failure, every half
+/// second) until `shutdown`, then withdraws them.
+async fn store_answers(pool: PgPool, routes: Routes, shutdown: &Shutdown) {
+    let mut changes = routes.challenges.subscribe();
+    changes.mark_unchanged();
+    let mut dirty = false;
+    loop {
+        if dirty {
+            let set = routes.challenges.current();
+            match crate::store::tls::put_answers(&pool, routes.replica, &set).await {
+                Ok(()) => {
+                    dirty = false;
+                    routes.poke();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %cairn_schema::error::chain(&e), "cannot store the ACME answers; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        () = shutdown.wait() => return,
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            () = shutdown.wait() => break,
+        }
+        dirty = true;
+    }
+    let none = crate::certs::ChallengeSet::default();
+    if let Err(e) = crate::store::tls::put_answers(&pool, routes.replica, &none).await {
+        tracing::debug!(error = %cairn_schema::error::chain(&e), "cannot withdraw the ACME answers at shutdown; they age out");
+    }
 }
 
 /// The key that authenticates the internal hop between node proxies: 32 bytes, shown as 64 hex digits

@@ -465,6 +465,7 @@ pub const EVENT_KINDS: [&str; 13] = [
     "certificate.expiring",
     "drift.repaired",
     "database.backup_failed",
+    "database.backup_overdue",
 ];
 
 /// Where a notification sink sends events.

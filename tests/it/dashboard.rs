@@ -30,8 +30,13 @@ fn token(plane: &Plane, name: &str, role: &str) -> String {
 
 /// Signs in with `token`; returns the `Cookie` header value of the session.
 async fn sign_in(plane: &Plane, token: &str) -> String {
+    sign_in_at(&plane.url, token).await
+}
+
+/// [`sign_in`] to the dashboard of the control plane at `url`.
+pub(crate) async fn sign_in_at(url: &str, token: &str) -> String {
     let resp = client()
-        .post(format!("{}/ui/login", plane.url))
+        .post(format!("{url}/ui/login"))
         .form(&[("token", token)])
         .send()
         .await
@@ -50,7 +55,15 @@ async fn sign_in(plane: &Plane, token: &str) -> String {
 }
 
 async fn get(plane: &Plane, path: &str, cookie: Option<&str>) -> (u16, HeaderMap, String) {
-    let mut req = client().get(format!("{}{path}", plane.url));
+    get_at(&plane.url, path, cookie).await
+}
+
+pub(crate) async fn get_at(
+    url: &str,
+    path: &str,
+    cookie: Option<&str>,
+) -> (u16, HeaderMap, String) {
+    let mut req = client().get(format!("{url}{path}"));
     if let Some(c) = cookie {
         req = req.header("cookie", c);
     }
@@ -65,8 +78,18 @@ async fn post_form(
     cookie: &str,
     form: &[(&str, &str)],
 ) -> (u16, String) {
+    post_form_at(&plane.url, path, cookie, form).await
+}
+
+/// A form POSTed to the control plane at `url`: the status and the redirect's target, else the body.
+pub(crate) async fn post_form_at(
+    url: &str,
+    path: &str,
+    cookie: &str,
+    form: &[(&str, &str)],
+) -> (u16, String) {
     let resp = client()
-        .post(format!("{}{path}", plane.url))
+        .post(format!("{url}{path}"))
         .header("cookie", cookie)
         .form(form)
         .send()
@@ -81,7 +104,7 @@ async fn post_form(
 }
 
 /// The hidden CSRF field of a page.
-fn csrf(page: &str) -> String {
+pub(crate) fn csrf(page: &str) -> String {
     let at = page
         .find(r#"name="csrf" value=""#)
         .unwrap_or_else(|| panic!("no CSRF field in {page}"));
@@ -540,4 +563,206 @@ async fn live_output_streams_resume_without_duplicates_or_losses() {
     );
     let (s, _, _) = get(&plane, &format!("{path}/stream?after=1.x"), Some(&vc)).await;
     assert_eq!(s, 400);
+}
+
+/// A receiver of one kind of request on 127.0.0.1: answers each `200 received` and hands over what it got.
+async fn receiver() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                // The head, then as many body bytes as it announces.
+                loop {
+                    let Ok(n) = conn.read(&mut buf).await else { return };
+                    if n == 0 {
+                        return;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got).into_owned();
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if got.len() >= end + 4 + len {
+                            let _ = tx.send(text);
+                            let _ = conn
+                                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\nconnection: close\r\n\r\nreceived")
+                                .await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, rx)
+}
+
+/// The actions on what is not an app: a database's backup now (on the databases page and the app's
+/// page, which shows its attached databases), a sink's test message (on the deliveries page, with the
+/// receiver's answer and never the sink's URL), an app's certificate renewal (a clear 409 without a
+/// certificate to renew). A viewer sees none of the buttons and a forged POST changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databases_sinks_and_certificates_are_acted_on_from_the_pages() {
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    let (port, mut received) = receiver().await;
+    let canary = format!("cairn-canary-{:016x}", crate::agents::rand_u64());
+    let url = format!("http://127.0.0.1:{port}/hooks/{canary}");
+    let backups = scratch.path().join("backups");
+    repo.node("a", "");
+    repo.write(
+        "app-web.toml",
+        &format!(
+            "[app.web]\nplan = \"small\"\nruntime = \"web\"\nreplicas = 1\n\
+             databases = {{ main = \"DATABASE_URL\" }}\n\n\
+             [app.web.source]\nurl = \"https://example.com/acme/web.git\"\nrev = \"{}\"\n\n\
+             [database.main]\nengine = \"postgres\"\nversion = \"15\"\nplan = \"small\"\nnode = \"a\"\n\
+             backup = {{ schedule = \"0 3 * * *\", keep = 5, to = \"dir:{}\" }}\n",
+            crate::agents::support::COMMIT,
+            backups.display()
+        ),
+    );
+    repo.write(
+        "notify.toml",
+        &format!(
+            "[notify.ops]\nkind = \"webhook\"\nevents = [\"certificate.expiring\"]\n{}{}",
+            crate::agents::support::secret_line("url", &url, &identity.recipient()),
+            crate::agents::support::secret_line(
+                "signing_secret",
+                "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo=",
+                &identity.recipient()
+            )
+        ),
+    );
+    let plane = Plane::start(
+        db,
+        repo,
+        scratch,
+        identity,
+        &fast_with("--node-offline-after", "120s"),
+    )
+    .await;
+    plane.wait_generation(1).await;
+    let viewer = token(&plane, "watcher", "viewer");
+    let operator = token(&plane, "ops", "operator");
+    let backups_queued = || async {
+        plane
+            .rows("SELECT count(*) AS n FROM database_backups WHERE trigger = 'manual'")
+            .await[0]["n"]
+            .as_i64()
+            .unwrap()
+    };
+
+    // A viewer reads the databases, the app's attached ones and the sinks, and has no button.
+    let vc = sign_in(&plane, &viewer).await;
+    let (s, _, page) = get(&plane, "/ui/databases", Some(&vc)).await;
+    assert_eq!(s, 200, "{page}");
+    assert!(page.contains(r#"<tr data-database="main">"#), "{page}");
+    assert!(page.contains("postgres 15") && page.contains("never"), "{page}");
+    let (_, _, app) = get(&plane, "/ui/apps/web", Some(&vc)).await;
+    assert!(
+        app.contains(r#"id="app-databases""#) && app.contains("<code>DATABASE_URL</code>"),
+        "{app}"
+    );
+    let (_, _, deliveries) = get(&plane, "/ui/deliveries", Some(&vc)).await;
+    assert!(deliveries.contains("<code>ops</code>"), "{deliveries}");
+    for page in [&page, &app, &deliveries] {
+        assert!(!page.contains("/actions/") && !page.contains("/test\""), "{page}");
+        assert!(!page.contains(&canary), "a sink's URL is never shown");
+    }
+    let vcsrf = csrf(&page);
+    for path in ["/ui/databases/main/actions/backup", "/ui/sinks/ops/test"] {
+        let (s, _, _) = get(&plane, path, Some(&vc)).await;
+        assert_eq!(s, 403, "{path}");
+        let (s, body) = post_form(&plane, path, &vc, &[("csrf", &vcsrf)]).await;
+        assert_eq!(s, 403, "{path}: {body}");
+    }
+    assert_eq!(backups_queued().await, 0);
+    assert!(received.try_recv().is_err(), "a viewer's POST sent nothing");
+
+    // An operator backs the database up from the app's page: confirm, then POST.
+    let oc = sign_in(&plane, &operator).await;
+    let (_, _, app) = get(&plane, "/ui/apps/web", Some(&oc)).await;
+    assert!(
+        app.contains(r#"href="/ui/databases/main/actions/backup""#),
+        "{app}"
+    );
+    let (s, _, confirm) = get(&plane, "/ui/databases/main/actions/backup", Some(&oc)).await;
+    assert_eq!(s, 200, "{confirm}");
+    assert!(confirm.contains("Back main up now?"), "{confirm}");
+    let token = csrf(&confirm);
+    let (s, _) = post_form(
+        &plane,
+        "/ui/databases/main/actions/backup",
+        &oc,
+        &[("csrf", &vcsrf)],
+    )
+    .await;
+    assert_eq!(s, 403, "another session's CSRF token");
+    assert_eq!(backups_queued().await, 0);
+    let (s, to) = post_form(
+        &plane,
+        "/ui/databases/main/actions/backup",
+        &oc,
+        &[("csrf", &token)],
+    )
+    .await;
+    assert_eq!((s, to.as_str()), (303, "/ui/databases?done=backup"));
+    assert_eq!(backups_queued().await, 1);
+    let (_, _, page) = get(&plane, &to, Some(&oc)).await;
+    assert!(page.contains("Backup queued"), "{page}");
+    for (path, status) in [
+        ("/ui/databases/main/actions/drop", 404),
+        ("/ui/databases/nope/actions/backup", 404),
+        ("/ui/databases/Bad%20Name/actions/backup", 400),
+    ] {
+        let (s, body) = post_form(&plane, path, &oc, &[("csrf", &token)]).await;
+        assert_eq!(s, status, "{path}: {body}");
+    }
+    assert_eq!(backups_queued().await, 1);
+
+    // A test message to the sink: the receiver gets it, the page shows its answer, not the URL.
+    let (_, _, deliveries) = get(&plane, "/ui/deliveries", Some(&oc)).await;
+    assert!(
+        deliveries.contains(r#"href="/ui/sinks/ops/test""#),
+        "{deliveries}"
+    );
+    let (s, tested) = post_form(&plane, "/ui/sinks/ops/test", &oc, &[("csrf", &token)]).await;
+    assert_eq!(s, 200, "{tested}");
+    assert!(
+        tested.contains("HTTP 200") && tested.contains("received"),
+        "{tested}"
+    );
+    assert!(!tested.contains(&canary), "{tested}");
+    let got = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let got = received.recv().await.unwrap();
+            if got.contains("notify.test") {
+                return got;
+            }
+        }
+    })
+    .await
+    .expect("the receiver got the test in time");
+    assert!(got.starts_with(&format!("POST /hooks/{canary}")), "{got}");
+    let (s, _) = post_form(&plane, "/ui/sinks/nope/test", &oc, &[("csrf", &token)]).await;
+    assert_eq!(s, 404);
+
+    // Renewing without a certificate from the CA is a clear conflict, not a crash.
+    let (s, body) = post_form(&plane, "/ui/apps/web/actions/renew", &oc, &[("csrf", &token)]).await;
+    assert_eq!(s, 409, "{body}");
+    assert!(body.contains("no certificate from the CA"), "{body}");
 }

@@ -97,7 +97,14 @@ async fn notify_test(
     Path(sink): Path<String>,
 ) -> Result<Json<NotifyTestAnswer>, ApiError> {
     admin.operator()?;
-    cairn_schema::Name::new(&sink)
+    let answer = send_test(&api, &sink).await?;
+    tracing::info!(%sink, by = %admin.name, status = ?answer.status_code, "test notification sent");
+    Ok(Json(answer))
+}
+
+/// Sends `sink` a test message now (`POST /api/v1/notify/{sink}/test`, the dashboard's button).
+async fn send_test(api: &Api, sink: &str) -> Result<NotifyTestAnswer, ApiError> {
+    cairn_schema::Name::new(sink)
         .map_err(|e| ApiError::BadRequest(format!("`{sink}` is not a sink name: {e}")))?;
     let notifier = Notifier::new(
         api.pool.clone(),
@@ -108,9 +115,7 @@ async fn notify_test(
         },
     )
     .map_err(notify_error)?;
-    let answer = notifier.test(&sink).await.map_err(notify_error)?;
-    tracing::info!(%sink, by = %admin.name, status = ?answer.status_code, "test notification sent");
-    Ok(Json(answer))
+    notifier.test(sink).await.map_err(notify_error)
 }
 
 /// The ledgers as the dashboard shows them (`cairn serve` hands this to the reconciler's API, which
@@ -119,6 +124,27 @@ async fn notify_test(
 pub struct UiLedger;
 
 impl cairn_reconciler::api::ui::Ledger for UiLedger {
+    fn sinks(
+        &self,
+        pool: sqlx::PgPool,
+    ) -> futures_util::future::BoxFuture<'static, Result<Vec<String>, cairn_reconciler::store::StoreError>>
+    {
+        Box::pin(async move {
+            notify::sinks(&pool).await.map_err(|e| match notify_error(e) {
+                ApiError::Store(s) => s,
+                other => cairn_reconciler::store::StoreError::Corrupt {
+                    table: "notify_sinks",
+                    column: "name",
+                    detail: other.to_string(),
+                },
+            })
+        })
+    }
+
+    fn test(&self, api: Arc<Api>, sink: String) -> cairn_reconciler::api::ui::TestFuture {
+        Box::pin(async move { send_test(&api, &sink).await })
+    }
+
     fn webhooks(&self, pool: sqlx::PgPool, limit: u32) -> LedgerFuture {
         Box::pin(async move {
             let rows = deliveries::recent(&pool, limit).await.map_err(

@@ -1074,6 +1074,14 @@ pub(crate) async fn notify_answer(
     Ok(())
 }
 
+/// The applied sinks' names, in order.
+pub(crate) async fn notify_sink_names(pool: &PgPool) -> Result<Vec<String>, StoreError> {
+    sqlx::query_scalar("SELECT name FROM notify_sinks ORDER BY name")
+        .fetch_all(pool)
+        .await
+        .map_err(err("reading the notification sinks"))
+}
+
 /// A sink by name, sealed.
 pub(crate) async fn notify_sink(
     pool: &PgPool,

@@ -101,21 +101,21 @@ pub async fn list_databases(
             .map(|(d, _)| d)
             .collect()
     };
+    let since: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT database, since FROM database_schedules")
+            .fetch_all(&mut *conn)
+            .await
+            .op("read backup schedules")?;
     let now = chrono::Utc::now();
     Ok(dbs
         .into_iter()
         .map(|(name, d)| {
             let overdue_by_schedule = d.spec.backup.as_ref().is_some_and(|b| {
-                let Ok(c) = cairn_schema::cron::Cron::parse(&b.schedule) else {
-                    return false;
-                };
-                let interval = c
-                    .interval_upper_bound(now.timestamp())
-                    .unwrap_or(i64::MAX / 4);
-                match d.last_good_backup {
-                    Some(t) => (now - t).num_seconds() > 2 * interval,
-                    None => false,
-                }
+                let declared = since
+                    .iter()
+                    .find(|(n, _)| n == name.as_str())
+                    .map(|(_, t)| *t);
+                crate::databases::backup_overdue(&b.schedule, d.last_good_backup, declared, now)
             });
             DatabaseInfo {
                 available: states

@@ -146,6 +146,33 @@ pub async fn declare(pool: &PgPool, directory: &str, sets: &[Declared]) -> Resul
     Ok(())
 }
 
+/// The channel [`renew_now`] announces on: every replica's certificate loop wakes
+/// ([`crate::certs::serve_loop`]), the leader's among them, which has the applied settings.
+pub const DUE: &str = "cairn_certs_due";
+
+/// Makes `app`'s declared name sets due now, an operator's request (the dashboard's "renew"): an issued
+/// certificate is renewed (the current one serves until the new one replaces it), a waiting or failed
+/// one is tried again with its backoff reset. A name set an attempt holds is left to it. How many.
+pub async fn renew_now(pool: &PgPool, app: &str) -> Result<u64, StoreError> {
+    let mut tx = pool.begin().await.op("begin renewing certificates")?;
+    let n = sqlx::query(
+        r#"UPDATE certificates SET next_attempt_at = now(), attempts = 0, updated_at = now()
+           WHERE app = $1 AND declared AND (lease_until IS NULL OR lease_until < now())"#,
+    )
+    .bind(app)
+    .execute(&mut *tx)
+    .await
+    .op("make certificates due")?
+    .rows_affected();
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(DUE)
+        .execute(&mut *tx)
+        .await
+        .op("wake the certificate loops")?;
+    tx.commit().await.op("renew certificates")?;
+    Ok(n)
+}
+
 /// Claims the declared name set most overdue, for `lease`: no other claim returns it until the lease
 /// ends or [`finish`] ends it. `None` when none is due.
 pub async fn claim(

@@ -53,6 +53,7 @@ pub mod releases;
 pub mod routes;
 pub mod state;
 pub mod status;
+pub mod tls;
 pub mod tokens;
 pub mod usage;
 

@@ -312,6 +312,13 @@ pub async fn rollup_hour(
 ) -> Result<usize, StoreError> {
     let hour = arith::hour_of(hour);
     let mut tx = pool.begin().await.op("begin rolling up an hour")?;
+    // One rollup of an hour at a time (the leader's loop, an operator's recompute through any control
+    // plane): a second would insert the same rows beside the first's uncommitted ones and fail.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('cairn usage hour', $1))")
+        .bind(hour.timestamp())
+        .execute(&mut *tx)
+        .await
+        .op("wait for an hour's rollup")?;
     // First: a close committed after this reads the intervals marks the hour dirty again.
     sqlx::query("DELETE FROM usage_dirty_hours WHERE hour = $1")
         .bind(hour)

@@ -372,6 +372,76 @@ async fn backups_are_ledger_rows_and_a_final_failure_is_an_event() {
     assert_eq!(a.unwrap() + b.unwrap(), 1);
 }
 
+/// No good backup within two of the schedule's intervals (daily here) is a `database.backup_overdue`
+/// event, once per recovery point however many control planes look, and red in status: counted from
+/// the schedule's declaration while no backup succeeded, then from the last good one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backups_overdue_by_two_intervals_are_an_event_once_per_recovery_point() {
+    use cairn_reconciler::databases::announce_overdue;
+
+    let db = cairn_testkit::test_db!();
+    let plane = Plane::new(&db).await;
+    let _ = plane.lease().await;
+    let overdue_events = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE kind = 'database.backup_overdue'",
+        )
+        .fetch_one(&plane.pool)
+        .await
+        .unwrap()
+    };
+    let listed_overdue = || async {
+        cairn_reconciler::api::databases::list_databases(&plane.pool)
+            .await
+            .unwrap()[0]
+            .backup_overdue
+    };
+    let day = chrono::Duration::days(1);
+    let now = chrono::Utc::now();
+    // Declared just now, never backed up: not overdue yet; two days and a bit later it is.
+    assert_eq!(announce_overdue(&plane.pool, now).await.unwrap(), 0);
+    assert!(!listed_overdue().await);
+    let later = now + day * 2 + chrono::Duration::hours(1);
+    let (a, b) = tokio::join!(
+        announce_overdue(&plane.pool, later),
+        announce_overdue(&plane.pool, later)
+    );
+    assert_eq!(a.unwrap() + b.unwrap(), 1, "announced once by two control planes");
+    assert_eq!(announce_overdue(&plane.pool, later).await.unwrap(), 0);
+    assert_eq!(overdue_events().await, 1);
+    let message: String = sqlx::query_scalar(
+        "SELECT message FROM events WHERE kind = 'database.backup_overdue'",
+    )
+    .fetch_one(&plane.pool)
+    .await
+    .unwrap();
+    assert!(message.contains("no good backup yet"), "{message}");
+    sqlx::query("UPDATE database_schedules SET since = since - interval '3 days'")
+        .execute(&plane.pool)
+        .await
+        .unwrap();
+    assert!(listed_overdue().await, "status shows it red");
+
+    // A good backup: not overdue; two intervals past it, overdue again, announced again.
+    cairn_reconciler::databases::backup_now(&plane.pool, &name("main"), "manual")
+        .await
+        .unwrap();
+    let ready = plane.lease().await;
+    let (t, ..) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbBackup)
+        .unwrap();
+    plane
+        .report(t, backed_up("main/1.pgdump".to_owned(), 10, "ef".repeat(32), 1))
+        .await;
+    assert!(!listed_overdue().await);
+    assert_eq!(announce_overdue(&plane.pool, now).await.unwrap(), 0);
+    let much_later = now + day * 3;
+    assert_eq!(announce_overdue(&plane.pool, much_later).await.unwrap(), 1);
+    assert_eq!(announce_overdue(&plane.pool, much_later).await.unwrap(), 0);
+    assert_eq!(overdue_events().await, 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_goes_beside_the_original_and_swap_and_rotate_release_the_attached_app() {
     let db = cairn_testkit::test_db!();

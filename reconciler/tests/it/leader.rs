@@ -197,3 +197,126 @@ async fn one_of_two_replicas_leads_and_the_other_takes_over_when_it_stops() {
     .await
     .expect("the test finished in time");
 }
+
+/// What one replica knows first reaches every replica's TLS table through the database, so an agent
+/// polling any of them installs the same table: the applied apps' own certificates (written by the
+/// leader, refused from a deposed one, the key still the age ciphertext) and the ACME answers of an
+/// order one replica's certificate worker runs (withdrawn when it stops).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_replica_hands_out_the_same_tls_table() {
+    use cairn_reconciler::routes::{HeldCertificate, Routes, refresh_loop};
+
+    let db = cairn_testkit::test_db!();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let pool = db.pool();
+        let (a, b) = (Routes::default(), Routes::default());
+        b.refresh(pool).await.unwrap();
+        assert!(!b.tls_ready(), "no TLS table before the own certificates were ever stored");
+
+        let identity = cairn_schema::Identity::generate();
+        let own = HeldCertificate {
+            id: "own-web".into(),
+            names: vec!["web.example.com".into()],
+            chain_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+            key: cairn_schema::secret::encrypt(b"canary-own-key", &[identity.recipient()])
+                .unwrap(),
+        };
+        let stale = lease::Fence {
+            holder: "a-replica-long-gone".into(),
+            epoch: 7,
+        };
+        let refused = a
+            .set_own_certificates(pool, Some(&stale), "c1", vec![own.clone()])
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, StoreError::Deposed { .. }), "{refused}");
+        b.refresh(pool).await.unwrap();
+        assert!(!b.tls_ready(), "a deposed leader's write changed nothing");
+
+        a.set_own_certificates(pool, None, "c1", vec![own.clone()])
+            .await
+            .unwrap();
+        b.refresh(pool).await.unwrap();
+        assert!(b.tls_ready(), "the other replica hands out TLS tables now");
+        let ids: Vec<String> = b
+            .current_tls()
+            .certificates
+            .iter()
+            .map(|c| c.id.clone())
+            .collect();
+        assert_eq!(ids, ["own-web"]);
+        let sealed: String = sqlx::query_scalar("SELECT key_sealed FROM own_certificates")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert!(sealed.contains("BEGIN AGE ENCRYPTED FILE") && !sealed.contains("canary"));
+        // The same set again writes nothing; an empty set is a set (the table is handed out, without it).
+        let written: String = sqlx::query_scalar("SELECT written_at::text FROM own_certificates_applied")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        a.set_own_certificates(pool, None, "c2", vec![own.clone()])
+            .await
+            .unwrap();
+        let again: String = sqlx::query_scalar("SELECT written_at::text FROM own_certificates_applied")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+        assert_eq!(written, again, "an unchanged set is not rewritten");
+        a.set_own_certificates(pool, None, "c3", Vec::new()).await.unwrap();
+        b.refresh(pool).await.unwrap();
+        assert!(b.tls_ready() && b.current_tls().certificates.is_empty());
+
+        // A's certificate worker puts answers up: B's table gets them without anyone poking B.
+        let stop = Shutdown::new();
+        for r in [&a, &b] {
+            tokio::spawn({
+                let (pool, r, stop) = (pool.clone(), r.clone(), stop.clone());
+                async move { refresh_loop(pool, r, Duration::from_secs(3600), &stop).await }
+            });
+        }
+        let answered = |r: &Routes| {
+            let t = r.current_tls();
+            (
+                t.challenges
+                    .iter()
+                    .map(|c| (c.token.clone(), c.key_authorization.clone()))
+                    .collect::<Vec<_>>(),
+                t.alpn.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
+            )
+        };
+        a.challenges.insert("tok-1", "tok-1.thumbprint");
+        a.challenges.insert_alpn("Web.Example.com", &[0xab; 32]);
+        while answered(&b)
+            != (
+                vec![("tok-1".to_owned(), "tok-1.thumbprint".to_owned())],
+                vec!["web.example.com".to_owned()],
+            )
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        a.challenges.remove("tok-1");
+        a.challenges.remove_alpn("web.example.com");
+        while answered(&b) != (Vec::new(), Vec::new()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A replica that stops withdraws what it put up.
+        a.challenges.insert("tok-2", "tok-2.thumbprint");
+        while answered(&b).0.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.trigger();
+        loop {
+            let n: i64 = sqlx::query_scalar("SELECT count(*) FROM acme_answers")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+            if n == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the replicas' TLS tables agree in time");
+}

@@ -186,6 +186,17 @@ async fn repeated_reports_open_and_close_nothing_more_and_rollups_are_idempotent
         .await
         .unwrap();
     assert_eq!(first, hour_rows(pool, at(10, 10, 0, 0)).await);
+    // Two at once (the leader's loop and an operator's recompute through another control plane) wait
+    // for each other and leave the same rows.
+    for _ in 0..5 {
+        let (a, b) = tokio::join!(
+            usage::rollup_hour(pool, at(10, 10, 0, 0), now),
+            usage::rollup_hour(pool, at(10, 10, 0, 0), now)
+        );
+        a.unwrap();
+        b.unwrap();
+    }
+    assert_eq!(first, hour_rows(pool, at(10, 10, 0, 0)).await);
     // 25.92 (259,200 e4) a month; the hour is 3,600 s whatever overlapped in it.
     assert_eq!(
         first,

@@ -281,6 +281,7 @@ async fn the_dashboard_in_a_real_browser() {
         ("/ui/nodes/n1".to_owned(), "node"),
         ("/ui/reconciliations".to_owned(), "reconciliations"),
         ("/ui/deliveries".to_owned(), "deliveries"),
+        ("/ui/databases".to_owned(), "databases"),
     ] {
         browser.get(&format!("{base}{path}"));
         browser.wait_text("h1", "");

@@ -426,6 +426,35 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
         "HTTPS still answers after the tls-alpn-01 renewal"
     );
     assert_ne!(der, first_der);
+    // An operator renews from the dashboard: one more order, at once, served by A.
+    let serial_alpn = plane.rows("SELECT serial FROM certificates").await[0]["serial"].clone();
+    let out = plane.cairn(&["token", "create", "--name", "ops", "--role", "operator"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let operator = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let cookie = crate::dashboard::sign_in_at(&plane.url, &operator).await;
+    let app_page = format!("/ui/apps/{}", web.name);
+    let (_, _, page) = crate::dashboard::get_at(&plane.url, &app_page, Some(&cookie)).await;
+    let renew = format!("{app_page}/actions/renew");
+    assert!(page.contains(&format!("href=\"{renew}\"")), "{page}");
+    let (_, _, confirm) = crate::dashboard::get_at(&plane.url, &renew, Some(&cookie)).await;
+    let csrf = crate::dashboard::csrf(&confirm);
+    let (s, to) =
+        crate::dashboard::post_form_at(&plane.url, &renew, &cookie, &[("csrf", &csrf)]).await;
+    assert_eq!((s, to), (303, format!("{app_page}?done=renew")));
+    wait_for(
+        "the certificate renewed from the dashboard",
+        Duration::from_secs(60),
+        || async {
+            let rows = plane
+                .rows("SELECT state, serial FROM certificates")
+                .await;
+            let row = rows.first()?;
+            (row["state"] == "issued" && row["serial"] != serial_alpn).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(ca.orders(), orders_before + 3, "one order for the renewal asked for");
+
     // A's disk cache holds the certificates (keys in its 0600 files).
     let cache = a.dir.join("tls");
     assert!(cache.is_dir(), "A caches what it serves");
@@ -433,8 +462,18 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
     // The own key's plaintext is nowhere but the agents' 0600 cache: not in the database, not in any
     // log, not in the status or the certificates the admin API shows.
     let dump = plane
-        .rows("SELECT to_jsonb(c)::text AS t FROM certificates c UNION ALL SELECT spec::text FROM apps")
+        .rows(
+            "SELECT to_jsonb(c)::text AS t FROM certificates c UNION ALL SELECT spec::text FROM apps \
+             UNION ALL SELECT to_jsonb(o)::text FROM own_certificates o",
+        )
         .await;
+    let own_rows = plane
+        .rows("SELECT count(*) AS n FROM own_certificates WHERE 'own.example.test' = ANY(names)")
+        .await;
+    assert_eq!(
+        own_rows[0]["n"], 1,
+        "the own certificate is stored, for every replica's route table"
+    );
     for r in &dump {
         assert!(
             !r["t"].as_str().unwrap_or("").contains(&key_line),

@@ -383,6 +383,11 @@ fn uuid_like() -> String {
     )
 }
 
+/// The applied sinks' names, in order.
+pub async fn sinks(pool: &PgPool) -> Result<Vec<String>, NotifyError> {
+    Ok(store::notify_sink_names(pool).await?)
+}
+
 /// The newest `limit` deliveries (of `sink`), newest first.
 pub async fn deliveries(
     pool: &PgPool,

@@ -11,8 +11,10 @@
 //!   is shown, never edited.
 //! - Live ([`live`]): server-sent events for build and replica output, woken in memory like `cairn logs
 //!   --follow`, resumable with `Last-Event-ID`.
-//! - Actions git does not own (rollback, unpin, restart, deploy now): a confirmation page, then a POST
-//!   carrying the session's CSRF token; an operator's only. A viewer sees no action and gets 403.
+//! - Actions git does not own (rollback, unpin, restart, deploy now, renew an app's certificates, back a
+//!   database up now, send a sink a test message; [`ops`] has the last two and the databases page): a
+//!   confirmation page, then a POST carrying the session's CSRF token; an operator's only. A viewer sees
+//!   no action and gets 403.
 //!
 //! Every answer carries `Content-Security-Policy: default-src 'self'` (no inline script or style, no
 //! other origin), `X-Content-Type-Options: nosniff`, `Referrer-Policy: same-origin`, and pages are
@@ -22,6 +24,7 @@
 //! git owns, or act on a request without a session, the operator role and the session's CSRF token.
 
 mod live;
+mod ops;
 mod pages;
 
 use std::sync::Arc;
@@ -65,6 +68,15 @@ pub(super) fn routes() -> Router<Arc<Api>> {
         .route(&r("/logout"), post(pages::logout))
         .route(&r("/reconciliations"), get(pages::reconciliations))
         .route(&r("/deliveries"), get(pages::deliveries))
+        .route(&r("/databases"), get(ops::databases))
+        .route(
+            &r("/databases/{db}/actions/{action}"),
+            get(ops::db_confirm).post(ops::db_act),
+        )
+        .route(
+            &r("/sinks/{sink}/test"),
+            get(ops::sink_confirm).post(ops::sink_act),
+        )
         .route(&r("/nodes/{node}"), get(pages::node))
         .route(&r("/apps/{app}"), get(pages::app))
         .route(&r("/apps/{app}/releases/{release}"), get(pages::build))
@@ -253,12 +265,22 @@ pub struct LedgerRow {
 /// What a [`Ledger`] answers.
 pub type LedgerFuture = BoxFuture<'static, Result<Vec<LedgerRow>, crate::store::StoreError>>;
 
-/// The ledgers of the GitHub integration and the notifications, which live in a crate above this one.
+/// What a [`Ledger`] answers for a sink's test.
+pub type TestFuture =
+    BoxFuture<'static, Result<cairn_proto::admin::NotifyTestAnswer, super::ApiError>>;
+
+/// The ledgers of the GitHub integration and the notifications, and the notification sinks, which live
+/// in a crate above this one.
 pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// The newest webhook deliveries, newest first.
     fn webhooks(&self, pool: sqlx::PgPool, limit: u32) -> LedgerFuture;
     /// The newest notification deliveries, newest first.
     fn notifications(&self, pool: sqlx::PgPool, limit: u32) -> LedgerFuture;
+    /// The applied notification sinks' names.
+    fn sinks(&self, pool: sqlx::PgPool) -> BoxFuture<'static, Result<Vec<String>, crate::store::StoreError>>;
+    /// Sends `sink` a test message now (with the API's pool and identity) and returns what its
+    /// receiver answered.
+    fn test(&self, api: Arc<Api>, sink: String) -> TestFuture;
 }
 
 #[cfg(test)]

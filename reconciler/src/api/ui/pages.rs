@@ -27,7 +27,7 @@ use crate::status::{self, AppStatus, NodeView, StatusQuery};
 use crate::store::{self, Op as _, tokens};
 
 /// Renders `t`, or a plain 500 when a template fails (it cannot, short of a bug).
-fn render(status: StatusCode, t: &impl Template) -> Response {
+pub(super) fn render(status: StatusCode, t: &impl Template) -> Response {
     match t.render() {
         Ok(html) => (status, Html(html)).into_response(),
         Err(e) => {
@@ -86,7 +86,7 @@ pub(super) struct Nav {
 }
 
 impl Nav {
-    fn of(s: &Session) -> Nav {
+    pub(super) fn of(s: &Session) -> Nav {
         Nav {
             user: s.token.name.clone(),
             role: s.token.role.as_str(),
@@ -517,6 +517,7 @@ struct AppPage {
     replicas: Vec<ReplicaRow>,
     releases: Vec<ReleaseRow>,
     certs: Vec<CertRow>,
+    databases: Vec<super::ops::DbRow>,
     events: Vec<EventRow>,
     can_act: bool,
     notice: Option<String>,
@@ -529,7 +530,7 @@ struct AppPage {
 /// message of its own would put someone else's words on this page).
 #[derive(Debug, Deserialize)]
 pub(super) struct NoticeQuery {
-    done: Option<String>,
+    pub done: Option<String>,
 }
 
 /// Releases shown on an app's page.
@@ -651,6 +652,7 @@ pub(super) async fn app(
                 error: c.last_error,
             })
             .collect(),
+        databases: super::ops::attached(&api, &name).await?,
         events: events
             .into_iter()
             .rev()
@@ -672,6 +674,10 @@ pub(super) async fn app(
             "deploy" => {
                 Some("Deploy requested: the branch head was read and is deployed next.".to_owned())
             }
+            "renew" => Some(
+                "Renewal requested: the certificates are ordered again now; the current ones serve until the new ones replace them."
+                    .to_owned(),
+            ),
             _ => None,
         }),
         declaration: DeclaredLine::of(&api, st.applied_commit.as_deref(), Kind::App, &name).await?,
@@ -939,6 +945,9 @@ pub(super) async fn reconciliations(State(api): State<Arc<Api>>, session: Sessio
 struct DeliveriesPage {
     nav: Nav,
     available: bool,
+    /// The notification sinks, each with a test button for an operator.
+    sinks: Vec<String>,
+    can_act: bool,
     webhooks: Vec<(String, LedgerRow)>,
     notifications: Vec<(String, LedgerRow)>,
 }
@@ -950,17 +959,20 @@ pub(super) async fn deliveries(State(api): State<Arc<Api>>, session: Session) ->
             .map(|r| (ago(Some(r.at), now), r))
             .collect::<Vec<_>>()
     };
-    let (available, webhooks, notifications) = match api.ledger.get() {
+    let (available, webhooks, notifications, sinks) = match api.ledger.get() {
         Some(l) => (
             true,
             shown(l.webhooks(api.pool.clone(), 50).await.page()?),
             shown(l.notifications(api.pool.clone(), 50).await.page()?),
+            l.sinks(api.pool.clone()).await.page()?,
         ),
-        None => (false, Vec::new(), Vec::new()),
+        None => (false, Vec::new(), Vec::new(), Vec::new()),
     };
     let page = DeliveriesPage {
         nav: Nav::of(&session),
         available,
+        sinks,
+        can_act: session.can_act(),
         webhooks,
         notifications,
     };
@@ -977,6 +989,7 @@ enum Action {
     Unpin,
     Restart,
     Deploy,
+    Renew,
 }
 
 impl Action {
@@ -986,9 +999,11 @@ impl Action {
             "unpin" => Action::Unpin,
             "restart" => Action::Restart,
             "deploy" => Action::Deploy,
+            "renew" => Action::Renew,
             _ => {
                 return Err(error_page(ApiError::NotFound(
-                    "there is no such action: rollback, unpin, restart and deploy are".into(),
+                    "there is no such action: rollback, unpin, restart, deploy and renew are"
+                        .into(),
                 )));
             }
         })
@@ -1009,6 +1024,10 @@ impl Action {
             (Action::Deploy, _) => format!(
                 "Deploy {app} now? Its branch head is read from its repository and deployed."
             ),
+            (Action::Renew, _) => format!(
+                "Renew the certificates of {app} now? They are ordered from the CA again at once; \
+                 the current ones keep serving until the new ones replace them."
+            ),
         }
     }
 
@@ -1018,6 +1037,7 @@ impl Action {
             Action::Unpin => "Unpin",
             Action::Restart => "Restart",
             Action::Deploy => "Deploy now",
+            Action::Renew => "Renew certificates",
         }
     }
 
@@ -1027,19 +1047,29 @@ impl Action {
             Action::Unpin => "unpin",
             Action::Restart => "restart",
             Action::Deploy => "deploy",
+            Action::Renew => "renew",
         }
     }
 }
 
+/// The confirmation every action asks for: its question, and a form that POSTs it with the CSRF token.
 #[derive(Template)]
 #[template(path = "ui/confirm.html")]
-struct ConfirmPage {
-    nav: Nav,
-    app: String,
-    question: String,
-    label: &'static str,
-    action_url: String,
-    release: Option<u64>,
+pub(super) struct ConfirmPage {
+    pub nav: Nav,
+    /// What it acts on (an app, a database, a sink) and the page it came from.
+    pub subject: String,
+    pub back: String,
+    pub question: String,
+    pub label: &'static str,
+    pub action_url: String,
+    pub release: Option<u64>,
+}
+
+impl ConfirmPage {
+    pub fn render(&self) -> Response {
+        render(StatusCode::OK, self)
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -1047,8 +1077,20 @@ pub(super) struct ActionQuery {
     release: Option<u64>,
 }
 
-fn refuse_viewer(session: &Session) -> Result<(), Response> {
+pub(super) fn refuse_viewer(session: &Session) -> Result<(), Response> {
     super::super::admin::require_operator(session.token.role).map_err(error_page)
+}
+
+/// Refuses a POST whose CSRF token is not the session's.
+pub(super) fn refuse_forged(session: &Session, csrf: &str) -> Result<(), Response> {
+    if session.csrf_ok(csrf) {
+        Ok(())
+    } else {
+        Err(error_page(ApiError::Forbidden(
+            "this form is stale or was not made by this dashboard: reload the page and try again"
+                .into(),
+        )))
+    }
 }
 
 pub(super) async fn confirm(
@@ -1065,9 +1107,10 @@ pub(super) async fn confirm(
         label: action.label(),
         action_url: format!("{PREFIX}/apps/{name}/actions/{}", action.slug()),
         release: q.release,
-        app: name.to_string(),
+        back: format!("{PREFIX}/apps/{name}"),
+        subject: name.to_string(),
     };
-    Ok(render(StatusCode::OK, &page))
+    Ok(page.render())
 }
 
 #[derive(Debug, Deserialize)]
@@ -1085,12 +1128,7 @@ pub(super) async fn act(
     let name = app_name(&app).map_err(error_page)?;
     let action = Action::parse(&action)?;
     refuse_viewer(&session)?;
-    if !session.csrf_ok(&f.csrf) {
-        return Err(error_page(ApiError::Forbidden(
-            "this form is stale or was not made by this dashboard: reload the page and try again"
-                .into(),
-        )));
-    }
+    refuse_forged(&session, &f.csrf)?;
     let by = &session.token.name;
     match action {
         Action::Rollback => {
@@ -1114,6 +1152,18 @@ pub(super) async fn act(
         Action::Deploy => {
             let d = deploy_now(&api, &name).await.map_err(error_page)?;
             tracing::info!(app = %name, commit = %d.commit, %by, "deploy through the dashboard");
+        }
+        Action::Renew => {
+            let n = store::certs::renew_now(&api.pool, name.as_str())
+                .await
+                .page()?;
+            if n == 0 {
+                return Err(error_page(ApiError::Conflict(format!(
+                    "{name} has no certificate from the CA to renew, or one is being ordered right now"
+                ))));
+            }
+            api.routes.certs_wake.notify_one();
+            tracing::info!(app = %name, certificates = n, %by, "certificate renewal through the dashboard");
         }
     }
     api.wake.notify_one();
