@@ -744,13 +744,14 @@ impl Controller {
                 s.challenge,
             )
         });
-        let mut last = hook.last.lock().unwrap_or_else(|p| p.into_inner());
-        if *last != key || settings.is_some() != hook.settings.borrow().is_some() {
-            *last = key;
-            hook.settings
-                .send_replace(settings.map(|s| hook.overrides.apply(s)));
+        {
+            let mut last = hook.last.lock().unwrap_or_else(|p| p.into_inner());
+            if *last != key || settings.is_some() != hook.settings.borrow().is_some() {
+                *last = key;
+                hook.settings
+                    .send_replace(settings.map(|s| hook.overrides.apply(s)));
+            }
         }
-        drop(last);
         hook.wake.notify_one();
         if let Some(routes) = &self.routes {
             let fence = self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone();

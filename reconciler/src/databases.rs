@@ -387,9 +387,82 @@ pub async fn announce_overdue(pool: &PgPool, now: DateTime<Utc>) -> Result<usize
     Ok(announced)
 }
 
+/// One database as `cairn db list` shows it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct DatabaseInfo {
+    pub name: String,
+    pub engine: String,
+    pub version: String,
+    pub node: String,
+    pub port: u16,
+    pub instance: String,
+    /// Whether its node is online now: an offline node's database is unavailable.
+    pub available: bool,
+    /// The recovery point: when the last good backup finished.
+    pub last_good_backup: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last backup failed, or none succeeded within two of its schedule's intervals.
+    pub backup_overdue: bool,
+}
+
+/// Every applied database, with availability and the recovery point.
+pub async fn list_databases(
+    pool: &sqlx::PgPool,
+) -> Result<Vec<DatabaseInfo>, crate::store::StoreError> {
+    let mut conn = pool.acquire().await.op("read databases")?;
+    let dbs = crate::store::databases::load(&mut conn).await?;
+    let states: Vec<(String, String)> = sqlx::query_as("SELECT node, state FROM node_status")
+        .fetch_all(&mut *conn)
+        .await
+        .op("read node states")?;
+    let failed_last: Vec<String> = {
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT DISTINCT ON (database) database, state FROM database_backups
+              WHERE state IN ('ok', 'failed') ORDER BY database, id DESC",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .op("read backups")?;
+        rows.into_iter()
+            .filter(|(_, s)| s == "failed")
+            .map(|(d, _)| d)
+            .collect()
+    };
+    let since: Vec<(String, chrono::DateTime<chrono::Utc>)> =
+        sqlx::query_as("SELECT database, since FROM database_schedules")
+            .fetch_all(&mut *conn)
+            .await
+            .op("read backup schedules")?;
+    let now = chrono::Utc::now();
+    Ok(dbs
+        .into_iter()
+        .map(|(name, d)| {
+            let overdue_by_schedule = d.spec.backup.as_ref().is_some_and(|b| {
+                let declared = since
+                    .iter()
+                    .find(|(n, _)| n == name.as_str())
+                    .map(|(_, t)| *t);
+                backup_overdue(&b.schedule, d.last_good_backup, declared, now)
+            });
+            DatabaseInfo {
+                available: states
+                    .iter()
+                    .any(|(n, s)| n == d.node.as_str() && s == "online"),
+                backup_overdue: overdue_by_schedule || failed_last.contains(&name.to_string()),
+                name: name.to_string(),
+                engine: d.spec.engine.to_string(),
+                version: d.spec.version.clone(),
+                node: d.node.to_string(),
+                port: d.port,
+                instance: d.instance.to_string(),
+                last_good_backup: d.last_good_backup,
+            }
+        })
+        .collect())
+}
+
 /// What `cairn status` and the dashboard show red about databases.
-pub fn warnings(dbs: &[crate::api::databases::DatabaseInfo]) -> Vec<String> {
-    let point = |d: &crate::api::databases::DatabaseInfo| {
+pub fn warnings(dbs: &[DatabaseInfo]) -> Vec<String> {
+    let point = |d: &DatabaseInfo| {
         d.last_good_backup.map_or_else(
             || "no good backup yet".to_owned(),
             |t| format!("recovery point {}", t.format("%Y-%m-%d %H:%M UTC")),

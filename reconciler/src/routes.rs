@@ -155,6 +155,15 @@ impl Routes {
         commit: &str,
         own: Vec<HeldCertificate>,
     ) -> Result<(), StoreError> {
+        let own: Vec<crate::store::tls::OwnCertificate> = own
+            .into_iter()
+            .map(|c| crate::store::tls::OwnCertificate {
+                id: c.id,
+                names: c.names,
+                chain_pem: c.chain_pem,
+                key_sealed: c.key.as_str().to_owned(),
+            })
+            .collect();
         if crate::store::tls::put_own(pool, fence, commit, &own).await? {
             self.poke();
         }
@@ -209,15 +218,38 @@ impl Routes {
         };
         let served = crate::store::certs::served(pool).await?;
         let own = crate::store::tls::own(pool).await?;
-        let answers = crate::store::tls::answers(pool).await?;
+        let (http, alpn) = crate::store::tls::answers(pool).await?;
         let known = own.is_some();
+        let own: Vec<HeldCertificate> = own
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|c| match cairn_schema::Ciphertext::new(&c.key_sealed) {
+                Ok(key) => Some(HeldCertificate {
+                    id: c.id,
+                    names: c.names,
+                    chain_pem: c.chain_pem,
+                    key,
+                }),
+                Err(_) => {
+                    tracing::warn!(
+                        id = c.id,
+                        "a stored own certificate's key is not an age ciphertext; not served"
+                    );
+                    None
+                }
+            })
+            .collect();
         self.publish_tls(tls_source(
             &rows,
             &served,
-            &own.unwrap_or_default(),
-            &answers,
+            &own,
+            &crate::certs::ChallengeSet { http, alpn },
         ));
-        if known && !self.own_known.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        if known
+            && !self
+                .own_known
+                .swap(true, std::sync::atomic::Ordering::AcqRel)
+        {
             // The TLS table may be handed out from now on: wake the long-polls that waited without it
             // (its generation may not change, so a publish would not).
             self.tls.send_modify(|_| {});
@@ -421,20 +453,22 @@ pub async fn refresh_loop(pool: PgPool, routes: Routes, period: Duration, shutdo
 /// second) until `shutdown`, then withdraws them.
 async fn store_answers(pool: PgPool, routes: Routes, shutdown: &Shutdown) {
     let mut changes = routes.challenges.subscribe();
-    changes.mark_unchanged();
-    let mut dirty = false;
     loop {
-        if dirty {
+        // Stored whole (what is current now, from the start on), so a failed attempt is made good by
+        // the next with whatever is current then.
+        changes.mark_unchanged();
+        loop {
             let set = routes.challenges.current();
-            match crate::store::tls::put_answers(&pool, routes.replica, &set).await {
+            match crate::store::tls::put_answers(&pool, routes.replica, &set.http, &set.alpn).await
+            {
                 Ok(()) => {
-                    dirty = false;
                     routes.poke();
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(error = %cairn_schema::error::chain(&e), "cannot store the ACME answers; retrying");
                     tokio::select! {
-                        () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
                         () = shutdown.wait() => return,
                     }
                 }
@@ -444,10 +478,9 @@ async fn store_answers(pool: PgPool, routes: Routes, shutdown: &Shutdown) {
             r = changes.changed() => if r.is_err() { return },
             () = shutdown.wait() => break,
         }
-        dirty = true;
     }
-    let none = crate::certs::ChallengeSet::default();
-    if let Err(e) = crate::store::tls::put_answers(&pool, routes.replica, &none).await {
+    let none = std::collections::BTreeMap::new();
+    if let Err(e) = crate::store::tls::put_answers(&pool, routes.replica, &none, &none).await {
         tracing::debug!(error = %cairn_schema::error::chain(&e), "cannot withdraw the ACME answers at shutdown; they age out");
     }
 }

@@ -446,6 +446,6 @@ pub async fn load(
     drop(conn);
     status.certificate_warnings = crate::certs::warnings(&crate::certs::list(pool).await?);
     status.database_warnings =
-        crate::databases::warnings(&crate::api::databases::list_databases(pool).await?);
+        crate::databases::warnings(&crate::databases::list_databases(pool).await?);
     Ok(status)
 }

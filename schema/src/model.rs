@@ -451,7 +451,7 @@ pub struct DatabaseBackup {
 
 /// Every event the control plane records (`cairn_reconciler::events::EventKind` names the same set): what
 /// a notification sink's `events` patterns may match.
-pub const EVENT_KINDS: [&str; 13] = [
+pub const EVENT_KINDS: [&str; 14] = [
     "deploy.started",
     "deploy.succeeded",
     "deploy.failed",

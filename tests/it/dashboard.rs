@@ -579,7 +579,9 @@ async fn receiver() -> (u16, tokio::sync::mpsc::UnboundedReceiver<String>) {
                 let mut buf = [0u8; 4096];
                 // The head, then as many body bytes as it announces.
                 loop {
-                    let Ok(n) = conn.read(&mut buf).await else { return };
+                    let Ok(n) = conn.read(&mut buf).await else {
+                        return;
+                    };
                     if n == 0 {
                         return;
                     }
@@ -671,7 +673,10 @@ async fn databases_sinks_and_certificates_are_acted_on_from_the_pages() {
     let (s, _, page) = get(&plane, "/ui/databases", Some(&vc)).await;
     assert_eq!(s, 200, "{page}");
     assert!(page.contains(r#"<tr data-database="main">"#), "{page}");
-    assert!(page.contains("postgres 15") && page.contains("never"), "{page}");
+    assert!(
+        page.contains("postgres 15") && page.contains("never"),
+        "{page}"
+    );
     let (_, _, app) = get(&plane, "/ui/apps/web", Some(&vc)).await;
     assert!(
         app.contains(r#"id="app-databases""#) && app.contains("<code>DATABASE_URL</code>"),
@@ -680,7 +685,10 @@ async fn databases_sinks_and_certificates_are_acted_on_from_the_pages() {
     let (_, _, deliveries) = get(&plane, "/ui/deliveries", Some(&vc)).await;
     assert!(deliveries.contains("<code>ops</code>"), "{deliveries}");
     for page in [&page, &app, &deliveries] {
-        assert!(!page.contains("/actions/") && !page.contains("/test\""), "{page}");
+        assert!(
+            !page.contains("/actions/") && !page.contains("/test\""),
+            "{page}"
+        );
         assert!(!page.contains(&canary), "a sink's URL is never shown");
     }
     let vcsrf = csrf(&page);
@@ -762,7 +770,13 @@ async fn databases_sinks_and_certificates_are_acted_on_from_the_pages() {
     assert_eq!(s, 404);
 
     // Renewing without a certificate from the CA is a clear conflict, not a crash.
-    let (s, body) = post_form(&plane, "/ui/apps/web/actions/renew", &oc, &[("csrf", &token)]).await;
+    let (s, body) = post_form(
+        &plane,
+        "/ui/apps/web/actions/renew",
+        &oc,
+        &[("csrf", &token)],
+    )
+    .await;
     assert_eq!(s, 409, "{body}");
     assert!(body.contains("no certificate from the CA"), "{body}");
 }

@@ -124,20 +124,18 @@ async fn send_test(api: &Api, sink: &str) -> Result<NotifyTestAnswer, ApiError> 
 pub struct UiLedger;
 
 impl cairn_reconciler::api::ui::Ledger for UiLedger {
-    fn sinks(
-        &self,
-        pool: sqlx::PgPool,
-    ) -> futures_util::future::BoxFuture<'static, Result<Vec<String>, cairn_reconciler::store::StoreError>>
-    {
+    fn sinks(&self, pool: sqlx::PgPool) -> cairn_reconciler::api::ui::SinksFuture {
         Box::pin(async move {
-            notify::sinks(&pool).await.map_err(|e| match notify_error(e) {
-                ApiError::Store(s) => s,
-                other => cairn_reconciler::store::StoreError::Corrupt {
-                    table: "notify_sinks",
-                    column: "name",
-                    detail: other.to_string(),
-                },
-            })
+            notify::sinks(&pool)
+                .await
+                .map_err(|e| match notify_error(e) {
+                    ApiError::Store(s) => s,
+                    other => cairn_reconciler::store::StoreError::Corrupt {
+                        table: "notify_sinks",
+                        column: "name",
+                        detail: other.to_string(),
+                    },
+                })
         })
     }
 

@@ -419,10 +419,12 @@ fn split_hosts(url: &str) -> Result<Vec<PgConnectOptions>, sqlx::Error> {
         .collect()
 }
 
-
 /// The hosts and the primary in use, as last chosen, for the metrics (read at each scrape by
 /// [`seen`], so this module needs nothing of theirs).
-static SHOWN: std::sync::Mutex<Option<(Vec<String>, Option<usize>)>> = std::sync::Mutex::new(None);
+static SHOWN: std::sync::Mutex<Option<Shown>> = std::sync::Mutex::new(None);
+
+/// The hosts `cairn serve` was given and the index of the primary in use.
+pub type Shown = (Vec<String>, Option<usize>);
 /// How many times this process moved to another primary.
 static FAILOVERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -433,7 +435,7 @@ fn show(names: &[String], primary: Option<usize>) {
 /// The database hosts with the index of the primary in use (once a [`Database`] chose), and how many
 /// times this process moved to another primary: `cairn_database_primary` and
 /// `cairn_database_failovers_total`.
-pub fn seen() -> (Option<(Vec<String>, Option<usize>)>, u64) {
+pub fn seen() -> (Option<Shown>, u64) {
     (
         SHOWN.lock().unwrap_or_else(|e| e.into_inner()).clone(),
         FAILOVERS.load(std::sync::atomic::Ordering::Relaxed),

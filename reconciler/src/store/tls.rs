@@ -7,13 +7,26 @@
 //! What it must not do: hold a key in plaintext (the own certificates' keys stay the manifest's age
 //! ciphertext), or let a dead replica's answers linger (they are pruned by age).
 
+use std::collections::BTreeMap;
+
 use sqlx::{PgPool, Row as _};
 use uuid::Uuid;
 
 use super::lease::Fence;
 use super::{Op as _, StoreError};
-use crate::certs::ChallengeSet;
-use crate::routes::HeldCertificate;
+
+/// An applied app's own certificate as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnCertificate {
+    pub id: String,
+    pub names: Vec<String>,
+    pub chain_pem: String,
+    /// The manifest's age ciphertext, sealed to the control plane's recipient.
+    pub key_sealed: String,
+}
+
+/// ACME answers by key: HTTP-01 token to key authorization, or TLS-ALPN-01 name to digest.
+pub type Answers = BTreeMap<String, String>;
 
 /// The channel every write here is announced on (no payload): each replica's route table refreshes.
 pub const CHANGED: &str = "cairn_tls";
@@ -24,19 +37,21 @@ pub const ANSWER_MAX_AGE_SECS: f64 = 3600.0;
 const HTTP: &str = "http-01";
 const ALPN: &str = "tls-alpn-01";
 
-/// Replaces the answers `replica` put up with `set`, prunes a dead replica's, and announces the change.
+/// Replaces the answers `replica` put up with `http` (HTTP-01) and `alpn` (TLS-ALPN-01), prunes a dead
+/// replica's, and announces the change.
 pub async fn put_answers(
     pool: &PgPool,
     replica: Uuid,
-    set: &ChallengeSet,
+    http: &Answers,
+    alpn: &Answers,
 ) -> Result<(), StoreError> {
     let (mut kinds, mut keys, mut answers) = (Vec::new(), Vec::new(), Vec::new());
-    for (token, ka) in &set.http {
+    for (token, ka) in http {
         kinds.push(HTTP);
         keys.push(token.as_str());
         answers.push(ka.as_str());
     }
-    for (name, digest) in &set.alpn {
+    for (name, digest) in alpn {
         kinds.push(ALPN);
         keys.push(name.as_str());
         answers.push(digest.as_str());
@@ -72,32 +87,32 @@ pub async fn put_answers(
     tx.commit().await.op("store the ACME answers")
 }
 
-/// Every replica's answers in flight.
-pub async fn answers(pool: &PgPool) -> Result<ChallengeSet, StoreError> {
+/// Every replica's answers in flight: HTTP-01's and TLS-ALPN-01's.
+pub async fn answers(pool: &PgPool) -> Result<(Answers, Answers), StoreError> {
     let rows = sqlx::query("SELECT kind, key, answer FROM acme_answers")
         .fetch_all(pool)
         .await
         .op("read the ACME answers")?;
-    let mut set = ChallengeSet::default();
+    let (mut http, mut alpn) = (Answers::new(), Answers::new());
     for r in rows {
         let kind: String = r.try_get("kind").op("read the ACME answers")?;
         let key: String = r.try_get("key").op("read the ACME answers")?;
         let answer: String = r.try_get("answer").op("read the ACME answers")?;
         match kind.as_str() {
-            ALPN => set.alpn.insert(key, answer),
-            _ => set.http.insert(key, answer),
+            ALPN => alpn.insert(key, answer),
+            _ => http.insert(key, answer),
         };
     }
-    Ok(set)
+    Ok((http, alpn))
 }
 
 /// A digest of `own` in order: what [`put_own`] compares with the stored set's.
-fn digest(own: &[HeldCertificate]) -> String {
+fn digest(own: &[OwnCertificate]) -> String {
     use sha2::Digest as _;
     let mut h = sha2::Sha256::new();
     for c in own {
         let names = c.names.join(",");
-        for part in [&c.id, &names, &c.chain_pem, c.key.as_str()] {
+        for part in [&c.id, &names, &c.chain_pem, &c.key_sealed] {
             h.update(part.len().to_le_bytes());
             h.update(part.as_bytes());
         }
@@ -111,7 +126,7 @@ pub async fn put_own(
     pool: &PgPool,
     fence: Option<&Fence>,
     commit: &str,
-    own: &[HeldCertificate],
+    own: &[OwnCertificate],
 ) -> Result<bool, StoreError> {
     let digest = digest(own);
     let mut tx = pool.begin().await.op("begin storing own certificates")?;
@@ -137,7 +152,7 @@ pub async fn put_own(
         .bind(&c.id)
         .bind(&c.names)
         .bind(&c.chain_pem)
-        .bind(c.key.as_str())
+        .bind(&c.key_sealed)
         .execute(&mut *tx)
         .await
         .op("store an own certificate")?;
@@ -162,7 +177,7 @@ pub async fn put_own(
 }
 
 /// The applied apps' own certificates, or `None` while no control plane has written the set yet.
-pub async fn own(pool: &PgPool) -> Result<Option<Vec<HeldCertificate>>, StoreError> {
+pub async fn own(pool: &PgPool) -> Result<Option<Vec<OwnCertificate>>, StoreError> {
     let mut tx = pool.begin().await.op("begin reading own certificates")?;
     let written: bool =
         sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM own_certificates_applied)")
@@ -172,25 +187,22 @@ pub async fn own(pool: &PgPool) -> Result<Option<Vec<HeldCertificate>>, StoreErr
     if !written {
         return Ok(None);
     }
-    let rows = sqlx::query("SELECT id, names, chain_pem, key_sealed FROM own_certificates ORDER BY id")
-        .fetch_all(&mut *tx)
-        .await
-        .op("read own certificates")?;
+    let rows =
+        sqlx::query("SELECT id, names, chain_pem, key_sealed FROM own_certificates ORDER BY id")
+            .fetch_all(&mut *tx)
+            .await
+            .op("read own certificates")?;
     tx.commit().await.op("read own certificates")?;
-    let mut out = Vec::with_capacity(rows.len());
-    for r in rows {
-        let sealed: String = r.try_get("key_sealed").op("read own certificates")?;
-        let key = cairn_schema::Ciphertext::new(&sealed).map_err(|_| StoreError::Corrupt {
-            table: "own_certificates",
-            column: "key_sealed",
-            detail: "not an age ciphertext".into(),
-        })?;
-        out.push(HeldCertificate {
-            id: r.try_get("id").op("read own certificates")?,
-            names: r.try_get("names").op("read own certificates")?,
-            chain_pem: r.try_get("chain_pem").op("read own certificates")?,
-            key,
-        });
-    }
-    Ok(Some(out))
+    let op = "read own certificates";
+    rows.iter()
+        .map(|r| {
+            Ok(OwnCertificate {
+                id: r.try_get("id").op(op)?,
+                names: r.try_get("names").op(op)?,
+                chain_pem: r.try_get("chain_pem").op(op)?,
+                key_sealed: r.try_get("key_sealed").op(op)?,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()
+        .map(Some)
 }

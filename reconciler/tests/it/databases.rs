@@ -406,15 +406,18 @@ async fn backups_overdue_by_two_intervals_are_an_event_once_per_recovery_point()
         announce_overdue(&plane.pool, later),
         announce_overdue(&plane.pool, later)
     );
-    assert_eq!(a.unwrap() + b.unwrap(), 1, "announced once by two control planes");
+    assert_eq!(
+        a.unwrap() + b.unwrap(),
+        1,
+        "announced once by two control planes"
+    );
     assert_eq!(announce_overdue(&plane.pool, later).await.unwrap(), 0);
     assert_eq!(overdue_events().await, 1);
-    let message: String = sqlx::query_scalar(
-        "SELECT message FROM events WHERE kind = 'database.backup_overdue'",
-    )
-    .fetch_one(&plane.pool)
-    .await
-    .unwrap();
+    let message: String =
+        sqlx::query_scalar("SELECT message FROM events WHERE kind = 'database.backup_overdue'")
+            .fetch_one(&plane.pool)
+            .await
+            .unwrap();
     assert!(message.contains("no good backup yet"), "{message}");
     sqlx::query("UPDATE database_schedules SET since = since - interval '3 days'")
         .execute(&plane.pool)
@@ -432,7 +435,10 @@ async fn backups_overdue_by_two_intervals_are_an_event_once_per_recovery_point()
         .find(|(t, ..)| t.kind == TaskKind::DbBackup)
         .unwrap();
     plane
-        .report(t, backed_up("main/1.pgdump".to_owned(), 10, "ef".repeat(32), 1))
+        .report(
+            t,
+            backed_up("main/1.pgdump".to_owned(), 10, "ef".repeat(32), 1),
+        )
         .await;
     assert!(!listed_overdue().await);
     assert_eq!(announce_overdue(&plane.pool, now).await.unwrap(), 0);

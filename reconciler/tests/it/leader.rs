@@ -211,15 +211,17 @@ async fn every_replica_hands_out_the_same_tls_table() {
         let pool = db.pool();
         let (a, b) = (Routes::default(), Routes::default());
         b.refresh(pool).await.unwrap();
-        assert!(!b.tls_ready(), "no TLS table before the own certificates were ever stored");
+        assert!(
+            !b.tls_ready(),
+            "no TLS table before the own certificates were ever stored"
+        );
 
         let identity = cairn_schema::Identity::generate();
         let own = HeldCertificate {
             id: "own-web".into(),
             names: vec!["web.example.com".into()],
             chain_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
-            key: cairn_schema::secret::encrypt(b"canary-own-key", &[identity.recipient()])
-                .unwrap(),
+            key: cairn_schema::secret::encrypt(b"canary-own-key", &[identity.recipient()]).unwrap(),
         };
         let stale = lease::Fence {
             holder: "a-replica-long-gone".into(),
@@ -251,19 +253,23 @@ async fn every_replica_hands_out_the_same_tls_table() {
             .unwrap();
         assert!(sealed.contains("BEGIN AGE ENCRYPTED FILE") && !sealed.contains("canary"));
         // The same set again writes nothing; an empty set is a set (the table is handed out, without it).
-        let written: String = sqlx::query_scalar("SELECT written_at::text FROM own_certificates_applied")
-            .fetch_one(pool)
-            .await
-            .unwrap();
+        let written: String =
+            sqlx::query_scalar("SELECT written_at::text FROM own_certificates_applied")
+                .fetch_one(pool)
+                .await
+                .unwrap();
         a.set_own_certificates(pool, None, "c2", vec![own.clone()])
             .await
             .unwrap();
-        let again: String = sqlx::query_scalar("SELECT written_at::text FROM own_certificates_applied")
-            .fetch_one(pool)
+        let again: String =
+            sqlx::query_scalar("SELECT written_at::text FROM own_certificates_applied")
+                .fetch_one(pool)
+                .await
+                .unwrap();
+        assert_eq!(written, again, "an unchanged set is not rewritten");
+        a.set_own_certificates(pool, None, "c3", Vec::new())
             .await
             .unwrap();
-        assert_eq!(written, again, "an unchanged set is not rewritten");
-        a.set_own_certificates(pool, None, "c3", Vec::new()).await.unwrap();
         b.refresh(pool).await.unwrap();
         assert!(b.tls_ready() && b.current_tls().certificates.is_empty());
 

@@ -429,7 +429,11 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
     // An operator renews from the dashboard: one more order, at once, served by A.
     let serial_alpn = plane.rows("SELECT serial FROM certificates").await[0]["serial"].clone();
     let out = plane.cairn(&["token", "create", "--name", "ops", "--role", "operator"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let operator = String::from_utf8(out.stdout).unwrap().trim().to_owned();
     let cookie = crate::dashboard::sign_in_at(&plane.url, &operator).await;
     let app_page = format!("/ui/apps/{}", web.name);
@@ -445,15 +449,17 @@ async fn https_through_an_ingress_node_with_a_certificate_from_an_acme_ca() {
         "the certificate renewed from the dashboard",
         Duration::from_secs(60),
         || async {
-            let rows = plane
-                .rows("SELECT state, serial FROM certificates")
-                .await;
+            let rows = plane.rows("SELECT state, serial FROM certificates").await;
             let row = rows.first()?;
             (row["state"] == "issued" && row["serial"] != serial_alpn).then_some(())
         },
     )
     .await;
-    assert_eq!(ca.orders(), orders_before + 3, "one order for the renewal asked for");
+    assert_eq!(
+        ca.orders(),
+        orders_before + 3,
+        "one order for the renewal asked for"
+    );
 
     // A's disk cache holds the certificates (keys in its 0600 files).
     let cache = a.dir.join("tls");

@@ -265,6 +265,9 @@ pub struct LedgerRow {
 /// What a [`Ledger`] answers.
 pub type LedgerFuture = BoxFuture<'static, Result<Vec<LedgerRow>, crate::store::StoreError>>;
 
+/// What a [`Ledger`] answers for the sinks.
+pub type SinksFuture = BoxFuture<'static, Result<Vec<String>, crate::store::StoreError>>;
+
 /// What a [`Ledger`] answers for a sink's test.
 pub type TestFuture =
     BoxFuture<'static, Result<cairn_proto::admin::NotifyTestAnswer, super::ApiError>>;
@@ -277,7 +280,7 @@ pub trait Ledger: Send + Sync + std::fmt::Debug {
     /// The newest notification deliveries, newest first.
     fn notifications(&self, pool: sqlx::PgPool, limit: u32) -> LedgerFuture;
     /// The applied notification sinks' names.
-    fn sinks(&self, pool: sqlx::PgPool) -> BoxFuture<'static, Result<Vec<String>, crate::store::StoreError>>;
+    fn sinks(&self, pool: sqlx::PgPool) -> SinksFuture;
     /// Sends `sink` a test message now (with the API's pool and identity) and returns what its
     /// receiver answered.
     fn test(&self, api: Arc<Api>, sink: String) -> TestFuture;

@@ -4,6 +4,9 @@
 //! Each action is a confirmation page, then a POST with the session's CSRF token, an operator's only,
 //! like the app actions in [`super::pages`].
 
+// A page's error is the response that shows it, as in `pages.rs`.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
 
 use askama::Template;
@@ -15,12 +18,12 @@ use cairn_schema::Name;
 use chrono::Utc;
 use serde::Deserialize;
 
-use super::super::databases::{DatabaseInfo, list_databases};
 use super::super::{Api, ApiError};
 use super::pages::{
     ConfirmPage, Nav, NoticeQuery, Page, ago, error_page, refuse_forged, refuse_viewer, render,
 };
 use super::{PREFIX, Session};
+use crate::databases::{DatabaseInfo, list_databases};
 
 /// A database as the pages show it.
 pub(super) struct DbRow {
@@ -61,14 +64,12 @@ fn db_name(s: &str) -> Result<Name, Response> {
 /// The databases attached to `app` as applied, with the env var each arrives in.
 pub(super) async fn attached(api: &Api, app: &Name) -> Result<Vec<DbRow>, Response> {
     let store_error = |e: crate::store::StoreError| error_page(e.into());
-    let mut conn = api
-        .pool
-        .acquire()
-        .await
-        .map_err(|source| store_error(crate::store::StoreError::Query {
+    let mut conn = api.pool.acquire().await.map_err(|source| {
+        store_error(crate::store::StoreError::Query {
             op: "connect to read an app's databases",
             source,
-        }))?;
+        })
+    })?;
     let Some(applied) = crate::store::state::applied_app(&mut conn, app)
         .await
         .map_err(store_error)?
@@ -174,8 +175,11 @@ pub(super) async fn db_act(
 }
 
 fn sink_name(s: &str) -> Result<Name, Response> {
-    Name::new(s)
-        .map_err(|e| error_page(ApiError::BadRequest(format!("`{s}` is not a sink name: {e}"))))
+    Name::new(s).map_err(|e| {
+        error_page(ApiError::BadRequest(format!(
+            "`{s}` is not a sink name: {e}"
+        )))
+    })
 }
 
 pub(super) async fn sink_confirm(session: Session, Path(sink): Path<String>) -> Page {
