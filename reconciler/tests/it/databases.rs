@@ -138,6 +138,23 @@ impl Plane {
             .unwrap();
     }
 
+    /// Queues a backup of `main` now, leases its task and reports it good with `sha256`.
+    async fn backed_up_now(&self, sha256: &str) {
+        cairn_reconciler::databases::backup_now(&self.pool, &name("main"), "manual")
+            .await
+            .unwrap();
+        let ready = self.lease().await;
+        let (t, ..) = ready
+            .iter()
+            .find(|(t, ..)| t.kind == TaskKind::DbBackup)
+            .unwrap();
+        self.report(
+            t,
+            backed_up("main/1.pgdump".to_owned(), 10, sha256.to_owned(), 1),
+        )
+        .await;
+    }
+
     fn open(&self, sealed: &str) -> serde_json::Value {
         let plain = self.n1.decrypt(&Ciphertext::new(sealed).unwrap()).unwrap();
         serde_json::from_slice(plain.expose()).unwrap()
@@ -426,20 +443,7 @@ async fn backups_overdue_by_two_intervals_are_an_event_once_per_recovery_point()
     assert!(listed_overdue().await, "status shows it red");
 
     // A good backup: not overdue; two intervals past it, overdue again, announced again.
-    cairn_reconciler::databases::backup_now(&plane.pool, &name("main"), "manual")
-        .await
-        .unwrap();
-    let ready = plane.lease().await;
-    let (t, ..) = ready
-        .iter()
-        .find(|(t, ..)| t.kind == TaskKind::DbBackup)
-        .unwrap();
-    plane
-        .report(
-            t,
-            backed_up("main/1.pgdump".to_owned(), 10, "ef".repeat(32), 1),
-        )
-        .await;
+    plane.backed_up_now(&"ef".repeat(32)).await;
     assert!(!listed_overdue().await);
     assert_eq!(announce_overdue(&plane.pool, now).await.unwrap(), 0);
     let much_later = now + day * 3;
@@ -459,20 +463,7 @@ async fn a_restore_goes_beside_the_original_and_swap_and_rotate_release_the_atta
             .await
             .is_err()
     );
-    cairn_reconciler::databases::backup_now(&plane.pool, &name("main"), "manual")
-        .await
-        .unwrap();
-    let ready = plane.lease().await;
-    let (t, ..) = ready
-        .iter()
-        .find(|(t, ..)| t.kind == TaskKind::DbBackup)
-        .unwrap();
-    plane
-        .report(
-            t,
-            backed_up("main/1.pgdump".to_owned(), 10, "cd".repeat(32), 1),
-        )
-        .await;
+    plane.backed_up_now(&"cd".repeat(32)).await;
     // Never into the original.
     assert!(
         cairn_reconciler::databases::restore(&plane.pool, &name("main"), None, &name("main"))

@@ -11,8 +11,8 @@
 //! brings the rows back there. A canary app env value and the database password appear in no dump of
 //! the control plane's database, no log, no plan.
 //!
-//! NEEDS THE ENGINE: `cairn-agent`'s `database` module (helper `dbengine`). Until it is merged every
-//! database task fails as unsupported and this test fails at its first wait.
+//! The second test runs the same shape, shorter, with Redis (backed up to a directory) and MariaDB
+//! (backed up to S3: moto on 127.0.0.1), and makes the S3 target fail.
 
 use std::time::Duration;
 
@@ -276,4 +276,253 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
         );
     }
     drop(n2);
+}
+
+/// The app of the Redis and MariaDB test: serves at once, waits for both databases, seeds each only when
+/// it is new (100 keys beside a `seeded` marker; 100 rows), then serves both counts: `100 101`.
+fn two_engines_sh() -> String {
+    "/bin/busybox httpd -f -p 127.0.0.1:$PORT -h www &\n\
+     rm -f www/count\n\
+     u=${STORE_URL#mysql://}; user=${u%%:*}; rest=${u#*:}; pw=${rest%%@*}; hp=${rest#*@}\n\
+     hostport=${hp%%/*}; db=${hp#*/}; host=${hostport%:*}; port=${hostport##*:}\n\
+     m() { mariadb -h \"$host\" -P \"$port\" -u \"$user\" -p\"$pw\" \"$db\" \"$@\"; }\n\
+     r() { redis-cli --no-auth-warning -u \"$CACHE_URL\" \"$@\"; }\n\
+     until m -e 'SELECT 1' >/dev/null 2>&1; do sleep 0.2; done\n\
+     until r PING 2>/dev/null | grep -q PONG; do sleep 0.2; done\n\
+     if m -e 'CREATE TABLE items (i int PRIMARY KEY)' >/dev/null 2>&1; then\n\
+       m -e 'INSERT INTO items SELECT seq FROM seq_1_to_100'\n\
+     fi\n\
+     if [ \"$(r SETNX seeded 1)\" = 1 ]; then\n\
+       seq 1 100 | sed 's/.*/SET k& v&/' | r >/dev/null\n\
+     fi\n\
+     echo \"$(m -N -e 'SELECT count(*) FROM items') $(r DBSIZE)\" > www/count.tmp && mv www/count.tmp www/count\n\
+     wait\n"
+        .to_owned()
+}
+
+/// A Redis database backed up to a directory and a MariaDB one to S3 (moto on 127.0.0.1, its endpoint
+/// and keys as age secrets), both on n1, attached to one app on n2. Each is backed up (the object's
+/// SHA-256 is the ledger's), restored beside the original and swapped in: the app, released again,
+/// counts what came back from the backups. Then the S3 target stops answering: the backup row says why
+/// and the database is red in `cairn db list` and `cairn status`. The S3 secret key appears in no log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
+    const TEST: &str = "redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap";
+    for bin in [
+        "/usr/bin/redis-server",
+        "/usr/bin/redis-cli",
+        "/usr/sbin/mariadbd",
+        "/usr/bin/mariadb",
+        "/usr/bin/mariadb-dump",
+    ] {
+        if !std::path::Path::new(bin).is_file() {
+            cairn_testkit::skip::missing(TEST, "Debian's Redis and MariaDB servers", bin);
+            return;
+        }
+    }
+    let Some(mut e) = E2e::new(TEST, &[Driver::Process]).await else {
+        return;
+    };
+    let Some(mut moto) = cairn_testkit::s3::Moto::start(TEST, e.scratch.path()).await else {
+        return;
+    };
+    moto.create_bucket("backups").await;
+    std::fs::set_permissions(
+        e.scratch.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
+    let backups = e.scratch.path().join("backups");
+    std::fs::create_dir_all(&backups).unwrap();
+    std::fs::set_permissions(
+        &backups,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let s3_secret = format!("s3-secret-canary-{}", e.installation);
+    let secret = |key: &str, value: &str| {
+        let ct = cairn_schema::secret::encrypt(value.as_bytes(), &[e.recipient()]).unwrap();
+        format!("{key} = {{ secret = \"\"\"\n{}\"\"\" }}\n", ct.as_str())
+    };
+    e.repo.write(
+        "databases.toml",
+        &format!(
+            "[database.cache]\nengine = \"redis\"\nversion = \"7\"\nplan = \"small\"\nnode = \"n1\"\n\
+             backup = {{ schedule = \"0 3 * * *\", keep = 5, to = \"dir:{dir}\" }}\n\n\
+             [database.store]\nengine = \"mariadb\"\nversion = \"10.11\"\nplan = \"small\"\nnode = \"n1\"\n\n\
+             [database.store.backup]\nschedule = \"0 3 * * *\"\nkeep = 5\nto = \"s3://backups/nightly\"\n\
+             endpoint = \"{endpoint}\"\nregion = \"{region}\"\n{id}{key}",
+            dir = backups.display(),
+            endpoint = moto.endpoint,
+            region = cairn_testkit::s3::Moto::REGION,
+            id = secret("access_key_id", cairn_testkit::s3::Moto::ACCESS_KEY_ID),
+            key = secret("secret_access_key", &s3_secret),
+        ),
+    );
+    e.repo.write(
+        "runtimes-engines.toml",
+        "[runtime.engines]\ndrivers = [\"process\"]\nstart = \"sh ./run.sh\"\nport = 8080\n",
+    );
+    let app = e.app(
+        "twodb",
+        "engines",
+        1,
+        &[
+            ("run.sh", two_engines_sh()),
+            ("www/healthz", "ok\n".to_owned()),
+        ],
+    );
+    e.repo.write(
+        &format!("app-{}.toml", app.name),
+        &format!(
+            "[app.{n}]\nplan = \"small\"\nruntime = \"engines\"\nreplicas = 1\n\
+             health = {{ path = \"/healthz\", timeout = \"2s\" }}\n\
+             databases = {{ cache = \"CACHE_URL\", store = \"STORE_URL\" }}\n\
+             placement = {{ labels = {{ app = \"yes\" }} }}\n\n\
+             [app.{n}.source]\nurl = \"{u}\"\nbranch = \"main\"\n",
+            n = app.name,
+            u = app.source.url,
+        ),
+    );
+    e.repo.node("n1", "");
+    e.repo.node("n2", "labels = { app = \"yes\" }\n");
+    let plane = e.start(&[]).await;
+    let _n1 = e.agent(&plane, "n1", Driver::Process, &[]).await;
+    let n2 = e.agent(&plane, "n2", Driver::Process, &[]).await;
+    let count = |proxy| {
+        let host = app.host.clone();
+        async move {
+            match get(proxy, &host, "/count").await {
+                Ok((200, body)) => Some(body.trim().to_owned()),
+                _ => None,
+            }
+        }
+    };
+    let first = wait_for("the app counts keys and rows", WAIT, || count(n2.proxy)).await;
+    assert_eq!(first, "100 101");
+
+    // A backup of each now: the directory's file and the S3 object have the ledger's SHA-256.
+    let backed_up = |db: &'static str| {
+        let plane = &plane;
+        async move {
+            let out = plane.cairn(&["db", "backup", db]);
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            wait_for(&format!("the backup of {db}"), WAIT, || async {
+                let rows = plane
+                    .rows(&format!(
+                        "SELECT state, object, sha256, bytes, error FROM database_backups \
+                         WHERE database = '{db}' ORDER BY id DESC LIMIT 1"
+                    ))
+                    .await;
+                let r = rows.into_iter().next()?;
+                assert_ne!(r["state"], "failed", "the backup of {db} failed: {r}");
+                (r["state"] == "ok").then_some(r)
+            })
+            .await
+        }
+    };
+    // coreutils' sha256sum of a file.
+    let sha256 = |path: &std::path::Path| {
+        let out = std::process::Command::new("sha256sum")
+            .arg(path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let cache = backed_up("cache").await;
+    let file = backups.join(cache["object"].as_str().unwrap());
+    assert_eq!(Some(sha256(&file).as_str()), cache["sha256"].as_str());
+    let store = backed_up("store").await;
+    let object = reqwest::get(format!(
+        "{}/backups/nightly/{}",
+        moto.endpoint,
+        store["object"].as_str().unwrap()
+    ))
+    .await
+    .unwrap();
+    assert_eq!(object.status(), 200);
+    let object = object.bytes().await.unwrap();
+    assert_eq!(object.len() as i64, store["bytes"].as_i64().unwrap());
+    let fetched = e.scratch.path().join("store-object");
+    std::fs::write(&fetched, &object).unwrap();
+    assert_eq!(Some(sha256(&fetched).as_str()), store["sha256"].as_str());
+
+    // Each restored beside its original and swapped in: the app counts what came from the backups.
+    for db in ["cache", "store"] {
+        let into = format!("{db}-restored");
+        let out = plane.cairn(&["db", "restore", db, "--latest", "--into", &into]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        wait_for(&format!("the restore of {db}"), WAIT, || async {
+            let rows = plane
+                .rows("SELECT status FROM tasks WHERE kind = 'db_restore' ORDER BY id DESC LIMIT 1")
+                .await;
+            let s = rows.first()?["status"].as_str()?.to_owned();
+            assert_ne!(s, "dead", "the restore of {db} failed");
+            (s == "done").then_some(())
+        })
+        .await;
+        let before = release_count(&plane, &app.name).await;
+        let out = plane.cairn(&["db", "swap", db, &into]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        wait_for(&format!("the swap of {db} releases the app"), WAIT, || async {
+            (release_count(&plane, &app.name).await > before).then_some(())
+        })
+        .await;
+        let newest = release_count(&plane, &app.name).await;
+        plane.wait_release(&app.name, newest, "live", WAIT).await;
+    }
+    let instances = plane
+        .rows("SELECT name, instance FROM databases ORDER BY name")
+        .await;
+    assert_eq!(instances[0]["instance"], "cache-restored", "{instances:?}");
+    assert_eq!(instances[1]["instance"], "store-restored", "{instances:?}");
+    wait_for("the app on the restored instances counts", WAIT, || async {
+        (count(n2.proxy).await.as_deref() == Some("100 101")).then_some(())
+    })
+    .await;
+
+    // The S3 target stops answering: the row says why, and the database is red.
+    moto.stop();
+    let out = plane.cairn(&["db", "backup", "store"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let failed = wait_for("the backup to S3 fails for good", WAIT, || async {
+        let rows = plane
+            .rows(
+                "SELECT state, error FROM database_backups WHERE database = 'store' \
+                 ORDER BY id DESC LIMIT 1",
+            )
+            .await;
+        let r = rows.into_iter().next()?;
+        (r["state"] == "failed").then_some(r)
+    })
+    .await;
+    let why = failed["error"].as_str().unwrap_or_default();
+    assert!(!why.is_empty(), "the row says why: {failed}");
+    assert!(!why.contains(&s3_secret), "{why}");
+    let out = plane.cairn(&["db", "list", "--json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let store = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "store")
+        .unwrap();
+    assert_eq!(store["backup_overdue"], true, "{store}");
+    let status = plane.cairn(&["status"]);
+    let status = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(
+        status.contains("store") && status.contains("last backup failed"),
+        "{status}"
+    );
+    for (path, log) in e.logs() {
+        assert!(
+            !log.contains(&s3_secret),
+            "the S3 secret key is in {}",
+            path.display()
+        );
+    }
 }
