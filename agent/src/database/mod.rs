@@ -300,27 +300,16 @@ pub async fn counts(instance: &Instance, login: &Login) -> Result<BTreeMap<Strin
     }
 }
 
-/// The URL an attached app receives (`postgres://user:password@host:port/db`, `redis://...`,
-/// `mysql://...`), its password percent-encoded; a secret.
+/// The URL an attached app receives ([`cairn_schema::database::url`]); a secret.
 pub fn url(instance: &Instance, login: &Login, host: &str) -> Secret {
-    let scheme = match instance.engine {
-        Engine::Postgres => "postgres",
-        Engine::Redis => "redis",
-        Engine::Mariadb => "mysql",
-    };
-    let host = if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]")
-    } else {
-        host.to_owned()
-    };
-    let mut out = format!("{scheme}://{}:", encode(login.user.as_bytes()));
-    out.push_str(&encode(login.password.expose()));
-    out.push_str(&format!(
-        "@{host}:{}/{}",
+    cairn_schema::database::url(
+        instance.engine,
+        &login.user,
+        login.password.expose(),
+        host,
         instance.port,
-        encode(login.database.as_bytes())
-    ));
-    Secret::new(out.into_bytes())
+        &login.database,
+    )
 }
 
 /// `name|count` lines.
@@ -340,26 +329,13 @@ fn parse_counts(out: &str) -> Result<BTreeMap<String, u64>, DbError> {
         .collect()
 }
 
-/// RFC 3986 percent-encoding of everything but the unreserved characters.
-fn encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len());
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// The secrets an operation may meet: the login's password, the instance's admin password, the
 /// target's keys.
 fn scrub_for(instance: &Instance, login: Option<&Login>, target: Option<&Target>) -> Scrub {
     let mut scrub = Scrub::default();
     if let Some(pw) = login.and_then(|l| l.password.expose_str().ok()) {
         scrub.add(pw);
-        scrub.add(encode(pw.as_bytes()));
+        scrub.add(cairn_schema::database::percent_encode(pw.as_bytes()));
     }
     if let Ok(pw) = std::fs::read_to_string(instance.dir.join("admin.password")) {
         scrub.add(pw.trim());

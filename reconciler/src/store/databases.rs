@@ -343,17 +343,16 @@ pub fn seal_login(password: &Secret, recipient: &Recipient) -> Result<String, Cr
     Ok(ct.as_str().to_owned())
 }
 
-/// The URL an attached app gets for `row` reached at `host`: `postgres://app:PW@host:port/db`,
-/// `redis://:PW@host:port/0` or `mysql://app:PW@host:port/db`. A secret.
+/// The URL an attached app gets for `row` reached at `host` ([`cairn_schema::database::url`]: the
+/// login's user in it for every engine, Redis's an ACL user). A secret.
 pub fn url(row: &InstanceRow, password: &Secret, host: &str) -> Result<Secret, CredentialError> {
-    let p = password.expose_str().map_err(CredentialError::Encrypt)?;
-    let (scheme, user) = match row.engine {
-        cairn_schema::database::Engine::Postgres => ("postgres", row.user.as_str()),
-        cairn_schema::database::Engine::Redis => ("redis", ""),
-        cairn_schema::database::Engine::Mariadb => ("mysql", row.user.as_str()),
-    };
-    Ok(Secret::new(
-        format!("{scheme}://{user}:{p}@{host}:{}/{}", row.port, row.db).into_bytes(),
+    Ok(cairn_schema::database::url(
+        row.engine,
+        &row.user,
+        password.expose(),
+        host,
+        row.port,
+        &row.db,
     ))
 }
 

@@ -287,8 +287,8 @@ fn two_engines_sh() -> String {
      hostport=${hp%%/*}; db=${hp#*/}; host=${hostport%:*}; port=${hostport##*:}\n\
      m() { mariadb -h \"$host\" -P \"$port\" -u \"$user\" -p\"$pw\" \"$db\" \"$@\"; }\n\
      r() { redis-cli --no-auth-warning -u \"$CACHE_URL\" \"$@\"; }\n\
-     until m -e 'SELECT 1' >/dev/null 2>&1; do sleep 0.2; done\n\
-     until r PING 2>/dev/null | grep -q PONG; do sleep 0.2; done\n\
+     n=0; until m -e 'SELECT 1' >/dev/null 2>&1; do n=$((n+1)); [ $n = 25 ] && m -e 'SELECT 1'; sleep 0.2; done\n\
+     n=0; until r PING 2>/dev/null | grep -q PONG; do n=$((n+1)); [ $n = 25 ] && r PING; sleep 0.2; done\n\
      if m -e 'CREATE TABLE items (i int PRIMARY KEY)' >/dev/null 2>&1; then\n\
        m -e 'INSERT INTO items SELECT seq FROM seq_1_to_100'\n\
      fi\n\
@@ -406,7 +406,11 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
         let plane = &plane;
         async move {
             let out = plane.cairn(&["db", "backup", db]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             wait_for(&format!("the backup of {db}"), WAIT, || async {
                 let rows = plane
                     .rows(&format!(
@@ -455,7 +459,11 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
     for db in ["cache", "store"] {
         let into = format!("{db}-restored");
         let out = plane.cairn(&["db", "restore", db, "--latest", "--into", &into]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         wait_for(&format!("the restore of {db}"), WAIT, || async {
             let rows = plane
                 .rows("SELECT status FROM tasks WHERE kind = 'db_restore' ORDER BY id DESC LIMIT 1")
@@ -467,10 +475,16 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
         .await;
         let before = release_count(&plane, &app.name).await;
         let out = plane.cairn(&["db", "swap", db, &into]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        wait_for(&format!("the swap of {db} releases the app"), WAIT, || async {
-            (release_count(&plane, &app.name).await > before).then_some(())
-        })
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        wait_for(
+            &format!("the swap of {db} releases the app"),
+            WAIT,
+            || async { (release_count(&plane, &app.name).await > before).then_some(()) },
+        )
         .await;
         let newest = release_count(&plane, &app.name).await;
         plane.wait_release(&app.name, newest, "live", WAIT).await;
@@ -488,7 +502,11 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
     // The S3 target stops answering: the row says why, and the database is red.
     moto.stop();
     let out = plane.cairn(&["db", "backup", "store"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let failed = wait_for("the backup to S3 fails for good", WAIT, || async {
         let rows = plane
             .rows(
