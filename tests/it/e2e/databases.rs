@@ -56,6 +56,67 @@ async fn release_count(plane: &super::support::Plane, app: &str) -> i64 {
         .unwrap()
 }
 
+/// The directories a test's databases need: the scratch directory passable by the engines' accounts
+/// (their instances live below it, under `<data-dir>-databases`, as they would below /var/lib), and a
+/// backups directory every account may write. Returns the backups directory.
+fn database_dirs(e: &E2e) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(e.scratch.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let backups = e.scratch.path().join("backups");
+    std::fs::create_dir_all(&backups).unwrap();
+    std::fs::set_permissions(&backups, std::fs::Permissions::from_mode(0o777)).unwrap();
+    backups
+}
+
+/// `cairn ARGS` against the plane's database, which must succeed.
+fn cairn_ok(plane: &super::support::Plane, args: &[&str]) {
+    let out = plane.cairn(args);
+    assert!(
+        out.status.success(),
+        "cairn {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What the app serves at `/count` through `proxy`, once it answers.
+async fn served_count(proxy: std::net::SocketAddr, host: &str) -> Option<String> {
+    match get(proxy, host, "/count").await {
+        Ok((200, body)) => Some(body.trim().to_owned()),
+        _ => None,
+    }
+}
+
+/// Runs `cairn ARGS`, which must release `app` again, and waits for that release to be live.
+async fn releases_again(plane: &super::support::Plane, app: &str, args: &[&str]) {
+    let before = release_count(plane, app).await;
+    cairn_ok(plane, args);
+    wait_for(
+        &format!("`cairn {}` releases the app", args.join(" ")),
+        WAIT,
+        || async { (release_count(plane, app).await > before).then_some(()) },
+    )
+    .await;
+    // What the test reads next comes from the new release's replica, not the one it replaces.
+    let newest = release_count(plane, app).await;
+    plane.wait_release(app, newest, "live", WAIT).await;
+}
+
+/// Restores `db`'s latest backup into a new instance `into` beside the original, then swaps it in.
+async fn restore_beside_and_swap(plane: &super::support::Plane, app: &str, db: &str, into: &str) {
+    cairn_ok(plane, &["db", "restore", db, "--latest", "--into", into]);
+    wait_for(&format!("the restore of {db}"), WAIT, || async {
+        let rows = plane
+            .rows("SELECT status FROM tasks WHERE kind = 'db_restore' ORDER BY id DESC LIMIT 1")
+            .await;
+        let s = rows.first()?["status"].as_str()?.to_owned();
+        assert_ne!(s, "dead", "the restore of {db} failed");
+        (s == "done").then_some(())
+    })
+    .await;
+    releases_again(plane, app, &["db", "swap", db, into]).await;
+}
+
 fn database(node: &str, backups: &std::path::Path) -> String {
     format!(
         "[database.main]\nengine = \"postgres\"\nversion = \"15\"\nplan = \"small\"\nnode = \"{node}\"\n\
@@ -81,20 +142,7 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     let Some(mut e) = E2e::new(TEST, &[Driver::Process]).await else {
         return;
     };
-    // The engine's account reaches its instance (under `<data-dir>-databases`) through the scratch
-    // directory, as it would through /var/lib.
-    std::fs::set_permissions(
-        e.scratch.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .unwrap();
-    let backups = e.scratch.path().join("backups");
-    std::fs::create_dir_all(&backups).unwrap();
-    std::fs::set_permissions(
-        &backups,
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let backups = database_dirs(&e);
     e.repo.write(
         "runtimes-psql.toml",
         "[runtime.psql]\ndrivers = [\"process\"]\nstart = \"sh ./run.sh\"\nport = 8080\n",
@@ -123,25 +171,12 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     let n2 = e.agent(&plane, "n2", Driver::Process, &[]).await;
 
     // The app writes its 1,000 rows through the URL it was given.
-    let count = |proxy| {
-        let host = app.host.clone();
-        async move {
-            match get(proxy, &host, "/count").await {
-                Ok((200, body)) => Some(body.trim().to_owned()),
-                _ => None,
-            }
-        }
-    };
+    let count = |proxy| served_count(proxy, &app.host);
     let first = wait_for("the app counts its rows", WAIT, || count(n2.proxy)).await;
     assert_eq!(first, "1000");
 
     // A backup now: the file's SHA-256 is the ledger's.
-    let out = plane.cairn(&["db", "backup", "main"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cairn_ok(&plane, &["db", "backup", "main"]);
     let row = wait_for("the backup is recorded", WAIT, || async {
         let rows = plane
             .rows("SELECT state, object, sha256, bytes, error FROM database_backups ORDER BY id DESC LIMIT 1")
@@ -168,42 +203,7 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     );
 
     // Restore beside the original and swap: the app is released again and finds the restored rows.
-    let out = plane.cairn(&[
-        "db",
-        "restore",
-        "main",
-        "--latest",
-        "--into",
-        "main-restored",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for("the restore is done", WAIT, || async {
-        let rows = plane
-            .rows("SELECT status FROM tasks WHERE kind = 'db_restore' ORDER BY id DESC LIMIT 1")
-            .await;
-        let s = rows.first()?["status"].as_str()?.to_owned();
-        assert_ne!(s, "dead", "the restore failed");
-        (s == "done").then_some(())
-    })
-    .await;
-    let before = release_count(&plane, &app.name).await;
-    let out = plane.cairn(&["db", "swap", "main", "main-restored"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for("the swap releases the app", WAIT, || async {
-        (release_count(&plane, &app.name).await > before).then_some(())
-    })
-    .await;
-    // Counted by the new release's replica, not the one it replaces.
-    let newest = release_count(&plane, &app.name).await;
-    plane.wait_release(&app.name, newest, "live", WAIT).await;
+    restore_beside_and_swap(&plane, &app.name, "main", "main-restored").await;
     wait_for(
         "the app on the restored instance counts 1000",
         WAIT,
@@ -212,20 +212,7 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     .await;
 
     // Rotate: a new login; the app keeps working with it.
-    let before = release_count(&plane, &app.name).await;
-    let out = plane.cairn(&["db", "rotate", "main"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    wait_for("the rotation releases the app", WAIT, || async {
-        (release_count(&plane, &app.name).await > before).then_some(())
-    })
-    .await;
-    // Counted by the new release's replica, not the one it replaces.
-    let newest = release_count(&plane, &app.name).await;
-    plane.wait_release(&app.name, newest, "live", WAIT).await;
+    releases_again(&plane, &app.name, &["db", "rotate", "main"]).await;
     wait_for("the app works after the rotation", WAIT, || async {
         (count(n2.proxy).await.as_deref() == Some("1000")).then_some(())
     })
@@ -248,12 +235,7 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     e.repo.write("databases.toml", &database("n2", &backups));
     e.repo.commit();
     plane.wait_generation(generation + 1).await;
-    let out = plane.cairn(&["db", "restore", "main", "--latest"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cairn_ok(&plane, &["db", "restore", "main", "--latest"]);
     wait_for("the moved database has its rows back", WAIT, || async {
         (count(n2.proxy).await.as_deref() == Some("1000")).then_some(())
     })
@@ -327,18 +309,7 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
         return;
     };
     moto.create_bucket("backups").await;
-    std::fs::set_permissions(
-        e.scratch.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o711),
-    )
-    .unwrap();
-    let backups = e.scratch.path().join("backups");
-    std::fs::create_dir_all(&backups).unwrap();
-    std::fs::set_permissions(
-        &backups,
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
+    let backups = database_dirs(&e);
     let s3_secret = format!("s3-secret-canary-{}", e.installation);
     let secret = |key: &str, value: &str| {
         let ct = cairn_schema::secret::encrypt(value.as_bytes(), &[e.recipient()]).unwrap();
@@ -389,15 +360,7 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
     let plane = e.start(&[]).await;
     let _n1 = e.agent(&plane, "n1", Driver::Process, &[]).await;
     let n2 = e.agent(&plane, "n2", Driver::Process, &[]).await;
-    let count = |proxy| {
-        let host = app.host.clone();
-        async move {
-            match get(proxy, &host, "/count").await {
-                Ok((200, body)) => Some(body.trim().to_owned()),
-                _ => None,
-            }
-        }
-    };
+    let count = |proxy| served_count(proxy, &app.host);
     let first = wait_for("the app counts keys and rows", WAIT, || count(n2.proxy)).await;
     assert_eq!(first, "100 101");
 
@@ -405,12 +368,7 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
     let backed_up = |db: &'static str| {
         let plane = &plane;
         async move {
-            let out = plane.cairn(&["db", "backup", db]);
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            cairn_ok(plane, &["db", "backup", db]);
             wait_for(&format!("the backup of {db}"), WAIT, || async {
                 let rows = plane
                     .rows(&format!(
@@ -457,37 +415,7 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
 
     // Each restored beside its original and swapped in: the app counts what came from the backups.
     for db in ["cache", "store"] {
-        let into = format!("{db}-restored");
-        let out = plane.cairn(&["db", "restore", db, "--latest", "--into", &into]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        wait_for(&format!("the restore of {db}"), WAIT, || async {
-            let rows = plane
-                .rows("SELECT status FROM tasks WHERE kind = 'db_restore' ORDER BY id DESC LIMIT 1")
-                .await;
-            let s = rows.first()?["status"].as_str()?.to_owned();
-            assert_ne!(s, "dead", "the restore of {db} failed");
-            (s == "done").then_some(())
-        })
-        .await;
-        let before = release_count(&plane, &app.name).await;
-        let out = plane.cairn(&["db", "swap", db, &into]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        wait_for(
-            &format!("the swap of {db} releases the app"),
-            WAIT,
-            || async { (release_count(&plane, &app.name).await > before).then_some(()) },
-        )
-        .await;
-        let newest = release_count(&plane, &app.name).await;
-        plane.wait_release(&app.name, newest, "live", WAIT).await;
+        restore_beside_and_swap(&plane, &app.name, db, &format!("{db}-restored")).await;
     }
     let instances = plane
         .rows("SELECT name, instance FROM databases ORDER BY name")
@@ -501,12 +429,7 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
 
     // The S3 target stops answering: the row says why, and the database is red.
     moto.stop();
-    let out = plane.cairn(&["db", "backup", "store"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cairn_ok(&plane, &["db", "backup", "store"]);
     let failed = wait_for("the backup to S3 fails for good", WAIT, || async {
         let rows = plane
             .rows(
