@@ -214,6 +214,22 @@ async fn the_dashboard_in_a_real_browser() {
     let a = e.app("web", "ui-app", 1, &site("v1", true));
     let (app, host, src) = (a.name.clone(), a.host.clone(), &a.source);
     e.repo.node("n1", "");
+    // A notification sink whose receiver is not there: its test page shows why.
+    let seal = |v: &str| {
+        cairn_schema::secret::encrypt(v.as_bytes(), &[e.recipient()])
+            .unwrap()
+            .as_str()
+            .to_owned()
+    };
+    e.repo.write(
+        "notify.toml",
+        &format!(
+            "[notify.ops]\nkind = \"webhook\"\nevents = [\"certificate.expiring\"]\n\
+             url = {{ secret = \"\"\"\n{}\"\"\" }}\nsigning_secret = {{ secret = \"\"\"\n{}\"\"\" }}\n",
+            seal("http://127.0.0.1:9/hooks"),
+            seal("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSwMfKQ9r8GKYo="),
+        ),
+    );
     // Streams end every 2 s: the browser reconnects by itself (Last-Event-ID) while a build prints.
     let plane = e.start(&["--ui-stream-lifetime", "2s"]).await;
     let agent = e.agent(&plane, "n1", Driver::Process, &[]).await;
@@ -287,6 +303,14 @@ async fn the_dashboard_in_a_real_browser() {
         browser.wait_text("h1", "");
         inspect(&mut browser, name);
     }
+    // A sink's test, confirmed: the receiver's answer (here: none, and why).
+    browser.get(&format!("{base}/ui/deliveries"));
+    browser.click("#sinks a.button");
+    browser.wait_text("h1", "Send a test");
+    browser.click("#confirm button[type=submit]");
+    browser.wait_text("h1", "Test sent to ops");
+    browser.wait_text("#tested", "no answer");
+    inspect(&mut browser, "sink-tested");
     let violations = browser.csp_violations();
     assert!(violations.is_empty(), "CSP violations: {violations:?}");
 
