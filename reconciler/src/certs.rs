@@ -66,8 +66,9 @@ pub const CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
 
 /// The ACME answers every ingress node must give: HTTP-01 tokens (and the self-probe's) and
-/// TLS-ALPN-01 digests. Cheap to clone (one shared set); every change is published to
-/// [`Challenges::subscribe`]rs, which is how the answers travel to the agents.
+/// TLS-ALPN-01 digests, as this replica's worker puts them up. Cheap to clone (one shared set); every
+/// change is published to [`Challenges::subscribe`]rs: `routes::refresh_loop` stores the set
+/// (`store::tls`), from which every replica's route table takes the answers to its agents.
 #[derive(Debug, Clone)]
 pub struct Challenges {
     tx: Arc<watch::Sender<Arc<ChallengeSet>>>,

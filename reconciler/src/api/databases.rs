@@ -51,7 +51,7 @@ impl From<DbOpError> for ApiError {
     }
 }
 
-fn db_name(s: &str) -> Result<Name, ApiError> {
+pub(super) fn db_name(s: &str) -> Result<Name, ApiError> {
     Name::new(s).map_err(|e| ApiError::BadRequest(format!("`{s}` is not a database name: {e}")))
 }
 

@@ -53,12 +53,9 @@ impl DbRow {
     }
 }
 
+/// A database's name from the path (the admin API's check and message).
 fn db_name(s: &str) -> Result<Name, Response> {
-    Name::new(s).map_err(|e| {
-        error_page(ApiError::BadRequest(format!(
-            "`{s}` is not a database name: {e}"
-        )))
-    })
+    super::super::databases::db_name(s).map_err(error_page)
 }
 
 /// The databases attached to `app` as applied, with the env var each arrives in.
