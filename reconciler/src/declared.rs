@@ -14,7 +14,8 @@ use cairn_schema::model::Origin;
 use cairn_schema::{Kind, Name};
 use sqlx::PgPool;
 
-use crate::store::{Op as _, StoreError};
+use crate::store::StoreError;
+use crate::store::declarations as store;
 
 /// The kinds with a page of their own, so a declaration worth storing.
 const KINDS: [Kind; 2] = [Kind::App, Kind::Node];
@@ -72,41 +73,20 @@ impl Declarations {
             .collect();
         let gone: Vec<&(Kind, Name)> = before.keys().filter(|k| !now.contains_key(*k)).collect();
         if !moved.is_empty() || !gone.is_empty() {
-            let mut tx = pool.begin().await.op("record declarations")?;
-            if !gone.is_empty() {
-                sqlx::query(
-                    "DELETE FROM declarations d USING unnest($1::text[], $2::text[]) g(kind, name)
-                     WHERE d.kind = g.kind AND d.name = g.name",
-                )
-                .bind(gone.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>())
-                .bind(gone.iter().map(|(_, n)| n.as_str()).collect::<Vec<_>>())
-                .execute(&mut *tx)
-                .await
-                .op("delete declarations")?;
-            }
-            for chunk in moved.chunks(10_000) {
-                sqlx::query(
-                    "INSERT INTO declarations (kind, name, commit, path, line)
-                     SELECT m.kind, m.name, $1, m.path, m.line
-                     FROM unnest($2::text[], $3::text[], $4::text[], $5::int[]) m(kind, name, path, line)
-                     ON CONFLICT (kind, name) DO UPDATE SET
-                         commit = EXCLUDED.commit, path = EXCLUDED.path, line = EXCLUDED.line",
-                )
-                .bind(commit)
-                .bind(chunk.iter().map(|((k, _), _)| k.as_str()).collect::<Vec<_>>())
-                .bind(chunk.iter().map(|((_, n), _)| n.as_str()).collect::<Vec<_>>())
-                .bind(chunk.iter().map(|(_, (p, _))| p.as_str()).collect::<Vec<_>>())
-                .bind(
-                    chunk
-                        .iter()
-                        .map(|(_, (_, l))| i32::try_from(*l).unwrap_or(i32::MAX))
-                        .collect::<Vec<_>>(),
-                )
-                .execute(&mut *tx)
-                .await
-                .op("write declarations")?;
-            }
-            tx.commit().await.op("record declarations")?;
+            let gone: Vec<(&str, &str)> =
+                gone.iter().map(|(k, n)| (k.as_str(), n.as_str())).collect();
+            let moved: Vec<(&str, &str, &str, i32)> = moved
+                .iter()
+                .map(|((k, n), (p, l))| {
+                    (
+                        k.as_str(),
+                        n.as_str(),
+                        p.as_str(),
+                        i32::try_from(*l).unwrap_or(i32::MAX),
+                    )
+                })
+                .collect();
+            store::write(pool, commit, &gone, &moved).await?;
         }
         *last = Some(Written {
             commit: commit.to_owned(),
@@ -118,11 +98,7 @@ impl Declarations {
 
 /// Every stored declaration.
 async fn stored(pool: &PgPool) -> Result<Places, StoreError> {
-    let rows: Vec<(String, String, String, i32)> =
-        sqlx::query_as("SELECT kind, name, path, line FROM declarations")
-            .fetch_all(pool)
-            .await
-            .op("read declarations")?;
+    let rows = store::all(pool).await?;
     Ok(rows
         .into_iter()
         .filter_map(|(kind, name, path, line)| {
@@ -143,13 +119,7 @@ pub async fn lookup(
     name: &Name,
     browse: Option<&str>,
 ) -> Result<Option<Declared>, StoreError> {
-    let row: Option<(String, String, i32)> =
-        sqlx::query_as("SELECT commit, path, line FROM declarations WHERE kind = $1 AND name = $2")
-            .bind(kind.as_str())
-            .bind(name.as_str())
-            .fetch_optional(pool)
-            .await
-            .op("read a declaration")?;
+    let row = store::one(pool, kind.as_str(), name.as_str()).await?;
     Ok(row.map(|(commit, path, line)| Declared {
         at: format!("{path}:{line}"),
         href: browse.map(|base| {

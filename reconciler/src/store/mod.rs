@@ -39,6 +39,7 @@
 pub mod certs;
 pub mod changes;
 pub mod databases;
+pub mod declarations;
 pub(crate) mod decode;
 pub mod events;
 pub mod failover;
