@@ -28,8 +28,18 @@ pub fn venv(test: &str, name: &str, packages: &[&str], import: &str) -> Option<P
     if ready(&py) {
         return Some(py);
     }
-    // Made beside and renamed into place, so tests starting together never use a half-made venv (its
-    // users run `python -m ...`, never the console scripts whose first line names the temporary path).
+    // One maker at a time across test processes (an exclusive lock on `NAME.lock`, released when the
+    // file closes): a second maker finishing later would otherwise replace the venv under a server
+    // already running from it. Whoever gets the lock second finds it made.
+    let _ = std::fs::create_dir_all(root());
+    let lock = std::fs::File::create(dir.with_extension("lock"));
+    let _held = lock.as_ref().ok().map(|f| f.lock());
+    if ready(&py) {
+        return Some(py);
+    }
+    // Made beside and renamed into place, so a crash never leaves a half-made venv where a later run
+    // would look (its users run `python -m ...`, never the console scripts whose first line names the
+    // temporary path).
     let tmp = dir.with_extension(format!("tmp-{}", std::process::id()));
     let made = Command::new("python3")
         .args(["-m", "venv"])

@@ -306,6 +306,14 @@ async fn a_node_flapping_five_times_is_summarised_and_every_unsent_change_says_w
             || async { (node_a(&plane).await.as_deref() == Some("online")).then_some(()) },
         )
         .await;
+        // The join marks the node online before the agent has written the credential it got back: a
+        // kill in between would leave the next run with neither a credential nor a token.
+        wait_for(
+            "a's credential on disk",
+            Duration::from_secs(30),
+            || async { dir.join("credential.json").exists().then_some(()) },
+        )
+        .await;
         a.kill();
         wait_for(
             &format!("a offline ({flap})"),
