@@ -546,9 +546,7 @@ impl Agent {
             TaskKind::Stop => SlotState::Stopped,
             TaskKind::Remove => SlotState::Removed,
             // Database tasks never reach the book (they run before a slot is looked at).
-            TaskKind::DbEnsure | TaskKind::DbStop | TaskKind::DbBackup | TaskKind::DbRestore => {
-                return;
-            }
+            _ => return,
         };
         let rec = SlotRecord {
             release: w.release,

@@ -234,10 +234,19 @@ pub enum TaskKind {
     /// Restore a backup into a (new, empty) instance.
     #[serde(rename = "db_restore")]
     DbRestore,
+    /// Restore a backup into a scratch server and compare its row counts with the backup's.
+    #[serde(rename = "db_verify")]
+    DbVerify,
+    /// Dump an instance into a new instance of another version beside it (a `version` change).
+    #[serde(rename = "db_upgrade")]
+    DbUpgrade,
+    /// Stop an instance and delete its data (an explicit drop, or `cairn db finish-upgrade`).
+    #[serde(rename = "db_drop")]
+    DbDrop,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 9] = [
+    pub const ALL: [TaskKind; 12] = [
         TaskKind::Deploy,
         TaskKind::Stop,
         TaskKind::Start,
@@ -247,13 +256,22 @@ impl TaskKind {
         TaskKind::DbStop,
         TaskKind::DbBackup,
         TaskKind::DbRestore,
+        TaskKind::DbVerify,
+        TaskKind::DbUpgrade,
+        TaskKind::DbDrop,
     ];
 
     /// Whether it acts on a managed database (its `app` is the database's name, it has no slot).
     pub const fn is_database(self) -> bool {
         matches!(
             self,
-            TaskKind::DbEnsure | TaskKind::DbStop | TaskKind::DbBackup | TaskKind::DbRestore
+            TaskKind::DbEnsure
+                | TaskKind::DbStop
+                | TaskKind::DbBackup
+                | TaskKind::DbRestore
+                | TaskKind::DbVerify
+                | TaskKind::DbUpgrade
+                | TaskKind::DbDrop
         )
     }
 
@@ -269,6 +287,9 @@ impl TaskKind {
             TaskKind::DbStop => "db_stop",
             TaskKind::DbBackup => "db_backup",
             TaskKind::DbRestore => "db_restore",
+            TaskKind::DbVerify => "db_verify",
+            TaskKind::DbUpgrade => "db_upgrade",
+            TaskKind::DbDrop => "db_drop",
         }
     }
 
@@ -778,7 +799,10 @@ mod tests {
                 "db_ensure",
                 "db_stop",
                 "db_backup",
-                "db_restore"
+                "db_restore",
+                "db_verify",
+                "db_upgrade",
+                "db_drop"
             ]
         );
         assert_eq!(
