@@ -101,12 +101,22 @@ pub fn next_databases(
         };
         let next = match (&d.change, o, &d.node, d.port) {
             (DatabaseChange::Delete, ..) => continue,
-            (DatabaseChange::Keep | DatabaseChange::Unavailable { .. }, Some(o), ..) => {
+            (DatabaseChange::Keep | DatabaseChange::Upgrade { .. }, Some(o), ..) => {
                 crate::observed::ObservedDatabase {
                     spec: spec.clone(),
                     ..o.clone()
                 }
             }
+            // The running engine and version are kept: an upgrade waits for the node to be back.
+            (DatabaseChange::Unavailable { .. }, Some(o), ..) => crate::observed::ObservedDatabase {
+                spec: crate::observed::AppliedDatabase {
+                    engine: o.spec.engine,
+                    version: o.spec.version.clone(),
+                    ..spec.clone()
+                },
+                ..o.clone()
+            },
+            (DatabaseChange::Refused { .. }, Some(o), ..) => o.clone(),
             (DatabaseChange::Unplaced { .. }, Some(o), ..) => o.clone(),
             (_, o, Some(node), Some(port)) => crate::observed::ObservedDatabase {
                 spec: spec.clone(),

@@ -72,6 +72,28 @@ pub(crate) fn place(
             },
             Some(_) => DatabaseChange::Keep,
         };
+        // Its engine never changes in place; a new version is an upgrade beside the old instance
+        // (an unavailable one waits for its node: `next_databases` keeps the running version).
+        let change = match change {
+            DatabaseChange::Keep if o.spec.engine != spec.engine => {
+                let why = format!(
+                    "its engine cannot change from {} to {}: declare a new database and move the data with a backup and `cairn db restore`",
+                    o.spec.engine, spec.engine
+                );
+                warnings.push(Warning {
+                    kind: WarningKind::DatabaseRefused,
+                    message: format!("database {name}: {why}"),
+                    app: None,
+                    slot: None,
+                    node: Some(o.node.clone()),
+                });
+                DatabaseChange::Refused { why }
+            }
+            DatabaseChange::Keep if o.spec.version != spec.version => DatabaseChange::Upgrade {
+                from: o.spec.version.clone(),
+            },
+            other => other,
+        };
         if let DatabaseChange::Unavailable { why } = &change {
             warnings.push(Warning {
                 kind: WarningKind::DatabaseUnavailable,
@@ -84,9 +106,7 @@ pub(crate) fn place(
                 node: Some(o.node.clone()),
             });
         }
-        // A changed engine, version or plan is ensured again on its node.
-        let task = (o.spec.engine != spec.engine || o.spec.version != spec.version)
-            .then_some(DatabaseTask::Ensure);
+        let task = matches!(change, DatabaseChange::Upgrade { .. }).then_some(DatabaseTask::Upgrade);
         out.push(entry(
             name,
             spec,

@@ -187,6 +187,12 @@ pub enum DatabaseChange {
     Unplaced { why: String },
     /// No longer declared: stopped, its data kept until dropped explicitly.
     Delete,
+    /// Its `version` changed from `from`: a dump and restore into a new instance on its node, beside
+    /// the old one, which keeps serving until the upgrade succeeds and stays (stopped) until
+    /// `cairn db finish-upgrade`.
+    Upgrade { from: String },
+    /// A change the planner will not make (its engine changed): it stays as it is.
+    Refused { why: String },
 }
 
 /// A database task the plan enqueues for the database's node.
@@ -197,6 +203,8 @@ pub enum DatabaseTask {
     Ensure,
     /// Stop the server, keeping its data.
     Stop,
+    /// Dump the current instance and restore it into a new one running the new version.
+    Upgrade,
 }
 
 impl Plan {
@@ -588,6 +596,8 @@ pub enum WarningKind {
     DatabaseMove,
     /// A new database no node can take.
     DatabaseUnplaced,
+    /// A database change the planner refuses (its engine changed).
+    DatabaseRefused,
 }
 
 /// A node's capacity and use before and after the plan.

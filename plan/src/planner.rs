@@ -590,9 +590,16 @@ fn place_databases(
             continue;
         }
         let o = obs.databases.get(&d.name);
-        // A move starts a fresh instance under the database's own name.
+        // A move starts a fresh instance under the database's own name; an upgrade's new instance
+        // is bound only once it has succeeded (`databases::record_upgrade` points the database at it).
         let (instance, credential) = match (o, &d.change) {
-            (Some(o), crate::DatabaseChange::Keep | crate::DatabaseChange::Unavailable { .. }) => {
+            (
+                Some(o),
+                crate::DatabaseChange::Keep
+                | crate::DatabaseChange::Unavailable { .. }
+                | crate::DatabaseChange::Upgrade { .. }
+                | crate::DatabaseChange::Refused { .. },
+            ) => {
                 (o.instance.clone(), o.credential)
             }
             (Some(o), _) => (d.name.clone(), o.credential),

@@ -934,6 +934,11 @@ fn database_rows(plan: &Plan) -> Vec<[String; 8]> {
                 DatabaseChange::Unavailable { why } => format!("UNAVAILABLE ({why})"),
                 DatabaseChange::Unplaced { why } => format!("UNPLACED ({why})"),
                 DatabaseChange::Delete => "stop (data kept until dropped)".to_owned(),
+                DatabaseChange::Upgrade { from } => format!(
+                    "upgrade {} {from} -> {}: dump and restore into a new instance beside the old one",
+                    d.engine, d.version
+                ),
+                DatabaseChange::Refused { why } => format!("REFUSED ({why})"),
             };
             let disk = match d.node_disk_free {
                 Some(free) => format!("{} ({} free)", human_bytes(d.disk.0), human_bytes(free.0)),

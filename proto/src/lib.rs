@@ -360,6 +360,18 @@ pub struct DatabasePayload {
     /// The backups ledger's row this task fills (`db_backup`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_id: Option<i64>,
+    /// `db_upgrade`: the instance dumped into `instance` (which runs `version`); it keeps running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_from: Option<UpgradeSource>,
+}
+
+/// The old instance of a `db_upgrade`, on the same node: dumped by its engine's superuser (no login
+/// needed), its row counts compared with the new instance's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeSource {
+    pub instance: Name,
+    pub version: String,
+    pub port: u16,
 }
 
 /// A backup target on the wire: the location, and for S3 the endpoint, region and the keys sealed to

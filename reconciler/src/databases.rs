@@ -29,6 +29,25 @@ pub enum DbOpError {
     InstanceExists(Name),
     #[error("no instance `{instance}` of database `{database}`")]
     UnknownInstance { database: Name, instance: Name },
+    #[error(
+        "`{instance}` is database `{database}`'s current instance: point the database at another one (`cairn db swap`) before dropping it"
+    )]
+    CurrentInstance { database: Name, instance: Name },
+    #[error("instance `{0}` is already dropped")]
+    AlreadyDropped(Name),
+    #[error(
+        "instance `{instance}` is in database `{database}`'s upgrade that has not ended: wait for it (`cairn db upgrades {database}`)"
+    )]
+    UpgradeRunning { database: Name, instance: Name },
+    #[error("database `{0}` has no upgrade to finish")]
+    NoUpgrade(Name),
+    #[error("database `{database}`'s upgrade to {version} {state}: {hint}")]
+    UpgradeNotFinishable {
+        database: Name,
+        version: String,
+        state: String,
+        hint: String,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -63,6 +82,16 @@ pub async fn ready(
         )));
     };
     let mut conn = pool.acquire().await.op("seal a database login")?;
+    match t.kind {
+        // A drop needs no login: it deletes the instance.
+        TaskKind::DbDrop => return Ok(Ok(p)),
+        TaskKind::DbUpgrade => {
+            if let Err(why) = upgrade_leased(&mut conn, t.id.0).await? {
+                return Ok(Err((why, true)));
+            }
+        }
+        _ => {}
+    }
     let password = match store::password(&mut conn, identity, &p.instance).await {
         Ok(pw) => pw,
         Err(CredentialError::Store(e)) => return Err(e),
@@ -176,6 +205,7 @@ fn payload(database: &Name, inst: &store::InstanceRow) -> DatabasePayload {
         object: None,
         sha256: None,
         backup_id: None,
+        upgrade_from: None,
     }
 }
 
@@ -751,4 +781,313 @@ pub async fn rotate(pool: &PgPool, database: &Name) -> Result<(), DbOpError> {
     queue::enqueue(&mut tx, &task).await?;
     tx.commit().await.op("rotate a database's password")?;
     Ok(())
+}
+
+/// Queues the upgrade of `database` from its instance `from` to `version` (the apply's
+/// [`cairn_plan::DatabaseTask::Upgrade`], in its transaction): a new instance row beside `from` on its
+/// node with a free port and a login of its own (its password made at lease), the upgrade's ledger row
+/// and its `db_upgrade` task. The database keeps pointing at `from` until the task succeeds
+/// ([`record_upgrade`]). Returns the ledger row's id (`None`: `from` has no row).
+pub async fn queue_upgrade(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    database: &Name,
+    from: &Name,
+    version: &str,
+    generation: u64,
+) -> Result<Option<i64>, queue::QueueError> {
+    let Some(old) = store::instance(tx, from).await? else {
+        tracing::warn!(%database, instance = %from, "a database to upgrade has no instance row: nothing queued");
+        return Ok(None);
+    };
+    let spec: serde_json::Value = sqlx::query_scalar("SELECT spec FROM databases WHERE name = $1")
+        .bind(database.as_str())
+        .fetch_one(&mut **tx)
+        .await
+        .op("read a database")?;
+    let spec: cairn_plan::observed::AppliedDatabase =
+        crate::store::decode::json("databases", "spec", spec)?;
+    let spec = cairn_plan::observed::AppliedDatabase {
+        version: version.to_owned(),
+        ..spec
+    };
+    let to = store::new_instance_name(tx, database).await?;
+    let port = store::free_port(tx, &old.node).await?;
+    store::upsert_instance(tx, &to, database, &spec, &old.node, port).await?;
+    let id = store::insert_upgrade(tx, database, &old.node, &old, &to, version).await?;
+    let inst = store::instance(tx, &to)
+        .await?
+        .ok_or_else(|| crate::store::decode::corrupt("database_instances", "name", &to))?;
+    let payload = DatabasePayload {
+        upgrade_from: Some(cairn_proto::UpgradeSource {
+            instance: old.name.clone(),
+            version: old.version.clone(),
+            port: old.port,
+        }),
+        ..payload(database, &inst)
+    };
+    let mut task = NewTask::new(
+        old.node.clone(),
+        TaskKind::DbUpgrade,
+        database.clone(),
+        format!("g{generation}:db_upgrade:{database}:{to}"),
+    );
+    task.generation = Some(generation);
+    task.payload = serde_json::to_value(&payload).expect("a payload serializes");
+    // The agent removes a failed attempt's new instance, so a second attempt starts clean.
+    task.max_attempts = 2;
+    let task_id = queue::enqueue(tx, &task).await?;
+    store::set_upgrade_task(tx, id, task_id.map(|t| t.0)).await?;
+    Ok(Some(id))
+}
+
+/// At lease: an upgrade runs only while its ledger row says it has not ended (a task handed out again
+/// after its result was recorded must not touch the instance the database now uses). Marks it running.
+async fn upgrade_leased(
+    conn: &mut sqlx::PgConnection,
+    task: i64,
+) -> Result<Result<(), String>, StoreError> {
+    let mut tx = sqlx::Connection::begin(&mut *conn)
+        .await
+        .op("read a database upgrade")?;
+    let Some(u) = store::upgrade_by_task(&mut tx, task).await? else {
+        return Ok(Err("this upgrade has no ledger row".to_owned()));
+    };
+    if !matches!(u.state.as_str(), "queued" | "running") {
+        return Ok(Err(format!(
+            "this upgrade already ended ({}): not run again",
+            u.state
+        )));
+    }
+    store::set_upgrade_state(&mut tx, u.id, "running", None, u.error.as_deref()).await?;
+    tx.commit().await.op("read a database upgrade")?;
+    Ok(Ok(()))
+}
+
+/// Records a `db_upgrade` task's end (`final_`: no attempt follows). On success, in one transaction:
+/// the database points at the new instance (its attached apps get a release at the next reconcile), the
+/// old one is stopped with its data kept (the pre-upgrade instance, until `finish_upgrade`). On a final
+/// failure the old instance keeps serving, the new one is recorded dropped (the agent removes it), and
+/// a `database.upgrade_failed` event says why. Returns whether the database now uses the new instance.
+pub async fn record_upgrade(
+    pool: &PgPool,
+    task: i64,
+    report: Result<Option<&str>, (&str, bool)>,
+) -> Result<bool, StoreError> {
+    let mut tx = pool.begin().await.op("record a database upgrade")?;
+    let Some(u) = store::upgrade_by_task(&mut tx, task).await? else {
+        return Ok(false);
+    };
+    if !matches!(u.state.as_str(), "queued" | "running") {
+        return Ok(false);
+    }
+    let decode = |column: &'static str, v: &str| {
+        Name::new(v).map_err(|e| crate::store::decode::corrupt("database_upgrades", column, e))
+    };
+    let database = decode("database", &u.database)?;
+    let from = decode("from_instance", &u.from_instance)?;
+    let to = decode("to_instance", &u.to_instance)?;
+    let node = decode("node", &u.node)?;
+    let mut failure = match report {
+        Ok(_) => None,
+        Err((error, final_)) => Some((error.to_owned(), final_)),
+    };
+    if failure.is_none() {
+        let current = store::current_instance(&mut tx, &database).await?;
+        let new = store::instance(&mut tx, &to).await?;
+        match (current, new) {
+            (Some(c), Some(new)) if c == from => {
+                store::point_at(&mut tx, &database, &new.name, &new.node, new.port).await?;
+                store::set_instance_state(&mut tx, &from, "stopped").await?;
+                if let Some(old) = store::instance(&mut tx, &from).await? {
+                    let mut stop = NewTask::new(
+                        old.node.clone(),
+                        TaskKind::DbStop,
+                        database.clone(),
+                        format!("db_upgrade_stop:{from}:{}", u.id),
+                    );
+                    stop.payload =
+                        serde_json::to_value(payload(&database, &old)).expect("a payload serializes");
+                    queue::enqueue(&mut tx, &stop)
+                        .await
+                        .map_err(|e| match e {
+                            queue::QueueError::Store(s) => s,
+                            other => StoreError::Corrupt {
+                                table: "tasks",
+                                column: "id",
+                                detail: other.to_string(),
+                            },
+                        })?;
+                }
+                let detail = report.ok().flatten();
+                store::set_upgrade_state(&mut tx, u.id, "ok", detail, None).await?;
+            }
+            _ => {
+                failure = Some((
+                    format!(
+                        "database {database} no longer uses instance {from} (swapped, moved or removed while it was upgraded): it was not pointed at {to}"
+                    ),
+                    true,
+                ));
+            }
+        }
+    }
+    if let Some((error, final_)) = &failure {
+        let state = if *final_ { "failed" } else { "running" };
+        store::set_upgrade_state(&mut tx, u.id, state, None, Some(error)).await?;
+        if *final_ {
+            store::set_instance_state(&mut tx, &to, "dropped").await?;
+            let e = crate::events::NewEvent::new(
+                crate::events::EventKind::DatabaseUpgradeFailed,
+                format!(
+                    "the upgrade of database {database} from {} to {} failed; {from} keeps serving: {error}",
+                    u.from_version, u.to_version
+                ),
+            )
+            .node(&node)
+            .detail(serde_json::json!({
+                "database": database.as_str(),
+                "from": u.from_version,
+                "to": u.to_version,
+            }));
+            crate::events::record(&mut tx, &[e]).await?;
+        }
+    }
+    tx.commit().await.op("record a database upgrade")?;
+    Ok(failure.is_none())
+}
+
+/// Records a `db_drop` task's success: its instance is `dropped`.
+pub async fn record_drop(pool: &PgPool, task: i64) -> Result<(), StoreError> {
+    let mut conn = pool.acquire().await.op("record a dropped instance")?;
+    if let Some(instance) = store::task_instance(&mut conn, task).await? {
+        store::set_instance_state(&mut conn, &instance, "dropped").await?;
+    }
+    Ok(())
+}
+
+/// Drops the pre-upgrade instance of `database`'s last upgrade (a `db_drop` task: its server stopped
+/// and its data deleted), refused unless that upgrade succeeded. Returns the instance dropped.
+pub async fn finish_upgrade(pool: &PgPool, database: &Name) -> Result<Name, DbOpError> {
+    let mut tx = pool.begin().await.op("finish an upgrade")?;
+    if store::current_instance(&mut tx, database).await?.is_none() {
+        return Err(DbOpError::UnknownDatabase(database.clone()));
+    }
+    let u = store::upgrades(&mut tx, database, 1)
+        .await?
+        .into_iter()
+        .next()
+        .ok_or_else(|| DbOpError::NoUpgrade(database.clone()))?;
+    let refuse = |state: &str, hint: String| DbOpError::UpgradeNotFinishable {
+        database: database.clone(),
+        version: u.to_version.clone(),
+        state: state.to_owned(),
+        hint,
+    };
+    match u.state.as_str() {
+        "ok" => {}
+        "queued" | "running" => {
+            return Err(refuse(
+                "has not ended",
+                format!("`cairn db upgrades {database}` shows it"),
+            ));
+        }
+        "failed" => {
+            return Err(refuse(
+                "failed",
+                format!(
+                    "{} is still the database's instance; nothing to finish",
+                    u.from_instance
+                ),
+            ));
+        }
+        _ => {
+            return Err(refuse(
+                "is already finished",
+                format!("{} was dropped", u.from_instance),
+            ));
+        }
+    }
+    let from = Name::new(&u.from_instance)
+        .map_err(|e| crate::store::decode::corrupt("database_upgrades", "from_instance", e))?;
+    queue_drop(&mut tx, database, &from).await?;
+    store::set_upgrade_state(&mut tx, u.id, "finished", None, None).await?;
+    tx.commit().await.op("finish an upgrade")?;
+    Ok(from)
+}
+
+/// Drops `instance` of `database` (a `db_drop` task: its server stopped, its data deleted), refused for
+/// the database's current instance and for one an unfinished upgrade writes into. Returns its node.
+pub async fn drop_instance(
+    pool: &PgPool,
+    database: &Name,
+    instance: &Name,
+) -> Result<Name, DbOpError> {
+    let mut tx = pool.begin().await.op("drop a database instance")?;
+    let current = store::current_instance(&mut tx, database)
+        .await?
+        .ok_or_else(|| DbOpError::UnknownDatabase(database.clone()))?;
+    if &current == instance {
+        return Err(DbOpError::CurrentInstance {
+            database: database.clone(),
+            instance: instance.clone(),
+        });
+    }
+    let busy = store::upgrades(&mut tx, database, 1)
+        .await?
+        .into_iter()
+        .next()
+        .is_some_and(|u| {
+            matches!(u.state.as_str(), "queued" | "running")
+                && (u.to_instance == instance.as_str() || u.from_instance == instance.as_str())
+        });
+    if busy {
+        return Err(DbOpError::UpgradeRunning {
+            database: database.clone(),
+            instance: instance.clone(),
+        });
+    }
+    let node = queue_drop(&mut tx, database, instance).await?;
+    // A pre-upgrade instance dropped by hand ends its upgrade as `finish-upgrade` would.
+    sqlx::query(
+        "UPDATE database_upgrades SET state = 'finished'
+          WHERE database = $1 AND from_instance = $2 AND state = 'ok'",
+    )
+    .bind(database.as_str())
+    .bind(instance.as_str())
+    .execute(&mut *tx)
+    .await
+    .op("finish an upgrade")?;
+    tx.commit().await.op("drop a database instance")?;
+    Ok(node)
+}
+
+/// The `db_drop` task of `instance`, which must be `database`'s and not dropped yet. Returns its node.
+async fn queue_drop(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    database: &Name,
+    instance: &Name,
+) -> Result<Name, DbOpError> {
+    let inst = store::instance(tx, instance)
+        .await?
+        .filter(|i| &i.database == database)
+        .ok_or_else(|| DbOpError::UnknownInstance {
+            database: database.clone(),
+            instance: instance.clone(),
+        })?;
+    if inst.state == "dropped" {
+        return Err(DbOpError::AlreadyDropped(instance.clone()));
+    }
+    let mut task = NewTask::new(
+        inst.node.clone(),
+        TaskKind::DbDrop,
+        database.clone(),
+        format!(
+            "db_drop:{database}:{instance}:{}",
+            Utc::now().timestamp_millis()
+        ),
+    );
+    task.payload = serde_json::to_value(payload(database, &inst)).expect("a payload serializes");
+    task.max_attempts = 3;
+    queue::enqueue(tx, &task).await?;
+    Ok(inst.node)
 }

@@ -353,6 +353,25 @@ pub async fn finish(
             crate::databases::backup_failed(ctx.pool, &row.app, &row.node, error).await?;
         }
     }
+    if row.kind == TaskKind::DbUpgrade {
+        // Only the lease's holder moves the database onto the new instance.
+        if !queue::holds_lease(ctx.pool, task, token).await? {
+            return Err(DeployError::Stale { task, token });
+        }
+        let r = match outcome {
+            Outcome::Done { detail, .. } => Ok(detail.as_deref()),
+            Outcome::Failed { error, retry } => {
+                Err((error.as_str(), !*retry || row.attempts >= row.max_attempts))
+            }
+            Outcome::Skipped { .. } => Err(("skipped", true)),
+        };
+        if crate::databases::record_upgrade(ctx.pool, row.id.0, r).await? {
+            ctx.wake.notify_one();
+        }
+    }
+    if row.kind == TaskKind::DbDrop && matches!(outcome, Outcome::Done { .. }) {
+        crate::databases::record_drop(ctx.pool, row.id.0).await?;
+    }
     let reported = match outcome {
         Outcome::Done {
             detail, timings, ..

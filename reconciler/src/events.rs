@@ -49,10 +49,12 @@ pub enum EventKind {
     /// A database's backups are overdue: none good within two of its schedule's intervals (once per
     /// recovery point).
     DatabaseBackupOverdue,
+    /// A database's version upgrade failed for good; its old instance keeps serving.
+    DatabaseUpgradeFailed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 14] = [
+    pub const ALL: [EventKind; 15] = [
         EventKind::DeployStarted,
         EventKind::DeploySucceeded,
         EventKind::DeployFailed,
@@ -67,6 +69,7 @@ impl EventKind {
         EventKind::DriftRepaired,
         EventKind::DatabaseBackupFailed,
         EventKind::DatabaseBackupOverdue,
+        EventKind::DatabaseUpgradeFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +88,7 @@ impl EventKind {
             EventKind::DriftRepaired => "drift.repaired",
             EventKind::DatabaseBackupFailed => "database.backup_failed",
             EventKind::DatabaseBackupOverdue => "database.backup_overdue",
+            EventKind::DatabaseUpgradeFailed => "database.upgrade_failed",
         }
     }
 
@@ -100,7 +104,8 @@ impl EventKind {
             | EventKind::NodeOffline
             | EventKind::CertificateFailed
             | EventKind::DatabaseBackupFailed
-            | EventKind::DatabaseBackupOverdue => Severity::Error,
+            | EventKind::DatabaseBackupOverdue
+            | EventKind::DatabaseUpgradeFailed => Severity::Error,
             EventKind::ReplicaUnplaceable
             | EventKind::NodeFlapping
             | EventKind::CertificateExpiring => Severity::Warning,

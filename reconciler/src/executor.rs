@@ -613,11 +613,25 @@ async fn enqueue_tasks(
         let (Some(action), Some(node), Some(port)) = (d.task, &d.node, d.port) else {
             continue;
         };
+        let o = observed.databases.get(&d.name);
         let kind = match action {
             cairn_plan::DatabaseTask::Ensure => TaskKind::DbEnsure,
             cairn_plan::DatabaseTask::Stop => TaskKind::DbStop,
+            cairn_plan::DatabaseTask::Upgrade => {
+                // Its new instance's row, its ledger row and its task, in this transaction.
+                if let Some(o) = o {
+                    crate::databases::queue_upgrade(
+                        tx,
+                        &d.name,
+                        &o.instance,
+                        &d.version,
+                        plan.generation,
+                    )
+                    .await?;
+                }
+                continue;
+            }
         };
-        let o = observed.databases.get(&d.name);
         let instance = match (&d.change, o) {
             (cairn_plan::DatabaseChange::Keep | cairn_plan::DatabaseChange::Delete, Some(o)) => {
                 o.instance.clone()
@@ -641,6 +655,7 @@ async fn enqueue_tasks(
             object: None,
             sha256: None,
             backup_id: None,
+            upgrade_from: None,
         };
         task.payload = serde_json::to_value(&payload).expect("a payload serializes");
         tasks.push(task);

@@ -7,7 +7,12 @@
 //!   never in place; `into` equal to the database's own name restores into its own fresh instance (after
 //!   a move, with `--latest`) (operators);
 //! - `POST databases/{db}/swap` (`{"instance": "NEW"}`): attached apps point at NEW: a release (operators);
-//! - `POST databases/{db}/rotate`: a new login; attached apps get a release (operators).
+//! - `POST databases/{db}/rotate`: a new login; attached apps get a release (operators);
+//! - `GET databases/{db}/upgrades`: its version upgrades, newest first;
+//! - `POST databases/{db}/finish-upgrade`: drop the last successful upgrade's pre-upgrade instance
+//!   (operators);
+//! - `POST databases/{db}/drop` (`{"instance": "OLD"}`): drop an instance that is not the database's
+//!   current one: its server stopped, its data deleted (operators).
 //!
 //! What it must not do: answer with a password, a URL or a key.
 
@@ -33,6 +38,9 @@ pub(super) fn admin_routes() -> Router<Arc<Api>> {
         .route("/databases/{db}/restore", post(restore))
         .route("/databases/{db}/swap", post(swap))
         .route("/databases/{db}/rotate", post(rotate))
+        .route("/databases/{db}/upgrades", get(upgrades))
+        .route("/databases/{db}/finish-upgrade", post(finish_upgrade))
+        .route("/databases/{db}/drop", post(drop_instance))
 }
 
 impl From<DbOpError> for ApiError {
@@ -47,6 +55,11 @@ impl From<DbOpError> for ApiError {
             DbOpError::NoBackupTarget(_) | DbOpError::NoBackup { .. } => {
                 ApiError::BadRequest(e.to_string())
             }
+            DbOpError::CurrentInstance { .. }
+            | DbOpError::AlreadyDropped(_)
+            | DbOpError::UpgradeRunning { .. }
+            | DbOpError::UpgradeNotFinishable { .. } => ApiError::Conflict(e.to_string()),
+            DbOpError::NoUpgrade(_) => ApiError::BadRequest(e.to_string()),
         }
     }
 }
@@ -163,4 +176,66 @@ async fn rotate(
     Ok(Json(
         serde_json::json!({ "database": db.as_str(), "rotated": true }),
     ))
+}
+
+async fn upgrades(
+    State(api): State<Arc<Api>>,
+    _: AdminAuth,
+    Path(db): Path<String>,
+) -> Result<Json<Vec<crate::store::databases::UpgradeRow>>, ApiError> {
+    let db = db_name(&db)?;
+    let mut conn = api.pool.acquire().await.op("read database upgrades")?;
+    Ok(Json(
+        crate::store::databases::upgrades(&mut conn, &db, 200).await?,
+    ))
+}
+
+/// What a drop queued: the instance and its node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dropping {
+    pub database: String,
+    pub instance: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+}
+
+async fn finish_upgrade(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(db): Path<String>,
+) -> Result<Json<Dropping>, ApiError> {
+    admin.operator()?;
+    let db = db_name(&db)?;
+    let dropped = databases::finish_upgrade(&api.pool, &db).await?;
+    tracing::info!(database = %db, instance = %dropped, by = %admin.name, "upgrade finished through the admin API");
+    Ok(Json(Dropping {
+        database: db.to_string(),
+        instance: dropped.to_string(),
+        node: None,
+    }))
+}
+
+/// `POST drop`'s body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropRequest {
+    pub instance: String,
+}
+
+async fn drop_instance(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(db): Path<String>,
+    Json(r): Json<DropRequest>,
+) -> Result<Json<Dropping>, ApiError> {
+    admin.operator()?;
+    let db = db_name(&db)?;
+    let instance = db_name(&r.instance)?;
+    let node = databases::drop_instance(&api.pool, &db, &instance).await?;
+    tracing::info!(database = %db, instance = %instance, by = %admin.name, "drop queued through the admin API");
+    Ok(Json(Dropping {
+        database: db.to_string(),
+        instance: instance.to_string(),
+        node: Some(node.to_string()),
+    }))
 }

@@ -131,7 +131,8 @@ pub async fn write(
 }
 
 /// Records the server instance `instance` of `database` on `node`: a new row, or the same name placed
-/// afresh (a move), which starts without a password (a new server makes new credentials).
+/// afresh (a move), which starts without a password (a new server makes new credentials). An instance
+/// staying on its node keeps its version: a new `version` runs in a new instance (an upgrade).
 pub async fn upsert_instance(
     conn: &mut PgConnection,
     instance: &Name,
@@ -144,14 +145,19 @@ pub async fn upsert_instance(
         "INSERT INTO database_instances (name, database, engine, version, node, port, login_user, login_db)
          VALUES ($1, $2, $3, $4, $5, $6, 'app', $7)
          ON CONFLICT (name) DO UPDATE SET
-             engine = EXCLUDED.engine, version = EXCLUDED.version, state = 'active',
+             engine = EXCLUDED.engine, state = 'active',
+             version = CASE WHEN database_instances.node = EXCLUDED.node
+                            THEN database_instances.version ELSE EXCLUDED.version END,
              node = EXCLUDED.node, port = EXCLUDED.port,
              password_sealed = CASE WHEN database_instances.node = EXCLUDED.node
                                     THEN database_instances.password_sealed END,
              updated_at = now()
          WHERE (database_instances.engine, database_instances.version, database_instances.node,
                 database_instances.port, database_instances.state)
-               IS DISTINCT FROM (EXCLUDED.engine, EXCLUDED.version, EXCLUDED.node, EXCLUDED.port, 'active')",
+               IS DISTINCT FROM (EXCLUDED.engine,
+                                 CASE WHEN database_instances.node = EXCLUDED.node
+                                      THEN database_instances.version ELSE EXCLUDED.version END,
+                                 EXCLUDED.node, EXCLUDED.port, 'active')",
     )
     .bind(instance.as_str())
     .bind(database.as_str())
@@ -474,4 +480,265 @@ pub async fn backups(
             })
         })
         .collect()
+}
+
+/// A name for a new instance of `database` that no instance has had: `<database>-v<N>`, the database's
+/// name shortened so it stays a valid name (at most 63 characters).
+pub async fn new_instance_name(conn: &mut PgConnection, database: &Name) -> Result<Name, StoreError> {
+    let taken: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM database_instances WHERE database = $1 OR name LIKE $2")
+            .bind(database.as_str())
+            .bind(format!("{}-v%", database.as_str().replace('_', "\\_")))
+            .fetch_all(conn)
+            .await
+            .op("read database instances")?;
+    for n in 2..10_000u32 {
+        let suffix = format!("-v{n}");
+        let keep = 63 - suffix.len();
+        let base = database.as_str();
+        let base = base[..base.len().min(keep)].trim_end_matches('-');
+        let candidate = format!("{base}{suffix}");
+        if !taken.contains(&candidate) {
+            return name("database_instances", &candidate);
+        }
+    }
+    Err(StoreError::Corrupt {
+        table: "database_instances",
+        column: "name",
+        detail: format!("database `{database}` has no free instance name left"),
+    })
+}
+
+/// The first port from [`cairn_plan::databases::FIRST_PORT`] that no live instance uses on any node (as
+/// the planner chooses) and no instance, dropped or not, has had on `node` (`UNIQUE (node, port)`).
+pub async fn free_port(conn: &mut PgConnection, node: &Name) -> Result<u16, StoreError> {
+    let taken: Vec<i32> = sqlx::query_scalar(
+        "SELECT port FROM database_instances WHERE state <> 'dropped' OR node = $1",
+    )
+    .bind(node.as_str())
+    .fetch_all(conn)
+    .await
+    .op("read the database ports in use")?;
+    let mut p = cairn_plan::databases::FIRST_PORT;
+    while taken.contains(&i32::from(p)) {
+        p = p.checked_add(1).ok_or_else(|| StoreError::Corrupt {
+            table: "database_instances",
+            column: "port",
+            detail: "no free port left for a database instance".to_owned(),
+        })?;
+    }
+    Ok(p)
+}
+
+/// Sets an instance's state (`active`, `stopped`, `dropped`).
+pub async fn set_instance_state(
+    conn: &mut PgConnection,
+    instance: &Name,
+    state: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE database_instances SET state = $2, updated_at = now() WHERE name = $1")
+        .bind(instance.as_str())
+        .bind(state)
+        .execute(conn)
+        .await
+        .op("write a database instance's state")?;
+    Ok(())
+}
+
+/// One version upgrade as its ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpgradeRow {
+    pub id: i64,
+    pub database: String,
+    pub node: String,
+    /// The instance it dumps: after a success, the pre-upgrade instance (stopped, its data kept).
+    pub from_instance: String,
+    pub from_version: String,
+    /// The new instance it restores into.
+    pub to_instance: String,
+    pub to_version: String,
+    /// `queued`, `running`, `ok`, `failed`, or `finished` (the pre-upgrade instance dropped).
+    pub state: String,
+    /// What the agent compared (row counts).
+    pub detail: Option<String>,
+    pub error: Option<String>,
+    pub task: Option<i64>,
+    pub queued_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+const UPGRADE_COLUMNS: &str = "id, database, node, from_instance, from_version, to_instance, \
+     to_version, state, detail, error, task, queued_at, finished_at";
+
+fn upgrade_row(r: &sqlx::postgres::PgRow) -> Result<UpgradeRow, StoreError> {
+    let op = "read a database upgrade";
+    Ok(UpgradeRow {
+        id: r.try_get("id").op(op)?,
+        database: r.try_get("database").op(op)?,
+        node: r.try_get("node").op(op)?,
+        from_instance: r.try_get("from_instance").op(op)?,
+        from_version: r.try_get("from_version").op(op)?,
+        to_instance: r.try_get("to_instance").op(op)?,
+        to_version: r.try_get("to_version").op(op)?,
+        state: r.try_get("state").op(op)?,
+        detail: r.try_get("detail").op(op)?,
+        error: r.try_get("error").op(op)?,
+        task: r.try_get("task").op(op)?,
+        queued_at: r.try_get("queued_at").op(op)?,
+        finished_at: r.try_get("finished_at").op(op)?,
+    })
+}
+
+/// Writes an upgrade's ledger row (queued). Returns its id.
+pub async fn insert_upgrade(
+    conn: &mut PgConnection,
+    database: &Name,
+    node: &Name,
+    from: &InstanceRow,
+    to: &Name,
+    to_version: &str,
+) -> Result<i64, StoreError> {
+    sqlx::query_scalar(
+        "INSERT INTO database_upgrades
+             (database, node, from_instance, from_version, to_instance, to_version)
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+    )
+    .bind(database.as_str())
+    .bind(node.as_str())
+    .bind(from.name.as_str())
+    .bind(&from.version)
+    .bind(to.as_str())
+    .bind(to_version)
+    .fetch_one(conn)
+    .await
+    .op("write an upgrade row")
+}
+
+/// Links an upgrade's row to its task.
+pub async fn set_upgrade_task(
+    conn: &mut PgConnection,
+    id: i64,
+    task: Option<i64>,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE database_upgrades SET task = $2 WHERE id = $1")
+        .bind(id)
+        .bind(task)
+        .execute(conn)
+        .await
+        .op("write an upgrade row")?;
+    Ok(())
+}
+
+/// The upgrade a `db_upgrade` task runs, locked for the caller's transaction.
+pub async fn upgrade_by_task(
+    conn: &mut PgConnection,
+    task: i64,
+) -> Result<Option<UpgradeRow>, StoreError> {
+    let r = sqlx::query(&format!(
+        "SELECT {UPGRADE_COLUMNS} FROM database_upgrades WHERE task = $1 FOR UPDATE"
+    ))
+    .bind(task)
+    .fetch_optional(conn)
+    .await
+    .op("read a database upgrade")?;
+    r.as_ref().map(upgrade_row).transpose()
+}
+
+/// A database's upgrades, newest first.
+pub async fn upgrades(
+    conn: &mut PgConnection,
+    database: &Name,
+    limit: i64,
+) -> Result<Vec<UpgradeRow>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT {UPGRADE_COLUMNS} FROM database_upgrades WHERE database = $1 ORDER BY id DESC LIMIT $2"
+    ))
+    .bind(database.as_str())
+    .bind(limit)
+    .fetch_all(conn)
+    .await
+    .op("read database upgrades")?;
+    rows.iter().map(upgrade_row).collect()
+}
+
+/// Every database's newest upgrade.
+pub async fn latest_upgrades(conn: &mut PgConnection) -> Result<Vec<UpgradeRow>, StoreError> {
+    let rows = sqlx::query(&format!(
+        "SELECT DISTINCT ON (database) {UPGRADE_COLUMNS} FROM database_upgrades
+          ORDER BY database, id DESC"
+    ))
+    .fetch_all(conn)
+    .await
+    .op("read database upgrades")?;
+    rows.iter().map(upgrade_row).collect()
+}
+
+/// Records where an upgrade is: `running` (an attempt failed, another follows), `ok`, `failed` (for
+/// good) or `finished`, with the agent's detail or error.
+pub async fn set_upgrade_state(
+    conn: &mut PgConnection,
+    id: i64,
+    state: &str,
+    detail: Option<&str>,
+    error: Option<&str>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE database_upgrades SET state = $2, detail = COALESCE($3, detail), error = $4,
+                finished_at = CASE WHEN $2 IN ('ok', 'failed') THEN now() ELSE finished_at END
+          WHERE id = $1",
+    )
+    .bind(id)
+    .bind(state)
+    .bind(detail)
+    .bind(error)
+    .execute(conn)
+    .await
+    .op("record a database upgrade")?;
+    Ok(())
+}
+
+/// Points `database` at `instance` on `node`:`port` (a swap, an upgrade's success).
+pub async fn point_at(
+    conn: &mut PgConnection,
+    database: &Name,
+    instance: &Name,
+    node: &Name,
+    port: u16,
+) -> Result<bool, StoreError> {
+    let done = sqlx::query(
+        "UPDATE databases SET instance = $2, node = $3, port = $4, updated_at = now() WHERE name = $1",
+    )
+    .bind(database.as_str())
+    .bind(instance.as_str())
+    .bind(node.as_str())
+    .bind(i32::from(port))
+    .execute(conn)
+    .await
+    .op("point a database at an instance")?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// The instance `database` points at now, if it is applied.
+pub async fn current_instance(
+    conn: &mut PgConnection,
+    database: &Name,
+) -> Result<Option<Name>, StoreError> {
+    let v: Option<String> =
+        sqlx::query_scalar("SELECT instance FROM databases WHERE name = $1 FOR UPDATE")
+            .bind(database.as_str())
+            .fetch_optional(conn)
+            .await
+            .op("read a database")?;
+    v.map(|v| name("databases", &v)).transpose()
+}
+
+/// The instance a database task's payload names.
+pub async fn task_instance(conn: &mut PgConnection, task: i64) -> Result<Option<Name>, StoreError> {
+    let v: Option<Option<String>> =
+        sqlx::query_scalar("SELECT payload->>'instance' FROM tasks WHERE id = $1")
+            .bind(task)
+            .fetch_optional(conn)
+            .await
+            .op("read a task's instance")?;
+    v.flatten().map(|v| name("tasks", &v)).transpose()
 }
