@@ -432,6 +432,9 @@ pub struct DatabaseInfo {
     pub last_good_backup: Option<chrono::DateTime<chrono::Utc>>,
     /// The last backup failed, or none succeeded within two of its schedule's intervals.
     pub backup_overdue: bool,
+    /// Its last version upgrade, unless it is finished (its pre-upgrade instance dropped).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<crate::store::databases::UpgradeRow>,
 }
 
 /// Every applied database, with availability and the recovery point.
@@ -462,6 +465,7 @@ pub async fn list_databases(
             .fetch_all(&mut *conn)
             .await
             .op("read backup schedules")?;
+    let upgrades = crate::store::databases::latest_upgrades(&mut conn).await?;
     let now = chrono::Utc::now();
     Ok(dbs
         .into_iter()
@@ -485,6 +489,10 @@ pub async fn list_databases(
                 port: d.port,
                 instance: d.instance.to_string(),
                 last_good_backup: d.last_good_backup,
+                upgrade: upgrades
+                    .iter()
+                    .find(|u| u.database == name.as_str() && u.state != "finished")
+                    .cloned(),
             }
         })
         .collect())
@@ -506,6 +514,16 @@ pub fn warnings(dbs: &[DatabaseInfo]) -> Vec<String> {
                 d.name,
                 d.node,
                 point(d)
+            ));
+        }
+        if let Some(u) = d.upgrade.as_ref().filter(|u| u.state == "failed") {
+            out.push(format!(
+                "database {}: its upgrade from {} to {} failed ({}); {} keeps serving",
+                d.name,
+                u.from_version,
+                u.to_version,
+                u.error.as_deref().unwrap_or("no error recorded"),
+                u.from_instance
             ));
         }
         if d.backup_overdue {

@@ -1,7 +1,8 @@
 //! `cairn db`: managed databases through the admin API or the database: `list`, `backup NAME` (now),
 //! `backups NAME`, `restore NAME --backup ID | --latest --into NEW` (beside the original, never in
-//! place), `swap NAME NEW` (attached apps point at NEW: a release), `rotate NAME` (a new login).
-//! Never a password.
+//! place), `swap NAME NEW` (attached apps point at NEW: a release), `rotate NAME` (a new login),
+//! `upgrades NAME` (version upgrades), `finish-upgrade NAME` (drop the pre-upgrade instance),
+//! `drop NAME INSTANCE` (drop an instance the database does not use). Never a password.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
@@ -10,7 +11,8 @@ use anyhow::{Context as _, Result, bail};
 use cairn_reconciler::api::databases::{
     DatabaseInfo, Queued, RestoreRequest, Restoring, SwapRequest,
 };
-use cairn_reconciler::store::databases::BackupRow;
+use cairn_reconciler::api::databases::{DropRequest, Dropping};
+use cairn_reconciler::store::databases::{BackupRow, UpgradeRow};
 use cairn_schema::Name;
 
 use super::control::runtime;
@@ -54,6 +56,13 @@ enum Command {
     Swap { name: String, instance: String },
     /// A new password (a new login); the attached apps get a new release with it
     Rotate { name: String },
+    /// A database's version upgrades, newest first (from and to, state, what was compared or the error)
+    Upgrades { name: String },
+    /// Drop the pre-upgrade instance a successful upgrade left stopped: its data is deleted
+    FinishUpgrade { name: String },
+    /// Drop an instance that is not the database's current one (a restore's, a pre-upgrade one):
+    /// its server stopped and its data deleted
+    Drop { name: String, instance: String },
 }
 
 fn name(s: &str) -> Result<Name> {
@@ -193,6 +202,62 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 text = format!("{db} has a new login: the next reconcile releases its attached apps\n");
                 out = serde_json::json!({ "database": db.as_str(), "rotated": true });
             }
+            Command::Upgrades { name: n } => {
+                let db = name(&n)?;
+                let rows: Vec<UpgradeRow> = match (api, &pool) {
+                    (Some(a), _) => a.get(&format!("/databases/{db}/upgrades")).await?,
+                    (_, Some(p)) => {
+                        let mut c = p.acquire().await?;
+                        cairn_reconciler::store::databases::upgrades(&mut c, &db, 200).await?
+                    }
+                    _ => unreachable!("a target"),
+                };
+                text = render_upgrades(&rows);
+                out = serde_json::to_value(&rows)?;
+            }
+            Command::FinishUpgrade { name: n } => {
+                let db = name(&n)?;
+                let d: Dropping = match (api, &pool) {
+                    (Some(a), _) => a.post(&format!("/databases/{db}/finish-upgrade"), &()).await?,
+                    (_, Some(p)) => Dropping {
+                        database: db.to_string(),
+                        instance: cairn_reconciler::databases::finish_upgrade(p, &db).await?.to_string(),
+                        node: None,
+                    },
+                    _ => unreachable!("a target"),
+                };
+                text = format!(
+                    "{db}'s upgrade is finished: its pre-upgrade instance {} is being dropped (its data deleted)\n",
+                    d.instance
+                );
+                out = serde_json::to_value(&d)?;
+            }
+            Command::Drop { name: n, instance } => {
+                let db = name(&n)?;
+                let inst = name(&instance)?;
+                let d: Dropping = match (api, &pool) {
+                    (Some(a), _) => {
+                        a.post(
+                            &format!("/databases/{db}/drop"),
+                            &DropRequest {
+                                instance: inst.to_string(),
+                            },
+                        )
+                        .await?
+                    }
+                    (_, Some(p)) => Dropping {
+                        database: db.to_string(),
+                        instance: inst.to_string(),
+                        node: Some(cairn_reconciler::databases::drop_instance(p, &db, &inst).await?.to_string()),
+                    },
+                    _ => unreachable!("a target"),
+                };
+                text = format!(
+                    "instance {inst} of {db} is being dropped on {}: its server stops and its data is deleted\n",
+                    d.node.as_deref().unwrap_or("its node")
+                );
+                out = serde_json::to_value(&d)?;
+            }
         }
         if args.json {
             println!("{}", serde_json::to_string_pretty(&out)?);
@@ -229,6 +294,9 @@ fn render_list(dbs: &[DatabaseInfo]) -> String {
             "{} ({} {}) on {}:{} instance {}: {state}; {recovery}{overdue}",
             d.name, d.engine, d.version, d.node, d.port, d.instance
         );
+        if let Some(u) = &d.upgrade {
+            let _ = writeln!(o, "  {}", upgrade_line(u));
+        }
     }
     o
 }
@@ -260,6 +328,52 @@ fn render_backups(rows: &[BackupRow]) -> String {
     }
     if rows.is_empty() {
         o.push_str("(no backups yet)\n");
+    }
+    o
+}
+
+/// What a database's last upgrade means for its operator.
+fn upgrade_line(u: &UpgradeRow) -> String {
+    let what = format!("upgrade {} -> {}", u.from_version, u.to_version);
+    match u.state.as_str() {
+        "queued" | "running" => format!(
+            "{what} {}: {} keeps serving until {} has its data",
+            u.state, u.from_instance, u.to_instance
+        ),
+        "ok" => format!(
+            "{what} done ({}); pre-upgrade instance {} stopped, its data kept: `cairn db finish-upgrade {}` drops it",
+            u.detail.as_deref().unwrap_or("counts equal"),
+            u.from_instance,
+            u.database
+        ),
+        "failed" => format!(
+            "{what} FAILED: {}; {} keeps serving",
+            u.error.as_deref().unwrap_or("no error recorded"),
+            u.from_instance
+        ),
+        other => format!("{what} {other}"),
+    }
+}
+
+fn render_upgrades(rows: &[UpgradeRow]) -> String {
+    let mut o = String::new();
+    for u in rows {
+        let _ = writeln!(
+            o,
+            "{:>4}  {:<19}  {} -> {} ({} -> {}) on {}: {}",
+            u.id,
+            u.queued_at.format("%Y-%m-%d %H:%M:%S"),
+            u.from_version,
+            u.to_version,
+            u.from_instance,
+            u.to_instance,
+            u.node,
+            u.state
+        );
+        let _ = writeln!(o, "      {}", upgrade_line(u));
+    }
+    if rows.is_empty() {
+        o.push_str("(no upgrades: a new `version` in the manifest makes one)\n");
     }
     o
 }
