@@ -1,5 +1,5 @@
-//! The database tasks (`db_ensure`, `db_stop`, `db_backup`, `db_restore`): what the agent loop runs
-//! for them. It opens what the control plane sealed to this node (the login's password, S3 keys),
+//! The database tasks (`db_ensure`, `db_stop`, `db_backup`, `db_restore`, `db_upgrade`, `db_drop`):
+//! what the agent loop runs for them. It opens what the control plane sealed to this node (the login's password, S3 keys),
 //! builds the contract's values and calls [`crate::database`]; it decides nothing.
 //!
 //! What it must not do: put a password or a key into a result, an error or a log line.
@@ -172,6 +172,38 @@ async fn run_inner(
             database::ensure(&instance, &login).await?;
             database::restore(&instance, &login, &host.target(p)?, object, sha256).await?;
             Ok((format!("restored {object} into {}", p.instance), None))
+        }
+        TaskKind::DbUpgrade => {
+            let from = p.upgrade_from.as_ref().ok_or_else(|| {
+                DbError::Unsupported("an upgrade task names no instance to upgrade from".into())
+            })?;
+            let old = Instance {
+                name: from.instance.clone(),
+                engine: p.engine,
+                version: from.version.clone(),
+                dir: host.dir.join(from.instance.as_str()),
+                port: from.port,
+            };
+            let done = database::upgrade(&old, &instance, &host.login(p)?).await?;
+            Ok((
+                format!(
+                    "upgraded {} ({}) into {} ({}) on port {}: {}",
+                    from.instance,
+                    from.version,
+                    p.instance,
+                    p.version,
+                    p.port,
+                    done.summary()
+                ),
+                None,
+            ))
+        }
+        TaskKind::DbDrop => {
+            database::destroy(&instance).await?;
+            Ok((
+                format!("database instance {} dropped, its data deleted", p.instance),
+                None,
+            ))
         }
         other => Err(DbError::Unsupported(format!(
             "`{}` is not a database task",

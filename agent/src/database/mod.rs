@@ -300,6 +300,140 @@ pub async fn counts(instance: &Instance, login: &Login) -> Result<BTreeMap<Strin
     }
 }
 
+/// What an upgrade compared: the row counts (table or key space -> rows) both instances held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgraded {
+    pub counts: BTreeMap<String, u64>,
+    /// The dump's size.
+    pub bytes: u64,
+    pub duration: Duration,
+}
+
+impl Upgraded {
+    /// One line for the task's detail: tables and rows compared, no data.
+    pub fn summary(&self) -> String {
+        let rows: u64 = self.counts.values().sum();
+        format!(
+            "{} tables or key spaces, {rows} rows, counts equal; dump of {} bytes in {:.1}s",
+            self.counts.len(),
+            self.bytes,
+            self.duration.as_secs_f64()
+        )
+    }
+}
+
+/// A version upgrade on this node: `to` (a new instance, its data directory not made yet) is made by
+/// [`ensure`] with its own `login` and `to`'s version's binaries, `from` (running the old version) is
+/// dumped by its own binaries through a file in `to`'s directory and restored into `to` like a backup,
+/// and the row counts of `from` (before and after the dump) and `to` must all be equal. `from` is only
+/// read: it keeps serving, and its data directory is never touched. Whatever fails, `to` is removed
+/// again (it never served anything), so another attempt starts clean. A mark beside `to`'s directory
+/// (`.<to>.upgrading`) says an attempt made it and has not finished: an attempt cut short (the agent
+/// stopped, the lease lost) is removed and redone; a directory without the mark is refused, never
+/// reused.
+pub async fn upgrade(from: &Instance, to: &Instance, login: &Login) -> Result<Upgraded, DbError> {
+    if from.engine != to.engine {
+        return Err(DbError::Unsupported(format!(
+            "an upgrade cannot change the engine ({} to {})",
+            from.engine, to.engine
+        )));
+    }
+    if from.dir == to.dir || from.port == to.port || from.name == to.name {
+        return Err(DbError::Unsupported(format!(
+            "an upgrade goes into a new instance beside `{}`, not into it",
+            from.name
+        )));
+    }
+    let mark = to.dir.with_file_name(format!(".{}.upgrading", to.name));
+    let exists = |p: &std::path::Path| std::fs::symlink_metadata(p).is_ok();
+    if exists(&to.dir) {
+        if !exists(&mark) {
+            return Err(DbError::Unsupported(format!(
+                "instance `{}` already has a data directory ({}): an upgrade only goes into a new one",
+                to.name,
+                to.dir.display()
+            )));
+        }
+        destroy(to).await?;
+    }
+    std::fs::write(&mark, b"").map_err(|e| server::io("writing", &mark, e))?;
+    let mut result = upgrade_into(from, to, login).await;
+    if result.is_ok()
+        && let Err(e) = std::fs::remove_file(&mark)
+    {
+        result = Err(server::io("removing", &mark, e));
+    }
+    if result.is_err() {
+        let _ = destroy(to).await;
+        let _ = std::fs::remove_file(&mark);
+    }
+    result
+}
+
+async fn upgrade_into(from: &Instance, to: &Instance, login: &Login) -> Result<Upgraded, DbError> {
+    let started = Instant::now();
+    // Checked before anything is made: the old version's binaries must be here to dump it.
+    let tool = match from.engine {
+        Engine::Postgres => postgres::dump(from, login)?,
+        Engine::Redis => redis::dump(from)?,
+        Engine::Mariadb => mariadb::dump(from, login)?,
+    };
+    let before = counts(from, login).await?;
+    ensure(to, login).await?;
+    let scrub = scrub_for(to, Some(login), None);
+    let local = Target {
+        to: BackupTo::Dir {
+            path: to.dir.to_string_lossy().into_owned(),
+        },
+        s3: None,
+    };
+    const OBJECT: &str = "upgrade.dump";
+    let restored = async {
+        let (bytes, sha256) = stream_to(&tool, &local, OBJECT, &scrub).await?;
+        restore(to, login, &local, OBJECT, &sha256).await?;
+        Ok::<_, DbError>(bytes)
+    }
+    .await;
+    let _ = tokio::fs::remove_file(to.dir.join(OBJECT)).await;
+    let bytes = restored?;
+    let after = counts(from, login).await?;
+    let new = counts(to, login).await?;
+    if before != after {
+        return Err(DbError::Failed(format!(
+            "`{}` changed while it was dumped ({}): writes after the dump would be lost, so the upgrade was not used: upgrade while nothing writes",
+            from.name,
+            first_difference(&before, &after)
+        )));
+    }
+    if new != after {
+        return Err(DbError::Unsupported(format!(
+            "the upgraded instance `{}` does not hold what `{}` does ({})",
+            to.name,
+            from.name,
+            first_difference(&after, &new)
+        )));
+    }
+    Ok(Upgraded {
+        counts: new,
+        bytes,
+        duration: started.elapsed(),
+    })
+}
+
+/// The first table whose count differs, as `table: a vs b`.
+fn first_difference(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> String {
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .find(|k| a.get(*k) != b.get(*k))
+        .map(|k| {
+            let show = |m: &BTreeMap<String, u64>| {
+                m.get(k).map_or("missing".to_owned(), |n| n.to_string())
+            };
+            format!("{k}: {} vs {}", show(a), show(b))
+        })
+        .unwrap_or_else(|| "no table differs".to_owned())
+}
+
 /// The URL an attached app receives ([`cairn_schema::database::url`]); a secret.
 pub fn url(instance: &Instance, login: &Login, host: &str) -> Secret {
     cairn_schema::database::url(
