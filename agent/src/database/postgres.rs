@@ -41,6 +41,14 @@ fn bindir(version: &str) -> Result<PathBuf, DbError> {
     if let Some(v) = have.iter().find(|v| version_matches(version, v)) {
         return Ok(Path::new(ROOT).join(v).join("bin"));
     }
+    // A pinned minor (`15.18`) is matched against what the major's binaries report.
+    if let Some(v) = have.iter().find(|v| {
+        version_matches(v, version)
+            && reported(&Path::new(ROOT).join(v).join("bin/postgres"))
+                .is_some_and(|r| version_matches(version, &r))
+    }) {
+        return Ok(Path::new(ROOT).join(v).join("bin"));
+    }
     Err(DbError::Unsupported(format!(
         "this node has no PostgreSQL {version} server binaries; it has {} (in {ROOT}/<version>/bin)",
         if have.is_empty() {
@@ -49,6 +57,19 @@ fn bindir(version: &str) -> Result<PathBuf, DbError> {
             have.join(", ")
         }
     )))
+}
+
+/// The version `postgres --version` reports (`15.18` of `postgres (PostgreSQL) 15.18 (Debian ...)`).
+fn reported(postgres: &Path) -> Option<String> {
+    let out = std::process::Command::new(postgres)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .map(str::to_owned)
 }
 
 fn ident(s: &str) -> Result<String, DbError> {

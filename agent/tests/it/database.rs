@@ -807,3 +807,109 @@ async fn a_version_without_binaries_is_refused_naming_what_there_is() {
     assert!(e.to_string().contains(&version(Engine::Postgres)), "{e}");
     assert!(!d.inst.dir.exists(), "nothing made");
 }
+
+/// The full version the PostgreSQL binaries report (`15.18` of `postgres (PostgreSQL) 15.18 (Debian ...)`).
+fn pg_full_version() -> String {
+    let out = std::process::Command::new(pg_bin().join("postgres"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .unwrap()
+        .to_owned()
+}
+
+/// A version upgrade (issue 18) into a new instance beside the old one, with real dump and restore.
+/// Only one PostgreSQL major is installed here, so the "upgrade" goes from `15` to the full minor the
+/// binaries report (`15.18`), which the same binaries serve: every step runs, but not a real major
+/// upgrade. The old instance keeps serving with its data directory untouched, the counts are equal,
+/// the app's new login reads the data, an upgrade into an instance that exists is refused, and a drop
+/// (stop, then destroy) deletes the old data and leaves the new instance as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_upgrade_into_a_new_instance_keeps_the_old_until_it_is_dropped() {
+    let test = cairn_testkit::current_test();
+    if !has_binaries(&test, Engine::Postgres) {
+        return;
+    }
+    let root = scratch();
+    let old = db(Engine::Postgres, root.path(), "shop");
+    let old_pw = canary("old");
+    let old_login = login(&old_pw);
+    database::ensure(&old.inst, &old_login).await.unwrap();
+    write_data(&old.inst, &old_login);
+
+    let mut new = db(Engine::Postgres, root.path(), "shop-v2");
+    new.inst.version = pg_full_version();
+    assert_ne!(new.inst.version, old.inst.version, "{}", new.inst.version);
+    let new_pw = canary("new");
+    let new_login = login(&new_pw);
+    let done = database::upgrade(&old.inst, &new.inst, &new_login)
+        .await
+        .unwrap();
+    assert_eq!(done.counts, expected_counts(Engine::Postgres));
+    assert!(done.bytes > 0);
+    assert!(done.summary().contains("counts equal"), "{}", done.summary());
+    assert_eq!(
+        database::counts(&new.inst, &new_login).await.unwrap(),
+        expected_counts(Engine::Postgres)
+    );
+    // The app's own login on the new instance reads the data (the tables are its own).
+    let read = client(&new.inst, &new_login, "SELECT count(*) FROM items;").unwrap();
+    assert_eq!(read.trim(), "1000");
+    client(&new.inst, &new_login, "INSERT INTO notes VALUES (4);").unwrap();
+    // The old one keeps serving, its data directory in place; nothing of the dump is left behind.
+    let read = client(&old.inst, &old_login, "SELECT count(*) FROM notes;").unwrap();
+    assert_eq!(read.trim(), "3");
+    assert!(old.inst.dir.join("data/PG_VERSION").is_file());
+    assert!(!new.inst.dir.join("upgrade.dump").exists());
+    assert!(!root.path().join(".shop-v2.upgrading").exists());
+
+    // An instance that exists is never upgraded into (nor removed by the refusal).
+    let e = database::upgrade(&old.inst, &new.inst, &new_login)
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("already has a data directory"), "{e}");
+    let read = client(&new.inst, &new_login, "SELECT count(*) FROM notes;").unwrap();
+    assert_eq!(read.trim(), "4");
+
+    // A version this node has no binaries for fails and leaves nothing; the old one is untouched.
+    let mut bad = db(Engine::Postgres, root.path(), "shop-v3");
+    bad.inst.version = "99".into();
+    let e = database::upgrade(&old.inst, &bad.inst, &login(&new_pw))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("PostgreSQL 99"), "{e}");
+    assert_clean(&e, &[old_pw.clone(), new_pw.clone()]);
+    assert!(!bad.inst.dir.exists());
+    assert!(!root.path().join(".shop-v3.upgrading").exists());
+    assert_eq!(
+        database::counts(&old.inst, &old_login).await.unwrap(),
+        expected_counts(Engine::Postgres)
+    );
+
+    // An attempt cut short (its mark left beside a half-made directory) is redone from scratch.
+    let mut cut = db(Engine::Postgres, root.path(), "shop-v4");
+    cut.inst.version = pg_full_version();
+    std::fs::create_dir_all(cut.inst.dir.join("data")).unwrap();
+    std::fs::write(cut.inst.dir.join("data/half"), b"x").unwrap();
+    std::fs::write(root.path().join(".shop-v4.upgrading"), b"").unwrap();
+    let redone = database::upgrade(&old.inst, &cut.inst, &new_login)
+        .await
+        .unwrap();
+    assert_eq!(redone.counts, expected_counts(Engine::Postgres));
+    assert!(!cut.inst.dir.join("data/half").exists());
+    database::destroy(&cut.inst).await.unwrap();
+
+    assert_no_canary_in_logs(root.path(), &[old_pw.clone(), new_pw.clone()]);
+
+    // The drop of the pre-upgrade instance: stopped (db_stop at the switch), then its data deleted.
+    database::stop(&old.inst).await.unwrap();
+    assert!(old.inst.dir.exists(), "a stop keeps the data");
+    database::destroy(&old.inst).await.unwrap();
+    assert!(!old.inst.dir.exists());
+    assert!(client(&old.inst, &old_login, "SELECT 1;").is_err());
+    let read = client(&new.inst, &new_login, "SELECT count(*) FROM items;").unwrap();
+    assert_eq!(read.trim(), "1000");
+}
