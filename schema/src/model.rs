@@ -391,6 +391,21 @@ pub fn engine_versions(engine: Engine) -> &'static [&'static str] {
     }
 }
 
+/// Whether `version` is one of [`engine_versions`], or one of them with a pinned release after it
+/// (`15.18`, `10.11.6`: digits after each dot), which a node's binaries must report.
+pub fn engine_version_known(engine: Engine, version: &str) -> bool {
+    engine_versions(engine).iter().any(|k| {
+        version == *k
+            || version
+                .strip_prefix(k)
+                .and_then(|rest| rest.strip_prefix('.'))
+                .is_some_and(|rest| {
+                    rest.split('.')
+                        .all(|p| !p.is_empty() && p.len() <= 6 && p.bytes().all(|b| b.is_ascii_digit()))
+                })
+    })
+}
+
 /// A managed database (`[database.NAME]`): an engine's own server on one node, its backups and their
 /// verification. Placed once (its `node`, else by the scheduler) and then sticky: it never moves
 /// without a planned restore.
@@ -398,7 +413,8 @@ pub fn engine_versions(engine: Engine) -> &'static [&'static str] {
 #[serde(deny_unknown_fields)]
 pub struct Database {
     pub engine: Engine,
-    /// The engine's version: PostgreSQL 13-17, Redis 6 or 7, MariaDB 10.11 or 11.4.
+    /// The engine's version: PostgreSQL 13-17, Redis 6 or 7, MariaDB 10.11 or 11.4, optionally with a
+    /// pinned release (`15.18`). A change is an upgrade: a dump and restore into a new instance.
     pub version: String,
     /// Capacity (its disk is the database's) and monthly price, like an app's one replica.
     pub plan: Name,

@@ -1014,7 +1014,7 @@ impl Cx<'_> {
         let verify = self.opt_or(&mut f, "verify", crate::model::default_verify());
         if let (Some(e), Some(v)) = (&engine, &version) {
             let known = crate::model::engine_versions(e.value);
-            if !known.contains(&v.value.as_str()) {
+            if !crate::model::engine_version_known(e.value, &v.value) {
                 let hint = match did_you_mean(&v.value, known.iter().copied()) {
                     Some(s) => format!("did you mean `{s}`?"),
                     None => format!("{} versions: {}", e.value, known.join(", ")),

@@ -286,3 +286,25 @@ fn errors_in_one_app_do_not_hide_its_reference_errors() {
         "{out}"
     );
 }
+
+/// A database's `version` is a known series, or one with a pinned release after it (an upgrade to the
+/// exact release the node's binaries report); anything else is refused at the value.
+#[test]
+fn a_database_version_may_pin_a_release_of_a_known_series() {
+    let db = |version: &str| {
+        format!(
+            "[database.main]\nengine = \"postgres\"\nversion = \"{version}\"\nplan = \"small\"\n"
+        )
+    };
+    for ok in ["15", "15.18", "16.4"] {
+        let l = load(&[("base.toml", BASE), ("db.toml", &db(ok))]);
+        assert!(l.diagnostics.0.is_empty(), "{ok}: {}", l.diagnostics);
+    }
+    for bad in ["15.", "15.x", "150", "15..2", "9.6"] {
+        let text = rendered(&[("base.toml", BASE), ("db.toml", &db(bad))]);
+        assert!(
+            text.contains(&format!("postgres has no version `{bad}` here")),
+            "{bad}: {text}"
+        );
+    }
+}
