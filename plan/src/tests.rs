@@ -1858,3 +1858,126 @@ fn database_plan_snapshots() {
         markdown(&p, &MarkdownOptions::default())
     );
 }
+
+/// The database repository with `from` replaced by `to` in its `[database.main]`.
+fn repo_with_db_changed(from: &str, to: &str) -> Desired {
+    let apps = format!(
+        "{}\n[app.web.env]\nNODE_ENV = \"production\"\n",
+        APPS_A.replace(
+            "placement = { region = \"eu-west\" }",
+            "placement = { region = \"eu-west\" }\ndatabases = { main = \"DATABASE_URL\" }",
+        )
+    );
+    assert!(DATABASES.contains(from));
+    load(&[
+        ("cairn.toml", SETTINGS),
+        ("plans/plans.toml", PLANS),
+        ("runtimes/runtimes.toml", RUNTIMES),
+        ("nodes/nodes.toml", NODES),
+        ("apps/apps.toml", &apps),
+        ("databases.toml", &DATABASES.replace(from, to)),
+    ])
+}
+
+#[test]
+fn a_version_change_is_an_upgrade_beside_the_old_instance() {
+    let (_, o, _) = world_db();
+    let d = repo_with_db_changed("version = \"15\"", "version = \"15.13\"");
+    let (p, next) = apply(&o, &commit("d0d0d0d0d0d0d0d0"), &d);
+    let db = &p.databases[0];
+    assert_eq!(
+        db.change,
+        DatabaseChange::Upgrade {
+            from: "15".to_owned()
+        }
+    );
+    assert_eq!(db.task, Some(DatabaseTask::Upgrade));
+    assert_eq!(db.node, Some(name("n3")), "on its node");
+    assert_eq!(db.port, Some(crate::databases::FIRST_PORT), "the old port until it succeeds");
+    assert!(
+        web_db_env(&p).is_none(),
+        "the attached app keeps the old instance until the upgrade succeeds: {:?}",
+        p.releases
+    );
+    let t = text(&p, false);
+    assert!(
+        t.contains(
+            "upgrade postgres 15 -> 15.13: dump and restore into a new instance beside the old one"
+        ),
+        "{t}"
+    );
+    let md = markdown(&p, &MarkdownOptions::default());
+    // The PR comment escapes `>` (rendered as `->`).
+    assert!(
+        md.contains("upgrade postgres 15 -\\> 15.13: dump and restore into a new instance"),
+        "{md}"
+    );
+    // Applied: the database records the new version and still uses its instance; the same commit
+    // again plans nothing (the upgrade is queued once).
+    let main = &next.databases[&name("main")];
+    assert_eq!(main.spec.version, "15.13");
+    assert_eq!(main.instance, name("main"));
+    let c = commit("d0d0d0d0d0d0d0d0");
+    let fps = fingerprints(&d);
+    let again = plan(&input(Some((&c, &d)), Some(&fps), &next));
+    assert!(again.databases.iter().all(|d| d.task.is_none()));
+    assert_eq!(again.databases[0].change, DatabaseChange::Keep);
+}
+
+#[test]
+fn an_upgrade_waits_for_its_offline_node() {
+    let (_, mut o, _) = world_db();
+    o.node_status.get_mut(&name("n3")).unwrap().last_heartbeat =
+        Some(now() - Duration::seconds(91));
+    let d = repo_with_db_changed("version = \"15\"", "version = \"16\"");
+    let (p, next) = apply(&o, &commit("e0e0e0e0e0e0e0e0"), &d);
+    assert!(matches!(p.databases[0].change, DatabaseChange::Unavailable { .. }));
+    assert_eq!(p.databases[0].task, None);
+    assert_eq!(
+        next.databases[&name("main")].spec.version,
+        "15",
+        "the running version is kept, so the upgrade is planned when the node is back"
+    );
+    let mut back = next.clone();
+    all_online(&mut back);
+    let c = commit("e0e0e0e0e0e0e0e0");
+    let fps = fingerprints(&d);
+    let p = plan(&input(Some((&c, &d)), Some(&fps), &back));
+    assert_eq!(
+        p.databases[0].change,
+        DatabaseChange::Upgrade {
+            from: "15".to_owned()
+        }
+    );
+    assert_eq!(p.databases[0].task, Some(DatabaseTask::Upgrade));
+}
+
+#[test]
+fn an_engine_change_is_refused_and_the_database_kept() {
+    let (_, o, _) = world_db();
+    let d = repo_with_db_changed(
+        "engine = \"postgres\"\nversion = \"15\"",
+        "engine = \"mariadb\"\nversion = \"10.11\"",
+    );
+    let (p, next) = apply(&o, &commit("f0f0f0f0f0f0f0f0"), &d);
+    let db = &p.databases[0];
+    assert!(
+        matches!(&db.change, DatabaseChange::Refused { why } if why.contains("cannot change from postgres to mariadb")),
+        "{:?}",
+        db.change
+    );
+    assert_eq!(db.task, None);
+    assert!(
+        p.warnings
+            .iter()
+            .any(|w| w.kind == WarningKind::DatabaseRefused && w.message.contains("main"))
+    );
+    assert!(web_db_env(&p).is_none(), "nothing about it changes");
+    let main = &next.databases[&name("main")];
+    assert_eq!(
+        (main.spec.engine.as_str(), main.spec.version.as_str()),
+        ("postgres", "15")
+    );
+    let t = text(&p, false);
+    assert!(t.contains("REFUSED (its engine cannot change"), "{t}");
+}
