@@ -249,6 +249,11 @@ async fn give_up(
     permanent: bool,
 ) -> Result<(), DeployError> {
     tracing::warn!(node = %t.node, task = %t.id, app = %t.app, error, permanent, "a leased task cannot be handed out");
+    if t.kind == TaskKind::DbUpgrade {
+        // Its ledger row ends with it (a no-op for an upgrade that already ended).
+        let final_ = permanent || t.attempt >= t.max_attempts;
+        crate::databases::record_upgrade(ctx.pool, t.id.0, Err((error, final_))).await?;
+    }
     if permanent {
         queue::bury(ctx.pool, t.id, t.token, error).await?;
     } else {

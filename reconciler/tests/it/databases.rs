@@ -155,6 +155,37 @@ impl Plane {
         .await;
     }
 
+    /// Rewrites `[database.main]`'s `version` in the config directory.
+    fn set_version(&self, version: &str) {
+        let path = self._tmp.path().join("config/infra.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let start = text.find("version = \"").unwrap() + "version = \"".len();
+        let end = start + text[start..].find('"').unwrap();
+        std::fs::write(&path, format!("{}{version}{}", &text[..start], &text[end..])).unwrap();
+    }
+
+    async fn instance_state(&self, instance: &str) -> (String, String, i32) {
+        sqlx::query_as("SELECT state, version, port FROM database_instances WHERE name = $1")
+            .bind(instance)
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn current(&self) -> (String, i32) {
+        sqlx::query_as("SELECT instance, port FROM databases WHERE name = 'main'")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    async fn upgrade_state(&self) -> String {
+        sqlx::query_scalar("SELECT state FROM database_upgrades ORDER BY id DESC LIMIT 1")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
     fn open(&self, sealed: &str) -> serde_json::Value {
         let plain = self.n1.decrypt(&Ciphertext::new(sealed).unwrap()).unwrap();
         serde_json::from_slice(plain.expose()).unwrap()
@@ -510,4 +541,221 @@ async fn a_restore_goes_beside_the_original_and_swap_and_rotate_release_the_atta
         before + 2,
         "a rotation releases the attached app"
     );
+}
+
+fn done(detail: &str) -> Outcome {
+    Outcome::Done {
+        detail: Some(detail.to_owned()),
+        timings: Default::default(),
+        image: None,
+        backup: None,
+    }
+}
+
+/// Issue 18: a `version` change is an upgrade into a new instance beside the old one. The apply queues
+/// a `db_upgrade` with a new instance (own name, free port, new version, own login) while the database
+/// keeps its old one; the agent's success points the database at the new instance (the attached app
+/// gets a release with its URL), stops the old one (its data kept: the pre-upgrade instance), and
+/// `finish-upgrade` drops it; the current instance is never dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_change_upgrades_into_a_new_instance_and_finish_upgrade_drops_the_old() {
+    use cairn_reconciler::databases::{self as dbs, DbOpError};
+    let db = cairn_testkit::test_db!();
+    let plane = Plane::new(&db).await;
+    let first = plane.lease().await;
+    let old_password = first
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbEnsure)
+        .and_then(|(_, _, p)| p.as_ref()?.login_sealed.clone())
+        .map(|s| plane.open(&s)["password"].as_str().unwrap().to_owned())
+        .unwrap();
+    for (t, ..) in &first {
+        plane.report(t, done("ok")).await;
+    }
+    let before = plane.releases().await;
+
+    plane.set_version("15.13");
+    plane.reconcile().await;
+    assert_eq!(plane.current().await, ("main".to_owned(), 15432), "still the old one");
+    assert_eq!(plane.releases().await, before, "no release until it succeeds");
+    let ready = plane.lease().await;
+    let (t, _, p) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbUpgrade)
+        .expect("a db_upgrade task");
+    let p = p.as_ref().unwrap();
+    assert_eq!(
+        (p.instance.as_str(), p.port, p.version.as_str()),
+        ("main-v2", 15433, "15.13")
+    );
+    let from = p.upgrade_from.as_ref().expect("names the old instance");
+    assert_eq!(
+        (from.instance.as_str(), from.version.as_str(), from.port),
+        ("main", "15", 15432)
+    );
+    let new_password = plane.open(p.login_sealed.as_deref().unwrap())["password"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(new_password, old_password, "a login of its own");
+    assert_eq!(plane.upgrade_state().await, "running");
+    assert_eq!(
+        plane.instance_state("main").await,
+        ("active".to_owned(), "15".to_owned(), 15432),
+        "the old instance keeps its version"
+    );
+    // Neither instance can be dropped while the upgrade runs.
+    assert!(matches!(
+        dbs::drop_instance(&plane.pool, &name("main"), &name("main-v2")).await,
+        Err(DbOpError::UpgradeRunning { .. })
+    ));
+    assert!(matches!(
+        dbs::finish_upgrade(&plane.pool, &name("main")).await,
+        Err(DbOpError::UpgradeNotFinishable { .. })
+    ));
+
+    plane
+        .report(t, done("upgraded main into main-v2: 2 tables, 1003 rows, counts equal"))
+        .await;
+    assert_eq!(plane.current().await, ("main-v2".to_owned(), 15433));
+    assert_eq!(
+        plane.instance_state("main").await,
+        ("stopped".to_owned(), "15".to_owned(), 15432)
+    );
+    assert_eq!(
+        plane.instance_state("main-v2").await,
+        ("active".to_owned(), "15.13".to_owned(), 15433)
+    );
+    assert_eq!(plane.upgrade_state().await, "ok");
+    let list = dbs::list_databases(&plane.pool).await.unwrap();
+    let u = list[0].upgrade.as_ref().expect("db list shows the upgrade");
+    assert_eq!(
+        (u.state.as_str(), u.from_instance.as_str()),
+        ("ok", "main")
+    );
+    assert!(u.detail.as_deref().unwrap().contains("counts equal"));
+
+    // The old instance is stopped (its data kept); the attached app gets a release with the new URL.
+    plane.reconcile().await;
+    assert_eq!(plane.releases().await, before + 1, "the attached app is released");
+    let ready = plane.lease().await;
+    let stop = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbStop)
+        .expect("the old instance is stopped");
+    assert_eq!(
+        stop.2.as_ref().map(|p| (p.instance.as_str(), p.port)),
+        Some(("main", 15432))
+    );
+    let (_, deploy, _) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::Deploy)
+        .expect("a deploy of web");
+    let env = plane.open(deploy.as_ref().unwrap().secret_env.as_deref().unwrap());
+    assert_eq!(
+        env["DATABASE_URL"],
+        format!("postgres://app:{new_password}@127.0.0.1:15433/main")
+    );
+    for (t, ..) in &ready {
+        plane.report(t, done("ok")).await;
+    }
+
+    // The current instance is never dropped; the pre-upgrade one is, by finish-upgrade.
+    let e = dbs::drop_instance(&plane.pool, &name("main"), &name("main-v2"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DbOpError::CurrentInstance { .. }), "{e}");
+    assert!(e.to_string().contains("current instance"), "{e}");
+    assert!(matches!(
+        dbs::drop_instance(&plane.pool, &name("main"), &name("nope")).await,
+        Err(DbOpError::UnknownInstance { .. })
+    ));
+    assert_eq!(
+        dbs::finish_upgrade(&plane.pool, &name("main")).await.unwrap(),
+        name("main")
+    );
+    assert_eq!(plane.upgrade_state().await, "finished");
+    let ready = plane.lease().await;
+    let (t, _, p) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbDrop)
+        .expect("a db_drop task");
+    assert_eq!(p.as_ref().unwrap().instance.as_str(), "main");
+    assert!(p.as_ref().unwrap().login_sealed.is_none(), "a drop carries no login");
+    plane.report(t, done("dropped")).await;
+    assert_eq!(plane.instance_state("main").await.0, "dropped");
+    assert!(matches!(
+        dbs::finish_upgrade(&plane.pool, &name("main")).await,
+        Err(DbOpError::NoUpgrade(_) | DbOpError::UpgradeNotFinishable { .. })
+    ));
+    assert!(matches!(
+        dbs::drop_instance(&plane.pool, &name("main"), &name("main")).await,
+        Err(DbOpError::AlreadyDropped(_))
+    ));
+    let list = dbs::list_databases(&plane.pool).await.unwrap();
+    assert!(list[0].upgrade.is_none(), "a finished upgrade is not listed");
+    // No password in a row in plaintext.
+    let dump = plane.dump();
+    assert!(!dump.contains(&new_password) && !dump.contains(&old_password));
+}
+
+/// A failed upgrade leaves the database on its old instance, says why (`cairn db list`, status, a
+/// `database.upgrade_failed` event) and has nothing to finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_upgrade_keeps_the_old_instance_serving_and_says_why() {
+    use cairn_reconciler::databases::{self as dbs, DbOpError};
+    let db = cairn_testkit::test_db!();
+    let plane = Plane::new(&db).await;
+    for (t, ..) in &plane.lease().await {
+        plane.report(t, done("ok")).await;
+    }
+    let before = plane.releases().await;
+    plane.set_version("16");
+    plane.reconcile().await;
+    let ready = plane.lease().await;
+    let (t, ..) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbUpgrade)
+        .expect("a db_upgrade task");
+    plane
+        .report(
+            t,
+            Outcome::Failed {
+                retry: false,
+                error: "this node has no PostgreSQL 16 server binaries; it has 15".to_owned(),
+            },
+        )
+        .await;
+    assert_eq!(plane.current().await, ("main".to_owned(), 15432));
+    assert_eq!(plane.instance_state("main").await.0, "active");
+    assert_eq!(plane.instance_state("main-v2").await.0, "dropped");
+    assert_eq!(plane.upgrade_state().await, "failed");
+    let events: Vec<String> =
+        sqlx::query_scalar("SELECT message FROM events WHERE kind = 'database.upgrade_failed'")
+            .fetch_all(&plane.pool)
+            .await
+            .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].contains("no PostgreSQL 16"), "{}", events[0]);
+    let list = dbs::list_databases(&plane.pool).await.unwrap();
+    let warnings = dbs::warnings(&list);
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("upgrade from 15 to 16 failed") && w.contains("main keeps serving")),
+        "{warnings:?}"
+    );
+    assert!(matches!(
+        dbs::finish_upgrade(&plane.pool, &name("main")).await,
+        Err(DbOpError::UpgradeNotFinishable { .. })
+    ));
+    // Reconciling again neither retries it on its own nor releases the app: nothing moved.
+    let _ = plane.controller.reconcile(Trigger::Manual).await.unwrap();
+    assert_eq!(plane.releases().await, before, "no release: nothing moved");
+    let upgrades: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE kind = 'db_upgrade'")
+            .fetch_one(&plane.pool)
+            .await
+            .unwrap();
+    assert_eq!(upgrades, 1);
 }
