@@ -108,14 +108,16 @@ pub fn next_databases(
                 }
             }
             // The running engine and version are kept: an upgrade waits for the node to be back.
-            (DatabaseChange::Unavailable { .. }, Some(o), ..) => crate::observed::ObservedDatabase {
-                spec: crate::observed::AppliedDatabase {
-                    engine: o.spec.engine,
-                    version: o.spec.version.clone(),
-                    ..spec.clone()
-                },
-                ..o.clone()
-            },
+            (DatabaseChange::Unavailable { .. }, Some(o), ..) => {
+                crate::observed::ObservedDatabase {
+                    spec: crate::observed::AppliedDatabase {
+                        engine: o.spec.engine,
+                        version: o.spec.version.clone(),
+                        ..spec.clone()
+                    },
+                    ..o.clone()
+                }
+            }
             (DatabaseChange::Refused { .. }, Some(o), ..) => o.clone(),
             (DatabaseChange::Unplaced { .. }, Some(o), ..) => o.clone(),
             (_, o, Some(node), Some(port)) => crate::observed::ObservedDatabase {

@@ -106,7 +106,8 @@ pub(crate) fn place(
                 node: Some(o.node.clone()),
             });
         }
-        let task = matches!(change, DatabaseChange::Upgrade { .. }).then_some(DatabaseTask::Upgrade);
+        let task =
+            matches!(change, DatabaseChange::Upgrade { .. }).then_some(DatabaseTask::Upgrade);
         out.push(entry(
             name,
             spec,

@@ -599,9 +599,7 @@ fn place_databases(
                 | crate::DatabaseChange::Unavailable { .. }
                 | crate::DatabaseChange::Upgrade { .. }
                 | crate::DatabaseChange::Refused { .. },
-            ) => {
-                (o.instance.clone(), o.credential)
-            }
+            ) => (o.instance.clone(), o.credential),
             (Some(o), _) => (d.name.clone(), o.credential),
             (None, _) => (d.name.clone(), 0),
         };

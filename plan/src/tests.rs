@@ -1893,7 +1893,11 @@ fn a_version_change_is_an_upgrade_beside_the_old_instance() {
     );
     assert_eq!(db.task, Some(DatabaseTask::Upgrade));
     assert_eq!(db.node, Some(name("n3")), "on its node");
-    assert_eq!(db.port, Some(crate::databases::FIRST_PORT), "the old port until it succeeds");
+    assert_eq!(
+        db.port,
+        Some(crate::databases::FIRST_PORT),
+        "the old port until it succeeds"
+    );
     assert!(
         web_db_env(&p).is_none(),
         "the attached app keeps the old instance until the upgrade succeeds: {:?}",
@@ -1931,7 +1935,10 @@ fn an_upgrade_waits_for_its_offline_node() {
         Some(now() - Duration::seconds(91));
     let d = repo_with_db_changed("version = \"15\"", "version = \"16\"");
     let (p, next) = apply(&o, &commit("e0e0e0e0e0e0e0e0"), &d);
-    assert!(matches!(p.databases[0].change, DatabaseChange::Unavailable { .. }));
+    assert!(matches!(
+        p.databases[0].change,
+        DatabaseChange::Unavailable { .. }
+    ));
     assert_eq!(p.databases[0].task, None);
     assert_eq!(
         next.databases[&name("main")].spec.version,

@@ -923,18 +923,16 @@ pub async fn record_upgrade(
                         database.clone(),
                         format!("db_upgrade_stop:{from}:{}", u.id),
                     );
-                    stop.payload =
-                        serde_json::to_value(payload(&database, &old)).expect("a payload serializes");
-                    queue::enqueue(&mut tx, &stop)
-                        .await
-                        .map_err(|e| match e {
-                            queue::QueueError::Store(s) => s,
-                            other => StoreError::Corrupt {
-                                table: "tasks",
-                                column: "id",
-                                detail: other.to_string(),
-                            },
-                        })?;
+                    stop.payload = serde_json::to_value(payload(&database, &old))
+                        .expect("a payload serializes");
+                    queue::enqueue(&mut tx, &stop).await.map_err(|e| match e {
+                        queue::QueueError::Store(s) => s,
+                        other => StoreError::Corrupt {
+                            table: "tasks",
+                            column: "id",
+                            detail: other.to_string(),
+                        },
+                    })?;
                 }
                 let detail = report.ok().flatten();
                 store::set_upgrade_state(&mut tx, u.id, "ok", detail, None).await?;

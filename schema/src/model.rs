@@ -400,8 +400,9 @@ pub fn engine_version_known(engine: Engine, version: &str) -> bool {
                 .strip_prefix(k)
                 .and_then(|rest| rest.strip_prefix('.'))
                 .is_some_and(|rest| {
-                    rest.split('.')
-                        .all(|p| !p.is_empty() && p.len() <= 6 && p.bytes().all(|b| b.is_ascii_digit()))
+                    rest.split('.').all(|p| {
+                        !p.is_empty() && p.len() <= 6 && p.bytes().all(|b| b.is_ascii_digit())
+                    })
                 })
     })
 }

@@ -850,7 +850,11 @@ async fn postgres_upgrade_into_a_new_instance_keeps_the_old_until_it_is_dropped(
         .unwrap();
     assert_eq!(done.counts, expected_counts(Engine::Postgres));
     assert!(done.bytes > 0);
-    assert!(done.summary().contains("counts equal"), "{}", done.summary());
+    assert!(
+        done.summary().contains("counts equal"),
+        "{}",
+        done.summary()
+    );
     assert_eq!(
         database::counts(&new.inst, &new_login).await.unwrap(),
         expected_counts(Engine::Postgres)
@@ -870,7 +874,10 @@ async fn postgres_upgrade_into_a_new_instance_keeps_the_old_until_it_is_dropped(
     let e = database::upgrade(&old.inst, &new.inst, &new_login)
         .await
         .unwrap_err();
-    assert!(e.to_string().contains("already has a data directory"), "{e}");
+    assert!(
+        e.to_string().contains("already has a data directory"),
+        "{e}"
+    );
     let read = client(&new.inst, &new_login, "SELECT count(*) FROM notes;").unwrap();
     assert_eq!(read.trim(), "4");
 

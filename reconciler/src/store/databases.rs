@@ -484,14 +484,18 @@ pub async fn backups(
 
 /// A name for a new instance of `database` that no instance has had: `<database>-v<N>`, the database's
 /// name shortened so it stays a valid name (at most 63 characters).
-pub async fn new_instance_name(conn: &mut PgConnection, database: &Name) -> Result<Name, StoreError> {
-    let taken: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM database_instances WHERE database = $1 OR name LIKE $2")
-            .bind(database.as_str())
-            .bind(format!("{}-v%", database.as_str().replace('_', "\\_")))
-            .fetch_all(conn)
-            .await
-            .op("read database instances")?;
+pub async fn new_instance_name(
+    conn: &mut PgConnection,
+    database: &Name,
+) -> Result<Name, StoreError> {
+    let taken: Vec<String> = sqlx::query_scalar(
+        "SELECT name FROM database_instances WHERE database = $1 OR name LIKE $2",
+    )
+    .bind(database.as_str())
+    .bind(format!("{}-v%", database.as_str().replace('_', "\\_")))
+    .fetch_all(conn)
+    .await
+    .op("read database instances")?;
     for n in 2..10_000u32 {
         let suffix = format!("-v{n}");
         let keep = 63 - suffix.len();

@@ -161,7 +161,11 @@ impl Plane {
         let text = std::fs::read_to_string(&path).unwrap();
         let start = text.find("version = \"").unwrap() + "version = \"".len();
         let end = start + text[start..].find('"').unwrap();
-        std::fs::write(&path, format!("{}{version}{}", &text[..start], &text[end..])).unwrap();
+        std::fs::write(
+            &path,
+            format!("{}{version}{}", &text[..start], &text[end..]),
+        )
+        .unwrap();
     }
 
     async fn instance_state(&self, instance: &str) -> (String, String, i32) {
@@ -576,8 +580,16 @@ async fn a_version_change_upgrades_into_a_new_instance_and_finish_upgrade_drops_
 
     plane.set_version("15.13");
     plane.reconcile().await;
-    assert_eq!(plane.current().await, ("main".to_owned(), 15432), "still the old one");
-    assert_eq!(plane.releases().await, before, "no release until it succeeds");
+    assert_eq!(
+        plane.current().await,
+        ("main".to_owned(), 15432),
+        "still the old one"
+    );
+    assert_eq!(
+        plane.releases().await,
+        before,
+        "no release until it succeeds"
+    );
     let ready = plane.lease().await;
     let (t, _, p) = ready
         .iter()
@@ -615,7 +627,10 @@ async fn a_version_change_upgrades_into_a_new_instance_and_finish_upgrade_drops_
     ));
 
     plane
-        .report(t, done("upgraded main into main-v2: 2 tables, 1003 rows, counts equal"))
+        .report(
+            t,
+            done("upgraded main into main-v2: 2 tables, 1003 rows, counts equal"),
+        )
         .await;
     assert_eq!(plane.current().await, ("main-v2".to_owned(), 15433));
     assert_eq!(
@@ -629,15 +644,16 @@ async fn a_version_change_upgrades_into_a_new_instance_and_finish_upgrade_drops_
     assert_eq!(plane.upgrade_state().await, "ok");
     let list = dbs::list_databases(&plane.pool).await.unwrap();
     let u = list[0].upgrade.as_ref().expect("db list shows the upgrade");
-    assert_eq!(
-        (u.state.as_str(), u.from_instance.as_str()),
-        ("ok", "main")
-    );
+    assert_eq!((u.state.as_str(), u.from_instance.as_str()), ("ok", "main"));
     assert!(u.detail.as_deref().unwrap().contains("counts equal"));
 
     // The old instance is stopped (its data kept); the attached app gets a release with the new URL.
     plane.reconcile().await;
-    assert_eq!(plane.releases().await, before + 1, "the attached app is released");
+    assert_eq!(
+        plane.releases().await,
+        before + 1,
+        "the attached app is released"
+    );
     let ready = plane.lease().await;
     let stop = ready
         .iter()
@@ -671,7 +687,9 @@ async fn a_version_change_upgrades_into_a_new_instance_and_finish_upgrade_drops_
         Err(DbOpError::UnknownInstance { .. })
     ));
     assert_eq!(
-        dbs::finish_upgrade(&plane.pool, &name("main")).await.unwrap(),
+        dbs::finish_upgrade(&plane.pool, &name("main"))
+            .await
+            .unwrap(),
         name("main")
     );
     assert_eq!(plane.upgrade_state().await, "finished");
@@ -681,7 +699,10 @@ async fn a_version_change_upgrades_into_a_new_instance_and_finish_upgrade_drops_
         .find(|(t, ..)| t.kind == TaskKind::DbDrop)
         .expect("a db_drop task");
     assert_eq!(p.as_ref().unwrap().instance.as_str(), "main");
-    assert!(p.as_ref().unwrap().login_sealed.is_none(), "a drop carries no login");
+    assert!(
+        p.as_ref().unwrap().login_sealed.is_none(),
+        "a drop carries no login"
+    );
     plane.report(t, done("dropped")).await;
     assert_eq!(plane.instance_state("main").await.0, "dropped");
     assert!(matches!(
@@ -693,7 +714,10 @@ async fn a_version_change_upgrades_into_a_new_instance_and_finish_upgrade_drops_
         Err(DbOpError::AlreadyDropped(_))
     ));
     let list = dbs::list_databases(&plane.pool).await.unwrap();
-    assert!(list[0].upgrade.is_none(), "a finished upgrade is not listed");
+    assert!(
+        list[0].upgrade.is_none(),
+        "a finished upgrade is not listed"
+    );
     // No password in a row in plaintext.
     let dump = plane.dump();
     assert!(!dump.contains(&new_password) && !dump.contains(&old_password));
@@ -752,10 +776,9 @@ async fn a_failed_upgrade_keeps_the_old_instance_serving_and_says_why() {
     // Reconciling again neither retries it on its own nor releases the app: nothing moved.
     let _ = plane.controller.reconcile(Trigger::Manual).await.unwrap();
     assert_eq!(plane.releases().await, before, "no release: nothing moved");
-    let upgrades: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE kind = 'db_upgrade'")
-            .fetch_one(&plane.pool)
-            .await
-            .unwrap();
+    let upgrades: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE kind = 'db_upgrade'")
+        .fetch_one(&plane.pool)
+        .await
+        .unwrap();
     assert_eq!(upgrades, 1);
 }
