@@ -12,7 +12,8 @@
 //! the control plane's database, no log, no plan.
 //!
 //! The second test runs the same shape, shorter, with Redis (backed up to a directory) and MariaDB
-//! (backed up to S3: moto on 127.0.0.1), and makes the S3 target fail.
+//! (backed up to S3: moto on 127.0.0.1), and makes the S3 target fail. The third changes `version`:
+//! an upgrade into a new instance, the app released onto it, `cairn db finish-upgrade` dropping the old.
 
 use std::time::Duration;
 
@@ -466,4 +467,150 @@ async fn redis_and_mariadb_back_up_to_a_directory_and_s3_restore_and_swap() {
             path.display()
         );
     }
+}
+
+/// The full release the PostgreSQL 15 binaries report (`15.18`).
+fn pg_release() -> String {
+    let out = std::process::Command::new(std::path::Path::new(PG_BIN).join("postgres"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .find(|w| w.starts_with(|c: char| c.is_ascii_digit()))
+        .unwrap()
+        .to_owned()
+}
+
+/// Issue 18's upgrade end to end: a commit changing `version` from `15` to the release the installed
+/// binaries report (only PostgreSQL 15 is installed, so this is not a real major upgrade) makes the
+/// database's node dump its instance into a new one beside it; the app is released onto the new
+/// instance and finds its 1,000 rows there (it seeds only an empty database); the old instance's data
+/// is kept until `cairn db finish-upgrade`, which deletes it; the current instance cannot be dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_version_change_upgrades_the_database_beside_the_old_one_until_finished() {
+    const TEST: &str = "a_version_change_upgrades_the_database_beside_the_old_one_until_finished";
+    for bin in ["postgres", "initdb", "pg_dump", "pg_restore", "psql"] {
+        let p = std::path::Path::new(PG_BIN).join(bin);
+        if !p.is_file() {
+            cairn_testkit::skip::missing(
+                TEST,
+                "Debian's PostgreSQL 15 server binaries",
+                p.display(),
+            );
+            return;
+        }
+    }
+    let Some(mut e) = E2e::new(TEST, &[Driver::Process]).await else {
+        return;
+    };
+    let backups = database_dirs(&e);
+    e.repo.write(
+        "runtimes-psql.toml",
+        "[runtime.psql]\ndrivers = [\"process\"]\nstart = \"sh ./run.sh\"\nport = 8080\n",
+    );
+    let app = e.app("dbapp", "psql", 1, &files("v1"));
+    e.repo.write(
+        &format!("app-{}.toml", app.name),
+        &format!(
+            "[app.{n}]\nplan = \"small\"\nruntime = \"psql\"\nreplicas = 1\n\
+             health = {{ path = \"/healthz\", timeout = \"2s\" }}\n\
+             databases = {{ main = \"DATABASE_URL\" }}\n\n\
+             [app.{n}.source]\nurl = \"{u}\"\nbranch = \"main\"\n",
+            n = app.name,
+            u = app.source.url,
+        ),
+    );
+    e.repo.write("databases.toml", &database("n1", &backups));
+    e.repo.node("n1", "");
+    let plane = e.start(&[]).await;
+    let n1 = e.agent(&plane, "n1", Driver::Process, &[]).await;
+    let count = |proxy| served_count(proxy, &app.host);
+    let first = wait_for("the app counts its rows", WAIT, || count(n1.proxy)).await;
+    assert_eq!(first, "1000");
+    let releases = release_count(&plane, &app.name).await;
+
+    let release = pg_release();
+    let generation = plane.generation().await;
+    e.repo.write(
+        "databases.toml",
+        &database("n1", &backups).replace("version = \"15\"", &format!("version = \"{release}\"")),
+    );
+    e.repo.commit();
+    plane.wait_generation(generation + 1).await;
+    let row = wait_for("the upgrade ends", WAIT, || async {
+        let rows = plane
+            .rows("SELECT state, detail, error, from_instance, to_instance FROM database_upgrades")
+            .await;
+        let r = rows.into_iter().next()?;
+        assert_ne!(r["state"], "failed", "the upgrade failed: {r}");
+        (r["state"] == "ok").then_some(r)
+    })
+    .await;
+    assert_eq!(row["from_instance"], "main");
+    assert_eq!(row["to_instance"], "main-v2");
+    assert!(
+        row["detail"].as_str().unwrap().contains("counts equal"),
+        "{row}"
+    );
+    // The app is released onto the new instance and finds the rows the upgrade carried over.
+    wait_for(
+        "the app is released onto the new instance",
+        WAIT,
+        || async { (release_count(&plane, &app.name).await > releases).then_some(()) },
+    )
+    .await;
+    let newest = release_count(&plane, &app.name).await;
+    plane.wait_release(&app.name, newest, "live", WAIT).await;
+    wait_for("the upgraded database counts 1000", WAIT, || async {
+        (count(n1.proxy).await.as_deref() == Some("1000")).then_some(())
+    })
+    .await;
+    let listed = plane.cairn(&["db", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(v[0]["instance"], "main-v2", "{v}");
+    assert_eq!(v[0]["upgrade"]["state"], "ok", "{v}");
+
+    // The pre-upgrade instance is stopped with its data kept; the current one is never dropped.
+    let dbs = {
+        let mut name = n1.dir.as_os_str().to_owned();
+        name.push("-databases");
+        std::path::PathBuf::from(name)
+    };
+    wait_for("the old instance is stopped", WAIT, || async {
+        let rows = plane
+            .rows("SELECT status FROM tasks WHERE kind = 'db_stop' ORDER BY id DESC LIMIT 1")
+            .await;
+        (rows.first()?["status"] == "done").then_some(())
+    })
+    .await;
+    assert!(!dbs.join("main/data/postmaster.pid").exists(), "stopped");
+    assert!(dbs.join("main/data/PG_VERSION").is_file(), "its data kept");
+    let refused = plane.cairn(&["db", "drop", "main", "main-v2"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("current instance"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
+    cairn_ok(&plane, &["db", "finish-upgrade", "main"]);
+    wait_for("the pre-upgrade instance is dropped", WAIT, || async {
+        let rows = plane
+            .rows("SELECT state FROM database_instances WHERE name = 'main'")
+            .await;
+        (rows.first()?["state"] == "dropped").then_some(())
+    })
+    .await;
+    assert!(!dbs.join("main").exists(), "its data deleted");
+    assert!(dbs.join("main-v2/data/PG_VERSION").is_file());
+    assert_eq!(count(n1.proxy).await.as_deref(), Some("1000"));
+    for (path, log) in e.logs() {
+        assert!(
+            !log.contains("postgres://app:"),
+            "a database URL is in {}",
+            path.display()
+        );
+    }
+    drop(n1);
 }
