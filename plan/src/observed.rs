@@ -111,8 +111,9 @@ pub struct Observed {
     /// Managed databases: the applied spec and where each one lives (`databases`).
     #[serde(default)]
     pub databases: BTreeMap<Name, ObservedDatabase>,
-    /// The ports of every database server instance not dropped, on any node (a swap keeps the
-    /// original beside the restored one): a new or moved database takes none of them.
+    /// The ports of every database server instance on any node, dropped ones too (a swap keeps the
+    /// original beside the restored one; a dropped instance keeps its row and `(node, port)` is
+    /// unique): a new or moved database takes none of them.
     #[serde(default)]
     pub database_ports: std::collections::BTreeSet<u16>,
 }

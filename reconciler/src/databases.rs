@@ -721,7 +721,9 @@ pub async fn restore(
 }
 
 /// Points `database`'s attached apps at instance `instance` (a restore's): the planner then makes a new
-/// release of each. The previous instance keeps running until it is dropped explicitly.
+/// release of each. The previous instance keeps running until it is dropped explicitly. A stopped
+/// instance (an upgrade's pre-upgrade one: swapping back is the way back) is started again; a dropped
+/// one is refused.
 pub async fn swap(pool: &PgPool, database: &Name, instance: &Name) -> Result<(), DbOpError> {
     let mut tx = pool.begin().await.op("swap a database")?;
     let inst = store::instance(&mut tx, instance)
@@ -731,6 +733,25 @@ pub async fn swap(pool: &PgPool, database: &Name, instance: &Name) -> Result<(),
             database: database.clone(),
             instance: instance.clone(),
         })?;
+    match inst.state.as_str() {
+        "dropped" => return Err(DbOpError::AlreadyDropped(instance.clone())),
+        "stopped" => {
+            store::set_instance_state(&mut tx, instance, "active").await?;
+            let mut task = NewTask::new(
+                inst.node.clone(),
+                TaskKind::DbEnsure,
+                database.clone(),
+                format!(
+                    "db_swap_start:{database}:{instance}:{}",
+                    Utc::now().timestamp_millis()
+                ),
+            );
+            task.payload =
+                serde_json::to_value(payload(database, &inst)).expect("a payload serializes");
+            queue::enqueue(&mut tx, &task).await?;
+        }
+        _ => {}
+    }
     let done = sqlx::query(
         "UPDATE databases SET instance = $2, node = $3, port = $4, updated_at = now() WHERE name = $1",
     )
@@ -1092,6 +1113,12 @@ async fn queue_drop(
         })?;
     if inst.state == "dropped" {
         return Err(DbOpError::AlreadyDropped(instance.clone()));
+    }
+    if store::current_instance(tx, database).await?.as_ref() == Some(instance) {
+        return Err(DbOpError::CurrentInstance {
+            database: database.clone(),
+            instance: instance.clone(),
+        });
     }
     let mut task = NewTask::new(
         inst.node.clone(),

@@ -6,7 +6,8 @@
 //! - `POST databases/{db}/restore` (`{"backup": ID | null, "into": "NEW"}`): restore beside the original,
 //!   never in place; `into` equal to the database's own name restores into its own fresh instance (after
 //!   a move, with `--latest`) (operators);
-//! - `POST databases/{db}/swap` (`{"instance": "NEW"}`): attached apps point at NEW: a release (operators);
+//! - `POST databases/{db}/swap` (`{"instance": "NEW"}`): attached apps point at NEW: a release; a stopped
+//!   NEW (a pre-upgrade instance) is started again, a dropped one refused (operators);
 //! - `POST databases/{db}/rotate`: a new login; attached apps get a release (operators);
 //! - `GET databases/{db}/upgrades`: its version upgrades, newest first;
 //! - `POST databases/{db}/finish-upgrade`: drop the last successful upgrade's pre-upgrade instance

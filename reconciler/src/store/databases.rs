@@ -172,15 +172,15 @@ pub async fn upsert_instance(
     Ok(())
 }
 
-/// The ports of every instance not dropped, on any node.
+/// The ports of every instance on any node, dropped ones too: a dropped instance keeps its row, and
+/// `(node, port)` is unique, so its port is never given to another.
 pub async fn instance_ports(
     conn: &mut PgConnection,
 ) -> Result<std::collections::BTreeSet<u16>, StoreError> {
-    let ports: Vec<i32> =
-        sqlx::query_scalar("SELECT DISTINCT port FROM database_instances WHERE state <> 'dropped'")
-            .fetch_all(conn)
-            .await
-            .op("read the database ports in use")?;
+    let ports: Vec<i32> = sqlx::query_scalar("SELECT DISTINCT port FROM database_instances")
+        .fetch_all(conn)
+        .await
+        .op("read the database ports in use")?;
     Ok(ports
         .into_iter()
         .filter_map(|p| u16::try_from(p).ok())

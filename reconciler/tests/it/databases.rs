@@ -782,3 +782,77 @@ async fn a_failed_upgrade_keeps_the_old_instance_serving_and_says_why() {
         .unwrap();
     assert_eq!(upgrades, 1);
 }
+
+/// The way back from an upgrade is a swap to the pre-upgrade instance: it is started again and the app
+/// released onto it; then `finish-upgrade` refuses to drop it (it is current again), a dropped instance
+/// cannot be swapped to, and a new database never gets a dropped instance's port.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_back_after_an_upgrade_restarts_the_old_instance_and_finish_upgrade_refuses() {
+    use cairn_reconciler::databases::{self as dbs, DbOpError};
+    let db = cairn_testkit::test_db!();
+    let plane = Plane::new(&db).await;
+    for (t, ..) in &plane.lease().await {
+        plane.report(t, done("ok")).await;
+    }
+    plane.set_version("16");
+    plane.reconcile().await;
+    for (t, ..) in &plane.lease().await {
+        plane.report(t, done("upgraded")).await;
+    }
+    assert_eq!(plane.current().await, ("main-v2".to_owned(), 15433));
+    plane.reconcile().await;
+    for (t, ..) in &plane.lease().await {
+        plane.report(t, done("ok")).await;
+    }
+    let releases = plane.releases().await;
+
+    dbs::swap(&plane.pool, &name("main"), &name("main"))
+        .await
+        .unwrap();
+    assert_eq!(plane.instance_state("main").await.0, "active");
+    plane.reconcile().await;
+    assert_eq!(plane.releases().await, releases + 1, "released back");
+    let ready = plane.lease().await;
+    let ensure = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbEnsure)
+        .expect("the old instance is started again");
+    assert_eq!(
+        ensure
+            .2
+            .as_ref()
+            .map(|p| (p.instance.as_str(), p.port, p.version.as_str())),
+        Some(("main", 15432, "15"))
+    );
+    for (t, ..) in &ready {
+        plane.report(t, done("ok")).await;
+    }
+    let e = dbs::finish_upgrade(&plane.pool, &name("main"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DbOpError::CurrentInstance { .. }), "{e}");
+
+    // The upgraded instance is now the one not used: it can be dropped, and never swapped to again.
+    dbs::drop_instance(&plane.pool, &name("main"), &name("main-v2"))
+        .await
+        .unwrap();
+    let ready = plane.lease().await;
+    let (t, ..) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbDrop)
+        .unwrap();
+    plane.report(t, done("dropped")).await;
+    assert_eq!(plane.instance_state("main-v2").await.0, "dropped");
+    assert!(matches!(
+        dbs::swap(&plane.pool, &name("main"), &name("main-v2")).await,
+        Err(DbOpError::AlreadyDropped(_))
+    ));
+    let mut conn = plane.pool.acquire().await.unwrap();
+    let ports = cairn_reconciler::store::databases::instance_ports(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        ports.contains(&15433),
+        "a dropped instance's port stays taken"
+    );
+}
