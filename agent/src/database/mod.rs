@@ -380,7 +380,11 @@ async fn upgrade_into(from: &Instance, to: &Instance, login: &Login) -> Result<U
     };
     let before = counts(from, login).await?;
     ensure(to, login).await?;
-    let scrub = scrub_for(to, Some(login), None);
+    // The dump runs with the old instance's admin password, the restore with the new one's.
+    let mut scrub = scrub_for(to, Some(login), None);
+    if let Ok(pw) = std::fs::read_to_string(from.dir.join("admin.password")) {
+        scrub.add(pw.trim());
+    }
     let local = Target {
         to: BackupTo::Dir {
             path: to.dir.to_string_lossy().into_owned(),

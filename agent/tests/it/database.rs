@@ -920,3 +920,71 @@ async fn postgres_upgrade_into_a_new_instance_keeps_the_old_until_it_is_dropped(
     let read = client(&new.inst, &new_login, "SELECT count(*) FROM items;").unwrap();
     assert_eq!(read.trim(), "1000");
 }
+
+/// The full release an engine's binaries report (`15.18`, `7.0.15`, `10.11.19`): a version that pins
+/// the same binaries `version(engine)` names by their series.
+fn full_version(engine: Engine) -> String {
+    let (exe, marker) = match engine {
+        Engine::Postgres => return pg_full_version(),
+        Engine::Redis => ("redis-server", "v="),
+        Engine::Mariadb => ("/usr/sbin/mariadbd", "Ver"),
+    };
+    let out = std::process::Command::new(exe)
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let word = text
+        .split_whitespace()
+        .skip_while(|w| !w.starts_with(marker))
+        .find_map(|w| w.strip_prefix(marker).filter(|v| !v.is_empty()))
+        .or_else(|| text.split_whitespace().skip_while(|w| *w != marker).nth(1))
+        .unwrap();
+    word.split('-').next().unwrap().to_owned()
+}
+
+/// The same upgrade with Redis or MariaDB (their installed series to the release it reports): the
+/// data comes over with equal counts, the app's new login reads it, the old instance keeps serving
+/// until it is dropped.
+async fn upgrade_beside(engine: Engine) {
+    let test = cairn_testkit::current_test();
+    if !has_binaries(&test, engine) {
+        return;
+    }
+    let root = scratch();
+    let old = db(engine, root.path(), "shop");
+    let old_pw = canary("old");
+    let old_login = login_for(engine, &old_pw);
+    database::ensure(&old.inst, &old_login).await.unwrap();
+    write_data(&old.inst, &old_login);
+    let mut new = db(engine, root.path(), "shop-v2");
+    new.inst.version = full_version(engine);
+    assert_ne!(new.inst.version, old.inst.version);
+    let new_pw = canary("new");
+    let new_login = login_for(engine, &new_pw);
+    let done = database::upgrade(&old.inst, &new.inst, &new_login)
+        .await
+        .unwrap();
+    assert_eq!(done.counts, expected_counts(engine));
+    assert_eq!(
+        database::counts(&new.inst, &new_login).await.unwrap(),
+        expected_counts(engine)
+    );
+    client(&new.inst, &new_login, read_probe(engine)).expect("the new login reads the data");
+    client(&old.inst, &old_login, read_probe(engine)).expect("the old one keeps serving");
+    assert_no_canary_in_logs(root.path(), &[old_pw, new_pw]);
+    database::stop(&old.inst).await.unwrap();
+    database::destroy(&old.inst).await.unwrap();
+    assert!(!old.inst.dir.exists());
+    client(&new.inst, &new_login, read_probe(engine)).expect("the new one is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_upgrade_into_a_new_instance_keeps_the_old_until_it_is_dropped() {
+    upgrade_beside(Engine::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mariadb_upgrade_into_a_new_instance_keeps_the_old_until_it_is_dropped() {
+    upgrade_beside(Engine::Mariadb).await;
+}
