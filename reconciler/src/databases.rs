@@ -850,7 +850,7 @@ pub async fn queue_upgrade(
         ..spec
     };
     let to = store::new_instance_name(tx, database).await?;
-    let port = store::free_port(tx, &old.node).await?;
+    let port = store::free_port(tx).await?;
     store::upsert_instance(tx, &to, database, &spec, &old.node, port).await?;
     let id = store::insert_upgrade(tx, database, &old.node, &old, &to, version).await?;
     let inst = store::instance(tx, &to)

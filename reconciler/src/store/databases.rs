@@ -488,22 +488,14 @@ pub async fn new_instance_name(
     conn: &mut PgConnection,
     database: &Name,
 ) -> Result<Name, StoreError> {
-    let taken: Vec<String> = sqlx::query_scalar(
-        "SELECT name FROM database_instances WHERE database = $1 OR name LIKE $2",
-    )
-    .bind(database.as_str())
-    .bind(format!("{}-v%", database.as_str().replace('_', "\\_")))
-    .fetch_all(conn)
-    .await
-    .op("read database instances")?;
     for n in 2..10_000u32 {
         let suffix = format!("-v{n}");
-        let keep = 63 - suffix.len();
         let base = database.as_str();
-        let base = base[..base.len().min(keep)].trim_end_matches('-');
-        let candidate = format!("{base}{suffix}");
-        if !taken.contains(&candidate) {
-            return name("database_instances", &candidate);
+        // A name starts with a letter, so something is left of it.
+        let base = base[..base.len().min(63 - suffix.len())].trim_end_matches('-');
+        let candidate = name("database_instances", &format!("{base}{suffix}"))?;
+        if instance(&mut *conn, &candidate).await?.is_none() {
+            return Ok(candidate);
         }
     }
     Err(StoreError::Corrupt {
@@ -513,18 +505,12 @@ pub async fn new_instance_name(
     })
 }
 
-/// The first port from [`cairn_plan::databases::FIRST_PORT`] that no live instance uses on any node (as
-/// the planner chooses) and no instance, dropped or not, has had on `node` (`UNIQUE (node, port)`).
-pub async fn free_port(conn: &mut PgConnection, node: &Name) -> Result<u16, StoreError> {
-    let taken: Vec<i32> = sqlx::query_scalar(
-        "SELECT port FROM database_instances WHERE state <> 'dropped' OR node = $1",
-    )
-    .bind(node.as_str())
-    .fetch_all(conn)
-    .await
-    .op("read the database ports in use")?;
+/// The first port from [`cairn_plan::databases::FIRST_PORT`] that no instance has on any node, as the
+/// planner chooses ([`instance_ports`]: nodes sharing a host never collide).
+pub async fn free_port(conn: &mut PgConnection) -> Result<u16, StoreError> {
+    let taken = instance_ports(conn).await?;
     let mut p = cairn_plan::databases::FIRST_PORT;
-    while taken.contains(&i32::from(p)) {
+    while taken.contains(&p) {
         p = p.checked_add(1).ok_or_else(|| StoreError::Corrupt {
             table: "database_instances",
             column: "port",

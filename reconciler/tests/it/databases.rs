@@ -856,3 +856,34 @@ async fn swapping_back_after_an_upgrade_restarts_the_old_instance_and_finish_upg
         "a dropped instance's port stays taken"
     );
 }
+
+/// An upgrade's new instance is named `<database>-vN`, shortened to stay a valid name, and never one an
+/// instance has.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_instance_name_is_new_and_valid_for_the_longest_database_name() {
+    let db = cairn_testkit::test_db!();
+    let mut conn = db.pool().acquire().await.unwrap();
+    let long = name(&"a".repeat(63));
+    let n = cairn_reconciler::store::databases::new_instance_name(&mut conn, &long)
+        .await
+        .unwrap();
+    assert_eq!(n.as_str(), format!("{}-v2", "a".repeat(60)));
+    let spec: cairn_plan::observed::AppliedDatabase = serde_json::from_value(serde_json::json!({
+        "engine": "postgres", "version": "15", "plan": "small", "verify": "weekly"
+    }))
+    .unwrap();
+    cairn_reconciler::store::databases::upsert_instance(
+        &mut conn,
+        &n,
+        &long,
+        &spec,
+        &name("n1"),
+        15432,
+    )
+    .await
+    .unwrap();
+    let next = cairn_reconciler::store::databases::new_instance_name(&mut conn, &long)
+        .await
+        .unwrap();
+    assert_eq!(next.as_str(), format!("{}-v3", "a".repeat(60)));
+}
