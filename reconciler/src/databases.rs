@@ -2,7 +2,9 @@
 //! (the login's password and the S3 keys sealed to that node only), backups queued now or on their
 //! schedule (a ledger row and a `db_backup` task in one transaction; schedules claimed with
 //! `FOR UPDATE SKIP LOCKED`, so several control planes never queue one run twice), their results
-//! recorded in the ledger, restores beside the original (never in place) and swaps.
+//! recorded in the ledger, restores beside the original (never in place) and swaps, version upgrades
+//! (a new instance beside the old one, queued by the apply, switched to by its result) and explicit
+//! drops (never of the instance a database uses).
 //!
 //! What it must not do: keep a password or a key past the call that seals it, or put one into a row,
 //! an error or a log line.

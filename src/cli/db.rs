@@ -294,8 +294,18 @@ fn render_list(dbs: &[DatabaseInfo]) -> String {
             "{} ({} {}) on {}:{} instance {}: {state}; {recovery}{overdue}",
             d.name, d.engine, d.version, d.node, d.port, d.instance
         );
-        if let Some(u) = &d.upgrade {
-            let _ = writeln!(o, "  {}", upgrade_line(u));
+        match &d.upgrade {
+            Some(u) if u.state == "ok" && u.from_instance == d.instance => {
+                let _ = writeln!(
+                    o,
+                    "  upgrade {} -> {} swapped back: {} serves again, {} is not used",
+                    u.from_version, u.to_version, u.from_instance, u.to_instance
+                );
+            }
+            Some(u) => {
+                let _ = writeln!(o, "  {}", upgrade_line(u));
+            }
+            None => {}
         }
     }
     o

@@ -1,6 +1,7 @@
 //! Managed databases in PostgreSQL: the applied `databases` (spec, node, port, the instance attached
 //! apps use, the credential generation), their server instances with the login's password stored only
-//! as age ciphertext to the control plane's recipient, the backups ledger and the backup schedules.
+//! as age ciphertext to the control plane's recipient, the backups ledger, the backup schedules and the
+//! upgrades ledger (`database_upgrades`).
 //! Runtime-checked queries (no `.sqlx/` data).
 //!
 //! What it must not do: hold a password in plaintext past the call that needs it, or write one to a

@@ -570,6 +570,15 @@ async fn a_version_change_upgrades_the_database_beside_the_old_one_until_finishe
     let v: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
     assert_eq!(v[0]["instance"], "main-v2", "{v}");
     assert_eq!(v[0]["upgrade"]["state"], "ok", "{v}");
+    let text = String::from_utf8_lossy(&plane.cairn(&["db", "list"]).stdout).into_owned();
+    assert!(
+        text.contains(&format!("upgrade 15 -> {release} done"))
+            && text.contains("`cairn db finish-upgrade main` drops it"),
+        "{text}"
+    );
+    let text =
+        String::from_utf8_lossy(&plane.cairn(&["db", "upgrades", "main"]).stdout).into_owned();
+    assert!(text.contains("(main -> main-v2) on n1: ok"), "{text}");
 
     // The pre-upgrade instance is stopped with its data kept; the current one is never dropped.
     let dbs = {
@@ -603,6 +612,9 @@ async fn a_version_change_upgrades_the_database_beside_the_old_one_until_finishe
     })
     .await;
     assert!(!dbs.join("main").exists(), "its data deleted");
+    let text =
+        String::from_utf8_lossy(&plane.cairn(&["db", "upgrades", "main"]).stdout).into_owned();
+    assert!(text.contains("on n1: finished"), "{text}");
     assert!(dbs.join("main-v2/data/PG_VERSION").is_file());
     assert_eq!(count(n1.proxy).await.as_deref(), Some("1000"));
     for (path, log) in e.logs() {
