@@ -840,6 +840,29 @@ pub async fn queue_upgrade(
         tracing::warn!(%database, instance = %from, "a database to upgrade has no instance row: nothing queued");
         return Ok(None);
     };
+    // One upgrade at a time: a second `version` change while one runs is recorded as failed, visibly,
+    // rather than dumping an instance the first may be about to stop.
+    if let Some(running) = store::upgrades(tx, database, 1)
+        .await?
+        .into_iter()
+        .find(|u| matches!(u.state.as_str(), "queued" | "running"))
+    {
+        let to = store::new_instance_name(tx, database).await?;
+        let id = store::insert_upgrade(tx, database, &old.node, &old, &to, version).await?;
+        let error = format!(
+            "the upgrade of database {database} to {} had not ended: change `version` again once it has",
+            running.to_version
+        );
+        store::set_upgrade_state(tx, id, "failed", None, Some(&error)).await?;
+        let e = crate::events::NewEvent::new(
+            crate::events::EventKind::DatabaseUpgradeFailed,
+            format!("the upgrade of database {database} to {version} was not started: {error}"),
+        )
+        .node(&old.node)
+        .detail(serde_json::json!({ "database": database.as_str(), "to": version }));
+        crate::events::record(tx, &[e]).await?;
+        return Ok(Some(id));
+    }
     let spec: serde_json::Value = sqlx::query_scalar("SELECT spec FROM databases WHERE name = $1")
         .bind(database.as_str())
         .fetch_one(&mut **tx)
@@ -1011,10 +1034,13 @@ pub async fn finish_upgrade(pool: &PgPool, database: &Name) -> Result<Name, DbOp
     if store::current_instance(&mut tx, database).await?.is_none() {
         return Err(DbOpError::UnknownDatabase(database.clone()));
     }
-    let u = store::upgrades(&mut tx, database, 1)
-        .await?
-        .into_iter()
-        .next()
+    // The newest that ran or runs (one refused because another ran is passed over), else the newest.
+    let all = store::upgrades(&mut tx, database, 20).await?;
+    let u = all
+        .iter()
+        .find(|u| matches!(u.state.as_str(), "ok" | "queued" | "running"))
+        .or(all.first())
+        .cloned()
         .ok_or_else(|| DbOpError::NoUpgrade(database.clone()))?;
     let refuse = |state: &str, hint: String| DbOpError::UpgradeNotFinishable {
         database: database.clone(),
@@ -1055,27 +1081,27 @@ pub async fn finish_upgrade(pool: &PgPool, database: &Name) -> Result<Name, DbOp
 }
 
 /// Drops `instance` of `database` (a `db_drop` task: its server stopped, its data deleted), refused for
-/// the database's current instance and for one an unfinished upgrade writes into. Returns its node.
+/// the database's current instance and for one an unfinished upgrade reads or writes; the instances of
+/// a database no longer declared may all be dropped. Returns its node.
 pub async fn drop_instance(
     pool: &PgPool,
     database: &Name,
     instance: &Name,
 ) -> Result<Name, DbOpError> {
     let mut tx = pool.begin().await.op("drop a database instance")?;
-    let current = store::current_instance(&mut tx, database)
-        .await?
-        .ok_or_else(|| DbOpError::UnknownDatabase(database.clone()))?;
-    if &current == instance {
+    // A database no longer declared has no current instance: its instances (stopped, their data kept)
+    // are dropped this way too.
+    let current = store::current_instance(&mut tx, database).await?;
+    if current.as_ref() == Some(instance) {
         return Err(DbOpError::CurrentInstance {
             database: database.clone(),
             instance: instance.clone(),
         });
     }
-    let busy = store::upgrades(&mut tx, database, 1)
+    let busy = store::upgrades(&mut tx, database, 20)
         .await?
         .into_iter()
-        .next()
-        .is_some_and(|u| {
+        .any(|u| {
             matches!(u.state.as_str(), "queued" | "running")
                 && (u.to_instance == instance.as_str() || u.from_instance == instance.as_str())
         });

@@ -609,6 +609,7 @@ async fn enqueue_tasks(
         }
         tasks.push(task);
     }
+    let mut upgrades = 0;
     for d in &plan.databases {
         let (Some(action), Some(node), Some(port)) = (d.task, &d.node, d.port) else {
             continue;
@@ -620,6 +621,7 @@ async fn enqueue_tasks(
             cairn_plan::DatabaseTask::Upgrade => {
                 // Its new instance's row, its ledger row and its task, in this transaction.
                 if let Some(o) = o {
+                    upgrades += 1;
                     crate::databases::queue_upgrade(
                         tx,
                         &d.name,
@@ -661,7 +663,7 @@ async fn enqueue_tasks(
         tasks.push(task);
     }
     let ids = queue::enqueue_many(tx, &tasks).await?;
-    Ok(ids.len())
+    Ok(ids.len() + upgrades)
 }
 
 /// The recipient a node's tasks are encrypted to: the one it joined with, else the one its manifest pins.

@@ -887,3 +887,59 @@ async fn an_upgrade_instance_name_is_new_and_valid_for_the_longest_database_name
         .unwrap();
     assert_eq!(next.as_str(), format!("{}-v3", "a".repeat(60)));
 }
+
+/// A second `version` change while an upgrade runs is refused visibly (not run beside it); the first
+/// still completes and can be finished. A database no longer declared has no current instance: its
+/// instances can all be dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_version_change_waits_for_the_running_upgrade_and_undeclared_instances_drop() {
+    use cairn_reconciler::databases as dbs;
+    let db = cairn_testkit::test_db!();
+    let plane = Plane::new(&db).await;
+    for (t, ..) in &plane.lease().await {
+        plane.report(t, done("ok")).await;
+    }
+    plane.set_version("16");
+    plane.reconcile().await;
+    plane.set_version("17");
+    plane.reconcile().await;
+    let rows: Vec<(String, String, Option<String>)> =
+        sqlx::query_as("SELECT to_version, state, error FROM database_upgrades ORDER BY id")
+            .fetch_all(&plane.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!((rows[0].0.as_str(), rows[0].1.as_str()), ("16", "queued"));
+    assert_eq!((rows[1].0.as_str(), rows[1].1.as_str()), ("17", "failed"));
+    assert!(
+        rows[1].2.as_deref().unwrap().contains("had not ended"),
+        "{rows:?}"
+    );
+    let ready = plane.lease().await;
+    let upgrades: Vec<_> = ready
+        .iter()
+        .filter(|(t, ..)| t.kind == TaskKind::DbUpgrade)
+        .collect();
+    assert_eq!(upgrades.len(), 1, "one upgrade at a time");
+    plane.report(&upgrades[0].0, done("upgraded")).await;
+    assert_eq!(plane.current().await.0, "main-v2");
+    assert_eq!(
+        dbs::finish_upgrade(&plane.pool, &name("main"))
+            .await
+            .unwrap(),
+        name("main")
+    );
+
+    // Undeclared (its row gone, as an apply removing it leaves it): every instance may be dropped.
+    sqlx::query("DELETE FROM databases WHERE name = 'main'")
+        .execute(&plane.pool)
+        .await
+        .unwrap();
+    dbs::drop_instance(&plane.pool, &name("main"), &name("main-v2"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        dbs::drop_instance(&plane.pool, &name("other"), &name("main-v2")).await,
+        Err(dbs::DbOpError::UnknownInstance { .. })
+    ));
+}
