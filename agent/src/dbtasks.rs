@@ -1,6 +1,6 @@
 //! The database tasks (`db_ensure`, `db_stop`, `db_backup`, `db_restore`, `db_upgrade`, `db_drop`):
-//! what the agent loop runs for them. It opens what the control plane sealed to this node (the login's password, S3 keys),
-//! builds the contract's values and calls [`crate::database`]; it decides nothing.
+//! what the agent loop runs for them. It opens what the control plane sealed to this node (the login's
+//! password, S3 keys), builds the contract's values and calls [`crate::database`]; it decides nothing.
 //!
 //! What it must not do: put a password or a key into a result, an error or a log line.
 

@@ -76,10 +76,7 @@ pub(crate) fn place(
         // (an unavailable one waits for its node: `next_databases` keeps the running version).
         let change = match change {
             DatabaseChange::Keep if o.spec.engine != spec.engine => {
-                let why = format!(
-                    "its engine cannot change from {} to {}: declare a new database and move the data with a backup and `cairn db restore`",
-                    o.spec.engine, spec.engine
-                );
+                let why = engine_refused(o, spec);
                 warnings.push(Warning {
                     kind: WarningKind::DatabaseRefused,
                     message: format!("database {name}: {why}"),
@@ -122,6 +119,28 @@ pub(crate) fn place(
     for (name, spec) in unplaced {
         let o = obs.databases.get(name);
         let need = need(spec);
+        // A move does not change the engine either: it stays where it is, as it is.
+        if let Some(o) = o.filter(|o| o.spec.engine != spec.engine) {
+            add(&mut used, &o.node, &need);
+            let why = engine_refused(o, spec);
+            warnings.push(Warning {
+                kind: WarningKind::DatabaseRefused,
+                message: format!("database {name}: {why}"),
+                app: None,
+                slot: None,
+                node: Some(o.node.clone()),
+            });
+            out.push(entry(
+                name,
+                &o.spec,
+                o.node.clone(),
+                o.port,
+                DatabaseChange::Refused { why },
+                None,
+                Some(o),
+            ));
+            continue;
+        }
         let chosen = match &spec.node {
             Some(n) => match nodes.get(n) {
                 Some(_) => Ok(n.clone()),
@@ -211,6 +230,14 @@ pub(crate) fn place(
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// Why a database's engine change is refused.
+fn engine_refused(o: &ObservedDatabase, spec: &AppliedDatabase) -> String {
+    format!(
+        "its engine cannot change from {} to {}: declare a new database and move the data with a backup and `cairn db restore`",
+        o.spec.engine, spec.engine
+    )
 }
 
 fn entry(

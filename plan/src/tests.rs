@@ -1987,4 +1987,22 @@ fn an_engine_change_is_refused_and_the_database_kept() {
     );
     let t = text(&p, false);
     assert!(t.contains("REFUSED (its engine cannot change"), "{t}");
+    // Nor with a move to another node: it stays where and as it is.
+    let d = repo_with_db_changed(
+        "engine = \"postgres\"\nversion = \"15\"",
+        "engine = \"mariadb\"\nversion = \"10.11\"\nnode = \"n1\"",
+    );
+    let (p, next) = apply(&o, &commit("f1f1f1f1f1f1f1f1"), &d);
+    let db = &p.databases[0];
+    assert!(
+        matches!(&db.change, DatabaseChange::Refused { .. }),
+        "{:?}",
+        db.change
+    );
+    assert_eq!((db.node.as_ref(), db.task), (Some(&name("n3")), None));
+    let main = &next.databases[&name("main")];
+    assert_eq!(
+        (main.node.as_str(), main.spec.engine.as_str()),
+        ("n3", "postgres")
+    );
 }
