@@ -240,3 +240,52 @@ async fn drop_instance(
         node: Some(node.to_string()),
     }))
 }
+
+#[cfg(test)]
+mod upgrade_tests {
+    use super::*;
+
+    /// An operator's refused drop or finish-upgrade is a 4xx naming why, never a 5xx.
+    #[test]
+    fn refused_drops_and_finishes_are_client_errors() {
+        let n = |s: &str| Name::new(s).unwrap();
+        let current = ApiError::from(DbOpError::CurrentInstance {
+            database: n("main"),
+            instance: n("main-v2"),
+        });
+        assert_eq!(current.status().as_u16(), 409);
+        assert!(
+            current.to_string().contains("current instance"),
+            "{current}"
+        );
+        for (e, status) in [
+            (DbOpError::AlreadyDropped(n("main")), 409),
+            (
+                DbOpError::UpgradeRunning {
+                    database: n("main"),
+                    instance: n("main-v2"),
+                },
+                409,
+            ),
+            (DbOpError::NoUpgrade(n("main")), 400),
+            (
+                DbOpError::UpgradeNotFinishable {
+                    database: n("main"),
+                    version: "16".into(),
+                    state: "failed".into(),
+                    hint: "main is still the database's instance".into(),
+                },
+                409,
+            ),
+            (
+                DbOpError::UnknownInstance {
+                    database: n("main"),
+                    instance: n("nope"),
+                },
+                404,
+            ),
+        ] {
+            assert_eq!(ApiError::from(e).status().as_u16(), status);
+        }
+    }
+}
