@@ -1,4 +1,4 @@
-//! The database tasks (`db_ensure`, `db_stop`, `db_backup`, `db_restore`): what the agent loop runs
+//! The database tasks (`db_ensure`, `db_stop`, `db_backup`, `db_restore`, `db_verify`): what the agent loop runs
 //! for them. It opens what the control plane sealed to this node (the login's password, S3 keys),
 //! builds the contract's values and calls [`crate::database`]; it decides nothing.
 //!
@@ -153,6 +153,7 @@ async fn run_inner(
                 bytes: b.bytes,
                 sha256: b.sha256.clone(),
                 duration_ms: u64::try_from(b.duration.as_millis()).unwrap_or(u64::MAX),
+                counts: b.counts.clone(),
             };
             Ok((
                 format!("backup {} ({} bytes)", b.object, b.bytes),
@@ -173,11 +174,67 @@ async fn run_inner(
             database::restore(&instance, &login, &host.target(p)?, object, sha256).await?;
             Ok((format!("restored {object} into {}", p.instance), None))
         }
+        TaskKind::DbVerify => {
+            let (object, sha256) = match (&p.object, &p.sha256) {
+                (Some(o), Some(s)) => (o, s),
+                _ => {
+                    return Err(DbError::Unsupported(
+                        "a verification names no object or checksum".into(),
+                    ));
+                }
+            };
+            // A scratch server of the same engine and version beside the instance: its own
+            // directory (no instance name has a dot), a port free now, a login made for it alone.
+            let scratch = Instance {
+                dir: host.dir.join(format!("{}.verify", p.database)),
+                port: free_port()?,
+                ..instance
+            };
+            let login = Login {
+                user: p.user.clone(),
+                password: Secret::new(random_password()),
+                database: p.db.clone(),
+            };
+            let v = database::verify(
+                &scratch,
+                &login,
+                &host.target(p)?,
+                object,
+                sha256,
+                p.expected_counts.as_ref(),
+            )
+            .await?;
+            let rows: u64 = v.counts.values().sum();
+            let report = BackupReport {
+                object: object.clone(),
+                bytes: v.bytes,
+                sha256: sha256.clone(),
+                duration_ms: u64::try_from(v.duration.as_millis()).unwrap_or(u64::MAX),
+                counts: Some(v.counts),
+            };
+            let against = if p.expected_counts.is_some() {
+                "equal to the dump's"
+            } else {
+                "the dump recorded none to compare"
+            };
+            Ok((
+                format!("verified {object}: restored {rows} rows, {against}"),
+                Some(report),
+            ))
+        }
         other => Err(DbError::Unsupported(format!(
             "`{}` is not a database task",
             other.as_str()
         ))),
     }
+}
+
+/// A TCP port nothing listens on now.
+fn free_port() -> Result<u16, DbError> {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| DbError::Failed(format!("cannot find a free port for a scratch server: {e}")))
 }
 
 fn random_password() -> Vec<u8> {

@@ -49,10 +49,13 @@ pub enum EventKind {
     /// A database's backups are overdue: none good within two of its schedule's intervals (once per
     /// recovery point).
     DatabaseBackupOverdue,
+    /// A verification restore of a database's backup failed for good: it did not restore, or restored
+    /// other rows than the backup was taken with.
+    DatabaseVerifyFailed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 14] = [
+    pub const ALL: [EventKind; 15] = [
         EventKind::DeployStarted,
         EventKind::DeploySucceeded,
         EventKind::DeployFailed,
@@ -67,6 +70,7 @@ impl EventKind {
         EventKind::DriftRepaired,
         EventKind::DatabaseBackupFailed,
         EventKind::DatabaseBackupOverdue,
+        EventKind::DatabaseVerifyFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -85,6 +89,7 @@ impl EventKind {
             EventKind::DriftRepaired => "drift.repaired",
             EventKind::DatabaseBackupFailed => "database.backup_failed",
             EventKind::DatabaseBackupOverdue => "database.backup_overdue",
+            EventKind::DatabaseVerifyFailed => "database.verify_failed",
         }
     }
 
@@ -100,7 +105,8 @@ impl EventKind {
             | EventKind::NodeOffline
             | EventKind::CertificateFailed
             | EventKind::DatabaseBackupFailed
-            | EventKind::DatabaseBackupOverdue => Severity::Error,
+            | EventKind::DatabaseBackupOverdue
+            | EventKind::DatabaseVerifyFailed => Severity::Error,
             EventKind::ReplicaUnplaceable
             | EventKind::NodeFlapping
             | EventKind::CertificateExpiring => Severity::Warning,

@@ -641,6 +641,7 @@ async fn enqueue_tasks(
             object: None,
             sha256: None,
             backup_id: None,
+            expected_counts: None,
         };
         task.payload = serde_json::to_value(&payload).expect("a payload serializes");
         tasks.push(task);

@@ -451,7 +451,7 @@ pub struct DatabaseBackup {
 
 /// Every event the control plane records (`cairn_reconciler::events::EventKind` names the same set): what
 /// a notification sink's `events` patterns may match.
-pub const EVENT_KINDS: [&str; 14] = [
+pub const EVENT_KINDS: [&str; 15] = [
     "deploy.started",
     "deploy.succeeded",
     "deploy.failed",
@@ -466,6 +466,7 @@ pub const EVENT_KINDS: [&str; 14] = [
     "drift.repaired",
     "database.backup_failed",
     "database.backup_overdue",
+    "database.verify_failed",
 ];
 
 /// Where a notification sink sends events.

@@ -33,7 +33,10 @@ pub fn venv(test: &str, name: &str, packages: &[&str], import: &str) -> Option<P
     // already running from it. Whoever gets the lock second finds it made.
     let _ = std::fs::create_dir_all(root());
     let lock = std::fs::File::create(dir.with_extension("lock"));
-    let _held = lock.as_ref().ok().map(|f| f.lock());
+    let _held = lock
+        .as_ref()
+        .ok()
+        .map(|f| rustix::fs::flock(f, rustix::fs::FlockOperation::LockExclusive));
     if ready(&py) {
         return Some(py);
     }

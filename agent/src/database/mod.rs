@@ -90,6 +90,19 @@ pub struct Backup {
     /// Hex SHA-256 of exactly the bytes stored.
     pub sha256: String,
     pub duration: Duration,
+    /// What the database held when it was dumped: its [`counts`] just before and just after the dump,
+    /// `None` when those differ (it was written to meanwhile, so no count is the dump's for sure).
+    pub counts: Option<BTreeMap<String, u64>>,
+}
+
+/// What a verification restore found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The scratch restore's [`counts`].
+    pub counts: BTreeMap<String, u64>,
+    /// The restored object's size.
+    pub bytes: u64,
+    pub duration: Duration,
 }
 
 /// Why a database operation failed: one line a person can act on, never a secret.
@@ -149,16 +162,76 @@ pub async fn backup(
 ) -> Result<Backup, DbError> {
     let scrub = scrub_for(instance, Some(login), Some(target));
     let started = Instant::now();
+    let before = counts(instance, login).await.ok();
     let tool = match instance.engine {
         Engine::Postgres => postgres::dump(instance, login)?,
         Engine::Redis => redis::dump(instance)?,
         Engine::Mariadb => mariadb::dump(instance, login)?,
     };
     let (bytes, sha256) = stream_to(&tool, target, object, &scrub).await?;
+    let after = counts(instance, login).await.ok();
     Ok(Backup {
         object: object.to_owned(),
         bytes,
         sha256,
+        duration: started.elapsed(),
+        counts: before.filter(|b| after.as_ref() == Some(b)),
+    })
+}
+
+/// Restores `object` (checked against `sha256`) into a scratch server beside the instance and compares
+/// its [`counts`] with `expected` (the backup's, when it recorded some): a backup that cannot be
+/// restored, or restores other rows than it was taken with, fails here rather than on the day it is
+/// needed. The scratch server (`scratch`: its own directory and port, a login made for it) is
+/// destroyed whatever the outcome.
+pub async fn verify(
+    scratch: &Instance,
+    login: &Login,
+    target: &Target,
+    object: &str,
+    sha256: &str,
+    expected: Option<&BTreeMap<String, u64>>,
+) -> Result<Verified, DbError> {
+    let started = Instant::now();
+    // A scratch server a crashed verification left behind is not adopted: it starts empty.
+    destroy(scratch).await?;
+    let result = async {
+        ensure(scratch, login).await?;
+        let bytes = restore(scratch, login, target, object, sha256).await?;
+        Ok::<_, DbError>((bytes, counts(scratch, login).await?))
+    }
+    .await;
+    let destroyed = destroy(scratch).await;
+    let (bytes, got) = result?;
+    destroyed?;
+    if let Some(want) = expected {
+        let differ: Vec<String> = want
+            .keys()
+            .chain(got.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|t| {
+                let (w, g) = (want.get(t), got.get(t));
+                (w != g).then(|| {
+                    format!(
+                        "{t}: {} restored, {} at the dump",
+                        g.map_or("none".to_owned(), u64::to_string),
+                        w.map_or("none".to_owned(), u64::to_string)
+                    )
+                })
+            })
+            .collect();
+        if !differ.is_empty() {
+            return Err(DbError::Unsupported(format!(
+                "the restore of {} holds other rows than the backup was taken with: {}",
+                target::describe(target, object),
+                differ.join("; ")
+            )));
+        }
+    }
+    Ok(Verified {
+        counts: got,
+        bytes,
         duration: started.elapsed(),
     })
 }
@@ -250,14 +323,14 @@ async fn stream_to(
 }
 
 /// Restores `object` from `target` into `instance` (which [`ensure`] made and which must be empty),
-/// refusing it when its SHA-256 is not `sha256`.
+/// refusing it when its SHA-256 is not `sha256`. Returns the object's size.
 pub async fn restore(
     instance: &Instance,
     login: &Login,
     target: &Target,
     object: &str,
     sha256: &str,
-) -> Result<(), DbError> {
+) -> Result<u64, DbError> {
     let scrub = scrub_for(instance, Some(login), Some(target));
     let existing = counts(instance, login).await?;
     if let Some((table, n)) = existing.iter().find(|(_, n)| **n > 0) {
@@ -269,6 +342,7 @@ pub async fn restore(
     // Fetched whole beside the data first: nothing is restored before the checksum is known.
     let file = instance.dir.join("restore.partial");
     let fetched = target::fetch(target, object, &file, &scrub).await;
+    let size = fetched.as_ref().map_or(0, |(n, _)| *n);
     let result = match fetched {
         Err(e) => Err(e),
         Ok((_, got)) if !got.eq_ignore_ascii_case(sha256.trim()) => {
@@ -286,7 +360,7 @@ pub async fn restore(
         },
     };
     let _ = tokio::fs::remove_file(&file).await;
-    result
+    result.map(|()| size)
 }
 
 /// Row counts per table (PostgreSQL, MariaDB) or keys per database (Redis): what a verification restore

@@ -438,6 +438,11 @@ async fn backup_and_restore_round_trip(engine: Engine) {
         .unwrap();
     let bytes = std::fs::read(dir.join("orders/1.dump")).unwrap();
     assert_eq!(at_dir.object, "orders/1.dump");
+    assert_eq!(
+        at_dir.counts.as_ref(),
+        Some(&counts),
+        "a backup of a quiet database records its counts"
+    );
     assert_eq!(at_dir.bytes, bytes.len() as u64);
     assert_eq!(at_dir.sha256, sha(&bytes));
     assert!(
@@ -499,6 +504,61 @@ async fn backup_and_restore_round_trip(engine: Engine) {
         &at_dir,
     )
     .await;
+
+    // Verification: each backup restored into a scratch server beside the instance, its counts the
+    // dump's; the scratch server is gone afterwards, whatever the outcome.
+    let scratch = db(engine, root.path(), "orders-verify");
+    let scratch_login = login_for(engine, &canary("scratch"));
+    for (from, b) in [(&to_dir, &at_dir), (&to_s3, &at_s3)] {
+        let v = database::verify(
+            &scratch.inst,
+            &scratch_login,
+            from,
+            &b.object,
+            &b.sha256,
+            b.counts.as_ref(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(v.counts, counts);
+        assert_eq!(v.bytes, b.bytes);
+        assert!(
+            !scratch.inst.dir.exists(),
+            "the scratch server is destroyed"
+        );
+    }
+    // A backup that restores other rows than it was taken with fails, naming the difference.
+    let mut claimed = counts.clone();
+    let (table, n) = claimed.iter_mut().next().unwrap();
+    let table = table.clone();
+    *n += 1;
+    let e = database::verify(
+        &scratch.inst,
+        &scratch_login,
+        &to_dir,
+        &at_dir.object,
+        &at_dir.sha256,
+        Some(&claimed),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("other rows"), "{e}");
+    assert!(e.to_string().contains(&format!("{table}: ")), "{e}");
+    assert!(!scratch.inst.dir.exists(), "destroyed after a failure too");
+    // And one whose object does not match its checksum does not restore at all.
+    let e = database::verify(
+        &scratch.inst,
+        &scratch_login,
+        &to_dir,
+        &at_dir.object,
+        &wrong,
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("refusing"), "{e}");
+    assert_clean(&e, &canaries);
+    assert!(!scratch.inst.dir.exists());
 
     // Restoring over data is refused (a restore never destroys).
     let e = database::restore(
