@@ -202,6 +202,35 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
         row["bytes"].as_i64().unwrap()
     );
 
+    // Verified: restored into a scratch server on n1, its rows those the backup recorded at the dump.
+    cairn_ok(&plane, &["db", "verify", "main"]);
+    let verified = wait_for("the verification is recorded", WAIT, || async {
+        let rows = plane
+            .rows("SELECT state, counts, error, backup FROM database_verifications ORDER BY id DESC LIMIT 1")
+            .await;
+        let r = rows.into_iter().next()?;
+        assert_ne!(r["state"], "failed", "the verification failed: {r}");
+        (r["state"] == "ok").then_some(r)
+    })
+    .await;
+    let restored_rows: u64 = verified["counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert_eq!(restored_rows, 1000, "{verified}");
+    let listed = plane.cairn(&["db", "backups", "main"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("rows at the dump: 1000"), "{listed}");
+    assert!(listed.contains("verification: ok"), "{listed}");
+    let scratch = e.scratch.path().join("agent-n1-databases/main.verify");
+    assert!(
+        e.scratch.path().join("agent-n1-databases/main").is_dir() && !scratch.exists(),
+        "the scratch server's data is left in {}",
+        scratch.display()
+    );
+
     // Restore beside the original and swap: the app is released again and finds the restored rows.
     restore_beside_and_swap(&plane, &app.name, "main", "main-restored").await;
     wait_for(
