@@ -19,6 +19,50 @@ pub struct DatabaseHost {
     /// directory, which no other account may enter, while each engine's account must reach its own.
     pub dir: PathBuf,
     pub identity: Arc<Identity>,
+    /// Servers in containers (the Docker driver's way) rather than the engines' binaries here.
+    pub containers: Option<Containers>,
+}
+
+/// How this node runs database servers in containers.
+#[derive(Debug, Clone)]
+pub struct Containers {
+    /// Names and labels carry it, so an installation's containers and volumes are its own.
+    pub installation: String,
+    pub node: String,
+    /// The image per engine, `{version}` replaced by the database's version.
+    pub images: std::collections::BTreeMap<cairn_schema::database::Engine, String>,
+}
+
+impl Containers {
+    /// The official images: `postgres:<version>` and the like.
+    pub fn official_images() -> std::collections::BTreeMap<cairn_schema::database::Engine, String> {
+        use cairn_schema::database::Engine;
+        [
+            (Engine::Postgres, "postgres:{version}"),
+            (Engine::Redis, "redis:{version}"),
+            (Engine::Mariadb, "mariadb:{version}"),
+        ]
+        .into_iter()
+        .map(|(e, i)| (e, i.to_owned()))
+        .collect()
+    }
+
+    fn runtime(&self, p: &DatabasePayload) -> database::Runtime {
+        let image = self
+            .images
+            .get(&p.engine)
+            .map(|i| i.replace("{version}", &p.version))
+            .unwrap_or_default();
+        database::Runtime::Container(database::Container {
+            image,
+            name: format!("cairn-db-{}-{}", self.installation, p.instance),
+            labels: vec![
+                ("cairn.installation".to_owned(), self.installation.clone()),
+                ("cairn.node".to_owned(), self.node.clone()),
+                ("cairn.database".to_owned(), p.instance.to_string()),
+            ],
+        })
+    }
 }
 
 impl DatabaseHost {
@@ -39,6 +83,10 @@ impl DatabaseHost {
             version: p.version.clone(),
             dir: self.dir.join(p.instance.as_str()),
             port: p.port,
+            runtime: self
+                .containers
+                .as_ref()
+                .map_or(database::Runtime::Process, |c| c.runtime(p)),
         }
     }
 
@@ -185,9 +233,19 @@ async fn run_inner(
             };
             // A scratch server of the same engine and version beside the instance: its own
             // directory (no instance name has a dot), a port free now, a login made for it alone.
+            let runtime = match instance.runtime.clone() {
+                database::Runtime::Container(c) => {
+                    database::Runtime::Container(database::Container {
+                        name: format!("{}.verify", c.name),
+                        ..c
+                    })
+                }
+                process => process,
+            };
             let scratch = Instance {
                 dir: host.dir.join(format!("{}.verify", p.database)),
                 port: free_port()?,
+                runtime,
                 ..instance
             };
             let login = Login {

@@ -33,6 +33,7 @@ mod git;
 pub mod netns;
 pub mod pebble;
 pub mod pg;
+pub mod pgimage;
 pub mod poll;
 pub mod proxy;
 pub mod pyenv;

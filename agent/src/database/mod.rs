@@ -22,6 +22,7 @@ use tokio::io::AsyncReadExt as _;
 use cairn_schema::database::{BackupTo, Engine};
 use cairn_schema::{Name, Secret};
 
+mod container;
 mod mariadb;
 mod postgres;
 mod redis;
@@ -43,6 +44,30 @@ pub struct Instance {
     pub dir: PathBuf,
     /// The port it listens on (the control plane chooses it; loopback and the node's address).
     pub port: u16,
+    /// Where its server runs: the engine's binaries on this node, or an image with a named volume.
+    pub runtime: Runtime,
+}
+
+/// Where a server runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Runtime {
+    /// The engine's own binaries on this node, the data in [`Instance::dir`].
+    #[default]
+    Process,
+    /// A container of an image, the data in a named volume: the Docker driver's way.
+    Container(Container),
+}
+
+/// A server's container: [`Instance::dir`] keeps only what the agent needs (the admin password).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    /// The engine's image (PostgreSQL: its binaries on `PATH`, an account `postgres` owning
+    /// `/var/lib/postgresql`, as in the official `postgres:<version>` images).
+    pub image: String,
+    /// The container's name, and its volume's.
+    pub name: String,
+    /// Labels on both (the installation, the node, the instance), so they are found and cleaned.
+    pub labels: Vec<(String, String)>,
 }
 
 /// A login on an instance. Debug redacts the password.
@@ -121,6 +146,7 @@ pub enum DbError {
 /// password (creating or updating it: this is also how a rotation sets the new password). Returns when
 /// the server accepts `app`'s login.
 pub async fn ensure(instance: &Instance, app: &Login) -> Result<(), DbError> {
+    supported(instance)?;
     let scrub = scrub_for(instance, Some(app), None);
     match instance.engine {
         Engine::Postgres => postgres::ensure(instance, app, &scrub).await,
@@ -131,6 +157,9 @@ pub async fn ensure(instance: &Instance, app: &Login) -> Result<(), DbError> {
 
 /// Stops the instance's server, keeping its data directory.
 pub async fn stop(instance: &Instance) -> Result<(), DbError> {
+    if let Runtime::Container(c) = &instance.runtime {
+        return container::stop(c).await;
+    }
     let (pidfile, cwd, signal) = match instance.engine {
         Engine::Postgres => postgres::pid_site(instance),
         Engine::Redis => redis::pid_site(instance),
@@ -145,6 +174,9 @@ pub async fn stop(instance: &Instance) -> Result<(), DbError> {
 /// Stops the instance and deletes its data directory (only ever asked for by an explicit drop).
 pub async fn destroy(instance: &Instance) -> Result<(), DbError> {
     stop(instance).await?;
+    if let Runtime::Container(c) = &instance.runtime {
+        container::remove(c).await?;
+    }
     match tokio::fs::remove_dir_all(&instance.dir).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -160,6 +192,7 @@ pub async fn backup(
     target: &Target,
     object: &str,
 ) -> Result<Backup, DbError> {
+    supported(instance)?;
     let scrub = scrub_for(instance, Some(login), Some(target));
     let started = Instant::now();
     let before = counts(instance, login).await.ok();
@@ -366,6 +399,7 @@ pub async fn restore(
 /// Row counts per table (PostgreSQL, MariaDB) or keys per database (Redis): what a verification restore
 /// compares with the original.
 pub async fn counts(instance: &Instance, login: &Login) -> Result<BTreeMap<String, u64>, DbError> {
+    supported(instance)?;
     let scrub = scrub_for(instance, Some(login), None);
     match instance.engine {
         Engine::Postgres => postgres::counts(instance, login, &scrub).await,
@@ -420,6 +454,18 @@ fn scrub_for(instance: &Instance, login: Option<&Login>, target: Option<&Target>
     scrub
 }
 
+/// Only PostgreSQL runs in a container so far.
+fn supported(instance: &Instance) -> Result<(), DbError> {
+    match (&instance.runtime, instance.engine) {
+        (Runtime::Process, _) | (Runtime::Container(_), Engine::Postgres) => Ok(()),
+        (Runtime::Container(_), engine) => Err(DbError::Unsupported(format!(
+            "{engine} does not run in a container yet (only PostgreSQL does): run this node's \
+             databases as processes (`cairn-agent --database-runtime process`, with the engine's \
+             package installed)"
+        ))),
+    }
+}
+
 /// The password of a login as text (the engines' clients take text).
 fn password(login: &Login) -> Result<&str, DbError> {
     login
@@ -449,6 +495,7 @@ mod tests {
             version: "15".into(),
             dir: PathBuf::from("/x"),
             port: 5433,
+            runtime: Runtime::Process,
         };
         let login = Login {
             user: "app".into(),
