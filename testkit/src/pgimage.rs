@@ -94,18 +94,22 @@ pub fn build(test: &str, label: &str) -> Option<String> {
     }
 }
 
-/// Removes the image and whatever this test's label marks (containers, volumes).
+/// Removes the image and whatever `label` marks: containers of the image (they carry its
+/// `cairn.test` label) and containers and volumes an agent of installation `label` made
+/// (`cairn.installation`).
 pub fn remove(tag: &str, label: &str) {
-    let filter = format!("label=cairn.test={label}");
     let run = |args: &[&str]| Command::new("docker").args(args).output();
-    if let Ok(o) = run(&["ps", "-aq", "--filter", &filter]) {
-        for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-            let _ = run(&["rm", "-f", "-v", id]);
+    for key in ["cairn.test", "cairn.installation"] {
+        let filter = format!("label={key}={label}");
+        if let Ok(o) = run(&["ps", "-aq", "--filter", &filter]) {
+            for id in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = run(&["rm", "-f", "-v", id]);
+            }
         }
-    }
-    if let Ok(o) = run(&["volume", "ls", "-q", "--filter", &filter]) {
-        for v in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-            let _ = run(&["volume", "rm", "-f", v]);
+        if let Ok(o) = run(&["volume", "ls", "-q", "--filter", &filter]) {
+            for v in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                let _ = run(&["volume", "rm", "-f", v]);
+            }
         }
     }
     let _ = run(&["rmi", "-f", tag]);

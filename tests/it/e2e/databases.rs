@@ -166,8 +166,34 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     e.repo.write("databases.toml", &database("n1", &backups));
     e.repo.node("n1", "");
     e.repo.node("n2", "labels = { app = \"yes\" }\n");
+    // n1 runs its databases in containers (the Docker driver's way) of a PostgreSQL image made offline
+    // from this machine's packages; n2, where the database moves later, as processes.
+    let label = e.installation.to_string();
+    let Some(image) = cairn_testkit::pgimage::build(TEST, &label) else {
+        return;
+    };
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            cairn_testkit::pgimage::remove(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(image.clone(), label);
     let plane = e.start(&["--node-offline-after", "6s"]).await;
-    let n1 = e.agent(&plane, "n1", Driver::Process, &[]).await;
+    let postgres_image = format!("postgres={image}");
+    let n1 = e
+        .agent(
+            &plane,
+            "n1",
+            Driver::Process,
+            &[
+                "--database-runtime",
+                "docker",
+                "--database-image",
+                &postgres_image,
+            ],
+        )
+        .await;
     let n2 = e.agent(&plane, "n2", Driver::Process, &[]).await;
 
     // The app writes its 1,000 rows through the URL it was given.
@@ -224,11 +250,26 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     let listed = String::from_utf8_lossy(&listed.stdout);
     assert!(listed.contains("rows at the dump: 1000"), "{listed}");
     assert!(listed.contains("verification: ok"), "{listed}");
-    let scratch = e.scratch.path().join("agent-n1-databases/main.verify");
+    let volume = format!("cairn-db-{}-main", e.installation);
+    let inspect = |what: &str| {
+        std::process::Command::new("docker")
+            .args(["volume", "inspect", what])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
     assert!(
-        e.scratch.path().join("agent-n1-databases/main").is_dir() && !scratch.exists(),
-        "the scratch server's data is left in {}",
-        scratch.display()
+        inspect(&volume),
+        "the database's data is in the volume {volume}"
+    );
+    assert!(
+        !inspect(&format!("{volume}.verify")),
+        "the scratch server's volume is left"
+    );
+    assert!(
+        !e.scratch
+            .path()
+            .join("agent-n1-databases/main.verify")
+            .exists()
     );
 
     // Restore beside the original and swap: the app is released again and finds the restored rows.
