@@ -27,13 +27,13 @@
 //! missing prerequisite in CI (`CAIRN_TEST_REQUIRE_ALL` turns every skip into a failure).
 
 pub mod build;
+pub mod dbimage;
 pub mod engine;
 pub mod fixtures;
 mod git;
 pub mod netns;
 pub mod pebble;
 pub mod pg;
-pub mod pgimage;
 pub mod poll;
 pub mod proxy;
 pub mod pyenv;

@@ -454,12 +454,14 @@ fn scrub_for(instance: &Instance, login: Option<&Login>, target: Option<&Target>
     scrub
 }
 
-/// Only PostgreSQL runs in a container so far.
+/// MariaDB does not run in a container yet.
 fn supported(instance: &Instance) -> Result<(), DbError> {
     match (&instance.runtime, instance.engine) {
-        (Runtime::Process, _) | (Runtime::Container(_), Engine::Postgres) => Ok(()),
+        (Runtime::Process, _)
+        | (Runtime::Container(_), Engine::Postgres)
+        | (Runtime::Container(_), Engine::Redis) => Ok(()),
         (Runtime::Container(_), engine) => Err(DbError::Unsupported(format!(
-            "{engine} does not run in a container yet (only PostgreSQL does): run this node's \
+            "{engine} does not run in a container yet (PostgreSQL and Redis do): run this node's \
              databases as processes (`cairn-agent --database-runtime process`, with the engine's \
              package installed)"
         ))),

@@ -871,35 +871,39 @@ async fn a_version_without_binaries_is_refused_naming_what_there_is() {
     assert!(!d.inst.dir.exists(), "nothing made");
 }
 
-/// PostgreSQL in a container (the Docker driver's way), from an image made offline from this machine's
+/// A database in a container (the Docker driver's way), from an image made offline from this machine's
 /// packages: the data lives in a named volume (nothing of it under the instance's directory), the app
 /// logs in over the node's network, a killed container is started again with its data by the next
 /// ensure and a second ensure adopts the running one; backups, restores into another container and a
 /// verification in a scratch container carry equal counts; a drop removes container and volume. No
 /// password on any command line (the docker CLI gets them by name from its environment), none in the
 /// errors or the files.
-#[tokio::test(flavor = "multi_thread")]
-async fn postgres_in_a_container_keeps_its_data_in_a_named_volume() {
+async fn in_a_container(engine: Engine) {
     let test = cairn_testkit::current_test();
-    if !has_binaries(&test, Engine::Postgres) {
+    if !has_binaries(&test, engine) {
         return;
     }
     let label = format!("t{:x}", rand::random::<u64>());
-    let Some(image) = cairn_testkit::pgimage::build(&test, &label) else {
+    let image = match engine {
+        Engine::Postgres => cairn_testkit::dbimage::postgres(&test, &label),
+        Engine::Redis => cairn_testkit::dbimage::redis(&test, &label),
+        Engine::Mariadb => unreachable!("MariaDB does not run in a container yet"),
+    };
+    let Some(image) = image else {
         return;
     };
     struct Cleanup(String, String);
     impl Drop for Cleanup {
         fn drop(&mut self) {
-            cairn_testkit::pgimage::remove(&self.0, &self.1);
+            cairn_testkit::dbimage::remove(&self.0, &self.1);
         }
     }
     let _cleanup = Cleanup(image.clone(), label.clone());
     let root = scratch();
     let inst = |name: &str| Instance {
         name: name.parse().unwrap(),
-        engine: Engine::Postgres,
-        version: version(Engine::Postgres),
+        engine,
+        version: version(engine),
         dir: root.path().join(name),
         port: free_port(),
         runtime: Runtime::Container(Container {
@@ -928,11 +932,11 @@ async fn postgres_in_a_container_keeps_its_data_in_a_named_volume() {
 
     let original = inst("orders");
     let name = format!("cairn-db-{label}-orders");
-    let app = login_for(Engine::Postgres, &pw);
+    let app = login_for(engine, &pw);
     database::ensure(&original, &app).await.unwrap();
     write_data(&original, &app);
     let counts = database::counts(&original, &app).await.unwrap();
-    assert_eq!(counts, expected_counts(Engine::Postgres));
+    assert_eq!(counts, expected_counts(engine));
     assert_eq!(
         docker(&["volume", "inspect", "--format", "{{.Name}}", &name]),
         (true, name.clone()),
@@ -943,7 +947,11 @@ async fn postgres_in_a_container_keeps_its_data_in_a_named_volume() {
         "no data on the node's disk"
     );
 
-    // Killed: the next ensure starts it again, with the data; a second ensure adopts it.
+    // Killed: the next ensure starts it again, with the data (Redis: what its last snapshot held, so
+    // one is taken first); a second ensure adopts it.
+    if engine == Engine::Redis {
+        client(&original, &app, "SAVE\n").expect("a snapshot");
+    }
     assert!(docker(&["kill", &name]).0);
     database::ensure(&original, &app).await.unwrap();
     let id = docker(&["inspect", "--format", "{{.Id}}", &name]).1;
@@ -954,7 +962,7 @@ async fn postgres_in_a_container_keeps_its_data_in_a_named_volume() {
         "adopted, not replaced"
     );
     assert_eq!(database::counts(&original, &app).await.unwrap(), counts);
-    client(&original, &app, read_probe(Engine::Postgres)).expect("the app reads it");
+    client(&original, &app, read_probe(engine)).expect("the app reads it");
 
     // Backed up, restored into another container, verified in a scratch one: equal counts.
     let dir = root.path().join("backups");
@@ -964,7 +972,7 @@ async fn postgres_in_a_container_keeps_its_data_in_a_named_volume() {
         .unwrap();
     assert_eq!(b.counts.as_ref(), Some(&counts));
     let copy = inst("orders-copy");
-    let copy_login = login_for(Engine::Postgres, &copy_pw);
+    let copy_login = login_for(engine, &copy_pw);
     database::ensure(&copy, &copy_login).await.unwrap();
     database::restore(&copy, &copy_login, &to_dir, &b.object, &b.sha256)
         .await
@@ -993,7 +1001,7 @@ async fn postgres_in_a_container_keeps_its_data_in_a_named_volume() {
         docker(&["inspect", "--format", "{{.State.Running}}", &name]).1,
         "false"
     );
-    assert!(client(&original, &app, read_probe(Engine::Postgres)).is_err());
+    assert!(client(&original, &app, read_probe(engine)).is_err());
     for d in [&original, &copy] {
         database::destroy(d).await.unwrap();
     }
@@ -1006,4 +1014,33 @@ async fn postgres_in_a_container_keeps_its_data_in_a_named_volume() {
     let hits = watch.finish();
     assert!(hits.is_empty(), "a password on a command line: {hits:?}");
     assert_no_canary_in_logs(root.path(), &canaries);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_in_a_container_keeps_its_data_in_a_named_volume() {
+    in_a_container(Engine::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_in_a_container_keeps_its_data_in_a_named_volume() {
+    in_a_container(Engine::Redis).await;
+}
+
+/// MariaDB is refused in a container, saying what does run there.
+#[tokio::test(flavor = "multi_thread")]
+async fn mariadb_in_a_container_is_refused_saying_why() {
+    let root = scratch();
+    let inst = Instance {
+        runtime: Runtime::Container(Container {
+            image: "mariadb:10.11".into(),
+            name: "cairn-db-none-refused".into(),
+            labels: Vec::new(),
+        }),
+        ..db(Engine::Mariadb, root.path(), "refused").inst.clone()
+    };
+    let e = database::ensure(&inst, &login_for(Engine::Mariadb, "pw"))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DbError::Unsupported(_)), "{e}");
+    assert!(e.to_string().contains("PostgreSQL and Redis do"), "{e}");
 }

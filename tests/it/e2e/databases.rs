@@ -169,13 +169,13 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     // n1 runs its databases in containers (the Docker driver's way) of a PostgreSQL image made offline
     // from this machine's packages; n2, where the database moves later, as processes.
     let label = e.installation.to_string();
-    let Some(image) = cairn_testkit::pgimage::build(TEST, &label) else {
+    let Some(image) = cairn_testkit::dbimage::postgres(TEST, &label) else {
         return;
     };
     struct Cleanup(String, String);
     impl Drop for Cleanup {
         fn drop(&mut self) {
-            cairn_testkit::pgimage::remove(&self.0, &self.1);
+            cairn_testkit::dbimage::remove(&self.0, &self.1);
         }
     }
     let _cleanup = Cleanup(image.clone(), label);
