@@ -180,7 +180,7 @@ async fn set_login(
     scrub: &Scrub,
 ) -> Result<(), DbError> {
     let pw = password(app)?;
-    let mut c = Conn::open(instance.port, ADMIN, &admin).await?;
+    let mut c = Conn::open(instance.port, ADMIN, admin).await?;
     // `reset` first: a rotation leaves only the new password.
     let pass = format!(">{pw}");
     c.call(&[
