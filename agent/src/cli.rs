@@ -193,8 +193,8 @@ pub struct Args {
     #[arg(long)]
     allow_metadata_access: bool,
     /// Where managed database servers run: `process` (the engines' binaries on this node), `docker`
-    /// (a container of the engine's image per database, its data in a named volume; only PostgreSQL
-    /// so far), `auto` (docker with `--driver docker`)
+    /// (a container of the engine's image per database, its data in a named volume), `auto` (docker
+    /// with `--driver docker`)
     #[arg(long, value_enum, default_value = "auto")]
     database_runtime: DatabaseRuntimeArg,
     /// An engine's image for `--database-runtime docker`, `{version}` standing for the database's

@@ -24,7 +24,9 @@ chmod 1777 "$root/tmp"
 printf 'root:x:0:0:root:/root:/bin/sh\n%s:x:999:999::%s:/bin/sh\n' "$user" "$home" > "$root/etc/passwd"
 printf 'root:x:0:\n%s:x:999:\n' "$user" > "$root/etc/group"
 chown 999:999 "$root$home"
-for t in sh rm cat ls tee; do ln -sf busybox "$root/bin/$t"; done
+for t in $(/bin/busybox --list); do
+  [ -e "$root/bin/$t" ] || [ -e "$root/usr/bin/$t" ] || [ -e "$root/usr/sbin/$t" ] || ln -s busybox "$root/bin/$t"
+done
 "#;
 
 /// A PostgreSQL image of the host's newest major; its tag, or `None` (after [`missing`] says why,
@@ -84,6 +86,37 @@ pub fn redis(test: &str, label: &str) -> Option<String> {
         ("home", "/data".to_owned()),
     ];
     image(test, label, "redis", "7", &env, "/usr/bin:/bin")
+}
+
+/// A MariaDB image of the host's `mariadb-server` and clients (their packages' files, listed by
+/// `dpkg -L`: `mariadb-install-db` needs its SQL scripts, character sets and error messages); its
+/// tag, or `None` as for [`postgres`].
+pub fn mariadb(test: &str, label: &str) -> Option<String> {
+    let env = [
+        (
+            "bins",
+            "/usr/sbin/mariadbd /usr/bin/mariadb /usr/bin/mariadb-dump /usr/bin/my_print_defaults \
+             /usr/bin/resolveip"
+                .to_owned(),
+        ),
+        ("sos", String::new()),
+        (
+            "extra",
+            "$(dpkg -L mariadb-server-core mariadb-client-core | grep -v '/doc/\\|/man/\\|lintian' \
+             | while read -r f; do [ -f \"$f\" ] && echo \"$f\"; done)"
+                .to_owned(),
+        ),
+        ("user", "mysql".to_owned()),
+        ("home", "/var/lib/mysql".to_owned()),
+    ];
+    image(
+        test,
+        label,
+        "mariadb",
+        "10.11",
+        &env,
+        "/usr/sbin:/usr/bin:/bin",
+    )
 }
 
 fn image(

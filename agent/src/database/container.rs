@@ -4,7 +4,7 @@
 //! Everything goes through the `docker` CLI, whose client tools (`docker exec`) carry passwords only in
 //! their environment (`-e NAME` without a value) or on stdin, never on a command line.
 //!
-//! PostgreSQL and Redis use it (MariaDB does not yet). What it must not do: remove a volume except for an
+//! All three engines use it. What it must not do: remove a volume except for an
 //! explicit drop ([`remove`]).
 
 use std::time::Duration;

@@ -146,7 +146,6 @@ pub enum DbError {
 /// password (creating or updating it: this is also how a rotation sets the new password). Returns when
 /// the server accepts `app`'s login.
 pub async fn ensure(instance: &Instance, app: &Login) -> Result<(), DbError> {
-    supported(instance)?;
     let scrub = scrub_for(instance, Some(app), None);
     match instance.engine {
         Engine::Postgres => postgres::ensure(instance, app, &scrub).await,
@@ -192,7 +191,6 @@ pub async fn backup(
     target: &Target,
     object: &str,
 ) -> Result<Backup, DbError> {
-    supported(instance)?;
     let scrub = scrub_for(instance, Some(login), Some(target));
     let started = Instant::now();
     let before = counts(instance, login).await.ok();
@@ -399,7 +397,6 @@ pub async fn restore(
 /// Row counts per table (PostgreSQL, MariaDB) or keys per database (Redis): what a verification restore
 /// compares with the original.
 pub async fn counts(instance: &Instance, login: &Login) -> Result<BTreeMap<String, u64>, DbError> {
-    supported(instance)?;
     let scrub = scrub_for(instance, Some(login), None);
     match instance.engine {
         Engine::Postgres => postgres::counts(instance, login, &scrub).await,
@@ -452,20 +449,6 @@ fn scrub_for(instance: &Instance, login: Option<&Login>, target: Option<&Target>
         scrub.add(s);
     }
     scrub
-}
-
-/// MariaDB does not run in a container yet.
-fn supported(instance: &Instance) -> Result<(), DbError> {
-    match (&instance.runtime, instance.engine) {
-        (Runtime::Process, _)
-        | (Runtime::Container(_), Engine::Postgres)
-        | (Runtime::Container(_), Engine::Redis) => Ok(()),
-        (Runtime::Container(_), engine) => Err(DbError::Unsupported(format!(
-            "{engine} does not run in a container yet (PostgreSQL and Redis do): run this node's \
-             databases as processes (`cairn-agent --database-runtime process`, with the engine's \
-             package installed)"
-        ))),
-    }
 }
 
 /// The password of a login as text (the engines' clients take text).
