@@ -58,6 +58,7 @@ fn instance(bin: &Path, root: &Path, name: &str) -> Instance {
             .into_owned(),
         dir: root.join(name),
         port,
+        runtime: database::Runtime::Process,
     }
 }
 

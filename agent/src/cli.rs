@@ -34,6 +34,30 @@ pub enum DriverArg {
     Recording,
 }
 
+/// Where managed database servers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DatabaseRuntimeArg {
+    /// In containers with `--driver docker`, else as processes
+    Auto,
+    /// The engines' own binaries installed on this node
+    Process,
+    /// Containers of the engines' images (`--database-image`), the data in named volumes
+    Docker,
+}
+
+/// `--database-image ENGINE=IMAGE`.
+fn parse_database_image(s: &str) -> Result<(cairn_schema::database::Engine, String), String> {
+    let (engine, image) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}` is not ENGINE=IMAGE (e.g. postgres=postgres:{{version}})"))?;
+    let engine = cairn_schema::database::Engine::parse(engine)
+        .ok_or_else(|| format!("`{engine}` is not an engine: postgres, redis or mariadb"))?;
+    if image.is_empty() || image.chars().any(char::is_whitespace) {
+        return Err(format!("`{image}` is not an image reference"));
+    }
+    Ok((engine, image.to_owned()))
+}
+
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -168,6 +192,15 @@ pub struct Args {
     /// drops their traffic to 169.254.0.0/16 with an iptables rule
     #[arg(long)]
     allow_metadata_access: bool,
+    /// Where managed database servers run: `process` (the engines' binaries on this node), `docker`
+    /// (a container of the engine's image per database, its data in a named volume), `auto` (docker
+    /// with `--driver docker`)
+    #[arg(long, value_enum, default_value = "auto")]
+    database_runtime: DatabaseRuntimeArg,
+    /// An engine's image for `--database-runtime docker`, `{version}` standing for the database's
+    /// version: ENGINE=IMAGE, repeatable. Default: the official images (`postgres:{version}`)
+    #[arg(long, value_name = "ENGINE=IMAGE", value_parser = parse_database_image)]
+    database_image: Vec<(cairn_schema::database::Engine, String)>,
 }
 
 /// `--proxy-max-body`: a size, or no limit.
@@ -367,7 +400,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
     let data = DataDir::open(&args.data_dir)?;
     let identity = Arc::new(data.identity()?);
     let book = Arc::new(Book::open(data.book_path())?);
-    let cfg = Config {
+    let mut cfg = Config {
         server: args.server.join(","),
         heartbeat: args.heartbeat,
         concurrency: args.concurrency,
@@ -381,6 +414,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
                 PathBuf::from(name)
             }),
             identity: identity.clone(),
+            containers: None,
         }),
     };
     let offered = match args.driver {
@@ -403,6 +437,21 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         Err(AgentError::Stopped) => return Ok(()),
         other => other?,
     };
+
+    let in_containers = match args.database_runtime {
+        DatabaseRuntimeArg::Docker => true,
+        DatabaseRuntimeArg::Process => false,
+        DatabaseRuntimeArg::Auto => args.driver == DriverArg::Docker,
+    };
+    if in_containers && let Some(host) = cfg.databases.as_mut() {
+        let mut images = crate::dbtasks::Containers::official_images();
+        images.extend(args.database_image.iter().cloned());
+        host.containers = Some(crate::dbtasks::Containers {
+            installation: joined.installation.to_string(),
+            node: joined.node.to_string(),
+            images,
+        });
+    }
 
     // The node proxy's task, when a real driver runs (each arm sets it once).
     let proxy_task;

@@ -1,6 +1,7 @@
-//! The database tasks (`db_ensure`, `db_stop`, `db_backup`, `db_restore`, `db_upgrade`, `db_drop`):
-//! what the agent loop runs for them. It opens what the control plane sealed to this node (the login's
-//! password, S3 keys), builds the contract's values and calls [`crate::database`]; it decides nothing.
+//! The database tasks (`db_ensure`, `db_stop`, `db_backup`, `db_restore`, `db_verify`, `db_upgrade`,
+//! `db_drop`): what the agent loop runs for them. It opens what the control plane sealed to this node
+//! (the login's password, S3 keys), builds the contract's values and calls [`crate::database`]; it
+//! decides nothing.
 //!
 //! What it must not do: put a password or a key into a result, an error or a log line.
 
@@ -19,6 +20,55 @@ pub struct DatabaseHost {
     /// directory, which no other account may enter, while each engine's account must reach its own.
     pub dir: PathBuf,
     pub identity: Arc<Identity>,
+    /// Servers in containers (the Docker driver's way) rather than the engines' binaries here.
+    pub containers: Option<Containers>,
+}
+
+/// How this node runs database servers in containers.
+#[derive(Debug, Clone)]
+pub struct Containers {
+    /// Names and labels carry it, so an installation's containers and volumes are its own.
+    pub installation: String,
+    pub node: String,
+    /// The image per engine, `{version}` replaced by the database's version.
+    pub images: std::collections::BTreeMap<cairn_schema::database::Engine, String>,
+}
+
+impl Containers {
+    /// The official images: `postgres:<version>` and the like.
+    pub fn official_images() -> std::collections::BTreeMap<cairn_schema::database::Engine, String> {
+        use cairn_schema::database::Engine;
+        [
+            (Engine::Postgres, "postgres:{version}"),
+            (Engine::Redis, "redis:{version}"),
+            (Engine::Mariadb, "mariadb:{version}"),
+        ]
+        .into_iter()
+        .map(|(e, i)| (e, i.to_owned()))
+        .collect()
+    }
+
+    fn runtime(
+        &self,
+        engine: cairn_schema::database::Engine,
+        version: &str,
+        instance: &cairn_schema::Name,
+    ) -> database::Runtime {
+        let image = self
+            .images
+            .get(&engine)
+            .map(|i| i.replace("{version}", version))
+            .unwrap_or_default();
+        database::Runtime::Container(database::Container {
+            image,
+            name: format!("cairn-db-{}-{instance}", self.installation),
+            labels: vec![
+                ("cairn.installation".to_owned(), self.installation.clone()),
+                ("cairn.node".to_owned(), self.node.clone()),
+                ("cairn.database".to_owned(), instance.to_string()),
+            ],
+        })
+    }
 }
 
 impl DatabaseHost {
@@ -39,7 +89,22 @@ impl DatabaseHost {
             version: p.version.clone(),
             dir: self.dir.join(p.instance.as_str()),
             port: p.port,
+            runtime: self.runtime(p.engine, &p.version, &p.instance),
         }
+    }
+
+    /// Where instance `instance` of `engine` `version` runs on this node.
+    fn runtime(
+        &self,
+        engine: cairn_schema::database::Engine,
+        version: &str,
+        instance: &cairn_schema::Name,
+    ) -> database::Runtime {
+        self.containers
+            .as_ref()
+            .map_or(database::Runtime::Process, |c| {
+                c.runtime(engine, version, instance)
+            })
     }
 
     /// Opens a JSON object of strings sealed to this node and takes `field` out of it.
@@ -153,6 +218,7 @@ async fn run_inner(
                 bytes: b.bytes,
                 sha256: b.sha256.clone(),
                 duration_ms: u64::try_from(b.duration.as_millis()).unwrap_or(u64::MAX),
+                counts: b.counts.clone(),
             };
             Ok((
                 format!("backup {} ({} bytes)", b.object, b.bytes),
@@ -183,6 +249,7 @@ async fn run_inner(
                 version: from.version.clone(),
                 dir: host.dir.join(from.instance.as_str()),
                 port: from.port,
+                runtime: host.runtime(p.engine, &from.version, &from.instance),
             };
             let done = database::upgrade(&old, &instance, &host.login(p)?).await?;
             Ok((
@@ -205,11 +272,77 @@ async fn run_inner(
                 None,
             ))
         }
+        TaskKind::DbVerify => {
+            let (object, sha256) = match (&p.object, &p.sha256) {
+                (Some(o), Some(s)) => (o, s),
+                _ => {
+                    return Err(DbError::Unsupported(
+                        "a verification names no object or checksum".into(),
+                    ));
+                }
+            };
+            // A scratch server of the same engine and version beside the instance: its own
+            // directory (no instance name has a dot), a port free now, a login made for it alone.
+            let runtime = match instance.runtime.clone() {
+                database::Runtime::Container(c) => {
+                    database::Runtime::Container(database::Container {
+                        name: format!("{}.verify", c.name),
+                        ..c
+                    })
+                }
+                process => process,
+            };
+            let scratch = Instance {
+                dir: host.dir.join(format!("{}.verify", p.database)),
+                port: free_port()?,
+                runtime,
+                ..instance
+            };
+            let login = Login {
+                user: p.user.clone(),
+                password: Secret::new(random_password()),
+                database: p.db.clone(),
+            };
+            let v = database::verify(
+                &scratch,
+                &login,
+                &host.target(p)?,
+                object,
+                sha256,
+                p.expected_counts.as_ref(),
+            )
+            .await?;
+            let rows: u64 = v.counts.values().sum();
+            let report = BackupReport {
+                object: object.clone(),
+                bytes: v.bytes,
+                sha256: sha256.clone(),
+                duration_ms: u64::try_from(v.duration.as_millis()).unwrap_or(u64::MAX),
+                counts: Some(v.counts),
+            };
+            let against = if p.expected_counts.is_some() {
+                "equal to the dump's"
+            } else {
+                "the dump recorded none to compare"
+            };
+            Ok((
+                format!("verified {object}: restored {rows} rows, {against}"),
+                Some(report),
+            ))
+        }
         other => Err(DbError::Unsupported(format!(
             "`{}` is not a database task",
             other.as_str()
         ))),
     }
+}
+
+/// A TCP port nothing listens on now.
+fn free_port() -> Result<u16, DbError> {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| DbError::Failed(format!("cannot find a free port for a scratch server: {e}")))
 }
 
 fn random_password() -> Vec<u8> {

@@ -357,9 +357,13 @@ pub struct DatabasePayload {
     /// `db_restore`: the SHA-256 the object must have.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,
-    /// The backups ledger's row this task fills (`db_backup`).
+    /// The backups ledger's row this task fills (`db_backup`), or restores (`db_verify`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backup_id: Option<i64>,
+    /// `db_verify`: the rows per table the backup recorded at its dump, which the scratch restore must
+    /// hold (`None`: the database changed under the dump, so only the restore itself is checked).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_counts: Option<BTreeMap<String, u64>>,
     /// `db_upgrade`: the instance dumped into `instance` (which runs `version`); it keeps running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade_from: Option<UpgradeSource>,
@@ -601,13 +605,18 @@ pub enum Outcome {
 }
 
 /// What a database backup wrote: the object below its target, its size and the SHA-256 of exactly the
-/// bytes stored.
+/// bytes stored. A verification (`db_verify`) reports the object it restored the same way.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupReport {
     pub object: String,
     pub bytes: u64,
     pub sha256: String,
     pub duration_ms: u64,
+    /// Rows per table (keys per Redis database): for a backup, what the database held when it was
+    /// dumped (`None` when the counts before and after the dump differ: it changed under the dump);
+    /// for a verification, what the scratch restore held.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counts: Option<BTreeMap<String, u64>>,
 }
 
 /// The image a deploy ran: the engine's image id, and where it is in the registry when the agent pushed it.

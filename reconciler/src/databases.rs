@@ -106,7 +106,10 @@ pub async fn ready(
         Ok(s) => Some(s),
         Err(e) => return Ok(Err((cairn_schema::error::chain(&e), true))),
     };
-    if matches!(t.kind, TaskKind::DbBackup | TaskKind::DbRestore) {
+    if matches!(
+        t.kind,
+        TaskKind::DbBackup | TaskKind::DbRestore | TaskKind::DbVerify
+    ) {
         let backup = backup_spec(&mut conn, &p.database).await?;
         let Some(b) = backup else {
             return Ok(Err((
@@ -208,6 +211,7 @@ fn payload(database: &Name, inst: &store::InstanceRow) -> DatabasePayload {
         sha256: None,
         backup_id: None,
         upgrade_from: None,
+        expected_counts: None,
     }
 }
 
@@ -326,8 +330,107 @@ pub async fn run_due(pool: &PgPool, now: DateTime<Utc>) -> Result<usize, DbOpErr
             Err(e) => return Err(e),
         }
     }
+    for database in store::claim_due_verifications(&mut tx, now).await? {
+        match queue_verification(&mut tx, &database, "schedule").await {
+            Ok(_) => queued += 1,
+            // Nothing to verify yet: the next run will find the first good backup.
+            Err(
+                DbOpError::UnknownDatabase(_)
+                | DbOpError::NoBackupTarget(_)
+                | DbOpError::NoBackup { .. },
+            ) => {}
+            Err(e) => return Err(e),
+        }
+    }
     tx.commit().await.op("claim due backups")?;
     Ok(queued)
+}
+
+/// Queues a verification of `database`'s latest good backup now: its ledger row and its `db_verify`
+/// task, in one transaction. Returns the row's id.
+pub async fn verify_now(pool: &PgPool, database: &Name) -> Result<i64, DbOpError> {
+    let mut tx = pool.begin().await.op("queue a verification")?;
+    let id = queue_verification(&mut tx, database, "manual").await?;
+    tx.commit().await.op("queue a verification")?;
+    Ok(id)
+}
+
+/// The verification's row and task: the latest good backup restored into a scratch server on the
+/// database's node (where its engine and version are installed), compared with the backup's counts.
+async fn queue_verification(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    database: &Name,
+    trigger: &str,
+) -> Result<i64, DbOpError> {
+    let row = sqlx::query(
+        "SELECT instance, backup_sealed IS NOT NULL AS has_target FROM databases WHERE name = $1",
+    )
+    .bind(database.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+    .op("read a database")?
+    .ok_or_else(|| DbOpError::UnknownDatabase(database.clone()))?;
+    if !row.try_get::<bool, _>("has_target").op("read a database")? {
+        return Err(DbOpError::NoBackupTarget(database.clone()));
+    }
+    let instance = Name::new(&row.try_get::<String, _>("instance").op("read a database")?)
+        .map_err(|e| crate::store::decode::corrupt("databases", "instance", e))?;
+    let inst = store::instance(tx, &instance)
+        .await?
+        .ok_or_else(|| DbOpError::UnknownInstance {
+            database: database.clone(),
+            instance: instance.clone(),
+        })?;
+    let good = store::latest_good_backup(tx, database)
+        .await?
+        .ok_or_else(|| DbOpError::NoBackup {
+            database: database.clone(),
+            which: "yet to verify".to_owned(),
+        })?;
+    let id = store::insert_verification(tx, database, good.id, &inst.node, trigger).await?;
+    let payload = DatabasePayload {
+        object: Some(good.object),
+        sha256: Some(good.sha256),
+        backup_id: Some(good.id),
+        expected_counts: good.counts,
+        ..payload(database, &inst)
+    };
+    let mut task = NewTask::new(
+        inst.node.clone(),
+        TaskKind::DbVerify,
+        database.clone(),
+        format!("db_verify:{database}:{id}"),
+    );
+    task.payload = serde_json::to_value(&payload).expect("a payload serializes");
+    task.max_attempts = 2;
+    let task_id = queue::enqueue(tx, &task).await?;
+    store::set_verification_task(tx, id, task_id.map(|t| t.0)).await?;
+    Ok(id)
+}
+
+/// Records a `db_verify` task's end in its ledger row; one that failed for good is a
+/// `database.verify_failed` event (its error one line, never a secret: the agent's contract).
+pub async fn record_verification(
+    pool: &PgPool,
+    task: i64,
+    node: &Name,
+    report: Result<&BackupReport, (&str, bool)>,
+) -> Result<(), StoreError> {
+    let empty = std::collections::BTreeMap::new();
+    let outcome = report.map(|b| (b.counts.as_ref().unwrap_or(&empty), b.duration_ms));
+    let mut tx = pool.begin().await.op("record a verification")?;
+    let row = store::record_verification(&mut tx, task, outcome).await?;
+    if let (Err((error, true)), Some((database, backup))) = (report, row) {
+        let e = crate::events::NewEvent::new(
+            crate::events::EventKind::DatabaseVerifyFailed,
+            format!("verifying backup {backup} of database {database} failed: {error}"),
+        )
+        .node(node)
+        .detail(serde_json::json!({ "database": database, "backup": backup }));
+        crate::events::record(&mut tx, &[e]).await?;
+    }
+    tx.commit().await.op("record a verification")?;
+    Ok(())
 }
 
 /// Whether a database backed up on `schedule` is overdue at `now`: no good backup within two of its
@@ -437,6 +540,11 @@ pub struct DatabaseInfo {
     /// Its last version upgrade, unless it is finished (its pre-upgrade instance dropped).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrade: Option<crate::store::databases::UpgradeRow>,
+    /// When its latest verification restore finished, and whether it failed.
+    #[serde(default)]
+    pub last_verified: Option<chrono::DateTime<chrono::Utc>>,
+    #[serde(default)]
+    pub verify_failed: bool,
 }
 
 /// Every applied database, with availability and the recovery point.
@@ -468,6 +576,7 @@ pub async fn list_databases(
             .await
             .op("read backup schedules")?;
     let upgrades = crate::store::databases::latest_upgrades(&mut conn).await?;
+    let verified = crate::store::databases::last_verifications(&mut conn).await?;
     let now = chrono::Utc::now();
     Ok(dbs
         .into_iter()
@@ -495,6 +604,8 @@ pub async fn list_databases(
                     .iter()
                     .find(|u| u.database == name.as_str() && u.state != "finished")
                     .cloned(),
+                last_verified: verified.get(name.as_str()).and_then(|(_, t)| *t),
+                verify_failed: verified.get(name.as_str()).is_some_and(|(f, _)| *f),
             }
         })
         .collect())
@@ -534,6 +645,12 @@ pub fn warnings(dbs: &[DatabaseInfo]) -> Vec<String> {
                 d.name,
                 point(d),
                 d.name
+            ));
+        }
+        if d.verify_failed {
+            out.push(format!(
+                "database {}: its latest verification restore failed: `cairn db backups {}` says why",
+                d.name, d.name
             ));
         }
     }
@@ -578,7 +695,7 @@ pub async fn record_backup(
         Ok(b) => {
             sqlx::query(
                 "UPDATE database_backups SET state = 'ok', bytes = $2, sha256 = $3, duration_ms = $4,
-                        object = $5, error = NULL, finished_at = now()
+                        object = $5, counts = $6, error = NULL, finished_at = now()
                   WHERE task = $1",
             )
             .bind(task)
@@ -586,6 +703,11 @@ pub async fn record_backup(
             .bind(&b.sha256)
             .bind(i64::try_from(b.duration_ms).unwrap_or(i64::MAX))
             .bind(&b.object)
+            .bind(
+                b.counts
+                    .as_ref()
+                    .map(|c| serde_json::to_value(c).expect("counts serialize")),
+            )
             .execute(pool)
             .await
             .op("record a backup")?;

@@ -342,17 +342,19 @@ pub async fn finish(
         }
         other => DeployError::Queue(other),
     };
+    // What a backup or a verification read or wrote, or why it failed (and whether for good).
+    let report = || match outcome {
+        Outcome::Done {
+            backup: Some(b), ..
+        } => Ok(b),
+        Outcome::Done { .. } => Err(("the agent reported no backup", true)),
+        Outcome::Failed { error, retry } => {
+            Err((error.as_str(), !*retry || row.attempts >= row.max_attempts))
+        }
+        Outcome::Skipped { .. } => Err(("skipped", true)),
+    };
     if row.kind == TaskKind::DbBackup {
-        let r = match outcome {
-            Outcome::Done {
-                backup: Some(b), ..
-            } => Ok(b),
-            Outcome::Done { .. } => Err(("the agent reported no backup", true)),
-            Outcome::Failed { error, retry } => {
-                Err((error.as_str(), !*retry || row.attempts >= row.max_attempts))
-            }
-            Outcome::Skipped { .. } => Err(("skipped", true)),
-        };
+        let r = report();
         crate::databases::record_backup(ctx.pool, row.id.0, r).await?;
         if let Err((error, true)) = r {
             crate::databases::backup_failed(ctx.pool, &row.app, &row.node, error).await?;
@@ -376,6 +378,9 @@ pub async fn finish(
     }
     if row.kind == TaskKind::DbDrop && matches!(outcome, Outcome::Done { .. }) {
         crate::databases::record_drop(ctx.pool, row.id.0).await?;
+    }
+    if row.kind == TaskKind::DbVerify {
+        crate::databases::record_verification(ctx.pool, row.id.0, &row.node, report()).await?;
     }
     let reported = match outcome {
         Outcome::Done {

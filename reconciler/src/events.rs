@@ -51,10 +51,13 @@ pub enum EventKind {
     DatabaseBackupOverdue,
     /// A database's version upgrade failed for good; its old instance keeps serving.
     DatabaseUpgradeFailed,
+    /// A verification restore of a database's backup failed for good: it did not restore, or restored
+    /// other rows than the backup was taken with.
+    DatabaseVerifyFailed,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 15] = [
+    pub const ALL: [EventKind; 16] = [
         EventKind::DeployStarted,
         EventKind::DeploySucceeded,
         EventKind::DeployFailed,
@@ -70,6 +73,7 @@ impl EventKind {
         EventKind::DatabaseBackupFailed,
         EventKind::DatabaseBackupOverdue,
         EventKind::DatabaseUpgradeFailed,
+        EventKind::DatabaseVerifyFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -89,6 +93,7 @@ impl EventKind {
             EventKind::DatabaseBackupFailed => "database.backup_failed",
             EventKind::DatabaseBackupOverdue => "database.backup_overdue",
             EventKind::DatabaseUpgradeFailed => "database.upgrade_failed",
+            EventKind::DatabaseVerifyFailed => "database.verify_failed",
         }
     }
 
@@ -105,7 +110,8 @@ impl EventKind {
             | EventKind::CertificateFailed
             | EventKind::DatabaseBackupFailed
             | EventKind::DatabaseBackupOverdue
-            | EventKind::DatabaseUpgradeFailed => Severity::Error,
+            | EventKind::DatabaseUpgradeFailed
+            | EventKind::DatabaseVerifyFailed => Severity::Error,
             EventKind::ReplicaUnplaceable
             | EventKind::NodeFlapping
             | EventKind::CertificateExpiring => Severity::Warning,

@@ -658,6 +658,7 @@ async fn enqueue_tasks(
             sha256: None,
             backup_id: None,
             upgrade_from: None,
+            expected_counts: None,
         };
         task.payload = serde_json::to_value(&payload).expect("a payload serializes");
         tasks.push(task);

@@ -468,7 +468,7 @@ pub struct DatabaseBackup {
 
 /// Every event the control plane records (`cairn_reconciler::events::EventKind` names the same set): what
 /// a notification sink's `events` patterns may match.
-pub const EVENT_KINDS: [&str; 15] = [
+pub const EVENT_KINDS: [&str; 16] = [
     "deploy.started",
     "deploy.succeeded",
     "deploy.failed",
@@ -484,6 +484,7 @@ pub const EVENT_KINDS: [&str; 15] = [
     "database.backup_failed",
     "database.backup_overdue",
     "database.upgrade_failed",
+    "database.verify_failed",
 ];
 
 /// Where a notification sink sends events.

@@ -1,15 +1,16 @@
 //! `cairn db`: managed databases through the admin API or the database: `list`, `backup NAME` (now),
-//! `backups NAME`, `restore NAME --backup ID | --latest --into NEW` (beside the original, never in
-//! place), `swap NAME NEW` (attached apps point at NEW: a release), `rotate NAME` (a new login),
-//! `upgrades NAME` (version upgrades), `finish-upgrade NAME` (drop the pre-upgrade instance),
-//! `drop NAME INSTANCE` (drop an instance the database does not use). Never a password.
+//! `backups NAME`, `verify NAME` (restore the latest good backup into a scratch server and compare its
+//! rows), `restore NAME --backup ID | --latest --into NEW` (beside the original, never in place),
+//! `swap NAME NEW` (attached apps point at NEW: a release), `rotate NAME` (a new login), `upgrades NAME`
+//! (version upgrades), `finish-upgrade NAME` (drop the pre-upgrade instance), `drop NAME INSTANCE`
+//! (drop an instance the database does not use). Never a password.
 
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
 use anyhow::{Context as _, Result, bail};
 use cairn_reconciler::api::databases::{
-    DatabaseInfo, Queued, RestoreRequest, Restoring, SwapRequest,
+    DatabaseInfo, Queued, RestoreRequest, Restoring, SwapRequest, Verifying,
 };
 use cairn_reconciler::api::databases::{DropRequest, Dropping};
 use cairn_reconciler::store::databases::{BackupRow, UpgradeRow};
@@ -36,8 +37,11 @@ enum Command {
     List,
     /// Back a database up now
     Backup { name: String },
-    /// A database's backups, newest first (size, SHA-256, duration, ok or the error)
+    /// A database's backups, newest first (size, SHA-256, duration, ok or the error, verification)
     Backups { name: String },
+    /// Restore the latest good backup into a scratch server on the database's node now and compare
+    /// its rows with the backup's (also run on the database's `verify` schedule, weekly by default)
+    Verify { name: String },
     /// Restore a backup into a new instance beside the original (never in place)
     Restore {
         name: String,
@@ -111,6 +115,21 @@ pub fn run(args: Args) -> Result<ExitCode> {
                 };
                 text = format!("backup {} of {db} queued: `cairn db backups {db}` shows it\n", q.backup);
                 out = serde_json::to_value(&q)?;
+            }
+            Command::Verify { name: n } => {
+                let db = name(&n)?;
+                let v: Verifying = match (api, &pool) {
+                    (Some(a), _) => a.post(&format!("/databases/{db}/verify"), &()).await?,
+                    (_, Some(p)) => Verifying {
+                        verification: cairn_reconciler::databases::verify_now(p, &db).await?,
+                    },
+                    _ => unreachable!("a target"),
+                };
+                text = format!(
+                    "verification {} of {db}'s latest good backup queued: `cairn db backups {db}` shows its result\n",
+                    v.verification
+                );
+                out = serde_json::to_value(&v)?;
             }
             Command::Backups { name: n } => {
                 let db = name(&n)?;
@@ -334,6 +353,19 @@ fn render_backups(rows: &[BackupRow]) -> String {
         );
         if let Some(e) = &b.error {
             let _ = writeln!(o, "        error: {e}");
+        }
+        if let Some(c) = &b.counts {
+            let rows: u64 = c.values().sum();
+            let _ = writeln!(o, "        rows at the dump: {rows} in {} tables", c.len());
+        }
+        match (b.verified.as_deref(), &b.verify_error) {
+            (Some("failed"), Some(e)) => {
+                let _ = writeln!(o, "        verification FAILED: {e}");
+            }
+            (Some(v), _) => {
+                let _ = writeln!(o, "        verification: {v}");
+            }
+            (None, _) => {}
         }
     }
     if rows.is_empty() {

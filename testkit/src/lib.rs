@@ -27,6 +27,7 @@
 //! missing prerequisite in CI (`CAIRN_TEST_REQUIRE_ALL` turns every skip into a failure).
 
 pub mod build;
+pub mod dbimage;
 pub mod engine;
 pub mod fixtures;
 mod git;

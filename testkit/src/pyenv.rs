@@ -33,7 +33,6 @@ pub fn venv(test: &str, name: &str, packages: &[&str], import: &str) -> Option<P
     // already running from it. Whoever gets the lock second finds it made.
     let _ = std::fs::create_dir_all(root());
     let lock = std::fs::File::create(dir.with_extension("lock"));
-    // flock(2) through rustix: `File::lock` is newer than the workspace's rust-version (1.88).
     let _held = lock
         .as_ref()
         .ok()

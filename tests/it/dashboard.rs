@@ -677,11 +677,23 @@ async fn databases_sinks_and_certificates_are_acted_on_from_the_pages() {
         page.contains("postgres 15") && page.contains("never"),
         "{page}"
     );
+    assert!(!page.contains("verification failed"), "{page}");
+    // A verification restore that failed is red on both pages.
+    sqlx::query(
+        "INSERT INTO database_verifications (database, backup, node, trigger, state, error, finished_at)
+         VALUES ('main', 1, 'a', 'schedule', 'failed', 'other rows', now())",
+    )
+    .execute(plane.db.pool())
+    .await
+    .unwrap();
+    let (_, _, page) = get(&plane, "/ui/databases", Some(&vc)).await;
+    assert!(page.contains("verification failed"), "{page}");
     let (_, _, app) = get(&plane, "/ui/apps/web", Some(&vc)).await;
     assert!(
         app.contains(r#"id="app-databases""#) && app.contains("<code>DATABASE_URL</code>"),
         "{app}"
     );
+    assert!(app.contains("verification failed"), "{app}");
     let (_, _, deliveries) = get(&plane, "/ui/deliveries", Some(&vc)).await;
     assert!(deliveries.contains("<code>ops</code>"), "{deliveries}");
     for page in [&page, &app, &deliveries] {

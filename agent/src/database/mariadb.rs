@@ -12,7 +12,20 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use super::server::{self, Account, Scrub, Tool};
-use super::{DbError, Instance, Login, password};
+use super::{Container, DbError, Instance, Login, Runtime, container, password};
+
+/// In a container: the volume's mount point (the official image's datadir, owned by `mysql`), the data
+/// directory and the unix socket in it (the socket only for the image's root, which makes the admin).
+const MOUNT: &str = "/var/lib/mysql";
+const CONTAINER_DATA: &str = "/var/lib/mysql/data";
+const CONTAINER_SOCKET: &str = "/var/lib/mysql/mysqld.sock";
+
+fn container_of(instance: &Instance) -> Option<&Container> {
+    match &instance.runtime {
+        Runtime::Container(c) => Some(c),
+        Runtime::Process => None,
+    }
+}
 
 const ADMIN: &str = "cairn_admin";
 
@@ -70,6 +83,101 @@ fn client<'a>(instance: &Instance, user: &str, pw: &str) -> Tool<'a> {
         .args(["-P", &instance.port.to_string(), "-u", user])
         .args(["--batch", "--skip-column-names", "--connect-timeout=5"])
         .env("MYSQL_PWD", pw)
+        .inside(container_of(instance).map(|c| c.name.as_str()))
+}
+
+/// The server's arguments besides its data directory, socket and temporary directory.
+fn server_args(instance: &Instance) -> Vec<String> {
+    vec![
+        "--no-defaults".to_owned(),
+        format!("--port={}", instance.port),
+        "--bind-address=*".to_owned(),
+        "--skip-name-resolve".to_owned(),
+        "--skip-log-bin".to_owned(),
+    ]
+}
+
+/// The admin user's SQL (its password in it: stdin or a 0600 file only).
+fn admin_sql(admin: &str) -> Result<String, DbError> {
+    Ok(format!(
+        "CREATE USER IF NOT EXISTS '{ADMIN}'@'%' IDENTIFIED BY {pw};\n\
+         ALTER USER '{ADMIN}'@'%' IDENTIFIED BY {pw};\n\
+         GRANT ALL PRIVILEGES ON *.* TO '{ADMIN}'@'%' WITH GRANT OPTION;\n",
+        pw = literal(admin)?
+    ))
+}
+
+/// In a container: `mariadb-install-db` into a fresh volume, the server started, the admin user made
+/// by the image's root over the unix socket (SQL on stdin), then marked initialized.
+async fn start_container(
+    instance: &Instance,
+    c: &Container,
+    admin: &str,
+    scrub: &Scrub,
+) -> Result<(), DbError> {
+    let initialized = instance.dir.join("initialized");
+    if !initialized.exists() {
+        container::fresh_volume(c, scrub).await?;
+        let args: Vec<String> = [
+            "--no-defaults".to_owned(),
+            "--skip-test-db".to_owned(),
+            "--auth-root-authentication-method=socket".to_owned(),
+            format!("--datadir={CONTAINER_DATA}"),
+            "--tmpdir=/tmp".to_owned(),
+        ]
+        .to_vec();
+        container::run_once(
+            c,
+            "mysql",
+            MOUNT,
+            "mariadb-install-db",
+            &args,
+            Vec::new(),
+            scrub,
+        )
+        .await?;
+    }
+    match container::state(c).await? {
+        Some(true) => {}
+        Some(false) => container::start(c, scrub).await?,
+        None => {
+            let mut args = server_args(instance);
+            args.extend([
+                format!("--datadir={CONTAINER_DATA}"),
+                format!("--socket={CONTAINER_SOCKET}"),
+                "--tmpdir=/tmp".to_owned(),
+            ]);
+            container::create(c, "mysql", MOUNT, "mariadbd", &args, scrub).await?;
+            container::start(c, scrub).await?;
+        }
+    }
+    if !initialized.exists() {
+        let socket = format!("--socket={CONTAINER_SOCKET}");
+        let root = || {
+            Tool::new("docker")
+                .args([
+                    "exec",
+                    "--interactive",
+                    "--user",
+                    "root",
+                    &c.name,
+                    "mariadb",
+                ])
+                .args(["--no-defaults", "-u", "root", &socket])
+        };
+        let log = instance.dir.join("server.log");
+        let up = server::wait_ready(Duration::from_secs(60), &log, scrub, || async {
+            root().stdin("SELECT 1;").run(scrub).await.map(|_| ())
+        })
+        .await;
+        if let Err(e) = &up {
+            let said = container::logs(c).await;
+            return Err(scrub.failed(format!("{e}; the container {} said", c.name), &said));
+        }
+        root().stdin(admin_sql(admin)?).run(scrub).await?;
+        std::fs::write(&initialized, b"").map_err(|e| server::io("writing", &instance.dir, e))?;
+    }
+    Ok(())
 }
 
 pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> Result<(), DbError> {
@@ -79,44 +187,42 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
             app.user
         )));
     }
-    let exe = server_binary(&instance.version)?;
-    let account = server::account("mysql")?;
+    let container = container_of(instance);
+    let account = match container {
+        Some(_) => None,
+        None => server::account("mysql")?,
+    };
     server::make_dir(&instance.dir, account)?;
     let admin = server::admin_password(&instance.dir)?;
     let data = data(instance);
     let init_sql = instance.dir.join("init.sql");
-    if !instance.dir.join("initialized").exists() {
-        init(instance, account, scrub).await?;
-        // The admin user, made by the server itself on its first start.
-        let sql = format!(
-            "CREATE USER IF NOT EXISTS '{ADMIN}'@'%' IDENTIFIED BY {pw};\n\
-             ALTER USER '{ADMIN}'@'%' IDENTIFIED BY {pw};\n\
-             GRANT ALL PRIVILEGES ON *.* TO '{ADMIN}'@'%' WITH GRANT OPTION;\n",
-            pw = literal(&admin)?
-        );
-        server::write_private(&init_sql, sql.as_bytes(), account)?;
-        std::fs::write(instance.dir.join("initialized"), b"")
-            .map_err(|e| server::io("writing", &instance.dir, e))?;
-    }
     let (pidfile, cwd, _) = pid_site(instance);
     let log = instance.dir.join("server.log");
-    if server::live_pid(&pidfile, &cwd).is_none() {
-        let _ = std::fs::remove_file(&pidfile);
-        let mut args = vec![
-            "--no-defaults".to_owned(),
-            format!("--datadir={}", data.display()),
-            format!("--port={}", instance.port),
-            "--bind-address=*".to_owned(),
-            format!("--socket={}", socket(instance).display()),
-            format!("--pid-file={}", pidfile.display()),
-            "--skip-name-resolve".to_owned(),
-            "--skip-log-bin".to_owned(),
-            format!("--tmpdir={}", tmpdir(instance, account)?.display()),
-        ];
-        if init_sql.exists() {
-            args.push(format!("--init-file={}", init_sql.display()));
+    if let Some(c) = container {
+        start_container(instance, c, &admin, scrub).await?;
+    } else {
+        let exe = server_binary(&instance.version)?;
+        if !instance.dir.join("initialized").exists() {
+            init(instance, account, scrub).await?;
+            // The admin user, made by the server itself on its first start.
+            server::write_private(&init_sql, admin_sql(&admin)?.as_bytes(), account)?;
+            std::fs::write(instance.dir.join("initialized"), b"")
+                .map_err(|e| server::io("writing", &instance.dir, e))?;
         }
-        server::spawn_detached(&exe, &args, &data, &log, account)?;
+        if server::live_pid(&pidfile, &cwd).is_none() {
+            let _ = std::fs::remove_file(&pidfile);
+            let mut args = server_args(instance);
+            args.extend([
+                format!("--datadir={}", data.display()),
+                format!("--socket={}", socket(instance).display()),
+                format!("--pid-file={}", pidfile.display()),
+                format!("--tmpdir={}", tmpdir(instance, account)?.display()),
+            ]);
+            if init_sql.exists() {
+                args.push(format!("--init-file={}", init_sql.display()));
+            }
+            server::spawn_detached(&exe, &args, &data, &log, account)?;
+        }
     }
     server::wait_ready(Duration::from_secs(60), &log, scrub, || async {
         client(instance, ADMIN, &admin)
@@ -188,7 +294,8 @@ pub(crate) fn dump<'a>(instance: &Instance, login: &Login) -> Result<Tool<'a>, D
             "--events",
         ])
         .args(["--", &login.database])
-        .env("MYSQL_PWD", admin))
+        .env("MYSQL_PWD", admin)
+        .inside(container_of(instance).map(|c| c.name.as_str())))
 }
 
 /// The verified dump fed to the client, into the login's database.

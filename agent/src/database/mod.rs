@@ -22,6 +22,7 @@ use tokio::io::AsyncReadExt as _;
 use cairn_schema::database::{BackupTo, Engine};
 use cairn_schema::{Name, Secret};
 
+mod container;
 mod mariadb;
 mod postgres;
 mod redis;
@@ -43,6 +44,30 @@ pub struct Instance {
     pub dir: PathBuf,
     /// The port it listens on (the control plane chooses it; loopback and the node's address).
     pub port: u16,
+    /// Where its server runs: the engine's binaries on this node, or an image with a named volume.
+    pub runtime: Runtime,
+}
+
+/// Where a server runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Runtime {
+    /// The engine's own binaries on this node, the data in [`Instance::dir`].
+    #[default]
+    Process,
+    /// A container of an image, the data in a named volume: the Docker driver's way.
+    Container(Container),
+}
+
+/// A server's container: [`Instance::dir`] keeps only what the agent needs (the admin password).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Container {
+    /// The engine's image (PostgreSQL: its binaries on `PATH`, an account `postgres` owning
+    /// `/var/lib/postgresql`, as in the official `postgres:<version>` images).
+    pub image: String,
+    /// The container's name, and its volume's.
+    pub name: String,
+    /// Labels on both (the installation, the node, the instance), so they are found and cleaned.
+    pub labels: Vec<(String, String)>,
 }
 
 /// A login on an instance. Debug redacts the password.
@@ -90,6 +115,19 @@ pub struct Backup {
     /// Hex SHA-256 of exactly the bytes stored.
     pub sha256: String,
     pub duration: Duration,
+    /// What the database held when it was dumped: its [`counts`] just before and just after the dump,
+    /// `None` when those differ (it was written to meanwhile, so no count is the dump's for sure).
+    pub counts: Option<BTreeMap<String, u64>>,
+}
+
+/// What a verification restore found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// The scratch restore's [`counts`].
+    pub counts: BTreeMap<String, u64>,
+    /// The restored object's size.
+    pub bytes: u64,
+    pub duration: Duration,
 }
 
 /// Why a database operation failed: one line a person can act on, never a secret.
@@ -118,6 +156,9 @@ pub async fn ensure(instance: &Instance, app: &Login) -> Result<(), DbError> {
 
 /// Stops the instance's server, keeping its data directory.
 pub async fn stop(instance: &Instance) -> Result<(), DbError> {
+    if let Runtime::Container(c) = &instance.runtime {
+        return container::stop(c).await;
+    }
     let (pidfile, cwd, signal) = match instance.engine {
         Engine::Postgres => postgres::pid_site(instance),
         Engine::Redis => redis::pid_site(instance),
@@ -132,6 +173,9 @@ pub async fn stop(instance: &Instance) -> Result<(), DbError> {
 /// Stops the instance and deletes its data directory (only ever asked for by an explicit drop).
 pub async fn destroy(instance: &Instance) -> Result<(), DbError> {
     stop(instance).await?;
+    if let Runtime::Container(c) = &instance.runtime {
+        container::remove(c).await?;
+    }
     match tokio::fs::remove_dir_all(&instance.dir).await {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -149,16 +193,76 @@ pub async fn backup(
 ) -> Result<Backup, DbError> {
     let scrub = scrub_for(instance, Some(login), Some(target));
     let started = Instant::now();
+    let before = counts(instance, login).await.ok();
     let tool = match instance.engine {
         Engine::Postgres => postgres::dump(instance, login)?,
         Engine::Redis => redis::dump(instance)?,
         Engine::Mariadb => mariadb::dump(instance, login)?,
     };
     let (bytes, sha256) = stream_to(&tool, target, object, &scrub).await?;
+    let after = counts(instance, login).await.ok();
     Ok(Backup {
         object: object.to_owned(),
         bytes,
         sha256,
+        duration: started.elapsed(),
+        counts: before.filter(|b| after.as_ref() == Some(b)),
+    })
+}
+
+/// Restores `object` (checked against `sha256`) into a scratch server beside the instance and compares
+/// its [`counts`] with `expected` (the backup's, when it recorded some): a backup that cannot be
+/// restored, or restores other rows than it was taken with, fails here rather than on the day it is
+/// needed. The scratch server (`scratch`: its own directory and port, a login made for it) is
+/// destroyed whatever the outcome.
+pub async fn verify(
+    scratch: &Instance,
+    login: &Login,
+    target: &Target,
+    object: &str,
+    sha256: &str,
+    expected: Option<&BTreeMap<String, u64>>,
+) -> Result<Verified, DbError> {
+    let started = Instant::now();
+    // A scratch server a crashed verification left behind is not adopted: it starts empty.
+    destroy(scratch).await?;
+    let result = async {
+        ensure(scratch, login).await?;
+        let bytes = restore(scratch, login, target, object, sha256).await?;
+        Ok::<_, DbError>((bytes, counts(scratch, login).await?))
+    }
+    .await;
+    let destroyed = destroy(scratch).await;
+    let (bytes, got) = result?;
+    destroyed?;
+    if let Some(want) = expected {
+        let differ: Vec<String> = want
+            .keys()
+            .chain(got.keys())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .filter_map(|t| {
+                let (w, g) = (want.get(t), got.get(t));
+                (w != g).then(|| {
+                    format!(
+                        "{t}: {} restored, {} at the dump",
+                        g.map_or("none".to_owned(), u64::to_string),
+                        w.map_or("none".to_owned(), u64::to_string)
+                    )
+                })
+            })
+            .collect();
+        if !differ.is_empty() {
+            return Err(DbError::Unsupported(format!(
+                "the restore of {} holds other rows than the backup was taken with: {}",
+                target::describe(target, object),
+                differ.join("; ")
+            )));
+        }
+    }
+    Ok(Verified {
+        counts: got,
+        bytes,
         duration: started.elapsed(),
     })
 }
@@ -250,14 +354,14 @@ async fn stream_to(
 }
 
 /// Restores `object` from `target` into `instance` (which [`ensure`] made and which must be empty),
-/// refusing it when its SHA-256 is not `sha256`.
+/// refusing it when its SHA-256 is not `sha256`. Returns the object's size.
 pub async fn restore(
     instance: &Instance,
     login: &Login,
     target: &Target,
     object: &str,
     sha256: &str,
-) -> Result<(), DbError> {
+) -> Result<u64, DbError> {
     let scrub = scrub_for(instance, Some(login), Some(target));
     let existing = counts(instance, login).await?;
     if let Some((table, n)) = existing.iter().find(|(_, n)| **n > 0) {
@@ -269,6 +373,7 @@ pub async fn restore(
     // Fetched whole beside the data first: nothing is restored before the checksum is known.
     let file = instance.dir.join("restore.partial");
     let fetched = target::fetch(target, object, &file, &scrub).await;
+    let size = fetched.as_ref().map_or(0, |(n, _)| *n);
     let result = match fetched {
         Err(e) => Err(e),
         Ok((_, got)) if !got.eq_ignore_ascii_case(sha256.trim()) => {
@@ -286,7 +391,7 @@ pub async fn restore(
         },
     };
     let _ = tokio::fs::remove_file(&file).await;
-    result
+    result.map(|()| size)
 }
 
 /// Row counts per table (PostgreSQL, MariaDB) or keys per database (Redis): what a verification restore
@@ -513,6 +618,7 @@ mod tests {
             version: "15".into(),
             dir: PathBuf::from("/x"),
             port: 5433,
+            runtime: Runtime::Process,
         };
         let login = Login {
             user: "app".into(),

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::server::{self, Account, Scrub, Tool, sql_literal};
-use super::{DbError, Instance, Login, password, version_matches};
+use super::{Container, DbError, Instance, Login, Runtime, container, password, version_matches};
 
 const ROOT: &str = "/usr/lib/postgresql";
 const SUPERUSER: &str = "postgres";
@@ -81,9 +81,42 @@ fn ident(s: &str) -> Result<String, DbError> {
     Ok(format!("\"{}\"", s.replace('"', "\"\"")))
 }
 
+/// The instance's container, when it runs in one.
+fn container_of(instance: &Instance) -> Option<&Container> {
+    match &instance.runtime {
+        Runtime::Container(c) => Some(c),
+        Runtime::Process => None,
+    }
+}
+
+/// Where a tool of the engine is: this node's binaries of the instance's version, or (in a container)
+/// the image's `PATH`.
+fn bin(instance: &Instance) -> Result<PathBuf, DbError> {
+    match &instance.runtime {
+        Runtime::Process => bindir(&instance.version),
+        Runtime::Container(_) => Ok(PathBuf::new()),
+    }
+}
+
+/// A client tool of the engine, run on this node or in the instance's container (the same arguments:
+/// the container shares the node's network).
+fn tool<'a>(bin: &Path, name: &str) -> Tool<'a> {
+    Tool::new(bin.join(name))
+}
+
+/// In the container, the volume's mount point (the image's `postgres` home, which a new volume
+/// takes its owner from) and the data directory in it.
+const MOUNT: &str = "/var/lib/postgresql";
+const CONTAINER_DATA: &str = "/var/lib/postgresql/cairn";
+const CONTAINER_HBA: &str = "/var/lib/postgresql/cairn-hba.conf";
+
 /// psql as the superuser over loopback TCP (the password in `PGPASSWORD`, SQL on stdin).
 fn psql<'a>(instance: &Instance, bin: &Path, admin: &str, db: &str) -> Tool<'a> {
-    Tool::new(bin.join("psql"))
+    psql_bare(instance, bin, admin, db).inside(container_of(instance).map(|c| c.name.as_str()))
+}
+
+fn psql_bare<'a>(instance: &Instance, bin: &Path, admin: &str, db: &str) -> Tool<'a> {
+    tool(bin, "psql")
         .args([
             "-X",
             "-q",
@@ -105,19 +138,35 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
             "`{SUPERUSER}` is the instance's own superuser; an app login needs another name"
         )));
     }
-    let bin = bindir(&instance.version)?;
-    let account = server::account("postgres")?;
+    let bin = bin(instance)?;
+    let container = container_of(instance);
+    let account = match container {
+        Some(_) => None,
+        None => server::account("postgres")?,
+    };
     server::make_dir(&instance.dir, account)?;
     let admin = server::admin_password(&instance.dir)?;
     let mut scrub_all = Scrub::new([admin.clone()]);
     scrub_all.add(password(app)?);
     let data = data(instance);
-    if !instance.dir.join("initialized").exists() {
+    let log = instance.dir.join("server.log");
+    if let Some(c) = container {
+        if !instance.dir.join("initialized").exists() {
+            init_volume(instance, c, &admin, &scrub_all).await?;
+        }
+        match container::state(c).await? {
+            Some(true) => {}
+            Some(false) => container::start(c, &scrub_all).await?,
+            None => {
+                create_container(instance, c, &scrub_all).await?;
+                container::start(c, &scrub_all).await?;
+            }
+        }
+    } else if !instance.dir.join("initialized").exists() {
         init(instance, &bin, &admin, account, &scrub_all).await?;
     }
     let (pidfile, cwd, _) = pid_site(instance);
-    let log = instance.dir.join("server.log");
-    if server::live_pid(&pidfile, &cwd).is_none() {
+    if container.is_none() && server::live_pid(&pidfile, &cwd).is_none() {
         // A killed postmaster leaves its pid file; a new one refuses to start while it names a live
         // process, which after a reboot may be anything.
         let _ = std::fs::remove_file(&pidfile);
@@ -130,14 +179,19 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
             account,
         )?;
     }
-    server::wait_ready(Duration::from_secs(60), &log, scrub, || async {
+    let ready = server::wait_ready(Duration::from_secs(60), &log, scrub, || async {
         psql(instance, &bin, &admin, "postgres")
             .stdin("SELECT 1;")
             .run(scrub)
             .await
             .map(|_| ())
     })
-    .await?;
+    .await;
+    if let (Err(e), Some(c)) = (&ready, container) {
+        let said = container::logs(c).await;
+        return Err(scrub.failed(format!("{e}; the container {} said", c.name), &said));
+    }
+    ready?;
     let user = ident(&app.user)?;
     let db = ident(&app.database)?;
     // A rotation may bring a new login: it inherits every earlier login (so it reaches the tables
@@ -164,7 +218,7 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
         .run(scrub)
         .await?;
     // The app's own login, the way the app will make it.
-    Tool::new(bin.join("psql"))
+    tool(&bin, "psql")
         .args(["-X", "-q", "-A", "-t", "-h", "127.0.0.1"])
         .args([
             "-p",
@@ -177,6 +231,7 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
         .args(["-c", "SELECT 1"])
         .env("PGPASSWORD", password(app)?)
         .env("PGCONNECT_TIMEOUT", "5")
+        .inside(container.map(|c| c.name.as_str()))
         .run(scrub)
         .await
         .map(|_| ())
@@ -213,23 +268,91 @@ async fn init(
         .await;
     let _ = std::fs::remove_file(&pwfile);
     ran?;
-    let settings = "\n# cairn: a managed database. TCP only (no unix socket: its path is limited to \
-                    ~100 bytes), the port on the command line, statements never logged (an ALTER \
-                    ROLE carries a password).\n\
-                    listen_addresses = '*'\n\
-                    unix_socket_directories = ''\n\
-                    password_encryption = 'scram-sha-256'\n\
-                    log_min_error_statement = panic\n\
-                    log_statement = 'none'\n";
-    append(&data.join("postgresql.conf"), settings)?;
+    let mut settings = "\n# cairn: a managed database, the port on the command line.\n".to_owned();
+    for (k, v) in SETTINGS {
+        settings.push_str(&format!("{k} = '{v}'\n"));
+    }
+    append(&data.join("postgresql.conf"), &settings)?;
     append(
         &data.join("pg_hba.conf"),
-        "\n# cairn: apps reach it over the node's address, with a password.\n\
-         host all all 0.0.0.0/0 scram-sha-256\n\
-         host all all ::/0 scram-sha-256\n",
+        &format!("\n# cairn: apps reach it over the node's address, with a password.\n{HBA}"),
     )?;
     std::fs::write(instance.dir.join("initialized"), b"")
         .map_err(|e| server::io("writing", &instance.dir, e))
+}
+
+/// The settings a managed server runs with (TCP only: no unix socket, whose path would be limited to
+/// ~100 bytes; statements never logged: an ALTER ROLE carries a password).
+const SETTINGS: [(&str, &str); 5] = [
+    ("listen_addresses", "*"),
+    ("unix_socket_directories", ""),
+    ("password_encryption", "scram-sha-256"),
+    ("log_min_error_statement", "panic"),
+    ("log_statement", "none"),
+];
+
+/// Apps reach it over the node's address, with a password.
+const HBA: &str = "host all all 0.0.0.0/0 scram-sha-256\nhost all all ::/0 scram-sha-256\n";
+
+/// A container's first start: a fresh volume with `initdb` run in it (the superuser's password read
+/// from stdin), then marked initialized beside the admin password.
+async fn init_volume(
+    instance: &Instance,
+    c: &Container,
+    admin: &str,
+    scrub: &Scrub,
+) -> Result<(), DbError> {
+    container::fresh_volume(c, scrub).await?;
+    let args: Vec<String> = [
+        "-D",
+        CONTAINER_DATA,
+        "-U",
+        SUPERUSER,
+        "--pwfile=/dev/stdin",
+        "--auth-host=scram-sha-256",
+        "--auth-local=scram-sha-256",
+        "--encoding=UTF8",
+        "--locale=C",
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    container::run_once(
+        c,
+        SUPERUSER,
+        MOUNT,
+        "initdb",
+        &args,
+        admin.as_bytes().to_vec(),
+        scrub,
+    )
+    .await?;
+    std::fs::write(instance.dir.join("initialized"), b"")
+        .map_err(|e| server::io("writing", &instance.dir, e))
+}
+
+/// The server's container: `postgres` on the instance's port with [`SETTINGS`], its host-based
+/// authentication file copied into the volume before the first start.
+async fn create_container(
+    instance: &Instance,
+    c: &Container,
+    scrub: &Scrub,
+) -> Result<(), DbError> {
+    let mut args = vec![
+        "-D".to_owned(),
+        CONTAINER_DATA.to_owned(),
+        "-p".to_owned(),
+        instance.port.to_string(),
+        "-c".to_owned(),
+        format!("hba_file={CONTAINER_HBA}"),
+    ];
+    for (k, v) in SETTINGS {
+        args.push("-c".to_owned());
+        args.push(format!("{k}={v}"));
+    }
+    container::create(c, SUPERUSER, MOUNT, "postgres", &args, scrub).await?;
+    let hba = instance.dir.join("pg_hba.conf");
+    std::fs::write(&hba, HBA).map_err(|e| server::io("writing", &hba, e))?;
+    container::copy_in(c, &hba, CONTAINER_HBA, scrub).await
 }
 
 fn append(path: &Path, text: &str) -> Result<(), DbError> {
@@ -243,13 +366,14 @@ fn append(path: &Path, text: &str) -> Result<(), DbError> {
 
 /// `pg_dump -Fc` of the login's database, as the superuser.
 pub(crate) fn dump<'a>(instance: &Instance, login: &Login) -> Result<Tool<'a>, DbError> {
-    let bin = bindir(&instance.version)?;
+    let bin = bin(instance)?;
     let admin = server::admin_password(&instance.dir)?;
-    Ok(Tool::new(bin.join("pg_dump"))
+    Ok(tool(&bin, "pg_dump")
         .args(["-Fc", "-h", "127.0.0.1", "-p", &instance.port.to_string()])
         .args(["-U", SUPERUSER, "-d", &login.database])
         .env("PGPASSWORD", admin)
-        .env("PGCONNECT_TIMEOUT", "5"))
+        .env("PGCONNECT_TIMEOUT", "5")
+        .inside(container_of(instance).map(|c| c.name.as_str())))
 }
 
 /// `pg_restore` of a verified dump into the login's (empty) database, its objects owned by the login.
@@ -259,9 +383,22 @@ pub(crate) async fn restore(
     file: &Path,
     scrub: &Scrub,
 ) -> Result<(), DbError> {
-    let bin = bindir(&instance.version)?;
+    let bin = bin(instance)?;
     let admin = server::admin_password(&instance.dir)?;
-    Tool::new(bin.join("pg_restore"))
+    // In a container the dump is copied into its volume for pg_restore, and removed after.
+    let inside = container_of(instance);
+    let path = match inside {
+        Some(c) => {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| server::io("chmod", file, e))?;
+            let path = format!("{MOUNT}/restore.dump");
+            container::copy_in(c, file, &path, scrub).await?;
+            path
+        }
+        None => file.to_string_lossy().into_owned(),
+    };
+    let restored = tool(&bin, "pg_restore")
         .args(["-h", "127.0.0.1", "-p", &instance.port.to_string()])
         .args(["-U", SUPERUSER, "-d", &login.database])
         .args([
@@ -271,11 +408,16 @@ pub(crate) async fn restore(
             "--single-transaction",
         ])
         .args([format!("--role={}", login.user)])
-        .args([file.to_string_lossy()])
+        .args([path.as_str()])
         .env("PGPASSWORD", admin)
+        .inside(inside.map(|c| c.name.as_str()))
         .run(scrub)
         .await
-        .map(|_| ())
+        .map(|_| ());
+    if let Some(c) = inside {
+        container::exec_root(c, &["rm", "-f", &path], scrub).await?;
+    }
+    restored
 }
 
 /// Exact row counts of every table of the login's database (`schema.table`).
@@ -284,7 +426,7 @@ pub(crate) async fn counts(
     login: &Login,
     scrub: &Scrub,
 ) -> Result<BTreeMap<String, u64>, DbError> {
-    let bin = bindir(&instance.version)?;
+    let bin = bin(instance)?;
     let admin = server::admin_password(&instance.dir)?;
     let sql = "SELECT format('SELECT %L || ''|'' || count(*) FROM %I.%I', \
                  n.nspname || '.' || c.relname, n.nspname, c.relname) \

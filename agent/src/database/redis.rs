@@ -15,7 +15,10 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::net::TcpStream;
 
 use super::server::{self, Scrub, Tool};
-use super::{DbError, Instance, Login, password};
+use super::{Container, DbError, Instance, Login, Runtime, container, password};
+
+/// In a container: the volume's mount point (the official image's `/data`, owned by `redis`).
+const MOUNT: &str = "/data";
 
 const ADMIN: &str = "default";
 
@@ -46,6 +49,9 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
             "`{ADMIN}` is the instance's own admin user; an app login needs another name"
         )));
     }
+    if let Runtime::Container(c) = &instance.runtime {
+        return ensure_container(instance, c, app, scrub).await;
+    }
     let exe = binary(&instance.version)?;
     let account = server::account("redis")?;
     let data = instance.dir.join("data");
@@ -57,31 +63,22 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
     let acl = instance.dir.join("users.acl");
     let log = instance.dir.join("server.log");
     if !acl.exists() {
-        let line = format!(
-            "user {ADMIN} on #{} ~* &* +@all\n",
-            hex::encode(Sha256::digest(admin.as_bytes()))
-        );
-        server::write_private(&acl, line.as_bytes(), account)?;
+        server::write_private(&acl, admin_acl(&admin).as_bytes(), account)?;
     }
-    let settings = format!(
-        "# cairn: a managed database (written by the agent on every ensure).\n\
-         bind * -::*\n\
-         protected-mode no\n\
-         port {port}\n\
-         daemonize no\n\
-         pidfile {pid}\n\
-         dir {data}\n\
-         dbfilename dump.rdb\n\
-         save 3600 1 300 100 60 10000\n\
-         appendonly no\n\
-         aclfile {acl}\n\
-         logfile \"\"\n",
-        port = instance.port,
-        pid = quoted(&pidfile.to_string_lossy()),
-        data = quoted(&data.to_string_lossy()),
-        acl = quoted(&acl.to_string_lossy()),
-    );
-    server::write_private(&conf, settings.as_bytes(), account)?;
+    let mut text =
+        "# cairn: a managed database (written by the agent on every ensure).\n".to_owned();
+    for (k, v) in settings(
+        instance.port,
+        &quoted(&data.to_string_lossy()),
+        &quoted(&acl.to_string_lossy()),
+    ) {
+        text.push_str(&format!("{k} {v}\n"));
+    }
+    text.push_str(&format!(
+        "pidfile {}\nlogfile \"\"\n",
+        quoted(&pidfile.to_string_lossy())
+    ));
+    server::write_private(&conf, text.as_bytes(), account)?;
     if server::live_pid(&pidfile, &cwd).is_none() {
         let _ = std::fs::remove_file(&pidfile);
         server::spawn_detached(
@@ -97,8 +94,93 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
         c.call(&["PING"]).await.map(|_| ())
     })
     .await?;
+    set_login(instance, &admin, app, scrub).await
+}
+
+/// The admin user's ACL line (its password as Redis stores it: SHA-256).
+fn admin_acl(admin: &str) -> String {
+    format!(
+        "user {ADMIN} on #{} ~* &* +@all\n",
+        hex::encode(Sha256::digest(admin.as_bytes()))
+    )
+}
+
+/// The server's settings, for a config file or (in a container) its command line.
+fn settings(port: u16, dir: &str, acl: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("bind", "* -::*".to_owned()),
+        ("protected-mode", "no".to_owned()),
+        ("port", port.to_string()),
+        ("daemonize", "no".to_owned()),
+        ("dir", dir.to_owned()),
+        ("dbfilename", "dump.rdb".to_owned()),
+        ("save", "3600 1 300 100 60 10000".to_owned()),
+        ("appendonly", "no".to_owned()),
+        ("aclfile", acl.to_owned()),
+    ]
+}
+
+/// In a container: the ACL file written into a fresh volume by the image's `tee` (as `redis`, so the
+/// server can save it), the server run with its settings as arguments.
+async fn ensure_container(
+    instance: &Instance,
+    c: &Container,
+    app: &Login,
+    scrub: &Scrub,
+) -> Result<(), DbError> {
+    server::make_dir(&instance.dir, None)?;
+    let admin = server::admin_password(&instance.dir)?;
+    let acl = format!("{MOUNT}/users.acl");
+    if !instance.dir.join("initialized").exists() {
+        container::fresh_volume(c, scrub).await?;
+        container::run_once(
+            c,
+            "redis",
+            MOUNT,
+            "tee",
+            std::slice::from_ref(&acl),
+            admin_acl(&admin).into_bytes(),
+            scrub,
+        )
+        .await?;
+        std::fs::write(instance.dir.join("initialized"), b"")
+            .map_err(|e| server::io("writing", &instance.dir, e))?;
+    }
+    match container::state(c).await? {
+        Some(true) => {}
+        Some(false) => container::start(c, scrub).await?,
+        None => {
+            let mut args = Vec::new();
+            for (k, v) in settings(instance.port, MOUNT, &acl) {
+                args.push(format!("--{k}"));
+                args.extend(v.split(' ').map(str::to_owned));
+            }
+            container::create(c, "redis", MOUNT, "redis-server", &args, scrub).await?;
+            container::start(c, scrub).await?;
+        }
+    }
+    let log = instance.dir.join("server.log");
+    let ready = server::wait_ready(Duration::from_secs(30), &log, scrub, || async {
+        let mut conn = Conn::open(instance.port, ADMIN, &admin).await?;
+        conn.call(&["PING"]).await.map(|_| ())
+    })
+    .await;
+    if let Err(e) = &ready {
+        let said = container::logs(c).await;
+        return Err(scrub.failed(format!("{e}; the container {} said", c.name), &said));
+    }
+    set_login(instance, &admin, app, scrub).await
+}
+
+/// Makes `app` the login its password says (ACL saved), and checks that it logs in.
+async fn set_login(
+    instance: &Instance,
+    admin: &str,
+    app: &Login,
+    scrub: &Scrub,
+) -> Result<(), DbError> {
     let pw = password(app)?;
-    let mut c = Conn::open(instance.port, ADMIN, &admin).await?;
+    let mut c = Conn::open(instance.port, ADMIN, admin).await?;
     // `reset` first: a rotation leaves only the new password.
     let pass = format!(">{pw}");
     c.call(&[
@@ -116,10 +198,15 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
 /// `redis-cli --rdb -`: the server's snapshot on stdout.
 pub(crate) fn dump<'a>(instance: &Instance) -> Result<Tool<'a>, DbError> {
     let admin = server::admin_password(&instance.dir)?;
+    let inside = match &instance.runtime {
+        Runtime::Container(c) => Some(c.name.as_str()),
+        Runtime::Process => None,
+    };
     Ok(Tool::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &instance.port.to_string()])
         .args(["--no-auth-warning", "--rdb", "-"])
-        .env("REDISCLI_AUTH", admin))
+        .env("REDISCLI_AUTH", admin)
+        .inside(inside))
 }
 
 /// The verified snapshot becomes the data directory's `dump.rdb` while the server is stopped; it
@@ -129,6 +216,25 @@ pub(crate) async fn restore(
     file: &Path,
     scrub: &Scrub,
 ) -> Result<(), DbError> {
+    if let Runtime::Container(c) = &instance.runtime {
+        // Stopped (its last save, of nothing: restore checked it is empty, goes first), the snapshot
+        // put in its place in the volume, started again: it loads it.
+        container::stop(c).await?;
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| server::io("chmod", file, e))?;
+        }
+        container::copy_in(c, file, &format!("{MOUNT}/dump.rdb"), scrub).await?;
+        container::start(c, scrub).await?;
+        let admin = server::admin_password(&instance.dir)?;
+        let log = instance.dir.join("server.log");
+        return server::wait_ready(Duration::from_secs(60), &log, scrub, || async {
+            let mut conn = Conn::open(instance.port, ADMIN, &admin).await?;
+            conn.call(&["PING"]).await.map(|_| ())
+        })
+        .await;
+    }
     let (pidfile, cwd, signal) = pid_site(instance);
     let Some(pid) = server::live_pid(&pidfile, &cwd) else {
         return Err(DbError::Failed(format!(

@@ -227,6 +227,31 @@ impl<'a> Tool<'a> {
         self
     }
 
+    /// The same tool run in the container `name` (`docker exec`): the tool by its name on the image's
+    /// `PATH`, its environment passed by name only (`-e NAME`, the value from the CLI's own
+    /// environment: a password never reaches a command line). `None`: unchanged.
+    pub fn inside(self, name: Option<&str>) -> Self {
+        let Some(container) = name else {
+            return self;
+        };
+        let mut args = vec!["exec".to_owned(), "--interactive".to_owned()];
+        for (k, _) in &self.env {
+            args.push("--env".to_owned());
+            args.push((*k).to_owned());
+        }
+        args.push(container.to_owned());
+        args.push(self.name());
+        args.extend(self.args);
+        Tool {
+            exe: PathBuf::from("docker"),
+            args,
+            env: self.env,
+            stdin: self.stdin,
+            account: None,
+            cwd: None,
+        }
+    }
+
     /// The command, its stdio not yet set.
     pub fn command(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(&self.exe);

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use cairn_agent::database::{self, Backup, DbError, Instance, Login, S3Access, Target};
+use cairn_agent::database::{
+    self, Backup, Container, DbError, Instance, Login, Runtime, S3Access, Target,
+};
 use cairn_schema::Secret;
 use cairn_schema::database::{BackupTo, Engine};
 use cairn_testkit::s3::Moto;
@@ -142,6 +144,7 @@ fn db(engine: Engine, root: &Path, name: &str) -> Db {
             version: version(engine),
             dir: root.join(name),
             port: free_port(),
+            runtime: Runtime::Process,
         },
     }
 }
@@ -438,6 +441,11 @@ async fn backup_and_restore_round_trip(engine: Engine) {
         .unwrap();
     let bytes = std::fs::read(dir.join("orders/1.dump")).unwrap();
     assert_eq!(at_dir.object, "orders/1.dump");
+    assert_eq!(
+        at_dir.counts.as_ref(),
+        Some(&counts),
+        "a backup of a quiet database records its counts"
+    );
     assert_eq!(at_dir.bytes, bytes.len() as u64);
     assert_eq!(at_dir.sha256, sha(&bytes));
     assert!(
@@ -499,6 +507,61 @@ async fn backup_and_restore_round_trip(engine: Engine) {
         &at_dir,
     )
     .await;
+
+    // Verification: each backup restored into a scratch server beside the instance, its counts the
+    // dump's; the scratch server is gone afterwards, whatever the outcome.
+    let scratch = db(engine, root.path(), "orders-verify");
+    let scratch_login = login_for(engine, &canary("scratch"));
+    for (from, b) in [(&to_dir, &at_dir), (&to_s3, &at_s3)] {
+        let v = database::verify(
+            &scratch.inst,
+            &scratch_login,
+            from,
+            &b.object,
+            &b.sha256,
+            b.counts.as_ref(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(v.counts, counts);
+        assert_eq!(v.bytes, b.bytes);
+        assert!(
+            !scratch.inst.dir.exists(),
+            "the scratch server is destroyed"
+        );
+    }
+    // A backup that restores other rows than it was taken with fails, naming the difference.
+    let mut claimed = counts.clone();
+    let (table, n) = claimed.iter_mut().next().unwrap();
+    let table = table.clone();
+    *n += 1;
+    let e = database::verify(
+        &scratch.inst,
+        &scratch_login,
+        &to_dir,
+        &at_dir.object,
+        &at_dir.sha256,
+        Some(&claimed),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("other rows"), "{e}");
+    assert!(e.to_string().contains(&format!("{table}: ")), "{e}");
+    assert!(!scratch.inst.dir.exists(), "destroyed after a failure too");
+    // And one whose object does not match its checksum does not restore at all.
+    let e = database::verify(
+        &scratch.inst,
+        &scratch_login,
+        &to_dir,
+        &at_dir.object,
+        &wrong,
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("refusing"), "{e}");
+    assert_clean(&e, &canaries);
+    assert!(!scratch.inst.dir.exists());
 
     // Restoring over data is refused (a restore never destroys).
     let e = database::restore(
@@ -987,4 +1050,164 @@ async fn redis_upgrade_into_a_new_instance_keeps_the_old_until_it_is_dropped() {
 #[tokio::test(flavor = "multi_thread")]
 async fn mariadb_upgrade_into_a_new_instance_keeps_the_old_until_it_is_dropped() {
     upgrade_beside(Engine::Mariadb).await;
+}
+
+/// A database in a container (the Docker driver's way), from an image made offline from this machine's
+/// packages: the data lives in a named volume (nothing of it under the instance's directory), the app
+/// logs in over the node's network, a killed container is started again with its data by the next
+/// ensure and a second ensure adopts the running one; backups, restores into another container and a
+/// verification in a scratch container carry equal counts; a drop removes container and volume. No
+/// password on any command line (the docker CLI gets them by name from its environment), none in the
+/// errors or the files.
+async fn in_a_container(engine: Engine) {
+    let test = cairn_testkit::current_test();
+    if !has_binaries(&test, engine) {
+        return;
+    }
+    let label = format!("t{:x}", rand::random::<u64>());
+    let image = match engine {
+        Engine::Postgres => cairn_testkit::dbimage::postgres(&test, &label),
+        Engine::Redis => cairn_testkit::dbimage::redis(&test, &label),
+        Engine::Mariadb => cairn_testkit::dbimage::mariadb(&test, &label),
+    };
+    let Some(image) = image else {
+        return;
+    };
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            cairn_testkit::dbimage::remove(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(image.clone(), label.clone());
+    let root = scratch();
+    let inst = |name: &str| Instance {
+        name: name.parse().unwrap(),
+        engine,
+        version: version(engine),
+        dir: root.path().join(name),
+        port: free_port(),
+        runtime: Runtime::Container(Container {
+            image: image.clone(),
+            name: format!("cairn-db-{label}-{name}"),
+            labels: vec![
+                ("cairn.installation".into(), label.clone()),
+                ("cairn.test".into(), label.clone()),
+            ],
+        }),
+    };
+    let docker = |args: &[&str]| {
+        let o = std::process::Command::new("docker")
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        )
+    };
+    let pw = canary("app");
+    let copy_pw = canary("copy");
+    let canaries = vec![pw.clone(), copy_pw.clone()];
+    let watch = ArgvWatch::start(canaries.clone());
+
+    let original = inst("orders");
+    let name = format!("cairn-db-{label}-orders");
+    let app = login_for(engine, &pw);
+    database::ensure(&original, &app).await.unwrap();
+    write_data(&original, &app);
+    let counts = database::counts(&original, &app).await.unwrap();
+    assert_eq!(counts, expected_counts(engine));
+    assert_eq!(
+        docker(&["volume", "inspect", "--format", "{{.Name}}", &name]),
+        (true, name.clone()),
+        "a named volume"
+    );
+    assert!(
+        !original.dir.join("data").exists(),
+        "no data on the node's disk"
+    );
+
+    // Killed: the next ensure starts it again, with the data (Redis: what its last snapshot held, so
+    // one is taken first); a second ensure adopts it.
+    if engine == Engine::Redis {
+        client(&original, &app, "SAVE\n").expect("a snapshot");
+    }
+    assert!(docker(&["kill", &name]).0);
+    database::ensure(&original, &app).await.unwrap();
+    let id = docker(&["inspect", "--format", "{{.Id}}", &name]).1;
+    database::ensure(&original, &app).await.unwrap();
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.Id}}", &name]).1,
+        id,
+        "adopted, not replaced"
+    );
+    assert_eq!(database::counts(&original, &app).await.unwrap(), counts);
+    client(&original, &app, read_probe(engine)).expect("the app reads it");
+
+    // Backed up, restored into another container, verified in a scratch one: equal counts.
+    let dir = root.path().join("backups");
+    let to_dir = dir_target(&dir);
+    let b = database::backup(&original, &app, &to_dir, "orders/1.dump")
+        .await
+        .unwrap();
+    assert_eq!(b.counts.as_ref(), Some(&counts));
+    let copy = inst("orders-copy");
+    let copy_login = login_for(engine, &copy_pw);
+    database::ensure(&copy, &copy_login).await.unwrap();
+    database::restore(&copy, &copy_login, &to_dir, &b.object, &b.sha256)
+        .await
+        .unwrap();
+    assert_eq!(database::counts(&copy, &copy_login).await.unwrap(), counts);
+    let scratch = inst("orders-verify");
+    let v = database::verify(
+        &scratch,
+        &copy_login,
+        &to_dir,
+        &b.object,
+        &b.sha256,
+        b.counts.as_ref(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(v.counts, counts);
+    assert!(
+        !docker(&["inspect", &format!("cairn-db-{label}-orders-verify")]).0,
+        "scratch gone"
+    );
+
+    // Stopped: the container stays, stopped; dropped: container and volume are gone.
+    database::stop(&original).await.unwrap();
+    assert_eq!(
+        docker(&["inspect", "--format", "{{.State.Running}}", &name]).1,
+        "false"
+    );
+    assert!(client(&original, &app, read_probe(engine)).is_err());
+    for d in [&original, &copy] {
+        database::destroy(d).await.unwrap();
+    }
+    assert!(!docker(&["inspect", &name]).0, "the container is removed");
+    assert!(
+        !docker(&["volume", "inspect", &name]).0,
+        "the volume is removed"
+    );
+
+    let hits = watch.finish();
+    assert!(hits.is_empty(), "a password on a command line: {hits:?}");
+    assert_no_canary_in_logs(root.path(), &canaries);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_in_a_container_keeps_its_data_in_a_named_volume() {
+    in_a_container(Engine::Postgres).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_in_a_container_keeps_its_data_in_a_named_volume() {
+    in_a_container(Engine::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mariadb_in_a_container_keeps_its_data_in_a_named_volume() {
+    in_a_container(Engine::Mariadb).await;
 }

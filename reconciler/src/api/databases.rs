@@ -3,6 +3,8 @@
 //! - `GET databases`: every applied database, where it runs, its last good backup;
 //! - `GET databases/{db}/backups`: its backups ledger, newest first;
 //! - `POST databases/{db}/backup`: a backup now (operators);
+//! - `POST databases/{db}/verify`: restore the latest good backup into a scratch server now and compare
+//!   its rows with the backup's (operators);
 //! - `POST databases/{db}/restore` (`{"backup": ID | null, "into": "NEW"}`): restore beside the original,
 //!   never in place; `into` equal to the database's own name restores into its own fresh instance (after
 //!   a move, with `--latest`) (operators);
@@ -36,6 +38,7 @@ pub(super) fn admin_routes() -> Router<Arc<Api>> {
         .route("/databases", get(list))
         .route("/databases/{db}/backups", get(backups))
         .route("/databases/{db}/backup", post(backup))
+        .route("/databases/{db}/verify", post(verify))
         .route("/databases/{db}/restore", post(restore))
         .route("/databases/{db}/swap", post(swap))
         .route("/databases/{db}/rotate", post(rotate))
@@ -104,6 +107,24 @@ async fn backup(
     let id = databases::backup_now(&api.pool, &db, "manual").await?;
     tracing::info!(database = %db, backup = id, by = %admin.name, "backup queued through the admin API");
     Ok(Json(Queued { backup: id }))
+}
+
+/// A queued verification restore.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Verifying {
+    pub verification: i64,
+}
+
+async fn verify(
+    State(api): State<Arc<Api>>,
+    admin: AdminAuth,
+    Path(db): Path<String>,
+) -> Result<Json<Verifying>, ApiError> {
+    admin.operator()?;
+    let db = db_name(&db)?;
+    let id = databases::verify_now(&api.pool, &db).await?;
+    tracing::info!(database = %db, verification = id, by = %admin.name, "verification queued through the admin API");
+    Ok(Json(Verifying { verification: id }))
 }
 
 /// `POST restore`'s body.

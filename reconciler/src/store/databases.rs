@@ -99,22 +99,33 @@ pub async fn write(
         .await
         .op("write a database")?;
         upsert_instance(conn, &d.instance, n, &d.spec, &d.node, d.port).await?;
-        if let Some(b) = desired.get(n).and_then(|db| db.backup.as_ref()) {
-            let next_at = b
-                .schedule
-                .cron()
-                .next_after(Utc::now().timestamp())
-                .and_then(|t| DateTime::from_timestamp(t, 0));
-            if let Some(next_at) = next_at {
+        if let Some(db) = desired.get(n)
+            && let Some(b) = &db.backup
+        {
+            let next = |s: &cairn_schema::Schedule| {
+                s.cron()
+                    .next_after(Utc::now().timestamp())
+                    .and_then(|t| DateTime::from_timestamp(t, 0))
+            };
+            if let Some(next_at) = next(&b.schedule) {
+                // A schedule keeps its next run while it is unchanged (an apply does not postpone it).
                 sqlx::query(
-                    "INSERT INTO database_schedules (database, schedule, next_at) VALUES ($1, $2, $3)
+                    "INSERT INTO database_schedules (database, schedule, next_at, verify, verify_next_at)
+                     VALUES ($1, $2, $3, $4, $5)
                      ON CONFLICT (database) DO UPDATE SET schedule = EXCLUDED.schedule,
                          next_at = CASE WHEN database_schedules.schedule = EXCLUDED.schedule
-                                        THEN database_schedules.next_at ELSE EXCLUDED.next_at END",
+                                        THEN database_schedules.next_at ELSE EXCLUDED.next_at END,
+                         verify = EXCLUDED.verify,
+                         verify_next_at = CASE
+                             WHEN database_schedules.verify IS NOT DISTINCT FROM EXCLUDED.verify
+                                  AND database_schedules.verify_next_at IS NOT NULL
+                             THEN database_schedules.verify_next_at ELSE EXCLUDED.verify_next_at END",
                 )
                 .bind(n.as_str())
                 .bind(b.schedule.as_str())
                 .bind(next_at)
+                .bind(db.verify.as_str())
+                .bind(next(&db.verify))
                 .execute(&mut *conn)
                 .await
                 .op("write a backup schedule")?;
@@ -442,6 +453,16 @@ pub struct BackupRow {
     pub error: Option<String>,
     pub queued_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Rows per table when it was dumped (`None`: the database changed under the dump, or the run
+    /// did not finish).
+    #[serde(default)]
+    pub counts: Option<BTreeMap<String, u64>>,
+    /// Its latest verification restore: `queued`, `running`, `ok` or `failed`.
+    #[serde(default)]
+    pub verified: Option<String>,
+    /// Why that verification failed.
+    #[serde(default)]
+    pub verify_error: Option<String>,
 }
 
 /// A database's backups, newest first.
@@ -451,9 +472,13 @@ pub async fn backups(
     limit: i64,
 ) -> Result<Vec<BackupRow>, StoreError> {
     let rows = sqlx::query(
-        "SELECT id, database, instance, node, trigger, state, target, object, bytes, sha256,
-                duration_ms, error, queued_at, finished_at
-           FROM database_backups WHERE database = $1 ORDER BY id DESC LIMIT $2",
+        "SELECT b.id, b.database, b.instance, b.node, b.trigger, b.state, b.target, b.object,
+                b.bytes, b.sha256, b.duration_ms, b.error, b.queued_at, b.finished_at, b.counts,
+                v.state AS verified, v.error AS verify_error
+           FROM database_backups b
+           LEFT JOIN LATERAL (SELECT state, error FROM database_verifications
+                               WHERE backup = b.id ORDER BY id DESC LIMIT 1) v ON true
+          WHERE b.database = $1 ORDER BY b.id DESC LIMIT $2",
     )
     .bind(database.as_str())
     .bind(limit)
@@ -478,6 +503,13 @@ pub async fn backups(
                 error: r.try_get("error").op(op)?,
                 queued_at: r.try_get("queued_at").op(op)?,
                 finished_at: r.try_get("finished_at").op(op)?,
+                counts: r
+                    .try_get::<Option<serde_json::Value>, _>("counts")
+                    .op(op)?
+                    .map(|v| json("database_backups", "counts", v))
+                    .transpose()?,
+                verified: r.try_get("verified").op(op)?,
+                verify_error: r.try_get("verify_error").op(op)?,
             })
         })
         .collect()
@@ -732,4 +764,174 @@ pub async fn task_instance(conn: &mut PgConnection, task: i64) -> Result<Option<
             .await
             .op("read a task's instance")?;
     v.flatten().map(|v| name("tasks", &v)).transpose()
+}
+
+/// The backup a verification restores: the latest good one of `database`, with what it recorded.
+#[derive(Debug, Clone)]
+pub struct GoodBackup {
+    pub id: i64,
+    pub object: String,
+    pub sha256: String,
+    pub counts: Option<BTreeMap<String, u64>>,
+}
+
+/// `database`'s latest good backup, if it has one.
+pub async fn latest_good_backup(
+    conn: &mut PgConnection,
+    database: &Name,
+) -> Result<Option<GoodBackup>, StoreError> {
+    let op = "read the latest good backup";
+    let Some(r) = sqlx::query(
+        "SELECT id, object, sha256, counts FROM database_backups
+          WHERE database = $1 AND state = 'ok' ORDER BY id DESC LIMIT 1",
+    )
+    .bind(database.as_str())
+    .fetch_optional(&mut *conn)
+    .await
+    .op(op)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(GoodBackup {
+        id: r.try_get("id").op(op)?,
+        object: r.try_get("object").op(op)?,
+        sha256: r
+            .try_get::<Option<String>, _>("sha256")
+            .op(op)?
+            .unwrap_or_default(),
+        counts: r
+            .try_get::<Option<serde_json::Value>, _>("counts")
+            .op(op)?
+            .map(|v| json("database_backups", "counts", v))
+            .transpose()?,
+    }))
+}
+
+/// Writes a verification's ledger row (queued) for backup `backup` of `database` on `node`.
+pub async fn insert_verification(
+    conn: &mut PgConnection,
+    database: &Name,
+    backup: i64,
+    node: &Name,
+    trigger: &str,
+) -> Result<i64, StoreError> {
+    sqlx::query_scalar(
+        "INSERT INTO database_verifications (database, backup, node, trigger)
+         VALUES ($1, $2, $3, $4) RETURNING id",
+    )
+    .bind(database.as_str())
+    .bind(backup)
+    .bind(node.as_str())
+    .bind(trigger)
+    .fetch_one(conn)
+    .await
+    .op("write a verification row")
+}
+
+/// Ties a verification's row to the task that runs it.
+pub async fn set_verification_task(
+    conn: &mut PgConnection,
+    id: i64,
+    task: Option<i64>,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE database_verifications SET task = $2 WHERE id = $1")
+        .bind(id)
+        .bind(task)
+        .execute(conn)
+        .await
+        .op("write a verification row")?;
+    Ok(())
+}
+
+/// What a verification restore held (rows per table) and how long it took (ms).
+pub type Restored<'a> = (&'a BTreeMap<String, u64>, u64);
+
+/// Records a `db_verify` task's end in its row: the restored counts, or why it failed (`final_`: no
+/// attempt follows). Returns the verification's database and backup when the row exists.
+pub async fn record_verification(
+    conn: &mut PgConnection,
+    task: i64,
+    outcome: Result<Restored<'_>, (&str, bool)>,
+) -> Result<Option<(String, i64)>, StoreError> {
+    let op = "record a verification";
+    let row = match outcome {
+        Ok((counts, duration_ms)) => sqlx::query(
+            "UPDATE database_verifications SET state = 'ok', counts = $2, duration_ms = $3,
+                    error = NULL, finished_at = now()
+              WHERE task = $1 RETURNING database, backup",
+        )
+        .bind(task)
+        .bind(serde_json::to_value(counts).expect("counts serialize"))
+        .bind(i64::try_from(duration_ms).unwrap_or(i64::MAX))
+        .fetch_optional(conn)
+        .await
+        .op(op)?,
+        Err((error, final_)) => sqlx::query(
+            "UPDATE database_verifications
+                SET state = CASE WHEN $3 THEN 'failed' ELSE 'running' END, error = $2,
+                    finished_at = CASE WHEN $3 THEN now() END
+              WHERE task = $1 RETURNING database, backup",
+        )
+        .bind(task)
+        .bind(error)
+        .bind(final_)
+        .fetch_optional(conn)
+        .await
+        .op(op)?,
+    };
+    row.map(|r| Ok((r.try_get("database").op(op)?, r.try_get("backup").op(op)?)))
+        .transpose()
+}
+
+/// The databases whose verification is due at `now`, claimed (`FOR UPDATE SKIP LOCKED`, so several
+/// control planes never queue one twice) and moved to their next run in `tx`.
+pub async fn claim_due_verifications(
+    tx: &mut PgConnection,
+    now: DateTime<Utc>,
+) -> Result<Vec<Name>, StoreError> {
+    let op = "claim due verifications";
+    let due = sqlx::query(
+        "SELECT database, verify FROM database_schedules
+          WHERE verify_next_at <= $1 ORDER BY verify_next_at LIMIT 32 FOR UPDATE SKIP LOCKED",
+    )
+    .bind(now)
+    .fetch_all(&mut *tx)
+    .await
+    .op(op)?;
+    let mut out = Vec::new();
+    for r in due {
+        let db: String = r.try_get("database").op(op)?;
+        let verify: Option<String> = r.try_get("verify").op(op)?;
+        let next = verify
+            .and_then(|v| cairn_schema::cron::Cron::parse(&v).ok())
+            .and_then(|c| c.next_after(now.timestamp()))
+            .and_then(|t| DateTime::from_timestamp(t, 0));
+        sqlx::query("UPDATE database_schedules SET verify_next_at = $2 WHERE database = $1")
+            .bind(&db)
+            .bind(next)
+            .execute(&mut *tx)
+            .await
+            .op(op)?;
+        if let Ok(n) = Name::new(&db) {
+            out.push(n);
+        }
+    }
+    Ok(out)
+}
+
+/// Each database's latest finished verification: whether it failed, and when it finished.
+pub async fn last_verifications(
+    conn: &mut PgConnection,
+) -> Result<BTreeMap<String, (bool, Option<DateTime<Utc>>)>, StoreError> {
+    let rows: Vec<(String, String, Option<DateTime<Utc>>)> = sqlx::query_as(
+        "SELECT DISTINCT ON (database) database, state, finished_at FROM database_verifications
+          WHERE state IN ('ok', 'failed') ORDER BY database, id DESC",
+    )
+    .fetch_all(conn)
+    .await
+    .op("read verifications")?;
+    Ok(rows
+        .into_iter()
+        .map(|(d, s, t)| (d, (s == "failed", t)))
+        .collect())
 }

@@ -233,6 +233,7 @@ fn backed_up(object: String, bytes: u64, sha256: String, duration_ms: u64) -> Ou
             bytes,
             sha256,
             duration_ms,
+            counts: None,
         }),
     }
 }
@@ -422,6 +423,146 @@ async fn backups_are_ledger_rows_and_a_final_failure_is_an_event() {
         cairn_reconciler::databases::run_due(&plane.pool, now)
     );
     assert_eq!(a.unwrap() + b.unwrap(), 1);
+}
+
+/// A verification restores the latest good backup on the database's node (a `db_verify` carrying the
+/// object, its checksum, the target and the counts recorded at the dump); its result is a ledger row
+/// `cairn db backups` shows; one runs on the `verify` schedule, queued once however many control
+/// planes look; a failed one is a `database.verify_failed` event and red in status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_verification_restores_the_latest_good_backup_and_a_failure_is_an_event_and_red() {
+    use cairn_reconciler::databases::{run_due, verify_now, warnings};
+    use cairn_reconciler::store::databases::backups;
+
+    let db = cairn_testkit::test_db!();
+    let plane = Plane::new(&db).await;
+    let _ = plane.lease().await;
+    let e = verify_now(&plane.pool, &name("main")).await.unwrap_err();
+    assert!(e.to_string().contains("no good backup"), "{e}");
+
+    // A good backup that recorded its counts at the dump.
+    let dumped: std::collections::BTreeMap<String, u64> = [
+        ("public.orders".to_owned(), 1000),
+        ("public.users".to_owned(), 7),
+    ]
+    .into();
+    let id = cairn_reconciler::databases::backup_now(&plane.pool, &name("main"), "manual")
+        .await
+        .unwrap();
+    let ready = plane.lease().await;
+    let (t, ..) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbBackup)
+        .unwrap();
+    let sha = "cd".repeat(32);
+    let mut done = backed_up(format!("main/{id}.pgdump"), 4096, sha.clone(), 80);
+    if let Outcome::Done {
+        backup: Some(b), ..
+    } = &mut done
+    {
+        b.counts = Some(dumped.clone());
+    }
+    plane.report(t, done).await;
+
+    let verification = verify_now(&plane.pool, &name("main")).await.unwrap();
+    let ready = plane.lease().await;
+    let (t, _, p) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbVerify)
+        .expect("a db_verify task on the database's node");
+    let p = p.as_ref().unwrap();
+    assert_eq!(
+        p.object.as_deref(),
+        Some(format!("main/{id}.pgdump").as_str())
+    );
+    assert_eq!(p.sha256.as_deref(), Some(sha.as_str()));
+    assert_eq!(p.backup_id, Some(id));
+    assert_eq!(p.expected_counts.as_ref(), Some(&dumped));
+    assert!(p.target.is_some(), "it reads the backup from its target");
+    assert!(p.login_sealed.is_some());
+    let mut verified = backed_up(format!("main/{id}.pgdump"), 4096, sha.clone(), 900);
+    if let Outcome::Done {
+        backup: Some(b), ..
+    } = &mut verified
+    {
+        b.counts = Some(dumped.clone());
+    }
+    plane.report(t, verified).await;
+    let mut conn = plane.pool.acquire().await.unwrap();
+    let rows = backups(&mut conn, &name("main"), 10).await.unwrap();
+    assert_eq!(rows[0].id, id);
+    assert_eq!(rows[0].counts.as_ref(), Some(&dumped));
+    assert_eq!(rows[0].verified.as_deref(), Some("ok"));
+    let (state, counts): (String, serde_json::Value) =
+        sqlx::query_as("SELECT state, counts FROM database_verifications WHERE id = $1")
+            .bind(verification)
+            .fetch_one(&plane.pool)
+            .await
+            .unwrap();
+    assert_eq!(state, "ok");
+    assert_eq!(counts["public.orders"], 1000);
+    let list = cairn_reconciler::api::databases::list_databases(&plane.pool)
+        .await
+        .unwrap();
+    assert!(list[0].last_verified.is_some() && !list[0].verify_failed);
+
+    // On its schedule (weekly unless the manifest says otherwise): queued once, moved a week on.
+    sqlx::query("UPDATE database_schedules SET verify_next_at = now() - interval '1 minute'")
+        .execute(&plane.pool)
+        .await
+        .unwrap();
+    let now = chrono::Utc::now();
+    let (a, b) = tokio::join!(run_due(&plane.pool, now), run_due(&plane.pool, now));
+    assert_eq!(a.unwrap() + b.unwrap(), 1);
+    let (verify, next): (String, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT verify, verify_next_at FROM database_schedules")
+            .fetch_one(&plane.pool)
+            .await
+            .unwrap();
+    assert_eq!(verify, "@weekly");
+    assert!(next > now + chrono::Duration::days(1), "{next}");
+
+    // It fails for good: the row says why, an event, red in status.
+    let ready = plane.lease().await;
+    let (t, ..) = ready
+        .iter()
+        .find(|(t, ..)| t.kind == TaskKind::DbVerify)
+        .unwrap();
+    plane
+        .report(
+            t,
+            Outcome::Failed {
+                error: "the restore holds other rows than the backup was taken with: public.orders: 999 restored, 1000 at the dump".into(),
+                retry: false,
+            },
+        )
+        .await;
+    let rows = backups(&mut conn, &name("main"), 10).await.unwrap();
+    assert_eq!(rows[0].verified.as_deref(), Some("failed"));
+    assert!(
+        rows[0]
+            .verify_error
+            .as_deref()
+            .unwrap()
+            .contains("999 restored")
+    );
+    let events: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT message, detail FROM events WHERE kind = 'database.verify_failed'")
+            .fetch_all(&plane.pool)
+            .await
+            .unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].1["backup"], id);
+    let list = cairn_reconciler::api::databases::list_databases(&plane.pool)
+        .await
+        .unwrap();
+    assert!(list[0].verify_failed);
+    let red = warnings(&list);
+    assert!(
+        red.iter()
+            .any(|w| w.contains("verification restore failed")),
+        "{red:?}"
+    );
 }
 
 /// No good backup within two of the schedule's intervals (daily here) is a `database.backup_overdue`

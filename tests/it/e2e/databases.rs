@@ -167,8 +167,34 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     e.repo.write("databases.toml", &database("n1", &backups));
     e.repo.node("n1", "");
     e.repo.node("n2", "labels = { app = \"yes\" }\n");
+    // n1 runs its databases in containers (the Docker driver's way) of a PostgreSQL image made offline
+    // from this machine's packages; n2, where the database moves later, as processes.
+    let label = e.installation.to_string();
+    let Some(image) = cairn_testkit::dbimage::postgres(TEST, &label) else {
+        return;
+    };
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            cairn_testkit::dbimage::remove(&self.0, &self.1);
+        }
+    }
+    let _cleanup = Cleanup(image.clone(), label);
     let plane = e.start(&["--node-offline-after", "6s"]).await;
-    let n1 = e.agent(&plane, "n1", Driver::Process, &[]).await;
+    let postgres_image = format!("postgres={image}");
+    let n1 = e
+        .agent(
+            &plane,
+            "n1",
+            Driver::Process,
+            &[
+                "--database-runtime",
+                "docker",
+                "--database-image",
+                &postgres_image,
+            ],
+        )
+        .await;
     let n2 = e.agent(&plane, "n2", Driver::Process, &[]).await;
 
     // The app writes its 1,000 rows through the URL it was given.
@@ -201,6 +227,50 @@ async fn a_database_backs_up_restores_swaps_rotates_and_survives_its_node() {
     assert_eq!(
         std::fs::metadata(&path).unwrap().len() as i64,
         row["bytes"].as_i64().unwrap()
+    );
+
+    // Verified: restored into a scratch server on n1, its rows those the backup recorded at the dump.
+    cairn_ok(&plane, &["db", "verify", "main"]);
+    let verified = wait_for("the verification is recorded", WAIT, || async {
+        let rows = plane
+            .rows("SELECT state, counts, error, backup FROM database_verifications ORDER BY id DESC LIMIT 1")
+            .await;
+        let r = rows.into_iter().next()?;
+        assert_ne!(r["state"], "failed", "the verification failed: {r}");
+        (r["state"] == "ok").then_some(r)
+    })
+    .await;
+    let restored_rows: u64 = verified["counts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(serde_json::Value::as_u64)
+        .sum();
+    assert_eq!(restored_rows, 1000, "{verified}");
+    let listed = plane.cairn(&["db", "backups", "main"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("rows at the dump: 1000"), "{listed}");
+    assert!(listed.contains("verification: ok"), "{listed}");
+    let volume = format!("cairn-db-{}-main", e.installation);
+    let inspect = |what: &str| {
+        std::process::Command::new("docker")
+            .args(["volume", "inspect", what])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    assert!(
+        inspect(&volume),
+        "the database's data is in the volume {volume}"
+    );
+    assert!(
+        !inspect(&format!("{volume}.verify")),
+        "the scratch server's volume is left"
+    );
+    assert!(
+        !e.scratch
+            .path()
+            .join("agent-n1-databases/main.verify")
+            .exists()
     );
 
     // Restore beside the original and swap: the app is released again and finds the restored rows.

@@ -37,6 +37,9 @@ pub(super) struct DbRow {
     pub recovery_point: String,
     /// Backups failing, or none good within two intervals: shown red.
     pub overdue: bool,
+    /// When the latest verification restore finished (`never`), and whether it failed (red).
+    pub verified: String,
+    pub verify_failed: bool,
 }
 
 impl DbRow {
@@ -49,6 +52,8 @@ impl DbRow {
             available: d.available,
             recovery_point: ago(d.last_good_backup, Utc::now()),
             overdue: d.backup_overdue,
+            verified: ago(d.last_verified, Utc::now()),
+            verify_failed: d.verify_failed,
         }
     }
 }
