@@ -233,11 +233,12 @@ pub async fn backup_now(pool: &PgPool, database: &Name, trigger: &str) -> Result
     Ok(id)
 }
 
-async fn queue_backup(
+/// The instance `database`'s apps use, and where its backups go (`dir:...` or `s3://...`): what a
+/// backup dumps and a verification restores beside.
+async fn backed_up_instance(
     tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
     database: &Name,
-    trigger: &str,
-) -> Result<i64, DbOpError> {
+) -> Result<(store::InstanceRow, String), DbOpError> {
     let row = sqlx::query(
         "SELECT instance, backup_sealed->>'to' AS target FROM databases WHERE name = $1",
     )
@@ -257,12 +258,21 @@ async fn queue_backup(
             database: database.clone(),
             instance: instance.clone(),
         })?;
+    Ok((inst, target))
+}
+
+async fn queue_backup(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    database: &Name,
+    trigger: &str,
+) -> Result<i64, DbOpError> {
+    let (inst, target) = backed_up_instance(tx, database).await?;
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO database_backups (database, instance, node, trigger, target, object)
          VALUES ($1, $2, $3, $4, $5, '') RETURNING id",
     )
     .bind(database.as_str())
-    .bind(instance.as_str())
+    .bind(inst.name.as_str())
     .bind(inst.node.as_str())
     .bind(trigger)
     .bind(&target)
@@ -362,25 +372,7 @@ async fn queue_verification(
     database: &Name,
     trigger: &str,
 ) -> Result<i64, DbOpError> {
-    let row = sqlx::query(
-        "SELECT instance, backup_sealed IS NOT NULL AS has_target FROM databases WHERE name = $1",
-    )
-    .bind(database.as_str())
-    .fetch_optional(&mut **tx)
-    .await
-    .op("read a database")?
-    .ok_or_else(|| DbOpError::UnknownDatabase(database.clone()))?;
-    if !row.try_get::<bool, _>("has_target").op("read a database")? {
-        return Err(DbOpError::NoBackupTarget(database.clone()));
-    }
-    let instance = Name::new(&row.try_get::<String, _>("instance").op("read a database")?)
-        .map_err(|e| crate::store::decode::corrupt("databases", "instance", e))?;
-    let inst = store::instance(tx, &instance)
-        .await?
-        .ok_or_else(|| DbOpError::UnknownInstance {
-            database: database.clone(),
-            instance: instance.clone(),
-        })?;
+    let (inst, _) = backed_up_instance(tx, database).await?;
     let good = store::latest_good_backup(tx, database)
         .await?
         .ok_or_else(|| DbOpError::NoBackup {

@@ -29,6 +29,30 @@ fn labels(c: &Container) -> Vec<String> {
         .collect()
 }
 
+/// `docker <how> --user USER --entrypoint ENTRYPOINT --volume NAME:MOUNT <labels> IMAGE ARGS...`.
+fn command(
+    c: &Container,
+    how: &[&str],
+    user: &str,
+    mount: &str,
+    entrypoint: &str,
+    args: &[String],
+) -> Vec<String> {
+    let mut all: Vec<String> = how.iter().map(|s| (*s).to_owned()).collect();
+    all.extend([
+        "--user".to_owned(),
+        user.to_owned(),
+        "--entrypoint".to_owned(),
+        entrypoint.to_owned(),
+        "--volume".to_owned(),
+        format!("{}:{mount}", c.name),
+    ]);
+    all.extend(labels(c));
+    all.push(c.image.clone());
+    all.extend(args.iter().cloned());
+    all
+}
+
 /// Whether the container runs (`Some(true)`), exists stopped (`Some(false)`), or does not exist.
 pub(crate) async fn state(c: &Container) -> Result<Option<bool>, DbError> {
     let scrub = Scrub::default();
@@ -73,22 +97,14 @@ pub(crate) async fn run_once(
     stdin: Vec<u8>,
     scrub: &Scrub,
 ) -> Result<String, DbError> {
-    let mut all = vec![
-        "run".to_owned(),
-        "--rm".to_owned(),
-        "--interactive".to_owned(),
-        "--network".to_owned(),
-        "none".to_owned(),
-        "--user".to_owned(),
-        user.to_owned(),
-        "--entrypoint".to_owned(),
-        entrypoint.to_owned(),
-        "--volume".to_owned(),
-        format!("{}:{mount}", c.name),
-    ];
-    all.extend(labels(c));
-    all.push(c.image.clone());
-    all.extend(args.iter().cloned());
+    let all = command(
+        c,
+        &["run", "--rm", "--interactive", "--network", "none"],
+        user,
+        mount,
+        entrypoint,
+        args,
+    );
     Tool::new(DOCKER).args(&all).stdin(stdin).run(scrub).await
 }
 
@@ -102,24 +118,22 @@ pub(crate) async fn create(
     args: &[String],
     scrub: &Scrub,
 ) -> Result<(), DbError> {
-    let mut all = vec![
-        "create".to_owned(),
-        "--name".to_owned(),
-        c.name.clone(),
-        "--network".to_owned(),
-        "host".to_owned(),
-        "--restart".to_owned(),
-        "unless-stopped".to_owned(),
-        "--user".to_owned(),
-        user.to_owned(),
-        "--entrypoint".to_owned(),
-        entrypoint.to_owned(),
-        "--volume".to_owned(),
-        format!("{}:{mount}", c.name),
-    ];
-    all.extend(labels(c));
-    all.push(c.image.clone());
-    all.extend(args.iter().cloned());
+    let all = command(
+        c,
+        &[
+            "create",
+            "--name",
+            &c.name,
+            "--network",
+            "host",
+            "--restart",
+            "unless-stopped",
+        ],
+        user,
+        mount,
+        entrypoint,
+        args,
+    );
     let all: Vec<&str> = all.iter().map(String::as_str).collect();
     docker(&all, scrub).await.map(|_| ())
 }
