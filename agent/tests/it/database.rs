@@ -1055,8 +1055,9 @@ async fn mariadb_upgrade_into_a_new_instance_keeps_the_old_until_it_is_dropped()
 /// A database in a container (the Docker driver's way), from an image made offline from this machine's
 /// packages: the data lives in a named volume (nothing of it under the instance's directory), the app
 /// logs in over the node's network, a killed container is started again with its data by the next
-/// ensure and a second ensure adopts the running one; backups, restores into another container and a
-/// verification in a scratch container carry equal counts; a drop removes container and volume. No
+/// ensure and a second ensure adopts the running one; backups, restores into another container, a
+/// verification in a scratch container and an upgrade into a new container carry equal counts; a drop
+/// removes container and volume. No
 /// password on any command line (the docker CLI gets them by name from its environment), none in the
 /// errors or the files.
 async fn in_a_container(engine: Engine) {
@@ -1175,6 +1176,19 @@ async fn in_a_container(engine: Engine) {
         !docker(&["inspect", &format!("cairn-db-{label}-orders-verify")]).0,
         "scratch gone"
     );
+
+    // Upgraded into a new container beside it (the image serves both versions here: the mechanism,
+    // not a real major upgrade): equal counts, the old one still serving.
+    let upgraded = inst("orders-v2");
+    let done = database::upgrade(&original, &upgraded, &app).await.unwrap();
+    assert_eq!(done.counts, counts);
+    assert_eq!(database::counts(&upgraded, &app).await.unwrap(), counts);
+    client(&original, &app, read_probe(engine)).expect("the old one keeps serving");
+    assert!(
+        docker(&["volume", "inspect", &format!("cairn-db-{label}-orders-v2")]).0,
+        "the upgrade's own volume"
+    );
+    database::destroy(&upgraded).await.unwrap();
 
     // Stopped: the container stays, stopped; dropped: container and volume are gone.
     database::stop(&original).await.unwrap();
