@@ -6,13 +6,15 @@
 //!   encrypts this node's secrets to it, and nobody else can read them.
 //! - `credential.json`: what the join returned (server, node, credential, installation); mode 0600. With
 //!   it, a restarted agent needs no new join token.
+//! - `join.json`: a join asked and not yet answered (its token and the credential the agent chose);
+//!   mode 0600. An agent killed before the answer came asks again with both and gets the same answer.
 //! - `book.json`: per replica slot, the release and config generation the agent last put there (see
 //!   [`Book`]).
 //!
 //! Files are written whole (a temporary file, then a rename), so a crash never leaves half of one.
 //!
-//! What it must not do: write a secret anywhere but `identity.txt` and `credential.json`, or make either
-//! readable by anyone but the agent's own user.
+//! What it must not do: write a secret anywhere but `identity.txt`, `credential.json` and `join.json`, or
+//! make any of them readable by anyone but the agent's own user.
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
@@ -69,6 +71,19 @@ impl std::fmt::Debug for Joined {
             .field("credential", &"<redacted>")
             .field("installation", &self.installation)
             .finish()
+    }
+}
+
+/// A join asked and not answered yet.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingJoin {
+    pub token: String,
+    pub credential: String,
+}
+
+impl std::fmt::Debug for PendingJoin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PendingJoin(<redacted>)")
     }
 }
 
@@ -146,11 +161,40 @@ impl DataDir {
 
     /// Forgets the credential (it was refused: revoked, or the node was removed).
     pub fn forget_credential(&self) -> Result<(), DataError> {
-        let path = self.credential_path();
-        match fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", &path)(e)),
-            _ => Ok(()),
+        remove(&self.credential_path())
+    }
+
+    /// The join asked and not answered, if any.
+    pub fn pending_join(&self) -> Result<Option<PendingJoin>, DataError> {
+        let path = self.root.join("join.json");
+        match fs::read(&path) {
+            Ok(bytes) => {
+                check_private(&path)?;
+                serde_json::from_slice(&bytes)
+                    .map(Some)
+                    .map_err(|source| DataError::Json { path, source })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io("read", &path)(e)),
         }
+    }
+
+    /// Records a join about to be asked (before the request leaves).
+    pub fn save_pending_join(&self, pending: &PendingJoin) -> Result<(), DataError> {
+        let json = zeroize::Zeroizing::new(serde_json::to_vec(pending).expect("serializes"));
+        write_private(&self.root.join("join.json"), &json)
+    }
+
+    /// The join was answered (its credential saved) or refused for good.
+    pub fn forget_pending_join(&self) -> Result<(), DataError> {
+        remove(&self.root.join("join.json"))
+    }
+}
+
+fn remove(path: &Path) -> Result<(), DataError> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io("remove", path)(e)),
+        _ => Ok(()),
     }
 }
 

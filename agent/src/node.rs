@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 use tracing::Instrument as _;
 
 use crate::client::{Client, ClientError};
-use crate::datadir::{Book, DataDir, DataError, Joined, SlotRecord, SlotState};
+use crate::datadir::{Book, DataDir, DataError, Joined, PendingJoin, SlotRecord, SlotState};
 use crate::logs::{LogLine, LogSink};
 use cairn_schema::error::chain;
 
@@ -97,15 +97,27 @@ pub async fn join(
         }
         return Ok(j);
     }
-    let token = token.ok_or_else(|| AgentError::NoCredential {
-        dir: data.path().display().to_string(),
-    })?;
+    // A join asked before whose answer never arrived (the agent stopped meanwhile) is asked again with
+    // its credential, and its token unless a new one is given: the control plane answers the same.
+    let pending = data.pending_join()?;
+    let token = token
+        .map(str::to_owned)
+        .or_else(|| pending.as_ref().map(|p| p.token.clone()))
+        .ok_or_else(|| AgentError::NoCredential {
+            dir: data.path().display().to_string(),
+        })?;
+    let pending = PendingJoin {
+        token,
+        credential: pending.map_or_else(new_credential, |p| p.credential),
+    };
+    data.save_pending_join(&pending)?;
     let client = Client::new(&cfg.server).map_err(AgentError::Join)?;
     let req = JoinRequest {
-        token: token.to_owned(),
+        token: pending.token.clone(),
         recipient: identity.recipient(),
         drivers: drivers.to_vec(),
         agent_version: cfg.agent_version.clone(),
+        credential: Some(pending.credential.clone()),
     };
     let mut backoff = Backoff::new();
     let resp = loop {
@@ -127,8 +139,17 @@ pub async fn join(
         installation: resp.installation,
     };
     data.save_credential(&joined)?;
+    data.forget_pending_join()?;
     tracing::info!(node = %joined.node, installation = %joined.installation, recipient = %identity.recipient(), "joined");
     Ok(joined)
+}
+
+/// A node credential of the agent's own making: the prefix and 64 hex digits of the kernel's randomness.
+fn new_credential() -> String {
+    use rand::RngCore as _;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    format!("{}{}", cairn_proto::CREDENTIAL_PREFIX, hex::encode(bytes))
 }
 
 /// A joined agent.

@@ -88,12 +88,22 @@ pub struct JoinRequest {
     /// Drivers the node offers.
     pub drivers: Vec<Driver>,
     pub agent_version: String,
+    /// The credential the agent chose ([`CREDENTIAL_PREFIX`] and 64 hex digits), kept in its data
+    /// directory before it asks: a join whose answer was lost (the agent killed meanwhile) is asked
+    /// again with the same token and credential and answered the same, instead of finding its token
+    /// used. `None`: the control plane makes one (older agents).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
 }
 
 impl std::fmt::Debug for JoinRequest {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("JoinRequest")
             .field("token", &"<redacted>")
+            .field(
+                "credential",
+                &self.credential.as_ref().map(|_| "<redacted>"),
+            )
             .field("recipient", &self.recipient)
             .field("drivers", &self.drivers)
             .field("agent_version", &self.agent_version)
@@ -953,8 +963,10 @@ mod tests {
             recipient: recipient(),
             drivers: vec![Driver::Docker],
             agent_version: "1".into(),
+            credential: Some("cairn-node-chosen".into()),
         };
         assert!(!format!("{j:?}").contains("cairn-join-secret"));
+        assert!(!format!("{j:?}").contains("cairn-node-chosen"));
         let r = JoinResponse {
             node: Name::new("a").unwrap(),
             credential: "cairn-node-secret".into(),

@@ -157,7 +157,15 @@ async fn join(
             "agent_version must be 1 to 100 characters".into(),
         ));
     }
-    let (credential, credential_hash) = auth::new_credential();
+    let (credential, credential_hash) = match &req.credential {
+        Some(c) if well_formed(c, CREDENTIAL_PREFIX) => (c.clone(), hash(c)),
+        Some(_) => {
+            return Err(ApiError::BadRequest(format!(
+                "credential must be {CREDENTIAL_PREFIX} followed by 64 hex digits"
+            )));
+        }
+        None => auth::new_credential(),
+    };
     let outcome = nodes::join(
         &api.pool,
         &JoinRecord {

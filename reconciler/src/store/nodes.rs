@@ -72,7 +72,7 @@ pub async fn join(pool: &PgPool, j: &JoinRecord<'_>) -> Result<JoinOutcome, Stor
     .await
     .op("find a join token")?
     else {
-        return Ok(JoinOutcome::InvalidToken);
+        return rejoin(&mut tx, j).await;
     };
     let node = name("node_join_tokens", &row.node)?;
     if let Some(pinned) = row.pinned
@@ -120,6 +120,33 @@ pub async fn join(pool: &PgPool, j: &JoinRecord<'_>) -> Result<JoinOutcome, Stor
     .op("record a join")?;
     tx.commit().await.op("commit a join")?;
     Ok(JoinOutcome::Joined { node, previous })
+}
+
+/// A join asked again after its answer was lost: its token already used (and not expired) by a join
+/// that recorded this very credential and recipient, which the node still holds. Answered the same,
+/// changing nothing; anything else is an invalid token.
+async fn rejoin(
+    tx: &mut sqlx::Transaction<'_, sqlx::Postgres>,
+    j: &JoinRecord<'_>,
+) -> Result<JoinOutcome, StoreError> {
+    let row: Option<(String, String)> = sqlx::query_as(
+        "SELECT s.node, s.state FROM node_join_tokens t JOIN node_status s ON s.node = t.node
+          WHERE t.token_hash = $1 AND t.used_at IS NOT NULL AND t.expires_at > now()
+            AND s.credential_hash = $2 AND s.recipient = $3",
+    )
+    .bind(j.token_hash)
+    .bind(j.credential_hash)
+    .bind(j.recipient.as_str())
+    .fetch_optional(&mut **tx)
+    .await
+    .op("find a join asked again")?;
+    match row {
+        None => Ok(JoinOutcome::InvalidToken),
+        Some((node, state)) => Ok(JoinOutcome::Joined {
+            node: name("node_status", &node)?,
+            previous: Some(node_state(&state)?),
+        }),
+    }
 }
 
 /// Whether `node` is in the applied state.

@@ -30,6 +30,93 @@ fn error_of(body: &Value) -> &str {
         .unwrap_or_else(|| panic!("not a JSON error: {body}"))
 }
 
+/// A join whose answer was lost is asked again and answered the same: an agent chooses its credential
+/// and keeps it (with the token) in `join.json` before it asks, so one killed before the answer came
+/// (the node already shown online) joins on its next start without a new token. The same token with
+/// another credential or recipient stays refused; a malformed credential is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_asked_again_with_its_own_credential_is_answered_the_same() {
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("b", "");
+    let mut plane = Plane::start(db, repo, scratch, identity, FAST).await;
+    plane.wait_generation(1).await;
+    let agent = Identity::generate();
+    let token = plane.join_token("b");
+    let chosen = format!("cairn-node-{}", "ab".repeat(32));
+    let with = |credential: &str, id: &Identity| {
+        let mut b = join_body(&token, id);
+        b["credential"] = json!(credential);
+        b
+    };
+    let (s, body) = plane
+        .agent_post("/join", None, &with("cairn-node-short", &agent))
+        .await;
+    assert_eq!(s, 400, "{body}");
+    assert!(error_of(&body).contains("64 hex digits"), "{body}");
+    let (s, first) = plane
+        .agent_post("/join", None, &with(&chosen, &agent))
+        .await;
+    assert_eq!(
+        (s, first["credential"].as_str()),
+        (200, Some(chosen.as_str())),
+        "{first}"
+    );
+    let (s, again) = plane
+        .agent_post("/join", None, &with(&chosen, &agent))
+        .await;
+    assert_eq!((s, again["node"].as_str()), (200, Some("b")), "{again}");
+    let other = format!("cairn-node-{}", "cd".repeat(32));
+    let (s, body) = plane.agent_post("/join", None, &with(&other, &agent)).await;
+    assert_eq!(s, 401, "another credential: {body}");
+    let (s, body) = plane
+        .agent_post("/join", None, &with(&chosen, &Identity::generate()))
+        .await;
+    assert_eq!(s, 401, "another recipient: {body}");
+    let (s, _) = plane
+        .agent_post("/heartbeat", Some(&chosen), &heartbeat())
+        .await;
+    assert_eq!(s, 200);
+
+    // An agent that asked and was killed before it saved the answer: its data directory holds the
+    // pending join only. Started without a token, it joins with it and comes online.
+    let dir = plane.scratch.path().join("agent-b");
+    std::fs::create_dir_all(&dir).unwrap();
+    let id_text = agent.to_file_text("test");
+    std::fs::write(dir.join("identity.txt"), id_text.as_bytes()).unwrap();
+    std::fs::write(
+        dir.join("join.json"),
+        json!({"token": token, "credential": chosen}).to_string(),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    for f in ["identity.txt", "join.json"] {
+        std::fs::set_permissions(dir.join(f), std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let _b = plane.agent("b", &dir, None, &[], &[]);
+    wait_for(
+        "b's credential on disk",
+        Duration::from_secs(30),
+        || async { dir.join("credential.json").exists().then_some(()) },
+    )
+    .await;
+    assert!(
+        !dir.join("join.json").exists(),
+        "the pending join is forgotten"
+    );
+    let saved: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("credential.json")).unwrap()).unwrap();
+    assert_eq!(saved["credential"], chosen.as_str());
+    wait_for("b heartbeats", Duration::from_secs(30), || async {
+        let r = plane
+            .rows("SELECT agent_version FROM node_status WHERE node = 'b'")
+            .await;
+        (r[0]["agent_version"] != "test").then_some(())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_join_token_joins_once_and_bad_credentials_get_401() {
     let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
