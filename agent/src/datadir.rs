@@ -141,17 +141,7 @@ impl DataDir {
 
     /// The credential of an earlier join, if any.
     pub fn credential(&self) -> Result<Option<Joined>, DataError> {
-        let path = self.credential_path();
-        match fs::read(&path) {
-            Ok(bytes) => {
-                check_private(&path)?;
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|source| DataError::Json { path, source })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io("read", &path)(e)),
-        }
+        read_private_json(self.credential_path())
     }
 
     pub fn save_credential(&self, joined: &Joined) -> Result<(), DataError> {
@@ -166,17 +156,7 @@ impl DataDir {
 
     /// The join asked and not answered, if any.
     pub fn pending_join(&self) -> Result<Option<PendingJoin>, DataError> {
-        let path = self.root.join("join.json");
-        match fs::read(&path) {
-            Ok(bytes) => {
-                check_private(&path)?;
-                serde_json::from_slice(&bytes)
-                    .map(Some)
-                    .map_err(|source| DataError::Json { path, source })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(io("read", &path)(e)),
-        }
+        read_private_json(self.root.join("join.json"))
     }
 
     /// Records a join about to be asked (before the request leaves).
@@ -188,6 +168,22 @@ impl DataDir {
     /// The join was answered (its credential saved) or refused for good.
     pub fn forget_pending_join(&self) -> Result<(), DataError> {
         remove(&self.root.join("join.json"))
+    }
+}
+
+/// A JSON file only the agent may read, if it exists.
+fn read_private_json<T: serde::de::DeserializeOwned>(
+    path: PathBuf,
+) -> Result<Option<T>, DataError> {
+    match fs::read(&path) {
+        Ok(bytes) => {
+            check_private(&path)?;
+            serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| DataError::Json { path, source })
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io("read", &path)(e)),
     }
 }
 

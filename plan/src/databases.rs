@@ -75,17 +75,9 @@ pub(crate) fn place(
         // Its engine never changes in place; a new version is an upgrade beside the old instance
         // (an unavailable one waits for its node: `next_databases` keeps the running version).
         let change = match change {
-            DatabaseChange::Keep if o.spec.engine != spec.engine => {
-                let why = engine_refused(o, spec);
-                warnings.push(Warning {
-                    kind: WarningKind::DatabaseRefused,
-                    message: format!("database {name}: {why}"),
-                    app: None,
-                    slot: None,
-                    node: Some(o.node.clone()),
-                });
-                DatabaseChange::Refused { why }
-            }
+            DatabaseChange::Keep if o.spec.engine != spec.engine => DatabaseChange::Refused {
+                why: engine_refused(name, o, spec, warnings),
+            },
             DatabaseChange::Keep if o.spec.version != spec.version => DatabaseChange::Upgrade {
                 from: o.spec.version.clone(),
             },
@@ -122,14 +114,7 @@ pub(crate) fn place(
         // A move does not change the engine either: it stays where it is, as it is.
         if let Some(o) = o.filter(|o| o.spec.engine != spec.engine) {
             add(&mut used, &o.node, &need);
-            let why = engine_refused(o, spec);
-            warnings.push(Warning {
-                kind: WarningKind::DatabaseRefused,
-                message: format!("database {name}: {why}"),
-                app: None,
-                slot: None,
-                node: Some(o.node.clone()),
-            });
+            let why = engine_refused(name, o, spec, warnings);
             out.push(entry(
                 name,
                 &o.spec,
@@ -233,11 +218,25 @@ pub(crate) fn place(
 }
 
 /// Why a database's engine change is refused.
-fn engine_refused(o: &ObservedDatabase, spec: &AppliedDatabase) -> String {
-    format!(
+/// Why an engine change is refused, with its plan warning pushed.
+fn engine_refused(
+    name: &Name,
+    o: &ObservedDatabase,
+    spec: &AppliedDatabase,
+    warnings: &mut Vec<Warning>,
+) -> String {
+    let why = format!(
         "its engine cannot change from {} to {}: declare a new database and move the data with a backup and `cairn db restore`",
         o.spec.engine, spec.engine
-    )
+    );
+    warnings.push(Warning {
+        kind: WarningKind::DatabaseRefused,
+        message: format!("database {name}: {why}"),
+        app: None,
+        slot: None,
+        node: Some(o.node.clone()),
+    });
+    why
 }
 
 fn entry(

@@ -215,6 +215,18 @@ fn payload(database: &Name, inst: &store::InstanceRow) -> DatabasePayload {
     }
 }
 
+/// A `kind` task on `inst`'s node carrying its payload (login sealed at lease), deduplicated by `key`.
+fn instance_task(
+    kind: TaskKind,
+    database: &Name,
+    inst: &store::InstanceRow,
+    key: String,
+) -> NewTask {
+    let mut task = NewTask::new(inst.node.clone(), kind, database.clone(), key);
+    task.payload = serde_json::to_value(payload(database, inst)).expect("a payload serializes");
+    task
+}
+
 /// The file extension of an engine's dump.
 fn extension(engine: cairn_schema::database::Engine) -> &'static str {
     match engine {
@@ -853,17 +865,15 @@ pub async fn swap(pool: &PgPool, database: &Name, instance: &Name) -> Result<(),
         "dropped" => return Err(DbOpError::AlreadyDropped(instance.clone())),
         "stopped" => {
             store::set_instance_state(&mut tx, instance, "active").await?;
-            let mut task = NewTask::new(
-                inst.node.clone(),
+            let task = instance_task(
                 TaskKind::DbEnsure,
-                database.clone(),
+                database,
+                &inst,
                 format!(
                     "db_swap_start:{database}:{instance}:{}",
                     Utc::now().timestamp_millis()
                 ),
             );
-            task.payload =
-                serde_json::to_value(payload(database, &inst)).expect("a payload serializes");
             queue::enqueue(&mut tx, &task).await?;
         }
         _ => {}
@@ -925,14 +935,12 @@ pub async fn rotate(pool: &PgPool, database: &Name) -> Result<(), DbOpError> {
                 database: database.clone(),
                 instance: instance.clone(),
             })?;
-    let payload = payload(database, &inst);
-    let mut task = NewTask::new(
-        inst.node.clone(),
+    let task = instance_task(
         TaskKind::DbEnsure,
-        database.clone(),
+        database,
+        &inst,
         format!("db_rotate:{database}:{credential}"),
     );
-    task.payload = serde_json::to_value(&payload).expect("a payload serializes");
     queue::enqueue(&mut tx, &task).await?;
     tx.commit().await.op("rotate a database's password")?;
     Ok(())
@@ -1050,7 +1058,7 @@ pub async fn record_upgrade(
     pool: &PgPool,
     task: i64,
     report: Result<Option<&str>, (&str, bool)>,
-) -> Result<bool, StoreError> {
+) -> Result<bool, queue::QueueError> {
     let mut tx = pool.begin().await.op("record a database upgrade")?;
     let Some(u) = store::upgrade_by_task(&mut tx, task).await? else {
         return Ok(false);
@@ -1077,22 +1085,13 @@ pub async fn record_upgrade(
                 store::point_at(&mut tx, &database, &new.name, &new.node, new.port).await?;
                 store::set_instance_state(&mut tx, &from, "stopped").await?;
                 if let Some(old) = store::instance(&mut tx, &from).await? {
-                    let mut stop = NewTask::new(
-                        old.node.clone(),
+                    let stop = instance_task(
                         TaskKind::DbStop,
-                        database.clone(),
+                        &database,
+                        &old,
                         format!("db_upgrade_stop:{from}:{}", u.id),
                     );
-                    stop.payload = serde_json::to_value(payload(&database, &old))
-                        .expect("a payload serializes");
-                    queue::enqueue(&mut tx, &stop).await.map_err(|e| match e {
-                        queue::QueueError::Store(s) => s,
-                        other => StoreError::Corrupt {
-                            table: "tasks",
-                            column: "id",
-                            detail: other.to_string(),
-                        },
-                    })?;
+                    queue::enqueue(&mut tx, &stop).await?;
                 }
                 let detail = report.ok().flatten();
                 store::set_upgrade_state(&mut tx, u.id, "ok", detail, None).await?;
@@ -1227,15 +1226,7 @@ pub async fn drop_instance(
     }
     let node = queue_drop(&mut tx, database, instance).await?;
     // A pre-upgrade instance dropped by hand ends its upgrade as `finish-upgrade` would.
-    sqlx::query(
-        "UPDATE database_upgrades SET state = 'finished'
-          WHERE database = $1 AND from_instance = $2 AND state = 'ok'",
-    )
-    .bind(database.as_str())
-    .bind(instance.as_str())
-    .execute(&mut *tx)
-    .await
-    .op("finish an upgrade")?;
+    store::finish_upgrades_from(&mut tx, database, instance).await?;
     tx.commit().await.op("drop a database instance")?;
     Ok(node)
 }
@@ -1262,16 +1253,15 @@ async fn queue_drop(
             instance: instance.clone(),
         });
     }
-    let mut task = NewTask::new(
-        inst.node.clone(),
+    let mut task = instance_task(
         TaskKind::DbDrop,
-        database.clone(),
+        database,
+        &inst,
         format!(
             "db_drop:{database}:{instance}:{}",
             Utc::now().timestamp_millis()
         ),
     );
-    task.payload = serde_json::to_value(payload(database, &inst)).expect("a payload serializes");
     task.max_attempts = 3;
     queue::enqueue(tx, &task).await?;
     Ok(inst.node)

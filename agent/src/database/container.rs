@@ -138,13 +138,18 @@ pub(crate) async fn create(
     docker(&all, scrub).await.map(|_| ())
 }
 
-/// Copies a file of this node into the (created or running) container at `path`.
+/// Copies a file of this node into the (created or running) container at `path`, readable there by
+/// the server's account (`docker cp` keeps the mode and makes root the owner; the file's directory on
+/// this node is the agent's own, 0700).
 pub(crate) async fn copy_in(
     c: &Container,
     from: &std::path::Path,
     path: &str,
     scrub: &Scrub,
 ) -> Result<(), DbError> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(from, std::fs::Permissions::from_mode(0o644))
+        .map_err(|e| super::server::io("chmod", from, e))?;
     let from = from.to_string_lossy();
     docker(&["cp", &from, &format!("{}:{path}", c.name)], scrub)
         .await
@@ -162,8 +167,23 @@ pub(crate) async fn start(c: &Container, scrub: &Scrub) -> Result<(), DbError> {
     docker(&["start", &c.name], scrub).await.map(|_| ())
 }
 
-/// The container's output, for an error saying why a server did not come up.
-pub(crate) async fn logs(c: &Container) -> String {
+/// `ready` as it is, or its error with the container's last output (why the server did not come up).
+pub(crate) async fn with_logs(
+    c: &Container,
+    ready: Result<(), DbError>,
+    scrub: &Scrub,
+) -> Result<(), DbError> {
+    match ready {
+        Ok(()) => Ok(()),
+        Err(e) => Err(scrub.failed(
+            format!("{e}; the container {} said", c.name),
+            &logs(c).await,
+        )),
+    }
+}
+
+/// The container's output.
+async fn logs(c: &Container) -> String {
     let out = Tool::new(DOCKER)
         .args(["logs", "--tail", "30", &c.name])
         .command()

@@ -170,10 +170,7 @@ async fn start_container(
             root().stdin("SELECT 1;").run(scrub).await.map(|_| ())
         })
         .await;
-        if let Err(e) = &up {
-            let said = container::logs(c).await;
-            return Err(scrub.failed(format!("{e}; the container {} said", c.name), &said));
-        }
+        container::with_logs(c, up, scrub).await?;
         root().stdin(admin_sql(admin)?).run(scrub).await?;
         std::fs::write(&initialized, b"").map_err(|e| server::io("writing", &instance.dir, e))?;
     }

@@ -236,20 +236,11 @@ pub async fn verify(
     let (bytes, got) = result?;
     destroyed?;
     if let Some(want) = expected {
-        let differ: Vec<String> = want
-            .keys()
-            .chain(got.keys())
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .filter_map(|t| {
-                let (w, g) = (want.get(t), got.get(t));
-                (w != g).then(|| {
-                    format!(
-                        "{t}: {} restored, {} at the dump",
-                        g.map_or("none".to_owned(), u64::to_string),
-                        w.map_or("none".to_owned(), u64::to_string)
-                    )
-                })
+        let differ: Vec<String> = differing(want, &got)
+            .map(|t| {
+                let show =
+                    |m: &BTreeMap<String, u64>| m.get(t).map_or("none".to_owned(), u64::to_string);
+                format!("{t}: {} restored, {} at the dump", show(&got), show(want))
             })
             .collect();
         if !differ.is_empty() {
@@ -530,10 +521,18 @@ async fn upgrade_into(from: &Instance, to: &Instance, login: &Login) -> Result<U
 }
 
 /// The first table whose count differs, as `table: a vs b`.
-fn first_difference(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> String {
+/// The tables (key spaces) whose counts differ between `a` and `b`, in order.
+fn differing<'a>(
+    a: &'a BTreeMap<String, u64>,
+    b: &'a BTreeMap<String, u64>,
+) -> impl Iterator<Item = &'a String> {
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    keys.into_iter()
-        .find(|k| a.get(*k) != b.get(*k))
+    keys.into_iter().filter(move |k| a.get(*k) != b.get(*k))
+}
+
+fn first_difference(a: &BTreeMap<String, u64>, b: &BTreeMap<String, u64>) -> String {
+    differing(a, b)
+        .next()
         .map(|k| {
             let show = |m: &BTreeMap<String, u64>| {
                 m.get(k).map_or("missing".to_owned(), |n| n.to_string())

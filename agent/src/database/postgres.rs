@@ -187,11 +187,10 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
             .map(|_| ())
     })
     .await;
-    if let (Err(e), Some(c)) = (&ready, container) {
-        let said = container::logs(c).await;
-        return Err(scrub.failed(format!("{e}; the container {} said", c.name), &said));
+    match container {
+        Some(c) => container::with_logs(c, ready, scrub).await?,
+        None => ready?,
     }
-    ready?;
     let user = ident(&app.user)?;
     let db = ident(&app.database)?;
     // A rotation may bring a new login: it inherits every earlier login (so it reaches the tables
@@ -389,9 +388,6 @@ pub(crate) async fn restore(
     let inside = container_of(instance);
     let path = match inside {
         Some(c) => {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| server::io("chmod", file, e))?;
             let path = format!("{MOUNT}/restore.dump");
             container::copy_in(c, file, &path, scrub).await?;
             path

@@ -89,11 +89,7 @@ pub(crate) async fn ensure(instance: &Instance, app: &Login, scrub: &Scrub) -> R
             account,
         )?;
     }
-    server::wait_ready(Duration::from_secs(30), &log, scrub, || async {
-        let mut c = Conn::open(instance.port, ADMIN, &admin).await?;
-        c.call(&["PING"]).await.map(|_| ())
-    })
-    .await?;
+    answers_ping(instance, &admin, &log, scrub, Duration::from_secs(30)).await?;
     set_login(instance, &admin, app, scrub).await
 }
 
@@ -160,15 +156,8 @@ async fn ensure_container(
         }
     }
     let log = instance.dir.join("server.log");
-    let ready = server::wait_ready(Duration::from_secs(30), &log, scrub, || async {
-        let mut conn = Conn::open(instance.port, ADMIN, &admin).await?;
-        conn.call(&["PING"]).await.map(|_| ())
-    })
-    .await;
-    if let Err(e) = &ready {
-        let said = container::logs(c).await;
-        return Err(scrub.failed(format!("{e}; the container {} said", c.name), &said));
-    }
+    let ready = answers_ping(instance, &admin, &log, scrub, Duration::from_secs(30)).await;
+    container::with_logs(c, ready, scrub).await?;
     set_login(instance, &admin, app, scrub).await
 }
 
@@ -220,20 +209,11 @@ pub(crate) async fn restore(
         // Stopped (its last save, of nothing: restore checked it is empty, goes first), the snapshot
         // put in its place in the volume, started again: it loads it.
         container::stop(c).await?;
-        {
-            use std::os::unix::fs::PermissionsExt as _;
-            std::fs::set_permissions(file, std::fs::Permissions::from_mode(0o644))
-                .map_err(|e| server::io("chmod", file, e))?;
-        }
         container::copy_in(c, file, &format!("{MOUNT}/dump.rdb"), scrub).await?;
         container::start(c, scrub).await?;
         let admin = server::admin_password(&instance.dir)?;
         let log = instance.dir.join("server.log");
-        return server::wait_ready(Duration::from_secs(60), &log, scrub, || async {
-            let mut conn = Conn::open(instance.port, ADMIN, &admin).await?;
-            conn.call(&["PING"]).await.map(|_| ())
-        })
-        .await;
+        return answers_ping(instance, &admin, &log, scrub, Duration::from_secs(60)).await;
     }
     let (pidfile, cwd, signal) = pid_site(instance);
     let Some(pid) = server::live_pid(&pidfile, &cwd) else {
@@ -267,8 +247,19 @@ pub(crate) async fn restore(
         &log,
         account,
     )?;
-    server::wait_ready(Duration::from_secs(60), &log, scrub, || async {
-        let mut c = Conn::open(instance.port, ADMIN, &admin).await?;
+    answers_ping(instance, &admin, &log, scrub, Duration::from_secs(60)).await
+}
+
+/// Waits until the server answers the admin's PING, for at most `patience` (the log's tail otherwise).
+async fn answers_ping(
+    instance: &Instance,
+    admin: &str,
+    log: &Path,
+    scrub: &Scrub,
+    patience: Duration,
+) -> Result<(), DbError> {
+    server::wait_ready(patience, log, scrub, || async {
+        let mut c = Conn::open(instance.port, ADMIN, admin).await?;
         c.call(&["PING"]).await.map(|_| ())
     })
     .await

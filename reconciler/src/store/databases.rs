@@ -766,6 +766,25 @@ pub async fn task_instance(conn: &mut PgConnection, task: i64) -> Result<Option<
     v.flatten().map(|v| name("tasks", &v)).transpose()
 }
 
+/// Ends, as finished, the succeeded upgrades of `database` whose pre-upgrade instance is `instance`
+/// (it is being dropped).
+pub async fn finish_upgrades_from(
+    conn: &mut PgConnection,
+    database: &Name,
+    instance: &Name,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE database_upgrades SET state = 'finished'
+          WHERE database = $1 AND from_instance = $2 AND state = 'ok'",
+    )
+    .bind(database.as_str())
+    .bind(instance.as_str())
+    .execute(conn)
+    .await
+    .op("finish an upgrade")?;
+    Ok(())
+}
+
 /// The backup a verification restores: the latest good one of `database`, with what it recorded.
 #[derive(Debug, Clone)]
 pub struct GoodBackup {
