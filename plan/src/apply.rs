@@ -36,7 +36,7 @@ pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, Not
             current: obs.generation,
         });
     }
-    let target = Target::new(input);
+    let target = Target::new(input, &super::planner::Scope::all(obs));
     if !target.unverified.is_empty() {
         return Err(NotApplicable::SecretsUnverified {
             count: target.unverified.len(),

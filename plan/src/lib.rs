@@ -45,6 +45,7 @@
 mod apply;
 pub mod databases;
 mod diff;
+mod memo;
 pub mod observed;
 mod planner;
 pub mod render;
@@ -64,6 +65,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 pub use apply::{NotApplicable, next_databases, next_observed};
+pub use memo::{Planner, Reuse};
 pub use planner::plan;
 
 use crate::observed::{

@@ -26,7 +26,9 @@ use crate::observed::{
     ObservedCert, ReleaseNumber, ReplicaPlacement, ReplicaState, ciphertext_sha256,
     effective_state,
 };
-use crate::scheduler::{AppDemand, Condition, How, NodeInfo, Outcome, Resources, schedule};
+use crate::scheduler::{
+    AppDemand, Condition, How, NodeInfo, Outcome, Resources, schedule, schedule_beside,
+};
 
 /// The configuration a plan moves to: the desired one, or the applied one when there is none.
 pub(super) struct Target<'a> {
@@ -48,7 +50,8 @@ pub(super) struct Target<'a> {
 }
 
 impl<'a> Target<'a> {
-    pub(super) fn new(input: &PlanInput<'a>) -> Self {
+    /// The target of `input`, its apps only those of `scope`.
+    pub(super) fn new(input: &PlanInput<'a>, scope: &Scope<'_>) -> Self {
         let obs = input.observed;
         let Some(d) = input.desired else {
             return Target {
@@ -56,7 +59,7 @@ impl<'a> Target<'a> {
                 plans: &obs.plans,
                 runtimes: &obs.runtimes,
                 nodes: &obs.nodes,
-                apps: obs.apps.clone(),
+                apps: scope.pick(&obs.apps),
                 unverified: BTreeSet::new(),
                 currency: obs
                     .currency
@@ -73,10 +76,8 @@ impl<'a> Target<'a> {
             };
         };
         let mut unverified = BTreeSet::new();
-        let apps = d
-            .state
-            .apps
-            .iter()
+        let apps = scope
+            .select(&d.state.apps)
             .map(|(name, app)| {
                 let env = applied_env(
                     name,
@@ -204,12 +205,99 @@ enum Run {
     Idle { why: PlacementReason },
 }
 
+/// Which apps a plan computes, and what the others (the quiet ones a [`crate::Planner`] kept from its
+/// last plan) add up to.
+pub(crate) struct Scope<'s> {
+    /// The apps planned; `None`: every app.
+    pub apps: Option<&'s BTreeSet<Name>>,
+    /// The observed placements of the apps planned.
+    pub placements: Vec<&'s ReplicaPlacement>,
+    /// What the apps left out add up to; `None` when none is.
+    pub quiet: Option<&'s Quiet>,
+}
+
+impl<'s> Scope<'s> {
+    /// Every app of `observed`.
+    pub fn all(observed: &'s crate::observed::Observed) -> Self {
+        Scope {
+            apps: None,
+            placements: observed.placements.iter().collect(),
+            quiet: None,
+        }
+    }
+
+    /// The entries of `map` whose app is planned.
+    pub fn select<'m, T>(
+        &self,
+        map: &'m BTreeMap<Name, T>,
+    ) -> Box<dyn Iterator<Item = (&'m Name, &'m T)> + 'm>
+    where
+        's: 'm,
+    {
+        match self.apps {
+            None => Box::new(map.iter()),
+            Some(apps) => Box::new(apps.iter().filter_map(|n| map.get_key_value(n))),
+        }
+    }
+
+    /// A copy of the entries of `map` whose app is planned.
+    pub fn pick<T: Clone>(&self, map: &BTreeMap<Name, T>) -> BTreeMap<Name, T> {
+        match self.apps {
+            None => map.clone(),
+            Some(_) => self
+                .select(map)
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect(),
+        }
+    }
+}
+
+/// What the quiet apps of a [`Scope`] add up to, and what they were planned against: a plan that finds
+/// the nodes or the databases' bindings changed, or that could not keep every quiet replica where it is,
+/// plans every app instead.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Quiet {
+    /// Quiet apps (every one is in the target).
+    pub count: usize,
+    /// Per node, what the quiet apps' replicas reserve (their observed replicas are their target ones,
+    /// so this is also the room they take from the databases).
+    pub used: BTreeMap<Name, Resources>,
+    /// Per node, what their running observed replicas reserve under the applied plans, and how many.
+    pub before: BTreeMap<Name, (Resources, u32)>,
+    /// Per node, their running target replicas.
+    pub after_replicas: BTreeMap<Name, u32>,
+    /// Their monthly price before and after.
+    pub cost_before: Decimal,
+    pub cost_after: Decimal,
+    /// The nodes and the databases' bindings the quiet apps were planned with.
+    pub node_infos: Vec<NodeInfo>,
+    pub bindings: BTreeMap<Name, String>,
+}
+
+/// A plan and what the planner saw of the nodes and the databases' bindings.
+pub(crate) struct Planned {
+    pub plan: Plan,
+    pub node_infos: Vec<NodeInfo>,
+    pub bindings: BTreeMap<Name, String>,
+}
+
 /// Plans the move from `input.observed` to `input.desired`. See the crate docs.
 pub fn plan(input: &PlanInput<'_>) -> Plan {
+    plan_in(input, &Scope::all(input.observed))
+        .expect("a plan of every app never falls back")
+        .plan
+}
+
+/// Plans the apps of `scope`, counting the quiet ones as they were. `None` when a quiet app could not
+/// stay as it is (the nodes or the bindings changed, or a node could not hold every replica kept on it):
+/// only a plan of every app is right then.
+pub(crate) fn plan_in(input: &PlanInput<'_>, scope: &Scope<'_>) -> Option<Planned> {
     let obs = input.observed;
-    let mut target = Target::new(input);
+    let mut target = Target::new(input, scope);
     let mut warnings = Vec::new();
     let generation = obs.generation + 1;
+    let quiet = scope.quiet;
+    let quiet_count = quiet.map_or(0, |q| q.count);
 
     // Resources.
     let mut changes = Vec::new();
@@ -236,9 +324,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             |_, n| flat_node(n),
         ));
         let unverified = &target.unverified;
+        let applied_apps = match scope.apps {
+            None => std::borrow::Cow::Borrowed(&obs.apps),
+            Some(_) => std::borrow::Cow::Owned(scope.pick(&obs.apps)),
+        };
         changes.extend(kind_changes(
             Kind::App,
-            &obs.apps,
+            &applied_apps,
             &target.apps,
             target.origins,
             |name, a| flat_app(a, |k| unverified.contains(&(name.clone(), k.clone()))),
@@ -286,7 +378,10 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
     }
 
     let views = node_views(input, &target, &mut warnings);
-    let databases = place_databases(input, &mut target, &views, &mut warnings);
+    let databases = place_databases(input, scope, &mut target, &views, &mut warnings);
+    if quiet.is_some_and(|q| q.bindings != target.bindings) {
+        return None;
+    }
     // An app whose manifest changes is deployed even under a rollback pin: the change lifts the pin.
     let changed_apps: BTreeSet<&Name> = changes
         .iter()
@@ -297,7 +392,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
 
     // Scheduling.
     let mut by_app: BTreeMap<&Name, Vec<&ReplicaPlacement>> = BTreeMap::new();
-    for p in &obs.placements {
+    for p in &scope.placements {
         by_app.entry(&p.app).or_default().push(p);
     }
     for v in by_app.values_mut() {
@@ -331,6 +426,9 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }
         })
         .collect();
+    if quiet.is_some_and(|q| q.node_infos != node_infos) {
+        return None;
+    }
     let demands: Vec<AppDemand> = runs
         .iter()
         .filter(|(_, r)| matches!(r, Run::Running { .. }))
@@ -354,7 +452,13 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             }
         })
         .collect();
-    let sched = schedule(&node_infos, &demands, input.seed);
+    let sched = match quiet {
+        None => schedule(&node_infos, &demands, input.seed),
+        Some(q) if room_for_all(&node_infos, &demands, q) => {
+            schedule_beside(&node_infos, &demands, input.seed, &q.used)
+        }
+        Some(_) => return None,
+    };
 
     // Target placements and the tasks that get there.
     let mut out = Effects {
@@ -481,7 +585,7 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         });
     }
 
-    let ingress = ingress(input, &target, &mut warnings);
+    let ingress = ingress(input, scope, &target, quiet_count, &mut warnings);
     let mut used_after = sched.used.clone();
     for d in &databases {
         if let (Some(node), Some(p)) = (
@@ -495,21 +599,24 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
             *e = e.saturating_add(&Resources::of_plan(p));
         }
     }
-    let nodes = headroom(input, &target, &views, &placements, &used_after);
-    let with_dbs = |apps: Price, dbs: Decimal| Price::new(apps.amount() + dbs).unwrap_or_default();
+    let nodes = headroom(input, scope, &target, &views, &placements, &used_after);
+    let with_dbs = |apps: Decimal, dbs: Decimal| Price::new(apps + dbs).unwrap_or_default();
     let cost = Cost {
         currency: target.currency.clone(),
         before: with_dbs(
-            monthly(&obs.apps, &obs.plans),
+            monthly(scope.select(&obs.apps).map(|(_, a)| a), &obs.plans)
+                + quiet.map_or(Decimal::ZERO, |q| q.cost_before),
             crate::databases::monthly(obs.databases.values().map(|d| &d.spec), &obs.plans),
         ),
         after: with_dbs(
-            monthly(&target.apps, target.plans),
+            monthly(target.apps.values(), target.plans)
+                + quiet.map_or(Decimal::ZERO, |q| q.cost_after),
             crate::databases::monthly(target.databases.values(), target.plans),
         ),
     };
+    let bindings = std::mem::take(&mut target.bindings);
 
-    Plan {
+    let plan = Plan {
         generation,
         based_on: obs.generation,
         applied_commit: obs.applied_commit.clone(),
@@ -528,13 +635,36 @@ pub fn plan(input: &PlanInput<'_>) -> Plan {
         cost,
         placements,
         databases,
+    };
+    Some(Planned {
+        plan,
+        node_infos,
+        bindings,
+    })
+}
+
+/// Whether every node can hold every replica that may stay on it, quiet and planned together. Then
+/// the scheduler keeps them all whatever the order it looks at them in, so the quiet ones stay as they
+/// were and the planned ones are placed beside them as a plan of every app would place them. Otherwise
+/// it keeps some and not others in name order, which only a plan of every app decides right.
+fn room_for_all(nodes: &[NodeInfo], demands: &[AppDemand], quiet: &Quiet) -> bool {
+    let mut staying: BTreeMap<&Name, Resources> = quiet.used.iter().map(|(n, r)| (n, *r)).collect();
+    for d in demands {
+        for (_, node) in d.current.range(1..=d.replicas) {
+            let e = staying.entry(node).or_default();
+            *e = e.saturating_add(&d.need);
+        }
     }
+    nodes
+        .iter()
+        .all(|n| staying.get(&n.name).is_none_or(|s| s.fits_in(&n.capacity)))
 }
 
 /// Places the databases ([`crate::databases::place`]) and records what each attached app's URL
 /// stands for in `target.bindings`.
 fn place_databases(
     input: &PlanInput<'_>,
+    scope: &Scope<'_>,
     target: &mut Target<'_>,
     views: &BTreeMap<Name, NodeView>,
     warnings: &mut Vec<Warning>,
@@ -558,8 +688,9 @@ fn place_databases(
             )
         })
         .collect();
-    let mut app_use: BTreeMap<Name, Resources> = BTreeMap::new();
-    for p in obs
+    let mut app_use: BTreeMap<Name, Resources> =
+        scope.quiet.map(|q| q.used.clone()).unwrap_or_default();
+    for p in scope
         .placements
         .iter()
         .filter(|p| p.state == ReplicaState::Running)
@@ -613,7 +744,13 @@ fn place_databases(
 
 /// Where traffic enters before and after, and the hosts apps gain. Warns, for each app with new hosts
 /// and once for the cluster when the last one goes, when no ingress node serves every app.
-fn ingress(input: &PlanInput<'_>, target: &Target<'_>, warnings: &mut Vec<Warning>) -> Ingress {
+fn ingress(
+    input: &PlanInput<'_>,
+    scope: &Scope<'_>,
+    target: &Target<'_>,
+    quiet_apps: usize,
+    warnings: &mut Vec<Warning>,
+) -> Ingress {
     let obs = input.observed;
     let serving = |nodes: &BTreeMap<Name, Node>| -> Vec<Name> {
         // The only node of a cluster runs every replica: it serves every app without an address.
@@ -672,7 +809,7 @@ fn ingress(input: &PlanInput<'_>, target: &Target<'_>, warnings: &mut Vec<Warnin
                 node: None,
             });
         }
-        if !nodes_before.is_empty() && !target.apps.is_empty() {
+        if !nodes_before.is_empty() && (quiet_apps > 0 || !target.apps.is_empty()) {
             let was = nodes_before
                 .iter()
                 .map(|n| n.as_str())
@@ -696,7 +833,7 @@ fn ingress(input: &PlanInput<'_>, target: &Target<'_>, warnings: &mut Vec<Warnin
             });
         }
     }
-    let certificates = certificates(input, &new_hosts);
+    let certificates = certificates(input, scope, &new_hosts);
     Ingress {
         nodes,
         nodes_before,
@@ -707,7 +844,11 @@ fn ingress(input: &PlanInput<'_>, target: &Target<'_>, warnings: &mut Vec<Warnin
 
 /// HTTPS for the apps that gain hosts and for those whose certificate needs attention, with `[tls]` in
 /// the desired settings (a plan from the applied configuration alone reports none).
-fn certificates(input: &PlanInput<'_>, new_hosts: &[NewHosts]) -> Vec<AppCertificate> {
+fn certificates(
+    input: &PlanInput<'_>,
+    scope: &Scope<'_>,
+    new_hosts: &[NewHosts],
+) -> Vec<AppCertificate> {
     let Some(d) = input.desired.map(|d| d.state) else {
         return Vec::new();
     };
@@ -722,7 +863,7 @@ fn certificates(input: &PlanInput<'_>, new_hosts: &[NewHosts]) -> Vec<AppCertifi
         .collect();
     let gaining: BTreeSet<&Name> = new_hosts.iter().map(|h| &h.app).collect();
     let mut out = Vec::new();
-    for app in d.apps.keys() {
+    for (app, _) in scope.select(&d.apps) {
         // Sorted and without repeats, as the store keys a name set.
         let mut names = d.hostnames(app);
         names.sort();
@@ -1111,14 +1252,18 @@ impl Effects<'_> {
 
 fn headroom(
     input: &PlanInput<'_>,
+    scope: &Scope<'_>,
     target: &Target<'_>,
     views: &BTreeMap<Name, NodeView>,
     placements: &[ReplicaPlacement],
     used_after: &BTreeMap<Name, Resources>,
 ) -> Vec<NodeHeadroom> {
     let obs = input.observed;
-    let mut before_used: BTreeMap<&Name, (Resources, u32)> = BTreeMap::new();
-    for p in obs
+    let mut before_used: BTreeMap<&Name, (Resources, u32)> = scope
+        .quiet
+        .map(|q| q.before.iter().map(|(n, u)| (n, *u)).collect())
+        .unwrap_or_default();
+    for p in scope
         .placements
         .iter()
         .filter(|p| p.state == ReplicaState::Running)
@@ -1135,7 +1280,10 @@ fn headroom(
         e.0 = e.0.saturating_add(&need);
         e.1 += 1;
     }
-    let mut after_replicas: BTreeMap<&Name, u32> = BTreeMap::new();
+    let mut after_replicas: BTreeMap<&Name, u32> = scope
+        .quiet
+        .map(|q| q.after_replicas.iter().map(|(n, c)| (n, *c)).collect())
+        .unwrap_or_default();
     for p in placements
         .iter()
         .filter(|p| p.state == ReplicaState::Running)
@@ -1175,15 +1323,15 @@ fn headroom(
 }
 
 /// Plan price × replicas over the apps that are not suspended.
-fn monthly(apps: &BTreeMap<Name, AppliedApp>, plans: &BTreeMap<Name, PlanSpec>) -> Price {
-    let total: Decimal = apps
-        .values()
-        .filter(|a| !a.suspended)
+pub(crate) fn monthly<'a>(
+    apps: impl Iterator<Item = &'a AppliedApp>,
+    plans: &BTreeMap<Name, PlanSpec>,
+) -> Decimal {
+    apps.filter(|a| !a.suspended)
         .filter_map(|a| {
             plans
                 .get(&a.plan)
                 .map(|p| p.price.amount() * Decimal::from(a.replicas))
         })
-        .sum();
-    Price::new(total).unwrap_or_default()
+        .sum()
 }

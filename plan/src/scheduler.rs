@@ -222,6 +222,18 @@ struct Todo {
 
 /// Places every replica slot of `apps` onto `nodes`. See the module docs for the rules.
 pub fn schedule(nodes: &[NodeInfo], apps: &[AppDemand], seed: u64) -> Schedule {
+    schedule_beside(nodes, apps, seed, &BTreeMap::new())
+}
+
+/// As [`schedule`], on nodes where replicas of other apps already hold `held` (per node): their room is
+/// taken before anything is placed and counts in [`Schedule::used`], while a node's score still weighs
+/// what is left against its whole capacity.
+pub(crate) fn schedule_beside(
+    nodes: &[NodeInfo],
+    apps: &[AppDemand],
+    seed: u64,
+    held: &BTreeMap<Name, Resources>,
+) -> Schedule {
     let mut nodes: Vec<&NodeInfo> = nodes.iter().collect();
     nodes.sort_by(|a, b| a.name.cmp(&b.name));
     nodes.dedup_by(|a, b| a.name == b.name);
@@ -235,7 +247,13 @@ pub fn schedule(nodes: &[NodeInfo], apps: &[AppDemand], seed: u64) -> Schedule {
         .map(|(i, n)| (n.name.as_str(), i))
         .collect();
     let node_hash: Vec<u64> = nodes.iter().map(|n| hash_str(n.name.as_str())).collect();
-    let mut free: Vec<Resources> = nodes.iter().map(|n| n.capacity).collect();
+    let mut free: Vec<Resources> = nodes
+        .iter()
+        .map(|n| {
+            held.get(&n.name)
+                .map_or(n.capacity, |h| n.capacity.saturating_sub(h))
+        })
+        .collect();
     // Per app, replicas per node index.
     let mut counts: Vec<HashMap<usize, u32>> = vec![HashMap::new(); apps.len()];
     let mut slots: BTreeMap<(Name, u32), Outcome> = BTreeMap::new();

@@ -1556,7 +1556,221 @@ mod properties {
                 o = next;
             }
         }
+
+        /// A [`crate::Planner`] gives the plan of every app, whatever changed in between: commits that
+        /// touch some apps, nodes, plans or source heads, agents' reports (a replica stopped or gone, a
+        /// release failed), restart requests and rollback pins, plans shown but not applied, and plans
+        /// from the applied configuration alone.
+        #[test]
+        fn a_planner_gives_the_plan_of_every_app(
+            first in arb_world(),
+            steps in prop::collection::vec((arb_world(), (any::<u16>(), any::<u16>(), any::<u16>()), prop::collection::vec((0u8..6, 0usize..16), 2), any::<bool>(), prop::bool::weighted(0.1)), 1..12),
+            seed in any::<u64>(),
+        ) {
+            let mut planner = crate::Planner::new();
+            let mut o = Observed::default();
+            // Every app's source head known: more apps end quiet, so more plans keep some.
+            let with_heads = |mut w: World| {
+                for i in 0..6 {
+                    w.heads.entry(format!("a{i}")).or_insert_with(|| "0".repeat(12));
+                }
+                w
+            };
+            let mut w = with_heads(first);
+            for (step, (other, (m1, m2, m3), pokes, apply, applied_only)) in steps.into_iter().enumerate() {
+                let other = with_heads(other);
+                // Each app changes with a chance of one in four, each node and the plans (which every app
+                // reads) of one in eight.
+                let mask = m1 & m2 & (m3 | 0x3f);
+                let c = commit(&format!("c{step}c{step}c{step}c{step}c{step}c{step}"));
+                o = observe(o, &w);
+                let i = PlanInput {
+                    desired: if applied_only { None } else { Some(DesiredAt { commit: &c, state: &w.desired }) },
+                    ..input(&c, &w, &o, seed)
+                };
+                let full = plan(&i);
+                let got = planner.plan(&i);
+                prop_assert_eq!(&got, &full, "step {}: {:?}", step, planner.reuse());
+                // The same input again: what the last plan left quiet is kept.
+                prop_assert_eq!(&planner.plan(&i), &full, "step {} again: {:?}", step, planner.reuse());
+                if apply {
+                    o = next_observed(&i, &full).unwrap();
+                }
+                for (poke, at) in pokes {
+                    poke_observed(&mut o, poke, at);
+                }
+                w = mix(&w, &other, mask);
+            }
+        }
     }
+
+    /// An agent's report or an operator's request between two plans.
+    fn poke_observed(o: &mut Observed, poke: u8, at: usize) {
+        let app = name(&format!("a{}", at % 6));
+        match poke {
+            1 => *o.restart_requests.entry(app).or_default() += 1,
+            2 => {
+                let n = o.placements.len().max(1);
+                if let Some(p) = o.placements.get_mut(at % n) {
+                    p.state = crate::observed::ReplicaState::Stopped;
+                }
+            }
+            3 if at < o.placements.len() => {
+                o.placements.remove(at);
+            }
+            4 => {
+                if let Some(r) = o.releases.get_mut(&app) {
+                    r.failed = true;
+                }
+            }
+            5 => {
+                if let Some(r) = o.releases.get(&app) {
+                    o.rollback_pins.insert(app, r.number);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `w` with what `mask` picks taken from `other`: bits 0-5 an app (with its secret's fingerprint and
+    /// source head), 6-10 a node (with its state), 11 the plans.
+    fn mix(w: &World, other: &World, mask: u16) -> World {
+        let mut out = w.clone();
+        for i in 0..6 {
+            if mask & (1 << i) == 0 {
+                continue;
+            }
+            let (a, k) = (format!("a{i}"), name(&format!("a{i}")));
+            match other.desired.apps.get(&k) {
+                Some(app) => out.desired.apps.insert(k.clone(), app.clone()),
+                None => out.desired.apps.remove(&k),
+            };
+            out.fingerprints.retain(|(n, _), _| *n != k);
+            out.fingerprints.extend(
+                other
+                    .fingerprints
+                    .iter()
+                    .filter(|((n, _), _)| *n == k)
+                    .map(|(key, v)| (key.clone(), v.clone())),
+            );
+            match other.heads.get(&a) {
+                Some(h) => out.heads.insert(a, h.clone()),
+                None => out.heads.remove(&a),
+            };
+        }
+        for i in 0..5 {
+            if mask & (1 << (6 + i)) == 0 {
+                continue;
+            }
+            let (n, k) = (format!("n{i}"), name(&format!("n{i}")));
+            match other.desired.nodes.get(&k) {
+                Some(node) => out.desired.nodes.insert(k, node.clone()),
+                None => out.desired.nodes.remove(&k),
+            };
+            match other.status.get(&n) {
+                Some(s) => out.status.insert(n, *s),
+                None => out.status.remove(&n),
+            };
+        }
+        if mask & (1 << 11) != 0 {
+            out.desired.plans = other.desired.plans.clone();
+        }
+        out
+    }
+}
+
+#[test]
+fn a_planner_plans_again_only_the_apps_that_changed() {
+    let d = repo(&apps_a(&secret("postgres://a", &[])));
+    let fps = fingerprints(&d);
+    let mut o = Observed::default();
+    for a in d.apps.keys() {
+        o.source_heads
+            .insert(a.clone(), commit("abcdefabcdefabcdef"));
+    }
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let mut planner = Planner::new();
+    let i = input(Some((&c, &d)), Some(&fps), &o);
+    let first = planner.plan(&i);
+    assert_eq!(first, plan(&i));
+    assert_eq!(planner.reuse().kept, 0);
+    let o = next_observed(&i, &first).unwrap();
+
+    // Applied: the applied plans, runtimes and nodes changed, which every app reads, so every app is
+    // planned once more; from then on every app is quiet and nothing is planned again.
+    let i = input(Some((&c, &d)), Some(&fps), &o);
+    assert!(planner.plan(&i).is_empty());
+    assert_eq!(planner.reuse().kept, 0);
+    let steady = planner.plan(&i);
+    assert!(steady.is_empty(), "{}", text(&steady, false));
+    assert_eq!(steady, plan(&i));
+    let apps = d.apps.len();
+    assert_eq!(
+        planner.reuse(),
+        Reuse {
+            planned: 0,
+            kept: apps,
+            fell_back: false
+        }
+    );
+
+    // One app's source moves: only it is planned, and the plan is the whole one.
+    let mut o2 = o.clone();
+    o2.source_heads
+        .insert(name("web"), commit("fedcbafedcbafedcba"));
+    let i = input(Some((&c, &d)), Some(&fps), &o2);
+    let moved = planner.plan(&i);
+    assert_eq!(moved, plan(&i));
+    assert_eq!(moved.releases.len(), 1);
+    assert_eq!(
+        planner.reuse(),
+        Reuse {
+            planned: 1,
+            kept: apps - 1,
+            fell_back: false
+        }
+    );
+    assert_eq!(moved.placements.len(), first.placements.len());
+
+    // web moves to a plan so large that n1 and n2 cannot keep both their replicas and the others': the
+    // scheduler keeps replicas in name order then, which only a plan of every app gets right.
+    let huge = format!(
+        "{PLANS}\n[plan.huge]\ncpu = 2\nmemory = \"1GiB\"\ndisk = \"10GiB\"\nprice = \"40\"\nmax_replicas = 4\n"
+    );
+    let with_huge = |apps: &str| {
+        load(&[
+            ("cairn.toml", SETTINGS),
+            ("plans/plans.toml", &huge),
+            ("runtimes/runtimes.toml", RUNTIMES),
+            ("nodes/nodes.toml", NODES),
+            ("apps/apps.toml", apps),
+        ])
+    };
+    let d = with_huge(&apps_a(&secret("postgres://a", &[])));
+    let fps = fingerprints(&d);
+    let i = input(Some((&c, &d)), Some(&fps), &o);
+    let p = planner.plan(&i);
+    let o = next_observed(&i, &p).unwrap();
+    let i = input(Some((&c, &d)), Some(&fps), &o);
+    assert!(planner.plan(&i).is_empty());
+    assert!(planner.plan(&i).is_empty());
+    assert_eq!(planner.reuse().kept, apps);
+    let d = with_huge(&apps_a(&secret("postgres://a", &[])).replacen(
+        "plan = \"medium\"",
+        "plan = \"huge\"",
+        1,
+    ));
+    let fps = fingerprints(&d);
+    let c = commit("a1a1a1a1a1a1a1a1");
+    let i = input(Some((&c, &d)), Some(&fps), &o);
+    let p = planner.plan(&i);
+    assert_eq!(p, plan(&i), "{}", text(&p, false));
+    assert!(
+        planner.reuse().fell_back,
+        "{:?}\n{}",
+        planner.reuse(),
+        text(&p, false)
+    );
 }
 
 #[test]
