@@ -40,6 +40,8 @@ pub struct Planner {
     apps: BTreeMap<Name, Entry>,
     quiet: Quiet,
     last: Reuse,
+    /// Set while a plan runs: a plan that panicked leaves it set, and the next one starts afresh.
+    busy: bool,
 }
 
 /// How the last plan of a [`Planner`] went.
@@ -226,6 +228,15 @@ impl Planner {
 
     /// The plan [`crate::plan`] makes of `input`.
     pub fn plan(&mut self, input: &PlanInput<'_>) -> Plan {
+        if std::mem::replace(&mut self.busy, true) {
+            self.global = None;
+        }
+        let plan = self.plan_busy(input);
+        self.busy = false;
+        plan
+    }
+
+    fn plan_busy(&mut self, input: &PlanInput<'_>) -> Plan {
         if !self.global.as_ref().is_some_and(|g| g.matches(input)) {
             self.forget();
             self.global = Some(Global::of(input));
@@ -243,6 +254,12 @@ impl Planner {
         let plan = self.plan_scoped(input, walk);
         self.last.fell_back = true;
         plan.expect("a plan without quiet apps never falls back")
+    }
+
+    /// Leaves the planner as a plan that panicked half-way would.
+    #[cfg(test)]
+    pub(crate) fn busy_for_test(&mut self) {
+        self.busy = true;
     }
 
     fn forget(&mut self) {

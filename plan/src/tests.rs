@@ -1774,6 +1774,38 @@ fn a_planner_plans_again_only_the_apps_that_changed() {
 }
 
 #[test]
+fn a_planner_whose_plan_panicked_starts_afresh() {
+    let d = repo(&apps_a(&secret("postgres://a", &[])));
+    let fps = fingerprints(&d);
+    let mut o = Observed::default();
+    for a in d.apps.keys() {
+        o.source_heads
+            .insert(a.clone(), commit("abcdefabcdefabcdef"));
+    }
+    let c = commit("a0a0a0a0a0a0a0a0");
+    let i = input(Some((&c, &d)), Some(&fps), &o);
+    let mut planner = Planner::new();
+    let first = planner.plan(&i);
+    let o = next_observed(&i, &first).unwrap();
+    let i = input(Some((&c, &d)), Some(&fps), &o);
+    planner.plan(&i);
+    planner.plan(&i);
+    assert_eq!(planner.reuse().kept, d.apps.len());
+    // A plan that unwinds half-way leaves the planner busy (and its memo half-updated): the next plan
+    // forgets what it kept.
+    let shared = std::sync::Mutex::new(planner);
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut p = shared.lock().unwrap();
+        p.busy_for_test();
+        panic!("the planner panicked");
+    }));
+    assert!(caught.is_err());
+    let mut planner = shared.into_inner().unwrap_or_else(|e| e.into_inner());
+    assert_eq!(planner.plan(&i), plan(&i));
+    assert_eq!(planner.reuse().kept, 0, "{:?}", planner.reuse());
+}
+
+#[test]
 fn manifest_values_cannot_break_out_of_their_context() {
     let (_, o) = world_a(&secret("postgres://a", &[]));
     let hostile = r#"NODE_ENV = "```\n</details><img src=x> @everyone \u001b[2J""#;

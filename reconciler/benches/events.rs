@@ -84,6 +84,7 @@ async fn one(apps: usize, sinks: bool) -> Run {
         expect_generation: None,
         fence: None,
         hooks: None,
+        planner: None,
     };
     let started = Instant::now();
     let applied = reconcile(

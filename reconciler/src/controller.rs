@@ -158,6 +158,8 @@ pub struct Controller {
     /// In `cairn serve`: the leader's term its reconciles apply in ([`Controller::set_fence`]); each
     /// apply transaction checks it still holds the lease with it.
     fence: std::sync::Mutex<Option<crate::store::lease::Fence>>,
+    /// Kept between reconciles: a reconcile plans again only the apps whose inputs changed.
+    planner: std::sync::Mutex<cairn_plan::Planner>,
 }
 
 /// What the controller tells the certificate loop after an apply: the name sets to keep certificates
@@ -251,7 +253,16 @@ impl Controller {
             idle: std::sync::Mutex::new(None),
             plans: std::sync::atomic::AtomicU64::new(0),
             fence: std::sync::Mutex::new(None),
+            planner: std::sync::Mutex::new(cairn_plan::Planner::new()),
         }
+    }
+
+    /// How the last reconcile's plan went: the apps it planned again and those it kept.
+    pub fn plan_reuse(&self) -> cairn_plan::Reuse {
+        self.planner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reuse()
     }
 
     /// How many plans this controller's reconciles made (an unchanged reconcile makes none).
@@ -461,6 +472,7 @@ impl Controller {
             expect_generation: generation,
             fence: self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             hooks: self.hooks.as_deref(),
+            planner: Some(&self.planner),
         };
         let snap = match self.read().await {
             Ok((_, s)) => s,
@@ -802,6 +814,7 @@ impl Controller {
             expect_generation: None,
             fence: None,
             hooks: None,
+            planner: None,
         };
         let err = RecordedError {
             path: None,

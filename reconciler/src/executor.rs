@@ -21,7 +21,7 @@ use crate::store::{
     self, NewReconciliation, ReconcileStatus, RecordedError, ReleaseInsert, StoreError, state,
 };
 use cairn_plan::observed::{AppliedApp, CommitId, Fingerprints, Observed};
-use cairn_plan::{Action, DesiredAt, Plan, PlanInput, plan};
+use cairn_plan::{Action, DesiredAt, Plan, PlanInput, Planner, plan};
 
 /// Why an apply did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +80,9 @@ pub struct Context<'a> {
     /// lease with it (`store::lease::check`) and fails when deposed. `None`: an operator's own apply
     /// (`cairn apply`), serialized by the apply lock and the generation alone.
     pub fence: Option<crate::store::lease::Fence>,
+    /// The planner kept between reconciles (`cairn serve`'s controller): it plans again only the apps
+    /// whose inputs changed ([`cairn_plan::Planner`]). `None` plans every app.
+    pub planner: Option<&'a std::sync::Mutex<Planner>>,
 }
 
 /// Keyed fingerprints of every secret in `desired`, decrypting each with `identity`. Errors name the app
@@ -135,7 +138,10 @@ pub async fn reconcile(
     };
     // Planning is a long synchronous computation at scale (a second at 10,000 apps on 10,000 nodes): off
     // the async workers, so that the requests they serve (heartbeats) do not queue behind it.
-    let plan = crate::worker::off_the_workers(|| plan(&input));
+    let plan = crate::worker::off_the_workers(|| match cx.planner {
+        Some(p) => p.lock().unwrap_or_else(|e| e.into_inner()).plan(&input),
+        None => plan(&input),
+    });
     let liveness =
         cairn_plan::observed::Liveness::judge(&observed.node_status, now, cx.offline_after);
     if let Some(shown) = cx.expect_generation
