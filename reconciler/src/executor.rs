@@ -492,7 +492,7 @@ async fn write_state(
         )
         .await?;
     }
-    state::replace_placements(tx, &plan.placements).await?;
+    state::write_placement_changes(tx, plan).await?;
     Ok(())
 }
 

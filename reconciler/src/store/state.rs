@@ -430,38 +430,103 @@ pub async fn replace_placements(
     conn: &mut PgConnection,
     placements: &[ReplicaPlacement],
 ) -> Result<(), StoreError> {
-    let n = placements.len();
-    let (mut apps, mut slots, mut nodes, mut releases) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    let (mut states, mut generations, mut restarts) = (
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-        Vec::with_capacity(n),
-    );
-    for p in placements {
-        apps.push(p.app.as_str().to_owned());
-        slots.push(to_i32("slot", u64::from(p.slot))?);
-        nodes.push(p.node.as_str().to_owned());
-        releases.push(to_i64("release", p.release)?);
-        states.push(replica_state_str(p.state).to_owned());
-        generations.push(to_i64("generation", p.generation)?);
-        restarts.push(to_i64("restart", p.restart)?);
-    }
+    let keep = Columns::of(placements.iter())?;
     sqlx::query!(
         r#"DELETE FROM placements p
            WHERE NOT EXISTS (
                SELECT 1 FROM UNNEST($1::text[], $2::int[]) AS keep(app, slot)
                WHERE keep.app = p.app AND keep.slot = p.slot)"#,
-        &apps,
-        &slots,
+        &keep.apps,
+        &keep.slots,
     )
     .execute(&mut *conn)
     .await
     .op("delete placements")?;
+    upsert_placements(conn, &keep).await
+}
+
+/// Writes what `plan` changes of the placements it was planned from: the rows of its generation (new,
+/// moved, redeployed, restarted, stopped), and the slots it removes (a placement change without a `to`
+/// whose slot it does not keep). Under the apply lock, with the observed state read in the same
+/// transaction, the stored placements become exactly [`Plan::placements`] (the executor's contract in
+/// `cairn_plan`), without sending the rows that stay as they are: a one-app commit among 100,000 apps
+/// writes that app's rows, not 200,000.
+pub async fn write_placement_changes(
+    conn: &mut PgConnection,
+    plan: &cairn_plan::Plan,
+) -> Result<(), StoreError> {
+    let kept = |app: &Name, slot: u32| {
+        plan.placements
+            .binary_search_by(|p| (&p.app, p.slot).cmp(&(app, slot)))
+            .is_ok()
+    };
+    let (mut apps, mut slots) = (Vec::new(), Vec::new());
+    for c in &plan.placement_changes {
+        if c.to.is_none() && !kept(&c.app, c.slot) {
+            apps.push(c.app.as_str().to_owned());
+            slots.push(to_i32("slot", u64::from(c.slot))?);
+        }
+    }
+    if !apps.is_empty() {
+        sqlx::query(
+            "DELETE FROM placements p USING UNNEST($1::text[], $2::int[]) AS gone(app, slot)
+             WHERE p.app = gone.app AND p.slot = gone.slot",
+        )
+        .bind(&apps)
+        .bind(&slots)
+        .execute(&mut *conn)
+        .await
+        .op("delete placements")?;
+    }
+    let changed = Columns::of(
+        plan.placements
+            .iter()
+            .filter(|p| p.generation == plan.generation),
+    )?;
+    if changed.apps.is_empty() {
+        return Ok(());
+    }
+    upsert_placements(conn, &changed).await
+}
+
+/// Placements as the columns `UNNEST` reads.
+struct Columns {
+    apps: Vec<String>,
+    slots: Vec<i32>,
+    nodes: Vec<String>,
+    releases: Vec<i64>,
+    states: Vec<String>,
+    generations: Vec<i64>,
+    restarts: Vec<i64>,
+}
+
+impl Columns {
+    fn of<'a>(placements: impl Iterator<Item = &'a ReplicaPlacement>) -> Result<Self, StoreError> {
+        let mut c = Columns {
+            apps: Vec::new(),
+            slots: Vec::new(),
+            nodes: Vec::new(),
+            releases: Vec::new(),
+            states: Vec::new(),
+            generations: Vec::new(),
+            restarts: Vec::new(),
+        };
+        for p in placements {
+            c.apps.push(p.app.as_str().to_owned());
+            c.slots.push(to_i32("slot", u64::from(p.slot))?);
+            c.nodes.push(p.node.as_str().to_owned());
+            c.releases.push(to_i64("release", p.release)?);
+            c.states.push(replica_state_str(p.state).to_owned());
+            c.generations.push(to_i64("generation", p.generation)?);
+            c.restarts.push(to_i64("restart", p.restart)?);
+        }
+        Ok(c)
+    }
+}
+
+/// Inserts the placements, or updates the stored ones that differ (an unchanged row keeps its
+/// `updated_at`).
+async fn upsert_placements(conn: &mut PgConnection, c: &Columns) -> Result<(), StoreError> {
     sqlx::query!(
         r#"INSERT INTO placements (app, slot, node, release, state, generation, restart)
            SELECT * FROM UNNEST($1::text[], $2::int[], $3::text[], $4::bigint[], $5::text[],
@@ -473,13 +538,13 @@ pub async fn replace_placements(
                   placements.restart)
                  IS DISTINCT FROM (EXCLUDED.node, EXCLUDED.release, EXCLUDED.state,
                                    EXCLUDED.generation, EXCLUDED.restart)"#,
-        &apps,
-        &slots,
-        &nodes,
-        &releases,
-        &states,
-        &generations,
-        &restarts,
+        &c.apps,
+        &c.slots,
+        &c.nodes,
+        &c.releases,
+        &c.states,
+        &c.generations,
+        &c.restarts,
     )
     .execute(conn)
     .await
