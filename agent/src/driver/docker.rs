@@ -1273,6 +1273,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn labels_are_one_step_after_the_last_instruction_unless_it_runs_on() {
+        let labels = BTreeMap::from([
+            ("cairn.app".to_owned(), "web".to_owned()),
+            ("cairn.build-key".to_owned(), "00ff".to_owned()),
+        ]);
+        let step = label_step(&labels).unwrap();
+        assert_eq!(step, "LABEL cairn.app=web cairn.build-key=00ff\n");
+        for odd in ["a b", "a\nRUN x", "$HOME", "\"q\"", ""] {
+            let mut l = labels.clone();
+            l.insert("cairn.app".into(), odd.into());
+            assert_eq!(label_step(&l), None, "{odd:?} would need quoting");
+        }
+        let s = "LABEL k=v\n";
+        assert_eq!(
+            with_label_step("FROM x\nCMD [\"a\"]", s).unwrap(),
+            "FROM x\nCMD [\"a\"]\nLABEL k=v\n"
+        );
+        assert_eq!(
+            with_label_step("FROM x\r\nRUN a \\\r\n  b\r\n# done \\\r\n\r\n", s).unwrap(),
+            "FROM x\r\nRUN a \\\r\n  b\r\n# done \\\r\n\r\nLABEL k=v\n",
+            "a comment ending in a backslash continues nothing"
+        );
+        assert_eq!(with_label_step("FROM x\nRUN a \\", s), None);
+        assert_eq!(with_label_step("FROM x\nRUN a \\  \n\n# c\n", s), None);
+        assert_eq!(with_label_step("# escape=`\nFROM x\nRUN a `\n", s), None);
+    }
+
+    #[test]
     fn generated_dockerfile_quotes_every_command() {
         let spec: ReplicaSpec = serde_json::from_value(serde_json::json!({
             "installation": "t", "app": "web", "release": 1, "slot": 0, "config_commit": "c1",
