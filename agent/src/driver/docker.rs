@@ -8,8 +8,14 @@
 //!   for all build commands) unless the runtime uses the app's own; the start command and working
 //!   directory are given to the container, not baked into the image. No base image is pulled unless the
 //!   agent is told to; build output reaches a [`LogSink`] line by line while the build runs. The image is
-//!   tagged `cairn/<installation>/<app>:<build key>` and labelled through the build options
-//!   (installation, app, source commit, build key; nothing of a release); builds of one tag are
+//!   tagged `cairn/<installation>/<app>:<build key>` and labelled (installation, app, source commit,
+//!   build key; nothing of a release) by one `LABEL` step at the end of the Dockerfile the engine builds:
+//!   the generated one, or the app's own with that step added. The agent writes that Dockerfile into the
+//!   build context and lists it in the context's `.dockerignore`, so the engine drops it from the
+//!   context after reading it (the docker CLI's way with a Dockerfile from outside the context). Not as
+//!   build options: the classic builder makes a step of each of those (a container and a commit), about
+//!   a second each on a slow storage driver; they are used only for an own Dockerfile that cannot take
+//!   the step (a link, over 1 MiB, not UTF-8, or ending in a line continuation). Builds of one tag are
 //!   single-flight.
 //! - Run: containers named `cairn-<installation>-<app>-r<release>-s<slot>` and labelled (installation,
 //!   app, release, slot, commits, node, hostnames), with the plan's memory and CPU limits, restart policy
@@ -292,8 +298,8 @@ impl DockerDriver {
     /// The Dockerfile generated for a runtime without its own: the base image, the source in `/app` (one
     /// `COPY`), and the build commands in one `RUN` (each in its own `/bin/sh -c` in `/app`, stopping at
     /// the first that fails). Every step commits a layer (about a second each on a slow storage driver),
-    /// so there are no others: the labels are build options, and the start command and the working
-    /// directory are set when the container is created. Commands are arguments of an exec-form `RUN`,
+    /// so there are no others but the label step the build adds (all labels in one `LABEL`), and the
+    /// start command and the working directory are set when the container is created. Commands are arguments of an exec-form `RUN`,
     /// JSON-quoted, so no command can add instructions of its own.
     pub fn generated_dockerfile(spec: &ReplicaSpec) -> Result<String, DriverError> {
         let base = spec
@@ -364,15 +370,26 @@ impl DockerDriver {
         log: &dyn LogSink,
     ) -> Result<ImageId, DriverError> {
         let tag = spec.image_tag();
-        let dockerfile = if spec.build.dockerfile {
-            if !context.join("Dockerfile").is_file() {
+        let labels = image_labels(spec);
+        let step = label_step(&labels);
+        // The Dockerfile the engine builds: ours (the generated one, or the app's own with the label
+        // step after it) when the labels fit in one step, else the app's own as it is.
+        let written = if spec.build.dockerfile {
+            let path = context.join("Dockerfile");
+            if !path.is_file() {
                 return Err(DriverError::Build {
                     app: spec.app.clone(),
                     release: spec.release,
                     reason: "the runtime builds with the app's own Dockerfile, and the source has no `Dockerfile` at its root".into(),
                 });
             }
-            "Dockerfile"
+            // Only a regular file is read here: a link is resolved by the engine, inside the context.
+            let own = std::fs::symlink_metadata(&path)
+                .is_ok_and(|m| m.is_file() && m.len() <= MAX_DOCKERFILE)
+                .then(|| std::fs::read_to_string(&path).ok())
+                .flatten();
+            own.zip(step.as_deref())
+                .and_then(|(own, step)| with_label_step(&own, step))
         } else {
             let base = spec.build.base_image.as_deref().unwrap_or_default();
             if !self.cfg.pull_base_images {
@@ -386,12 +403,14 @@ impl DockerDriver {
                     Err(e) => return Err(DriverError::docker(format!("inspect image {base}"), e)),
                 }
             }
-            let text = Self::generated_dockerfile(spec)?;
-            let path = context.join(GENERATED_DOCKERFILE);
-            // The source may hold a file (or symlink) of that name; ours replaces it.
-            let _ = std::fs::remove_file(&path);
-            std::fs::write(&path, text).map_err(|e| DriverError::io("write", &path, e))?;
-            GENERATED_DOCKERFILE
+            let mut text = Self::generated_dockerfile(spec)?;
+            text.push_str(step.as_deref().unwrap_or_default());
+            Some(text)
+        };
+        let labels_in_step = written.is_some() && step.is_some();
+        let dockerfile = match &written {
+            Some(text) => write_hidden_dockerfile(context, text)?,
+            None => "Dockerfile".to_owned(),
         };
         self.builds_run.fetch_add(1, Ordering::Relaxed);
         log.line(LogLine::new(
@@ -406,16 +425,23 @@ impl DockerDriver {
                 }
             ),
         ));
-        // Build options, not a step of a generated Dockerfile; they hold nothing a release changes
-        // without a new key, so every release of the key runs the same image.
-        let labels: HashMap<String, String> = image_labels(spec).into_iter().collect();
+        // The labels hold nothing a release changes without a new key, so every release of the key
+        // runs the same image. In the Dockerfile they are one step; as build options the classic
+        // builder makes a step of each (a container and a commit, about a second each on a slow
+        // storage driver), so options only when the app's own Dockerfile cannot take the step.
+        let option_labels: HashMap<String, String> = if labels_in_step {
+            HashMap::new()
+        } else {
+            labels.into_iter().collect()
+        };
         let opts = BuildImageOptionsBuilder::default()
-            .dockerfile(dockerfile)
+            .dockerfile(&dockerfile)
             .t(&tag)
             .rm(true)
             .forcerm(true)
-            .labels(&labels)
+            .labels(&option_labels)
             .build();
+        let started = std::time::Instant::now();
         let body = bollard::body_try_stream(tar_stream(context.to_owned()));
         let mut stream = self.docker.build_image(opts, None, Some(body));
         let mut splitter = LineSplitter::default();
@@ -465,9 +491,11 @@ impl DockerDriver {
                 .id
                 .unwrap_or_default(),
         };
+        let took = started.elapsed();
+        tracing::info!(app = %spec.app, release = spec.release, %tag, took_ms = took.as_millis() as u64, labels_in_step, "image built");
         log.line(LogLine::new(
             LogStream::Agent,
-            format!("built {tag} as {id}"),
+            format!("built {tag} as {id} in {:.1} s", took.as_secs_f64()),
         ));
         Ok(ImageId(id))
     }
@@ -599,6 +627,79 @@ fn exit_code(status: &str) -> Option<i64> {
 
 fn is_status(e: &BollardError, code: u16) -> bool {
     matches!(e, BollardError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// The longest Dockerfile of an app's own the agent reads to add its label step to.
+const MAX_DOCKERFILE: u64 = 1 << 20;
+
+/// Every image label in one `LABEL` instruction, or `None` if a key or value holds a character that
+/// would need quoting (names and commit ids never do: they are validated before they get here).
+fn label_step(labels: &BTreeMap<String, String>) -> Option<String> {
+    let plain = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-:/@".contains(&b))
+    };
+    labels.iter().all(|(k, v)| plain(k) && plain(v)).then(|| {
+        let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        format!("LABEL {}\n", pairs.join(" "))
+    })
+}
+
+/// The app's own Dockerfile with `step` after its last instruction, or `None` when its last
+/// instruction line ends in a line continuation (`\`, or `` ` `` under an `escape` directive): that
+/// instruction would run on into the step.
+fn with_label_step(own: &str, step: &str) -> Option<String> {
+    let last = own
+        .lines()
+        .map(str::trim)
+        .rfind(|l| !l.is_empty() && !l.starts_with('#'));
+    if last.is_some_and(|l| l.ends_with('\\') || l.ends_with('`')) {
+        return None;
+    }
+    let mut text = own.to_owned();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(step);
+    Some(text)
+}
+
+/// Writes `text` into the build context under a name no file of the source has, and lists that name
+/// in the context's `.dockerignore` (the source's own, with the name appended, or a new one listing
+/// itself too), so the engine reads it as the Dockerfile and then drops it from the context: the
+/// docker CLI's way with a Dockerfile from outside the context. A `COPY .` sees the source, not the
+/// agent's Dockerfile. A `.dockerignore` that is not a regular file is left alone (the Dockerfile then
+/// stays in the context). Returns the name.
+fn write_hidden_dockerfile(context: &Path, text: &str) -> Result<String, DriverError> {
+    let name = (0..)
+        .map(|n| match n {
+            0 => GENERATED_DOCKERFILE.to_owned(),
+            n => format!("{GENERATED_DOCKERFILE}.{n}"),
+        })
+        .find(|n| std::fs::symlink_metadata(context.join(n)).is_err())
+        .expect("some name is free");
+    let path = context.join(&name);
+    std::fs::write(&path, text).map_err(|e| DriverError::io("write", &path, e))?;
+    let ignore = context.join(".dockerignore");
+    let listed = match std::fs::symlink_metadata(&ignore) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(b".dockerignore\n".to_vec()),
+        Ok(m) if m.is_file() => {
+            let mut own =
+                std::fs::read(&ignore).map_err(|e| DriverError::io("read", &ignore, e))?;
+            if !own.is_empty() && !own.ends_with(b"\n") {
+                own.push(b'\n');
+            }
+            Some(own)
+        }
+        _ => None,
+    };
+    if let Some(mut listed) = listed {
+        listed.extend_from_slice(name.as_bytes());
+        listed.push(b'\n');
+        std::fs::write(&ignore, listed).map_err(|e| DriverError::io("write", &ignore, e))?;
+    }
+    Ok(name)
 }
 
 /// Streams `dir` as a tar (deterministic headers: no host uids, names or times), symlinks kept as links.
@@ -1170,6 +1271,34 @@ fn stamped(stream: LogStream, line: String) -> LogLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labels_are_one_step_after_the_last_instruction_unless_it_runs_on() {
+        let labels = BTreeMap::from([
+            ("cairn.app".to_owned(), "web".to_owned()),
+            ("cairn.build-key".to_owned(), "00ff".to_owned()),
+        ]);
+        let step = label_step(&labels).unwrap();
+        assert_eq!(step, "LABEL cairn.app=web cairn.build-key=00ff\n");
+        for odd in ["a b", "a\nRUN x", "$HOME", "\"q\"", ""] {
+            let mut l = labels.clone();
+            l.insert("cairn.app".into(), odd.into());
+            assert_eq!(label_step(&l), None, "{odd:?} would need quoting");
+        }
+        let s = "LABEL k=v\n";
+        assert_eq!(
+            with_label_step("FROM x\nCMD [\"a\"]", s).unwrap(),
+            "FROM x\nCMD [\"a\"]\nLABEL k=v\n"
+        );
+        assert_eq!(
+            with_label_step("FROM x\r\nRUN a \\\r\n  b\r\n# done \\\r\n\r\n", s).unwrap(),
+            "FROM x\r\nRUN a \\\r\n  b\r\n# done \\\r\n\r\nLABEL k=v\n",
+            "a comment ending in a backslash continues nothing"
+        );
+        assert_eq!(with_label_step("FROM x\nRUN a \\", s), None);
+        assert_eq!(with_label_step("FROM x\nRUN a \\  \n\n# c\n", s), None);
+        assert_eq!(with_label_step("# escape=`\nFROM x\nRUN a `\n", s), None);
+    }
 
     #[test]
     fn generated_dockerfile_quotes_every_command() {

@@ -335,3 +335,185 @@ async fn a_missing_base_image_fails_fast_without_pulling() {
     })
     .await;
 }
+
+/// Regression test (issue 16, push to running 2.15x the docker CLI): the image's four labels were build
+/// options, and the classic builder makes a step of each, a container and a commit (about a second each
+/// on fuse-overlayfs): 2.8 s of the agent's build over the CLI's. They are one `LABEL` step at the end of
+/// the Dockerfile the engine builds, the app's own or the generated one, and the Dockerfile the agent
+/// writes for that never reaches the image (not even over a source file of the same name), while the
+/// app's files do. An own Dockerfile whose last line runs on (a line continuation) keeps the options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_labels_are_one_build_step_and_the_agents_dockerfile_stays_out_of_the_image() {
+    use bollard::query_parameters::{
+        CreateContainerOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    };
+    use cairn_agent::BuildSpec;
+    use futures_util::TryStreamExt;
+
+    const TEST: &str = "image_labels_are_one_build_step";
+    let Some(docker) = support::docker(TEST).await else {
+        return;
+    };
+    if !support::tools(TEST) {
+        return;
+    }
+    bounded(240, async {
+        let inst = Installation::new(Some(docker.clone()));
+        let base = inst.busybox_image().await;
+        let repo = AppRepo::new(inst.dir.path(), "web");
+        let driver = DockerDriver::with_client(
+            docker.clone(),
+            DockerConfig::new(inst.id.clone(), inst.node.clone()),
+        );
+        let own = |dockerfile: &str| {
+            (
+                BuildSpec {
+                    dockerfile: true,
+                    base_image: None,
+                    commands: vec![],
+                    start: None,
+                    port: 8080,
+                },
+                vec![
+                    ("Dockerfile", dockerfile.to_owned()),
+                    (".dockerignore", "*.tmp".to_owned()),
+                ],
+            )
+        };
+        let cases = [
+            // (build, files, label steps, the directory the source is copied to)
+            (
+                own(&format!("FROM {base}\nCOPY . /src\n# the end")),
+                1,
+                "/src",
+            ),
+            (
+                own(&format!("FROM {base}\nCOPY . /src\nLABEL x=y \\\n")),
+                4,
+                "/src",
+            ),
+            (
+                (
+                    docker_build(&base),
+                    vec![("Dockerfile.cairn", "the source's own\n".to_owned())],
+                ),
+                1,
+                "/app",
+            ),
+        ];
+        for (n, ((build, files), label_steps, dir)) in cases.into_iter().enumerate() {
+            let app = inst.app();
+            let commit = format!("{:040x}", n + 1);
+            let s = spec(&inst, &app, &repo, 1, &commit, build);
+            let context = inst.path(&format!("context-{n}"));
+            std::fs::create_dir_all(context.join("www")).unwrap();
+            std::fs::write(context.join("www/index.html"), "v1\n").unwrap();
+            std::fs::write(context.join("www/healthz"), "ok\n").unwrap();
+            for (path, text) in &files {
+                std::fs::write(context.join(path), text).unwrap();
+            }
+            let log = Mutex::new(Vec::<LogLine>::new());
+            let id = driver.build_image(&s, &context, &log).await.unwrap();
+            let lines: Vec<String> = log
+                .into_inner()
+                .unwrap()
+                .into_iter()
+                .map(|l| l.text)
+                .collect();
+            let steps = |what: &str| {
+                lines
+                    .iter()
+                    .filter(|l| l.starts_with("Step ") && l.contains(&format!(" : {what} ")))
+                    .count()
+            };
+            assert_eq!(
+                steps("LABEL") - usize::from(n == 1),
+                label_steps,
+                "case {n}: {lines:#?}"
+            );
+            let image = docker.inspect_image(&id.0).await.unwrap();
+            let labels = image.config.unwrap().labels.unwrap();
+            for (k, v) in [
+                ("cairn.installation", inst.id.to_string()),
+                ("cairn.app", app.to_string()),
+                ("cairn.source-commit", commit.clone()),
+                ("cairn.build-key", s.build_key()),
+            ] {
+                assert_eq!(labels.get(k), Some(&v), "case {n}: label {k}");
+            }
+            if n == 1 {
+                assert_eq!(
+                    labels.get("x").map(String::as_str),
+                    Some("y"),
+                    "the app's own step ran"
+                );
+            }
+
+            // What the source became in the image, read from a container that never starts.
+            let name = format!("cairn-{}-files-{n}", inst.id);
+            let created = docker
+                .create_container(
+                    Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+                    bollard::models::ContainerCreateBody {
+                        image: Some(id.0.clone()),
+                        cmd: Some(vec!["true".into()]),
+                        labels: Some(
+                            [("cairn.installation".to_owned(), inst.id.to_string())].into(),
+                        ),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            let bytes: Vec<u8> = docker
+                .download_from_container(
+                    &created.id,
+                    Some(
+                        DownloadFromContainerOptionsBuilder::default()
+                            .path(dir)
+                            .build(),
+                    ),
+                )
+                .map_ok(|b| b.to_vec())
+                .try_concat()
+                .await
+                .unwrap();
+            let mut archive = tar::Archive::new(&bytes[..]);
+            let mut found = std::collections::BTreeMap::new();
+            for entry in archive.entries().unwrap() {
+                let mut entry = entry.unwrap();
+                if entry.header().entry_type().is_file() {
+                    let path = entry.path().unwrap().to_string_lossy().into_owned();
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
+                    found.insert(path, text);
+                }
+            }
+            let mut want: std::collections::BTreeMap<String, String> = files
+                .iter()
+                .map(|(p, t)| (format!("{}/{p}", &dir[1..]), t.clone()))
+                .collect();
+            want.insert(format!("{}/www/index.html", &dir[1..]), "v1\n".into());
+            want.insert(format!("{}/www/healthz", &dir[1..]), "ok\n".into());
+            if n != 1 {
+                // The app's `.dockerignore` names the agent's Dockerfile after its own lines; a source
+                // without one gets none in the image.
+                if let Some(ignore) = want.get_mut(&format!("{}/.dockerignore", &dir[1..])) {
+                    ignore.push_str("\nDockerfile.cairn\n");
+                }
+                if n == 2 {
+                    want.insert("app/www/build.txt".into(), "built-v1\n".into());
+                }
+            }
+            assert_eq!(found, want, "case {n}");
+            docker
+                .remove_container(
+                    &created.id,
+                    None::<bollard::query_parameters::RemoveContainerOptions>,
+                )
+                .await
+                .unwrap();
+        }
+    })
+    .await;
+}
