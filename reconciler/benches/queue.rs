@@ -224,9 +224,10 @@ async fn work(pool: &PgPool, node: &Name, batch: u32, shape: Shape) -> usize {
         let leased = match shape {
             Shape::TwoCommits => queue::lease(pool, node, batch, LEASE).await.expect("lease"),
             Shape::OneCommit => {
-                let (completed, leased) = queue::complete_and_lease(pool, node, &finished, batch, LEASE)
-                    .await
-                    .expect("complete and lease");
+                let (completed, leased) =
+                    queue::complete_and_lease(pool, node, &finished, batch, LEASE)
+                        .await
+                        .expect("complete and lease");
                 assert!(
                     completed.stale.is_empty() && completed.superseded.is_empty(),
                     "no lease expires during the benchmark"

@@ -464,7 +464,10 @@ async fn complete_and_lease_ends_the_last_batch_and_leases_the_next_in_one_state
     assert_eq!(completed.done, ids[..2]);
     assert!(completed.stale.is_empty() && completed.superseded.is_empty());
     assert_eq!(next.iter().map(|t| t.id).collect::<Vec<_>>(), ids[2..4]);
-    assert!(next.iter().all(|t| t.token > first[1].token && t.attempt == 1));
+    assert!(
+        next.iter()
+            .all(|t| t.token > first[1].token && t.attempt == 1)
+    );
     for id in &ids[..2] {
         let s = queue::state(pool, *id).await.unwrap().unwrap();
         assert_eq!(s.status, TaskStatus::Done);
