@@ -5,7 +5,9 @@ separately), then WORKERS workers lease and complete them in batches of BATCH un
 the same PostgreSQL (a fresh database the Rust benchmark made, with the same settings). Each worker is a
 process of its own with its own connection (pgqueuer's way of scaling past one Python core), running a
 `QueueManager` in drain mode with `batch_size=BATCH` and an entrypoint that does nothing; a job is done
-when pgqueuer has logged it complete and removed it from its queue table, which the end checks.
+when pgqueuer has logged it complete and removed it from its queue table, which the end checks. Before
+the clock starts the queue table is vacuumed and a checkpoint taken, as on the Cairn side; every table is
+checked to be WAL-logged (pgqueuer's default durability), as Cairn's are.
 
 Prints one line, `pgqueuer: N tasks in S s = R tasks/s (enqueue: E tasks/s)`, for the Rust side to read.
 """
@@ -31,11 +33,21 @@ async def prepare(dsn: str, tasks: int) -> float:
     try:
         queries = Queries(AsyncpgDriver(conn))
         await queries.install()
+        # pgqueuer's default durability ("durable"): every table logged, as Cairn's are.
+        unlogged = await conn.fetchval(
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'pgqueuer%' AND relpersistence <> 'p'"
+        )
+        assert unlogged == 0, f"{unlogged} of pgqueuer's relations are not WAL-logged"
         started = time.perf_counter()
         for first in range(0, tasks, 5_000):
             n = min(5_000, tasks - first)
             await queries.enqueue([ENTRYPOINT] * n, [None] * n, [0] * n)
-        return time.perf_counter() - started
+        elapsed = time.perf_counter() - started
+        # The same settling as the Cairn side (`settle` in reconciler/benches/queue.rs): the queue
+        # table vacuumed and analysed, then a checkpoint, before the clock starts.
+        await conn.execute("VACUUM (ANALYZE) pgqueuer")
+        await conn.execute("CHECKPOINT")
+        return elapsed
     finally:
         await conn.close()
 
@@ -99,6 +111,7 @@ def main() -> None:
         ready.acquire()
     started = time.perf_counter()
     go.set()
+    load = " ".join(open("/proc/loadavg").read().split()[:3])
     done = sum(counts.get() for _ in procs)
     elapsed = time.perf_counter() - started
     for proc in procs:
@@ -109,7 +122,7 @@ def main() -> None:
     assert logged == a.tasks, f"{logged} of {a.tasks} jobs logged as done"
     print(
         f"pgqueuer: {done} tasks in {elapsed:.2f} s = {done / elapsed:.0f} tasks/s "
-        f"(enqueue: {a.tasks / enqueue_s:.0f} tasks/s)",
+        f"(enqueue: {a.tasks / enqueue_s:.0f} tasks/s; load {load})",
         flush=True,
     )
 

@@ -7,18 +7,21 @@
 //! ```
 //!
 //! The database comes from `cairn-testkit` (the private cluster, or `CAIRN_TEST_DATABASE_URL`). One
-//! worker per node, as with agents: each leases its node's tasks and completes them, batched
-//! (`lease(n)` + `complete_many`) and one at a time (`lease(1)` + `complete`). Enqueueing happens
-//! before the clock starts and is reported separately.
+//! worker per node, as with agents: each leases its node's tasks and completes them, batched (200) and
+//! one at a time, in two shapes: a lease then a completion (`lease` + `complete_many` or `complete`, two
+//! commits per batch), and the next lease carrying the last batch's completions (`complete_and_lease`,
+//! one commit per batch). Enqueueing happens before the clock starts and is reported separately; then
+//! the queue table is vacuumed and a checkpoint taken (`settle`), so each run starts from the same
+//! cluster state whatever ran before it.
 //!
 //! With `CAIRN_BENCH_PGQUEUER=<python>` (a Python with `pgqueuer` and `asyncpg` installed, which
-//! `benches/queue.sh` sets up), each run is followed by the same work done by pgqueuer
+//! `benches/queue.sh` sets up), each task count is followed by the same work done by pgqueuer
 //! (`benches/pgqueuer_peer.py`) in a fresh database of the same PostgreSQL: the same task count, batch
-//! size and number of workers; both figures and their ratio are printed.
+//! size, number of workers and settling before the clock; both figures and their ratio are printed.
 
 use std::time::{Duration, Instant};
 
-use cairn_reconciler::queue::{self, NewTask, TaskKind};
+use cairn_reconciler::queue::{self, LeaseToken, NewTask, TaskId, TaskKind, TaskStatus};
 use cairn_schema::Name;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -37,62 +40,111 @@ fn main() {
         .block_on(run(200_000 / scale, 10_000 / scale));
 }
 
+/// How a worker hands its finished leases back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// `lease(n)`, then `complete_many` (or `complete` for one task): two statements, two commits per
+    /// batch.
+    TwoCommits,
+    /// `complete_and_lease`: the next lease carries the last batch's completions, one statement and
+    /// one commit per batch.
+    OneCommit,
+}
+
 async fn run(batched_tasks: usize, single_tasks: usize) {
     for (label, tasks, batch) in [
-        (
-            "batched, 8 workers, lease(200) + complete_many",
-            batched_tasks,
-            200u32,
-        ),
-        (
-            "one at a time, 8 workers, lease(1) + complete",
-            single_tasks,
-            1,
-        ),
+        ("batched, 8 workers, batches of 200", batched_tasks, 200u32),
+        ("one at a time, 8 workers", single_tasks, 1),
     ] {
-        // A fresh database per run, so one run's finished tasks do not slow the next.
-        let Some(db) = cairn_testkit::pg::TestDb::new().await else {
-            return;
-        };
-        let pool = PgPoolOptions::new()
-            .max_connections(NODES as u32 + 2)
-            .connect_with(db.options())
-            .await
-            .expect("a pool");
-        if batch > 1 {
-            print_settings(&pool).await;
+        let mut rates = Vec::new();
+        for shape in [Shape::TwoCommits, Shape::OneCommit] {
+            let how = match (shape, batch) {
+                (Shape::TwoCommits, 1) => "lease(1) + complete",
+                (Shape::TwoCommits, _) => "lease(200) + complete_many",
+                (Shape::OneCommit, 1) => "complete_and_lease(previous, 1)",
+                (Shape::OneCommit, _) => "complete_and_lease(previous batch, 200)",
+            };
+            let Some(rate) = cairn(tasks, batch, shape, &format!("{label}, {how}")).await else {
+                return;
+            };
+            rates.push((how, rate));
         }
-        let (enqueued, enqueue_time) = enqueue(&pool, tasks, label).await;
-        let started = Instant::now();
-        let workers: Vec<_> = (0..NODES)
-            .map(|n| {
-                let pool = pool.clone();
-                tokio::spawn(async move { work(&pool, &node(n), batch).await })
-            })
-            .collect();
-        let mut done = 0;
-        for w in workers {
-            done += w.await.expect("a worker");
-        }
-        let elapsed = started.elapsed();
-        assert_eq!(done, enqueued, "every task completed exactly once");
-        let rate = done as f64 / elapsed.as_secs_f64();
-        println!(
-            "{label}: {done} tasks in {:.2} s = {rate:.0} tasks/s (enqueue: {:.0} tasks/s)",
-            elapsed.as_secs_f64(),
-            enqueued as f64 / enqueue_time.as_secs_f64(),
-        );
-        pool.close().await;
-        db.close().await;
         if let Some(python) = std::env::var_os("CAIRN_BENCH_PGQUEUER").filter(|p| !p.is_empty()) {
-            peer(&python, tasks, batch, rate).await;
+            peer(&python, tasks, batch, &rates).await;
         }
     }
 }
 
+/// One Cairn run in a fresh database; its rate in tasks/s (`None`: no PostgreSQL).
+async fn cairn(tasks: usize, batch: u32, shape: Shape, label: &str) -> Option<f64> {
+    // A fresh database per run, so one run's finished tasks do not slow the next.
+    let db = cairn_testkit::pg::TestDb::new().await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(NODES as u32 + 2)
+        .connect_with(db.options())
+        .await
+        .expect("a pool");
+    if batch > 1 && shape == Shape::TwoCommits {
+        print_settings(&pool).await;
+    }
+    let (enqueued, enqueue_time) = enqueue(&pool, tasks, label).await;
+    settle(&pool, "tasks").await;
+    let load = loadavg();
+    let started = Instant::now();
+    let workers: Vec<_> = (0..NODES)
+        .map(|n| {
+            let pool = pool.clone();
+            tokio::spawn(async move { work(&pool, &node(n), batch, shape).await })
+        })
+        .collect();
+    let mut done = 0;
+    for w in workers {
+        done += w.await.expect("a worker");
+    }
+    let elapsed = started.elapsed();
+    assert_eq!(done, enqueued, "every task completed exactly once");
+    let finished: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'done'")
+        .fetch_one(&pool)
+        .await
+        .expect("a count");
+    assert_eq!(finished as usize, enqueued, "every task is done");
+    let rate = done as f64 / elapsed.as_secs_f64();
+    println!(
+        "{label}: {done} tasks in {:.2} s = {rate:.0} tasks/s (enqueue: {:.0} tasks/s; load {load})",
+        elapsed.as_secs_f64(),
+        enqueued as f64 / enqueue_time.as_secs_f64(),
+    );
+    pool.close().await;
+    db.close().await;
+    Some(rate)
+}
+
+/// The same cluster conditions for every side before its clock starts: the queue table vacuumed and
+/// analysed (hint bits set, statistics fresh, no autovacuum owed for the enqueue), then a checkpoint,
+/// so that no side inherits the WAL and dirty buffers of what ran before it (a test run, the other
+/// side) and every side starts its run just after a checkpoint. pgqueuer's side does the same
+/// (`benches/pgqueuer_peer.py`).
+async fn settle(pool: &PgPool, table: &str) {
+    sqlx::query(&format!("VACUUM (ANALYZE) {table}"))
+        .execute(pool)
+        .await
+        .expect("vacuum");
+    sqlx::query("CHECKPOINT")
+        .execute(pool)
+        .await
+        .expect("a checkpoint (the benchmark connects as a superuser)");
+}
+
+/// The 1-, 5- and 15-minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split(' ').take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
 /// The same work done by pgqueuer in a fresh database of the same cluster; prints its line and the
-/// ratio to Cairn's `rate`.
-async fn peer(python: &std::ffi::OsStr, tasks: usize, batch: u32, rate: f64) {
+/// ratio to each of Cairn's `rates`.
+async fn peer(python: &std::ffi::OsStr, tasks: usize, batch: u32, rates: &[(&str, f64)]) {
     let Some(db) = cairn_testkit::pg::TestDb::new().await else {
         return;
     };
@@ -124,7 +176,9 @@ async fn peer(python: &std::ffi::OsStr, tasks: usize, batch: u32, rate: f64) {
         .and_then(|r| r.parse().ok())
         .expect("tasks/s in the peer's line");
     println!("  {line}");
-    println!("  Cairn / pgqueuer: {:.2}x", rate / theirs);
+    for (how, rate) in rates {
+        println!("  Cairn ({how}) / pgqueuer: {:.2}x", rate / theirs);
+    }
     db.close().await;
 }
 
@@ -163,25 +217,45 @@ async fn enqueue(pool: &PgPool, tasks: usize, run: &str) -> (usize, Duration) {
 }
 
 /// Leases and completes `node`'s tasks until there are none; returns how many it completed.
-async fn work(pool: &PgPool, node: &Name, batch: u32) -> usize {
+async fn work(pool: &PgPool, node: &Name, batch: u32, shape: Shape) -> usize {
     let mut done = 0;
+    let mut finished: Vec<(TaskId, LeaseToken)> = Vec::new();
     loop {
-        let leased = queue::lease(pool, node, batch, LEASE).await.expect("lease");
+        let leased = match shape {
+            Shape::TwoCommits => queue::lease(pool, node, batch, LEASE).await.expect("lease"),
+            Shape::OneCommit => {
+                let (completed, leased) =
+                    queue::complete_and_lease(pool, node, &finished, batch, LEASE)
+                        .await
+                        .expect("complete and lease");
+                assert!(
+                    completed.stale.is_empty() && completed.superseded.is_empty(),
+                    "no lease expires during the benchmark"
+                );
+                done += completed.done.len();
+                leased
+            }
+        };
         if leased.is_empty() {
             return done;
         }
+        // (The work a task stands for would run here.)
+        finished = leased.iter().map(|t| (t.id, t.token)).collect();
+        if shape == Shape::OneCommit {
+            continue;
+        }
         if batch == 1 {
-            for t in &leased {
-                queue::complete(pool, t.id, t.token)
-                    .await
-                    .expect("complete");
+            for (id, token) in &finished {
+                let status = queue::complete(pool, *id, *token).await.expect("complete");
+                assert_eq!(status, TaskStatus::Done);
             }
-            done += leased.len();
+            done += finished.len();
         } else {
-            let leases: Vec<_> = leased.iter().map(|t| (t.id, t.token)).collect();
-            let result = queue::complete_many(pool, &leases).await.expect("complete");
+            let result = queue::complete_many(pool, &finished)
+                .await
+                .expect("complete");
             assert!(
-                result.stale.is_empty(),
+                result.stale.is_empty() && result.superseded.is_empty(),
                 "no lease expires during the benchmark"
             );
             done += result.done.len();

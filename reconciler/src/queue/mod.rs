@@ -232,12 +232,33 @@ pub enum FailOutcome {
     Dead,
 }
 
-/// Ids sorted by what [`complete_many`] did with them.
+/// Ids sorted by what [`complete_many`] (or [`complete_and_lease`]) did with them, each in id order.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Completed {
     pub done: Vec<TaskId>,
+    /// Ended `superseded`, as [`complete`] ends a task whose node already finished a newer generation's
+    /// task for the same slot.
+    pub superseded: Vec<TaskId>,
     /// Not completed: the token was not the task's current lease (or no such task).
     pub stale: Vec<TaskId>,
+}
+
+impl Completed {
+    fn sort(leases: &[(TaskId, LeaseToken)], ended: Vec<(TaskId, TaskStatus)>) -> Completed {
+        let mut out = Completed::default();
+        let ended: HashMap<TaskId, TaskStatus> = ended.into_iter().collect();
+        let mut asked: Vec<TaskId> = leases.iter().map(|(id, _)| *id).collect();
+        asked.sort();
+        asked.dedup();
+        for id in asked {
+            match ended.get(&id) {
+                Some(TaskStatus::Superseded) => out.superseded.push(id),
+                Some(_) => out.done.push(id),
+                None => out.stale.push(id),
+            }
+        }
+        out
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -288,10 +309,38 @@ pub async fn lease(
     n: u32,
     lease_for: Duration,
 ) -> Result<Vec<LeasedTask>, QueueError> {
-    if n == 0 {
-        return Ok(Vec::new());
+    Ok(complete_and_lease(pool, node, &[], n, lease_for).await?.1)
+}
+
+/// Completes `complete` (each as [`complete`] would: done, or superseded) and leases up to `n` more of
+/// `node`'s tasks, in one statement and so one commit: a worker that finished a batch asks for the next
+/// one with it. The same fencing as [`complete_many`] (a token that is not the task's current lease is
+/// refused and reported in [`Completed::stale`]), and a task in `complete` is never among those leased,
+/// even when its token was stale. Asked again after a lost answer, the completions already made come
+/// back stale (they are no longer leased) and the tasks leased by the lost answer wait for their lease
+/// to expire, as with a lost [`lease`].
+pub async fn complete_and_lease(
+    pool: &PgPool,
+    node: &Name,
+    complete: &[(TaskId, LeaseToken)],
+    n: u32,
+    lease_for: Duration,
+) -> Result<(Completed, Vec<LeasedTask>), QueueError> {
+    if n == 0 && complete.is_empty() {
+        return Ok((Completed::default(), Vec::new()));
     }
-    Ok(sql::lease(pool, node, n, lease_for).await?)
+    let first = sql::lease(pool, node, n, lease_for, complete).await?;
+    let completed = Completed::sort(complete, first.completed);
+    let mut tasks = first.tasks;
+    let mut buried = first.buried;
+    // Expired last attempts took places of the limit: look again for the rest.
+    while buried > 0 && tasks.len() < n as usize {
+        let left = n.saturating_sub(u32::try_from(tasks.len()).unwrap_or(n));
+        let more = sql::lease(pool, node, left, lease_for, &[]).await?;
+        buried = more.buried;
+        tasks.extend(more.tasks);
+    }
+    Ok((completed, tasks))
 }
 
 /// Marks a task done, or superseded when its node already finished a newer generation's task for the
@@ -339,7 +388,8 @@ pub async fn supersede_slots(
     Ok(sql::supersede_slots(tx, slots, generation).await?)
 }
 
-/// Marks many tasks done in one statement (batching is what makes the queue fast).
+/// Completes many tasks in one statement, each as [`complete`] would (batching is what makes the queue
+/// fast).
 pub async fn complete_many(
     pool: &PgPool,
     leases: &[(TaskId, LeaseToken)],
@@ -347,14 +397,8 @@ pub async fn complete_many(
     if leases.is_empty() {
         return Ok(Completed::default());
     }
-    let done = sql::complete_many(pool, leases).await?;
-    let set: std::collections::HashSet<TaskId> = done.iter().copied().collect();
-    let stale = leases
-        .iter()
-        .map(|(id, _)| *id)
-        .filter(|id| !set.contains(id))
-        .collect();
-    Ok(Completed { done, stale })
+    let ended = sql::complete_many(pool, leases).await?;
+    Ok(Completed::sort(leases, ended))
 }
 
 /// Records a failed attempt: the task is retried after `backoff`, or dead after its last attempt.

@@ -109,80 +109,149 @@ pub(super) async fn insert_many(
     Ok(ids.into_iter().map(TaskId).collect())
 }
 
-/// Leases up to `limit` tasks of `node` that may run now, oldest first, each with a fresh token and an
-/// expiry `lease_for` from now. In the same statement, a task whose last allowed attempt's lease expired
-/// becomes dead.
+/// What one [`lease`] statement did.
+#[derive(Debug, Default)]
+pub(super) struct Leased {
+    pub(super) tasks: Vec<LeasedTask>,
+    /// The completions it carried that were current leases: `done`, or `superseded` (see
+    /// [`complete`]).
+    pub(super) completed: Vec<(TaskId, TaskStatus)>,
+    /// Tasks whose last allowed attempt's lease had expired, now dead (they took places of the limit).
+    pub(super) buried: usize,
+}
+
+/// In one statement (one commit): completes `complete` (the caller's finished leases, exactly as
+/// [`complete`] would each), then leases up to `limit` tasks of `node` that may run now, oldest first,
+/// each with a fresh token and an expiry `lease_for` from now. A due task whose last allowed attempt's
+/// lease expired is met by the same walk and becomes dead instead (it counts against `limit`).
+///
+/// One walk of `tasks_ready` in `(run_after, id)` order finds both the tasks to lease and the expired
+/// last attempts, so no other index is needed for the latter. A task this statement is asked to
+/// complete is never picked by it, whether or not its token is current (the data-modifying parts of
+/// one statement run in no set order; the lists of rows they touch are disjoint).
 pub(super) async fn lease(
     pool: &PgPool,
     node: &Name,
     limit: u32,
     lease_for: Duration,
-) -> Result<Vec<LeasedTask>, StoreError> {
+    complete: &[(TaskId, LeaseToken)],
+) -> Result<Leased, StoreError> {
+    let ids: Vec<i64> = complete.iter().map(|(id, _)| id.0).collect();
+    let tokens: Vec<i64> = complete.iter().map(|(_, t)| t.0).collect();
     let rows = sqlx::query!(
-        r#"WITH expired AS (
-               UPDATE tasks
-               SET status = 'dead', finished_at = now(), updated_at = now(),
-                   last_error = 'the lease of the last attempt expired'
-                                || coalesce(' (earlier: ' || last_error || ')', '')
-               WHERE node = $1 AND status = 'leased' AND run_after <= now()
-                 AND attempts >= max_attempts
+        r#"WITH completed AS (
+               UPDATE tasks t
+               SET status = CASE WHEN newer.id IS NULL THEN 'done' ELSE 'superseded' END,
+                   last_error = CASE WHEN newer.id IS NULL THEN t.last_error
+                                     ELSE 'superseded: the node had finished task ' || newer.id
+                                          || ' of generation ' || newer.generation
+                                          || ' for the slot' END,
+                   finished_at = now(), updated_at = now()
+               FROM UNNEST($4::bigint[], $5::bigint[]) AS c(id, token)
+               LEFT JOIN LATERAL (
+                   SELECT n.id, n.generation FROM tasks o JOIN tasks n
+                       ON n.node = o.node AND n.app = o.app AND n.slot = o.slot
+                   WHERE o.id = c.id AND o.slot IS NOT NULL AND o.generation IS NOT NULL
+                     AND n.status = 'done' AND n.generation > o.generation
+                   LIMIT 1
+               ) newer ON true
+               WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'leased'
+               RETURNING t.id, t.status
            ),
            picked AS (
-               SELECT id, run_after AS due FROM tasks
+               SELECT id, run_after AS due, status = 'leased' AND attempts >= max_attempts AS last
+               FROM tasks
                WHERE node = $1 AND status IN ('queued', 'failed', 'leased') AND run_after <= now()
-                 AND attempts < max_attempts
+                 AND (attempts < max_attempts OR status = 'leased') AND id <> ALL($4::bigint[])
                ORDER BY run_after, id
                LIMIT $2
                FOR UPDATE SKIP LOCKED
+           ),
+           buried AS (
+               UPDATE tasks t
+               SET status = 'dead', finished_at = now(), updated_at = now(),
+                   last_error = 'the lease of the last attempt expired'
+                                || coalesce(' (earlier: ' || t.last_error || ')', '')
+               FROM picked
+               WHERE t.id = picked.id AND picked.last
+               RETURNING t.id
+           ),
+           leased AS (
+               UPDATE tasks t
+               SET status = 'leased', attempts = t.attempts + 1,
+                   lease_token = nextval('task_lease_tokens'),
+                   lease_expires_at = now() + $3::float8 * interval '1 millisecond',
+                   run_after = now() + $3::float8 * interval '1 millisecond',
+                   updated_at = now()
+               FROM picked
+               WHERE t.id = picked.id AND NOT picked.last
+               RETURNING t.id, t.node, t.kind, t.app, t.slot, t.release, t.generation, t.payload,
+                         t.attempts, t.max_attempts, t.lease_token, t.lease_expires_at,
+                         extract(epoch FROM now() - picked.due)::float8 AS waited_secs
            )
-           UPDATE tasks t
-           SET status = 'leased', attempts = t.attempts + 1,
-               lease_token = nextval('task_lease_tokens'),
-               lease_expires_at = now() + $3::float8 * interval '1 millisecond',
-               run_after = now() + $3::float8 * interval '1 millisecond',
-               updated_at = now()
-           FROM picked
-           WHERE t.id = picked.id
-           RETURNING t.id, t.node, t.kind, t.app, t.slot, t.release, t.generation, t.payload,
-                     t.attempts, t.max_attempts, t.lease_token AS "lease_token!",
-                     t.lease_expires_at AS "lease_expires_at!",
-                     extract(epoch FROM now() - picked.due)::float8 AS "waited_secs!""#,
+           SELECT 'leased' AS "what!", id AS "id!", node AS "node?", kind AS "kind?", app AS "app?",
+                  slot AS "slot?", release AS "release?", generation AS "generation?",
+                  payload AS "payload?", attempts AS "attempts?", max_attempts AS "max_attempts?",
+                  lease_token AS "lease_token?", lease_expires_at AS "lease_expires_at?",
+                  waited_secs AS "waited_secs?"
+           FROM leased
+           UNION ALL
+           SELECT status, id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+           FROM completed
+           UNION ALL
+           SELECT 'buried', id, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL
+           FROM buried"#,
         node.as_str(),
         i64::from(limit),
         millis(lease_for),
+        &ids,
+        &tokens,
     )
     .fetch_all(pool)
     .await
     .op("lease tasks")?;
-    let mut leased = rows
-        .into_iter()
-        .map(|r| {
-            Ok(LeasedTask {
-                id: TaskId(r.id),
-                token: LeaseToken(r.lease_token),
-                node: name(&r.node)?,
-                kind: kind(&r.kind)?,
-                app: name(&r.app)?,
-                slot: r.slot.map(slot).transpose()?,
-                release: r
-                    .release
-                    .map(|v| to_u64("tasks", "release", v))
-                    .transpose()?,
-                generation: r
-                    .generation
-                    .map(|v| to_u64("tasks", "generation", v))
-                    .transpose()?,
-                payload: r.payload,
-                attempt: u32::try_from(r.attempts).unwrap_or(0),
-                max_attempts: u32::try_from(r.max_attempts).unwrap_or(0),
-                expires_at: r.lease_expires_at,
-                waited: Duration::try_from_secs_f64(r.waited_secs).unwrap_or_default(),
-            })
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
+    let mut out = Leased::default();
+    for r in rows {
+        match r.what.as_str() {
+            "leased" => {
+                let missing = |column: &'static str| StoreError::Corrupt {
+                    table: "tasks",
+                    column,
+                    detail: "missing from a leased row".to_owned(),
+                };
+                out.tasks.push(LeasedTask {
+                    id: TaskId(r.id),
+                    token: LeaseToken(r.lease_token.ok_or_else(|| missing("lease_token"))?),
+                    node: name(r.node.as_deref().ok_or_else(|| missing("node"))?)?,
+                    kind: kind(r.kind.as_deref().ok_or_else(|| missing("kind"))?)?,
+                    app: name(r.app.as_deref().ok_or_else(|| missing("app"))?)?,
+                    slot: r.slot.map(slot).transpose()?,
+                    release: r
+                        .release
+                        .map(|v| to_u64("tasks", "release", v))
+                        .transpose()?,
+                    generation: r
+                        .generation
+                        .map(|v| to_u64("tasks", "generation", v))
+                        .transpose()?,
+                    payload: r.payload.ok_or_else(|| missing("payload"))?,
+                    attempt: u32::try_from(r.attempts.unwrap_or(0)).unwrap_or(0),
+                    max_attempts: u32::try_from(r.max_attempts.unwrap_or(0)).unwrap_or(0),
+                    expires_at: r
+                        .lease_expires_at
+                        .ok_or_else(|| missing("lease_expires_at"))?,
+                    waited: Duration::try_from_secs_f64(r.waited_secs.unwrap_or(0.0))
+                        .unwrap_or_default(),
+                });
+            }
+            "buried" => out.buried += 1,
+            s => out.completed.push((TaskId(r.id), status(s)?)),
+        }
+    }
     // UPDATE ... RETURNING does not keep the sub-select's order.
-    leased.sort_by_key(|t| t.id);
-    Ok(leased)
+    out.tasks.sort_by_key(|t| t.id);
+    out.completed.sort_by_key(|(id, _)| *id);
+    Ok(out)
 }
 
 /// Ends a leased task if `token` is its current lease: `done`, or `superseded` when its node already
@@ -282,25 +351,44 @@ pub(super) async fn supersede_slots(
     Ok(ids.into_iter().map(TaskId).collect())
 }
 
-/// Completes many tasks in one statement; returns the ids whose token was current (now done).
+/// Completes many tasks in one statement, each as [`complete`] would; returns those whose token was
+/// current, with what they became (`done` or `superseded`).
 pub(super) async fn complete_many(
     pool: &PgPool,
     leases: &[(TaskId, LeaseToken)],
-) -> Result<Vec<TaskId>, StoreError> {
+) -> Result<Vec<(TaskId, TaskStatus)>, StoreError> {
     let ids: Vec<i64> = leases.iter().map(|(id, _)| id.0).collect();
     let tokens: Vec<i64> = leases.iter().map(|(_, t)| t.0).collect();
-    let done = sqlx::query_scalar!(
-        r#"UPDATE tasks t SET status = 'done', finished_at = now(), updated_at = now()
+    let rows = sqlx::query!(
+        r#"UPDATE tasks t
+           SET status = CASE WHEN newer.id IS NULL THEN 'done' ELSE 'superseded' END,
+               last_error = CASE WHEN newer.id IS NULL THEN t.last_error
+                                 ELSE 'superseded: the node had finished task ' || newer.id
+                                      || ' of generation ' || newer.generation
+                                      || ' for the slot' END,
+               finished_at = now(), updated_at = now()
            FROM UNNEST($1::bigint[], $2::bigint[]) AS c(id, token)
+           LEFT JOIN LATERAL (
+               SELECT n.id, n.generation FROM tasks o JOIN tasks n
+                   ON n.node = o.node AND n.app = o.app AND n.slot = o.slot
+               WHERE o.id = c.id AND o.slot IS NOT NULL AND o.generation IS NOT NULL
+                 AND n.status = 'done' AND n.generation > o.generation
+               LIMIT 1
+           ) newer ON true
            WHERE t.id = c.id AND t.lease_token = c.token AND t.status = 'leased'
-           RETURNING t.id"#,
+           RETURNING t.id, t.status"#,
         &ids,
         &tokens,
     )
     .fetch_all(pool)
     .await
     .op("complete tasks")?;
-    Ok(done.into_iter().map(TaskId).collect())
+    let mut done = rows
+        .into_iter()
+        .map(|r| Ok((TaskId(r.id), status(&r.status)?)))
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    done.sort_by_key(|(id, _)| *id);
+    Ok(done)
 }
 
 /// Records a failed attempt if `token` is the current lease: retried after the backoff, or dead when it

@@ -447,3 +447,158 @@ async fn the_listener_survives_a_lost_connection() {
     }
     assert!(notified, "notifications arrive again after the reconnect");
 }
+
+#[tokio::test]
+async fn complete_and_lease_ends_the_last_batch_and_leases_the_next_in_one_statement() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    let node = name("fra-1");
+    let tasks: Vec<NewTask> = (0..5).map(|i| task("fra-1", &format!("t{i}"))).collect();
+    let ids = enqueue(pool, &tasks).await;
+    let first = queue::lease(pool, &node, 2, LEASE).await.unwrap();
+    let finished: Vec<_> = first.iter().map(|t| (t.id, t.token)).collect();
+
+    let (completed, next) = queue::complete_and_lease(pool, &node, &finished, 2, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(completed.done, ids[..2]);
+    assert!(completed.stale.is_empty() && completed.superseded.is_empty());
+    assert_eq!(next.iter().map(|t| t.id).collect::<Vec<_>>(), ids[2..4]);
+    assert!(
+        next.iter()
+            .all(|t| t.token > first[1].token && t.attempt == 1)
+    );
+    for id in &ids[..2] {
+        let s = queue::state(pool, *id).await.unwrap().unwrap();
+        assert_eq!(s.status, TaskStatus::Done);
+    }
+
+    // Asked again (an answer lost on the way): the completions are not made twice.
+    let (again, _) = queue::complete_and_lease(pool, &node, &finished, 0, LEASE)
+        .await
+        .unwrap();
+    assert!(again.done.is_empty());
+    assert_eq!(again.stale, ids[..2]);
+
+    // The last batch's completions with nothing left to lease.
+    let last: Vec<_> = next.iter().map(|t| (t.id, t.token)).collect();
+    let (completed, more) = queue::complete_and_lease(pool, &node, &last, 2, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(completed.done, ids[2..4]);
+    assert_eq!(more.iter().map(|t| t.id).collect::<Vec<_>>(), [ids[4]]);
+}
+
+#[tokio::test]
+async fn complete_and_lease_refuses_a_stale_token_and_never_leases_that_task_in_the_same_call() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    let node = name("fra-1");
+    let [id] = enqueue(pool, &[task("fra-1", "a")]).await[..] else {
+        panic!()
+    };
+    let t = queue::lease(pool, &node, 1, LEASE).await.unwrap().remove(0);
+    // Its lease expired: the task is due again, and a wrong token is presented for it.
+    make_due(pool, id).await;
+    let wrong = queue::LeaseToken(t.token.0 + 10_000);
+    let (completed, leased) = queue::complete_and_lease(pool, &node, &[(id, wrong)], 5, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(completed.stale, [id]);
+    assert!(completed.done.is_empty());
+    assert!(
+        leased.is_empty(),
+        "a task the call was asked to complete is not leased by it"
+    );
+    assert_eq!(
+        queue::state(pool, id).await.unwrap().unwrap().lease_token,
+        Some(t.token)
+    );
+    // The next lease hands it out again, with a new token; the old one is refused from then on.
+    let again = queue::lease(pool, &node, 5, LEASE).await.unwrap();
+    assert_eq!(again.len(), 1);
+    assert!(again[0].token > t.token);
+    let (late, _) = queue::complete_and_lease(pool, &node, &[(id, t.token)], 0, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(late.stale, [id]);
+    queue::complete(pool, id, again[0].token).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_expired_last_attempt_met_by_the_lease_is_buried_and_the_rest_still_leased() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    let node = name("fra-1");
+    let ids = enqueue(
+        pool,
+        &[
+            NewTask {
+                max_attempts: 1,
+                ..task("fra-1", "last")
+            },
+            task("fra-1", "b"),
+            task("fra-1", "c"),
+        ],
+    )
+    .await;
+    let t = queue::lease(pool, &node, 1, LEASE).await.unwrap().remove(0);
+    assert_eq!(t.id, ids[0]);
+    // Its lease expired long before the other two were enqueued: first in the lease's walk.
+    sqlx::query(
+        "UPDATE tasks SET run_after = now() - interval '1 hour',
+                          lease_expires_at = now() - interval '1 hour'
+         WHERE id = $1",
+    )
+    .bind(ids[0].0)
+    .execute(pool)
+    .await
+    .unwrap();
+    let leased = queue::lease(pool, &node, 2, LEASE).await.unwrap();
+    assert_eq!(leased.iter().map(|t| t.id).collect::<Vec<_>>(), ids[1..]);
+    let state = queue::state(pool, ids[0]).await.unwrap().unwrap();
+    assert_eq!(state.status, TaskStatus::Dead);
+    assert!(
+        state
+            .last_error
+            .unwrap()
+            .contains("lease of the last attempt expired")
+    );
+}
+
+#[tokio::test]
+async fn batched_completions_end_superseded_like_a_single_one() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    let node = name("fra-1");
+    let gen_task = |key: &str, generation: u64| NewTask {
+        slot: Some(1),
+        generation: Some(generation),
+        ..task("fra-1", key)
+    };
+    let ids = enqueue(
+        pool,
+        &[gen_task("g2", 2), gen_task("g1", 1), gen_task("g1b", 1)],
+    )
+    .await;
+    let leased = queue::lease(pool, &node, 3, LEASE).await.unwrap();
+    let token = |id: TaskId| leased.iter().find(|t| t.id == id).unwrap().token;
+    // The node finished generation 2 for the slot; generation 1's "done" can only have been a skip.
+    assert_eq!(
+        queue::complete(pool, ids[0], token(ids[0])).await.unwrap(),
+        TaskStatus::Done
+    );
+    let many = queue::complete_many(pool, &[(ids[1], token(ids[1]))])
+        .await
+        .unwrap();
+    assert_eq!(many.superseded, [ids[1]]);
+    assert!(many.done.is_empty());
+    let (one, _) = queue::complete_and_lease(pool, &node, &[(ids[2], token(ids[2]))], 1, LEASE)
+        .await
+        .unwrap();
+    assert_eq!(one.superseded, [ids[2]]);
+    for id in &ids[1..] {
+        let s = queue::state(pool, *id).await.unwrap().unwrap();
+        assert_eq!(s.status, TaskStatus::Superseded);
+    }
+}
