@@ -107,7 +107,7 @@ async fn run(args: Args) {
     let cache = tempfile::tempdir().unwrap();
 
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_cairn"))
+    let serve = Command::new(env!("CARGO_BIN_EXE_cairn"))
         .arg("serve")
         .args(["--database-url", db.url()])
         .args([
@@ -141,10 +141,13 @@ async fn run(args: Args) {
         .stderr(log.reopen().unwrap())
         .spawn()
         .expect("cairn serve starts");
-    let pid = serve.id();
+    // Killed however the benchmark ends (a timed-out dispatch panics): a serve left behind would load
+    // the next run's machine.
+    let mut serve = KillOnDrop(serve);
+    let pid = serve.0.id();
     let url = {
         use std::io::BufRead as _;
-        let out = serve.stdout.take().unwrap();
+        let out = serve.0.stdout.take().unwrap();
         let mut lines = std::io::BufReader::new(out).lines();
         let first = lines.next().unwrap().unwrap();
         std::thread::spawn(move || for _ in lines {});
@@ -351,14 +354,23 @@ async fn run(args: Args) {
     if !errors.is_empty() {
         println!("errors seen by agents: {errors:?}");
     }
-    let _ = serve.kill();
-    let _ = serve.wait();
+    drop(serve);
     if std::env::var_os("BENCH_SERVE_LOG").is_some() {
         let _ = std::fs::copy(log.path(), "/tmp/cairn-bench-serve.log");
     }
 }
 
 use cairn_testkit::git;
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 fn write_config(dir: &Path, n: usize) {
     std::fs::write(dir.join("cairn.toml"), "base_domain = \"bench.test\"\n").unwrap();
