@@ -297,6 +297,10 @@ impl Routes {
 
     /// Publishes `table` unless it has the current generation; says whether it did.
     pub fn publish(&self, table: RouteTable) -> bool {
+        if self.tx.borrow().generation == table.generation {
+            // (The periodic refresh, nothing changed: no index to make.)
+            return false;
+        }
         let served = Served::of(&table);
         let published = self.tx.send_if_modified(|current| {
             if current.generation == table.generation {
