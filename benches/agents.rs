@@ -107,7 +107,7 @@ async fn run(args: Args) {
     let cache = tempfile::tempdir().unwrap();
 
     let log = tempfile::NamedTempFile::new().unwrap();
-    let mut serve = Command::new(env!("CARGO_BIN_EXE_cairn"))
+    let serve = Command::new(env!("CARGO_BIN_EXE_cairn"))
         .arg("serve")
         .args(["--database-url", db.url()])
         .args([
@@ -141,10 +141,13 @@ async fn run(args: Args) {
         .stderr(log.reopen().unwrap())
         .spawn()
         .expect("cairn serve starts");
-    let pid = serve.id();
+    // Killed however the benchmark ends (a timed-out dispatch panics): a serve left behind would load
+    // the next run's machine.
+    let mut serve = KillOnDrop(serve);
+    let pid = serve.0.id();
     let url = {
         use std::io::BufRead as _;
-        let out = serve.stdout.take().unwrap();
+        let out = serve.0.stdout.take().unwrap();
         let mut lines = std::io::BufReader::new(out).lines();
         let first = lines.next().unwrap().unwrap();
         std::thread::spawn(move || for _ in lines {});
@@ -209,8 +212,9 @@ async fn run(args: Args) {
     eprintln!("{} agents joined in {:?}", credentials.len(), t.elapsed());
 
     let measuring = Arc::new(AtomicBool::new(false));
-    let heartbeats: Arc<Mutex<Vec<Duration>>> = Arc::default();
+    let heartbeats: Arc<Mutex<Vec<(Instant, Duration)>>> = Arc::default();
     let errors: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
+    let leases: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
     for (i, credential) in credentials.into_iter().enumerate() {
         let sim = Arc::new(Sim {
             http: http.clone(),
@@ -220,6 +224,7 @@ async fn run(args: Args) {
             measuring: measuring.clone(),
             heartbeats: heartbeats.clone(),
             errors: errors.clone(),
+            leases: leases.clone(),
         });
         let offset = Duration::from_millis((i as u64 * 30_000) / args.agents as u64);
         tokio::spawn(sim.clone().heartbeat_loop(offset));
@@ -237,13 +242,50 @@ async fn run(args: Args) {
         args.measure
     );
     measuring.store(true, Ordering::SeqCst);
+    let tcp0 = tcp_counters();
     let (cpu0, t0) = (cpu_ticks(pid), Instant::now());
     tokio::time::sleep(args.measure).await;
     let (cpu1, secs) = (cpu_ticks(pid), t0.elapsed().as_secs_f64());
     measuring.store(false, Ordering::SeqCst);
+    let tcp1 = tcp_counters();
     let (rss, hwm) = memory(pid);
-    let mut hb = heartbeats.lock().await.clone();
+    let timed = heartbeats.lock().await.clone();
+    let mut hb: Vec<Duration> = timed.iter().map(|(_, d)| *d).collect();
     hb.sort();
+    // When the slow ones started (seconds into the window) and how slow they were: a stall shows as a
+    // cluster, a queue as a ramp.
+    let slow = pct(&hb, 99.0).max(Duration::from_millis(50));
+    let mut by_second: BTreeMap<u64, (usize, Duration, Duration)> = BTreeMap::new();
+    for (at, d) in &timed {
+        if *d >= slow {
+            let e = by_second
+                .entry(at.saturating_duration_since(t0).as_secs())
+                .or_insert((0, Duration::MAX, Duration::ZERO));
+            e.0 += 1;
+            e.1 = e.1.min(*d);
+            e.2 = e.2.max(*d);
+        }
+    }
+    let mut answered: BTreeMap<u64, usize> = BTreeMap::new();
+    for at in leases.lock().unwrap().iter() {
+        *answered
+            .entry(at.saturating_duration_since(t0).as_secs())
+            .or_default() += 1;
+    }
+    eprintln!("long-polls answered per second of the window: {answered:?}");
+    for (s, (n, lo, hi)) in &by_second {
+        eprintln!(
+            "slow heartbeats started at {s} s: {n} ({:.0}-{:.0} ms)",
+            ms(*lo),
+            ms(*hi)
+        );
+    }
+    for (k, v) in &tcp1 {
+        let d = v - tcp0.get(k).copied().unwrap_or(0);
+        if d != 0 {
+            eprintln!("TCP {k}: +{d} during the window");
+        }
+    }
     let hz = clock_ticks();
     println!(
         "| {} agents | heartbeats in {:.0} s: {} | heartbeat p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | serve CPU {:.1}% of one core | RSS {} MiB (peak {} MiB) |",
@@ -312,14 +354,23 @@ async fn run(args: Args) {
     if !errors.is_empty() {
         println!("errors seen by agents: {errors:?}");
     }
-    let _ = serve.kill();
-    let _ = serve.wait();
+    drop(serve);
     if std::env::var_os("BENCH_SERVE_LOG").is_some() {
         let _ = std::fs::copy(log.path(), "/tmp/cairn-bench-serve.log");
     }
 }
 
 use cairn_testkit::git;
+
+/// A child process killed and reaped when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 fn write_config(dir: &Path, n: usize) {
     std::fs::write(dir.join("cairn.toml"), "base_domain = \"bench.test\"\n").unwrap();
@@ -383,7 +434,9 @@ struct Sim {
     credential: String,
     running: Mutex<Vec<Running>>,
     measuring: Arc<AtomicBool>,
-    heartbeats: Arc<Mutex<Vec<Duration>>>,
+    heartbeats: Arc<Mutex<Vec<(Instant, Duration)>>>,
+    /// When each long-poll was answered, in the window.
+    leases: Arc<std::sync::Mutex<Vec<Instant>>>,
     errors: Arc<Mutex<BTreeMap<String, usize>>>,
 }
 
@@ -421,7 +474,7 @@ impl Sim {
             {
                 Ok((200, _)) => {
                     if self.measuring.load(Ordering::SeqCst) {
-                        self.heartbeats.lock().await.push(t.elapsed());
+                        self.heartbeats.lock().await.push((t, t.elapsed()));
                     }
                 }
                 Ok((s, _)) => self.error(format!("heartbeat {s}")).await,
@@ -442,6 +495,9 @@ impl Sim {
             .await
             {
                 Ok((200, r)) => {
+                    if self.measuring.load(Ordering::SeqCst) {
+                        self.leases.lock().unwrap().push(Instant::now());
+                    }
                     for t in r["tasks"].as_array().cloned().unwrap_or_default() {
                         let id = t["id"].as_i64().unwrap();
                         if t["kind"] == "deploy" {
@@ -542,6 +598,37 @@ fn clock_ticks() -> f64 {
         .trim()
         .parse()
         .unwrap_or(100.0)
+}
+
+/// The machine's TCP counters of interest (`/proc/net/snmp` and `/proc/net/netstat`): connections
+/// opened, and SYNs or handshakes dropped because a listen queue was full.
+fn tcp_counters() -> BTreeMap<String, u64> {
+    let mut out = BTreeMap::new();
+    for file in ["/proc/net/snmp", "/proc/net/netstat"] {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        for pair in lines.chunks(2) {
+            let [names, values] = pair else { continue };
+            let (prefix, names) = names.split_once(':').unwrap_or(("", names));
+            let values = values.split_once(':').map_or(*values, |(_, v)| v);
+            for (n, v) in names.split_whitespace().zip(values.split_whitespace()) {
+                if matches!(
+                    n,
+                    "ActiveOpens"
+                        | "PassiveOpens"
+                        | "ListenOverflows"
+                        | "ListenDrops"
+                        | "TCPTimeouts"
+                        | "RetransSegs"
+                        | "TCPSynRetrans"
+                        | "EstabResets"
+                ) {
+                    out.insert(format!("{prefix}.{n}"), v.parse().unwrap_or(0));
+                }
+            }
+        }
+    }
+    out
 }
 
 /// (VmRSS, VmHWM) in KiB.

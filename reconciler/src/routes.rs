@@ -35,6 +35,9 @@ use crate::worker::{Shutdown, Worker};
 #[derive(Debug, Clone)]
 pub struct Routes {
     tx: Arc<watch::Sender<Arc<RouteTable>>>,
+    /// The current table turned around (each node's routed apps), which every heartbeat compares its
+    /// report with ([`Routes::differs_for`]): made once per published table, not per heartbeat.
+    served: Arc<std::sync::RwLock<Arc<Served>>>,
     tls: Arc<watch::Sender<Arc<TlsSource>>>,
     /// The ACME answers this replica's certificate worker puts up (HTTP-01 and TLS-ALPN-01);
     /// [`refresh_loop`] stores them for every replica's agents ([`crate::store::tls`]).
@@ -49,6 +52,38 @@ pub struct Routes {
     /// Wakes the certificate loop (`cairn serve` hands it to [`crate::certs::serve_loop`]): after an
     /// apply, and when a node comes online ([`crate::certs::node_online`]).
     pub certs_wake: Arc<Notify>,
+}
+
+/// A route table by node: what [`Routes::differs_for`] reads.
+#[derive(Debug, Default)]
+struct Served {
+    /// The generation of the table it was made from.
+    generation: String,
+    /// The apps routed to each node, sorted.
+    by_node: std::collections::HashMap<cairn_schema::Name, Vec<cairn_schema::Name>>,
+    /// Every app in the table.
+    apps: std::collections::HashSet<cairn_schema::Name>,
+}
+
+impl Served {
+    fn of(table: &RouteTable) -> Served {
+        let mut by_node: std::collections::HashMap<cairn_schema::Name, Vec<cairn_schema::Name>> =
+            std::collections::HashMap::new();
+        for a in &table.apps {
+            for n in &a.nodes {
+                by_node.entry(n.clone()).or_default().push(a.app.clone());
+            }
+        }
+        for apps in by_node.values_mut() {
+            apps.sort();
+            apps.dedup();
+        }
+        Served {
+            generation: table.generation.clone(),
+            by_node,
+            apps: table.apps.iter().map(|a| a.app.clone()).collect(),
+        }
+    }
 }
 
 /// What the TLS table is made of, before its keys are sealed to a node: the certificates with their keys
@@ -125,11 +160,10 @@ impl TlsSource {
 
 impl Default for Routes {
     fn default() -> Self {
+        let empty = RouteTable::new(Vec::new(), Vec::new());
         Routes {
-            tx: Arc::new(watch::Sender::new(Arc::new(RouteTable::new(
-                Vec::new(),
-                Vec::new(),
-            )))),
+            served: Arc::new(std::sync::RwLock::new(Arc::new(Served::of(&empty)))),
+            tx: Arc::new(watch::Sender::new(Arc::new(empty))),
             tls: Arc::new(watch::Sender::new(Arc::new(TlsSource::new(
                 Vec::new(),
                 Vec::new(),
@@ -184,21 +218,24 @@ impl Routes {
     /// of, or with its being online: the heartbeat that brought this report should refresh the table.
     pub fn differs_for(&self, node: &cairn_schema::Name, healthy: &[&cairn_schema::Name]) -> bool {
         let table = self.current();
-        let routed = table
-            .apps
-            .iter()
-            .filter(|a| a.nodes.contains(node))
-            .map(|a| &a.app);
-        let mut routed: Vec<&cairn_schema::Name> = routed.collect();
+        let mut served = self
+            .served
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if served.generation != table.generation {
+            // Published meanwhile and not turned around yet: turn this one around (rare).
+            served = Arc::new(Served::of(&table));
+        }
+        let routed: &[cairn_schema::Name] = served.by_node.get(node).map_or(&[], Vec::as_slice);
         let mut healthy: Vec<&cairn_schema::Name> = healthy
             .iter()
             .copied()
-            .filter(|a| table.apps.iter().any(|r| &r.app == *a))
+            .filter(|a| served.apps.contains(*a))
             .collect();
-        routed.sort();
         healthy.sort();
         healthy.dedup();
-        routed != healthy
+        !routed.iter().eq(healthy.iter().copied())
     }
 
     /// The table as last computed.
@@ -260,14 +297,27 @@ impl Routes {
 
     /// Publishes `table` unless it has the current generation; says whether it did.
     pub fn publish(&self, table: RouteTable) -> bool {
-        self.tx.send_if_modified(|current| {
+        if self.tx.borrow().generation == table.generation {
+            // (The periodic refresh, nothing changed: no index to make.)
+            return false;
+        }
+        let served = Served::of(&table);
+        let published = self.tx.send_if_modified(|current| {
             if current.generation == table.generation {
                 false
             } else {
                 *current = Arc::new(table);
                 true
             }
-        })
+        });
+        if published {
+            let mut current = self.served.write().unwrap_or_else(|p| p.into_inner());
+            // (Another publish may have come between: keep the index of the table now current.)
+            if served.generation == self.tx.borrow().generation {
+                *current = Arc::new(served);
+            }
+        }
+        published
     }
 
     /// The TLS source as last published.
@@ -573,4 +623,61 @@ pub fn table(rows: &RouteRows) -> RouteTable {
         })
         .collect();
     RouteTable::new(nodes, apps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_schema::Name;
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    fn app(a: &str, nodes: &[&str]) -> AppRoute {
+        AppRoute {
+            app: name(a),
+            hosts: vec![format!("{a}.example.test")],
+            nodes: nodes.iter().map(|n| name(n)).collect(),
+            max_body_bytes: None,
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_differs_when_its_healthy_apps_are_not_the_nodes_routed_ones() {
+        let routes = Routes::default();
+        let n1 = name("n1");
+        assert!(!routes.differs_for(&n1, &[]));
+        assert!(
+            !routes.differs_for(&n1, &[&name("a")]),
+            "an app the table does not have is not compared"
+        );
+        routes.publish(RouteTable::new(
+            Vec::new(),
+            vec![
+                app("b", &["n1", "n2"]),
+                app("a", &["n1"]),
+                app("c", &["n2"]),
+            ],
+        ));
+        let (a, b, c) = (name("a"), name("b"), name("c"));
+        assert!(!routes.differs_for(&n1, &[&b, &a]));
+        assert!(
+            !routes.differs_for(&n1, &[&a, &b, &a]),
+            "duplicates count once"
+        );
+        assert!(!routes.differs_for(&n1, &[&a, &b, &name("zz")]));
+        assert!(routes.differs_for(&n1, &[&a]), "b no longer healthy here");
+        assert!(
+            routes.differs_for(&n1, &[&a, &b, &c]),
+            "c newly healthy here"
+        );
+        assert!(!routes.differs_for(&name("n2"), &[&c, &b]));
+        assert!(routes.differs_for(&name("n3"), &[&c]));
+        // A new table is compared with at once.
+        routes.publish(RouteTable::new(Vec::new(), vec![app("a", &["n3"])]));
+        assert!(routes.differs_for(&n1, &[&a]));
+        assert!(!routes.differs_for(&n1, &[&b]));
+        assert!(!routes.differs_for(&name("n3"), &[&a]));
+    }
 }
