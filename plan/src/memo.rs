@@ -180,13 +180,8 @@ impl Inputs<'_> {
                 .iter()
                 .zip(self.placements)
                 .all(|(a, b)| a == *b)
-            && (e.secrets.is_empty() && !has_secrets(self.desired)
-                || e.secrets == self.secrets(input))
+            && e.secrets == self.secrets(input)
     }
-}
-
-fn has_secrets(app: Option<&App>) -> bool {
-    app.is_some_and(|a| a.env.values().any(|v| matches!(v, EnvValue::Secret { .. })))
 }
 
 /// A sorted map's entries looked up in ascending key order, in one pass.
@@ -322,11 +317,11 @@ impl Planner {
         let names: BTreeSet<Name> = walk.dirty.iter().map(|i| i.name.clone()).collect();
         for name in walk.gone.iter().chain(&names) {
             if let Some(e) = self.apps.remove(name) {
-                self.quiet.count -= 1;
                 e.add_to(&mut self.quiet, Sign::Minus);
             }
         }
         let kept = self.apps.len();
+        self.quiet.count = kept;
         let scope = if kept == 0 {
             Scope::all(input.observed)
         } else {
@@ -409,11 +404,7 @@ impl Planner {
                 };
             let entry = Entry {
                 desired: app.desired.cloned(),
-                secrets: if has_secrets(app.desired) {
-                    app.secrets(input)
-                } else {
-                    Vec::new()
-                },
+                secrets: app.secrets(input),
                 applied: app.applied.cloned(),
                 release: app.release.cloned(),
                 head: app.head.cloned(),
@@ -431,7 +422,6 @@ impl Planner {
                 cost_after: price(plans, plan_name, count, suspended),
             };
             entry.add_to(&mut self.quiet, Sign::Plus);
-            self.quiet.count += 1;
             self.apps.insert(app.name.clone(), entry);
         }
     }

@@ -1679,8 +1679,8 @@ mod properties {
     }
 }
 
-#[test]
-fn a_planner_plans_again_only_the_apps_that_changed() {
+/// Commit A with every app's source head known, nothing applied yet.
+fn world_a_with_heads() -> (Desired, Fingerprints, Observed, CommitId) {
     let d = repo(&apps_a(&secret("postgres://a", &[])));
     let fps = fingerprints(&d);
     let mut o = Observed::default();
@@ -1688,7 +1688,12 @@ fn a_planner_plans_again_only_the_apps_that_changed() {
         o.source_heads
             .insert(a.clone(), commit("abcdefabcdefabcdef"));
     }
-    let c = commit("a0a0a0a0a0a0a0a0");
+    (d, fps, o, commit("a0a0a0a0a0a0a0a0"))
+}
+
+#[test]
+fn a_planner_plans_again_only_the_apps_that_changed() {
+    let (d, fps, o, c) = world_a_with_heads();
     let mut planner = Planner::new();
     let i = input(Some((&c, &d)), Some(&fps), &o);
     let first = planner.plan(&i);
@@ -1775,14 +1780,7 @@ fn a_planner_plans_again_only_the_apps_that_changed() {
 
 #[test]
 fn a_planner_whose_plan_panicked_starts_afresh() {
-    let d = repo(&apps_a(&secret("postgres://a", &[])));
-    let fps = fingerprints(&d);
-    let mut o = Observed::default();
-    for a in d.apps.keys() {
-        o.source_heads
-            .insert(a.clone(), commit("abcdefabcdefabcdef"));
-    }
-    let c = commit("a0a0a0a0a0a0a0a0");
+    let (d, fps, o, c) = world_a_with_heads();
     let i = input(Some((&c, &d)), Some(&fps), &o);
     let mut planner = Planner::new();
     let first = planner.plan(&i);

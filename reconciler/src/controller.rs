@@ -257,14 +257,6 @@ impl Controller {
         }
     }
 
-    /// How the last reconcile's plan went: the apps it planned again and those it kept.
-    pub fn plan_reuse(&self) -> cairn_plan::Reuse {
-        self.planner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .reuse()
-    }
-
     /// How many plans this controller's reconciles made (an unchanged reconcile makes none).
     pub fn plans_made(&self) -> u64 {
         self.plans.load(std::sync::atomic::Ordering::Relaxed)
