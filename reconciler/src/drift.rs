@@ -10,10 +10,11 @@
 //! - [`repairs`]: a replica placed on the node that it does not run (or runs at another release) gets a
 //!   deploy task, a stopped one that should run a start task, a running one that should be stopped a stop
 //!   task, and a replica no placement wants there a remove task: without a new commit. Nothing is
-//!   repaired while the slot's newest task is still open (it is on its way), nor when the same repair
-//!   already died (it would only fail again; the task's error says why). Each repair's dedup key names
-//!   the slot's newest task, so the same drift seen by two heartbeats is enqueued once, and drift that
-//!   comes back after a repair finished is repaired again.
+//!   repaired while the slot's newest task is still open (it is on its way), when it finished after the
+//!   report was taken (the report may not show its work yet: repairing would run that work again), or
+//!   when the same repair already died (it would only fail again; the task's error says why). Each
+//!   repair's dedup key names the slot's newest task, so the same drift seen by two heartbeats is
+//!   enqueued once, and drift that comes back after a repair finished is repaired again.
 //!
 //! What it must not do: IO, clocks, or second-guess the planner: it never moves a replica to another
 //! node, it only makes a node match its placements.
@@ -22,6 +23,7 @@ use std::collections::BTreeMap;
 
 use cairn_proto::{ActualReplica, RunState, StopReplica};
 use cairn_schema::Name;
+use chrono::{DateTime, Utc};
 
 use crate::queue::{LatestTask, TaskKind, TaskStatus};
 use crate::store::placements::SlotPlacement;
@@ -80,13 +82,16 @@ pub fn stop_orders(
 /// A repair to make: (task, app, slot, release, generation, why).
 type Wanted<'a> = (TaskKind, &'a Name, u32, u64, Option<u64>, &'static str);
 
-/// The repairs that make `node` match its placements, given the newest task of each of its slots. With no
-/// tasks given, every difference is a candidate (a cheap first check before reading tasks).
+/// The repairs that make `node` match its placements, given the newest task of each of its slots and the
+/// time by which the report was taken at the latest (`taken`: a slot whose newest task finished at or
+/// after it is left for a fresher report). With no tasks given, every difference is a candidate (a cheap
+/// first check before reading tasks).
 pub fn repairs(
     node: &Name,
     reported: &[ActualReplica],
     placements: &[SlotPlacement],
     latest: &[LatestTask],
+    taken: Option<DateTime<Utc>>,
 ) -> Vec<Repair> {
     let here: BTreeMap<(&Name, u32), &SlotPlacement> = placements
         .iter()
@@ -145,7 +150,11 @@ pub fn repairs(
             );
             let died_doing_this =
                 t.status == TaskStatus::Dead && t.kind == kind && t.release == Some(release);
-            if open || died_doing_this {
+            let after_the_report = t
+                .finished_at
+                .zip(taken)
+                .is_some_and(|(finished, taken)| finished >= taken);
+            if open || died_doing_this || after_the_report {
                 continue;
             }
         }
@@ -212,7 +221,17 @@ mod tests {
             kind,
             release: Some(release),
             status,
+            finished_at: matches!(
+                status,
+                TaskStatus::Done | TaskStatus::Dead | TaskStatus::Superseded
+            )
+            .then(|| at(100)),
         }
+    }
+
+    /// A time, `s` seconds into the test's world.
+    fn at(s: i64) -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000 + s, 0).unwrap()
     }
 
     #[test]
@@ -220,7 +239,7 @@ mod tests {
         let a = n("a");
         let p = vec![placed("web", 1, "a", 3, 7), placed("web", 2, "b", 3, 7)];
         let r = vec![runs("web", 1, 3, Some(7))];
-        assert!(repairs(&a, &r, &p, &[]).is_empty());
+        assert!(repairs(&a, &r, &p, &[], None).is_empty());
         assert!(stop_orders(&a, &r, &p).is_empty());
     }
 
@@ -229,7 +248,7 @@ mod tests {
         let a = n("a");
         let p = vec![placed("web", 1, "a", 3, 7), placed("api", 1, "b", 2, 5)];
         let r = vec![runs("old", 1, 9, Some(2))];
-        let got = repairs(&a, &r, &p, &[]);
+        let got = repairs(&a, &r, &p, &[], None);
         assert_eq!(got.len(), 2, "{got:?}");
         assert_eq!(
             (
@@ -269,7 +288,7 @@ mod tests {
             stopped,
             runs("quiet", 1, 1, Some(4)),
         ];
-        let got = repairs(&a, &r, &p, &[]);
+        let got = repairs(&a, &r, &p, &[], None);
         let kinds: Vec<(TaskKind, u32, &str)> = got
             .iter()
             .map(|x| (x.kind, x.slot, x.app.as_str()))
@@ -290,21 +309,52 @@ mod tests {
         let p = vec![placed("web", 1, "a", 3, 7)];
         for status in [TaskStatus::Queued, TaskStatus::Leased, TaskStatus::Failed] {
             let t = [task(40, "web", 1, TaskKind::Deploy, 3, status)];
-            assert!(repairs(&a, &[], &p, &t).is_empty(), "{status}");
+            assert!(repairs(&a, &[], &p, &t, None).is_empty(), "{status}");
         }
         let dead = [task(41, "web", 1, TaskKind::Deploy, 3, TaskStatus::Dead)];
-        assert!(repairs(&a, &[], &p, &dead).is_empty(), "no retry loop");
+        assert!(
+            repairs(&a, &[], &p, &dead, None).is_empty(),
+            "no retry loop"
+        );
         // A dead deploy of an older release does not hold a repair to the current one.
         let older = [task(41, "web", 1, TaskKind::Deploy, 2, TaskStatus::Dead)];
-        assert_eq!(repairs(&a, &[], &p, &older).len(), 1);
+        assert_eq!(repairs(&a, &[], &p, &older, None).len(), 1);
         // A finished task: the drift is new, and so is the key.
         let done = [task(42, "web", 1, TaskKind::Deploy, 3, TaskStatus::Done)];
-        let got = repairs(&a, &[], &p, &done);
+        let got = repairs(&a, &[], &p, &done, None);
         assert_eq!(got[0].dedup_key, "drift:a:web:1:deploy:r3:after42");
         assert_eq!(
             got,
-            repairs(&a, &[], &p, &done),
+            repairs(&a, &[], &p, &done, None),
             "the same drift, the same key"
+        );
+    }
+
+    /// Regression: a heartbeat's report was taken before the slot's deploy finished (the deploy still
+    /// running, the replica not yet there), and the repair reading it saw the deploy done: it enqueued the
+    /// same deploy again, and the node ran the same work twice.
+    #[test]
+    fn a_report_taken_before_the_slots_newest_task_finished_repairs_nothing() {
+        let a = n("a");
+        let p = vec![placed("web", 1, "a", 3, 7)];
+        let done = [task(42, "web", 1, TaskKind::Deploy, 3, TaskStatus::Done)];
+        for taken in [at(99), at(100)] {
+            assert!(
+                repairs(&a, &[], &p, &done, Some(taken)).is_empty(),
+                "taken at {taken}: the deploy finished after it"
+            );
+        }
+        // Taken after the deploy finished: the replica is really missing.
+        let got = repairs(&a, &[], &p, &done, Some(at(101)));
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].dedup_key, "drift:a:web:1:deploy:r3:after42");
+        // Only the slot of the task that finished late waits; another slot's drift is repaired.
+        let p = vec![placed("web", 1, "a", 3, 7), placed("web", 2, "a", 3, 7)];
+        let got = repairs(&a, &[], &p, &done, Some(at(99)));
+        assert_eq!(
+            got.iter().map(|r| r.slot).collect::<Vec<_>>(),
+            [2],
+            "{got:?}"
         );
     }
 

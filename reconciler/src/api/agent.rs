@@ -304,7 +304,7 @@ async fn heartbeat(
         .filter(|r| !stop.iter().any(|s| s.app == r.app && s.slot == r.slot))
         .cloned()
         .collect();
-    if !drift::repairs(node, &remaining, &placements, &[]).is_empty() {
+    if !drift::repairs(node, &remaining, &placements, &[], None).is_empty() {
         repair_later(&api, node, remaining, received);
     }
     Ok(Json(HeartbeatResponse {
@@ -380,8 +380,6 @@ async fn route_table(
     .into_response())
 }
 
-/// Enqueues the repairs that make `node` match its placements, under the apply lock (shared), so that the
-/// placements and tasks read are not half-way through an apply. Returns how many were enqueued.
 /// Runs a node's drift repair after its heartbeat is answered: a repair waits for the apply lock (shared)
 /// and writes tasks, which a heartbeat must not wait for (a node whose first deploy is not done needs one
 /// on every heartbeat). One at a time per node: a heartbeat that finds its node's repair still running
@@ -425,6 +423,8 @@ fn repair_later(
     });
 }
 
+/// Enqueues the repairs that make `node` match its placements, under the apply lock (shared), so that the
+/// placements and tasks read are not half-way through an apply. Returns how many were enqueued.
 async fn repair(
     api: &Api,
     node: &Name,
@@ -433,13 +433,6 @@ async fn repair(
 ) -> Result<usize, ApiError> {
     let mut tx = api.pool.begin().await.op("begin a drift repair")?;
     state::lock_apply_shared(&mut tx).await?;
-    // The report was read before the repair got the lock: a task of the node that finished since (a
-    // deploy the report did not show yet) makes it stale, and a repair from it would run that task's work
-    // again. The node's next heartbeat reports afresh. (A second of slack for the clocks of the control
-    // plane and the database.)
-    if queue::finished_since(&mut tx, node, received - chrono::TimeDelta::seconds(1)).await? {
-        return Ok(0);
-    }
     let slots: Vec<(Name, u32)> = reported.iter().map(|r| (r.app.clone(), r.slot)).collect();
     let placements = placements::placements_for(&mut tx, node, &slots).await?;
     let mut apps: Vec<Name> = placements
@@ -449,8 +442,14 @@ async fn repair(
         .collect();
     apps.sort();
     apps.dedup();
+    // The report was taken before the heartbeat arrived: a slot whose newest task finished since (a
+    // deploy the report does not show yet) is left to the node's next report, or the repair would run
+    // that task's work again. The tasks are read in one statement, so a task that finishes meanwhile is
+    // seen either still open or finished with its time, never in between. (A second of slack for the
+    // clocks of the control plane and the database.)
     let latest = queue::latest(&mut tx, node, &apps).await?;
-    let repairs = drift::repairs(node, reported, &placements, &latest);
+    let taken = received - chrono::TimeDelta::seconds(1);
+    let repairs = drift::repairs(node, reported, &placements, &latest, Some(taken));
     let mut tasks = Vec::with_capacity(repairs.len());
     for r in &repairs {
         let mut t = NewTask::new(node.clone(), r.kind, r.app.clone(), r.dedup_key.clone());

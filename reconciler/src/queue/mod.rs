@@ -163,6 +163,8 @@ pub struct LatestTask {
     pub kind: TaskKind,
     pub release: Option<u64>,
     pub status: TaskStatus,
+    /// When it ended (done, dead or superseded), by the database's clock.
+    pub finished_at: Option<DateTime<Utc>>,
 }
 
 /// A task as its node may see it.
@@ -536,16 +538,6 @@ pub async fn latest(
     apps: &[Name],
 ) -> Result<Vec<LatestTask>, QueueError> {
     Ok(sql::latest_tasks(conn, node, apps).await?)
-}
-
-/// Whether a task of `node` finished at or after `since` (what a replica report taken before then may
-/// not show yet).
-pub async fn finished_since(
-    conn: &mut PgConnection,
-    node: &Name,
-    since: DateTime<Utc>,
-) -> Result<bool, QueueError> {
-    Ok(sql::finished_since(conn, node, since).await?)
 }
 
 /// How a release's deploy tasks stand: `(done, open, dead)` (open: queued, leased or failed).

@@ -475,22 +475,8 @@ pub(super) async fn state(pool: &PgPool, id: TaskId) -> Result<Option<TaskState>
     .transpose()
 }
 
-/// The newest task of each of `node`'s slots of `apps`.
-pub(super) async fn finished_since(
-    conn: &mut PgConnection,
-    node: &Name,
-    since: DateTime<Utc>,
-) -> Result<bool, StoreError> {
-    sqlx::query_scalar::<_, bool>(
-        "SELECT EXISTS (SELECT 1 FROM tasks WHERE node = $1 AND finished_at >= $2)",
-    )
-    .bind(node.as_str())
-    .bind(since)
-    .fetch_one(conn)
-    .await
-    .op("read whether a node's task finished")
-}
-
+/// The newest task of each of `node`'s slots of `apps`, read in one statement (one snapshot: a task is
+/// seen either still open or finished, with its time).
 pub(super) async fn latest_tasks(
     conn: &mut PgConnection,
     node: &Name,
@@ -498,7 +484,7 @@ pub(super) async fn latest_tasks(
 ) -> Result<Vec<LatestTask>, StoreError> {
     let apps: Vec<String> = apps.iter().map(|a| a.as_str().to_owned()).collect();
     let rows = sqlx::query!(
-        r#"SELECT DISTINCT ON (app, slot) id, app, slot AS "slot!", kind, release, status
+        r#"SELECT DISTINCT ON (app, slot) id, app, slot AS "slot!", kind, release, status, finished_at
            FROM tasks
            WHERE node = $1 AND app = ANY($2) AND slot IS NOT NULL
            ORDER BY app, slot, id DESC"#,
@@ -520,6 +506,7 @@ pub(super) async fn latest_tasks(
                     .map(|v| to_u64("tasks", "release", v))
                     .transpose()?,
                 status: status(&r.status)?,
+                finished_at: r.finished_at,
             })
         })
         .collect()
