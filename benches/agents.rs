@@ -189,8 +189,11 @@ async fn run(args: Args) {
         .unwrap();
         tokens.push(t.token);
     }
+    // The agent's own pool setting (`agent/src/client.rs`): idle connections are dropped after 60 s,
+    // before serve's 75 s idle timeout closes them.
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(usize::MAX)
+        .pool_idle_timeout(Duration::from_secs(60))
         .build()
         .unwrap();
 

@@ -97,7 +97,10 @@ impl Client {
     pub fn new(server: &str) -> Result<Self, ClientError> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
-            .pool_idle_timeout(Duration::from_secs(90))
+            // Above the default heartbeat interval (30 s), so the heartbeat's connection is kept from
+            // one to the next, and below serve's idle timeout (75 s by default), so the pool drops a
+            // connection before serve closes it rather than racing its close.
+            .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(ClientError::Transport)?;
         let bases: Vec<String> = servers(server)

@@ -118,9 +118,11 @@ fn parse_resolve(s: &str) -> Result<(String, std::net::IpAddr), String> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct HttpArgs {
     /// A connection must send a request's complete headers within this of connecting or of its
-    /// previous response (also how long an idle keep-alive connection stays open)
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-    http_header_timeout: Duration,
+    /// previous response (also how long an idle keep-alive connection stays open). Default: 75s, or
+    /// twice --heartbeat-interval plus 15s when that is longer, so agents keep their connections
+    /// between heartbeats
+    #[arg(long, value_parser = humantime::parse_duration)]
+    http_header_timeout: Option<Duration>,
     /// A request's body must arrive whole within this
     #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
     http_body_timeout: Duration,
@@ -131,8 +133,9 @@ pub struct HttpArgs {
 }
 
 impl HttpArgs {
-    /// The listener's bounds; raises the descriptor limit first.
-    pub fn bounds(&self) -> cairn_reconciler::api::listen::Bounds {
+    /// The listener's bounds for agents that heartbeat every `heartbeat`; raises the descriptor limit
+    /// first.
+    pub fn bounds(&self, heartbeat: Duration) -> cairn_reconciler::api::listen::Bounds {
         use cairn_reconciler::api::listen;
         let fds = listen::raise_fd_limit();
         let mut b = listen::Bounds::new(fds);
@@ -148,7 +151,20 @@ impl HttpArgs {
                 b.max_connections = max.max(1);
             }
         }
-        b.header_timeout = self.http_header_timeout;
+        b.header_timeout = match self.http_header_timeout {
+            Some(t) => {
+                if t <= heartbeat {
+                    tracing::warn!(
+                        http_header_timeout = ?t,
+                        heartbeat_interval = ?heartbeat,
+                        "--http-header-timeout is not longer than --heartbeat-interval: agents' idle \
+                         connections are closed between heartbeats, so each heartbeat opens a new one"
+                    );
+                }
+                t
+            }
+            None => listen::idle_timeout_for(heartbeat),
+        };
         b.body_timeout = self.http_body_timeout;
         tracing::info!(
             fd_limit = fds,
@@ -210,7 +226,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let identity = super::read_identity(args.src.identity.as_ref())?;
     runtime()?.block_on(async move {
         ignore_sighup()?;
-        let http = args.http.bounds();
+        let http = args.http.bounds(args.api.heartbeat_interval());
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -251,4 +267,38 @@ pub fn run(args: Args) -> Result<ExitCode> {
         cairn_server::serve(listener, config, shutdown).await?;
         Ok(ExitCode::SUCCESS)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[derive(clap::Parser)]
+    struct Http {
+        #[command(flatten)]
+        http: HttpArgs,
+    }
+
+    fn header_timeout(args: &[&str], heartbeat: u64) -> Duration {
+        let parsed =
+            Http::try_parse_from(std::iter::once("serve").chain(args.iter().copied())).unwrap();
+        parsed
+            .http
+            .bounds(Duration::from_secs(heartbeat))
+            .header_timeout
+    }
+
+    /// The idle timeout follows the heartbeat interval unless it is given: an agent's connection is kept
+    /// from one heartbeat to the next (issue 16's heartbeat stall).
+    #[test]
+    fn the_idle_timeout_outlives_the_heartbeat_interval_unless_given() {
+        assert_eq!(header_timeout(&[], 30), Duration::from_secs(75));
+        assert_eq!(header_timeout(&[], 120), Duration::from_secs(255));
+        assert_eq!(
+            header_timeout(&["--http-header-timeout", "10s"], 30),
+            Duration::from_secs(10),
+            "an operator's value is kept (with a warning when it is not above the interval)"
+        );
+    }
 }

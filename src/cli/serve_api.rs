@@ -82,6 +82,11 @@ fn browse_url(s: &str) -> Result<String, String> {
 }
 
 impl ApiArgs {
+    /// How often agents are told to heartbeat.
+    pub fn heartbeat_interval(&self) -> Duration {
+        self.heartbeat_interval
+    }
+
     /// What [`cairn_server::serve`] makes of these flags.
     pub fn settings(&self) -> cairn_server::ApiSettings {
         let mut cfg = ApiConfig::new(self.installation.clone());

@@ -18,6 +18,7 @@
 //! What it must not do: listen anywhere but loopback, or change the bytes it forwards.
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncReadExt as _;
@@ -42,6 +43,7 @@ pub struct Proxy {
     addr: SocketAddr,
     upstream: Arc<Mutex<SocketAddr>>,
     mode: watch::Sender<(Mode, u64)>,
+    accepted: Arc<AtomicU64>,
     accept: JoinHandle<()>,
 }
 
@@ -59,11 +61,18 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let upstream = Arc::new(Mutex::new(upstream));
         let (mode, _) = watch::channel((Mode::Pass, 0u64));
-        let accept = tokio::spawn(accept_loop(listener, upstream.clone(), mode.subscribe()));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let accept = tokio::spawn(accept_loop(
+            listener,
+            upstream.clone(),
+            mode.subscribe(),
+            accepted.clone(),
+        ));
         Proxy {
             addr,
             upstream,
             mode,
+            accepted,
             accept,
         }
     }
@@ -84,6 +93,12 @@ impl Proxy {
             *m = mode;
             *epoch += 1;
         });
+    }
+
+    /// How many client connections it has accepted so far (a client that keeps its connections open
+    /// between requests makes few).
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::SeqCst)
     }
 
     /// The current mode.
@@ -110,11 +125,13 @@ async fn accept_loop(
     listener: TcpListener,
     upstream: Arc<Mutex<SocketAddr>>,
     mode: watch::Receiver<(Mode, u64)>,
+    accepted: Arc<AtomicU64>,
 ) {
     loop {
         let Ok((client, _)) = listener.accept().await else {
             continue;
         };
+        accepted.fetch_add(1, Ordering::SeqCst);
         let _ = client.set_nodelay(true);
         let mut mode = mode.clone();
         let (current, epoch) = *mode.borrow_and_update();

@@ -9,7 +9,11 @@
 //!   [`Bounds::header_timeout`] of connecting or of its previous response (hyper's
 //!   `header_read_timeout`, which in the hyper this builds with, 1.12, also runs while a kept-alive
 //!   connection waits for its next request), else it is closed. This bounds idle keep-alive
-//!   connections and slowloris headers alike.
+//!   connections and slowloris headers alike. Because it is also the idle timeout, it must be longer
+//!   than the agents' heartbeat interval ([`idle_timeout_for`]): equal to it, every heartbeat raced
+//!   the close of its own connection and most opened a new one through the listen queue; at 10,000
+//!   agents that queue overflowed and a dropped handshake waited out TCP's 1 s retransmission, the
+//!   heartbeat p99 stall of issue 16.
 //! - **Header size**: at most [`Bounds::max_header_bytes`] (431 beyond).
 //! - **Slow bodies**: a request body not received whole within [`Bounds::body_timeout`] of the request's
 //!   start fails to read, which the handlers answer 400 (or 413 when too large).
@@ -62,13 +66,20 @@ impl Bounds {
     /// Defaults for a process whose descriptor limit is `fd_limit`.
     pub fn new(fd_limit: u64) -> Bounds {
         Bounds {
-            header_timeout: Duration::from_secs(30),
+            header_timeout: idle_timeout_for(Duration::from_secs(30)),
             body_timeout: Duration::from_secs(60),
             max_connections: connection_cap(fd_limit),
             max_header_bytes: 64 * 1024,
             shutdown_grace: Duration::from_secs(10),
         }
     }
+}
+
+/// The header-read and idle timeout for agents that heartbeat every `heartbeat`: 75 s (nginx's
+/// keep-alive default), or twice the interval and 15 s more when that is longer, so an agent's
+/// connection stays open from one heartbeat to the next, even one a little late.
+pub fn idle_timeout_for(heartbeat: Duration) -> Duration {
+    (heartbeat * 2 + Duration::from_secs(15)).max(Duration::from_secs(75))
 }
 
 /// How many client connections a process with `fd_limit` descriptors may hold: three quarters of what
@@ -224,6 +235,26 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_agents_connection_outlives_the_pause_between_its_heartbeats() {
+        assert_eq!(
+            idle_timeout_for(Duration::from_secs(30)),
+            Duration::from_secs(75)
+        );
+        assert_eq!(
+            idle_timeout_for(Duration::from_secs(60)),
+            Duration::from_secs(135)
+        );
+        for s in [1u64, 10, 30, 45, 90, 600] {
+            let heartbeat = Duration::from_secs(s);
+            assert!(idle_timeout_for(heartbeat) > heartbeat * 2, "{s} s");
+        }
+        assert_eq!(
+            Bounds::new(1024).header_timeout,
+            idle_timeout_for(Duration::from_secs(30))
+        );
+    }
 
     #[test]
     fn the_connection_cap_stays_below_the_descriptor_limit() {

@@ -1213,6 +1213,92 @@ async fn the_admin_api_needs_a_live_token_and_shows_the_status_the_database_does
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
 }
 
+/// Regression (issue 16, the 10,000-agent heartbeat stall): serve's keep-alive idle timeout (its
+/// header-read timeout) was 30 s, the agents' heartbeat interval, so each heartbeat raced the close of
+/// its own connection and most opened a new one through the listen queue. Through a proxy that counts
+/// connections: with an idle timeout longer than the interval, an agent's heartbeats keep their
+/// connection; with one equal to it (the old defaults, scaled down), they open one nearly every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_keeps_its_connection_between_heartbeats_when_the_idle_timeout_is_longer() {
+    const HEARTBEATS: u32 = 12;
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("a", "");
+    let mut args = support::fast_with("--heartbeat-interval", "500ms");
+    args.extend(["--http-header-timeout", "3s"]);
+    let mut plane = Plane::start(db, repo, scratch, identity, &args).await;
+    plane.wait_generation(1).await;
+    let addr = |url: &str| url.trim_start_matches("http://").parse().unwrap();
+    let proxy = cairn_testkit::proxy::Proxy::start(addr(&plane.url)).await;
+    plane.agent_server = Some(proxy.url());
+    let dir = plane.scratch.path().join("agent-a");
+    let token = plane.join_token("a");
+    // As often as serve asks (the tests' agents otherwise beat every 300 ms, whatever it asks).
+    let _a = plane.agent("a", &dir, Some(&token), &[], &["--heartbeat", "500ms"]);
+    let kept = opened_over_heartbeats(&plane, &proxy, HEARTBEATS, "a 3 s idle timeout").await;
+    assert!(
+        kept <= 1,
+        "{HEARTBEATS} heartbeats opened {kept} connections with an idle timeout six times the interval"
+    );
+
+    // The control: the idle timeout equal to the interval.
+    plane.kill_serve();
+    let mut args = support::fast_with("--heartbeat-interval", "500ms");
+    args.extend(["--http-header-timeout", "500ms"]);
+    plane.restart_serve_with(&args).await;
+    proxy.set_upstream(addr(&plane.url));
+    let log = std::fs::read_to_string(plane.serve_log()).unwrap();
+    assert!(
+        log.contains("not longer than --heartbeat-interval"),
+        "serve warns of the setting: {log}"
+    );
+    let reopened =
+        opened_over_heartbeats(&plane, &proxy, HEARTBEATS, "a 500 ms idle timeout").await;
+    eprintln!("{HEARTBEATS} heartbeats opened {kept} connections (3 s idle), {reopened} (500 ms idle)");
+    assert!(
+        reopened >= u64::from(HEARTBEATS) / 3,
+        "{HEARTBEATS} heartbeats opened only {reopened} connections with an idle timeout equal to the \
+         interval: the control shows nothing"
+    );
+}
+
+/// The connections node `a`'s agent opened through `proxy` over its next `heartbeats` heartbeats (each
+/// moves `last_heartbeat`, polled ten times per interval here), from a settled start (its first
+/// heartbeat and long-polls done).
+async fn opened_over_heartbeats(
+    plane: &Plane,
+    proxy: &cairn_testkit::proxy::Proxy,
+    heartbeats: u32,
+    with: &str,
+) -> u64 {
+    let last = || async {
+        plane
+            .rows("SELECT last_heartbeat::text AS t FROM node_status WHERE node = 'a'")
+            .await
+            .first()
+            .and_then(|r| r["t"].as_str().map(str::to_owned))
+    };
+    wait_for("a first heartbeat", Duration::from_secs(30), || async {
+        last().await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = proxy.accepted();
+    let mut seen = std::collections::BTreeSet::new();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() <= heartbeats as usize && std::time::Instant::now() < until {
+        seen.extend(last().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        seen.len() > heartbeats as usize,
+        "with {with}: only {} heartbeats in 30 s",
+        seen.len()
+    );
+    proxy.accepted() - before
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_repaired_without_a_new_commit() {
     let Some((db, repo, scratch, identity)) = Plane::prepare().await else {

@@ -302,6 +302,12 @@ impl Plane {
         self.wait_api().await;
     }
 
+    /// [`Plane::restart_serve`] with other arguments (kept for later restarts).
+    pub async fn restart_serve_with(&mut self, args: &[&str]) {
+        self.args = args.iter().map(|a| (*a).to_owned()).collect();
+        self.restart_serve().await;
+    }
+
     /// Runs the `cairn` CLI against the database.
     pub fn cairn(&self, args: &[&str]) -> Output {
         cairn_db(self.db.url(), args)
