@@ -432,10 +432,11 @@ pub async fn roll_up(pool: &PgPool, now: DateTime<Utc>) -> Result<Pass, StoreErr
             .await
             .op("record the rollup state")?;
     }
-    // Months wholly final: ended before the late window's edge, and rolled up after they ended.
+    // Months wholly final: ended before the late window's edge, and rolled up after they ended. (Read
+    // from the hours' totals: one row an hour, not one per replica slot.)
     let open_months: Vec<DateTime<Utc>> = sqlx::query_scalar(
         r#"SELECT DISTINCT date_trunc('month', hour AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS m
-           FROM usage_hours
+           FROM usage_hour_totals
            WHERE hour < $1
              AND NOT EXISTS (SELECT 1 FROM usage_statements s
                              WHERE s.month = (date_trunc('month', hour AT TIME ZONE 'UTC'))::date)
@@ -726,16 +727,23 @@ async fn month_to_date(
     now: DateTime<Utc>,
 ) -> Result<i64, StoreError> {
     let (from, to) = month_bounds(now.date_naive());
-    let n: Option<String> = sqlx::query_scalar(
-        "SELECT sum(numerator)::text FROM usage_hours
-         WHERE hour >= $1 AND hour < $2 AND ($3::text IS NULL OR app = $3)",
-    )
-    .bind(from)
-    .bind(to)
-    .bind(app)
-    .fetch_one(pool)
-    .await
-    .op("sum the month's usage")?;
+    // The whole installation's from the hours' totals (one row an hour, kept by triggers), one app's
+    // from its rows.
+    let query = match app {
+        None => sqlx::query_scalar(
+            "SELECT sum(numerator)::text FROM usage_hour_totals WHERE hour >= $1 AND hour < $2",
+        )
+        .bind(from)
+        .bind(to),
+        Some(app) => sqlx::query_scalar(
+            "SELECT sum(numerator)::text FROM usage_hours
+             WHERE hour >= $1 AND hour < $2 AND app = $3",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(app),
+    };
+    let n: Option<String> = query.fetch_one(pool).await.op("sum the month's usage")?;
     let n = n
         .map(|n| n.parse::<i128>())
         .transpose()

@@ -87,6 +87,25 @@ async fn hour_rows(
     .unwrap()
 }
 
+/// The hours' totals (kept by triggers, read by the month-to-date gauge and the month closer) are the
+/// sums of the hours' rows, hour by hour, and no hour without rows has one.
+async fn totals_are_the_rows_sums(pool: &PgPool) {
+    let sums = |sql: &'static str| async move {
+        sqlx::query_as::<_, (DateTime<Utc>, String, i64)>(sql)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    };
+    let rows = sums(
+        "SELECT hour, sum(numerator)::text, count(*) FROM usage_hours GROUP BY hour ORDER BY hour",
+    )
+    .await;
+    assert_eq!(
+        sums("SELECT hour, numerator::text, rows FROM usage_hour_totals ORDER BY hour").await,
+        rows
+    );
+}
+
 fn at(d: u32, h: u32, m: u32, s: u32) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(2026, 10, d, h, m, s).unwrap()
 }
@@ -210,6 +229,7 @@ async fn repeated_reports_open_and_close_nothing_more_and_rollups_are_idempotent
             259_200 * 3_600
         )]
     );
+    totals_are_the_rows_sums(pool).await;
     db.close().await;
 }
 
@@ -289,6 +309,7 @@ async fn prices_are_recorded_once_per_change_with_the_commit_and_split_exactly_m
     let report = usage::report(pool, month, UsageBy::App).await.unwrap();
     // (900 × 1 + 2,700 × 3) e4 = 0.9 currency = 90 minor units.
     assert_eq!((report.total_seconds, report.total_minor), (3_600, 90));
+    totals_are_the_rows_sums(pool).await;
     db.close().await;
 }
 
@@ -376,6 +397,7 @@ async fn late_reports_are_applied_from_the_window_edge_and_flagged_and_past_hour
         report.late_intervals,
         i64::from(month_covers(now - Duration::hours(72), later))
     );
+    totals_are_the_rows_sums(pool).await;
     db.close().await;
 }
 
@@ -454,6 +476,7 @@ async fn a_closed_month_has_one_statement_whose_bytes_recompute_the_same_and_nev
     );
     let report = usage::report(pool, month, UsageBy::Plan).await.unwrap();
     assert_eq!(report.statement.map(|s| s.sha256), Some(sha));
+    totals_are_the_rows_sums(pool).await;
     db.close().await;
 }
 
@@ -525,5 +548,6 @@ async fn a_heartbeat_opens_only_placed_running_slots_without_an_open_interval_an
         .await
         .unwrap();
     assert_eq!(opened(vec![running("web", 1)], "n1").await, 0);
+    totals_are_the_rows_sums(pool).await;
     db.close().await;
 }
