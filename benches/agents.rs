@@ -133,6 +133,12 @@ async fn run(args: Args) {
             "--agent-rate-limit",
             "1000",
         ])
+        // More of serve's flags, e.g. `BENCH_SERVE_ARGS='--http-header-timeout 30s'` to compare settings.
+        .args(
+            std::env::var("BENCH_SERVE_ARGS")
+                .unwrap_or_default()
+                .split_whitespace(),
+        )
         .env(
             "CAIRN_LOG",
             std::env::var("BENCH_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
@@ -252,6 +258,14 @@ async fn run(args: Args) {
     measuring.store(false, Ordering::SeqCst);
     let tcp1 = tcp_counters();
     let (rss, hwm) = memory(pid);
+    // Serve's open descriptors now (nearly all of them connections), and whether its listener reached
+    // its connection cap (new connections then wait in the listen queue, and overflow it).
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count);
+    let capped = std::fs::read_to_string(log.path())
+        .unwrap_or_default()
+        .matches("at its connection cap")
+        .count();
+    eprintln!("serve: {fds} open descriptors at the window's end; connection-cap warnings (one a minute at most): {capped}");
     let timed = heartbeats.lock().await.clone();
     let mut hb: Vec<Duration> = timed.iter().map(|(_, d)| *d).collect();
     hb.sort();

@@ -4,6 +4,9 @@
 //! `store::usage::rollup_hour` (read the intervals and prices, compute, replace the hour's rows in one
 //! transaction) against a fresh database of the testkit's PostgreSQL. Reported: the hour's time (min,
 //! median, max over the hours rolled up), its rows, and the month extrapolated (720 hours × the median).
+//! Then the month-to-date read of the `/metrics` gauge, from the hours' totals
+//! (`usage::month_to_date_minor`) and, for comparison, summing the rows as it did before
+//! `usage_hour_totals`: the median of 5 of each, and the rows the second reads.
 //!
 //! ```text
 //! cargo bench -p cairn-reconciler --bench usage                 # 10,000 apps, 12 hours
@@ -15,7 +18,31 @@ use std::time::{Duration, Instant};
 use cairn_reconciler::store::usage;
 use chrono::{TimeZone, Utc};
 
-async fn one(apps: i64, hours: i64) -> (Vec<Duration>, usize) {
+/// What one size measured.
+struct Measured {
+    hours: Vec<Duration>,
+    rows: usize,
+    /// The month-to-date read from the totals, and summing the rows; the rows summed.
+    month_to_date: (Duration, Duration, i64),
+}
+
+/// The median of 5 runs of `f`.
+async fn median_of_5<F, Fut>(mut f: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        let t = Instant::now();
+        f().await;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    times[2]
+}
+
+async fn one(apps: i64, hours: i64) -> Measured {
     let db = cairn_testkit::pg::TestDb::new()
         .await
         .expect("the benchmark needs PostgreSQL (see testkit/src/pg.rs)");
@@ -73,8 +100,40 @@ async fn one(apps: i64, hours: i64) -> (Vec<Duration>, usize) {
             .unwrap();
         times.push(t.elapsed());
     }
+    sqlx::query("ANALYZE usage_hours, usage_hour_totals")
+        .execute(pool)
+        .await
+        .unwrap();
+    let in_month = first_hour + chrono::Duration::hours(hours);
+    let totals = median_of_5(|| async {
+        usage::month_to_date_minor(pool, in_month).await.unwrap();
+    })
+    .await;
+    let summed = median_of_5(|| async {
+        sqlx::query_scalar::<_, Option<String>>(
+            "SELECT sum(numerator)::text FROM usage_hours WHERE hour >= $1 AND hour < $2",
+        )
+        .bind(month)
+        .bind(month + chrono::Duration::days(30))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    })
+    .await;
+    let summed_rows: i64 = sqlx::query_scalar("SELECT count(*) FROM usage_hours")
+        .fetch_one(pool)
+        .await
+        .unwrap();
     db.close().await;
-    (times, rows)
+    Measured {
+        hours: times,
+        rows,
+        month_to_date: (totals, summed, summed_rows),
+    }
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.0} µs", d.as_secs_f64() * 1e6)
 }
 
 fn ms(d: Duration) -> String {
@@ -97,20 +156,27 @@ async fn main() {
         sizes = vec![10_000];
     }
     println!(
-        "| apps | intervals in an hour | rows per hour | hour: min | median | max | month (720 × median) |"
+        "| apps | intervals in an hour | rows per hour | hour: min | median | max | month (720 × median) \
+         | month to date: totals / rows summed (rows) |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---|");
     for apps in sizes {
-        let (mut times, rows) = one(apps, hours).await;
+        let Measured {
+            hours: mut times,
+            rows,
+            month_to_date: (totals, summed, summed_rows),
+        } = one(apps, hours).await;
         times.sort();
         let median = times[times.len() / 2];
         println!(
-            "| {apps} | {} | {rows} | {} | {} | {} | {:.0} s |",
+            "| {apps} | {} | {rows} | {} | {} | {} | {:.0} s | {} / {} ({summed_rows}) |",
             apps + apps / 10 + apps,
             ms(times[0]),
             ms(median),
             ms(*times.last().unwrap()),
-            median.as_secs_f64() * 720.0
+            median.as_secs_f64() * 720.0,
+            us(totals),
+            us(summed),
         );
     }
 }
