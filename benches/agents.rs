@@ -265,7 +265,9 @@ async fn run(args: Args) {
         .unwrap_or_default()
         .matches("at its connection cap")
         .count();
-    eprintln!("serve: {fds} open descriptors at the window's end; connection-cap warnings (one a minute at most): {capped}");
+    eprintln!(
+        "serve: {fds} open descriptors at the window's end; connection-cap warnings (one a minute at most): {capped}"
+    );
     let timed = heartbeats.lock().await.clone();
     let mut hb: Vec<Duration> = timed.iter().map(|(_, d)| *d).collect();
     hb.sort();

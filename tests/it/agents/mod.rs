@@ -1255,7 +1255,9 @@ async fn an_agent_keeps_its_connection_between_heartbeats_when_the_idle_timeout_
     );
     let reopened =
         opened_over_heartbeats(&plane, &proxy, HEARTBEATS, "a 500 ms idle timeout").await;
-    eprintln!("{HEARTBEATS} heartbeats opened {kept} connections (3 s idle), {reopened} (500 ms idle)");
+    eprintln!(
+        "{HEARTBEATS} heartbeats opened {kept} connections (3 s idle), {reopened} (500 ms idle)"
+    );
     assert!(
         reopened >= u64::from(HEARTBEATS) / 3,
         "{HEARTBEATS} heartbeats opened only {reopened} connections with an idle timeout equal to the \
