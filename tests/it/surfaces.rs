@@ -488,8 +488,9 @@ async fn regression_parallel_large_unsigned_webhook_bodies_do_not_grow_memory() 
     );
 }
 
-/// Sends requests with wrong credentials (well-formed and not) from `headers` until one gets 429.
-async fn exhaust_failures(serve: &Serve, headers: &[(&str, &str)]) {
+/// Sends requests with wrong credentials (well-formed and not) from `headers` until one gets 429;
+/// returns how many were answered 401 before it.
+async fn exhaust_failures(serve: &Serve, headers: &[(&str, &str)]) -> u32 {
     for i in 0..500 {
         let bad = if i % 2 == 0 {
             format!("cairn-node-{:064x}", i)
@@ -500,7 +501,7 @@ async fn exhaust_failures(serve: &Serve, headers: &[(&str, &str)]) {
             .post("/agent/v1/heartbeat", Some(&bad), &json!({}), headers)
             .await;
         if s == 429 {
-            return;
+            return i;
         }
         assert_eq!(s, 401);
     }
@@ -523,21 +524,11 @@ async fn regression_bad_credentials_from_the_agents_address_do_not_refuse_its_he
     // The attacker stays refused, unread: its bucket refills at 5 failures a second, so on a loaded
     // machine the heartbeat above may have taken long enough for one more of its failures to be read
     // (a 401) before the back-off answers again; a bound of a few is what holds.
-    let mut read = 0;
-    loop {
-        let (s, _) = serve
-            .post("/agent/v1/heartbeat", Some("garbage"), &json!({}), &[])
-            .await;
-        if s == 429 {
-            break;
-        }
-        assert_eq!(s, 401);
-        read += 1;
-        assert!(
-            read <= 5,
-            "the back-off did not come back after {read} more failures"
-        );
-    }
+    let read = exhaust_failures(&serve, &[]).await;
+    assert!(
+        read <= 5,
+        "the back-off did not come back after {read} more failures"
+    );
     // The same for an admin token.
     let admin = serve.admin_token();
     let resp = reqwest::Client::new()
@@ -584,26 +575,11 @@ async fn behind_a_trusted_proxy_one_clients_failures_do_not_lock_out_another() {
     exhaust_failures(&serve, &[("x-forwarded-for", "203.0.113.5, 198.51.100.3")]).await;
     // The bucket refills a failure every 200 ms, so on a loaded machine one or a few may pass before the
     // 429 (this flaked in CI: 401 where 429 was expected); a fresh bucket would let 50 pass.
-    let mut passed = 0;
-    loop {
-        let (s, _) = serve
-            .post(
-                "/agent/v1/heartbeat",
-                Some("garbage"),
-                &json!({}),
-                &[("x-forwarded-for", "198.51.100.3")],
-            )
-            .await;
-        if s == 429 {
-            break;
-        }
-        assert_eq!(s, 401);
-        passed += 1;
-        assert!(
-            passed < 25,
-            "198.51.100.3 got a fresh bucket: {passed} failures passed after its back-off"
-        );
-    }
+    let passed = exhaust_failures(&serve, &[("x-forwarded-for", "198.51.100.3")]).await;
+    assert!(
+        passed < 25,
+        "198.51.100.3 got a fresh bucket: {passed} failures passed after its back-off"
+    );
 }
 
 /// Regression (issue 12): U+0000 in a heartbeat's text got a 5xx, and one in an app's output stopped

@@ -66,7 +66,7 @@ impl Bounds {
     /// Defaults for a process whose descriptor limit is `fd_limit`.
     pub fn new(fd_limit: u64) -> Bounds {
         Bounds {
-            header_timeout: idle_timeout_for(Duration::from_secs(30)),
+            header_timeout: idle_timeout_for(super::DEFAULT_HEARTBEAT_INTERVAL),
             body_timeout: Duration::from_secs(60),
             max_connections: connection_cap(fd_limit),
             max_header_bytes: 64 * 1024,
@@ -252,7 +252,7 @@ mod tests {
         }
         assert_eq!(
             Bounds::new(1024).header_timeout,
-            idle_timeout_for(Duration::from_secs(30))
+            idle_timeout_for(super::super::DEFAULT_HEARTBEAT_INTERVAL)
         );
     }
 

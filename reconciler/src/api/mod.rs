@@ -53,6 +53,9 @@ use crate::hooks::Hooks;
 use crate::queue::{Backoff, Listener};
 use crate::worker::Shutdown;
 
+/// How often agents are told to heartbeat unless configured (`cairn serve --heartbeat-interval`).
+pub const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(30);
+
 /// The APIs' knobs.
 #[derive(Debug, Clone)]
 pub struct ApiConfig {
@@ -98,7 +101,7 @@ impl ApiConfig {
     pub fn new(installation: Name) -> Self {
         ApiConfig {
             installation,
-            heartbeat_interval: Duration::from_secs(30),
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
             offline_after: cairn_plan::DEFAULT_OFFLINE_AFTER,
             task_lease: Duration::from_secs(60),
             backoff: Backoff::default(),
