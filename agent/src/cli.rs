@@ -164,6 +164,10 @@ pub struct Args {
     /// on a network you trust, such as loopback or a private link
     #[arg(long)]
     insecure_http_server: bool,
+    /// HTTP/2 to the control planes: `auto` multiplexes every call over one connection where the
+    /// control plane speaks it (by ALPN over https, h2c over http), `never` keeps to HTTP/1.1
+    #[arg(long, value_enum, default_value = "auto", value_name = "WHEN")]
+    http2: crate::client::Http2,
     /// Process driver: the user builds and apps run as when the agent runs as root: `UID[:GID]`, a
     /// user name from /etc/passwd, or `agent` (the agent's own user: apps can then read the agent's
     /// identity and credential). Default: nobody (65534:65534). Nothing is created on the host.
@@ -402,6 +406,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
     let book = Arc::new(Book::open(data.book_path())?);
     let mut cfg = Config {
         server: args.server.join(","),
+        http2: args.http2,
         heartbeat: args.heartbeat,
         concurrency: args.concurrency,
         lease_wait: Duration::from_millis(cairn_proto::MAX_LEASE_WAIT_MS),
@@ -437,6 +442,9 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         Err(AgentError::Stopped) => return Ok(()),
         other => other?,
     };
+    // One client for every call of this node: its clones share one connection under HTTP/2.
+    let client = crate::client::Client::with_http2(&cfg.server, cfg.http2)?
+        .with_credential(joined.credential.clone());
 
     let in_containers = match args.database_runtime {
         DatabaseRuntimeArg::Docker => true,
@@ -539,8 +547,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
             }
             // The cluster route table and the hop key, from the control plane.
             tokio::spawn(crate::routes::follow(
-                crate::client::Client::new(&args.server.join(","))?
-                    .with_credential(joined.credential.clone()),
+                client.clone(),
                 proxy.clone(),
                 (*identity).clone(),
                 args.proxy_hop_key_file.is_some(),
@@ -606,10 +613,8 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
     };
 
     // Replica output to the control plane, old images away: beside the agent loop, until it stops.
-    let client = crate::client::Client::new(&args.server.join(","))?
-        .with_credential(joined.credential.clone());
     tokio::spawn(crate::housekeeping::ship_loop(
-        client,
+        client.clone(),
         runner.clone(),
         crate::housekeeping::ShipConfig::default(),
         stop.clone(),
@@ -620,7 +625,7 @@ async fn serve(args: Args, token: Option<String>) -> Result<()> {
         Duration::from_secs(300),
         stop.clone(),
     ));
-    let agent = Agent::new(joined, runner, book, cfg)?;
+    let agent = Agent::new(client, joined, runner, book, cfg)?;
     tracing::info!(node = %agent.node(), driver = ?args.driver, concurrency = args.concurrency, "agent running");
     let result = agent.run(stop).await;
     if let Some(t) = proxy_task {

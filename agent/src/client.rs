@@ -7,11 +7,18 @@
 //! reached the first (the connection failed, or the answer was one of those refusals); a call that may
 //! have been processed (a timeout mid-way) is not repeated here, and the next call goes elsewhere.
 //!
+//! **HTTP/2.** With `Http2::Auto` (the default) every call to a control plane goes over one connection
+//! multiplexing the long-poll, heartbeats and results: over `https://` by ALPN, and over `http://` by
+//! prior knowledge (h2c) once a probe (`GET /readyz`) has been answered that way; a control plane or a
+//! proxy in front of it that does not speak h2c gets HTTP/1.1, decided once per URL. HTTP/1.1 needs two
+//! connections per agent (the long-poll holds one), which is what a control plane's descriptors run out
+//! of first at 10,000 nodes.
+//!
 //! What it must not do: decide anything (retries, backoff and what to do with a refusal are the agent
 //! loop's, [`crate::node`]), or put the credential into an error or a `Debug` output.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use cairn_proto::routes::{RoutesQuery, RoutesResponse};
@@ -66,6 +73,24 @@ impl ClientError {
     }
 }
 
+/// Whether the agent speaks HTTP/2 to the control planes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Http2 {
+    /// Over `https://` when ALPN agrees on it; over `http://` when the control plane answers h2c.
+    #[default]
+    Auto,
+    /// HTTP/1.1 only (ALPN still offers HTTP/2 over `https://` unless this is set).
+    Never,
+}
+
+/// What one control plane's URL was found to speak over plain http.
+const UNKNOWN: u8 = 0;
+const H2C: u8 = 1;
+const HTTP1: u8 = 2;
+
+/// How long the h2c probe may take before the URL is taken for HTTP/1.1 only.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A client of the control planes, as one node (once joined).
 #[derive(Clone)]
 pub struct Client {
@@ -73,8 +98,13 @@ pub struct Client {
     bases: Arc<[String]>,
     /// Which of them calls go to now (shared by every clone).
     current: Arc<AtomicUsize>,
+    /// Per base: [`UNKNOWN`], [`H2C`] or [`HTTP1`] (what a plain-http base speaks).
+    protocols: Arc<[AtomicU8]>,
     credential: Option<String>,
+    /// HTTP/1.1 over `http://`; over `https://`, HTTP/2 or HTTP/1.1 by ALPN.
     http: reqwest::Client,
+    /// HTTP/2 by prior knowledge, for `http://` bases that answered it (none with [`Http2::Never`]).
+    h2c: Option<reqwest::Client>,
 }
 
 impl std::fmt::Debug for Client {
@@ -93,24 +123,47 @@ impl std::fmt::Debug for Client {
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl Client {
-    /// A client of the control planes at `server` (`http://` or `https://` URLs, separated by commas).
+    /// A client of the control planes at `server` (`http://` or `https://` URLs, separated by commas),
+    /// speaking HTTP/2 where they do.
     pub fn new(server: &str) -> Result<Self, ClientError> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            // Above the default heartbeat interval (30 s), so the heartbeat's connection is kept from
-            // one to the next, and below serve's idle timeout (75 s by default), so the pool drops a
-            // connection before serve closes it rather than racing its close.
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(ClientError::Transport)?;
+        Client::with_http2(server, Http2::Auto)
+    }
+
+    /// A client of the control planes at `server`, speaking HTTP/2 as `http2` says.
+    pub fn with_http2(server: &str, http2: Http2) -> Result<Self, ClientError> {
+        let builder = || {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                // Above the default heartbeat interval (30 s), so the heartbeat's connection is kept
+                // from one to the next, and below serve's idle timeout (75 s by default), so the pool
+                // drops a connection before serve closes it rather than racing its close.
+                .pool_idle_timeout(Duration::from_secs(60))
+        };
+        let http = match http2 {
+            Http2::Auto => builder(),
+            Http2::Never => builder().http1_only(),
+        }
+        .build()
+        .map_err(ClientError::Transport)?;
+        let h2c = match http2 {
+            Http2::Auto => Some(
+                builder()
+                    .http2_prior_knowledge()
+                    .build()
+                    .map_err(ClientError::Transport)?,
+            ),
+            Http2::Never => None,
+        };
         let bases: Vec<String> = servers(server)
             .map(|s| format!("{}{AGENT_API}", s.trim_end_matches('/')))
             .collect();
         Ok(Client {
+            protocols: bases.iter().map(|_| AtomicU8::new(UNKNOWN)).collect(),
             bases: bases.into(),
             current: Arc::default(),
             credential: None,
             http,
+            h2c,
         })
     }
 
@@ -136,7 +189,7 @@ impl Client {
 
     pub async fn task(&self, id: i64) -> Result<TaskView, ClientError> {
         self.send(
-            |base| self.http.get(format!("{base}/tasks/{id}")),
+            |http, base| http.get(format!("{base}/tasks/{id}")),
             CALL_TIMEOUT,
         )
         .await
@@ -178,7 +231,7 @@ impl Client {
     /// the wait.
     pub async fn routes(&self, q: &RoutesQuery) -> Result<Option<RoutesResponse>, ClientError> {
         self.send(
-            |base| self.http.get(format!("{base}/routes")).query(q),
+            |http, base| http.get(format!("{base}/routes")).query(q),
             Duration::from_millis(q.wait_ms) + CALL_TIMEOUT,
         )
         .await
@@ -191,7 +244,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<T, ClientError> {
         self.send(
-            |base| self.http.post(format!("{base}{path}")).json(body),
+            |http, base| http.post(format!("{base}{path}")).json(body),
             timeout,
         )
         .await
@@ -201,7 +254,7 @@ impl Client {
     /// next ones while a control plane cannot take it (see the module's notes).
     async fn send<T: DeserializeOwned>(
         &self,
-        make: impl Fn(&str) -> reqwest::RequestBuilder,
+        make: impl Fn(&reqwest::Client, &str) -> reqwest::RequestBuilder,
         timeout: Duration,
     ) -> Result<T, ClientError> {
         let n = self.bases.len().max(1);
@@ -212,7 +265,8 @@ impl Client {
             let Some(base) = self.bases.get(at) else {
                 break;
             };
-            let result = self.send_to(make(base), timeout).await;
+            let http = self.http_for(at, base).await;
+            let result = self.send_to(make(http, base), timeout).await;
             let unavailable = match &result {
                 Err(ClientError::Transport(e)) => {
                     // Whatever failed, the next call goes to the next control plane; only a request
@@ -248,6 +302,45 @@ impl Client {
                 message: "no control plane configured".into(),
             })
         })
+    }
+
+    /// The client for the control plane at `bases[at]`: h2c where it answered so, else the other.
+    async fn http_for(&self, at: usize, base: &str) -> &reqwest::Client {
+        let (Some(h2c), Some(protocol)) = (&self.h2c, self.protocols.get(at)) else {
+            return &self.http;
+        };
+        if !base.starts_with("http://") {
+            return &self.http;
+        }
+        match protocol.load(Ordering::Relaxed) {
+            H2C => return h2c,
+            HTTP1 => return &self.http,
+            _ => {}
+        }
+        let root = base.strip_suffix(AGENT_API).unwrap_or(base);
+        let probe = h2c
+            .get(format!("{root}/readyz"))
+            .timeout(PROBE_TIMEOUT)
+            .send()
+            .await;
+        match probe {
+            Ok(_) => {
+                protocol.store(H2C, Ordering::Relaxed);
+                tracing::debug!(server = %root, "the control plane speaks HTTP/2: one connection for every call");
+                h2c
+            }
+            // Not reached at all: nothing learnt; the call itself finds out why.
+            Err(e) if e.is_connect() => &self.http,
+            Err(e) => {
+                protocol.store(HTTP1, Ordering::Relaxed);
+                tracing::info!(
+                    server = %root,
+                    error = %e,
+                    "the control plane (or a proxy before it) does not answer HTTP/2 over plain http: using HTTP/1.1"
+                );
+                &self.http
+            }
+        }
     }
 
     async fn send_to<T: DeserializeOwned>(

@@ -47,6 +47,8 @@ const STOP_LEASE_ANSWER: Duration = Duration::from_secs(2);
 #[derive(Debug, Clone)]
 pub struct Config {
     pub server: String,
+    /// Whether calls to the control planes go over HTTP/2.
+    pub http2: crate::client::Http2,
     /// `None`: as often as the control plane asks.
     pub heartbeat: Option<Duration>,
     /// Tasks run at once.
@@ -111,7 +113,7 @@ pub async fn join(
         credential: pending.map_or_else(new_credential, |p| p.credential),
     };
     data.save_pending_join(&pending)?;
-    let client = Client::new(&cfg.server).map_err(AgentError::Join)?;
+    let client = Client::with_http2(&cfg.server, cfg.http2).map_err(AgentError::Join)?;
     let req = JoinRequest {
         token: pending.token.clone(),
         recipient: identity.recipient(),
@@ -168,13 +170,15 @@ pub struct Agent {
 }
 
 impl Agent {
+    /// The agent of the node `joined`, calling the control planes through `client` (holding the
+    /// node's credential; its clones share its connections).
     pub fn new(
+        client: Client,
         joined: Joined,
         runner: Arc<dyn Runner>,
         book: Arc<Book>,
         cfg: Config,
     ) -> Result<Arc<Self>, ClientError> {
-        let client = Client::new(&cfg.server)?.with_credential(joined.credential.clone());
         Ok(Arc::new(Agent {
             client,
             joined,

@@ -32,6 +32,7 @@ pub mod engine;
 pub mod fixtures;
 mod git;
 pub mod netns;
+pub mod nginx;
 pub mod pebble;
 pub mod pg;
 pub mod poll;

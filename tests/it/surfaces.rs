@@ -361,6 +361,91 @@ async fn regression_idle_and_slow_connections_never_stop_healthz_or_a_heartbeat(
     );
 }
 
+/// HTTP/2's connection preface and an empty SETTINGS frame: what an h2c client sends first.
+const H2_OPENING: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+
+/// A HEADERS frame on stream 1 without END_HEADERS (`:method GET`, `:scheme http`, `:path /`, then a
+/// CONTINUATION that never comes): HTTP/2's slowloris.
+const H2_UNFINISHED_HEADERS: &[u8] = b"\x00\x00\x03\x01\x00\x00\x00\x00\x01\x82\x86\x84";
+
+/// Agents speak HTTP/2 to serve by prior knowledge (h2c): one connection carries a long-poll and the
+/// heartbeats beside it, and is kept while the long-poll outlasts the idle timeout; idle, it is closed
+/// (the client opens another), and so are HTTP/2 connections that never complete a request: the
+/// preface alone, or headers never finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_multiplex_and_are_closed_when_idle() {
+    let Some(serve) = Serve::start(&["--http-header-timeout", "1s"], None, false).await else {
+        return;
+    };
+    let credential = serve.join().await;
+    let proxy = cairn_testkit::proxy::Proxy::start(serve.addr.parse().unwrap()).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let heartbeat = json!({"agent_version": "test", "drivers": ["docker"],
+        "resources": {"cpu_millis": 0, "memory_bytes": 0, "disk_bytes": 0}, "replicas": []});
+    // A long-poll three times the idle timeout, heartbeats beside it.
+    let lease = tokio::spawn(
+        h2.post(format!("{}/agent/v1/lease", proxy.url()))
+            .bearer_auth(&credential)
+            .json(&json!({"max": 1, "wait_ms": 3000}))
+            .send(),
+    );
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        let resp = h2
+            .post(format!("{}/agent/v1/heartbeat", proxy.url()))
+            .bearer_auth(&credential)
+            .json(&heartbeat)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.version(), reqwest::Version::HTTP_2);
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let lease = lease.await.unwrap().unwrap();
+    assert_eq!(lease.version(), reqwest::Version::HTTP_2);
+    assert!(lease.status().is_success(), "lease: {}", lease.status());
+    assert!(
+        started.elapsed() >= Duration::from_millis(2900),
+        "the long-poll waited its 3 s"
+    );
+    assert_eq!(
+        proxy.accepted(),
+        1,
+        "the long-poll and the heartbeats shared one connection, kept past the 1 s idle timeout"
+    );
+    // Idle past the timeout: serve closes it, and the next call opens another.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let resp = h2
+        .post(format!("{}/agent/v1/heartbeat", proxy.url()))
+        .bearer_auth(&credential)
+        .json(&heartbeat)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(proxy.accepted(), 2, "the idle connection was closed");
+
+    // Connections that never complete a request.
+    let mut stalled = open_connections(&serve.addr, 60, false).await;
+    for (i, c) in stalled.iter_mut().enumerate() {
+        c.write_all(H2_OPENING).await.unwrap();
+        if i % 2 == 1 {
+            c.write_all(H2_UNFINISHED_HEADERS).await.unwrap();
+        }
+    }
+    assert_eq!(
+        closed_by_server(&mut stalled, Duration::from_secs(10)).await,
+        60,
+        "HTTP/2 connections without a whole request closed"
+    );
+    let (s, body) = serve.heartbeat(&credential, "test").await;
+    assert_eq!(s, 200, "HTTP/1.1 still served: {body}");
+}
+
 /// With a hard descriptor limit too low for the clients, the cap keeps serve below it: connections past
 /// it wait in the backlog (the header timeout frees room) instead of exhausting descriptors, and the
 /// database keeps its connections.

@@ -1,20 +1,24 @@
-//! The bounded HTTP/1.1 listener `cairn serve` runs its router on (the main listener and
-//! `--metrics-listen`), instead of `axum::serve`, which has no timeouts and no connection cap.
+//! The bounded HTTP listener `cairn serve` runs its router on (the main listener and `--metrics-listen`),
+//! instead of `axum::serve`, which has no timeouts and no connection cap. It speaks HTTP/1.1, and HTTP/2
+//! to a client that opens with HTTP/2's preface (h2c by prior knowledge): agents then multiplex their
+//! long-poll, heartbeats and results over one connection instead of two or more.
 //!
 //! - **Connections are capped** below the process's file-descriptor limit ([`raise_fd_limit`] raises the
 //!   soft limit to the hard one first; [`connection_cap`] keeps a reserve for the database pools, git and
 //!   files). At the cap the listener stops accepting: new connections wait in the kernel's backlog until
 //!   one closes, so the process never hits `EMFILE` and keeps its descriptors for its own work.
-//! - **Header-read and idle timeout**: a connection must deliver a request's complete headers within
-//!   [`Bounds::header_timeout`] of connecting or of its previous response (hyper's
-//!   `header_read_timeout`, which in the hyper this builds with, 1.12, also runs while a kept-alive
-//!   connection waits for its next request), else it is closed. This bounds idle keep-alive
-//!   connections and slowloris headers alike. Because it is also the idle timeout, it must be longer
-//!   than the agents' heartbeat interval ([`idle_timeout_for`]): equal to it, every heartbeat raced
-//!   the close of its own connection and most opened a new one through the listen queue; at 10,000
-//!   agents that queue overflowed and a dropped handshake waited out TCP's 1 s retransmission, the
-//!   heartbeat p99 stall of issue 16.
-//! - **Header size**: at most [`Bounds::max_header_bytes`] (431 beyond).
+//! - **Idle timeout** ([`Bounds::header_timeout`]): a connection with no request in flight (from its
+//!   headers to the end of its response body, so a server-sent event stream or a long-poll counts) for
+//!   that long is closed, gracefully (HTTP/2's GOAWAY), and dropped if that takes longer than
+//!   [`IDLE_CLOSE_GRACE`]. This bounds idle keep-alive connections, connections that never send a whole
+//!   request (the preface alone, slowloris headers of either version) and half-open ones alike. On
+//!   HTTP/1.1, hyper's `header_read_timeout` also closes a connection whose request's headers are not
+//!   complete in that time. It must be longer than the agents' heartbeat interval ([`idle_timeout_for`]):
+//!   equal to it, every HTTP/1.1 heartbeat raced the close of its own connection and most opened a new
+//!   one through the listen queue; at 10,000 agents that queue overflowed and a dropped handshake waited
+//!   out TCP's 1 s retransmission, the heartbeat p99 stall of issue 16.
+//! - **Header size**: at most [`Bounds::max_header_bytes`] (431 beyond on HTTP/1.1; HTTP/2's
+//!   `SETTINGS_MAX_HEADER_LIST_SIZE`). At most [`MAX_STREAMS`] requests at once on one HTTP/2 connection.
 //! - **Slow bodies**: a request body not received whole within [`Bounds::body_timeout`] of the request's
 //!   start fails to read, which the handlers answer 400 (or 413 when too large).
 //!
@@ -25,8 +29,10 @@
 //! (connections get [`Bounds::shutdown_grace`] to finish).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -35,7 +41,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use bytes::Bytes;
 use hyper::body::{Body as HttpBody, Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tower::ServiceExt as _;
@@ -117,11 +123,14 @@ pub async fn serve(
     bounds: Bounds,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let shutdown = shutdown.wait();
-    let permits = Arc::new(Semaphore::new(bounds.max_connections.max(1)));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stop = shutdown.wait();
+    let max = bounds.max_connections.max(1);
+    let permits = Arc::new(Semaphore::new(max));
+    // Each connection's own token: triggered, it shuts its connection down gracefully.
+    let closing = tokio_util::sync::CancellationToken::new();
+    let builder = Arc::new(builder(&bounds));
     let mut warned_full: Option<tokio::time::Instant> = None;
-    tokio::pin!(shutdown);
+    tokio::pin!(stop);
     loop {
         if permits.available_permits() == 0
             && warned_full.is_none_or(|t| t.elapsed() > Duration::from_secs(60))
@@ -137,7 +146,7 @@ pub async fn serve(
                 Ok(p) => p,
                 Err(_) => break,
             },
-            () = &mut shutdown => break,
+            () = &mut stop => break,
         };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -149,38 +158,205 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut stop => break,
         };
         // Answers (a long-poll handing out a task) leave at once, not after a delayed ACK.
         let _ = tcp.set_nodelay(true);
-        let app = app.clone();
-        let body_timeout = bounds.body_timeout;
-        let svc = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-            let mut req = req.map(|b| Body::new(Deadline::new(b, body_timeout)));
-            req.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().oneshot(req)
-        });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(bounds.header_timeout)
-            .max_buf_size(bounds.max_header_bytes.max(8192))
-            .serve_connection(TokioIo::new(tcp), svc);
-        let conn = graceful.watch(conn);
+        let activity = Arc::new(Activity::new());
+        let svc = service(app.clone(), peer, bounds.body_timeout, activity.clone());
+        let builder = builder.clone();
+        let closing = closing.child_token();
+        let idle_timeout = bounds.header_timeout;
+        let shutdown_grace = bounds.shutdown_grace;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
+            let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+            tokio::pin!(conn);
+            // Once asked to close: by when it must have (an HTTP/2 peer that never answers the
+            // graceful shutdown's ping would otherwise hold it open).
+            let mut closing_by: Option<tokio::time::Instant> = None;
+            loop {
+                let deadline = closing_by.unwrap_or_else(tokio::time::Instant::now);
+                tokio::select! {
+                    ended = conn.as_mut() => {
+                        if let Err(e) = ended {
+                            tracing::debug!(error = %e, %peer, "HTTP connection ended with an error");
+                        }
+                        break;
+                    }
+                    () = closing.cancelled(), if closing_by.is_none() => {
+                        conn.as_mut().graceful_shutdown();
+                        closing_by = Some(tokio::time::Instant::now() + shutdown_grace);
+                    }
+                    () = activity.idle_for(idle_timeout), if closing_by.is_none() => {
+                        conn.as_mut().graceful_shutdown();
+                        // Nothing is in flight: what is left is the close itself.
+                        closing_by = Some(tokio::time::Instant::now() + IDLE_CLOSE_GRACE);
+                    }
+                    () = tokio::time::sleep_until(deadline), if closing_by.is_some() => {
+                        tracing::debug!(%peer, "HTTP connection did not close in time: dropped");
+                        break;
+                    }
+                }
             }
             drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(bounds.shutdown_grace, graceful.shutdown())
+    closing.cancel();
+    // Every connection holds a permit until it ends: all of them back means all connections ended.
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    if tokio::time::timeout(bounds.shutdown_grace, permits.acquire_many(all))
         .await
         .is_err()
     {
         tracing::warn!("HTTP connections still open after the shutdown grace: dropped");
     }
     Ok(())
+}
+
+/// The connection builder: HTTP/1.1, or HTTP/2 when the client opens with its preface (h2c by prior
+/// knowledge; agents multiplex their long-poll, heartbeats and results over one connection).
+///
+/// HTTP/1.1 gets hyper's header-read timeout; both get the idle timeout of [`Activity`], which also
+/// closes a connection that never sends a whole request (hyper's own timeout starts only once the
+/// version is known, and HTTP/2 has none).
+fn builder(bounds: &Bounds) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    b.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(bounds.header_timeout)
+        .max_buf_size(bounds.max_header_bytes.max(8192));
+    b.http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(bounds.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(MAX_STREAMS);
+    b
+}
+
+/// How long an idle connection asked to close may take to (HTTP/2's GOAWAY and its ping round trip).
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Requests in flight at once on one HTTP/2 connection: an agent has at most a long-poll, a heartbeat,
+/// a result, progress and output batches out together.
+pub const MAX_STREAMS: u32 = 32;
+
+/// The router as one connection's service: each request carries the peer's address, reads its body
+/// within `body_timeout`, and counts in `activity` until its response body is done.
+fn service(
+    app: Router,
+    peer: SocketAddr,
+    body_timeout: Duration,
+    activity: Arc<Activity>,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = axum::response::Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, std::convert::Infallible>>
+             + Send
+             + 'static,
+> + Clone
++ Send
++ 'static {
+    hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let busy = Busy::start(activity.clone());
+        let mut req = req.map(|b| Body::new(Deadline::new(b, body_timeout)));
+        req.extensions_mut().insert(ConnectInfo(peer));
+        let answer = app.clone().oneshot(req);
+        async move {
+            let res = answer.await?;
+            Ok(res.map(|b| {
+                Body::new(Counted {
+                    inner: b,
+                    _busy: busy,
+                })
+            }))
+        }
+    })
+}
+
+/// When one connection last had nothing in flight, for its idle timeout.
+struct Activity {
+    /// Requests whose response body is not yet done.
+    in_flight: AtomicUsize,
+    /// When `in_flight` last fell to zero (or the connection opened).
+    idle_since: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            idle_since: std::sync::Mutex::new(tokio::time::Instant::now()),
+        }
+    }
+
+    fn idle_since(&self) -> tokio::time::Instant {
+        *self.idle_since.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves once nothing has been in flight for `timeout`. It checks when the last idle spell
+    /// would end, and again a timeout later while requests are in flight.
+    async fn idle_for(&self, timeout: Duration) {
+        loop {
+            let at = if self.in_flight.load(Ordering::Acquire) == 0 {
+                let at = self.idle_since() + timeout;
+                if at <= tokio::time::Instant::now() && self.in_flight.load(Ordering::Acquire) == 0
+                {
+                    return;
+                }
+                at
+            } else {
+                tokio::time::Instant::now() + timeout
+            };
+            tokio::time::sleep_until(at).await;
+        }
+    }
+}
+
+/// One request in flight on a connection, from its headers to the end of its response body.
+struct Busy(Arc<Activity>);
+
+impl Busy {
+    fn start(activity: Arc<Activity>) -> Busy {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        Busy(activity)
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.0.idle_since.lock().unwrap_or_else(|e| e.into_inner()) =
+                tokio::time::Instant::now();
+        }
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is done or dropped (a server-
+/// sent event stream is busy for as long as it streams).
+struct Counted {
+    inner: Body,
+    _busy: Busy,
+}
+
+impl HttpBody for Counted {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A request body that fails once its deadline passes.

@@ -1213,13 +1213,15 @@ async fn the_admin_api_needs_a_live_token_and_shows_the_status_the_database_does
     assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
 }
 
-/// Regression (issue 16, the 10,000-agent heartbeat stall): serve's keep-alive idle timeout (its
-/// header-read timeout) was 30 s, the agents' heartbeat interval, so each heartbeat raced the close of
-/// its own connection and most opened a new one through the listen queue. Through a proxy that counts
-/// connections: with an idle timeout longer than the interval, an agent's heartbeats keep their
-/// connection; with one equal to it (the old defaults, scaled down), they open one nearly every time.
+/// Issue 16: serve's keep-alive idle timeout (hyper 1.12 runs it as the
+/// header-read timeout) was 30 s, the agents' heartbeat interval, so each HTTP/1.1 heartbeat raced the
+/// close of its own connection and most opened a new one through the listen queue. Through a proxy
+/// that counts connections: over HTTP/1.1 (`--http2 never`), with an idle timeout longer than the
+/// interval an agent's heartbeats keep their connection; with one equal to it (the old defaults, scaled
+/// down), they open one nearly every time. Over HTTP/2 (the default, h2c to a plain-http serve) every
+/// call shares one connection that the long-poll keeps busy, so even that idle timeout opens none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_keeps_its_connection_between_heartbeats_when_the_idle_timeout_is_longer() {
+async fn an_agent_keeps_its_connection_between_heartbeats_over_http2_or_a_longer_idle_timeout() {
     const HEARTBEATS: u32 = 12;
     let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
         return;
@@ -1235,7 +1237,8 @@ async fn an_agent_keeps_its_connection_between_heartbeats_when_the_idle_timeout_
     let dir = plane.scratch.path().join("agent-a");
     let token = plane.join_token("a");
     // As often as serve asks (the tests' agents otherwise beat every 300 ms, whatever it asks).
-    let _a = plane.agent("a", &dir, Some(&token), &[], &["--heartbeat", "500ms"]);
+    let http1 = ["--heartbeat", "500ms", "--http2", "never"];
+    let mut a = plane.agent("a", &dir, Some(&token), &[], &http1);
     let kept = opened_over_heartbeats(&plane, &proxy, HEARTBEATS, "a 3 s idle timeout").await;
     assert!(
         kept <= 1,
@@ -1255,13 +1258,81 @@ async fn an_agent_keeps_its_connection_between_heartbeats_when_the_idle_timeout_
     );
     let reopened =
         opened_over_heartbeats(&plane, &proxy, HEARTBEATS, "a 500 ms idle timeout").await;
-    eprintln!(
-        "{HEARTBEATS} heartbeats opened {kept} connections (3 s idle), {reopened} (500 ms idle)"
-    );
     assert!(
         reopened >= u64::from(HEARTBEATS) / 3,
         "{HEARTBEATS} heartbeats opened only {reopened} connections with an idle timeout equal to the \
          interval: the control shows nothing"
+    );
+
+    // The same agent over HTTP/2, against the same short idle timeout.
+    a.kill();
+    let _a = plane.agent("a", &dir, None, &[], &["--heartbeat", "500ms"]);
+    let multiplexed =
+        opened_over_heartbeats(&plane, &proxy, HEARTBEATS, "HTTP/2, a 500 ms idle timeout").await;
+    eprintln!(
+        "{HEARTBEATS} heartbeats opened {kept} connections (HTTP/1.1, 3 s idle), {reopened} (HTTP/1.1, \
+         500 ms idle), {multiplexed} (HTTP/2, 500 ms idle)"
+    );
+    assert_eq!(
+        multiplexed, 0,
+        "over HTTP/2 the long-poll keeps the one connection busy, so no heartbeat opens another"
+    );
+}
+
+/// An agent whose control plane sits behind a proxy that speaks only HTTP/1.1 (nginx, as many
+/// deployments have) finds out once that h2c is not answered there, and works over HTTP/1.1: it joins,
+/// heartbeats and runs its deploy, every call through the proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_behind_an_http1_proxy_speaks_http1() {
+    let Some((db, repo, scratch, identity)) = Plane::prepare().await else {
+        return;
+    };
+    repo.node("a", "");
+    repo.app("web", 1, "GREETING = \"hello\"\n");
+    let mut plane = Plane::start(db, repo, scratch, identity, FAST).await;
+    plane.wait_generation(1).await;
+    let upstream = plane.url.trim_start_matches("http://").parse().unwrap();
+    let test = cairn_testkit::skip::current_test();
+    let Some(nginx) = cairn_testkit::nginx::Nginx::start(&test, plane.scratch.path(), upstream)
+    else {
+        return;
+    };
+    plane.agent_server = Some(nginx.url());
+    let dir = plane.scratch.path().join("agent-a");
+    let token = plane.join_token("a");
+    let a = plane.agent("a", &dir, Some(&token), &[], &[]);
+    wait_converged(&plane, Duration::from_secs(60)).await;
+    assert!(
+        a.records()
+            .iter()
+            .any(|r| r["via"] == "task" && r["kind"] == "deploy" && r["app"] == "web"),
+        "web deployed: {:?}",
+        a.records()
+    );
+    let logs = plane.logs();
+    let (_, agent_log) = logs
+        .iter()
+        .find(|(p, _)| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("agent-a")
+        })
+        .expect("the agent's log");
+    assert!(
+        agent_log.contains("does not answer HTTP/2 over plain http: using HTTP/1.1"),
+        "the agent says why it speaks HTTP/1.1: {agent_log}"
+    );
+    let access = nginx.access_log();
+    for route in ["/agent/v1/join", "/agent/v1/heartbeat", "/agent/v1/lease"] {
+        assert!(
+            access.contains(&format!("POST {route} HTTP/1.1\" 200")),
+            "{route} answered through nginx: {access}"
+        );
+    }
+    assert!(
+        access.contains("PRI * HTTP/2.0\" 400"),
+        "nginx refused the h2c preface: {access}"
     );
 }
 
