@@ -7,9 +7,12 @@
 //! cargo bench --bench agents                                  # 1,000 agents, 60 s measured, 300 dispatches
 //! cargo bench --bench agents -- --agents 10000 --measure 90s  # not for CI
 //! BENCH_SERVE_LOG=debug cargo bench --bench agents            # serve's log kept in /tmp/cairn-bench-serve.log
+//! cargo bench --bench agents -- --http1                       # HTTP/1.1 instead of HTTP/2 (h2c)
 //! ```
 //!
-//! Each simulated agent is what a real one does on the wire: it joins with its own one-time token, long-
+//! Each simulated agent is what a real one does on the wire, over HTTP/2 by prior knowledge on its own
+//! connection as the agent speaks to a plain-http serve (with `--http1`, HTTP/1.1 from one shared pool:
+//! two connections per agent, the long-poll's and the heartbeat's): it joins with its own one-time token, long-
 //! polls with a 30 s wait, completes every task it gets (the config has one app replica per node, so each
 //! starts with one deploy), and heartbeats every 30 s (first ones spread over the first 30 s) reporting
 //! the replica it runs. The open-file limit is raised to its hard limit first, as a deployment would.
@@ -30,6 +33,9 @@ use tokio::sync::{Mutex, mpsc};
 
 struct Args {
     agents: usize,
+    /// Each agent over HTTP/1.1 (the long-poll and the heartbeats on two connections, from one shared
+    /// pool) instead of HTTP/2 (its own client, one multiplexed connection), the agent's default.
+    http1: bool,
     measure: Duration,
     dispatches: usize,
 }
@@ -37,6 +43,7 @@ struct Args {
 fn args() -> Args {
     let mut a = Args {
         agents: 1000,
+        http1: false,
         measure: Duration::from_secs(60),
         dispatches: 300,
     };
@@ -44,6 +51,7 @@ fn args() -> Args {
     while let Some(x) = it.next() {
         match x.as_str() {
             "--agents" => a.agents = it.next().and_then(|v| v.parse().ok()).expect("--agents N"),
+            "--http1" => a.http1 = true,
             "--measure" => {
                 a.measure = it
                     .next()
@@ -225,8 +233,19 @@ async fn run(args: Args) {
     let errors: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let leases: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
     for (i, credential) in credentials.into_iter().enumerate() {
+        // As the agent's client (`agent/src/client.rs`) against a plain-http control plane that
+        // answers h2c: its own connection, every call multiplexed on it.
+        let http = if args.http1 {
+            http.clone()
+        } else {
+            reqwest::Client::builder()
+                .http2_prior_knowledge()
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build()
+                .unwrap()
+        };
         let sim = Arc::new(Sim {
-            http: http.clone(),
+            http,
             url: url.clone(),
             credential,
             running: Mutex::new(Vec::new()),
@@ -307,8 +326,9 @@ async fn run(args: Args) {
     }
     let hz = clock_ticks();
     println!(
-        "| {} agents | heartbeats in {:.0} s: {} | heartbeat p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | serve CPU {:.1}% of one core | RSS {} MiB (peak {} MiB) |",
+        "| {} agents, {} | heartbeats in {:.0} s: {} | heartbeat p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms | serve CPU {:.1}% of one core | RSS {} MiB (peak {} MiB) |",
         args.agents,
+        if args.http1 { "HTTP/1.1" } else { "HTTP/2" },
         secs,
         hb.len(),
         ms(pct(&hb, 50.0)),

@@ -6,7 +6,9 @@
 //! median, max over the hours rolled up), its rows, and the month extrapolated (720 hours × the median).
 //! Then the month-to-date read of the `/metrics` gauge, from the hours' totals
 //! (`usage::month_to_date_minor`) and, for comparison, summing the rows as it did before
-//! `usage_hour_totals`: the median of 5 of each, and the rows the second reads.
+//! `usage_hour_totals`: the median of 5 of each, and the rows the second reads. Last, one app's month to
+//! date (the dashboard's app page, `usage::app_month_to_date_minor`), through its index
+//! `usage_hours_by_app` and again with that index dropped (as it was before it).
 //!
 //! ```text
 //! cargo bench -p cairn-reconciler --bench usage                 # 10,000 apps, 12 hours
@@ -24,6 +26,8 @@ struct Measured {
     rows: usize,
     /// The month-to-date read from the totals, and summing the rows; the rows summed.
     month_to_date: (Duration, Duration, i64),
+    /// One app's month to date, by its index and without it.
+    app_month_to_date: (Duration, Duration),
 }
 
 /// The median of 5 runs of `f`.
@@ -124,11 +128,28 @@ async fn one(apps: i64, hours: i64) -> Measured {
         .fetch_one(pool)
         .await
         .unwrap();
+    let one_app = || async {
+        let n = usage::app_month_to_date_minor(pool, "app-7", in_month)
+            .await
+            .unwrap();
+        assert!(n > 0, "app-7 has usage this month");
+    };
+    let by_app = median_of_5(one_app).await;
+    sqlx::query("DROP INDEX usage_hours_by_app")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query("ANALYZE usage_hours")
+        .execute(pool)
+        .await
+        .unwrap();
+    let without = median_of_5(one_app).await;
     db.close().await;
     Measured {
         hours: times,
         rows,
         month_to_date: (totals, summed, summed_rows),
+        app_month_to_date: (by_app, without),
     }
 }
 
@@ -157,19 +178,20 @@ async fn main() {
     }
     println!(
         "| apps | intervals in an hour | rows per hour | hour: min | median | max | month (720 × median) \
-         | month to date: totals / rows summed (rows) |"
+         | month to date: totals / rows summed (rows) | one app's month to date: by app / without the index |"
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|---|");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---|---|");
     for apps in sizes {
         let Measured {
             hours: mut times,
             rows,
             month_to_date: (totals, summed, summed_rows),
+            app_month_to_date: (by_app, without),
         } = one(apps, hours).await;
         times.sort();
         let median = times[times.len() / 2];
         println!(
-            "| {apps} | {} | {rows} | {} | {} | {} | {:.0} s | {} / {} ({summed_rows}) |",
+            "| {apps} | {} | {rows} | {} | {} | {} | {:.0} s | {} / {} ({summed_rows}) | {} / {} |",
             apps + apps / 10 + apps,
             ms(times[0]),
             ms(median),
@@ -177,6 +199,8 @@ async fn main() {
             median.as_secs_f64() * 720.0,
             us(totals),
             us(summed),
+            us(by_app),
+            us(without),
         );
     }
 }

@@ -551,3 +551,53 @@ async fn a_heartbeat_opens_only_placed_running_slots_without_an_open_interval_an
     totals_are_the_rows_sums(pool).await;
     db.close().await;
 }
+
+/// One app's month to date (the dashboard's app page) is its rows' sum, read through the index by app
+/// (`usage_hours_by_app`), not by walking every app's rows of the month.
+#[tokio::test]
+async fn one_apps_month_to_date_is_its_rows_sum_read_by_its_index() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    // 2,000 apps, 48 hours of this month and one hour of the last (which does not count).
+    sqlx::query(
+        "INSERT INTO usage_hours
+           (hour, app, slot, plan, node, monthly_e4, seconds, numerator, month_seconds)
+         SELECT $1 + h * interval '1 hour', 'app-' || a, 1, 'small', 'n1', 50000, 3600,
+                3600 * 50000 * (1 + a % 10), 31 * 86400
+         FROM generate_series(-1, 47) h, generate_series(0, 1999) a",
+    )
+    .bind(at(1, 0, 0, 0))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE usage_hours")
+        .execute(pool)
+        .await
+        .unwrap();
+    let scans = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'usage_hours_by_app'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    };
+    let before = scans().await;
+    let now = at(3, 12, 0, 0);
+    let got = usage::app_month_to_date_minor(pool, "app-7", now)
+        .await
+        .unwrap();
+    // app-7's 48 hours of this month (October: 31 days), not last month's hour nor any other app's.
+    assert_eq!(got, usage::minor(48 * 3600 * 50_000 * 8, 31 * 86_400));
+    assert_eq!(got, 258);
+    // Statistics reach the view when the backend reports them (at most a second later).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while scans().await == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the read did not use the index by app"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    db.close().await;
+}

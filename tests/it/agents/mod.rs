@@ -781,8 +781,10 @@ async fn sigterm_finishes_short_tasks_and_gives_back_long_ones() {
         &[("CAIRN_AGENT_TEST_DELAY_MS", "1500")],
         &["--shutdown-grace", "20s"],
     );
-    wait_for("both deploys leased", Duration::from_secs(20), || {
-        leased_all(&plane)
+    // Started, not only leased: a lease whose answer reaches a stopping agent is given back unstarted.
+    wait_for("both deploys started", Duration::from_secs(20), || {
+        let started = agent.log().matches("task started").count();
+        async move { (started == 2).then_some(()) }
     })
     .await;
     let status = agent.terminate(Duration::from_secs(20));

@@ -382,6 +382,7 @@ impl Plane {
         Agent {
             child: Some(child),
             dir: data_dir.to_owned(),
+            log: log_path,
         }
     }
 
@@ -581,6 +582,7 @@ pub fn kill(pid: u32, sig: rustix::process::Signal) {
 pub struct Agent {
     child: Option<Child>,
     pub dir: PathBuf,
+    log: PathBuf,
 }
 
 impl Agent {
@@ -617,6 +619,11 @@ impl Agent {
     /// `Some(status)` when the agent has exited, `None` while it runs.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().and_then(|c| c.try_wait().unwrap())
+    }
+
+    /// What this agent process has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// What the recording driver recorded so far.
