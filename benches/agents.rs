@@ -266,13 +266,25 @@ async fn run(args: Args) {
         .await
         .unwrap();
     eprintln!(
-        "warm: {done} deploy tasks done; measuring for {:?}",
-        args.measure
+        "warm: {done} deploy tasks done; measuring for {:?} from {}",
+        args.measure,
+        humantime::format_rfc3339_millis(std::time::SystemTime::now())
     );
     measuring.store(true, Ordering::SeqCst);
     let tcp0 = tcp_counters();
     let (cpu0, t0) = (cpu_ticks(pid), Instant::now());
+    // Beside the agents, every 100 ms: a durable commit on the same PostgreSQL and serve's `/healthz`
+    // (which reads nothing), so a slow heartbeat can be told apart: the database's commits stalled, serve
+    // stalled, or neither.
+    let probes = tokio::spawn(probe(pool.clone(), format!("{url}/healthz"), args.measure));
     tokio::time::sleep(args.measure).await;
+    let (commits, healthz) = probes.await.unwrap();
+    for (what, slow) in [("durable commit", commits), ("GET /healthz", healthz)] {
+        eprintln!(
+            "probe {what}: {} over 100 ms, at (s into the window, ms) {slow:?}",
+            slow.len()
+        );
+    }
     let (cpu1, secs) = (cpu_ticks(pid), t0.elapsed().as_secs_f64());
     measuring.store(false, Ordering::SeqCst);
     let tcp1 = tcp_counters();
@@ -400,6 +412,43 @@ async fn run(args: Args) {
 }
 
 use cairn_testkit::git;
+
+/// Times a durable commit and a `GET healthz` every 100 ms for `window`; returns those over 100 ms,
+/// as (seconds into the window, milliseconds taken).
+async fn probe(
+    pool: sqlx::PgPool,
+    healthz: String,
+    window: Duration,
+) -> (Vec<(u64, u64)>, Vec<(u64, u64)>) {
+    sqlx::query("CREATE TABLE IF NOT EXISTS bench_probe (id int PRIMARY KEY, at timestamptz)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let http = reqwest::Client::new();
+    let (mut commits, mut gets) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    while start.elapsed() < window {
+        let t = Instant::now();
+        sqlx::query(
+            "INSERT INTO bench_probe VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET at = now()",
+        )
+        .execute(&pool)
+        .await
+        .unwrap();
+        let d = t.elapsed();
+        if d > Duration::from_millis(100) {
+            commits.push((t.duration_since(start).as_secs(), d.as_millis() as u64));
+        }
+        let t = Instant::now();
+        let _ = http.get(&healthz).send().await;
+        let d = t.elapsed();
+        if d > Duration::from_millis(100) {
+            gets.push((t.duration_since(start).as_secs(), d.as_millis() as u64));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (commits, gets)
+}
 
 /// A child process killed and reaped when dropped.
 struct KillOnDrop(std::process::Child);
