@@ -392,15 +392,15 @@ async fn http2_connections_multiplex_and_are_closed_when_idle() {
             .json(&json!({"max": 1, "wait_ms": 3000}))
             .send(),
     );
-    let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_millis(2500) {
-        let resp = h2
-            .post(format!("{}/agent/v1/heartbeat", proxy.url()))
+    let beat = || {
+        h2.post(format!("{}/agent/v1/heartbeat", proxy.url()))
             .bearer_auth(&credential)
             .json(&heartbeat)
             .send()
-            .await
-            .unwrap();
+    };
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(2500) {
+        let resp = beat().await.unwrap();
         assert_eq!(resp.version(), reqwest::Version::HTTP_2);
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -419,14 +419,7 @@ async fn http2_connections_multiplex_and_are_closed_when_idle() {
     );
     // Idle past the timeout: serve closes it, and the next call opens another.
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let resp = h2
-        .post(format!("{}/agent/v1/heartbeat", proxy.url()))
-        .bearer_auth(&credential)
-        .json(&heartbeat)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
+    assert_eq!(beat().await.unwrap().status(), 200);
     assert_eq!(proxy.accepted(), 2, "the idle connection was closed");
 
     // Connections that never complete a request.
