@@ -8,6 +8,7 @@
 //! cargo bench --bench agents -- --agents 10000 --measure 90s  # not for CI
 //! BENCH_SERVE_LOG=debug cargo bench --bench agents            # serve's log kept in /tmp/cairn-bench-serve.log
 //! cargo bench --bench agents -- --http1                       # HTTP/1.1 instead of HTTP/2 (h2c)
+//! cargo bench --bench agents -- --warm 90s                    # a longer warm-up than 35 s
 //! ```
 //!
 //! Each simulated agent is what a real one does on the wire, over HTTP/2 by prior knowledge on its own
@@ -36,6 +37,8 @@ struct Args {
     /// Each agent over HTTP/1.1 (the long-poll and the heartbeats on two connections, from one shared
     /// pool) instead of HTTP/2 (its own client, one multiplexed connection), the agent's default.
     http1: bool,
+    /// How long the agents run before the window (their first heartbeats, long-polls and deploys).
+    warm: Duration,
     measure: Duration,
     dispatches: usize,
 }
@@ -44,6 +47,7 @@ fn args() -> Args {
     let mut a = Args {
         agents: 1000,
         http1: false,
+        warm: Duration::from_secs(35),
         measure: Duration::from_secs(60),
         dispatches: 300,
     };
@@ -52,6 +56,12 @@ fn args() -> Args {
         match x.as_str() {
             "--agents" => a.agents = it.next().and_then(|v| v.parse().ok()).expect("--agents N"),
             "--http1" => a.http1 = true,
+            "--warm" => {
+                a.warm = it
+                    .next()
+                    .and_then(|v| humantime::parse_duration(&v).ok())
+                    .expect("--warm DURATION")
+            }
             "--measure" => {
                 a.measure = it
                     .next()
@@ -211,6 +221,27 @@ async fn run(args: Args) {
         .build()
         .unwrap();
 
+    // Each agent's client, made before anyone joins: made while the loops start, the last agents'
+    // first heartbeats came so late that liveness marked them offline and back in the window.
+    let t = Instant::now();
+    let mut clients = (0..args.agents)
+        .map(|_| {
+            if args.http1 {
+                http.clone()
+            } else {
+                // As the agent's client (`agent/src/client.rs`) against a plain-http control plane that
+                // answers h2c: its own connection, every call multiplexed on it.
+                reqwest::Client::builder()
+                    .http2_prior_knowledge()
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .build()
+                    .unwrap()
+            }
+        })
+        .collect::<Vec<_>>()
+        .into_iter();
+    eprintln!("{} clients made in {:?}", args.agents, t.elapsed());
+
     // Join everyone (64 at a time), then start their loops.
     let t = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(64));
@@ -233,19 +264,8 @@ async fn run(args: Args) {
     let errors: Arc<Mutex<BTreeMap<String, usize>>> = Arc::default();
     let leases: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
     for (i, credential) in credentials.into_iter().enumerate() {
-        // As the agent's client (`agent/src/client.rs`) against a plain-http control plane that
-        // answers h2c: its own connection, every call multiplexed on it.
-        let http = if args.http1 {
-            http.clone()
-        } else {
-            reqwest::Client::builder()
-                .http2_prior_knowledge()
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build()
-                .unwrap()
-        };
         let sim = Arc::new(Sim {
-            http,
+            http: clients.next().unwrap(),
             url: url.clone(),
             credential,
             running: Mutex::new(Vec::new()),
@@ -256,11 +276,16 @@ async fn run(args: Args) {
         });
         let offset = Duration::from_millis((i as u64 * 30_000) / args.agents as u64);
         tokio::spawn(sim.clone().heartbeat_loop(offset));
-        tokio::spawn(sim.lease_loop());
+        // Its first long-poll at its first heartbeat's offset too: agents that joined over 30 s, not
+        // 10,000 connections opened in the same instant.
+        tokio::spawn(async move {
+            tokio::time::sleep(offset).await;
+            sim.lease_loop().await
+        });
     }
 
     // Warm up: every agent's first heartbeat, first long-poll and first deploy.
-    tokio::time::sleep(Duration::from_secs(35)).await;
+    tokio::time::sleep(args.warm).await;
     let done: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE status = 'done'")
         .fetch_one(&pool)
         .await
