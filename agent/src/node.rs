@@ -721,6 +721,10 @@ impl TaskLogs {
 }
 
 /// Exponential backoff for calls that fail transiently: 200 ms doubling to 5 s, or what a 429 asks.
+///
+/// Each wait is drawn between half the step and the whole of it ("equal jitter"): when a control plane
+/// restarts under thousands of agents, their retries spread over the step instead of arriving together
+/// at 200 ms, 400 ms, 800 ms and so on, each wave a herd of new connections.
 struct Backoff(Duration);
 
 impl Backoff {
@@ -728,13 +732,24 @@ impl Backoff {
         Backoff(Duration::from_millis(200))
     }
 
-    /// Sleeps; returns true when `stop` turned true meanwhile.
-    async fn sleep(&mut self, e: &ClientError, stop: &mut watch::Receiver<bool>) -> bool {
+    /// The next wait after `e`, and the step doubled.
+    fn next_wait(&mut self, e: &ClientError) -> Duration {
         let wait = match e {
+            // The control plane said how long: that, exactly.
             ClientError::TooMany(d) => *d,
-            _ => self.0,
+            _ => {
+                use rand::Rng as _;
+                let half = self.0 / 2;
+                half + half.mul_f64(rand::thread_rng().gen_range(0.0..=1.0))
+            }
         };
         self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        wait
+    }
+
+    /// Sleeps; returns true when `stop` turned true meanwhile.
+    async fn sleep(&mut self, e: &ClientError, stop: &mut watch::Receiver<bool>) -> bool {
+        let wait = self.next_wait(e);
         tokio::select! {
             _ = tokio::time::sleep(wait) => false,
             _ = raised(stop) => true,
@@ -746,5 +761,51 @@ impl Backoff {
 async fn raised(flag: &mut watch::Receiver<bool>) {
     if flag.wait_for(|f| *f).await.is_err() {
         std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unavailable() -> ClientError {
+        ClientError::Refused {
+            status: reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn backoff_waits_spread_over_half_to_all_of_each_step_up_to_five_seconds() {
+        let mut firsts = std::collections::BTreeSet::new();
+        for _ in 0..200 {
+            let mut b = Backoff::new();
+            let waits: Vec<Duration> = (0..8).map(|_| b.next_wait(&unavailable())).collect();
+            for (wait, step) in waits
+                .iter()
+                .zip([200u64, 400, 800, 1600, 3200, 5000, 5000, 5000])
+            {
+                let step = Duration::from_millis(step);
+                assert!(
+                    *wait >= step / 2 && *wait <= step,
+                    "{wait:?} for a step of {step:?}"
+                );
+            }
+            firsts.insert(waits[0]);
+        }
+        // Two hundred agents refused at once do not all come back at the same instant.
+        assert!(
+            firsts.len() > 100,
+            "only {} distinct first waits",
+            firsts.len()
+        );
+    }
+
+    #[test]
+    fn a_429_is_waited_out_exactly_as_asked() {
+        let mut b = Backoff::new();
+        let asked = Duration::from_secs(3);
+        assert_eq!(b.next_wait(&ClientError::TooMany(asked)), asked);
+        assert_eq!(b.next_wait(&ClientError::TooMany(asked)), asked);
     }
 }
