@@ -44,3 +44,11 @@ pub mod skip;
 
 pub use git::{git, git_fixed_clock};
 pub use skip::{current_test, github_fixtures, missing, require_all};
+
+/// A loopback TCP port free a moment ago (for a server a test starts that must be told its port).
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}

@@ -1,7 +1,7 @@
 //! Debian's nginx as an HTTP/1.1 reverse proxy in front of a server under test: what many operators put
 //! before a control plane, and a peer that speaks neither h2c nor anything but HTTP/1.1 to its upstream.
 
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,10 +33,7 @@ impl Nginx {
             );
             return None;
         }
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("a free loopback port");
+        let port = crate::free_port();
         let root = dir.join(format!("nginx-{port}"));
         std::fs::create_dir_all(root.join("tmp")).expect("nginx's directory");
         let d = root.display();

@@ -18,11 +18,12 @@
 //! ([`Pebble::orders`] counts them). Both processes listen on loopback ports of their own and are killed
 //! when the [`Pebble`] is dropped.
 
-use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::free_port;
 use crate::skip::{missing, tail};
 
 pub const PEBBLE: &str = "/usr/bin/pebble";
@@ -67,13 +68,6 @@ impl Drop for Pebble {
             let _ = c.wait();
         }
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 fn free_udp_port() -> u16 {

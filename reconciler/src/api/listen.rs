@@ -123,14 +123,12 @@ pub async fn serve(
     bounds: Bounds,
     shutdown: Shutdown,
 ) -> std::io::Result<()> {
-    let stop = shutdown.wait();
+    let stopped = shutdown.wait();
     let max = bounds.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(max));
-    // Each connection's own token: triggered, it shuts its connection down gracefully.
-    let closing = tokio_util::sync::CancellationToken::new();
     let builder = Arc::new(builder(&bounds));
     let mut warned_full: Option<tokio::time::Instant> = None;
-    tokio::pin!(stop);
+    tokio::pin!(stopped);
     loop {
         if permits.available_permits() == 0
             && warned_full.is_none_or(|t| t.elapsed() > Duration::from_secs(60))
@@ -146,7 +144,7 @@ pub async fn serve(
                 Ok(p) => p,
                 Err(_) => break,
             },
-            () = &mut stop => break,
+            () = &mut stopped => break,
         };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -158,19 +156,20 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut stop => break,
+            () = &mut stopped => break,
         };
         // Answers (a long-poll handing out a task) leave at once, not after a delayed ACK.
         let _ = tcp.set_nodelay(true);
         let activity = Arc::new(Activity::new());
         let svc = service(app.clone(), peer, bounds.body_timeout, activity.clone());
         let builder = builder.clone();
-        let closing = closing.child_token();
+        // Triggered, it shuts this connection down gracefully.
+        let stop = shutdown.wait();
         let idle_timeout = bounds.header_timeout;
         let shutdown_grace = bounds.shutdown_grace;
         tokio::spawn(async move {
             let conn = builder.serve_connection(TokioIo::new(tcp), svc);
-            tokio::pin!(conn);
+            tokio::pin!(conn, stop);
             // Once asked to close: by when it must have (an HTTP/2 peer that never answers the
             // graceful shutdown's ping would otherwise hold it open).
             let mut closing_by: Option<tokio::time::Instant> = None;
@@ -183,7 +182,7 @@ pub async fn serve(
                         }
                         break;
                     }
-                    () = closing.cancelled(), if closing_by.is_none() => {
+                    () = &mut stop, if closing_by.is_none() => {
                         conn.as_mut().graceful_shutdown();
                         closing_by = Some(tokio::time::Instant::now() + shutdown_grace);
                     }
@@ -202,7 +201,6 @@ pub async fn serve(
         });
     }
     drop(listener);
-    closing.cancel();
     // Every connection holds a permit until it ends: all of them back means all connections ended.
     let all = u32::try_from(max).unwrap_or(u32::MAX);
     if tokio::time::timeout(bounds.shutdown_grace, permits.acquire_many(all))

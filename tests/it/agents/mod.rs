@@ -1311,16 +1311,7 @@ async fn an_agent_behind_an_http1_proxy_speaks_http1() {
         "web deployed: {:?}",
         a.records()
     );
-    let logs = plane.logs();
-    let (_, agent_log) = logs
-        .iter()
-        .find(|(p, _)| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("agent-a")
-        })
-        .expect("the agent's log");
+    let agent_log = a.log();
     assert!(
         agent_log.contains("does not answer HTTP/2 over plain http: using HTTP/1.1"),
         "the agent says why it speaks HTTP/1.1: {agent_log}"
