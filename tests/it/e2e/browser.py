@@ -25,7 +25,7 @@ import time
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 
 CHROMIUM = "/usr/bin/chromium"
@@ -51,16 +51,23 @@ def run(d, c):
     elif cmd == "text":
         return [e.text for e in d.find_elements(By.CSS_SELECTOR, c["css"])]
     elif cmd == "wait_text":
+        # The texts are read in one script, so no element reference can go stale between finding and
+        # reading. A navigation under way can still fail the read itself (a stale reference, a replaced
+        # document, an execution context that went away): that is the page changing, so look again.
         deadline = time.monotonic() + c.get("timeout", 30)
+        last_error = None
         while True:
             try:
-                if any(c["text"] in e.text for e in d.find_elements(By.CSS_SELECTOR, c["css"])):
+                texts = d.execute_script(
+                    "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText)", c["css"])
+                if any(c["text"] in t for t in texts):
                     return None
-            except StaleElementReferenceException:
-                pass  # the page changed under us (a navigation): look again
+            except WebDriverException as e:
+                last_error = e
 
             if time.monotonic() > deadline:
-                raise TimeoutError("no %s containing %r; page: %s" % (c["css"], c["text"], d.page_source[-3000:]))
+                raise TimeoutError("no %s containing %r (last error: %s); page: %s"
+                                   % (c["css"], c["text"], last_error, d.page_source[-3000:]))
             time.sleep(0.1)
     elif cmd == "fill":
         e = d.find_element(By.CSS_SELECTOR, c["css"])
