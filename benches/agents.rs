@@ -9,6 +9,7 @@
 //! BENCH_SERVE_LOG=debug cargo bench --bench agents            # serve's log kept in /tmp/cairn-bench-serve.log
 //! cargo bench --bench agents -- --http1                       # HTTP/1.1 instead of HTTP/2 (h2c)
 //! cargo bench --bench agents -- --warm 90s                    # a longer warm-up than 35 s
+//! BENCH_SERVE_ENV='MALLOC_ARENA_MAX=2' cargo bench --bench agents  # serve's environment (KEY=VALUE ...)
 //! ```
 //!
 //! Each simulated agent is what a real one does on the wire, over HTTP/2 by prior knowledge on its own
@@ -160,6 +161,18 @@ async fn run(args: Args) {
         .env(
             "CAIRN_LOG",
             std::env::var("BENCH_SERVE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        // Serve's own environment, e.g. `BENCH_SERVE_ENV='MALLOC_ARENA_MAX=2'`, or a heap profiler's
+        // preload (heaptrack's `LD_PRELOAD=.../libheaptrack_preload.so DUMP_HEAPTRACK_OUTPUT=FILE`),
+        // which then profiles serve alone.
+        .envs(
+            std::env::var("BENCH_SERVE_ENV")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(|kv| {
+                    kv.split_once('=')
+                        .expect("BENCH_SERVE_ENV is KEY=VALUE pairs")
+                }),
         )
         .stdout(Stdio::piped())
         .stderr(log.reopen().unwrap())

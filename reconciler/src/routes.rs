@@ -6,7 +6,9 @@
 //! long-poll [`Routes::changed_from`] (`GET /agent/v1/routes`), so a table travels to an agent only when
 //! it changed. [`refresh_loop`] recomputes it when poked ([`Routes::poke`]: after a reconcile pass, which
 //! follows every apply and every node going offline, and after a heartbeat that changed what a node
-//! serves) and every period (another control plane may have changed the store).
+//! serves), when another control plane published a new table ([`CHANGED`]: its pokes came from changes
+//! this one did not see), and every period as a safety net. A refresh reads every app and node, so it
+//! is not made on a timer that finds nothing new: at 10,000 nodes each one held heartbeats up.
 //!
 //! [`HopKey`] is the secret one node's proxy shows another's on a forwarded request. It is derived from the
 //! control plane's identity (every control plane holding the identity derives the same key), or random
@@ -28,6 +30,7 @@ use tokio::sync::{Notify, watch};
 use zeroize::Zeroizing;
 
 use crate::store::StoreError;
+use crate::store::listen::Heard;
 use crate::store::routes::RouteRows;
 use crate::worker::{Shutdown, Worker};
 
@@ -459,12 +462,36 @@ pub fn tls_source(
 /// `Strict-Transport-Security: max-age` when `[tls] hsts = true`: one year.
 pub const HSTS_MAX_AGE: u64 = 365 * 24 * 3600;
 
-/// Keeps `routes` current until `shutdown`: a refresh when poked, when any replica stored ACME answers or
-/// own certificates ([`crate::store::tls::CHANGED`]), and every `period`; and stores this replica's ACME
-/// answers whenever its certificate worker changes them, so every ingress node answers them within a
-/// long-poll round trip whichever replica its agent polls.
+/// The channel a control plane announces a route table it published on (the payload: its replica id),
+/// so the others refresh theirs.
+pub const CHANGED: &str = "cairn_routes";
+
+/// Keeps `routes` current until `shutdown`: a refresh when poked, when another replica published a new
+/// table ([`CHANGED`]), when any replica stored ACME answers or own certificates
+/// ([`crate::store::tls::CHANGED`]), whenever a listener (re)connects (what was announced meanwhile was
+/// missed), and every `period`; and stores this replica's ACME answers whenever its certificate worker
+/// changes them, so every ingress node answers them within a long-poll round trip whichever replica its
+/// agent polls.
 pub async fn refresh_loop(pool: PgPool, routes: Routes, period: Duration, shutdown: &Shutdown) {
     let wake = routes.dirty.clone();
+    tokio::spawn({
+        let (pool, wake, stop) = (pool.clone(), wake.clone(), shutdown.clone());
+        let own = routes.replica.to_string();
+        async move {
+            crate::store::listen::forward(
+                pool,
+                CHANGED,
+                "route table changes",
+                |heard| match heard {
+                    // Its own announcement: nothing this replica does not have.
+                    Heard::Notified(replica) if replica == own => {}
+                    _ => wake.notify_one(),
+                },
+                &stop,
+            )
+            .await
+        }
+    });
     tokio::spawn({
         let (pool, routes, stop) = (pool.clone(), routes.clone(), shutdown.clone());
         async move { store_answers(pool, routes, &stop).await }
@@ -489,9 +516,21 @@ pub async fn refresh_loop(pool: PgPool, routes: Routes, period: Duration, shutdo
         .run(shutdown, |_| {
             let (pool, routes) = (pool.clone(), routes.clone());
             async move {
-                if routes.refresh(&pool).await? {
-                    let t = routes.current();
-                    tracing::debug!(generation = %t.generation, apps = t.apps.len(), nodes = t.nodes.len(), "route table changed");
+                let started = std::time::Instant::now();
+                let changed = routes.refresh(&pool).await?;
+                let t = routes.current();
+                tracing::debug!(generation = %t.generation, apps = t.apps.len(), nodes = t.nodes.len(), changed, took = ?started.elapsed(), "route table refreshed");
+                if changed {
+                    // The other replicas refresh theirs: what poked this one (a heartbeat, a reconcile)
+                    // happened here only. Failing that, they catch up on their period.
+                    if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+                        .bind(CHANGED)
+                        .bind(routes.replica.to_string())
+                        .execute(&pool)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot announce a new route table to the other control planes");
+                    }
                 }
                 Ok::<_, StoreError>(None)
             }

@@ -116,8 +116,9 @@ pub struct ApiSettings {
     pub log_retention: Duration,
     /// Replica output lines kept per app.
     pub log_window: u32,
-    /// The route table is recomputed at least this often (also when poked: after a reconcile pass, and a
-    /// heartbeat that changed what a node serves), in case another control plane changed the store.
+    /// The route table is recomputed at least this often, as a safety net (also when poked: after a
+    /// reconcile pass, a heartbeat that changed what a node serves, and another control plane's new
+    /// table, announced on `routes::CHANGED`).
     pub routes_period: Duration,
     /// How often usage is rolled up (the current hour's rows are provisional until then).
     pub usage_period: Duration,
@@ -136,7 +137,7 @@ impl ApiSettings {
             lease_poll: Duration::from_secs(30),
             log_retention: Duration::from_secs(14 * 24 * 3600),
             log_window: 10_000,
-            routes_period: Duration::from_secs(10),
+            routes_period: Duration::from_secs(300),
             usage_period: cairn_reconciler::usage::DEFAULT_PERIOD,
         }
     }

@@ -48,9 +48,10 @@ pub struct ApiArgs {
     /// authentication back-off and the join rate, to the address its X-Forwarded-For names
     #[arg(long, value_name = "IP")]
     trusted_proxy: Vec<std::net::IpAddr>,
-    /// The cluster route table is recomputed at least this often (it also is after every reconcile
-    /// and every heartbeat that changed what a node serves)
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    /// The cluster route table is recomputed at least this often, as a safety net: it also is after
+    /// every reconcile, every heartbeat that changed what a node serves, and whenever another control
+    /// plane published a new one
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
     routes_refresh: Duration,
     /// How often usage is rolled up into hourly charges (the current hour's are provisional until it
     /// ends; `cairn usage --recompute` rolls a month up at once)

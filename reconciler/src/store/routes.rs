@@ -52,9 +52,12 @@ pub async fn rows(conn: &mut PgConnection) -> Result<RouteRows, StoreError> {
         .await
         .op("read the apps for the route table")?;
     let mut out = with_settings(settings);
-    for row in apps {
-        out.apps.push(app_row(&row.name, row.spec)?);
-    }
+    // Parsing every app's applied spec is synchronous work that grows with the installation.
+    out.apps = crate::worker::off_the_workers(|| {
+        apps.into_iter()
+            .map(|row| app_row(&row.name, row.spec))
+            .collect::<Result<Vec<_>, _>>()
+    })?;
     out.nodes = node_routes(conn).await?;
     Ok(out)
 }
@@ -114,24 +117,28 @@ async fn node_routes(conn: &mut PgConnection) -> Result<Vec<NodeRoute>, StoreErr
     .fetch_all(&mut *conn)
     .await
     .op("read the nodes for the route table")?;
-    let mut out = Vec::with_capacity(nodes.len());
-    for row in nodes {
-        let node: Node = json("nodes", "spec", row.spec)?;
-        let replicas: Vec<ActualReplica> = match row.replicas {
-            Some(r) => json("node_status", "replicas", r)?,
-            None => Vec::new(),
-        };
-        out.push(NodeRoute {
-            name: name("nodes", &row.name)?,
-            address: node.address,
-            ingress: node.ingress,
-            online: row.state.as_deref() == Some("online"),
-            healthy: replicas
-                .into_iter()
-                .filter(|r| r.healthy && r.state == RunState::Running)
-                .map(|r| r.app)
-                .collect(),
-        });
-    }
-    Ok(out)
+    // As the apps': off the async workers.
+    crate::worker::off_the_workers(|| {
+        nodes
+            .into_iter()
+            .map(|row| {
+                let node: Node = json("nodes", "spec", row.spec)?;
+                let replicas: Vec<ActualReplica> = match row.replicas {
+                    Some(r) => json("node_status", "replicas", r)?,
+                    None => Vec::new(),
+                };
+                Ok(NodeRoute {
+                    name: name("nodes", &row.name)?,
+                    address: node.address,
+                    ingress: node.ingress,
+                    online: row.state.as_deref() == Some("online"),
+                    healthy: replicas
+                        .into_iter()
+                        .filter(|r| r.healthy && r.state == RunState::Running)
+                        .map(|r| r.app)
+                        .collect(),
+                })
+            })
+            .collect()
+    })
 }

@@ -409,6 +409,92 @@ async fn the_route_table_routes_to_online_nodes_with_a_healthy_replica() {
     .await;
 }
 
+/// A route table one control plane publishes reaches the others at once, not on their timer (an hour
+/// here): it announces the table on `routes::CHANGED` and they refresh. A refresh that finds nothing new
+/// announces nothing, so the replicas do not wake each other in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_table_one_replica_publishes_reaches_the_others_at_once() {
+    use cairn_reconciler::routes::{CHANGED, Routes, refresh_loop};
+    use cairn_reconciler::worker::Shutdown;
+
+    let db = cairn_testkit::test_db!();
+    bounded(async {
+        let pool = db.pool();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("config");
+        copy_dir(&workspace().join("examples/config"), &dir);
+        let c = Controller::new(pool.clone(), ConfigSource::Dir(dir), Some(demo_identity()));
+        record_heads(&c).await;
+        reconcile(&c).await;
+
+        let mut announced = sqlx::postgres::PgListener::connect_with(pool).await.unwrap();
+        announced.listen(CHANGED).await.unwrap();
+        let (a, b) = (Routes::default(), Routes::default());
+        let stop = Shutdown::new();
+        for r in [&a, &b] {
+            tokio::spawn({
+                let (pool, r, stop) = (pool.clone(), r.clone(), stop.clone());
+                async move { refresh_loop(pool, r, Duration::from_secs(3600), &stop).await }
+            });
+        }
+        // Each starts with a refresh of its own (and announces its first table).
+        while a.current().apps.is_empty() || b.current().apps.is_empty() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let first = a.current().generation.clone();
+        assert_eq!(b.current().generation, first);
+        // What each announced at its start (and what a refresh it woke found: nothing new).
+        while tokio::time::timeout(Duration::from_millis(500), announced.recv())
+            .await
+            .is_ok()
+        {}
+
+        // fra-1 comes online with a healthy shop; only A hears of it (the heartbeat reached A).
+        let replica = serde_json::json!([
+            {"app": "shop", "slot": 1, "release": 1, "state": "running", "healthy": true}
+        ]);
+        sqlx::query(
+            "INSERT INTO node_status (node, state, joined_at, replicas) VALUES ('fra-1', 'online', now(), $1)
+             ON CONFLICT (node) DO UPDATE SET state = 'online', joined_at = now(), replicas = $1",
+        )
+        .bind(&replica)
+        .execute(pool)
+        .await
+        .unwrap();
+        a.poke();
+        let routed = |r: &Routes| {
+            r.current()
+                .apps
+                .iter()
+                .find(|x| x.app.as_str() == "shop")
+                .map(|x| x.nodes.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+        };
+        while routed(&b) != Some(vec!["fra-1".to_owned()]) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_ne!(b.current().generation, first);
+        assert_eq!(b.current().generation, a.current().generation);
+        // A announced it, and B announced the same table in turn (A, refreshing, found nothing new).
+        let mut heard = BTreeSet::new();
+        while let Ok(n) = tokio::time::timeout(Duration::from_millis(500), announced.recv()).await {
+            heard.insert(n.unwrap().payload().to_owned());
+        }
+        assert_eq!(heard.len(), 2, "one announcement from each replica: {heard:?}");
+
+        // Poked with nothing new: no table, no announcement, so no refresh anywhere else.
+        a.poke();
+        b.poke();
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), announced.recv())
+                .await
+                .is_err(),
+            "a refresh that found nothing new announced a table"
+        );
+        stop.trigger();
+    })
+    .await;
+}
+
 /// `cairn status` (and `GET /api/v1/status`) shows each node's address and role and, for each app, its
 /// hosts, the nodes with a healthy replica and the ingress nodes that take its traffic: exactly what the
 /// route table the agents get says.
