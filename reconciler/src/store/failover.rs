@@ -40,6 +40,18 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a pool waits for a connection (also for a new primary while there is none).
 pub const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A pooled connection idle longer than this is pinged before it is handed out.
+pub const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// Whether a pooled connection may be handed out: yes when it was in use within [`PING_AFTER_IDLE`],
+/// otherwise when it answers a ping (one that does not is closed, and another tried).
+async fn alive_if_idle(
+    conn: &mut PgConnection,
+    meta: sqlx::pool::PoolConnectionMetadata,
+) -> Result<bool, sqlx::Error> {
+    Ok(meta.idle_for < PING_AFTER_IDLE || conn.ping().await.is_ok())
+}
+
 /// How often [`Database::watch`] probes the hosts while none is writable.
 const SEARCH_PERIOD: Duration = Duration::from_millis(250);
 
@@ -154,11 +166,17 @@ impl Database {
     /// A pool of at most `max` connections to the primary, following it when it changes. Finds the
     /// primary first when none is known (waiting up to [`ACQUIRE_TIMEOUT`] for one).
     pub async fn pool(&self, max: u32) -> Result<PgPool, StoreError> {
+        // A connection is checked with a ping before it is handed out only when it sat idle (sqlx pings
+        // every one by default): on a busy control plane that ping was a round trip more on each of a
+        // heartbeat's three acquisitions and a long-poll's four. One that broke while in use fails its
+        // query, and is closed rather than returned.
         let options = PgPoolOptions::new()
             .max_connections(max)
-            .acquire_timeout(ACQUIRE_TIMEOUT);
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .test_before_acquire(false);
         if self.single() {
             return options
+                .before_acquire(|conn, meta| Box::pin(alive_if_idle(conn, meta)))
                 .connect_with(self.inner.hosts[0].clone())
                 .await
                 .map_err(StoreError::Connect);
@@ -184,12 +202,15 @@ impl Database {
                     }
                 })
             })
-            .before_acquire(move |_, meta| {
+            .before_acquire(move |conn, meta| {
                 let switched = *switched.lock().unwrap_or_else(|e| e.into_inner());
                 Box::pin(async move {
                     // Opened before the primary changed: to the old one, or to a server that was not
                     // writable then.
-                    Ok(switched.is_none_or(|at| meta.age <= at.elapsed()))
+                    if switched.is_some_and(|at| meta.age > at.elapsed()) {
+                        return Ok(false);
+                    }
+                    alive_if_idle(conn, meta).await
                 })
             })
             .connect_with(self.inner.hosts[primary].clone())

@@ -103,3 +103,65 @@ async fn the_pool_skips_a_dead_host_and_waits_out_a_read_only_server() {
     shutdown.trigger();
     watching.await.unwrap();
 }
+
+/// A pooled connection is pinged before it is handed out only when it sat idle for
+/// `PING_AFTER_IDLE`: one the server dropped while idle is replaced unseen, and one idle for less goes
+/// to its next query without the ping's round trip (so a drop in that moment fails that query, and the
+/// connection is closed, not returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_idle_pooled_connection_is_pinged_before_it_is_handed_out() {
+    use cairn_reconciler::store::failover::PING_AFTER_IDLE;
+    use std::time::Instant;
+
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let database = Database::open(db.url()).unwrap();
+    let pool = database.pool(1).await.unwrap();
+    let backend = async || -> Result<i32, sqlx::Error> {
+        sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&pool)
+            .await
+    };
+    // The pool's one connection, once back in the pool (sqlx pings it on its way back), dropped by the
+    // server; returns its backend and when it was back.
+    let dropped_while_idle = async || -> (i32, Instant) {
+        let pid = backend().await.unwrap();
+        while pool.num_idle() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let idle_since = Instant::now();
+        sqlx::query("SELECT pg_terminate_backend($1)")
+            .bind(pid)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        (pid, idle_since)
+    };
+
+    let (first, _) = dropped_while_idle().await;
+    tokio::time::sleep(PING_AFTER_IDLE + Duration::from_millis(300)).await;
+    let second = backend()
+        .await
+        .expect("the dropped idle connection was replaced before the query");
+    assert_ne!(second, first);
+
+    // (A loaded machine may take longer than PING_AFTER_IDLE to drop it: then it was pinged, rightly,
+    // and the test tries again.)
+    for _ in 0..20 {
+        let (pid, idle_since) = dropped_while_idle().await;
+        if idle_since.elapsed() >= PING_AFTER_IDLE - Duration::from_millis(200) {
+            continue;
+        }
+        assert!(
+            backend().await.is_err(),
+            "a connection idle for less than PING_AFTER_IDLE is handed out unpinged"
+        );
+        let next = backend()
+            .await
+            .expect("the broken connection was not returned");
+        assert_ne!(next, pid);
+        return;
+    }
+    panic!("the server never dropped a pooled connection within PING_AFTER_IDLE of its return");
+}
