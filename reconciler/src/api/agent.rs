@@ -513,7 +513,7 @@ async fn lease(
 ) -> Result<Json<LeaseResponse>, ApiError> {
     let max = req.max.clamp(1, MAX_LEASE_TASKS);
     let wait = Duration::from_millis(req.wait_ms.min(MAX_LEASE_WAIT_MS));
-    let deadline = Instant::now() + wait;
+    let deadline = Instant::now() + long_poll_wait(wait);
     let node = &auth.node.node;
     // Made before the first lease, so a commit between that lease and the wait still wakes it.
     let mut waiter = api.listener.waiter(node);
@@ -567,6 +567,14 @@ async fn lease(
             _ = api.stopped() => return Ok(Json(LeaseResponse { tasks: Vec::new() })),
         }
     }
+}
+
+/// How long a long-poll asked to wait `wait` waits: up to an eighth less, at random. Agents that asked
+/// at the same moment (all answered at once after a stall, say) would otherwise ask again together
+/// every `wait`, a herd for good; each draw spreads them further.
+fn long_poll_wait(wait: Duration) -> Duration {
+    use rand::Rng as _;
+    wait.saturating_sub(wait.mul_f64(rand::thread_rng().gen_range(0.0..0.125)))
 }
 
 /// The task `id` if it is `node`'s; 404 otherwise, whether it is another node's or nobody's.
@@ -771,4 +779,30 @@ fn wire_task(
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_poll_waits_up_to_an_eighth_less_at_random() {
+        let wait = Duration::from_secs(30);
+        let waits: Vec<Duration> = (0..1000).map(|_| long_poll_wait(wait)).collect();
+        assert!(
+            waits.iter().all(|w| *w <= wait && *w >= wait - wait / 8),
+            "every wait within [7/8, 1] of the asked one"
+        );
+        let distinct: std::collections::BTreeSet<_> = waits.iter().collect();
+        assert!(
+            distinct.len() > 990,
+            "agents that asked together are spread"
+        );
+        let (min, max) = (waits.iter().min().unwrap(), waits.iter().max().unwrap());
+        assert!(
+            *max - *min > wait / 10,
+            "over most of the eighth: {min:?}..{max:?}"
+        );
+        assert_eq!(long_poll_wait(Duration::ZERO), Duration::ZERO);
+    }
 }
