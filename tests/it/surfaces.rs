@@ -409,8 +409,8 @@ async fn http2_connections_multiplex_and_are_closed_when_idle() {
     assert_eq!(lease.version(), reqwest::Version::HTTP_2);
     assert!(lease.status().is_success(), "lease: {}", lease.status());
     assert!(
-        started.elapsed() >= Duration::from_millis(2900),
-        "the long-poll waited its 3 s"
+        started.elapsed() >= Duration::from_millis(2500),
+        "the long-poll waited its 3 s (less up to an eighth, at random)"
     );
     assert_eq!(
         proxy.accepted(),
