@@ -168,7 +168,7 @@ impl Database {
     pub async fn pool(&self, max: u32) -> Result<PgPool, StoreError> {
         // A connection is checked with a ping before it is handed out only when it sat idle (sqlx pings
         // every one by default): on a busy control plane that ping was a round trip more on each of a
-        // heartbeat's three acquisitions and a long-poll's four. One that broke while in use fails its
+        // heartbeat's two acquisitions and an empty long-poll's three. One that broke while in use fails its
         // query, and is closed rather than returned.
         let options = PgPoolOptions::new()
             .max_connections(max)

@@ -314,6 +314,18 @@ impl Repo {
     }
 }
 
+/// The example config, in a directory of its own (kept while the returned directory lives), reconciled
+/// once with its apps' heads recorded.
+async fn example_applied(pool: &PgPool) -> (tempfile::TempDir, Controller) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("config");
+    copy_dir(&workspace().join("examples/config"), &dir);
+    let c = Controller::new(pool.clone(), ConfigSource::Dir(dir), Some(demo_identity()));
+    record_heads(&c).await;
+    reconcile(&c).await;
+    (tmp, c)
+}
+
 /// The route table names every applied app's hosts and the nodes with an address, and routes an app only
 /// to online nodes that report a healthy, running replica of it; an unchanged state keeps its generation.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,12 +335,7 @@ async fn the_route_table_routes_to_online_nodes_with_a_healthy_replica() {
     let db = cairn_testkit::test_db!();
     bounded(async {
         let pool = db.pool();
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("config");
-        copy_dir(&workspace().join("examples/config"), &dir);
-        let c = Controller::new(pool.clone(), ConfigSource::Dir(dir), Some(demo_identity()));
-        record_heads(&c).await;
-        reconcile(&c).await;
+        let (_tmp, _applied) = example_applied(pool).await;
 
         let routes = Routes::default();
         assert!(routes.refresh(pool).await.unwrap(), "the first table differs from the empty one");
@@ -420,12 +427,7 @@ async fn a_route_table_one_replica_publishes_reaches_the_others_at_once() {
     let db = cairn_testkit::test_db!();
     bounded(async {
         let pool = db.pool();
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("config");
-        copy_dir(&workspace().join("examples/config"), &dir);
-        let c = Controller::new(pool.clone(), ConfigSource::Dir(dir), Some(demo_identity()));
-        record_heads(&c).await;
-        reconcile(&c).await;
+        let (_tmp, _applied) = example_applied(pool).await;
 
         let mut announced = sqlx::postgres::PgListener::connect_with(pool).await.unwrap();
         announced.listen(CHANGED).await.unwrap();
