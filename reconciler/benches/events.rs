@@ -85,6 +85,7 @@ async fn one(apps: usize, sinks: bool) -> Run {
         fence: None,
         hooks: None,
         planner: None,
+        observed: None,
     };
     let started = Instant::now();
     let applied = reconcile(

@@ -6,6 +6,8 @@
 //!   resource, release, placement and task);
 //! - **noop plan**: the next run (the apply left change marks): read, plan, nothing written;
 //! - **idle tick**: every run after that, with nothing new: a fetch and one query, no plan (median);
+//! - **one-file commit**: a commit changing one app's env in one file, then the run a webhook wakes
+//!   (fetch, load, read, plan, apply: one release), median; beside it, the observed state read whole;
 //! - **status** (`cairn status` through the database) and **metrics** (one `/metrics` scrape with its
 //!   database gauges), each alone, then both while a full (manual) reconcile runs beside them: how long
 //!   that reconcile took with and without them.
@@ -113,6 +115,58 @@ async fn run(apps: usize, runs: usize) {
         ms(median(idle.clone())),
         idle.len(),
         ms(*idle.iter().max().expect("runs"))
+    );
+
+    // One-file commits, as a push brings them: the run a webhook wakes, fetch to commit. Each changes
+    // one app's env in a different file (a value never committed before), so each is one new release.
+    // The first `runs` are timed whole; the next `runs` in two parts: the source read (fetch and
+    // incremental load) first, then the reconcile, whose fetch then finds nothing new.
+    let (mut commits, mut reads, mut rest) = (Vec::new(), Vec::new(), Vec::new());
+    for run in 0..2 * runs {
+        let a = (run * 7_919 + 13) % apps;
+        let chunk = a / 100;
+        let text: String = (chunk * 100..((chunk + 1) * 100).min(apps))
+            .map(|i| repo::app(i, if i == a { "debug" } else { "info" }))
+            .collect::<String>()
+            + &format!("# run {run}\n");
+        remote.write(&format!("apps/{chunk:05}.toml"), &text);
+        remote.commit(&format!("app-{a}: debug"));
+        if run >= runs {
+            let t = Instant::now();
+            c.read().await.expect("the source read");
+            reads.push(t.elapsed());
+        }
+        let t = Instant::now();
+        match c.reconcile(Trigger::Wake).await.expect("a commit's run") {
+            Outcome::Applied(a) if a.status == ReconcileStatus::Applied => {
+                if run < runs {
+                    commits.push(t.elapsed());
+                } else {
+                    rest.push(t.elapsed());
+                }
+                assert_eq!(
+                    a.plan.summary(),
+                    "Plan: 0 to add, 1 to change, 0 to destroy."
+                );
+            }
+            other => panic!("expected an apply, got {other:?}"),
+        }
+    }
+    let t = Instant::now();
+    let observed = cairn_reconciler::store::state::load_observed(&pool)
+        .await
+        .expect("the observed state");
+    let read = t.elapsed();
+    println!(
+        "one-file commit (fetch to commit): median {} of {runs} (max {}); in parts: source read \
+         (fetch, load) {}, then the rest (read observed, plan, apply) {}; the observed state read \
+         whole: {} ({} placements)",
+        ms(median(commits.clone())),
+        ms(*commits.iter().max().expect("runs")),
+        ms(median(reads)),
+        ms(median(rest)),
+        ms(read),
+        observed.placements.len()
     );
 
     let offline_after = cairn_plan::DEFAULT_OFFLINE_AFTER;

@@ -160,6 +160,8 @@ pub struct Controller {
     fence: std::sync::Mutex<Option<crate::store::lease::Fence>>,
     /// Kept between reconciles: a reconcile plans again only the apps whose inputs changed.
     planner: std::sync::Mutex<cairn_plan::Planner>,
+    /// The applied state as the last apply read it (`store::state::KeptObserved`).
+    observed: state::KeptObserved,
 }
 
 /// What the controller tells the certificate loop after an apply: the name sets to keep certificates
@@ -254,7 +256,14 @@ impl Controller {
             plans: std::sync::atomic::AtomicU64::new(0),
             fence: std::sync::Mutex::new(None),
             planner: std::sync::Mutex::new(cairn_plan::Planner::new()),
+            observed: state::KeptObserved::new(),
         }
+    }
+
+    /// The applied state the last apply read, kept for the next one (`store::state::KeptObserved`), and
+    /// how its reads went.
+    pub fn kept_observed(&self) -> &state::KeptObserved {
+        &self.observed
     }
 
     /// How many plans this controller's reconciles made (an unchanged reconcile makes none).
@@ -465,6 +474,7 @@ impl Controller {
             fence: self.fence.lock().unwrap_or_else(|p| p.into_inner()).clone(),
             hooks: self.hooks.as_deref(),
             planner: Some(&self.planner),
+            observed: Some(&self.observed),
         };
         let snap = match self.read().await {
             Ok((_, s)) => s,
@@ -807,6 +817,7 @@ impl Controller {
             fence: None,
             hooks: None,
             planner: None,
+            observed: None,
         };
         let err = RecordedError {
             path: None,

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use cairn_schema::{App, EnvName, EnvValue, Kind, Name, Node, Plan, Recipient, Runtime, Settings};
+use cairn_schema::{App, EnvValue, Kind, Name, Node, Plan, Recipient, Runtime, Settings};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
@@ -238,90 +238,152 @@ pub async fn upsert_app(
     fingerprints: &Fingerprints,
     generation: Generation,
 ) -> Result<Written, StoreError> {
-    let applied = AppliedApp::from_desired(name, app, fingerprints).map_err(|e| {
-        StoreError::MissingFingerprint {
-            app: e.app.to_string(),
-            key: e.key.to_string(),
-        }
-    })?;
-    let (spec, spec_hash) = spec_of(&applied);
-    let created = sqlx::query_scalar!(
-        r#"INSERT INTO apps (name, plan, runtime, replicas, suspended, spec, spec_hash, generation)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-           ON CONFLICT (name) DO UPDATE SET
-               plan = EXCLUDED.plan, runtime = EXCLUDED.runtime, replicas = EXCLUDED.replicas,
-               suspended = EXCLUDED.suspended, spec = EXCLUDED.spec, spec_hash = EXCLUDED.spec_hash,
-               generation = EXCLUDED.generation, updated_at = now()
-           WHERE apps.spec_hash <> EXCLUDED.spec_hash
-           RETURNING (xmax = 0) AS "created!""#,
-        name.as_str(),
-        app.plan.as_str(),
-        app.runtime.as_str(),
-        to_i32("replicas", u64::from(app.replicas))?,
-        app.suspended,
-        spec,
-        spec_hash,
-        to_i64("generation", generation)?,
-    )
-    .fetch_optional(&mut *conn)
-    .await
-    .op("write an app")?;
-    let written = Written::from_returning(created);
-    if written != Written::Unchanged {
-        // The applied spec covers every env value (a secret by fingerprint and ciphertext digest), so an
-        // unchanged spec means unchanged env rows.
-        replace_env(conn, name, &app.env, fingerprints).await?;
-    }
-    Ok(written)
+    let written = upsert_apps(conn, &[(name, app)], fingerprints, generation).await?;
+    Ok(written.into_iter().next().unwrap_or(Written::Unchanged))
 }
 
+/// Rows a batched statement carries at most: a cold apply of 100,000 apps is a few dozen statements, not
+/// 300,000 round trips, and no statement's parameters grow without bound.
+const BATCH: usize = 5_000;
+
+/// Writes apps as [`upsert_app`] does, a batch per statement: what was written of each app (in order;
+/// [`Written::Unchanged`] ones are left out).
+pub async fn upsert_apps(
+    conn: &mut PgConnection,
+    apps: &[(&Name, &App)],
+    fingerprints: &Fingerprints,
+    generation: Generation,
+) -> Result<Vec<Written>, StoreError> {
+    use sqlx::Row as _;
+    let mut out = Vec::new();
+    for chunk in apps.chunks(BATCH) {
+        let mut names = Vec::with_capacity(chunk.len());
+        let mut plans = Vec::with_capacity(chunk.len());
+        let mut runtimes = Vec::with_capacity(chunk.len());
+        let mut replicas = Vec::with_capacity(chunk.len());
+        let mut suspended = Vec::with_capacity(chunk.len());
+        let mut specs = Vec::with_capacity(chunk.len());
+        let mut hashes = Vec::with_capacity(chunk.len());
+        for (name, app) in chunk {
+            let applied = AppliedApp::from_desired(name, app, fingerprints).map_err(|e| {
+                StoreError::MissingFingerprint {
+                    app: e.app.to_string(),
+                    key: e.key.to_string(),
+                }
+            })?;
+            let (spec, spec_hash) = spec_of(&applied);
+            names.push(name.as_str().to_owned());
+            plans.push(app.plan.as_str().to_owned());
+            runtimes.push(app.runtime.as_str().to_owned());
+            replicas.push(to_i32("replicas", u64::from(app.replicas))?);
+            suspended.push(app.suspended);
+            specs.push(spec);
+            hashes.push(spec_hash);
+        }
+        let rows = sqlx::query(
+            r#"INSERT INTO apps (name, plan, runtime, replicas, suspended, spec, spec_hash, generation)
+               SELECT n, p, r, rep, s, sp, h, $8
+               FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bool[], $6::jsonb[],
+                           $7::text[]) AS t(n, p, r, rep, s, sp, h)
+               ON CONFLICT (name) DO UPDATE SET
+                   plan = EXCLUDED.plan, runtime = EXCLUDED.runtime, replicas = EXCLUDED.replicas,
+                   suspended = EXCLUDED.suspended, spec = EXCLUDED.spec, spec_hash = EXCLUDED.spec_hash,
+                   generation = EXCLUDED.generation, updated_at = now()
+               WHERE apps.spec_hash <> EXCLUDED.spec_hash
+               RETURNING name, (xmax = 0) AS created"#,
+        )
+        .bind(&names)
+        .bind(&plans)
+        .bind(&runtimes)
+        .bind(&replicas)
+        .bind(&suspended)
+        .bind(&specs)
+        .bind(&hashes)
+        .bind(to_i64("generation", generation)?)
+        .fetch_all(&mut *conn)
+        .await
+        .op("write apps")?;
+        let mut written: BTreeMap<String, Written> = BTreeMap::new();
+        for r in rows {
+            let (name, created): (String, bool) = (
+                r.try_get("name").op("write apps")?,
+                r.try_get("created").op("write apps")?,
+            );
+            written.insert(name, Written::from_returning(Some(created)));
+        }
+        // The applied spec covers every env value (a secret by fingerprint and ciphertext digest), so an
+        // unchanged spec means unchanged env rows.
+        let changed: Vec<(&Name, &App)> = chunk
+            .iter()
+            .filter(|(n, _)| written.contains_key(n.as_str()))
+            .copied()
+            .collect();
+        replace_env(conn, &changed, fingerprints).await?;
+        out.extend(
+            chunk
+                .iter()
+                .filter_map(|(n, _)| written.get(n.as_str()).copied()),
+        );
+    }
+    Ok(out)
+}
+
+/// Replaces the env rows of `apps` with their manifests' env.
 async fn replace_env(
     conn: &mut PgConnection,
-    app: &Name,
-    env: &BTreeMap<EnvName, EnvValue>,
+    apps: &[(&Name, &App)],
     fingerprints: &Fingerprints,
 ) -> Result<(), StoreError> {
-    let mut keys = Vec::with_capacity(env.len());
-    let mut secret = Vec::with_capacity(env.len());
-    let mut values = Vec::with_capacity(env.len());
-    let mut prints: Vec<Option<String>> = Vec::with_capacity(env.len());
-    for (key, value) in env {
-        keys.push(key.as_str().to_owned());
-        match value {
-            EnvValue::Plain(v) => {
-                secret.push(false);
-                values.push(v.clone());
-                prints.push(None);
-            }
-            EnvValue::Secret { secret: ct } => {
-                let print = fingerprints
-                    .get(&(app.clone(), key.clone()))
-                    .ok_or_else(|| StoreError::MissingFingerprint {
-                        app: app.to_string(),
-                        key: key.to_string(),
-                    })?;
-                secret.push(true);
-                values.push(ct.as_str().to_owned());
-                prints.push(Some(print.clone()));
+    if apps.is_empty() {
+        return Ok(());
+    }
+    let mut owners = Vec::new();
+    let mut keys = Vec::new();
+    let mut secret = Vec::new();
+    let mut values = Vec::new();
+    let mut prints: Vec<Option<String>> = Vec::new();
+    for (app, a) in apps {
+        for (key, value) in &a.env {
+            owners.push(app.as_str().to_owned());
+            keys.push(key.as_str().to_owned());
+            match value {
+                EnvValue::Plain(v) => {
+                    secret.push(false);
+                    values.push(v.clone());
+                    prints.push(None);
+                }
+                EnvValue::Secret { secret: ct } => {
+                    let print = fingerprints
+                        .get(&((*app).clone(), key.clone()))
+                        .ok_or_else(|| StoreError::MissingFingerprint {
+                            app: app.to_string(),
+                            key: key.to_string(),
+                        })?;
+                    secret.push(true);
+                    values.push(ct.as_str().to_owned());
+                    prints.push(Some(print.clone()));
+                }
             }
         }
     }
-    sqlx::query!("DELETE FROM app_env WHERE app = $1", app.as_str())
+    let names: Vec<String> = apps.iter().map(|(n, _)| n.as_str().to_owned()).collect();
+    sqlx::query("DELETE FROM app_env WHERE app = ANY($1)")
+        .bind(&names)
         .execute(&mut *conn)
         .await
-        .op("clear an app's env")?;
-    sqlx::query!(
+        .op("clear the apps' env")?;
+    sqlx::query(
         r#"INSERT INTO app_env (app, key, secret, value, fingerprint)
-           SELECT $1, * FROM UNNEST($2::text[], $3::bool[], $4::text[], $5::text[])"#,
-        app.as_str(),
-        &keys,
-        &secret,
-        &values,
-        &prints as &[Option<String>],
+           SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::text[], $5::text[])"#,
     )
+    .bind(&owners)
+    .bind(&keys)
+    .bind(&secret)
+    .bind(&values)
+    .bind(&prints)
     .execute(conn)
     .await
-    .op("write an app's env")?;
+    .op("write the apps' env")?;
     Ok(())
 }
 
@@ -572,23 +634,53 @@ pub async fn insert_release(
     conn: &mut PgConnection,
     r: &ReleaseInsert<'_>,
 ) -> Result<(), StoreError> {
-    // Checked at run time (no `.sqlx` data for it), as `certs.rs` does.
-    sqlx::query(
-        r#"INSERT INTO releases
-               (app, number, config_commit, config_generation, source_commit, spec, spec_hash, build_key)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"#,
-    )
-    .bind(r.app.as_str())
-    .bind(to_i64("release", r.number)?)
-    .bind(r.config_commit.as_str())
-    .bind(to_i64("generation", r.config_generation)?)
-    .bind(r.source_commit.as_str())
-    .bind(&r.spec)
-    .bind(r.spec_hash)
-    .bind(r.build_key)
-    .execute(conn)
-    .await
-    .op("record a release")?;
+    insert_releases(conn, std::slice::from_ref(r)).await
+}
+
+/// Records new releases as [`insert_release`] does, a batch per statement.
+pub async fn insert_releases(
+    conn: &mut PgConnection,
+    releases: &[ReleaseInsert<'_>],
+) -> Result<(), StoreError> {
+    for chunk in releases.chunks(BATCH) {
+        let mut apps = Vec::with_capacity(chunk.len());
+        let mut numbers = Vec::with_capacity(chunk.len());
+        let mut config_commits = Vec::with_capacity(chunk.len());
+        let mut generations = Vec::with_capacity(chunk.len());
+        let mut source_commits = Vec::with_capacity(chunk.len());
+        let mut specs = Vec::with_capacity(chunk.len());
+        let mut hashes = Vec::with_capacity(chunk.len());
+        let mut build_keys = Vec::with_capacity(chunk.len());
+        for r in chunk {
+            apps.push(r.app.as_str());
+            numbers.push(to_i64("release", r.number)?);
+            config_commits.push(r.config_commit.as_str());
+            generations.push(to_i64("generation", r.config_generation)?);
+            source_commits.push(r.source_commit.as_str());
+            specs.push(&r.spec);
+            hashes.push(r.spec_hash);
+            build_keys.push(r.build_key);
+        }
+        // Checked at run time (no `.sqlx` data for it), as `certs.rs` does.
+        sqlx::query(
+            r#"INSERT INTO releases
+                   (app, number, config_commit, config_generation, source_commit, spec, spec_hash,
+                    build_key)
+               SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::text[],
+                                    $6::jsonb[], $7::text[], $8::text[])"#,
+        )
+        .bind(&apps)
+        .bind(&numbers)
+        .bind(&config_commits)
+        .bind(&generations)
+        .bind(&source_commits)
+        .bind(&specs)
+        .bind(&hashes)
+        .bind(&build_keys)
+        .execute(&mut *conn)
+        .await
+        .op("record releases")?;
+    }
     Ok(())
 }
 
@@ -722,6 +814,144 @@ pub async fn load_observed(pool: &PgPool) -> Result<Observed, StoreError> {
 
 /// Reads the whole applied state through the caller's connection (in the apply transaction, say).
 pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, StoreError> {
+    let mut observed = load_shared_in(&mut *conn).await?;
+    load_apps_in(&mut *conn, &mut observed, None).await?;
+    Ok(observed)
+}
+
+/// The applied state one control plane keeps between its reconciles, so that a reconcile reads again
+/// only the apps whose rows changed ([`read_observed_in`]) rather than every app's: at 100,000 apps
+/// the whole read is seconds, a commit's few apps a few milliseconds.
+///
+/// It holds the state as read by the apply transaction that consumed the marks last
+/// ([`super::changes::Marks::count`]); a reconcile that fails before it commits leaves it empty.
+#[derive(Debug, Default)]
+pub struct KeptObserved {
+    kept: std::sync::Mutex<Option<(u64, Observed)>>,
+    whole: std::sync::atomic::AtomicU64,
+    partial: std::sync::atomic::AtomicU64,
+}
+
+/// How a [`KeptObserved`]'s reads went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reads {
+    /// Reads of the whole state.
+    pub whole: u64,
+    /// Reads of only the apps marked (and what every app reads).
+    pub partial: u64,
+}
+
+impl KeptObserved {
+    pub fn new() -> Self {
+        KeptObserved::default()
+    }
+
+    /// Takes the state kept if it is as of consumption `count - 1`.
+    fn take_after(&self, count: u64) -> Option<Observed> {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        match kept.take() {
+            Some((c, o)) if c.checked_add(1) == Some(count) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Keeps `observed`, read after consumption `count`, for the next reconcile.
+    pub fn keep(&self, count: u64, observed: Observed) {
+        *self.kept.lock().unwrap_or_else(|p| p.into_inner()) = Some((count, observed));
+    }
+
+    /// A copy of the state kept, if any: as the last apply read it, before it wrote.
+    pub fn get(&self) -> Option<Observed> {
+        let kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.as_ref().map(|(_, o)| o.clone())
+    }
+
+    pub fn reads(&self) -> Reads {
+        use std::sync::atomic::Ordering::Relaxed;
+        Reads {
+            whole: self.whole.load(Relaxed),
+            partial: self.partial.load(Relaxed),
+        }
+    }
+}
+
+/// Reads the applied state in the apply transaction, after it consumed `marks`: into what `kept` holds
+/// when that is the state as of the consumption before, reading again only the apps marked (and what
+/// every app reads, whole); otherwise everything. Debug builds check the result against a full read
+/// whenever no change was committed in between.
+pub async fn read_observed_in(
+    conn: &mut PgConnection,
+    marks: &super::changes::Marks,
+    kept: Option<&KeptObserved>,
+) -> Result<Observed, StoreError> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let before = match kept.and_then(|k| k.take_after(marks.count)) {
+        Some(o) if !marks.every_app => o,
+        _ => {
+            if let Some(k) = kept {
+                k.whole.fetch_add(1, Relaxed);
+            }
+            return load_observed_in(conn).await;
+        }
+    };
+    if let Some(k) = kept {
+        k.partial.fetch_add(1, Relaxed);
+    }
+    let mut observed = load_shared_in(&mut *conn).await?;
+    observed.apps = before.apps;
+    observed.rollback_pins = before.rollback_pins;
+    observed.placements = before.placements;
+    observed.releases = before.releases;
+    observed.source_heads = before.source_heads;
+    observed.restart_requests = before.restart_requests;
+    if !marks.apps.is_empty() {
+        for app in &marks.apps {
+            observed.apps.remove(app);
+            observed.rollback_pins.remove(app);
+            observed.releases.remove(app);
+            observed.source_heads.remove(app);
+            observed.restart_requests.remove(app);
+        }
+        observed.placements.retain(|p| !marks.apps.contains(&p.app));
+        let only: Vec<String> = marks.apps.iter().map(|a| a.as_str().to_owned()).collect();
+        load_apps_in(&mut *conn, &mut observed, Some(&only)).await?;
+    }
+    #[cfg(debug_assertions)]
+    check_kept(&mut *conn, &observed).await?;
+    Ok(observed)
+}
+
+/// Panics when the apps' rows read incrementally differ from a full read, unless a change was committed
+/// since the marks were consumed (then the two reads may both be right).
+#[cfg(debug_assertions)]
+async fn check_kept(conn: &mut PgConnection, kept: &Observed) -> Result<(), StoreError> {
+    let mut full = Observed::default();
+    load_apps_in(&mut *conn, &mut full, None).await?;
+    if super::changes::marked(&mut *conn).await? {
+        return Ok(());
+    }
+    let parts = |o: &Observed| {
+        (
+            o.apps.clone(),
+            o.rollback_pins.clone(),
+            o.placements.clone(),
+            o.releases.clone(),
+            o.source_heads.clone(),
+            o.restart_requests.clone(),
+        )
+    };
+    assert!(
+        parts(kept) == parts(&full),
+        "the observed state kept between reconciles differs from a full read:\nkept: {:?}\nfull: {:?}",
+        parts(kept),
+        parts(&full)
+    );
+    Ok(())
+}
+
+/// Reads what every app's plan reads (the settings, plans, runtimes, nodes and their status, databases,
+/// sinks, certificates): everything but the apps' own rows ([`load_apps_in`]).
+async fn load_shared_in(conn: &mut PgConnection) -> Result<Observed, StoreError> {
     let config = config_state(&mut *conn).await?;
     let mut observed = Observed {
         generation: config.generation,
@@ -759,20 +989,6 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
             .nodes
             .insert(name("nodes", &r.name)?, json("nodes", "spec", r.spec)?);
     }
-    for r in sqlx::query!("SELECT name, spec, pinned_release FROM apps")
-        .fetch_all(&mut *conn)
-        .await
-        .op("read apps")?
-    {
-        let app = name("apps", &r.name)?;
-        if let Some(pin) = r.pinned_release {
-            observed
-                .rollback_pins
-                .insert(app.clone(), to_u64("apps", "pinned_release", pin)?);
-        }
-        observed.apps.insert(app, json("apps", "spec", r.spec)?);
-    }
-
     observed.databases = super::databases::load(&mut *conn).await?;
     observed.database_ports = super::databases::instance_ports(&mut *conn).await?;
     for r in sqlx::query("SELECT name, spec FROM notify_sinks")
@@ -806,72 +1022,148 @@ pub async fn load_observed_in(conn: &mut PgConnection) -> Result<Observed, Store
             .insert(name("node_status", &r.node)?, status);
     }
 
-    for r in sqlx::query!(
-        "SELECT app, slot, node, release, state, generation, restart FROM placements ORDER BY app, slot"
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .op("read placements")?
-    {
-        observed.placements.push(ReplicaPlacement {
-            app: name("placements", &r.app)?,
-            slot: super::decode::slot("placements", r.slot)?,
-            node: name("placements", &r.node)?,
-            release: to_u64("placements", "release", r.release)?,
-            state: replica_state(&r.state)?,
-            generation: to_u64("placements", "generation", r.generation)?,
-            restart: to_u64("placements", "restart", r.restart)?,
-        });
+    observed.certificates = super::certs::observed_in(&mut *conn).await?;
+    Ok(observed)
+}
+
+/// A statement of [`load_apps_in`], given the apps it reads when it reads some.
+fn select<'q>(
+    sql: &'q str,
+    only: Option<&[String]>,
+) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    let q = sqlx::query(sql);
+    match only {
+        Some(apps) => q.bind(apps.to_vec()),
+        None => q,
+    }
+}
+
+/// Reads the apps' own rows (applied spec and rollback pin, placements, latest release, source head,
+/// restart requests) into `observed`: every app's, or only those of `only`.
+async fn load_apps_in(
+    conn: &mut PgConnection,
+    observed: &mut Observed,
+    only: Option<&[String]>,
+) -> Result<(), StoreError> {
+    use sqlx::Row as _;
+    // Two texts per statement rather than one with `$1 IS NULL OR ...`: a prepared statement's generic
+    // plan would scan the whole table for a few apps.
+    let filter = |column: &str| match only {
+        Some(_) => format!("WHERE {column} = ANY($1)"),
+        None => String::new(),
+    };
+    let sql = format!(
+        "SELECT name, spec, pinned_release FROM apps {}",
+        filter("name")
+    );
+    let rows = select(&sql, only)
+        .fetch_all(&mut *conn)
+        .await
+        .op("read apps")?;
+    for r in rows {
+        let (n, spec, pin): (String, serde_json::Value, Option<i64>) = (
+            r.try_get("name").op("read apps")?,
+            r.try_get("spec").op("read apps")?,
+            r.try_get("pinned_release").op("read apps")?,
+        );
+        let app = name("apps", &n)?;
+        if let Some(pin) = pin {
+            observed
+                .rollback_pins
+                .insert(app.clone(), to_u64("apps", "pinned_release", pin)?);
+        }
+        observed.apps.insert(app, json("apps", "spec", spec)?);
     }
 
-    for r in sqlx::query!(
-        r#"SELECT DISTINCT ON (app) app, number, config_commit, source_commit, spec_hash,
-                  status = 'failed' AS "failed!",
-                  (SELECT max(l.number) FROM releases l
-                    WHERE l.app = r.app AND l.number < r.number AND l.status = 'live') AS fallback
-           FROM releases r ORDER BY app, number DESC"#
-    )
-    .fetch_all(&mut *conn)
-    .await
-    .op("read the latest releases")?
-    {
+    let sql = format!(
+        "SELECT app, slot, node, release, state, generation, restart FROM placements {}",
+        filter("app")
+    );
+    let rows = select(&sql, only)
+        .fetch_all(&mut *conn)
+        .await
+        .op("read placements")?;
+    for r in rows {
+        let row = |c: &str| -> Result<i64, StoreError> { r.try_get(c).op("read placements") };
+        let text = |c: &str| -> Result<String, StoreError> { r.try_get(c).op("read placements") };
+        let slot: i32 = r.try_get("slot").op("read placements")?;
+        observed.placements.push(ReplicaPlacement {
+            app: name("placements", &text("app")?)?,
+            slot: super::decode::slot("placements", slot)?,
+            node: name("placements", &text("node")?)?,
+            release: to_u64("placements", "release", row("release")?)?,
+            state: replica_state(&text("state")?)?,
+            generation: to_u64("placements", "generation", row("generation")?)?,
+            restart: to_u64("placements", "restart", row("restart")?)?,
+        });
+    }
+    // In the names' own order, whatever the database's collation.
+    observed
+        .placements
+        .sort_by(|a, b| (&a.app, a.slot).cmp(&(&b.app, b.slot)));
+
+    let sql = format!(
+        "SELECT DISTINCT ON (app) app, number, config_commit, source_commit, spec_hash,
+                status = 'failed' AS failed,
+                (SELECT max(l.number) FROM releases l
+                  WHERE l.app = r.app AND l.number < r.number AND l.status = 'live') AS fallback
+         FROM releases r {} ORDER BY app, number DESC",
+        filter("r.app")
+    );
+    let rows = select(&sql, only)
+        .fetch_all(&mut *conn)
+        .await
+        .op("read the latest releases")?;
+    for r in rows {
+        let get =
+            |c: &str| -> Result<String, StoreError> { r.try_get(c).op("read the latest releases") };
+        let number: i64 = r.try_get("number").op("read the latest releases")?;
+        let fallback: Option<i64> = r.try_get("fallback").op("read the latest releases")?;
         observed.releases.insert(
-            name("releases", &r.app)?,
+            name("releases", &get("app")?)?,
             ReleaseRecord {
-                number: to_u64("releases", "number", r.number)?,
-                config_commit: CommitId::new(r.config_commit),
-                source_commit: CommitId::new(r.source_commit),
-                spec_hash: r.spec_hash,
-                failed: r.failed,
-                fallback: r
-                    .fallback
+                number: to_u64("releases", "number", number)?,
+                config_commit: CommitId::new(get("config_commit")?),
+                source_commit: CommitId::new(get("source_commit")?),
+                spec_hash: get("spec_hash")?,
+                failed: r.try_get("failed").op("read the latest releases")?,
+                fallback: fallback
                     .map(|n| to_u64("releases", "number", n))
                     .transpose()?,
             },
         );
     }
 
-    for r in sqlx::query!("SELECT app, commit FROM source_heads")
+    let sql = format!("SELECT app, commit FROM source_heads {}", filter("app"));
+    let rows = select(&sql, only)
         .fetch_all(&mut *conn)
         .await
-        .op("read source heads")?
-    {
+        .op("read source heads")?;
+    for r in rows {
+        let (app, commit): (String, String) = (
+            r.try_get("app").op("read source heads")?,
+            r.try_get("commit").op("read source heads")?,
+        );
         observed
             .source_heads
-            .insert(name("source_heads", &r.app)?, CommitId::new(r.commit));
+            .insert(name("source_heads", &app)?, CommitId::new(commit));
     }
-    for r in sqlx::query!("SELECT app, count FROM restart_requests")
+    let sql = format!("SELECT app, count FROM restart_requests {}", filter("app"));
+    let rows = select(&sql, only)
         .fetch_all(&mut *conn)
         .await
-        .op("read restart requests")?
-    {
+        .op("read restart requests")?;
+    for r in rows {
+        let (app, count): (String, i64) = (
+            r.try_get("app").op("read restart requests")?,
+            r.try_get("count").op("read restart requests")?,
+        );
         observed.restart_requests.insert(
-            name("restart_requests", &r.app)?,
-            to_u64("restart_requests", "count", r.count)?,
+            name("restart_requests", &app)?,
+            to_u64("restart_requests", "count", count)?,
         );
     }
-    observed.certificates = super::certs::observed_in(&mut *conn).await?;
-    Ok(observed)
+    Ok(())
 }
 
 /// A resource's `spec` column and its `spec_hash`: the hash of exactly the JSON written.

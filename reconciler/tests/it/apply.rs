@@ -191,9 +191,14 @@ async fn placements_of(pool: &PgPool, app: &str) -> Vec<(i32, String, String)> {
 
 /// Every row of every table in the public schema, as JSON text, sorted per table; `except` tables are
 /// left out.
-/// What a reconcile writes besides the state: its record, and the consumed change marks
-/// (`store::changes`: the apply's own writes leave one, the next reconcile consumes it).
-const BOOKKEEPING: &[&str] = &["reconciliations", "observed_changes"];
+/// What a reconcile writes besides the state: its record, and the consumed change marks and their count
+/// (`store::changes`: the apply's own writes leave some, the next reconcile consumes them).
+const BOOKKEEPING: &[&str] = &[
+    "reconciliations",
+    "observed_changes",
+    "observed_app_changes",
+    "observed_consumptions",
+];
 
 async fn dump(pool: &PgPool, except: &[&str]) -> BTreeMap<String, Vec<String>> {
     let tables: Vec<String> = sqlx::query_scalar(

@@ -326,3 +326,146 @@ async fn branch_heads_are_listed_once_per_remote_url() {
     .await
     .expect("the test finished within its time bound");
 }
+
+/// The apps' own rows of an observed state.
+type AppsRows = (
+    std::collections::BTreeMap<cairn_schema::Name, cairn_plan::observed::AppliedApp>,
+    Vec<cairn_plan::observed::ReplicaPlacement>,
+    std::collections::BTreeMap<cairn_schema::Name, cairn_plan::observed::ReleaseRecord>,
+    std::collections::BTreeMap<cairn_schema::Name, cairn_plan::observed::CommitId>,
+    std::collections::BTreeMap<cairn_schema::Name, u64>,
+    std::collections::BTreeMap<cairn_schema::Name, u64>,
+);
+
+fn apps_rows(o: cairn_plan::observed::Observed) -> AppsRows {
+    (
+        o.apps,
+        o.placements,
+        o.releases,
+        o.source_heads,
+        o.restart_requests,
+        o.rollback_pins,
+    )
+}
+
+/// What the controller kept, and what a full read gives now.
+async fn kept_and_read(c: &Controller, pool: &PgPool) -> (AppsRows, AppsRows) {
+    let kept = c.kept_observed().get().expect("a state is kept");
+    let read = state::load_observed(pool).await.unwrap();
+    (apps_rows(kept), apps_rows(read))
+}
+
+/// Between reconciles the controller keeps the observed state, and an apply reads again only the apps
+/// whose rows a change touched (their marks in `observed_app_changes`), plus what every app reads: what
+/// it keeps equals a full read whenever nothing was written after it. A change too big to name its
+/// apps, or marks consumed by another control plane (`cairn apply`), makes it read everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_reads_again_only_the_apps_a_change_touched() {
+    let db = cairn_testkit::test_db!();
+    let pool = db.pool();
+    tokio::time::timeout(TEST_TIMEOUT, async {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = Remote::new(tmp.path(), "config");
+        config.write("cairn.toml", &fixtures::settings().to_string());
+        config.write("infra.toml", &infra());
+        for i in 0..3 {
+            config.write(
+                &format!("apps/app{i}.toml"),
+                &pinned_app(&format!("app{i}"), "info"),
+            );
+        }
+        config.push("main", "initial");
+        let source = || GitSource::new(config.url(), "main", tmp.path().join("cache"));
+        let c = Controller::new(pool.clone(), ConfigSource::Git(source()), None);
+        let reads = || c.kept_observed().reads();
+
+        assert!(tick(&c, Trigger::Startup).await.0);
+        settle(&c).await;
+        let after_start = reads();
+        assert!(after_start.whole >= 1, "{after_start:?}");
+        // Settled on an empty plan: nothing was written after the last read.
+        let (kept, read) = kept_and_read(&c, pool).await;
+        assert_eq!(kept, read);
+
+        // One app's restart request: its rows are read again, nothing else.
+        let app0: cairn_schema::Name = "app0".parse().unwrap();
+        state::request_restart(&mut pool.acquire().await.unwrap(), &app0)
+            .await
+            .unwrap();
+        let (planned, o) = tick(&c, Trigger::Wake).await;
+        assert!(planned, "{o:?}");
+        let now = reads();
+        assert_eq!(
+            (now.whole, now.partial),
+            (after_start.whole, after_start.partial + 1),
+            "one partial read"
+        );
+        assert_eq!(
+            c.kept_observed().get().unwrap().restart_requests.get(&app0),
+            Some(&1)
+        );
+        settle(&c).await;
+        assert_eq!(reads().whole, after_start.whole, "no whole read since");
+        let (kept, read) = kept_and_read(&c, pool).await;
+        assert_eq!(kept, read);
+
+        // A config commit changing one app: its new release and placements are read back partially.
+        config.write("apps/app1.toml", &pinned_app("app1", "debug"));
+        config.push("main", "app1 debug");
+        assert!(tick(&c, Trigger::Timer).await.0);
+        settle(&c).await;
+        assert_eq!(reads().whole, after_start.whole, "no whole read since");
+        let (kept, read) = kept_and_read(&c, pool).await;
+        assert_eq!(kept, read);
+
+        // Deletes too: an app removed from the config is gone from what is kept.
+        std::fs::remove_file(config.work.join("apps/app2.toml")).unwrap();
+        config.push("main", "app2 gone");
+        assert!(tick(&c, Trigger::Timer).await.0);
+        settle(&c).await;
+        let kept = c.kept_observed().get().unwrap();
+        let app2: cairn_schema::Name = "app2".parse().unwrap();
+        assert!(!kept.apps.contains_key(&app2));
+        assert!(kept.placements.iter().all(|p| p.app != app2));
+        let (kept, read) = kept_and_read(&c, pool).await;
+        assert_eq!(kept, read);
+
+        // Another control plane applies (consuming marks this one never sees): the next read is whole.
+        let whole = reads().whole;
+        let other = Controller::new(pool.clone(), ConfigSource::Git(source()), None);
+        state::request_restart(&mut pool.acquire().await.unwrap(), &app0)
+            .await
+            .unwrap();
+        other.reconcile(Trigger::Manual).await.unwrap();
+        assert!(tick(&c, Trigger::Manual).await.0);
+        assert_eq!(
+            reads().whole,
+            whole + 1,
+            "marks consumed elsewhere: a whole read"
+        );
+        settle(&c).await;
+        let (kept, read) = kept_and_read(&c, pool).await;
+        assert_eq!(kept, read);
+
+        // A statement touching more than 1,000 rows leaves the table-wide mark: a whole read.
+        let whole = reads().whole;
+        sqlx::query(
+            "INSERT INTO restart_requests (app, count) \
+             SELECT 'bulk-' || i, 1 FROM generate_series(1, 1001) AS i",
+        )
+        .execute(pool)
+        .await
+        .unwrap();
+        assert!(tick(&c, Trigger::Wake).await.0);
+        assert_eq!(reads().whole, whole + 1, "a bulk change: a whole read");
+        settle(&c).await;
+        let (kept, read) = kept_and_read(&c, pool).await;
+        assert_eq!(kept, read);
+        assert_eq!(
+            c.kept_observed().get().unwrap().restart_requests.len(),
+            1002
+        );
+    })
+    .await
+    .expect("the test finished within its time bound");
+}
