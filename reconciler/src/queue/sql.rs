@@ -75,34 +75,35 @@ pub(super) async fn insert_many(
         Vec::with_capacity(n),
         Vec::with_capacity(n),
     );
+    // Borrowed, not copied: a cold apply of 100,000 apps enqueues 200,000 payloads.
     for t in tasks {
-        nodes.push(t.node.as_str().to_owned());
-        kinds.push(t.kind.as_str().to_owned());
-        apps.push(t.app.as_str().to_owned());
+        nodes.push(t.node.as_str());
+        kinds.push(t.kind.as_str());
+        apps.push(t.app.as_str());
         slots.push(t.slot.map(|s| to_i32("slot", s)).transpose()?);
         releases.push(t.release.map(|r| to_i64("release", r)).transpose()?);
         generations.push(t.generation.map(|g| to_i64("generation", g)).transpose()?);
-        payloads.push(t.payload.clone());
+        payloads.push(&t.payload);
         max_attempts.push(to_i32("max_attempts", t.max_attempts)?);
-        keys.push(t.dedup_key.clone());
+        keys.push(t.dedup_key.as_str());
     }
-    let ids = sqlx::query_scalar!(
+    let ids: Vec<i64> = sqlx::query_scalar(
         r#"INSERT INTO tasks
                (node, kind, app, slot, release, generation, payload, max_attempts, dedup_key)
            SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[],
                                 $6::bigint[], $7::jsonb[], $8::int[], $9::text[])
            ON CONFLICT (dedup_key) DO NOTHING
            RETURNING id"#,
-        &nodes,
-        &kinds,
-        &apps,
-        &slots as &[Option<i32>],
-        &releases as &[Option<i64>],
-        &generations as &[Option<i64>],
-        &payloads,
-        &max_attempts,
-        &keys,
     )
+    .bind(&nodes)
+    .bind(&kinds)
+    .bind(&apps)
+    .bind(&slots)
+    .bind(&releases)
+    .bind(&generations)
+    .bind(&payloads)
+    .bind(&max_attempts)
+    .bind(&keys)
     .fetch_all(conn)
     .await
     .op("enqueue tasks")?;
