@@ -215,6 +215,9 @@ pub async fn reconcile(
     if let Some(kept) = cx.observed {
         kept.keep(marks.count, observed);
     }
+    if status == ReconcileStatus::Applied && bulk(&plan) {
+        refresh_statistics(pool).await;
+    }
     Ok(Applied {
         plan,
         status,
@@ -222,6 +225,32 @@ pub async fn reconcile(
         reconciliation,
         liveness,
     })
+}
+
+/// Rows an apply writes past which the statistics of the tables it filled are refreshed at once.
+const BULK_ROWS: usize = 1_000;
+
+fn bulk(plan: &Plan) -> bool {
+    plan.changes.len() + plan.releases.len() + plan.placement_changes.len() + plan.tasks.len()
+        > BULK_ROWS
+}
+
+/// Refreshes PostgreSQL's statistics of the tables a large apply filled. Until autovacuum gets to them
+/// (a minute or more), the planner believes them as small as before, and a lookup of a few apps' rows
+/// (the next apply's read, a heartbeat's placements) scans every row: after a cold apply of 100,000 apps,
+/// 130-190 ms instead of 6-14 ms for one app. Best effort: autovacuum does it later anyway.
+async fn refresh_statistics(pool: &PgPool) {
+    let started = std::time::Instant::now();
+    match sqlx::query("ANALYZE apps, app_env, placements, releases, tasks")
+        .execute(pool)
+        .await
+    {
+        Ok(_) => tracing::debug!(
+            took_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            "table statistics refreshed after a large apply"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot refresh table statistics after a large apply"),
+    }
 }
 
 /// Records a reconcile that could not plan (an invalid commit, an unreadable source): nothing else is

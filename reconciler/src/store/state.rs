@@ -1046,15 +1046,18 @@ async fn load_apps_in(
     only: Option<&[String]>,
 ) -> Result<(), StoreError> {
     use sqlx::Row as _;
-    // Two texts per statement rather than one with `$1 IS NULL OR ...`: a prepared statement's generic
-    // plan would scan the whole table for a few apps.
-    let filter = |column: &str| match only {
-        Some(_) => format!("WHERE {column} = ANY($1)"),
-        None => String::new(),
+    // The table, or its rows of the apps given: a join with the array, whose generic plan (what a
+    // prepared statement settles on after five runs) walks the primary key per app, where
+    // `WHERE app = ANY($1)` settled on scanning every row (100 ms at 100,000 apps).
+    let from = |table: &str, column: &str| match only {
+        Some(_) => format!(
+            "unnest($1::text[]) AS wanted(app_name) JOIN {table} ON {column} = wanted.app_name"
+        ),
+        None => table.to_owned(),
     };
     let sql = format!(
-        "SELECT name, spec, pinned_release FROM apps {}",
-        filter("name")
+        "SELECT name, spec, pinned_release FROM {}",
+        from("apps", "apps.name")
     );
     let rows = select(&sql, only)
         .fetch_all(&mut *conn)
@@ -1076,8 +1079,8 @@ async fn load_apps_in(
     }
 
     let sql = format!(
-        "SELECT app, slot, node, release, state, generation, restart FROM placements {}",
-        filter("app")
+        "SELECT app, slot, node, release, state, generation, restart FROM {}",
+        from("placements", "placements.app")
     );
     let rows = select(&sql, only)
         .fetch_all(&mut *conn)
@@ -1107,8 +1110,8 @@ async fn load_apps_in(
                 status = 'failed' AS failed,
                 (SELECT max(l.number) FROM releases l
                   WHERE l.app = r.app AND l.number < r.number AND l.status = 'live') AS fallback
-         FROM releases r {} ORDER BY app, number DESC",
-        filter("r.app")
+         FROM {} ORDER BY app, number DESC",
+        from("releases r", "r.app")
     );
     let rows = select(&sql, only)
         .fetch_all(&mut *conn)
@@ -1134,7 +1137,10 @@ async fn load_apps_in(
         );
     }
 
-    let sql = format!("SELECT app, commit FROM source_heads {}", filter("app"));
+    let sql = format!(
+        "SELECT app, commit FROM {}",
+        from("source_heads", "source_heads.app")
+    );
     let rows = select(&sql, only)
         .fetch_all(&mut *conn)
         .await
@@ -1148,7 +1154,10 @@ async fn load_apps_in(
             .source_heads
             .insert(name("source_heads", &app)?, CommitId::new(commit));
     }
-    let sql = format!("SELECT app, count FROM restart_requests {}", filter("app"));
+    let sql = format!(
+        "SELECT app, count FROM {}",
+        from("restart_requests", "restart_requests.app")
+    );
     let rows = select(&sql, only)
         .fetch_all(&mut *conn)
         .await
