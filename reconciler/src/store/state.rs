@@ -1026,16 +1026,19 @@ async fn load_shared_in(conn: &mut PgConnection) -> Result<Observed, StoreError>
     Ok(observed)
 }
 
-/// A statement of [`load_apps_in`], given the apps it reads when it reads some.
-fn select<'q>(
-    sql: &'q str,
+/// The rows a statement of [`load_apps_in`] reads, given the apps it reads when it reads some.
+async fn fetch_rows(
+    conn: &mut PgConnection,
+    sql: &str,
     only: Option<&[String]>,
-) -> sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments> {
+    op: &'static str,
+) -> Result<Vec<sqlx::postgres::PgRow>, StoreError> {
     let q = sqlx::query(sql);
-    match only {
+    let q = match only {
         Some(apps) => q.bind(apps.to_vec()),
         None => q,
-    }
+    };
+    q.fetch_all(conn).await.op(op)
 }
 
 /// Reads the apps' own rows (applied spec and rollback pin, placements, latest release, source head,
@@ -1059,10 +1062,7 @@ async fn load_apps_in(
         "SELECT name, spec, pinned_release FROM {}",
         from("apps", "apps.name")
     );
-    let rows = select(&sql, only)
-        .fetch_all(&mut *conn)
-        .await
-        .op("read apps")?;
+    let rows = fetch_rows(&mut *conn, &sql, only, "read apps").await?;
     for r in rows {
         let (n, spec, pin): (String, serde_json::Value, Option<i64>) = (
             r.try_get("name").op("read apps")?,
@@ -1082,10 +1082,7 @@ async fn load_apps_in(
         "SELECT app, slot, node, release, state, generation, restart FROM {}",
         from("placements", "placements.app")
     );
-    let rows = select(&sql, only)
-        .fetch_all(&mut *conn)
-        .await
-        .op("read placements")?;
+    let rows = fetch_rows(&mut *conn, &sql, only, "read placements").await?;
     for r in rows {
         let row = |c: &str| -> Result<i64, StoreError> { r.try_get(c).op("read placements") };
         let text = |c: &str| -> Result<String, StoreError> { r.try_get(c).op("read placements") };
@@ -1113,10 +1110,7 @@ async fn load_apps_in(
          FROM {} ORDER BY app, number DESC",
         from("releases r", "r.app")
     );
-    let rows = select(&sql, only)
-        .fetch_all(&mut *conn)
-        .await
-        .op("read the latest releases")?;
+    let rows = fetch_rows(&mut *conn, &sql, only, "read the latest releases").await?;
     for r in rows {
         let get =
             |c: &str| -> Result<String, StoreError> { r.try_get(c).op("read the latest releases") };
@@ -1141,10 +1135,7 @@ async fn load_apps_in(
         "SELECT app, commit FROM {}",
         from("source_heads", "source_heads.app")
     );
-    let rows = select(&sql, only)
-        .fetch_all(&mut *conn)
-        .await
-        .op("read source heads")?;
+    let rows = fetch_rows(&mut *conn, &sql, only, "read source heads").await?;
     for r in rows {
         let (app, commit): (String, String) = (
             r.try_get("app").op("read source heads")?,
@@ -1158,10 +1149,7 @@ async fn load_apps_in(
         "SELECT app, count FROM {}",
         from("restart_requests", "restart_requests.app")
     );
-    let rows = select(&sql, only)
-        .fetch_all(&mut *conn)
-        .await
-        .op("read restart requests")?;
+    let rows = fetch_rows(&mut *conn, &sql, only, "read restart requests").await?;
     for r in rows {
         let (app, count): (String, i64) = (
             r.try_get("app").op("read restart requests")?,

@@ -74,6 +74,22 @@ fn pinned_app(name: &str, log_level: &str) -> String {
     )
 }
 
+/// A config remote whose `main` declares the infrastructure and three apps pinned to a tag,
+/// `app0` to `app2`.
+fn three_pinned_apps(root: &std::path::Path) -> Remote {
+    let config = Remote::new(root, "config");
+    config.write("cairn.toml", &fixtures::settings().to_string());
+    config.write("infra.toml", &infra());
+    for i in 0..3 {
+        config.write(
+            &format!("apps/app{i}.toml"),
+            &pinned_app(&format!("app{i}"), "info"),
+        );
+    }
+    config.push("main", "initial");
+    config
+}
+
 /// Runs a reconcile; whether it planned (from the controller's count), and its outcome.
 async fn tick(c: &Controller, trigger: Trigger) -> (bool, Outcome) {
     let before = c.plans_made();
@@ -122,16 +138,7 @@ async fn an_idle_tick_does_not_plan_and_any_new_input_plans_again() {
     let pool = db.pool();
     tokio::time::timeout(TEST_TIMEOUT, async {
         let tmp = tempfile::tempdir().unwrap();
-        let config = Remote::new(tmp.path(), "config");
-        config.write("cairn.toml", &fixtures::settings().to_string());
-        config.write("infra.toml", &infra());
-        for i in 0..3 {
-            config.write(
-                &format!("apps/app{i}.toml"),
-                &pinned_app(&format!("app{i}"), "info"),
-            );
-        }
-        config.push("main", "initial");
+        let config = three_pinned_apps(tmp.path());
         let source = GitSource::new(config.url(), "main", tmp.path().join("cache"));
         let mut c = Controller::new(pool.clone(), ConfigSource::Git(source), None);
         // Short enough for the test to wait out a heartbeat's age, long enough not to pass between
@@ -365,16 +372,7 @@ async fn an_apply_reads_again_only_the_apps_a_change_touched() {
     let pool = db.pool();
     tokio::time::timeout(TEST_TIMEOUT, async {
         let tmp = tempfile::tempdir().unwrap();
-        let config = Remote::new(tmp.path(), "config");
-        config.write("cairn.toml", &fixtures::settings().to_string());
-        config.write("infra.toml", &infra());
-        for i in 0..3 {
-            config.write(
-                &format!("apps/app{i}.toml"),
-                &pinned_app(&format!("app{i}"), "info"),
-            );
-        }
-        config.push("main", "initial");
+        let config = three_pinned_apps(tmp.path());
         let source = || GitSource::new(config.url(), "main", tmp.path().join("cache"));
         let c = Controller::new(pool.clone(), ConfigSource::Git(source()), None);
         let reads = || c.kept_observed().reads();
