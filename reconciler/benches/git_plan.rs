@@ -31,7 +31,7 @@ const HEAD: &str = "fedcba9876543210fedcba9876543210fedcba98";
 
 #[path = "support/repo.rs"]
 mod repo;
-use repo::{Remote, app, generate};
+use repo::{Remote, generate};
 
 fn input<'a>(
     commit: &'a CommitId,
@@ -160,15 +160,7 @@ fn incremental(apps: usize, runs: usize, split: bool) {
     let (mut both, mut total, mut afresh, mut plan_afresh) = (vec![], vec![], vec![], vec![]);
     src.give_back(snap);
     for run in 0..runs {
-        // A different app (and file) each run, and a value never committed before: a new blob.
-        let a = (run * 7_919) % apps;
-        let chunk = a / 100;
-        let text: String = (chunk * 100..((chunk + 1) * 100).min(apps))
-            .map(|i| app(i, if i == a { "debug" } else { "info" }))
-            .collect::<String>()
-            + &format!("# run {run}\n");
-        remote.write(&format!("apps/{chunk:05}.toml"), &text);
-        remote.commit(&format!("app-{a}: debug"));
+        let a = remote.commit_one_change(apps, run, 0);
 
         let parses = src.parse_count();
         let t0 = Instant::now();

@@ -123,14 +123,7 @@ async fn run(apps: usize, runs: usize) {
     // incremental load) first, then the reconcile, whose fetch then finds nothing new.
     let (mut commits, mut reads, mut rest) = (Vec::new(), Vec::new(), Vec::new());
     for run in 0..2 * runs {
-        let a = (run * 7_919 + 13) % apps;
-        let chunk = a / 100;
-        let text: String = (chunk * 100..((chunk + 1) * 100).min(apps))
-            .map(|i| repo::app(i, if i == a { "debug" } else { "info" }))
-            .collect::<String>()
-            + &format!("# run {run}\n");
-        remote.write(&format!("apps/{chunk:05}.toml"), &text);
-        remote.commit(&format!("app-{a}: debug"));
+        remote.commit_one_change(apps, run, 1);
         if run >= runs {
             let t = Instant::now();
             c.read().await.expect("the source read");

@@ -135,6 +135,22 @@ impl Remote {
         git(&self.work, &["rev-parse", "HEAD"])
     }
 
+    /// Commits and pushes a change of one app's `LOG_LEVEL` in its file, for run `run` of a series: a
+    /// different file each run, from file `first` on (so the change of an earlier run stays, as long as
+    /// there are more files than runs), and a file never committed before (a new blob). Returns the
+    /// app's number.
+    pub fn commit_one_change(&self, apps: usize, run: usize, first: usize) -> usize {
+        let chunk = (first + run) % apps.div_ceil(100);
+        let a = chunk * 100 + (run * 37) % (apps - chunk * 100).min(100);
+        let text: String = (chunk * 100..((chunk + 1) * 100).min(apps))
+            .map(|i| app(i, if i == a { "debug" } else { "info" }))
+            .collect::<String>()
+            + &format!("# run {run}\n");
+        self.write(&format!("apps/{chunk:05}.toml"), &text);
+        self.commit(&format!("app-{a}: debug"));
+        a
+    }
+
     pub fn source(&self, cache: &str) -> GitSource {
         GitSource::new(self.url.clone(), "main", self.tmp.path().join(cache))
     }

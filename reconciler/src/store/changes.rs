@@ -19,15 +19,19 @@ use sqlx::{PgConnection, PgPool, Row as _};
 use super::decode::{name, node_state};
 use super::{Op as _, StoreError, to_u64};
 
+/// Whether any change mark waits, as an SQL expression.
+macro_rules! marked_sql {
+    () => {
+        "EXISTS (SELECT 1 FROM observed_changes) OR EXISTS (SELECT 1 FROM observed_app_changes)"
+    };
+}
+
 /// The mark of a statement that touched too many apps' rows to name them.
 const EVERY_APP: &str = "*";
 
 /// What the consumed marks said changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Marks {
-    /// Something every app reads changed (a table-wide mark: settings, plans, runtimes, nodes, their
-    /// status, databases).
-    pub shared: bool,
     /// Every app's rows may have changed: a statement touched too many to name them (the mark `*`).
     pub every_app: bool,
     /// The apps whose rows changed (empty with `every_app`).
@@ -38,7 +42,8 @@ pub struct Marks {
     pub count: u64,
 }
 
-/// Consumes the marks this transaction can see; call it in the apply transaction, under the apply lock,
+/// Consumes the marks this transaction can see (the table-wide ones say only that something every app
+/// reads changed, and an apply reads those tables whole anyway); call it in the apply transaction, under the apply lock,
 /// before the observed state is read. A mark committed after a statement here stays for the next
 /// reconcile (its change may or may not be in what this one reads: reading and planning again is never
 /// wrong).
@@ -48,19 +53,16 @@ pub async fn consume(conn: &mut PgConnection) -> Result<Marks, StoreError> {
             .fetch_one(&mut *conn)
             .await
             .op("count the consumption of the change marks")?;
-    let shared = sqlx::query("DELETE FROM observed_changes")
+    sqlx::query("DELETE FROM observed_changes")
         .execute(&mut *conn)
         .await
-        .op("consume the observed-state change marks")?
-        .rows_affected()
-        > 0;
+        .op("consume the observed-state change marks")?;
     let apps: Vec<String> = sqlx::query_scalar("DELETE FROM observed_app_changes RETURNING app")
         .fetch_all(&mut *conn)
         .await
         .op("consume the apps' change marks")?;
     let every_app = apps.iter().any(|a| a == EVERY_APP);
     Ok(Marks {
-        shared,
         every_app,
         apps: if every_app {
             BTreeSet::new()
@@ -82,10 +84,11 @@ pub struct Pending {
 
 /// One query: the applied generation and whether any change is marked.
 pub async fn pending(pool: &PgPool) -> Result<Pending, StoreError> {
-    let row = sqlx::query(
-        "SELECT generation, EXISTS (SELECT 1 FROM observed_changes) \
-                OR EXISTS (SELECT 1 FROM observed_app_changes) AS marked FROM config_state",
-    )
+    let row = sqlx::query(concat!(
+        "SELECT generation, ",
+        marked_sql!(),
+        " AS marked FROM config_state"
+    ))
     .fetch_one(pool)
     .await
     .op("read the observed-state change marks")?;
@@ -103,12 +106,10 @@ pub async fn pending(pool: &PgPool) -> Result<Pending, StoreError> {
 /// Whether any change mark waits, seen from `conn` (in a transaction that consumed them: whether a change
 /// was committed since).
 pub async fn marked(conn: &mut PgConnection) -> Result<bool, StoreError> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM observed_changes) OR EXISTS (SELECT 1 FROM observed_app_changes)",
-    )
-    .fetch_one(conn)
-    .await
-    .op("read the observed-state change marks")
+    sqlx::query_scalar(concat!("SELECT ", marked_sql!()))
+        .fetch_one(conn)
+        .await
+        .op("read the observed-state change marks")
 }
 
 /// Every node's state and last heartbeat, as the planner's liveness judgement reads them (drivers and
