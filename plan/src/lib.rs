@@ -65,7 +65,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 pub use apply::{NotApplicable, next_databases, next_observed};
-pub use memo::{Planner, Reuse};
+pub use memo::{Basis, Changes, Planner, Reuse};
 pub use planner::plan;
 
 use crate::observed::{

@@ -1271,12 +1271,12 @@ mod properties {
     //! Random desired and observed states: applying a plan and planning again gives an empty plan, and no
     //! plan reserves more than a node has.
 
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
 
     use cairn_schema::model::{Health, Placement, SecretSettings, Settings, Source};
     use cairn_schema::{
-        App, ByteSize, Ciphertext, Cpu, Desired, Domain, Driver, EnvName, EnvValue, GitUrl, Node,
-        Price, Runtime,
+        App, ByteSize, Ciphertext, Cpu, Desired, Domain, Driver, EnvName, EnvValue, GitUrl, Name,
+        Node, Price, Runtime,
     };
     use proptest::prelude::*;
 
@@ -1568,6 +1568,9 @@ mod properties {
             seed in any::<u64>(),
         ) {
             let mut planner = crate::Planner::new();
+            // Told which apps changed, as the controller tells it; sometimes from the wrong inputs.
+            let mut named = crate::Planner::new();
+            let mut last: Option<(crate::Basis, BTreeMap<Name, String>)> = None;
             let mut o = Observed::default();
             // Every app's source head known: more apps end quiet, so more plans keep some.
             let with_heads = |mut w: World| {
@@ -1593,6 +1596,32 @@ mod properties {
                 prop_assert_eq!(&got, &full, "step {}: {:?}", step, planner.reuse());
                 // The same input again: what the last plan left quiet is kept.
                 prop_assert_eq!(&planner.plan(&i), &full, "step {} again: {:?}", step, planner.reuse());
+
+                let inputs = app_inputs(&i);
+                let now = crate::Basis {
+                    desired: cairn_schema::Revision { lineage: 1, number: step as u64 },
+                    observed: step as u64,
+                };
+                let changed: BTreeSet<Name> = match &last {
+                    Some((_, before)) => before
+                        .keys()
+                        .chain(inputs.keys())
+                        .filter(|a| before.get(*a) != inputs.get(*a))
+                        .cloned()
+                        .collect(),
+                    None => BTreeSet::new(),
+                };
+                // One step in eight names inputs the planner did not plan last.
+                let since = last.as_ref().map(|(b, _)| match m3 % 8 {
+                    0 => crate::Basis { observed: b.observed + 100, ..*b },
+                    _ => *b,
+                });
+                let got = named.plan_with(&i, Some(crate::Changes { now, since: since.map(|b| (b, &changed)) }));
+                prop_assert_eq!(&got, &full, "step {} named {:?}: {:?}", step, changed, named.reuse());
+                let none = BTreeSet::new();
+                let again = named.plan_with(&i, Some(crate::Changes { now, since: Some((now, &none)) }));
+                prop_assert_eq!(&again, &full, "step {} named again: {:?}", step, named.reuse());
+                last = Some((now, inputs));
                 if apply {
                     o = next_observed(&i, &full).unwrap();
                 }
@@ -1602,6 +1631,45 @@ mod properties {
                 w = mix(&w, &other, mask);
             }
         }
+    }
+
+    /// Every app's own inputs to a plan, as text: two plans' apps whose text differs changed.
+    fn app_inputs(i: &PlanInput<'_>) -> BTreeMap<Name, String> {
+        let o = i.observed;
+        let mut names: BTreeSet<&Name> = o.apps.keys().collect();
+        names.extend(o.placements.iter().map(|p| &p.app));
+        if let Some(d) = i.desired {
+            names.extend(d.state.apps.keys());
+        }
+        names
+            .into_iter()
+            .map(|a| {
+                let mut replicas: Vec<_> = o.placements.iter().filter(|p| p.app == *a).collect();
+                replicas.sort_by(|x, y| {
+                    (x.slot, &x.node, x.generation).cmp(&(y.slot, &y.node, y.generation))
+                });
+                let fps: Vec<_> = i
+                    .fingerprints
+                    .into_iter()
+                    .flatten()
+                    .filter(|((n, _), _)| n == a)
+                    .collect();
+                let text = format!(
+                    "{:?}",
+                    (
+                        i.desired.and_then(|d| d.state.apps.get(a)),
+                        fps,
+                        o.apps.get(a),
+                        o.releases.get(a),
+                        o.source_heads.get(a),
+                        o.rollback_pins.get(a),
+                        o.restart_requests.get(a),
+                        replicas,
+                    )
+                );
+                (a.clone(), text)
+            })
+            .collect()
     }
 
     /// An agent's report or an operator's request between two plans.
@@ -1715,7 +1783,8 @@ fn a_planner_plans_again_only_the_apps_that_changed() {
         Reuse {
             planned: 0,
             kept: apps,
-            fell_back: false
+            fell_back: false,
+            named: false,
         }
     );
 
@@ -1732,7 +1801,8 @@ fn a_planner_plans_again_only_the_apps_that_changed() {
         Reuse {
             planned: 1,
             kept: apps - 1,
-            fell_back: false
+            fell_back: false,
+            named: false,
         }
     );
     assert_eq!(moved.placements.len(), first.placements.len());

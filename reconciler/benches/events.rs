@@ -86,6 +86,7 @@ async fn one(apps: usize, sinks: bool) -> Run {
         hooks: None,
         planner: None,
         observed: None,
+        desired_changes: None,
     };
     let started = Instant::now();
     let applied = reconcile(

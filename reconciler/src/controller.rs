@@ -266,6 +266,15 @@ impl Controller {
         &self.observed
     }
 
+    /// How this controller's last plan went: how many apps it planned, and whether it compared only
+    /// the apps the source and the change marks named ([`cairn_plan::Reuse`]).
+    pub fn planner_reuse(&self) -> cairn_plan::Reuse {
+        self.planner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reuse()
+    }
+
     /// How many plans this controller's reconciles made (an unchanged reconcile makes none).
     pub fn plans_made(&self) -> u64 {
         self.plans.load(std::sync::atomic::Ordering::Relaxed)
@@ -463,7 +472,7 @@ impl Controller {
     ) -> Result<Outcome, ReconcileError> {
         let started_at = Utc::now();
         let label = self.source.lock().await.label();
-        let cx = Context {
+        let mut cx = Context {
             source: &label,
             trigger,
             identity: self.identity.as_ref(),
@@ -475,6 +484,7 @@ impl Controller {
             hooks: self.hooks.as_deref(),
             planner: Some(&self.planner),
             observed: Some(&self.observed),
+            desired_changes: None,
         };
         let snap = match self.read().await {
             Ok((_, s)) => s,
@@ -564,6 +574,8 @@ impl Controller {
             }
         };
         let commit_id = CommitId::new(commit.clone());
+        let changes = self.desired_changes(&snap).await;
+        cx.desired_changes = changes.as_ref();
         inject_panic("reconcile", &snap.files);
         let apply = async {
             inject_panic("apply", &snap.files);
@@ -628,6 +640,26 @@ impl Controller {
                 Err(e.into())
             }
         }
+    }
+
+    /// What the source knows changed between the desired state the planner last planned and `snap`'s.
+    async fn desired_changes(&self, snap: &Snapshot) -> Option<executor::DesiredChanges> {
+        let revision = snap.loaded.revision?;
+        let last = self
+            .planner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .basis();
+        let since = match last {
+            Some(b) => self
+                .source
+                .lock()
+                .await
+                .apps_changed(b.desired, revision)
+                .map(|apps| (b.desired, apps)),
+            None => None,
+        };
+        Some(executor::DesiredChanges { revision, since })
     }
 
     /// The leader's term the next reconciles apply in (`cairn serve` sets it when a term starts); a
@@ -818,6 +850,7 @@ impl Controller {
             hooks: None,
             planner: None,
             observed: None,
+            desired_changes: None,
         };
         let err = RecordedError {
             path: None,

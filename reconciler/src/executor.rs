@@ -21,7 +21,7 @@ use crate::store::{
     self, NewReconciliation, ReconcileStatus, RecordedError, ReleaseInsert, StoreError, state,
 };
 use cairn_plan::observed::{AppliedApp, CommitId, Fingerprints, Observed};
-use cairn_plan::{Action, DesiredAt, Plan, PlanInput, Planner, plan};
+use cairn_plan::{Action, Basis, Changes, DesiredAt, Plan, PlanInput, Planner, plan};
 
 /// Why an apply did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +86,18 @@ pub struct Context<'a> {
     /// The applied state kept between reconciles (`cairn serve`'s controller): the apply reads again only
     /// the apps whose rows changed ([`state::KeptObserved`]). `None` reads everything.
     pub observed: Option<&'a state::KeptObserved>,
+    /// Which assembly of the config this is, and the apps its manifests changed since the one the
+    /// planner last planned (from the config source's assembler): with the observed state's change
+    /// marks, the planner compares only those apps ([`cairn_plan::Changes`]).
+    pub desired_changes: Option<&'a DesiredChanges>,
+}
+
+/// What the config source knows of a desired state: see [`Context::desired_changes`].
+#[derive(Debug, Clone)]
+pub struct DesiredChanges {
+    pub revision: cairn_schema::Revision,
+    /// An earlier revision, and the apps whose manifest may differ between it and this one.
+    pub since: Option<(cairn_schema::Revision, std::collections::BTreeSet<Name>)>,
 }
 
 /// Keyed fingerprints of every secret in `desired`, decrypting each with `identity`. Errors name the app
@@ -129,7 +141,7 @@ pub async fn reconcile(
     }
     // Before the read: a change committed from here on leaves its mark for the next reconcile.
     let marks = store::changes::consume(&mut tx).await?;
-    let observed = state::read_observed_in(&mut tx, &marks, cx.observed).await?;
+    let (observed, partial) = state::read_observed_in(&mut tx, &marks, cx.observed).await?;
     let now = Utc::now();
     let input = PlanInput {
         desired: desired.map(|(commit, state)| DesiredAt { commit, state }),
@@ -141,8 +153,35 @@ pub async fn reconcile(
     };
     // Planning is a long synchronous computation at scale (a second at 10,000 apps on 10,000 nodes): off
     // the async workers, so that the requests they serve (heartbeats) do not queue behind it.
+    // The apps whose inputs changed since the planner's last plan: the manifests the config source
+    // says changed, and the rows the change marks name (only when the read before kept this state).
+    let changed_apps;
+    let changes = match cx.desired_changes {
+        Some(d) if !marks.every_app => {
+            let since = match (&d.since, partial, marks.count.checked_sub(1)) {
+                (Some((revision, apps)), true, Some(before)) => {
+                    changed_apps = apps.union(&marks.apps).cloned().collect();
+                    let basis = Basis {
+                        desired: *revision,
+                        observed: before,
+                    };
+                    Some((basis, &changed_apps))
+                }
+                _ => None,
+            };
+            let now = Basis {
+                desired: d.revision,
+                observed: marks.count,
+            };
+            Some(Changes { now, since })
+        }
+        _ => None,
+    };
     let plan = crate::worker::off_the_workers(|| match cx.planner {
-        Some(p) => p.lock().unwrap_or_else(|e| e.into_inner()).plan(&input),
+        Some(p) => p
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .plan_with(&input, changes),
         None => plan(&input),
     });
     let liveness =

@@ -67,6 +67,43 @@ type SecretSites = (
     Vec<(EnvName, String, Range<usize>)>,
 );
 
+/// Which assembly of which [`Assembler`] a [`Loaded`] came from: between two revisions of one
+/// assembler, [`Assembler::apps_changed`] names the apps whose manifest may differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Revision {
+    /// One per start from nothing, unique in the process.
+    pub lineage: u64,
+    pub number: u64,
+}
+
+/// How many assemblies' changed apps an [`Assembler`] remembers, and how many names in all: a caller
+/// whose last revision is older asks in vain and compares every app itself.
+const JOURNAL_REVISIONS: usize = 256;
+const JOURNAL_NAMES: usize = 200_000;
+
+/// The apps each recent assembly changed, by revision number.
+#[derive(Debug, Default)]
+struct Journal {
+    /// Every revision after `from` is here (those that changed no app with an empty list).
+    from: u64,
+    changed: std::collections::VecDeque<(u64, Vec<Name>)>,
+    names: usize,
+}
+
+impl Journal {
+    fn record(&mut self, number: u64, apps: Vec<Name>) {
+        self.names += apps.len();
+        self.changed.push_back((number, apps));
+        while self.changed.len() > JOURNAL_REVISIONS || self.names > JOURNAL_NAMES {
+            let Some((n, apps)) = self.changed.pop_front() else {
+                break;
+            };
+            self.names -= apps.len();
+            self.from = n;
+        }
+    }
+}
+
 /// The assembled state of the last commit and the indexes that make the next one incremental.
 #[derive(Debug, Default)]
 pub struct Assembler {
@@ -80,6 +117,12 @@ pub struct Assembler {
     busy: bool,
     /// How many updates started afresh (the first one included).
     fresh: u64,
+    /// This start's lineage, the last update's number, and the apps recent updates changed.
+    lineage: u64,
+    revision: u64,
+    journal: Journal,
+    /// The apps the running update changed (their manifest, or whether they are declared).
+    changing: BTreeSet<Name>,
     settings: Option<Settings>,
     // Findings, by what produced them (only non-empty entries are kept).
     dup_diags: BTreeMap<Key, Vec<Diagnostic>>,
@@ -129,9 +172,39 @@ struct Dirty {
     databases: BTreeSet<Name>,
 }
 
+/// A lineage no assembler in this process had.
+fn new_lineage() -> u64 {
+    static LINEAGES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    LINEAGES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Assembler {
     pub fn new() -> Self {
-        Assembler::default()
+        Assembler {
+            lineage: new_lineage(),
+            ..Assembler::default()
+        }
+    }
+
+    /// The apps whose manifest may differ between the desired states of revisions `since` and `to` of
+    /// this assembler (an app added or removed counts), or `None` when it cannot tell: another
+    /// assembler's or an earlier start's revision, one older than it remembers, or `to` before `since`.
+    pub fn apps_changed(&self, since: Revision, to: Revision) -> Option<BTreeSet<Name>> {
+        if since.lineage != self.lineage
+            || to.lineage != self.lineage
+            || since.number > to.number
+            || to.number > self.revision
+            || since.number < self.journal.from
+        {
+            return None;
+        }
+        let mut out = BTreeSet::new();
+        for (n, apps) in &self.journal.changed {
+            if *n > since.number && *n <= to.number {
+                out.extend(apps.iter().cloned());
+            }
+        }
+        Some(out)
     }
 
     /// Assembles `files` (unique paths, any order), re-checking only what changed since the last call.
@@ -162,8 +235,20 @@ impl Assembler {
         if self.files.is_empty() && self.sites.is_empty() {
             self.fresh += 1;
         }
+        if self.lineage == 0 {
+            // Made by `Default`.
+            self.lineage = new_lineage();
+        }
         self.busy = true;
-        let loaded = self.update(files);
+        self.changing.clear();
+        let mut loaded = self.update(files);
+        self.revision += 1;
+        let changed = std::mem::take(&mut self.changing).into_iter().collect();
+        self.journal.record(self.revision, changed);
+        loaded.revision = Some(Revision {
+            lineage: self.lineage,
+            number: self.revision,
+        });
         self.busy = false;
         loaded
     }
@@ -174,6 +259,7 @@ impl Assembler {
         self.fresh
     }
 
+    /// Starts from nothing, as a new lineage: no revision before this is comparable with the next.
     fn restart(&mut self) {
         let fresh = self.fresh;
         *self = Assembler::new();
@@ -382,10 +468,13 @@ impl Assembler {
             }
             Kind::App => {
                 let was = self.maps.apps.contains_key(name);
-                match resource {
+                let before = match resource {
                     Some(Resource::App(a)) => self.maps.apps.insert(name.clone(), (**a).clone()),
                     _ => self.maps.apps.remove(name),
                 };
+                if before.as_ref() != self.maps.apps.get(name) {
+                    self.changing.insert(name.clone());
+                }
                 if was != self.maps.apps.contains_key(name)
                     && let Some(s) = &self.settings
                 {
@@ -849,6 +938,7 @@ impl Assembler {
             diagnostics,
             secrets,
             tls_keys,
+            revision: None,
         }
     }
 }

@@ -21,7 +21,7 @@ pub mod units;
 pub mod validate;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
-pub use incremental::Assembler;
+pub use incremental::{Assembler, Revision};
 pub use model::{
     App, AppTls, Challenge, Database, DatabaseBackup, Desired, Driver, EnvValue, Health, Http,
     Kind, ManifestFile, Node, OwnCertificate, Placement, Plan, Runtime, SecretRef, Settings, Sink,

@@ -18,6 +18,8 @@ pub struct Loaded {
     pub secrets: Vec<SecretSite>,
     /// Where every own certificate's key is (an app's `tls = { key = { secret = ... } }`).
     pub tls_keys: Vec<TlsKeySite>,
+    /// The [`crate::Assembler`] revision this is, when one assembled it.
+    pub revision: Option<crate::incremental::Revision>,
 }
 
 /// One app's own certificate key and where it is declared.
@@ -300,6 +302,7 @@ pub fn assemble_refs(files: &[&ParsedFile]) -> Loaded {
         diagnostics,
         secrets,
         tls_keys,
+        revision: None,
     }
 }
 

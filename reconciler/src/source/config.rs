@@ -50,6 +50,19 @@ impl ConfigSource {
     }
 
     /// What the history names as the source.
+    /// The apps whose manifest may differ between two desired states this source loaded, when it
+    /// knows (a git source assembles each commit from the last; a directory is read afresh).
+    pub fn apps_changed(
+        &self,
+        since: cairn_schema::Revision,
+        to: cairn_schema::Revision,
+    ) -> Option<std::collections::BTreeSet<cairn_schema::Name>> {
+        match self {
+            ConfigSource::Git(g) => g.apps_changed(since, to),
+            ConfigSource::Dir(_) => None,
+        }
+    }
+
     pub fn label(&self) -> String {
         match self {
             ConfigSource::Dir(p) => p.display().to_string(),

@@ -293,6 +293,16 @@ impl GitSource {
         self.assembler.fresh_starts()
     }
 
+    /// The apps whose manifest may differ between two desired states this source loaded
+    /// ([`cairn_schema::Assembler::apps_changed`]).
+    pub fn apps_changed(
+        &self,
+        since: cairn_schema::Revision,
+        to: cairn_schema::Revision,
+    ) -> Option<std::collections::BTreeSet<cairn_schema::Name>> {
+        self.assembler.apps_changed(since, to)
+    }
+
     /// Hands back a snapshot this source loaded, once its caller is done with it: the next
     /// [`GitSource::load`] then updates its desired state in place instead of assembling afresh. (The
     /// snapshot [`super::ConfigSource::read`] keeps comes back by itself when no one else holds it.)

@@ -877,13 +877,14 @@ impl KeptObserved {
 
 /// Reads the applied state in the apply transaction, after it consumed `marks`: into what `kept` holds
 /// when that is the state as of the consumption before, reading again only the apps marked (and what
-/// every app reads, whole); otherwise everything. Debug builds check the result against a full read
-/// whenever no change was committed in between.
+/// every app reads, whole); otherwise everything. Says which (`true`: only the marked apps were read
+/// again). Debug builds check the result against a full read whenever no change was committed in
+/// between.
 pub async fn read_observed_in(
     conn: &mut PgConnection,
     marks: &super::changes::Marks,
     kept: Option<&KeptObserved>,
-) -> Result<Observed, StoreError> {
+) -> Result<(Observed, bool), StoreError> {
     use std::sync::atomic::Ordering::Relaxed;
     let before = match kept.and_then(|k| k.take_after(marks.count)) {
         Some(o) if !marks.every_app => o,
@@ -891,7 +892,7 @@ pub async fn read_observed_in(
             if let Some(k) = kept {
                 k.whole.fetch_add(1, Relaxed);
             }
-            return load_observed_in(conn).await;
+            return Ok((load_observed_in(conn).await?, false));
         }
     };
     if let Some(k) = kept {
@@ -918,7 +919,7 @@ pub async fn read_observed_in(
     }
     #[cfg(debug_assertions)]
     check_kept(&mut *conn, &observed).await?;
-    Ok(observed)
+    Ok((observed, true))
 }
 
 /// Panics when the apps' rows read incrementally differ from a full read, unless a change was committed

@@ -365,7 +365,9 @@ async fn kept_and_read(c: &Controller, pool: &PgPool) -> (AppsRows, AppsRows) {
 /// Between reconciles the controller keeps the observed state, and an apply reads again only the apps
 /// whose rows a change touched (their marks in `observed_app_changes`), plus what every app reads: what
 /// it keeps equals a full read whenever nothing was written after it. A change too big to name its
-/// apps, or marks consumed by another control plane (`cairn apply`), makes it read everything.
+/// apps, or marks consumed by another control plane (`cairn apply`), makes it read everything. The
+/// planner, told the marked apps and the apps a commit's manifests changed, compares only those (a
+/// debug build also compares every app and panics if one was missed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_apply_reads_again_only_the_apps_a_change_touched() {
     let db = cairn_testkit::test_db!();
@@ -392,6 +394,8 @@ async fn an_apply_reads_again_only_the_apps_a_change_touched() {
             .unwrap();
         let (planned, o) = tick(&c, Trigger::Wake).await;
         assert!(planned, "{o:?}");
+        let reuse = c.planner_reuse();
+        assert!(reuse.named && reuse.planned == 1, "{reuse:?}");
         let now = reads();
         assert_eq!(
             (now.whole, now.partial),
@@ -411,6 +415,8 @@ async fn an_apply_reads_again_only_the_apps_a_change_touched() {
         config.write("apps/app1.toml", &pinned_app("app1", "debug"));
         config.push("main", "app1 debug");
         assert!(tick(&c, Trigger::Timer).await.0);
+        let reuse = c.planner_reuse();
+        assert!(reuse.named && reuse.planned == 1, "{reuse:?}");
         settle(&c).await;
         assert_eq!(reads().whole, after_start.whole, "no whole read since");
         let (kept, read) = kept_and_read(&c, pool).await;
@@ -436,6 +442,7 @@ async fn an_apply_reads_again_only_the_apps_a_change_touched() {
             .unwrap();
         other.reconcile(Trigger::Manual).await.unwrap();
         assert!(tick(&c, Trigger::Manual).await.0);
+        assert!(!c.planner_reuse().named, "a whole read: every app compared");
         assert_eq!(
             reads().whole,
             whole + 1,

@@ -477,6 +477,8 @@ proptest! {
         let mut asm = Assembler::new();
         let mut last: Option<Desired> = None;
         let mut fresh = 1;
+        // The last valid desired state and its revision: the apps changed since are all named.
+        let mut valid: Option<(cairn_schema::Revision, Desired)> = None;
         for (step, (edits, give_back)) in std::iter::once((Vec::new(), true)).chain(commits).enumerate() {
             for e in &edits {
                 repo.apply(e);
@@ -491,6 +493,22 @@ proptest! {
             let inc = asm.assemble(&files, if give_back { last.take() } else { None });
             compare(step, &inc, &full)?;
             prop_assert_eq!(asm.fresh_starts(), fresh, "fresh starts at commit {}", step);
+            let revision = inc.revision.expect("an assembler's output has a revision");
+            if let Some(d) = &full.desired {
+                if let Some((since, before)) = &valid {
+                    let named = asm.apps_changed(*since, revision);
+                    prop_assert_eq!(named.is_some(), since.lineage == revision.lineage, "commit {}", step);
+                    for a in before.apps.keys().chain(d.apps.keys()) {
+                        if let Some(named) = &named {
+                            prop_assert!(
+                                before.apps.get(a) == d.apps.get(a) || named.contains(a),
+                                "commit {}: app {} changed, not named in {:?}", step, a, named
+                            );
+                        }
+                    }
+                }
+                valid = Some((revision, d.clone()));
+            }
             last = inc.desired;
         }
     }
