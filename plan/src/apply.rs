@@ -67,7 +67,7 @@ pub fn next_observed(input: &PlanInput<'_>, plan: &Plan) -> Result<Observed, Not
             .collect();
     }
     next.databases = next_databases(obs, &target.databases, &plan.databases);
-    next.placements = plan.placements.clone();
+    next.placements = plan.placements.to_vec();
     for r in &plan.releases {
         next.releases.insert(
             r.app.clone(),

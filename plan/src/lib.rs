@@ -135,8 +135,9 @@ pub struct Plan {
     /// Per node: capacity and use before and after.
     pub nodes: Vec<NodeHeadroom>,
     pub cost: Cost,
-    /// The complete set of replica placements after this plan (unchanged ones keep their generation).
-    pub placements: Vec<ReplicaPlacement>,
+    /// The complete set of replica placements after this plan (unchanged ones keep their generation),
+    /// by app, then slot. Shared: a [`Planner`] keeps it to patch for its next plan.
+    pub placements: std::sync::Arc<Vec<ReplicaPlacement>>,
     /// Managed databases: where each runs, what happens to it, its backups.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub databases: Vec<DatabasePlan>,

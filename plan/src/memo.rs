@@ -50,6 +50,8 @@ pub struct Planner {
     noisy: BTreeSet<Name>,
     /// The inputs of the last plan, when its caller named them.
     basis: Option<Basis>,
+    /// The last plan's placements, complete: the next one patches the apps it plans.
+    placements: std::sync::Arc<Vec<ReplicaPlacement>>,
     last: Reuse,
     /// Set while a plan runs: a plan that panicked leaves it set, and the next one starts afresh.
     busy: bool,
@@ -485,8 +487,25 @@ impl Planner {
             bindings,
         } = plan_in(input, &scope)?;
         if kept > 0 {
-            plan.placements = merge(&self.apps, std::mem::take(&mut plan.placements));
+            // The last plan's list, its planned and gone apps' replicas (and those of the apps it left
+            // with something to do) replaced by this plan's.
+            let replace: BTreeSet<&Name> =
+                names.iter().chain(&walk.gone).chain(&self.noisy).collect();
+            let planned = std::mem::take(&mut plan.placements);
+            let planned = std::sync::Arc::try_unwrap(planned).unwrap_or_else(|p| (*p).clone());
+            #[cfg(debug_assertions)]
+            let expected = merge(&self.apps, planned.clone());
+            let mut all = std::mem::take(&mut self.placements);
+            crate::observed::replace_replicas(
+                std::sync::Arc::make_mut(&mut all),
+                &replace,
+                planned,
+            );
+            #[cfg(debug_assertions)]
+            assert_eq!(*all, expected, "the patched placements are the merged ones");
+            plan.placements = all;
         }
+        self.placements = plan.placements.clone();
         self.last = Reuse {
             planned: walk.dirty.len(),
             kept,
@@ -643,6 +662,7 @@ fn replicas_of<'a>(observed: &'a Observed, names: &BTreeSet<Name>) -> Vec<&'a Re
 }
 
 /// The quiet apps' replicas and the planned ones, in the plan's order (by app, then slot).
+#[cfg(debug_assertions)]
 fn merge(quiet: &BTreeMap<Name, Entry>, planned: Vec<ReplicaPlacement>) -> Vec<ReplicaPlacement> {
     let mut out = Vec::with_capacity(planned.len() + quiet.len());
     let mut planned = planned.into_iter().peekable();

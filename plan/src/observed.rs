@@ -517,6 +517,42 @@ impl ReleaseRecord {
 
 /// A node's liveness as the planner sees it at `now`: no status is pending, and an online node heard from
 /// longer ago than `offline_after` is offline. `cairn status` should show the same.
+/// Replaces, in `all` (by app, then slot, as the store reads them and a plan gives them), the replicas
+/// of the apps `apps` with `with` (replicas of some of those apps, in the same order): one splice per
+/// app for a few apps (a commit's, an agent's report), one pass for more.
+pub fn replace_replicas(
+    all: &mut Vec<ReplicaPlacement>,
+    apps: &std::collections::BTreeSet<&Name>,
+    with: Vec<ReplicaPlacement>,
+) {
+    let mut with = with.into_iter().peekable();
+    if apps.len() <= 16 {
+        for &name in apps {
+            let from = all.partition_point(|p| p.app < *name);
+            let to = from + all[from..].partition_point(|p| p.app == *name);
+            let mut new = Vec::new();
+            while let Some(p) = with.next_if(|p| p.app == *name) {
+                new.push(p);
+            }
+            all.splice(from..to, new);
+        }
+        debug_assert!(
+            with.next().is_none(),
+            "every replica given is of an app named"
+        );
+        return;
+    }
+    let old = std::mem::take(all);
+    all.reserve(old.len());
+    for p in old.into_iter().filter(|p| !apps.contains(&p.app)) {
+        while let Some(q) = with.next_if(|q| q.app < p.app) {
+            all.push(q);
+        }
+        all.push(p);
+    }
+    all.extend(with);
+}
+
 pub fn effective_state(
     status: Option<&NodeStatus>,
     now: DateTime<Utc>,
@@ -580,6 +616,43 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Replacing some apps' replicas gives what removing them, adding the new ones and sorting
+        /// gives, for a few apps (one splice each) and for many (one pass).
+        #[test]
+        fn replacing_replicas_equals_filtering_and_sorting(
+            old in prop::collection::btree_map((0u8..60, 1u32..4), 0u8..3, 0..120),
+            apps in prop::collection::btree_set(0u8..60, 0..40),
+            new in prop::collection::btree_map((0u8..60, 1u32..4), 0u8..3, 0..60),
+        ) {
+            let name = |a: u8| -> Name { format!("app{a:02}").parse().unwrap() };
+            let replica = |(a, slot): (u8, u32), node: u8| ReplicaPlacement {
+                app: name(a),
+                slot,
+                node: format!("n{node}").parse().unwrap(),
+                release: 1,
+                state: ReplicaState::Running,
+                generation: 1,
+                restart: 0,
+            };
+            let mut all: Vec<ReplicaPlacement> = old.into_iter().map(|(k, n)| replica(k, n)).collect();
+            let names: Vec<Name> = apps.iter().map(|a| name(*a)).collect();
+            let named: std::collections::BTreeSet<&Name> = names.iter().collect();
+            let with: Vec<ReplicaPlacement> = new
+                .into_iter()
+                .filter(|((a, _), _)| apps.contains(a))
+                .map(|(k, n)| replica(k, n))
+                .collect();
+            let mut expected: Vec<ReplicaPlacement> =
+                all.iter().filter(|p| !named.contains(&p.app)).cloned().collect();
+            expected.extend(with.iter().cloned());
+            expected.sort_by(|a, b| (&a.app, a.slot).cmp(&(&b.app, b.slot)));
+            replace_replicas(&mut all, &named, with);
+            prop_assert_eq!(all, expected);
+        }
+    }
 
     #[test]
     fn heartbeat_age_decides_liveness() {

@@ -633,7 +633,7 @@ pub(crate) fn plan_in(input: &PlanInput<'_>, scope: &Scope<'_>) -> Option<Planne
         warnings,
         nodes,
         cost,
-        placements,
+        placements: std::sync::Arc::new(placements),
         databases,
     };
     Some(Planned {

@@ -239,7 +239,7 @@ fn assert_delta_is_complete(o: &Observed, p: &Plan) {
     }
     let expected: Vec<_> = rows.into_values().collect();
     if !p.is_empty() {
-        assert_eq!(expected, p.placements);
+        assert_eq!(expected, *p.placements);
     }
 }
 

@@ -659,7 +659,12 @@ impl Controller {
                 .map(|apps| (b.desired, apps)),
             None => None,
         };
-        Some(executor::DesiredChanges { revision, since })
+        let with_secrets = snap.loaded.secrets.iter().map(|s| s.app.clone()).collect();
+        Some(executor::DesiredChanges {
+            revision,
+            since,
+            with_secrets,
+        })
     }
 
     /// The leader's term the next reconciles apply in (`cairn serve` sets it when a term starts); a

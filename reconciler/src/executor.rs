@@ -98,6 +98,9 @@ pub struct DesiredChanges {
     pub revision: cairn_schema::Revision,
     /// An earlier revision, and the apps whose manifest may differ between it and this one.
     pub since: Option<(cairn_schema::Revision, std::collections::BTreeSet<Name>)>,
+    /// The apps with a secret env value (the source's secret sites), so that an apply need not look
+    /// through every app for them.
+    pub with_secrets: std::collections::BTreeSet<Name>,
 }
 
 /// Keyed fingerprints of every secret in `desired`, decrypting each with `identity`. Errors name the app
@@ -210,7 +213,16 @@ pub async fn reconcile(
         (ReconcileStatus::Noop, 0)
     } else {
         let desired = desired.map(|(_, d)| d);
-        write_state(&mut tx, &plan, desired, fingerprints, &observed).await?;
+        let with_secrets = cx.desired_changes.map(|d| &d.with_secrets);
+        write_state(
+            &mut tx,
+            &plan,
+            desired,
+            fingerprints,
+            &observed,
+            with_secrets,
+        )
+        .await?;
         // A plan created or repriced by this commit gets a price row (usage metering), in this
         // transaction, after the state names the commit and generation.
         store::usage::record_prices(&mut tx).await?;
@@ -451,6 +463,7 @@ async fn write_state(
     desired: Option<&Desired>,
     fingerprints: Option<&Fingerprints>,
     observed: &Observed,
+    with_secrets: Option<&std::collections::BTreeSet<Name>>,
 ) -> Result<(), ApplyError> {
     let generation = plan.generation;
     let empty = Fingerprints::new();
@@ -489,10 +502,17 @@ async fn write_state(
         // A secret re-encrypted to other recipients is no change (same fingerprint), yet the stored
         // ciphertext and its digest must follow the commit (`plan::next_observed`): otherwise every plan
         // made without the identity would call that secret changed from then on.
-        let with_secrets = d
-            .apps
-            .iter()
-            .filter(|(_, a)| a.env.values().any(|v| matches!(v, EnvValue::Secret { .. })));
+        let has_secret = |(_, a): &(&Name, &cairn_schema::App)| {
+            a.env.values().any(|v| matches!(v, EnvValue::Secret { .. }))
+        };
+        let with_secrets: Vec<(&Name, &cairn_schema::App)> = match with_secrets {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| d.apps.get_key_value(n))
+                .filter(has_secret)
+                .collect(),
+            None => d.apps.iter().filter(has_secret).collect(),
+        };
         for (name, app) in with_secrets {
             let stale = observed.apps.get(name).is_some_and(|stored| {
                 AppliedApp::from_desired(name, app, prints).is_ok_and(|now| &now != stored)

@@ -7,7 +7,7 @@
 //! What it must not do: compare desired with applied state (the planner does), or store a secret's
 //! plaintext: `app_env` gets the manifest's ciphertexts, and a `CHECK` refuses anything else.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use cairn_schema::{App, EnvValue, Kind, Name, Node, Plan, Recipient, Runtime, Settings};
 use chrono::{DateTime, Utc};
@@ -913,9 +913,17 @@ pub async fn read_observed_in(
             observed.source_heads.remove(app);
             observed.restart_requests.remove(app);
         }
-        observed.placements.retain(|p| !marks.apps.contains(&p.app));
         let only: Vec<String> = marks.apps.iter().map(|a| a.as_str().to_owned()).collect();
-        load_apps_in(&mut *conn, &mut observed, Some(&only)).await?;
+        let mut fresh = Observed::default();
+        load_apps_in(&mut *conn, &mut fresh, Some(&only)).await?;
+        observed.apps.extend(fresh.apps);
+        observed.rollback_pins.extend(fresh.rollback_pins);
+        observed.releases.extend(fresh.releases);
+        observed.source_heads.extend(fresh.source_heads);
+        observed.restart_requests.extend(fresh.restart_requests);
+        // Into their places: a sort of every row would cost more than the read.
+        let marked: BTreeSet<&Name> = marks.apps.iter().collect();
+        cairn_plan::observed::replace_replicas(&mut observed.placements, &marked, fresh.placements);
     }
     #[cfg(debug_assertions)]
     check_kept(&mut *conn, &observed).await?;

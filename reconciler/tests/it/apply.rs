@@ -760,7 +760,7 @@ async fn applying_the_example_repository_writes_exactly_the_desired_state() {
             .map(|(n, app)| (n.clone(), AppliedApp::from_desired(n, app, &fps).unwrap()))
             .collect();
         assert_eq!(o.apps, want_apps);
-        assert_eq!(o.placements, a.plan.placements);
+        assert_eq!(o.placements, *a.plan.placements);
 
         // Every replica of every running app is placed and has a deploy task; a suspended app runs none.
         let mut want_deploys = BTreeSet::new();
