@@ -470,6 +470,14 @@ async fn an_apply_reads_again_only_the_apps_a_change_touched() {
             c.kept_observed().get().unwrap().restart_requests.len(),
             1002
         );
+
+        // A whole read is of known inputs all the same: the next change is compared by name again.
+        state::request_restart(&mut pool.acquire().await.unwrap(), &app0)
+            .await
+            .unwrap();
+        assert!(tick(&c, Trigger::Wake).await.0);
+        let reuse = c.planner_reuse();
+        assert!(reuse.named && reuse.planned == 1, "{reuse:?}");
     })
     .await
     .expect("the test finished within its time bound");
