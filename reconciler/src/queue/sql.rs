@@ -56,8 +56,23 @@ pub(super) async fn insert(
     Ok(id.map(TaskId))
 }
 
-/// Inserts many tasks in one statement; returns the ids of those inserted (not deduplicated away).
+/// Tasks per statement of [`insert_many`].
+const INSERT_BATCH: usize = 5_000;
+
+/// Inserts many tasks, [`INSERT_BATCH`] per statement; returns the ids of those inserted (not
+/// deduplicated away).
 pub(super) async fn insert_many(
+    conn: &mut PgConnection,
+    tasks: &[NewTask],
+) -> Result<Vec<TaskId>, StoreError> {
+    let mut ids = Vec::with_capacity(tasks.len());
+    for chunk in tasks.chunks(INSERT_BATCH) {
+        ids.extend(insert_batch(&mut *conn, chunk).await?);
+    }
+    Ok(ids)
+}
+
+async fn insert_batch(
     conn: &mut PgConnection,
     tasks: &[NewTask],
 ) -> Result<Vec<TaskId>, StoreError> {

@@ -318,7 +318,13 @@ pub async fn upsert_apps(
             .filter(|(n, _)| written.contains_key(n.as_str()))
             .copied()
             .collect();
-        replace_env(conn, &changed, fingerprints).await?;
+        // A created app has no env rows to clear (a cold apply creates every app).
+        let existed: Vec<String> = written
+            .iter()
+            .filter(|(_, w)| **w == Written::Changed)
+            .map(|(n, _)| n.clone())
+            .collect();
+        replace_env(conn, &changed, &existed, fingerprints).await?;
         out.extend(
             chunk
                 .iter()
@@ -329,9 +335,11 @@ pub async fn upsert_apps(
 }
 
 /// Replaces the env rows of `apps` with their manifests' env.
+/// Writes the env rows of `apps`, first clearing those of the apps `existed` (the others have none).
 async fn replace_env(
     conn: &mut PgConnection,
     apps: &[(&Name, &App)],
+    existed: &[String],
     fingerprints: &Fingerprints,
 ) -> Result<(), StoreError> {
     if apps.is_empty() {
@@ -366,12 +374,17 @@ async fn replace_env(
             }
         }
     }
-    let names: Vec<String> = apps.iter().map(|(n, _)| n.as_str().to_owned()).collect();
-    sqlx::query("DELETE FROM app_env WHERE app = ANY($1)")
-        .bind(&names)
+    if !existed.is_empty() {
+        // Joined with the array: `app = ANY($1)` scans every row when the statistics are stale, as
+        // they are during the apply that filled the table.
+        sqlx::query(
+            "DELETE FROM app_env e USING unnest($1::text[]) AS gone(app) WHERE e.app = gone.app",
+        )
+        .bind(existed)
         .execute(&mut *conn)
         .await
         .op("clear the apps' env")?;
+    }
     sqlx::query(
         r#"INSERT INTO app_env (app, key, secret, value, fingerprint)
            SELECT * FROM UNNEST($1::text[], $2::text[], $3::bool[], $4::text[], $5::text[])"#,
