@@ -269,7 +269,9 @@ pub async fn reconcile(
         kept.keep(marks.count, observed);
     }
     if status == ReconcileStatus::Applied && bulk(&plan) {
-        refresh_statistics(pool).await;
+        // Beside what follows, not before it: the apply is committed (at 100,000 apps this takes
+        // about 3.5 s, a tenth of the cold apply).
+        tokio::spawn(refresh_statistics(pool.clone()));
     }
     Ok(Applied {
         plan,
@@ -292,10 +294,10 @@ fn bulk(plan: &Plan) -> bool {
 /// (a minute or more), the planner believes them as small as before, and a lookup of a few apps' rows
 /// (the next apply's read, a heartbeat's placements) scans every row: after a cold apply of 100,000 apps,
 /// 130-190 ms instead of 6-14 ms for one app. Best effort: autovacuum does it later anyway.
-async fn refresh_statistics(pool: &PgPool) {
+async fn refresh_statistics(pool: PgPool) {
     let started = std::time::Instant::now();
     match sqlx::query("ANALYZE apps, app_env, placements, releases, tasks")
-        .execute(pool)
+        .execute(&pool)
         .await
     {
         Ok(_) => tracing::debug!(
