@@ -7,8 +7,10 @@
 //! - **incremental**: the applied state of the first commit, then commits that each change one app's env
 //!   in one file; fetch (reported on its own), then load (one file re-parsed and the assembly updated in
 //!   place, both asserted) + plan (one app changed, asserted) against the state the previous commit left
-//!   applied. Also, untimed in the total, what assembling the same files afresh costs (as every load did
-//!   before `cairn_schema::Assembler`), asserted equal. Aim for 100,000 apps: load + plan < 20 ms.
+//!   applied, by the kept `Planner` told which apps changed as the controller tells it (the assembler's
+//!   `apps_changed`, and the apps the last apply wrote). Also, untimed in the total, what assembling the
+//!   same files afresh costs (as every load did before `cairn_schema::Assembler`) and what a plan of
+//!   every app costs, both asserted equal. Aim for 100,000 apps: load + plan < 20 ms.
 //!
 //! ```text
 //! cargo bench -p cairn-reconciler --bench git_plan                          # small: 1,000 / 10,000 apps
@@ -17,14 +19,16 @@
 //!
 //! Times are medians over runs; `SPLIT=1` also prints each run.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use cairn_plan::observed::{CommitId, Fingerprints, NodeState, NodeStatus, Observed};
 use cairn_plan::{
-    DEFAULT_OFFLINE_AFTER, DesiredAt, Plan, PlanInput, Planner, WarningKind, next_observed, plan,
+    Basis, Changes, DEFAULT_OFFLINE_AFTER, DesiredAt, Plan, PlanInput, Planner, WarningKind,
+    next_observed, plan,
 };
 use cairn_reconciler::source::Snapshot;
-use cairn_schema::{Desired, Driver};
+use cairn_schema::{Desired, Driver, Name};
 use chrono::{DateTime, Utc};
 
 const HEAD: &str = "fedcba9876543210fedcba9876543210fedcba98";
@@ -153,8 +157,22 @@ fn incremental(apps: usize, runs: usize, split: bool) {
     let steady: Plan = plan(&input(&commit, &d, &fps, &applied));
     assert!(steady.is_empty(), "{}", steady.summary());
     // The planner the control plane keeps between reconciles, having planned the applied state once.
+    // As the controller does, it is told which apps changed: those whose manifest the assembler says
+    // changed, and those whose rows the last apply wrote (what the store's change marks would name).
     let mut planner = Planner::new();
-    assert_eq!(planner.plan(&input(&commit, &d, &fps, &applied)), steady);
+    let mut basis = Basis {
+        desired: snap.loaded.revision.expect("an assembled revision"),
+        observed: 0,
+    };
+    let now = Changes {
+        now: basis,
+        since: None,
+    };
+    assert_eq!(
+        planner.plan_with(&input(&commit, &d, &fps, &applied), Some(now)),
+        steady
+    );
+    let mut written: BTreeSet<Name> = BTreeSet::new();
 
     let (mut fetch, mut load, mut planning) = (vec![], vec![], vec![]);
     let (mut both, mut total, mut afresh, mut plan_afresh) = (vec![], vec![], vec![], vec![]);
@@ -170,10 +188,24 @@ fn incremental(apps: usize, runs: usize, split: bool) {
         let t2 = Instant::now();
         let d = desired(&snap);
         let commit = CommitId::new(head.to_string());
-        let p = planner.plan(&input(&commit, d, &fps, &applied));
+        let now = Basis {
+            desired: snap.loaded.revision.expect("an assembled revision"),
+            observed: basis.observed + 1,
+        };
+        let mut changed = src
+            .apps_changed(basis.desired, now.desired)
+            .expect("the same assembler");
+        changed.append(&mut written);
+        let changes = Changes {
+            now,
+            since: Some((basis, &changed)),
+        };
+        let p = planner.plan_with(&input(&commit, d, &fps, &applied), Some(changes));
         let t3 = Instant::now();
-        // Only this commit's app and the one the last run deployed are planned again, and the plan is
-        // the plan of every app, which is timed apart.
+        basis = now;
+        // Only this commit's app and the one the last run deployed are compared and planned again, and
+        // the plan is the plan of every app, which is timed apart.
+        assert!(planner.reuse().named, "{:?}", planner.reuse());
         assert!(planner.reuse().planned <= 2, "{:?}", planner.reuse());
         let t = Instant::now();
         assert_eq!(
@@ -188,6 +220,9 @@ fn incremental(apps: usize, runs: usize, split: bool) {
         assert_eq!(p.changes[0].name.as_str(), format!("app-{a}"));
         // Applied, as the control plane would: the next run's commit is one change from here.
         applied = next_observed(&input(&commit, d, &fps, &applied), &p).expect("applicable");
+        written = p.releases.iter().map(|r| r.app.clone()).collect();
+        written.extend(p.placement_changes.iter().map(|c| c.app.clone()));
+        written.extend(p.changes.iter().map(|c| c.name.clone()));
         // What assembling and validating the whole repository again (as before) costs, and that the
         // incremental result equals it.
         let t = Instant::now();
