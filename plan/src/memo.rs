@@ -520,9 +520,8 @@ impl Planner {
 
     /// Keeps the planned apps that `plan` leaves as they were.
     fn remember(&mut self, input: &PlanInput<'_>, planned: &[Inputs<'_>], plan: &Plan) {
-        for app in planned {
-            self.noisy.remove(app.name);
-        }
+        // Every app the last plan left noisy was planned again now, or is gone from every input.
+        self.noisy.clear();
         let mut noisy: BTreeSet<&Name> = BTreeSet::new();
         noisy.extend(
             plan.changes
