@@ -20,7 +20,7 @@ use crate::diag::{Diagnostic, Diagnostics, Severity};
 use crate::model::{App, Database, Desired, Kind, Node, Origin, Plan, Runtime, Settings, Sink};
 use crate::parse::{Declared, ParsedFile, Resource, SETTINGS_FILE};
 use crate::units::{EnvName, Name};
-use crate::validate::{Loaded, SecretSite, TlsKeySite, diag};
+use crate::validate::{Loaded, Revision, SecretSite, TlsKeySite, diag};
 
 type Key = (Kind, Name);
 /// A declaration: its file's path and its index in that file's `declared`.
@@ -66,15 +66,6 @@ type SecretSites = (
     Option<(String, Range<usize>)>,
     Vec<(EnvName, String, Range<usize>)>,
 );
-
-/// Which assembly of which [`Assembler`] a [`Loaded`] came from: between two revisions of one
-/// assembler, [`Assembler::apps_changed`] names the apps whose manifest may differ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Revision {
-    /// One per start from nothing, unique in the process.
-    pub lineage: u64,
-    pub number: u64,
-}
 
 /// How many assemblies' changed apps an [`Assembler`] remembers, and how many names in all: a caller
 /// whose last revision is older asks in vain and compares every app itself.

@@ -21,7 +21,7 @@ pub mod units;
 pub mod validate;
 
 pub use diag::{Diagnostic, Diagnostics, Severity};
-pub use incremental::{Assembler, Revision};
+pub use incremental::Assembler;
 pub use model::{
     App, AppTls, Challenge, Database, DatabaseBackup, Desired, Driver, EnvValue, Health, Http,
     Kind, ManifestFile, Node, OwnCertificate, Placement, Plan, Runtime, SecretRef, Settings, Sink,
@@ -34,7 +34,7 @@ pub use units::{
     AcmeDirectory, BackupLocation, ByteSize, Cpu, Domain, Email, EnvName, Name, NodeAddress, Price,
     RepoPath, Schedule, Span,
 };
-pub use validate::{Loaded, assemble, check_secrets};
+pub use validate::{Loaded, Revision, assemble, check_secrets};
 
 /// Parses and validates a whole repository given as `(path, bytes)` pairs.
 pub fn load<P: AsRef<str>, B: AsRef<[u8]>>(

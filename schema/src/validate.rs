@@ -19,7 +19,16 @@ pub struct Loaded {
     /// Where every own certificate's key is (an app's `tls = { key = { secret = ... } }`).
     pub tls_keys: Vec<TlsKeySite>,
     /// The [`crate::Assembler`] revision this is, when one assembled it.
-    pub revision: Option<crate::incremental::Revision>,
+    pub revision: Option<Revision>,
+}
+
+/// Which assembly of which [`crate::Assembler`] a [`Loaded`] came from: between two revisions of one
+/// assembler, [`crate::Assembler::apps_changed`] names the apps whose manifest may differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Revision {
+    /// One per start from nothing, unique in the process.
+    pub lineage: u64,
+    pub number: u64,
 }
 
 /// One app's own certificate key and where it is declared.
