@@ -492,7 +492,7 @@ impl Planner {
             let replace: BTreeSet<&Name> =
                 names.iter().chain(&walk.gone).chain(&self.noisy).collect();
             let planned = std::mem::take(&mut plan.placements);
-            let planned = std::sync::Arc::try_unwrap(planned).unwrap_or_else(|p| (*p).clone());
+            let planned = std::sync::Arc::unwrap_or_clone(planned);
             #[cfg(debug_assertions)]
             let expected = merge(&self.apps, planned.clone());
             let mut all = std::mem::take(&mut self.placements);
@@ -650,10 +650,8 @@ fn replicas_of<'a>(observed: &'a Observed, names: &BTreeSet<Name>) -> Vec<&'a Re
     let all = &observed.placements;
     let mut out = Vec::new();
     for name in names {
-        let from = all.partition_point(|p| p.app < *name);
-        let to = from + all[from..].partition_point(|p| p.app == *name);
         let start = out.len();
-        out.extend(&all[from..to]);
+        out.extend(&all[crate::observed::app_replicas(all, name)]);
         out[start..]
             .sort_by(|a, b| (a.slot, &a.node, a.generation).cmp(&(b.slot, &b.node, b.generation)));
     }

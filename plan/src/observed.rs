@@ -515,8 +515,6 @@ impl ReleaseRecord {
     }
 }
 
-/// A node's liveness as the planner sees it at `now`: no status is pending, and an online node heard from
-/// longer ago than `offline_after` is offline. `cairn status` should show the same.
 /// Replaces, in `all` (by app, then slot, as the store reads them and a plan gives them), the replicas
 /// of the apps `apps` with `with` (replicas of some of those apps, in the same order): one splice per
 /// app for a few apps (a commit's, an agent's report), one pass for more.
@@ -528,13 +526,12 @@ pub fn replace_replicas(
     let mut with = with.into_iter().peekable();
     if apps.len() <= 16 {
         for &name in apps {
-            let from = all.partition_point(|p| p.app < *name);
-            let to = from + all[from..].partition_point(|p| p.app == *name);
+            let range = app_replicas(all, name);
             let mut new = Vec::new();
             while let Some(p) = with.next_if(|p| p.app == *name) {
                 new.push(p);
             }
-            all.splice(from..to, new);
+            all.splice(range, new);
         }
         debug_assert!(
             with.next().is_none(),
@@ -553,6 +550,14 @@ pub fn replace_replicas(
     all.extend(with);
 }
 
+/// Where `app`'s replicas are in `all` (by app, as the store reads them and a plan gives them).
+pub fn app_replicas(all: &[ReplicaPlacement], app: &Name) -> std::ops::Range<usize> {
+    let from = all.partition_point(|p| p.app < *app);
+    from..from + all[from..].partition_point(|p| p.app == *app)
+}
+
+/// A node's liveness as the planner sees it at `now`: no status is pending, and an online node heard from
+/// longer ago than `offline_after` is offline. `cairn status` should show the same.
 pub fn effective_state(
     status: Option<&NodeStatus>,
     now: DateTime<Utc>,

@@ -156,29 +156,28 @@ pub async fn reconcile(
     };
     // The apps whose inputs changed since the planner's last plan: the manifests the config source
     // says changed, and the rows the change marks name (only when the read before kept this state).
-    let changed_apps: Option<std::collections::BTreeSet<Name>> =
-        match (cx.desired_changes.and_then(|d| d.since.as_ref()), partial) {
-            (Some((_, apps)), true) => Some(apps.union(&marks.apps).cloned().collect()),
-            _ => None,
-        };
     // A whole read (marks consumed elsewhere, or too many to name) names no apps, but is of known
     // inputs all the same: the next plan can count from it.
-    let changes = cx.desired_changes.map(|d| {
-        let since = match (&d.since, &changed_apps, marks.count.checked_sub(1)) {
-            (Some((revision, _)), Some(apps), Some(before)) => {
-                let basis = Basis {
-                    desired: *revision,
-                    observed: before,
-                };
-                Some((basis, apps))
-            }
-            _ => None,
-        };
-        let now = Basis {
+    let since: Option<(Basis, std::collections::BTreeSet<Name>)> = match (
+        cx.desired_changes.and_then(|d| d.since.as_ref()),
+        partial,
+        marks.count.checked_sub(1),
+    ) {
+        (Some((revision, apps)), true, Some(before)) => {
+            let basis = Basis {
+                desired: *revision,
+                observed: before,
+            };
+            Some((basis, apps.union(&marks.apps).cloned().collect()))
+        }
+        _ => None,
+    };
+    let changes = cx.desired_changes.map(|d| Changes {
+        now: Basis {
             desired: d.revision,
             observed: marks.count,
-        };
-        Changes { now, since }
+        },
+        since: since.as_ref().map(|(basis, apps)| (*basis, apps)),
     });
     // Planning is a long synchronous computation at scale (a second at 10,000 apps on 10,000 nodes): off
     // the async workers, so that the requests they serve (heartbeats) do not queue behind it.

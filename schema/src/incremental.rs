@@ -108,7 +108,8 @@ pub struct Assembler {
     busy: bool,
     /// How many updates started afresh (the first one included).
     fresh: u64,
-    /// This start's lineage, the last update's number, and the apps recent updates changed.
+    /// This start's lineage (0 until its first update), the last update's number, and the apps recent
+    /// updates changed.
     lineage: u64,
     revision: u64,
     journal: Journal,
@@ -171,10 +172,7 @@ fn new_lineage() -> u64 {
 
 impl Assembler {
     pub fn new() -> Self {
-        Assembler {
-            lineage: new_lineage(),
-            ..Assembler::default()
-        }
+        Assembler::default()
     }
 
     /// The apps whose manifest may differ between the desired states of revisions `since` and `to` of
@@ -227,7 +225,7 @@ impl Assembler {
             self.fresh += 1;
         }
         if self.lineage == 0 {
-            // Made by `Default`.
+            // New, or started afresh above.
             self.lineage = new_lineage();
         }
         self.busy = true;

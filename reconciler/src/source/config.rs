@@ -49,7 +49,6 @@ impl ConfigSource {
         }
     }
 
-    /// What the history names as the source.
     /// The apps whose manifest may differ between two desired states this source loaded, when it
     /// knows (a git source assembles each commit from the last; a directory is read afresh).
     pub fn apps_changed(
@@ -63,6 +62,7 @@ impl ConfigSource {
         }
     }
 
+    /// What the history names as the source.
     pub fn label(&self) -> String {
         match self {
             ConfigSource::Dir(p) => p.display().to_string(),

@@ -43,8 +43,8 @@ pub struct Marks {
 }
 
 /// Consumes the marks this transaction can see (the table-wide ones say only that something every app
-/// reads changed, and an apply reads those tables whole anyway); call it in the apply transaction, under the apply lock,
-/// before the observed state is read. A mark committed after a statement here stays for the next
+/// reads changed, and an apply reads those tables whole anyway); call it in the apply transaction,
+/// under the apply lock, before the observed state is read. A mark committed after a statement here stays for the next
 /// reconcile (its change may or may not be in what this one reads: reading and planning again is never
 /// wrong).
 pub async fn consume(conn: &mut PgConnection) -> Result<Marks, StoreError> {

@@ -334,7 +334,6 @@ pub async fn upsert_apps(
     Ok(out)
 }
 
-/// Replaces the env rows of `apps` with their manifests' env.
 /// Writes the env rows of `apps`, first clearing those of the apps `existed` (the others have none).
 async fn replace_env(
     conn: &mut PgConnection,
