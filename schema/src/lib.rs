@@ -27,7 +27,7 @@ pub use model::{
     Kind, ManifestFile, Node, OwnCertificate, Placement, Plan, Runtime, SecretRef, Settings, Sink,
     SinkKind, SinkSeverity, Source, TlsMode, TlsSettings,
 };
-pub use parse::{ParsedFile, SETTINGS_FILE, is_manifest_path, parse_file};
+pub use parse::{ParsedFile, SETTINGS_FILE, is_manifest_path, parse_file, parse_files};
 pub use secret::{Ciphertext, Identity, Recipient, Secret, SecretError};
 pub use source::GitUrl;
 pub use units::{
@@ -37,14 +37,14 @@ pub use units::{
 pub use validate::{Loaded, Revision, assemble, check_secrets};
 
 /// Parses and validates a whole repository given as `(path, bytes)` pairs.
-pub fn load<P: AsRef<str>, B: AsRef<[u8]>>(
+pub fn load<P: AsRef<str> + Sync, B: AsRef<[u8]> + Sync>(
     files: impl IntoIterator<Item = (P, B)>,
 ) -> (Vec<ParsedFile>, Loaded) {
-    let parsed: Vec<ParsedFile> = files
+    let manifests: Vec<(P, B)> = files
         .into_iter()
         .filter(|(p, _)| is_manifest_path(p.as_ref()))
-        .map(|(p, b)| parse_file(p.as_ref(), b.as_ref()))
         .collect();
+    let parsed = parse_files(&manifests);
     let loaded = assemble(&parsed);
     (parsed, loaded)
 }

@@ -237,6 +237,39 @@ pub fn parse_file(path: &str, bytes: &[u8]) -> ParsedFile {
     file
 }
 
+/// Files each parsing thread takes at least: below this, one thread parses them all.
+const FILES_PER_THREAD: usize = 64;
+
+/// Parses `files` (as [`parse_file`] would, one by one, and in their order), on as many threads as the
+/// machine has cores when there are enough files to share: a repository's first load parses every file.
+pub fn parse_files<P, B>(files: &[(P, B)]) -> Vec<ParsedFile>
+where
+    P: AsRef<str> + Sync,
+    B: AsRef<[u8]> + Sync,
+{
+    let one = |(p, b): &(P, B)| parse_file(p.as_ref(), b.as_ref());
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(files.len() / FILES_PER_THREAD)
+        .max(1);
+    if threads == 1 {
+        return files.iter().map(one).collect();
+    }
+    std::thread::scope(|s| {
+        let parts: Vec<_> = files
+            .chunks(files.len().div_ceil(threads))
+            .map(|part| s.spawn(move || part.iter().map(one).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|h| {
+                h.join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+            })
+            .collect()
+    })
+}
+
 fn check_path(path: &str) -> Result<(), String> {
     if path.starts_with('/') || path.contains('\\') || path.contains('\0') {
         return Err("path must be relative to the repository root, with `/` separators".into());

@@ -90,10 +90,9 @@ impl ConfigSource {
                 }
                 let commit = format!("dir-{}", &hex::encode(h.finalize())[..16]);
                 Ok(Arc::new(validated(&commit, || {
-                    let files = snap
-                        .files
-                        .iter()
-                        .map(|(p, b)| Arc::new(cairn_schema::parse_file(p, b)))
+                    let files = cairn_schema::parse_files(&snap.files)
+                        .into_iter()
+                        .map(Arc::new)
                         .collect();
                     let mut s = Snapshot::new(Some(commit.clone()), files, snap.diagnostics);
                     s.read_referenced(|rel| crate::source::dir::read_referenced(dir, rel));

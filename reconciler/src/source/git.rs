@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use cairn_schema::{Diagnostic, ParsedFile, Severity, is_manifest_path, parse_file};
+use cairn_schema::{Diagnostic, ParsedFile, Severity, is_manifest_path, parse_files};
 use gix::ObjectId;
 use gix::objs::tree::EntryKind;
 
@@ -330,7 +330,10 @@ impl GitSource {
             .walk(&repo, tree_id, String::new(), 0)
             .map_err(read_err)?;
         let by_path: HashMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
-        let mut files = Vec::new();
+        // Each manifest's parse from the cache, or its blob to parse (all of them together below).
+        let mut files: Vec<Option<Arc<ParsedFile>>> = Vec::new();
+        let mut unparsed: Vec<(String, Vec<u8>)> = Vec::new();
+        let mut unparsed_at: Vec<(usize, ObjectId)> = Vec::new();
         let mut diagnostics = Vec::new();
         for e in entries.iter() {
             if !is_manifest_path(&e.path) {
@@ -346,19 +349,28 @@ impl GitSource {
                     }
                 }
             }
-            let key = (target.id, e.path.clone());
-            if let Some(p) = self.parsed.get(&key) {
-                files.push(p.clone());
+            if let Some(p) = self.parsed.get(&(target.id, e.path.clone())) {
+                files.push(Some(p.clone()));
                 continue;
             }
             let blob = repo
                 .find_object(target.id)
                 .map_err(|e| read_err(boxed(e)))?;
-            let parsed = Arc::new(parse_file(&e.path, &blob.data));
-            self.parses += 1;
-            self.parsed.insert(key, parsed.clone());
-            files.push(parsed);
+            unparsed_at.push((files.len(), target.id));
+            unparsed.push((e.path.clone(), blob.detach().data));
+            files.push(None);
         }
+        for (((at, id), (path, _)), parsed) in unparsed_at
+            .into_iter()
+            .zip(&unparsed)
+            .zip(parse_files(&unparsed))
+        {
+            let parsed = Arc::new(parsed);
+            self.parses += 1;
+            self.parsed.insert((id, path.clone()), parsed.clone());
+            files[at] = Some(parsed);
+        }
+        let files: Vec<Arc<ParsedFile>> = files.into_iter().flatten().collect();
         // Keep the caches to what the latest commit uses, so they do not grow without bound.
         let live: std::collections::HashSet<(ObjectId, String)> = files
             .iter()

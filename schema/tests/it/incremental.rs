@@ -643,3 +643,34 @@ fn an_app_is_warned_when_the_last_node_with_its_label_goes() {
         vec![Edit::Write(2, nodes(), false)],
     ]);
 }
+
+/// A first load parses its files on several threads (`parse_files`): the same parses, in the same
+/// order, as one by one, good files and broken ones alike.
+#[test]
+fn parsing_many_files_together_gives_each_files_own_parse_in_order() {
+    let files: Vec<(String, Vec<u8>)> = (0..300)
+        .map(|i| {
+            let text = match i % 3 {
+                0 => format!("[plan.p{i}]\ncpu = 0.5\nmemory = \"256MiB\"\ndisk = \"1GiB\"\nprice = \"1.00\"\nmax_replicas = 3\n"),
+                1 => format!("[app.a{i}]\nplan = \"p\"\nruntime = \"r\"\nbogus = 1\n"),
+                _ => format!("[node.n{i}\naddress = "),
+            };
+            (format!("dir{}/f{i:03}.toml", i % 7), text.into_bytes())
+        })
+        .collect();
+    let together = cairn_schema::parse_files(&files);
+    assert_eq!(together.len(), files.len());
+    for ((path, bytes), parsed) in files.iter().zip(&together) {
+        assert_eq!(&parsed.path, path);
+        assert_eq!(
+            format!("{parsed:?}"),
+            format!("{:?}", parse_file(path, bytes)),
+            "{path}"
+        );
+    }
+    assert!(
+        together.iter().any(|f| f.diagnostics.is_empty())
+            && together.iter().any(|f| !f.diagnostics.is_empty()),
+        "both good and broken files"
+    );
+}
