@@ -81,6 +81,9 @@ pub struct GitSource {
     refname: String,
     cache: PathBuf,
     repo: Option<gix::Repository>,
+    /// Fetches made through `repo` since it was opened (it is opened again after
+    /// [`super::FETCHES_PER_OPEN`]).
+    fetches: u32,
     /// Flattened manifest entries of every subtree seen, keyed by (tree id, path prefix).
     trees: HashMap<(ObjectId, String), Arc<Vec<Entry>>>,
     /// Parsed manifests keyed by (blob id, path): a path is part of every diagnostic.
@@ -108,6 +111,7 @@ impl GitSource {
             refname: refname.into(),
             cache: cache.into(),
             repo: None,
+            fetches: 0,
             trees: HashMap::new(),
             parsed: HashMap::new(),
             parses: 0,
@@ -150,13 +154,19 @@ impl GitSource {
             };
             let repo = super::open_cache(&self.cache).map_err(cache_err)?;
             self.repo = Some(repo);
+            self.fetches = 0;
         }
         Ok(self.repo.as_ref().expect("just set"))
     }
 
     /// Fetches the ref from the remote and returns the commit it points at.
     pub fn fetch(&mut self) -> Result<ObjectId, GitError> {
+        if self.fetches >= super::FETCHES_PER_OPEN {
+            // Its pack slots may be used up by the packs fetched since it was opened.
+            self.repo = None;
+        }
         let _held = self.hold_cache()?;
+        self.fetches += 1;
         let (url, full, tracking) = (self.url.clone(), self.full_ref(), self.tracking_ref());
         let refname = self.refname.clone();
         let fetch_err = |e| GitError::Fetch {
@@ -334,6 +344,9 @@ impl GitSource {
         let mut files: Vec<Option<Arc<ParsedFile>>> = Vec::new();
         let mut unparsed: Vec<(String, Vec<u8>)> = Vec::new();
         let mut unparsed_at: Vec<(usize, ObjectId)> = Vec::new();
+        // The cache keys this commit uses: what the parse cache keeps when it is trimmed below.
+        let mut live: std::collections::HashSet<(ObjectId, String)> =
+            std::collections::HashSet::new();
         let mut diagnostics = Vec::new();
         for e in entries.iter() {
             if !is_manifest_path(&e.path) {
@@ -349,8 +362,11 @@ impl GitSource {
                     }
                 }
             }
-            if let Some(p) = self.parsed.get(&(target.id, e.path.clone())) {
-                files.push(Some(p.clone()));
+            let key = (target.id, e.path.clone());
+            let cached = self.parsed.get(&key).cloned();
+            live.insert(key);
+            if let Some(p) = cached {
+                files.push(Some(p));
                 continue;
             }
             let blob = repo
@@ -372,11 +388,6 @@ impl GitSource {
         }
         let files: Vec<Arc<ParsedFile>> = files.into_iter().flatten().collect();
         // Keep the caches to what the latest commit uses, so they do not grow without bound.
-        let live: std::collections::HashSet<(ObjectId, String)> = files
-            .iter()
-            .zip(entries.iter().filter(|e| is_manifest_path(&e.path)))
-            .map(|(_, e)| (e.id, e.path.clone()))
-            .collect();
         if self.parsed.len() > 2 * live.len() + 64 {
             self.parsed.retain(|k, _| live.contains(k));
             self.trees.clear();

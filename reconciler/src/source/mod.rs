@@ -91,6 +91,19 @@ impl Snapshot {
 /// `GIT_*` environment, and no HTTP redirects (gix never follows one to another host; we follow none, so
 /// a remote cannot send the fetch elsewhere after its address was checked). Private repositories are
 /// reached over ssh (the service user's keys) or through an operator's `--git-rewrite`.
+/// The pack index slots of a cache opened by [`open_cache`], fixed while it is open: twice the packs on
+/// disk at the open, at least 64. Every fetch that brings objects adds a pack (nothing repacks a cache),
+/// so a handle kept open takes at least [`FETCHES_PER_OPEN`] fetches before it must be opened again.
+const CACHE_SLOTS: gix::odb::store::init::Slots =
+    gix::odb::store::init::Slots::AsNeededByDiskState {
+        multiplier: 2.0,
+        minimum: 64,
+    };
+
+/// Fetches a kept cache handle may make before it is opened again (see [`CACHE_SLOTS`]): with gix's
+/// default slots, the 33rd fetch into a handle kept open failed (`InsufficientSlots`).
+pub(crate) const FETCHES_PER_OPEN: u32 = 32;
+
 pub(crate) fn open_cache(
     path: &Path,
 ) -> Result<gix::Repository, Box<dyn std::error::Error + Send + Sync>> {
@@ -98,6 +111,8 @@ pub(crate) fn open_cache(
         std::fs::create_dir_all(path)?;
         gix::init_bare(path)?;
     }
-    let options = gix::open::Options::isolated().config_overrides(["http.followRedirects=false"]);
+    let options = gix::open::Options::isolated()
+        .config_overrides(["http.followRedirects=false"])
+        .object_store_slots(CACHE_SLOTS);
     Ok(gix::open_opts(path, options)?)
 }

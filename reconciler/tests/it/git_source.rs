@@ -141,6 +141,44 @@ fn symlinks_leaving_the_repository_are_refused() {
     );
 }
 
+/// A source kept for a hundred commits, each fetched and loaded, as `cairn serve` keeps one:
+/// - every fetch succeeds (a cache handle kept open ran out of pack slots at the 33rd fetch, each fetch
+///   adding a pack: `InsufficientSlots`);
+/// - the parse cache, trimmed to what the latest commit uses once it has grown, keeps a manifest reached
+///   through a link by the blob it reads, like any other (it was dropped, and parsed again, when the trim
+///   looked at the link's own blob).
+#[test]
+fn trimming_the_parse_cache_keeps_every_file_of_the_latest_commit_links_included() {
+    let r = seeded();
+    r.write("extra.txt", &app("extra", 1));
+    std::os::unix::fs::symlink("../extra.txt", r.work.join("apps/alias.toml")).unwrap();
+    r.commit("a manifest through a link");
+    let mut src = GitSource::new(r.url(), "main", &r.cache);
+    let head = src.fetch().unwrap();
+    let snap = src.load(head).unwrap();
+    let d = snap
+        .loaded
+        .desired
+        .as_ref()
+        .unwrap_or_else(|| panic!("{}", snap.loaded.diagnostics));
+    assert!(d.apps.contains_key("extra"), "the link is followed");
+    drop(snap);
+    // One-file commits, each loaded: the cache (8 files live) grows by one parse a commit until it is
+    // trimmed, and every load parses that one file only, before the trim and after it.
+    for n in 2..=100 {
+        let parsed = src.parse_count();
+        r.write("apps/app0.toml", &format!("{}# {n}\n", app("app0", 1)));
+        r.commit(&format!("commit {n}"));
+        let head = src.fetch().unwrap();
+        src.load(head).unwrap();
+        assert_eq!(
+            src.parse_count(),
+            parsed + 1,
+            "commit {n}: only apps/app0.toml is parsed"
+        );
+    }
+}
+
 #[test]
 fn a_missing_branch_is_a_clear_error() {
     let r = seeded();
