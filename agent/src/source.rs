@@ -404,7 +404,7 @@ fn fetch_commit(
     }
     // The remote refused to serve an unadvertised commit: fetch every branch and tag, with full history
     // (the commit may be anywhere in it).
-    let deepen = if repo.is_shallow() {
+    let deepen = if repo.is_shallow()? {
         gix::remote::fetch::Shallow::undo()
     } else {
         gix::remote::fetch::Shallow::NoChange
@@ -445,7 +445,7 @@ fn fetch_specs(
             if url.starts_with("https://") || (!pin.https_only && url.starts_with("http://")) =>
         {
             let http = pinned::PinnedHttp::new(&pin.host, &pin.addrs, pin.https_only)?;
-            let parsed = gix::url::parse(url.as_bytes().into())?;
+            let parsed = gix::url::parse(url.as_bytes())?;
             let transport = gix::protocol::transport::client::blocking_io::http::connect_http(
                 http,
                 parsed,
@@ -463,7 +463,7 @@ fn fetch_specs(
             let wrapper = ssh_wrapper(pin)?;
             let mut last = None;
             for addr in &pin.addrs {
-                let mut parsed = gix::url::parse(url.as_bytes().into())?;
+                let mut parsed = gix::url::parse(url.as_bytes())?;
                 parsed.host = Some(addr.ip().to_string());
                 use gix::protocol::transport::client::blocking_io::ssh;
                 let options = ssh::connect::Options {

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use gix::protocol::transport::client::blocking_io::http::{
-    self, GetResponse, Http, PostBodyDataKind, PostResponse,
+    GetResponse, Http, PostBodyDataKind, PostResponse,
 };
 
 /// A gix HTTP implementation that connects `host` only to `addrs`.
@@ -244,7 +244,7 @@ impl Http for PinnedHttp {
         url: &str,
         _base_url: &str,
         headers: impl IntoIterator<Item = impl AsRef<str>>,
-    ) -> Result<GetResponse<Headers, Body>, http::Error> {
+    ) -> gix::Result<GetResponse<Headers, Body>> {
         let (headers, body, _) = self.exchange(url, headers, false);
         Ok(GetResponse { headers, body })
     }
@@ -255,7 +255,7 @@ impl Http for PinnedHttp {
         _base_url: &str,
         headers: impl IntoIterator<Item = impl AsRef<str>>,
         _body: PostBodyDataKind,
-    ) -> Result<PostResponse<Headers, Body, PostBody>, http::Error> {
+    ) -> gix::Result<PostResponse<Headers, Body, PostBody>> {
         let (headers, body, post_body) = self.exchange(url, headers, true);
         Ok(PostResponse {
             post_body,
@@ -264,10 +264,7 @@ impl Http for PinnedHttp {
         })
     }
 
-    fn configure(
-        &mut self,
-        _config: &dyn std::any::Any,
-    ) -> Result<(), Box<dyn std::error::Error + Send + Sync + 'static>> {
+    fn configure(&mut self, _config: &dyn std::any::Any) -> gix::Result {
         // Nothing gix's config could change here is wanted: no redirects, no proxy, no other host.
         Ok(())
     }

@@ -185,17 +185,15 @@ impl GitSource {
         let connection = remote
             .connect(gix::remote::Direction::Fetch)
             .map_err(|e| fetch_err(boxed(e)))?;
-        let outcome = connection
+        let prepared = connection
             .prepare_fetch(gix::progress::Discard, Default::default())
-            .map_err(|e| fetch_err(boxed(e)))?
+            .map_err(|e| fetch_err(boxed(e)))?;
+        if prepared.ref_map().is_missing_required_mapping() {
+            return Err(GitError::NoSuchRef { url, refname });
+        }
+        let outcome = prepared
             .receive(gix::progress::Discard, &AtomicBool::new(false))
-            .map_err(|e| match e {
-                gix::remote::fetch::Error::NoMapping { .. } => GitError::NoSuchRef {
-                    url: url.clone(),
-                    refname: refname.clone(),
-                },
-                e => fetch_err(boxed(e)),
-            })?;
+            .map_err(|e| fetch_err(boxed(e)))?;
         let advertised = outcome
             .ref_map
             .mappings
