@@ -136,14 +136,18 @@ impl Remote {
     }
 
     /// Commits and pushes a change of one app's `LOG_LEVEL` in its file, for run `run` of a series: a
-    /// different file each run, from file `first` on (so the change of an earlier run stays, as long as
-    /// there are more files than runs), and a file never committed before (a new blob). Returns the
-    /// app's number.
+    /// different file each run, from file `first` on, round the files again when there are more runs
+    /// than files (the same app of a file each time, with a level it has not had), and a file never
+    /// committed before (a new blob). Returns the app's number.
     pub fn commit_one_change(&self, apps: usize, run: usize, first: usize) -> usize {
-        let chunk = (first + run) % apps.div_ceil(100);
-        let a = chunk * 100 + (run * 37) % (apps - chunk * 100).min(100);
+        let chunks = apps.div_ceil(100);
+        let (chunk, lap) = ((first + run) % chunks, (first + run) / chunks);
+        // One app per file, its level new on every lap through the files: each commit changes exactly
+        // one app, however many runs there are.
+        let a = chunk * 100 + (chunk * 37) % (apps - chunk * 100).min(100);
+        let level = format!("debug-{lap}");
         let text: String = (chunk * 100..((chunk + 1) * 100).min(apps))
-            .map(|i| app(i, if i == a { "debug" } else { "info" }))
+            .map(|i| app(i, if i == a { &level } else { "info" }))
             .collect::<String>()
             + &format!("# run {run}\n");
         self.write(&format!("apps/{chunk:05}.toml"), &text);
