@@ -84,6 +84,9 @@ pub struct GitSource {
     /// Fetches made through `repo` since it was opened (it is opened again after
     /// [`super::FETCHES_PER_OPEN`]).
     fetches: u32,
+    /// Packs in the cache past which a fetch repacks it: [`super::pack::REPACK_AT`], or further after a
+    /// repack failed (not tried again at every fetch).
+    repack_past: usize,
     /// Flattened manifest entries of every subtree seen, keyed by (tree id, path prefix).
     trees: HashMap<(ObjectId, String), Arc<Vec<Entry>>>,
     /// Parsed manifests keyed by (blob id, path): a path is part of every diagnostic.
@@ -112,6 +115,7 @@ impl GitSource {
             cache: cache.into(),
             repo: None,
             fetches: 0,
+            repack_past: super::pack::REPACK_AT,
             trees: HashMap::new(),
             parsed: HashMap::new(),
             parses: 0,
@@ -202,10 +206,55 @@ impl GitSource {
         if !advertised {
             return Err(GitError::NoSuchRef { url, refname });
         }
+        self.repack_if_many();
         self.resolve_cached()?.ok_or_else(|| GitError::NoSuchRef {
             url: self.url.clone(),
             refname: self.refname.clone(),
         })
+    }
+
+    /// Repacks the cache when its fetches have left more than [`super::pack::REPACK_AT`] packs (the caller
+    /// holds the cache's lock). A failure leaves the packs as they were: fetches go on, a little slower.
+    fn repack_if_many(&mut self) {
+        let Some(repo) = self.repo.as_ref() else {
+            return;
+        };
+        let packs = match super::pack::packs(repo) {
+            Ok(p) if p.len() > self.repack_past => p.len(),
+            _ => return,
+        };
+        // gix's pack writer expects well-formed objects (a commit without a tree panics it): what a remote
+        // sent must not end the process, only this repack.
+        let started = std::time::Instant::now();
+        let repacked =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| super::pack::repack(repo)))
+                .unwrap_or_else(|p| {
+                    let why = crate::panics::panic_message(&*p);
+                    Err(format!("the pack writer panicked: {why}").into())
+                });
+        match repacked {
+            Ok(r) => {
+                self.repack_past = super::pack::REPACK_AT;
+                tracing::info!(
+                    cache = %self.cache.display(),
+                    packs = r.packs_before,
+                    objects = r.objects,
+                    ms = started.elapsed().as_millis() as u64,
+                    "repacked the git cache into one pack"
+                );
+            }
+            Err(e) => {
+                self.repack_past = packs + super::pack::REPACK_AT;
+                tracing::warn!(
+                    cache = %self.cache.display(),
+                    error = %e,
+                    "could not repack the git cache; its packs are left as they were, tried again \
+                     after as many fetches more"
+                );
+            }
+        }
+        // Its view of the packs is stale either way.
+        self.repo = None;
     }
 
     /// Holds the cache for this fetch (`flock` on `<cache>/cairn.lock`, which the kernel releases when

@@ -8,6 +8,7 @@ pub mod config;
 pub mod dir;
 pub mod git;
 pub mod heads;
+mod pack;
 pub mod watch;
 
 use std::path::Path;

@@ -179,6 +179,59 @@ fn trimming_the_parse_cache_keeps_every_file_of_the_latest_commit_links_included
     }
 }
 
+/// The `pack-*.pack` files in a cache.
+fn packs(cache: &std::path::Path) -> usize {
+    std::fs::read_dir(cache.join("objects/pack"))
+        .unwrap()
+        .filter(|e| {
+            let name = e.as_ref().unwrap().file_name();
+            let name = name.to_str().unwrap();
+            name.starts_with("pack-") && name.ends_with(".pack")
+        })
+        .count()
+}
+
+/// gix writes every fetch that brings objects as a pack of its own, and each pack made every later fetch
+/// and lookup of a long-lived cache a little slower. Once fetches have left more than 50
+/// (`source::pack::REPACK_AT`), the cache is repacked into one: after 60 one-commit fetches it holds a
+/// few packs, and every commit fetched before, the first included, still reads whole, through the kept
+/// source and through a new one on the same cache (what a restart sees).
+#[test]
+fn a_cache_that_fetches_leave_many_packs_is_repacked_and_every_commit_still_reads() {
+    let r = seeded();
+    let mut commits = vec![r.commit("initial")];
+    let mut src = GitSource::new(r.url(), "main", &r.cache);
+    src.fetch().unwrap();
+    let mut most = 0;
+    for n in 1..=60 {
+        r.write("apps/app0.toml", &format!("{}# {n}\n", app("app0", 1)));
+        commits.push(r.commit(&format!("commit {n}")));
+        let head = src.fetch().unwrap();
+        assert_eq!(Some(&head.to_string()), commits.last(), "commit {n}");
+        most = most.max(packs(&r.cache));
+    }
+    assert!(most >= 45, "each fetch wrote a pack (at most {most} seen)");
+    let left = packs(&r.cache);
+    assert!(
+        (1..=11).contains(&left),
+        "{left} packs after 61 fetches: repacked once past 50"
+    );
+    let mut restarted = GitSource::new(r.url(), "main", &r.cache);
+    for (i, commit) in commits.iter().enumerate() {
+        let id = gix::ObjectId::from_hex(commit.as_bytes()).unwrap();
+        for source in [&mut src, &mut restarted] {
+            assert!(source.has_commit(commit), "commit {i} is in the cache");
+            let snap = source.load(id).unwrap();
+            let d = snap
+                .loaded
+                .desired
+                .as_ref()
+                .unwrap_or_else(|| panic!("commit {i}: {}", snap.loaded.diagnostics));
+            assert!(d.apps.contains_key("app0"), "commit {i}");
+        }
+    }
+}
+
 #[test]
 fn a_missing_branch_is_a_clear_error() {
     let r = seeded();
