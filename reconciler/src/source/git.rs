@@ -206,7 +206,10 @@ impl GitSource {
         if !advertised {
             return Err(GitError::NoSuchRef { url, refname });
         }
-        self.repack_if_many();
+        // Only a fetch that wrote a pack can have made too many (an idle tick reads no directory).
+        if matches!(outcome.status, gix::remote::fetch::Status::Change { .. }) {
+            self.repack_if_many();
+        }
         self.resolve_cached()?.ok_or_else(|| GitError::NoSuchRef {
             url: self.url.clone(),
             refname: self.refname.clone(),
@@ -220,18 +223,20 @@ impl GitSource {
             return;
         };
         let packs = match super::pack::packs(repo) {
-            Ok(p) if p.len() > self.repack_past => p.len(),
+            Ok(p) if p.len() > self.repack_past => p,
             _ => return,
         };
+        let count = packs.len();
         // gix's pack writer expects well-formed objects (a commit without a tree panics it): what a remote
         // sent must not end the process, only this repack.
         let started = std::time::Instant::now();
-        let repacked =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| super::pack::repack(repo)))
-                .unwrap_or_else(|p| {
-                    let why = crate::panics::panic_message(&*p);
-                    Err(format!("the pack writer panicked: {why}").into())
-                });
+        let repacked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            super::pack::repack(repo, packs)
+        }))
+        .unwrap_or_else(|p| {
+            let why = crate::panics::panic_message(&*p);
+            Err(format!("the pack writer panicked: {why}").into())
+        });
         match repacked {
             Ok(r) => {
                 self.repack_past = super::pack::REPACK_AT;
@@ -244,7 +249,7 @@ impl GitSource {
                 );
             }
             Err(e) => {
-                self.repack_past = packs + super::pack::REPACK_AT;
+                self.repack_past = count + super::pack::REPACK_AT;
                 tracing::warn!(
                     cache = %self.cache.display(),
                     error = %e,

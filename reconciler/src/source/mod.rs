@@ -86,15 +86,10 @@ impl Snapshot {
     }
 }
 
-/// Opens the bare repository at `path`, creating it when missing, so that nothing of the machine's git
-/// setup applies to what the control plane fetches: no system, global or user configuration (no
-/// `url.<base>.insteadOf`, proxies, credential helpers or hooks an operator's shell happens to have), no
-/// `GIT_*` environment, and no HTTP redirects (gix never follows one to another host; we follow none, so
-/// a remote cannot send the fetch elsewhere after its address was checked). Private repositories are
-/// reached over ssh (the service user's keys) or through an operator's `--git-rewrite`.
 /// The pack index slots of a cache opened by [`open_cache`], fixed while it is open: twice the packs on
-/// disk at the open, at least 64. Every fetch that brings objects adds a pack (nothing repacks a cache),
-/// so a handle kept open takes at least [`FETCHES_PER_OPEN`] fetches before it must be opened again.
+/// disk at the open, at least 64. Every fetch that brings objects adds a pack (until [`pack::REPACK_AT`]
+/// of them are repacked), so a handle kept open takes at least [`FETCHES_PER_OPEN`] fetches before it
+/// must be opened again.
 const CACHE_SLOTS: gix::odb::store::init::Slots =
     gix::odb::store::init::Slots::AsNeededByDiskState {
         multiplier: 2.0,
@@ -105,6 +100,12 @@ const CACHE_SLOTS: gix::odb::store::init::Slots =
 /// default slots, the 33rd fetch into a handle kept open failed (`InsufficientSlots`).
 pub(crate) const FETCHES_PER_OPEN: u32 = 32;
 
+/// Opens the bare repository at `path`, creating it when missing, so that nothing of the machine's git
+/// setup applies to what the control plane fetches: no system, global or user configuration (no
+/// `url.<base>.insteadOf`, proxies, credential helpers or hooks an operator's shell happens to have), no
+/// `GIT_*` environment, and no HTTP redirects (gix never follows one to another host; we follow none, so
+/// a remote cannot send the fetch elsewhere after its address was checked). Private repositories are
+/// reached over ssh (the service user's keys) or through an operator's `--git-rewrite`.
 pub(crate) fn open_cache(
     path: &Path,
 ) -> Result<gix::Repository, Box<dyn std::error::Error + Send + Sync>> {

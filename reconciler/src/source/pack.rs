@@ -51,11 +51,10 @@ pub(crate) struct Repacked {
     pub objects: usize,
 }
 
-/// Writes every object reachable from `repo`'s refs into one pack and removes every other pack. The
-/// caller holds the cache's lock and opens the repository again afterwards (the handle's view of the
-/// packs is stale).
-pub(crate) fn repack(repo: &gix::Repository) -> Result<Repacked, BoxError> {
-    let before = packs(repo)?;
+/// Writes every object reachable from `repo`'s refs into one pack and removes `before`, the packs
+/// [`packs`] found. The caller holds the cache's lock and opens the repository again afterwards (the
+/// handle's view of the packs is stale).
+pub(crate) fn repack(repo: &gix::Repository, before: Vec<PathBuf>) -> Result<Repacked, BoxError> {
     let interrupt = AtomicBool::new(false);
     let mut tips = Vec::new();
     for r in repo.references()?.all()? {
